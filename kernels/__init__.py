@@ -1,0 +1,1 @@
+"""Kernel generators, each beside its dense numpy reference (installed as `sparsejit.kernels`)."""

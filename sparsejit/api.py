@@ -1,0 +1,188 @@
+"""The public API: `load(path).run(inputs)`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from .executor import Executor
+from .fold import fold_constants
+from .fuse import fuse
+from .graph import Graph, InputSpec, import_onnx
+from .plan import KERNEL_CHOICES, LayerPlan, Step, plan, reference_step
+from .threads import set_threads
+
+MODES = ("compiled", "reference")
+
+
+@dataclass
+class LayerCheck:
+    layer: str
+    kind: str
+    shape: tuple[int, int]
+    density: float
+    max_abs_err: float
+    max_ref: float
+    ok: bool
+
+
+class CheckReport(list):
+    """Rows of `LayerCheck`; `str()` is a table, `.ok` is whether every row passed."""
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self)
+
+    def __str__(self) -> str:
+        head = f"{'layer':<48} {'kernel':<7} {'in x out':>11} {'density':>8} {'max |err|':>10} {'max |ref|':>10}  ok"
+        lines = [head, "-" * len(head)]
+        for r in self:
+            lines.append(f"{r.layer[-48:]:<48} {r.kind:<7} {f'{r.shape[0]}x{r.shape[1]}':>11} "
+                         f"{r.density:>8.3f} {r.max_abs_err:>10.2e} {r.max_ref:>10.2e}  {'yes' if r.ok else 'NO'}")
+        return "\n".join(lines)
+
+
+class Model:
+    """A loaded ONNX model, compiled for this machine. Build it with `sparsejit.load`.
+
+    >>> import sparsejit, numpy as np
+    >>> m = sparsejit.load(sparsejit.default_model_path())
+    >>> ids = np.ones((1, 8), np.int64)
+    >>> out = m.run({"input_ids": ids, "attention_mask": ids, "token_type_ids": 0 * ids})
+    >>> out[0].shape
+    (1, 8, 64)
+    """
+
+    def __init__(self, graph: Graph, steps: list[Step], layers: list[LayerPlan], mode: str, num_threads: int):
+        self.graph = graph
+        self.layers = layers
+        self.mode = mode
+        self.num_threads = num_threads
+        self._executor = Executor(graph, steps)
+
+    @property
+    def inputs(self) -> list[InputSpec]:
+        return list(self.graph.inputs)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.graph.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.graph.outputs)
+
+    def run(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray],
+            output_names: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Run on numpy inputs (a dict by name, or a list in `input_names` order).
+
+        Returns the outputs in graph-output order, like ONNX Runtime's `run(None, feed)`,
+        or only `output_names`, in that order.
+        """
+        feeds = self._validate(inputs)
+        if output_names is None:
+            wanted = tuple(self.graph.outputs)
+        else:
+            wanted = tuple([output_names] if isinstance(output_names, str) else output_names)
+            unknown = [o for o in wanted if o not in self.graph.outputs]
+            if unknown:
+                raise ValueError(f"unknown output name(s) {unknown}; the model's outputs are {self.output_names}")
+        return self._executor.run(feeds, wanted)
+
+    def _validate(self, inputs) -> dict[str, np.ndarray]:
+        specs = self.graph.inputs
+        expected = [s.name for s in specs]
+        if isinstance(inputs, Mapping):
+            missing = [n for n in expected if n not in inputs]
+            extra = [n for n in inputs if n not in expected]
+            if missing or extra:
+                raise ValueError(f"input names do not match: expected {expected}, got {list(inputs)}"
+                                 + (f"; missing {missing}" if missing else "")
+                                 + (f"; unknown {extra}" if extra else ""))
+            arrays = [inputs[n] for n in expected]
+        elif isinstance(inputs, (list, tuple)):
+            if len(inputs) != len(specs):
+                raise ValueError(f"expected {len(specs)} inputs ({', '.join(expected)}), got {len(inputs)}")
+            arrays = list(inputs)
+        else:
+            raise TypeError(f"inputs must be a dict name -> array or a list of arrays, got {type(inputs).__name__}")
+        feeds, sizes = {}, {}
+        for spec, a in zip(specs, arrays):
+            a = np.asarray(a)
+            if a.dtype != spec.dtype:
+                raise ValueError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {a.dtype} "
+                                 f"(expected {spec.describe()})")
+            if spec.dims and a.ndim != len(spec.dims):
+                raise ValueError(f"input {spec.name!r}: expected rank {len(spec.dims)} ({spec.describe()}), "
+                                 f"got shape {a.shape}")
+            for axis, (d, n) in enumerate(zip(spec.dims, a.shape)):
+                if isinstance(d, int) and d > 0 and d != n:
+                    raise ValueError(f"input {spec.name!r}: expected size {d} on axis {axis} "
+                                     f"({spec.describe()}), got shape {a.shape}")
+                if isinstance(d, str):
+                    prev = sizes.setdefault(d, (n, spec.name))
+                    if prev[0] != n:
+                        raise ValueError(f"input {spec.name!r}: dimension {d!r} is {n} on axis {axis}, "
+                                         f"but {prev[0]} in input {prev[1]!r}")
+            feeds[spec.name] = a
+        return feeds
+
+    def check(self, tokens: int = 37, seed: int = 0) -> CheckReport:
+        """Run every Linear layer's chosen kernel against the dense numpy product of
+        the same weights, on random inputs; one row per layer with the max error."""
+        rng = np.random.default_rng(seed)
+        report = CheckReport()
+        for layer in self.layers:
+            a = layer.node.attrs
+            k, m = a["weight"].shape
+            x = rng.standard_normal((tokens, k), dtype=np.float32)
+            r = rng.standard_normal((tokens, m), dtype=np.float32) if a["residual"] else None
+            got = layer.impl(x, r)
+            want = layer.reference(x, r)
+            err = float(np.max(np.abs(got - want))) if want.size else 0.0
+            scale = float(np.max(np.abs(want))) if want.size else 0.0
+            ok = bool(np.allclose(got, want, atol=1e-4, rtol=1e-4))
+            report.append(LayerCheck(layer.name, layer.kind, (k, m), layer.pattern.density, err, scale, ok))
+        return report
+
+    def kernel_source(self, layer: str | int) -> str:
+        """The generated source of one layer's kernel (by index or node name)."""
+        found = self.layers[layer] if isinstance(layer, int) else next(
+            (lp for lp in self.layers if lp.name == layer), None)
+        if found is None:
+            raise KeyError(f"no Linear layer named {layer!r}; layers: {[lp.name for lp in self.layers]}")
+        if found.impl.source is None:
+            return f"# layer {found.name} runs dense (numpy/BLAS): {found.reason}\n"
+        return found.impl.source
+
+
+def load(source: str | os.PathLike | onnx.ModelProto, *, num_threads: int | None = None,
+         kernels: str = "auto", mode: str = "compiled") -> Model:
+    """Load an ONNX model and compile it for this machine.
+
+    - `num_threads`: threads for sparse kernels and BLAS alike (default: all cores).
+    - `kernels`: "auto" (measure sparse against dense per layer), "sparse" or "dense".
+    - `mode`: "compiled", or "reference" to run the unfused graph on the numpy reference
+      ops only (the whole-graph oracle).
+
+    >>> import sparsejit
+    >>> m = sparsejit.load(sparsejit.default_model_path())
+    >>> m.input_names
+    ['input_ids', 'attention_mask', 'token_type_ids']
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+    threads = set_threads(num_threads)
+    graph = fold_constants(import_onnx(source))
+    if mode == "reference":
+        steps = [Step(n, reference_step(n, graph.opset)) for n in graph.nodes]
+        return Model(graph, steps, [], mode, threads)
+    graph = fuse(graph)
+    steps, layers = plan(graph, kernels)
+    return Model(graph, steps, layers, mode, threads)

@@ -1,0 +1,56 @@
+"""Folding passes: work done once instead of on every run.
+
+- `fold_constants` evaluates, at load, every node whose inputs are all constants
+  (exporters emit weight transposes, Identity copies and Constant nodes).
+- `shape_only_values` finds the values that depend on the inputs' *shapes* only (the
+  Shape → Gather → Concat → Reshape subgraphs). The executor computes them once per
+  input-shape signature and reuses them, instead of re-running them op by op.
+- `eliminate_dead` drops nodes nothing reads.
+"""
+
+from __future__ import annotations
+
+from .graph import Graph
+from .ops import evaluate
+
+# Ops whose output depends on their input's shape, never its values.
+SHAPE_OPS = {"Shape"}
+
+
+def fold_constants(graph: Graph) -> Graph:
+    consts = dict(graph.constants)
+    kept = []
+    for n in graph.nodes:
+        if all((not i) or i in consts for i in n.inputs):
+            args = [consts[i] if i else None for i in n.inputs]
+            try:
+                outs = evaluate(n.op_type, args, n.attrs, graph.opset)
+            except Exception as e:
+                raise ValueError(f"{graph.source}: node {n.name!r} ({n.op_type}) fails on its constant inputs: {e}") from e
+            for name, val in zip(n.outputs, outs):
+                if name:
+                    consts[name] = val
+        else:
+            kept.append(n)
+    return eliminate_dead(Graph(kept, graph.inputs, graph.outputs, consts, graph.opset, graph.source))
+
+
+def shape_only_values(graph: Graph) -> set[str]:
+    """Names of the values fixed once the input shapes are (constants excluded)."""
+    static: set[str] = set()
+    for n in graph.nodes:
+        if n.op_type in SHAPE_OPS or all((not i) or i in static or i in graph.constants for i in n.inputs):
+            static.update(o for o in n.outputs if o)
+    return static
+
+
+def eliminate_dead(graph: Graph) -> Graph:
+    live = set(graph.outputs)
+    kept = []
+    for n in reversed(graph.nodes):
+        if any(o in live for o in n.outputs):
+            kept.append(n)
+            live.update(i for i in n.inputs if i)
+    kept.reverse()
+    consts = {k: v for k, v in graph.constants.items() if k in live}
+    return Graph(kept, graph.inputs, graph.outputs, consts, graph.opset, graph.source)

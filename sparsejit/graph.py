@@ -1,0 +1,152 @@
+"""The graph sparsejit compiles: ONNX file → `Graph` of `Node`s and constant arrays.
+
+Importing validates everything a run would otherwise trip over later: the file, the
+opset, every op against the supported set, and the graph's inputs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .ops import SUPPORTED_OPS
+
+MIN_OPSET = 11
+
+
+class UnsupportedModelError(ValueError):
+    """The model uses something sparsejit does not implement."""
+
+
+@dataclass
+class Node:
+    op_type: str
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"{self.op_type}({self.name!r})"
+
+
+@dataclass
+class InputSpec:
+    """A graph input: its name, numpy dtype and dims (int for fixed, str/None for free)."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple
+
+    def describe(self) -> str:
+        dims = ", ".join(str(d) if d is not None else "?" for d in self.dims)
+        return f"{self.name}: {self.dtype}[{dims}]"
+
+
+@dataclass
+class Graph:
+    nodes: list[Node]
+    inputs: list[InputSpec]
+    outputs: list[str]
+    constants: dict[str, np.ndarray]
+    opset: int
+    source: str = "<model>"
+
+    def consumers(self) -> dict[str, list[Node]]:
+        users: dict[str, list[Node]] = {}
+        for n in self.nodes:
+            for i in n.inputs:
+                if i:
+                    users.setdefault(i, []).append(n)
+        return users
+
+    def producers(self) -> dict[str, Node]:
+        return {o: n for n in self.nodes for o in n.outputs if o}
+
+
+def _attr_value(a: onnx.AttributeProto):
+    v = helper.get_attribute_value(a)
+    if isinstance(v, onnx.TensorProto):
+        return numpy_helper.to_array(v)
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, list) and v and isinstance(v[0], bytes):
+        return [s.decode() for s in v]
+    return v
+
+
+def load_model_proto(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """Read an ONNX file (external data included) or take a ModelProto as is."""
+    if isinstance(source, onnx.ModelProto):
+        return source, "<ModelProto>"
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"ONNX model file not found: {path}")
+    if path.is_dir():
+        raise IsADirectoryError(f"expected an ONNX model file, got a directory: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError, or others on truncated files
+        raise ValueError(f"{path} is not a readable ONNX model: {e}") from e
+    if not model.graph.node and not model.graph.output:
+        raise ValueError(f"{path} is not a readable ONNX model: it holds no graph")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{path}: cannot read its external weight data: {e}") from e
+    return model, str(path)
+
+
+def import_onnx(source: str | os.PathLike | onnx.ModelProto) -> Graph:
+    """ONNX file or ModelProto → `Graph`, refusing what sparsejit cannot run."""
+    model, where = load_model_proto(source)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        raise UnsupportedModelError(f"{where}: the model declares no default-domain opset")
+    if opset < MIN_OPSET:
+        raise UnsupportedModelError(f"{where}: opset {opset} is older than the oldest supported ({MIN_OPSET})")
+    g = model.graph
+    bad = [n for n in g.node if n.domain not in ("", "ai.onnx") or n.op_type not in SUPPORTED_OPS]
+    if bad:
+        n = bad[0]
+        op_name = f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+        raise UnsupportedModelError(
+            f"{where}: node {n.name or '<unnamed>'!r} uses op {op_name!r}, which sparsejit does not "
+            f"support ({len(bad)} unsupported node(s) in all). Supported ops: {', '.join(sorted(SUPPORTED_OPS))}"
+        )
+    constants = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    inputs = []
+    for vi in g.input:
+        if vi.name in constants:  # IR < 4 lists initializers as inputs too
+            continue
+        tt = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in tt.shape.dim)
+        inputs.append(InputSpec(vi.name, np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)), dims))
+    nodes = []
+    for i, n in enumerate(g.node):
+        attrs = {a.name: _attr_value(a) for a in n.attribute}
+        nodes.append(Node(n.op_type, n.name or f"{n.op_type}_{i}", list(n.input), list(n.output), attrs))
+    graph = Graph(nodes, inputs, [o.name for o in g.output], constants, opset, where)
+    _check_wiring(graph)
+    return graph
+
+
+def _check_wiring(graph: Graph) -> None:
+    known = set(graph.constants) | {i.name for i in graph.inputs}
+    for n in graph.nodes:
+        for i in n.inputs:
+            if i and i not in known:
+                raise UnsupportedModelError(
+                    f"{graph.source}: node {n.name!r} ({n.op_type}) reads {i!r}, which no earlier node, "
+                    "input or initializer produces (the graph is not topologically sorted, or is broken)"
+                )
+        known.update(o for o in n.outputs if o)
+    for o in graph.outputs:
+        if o not in known:
+            raise UnsupportedModelError(f"{graph.source}: graph output {o!r} is never produced")

@@ -1,0 +1,368 @@
+"""The numpy reference op set: one small function per ONNX op, mirroring the spec.
+
+This is the oracle every generated kernel is compared with, and the implementation
+of every op the planner does not hand to a generated kernel. Each function takes the
+node's inputs positionally (None for an omitted optional input) and its attributes as
+keywords; ops whose meaning changed across opsets also take `opset`. It returns one
+array, or a tuple when the op has several outputs.
+
+`SUPPORTED_OPS` is the one declaration of what sparsejit claims: the importer refuses
+anything else, and the ONNX backend conformance tests are selected from it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from onnx import helper
+from scipy.special import erf as _erf
+
+OPS: dict[str, Callable] = {}
+NEEDS_OPSET: set[str] = set()
+
+
+def op(name: str, needs_opset: bool = False) -> Callable:
+    def register(fn: Callable) -> Callable:
+        OPS[name] = fn
+        if needs_opset:
+            NEEDS_OPSET.add(name)
+        return fn
+
+    return register
+
+
+def _axes(axes, attr_axes) -> list[int] | None:
+    """Axes given as an input (newer opsets) or an attribute (older ones)."""
+    if axes is not None:
+        return [int(a) for a in np.asarray(axes).ravel()]
+    if attr_axes is not None:
+        return [int(a) for a in attr_axes]
+    return None
+
+
+# --- elementwise arithmetic -------------------------------------------------------
+
+
+@op("Add")
+def add(a, b):
+    return np.add(a, b)
+
+
+@op("Sub")
+def sub(a, b):
+    return np.subtract(a, b)
+
+
+@op("Mul")
+def mul(a, b):
+    return np.multiply(a, b)
+
+
+@op("Div")
+def div(a, b):
+    if np.issubdtype(np.result_type(a, b), np.integer):
+        # ONNX integer division truncates toward zero; numpy's // floors.
+        return np.trunc(np.true_divide(a, b)).astype(np.result_type(a, b))
+    return np.divide(a, b)
+
+
+@op("Pow")
+def pow_(a, b):
+    return np.power(a, b).astype(a.dtype)
+
+
+@op("Sqrt")
+def sqrt(x):
+    return np.sqrt(x)
+
+
+@op("Erf")
+def erf(x):
+    return _erf(x).astype(x.dtype)
+
+
+@op("Tanh")
+def tanh(x):
+    return np.tanh(x)
+
+
+@op("Max")
+def max_(*xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = np.maximum(out, x)
+    return out
+
+
+@op("Gelu")
+def gelu(x, approximate="none"):
+    if approximate == "tanh":
+        inner = np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)
+        return (0.5 * x * (1.0 + np.tanh(inner))).astype(x.dtype)
+    return (0.5 * x * (1.0 + _erf(x / np.sqrt(2.0)))).astype(x.dtype)
+
+
+# --- comparisons and logic ---------------------------------------------------------
+
+
+@op("Equal")
+def equal(a, b):
+    return np.equal(a, b)
+
+
+@op("Less")
+def less(a, b):
+    return np.less(a, b)
+
+
+@op("GreaterOrEqual")
+def greater_or_equal(a, b):
+    return np.greater_equal(a, b)
+
+
+@op("Not")
+def not_(x):
+    return np.logical_not(x)
+
+
+@op("And")
+def and_(a, b):
+    return np.logical_and(a, b)
+
+
+@op("IsNaN")
+def isnan(x):
+    return np.isnan(x)
+
+
+@op("Where")
+def where(cond, a, b):
+    return np.where(cond, a, b)
+
+
+@op("Cast")
+def cast(x, to, saturate=1):
+    return np.asarray(x).astype(helper.tensor_dtype_to_np_dtype(to))
+
+
+# --- reductions and normalisation --------------------------------------------------
+
+
+@op("ReduceMean", needs_opset=True)
+def reduce_mean(x, axes=None, keepdims=1, noop_with_empty_axes=0, opset=18):
+    ax = _axes(axes, None) if opset >= 18 else _axes(None, axes)
+    if not ax:
+        if noop_with_empty_axes:
+            return x
+        ax = None
+    return np.mean(x, axis=None if ax is None else tuple(ax), keepdims=bool(keepdims)).astype(x.dtype)
+
+
+@op("Softmax", needs_opset=True)
+def softmax(x, axis=None, opset=13):
+    if opset < 13:
+        # Before opset 13 the input is coerced to 2-D at `axis` (default 1).
+        axis = 1 if axis is None else axis
+        shape = x.shape
+        flat = x.reshape(int(np.prod(shape[:axis], dtype=np.int64)), -1)
+        return softmax(flat, axis=1, opset=13).reshape(shape)
+    axis = -1 if axis is None else axis
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+@op("LayerNormalization")
+def layer_normalization(x, scale, bias=None, axis=-1, epsilon=1e-5, stash_type=1):
+    axes = tuple(range(axis % x.ndim, x.ndim))
+    mean = np.mean(x, axis=axes, keepdims=True)
+    d = x - mean
+    var = np.mean(d * d, axis=axes, keepdims=True)
+    inv = 1.0 / np.sqrt(var + np.float32(epsilon))
+    y = d * inv * scale
+    if bias is not None:
+        y = y + bias
+    # The spec's optional Mean and InvStdDev outputs.
+    return y.astype(x.dtype), mean.astype(np.float32), inv.astype(np.float32)
+
+
+@op("CumSum")
+def cumsum(x, axis, exclusive=0, reverse=0):
+    ax = int(np.asarray(axis))
+    y = np.flip(x, ax) if reverse else x
+    out = np.cumsum(y, axis=ax, dtype=x.dtype)
+    if exclusive:
+        out = out - y
+    return np.flip(out, ax) if reverse else out
+
+
+# --- linear algebra ----------------------------------------------------------------
+
+
+@op("MatMul")
+def matmul(a, b):
+    return np.matmul(a, b)
+
+
+@op("Gemm")
+def gemm(a, b, c=None, alpha=1.0, beta=1.0, transA=0, transB=0):
+    a = a.T if transA else a
+    b = b.T if transB else b
+    y = np.float32(alpha) * (a @ b) if alpha != 1.0 else a @ b
+    if c is not None:
+        y = y + (np.float32(beta) * c if beta != 1.0 else c)
+    return y.astype(a.dtype)
+
+
+# --- shape and indexing ------------------------------------------------------------
+
+
+@op("Identity")
+def identity(x):
+    return x
+
+
+@op("Constant")
+def constant(value=None, value_float=None, value_floats=None, value_int=None, value_ints=None):
+    if value is not None:
+        return value
+    if value_float is not None:
+        return np.array(value_float, dtype=np.float32)
+    if value_floats is not None:
+        return np.array(value_floats, dtype=np.float32)
+    if value_int is not None:
+        return np.array(value_int, dtype=np.int64)
+    if value_ints is not None:
+        return np.array(value_ints, dtype=np.int64)
+    raise ValueError("Constant node has no supported value attribute")
+
+
+@op("Shape")
+def shape(x, start=0, end=None):
+    return np.array(x.shape[start:end], dtype=np.int64)
+
+
+@op("ConstantOfShape")
+def constant_of_shape(shape_, value=None):
+    fill = np.zeros(1, dtype=np.float32) if value is None else value
+    return np.full(tuple(int(s) for s in shape_), fill.ravel()[0], dtype=fill.dtype)
+
+
+@op("Reshape")
+def reshape(x, shape_, allowzero=0):
+    target = [int(s) for s in shape_]
+    if not allowzero:
+        target = [x.shape[i] if s == 0 else s for i, s in enumerate(target)]
+    return np.reshape(x, target)
+
+
+@op("Flatten")
+def flatten(x, axis=1):
+    axis = axis + x.ndim if axis < 0 else axis  # axis == ndim is allowed: [prod(shape), 1]
+    return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
+
+
+@op("Transpose")
+def transpose(x, perm=None):
+    return np.transpose(x, perm)
+
+
+@op("Unsqueeze", needs_opset=True)
+def unsqueeze(x, axes=None, opset=13):
+    ax = _axes(axes, None) if opset >= 13 else _axes(None, axes)
+    out_rank = x.ndim + len(ax)
+    for a in sorted(a % out_rank for a in ax):
+        x = np.expand_dims(x, a)
+    return x
+
+
+@op("Squeeze", needs_opset=True)
+def squeeze(x, axes=None, opset=13):
+    ax = _axes(axes, None) if opset >= 13 else _axes(None, axes)
+    return np.squeeze(x, axis=None if ax is None else tuple(a % x.ndim for a in ax))
+
+
+@op("Concat")
+def concat(*xs, axis):
+    return np.concatenate(xs, axis=axis)
+
+
+@op("Gather")
+def gather(x, indices, axis=0):
+    idx = np.asarray(indices)
+    n = x.shape[axis]
+    if idx.size and (idx.min() < -n or idx.max() >= n):
+        raise IndexError(f"Gather index out of range [{-n}, {n}) on axis {axis}")
+    return np.take(x, np.where(idx < 0, idx + n, idx), axis=axis)
+
+
+@op("GatherElements")
+def gather_elements(x, indices, axis=0):
+    idx = np.asarray(indices)
+    n = x.shape[axis]
+    return np.take_along_axis(x, np.where(idx < 0, idx + n, idx), axis=axis)
+
+
+@op("GatherND")
+def gather_nd(x, indices, batch_dims=0):
+    idx = np.asarray(indices)
+    batch_shape = x.shape[:batch_dims]
+    nb = int(np.prod(batch_shape, dtype=np.int64))
+    xb = x.reshape((nb,) + x.shape[batch_dims:])
+    ib = idx.reshape((nb,) + idx.shape[batch_dims:])
+    k = idx.shape[-1]
+    out = []
+    for b in range(nb):
+        flat = ib[b].reshape(-1, k)
+        out.append(np.stack([xb[b][tuple(i)] for i in flat]) if len(flat) else
+                   np.empty((0,) + xb.shape[1 + k:], dtype=x.dtype))
+    res = np.stack(out)
+    return res.reshape(batch_shape + idx.shape[batch_dims:-1] + x.shape[batch_dims + k:])
+
+
+@op("Slice", needs_opset=True)
+def slice_(x, starts=None, ends=None, axes=None, steps=None, opset=13):
+    if opset < 10:
+        raise ValueError("Slice before opset 10 is not supported")
+    starts = [int(s) for s in np.asarray(starts).ravel()]
+    ends = [int(e) for e in np.asarray(ends).ravel()]
+    axes = list(range(len(starts))) if axes is None else [int(a) for a in np.asarray(axes).ravel()]
+    steps = [1] * len(starts) if steps is None else [int(s) for s in np.asarray(steps).ravel()]
+    index = [slice(None)] * x.ndim
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        # Clamp the int64 sentinels ONNX uses for "to the end" before slicing.
+        n = x.shape[a]
+        s = max(min(s, n), -n - 1)
+        e = max(min(e, n), -n - 1)
+        if st < 0 and e < -n:
+            e = None
+        index[a % x.ndim] = slice(s, e, st)
+    return x[tuple(index)]
+
+
+@op("Range")
+def range_(start, limit, delta):
+    dtype = np.asarray(start).dtype
+    return np.arange(np.asarray(start).item(), np.asarray(limit).item(),
+                     np.asarray(delta).item()).astype(dtype)
+
+
+@op("Expand")
+def expand(x, shape_):
+    target = tuple(int(s) for s in shape_)
+    # ONNX Expand broadcasts both ways: a 1 in the target keeps the input's size.
+    out = np.broadcast_shapes(x.shape, target)
+    return np.broadcast_to(x, out)
+
+
+SUPPORTED_OPS: frozenset[str] = frozenset(OPS)
+
+
+def evaluate(op_type: str, inputs: list, attrs: dict, opset: int) -> tuple:
+    """Run one op on numpy inputs; always returns a tuple of outputs."""
+    fn = OPS[op_type]
+    if op_type in NEEDS_OPSET:
+        out = fn(*inputs, opset=opset, **attrs)
+    else:
+        out = fn(*inputs, **attrs)
+    return out if isinstance(out, tuple) else (out,)

@@ -1,0 +1,123 @@
+"""Planning: pick an implementation for every node of the fused graph.
+
+`Linear` nodes get a generated sparse kernel or dense BLAS. The choice is measured,
+not guessed: both are timed on the layer's own weight over a representative token
+count, and the faster one is kept (`kernels="sparse"` or `"dense"` forces one).
+`Attention` gets its fused implementation; everything else runs the numpy reference op.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .graph import Graph, Node
+from .kernels.attention import reference_attention
+from .kernels.linear import DenseLinear, Pattern, SparseLinear, analyse, reference_linear
+from .ops import evaluate
+
+KERNEL_CHOICES = ("auto", "sparse", "dense")
+# Tokens the sparse/dense race is run over: one sequence of 128, BERT's common case.
+PROBE_TOKENS = 128
+
+
+@dataclass
+class LayerPlan:
+    """One Linear node's weight, what was learned about it and the kernel chosen."""
+
+    name: str
+    node: Node
+    pattern: Pattern
+    impl: SparseLinear | DenseLinear
+    reason: str
+    timings_ms: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.impl.kind
+
+    def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        a = self.node.attrs
+        return reference_linear(x, a["weight"], a["bias"], a["activation"], residual)
+
+
+@dataclass
+class Step:
+    node: Node
+    run: Callable[..., tuple]
+
+
+def _best_ms(fn: Callable, reps: int = 5) -> float:
+    fn()  # warm-up (and the first call's compile, for a fresh kernel)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def plan_linear(node: Node, policy: str, rng: np.random.Generator) -> LayerPlan:
+    a = node.attrs
+    w, bias, act, residual = a["weight"], a["bias"], a["activation"], a["residual"]
+    pattern = analyse(w)
+    dense = DenseLinear(w, bias, act)
+    if policy == "dense" or pattern.nnz == w.size:
+        why = "forced dense" if policy == "dense" else "no zeros to skip"
+        return LayerPlan(node.name, node, pattern, dense, why)
+    sparse = SparseLinear(w, bias, act, residual, pattern)
+    if policy == "sparse":
+        return LayerPlan(node.name, node, pattern, sparse, "forced sparse")
+    x = rng.standard_normal((PROBE_TOKENS, w.shape[0]), dtype=np.float32)
+    r = rng.standard_normal((PROBE_TOKENS, w.shape[1]), dtype=np.float32) if residual else None
+    t = {"sparse": _best_ms(lambda: sparse(x, r)), "dense": _best_ms(lambda: dense(x, r))}
+    impl = sparse if t["sparse"] < t["dense"] else dense
+    why = f"measured over {PROBE_TOKENS} tokens: sparse {t['sparse']:.3f} ms, dense {t['dense']:.3f} ms"
+    return LayerPlan(node.name, node, pattern, impl, why, t)
+
+
+def _linear_step(layer: LayerPlan) -> Callable[..., tuple]:
+    impl = layer.impl
+
+    def run(x, residual=None):
+        return (impl(x, residual),)
+
+    return run
+
+
+def _attention_step(node: Node) -> Callable[..., tuple]:
+    a = node.attrs
+
+    def run(q, kt, v, mask=None, scale=None):
+        return (reference_attention(q, kt, v, mask, scale, a["scale_op"], a["axis"], a["opset"], a["nan_guard"]),)
+
+    return run
+
+
+def reference_step(node: Node, opset: int) -> Callable[..., tuple]:
+    op_type, attrs = node.op_type, node.attrs
+
+    def run(*args):
+        return evaluate(op_type, list(args), attrs, opset)
+
+    return run
+
+
+def plan(graph: Graph, kernels: str = "auto") -> tuple[list[Step], list[LayerPlan]]:
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+    rng = np.random.default_rng(0)
+    steps, layers = [], []
+    for n in graph.nodes:
+        if n.op_type == "Linear":
+            layer = plan_linear(n, kernels, rng)
+            layers.append(layer)
+            steps.append(Step(n, _linear_step(layer)))
+        elif n.op_type == "Attention":
+            steps.append(Step(n, _attention_step(n)))
+        else:
+            steps.append(Step(n, reference_step(n, graph.opset)))
+    return steps, layers
