@@ -1,0 +1,46 @@
+"""Shared fixtures: the committed exports, inputs with padding, and ONNX Runtime as oracle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+MODELS_DIR = Path(__file__).parent / "models"
+MODEL_FILES = sorted(MODELS_DIR.glob("*.onnx"))
+# (batch, seq): one short single sequence, one padded batch.
+SHAPES = [(1, 7), (3, 20)]
+
+
+def make_inputs(input_names: list[str], batch: int, seq: int, seed: int = 0, vocab: int = 256) -> dict:
+    """Token ids with a padding mask: row i keeps seq - 3*i tokens (at least 1)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(2, vocab, size=(batch, seq), dtype=np.int64)
+    mask = np.ones((batch, seq), dtype=np.int64)
+    for i in range(batch):
+        mask[i, max(1, seq - 3 * i):] = 0
+    ids[mask == 0] = 1  # a pad token id
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    feeds["token_type_ids"][:, seq // 2:] = 1 if vocab > 2 else 0
+    return {n: feeds[n] for n in input_names}
+
+
+def ort_run(path, feeds: dict) -> list[np.ndarray]:
+    ort = pytest.importorskip("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def assert_parity(got: list[np.ndarray], want: list[np.ndarray], names: list[str]) -> float:
+    """atol 1e-4 and rtol 1e-4 on every output; returns the worst absolute error."""
+    assert len(got) == len(want)
+    worst = 0.0
+    for g, w, n in zip(got, want, names):
+        assert g.shape == w.shape, f"{n}: shape {g.shape} != {w.shape}"
+        assert g.dtype == w.dtype, f"{n}: dtype {g.dtype} != {w.dtype}"
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=n)
+        worst = max(worst, float(np.max(np.abs(g.astype(np.float64) - w))))
+    return worst
