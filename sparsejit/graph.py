@@ -97,7 +97,7 @@ def load_model_proto(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.
         raise ValueError(f"{path} is not a readable ONNX model: it holds no graph")
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-    except (OSError, ValueError) as e:
+    except Exception as e:  # OSError, or onnx's ValidationError for a missing data file
         raise FileNotFoundError(f"{path}: cannot read its external weight data: {e}") from e
     return model, str(path)
 
@@ -108,8 +108,6 @@ def import_onnx(source: str | os.PathLike | onnx.ModelProto) -> Graph:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
         raise UnsupportedModelError(f"{where}: the model declares no default-domain opset")
-    if opset < MIN_OPSET:
-        raise UnsupportedModelError(f"{where}: opset {opset} is older than the oldest supported ({MIN_OPSET})")
     g = model.graph
     bad = [n for n in g.node if n.domain not in ("", "ai.onnx") or n.op_type not in SUPPORTED_OPS]
     if bad:
@@ -119,6 +117,8 @@ def import_onnx(source: str | os.PathLike | onnx.ModelProto) -> Graph:
             f"{where}: node {n.name or '<unnamed>'!r} uses op {op_name!r}, which sparsejit does not "
             f"support ({len(bad)} unsupported node(s) in all). Supported ops: {', '.join(sorted(SUPPORTED_OPS))}"
         )
+    if opset < MIN_OPSET:
+        _check_old_opset(g, opset, where)
     constants = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     inputs = []
     for vi in g.input:
@@ -135,6 +135,18 @@ def import_onnx(source: str | os.PathLike | onnx.ModelProto) -> Graph:
     graph = Graph(nodes, inputs, [o.name for o in g.output], constants, opset, where)
     _check_wiring(graph)
     return graph
+
+
+def _check_old_opset(g: onnx.GraphProto, opset: int, where: str) -> None:
+    """Below opset 11, accept a node only if its op's definition is the one it has at 11
+    (And-7 and Not-1 still are); an older definition (Reshape-1, Slice-1 …) is refused."""
+    for n in g.node:
+        old = onnx.defs.get_schema(n.op_type, opset).since_version
+        now = onnx.defs.get_schema(n.op_type, MIN_OPSET).since_version
+        if old != now:
+            raise UnsupportedModelError(
+                f"{where}: node {n.name or '<unnamed>'!r} uses {n.op_type}-{old} (model opset {opset}); "
+                f"sparsejit implements {n.op_type} as of opset {MIN_OPSET} and later")
 
 
 def _check_wiring(graph: Graph) -> None:

@@ -30,7 +30,6 @@ def node_test_prefix(op_type: str) -> str:
 EXCLUDED: dict[str, str] = {
     r"^test_cast_.*FLOAT8": "8-bit float types (saturation, rounding modes): numpy has no such dtypes",
     r"^test_identity_(sequence|opt)_": "Identity on sequence and optional values: sparsejit runs tensors only",
-    r"^test_(and_bcast|not_)": "these cases declare opset 1 or 7; sparsejit supports opset 11 and later",
 }
 
 

@@ -1,0 +1,159 @@
+"""The API around run(): input forms, output selection, bad input, bad files, check()."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import sparsejit
+from conftest import MODELS_DIR, assert_parity, make_inputs, ort_run
+
+BERT = MODELS_DIR / "bert_sdpa_h64_op14_legacy_p90.onnx"
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return sparsejit.load(BERT)
+
+
+def test_names(bert):
+    assert bert.input_names == ["input_ids", "attention_mask", "token_type_ids"]
+    assert bert.output_names == ["last_hidden_state", "pooler_output"]
+
+
+def test_list_inputs_in_graph_order_and_output_selection(bert):
+    feeds = make_inputs(bert.input_names, 2, 9)
+    full = bert.run(feeds)
+    as_list = bert.run([feeds[n] for n in bert.input_names])
+    for a, b in zip(full, as_list):
+        np.testing.assert_array_equal(a, b)
+    (pooled,) = bert.run(feeds, output_names=["pooler_output"])
+    np.testing.assert_array_equal(pooled, full[1])
+    swapped = bert.run(feeds, output_names=["pooler_output", "last_hidden_state"])
+    np.testing.assert_array_equal(swapped[1], full[0])
+
+
+def test_only_requested_output_after_other_shapes(bert):
+    """Asking for one output first must still leave the shape cache complete for the other."""
+    feeds = make_inputs(bert.input_names, 1, 13)
+    (pooled,) = bert.run(feeds, output_names=["pooler_output"])
+    hidden, pooled2 = bert.run(feeds)
+    np.testing.assert_array_equal(pooled, pooled2)
+    assert_parity([hidden], ort_run(BERT, feeds)[:1], ["last_hidden_state"])
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda f: f.pop("attention_mask"), "missing ['attention_mask']"),
+    (lambda f: f.update(extra=np.zeros((1, 4), np.int64)), "unknown ['extra']"),
+    (lambda f: f.update(input_ids=f["input_ids"].astype(np.int32)), "expected dtype int64, got int32"),
+    (lambda f: f.update(input_ids=f["input_ids"][0]), "expected rank 2"),
+    (lambda f: f.update(attention_mask=np.ones((2, 4), np.int64)), "dimension 'batch' is 2"),
+])
+def test_bad_inputs_are_named(bert, mutate, message):
+    feeds = make_inputs(bert.input_names, 1, 4)
+    mutate(feeds)
+    with pytest.raises(ValueError) as e:
+        bert.run(feeds)
+    assert message in str(e.value)
+
+
+def test_bad_input_list_and_output_name(bert):
+    feeds = make_inputs(bert.input_names, 1, 4)
+    with pytest.raises(ValueError, match="expected 3 inputs"):
+        bert.run([feeds["input_ids"]])
+    with pytest.raises(ValueError, match="unknown output name"):
+        bert.run(feeds, output_names=["logits"])
+    with pytest.raises(TypeError, match="dict name -> array"):
+        bert.run(feeds["input_ids"])
+
+
+def test_token_id_out_of_range_names_the_node(bert):
+    feeds = make_inputs(bert.input_names, 1, 4)
+    feeds["input_ids"][0, 0] = 100000
+    with pytest.raises(RuntimeError, match=r"word_embeddings/Gather.*out of range"):
+        bert.run(feeds)
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.onnx"):
+        sparsejit.load(tmp_path / "nope.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00\xffnot a protobuf" * 10)
+    with pytest.raises(ValueError, match="bad.onnx"):
+        sparsejit.load(bad)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(BERT.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="truncated.onnx"):
+        sparsejit.load(truncated)
+    with pytest.raises(IsADirectoryError):
+        sparsejit.load(tmp_path)
+
+
+def _tiny(op_type: str, opset: int = 17) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    node = helper.make_node(op_type, ["x"], ["y"], name="my_node")
+    return helper.make_model(helper.make_graph([node], "g", [x], [y]),
+                             opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_unsupported_op_is_refused_at_load():
+    with pytest.raises(sparsejit.UnsupportedModelError) as e:
+        sparsejit.load(_tiny("Relu"))
+    msg = str(e.value)
+    assert "'Relu'" in msg and "'my_node'" in msg and "MatMul" in msg
+
+
+def test_old_op_definition_is_refused():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2])
+    node = helper.make_node("Reshape", ["x"], ["y"], name="old_reshape", shape=[3, 2])
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y]), opset_imports=[helper.make_opsetid("", 4)])
+    with pytest.raises(sparsejit.UnsupportedModelError, match="'old_reshape' uses Reshape-1"):
+        sparsejit.load(model)
+
+
+def test_external_data(tmp_path):
+    model = onnx.load(str(BERT))
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.onnx.data", size_threshold=1024)
+    assert (tmp_path / "ext.onnx.data").exists() and path.stat().st_size < BERT.stat().st_size / 4
+    feeds = make_inputs(["input_ids", "attention_mask", "token_type_ids"], 2, 6)
+    assert_parity(sparsejit.load(path).run(feeds), ort_run(BERT, feeds), ["hidden", "pooled"])
+    (tmp_path / "ext.onnx.data").unlink()
+    with pytest.raises(FileNotFoundError, match="external"):
+        sparsejit.load(path)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        sparsejit.load(BERT, kernels="fast")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sparsejit.load(BERT, mode="turbo")
+    with pytest.raises(ValueError, match="num_threads"):
+        sparsejit.load(BERT, num_threads=0)
+
+
+def test_check_reports_every_layer_and_catches_a_broken_kernel():
+    model = sparsejit.load(MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx", kernels="sparse")
+    report = model.check()
+    assert report.ok and len(report) == len(model.layers) == 13
+    assert any(lp.pattern.block == 4 for lp in model.layers), "4-block pattern not detected"
+    assert "max |err|" in str(report)
+    # Corrupt one stored weight: check() must now fail that layer, and only that one.
+    broken = next(lp for lp in model.layers if lp.kind == "sparse")
+    broken.impl.values.flat[0] += 1.0
+    report = model.check()
+    assert not report.ok and [r.layer for r in report if not r.ok] == [broken.name]
+
+
+def test_kernel_source_is_printable(bert):
+    sparse = next(lp for lp in bert.layers if lp.kind == "sparse")
+    src = bert.kernel_source(sparse.name)
+    assert "def sparse_linear" in src and "prange" in src
+    assert bert.kernel_source(0) == bert.layers[0].impl.source or "dense" in bert.kernel_source(0)
+    with pytest.raises(KeyError, match="no Linear layer"):
+        bert.kernel_source("nope")
