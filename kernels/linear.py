@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
-from scipy.special import erf
 
 from .compile import load_source
+from .gelu import ERF_SOURCE, reference_gelu
+from .layout import contiguous, transposed
 
 ACTIVATIONS = ("none", "gelu")
 BLOCK_SIZES = (1, 4)
@@ -33,7 +35,7 @@ def reference_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None 
     if bias is not None:
         y = y + bias
     if activation == "gelu":
-        y = (0.5 * y * (1.0 + erf(y / np.sqrt(2.0)))).astype(np.float32)
+        y = reference_gelu(y)
     if residual is not None:
         y = y + residual
     return y
@@ -64,7 +66,7 @@ _ACCUMULATE = {
 
 _ACTIVATION = {
     "none": "",
-    "gelu": "                v = 0.5 * v * (1.0 + math.erf(v * 0.7071067811865476))\n",
+    "gelu": "                v = gelu32(v)\n",
 }
 
 _RESIDUAL = {False: "", True: "                v += rt[j, t]\n"}
@@ -74,9 +76,9 @@ _VALUES_TYPE = {1: "float32[::1]", 4: "float32[:, ::1]"}
 _TEMPLATE = """\
 # sparsejit generated kernel: block={block} activation={activation} residual={residual}
 # yt[j, :] = act(bias[j] + sum over stored (k, w) of row j: w * xt[k, :]){res_doc}
-import math
-
 from numba import njit, prange
+
+{helpers}
 
 
 @njit("void(float32[:, ::1], int64[::1], int32[::1], {values_type}, float32[::1], "
@@ -110,6 +112,7 @@ def kernel_source(cfg: KernelConfig) -> str:
         raise ValueError(f"no sparse kernel for {cfg}")
     return _TEMPLATE.format(
         block=cfg.block, activation=cfg.activation, residual=cfg.residual,
+        helpers=ERF_SOURCE if cfg.activation == "gelu" else "",
         res_doc=" + rt[j, :]" if cfg.residual else "",
         values_type=_VALUES_TYPE[cfg.block],
         accumulate=_ACCUMULATE[cfg.block],
@@ -121,6 +124,44 @@ def kernel_source(cfg: KernelConfig) -> str:
 
 def compiled_kernel(cfg: KernelConfig):
     return load_source(kernel_source(cfg)).sparse_linear
+
+
+_DENSE_TEMPLATE = """\
+# sparsejit generated kernel: dense activation={activation} residual={residual}
+# y = act(x @ w + bias){res_doc}: token rows split across threads, BLAS on each share
+import numpy as np
+from numba import njit, prange
+
+{helpers}
+
+@njit("void(float32[:, ::1], float32[:, ::1], float32[::1], float32[:, ::1], float32[:, :], int64)",
+      parallel=True, cache=True, nogil=True)
+def dense_linear(x, w, bias, y, r, n_chunks):
+    n = x.shape[0]
+    step = (n + n_chunks - 1) // n_chunks
+    for c in prange(n_chunks):
+        r0 = c * step
+        r1 = min(n, r0 + step)
+        if r0 < r1:
+            np.dot(x[r0:r1], w, y[r0:r1])
+            for i in range(r0, r1):
+                for j in range(y.shape[1]):
+                    v = y[i, j] + bias[j]
+{activation_code}{residual_code}                    y[i, j] = v
+"""
+
+
+def dense_kernel_source(activation: str, residual: bool) -> str:
+    if activation not in _ACTIVATION:
+        raise ValueError(f"no dense kernel for activation {activation!r}")
+    indent = "    "  # the dense epilogue sits one level deeper than the sparse one
+    return _DENSE_TEMPLATE.format(
+        activation=activation, residual=residual,
+        res_doc=" + r" if residual else "",
+        helpers=ERF_SOURCE if activation == "gelu" else "",
+        activation_code="".join(indent + line + "\n" for line in _ACTIVATION[activation].splitlines()),
+        residual_code=indent + "                v += r[i, j]\n" if residual else "",
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,18 +221,35 @@ def _writable(a: np.ndarray) -> np.ndarray:
 
 
 class DenseLinear:
-    """x·W + b through BLAS (numpy), with the same epilogue as the sparse kernel."""
+    """x·W + b through BLAS, split over the kernel threads, with the sparse kernel's epilogue."""
 
     kind = "dense"
-    source = None
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str):
-        self.weight = np.ascontiguousarray(weight, dtype=np.float32)
-        self.bias = bias
-        self.activation = activation
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str, residual: bool):
+        self.weight = _writable(np.ascontiguousarray(weight, dtype=np.float32))
+        self.in_features, self.out_features = self.weight.shape
+        self.bias = np.zeros(self.out_features, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+        self.activation, self.residual = activation, residual
+        self._kernel = load_source(self.source).dense_linear
+        self._no_residual = np.zeros((1, 1), np.float32)
+
+    @property
+    def source(self) -> str:
+        return dense_kernel_source(self.activation, self.residual)
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-        return reference_linear(x, self.weight, self.bias, self.activation, residual)
+        lead = x.shape[:-1]
+        x2 = contiguous(x.reshape(-1, self.in_features))
+        y = np.empty((x2.shape[0], self.out_features), np.float32)
+        if self.residual:
+            if residual.shape != lead + (self.out_features,):
+                residual = np.broadcast_to(residual, lead + (self.out_features,))
+            r = contiguous(residual.reshape(-1, self.out_features))
+        else:
+            r = self._no_residual
+        n_chunks = max(1, min(numba.get_num_threads(), x2.shape[0]))
+        self._kernel(x2, self.weight, self.bias, y, r, n_chunks)
+        return y.reshape(lead + (self.out_features,))
 
 
 class SparseLinear:
@@ -217,12 +275,12 @@ class SparseLinear:
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        xt = _writable(np.ascontiguousarray(x2.T, dtype=np.float32))
+        xt = transposed(x2)
         yt = np.empty((self.out_features, x2.shape[0]), np.float32)
         if self.config.residual:
             if residual.shape != lead + (self.out_features,):
                 residual = np.broadcast_to(residual, lead + (self.out_features,))
-            rt = _writable(residual.reshape(-1, self.out_features).T.astype(np.float32, copy=False))
+            rt = transposed(residual.reshape(-1, self.out_features))
         else:
             rt = self._no_residual
         self._kernel(xt, self.indptr, self.indices, self.values, self.bias, yt, rt)

@@ -34,30 +34,30 @@ def prune_linears(model: torch.nn.Module, sparsity: float, block: int = 1) -> No
             continue
         w = mod.weight.data  # [out, in]
         if block == 1:
-            k = int(round(w.numel() * sparsity))
+            k = round(w.numel() * sparsity)
             thresh = w.abs().flatten().kthvalue(k).values
             w[w.abs() <= thresh] = 0.0
         else:
             out_f, in_f = w.shape
             groups = w.reshape(out_f, in_f // block, block)
             score = groups.norm(dim=2)
-            k = int(round(score.numel() * sparsity))
+            k = round(score.numel() * sparsity)
             thresh = score.flatten().kthvalue(k).values
             groups[score <= thresh] = 0.0
 
 
-def make_model(family: str, attn: str, hidden: int):
+def make_model(family: str, attn: str, hidden: int, layers: int = 2):
     import transformers as tf
 
-    common = dict(
-        vocab_size=256,
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=4 * hidden,
-        max_position_embeddings=128,
-        attn_implementation=attn,
-    )
+    common = {
+        "vocab_size": 256,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "intermediate_size": 4 * hidden,
+        "max_position_embeddings": 128,
+        "attn_implementation": attn,
+    }
     if family == "bert":
         cfg = tf.BertConfig(type_vocab_size=2, **common)
         return tf.BertModel(cfg), ["input_ids", "attention_mask", "token_type_ids"]
@@ -182,6 +182,14 @@ def main() -> None:
         path = args.out / case_name(*case)
         export(model, names, path, opset, dynamo)
         print("wrote", path, path.stat().st_size // 1024, "KiB")
+    # The demo model shipped inside the package: big enough for sparse kernels to matter.
+    torch.manual_seed(7)
+    model, names = make_model("bert", "sdpa", 256)
+    with torch.no_grad():
+        prune_linears(model.encoder, 0.9)
+    default = HERE.parent / "sparsejit" / "models" / "bert_small_p90.onnx"
+    export(model, names, default, 14, False)
+    print("wrote", default, default.stat().st_size // 1024, "KiB")
     if args.minilm:
         args.minilm.mkdir(parents=True, exist_ok=True)
         export_minilm(args.minilm / "minilm_dense.onnx", None)

@@ -14,9 +14,9 @@ from .graph import UnsupportedModelError
 from .ops import SUPPORTED_OPS
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "CheckReport", "UnsupportedModelError", "SUPPORTED_OPS", "default_model_path"]
+__all__ = ["SUPPORTED_OPS", "CheckReport", "Model", "UnsupportedModelError", "default_model_path", "load"]
 
 
 def default_model_path() -> Path:
-    """The small pruned BERT shipped inside the package (2 layers, hidden 128, 90% sparse)."""
-    return Path(__file__).parent / "models" / "bert_tiny_p90.onnx"
+    """The small pruned BERT shipped inside the package (2 layers, hidden 256, 90% sparse)."""
+    return Path(__file__).parent / "models" / "bert_small_p90.onnx"

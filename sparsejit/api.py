@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -54,7 +54,7 @@ class Model:
     >>> ids = np.ones((1, 8), np.int64)
     >>> out = m.run({"input_ids": ids, "attention_mask": ids, "token_type_ids": 0 * ids})
     >>> out[0].shape
-    (1, 8, 64)
+    (1, 8, 256)
     """
 
     def __init__(self, graph: Graph, steps: list[Step], layers: list[LayerPlan], mode: str, num_threads: int):
@@ -155,9 +155,7 @@ class Model:
             (lp for lp in self.layers if lp.name == layer), None)
         if found is None:
             raise KeyError(f"no Linear layer named {layer!r}; layers: {[lp.name for lp in self.layers]}")
-        if found.impl.source is None:
-            return f"# layer {found.name} runs dense (numpy/BLAS): {found.reason}\n"
-        return found.impl.source
+        return f"# layer {found.name}: {found.kind} kernel, {found.reason}\n" + found.impl.source
 
 
 def load(source: str | os.PathLike | onnx.ModelProto, *, num_threads: int | None = None,

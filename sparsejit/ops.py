@@ -12,7 +12,7 @@ anything else, and the ONNX backend conformance tests are selected from it.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from onnx import helper

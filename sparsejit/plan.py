@@ -9,13 +9,13 @@ count, and the faster one is kept (`kernels="sparse"` or `"dense"` forces one).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from .graph import Graph, Node
-from .kernels.attention import reference_attention
+from .kernels.attention import fused_attention
 from .kernels.linear import DenseLinear, Pattern, SparseLinear, analyse, reference_linear
 from .ops import evaluate
 
@@ -64,7 +64,7 @@ def plan_linear(node: Node, policy: str, rng: np.random.Generator) -> LayerPlan:
     a = node.attrs
     w, bias, act, residual = a["weight"], a["bias"], a["activation"], a["residual"]
     pattern = analyse(w)
-    dense = DenseLinear(w, bias, act)
+    dense = DenseLinear(w, bias, act, residual)
     if policy == "dense" or pattern.nnz == w.size:
         why = "forced dense" if policy == "dense" else "no zeros to skip"
         return LayerPlan(node.name, node, pattern, dense, why)
@@ -92,7 +92,7 @@ def _attention_step(node: Node) -> Callable[..., tuple]:
     a = node.attrs
 
     def run(q, kt, v, mask=None, scale=None):
-        return (reference_attention(q, kt, v, mask, scale, a["scale_op"], a["axis"], a["opset"], a["nan_guard"]),)
+        return (fused_attention(q, kt, v, mask, scale, a["scale_op"], a["axis"], a["opset"], a["nan_guard"]),)
 
     return run
 

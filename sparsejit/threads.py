@@ -1,7 +1,10 @@
-"""The one place that sets thread counts: Numba's pool and numpy's BLAS together.
+"""The one place that sets thread counts: Numba's pool and the BLAS libraries together.
 
-Both pools sized to the same count, and never both busy at once (the executor runs one
-op at a time), is what keeps them from oversubscribing the cores.
+All parallelism is Numba's: BLAS runs single-threaded, and dense products are split
+across Numba's threads, each calling BLAS on its share. Letting OpenBLAS keep threads
+of its own does not work beside Numba: after each call they spin for a while, and on
+a 2-core machine that starves the next parallel kernel (measured here: a 0.15 ms sparse
+kernel took 8 ms right after a BLAS call).
 """
 
 from __future__ import annotations
@@ -17,16 +20,21 @@ _blas_setters: list | None = None
 
 
 def _find_blas_setters() -> list:
-    """numpy's bundled OpenBLAS exports a (prefixed) set_num_threads; find it by name."""
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*"))
+    """numpy's and scipy's bundled OpenBLAS builds (scipy's is the one Numba's np.dot
+    calls) each export a prefixed set_num_threads; find them by name."""
+    import scipy
+
+    libs = []
+    for pkg, libdir in ((np, "numpy.libs"), (scipy, "scipy.libs")):
+        libs += glob.glob(os.path.join(os.path.dirname(pkg.__file__), os.pardir, libdir, "*openblas*"))
     setters = []
     for path in libs:
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for sym in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
-                    "openblas_set_num_threads"):
+        for sym in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                    "openblas_set_num_threads64_", "openblas_set_num_threads"):
             fn = getattr(lib, sym, None)
             if fn is not None:
                 fn.argtypes = [ctypes.c_int]
@@ -36,7 +44,8 @@ def _find_blas_setters() -> list:
 
 
 def set_threads(n: int | None) -> int:
-    """Use `n` threads (default: all cores) for sparse kernels and BLAS; returns n."""
+    """Use `n` threads (default: all cores) for all kernels, BLAS single-threaded inside
+    them; returns n."""
     global _blas_setters
     n = numba.config.NUMBA_NUM_THREADS if n is None else int(n)
     if n < 1:
@@ -46,5 +55,5 @@ def set_threads(n: int | None) -> int:
     if _blas_setters is None:
         _blas_setters = _find_blas_setters()
     for fn in _blas_setters:
-        fn(n)
+        fn(1)
     return n

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import MODELS_DIR, assert_parity, make_inputs, ort_run
 from onnx import TensorProto, helper
 
 import sparsejit
-from conftest import MODELS_DIR, assert_parity, make_inputs, ort_run
 
 BERT = MODELS_DIR / "bert_sdpa_h64_op14_legacy_p90.onnx"
 

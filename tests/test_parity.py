@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import MODEL_FILES, SHAPES, assert_parity, make_inputs, ort_run
 
 import sparsejit
-from conftest import MODEL_FILES, SHAPES, assert_parity, make_inputs, ort_run
 
 assert MODEL_FILES, "tests/models holds no exports"
 

@@ -1,0 +1,150 @@
+"""Each kernel against its dense numpy reference, on shapes and edge cases the models may not hit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import erf
+from sparsejit.kernels.attention import fused_attention, reference_attention
+from sparsejit.kernels.gelu import fast_erf
+from sparsejit.kernels.layout import contiguous, transposed
+from sparsejit.kernels.linear import (
+    DenseLinear,
+    KernelConfig,
+    SparseLinear,
+    analyse,
+    compress,
+    kernel_source,
+    reference_linear,
+)
+
+TOL = {"atol": 1e-4, "rtol": 1e-4}
+
+
+def pruned(rng, k, m, sparsity, block=1):
+    w = rng.standard_normal((k, m)).astype(np.float32)
+    if block == 1:
+        w[rng.random((k, m)) < sparsity] = 0
+    else:
+        keep = rng.random((k // block, m)) >= sparsity
+        w *= np.repeat(keep, block, axis=0)
+    return w
+
+
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("impl", [SparseLinear, DenseLinear])
+def test_linear_matches_reference(block, activation, residual, impl):
+    rng = np.random.default_rng(block * 10 + residual)
+    k, m = 96, 40
+    w = pruned(rng, k, m, 0.85, block)
+    bias = rng.standard_normal(m).astype(np.float32)
+    for lead in [(1,), (7,), (3, 13)]:  # one token, odd counts, a batch
+        x = rng.standard_normal(lead + (k,)).astype(np.float32)
+        r = rng.standard_normal(lead + (m,)).astype(np.float32) if residual else None
+        layer = impl(w, bias, activation, residual)
+        if impl is SparseLinear:
+            assert layer.pattern.block == block
+        got = layer(x, r)
+        assert got.shape == lead + (m,)
+        np.testing.assert_allclose(got, reference_linear(x, w, bias, activation, r), **TOL)
+
+
+def test_sparse_linear_chains_in_feature_major_layout():
+    """A sparse layer's output (a transposed view) fed straight into the next, as in a model."""
+    rng = np.random.default_rng(1)
+    w1, w2 = pruned(rng, 64, 128, 0.9), pruned(rng, 128, 64, 0.9)
+    x = rng.standard_normal((2, 9, 64)).astype(np.float32)
+    a, b = SparseLinear(w1, None, "gelu", False), SparseLinear(w2, None, "none", True)
+    h = a(x)
+    assert not h.flags.c_contiguous  # feature-major view, no copy made
+    got = b(h, x)
+    want = reference_linear(reference_linear(x, w1, None, "gelu"), w2, None, "none", x)
+    np.testing.assert_allclose(got, want, **TOL)
+    np.testing.assert_allclose(DenseLinear(w2, None, "none", True)(h, x), want, **TOL)
+
+
+def test_empty_rows_and_all_zero_weight():
+    rng = np.random.default_rng(2)
+    w = pruned(rng, 32, 16, 0.5)
+    w[:, 3] = 0  # an output with no stored weight: bias only
+    w[5, :] = 0
+    x = rng.standard_normal((5, 32)).astype(np.float32)
+    bias = np.arange(16, dtype=np.float32)
+    np.testing.assert_allclose(SparseLinear(w, bias, "none", False)(x), reference_linear(x, w, bias), **TOL)
+    zero = np.zeros((32, 16), np.float32)
+    np.testing.assert_allclose(SparseLinear(zero, bias, "gelu", False)(x), reference_linear(x, zero, bias, "gelu"),
+                               **TOL)
+
+
+def test_analyse_and_compress():
+    rng = np.random.default_rng(3)
+    w = pruned(rng, 64, 32, 0.8, block=4)
+    p = analyse(w)
+    assert p.block == 4 and p.nnz == int((w != 0).sum()) and abs(p.density - 0.2) < 0.08
+    indptr, idx, vals = compress(w, 4)
+    assert vals.shape == (indptr[-1], 4) and np.all(idx % 4 == 0)
+    dense_again = np.zeros_like(w.T)
+    for j in range(32):
+        for p_ in range(indptr[j], indptr[j + 1]):
+            dense_again[j, idx[p_]:idx[p_] + 4] = vals[p_]
+    np.testing.assert_array_equal(dense_again.T, w)
+    unstructured = pruned(rng, 64, 32, 0.9)
+    assert analyse(unstructured).block == 1
+
+
+def test_source_is_a_pure_function_of_the_config():
+    cfg = KernelConfig(4, "gelu", True)
+    assert kernel_source(cfg) == kernel_source(KernelConfig(4, "gelu", True))
+    assert kernel_source(cfg) != kernel_source(KernelConfig(1, "gelu", True))
+    assert "gelu32" in kernel_source(cfg) and "rt[j, t]" in kernel_source(cfg)
+
+
+def test_fast_erf_error():
+    x = np.linspace(-8, 8, 200001, dtype=np.float32)
+    assert np.max(np.abs(fast_erf(x) - erf(x.astype(np.float64)))) < 1e-6
+
+
+def test_transpose_kernel():
+    rng = np.random.default_rng(4)
+    for shape in [(1, 1), (33, 65), (128, 96)]:
+        a = rng.standard_normal(shape).astype(np.float32)
+        np.testing.assert_array_equal(transposed(a), a.T)
+        np.testing.assert_array_equal(contiguous(a.T), a.T)
+        assert transposed(a).flags.c_contiguous
+
+
+@pytest.mark.parametrize("mask_shape", [None, (2, 1, 1, 11), (2, 1, 9, 11), (1, 1, 1, 11), (11,)])
+@pytest.mark.parametrize("scale_op", ["none", "div", "mul"])
+def test_attention_matches_reference(mask_shape, scale_op):
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
+    kt = rng.standard_normal((2, 3, 8, 11)).astype(np.float32)
+    v = rng.standard_normal((2, 3, 11, 8)).astype(np.float32)
+    mask = None if mask_shape is None else np.where(rng.random(mask_shape) < 0.3, -1e4, 0).astype(np.float32)
+    scale = np.array(8.0 ** 0.5, np.float32)
+    got = fused_attention(q, kt.transpose(0, 1, 2, 3), v, mask, scale, scale_op, -1, 14, False)
+    want = reference_attention(q, kt, v, mask, scale, scale_op, -1, 14, False)
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_attention_fully_masked_row(guard):
+    """A row with every key at -inf: NaN as Softmax gives, or 0 under the exporters' NaN guard."""
+    rng = np.random.default_rng(6)
+    q, kt, v = (rng.standard_normal(s).astype(np.float32) for s in [(1, 2, 4, 8), (1, 2, 8, 5), (1, 2, 5, 8)])
+    mask = np.zeros((1, 1, 4, 5), np.float32)
+    mask[0, 0, 2, :] = -np.inf
+    got = fused_attention(q, kt, v, mask, None, "none", -1, 14, guard)
+    want = reference_attention(q, kt, v, mask, None, "none", -1, 14, guard)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(want), **TOL)
+    assert np.isnan(got[0, :, 2]).all() != guard
+
+
+def test_attention_falls_back_for_other_shapes():
+    rng = np.random.default_rng(7)
+    q, kt, v = (rng.standard_normal(s).astype(np.float32) for s in [(3, 4, 8), (3, 8, 4), (3, 4, 8)])
+    np.testing.assert_allclose(fused_attention(q, kt, v, None, None, "none", -1, 14),
+                               reference_attention(q, kt, v, None, None, "none", -1, 14), **TOL)
