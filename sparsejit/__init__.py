@@ -17,7 +17,7 @@ if not (Path(__file__).parent / "kernels").is_dir() and (_checkout / "kernels" /
     import importlib.util as _util
 
     if _util.find_spec(__name__ + ".kernels") is None:
-        __path__.append(str(_checkout))  # noqa: F821 - a package's __path__
+        __path__.append(str(_checkout))
 
 from .api import CheckReport, Model, load
 from .graph import UnsupportedModelError

@@ -157,3 +157,34 @@ def test_kernel_source_is_printable(bert):
     assert bert.kernel_source(0) == bert.layers[0].impl.source or "dense" in bert.kernel_source(0)
     with pytest.raises(KeyError, match="no Linear layer"):
         bert.kernel_source("nope")
+
+
+def test_shape_subgraphs_run_once_per_shape(bert):
+    """The second run with the same shapes skips every shape-only node; new shapes recompute them."""
+    ex = bert._executor
+    assert ex.static, "no shape-only values found"
+    counted = []
+    originals = [step.run for step in ex.steps]
+    for step in ex.steps:
+        run = step.run
+
+        def counting(*args, _run=run, _name=step.node.name):
+            counted.append(_name)
+            return _run(*args)
+
+        step.run = counting
+    ex._schedules.clear()
+    try:
+        feeds = make_inputs(bert.input_names, 2, 23)
+        first = bert.run(feeds)
+        n_first = len(counted)
+        counted.clear()
+        second = bert.run(feeds)
+        assert len(counted) < n_first - 20
+        assert not any(s.node.op_type == "Shape" for s in ex.steps if s.node.name in counted)
+        for a, b in zip(first, second):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        for step, run in zip(ex.steps, originals):
+            step.run = run
+        ex._schedules.clear()
