@@ -84,13 +84,13 @@ def prune_model(source: str | os.PathLike | onnx.ModelProto, out_path: str | os.
     thresholds = None
     if scope == "global":
         allscores = np.concatenate([_scores(w, block).ravel() for w in weights])
-        k = int(round(sparsity * allscores.size))
+        k = round(sparsity * allscores.size)
         thresholds = [np.partition(allscores, k - 1)[k - 1] if k else -np.inf] * len(weights)
     report = []
     for i, ((node, t, trans_b), w) in enumerate(zip(targets, weights)):
         s = _scores(w, block)
         if thresholds is None:
-            k = int(round(sparsity * s.size))
+            k = round(sparsity * s.size)
             # Keep exactly s.size - k groups: ties at the threshold are broken by position.
             keep = np.ones(s.size, bool)
             if k:
