@@ -55,3 +55,43 @@ def load_source(source: str) -> ModuleType:
     spec.loader.exec_module(module)
     _loaded[key] = module
     return module
+
+
+# --- LLVM IR kernels (llvmlite) ---------------------------------------------------------
+
+_engines: dict[str, object] = {}  # keeps each compiled module's code alive
+
+
+def host_cpu() -> tuple[str, str]:
+    """(CPU name, feature string): part of every IR kernel's identity."""
+    import llvmlite.binding as llvm
+
+    _init_llvm()
+    return llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
+
+
+def _init_llvm() -> None:
+    import llvmlite.binding as llvm
+
+    if not _engines.get("_init"):
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        _engines["_init"] = True
+
+
+def compile_ir(source: str, function: str) -> int:
+    """Compile LLVM IR for this CPU at -O3; return the address of `function`."""
+    import llvmlite.binding as llvm
+
+    cpu, features = host_cpu()
+    key = hashlib.sha256(f"{cpu} {features}\n{source}".encode()).hexdigest()
+    if key not in _engines:
+        mod = llvm.parse_assembly(source)
+        mod.verify()
+        tm = llvm.Target.from_default_triple().create_target_machine(cpu=cpu, features=features, opt=3)
+        pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=3))
+        pb.getModulePassManager().run(mod, pb)
+        engine = llvm.create_mcjit_compiler(mod, tm)
+        engine.finalize_object()
+        _engines[key] = engine
+    return _engines[key].get_function_address(function)

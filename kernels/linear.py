@@ -6,23 +6,27 @@ The weight is stored compressed per output feature (CSR of Wᵀ); with 4-block s
 (four consecutive input weights kept or pruned together, as oBERT prunes) one index
 serves four weights.
 
-What is baked into the generated source is the pattern's *granularity* (block size),
-the fused epilogue and the argument layouts; the nonzeros themselves are data. Source
-with every nonzero unrolled does not scale (a 768×256 layer at 90% would not compile
-in 10 minutes), while this source compiles once per configuration and is shared by
-every layer that has it.
+What is baked into the generated kernel is the pattern's *granularity* (block size),
+the fused epilogue, the vector width and the tile; the nonzeros themselves are data.
+Code with every nonzero unrolled does not scale (a 768×256 layer at 90% would not
+compile in 10 minutes), while this kernel compiles once per configuration (0.15 s) and
+is shared by every layer that has it. The kernel is LLVM IR (sparse_ir.py), because
+only there do the accumulators stay in registers; dense layers are a Numba kernel
+calling BLAS.
 """
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 
-from .compile import load_source
+from .compile import compile_ir, host_cpu, load_source
 from .gelu import ERF_SOURCE, reference_gelu
 from .layout import contiguous, transposed
+from .sparse_ir import IRConfig, ir_source
 
 ACTIVATIONS = ("none", "gelu")
 BLOCK_SIZES = (1, 4)
@@ -42,88 +46,69 @@ def reference_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None 
 
 
 # ---------------------------------------------------------------------------------------
-# Source generation: a table of fragments and one emitter. Pure functions of the config.
-
-_ACCUMULATE = {
-    1: """\
-            w = values[p]
-            xk = xt[indices[p]]
-            for t in range(n_tok):
-                y[t] += w * xk[t]""",
-    4: """\
-            k = indices[p]
-            w0 = values[p, 0]
-            w1 = values[p, 1]
-            w2 = values[p, 2]
-            w3 = values[p, 3]
-            x0 = xt[k]
-            x1 = xt[k + 1]
-            x2 = xt[k + 2]
-            x3 = xt[k + 3]
-            for t in range(n_tok):
-                y[t] += w0 * x0[t] + w1 * x1[t] + w2 * x2[t] + w3 * x3[t]""",
-}
+# The sparse kernel: LLVM IR per configuration (sparse_ir.py), driven by one Numba
+# function that splits output rows across threads with equal nonzeros per thread.
 
 _ACTIVATION = {
     "none": "",
     "gelu": "                v = gelu32(v)\n",
 }
 
-_RESIDUAL = {False: "", True: "                v += rt[j, t]\n"}
-
-_VALUES_TYPE = {1: "float32[::1]", 4: "float32[:, ::1]"}
-
-_TEMPLATE = """\
-# sparsejit generated kernel: block={block} activation={activation} residual={residual}
-# yt[j, :] = act(bias[j] + sum over stored (k, w) of row j: w * xt[k, :]){res_doc}
+SPARSE_DRIVER_SOURCE = """\
+# sparsejit generated kernel: the parallel driver of every sparse IR kernel
+# thread c computes output rows [bounds[c], bounds[c + 1]) for all tokens
 from numba import njit, prange
 
-{helpers}
 
-
-@njit("void(float32[:, ::1], int64[::1], int32[::1], {values_type}, float32[::1], "
-      "float32[:, ::1], float32[:, :])", parallel=True, cache=True, nogil=True)
-def sparse_linear(xt, indptr, indices, values, bias, yt, rt):
-    n_tok = xt.shape[1]
-    for j in prange(yt.shape[0]):
-        y = yt[j]
-        b = bias[j]
-        for t in range(n_tok):
-            y[t] = b
-        for p in range(indptr[j], indptr[j + 1]):
-{accumulate}
-        if {has_epilogue}:
-            for t in range(n_tok):
-                v = y[t]
-{activation_code}{residual_code}                y[t] = v
+@njit(parallel=True, nogil=True, cache=True)
+def run_rows(fn, xt, indptr, indices, values, bias, yt, rt, bounds):
+    ldx = xt.strides[0] // 4
+    ldy = yt.strides[0] // 4
+    ldr = rt.strides[0] // 4
+    for c in prange(bounds.shape[0] - 1):
+        fn(xt.ctypes.data, ldx, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data, bias.ctypes.data,
+           yt.ctypes.data, ldy, rt.ctypes.data, ldr, bounds[c], bounds[c + 1], xt.shape[1])
 """
 
-
-@dataclass(frozen=True)
-class KernelConfig:
-    block: int = 1
-    activation: str = "none"
-    residual: bool = False
+_IR_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 5,
+                             ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                             ctypes.c_int64)
 
 
-def kernel_source(cfg: KernelConfig) -> str:
-    """The Numba source for one kernel configuration (same config, same text)."""
-    if cfg.block not in _ACCUMULATE or cfg.activation not in _ACTIVATION:
-        raise ValueError(f"no sparse kernel for {cfg}")
-    return _TEMPLATE.format(
-        block=cfg.block, activation=cfg.activation, residual=cfg.residual,
-        helpers=ERF_SOURCE if cfg.activation == "gelu" else "",
-        res_doc=" + rt[j, :]" if cfg.residual else "",
-        values_type=_VALUES_TYPE[cfg.block],
-        accumulate=_ACCUMULATE[cfg.block],
-        has_epilogue=bool(cfg.activation != "none" or cfg.residual),
-        activation_code=_ACTIVATION[cfg.activation],
-        residual_code=_RESIDUAL[cfg.residual],
-    )
+def vector_lanes() -> int:
+    """floats per vector register on this CPU: 16 with AVX-512, else 8."""
+    return 16 if "+avx512f" in host_cpu()[1] else 8
 
 
-def compiled_kernel(cfg: KernelConfig):
-    return load_source(kernel_source(cfg)).sparse_linear
+def kernel_config(block: int, activation: str, residual: bool) -> IRConfig:
+    lanes = vector_lanes()
+    return IRConfig(block, activation, residual, lanes, 128 // lanes)
+
+
+def kernel_source(cfg: IRConfig) -> str:
+    """What runs for one configuration: its LLVM IR, then the Numba driver that calls it."""
+    return ir_source(cfg) + "\n; driver (Numba):\n" + "".join("; " + line + "\n" for line in
+                                                              SPARSE_DRIVER_SOURCE.splitlines())
+
+
+def compiled_kernel(cfg: IRConfig):
+    """(IR function as a ctypes pointer, Numba driver)."""
+    fn = _IR_PROTO(compile_ir(ir_source(cfg), "sparse_rows"))
+    return fn, load_source(SPARSE_DRIVER_SOURCE).run_rows
+
+
+def balanced_bounds(indptr: np.ndarray, parts: int, row_cost: float = 4.0) -> np.ndarray:
+    """Split rows into `parts` contiguous ranges of about equal work (nonzeros + a per-row cost)."""
+    m = len(indptr) - 1
+    if m == 0:
+        return np.zeros(parts + 1, np.int64)
+    # work_before[i]: work of rows [0, i). Cut at the row boundary nearest each target.
+    work_before = np.concatenate([[0.0], np.cumsum(np.diff(indptr) + row_cost)])
+    targets = work_before[-1] * np.arange(1, parts) / parts
+    hi = np.clip(np.searchsorted(work_before, targets), 1, m)
+    nearer_lo = (targets - work_before[hi - 1]) < (work_before[hi] - targets)
+    cuts = np.where(nearer_lo, hi - 1, hi)
+    return np.concatenate([[0], cuts, [m]]).astype(np.int64)
 
 
 _DENSE_TEMPLATE = """\
@@ -260,17 +245,24 @@ class SparseLinear:
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str,
                  residual: bool, pattern: Pattern | None = None):
         self.pattern = pattern or analyse(weight)
-        self.config = KernelConfig(self.pattern.block, activation, residual)
+        self.config = kernel_config(self.pattern.block, activation, residual)
         self.indptr, self.indices, self.values = compress(weight, self.pattern.block)
         k, m = weight.shape
         self.in_features, self.out_features = k, m
-        self.bias = np.zeros(m, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
-        self._kernel = compiled_kernel(self.config)
+        self.bias = np.zeros(m, np.float32) if bias is None else _writable(np.ascontiguousarray(bias, np.float32))
+        self._fn, self._driver = compiled_kernel(self.config)
+        self._bounds: dict[int, np.ndarray] = {}
         self._no_residual = np.zeros((1, 1), np.float32)
 
     @property
     def source(self) -> str:
         return kernel_source(self.config)
+
+    def bounds(self) -> np.ndarray:
+        n = numba.get_num_threads()
+        if n not in self._bounds:
+            self._bounds[n] = balanced_bounds(self.indptr, n)
+        return self._bounds[n]
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         lead = x.shape[:-1]
@@ -283,6 +275,7 @@ class SparseLinear:
             rt = transposed(residual.reshape(-1, self.out_features))
         else:
             rt = self._no_residual
-        self._kernel(xt, self.indptr, self.indices, self.values, self.bias, yt, rt)
+        if x2.shape[0]:
+            self._driver(self._fn, xt, self.indptr, self.indices, self.values, self.bias, yt, rt, self.bounds())
         # yt.T is a view: the next sparse layer's x.T is then contiguous again, no copy.
         return yt.T.reshape(lead + (self.out_features,))

@@ -10,10 +10,11 @@ from sparsejit.kernels.gelu import fast_erf
 from sparsejit.kernels.layout import contiguous, transposed
 from sparsejit.kernels.linear import (
     DenseLinear,
-    KernelConfig,
     SparseLinear,
     analyse,
+    balanced_bounds,
     compress,
+    kernel_config,
     kernel_source,
     reference_linear,
 )
@@ -40,7 +41,7 @@ def test_linear_matches_reference(block, activation, residual, impl):
     k, m = 96, 40
     w = pruned(rng, k, m, 0.85, block)
     bias = rng.standard_normal(m).astype(np.float32)
-    for lead in [(1,), (7,), (3, 13)]:  # one token, odd counts, a batch
+    for lead in [(1,), (7,), (3, 13), (2, 100), (0,)]:  # one token, odd counts, batches, full tiles, none
         x = rng.standard_normal(lead + (k,)).astype(np.float32)
         r = rng.standard_normal(lead + (m,)).astype(np.float32) if residual else None
         layer = impl(w, bias, activation, residual)
@@ -95,10 +96,17 @@ def test_analyse_and_compress():
 
 
 def test_source_is_a_pure_function_of_the_config():
-    cfg = KernelConfig(4, "gelu", True)
-    assert kernel_source(cfg) == kernel_source(KernelConfig(4, "gelu", True))
-    assert kernel_source(cfg) != kernel_source(KernelConfig(1, "gelu", True))
-    assert "gelu32" in kernel_source(cfg) and "rt[j, t]" in kernel_source(cfg)
+    cfg = kernel_config(4, "gelu", True)
+    assert kernel_source(cfg) == kernel_source(kernel_config(4, "gelu", True))
+    assert kernel_source(cfg) != kernel_source(kernel_config(1, "gelu", True))
+    assert "define void @sparse_rows" in kernel_source(cfg) and "rt[j, t]" in kernel_source(cfg)
+
+
+def test_balanced_bounds():
+    indptr = np.concatenate([[0], np.cumsum([100, 0, 0, 0, 1, 1, 1, 1])])
+    b = balanced_bounds(indptr, 2)
+    assert b[0] == 0 and b[-1] == 8 and 1 <= b[1] <= 2
+    assert list(balanced_bounds(np.zeros(1, np.int64), 3)) == [0, 0, 0, 0]
 
 
 def test_fast_erf_error():

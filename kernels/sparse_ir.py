@@ -1,0 +1,253 @@
+"""The sparse Linear kernel as LLVM IR: accumulators held in vector registers.
+
+Numba cannot be made to keep a tile of outputs in registers across a row's nonzeros
+(scalar accumulators in generated source did not vectorise; an accumulator array
+lives in memory, costing a load and a store per multiply-add). Written as LLVM IR,
+one output row's tile of `lanes × vectors` tokens (16 × 8 = 128 with AVX-512) stays in
+`vectors` registers while every nonzero adds weight × x-row: one load per fma.
+
+Layout, feature-major as in SparseDNN and XNNPACK: xᵀ [in, tokens] and yᵀ [out, tokens],
+token stride 1, row strides `ldx`/`ldy`/`ldr` (in floats). The kernel computes rows
+[j0, j1) for all tokens: full tiles, then single vectors, then one masked vector.
+Tiles are the outer loop, so a thread's share of xᵀ stays in cache across its rows.
+
+The text is a pure function of `IRConfig`: a table of fragments and one emitter.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+ARGS = ("ptr noalias %xt, i64 %ldx, ptr noalias %indptr, ptr noalias %indices, ptr noalias %values, "
+        "ptr noalias %bias, ptr noalias %yt, i64 %ldy, ptr noalias %rt, i64 %ldr")
+ARG_NAMES = "ptr %xt, i64 %ldx, ptr %indptr, ptr %indices, ptr %values, ptr %bias, ptr %yt, i64 %ldy, ptr %rt, i64 %ldr"
+
+# Eigen's and XLA's float32 erf: x·P(x²)/Q(x²) on x clamped to [-4, 4] (see gelu.py).
+ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+         -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+         -1.42647390514189e-02)
+
+
+@dataclass(frozen=True)
+class IRConfig:
+    block: int = 1            # consecutive input weights per stored index (1 or 4)
+    activation: str = "none"  # "none" or "gelu"
+    residual: bool = False
+    lanes: int = 16           # floats per vector register
+    vectors: int = 8          # registers per output tile
+
+
+def f32(x: float) -> str:
+    """An LLVM float literal: the float32 value, written as the exact double hex LLVM wants."""
+    return "0x%016X" % struct.unpack("<Q", struct.pack("<d", float(np.float32(x))))[0]
+
+
+class _Emitter:
+    """Appends instructions, naming each result freshly (%v0, %v1, ...)."""
+
+    def __init__(self, lanes: int):
+        self.lines: list[str] = []
+        self.n = 0
+        self.vt = f"<{lanes} x float>"
+        self.lanes = lanes
+
+    def __call__(self, text: str, name: str | None = None) -> str:
+        if name is None:
+            name = f"%v{self.n}"
+            self.n += 1
+        self.lines.append(f"  {name} = {text}")
+        return name
+
+    def raw(self, text: str) -> None:
+        self.lines.append(text)
+
+    def splat(self, scalar: str) -> str:
+        one = self(f"insertelement {self.vt} poison, float {scalar}, i32 0")
+        return self(f"shufflevector {self.vt} {one}, {self.vt} poison, <{self.lanes} x i32> zeroinitializer")
+
+    def const(self, x: float) -> str:
+        return f"<{', '.join(['float ' + f32(x)] * self.lanes)}>"
+
+    def fma(self, a: str, b: str, c: str, name: str | None = None) -> str:
+        vt = self.vt
+        return self(f"call {vt} @llvm.fma.v{self.lanes}f32({vt} {a}, {vt} {b}, {vt} {c})", name)
+
+    def gep(self, base: str, index: str, ty: str = "float") -> str:
+        return self(f"getelementptr inbounds {ty}, ptr {base}, i64 {index}")
+
+    def vload(self, ptr: str, mask: str | None) -> str:
+        vt = self.vt
+        if mask is None:
+            return self(f"load {vt}, ptr {ptr}, align 4")
+        return self(f"call {vt} @llvm.masked.load.v{self.lanes}f32.p0(ptr {ptr}, i32 4, "
+                    f"<{self.lanes} x i1> {mask}, {vt} zeroinitializer)")
+
+    def vstore(self, value: str, ptr: str, mask: str | None) -> None:
+        vt = self.vt
+        if mask is None:
+            self.raw(f"  store {vt} {value}, ptr {ptr}, align 4")
+        else:
+            self.raw(f"  call void @llvm.masked.store.v{self.lanes}f32.p0({vt} {value}, ptr {ptr}, i32 4, "
+                     f"<{self.lanes} x i1> {mask})")
+
+
+def _gelu(e: _Emitter, v: str) -> str:
+    vt = e.vt
+    x = e(f"fmul {vt} {v}, {e.const(0.7071067811865476)}")
+    x = e(f"call {vt} @llvm.maxnum.v{e.lanes}f32({vt} {x}, {vt} {e.const(-4.0)})")
+    x = e(f"call {vt} @llvm.minnum.v{e.lanes}f32({vt} {x}, {vt} {e.const(4.0)})")
+    x2 = e(f"fmul {vt} {x}, {x}")
+    p = e.fma(x2, e.const(ERF_P[0]), e.const(ERF_P[1]))
+    for c in ERF_P[2:]:
+        p = e.fma(x2, p, e.const(c))
+    p = e(f"fmul {vt} {x}, {p}")
+    q = e.fma(x2, e.const(ERF_Q[0]), e.const(ERF_Q[1]))
+    for c in ERF_Q[2:]:
+        q = e.fma(x2, q, e.const(c))
+    erf = e(f"fdiv {vt} {p}, {q}")
+    one_plus = e(f"fadd {vt} {erf}, {e.const(1.0)}")
+    half_v = e(f"fmul {vt} {v}, {e.const(0.5)}")
+    return e(f"fmul {vt} {half_v}, {one_plus}")
+
+
+def _tile_function(cfg: IRConfig, name: str, vectors: int, masked: bool) -> str:
+    """One output row j, tokens [t, t + lanes·vectors): the nonzero loop with register accumulators."""
+    e = _Emitter(cfg.lanes)
+    vt, L = e.vt, cfg.lanes
+    mask_arg = f", <{L} x i1> %mask" if masked else ""
+    mask = "%mask" if masked else None
+    e.raw(f"define internal void @{name}({ARG_NAMES}, i64 %j, i64 %t{mask_arg}) alwaysinline {{")
+    e.raw("entry:")
+    bias = e(f"load float, ptr {e.gep('%bias', '%j')}, align 4")
+    init = e.splat(bias)
+    p0 = e(f"load i64, ptr {e.gep('%indptr', '%j', 'i64')}, align 8")
+    j1 = e("add i64 %j, 1")
+    p1 = e(f"load i64, ptr {e.gep('%indptr', j1, 'i64')}, align 8")
+    empty = e(f"icmp sge i64 {p0}, {p1}")
+    e.raw(f"  br i1 {empty}, label %done, label %loop")
+    e.raw("loop:")
+    # Phis first; their back-edge values are filled in once the body has named them.
+    p = e(f"phi i64 [ {p0}, %entry ], [ %p.next, %loop ]")
+    accs = [e(f"phi {vt} [ {init}, %entry ], [ %acc{u}.next, %loop ]") for u in range(vectors)]
+    k32 = e(f"load i32, ptr {e.gep('%indices', p, 'i32')}, align 4")
+    k = e(f"sext i32 {k32} to i64")
+    wbase = e(f"mul i64 {p}, {cfg.block}")
+    for b in range(cfg.block):
+        widx = e(f"add i64 {wbase}, {b}") if b else wbase
+        w = e.splat(e(f"load float, ptr {e.gep('%values', widx)}, align 4"))
+        kb = e(f"add i64 {k}, {b}") if b else k
+        row = e(f"mul i64 {kb}, %ldx")
+        start = e(f"add i64 {row}, %t")
+        for u in range(vectors):
+            off = e(f"add i64 {start}, {u * L}") if u else start
+            x = e.vload(e.gep("%xt", off), mask)
+            # The last block's fma names the value the loop's phi carries back.
+            accs[u] = e.fma(w, x, accs[u], f"%acc{u}.next" if b == cfg.block - 1 else None)
+    e.raw(f"  %p.next = add i64 {p}, 1")
+    more = e(f"icmp slt i64 %p.next, {p1}")
+    e.raw(f"  br i1 {more}, label %loop, label %done")
+    e.raw("done:")
+    finals = [e(f"phi {vt} [ {init}, %entry ], [ %acc{u}.next, %loop ]") for u in range(vectors)]
+    yrow = e("mul i64 %j, %ldy")
+    ystart = e(f"add i64 {yrow}, %t")
+    rstart = None
+    if cfg.residual:
+        rrow = e("mul i64 %j, %ldr")
+        rstart = e(f"add i64 {rrow}, %t")
+    for u, v in enumerate(finals):
+        if cfg.activation == "gelu":
+            v = _gelu(e, v)
+        if cfg.residual:
+            roff = e(f"add i64 {rstart}, {u * L}") if u else rstart
+            v = e(f"fadd {vt} {v}, {e.vload(e.gep('%rt', roff), mask)}")
+        yoff = e(f"add i64 {ystart}, {u * L}") if u else ystart
+        e.vstore(v, e.gep("%yt", yoff), mask)
+    e.raw("  ret void")
+    e.raw("}")
+    return "\n".join(e.lines)
+
+
+_DRIVER = """\
+define void @sparse_rows({args}, i64 %j0, i64 %j1, i64 %ntok) {{
+entry:
+  br label %full.check
+full.check:
+  %tf = phi i64 [ 0, %entry ], [ %tf.next, %full.rows.end ]
+  %tf.end = add i64 %tf, {tile}
+  %full.ok = icmp sle i64 %tf.end, %ntok
+  br i1 %full.ok, label %full.rows, label %one.check
+full.rows:
+  %jf = phi i64 [ %j0, %full.check ], [ %jf.next, %full.rows ]
+  call void @tile_full({names}, i64 %jf, i64 %tf)
+  %jf.next = add i64 %jf, 1
+  %jf.more = icmp slt i64 %jf.next, %j1
+  br i1 %jf.more, label %full.rows, label %full.rows.end
+full.rows.end:
+  %tf.next = add i64 %tf, {tile}
+  br label %full.check
+one.check:
+  %t1 = phi i64 [ %tf, %full.check ], [ %t1.next, %one.rows.end ]
+  %t1.end = add i64 %t1, {lanes}
+  %one.ok = icmp sle i64 %t1.end, %ntok
+  br i1 %one.ok, label %one.rows, label %tail.check
+one.rows:
+  %j1r = phi i64 [ %j0, %one.check ], [ %j1r.next, %one.rows ]
+  call void @tile_one({names}, i64 %j1r, i64 %t1)
+  %j1r.next = add i64 %j1r, 1
+  %j1r.more = icmp slt i64 %j1r.next, %j1
+  br i1 %j1r.more, label %one.rows, label %one.rows.end
+one.rows.end:
+  %t1.next = add i64 %t1, {lanes}
+  br label %one.check
+tail.check:
+  %rem = sub i64 %ntok, %t1
+  %tail.ok = icmp sgt i64 %rem, 0
+  br i1 %tail.ok, label %tail.rows.pre, label %exit
+tail.rows.pre:
+  %rem.splat0 = insertelement <{lanes} x i64> poison, i64 %rem, i32 0
+  %rem.splat = shufflevector <{lanes} x i64> %rem.splat0, <{lanes} x i64> poison, <{lanes} x i32> zeroinitializer
+  %mask = icmp ult <{lanes} x i64> <{iota}>, %rem.splat
+  br label %tail.rows
+tail.rows:
+  %jt = phi i64 [ %j0, %tail.rows.pre ], [ %jt.next, %tail.rows ]
+  call void @tile_tail({names}, i64 %jt, i64 %t1, <{lanes} x i1> %mask)
+  %jt.next = add i64 %jt, 1
+  %jt.more = icmp slt i64 %jt.next, %j1
+  br i1 %jt.more, label %tail.rows, label %exit
+exit:
+  ret void
+}}
+"""
+
+_DECLARES = """\
+declare <{L} x float> @llvm.fma.v{L}f32(<{L} x float>, <{L} x float>, <{L} x float>)
+declare <{L} x float> @llvm.maxnum.v{L}f32(<{L} x float>, <{L} x float>)
+declare <{L} x float> @llvm.minnum.v{L}f32(<{L} x float>, <{L} x float>)
+declare <{L} x float> @llvm.masked.load.v{L}f32.p0(ptr, i32, <{L} x i1>, <{L} x float>)
+declare void @llvm.masked.store.v{L}f32.p0(<{L} x float>, ptr, i32, <{L} x i1>)
+"""
+
+
+def ir_source(cfg: IRConfig) -> str:
+    """The whole module's LLVM IR for one kernel configuration."""
+    if cfg.block not in (1, 4) or cfg.activation not in ("none", "gelu"):
+        raise ValueError(f"no sparse kernel for {cfg}")
+    names = "ptr %xt, i64 %ldx, ptr %indptr, ptr %indices, ptr %values, ptr %bias, ptr %yt, i64 %ldy, ptr %rt, i64 %ldr"
+    header = (f"; sparsejit generated kernel: block={cfg.block} activation={cfg.activation} "
+              f"residual={cfg.residual} lanes={cfg.lanes} vectors={cfg.vectors}\n"
+              f"; yt[j, t] = act(bias[j] + sum over row j's stored (k, w): w * xt[k, t])"
+              f"{' + rt[j, t]' if cfg.residual else ''}\n")
+    parts = [
+        header,
+        _DECLARES.format(L=cfg.lanes),
+        _tile_function(cfg, "tile_full", cfg.vectors, masked=False),
+        _tile_function(cfg, "tile_one", 1, masked=False),
+        _tile_function(cfg, "tile_tail", 1, masked=True),
+        _DRIVER.format(args=ARGS, names=names, tile=cfg.lanes * cfg.vectors, lanes=cfg.lanes,
+                       iota=", ".join(f"i64 {i}" for i in range(cfg.lanes))),
+    ]
+    return "\n".join(parts)
