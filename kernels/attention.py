@@ -35,10 +35,33 @@ def reference_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.n
 ATTENTION_SOURCE = """\
 # sparsejit generated kernel: attention, one (batch, head) pair per thread
 # out[b, h] = softmax(q[b, h] @ kt[b, h] * scale + mask[b, h]) @ v[b, h]
-import math
-
 import numpy as np
 from numba import njit, prange
+
+LOG2E = np.float32(1.4426950408889634)
+LN2_HI = np.float32(0.693359375)
+LN2_LO = np.float32(-2.12194440e-4)
+
+
+@njit(inline="always")
+def exp_row(x, ibits, out):
+    # Cephes expf, written as straight-line loops LLVM vectorises (math.exp does not):
+    # x = n ln2 + r, exp(x) = 2^n * poly(r), 2^n built from its exponent bits.
+    for j in range(x.shape[0]):
+        v = min(max(x[j], np.float32(-87.3)), np.float32(88.3))
+        n = np.floor(v * LOG2E + np.float32(0.5))
+        r = v - n * LN2_HI - n * LN2_LO
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        out[j] = p * r * r + r + np.float32(1.0)
+        ibits[j] = (np.int32(n) + np.int32(127)) << np.int32(23)
+    scale = ibits.view(np.float32)
+    for j in range(x.shape[0]):
+        out[j] *= scale[j]
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -50,25 +73,27 @@ def attention(q, kt, v, mask, scale, nan_guard, out):
         b = bh // n_head
         h = bh % n_head
         s = np.empty((n_q, n_k), np.float32)
+        x = np.empty(n_k, np.float32)
+        ibits = np.empty(n_k, np.int32)
         np.dot(q[b, h], kt[b, h], s)
         for i in range(n_q):
             row = s[i]
             m_row = mask[b if mb else 0, h if mh else 0, i if mq else 0]
             top = -np.inf
             for j in range(n_k):
-                x = row[j] * scale + m_row[j]
-                row[j] = x
-                top = max(top, x)
+                x[j] = row[j] * scale + m_row[j]
+                top = max(top, x[j])
             if top == -np.inf:  # every key masked out: softmax is NaN, or 0 under the guard
                 fill = np.float32(0.0) if nan_guard else np.float32(np.nan)
                 for j in range(n_k):
                     row[j] = fill
                 continue
+            for j in range(n_k):
+                x[j] -= top
+            exp_row(x, ibits, row)
             total = np.float32(0.0)
             for j in range(n_k):
-                e = math.exp(row[j] - top)
-                row[j] = e
-                total += e
+                total += row[j]
             inv = np.float32(1.0) / total
             for j in range(n_k):
                 row[j] *= inv

@@ -43,7 +43,8 @@ class IRConfig:
 
 def f32(x: float) -> str:
     """An LLVM float literal: the float32 value, written as the exact double hex LLVM wants."""
-    return "0x%016X" % struct.unpack("<Q", struct.pack("<d", float(np.float32(x))))[0]
+    bits = struct.unpack("<Q", struct.pack("<d", float(np.float32(x))))[0]
+    return f"0x{bits:016X}"
 
 
 class _Emitter:

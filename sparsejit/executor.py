@@ -19,6 +19,11 @@ from .plan import Step
 MAX_SHAPE_SIGNATURES = 32
 
 
+def _c_order(a):
+    a = np.asarray(a)
+    return a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
+
+
 class Executor:
     def __init__(self, graph: Graph, steps: list[Step]):
         self.graph = graph
@@ -84,4 +89,5 @@ class Executor:
             self._folded[signature] = {k: env[k] for k in self.static if k in env}
             if len(self._folded) > MAX_SHAPE_SIGNATURES:
                 self._folded.popitem(last=False)
-        return [env[o] for o in outputs]
+        # Kernels may hand back transposed views; callers get plain C-ordered arrays.
+        return [_c_order(env[o]) for o in outputs]

@@ -5,6 +5,8 @@
   + residual → one node, the unit a sparse kernel computes with its epilogue fused.
 - `Attention`: MatMul(q, kᵀ) → scale → + mask → Softmax (→ NaN guard) → MatMul(·, v)
   → one node.
+- LayerNorm written out (ReduceMean, Sub, Pow, ReduceMean, Add ε, Sqrt, Div, Mul γ,
+  Add β), as exporters before opset 17 emit it → one `LayerNormalization` node.
 
 Each pass rewrites only chains whose intermediate values have no other reader, so
 the fused graph computes exactly what the original did.
@@ -216,7 +218,64 @@ def fuse_attention(graph: Graph) -> Graph:
     return m.result()
 
 
-PASSES = (fuse_gelu, fuse_linear, fuse_attention)
+def _last_axis_mean(m: _Matcher, node: Node) -> bool:
+    """A ReduceMean over the last axis only, keeping dims (axes as attribute or input)."""
+    if node.op_type != "ReduceMean" or not node.attrs.get("keepdims", 1):
+        return False
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1]:
+        c = m.const(node.inputs[1])
+        axes = None if c is None else [int(a) for a in c.ravel()]
+    return axes is not None and list(axes) == [-1]
+
+
+def fuse_layernorm(graph: Graph) -> Graph:
+    m = _Matcher(graph)
+    for mean in graph.nodes:
+        if not _last_axis_mean(m, mean) or id(mean) in m.removed:
+            continue
+        x = mean.inputs[0]
+        sub = m.only_user(mean.outputs[0], "Sub")
+        if sub is None or sub.inputs != [x, mean.outputs[0]]:
+            continue
+        d = sub.outputs[0]
+        users = m.users.get(d, [])
+        if len(users) != 2 or d in m.outputs:
+            continue
+        pow_ = next((u for u in users if u.op_type == "Pow"), None)
+        div = next((u for u in users if u.op_type == "Div"), None)
+        if pow_ is None or div is None or pow_.inputs[0] != d or not m.is_scalar_const(pow_.inputs[1], 2.0) \
+                or div.inputs[0] != d:
+            continue
+        var = m.only_user(pow_.outputs[0])
+        if var is None or not _last_axis_mean(m, var):
+            continue
+        add_eps = m.only_user(var.outputs[0], "Add")
+        if add_eps is None:
+            continue
+        eps = m.const(_other(add_eps, var.outputs[0]))
+        if eps is None or eps.size != 1:
+            continue
+        sqrt = m.only_user(add_eps.outputs[0], "Sqrt")
+        if sqrt is None or m.only_user(sqrt.outputs[0]) is not div or div.inputs[1] != sqrt.outputs[0]:
+            continue
+        mul = m.only_user(div.outputs[0], "Mul")
+        if mul is None:
+            continue
+        gamma = _other(mul, div.outputs[0])
+        add_b = m.only_user(mul.outputs[0], "Add")
+        if m.const(gamma) is None or add_b is None:
+            continue
+        beta = _other(add_b, mul.outputs[0])
+        if m.const(beta) is None:
+            continue
+        chain = [mean, sub, pow_, var, add_eps, sqrt, div, mul, add_b]
+        m.replace(chain, Node("LayerNormalization", add_b.name, [x, gamma, beta], [add_b.outputs[0]],
+                              {"axis": -1, "epsilon": float(eps.ravel()[0])}))
+    return m.result()
+
+
+PASSES = (fuse_gelu, fuse_layernorm, fuse_linear, fuse_attention)
 
 
 def fuse(graph: Graph) -> Graph:

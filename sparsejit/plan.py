@@ -16,6 +16,7 @@ import numpy as np
 
 from .graph import Graph, Node
 from .kernels.attention import fused_attention
+from .kernels.layernorm import layernorm
 from .kernels.linear import DenseLinear, Pattern, SparseLinear, analyse, reference_linear
 from .ops import evaluate
 
@@ -97,6 +98,20 @@ def _attention_step(node: Node) -> Callable[..., tuple]:
     return run
 
 
+def _layernorm_step(node: Node) -> Callable[..., tuple]:
+    eps = node.attrs.get("epsilon", 1e-5)
+
+    def run(x, scale, bias=None):
+        return (layernorm(x, scale, bias, eps),)
+
+    return run
+
+
+def _is_last_axis_layernorm(node: Node) -> bool:
+    outs = [o for o in node.outputs if o]
+    return node.op_type == "LayerNormalization" and node.attrs.get("axis", -1) == -1 and outs == node.outputs[:1]
+
+
 def reference_step(node: Node, opset: int) -> Callable[..., tuple]:
     op_type, attrs = node.op_type, node.attrs
 
@@ -118,6 +133,8 @@ def plan(graph: Graph, kernels: str = "auto") -> tuple[list[Step], list[LayerPla
             steps.append(Step(n, _linear_step(layer)))
         elif n.op_type == "Attention":
             steps.append(Step(n, _attention_step(n)))
+        elif _is_last_axis_layernorm(n):
+            steps.append(Step(n, _layernorm_step(n)))
         else:
             steps.append(Step(n, reference_step(n, graph.opset)))
     return steps, layers

@@ -7,6 +7,7 @@ import pytest
 from scipy.special import erf
 from sparsejit.kernels.attention import fused_attention, reference_attention
 from sparsejit.kernels.gelu import fast_erf
+from sparsejit.kernels.layernorm import layernorm, reference_layernorm
 from sparsejit.kernels.layout import contiguous, transposed
 from sparsejit.kernels.linear import (
     DenseLinear,
@@ -156,3 +157,15 @@ def test_attention_falls_back_for_other_shapes():
     q, kt, v = (rng.standard_normal(s).astype(np.float32) for s in [(3, 4, 8), (3, 8, 4), (3, 4, 8)])
     np.testing.assert_allclose(fused_attention(q, kt, v, None, None, "none", -1, 14),
                                reference_attention(q, kt, v, None, None, "none", -1, 14), **TOL)
+
+
+@pytest.mark.parametrize("feature_major", [False, True])
+def test_layernorm_both_layouts(feature_major):
+    rng = np.random.default_rng(8)
+    for n, h in [(1, 32), (37, 48), (130, 64)]:
+        x = (rng.standard_normal((n, h)) * 3 + 1).astype(np.float32)
+        scale = rng.standard_normal(h).astype(np.float32)
+        bias = rng.standard_normal(h).astype(np.float32)
+        arg = np.ascontiguousarray(x.T).T if feature_major else x
+        got = layernorm(arg.reshape(1, n, h), scale, bias, 1e-5)
+        np.testing.assert_allclose(got[0], reference_layernorm(x, scale, bias, 1e-5), **TOL)

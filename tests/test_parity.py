@@ -35,7 +35,8 @@ def test_fused_blocks_recognised(model_file):
     model = sparsejit.load(model_file, kernels="sparse")
     ops = [n.op_type for n in model.graph.nodes]
     assert ops.count("Attention") == 2, ops
-    assert "Softmax" not in ops and "Erf" not in ops
+    assert "Softmax" not in ops and "Erf" not in ops and "ReduceMean" not in ops
+    assert ops.count("LayerNormalization") == 5  # embeddings + 2 per layer
     assert not any(n.op_type == "MatMul" and n.inputs[1] in model.graph.constants for n in model.graph.nodes)
     assert sum(1 for lp in model.layers if lp.kind == "sparse") >= 12
 

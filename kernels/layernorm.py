@@ -1,0 +1,92 @@
+"""LayerNorm over the last axis: the dense numpy reference and two kernels, one per layout.
+
+Token-major input [tokens, features] normalises each row; feature-major input (the
+transposed view a sparse Linear returns) normalises each column, with the token loop
+innermost and contiguous, and returns feature-major too, which is what the next sparse
+layers and residual adds read without a copy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .compile import load_source
+
+
+def reference_layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon: float) -> np.ndarray:
+    mean = x.mean(axis=-1, keepdims=True)
+    d = x - mean
+    var = (d * d).mean(axis=-1, keepdims=True)
+    y = d / np.sqrt(var + np.float32(epsilon)) * scale
+    return (y + bias if bias is not None else y).astype(np.float32)
+
+
+LAYERNORM_SOURCE = """\\
+# sparsejit generated kernel: LayerNorm over features, token-major and feature-major
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def layernorm_rows(x, scale, bias, eps, y):
+    n, h = x.shape
+    for t in prange(n):
+        mean = np.float32(0.0)
+        for f in range(h):
+            mean += x[t, f]
+        mean /= h
+        var = np.float32(0.0)
+        for f in range(h):
+            d = x[t, f] - mean
+            var += d * d
+        inv = np.float32(1.0) / np.sqrt(var / h + eps)
+        for f in range(h):
+            y[t, f] = (x[t, f] - mean) * inv * scale[f] + bias[f]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def layernorm_columns(xt, scale, bias, eps, yt, chunk):
+    h, n = xt.shape
+    n_chunks = (n + chunk - 1) // chunk
+    for c in prange(n_chunks):
+        t0 = c * chunk
+        t1 = min(n, t0 + chunk)
+        mean = np.zeros(t1 - t0, np.float32)
+        var = np.zeros(t1 - t0, np.float32)
+        for f in range(h):
+            for t in range(t0, t1):
+                mean[t - t0] += xt[f, t]
+        for t in range(t1 - t0):
+            mean[t] /= h
+        for f in range(h):
+            for t in range(t0, t1):
+                d = xt[f, t] - mean[t - t0]
+                var[t - t0] += d * d
+        for t in range(t1 - t0):
+            var[t] = np.float32(1.0) / np.sqrt(var[t] / h + eps)
+        for f in range(h):
+            a = scale[f]
+            b = bias[f]
+            for t in range(t0, t1):
+                yt[f, t] = (xt[f, t] - mean[t - t0]) * var[t - t0] * a + b
+"""
+
+
+def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon: float) -> np.ndarray:
+    """LayerNorm over the last axis, in whichever layout x comes."""
+    h = x.shape[-1]
+    if x.dtype != np.float32 or scale.shape != (h,) or (bias is not None and bias.shape != (h,)):
+        return reference_layernorm(x, scale, bias, epsilon)
+    mod = load_source(LAYERNORM_SOURCE)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, h)
+    b = np.zeros(h, np.float32) if bias is None else bias
+    scale = np.ascontiguousarray(scale, dtype=np.float32)
+    b = np.ascontiguousarray(b, dtype=np.float32)
+    if x2.T.flags.c_contiguous and not x2.flags.c_contiguous:
+        yt = np.empty((h, x2.shape[0]), np.float32)
+        mod.layernorm_columns(x2.T, scale, b, np.float32(epsilon), yt, 64)
+        return yt.T.reshape(lead + (h,))
+    y = np.empty_like(x2, dtype=np.float32)
+    mod.layernorm_rows(x2, scale, b, np.float32(epsilon), y)
+    return y.reshape(lead + (h,))
