@@ -64,7 +64,8 @@ def exp_row(x, ibits, out):
         out[j] *= scale[j]
 
 
-@njit(parallel=True, cache=True, nogil=True)
+# reassoc lets LLVM vectorise the row max and sum; NaN and inf semantics are kept.
+@njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def attention(q, kt, v, mask, scale, nan_guard, out):
     n_batch, n_head, n_q, _ = q.shape
     n_k = kt.shape[3]

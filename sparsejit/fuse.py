@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .fold import eliminate_dead
 from .graph import Graph, Node
 
 SQRT2 = float(np.sqrt(2.0))
@@ -144,7 +145,9 @@ def fuse_linear(graph: Graph) -> Graph:
         else:
             continue
         chain, out = [mm], mm.outputs[0]
-        attrs = {"weight": np.ascontiguousarray(w, dtype=np.float32), "bias": bias,
+        # The weight stays as it is (perhaps a transposed view, perhaps mapped from the
+        # file): kernels copy or compress what they need, so none is held twice.
+        attrs = {"weight": w, "bias": bias,
                  "activation": "none", "residual": False}
         inputs = [x]
         nxt = m.only_user(out, "Add")
@@ -281,4 +284,4 @@ PASSES = (fuse_gelu, fuse_layernorm, fuse_linear, fuse_attention)
 def fuse(graph: Graph) -> Graph:
     for p in PASSES:
         graph = p(graph)
-    return graph
+    return eliminate_dead(graph)  # weights now held by Linear nodes leave the constants

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .onnx_file import load_mapped
 from .ops import SUPPORTED_OPS
 
 MIN_OPSET = 11
@@ -80,17 +81,26 @@ def _attr_value(a: onnx.AttributeProto):
     return v
 
 
-def load_model_proto(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
-    """Read an ONNX file (external data included) or take a ModelProto as is."""
+def load_model_proto(source: str | os.PathLike | onnx.ModelProto, map_weights: bool = False
+                     ) -> tuple[onnx.ModelProto, str, dict[str, np.ndarray]]:
+    """Read an ONNX file (external data included) or take a ModelProto as is.
+
+    With map_weights, large inline initializers are not parsed but memory-mapped from
+    the file and returned apart: (model without them, where, {name: mapped array}).
+    """
     if isinstance(source, onnx.ModelProto):
-        return source, "<ModelProto>"
+        return source, "<ModelProto>", {}
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"ONNX model file not found: {path}")
     if path.is_dir():
         raise IsADirectoryError(f"expected an ONNX model file, got a directory: {path}")
+    mapped: dict[str, np.ndarray] = {}
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        if map_weights:
+            model, mapped = load_mapped(path)
+        else:
+            model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError, or others on truncated files
         raise ValueError(f"{path} is not a readable ONNX model: {e}") from e
     if not model.graph.node and not model.graph.output:
@@ -99,12 +109,12 @@ def load_model_proto(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     except Exception as e:  # OSError, or onnx's ValidationError for a missing data file
         raise FileNotFoundError(f"{path}: cannot read its external weight data: {e}") from e
-    return model, str(path)
+    return model, str(path), mapped
 
 
 def import_onnx(source: str | os.PathLike | onnx.ModelProto) -> Graph:
     """ONNX file or ModelProto → `Graph`, refusing what sparsejit cannot run."""
-    model, where = load_model_proto(source)
+    model, where, mapped = load_model_proto(source, map_weights=True)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
         raise UnsupportedModelError(f"{where}: the model declares no default-domain opset")
@@ -120,6 +130,7 @@ def import_onnx(source: str | os.PathLike | onnx.ModelProto) -> Graph:
     if opset < MIN_OPSET:
         _check_old_opset(g, opset, where)
     constants = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    constants.update(mapped)
     inputs = []
     for vi in g.input:
         if vi.name in constants:  # IR < 4 lists initializers as inputs too

@@ -1,23 +1,31 @@
 """Planning: pick an implementation for every node of the fused graph.
 
 `Linear` nodes get a generated sparse kernel or dense BLAS. The choice is measured,
-not guessed: both are timed on the layer's own weight over a representative token
-count, and the faster one is kept (`kernels="sparse"` or `"dense"` forces one).
+not guessed: both are timed over a representative token count on the first layer of
+each kind (`LayerTimings`), and the faster one is kept (`kernels="sparse"` or
+`"dense"` forces one).
 `Attention` gets its fused implementation; everything else runs the numpy reference op.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numba
 import numpy as np
 
 from .graph import Graph, Node
 from .kernels.attention import fused_attention
+from .kernels.compile import cache_dir, host_cpu
 from .kernels.layernorm import layernorm
 from .kernels.linear import DenseLinear, Pattern, SparseLinear, analyse, reference_linear
+from .onnx_file import release
 from .ops import evaluate
 
 KERNEL_CHOICES = ("auto", "sparse", "dense")
@@ -51,6 +59,57 @@ class Step:
     run: Callable[..., tuple]
 
 
+class LayerTimings:
+    """Sparse and dense times per kind of layer: the cost model the planner decides by.
+
+    A kind is (shape, block size, density to 1%, epilogue, threads); the first layer of a
+    kind is timed, the others reuse its times (BERT-base's 72 layers are 4 kinds at one
+    sparsity). Times persist in the kernel cache directory, keyed also by CPU and library
+    versions, so a warm load measures nothing.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.table: dict[str, dict] = {}
+        if path is not None and path.exists():
+            try:
+                self.table = json.loads(path.read_text())
+            except (OSError, ValueError):
+                self.table = {}
+        self.rng = np.random.default_rng(0)
+
+    def lookup(self, pattern: Pattern, act: str, residual: bool) -> tuple[str, dict | None]:
+        key = json.dumps([pattern.in_features, pattern.out_features, pattern.block, round(pattern.density, 2),
+                          act, residual, numba.get_num_threads(), PROBE_TOKENS, _environment()])
+        return key, self.table.get(key)
+
+    def measure(self, key: str, sparse, dense, shape: tuple[int, int], residual: bool) -> dict:
+        x = self.rng.standard_normal((PROBE_TOKENS, shape[0]), dtype=np.float32)
+        r = self.rng.standard_normal((PROBE_TOKENS, shape[1]), dtype=np.float32) if residual else None
+        t = {"sparse": _best_ms(lambda: sparse(x, r)), "dense": _best_ms(lambda: dense(x, r))}
+        self.table[key] = t
+        return t
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.table))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only cache only costs the next load its measurements
+
+
+def _environment() -> str:
+    """What the timings depend on besides the layer: CPU and library versions."""
+    import llvmlite
+
+    cpu, features = host_cpu()
+    return hashlib.sha256(f"{cpu} {features} numba {numba.__version__} llvmlite {llvmlite.__version__} "
+                          f"numpy {np.__version__}".encode()).hexdigest()[:16]
+
+
 def _best_ms(fn: Callable, reps: int = 5) -> float:
     fn()  # warm-up (and the first call's compile, for a fresh kernel)
     best = float("inf")
@@ -61,23 +120,29 @@ def _best_ms(fn: Callable, reps: int = 5) -> float:
     return best * 1e3
 
 
-def plan_linear(node: Node, policy: str, rng: np.random.Generator) -> LayerPlan:
+def plan_linear(node: Node, policy: str, timings: LayerTimings) -> LayerPlan:
     a = node.attrs
     w, bias, act, residual = a["weight"], a["bias"], a["activation"], a["residual"]
     pattern = analyse(w)
-    dense = DenseLinear(w, bias, act, residual)
-    if policy == "dense" or pattern.nnz == w.size:
-        why = "forced dense" if policy == "dense" else "no zeros to skip"
-        return LayerPlan(node.name, node, pattern, dense, why)
-    sparse = SparseLinear(w, bias, act, residual, pattern)
-    if policy == "sparse":
-        return LayerPlan(node.name, node, pattern, sparse, "forced sparse")
-    x = rng.standard_normal((PROBE_TOKENS, w.shape[0]), dtype=np.float32)
-    r = rng.standard_normal((PROBE_TOKENS, w.shape[1]), dtype=np.float32) if residual else None
-    t = {"sparse": _best_ms(lambda: sparse(x, r)), "dense": _best_ms(lambda: dense(x, r))}
-    impl = sparse if t["sparse"] < t["dense"] else dense
-    why = f"measured over {PROBE_TOKENS} tokens: sparse {t['sparse']:.3f} ms, dense {t['dense']:.3f} ms"
-    return LayerPlan(node.name, node, pattern, impl, why, t)
+    try:
+        if policy == "dense" or pattern.nnz == w.size:
+            why = "forced dense" if policy == "dense" else "no zeros to skip"
+            return LayerPlan(node.name, node, pattern, DenseLinear(w, bias, act, residual), why)
+        sparse = SparseLinear(w, bias, act, residual, pattern)
+        if policy == "sparse":
+            return LayerPlan(node.name, node, pattern, sparse, "forced sparse")
+        key, t = timings.lookup(pattern, act, residual)
+        if t is None:
+            dense = DenseLinear(w, bias, act, residual)
+            t = timings.measure(key, sparse, dense, w.shape, residual)
+            source = "measured on this layer"
+        else:
+            source = "measured on a layer like it"
+        impl = sparse if t["sparse"] < t["dense"] else DenseLinear(w, bias, act, residual)
+        why = f"{source} over {PROBE_TOKENS} tokens: sparse {t['sparse']:.3f} ms, dense {t['dense']:.3f} ms"
+        return LayerPlan(node.name, node, pattern, impl, why, t)
+    finally:
+        release(w)  # the kernel holds its own (compressed) copy; the file-mapped pages can go
 
 
 def _linear_step(layer: LayerPlan) -> Callable[..., tuple]:
@@ -124,11 +189,11 @@ def reference_step(node: Node, opset: int) -> Callable[..., tuple]:
 def plan(graph: Graph, kernels: str = "auto") -> tuple[list[Step], list[LayerPlan]]:
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
-    rng = np.random.default_rng(0)
+    timings = LayerTimings(cache_dir().parent / "layer_timings.json" if kernels == "auto" else None)
     steps, layers = [], []
     for n in graph.nodes:
         if n.op_type == "Linear":
-            layer = plan_linear(n, kernels, rng)
+            layer = plan_linear(n, kernels, timings)
             layers.append(layer)
             steps.append(Step(n, _linear_step(layer)))
         elif n.op_type == "Attention":
@@ -137,4 +202,5 @@ def plan(graph: Graph, kernels: str = "auto") -> tuple[list[Step], list[LayerPla
             steps.append(Step(n, _layernorm_step(n)))
         else:
             steps.append(Step(n, reference_step(n, graph.opset)))
+    timings.save()
     return steps, layers

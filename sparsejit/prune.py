@@ -69,7 +69,7 @@ def prune_model(source: str | os.PathLike | onnx.ModelProto, out_path: str | os.
         raise ValueError(f"block must be >= 1, got {block}")
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-    model, where = load_model_proto(source)
+    model, where, _ = load_model_proto(source)
     targets = prunable_weights(model)
     if not targets:
         raise ValueError(f"{where}: no MatMul/Gemm with a constant 2-D float weight to prune")
