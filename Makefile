@@ -1,7 +1,7 @@
 # The two set-up commands the README promises; each makes its own venv.
 PYTHON ?= python3
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench clean
 
 demo: .venv-demo/.installed
 	.venv-demo/bin/python -m sparsejit.demo
@@ -11,6 +11,15 @@ test: .venv-test/.installed
 
 lint: .venv-test/.installed
 	.venv-test/bin/ruff check .
+
+# Not part of CI: ~40 minutes, and the DeepSparse venv (see bench/README.md).
+bench: .venv-test/.installed bench/.venv-deepsparse/bin/python
+	.venv-test/bin/python bench/make_models.py
+	.venv-test/bin/python bench/run.py --runs 20
+
+bench/.venv-deepsparse/bin/python:
+	python3.11 -m venv bench/.venv-deepsparse
+	bench/.venv-deepsparse/bin/pip install -q deepsparse==1.8.0
 
 .venv-demo/.installed: pyproject.toml
 	$(PYTHON) -m venv .venv-demo

@@ -3,8 +3,9 @@
     python bench/make_models.py                       # once: BERT-base variants, MiniLM
     python bench/run.py                               # everything; see --help to subset
 
-Each engine runs in a process of its own (bench/worker.py; DeepSparse under its own
-venv's Python), with the same thread count, on the same model file and inputs:
+Each engine runs in a process of its own (sparsejit.benchmark, the machinery
+`sparsejit bench` uses too; DeepSparse under its own venv's Python), with the same
+thread count, on the same model file and inputs:
 medians over --runs timed runs after warm-up, with min and max. Ratios compare
 engines within this one run only: the machine is shared and noisy. Writes
 bench/results/results.json, results.md and latency_vs_sparsity.png.
@@ -17,7 +18,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,32 +29,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from sparsejit.benchmark import measure  # after the checkout is on the path
+
 MODELS = ["bert_base_p0", "bert_base_p80", "bert_base_p90", "bert_base_p95", "bert_base_p97",
           "bert_base_p80_block4", "minilm_p90"]
 SPARSITY = {"bert_base_p0": 0.0, "bert_base_p80": 0.8, "bert_base_p90": 0.9, "bert_base_p95": 0.95,
             "bert_base_p97": 0.97}
 WORKLOADS = {"latency": (1, 128), "throughput": (8, 128), "seq384": (1, 384)}
-ENGINES = ["sparsejit", "sparsejit-dense", "ort", "deepsparse"]
+ENGINES = ["sparsejit", "numpy", "ort", "deepsparse"]  # numpy: sparsejit forced dense (BLAS)
 DEFAULT_DS_PYTHON = HERE / ".venv-deepsparse" / "bin" / "python"
-
-
-def run_worker(engine: str, model: Path, batch: int, seq: int, runs: int, threads: int, python: str,
-               env: dict | None = None) -> dict:
-    cmd = [python, str(HERE / "worker.py"), engine, str(model), "--batch", str(batch), "--seq", str(seq),
-           "--runs", str(runs), "--threads", str(threads)]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if proc.returncode != 0:
-        return {"engine": engine, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def summarise(r: dict, batch: int) -> dict:
-    if "error" in r:
-        return r
-    t = r["times_s"]
-    med = statistics.median(t)
-    return {**{k: v for k, v in r.items() if k != "times_s"}, "median_ms": med * 1e3, "min_ms": min(t) * 1e3,
-            "max_ms": max(t) * 1e3, "items_per_s": batch / med, "runs": len(t)}
 
 
 def kernel_level(threads: int, runs: int) -> list[dict]:
@@ -103,8 +86,8 @@ def load_times(model: Path, threads: int) -> dict:
     """Cold load (empty kernel cache, fresh process) then warm load (same cache, fresh process)."""
     with tempfile.TemporaryDirectory() as cache:
         env = {"SPARSEJIT_CACHE_DIR": cache}
-        cold = run_worker("sparsejit", model, 1, 128, 1, threads, sys.executable, env)
-        warm = run_worker("sparsejit", model, 1, 128, 1, threads, sys.executable, env)
+        cold = measure("sparsejit", str(model), 1, 128, 1, threads, env=env)
+        warm = measure("sparsejit", str(model), 1, 128, 1, threads, env=env)
     return {"model": model.stem, "cold_s": cold.get("load_s"), "warm_s": warm.get("load_s"),
             "error": cold.get("error") or warm.get("error")}
 
@@ -133,7 +116,7 @@ def markdown(results: dict) -> str:
         if not rows:
             continue
         out += [f"## {wl}: batch {b}, seq {s}", "",
-                "| model | sparsejit | sparsejit dense | ORT | DeepSparse | vs ORT | vs DeepSparse |",
+                "| model | sparsejit | sparsejit forced dense | ORT | DeepSparse | vs ORT | vs DeepSparse |",
                 "|---|---|---|---|---|---|---|"]
         for model in dict.fromkeys(r["model"] for r in rows):
             by = {r["engine"]: r for r in rows if r["model"] == model}
@@ -217,8 +200,7 @@ def main() -> None:
         for wl in args.workloads.split(","):
             batch, seq = WORKLOADS[wl]
             for engine in engines:
-                python = args.deepsparse_python if engine == "deepsparse" else sys.executable
-                r = summarise(run_worker(engine, path, batch, seq, args.runs, args.threads, python), batch)
+                r = measure(engine, str(path), batch, seq, args.runs, args.threads, python=args.deepsparse_python)
                 r.update(model=model, workload=wl, engine=engine)
                 results["end_to_end"].append(r)
                 msg = r.get("error") or f"{r['median_ms']:.1f} ms (load {r['load_s']:.1f} s)"

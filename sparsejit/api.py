@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +93,19 @@ class Model:
                 raise ValueError(f"unknown output name(s) {unknown}; the model's outputs are {self.output_names}")
         return self._executor.run(feeds, wanted)
 
+    def profile(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray], runs: int = 5) -> dict[str, float]:
+        """Median seconds per node over `runs` runs (after one warm-up), by node name."""
+        feeds = self._validate(inputs)
+        outputs = tuple(self.graph.outputs)
+        self._executor.run(feeds, outputs)
+        samples: list[dict[str, float]] = []
+        for _ in range(runs):
+            p: dict[str, float] = {}
+            self._executor.run(feeds, outputs, profile=p)
+            samples.append(p)
+        names = {n for s in samples for n in s}
+        return {n: float(np.median([s.get(n, 0.0) for s in samples])) for n in names}
+
     def _validate(self, inputs) -> dict[str, np.ndarray]:
         specs = self.graph.inputs
         expected = [s.name for s in specs]
@@ -159,13 +172,15 @@ class Model:
 
 
 def load(source: str | os.PathLike | onnx.ModelProto, *, num_threads: int | None = None,
-         kernels: str = "auto", mode: str = "compiled") -> Model:
+         kernels: str = "auto", mode: str = "compiled",
+         progress: Callable[[int, int, LayerPlan], None] | None = None) -> Model:
     """Load an ONNX model and compile it for this machine.
 
     - `num_threads`: threads for sparse kernels and BLAS alike (default: all cores).
     - `kernels`: "auto" (measure sparse against dense per layer), "sparse" or "dense".
     - `mode`: "compiled", or "reference" to run the unfused graph on the numpy reference
       ops only (the whole-graph oracle).
+    - `progress(done, total, layer)`: called as each Linear layer gets its kernel.
 
     >>> import sparsejit
     >>> m = sparsejit.load(sparsejit.default_model_path())
@@ -182,5 +197,5 @@ def load(source: str | os.PathLike | onnx.ModelProto, *, num_threads: int | None
         steps = [Step(n, reference_step(n, graph.opset)) for n in graph.nodes]
         return Model(graph, steps, [], mode, threads)
     graph = fuse(graph)
-    steps, layers = plan(graph, kernels)
+    steps, layers = plan(graph, kernels, progress)
     return Model(graph, steps, layers, mode, threads)

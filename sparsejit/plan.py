@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from .kernels.layernorm import layernorm
 from .kernels.linear import DenseLinear, Pattern, SparseLinear, analyse, reference_linear
 from .onnx_file import release
 from .ops import evaluate
+
+log = logging.getLogger("sparsejit")
 
 KERNEL_CHOICES = ("auto", "sparse", "dense")
 # Tokens the sparse/dense race is run over: one sequence of 128, BERT's common case.
@@ -47,6 +50,15 @@ class LayerPlan:
     @property
     def kind(self) -> str:
         return self.impl.kind
+
+    @property
+    def pattern_shape(self) -> tuple[int, int]:
+        return self.pattern.in_features, self.pattern.out_features
+
+    @property
+    def timing_reused(self) -> bool:
+        """Whether the sparse/dense decision reused an earlier or cached measurement."""
+        return self.reason.startswith("measured on a layer like it")
 
     def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         a = self.node.attrs
@@ -186,15 +198,22 @@ def reference_step(node: Node, opset: int) -> Callable[..., tuple]:
     return run
 
 
-def plan(graph: Graph, kernels: str = "auto") -> tuple[list[Step], list[LayerPlan]]:
+def plan(graph: Graph, kernels: str = "auto",
+         progress: Callable[[int, int, LayerPlan], None] | None = None) -> tuple[list[Step], list[LayerPlan]]:
+    """A step per node; `progress(done, total, layer)` is called as each Linear is planned."""
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
     timings = LayerTimings(cache_dir().parent / "layer_timings.json" if kernels == "auto" else None)
     steps, layers = [], []
+    total = sum(n.op_type == "Linear" for n in graph.nodes)
     for n in graph.nodes:
         if n.op_type == "Linear":
             layer = plan_linear(n, kernels, timings)
             layers.append(layer)
+            log.debug("%s: %s %dx%d density %.3f block %d: %s", layer.name, layer.kind, *layer.pattern_shape,
+                      layer.pattern.density, layer.pattern.block, layer.reason)
+            if progress is not None:
+                progress(len(layers), total, layer)
             steps.append(Step(n, _linear_step(layer)))
         elif n.op_type == "Attention":
             steps.append(Step(n, _attention_step(n)))

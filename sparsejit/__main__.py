@@ -1,0 +1,5 @@
+"""`python -m sparsejit`: the command line (see sparsejit.cli)."""
+
+from .cli import main
+
+raise SystemExit(main())

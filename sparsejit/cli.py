@@ -1,0 +1,359 @@
+"""The `sparsejit` command line: run, bench, inspect, check, kernel, prune.
+
+    sparsejit run model.onnx --batch 2 --seq 64
+    sparsejit bench model.onnx --vs numpy,ort
+    sparsejit inspect model.onnx --plot layers.png
+    sparsejit check model.onnx
+    sparsejit kernel model.onnx 0
+    sparsejit prune model.onnx --sparsity 0.9 --block 4 -o model_p90.onnx
+
+Errors (a missing file, an unsupported op, bad arguments) print one line naming what
+was wrong and exit with status 2; `check` exits 1 on a mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .benchmark import make_inputs
+
+log = logging.getLogger("sparsejit")
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def _progress_printer(stream=None):
+    """Layers done / total and how many reused cached timings; silent off a terminal."""
+    stream = stream or sys.stdout
+    if not stream.isatty():
+        return None
+    reused = 0
+
+    def show(done: int, total: int, layer) -> None:
+        nonlocal reused
+        reused += layer.timing_reused
+        bar = "#" * (30 * done // total)
+        stream.write(f"\rcompiling [{bar:<30}] {done}/{total} layers, {reused} from cache")
+        if done == total:
+            stream.write("\n")
+        stream.flush()
+
+    return show
+
+
+def _load(args, **kw):
+    import sparsejit
+
+    path = Path(args.model)
+    if not path.exists():
+        raise CLIError(f"model file not found: {path}")
+    try:
+        return sparsejit.load(path, num_threads=getattr(args, "threads", None),
+                              kernels=getattr(args, "kernels", "auto"), progress=_progress_printer(), **kw)
+    except sparsejit.UnsupportedModelError as e:
+        raise CLIError(str(e)) from e
+    except (ValueError, FileNotFoundError, IsADirectoryError) as e:
+        raise CLIError(str(e)) from e
+
+
+def _inputs(model, args) -> dict[str, np.ndarray]:
+    """Inputs from --inputs FILE.npz, or generated ids with a full mask for --batch × --seq."""
+    if getattr(args, "inputs", None):
+        path = Path(args.inputs)
+        if not path.exists():
+            raise CLIError(f"inputs file not found: {path}")
+        try:
+            with np.load(path) as data:
+                feeds = {k: data[k] for k in data.files}
+        except (OSError, ValueError) as e:
+            raise CLIError(f"{path}: not a readable .npz file: {e}") from e
+        return feeds
+    if args.batch < 1 or args.seq < 1:
+        raise CLIError(f"--batch and --seq must be >= 1, got {args.batch} and {args.seq}")
+    arrays = make_inputs([(s.name, str(s.dtype)) for s in model.inputs], args.batch, args.seq)
+    return dict(zip(model.input_names, arrays))
+
+
+def _run_checked(model, feeds):
+    try:
+        return model.run(feeds)
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from e
+
+
+# --- subcommands ----------------------------------------------------------------------
+
+
+def cmd_run(args) -> int:
+    model = _load(args)
+    feeds = _inputs(model, args)
+    t0 = time.perf_counter()
+    outputs = _run_checked(model, feeds)
+    ms = (time.perf_counter() - t0) * 1e3
+    print(f"{Path(args.model).name}: {len(model.layers)} linear layers "
+          f"({sum(lp.kind == 'sparse' for lp in model.layers)} sparse), ran in {ms:.1f} ms (first run)")
+    for name, a in zip(model.input_names, (feeds[n] for n in model.input_names)):
+        print(f"  input  {name:24s} {a.dtype}{list(a.shape)}")
+    for name, out in zip(model.output_names, outputs):
+        print(f"  output {name:24s} {out.dtype}{list(out.shape)}  mean {out.mean():+.5f}  std {out.std():.5f}  "
+              f"min {out.min():+.4f}  max {out.max():+.4f}")
+    if args.output:
+        np.savez(args.output, **dict(zip(model.output_names, outputs)))
+        print(f"saved outputs to {args.output}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .benchmark import ENGINES, measure
+
+    engines = ["sparsejit"] + [e for e in (args.vs.split(",") if args.vs else []) if e]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        raise CLIError(f"unknown engine(s) {unknown} in --vs; choose from {', '.join(ENGINES[1:])}")
+    if not Path(args.model).exists():
+        raise CLIError(f"model file not found: {args.model}")
+    if args.runs < 1 or args.batch < 1 or args.seq < 1 or args.threads < 1:
+        raise CLIError("--runs, --batch, --seq and --threads must be >= 1")
+    print(f"{Path(args.model).name}: batch {args.batch}, seq {args.seq}, {args.threads} threads for every engine, "
+          f"median of {args.runs} runs")
+    print(f"{'engine':<12} {'median ms':>10} {'min':>8} {'max':>8} {'items/s':>9} {'load s':>7} "
+          f"{'peak RSS MB':>12}  vs sparsejit")
+    base = None
+    failed = False
+    for engine in engines:
+        r = measure(engine, args.model, args.batch, args.seq, args.runs, args.threads, python=args.deepsparse_python)
+        if "error" in r:
+            print(f"{engine:<12} error: {r['error']}")
+            failed |= engine == "sparsejit"
+            continue
+        base = base or r["median_ms"]
+        print(f"{engine:<12} {r['median_ms']:>10.2f} {r['min_ms']:>8.2f} {r['max_ms']:>8.2f} {r['items_per_s']:>9.1f} "
+              f"{r['load_s']:>7.2f} {r['peak_rss_mb']:>12.0f}  {r['median_ms'] / base:.2f}x time")
+    return 1 if failed else 0
+
+
+def _fmt_flops(x: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= div:
+            return f"{x / div:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def cmd_inspect(args) -> int:
+    model = _load(args)
+    feeds = _inputs(model, args)
+    _run_checked(model, feeds)
+    prof = model.profile(feeds, runs=args.runs)
+    tokens = args.batch * args.seq
+    rows = []
+    print(f"{Path(args.model).name}: batch {args.batch} x seq {args.seq} = {tokens} tokens, "
+          f"{model.num_threads} threads, median of {args.runs} runs")
+    head = (f"{'#':>3} {'layer':<44} {'op':<6} {'in x out':>10} {'density':>7} {'block':>5} {'kernel':<6} "
+            f"{'FLOPs skipped':>13} {'ms':>7}  why")
+    print(head)
+    print("-" * len(head))
+    for i, lp in enumerate(model.layers):
+        k, m = lp.pattern_shape
+        dense_flops = 2 * k * m * tokens
+        skipped = dense_flops * (1 - lp.pattern.density) if lp.kind == "sparse" else 0.0
+        ms = prof.get(lp.name, 0.0) * 1e3
+        op = "Gemm" if lp.name.endswith("Gemm") or "Gemm" in lp.name.split("/")[-1] else "MatMul"
+        rows.append((lp, ms, skipped, dense_flops))
+        print(f"{i:>3} {lp.name[-44:]:<44} {op:<6} {f'{k}x{m}':>10} {lp.pattern.density:>7.3f} "
+              f"{lp.pattern.block:>5} {lp.kind:<6} {_fmt_flops(skipped):>13} {ms:>7.3f}  {lp.reason}")
+    total_ms = sum(prof.values()) * 1e3
+    lin_ms = sum(r[1] for r in rows)
+    dense_total = sum(r[3] for r in rows)
+    skipped_total = sum(r[2] for r in rows)
+    print("-" * len(head))
+    print(f"linear layers: {len(rows)} ({sum(lp.kind == 'sparse' for lp in model.layers)} sparse), "
+          f"{lin_ms:.2f} ms; FLOPs skipped {_fmt_flops(skipped_total)} of {_fmt_flops(dense_total)} "
+          f"({100 * skipped_total / max(dense_total, 1):.1f}%)")
+    others: dict[str, float] = {}
+    by_name = {n.name: n.op_type for n in model.graph.nodes}
+    for name, sec in prof.items():
+        if name not in {lp.name for lp in model.layers}:
+            others[by_name.get(name, "?")] = others.get(by_name.get(name, "?"), 0.0) + sec * 1e3
+    print("other ops: " + ", ".join(f"{op} {ms:.2f} ms" for op, ms in sorted(others.items(), key=lambda x: -x[1])))
+    print(f"total: {total_ms:.2f} ms per run (sum of node medians)")
+    if args.plot:
+        _plot_layers(rows, args.plot, Path(args.model).name)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _plot_layers(rows, path: str, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise CLIError("--plot needs matplotlib: pip install 'sparsejit[plot]'") from e
+    idx = np.arange(len(rows))
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(6, len(rows) * 0.12 + 3), 5.5), sharex=True)
+    a1.bar(idx, [100 * (1 - r[0].pattern.density) for r in rows],
+           color=["tab:green" if r[0].kind == "sparse" else "tab:gray" for r in rows])
+    a1.set_ylabel("sparsity %")
+    a1.set_title(f"{title}: per-layer sparsity (green: sparse kernel) and time")
+    a2.bar(idx, [r[1] for r in rows], color="tab:blue")
+    a2.set_ylabel("ms per run")
+    a2.set_xlabel("linear layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def cmd_check(args) -> int:
+    model = _load(args)
+    report = model.check()
+    print(f"every kernel against the dense numpy product of the same weights ({len(report)} layers):")
+    print(report)
+    ok = report.ok
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        print("ONNX Runtime not installed: whole-model comparison skipped (pip install onnxruntime)")
+        ort = None
+    if ort is not None:
+        sess = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"])
+        print(f"\nwhole model against ONNX Runtime {ort.__version__} (atol {args.atol}, rtol {args.rtol}):")
+        for batch, seq in [(1, 7), (2, args.seq)]:
+            ns = argparse.Namespace(inputs=None, batch=batch, seq=seq)
+            feeds = _inputs(model, ns)
+            mask = next((n for n in feeds if "mask" in n), None)
+            if mask and seq > 2 and batch > 1:
+                feeds[mask][1, seq // 2:] = 0  # a padded row
+            got = _run_checked(model, feeds)
+            want = sess.run(None, feeds)
+            for name, g, w in zip(model.output_names, got, want):
+                err = float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0
+                good = g.shape == w.shape and np.allclose(g, w, atol=args.atol, rtol=args.rtol)
+                ok &= good
+                print(f"  batch {batch} seq {seq:<4} {name:<24} max |err| {err:.2e}  {'ok' if good else 'MISMATCH'}")
+    print("OK" if ok else "MISMATCH")
+    return 0 if ok else 1
+
+
+def cmd_kernel(args) -> int:
+    model = _load(args)
+    layer: str | int = args.layer
+    if isinstance(layer, str) and layer.lstrip("-").isdigit():
+        layer = int(layer)
+        if not -len(model.layers) <= layer < len(model.layers):
+            raise CLIError(f"layer index {layer} out of range: the model has {len(model.layers)} linear layers "
+                           "(see `sparsejit inspect`)")
+    try:
+        print(model.kernel_source(layer))
+    except KeyError as e:
+        raise CLIError(str(e.args[0])) from e
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from .prune import prune_model
+
+    if not Path(args.model).exists():
+        raise CLIError(f"model file not found: {args.model}")
+    try:
+        _, report = prune_model(args.model, args.output, args.sparsity, args.block, args.scope)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from e
+    total = sum(r.shape[0] * r.shape[1] for r in report)
+    zeros = sum(r.sparsity_after * r.shape[0] * r.shape[1] for r in report)
+    for r in report:
+        log.info("%s %s: sparsity %.3f -> %.3f", r.name, r.shape, r.sparsity_before, r.sparsity_after)
+    print(f"pruned {len(report)} weights ({args.scope}, block {args.block}): {100 * zeros / total:.1f}% of "
+          f"{total:,} weights are zero; wrote {args.output}")
+    return 0
+
+
+# --- argument parsing -----------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsejit", description="Run, time, inspect and check sparse ONNX models.")
+    p.add_argument("--verbose", "-v", action="store_true", help="log what load decides (standard logging, DEBUG)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_model(name, help_, threads=True):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("model", help="ONNX model file")
+        if threads:
+            sp.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
+            sp.add_argument("--kernels", choices=["auto", "sparse", "dense"], default="auto")
+        return sp
+
+    sp = with_model("run", "run on given or generated inputs; print output shapes and statistics")
+    sp.add_argument("--inputs", help=".npz file of inputs by name (default: generated)")
+    sp.add_argument("--batch", type=int, default=1)
+    sp.add_argument("--seq", type=int, default=128)
+    sp.add_argument("--output", "-o", help="save the outputs to this .npz file")
+    sp.set_defaults(func=cmd_run)
+
+    sp = with_model("bench", "latency and throughput against other engines (each in its own process)", False)
+    sp.add_argument("--batch", type=int, default=1)
+    sp.add_argument("--seq", type=int, default=128)
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--runs", type=int, default=20)
+    sp.add_argument("--vs", default="numpy,ort", help="comma-separated: numpy (sparsejit forced dense), ort, deepsparse")
+    sp.add_argument("--deepsparse-python", default=None,
+                    help="Python of a venv with deepsparse==1.8.0 (or set SPARSEJIT_DEEPSPARSE_PYTHON)")
+    sp.set_defaults(func=cmd_bench)
+
+    sp = with_model("inspect", "one row per linear layer: shape, density, blocks, kernel and why, FLOPs skipped, time")
+    sp.add_argument("--batch", type=int, default=1)
+    sp.add_argument("--seq", type=int, default=128)
+    sp.add_argument("--runs", type=int, default=5)
+    sp.add_argument("--plot", help="draw per-layer sparsity and time to this PNG (needs matplotlib)")
+    sp.set_defaults(func=cmd_inspect, inputs=None)
+
+    sp = with_model("check", "every kernel against dense numpy, the whole model against ONNX Runtime")
+    sp.add_argument("--seq", type=int, default=33)
+    sp.add_argument("--atol", type=float, default=1e-4)
+    sp.add_argument("--rtol", type=float, default=1e-4)
+    sp.set_defaults(func=cmd_check)
+
+    sp = with_model("kernel", "print the generated source of one layer's kernel")
+    sp.add_argument("layer", help="layer index (as `inspect` numbers them) or node name")
+    sp.set_defaults(func=cmd_kernel)
+
+    sp = sub.add_parser("prune", help="magnitude-prune MatMul/Gemm weights into a new ONNX file",
+                        description="magnitude-prune MatMul/Gemm weights into a new ONNX file")
+    sp.add_argument("model", help="ONNX model file")
+    sp.add_argument("--sparsity", type=float, required=True, help="fraction of weights to zero, in [0, 1)")
+    sp.add_argument("--block", type=int, default=1, help="prune this many consecutive input weights together")
+    sp.add_argument("--scope", choices=["layer", "global"], default="layer",
+                    help="the same sparsity in every layer, or one threshold over all")
+    sp.add_argument("-o", "--output", required=True, help="output ONNX file")
+    sp.set_defaults(func=cmd_prune)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        logging.getLogger("numba").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except CLIError as e:
+        print(f"sparsejit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

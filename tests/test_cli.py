@@ -1,0 +1,143 @@
+"""The `sparsejit` command line: every subcommand, and bad arguments."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from conftest import MODELS_DIR, make_inputs
+
+MODEL = MODELS_DIR / "bert_sdpa_h64_op14_legacy_p90.onnx"
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "sparsejit", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def test_run_generated_inputs_and_save(tmp_path):
+    out = tmp_path / "out.npz"
+    p = cli("run", MODEL, "--batch", 2, "--seq", 9, "-o", out)
+    assert "output last_hidden_state" in p.stdout and "float32[2, 9, 64]" in p.stdout
+    assert "compiling" not in p.stdout  # no progress bar off a terminal
+    with np.load(out) as saved:
+        assert saved["pooler_output"].shape == (2, 64)
+
+
+def test_run_inputs_file(tmp_path):
+    feeds = make_inputs(["input_ids", "attention_mask", "token_type_ids"], 3, 5)
+    np.savez(tmp_path / "in.npz", **feeds)
+    p = cli("run", MODEL, "--inputs", tmp_path / "in.npz")
+    assert "float32[3, 5, 64]" in p.stdout
+    np.savez(tmp_path / "bad.npz", input_ids=feeds["input_ids"])
+    bad = cli("run", MODEL, "--inputs", tmp_path / "bad.npz", check=False)
+    assert bad.returncode == 2 and "missing ['attention_mask', 'token_type_ids']" in bad.stderr
+
+
+def test_bench_against_numpy():
+    p = cli("bench", MODEL, "--runs", 3, "--seq", 16, "--vs", "numpy")
+    lines = p.stdout.splitlines()
+    assert any(line.startswith("sparsejit ") for line in lines) and any(line.startswith("numpy ") for line in lines)
+    assert "error" not in p.stdout
+
+
+def test_bench_bad_engine():
+    p = cli("bench", MODEL, "--vs", "tensorrt", check=False)
+    assert p.returncode == 2 and "unknown engine" in p.stderr
+
+
+def test_inspect_table_and_plot(tmp_path):
+    png = tmp_path / "layers.png"
+    p = cli("inspect", MODEL, "--seq", 32, "--runs", 2, "--plot", png)
+    rows = [line for line in p.stdout.splitlines() if line[:3].strip().isdigit()]
+    assert len(rows) == 13
+    assert "sparse" in p.stdout and "FLOPs skipped" in p.stdout and "total:" in p.stdout
+    assert png.exists() and png.stat().st_size > 1000
+
+
+def test_check_passes():
+    p = cli("check", MODEL)
+    assert p.stdout.strip().endswith("OK") and "against ONNX Runtime" in p.stdout
+
+
+def test_check_fails_on_a_mismatch(monkeypatch, capsys):
+    """A kernel that computes something else: both the per-layer and the whole-model
+    comparisons catch it, and the exit status says so (run in-process to plant the bug)."""
+    from sparsejit.kernels.linear import SparseLinear
+
+    from sparsejit import cli as cli_module
+
+    real = SparseLinear.__call__
+    monkeypatch.setattr(SparseLinear, "__call__", lambda self, x, r=None: real(self, x, r) * 1.01)
+    status = cli_module.main(["check", str(MODEL), "--kernels", "sparse"])
+    out = capsys.readouterr().out
+    assert status == 1 and out.strip().endswith("MISMATCH") and " NO" in out
+
+
+def test_kernel_source_by_index_and_name():
+    p = cli("kernel", MODEL, "0")
+    assert "define void @sparse_rows" in p.stdout or "dense" in p.stdout
+    name = "/model/encoder/layer.0/intermediate/dense/MatMul"
+    p = cli("kernel", MODEL, name, "--kernels", "sparse")
+    assert "activation=gelu" in p.stdout
+    bad = cli("kernel", MODEL, "99", check=False)
+    assert bad.returncode == 2 and "out of range" in bad.stderr
+
+
+def test_prune(tmp_path):
+    out = tmp_path / "p97.onnx"
+    p = cli("prune", MODEL, "--sparsity", 0.97, "--block", 4, "-o", out)
+    assert "wrote" in p.stdout
+    w = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer
+         if t.name.startswith("onnx::MatMul")]
+    assert len(w) == 12
+    for x in w:
+        blocks = x.reshape(x.shape[0] // 4, 4, -1)
+        zero_blocks = ~(blocks != 0).any(axis=1)  # 4 consecutive inputs of one output, all zero
+        assert zero_blocks.sum() == round(0.97 * zero_blocks.size)
+        assert np.mean(x == 0) >= 0.97
+    assert cli("check", out).returncode == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "nope.onnx"], "model file not found"),
+    (["inspect", "nope.onnx"], "model file not found"),
+    (["prune", str(MODEL), "--sparsity", "1.5", "-o", "x.onnx"], "sparsity must be in [0, 1)"),
+    (["prune", str(MODEL), "--sparsity", "0.5", "--block", "5", "-o", "x.onnx"], "not a multiple of block 5"),
+    (["run", str(MODEL), "--batch", "0"], "--batch and --seq must be >= 1"),
+])
+def test_errors_exit_2_with_a_message(args, message):
+    p = cli(*args, check=False)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert message in p.stderr
+
+
+def test_unsupported_op_exits_2(tmp_path):
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="r")], "g", [x], [y]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(m, str(tmp_path / "relu.onnx"))
+    p = cli("run", tmp_path / "relu.onnx", check=False)
+    assert p.returncode == 2 and "'Relu'" in p.stderr
+
+
+def test_bad_arguments_and_help():
+    assert cli("--help").stdout.count("run") >= 1
+    p = cli("bench", check=False)
+    assert p.returncode == 2 and "required" in p.stderr
+    p = cli("frobnicate", check=False)
+    assert p.returncode == 2
+
+
+def test_verbose_logs_decisions():
+    p = cli("--verbose", "run", MODEL, "--seq", 8)
+    assert "DEBUG sparsejit" in p.stderr and "density" in p.stderr
