@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .compile import load_source
+from .layout import feature_major_empty, unit_token_stride
 
 
 def reference_layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon: float) -> np.ndarray:
@@ -46,31 +47,36 @@ def layernorm_rows(x, scale, bias, eps, y):
             y[t, f] = (x[t, f] - mean) * inv * scale[f] + bias[f]
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def layernorm_columns(xt, scale, bias, eps, yt, chunk):
+    # Feature-major: one pass gathers each token's sum and sum of squares (in float64,
+    # so E[x²] - E[x]² keeps its digits), a second writes the output; tokens innermost.
     h, n = xt.shape
     n_chunks = (n + chunk - 1) // chunk
     for c in prange(n_chunks):
         t0 = c * chunk
-        t1 = min(n, t0 + chunk)
-        mean = np.zeros(t1 - t0, np.float32)
-        var = np.zeros(t1 - t0, np.float32)
+        w = min(n, t0 + chunk) - t0
+        s1 = np.zeros(w, np.float64)
+        s2 = np.zeros(w, np.float64)
         for f in range(h):
-            for t in range(t0, t1):
-                mean[t - t0] += xt[f, t]
-        for t in range(t1 - t0):
-            mean[t] /= h
-        for f in range(h):
-            for t in range(t0, t1):
-                d = xt[f, t] - mean[t - t0]
-                var[t - t0] += d * d
-        for t in range(t1 - t0):
-            var[t] = np.float32(1.0) / np.sqrt(var[t] / h + eps)
+            row = xt[f, t0:t0 + w]
+            for t in range(w):
+                v = np.float64(row[t])
+                s1[t] += v
+                s2[t] += v * v
+        mean = np.empty(w, np.float32)
+        inv = np.empty(w, np.float32)
+        for t in range(w):
+            m = s1[t] / h
+            mean[t] = m
+            inv[t] = 1.0 / np.sqrt(max(s2[t] / h - m * m, 0.0) + eps)
         for f in range(h):
             a = scale[f]
             b = bias[f]
-            for t in range(t0, t1):
-                yt[f, t] = (xt[f, t] - mean[t - t0]) * var[t - t0] * a + b
+            row = xt[f, t0:t0 + w]
+            out = yt[f, t0:t0 + w]
+            for t in range(w):
+                out[t] = (row[t] - mean[t]) * inv[t] * a + b
 """
 
 
@@ -85,8 +91,8 @@ def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon
     b = np.zeros(h, np.float32) if bias is None else bias
     scale = np.ascontiguousarray(scale, dtype=np.float32)
     b = np.ascontiguousarray(b, dtype=np.float32)
-    if x2.T.flags.c_contiguous and not x2.flags.c_contiguous:
-        yt = np.empty((h, x2.shape[0]), np.float32)
+    if unit_token_stride(x2) and not x2.flags.c_contiguous:
+        yt = feature_major_empty(h, x2.shape[0])
         mod.layernorm_columns(x2.T, scale, b, np.float32(epsilon), yt, 64)
         return yt.T.reshape(lead + (h,))
     y = np.empty_like(x2, dtype=np.float32)

@@ -25,7 +25,7 @@ import numpy as np
 
 from .compile import compile_ir, host_cpu, load_source
 from .gelu import ERF_SOURCE, reference_gelu
-from .layout import contiguous, transposed
+from .layout import contiguous, feature_major_empty, transposed
 from .sparse_ir import IRConfig, ir_source
 
 ACTIVATIONS = ("none", "gelu")
@@ -268,7 +268,7 @@ class SparseLinear:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         xt = transposed(x2)
-        yt = np.empty((self.out_features, x2.shape[0]), np.float32)
+        yt = feature_major_empty(self.out_features, x2.shape[0])
         if self.config.residual:
             if residual.shape != lead + (self.out_features,):
                 residual = np.broadcast_to(residual, lead + (self.out_features,))

@@ -121,7 +121,7 @@ def test_transpose_kernel():
         a = rng.standard_normal(shape).astype(np.float32)
         np.testing.assert_array_equal(transposed(a), a.T)
         np.testing.assert_array_equal(contiguous(a.T), a.T)
-        assert transposed(a).flags.c_contiguous
+        assert transposed(a).strides[1] == 4  # unit token stride, rows maybe padded
 
 
 @pytest.mark.parametrize("mask_shape", [None, (2, 1, 1, 11), (2, 1, 9, 11), (1, 1, 1, 11), (11,)])
