@@ -115,7 +115,8 @@ def summarise(r: dict) -> dict:
 
 def measure(engine: str, path: str, batch: int = 1, seq: int = 128, runs: int = 20, threads: int = 2,
             python: str | None = None, env: dict | None = None) -> dict:
-    """Time one engine in a fresh process (DeepSparse: under `python`, its own venv's).
+    """Time one engine in a fresh process (DeepSparse under `python`, its own venv's;
+    the others under this interpreter).
 
     Returns the summary dict, or {"engine": ..., "error": "..."} when it could not run.
     """
@@ -124,7 +125,9 @@ def measure(engine: str, path: str, batch: int = 1, seq: int = 128, runs: int = 
         if not python or not os.path.exists(python):
             return {"engine": engine, "error": "no DeepSparse Python: pass --deepsparse-python or set "
                                                "SPARSEJIT_DEEPSPARSE_PYTHON (see bench/README.md)"}
-    cmd = [python or sys.executable, os.path.abspath(__file__), engine, os.path.abspath(path), "--batch", str(batch),
+    else:
+        python = sys.executable  # `python` is DeepSparse's own venv, for it alone
+    cmd = [python, os.path.abspath(__file__), engine, os.path.abspath(path), "--batch", str(batch),
            "--seq", str(seq), "--runs", str(runs), "--threads", str(threads)]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
