@@ -47,18 +47,11 @@ def gelu32(v):
     return _f32(0.5) * v * (_f32(1.0) + erf32(v * _f32(0.7071067811865476)))
 """
 
-_GELU_INPLACE = """\
-# sparsejit generated kernel: GELU in place over a 2-D float32 array
-from numba import njit, prange
+_ERF_INPLACE = """\
+# sparsejit generated kernel: the kernels' erf over a float32 array, to measure it
+from numba import njit
 
 {erf}
-
-@njit("void(float32[:, :])", parallel=True, cache=True, nogil=True)
-def gelu_inplace(y):
-    for i in prange(y.shape[0]):
-        for j in range(y.shape[1]):
-            y[i, j] = gelu32(y[i, j])
-
 
 @njit("void(float32[::1])", cache=True, nogil=True)
 def erf_inplace(y):
@@ -67,18 +60,8 @@ def erf_inplace(y):
 """
 
 
-def gelu_source() -> str:
-    return _GELU_INPLACE.format(erf=ERF_SOURCE)
-
-
-def gelu_inplace(y: np.ndarray) -> np.ndarray:
-    """GELU over a float32 array in place (any 2-D view), through the fast erf."""
-    load_source(gelu_source()).gelu_inplace(y.reshape(-1, y.shape[-1]) if y.ndim != 2 else y)
-    return y
-
-
 def fast_erf(x: np.ndarray) -> np.ndarray:
     """The kernels' erf approximation on a copy of x (for measuring its error)."""
     y = np.ascontiguousarray(x, dtype=np.float32).ravel().copy()
-    load_source(gelu_source()).erf_inplace(y)
+    load_source(_ERF_INPLACE.format(erf=ERF_SOURCE)).erf_inplace(y)
     return y.reshape(np.shape(x))

@@ -28,9 +28,6 @@ from .gelu import ERF_SOURCE, reference_gelu
 from .layout import contiguous, feature_major_empty, transposed
 from .sparse_ir import IRConfig, ir_source
 
-ACTIVATIONS = ("none", "gelu")
-BLOCK_SIZES = (1, 4)
-
 
 def reference_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
                      activation: str = "none", residual: np.ndarray | None = None) -> np.ndarray:

@@ -46,11 +46,19 @@ def make_inputs(input_specs: list[tuple[str, str]], batch: int, seq: int, seed: 
 
 
 def _onnx_inputs(path: str) -> list[tuple[str, str]]:
-    import onnx
+    """The graph inputs' (name, dtype), without parsing the weights: onnx.load would add
+    the whole file to the measured process's peak memory. sparsejit/onnx_file.py is
+    loaded by path, as this may run in DeepSparse's venv where sparsejit is not installed."""
+    import importlib.util
+
     from onnx import helper
 
-    model = onnx.load(path, load_external_data=False)
-    inits = {t.name for t in model.graph.initializer}
+    spec = importlib.util.spec_from_file_location(
+        "_sparsejit_onnx_file", os.path.join(os.path.dirname(os.path.abspath(__file__)), "onnx_file.py"))
+    onnx_file = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(onnx_file)
+    model, mapped = onnx_file.load_mapped(path)
+    inits = {t.name for t in model.graph.initializer} | set(mapped)
     return [(i.name, str(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)))
             for i in model.graph.input if i.name not in inits]
 
@@ -71,8 +79,11 @@ def _load(engine: str, path: str, batch: int, seq: int, threads: int):
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        specs = _onnx_inputs(path)
         names = [i.name for i in sess.get_inputs()]
-        return (lambda xs: sess.run(None, dict(zip(names, xs)))), _onnx_inputs(path)
+        if names != [n for n, _ in specs]:
+            raise ValueError(f"ONNX Runtime reports inputs {names}, the file {[n for n, _ in specs]}")
+        return (lambda xs: sess.run(None, dict(zip(names, xs)))), specs
     if engine == "deepsparse":
         from deepsparse import compile_model
 

@@ -34,7 +34,7 @@ class CLIError(Exception):
 
 
 def _progress_printer(stream=None):
-    """Layers done / total and how many reused cached timings; silent off a terminal."""
+    """Layers done / total and how many reused an earlier layer's timing; silent off a terminal."""
     stream = stream or sys.stdout
     if not stream.isatty():
         return None
@@ -44,7 +44,7 @@ def _progress_printer(stream=None):
         nonlocal reused
         reused += layer.timing_reused
         bar = "#" * (30 * done // total)
-        stream.write(f"\rcompiling [{bar:<30}] {done}/{total} layers, {reused} from cache")
+        stream.write(f"\rplanning kernels [{bar:<30}] {done}/{total} layers, {reused} timed like an earlier one")
         if done == total:
             stream.write("\n")
         stream.flush()

@@ -2,28 +2,23 @@
 
 `Linear` nodes get a generated sparse kernel or dense BLAS. The choice is measured,
 not guessed: both are timed over a representative token count on the first layer of
-each kind (`LayerTimings`), and the faster one is kept (`kernels="sparse"` or
+each kind of layer (`LayerTimings`), and the faster one is kept (`kernels="sparse"` or
 `"dense"` forces one).
 `Attention` gets its fused implementation; everything else runs the numpy reference op.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numba
 import numpy as np
 
 from .graph import Graph, Node
 from .kernels.attention import fused_attention
-from .kernels.compile import cache_dir, host_cpu
 from .kernels.layernorm import layernorm
 from .kernels.linear import DenseLinear, Pattern, SparseLinear, analyse, reference_linear
 from .onnx_file import release
@@ -58,7 +53,7 @@ class LayerPlan:
     @property
     def timing_reused(self) -> bool:
         """Whether the sparse/dense decision reused an earlier or cached measurement."""
-        return self.reason.startswith("measured on a layer like it")
+        return self.reason.startswith("measured on an earlier layer like it")
 
     def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         a = self.node.attrs
@@ -75,51 +70,26 @@ class LayerTimings:
     """Sparse and dense times per kind of layer: the cost model the planner decides by.
 
     A kind is (shape, block size, density to 1%, epilogue, threads); the first layer of a
-    kind is timed, the others reuse its times (BERT-base's 72 layers are 4 kinds at one
-    sparsity). Times persist in the kernel cache directory, keyed also by CPU and library
-    versions, so a warm load measures nothing.
+    kind is timed, the others reuse its times (BERT-base's 73 layers are 5 kinds at one
+    sparsity, ~50 ms of timing). Nothing is kept across loads: a time measured while the
+    machine was busy would otherwise decide every later load.
     """
 
-    def __init__(self, path: Path | None):
-        self.path = path
-        self.table: dict[str, dict] = {}
-        if path is not None and path.exists():
-            try:
-                self.table = json.loads(path.read_text())
-            except (OSError, ValueError):
-                self.table = {}
+    def __init__(self):
+        self.table: dict[tuple, dict] = {}
         self.rng = np.random.default_rng(0)
 
-    def lookup(self, pattern: Pattern, act: str, residual: bool) -> tuple[str, dict | None]:
-        key = json.dumps([pattern.in_features, pattern.out_features, pattern.block, round(pattern.density, 2),
-                          act, residual, numba.get_num_threads(), PROBE_TOKENS, _environment()])
+    def lookup(self, pattern: Pattern, act: str, residual: bool) -> tuple[tuple, dict | None]:
+        key = (pattern.in_features, pattern.out_features, pattern.block, round(pattern.density, 2), act, residual,
+               numba.get_num_threads())
         return key, self.table.get(key)
 
-    def measure(self, key: str, sparse, dense, shape: tuple[int, int], residual: bool) -> dict:
+    def measure(self, key: tuple, sparse, dense, shape: tuple[int, int], residual: bool) -> dict:
         x = self.rng.standard_normal((PROBE_TOKENS, shape[0]), dtype=np.float32)
         r = self.rng.standard_normal((PROBE_TOKENS, shape[1]), dtype=np.float32) if residual else None
         t = {"sparse": _best_ms(lambda: sparse(x, r)), "dense": _best_ms(lambda: dense(x, r))}
         self.table[key] = t
         return t
-
-    def save(self) -> None:
-        if self.path is None:
-            return
-        try:
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.table))
-            os.replace(tmp, self.path)
-        except OSError:
-            pass  # a read-only cache only costs the next load its measurements
-
-
-def _environment() -> str:
-    """What the timings depend on besides the layer: CPU and library versions."""
-    import llvmlite
-
-    cpu, features = host_cpu()
-    return hashlib.sha256(f"{cpu} {features} numba {numba.__version__} llvmlite {llvmlite.__version__} "
-                          f"numpy {np.__version__}".encode()).hexdigest()[:16]
 
 
 def _best_ms(fn: Callable, reps: int = 5) -> float:
@@ -149,7 +119,7 @@ def plan_linear(node: Node, policy: str, timings: LayerTimings) -> LayerPlan:
             t = timings.measure(key, sparse, dense, w.shape, residual)
             source = "measured on this layer"
         else:
-            source = "measured on a layer like it"
+            source = "measured on an earlier layer like it"
         impl = sparse if t["sparse"] < t["dense"] else DenseLinear(w, bias, act, residual)
         why = f"{source} over {PROBE_TOKENS} tokens: sparse {t['sparse']:.3f} ms, dense {t['dense']:.3f} ms"
         return LayerPlan(node.name, node, pattern, impl, why, t)
@@ -203,7 +173,7 @@ def plan(graph: Graph, kernels: str = "auto",
     """A step per node; `progress(done, total, layer)` is called as each Linear is planned."""
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
-    timings = LayerTimings(cache_dir().parent / "layer_timings.json" if kernels == "auto" else None)
+    timings = LayerTimings()
     steps, layers = [], []
     total = sum(n.op_type == "Linear" for n in graph.nodes)
     for n in graph.nodes:
@@ -221,7 +191,6 @@ def plan(graph: Graph, kernels: str = "auto",
             steps.append(Step(n, _layernorm_step(n)))
         else:
             steps.append(Step(n, reference_step(n, graph.opset)))
-    timings.save()
     # Constants the reference ops read stay mapped from the file only where aligned:
     # numpy copies a whole unaligned array on every np.take (10 ms for BERT's embeddings).
     for name, value in graph.constants.items():

@@ -141,3 +141,14 @@ def test_bad_arguments_and_help():
 def test_verbose_logs_decisions():
     p = cli("--verbose", "run", MODEL, "--seq", 8)
     assert "DEBUG sparsejit" in p.stderr and "density" in p.stderr
+
+
+def test_measure_runs_other_engines_under_this_python():
+    """The DeepSparse interpreter is for DeepSparse alone (a regression: every sparsejit
+    row of a bench run failed in DeepSparse's venv, which has no scipy)."""
+    from sparsejit.benchmark import measure
+
+    r = measure("sparsejit", str(MODEL), 1, 8, 2, 1, python="/nonexistent/python")
+    assert "error" not in r and r["runs"] == 2 and r["median_ms"] > 0
+    r = measure("deepsparse", str(MODEL), 1, 8, 2, 1, python="/nonexistent/python")
+    assert "no DeepSparse Python" in r["error"]
