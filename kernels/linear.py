@@ -170,7 +170,7 @@ def analyse(weight: np.ndarray) -> Pattern:
     nz = weight != 0
     nnz = int(nz.sum())
     block, stored = 1, nnz
-    if k % 4 == 0 and nnz:
+    if k % 4 == 0 and 0 < nnz < weight.size:
         kept_blocks = int(nz.reshape(k // 4, 4, m).any(axis=1).sum())
         # Use 4-blocks when they add almost no stored zeros (true 4-block pruning).
         if 4 * kept_blocks <= 1.05 * nnz:
