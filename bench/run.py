@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from sparsejit.benchmark import measure  # after the checkout is on the path
+from sparsejit.benchmark import measure, time_calls  # after the checkout is on the path
 
 MODELS = ["bert_base_p0", "bert_base_p80", "bert_base_p90", "bert_base_p95", "bert_base_p97",
           "bert_base_p80_block4", "minilm_p90"]
@@ -66,15 +66,7 @@ def kernel_level(threads: int, runs: int) -> list[dict]:
         impls = [("sparsejit", sparse, x), ("numpy dense (sparsejit threads)", dense, x),
                  ("numpy x @ W", w.__rmatmul__, x), ("scipy.sparse CSR", csr.__matmul__, xt)]
         for name, f, arg in impls:
-            def fn(f=f, arg=arg):
-                return f(arg)
-
-            fn()
-            times = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
+            times = time_calls(lambda f=f, arg=arg: f(arg), runs)
             med = statistics.median(times)
             rows.append({"shape": f"{k}x{m}x{n}", "sparsity": sparsity, "block": block, "impl": name,
                          "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,

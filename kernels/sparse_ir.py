@@ -172,40 +172,29 @@ def _tile_function(cfg: IRConfig, name: str, vectors: int, masked: bool) -> str:
     return "\n".join(e.lines)
 
 
-_DRIVER = """\
-define void @sparse_rows({args}, i64 %j0, i64 %j1, i64 %ntok) {{
-entry:
-  br label %full.check
-full.check:
-  %tf = phi i64 [ 0, %entry ], [ %tf.next, %full.rows.end ]
-  %tf.end = add i64 %tf, {tile}
-  %full.ok = icmp sle i64 %tf.end, %ntok
-  br i1 %full.ok, label %full.rows, label %one.check
-full.rows:
-  %jf = phi i64 [ %j0, %full.check ], [ %jf.next, %full.rows ]
-  call void @tile_full({names}, i64 %jf, i64 %tf)
-  %jf.next = add i64 %jf, 1
-  %jf.more = icmp slt i64 %jf.next, %j1
-  br i1 %jf.more, label %full.rows, label %full.rows.end
-full.rows.end:
-  %tf.next = add i64 %tf, {tile}
-  br label %full.check
-one.check:
-  %t1 = phi i64 [ %tf, %full.check ], [ %t1.next, %one.rows.end ]
-  %t1.end = add i64 %t1, {lanes}
-  %one.ok = icmp sle i64 %t1.end, %ntok
-  br i1 %one.ok, label %one.rows, label %tail.check
-one.rows:
-  %j1r = phi i64 [ %j0, %one.check ], [ %j1r.next, %one.rows ]
-  call void @tile_one({names}, i64 %j1r, i64 %t1)
-  %j1r.next = add i64 %j1r, 1
-  %j1r.more = icmp slt i64 %j1r.next, %j1
-  br i1 %j1r.more, label %one.rows, label %one.rows.end
-one.rows.end:
-  %t1.next = add i64 %t1, {lanes}
-  br label %one.check
+# One loop over token tiles of `step` tokens starting where the previous loop stopped,
+# each tile computed for rows [j0, j1): used for full tiles, then single vectors.
+_TILE_LOOP = """\
+{tag}.check:
+  %t.{tag} = phi i64 [ {start}, %{prev} ], [ %t.{tag}.next, %{tag}.rows.end ]
+  %t.{tag}.end = add i64 %t.{tag}, {step}
+  %{tag}.ok = icmp sle i64 %t.{tag}.end, %ntok
+  br i1 %{tag}.ok, label %{tag}.rows, label %{after}
+{tag}.rows:
+  %j.{tag} = phi i64 [ %j0, %{tag}.check ], [ %j.{tag}.next, %{tag}.rows ]
+  call void @tile_{tag}({names}, i64 %j.{tag}, i64 %t.{tag})
+  %j.{tag}.next = add i64 %j.{tag}, 1
+  %j.{tag}.more = icmp slt i64 %j.{tag}.next, %j1
+  br i1 %j.{tag}.more, label %{tag}.rows, label %{tag}.rows.end
+{tag}.rows.end:
+  %t.{tag}.next = add i64 %t.{tag}, {step}
+  br label %{tag}.check
+"""
+
+# The last partial vector, under a lane mask.
+_TAIL = """\
 tail.check:
-  %rem = sub i64 %ntok, %t1
+  %rem = sub i64 %ntok, %t.one
   %tail.ok = icmp sgt i64 %rem, 0
   br i1 %tail.ok, label %tail.rows.pre, label %exit
 tail.rows.pre:
@@ -215,7 +204,7 @@ tail.rows.pre:
   br label %tail.rows
 tail.rows:
   %jt = phi i64 [ %j0, %tail.rows.pre ], [ %jt.next, %tail.rows ]
-  call void @tile_tail({names}, i64 %jt, i64 %t1, <{lanes} x i1> %mask)
+  call void @tile_tail({names}, i64 %jt, i64 %t.one, <{lanes} x i1> %mask)
   %jt.next = add i64 %jt, 1
   %jt.more = icmp slt i64 %jt.next, %j1
   br i1 %jt.more, label %tail.rows, label %exit
@@ -223,6 +212,20 @@ exit:
   ret void
 }}
 """
+
+
+def _driver(cfg: IRConfig, names: str) -> str:
+    """@sparse_rows: rows [j0, j1) for all ntok tokens: full tiles, single vectors, the tail."""
+    lanes = cfg.lanes
+    return "".join([
+        f"define void @sparse_rows({ARGS}, i64 %j0, i64 %j1, i64 %ntok) {{\nentry:\n  br label %full.check\n",
+        _TILE_LOOP.format(tag="full", start="0", prev="entry", step=lanes * cfg.vectors, after="one.check",
+                          names=names),
+        _TILE_LOOP.format(tag="one", start="%t.full", prev="full.check", step=lanes, after="tail.check",
+                          names=names),
+        _TAIL.format(lanes=lanes, names=names, iota=", ".join(f"i64 {i}" for i in range(lanes))),
+    ])
+
 
 _DECLARES = """\
 declare <{L} x float> @llvm.fma.v{L}f32(<{L} x float>, <{L} x float>, <{L} x float>)
@@ -248,7 +251,6 @@ def ir_source(cfg: IRConfig) -> str:
         _tile_function(cfg, "tile_full", cfg.vectors, masked=False),
         _tile_function(cfg, "tile_one", 1, masked=False),
         _tile_function(cfg, "tile_tail", 1, masked=True),
-        _DRIVER.format(args=ARGS, names=names, tile=cfg.lanes * cfg.vectors, lanes=cfg.lanes,
-                       iota=", ".join(f"i64 {i}" for i in range(cfg.lanes))),
+        _driver(cfg, names),
     ]
     return "\n".join(parts)

@@ -99,19 +99,25 @@ def _load(engine: str, path: str, batch: int, seq: int, threads: int):
     raise ValueError(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
 
 
+def time_calls(fn, runs: int, warmup: int = 1) -> list[float]:
+    """Seconds per call of fn() over `runs` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def time_engine(engine: str, path: str, batch: int, seq: int, runs: int, threads: int, warmup: int = 3) -> dict:
     """Load and time in this process: medians over `runs` after `warmup` runs."""
     t0 = time.perf_counter()
     run, specs = _load(engine, path, batch, seq, threads)
     load_s = time.perf_counter() - t0
     xs = make_inputs(specs, batch, seq)
-    for _ in range(warmup):
-        run(xs)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        run(xs)
-        times.append(time.perf_counter() - t)
+    times = time_calls(lambda: run(xs), runs, warmup)
     return summarise({"engine": engine, "model": os.path.basename(path), "batch": batch, "seq": seq,
                       "threads": threads, "load_s": load_s, "times_s": times,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})

@@ -10,16 +10,11 @@ import time
 import numpy as np
 
 import sparsejit
+from sparsejit.benchmark import time_calls
 
 
 def _median_ms(fn, runs: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
+    return float(np.median(time_calls(fn, runs))) * 1e3
 
 
 def main() -> int:

@@ -10,13 +10,13 @@ each kind of layer (`LayerTimings`), and the faster one is kept (`kernels="spars
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 
+from .benchmark import time_calls
 from .graph import Graph, Node
 from .kernels.attention import fused_attention
 from .kernels.layernorm import layernorm
@@ -93,13 +93,8 @@ class LayerTimings:
 
 
 def _best_ms(fn: Callable, reps: int = 5) -> float:
-    fn()  # warm-up (and the first call's compile, for a fresh kernel)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+    """Fastest of `reps` calls after one warm-up (the first call's compile, for a fresh kernel)."""
+    return min(time_calls(fn, reps)) * 1e3
 
 
 def plan_linear(node: Node, policy: str, timings: LayerTimings) -> LayerPlan:
