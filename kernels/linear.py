@@ -202,6 +202,17 @@ def _writable(a: np.ndarray) -> np.ndarray:
     return a if a.flags.writeable else a.copy()
 
 
+def _bias(bias: np.ndarray | None, m: int) -> np.ndarray:
+    return np.zeros(m, np.float32) if bias is None else _writable(np.ascontiguousarray(bias, np.float32))
+
+
+def _residual_rows(residual: np.ndarray, lead: tuple, m: int) -> np.ndarray:
+    """The residual as [tokens, m], broadcast to the output's shape when it is smaller."""
+    if residual.shape != lead + (m,):
+        residual = np.broadcast_to(residual, lead + (m,))
+    return residual.reshape(-1, m)
+
+
 class DenseLinear:
     """x·W + b through BLAS, split over the kernel threads, with the sparse kernel's epilogue."""
 
@@ -210,7 +221,7 @@ class DenseLinear:
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str, residual: bool):
         self.weight = _writable(np.ascontiguousarray(weight, dtype=np.float32))
         self.in_features, self.out_features = self.weight.shape
-        self.bias = np.zeros(self.out_features, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+        self.bias = _bias(bias, self.out_features)
         self.activation, self.residual = activation, residual
         self._kernel = load_source(self.source).dense_linear
         self._no_residual = np.zeros((1, 1), np.float32)
@@ -224,9 +235,7 @@ class DenseLinear:
         x2 = contiguous(x.reshape(-1, self.in_features))
         y = np.empty((x2.shape[0], self.out_features), np.float32)
         if self.residual:
-            if residual.shape != lead + (self.out_features,):
-                residual = np.broadcast_to(residual, lead + (self.out_features,))
-            r = contiguous(residual.reshape(-1, self.out_features))
+            r = contiguous(_residual_rows(residual, lead, self.out_features))
         else:
             r = self._no_residual
         n_chunks = max(1, min(numba.get_num_threads(), x2.shape[0]))
@@ -246,7 +255,7 @@ class SparseLinear:
         self.indptr, self.indices, self.values = compress(weight, self.pattern.block)
         k, m = weight.shape
         self.in_features, self.out_features = k, m
-        self.bias = np.zeros(m, np.float32) if bias is None else _writable(np.ascontiguousarray(bias, np.float32))
+        self.bias = _bias(bias, m)
         self._fn, self._driver = compiled_kernel(self.config)
         self._bounds: dict[int, np.ndarray] = {}
         self._no_residual = np.zeros((1, 1), np.float32)
@@ -267,9 +276,7 @@ class SparseLinear:
         xt = transposed(x2)
         yt = feature_major_empty(self.out_features, x2.shape[0])
         if self.config.residual:
-            if residual.shape != lead + (self.out_features,):
-                residual = np.broadcast_to(residual, lead + (self.out_features,))
-            rt = transposed(residual.reshape(-1, self.out_features))
+            rt = transposed(_residual_rows(residual, lead, self.out_features))
         else:
             rt = self._no_residual
         if x2.shape[0]:

@@ -41,6 +41,7 @@ class LayerPlan:
     impl: SparseLinear | DenseLinear
     reason: str
     timings_ms: dict = field(default_factory=dict)
+    timing_reused: bool = False  # the sparse/dense decision reused an earlier layer's times
 
     @property
     def kind(self) -> str:
@@ -49,11 +50,6 @@ class LayerPlan:
     @property
     def pattern_shape(self) -> tuple[int, int]:
         return self.pattern.in_features, self.pattern.out_features
-
-    @property
-    def timing_reused(self) -> bool:
-        """Whether the sparse/dense decision reused an earlier or cached measurement."""
-        return self.reason.startswith("measured on an earlier layer like it")
 
     def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         a = self.node.attrs
@@ -109,15 +105,18 @@ def plan_linear(node: Node, policy: str, timings: LayerTimings) -> LayerPlan:
         if policy == "sparse":
             return LayerPlan(node.name, node, pattern, sparse, "forced sparse")
         key, t = timings.lookup(pattern, act, residual)
+        dense = None
         if t is None:
             dense = DenseLinear(w, bias, act, residual)
             t = timings.measure(key, sparse, dense, w.shape, residual)
-            source = "measured on this layer"
+        if t["sparse"] < t["dense"]:
+            impl = sparse
         else:
-            source = "measured on an earlier layer like it"
-        impl = sparse if t["sparse"] < t["dense"] else DenseLinear(w, bias, act, residual)
+            impl = dense or DenseLinear(w, bias, act, residual)  # built once, timed or not
+        reused = dense is None
+        source = "measured on an earlier layer like it" if reused else "measured on this layer"
         why = f"{source} over {PROBE_TOKENS} tokens: sparse {t['sparse']:.3f} ms, dense {t['dense']:.3f} ms"
-        return LayerPlan(node.name, node, pattern, impl, why, t)
+        return LayerPlan(node.name, node, pattern, impl, why, t, reused)
     finally:
         release(w)  # the kernel holds its own (compressed) copy; the file-mapped pages can go
 
