@@ -168,7 +168,7 @@ def cmd_inspect(args) -> int:
         dense_flops = 2 * k * m * tokens
         skipped = dense_flops * (1 - lp.pattern.density) if lp.kind == "sparse" else 0.0
         ms = prof.get(lp.name, 0.0) * 1e3
-        op = "Gemm" if lp.name.endswith("Gemm") or "Gemm" in lp.name.split("/")[-1] else "MatMul"
+        op = lp.node.attrs["source_op"]
         rows.append((lp, ms, skipped, dense_flops))
         print(f"{i:>3} {lp.name[-44:]:<44} {op:<6} {f'{k}x{m}':>10} {lp.pattern.density:>7.3f} "
               f"{lp.pattern.block:>5} {lp.kind:<6} {_fmt_flops(skipped):>13} {ms:>7.3f}  {lp.reason}")

@@ -147,7 +147,7 @@ def fuse_linear(graph: Graph) -> Graph:
         chain, out = [mm], mm.outputs[0]
         # The weight stays as it is (perhaps a transposed view, perhaps mapped from the
         # file): kernels copy or compress what they need, so none is held twice.
-        attrs = {"weight": w, "bias": bias,
+        attrs = {"source_op": mm.op_type, "weight": w, "bias": bias,
                  "activation": "none", "residual": False}
         inputs = [x]
         nxt = m.only_user(out, "Add")
