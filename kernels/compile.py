@@ -39,9 +39,11 @@ def source_key(source: str) -> str:
 
 def load_source(source: str) -> ModuleType:
     """Import generated source as a module (compiled lazily or from Numba's cache)."""
+    # Keyed by the text itself: kernels call this on every run, and a str caches its
+    # hash, so a hit costs no sha256.
+    if source in _loaded:
+        return _loaded[source]
     key = source_key(source)
-    if key in _loaded:
-        return _loaded[key]
     path = cache_dir() / f"k_{key}.py"
     if not path.exists():
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -53,7 +55,7 @@ def load_source(source: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
-    _loaded[key] = module
+    _loaded[source] = module
     return module
 
 
