@@ -17,6 +17,7 @@ calling BLAS.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 from dataclasses import dataclass
 
@@ -58,18 +59,19 @@ from numba import njit, prange
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def run_rows(fn, xt, indptr, indices, values, bias, yt, rt, bounds):
+def run_rows(fn, xt, indptr, indices, values, bias, yt, rt, nchunks, bounds):
     ldx = xt.strides[0] // 4
     ldy = yt.strides[0] // 4
     ldr = rt.strides[0] // 4
+    m = yt.shape[0]
     for c in prange(bounds.shape[0] - 1):
         fn(xt.ctypes.data, ldx, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data, bias.ctypes.data,
-           yt.ctypes.data, ldy, rt.ctypes.data, ldr, bounds[c], bounds[c + 1], xt.shape[1])
+           yt.ctypes.data, ldy, rt.ctypes.data, ldr, m, nchunks, bounds[c], bounds[c + 1], xt.shape[1])
 """
 
 _IR_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 5,
                              ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                             ctypes.c_int64)
+                             ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
 
 
 def vector_lanes() -> int:
@@ -196,6 +198,26 @@ def compress(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np
     return indptr, starts.astype(np.int32), values
 
 
+def chunk_rows(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, in_features: int,
+               k_chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Reorder a CSR of Wᵀ into K-chunks: chunk-major, then row, then input index.
+
+    Returns (indptr, indices, values, nchunks), where row j of chunk c holds the stored
+    weights at [indptr[c·m + j], indptr[c·m + j + 1]) and the inputs of chunk c are
+    [c·k_chunk, (c + 1)·k_chunk). With one chunk this is the CSR unchanged."""
+    m = len(indptr) - 1
+    nchunks = max(1, -(-in_features // k_chunk))
+    if nchunks == 1:
+        return indptr, indices, values, 1
+    rows = np.repeat(np.arange(m), np.diff(indptr))
+    chunk = indices // k_chunk
+    order = np.lexsort((indices, rows, chunk))
+    counts = np.bincount(chunk * m + rows, minlength=nchunks * m)
+    ptr = np.zeros(nchunks * m + 1, np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    return ptr, np.ascontiguousarray(indices[order]), np.ascontiguousarray(values[order]), nchunks
+
+
 def _writable(a: np.ndarray) -> np.ndarray:
     # The kernels' signatures take writable arrays; a read-only view (a broadcast, a
     # caller's frozen buffer) is copied rather than compiled for twice.
@@ -244,21 +266,45 @@ class DenseLinear:
 
 
 class SparseLinear:
-    """The generated sparse kernel for one weight, with its pattern compressed at load."""
+    """The generated sparse kernel for one weight, with its pattern compressed at load.
+
+    `k_chunk` splits the input features into chunks the kernel takes one at a time for
+    all of a thread's rows, so the chunk of xᵀ it reads stays in L1 cache (partial sums
+    go through yᵀ between chunks). None takes all inputs at once."""
 
     kind = "sparse"
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str,
-                 residual: bool, pattern: Pattern | None = None):
+                 residual: bool, pattern: Pattern | None = None, k_chunk: int | None = None):
         self.pattern = pattern or analyse(weight)
         self.config = kernel_config(self.pattern.block, activation, residual)
-        self.indptr, self.indices, self.values = compress(weight, self.pattern.block)
         k, m = weight.shape
         self.in_features, self.out_features = k, m
+        self._csr = compress(weight, self.pattern.block)
         self.bias = _bias(bias, m)
         self._fn, self._driver = compiled_kernel(self.config)
-        self._bounds: dict[int, np.ndarray] = {}
         self._no_residual = np.zeros((1, 1), np.float32)
+        self._set_chunk(k_chunk)
+
+    def _set_chunk(self, k_chunk: int | None) -> None:
+        indptr, indices, values = self._csr
+        self.k_chunk = self.in_features if k_chunk is None else min(k_chunk, self.in_features)
+        if self.k_chunk % self.pattern.block:
+            raise ValueError(f"k_chunk {k_chunk} is not a multiple of the block size {self.pattern.block}")
+        self.indptr, self.indices, self.values, self.nchunks = chunk_rows(indptr, indices, values,
+                                                                          self.in_features, self.k_chunk)
+        self._bounds: dict[int, np.ndarray] = {}
+
+    def with_chunk(self, k_chunk: int | None) -> SparseLinear:
+        """The same layer with its weights regrouped into K-chunks of `k_chunk` inputs."""
+        other = copy.copy(self)
+        other._set_chunk(k_chunk)
+        return other
+
+    def drop_csr(self) -> None:
+        """Forget the unchunked copy once the chunking is settled (it doubles the memory)."""
+        if self.nchunks > 1:
+            self._csr = None
 
     @property
     def source(self) -> str:
@@ -267,7 +313,8 @@ class SparseLinear:
     def bounds(self) -> np.ndarray:
         n = numba.get_num_threads()
         if n not in self._bounds:
-            self._bounds[n] = balanced_bounds(self.indptr, n)
+            per_row = np.diff(self.indptr).reshape(self.nchunks, self.out_features).sum(axis=0)
+            self._bounds[n] = balanced_bounds(np.concatenate([[0], np.cumsum(per_row)]), n)
         return self._bounds[n]
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
@@ -280,6 +327,7 @@ class SparseLinear:
         else:
             rt = self._no_residual
         if x2.shape[0]:
-            self._driver(self._fn, xt, self.indptr, self.indices, self.values, self.bias, yt, rt, self.bounds())
+            self._driver(self._fn, xt, self.indptr, self.indices, self.values, self.bias, yt, rt, self.nchunks,
+                         self.bounds())
         # yt.T is a view: the next sparse layer's x.T is then contiguous again, no copy.
         return yt.T.reshape(lead + (self.out_features,))

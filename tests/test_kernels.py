@@ -53,6 +53,36 @@ def test_linear_matches_reference(block, activation, residual, impl):
         np.testing.assert_allclose(got, reference_linear(x, w, bias, activation, r), **TOL)
 
 
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("k_chunk", [4, 24, 64, 96, 500])
+def test_sparse_linear_in_k_chunks(block, activation, residual, k_chunk):
+    """K-chunked kernels: partial sums carried through yᵀ, the epilogue once, on the last chunk.
+
+    The weight has a row empty in every chunk, rows empty only in the first or last chunk,
+    and 96 inputs that 24 and 64 do not divide evenly (64 leaves a short last chunk)."""
+    rng = np.random.default_rng(k_chunk + block)
+    k, m = 96, 40
+    w = pruned(rng, k, m, 0.7, block)
+    w[:, 2] = 0
+    w[:k_chunk, 5] = 0
+    w[-(k % k_chunk or k_chunk):, 6] = 0
+    bias = rng.standard_normal(m).astype(np.float32)
+    layer = SparseLinear(w, bias, activation, residual, k_chunk=k_chunk)
+    assert layer.nchunks == -(-k // k_chunk)
+    for lead in [(1,), (7,), (3, 13), (2, 100), (0,)]:
+        x = rng.standard_normal(lead + (k,)).astype(np.float32)
+        r = rng.standard_normal(lead + (m,)).astype(np.float32) if residual else None
+        np.testing.assert_allclose(layer(x, r), reference_linear(x, w, bias, activation, r), **TOL)
+
+
+def test_k_chunk_must_keep_blocks_whole():
+    w = pruned(np.random.default_rng(0), 32, 8, 0.5, block=4)
+    with pytest.raises(ValueError, match="multiple of the block size 4"):
+        SparseLinear(w, None, "none", False, k_chunk=6)
+
+
 def test_sparse_linear_chains_in_feature_major_layout():
     """A sparse layer's output (a transposed view) fed straight into the next, as in a model."""
     rng = np.random.default_rng(1)
