@@ -3,15 +3,26 @@
 The fused node replaces MatMul → Div/Mul → Add → Softmax (→ NaN guard) → MatMul. The
 reference keeps the exact semantics of the ops it replaces (the Softmax axis and opset,
 the optional scale, mask and NaN guard). The kernel handles the case every BERT-family
-export has, 4-D [batch, heads, seq, head_dim] with the softmax over the last axis, one
-(batch, head) pair per thread; `fused_attention` falls back to the reference otherwise.
+export has, 4-D [batch, heads, seq, head_dim] with the softmax over the last axis;
+`fused_attention` falls back to the reference otherwise.
+
+The kernel is LLVM IR for one (batch, head) pair (attention_ir.py), driven by a Numba
+prange over the pairs. It reads q, kᵀ and v feature-major, as the sparse Linear layers
+leave them, and writes its output feature-major for the next one: no transposing copy
+on either side (BERT-base, batch 1 × 128 tokens: 0.47 ms per layer with the BLAS
+kernel it replaced and its copies, 0.21 ms).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import numpy as np
 
-from .compile import load_source
+from .attention_ir import AttentionConfig, attention_ir
+from .compile import compile_ir, load_source, vector_lanes
+from .layout import feature_major_empty
 
 
 def reference_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None,
@@ -32,74 +43,55 @@ def reference_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.n
     return np.matmul(p, v)
 
 
-ATTENTION_SOURCE = """\
-# sparsejit generated kernel: attention, one (batch, head) pair per thread
-# out[b, h] = softmax(q[b, h] @ kt[b, h] * scale + mask[b, h]) @ v[b, h]
+HEADS_DRIVER_SOURCE = """\
+# sparsejit generated kernel: the parallel driver of the attention IR kernel
+# one (batch, head) pair per iteration; arrays are [batch, head, feature, token] views
 import numpy as np
 from numba import njit, prange
 
-LOG2E = np.float32(1.4426950408889634)
-LN2_HI = np.float32(0.693359375)
-LN2_LO = np.float32(-2.12194440e-4)
 
-
-@njit(inline="always")
-def exp_row(x, ibits, out):
-    # Cephes expf, written as straight-line loops LLVM vectorises (math.exp does not):
-    # x = n ln2 + r, exp(x) = 2^n * poly(r), 2^n built from its exponent bits.
-    for j in range(x.shape[0]):
-        v = min(max(x[j], np.float32(-87.3)), np.float32(88.3))
-        n = np.floor(v * LOG2E + np.float32(0.5))
-        r = v - n * LN2_HI - n * LN2_LO
-        p = np.float32(1.9875691500e-4)
-        p = p * r + np.float32(1.3981999507e-3)
-        p = p * r + np.float32(8.3334519073e-3)
-        p = p * r + np.float32(4.1665795894e-2)
-        p = p * r + np.float32(1.6666665459e-1)
-        p = p * r + np.float32(5.0000001201e-1)
-        out[j] = p * r * r + r + np.float32(1.0)
-        ibits[j] = (np.int32(n) + np.int32(127)) << np.int32(23)
-    scale = ibits.view(np.float32)
-    for j in range(x.shape[0]):
-        out[j] *= scale[j]
-
-
-# reassoc lets LLVM vectorise the row max and sum; NaN and inf semantics are kept.
-@njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def attention(q, kt, v, mask, scale, nan_guard, out):
-    n_batch, n_head, n_q, _ = q.shape
-    n_k = kt.shape[3]
-    mb, mh, mq = mask.shape[0] > 1, mask.shape[1] > 1, mask.shape[2] > 1
+@njit(parallel=True, nogil=True, cache=True)
+def run_heads(fn, qt, kt, vt, mask, ot, scale, fill, width):
+    n_batch, n_head, d, tq = qt.shape
+    tk = kt.shape[3]
+    mb, mh = mask.shape[0] > 1, mask.shape[1] > 1
     for bh in prange(n_batch * n_head):
         b = bh // n_head
         h = bh % n_head
-        s = np.empty((n_q, n_k), np.float32)
-        x = np.empty(n_k, np.float32)
-        ibits = np.empty(n_k, np.int32)
-        np.dot(q[b, h], kt[b, h], s)
-        for i in range(n_q):
-            row = s[i]
-            m_row = mask[b if mb else 0, h if mh else 0, i if mq else 0]
-            top = -np.inf
-            for j in range(n_k):
-                x[j] = row[j] * scale + m_row[j]
-                top = max(top, x[j])
-            if top == -np.inf:  # every key masked out: softmax is NaN, or 0 under the guard
-                fill = np.float32(0.0) if nan_guard else np.float32(np.nan)
-                for j in range(n_k):
-                    row[j] = fill
-                continue
-            for j in range(n_k):
-                x[j] -= top
-            exp_row(x, ibits, row)
-            total = np.float32(0.0)
-            for j in range(n_k):
-                total += row[j]
-            inv = np.float32(1.0) / total
-            for j in range(n_k):
-                row[j] *= inv
-        np.dot(s, v[b, h], out[b, h])
+        s = np.empty(tk * width, np.float32)
+        fn(qt.ctypes.data + b * qt.strides[0] + h * qt.strides[1], qt.strides[2] // 4,
+           kt.ctypes.data + b * kt.strides[0] + h * kt.strides[1], kt.strides[2] // 4,
+           vt.ctypes.data + b * vt.strides[0] + h * vt.strides[1], vt.strides[2] // 4,
+           mask.ctypes.data + (b if mb else 0) * mask.strides[0] + (h if mh else 0) * mask.strides[1],
+           mask.strides[2] // 4,
+           ot.ctypes.data + b * ot.strides[0] + h * ot.strides[1], ot.strides[2] // 4,
+           d, tq, tk, scale, s.ctypes.data, fill)
 """
+
+_HEAD_PROTO = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p, ctypes.c_int64] * 5, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_float)
+
+
+def attention_config(mask_per_query: bool) -> AttentionConfig:
+    return AttentionConfig(mask_per_query, vector_lanes())
+
+
+@functools.cache
+def _compiled(cfg: AttentionConfig):
+    return _HEAD_PROTO(compile_ir(attention_ir(cfg), "attention_head"))
+
+
+def kernel_source(mask_per_query: bool = False) -> str:
+    """What runs: the IR for one head, then the Numba driver over (batch, head) pairs."""
+    return attention_ir(attention_config(mask_per_query)) + "\n; driver (Numba):\n" + \
+        "".join("; " + line + "\n" for line in HEADS_DRIVER_SOURCE.splitlines())
+
+
+def _unit_last(a: np.ndarray) -> np.ndarray:
+    """a (4-D float32) with unit stride on its last axis: a view when it has one, else a copy."""
+    if a.shape[3] <= 1 or a.strides[3] == a.itemsize:
+        return a
+    return np.ascontiguousarray(a)
 
 
 def _scalar(scale, scale_op: str) -> float | None:
@@ -125,13 +117,26 @@ def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarr
             (q.shape[0], q.shape[1], q.shape[2], kt.shape[3])
     if not ok:
         return reference_attention(q, kt, v, mask, scale, scale_op, axis, opset, nan_guard)
+    n_batch, n_head, tq = q.shape[:3]
+    tk = kt.shape[3]
     if mask is None:
-        mask = np.zeros((1, 1, 1, kt.shape[3]), np.float32)
-    mask = np.ascontiguousarray(mask.reshape((1,) * (4 - mask.ndim) + mask.shape))
-    if mask.shape[3] != kt.shape[3]:
-        mask = np.ascontiguousarray(np.broadcast_to(mask, mask.shape[:3] + (kt.shape[3],)))
-    out = np.empty(q.shape[:3] + (v.shape[3],), np.float32)
-    kernel = load_source(ATTENTION_SOURCE).attention
-    kernel(np.ascontiguousarray(q), np.ascontiguousarray(kt), np.ascontiguousarray(v), mask,
-           np.float32(mul), nan_guard, out)
-    return out
+        mask = np.zeros((1, 1, 1, tk), np.float32)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    per_query = mask.shape[2] > 1
+    # The kernel reads the mask by key: [.., keys, queries] when it varies by query.
+    mask_t = np.ascontiguousarray(np.broadcast_to(mask, mask.shape[:3] + (tk,)).transpose(0, 1, 3, 2))
+    # Feature-major operands: [batch, head, feature, token] with unit token stride.
+    qt = _unit_last(q.transpose(0, 1, 3, 2))
+    kt = _unit_last(kt)
+    vt = _unit_last(v.transpose(0, 1, 3, 2))
+    # The output is written feature-major, [head·feature, batch·query]: the layout the
+    # next sparse Linear reads without a copy, once transposed back and reshaped.
+    buf = feature_major_empty(n_head * v.shape[3], n_batch * tq)
+    st = buf.strides
+    ot = np.lib.stride_tricks.as_strided(buf, (n_batch, n_head, v.shape[3], tq),
+                                         (tq * st[1], v.shape[3] * st[0], st[0], st[1]))
+    cfg = attention_config(per_query)
+    fill = np.float32(0.0) if nan_guard else np.float32(np.nan)
+    load_source(HEADS_DRIVER_SOURCE).run_heads(_compiled(cfg), qt, kt, vt, mask_t, ot, np.float32(mul), fill,
+                                               cfg.lanes * cfg.qvec)
+    return ot.transpose(0, 1, 3, 2)

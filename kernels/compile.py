@@ -12,6 +12,7 @@ The directory is `$SPARSEJIT_CACHE_DIR`, else `~/.cache/sparsejit`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -64,12 +65,18 @@ def load_source(source: str) -> ModuleType:
 _engines: dict[str, object] = {}  # keeps each compiled module's code alive
 
 
+@functools.cache
 def host_cpu() -> tuple[str, str]:
     """(CPU name, feature string): part of every IR kernel's identity."""
     import llvmlite.binding as llvm
 
     _init_llvm()
     return llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
+
+
+def vector_lanes() -> int:
+    """floats per vector register on this CPU: 16 with AVX-512, else 8."""
+    return 16 if "+avx512f" in host_cpu()[1] else 8
 
 
 def _init_llvm() -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .compile import compile_ir, host_cpu, load_source
+from .compile import compile_ir, load_source, vector_lanes
 from .gelu import ERF_SOURCE, reference_gelu
 from .layout import contiguous, feature_major_empty, transposed
 from .sparse_ir import IRConfig, ir_source
@@ -72,11 +72,6 @@ def run_rows(fn, xt, indptr, indices, values, bias, yt, rt, nchunks, bounds):
 _IR_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_void_p] * 5,
                              ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                              ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
-
-
-def vector_lanes() -> int:
-    """floats per vector register on this CPU: 16 with AVX-512, else 8."""
-    return 16 if "+avx512f" in host_cpu()[1] else 8
 
 
 def kernel_config(block: int, activation: str, residual: bool) -> IRConfig:

@@ -163,7 +163,16 @@ class Model:
         return report
 
     def kernel_source(self, layer: str | int) -> str:
-        """The generated source of one layer's kernel (by index or node name)."""
+        """The generated source of one layer's kernel (by index or node name), or of the
+        attention kernel for `layer="attention"`."""
+        if layer == "attention":
+            from .kernels.attention import kernel_source as attention_source
+
+            if not any(n.op_type == "Attention" for n in self._executor.graph.nodes):
+                raise KeyError("the model has no fused Attention node")
+            # The variant for a mask that varies by query, as exported BERT masks do
+            # ([batch, 1, seq, seq]); a [batch, 1, 1, seq] mask runs the per-key variant.
+            return attention_source(mask_per_query=True)
         found = self.layers[layer] if isinstance(layer, int) else next(
             (lp for lp in self.layers if lp.name == layer), None)
         if found is None:

@@ -325,7 +325,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_check)
 
     sp = with_model("kernel", "print the generated source of one layer's kernel")
-    sp.add_argument("layer", help="layer index (as `inspect` numbers them) or node name")
+    sp.add_argument("layer", help="layer index (as `inspect` numbers them), node name, or 'attention'")
     sp.set_defaults(func=cmd_kernel)
 
     sp = sub.add_parser("prune", help="magnitude-prune MatMul/Gemm weights into a new ONNX file",

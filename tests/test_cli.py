@@ -88,6 +88,8 @@ def test_kernel_source_by_index_and_name():
     assert "activation=gelu" in p.stdout
     bad = cli("kernel", MODEL, "99", check=False)
     assert bad.returncode == 2 and "out of range" in bad.stderr
+    p = cli("kernel", MODEL, "attention")
+    assert "define void @attention_head" in p.stdout and "run_heads" in p.stdout
 
 
 def test_prune(tmp_path):

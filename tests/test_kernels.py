@@ -182,6 +182,48 @@ def test_attention_fully_masked_row(guard):
     assert np.isnan(got[0, :, 2]).all() != guard
 
 
+def _feature_major(a: np.ndarray, token_axis: int) -> np.ndarray:
+    """a as a view of a padded feature-major buffer (unit stride on its token axis), the
+    way a sparse Linear's output reaches the attention after Reshape and Transpose."""
+    moved = np.moveaxis(a, token_axis, -1)
+    buf = np.full(moved.shape[:-1] + (moved.shape[-1] + 16,), np.nan, np.float32)
+    buf[..., :moved.shape[-1]] = moved
+    return np.moveaxis(buf[..., :moved.shape[-1]], -1, token_axis)
+
+
+@pytest.mark.parametrize("shape", [(1, 12, 128, 128, 64), (2, 2, 70, 37, 20), (3, 1, 33, 130, 13), (1, 1, 1, 1, 1)])
+@pytest.mark.parametrize("layout", ["token-major", "feature-major"])
+@pytest.mark.parametrize("per_query_mask", [False, True])
+def test_attention_tiles_blocks_and_layouts(shape, layout, per_query_mask):
+    """Several query tiles and a partial one, key and feature blocks with remainders,
+    inputs as views with unit token stride (no copy) or token-major (copied)."""
+    b, h, tq, tk, d = shape
+    rng = np.random.default_rng(sum(shape))
+    q = rng.standard_normal((b, h, tq, d)).astype(np.float32)
+    kt = rng.standard_normal((b, h, d, tk)).astype(np.float32)
+    v = rng.standard_normal((b, h, tk, d)).astype(np.float32)
+    mask_shape = (b, 1, tq if per_query_mask else 1, tk)
+    mask = np.where(rng.random(mask_shape) < 0.3, -1e4, 0).astype(np.float32)
+    if layout == "feature-major":
+        q, kt, v = _feature_major(q, 2), _feature_major(kt, 3), _feature_major(v, 2)
+    scale = np.array(d ** 0.5, np.float32)
+    got = fused_attention(q, kt, v, mask, scale, "div", -1, 14, False)
+    np.testing.assert_allclose(got, reference_attention(q, kt, v, mask, scale, "div", -1, 14, False), **TOL)
+    assert got.strides[2] == 4  # written feature-major: unit stride along the queries
+
+
+def test_attention_propagates_nan_and_saturates():
+    """A NaN score makes its query's output NaN, as Softmax does; huge scores stay finite."""
+    rng = np.random.default_rng(9)
+    q, kt, v = (rng.standard_normal(s).astype(np.float32) for s in [(1, 1, 20, 4), (1, 1, 4, 20), (1, 1, 20, 4)])
+    q[0, 0, 3, 0] = np.nan
+    q[0, 0, 5] *= 1e4
+    got = fused_attention(q, kt, v, None, None, "none", -1, 14, False)
+    want = reference_attention(q, kt, v, None, None, "none", -1, 14, False)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got[0, 0, 3]).all() and np.isfinite(got[0, 0, 5]).all()
+    np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(want), **TOL)
+
 def test_attention_falls_back_for_other_shapes():
     rng = np.random.default_rng(7)
     q, kt, v = (rng.standard_normal(s).astype(np.float32) for s in [(3, 4, 8), (3, 8, 4), (3, 4, 8)])

@@ -1,0 +1,242 @@
+"""The attention kernel as LLVM IR, working on feature-major q, k, v and output.
+
+With the Linear outputs feature-major (yᵀ [features, tokens]), one head's qᵀ, kᵀ and vᵀ
+are [head_dim, tokens] slices with unit token stride, and the output can be written
+the same way, ready for the next sparse Linear: no transposing copies on either side.
+
+For one (batch, head) pair the kernel walks the queries in tiles of `qvec` vectors
+(16 queries each with AVX-512), keeping the tile's scores in registers:
+
+1. scores: for a block of `block` keys, acc[r] = Σ_e kᵀ[e, j + r] · qᵀ[e, tile]
+   (one qᵀ load serves `block` fmas), then · scale + mask, stored to a small scratch
+   [keys, tile] and folded into the tile's running max;
+2. softmax: p = exp(s - max) in place, summed per query;
+3. output: oᵀ[e + r, tile] = Σ_j vᵀ[e + r, j] · p[j, tile] / sum, for a block of
+   `block` head features at a time.
+
+Every load and store of a query tile is masked, so any query count works and nothing
+outside the tile is written. NaN propagates as in the reference: the max is
+`llvm.maximum` and exp keeps NaN; a query whose keys are all masked (max = -inf)
+gets `fill` (NaN, or 0 under the export's NaN guard).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .sparse_ir import _Emitter
+
+# Cephes expf: x = n·ln2 + r, exp(x) = 2ⁿ·poly(r), 2ⁿ from its exponent bits.
+EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+            5.0000001201e-1)
+
+ARGS = ("ptr noalias %qt, i64 %ldq, ptr noalias %kt, i64 %ldk, ptr noalias %vt, i64 %ldv, "
+        "ptr noalias %mask, i64 %ldm, ptr noalias %ot, i64 %ldo, i64 %d, i64 %tq, i64 %tk, "
+        "float %scale, ptr noalias %s, float %fill")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    mask_per_query: bool = False  # mask is [keys, queries] (row stride ldm), else one value per key
+    lanes: int = 16
+    qvec: int = 2                 # query vectors per tile
+    block: int = 8                # keys per score block, head features per output block
+
+
+class _Builder(_Emitter):
+    """An emitter that knows its current block, for loops whose phis carry vectors."""
+
+    def __init__(self, lanes: int):
+        super().__init__(lanes)
+        self.block = "entry"
+        self.loops = 0
+
+    def label(self, name: str) -> None:
+        self.raw(f"{name}:")
+        self.block = name
+
+    def loop(self, start: str, end: str, step: int, carried: list[tuple[str, str]], body) -> tuple[str, list[str]]:
+        """for (i = start; i + step <= end; i += step) carried = body(i, carried).
+
+        Returns (the first i that did not run, the carried values after the loop)."""
+        n = self.loops
+        self.loops += 1
+        head, body_l, done = f"L{n}.head", f"L{n}.body", f"L{n}.done"
+        pred = self.block
+        self.raw(f"  br label %{head}")
+        self.label(head)
+        phi_at = len(self.lines)
+        i = f"%L{n}.i"
+        names = [f"%L{n}.c{k}" for k in range(len(carried))]
+        self.lines.append("")  # the phis, written once the back edge is known
+        top = self(f"add i64 {i}, {step}")
+        ok = self(f"icmp sle i64 {top}, {end}")
+        self.raw(f"  br i1 {ok}, label %{body_l}, label %{done}")
+        self.label(body_l)
+        new = body(i, names)
+        self.raw(f"  br label %{head}")
+        back = self.block
+        phis = [f"  {i} = phi i64 [ {start}, %{pred} ], [ {top}, %{back} ]"]
+        phis += [f"  {nm} = phi {ty} [ {init}, %{pred} ], [ {nv}, %{back} ]"
+                 for nm, (ty, init), nv in zip(names, carried, new)]
+        self.lines[phi_at] = "\n".join(phis)
+        self.label(done)
+        return i, names
+
+
+def _exp(e: _Builder, x: str) -> str:
+    """expf on a vector; NaN stays NaN, large arguments saturate like the Numba kernel."""
+    vt, L = e.vt, e.lanes
+    lo = e(f"fcmp olt {vt} {x}, {e.const(-87.3)}")
+    v = e(f"select <{L} x i1> {lo}, {vt} {e.const(-87.3)}, {vt} {x}")
+    hi = e(f"fcmp ogt {vt} {v}, {e.const(88.3)}")
+    v = e(f"select <{L} x i1> {hi}, {vt} {e.const(88.3)}, {vt} {v}")
+    t = e.fma(v, e.const(1.4426950408889634), e.const(0.5))
+    n = e(f"call {vt} @llvm.floor.v{L}f32({vt} {t})")
+    r = e.fma(n, e.const(-0.693359375), v)
+    r = e.fma(n, e.const(2.12194440e-4), r)
+    p = e.const(EXP_POLY[0])
+    for c in EXP_POLY[1:]:
+        p = e.fma(p, r, e.const(c))
+    r2 = e(f"fmul {vt} {r}, {r}")
+    p = e.fma(p, r2, r)
+    p = e(f"fadd {vt} {p}, {e.const(1.0)}")
+    ni = e(f"call <{L} x i32> @llvm.fptosi.sat.v{L}i32.v{L}f32({vt} {n})")
+    ni = e(f"add <{L} x i32> {ni}, <{', '.join(['i32 127'] * L)}>")
+    ni = e(f"shl <{L} x i32> {ni}, <{', '.join(['i32 23'] * L)}>")
+    two_n = e(f"bitcast <{L} x i32> {ni} to {vt}")
+    return e(f"fmul {vt} {p}, {two_n}")
+
+
+def _head(cfg: AttentionConfig) -> str:
+    e = _Builder(cfg.lanes)
+    vt, L, QV, R = e.vt, cfg.lanes, cfg.qvec, cfg.block
+    width = L * QV  # queries per tile = floats per scratch row
+    e.raw(f"define void @attention_head({ARGS}) {{")
+    e.label("entry")
+    iota = f"<{', '.join(f'i64 {i}' for i in range(L))}>"
+    tq_splat = e(f"insertelement <{L} x i64> poison, i64 %tq, i32 0")
+    tq_splat = e(f"shufflevector <{L} x i64> {tq_splat}, <{L} x i64> poison, <{L} x i32> zeroinitializer")
+    ninf = e.const(float("-inf"))
+    zero = "zeroinitializer"
+
+    def tile(i0, _carried):
+        masks = []
+        for v in range(QV):
+            base = e(f"add i64 {i0}, {v * L}")
+            b = e(f"insertelement <{L} x i64> poison, i64 {base}, i32 0")
+            b = e(f"shufflevector <{L} x i64> {b}, <{L} x i64> poison, <{L} x i32> zeroinitializer")
+            idx = e(f"add <{L} x i64> {b}, {iota}")
+            masks.append(e(f"icmp slt <{L} x i64> {idx}, {tq_splat}"))
+
+        def score_block(rows):
+            def body(j0, maxes):
+                def dot(ee, accs):
+                    qrow = e(f"mul i64 {ee}, %ldq")
+                    qoff = e(f"add i64 {qrow}, {i0}")
+                    qs = [e.vload(e.gep("%qt", e(f"add i64 {qoff}, {v * L}") if v else qoff), masks[v])
+                          for v in range(QV)]
+                    krow = e(f"mul i64 {ee}, %ldk")
+                    koff = e(f"add i64 {krow}, {j0}")
+                    out = []
+                    for r in range(rows):
+                        kp = e.gep("%kt", e(f"add i64 {koff}, {r}") if r else koff)
+                        w = e.splat(e(f"load float, ptr {kp}, align 4"))
+                        out += [e.fma(w, qs[v], accs[r * QV + v]) for v in range(QV)]
+                    return out
+
+                _, accs = e.loop("0", "%d", 1, [(vt, zero)] * (rows * QV), dot)
+                maxes = list(maxes)
+                scale = e.splat("%scale")
+                for r in range(rows):
+                    j = e(f"add i64 {j0}, {r}") if r else j0
+                    if not cfg.mask_per_query:
+                        mv = e.splat(e(f"load float, ptr {e.gep('%mask', j)}, align 4"))
+                    else:
+                        mrow = e(f"mul i64 {j}, %ldm")
+                        moff = e(f"add i64 {mrow}, {i0}")
+                    srow = e(f"mul i64 {j}, {width}")
+                    for v in range(QV):
+                        if cfg.mask_per_query:
+                            mv = e.vload(e.gep("%mask", e(f"add i64 {moff}, {v * L}") if v else moff), masks[v])
+                        s = e.fma(accs[r * QV + v], scale, mv)
+                        e.vstore(s, e.gep("%s", e(f"add i64 {srow}, {v * L}") if v else srow), None)
+                        maxes[v] = e(f"call {vt} @llvm.maximum.v{L}f32({vt} {maxes[v]}, {vt} {s})")
+                return maxes
+            return body
+
+        start, maxes = e.loop("0", "%tk", R, [(vt, ninf)] * QV, score_block(R))
+        _, maxes = e.loop(start, "%tk", 1, [(vt, m) for m in maxes], score_block(1))
+
+        def softmax(j, sums):
+            srow = e(f"mul i64 {j}, {width}")
+            out = []
+            for v in range(QV):
+                ptr = e.gep("%s", e(f"add i64 {srow}, {v * L}") if v else srow)
+                x = e(f"fsub {vt} {e.vload(ptr, None)}, {maxes[v]}")
+                p = _exp(e, x)
+                e.vstore(p, ptr, None)
+                out.append(e(f"fadd {vt} {sums[v]}, {p}"))
+            return out
+
+        _, sums = e.loop("0", "%tk", 1, [(vt, zero)] * QV, softmax)
+        fill = e.splat("%fill")
+        scales = []
+        for v in range(QV):
+            inv = e(f"fdiv {vt} {e.const(1.0)}, {sums[v]}")
+            dead = e(f"fcmp oeq {vt} {maxes[v]}, {ninf}")
+            scales.append((inv, dead))
+
+        def out_block(rows):
+            def body(e0, _c):
+                def pv(j, accs):
+                    srow = e(f"mul i64 {j}, {width}")
+                    ps = [e.vload(e.gep("%s", e(f"add i64 {srow}, {v * L}") if v else srow), None) for v in range(QV)]
+                    out = []
+                    for r in range(rows):
+                        er = e(f"add i64 {e0}, {r}") if r else e0
+                        vrow = e(f"mul i64 {er}, %ldv")
+                        w = e.splat(e(f"load float, ptr {e.gep('%vt', e(f'add i64 {vrow}, {j}'))}, align 4"))
+                        out += [e.fma(w, ps[v], accs[r * QV + v]) for v in range(QV)]
+                    return out
+
+                _, accs = e.loop("0", "%tk", 1, [(vt, zero)] * (rows * QV), pv)
+                for r in range(rows):
+                    er = e(f"add i64 {e0}, {r}") if r else e0
+                    orow = e(f"mul i64 {er}, %ldo")
+                    ooff = e(f"add i64 {orow}, {i0}")
+                    for v in range(QV):
+                        inv, dead = scales[v]
+                        o = e(f"fmul {vt} {accs[r * QV + v]}, {inv}")
+                        o = e(f"select <{L} x i1> {dead}, {vt} {fill}, {vt} {o}")
+                        e.vstore(o, e.gep("%ot", e(f"add i64 {ooff}, {v * L}") if v else ooff), masks[v])
+                return []
+            return body
+
+        start, _ = e.loop("0", "%d", R, [], out_block(R))
+        e.loop(start, "%d", 1, [], out_block(1))
+        return []
+
+    # Query tiles: i0 = 0, width, ... while i0 < tq (the last one partly masked).
+    tq_up = e(f"add i64 %tq, {width - 1}")
+    e.loop("0", tq_up, width, [], tile)
+    e.raw("  ret void")
+    e.raw("}")
+    return "\n".join(e.lines)
+
+
+_DECLARES = """\
+declare <{L} x float> @llvm.fma.v{L}f32(<{L} x float>, <{L} x float>, <{L} x float>)
+declare <{L} x float> @llvm.maximum.v{L}f32(<{L} x float>, <{L} x float>)
+declare <{L} x float> @llvm.floor.v{L}f32(<{L} x float>)
+declare <{L} x i32> @llvm.fptosi.sat.v{L}i32.v{L}f32(<{L} x float>)
+declare <{L} x float> @llvm.masked.load.v{L}f32.p0(ptr, i32, <{L} x i1>, <{L} x float>)
+declare void @llvm.masked.store.v{L}f32.p0(<{L} x float>, ptr, i32, <{L} x i1>)
+"""
+
+
+def attention_ir(cfg: AttentionConfig) -> str:
+    header = (f"; sparsejit generated kernel: attention for one (batch, head), feature-major, "
+              f"mask_per_query={cfg.mask_per_query} lanes={cfg.lanes} qvec={cfg.qvec} block={cfg.block}\n"
+              "; ot[e, i] = sum_j vt[e, j] * softmax_j(scale * sum_e' qt[e', i] * kt[e', j] + mask[j(, i)])\n")
+    return header + _DECLARES.format(L=cfg.lanes) + "\n" + _head(cfg)
