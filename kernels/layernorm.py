@@ -8,10 +8,14 @@ layers and residual adds read without a copy.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+
+import numba
 import numpy as np
 
-from .compile import load_source
-from .layout import feature_major_empty, unit_token_stride
+from .compile import compile_ir, load_source, vector_lanes
+from .layout import contiguous, feature_major_empty, transposed, unit_token_stride
 
 
 def reference_layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon: float) -> np.ndarray:
@@ -45,56 +49,139 @@ def layernorm_rows(x, scale, bias, eps, y):
         inv = np.float32(1.0) / np.sqrt(var / h + eps)
         for f in range(h):
             y[t, f] = (x[t, f] - mean) * inv * scale[f] + bias[f]
-
-
-@njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def layernorm_columns(xt, scale, bias, eps, yt, chunk):
-    # Feature-major: one pass gathers each token's sum and sum of squares (in float64,
-    # so E[x²] - E[x]² keeps its digits), a second writes the output; tokens innermost.
-    h, n = xt.shape
-    n_chunks = (n + chunk - 1) // chunk
-    for c in prange(n_chunks):
-        t0 = c * chunk
-        w = min(n, t0 + chunk) - t0
-        s1 = np.zeros(w, np.float64)
-        s2 = np.zeros(w, np.float64)
-        for f in range(h):
-            row = xt[f, t0:t0 + w]
-            for t in range(w):
-                v = np.float64(row[t])
-                s1[t] += v
-                s2[t] += v * v
-        mean = np.empty(w, np.float32)
-        inv = np.empty(w, np.float32)
-        for t in range(w):
-            m = s1[t] / h
-            mean[t] = m
-            inv[t] = 1.0 / np.sqrt(max(s2[t] / h - m * m, 0.0) + eps)
-        for f in range(h):
-            a = scale[f]
-            b = bias[f]
-            row = xt[f, t0:t0 + w]
-            out = yt[f, t0:t0 + w]
-            for t in range(w):
-                out[t] = (row[t] - mean[t]) * inv[t] * a + b
 """
 
 
-def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon: float) -> np.ndarray:
-    """LayerNorm over the last axis, in whichever layout x comes."""
+# Feature-major LayerNorm as LLVM IR: a tile of `vectors` × lanes tokens at a time, the
+# token loop in the vector lanes, three passes over the features (shifted sum; sum of squared
+# deviations from the mean; the output), each accumulator in a register. Loads and
+# stores are masked at the tile's end, so any token range works.
+COLUMNS_ARGS = ("ptr noalias %xt, i64 %ldx, ptr noalias %yt, i64 %ldy, ptr noalias %scale, ptr noalias %bias, "
+                "float %eps, i64 %h, i64 %t0, i64 %t1")
+
+
+def columns_ir(lanes: int, vectors: int = 4) -> str:
+    from .attention_ir import _Builder
+
+    e = _Builder(lanes)
+    vt, L = e.vt, lanes
+    e.raw(f"; sparsejit generated kernel: LayerNorm, feature-major, tokens [t0, t1), lanes={L} vectors={vectors}")
+    e.raw(f"declare {vt} @llvm.sqrt.v{L}f32({vt})")
+    e.raw(f"declare {vt} @llvm.masked.load.v{L}f32.p0(ptr, i32, <{L} x i1>, {vt})")
+    e.raw(f"declare void @llvm.masked.store.v{L}f32.p0({vt}, ptr, i32, <{L} x i1>)")
+    e.raw(f"define void @layernorm_columns({COLUMNS_ARGS}) {{")
+    e.label("entry")
+    iota = f"<{', '.join(f'i64 {i}' for i in range(L))}>"
+    end = e(f"insertelement <{L} x i64> poison, i64 %t1, i32 0")
+    end = e(f"shufflevector <{L} x i64> {end}, <{L} x i64> poison, <{L} x i32> zeroinitializer")
+    hf = e("sitofp i64 %h to float")
+    inv_h = e.splat(e(f"fdiv float 1.0, {hf}"))
+    eps = e.splat("%eps")
+    width = L * vectors
+
+    def tile(i0, _c):
+        masks = []
+        for v in range(vectors):
+            b = e(f"add i64 {i0}, {v * L}")
+            b = e(f"insertelement <{L} x i64> poison, i64 {b}, i32 0")
+            b = e(f"shufflevector <{L} x i64> {b}, <{L} x i64> poison, <{L} x i32> zeroinitializer")
+            masks.append(e(f"icmp slt <{L} x i64> {e(f'add <{L} x i64> {b}, {iota}')}, {end}"))
+
+        def xs(f):
+            row = e(f"mul i64 {f}, %ldx")
+            off = e(f"add i64 {row}, {i0}")
+            return [e.vload(e.gep("%xt", e(f"add i64 {off}, {v * L}") if v else off), masks[v])
+                    for v in range(vectors)]
+
+        # The sum is of x - x[feature 0]: with a large mean a plain float32 sum loses the
+        # digits the deviations live in.
+        shift = xs("0")
+
+        def shifted_sum(f, acc):
+            return [e(f"fadd {vt} {a}, {e(f'fsub {vt} {x}, {s_}')}") for a, x, s_ in zip(acc, xs(f), shift)]
+
+        _, sums = e.loop("1", "%h", 1, [(vt, "zeroinitializer")] * vectors, shifted_sum)
+        means = [e.fma(s_, inv_h, x0) for s_, x0 in zip(sums, shift)]
+
+        def squares(f, acc):
+            ds = [e(f"fsub {vt} {x}, {m}") for x, m in zip(xs(f), means)]
+            return [e.fma(d, d, a) for d, a in zip(ds, acc)]
+
+        _, sqs = e.loop("0", "%h", 1, [(vt, "zeroinitializer")] * vectors, squares)
+        invs = []
+        for q in sqs:
+            var = e.fma(q, inv_h, eps)
+            invs.append(e(f"fdiv {vt} {e.const(1.0)}, {e(f'call {vt} @llvm.sqrt.v{L}f32({vt} {var})')}"))
+
+        def output(f, _acc):
+            a = e.splat(e(f"load float, ptr {e.gep('%scale', f)}, align 4"))
+            b = e.splat(e(f"load float, ptr {e.gep('%bias', f)}, align 4"))
+            row = e(f"mul i64 {f}, %ldy")
+            off = e(f"add i64 {row}, {i0}")
+            for v, x in enumerate(xs(f)):
+                d = e(f"fsub {vt} {x}, {means[v]}")
+                y = e.fma(e(f"fmul {vt} {d}, {invs[v]}"), a, b)
+                e.vstore(y, e.gep("%yt", e(f"add i64 {off}, {v * L}") if v else off), masks[v])
+            return []
+
+        e.loop("0", "%h", 1, [], output)
+        return []
+
+    last = e(f"add i64 %t1, {width - 1}")
+    e.loop("%t0", last, width, [], tile)
+    e.raw("  ret void")
+    e.raw("}")
+    return "\n".join(e.lines)
+
+
+COLUMNS_DRIVER_SOURCE = """\
+# sparsejit generated kernel: the parallel driver of the feature-major LayerNorm IR kernel
+from numba import njit, prange
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def run_columns(fn, xt, yt, scale, bias, eps, parts):
+    h, n = xt.shape
+    step = ((n + parts - 1) // parts + 15) // 16 * 16
+    for c in prange(parts):
+        t0 = min(n, c * step)
+        t1 = min(n, t0 + step)
+        if t0 < t1:
+            fn(xt.ctypes.data, xt.strides[0] // 4, yt.ctypes.data, yt.strides[0] // 4, scale.ctypes.data,
+               bias.ctypes.data, eps, h, t0, t1)
+"""
+
+_COLUMNS_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int64,
+                                  ctypes.c_int64)
+
+
+@functools.cache
+def _columns_kernel():
+    return _COLUMNS_PROTO(compile_ir(columns_ir(vector_lanes()), "layernorm_columns"))
+
+
+def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon: float,
+              feature_major: bool | None = None) -> np.ndarray:
+    """LayerNorm over the last axis. The output is feature-major when `feature_major`
+    (the input transposed first if it is not), token-major when False, and in the
+    input's layout when None."""
     h = x.shape[-1]
     if x.dtype != np.float32 or scale.shape != (h,) or (bias is not None and bias.shape != (h,)):
         return reference_layernorm(x, scale, bias, epsilon)
-    mod = load_source(LAYERNORM_SOURCE)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, h)
     b = np.zeros(h, np.float32) if bias is None else bias
     scale = np.ascontiguousarray(scale, dtype=np.float32)
     b = np.ascontiguousarray(b, dtype=np.float32)
-    if unit_token_stride(x2) and not x2.flags.c_contiguous:
+    if feature_major is None:
+        feature_major = unit_token_stride(x2) and not x2.flags.c_contiguous
+    if feature_major:
+        xt = transposed(x2)
         yt = feature_major_empty(h, x2.shape[0])
-        mod.layernorm_columns(x2.T, scale, b, np.float32(epsilon), yt, 64)
+        load_source(COLUMNS_DRIVER_SOURCE).run_columns(_columns_kernel(), xt, yt, scale, b, np.float32(epsilon),
+                                                       numba.get_num_threads())
         return yt.T.reshape(lead + (h,))
-    y = np.empty_like(x2, dtype=np.float32)
-    mod.layernorm_rows(x2, scale, b, np.float32(epsilon), y)
+    y = np.empty(x2.shape, np.float32)
+    load_source(LAYERNORM_SOURCE).layernorm_rows(contiguous(x2), scale, b, np.float32(epsilon), y)
     return y.reshape(lead + (h,))

@@ -170,11 +170,11 @@ def _attention_step(node: Node) -> Callable[..., tuple]:
     return run
 
 
-def _layernorm_step(node: Node) -> Callable[..., tuple]:
+def _layernorm_step(node: Node, feature_major: bool | None) -> Callable[..., tuple]:
     eps = node.attrs.get("epsilon", 1e-5)
 
     def run(x, scale, bias=None):
-        return (layernorm(x, scale, bias, eps),)
+        return (layernorm(x, scale, bias, eps, feature_major),)
 
     return run
 
@@ -201,6 +201,7 @@ def plan(graph: Graph, kernels: str = "auto",
     timings = LayerTimings()
     steps, layers = [], []
     total = sum(n.op_type == "Linear" for n in graph.nodes)
+    sparse_inputs: set[str] = set()  # values a sparse Linear reads (x or residual)
     for n in graph.nodes:
         if n.op_type == "Linear":
             layer = plan_linear(n, kernels, timings)
@@ -210,12 +211,20 @@ def plan(graph: Graph, kernels: str = "auto",
             if progress is not None:
                 progress(len(layers), total, layer)
             steps.append(Step(n, _linear_step(layer)))
+            if layer.kind == "sparse":
+                sparse_inputs.update(n.inputs)
         elif n.op_type == "Attention":
             steps.append(Step(n, _attention_step(n)))
         elif _is_last_axis_layernorm(n):
-            steps.append(Step(n, _layernorm_step(n)))
+            steps.append(Step(n, None))  # its layout is settled below, once its readers are planned
         else:
             steps.append(Step(n, reference_step(n, graph.opset)))
+    # A LayerNorm whose output a sparse Linear reads writes it feature-major, even from a
+    # token-major input (the embeddings): one transpose there rather than one per reader.
+    for i, step in enumerate(steps):
+        if step.run is None:
+            fm = True if step.node.outputs[0] in sparse_inputs else None
+            steps[i] = Step(step.node, _layernorm_step(step.node, fm))
     # Constants the reference ops read stay mapped from the file only where aligned:
     # numpy copies a whole unaligned array on every np.take (10 ms for BERT's embeddings).
     for name, value in graph.constants.items():
