@@ -74,9 +74,11 @@ _IR_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_v
                              ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
 
 
-def kernel_config(block: int, activation: str, residual: bool) -> IRConfig:
+def kernel_config(block: int, activation: str, residual: bool, in_features: int = 1 << 16) -> IRConfig:
+    """Input indices are stored in 16 bits when they fit: the weights stream from memory
+    on every call, and two bytes fewer per nonzero is a quarter less to stream."""
     lanes = vector_lanes()
-    return IRConfig(block, activation, residual, lanes, 128 // lanes)
+    return IRConfig(block, activation, residual, lanes, 128 // lanes, 16 if in_features <= 1 << 16 else 32)
 
 
 def kernel_source(cfg: IRConfig) -> str:
@@ -205,7 +207,7 @@ def chunk_rows(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, in_f
     if nchunks == 1:
         return indptr, indices, values, 1
     rows = np.repeat(np.arange(m), np.diff(indptr))
-    chunk = indices // k_chunk
+    chunk = indices.astype(np.int64) // k_chunk
     order = np.lexsort((indices, rows, chunk))
     counts = np.bincount(chunk * m + rows, minlength=nchunks * m)
     ptr = np.zeros(nchunks * m + 1, np.int64)
@@ -272,10 +274,11 @@ class SparseLinear:
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str,
                  residual: bool, pattern: Pattern | None = None, k_chunk: int | None = None):
         self.pattern = pattern or analyse(weight)
-        self.config = kernel_config(self.pattern.block, activation, residual)
         k, m = weight.shape
+        self.config = kernel_config(self.pattern.block, activation, residual, k)
         self.in_features, self.out_features = k, m
-        self._csr = compress(weight, self.pattern.block)
+        indptr, indices, values = compress(weight, self.pattern.block)
+        self._csr = indptr, indices.astype(np.uint16 if self.config.index_bits == 16 else np.int32), values
         self.bias = _bias(bias, m)
         self._fn, self._driver = compiled_kernel(self.config)
         self._no_residual = np.zeros((1, 1), np.float32)

@@ -47,6 +47,7 @@ class IRConfig:
     residual: bool = False
     lanes: int = 16           # floats per vector register
     vectors: int = 8          # registers per output tile
+    index_bits: int = 32      # stored input index width: 16 (unsigned) when the inputs fit, else 32
 
 
 def f32(x: float) -> str:
@@ -166,8 +167,9 @@ def _tile_function(cfg: IRConfig, name: str, vectors: int, masked: bool) -> str:
     # Phis first; their back-edge values are filled in once the body has named them.
     p = e(f"phi i64 [ {p0}, %start ], [ %p.next, %loop ]")
     accs = [e(f"phi {vt} [ {init[u]}, %start ], [ %acc{u}.next, %loop ]") for u in range(vectors)]
-    k32 = e(f"load i32, ptr {e.gep('%indices', p, 'i32')}, align 4")
-    k = e(f"sext i32 {k32} to i64")
+    ity = f"i{cfg.index_bits}"
+    k_stored = e(f"load {ity}, ptr {e.gep('%indices', p, ity)}, align {cfg.index_bits // 8}")
+    k = e(f"{'zext' if cfg.index_bits == 16 else 'sext'} {ity} {k_stored} to i64")
     wbase = e(f"mul i64 {p}, {cfg.block}")
     for b in range(cfg.block):
         widx = e(f"add i64 {wbase}, {b}") if b else wbase
@@ -288,11 +290,11 @@ declare void @llvm.masked.store.v{L}f32.p0(<{L} x float>, ptr, i32, <{L} x i1>)
 
 def ir_source(cfg: IRConfig) -> str:
     """The whole module's LLVM IR for one kernel configuration."""
-    if cfg.block not in (1, 4) or cfg.activation not in ("none", "gelu"):
+    if cfg.block not in (1, 4) or cfg.activation not in ("none", "gelu") or cfg.index_bits not in (16, 32):
         raise ValueError(f"no sparse kernel for {cfg}")
     names = ARG_NAMES
     header = (f"; sparsejit generated kernel: block={cfg.block} activation={cfg.activation} "
-              f"residual={cfg.residual} lanes={cfg.lanes} vectors={cfg.vectors}\n"
+              f"residual={cfg.residual} lanes={cfg.lanes} vectors={cfg.vectors} index_bits={cfg.index_bits}\n"
               f"; yt[j, t] = act(bias[j] + sum over row j's stored (k, w): w * xt[k, t])"
               f"{' + rt[j, t]' if cfg.residual else ''}\n")
     parts = [
