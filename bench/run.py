@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from sparsejit.benchmark import measure, time_calls  # after the checkout is on the path
+from sparsejit.benchmark import measure, measure_interleaved, time_calls  # after the checkout is on the path
 
 MODELS = ["bert_base_p0", "bert_base_p80", "bert_base_p90", "bert_base_p95", "bert_base_p97",
           "bert_base_p80_block4", "minilm_p90"]
@@ -102,7 +102,9 @@ def _ratio(by: dict, engine: str) -> str:
 def markdown(results: dict) -> str:
     out = [f"# sparsejit benchmark — {results['date']}", "",
            (f"Machine: {results['machine']}; {results['threads']} threads for every engine; "
-            f"medians of {results['runs']} runs after warm-up (min–max in brackets)."), ""]
+            f"medians of {results['runs']} runs after warm-up (min–max in brackets), taken in "
+            f"{results.get('rounds', 1)} rounds that alternate the engines, each loaded once in a process of "
+            "its own."), ""]
     for wl, (b, s) in WORKLOADS.items():
         rows = [r for r in results["end_to_end"] if r.get("workload") == wl]
         if not rows:
@@ -171,6 +173,7 @@ def main() -> None:
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5, help="the runs are split into this many interleaved rounds")
     ap.add_argument("--deepsparse-python", default=str(DEFAULT_DS_PYTHON))
     ap.add_argument("--models-dir", type=Path, default=HERE / "models")
     ap.add_argument("--out", type=Path, default=HERE / "results")
@@ -182,6 +185,7 @@ def main() -> None:
         print(f"DeepSparse skipped: no {args.deepsparse_python} (see bench/README.md)", file=sys.stderr)
         engines.remove("deepsparse")
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, "runs": args.runs,
+               "rounds": args.rounds,
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
                "end_to_end": [], "memory": [], "load": [], "kernel": []}
     for model in args.models.split(","):
@@ -191,8 +195,9 @@ def main() -> None:
             continue
         for wl in args.workloads.split(","):
             batch, seq = WORKLOADS[wl]
-            for engine in engines:
-                r = measure(engine, str(path), batch, seq, args.runs, args.threads, python=args.deepsparse_python)
+            rs = measure_interleaved(engines, str(path), batch, seq, args.runs, args.threads,
+                                     python=args.deepsparse_python, rounds=args.rounds)
+            for engine, r in zip(engines, rs):
                 r.update(model=model, workload=wl, engine=engine)
                 results["end_to_end"].append(r)
                 msg = r.get("error") or f"{r['median_ms']:.1f} ms (load {r['load_s']:.1f} s)"

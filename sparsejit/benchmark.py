@@ -13,6 +13,7 @@ imported at module level.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -130,13 +131,9 @@ def summarise(r: dict) -> dict:
             "items_per_s": r["batch"] / med, "runs": len(t)}
 
 
-def measure(engine: str, path: str, batch: int = 1, seq: int = 128, runs: int = 20, threads: int = 2,
-            python: str | None = None, env: dict | None = None) -> dict:
-    """Time one engine in a fresh process (DeepSparse under `python`, its own venv's;
-    the others under this interpreter).
-
-    Returns the summary dict, or {"engine": ..., "error": "..."} when it could not run.
-    """
+def _worker_command(engine: str, path: str, batch: int, seq: int, threads: int, python: str | None,
+                    extra: list[str]) -> list[str] | dict:
+    """The worker's command line, or an error dict when the engine has no Python to run under."""
     if engine == "deepsparse":
         python = python or DEFAULT_DEEPSPARSE_PYTHON
         if not python or not os.path.exists(python):
@@ -144,13 +141,112 @@ def measure(engine: str, path: str, batch: int = 1, seq: int = 128, runs: int = 
                                                "SPARSEJIT_DEEPSPARSE_PYTHON (see bench/README.md)"}
     else:
         python = sys.executable  # `python` is DeepSparse's own venv, for it alone
-    cmd = [python, os.path.abspath(__file__), engine, os.path.abspath(path), "--batch", str(batch),
-           "--seq", str(seq), "--runs", str(runs), "--threads", str(threads)]
+    return [python, os.path.abspath(__file__), engine, os.path.abspath(path), "--batch", str(batch),
+            "--seq", str(seq), "--threads", str(threads), *extra]
+
+
+def measure(engine: str, path: str, batch: int = 1, seq: int = 128, runs: int = 20, threads: int = 2,
+            python: str | None = None, env: dict | None = None) -> dict:
+    """Time one engine in a fresh process (DeepSparse under `python`, its own venv's;
+    the others under this interpreter).
+
+    Returns the summary dict, or {"engine": ..., "error": "..."} when it could not run.
+    """
+    cmd = _worker_command(engine, path, batch, seq, threads, python, ["--runs", str(runs)])
+    if isinstance(cmd, dict):
+        return cmd
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         return {"engine": engine, "error": lines[-1] if lines else f"exit status {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# Seconds between one engine's timed calls and the next engine's: ONNX Runtime's and
+# DeepSparse's pool threads spin for a while after a run, and would take the cores
+# from whichever engine is timed next.
+SETTLE_S = 0.3
+
+
+def measure_interleaved(engines: list[str], path: str, batch: int = 1, seq: int = 128, runs: int = 20,
+                        threads: int = 2, python: str | None = None, rounds: int = 5) -> list[dict]:
+    """Time several engines on one model in alternation: each loads once in a process of
+    its own (one after another, so loads do not compete), then `rounds` rounds each
+    time runs/rounds calls of every engine, in a rotating order.
+
+    The machine's speed drifts over minutes (the same engine has measured 10.5 and
+    14.2 ms a few minutes apart); timed one after another, a slow spell lands on one
+    engine and the ratio says so. Interleaved, every engine shares the spells.
+    Returns one summary dict per engine (or one with "error"), in `engines` order.
+    """
+    workers, results = {}, {}
+    with contextlib.ExitStack() as files:
+        try:
+            return _interleave(engines, path, batch, seq, runs, threads, python, rounds, workers, results, files)
+        finally:
+            for proc in workers.values():
+                proc.stdin.close()  # a worker ends when its stdin does
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def _interleave(engines: list[str], path: str, batch: int, seq: int, runs: int, threads: int, python: str | None,
+                rounds: int, workers: dict, results: dict, files: contextlib.ExitStack) -> list[dict]:
+    """measure_interleaved's body; `workers` collects the processes for it to close."""
+    for engine in engines:
+        cmd = _worker_command(engine, path, batch, seq, threads, python, ["--serve"])
+        if isinstance(cmd, dict):
+            results[engine] = cmd
+            continue
+        # stderr to a file: DeepSparse logs plenty, and a full pipe would stall the worker.
+        err = files.enter_context(tempfile.TemporaryFile("w+"))  # noqa: SIM115 (the ExitStack closes it)
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                bufsize=1)
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait()
+            err.seek(0)
+            lines = err.read().strip().splitlines()
+            results[engine] = {"engine": engine, "error": lines[-1] if lines else f"exit {proc.returncode}"}
+            continue
+        workers[engine] = proc
+        results[engine] = {**json.loads(line), "times_s": []}
+    live = [e for e in engines if e in workers]
+    per_round = [runs // rounds + (i < runs % rounds) for i in range(rounds)]
+    for i, n in enumerate(per_round):
+        order = live[i % len(live):] + live[:i % len(live)] if live else []
+        for engine in order:
+            time.sleep(SETTLE_S)
+            workers[engine].stdin.write(f"time {n}\n")
+            results[engine]["times_s"] += json.loads(workers[engine].stdout.readline())["times_s"]
+    for engine in live:
+        workers[engine].stdin.write("quit\n")
+        results[engine].update(json.loads(workers[engine].stdout.readline()))
+        results[engine] = summarise({**results[engine], "rounds": rounds})
+    return [results[e] for e in engines]
+
+
+def serve(engine: str, path: str, batch: int, seq: int, threads: int, warmup: int = 3) -> None:
+    """The interleaved worker: load, warm up, say so; then answer `time N` (one untimed
+    call, N timed) and `quit` (peak RSS) on stdin, one JSON line each."""
+    t0 = time.perf_counter()
+    run, specs = _load(engine, path, batch, seq, threads)
+    load_s = time.perf_counter() - t0
+    xs = make_inputs(specs, batch, seq)
+    time_calls(lambda: run(xs), 0, warmup)
+    print(json.dumps({"engine": engine, "model": os.path.basename(path), "batch": batch, "seq": seq,
+                      "threads": threads, "load_s": load_s}), flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[:1] == ["time"]:
+            print(json.dumps({"times_s": time_calls(lambda: run(xs), int(cmd[1]), 1)}), flush=True)
+        elif cmd[:1] == ["quit"]:
+            print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}),
+                  flush=True)
+            return
 
 
 def main() -> None:
@@ -161,8 +257,12 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--serve", action="store_true", help="stay up and time on request (measure_interleaved)")
     args = ap.parse_args()
-    print(json.dumps(time_engine(args.engine, args.model, args.batch, args.seq, args.runs, args.threads)))
+    if args.serve:
+        serve(args.engine, args.model, args.batch, args.seq, args.threads)
+    else:
+        print(json.dumps(time_engine(args.engine, args.model, args.batch, args.seq, args.runs, args.threads)))
 
 
 if __name__ == "__main__":

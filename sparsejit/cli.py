@@ -115,7 +115,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .benchmark import ENGINES, measure
+    from .benchmark import ENGINES, measure_interleaved
 
     engines = ["sparsejit"] + [e for e in (args.vs.split(",") if args.vs else []) if e]
     unknown = [e for e in engines if e not in ENGINES]
@@ -126,13 +126,14 @@ def cmd_bench(args) -> int:
     if args.runs < 1 or args.batch < 1 or args.seq < 1 or args.threads < 1:
         raise CLIError("--runs, --batch, --seq and --threads must be >= 1")
     print(f"{Path(args.model).name}: batch {args.batch}, seq {args.seq}, {args.threads} threads for every engine, "
-          f"median of {args.runs} runs")
+          f"median of {args.runs} runs in {min(5, args.runs)} interleaved rounds")
     print(f"{'engine':<12} {'median ms':>10} {'min':>8} {'max':>8} {'items/s':>9} {'load s':>7} "
           f"{'peak RSS MB':>12}  vs sparsejit")
     base = None
     failed = False
-    for engine in engines:
-        r = measure(engine, args.model, args.batch, args.seq, args.runs, args.threads, python=args.deepsparse_python)
+    rounds = min(5, args.runs)
+    for engine, r in zip(engines, measure_interleaved(engines, args.model, args.batch, args.seq, args.runs,
+                                                      args.threads, python=args.deepsparse_python, rounds=rounds)):
         if "error" in r:
             print(f"{engine:<12} error: {r['error']}")
             failed |= engine == "sparsejit"
