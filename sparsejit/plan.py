@@ -152,6 +152,21 @@ def plan_linear(node: Node, policy: str, timings: LayerTimings) -> LayerPlan:
         release(w)  # the kernel holds its own (compressed) copy; the file-mapped pages can go
 
 
+def _copy_released(value: np.ndarray, chunk_bytes: int = 8 << 20) -> np.ndarray:
+    """An aligned copy of a file-mapped array, made a slice at a time with the mapped pages
+    given back after each: copied whole, the copy and the pages read for it (94 MB each
+    for BERT's word embeddings) were both resident at the load's peak."""
+    out = np.empty(value.shape, value.dtype)
+    if value.ndim == 0 or value.size == 0:
+        out[...] = value
+        return out
+    step = max(1, chunk_bytes // max(1, value[:1].nbytes))
+    for i in range(0, value.shape[0], step):
+        out[i:i + step] = value[i:i + step]
+        release(value)
+    return out
+
+
 def _linear_step(layer: LayerPlan) -> Callable[..., tuple]:
     impl = layer.impl
 
@@ -201,7 +216,7 @@ def plan(graph: Graph, kernels: str = "auto",
     timings = LayerTimings()
     steps, layers = [], []
     total = sum(n.op_type == "Linear" for n in graph.nodes)
-    sparse_inputs: set[str] = set()  # values a sparse Linear reads (x or residual)
+    linear_inputs: set[str] = set()  # values a Linear reads (x or residual)
     for n in graph.nodes:
         if n.op_type == "Linear":
             layer = plan_linear(n, kernels, timings)
@@ -211,23 +226,23 @@ def plan(graph: Graph, kernels: str = "auto",
             if progress is not None:
                 progress(len(layers), total, layer)
             steps.append(Step(n, _linear_step(layer)))
-            if layer.kind == "sparse":
-                sparse_inputs.update(n.inputs)
+            linear_inputs.update(n.inputs)
         elif n.op_type == "Attention":
             steps.append(Step(n, _attention_step(n)))
         elif _is_last_axis_layernorm(n):
             steps.append(Step(n, None))  # its layout is settled below, once its readers are planned
         else:
             steps.append(Step(n, reference_step(n, graph.opset)))
-    # A LayerNorm whose output a sparse Linear reads writes it feature-major, even from a
-    # token-major input (the embeddings): one transpose there rather than one per reader.
+    # A LayerNorm whose output a Linear reads writes it feature-major (both Linear kernels
+    # work so), even from a token-major input (the embeddings): one transpose there
+    # rather than one per reader.
     for i, step in enumerate(steps):
         if step.run is None:
-            fm = True if step.node.outputs[0] in sparse_inputs else None
+            fm = True if step.node.outputs[0] in linear_inputs else None
             steps[i] = Step(step.node, _layernorm_step(step.node, fm))
     # Constants the reference ops read stay mapped from the file only where aligned:
     # numpy copies a whole unaligned array on every np.take (10 ms for BERT's embeddings).
     for name, value in graph.constants.items():
         if not value.flags.aligned:
-            graph.constants[name] = np.array(value)
+            graph.constants[name] = _copy_released(value)
     return steps, layers
