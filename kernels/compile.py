@@ -89,18 +89,36 @@ def _init_llvm() -> None:
 
 
 def compile_ir(source: str, function: str) -> int:
-    """Compile LLVM IR for this CPU at -O3; return the address of `function`."""
+    """Compile LLVM IR for this CPU at -O3; return the address of `function`.
+
+    The machine code is kept in the cache directory as `ir_<key>.o`, the key being the
+    sha256 of the CPU name, its feature string, the llvmlite and LLVM versions and the IR
+    text: anything that could change the code changes the file name. A hit skips the
+    optimisation passes and code generation."""
+    import llvmlite
     import llvmlite.binding as llvm
 
     cpu, features = host_cpu()
-    key = hashlib.sha256(f"{cpu} {features}\n{source}".encode()).hexdigest()
+    key = hashlib.sha256(f"{cpu} {features} llvmlite {llvmlite.__version__} llvm {llvm.llvm_version_info}\n"
+                         f"{source}".encode()).hexdigest()
     if key not in _engines:
+        path = cache_dir() / f"ir_{key[:32]}.o"
+        cached = path.read_bytes() if path.exists() else None
         mod = llvm.parse_assembly(source)
         mod.verify()
         tm = llvm.Target.from_default_triple().create_target_machine(cpu=cpu, features=features, opt=3)
-        pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=3))
-        pb.getModulePassManager().run(mod, pb)
+        if cached is None:
+            pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=3))
+            pb.getModulePassManager().run(mod, pb)
         engine = llvm.create_mcjit_compiler(mod, tm)
+
+        def save(_module, buffer: bytes) -> None:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(buffer)
+            os.replace(tmp, path)  # atomic, as for the Numba sources
+
+        engine.set_object_cache(save, lambda _module: cached)
         engine.finalize_object()
         _engines[key] = engine
     return _engines[key].get_function_address(function)

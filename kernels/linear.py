@@ -167,9 +167,9 @@ def chunk_rows(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, in_f
     if nchunks == 1:
         return indptr, indices, values, 1
     rows = np.repeat(np.arange(m), np.diff(indptr))
-    chunk = indices.astype(np.int64) // k_chunk
-    order = np.lexsort((indices, rows, chunk))
-    counts = np.bincount(chunk * m + rows, minlength=nchunks * m)
+    key = indices.astype(np.int64) // k_chunk * m + rows
+    order = np.argsort(key, kind="stable")  # within a (chunk, row), the CSR's index order stays
+    counts = np.bincount(key, minlength=nchunks * m)
     ptr = np.zeros(nchunks * m + 1, np.int64)
     np.cumsum(counts, out=ptr[1:])
     return ptr, np.ascontiguousarray(indices[order]), np.ascontiguousarray(values[order]), nchunks

@@ -83,8 +83,9 @@ class LayerTimings:
     def measure(self, key: tuple, sparse: SparseLinear, dense: DenseLinear | None, residual: bool) -> dict:
         """Times the dense kernel (when given) and the sparse one at each K-chunk size."""
         shape = (sparse.in_features, sparse.out_features)
-        x = self.rng.standard_normal((PROBE_TOKENS, shape[0]), dtype=np.float32)
-        r = self.rng.standard_normal((PROBE_TOKENS, shape[1]), dtype=np.float32) if residual else None
+        # Feature-major, as the kernels read them in a model: no transposes in the timings.
+        x = self.rng.standard_normal((shape[0], PROBE_TOKENS), dtype=np.float32).T
+        r = self.rng.standard_normal((shape[1], PROBE_TOKENS), dtype=np.float32).T if residual else None
         fns = {variant.k_chunk: (lambda v=variant: v(x, r))
                for variant in (sparse.with_chunk(c) for c in chunk_candidates(sparse))}
         if dense is not None:
