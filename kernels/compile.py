@@ -7,6 +7,10 @@ granularity or config yields a new file, never a stale hit. Numba's cache index 
 the CPU, the Numba version and the file's timestamp, which is why a file is written
 once and never rewritten.
 
+LLVM IR kernels (compile_ir) keep their machine code in the same directory as
+`ir_<sha256>.o`, the hash covering the CPU name and features, the llvmlite and LLVM
+versions and the IR text.
+
 The directory is `$SPARSEJIT_CACHE_DIR`, else `~/.cache/sparsejit`.
 """
 
