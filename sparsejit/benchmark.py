@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-ENGINES = ("sparsejit", "numpy", "ort", "deepsparse")
+ENGINES = ("sparsejit", "dense", "ort", "deepsparse")  # dense: sparsejit with kernels="dense"
 DEFAULT_DEEPSPARSE_PYTHON = os.environ.get("SPARSEJIT_DEEPSPARSE_PYTHON", "")
 
 
@@ -66,11 +66,11 @@ def _onnx_inputs(path: str) -> list[tuple[str, str]]:
 
 def _load(engine: str, path: str, batch: int, seq: int, threads: int):
     """-> (run(list of arrays), input (name, dtype) pairs)"""
-    if engine in ("sparsejit", "numpy"):
+    if engine in ("sparsejit", "dense"):
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         import sparsejit
 
-        model = sparsejit.load(path, num_threads=threads, kernels="dense" if engine == "numpy" else "auto")
+        model = sparsejit.load(path, num_threads=threads, kernels="dense" if engine == "dense" else "auto")
         return model.run, [(s.name, str(s.dtype)) for s in model.inputs]
     if engine == "ort":
         import onnxruntime as ort

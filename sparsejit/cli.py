@@ -1,7 +1,7 @@
 """The `sparsejit` command line: run, bench, inspect, check, kernel, prune.
 
     sparsejit run model.onnx --batch 2 --seq 64
-    sparsejit bench model.onnx --vs numpy,ort
+    sparsejit bench model.onnx --vs dense,ort
     sparsejit inspect model.onnx --plot layers.png
     sparsejit check model.onnx
     sparsejit kernel model.onnx 0
@@ -307,7 +307,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--seq", type=int, default=128)
     sp.add_argument("--threads", type=int, default=2)
     sp.add_argument("--runs", type=int, default=20)
-    sp.add_argument("--vs", default="numpy,ort", help="comma-separated: numpy (sparsejit forced dense), ort, deepsparse")
+    sp.add_argument("--vs", default="dense,ort", help="comma-separated: dense (sparsejit forced dense), ort, deepsparse")
     sp.add_argument("--deepsparse-python", default=None,
                     help="Python of a venv with deepsparse==1.8.0 (or set SPARSEJIT_DEEPSPARSE_PYTHON)")
     sp.set_defaults(func=cmd_bench)

@@ -41,7 +41,7 @@ def test_run_inputs_file(tmp_path):
 
 
 def test_bench_against_numpy():
-    p = cli("bench", MODEL, "--runs", 3, "--seq", 16, "--vs", "numpy")
+    p = cli("bench", MODEL, "--runs", 3, "--seq", 16, "--vs", "dense")
     lines = p.stdout.splitlines()
     assert any(line.startswith("sparsejit ") for line in lines) and any(line.startswith("numpy ") for line in lines)
     assert "error" not in p.stdout
