@@ -29,7 +29,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from sparsejit.benchmark import measure, measure_interleaved, time_calls  # after the checkout is on the path
+from sparsejit.benchmark import (  # after the checkout is on the path
+    measure,
+    measure_interleaved,
+    paired_ratio,
+    time_calls,
+)
 
 MODELS = ["bert_base_p0", "bert_base_p80", "bert_base_p90", "bert_base_p95", "bert_base_p97",
           "bert_base_p80_block4", "minilm_p90"]
@@ -98,7 +103,8 @@ def _ratio(by: dict, engine: str) -> str:
     a, o = by.get("sparsejit"), by.get(engine)
     if not a or not o or "error" in a or "error" in o:
         return "—"
-    return f"{o['median_ms'] / a['median_ms']:.2f}×"
+    paired = paired_ratio(a, o)
+    return f"{paired if paired is not None else o['median_ms'] / a['median_ms']:.2f}×"
 
 
 def markdown(results: dict) -> str:
@@ -119,7 +125,9 @@ def markdown(results: dict) -> str:
             cells = [_cell(by.get(e), wl == "throughput") for e in ENGINES]
             out.append(f"| {model} | {' | '.join(cells)} | {_ratio(by, 'ort')} | {_ratio(by, 'deepsparse')} |")
         out.append("")
-    out += ["Ratios: the other engine's median time over sparsejit's (above 1: sparsejit is faster).", ""]
+    out += [("Ratios (above 1: sparsejit is faster): in each round, the other engine's median time over "
+            "sparsejit's; the table gives the median of those per-round ratios, so each ratio compares "
+            "times taken seconds apart."), ""]
     if results.get("memory"):
         out += ["## Peak RSS (latency workload)", "", "| model | engine | peak RSS MB | load s |", "|---|---|---|---|"]
         for r in results["memory"]:

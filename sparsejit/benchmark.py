@@ -213,7 +213,7 @@ def _interleave(engines: list[str], path: str, batch: int, seq: int, runs: int, 
             results[engine] = {"engine": engine, "error": lines[-1] if lines else f"exit {proc.returncode}"}
             continue
         workers[engine] = proc
-        results[engine] = {**json.loads(line), "times_s": []}
+        results[engine] = {**json.loads(line), "times_s": [], "rounds_s": []}
     live = [e for e in engines if e in workers]
     per_round = [runs // rounds + (i < runs % rounds) for i in range(rounds)]
     for i, n in enumerate(per_round):
@@ -221,12 +221,27 @@ def _interleave(engines: list[str], path: str, batch: int, seq: int, runs: int, 
         for engine in order:
             time.sleep(SETTLE_S)
             workers[engine].stdin.write(f"time {n}\n")
-            results[engine]["times_s"] += json.loads(workers[engine].stdout.readline())["times_s"]
+            times = json.loads(workers[engine].stdout.readline())["times_s"]
+            results[engine]["times_s"] += times
+            results[engine]["rounds_s"].append(times)
     for engine in live:
         workers[engine].stdin.write("quit\n")
         results[engine].update(json.loads(workers[engine].stdout.readline()))
         results[engine] = summarise({**results[engine], "rounds": rounds})
     return [results[e] for e in engines]
+
+
+def paired_ratio(base: dict, other: dict) -> float | None:
+    """The median over rounds of other's round median / base's round median.
+
+    Each round times the engines within seconds of each other, so a ratio taken inside
+    a round sees one machine speed; the median over rounds then drops the rounds a
+    neighbour's burst skewed. (The two engines' overall medians can each come from a
+    different speed.) None without per-round times."""
+    a, b = base.get("rounds_s"), other.get("rounds_s")
+    if not a or not b or len(a) != len(b):
+        return None
+    return statistics.median(statistics.median(o) / statistics.median(s) for s, o in zip(a, b) if s and o)
 
 
 def serve(engine: str, path: str, batch: int, seq: int, threads: int, warmup: int = 3) -> None:

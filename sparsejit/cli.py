@@ -115,7 +115,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .benchmark import ENGINES, measure_interleaved
+    from .benchmark import ENGINES, measure_interleaved, paired_ratio
 
     engines = ["sparsejit"] + [e for e in (args.vs.split(",") if args.vs else []) if e]
     unknown = [e for e in engines if e not in ENGINES]
@@ -138,9 +138,11 @@ def cmd_bench(args) -> int:
             print(f"{engine:<12} error: {r['error']}")
             failed |= engine == "sparsejit"
             continue
-        base = base or r["median_ms"]
+        base = base or r
+        # time relative to sparsejit's, as the median of per-round ratios (see paired_ratio)
+        ratio = paired_ratio(base, r) or r["median_ms"] / base["median_ms"]
         print(f"{engine:<12} {r['median_ms']:>10.2f} {r['min_ms']:>8.2f} {r['max_ms']:>8.2f} {r['items_per_s']:>9.1f} "
-              f"{r['load_s']:>7.2f} {r['peak_rss_mb']:>12.0f}  {r['median_ms'] / base:.2f}x time")
+              f"{r['load_s']:>7.2f} {r['peak_rss_mb']:>12.0f}  {ratio:.2f}x time")
     return 1 if failed else 0
 
 

@@ -154,3 +154,13 @@ def test_measure_runs_other_engines_under_this_python():
     assert "error" not in r and r["runs"] == 2 and r["median_ms"] > 0
     r = measure("deepsparse", str(MODEL), 1, 8, 2, 1, python="/nonexistent/python")
     assert "no DeepSparse Python" in r["error"]
+
+
+def test_paired_ratio_compares_within_rounds():
+    """A slow spell that hits both engines in one round does not move the ratio."""
+    from sparsejit.benchmark import paired_ratio
+
+    base = {"rounds_s": [[1.0, 1.0], [3.0, 3.0], [1.0, 1.1]]}
+    other = {"rounds_s": [[2.0, 2.0], [6.0, 6.0], [2.1, 2.0]]}
+    assert abs(paired_ratio(base, other) - 2.0) < 0.05
+    assert paired_ratio(base, {"rounds_s": [[1.0]]}) is None  # rounds that do not pair up
