@@ -185,7 +185,7 @@ def load(source: str | os.PathLike | onnx.ModelProto, *, num_threads: int | None
          progress: Callable[[int, int, LayerPlan], None] | None = None) -> Model:
     """Load an ONNX model and compile it for this machine.
 
-    - `num_threads`: threads for sparse kernels and BLAS alike (default: all cores).
+    - `num_threads`: threads for every kernel (default: all cores); BLAS stays single-threaded.
     - `kernels`: "auto" (measure sparse against dense per layer), "sparse" or "dense".
     - `mode`: "compiled", or "reference" to run the unfused graph on the numpy reference
       ops only (the whole-graph oracle).

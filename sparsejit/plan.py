@@ -1,6 +1,6 @@
 """Planning: pick an implementation for every node of the fused graph.
 
-`Linear` nodes get a generated sparse kernel or dense BLAS. The choice is measured,
+`Linear` nodes get a generated sparse kernel or the dense GEMM kernel. The choice is measured,
 not guessed: both are timed over a representative token count on the first layer of
 each kind of layer (`LayerTimings`), and the faster one is kept (`kernels="sparse"` or
 `"dense"` forces one).

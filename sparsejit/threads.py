@@ -1,10 +1,10 @@
 """The one place that sets thread counts: Numba's pool and the BLAS libraries together.
 
-All parallelism is Numba's: BLAS runs single-threaded, and dense products are split
-across Numba's threads, each calling BLAS on its share. Letting OpenBLAS keep threads
-of its own does not work beside Numba: after each call they spin for a while, and on
-a 2-core machine that starves the next parallel kernel (measured here: a 0.15 ms sparse
-kernel took 8 ms right after a BLAS call).
+All parallelism is Numba's: every kernel is split across Numba's threads, and BLAS
+(which only the numpy reference ops still call) runs single-threaded. Letting OpenBLAS
+keep threads of its own does not work beside Numba: after each call they spin for a
+while, and on a 2-core machine that starves the next parallel kernel (measured here: a
+0.15 ms sparse kernel took 8 ms right after a BLAS call).
 """
 
 from __future__ import annotations
