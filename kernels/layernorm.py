@@ -157,8 +157,8 @@ _COLUMNS_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.
 
 
 @functools.cache
-def _columns_kernel():
-    return _COLUMNS_PROTO(compile_ir(columns_ir(vector_lanes()), "layernorm_columns"))
+def _columns_kernel(lanes: int):
+    return _COLUMNS_PROTO(compile_ir(columns_ir(lanes), "layernorm_columns"))
 
 
 def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon: float,
@@ -179,7 +179,7 @@ def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon
     if feature_major:
         xt = transposed(x2)
         yt = feature_major_empty(h, x2.shape[0])
-        load_source(COLUMNS_DRIVER_SOURCE).run_columns(_columns_kernel(), xt, yt, scale, b, np.float32(epsilon),
+        load_source(COLUMNS_DRIVER_SOURCE).run_columns(_columns_kernel(vector_lanes()), xt, yt, scale, b, np.float32(epsilon),
                                                        numba.get_num_threads())
         return yt.T.reshape(lead + (h,))
     y = np.empty(x2.shape, np.float32)

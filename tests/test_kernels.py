@@ -246,3 +246,29 @@ def test_layernorm_both_layouts(layout_in, layout_out):
         np.testing.assert_allclose(got[0], reference_layernorm(x, scale, bias, 1e-5), **TOL)
         fm = layout_in == "feature-major" if layout_out is None else layout_out
         assert unit_token_stride(got[0]) == fm or n == 1
+
+
+def test_kernels_with_8_lanes(monkeypatch):
+    """The IR kernels as an AVX2 machine (8 floats per vector) gets them, run here."""
+    import sparsejit.kernels.attention as attention_mod
+    import sparsejit.kernels.layernorm as layernorm_mod
+    import sparsejit.kernels.linear as linear_mod
+
+    for mod in (attention_mod, layernorm_mod, linear_mod):
+        monkeypatch.setattr(mod, "vector_lanes", lambda: 8)
+    rng = np.random.default_rng(11)
+    w = pruned(rng, 96, 40, 0.8)
+    bias = rng.standard_normal(40).astype(np.float32)
+    x = rng.standard_normal((2, 37, 96)).astype(np.float32)
+    r = rng.standard_normal((2, 37, 40)).astype(np.float32)
+    for impl in (SparseLinear(w, bias, "gelu", True, k_chunk=32), DenseLinear(w, bias, "gelu", True)):
+        assert impl.config.lanes == 8
+        np.testing.assert_allclose(impl(x, r), reference_linear(x, w, bias, "gelu", r), **TOL)
+    q, kt, v = (rng.standard_normal(s).astype(np.float32) for s in [(2, 3, 21, 8), (2, 3, 8, 19), (2, 3, 19, 8)])
+    mask = np.where(rng.random((2, 1, 21, 19)) < 0.3, -1e4, 0).astype(np.float32)
+    np.testing.assert_allclose(fused_attention(q, kt, v, mask, None, "none", -1, 14),
+                               reference_attention(q, kt, v, mask, None, "none", -1, 14), **TOL)
+    xs = transposed(x.reshape(-1, 96)).T
+    np.testing.assert_allclose(layernorm(xs, bias[:1].repeat(96), bias[:1].repeat(96), 1e-5),
+                               reference_layernorm(x.reshape(-1, 96), bias[:1].repeat(96), bias[:1].repeat(96), 1e-5),
+                               **TOL)
