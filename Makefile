@@ -15,7 +15,7 @@ lint: .venv-test/.installed
 # Not part of CI: ~40 minutes, and the DeepSparse venv (see bench/README.md).
 bench: .venv-test/.installed bench/.venv-deepsparse/bin/python
 	.venv-test/bin/python bench/make_models.py
-	.venv-test/bin/python bench/run.py --runs 20
+	.venv-test/bin/python bench/run.py --runs 30 --rounds 10
 
 bench/.venv-deepsparse/bin/python:
 	python3.11 -m venv bench/.venv-deepsparse
