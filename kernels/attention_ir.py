@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .sparse_ir import _Emitter
+from .ir import Builder
 
 # Cephes expf: x = n·ln2 + r, exp(x) = 2ⁿ·poly(r), 2ⁿ from its exponent bits.
 EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
@@ -43,48 +43,7 @@ class AttentionConfig:
     block: int = 8                # keys per score block, head features per output block
 
 
-class _Builder(_Emitter):
-    """An emitter that knows its current block, for loops whose phis carry vectors."""
-
-    def __init__(self, lanes: int):
-        super().__init__(lanes)
-        self.block = "entry"
-        self.loops = 0
-
-    def label(self, name: str) -> None:
-        self.raw(f"{name}:")
-        self.block = name
-
-    def loop(self, start: str, end: str, step: int, carried: list[tuple[str, str]], body) -> tuple[str, list[str]]:
-        """for (i = start; i + step <= end; i += step) carried = body(i, carried).
-
-        Returns (the first i that did not run, the carried values after the loop)."""
-        n = self.loops
-        self.loops += 1
-        head, body_l, done = f"L{n}.head", f"L{n}.body", f"L{n}.done"
-        pred = self.block
-        self.raw(f"  br label %{head}")
-        self.label(head)
-        phi_at = len(self.lines)
-        i = f"%L{n}.i"
-        names = [f"%L{n}.c{k}" for k in range(len(carried))]
-        self.lines.append("")  # the phis, written once the back edge is known
-        top = self(f"add i64 {i}, {step}")
-        ok = self(f"icmp sle i64 {top}, {end}")
-        self.raw(f"  br i1 {ok}, label %{body_l}, label %{done}")
-        self.label(body_l)
-        new = body(i, names)
-        self.raw(f"  br label %{head}")
-        back = self.block
-        phis = [f"  {i} = phi i64 [ {start}, %{pred} ], [ {top}, %{back} ]"]
-        phis += [f"  {nm} = phi {ty} [ {init}, %{pred} ], [ {nv}, %{back} ]"
-                 for nm, (ty, init), nv in zip(names, carried, new)]
-        self.lines[phi_at] = "\n".join(phis)
-        self.label(done)
-        return i, names
-
-
-def _exp(e: _Builder, x: str) -> str:
+def _exp(e: Builder, x: str) -> str:
     """expf on a vector; NaN stays NaN, large arguments saturate like the Numba kernel."""
     vt, L = e.vt, e.lanes
     lo = e(f"fcmp olt {vt} {x}, {e.const(-87.3)}")
@@ -109,25 +68,16 @@ def _exp(e: _Builder, x: str) -> str:
 
 
 def _head(cfg: AttentionConfig) -> str:
-    e = _Builder(cfg.lanes)
+    e = Builder(cfg.lanes)
     vt, L, QV, R = e.vt, cfg.lanes, cfg.qvec, cfg.block
     width = L * QV  # queries per tile = floats per scratch row
     e.raw(f"define void @attention_head({ARGS}) {{")
     e.label("entry")
-    iota = f"<{', '.join(f'i64 {i}' for i in range(L))}>"
-    tq_splat = e(f"insertelement <{L} x i64> poison, i64 %tq, i32 0")
-    tq_splat = e(f"shufflevector <{L} x i64> {tq_splat}, <{L} x i64> poison, <{L} x i32> zeroinitializer")
     ninf = e.const(float("-inf"))
     zero = "zeroinitializer"
 
-    def tile(i0, _carried):
-        masks = []
-        for v in range(QV):
-            base = e(f"add i64 {i0}, {v * L}")
-            b = e(f"insertelement <{L} x i64> poison, i64 {base}, i32 0")
-            b = e(f"shufflevector <{L} x i64> {b}, <{L} x i64> poison, <{L} x i32> zeroinitializer")
-            idx = e(f"add <{L} x i64> {b}, {iota}")
-            masks.append(e(f"icmp slt <{L} x i64> {idx}, {tq_splat}"))
+    def tile(i0):
+        masks = e.lane_masks(i0, QV, "%tq")
 
         def score_block(rows):
             def body(j0, maxes):
@@ -215,11 +165,8 @@ def _head(cfg: AttentionConfig) -> str:
 
         start, _ = e.loop("0", "%d", R, [], out_block(R))
         e.loop(start, "%d", 1, [], out_block(1))
-        return []
 
-    # Query tiles: i0 = 0, width, ... while i0 < tq (the last one partly masked).
-    tq_up = e(f"add i64 %tq, {width - 1}")
-    e.loop("0", tq_up, width, [], tile)
+    e.tiles("0", "%tq", width, tile)  # query tiles, the last one maybe partly masked
     e.raw("  ret void")
     e.raw("}")
     return "\n".join(e.lines)

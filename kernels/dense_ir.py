@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .attention_ir import _Builder
+from .ir import Builder
 from .sparse_ir import _gelu
 
 ARGS = ("ptr noalias %xt, i64 %ldx, ptr noalias %wp, ptr noalias %bias, ptr noalias %yt, i64 %ldy, "
@@ -42,7 +42,7 @@ def dense_config(activation: str, residual: bool, lanes: int) -> DenseConfig:
 def dense_ir(cfg: DenseConfig) -> str:
     if cfg.activation not in ("none", "gelu"):
         raise ValueError(f"no dense kernel for {cfg}")
-    e = _Builder(cfg.lanes)
+    e = Builder(cfg.lanes)
     vt, L, R, V = e.vt, cfg.lanes, cfg.rows, cfg.vectors
     width = L * V
     e.raw(f"; sparsejit generated kernel: dense activation={cfg.activation} residual={cfg.residual} "
@@ -57,9 +57,6 @@ def dense_ir(cfg: DenseConfig) -> str:
         e.raw(decl)
     e.raw(f"define void @dense_blocks({ARGS}) {{")
     e.label("entry")
-    iota = f"<{', '.join(f'i64 {i}' for i in range(L))}>"
-    end = e(f"insertelement <{L} x i64> poison, i64 %ntok, i32 0")
-    end = e(f"shufflevector <{L} x i64> {end}, <{L} x i64> poison, <{L} x i32> zeroinitializer")
     panel = e(f"mul i64 %k, {R}")  # floats per packed block
 
     def block(b, _c):
@@ -72,13 +69,8 @@ def dense_ir(cfg: DenseConfig) -> str:
             jc = e(f"select i1 {e(f'icmp slt i64 {j}, %m')}, i64 {j}, i64 {e('add i64 %m, -1')}")
             biases.append(e.splat(e(f"load float, ptr {e.gep('%bias', jc)}, align 4")))
 
-        def tile(t, _c2):
-            masks = []
-            for v in range(V):
-                s = e(f"add i64 {t}, {v * L}")
-                s = e(f"insertelement <{L} x i64> poison, i64 {s}, i32 0")
-                s = e(f"shufflevector <{L} x i64> {s}, <{L} x i64> poison, <{L} x i32> zeroinitializer")
-                masks.append(e(f"icmp slt <{L} x i64> {e(f'add <{L} x i64> {s}, {iota}')}, {end}"))
+        def tile(t):
+            masks = e.lane_masks(t, V, "%ntok")
 
             def step(kk, accs):
                 xrow = e(f"mul i64 {kk}, %ldx")
@@ -115,10 +107,8 @@ def dense_ir(cfg: DenseConfig) -> str:
                 e.raw(f"  br label %skip{e.loops}.{r}")
                 e.label(f"skip{e.loops}.{r}")
             e.loops += 1  # a fresh label number for the next tile's store blocks
-            return []
 
-        last = e(f"add i64 %ntok, {width - 1}")
-        e.loop("0", last, width, [], tile)
+        e.tiles("0", "%ntok", width, tile)
         return []
 
     b1 = e("add i64 %b1, 0")

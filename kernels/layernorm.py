@@ -61,9 +61,9 @@ COLUMNS_ARGS = ("ptr noalias %xt, i64 %ldx, ptr noalias %yt, i64 %ldy, ptr noali
 
 
 def columns_ir(lanes: int, vectors: int = 4) -> str:
-    from .attention_ir import _Builder
+    from .ir import Builder
 
-    e = _Builder(lanes)
+    e = Builder(lanes)
     vt, L = e.vt, lanes
     e.raw(f"; sparsejit generated kernel: LayerNorm, feature-major, tokens [t0, t1), lanes={L} vectors={vectors}")
     e.raw(f"declare {vt} @llvm.sqrt.v{L}f32({vt})")
@@ -71,21 +71,13 @@ def columns_ir(lanes: int, vectors: int = 4) -> str:
     e.raw(f"declare void @llvm.masked.store.v{L}f32.p0({vt}, ptr, i32, <{L} x i1>)")
     e.raw(f"define void @layernorm_columns({COLUMNS_ARGS}) {{")
     e.label("entry")
-    iota = f"<{', '.join(f'i64 {i}' for i in range(L))}>"
-    end = e(f"insertelement <{L} x i64> poison, i64 %t1, i32 0")
-    end = e(f"shufflevector <{L} x i64> {end}, <{L} x i64> poison, <{L} x i32> zeroinitializer")
     hf = e("sitofp i64 %h to float")
     inv_h = e.splat(e(f"fdiv float 1.0, {hf}"))
     eps = e.splat("%eps")
     width = L * vectors
 
-    def tile(i0, _c):
-        masks = []
-        for v in range(vectors):
-            b = e(f"add i64 {i0}, {v * L}")
-            b = e(f"insertelement <{L} x i64> poison, i64 {b}, i32 0")
-            b = e(f"shufflevector <{L} x i64> {b}, <{L} x i64> poison, <{L} x i32> zeroinitializer")
-            masks.append(e(f"icmp slt <{L} x i64> {e(f'add <{L} x i64> {b}, {iota}')}, {end}"))
+    def tile(i0):
+        masks = e.lane_masks(i0, vectors, "%t1")
 
         def xs(f):
             row = e(f"mul i64 {f}, %ldx")
@@ -125,10 +117,8 @@ def columns_ir(lanes: int, vectors: int = 4) -> str:
             return []
 
         e.loop("0", "%h", 1, [], output)
-        return []
 
-    last = e(f"add i64 %t1, {width - 1}")
-    e.loop("%t0", last, width, [], tile)
+    e.tiles("%t0", "%t1", width, tile)
     e.raw("  ret void")
     e.raw("}")
     return "\n".join(e.lines)

@@ -23,10 +23,9 @@ The text is a pure function of `IRConfig`: a table of fragments and one emitter.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
-import numpy as np
+from .ir import Emitter
 
 ARGS = ("ptr noalias %xt, i64 %ldx, ptr noalias %indptr, ptr noalias %indices, ptr noalias %values, "
         "ptr noalias %bias, ptr noalias %yt, i64 %ldy, ptr noalias %rt, i64 %ldr, i64 %m, i64 %nchunks")
@@ -50,62 +49,7 @@ class IRConfig:
     index_bits: int = 32      # stored input index width: 16 (unsigned) when the inputs fit, else 32
 
 
-def f32(x: float) -> str:
-    """An LLVM float literal: the float32 value, written as the exact double hex LLVM wants."""
-    bits = struct.unpack("<Q", struct.pack("<d", float(np.float32(x))))[0]
-    return f"0x{bits:016X}"
-
-
-class _Emitter:
-    """Appends instructions, naming each result freshly (%v0, %v1, ...)."""
-
-    def __init__(self, lanes: int):
-        self.lines: list[str] = []
-        self.n = 0
-        self.vt = f"<{lanes} x float>"
-        self.lanes = lanes
-
-    def __call__(self, text: str, name: str | None = None) -> str:
-        if name is None:
-            name = f"%v{self.n}"
-            self.n += 1
-        self.lines.append(f"  {name} = {text}")
-        return name
-
-    def raw(self, text: str) -> None:
-        self.lines.append(text)
-
-    def splat(self, scalar: str) -> str:
-        one = self(f"insertelement {self.vt} poison, float {scalar}, i32 0")
-        return self(f"shufflevector {self.vt} {one}, {self.vt} poison, <{self.lanes} x i32> zeroinitializer")
-
-    def const(self, x: float) -> str:
-        return f"<{', '.join(['float ' + f32(x)] * self.lanes)}>"
-
-    def fma(self, a: str, b: str, c: str, name: str | None = None) -> str:
-        vt = self.vt
-        return self(f"call {vt} @llvm.fma.v{self.lanes}f32({vt} {a}, {vt} {b}, {vt} {c})", name)
-
-    def gep(self, base: str, index: str, ty: str = "float") -> str:
-        return self(f"getelementptr inbounds {ty}, ptr {base}, i64 {index}")
-
-    def vload(self, ptr: str, mask: str | None) -> str:
-        vt = self.vt
-        if mask is None:
-            return self(f"load {vt}, ptr {ptr}, align 4")
-        return self(f"call {vt} @llvm.masked.load.v{self.lanes}f32.p0(ptr {ptr}, i32 4, "
-                    f"<{self.lanes} x i1> {mask}, {vt} zeroinitializer)")
-
-    def vstore(self, value: str, ptr: str, mask: str | None) -> None:
-        vt = self.vt
-        if mask is None:
-            self.raw(f"  store {vt} {value}, ptr {ptr}, align 4")
-        else:
-            self.raw(f"  call void @llvm.masked.store.v{self.lanes}f32.p0({vt} {value}, ptr {ptr}, i32 4, "
-                     f"<{self.lanes} x i1> {mask})")
-
-
-def _gelu(e: _Emitter, v: str) -> str:
+def _gelu(e: Emitter, v: str) -> str:
     vt = e.vt
     x = e(f"fmul {vt} {v}, {e.const(0.7071067811865476)}")
     x = e(f"call {vt} @llvm.maxnum.v{e.lanes}f32({vt} {x}, {vt} {e.const(-4.0)})")
@@ -129,7 +73,7 @@ def _tile_function(cfg: IRConfig, name: str, vectors: int, masked: bool) -> str:
 
     Chunk 0 starts from the bias; later chunks reload the partial sums from yᵀ. The last
     chunk applies the epilogue. A middle chunk with no nonzeros in row j is skipped."""
-    e = _Emitter(cfg.lanes)
+    e = Emitter(cfg.lanes)
     vt, L = e.vt, cfg.lanes
     mask_arg = f", <{L} x i1> %mask" if masked else ""
     mask = "%mask" if masked else None
