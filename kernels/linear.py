@@ -215,7 +215,33 @@ _DENSE_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_
                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
 
 
-class DenseLinear:
+class _FeatureMajorLinear:
+    """What both Linear kernels do around their generated code: take x in any layout,
+    hand the kernel xᵀ and rᵀ (no copy when they are feature-major views already) and
+    return yᵀ.T, a view the next layer reads as xᵀ without a copy."""
+
+    in_features: int
+    out_features: int
+    residual: bool
+
+    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        xt = transposed(x2)
+        yt = feature_major_empty(self.out_features, x2.shape[0])
+        rt = transposed(_residual_rows(residual, lead, self.out_features)) if self.residual else _NO_RESIDUAL
+        if x2.shape[0]:
+            self._run(xt, yt, rt)
+        return yt.T.reshape(lead + (self.out_features,))
+
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        raise NotImplementedError
+
+
+_NO_RESIDUAL = np.zeros((1, 1), np.float32)  # what the kernels get for rt when there is none
+
+
+class DenseLinear(_FeatureMajorLinear):
     """Every weight multiplied: the register-blocked IR GEMM (dense_ir.py), feature-major
     in and out like SparseLinear, with the same epilogues."""
 
@@ -235,29 +261,18 @@ class DenseLinear:
         self.activation, self.residual = activation, residual
         self._fn = _DENSE_PROTO(compile_ir(dense_ir(self.config), "dense_blocks"))
         self._driver = load_source(DENSE_DRIVER_SOURCE).run_blocks
-        self._no_residual = np.zeros((1, 1), np.float32)
 
     @property
     def source(self) -> str:
         return dense_ir(self.config) + "\n; driver (Numba):\n" + "".join(
             "; " + line + "\n" for line in DENSE_DRIVER_SOURCE.splitlines())
 
-    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        xt = transposed(x2)
-        yt = feature_major_empty(self.out_features, x2.shape[0])
-        if self.residual:
-            rt = transposed(_residual_rows(residual, lead, self.out_features))
-        else:
-            rt = self._no_residual
-        if x2.shape[0]:
-            parts = max(1, min(numba.get_num_threads(), self.weight.shape[0]))
-            self._driver(self._fn, xt, self.weight, self.bias, yt, rt, parts)
-        return yt.T.reshape(lead + (self.out_features,))
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        parts = max(1, min(numba.get_num_threads(), self.weight.shape[0]))
+        self._driver(self._fn, xt, self.weight, self.bias, yt, rt, parts)
 
 
-class SparseLinear:
+class SparseLinear(_FeatureMajorLinear):
     """The generated sparse kernel for one weight, with its pattern compressed at load.
 
     `k_chunk` splits the input features into chunks the kernel takes one at a time for
@@ -272,11 +287,11 @@ class SparseLinear:
         k, m = weight.shape
         self.config = kernel_config(self.pattern.block, activation, residual, k)
         self.in_features, self.out_features = k, m
+        self.activation, self.residual = activation, residual
         indptr, indices, values = compress(weight, self.pattern.block)
         self._csr = indptr, indices.astype(np.uint16 if self.config.index_bits == 16 else np.int32), values
         self.bias = _bias(bias, m)
         self._fn, self._driver = compiled_kernel(self.config)
-        self._no_residual = np.zeros((1, 1), np.float32)
         self._set_chunk(k_chunk)
 
     def _set_chunk(self, k_chunk: int | None) -> None:
@@ -310,17 +325,6 @@ class SparseLinear:
             self._bounds[n] = balanced_bounds(np.concatenate([[0], np.cumsum(per_row)]), n)
         return self._bounds[n]
 
-    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        xt = transposed(x2)
-        yt = feature_major_empty(self.out_features, x2.shape[0])
-        if self.config.residual:
-            rt = transposed(_residual_rows(residual, lead, self.out_features))
-        else:
-            rt = self._no_residual
-        if x2.shape[0]:
-            self._driver(self._fn, xt, self.indptr, self.indices, self.values, self.bias, yt, rt, self.nchunks,
-                         self.bounds())
-        # yt.T is a view: the next sparse layer's x.T is then contiguous again, no copy.
-        return yt.T.reshape(lead + (self.out_features,))
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        self._driver(self._fn, xt, self.indptr, self.indices, self.values, self.bias, yt, rt, self.nchunks,
+                     self.bounds())
