@@ -22,7 +22,7 @@ from .kernels.attention import fused_attention
 from .kernels.layernorm import layernorm
 from .kernels.linear import DenseLinear, Pattern, SparseLinear, analyse, reference_linear
 from .onnx_file import release
-from .ops import evaluate
+from .ops import NEEDS_OPSET, OPS
 
 log = logging.getLogger("sparsejit")
 
@@ -201,10 +201,13 @@ def _is_last_axis_layernorm(node: Node) -> bool:
 
 
 def reference_step(node: Node, opset: int) -> Callable[..., tuple]:
-    op_type, attrs = node.op_type, node.attrs
+    # evaluate()'s lookups, done once here rather than on every run
+    fn = OPS[node.op_type]
+    kwargs = dict(node.attrs, opset=opset) if node.op_type in NEEDS_OPSET else node.attrs
 
     def run(*args):
-        return evaluate(op_type, list(args), attrs, opset)
+        out = fn(*args, **kwargs)
+        return out if isinstance(out, tuple) else (out,)
 
     return run
 
