@@ -84,7 +84,7 @@ def _head(cfg: AttentionConfig) -> str:
                 def dot(ee, accs):
                     qrow = e(f"mul i64 {ee}, %ldq")
                     qoff = e(f"add i64 {qrow}, {i0}")
-                    qs = [e.vload(e.gep("%qt", e(f"add i64 {qoff}, {v * L}") if v else qoff), masks[v])
+                    qs = [e.vload(e.vptr("%qt", qoff, v), masks[v])
                           for v in range(QV)]
                     krow = e(f"mul i64 {ee}, %ldk")
                     koff = e(f"add i64 {krow}, {j0}")
@@ -108,9 +108,9 @@ def _head(cfg: AttentionConfig) -> str:
                     srow = e(f"mul i64 {j}, {width}")
                     for v in range(QV):
                         if cfg.mask_per_query:
-                            mv = e.vload(e.gep("%mask", e(f"add i64 {moff}, {v * L}") if v else moff), masks[v])
+                            mv = e.vload(e.vptr("%mask", moff, v), masks[v])
                         s = e.fma(accs[r * QV + v], scale, mv)
-                        e.vstore(s, e.gep("%s", e(f"add i64 {srow}, {v * L}") if v else srow), None)
+                        e.vstore(s, e.vptr("%s", srow, v), None)
                         maxes[v] = e(f"call {vt} @llvm.maximum.v{L}f32({vt} {maxes[v]}, {vt} {s})")
                 return maxes
             return body
@@ -122,7 +122,7 @@ def _head(cfg: AttentionConfig) -> str:
             srow = e(f"mul i64 {j}, {width}")
             out = []
             for v in range(QV):
-                ptr = e.gep("%s", e(f"add i64 {srow}, {v * L}") if v else srow)
+                ptr = e.vptr("%s", srow, v)
                 x = e(f"fsub {vt} {e.vload(ptr, None)}, {maxes[v]}")
                 p = _exp(e, x)
                 e.vstore(p, ptr, None)
@@ -141,7 +141,7 @@ def _head(cfg: AttentionConfig) -> str:
             def body(e0, _c):
                 def pv(j, accs):
                     srow = e(f"mul i64 {j}, {width}")
-                    ps = [e.vload(e.gep("%s", e(f"add i64 {srow}, {v * L}") if v else srow), None) for v in range(QV)]
+                    ps = [e.vload(e.vptr("%s", srow, v), None) for v in range(QV)]
                     out = []
                     for r in range(rows):
                         er = e(f"add i64 {e0}, {r}") if r else e0
@@ -159,7 +159,7 @@ def _head(cfg: AttentionConfig) -> str:
                         inv, dead = scales[v]
                         o = e(f"fmul {vt} {accs[r * QV + v]}, {inv}")
                         o = e(f"select <{L} x i1> {dead}, {vt} {fill}, {vt} {o}")
-                        e.vstore(o, e.gep("%ot", e(f"add i64 {ooff}, {v * L}") if v else ooff), masks[v])
+                        e.vstore(o, e.vptr("%ot", ooff, v), masks[v])
                 return []
             return body
 

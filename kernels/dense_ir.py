@@ -75,7 +75,7 @@ def dense_ir(cfg: DenseConfig) -> str:
             def step(kk, accs):
                 xrow = e(f"mul i64 {kk}, %ldx")
                 xoff = e(f"add i64 {xrow}, {t}")
-                xs = [e.vload(e.gep("%xt", e(f"add i64 {xoff}, {v * L}") if v else xoff), masks[v])
+                xs = [e.vload(e.vptr("%xt", xoff, v), masks[v])
                       for v in range(V)]
                 woff = e(f"mul i64 {kk}, {R}")
                 out = []
@@ -101,9 +101,9 @@ def dense_ir(cfg: DenseConfig) -> str:
                     if cfg.activation == "gelu":
                         y = _gelu(e, y)
                     if cfg.residual:
-                        rp = e.gep("%rt", e(f"add i64 {roff}, {v * L}") if v else roff)
+                        rp = e.vptr("%rt", roff, v)
                         y = e(f"fadd {vt} {y}, {e.vload(rp, masks[v])}")
-                    e.vstore(y, e.gep("%yt", e(f"add i64 {yoff}, {v * L}") if v else yoff), masks[v])
+                    e.vstore(y, e.vptr("%yt", yoff, v), masks[v])
                 e.raw(f"  br label %skip{e.loops}.{r}")
                 e.label(f"skip{e.loops}.{r}")
             e.loops += 1  # a fresh label number for the next tile's store blocks

@@ -49,6 +49,10 @@ class Emitter:
     def gep(self, base: str, index: str, ty: str = "float") -> str:
         return self(f"getelementptr inbounds {ty}, ptr {base}, i64 {index}")
 
+    def vptr(self, base: str, start: str, v: int, ty: str = "float") -> str:
+        """The address of vector v (v · lanes elements on) from element `start` of `base`."""
+        return self.gep(base, self(f"add i64 {start}, {v * self.lanes}") if v else start, ty)
+
     def vload(self, ptr: str, mask: str | None) -> str:
         vt = self.vt
         if mask is None:

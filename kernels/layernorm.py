@@ -82,7 +82,7 @@ def columns_ir(lanes: int, vectors: int = 4) -> str:
         def xs(f):
             row = e(f"mul i64 {f}, %ldx")
             off = e(f"add i64 {row}, {i0}")
-            return [e.vload(e.gep("%xt", e(f"add i64 {off}, {v * L}") if v else off), masks[v])
+            return [e.vload(e.vptr("%xt", off, v), masks[v])
                     for v in range(vectors)]
 
         # The sum is of x - x[feature 0]: with a large mean a plain float32 sum loses the
@@ -113,7 +113,7 @@ def columns_ir(lanes: int, vectors: int = 4) -> str:
             for v, x in enumerate(xs(f)):
                 d = e(f"fsub {vt} {x}, {means[v]}")
                 y = e.fma(e(f"fmul {vt} {d}, {invs[v]}"), a, b)
-                e.vstore(y, e.gep("%yt", e(f"add i64 {off}, {v * L}") if v else off), masks[v])
+                e.vstore(y, e.vptr("%yt", off, v), masks[v])
             return []
 
         e.loop("0", "%h", 1, [], output)

@@ -90,7 +90,7 @@ def _tile_function(cfg: IRConfig, name: str, vectors: int, masked: bool) -> str:
     first = e("icmp eq i64 %c, 0")
     yrow = e("mul i64 %j, %ldy")
     ystart = e(f"add i64 {yrow}, %t")
-    yptrs = [e.gep("%yt", e(f"add i64 {ystart}, {u * L}") if u else ystart) for u in range(vectors)]
+    yptrs = [e.vptr("%yt", ystart, u) for u in range(vectors)]
     e.raw(f"  br i1 {first}, label %from.bias, label %from.y")
     e.raw("from.bias:")
     bias = e(f"load float, ptr {e.gep('%bias', '%j')}, align 4")
@@ -122,8 +122,7 @@ def _tile_function(cfg: IRConfig, name: str, vectors: int, masked: bool) -> str:
         row = e(f"mul i64 {kb}, %ldx")
         start = e(f"add i64 {row}, %t")
         for u in range(vectors):
-            off = e(f"add i64 {start}, {u * L}") if u else start
-            x = e.vload(e.gep("%xt", off), mask)
+            x = e.vload(e.vptr("%xt", start, u), mask)
             # The last block's fma names the value the loop's phi carries back.
             accs[u] = e.fma(w, x, accs[u], f"%acc{u}.next" if b == cfg.block - 1 else None)
     e.raw(f"  %p.next = add i64 {p}, 1")
@@ -145,8 +144,7 @@ def _tile_function(cfg: IRConfig, name: str, vectors: int, masked: bool) -> str:
         if cfg.activation == "gelu":
             v = _gelu(e, v)
         if cfg.residual:
-            roff = e(f"add i64 {rstart}, {u * L}") if u else rstart
-            v = e(f"fadd {vt} {v}, {e.vload(e.gep('%rt', roff), mask)}")
+            v = e(f"fadd {vt} {v}, {e.vload(e.vptr('%rt', rstart, u), mask)}")
         e.vstore(v, ptr, mask)
     e.raw("  ret void")
     e.raw("}")
