@@ -58,14 +58,15 @@ def run_heads(fn, qt, kt, vt, mask, ot, scale, fill, width):
     for bh in prange(n_batch * n_head):
         b = bh // n_head
         h = bh % n_head
-        s = np.empty(tk * width, np.float32)
+        s = np.empty(tk * width + 16, np.float32)  # the scratch, from its first 64-byte line
+        s_at = s.ctypes.data + (64 - s.ctypes.data % 64) % 64
         fn(qt.ctypes.data + b * qt.strides[0] + h * qt.strides[1], qt.strides[2] // 4,
            kt.ctypes.data + b * kt.strides[0] + h * kt.strides[1], kt.strides[2] // 4,
            vt.ctypes.data + b * vt.strides[0] + h * vt.strides[1], vt.strides[2] // 4,
            mask.ctypes.data + (b if mb else 0) * mask.strides[0] + (h if mh else 0) * mask.strides[1],
            mask.strides[2] // 4,
            ot.ctypes.data + b * ot.strides[0] + h * ot.strides[1], ot.strides[2] // 4,
-           d, tq, tk, scale, s.ctypes.data, fill)
+           d, tq, tk, scale, s_at, fill)
 """
 
 _HEAD_PROTO = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p, ctypes.c_int64] * 5, ctypes.c_int64, ctypes.c_int64,

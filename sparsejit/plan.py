@@ -20,6 +20,7 @@ from .benchmark import time_calls
 from .graph import Graph, Node
 from .kernels.attention import fused_attention
 from .kernels.layernorm import layernorm
+from .kernels.layout import feature_major_empty
 from .kernels.linear import DenseLinear, Pattern, SparseLinear, analyse, reference_linear
 from .onnx_file import release
 from .ops import NEEDS_OPSET, OPS
@@ -84,9 +85,10 @@ class LayerTimings:
     def measure(self, key: tuple, sparse: SparseLinear, dense: DenseLinear | None, residual: bool) -> dict:
         """Times the dense kernel (when given) and the sparse one at each K-chunk size."""
         shape = (sparse.in_features, sparse.out_features)
-        # Feature-major, as the kernels read them in a model: no transposes in the timings.
-        x = self.rng.standard_normal((shape[0], PROBE_TOKENS), dtype=np.float32).T
-        r = self.rng.standard_normal((shape[1], PROBE_TOKENS), dtype=np.float32).T if residual else None
+        # Feature-major and line-aligned, as the kernels read activations in a model: no
+        # transposes in the timings, and no vector loads split across cache lines.
+        x = self._probe(shape[0])
+        r = self._probe(shape[1]) if residual else None
         fns = {variant.k_chunk: (lambda v=variant: v(x, r))
                for variant in (sparse.with_chunk(c) for c in chunk_candidates(sparse))}
         if dense is not None:
@@ -99,6 +101,12 @@ class LayerTimings:
             t["dense"] = best["dense"]
         self.table[key] = t
         return t
+
+
+    def _probe(self, features: int) -> np.ndarray:
+        xt = feature_major_empty(features, PROBE_TOKENS)
+        xt[:] = self.rng.standard_normal(xt.shape, dtype=np.float32)
+        return xt.T
 
 
 def chunk_candidates(sparse: SparseLinear) -> list[int]:

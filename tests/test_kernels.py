@@ -8,7 +8,8 @@ from scipy.special import erf
 from sparsejit.kernels.attention import fused_attention, reference_attention
 from sparsejit.kernels.gelu import fast_erf
 from sparsejit.kernels.layernorm import layernorm, reference_layernorm
-from sparsejit.kernels.layout import contiguous, reference_transpose, transposed, unit_token_stride
+from sparsejit.kernels.layout import (aligned_empty, contiguous, feature_major_empty, reference_transpose,
+                                      transposed, unit_token_stride)
 from sparsejit.kernels.linear import (
     DenseLinear,
     SparseLinear,
@@ -143,6 +144,20 @@ def test_balanced_bounds():
 def test_fast_erf_error():
     x = np.linspace(-8, 8, 200001, dtype=np.float32)
     assert np.max(np.abs(fast_erf(x) - erf(x.astype(np.float64)))) < 1e-6
+
+
+def test_activation_rows_start_on_cache_lines():
+    """Every row of a feature-major buffer starts on a 64-byte line (a vector load across
+    two lines costs two); the rows of 1024 tokens are padded off the 4 KiB stride."""
+    for features, tokens in [(1, 1), (3, 17), (768, 128), (768, 1024), (64, 200)]:
+        a = feature_major_empty(features, tokens)
+        assert a.shape == (features, tokens) and a.strides[1] == 4
+        assert a.ctypes.data % 64 == 0 and a.strides[0] % 64 == 0
+    assert feature_major_empty(768, 1024).strides[0] % 4096 != 0
+    for shape, dtype in [((5,), np.float32), ((3, 7), np.float64), ((0,), np.float32)]:
+        a = aligned_empty(shape, dtype)
+        assert a.shape == shape and a.dtype == dtype and a.ctypes.data % 64 == 0 and a.flags.c_contiguous
+    assert transposed(np.ones((130, 48), np.float32)).ctypes.data % 64 == 0
 
 
 def test_transpose_kernel():
