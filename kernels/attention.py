@@ -22,7 +22,7 @@ import numpy as np
 
 from .attention_ir import AttentionConfig, attention_ir
 from .compile import compile_ir, load_source, vector_lanes
-from .layout import feature_major_empty
+from .layout import aligned_empty, feature_major_empty
 
 
 def reference_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None,
@@ -125,7 +125,9 @@ def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarr
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
     per_query = mask.shape[2] > 1
     # The kernel reads the mask by key: [.., keys, queries] when it varies by query.
-    mask_t = np.ascontiguousarray(np.broadcast_to(mask, mask.shape[:3] + (tk,)).transpose(0, 1, 3, 2))
+    mask_src = np.broadcast_to(mask, mask.shape[:3] + (tk,)).transpose(0, 1, 3, 2)
+    mask_t = aligned_empty(mask_src.shape)  # its rows are read as vectors when per query
+    mask_t[...] = mask_src
     # Feature-major operands: [batch, head, feature, token] with unit token stride.
     qt = _unit_last(q.transpose(0, 1, 3, 2))
     kt = _unit_last(kt)
