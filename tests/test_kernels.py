@@ -156,7 +156,8 @@ def test_activation_rows_start_on_cache_lines():
     assert feature_major_empty(768, 1024).strides[0] % 4096 != 0
     for shape, dtype in [((5,), np.float32), ((3, 7), np.float64), ((0,), np.float32)]:
         a = aligned_empty(shape, dtype)
-        assert a.shape == shape and a.dtype == dtype and a.ctypes.data % 64 == 0 and a.flags.c_contiguous
+        assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+        assert a.ctypes.data % 64 == 0 or a.size == 0  # (an empty view's pointer is numpy's choice)
     assert transposed(np.ones((130, 48), np.float32)).ctypes.data % 64 == 0
 
 
