@@ -48,9 +48,11 @@ DEFAULT_DS_PYTHON = HERE / ".venv-deepsparse" / "bin" / "python"
 def kernel_level(threads: int, runs: int) -> list[dict]:
     """768 → 3072 over 128 tokens: sparsejit's kernel, scipy.sparse CSR and dense numpy."""
     import scipy.sparse
+    from sparsejit.kernels.layout import feature_major_empty
     from sparsejit.kernels.linear import DenseLinear, SparseLinear
 
     import sparsejit.threads
+    from sparsejit.plan import LayerTimings
 
     sparsejit.threads.set_threads(threads)
     rng = np.random.default_rng(0)
@@ -65,9 +67,13 @@ def kernel_level(threads: int, runs: int) -> list[dict]:
             w *= np.repeat(rng.random((k // block, m)) >= sparsity, block, axis=0)
         nnz = int((w != 0).sum())
         sparse, dense = SparseLinear(w, None, "none", False), DenseLinear(w, None, "none", False)
+        # The K-chunk size the planner would choose at load, by the same timings.
+        sparse = sparse.with_chunk(LayerTimings().measure(None, sparse, None, False)["k_chunk"])
         csr = scipy.sparse.csr_matrix(w.T)  # yᵀ = Wᵀ xᵀ, the usual SpMM orientation
-        xt = np.ascontiguousarray(x.T)
-        # sparsejit's kernels take xᵀ, as a model's layers hand it over: no transpose timed.
+        # sparsejit's kernels take xᵀ as a model's layers hand it over (feature-major, rows
+        # on cache lines): no transpose timed.
+        xt = feature_major_empty(k, n)
+        xt[:] = x.T
         np.testing.assert_allclose(sparse(xt.T), x @ w, atol=1e-3, rtol=1e-3)
         np.testing.assert_allclose(dense(xt.T), x @ w, atol=1e-3, rtol=1e-3)
         impls = [("sparsejit", sparse, xt.T), ("sparsejit dense GEMM", dense, xt.T),
@@ -76,6 +82,7 @@ def kernel_level(threads: int, runs: int) -> list[dict]:
             times = time_calls(lambda f=f, arg=arg: f(arg), runs)
             med = statistics.median(times)
             rows.append({"shape": f"{k}x{m}x{n}", "sparsity": sparsity, "block": block, "impl": name,
+                         "k_chunk": sparse.k_chunk if name == "sparsejit" else None,
                          "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
                          "gflops_nonzero": 2 * nnz * n / med / 1e9, "gflops_dense_equiv": 2 * k * m * n / med / 1e9})
     return rows
@@ -144,7 +151,8 @@ def markdown(results: dict) -> str:
                 "| sparsity | block | implementation | median ms | GFLOP/s (nonzeros) | GFLOP/s (dense equiv.) |",
                 "|---|---|---|---|---|---|"]
         for r in results["kernel"]:
-            out.append(f"| {r['sparsity']} | {r['block']} | {r['impl']} | {r['median_ms']:.3f} | "
+            impl = r["impl"] + (f" (K-chunks of {r['k_chunk']})" if r.get("k_chunk") else "")
+            out.append(f"| {r['sparsity']} | {r['block']} | {impl} | {r['median_ms']:.3f} | "
                        f"{r['gflops_nonzero']:.0f} | {r['gflops_dense_equiv']:.0f} |")
         out.append("")
     return "\n".join(out)

@@ -8,8 +8,14 @@ from scipy.special import erf
 from sparsejit.kernels.attention import fused_attention, reference_attention
 from sparsejit.kernels.gelu import fast_erf
 from sparsejit.kernels.layernorm import layernorm, reference_layernorm
-from sparsejit.kernels.layout import (aligned_empty, contiguous, feature_major_empty, reference_transpose,
-                                      transposed, unit_token_stride)
+from sparsejit.kernels.layout import (
+    aligned_empty,
+    contiguous,
+    feature_major_empty,
+    reference_transpose,
+    transposed,
+    unit_token_stride,
+)
 from sparsejit.kernels.linear import (
     DenseLinear,
     SparseLinear,
