@@ -61,10 +61,10 @@ def aligned_empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     past one here, so every vector load from them straddled two lines and cost two: the
     sparse kernel's inner loop took 1.7× as long per nonzero on such rows."""
     dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize  # (np.prod takes 4 µs, called per kernel call)
-    buf = np.empty(nbytes + ALIGN, np.uint8)
-    start = -buf.ctypes.data % ALIGN
-    return buf[start:start + nbytes].view(dtype).reshape(shape)
+    n = math.prod(shape)  # (np.prod takes 4 µs; this runs on every kernel call)
+    buf = np.empty(n + ALIGN // dtype.itemsize, dtype)
+    start = -buf.ctypes.data % ALIGN // dtype.itemsize  # numpy's data is itemsize-aligned
+    return buf[start:start + n].reshape(shape)
 
 
 def feature_major_empty(features: int, tokens: int) -> np.ndarray:
