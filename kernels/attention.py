@@ -82,6 +82,14 @@ def _compiled(cfg: AttentionConfig):
     return _HEAD_PROTO(compile_ir(attention_ir(cfg), "attention_head"))
 
 
+@functools.cache
+def _kernel(mask_per_query: bool):
+    """(config, IR function, Numba driver), looked up once per mask layout: building the
+    config and hashing it on every call cost 3 µs."""
+    cfg = attention_config(mask_per_query)
+    return cfg, _compiled(cfg), load_source(HEADS_DRIVER_SOURCE).run_heads
+
+
 def kernel_source(mask_per_query: bool = False) -> str:
     """What runs: the IR for one head, then the Numba driver over (batch, head) pairs."""
     return attention_ir(attention_config(mask_per_query)) + "\n; driver (Numba):\n" + \
@@ -112,10 +120,10 @@ def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarr
     ok = (q.ndim == kt.ndim == v.ndim == 4 and mul is not None and q.dtype == kt.dtype == v.dtype == np.float32
           and (axis is None or axis in (-1, 3)) and q.shape[:2] == kt.shape[:2] == v.shape[:2]
           and q.shape[3] == kt.shape[2] and kt.shape[3] == v.shape[2])
-    if ok and mask is not None:
+    if ok and mask is not None:  # broadcasts to the scores' shape (np.broadcast_shapes, 3 µs slower)
+        scores = (q.shape[0], q.shape[1], q.shape[2], kt.shape[3])
         ok = mask.dtype == np.float32 and mask.ndim <= 4 and \
-            np.broadcast_shapes(mask.shape, (q.shape[0], q.shape[1], q.shape[2], kt.shape[3])) == \
-            (q.shape[0], q.shape[1], q.shape[2], kt.shape[3])
+            all(m in (1, s) for m, s in zip(mask.shape[::-1], scores[::-1]))
     if not ok:
         return reference_attention(q, kt, v, mask, scale, scale_op, axis, opset, nan_guard)
     n_batch, n_head, tq = q.shape[:3]
@@ -134,12 +142,10 @@ def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarr
     vt = _unit_last(v.transpose(0, 1, 3, 2))
     # The output is written feature-major, [head·feature, batch·query]: the layout the
     # next sparse Linear reads without a copy, once transposed back and reshaped.
-    buf = feature_major_empty(n_head * v.shape[3], n_batch * tq)
-    st = buf.strides
-    ot = np.lib.stride_tricks.as_strided(buf, (n_batch, n_head, v.shape[3], tq),
-                                         (tq * st[1], v.shape[3] * st[0], st[0], st[1]))
-    cfg = attention_config(per_query)
+    # Splitting the two axes is a view, never a copy.
+    ot = feature_major_empty(n_head * v.shape[3], n_batch * tq).reshape(n_head, v.shape[3], n_batch, tq)
+    ot = ot.transpose(2, 0, 1, 3)
+    cfg, fn, run_heads = _kernel(per_query)
     fill = np.float32(0.0) if nan_guard else np.float32(np.nan)
-    load_source(HEADS_DRIVER_SOURCE).run_heads(_compiled(cfg), qt, kt, vt, mask_t, ot, np.float32(mul), fill,
-                                               cfg.lanes * cfg.qvec)
+    run_heads(fn, qt, kt, vt, mask_t, ot, np.float32(mul), fill, cfg.lanes * cfg.qvec)
     return ot.transpose(0, 1, 3, 2)
