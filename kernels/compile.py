@@ -5,11 +5,12 @@ Numba's own `cache=True` machinery keeps the machine code beside it. The file na
 the hash of everything that shaped the source, so a changed generator, pattern
 granularity or config yields a new file, never a stale hit. Numba's cache index adds
 the CPU, the Numba version and the file's timestamp, which is why a file is written
-once and never rewritten.
+once and rewritten only when its text is not the source's (a damaged file).
 
 LLVM IR kernels (compile_ir) keep their machine code in the same directory as
 `ir_<sha256>.o`, the hash covering the CPU name and features, the llvmlite and LLVM
-versions and the IR text.
+versions and the IR text. Each file ends with the sha256 of its code; one that fails
+the check is compiled again, never run.
 
 The directory is `$SPARSEJIT_CACHE_DIR`, else `~/.cache/sparsejit`.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import logging
 import os
 import sys
 import tempfile
@@ -50,11 +52,10 @@ def load_source(source: str) -> ModuleType:
         return _loaded[source]
     key = source_key(source)
     path = cache_dir() / f"k_{key}.py"
-    if not path.exists():
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(source)
-        os.replace(tmp, path)  # atomic: a concurrent loader sees the whole file or none
+    # A file that is not exactly the source (damaged, truncated, edited) is rewritten:
+    # a kernel cut short at a line end could still import and compute something else.
+    if not path.exists() or path.read_bytes() != source.encode():
+        _write_atomic(path, source.encode())
     name = f"sparsejit_kernel_{key}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -62,6 +63,27 @@ def load_source(source: str) -> ModuleType:
     spec.loader.exec_module(module)
     _loaded[source] = module
     return module
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)  # atomic: a concurrent loader sees the whole file or none
+
+
+def _read_checked(path: Path) -> bytes | None:
+    """A cached object file's machine code, or None when it is missing or damaged: the
+    file ends with the sha256 of what precedes it, and code that fails the check is
+    compiled afresh (and the file rewritten) rather than run."""
+    if not path.exists():
+        return None
+    data = path.read_bytes()
+    code, digest = data[:-32], data[-32:]
+    if len(data) <= 32 or hashlib.sha256(code).digest() != digest:
+        logging.getLogger("sparsejit").warning("kernel cache file %s is damaged; compiling it again", path)
+        return None
+    return code
 
 
 # --- LLVM IR kernels (llvmlite) ---------------------------------------------------------
@@ -107,7 +129,7 @@ def compile_ir(source: str, function: str) -> int:
                          f"{source}".encode()).hexdigest()
     if key not in _engines:
         path = cache_dir() / f"ir_{key[:32]}.o"
-        cached = path.read_bytes() if path.exists() else None
+        cached = _read_checked(path)
         mod = llvm.parse_assembly(source)
         mod.verify()
         tm = llvm.Target.from_default_triple().create_target_machine(cpu=cpu, features=features, opt=3)
@@ -117,10 +139,7 @@ def compile_ir(source: str, function: str) -> int:
         engine = llvm.create_mcjit_compiler(mod, tm)
 
         def save(_module, buffer: bytes) -> None:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(buffer)
-            os.replace(tmp, path)  # atomic, as for the Numba sources
+            _write_atomic(path, buffer + hashlib.sha256(buffer).digest())
 
         engine.set_object_cache(save, lambda _module: cached)
         engine.finalize_object()

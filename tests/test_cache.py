@@ -56,3 +56,26 @@ def test_numba_sources_are_keyed_by_text(tmp_path, monkeypatch):
     assert (a.f(), b.f()) == (1, 2)
     files = sorted(p.name for p in (tmp_path / "kernels").glob("k_*.py"))
     assert len(files) == 2
+
+
+def test_damaged_cache_files_are_compiled_again_not_run(tmp_path):
+    """A cached object whose bytes changed (or were cut short) fails its checksum and is
+    rebuilt; a Numba source file whose text is not the kernel's is rewritten."""
+    assert run(tmp_path, "7") == "7"
+    obj = next((tmp_path / "kernels").glob("ir_*.o"))
+    good = obj.read_bytes()
+    for damaged in (good[:len(good) // 2], good[:-40] + bytes(8) + good[-32:], b""):
+        obj.write_bytes(damaged)
+        assert run(tmp_path, "7") == "7"
+        assert obj.read_bytes() == good  # compiled again and rewritten whole
+
+    from sparsejit.kernels import compile as c
+
+    source = "from numba import njit\n\n\n@njit(cache=True)\ndef f(x):\n    x += 1\n    return x * 3\n"
+    path = tmp_path / "kernels" / f"k_{c.source_key(source)}.py"
+    path.write_text(source.replace("    x += 1\n", ""))  # a line lost: still imports, wrong answer
+    probe = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from sparsejit.kernels import compile as c; "
+             f"print(c.load_source({source!r}).f(1))")
+    env = {"SPARSEJIT_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "6" and path.read_text() == source
