@@ -13,6 +13,7 @@ from .executor import Executor
 from .fold import fold_constants
 from .fuse import fuse
 from .graph import Graph, InputSpec, import_onnx
+from .heap import keep_buffers_mapped
 from .plan import KERNEL_CHOICES, LayerPlan, Step, plan, reference_step
 from .threads import set_threads
 
@@ -201,6 +202,7 @@ def load(source: str | os.PathLike | onnx.ModelProto, *, num_threads: int | None
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
     threads = set_threads(num_threads)
+    keep_buffers_mapped()
     graph = fold_constants(import_onnx(source))
     if mode == "reference":
         steps = [Step(n, reference_step(n, graph.opset)) for n in graph.nodes]
