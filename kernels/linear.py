@@ -328,3 +328,25 @@ class SparseLinear(_FeatureMajorLinear):
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         self._driver(self._fn, xt, self.indptr, self.indices, self.values, self.bias, yt, rt, self.nchunks,
                      self.bounds())
+
+
+class OutputSlice:
+    """One Linear layer computed inside a grouped kernel: layers that read the same input
+    (BERT's Q, K and V projections) run as one kernel over their concatenated weights, one
+    call and one pass over xᵀ instead of three. This is the part of the group's output that
+    is this layer's, for `check` and `kernel_source`; the model runs the group itself."""
+
+    def __init__(self, group: SparseLinear | DenseLinear, start: int, stop: int):
+        self.group, self.start, self.stop = group, start, stop
+        self.kind = group.kind
+        self.in_features, self.out_features = group.in_features, stop - start
+        self.residual = False
+
+    @property
+    def source(self) -> str:
+        return self.group.source
+
+    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        if residual is not None:
+            raise ValueError("a grouped Linear layer has no residual input")
+        return self.group(x)[..., self.start:self.stop]

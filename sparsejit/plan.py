@@ -21,7 +21,7 @@ from .graph import Graph, Node
 from .kernels.attention import fused_attention
 from .kernels.layernorm import layernorm
 from .kernels.layout import feature_major_empty
-from .kernels.linear import DenseLinear, Pattern, SparseLinear, analyse, reference_linear
+from .kernels.linear import DenseLinear, OutputSlice, Pattern, SparseLinear, analyse, reference_linear
 from .onnx_file import release
 from .ops import NEEDS_OPSET, OPS
 
@@ -39,7 +39,7 @@ class LayerPlan:
     name: str
     node: Node
     pattern: Pattern
-    impl: SparseLinear | DenseLinear
+    impl: SparseLinear | DenseLinear | OutputSlice
     reason: str
     timings_ms: dict = field(default_factory=dict)
     timing_reused: bool = False  # the sparse/dense decision reused an earlier layer's times
@@ -176,6 +176,54 @@ def _copy_released(value: np.ndarray, chunk_bytes: int = 8 << 20) -> np.ndarray:
     return out
 
 
+def shared_input_groups(nodes: list[Node]) -> dict[str, list[Node]]:
+    """Linear nodes that read the same input with the same epilogue and no residual (Q, K
+    and V of every attention block), keyed by the first one's name, in graph order."""
+    by_input: dict[tuple, list[Node]] = {}
+    for n in nodes:
+        if n.op_type == "Linear" and not n.attrs["residual"]:
+            w = n.attrs["weight"]
+            by_input.setdefault((n.inputs[0], n.attrs["activation"], w.shape[0], w.dtype.str), []).append(n)
+    return {ms[0].name: ms for ms in by_input.values() if len(ms) > 1}
+
+
+def plan_group(members: list[Node], policy: str, timings: LayerTimings) -> tuple[Node, list[LayerPlan]]:
+    """One kernel for `members` over their weights side by side, planned (sparse or dense,
+    K-chunks) like any Linear; a node producing every member's output; and a LayerPlan per
+    member whose impl is its slice of the group's output."""
+    ws = [m.attrs["weight"] for m in members]
+    biases = [np.zeros(w.shape[1], np.float32) if m.attrs["bias"] is None else m.attrs["bias"]
+              for m, w in zip(members, ws)]
+    first = members[0]
+    attrs = dict(first.attrs, weight=np.concatenate(ws, axis=1), bias=np.concatenate(biases).astype(np.float32))
+    node = Node("Linear", first.name, list(first.inputs), [m.outputs[0] for m in members], attrs)
+    group = plan_linear(node, policy, timings)
+    # The step's node keeps no weights: the kernel has its own, the members' nodes theirs
+    # (a dense copy here would be 7 MB per BERT-base attention block).
+    node.attrs = {k: v for k, v in attrs.items() if k not in ("weight", "bias")}
+    names = ", ".join(m.name for m in members)
+    plans, start = [], 0
+    for m, w in zip(members, ws):
+        stop = start + w.shape[1]
+        why = f"one {group.kind} kernel with the same input for {names} (timed there): {group.reason}"
+        plans.append(LayerPlan(m.name, m, analyse(w), OutputSlice(group.impl, start, stop), why,
+                               group.timings_ms, group.timing_reused))
+        release(w)
+        start = stop
+    return node, plans
+
+
+def _group_step(plans: list[LayerPlan]) -> Callable[..., tuple]:
+    group = plans[0].impl.group
+    cuts = [(p.impl.start, p.impl.stop) for p in plans]
+
+    def run(x):
+        y = group(x)
+        return tuple(y[..., a:b] for a, b in cuts)
+
+    return run
+
+
 def _linear_step(layer: LayerPlan) -> Callable[..., tuple]:
     impl = layer.impl
 
@@ -229,15 +277,25 @@ def plan(graph: Graph, kernels: str = "auto",
     steps, layers = [], []
     total = sum(n.op_type == "Linear" for n in graph.nodes)
     linear_inputs: set[str] = set()  # values a Linear reads (x or residual)
+    groups = shared_input_groups(graph.nodes)
+    in_group = {m.name for ms in groups.values() for m in ms}
     for n in graph.nodes:
         if n.op_type == "Linear":
-            layer = plan_linear(n, kernels, timings)
-            layers.append(layer)
-            log.debug("%s: %s %dx%d density %.3f block %d: %s", layer.name, layer.kind, *layer.pattern_shape,
-                      layer.pattern.density, layer.pattern.block, layer.reason)
-            if progress is not None:
-                progress(len(layers), total, layer)
-            steps.append(Step(n, _linear_step(layer)))
+            if n.name in in_group:  # the group's step, at its first member, computes them all
+                if n.name in groups:
+                    node, new = plan_group(groups[n.name], kernels, timings)
+                    steps.append(Step(node, _group_step(new)))
+                else:
+                    continue
+            else:
+                new = [plan_linear(n, kernels, timings)]
+                steps.append(Step(n, _linear_step(new[0])))
+            for layer in new:
+                layers.append(layer)
+                log.debug("%s: %s %dx%d density %.3f block %d: %s", layer.name, layer.kind, *layer.pattern_shape,
+                          layer.pattern.density, layer.pattern.block, layer.reason)
+                if progress is not None:
+                    progress(len(layers), total, layer)
             linear_inputs.update(n.inputs)
         elif n.op_type == "Attention":
             steps.append(Step(n, _attention_step(n)))

@@ -143,11 +143,20 @@ def test_check_reports_every_layer_and_catches_a_broken_kernel():
     assert report.ok and len(report) == len(model.layers) == 13
     assert any(lp.pattern.block == 4 for lp in model.layers), "4-block pattern not detected"
     assert "max |err|" in str(report)
-    # Corrupt one stored weight: check() must now fail that layer, and only that one.
-    broken = next(lp for lp in model.layers if lp.kind == "sparse")
-    broken.impl.values.flat[0] += 1.0
-    report = model.check()
-    assert not report.ok and [r.layer for r in report if not r.ok] == [broken.name]
+    # Corrupt one stored weight: check() must now fail that layer, and only that one, also
+    # when the layer runs inside a grouped kernel (Q, K and V share one).
+    for broken in [lp for lp in model.layers if lp.kind == "sparse"][:4]:
+        kernel, start, stop = getattr(broken.impl, "group", broken.impl), getattr(broken.impl, "start", 0), \
+            getattr(broken.impl, "stop", broken.impl.out_features)
+        m = kernel.out_features
+        j = next(c * m + j for c in range(kernel.nchunks) for j in range(start, stop)
+                 if kernel.indptr[c * m + j + 1] > kernel.indptr[c * m + j])
+        at = kernel.indptr[j] * broken.pattern.block
+        kernel.values.flat[at] += 1.0
+        report = model.check()
+        assert not report.ok and [r.layer for r in report if not r.ok] == [broken.name]
+        kernel.values.flat[at] -= 1.0
+    assert model.check().ok
 
 
 def test_kernel_source_is_printable(bert):
@@ -188,3 +197,32 @@ def test_shape_subgraphs_run_once_per_shape(bert):
         for step, run in zip(ex.steps, originals):
             step.run = run
         ex._schedules.clear()
+
+
+def test_layers_reading_one_input_run_as_one_kernel(bert):
+    """Q, K and V of every attention block: one step, one kernel, three outputs; each
+    layer still listed, checked and printable on its own."""
+    from sparsejit.kernels.linear import OutputSlice
+
+    sliced = [lp for lp in bert.layers if isinstance(lp.impl, OutputSlice)]
+    n_attention = sum(n.op_type == "Attention" for n in bert.graph.nodes)
+    assert n_attention and len(sliced) == 3 * n_attention
+    grouped_steps = [s for s in bert._executor.steps if s.node.op_type == "Linear" and len(s.node.outputs) == 3]
+    assert len(grouped_steps) == n_attention
+    first = sliced[0]
+    assert "same input" in first.reason and first.impl.source == first.impl.group.source
+    assert [lp.name for lp in bert.layers] == [n.name for n in bert.graph.nodes if n.op_type == "Linear"]
+    assert bert.check().ok
+
+
+def test_shared_input_groups_take_only_plain_layers_of_one_input():
+    from sparsejit.graph import Node
+    from sparsejit.plan import shared_input_groups
+
+    def linear(name, x, act="none", residual=False, k=8):
+        return Node("Linear", name, [x] + (["r"] if residual else []), [name + ".out"],
+                    {"weight": np.ones((k, 4), np.float32), "bias": None, "activation": act, "residual": residual})
+
+    nodes = [linear("q", "x"), linear("o", "x", residual=True), linear("k", "x"), linear("g", "x", act="gelu"),
+             linear("v", "x"), linear("alone", "y"), linear("w", "x", k=16)]
+    assert {k: [n.name for n in v] for k, v in shared_input_groups(nodes).items()} == {"q": ["q", "k", "v"]}
