@@ -226,3 +226,21 @@ def test_shared_input_groups_take_only_plain_layers_of_one_input():
     nodes = [linear("q", "x"), linear("o", "x", residual=True), linear("k", "x"), linear("g", "x", act="gelu"),
              linear("v", "x"), linear("alone", "y"), linear("w", "x", k=16)]
     assert {k: [n.name for n in v] for k, v in shared_input_groups(nodes).items()} == {"q": ["q", "k", "v"]}
+
+
+def test_auto_takes_dense_untimed_for_nearly_dense_weights():
+    """Above DENSE_ABOVE stored density the sparse kernel cannot win: no timing (and no
+    compressed copies) for it; below, the two are timed."""
+    from sparsejit.graph import Node
+    from sparsejit.plan import DENSE_ABOVE, LayerTimings, plan_linear
+
+    rng = np.random.default_rng(3)
+    for density, timed in [(0.9, False), (DENSE_ABOVE - 0.1, True)]:
+        w = rng.standard_normal((64, 48)).astype(np.float32)
+        w[rng.random(w.shape) >= density] = 0
+        node = Node("Linear", "l", ["x"], ["y"], {"weight": w, "bias": None, "activation": "none", "residual": False})
+        lp = plan_linear(node, "auto", LayerTimings())
+        assert bool(lp.timings_ms) == timed
+        assert timed or (lp.kind == "dense" and "not timed" in lp.reason)
+        x = rng.standard_normal((5, 64)).astype(np.float32)
+        np.testing.assert_allclose(lp.impl(x), x @ w, rtol=1e-4, atol=1e-4)
