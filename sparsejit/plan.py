@@ -211,11 +211,11 @@ def plan_group(members: list[Node], policy: str, timings: LayerTimings) -> tuple
     # The step's node keeps no weights: the kernel has its own, the members' nodes theirs
     # (a dense copy here would be 7 MB per BERT-base attention block).
     node.attrs = {k: v for k, v in attrs.items() if k not in ("weight", "bias")}
-    names = ", ".join(m.name for m in members)
+    why = (f"one {group.kind} kernel for the {len(members)} layers reading this input (its time shows on the "
+           f"first): {group.reason}")
     plans, start = [], 0
     for m, w in zip(members, ws):
         stop = start + w.shape[1]
-        why = f"one {group.kind} kernel with the same input for {names} (timed there): {group.reason}"
         plans.append(LayerPlan(m.name, m, analyse(w), OutputSlice(group.impl, start, stop), why,
                                group.timings_ms, group.timing_reused))
         release(w)

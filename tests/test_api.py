@@ -210,7 +210,7 @@ def test_layers_reading_one_input_run_as_one_kernel(bert):
     grouped_steps = [s for s in bert._executor.steps if s.node.op_type == "Linear" and len(s.node.outputs) == 3]
     assert len(grouped_steps) == n_attention
     first = sliced[0]
-    assert "same input" in first.reason and first.impl.source == first.impl.group.source
+    assert "layers reading this input" in first.reason and first.impl.source == first.impl.group.source
     assert [lp.name for lp in bert.layers] == [n.name for n in bert.graph.nodes if n.op_type == "Linear"]
     assert bert.check().ok
 
