@@ -86,12 +86,8 @@ def _head(cfg: AttentionConfig) -> str:
         def score_block(rows):
             def body(j0, maxes):
                 def dot(ee, accs):
-                    qrow = e(f"mul i64 {ee}, %ldq")
-                    qoff = e(f"add i64 {qrow}, {i0}")
-                    qs = [e.vload(e.vptr("%qt", qoff, v), masks[v])
-                          for v in range(QV)]
-                    krow = e(f"mul i64 {ee}, %ldk")
-                    koff = e(f"add i64 {krow}, {j0}")
+                    qs = e.row_vectors("%qt", "%ldq", ee, i0, masks)
+                    koff = e.offset(ee, "%ldk", j0)
                     out = []
                     for r in range(rows):
                         kp = e.gep("%kt", e(f"add i64 {koff}, {r}") if r else koff)
@@ -107,8 +103,7 @@ def _head(cfg: AttentionConfig) -> str:
                     if not cfg.mask_per_query:
                         mv = e.splat(e(f"load float, ptr {e.gep('%mask', j)}, align 4"))
                     else:
-                        mrow = e(f"mul i64 {j}, %ldm")
-                        moff = e(f"add i64 {mrow}, {i0}")
+                        moff = e.offset(j, "%ldm", i0)
                     srow = e(f"mul i64 {j}, {width}")
                     for v in range(QV):
                         if cfg.mask_per_query:
@@ -157,8 +152,7 @@ def _head(cfg: AttentionConfig) -> str:
                 _, accs = e.loop("0", "%tk", 1, [(vt, zero)] * (rows * QV), pv)
                 for r in range(rows):
                     er = e(f"add i64 {e0}, {r}") if r else e0
-                    orow = e(f"mul i64 {er}, %ldo")
-                    ooff = e(f"add i64 {orow}, {i0}")
+                    ooff = e.offset(er, "%ldo", i0)
                     for v in range(QV):
                         inv, dead = scales[v]
                         o = e(f"fmul {vt} {accs[r * QV + v]}, {inv}")

@@ -73,10 +73,7 @@ def dense_ir(cfg: DenseConfig) -> str:
             masks = e.lane_masks(t, V, "%ntok")
 
             def step(kk, accs):
-                xrow = e(f"mul i64 {kk}, %ldx")
-                xoff = e(f"add i64 {xrow}, {t}")
-                xs = [e.vload(e.vptr("%xt", xoff, v), masks[v])
-                      for v in range(V)]
+                xs = e.row_vectors("%xt", "%ldx", kk, t, masks)
                 woff = e(f"mul i64 {kk}, {R}")
                 out = []
                 for r in range(R):
@@ -91,11 +88,9 @@ def dense_ir(cfg: DenseConfig) -> str:
                 inside = e(f"icmp slt i64 {j}, %m")
                 e.raw(f"  br i1 {inside}, label %store{e.loops}.{r}, label %skip{e.loops}.{r}")
                 e.label(f"store{e.loops}.{r}")
-                yrow = e(f"mul i64 {j}, %ldy")
-                yoff = e(f"add i64 {yrow}, {t}")
+                yoff = e.offset(j, "%ldy", t)
                 if cfg.residual:
-                    rrow = e(f"mul i64 {j}, %ldr")
-                    roff = e(f"add i64 {rrow}, {t}")
+                    roff = e.offset(j, "%ldr", t)
                 for v in range(V):
                     y = accs[r * V + v]
                     if cfg.activation == "gelu":

@@ -53,6 +53,16 @@ class Emitter:
         """The address of vector v (v · lanes elements on) from element `start` of `base`."""
         return self.gep(base, self(f"add i64 {start}, {v * self.lanes}") if v else start, ty)
 
+    def offset(self, row: str, ld: str, col: str) -> str:
+        """The element index of (row, col) in a matrix of row stride `ld`."""
+        return self(f"add i64 {self(f'mul i64 {row}, {ld}')}, {col}")
+
+    def row_vectors(self, base: str, ld: str, row: str, col: str, masks: list) -> list[str]:
+        """Consecutive vectors of one row of `base` from column `col`, one per mask
+        (None: unmasked)."""
+        start = self.offset(row, ld, col)
+        return [self.vload(self.vptr(base, start, v), m) for v, m in enumerate(masks)]
+
     def vload(self, ptr: str, mask: str | None) -> str:
         vt = self.vt
         if mask is None:

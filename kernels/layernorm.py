@@ -80,10 +80,7 @@ def columns_ir(lanes: int, vectors: int = 4) -> str:
         masks = e.lane_masks(i0, vectors, "%t1")
 
         def xs(f):
-            row = e(f"mul i64 {f}, %ldx")
-            off = e(f"add i64 {row}, {i0}")
-            return [e.vload(e.vptr("%xt", off, v), masks[v])
-                    for v in range(vectors)]
+            return e.row_vectors("%xt", "%ldx", f, i0, masks)
 
         # The sum is of x - x[feature 0]: with a large mean a plain float32 sum loses the
         # digits the deviations live in.
@@ -108,8 +105,7 @@ def columns_ir(lanes: int, vectors: int = 4) -> str:
         def output(f, _acc):
             a = e.splat(e(f"load float, ptr {e.gep('%scale', f)}, align 4"))
             b = e.splat(e(f"load float, ptr {e.gep('%bias', f)}, align 4"))
-            row = e(f"mul i64 {f}, %ldy")
-            off = e(f"add i64 {row}, {i0}")
+            off = e.offset(f, "%ldy", i0)
             for v, x in enumerate(xs(f)):
                 d = e(f"fsub {vt} {x}, {means[v]}")
                 y = e.fma(e(f"fmul {vt} {d}, {invs[v]}"), a, b)

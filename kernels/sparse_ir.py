@@ -79,8 +79,7 @@ def _tile_function(cfg: IRConfig, name: str, vectors: int, masked: bool) -> str:
     mask = "%mask" if masked else None
     e.raw(f"define internal void @{name}({ARG_NAMES}, i64 %j, i64 %t, i64 %c{mask_arg}) alwaysinline {{")
     e.raw("entry:")
-    cm = e("mul i64 %c, %m")
-    at = e(f"add i64 {cm}, %j")
+    at = e.offset("%c", "%m", "%j")
     p0 = e(f"load i64, ptr {e.gep('%indptr', at, 'i64')}, align 8")
     at1 = e(f"add i64 {at}, 1")
     p1 = e(f"load i64, ptr {e.gep('%indptr', at1, 'i64')}, align 8")
@@ -88,8 +87,7 @@ def _tile_function(cfg: IRConfig, name: str, vectors: int, masked: bool) -> str:
     last_c = e("add i64 %nchunks, -1")
     last = e(f"icmp eq i64 %c, {last_c}")
     first = e("icmp eq i64 %c, 0")
-    yrow = e("mul i64 %j, %ldy")
-    ystart = e(f"add i64 {yrow}, %t")
+    ystart = e.offset("%j", "%ldy", "%t")
     yptrs = [e.vptr("%yt", ystart, u) for u in range(vectors)]
     e.raw(f"  br i1 {first}, label %from.bias, label %from.y")
     e.raw("from.bias:")
@@ -119,8 +117,7 @@ def _tile_function(cfg: IRConfig, name: str, vectors: int, masked: bool) -> str:
         widx = e(f"add i64 {wbase}, {b}") if b else wbase
         w = e.splat(e(f"load float, ptr {e.gep('%values', widx)}, align 4"))
         kb = e(f"add i64 {k}, {b}") if b else k
-        row = e(f"mul i64 {kb}, %ldx")
-        start = e(f"add i64 {row}, %t")
+        start = e.offset(kb, "%ldx", "%t")
         for u in range(vectors):
             x = e.vload(e.vptr("%xt", start, u), mask)
             # The last block's fma names the value the loop's phi carries back.
@@ -138,8 +135,7 @@ def _tile_function(cfg: IRConfig, name: str, vectors: int, masked: bool) -> str:
     e.raw("epilogue:")
     rstart = None
     if cfg.residual:
-        rrow = e("mul i64 %j, %ldr")
-        rstart = e(f"add i64 {rrow}, %t")
+        rstart = e.offset("%j", "%ldr", "%t")
     for u, (v, ptr) in enumerate(zip(finals, yptrs)):
         if cfg.activation == "gelu":
             v = _gelu(e, v)
