@@ -108,7 +108,6 @@ class LayerTimings:
         self.table[key] = t
         return t
 
-
     def _probe(self, features: int) -> np.ndarray:
         xt = feature_major_empty(features, PROBE_TOKENS)
         xt[:] = self.rng.standard_normal(xt.shape, dtype=np.float32)
