@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -164,3 +165,27 @@ def test_paired_ratio_compares_within_rounds():
     other = {"rounds_s": [[2.0, 2.0], [6.0, 6.0], [2.1, 2.0]]}
     assert abs(paired_ratio(base, other) - 2.0) < 0.05
     assert paired_ratio(base, {"rounds_s": [[1.0]]}) is None  # rounds that do not pair up
+
+
+def test_deepsparse_gets_a_copy_that_is_deleted_after_compiling(tmp_path, monkeypatch):
+    """DeepSparse rewrites the file it compiles, so it gets a copy in a temporary
+    directory; the copy is gone once the engine is built (each one left behind was a
+    BERT-base file in /tmp)."""
+    import tempfile
+    import types
+
+    from sparsejit import benchmark
+
+    seen = {}
+
+    def compile_model(path, batch_size, num_cores, input_shapes):
+        seen["path"], seen["existed"] = path, os.path.exists(path)
+        return types.SimpleNamespace(run=lambda xs: xs)
+
+    monkeypatch.setitem(sys.modules, "deepsparse", types.SimpleNamespace(compile_model=compile_model))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = MODELS_DIR / "bert_sdpa_h64_op14_legacy_p90.onnx"
+    _, specs = benchmark._load("deepsparse", str(model), 1, 8, 1)
+    assert seen["existed"] and seen["path"] != str(model) and str(tmp_path) in seen["path"]
+    assert not os.path.exists(seen["path"]) and list(tmp_path.iterdir()) == []
+    assert [name for name, _ in specs] == ["input_ids", "attention_mask", "token_type_ids"]
