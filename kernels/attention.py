@@ -83,10 +83,10 @@ def _compiled(cfg: AttentionConfig):
 
 
 @functools.cache
-def _kernel(mask_per_query: bool):
-    """(config, IR function, Numba driver), looked up once per mask layout: building the
-    config and hashing it on every call cost 3 µs."""
-    cfg = attention_config(mask_per_query)
+def _kernel(mask_per_query: bool, lanes: int):
+    """(config, IR function, Numba driver), looked up once per mask layout and vector
+    width: building the config and hashing it on every call cost 3 µs."""
+    cfg = AttentionConfig(mask_per_query, lanes)
     return cfg, _compiled(cfg), load_source(HEADS_DRIVER_SOURCE).run_heads
 
 
@@ -145,7 +145,7 @@ def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarr
     # Splitting the two axes is a view, never a copy.
     ot = feature_major_empty(n_head * v.shape[3], n_batch * tq).reshape(n_head, v.shape[3], n_batch, tq)
     ot = ot.transpose(2, 0, 1, 3)
-    cfg, fn, run_heads = _kernel(per_query)
+    cfg, fn, run_heads = _kernel(per_query, vector_lanes())
     fill = np.float32(0.0) if nan_guard else np.float32(np.nan)
     run_heads(fn, qt, kt, vt, mask_t, ot, np.float32(mul), fill, cfg.lanes * cfg.qvec)
     return ot.transpose(0, 1, 3, 2)

@@ -144,7 +144,10 @@ _COLUMNS_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.
 
 @functools.cache
 def _columns_kernel(lanes: int):
-    return _COLUMNS_PROTO(compile_ir(columns_ir(lanes), "layernorm_columns"))
+    """(IR function, Numba driver) for a vector width, looked up once, as the attention's
+    are: every run calls this kernel 25 times for BERT-base."""
+    fn = _COLUMNS_PROTO(compile_ir(columns_ir(lanes), "layernorm_columns"))
+    return fn, load_source(COLUMNS_DRIVER_SOURCE).run_columns
 
 
 def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon: float,
@@ -165,8 +168,8 @@ def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon
     if feature_major:
         xt = transposed(x2)
         yt = feature_major_empty(h, x2.shape[0])
-        load_source(COLUMNS_DRIVER_SOURCE).run_columns(_columns_kernel(vector_lanes()), xt, yt, scale, b, np.float32(epsilon),
-                                                       numba.get_num_threads())
+        fn, run_columns = _columns_kernel(vector_lanes())
+        run_columns(fn, xt, yt, scale, b, np.float32(epsilon), numba.get_num_threads())
         return yt.T.reshape(lead + (h,))
     y = np.empty(x2.shape, np.float32)
     load_source(LAYERNORM_SOURCE).layernorm_rows(contiguous(x2), scale, b, np.float32(epsilon), y)

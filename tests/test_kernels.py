@@ -289,8 +289,13 @@ def test_kernels_with_8_lanes(monkeypatch):
     import sparsejit.kernels.layernorm as layernorm_mod
     import sparsejit.kernels.linear as linear_mod
 
+    built = []
     for mod in (attention_mod, layernorm_mod, linear_mod):
         monkeypatch.setattr(mod, "vector_lanes", lambda: 8)
+        compile_ir = mod.compile_ir
+        monkeypatch.setattr(mod, "compile_ir", lambda src, fn, c=compile_ir: built.append(src) or c(src, fn))
+    attention_mod._kernel.cache_clear()  # (cached per vector width, so nothing from 16 lanes is reused)
+    layernorm_mod._columns_kernel.cache_clear()
     rng = np.random.default_rng(11)
     w = pruned(rng, 96, 40, 0.8)
     bias = rng.standard_normal(40).astype(np.float32)
@@ -307,3 +312,5 @@ def test_kernels_with_8_lanes(monkeypatch):
     np.testing.assert_allclose(layernorm(xs, bias[:1].repeat(96), bias[:1].repeat(96), 1e-5),
                                reference_layernorm(x.reshape(-1, 96), bias[:1].repeat(96), bias[:1].repeat(96), 1e-5),
                                **TOL)
+    kinds = {src.split("kernel: ")[1].split()[0] for src in built if "lanes=8" in src}
+    assert kinds >= {"attention", "LayerNorm,", "block=1"}, kinds  # 8-lane code built and run for each
