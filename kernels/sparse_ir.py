@@ -18,6 +18,10 @@ read at a time and it stays in L1 across the rows instead of streaming from L2 f
 nonzero. Partial sums go through yᵀ between chunks; the epilogue runs on the last.
 On BERT-base at 90% this took the 3072→768 layer from 0.73 to 0.52 ms.
 
+Within a chunk the rows come in the order `order` lists them (slot s of chunk c is row
+order[c·m + s], with its nonzeros at slot s of the CSR): linear.order_rows sorts each
+thread's rows by their count in that chunk, so the loop exits are predictable.
+
 The text is a pure function of `IRConfig`: a table of fragments and one emitter.
 """
 
@@ -28,9 +32,10 @@ from dataclasses import dataclass
 from .ir import Emitter
 
 ARGS = ("ptr noalias %xt, i64 %ldx, ptr noalias %indptr, ptr noalias %indices, ptr noalias %values, "
-        "ptr noalias %bias, ptr noalias %yt, i64 %ldy, ptr noalias %rt, i64 %ldr, i64 %m, i64 %nchunks")
+        "ptr noalias %bias, ptr noalias %yt, i64 %ldy, ptr noalias %rt, i64 %ldr, i64 %m, i64 %nchunks, "
+        "ptr noalias %order")
 ARG_NAMES = ("ptr %xt, i64 %ldx, ptr %indptr, ptr %indices, ptr %values, ptr %bias, ptr %yt, i64 %ldy, "
-             "ptr %rt, i64 %ldr, i64 %m, i64 %nchunks")
+             "ptr %rt, i64 %ldr, i64 %m, i64 %nchunks, ptr %order")
 
 # Eigen's and XLA's float32 erf: x·P(x²)/Q(x²) on x clamped to [-4, 4] (see gelu.py).
 ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
@@ -69,7 +74,8 @@ def _gelu(e: Emitter, v: str) -> str:
 
 
 def _tile_function(cfg: IRConfig, name: str, vectors: int, masked: bool) -> str:
-    """Output row j, tokens [t, t + lanes·vectors), the nonzeros of K-chunk c, in registers.
+    """Slot s of K-chunk c, tokens [t, t + lanes·vectors), in registers: the nonzeros of
+    output row j = order[c·m + s] in that chunk.
 
     Chunk 0 starts from the bias; later chunks reload the partial sums from yᵀ. The last
     chunk applies the epilogue. A middle chunk with no nonzeros in row j is skipped."""
@@ -77,9 +83,11 @@ def _tile_function(cfg: IRConfig, name: str, vectors: int, masked: bool) -> str:
     vt, L = e.vt, cfg.lanes
     mask_arg = f", <{L} x i1> %mask" if masked else ""
     mask = "%mask" if masked else None
-    e.raw(f"define internal void @{name}({ARG_NAMES}, i64 %j, i64 %t, i64 %c{mask_arg}) alwaysinline {{")
+    e.raw(f"define internal void @{name}({ARG_NAMES}, i64 %s, i64 %t, i64 %c{mask_arg}) alwaysinline {{")
     e.raw("entry:")
-    at = e.offset("%c", "%m", "%j")
+    at = e.offset("%c", "%m", "%s")
+    j_stored = e(f"load i32, ptr {e.gep('%order', at, 'i32')}, align 4")
+    e(f"sext i32 {j_stored} to i64", "%j")
     p0 = e(f"load i64, ptr {e.gep('%indptr', at, 'i64')}, align 8")
     at1 = e(f"add i64 {at}, 1")
     p1 = e(f"load i64, ptr {e.gep('%indptr', at1, 'i64')}, align 8")

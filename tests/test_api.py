@@ -148,10 +148,10 @@ def test_check_reports_every_layer_and_catches_a_broken_kernel():
     for broken in [lp for lp in model.layers if lp.kind == "sparse"][:4]:
         kernel, start, stop = getattr(broken.impl, "group", broken.impl), getattr(broken.impl, "start", 0), \
             getattr(broken.impl, "stop", broken.impl.out_features)
-        m = kernel.out_features
-        j = next(c * m + j for c in range(kernel.nchunks) for j in range(start, stop)
-                 if kernel.indptr[c * m + j + 1] > kernel.indptr[c * m + j])
-        at = kernel.indptr[j] * broken.pattern.block
+        # The first stored weight of a row of this layer (slots hold rows in count order).
+        slot = next(s for s in range(len(kernel.order))
+                    if start <= kernel.order[s] < stop and kernel.indptr[s + 1] > kernel.indptr[s])
+        at = kernel.indptr[slot] * broken.pattern.block
         kernel.values.flat[at] += 1.0
         report = model.check()
         assert not report.ok and [r.layer for r in report if not r.ok] == [broken.name]

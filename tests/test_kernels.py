@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+
+import numba
 import numpy as np
 import pytest
 from scipy.special import erf
@@ -138,6 +141,35 @@ def test_source_is_a_pure_function_of_the_config():
     assert kernel_source(cfg) == kernel_source(kernel_config(4, "gelu", True))
     assert kernel_source(cfg) != kernel_source(kernel_config(1, "gelu", True))
     assert "define void @sparse_rows" in kernel_source(cfg) and "rt[j, t]" in kernel_source(cfg)
+
+
+def test_rows_run_in_count_order_within_each_thread():
+    """In every K-chunk each thread's rows are stored in order of their count of stored
+    weights, and stay that thread's; a change of thread count lays them out again, and
+    every layout computes the same product."""
+    rng = np.random.default_rng(4)
+    k, m = 96, 50
+    w = pruned(rng, k, m, 0.8)
+    bias = rng.standard_normal(m).astype(np.float32)
+    x = rng.standard_normal((37, k)).astype(np.float32)
+    layer = SparseLinear(w, bias, "gelu", False, k_chunk=32)
+    before = numba.get_num_threads()
+    try:
+        for n in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS), before}, reverse=True) + [1]:
+            numba.set_num_threads(n)
+            np.testing.assert_allclose(layer(x), reference_linear(x, w, bias, "gelu"), **TOL)
+            bounds = layer.bounds()
+            assert len(bounds) == n + 1
+            counts = np.diff(layer.indptr).reshape(layer.nchunks, m)
+            order = layer.order.reshape(layer.nchunks, m)
+            for c in range(layer.nchunks):
+                want = (w[32 * c:32 * (c + 1)] != 0).sum(axis=0)
+                np.testing.assert_array_equal(counts[c], want[order[c]])
+                for b0, b1 in itertools.pairwise(bounds):
+                    assert sorted(order[c, b0:b1]) == list(range(b0, b1))
+                    assert np.all(np.diff(counts[c, b0:b1]) >= 0)
+    finally:
+        numba.set_num_threads(before)
 
 
 def test_balanced_bounds():
