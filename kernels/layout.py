@@ -89,6 +89,14 @@ def transposed(a: np.ndarray) -> np.ndarray:
     return out
 
 
+def transposed_copy(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous float32 copy of a 2-D array, by the tiled transpose of a.T (fast
+    when a is feature-major, that is when a.T has contiguous rows)."""
+    out = np.empty(a.shape, np.float32)
+    load_source(TRANSPOSE_SOURCE).transpose(a.T.astype(np.float32, copy=False), out)
+    return out
+
+
 def contiguous(a: np.ndarray) -> np.ndarray:
     """a as a writable C-contiguous float32 array; a feature-major view is transposed fast."""
     if a.flags.c_contiguous and a.flags.writeable and a.dtype == np.float32:

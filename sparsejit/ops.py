@@ -251,9 +251,9 @@ def constant_of_shape(shape_, value=None):
 @op("Reshape")
 def reshape(x, shape_, allowzero=0):
     target = np.asarray(shape_).tolist()  # Python ints, 4× faster than int() per element
-    if not allowzero:
+    if not allowzero and 0 in target:
         target = [x.shape[i] if s == 0 else s for i, s in enumerate(target)]
-    return np.reshape(x, target)
+    return x.reshape(target)
 
 
 @op("Flatten")
@@ -293,7 +293,10 @@ def gather(x, indices, axis=0):
     n = x.shape[axis]
     if idx.size and (idx.min() < -n or idx.max() >= n):
         raise IndexError(f"Gather index out of range [{-n}, {n}) on axis {axis}")
-    return np.take(x, np.where(idx < 0, idx + n, idx), axis=axis)
+    # Indexing rather than np.take: take copies a non-contiguous x whole first (the
+    # pooler's Gather of token 0 from a feature-major [1, 128, 768] view took 130 µs).
+    axis = axis % x.ndim if x.ndim else axis
+    return x[(slice(None),) * axis + (np.where(idx < 0, idx + n, idx),)]
 
 
 @op("GatherElements")

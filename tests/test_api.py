@@ -35,6 +35,14 @@ def test_list_inputs_in_graph_order_and_output_selection(bert):
     np.testing.assert_array_equal(swapped[1], full[0])
 
 
+def test_outputs_are_plain_c_ordered_arrays(bert):
+    """The kernels leave feature-major views; callers get C-ordered copies, equal to ORT's."""
+    feeds = make_inputs(bert.input_names, 3, 20)
+    outs = bert.run(feeds)
+    assert all(o.flags.c_contiguous and o.flags.writeable and o.dtype == np.float32 for o in outs)
+    assert_parity(outs, ort_run(BERT, feeds), bert.output_names)
+
+
 def test_only_requested_output_after_other_shapes(bert):
     """Asking for one output first must still leave the shape cache complete for the other."""
     feeds = make_inputs(bert.input_names, 1, 13)
