@@ -10,6 +10,7 @@ each kind of layer (`LayerTimings`), and the faster one is kept (`kernels="spars
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from .benchmark import time_calls
 from .graph import Graph, Node
-from .kernels.attention import fused_attention
+from .kernels.attention import PreparedMask, fused_attention
 from .kernels.layernorm import layernorm
 from .kernels.layout import feature_major_empty
 from .kernels.linear import DenseLinear, OutputSlice, Pattern, SparseLinear, analyse, reference_linear
@@ -251,6 +252,10 @@ def _attention_step(node: Node) -> Callable[..., tuple]:
     return run
 
 
+def _prepare_mask_step(mask):
+    return (PreparedMask(mask),)
+
+
 def _layernorm_step(node: Node, feature_major: bool | None) -> Callable[..., tuple]:
     eps = node.attrs.get("epsilon", 1e-5)
 
@@ -288,6 +293,9 @@ def plan(graph: Graph, kernels: str = "auto",
     linear_inputs: set[str] = set()  # values a Linear reads (x or residual)
     groups = shared_input_groups(graph.nodes)
     in_group = {m.name for ms in groups.values() for m in ms}
+    readers = Counter(n.inputs[3] for n in graph.nodes if n.op_type == "Attention" and len(n.inputs) > 3)
+    shared_masks = {name for name, count in readers.items() if name and count > 1}
+    prepared: dict[str, str] = {}
     for n in graph.nodes:
         if n.op_type == "Linear":
             if n.name in in_group:  # the group's step, at its first member, computes them all
@@ -307,6 +315,13 @@ def plan(graph: Graph, kernels: str = "auto",
                     progress(len(layers), total, layer)
             linear_inputs.update(n.inputs)
         elif n.op_type == "Attention":
+            mask = n.inputs[3] if len(n.inputs) > 3 else ""
+            if mask in shared_masks:
+                if mask not in prepared:  # before the first Attention that reads it
+                    prepared[mask] = f"{mask}::prepared"
+                    steps.append(Step(Node("PrepareMask", f"{mask}::prepare", [mask], [prepared[mask]]),
+                                      _prepare_mask_step))
+                n = Node(n.op_type, n.name, n.inputs[:3] + [prepared[mask]] + n.inputs[4:], n.outputs, n.attrs)
             steps.append(Step(n, _attention_step(n)))
         elif _is_last_axis_layernorm(n):
             steps.append(Step(n, None))  # its layout is settled below, once its readers are planned

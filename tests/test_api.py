@@ -43,6 +43,23 @@ def test_outputs_are_plain_c_ordered_arrays(bert):
     assert_parity(outs, ort_run(BERT, feeds), bert.output_names)
 
 
+def test_attention_mask_is_prepared_once_per_run():
+    """Where every layer's Attention reads one mask (eager exports; SDPA exports compute one
+    per layer), its kernel layout is built by one step, and the layers agree with ORT
+    under padding that differs per row."""
+    path = MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx"
+    model = sparsejit.load(path)
+    steps = model._executor.steps
+    prepare = [s for s in steps if s.node.op_type == "PrepareMask"]
+    attention = [s for s in steps if s.node.op_type == "Attention"]
+    assert len(prepare) == 1 and len(attention) > 1
+    assert all(s.node.inputs[3] == prepare[0].node.outputs[0] for s in attention)
+    feeds = make_inputs(model.input_names, 3, 11)
+    feeds["attention_mask"][1, 6:] = 0
+    feeds["attention_mask"][2, 2:] = 0
+    assert_parity(model.run(feeds), ort_run(path, feeds), model.output_names)
+
+
 def test_only_requested_output_after_other_shapes(bert):
     """Asking for one output first must still leave the shape cache complete for the other."""
     feeds = make_inputs(bert.input_names, 1, 13)
