@@ -67,10 +67,25 @@ def aligned_empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     return buf[start:start + n].reshape(shape)
 
 
+EMPTY_SOURCE = """\
+# sparsejit generated kernel: an uninitialised feature-major buffer, rows on 64-byte lines
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def feature_major_empty(features, tokens, ld):
+    buf = np.empty(features * ld + 16, np.float32)
+    start = (64 - buf.ctypes.data % 64) % 64 // 4
+    return buf[start:start + features * ld].reshape((features, ld))[:, :tokens]
+"""
+
+
 def feature_major_empty(features: int, tokens: int) -> np.ndarray:
     """An uninitialised [features, tokens] float32 array with padded rows (unit token stride),
-    every row starting on a 64-byte line."""
-    return aligned_empty((features, padded_rows(tokens)))[:, :tokens]
+    every row starting on a 64-byte line. Made in Numba: every kernel call makes its
+    output so, and aligned_empty's Python took 2 µs of it, this 0.6."""
+    return load_source(EMPTY_SOURCE).feature_major_empty(features, tokens, padded_rows(tokens))
 
 
 def unit_token_stride(a: np.ndarray) -> bool:
