@@ -53,7 +53,7 @@ def reference_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None 
 SPARSE_DRIVER_SOURCE = """\
 # sparsejit generated kernel: the parallel driver of every sparse IR kernel
 # thread c computes output rows [bounds[c], bounds[c + 1]) for all tokens; in each K-chunk
-# it takes them in the order `order` lists them (see RowLayout)
+# it takes them in the order `order` lists them (see order_rows)
 from numba import njit, prange
 
 
@@ -183,9 +183,10 @@ def order_rows(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, orde
     their stored-weight count in that chunk.
 
     The kernel's loop over a row's nonzeros ends at a count that varies from row to row,
-    and in the CSR's row order the branch predictor misses nearly every loop exit (about
-    15 cycles each, against 4 per nonzero). In count order, runs of rows share a count
-    and the exits are predicted. Takes and returns (indptr, indices, values, order) where
+    which the branch predictor cannot foresee in the CSR's row order. With equal counts
+    in every row the kernel ran 11% faster than with a pruned weight's varying ones (one
+    core, 768→3072, 13 nonzeros per row and chunk); in count order, runs of rows share a
+    count, and the real 90% weight went from 529 to 506 µs. Takes and returns (indptr, indices, values, order) where
     slot s of chunk c holds the stored weights of row order[c·m + s]; the input may be
     in any slot order (a chunked CSR has order = arange per chunk). Each thread's rows
     [bounds[i], bounds[i + 1]) keep their slots, so a thread finds them where it looks."""
