@@ -295,8 +295,7 @@ def gather(x, indices, axis=0):
         raise IndexError(f"Gather index out of range [{-n}, {n}) on axis {axis}")
     # Indexing rather than np.take: take copies a non-contiguous x whole first (the
     # pooler's Gather of token 0 from a feature-major [1, 128, 768] view took 130 µs).
-    axis = axis % x.ndim if x.ndim else axis
-    return x[(slice(None),) * axis + (np.where(idx < 0, idx + n, idx),)]
+    return x[(slice(None),) * (axis % x.ndim) + (np.where(idx < 0, idx + n, idx),)]
 
 
 @op("GatherElements")
