@@ -22,6 +22,21 @@ Within a chunk the rows come in the order `order` lists them (slot s of chunk c 
 order[c·m + s], with its nonzeros at slot s of the CSR): linear.order_rows sorts each
 thread's rows by their count in that chunk, so the loop exits are predictable.
 
+How close this is to the machine (measured on the 2-core AMD EPYC here, clock about
+4.15 GHz; 768→3072 at 90%, 128 tokens, one core, about 520 µs):
+- Each nonzero is 8 fmas, each with a 64-byte load of xᵀ. A bare LLVM loop of exactly
+  that, reading L1, takes 1.07 ns per nonzero (4.4 cycles). It takes 1.35 ns when the
+  row it reads comes from a loaded index, as here. This kernel, with xᵀ held in L1,
+  costs about that per nonzero, plus about 7 ns per row and K-chunk.
+- Partial sums of yᵀ served from L1, not L2, saved 7% (a scratch variant that gave
+  wrong results). Prefetching yᵀ rows 2, 4 or 8 slots ahead saved nothing.
+- In BERT-base the weights (about 60 MB) stream from DRAM every run. With every layer
+  of a shape given the same weights, so that they stayed in L3, a run was 0.6-0.9 ms
+  faster out of 14. Software prefetches of the weight stream (non-temporal or not)
+  changed nothing.
+- Also slower: 64-token tiles at 2 threads (about 10%), and splitting tokens rather
+  than rows across the 2 threads (2-3×).
+
 The text is a pure function of `IRConfig`: a table of fragments and one emitter.
 """
 
