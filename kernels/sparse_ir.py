@@ -28,14 +28,14 @@ How close this is to the machine (measured on the 2-core AMD EPYC here, clock ab
   that, reading L1, takes 1.07 ns per nonzero (4.4 cycles). It takes 1.35 ns when the
   row it reads comes from a loaded index, as here. This kernel, with xᵀ held in L1,
   costs about that per nonzero, plus about 7 ns per row and K-chunk.
-- Partial sums of yᵀ served from L1, not L2, saved 7% (a scratch variant that gave
+- Partial sums of yᵀ served from L1, not L2, saved 4-10% (a scratch variant that gave
   wrong results). Prefetching yᵀ rows 2, 4 or 8 slots ahead saved nothing.
 - In BERT-base the weights (about 60 MB) stream from DRAM every run. With every layer
-  of a shape given the same weights, so that they stayed in L3, a run was 0.6-0.9 ms
-  faster out of 14. Software prefetches of the weight stream (non-temporal or not)
-  changed nothing.
+  of a shape given the same weights, so that they stayed in L3, a run was 0.4 to 0.9 ms
+  faster out of 14 (three comparisons). Software prefetches of the weight stream
+  (non-temporal or not) changed nothing.
 - Also slower: 64-token tiles at 2 threads (about 10%), and splitting tokens rather
-  than rows across the 2 threads (2-3×).
+  than rows across the 2 threads (1.9-3× slower).
 
 The text is a pure function of `IRConfig`: a table of fragments and one emitter.
 """
