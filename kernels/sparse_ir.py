@@ -35,7 +35,7 @@ How close this is to the machine (measured on the 2-core AMD EPYC here, clock ab
   faster out of 14 (three comparisons). Software prefetches of the weight stream
   (non-temporal or not) changed nothing.
 - Also slower: 64-token tiles at 2 threads (about 10%), and splitting tokens rather
-  than rows across the 2 threads (1.9-3× slower).
+  than rows across the 2 threads (1.9-2.2× slower, best K-chunk of each).
 
 The text is a pure function of `IRConfig`: a table of fragments and one emitter.
 """
