@@ -1,13 +1,20 @@
-"""The executor: runs a plan's steps in order over a name → array environment.
+"""The executor: runs a plan's steps in order.
 
 Shape-only values (see `fold.shape_only_values`) are computed on the first run of each
 input-shape signature and kept in a small LRU cache; later runs with those shapes skip
 their nodes. Each intermediate is dropped right after its last reader, so memory holds
 only live activations.
+
+The first run of a signature walks the steps over a name → array dict. Later runs call
+a forward function generated for the signature: one line per step, values in local
+variables, `del` after each value's last reader (see `forward_source`). The dict walk
+costs about 2 µs a step more, most of it the interpreter's own work missing the caches
+the kernels have just churned (BERT-base: 198 steps, 3% of a 14 ms run).
 """
 
 from __future__ import annotations
 
+import linecache
 import time
 from collections import OrderedDict
 
@@ -45,6 +52,7 @@ class Executor:
         self.static = shape_only_values(graph)
         self._folded: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
         self._schedules: dict[tuple, tuple] = {}
+        self._forwards: dict[tuple, Forward] = {}  # by (signature, outputs), for signatures in _folded
 
     def _schedule(self, outputs: tuple[str, ...], skip_static: bool) -> tuple:
         """Steps needed for `outputs`, and after each the names no later step reads."""
@@ -83,6 +91,9 @@ class Executor:
         """Run the steps `outputs` need; with `profile`, add each node's seconds to it by name."""
         signature = tuple((name, a.shape) for name, a in feeds.items())
         folded = self._folded.get(signature)
+        if folded is not None and profile is None:
+            self._folded.move_to_end(signature)
+            return [_c_order(a) for a in self.forward(signature, outputs)(feeds)]
         env = dict(self.graph.constants)
         env.update(feeds)
         if folded is not None:
@@ -109,6 +120,92 @@ class Executor:
         if folded is None:
             self._folded[signature] = {k: env[k] for k in self.static if k in env}
             if len(self._folded) > MAX_SHAPE_SIGNATURES:
-                self._folded.popitem(last=False)
+                old, _ = self._folded.popitem(last=False)
+                for key in [k for k in self._forwards if k[0] == old]:
+                    del self._forwards[key]
         # Kernels may hand back transposed views; callers get plain C-ordered arrays.
         return [_c_order(env[o]) for o in outputs]
+
+
+    def forward(self, signature: tuple, outputs: tuple[str, ...]) -> Forward:
+        """The generated forward function for a signature already run once (its shape-only
+        values are in the cache), built on first use from the steps as they are then."""
+        key = (signature, outputs)
+        if key not in self._forwards:
+            steps, drops = self._schedule(outputs, True)
+            self._forwards[key] = Forward(steps, drops, outputs, [name for name, _ in signature],
+                                          self._folded[signature], self.graph.constants)
+        return self._forwards[key]
+
+
+class Forward:
+    """A schedule as straight-line Python: `forward(feeds)` returns the outputs (as the
+    steps leave them). A value is read from, in order: the step that made it, the
+    shape-only cache, the feeds, the constants, as the dict walk reads its environment.
+    A failing step is named from the line it failed on."""
+
+    def __init__(self, steps: tuple, drops: tuple, outputs: tuple[str, ...], feed_names: list[str],
+                 folded: dict[str, np.ndarray], constants: dict[str, np.ndarray]):
+        self.nodes = [s.node for s in steps]
+        namespace: dict[str, object] = {"undefined": {}}
+        local: dict[str, str] = {}  # value name → local variable
+        bound: dict[str, str] = {}  # value name → namespace name
+
+        def read(name: str) -> str:
+            if not name:
+                return "None"
+            if name in local:
+                return local[name]
+            if name in feed_names and name not in folded:
+                return f"feeds[{name!r}]"
+            source = folded if name in folded else constants if name in constants else None
+            if source is None:  # read before any step makes it: the KeyError names it
+                return f"undefined[{name!r}]"
+            if name not in bound:
+                bound[name] = f"c{len(bound)}"
+                namespace[bound[name]] = source[name]
+            return bound[name]
+
+        lines = [f"# sparsejit forward: {len(steps)} steps, outputs {list(outputs)}",
+                 "def forward(feeds):"]
+        self._step_at: dict[int, int] = {}  # line number → step index
+        made = 0
+        for i, (step, drop) in enumerate(zip(steps, drops)):
+            node = step.node
+            namespace[f"step{i}"] = step.run
+            args = ", ".join(read(name) for name in node.inputs)
+            targets = []
+            for name in node.outputs:
+                if name:
+                    local[name] = f"v{made}"
+                    made += 1
+                targets.append(local[name] if name else "_")
+            self._step_at[len(lines) + 1] = i
+            lines.append(f"    {', '.join(targets)}, = step{i}({args})  # {node.op_type} {node.name}")
+            gone = [local.pop(name) for name in drop if name in local]
+            if gone:
+                lines.append(f"    del {', '.join(gone)}")
+        lines.append(f"    return [{', '.join(read(name) for name in outputs)}]")
+        self.source = "\n".join(lines) + "\n"
+        # Registered with linecache so that tracebacks through it show its lines.
+        self._filename = f"<sparsejit forward {id(self):x}>"
+        linecache.cache[self._filename] = (len(self.source), None, self.source.splitlines(True), self._filename)
+        exec(compile(self.source, self._filename, "exec"), namespace)
+        self._fn = namespace["forward"]
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self._fn(feeds)
+        except Exception as e:
+            tb, at = e.__traceback__, None
+            while tb is not None:
+                if tb.tb_frame.f_code is self._fn.__code__:
+                    at = self._step_at.get(tb.tb_lineno)
+                tb = tb.tb_next
+            if at is None:
+                raise
+            node = self.nodes[at]
+            raise RuntimeError(f"node {node.name!r} ({node.op_type}) failed: {e}") from e
+
+    def __del__(self):
+        linecache.cache.pop(getattr(self, "_filename", None), None)
