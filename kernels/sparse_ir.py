@@ -127,29 +127,66 @@ def _tile_function(cfg: IRConfig, name: str, vectors: int, masked: bool) -> str:
     e.raw("  br label %start")
     e.raw("start:")
     init = [e(f"phi {vt} [ {binit}, %from.bias ], [ {yinit[u]}, %from.y.load ]") for u in range(vectors)]
-    e.raw(f"  br i1 {empty}, label %done, label %loop")
+    ity = f"i{cfg.index_bits}"
+    group = 2 if cfg.block == 1 else 1  # stored indices per load (a block's index serves 4 weights already)
+    gty = f"i{group * cfg.index_bits}"
+
+    def add_nonzero(at: str, k_stored: str, accs: list[str], names: list[str | None]) -> list[str]:
+        """accs + the weights stored from slot `at` (one, or a block) × their rows of xᵀ."""
+        k = e(f"{'zext' if cfg.index_bits == 16 else 'sext'} {ity} {k_stored} to i64")
+        wbase = e(f"mul i64 {at}, {cfg.block}")
+        for b in range(cfg.block):
+            widx = e(f"add i64 {wbase}, {b}") if b else wbase
+            w = e.splat(e(f"load float, ptr {e.gep('%values', widx)}, align 4"))
+            kb = e(f"add i64 {k}, {b}") if b else k
+            start = e.offset(kb, "%ldx", "%t")
+            for u in range(vectors):
+                x = e.vload(e.vptr("%xt", start, u), mask)
+                # The last block's fma names the value the loop's phi carries back.
+                accs[u] = e.fma(w, x, accs[u], names[u] if b == cfg.block - 1 else None)
+        return accs
+
+    # Two nonzeros at a time, their indices from one load, then the last one alone. Loads,
+    # not fmas, bound this loop (about two a cycle, 64-byte or scalar), and with a load
+    # per index they were ten per nonzero. One core, 128 tokens: a bare loop of 4-index
+    # groups took 1.20 ns per nonzero against 1.36; in the kernel, pairs gained 2-4%
+    # from 80% to 95% sparsity and nothing lost at 97%, where quadruples lost 5%.
+    if group > 1:
+        count = e(f"sub i64 {p1}, {p0}")
+        g_end = e(f"sub i64 {p1}, {e(f'and i64 {count}, {group - 1}')}")
+        any_group = e(f"icmp slt i64 {p0}, {g_end}")
+        e.raw(f"  br i1 {any_group}, label %group, label %ones")
+        e.raw("group:")
+        pg = e(f"phi i64 [ {p0}, %start ], [ %pg.next, %group ]")
+        gaccs = [e(f"phi {vt} [ {init[u]}, %start ], [ %gacc{u}.next, %group ]") for u in range(vectors)]
+        packed = e(f"load {gty}, ptr {e.gep('%indices', pg, ity)}, align {cfg.index_bits // 8}")
+        for i in range(group):
+            shifted = e(f"lshr {gty} {packed}, {i * cfg.index_bits}") if i else packed
+            at = e(f"add i64 {pg}, {i}") if i else pg
+            last_one = i == group - 1
+            gaccs = add_nonzero(at, e(f"trunc {gty} {shifted} to {ity}"), gaccs,
+                                [f"%gacc{u}.next" if last_one else None for u in range(vectors)])
+        e.raw(f"  %pg.next = add i64 {pg}, {group}")
+        e.raw(f"  br i1 {e(f'icmp slt i64 %pg.next, {g_end}')}, label %group, label %ones")
+        e.raw("ones:")
+        p_ones = e(f"phi i64 [ {p0}, %start ], [ {g_end}, %group ]")
+        init = [e(f"phi {vt} [ {init[u]}, %start ], [ %gacc{u}.next, %group ]") for u in range(vectors)]
+        before = "%ones"
+        e.raw(f"  br i1 {e(f'icmp slt i64 {p_ones}, {p1}')}, label %loop, label %done")
+    else:
+        p_ones, before = p0, "%start"
+        e.raw(f"  br i1 {empty}, label %done, label %loop")
     e.raw("loop:")
     # Phis first; their back-edge values are filled in once the body has named them.
-    p = e(f"phi i64 [ {p0}, %start ], [ %p.next, %loop ]")
-    accs = [e(f"phi {vt} [ {init[u]}, %start ], [ %acc{u}.next, %loop ]") for u in range(vectors)]
-    ity = f"i{cfg.index_bits}"
+    p = e(f"phi i64 [ {p_ones}, {before} ], [ %p.next, %loop ]")
+    accs = [e(f"phi {vt} [ {init[u]}, {before} ], [ %acc{u}.next, %loop ]") for u in range(vectors)]
     k_stored = e(f"load {ity}, ptr {e.gep('%indices', p, ity)}, align {cfg.index_bits // 8}")
-    k = e(f"{'zext' if cfg.index_bits == 16 else 'sext'} {ity} {k_stored} to i64")
-    wbase = e(f"mul i64 {p}, {cfg.block}")
-    for b in range(cfg.block):
-        widx = e(f"add i64 {wbase}, {b}") if b else wbase
-        w = e.splat(e(f"load float, ptr {e.gep('%values', widx)}, align 4"))
-        kb = e(f"add i64 {k}, {b}") if b else k
-        start = e.offset(kb, "%ldx", "%t")
-        for u in range(vectors):
-            x = e.vload(e.vptr("%xt", start, u), mask)
-            # The last block's fma names the value the loop's phi carries back.
-            accs[u] = e.fma(w, x, accs[u], f"%acc{u}.next" if b == cfg.block - 1 else None)
+    add_nonzero(p, k_stored, accs, [f"%acc{u}.next" for u in range(vectors)])
     e.raw(f"  %p.next = add i64 {p}, 1")
     more = e(f"icmp slt i64 %p.next, {p1}")
     e.raw(f"  br i1 {more}, label %loop, label %done")
     e.raw("done:")
-    finals = [e(f"phi {vt} [ {init[u]}, %start ], [ %acc{u}.next, %loop ]") for u in range(vectors)]
+    finals = [e(f"phi {vt} [ {init[u]}, {before} ], [ %acc{u}.next, %loop ]") for u in range(vectors)]
     e.raw(f"  br i1 {last}, label %epilogue, label %partial")
     e.raw("partial:")
     for v, ptr in zip(finals, yptrs):

@@ -120,6 +120,23 @@ def test_empty_rows_and_all_zero_weight():
                                **TOL)
 
 
+@pytest.mark.parametrize("k_chunk", [None, 4096])
+def test_inputs_beyond_16_bit_indices(k_chunk):
+    """Past 65536 inputs the indices are stored in 32 bits (read two at a time, like the
+    16-bit ones): rows with 0 to 5 nonzeros, at inputs on both sides of 65536."""
+    rng = np.random.default_rng(5)
+    k, m = (1 << 16) + 40, 6
+    w = np.zeros((k, m), np.float32)
+    for j in range(m):
+        rows = rng.choice(k, size=j, replace=False)
+        rows[: j // 2] = (1 << 16) + rng.integers(0, 40, j // 2)  # some above 16 bits
+        w[rows, j] = rng.standard_normal(j)
+    w[k - 1, 5] = 2.0
+    layer = SparseLinear(w, None, "none", False, k_chunk=k_chunk)
+    assert layer.config.index_bits == 32
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    np.testing.assert_allclose(layer(x), reference_linear(x, w), **TOL)
+
 def test_analyse_and_compress():
     rng = np.random.default_rng(3)
     w = pruned(rng, 64, 32, 0.8, block=4)
