@@ -84,15 +84,27 @@ class Model:
         Returns the outputs in graph-output order, like ONNX Runtime's `run(None, feed)`,
         or only `output_names`, in that order.
         """
-        feeds = self._validate(inputs)
+        return self._executor.run(self._validate(inputs), self._wanted(output_names))
+
+    def forward_source(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray],
+                       output_names: Sequence[str] | None = None) -> str:
+        """The generated Python that `run` calls for inputs of these shapes (after the
+        first run of a shape, which also computes its shape-only values): one line per
+        step, naming the node. Runs the model once on `inputs` if their shapes are new."""
+        feeds, wanted = self._validate(inputs), self._wanted(output_names)
+        signature = self._executor.signature(feeds)
+        if not self._executor.knows(signature):
+            self._executor.run(feeds, wanted)
+        return self._executor.forward(signature, wanted).source
+
+    def _wanted(self, output_names) -> tuple[str, ...]:
         if output_names is None:
-            wanted = tuple(self.graph.outputs)
-        else:
-            wanted = tuple([output_names] if isinstance(output_names, str) else output_names)
-            unknown = [o for o in wanted if o not in self.graph.outputs]
-            if unknown:
-                raise ValueError(f"unknown output name(s) {unknown}; the model's outputs are {self.output_names}")
-        return self._executor.run(feeds, wanted)
+            return tuple(self.graph.outputs)
+        wanted = tuple([output_names] if isinstance(output_names, str) else output_names)
+        unknown = [o for o in wanted if o not in self.graph.outputs]
+        if unknown:
+            raise ValueError(f"unknown output name(s) {unknown}; the model's outputs are {self.output_names}")
+        return wanted
 
     def profile(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray], runs: int = 5) -> dict[str, float]:
         """Median seconds per node over `runs` runs (after one warm-up), by node name."""

@@ -89,7 +89,7 @@ class Executor:
     def run(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...],
             profile: dict[str, float] | None = None) -> list[np.ndarray]:
         """Run the steps `outputs` need; with `profile`, add each node's seconds to it by name."""
-        signature = tuple((name, a.shape) for name, a in feeds.items())
+        signature = self.signature(feeds)
         folded = self._folded.get(signature)
         if folded is not None and profile is None:
             self._folded.move_to_end(signature)
@@ -126,6 +126,14 @@ class Executor:
         # Kernels may hand back transposed views; callers get plain C-ordered arrays.
         return [_c_order(env[o]) for o in outputs]
 
+
+    @staticmethod
+    def signature(feeds: dict[str, np.ndarray]) -> tuple:
+        return tuple((name, a.shape) for name, a in feeds.items())
+
+    def knows(self, signature: tuple) -> bool:
+        """Whether a run has computed this signature's shape-only values (still cached)."""
+        return signature in self._folded
 
     def forward(self, signature: tuple, outputs: tuple[str, ...]) -> Forward:
         """The generated forward function for a signature already run once (its shape-only
@@ -181,7 +189,8 @@ class Forward:
                     made += 1
                 targets.append(local[name] if name else "_")
             self._step_at[len(lines) + 1] = i
-            lines.append(f"    {', '.join(targets)}, = step{i}({args})  # {node.op_type} {node.name}")
+            # Names from the file appear only as repr() literals: no name can end the line.
+            lines.append(f"    {', '.join(targets)}, = step{i}({args})  # {node.op_type} {node.name!r}")
             gone = [local.pop(name) for name in drop if name in local]
             if gone:
                 lines.append(f"    del {', '.join(gone)}")
@@ -190,7 +199,7 @@ class Forward:
         # Registered with linecache so that tracebacks through it show its lines.
         self._filename = f"<sparsejit forward {id(self):x}>"
         linecache.cache[self._filename] = (len(self.source), None, self.source.splitlines(True), self._filename)
-        exec(compile(self.source, self._filename, "exec"), namespace)
+        exec(compile(self.source, self._filename, "exec"), namespace)  # noqa: S102 (built above, names as literals)
         self._fn = namespace["forward"]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -193,6 +193,55 @@ def test_kernel_source_is_printable(bert):
         bert.kernel_source("nope")
 
 
+def test_repeat_runs_call_the_generated_forward(bert):
+    """After the first run of a shape, runs go through the generated forward: new values
+    at that shape still match ORT (padding differs by row), and its source is printable,
+    one line per step, for the outputs asked for."""
+    ex = bert._executor
+    first = make_inputs(bert.input_names, 3, 17, seed=11)
+    assert_parity(bert.run(first), ort_run(BERT, first), bert.output_names)
+    signature = ex.signature(first)
+    for seed in (12, 13):
+        feeds = make_inputs(bert.input_names, 3, 17, seed=seed)
+        feeds["attention_mask"][0, 17 - seed:] = 0
+        assert_parity(bert.run(feeds), ort_run(BERT, feeds), bert.output_names)
+    assert (signature, tuple(bert.output_names)) in ex._forwards
+    src = bert.forward_source(first)
+    assert "def forward(feeds):" in src and "del " in src
+    steps = [line for line in src.splitlines() if "= step" in line]
+    assert any("Attention" in line for line in steps) and any("LayerNormalization" in line for line in steps)
+    pooled_only = bert.forward_source(first, output_names=["pooler_output"])
+    hidden_only = bert.forward_source(first, output_names=["last_hidden_state"])
+    assert "pooler" in pooled_only and "pooler" not in hidden_only
+
+
+def test_repeat_run_failure_names_the_node(bert):
+    """A step failing inside the generated forward is named like one failing in the walk."""
+    feeds = make_inputs(bert.input_names, 1, 6)
+    bert.run(feeds)
+    assert bert._executor.knows(bert._executor.signature(feeds))
+    feeds["input_ids"][0, 2] = 100000
+    with pytest.raises(RuntimeError, match=r"node '[^']*word_embeddings/Gather' \(Gather\) failed.*out of range"):
+        bert.run(feeds)
+
+
+def test_names_from_the_file_stay_literals_in_the_generated_forward():
+    """Value and node names are the file's own: one holding a newline and code must not
+    become a line of the generated forward."""
+    evil = "y\nimport os; os._exit(3)  # '\\"
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3])
+    nodes = [helper.make_node("Tanh", ["x"], [evil], name=evil + "node"),
+             helper.make_node("Tanh", [evil], ["out"], name="tanh\r\u2028x = 1")]
+    model = sparsejit.load(helper.make_model(helper.make_graph(nodes, "g", [x], [out]),
+                                             opset_imports=[helper.make_opsetid("", 17)]))
+    feed = np.array([[1, -2, 3], [-4, 5, -6]], np.float32)
+    for _ in range(2):
+        np.testing.assert_allclose(model.run({"x": feed})[0], np.tanh(np.tanh(feed)), rtol=1e-6)
+    src = model.forward_source({"x": feed})
+    assert len([line for line in src.splitlines() if "= step" in line]) == 2, src
+
+
 def test_shape_subgraphs_run_once_per_shape(bert):
     """The second run with the same shapes skips every shape-only node; new shapes recompute them."""
     ex = bert._executor
