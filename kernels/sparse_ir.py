@@ -26,10 +26,16 @@ How close this is to the machine (measured on the 2-core AMD EPYC here, clock ab
 4.15 GHz; 768→3072 at 90%, 128 tokens, one core, about 520 µs):
 - Each nonzero is 8 fmas, each with a 64-byte load of xᵀ. A bare LLVM loop of exactly
   that, reading L1, takes 1.07 ns per nonzero (4.4 cycles). It takes 1.35 ns when the
-  row it reads comes from a loaded index, as here. This kernel, with xᵀ held in L1,
-  costs about that per nonzero, plus about 7 ns per row and K-chunk.
-- Partial sums of yᵀ served from L1, not L2, saved 4-10% (a scratch variant that gave
-  wrong results). Prefetching yᵀ rows 2, 4 or 8 slots ahead saved nothing.
+  row it reads comes from a loaded index, as here (the extra load, not the dependent
+  address: indices loaded four at a time took it to 1.20 ns, hence the pairs below).
+- Fitted over patterns with 1 to 24 nonzeros in every row of every chunk: 1.35 ns per
+  nonzero and 6.0 ns per row and K-chunk with chunks of 64 inputs (32 KB of xᵀ, in
+  L1); 1.65 ns and 6.1 ns with chunks of 128 (64 KB, more than L1 holds).
+- Of those 6 ns, about 4 are yᵀ's partial sums, through L2: without the loads and
+  stores (wrong results) 2.6 ns were left. Served from L1 instead (a 16-row ring, wrong
+  results) the kernel was 4-10% faster. No help: prefetching yᵀ rows 2, 4 or 8 slots
+  ahead; adding the loaded partial sum after the row's fmas, off their chain; two
+  accumulator sets, to halve the chains.
 - In BERT-base the weights (about 60 MB) stream from DRAM every run. With every layer
   of a shape given the same weights, so that they stayed in L3, a run was 0.4 to 0.9 ms
   faster out of 14 (three comparisons). Software prefetches of the weight stream
