@@ -45,6 +45,11 @@ def _c_order(a):
     return a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
 
 
+def step_failed(node, e: Exception) -> RuntimeError:
+    """The error a run raises when a step fails: it names the node."""
+    return RuntimeError(f"node {node.name!r} ({node.op_type}) failed: {e}")
+
+
 class Executor:
     def __init__(self, graph: Graph, steps: list[Step]):
         self.graph = graph
@@ -111,7 +116,7 @@ class Executor:
                     results = step.run(*args)
                     profile[node.name] = profile.get(node.name, 0.0) + time.perf_counter() - t0
             except Exception as e:
-                raise RuntimeError(f"node {node.name!r} ({node.op_type}) failed: {e}") from e
+                raise step_failed(node, e) from e
             for name, value in zip(node.outputs, results):
                 if name:
                     env[name] = value
@@ -125,7 +130,6 @@ class Executor:
                     del self._forwards[key]
         # Kernels may hand back transposed views; callers get plain C-ordered arrays.
         return [_c_order(env[o]) for o in outputs]
-
 
     @staticmethod
     def signature(feeds: dict[str, np.ndarray]) -> tuple:
@@ -213,8 +217,7 @@ class Forward:
                 tb = tb.tb_next
             if at is None:
                 raise
-            node = self.nodes[at]
-            raise RuntimeError(f"node {node.name!r} ({node.op_type}) failed: {e}") from e
+            raise step_failed(self.nodes[at], e) from e
 
     def __del__(self):
         linecache.cache.pop(getattr(self, "_filename", None), None)
