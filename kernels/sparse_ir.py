@@ -274,7 +274,10 @@ def _driver(cfg: IRConfig, names: str) -> str:
     """@sparse_rows: rows [j0, j1) for all ntok tokens: full tiles, single vectors, the tail."""
     lanes = cfg.lanes
     return "".join([
-        f"define void @sparse_rows({ARGS}, i64 %j0, i64 %j1, i64 %ntok) {{\nentry:\n  br label %full.check\n",
+        # The row loops test at their end: a thread with no rows (fewer rows than threads)
+        # must not enter them.
+        (f"define void @sparse_rows({ARGS}, i64 %j0, i64 %j1, i64 %ntok) {{\nentry:\n"
+         "  %any.rows = icmp slt i64 %j0, %j1\n  br i1 %any.rows, label %full.check, label %exit\n"),
         _TILE_LOOP.format(tag="full", start="0", prev="entry", step=lanes * cfg.vectors, after="one.check",
                           names=names),
         _TILE_LOOP.format(tag="one", start="%t.full", prev="full.check", step=lanes, after="tail.check",

@@ -363,3 +363,28 @@ def test_kernels_with_8_lanes(monkeypatch):
                                **TOL)
     kinds = {src.split("kernel: ")[1].split()[0] for src in built if "lanes=8" in src}
     assert kinds >= {"attention", "LayerNorm,", "block=1"}, kinds  # 8-lane code built and run for each
+
+
+def test_a_thread_given_no_rows_writes_nothing():
+    """With fewer output rows than threads some thread gets the empty range [j0, j0) (a
+    1-output head at 2 threads). The IR's row loops test at their end, so such a thread
+    ran one slot past its range: a row of another thread, or past the arrays' end (a
+    segfault). Here slot 1 is a canary: row 1, bias 5, its output row set to 7."""
+    rng = np.random.default_rng(12)
+    w = pruned(rng, 16, 1, 0.5)
+    sparse = SparseLinear(w, None, "none", False)
+    _, _, indptr, indices, values, order = sparse._arrays()
+    indptr = np.append(indptr, indptr[-1])            # slot 1: no stored weights
+    order = np.append(order, np.int32(1))             # ... of row 1
+    bias = np.array([0.0, 5.0], np.float32)
+    xt = rng.standard_normal((16, 16)).astype(np.float32)
+    yt = np.full((2, 16), 7.0, np.float32)
+    rt = np.zeros((1, 1), np.float32)
+    for j0 in (0, 1):
+        sparse._fn(xt.ctypes.data, 16, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data, bias.ctypes.data,
+                   yt.ctypes.data, 16, rt.ctypes.data, 1, 1, 1, order.ctypes.data, j0, j0, 16)
+    assert (yt == 7.0).all()
+    sparse._fn(xt.ctypes.data, 16, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data, bias.ctypes.data,
+               yt.ctypes.data, 16, rt.ctypes.data, 1, 1, 1, order.ctypes.data, 0, 1, 16)
+    np.testing.assert_allclose(yt[0], (xt.T @ w)[:, 0], **TOL)
+    assert (yt[1] == 7.0).all()
