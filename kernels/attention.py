@@ -51,7 +51,7 @@ from numba import njit, prange
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def run_heads(fn, qt, kt, vt, mask, ot, scale, fill, width):
+def run_heads(fn, qt, kt, vt, mask, ot, scale, width):
     n_batch, n_head, d, tq = qt.shape
     tk = kt.shape[3]
     mb, mh = mask.shape[0] > 1, mask.shape[1] > 1
@@ -66,15 +66,15 @@ def run_heads(fn, qt, kt, vt, mask, ot, scale, fill, width):
            mask.ctypes.data + (b if mb else 0) * mask.strides[0] + (h if mh else 0) * mask.strides[1],
            mask.strides[2] // 4,
            ot.ctypes.data + b * ot.strides[0] + h * ot.strides[1], ot.strides[2] // 4,
-           d, tq, tk, scale, s_at, fill)
+           d, tq, tk, scale, s_at)
 """
 
 _HEAD_PROTO = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p, ctypes.c_int64] * 5, ctypes.c_int64, ctypes.c_int64,
-                               ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_float)
+                               ctypes.c_int64, ctypes.c_float, ctypes.c_void_p)
 
 
-def attention_config(mask_per_query: bool) -> AttentionConfig:
-    return AttentionConfig(mask_per_query, vector_lanes())
+def attention_config(mask_per_query: bool, nan_guard: bool = False) -> AttentionConfig:
+    return AttentionConfig(mask_per_query, vector_lanes(), nan_guard=nan_guard)
 
 
 @functools.cache
@@ -83,16 +83,16 @@ def _compiled(cfg: AttentionConfig):
 
 
 @functools.cache
-def _kernel(mask_per_query: bool, lanes: int):
-    """(config, IR function, Numba driver), looked up once per mask layout and vector
-    width: building the config and hashing it on every call cost 3 µs."""
-    cfg = AttentionConfig(mask_per_query, lanes)
+def _kernel(mask_per_query: bool, nan_guard: bool, lanes: int):
+    """(config, IR function, Numba driver), looked up once per mask layout, NaN guard and
+    vector width: building the config and hashing it on every call cost 3 µs."""
+    cfg = AttentionConfig(mask_per_query, lanes, nan_guard=nan_guard)
     return cfg, _compiled(cfg), load_source(HEADS_DRIVER_SOURCE).run_heads
 
 
-def kernel_source(mask_per_query: bool = False) -> str:
+def kernel_source(mask_per_query: bool = False, nan_guard: bool = False) -> str:
     """What runs: the IR for one head, then the Numba driver over (batch, head) pairs."""
-    return attention_ir(attention_config(mask_per_query)) + "\n; driver (Numba):\n" + \
+    return attention_ir(attention_config(mask_per_query, nan_guard)) + "\n; driver (Numba):\n" + \
         "".join("; " + line + "\n" for line in HEADS_DRIVER_SOURCE.splitlines())
 
 
@@ -171,7 +171,6 @@ def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarr
     # Splitting the two axes is a view, never a copy.
     ot = feature_major_empty(n_head * v.shape[3], n_batch * tq).reshape(n_head, v.shape[3], n_batch, tq)
     ot = ot.transpose(2, 0, 1, 3)
-    cfg, fn, run_heads = _kernel(per_query, vector_lanes())
-    fill = np.float32(0.0) if nan_guard else np.float32(np.nan)
-    run_heads(fn, qt, kt, vt, mask_t, ot, np.float32(mul), fill, cfg.lanes * cfg.qvec)
+    cfg, fn, run_heads = _kernel(per_query, bool(nan_guard), vector_lanes())
+    run_heads(fn, qt, kt, vt, mask_t, ot, np.float32(mul), cfg.lanes * cfg.qvec)
     return ot.transpose(0, 1, 3, 2)

@@ -16,8 +16,10 @@ For one (batch, head) pair the kernel walks the queries in tiles of `qvec` vecto
 
 Every load and store of a query tile is masked, so any query count works and nothing
 outside the tile is written. NaN propagates as in the reference: the max is
-`llvm.maximum` and exp keeps NaN; a query whose keys are all masked (max = -inf)
-gets `fill` (NaN, or 0 under the export's NaN guard).
+`llvm.maximum` and exp keeps NaN; a query whose keys are all masked (max = -inf) gets
+NaN. Under the export's NaN guard, Where(IsNaN(p), 0, p), a query whose softmax would be
+NaN (its max not finite: a NaN or +inf score, or every key masked) gets p = 0 for every
+key, and its output is Σ 0·v as the guarded graph computes it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 
 
 ARGS = ("ptr noalias %qt, i64 %ldq, ptr noalias %kt, i64 %ldk, ptr noalias %vt, i64 %ldv, "
         "ptr noalias %mask, i64 %ldm, ptr noalias %ot, i64 %ldo, i64 %d, i64 %tq, i64 %tk, "
-        "float %scale, ptr noalias %s, float %fill")
+        "float %scale, ptr noalias %s")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class AttentionConfig:
     lanes: int = 16
     qvec: int = 2                 # query vectors per tile
     block: int = 8                # keys per score block, head features per output block
+    nan_guard: bool = False       # the softmax's NaN outputs are replaced by 0
 
 
 def _exp(e: Builder, x: str) -> str:
@@ -78,6 +81,7 @@ def _head(cfg: AttentionConfig) -> str:
     e.raw(f"define void @attention_head({ARGS}) {{")
     e.label("entry")
     ninf = e.const(float("-inf"))
+    nan = e.const(float("nan"))
     zero = "zeroinitializer"
 
     def tile(i0):
@@ -117,6 +121,14 @@ def _head(cfg: AttentionConfig) -> str:
         start, maxes = e.loop("0", "%tk", R, [(vt, ninf)] * QV, score_block(R))
         _, maxes = e.loop(start, "%tk", 1, [(vt, m) for m in maxes], score_block(1))
 
+        # A query whose max is not finite has a NaN softmax (NaN - NaN, inf - inf, or
+        # -inf - -inf in every term): NaN out, or under the guard p = 0 for every key.
+        if cfg.nan_guard:
+            finite = e.const(3.4028234663852886e38)
+            dead = [e(f"fcmp ugt {vt} {e(f'call {vt} @llvm.fabs.v{L}f32({vt} {m})')}, {finite}") for m in maxes]
+        else:
+            dead = [e(f"fcmp oeq {vt} {m}, {ninf}") for m in maxes]
+
         def softmax(j, sums):
             srow = e(f"mul i64 {j}, {width}")
             out = []
@@ -124,17 +136,19 @@ def _head(cfg: AttentionConfig) -> str:
                 ptr = e.vptr("%s", srow, v)
                 x = e(f"fsub {vt} {e.vload(ptr, None)}, {maxes[v]}")
                 p = _exp(e, x)
+                if cfg.nan_guard:
+                    p = e(f"select <{L} x i1> {dead[v]}, {vt} {zero}, {vt} {p}")
                 e.vstore(p, ptr, None)
                 out.append(e(f"fadd {vt} {sums[v]}, {p}"))
             return out
 
         _, sums = e.loop("0", "%tk", 1, [(vt, zero)] * QV, softmax)
-        fill = e.splat("%fill")
         scales = []
         for v in range(QV):
             inv = e(f"fdiv {vt} {e.const(1.0)}, {sums[v]}")
-            dead = e(f"fcmp oeq {vt} {maxes[v]}, {ninf}")
-            scales.append((inv, dead))
+            if cfg.nan_guard:  # Σ p·v with every p = 0, unscaled
+                inv = e(f"select <{L} x i1> {dead[v]}, {vt} {e.const(1.0)}, {vt} {inv}")
+            scales.append(inv)
 
         def out_block(rows):
             def body(e0, _c):
@@ -154,9 +168,9 @@ def _head(cfg: AttentionConfig) -> str:
                     er = e(f"add i64 {e0}, {r}") if r else e0
                     ooff = e.offset(er, "%ldo", i0)
                     for v in range(QV):
-                        inv, dead = scales[v]
-                        o = e(f"fmul {vt} {accs[r * QV + v]}, {inv}")
-                        o = e(f"select <{L} x i1> {dead}, {vt} {fill}, {vt} {o}")
+                        o = e(f"fmul {vt} {accs[r * QV + v]}, {scales[v]}")
+                        if not cfg.nan_guard:
+                            o = e(f"select <{L} x i1> {dead[v]}, {vt} {nan}, {vt} {o}")
                         e.vstore(o, e.vptr("%ot", ooff, v), masks[v])
                 return []
             return body
@@ -174,6 +188,7 @@ _DECLARES = """\
 declare <{L} x float> @llvm.fma.v{L}f32(<{L} x float>, <{L} x float>, <{L} x float>)
 declare <{L} x float> @llvm.maximum.v{L}f32(<{L} x float>, <{L} x float>)
 declare <{L} x float> @llvm.floor.v{L}f32(<{L} x float>)
+declare <{L} x float> @llvm.fabs.v{L}f32(<{L} x float>)
 declare <{L} x float> @llvm.masked.load.v{L}f32.p0(ptr, i32, <{L} x i1>, <{L} x float>)
 declare void @llvm.masked.store.v{L}f32.p0(<{L} x float>, ptr, i32, <{L} x i1>)
 """
@@ -181,6 +196,7 @@ declare void @llvm.masked.store.v{L}f32.p0(<{L} x float>, ptr, i32, <{L} x i1>)
 
 def attention_ir(cfg: AttentionConfig) -> str:
     header = (f"; sparsejit generated kernel: attention for one (batch, head), feature-major, "
-              f"mask_per_query={cfg.mask_per_query} lanes={cfg.lanes} qvec={cfg.qvec} block={cfg.block}\n"
+              f"mask_per_query={cfg.mask_per_query} lanes={cfg.lanes} qvec={cfg.qvec} block={cfg.block} "
+              f"nan_guard={cfg.nan_guard}\n"
               "; ot[e, i] = sum_j vt[e, j] * softmax_j(scale * sum_e' qt[e', i] * kt[e', j] + mask[j(, i)])\n")
     return header + _DECLARES.format(L=cfg.lanes) + "\n" + _head(cfg)
