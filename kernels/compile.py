@@ -1,41 +1,162 @@
 """Turn generated kernel source into a compiled function, through one on-disk cache.
 
-The source text is written to `<cache dir>/<sha256 of the source>.py` and imported, so
-Numba's own `cache=True` machinery keeps the machine code beside it. The file name is
-the hash of everything that shaped the source, so a changed generator, pattern
-granularity or config yields a new file, never a stale hit. Numba's cache index adds
-the CPU, the Numba version and the file's timestamp, which is why a file is written
-once and rewritten only when its text is not the source's (a damaged file).
+Numba kernels (`load_source`): the source text is written to `k_<sha256 of the text>.py`
+in the cache directory and the text held in memory is compiled and run as a module
+(never the file's content, never a `.pyc`), so Numba's `cache=True` machinery keeps
+the machine code beside it in `__pycache__/`. Numba's files go through `CheckedCache`:
+each data file is sealed with the sha256 of the key it was built for, so a damaged,
+truncated or swapped entry is found, removed and compiled again.
 
-LLVM IR kernels (compile_ir) keep their machine code in the same directory as
-`ir_<sha256>.o`, the hash covering the CPU name and features, the llvmlite and LLVM
-versions and the IR text. Each file ends with the sha256 of its code; one that fails
-the check is compiled again, never run.
+LLVM IR kernels (`compile_ir`) keep their machine code as `ir_<key>.o`, the key being
+the sha256 of the CPU name and features, the llvmlite and LLVM versions and the IR text.
+Each file ends with the sha256 of the key and the code: a file that was cut short,
+changed, or built for another key is compiled afresh and rewritten, never run.
 
-The directory is `$SPARSEJIT_CACHE_DIR`, else `~/.cache/sparsejit`.
+The directory is `$SPARSEJIT_CACHE_DIR`, else `$XDG_CACHE_HOME/sparsejit`, else
+`~/.cache/sparsejit`. Cached machine code runs as the loading user, so, as ssh and pip
+do, the directories are made 0700 and the files 0600, and a directory or file that is
+not the user's own or that group or others can write is not used: such a directory
+is replaced by a private temporary one for the process (with a warning), such a file
+is removed and compiled again.
+
+Loads in several threads at once share this module's state under Numba's compiler
+lock, which also serialises LLVM use between Numba and the IR kernels.
 """
 
 from __future__ import annotations
 
-import functools
+import atexit
 import hashlib
-import importlib.util
+import io
 import logging
 import os
+import pickle
+import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
 from types import ModuleType
 
+from numba.core.caching import CompileResultCacheImpl, FunctionCache, IndexDataCacheFile, InTreeCacheLocator
+from numba.core.compiler_lock import global_compiler_lock
+from numba.core.dispatcher import Dispatcher
+
+log = logging.getLogger("sparsejit")
+
 _loaded: dict[str, ModuleType] = {}
+_engines: dict[str, object] = {}  # keeps each compiled IR module's code alive
+_dirs: dict[str, Path] = {}       # configured root → the kernels directory in use
+
+
+# --- the cache directory and its files -----------------------------------------------
+
+def cache_root() -> Path:
+    """Where the cache lives (not checked): the environment's choice or the XDG default."""
+    configured = os.environ.get("SPARSEJIT_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / "sparsejit"
+
+
+def untrusted(path: Path, follow: bool = True) -> str | None:
+    """Why `path` must not be used for code that will run (None when it may): it must be
+    the current user's and not writable by group or others; a link is refused where it
+    is not followed (files inside the cache)."""
+    st = os.stat(path) if follow else os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link"
+    if st.st_uid != os.geteuid():
+        return f"it belongs to user id {st.st_uid}, not to this user ({os.geteuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"group or others can write to it (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def private_dir(path: Path) -> str | None:
+    """Make `path` (0700 where created) and say why it cannot be used, or None."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return untrusted(path)
+    except OSError as e:
+        return f"it cannot be created or read ({e.strerror})"
 
 
 def cache_dir() -> Path:
-    d = os.environ.get("SPARSEJIT_CACHE_DIR") or os.path.join(Path.home(), ".cache", "sparsejit")
-    path = Path(d) / "kernels"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """The kernels directory: `<cache root>/kernels`, or, when the root or it is unsafe or
+    unusable, a private temporary directory for this process (removed at exit)."""
+    root = cache_root()
+    key = str(root)
+    found = _dirs.get(key)
+    if found is not None:
+        return found
+    with global_compiler_lock:
+        if key not in _dirs:
+            kernels = root / "kernels"
+            why = next(((d, w) for d in (root, kernels, kernels / "__pycache__") if (w := private_dir(d))), None)
+            if why is not None:
+                kernels = Path(tempfile.mkdtemp(prefix="sparsejit-kernels-"))
+                atexit.register(shutil.rmtree, kernels, True)
+                log.warning("not using the kernel cache %s: %s; compiling into %s for this process instead",
+                            why[0], why[1], kernels)
+            _dirs[key] = kernels
+    return _dirs[key]
 
+
+def read_trusted(path: Path) -> bytes | None:
+    """A cache file's bytes, or None when it is missing; a file that fails `untrusted` is
+    removed (with a warning) and reads as missing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # a symbolic link (ELOOP), or unreadable
+        discard(path, f"it cannot be opened safely ({e.strerror})")
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            discard(path, f"it belongs to user id {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}")
+            return None
+        return f.read()
+
+
+def discard(path: Path | str, why: str) -> None:
+    """Remove a cache file that must not be used, and say so (once: it is rebuilt)."""
+    log.warning("kernel cache file %s is not used: %s; removed, compiling again", path, why)
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def write_private(path: Path | str, data: bytes) -> None:
+    """Write a cache file 0600, atomically: a concurrent reader sees the whole file or none."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def seal(key: str, payload: bytes) -> bytes:
+    """payload + sha256(key, payload): the file then says what it was built for."""
+    return payload + hashlib.sha256(key.encode() + b"\0" + payload).digest()
+
+
+def unseal(key: str, data: bytes) -> bytes | None:
+    """The payload of a sealed file, or None when it was not sealed for `key` (or is damaged)."""
+    payload, digest = data[:-32], data[-32:]
+    if len(data) < 32 or hashlib.sha256(key.encode() + b"\0" + payload).digest() != digest:
+        return None
+    return payload
+
+
+# --- Numba kernels ------------------------------------------------------------------
 
 def source_key(source: str) -> str:
     import numba
@@ -45,73 +166,137 @@ def source_key(source: str) -> str:
 
 
 def load_source(source: str) -> ModuleType:
-    """Import generated source as a module (compiled lazily or from Numba's cache)."""
+    """Run generated source as a module; its Numba functions compile lazily or load from
+    the cache (through `CheckedCache`)."""
     # Keyed by the text itself: kernels call this on every run, and a str caches its
     # hash, so a hit costs no sha256.
-    if source in _loaded:
-        return _loaded[source]
+    module = _loaded.get(source)
+    if module is not None:
+        return module
+    with global_compiler_lock:
+        if source not in _loaded:
+            _loaded[source] = _build_module(source)
+    return _loaded[source]
+
+
+def _build_module(source: str) -> ModuleType:
     key = source_key(source)
     path = cache_dir() / f"k_{key}.py"
-    # A file that is not exactly the source (damaged, truncated, edited) is rewritten:
-    # a kernel cut short at a line end could still import and compute something else.
-    if not path.exists() or path.read_bytes() != source.encode():
-        _write_atomic(path, source.encode())
+    # The file is there for Numba's cache (which stamps entries with its size and time)
+    # and for readers of tracebacks; what runs is `source`. A file that is not exactly it
+    # is rewritten, so that the stamp, and what a traceback shows, are of this text.
+    if read_trusted(path) != source.encode():
+        write_private(path, source.encode())
     name = f"sparsejit_kernel_{key}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
+    module = ModuleType(name)
+    module.__file__ = str(path)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
-    _loaded[source] = module
+    exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 (generated here, names as literals)
+    for value in list(vars(module).values()):
+        if isinstance(value, Dispatcher) and type(value._cache) is FunctionCache:
+            value._cache = CheckedCache(value.py_func)
     return module
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)  # atomic: a concurrent loader sees the whole file or none
+class _InTree(CompileResultCacheImpl):
+    # Beside the source, in the cache directory, whatever NUMBA_CACHE_DIR says.
+    _locator_classes = (InTreeCacheLocator,)
 
 
-def _read_checked(path: Path) -> bytes | None:
-    """A cached object file's machine code, or None when it is missing or damaged: the
-    file ends with the sha256 of what precedes it, and code that fails the check is
-    compiled afresh (and the file rewritten) rather than run."""
-    if not path.exists():
-        return None
-    data = path.read_bytes()
-    code, digest = data[:-32], data[-32:]
-    if len(data) <= 32 or hashlib.sha256(code).digest() != digest:
-        logging.getLogger("sparsejit").warning("kernel cache file %s is damaged; compiling it again", path)
-        return None
-    return code
+class _SealedFiles(IndexDataCacheFile):
+    """Numba's index and data files, read only when trusted, each data file sealed with
+    its key: a damaged index, or a data file damaged or built for another key, is
+    removed and reads as a miss."""
+
+    def _load_index(self) -> dict:
+        data = read_trusted(Path(self._index_path))
+        if data is None:
+            return {}
+        try:
+            f = io.BytesIO(data)
+            if pickle.load(f) != self._version:
+                return {}
+            stamp, overloads = pickle.loads(f.read())
+        except Exception as e:  # noqa: BLE001 (any damage: truncated, garbage, wrong types)
+            discard(self._index_path, f"it is damaged ({type(e).__name__})")
+            return {}
+        return overloads if stamp == self._source_stamp else {}
+
+    def save(self, key, data) -> None:
+        overloads = self._load_index()
+        name = overloads.get(key)
+        if name is None:
+            used = set(overloads.values())
+            name = next(n for n in map(self._data_name, range(1, len(used) + 2)) if n not in used)
+            overloads[key] = name
+            self._save_index(overloads)
+        write_private(self._data_path(name), seal(repr(key), self._dump(data)))
+
+    def load(self, key):
+        name = self._load_index().get(key)
+        if name is None:
+            return None
+        path = self._data_path(name)
+        data = read_trusted(Path(path))
+        if data is None:
+            return None
+        payload = unseal(repr(key), data)
+        if payload is None:
+            discard(path, "it is damaged or was built for another kernel")
+            return None
+        try:
+            return pickle.loads(payload)
+        except Exception as e:  # noqa: BLE001
+            discard(path, f"it cannot be read ({type(e).__name__})")
+            return None
+
+    def _save_index(self, overloads) -> None:
+        buf = io.BytesIO()
+        pickle.dump(self._version, buf, protocol=-1)
+        buf.write(self._dump((self._source_stamp, overloads)))
+        write_private(self._index_path, buf.getvalue())
+
+
+class CheckedCache(FunctionCache):
+    """Numba's per-function cache, with `_SealedFiles` and a rebuild that fails (code
+    that no longer links, say) treated as a miss rather than an error."""
+
+    _impl_class = _InTree
+
+    def __init__(self, py_func):
+        super().__init__(py_func)
+        self._cache_file = _SealedFiles(self._cache_path, self._impl.filename_base, self._impl.locator.get_source_stamp())
+
+    def load_overload(self, sig, target_context):
+        try:
+            return super().load_overload(sig, target_context)
+        except Exception as e:  # noqa: BLE001
+            log.warning("cached kernel %s cannot be rebuilt (%s: %s); compiling it again",
+                        self._name, type(e).__name__, e)
+            return None
 
 
 # --- LLVM IR kernels (llvmlite) ---------------------------------------------------------
 
-_engines: dict[str, object] = {}  # keeps each compiled module's code alive
+_host: tuple[str, str] | None = None
 
 
-@functools.cache
 def host_cpu() -> tuple[str, str]:
     """(CPU name, feature string): part of every IR kernel's identity."""
-    import llvmlite.binding as llvm
+    global _host
+    if _host is None:
+        import llvmlite.binding as llvm
 
-    _init_llvm()
-    return llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
+        with global_compiler_lock:
+            llvm.initialize_native_target()
+            llvm.initialize_native_asmprinter()
+            _host = llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
+    return _host
 
 
 def vector_lanes() -> int:
     """floats per vector register on this CPU: 16 with AVX-512, else 8."""
     return 16 if "+avx512f" in host_cpu()[1] else 8
-
-
-def _init_llvm() -> None:
-    import llvmlite.binding as llvm
-
-    if not _engines.get("_init"):
-        llvm.initialize_native_target()
-        llvm.initialize_native_asmprinter()
-        _engines["_init"] = True
 
 
 def compile_ir(source: str, function: str) -> int:
@@ -127,21 +312,34 @@ def compile_ir(source: str, function: str) -> int:
     cpu, features = host_cpu()
     key = hashlib.sha256(f"{cpu} {features} llvmlite {llvmlite.__version__} llvm {llvm.llvm_version_info}\n"
                          f"{source}".encode()).hexdigest()
-    if key not in _engines:
-        path = cache_dir() / f"ir_{key[:32]}.o"
-        cached = _read_checked(path)
-        mod = llvm.parse_assembly(source)
-        mod.verify()
-        tm = llvm.Target.from_default_triple().create_target_machine(cpu=cpu, features=features, opt=3)
-        if cached is None:
-            pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=3))
-            pb.getModulePassManager().run(mod, pb)
-        engine = llvm.create_mcjit_compiler(mod, tm)
+    engine = _engines.get(key)
+    if engine is None:
+        with global_compiler_lock:  # one engine per key: a second would free the first's code
+            if key not in _engines:
+                _engines[key] = _build_engine(source, key, cpu, features)
+            engine = _engines[key]
+    return engine.get_function_address(function)
 
-        def save(_module, buffer: bytes) -> None:
-            _write_atomic(path, buffer + hashlib.sha256(buffer).digest())
 
-        engine.set_object_cache(save, lambda _module: cached)
-        engine.finalize_object()
-        _engines[key] = engine
-    return _engines[key].get_function_address(function)
+def _build_engine(source: str, key: str, cpu: str, features: str):
+    import llvmlite.binding as llvm
+
+    path = cache_dir() / f"ir_{key[:32]}.o"
+    data = read_trusted(path)
+    cached = None if data is None else unseal(key, data)
+    if data is not None and cached is None:
+        discard(path, "it is damaged or was built for another kernel")
+    mod = llvm.parse_assembly(source)
+    mod.verify()
+    tm = llvm.Target.from_default_triple().create_target_machine(cpu=cpu, features=features, opt=3)
+    if cached is None:
+        pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=3))
+        pb.getModulePassManager().run(mod, pb)
+    engine = llvm.create_mcjit_compiler(mod, tm)
+
+    def save(_module, buffer: bytes) -> None:
+        write_private(path, seal(key, buffer))
+
+    engine.set_object_cache(save, lambda _module: cached)
+    engine.finalize_object()
+    return engine

@@ -53,7 +53,7 @@ from numba import njit
 
 {erf}
 
-@njit("void(float32[::1])", cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def erf_inplace(y):
     for i in range(y.shape[0]):
         y[i] = erf32(y[i])
