@@ -12,6 +12,7 @@ anything else, and the ONNX backend conformance tests are selected from it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -253,13 +254,22 @@ def reshape(x, shape_, allowzero=0):
     target = np.asarray(shape_).tolist()  # Python ints, 4× faster than int() per element
     if not allowzero and 0 in target:
         target = [x.shape[i] if s == 0 else s for i, s in enumerate(target)]
+    if x.size == 0 and -1 in target:
+        # numpy cannot size -1 for an empty tensor (the spec leaves it open). It takes
+        # the input's zero dimensions that the shape does not already have, else the size
+        # it has when they are not zero (a batch of 0 reshaped as a batch of 1 would be),
+        # so that the reshapes after it agree.
+        known = math.prod(d for d in target if d not in (0, -1))
+        whole = math.prod(d for d in x.shape if d)
+        fits = target.count(0) >= x.shape.count(0) and known and whole % known == 0
+        target[target.index(-1)] = whole // known if fits else 0
     return x.reshape(target)
 
 
 @op("Flatten")
 def flatten(x, axis=1):
     axis = axis + x.ndim if axis < 0 else axis  # axis == ndim is allowed: [prod(shape), 1]
-    return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
 @op("Transpose")
