@@ -115,6 +115,9 @@ def load_model_proto(source: str | os.PathLike | onnx.ModelProto, map_weights: b
 def import_onnx(source: str | os.PathLike | onnx.ModelProto) -> Graph:
     """ONNX file or ModelProto → `Graph`, refusing what sparsejit cannot run."""
     model, where, mapped = load_model_proto(source, map_weights=True)
+    if not 3 <= model.ir_version <= onnx.IR_VERSION:
+        raise UnsupportedModelError(f"{where}: IR version {model.ir_version} is not one this onnx ({onnx.__version__}) "
+                                    f"knows (3 to {onnx.IR_VERSION})")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
         raise UnsupportedModelError(f"{where}: the model declares no default-domain opset")
@@ -129,7 +132,9 @@ def import_onnx(source: str | os.PathLike | onnx.ModelProto) -> Graph:
         )
     if opset < MIN_OPSET:
         _check_old_opset(g, opset, where)
-    constants = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    _check_definitions(g, mapped, where)
+    shapes = _inferred_shapes(model, mapped, where)
+    constants = {t.name: _tensor(t, where) for t in g.initializer}
     constants.update(mapped)
     inputs = []
     for vi in g.input:
@@ -145,7 +150,75 @@ def import_onnx(source: str | os.PathLike | onnx.ModelProto) -> Graph:
         nodes.append(Node(n.op_type, n.name or f"{n.op_type}_{i}", list(n.input), list(n.output), attrs))
     graph = Graph(nodes, inputs, [o.name for o in g.output], constants, opset, where)
     _check_wiring(graph)
+    _check_layernorm_scales(graph, shapes)
     return graph
+
+
+def _tensor(t: onnx.TensorProto, where: str) -> np.ndarray:
+    try:
+        return numpy_helper.to_array(t)
+    except Exception as e:  # a raw_data length that does not match the dims, a bad type
+        raise UnsupportedModelError(f"{where}: initializer {t.name!r} cannot be read: {e}") from e
+
+
+def _check_definitions(g: onnx.GraphProto, mapped: dict, where: str) -> None:
+    """Every value defined once, as ONNX Runtime requires: a second definition would
+    otherwise silently win."""
+    defined = {vi.name: "a graph input" for vi in g.input}
+    for name in [t.name for t in g.initializer] + list(mapped):
+        defined.setdefault(name, "an initializer")
+    for n in g.node:
+        for o in n.output:
+            if not o:
+                continue
+            if o in defined:
+                raise UnsupportedModelError(f"{where}: value {o!r} is defined twice: by {defined[o]} and by node "
+                                            f"{n.name or '<unnamed>'!r} ({n.op_type})")
+            defined[o] = f"node {n.name or '<unnamed>'!r} ({n.op_type})"
+
+
+def _inferred_shapes(model: onnx.ModelProto, mapped: dict, where: str) -> dict[str, tuple]:
+    """ONNX shape inference in strict mode, as ONNX Runtime runs it at load: an op whose
+    inputs cannot fit (a weight of the wrong size, an axis or perm out of range) is
+    refused, naming the node. Returns the inferred dims by value name (None: unknown)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name, a in mapped.items():  # the mapped weights, by type and shape only
+        probe.graph.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype),
+                                                               a.shape))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
+        raise UnsupportedModelError(f"{where}: the model is invalid: {e}") from e
+    g = inferred.graph
+    shapes = {}
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None
+                                    for d in vi.type.tensor_type.shape.dim)
+    return shapes
+
+
+def _check_layernorm_scales(graph: Graph, shapes: dict[str, tuple]) -> None:
+    """A LayerNormalization's scale and bias must broadcast to the normalised shape
+    (shape inference does not check it; ONNX Runtime fails at run time)."""
+    for n in graph.nodes:
+        dims = shapes.get(n.inputs[0]) if n.op_type == "LayerNormalization" else None
+        if dims is None:
+            continue
+        normalised = dims[n.attrs.get("axis", -1) % len(dims):] if dims else ()
+        for i in n.inputs[1:3]:
+            c = graph.constants.get(i) if i else None
+            if c is None or None in normalised:
+                continue
+            try:
+                fits = np.broadcast_shapes(c.shape, normalised) == tuple(normalised)
+            except ValueError:
+                fits = False
+            if not fits:
+                raise UnsupportedModelError(
+                    f"{graph.source}: node {n.name!r} (LayerNormalization): {i!r} has shape {list(c.shape)}, "
+                    f"which does not fit the normalised shape {list(normalised)}")
 
 
 def _check_old_opset(g: onnx.GraphProto, opset: int, where: str) -> None:
