@@ -47,14 +47,19 @@ DEFAULT_DS_PYTHON = HERE / ".venv-deepsparse" / "bin" / "python"
 
 def kernel_level(threads: int, runs: int) -> list[dict]:
     """768 → 3072 over 128 tokens: sparsejit's kernel, scipy.sparse CSR and dense numpy."""
+    from sparsejit.threads import ThreadScope
+
+    with ThreadScope(threads):
+        return _kernel_rows(runs)
+
+
+def _kernel_rows(runs: int) -> list[dict]:
     import scipy.sparse
     from sparsejit.kernels.layout import feature_major_empty
     from sparsejit.kernels.linear import DenseLinear, SparseLinear
 
-    import sparsejit.threads
-    from sparsejit.plan import LayerTimings
+    from sparsejit.plan import Planner
 
-    sparsejit.threads.set_threads(threads)
     rng = np.random.default_rng(0)
     k, m, n = 768, 3072, 128
     x = rng.standard_normal((n, k)).astype(np.float32)
@@ -68,7 +73,7 @@ def kernel_level(threads: int, runs: int) -> list[dict]:
         nnz = int((w != 0).sum())
         sparse, dense = SparseLinear(w, None, "none", False), DenseLinear(w, None, "none", False)
         # The K-chunk size the planner would choose at load, by the same timings.
-        sparse = sparse.with_chunk(LayerTimings().measure(None, sparse, None, False)["k_chunk"])
+        sparse = sparse.with_chunk(Planner().time_kernels(sparse, None, False)["k_chunk"])
         csr = scipy.sparse.csr_matrix(w.T)  # yᵀ = Wᵀ xᵀ, the usual SpMM orientation
         # sparsejit's kernels take xᵀ as a model's layers hand it over (feature-major, rows
         # on cache lines): no transpose timed.

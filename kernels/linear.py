@@ -36,7 +36,12 @@ from .sparse_ir import IRConfig, ir_source
 def reference_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
                      activation: str = "none", residual: np.ndarray | None = None) -> np.ndarray:
     """Dense numpy oracle: act(x @ weight + bias) + residual."""
-    y = x @ weight
+    return linear_epilogue(x @ weight, bias, activation, residual)
+
+
+def linear_epilogue(y: np.ndarray, bias: np.ndarray | None = None, activation: str = "none",
+                    residual: np.ndarray | None = None) -> np.ndarray:
+    """act(y + bias) + residual: what a Linear kernel does after the product."""
     if bias is not None:
         y = y + bias
     if activation == "gelu":
@@ -297,6 +302,11 @@ class DenseLinear(_FeatureMajorLinear):
         self._fn = _DENSE_PROTO(compile_ir(dense_ir(self.config), "dense_blocks"))
         self._driver = load_source(DENSE_DRIVER_SOURCE).run_blocks
 
+    def dense_weight(self) -> np.ndarray:
+        """W [in, out] as the kernel holds it, unpacked."""
+        k, m = self.in_features, self.out_features
+        return np.ascontiguousarray(self.weight.transpose(1, 0, 2).reshape(k, -1)[:, :m])
+
     @property
     def source(self) -> str:
         return dense_ir(self.config) + "\n; driver (Numba):\n" + "".join(
@@ -377,6 +387,17 @@ class SparseLinear(_FeatureMajorLinear):
     def source(self) -> str:
         return kernel_source(self.config)
 
+    def dense_weight(self) -> np.ndarray:
+        """W [in, out] rebuilt from the compressed, chunked and reordered weights the kernel
+        walks (what `check` compares the kernel's results with)."""
+        _, _, indptr, indices, values, order = self._layout
+        w = np.zeros((self.in_features, self.out_features), np.float32)
+        rows = np.repeat(order, np.diff(indptr))
+        values = values.reshape(len(rows), self.pattern.block)
+        for b in range(values.shape[1]):
+            w[indices.astype(np.int64) + b, rows] = values[:, b]
+        return w
+
     def bounds(self) -> np.ndarray:
         return self._arrays()[1]
 
@@ -400,6 +421,9 @@ class OutputSlice:
     @property
     def source(self) -> str:
         return self.group.source
+
+    def dense_weight(self) -> np.ndarray:
+        return np.ascontiguousarray(self.group.dense_weight()[:, self.start:self.stop])
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         if residual is not None:

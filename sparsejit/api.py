@@ -5,17 +5,21 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 
+from . import saved_plans
 from .executor import Executor
 from .fold import fold_constants
 from .fuse import fuse
 from .graph import Graph, InputSpec, import_onnx
 from .heap import keep_buffers_mapped
-from .plan import KERNEL_CHOICES, LayerPlan, Step, plan, reference_step
-from .threads import set_threads
+from .onnx_file import detach
+from .plan import KERNEL_CHOICES, LayerPlan, Planner, Step, reference_step
+from .plan import plan as plan_steps
+from .threads import ThreadScope, resolve_threads
 
 MODES = ("compiled", "reference")
 
@@ -58,11 +62,14 @@ class Model:
     (1, 8, 256)
     """
 
-    def __init__(self, graph: Graph, steps: list[Step], layers: list[LayerPlan], mode: str, num_threads: int):
+    def __init__(self, graph: Graph, steps: list[Step], layers: list[LayerPlan], mode: str, num_threads: int,
+                 plan: dict | None = None):
         self.graph = graph
         self.layers = layers
         self.mode = mode
         self.num_threads = num_threads
+        self.plan = plan or {}  # the kernel decisions by layer name, as `save_plan` writes them
+        self._threads = ThreadScope(num_threads)
         self._executor = Executor(graph, steps)
 
     @property
@@ -82,9 +89,11 @@ class Model:
         """Run on numpy inputs (a dict by name, or a list in `input_names` order).
 
         Returns the outputs in graph-output order, like ONNX Runtime's `run(None, feed)`,
-        or only `output_names`, in that order.
+        or only `output_names`, in that order (None or an empty list: all of them).
         """
-        return self._executor.run(self._validate(inputs), self._wanted(output_names))
+        feeds, wanted = self._validate(inputs), self._wanted(output_names)
+        with self._threads:
+            return self._executor.run(feeds, wanted)
 
     def forward_source(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray],
                        output_names: Sequence[str] | None = None) -> str:
@@ -94,13 +103,14 @@ class Model:
         feeds, wanted = self._validate(inputs), self._wanted(output_names)
         signature = self._executor.signature(feeds)
         if not self._executor.knows(signature):
-            self._executor.run(feeds, wanted)
+            with self._threads:
+                self._executor.run(feeds, wanted)
         return self._executor.forward(signature, wanted).source
 
     def _wanted(self, output_names) -> tuple[str, ...]:
-        if output_names is None:
+        wanted = tuple([output_names] if isinstance(output_names, str) else output_names or ())
+        if not wanted:  # as ONNX Runtime: None or [] asks for every output
             return tuple(self.graph.outputs)
-        wanted = tuple([output_names] if isinstance(output_names, str) else output_names)
         unknown = [o for o in wanted if o not in self.graph.outputs]
         if unknown:
             raise ValueError(f"unknown output name(s) {unknown}; the model's outputs are {self.output_names}")
@@ -110,12 +120,13 @@ class Model:
         """Median seconds per node over `runs` runs (after one warm-up), by node name."""
         feeds = self._validate(inputs)
         outputs = tuple(self.graph.outputs)
-        self._executor.run(feeds, outputs)
         samples: list[dict[str, float]] = []
-        for _ in range(runs):
-            p: dict[str, float] = {}
-            self._executor.run(feeds, outputs, profile=p)
-            samples.append(p)
+        with self._threads:
+            self._executor.run(feeds, outputs)
+            for _ in range(runs):
+                p: dict[str, float] = {}
+                self._executor.run(feeds, outputs, profile=p)
+                samples.append(p)
         names = {n for s in samples for n in s}
         return {n: float(np.median([s.get(n, 0.0) for s in samples])) for n in names}
 
@@ -163,17 +174,24 @@ class Model:
         rng = np.random.default_rng(seed)
         report = CheckReport()
         for layer in self.layers:
-            a = layer.node.attrs
-            k, m = a["weight"].shape
+            k, m = layer.pattern_shape
             x = rng.standard_normal((tokens, k), dtype=np.float32)
-            r = rng.standard_normal((tokens, m), dtype=np.float32) if a["residual"] else None
-            got = layer.impl(x, r)
-            want = layer.reference(x, r)
+            r = rng.standard_normal((tokens, m), dtype=np.float32) if layer.node.attrs["residual"] else None
+            with self._threads:
+                # The kernel against the weights it holds, at `tokens`; and against the
+                # weights as loaded, at the probe input kept then.
+                got_probe, want_probe = layer.probe_check()
+                got = np.concatenate([layer.impl(x, r).ravel(), got_probe.ravel()])
+                want = np.concatenate([layer.reference(x, r).ravel(), want_probe.ravel()])
             err = float(np.max(np.abs(got - want))) if want.size else 0.0
             scale = float(np.max(np.abs(want))) if want.size else 0.0
             ok = bool(np.allclose(got, want, atol=1e-4, rtol=1e-4))
             report.append(LayerCheck(layer.name, layer.kind, (k, m), layer.pattern.density, err, scale, ok))
         return report
+
+    def save_plan(self, path: str | os.PathLike) -> None:
+        """Write this model's kernel decisions as a plan file for `load(..., plan=path)`."""
+        saved_plans.write_plan(Path(path), self.plan, "", private=False)
 
     def kernel_source(self, layer: str | int) -> str:
         """The generated source of one layer's kernel (by index or node name), or of the
@@ -181,11 +199,12 @@ class Model:
         if layer == "attention":
             from .kernels.attention import kernel_source as attention_source
 
-            if not any(n.op_type == "Attention" for n in self._executor.graph.nodes):
+            node = next((n for n in self.graph.nodes if n.op_type == "Attention"), None)
+            if node is None:
                 raise KeyError("the model has no fused Attention node")
             # The variant for a mask that varies by query, as exported BERT masks do
             # ([batch, 1, seq, seq]); a [batch, 1, 1, seq] mask runs the per-key variant.
-            return attention_source(mask_per_query=True)
+            return attention_source(mask_per_query=True, nan_guard=node.attrs["nan_guard"])
         found = self.layers[layer] if isinstance(layer, int) else next(
             (lp for lp in self.layers if lp.name == layer), None)
         if found is None:
@@ -194,15 +213,23 @@ class Model:
 
 
 def load(source: str | os.PathLike | onnx.ModelProto, *, num_threads: int | None = None,
-         kernels: str = "auto", mode: str = "compiled",
+         kernels: str = "auto", mode: str = "compiled", plan: str | os.PathLike | None = None,
          progress: Callable[[int, int, LayerPlan], None] | None = None) -> Model:
     """Load an ONNX model and compile it for this machine.
 
-    - `num_threads`: threads for every kernel (default: all cores); BLAS stays single-threaded.
-    - `kernels`: "auto" (measure sparse against dense per layer), "sparse" or "dense".
+    - `num_threads`: threads for this model's kernels (default: all cores), set around
+      each of its runs; BLAS runs single-threaded inside them.
+    - `kernels`: "auto" (sparse or dense per layer, by rule or measurement), "sparse" or "dense".
     - `mode`: "compiled", or "reference" to run the unfused graph on the numpy reference
       ops only (the whole-graph oracle).
+    - `plan`: a JSON file of kernel decisions: used when it exists, written when it does
+      not. Without it the plan is kept in the kernel cache, so that the same model on
+      the same machine and threads gets the same plan at every load.
     - `progress(done, total, layer)`: called as each Linear layer gets its kernel.
+
+    The loaded model holds its own copy of everything it reads from the file (the file
+    may change or go). Loading changes two process-wide settings, once: Numba's threading
+    layer (tbb where installed) and glibc malloc's thresholds (README, Guarantees).
 
     >>> import sparsejit
     >>> m = sparsejit.load(sparsejit.default_model_path())
@@ -213,12 +240,41 @@ def load(source: str | os.PathLike | onnx.ModelProto, *, num_threads: int | None
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
-    threads = set_threads(num_threads)
+    threads = resolve_threads(num_threads)
     keep_buffers_mapped()
-    graph = fold_constants(import_onnx(source))
-    if mode == "reference":
-        steps = [Step(n, reference_step(n, graph.opset)) for n in graph.nodes]
-        return Model(graph, steps, [], mode, threads)
-    graph = fuse(graph)
-    steps, layers = plan(graph, kernels, progress)
-    return Model(graph, steps, layers, mode, threads)
+    with ThreadScope(threads):
+        graph = fold_constants(import_onnx(source))
+        if mode == "reference":
+            graph = Graph(graph.nodes, graph.inputs, graph.outputs, detach(graph.constants), graph.opset, graph.source)
+            steps = [Step(n, reference_step(n, graph.opset)) for n in graph.nodes]
+            return Model(graph, steps, [], mode, threads)
+        graph = fuse(graph)
+        planner, save = _planner(graph, threads, kernels, plan)
+        steps, layers = plan_steps(graph, planner, progress)
+        save(planner.decisions)
+    planned = Graph([s.node for s in steps], graph.inputs, graph.outputs, detach(graph.constants), graph.opset,
+                    graph.source)
+    return Model(planned, steps, layers, mode, threads, planner.decisions)
+
+
+def _planner(graph: Graph, threads: int, kernels: str, plan_file) -> tuple[Planner, Callable[[dict], None]]:
+    """A planner holding the saved plan (the user's file, else the cache's), and what to
+    call with the decisions once made to keep them."""
+    key = saved_plans.structure_key(graph, threads, kernels)
+    if plan_file is not None:
+        path = Path(plan_file)
+        saved = saved_plans.read_plan(path, trusted_only=False)
+
+        def save(decisions: dict) -> None:
+            if saved is None:
+                saved_plans.write_plan(path, decisions, key, private=False)
+
+        return Planner(kernels, saved, "plan file"), save
+    path = saved_plans.cached_plan_path(key)
+    saved = None if path is None else saved_plans.read_plan(path, trusted_only=True)
+
+    def keep(decisions: dict) -> None:
+        if path is not None and decisions != saved:
+            saved_plans.write_plan(path, decisions, key, private=True)
+
+    return Planner(kernels, saved, "cached plan"), keep

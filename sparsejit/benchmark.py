@@ -24,6 +24,11 @@ import sys
 import tempfile
 import time
 
+if __package__:
+    from .timing import time_calls
+else:  # the worker script, run by path (its directory is on sys.path)
+    from timing import time_calls
+
 ENGINES = ("sparsejit", "dense", "ort", "deepsparse")  # dense: sparsejit with kernels="dense"
 DEFAULT_DEEPSPARSE_PYTHON = os.environ.get("SPARSEJIT_DEEPSPARSE_PYTHON", "")
 
@@ -100,18 +105,6 @@ def _load(engine: str, path: str, batch: int, seq: int, threads: int):
                                     input_shapes=[[batch, seq]] * len(specs))
         return engine_.run, specs
     raise ValueError(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
-
-
-def time_calls(fn, runs: int, warmup: int = 1) -> list[float]:
-    """Seconds per call of fn() over `runs` calls, after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def time_engine(engine: str, path: str, batch: int, seq: int, runs: int, threads: int, warmup: int = 3) -> dict:

@@ -163,7 +163,7 @@ def cmd_inspect(args) -> int:
     print(f"{Path(args.model).name}: batch {args.batch} x seq {args.seq} = {tokens} tokens, "
           f"{model.num_threads} threads, median of {args.runs} runs")
     head = (f"{'#':>3} {'layer':<44} {'op':<6} {'in x out':>10} {'density':>7} {'block':>5} {'kernel':<6} "
-            f"{'FLOPs skipped':>13} {'ms':>7}  why")
+            f"{'FLOPs skipped':>13} {'ms':>7} {'decided by':<11}  why")
     print(head)
     print("-" * len(head))
     for i, lp in enumerate(model.layers):
@@ -174,7 +174,8 @@ def cmd_inspect(args) -> int:
         op = lp.node.attrs["source_op"]
         rows.append((lp, ms, skipped, dense_flops))
         print(f"{i:>3} {lp.name[-44:]:<44} {op:<6} {f'{k}x{m}':>10} {lp.pattern.density:>7.3f} "
-              f"{lp.pattern.block:>5} {lp.kind:<6} {_fmt_flops(skipped):>13} {ms:>7.3f}  {lp.reason}")
+              f"{lp.pattern.block:>5} {lp.kind:<6} {_fmt_flops(skipped):>13} {ms:>7.3f} {lp.decided_by:<11}  "
+              f"{lp.reason}")
     total_ms = sum(prof.values()) * 1e3
     lin_ms = sum(r[1] for r in rows)
     dense_total = sum(r[3] for r in rows)

@@ -124,13 +124,45 @@ def load_mapped(path: Path) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     return onnx.ModelProto.FromString(b"".join(top)), mapped
 
 
-def release(a: np.ndarray) -> None:
-    """Give a mapped array's resident pages back (they are re-read from the file if touched)."""
+def _mapping(a) -> mmap.mmap | None:
+    """The file mapping an array's data lives in, if any (through views and slices)."""
     base = a
     while base is not None and not isinstance(base, mmap.mmap):
         base = getattr(base, "_mmap", None) or getattr(base, "base", None)
-    if isinstance(base, mmap.mmap) and hasattr(base, "madvise"):
+    return base
+
+
+def is_mapped(a) -> bool:
+    return isinstance(a, np.ndarray) and _mapping(a) is not None
+
+
+def release(a: np.ndarray) -> None:
+    """Give a mapped array's resident pages back (they are re-read from the file if touched)."""
+    base = _mapping(a)
+    if base is not None and hasattr(base, "madvise"):
         try:
             base.madvise(mmap.MADV_DONTNEED)
         except (OSError, ValueError):
             pass
+
+
+def private_copy(value: np.ndarray, chunk_bytes: int = 8 << 20) -> np.ndarray:
+    """A copy of a file-mapped array in the process's own memory, made a slice at a time
+    with the mapped pages given back after each (copied whole, the copy and the pages read
+    for it were both resident at the load's peak). A loaded model keeps nothing mapped:
+    a file truncated or rewritten after `load` would otherwise crash a run (SIGBUS) or
+    change what it computes."""
+    out = np.empty(value.shape, value.dtype)
+    if value.ndim == 0 or value.size == 0:
+        out[...] = value
+        return out
+    step = max(1, chunk_bytes // max(1, value[:1].nbytes))
+    for i in range(0, value.shape[0], step):
+        out[i:i + step] = value[i:i + step]
+        release(value)
+    return out
+
+
+def detach(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`arrays` with every file-mapped one replaced by its `private_copy`."""
+    return {k: private_copy(v) if is_mapped(v) else v for k, v in arrays.items()}

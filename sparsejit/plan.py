@@ -1,10 +1,18 @@
 """Planning: pick an implementation for every node of the fused graph.
 
-`Linear` nodes get a generated sparse kernel or the dense GEMM kernel. The choice is measured,
-not guessed: both are timed over a representative token count on the first layer of
-each kind of layer (`LayerTimings`), and the faster one is kept (`kernels="sparse"` or
-`"dense"` forces one).
-`Attention` gets its fused implementation; everything else runs the numpy reference op.
+`Linear` nodes get a generated sparse kernel or the dense GEMM kernel (`Planner`):
+- by rule where the answer is clear from the density: dense with no zeros or above
+  `DENSE_ABOVE` stored density, sparse at or below `SPARSE_BELOW`;
+- from a saved plan (the cache's for this model and machine, or the user's plan file)
+  for a layer whose pattern is the one the plan was made for;
+- by measurement in between: both timed over a representative token count, in
+  interleaved rounds, on the first layer of each kind (`race`).
+The sparse kernel's K-chunk is measured (or taken from the saved plan). `kernels="sparse"`
+or `"dense"` forces one. `Attention` gets its fused implementation; everything else
+runs the numpy reference op.
+
+Planning does not change the graph it is given: each step has a node of its own, and a
+Linear step's node holds no dense weight (the kernel holds its own copy, compressed).
 """
 
 from __future__ import annotations
@@ -17,26 +25,31 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from .benchmark import time_calls
 from .graph import Graph, Node
 from .kernels.attention import PreparedMask, fused_attention
 from .kernels.layernorm import layernorm
 from .kernels.layout import feature_major_empty
-from .kernels.linear import DenseLinear, OutputSlice, Pattern, SparseLinear, analyse, reference_linear
+from .kernels.linear import DenseLinear, OutputSlice, Pattern, SparseLinear, analyse, linear_epilogue, reference_linear
 from .onnx_file import release
 from .ops import NEEDS_OPSET, OPS
+from .timing import race
 
 log = logging.getLogger("sparsejit")
 
 KERNEL_CHOICES = ("auto", "sparse", "dense")
-# Tokens the sparse/dense race is run over: one sequence of 128, BERT's common case.
+# Tokens the kernels are timed over: one sequence of 128, BERT's common case.
 PROBE_TOKENS = 128
 # Stored-weight density above which "auto" takes the dense kernel without timing: the
-# sparse kernel's rate per nonzero is at most about half the dense GEMM's (250 against
-# 430-500 GFLOP/s at 80% sparsity here), so it cannot win there, and timing it on a
-# nearly dense weight held several compressed copies of it (50 MB more peak memory for
-# BERT-base with a few exact zeros).
+# sparse kernel's rate per nonzero is at most about half the dense GEMM's, so it cannot
+# win there (and timing it on a nearly dense weight held several compressed copies).
 DENSE_ABOVE = 0.75
+# ... and at or below which it takes the sparse kernel without timing the dense one: at
+# a quarter of the weights the sparse kernel does about a quarter of the work at half
+# the rate, clearly faster. Only densities in between are decided by timing.
+SPARSE_BELOW = 0.25
+
+# How a layer's kernel was decided, as `LayerPlan.decided_by` says it.
+DECIDERS = ("rule", "measured", "forced", "plan file", "cached plan")
 
 
 @dataclass
@@ -49,7 +62,9 @@ class LayerPlan:
     impl: SparseLinear | DenseLinear | OutputSlice
     reason: str
     timings_ms: dict = field(default_factory=dict)
-    timing_reused: bool = False  # the sparse/dense decision reused an earlier layer's times
+    timing_reused: bool = False  # measured on an earlier layer of the same kind
+    decided_by: str = "rule"     # one of DECIDERS
+    probe: np.ndarray | None = None  # weight_probe of the weight as loaded
 
     @property
     def kind(self) -> str:
@@ -59,9 +74,32 @@ class LayerPlan:
     def pattern_shape(self) -> tuple[int, int]:
         return self.pattern.in_features, self.pattern.out_features
 
+    @property
+    def weight(self) -> np.ndarray:
+        """The dense weight [in, out], rebuilt from what the kernel holds."""
+        return self.impl.dense_weight()
+
     def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         a = self.node.attrs
-        return reference_linear(x, a["weight"], a["bias"], a["activation"], residual)
+        return reference_linear(x, self.weight, a["bias"], a["activation"], residual)
+
+    def probe_check(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the kernel's output, the loaded weight's) for the probe input: they differ when
+        the weights the kernel holds are not the ones loaded."""
+        a = self.node.attrs
+        r = np.zeros((1, self.pattern.out_features), np.float32) if a["residual"] else None
+        got = self.impl(probe_input(self.pattern.in_features), r)
+        return got, linear_epilogue(self.probe, a["bias"], a["activation"], r)
+
+
+def probe_input(in_features: int) -> np.ndarray:
+    return np.random.default_rng(in_features).standard_normal((1, in_features), dtype=np.float32)
+
+
+def weight_probe(weight: np.ndarray) -> np.ndarray:
+    """x₀·W for a fixed random x₀: kept at load (one value per output), it lets `check`
+    tell whether a kernel computes with the weights the file gave without keeping them."""
+    return probe_input(weight.shape[0]) @ weight
 
 
 @dataclass
@@ -70,43 +108,128 @@ class Step:
     run: Callable[..., tuple]
 
 
-class LayerTimings:
-    """Sparse and dense times per kind of layer: the cost model the planner decides by.
+@dataclass(frozen=True)
+class Decision:
+    """A Linear layer's kernel and K-chunk (None: all inputs at once), and how and why."""
 
-    A kind is (shape, block size, density to 1%, epilogue, threads); the first layer of a
-    kind is timed, the others reuse its times (BERT-base's 73 layers are 4 kinds at one
-    sparsity: 0.12 s of timing, every chunk size included). Nothing is kept across
-    loads: a time measured while the machine was busy would otherwise decide every
-    later load.
-    """
+    kernel: str
+    k_chunk: int | None
+    decided_by: str
+    why: str
+    timings_ms: dict = field(default_factory=dict)
+    reused: bool = False
 
-    def __init__(self):
-        self.table: dict[tuple, dict] = {}
+    def saved(self, pattern: Pattern) -> dict:
+        """The plan entry: the decision and the pattern it was made for."""
+        return {"kernel": self.kernel, "k_chunk": self.k_chunk, "decided_by": self.decided_by, "why": self.why,
+                "in": pattern.in_features, "out": pattern.out_features, "block": pattern.block,
+                "stored": pattern.stored, "nnz": pattern.nnz}
+
+
+def _fits(entry: dict, pattern: Pattern) -> bool:
+    """Whether a saved entry was made for this pattern, and names a kernel that can run it."""
+    try:
+        same = (entry["in"], entry["out"], entry["block"], entry["stored"], entry["nnz"]) == \
+            (pattern.in_features, pattern.out_features, pattern.block, pattern.stored, pattern.nnz)
+        chunk = entry["k_chunk"]
+        runnable = entry["kernel"] == "dense" or (entry["kernel"] == "sparse" and (
+            chunk is None or (isinstance(chunk, int) and 0 < chunk and chunk % pattern.block == 0)))
+        return same and runnable
+    except (KeyError, TypeError):
+        return False
+
+
+class Planner:
+    """Decides every Linear layer's kernel (see the module docstring), and collects the
+    decisions as a plan to save.
+
+    `saved` is a plan's layers (`saved_plans.read_plan`) and `saved_by` what to call
+    decisions taken from it. Measurements are kept per kind of layer (shape, block,
+    density to 1%, epilogue, threads) for the rest of this load: BERT-base's 73 layers
+    are 4 kinds at one sparsity."""
+
+    def __init__(self, kernels: str = "auto", saved: dict | None = None, saved_by: str = "cached plan"):
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+        self.kernels = kernels
+        self.saved = saved or {}
+        self.saved_by = saved_by
+        self.kinds: dict[tuple, dict] = {}
+        self.decisions: dict[str, dict] = {}  # the plan to save, by layer name
         self.rng = np.random.default_rng(0)
 
-    def lookup(self, pattern: Pattern, act: str, residual: bool, policy: str) -> tuple[tuple, dict | None]:
-        key = (policy, pattern.in_features, pattern.out_features, pattern.block, round(pattern.density, 2), act, residual,
-               numba.get_num_threads())
-        return key, self.table.get(key)
+    def rule(self, pattern: Pattern) -> tuple[str | None, str, str]:
+        """(kernel or None to measure, decided_by, why) from the policy and the density alone."""
+        size = pattern.in_features * pattern.out_features
+        if self.kernels == "dense":
+            return "dense", "forced", "forced dense"
+        if pattern.nnz == size:
+            return "dense", "rule", "no zeros to skip"
+        if self.kernels == "sparse":
+            return "sparse", "forced", "forced sparse"
+        density = pattern.stored / size
+        if density > DENSE_ABOVE:
+            return "dense", "rule", (f"stored density {density:.3f} > {DENSE_ABOVE}: the dense kernel is faster "
+                                     "(the sparse one runs at most about half its FLOP rate), not timed")
+        if density <= SPARSE_BELOW:
+            return "sparse", "rule", f"stored density {density:.3f} <= {SPARSE_BELOW}: sparse, dense not timed"
+        return None, "measured", ""
 
-    def measure(self, key: tuple, sparse: SparseLinear, dense: DenseLinear | None, residual: bool) -> dict:
+    def decide(self, name: str, pattern: Pattern, act: str, residual: bool,
+               sparse: Callable[[], SparseLinear], dense: Callable[[], DenseLinear]) -> Decision:
+        """The decision for one layer; `sparse()` and `dense()` build its kernels when a
+        measurement needs them."""
+        kernel, by, why = self.rule(pattern)
+        entry = self.saved.get(name)
+        if entry is not None and kernel != "dense" and not _fits(entry, pattern):
+            (log.warning if self.saved_by == "plan file" else log.debug)(
+                "%s: the %s's entry for layer %r was made for another weight pattern; deciding afresh",
+                name, self.saved_by, name)
+        if kernel == "dense" or (entry is not None and not _fits(entry, pattern)):
+            entry = None
+        if entry is not None:  # kept as it was saved, with how it was first decided
+            self.decisions[name] = entry
+            return Decision(entry["kernel"], entry["k_chunk"], self.saved_by,
+                            f"{self.saved_by}, first {entry.get('decided_by')}: {entry.get('why', '')}")
+        if kernel == "dense":
+            d = Decision("dense", None, by, why)
+        else:
+            d = self.measure(pattern, act, residual, kernel is None, sparse, dense, by, why)
+        self.decisions[name] = d.saved(pattern)
+        return d
+
+    def measure(self, pattern: Pattern, act: str, residual: bool, against_dense: bool,
+                sparse: Callable[[], SparseLinear], dense: Callable[[], DenseLinear], by: str, why: str) -> Decision:
+        key = (self.kernels, pattern.in_features, pattern.out_features, pattern.block, round(pattern.density, 2),
+               act, residual, against_dense, numba.get_num_threads())
+        t, reused = self.kinds.get(key), key in self.kinds
+        if t is None:
+            t = self.kinds[key] = self.time_kernels(sparse(), dense() if against_dense else None, residual)
+        chunk = t["k_chunk"] if t["k_chunk"] < pattern.in_features else None
+        chunked = f" in K-chunks of {chunk}" if chunk else ""
+        source = "an earlier layer like it" if reused else "this layer"
+        timed = f"measured on {source} over {PROBE_TOKENS} tokens: sparse {t['sparse']:.3f} ms{chunked}"
+        if against_dense:
+            kernel = "sparse" if t["sparse"] < t["dense"] else "dense"
+            return Decision(kernel, chunk, "measured", f"{timed}, dense {t['dense']:.3f} ms", t, reused)
+        return Decision("sparse", chunk, by, f"{why}; K-chunk {timed}", t, reused)
+
+    def time_kernels(self, sparse: SparseLinear, dense: DenseLinear | None, residual: bool) -> dict:
         """Times the dense kernel (when given) and the sparse one at each K-chunk size."""
-        shape = (sparse.in_features, sparse.out_features)
         # Feature-major and line-aligned, as the kernels read activations in a model: no
         # transposes in the timings, and no vector loads split across cache lines.
-        x = self._probe(shape[0])
-        r = self._probe(shape[1]) if residual else None
+        x = self._probe(sparse.in_features)
+        r = self._probe(sparse.out_features) if residual else None
         fns = {variant.k_chunk: (lambda v=variant: v(x, r))
                for variant in (sparse.with_chunk(c) for c in chunk_candidates(sparse))}
         if dense is not None:
             fns["dense"] = lambda: dense(x, r)
-        best = _race(fns)
-        t = {"chunks": {c: ms for c, ms in best.items() if c != "dense"}}
+        ms = race(fns)
+        t = {"chunks": {c: v for c, v in ms.items() if c != "dense"}}
         t["k_chunk"] = min(t["chunks"], key=t["chunks"].get)
         t["sparse"] = t["chunks"][t["k_chunk"]]
         if dense is not None:
-            t["dense"] = best["dense"]
-        self.table[key] = t
+            t["dense"] = ms["dense"]
         return t
 
     def _probe(self, features: int) -> np.ndarray:
@@ -123,67 +246,39 @@ def chunk_candidates(sparse: SparseLinear) -> list[int]:
     return [k] + [c for c in (64, 128, 256, 512) if c < k and c % block == 0]
 
 
-def _race(fns: dict, rounds: int = 7) -> dict:
-    """Fastest ms of each candidate over `rounds` rounds that call every candidate once,
-    after one warm-up call each (a fresh kernel's compile). Interleaving spreads the
-    machine's slow moments over all candidates instead of one."""
-    for fn in fns.values():
-        fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            best[name] = min(best[name], time_calls(fn, 1, warmup=0)[0] * 1e3)
-    return best
+def _without_weight(node: Node) -> Node:
+    """The node a planned Linear step carries: its kernel holds the weight."""
+    return Node(node.op_type, node.name, list(node.inputs), list(node.outputs),
+                {k: v for k, v in node.attrs.items() if k != "weight"})
 
 
-def plan_linear(node: Node, policy: str, timings: LayerTimings) -> LayerPlan:
+def plan_linear(node: Node, planner: Planner) -> LayerPlan:
     a = node.attrs
     w, bias, act, residual = a["weight"], a["bias"], a["activation"], a["residual"]
     pattern = analyse(w)
+    built: dict[str, SparseLinear | DenseLinear] = {}
+
+    def sparse() -> SparseLinear:
+        if "sparse" not in built:
+            built["sparse"] = SparseLinear(w, bias, act, residual, pattern)
+        return built["sparse"]
+
+    def dense() -> DenseLinear:
+        if "dense" not in built:
+            built["dense"] = DenseLinear(w, bias, act, residual)
+        return built["dense"]
+
     try:
-        if policy == "dense" or pattern.nnz == w.size:
-            why = "forced dense" if policy == "dense" else "no zeros to skip"
-            return LayerPlan(node.name, node, pattern, DenseLinear(w, bias, act, residual), why)
-        if policy == "auto" and pattern.stored > DENSE_ABOVE * w.size:
-            why = (f"density {pattern.density:.3f}: above {DENSE_ABOVE} the dense kernel is faster "
-                   "(the sparse one runs at most about half its FLOP rate), not timed")
-            return LayerPlan(node.name, node, pattern, DenseLinear(w, bias, act, residual), why)
-        sparse = SparseLinear(w, bias, act, residual, pattern)
-        key, t = timings.lookup(pattern, act, residual, policy)
-        reused = t is not None
-        dense = None
-        if t is None:
-            dense = DenseLinear(w, bias, act, residual) if policy == "auto" else None
-            t = timings.measure(key, sparse, dense, residual)
-        chunked = f" in K-chunks of {t['k_chunk']}" if t["k_chunk"] < pattern.in_features else ""
-        if policy == "sparse" or t["sparse"] < t["dense"]:
-            impl = sparse.with_chunk(t["k_chunk"])
+        d = planner.decide(node.name, pattern, act, residual, sparse, dense)
+        if d.kernel == "sparse":
+            impl = sparse().with_chunk(d.k_chunk)
             impl.drop_csr()
-            if policy == "sparse":
-                return LayerPlan(node.name, node, pattern, impl, f"forced sparse{chunked}", t, reused)
         else:
-            impl = dense or DenseLinear(w, bias, act, residual)  # built once, timed or not
-        source = "measured on an earlier layer like it" if reused else "measured on this layer"
-        why = (f"{source} over {PROBE_TOKENS} tokens: sparse {t['sparse']:.3f} ms{chunked}, "
-               f"dense {t['dense']:.3f} ms")
-        return LayerPlan(node.name, node, pattern, impl, why, t, reused)
+            impl = dense()
+        return LayerPlan(node.name, _without_weight(node), pattern, impl, d.why, d.timings_ms, d.reused, d.decided_by,
+                         weight_probe(w))
     finally:
         release(w)  # the kernel holds its own (compressed) copy; the file-mapped pages can go
-
-
-def _copy_released(value: np.ndarray, chunk_bytes: int = 8 << 20) -> np.ndarray:
-    """An aligned copy of a file-mapped array, made a slice at a time with the mapped pages
-    given back after each: copied whole, the copy and the pages read for it (94 MB each
-    for BERT's word embeddings) were both resident at the load's peak."""
-    out = np.empty(value.shape, value.dtype)
-    if value.ndim == 0 or value.size == 0:
-        out[...] = value
-        return out
-    step = max(1, chunk_bytes // max(1, value[:1].nbytes))
-    for i in range(0, value.shape[0], step):
-        out[i:i + step] = value[i:i + step]
-        release(value)
-    return out
 
 
 def shared_input_groups(nodes: list[Node]) -> dict[str, list[Node]]:
@@ -197,7 +292,7 @@ def shared_input_groups(nodes: list[Node]) -> dict[str, list[Node]]:
     return {ms[0].name: ms for ms in by_input.values() if len(ms) > 1}
 
 
-def plan_group(members: list[Node], policy: str, timings: LayerTimings) -> tuple[Node, list[LayerPlan]]:
+def plan_group(members: list[Node], planner: Planner) -> tuple[Node, list[LayerPlan]]:
     """One kernel for `members` over their weights side by side, planned (sparse or dense,
     K-chunks) like any Linear; a node producing every member's output; and a LayerPlan per
     member whose impl is its slice of the group's output."""
@@ -206,18 +301,19 @@ def plan_group(members: list[Node], policy: str, timings: LayerTimings) -> tuple
               for m, w in zip(members, ws)]
     first = members[0]
     attrs = dict(first.attrs, weight=np.concatenate(ws, axis=1), bias=np.concatenate(biases).astype(np.float32))
-    node = Node("Linear", first.name, list(first.inputs), [m.outputs[0] for m in members], attrs)
-    group = plan_linear(node, policy, timings)
-    # The step's node keeps no weights: the kernel has its own, the members' nodes theirs
-    # (a dense copy here would be 7 MB per BERT-base attention block).
-    node.attrs = {k: v for k, v in attrs.items() if k not in ("weight", "bias")}
+    group = plan_linear(Node("Linear", first.name, list(first.inputs), [m.outputs[0] for m in members], attrs),
+                        planner)
+    # The step's node keeps no weights: the kernel has its own (a dense copy here would
+    # be 7 MB per BERT-base attention block).
+    node = Node("Linear", first.name, group.node.inputs, group.node.outputs,
+                {k: v for k, v in attrs.items() if k not in ("weight", "bias")})
     why = (f"one {group.kind} kernel for the {len(members)} layers reading this input (its time shows on the "
            f"first): {group.reason}")
     plans, start = [], 0
     for m, w in zip(members, ws):
         stop = start + w.shape[1]
-        plans.append(LayerPlan(m.name, m, analyse(w), OutputSlice(group.impl, start, stop), why,
-                               group.timings_ms, group.timing_reused))
+        plans.append(LayerPlan(m.name, _without_weight(m), analyse(w), OutputSlice(group.impl, start, stop), why,
+                               group.timings_ms, group.timing_reused, group.decided_by, weight_probe(w)))
         release(w)
         start = stop
     return node, plans
@@ -275,19 +371,22 @@ def reference_step(node: Node, opset: int) -> Callable[..., tuple]:
     fn = OPS[node.op_type]
     kwargs = dict(node.attrs, opset=opset) if node.op_type in NEEDS_OPSET else node.attrs
 
+    wanted = len(node.outputs)
+
     def run(*args):
         out = fn(*args, **kwargs)
-        return out if isinstance(out, tuple) else (out,)
+        # As many values as the node names: an op's optional outputs (LayerNormalization's
+        # mean and inverse std) are dropped when the node does not ask for them.
+        return out[:wanted] if isinstance(out, tuple) else (out,)
 
     return run
 
 
-def plan(graph: Graph, kernels: str = "auto",
+def plan(graph: Graph, planner: Planner | None = None,
          progress: Callable[[int, int, LayerPlan], None] | None = None) -> tuple[list[Step], list[LayerPlan]]:
-    """A step per node; `progress(done, total, layer)` is called as each Linear is planned."""
-    if kernels not in KERNEL_CHOICES:
-        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
-    timings = LayerTimings()
+    """A step per node; `progress(done, total, layer)` is called as each Linear is planned.
+    The decisions are left in `planner.decisions`."""
+    planner = planner or Planner()
     steps, layers = [], []
     total = sum(n.op_type == "Linear" for n in graph.nodes)
     linear_inputs: set[str] = set()  # values a Linear reads (x or residual)
@@ -300,13 +399,13 @@ def plan(graph: Graph, kernels: str = "auto",
         if n.op_type == "Linear":
             if n.name in in_group:  # the group's step, at its first member, computes them all
                 if n.name in groups:
-                    node, new = plan_group(groups[n.name], kernels, timings)
+                    node, new = plan_group(groups[n.name], planner)
                     steps.append(Step(node, _group_step(new)))
                 else:
                     continue
             else:
-                new = [plan_linear(n, kernels, timings)]
-                steps.append(Step(n, _linear_step(new[0])))
+                new = [plan_linear(n, planner)]
+                steps.append(Step(new[0].node, _linear_step(new[0])))
             for layer in new:
                 layers.append(layer)
                 log.debug("%s: %s %dx%d density %.3f block %d: %s", layer.name, layer.kind, *layer.pattern_shape,
@@ -334,9 +433,4 @@ def plan(graph: Graph, kernels: str = "auto",
         if step.run is None:
             fm = True if step.node.outputs[0] in linear_inputs else None
             steps[i] = Step(step.node, _layernorm_step(step.node, fm))
-    # Constants the reference ops read stay mapped from the file only where aligned:
-    # numpy copies a whole unaligned array on every np.take (10 ms for BERT's embeddings).
-    for name, value in graph.constants.items():
-        if not value.flags.aligned:
-            graph.constants[name] = _copy_released(value)
     return steps, layers

@@ -287,7 +287,9 @@ def test_layers_reading_one_input_run_as_one_kernel(bert):
     assert len(grouped_steps) == n_attention
     first = sliced[0]
     assert "layers reading this input" in first.reason and first.impl.source == first.impl.group.source
-    assert [lp.name for lp in bert.layers] == [n.name for n in bert.graph.nodes if n.op_type == "Linear"]
+    # Model.graph is what runs: the group's node computes its members' outputs, in order.
+    linear_outputs = [o for n in bert.graph.nodes if n.op_type == "Linear" for o in n.outputs]
+    assert [lp.node.outputs[0] for lp in bert.layers] == linear_outputs
     assert bert.check().ok
 
 
@@ -304,19 +306,21 @@ def test_shared_input_groups_take_only_plain_layers_of_one_input():
     assert {k: [n.name for n in v] for k, v in shared_input_groups(nodes).items()} == {"q": ["q", "k", "v"]}
 
 
-def test_auto_takes_dense_untimed_for_nearly_dense_weights():
-    """Above DENSE_ABOVE stored density the sparse kernel cannot win: no timing (and no
-    compressed copies) for it; below, the two are timed."""
+def test_auto_times_only_densities_near_the_crossover():
+    """Above DENSE_ABOVE stored density dense is taken untimed (and no compressed copies
+    are made); at or below SPARSE_BELOW sparse, with the dense kernel not timed; between,
+    both are timed."""
     from sparsejit.graph import Node
-    from sparsejit.plan import DENSE_ABOVE, LayerTimings, plan_linear
+    from sparsejit.plan import DENSE_ABOVE, SPARSE_BELOW, Planner, plan_linear
 
     rng = np.random.default_rng(3)
-    for density, timed in [(0.9, False), (DENSE_ABOVE - 0.1, True)]:
+    for density, kind, timed in [(0.9, "dense", set()), ((DENSE_ABOVE + SPARSE_BELOW) / 2, None, {"sparse", "dense"}),
+                                 (SPARSE_BELOW - 0.1, "sparse", {"sparse"})]:
         w = rng.standard_normal((64, 48)).astype(np.float32)
         w[rng.random(w.shape) >= density] = 0
         node = Node("Linear", "l", ["x"], ["y"], {"weight": w, "bias": None, "activation": "none", "residual": False})
-        lp = plan_linear(node, "auto", LayerTimings())
-        assert bool(lp.timings_ms) == timed
-        assert timed or (lp.kind == "dense" and "not timed" in lp.reason)
+        lp = plan_linear(node, Planner())
+        assert {k for k in ("sparse", "dense") if k in lp.timings_ms} == timed
+        assert lp.decided_by == ("measured" if kind is None else "rule") and kind in (None, lp.kind)
         x = rng.standard_normal((5, 64)).astype(np.float32)
         np.testing.assert_allclose(lp.impl(x), x @ w, rtol=1e-4, atol=1e-4)

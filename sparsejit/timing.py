@@ -1,0 +1,33 @@
+"""Timing, for the planner and the bench: seconds per call, and races between candidates."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def time_calls(fn: Callable[[], object], runs: int, warmup: int = 1) -> list[float]:
+    """Seconds per call of fn() over `runs` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def race(fns: dict, rounds: int = 7) -> dict:
+    """Median ms of each candidate over `rounds` rounds that call every candidate once,
+    after one warm-up call each (a fresh kernel's compile). Interleaving spreads the
+    machine's slow moments over all candidates instead of one; the median keeps one slow
+    (or lucky) round from deciding."""
+    for fn in fns.values():
+        fn()
+    samples: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(time_calls(fn, 1, warmup=0)[0] * 1e3)
+    return {name: statistics.median(ms) for name, ms in samples.items()}
