@@ -1,0 +1,605 @@
+"""Ordinary use that must neither kill the process nor give a wrong answer without a word:
+concurrent loads, degenerate shapes, the file changing after load, forks, NaN, plans
+that change from load to load, a damaged or planted kernel cache, bad models, empty
+batches, per-model thread counts. Anything that could crash runs in a subprocess, so
+that a crash fails its test, not the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import MODELS_DIR, assert_parity, make_inputs, ort_run
+
+import sparsejit
+
+ROOT = Path(__file__).resolve().parents[1]
+H128 = MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx"  # weights big enough to be file-mapped
+SDPA = MODELS_DIR / "bert_sdpa_h64_op14_legacy_p90.onnx"             # has the softmax NaN guard
+
+
+def run_python(code: str, cache: Path | None = None, env: dict | None = None, timeout: int = 300,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter (the repository importable, tests/ on the path)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("SPARSEJIT_", "NUMBA_THREADING"))}
+    if cache is not None:
+        full["SPARSEJIT_CACHE_DIR"] = str(cache)
+    full.update(env or {})
+    prelude = f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+    p = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
+                       env=full, timeout=timeout, check=False)
+    if check:
+        assert p.returncode == 0, f"exit status {p.returncode}\n--- stdout\n{p.stdout}\n--- stderr\n{p.stderr}"
+    return p
+
+
+# --- crashes ------------------------------------------------------------------------------
+
+def test_concurrent_loads_and_runs_in_threads(tmp_path):
+    """Eight loads of two models in four threads at once, each thread then running what it
+    loaded; every result as a lone load gives; with the kernel cache empty, then filled.
+    (Raced, the IR engine cache freed code that was running: a segfault.)"""
+    for _ in ("empty cache", "filled cache"):
+        _concurrent_loads(tmp_path)
+
+
+def _concurrent_loads(cache: Path) -> None:
+    run_python(f"""
+        import threading, numpy as np, sparsejit
+        from conftest import make_inputs
+        paths = [{str(H128)!r}, {str(SDPA)!r}]
+        feeds = make_inputs(["input_ids", "attention_mask", "token_type_ids"], 2, 9)
+        results, errors = [], []
+
+        def work(i):
+            try:
+                for j in range(2):
+                    m = sparsejit.load(paths[(i + j) % 2], num_threads=2)
+                    results.append((paths[(i + j) % 2], m.run(feeds)))
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert not errors, errors
+        alone = {{p: sparsejit.load(p).run(feeds) for p in paths}}
+        assert len(results) == 8
+        for p, out in results:
+            assert all(np.array_equal(a, b) for a, b in zip(out, alone[p]))
+        print("ok")
+    """, cache)
+
+
+DEGENERATE = """
+    import numba, numpy as np
+    from sparsejit.kernels.linear import DenseLinear, SparseLinear, reference_linear
+    from sparsejit.kernels.attention import fused_attention, reference_attention
+    from sparsejit.kernels.layernorm import layernorm, reference_layernorm
+    from sparsejit.kernels.layout import transposed
+    from sparsejit.plan import Planner, plan_group
+    from sparsejit.graph import Node
+    numba.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    TOL = dict(atol=1e-4, rtol=1e-4)
+
+    def weight(k, m, kind):
+        w = rng.standard_normal((k, m)).astype(np.float32)
+        if kind == "zero":
+            w[:] = 0
+        elif kind == "zero rows":
+            w[:, ::2] = 0
+            w[rng.random(w.shape) < 0.8] = 0
+        elif kind == "zero chunk":
+            w[: max(1, k // 2)] = 0
+        elif kind == "block4" and k % 4 == 0:
+            w *= np.repeat(rng.random((k // 4, m)) < 0.2, 4, axis=0)
+        else:
+            w[rng.random(w.shape) < 0.9] = 0
+        return w
+
+    for k, m in [(1, 1), (1, 5), (128, 1), (4, 1), (64, 3), (8, 64), (256, 2)]:
+        for kind in ["p90", "zero", "zero rows", "zero chunk", "block4"]:
+            w = weight(k, m, kind)
+            b = rng.standard_normal(m).astype(np.float32)
+            for tokens in [0, 1, 5, 17, 130]:
+                x = rng.standard_normal((tokens, k)).astype(np.float32)
+                r = rng.standard_normal((tokens, m)).astype(np.float32)
+                for act, res in [("none", False), ("gelu", True)]:
+                    want = reference_linear(x, w, b, act, r if res else None)
+                    sparse = SparseLinear(w, b, act, res)
+                    impls = [DenseLinear(w, b, act, res)] + [sparse.with_chunk(c) for c in (k, 64, 4)
+                                                              if c % sparse.pattern.block == 0]
+                    for impl in impls:
+                        np.testing.assert_allclose(impl(x, r if res else None), want, **TOL,
+                                                   err_msg=f"{k}x{m} {kind}, {tokens} tokens, {impl.kind}")
+                        np.testing.assert_array_equal(impl.dense_weight(), w)
+            # grouped: three such weights side by side, each read back through its slice
+            nodes = [Node("Linear", f"l{i}", ["x"], [f"y{i}"], {"weight": weight(k, m, kind), "bias": None,
+                                                               "activation": "none", "residual": False})
+                     for i in range(3)]
+            _, plans = plan_group(nodes, Planner())
+            x = rng.standard_normal((7, k)).astype(np.float32)
+            for n, lp in zip(nodes, plans):
+                np.testing.assert_allclose(lp.impl(x), x @ n.attrs["weight"], **TOL)
+    for b, h, tq, tk, d in [(1, 1, 1, 1, 1), (2, 3, 1, 5, 7), (1, 1, 17, 3, 64), (0, 2, 4, 4, 8), (1, 2, 33, 33, 16)]:
+        q = rng.standard_normal((b, h, tq, d)).astype(np.float32)
+        kt = rng.standard_normal((b, h, d, tk)).astype(np.float32)
+        v = rng.standard_normal((b, h, tk, d)).astype(np.float32)
+        mask = np.where(rng.random((b, 1, 1, tk)) < 0.3, -1e4, 0).astype(np.float32)
+        np.testing.assert_allclose(fused_attention(q, kt, v, mask), reference_attention(q, kt, v, mask), **TOL)
+    for n, h in [(0, 8), (1, 1), (1, 5), (3, 1), (17, 33)]:
+        x = rng.standard_normal((n, h)).astype(np.float32)
+        s = rng.standard_normal(h).astype(np.float32)
+        for fm in (None, True, False):
+            for arg in (x, transposed(x).T):
+                np.testing.assert_allclose(layernorm(arg, s, s, 1e-5, fm), reference_layernorm(x, s, s, 1e-5), **TOL)
+    print("ok")
+"""
+
+
+def test_degenerate_shapes_of_every_kernel_at_two_threads(tmp_path):
+    """1 output (a regression or cross-encoder head: the sparse driver ran a row past the
+    end for the thread with none, a segfault), 1 input, fewer rows than threads, all-zero
+    weights, rows and chunks, 0 and 1 token, token counts off the vector width; sparse
+    (every K-chunk), dense, grouped, attention and LayerNorm, each against numpy."""
+    run_python(DEGENERATE, timeout=600)
+
+
+def test_single_output_sparse_layer_in_a_model(tmp_path):
+    run_python("""
+        import numpy as np, sparsejit
+        from onnx import TensorProto, helper, numpy_helper
+        rng = np.random.default_rng(0)
+        w = rng.standard_normal((128, 1)).astype(np.float32)
+        w[rng.random(w.shape) < 0.9] = 0
+        g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 128])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1])],
+                              [numpy_helper.from_array(w, "w")])
+        model = sparsejit.load(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), num_threads=2)
+        assert model.layers[0].kind == "sparse"
+        x = rng.standard_normal((5, 128)).astype(np.float32)
+        np.testing.assert_allclose(model.run([x])[0], x @ w, atol=1e-5, rtol=1e-5)
+        print("ok")
+    """)
+
+
+def test_the_file_may_change_or_go_after_load(tmp_path):
+    """Truncated after load (SIGBUS on the next run when weights stayed mapped), then
+    overwritten in place (which silently changed the results), then deleted: the loaded
+    model computes what it did."""
+    path = tmp_path / "model.onnx"
+    shutil.copy(H128, path)
+    run_python(f"""
+        import os, numpy as np, sparsejit
+        from conftest import make_inputs
+        path = {str(path)!r}
+        model = sparsejit.load(path)
+        feeds = make_inputs(model.input_names, 2, 11)
+        before = model.run(feeds)
+        size = os.path.getsize(path)
+        os.truncate(path, 100)
+        assert all(np.array_equal(a, b) for a, b in zip(model.run(feeds), before))
+        with open(path, "r+b") as f:
+            f.write(bytes(size))
+        assert all(np.array_equal(a, b) for a, b in zip(model.run(feeds), before))
+        assert model.check().ok
+        os.remove(path)
+        assert all(np.array_equal(a, b) for a, b in zip(model.run(feeds), before))
+        print("ok")
+    """, tmp_path / "cache")
+
+
+FORK_AND_THREADS = f"""
+    import os, threading, numpy as np, numba, sparsejit
+    from conftest import make_inputs
+    model = sparsejit.load({str(SDPA)!r}, num_threads=2)
+    feeds = make_inputs(model.input_names, 2, 16)
+    first = model.run(feeds)[0]
+    pid = os.fork()
+    if pid == 0:  # the child runs the model it inherited
+        ok = np.array_equal(model.run(feeds)[0], first)
+        os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, f"forked child: status {{status}}"
+    same, errors = [], []
+
+    def work():
+        try:
+            for _ in range(25):
+                same.append(np.array_equal(model.run(feeds)[0], first))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and len(same) == 100 and all(same)
+    print(numba.threading_layer())
+"""
+
+
+def test_fork_after_load_and_concurrent_runs(tmp_path):
+    """A child forked after a run can run the model (GNU OpenMP killed it); four threads
+    running one model at once all get the single-thread answer."""
+    out = run_python(FORK_AND_THREADS)
+    assert out.stdout.split()[-1] == "tbb" or "tbb" not in _installed()
+
+
+def test_workqueue_layer_serialises_concurrent_runs(tmp_path):
+    """Forced to Numba's workqueue layer, which aborts on concurrent launches, runs from
+    several threads take turns instead."""
+    out = run_python(FORK_AND_THREADS, env={"NUMBA_THREADING_LAYER": "workqueue"})
+    assert out.stdout.split()[-1] == "workqueue"
+
+
+def _installed() -> set[str]:
+    from importlib import metadata
+
+    return {d.metadata["Name"].lower() for d in metadata.distributions()}
+
+
+# --- silently wrong -----------------------------------------------------------------------
+
+def test_nan_in_a_query_weight_is_guarded_as_the_graph_says(tmp_path):
+    """An SDPA export zeroes NaN probabilities (Where(IsNaN(p), 0, p)); the fused kernel
+    applied that only to fully masked rows, so one NaN in a query weight made every
+    output NaN, where ONNX Runtime and the reference mode give numbers."""
+    model = onnx.load(SDPA)
+    query = next(n for n in model.graph.node if "query" in n.name and n.op_type == "MatMul")
+    t = next(t for t in model.graph.initializer if t.name == query.input[1])
+    w = onnx.numpy_helper.to_array(t).copy()
+    w[3, 5] = np.nan
+    t.CopyFrom(onnx.numpy_helper.from_array(w, t.name))
+    path = tmp_path / "nan.onnx"
+    onnx.save(model, path)
+    feeds = make_inputs([i.name for i in model.graph.input], 2, 9)
+    want = ort_run(path, feeds)
+    assert not any(np.isnan(a).all() for a in want)
+    for m in (sparsejit.load(path), sparsejit.load(path, mode="reference")):
+        for g, w_ in zip(m.run(feeds), want):
+            np.testing.assert_allclose(g, w_, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
+def test_reference_mode_runs_a_native_layernorm_twice():
+    """The op returns (y, mean, inv_std); the generated forward of the second run unpacked one."""
+    model = sparsejit.load(H128, mode="reference")
+    feeds = make_inputs(model.input_names, 2, 9)
+    first, second = model.run(feeds), model.run(feeds)
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert_parity(second, ort_run(H128, feeds), model.output_names)
+
+
+def _mid_density_model(path: Path) -> None:
+    from encoders import EncoderSpec, make_encoder
+
+    onnx.save(make_encoder(EncoderSpec(hidden=32, heads=2, ffn=64, sparsity=0.5, seed=4)), path)
+
+
+def test_plans_are_the_same_at_every_load(tmp_path, monkeypatch):
+    """Weights at 50% density are decided by timing. The first load's plan is kept in the
+    cache and the next loads reuse it without timing, even when every timing would now
+    say otherwise; inspect's `decided_by` says where each decision came from."""
+    import sparsejit.plan as plan_mod
+
+    monkeypatch.setenv("SPARSEJIT_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "mid.onnx"
+    _mid_density_model(path)
+    first = sparsejit.load(path)
+    assert {lp.decided_by for lp in first.layers} >= {"measured"}
+    plans = list((tmp_path / "cache" / "plans").glob("*.json"))
+    assert len(plans) == 1
+
+    def upside_down(fns, rounds=7):  # the machine now says dense, whatever it said before
+        return {name: 1.0 if name == "dense" else 2.0 for name in fns}
+
+    monkeypatch.setattr(plan_mod, "race", lambda *a, **k: pytest.fail("timed a layer a saved plan decides"))
+    for _ in range(3):
+        again = sparsejit.load(path)
+        assert again.plan == first.plan
+        assert [lp.kind for lp in again.layers] == [lp.kind for lp in first.layers]
+        assert {lp.decided_by for lp in again.layers if lp.kind == "sparse"} <= {"cached plan"}
+    # Another thread count is another plan: timed again.
+    monkeypatch.setattr(plan_mod, "race", upside_down)
+    sparsejit.load(path, num_threads=1)
+    assert len(list((tmp_path / "cache" / "plans").glob("*.json"))) == 2
+
+
+def test_a_plan_file_is_written_then_followed(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEJIT_CACHE_DIR", str(tmp_path / "cache"))
+    path, plan = tmp_path / "mid.onnx", tmp_path / "mid.plan.json"
+    _mid_density_model(path)
+    first = sparsejit.load(path, plan=plan)
+    saved = json.loads(plan.read_text())
+    kernels = [n for n in first.graph.nodes if n.op_type == "Linear"]  # a group's kernel is one entry
+    assert sorted(saved["layers"]) == sorted(n.name for n in kernels)
+    # Edited by hand: every layer dense. The next load follows it, and says so.
+    for entry in saved["layers"].values():
+        entry.update(kernel="dense", k_chunk=None)
+    plan.write_text(json.dumps(saved))
+    again = sparsejit.load(path, plan=plan)
+    assert {lp.kind for lp in again.layers} == {"dense"}
+    assert {lp.decided_by for lp in again.layers} == {"plan file"}
+    feeds = make_inputs(again.input_names, 2, 7, vocab=50)
+    assert_parity(again.run(feeds), ort_run(path, feeds), again.output_names)
+    plan.write_text("{not json")
+    with pytest.raises(ValueError, match="mid.plan.json"):
+        sparsejit.load(path, plan=plan)
+
+
+def test_the_inspect_table_says_how_each_layer_was_decided(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "sparsejit", "inspect", str(SDPA)], capture_output=True, text=True,
+                         env={**os.environ, "SPARSEJIT_CACHE_DIR": str(tmp_path)}, cwd=ROOT, check=True).stdout
+    assert "decided by" in out and "rule" in out
+
+
+# --- the kernel cache -----------------------------------------------------------------------
+
+LOAD_AND_COMPARE = f"""
+    import logging, numpy as np, sparsejit
+    from conftest import make_inputs
+    logging.basicConfig(level=logging.WARNING)
+    model = sparsejit.load({str(H128)!r})
+    feeds = make_inputs(model.input_names, 2, 9)
+    out = model.run(feeds)
+    np.save("out.npy", out[0])
+    print("ok")
+"""
+
+
+def _load_in(tmp_path: Path, cache: Path) -> subprocess.CompletedProcess:
+    return run_python(f"import os; os.chdir({str(tmp_path)!r})\n" + textwrap.dedent(LOAD_AND_COMPARE), cache)
+
+
+@pytest.fixture(scope="module")
+def filled_cache(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """A kernel cache filled by one load, and that load's output: compiled once, copied
+    (times kept, as Numba's index records them) for each test that damages it."""
+    where = tmp_path_factory.mktemp("filled")
+    _load_in(where, where / "cache")
+    return where / "cache", np.load(where / "out.npy")
+
+
+def _copy_of(filled: Path, tmp_path: Path) -> Path:
+    cache = tmp_path / "cache"
+    shutil.copytree(filled, cache, copy_function=shutil.copy2)
+    return cache
+
+
+def test_a_damaged_numba_cache_is_rebuilt_and_named(tmp_path, filled_cache):
+    """Truncated index files and garbage data files: the next load logs each (naming it),
+    removes it and compiles again; the one after finds a sound cache and says nothing."""
+    cache, good = _copy_of(filled_cache[0], tmp_path), filled_cache[1]
+    assert "kernel cache" not in _load_in(tmp_path, cache).stderr  # the copy is a sound cache
+    numba_dir = cache / "kernels" / "__pycache__"
+    index, data = sorted(numba_dir.glob("*.nbi")), sorted(numba_dir.glob("*.nbc"))
+    assert index and data
+    for p in index:
+        p.write_bytes(p.read_bytes()[:10])
+    for p in data:
+        p.write_bytes(b"garbage" * 10)
+    second = _load_in(tmp_path, cache)
+    assert np.array_equal(np.load(tmp_path / "out.npy"), good)
+    assert str(index[0]) in second.stderr and "is not used" in second.stderr
+    third = _load_in(tmp_path, cache)
+    assert "kernel cache" not in third.stderr
+
+
+def test_swapped_machine_code_is_detected(tmp_path, filled_cache):
+    """Two valid ir_*.o files swapped: each is sealed with the key it was built for, so
+    neither runs as the other."""
+    cache, good = _copy_of(filled_cache[0], tmp_path), filled_cache[1]
+    objects = sorted((cache / "kernels").glob("ir_*.o"))
+    assert len(objects) >= 2
+    a, b = objects[0].read_bytes(), objects[1].read_bytes()
+    objects[0].write_bytes(b)
+    objects[1].write_bytes(a)
+    second = _load_in(tmp_path, cache)
+    assert np.array_equal(np.load(tmp_path / "out.npy"), good)
+    assert "built for another kernel" in second.stderr
+
+
+def test_cache_directory_and_files_are_private(filled_cache):
+    cache = filled_cache[0]
+    for d in (cache, cache / "kernels", cache / "kernels" / "__pycache__", cache / "plans"):
+        assert (d.stat().st_mode & 0o777) == 0o700, d
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    assert files and all((p.stat().st_mode & 0o777) == 0o600 for p in files), \
+        {p.name: oct(p.stat().st_mode) for p in files if (p.stat().st_mode & 0o777) != 0o600}
+
+
+def test_xdg_cache_home_is_honoured(tmp_path):
+    run_python("import sparsejit; sparsejit.load(sparsejit.default_model_path())",
+               env={"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    assert list((tmp_path / "xdg" / "sparsejit" / "kernels").glob("ir_*.o"))
+
+
+PLANT = """
+    import pickle, os
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch {marker}",))
+    payload = pickle.dumps(Boom())
+"""
+
+
+def test_files_planted_in_the_cache_do_not_run(tmp_path, filled_cache):
+    """A pickle over Numba's index files, a .pyc beside the kernels: with the cache
+    writable by others they ran as the loading user. Now a file that group or others can
+    write (or another user owns) is removed unread, and a .pyc is never read."""
+    cache = _copy_of(filled_cache[0], tmp_path)
+    marker = tmp_path / "ran"
+    payload = pickle.dumps(_Boom(f"touch {marker}"))
+    numba_dir = cache / "kernels" / "__pycache__"
+    for p in numba_dir.glob("*.nbi"):
+        p.write_bytes(payload)
+        p.chmod(0o666)
+    for k in (cache / "kernels").glob("k_*.py"):
+        (numba_dir / f"{k.stem}.cpython-{sys.version_info.major}{sys.version_info.minor}.pyc").write_bytes(
+            b"planted")
+    out = _load_in(tmp_path, cache)
+    assert not marker.exists()
+    assert "group or others" in out.stderr or "mode 0666" in out.stderr
+
+
+def test_a_cache_others_can_write_is_not_used(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o777)
+    out = _load_in(tmp_path, cache)
+    assert "not using the kernel cache" in out.stderr and "group or others can write" in out.stderr
+    assert not (cache / "kernels").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a file another user's needs root")
+def test_a_cache_file_of_another_user_is_not_read(tmp_path, filled_cache):
+    cache = _copy_of(filled_cache[0], tmp_path)
+    marker = tmp_path / "ran"
+    for p in (cache / "kernels" / "__pycache__").glob("*.nbi"):
+        p.write_bytes(pickle.dumps(_Boom(f"touch {marker}")))
+        os.chown(p, 4242, 4242)
+    out = _load_in(tmp_path, cache)
+    assert not marker.exists() and "belongs to user id 4242" in out.stderr
+
+
+class _Boom:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+# --- bad models and inputs ----------------------------------------------------------------
+
+def _edited(tmp_path: Path, edit) -> Path:
+    model = onnx.load(H128)
+    edit(model)
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def _set(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    t = next(t for t in model.graph.initializer if t.name == name)
+    t.CopyFrom(onnx.numpy_helper.from_array(value, name))
+
+
+def _first(model: onnx.ModelProto, op_type: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.op_type == op_type)
+
+
+def _attr(node: onnx.NodeProto, name: str) -> onnx.AttributeProto:
+    return next(a for a in node.attribute if a.name == name)
+
+
+def _wrong_weight(m):
+    mm = next(n for n in m.graph.node if n.op_type == "MatMul" and n.input[1].startswith("onnx::"))
+    _set(m, mm.input[1], np.zeros((132, 128), np.float32))
+
+
+def _second_definition(m):
+    m.graph.node[6].output[0] = m.graph.node[5].output[0]
+
+
+def _short_raw_data(m):
+    t = next(t for t in m.graph.initializer if t.name == "model.embeddings.word_embeddings.weight")
+    t.raw_data = t.raw_data[:-4]
+
+
+BAD_MODELS = {
+    "a value defined twice": (_second_definition, r"defined twice: by node .* and by node"),
+    "an unknown IR version": (lambda m: setattr(m, "ir_version", 99), "IR version 99"),
+    "a MatMul weight of the wrong size": (_wrong_weight, r"query/MatMul.*Incompatible dimensions"),
+    "a bias of the wrong size": (lambda m: _set(m, "model.encoder.layer.0.intermediate.dense.bias",
+                                                np.zeros(500, np.float32)), r"intermediate/dense/Add"),
+    "a LayerNorm scale of the wrong size": (lambda m: _set(m, "model.embeddings.LayerNorm.weight",
+                                                           np.ones(100, np.float32)),
+                                            r"LayerNormalization.*LayerNorm.weight.*\[100\].*\[128\]"),
+    "a Gather axis out of range": (lambda m: setattr(_attr(_first(m, "Gather"), "axis"), "i", 5),
+                                   r"Gather.*axis must be in"),
+    "a Transpose perm out of range": (lambda m: _attr(_first(m, "Transpose"), "perm").ints.__setitem__(0, 7),
+                                      r"Transpose.*perm"),
+    "raw_data shorter than its dims": (_short_raw_data, r"word_embeddings.weight"),
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_MODELS))
+def test_bad_models_are_refused_at_load_naming_file_and_node(tmp_path, what):
+    """What ONNX Runtime refuses at load, refused too (the second definition of a value
+    used to win silently), the error naming the file and the node or tensor."""
+    edit, pattern = BAD_MODELS[what]
+    path = _edited(tmp_path, edit)
+    with pytest.raises(sparsejit.UnsupportedModelError, match=pattern) as e:
+        sparsejit.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_empty_output_names_ask_for_every_output():
+    model = sparsejit.load(SDPA)
+    feeds = make_inputs(model.input_names, 1, 5)
+    assert [a.shape for a in model.run(feeds, output_names=[])] == [a.shape for a in model.run(feeds)]
+    assert len(model.run(feeds, [])) == len(model.output_names) == 2
+
+
+@pytest.mark.parametrize("name", ["bert_sdpa_h64_op18_dynamo_p90", "roberta_sdpa_h64_op18_dynamo_p90"])
+def test_batch_zero_gives_empty_outputs_as_onnx_runtime(name):
+    path = MODELS_DIR / f"{name}.onnx"
+    model = sparsejit.load(path)
+    feeds = {n: np.zeros((0, 7), np.int64) for n in model.input_names}
+    got, want = model.run(feeds), ort_run(path, feeds)
+    assert [(a.shape, a.dtype) for a in got] == [(a.shape, a.dtype) for a in want]
+
+
+def test_thread_counts_belong_to_each_model(tmp_path):
+    """A second load with another thread count used to re-split the first model's kernels
+    while it still reported its own count; a model loaded for one thread ran on two when
+    called from another thread; loading left BLAS single-threaded for the whole process."""
+    run_python(f"""
+        import threading, numba, numpy as np, sparsejit
+        from sparsejit.threads import _find_blas
+        from conftest import make_inputs
+        blas = _find_blas()
+        before = [get() for get, _ in blas]
+        caller = numba.get_num_threads()
+        one = sparsejit.load({str(SDPA)!r}, num_threads=1)
+        two = sparsejit.load({str(SDPA)!r}, num_threads=2)
+        feeds = make_inputs(one.input_names, 2, 9)
+        sparse = lambda m: [lp.impl for lp in m.layers if lp.kind == "sparse" and hasattr(lp.impl, "_layout")]
+
+        def split_for(m):  # the thread count each sparse kernel's rows are split for
+            return {{impl._layout[0] for impl in sparse(m)}}
+
+        a, b = one.run(feeds), two.run(feeds)
+        assert (one.num_threads, two.num_threads) == (1, 2)
+        assert split_for(one) == {{1}} and split_for(two) == {{2}}, (split_for(one), split_for(two))
+        seen = []
+        t = threading.Thread(target=lambda: seen.append((one.run(feeds), split_for(one))))
+        t.start(); t.join()
+        assert split_for(one) == {{1}} and all(np.array_equal(x, y) for x, y in zip(seen[0][0], a))
+        assert numba.get_num_threads() == caller
+        assert [get() for get, _ in blas] == before and before
+        print("ok")
+    """)
+
+
+# --- generated models against ONNX Runtime ----------------------------------------------
+
+def test_generated_encoders_match_onnx_runtime():
+    """Hypothesis-generated encoders of random shapes and sparsity against ONNX Runtime
+    (`fuzz_encoders.py`), in a subprocess: a case that crashes fails this test, and
+    hypothesis's report of it is in the failure message."""
+    pytest.importorskip("hypothesis")
+    pytest.importorskip("onnxruntime")
+    run_python("import fuzz_encoders; fuzz_encoders.generated_encoders_match_onnx_runtime()", timeout=900)
