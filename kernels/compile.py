@@ -133,6 +133,7 @@ def discard(path: Path | str, why: str) -> None:
 
 def write_private(path: Path | str, data: bytes) -> None:
     """Write a cache file 0600, atomically: a concurrent reader sees the whole file or none."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # (the cache may have been emptied meanwhile)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

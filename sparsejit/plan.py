@@ -185,7 +185,8 @@ class Planner:
             (log.warning if self.saved_by == "plan file" else log.debug)(
                 "%s: the %s's entry for layer %r was made for another weight pattern; deciding afresh",
                 name, self.saved_by, name)
-        if kernel == "dense" or (entry is not None and not _fits(entry, pattern)):
+        if kernel == "dense" or (entry is not None and not _fits(entry, pattern)) or \
+                (by == "forced" and entry is not None and entry["kernel"] != kernel):
             entry = None
         if entry is not None:  # kept as it was saved, with how it was first decided
             self.decisions[name] = entry
