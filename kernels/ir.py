@@ -1,11 +1,13 @@
-"""What every LLVM IR kernel generator here shares: float literals, an instruction
-emitter that names results, and a builder with loops whose phis carry vectors and the
-lane masks of a token tile that may run past the end.
+"""What every LLVM IR kernel generator here shares: float literals, a kernel's signature
+written once (rendered to LLVM and to ctypes), an instruction emitter that names results
+and declares the intrinsics it calls, and loops whose phis carry vectors.
 """
 
 from __future__ import annotations
 
+import ctypes
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -16,14 +18,55 @@ def f32(x: float) -> str:
     return f"0x{bits:016X}"
 
 
+_CTYPES = {"ptr": ctypes.c_void_p, "i64": ctypes.c_int64, "float": ctypes.c_float}
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A kernel's argument list, the one source of both its LLVM definition and the
+    ctypes prototype Python calls it through: `(("xt", "ptr"), ("ldx", "i64"), ...)`.
+    Pointers are `noalias` in the definition (no kernel argument overlaps another)."""
+
+    name: str
+    args: tuple[tuple[str, str], ...]
+
+    def params(self, noalias: bool = True) -> str:
+        """The parameter list: `ptr noalias %xt, i64 %ldx, ...`."""
+        return ", ".join(f"{t}{' noalias' if noalias and t == 'ptr' else ''} %{n}" for n, t in self.args)
+
+    def define(self, extra: str = "", attrs: str = "") -> str:
+        """`define void @name(params[, extra]) attrs {`; `attrs` "alwaysinline" makes it an
+        internal helper inlined into its callers."""
+        linkage = "internal " if "alwaysinline" in attrs else ""
+        return (f"define {linkage}void @{self.name}({self.params()}{', ' + extra if extra else ''})"
+                f"{' ' + attrs if attrs else ''} {{")
+
+    def passing(self) -> str:
+        """The arguments as a call passes them on: `ptr %xt, i64 %ldx, ...`."""
+        return self.params(noalias=False)
+
+    def extended(self, name: str, *more: tuple[str, str]) -> Signature:
+        return Signature(name, self.args + more)
+
+    def ctypes(self) -> type:
+        return ctypes.CFUNCTYPE(None, *(_CTYPES[t] for _, t in self.args))
+
+
+def with_driver(ir: str, driver: str) -> str:
+    """What runs for one kernel, printable: its IR, then its Numba driver as comments."""
+    return ir + "\n; driver (Numba):\n" + "".join("; " + line + "\n" for line in driver.splitlines())
+
+
 class Emitter:
-    """Appends instructions, naming each result freshly (%v0, %v1, ...)."""
+    """Appends instructions, naming each result freshly (%v0, %v1, ...), and records the
+    declaration of every intrinsic called through `call`, for `declarations`."""
 
     def __init__(self, lanes: int):
         self.lines: list[str] = []
         self.n = 0
         self.vt = f"<{lanes} x float>"
         self.lanes = lanes
+        self.declared: dict[str, str] = {}
 
     def __call__(self, text: str, name: str | None = None) -> str:
         if name is None:
@@ -35,6 +78,22 @@ class Emitter:
     def raw(self, text: str) -> None:
         self.lines.append(text)
 
+    def call(self, intrinsic: str, ret: str, *args: tuple[str, str], name: str | None = None) -> str:
+        """`call ret @intrinsic(type value, ...)`, declared once; `ret` "void" emits no result."""
+        self.declared.setdefault(intrinsic, f"declare {ret} @{intrinsic}({', '.join(t for t, _ in args)})")
+        text = f"call {ret} @{intrinsic}({', '.join(f'{t} {v}' for t, v in args)})"
+        if ret == "void":
+            self.raw("  " + text)
+            return ""
+        return self(text, name)
+
+    def declarations(self) -> str:
+        return "\n".join(self.declared[k] for k in sorted(self.declared))
+
+    def vcall(self, op: str, *values: str, name: str | None = None) -> str:
+        """A float-vector intrinsic (`llvm.<op>.v<lanes>f32`) of float-vector arguments."""
+        return self.call(f"llvm.{op}.v{self.lanes}f32", self.vt, *((self.vt, v) for v in values), name=name)
+
     def splat(self, scalar: str) -> str:
         one = self(f"insertelement {self.vt} poison, float {scalar}, i32 0")
         return self(f"shufflevector {self.vt} {one}, {self.vt} poison, <{self.lanes} x i32> zeroinitializer")
@@ -43,8 +102,7 @@ class Emitter:
         return f"<{', '.join(['float ' + f32(x)] * self.lanes)}>"
 
     def fma(self, a: str, b: str, c: str, name: str | None = None) -> str:
-        vt = self.vt
-        return self(f"call {vt} @llvm.fma.v{self.lanes}f32({vt} {a}, {vt} {b}, {vt} {c})", name)
+        return self.vcall("fma", a, b, c, name=name)
 
     def gep(self, base: str, index: str, ty: str = "float") -> str:
         return self(f"getelementptr inbounds {ty}, ptr {base}, i64 {index}")
@@ -63,54 +121,68 @@ class Emitter:
         start = self.offset(row, ld, col)
         return [self.vload(self.vptr(base, start, v), m) for v, m in enumerate(masks)]
 
-    def vload(self, ptr: str, mask: str | None) -> str:
-        vt = self.vt
+    def vload(self, ptr: str, mask: str | None, name: str | None = None) -> str:
+        vt, L = self.vt, self.lanes
         if mask is None:
-            return self(f"load {vt}, ptr {ptr}, align 4")
-        return self(f"call {vt} @llvm.masked.load.v{self.lanes}f32.p0(ptr {ptr}, i32 4, "
-                    f"<{self.lanes} x i1> {mask}, {vt} zeroinitializer)")
+            return self(f"load {vt}, ptr {ptr}, align 4", name)
+        return self.call(f"llvm.masked.load.v{L}f32.p0", vt, ("ptr", ptr), ("i32", "4"), (f"<{L} x i1>", mask),
+                         (vt, "zeroinitializer"), name=name)
 
     def vstore(self, value: str, ptr: str, mask: str | None) -> None:
-        vt = self.vt
+        vt, L = self.vt, self.lanes
         if mask is None:
             self.raw(f"  store {vt} {value}, ptr {ptr}, align 4")
         else:
-            self.raw(f"  call void @llvm.masked.store.v{self.lanes}f32.p0({vt} {value}, ptr {ptr}, i32 4, "
-                     f"<{self.lanes} x i1> {mask})")
+            self.call(f"llvm.masked.store.v{L}f32.p0", "void", (vt, value), ("ptr", ptr), ("i32", "4"),
+                      (f"<{L} x i1>", mask))
 
 
 class Builder(Emitter):
-    """An emitter that knows its current block, for loops whose phis carry vectors."""
+    """An emitter that knows its current block, for branches and for loops whose phis
+    carry vectors (the one loop construct of every generator)."""
 
     def __init__(self, lanes: int):
         super().__init__(lanes)
         self.block = "entry"
-        self.loops = 0
+        self.blocks = 0
 
     def label(self, name: str) -> None:
         self.raw(f"{name}:")
         self.block = name
 
+    def fresh(self, stem: str) -> str:
+        """A block name not used before in this function."""
+        self.blocks += 1
+        return f"{stem}{self.blocks}"
+
+    def br(self, target: str) -> None:
+        self.raw(f"  br label %{target}")
+
+    def cond_br(self, cond: str, then: str, other: str) -> None:
+        self.raw(f"  br i1 {cond}, label %{then}, label %{other}")
+
+    def phi(self, ty: str, *incoming: tuple[str, str], name: str | None = None) -> str:
+        """phi over (value, block) pairs."""
+        return self(f"phi {ty} {', '.join(f'[ {v}, %{b} ]' for v, b in incoming)}", name)
+
     def loop(self, start: str, end: str, step: int, carried: list[tuple[str, str]], body) -> tuple[str, list[str]]:
         """for (i = start; i + step <= end; i += step) carried = body(i, carried).
 
         Returns (the first i that did not run, the carried values after the loop)."""
-        n = self.loops
-        self.loops += 1
-        head, body_l, done = f"L{n}.head", f"L{n}.body", f"L{n}.done"
+        n = self.fresh("L")
+        head, body_l, done = f"{n}.head", f"{n}.body", f"{n}.done"
         pred = self.block
-        self.raw(f"  br label %{head}")
+        self.br(head)
         self.label(head)
         phi_at = len(self.lines)
-        i = f"%L{n}.i"
-        names = [f"%L{n}.c{k}" for k in range(len(carried))]
+        i = f"%{n}.i"
+        names = [f"%{n}.c{k}" for k in range(len(carried))]
         self.lines.append("")  # the phis, written once the back edge is known
         top = self(f"add i64 {i}, {step}")
-        ok = self(f"icmp sle i64 {top}, {end}")
-        self.raw(f"  br i1 {ok}, label %{body_l}, label %{done}")
+        self.cond_br(self(f"icmp sle i64 {top}, {end}"), body_l, done)
         self.label(body_l)
         new = body(i, names)
-        self.raw(f"  br label %{head}")
+        self.br(head)
         back = self.block
         phis = [f"  {i} = phi i64 [ {start}, %{pred} ], [ {top}, %{back} ]"]
         phis += [f"  {nm} = phi {ty} [ {init}, %{pred} ], [ {nv}, %{back} ]"
@@ -140,3 +212,17 @@ class Builder(Emitter):
         """for (t = start; t < end; t += width) body(t): the last tile may be partial,
         for `body` to mask with lane_masks(t, ..., end)."""
         self.loop(start, self(f"add i64 {end}, {width - 1}"), width, [], lambda t, _c: body(t) or [])
+
+    def function(self, signature: Signature, body, extra: str = "", attrs: str = "") -> None:
+        """Appends a whole function: its definition line, `body()` from the entry block,
+        `ret void`."""
+        self.raw(signature.define(extra, attrs))
+        self.label("entry")
+        body()
+        self.raw("  ret void")
+        self.raw("}")
+        self.raw("")
+
+    def module(self, header: str) -> str:
+        """The module: header comments, the intrinsics its functions called, the functions."""
+        return "\n".join([header, self.declarations(), "", *self.lines])
