@@ -9,27 +9,29 @@ export has, 4-D [batch, heads, seq, head_dim] with the softmax over the last axi
 The kernel is LLVM IR for one (batch, head) pair (attention_ir.py), driven by a Numba
 prange over the pairs. It reads q, kᵀ and v feature-major, as the sparse Linear layers
 leave them, and writes its output feature-major for the next one: no transposing copy
-on either side (BERT-base, batch 1 × 128 tokens: 0.47 ms per layer with the BLAS
-kernel it replaced and its copies, 0.21 ms).
+on either side.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 
 import numpy as np
 
-from .attention_ir import AttentionConfig, attention_ir
+from ..ops import op, softmax
+from .attention_ir import SIGNATURE, AttentionConfig, attention_ir
 from .compile import compile_ir, load_source, vector_lanes
+from .ir import with_driver
 from .layout import aligned_empty, feature_major_empty
 
 
+@op("Attention", fused=True)
 def reference_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None,
                         scale: np.ndarray | None = None, scale_op: str = "none", axis: int | None = None,
                         opset: int = 13, nan_guard: bool = False) -> np.ndarray:
-    from sparsejit.ops import softmax
-
+    """The fused node (fuse.fuse_attention): the ops it replaces, in order."""
+    if isinstance(mask, PreparedMask):
+        mask = mask.mask
     s = np.matmul(q, kt)
     if scale_op == "div":
         s = s / scale
@@ -69,31 +71,26 @@ def run_heads(fn, qt, kt, vt, mask, ot, scale, width):
            d, tq, tk, scale, s_at)
 """
 
-_HEAD_PROTO = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p, ctypes.c_int64] * 5, ctypes.c_int64, ctypes.c_int64,
-                               ctypes.c_int64, ctypes.c_float, ctypes.c_void_p)
-
-
 def attention_config(mask_per_query: bool, nan_guard: bool = False) -> AttentionConfig:
     return AttentionConfig(mask_per_query, vector_lanes(), nan_guard=nan_guard)
 
 
 @functools.cache
 def _compiled(cfg: AttentionConfig):
-    return _HEAD_PROTO(compile_ir(attention_ir(cfg), "attention_head"))
+    return SIGNATURE.ctypes()(compile_ir(attention_ir(cfg), SIGNATURE.name))
 
 
 @functools.cache
 def _kernel(mask_per_query: bool, nan_guard: bool, lanes: int):
     """(config, IR function, Numba driver), looked up once per mask layout, NaN guard and
-    vector width: building the config and hashing it on every call cost 3 µs."""
+    vector width, not built and hashed on every call."""
     cfg = AttentionConfig(mask_per_query, lanes, nan_guard=nan_guard)
     return cfg, _compiled(cfg), load_source(HEADS_DRIVER_SOURCE).run_heads
 
 
 def kernel_source(mask_per_query: bool = False, nan_guard: bool = False) -> str:
     """What runs: the IR for one head, then the Numba driver over (batch, head) pairs."""
-    return attention_ir(attention_config(mask_per_query, nan_guard)) + "\n; driver (Numba):\n" + \
-        "".join("; " + line + "\n" for line in HEADS_DRIVER_SOURCE.splitlines())
+    return with_driver(attention_ir(attention_config(mask_per_query, nan_guard)), HEADS_DRIVER_SOURCE)
 
 
 def _unit_last(a: np.ndarray) -> np.ndarray:
@@ -112,11 +109,17 @@ def _scalar(scale, scale_op: str) -> float | None:
     return float(1.0 / s.ravel()[0]) if scale_op == "div" else float(s.ravel()[0])
 
 
+@op("PrepareMask", fused=True)
+def prepare_mask(mask: np.ndarray) -> PreparedMask:
+    """The node lower.prepare_masks puts before the first of the Attention nodes that read
+    one mask: the mask, with its kernel layout made once per run."""
+    return PreparedMask(mask)
+
+
 class PreparedMask:
     """An additive mask that several Attention nodes read (every BERT layer reads one),
-    with the kernel's layout of it built once per run rather than once per layer (10 µs
-    each for BERT-base). The executor holds it for one run only, so it never outlives
-    the mask's values."""
+    with the kernel's layout of it built once per run rather than once per layer. The
+    executor holds it for one run only, so it never outlives the mask's values."""
 
     def __init__(self, mask: np.ndarray):
         self.mask = mask
@@ -149,7 +152,7 @@ def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarr
     ok = (q.ndim == kt.ndim == v.ndim == 4 and mul is not None and q.dtype == kt.dtype == v.dtype == np.float32
           and (axis is None or axis in (-1, 3)) and q.shape[:2] == kt.shape[:2] == v.shape[:2]
           and q.shape[3] == kt.shape[2] and kt.shape[3] == v.shape[2])
-    if ok and mask is not None:  # broadcasts to the scores' shape (np.broadcast_shapes, 3 µs slower)
+    if ok and mask is not None:  # broadcasts to the scores' shape (written out: np.broadcast_shapes is slower)
         scores = (q.shape[0], q.shape[1], q.shape[2], kt.shape[3])
         ok = mask.dtype == np.float32 and mask.ndim <= 4 and \
             all(m in (1, s) for m, s in zip(mask.shape[::-1], scores[::-1]))

@@ -8,22 +8,24 @@ layers and residual adds read without a copy.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 
 import numba
 import numpy as np
 
+from ..ops import layer_normalization, op
 from .compile import compile_ir, load_source, vector_lanes
+from .ir import Builder, Signature
 from .layout import contiguous, feature_major_empty, transposed, unit_token_stride
 
 
-def reference_layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon: float) -> np.ndarray:
-    mean = x.mean(axis=-1, keepdims=True)
-    d = x - mean
-    var = (d * d).mean(axis=-1, keepdims=True)
-    y = d / np.sqrt(var + np.float32(epsilon)) * scale
-    return (y + bias if bias is not None else y).astype(np.float32)
+@op("LayerNorm", fused=True)
+def reference_layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None = None, *, epsilon: float = 1e-5,
+                        feature_major: bool | None = None) -> np.ndarray:
+    """The fused node (lower.mark_layouts): LayerNormalization over the last axis, its one
+    output written feature-major when `feature_major` (a layout, not a value: the
+    reference ignores it)."""
+    return layer_normalization(x, scale, bias, axis=-1, epsilon=epsilon)[0]
 
 
 LAYERNORM_SOURCE = """\\
@@ -56,25 +58,15 @@ def layernorm_rows(x, scale, bias, eps, y):
 # token loop in the vector lanes, three passes over the features (shifted sum; sum of squared
 # deviations from the mean; the output), each accumulator in a register. Loads and
 # stores are masked at the tile's end, so any token range works.
-COLUMNS_ARGS = ("ptr noalias %xt, i64 %ldx, ptr noalias %yt, i64 %ldy, ptr noalias %scale, ptr noalias %bias, "
-                "float %eps, i64 %h, i64 %t0, i64 %t1")
+COLUMNS_SIGNATURE = Signature("layernorm_columns", (
+    ("xt", "ptr"), ("ldx", "i64"), ("yt", "ptr"), ("ldy", "i64"), ("scale", "ptr"), ("bias", "ptr"), ("eps", "float"),
+    ("h", "i64"), ("t0", "i64"), ("t1", "i64")))
 
 
-def columns_ir(lanes: int, vectors: int = 4) -> str:
-    from .ir import Builder
-
-    e = Builder(lanes)
-    vt, L = e.vt, lanes
-    e.raw(f"; sparsejit generated kernel: LayerNorm, feature-major, tokens [t0, t1), lanes={L} vectors={vectors}")
-    e.raw(f"declare {vt} @llvm.sqrt.v{L}f32({vt})")
-    e.raw(f"declare {vt} @llvm.masked.load.v{L}f32.p0(ptr, i32, <{L} x i1>, {vt})")
-    e.raw(f"declare void @llvm.masked.store.v{L}f32.p0({vt}, ptr, i32, <{L} x i1>)")
-    e.raw(f"define void @layernorm_columns({COLUMNS_ARGS}) {{")
-    e.label("entry")
-    hf = e("sitofp i64 %h to float")
-    inv_h = e.splat(e(f"fdiv float 1.0, {hf}"))
+def _columns(e: Builder, vectors: int) -> None:
+    vt = e.vt
+    inv_h = e.splat(e(f"fdiv float 1.0, {e('sitofp i64 %h to float')}"))
     eps = e.splat("%eps")
-    width = L * vectors
 
     def tile(i0):
         masks = e.lane_masks(i0, vectors, "%t1")
@@ -97,27 +89,27 @@ def columns_ir(lanes: int, vectors: int = 4) -> str:
             return [e.fma(d, d, a) for d, a in zip(ds, acc)]
 
         _, sqs = e.loop("0", "%h", 1, [(vt, "zeroinitializer")] * vectors, squares)
-        invs = []
-        for q in sqs:
-            var = e.fma(q, inv_h, eps)
-            invs.append(e(f"fdiv {vt} {e.const(1.0)}, {e(f'call {vt} @llvm.sqrt.v{L}f32({vt} {var})')}"))
+        invs = [e(f"fdiv {vt} {e.const(1.0)}, {e.vcall('sqrt', e.fma(q, inv_h, eps))}") for q in sqs]
 
         def output(f, _acc):
             a = e.splat(e(f"load float, ptr {e.gep('%scale', f)}, align 4"))
             b = e.splat(e(f"load float, ptr {e.gep('%bias', f)}, align 4"))
             off = e.offset(f, "%ldy", i0)
             for v, x in enumerate(xs(f)):
-                d = e(f"fsub {vt} {x}, {means[v]}")
-                y = e.fma(e(f"fmul {vt} {d}, {invs[v]}"), a, b)
+                y = e.fma(e(f"fmul {vt} {e(f'fsub {vt} {x}, {means[v]}')}, {invs[v]}"), a, b)
                 e.vstore(y, e.vptr("%yt", off, v), masks[v])
             return []
 
         e.loop("0", "%h", 1, [], output)
 
-    e.tiles("%t0", "%t1", width, tile)
-    e.raw("  ret void")
-    e.raw("}")
-    return "\n".join(e.lines)
+    e.tiles("%t0", "%t1", e.lanes * vectors, tile)
+
+
+def columns_ir(lanes: int, vectors: int = 4) -> str:
+    e = Builder(lanes)
+    e.function(COLUMNS_SIGNATURE, lambda: _columns(e, vectors))
+    return e.module(f"; sparsejit generated kernel: LayerNorm, feature-major, tokens [t0, t1), lanes={lanes} "
+                    f"vectors={vectors}")
 
 
 COLUMNS_DRIVER_SOURCE = """\
@@ -137,16 +129,11 @@ def run_columns(fn, xt, yt, scale, bias, eps, parts):
                bias.ctypes.data, eps, h, t0, t1)
 """
 
-_COLUMNS_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int64,
-                                  ctypes.c_int64)
-
-
 @functools.cache
 def _columns_kernel(lanes: int):
     """(IR function, Numba driver) for a vector width, looked up once, as the attention's
     are: every run calls this kernel 25 times for BERT-base."""
-    fn = _COLUMNS_PROTO(compile_ir(columns_ir(lanes), "layernorm_columns"))
+    fn = COLUMNS_SIGNATURE.ctypes()(compile_ir(columns_ir(lanes), COLUMNS_SIGNATURE.name))
     return fn, load_source(COLUMNS_DRIVER_SOURCE).run_columns
 
 
@@ -157,7 +144,7 @@ def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon
     input's layout when None."""
     h = x.shape[-1]
     if x.dtype != np.float32 or scale.shape != (h,) or (bias is not None and bias.shape != (h,)):
-        return reference_layernorm(x, scale, bias, epsilon)
+        return reference_layernorm(x, scale, bias, epsilon=epsilon)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, h)
     b = np.zeros(h, np.float32) if bias is None else bias

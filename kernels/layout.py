@@ -1,13 +1,12 @@
 """Activation layout changes: token-major [tokens, features] ⇄ feature-major [features, tokens].
 
-Sparse kernels work feature-major and dense ones token-major. numpy's copy of a
-transposed view walks one side with a large stride (0.95 ms for 128×3072 here); this
-tiled, threaded copy keeps both sides in cache.
+The Linear and attention kernels work feature-major; numpy, the reference ops and the
+caller work token-major. numpy's copy of a transposed view walks one side with a large
+stride; the tiled, threaded copy here keeps both sides in cache.
 
 Feature-major buffers get a padded row length: with 1024 tokens a row is 4 KiB, and
 rows 4 KiB apart all land in the same few cache sets, so a kernel reading a 128-token
-tile of every row used an eighth of L2 (768→3072 over 1024 tokens: 6.4 ms, 5.1 ms
-padded).
+tile of every row used a fraction of L2.
 """
 
 from __future__ import annotations
@@ -42,10 +41,6 @@ def transpose(a, out):
 """
 
 
-def reference_transpose(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a.T)
-
-
 def padded_rows(n: int) -> int:
     """A row length ≥ n (floats) that is a multiple of 16 but not of 32 (64-byte lines,
     an odd count of them), so consecutive rows start in different cache sets."""
@@ -57,11 +52,10 @@ ALIGN = 64  # bytes: one cache line, one AVX-512 vector
 
 
 def aligned_empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-    """np.empty whose data starts on a 64-byte line. numpy's own buffers start 16 bytes
-    past one here, so every vector load from them straddled two lines and cost two: the
-    sparse kernel's inner loop took 1.7× as long per nonzero on such rows."""
+    """np.empty whose data starts on a 64-byte line. numpy's own buffers may start past
+    one, and then every vector load from them straddles two lines and costs two."""
     dtype = np.dtype(dtype)
-    n = math.prod(shape)  # (np.prod takes 4 µs; this runs on every kernel call)
+    n = math.prod(shape)  # (not np.prod: this runs on every kernel call)
     buf = np.empty(n + ALIGN // dtype.itemsize, dtype)
     start = -buf.ctypes.data % ALIGN // dtype.itemsize  # numpy's data is itemsize-aligned
     return buf[start:start + n].reshape(shape)
@@ -83,8 +77,8 @@ def feature_major_empty(features, tokens, ld):
 
 def feature_major_empty(features: int, tokens: int) -> np.ndarray:
     """An uninitialised [features, tokens] float32 array with padded rows (unit token stride),
-    every row starting on a 64-byte line. Made in Numba: every kernel call makes its
-    output so, and aligned_empty's Python took 2 µs of it, this 0.6."""
+    every row starting on a 64-byte line. Made in Numba, as every kernel call makes its
+    output so: faster than aligned_empty's Python."""
     return load_source(EMPTY_SOURCE).feature_major_empty(features, tokens, padded_rows(tokens))
 
 
