@@ -27,9 +27,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
 
-from sparsejit.benchmark import (  # after the checkout is on the path
+from sparsejit.benchmark import (  # the installed package (make bench: the test venv's editable install)
     measure,
     measure_interleaved,
     paired_ratio,
@@ -58,7 +57,7 @@ def _kernel_rows(runs: int) -> list[dict]:
     from sparsejit.kernels.layout import feature_major_empty
     from sparsejit.kernels.linear import DenseLinear, SparseLinear
 
-    from sparsejit.plan import Planner
+    from sparsejit.choose import Chooser
 
     rng = np.random.default_rng(0)
     k, m, n = 768, 3072, 128
@@ -73,7 +72,7 @@ def _kernel_rows(runs: int) -> list[dict]:
         nnz = int((w != 0).sum())
         sparse, dense = SparseLinear(w, None, "none", False), DenseLinear(w, None, "none", False)
         # The K-chunk size the planner would choose at load, by the same timings.
-        sparse = sparse.with_chunk(Planner().time_kernels(sparse, None, False)["k_chunk"])
+        sparse = sparse.with_chunk(Chooser().time_kernels(sparse, None, False)["k_chunk"])
         csr = scipy.sparse.csr_matrix(w.T)  # yᵀ = Wᵀ xᵀ, the usual SpMM orientation
         # sparsejit's kernels take xᵀ as a model's layers hand it over (feature-major, rows
         # on cache lines): no transpose timed.

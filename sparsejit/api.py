@@ -11,13 +11,16 @@ import numpy as np
 import onnx
 
 from . import saved_plans
+from .choose import KERNEL_CHOICES, Chooser
 from .executor import Executor
 from .fold import fold_constants
 from .fuse import fuse
 from .graph import Graph, InputSpec, import_onnx
 from .heap import keep_buffers_mapped
-from .onnx_file import detach
-from .plan import KERNEL_CHOICES, LayerPlan, Planner, Step, reference_step
+from .lower import lower
+from .onnx_file import detach, release
+from .ops import bind
+from .plan import LayerPlan, Step
 from .plan import plan as plan_steps
 from .threads import ThreadScope, resolve_threads
 
@@ -212,7 +215,7 @@ class Model:
         return f"# layer {found.name}: {found.kind} kernel, {found.reason}\n" + found.impl.source
 
 
-def load(source: str | os.PathLike | onnx.ModelProto, *, num_threads: int | None = None,
+def load(model: str | os.PathLike | onnx.ModelProto, *, num_threads: int | None = None,
          kernels: str = "auto", mode: str = "compiled", plan: str | os.PathLike | None = None,
          progress: Callable[[int, int, LayerPlan], None] | None = None) -> Model:
     """Load an ONNX model and compile it for this machine.
@@ -243,23 +246,23 @@ def load(source: str | os.PathLike | onnx.ModelProto, *, num_threads: int | None
     threads = resolve_threads(num_threads)
     keep_buffers_mapped()
     with ThreadScope(threads):
-        graph = fold_constants(import_onnx(source))
+        graph = fold_constants(import_onnx(model))
         if mode == "reference":
-            graph = Graph(graph.nodes, graph.inputs, graph.outputs, detach(graph.constants), graph.opset, graph.source)
-            steps = [Step(n, reference_step(n, graph.opset)) for n in graph.nodes]
+            graph = Graph(graph.nodes, graph.inputs, graph.outputs, detach(graph.constants), graph.opset, graph.origin)
+            steps = [Step(n, bind(n.op_type, n.attrs, graph.opset, len(n.outputs))) for n in graph.nodes]
             return Model(graph, steps, [], mode, threads)
-        graph = fuse(graph)
-        planner, save = _planner(graph, threads, kernels, plan)
-        steps, layers = plan_steps(graph, planner, progress)
-        save(planner.decisions)
+        graph = lower(fuse(graph))
+        chooser, save = _chooser(graph, threads, kernels, plan)
+        steps, layers = plan_steps(graph, chooser, progress, done_with=release)
+        save(chooser.decisions)
     planned = Graph([s.node for s in steps], graph.inputs, graph.outputs, detach(graph.constants), graph.opset,
-                    graph.source)
-    return Model(planned, steps, layers, mode, threads, planner.decisions)
+                    graph.origin)
+    return Model(planned, steps, layers, mode, threads, chooser.decisions)
 
 
-def _planner(graph: Graph, threads: int, kernels: str, plan_file) -> tuple[Planner, Callable[[dict], None]]:
-    """A planner holding the saved plan (the user's file, else the cache's), and what to
-    call with the decisions once made to keep them."""
+def _chooser(graph: Graph, threads: int, kernels: str, plan_file) -> tuple[Chooser, Callable[[dict], None]]:
+    """A kernel chooser holding the saved plan (the user's file, else the cache's), and
+    what to call with the decisions once made to keep them."""
     key = saved_plans.structure_key(graph, threads, kernels)
     if plan_file is not None:
         path = Path(plan_file)
@@ -269,7 +272,7 @@ def _planner(graph: Graph, threads: int, kernels: str, plan_file) -> tuple[Plann
             if saved is None:
                 saved_plans.write_plan(path, decisions, key, private=False)
 
-        return Planner(kernels, saved, "plan file"), save
+        return Chooser(kernels, saved, "plan file"), save
     path = saved_plans.cached_plan_path(key)
     saved = None if path is None else saved_plans.read_plan(path, trusted_only=True)
 
@@ -277,4 +280,4 @@ def _planner(graph: Graph, threads: int, kernels: str, plan_file) -> tuple[Plann
         if path is not None and decisions != saved:
             saved_plans.write_plan(path, decisions, key, private=True)
 
-    return Planner(kernels, saved, "cached plan"), keep
+    return Chooser(kernels, saved, "cached plan"), keep

@@ -37,9 +37,9 @@ def structure_key(graph: Graph, threads: int, kernels: str) -> str:
     h = hashlib.sha256(f"sparsejit {__version__} plan format {FORMAT}\n{' '.join(host_cpu())}\n"
                        f"threads {threads} kernels {kernels}\n".encode())
     for n in graph.nodes:
-        w = n.attrs.get("weight") if n.op_type == "Linear" else None
-        shape = "" if w is None else f" {w.shape} {n.attrs['activation']} {n.attrs['residual']}"
-        h.update(f"{n.op_type} {n.name!r} {n.inputs} {n.outputs}{shape}\n".encode())
+        layers = n.attrs["members"] if n.op_type == "LinearGroup" else [n] if n.op_type == "Linear" else []
+        shapes = [(m.attrs["weight"].shape, m.attrs["activation"], m.attrs["residual"]) for m in layers]
+        h.update(f"{n.op_type} {n.name!r} {n.inputs} {n.outputs} {shapes}\n".encode())
     return h.hexdigest()[:32]
 
 

@@ -1,0 +1,194 @@
+"""Choosing a Linear layer's kernel: sparse or dense, and the sparse kernel's K-chunk.
+
+- by rule where the density makes the answer clear: dense with no zeros or above
+  `DENSE_ABOVE` stored density, sparse at or below `SPARSE_BELOW`;
+- from a saved plan (the cache's for this model and machine, or the user's plan file)
+  for a layer whose pattern is the one the plan was made for;
+- by measurement in between: both kernels timed over `PROBE_TOKENS` tokens, in
+  interleaved rounds, on the first layer of each kind (`timing.race`).
+The K-chunk is measured, or taken from the saved plan. `kernels="sparse"` or `"dense"`
+forces the kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+
+from .kernels.layout import feature_major_empty
+from .kernels.linear import DenseLinear, Pattern, SparseLinear
+from .timing import race
+
+log = logging.getLogger("sparsejit")
+
+KERNEL_CHOICES = ("auto", "sparse", "dense")
+# Tokens the kernels are timed over: one sequence of 128, BERT's common case.
+PROBE_TOKENS = 128
+# Stored-weight density above which "auto" takes the dense kernel without timing: the
+# sparse kernel's rate per nonzero is at most about half the dense GEMM's, so it cannot
+# win there (and timing it on a nearly dense weight held several compressed copies).
+DENSE_ABOVE = 0.75
+# ... and at or below which it takes the sparse kernel without timing the dense one: at
+# a quarter of the weights the sparse kernel does about a quarter of the work at half
+# the rate, clearly faster. Only densities in between are decided by timing.
+SPARSE_BELOW = 0.25
+
+# How a layer's kernel was decided, as `LayerPlan.decided_by` says it.
+DECIDERS = ("rule", "measured", "forced", "plan file", "cached plan")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A Linear layer's kernel and K-chunk (None: all inputs at once), and how and why."""
+
+    kernel: str
+    k_chunk: int | None
+    decided_by: str
+    why: str
+    timings_ms: dict = field(default_factory=dict)
+    reused: bool = False
+
+    def saved(self, pattern: Pattern) -> dict:
+        """The plan entry: the decision and the pattern it was made for."""
+        return {"kernel": self.kernel, "k_chunk": self.k_chunk, "decided_by": self.decided_by, "why": self.why,
+                "in": pattern.in_features, "out": pattern.out_features, "block": pattern.block,
+                "stored": pattern.stored, "nnz": pattern.nnz}
+
+
+def _fits(entry: dict, pattern: Pattern) -> bool:
+    """Whether a saved entry was made for this pattern, and names a kernel that can run it."""
+    try:
+        same = (entry["in"], entry["out"], entry["block"], entry["stored"], entry["nnz"]) == \
+            (pattern.in_features, pattern.out_features, pattern.block, pattern.stored, pattern.nnz)
+        chunk = entry["k_chunk"]
+        runnable = entry["kernel"] == "dense" or (entry["kernel"] == "sparse" and (
+            chunk is None or (isinstance(chunk, int) and 0 < chunk and chunk % pattern.block == 0)))
+        return same and runnable
+    except (KeyError, TypeError):
+        return False
+
+
+class Chooser:
+    """Decides every Linear layer's kernel (see the module docstring), and collects the
+    decisions as a plan to save.
+
+    `saved` is a plan's layers (`saved_plans.read_plan`) and `saved_by` what to call
+    decisions taken from it. Measurements are kept per kind of layer (shape, block,
+    density to 1%, epilogue, threads) for the rest of this load: BERT-base's 73 layers
+    are 4 kinds at one sparsity."""
+
+    def __init__(self, kernels: str = "auto", saved: dict | None = None, saved_by: str = "cached plan"):
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+        self.kernels = kernels
+        self.saved = saved or {}
+        self.saved_by = saved_by
+        self.kinds: dict[tuple, dict] = {}
+        self.decisions: dict[str, dict] = {}  # the plan to save, by layer name
+        self.rng = np.random.default_rng(0)
+
+    def rule(self, pattern: Pattern) -> tuple[str | None, str, str]:
+        """(kernel or None to measure, decided_by, why) from the policy and the density alone."""
+        size = pattern.in_features * pattern.out_features
+        if self.kernels == "dense":
+            return "dense", "forced", "forced dense"
+        if pattern.nnz == size:
+            return "dense", "rule", "no zeros to skip"
+        if self.kernels == "sparse":
+            return "sparse", "forced", "forced sparse"
+        density = pattern.stored / size
+        if density > DENSE_ABOVE:
+            return "dense", "rule", (f"stored density {density:.3f} > {DENSE_ABOVE}: the dense kernel is faster "
+                                     "(the sparse one runs at most about half its FLOP rate), not timed")
+        if density <= SPARSE_BELOW:
+            return "sparse", "rule", f"stored density {density:.3f} <= {SPARSE_BELOW}: sparse, dense not timed"
+        return None, "measured", ""
+
+    def decide(self, name: str, pattern: Pattern, act: str, residual: bool,
+               sparse: Callable[[], SparseLinear], dense: Callable[[], DenseLinear]) -> Choice:
+        """The decision for one layer; `sparse()` and `dense()` build its kernels when a
+        measurement needs them."""
+        kernel, by, why = self.rule(pattern)
+        entry = self.saved.get(name)
+        if entry is not None and kernel != "dense" and not _fits(entry, pattern):
+            (log.warning if self.saved_by == "plan file" else log.debug)(
+                "%s: the %s's entry for layer %r was made for another weight pattern; deciding afresh",
+                name, self.saved_by, name)
+        if kernel == "dense" or (entry is not None and not _fits(entry, pattern)) or \
+                (by == "forced" and entry is not None and entry["kernel"] != kernel):
+            entry = None
+        if entry is not None:  # kept as it was saved, with how it was first decided
+            self.decisions[name] = entry
+            return Choice(entry["kernel"], entry["k_chunk"], self.saved_by,
+                            f"{self.saved_by}, first {entry.get('decided_by')}: {entry.get('why', '')}")
+        if kernel == "dense":
+            d = Choice("dense", None, by, why)
+        else:
+            d = self.measure(pattern, act, residual, kernel is None, sparse, dense, by, why)
+        self.decisions[name] = d.saved(pattern)
+        return d
+
+    def measure(self, pattern: Pattern, act: str, residual: bool, against_dense: bool,
+                sparse: Callable[[], SparseLinear], dense: Callable[[], DenseLinear], by: str, why: str) -> Choice:
+        key = (self.kernels, pattern.in_features, pattern.out_features, pattern.block, round(pattern.density, 2),
+               act, residual, against_dense, numba.get_num_threads())
+        t, reused = self.kinds.get(key), key in self.kinds
+        if t is None:
+            t = self.kinds[key] = self.time_kernels(sparse(), dense() if against_dense else None, residual)
+        chunk = t["k_chunk"] if t["k_chunk"] < pattern.in_features else None
+        chunked = f" in K-chunks of {chunk}" if chunk else ""
+        source = "an earlier layer like it" if reused else "this layer"
+        timed = f"measured on {source} over {PROBE_TOKENS} tokens: sparse {t['sparse']:.3f} ms{chunked}"
+        if against_dense:
+            kernel = "sparse" if t["sparse"] < t["dense"] else "dense"
+            return Choice(kernel, chunk, "measured", f"{timed}, dense {t['dense']:.3f} ms", t, reused)
+        return Choice("sparse", chunk, by, f"{why}; K-chunk {timed}", t, reused)
+
+    def time_kernels(self, sparse: SparseLinear, dense: DenseLinear | None, residual: bool) -> dict:
+        """Times the dense kernel (when given) and the sparse one at each K-chunk size."""
+        # Feature-major and line-aligned, as the kernels read activations in a model: no
+        # transposes in the timings, and no vector loads split across cache lines.
+        x = self._probe(sparse.in_features)
+        r = self._probe(sparse.out_features) if residual else None
+        fns = {variant.k_chunk: (lambda v=variant: v(x, r))
+               for variant in (sparse.with_chunk(c) for c in chunk_candidates(sparse))}
+        if dense is not None:
+            fns["dense"] = lambda: dense(x, r)
+        ms = race(fns, rounds=9)
+        t = {"chunks": {c: v for c, v in ms.items() if c != "dense"}}
+        t["k_chunk"] = pick_chunk(t["chunks"])
+        t["sparse"] = t["chunks"][t["k_chunk"]]
+        if dense is not None:
+            t["dense"] = ms["dense"]
+        return t
+
+    def _probe(self, features: int) -> np.ndarray:
+        xt = feature_major_empty(features, PROBE_TOKENS)
+        xt[:] = self.rng.standard_normal(xt.shape, dtype=np.float32)
+        return xt.T
+
+
+# The K-chunk taken unless another is clearly faster: chunks near the best differ by a few
+# percent, less than the timing's noise, and a plan should not follow the noise.
+DEFAULT_CHUNK = 128
+CLEARLY_FASTER = 0.97
+
+
+def pick_chunk(times: dict[int, float]) -> int:
+    """The K-chunk to use from {chunk: ms}: the fastest, or the default (128 inputs, or all
+    of them when fewer) unless the fastest beats it by more than 3%."""
+    best = min(times, key=times.get)
+    default = min(times, key=lambda c: abs(c - DEFAULT_CHUNK))
+    return best if times[best] < CLEARLY_FASTER * times[default] else default
+
+
+def chunk_candidates(sparse: SparseLinear) -> list[int]:
+    """K-chunk sizes worth timing: all inputs at once, and chunks of 64 to 512 inputs when
+    smaller (64 inputs × 128 tokens of xᵀ fill 32 KB of L1; larger chunks suit sparser
+    weights, whose rows have few nonzeros in a small chunk)."""
+    k, block = sparse.in_features, sparse.pattern.block
+    return [k] + [c for c in (64, 128, 256, 512) if c < k and c % block == 0]

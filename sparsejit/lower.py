@@ -1,0 +1,83 @@
+"""Lowering: the passes after fusion that decide how the fused graph runs. Each is a
+graph rewrite, so `Model.graph` and `Model.forward_source` show what runs.
+
+- `group_linears`: Linear nodes that read the same input with the same activation and
+  no residual (Q, K and V of every attention block) become one `LinearGroup` node: one
+  kernel over their weights side by side, one call and one pass over xᵀ.
+- `prepare_masks`: a mask that several Attention nodes read gets a `PrepareMask` node
+  before the first of them, and they read its output: the kernel's layout of the mask
+  is made once per run rather than once per layer.
+- `mark_layouts`: a LayerNormalization over the last axis with one output becomes a
+  `LayerNorm` node, written feature-major when a Linear reads it (both Linear kernels
+  work so), even from a token-major input (the embeddings): one transpose there rather
+  than one per reader.
+
+Like the fusion passes, each returns a new graph and leaves the one it is given as it was.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .graph import Graph, Node
+
+
+def _with_nodes(graph: Graph, nodes: list[Node]) -> Graph:
+    return Graph(nodes, graph.inputs, graph.outputs, graph.constants, graph.opset, graph.origin)
+
+
+def group_linears(graph: Graph) -> Graph:
+    groups: dict[tuple, list[Node]] = {}
+    for n in graph.nodes:
+        if n.op_type == "Linear" and not n.attrs["residual"]:
+            w = n.attrs["weight"]
+            groups.setdefault((n.inputs[0], n.attrs["activation"], w.shape[0], w.dtype.str), []).append(n)
+    first = {ms[0].name: ms for ms in groups.values() if len(ms) > 1}
+    grouped = {m.name for ms in first.values() for m in ms}
+    nodes = []
+    for n in graph.nodes:
+        if n.name in first:  # the group computes every member at the first one's place
+            ms = first[n.name]
+            nodes.append(Node("LinearGroup", n.name, list(n.inputs), [m.outputs[0] for m in ms],
+                              {"activation": n.attrs["activation"], "members": ms}))
+        elif n.name not in grouped or n.op_type != "Linear":
+            nodes.append(n)
+    return _with_nodes(graph, nodes)
+
+
+def prepare_masks(graph: Graph) -> Graph:
+    readers = Counter(n.inputs[3] for n in graph.nodes if n.op_type == "Attention" and len(n.inputs) > 3)
+    shared = {name for name, count in readers.items() if name and count > 1}
+    prepared: dict[str, str] = {}
+    nodes = []
+    for n in graph.nodes:
+        mask = n.inputs[3] if n.op_type == "Attention" and len(n.inputs) > 3 else ""
+        if mask in shared:
+            if mask not in prepared:
+                prepared[mask] = f"{mask}::prepared"
+                nodes.append(Node("PrepareMask", f"{mask}::prepare", [mask], [prepared[mask]]))
+            n = Node(n.op_type, n.name, n.inputs[:3] + [prepared[mask]] + n.inputs[4:], list(n.outputs), n.attrs)
+        nodes.append(n)
+    return _with_nodes(graph, nodes)
+
+
+def mark_layouts(graph: Graph) -> Graph:
+    linear_inputs = {i for n in graph.nodes if n.op_type in ("Linear", "LinearGroup") for i in n.inputs}
+    nodes = []
+    for n in graph.nodes:
+        outs = [o for o in n.outputs if o]
+        if n.op_type == "LayerNormalization" and n.attrs.get("axis", -1) == -1 and outs == n.outputs[:1]:
+            feature_major = True if outs[0] in linear_inputs else None  # None: as the input is laid out
+            n = Node("LayerNorm", n.name, list(n.inputs), outs,
+                     {"epsilon": n.attrs.get("epsilon", 1e-5), "feature_major": feature_major})
+        nodes.append(n)
+    return _with_nodes(graph, nodes)
+
+
+LOWERING = (group_linears, prepare_masks, mark_layouts)
+
+
+def lower(graph: Graph) -> Graph:
+    for p in LOWERING:
+        graph = p(graph)
+    return graph
