@@ -7,6 +7,8 @@
   → one node.
 - LayerNorm written out (ReduceMean, Sub, Pow, ReduceMean, Add ε, Sqrt, Div, Mul γ,
   Add β), as exporters before opset 17 emit it → one `LayerNormalization` node.
+- `EmbedLayerNorm`: Gathers from constant tables (word, position, token type), summed by
+  Adds, then LayerNorm → one node.
 
 Each pass rewrites only chains whose intermediate values have no other reader, so
 the fused graph computes exactly what the original did.
@@ -68,7 +70,7 @@ class _Matcher:
             elif id(n) not in self.removed:
                 nodes.append(n)
         g = self.graph
-        return Graph(nodes, g.inputs, g.outputs, g.constants, g.opset, g.source)
+        return Graph(nodes, g.inputs, g.outputs, g.constants, g.opset, g.origin)
 
 
 def _other(node: Node, name: str) -> str:
@@ -116,58 +118,62 @@ def fuse_gelu(graph: Graph) -> Graph:
     return m.result()
 
 
+def _matmul_weight(m: _Matcher, mm: Node) -> tuple[str, np.ndarray, np.ndarray | None] | None:
+    """(x, W [in, out], bias or None) of a MatMul or Gemm with a constant float32 weight."""
+    if mm.op_type == "MatMul":
+        w = m.const(mm.inputs[1])
+        return None if w is None or w.ndim != 2 or w.dtype != np.float32 else (mm.inputs[0], w, None)
+    if mm.op_type != "Gemm" or len(mm.inputs) < 2 or mm.attrs.get("transA", 0):
+        return None
+    w = m.const(mm.inputs[1])
+    if w is None or w.dtype != np.float32:
+        return None
+    w = w.T if mm.attrs.get("transB", 0) else w
+    alpha = np.float32(mm.attrs.get("alpha", 1.0))
+    w = w * alpha if alpha != 1 else w
+    c = m.const(mm.inputs[2]) if len(mm.inputs) > 2 and mm.inputs[2] else None
+    if len(mm.inputs) > 2 and mm.inputs[2] and (c is None or c.size != w.shape[1] or c.ndim > 1 and c.shape[0] != 1):
+        return None
+    return mm.inputs[0], w, None if c is None else c.ravel() * np.float32(mm.attrs.get("beta", 1.0))
+
+
+def _epilogue(m: _Matcher, chain: list[Node], attrs: dict, inputs: list[str]) -> str:
+    """Extends `chain` over what follows the product (+ bias, GELU, + residual), filling
+    `attrs` and `inputs`; returns the value the fused node makes."""
+    out, width = chain[-1].outputs[0], attrs["weight"].shape[1]
+    nxt = m.only_user(out, "Add")
+    b = None if nxt is None or attrs["bias"] is not None else m.const(_other(nxt, out))
+    if b is not None and b.dtype == np.float32 and b.size == width and b.shape[-1] == width:
+        attrs["bias"] = b.ravel().copy()
+        chain.append(nxt)
+        out = nxt.outputs[0]
+    nxt = m.only_user(out, "Gelu")
+    if nxt is not None and nxt.attrs.get("approximate", "none") == "none":
+        attrs["activation"] = "gelu"
+        chain.append(nxt)
+        out = nxt.outputs[0]
+    nxt = m.only_user(out, "Add")
+    if nxt is not None and m.const(_other(nxt, out)) is None and _other(nxt, out) != out:
+        attrs["residual"] = True
+        inputs.append(_other(nxt, out))
+        chain.append(nxt)
+        out = nxt.outputs[0]
+    return out
+
+
 def fuse_linear(graph: Graph) -> Graph:
     m = _Matcher(graph)
     for mm in graph.nodes:
-        if id(mm) in m.removed:
+        found = None if id(mm) in m.removed else _matmul_weight(m, mm)
+        if found is None:
             continue
-        if mm.op_type == "MatMul":
-            x, w_name = mm.inputs
-            w = m.const(w_name)
-            if w is None or w.ndim != 2 or w.dtype != np.float32:
-                continue
-            bias = None
-        elif mm.op_type == "Gemm":
-            if len(mm.inputs) < 2 or mm.attrs.get("transA", 0):
-                continue
-            x, w_name = mm.inputs[:2]
-            w = m.const(w_name)
-            if w is None or w.dtype != np.float32:
-                continue
-            w = w.T if mm.attrs.get("transB", 0) else w
-            w = w * np.float32(mm.attrs.get("alpha", 1.0))
-            bias = None
-            if len(mm.inputs) > 2 and mm.inputs[2]:
-                c = m.const(mm.inputs[2])
-                if c is None or c.size != w.shape[1] or c.ndim > 1 and c.shape[0] != 1:
-                    continue
-                bias = c.ravel() * np.float32(mm.attrs.get("beta", 1.0))
-        else:
-            continue
-        chain, out = [mm], mm.outputs[0]
+        x, w, bias = found
         # The weight stays as it is (perhaps a transposed view, perhaps mapped from the
-        # file): kernels copy or compress what they need, so none is held twice.
-        attrs = {"source_op": mm.op_type, "weight": w, "bias": bias,
-                 "activation": "none", "residual": False}
-        inputs = [x]
-        nxt = m.only_user(out, "Add")
-        if bias is None and nxt is not None:
-            b = m.const(_other(nxt, out))
-            if b is not None and b.dtype == np.float32 and b.size == w.shape[1] and b.shape[-1] == w.shape[1]:
-                attrs["bias"] = b.ravel().copy()
-                chain.append(nxt)
-                out = nxt.outputs[0]
-        nxt = m.only_user(out, "Gelu")
-        if nxt is not None and nxt.attrs.get("approximate", "none") == "none":
-            attrs["activation"] = "gelu"
-            chain.append(nxt)
-            out = nxt.outputs[0]
-        nxt = m.only_user(out, "Add")
-        if nxt is not None and m.const(_other(nxt, out)) is None and _other(nxt, out) != out:
-            attrs["residual"] = True
-            inputs.append(_other(nxt, out))
-            chain.append(nxt)
-            out = nxt.outputs[0]
+        # file; a copy only when a Gemm's alpha scales it): kernels copy or compress what
+        # they need, so none is held twice.
+        attrs = {"source_op": mm.op_type, "weight": w, "bias": bias, "activation": "none", "residual": False}
+        chain, inputs = [mm], [x]
+        out = _epilogue(m, chain, attrs, inputs)
         m.replace(chain, Node("Linear", mm.name, inputs, [out], attrs))
     return m.result()
 
@@ -232,53 +238,94 @@ def _last_axis_mean(m: _Matcher, node: Node) -> bool:
     return axes is not None and list(axes) == [-1]
 
 
+def _deviation(m: _Matcher, mean: Node) -> tuple[Node, Node, Node] | None:
+    """(Sub, Pow, Div) of x - mean(x) squared on one side and divided on the other."""
+    x = mean.inputs[0]
+    sub = m.only_user(mean.outputs[0], "Sub")
+    if sub is None or sub.inputs != [x, mean.outputs[0]]:
+        return None
+    d = sub.outputs[0]
+    users = m.users.get(d, [])
+    if len(users) != 2 or d in m.outputs:
+        return None
+    pow_ = next((u for u in users if u.op_type == "Pow"), None)
+    div = next((u for u in users if u.op_type == "Div"), None)
+    if pow_ is None or div is None or pow_.inputs[0] != d or div.inputs[0] != d \
+            or not m.is_scalar_const(pow_.inputs[1], 2.0):
+        return None
+    return sub, pow_, div
+
+
+def _std(m: _Matcher, pow_: Node, div: Node) -> tuple[list[Node], float] | None:
+    """([ReduceMean, Add ε, Sqrt], ε) from the squares to the divisor."""
+    var = m.only_user(pow_.outputs[0])
+    add_eps = m.only_user(var.outputs[0], "Add") if var is not None and _last_axis_mean(m, var) else None
+    eps = None if add_eps is None else m.const(_other(add_eps, var.outputs[0]))
+    sqrt = m.only_user(add_eps.outputs[0], "Sqrt") if eps is not None and eps.size == 1 else None
+    if sqrt is None or m.only_user(sqrt.outputs[0]) is not div or div.inputs[1] != sqrt.outputs[0]:
+        return None
+    return [var, add_eps, sqrt], float(eps.ravel()[0])
+
+
 def fuse_layernorm(graph: Graph) -> Graph:
     m = _Matcher(graph)
     for mean in graph.nodes:
-        if not _last_axis_mean(m, mean) or id(mean) in m.removed:
+        dev = _deviation(m, mean) if _last_axis_mean(m, mean) and id(mean) not in m.removed else None
+        std = None if dev is None else _std(m, dev[1], dev[2])
+        if std is None:
             continue
-        x = mean.inputs[0]
-        sub = m.only_user(mean.outputs[0], "Sub")
-        if sub is None or sub.inputs != [x, mean.outputs[0]]:
-            continue
-        d = sub.outputs[0]
-        users = m.users.get(d, [])
-        if len(users) != 2 or d in m.outputs:
-            continue
-        pow_ = next((u for u in users if u.op_type == "Pow"), None)
-        div = next((u for u in users if u.op_type == "Div"), None)
-        if pow_ is None or div is None or pow_.inputs[0] != d or not m.is_scalar_const(pow_.inputs[1], 2.0) \
-                or div.inputs[0] != d:
-            continue
-        var = m.only_user(pow_.outputs[0])
-        if var is None or not _last_axis_mean(m, var):
-            continue
-        add_eps = m.only_user(var.outputs[0], "Add")
-        if add_eps is None:
-            continue
-        eps = m.const(_other(add_eps, var.outputs[0]))
-        if eps is None or eps.size != 1:
-            continue
-        sqrt = m.only_user(add_eps.outputs[0], "Sqrt")
-        if sqrt is None or m.only_user(sqrt.outputs[0]) is not div or div.inputs[1] != sqrt.outputs[0]:
-            continue
+        (sub, pow_, div), (var_chain, eps) = dev, std
         mul = m.only_user(div.outputs[0], "Mul")
-        if mul is None:
+        add_b = None if mul is None else m.only_user(mul.outputs[0], "Add")
+        if add_b is None or m.const(_other(mul, div.outputs[0])) is None \
+                or m.const(_other(add_b, mul.outputs[0])) is None:
             continue
-        gamma = _other(mul, div.outputs[0])
-        add_b = m.only_user(mul.outputs[0], "Add")
-        if m.const(gamma) is None or add_b is None:
-            continue
-        beta = _other(add_b, mul.outputs[0])
-        if m.const(beta) is None:
-            continue
-        chain = [mean, sub, pow_, var, add_eps, sqrt, div, mul, add_b]
-        m.replace(chain, Node("LayerNormalization", add_b.name, [x, gamma, beta], [add_b.outputs[0]],
-                              {"axis": -1, "epsilon": float(eps.ravel()[0])}))
+        gamma, beta = _other(mul, div.outputs[0]), _other(add_b, mul.outputs[0])
+        chain = [mean, sub, pow_, *var_chain, div, mul, add_b]
+        m.replace(chain, Node("LayerNormalization", add_b.name, [mean.inputs[0], gamma, beta], [add_b.outputs[0]],
+                              {"axis": -1, "epsilon": eps}))
     return m.result()
 
 
-PASSES = (fuse_gelu, fuse_layernorm, fuse_linear, fuse_attention)
+def _gathered_sum(m: _Matcher, value: str, users: int = 1) -> list[Node] | None:
+    """The Gathers (axis 0, of a constant 2-D float32 table) an Add tree sums into
+    `value`, in order, when every value inside the tree has one reader."""
+    node = m.producer.get(value)
+    if node is None or id(node) in m.removed or (users and m.only_user(value) is None):
+        return None
+    if node.op_type == "Gather":
+        table = m.const(node.inputs[0])
+        ok = table is not None and table.ndim == 2 and table.dtype == np.float32 and node.attrs.get("axis", 0) == 0
+        return [node] if ok and m.const(node.inputs[1]) is None else None
+    if node.op_type != "Add":
+        return None
+    parts = [_gathered_sum(m, i) for i in node.inputs]
+    return None if None in parts else [*parts[0], *parts[1]]
+
+
+def fuse_embeddings(graph: Graph) -> Graph:
+    m = _Matcher(graph)
+    for ln in graph.nodes:
+        if ln.op_type != "LayerNormalization" or ln.attrs.get("axis", -1) != -1 or len(ln.inputs) < 2 \
+                or [o for o in ln.outputs if o] != ln.outputs[:1]:
+            continue
+        gathers = _gathered_sum(m, ln.inputs[0])
+        tables = [m.const(g.inputs[0]) for g in gathers or []]
+        if len(tables) < 2 or len({t.shape[1] for t in tables}) != 1:
+            continue
+        adds = _adds_of(m, ln.inputs[0])
+        inputs = [g.inputs[1] for g in gathers] + [ln.inputs[1], ln.inputs[2] if len(ln.inputs) > 2 else ""]
+        attrs = {"tables": tables, "gathers": [g.name for g in gathers], "epsilon": ln.attrs.get("epsilon", 1e-5)}
+        m.replace([*gathers, *adds, ln], Node("EmbedLayerNorm", ln.name, inputs, ln.outputs[:1], attrs))
+    return m.result()
+
+
+def _adds_of(m: _Matcher, value: str) -> list[Node]:
+    node = m.producer[value]
+    return [] if node.op_type != "Add" else [node, *_adds_of(m, node.inputs[0]), *_adds_of(m, node.inputs[1])]
+
+
+PASSES = (fuse_gelu, fuse_layernorm, fuse_embeddings, fuse_linear, fuse_attention)
 
 
 def fuse(graph: Graph) -> Graph:
