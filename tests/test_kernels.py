@@ -9,26 +9,14 @@ import numpy as np
 import pytest
 from scipy.special import erf
 from sparsejit.kernels.attention import fused_attention, reference_attention
-from sparsejit.kernels.gelu import fast_erf
+from sparsejit.kernels.compile import compile_ir
+from sparsejit.kernels.compress import analyse, balanced_bounds, compress
+from sparsejit.kernels.epilogue import erf as ir_erf
+from sparsejit.kernels.ir import Builder, Signature
 from sparsejit.kernels.layernorm import layernorm, reference_layernorm
-from sparsejit.kernels.layout import (
-    aligned_empty,
-    contiguous,
-    feature_major_empty,
-    reference_transpose,
-    transposed,
-    unit_token_stride,
-)
-from sparsejit.kernels.linear import (
-    DenseLinear,
-    SparseLinear,
-    analyse,
-    balanced_bounds,
-    compress,
-    kernel_config,
-    kernel_source,
-    reference_linear,
-)
+from sparsejit.kernels.layout import aligned_empty, contiguous, feature_major_empty, transposed, unit_token_stride
+from sparsejit.kernels.linear import DenseLinear, SparseLinear, kernel_config, reference_linear
+from sparsejit.kernels.sparse_ir import ir_source
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 
@@ -155,9 +143,13 @@ def test_analyse_and_compress():
 
 def test_source_is_a_pure_function_of_the_config():
     cfg = kernel_config(4, "gelu", True)
-    assert kernel_source(cfg) == kernel_source(kernel_config(4, "gelu", True))
-    assert kernel_source(cfg) != kernel_source(kernel_config(1, "gelu", True))
-    assert "define void @sparse_rows" in kernel_source(cfg) and "rt[j, t]" in kernel_source(cfg)
+    assert ir_source(cfg) == ir_source(kernel_config(4, "gelu", True))
+    assert ir_source(cfg) != ir_source(kernel_config(1, "gelu", True))
+    assert "define void @sparse_rows" in ir_source(cfg) and "rt[j, t]" in ir_source(cfg)
+    # every intrinsic called is declared, once
+    declared = [line.split("@")[1].split("(")[0] for line in ir_source(cfg).splitlines() if line.startswith("declare")]
+    called = {part.split("(")[0] for part in ir_source(cfg).split("@llvm.")[1:]}
+    assert len(declared) == len(set(declared)) and {"llvm." + c for c in called} == set(declared)
 
 
 def test_rows_run_in_count_order_within_each_thread():
@@ -196,9 +188,25 @@ def test_balanced_bounds():
     assert list(balanced_bounds(np.zeros(1, np.int64), 3)) == [0, 0, 0, 0]
 
 
-def test_fast_erf_error():
-    x = np.linspace(-8, 8, 200001, dtype=np.float32)
-    assert np.max(np.abs(fast_erf(x) - erf(x.astype(np.float64)))) < 1e-6
+def test_the_kernels_erf_error():
+    """The erf the GELU epilogues run (epilogue.erf), compiled alone over an array,
+    against the exact erf: within 1e-6 everywhere."""
+    lanes = 16
+    sig = Signature("erf_array", (("x", "ptr"), ("y", "ptr"), ("n", "i64")))
+    e = Builder(lanes)
+
+    def body():
+        def step(i, _):
+            e.vstore(ir_erf(e, e.vload(e.gep("%x", i), None)), e.gep("%y", i), None)
+            return []
+        e.loop("0", "%n", lanes, [], step)
+
+    e.function(sig, body)
+    fn = sig.ctypes()(compile_ir(e.module("; erf over an array"), sig.name))
+    x = np.linspace(-8, 8, 200000, dtype=np.float32)
+    y = np.empty_like(x)
+    fn(x.ctypes.data, y.ctypes.data, x.size)
+    assert np.max(np.abs(y - erf(x.astype(np.float64)))) < 1e-6
 
 
 def test_activation_rows_start_on_cache_lines():
@@ -220,7 +228,7 @@ def test_transpose_kernel():
     rng = np.random.default_rng(4)
     for shape in [(1, 1), (33, 65), (128, 96)]:
         a = rng.standard_normal(shape).astype(np.float32)
-        np.testing.assert_array_equal(transposed(a), reference_transpose(a))
+        np.testing.assert_array_equal(transposed(a), np.ascontiguousarray(a.T))
         np.testing.assert_array_equal(contiguous(a.T), a.T)
         assert transposed(a).strides[1] == 4  # unit token stride, rows maybe padded
 
@@ -327,7 +335,7 @@ def test_layernorm_both_layouts(layout_in, layout_out):
         bias = rng.standard_normal(h).astype(np.float32)
         arg = transposed(x).T if layout_in == "feature-major" else x
         got = layernorm(arg.reshape(1, n, h), scale, bias, 1e-5, feature_major=layout_out)
-        np.testing.assert_allclose(got[0], reference_layernorm(x, scale, bias, 1e-5), **TOL)
+        np.testing.assert_allclose(got[0], reference_layernorm(x, scale, bias, epsilon=1e-5), **TOL)
         fm = layout_in == "feature-major" if layout_out is None else layout_out
         assert unit_token_stride(got[0]) == fm or n == 1
 
@@ -359,7 +367,8 @@ def test_kernels_with_8_lanes(monkeypatch):
                                reference_attention(q, kt, v, mask, None, "none", -1, 14), **TOL)
     xs = transposed(x.reshape(-1, 96)).T
     np.testing.assert_allclose(layernorm(xs, bias[:1].repeat(96), bias[:1].repeat(96), 1e-5),
-                               reference_layernorm(x.reshape(-1, 96), bias[:1].repeat(96), bias[:1].repeat(96), 1e-5),
+                               reference_layernorm(x.reshape(-1, 96), bias[:1].repeat(96), bias[:1].repeat(96),
+                                                   epsilon=1e-5),
                                **TOL)
     kinds = {src.split("kernel: ")[1].split()[0] for src in built if "lanes=8" in src}
     assert kinds >= {"attention", "LayerNorm,", "block=1"}, kinds  # 8-lane code built and run for each
@@ -388,3 +397,36 @@ def test_a_thread_given_no_rows_writes_nothing():
                yt.ctypes.data, 16, rt.ctypes.data, 1, 1, 1, order.ctypes.data, 0, 1, 16)
     np.testing.assert_allclose(yt[0], (xt.T @ w)[:, 0], **TOL)
     assert (yt[1] == 7.0).all()
+
+
+def test_embeddings_kernel_against_the_registry_reference():
+    """The fused EmbedLayerNorm kernel against the registered reference: ids broadcast
+    against each other (positions [1, seq]), negative ids, 1 and 0 tokens, and an id out
+    of range named by its Gather."""
+    from sparsejit.kernels.embed import EmbedLayerNorm
+
+    from sparsejit.ops import OPS
+
+    rng = np.random.default_rng(13)
+    tables = [rng.standard_normal((50, 24)).astype(np.float32), rng.standard_normal((64, 24)).astype(np.float32),
+              rng.standard_normal((2, 24)).astype(np.float32)]
+    names = ["word", "position", "type"]
+    kernel = EmbedLayerNorm(tables, names, 1e-12)
+    scale, bias = rng.standard_normal(24).astype(np.float32), rng.standard_normal(24).astype(np.float32)
+    for batch, seq in [(2, 19), (1, 1), (3, 40), (0, 5)]:
+        ids = [rng.integers(-50, 50, (batch, seq)), np.arange(seq)[None, :], rng.integers(0, 2, (batch, seq))]
+        ids[1].flags.writeable = False  # (shape-only values reach the node read-only)
+        want = OPS["EmbedLayerNorm"](*ids, scale, bias, tables=tables, gathers=names, epsilon=1e-12)
+        got = kernel(*ids, scale, bias)
+        assert got.shape == want.shape == (batch, seq, 24)
+        np.testing.assert_allclose(got, want, **TOL)
+    with pytest.raises(IndexError, match="'word': Gather index out of range"):
+        kernel(np.array([[50]]), np.array([[0]]), np.array([[0]]), scale, bias)
+
+
+def test_the_k_chunk_follows_clear_differences_only():
+    from sparsejit.choose import pick_chunk
+
+    assert pick_chunk({768: 1.0, 64: 0.99, 128: 1.0, 256: 0.985}) == 128  # within 3%: the default
+    assert pick_chunk({768: 1.0, 64: 0.80, 128: 1.0, 256: 0.99}) == 64    # clearly faster
+    assert pick_chunk({96: 1.0, 64: 0.99}) == 96                          # no 128: the nearest

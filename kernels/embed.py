@@ -1,0 +1,175 @@
+"""Embeddings: the sum of rows gathered from 2–3 tables (word, position, token type), then
+LayerNorm, written feature-major for the first Linear layers: the numpy reference and
+the kernel.
+
+The kernel reads each token's rows as vectors, sums the tables and transposes blocks of
+lanes × lanes in registers into a feature-major buffer; LayerNorm's feature-major kernel
+then normalises it: two passes where the ops it replaces made five (the gathers, two
+adds, the transpose to feature-major, LayerNorm).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from ..ops import gather, layer_normalization, op
+from .compile import compile_ir, load_source, vector_lanes
+from .ir import Builder, Signature, with_driver
+from .layernorm import _columns_kernel
+from .layout import feature_major_empty
+
+
+@op("EmbedLayerNorm", fused=True)
+def reference_embed_layernorm(*ids_scale_bias, tables, gathers, epsilon):
+    """The fused node (fuse.fuse_embeddings): LayerNorm(Σ_i tables[i][ids_i]), the ids
+    broadcast against each other, then scale and bias. `gathers` names the Gather nodes
+    it replaces, for errors."""
+    *ids, scale, bias = ids_scale_bias
+    x = gather(tables[0], ids[0])
+    for table, i in zip(tables[1:], ids[1:]):
+        x = x + gather(table, i)
+    return layer_normalization(x, scale, bias, axis=-1, epsilon=epsilon)[0]
+
+
+SIGNATURE = Signature("embed_sum", (
+    ("ids", "ptr"), ("ldi", "i64"), ("table", "ptr"), ("h", "i64"), ("yt", "ptr"), ("ldy", "i64"), ("t0", "i64"),
+    ("t1", "i64")))
+
+
+def transpose(e: Builder, vectors: list[str]) -> list[str]:
+    """The L × L block in `vectors` (one row each) transposed: log2(L) stages, each swapping
+    one bit of the row index with the same bit of the lane index by two-source shuffles."""
+    L, vt = e.lanes, e.vt
+    v = list(vectors)
+    bit = 1
+    while bit < L:
+        lo = [c if not c & bit else L + (c ^ bit) for c in range(L)]
+        hi = [L + c if c & bit else c ^ bit for c in range(L)]
+        for r in range(L):
+            if not r & bit:
+                a, b = v[r], v[r | bit]
+                v[r] = e(f"shufflevector {vt} {a}, {vt} {b}, <{L} x i32> <{', '.join(f'i32 {i}' for i in lo)}>")
+                v[r | bit] = e(f"shufflevector {vt} {a}, {vt} {b}, <{L} x i32> <{', '.join(f'i32 {i}' for i in hi)}>")
+        bit *= 2
+    return v
+
+
+def _embed_sum(e: Builder, tables: int) -> None:
+    """yt[f, t] = Σ_i table[ids[i, t], f] for tokens [t0, t1), a block of L tokens × L
+    features at a time: each token's rows read as vectors (contiguous), summed, and the
+    block transposed in registers into feature rows. ids are rows of the one
+    concatenated table; a token past t1 reads row 0 and is not stored."""
+    L = e.lanes
+
+    def tile(t):
+        (tmask,) = e.lane_masks(t, 1, "%t1")
+        rows = []  # rows[u][i]: token t + u's row of table i
+        for u in range(L):
+            tok = e(f"add i64 {t}, {u}") if u else t
+            inside = e(f"icmp slt i64 {tok}, %t1")
+            for i in range(tables):
+                at = e.gep("%ids", e(f"select i1 {inside}, i64 {e.offset(str(i), '%ldi', tok)}, i64 0"), "i64")
+                row = e(f"select i1 {inside}, i64 {e(f'load i64, ptr {at}, align 8')}, i64 0")
+                rows.append(e.gep("%table", e(f"mul i64 {row}, %h")))
+
+        def block(f):
+            (fmask,) = e.lane_masks(f, 1, "%h")
+            sums = []
+            for u in range(L):
+                parts = [e.vload(e.gep(rows[u * tables + i], f), fmask) for i in range(tables)]
+                acc = parts[0]
+                for p in parts[1:]:
+                    acc = e(f"fadd {e.vt} {acc}, {p}")
+                sums.append(acc)
+            for c, feature_row in enumerate(transpose(e, sums)):
+                fc = e(f"add i64 {f}, {c}") if c else f
+                store, skip = e.fresh("store"), e.fresh("skip")
+                e.cond_br(e(f"icmp slt i64 {fc}, %h"), store, skip)
+                e.label(store)
+                e.vstore(feature_row, e.vptr("%yt", e.offset(fc, "%ldy", t), 0), tmask)
+                e.br(skip)
+                e.label(skip)
+
+        e.tiles("0", "%h", L, block)
+
+    e.tiles("%t0", "%t1", L, tile)
+
+
+def embed_ir(lanes: int, tables: int) -> str:
+    e = Builder(lanes)
+    e.function(SIGNATURE, lambda: _embed_sum(e, tables))
+    return e.module(f"; sparsejit generated kernel: embedding rows of {tables} tables gathered and summed, "
+                    f"feature-major, lanes={lanes}\n; yt[f, t] = sum_i table[ids[i, t], f]")
+
+
+EMBED_DRIVER_SOURCE = """\
+# sparsejit generated kernel: the parallel driver of the embedding IR kernel
+# ids[k] is table k's ids as [b or 1, s or 1], broadcast to [batch, seq]; each is checked
+# against its table's rows (the index of the first table with an id out of range is
+# returned, -1 when none) and turned into a row of the concatenated table
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def run_embed(fn, ids, sizes, offsets, batch, seq, table, yt, parts):
+    n = batch * seq
+    rows = np.empty((len(ids), n), np.int64)
+    for k in range(len(ids)):
+        a = ids[k]
+        for t in range(n):
+            i = a[t // seq if a.shape[0] > 1 else 0, t % seq if a.shape[1] > 1 else 0]
+            if i < -sizes[k] or i >= sizes[k]:
+                return k
+            rows[k, t] = (i + sizes[k] if i < 0 else i) + offsets[k]
+    step = ((n + parts - 1) // parts + 15) // 16 * 16
+    for c in prange(parts):
+        t0 = min(n, c * step)
+        t1 = min(n, t0 + step)
+        if t0 < t1:
+            fn(rows.ctypes.data, rows.strides[0] // 8, table.ctypes.data, table.shape[1], yt.ctypes.data,
+               yt.strides[0] // 4, t0, t1)
+    return -1
+"""
+
+
+def kernel_source(tables: int = 3) -> str:
+    return with_driver(embed_ir(vector_lanes(), tables), EMBED_DRIVER_SOURCE)
+
+
+class EmbedLayerNorm:
+    """The kernel for one EmbedLayerNorm node: its tables concatenated into one private
+    array at load (row offsets per table), the ids checked and offset per call."""
+
+    def __init__(self, tables: list[np.ndarray], gathers: list[str], epsilon: float):
+        self.sizes = np.array([t.shape[0] for t in tables], np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        self.table = np.ascontiguousarray(np.concatenate(tables).astype(np.float32, copy=False))
+        self.gathers, self.epsilon = gathers, np.float32(epsilon)
+        self._fn = SIGNATURE.ctypes()(compile_ir(embed_ir(vector_lanes(), len(tables)), SIGNATURE.name))
+        self._driver = load_source(EMBED_DRIVER_SOURCE).run_embed
+
+    def dense_tables(self) -> list[np.ndarray]:
+        return [self.table[o:o + r] for o, r in zip(self.offsets, self.sizes)]
+
+    def __call__(self, *ids_scale_bias) -> np.ndarray:
+        *ids, scale, bias = ids_scale_bias
+        shape = np.broadcast_shapes(*(np.shape(i) for i in ids))
+        h = self.table.shape[1]
+        if len(shape) != 2 or scale.shape != (h,) or (bias is not None and bias.shape != (h,)):
+            return reference_embed_layernorm(*ids, scale, bias, tables=self.dense_tables(), gathers=self.gathers,
+                                             epsilon=float(self.epsilon))
+        parts = numba.get_num_threads()
+        xt, yt = feature_major_empty(h, shape[0] * shape[1]), feature_major_empty(h, shape[0] * shape[1])
+        # one type for all (C-contiguous, writable int64, 2-D): Numba indexes the tuple at run time
+        as_2d = tuple(np.require(i, np.int64, ["C", "W"]).reshape((1,) * (2 - np.ndim(i)) + np.shape(i)) for i in ids)
+        bad = self._driver(self._fn, as_2d, self.sizes, self.offsets, shape[0], shape[1], self.table, xt, parts)
+        if bad >= 0:
+            rows = self.sizes[bad]
+            raise IndexError(f"{self.gathers[bad]!r}: Gather index out of range [{-rows}, {rows}) on axis 0")
+        if xt.size:
+            fn, run_columns = _columns_kernel(vector_lanes())
+            b = np.zeros(h, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+            run_columns(fn, xt, yt, np.ascontiguousarray(scale, np.float32), b, self.epsilon, parts)
+        return yt.T.reshape(shape + (h,))
