@@ -44,7 +44,6 @@ def export_bert_base(path: Path) -> None:
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(HERE.parent))
     from sparsejit.prune import prune_model
 
     MODELS.mkdir(exist_ok=True)

@@ -9,16 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# kernels/ sits beside sparsejit/ in the repository and is installed as sparsejit.kernels.
-# Imported from a source checkout (the repository root on sys.path shadowing an
-# installed copy), map it the same way.
-_checkout = Path(__file__).resolve().parent.parent
-if not (Path(__file__).parent / "kernels").is_dir() and (_checkout / "kernels" / "linear.py").is_file():
-    import importlib.util as _util
-
-    if _util.find_spec(__name__ + ".kernels") is None:
-        __path__.append(str(_checkout))
-
+# (kernels/ sits beside sparsejit/ in the repository and is installed as sparsejit.kernels:
+# run from an installed copy, `pip install -e .` for a checkout.)
 from .api import CheckReport, Model, load
 from .graph import UnsupportedModelError
 from .ops import SUPPORTED_OPS

@@ -72,8 +72,7 @@ def _onnx_inputs(path: str) -> list[tuple[str, str]]:
 def _load(engine: str, path: str, batch: int, seq: int, threads: int):
     """-> (run(list of arrays), input (name, dtype) pairs)"""
     if engine in ("sparsejit", "dense"):
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        import sparsejit
+        import sparsejit  # the installed package: this worker runs under the venv that has it
 
         model = sparsejit.load(path, num_threads=threads, kernels="dense" if engine == "dense" else "auto")
         return model.run, [(s.name, str(s.dtype)) for s in model.inputs]
@@ -94,7 +93,7 @@ def _load(engine: str, path: str, batch: int, seq: int, threads: int):
         from deepsparse import compile_model
 
         # compile_model rewrites the file's input shapes in place: give it a copy, and
-        # delete the copy once compiled (left behind, 418 MB per BERT-base run filled /tmp).
+        # delete the copy once compiled (left behind, a model's size per run filled /tmp).
         with tempfile.TemporaryDirectory(prefix="sparsejit_ds_") as tmp:
             copy = os.path.join(tmp, os.path.basename(path))
             shutil.copy(path, copy)
@@ -169,9 +168,9 @@ def measure_interleaved(engines: list[str], path: str, batch: int = 1, seq: int 
     its own (one after another, so loads do not compete), then `rounds` rounds each
     time runs/rounds calls of every engine, in a rotating order.
 
-    The machine's speed drifts over minutes (the same engine has measured 10.5 and
-    14.2 ms a few minutes apart); timed one after another, a slow spell lands on one
-    engine and the ratio says so. Interleaved, every engine shares the spells.
+    The machine's speed drifts over minutes (bench/README.md); timed one after another,
+    a slow spell lands on one engine and the ratio says so. Interleaved, every engine
+    shares the spells.
     Returns one summary dict per engine (or one with "error"), in `engines` order.
     """
     workers, results = {}, {}

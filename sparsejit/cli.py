@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .benchmark import make_inputs
+from .choose import KERNEL_CHOICES
 
 log = logging.getLogger("sparsejit")
 
@@ -295,7 +296,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("model", help="ONNX model file")
         if threads:
             sp.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
-            sp.add_argument("--kernels", choices=["auto", "sparse", "dense"], default="auto")
+            sp.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto")
         return sp
 
     sp = with_model("run", "run on given or generated inputs; print output shapes and statistics")

@@ -7,9 +7,8 @@ only live activations.
 
 The first run of a signature walks the steps over a name → array dict. Later runs call
 a forward function generated for the signature: one line per step, values in local
-variables, `del` after each value's last reader (see `forward_source`). The dict walk
-costs about 2 µs a step more, most of it the interpreter's own work missing the caches
-the kernels have just churned (BERT-base: 198 steps, 3% of a 14 ms run).
+variables, `del` after each value's last reader (see `forward_source`), which costs the
+interpreter less per step than the dict walk.
 """
 
 from __future__ import annotations
@@ -33,8 +32,7 @@ def _c_order(a):
     if a.flags.c_contiguous:
         return a
     if a.dtype == np.float32 and a.ndim >= 2:
-        # A kernel's feature-major output: the tiled transpose, not numpy's strided copy
-        # (BERT-base's [1, 128, 768] output: 68 µs by numpy).
+        # A kernel's feature-major output: the tiled transpose, not numpy's strided copy.
         rows = a.view()
         try:
             rows.shape = (-1, a.shape[-1])  # fails rather than copy when the axes do not merge
@@ -54,31 +52,31 @@ class Executor:
     def __init__(self, graph: Graph, steps: list[Step]):
         self.graph = graph
         self.steps = steps
-        self.static = shape_only_values(graph)
-        self._folded: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
+        self.shape_only = shape_only_values(graph)
+        self._shape_values: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
         self._schedules: dict[tuple, tuple] = {}
-        self._forwards: dict[tuple, Forward] = {}  # by (signature, outputs), for signatures in _folded
+        self._forwards: dict[tuple, Forward] = {}  # by (signature, outputs), for signatures in _shape_values
 
-    def _schedule(self, outputs: tuple[str, ...], skip_static: bool) -> tuple:
+    def _schedule(self, outputs: tuple[str, ...], skip_shape_only: bool) -> tuple:
         """Steps needed for `outputs`, and after each the names no later step reads."""
-        key = (outputs, skip_static)
+        key = (outputs, skip_shape_only)
         if key in self._schedules:
             return self._schedules[key]
         # The first run of a signature computes every shape-only value, so that later
         # runs, whatever outputs they ask for, find them all in the cache.
-        live = set(outputs) if skip_static else set(outputs) | self.static
+        live = set(outputs) if skip_shape_only else set(outputs) | self.shape_only
         chosen = []
         for s in reversed(self.steps):
             if not any(o in live for o in s.node.outputs):
                 continue
-            if skip_static and all(o in self.static for o in s.node.outputs if o):
+            if skip_shape_only and all(o in self.shape_only for o in s.node.outputs if o):
                 continue
             chosen.append(s)
             live.update(i for i in s.node.inputs if i)
         chosen.reverse()
         keep = set(outputs) | set(self.graph.constants)
-        if not skip_static:
-            keep |= self.static  # the first run of a signature collects them
+        if not skip_shape_only:
+            keep |= self.shape_only  # the first run of a signature collects them
         seen: set[str] = set()
         drops: list[list[str]] = [[] for _ in chosen]
         for idx in range(len(chosen) - 1, -1, -1):
@@ -95,16 +93,16 @@ class Executor:
             profile: dict[str, float] | None = None) -> list[np.ndarray]:
         """Run the steps `outputs` need; with `profile`, add each node's seconds to it by name."""
         signature = self.signature(feeds)
-        folded = self._folded.get(signature)
-        if folded is not None and profile is None:
-            self._folded.move_to_end(signature)
+        shape_values = self._shape_values.get(signature)
+        if shape_values is not None and profile is None:
+            self._shape_values.move_to_end(signature)
             return [_c_order(a) for a in self.forward(signature, outputs)(feeds)]
         env = dict(self.graph.constants)
         env.update(feeds)
-        if folded is not None:
-            self._folded.move_to_end(signature)
-            env.update(folded)
-        steps, drops = self._schedule(outputs, folded is not None)
+        if shape_values is not None:
+            self._shape_values.move_to_end(signature)
+            env.update(shape_values)
+        steps, drops = self._schedule(outputs, shape_values is not None)
         for step, drop in zip(steps, drops):
             node = step.node
             args = [env[i] if i else None for i in node.inputs]
@@ -122,10 +120,10 @@ class Executor:
                     env[name] = value
             for name in drop:
                 env.pop(name, None)
-        if folded is None:
-            self._folded[signature] = {k: env[k] for k in self.static if k in env}
-            if len(self._folded) > MAX_SHAPE_SIGNATURES:
-                old, _ = self._folded.popitem(last=False)
+        if shape_values is None:
+            self._shape_values[signature] = {k: env[k] for k in self.shape_only if k in env}
+            if len(self._shape_values) > MAX_SHAPE_SIGNATURES:
+                old, _ = self._shape_values.popitem(last=False)
                 for key in [k for k in self._forwards if k[0] == old]:
                     del self._forwards[key]
         # Kernels may hand back transposed views; callers get plain C-ordered arrays.
@@ -137,7 +135,7 @@ class Executor:
 
     def knows(self, signature: tuple) -> bool:
         """Whether a run has computed this signature's shape-only values (still cached)."""
-        return signature in self._folded
+        return signature in self._shape_values
 
     def forward(self, signature: tuple, outputs: tuple[str, ...]) -> Forward:
         """The generated forward function for a signature already run once (its shape-only
@@ -146,7 +144,7 @@ class Executor:
         if key not in self._forwards:
             steps, drops = self._schedule(outputs, True)
             self._forwards[key] = Forward(steps, drops, outputs, [name for name, _ in signature],
-                                          self._folded[signature], self.graph.constants)
+                                          self._shape_values[signature], self.graph.constants)
         return self._forwards[key]
 
 
@@ -157,7 +155,7 @@ class Forward:
     A failing step is named from the line it failed on."""
 
     def __init__(self, steps: tuple, drops: tuple, outputs: tuple[str, ...], feed_names: list[str],
-                 folded: dict[str, np.ndarray], constants: dict[str, np.ndarray]):
+                 shape_values: dict[str, np.ndarray], constants: dict[str, np.ndarray]):
         self.nodes = [s.node for s in steps]
         namespace: dict[str, object] = {"undefined": {}}
         local: dict[str, str] = {}  # value name → local variable
@@ -168,14 +166,14 @@ class Forward:
                 return "None"
             if name in local:
                 return local[name]
-            if name in feed_names and name not in folded:
+            if name in feed_names and name not in shape_values:
                 return f"feeds[{name!r}]"
-            source = folded if name in folded else constants if name in constants else None
-            if source is None:  # read before any step makes it: the KeyError names it
+            holder = shape_values if name in shape_values else constants if name in constants else None
+            if holder is None:  # read before any step makes it: the KeyError names it
                 return f"undefined[{name!r}]"
             if name not in bound:
                 bound[name] = f"c{len(bound)}"
-                namespace[bound[name]] = source[name]
+                namespace[bound[name]] = holder[name]
             return bound[name]
 
         lines = [f"# sparsejit forward: {len(steps)} steps, outputs {list(outputs)}",

@@ -26,22 +26,22 @@ def fold_constants(graph: Graph) -> Graph:
             try:
                 outs = evaluate(n.op_type, args, n.attrs, graph.opset)
             except Exception as e:
-                raise ValueError(f"{graph.source}: node {n.name!r} ({n.op_type}) fails on its constant inputs: {e}") from e
+                raise ValueError(f"{graph.origin}: node {n.name!r} ({n.op_type}) fails on its constant inputs: {e}") from e
             for name, val in zip(n.outputs, outs):
                 if name:
                     consts[name] = val
         else:
             kept.append(n)
-    return eliminate_dead(Graph(kept, graph.inputs, graph.outputs, consts, graph.opset, graph.source))
+    return eliminate_dead(Graph(kept, graph.inputs, graph.outputs, consts, graph.opset, graph.origin))
 
 
 def shape_only_values(graph: Graph) -> set[str]:
     """Names of the values fixed once the input shapes are (constants excluded)."""
-    static: set[str] = set()
+    shape_only: set[str] = set()
     for n in graph.nodes:
-        if n.op_type in SHAPE_OPS or all((not i) or i in static or i in graph.constants for i in n.inputs):
-            static.update(o for o in n.outputs if o)
-    return static
+        if n.op_type in SHAPE_OPS or all((not i) or i in shape_only or i in graph.constants for i in n.inputs):
+            shape_only.update(o for o in n.outputs if o)
+    return shape_only
 
 
 def eliminate_dead(graph: Graph) -> Graph:
@@ -53,4 +53,4 @@ def eliminate_dead(graph: Graph) -> Graph:
             live.update(i for i in n.inputs if i)
     kept.reverse()
     consts = {k: v for k, v in graph.constants.items() if k in live}
-    return Graph(kept, graph.inputs, graph.outputs, consts, graph.opset, graph.source)
+    return Graph(kept, graph.inputs, graph.outputs, consts, graph.opset, graph.origin)

@@ -56,7 +56,7 @@ class Graph:
     outputs: list[str]
     constants: dict[str, np.ndarray]
     opset: int
-    source: str = "<model>"
+    origin: str = "<model>"  # where the model came from: its file, or "<ModelProto>"
 
     def consumers(self) -> dict[str, list[Node]]:
         users: dict[str, list[Node]] = {}
@@ -81,16 +81,16 @@ def _attr_value(a: onnx.AttributeProto):
     return v
 
 
-def load_model_proto(source: str | os.PathLike | onnx.ModelProto, map_weights: bool = False
+def load_model_proto(model: str | os.PathLike | onnx.ModelProto, map_weights: bool = False
                      ) -> tuple[onnx.ModelProto, str, dict[str, np.ndarray]]:
     """Read an ONNX file (external data included) or take a ModelProto as is.
 
     With map_weights, large inline initializers are not parsed but memory-mapped from
     the file and returned apart: (model without them, where, {name: mapped array}).
     """
-    if isinstance(source, onnx.ModelProto):
-        return source, "<ModelProto>", {}
-    path = Path(source)
+    if isinstance(model, onnx.ModelProto):
+        return model, "<ModelProto>", {}
+    path = Path(model)
     if not path.exists():
         raise FileNotFoundError(f"ONNX model file not found: {path}")
     if path.is_dir():
@@ -112,16 +112,16 @@ def load_model_proto(source: str | os.PathLike | onnx.ModelProto, map_weights: b
     return model, str(path), mapped
 
 
-def import_onnx(source: str | os.PathLike | onnx.ModelProto) -> Graph:
+def import_onnx(model: str | os.PathLike | onnx.ModelProto) -> Graph:
     """ONNX file or ModelProto → `Graph`, refusing what sparsejit cannot run."""
-    model, where, mapped = load_model_proto(source, map_weights=True)
-    if not 3 <= model.ir_version <= onnx.IR_VERSION:
-        raise UnsupportedModelError(f"{where}: IR version {model.ir_version} is not one this onnx ({onnx.__version__}) "
+    proto, where, mapped = load_model_proto(model, map_weights=True)
+    if not 3 <= proto.ir_version <= onnx.IR_VERSION:
+        raise UnsupportedModelError(f"{where}: IR version {proto.ir_version} is not one this onnx ({onnx.__version__}) "
                                     f"knows (3 to {onnx.IR_VERSION})")
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
         raise UnsupportedModelError(f"{where}: the model declares no default-domain opset")
-    g = model.graph
+    g = proto.graph
     bad = [n for n in g.node if n.domain not in ("", "ai.onnx") or n.op_type not in SUPPORTED_OPS]
     if bad:
         n = bad[0]
@@ -133,7 +133,7 @@ def import_onnx(source: str | os.PathLike | onnx.ModelProto) -> Graph:
     if opset < MIN_OPSET:
         _check_old_opset(g, opset, where)
     _check_definitions(g, mapped, where)
-    shapes = _inferred_shapes(model, mapped, where)
+    shapes = _inferred_shapes(proto, mapped, where)
     constants = {t.name: _tensor(t, where) for t in g.initializer}
     constants.update(mapped)
     inputs = []
@@ -217,7 +217,7 @@ def _check_layernorm_scales(graph: Graph, shapes: dict[str, tuple]) -> None:
                 fits = False
             if not fits:
                 raise UnsupportedModelError(
-                    f"{graph.source}: node {n.name!r} (LayerNormalization): {i!r} has shape {list(c.shape)}, "
+                    f"{graph.origin}: node {n.name!r} (LayerNormalization): {i!r} has shape {list(c.shape)}, "
                     f"which does not fit the normalised shape {list(normalised)}")
 
 
@@ -239,10 +239,10 @@ def _check_wiring(graph: Graph) -> None:
         for i in n.inputs:
             if i and i not in known:
                 raise UnsupportedModelError(
-                    f"{graph.source}: node {n.name!r} ({n.op_type}) reads {i!r}, which no earlier node, "
+                    f"{graph.origin}: node {n.name!r} ({n.op_type}) reads {i!r}, which no earlier node, "
                     "input or initializer produces (the graph is not topologically sorted, or is broken)"
                 )
         known.update(o for o in n.outputs if o)
     for o in graph.outputs:
         if o not in known:
-            raise UnsupportedModelError(f"{graph.source}: graph output {o!r} is never produced")
+            raise UnsupportedModelError(f"{graph.origin}: graph output {o!r} is never produced")

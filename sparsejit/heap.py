@@ -1,11 +1,9 @@
 """Keep large activation buffers mapped between runs (glibc's malloc only).
 
 Every kernel returns a fresh output array. glibc serves large requests with a fresh
-mmap and unmaps them on free, so at batch 8 each run faulted in 5400 new pages (21 MB)
-and BERT-base 90% took about 6% longer (123.6 against 116.7 ms per run, measured here
-in one process each). Raising the mmap threshold to its maximum (32 MB) and the trim
-threshold to 128 MB lets freed buffers be reused from the heap instead, as ONNX Runtime's
-and PyTorch's arenas do. Peak memory is unchanged; memory freed after a run stays with
+mmap and unmaps them on free, so every run faulted its activation buffers in anew.
+Raising the mmap threshold to its maximum (32 MB) and the trim threshold to 128 MB lets
+freed buffers be reused from the heap instead, as ONNX Runtime's and PyTorch's arenas do. Peak memory is unchanged; memory freed after a run stays with
 the process (up to 128 MB) rather than going back to the system.
 
 The setting is process-wide and made once, at the first load. Set SPARSEJIT_KEEP_MALLOC=1

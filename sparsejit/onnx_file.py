@@ -1,7 +1,7 @@
 """Read an ONNX file with its large weights memory-mapped instead of parsed.
 
 `onnx.load` materialises every weight twice on the way to numpy (the protobuf message,
-then the array): 0.9 GB of peak memory for BERT-base's 440 MB. This reader walks the
+then the array): twice the model's size at the peak. This reader walks the
 protobuf wire format of ModelProto → GraphProto, hands the graph *without* its large
 initializers to onnx, and maps each large tensor's raw bytes from the file as a
 read-only numpy array. Pages are read when a weight is first touched (compressed at

@@ -5,15 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # Page faults per round of three buffers (16, 12 and 20 MB) written and freed out of
 # order, as a model's layers leave them, after the setting or without it.
 SCRIPT = textwrap.dedent("""\
     import resource, sys
-    sys.path.insert(0, {root!r})
     import numpy as np
     from sparsejit.heap import keep_buffers_mapped
     print(keep_buffers_mapped(), keep_buffers_mapped())
@@ -34,7 +30,7 @@ SCRIPT = textwrap.dedent("""\
 
 
 def run(**env: str) -> list[str]:
-    p = subprocess.run([sys.executable, "-c", SCRIPT.format(root=str(ROOT))], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-c", SCRIPT.format()], capture_output=True, text=True,
                        env={"PATH": "/usr/bin:/bin", **env}, check=True)
     return p.stdout.split("\n")
 
