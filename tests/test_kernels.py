@@ -430,3 +430,28 @@ def test_the_k_chunk_follows_clear_differences_only():
     assert pick_chunk({768: 1.0, 64: 0.99, 128: 1.0, 256: 0.985}) == 128  # within 3%: the default
     assert pick_chunk({768: 1.0, 64: 0.80, 128: 1.0, 256: 0.99}) == 64    # clearly faster
     assert pick_chunk({96: 1.0, 64: 0.99}) == 96                          # no 128: the nearest
+
+
+@pytest.mark.parametrize("nan_guard", [False, True])
+def test_attention_nan_and_inf_scores_as_the_reference(nan_guard):
+    """A NaN query feature, a NaN key, an inf key, fully masked rows, a NaN value: under
+    the NaN guard a row whose softmax is NaN gives Σ 0·v (0, or NaN where v has one) as
+    the guarded graph computes; without it, NaN. (An inf key score gave NaN under the
+    guard before.)"""
+    rng = np.random.default_rng(14)
+    b, h, tq, tk, d = 2, 2, 37, 21, 8
+    q = rng.standard_normal((b, h, tq, d)).astype(np.float32)
+    kt = rng.standard_normal((b, h, d, tk)).astype(np.float32)
+    v = rng.standard_normal((b, h, tk, d)).astype(np.float32)
+    q[0, 0, 3, 2] = np.nan
+    kt[0, 1, 0, 4] = np.nan
+    kt[1, 0, 0, 5] = np.inf
+    v[1, 1, 3, 4] = np.nan
+    mask = np.zeros((b, 1, tq, tk), np.float32)
+    mask[1, 0, 7, :] = -np.inf
+    mask[1, 0, 9, :] = -1e4
+    with np.errstate(invalid="ignore"):
+        want = reference_attention(q, kt, v, mask, None, "none", -1, 14, nan_guard)
+    got = fused_attention(q, kt, v, mask, None, "none", -1, 14, nan_guard)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
