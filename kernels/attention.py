@@ -25,7 +25,7 @@ from .ir import with_driver
 from .layout import aligned_empty, feature_major_empty
 
 
-@op("Attention", fused=True)
+@op("AttentionCore", fused=True)
 def reference_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None,
                         scale: np.ndarray | None = None, scale_op: str = "none", axis: int | None = None,
                         opset: int = 13, nan_guard: bool = False) -> np.ndarray:
@@ -111,13 +111,13 @@ def _scalar(scale, scale_op: str) -> float | None:
 
 @op("PrepareMask", fused=True)
 def prepare_mask(mask: np.ndarray) -> PreparedMask:
-    """The node lower.prepare_masks puts before the first of the Attention nodes that read
+    """The node lower.prepare_masks puts before the first of the AttentionCore nodes that read
     one mask: the mask, with its kernel layout made once per run."""
     return PreparedMask(mask)
 
 
 class PreparedMask:
-    """An additive mask that several Attention nodes read (every BERT layer reads one),
+    """An additive mask that several AttentionCore nodes read (every BERT layer reads one),
     with the kernel's layout of it built once per run rather than once per layer. The
     executor holds it for one run only, so it never outlives the mask's values."""
 

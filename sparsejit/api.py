@@ -202,9 +202,9 @@ class Model:
         if layer == "attention":
             from .kernels.attention import kernel_source as attention_source
 
-            node = next((n for n in self.graph.nodes if n.op_type == "Attention"), None)
+            node = next((n for n in self.graph.nodes if n.op_type == "AttentionCore"), None)
             if node is None:
-                raise KeyError("the model has no fused Attention node")
+                raise KeyError("the model has no fused AttentionCore node")
             # The variant for a mask that varies by query, as exported BERT masks do
             # ([batch, 1, seq, seq]); a [batch, 1, 1, seq] mask runs the per-key variant.
             return attention_source(mask_per_query=True, nan_guard=node.attrs["nan_guard"])

@@ -24,7 +24,7 @@ def fold_constants(graph: Graph) -> Graph:
         if all((not i) or i in consts for i in n.inputs):
             args = [consts[i] if i else None for i in n.inputs]
             try:
-                outs = evaluate(n.op_type, args, n.attrs, graph.opset)
+                outs = evaluate(n.op_type, args, n.attrs, graph.opset, len(n.outputs))
             except Exception as e:
                 raise ValueError(f"{graph.origin}: node {n.name!r} ({n.op_type}) fails on its constant inputs: {e}") from e
             for name, val in zip(n.outputs, outs):

@@ -3,7 +3,7 @@
 - GELU written out as x·0.5·(1 + erf(x/√2)) (every exporter's order) → one `Gelu` node.
 - `Linear`: MatMul or Gemm with a constant weight, then optionally + bias, GELU and
   + residual → one node, the unit a sparse kernel computes with its epilogue fused.
-- `Attention`: MatMul(q, kᵀ) → scale → + mask → Softmax (→ NaN guard) → MatMul(·, v)
+- `AttentionCore`: MatMul(q, kᵀ) → scale → + mask → Softmax (→ NaN guard) → MatMul(·, v)
   → one node.
 - LayerNorm written out (ReduceMean, Sub, Pow, ReduceMean, Add ε, Sqrt, Div, Mul γ,
   Add β), as exporters before opset 17 emit it → one `LayerNormalization` node.
@@ -223,7 +223,7 @@ def fuse_attention(graph: Graph) -> Graph:
         chain.append(pv)
         inputs = [qk.inputs[0], qk.inputs[1], pv.inputs[1], mask or "", scale or ""]
         attrs = {"scale_op": scale_op, "axis": sm.attrs.get("axis"), "opset": graph.opset, "nan_guard": guard}
-        m.replace(chain, Node("Attention", qk.name, inputs, [pv.outputs[0]], attrs))
+        m.replace(chain, Node("AttentionCore", qk.name, inputs, [pv.outputs[0]], attrs))
     return m.result()
 
 

@@ -122,14 +122,7 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto) -> Graph:
     if opset is None:
         raise UnsupportedModelError(f"{where}: the model declares no default-domain opset")
     g = proto.graph
-    bad = [n for n in g.node if n.domain not in ("", "ai.onnx") or n.op_type not in SUPPORTED_OPS]
-    if bad:
-        n = bad[0]
-        op_name = f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
-        raise UnsupportedModelError(
-            f"{where}: node {n.name or '<unnamed>'!r} uses op {op_name!r}, which sparsejit does not "
-            f"support ({len(bad)} unsupported node(s) in all). Supported ops: {', '.join(sorted(SUPPORTED_OPS))}"
-        )
+    _check_ops(g, where)
     if opset < MIN_OPSET:
         _check_old_opset(g, opset, where)
     _check_definitions(g, mapped, where)
@@ -152,6 +145,24 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto) -> Graph:
     _check_wiring(graph)
     _check_layernorm_scales(graph, shapes)
     return graph
+
+
+def _op_name(n: onnx.NodeProto) -> str:
+    return f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+
+
+def _check_ops(g: onnx.GraphProto, where: str) -> None:
+    """Refuses a graph with ops sparsejit does not implement, naming every one with its
+    count and the first node of each."""
+    bad: dict[str, list[str]] = {}
+    for n in g.node:
+        if n.domain not in ("", "ai.onnx") or n.op_type not in SUPPORTED_OPS:
+            bad.setdefault(_op_name(n), []).append(n.name or "<unnamed>")
+    if bad:
+        listed = "; ".join(f"{op!r} ×{len(names)} (first: node {names[0]!r})" for op, names in bad.items())
+        raise UnsupportedModelError(
+            f"{where}: {sum(map(len, bad.values()))} node(s) use ops sparsejit does not support: {listed}. "
+            f"Supported ops: {', '.join(sorted(SUPPORTED_OPS))}")
 
 
 def _tensor(t: onnx.TensorProto, where: str) -> np.ndarray:

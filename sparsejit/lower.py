@@ -4,7 +4,7 @@ graph rewrite, so `Model.graph` and `Model.forward_source` show what runs.
 - `group_linears`: Linear nodes that read the same input with the same activation and
   no residual (Q, K and V of every attention block) become one `LinearGroup` node: one
   kernel over their weights side by side, one call and one pass over xᵀ.
-- `prepare_masks`: a mask that several Attention nodes read gets a `PrepareMask` node
+- `prepare_masks`: a mask that several AttentionCore nodes read gets a `PrepareMask` node
   before the first of them, and they read its output: the kernel's layout of the mask
   is made once per run rather than once per layer.
 - `mark_layouts`: a LayerNormalization over the last axis with one output becomes a
@@ -46,12 +46,12 @@ def group_linears(graph: Graph) -> Graph:
 
 
 def prepare_masks(graph: Graph) -> Graph:
-    readers = Counter(n.inputs[3] for n in graph.nodes if n.op_type == "Attention" and len(n.inputs) > 3)
+    readers = Counter(n.inputs[3] for n in graph.nodes if n.op_type == "AttentionCore" and len(n.inputs) > 3)
     shared = {name for name, count in readers.items() if name and count > 1}
     prepared: dict[str, str] = {}
     nodes = []
     for n in graph.nodes:
-        mask = n.inputs[3] if n.op_type == "Attention" and len(n.inputs) > 3 else ""
+        mask = n.inputs[3] if n.op_type == "AttentionCore" and len(n.inputs) > 3 else ""
         if mask in shared:
             if mask not in prepared:
                 prepared[mask] = f"{mask}::prepared"

@@ -9,7 +9,7 @@ array, or a tuple when the op has several outputs.
 `SUPPORTED_OPS` is the one declaration of what sparsejit claims: the importer refuses
 anything else, and the ONNX backend conformance tests are selected from it.
 
-The fused ops the passes make (Linear, Attention, LayerNorm ...) register their numpy
+The fused ops the passes make (Linear, AttentionCore, LayerNorm ...) register their numpy
 references here too, from beside their kernels (`@op(name, fused=True)`): one registry,
 one reference per op, the oracle every kernel is tested against. They are not ONNX ops,
 so not in `SUPPORTED_OPS`.
@@ -26,16 +26,16 @@ from scipy.special import erf as _erf
 
 OPS: dict[str, Callable] = {}
 NEEDS_OPSET: set[str] = set()
+NEEDS_OUTPUTS: set[str] = set()  # ops whose result depends on how many outputs the node names (Split)
 FUSED: set[str] = set()
 
 
-def op(name: str, needs_opset: bool = False, fused: bool = False) -> Callable:
+def op(name: str, needs_opset: bool = False, fused: bool = False, needs_outputs: bool = False) -> Callable:
     def register(fn: Callable) -> Callable:
         OPS[name] = fn
-        if needs_opset:
-            NEEDS_OPSET.add(name)
-        if fused:
-            FUSED.add(name)
+        for flag, names in ((needs_opset, NEEDS_OPSET), (fused, FUSED), (needs_outputs, NEEDS_OUTPUTS)):
+            if flag:
+                names.add(name)
         return fn
 
     return register
@@ -104,6 +104,60 @@ def max_(*xs):
     return out
 
 
+@op("Min")
+def min_(*xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = np.minimum(out, x)
+    return out
+
+
+@op("Abs")
+def abs_(x):
+    return np.abs(x)
+
+
+@op("Neg")
+def neg(x):
+    return np.negative(x)
+
+
+@op("Sign")
+def sign(x):
+    return np.sign(x)
+
+
+@op("Ceil")
+def ceil(x):
+    return np.ceil(x)
+
+
+@op("Log")
+def log(x):
+    return np.log(x)
+
+
+@op("Sin")
+def sin(x):
+    return np.sin(x)
+
+
+@op("Cos")
+def cos(x):
+    return np.cos(x)
+
+
+@op("Clip", needs_opset=True)
+def clip(x, lo=None, hi=None, min=None, max=None, opset=13):
+    # min and max are inputs from opset 11, attributes before; min > max gives max.
+    lo, hi = (lo, hi) if opset >= 11 else (min, max)
+    if lo is not None:
+        x = np.maximum(x, np.asarray(lo, x.dtype))
+    if hi is not None:
+        x = np.minimum(x, np.asarray(hi, x.dtype))
+    return x
+
+
 @op("Gelu")
 def gelu(x, approximate="none"):
     if approximate == "tanh":
@@ -128,6 +182,16 @@ def less(a, b):
 @op("GreaterOrEqual")
 def greater_or_equal(a, b):
     return np.greater_equal(a, b)
+
+
+@op("Greater")
+def greater(a, b):
+    return np.greater(a, b)
+
+
+@op("LessOrEqual")
+def less_or_equal(a, b):
+    return np.less_equal(a, b)
 
 
 @op("Not")
@@ -166,6 +230,25 @@ def reduce_mean(x, axes=None, keepdims=1, noop_with_empty_axes=0, opset=18):
             return x
         ax = None
     return np.mean(x, axis=None if ax is None else tuple(ax), keepdims=bool(keepdims)).astype(x.dtype)
+
+
+def _reduce(fn, x, axes, keepdims, noop_with_empty_axes):
+    if not axes:
+        if noop_with_empty_axes:
+            return x
+        axes = None
+    return fn(x, axis=None if axes is None else tuple(axes), keepdims=bool(keepdims)).astype(x.dtype)
+
+
+@op("ReduceSum", needs_opset=True)
+def reduce_sum(x, axes=None, keepdims=1, noop_with_empty_axes=0, opset=13):
+    return _reduce(np.sum, x, _axes(axes, None) if opset >= 13 else _axes(None, axes), keepdims, noop_with_empty_axes)
+
+
+@op("ReduceL2", needs_opset=True)
+def reduce_l2(x, axes=None, keepdims=1, noop_with_empty_axes=0, opset=18):
+    ax = _axes(axes, None) if opset >= 18 else _axes(None, axes)
+    return np.sqrt(_reduce(np.sum, np.square(x), ax, keepdims, noop_with_empty_axes))
 
 
 @op("Softmax", needs_opset=True)
@@ -300,6 +383,25 @@ def squeeze(x, axes=None, opset=13):
     return np.squeeze(x, axis=None if ax is None else tuple(a % x.ndim for a in ax))
 
 
+@op("Split", needs_opset=True, needs_outputs=True)
+def split(x, split_=None, axis=0, num_outputs=None, split=None, outputs=1, opset=13):
+    # Sizes as an input from opset 13, an attribute before; else equal parts, the last
+    # smaller when they do not divide (num_outputs, opset 18).
+    sizes = split_ if opset >= 13 else split
+    n = x.shape[axis]
+    if sizes is None:
+        parts = num_outputs or outputs
+        size = -(-n // parts)
+        sizes = [size] * (parts - 1) + [n - size * (parts - 1)]
+    cuts = np.cumsum(np.asarray(sizes, np.int64))[:-1]
+    return tuple(np.split(x, cuts, axis=axis))
+
+
+@op("Tile")
+def tile(x, repeats):
+    return np.tile(x, np.asarray(repeats, np.int64).tolist())
+
+
 @op("Concat")
 def concat(*xs, axis):
     return np.concatenate(xs, axis=axis)
@@ -375,6 +477,90 @@ def expand(x, shape_):
     return np.broadcast_to(x, out)
 
 
+# --- attention (ONNX Attention, opset 23) -------------------------------------------
+
+
+def _to_heads(x, heads):
+    """[batch, seq, heads·size] → [batch, heads, seq, size]."""
+    return x.reshape(x.shape[0], x.shape[1], heads, x.shape[2] // heads).transpose(0, 2, 1, 3)
+
+
+def _window_bias(q_len, kv_len, offset, dtype, causal, left, right):
+    """0 where query i (at absolute position i + offset, offset maybe per batch) may
+    attend key j, -inf elsewhere: j <= i + offset when causal, and within `left` keys
+    before and `right` after when those are >= 0."""
+    offset = np.asarray(offset).reshape(-1, 1, 1, 1) if np.ndim(offset) else offset
+    diff = np.arange(q_len).reshape(q_len, 1) + offset - np.arange(kv_len).reshape(1, kv_len)
+    allowed = np.ones(np.shape(diff), bool)
+    if causal:
+        allowed &= diff >= 0
+    if left >= 0:
+        allowed &= diff <= left
+    if right >= 0:
+        allowed &= -diff <= right
+    return np.where(allowed, dtype.type(0), dtype.type(-np.inf))
+
+
+def _attention_bias(q, kv_len, mask, past_len, nonpad, causal, left, right):
+    """The additive bias of the scores: the mask (bool: False → -inf; padded with -inf
+    to kv_len), the causal and window limits, and the keys past `nonpad` per batch."""
+    bias = np.zeros((q.shape[2], kv_len), q.dtype)
+    if mask is not None:
+        if mask.shape[-1] < kv_len:
+            pad = [(0, 0)] * (mask.ndim - 1) + [(0, kv_len - mask.shape[-1])]
+            mask = np.pad(mask, pad, constant_values=False if mask.dtype == np.bool_ else -np.inf)
+        bias = bias + (np.where(mask, q.dtype.type(0), q.dtype.type(-np.inf)) if mask.dtype == np.bool_ else mask)
+    if causal or left >= 0 or right >= 0:
+        offset = past_len if nonpad is None or past_len else np.asarray(nonpad).reshape(-1) - q.shape[2]
+        bias = bias + _window_bias(q.shape[2], kv_len, offset, q.dtype, causal, left, right)
+    if nonpad is not None:
+        keys = np.arange(kv_len) < np.asarray(nonpad).reshape(-1, 1)
+        bias = bias + np.where(keys, 0, -np.inf).astype(q.dtype).reshape(q.shape[0], 1, 1, kv_len)
+    return bias
+
+
+def _softmax_rows(x):
+    """Softmax over the last axis, a row of -inf giving zeros (not NaN)."""
+    top = np.max(x, axis=-1, keepdims=True)
+    e = np.exp(x - np.where(np.isneginf(top), 0, top).astype(x.dtype))
+    total = np.sum(e, axis=-1, keepdims=True)
+    return e / np.where(total == 0, 1, total).astype(x.dtype)
+
+
+@op("Attention")
+def attention(q, k, v, attn_mask=None, past_key=None, past_value=None, nonpad_kv_seqlen=None, *, scale=None,
+              is_causal=0, q_num_heads=None, kv_num_heads=None, softmax_precision=None, softcap=0.0,
+              qk_matmul_output_mode=0, left_window_size=-1, right_window_size=-1):
+    """ONNX Attention: 3-D inputs are split into heads; past keys and values are prepended;
+    grouped-query heads repeated; scores scaled (√scale on each side), softcapped, biased,
+    softmaxed (a fully masked row gives zeros) and applied to v. Returns (y, present key,
+    present value, the scores at the stage qk_matmul_output_mode names)."""
+    three_d = q.ndim == 3
+    if three_d:
+        q, k, v = _to_heads(q, q_num_heads), _to_heads(k, kv_num_heads), _to_heads(v, kv_num_heads)
+    root = q.dtype.type(np.sqrt(1 / np.sqrt(q.shape[3]) if scale is None else scale))
+    past_len = 0 if past_key is None else past_key.shape[2]
+    k = k if past_key is None else np.concatenate([past_key, k], axis=2)
+    v = v if past_value is None else np.concatenate([past_value, v], axis=2)
+    present_k, present_v = k, v
+    if q.shape[1] != k.shape[1] and q.shape[1] % k.shape[1] == 0:
+        k, v = np.repeat(k, q.shape[1] // k.shape[1], axis=1), np.repeat(v, q.shape[1] // k.shape[1], axis=1)
+    bias = _attention_bias(q, k.shape[2], attn_mask, past_len, nonpad_kv_seqlen, is_causal, left_window_size,
+                           right_window_size)
+    scores = np.matmul(q * root, np.swapaxes(k * root, 2, 3))
+    if softcap and softcap > 0:
+        scores = np.tanh(scores / softcap) * softcap
+    biased = scores + bias
+    stage = {1: scores, 2: biased}.get(qk_matmul_output_mode, scores)
+    p = _softmax_rows(biased.astype(helper.tensor_dtype_to_np_dtype(softmax_precision)) if softmax_precision
+                      else biased)
+    p = np.where(np.isneginf(np.max(bias, axis=-1, keepdims=True)), 0, p).astype(q.dtype)
+    y = np.matmul(p, v)
+    if three_d:
+        y = y.transpose(0, 2, 1, 3).reshape(y.shape[0], y.shape[2], -1)
+    return y, present_k, present_v, (p if qk_matmul_output_mode == 3 else stage).astype(q.dtype)
+
+
 SUPPORTED_OPS: frozenset[str] = frozenset(OPS)
 
 
@@ -384,7 +570,9 @@ def bind(op_type: str, attrs: dict, opset: int, outputs: int | None = None) -> C
     outputs, LayerNormalization's mean and inverse std, are dropped when the node does
     not name them)."""
     fn = OPS[op_type]
-    kwargs = dict(attrs, opset=opset) if op_type in NEEDS_OPSET else attrs
+    kwargs = dict(attrs, opset=opset) if op_type in NEEDS_OPSET else dict(attrs)
+    if op_type in NEEDS_OUTPUTS:
+        kwargs["outputs"] = outputs or 1
 
     def run(*inputs):
         out = fn(*inputs, **kwargs)
@@ -393,6 +581,6 @@ def bind(op_type: str, attrs: dict, opset: int, outputs: int | None = None) -> C
     return run
 
 
-def evaluate(op_type: str, inputs: list, attrs: dict, opset: int) -> tuple:
+def evaluate(op_type: str, inputs: list, attrs: dict, opset: int, outputs: int | None = None) -> tuple:
     """Run one op on numpy inputs; always returns a tuple of outputs."""
-    return bind(op_type, attrs, opset)(*inputs)
+    return bind(op_type, attrs, opset, outputs)(*inputs)

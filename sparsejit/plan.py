@@ -213,7 +213,7 @@ def reference_step(node: Node, p: Planning) -> Step:
 STEPS: dict[str, Callable[[Node, Planning], Step]] = {
     "Linear": linear_step,
     "LinearGroup": group_step,
-    "Attention": attention_step,
+    "AttentionCore": attention_step,
     "LayerNorm": layernorm_step,
     "PrepareMask": prepare_mask_step,
     "EmbedLayerNorm": embed_step,

@@ -51,7 +51,7 @@ def test_attention_mask_is_prepared_once_per_run():
     model = sparsejit.load(path)
     steps = model._executor.steps
     prepare = [s for s in steps if s.node.op_type == "PrepareMask"]
-    attention = [s for s in steps if s.node.op_type == "Attention"]
+    attention = [s for s in steps if s.node.op_type == "AttentionCore"]
     assert len(prepare) == 1 and len(attention) > 1
     assert all(s.node.inputs[3] == prepare[0].node.outputs[0] for s in attention)
     feeds = make_inputs(model.input_names, 3, 11)
@@ -129,6 +129,18 @@ def test_unsupported_op_is_refused_at_load():
         sparsejit.load(_tiny("Relu"))
     msg = str(e.value)
     assert "'Relu'" in msg and "'my_node'" in msg and "MatMul" in msg
+
+
+def test_a_refusal_names_every_unsupported_op_with_its_count():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="r1"), helper.make_node("Relu", ["a"], ["b"], name="r2"),
+             helper.make_node("Selu", ["b"], ["c"], name="s1"), helper.make_node("Add", ["c", "x"], ["y"])]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(sparsejit.UnsupportedModelError) as e:
+        sparsejit.load(model)
+    assert "3 node(s)" in str(e.value) and "'Relu' ×2 (first: node 'r1')" in str(e.value) \
+        and "'Selu' ×1 (first: node 's1')" in str(e.value)
 
 
 def test_old_op_definition_is_refused():
@@ -210,7 +222,7 @@ def test_repeat_runs_call_the_generated_forward(bert):
     assert "def forward(feeds):" in src and "del " in src
     steps = [line for line in src.splitlines() if "= step" in line]
     # the lowering passes' nodes are what runs, by name
-    for kind in ("# Attention ", "# LayerNorm ", "# LinearGroup ", "# Linear "):
+    for kind in ("# AttentionCore ", "# LayerNorm ", "# LinearGroup ", "# Linear "):
         assert any(kind in line for line in steps), kind
     pooled_only = bert.forward_source(first, output_names=["pooler_output"])
     hidden_only = bert.forward_source(first, output_names=["last_hidden_state"])
@@ -285,7 +297,7 @@ def test_layers_reading_one_input_run_as_one_kernel(bert):
     from sparsejit.kernels.linear import OutputSlice
 
     sliced = [lp for lp in bert.layers if isinstance(lp.impl, OutputSlice)]
-    n_attention = sum(n.op_type == "Attention" for n in bert.graph.nodes)
+    n_attention = sum(n.op_type == "AttentionCore" for n in bert.graph.nodes)
     assert n_attention and len(sliced) == 3 * n_attention
     grouped_steps = [s for s in bert._executor.steps if s.node.op_type == "LinearGroup" and len(s.node.outputs) == 3]
     assert len(grouped_steps) == n_attention

@@ -34,7 +34,7 @@ def test_fused_blocks_recognised(model_file):
     """Every encoder matmul with a constant weight became a Linear; every attention fused."""
     model = sparsejit.load(model_file, kernels="sparse")
     ops = [n.op_type for n in model.graph.nodes]
-    assert ops.count("Attention") == 2, ops
+    assert ops.count("AttentionCore") == 2, ops
     assert "Softmax" not in ops and "Erf" not in ops and "ReduceMean" not in ops
     # embeddings + 2 per layer (the embeddings' fused with their gathers where they have no other reader)
     assert ops.count("LayerNorm") + ops.count("EmbedLayerNorm") == 5
