@@ -151,7 +151,7 @@ def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarr
     mul = _scalar(scale, scale_op)
     ok = (q.ndim == kt.ndim == v.ndim == 4 and mul is not None and q.dtype == kt.dtype == v.dtype == np.float32
           and (axis is None or axis in (-1, 3)) and q.shape[:2] == kt.shape[:2] == v.shape[:2]
-          and q.shape[3] == kt.shape[2] and kt.shape[3] == v.shape[2])
+          and q.shape[3] == kt.shape[2] == v.shape[3] and kt.shape[3] == v.shape[2])  # (one head size)
     if ok and mask is not None:  # broadcasts to the scores' shape (written out: np.broadcast_shapes is slower)
         scores = (q.shape[0], q.shape[1], q.shape[2], kt.shape[3])
         ok = mask.dtype == np.float32 and mask.ndim <= 4 and \

