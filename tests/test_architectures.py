@@ -33,7 +33,7 @@ def test_matches_onnx_runtime_with_padding(arch):
 
 
 def test_every_pruned_linear_runs_sparse(arch):
-    path, model = arch
+    _, model = arch
     assert model.layers, "no Linear layer found"
     pruned = [lp for lp in model.layers if lp.pattern.stored <= 0.25 * lp.pattern.in_features * lp.pattern.out_features]
     assert len(pruned) >= len(model.layers) - 2, [(lp.name, lp.pattern.density) for lp in model.layers]
