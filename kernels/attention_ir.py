@@ -26,11 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .epilogue import exp as _exp
 from .ir import Builder, Signature
-
-# Cephes expf: x = n·ln2 + r, exp(x) = 2ⁿ·poly(r), 2ⁿ from its exponent bits.
-EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
-            5.0000001201e-1)
 
 SIGNATURE = Signature("attention_head", (
     ("qt", "ptr"), ("ldq", "i64"), ("kt", "ptr"), ("ldk", "i64"), ("vt", "ptr"), ("ldv", "i64"), ("mask", "ptr"),
@@ -45,34 +42,6 @@ class AttentionConfig:
     qvec: int = 2                 # query vectors per tile
     group: int = 8                # keys per pass over the head features; head features per pass over the keys
     nan_guard: bool = False       # the softmax's NaN outputs are replaced by 0
-
-
-def _exp(e: Builder, x: str) -> str:
-    """expf on a vector; NaN stays NaN, large arguments saturate like the Numba kernel."""
-    vt, L = e.vt, e.lanes
-    lo = e(f"fcmp olt {vt} {x}, {e.const(-87.3)}")
-    v = e(f"select <{L} x i1> {lo}, {vt} {e.const(-87.3)}, {vt} {x}")
-    hi = e(f"fcmp ogt {vt} {v}, {e.const(88.3)}")
-    v = e(f"select <{L} x i1> {hi}, {vt} {e.const(88.3)}, {vt} {v}")
-    t = e.fma(v, e.const(1.4426950408889634), e.const(0.5))
-    n = e.vcall("floor", t)
-    r = e.fma(n, e.const(-0.693359375), v)
-    r = e.fma(n, e.const(2.12194440e-4), r)
-    p = e.const(EXP_POLY[0])
-    for c in EXP_POLY[1:]:
-        p = e.fma(p, r, e.const(c))
-    r2 = e(f"fmul {vt} {r}, {r}")
-    p = e.fma(p, r2, r)
-    p = e(f"fadd {vt} {p}, {e.const(1.0)}")
-    # 2ⁿ without a float→int conversion (llvm.fptosi.sat is scalarised on x86: 32
-    # cvttss2si per loop step cost a third of the kernel's time): n + 127 is an integer
-    # in [1, 254], so adding 1.5·2²³ leaves it in the low mantissa bits, and the shift
-    # drops the rest. A NaN n gives some bits, but p is NaN then and NaN·2ⁿ is NaN.
-    biased = e(f"fadd {vt} {n}, {e.const(12582912.0 + 127.0)}")
-    ni = e(f"bitcast {vt} {biased} to <{L} x i32>")
-    ni = e(f"shl <{L} x i32> {ni}, <{', '.join(['i32 23'] * L)}>")
-    two_n = e(f"bitcast <{L} x i32> {ni} to {vt}")
-    return e(f"fmul {vt} {p}, {two_n}")
 
 
 ZERO = "zeroinitializer"

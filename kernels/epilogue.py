@@ -20,6 +20,52 @@ ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7
          -1.42647390514189e-02)
 
 
+# Cephes expf: x = n·ln2 + r, exp(x) = 2ⁿ·poly(r), 2ⁿ from its exponent bits.
+EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+            5.0000001201e-1)
+
+
+def exp(e: Emitter, x: str) -> str:
+    """expf of a float vector; NaN stays NaN, large arguments saturate."""
+    vt, L = e.vt, e.lanes
+    lo = e(f"fcmp olt {vt} {x}, {e.const(-87.3)}")
+    v = e(f"select <{L} x i1> {lo}, {vt} {e.const(-87.3)}, {vt} {x}")
+    hi = e(f"fcmp ogt {vt} {v}, {e.const(88.3)}")
+    v = e(f"select <{L} x i1> {hi}, {vt} {e.const(88.3)}, {vt} {v}")
+    t = e.fma(v, e.const(1.4426950408889634), e.const(0.5))
+    n = e.vcall("floor", t)
+    r = e.fma(n, e.const(-0.693359375), v)
+    r = e.fma(n, e.const(2.12194440e-4), r)
+    p = e.const(EXP_POLY[0])
+    for c in EXP_POLY[1:]:
+        p = e.fma(p, r, e.const(c))
+    p = e(f"fadd {vt} {e.fma(p, e(f'fmul {vt} {r}, {r}'), r)}, {e.const(1.0)}")
+    # 2ⁿ without a float→int conversion (llvm.fptosi.sat is scalarised on x86): n + 127
+    # is an integer in [1, 254], so adding 1.5·2²³ leaves it in the low mantissa bits,
+    # and the shift drops the rest. A NaN n gives some bits, but p is NaN then.
+    biased = e(f"bitcast {vt} {e(f'fadd {vt} {n}, {e.const(12582912.0 + 127.0)}')} to <{L} x i32>")
+    shift = "<" + ", ".join(["i32 23"] * L) + ">"
+    two_n = e(f"bitcast <{L} x i32> {e(f'shl <{L} x i32> {biased}, {shift}')} to {vt}")
+    return e(f"fmul {vt} {p}, {two_n}")
+
+
+def tanh(e: Emitter, x: str) -> str:
+    """tanh of a float vector, as 1 - 2/(exp(2x) + 1) (±1 where exp saturates)."""
+    vt = e.vt
+    ex = exp(e, e(f"fmul {vt} {x}, {e.const(2.0)}"))
+    ratio = e(f"fdiv {vt} {e.const(2.0)}, {e(f'fadd {vt} {ex}, {e.const(1.0)}')}")
+    return e(f"fsub {vt} {e.const(1.0)}, {ratio}")
+
+
+def gelu_tanh(e: Emitter, v: str) -> str:
+    """0.5·v·(1 + tanh(√(2/π)·(v + 0.044715·v³))), ONNX's Gelu with approximate="tanh"."""
+    vt = e.vt
+    cube = e(f"fmul {vt} {e(f'fmul {vt} {v}, {v}')}, {v}")
+    inner = e(f"fmul {vt} {e.fma(cube, e.const(0.044715), v)}, {e.const(0.7978845608028654)}")
+    one_plus = e(f"fadd {vt} {tanh(e, inner)}, {e.const(1.0)}")
+    return e(f"fmul {vt} {e(f'fmul {vt} {v}, {e.const(0.5)}')}, {one_plus}")
+
+
 def erf(e: Emitter, x: str) -> str:
     """erf of a float vector."""
     vt = e.vt
@@ -45,6 +91,7 @@ def gelu(e: Emitter, v: str) -> str:
 ACTIVATIONS: dict[str, Callable[[Emitter, str], str]] = {
     "none": lambda e, v: v,
     "gelu": gelu,
+    "gelu_tanh": gelu_tanh,
 }
 
 

@@ -34,7 +34,7 @@ from .sparse_ir import IRConfig, ir_source
 __all__ = ["DenseLinear", "OutputSlice", "Pattern", "SparseLinear", "analyse", "reference_linear"]
 
 # The numpy meaning of each epilogue.ACTIVATIONS entry.
-REFERENCE_ACTIVATIONS = {"none": lambda y: y, "gelu": gelu}
+REFERENCE_ACTIVATIONS = {"none": lambda y: y, "gelu": gelu, "gelu_tanh": lambda y: gelu(y, approximate="tanh")}
 
 
 def reference_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,

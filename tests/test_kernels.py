@@ -427,7 +427,7 @@ def test_embeddings_kernel_against_the_registry_reference():
 def test_the_k_chunk_follows_clear_differences_only():
     from sparsejit.choose import pick_chunk
 
-    assert pick_chunk({768: 1.0, 64: 0.99, 128: 1.0, 256: 0.985}) == 128  # within 3%: the default
+    assert pick_chunk({768: 1.0, 64: 0.99, 128: 1.0, 256: 0.985}) == 128  # within 5%: the default
     assert pick_chunk({768: 1.0, 64: 0.80, 128: 1.0, 256: 0.99}) == 64    # clearly faster
     assert pick_chunk({96: 1.0, 64: 0.99}) == 96                          # no 128: the nearest
 
@@ -463,3 +463,14 @@ def test_attention_with_another_value_head_size_falls_back():
     rng = np.random.default_rng(15)
     q, kt, v = (rng.standard_normal(s).astype(np.float32) for s in [(2, 3, 6, 8), (2, 3, 8, 6), (2, 3, 6, 10)])
     np.testing.assert_allclose(fused_attention(q, kt, v), reference_attention(q, kt, v), **TOL)
+
+
+def test_gelu_tanh_epilogue_against_numpy():
+    """The tanh-approximated GELU (ORT's FastGelu, ONNX Gelu approximate="tanh") as a Linear
+    epilogue, both kernels, at values from large negative through 0 to large positive."""
+    rng = np.random.default_rng(16)
+    w = pruned(rng, 64, 40, 0.8)
+    bias = rng.standard_normal(40).astype(np.float32)
+    x = (rng.standard_normal((37, 64)) * 4).astype(np.float32)
+    for impl in (SparseLinear(w, bias, "gelu_tanh", False), DenseLinear(w, bias, "gelu_tanh", False)):
+        np.testing.assert_allclose(impl(x), reference_linear(x, w, bias, "gelu_tanh"), **TOL)
