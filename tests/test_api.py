@@ -347,3 +347,12 @@ def test_auto_times_only_densities_near_the_crossover():
         assert lp.decided_by == ("measured" if kind is None else "rule") and kind in (None, lp.kind)
         x = rng.standard_normal((5, 64)).astype(np.float32)
         np.testing.assert_allclose(lp.impl(x), x @ w, rtol=1e-4, atol=1e-4)
+
+
+def test_the_readme_lists_the_supported_ops():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = readme.split("<!-- ops -->")[1].split("<!-- /ops -->")[0]
+    ops = [o.strip() for o in listed.replace("\n", " ").strip().rstrip(".").split(",")]
+    assert ops == sorted(sparsejit.SUPPORTED_OPS), "README ops: " + ", ".join(sorted(sparsejit.SUPPORTED_OPS))
