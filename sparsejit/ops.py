@@ -477,6 +477,94 @@ def expand(x, shape_):
     return np.broadcast_to(x, out)
 
 
+# --- quantization ------------------------------------------------------------------
+
+_INT_RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127), np.dtype(np.uint16): (0, 65535),
+               np.dtype(np.int16): (-32768, 32767)}
+
+
+def _per_axis(value, shape: tuple, axis: int, block_size: int = 0):
+    """A scale or zero point broadcastable to `shape`: a scalar as it is, a vector along
+    `axis`, or blocks of `block_size` along it."""
+    value = np.asarray(value)
+    if value.ndim == 0 or value.size == 1 and not block_size:
+        return value.reshape(())
+    if not block_size:
+        dims = [1] * len(shape)
+        dims[axis] = value.size
+        return value.reshape(dims)
+    return np.repeat(value, block_size, axis=axis).take(range(shape[axis]), axis=axis)
+
+
+def _quant_dtype(zero_point, output_dtype) -> np.dtype:
+    if zero_point is not None:
+        return np.asarray(zero_point).dtype
+    return np.dtype(helper.tensor_dtype_to_np_dtype(output_dtype)) if output_dtype else np.dtype(np.uint8)
+
+
+@op("QuantizeLinear")
+def quantize_linear(x, y_scale, y_zero_point=None, axis=1, saturate=1, block_size=0, output_dtype=0, precision=0):
+    """saturate(round half to even(x / scale) + zero point), per tensor, axis or block."""
+    dtype = _quant_dtype(y_zero_point, output_dtype)
+    if dtype not in _INT_RANGES:
+        raise ValueError(f"QuantizeLinear to {dtype}: sparsejit quantizes to 8- and 16-bit integers")
+    scale = _per_axis(y_scale, x.shape, axis % x.ndim if x.ndim else 0, block_size)
+    if precision:
+        wide = helper.tensor_dtype_to_np_dtype(precision)
+        x, scale = x.astype(wide), scale.astype(wide)
+    q = np.rint(x / scale).astype(np.int32)
+    if y_zero_point is not None:
+        q += _per_axis(y_zero_point, x.shape, axis % x.ndim if x.ndim else 0, block_size).astype(np.int32)
+    return np.clip(q, *_INT_RANGES[dtype]).astype(dtype)
+
+
+@op("DequantizeLinear")
+def dequantize_linear(x, x_scale, x_zero_point=None, axis=1, block_size=0, output_dtype=0):
+    """(x - zero point) · scale, per tensor, axis or block."""
+    ax = axis % x.ndim if x.ndim else 0
+    d = x.astype(np.float32)
+    if x_zero_point is not None:
+        d = d - _per_axis(x_zero_point, x.shape, ax, block_size)
+    y = d * _per_axis(x_scale, x.shape, ax, block_size)
+    return y.astype(helper.tensor_dtype_to_np_dtype(output_dtype) if output_dtype else np.asarray(x_scale).dtype)
+
+
+@op("DynamicQuantizeLinear")
+def dynamic_quantize_linear(x):
+    """x to uint8 over the range [min(x, 0), max(x, 0)]: (y, scale, zero point)."""
+    hi, lo = np.float32(np.maximum(0, np.max(x))), np.float32(np.minimum(0, np.min(x)))
+    scale = np.float32(1.0 if hi == lo else hi - lo) / np.float32(255)
+    zero = np.rint(np.clip(np.float32(0) - lo / scale, 0, 255))
+    y = np.clip(np.rint(x / scale) + zero, 0, 255)
+    return y.astype(np.uint8), np.array(scale.astype(x.dtype)), np.array(zero.astype(np.uint8))
+
+
+def _centred(x, zero_point, row_wise: bool):
+    """x as int32 minus its zero point (a vector zero point is per row of A, per column of B)."""
+    x = x.astype(np.int32)
+    if zero_point is None:
+        return x
+    zp = np.asarray(zero_point).astype(np.int32)
+    if zp.ndim == 1 and zp.size > 1 and row_wise:
+        zp = zp.reshape(-1, 1)
+    return x - zp
+
+
+@op("MatMulInteger")
+def matmul_integer(a, b, a_zero_point=None, b_zero_point=None):
+    return np.matmul(_centred(a, a_zero_point, True), _centred(b, b_zero_point, False))
+
+
+@op("QLinearMatMul")
+def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point):
+    acc = np.matmul(_centred(a, a_zero_point, True), _centred(b, b_zero_point, False))
+    y = acc * (a_scale * b_scale / y_scale)
+    dtype = np.asarray(y_zero_point).dtype if y_zero_point is not None else a.dtype
+    if y_zero_point is not None:
+        y = y + y_zero_point
+    return np.clip(np.rint(y), *_INT_RANGES[np.dtype(dtype)]).astype(dtype)
+
+
 # --- attention (ONNX Attention, opset 23) -------------------------------------------
 
 

@@ -16,6 +16,9 @@ from sparsejit.ops import SUPPORTED_OPS
 
 # ONNX test names spell a few op types joined up rather than in snake case.
 _TEST_NAME = {"ConstantOfShape": "constantofshape", "GatherND": "gathernd", "IsNaN": "isnan",
+              "QuantizeLinear": "quantizelinear", "DequantizeLinear": "dequantizelinear",
+              "DynamicQuantizeLinear": "dynamicquantizelinear", "MatMulInteger": "matmulinteger",
+              "QLinearMatMul": "qlinearmatmul",
               "CumSum": "cumsum", "GreaterOrEqual": "greater_equal", "LessOrEqual": "less_equal",
               "MatMul": "matmul"}
 
@@ -32,6 +35,8 @@ EXCLUDED: dict[str, str] = {
     r"^test_cast_.*FLOAT8": "8-bit float types (saturation, rounding modes): numpy has no such dtypes",
     r"^test_identity_(sequence|opt)_": "Identity on sequence and optional values: sparsejit runs tensors only",
     r"^test_attention_.*_bf16": "bfloat16 tensors (ml_dtypes): the reference ops compute in numpy's dtypes",
+    r"^test_(de)?quantizelinear_.*(e4m3|e5m2|float4e2m1|int4|uint4|int2|uint2|float8|fp8|float4|float6)":
+        "8-, 6- and 4-bit float and 4- and 2-bit integer types: models quantize to 8- and 16-bit integers",
 }
 
 
