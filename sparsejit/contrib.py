@@ -206,7 +206,39 @@ def fused_gemm(node: Node, r: _Rewrite) -> None:
         r.op("Tanh", [y], "gemm", outputs=node.outputs[:1])
 
 
+def _dequantized(r: _Rewrite, node: Node, at: int) -> str:
+    """DequantizeLinear of the quantized input at `at` (value, scale, zero point)."""
+    zp = _input(node, at + 2)
+    return r.op("DequantizeLinear", node.inputs[at:at + 2] + ([zp] if zp else []), "dequant")
+
+
+def _quantized(r: _Rewrite, node: Node, x: str, at: int) -> None:
+    """The node's output: x quantized with the scale and zero point at `at`."""
+    zp = _input(node, at + 1)
+    r.op("QuantizeLinear", [x, node.inputs[at]] + ([zp] if zp else []), "quant", outputs=node.outputs[:1])
+
+
+def _qlinear_binary(op_type: str) -> Callable[[Node, _Rewrite], None]:
+    """QLinearAdd and QLinearMul: quantize(dequantize(A) op dequantize(B))."""
+
+    def rewrite(node: Node, r: _Rewrite) -> None:
+        _quantized(r, node, r.op(op_type, [_dequantized(r, node, 0), _dequantized(r, node, 3)], op_type.lower()), 6)
+
+    return rewrite
+
+
+def qlinear_softmax(node: Node, r: _Rewrite) -> None:
+    """quantize(Softmax(dequantize(X))), the axis as the opset attribute says."""
+    axis = node.attrs.get("axis", -1 if node.attrs.get("opset", 13) >= 13 else 1)
+    if node.attrs.get("opset", 13) < 13 and axis not in (-1, len(r.shapes.get(node.inputs[0]) or ()) - 1):
+        _refuse(node, "a softmax over more than its last axis (opset < 13)")
+    _quantized(r, node, r.op("Softmax", [_dequantized(r, node, 0)], "softmax", axis=axis), 3)
+
+
 CONTRIB: dict[str, Callable[[Node, _Rewrite], None]] = {
+    DOMAIN + "QLinearAdd": _qlinear_binary("Add"),
+    DOMAIN + "QLinearMul": _qlinear_binary("Mul"),
+    DOMAIN + "QLinearSoftmax": qlinear_softmax,
     DOMAIN + "Attention": attention,
     DOMAIN + "EmbedLayerNormalization": embed_layer_normalization,
     DOMAIN + "SkipLayerNormalization": skip_layer_normalization,
