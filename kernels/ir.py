@@ -191,6 +191,14 @@ class Builder(Emitter):
         self.label(done)
         return i, names
 
+    def splat_i32(self, scalar: str | int) -> str:
+        """A vector of i32 lanes all `scalar` (a value or a literal)."""
+        L = self.lanes
+        if isinstance(scalar, int):
+            return f"<{', '.join([f'i32 {scalar}'] * L)}>"
+        one = self(f"insertelement <{L} x i32> poison, i32 {scalar}, i32 0")
+        return self(f"shufflevector <{L} x i32> {one}, <{L} x i32> poison, <{L} x i32> zeroinitializer")
+
     def splat_i64(self, scalar: str) -> str:
         L = self.lanes
         one = self(f"insertelement <{L} x i64> poison, i64 {scalar}, i32 0")

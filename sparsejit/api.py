@@ -13,7 +13,7 @@ import onnx
 from . import saved_plans
 from .choose import KERNEL_CHOICES, Chooser
 from .executor import Executor
-from .fold import fold_constants
+from .fold import fold_constants, quantized_weight
 from .fuse import fuse
 from .graph import Graph, InputSpec, import_onnx
 from .heap import keep_buffers_mapped
@@ -246,7 +246,7 @@ def load(model: str | os.PathLike | onnx.ModelProto, *, num_threads: int | None 
     threads = resolve_threads(num_threads)
     keep_buffers_mapped()
     with ThreadScope(threads):
-        graph = fold_constants(import_onnx(model))
+        graph = fold_constants(import_onnx(model), keep=quantized_weight if mode == "compiled" else lambda n, c: False)
         if mode == "reference":
             graph = Graph(graph.nodes, graph.inputs, graph.outputs, detach(graph.constants), graph.opset, graph.origin)
             steps = [Step(n, bind(n.op_type, n.attrs, graph.opset, len(n.outputs))) for n in graph.nodes]

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .graph import Graph
 from .ops import evaluate
 
@@ -17,11 +19,19 @@ from .ops import evaluate
 SHAPE_OPS = {"Shape"}
 
 
-def fold_constants(graph: Graph) -> Graph:
+def quantized_weight(node, constants: dict) -> bool:
+    """A DequantizeLinear of a constant integer matrix: kept unfolded until the quantized
+    Linear fusion has seen it (it needs the integers, not their float values)."""
+    w = constants.get(node.inputs[0]) if node.op_type == "DequantizeLinear" else None
+    return w is not None and w.ndim == 2 and w.dtype in (np.int8, np.uint8)
+
+
+def fold_constants(graph: Graph, keep=lambda node, constants: False) -> Graph:
+    """Every node whose inputs are all constants, evaluated now, but those `keep` names."""
     consts = dict(graph.constants)
     kept = []
     for n in graph.nodes:
-        if all((not i) or i in consts for i in n.inputs):
+        if all((not i) or i in consts for i in n.inputs) and not keep(n, consts):
             args = [consts[i] if i else None for i in n.inputs]
             try:
                 outs = evaluate(n.op_type, args, n.attrs, graph.opset, len(n.outputs))

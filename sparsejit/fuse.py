@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .fold import eliminate_dead
+from .fold import eliminate_dead, fold_constants
 from .graph import Graph, Node
 
 SQRT2 = float(np.sqrt(2.0))
@@ -178,6 +178,87 @@ def fuse_linear(graph: Graph) -> Graph:
     return m.result()
 
 
+def _quantized_input(m: _Matcher, q: Node | None, zero_point: str) -> tuple[str, dict] | None:
+    """(x, its quantization attributes) when `q` quantizes x per tensor into what a
+    MatMulInteger reads: DynamicQuantizeLinear, or QuantizeLinear with constant scale and
+    zero point."""
+    if q is None:
+        return None
+    if q.op_type == "DynamicQuantizeLinear" and zero_point == q.outputs[2]:
+        return q.inputs[0], {"mode": "dynamic", "x_scale": None, "x_zero_point": None}
+    scale, zero = m.const(q.inputs[1]), m.const(q.inputs[2]) if len(q.inputs) > 2 else None
+    if q.op_type != "QuantizeLinear" or scale is None or scale.size != 1 or zero is None or zero.size != 1 \
+            or q.attrs.get("block_size") or (zero_point and not np.array_equal(m.const(zero_point), zero)):
+        return None
+    return q.inputs[0], {"mode": "static", "x_scale": np.float32(scale.reshape(())),
+                         "x_zero_point": zero.reshape(())}
+
+
+def _symmetric_int8(m: _Matcher, weight: str, zero_point: str) -> np.ndarray | None:
+    w, zp = m.const(weight), m.const(zero_point) if zero_point else None
+    ok = w is not None and w.ndim == 2 and w.dtype == np.int8 and (zp is None or not np.any(zp))
+    return w if ok else None
+
+
+def _integer_matmul(m: _Matcher, mm: Node) -> tuple[str, dict, list[Node]] | None:
+    """A MatMulInteger → Cast → Mul(scale) chain of an int8 weight (the dynamic and the
+    static MatMulInteger forms): (x, attributes, chain)."""
+    w = _symmetric_int8(m, mm.inputs[1], mm.inputs[3] if len(mm.inputs) > 3 else "")
+    found = None if w is None else _quantized_input(m, m.producer.get(mm.inputs[0]), mm.inputs[2]
+                                                    if len(mm.inputs) > 2 else "")
+    cast = m.only_user(mm.outputs[0], "Cast") if found else None
+    mul = m.only_user(cast.outputs[0], "Mul") if cast is not None and cast.attrs.get("to") == 1 else None
+    if mul is None:
+        return None
+    x, attrs = found
+    scale_name = _other(mul, cast.outputs[0])
+    if attrs["mode"] == "static":
+        scale = m.const(scale_name)
+    else:  # Mul(x's scale, the weights' scale)
+        sm = m.made_by(scale_name, "Mul")
+        q = m.producer[mm.inputs[0]]
+        scale = None if sm is None or q.outputs[1] not in sm.inputs else m.const(_other(sm, q.outputs[1]))
+    if scale is None or scale.size not in (1, w.shape[1]):
+        return None
+    return x, dict(attrs, weight=w, scale=scale.ravel().astype(np.float32), source_op="MatMulInteger"), [mm, cast, mul]
+
+
+def _qdq_matmul(m: _Matcher, mm: Node) -> tuple[str, dict, list[Node]] | None:
+    """MatMul(DequantizeLinear(QuantizeLinear(x)), DequantizeLinear(int8 weight)), the QDQ
+    form: the int32 sums times the product of the two scales."""
+    dqx, dqw = m.made_by(mm.inputs[0], "DequantizeLinear"), m.made_by(mm.inputs[1], "DequantizeLinear")
+    if dqx is None or dqw is None or dqw.attrs.get("block_size") or dqw.attrs.get("axis", 1) not in (1, -1):
+        return None
+    w = _symmetric_int8(m, dqw.inputs[0], dqw.inputs[2] if len(dqw.inputs) > 2 else "")
+    found = None if w is None else _quantized_input(m, m.made_by(dqx.inputs[0], "QuantizeLinear"),
+                                                    dqx.inputs[2] if len(dqx.inputs) > 2 else "")
+    sw = m.const(dqw.inputs[1])
+    if found is None or sw is None or sw.size not in (1, w.shape[1]) or \
+            not np.array_equal(m.const(dqx.inputs[1]), found[1]["x_scale"]):
+        return None
+    x, attrs = found
+    return x, dict(attrs, weight=w, scale=np.float32(attrs["x_scale"]) * sw.ravel().astype(np.float32),
+                   source_op="MatMul"), [mm]
+
+
+def fuse_quantized_linear(graph: Graph) -> Graph:
+    """Quantized MatMuls of symmetric int8 weights, with their epilogue, → one `QLinear`
+    node (x quantized per tensor, statically or dynamically; see kernels/int8.py)."""
+    m = _Matcher(graph)
+    for mm in graph.nodes:
+        if id(mm) in m.removed or mm.op_type not in ("MatMulInteger", "MatMul"):
+            continue
+        found = _integer_matmul(m, mm) if mm.op_type == "MatMulInteger" else _qdq_matmul(m, mm)
+        if found is None:
+            continue
+        x, attrs, chain = found
+        attrs.update(bias=None, activation="none", residual=False)
+        inputs = [x]
+        out = _epilogue(m, chain, attrs, inputs)
+        m.replace(chain, Node("QLinear", mm.name, inputs, [out], attrs))
+    return m.result()
+
+
 def fuse_attention(graph: Graph) -> Graph:
     m = _Matcher(graph)
     for sm in graph.nodes:
@@ -325,7 +406,13 @@ def _adds_of(m: _Matcher, value: str) -> list[Node]:
     return [] if node.op_type != "Add" else [node, *_adds_of(m, node.inputs[0]), *_adds_of(m, node.inputs[1])]
 
 
-PASSES = (fuse_gelu, fuse_layernorm, fuse_embeddings, fuse_linear, fuse_attention)
+def fold_weights(graph: Graph) -> Graph:
+    """The quantized weights no quantized Linear took, dequantized now (fold.quantized_weight)."""
+    return fold_constants(graph)
+
+
+PASSES = (fuse_gelu, fuse_layernorm, fuse_embeddings, fuse_quantized_linear, fold_weights, fuse_linear,
+          fuse_attention)
 
 
 def fuse(graph: Graph) -> Graph:

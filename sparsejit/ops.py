@@ -532,7 +532,7 @@ def dequantize_linear(x, x_scale, x_zero_point=None, axis=1, block_size=0, outpu
 @op("DynamicQuantizeLinear")
 def dynamic_quantize_linear(x):
     """x to uint8 over the range [min(x, 0), max(x, 0)]: (y, scale, zero point)."""
-    hi, lo = np.float32(np.maximum(0, np.max(x))), np.float32(np.minimum(0, np.min(x)))
+    hi, lo = np.float32(np.max(x, initial=0)), np.float32(np.min(x, initial=0))  # (the range includes 0)
     scale = np.float32(1.0 if hi == lo else hi - lo) / np.float32(255)
     zero = np.rint(np.clip(np.float32(0) - lo / scale, 0, 255))
     y = np.clip(np.rint(x / scale) + zero, 0, 255)

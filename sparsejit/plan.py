@@ -22,6 +22,7 @@ from .choose import Chooser
 from .graph import Graph, Node
 from .kernels.attention import fused_attention, prepare_mask
 from .kernels.embed import EmbedLayerNorm
+from .kernels.int8 import Int8Linear
 from .kernels.layernorm import layernorm
 from .kernels.linear import DenseLinear, OutputSlice, Pattern, SparseLinear, analyse, linear_epilogue, reference_linear
 from .ops import bind
@@ -57,13 +58,19 @@ class LayerPlan:
         return self.impl.dense_weight()
 
     def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        if isinstance(self.impl, Int8Linear):
+            return self.impl.reference(x, residual)
         a = self.node.attrs
         return reference_linear(x, self.weight, a["bias"], a["activation"], residual)
 
     def probe_check(self) -> tuple[np.ndarray, np.ndarray]:
         """(the kernel's output, the loaded weight's) for the probe input: they differ when
-        the weights the kernel holds are not the ones loaded."""
+        the weights the kernel holds are not the ones loaded. (int8: the exact integer
+        products of the weights held and of those loaded.)"""
         a = self.node.attrs
+        if isinstance(self.impl, Int8Linear):
+            held = int_probe_input(self.pattern.in_features) @ self.impl.dense_weight().astype(np.int64)
+            return held.astype(np.float64), self.probe.astype(np.float64)
         r = np.zeros((1, self.pattern.out_features), np.float32) if a["residual"] else None
         got = self.impl(probe_input(self.pattern.in_features), r)
         return got, linear_epilogue(self.probe, a["bias"], a["activation"], r)
@@ -71,6 +78,10 @@ class LayerPlan:
 
 def probe_input(in_features: int) -> np.ndarray:
     return np.random.default_rng(in_features).standard_normal((1, in_features), dtype=np.float32)
+
+
+def int_probe_input(in_features: int) -> np.ndarray:
+    return np.random.default_rng(in_features).integers(0, 256, (1, in_features))
 
 
 def weight_probe(weight: np.ndarray) -> np.ndarray:
@@ -188,6 +199,20 @@ def attention_step(node: Node, p: Planning) -> Step:
     return Step(node, lambda q, kt, v, mask=None, scale=None: (fused_attention(q, kt, v, mask, scale, **a),))
 
 
+def qlinear_step(node: Node, p: Planning) -> Step:
+    """A quantized Linear on the int8 kernel (AVX-512 VNNI where the CPU has it)."""
+    a = node.attrs
+    impl = Int8Linear(a["weight"], a["scale"], a["mode"], a["x_scale"], a["x_zero_point"], a["bias"],
+                      a["activation"], a["residual"])
+    pattern = analyse(a["weight"])
+    why = (f"int8 ({a['mode']} activation scale, {'VNNI' if impl.config.vnni else 'no VNNI: dot products written out'})"
+           f", {len(impl.blocks)} of {-(-pattern.in_features // 4) * pattern.out_features} 4-blocks stored")
+    probe = int_probe_input(pattern.in_features) @ a["weight"].astype(np.int64)
+    p.done_with(a["weight"])
+    p.add(LayerPlan(node.name, _without_weight(node), pattern, impl, why, decided_by="rule", probe=probe))
+    return Step(p.layers[-1].node, lambda x, residual=None: (impl(x, residual),))
+
+
 def onnx_attention_step(node: Node, p: Planning) -> Step:
     """ONNX's Attention op on the fused kernel when it is plain scaled dot-product attention
     over 4-D heads (no cache, causal or window limits, softcap or extra outputs, and no
@@ -242,6 +267,7 @@ STEPS: dict[str, Callable[[Node, Planning], Step]] = {
     "LayerNorm": layernorm_step,
     "PrepareMask": prepare_mask_step,
     "EmbedLayerNorm": embed_step,
+    "QLinear": qlinear_step,
 }
 
 
@@ -249,8 +275,8 @@ def plan(graph: Graph, chooser: Chooser | None = None, progress: Callable[[int, 
          done_with: Callable[[np.ndarray], None] | None = None) -> tuple[list[Step], list[LayerPlan]]:
     """A step per node of the lowered graph, and every Linear layer's plan. `progress(done,
     total, layer)` is called as each Linear gets its kernel, `done_with(weight)` after."""
-    total = sum(1 if n.op_type == "Linear" else len(n.attrs["members"]) if n.op_type == "LinearGroup" else 0
-                for n in graph.nodes)
+    total = sum(1 if n.op_type in ("Linear", "QLinear") else len(n.attrs["members"]) if n.op_type == "LinearGroup"
+                else 0 for n in graph.nodes)
     p = Planning(graph.opset, chooser or Chooser(), total, progress=progress)
     if done_with is not None:
         p.done_with = done_with

@@ -1,0 +1,60 @@
+"""Quantized models (tests/models/int8/: the 4-block-pruned BERT quantized by
+onnxruntime.quantization, scripts/export_test_models.py) in every form sparsejit reads:
+dynamic (DynamicQuantizeLinear → MatMulInteger → Cast → Mul), static QDQ, static
+QOperator (QLinearMatMul, with com.microsoft QLinearAdd/Mul/Softmax) and SparseML's
+static MatMulInteger form.
+
+Tolerance: sparsejit computes what the graph says (the int32 sums exactly, then the
+float epilogue), so it must match ONNX Runtime with its graph optimizations off within
+1e-4. ONNX Runtime's optimizations rewrite quantized graphs (QDQ pairs into integer
+kernels, requantized outputs), which moves its own results: against the optimized
+session the bound is that spread (optimized against unoptimized, measured per file and
+shape), and 1e-4 where the spread is smaller.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_inputs
+
+import sparsejit
+
+INT8 = Path(__file__).parent / "models" / "int8"
+FORMS = {"dynamic": True, "qdq": True, "sparseml": True, "qoperator": False}  # form → Linear layers on int8
+
+
+def _ort(path: Path, feeds: dict, optimized: bool) -> list[np.ndarray]:
+    ort = pytest.importorskip("onnxruntime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_quantized_forms_compute_what_the_graph_says(form):
+    path = INT8 / f"bert_block4_p90_int8_{form}.onnx"
+    model = sparsejit.load(path)
+    for batch, seq in [(1, 7), (3, 20)]:
+        feeds = make_inputs(model.input_names, batch, seq, seed=seq)
+        got, plain, optimized = model.run(feeds), _ort(path, feeds, False), _ort(path, feeds, True)
+        for g, p, o, name in zip(got, plain, optimized, model.output_names):
+            np.testing.assert_allclose(g, p, atol=1e-4, rtol=1e-4, err_msg=f"{form} {name} against ORT unoptimized")
+            spread = float(np.abs(p - o).max())
+            assert np.abs(g - o).max() <= max(1e-4, 1.5 * spread), (form, name, spread)
+    encoder = [lp for lp in model.layers if "encoder" in lp.name]
+    if FORMS[form]:
+        assert len(encoder) == 12 and {lp.kind for lp in encoder} == {"int8"}, [(lp.name, lp.kind) for lp in encoder]
+    assert model.check().ok
+
+
+def test_a_reference_run_agrees_with_the_int8_kernels():
+    path = INT8 / "bert_block4_p90_int8_dynamic.onnx"
+    feeds = make_inputs(sparsejit.load(path).input_names, 2, 11)
+    compiled, reference = sparsejit.load(path).run(feeds), sparsejit.load(path, mode="reference").run(feeds)
+    for c, r in zip(compiled, reference):
+        np.testing.assert_allclose(c, r, atol=1e-4, rtol=1e-4)
