@@ -283,6 +283,19 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .quantize import quantize_model
+
+    if not Path(args.model).exists():
+        raise CLIError(f"model file not found: {args.model}")
+    try:
+        quantize_model(args.model, args.output, args.mode, args.calibration)
+    except (ImportError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    print(f"quantized {args.model} ({args.mode} activations, symmetric per-channel int8 weights); wrote {args.output}")
+    return 0
+
+
 # --- argument parsing -----------------------------------------------------------------
 
 
@@ -342,6 +355,16 @@ def _parser() -> argparse.ArgumentParser:
                     help="the same sparsity in every layer, or one threshold over all")
     sp.add_argument("-o", "--output", required=True, help="output ONNX file")
     sp.set_defaults(func=cmd_prune)
+
+    sp = sub.add_parser("quantize", help="INT8 model for the int8 kernels (onnxruntime.quantization)",
+                        description="INT8 model for the int8 kernels: symmetric per-channel int8 weights (pruned "
+                                    "zeros stay zero), activations quantized dynamically or from calibration")
+    sp.add_argument("model", help="ONNX model file")
+    sp.add_argument("--mode", choices=["dynamic", "static"], default="dynamic",
+                    help="activation scales from each input at run time, or from calibration (QDQ format)")
+    sp.add_argument("--calibration", help=".npz of inputs by name for static calibration (default: generated)")
+    sp.add_argument("-o", "--output", required=True, help="output ONNX file")
+    sp.set_defaults(func=cmd_quantize)
     return p
 
 

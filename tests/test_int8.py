@@ -58,3 +58,21 @@ def test_a_reference_run_agrees_with_the_int8_kernels():
     compiled, reference = sparsejit.load(path).run(feeds), sparsejit.load(path, mode="reference").run(feeds)
     for c, r in zip(compiled, reference):
         np.testing.assert_allclose(c, r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_sparsejit_quantize_makes_models_the_int8_kernels_run(tmp_path, mode):
+    import subprocess
+    import sys
+
+    from conftest import MODELS_DIR
+
+    source, out = MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx", tmp_path / f"{mode}.onnx"
+    p = subprocess.run([sys.executable, "-m", "sparsejit", "quantize", str(source), "--mode", mode, "-o", str(out)],
+                       capture_output=True, text=True, check=False)
+    assert p.returncode == 0 and str(out) in p.stdout, p.stderr
+    model = sparsejit.load(out)
+    assert {lp.kind for lp in model.layers if "encoder" in lp.name} == {"int8"}
+    feeds = make_inputs(model.input_names, 2, 9)
+    for g, w in zip(model.run(feeds), _ort(out, feeds, False)):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
