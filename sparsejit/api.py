@@ -246,7 +246,7 @@ def load(model: str | os.PathLike | onnx.ModelProto, *, num_threads: int | None 
     threads = resolve_threads(num_threads)
     keep_buffers_mapped()
     with ThreadScope(threads):
-        graph = fold_constants(import_onnx(model), keep=quantized_weight if mode == "compiled" else lambda n, c: False)
+        graph = fold_constants(import_onnx(model), keep=quantized_weight if mode == "compiled" else None)
         if mode == "reference":
             graph = Graph(graph.nodes, graph.inputs, graph.outputs, detach(graph.constants), graph.opset, graph.origin)
             steps = [Step(n, bind(n.op_type, n.attrs, graph.opset, len(n.outputs))) for n in graph.nodes]

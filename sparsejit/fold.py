@@ -26,12 +26,13 @@ def quantized_weight(node, constants: dict) -> bool:
     return w is not None and w.ndim == 2 and w.dtype in (np.int8, np.uint8)
 
 
-def fold_constants(graph: Graph, keep=lambda node, constants: False) -> Graph:
-    """Every node whose inputs are all constants, evaluated now, but those `keep` names."""
+def fold_constants(graph: Graph, keep=None) -> Graph:
+    """Every node whose inputs are all constants, evaluated now, but those `keep(node,
+    constants)` names."""
     consts = dict(graph.constants)
     kept = []
     for n in graph.nodes:
-        if all((not i) or i in consts for i in n.inputs) and not keep(n, consts):
+        if all((not i) or i in consts for i in n.inputs) and not (keep and keep(n, consts)):
             args = [consts[i] if i else None for i in n.inputs]
             try:
                 outs = evaluate(n.op_type, args, n.attrs, graph.opset, len(n.outputs))
