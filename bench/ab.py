@@ -1,0 +1,85 @@
+"""Paired A/B of sparsejit against itself: two code trees, or two model files, or both.
+
+Each side loads in a worker process of its own and stays loaded; the sides then take
+turns, `--rounds` rounds of `--runs` timed runs each, 0.2 s apart, in alternating order.
+The ratio reported is the median over rounds of B's median over A's, so each ratio
+compares times taken seconds apart on a noisy machine.
+
+    python bench/ab.py A B [--model M] [--batch 1 --seq 128 --rounds 20 --runs 10] [--plan FILE]
+
+A side is `TREE` (a checkout whose sparsejit/ and kernels/ are used, e.g. a `git worktree`
+of an older commit with `ln -s ../kernels sparsejit/kernels`), `TREE|MODEL` (that tree
+on another model) or `.` for the installed package. `--plan` makes both sides load one
+plan file, so that their K-chunks are the same. Not part of CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+
+def worker(tree: str, model: str, batch: int, seq: int, plan: str | None) -> None:
+    if tree != ".":
+        sys.path.insert(0, tree)
+    import numpy as np
+
+    import sparsejit
+
+    m = sparsejit.load(model, num_threads=2, **({"plan": plan} if plan else {}))
+    ids = np.ones((batch, seq), np.int64)
+    feeds = {n: ids if n != "token_type_ids" else 0 * ids for n in m.input_names}
+    for _ in range(3):
+        m.run(feeds)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        m.run(feeds)
+        times = []
+        for _ in range(int(line)):
+            t = time.perf_counter()
+            m.run(feeds)
+            times.append(time.perf_counter() - t)
+        print(f"{statistics.median(times) * 1e3:.4f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sides", nargs=2)
+    ap.add_argument("--model", default="bench/models/bert_base_p90.onnx")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--plan", default=None)
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker[0], args.worker[1], args.batch, args.seq, args.plan)
+    procs = []
+    for side in args.sides:
+        tree, _, model = side.partition("|")
+        cmd = [sys.executable, __file__, *args.sides, "--worker", tree, model or args.model, "--batch",
+               str(args.batch), "--seq", str(args.seq)] + (["--plan", args.plan] if args.plan else [])
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert p.stdout.readline().strip() == "ready", f"{side} did not load"
+        procs.append(p)
+    times: list[list[float]] = [[], []]
+    for r in range(args.rounds):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            time.sleep(0.2)
+            procs[i].stdin.write(f"{args.runs}\n")
+            procs[i].stdin.flush()
+            times[i].append(float(procs[i].stdout.readline()))
+    for p in procs:
+        p.stdin.close()
+        p.wait()
+    ratio = statistics.median(b / a for a, b in zip(*times))
+    print(f"A {args.sides[0]}: median {statistics.median(times[0]):.2f} ms; B {args.sides[1]}: median "
+          f"{statistics.median(times[1]):.2f} ms; B/A paired by round: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
