@@ -3,8 +3,9 @@ PYTHON ?= python3
 
 .PHONY: demo test lint bench clean
 
+# (run from inside the venv: in the checkout's root, its sparsejit/ would shadow the installed package)
 demo: .venv-demo/.installed
-	.venv-demo/bin/python -m sparsejit.demo
+	cd .venv-demo && bin/python -m sparsejit.demo
 
 test: .venv-test/.installed
 	.venv-test/bin/python -m pytest -q

@@ -9,8 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# (kernels/ sits beside sparsejit/ in the repository and is installed as sparsejit.kernels:
-# run from an installed copy, `pip install -e .` for a checkout.)
+# kernels/ sits beside sparsejit/ in the repository and is installed as sparsejit.kernels:
+# sparsejit runs from an installed copy (`pip install -e .` for a checkout).
+try:
+    from . import kernels as _kernels  # noqa: F401
+except ModuleNotFoundError as _e:
+    raise ImportError(f"sparsejit is imported from {Path(__file__).parent}, a source checkout that is not "
+                      "installed (its kernels/ sits beside the package): `pip install -e .` there, or run from "
+                      "another directory so that the installed sparsejit is found") from _e
+
 from .api import CheckReport, Model, load
 from .graph import UnsupportedModelError
 from .ops import SUPPORTED_OPS
