@@ -13,7 +13,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ..ops import dynamic_quantize_linear, matmul_integer, op, quantize_linear
+from ..ops import dynamic_quantize_linear, dynamic_scale, matmul_integer, op, quantize_linear
 from .compile import compile_ir, host_cpu, load_source
 from .compress import balanced_bounds
 from .int8_ir import LANES, QUANTIZE_SIGNATURE, SIGNATURE, Int8Config, int8_ir, quantize_ir
@@ -138,10 +138,8 @@ class Int8Linear:
     def _quantization(self, xt: np.ndarray) -> tuple[np.float32, int, int]:
         """(scale, zero point, lowest value) of x's quantization."""
         if self.mode == "dynamic":
-            hi = np.float32(max(0.0, float(xt.max()))) if xt.size else np.float32(0)
-            lo = np.float32(min(0.0, float(xt.min()))) if xt.size else np.float32(0)
-            scale = np.float32(1.0 if hi == lo else hi - lo) / np.float32(255)
-            return scale, int(np.rint(np.clip(np.float32(0) - lo / scale, 0, 255))), 0
+            scale, zero = dynamic_scale(xt)
+            return scale, int(zero), 0
         zero = np.asarray(self.x_zero_point)
         return np.float32(self.x_scale), int(zero), -128 if zero.dtype == np.int8 else 0
 

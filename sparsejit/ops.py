@@ -529,12 +529,17 @@ def dequantize_linear(x, x_scale, x_zero_point=None, axis=1, block_size=0, outpu
     return y.astype(helper.tensor_dtype_to_np_dtype(output_dtype) if output_dtype else np.asarray(x_scale).dtype)
 
 
+def dynamic_scale(x) -> tuple[np.float32, np.float32]:
+    """(scale, zero point) of DynamicQuantizeLinear: uint8 over the range [min(x, 0), max(x, 0)]."""
+    hi, lo = np.float32(np.max(x, initial=0)), np.float32(np.min(x, initial=0))  # (the range includes 0)
+    scale = np.float32(1.0 if hi == lo else hi - lo) / np.float32(255)
+    return scale, np.rint(np.clip(np.float32(0) - lo / scale, 0, 255))
+
+
 @op("DynamicQuantizeLinear")
 def dynamic_quantize_linear(x):
     """x to uint8 over the range [min(x, 0), max(x, 0)]: (y, scale, zero point)."""
-    hi, lo = np.float32(np.max(x, initial=0)), np.float32(np.min(x, initial=0))  # (the range includes 0)
-    scale = np.float32(1.0 if hi == lo else hi - lo) / np.float32(255)
-    zero = np.rint(np.clip(np.float32(0) - lo / scale, 0, 255))
+    scale, zero = dynamic_scale(x)
     y = np.clip(np.rint(x / scale) + zero, 0, 255)
     return y.astype(np.uint8), np.array(scale.astype(x.dtype)), np.array(zero.astype(np.uint8))
 
