@@ -117,6 +117,7 @@ class Int8Linear:
         self._quantize_fn = QUANTIZE_SIGNATURE.ctypes()(compile_ir(quantize_ir(), QUANTIZE_SIGNATURE.name))
         self._quantize = load_source(QUANTIZE_DRIVER_SOURCE).run_quantize
         self._bounds: tuple[int, np.ndarray] = (0, np.zeros(1, np.int64))
+        self._static = self._quantization(None) if mode == "static" else None
 
     @property
     def source(self) -> str:
@@ -135,25 +136,28 @@ class Int8Linear:
                                  x_scale=self.x_scale, x_zero_point=self.x_zero_point, bias=self.bias,
                                  activation=self.activation, residual=self.residual)
 
-    def _quantization(self, xt: np.ndarray) -> tuple[np.float32, int, int]:
-        """(scale, zero point, lowest value) of x's quantization."""
+    def _quantization(self, xt: np.ndarray | None) -> tuple[np.float32, int, int, np.ndarray, np.ndarray]:
+        """(scale, zero point, lowest value) of x's quantization, then what the kernel takes
+        from them: the zero point's correction per output (zero point in uint8 terms times
+        the column sums) and the output multipliers. Static: constants, computed at load."""
         if self.mode == "dynamic":
-            scale, zero = dynamic_scale(xt)
-            return scale, int(zero), 0
-        zero = np.asarray(self.x_zero_point)
-        return np.float32(self.x_scale), int(zero), -128 if zero.dtype == np.int8 else 0
+            scale, zp = dynamic_scale(xt)
+            zero, lo = int(zp), 0
+        else:
+            zp = np.asarray(self.x_zero_point)
+            scale, zero, lo = np.float32(self.x_scale), int(zp), -128 if zp.dtype == np.int8 else 0
+        return (scale, zero, lo, ((zero - lo) * self.colsum).astype(np.int32),
+                output_scale(self.mode, scale, self.scale))
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         lead, k, m = x.shape[:-1], self.in_features, self.out_features
         x2 = x.reshape(-1, k)
         ntok = x2.shape[0]
         xt = transposed(x2)
-        scale, zero, lo = self._quantization(xt)
+        scale, zero, lo, corr, mult = self._static or self._quantization(xt)
         xq = np.empty((-(-k // 4), -(-ntok // LANES) * LANES, 4), np.uint8)
         self._quantize(self._quantize_fn, xt, xq, scale, np.float32(zero), np.float32(lo), np.float32(lo + 255),
                        numba.get_num_threads())
-        corr = ((zero - lo) * self.colsum).astype(np.int32)  # (the uint8 zero point)
-        mult = output_scale(self.mode, scale, self.scale)
         yt = feature_major_empty(m, ntok)
         rt = transposed(np.broadcast_to(residual, lead + (m,)).reshape(-1, m)) if self.residual else \
             np.zeros((1, 1), np.float32)
