@@ -1,6 +1,8 @@
 """sparsejit: a JIT compiler for sparse BERT-family ONNX models on the CPU, in Python.
 
     import sparsejit
+    embed = sparsejit.pipeline("sentence-embeddings", "model_folder/")
+    vectors = embed(["text in", "vectors out"])
     model = sparsejit.load("model.onnx")
     outputs = model.run({"input_ids": ids, "attention_mask": mask})
 """
@@ -21,9 +23,20 @@ except ModuleNotFoundError as _e:
 from .api import CheckReport, Model, load
 from .graph import UnsupportedModelError
 from .ops import SUPPORTED_OPS
+from .pipelines import pipeline
+from .session import InferenceSession
 
 __version__ = "0.1.0"
-__all__ = ["SUPPORTED_OPS", "CheckReport", "Model", "UnsupportedModelError", "default_model_path", "load"]
+__all__ = ["SUPPORTED_OPS", "CheckReport", "InferenceSession", "Model", "UnsupportedModelError", "default_model_path",
+           "export", "load", "pipeline"]
+
+
+def export(folder, out, **options):
+    """A Hugging Face model folder → a folder `pipeline` opens (`sparsejit.hf_export.export`;
+    needs the `export` extra: torch, transformers)."""
+    from .hf_export import export as _export
+
+    return _export(folder, out, **options)
 
 
 def default_model_path() -> Path:

@@ -15,7 +15,7 @@ from .choose import KERNEL_CHOICES, Chooser
 from .executor import Executor
 from .fold import fold_constants, quantized_weight
 from .fuse import fuse
-from .graph import Graph, InputSpec, import_onnx
+from .graph import Graph, InputSpec, ModelIO, import_onnx
 from .heap import keep_buffers_mapped
 from .lower import lower
 from .onnx_file import detach, release
@@ -66,8 +66,9 @@ class Model:
     """
 
     def __init__(self, graph: Graph, steps: list[Step], layers: list[LayerPlan], mode: str, num_threads: int,
-                 plan: dict | None = None):
+                 plan: dict | None = None, io: ModelIO | None = None):
         self.graph = graph
+        self.io = io  # the file's declared inputs, outputs and metadata (`InferenceSession` reports them)
         self.layers = layers
         self.mode = mode
         self.num_threads = num_threads
@@ -215,10 +216,10 @@ class Model:
         return f"# layer {found.name}: {found.kind} kernel, {found.reason}\n" + found.impl.source
 
 
-def load(model: str | os.PathLike | onnx.ModelProto, *, num_threads: int | None = None,
+def load(model: str | os.PathLike | bytes | onnx.ModelProto, *, num_threads: int | None = None,
          kernels: str = "auto", mode: str = "compiled", plan: str | os.PathLike | None = None,
          progress: Callable[[int, int, LayerPlan], None] | None = None) -> Model:
-    """Load an ONNX model and compile it for this machine.
+    """Load an ONNX model (a file, its bytes, or a ModelProto) and compile it for this machine.
 
     - `num_threads`: threads for this model's kernels (default: all cores), set around
       each of its runs; BLAS runs single-threaded inside them.
@@ -246,18 +247,20 @@ def load(model: str | os.PathLike | onnx.ModelProto, *, num_threads: int | None 
     threads = resolve_threads(num_threads)
     keep_buffers_mapped()
     with ThreadScope(threads):
-        graph = fold_constants(import_onnx(model), keep=quantized_weight if mode == "compiled" else None)
+        graph = import_onnx(model)
+        io = graph.io
+        graph = fold_constants(graph, keep=quantized_weight if mode == "compiled" else None)
         if mode == "reference":
             graph = Graph(graph.nodes, graph.inputs, graph.outputs, detach(graph.constants), graph.opset, graph.origin)
             steps = [Step(n, bind(n.op_type, n.attrs, graph.opset, len(n.outputs))) for n in graph.nodes]
-            return Model(graph, steps, [], mode, threads)
+            return Model(graph, steps, [], mode, threads, io=io)
         graph = lower(fuse(graph))
         chooser, save = _chooser(graph, threads, kernels, plan)
         steps, layers = plan_steps(graph, chooser, progress, done_with=release)
         save(chooser.decisions)
     planned = Graph([s.node for s in steps], graph.inputs, graph.outputs, detach(graph.constants), graph.opset,
                     graph.origin)
-    return Model(planned, steps, layers, mode, threads, chooser.decisions)
+    return Model(planned, steps, layers, mode, threads, chooser.decisions, io)
 
 
 def _chooser(graph: Graph, threads: int, kernels: str, plan_file) -> tuple[Chooser, Callable[[dict], None]]:

@@ -1,4 +1,4 @@
-"""The `sparsejit` command line: run, bench, inspect, check, kernel, prune.
+"""The `sparsejit` command line: run, bench, inspect, check, kernel, prune, quantize, export.
 
     sparsejit run model.onnx --batch 2 --seq 64
     sparsejit bench model.onnx --vs dense,ort
@@ -6,6 +6,7 @@
     sparsejit check model.onnx
     sparsejit kernel model.onnx 0
     sparsejit prune model.onnx --sparsity 0.9 --block 4 -o model_p90.onnx
+    sparsejit export hf_model_folder -o model_folder
 
 Errors (a missing file, an unsupported op, bad arguments) print one line naming what
 was wrong and exit with status 2; `check` exits 1 on a mismatch.
@@ -296,6 +297,20 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .hf_export import ExportError, export
+
+    start = time.perf_counter()
+    try:
+        path = export(args.folder, args.output, task=args.task, opset=args.opset, verify=not args.no_verify)
+    except (ImportError, ValueError, FileNotFoundError, ExportError) as e:
+        raise CLIError(str(e)) from e
+    checked = "" if args.no_verify else ", loaded by sparsejit and matching PyTorch"
+    print(f"exported {args.folder} to {path} in {time.perf_counter() - start:.1f} s{checked}; "
+          f"open it with sparsejit.pipeline(task, {str(args.output)!r})")
+    return 0
+
+
 # --- argument parsing -----------------------------------------------------------------
 
 
@@ -345,7 +360,12 @@ def _parser() -> argparse.ArgumentParser:
     sp = with_model("kernel", "print the generated source of one layer's kernel")
     sp.add_argument("layer", help="layer index (as `inspect` numbers them), node name, or 'attention'")
     sp.set_defaults(func=cmd_kernel)
+    _file_commands(sub)
+    return p
 
+
+def _file_commands(sub) -> None:
+    """The commands that write a new model: prune, quantize, export."""
     sp = sub.add_parser("prune", help="magnitude-prune MatMul/Gemm weights into a new ONNX file",
                         description="magnitude-prune MatMul/Gemm weights into a new ONNX file")
     sp.add_argument("model", help="ONNX model file")
@@ -365,7 +385,21 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--calibration", help=".npz of inputs by name for static calibration (default: generated)")
     sp.add_argument("-o", "--output", required=True, help="output ONNX file")
     sp.set_defaults(func=cmd_quantize)
-    return p
+
+    from .hf_export import ALIASES, TASKS
+
+    sp = sub.add_parser("export", help="a local Hugging Face model folder to a folder sparsejit.pipeline opens",
+                        description="Export a local Hugging Face model folder (config.json, weights, tokenizer; "
+                                    "a sentence-transformers folder too) to OUT: model.onnx with free batch and "
+                                    "sequence, tokenizer.json, config.json and the sentence-transformers files. "
+                                    "Needs torch and transformers (pip install 'sparsejit[export]').")
+    sp.add_argument("folder", help="Hugging Face model folder")
+    sp.add_argument("-o", "--output", required=True, help="output folder")
+    sp.add_argument("--task", choices=[*TASKS, *ALIASES], default=None,
+                    help="what the ONNX model outputs (default: from config.json's architectures)")
+    sp.add_argument("--opset", type=int, default=14, help="ONNX opset (default: 14)")
+    sp.add_argument("--no-verify", action="store_true", help="skip loading the export and comparing with PyTorch")
+    sp.set_defaults(func=cmd_export)
 
 
 def main(argv: list[str] | None = None) -> int:

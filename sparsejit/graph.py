@@ -49,6 +49,49 @@ class InputSpec:
         return f"{self.name}: {self.dtype}[{dims}]"
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """A graph input or output as the file declares it, in ONNX Runtime's terms: shape
+    with free dimensions as their names (or None), type as "tensor(int64)"."""
+
+    name: str
+    shape: list
+    type: str
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """What an ONNX file declares of itself: inputs, outputs and metadata."""
+
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    producer_name: str = ""
+    graph_name: str = ""
+    domain: str = ""
+    description: str = ""
+    graph_description: str = ""
+    version: int = 0
+    custom_metadata_map: dict = field(default_factory=dict)
+
+
+def _tensor_info(vi: onnx.ValueInfoProto) -> TensorInfo:
+    tt = vi.type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+    elem = helper.tensor_dtype_to_string(tt.elem_type).removeprefix("TensorProto.").lower()
+    return TensorInfo(vi.name, shape, f"tensor({elem})")
+
+
+def model_io(proto: onnx.ModelProto) -> ModelIO:
+    g = proto.graph
+    initializers = {t.name for t in g.initializer}
+    return ModelIO([_tensor_info(v) for v in g.input if v.name not in initializers],
+                   [_tensor_info(v) for v in g.output],
+                   proto.producer_name, g.name, proto.domain, proto.doc_string, g.doc_string,
+                   # as ONNX Runtime reports an unset model_version: the largest int64
+                   proto.model_version if proto.HasField("model_version") else 2**63 - 1,
+                   {p.key: p.value for p in proto.metadata_props})
+
+
 @dataclass
 class Graph:
     nodes: list[Node]
@@ -56,7 +99,8 @@ class Graph:
     outputs: list[str]
     constants: dict[str, np.ndarray]
     opset: int
-    origin: str = "<model>"  # where the model came from: its file, or "<ModelProto>"
+    origin: str = "<model>"  # where the model came from: its file, "<bytes>" or "<ModelProto>"
+    io: ModelIO | None = None  # the file's own inputs, outputs and metadata (set by import_onnx)
 
     def consumers(self) -> dict[str, list[Node]]:
         users: dict[str, list[Node]] = {}
@@ -81,15 +125,23 @@ def _attr_value(a: onnx.AttributeProto):
     return v
 
 
-def load_model_proto(model: str | os.PathLike | onnx.ModelProto, map_weights: bool = False
+def load_model_proto(model: str | os.PathLike | bytes | onnx.ModelProto, map_weights: bool = False
                      ) -> tuple[onnx.ModelProto, str, dict[str, np.ndarray]]:
-    """Read an ONNX file (external data included) or take a ModelProto as is.
+    """Read an ONNX file (external data included), parse serialized bytes, or take a ModelProto as is.
 
     With map_weights, large inline initializers are not parsed but memory-mapped from
     the file and returned apart: (model without them, where, {name: mapped array}).
     """
     if isinstance(model, onnx.ModelProto):
         return model, "<ModelProto>", {}
+    if isinstance(model, (bytes, bytearray, memoryview)):
+        try:
+            proto = onnx.load_from_string(bytes(model))
+        except Exception as e:
+            raise ValueError(f"the {len(model)} bytes given are not a readable ONNX model: {e}") from e
+        if not proto.graph.node and not proto.graph.output:
+            raise ValueError(f"the {len(model)} bytes given are not a readable ONNX model: they hold no graph")
+        return proto, "<bytes>", {}
     path = Path(model)
     if not path.exists():
         raise FileNotFoundError(f"ONNX model file not found: {path}")
@@ -112,8 +164,8 @@ def load_model_proto(model: str | os.PathLike | onnx.ModelProto, map_weights: bo
     return model, str(path), mapped
 
 
-def import_onnx(model: str | os.PathLike | onnx.ModelProto) -> Graph:
-    """ONNX file or ModelProto → `Graph`, refusing what sparsejit cannot run."""
+def import_onnx(model: str | os.PathLike | bytes | onnx.ModelProto) -> Graph:
+    """ONNX file, bytes or ModelProto → `Graph`, refusing what sparsejit cannot run."""
     proto, where, mapped = load_model_proto(model, map_weights=True)
     if not 3 <= proto.ir_version <= onnx.IR_VERSION:
         raise UnsupportedModelError(f"{where}: IR version {proto.ir_version} is not one this onnx ({onnx.__version__}) "
@@ -149,6 +201,7 @@ def import_onnx(model: str | os.PathLike | onnx.ModelProto) -> Graph:
     graph = compute_in_float32(graph, {o.name: o.type.tensor_type.elem_type for o in g.output})
     _check_wiring(graph)
     _check_layernorm_scales(graph, shapes)
+    graph.io = model_io(proto)
     return graph
 
 
