@@ -82,10 +82,9 @@ def ort_model(cls, folder: str | os.PathLike, *, file_name: str | None = None, n
 
 def sentence_transformer(folder: str | os.PathLike, *, file_name: str | None = None,
                          num_threads: int | None = None, **kwargs):
-    """A `SentenceTransformer` on a sentence-transformers folder holding an ONNX export
-    (its backend="onnx"), running on sparsejit. `kwargs` go to SentenceTransformer
-    (`model_kwargs` merged with the file to load); load options to sparsejit are
-    `num_threads` and, in `model_kwargs`, none: pass them through `sparsejit_options`."""
+    """A `SentenceTransformer` (backend="onnx") on a sentence-transformers folder holding
+    an ONNX export, running on sparsejit. `kwargs` go to SentenceTransformer, except
+    `sparsejit_options`: a dict of options for `sparsejit.load` (`kernels`, `plan`)."""
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as e:
