@@ -81,11 +81,21 @@ def _engine(name: str, folder: Path, threads: int):
                                                   "session_options": so})
         return lambda texts: model.encode(texts, batch_size=32, normalize_embeddings=True)
     if name == "deepsparse":
+        import shutil
+        import tempfile
+
         from deepsparse import Pipeline
 
+        # DeepSparse rewrites the ONNX file's input shapes in place: it gets a copy.
+        copy = Path(tempfile.mkdtemp()) / folder.name
+        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("hf"))
+        folder = copy
+        # Its best set-up: one engine per length bucket (it pads to a fixed length), the whole
+        # graph (no truncation to a layer); its mean leaves out [CLS] as well as padding.
         pipe = Pipeline.create(task="transformers_embedding_extraction", model_path=str(folder),
-                               extraction_strategy="reduce_mean", sequence_length=256, batch_size=32,
-                               num_cores=threads, return_numpy=True)
+                               emb_extraction_layer=None, extraction_strategy="reduce_mean",
+                               sequence_length=[32, 64, 128, 256], batch_size=32, num_cores=threads,
+                               return_numpy=True)
 
         def run(texts):
             out = []

@@ -11,8 +11,9 @@ weights: 24 fmas for 10 loads, where the sparse kernel has one load per fma. A p
 packed weights (rows × in floats) stay in L1 across the token tiles. `dense_panels`
 computes panels [panel0, panel1).
 
-Loads and stores are masked at the last token tile, and rows past the layer's width
-are not stored, so any shape works. The text is a pure function of `DenseConfig`.
+Loads and stores are masked at the last, partial token tile only (the full tiles before
+it load and store whole vectors), and rows past the layer's width are not stored, so
+any shape works. The text is a pure function of `DenseConfig`.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def _panel(e: Builder, cfg: DenseConfig, p: str) -> None:
         jc = e(f"select i1 {e(f'icmp slt i64 {j}, %m')}, i64 {j}, i64 {e('add i64 %m, -1')}")
         biases.append(e.splat(e(f"load float, ptr {e.gep('%bias', jc)}, align 4")))
 
-    def tile(t):
-        masks = e.lane_masks(t, V, "%ntok")
+    def tile(t, masked: bool):
+        masks = e.lane_masks(t, V, "%ntok") if masked else [None] * V
 
         def step(kk, accs):
             xs = e.row_vectors("%xt", "%ldx", kk, t, masks)
@@ -78,7 +79,15 @@ def _panel(e: Builder, cfg: DenseConfig, p: str) -> None:
             e.br(skip)
             e.label(skip)
 
-    e.tiles("0", "%ntok", cfg.lanes * V, tile)
+    # Full tiles load and store whole vectors; only the last, partial tile is masked (with
+    # AVX2 a masked load is a vmaskmovps and its mask a vector rebuilt every step).
+    rest, _ = e.loop("0", "%ntok", cfg.lanes * V, [], lambda t, _c: tile(t, False) or [])
+    last, done = e.fresh("last"), e.fresh("done")
+    e.cond_br(e(f"icmp slt i64 {rest}, %ntok"), last, done)
+    e.label(last)
+    tile(rest, True)
+    e.br(done)
+    e.label(done)
 
 
 def dense_ir(cfg: DenseConfig) -> str:

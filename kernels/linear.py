@@ -166,6 +166,9 @@ class _FeatureMajorLinear:
 _NO_RESIDUAL = np.zeros((1, 1), np.float32)  # what the kernels get for rt when there is none
 
 
+DENSE_TOKEN_TILE = 48  # tokens per driver step over 128 tokens, rounded up to the register tile (AVX-512: 64)
+
+
 class DenseLinear(_FeatureMajorLinear):
     """Every weight multiplied: the register-blocked IR GEMM (dense_ir.py), feature-major
     in and out like SparseLinear, with the same epilogues."""
@@ -186,6 +189,8 @@ class DenseLinear(_FeatureMajorLinear):
         self.activation, self.residual = activation, residual
         self._fn = DENSE_SIGNATURE.ctypes()(compile_ir(dense_ir(self.config), DENSE_SIGNATURE.name))
         self._driver = load_source(DENSE_DRIVER_SOURCE).run_panels
+        width = self.config.lanes * self.config.vectors
+        self.token_tile = -(-DENSE_TOKEN_TILE // width) * width
 
     def dense_weight(self) -> np.ndarray:
         """W [in, out] as the kernel holds it, unpacked."""
@@ -198,10 +203,11 @@ class DenseLinear(_FeatureMajorLinear):
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         parts = max(1, min(numba.get_num_threads(), self.weight.shape[0]))
-        # Over 128 tokens, 64 at a time: every panel re-reads xᵀ, and 64 tokens of it stay
-        # in L2 where 1024 do not.
+        # Over 128 tokens, a few register tiles at a time (64 tokens with AVX-512, 2 × 24 with
+        # AVX2): every panel re-reads xᵀ, and that many tokens of it stay in L2 where 1024 do
+        # not; whole tiles, so that only the last one is masked.
         ntok = xt.shape[1]
-        self._driver(self._fn, xt, self.weight, self.bias, yt, rt, parts, ntok if ntok <= 128 else 64)
+        self._driver(self._fn, xt, self.weight, self.bias, yt, rt, parts, ntok if ntok <= 128 else self.token_tile)
 
 
 class SparseLinear(_FeatureMajorLinear):
