@@ -17,10 +17,12 @@ lint: .venv-test/.installed
 bench: .venv-test/.installed bench/.venv-deepsparse/bin/python
 	.venv-test/bin/python bench/make_models.py
 	.venv-test/bin/python bench/run.py --runs 30 --rounds 10
+	.venv-test/bin/python bench/embed_throughput.py
 
 bench/.venv-deepsparse/bin/python:
 	python3.11 -m venv bench/.venv-deepsparse
-	bench/.venv-deepsparse/bin/pip install -q deepsparse==1.8.0
+	# [transformers]: its text pipelines (bench/embed_throughput.py); pyarrow < 15: the last built for numpy 1
+	bench/.venv-deepsparse/bin/pip install -q 'deepsparse[transformers]==1.8.0' 'pyarrow<15'
 
 .venv-demo/.installed: pyproject.toml
 	$(PYTHON) -m venv .venv-demo

@@ -6,7 +6,7 @@ pipeline, on all-MiniLM-L6-v2 dense and pruned to 90%, the same threads for ever
     python bench/embed_throughput.py --sentences 2000 --rounds 2 --engines sparsejit,st-onnx
 
 The corpus is generated (no text set ships offline with realistic sentences): word counts
-drawn from a log-normal with median 13 words and a long tail (about 3% above 60 words,
+drawn from a log-normal with median about 12 words and a long tail (about 3% above 60 words,
 the longest truncated at the model's 256 tokens), from a vocabulary of common English
 words, so that batching by length matters as it does on real text.
 
@@ -178,10 +178,17 @@ class Worker:
 
 
 def cpu_name() -> str:
+    """The CPU's name, LLVM's name for it and the vector features that decide the kernels."""
+    name, flags = platform.processor(), set()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+            name = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+    import llvmlite.binding as llvm
+
+    vector = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
+    return f"{name} ({llvm.get_host_cpu_name()}: {', '.join(vector) or 'no AVX2'})"
 
 
 def measure(model_name: str, folder: Path, engines: list[str], args, texts_file: Path, n: int) -> list[dict]:
@@ -251,7 +258,7 @@ def main() -> None:
             f"{meta['words_p95']:.0f}), batch 32, {args.threads} threads, {args.rounds} rounds; {meta['cpu']}, "
             f"{meta['date']}.")
     lines = [head, "",
-             "| model | engine | sentences/s | sparsejit speedup (paired) | min cosine vs sparsejit |",
+             "| model | engine | sentences/s | sparsejit speedup (their time / sparsejit's, paired by round) | min cosine vs sparsejit |",
              "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['engine']} | {r['sentences_per_s']:.0f} | {r['sparsejit_speedup']:.2f}x | "
