@@ -278,8 +278,7 @@ class SentenceEmbeddings(Pipeline):
         st_pooling = mf.read_json("1_Pooling", "config.json")
         modules = mf.read_json("modules.json") or []
         if pooling is None:
-            pooling = [m for m in POOLINGS if (st_pooling or {}).get(f"pooling_mode_{m}_tokens")
-                       or (m == "cls" and (st_pooling or {}).get("pooling_mode_cls_token"))] or ["mean"]
+            pooling = self._folder_pooling(st_pooling or {})
         self.pooling = [pooling] if isinstance(pooling, str) else list(pooling)
         bad = [p for p in self.pooling if p not in POOLINGS]
         if bad:
@@ -291,6 +290,16 @@ class SentenceEmbeddings(Pipeline):
         # A graph with the pooling in it gives [batch, dim] already.
         shape = next((o.shape for o in (model.io.outputs if model.io else []) if o.name == self.out), None)
         self.pooled_in_graph = shape is not None and len(shape) == 2
+
+    def _folder_pooling(self, config: dict) -> list[str]:
+        """The modes 1_Pooling/config.json turns on (none: mean); one sparsejit lacks is refused."""
+        on = {k.removeprefix("pooling_mode_").removesuffix("_tokens").removesuffix("_token")
+              for k, v in config.items() if k.startswith("pooling_mode_") and v}
+        missing = on - set(POOLINGS)
+        if missing:
+            raise PipelineError(f"{self.folder.folder / '1_Pooling' / 'config.json'}: pooling {sorted(missing)} is "
+                                f"not one sparsejit has ({', '.join(POOLINGS)}); pass pooling= to choose one")
+        return [m for m in POOLINGS if m in on] or ["mean"]
 
     def __call__(self, inputs: str | Sequence[str]) -> np.ndarray:
         texts, single = _as_list(inputs, self.task)

@@ -208,6 +208,14 @@ def test_a_folder_without_what_the_task_needs_is_named(folders, tmp_path):
     with pytest.raises(ValueError, match="unknown task 'summarize'"):
         sparsejit.pipeline("summarize", out)
     _, emb = folders["minilm"]
+    weighted = tmp_path / "weighted"
+    (weighted / "1_Pooling").mkdir(parents=True)
+    for name in ("model.onnx", "tokenizer.json", "modules.json"):
+        (weighted / name).symlink_to(emb / name)
+    (weighted / "1_Pooling" / "config.json").write_text('{"pooling_mode_weightedmean_tokens": true}')
+    with pytest.raises(PipelineError, match=r"pooling \['weightedmean'\] is not one sparsejit has"):
+        sparsejit.pipeline("sentence-embeddings", weighted)
+    assert sparsejit.pipeline("sentence-embeddings", weighted, pooling="mean").pooling == ["mean"]
     with pytest.raises(PipelineError, match=r"no output for text-classification .*last_hidden_state"):
         sparsejit.pipeline("text-classification", emb)
     with pytest.raises(PipelineError, match="needs outputs start_logits and end_logits"):
