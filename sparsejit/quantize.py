@@ -55,3 +55,29 @@ def quantize_model(source: str | os.PathLike, output: str | os.PathLike, mode: s
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
                         extra_options={"WeightSymmetric": True})
     return output
+
+
+_u8s8_exact: bool | None = None
+
+
+def ort_u8s8_exact() -> bool:
+    """Whether ONNX Runtime's MatMulInteger (uint8 × int8) gives exact int32 sums on this CPU.
+    Without VNNI (AVX2 only) its kernels add pairs of products in int16 with saturation
+    (`vpmaddubsw`), so its int8 results are not what the graph says. Needs onnxruntime."""
+    global _u8s8_exact
+    if _u8s8_exact is None:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        rng = np.random.default_rng(0)
+        w = rng.integers(-127, 128, (64, 32)).astype(np.int8)
+        x = rng.integers(0, 256, (8, 64)).astype(np.uint8)
+        graph = helper.make_graph([helper.make_node("MatMulInteger", ["x", "w"], ["y"])], "probe",
+                                  [helper.make_tensor_value_info("x", TensorProto.UINT8, [None, 64])],
+                                  [helper.make_tensor_value_info("y", TensorProto.INT32, [None, 32])],
+                                  [numpy_helper.from_array(w, "w")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        y = sess.run(None, {"x": x})[0]
+        _u8s8_exact = bool(np.array_equal(y, x.astype(np.int32) @ w.astype(np.int32)))
+    return _u8s8_exact

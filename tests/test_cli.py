@@ -81,6 +81,31 @@ def test_check_fails_on_a_mismatch(monkeypatch, capsys):
     assert status == 1 and out.strip().endswith("MISMATCH") and " NO" in out
 
 
+def test_check_says_when_the_whole_model_was_not_compared(monkeypatch, capsys):
+    """Without ONNX Runtime only the kernels are checked: said first, and no bare OK."""
+    from sparsejit import cli as cli_module
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    status = cli_module.main(["check", str(MODEL)])
+    out = capsys.readouterr().out
+    assert status == 0 and out.startswith("NOTE: ONNX Runtime is not installed")
+    assert out.strip().endswith("the whole model was NOT checked (see the note above)")
+
+
+def test_check_on_an_int8_model_uses_an_exact_oracle():
+    """An int8 model is compared with ONNX Runtime where its uint8 x int8 products are exact,
+    and with the reference ops where they are not (a CPU without VNNI)."""
+    from sparsejit.quantize import ort_u8s8_exact
+
+    p = cli("check", MODELS_DIR / "int8" / "bert_block4_p90_int8_dynamic.onnx")
+    assert p.stdout.strip().endswith("OK")
+    if ort_u8s8_exact():
+        assert "against ONNX Runtime" in p.stdout and "NOTE" not in p.stdout
+    else:
+        assert p.stdout.startswith("NOTE: ONNX Runtime's uint8 x int8 products are not exact on this CPU")
+        assert "whole model against the graph on sparsejit's reference ops" in p.stdout
+
+
 def test_kernel_source_by_index_and_name():
     p = cli("kernel", MODEL, "0")
     assert "define void @sparse_rows" in p.stdout or "dense" in p.stdout

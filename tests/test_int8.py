@@ -15,12 +15,11 @@ One exception: on a CPU without VNNI (AVX2 only), ONNX Runtime's uint8 × int8 k
 add pairs of products in int16 with saturation (`vpmaddubsw`), so its MatMulInteger and
 QLinearMatMul are not what the graph says (`ort_u8s8_exact` probes it). There the
 oracle is the graph run on sparsejit's numpy reference ops (int32 sums, as ONNX defines
-them; themselves checked by the ONNX backend node tests).
+them; themselves checked by the ONNX backend node tests), as `sparsejit check` does.
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import pytest
 from conftest import make_inputs
 
 import sparsejit
+from sparsejit.quantize import ort_u8s8_exact
 
 INT8 = Path(__file__).parent / "models" / "int8"
 FORMS = {"dynamic": True, "qdq": True, "sparseml": True, "qoperator": False}  # form → Linear layers on int8
@@ -40,24 +40,6 @@ def _ort(path: Path, feeds: dict, optimized: bool) -> list[np.ndarray]:
     if not optimized:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feeds)
-
-
-@functools.cache
-def ort_u8s8_exact() -> bool:
-    """Whether ONNX Runtime's MatMulInteger (uint8 × int8) gives the exact int32 sums on this CPU."""
-    ort = pytest.importorskip("onnxruntime")
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    w = rng.integers(-127, 128, (64, 32)).astype(np.int8)
-    x = rng.integers(0, 256, (8, 64)).astype(np.uint8)
-    graph = helper.make_graph([helper.make_node("MatMulInteger", ["x", "w"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.UINT8, [None, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.INT32, [None, 32])],
-                              [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    return bool(np.array_equal(y, x.astype(np.int32) @ w.astype(np.int32)))
 
 
 def _oracle(path: Path, feeds: dict) -> list[np.ndarray]:
