@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -333,6 +334,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import ServeConfig, serve
+
+    if not Path(args.model).exists():
+        raise CLIError(f"model not found: {args.model}")
+    try:
+        config = ServeConfig(args.model, args.task, args.name or "", args.max_batch, args.max_wait_ms,
+                             args.max_items, args.max_tokens, args.max_queue, args.threads, args.api_key_env)
+        if config.api_key_env and not os.environ.get(config.api_key_env):
+            raise ValueError(f"--api-key-env {config.api_key_env}: that environment variable is not set")
+        serve(config, args.host, args.port, args.workers)
+    except (ImportError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    return 0
+
+
 # --- argument parsing -----------------------------------------------------------------
 
 
@@ -383,7 +400,33 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("layer", help="layer index (as `inspect` numbers them), node name, or 'attention'")
     sp.set_defaults(func=cmd_kernel)
     _file_commands(sub)
+    _serve_command(sub)
     return p
+
+
+def _serve_command(sub) -> None:
+    from .pipelines import TASKS
+
+    sp = sub.add_parser("serve", help="serve a model folder over HTTP, with dynamic batching",
+                        description="Serve a model folder (as sparsejit.pipeline opens it) over HTTP: "
+                                    "/v1/embeddings (OpenAI), /predict, /v2/models/NAME/infer (KServe v2), "
+                                    "/health, /ready, /metrics, /docs. Needs pip install 'sparsejit[serve]'.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sp.add_argument("model", help="model folder")
+    sp.add_argument("--task", choices=list(TASKS), required=True)
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told otherwise)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--name", default=None, help="the model's name in responses (default: the folder's)")
+    sp.add_argument("--max-batch", type=int, default=32, help="items per model call")
+    sp.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    sp.add_argument("--max-items", type=int, default=256, help="items per request")
+    sp.add_argument("--max-tokens", type=int, default=65536, help="tokens per request")
+    sp.add_argument("--max-queue", type=int, default=1024, help="items waiting before requests get 503")
+    sp.add_argument("--workers", type=int, default=1, help="server processes, each with the model loaded")
+    sp.add_argument("--threads", type=int, default=None, help="kernel threads per process (default: all cores)")
+    sp.add_argument("--api-key-env", default=None,
+                    help="environment variable holding an API key every route but /health then requires")
+    sp.set_defaults(func=cmd_serve)
 
 
 def _file_commands(sub) -> None:

@@ -43,11 +43,11 @@ def small_bert(task: str, out: Path, seed: int = 0, labels: list[str] | None = N
     config = tf.BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=128, max_position_embeddings=512, initializer_range=0.2,
                            id2label=dict(enumerate(labels)), label2id={v: i for i, v in enumerate(labels)})
-    cls = {"text-classification": tf.BertForSequenceClassification,
+    cls = {"feature-extraction": tf.BertModel, "text-classification": tf.BertForSequenceClassification,
            "token-classification": tf.BertForTokenClassification,
            "question-answering": tf.BertForQuestionAnswering}[task]
     model = cls(config).eval()
-    _prune(model.bert.encoder, 0.9)
+    _prune(model.encoder if task == "feature-extraction" else model.bert.encoder, 0.9)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     for name in TOKENIZER_FILES:
