@@ -206,11 +206,20 @@ class Pipeline:
         return {name: every[name] for name in self.model.input_names}
 
     def batches(self, encodings: Sequence) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        """(indices into encodings, feeds) in batches of similar length, longest first."""
-        order = np.argsort([-len(e.ids) for e in encodings], kind="stable")
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+        """(indices into encodings, feeds) in batches of similar length, longest first: at
+        most batch_size each, and a new batch where a text is less than half the batch's
+        longest (less 16 tokens), so that no text is padded to much more than twice its
+        length (a server's batch of random texts would otherwise be padded to its longest)."""
+        lengths = [len(e.ids) for e in encodings]
+        order = np.argsort([-n for n in lengths], kind="stable")
+        start = 0
+        while start < len(order):
+            longest, end = lengths[order[start]], start + 1
+            while end < len(order) and end - start < self.batch_size and longest <= 2 * lengths[order[end]] + 16:
+                end += 1
+            idx = order[start:end]
             yield idx, self.feeds([encodings[i] for i in idx])
+            start = end
 
     def output(self, names: Sequence[str], rank: int) -> str:
         """The first model output named in `names`, else the first of rank `rank`."""

@@ -123,8 +123,10 @@ class Batcher:
             self.waiting -= len(items)
             self.metrics.queue_depth.set(self.waiting)
             self.metrics.batch_size.observe(len(items))
+            start = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self.executor, self.run, items)
+                self.metrics.batch_seconds.observe(time.perf_counter() - start)
             except Exception as e:  # noqa: BLE001 (a failing batch fails its own requests, and the loop goes on)
                 for r in batch:
                     if not r.future.done():
@@ -150,6 +152,7 @@ class Metrics:
                                  registry=self.registry)
         self.batch_size = Histogram("sparsejit_batch_items", "items per model call",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.batch_seconds = Histogram("sparsejit_batch_seconds", "seconds per model call", registry=self.registry)
         self.queue_depth = Gauge("sparsejit_queue_items", "items waiting for a batch", registry=self.registry)
 
     def text(self) -> bytes:
