@@ -13,7 +13,7 @@ test: .venv-test/.installed
 lint: .venv-test/.installed
 	.venv-test/bin/ruff check .
 
-# Not part of CI: ~40 minutes, and the DeepSparse venv (see bench/README.md).
+# Not part of CI: ~90 minutes, and the DeepSparse venv (see bench/README.md).
 bench: .venv-test/.installed bench/.venv-deepsparse/bin/python
 	.venv-test/bin/python bench/make_models.py
 	.venv-test/bin/python bench/run.py --runs 30 --rounds 10
@@ -22,8 +22,8 @@ bench: .venv-test/.installed bench/.venv-deepsparse/bin/python
 
 bench/.venv-deepsparse/bin/python:
 	python3.11 -m venv bench/.venv-deepsparse
-	# [transformers]: its text pipelines (bench/embed_throughput.py); pyarrow < 15: the last built for numpy 1
-	bench/.venv-deepsparse/bin/pip install -q 'deepsparse[transformers]==1.8.0' 'pyarrow<15'
+	# [server,transformers]: its text pipelines and server (embed_throughput.py, serve_load.py); pyarrow < 15: the last built for numpy 1
+	bench/.venv-deepsparse/bin/pip install -q 'deepsparse[server,transformers]==1.8.0' 'pyarrow<15'
 
 .venv-demo/.installed: pyproject.toml
 	$(PYTHON) -m venv .venv-demo
