@@ -215,3 +215,26 @@ def test_health_answers_during_a_long_batch_and_sigterm_finishes_in_flight(folde
         # uvicorn shuts down gracefully, then re-raises SIGTERM as its exit status
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
         assert "Application shutdown complete" in proc.stdout.read()
+
+
+def test_a_failing_batch_fails_only_its_own_requests():
+    """The batcher alone: a model call that raises answers 500 to the requests in that batch;
+    the next batch runs."""
+    import asyncio
+
+    from sparsejit.serve import Batcher, HTTPError, Metrics
+
+    def run(items):
+        if "boom" in items:
+            raise RuntimeError("kernel exploded")
+        return [x.upper() for x in items]
+
+    async def main():
+        batcher = Batcher(run, max_batch=4, max_wait_ms=50, max_queue=100, metrics=Metrics())
+        batcher.start()
+        together = await asyncio.gather(batcher.submit(["a"]), batcher.submit(["boom"]), return_exceptions=True)
+        return together, await batcher.submit(["c", "d"])
+
+    together, after = asyncio.run(main())
+    assert all(isinstance(r, HTTPError) and r.status == 500 and "kernel exploded" in r.message for r in together)
+    assert after == ["C", "D"]
