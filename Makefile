@@ -19,6 +19,7 @@ bench: .venv-test/.installed bench/.venv-deepsparse/bin/python
 	.venv-test/bin/python bench/run.py --runs 30 --rounds 10
 	.venv-test/bin/python bench/embed_throughput.py
 	.venv-test/bin/python bench/serve_load.py
+	.venv-test/bin/python bench/ray_scaling.py
 
 bench/.venv-deepsparse/bin/python:
 	python3.11 -m venv bench/.venv-deepsparse
