@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .api import Model, load
+from .graph import ModelIO
 
 PROVIDER = "SparsejitExecutionProvider"
 
@@ -28,17 +29,6 @@ class NodeArg:
     name: str
     shape: list
     type: str
-
-
-@dataclass(frozen=True)
-class ModelMetadata:
-    producer_name: str = ""
-    graph_name: str = ""
-    domain: str = ""
-    description: str = ""
-    graph_description: str = ""
-    version: int = 0
-    custom_metadata_map: dict = field(default_factory=dict)
 
 
 def _threads(sess_options) -> int | None:
@@ -83,8 +73,6 @@ class InferenceSession:
         io = self.model.io
         self._inputs = [NodeArg(i.name, list(i.shape), i.type) for i in io.inputs]
         self._outputs = [NodeArg(o.name, list(o.shape), o.type) for o in io.outputs]
-        self._meta = ModelMetadata(io.producer_name, io.graph_name, io.domain, io.description,
-                                   io.graph_description, io.version, dict(io.custom_metadata_map))
 
     def __repr__(self) -> str:
         return f"<sparsejit.InferenceSession {self._model_path or '<bytes>'}, {self.model.num_threads} threads>"
@@ -105,8 +93,10 @@ class InferenceSession:
     def get_overridable_initializers(self) -> list[NodeArg]:
         return []  # initializers are compiled into the kernels: none can be fed
 
-    def get_modelmeta(self) -> ModelMetadata:
-        return self._meta
+    def get_modelmeta(self) -> ModelIO:
+        """producer_name, graph_name, domain, description, graph_description, version and
+        custom_metadata_map, as ONNX Runtime's ModelMetadata has them."""
+        return self.model.io
 
     def get_providers(self) -> list[str]:
         return [PROVIDER]
