@@ -27,6 +27,7 @@ import numpy as np
 
 from .api import Model, load
 
+PAIR_TASKS = ("text-classification", "sentiment-analysis")  # tasks whose inputs may be (text, text_pair)
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
@@ -236,7 +237,9 @@ class Pipeline:
 
 
 def _as_list(inputs, task: str) -> tuple[list, bool]:
-    if isinstance(inputs, (str, tuple)):
+    """(items, whether one input was given). A tuple is one (text, text_pair) input only
+    where pairs are taken (text classification); elsewhere it is a sequence of texts."""
+    if isinstance(inputs, str) or (isinstance(inputs, tuple) and task in PAIR_TASKS):
         return [inputs], True
     if isinstance(inputs, (Sequence, np.ndarray)):
         return list(inputs), False

@@ -56,6 +56,7 @@ def test_embeddings_equal_sentence_transformers(folders):
     assert got.shape == want.shape == (len(TEXTS), 384)
     assert cosines(got, want).min() >= 0.99999
     np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_allclose(embed(tuple(TEXTS[:3])), got[:3], atol=1e-5)  # a tuple is texts, not a pair here
     one = embed(TEXTS[7])  # one string: one vector, as sentence-transformers' encode
     assert one.shape == (384,)
     np.testing.assert_allclose(one, got[7], atol=1e-5)
