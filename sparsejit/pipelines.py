@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .api import Model, load
+from .ops import softmax  # (ONNX Softmax's reference: over the last axis)
 
 PAIR_TASKS = ("text-classification", "sentiment-analysis")  # tasks whose inputs may be (text, text_pair)
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -244,11 +245,6 @@ def _as_list(inputs, task: str) -> tuple[list, bool]:
     if isinstance(inputs, (Sequence, np.ndarray)):
         return list(inputs), False
     raise TypeError(f"{task} takes a string or a list of strings, got {type(inputs).__name__}")
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -532,10 +528,7 @@ class QuestionAnswering(Pipeline):
             desired |= ids == self.cls_id
         start = np.where(desired, start, -10000.0)
         end = np.where(desired, end, -10000.0)
-        start = np.exp(start - start.max())
-        start = start / start.sum()
-        end = np.exp(end - end.max())
-        end = end / end.sum()
+        start, end = softmax(start), softmax(end)
         start[0] = end[0] = 0.0
         candidates = np.tril(np.triu(np.outer(start, end)), self.max_answer_len - 1)
         flat = candidates.ravel()
