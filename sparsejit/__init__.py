@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 from pathlib import Path
 
 # kernels/ sits beside sparsejit/ in the repository and is installed as sparsejit.kernels:
@@ -26,7 +28,10 @@ from .ops import SUPPORTED_OPS
 from .pipelines import pipeline
 from .session import InferenceSession
 
-__version__ = "0.1.0"
+try:  # one place for the version: pyproject.toml, read back from the installed metadata
+    __version__ = _version("sparsejit")
+except PackageNotFoundError:  # pragma: no cover - imported from a copy pip did not install
+    __version__ = "0+unknown"
 __all__ = ["SUPPORTED_OPS", "CheckReport", "InferenceSession", "Model", "UnsupportedModelError", "default_model_path",
            "export", "load", "pipeline"]
 
