@@ -76,6 +76,16 @@ class Model:
         self._threads = ThreadScope(num_threads)
         self._executor = Executor(graph, steps)
 
+    def __repr__(self) -> str:
+        inputs = ", ".join(s.describe() for s in self.graph.inputs)
+        kinds: dict[str, int] = {}
+        for lp in self.layers:
+            kinds[lp.kind] = kinds.get(lp.kind, 0) + 1
+        layers = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none compiled"
+        return (f"<sparsejit.Model {self.graph.origin} ({self.mode}): inputs {inputs}; outputs "
+                f"{', '.join(self.output_names)}; {len(self.layers)} linear layers ({layers}); "
+                f"{self.num_threads} threads>")
+
     @property
     def inputs(self) -> list[InputSpec]:
         return list(self.graph.inputs)
@@ -218,7 +228,7 @@ class Model:
 
 def load(model: str | os.PathLike | bytes | onnx.ModelProto, *, num_threads: int | None = None,
          kernels: str = "auto", mode: str = "compiled", plan: str | os.PathLike | None = None,
-         progress: Callable[[int, int, LayerPlan], None] | None = None) -> Model:
+         progress: Callable[[int, int, LayerPlan], None] | bool | None = None) -> Model:
     """Load an ONNX model (a file, its bytes, or a ModelProto) and compile it for this machine.
 
     - `num_threads`: threads for this model's kernels (default: all cores), set around
@@ -229,7 +239,9 @@ def load(model: str | os.PathLike | bytes | onnx.ModelProto, *, num_threads: int
     - `plan`: a JSON file of kernel decisions: used when it exists, written when it does
       not. Without it the plan is kept in the kernel cache, so that the same model on
       the same machine and threads gets the same plan at every load.
-    - `progress(done, total, layer)`: called as each Linear layer gets its kernel.
+    - `progress`: True for a progress display on stderr (a rich bar with the time left
+      where rich is installed, plain lines otherwise), or a callable `progress(done,
+      total, layer)` called as each Linear layer gets its kernel.
 
     The loaded model holds its own copy of everything it reads from the file (the file
     may change or go). Loading changes two process-wide settings, once: Numba's threading
@@ -240,6 +252,14 @@ def load(model: str | os.PathLike | bytes | onnx.ModelProto, *, num_threads: int
     >>> m.input_names
     ['input_ids', 'attention_mask', 'token_type_ids']
     """
+    if progress is True:
+        from .console import Steps
+
+        name = Path(model).name if isinstance(model, (str, os.PathLike)) else "the model"
+        with Steps(enabled=True) as steps:
+            steps.start(f"reading and fusing {name}")
+            return load(model, num_threads=num_threads, kernels=kernels, mode=mode, plan=plan,
+                        progress=steps.layer_callback())
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if kernels not in KERNEL_CHOICES:
