@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from sparsejit.benchmark import cpu_name
 
 HERE = Path(__file__).resolve().parent
 MODELS_DIR = HERE / "models" / "text"
@@ -175,20 +176,6 @@ class Worker:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
-
-
-def cpu_name() -> str:
-    """The CPU's name, LLVM's name for it and the vector features that decide the kernels."""
-    name, flags = platform.processor(), set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    import llvmlite.binding as llvm
-
-    vector = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
-    return f"{name} ({llvm.get_host_cpu_name()}: {', '.join(vector) or 'no AVX2'})"
 
 
 def measure(model_name: str, folder: Path, engines: list[str], args, texts_file: Path, n: int) -> list[dict]:

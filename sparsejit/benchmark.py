@@ -33,6 +33,25 @@ ENGINES = ("sparsejit", "dense", "ort", "deepsparse")  # dense: sparsejit with k
 DEFAULT_DEEPSPARSE_PYTHON = os.environ.get("SPARSEJIT_DEEPSPARSE_PYTHON", "")
 
 
+def cpu_name() -> str:
+    """The CPU's name, LLVM's name for it and the vector features that decide the kernels,
+    for every result that reports a time."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    import llvmlite.binding as llvm
+
+    vector = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags]
+    return f"{name} ({llvm.get_host_cpu_name()}: {', '.join(vector) or 'no AVX2'})"
+
+
 def make_inputs(input_specs: list[tuple[str, str]], batch: int, seq: int, seed: int = 0) -> list:
     """Token ids (below 100, valid in any vocabulary) with a full attention mask, for
     every (name, numpy dtype) input."""
@@ -163,7 +182,8 @@ SETTLE_S = 0.3
 
 
 def measure_interleaved(engines: list[str], path: str, batch: int = 1, seq: int = 128, runs: int = 20,
-                        threads: int = 2, python: str | None = None, rounds: int = 5) -> list[dict]:
+                        threads: int = 2, python: str | None = None, rounds: int = 5,
+                        progress=None) -> list[dict]:
     """Time several engines on one model in alternation: each loads once in a process of
     its own (one after another, so loads do not compete), then `rounds` rounds each
     time runs/rounds calls of every engine, in a rotating order.
@@ -172,11 +192,14 @@ def measure_interleaved(engines: list[str], path: str, batch: int = 1, seq: int 
     a slow spell lands on one engine and the ratio says so. Interleaved, every engine
     shares the spells.
     Returns one summary dict per engine (or one with "error"), in `engines` order.
+    `progress(stage, done, total)`, when given, hears of each engine loaded and each
+    engine's turn in a round (done 0 starts a stage).
     """
     workers, results = {}, {}
     with contextlib.ExitStack() as files:
         try:
-            return _interleave(engines, path, batch, seq, runs, threads, python, rounds, workers, results, files)
+            return _interleave(engines, path, batch, seq, runs, threads, python, rounds, workers, results, files,
+                               progress or (lambda stage, done, total: None))
         finally:
             for proc in workers.values():
                 proc.stdin.close()  # a worker ends when its stdin does
@@ -188,8 +211,9 @@ def measure_interleaved(engines: list[str], path: str, batch: int = 1, seq: int 
 
 
 def _interleave(engines: list[str], path: str, batch: int, seq: int, runs: int, threads: int, python: str | None,
-                rounds: int, workers: dict, results: dict, files: contextlib.ExitStack) -> list[dict]:
+                rounds: int, workers: dict, results: dict, files: contextlib.ExitStack, progress) -> list[dict]:
     """measure_interleaved's body; `workers` collects the processes for it to close."""
+    progress(f"loading {len(engines)} engines, one after another", 0, len(engines))
     for engine in engines:
         cmd = _worker_command(engine, path, batch, seq, threads, python, ["--serve"])
         if isinstance(cmd, dict):
@@ -208,11 +232,14 @@ def _interleave(engines: list[str], path: str, batch: int, seq: int, runs: int, 
             continue
         workers[engine] = proc
         results[engine] = {**json.loads(line), "times_s": [], "rounds_s": []}
+        progress("", len(workers), len(engines))
     live = [e for e in engines if e in workers]
     per_round = [runs // rounds + (i < runs % rounds) for i in range(rounds)]
+    progress(f"timing {runs} runs each in {rounds} rounds", 0, rounds * len(live))
     for i, n in enumerate(per_round):
         order = live[i % len(live):] + live[:i % len(live)] if live else []
         for engine in order:
+            progress("", 1, rounds * len(live))
             time.sleep(SETTLE_S)
             workers[engine].stdin.write(f"time {n}\n")
             times = json.loads(workers[engine].stdout.readline())["times_s"]
