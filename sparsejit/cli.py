@@ -283,7 +283,8 @@ def _print_bench(out: dict) -> None:
     rows, notes = [], []
     for r in out["engines"]:
         if "error" in r:
-            notes.append(f"{r['engine']}: could not run: {r['error']}")
+            hint = " (pip install 'sparsejit[check]')" if "onnxruntime" in r["error"] else ""
+            notes.append(f"{r['engine']}: could not run: {r['error']}{hint}")
             continue
         ratio = f"{r['time_vs_sparsejit']:.2f}x" if "time_vs_sparsejit" in r else "-"
         rows.append([r["engine"], f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
@@ -584,7 +585,7 @@ def _print_prune(args, pruned, excluded, cosine) -> None:
                   f"{unstructured[0].block_seen}); prune the dense model for {args.block}-blocks")
     if cosine is not None:
         print_text(f"WARNING: one-shot magnitude pruning costs accuracy. On generated inputs the outputs' cosine "
-              f"similarity to the unpruned model's is {cosine:.3f} (mean over tokens of the first output); "
+              f"similarity to the unpruned model's is {cosine:.4f} (mean over tokens of the first output); "
               "recover it with fine-tuning or pruning during training (oBERT, SparseML)")
 
 
