@@ -29,8 +29,13 @@ if __package__:
 else:  # the worker script, run by path (its directory is on sys.path)
     from timing import time_calls
 
-ENGINES = ("sparsejit", "dense", "ort", "deepsparse")  # dense: sparsejit with kernels="dense"
+# dense: sparsejit with kernels="dense"; openvino: OpenVINO at its default precision for
+# the CPU (bf16 where the CPU has AMX or AVX512-BF16), openvino-f32: forced to f32.
+ENGINES = ("sparsejit", "dense", "ort", "deepsparse", "openvino", "openvino-f32")
 DEFAULT_DEEPSPARSE_PYTHON = os.environ.get("SPARSEJIT_DEEPSPARSE_PYTHON", "")
+# OpenVINO runs under the Python given (--openvino-python, SPARSEJIT_OPENVINO_PYTHON), else
+# under this one, where `pip install openvino` may have put it.
+DEFAULT_OPENVINO_PYTHON = os.environ.get("SPARSEJIT_OPENVINO_PYTHON", "")
 
 
 def cpu_name() -> str:
@@ -108,6 +113,8 @@ def _load(engine: str, path: str, batch: int, seq: int, threads: int):
         if names != [n for n, _ in specs]:
             raise ValueError(f"ONNX Runtime reports inputs {names}, the file {[n for n, _ in specs]}")
         return (lambda xs: sess.run(None, dict(zip(names, xs)))), specs
+    if engine in ("openvino", "openvino-f32"):
+        return _load_openvino(path, batch, seq, threads, f32=engine == "openvino-f32")
     if engine == "deepsparse":
         from deepsparse import compile_model
 
@@ -123,6 +130,23 @@ def _load(engine: str, path: str, batch: int, seq: int, threads: int):
                                     input_shapes=[[batch, seq]] * len(specs))
         return engine_.run, specs
     raise ValueError(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
+
+
+def _load_openvino(path: str, batch: int, seq: int, threads: int, f32: bool):
+    """OpenVINO on the CPU, shapes fixed to [batch, seq] (as DeepSparse's), latency hint,
+    `threads` inference threads; f32 forces fp32, else the CPU plugin's default precision."""
+    import openvino as ov
+
+    core = ov.Core()
+    specs = _onnx_inputs(path)
+    model = core.read_model(path)
+    model.reshape({name: [batch, seq] for name, _ in specs})
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    if f32:
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    request = core.compile_model(model, "CPU", config).create_infer_request()
+    names = [name for name, _ in specs]
+    return (lambda xs: request.infer(dict(zip(names, xs)))), specs
 
 
 def time_engine(engine: str, path: str, batch: int, seq: int, runs: int, threads: int, warmup: int = 3) -> dict:
@@ -144,24 +168,30 @@ def summarise(r: dict) -> dict:
             "items_per_s": r["batch"] / med, "runs": len(t)}
 
 
-def _worker_command(engine: str, path: str, batch: int, seq: int, threads: int, python: str | None,
+def _worker_command(engine: str, path: str, batch: int, seq: int, threads: int, python: str | dict | None,
                     extra: list[str]) -> list[str] | dict:
     """The worker's command line, or an error dict when the engine has no Python to run under."""
+    pythons = python if isinstance(python, dict) else {"deepsparse": python}
     if engine == "deepsparse":
-        python = python or DEFAULT_DEEPSPARSE_PYTHON
+        python = pythons.get("deepsparse") or DEFAULT_DEEPSPARSE_PYTHON
         if not python or not os.path.exists(python):
             return {"engine": engine, "error": "no DeepSparse Python: pass --deepsparse-python or set "
                                                "SPARSEJIT_DEEPSPARSE_PYTHON (see bench/README.md)"}
+    elif engine.startswith("openvino"):
+        python = pythons.get("openvino") or DEFAULT_OPENVINO_PYTHON or sys.executable
+        if not os.path.exists(python):
+            return {"engine": engine, "error": f"no OpenVINO Python at {python}"}
     else:
-        python = sys.executable  # `python` is DeepSparse's own venv, for it alone
+        python = sys.executable  # the other Pythons are their engines' own venvs
     return [python, os.path.abspath(__file__), engine, os.path.abspath(path), "--batch", str(batch),
             "--seq", str(seq), "--threads", str(threads), *extra]
 
 
 def measure(engine: str, path: str, batch: int = 1, seq: int = 128, runs: int = 20, threads: int = 2,
-            python: str | None = None, env: dict | None = None) -> dict:
-    """Time one engine in a fresh process (DeepSparse under `python`, its own venv's;
-    the others under this interpreter).
+            python: str | dict | None = None, env: dict | None = None) -> dict:
+    """Time one engine in a fresh process (DeepSparse under `python`, its own venv's, or
+    each peer under its own: `python={"deepsparse": ..., "openvino": ...}`; the others
+    under this interpreter).
 
     Returns the summary dict, or {"engine": ..., "error": "..."} when it could not run.
     """
@@ -182,7 +212,7 @@ SETTLE_S = 0.3
 
 
 def measure_interleaved(engines: list[str], path: str, batch: int = 1, seq: int = 128, runs: int = 20,
-                        threads: int = 2, python: str | None = None, rounds: int = 5,
+                        threads: int = 2, python: str | dict | None = None, rounds: int = 5,
                         progress=None) -> list[dict]:
     """Time several engines on one model in alternation: each loads once in a process of
     its own (one after another, so loads do not compete), then `rounds` rounds each
@@ -210,7 +240,7 @@ def measure_interleaved(engines: list[str], path: str, batch: int = 1, seq: int 
                     proc.wait()
 
 
-def _interleave(engines: list[str], path: str, batch: int, seq: int, runs: int, threads: int, python: str | None,
+def _interleave(engines: list[str], path: str, batch: int, seq: int, runs: int, threads: int, python: str | dict | None,
                 rounds: int, workers: dict, results: dict, files: contextlib.ExitStack, progress) -> list[dict]:
     """measure_interleaved's body; `workers` collects the processes for it to close."""
     progress(f"loading {len(engines)} engines, one after another", 0, len(engines))

@@ -34,7 +34,7 @@ from .console import Column, Steps, print_table, print_text
 
 log = logging.getLogger("sparsejit")
 
-ENGINE_ALIASES = {"onnxruntime": "ort", "sparsejit-dense": "dense"}
+ENGINE_ALIASES = {"onnxruntime": "ort", "sparsejit-dense": "dense", "ov": "openvino", "ov-f32": "openvino-f32"}
 
 
 class CLIError(Exception):
@@ -228,7 +228,8 @@ def _engines(text: str) -> list[str]:
     asked = [ENGINE_ALIASES.get(e.strip(), e.strip()) for e in text.split(",") if e.strip()]
     unknown = [e for e in asked if e not in ENGINES]
     if unknown:
-        raise CLIError(f"unknown engine(s) {unknown} in --vs; choose from dense, ort (or onnxruntime), deepsparse")
+        raise CLIError(f"unknown engine(s) {unknown} in --vs; choose from dense, ort (or onnxruntime), deepsparse, "
+                       "openvino, openvino-f32")
     return ["sparsejit"] + [e for e in dict.fromkeys(asked) if e != "sparsejit"]
 
 
@@ -249,7 +250,9 @@ def cmd_bench(args) -> int:
                 steps.advance()
 
         results = measure_interleaved(engines, str(path), args.batch, args.seq, args.runs, threads,
-                                      python=args.deepsparse_python, rounds=rounds, progress=progress)
+                                      python={"deepsparse": args.deepsparse_python,
+                                              "openvino": args.openvino_python},
+                                      rounds=rounds, progress=progress)
     base = results[0] if "error" not in results[0] else None
     rows = []
     for r in results:
@@ -283,7 +286,8 @@ def _print_bench(out: dict) -> None:
     rows, notes = [], []
     for r in out["engines"]:
         if "error" in r:
-            hint = " (pip install 'sparsejit[check]')" if "onnxruntime" in r["error"] else ""
+            hint = (" (pip install 'sparsejit[check]')" if "onnxruntime" in r["error"] else
+                    " (pip install openvino, or --openvino-python)" if "'openvino'" in r["error"] else "")
             notes.append(f"{r['engine']}: could not run: {r['error']}{hint}")
             continue
         ratio = f"{r['time_vs_sparsejit']:.2f}x" if "time_vs_sparsejit" in r else "-"
@@ -710,9 +714,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=positive_int, default=None, help="threads for every engine (default: all cores)")
     sp.add_argument("--runs", type=positive_int, default=20, help="timed runs per engine")
     sp.add_argument("--vs", default="dense,ort",
-                    help="comma-separated: dense (sparsejit forced dense), ort or onnxruntime, deepsparse")
+                    help="comma-separated: dense (sparsejit forced dense), ort or onnxruntime, deepsparse, openvino "
+                         "(its default precision: bf16 on CPUs with AMX), openvino-f32")
     sp.add_argument("--deepsparse-python", default=None,
                     help="Python of a venv with deepsparse==1.8.0 (or set SPARSEJIT_DEEPSPARSE_PYTHON)")
+    sp.add_argument("--openvino-python", default=None,
+                    help="Python of a venv with openvino (or set SPARSEJIT_OPENVINO_PYTHON; default: this one)")
     sp.set_defaults(func=cmd_bench)
 
     sp = with_model("inspect", "one row per linear layer: shape, density, blocks, kernel, FLOPs skipped, time")
