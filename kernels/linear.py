@@ -88,10 +88,17 @@ def run_rows(fn, xt, indptr, indices, values, bias, yt, rt, nchunks, order, boun
 
 
 def kernel_config(block: int, activation: str, residual: bool, in_features: int = 1 << 16) -> IRConfig:
-    """Input indices are stored in 16 bits when they fit: the weights stream from memory
-    on every call, and two bytes fewer per stored weight is a quarter less to stream."""
+    """An output row's tile of tokens stays in `vectors` registers: 8 of AVX-512's 32 (128
+    tokens), 14 of AVX2's 16, leaving one for the broadcast weight and one spare (with
+    16, the 128 tokens of the AVX-512 tile, LLVM spilled every accumulator to the stack
+    and back for each stored weight). Input indices are stored in 16 bits when they fit:
+    the weights stream from memory on every call, and two bytes fewer per stored weight
+    is a quarter less to stream."""
     lanes = vector_lanes()
-    return IRConfig(block, activation, residual, lanes, 128 // lanes, 16 if in_features <= 1 << 16 else 32)
+    return IRConfig(block, activation, residual, lanes, SPARSE_VECTORS[lanes], 16 if in_features <= 1 << 16 else 32)
+
+
+SPARSE_VECTORS = {16: 8, 8: 14}  # accumulator registers of the sparse tile, by lanes (AVX-512, AVX2)
 
 
 def compiled_kernel(cfg: IRConfig):

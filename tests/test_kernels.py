@@ -152,6 +152,36 @@ def test_source_is_a_pure_function_of_the_config():
     assert len(declared) == len(set(declared)) and {"llvm." + c for c in called} == set(declared)
 
 
+@pytest.mark.parametrize("lanes, cpu, features", [(8, "haswell", "+avx2,+fma"),
+                                                  (16, "skylake-avx512", "+avx512f,+avx512bw,+avx512vl,+fma")],
+                         ids=["avx2", "avx512"])
+@pytest.mark.parametrize("block", [1, 4])
+def test_the_sparse_tile_stays_in_registers(lanes, cpu, features, block):
+    """The loop over stored weights keeps every accumulator in a register: compiled for an
+    AVX2 and an AVX-512 target (on any x86 machine), its hot blocks, those with an FMA per
+    accumulator reading xᵀ, neither spill to the stack nor reload. With 16 accumulators of 8
+    lanes (the AVX-512 tile's 128 tokens) on AVX2's 16 registers, LLVM stored and reloaded
+    all of them for every stored weight."""
+    import re
+
+    import llvmlite.binding as llvm
+    from sparsejit.kernels.linear import SPARSE_VECTORS
+    from sparsejit.kernels.sparse_ir import IRConfig
+
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    tm = llvm.Target.from_triple("x86_64-unknown-linux-gnu").create_target_machine(cpu=cpu, features=features, opt=3)
+    vectors = SPARSE_VECTORS[lanes]
+    mod = llvm.parse_assembly(ir_source(IRConfig(block, "gelu", True, lanes, vectors, 16)))
+    pb = llvm.create_pass_builder(tm, llvm.PipelineTuningOptions(speed_level=3))
+    pb.getModulePassManager().run(mod, pb)
+    blocks = re.split(r"\n(?=\.LBB)", tm.emit_assembly(mod))
+    # the loop over stored weights: an FMA per accumulator with a row of xᵀ from memory
+    hot = [b for b in blocks if len(re.findall(r"\bvfmadd\w+\s+-?\d*\(%r\w+,%r\w+", b)) >= vectors]
+    assert hot, "no loop block with an FMA per accumulator"
+    assert all("(%rsp)" not in b for b in hot), next(b for b in hot if "(%rsp)" in b)[:2000]
+
+
 def test_rows_run_in_count_order_within_each_thread():
     """In every K-chunk each thread's rows are stored in order of their count of stored
     weights, and stay that thread's; a change of thread count lays them out again, and
