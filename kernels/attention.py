@@ -71,8 +71,15 @@ def run_heads(fn, qt, kt, vt, mask, ot, scale, width):
            d, tq, tk, scale, s_at)
 """
 
-def attention_config(mask_per_query: bool, nan_guard: bool = False) -> AttentionConfig:
-    return AttentionConfig(mask_per_query, vector_lanes(), nan_guard=nan_guard)
+# Keys per pass over the head features, by vector lanes: with AVX2's 16 registers, 2
+# query vectors × 8 keys of accumulators leave none for the operands, which spill
+# (bench/README.md, "Measured and tried").
+ATTENTION_GROUP = {16: 8, 8: 4}
+
+
+def attention_config(mask_per_query: bool, nan_guard: bool = False, lanes: int | None = None) -> AttentionConfig:
+    lanes = lanes or vector_lanes()
+    return AttentionConfig(mask_per_query, lanes, group=ATTENTION_GROUP[lanes], nan_guard=nan_guard)
 
 
 @functools.cache
@@ -84,7 +91,7 @@ def _compiled(cfg: AttentionConfig):
 def _kernel(mask_per_query: bool, nan_guard: bool, lanes: int):
     """(config, IR function, Numba driver), looked up once per mask layout, NaN guard and
     vector width, not built and hashed on every call."""
-    cfg = AttentionConfig(mask_per_query, lanes, nan_guard=nan_guard)
+    cfg = attention_config(mask_per_query, nan_guard, lanes)
     return cfg, _compiled(cfg), load_source(HEADS_DRIVER_SOURCE).run_heads
 
 
