@@ -16,6 +16,7 @@ Two places hold plans:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -30,12 +31,24 @@ log = logging.getLogger("sparsejit")
 FORMAT = 1
 
 
+@functools.cache
+def kernels_fingerprint() -> str:
+    """The hash of the kernel generators' source: a plan holds timings of the kernels they
+    made, which a change to them (a new register tiling, say) makes stale."""
+    from . import kernels as package
+
+    h = hashlib.sha256()
+    for path in sorted(Path(package.__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def structure_key(graph: Graph, threads: int, kernels: str) -> str:
     """What a plan depends on besides the weights' patterns (checked per layer)."""
     from . import __version__
 
-    h = hashlib.sha256(f"sparsejit {__version__} plan format {FORMAT}\n{' '.join(host_cpu())}\n"
-                       f"threads {threads} kernels {kernels}\n".encode())
+    h = hashlib.sha256(f"sparsejit {__version__} plan format {FORMAT} kernels {kernels_fingerprint()}\n"
+                       f"{' '.join(host_cpu())}\nthreads {threads} kernels {kernels}\n".encode())
     for n in graph.nodes:
         layers = n.attrs["members"] if n.op_type == "LinearGroup" else [n] if n.op_type == "Linear" else []
         shapes = [(m.attrs["weight"].shape, m.attrs["activation"], m.attrs["residual"]) for m in layers]

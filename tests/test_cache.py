@@ -76,3 +76,25 @@ def test_damaged_cache_files_are_compiled_again_not_run(tmp_path):
     env = {"SPARSEJIT_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "6" and path.read_text() == source
+
+
+def test_a_change_to_the_kernels_makes_cached_plans_stale(tmp_path, monkeypatch):
+    """A plan holds timings of the kernels the generators made: after a change to them (a
+    new register tiling) the plan measured for the old ones is not reused."""
+    import shutil
+
+    from sparsejit import kernels as package
+    from sparsejit import saved_plans
+    from sparsejit.graph import Graph
+
+    graph = Graph([], [], [], {}, 14)
+    before = saved_plans.structure_key(graph, 2, "auto")
+    copy = tmp_path / "kernels"
+    shutil.copytree(Path(package.__file__).parent, copy)
+    (copy / "sparse_ir.py").write_text((copy / "sparse_ir.py").read_text() + "\n# changed\n")
+    monkeypatch.setattr(package, "__file__", str(copy / "__init__.py"))
+    saved_plans.kernels_fingerprint.cache_clear()
+    try:
+        assert saved_plans.structure_key(graph, 2, "auto") != before
+    finally:
+        saved_plans.kernels_fingerprint.cache_clear()
