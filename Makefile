@@ -14,12 +14,17 @@ lint: .venv-test/.installed
 	.venv-test/bin/ruff check .
 
 # Not part of CI: ~90 minutes, and the DeepSparse venv (see bench/README.md).
-bench: .venv-test/.installed bench/.venv-deepsparse/bin/python
+bench: .venv-test/.installed bench/.venv-deepsparse/bin/python bench/.venv-openvino/bin/python
 	.venv-test/bin/python bench/make_models.py
 	.venv-test/bin/python bench/run.py --runs 30 --rounds 10
 	.venv-test/bin/python bench/embed_throughput.py
 	.venv-test/bin/python bench/serve_load.py
 	.venv-test/bin/python bench/ray_scaling.py
+	.venv-test/bin/python bench/contention.py
+
+bench/.venv-openvino/bin/python:
+	$(PYTHON) -m venv bench/.venv-openvino
+	bench/.venv-openvino/bin/pip install -q openvino onnx numpy
 
 bench/.venv-deepsparse/bin/python:
 	python3.11 -m venv bench/.venv-deepsparse

@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 from sparsejit.benchmark import (  # the installed package (make bench: the test venv's editable install)
+    cpu_name,
     measure,
     measure_interleaved,
     paired_ratio,
@@ -40,8 +41,12 @@ MODELS = ["bert_base_p0", "bert_base_p80", "bert_base_p90", "bert_base_p95", "be
 SPARSITY = {"bert_base_p0": 0.0, "bert_base_p80": 0.8, "bert_base_p90": 0.9, "bert_base_p95": 0.95,
             "bert_base_p97": 0.97}
 WORKLOADS = {"latency": (1, 128), "throughput": (8, 128), "seq384": (1, 384)}
-ENGINES = ["sparsejit", "dense", "ort", "deepsparse"]  # dense: sparsejit forced dense (its IR GEMM)
+# dense: sparsejit forced dense (its IR GEMM); openvino: at its default precision for the CPU
+# (bf16 with AMX or AVX512-BF16), openvino-f32: forced to f32
+ENGINES = ["sparsejit", "dense", "ort", "deepsparse", "openvino", "openvino-f32"]
 DEFAULT_DS_PYTHON = HERE / ".venv-deepsparse" / "bin" / "python"
+DEFAULT_OV_PYTHON = HERE / ".venv-openvino" / "bin" / "python"
+PEERS = {"deepsparse": "DeepSparse", "openvino": "OpenVINO", "openvino-f32": "OpenVINO f32"}
 
 
 def kernel_level(threads: int, runs: int) -> list[dict]:
@@ -129,12 +134,14 @@ def markdown(results: dict) -> str:
         if not rows:
             continue
         out += [f"## {wl}: batch {b}, seq {s}", "",
-                "| model | sparsejit | sparsejit forced dense | ORT | DeepSparse | vs ORT | vs DeepSparse |",
-                "|---|---|---|---|---|---|---|"]
+                ("| model | sparsejit | sparsejit forced dense | ORT | DeepSparse | OpenVINO | OpenVINO f32 | vs ORT "
+                "| vs DeepSparse | vs OpenVINO | vs OpenVINO f32 |"),
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for model in dict.fromkeys(r["model"] for r in rows):
             by = {r["engine"]: r for r in rows if r["model"] == model}
             cells = [_cell(by.get(e), wl == "throughput") for e in ENGINES]
-            out.append(f"| {model} | {' | '.join(cells)} | {_ratio(by, 'ort')} | {_ratio(by, 'deepsparse')} |")
+            ratios = [_ratio(by, e) for e in ("ort", "deepsparse", "openvino", "openvino-f32")]
+            out.append(f"| {model} | {' | '.join(cells)} | {' | '.join(ratios)} |")
         out.append("")
     out += [("Ratios (above 1: sparsejit is faster): in each round, the other engine's median time over "
             "sparsejit's; the table gives the median of those per-round ratios, so each ratio compares "
@@ -197,18 +204,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5, help="the runs are split into this many interleaved rounds")
     ap.add_argument("--deepsparse-python", default=str(DEFAULT_DS_PYTHON))
+    ap.add_argument("--openvino-python", default=str(DEFAULT_OV_PYTHON))
     ap.add_argument("--models-dir", type=Path, default=HERE / "models")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--skip-kernel", action="store_true")
     ap.add_argument("--skip-load", action="store_true")
     args = ap.parse_args()
     engines = args.engines.split(",")
-    if "deepsparse" in engines and not Path(args.deepsparse_python).exists():
-        print(f"DeepSparse skipped: no {args.deepsparse_python} (see bench/README.md)", file=sys.stderr)
-        engines.remove("deepsparse")
+    pythons = {"deepsparse": args.deepsparse_python, "openvino": args.openvino_python}
+    for engine in [e for e in engines if e in PEERS]:
+        if not Path(pythons[engine.split("-")[0]]).exists():
+            print(f"{PEERS[engine]} skipped: no {pythons[engine.split('-')[0]]} (see bench/README.md)", file=sys.stderr)
+            engines.remove(engine)
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "threads": args.threads, "runs": args.runs,
                "rounds": args.rounds,
-               "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+               "machine": f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}",
                "end_to_end": [], "memory": [], "load": [], "kernel": []}
     for model in args.models.split(","):
         path = args.models_dir / f"{model}.onnx"
@@ -218,7 +228,7 @@ def main() -> None:
         for wl in args.workloads.split(","):
             batch, seq = WORKLOADS[wl]
             rs = measure_interleaved(engines, str(path), batch, seq, args.runs, args.threads,
-                                     python=args.deepsparse_python, rounds=args.rounds)
+                                     python=pythons, rounds=args.rounds)
             for engine, r in zip(engines, rs):
                 r.update(model=model, workload=wl, engine=engine)
                 results["end_to_end"].append(r)
