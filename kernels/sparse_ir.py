@@ -123,8 +123,10 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
 
 
 def _driver(e: Builder, cfg: IRConfig) -> None:
-    """Rows [j0, j1) for all ntok tokens: full tiles, single vectors, the masked tail; in
-    each, the K-chunks in order and in each chunk the rows."""
+    """Rows [j0, j1) for all ntok tokens: full tiles, then what is left in tiles of halving
+    widths (8, 4, 2, 1 vectors), then the masked tail; in each, the K-chunks in order and
+    in each chunk the rows. Every pass streams all the weights once: the 16 tokens left
+    after a 112-token tile take one 2-vector pass, not two of one vector."""
     L = cfg.lanes
 
     def rows(tile: str, t: str, mask: str | None = None):
@@ -139,7 +141,8 @@ def _driver(e: Builder, cfg: IRConfig) -> None:
         return []
 
     t, _ = e.loop("0", "%ntok", L * cfg.vectors, [], lambda t, _: rows("tile_full", t))
-    t, _ = e.loop(t, "%ntok", L, [], lambda t, _: rows("tile_one", t))
+    for v in tail_vectors(cfg.vectors):  # each runs at most once: what is left is under the one before
+        t, _ = e.loop(t, "%ntok", L * v, [], lambda t, _, v=v: rows(f"tile_{v}", t))
     rem = e(f"sub i64 %ntok, {t}")
     e.cond_br(e(f"icmp sgt i64 {rem}, 0"), "tail", "exit")
     e.label("tail")
@@ -149,14 +152,20 @@ def _driver(e: Builder, cfg: IRConfig) -> None:
     e.label("exit")
 
 
+def tail_vectors(vectors: int) -> list[int]:
+    """The widths of the tiles after the full ones: powers of two below `vectors`, largest first."""
+    return [1 << b for b in range(vectors.bit_length() - 1, -1, -1) if 1 << b < vectors]
+
+
 def ir_source(cfg: IRConfig) -> str:
     """The whole module's LLVM IR for one kernel configuration."""
     if cfg.block not in (1, 4) or cfg.activation not in ACTIVATIONS or cfg.index_bits not in (16, 32):
         raise ValueError(f"no sparse kernel for {cfg}")
     e = Builder(cfg.lanes)
     tile_args = (("s", "i64"), ("t", "i64"), ("c", "i64"))
-    for name, vectors, masked in (("tile_full", cfg.vectors, False), ("tile_one", 1, False),
-                                  ("tile_tail", 1, True)):
+    tiles = [("tile_full", cfg.vectors, False), *((f"tile_{v}", v, False) for v in tail_vectors(cfg.vectors)),
+             ("tile_tail", 1, True)]
+    for name, vectors, masked in tiles:
         e.function(_SHARED.extended(name, *tile_args), lambda v=vectors, mk=masked: _tile(e, cfg, v, mk),
                    extra=f"<{cfg.lanes} x i1> %mask" if masked else "", attrs="alwaysinline")
     e.function(SIGNATURE, lambda: _driver(e, cfg))
