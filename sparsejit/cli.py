@@ -166,17 +166,23 @@ def latency_stats(times_s: list[float]) -> dict:
 # --- run -----------------------------------------------------------------------------------
 
 
+def _first_run(args, steps: Steps):
+    """Load, make the inputs and run once (the run that sets up their shape):
+    (model, feeds, outputs, ms of that run)."""
+    model = _load(args, steps)
+    feeds = _inputs(model, args)
+    steps.start("first run (sets up this input shape)")
+    t0 = time.perf_counter()
+    outputs = _run_checked(model, feeds)
+    return model, feeds, outputs, (time.perf_counter() - t0) * 1e3
+
+
 def cmd_run(args) -> int:
     path = _model_file(args.model)
     _shape_args(args)
     _check_seq(path, args.seq)
     with Steps() as steps:
-        model = _load(args, steps)
-        feeds = _inputs(model, args)
-        steps.start("first run (sets up this input shape)")
-        t0 = time.perf_counter()
-        outputs = _run_checked(model, feeds)
-        first_ms = (time.perf_counter() - t0) * 1e3
+        model, feeds, outputs, first_ms = _first_run(args, steps)
         steps.start("timing", total=args.runs)
         times = []
         for _ in range(args.runs):
@@ -342,10 +348,7 @@ def cmd_inspect(args) -> int:
     _shape_args(args)
     _check_seq(path, args.seq)
     with Steps() as steps:
-        model = _load(args, steps)
-        feeds = _inputs(model, args)
-        steps.start("first run (sets up this input shape)")
-        _run_checked(model, feeds)
+        model, feeds, _, _ = _first_run(args, steps)
         steps.start(f"profiling {args.runs} runs")
         prof = model.profile(feeds, runs=args.runs)
     tokens = args.batch * args.seq
