@@ -260,6 +260,7 @@ def load(model: str | os.PathLike | bytes | onnx.ModelProto, *, num_threads: int
             steps.start(f"reading and fusing {name}")
             return load(model, num_threads=num_threads, kernels=kernels, mode=mode, plan=plan,
                         progress=steps.layer_callback())
+    progress = progress or None  # False: none
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if kernels not in KERNEL_CHOICES:

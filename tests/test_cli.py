@@ -384,6 +384,8 @@ def test_without_rich_progress_is_plain_lines():
 def test_load_with_progress_true_and_the_models_repr(capfd):
     import sparsejit
 
+    sparsejit.load(MODEL, progress=False)
+    assert "planning kernels" not in capfd.readouterr().err
     model = sparsejit.load(MODEL, progress=True)  # was a TypeError
     err = capfd.readouterr().err
     assert "planning kernels" in err and "13/13" in err
