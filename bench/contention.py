@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sparsejit.benchmark import SETTLE_S, _worker_command, cpu_name
+from sparsejit.benchmark import SETTLE_S, _worker_command, cpu_name, latency_stats, round_ratios, start_worker
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "models" / "text" / "minilm_p90" / "model.onnx"
@@ -55,15 +55,10 @@ class Worker:
         if isinstance(cmd, dict):
             raise RuntimeError(cmd["error"])  # noqa: TRY004 (an engine that cannot run, not a type error)
         self.err = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed in close())
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err,
-                                     text=True, bufsize=1)
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            self.err.seek(0)
-            lines = self.err.read().strip().splitlines()
-            raise RuntimeError(lines[-1] if lines else f"exit {self.proc.returncode}")
-        self.info = json.loads(line)
+        self.proc, self.info = start_worker(cmd, self.err)
+        if self.proc is None:
+            self.err.close()
+            raise RuntimeError(self.info)
 
     def time(self, n: int) -> list[float]:
         self.proc.stdin.write(f"time {n}\n")
@@ -102,15 +97,11 @@ def measure(args) -> dict:
 
 
 def summary(engine: str, t: dict) -> dict:
-    alone = [x for r in t["alone"] for x in r]
-    busy = [x for r in t["busy"] for x in r]
-    per_round = [statistics.median(b) / statistics.median(a) for a, b in zip(t["alone"], t["busy"])]
-
-    def pct(xs, q):
-        return 1e3 * statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
-
-    return {"engine": engine, "alone_p50": pct(alone, 50), "alone_p90": pct(alone, 90), "busy_p50": pct(busy, 50),
-            "busy_p90": pct(busy, 90), "busy_min": 1e3 * min(busy), "slowdown": statistics.median(per_round),
+    alone = latency_stats([x for r in t["alone"] for x in r])
+    busy = latency_stats([x for r in t["busy"] for x in r])
+    per_round = round_ratios({"rounds_s": t["alone"]}, {"rounds_s": t["busy"]})
+    return {"engine": engine, "alone_p50": alone["p50_ms"], "alone_p90": alone["p90_ms"], "busy_p50": busy["p50_ms"],
+            "busy_p90": busy["p90_ms"], "busy_min": busy["min_ms"], "slowdown": statistics.median(per_round),
             "slowdown_range": (min(per_round), max(per_round))}
 
 

@@ -161,11 +161,17 @@ def time_engine(engine: str, path: str, batch: int, seq: int, runs: int, threads
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
+def latency_stats(times_s: list[float]) -> dict:
+    """p50/p90/p99 (numpy's linear percentiles), mean, std, min and max of call times, in ms."""
+    ms = sorted(t * 1e3 for t in times_s)
+    q = statistics.quantiles(ms, n=100, method="inclusive") if len(ms) > 1 else ms * 99
+    return {"runs": len(ms), "p50_ms": statistics.median(ms), "p90_ms": q[89], "p99_ms": q[98],
+            "mean_ms": statistics.fmean(ms), "std_ms": statistics.pstdev(ms), "min_ms": ms[0], "max_ms": ms[-1]}
+
+
 def summarise(r: dict) -> dict:
-    t = r["times_s"]
-    med = statistics.median(t)
-    return {**r, "median_ms": med * 1e3, "min_ms": min(t) * 1e3, "max_ms": max(t) * 1e3,
-            "items_per_s": r["batch"] / med, "runs": len(t)}
+    stats = latency_stats(r["times_s"])
+    return {**r, **stats, "median_ms": stats["p50_ms"], "items_per_s": r["batch"] / stats["p50_ms"] * 1e3}
 
 
 def _worker_command(engine: str, path: str, batch: int, seq: int, threads: int, python: str | dict | None,
@@ -249,19 +255,13 @@ def _interleave(engines: list[str], path: str, batch: int, seq: int, runs: int, 
         if isinstance(cmd, dict):
             results[engine] = cmd
             continue
-        # stderr to a file: DeepSparse logs plenty, and a full pipe would stall the worker.
         err = files.enter_context(tempfile.TemporaryFile("w+"))  # noqa: SIM115 (the ExitStack closes it)
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                                bufsize=1)
-        line = proc.stdout.readline()
-        if not line:
-            proc.wait()
-            err.seek(0)
-            lines = err.read().strip().splitlines()
-            results[engine] = {"engine": engine, "error": lines[-1] if lines else f"exit {proc.returncode}"}
+        proc, said = start_worker(cmd, err)
+        if proc is None:
+            results[engine] = {"engine": engine, "error": said}
             continue
         workers[engine] = proc
-        results[engine] = {**json.loads(line), "times_s": [], "rounds_s": []}
+        results[engine] = {**said, "times_s": [], "rounds_s": []}
         progress("", len(workers), len(engines))
     live = [e for e in engines if e in workers]
     per_round = [runs // rounds + (i < runs % rounds) for i in range(rounds)]
@@ -282,6 +282,20 @@ def _interleave(engines: list[str], path: str, batch: int, seq: int, runs: int, 
     return [results[e] for e in engines]
 
 
+def start_worker(cmd: list[str], err) -> tuple[subprocess.Popen | None, dict | str]:
+    """Start a `--serve` worker and wait until it has loaded: (process, what it said), or
+    (None, the last line of its stderr) when it failed. Its stderr goes to the file `err`:
+    DeepSparse logs plenty, and a full pipe would stall the worker."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+    line = proc.stdout.readline()
+    if line:
+        return proc, json.loads(line)
+    proc.wait()
+    err.seek(0)
+    lines = err.read().strip().splitlines()
+    return None, lines[-1] if lines else f"exit {proc.returncode}"
+
+
 def paired_ratio(base: dict, other: dict) -> float | None:
     """The median over rounds of other's round median / base's round median.
 
@@ -289,10 +303,16 @@ def paired_ratio(base: dict, other: dict) -> float | None:
     a round sees one machine speed; the median over rounds then drops the rounds a
     neighbour's burst skewed. (The two engines' overall medians can each come from a
     different speed.) None without per-round times."""
+    ratios = round_ratios(base, other)
+    return statistics.median(ratios) if ratios else None
+
+
+def round_ratios(base: dict, other: dict) -> list[float]:
+    """other's median / base's median in each round (empty when the rounds do not pair up)."""
     a, b = base.get("rounds_s"), other.get("rounds_s")
     if not a or not b or len(a) != len(b):
-        return None
-    return statistics.median(statistics.median(o) / statistics.median(s) for s, o in zip(a, b) if s and o)
+        return []
+    return [statistics.median(o) / statistics.median(s) for s, o in zip(a, b) if s and o]
 
 
 def serve(engine: str, path: str, batch: int, seq: int, threads: int, warmup: int = 3) -> None:

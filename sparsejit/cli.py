@@ -21,14 +21,13 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .benchmark import make_inputs
+from .benchmark import latency_stats, make_inputs
 from .choose import KERNEL_CHOICES
 from .console import Column, Steps, print_table, print_text
 
@@ -155,14 +154,6 @@ def _emit_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
-def latency_stats(times_s: list[float]) -> dict:
-    """p50/p90/p99, mean, std and min/max of call times, in ms."""
-    ms = np.asarray(times_s) * 1e3
-    return {"runs": len(ms), "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "std_ms": float(ms.std()),
-            "min_ms": float(ms.min()), "max_ms": float(ms.max())}
-
-
 # --- run -----------------------------------------------------------------------------------
 
 
@@ -240,7 +231,7 @@ def _engines(text: str) -> list[str]:
 
 
 def cmd_bench(args) -> int:
-    from .benchmark import cpu_name, measure_interleaved, paired_ratio
+    from .benchmark import cpu_name, measure_interleaved, paired_ratio, round_ratios
     from .threads import resolve_threads
 
     engines = _engines(args.vs)
@@ -263,12 +254,10 @@ def cmd_bench(args) -> int:
     rows = []
     for r in results:
         row = {k: v for k, v in r.items() if k not in ("times_s", "rounds_s")}
-        if "error" not in r:
-            row |= latency_stats(r["times_s"])
-            if base is not None:
-                row["time_vs_sparsejit"] = row["p50_ms"] / latency_stats(base["times_s"])["p50_ms"]
-                row["paired_time_vs_sparsejit"] = paired_ratio(base, r)
-                row["per_round_time_vs_sparsejit"] = _round_ratios(base, r)
+        if "error" not in r and base is not None:
+            row["time_vs_sparsejit"] = r["p50_ms"] / base["p50_ms"]
+            row["paired_time_vs_sparsejit"] = paired_ratio(base, r)
+            row["per_round_time_vs_sparsejit"] = round_ratios(base, r)
         rows.append(row)
     out = {"model": str(path), "cpu": cpu_name(), "batch": args.batch, "seq": args.seq, "threads": threads,
            "runs": args.runs, "rounds": rounds, "engines": rows}
@@ -277,11 +266,6 @@ def cmd_bench(args) -> int:
     else:
         _print_bench(out)
     return 1 if base is None else 0
-
-
-def _round_ratios(base: dict, other: dict) -> list[float]:
-    return [statistics.median(o) / statistics.median(s) for s, o in zip(base.get("rounds_s", []),
-                                                                       other.get("rounds_s", [])) if s and o]
 
 
 def _print_bench(out: dict) -> None:
