@@ -25,8 +25,7 @@ TEXTS = tm.sentences(60, seed=4)
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
-    folders = {task: sparsejit.export(tm.small_bert(task, root / task / "hf"), root / task / "onnx").parent
-               for task in ("feature-extraction", "text-classification")}
+    folders = tm.exported_small_berts(root)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     yield folders

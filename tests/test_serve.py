@@ -33,8 +33,7 @@ TEXTS = tm.sentences(80, seed=2)
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    return {task: sparsejit.export(tm.small_bert(task, root / task / "hf"), root / task / "onnx").parent
-            for task in ("feature-extraction", "text-classification")}
+    return tm.exported_small_berts(root)
 
 
 def _free_port() -> int:

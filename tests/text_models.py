@@ -55,6 +55,14 @@ def small_bert(task: str, out: Path, seed: int = 0, labels: list[str] | None = N
     return out
 
 
+def exported_small_berts(root: Path, tasks=("feature-extraction", "text-classification")) -> dict[str, Path]:
+    """{task: a folder sparsejit.pipeline opens}: small_bert for each task, exported by sparsejit."""
+    import sparsejit
+
+    return {task: sparsejit.export(small_bert(task, root / task / "hf"), root / task / "onnx").parent
+            for task in tasks}
+
+
 def pruned_minilm(out: Path, sparsity: float = 0.9) -> Path:
     """all-MiniLM-L6-v2 with its encoder's Linear layers pruned: a sentence-transformers folder."""
     import transformers as tf
