@@ -120,10 +120,10 @@ def prune_model(source: str | os.PathLike | onnx.ModelProto, out_path: str | os.
         w = numpy_helper.to_array(t).astype(np.float32)
         w = w.T if trans_b else w  # [in, out]
         zero = float(np.mean(w == 0))
-        row = PrunedWeight(t.name, node.name, tuple(w.shape), zero, zero, analyse(w).block,
-                           _excluded(node, t, exclude, heads))
+        row = PrunedWeight(t.name, node.name, tuple(w.shape), zero, zero, excluded=_excluded(node, t, exclude, heads))
         report.append(row)
         if row.excluded:
+            row.block_seen = analyse(w).block  # (a pruned weight's is found after pruning)
             continue
         if w.shape[0] % block:
             raise ValueError(f"{where}: weight {t.name!r} of node {node.name!r} has {w.shape[0]} inputs, "
