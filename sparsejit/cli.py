@@ -370,12 +370,9 @@ def _split_block(name: str, op: str) -> tuple[str, str]:
     """(the name up to its encoder block, e.g. "encoder/layer.3/", and the rest without
     a trailing op name): inspect shows the rows under a line per block, so that the
     names fit an 80-column terminal."""
-    from .plots import BLOCK
+    from .plots import split_block
 
-    m = None
-    for m in BLOCK.finditer(name):
-        pass
-    head, rest = (name[:m.end() + 1], name[m.end() + 1:]) if m else ("", name)
+    head, _, rest = split_block(name)
     return head, rest.removesuffix("/" + op) or rest
 
 

@@ -26,18 +26,24 @@ class Bar:
     ms: float
 
 
-def _parts(name: str) -> tuple[str, list[str]]:
-    """(block label, the name's segments after the block, without a trailing op name)."""
+def split_block(name: str) -> tuple[str, str, str]:
+    """(the name up to its last encoder-block segment and the separator after it, e.g.
+    "encoder/layer.3/"; that block's number; the rest), or ("", "", name) outside the blocks."""
     m = None
     for m in BLOCK.finditer(name):
         pass
-    rest = name[m.end():] if m else name
-    segs = [s for s in re.split(r"[/]", rest) if s]
+    return (name[:m.end() + 1], m.group(1), name[m.end() + 1:]) if m else ("", "", name)
+
+
+def _parts(name: str) -> tuple[str, list[str]]:
+    """(block label, the name's segments after the block, without a trailing op name)."""
+    _, block, rest = split_block(name)
+    segs = [s for s in rest.split("/") if s]
     if segs and segs[-1] in _OPS | {f"{op}_{i}" for op in _OPS for i in range(4)}:
         segs = segs[:-1]
-    if not m:
+    if not block:
         segs = segs[-2:]
-    return (f"block {m.group(1)}" if m else ""), segs or [name]
+    return (f"block {block}" if block else ""), segs or [name]
 
 
 def bars(rows: list[dict]) -> list[Bar]:
