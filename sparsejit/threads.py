@@ -55,13 +55,17 @@ def _preload_tbb() -> bool:
 
 def choose_layer() -> None:
     """Ask Numba for the tbb layer (else workqueue) unless the user or an earlier parallel
-    launch has settled it."""
+    launch has settled it. A user's choice that may take tbb gets the wheel's libtbb
+    loaded, as ours does."""
     from numba.np.ufunc import parallel
 
-    if os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER != "default" \
-            or parallel._is_initialized:
+    if parallel._is_initialized:
         return
-    numba.config.THREADING_LAYER = "tbb" if _preload_tbb() else "workqueue"
+    chosen = os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER
+    if chosen == "default":
+        numba.config.THREADING_LAYER = "tbb" if _preload_tbb() else "workqueue"
+    elif chosen in ("tbb", "safe", "threadsafe", "forksafe"):
+        _preload_tbb()  # without it Numba does not find the wheel's libtbb: "No threading layer could be loaded"
 
 
 choose_layer()

@@ -248,6 +248,17 @@ def test_workqueue_layer_serialises_concurrent_runs(tmp_path):
     assert out.stdout.split()[-1] == "workqueue"
 
 
+@pytest.mark.parametrize("layer", ["tbb", "safe"])
+def test_a_user_chosen_tbb_layer_loads(layer):
+    """NUMBA_THREADING_LAYER=tbb (or "safe", which means tbb) set by the user: the first
+    run failed with "No threading layer could be loaded", as sparsejit only loaded the tbb
+    wheel's library when it chose the layer itself."""
+    if "tbb" not in _installed():
+        pytest.skip("the tbb wheel is not installed")
+    out = run_python(FORK_AND_THREADS, env={"NUMBA_THREADING_LAYER": layer})
+    assert out.stdout.split()[-1] == "tbb"
+
+
 def _installed() -> set[str]:
     from importlib import metadata
 
