@@ -13,13 +13,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ..ops import dynamic_quantize_linear, dynamic_scale, matmul_integer, op, quantize_linear
-from .compile import compile_ir, host_cpu, load_source
+from ..ops import dynamic_quantize_linear, matmul_integer, op, quantize_linear
+from .compile import compile_ir, host_cpu, load_source, vector_lanes
 from .compress import balanced_bounds
-from .int8_ir import LANES, QUANTIZE_SIGNATURE, SIGNATURE, Int8Config, int8_ir, quantize_ir
+from .int8_ir import QUANTIZE_SIGNATURE, RANGE_SIGNATURE, SIGNATURE, Int8Config, int8_ir, quantize_ir, range_ir
 from .ir import with_driver
 from .layout import feature_major_empty, transposed
-from .linear import linear_epilogue
+from .linear import _NO_RESIDUAL, _residual_rows, linear_epilogue
 
 
 def quantize_x(x: np.ndarray, mode: str, x_scale=None, x_zero_point=None) -> tuple[np.ndarray, np.float32, int]:
@@ -48,39 +48,87 @@ def reference_qlinear(x, skip=None, *, weight, scale, mode, x_scale=None, x_zero
     return linear_epilogue(y, bias, activation, skip if residual else None)
 
 
-QUANTIZE_DRIVER_SOURCE = """\
-# sparsejit generated kernel: the parallel driver of the quantizing IR kernel
+@op("QLinearGroup", fused=True)
+def reference_qlinear_group(x, *, activation, members):
+    """The node lower.group_linears makes: its member QLinear nodes on one input."""
+    return tuple(reference_qlinear(x, **m.attrs) for m in members)
+
+
+DRIVER_SOURCE = """\
+# sparsejit generated kernel: the parallel driver of the int8 IR kernels, one call per layer
+# (dynamic) x's range by range_fn, its scale and zero point as DynamicQuantizeLinear makes them
+# x quantized by quantize_fn, 4-blocks of inputs split across threads
+# thread c computes output rows [bounds[c], bounds[c + 1]) for all tokens with fn
+import numpy as np
 from numba import njit, prange
 
 
+@njit(nogil=True, cache=True)
+def range_scale(lo, hi):
+    # ops.range_scale in float32, as numpy computes it
+    hi = np.float32(hi)
+    lo = np.float32(lo)
+    d = np.float32(1.0) if hi == lo else np.float32(hi - lo)
+    scale = np.float32(d / np.float32(255))
+    zero = np.float32(np.float32(0) - np.float32(lo / scale))
+    return scale, np.float32(np.rint(min(max(zero, np.float32(0)), np.float32(255))))
+
+
 @njit(parallel=True, nogil=True, cache=True)
-def run_quantize(fn, xt, xq, scale, zero, lo, hi, parts):
-    k4 = xq.shape[0]
+def run_int8(range_fn, quantize_fn, fn, xt, lanes, dynamic, x_scale, x_zero, x_lo, colsum, wscale, corr, mult,
+             indptr, blocks, weights, bias, yt, rt, bounds):
+    k = xt.shape[0]
+    ntok = xt.shape[1]
+    parts = bounds.shape[0] - 1
+    scale = np.float32(x_scale)
+    zero = np.float32(x_zero)
+    if dynamic:
+        ranges = np.empty((parts, 2, lanes), np.float32)
+        for c in prange(parts):
+            range_fn(xt.ctypes.data, xt.strides[0] // 4, c * k // parts, (c + 1) * k // parts, ntok,
+                     ranges[c].ctypes.data)
+        lo = np.float32(0)
+        hi = np.float32(0)
+        for c in range(parts):
+            for i in range(lanes):
+                if not (np.isfinite(ranges[c, 0, i]) and np.isfinite(ranges[c, 1, i])):
+                    return False
+                lo = min(lo, ranges[c, 0, i])
+                hi = max(hi, ranges[c, 1, i])
+        scale, zero = range_scale(lo, hi)
+        corr = np.empty(colsum.shape[0], np.int32)
+        mult = np.empty(colsum.shape[0], np.float32)
+        for j in range(colsum.shape[0]):
+            corr[j] = np.int32(zero) * colsum[j]
+            mult[j] = scale * wscale[j]
+    k4 = (k + 3) // 4
+    tp = (ntok + 15) // 16 * 16  # int8_ir.LANES: whole 64-byte rows of xq
+    xq = np.empty((k4, tp, 4), np.uint8)
     for c in prange(parts):
         a = c * k4 // parts
         b = (c + 1) * k4 // parts
         if a < b:
-            fn(xt.ctypes.data, xt.strides[0] // 4, xq.ctypes.data, xq.shape[1], xt.shape[0], scale, zero, lo, hi,
-               a, b, xt.shape[1])
-"""
-
-INT8_DRIVER_SOURCE = """\
-# sparsejit generated kernel: the parallel driver of the int8 IR kernel
-# thread c computes output rows [bounds[c], bounds[c + 1]) for all tokens
-from numba import njit, prange
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def run_int8(fn, xq, indptr, blocks, weights, corr, scale, bias, yt, rt, bounds, ntok):
-    for c in prange(bounds.shape[0] - 1):
-        fn(xq.ctypes.data, xq.shape[1], indptr.ctypes.data, blocks.ctypes.data, weights.ctypes.data,
-           corr.ctypes.data, scale.ctypes.data, bias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4,
-           rt.ctypes.data, rt.strides[0] // 4, bounds[c], bounds[c + 1], ntok)
+            quantize_fn(xt.ctypes.data, xt.strides[0] // 4, xq.ctypes.data, tp, k, scale, zero, np.float32(x_lo),
+                        np.float32(x_lo + 255), a, b, ntok)
+    for c in prange(parts):
+        fn(xq.ctypes.data, tp, indptr.ctypes.data, blocks.ctypes.data, weights.ctypes.data, corr.ctypes.data,
+           mult.ctypes.data, bias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data,
+           rt.strides[0] // 4, bounds[c], bounds[c + 1], ntok)
+    return True
 """
 
 
 def has_vnni() -> bool:
     return "+avx512vnni" in host_cpu()[1] and "+avx512f" in host_cpu()[1]
+
+
+def host_dots() -> list[str]:
+    """The int8_ir.DOTS this CPU runs, fastest first (generic runs everywhere)."""
+    features = host_cpu()[1]
+    return ["vnni"] * has_vnni() + ["pmaddwd"] * ("+avx2" in features) + ["generic"]
+
+
+DOT_NAMES = {"vnni": "AVX-512 VNNI", "pmaddwd": "AVX2 vpmaddwd", "generic": "no VNNI or AVX2: dot products written out"}
 
 
 def compress_blocks(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -97,13 +145,18 @@ def compress_blocks(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return indptr, cols.astype(np.uint16), packed
 
 
+# Accumulators per token tile: 8 of AVX-512's 32 registers; on AVX2's 16, each vector's
+# activations take two temporaries and the weights two registers.
+INT8_VECTORS = {"vnni": 8, "pmaddwd": 8, "generic": 8}
+
+
 class Int8Linear:
     """The int8 kernel for one quantized Linear node (attributes as reference_qlinear takes)."""
 
     kind = "int8"
 
     def __init__(self, weight: np.ndarray, scale, mode: str, x_scale=None, x_zero_point=None, bias=None,
-                 activation: str = "none", residual: bool = False, vnni: bool | None = None):
+                 activation: str = "none", residual: bool = False, dot: str | None = None):
         self.in_features, self.out_features = weight.shape
         self.mode, self.activation, self.residual = mode, activation, residual
         self.x_scale, self.x_zero_point = x_scale, x_zero_point
@@ -111,17 +164,25 @@ class Int8Linear:
         self.bias = np.zeros(self.out_features, np.float32) if bias is None else np.asarray(bias, np.float32).copy()
         self.indptr, self.blocks, self.weights = compress_blocks(weight)
         self.colsum = weight.astype(np.int32).sum(axis=0).astype(np.int32)
-        self.config = Int8Config(activation, residual, has_vnni() if vnni is None else vnni)
-        self._fn = SIGNATURE.ctypes()(compile_ir(int8_ir(self.config), SIGNATURE.name))
-        self._driver = load_source(INT8_DRIVER_SOURCE).run_int8
-        self._quantize_fn = QUANTIZE_SIGNATURE.ctypes()(compile_ir(quantize_ir(), QUANTIZE_SIGNATURE.name))
-        self._quantize = load_source(QUANTIZE_DRIVER_SOURCE).run_quantize
+        dot = dot or host_dots()[0]
+        self.config = Int8Config(activation, residual, dot, INT8_VECTORS[dot])
+        lanes = vector_lanes()
+        self._fns = (RANGE_SIGNATURE.ctypes()(compile_ir(range_ir(lanes), RANGE_SIGNATURE.name)),
+                     QUANTIZE_SIGNATURE.ctypes()(compile_ir(quantize_ir(lanes), QUANTIZE_SIGNATURE.name)),
+                     SIGNATURE.ctypes()(compile_ir(int8_ir(self.config), SIGNATURE.name)))
+        self._driver = load_source(DRIVER_SOURCE).run_int8
         self._bounds: tuple[int, np.ndarray] = (0, np.zeros(1, np.int64))
-        self._static = self._quantization(None) if mode == "static" else None
+        if mode == "dynamic":
+            self._quantization = (np.float32(0), 0, 0, np.zeros(1, np.int32), np.zeros(1, np.float32))
+        else:  # static: x's scale and zero point, the zero point's correction and the multipliers, fixed
+            zp = np.asarray(x_zero_point)
+            lo = -128 if zp.dtype == np.int8 else 0
+            self._quantization = (np.float32(x_scale), int(zp), lo, ((int(zp) - lo) * self.colsum).astype(np.int32),
+                                  output_scale(mode, np.float32(x_scale), self.scale))
 
     @property
     def source(self) -> str:
-        return with_driver(int8_ir(self.config), INT8_DRIVER_SOURCE)
+        return with_driver(int8_ir(self.config), DRIVER_SOURCE)
 
     def dense_weight(self) -> np.ndarray:
         """The int8 weight [in, out] rebuilt from the stored blocks."""
@@ -136,34 +197,21 @@ class Int8Linear:
                                  x_scale=self.x_scale, x_zero_point=self.x_zero_point, bias=self.bias,
                                  activation=self.activation, residual=self.residual)
 
-    def _quantization(self, xt: np.ndarray | None) -> tuple[np.float32, int, int, np.ndarray, np.ndarray]:
-        """(scale, zero point, lowest value) of x's quantization, then what the kernel takes
-        from them: the zero point's correction per output (zero point in uint8 terms times
-        the column sums) and the output multipliers. Static: constants, computed at load."""
-        if self.mode == "dynamic":
-            scale, zp = dynamic_scale(xt)
-            zero, lo = int(zp), 0
-        else:
-            zp = np.asarray(self.x_zero_point)
-            scale, zero, lo = np.float32(self.x_scale), int(zp), -128 if zp.dtype == np.int8 else 0
-        return (scale, zero, lo, ((zero - lo) * self.colsum).astype(np.int32),
-                output_scale(self.mode, scale, self.scale))
-
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        """y for x [..., in]: one call of the driver quantizes x (its range first, when
+        dynamic) and runs the kernel, so the threads stay awake between the steps."""
         lead, k, m = x.shape[:-1], self.in_features, self.out_features
         x2 = x.reshape(-1, k)
         ntok = x2.shape[0]
-        xt = transposed(x2)
-        scale, zero, lo, corr, mult = self._static or self._quantization(xt)
-        xq = np.empty((-(-k // 4), -(-ntok // LANES) * LANES, 4), np.uint8)
-        self._quantize(self._quantize_fn, xt, xq, scale, np.float32(zero), np.float32(lo), np.float32(lo + 255),
-                       numba.get_num_threads())
         yt = feature_major_empty(m, ntok)
-        rt = transposed(np.broadcast_to(residual, lead + (m,)).reshape(-1, m)) if self.residual else \
-            np.zeros((1, 1), np.float32)
         if ntok:
-            self._driver(self._fn, xq, self.indptr, self.blocks, self.weights, corr, mult, self.bias, yt, rt,
-                         self._split(), ntok)
+            xt = transposed(x2)
+            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
+            scale, zero, lo, corr, mult = self._quantization
+            if not self._driver(*self._fns, xt, vector_lanes(), self.mode == "dynamic", scale, zero, lo, self.colsum,
+                                self.scale, corr, mult, self.indptr, self.blocks, self.weights, self.bias, yt, rt,
+                                self._split()):
+                raise ValueError("the input holds NaN or infinity, so its dynamic quantization scale is undefined")
         return yt.T.reshape(lead + (m,))
 
     def _split(self) -> np.ndarray:

@@ -4,11 +4,18 @@ Layout: the activations are quantized into xq [in/4, tokens_padded, 4] (uint8), 
 one 64-byte load is 16 tokens × one 4-block of inputs; the weights are stored per output
 row as the 4-blocks (k/4) that hold a nonzero, each block's four int8 weights packed in
 one i32. For every stored block the kernel broadcasts its i32 and adds, per token, the
-4-input dot product into an i32 accumulator: one `vpdpbusd` with AVX-512 VNNI, or the
-same sum written out with shifts and multiplies (`vnni=False`) on CPUs without it.
+4-input dot product into an i32 accumulator, by one of the `DOTS`:
 
-`int8_rows` computes rows [j0, j1) for all tokens: tiles of `vectors` × 16 tokens, then
-single vectors; loads never pass the padded token count, stores stop at `ntok`. The
+- `vnni`: one `vpdpbusd` (AVX-512 VNNI), 16 tokens per vector.
+- `pmaddwd`: AVX2, 8 tokens per vector. The activations' bytes 0 and 2 (a mask) and 1
+  and 3 (a 16-bit shift) as 16-bit pairs, times the weights' bytes sign-extended to the
+  same pairs, each pair of products added into 32 bits by `vpmaddwd`: exact, where
+  AVX2's `vpmaddubsw` (ONNX Runtime's choice) adds two products in 16 bits and saturates.
+- `generic`: the same sum written out with shifts and 32-bit multiplies, for any CPU.
+
+`int8_rows` computes rows [j0, j1) for all tokens: tiles of `vectors` vectors, then tiles
+of halving widths, then one masked vector; loads never pass the padded token count,
+stores stop at `ntok`. The
 epilogue: y = float(acc - corr[j]) · scale[j], then the Linear epilogues (bias,
 activation, residual), where corr[j] = zero point · Σ_k W[k, j] undoes the activations'
 zero point exactly.
@@ -20,27 +27,42 @@ from dataclasses import dataclass
 
 from .epilogue import ACTIVATIONS, epilogue
 from .ir import Builder, Signature
+from .sparse_ir import tail_vectors
 
 SIGNATURE = Signature("int8_rows", (
     ("xq", "ptr"), ("tp", "i64"), ("indptr", "ptr"), ("blocks", "ptr"), ("weights", "ptr"), ("corr", "ptr"),
     ("scale", "ptr"), ("bias", "ptr"), ("yt", "ptr"), ("ldy", "i64"), ("rt", "ptr"), ("ldr", "i64"),
     ("j0", "i64"), ("j1", "i64"), ("ntok", "i64")))
-LANES = 16  # i32 accumulators per vector, 4 uint8 activations each
+LANES = 16  # tokens per 64 bytes of xq (one i32 of 4 uint8 each); the token count is padded to it
+
+DOTS = {"vnni": 16, "pmaddwd": 8, "generic": 16}  # how a 4-block's dot products are made → i32 lanes
 
 
 @dataclass(frozen=True)
 class Int8Config:
     activation: str = "none"  # a key of epilogue.ACTIVATIONS
     residual: bool = False
-    vnni: bool = True         # vpdpbusd (AVX-512 VNNI); else the dot products written out
+    dot: str = "vnni"         # a key of DOTS
     vectors: int = 8          # accumulators per token tile
 
+    @property
+    def lanes(self) -> int:
+        return DOTS[self.dot]
 
-def _dot4(e: Builder, cfg: Int8Config, acc: str, a: str, w: str, ws: list[str]) -> str:
-    """acc + per lane Σ_i a.byte[i] (unsigned) · w.byte[i] (signed)."""
-    iv = f"<{LANES} x i32>"
-    if cfg.vnni:
-        return e.call("llvm.x86.avx512.vpdpbusd.512", iv, (iv, acc), (iv, a), (iv, w))
+
+def _dot4(e: Builder, cfg: Int8Config, acc: str, a: str, ws: list[str]) -> str:
+    """acc + per lane Σ_i a.byte[i] (unsigned) · w.byte[i] (signed), ws from _block_weights."""
+    iv = f"<{e.lanes} x i32>"
+    if cfg.dot == "vnni":
+        return e.call("llvm.x86.avx512.vpdpbusd.512", iv, (iv, acc), (iv, a), (iv, ws[0]))
+    if cfg.dot == "pmaddwd":
+        hv = f"<{2 * e.lanes} x i16>"
+        a16 = e(f"bitcast {iv} {a} to {hv}")
+        even = e(f"and {hv} {a16}, <{', '.join(['i16 255'] * 2 * e.lanes)}>")  # bytes 0, 2 as 16-bit pairs
+        odd = e(f"lshr {hv} {a16}, <{', '.join(['i16 8'] * 2 * e.lanes)}>")   # bytes 1, 3
+        for half, w in zip((even, odd), ws):
+            acc = e(f"add {iv} {acc}, {e.call('llvm.x86.avx2.pmadd.wd', iv, (hv, half), (hv, w))}")
+        return acc
     for i, wi in enumerate(ws):
         shifted = e(f"lshr {iv} {a}, {e.splat_i32(8 * i)}") if i else a
         byte = e(f"and {iv} {shifted}, {e.splat_i32(255)}")
@@ -48,33 +70,39 @@ def _dot4(e: Builder, cfg: Int8Config, acc: str, a: str, w: str, ws: list[str]) 
     return acc
 
 
-def _block_weights(e: Builder, cfg: Int8Config, packed: str) -> tuple[str, list[str]]:
-    """The block's i32 broadcast, and (without VNNI) its four signed bytes broadcast."""
-    w = e.splat_i32(packed)
-    if cfg.vnni:
-        return w, []
+def _block_weights(e: Builder, cfg: Int8Config, packed: str) -> list[str]:
+    """The block's weights as _dot4 takes them: its i32 broadcast (vnni); its bytes 0, 2
+    and 1, 3 sign-extended to 16-bit pairs, broadcast (pmaddwd); its four bytes, each
+    sign-extended and broadcast (generic)."""
+    if cfg.dot == "vnni":
+        return [e.splat_i32(packed)]
+    if cfg.dot == "pmaddwd":
+        iv, hv = f"<{e.lanes} x i32>", f"<{2 * e.lanes} x i16>"
+        w16 = e(f"bitcast {iv} {e.splat_i32(packed)} to {hv}")
+        eight = f"<{', '.join(['i16 8'] * 2 * e.lanes)}>"
+        return [e(f"ashr {hv} {e(f'shl {hv} {w16}, {eight}')}, {eight}"), e(f"ashr {hv} {w16}, {eight}")]
     ws = []
     for i in range(4):
         byte = e(f"trunc i32 {e(f'lshr i32 {packed}, {8 * i}') if i else packed} to i8")
         ws.append(e.splat_i32(e(f"sext i8 {byte} to i32")))
-    return w, ws
+    return ws
 
 
 def _tile(e: Builder, cfg: Int8Config, j: str, t: str, vectors: int) -> None:
-    """Row j, tokens [t, t + 16·vectors): the stored blocks' dot products, the epilogue."""
-    iv = f"<{LANES} x i32>"
+    """Row j, tokens [t, t + lanes·vectors): the stored blocks' dot products, the epilogue."""
+    iv = f"<{e.lanes} x i32>"
     p0 = e(f"load i64, ptr {e.gep('%indptr', j, 'i64')}, align 8")
     p1 = e(f"load i64, ptr {e.gep('%indptr', e(f'add i64 {j}, 1'), 'i64')}, align 8")
 
     def block(p, accs):
         at = e.gep("%blocks", p, "i16")
         k4 = e(f"zext i16 {e(f'load i16, ptr {at}, align 2')} to i64")
-        w, ws = _block_weights(e, cfg, e(f"load i32, ptr {e.gep('%weights', p, 'i32')}, align 4"))
+        ws = _block_weights(e, cfg, e(f"load i32, ptr {e.gep('%weights', p, 'i32')}, align 4"))
         start = e(f"add i64 {e(f'mul i64 {k4}, %tp')}, {t}")  # in 4-byte units: one i32 per token
         out = []
         for u, acc in enumerate(accs):
-            ptr = e.gep("%xq", e(f"add i64 {start}, {16 * u}") if u else start, "i32")
-            out.append(_dot4(e, cfg, acc, e(f"load {iv}, ptr {ptr}, align 4"), w, ws))
+            ptr = e.gep("%xq", e(f"add i64 {start}, {e.lanes * u}") if u else start, "i32")
+            out.append(_dot4(e, cfg, acc, e(f"load {iv}, ptr {ptr}, align 4"), ws))
         return out
 
     _, accs = e.loop(p0, p1, 1, [(iv, "zeroinitializer")] * vectors, block)
@@ -91,14 +119,26 @@ def _tile(e: Builder, cfg: Int8Config, j: str, t: str, vectors: int) -> None:
 
 
 def _rows(e: Builder, cfg: Int8Config) -> None:
-    def rows(width, vectors):
+    """Whole tiles of `vectors` vectors, then of halving widths, with plain stores (a
+    masked store is microcoded on AMD: with one per vector, the epilogue cost more than the
+    dot products); then the last tokens, under one vector, masked. Each pass over the rows
+    streams all their weights."""
+    def rows(start, vectors, end):
         def tile(t, _):
             e.loop("%j0", "%j1", 1, [], lambda j, _c: _tile(e, cfg, j, t, vectors) or [])
             return []
-        return e.loop(width[0], "%tp", width[1], [], tile)[0]
+        return e.loop(start, end, e.lanes * vectors, [], tile)[0]
 
-    t = rows(("0", LANES * cfg.vectors), cfg.vectors)
-    rows((t, LANES), 1)
+    e.full_to.append("%ntok")
+    t = rows("0", cfg.vectors, "%ntok")
+    for v in tail_vectors(cfg.vectors):
+        t = rows(t, v, "%ntok")
+    e.full_to.pop()
+    e.cond_br(e(f"icmp slt i64 {t}, %ntok"), "last", "done")
+    e.label("last")
+    rows(t, 1, e(f"add i64 {t}, {e.lanes}"))  # reads padding up to tp, stores stop at ntok
+    e.br("done")
+    e.label("done")
 
 
 QUANTIZE_SIGNATURE = Signature("quantize_rows", (
@@ -108,44 +148,89 @@ QUANTIZE_SIGNATURE = Signature("quantize_rows", (
 
 def _quantize(e: Builder) -> None:
     """xq[k4, t] = the four uint8 q(k, t) of inputs k = 4·k4 .. 4·k4 + 3, packed in an i32:
-    q = clamp(roundeven(x / scale) + zero, lo, hi) - lo, the zero point (less lo) where
-    k or t is past its end."""
-    iv, vt = f"<{LANES} x i32>", e.vt
+    q = clamp(roundeven(x / scale) + zero, lo, hi) - lo. Past the last input (a 4-block
+    the weights pad with zeros) and past the last token (lanes the int8 kernel never
+    stores) it writes 0 and whatever its masked loads give. Whole vectors of tokens and
+    whole 4-blocks are read with plain loads."""
+    iv, vt = f"<{e.lanes} x i32>", e.vt
     scale, zero, lo, hi = (e.splat(v) for v in ("%scale", "%zero", "%lo", "%hi"))
-    zero_q = e(f"sub {iv} {e(f'fptosi {vt} {zero} to {iv}')}, {e(f'fptosi {vt} {lo} to {iv}')}")
+    lo_i = e(f"fptosi {vt} {lo} to {iv}")
 
-    def tile(k4, t):
+    def tile(k4, t, checked):
         (mask,) = e.lane_masks(t, 1, "%ntok")
-        packed, kvec = e.splat_i32(0), e.splat_i64("%k")
+        packed = None
         for i in range(4):
             k = e(f"add i64 {e(f'mul i64 {k4}, 4')}, {i}")
-            inside = e(f"and <{LANES} x i1> {mask}, {e(f'icmp slt <{LANES} x i64> {e.splat_i64(k)}, {kvec}')}")
-            at = e.offset(e(f"select i1 {e(f'icmp slt i64 {k}, %k')}, i64 {k}, i64 0"), "%ldx", t)
-            x = e.vload(e.gep("%xt", at), inside)
-            q = e.vcall("roundeven", e(f"fdiv {vt} {x}, {scale}"))
+            inside = e(f"icmp slt i64 {k}, %k") if checked else None
+            at = e.offset(e(f"select i1 {inside}, i64 {k}, i64 0") if checked else k, "%ldx", t)
+            q = e.vcall("roundeven", e(f"fdiv {vt} {e.vload(e.gep('%xt', at), mask)}, {scale}"))
             q = e.vcall("minnum", e.vcall("maxnum", e(f"fadd {vt} {q}, {zero}"), lo), hi)
-            q = e(f"sub {iv} {e(f'fptosi {vt} {q} to {iv}')}, {e(f'fptosi {vt} {lo} to {iv}')}")
-            q = e(f"select <{LANES} x i1> {inside}, {iv} {q}, {iv} {zero_q}")
-            packed = e(f"or {iv} {packed}, {e(f'shl {iv} {q}, {e.splat_i32(8 * i)}') if i else q}")
+            q = e(f"sub {iv} {e(f'fptosi {vt} {q} to {iv}')}, {lo_i}")
+            if checked:
+                q = e(f"select i1 {inside}, {iv} {q}, {iv} zeroinitializer")
+            q = e(f"shl {iv} {q}, {e.splat_i32(8 * i)}") if i else q
+            packed = e(f"or {iv} {packed}, {q}") if packed else q
         e.raw(f"  store {iv} {packed}, ptr {e.gep('%xq', e.offset(k4, '%tp', t), 'i32')}, align 4")
 
-    e.loop("%k4_0", "%k4_1", 1, [], lambda k4, _: e.loop("0", "%tp", LANES, [], lambda t, _c: tile(k4, t) or [])
-           and [])
+    def blocks(k4_0, k4_1, checked):
+        return e.loop(k4_0, k4_1, 1, [], lambda k4, _: e.tiles("0", "%ntok", e.lanes,
+                                                                 lambda t: tile(k4, t, checked)) or [])[0]
+
+    whole = e("sdiv i64 %k, 4")
+    k4 = blocks("%k4_0", e(f"select i1 {e(f'icmp slt i64 %k4_1, {whole}')}, i64 %k4_1, i64 {whole}"), False)
+    blocks(k4, "%k4_1", True)  # (k4: where the first loop stopped, at least k4_0)
 
 
-def quantize_ir() -> str:
-    e = Builder(LANES)
+def quantize_ir(lanes: int) -> str:
+    e = Builder(lanes)
     e.function(QUANTIZE_SIGNATURE, lambda: _quantize(e))
     return e.module("; sparsejit generated kernel: float xt quantized to uint8 and packed four inputs to an i32\n"
                     "; xq[k4, t].byte[i] = clamp(roundeven(xt[4 k4 + i, t] / scale) + zero, lo, hi) - lo")
 
 
+RANGE_SIGNATURE = Signature("range_rows", (("xt", "ptr"), ("ldx", "i64"), ("k0", "i64"), ("k1", "i64"),
+                                           ("ntok", "i64"), ("out", "ptr")))
+
+
+def _range(e: Builder) -> None:
+    """out[0:lanes] = per lane the minimum of 0 and xt[k0:k1, :ntok], out[lanes:2·lanes]
+    the maximum; NaN in the minimum if any x is NaN, as numpy's min gives. The minimum is
+    a compare and select (one vminps; `llvm.minimum`, which keeps NaN itself, expands to
+    several instructions on x86, each one step of the loop's dependency chain)."""
+    vt, L = e.vt, e.lanes
+    iota = f"<{', '.join(f'i64 {i}' for i in range(L))}>"
+    carried = [(vt, "zeroinitializer")] * 2 + [(f"<{L} x i1>", "zeroinitializer")]
+
+    def row(k, acc):
+        def vector(t, acc, mask=None):
+            x = e.vload(e.gep("%xt", e.offset(k, "%ldx", t)), mask)
+            lo = e(f"select <{L} x i1> {e(f'fcmp olt {vt} {x}, {acc[0]}')}, {vt} {x}, {vt} {acc[0]}")
+            hi = e(f"select <{L} x i1> {e(f'fcmp ogt {vt} {x}, {acc[1]}')}, {vt} {x}, {vt} {acc[1]}")
+            return [lo, hi, e(f"or <{L} x i1> {acc[2]}, {e(f'fcmp uno {vt} {x}, {x}')}")]
+
+        t, acc = e.loop("0", "%ntok", L, list(zip([ty for ty, _ in carried], acc)), vector)
+        # the last tokens, under one vector: masked lanes load 0, inside the range already
+        mask = e(f"icmp slt <{L} x i64> {e(f'add <{L} x i64> {e.splat_i64(t)}, {iota}')}, {e.splat_i64('%ntok')}")
+        return vector(t, acc, mask)
+
+    _, (lo, hi, nan) = e.loop("%k0", "%k1", 1, carried, row)
+    e.vstore(e(f"select <{L} x i1> {nan}, {vt} {e.const(float('nan'))}, {vt} {lo}"), "%out", None)
+    e.vstore(hi, e.gep("%out", str(L)), None)
+
+
+def range_ir(lanes: int) -> str:
+    e = Builder(lanes)
+    e.function(RANGE_SIGNATURE, lambda: _range(e))
+    return e.module("; sparsejit generated kernel: the range of xt, for DynamicQuantizeLinear's scale\n"
+                    "; out = (per lane min(0, xt[k0:k1, :ntok]), per lane max(0, xt[k0:k1, :ntok]))")
+
+
 def int8_ir(cfg: Int8Config) -> str:
-    if cfg.activation not in ACTIVATIONS:
+    if cfg.activation not in ACTIVATIONS or cfg.dot not in DOTS:
         raise ValueError(f"no int8 kernel for {cfg}")
-    e = Builder(LANES)
+    e = Builder(cfg.lanes)
     e.function(SIGNATURE, lambda: _rows(e, cfg))
     return e.module(f"; sparsejit generated kernel: int8 activation={cfg.activation} residual={cfg.residual} "
-                    f"vnni={cfg.vnni} vectors={cfg.vectors}\n"
+                    f"dot={cfg.dot} vectors={cfg.vectors}\n"
                     "; yt[j, t] = act(float(sum over row j's stored 4-blocks b: xq[b, t] . w[b] - corr[j]) * scale[j]"
                     f" + bias[j]){' + rt[j, t]' if cfg.residual else ''}")

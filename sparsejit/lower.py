@@ -3,13 +3,15 @@ graph rewrite, so `Model.graph` and `Model.forward_source` show what runs.
 
 - `group_linears`: Linear nodes that read the same input with the same activation and
   no residual (Q, K and V of every attention block) become one `LinearGroup` node: one
-  kernel over their weights side by side, one call and one pass over xᵀ.
+  kernel over their weights side by side, one call and one pass over xᵀ. Quantized
+  Linear nodes that also quantize their input alike (both dynamic, or the same static
+  scale and zero point) become one `QLinearGroup`: x is quantized once for all of them.
 - `prepare_masks`: a mask that several AttentionCore nodes read gets a `PrepareMask` node
   before the first of them, and they read its output: the kernel's layout of the mask
   is made once per run rather than once per layer.
 - `mark_layouts`: a LayerNormalization over the last axis with one output becomes a
-  `LayerNorm` node, written feature-major when a Linear reads it (both Linear kernels
-  work so), even from a token-major input (the embeddings): one transpose there rather
+  `LayerNorm` node, written feature-major when a Linear reads it (every Linear kernel,
+  int8 too, works so), even from a token-major input (the embeddings): one transpose there rather
   than one per reader.
 
 Like the fusion passes, each returns a new graph and leaves the one it is given as it was.
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+
 from .graph import Graph, Node
 
 
@@ -26,21 +30,36 @@ def _with_nodes(graph: Graph, nodes: list[Node]) -> Graph:
     return Graph(nodes, graph.inputs, graph.outputs, graph.constants, graph.opset, graph.origin)
 
 
+GROUPS = {"Linear": "LinearGroup", "QLinear": "QLinearGroup"}
+
+
+def _group_key(n: Node) -> tuple | None:
+    """Nodes with the same key compute side by side in one kernel; None: a node that doesn't."""
+    if n.op_type not in GROUPS or n.attrs["residual"]:
+        return None
+    a, w = n.attrs, n.attrs["weight"]
+    key = (n.op_type, n.inputs[0], a["activation"], w.shape[0], w.dtype.str)
+    if n.op_type == "QLinear":  # x quantized once: alike for every member
+        key += (a["mode"],) + tuple(None if v is None else (np.asarray(v).dtype.str, np.asarray(v).tobytes())
+                                    for v in (a["x_scale"], a["x_zero_point"]))
+    return key
+
+
 def group_linears(graph: Graph) -> Graph:
     groups: dict[tuple, list[Node]] = {}
     for n in graph.nodes:
-        if n.op_type == "Linear" and not n.attrs["residual"]:
-            w = n.attrs["weight"]
-            groups.setdefault((n.inputs[0], n.attrs["activation"], w.shape[0], w.dtype.str), []).append(n)
+        key = _group_key(n)
+        if key is not None:
+            groups.setdefault(key, []).append(n)
     first = {ms[0].name: ms for ms in groups.values() if len(ms) > 1}
     grouped = {m.name for ms in first.values() for m in ms}
     nodes = []
     for n in graph.nodes:
         if n.name in first:  # the group computes every member at the first one's place
             ms = first[n.name]
-            nodes.append(Node("LinearGroup", n.name, list(n.inputs), [m.outputs[0] for m in ms],
+            nodes.append(Node(GROUPS[n.op_type], n.name, list(n.inputs), [m.outputs[0] for m in ms],
                               {"activation": n.attrs["activation"], "members": ms}))
-        elif n.name not in grouped or n.op_type != "Linear":
+        elif n.name not in grouped or n.op_type not in GROUPS:
             nodes.append(n)
     return _with_nodes(graph, nodes)
 
@@ -62,7 +81,7 @@ def prepare_masks(graph: Graph) -> Graph:
 
 
 def mark_layouts(graph: Graph) -> Graph:
-    linear_inputs = {i for n in graph.nodes if n.op_type in ("Linear", "LinearGroup") for i in n.inputs}
+    linear_inputs = {i for n in graph.nodes if n.op_type in ("Linear", "QLinear", *GROUPS.values()) for i in n.inputs}
     nodes = []
     for n in graph.nodes:
         outs = [o for o in n.outputs if o]

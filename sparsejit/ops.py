@@ -531,7 +531,12 @@ def dequantize_linear(x, x_scale, x_zero_point=None, axis=1, block_size=0, outpu
 
 def dynamic_scale(x) -> tuple[np.float32, np.float32]:
     """(scale, zero point) of DynamicQuantizeLinear: uint8 over the range [min(x, 0), max(x, 0)]."""
-    hi, lo = np.float32(np.max(x, initial=0)), np.float32(np.min(x, initial=0))  # (the range includes 0)
+    return range_scale(np.min(x, initial=0), np.max(x, initial=0))  # (the range includes 0)
+
+
+def range_scale(lo, hi) -> tuple[np.float32, np.float32]:
+    """dynamic_scale's (scale, zero point) from the range [lo, hi] (lo ≤ 0 ≤ hi)."""
+    hi, lo = np.float32(hi), np.float32(lo)
     scale = np.float32(1.0 if hi == lo else hi - lo) / np.float32(255)
     return scale, np.rint(np.clip(np.float32(0) - lo / scale, 0, 255))
 

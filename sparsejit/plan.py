@@ -22,7 +22,7 @@ from .choose import Chooser
 from .graph import Graph, Node
 from .kernels.attention import fused_attention, prepare_mask
 from .kernels.embed import EmbedLayerNorm
-from .kernels.int8 import Int8Linear
+from .kernels.int8 import DOT_NAMES, Int8Linear
 from .kernels.layernorm import layernorm
 from .kernels.linear import DenseLinear, OutputSlice, Pattern, SparseLinear, analyse, linear_epilogue, reference_linear
 from .ops import bind
@@ -57,8 +57,14 @@ class LayerPlan:
         """The dense weight [in, out], rebuilt from what the kernel holds."""
         return self.impl.dense_weight()
 
+    @property
+    def int8(self) -> bool:
+        return isinstance(getattr(self.impl, "group", self.impl), Int8Linear)
+
     def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-        if isinstance(self.impl, Int8Linear):
+        if isinstance(self.impl, OutputSlice) and self.int8:
+            return self.impl.group.reference(x)[..., self.impl.start:self.impl.stop]
+        if self.int8:
             return self.impl.reference(x, residual)
         a = self.node.attrs
         return reference_linear(x, self.weight, a["bias"], a["activation"], residual)
@@ -68,7 +74,7 @@ class LayerPlan:
         the weights the kernel holds are not the ones loaded. (int8: the exact integer
         products of the weights held and of those loaded.)"""
         a = self.node.attrs
-        if isinstance(self.impl, Int8Linear):
+        if self.int8:
             held = int_probe_input(self.pattern.in_features) @ self.impl.dense_weight().astype(np.int64)
             return held.astype(np.float64), self.probe.astype(np.float64)
         r = np.zeros((1, self.pattern.out_features), np.float32) if a["residual"] else None
@@ -199,18 +205,53 @@ def attention_step(node: Node, p: Planning) -> Step:
     return Step(node, lambda q, kt, v, mask=None, scale=None: (fused_attention(q, kt, v, mask, scale, **a),))
 
 
-def qlinear_step(node: Node, p: Planning) -> Step:
-    """A quantized Linear on the int8 kernel (AVX-512 VNNI where the CPU has it)."""
-    a = node.attrs
+def _int8(a: dict) -> tuple[Int8Linear, str]:
+    """The int8 kernel for a QLinear node's attributes, and why."""
     impl = Int8Linear(a["weight"], a["scale"], a["mode"], a["x_scale"], a["x_zero_point"], a["bias"],
                       a["activation"], a["residual"])
-    pattern = analyse(a["weight"])
-    why = (f"int8 ({a['mode']} activation scale, {'VNNI' if impl.config.vnni else 'no VNNI: dot products written out'})"
-           f", {len(impl.blocks)} of {-(-pattern.in_features // 4) * pattern.out_features} 4-blocks stored")
-    probe = int_probe_input(pattern.in_features) @ a["weight"].astype(np.int64)
+    k, m = a["weight"].shape
+    return impl, (f"int8 ({a['mode']} activation scale, {DOT_NAMES[impl.config.dot]})"
+                  f", {len(impl.blocks)} of {-(-k // 4) * m} 4-blocks stored")
+
+
+def qlinear_step(node: Node, p: Planning) -> Step:
+    """A quantized Linear on the int8 kernel (AVX-512 VNNI where the CPU has it, else AVX2)."""
+    a = node.attrs
+    impl, why = _int8(a)
+    probe = int_probe_input(a["weight"].shape[0]) @ a["weight"].astype(np.int64)
     p.done_with(a["weight"])
-    p.add(LayerPlan(node.name, _without_weight(node), pattern, impl, why, decided_by="rule", probe=probe))
+    p.add(LayerPlan(node.name, _without_weight(node), analyse(a["weight"]), impl, why, decided_by="rule",
+                    probe=probe))
     return Step(p.layers[-1].node, lambda x, residual=None: (impl(x, residual),))
+
+
+def qlinear_group_step(node: Node, p: Planning) -> Step:
+    """A QLinearGroup: one int8 kernel over its members' weights side by side, x quantized
+    once; a LayerPlan per member whose impl is its slice of the output."""
+    members = node.attrs["members"]
+    ws = [m.attrs["weight"] for m in members]
+    m0 = members[0].attrs
+    scales = [np.broadcast_to(np.asarray(m.attrs["scale"], np.float32), (w.shape[1],)) for m, w in zip(members, ws)]
+    biases = [np.zeros(w.shape[1], np.float32) if m.attrs["bias"] is None else m.attrs["bias"]
+              for m, w in zip(members, ws)]
+    impl, why = _int8(dict(m0, weight=np.concatenate(ws, axis=1), scale=np.concatenate(scales),
+                           bias=np.concatenate(biases).astype(np.float32)))
+    why = f"one int8 kernel for the {len(members)} layers reading this input (its time shows on the first): {why}"
+    start, cuts = 0, []
+    for m, w in zip(members, ws):
+        cuts.append((start, start + w.shape[1]))
+        probe = int_probe_input(w.shape[0]) @ w.astype(np.int64)
+        p.done_with(w)
+        p.add(LayerPlan(m.name, _without_weight(m), analyse(w), OutputSlice(impl, *cuts[-1]), why,
+                        decided_by="rule", probe=probe))
+        start = cuts[-1][1]
+    attrs = {"activation": node.attrs["activation"], "members": [lp.node for lp in p.layers[-len(members):]]}
+
+    def run(x):
+        y = impl(x)
+        return tuple(y[..., a:b] for a, b in cuts)
+
+    return Step(Node(node.op_type, node.name, list(node.inputs), list(node.outputs), attrs), run)
 
 
 def onnx_attention_step(node: Node, p: Planning) -> Step:
@@ -262,6 +303,7 @@ def reference_step(node: Node, p: Planning) -> Step:
 STEPS: dict[str, Callable[[Node, Planning], Step]] = {
     "Linear": linear_step,
     "LinearGroup": group_step,
+    "QLinearGroup": qlinear_group_step,
     "AttentionCore": attention_step,
     "Attention": onnx_attention_step,
     "LayerNorm": layernorm_step,
@@ -275,8 +317,8 @@ def plan(graph: Graph, chooser: Chooser | None = None, progress: Callable[[int, 
          done_with: Callable[[np.ndarray], None] | None = None) -> tuple[list[Step], list[LayerPlan]]:
     """A step per node of the lowered graph, and every Linear layer's plan. `progress(done,
     total, layer)` is called as each Linear gets its kernel, `done_with(weight)` after."""
-    total = sum(1 if n.op_type in ("Linear", "QLinear") else len(n.attrs["members"]) if n.op_type == "LinearGroup"
-                else 0 for n in graph.nodes)
+    total = sum(1 if n.op_type in ("Linear", "QLinear") else len(n.attrs["members"])
+                if n.op_type in ("LinearGroup", "QLinearGroup") else 0 for n in graph.nodes)
     p = Planning(graph.opset, chooser or Chooser(), total, progress=progress)
     if done_with is not None:
         p.done_with = done_with

@@ -65,6 +65,9 @@ def test_quantized_forms_compute_what_the_graph_says(form):
     encoder = [lp for lp in model.layers if "encoder" in lp.name]
     if FORMS[form]:
         assert len(encoder) == 12 and {lp.kind for lp in encoder} == {"int8"}, [(lp.name, lp.kind) for lp in encoder]
+        # Q, K and V quantize their shared input alike: one kernel each block, x quantized once
+        groups = [n for n in model.graph.nodes if n.op_type == "QLinearGroup"]
+        assert len(groups) == 2 and all(len(n.attrs["members"]) == 3 for n in groups), form
     assert model.check().ok
 
 

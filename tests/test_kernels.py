@@ -509,31 +509,51 @@ def test_gelu_tanh_epilogue_against_numpy():
         np.testing.assert_allclose(impl(x), reference_linear(x, w, bias, "gelu_tanh"), **TOL)
 
 
-@pytest.mark.parametrize("vnni", [True, False])
-def test_int8_kernel_exact_against_the_integer_reference(vnni):
-    """The int8 kernel (AVX-512 VNNI, and the dot products written out for CPUs without it)
-    against the numpy reference: int32 sums exactly, then the float epilogue; dynamic and
-    static uint8 and int8 activation quantization; 1 output, 1 input, all-zero, 4-block
-    and unstructured weights; 0, 1, 17 and 130 tokens."""
-    from sparsejit.kernels.int8 import Int8Linear, has_vnni, reference_qlinear
+def test_int8_dynamic_quantization_of_nan_or_infinity_is_an_error():
+    """DynamicQuantizeLinear's scale comes from x's range: with a NaN or an infinity in x
+    there is none, and the kernel says so rather than computing with a NaN zero point."""
+    from sparsejit.kernels.int8 import Int8Linear
 
-    if vnni and not has_vnni():
-        pytest.skip("this CPU has no AVX-512 VNNI")
+    w = np.ones((8, 3), np.int8)
+    impl = Int8Linear(w, np.full(3, 0.1, np.float32), "dynamic")
+    for bad in (np.nan, np.inf, -np.inf):
+        x = np.ones((5, 8), np.float32)
+        x[2, 3] = bad
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            impl(x)
+    np.testing.assert_allclose(impl(np.ones((5, 8), np.float32)), impl.reference(np.ones((5, 8), np.float32)))
+
+
+@pytest.mark.parametrize("dot", ["vnni", "pmaddwd", "generic"])
+def test_int8_kernel_exact_against_the_integer_reference(dot):
+    """The int8 kernel, with each way of making the dot products (AVX-512 VNNI, AVX2
+    vpmaddwd, written out for any CPU), against the numpy reference: int32 sums exactly,
+    then the float epilogue; dynamic and static uint8 and int8 activation quantization;
+    1 output, 1 input, all-zero, 4-block and unstructured weights, weights of ±127 and
+    -128 next to activations of 255 (where AVX2's vpmaddubsw saturates); 0, 1, 17, 130
+    and 200 tokens (whole tiles, every narrower tile, a masked last vector)."""
+    from sparsejit.kernels.int8 import Int8Linear, host_dots, reference_qlinear
+
+    if dot not in host_dots():
+        pytest.skip(f"this CPU does not run the {dot} int8 kernel")
     rng = np.random.default_rng(17)
     for k, m, sparsity, block in [(64, 48, 0.9, 1), (96, 40, 0.8, 4), (130, 7, 0.5, 1), (1, 1, 0.0, 1),
-                                  (256, 1, 0.9, 4), (8, 5, 1.0, 1)]:
-        w = rng.integers(-127, 128, (k, m)).astype(np.int8)
+                                  (256, 1, 0.9, 4), (8, 5, 1.0, 1), (12, 3, -1, 1)]:
+        w = rng.integers(-127, 128, (k, m)).astype(np.int8) if sparsity >= 0 else \
+            np.resize(np.array([127, -128, 127, 127, -128, -128], np.int8), (k, m))
         keep = np.repeat(rng.random((k // 4, m)) >= sparsity, 4, axis=0) if block == 4 else rng.random((k, m)) >= sparsity
         w = (w * keep).astype(np.int8)
         ws, bias = (rng.random(m) * 0.01 + 0.001).astype(np.float32), rng.standard_normal(m).astype(np.float32)
-        for tokens in [0, 1, 17, 130]:
+        for tokens in [0, 1, 17, 130, 200]:
             x = rng.standard_normal((tokens, k)).astype(np.float32)
+            if sparsity < 0:  # the range's ends: uint8 0 and 255 next to the extreme weights
+                x = np.resize(np.array([-1.0, 3.0, 3.0, 3.0, -1.0], np.float32), (tokens, k))
             r = rng.standard_normal((tokens, m)).astype(np.float32)
             for mode, xs, xz in [("dynamic", None, None), ("static", np.float32(0.03), np.uint8(120)),
                                  ("static", np.float32(0.02), np.int8(-3))]:
                 scale = ws if mode == "dynamic" else np.float32(xs) * ws
                 for act, res in [("none", False), ("gelu", True)]:
-                    impl = Int8Linear(w, scale, mode, xs, xz, bias, act, res, vnni=vnni)
+                    impl = Int8Linear(w, scale, mode, xs, xz, bias, act, res, dot=dot)
                     want = reference_qlinear(x, r if res else None, weight=w, scale=scale, mode=mode, x_scale=xs,
                                              x_zero_point=xz, bias=bias, activation=act, residual=res)
                     np.testing.assert_array_equal(impl.dense_weight(), w)
