@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -182,7 +183,8 @@ def cmd_run(args) -> int:
             times.append(time.perf_counter() - t0)
             steps.advance()
     result = {"model": str(path), "threads": model.num_threads, "linear_layers": len(model.layers),
-              "sparse_layers": sum(lp.kind == "sparse" for lp in model.layers), "first_run_ms": first_ms,
+              "sparse_layers": sum(lp.kind == "sparse" for lp in model.layers),
+              "kernels": dict(Counter(lp.kind for lp in model.layers)), "first_run_ms": first_ms,
               "latency": latency_stats(times),
               "inputs": [{"name": n, "dtype": str(feeds[n].dtype), "shape": list(feeds[n].shape)}
                          for n in model.input_names],
@@ -200,9 +202,14 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _kinds(counts) -> str:
+    """'30 sparse, 6 dense': how many linear layers run on each kernel."""
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "none"
+
+
 def _print_run(r: dict) -> None:
     lat = r["latency"]
-    print_text(f"{Path(r['model']).name}: {r['linear_layers']} linear layers ({r['sparse_layers']} sparse), "
+    print_text(f"{Path(r['model']).name}: {r['linear_layers']} linear layers ({_kinds(r['kernels'])}), "
           f"{r['threads']} threads")
     print_text(f"first run {r['first_run_ms']:.1f} ms (sets up this input shape); then over {lat['runs']} runs: "
           f"p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f}, p99 {lat['p99_ms']:.2f}, std {lat['std_ms']:.2f}")
@@ -320,7 +327,7 @@ def layer_rows(model, prof: dict, tokens: int) -> list[dict]:
         rows.append({"index": i, "name": lp.name, "op": lp.node.attrs["source_op"], "in": k, "out": m,
                      "density": lp.pattern.density, "block": lp.pattern.block, "kernel": lp.kind,
                      "dense_flops": dense_flops,
-                     "flops_skipped": dense_flops * (1 - lp.pattern.density) if lp.kind == "sparse" else 0.0,
+                     "flops_skipped": dense_flops * lp.skipped,
                      "ms": prof.get(lp.name, 0.0) * 1e3 if lead == i else None, "time_in": lead,
                      "decided_by": lp.decided_by, "why": lp.reason})
     return rows
@@ -404,9 +411,9 @@ def _print_inspect(out: dict, verbose: bool) -> None:
         for r in rows], at=1)
     dense_total = sum(r["dense_flops"] for r in rows)
     skipped = sum(r["flops_skipped"] for r in rows)
-    footer = [("skipped: the FLOPs a dense product would do that the sparse kernel does not; ms: median time, "
+    footer = [("skipped: the FLOPs a dense product would do that the kernel does not; ms: median time, "
               "'in #N' for a layer computed by layer N's grouped kernel"),
-              (f"linear layers: {len(rows)} ({sum(r['kernel'] == 'sparse' for r in rows)} sparse), "
+              (f"linear layers: {len(rows)} ({_kinds(Counter(r['kernel'] for r in rows))}), "
               f"{out['linear_ms']:.2f} ms; FLOPs skipped {_fmt_flops(skipped)} of {_fmt_flops(dense_total)} "
               f"({100 * skipped / max(dense_total, 1):.1f}%)"),
               "other ops: " + ", ".join(f"{op} {ms:.2f} ms" for op, ms in out["other_ops_ms"].items()),
@@ -439,6 +446,7 @@ def cmd_check(args) -> int:
     ok = report.ok and all(r["ok"] for r in whole)
     out = {"model": str(path), "ok": ok, "whole_model_checked": oracle is not None,
            "oracle": oracle[0] if oracle else None, "note": why_not, "atol": args.atol, "rtol": args.rtol,
+           "quantized": any(lp.kind == "int8" for lp in model.layers),
            "kernels": [{**r.__dict__, "op": lp.node.attrs["source_op"]} for r, lp in zip(report, model.layers)],
            "whole_model": whole}
     if args.json:
@@ -448,7 +456,27 @@ def cmd_check(args) -> int:
     return 0 if ok else 1
 
 
+# Quantized activations: a float difference of an ulp upstream (a LayerNorm's sum in another
+# order) can move a value across a rounding boundary of the next quantization, and the
+# layers after amplify it: the reference ops against themselves, with one embedding scale of
+# MiniLM 80% INT8 an ulp larger, differ by up to 0.097 (pooled cosine 0.99986). The int8
+# kernels themselves are checked exactly (model.check); the whole model is held to the
+# agreement ONNX Runtime shows with itself (issue 15: its optimized and unoptimized sessions
+# on BERT-base INT8 files, pooled cosine 0.999 and above).
+INT8_POOLED_COSINE = 0.999
+
+
+def _pooled_cosine(g: np.ndarray, w: np.ndarray) -> float:
+    """The smallest cosine similarity over the batch of the outputs averaged over tokens."""
+    if g.ndim < 2 or not g.size:
+        return 1.0
+    pg, pw = (a.reshape(a.shape[0], -1, a.shape[-1]).mean(1).astype(np.float64) for a in (g, w))
+    norms = np.linalg.norm(pg, axis=-1) * np.linalg.norm(pw, axis=-1)
+    return float(np.min(np.where(norms > 0, (pg * pw).sum(-1) / np.where(norms > 0, norms, 1), 1.0)))
+
+
 def _compare_whole(model, run, args) -> list[dict]:
+    quantized = any(lp.kind == "int8" for lp in model.layers)
     rows = []
     for batch, seq in [(1, 7), (2, args.seq)]:
         feeds = _inputs(model, argparse.Namespace(inputs=None, batch=batch, seq=seq))
@@ -458,8 +486,11 @@ def _compare_whole(model, run, args) -> list[dict]:
         got, want = _run_checked(model, feeds), run(feeds)
         for out, g, w in zip(model.output_names, got, want):
             err = float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0
-            good = g.shape == w.shape and bool(np.allclose(g, w, atol=args.atol, rtol=args.rtol))
-            rows.append({"batch": batch, "seq": seq, "output": out, "max_abs_err": err, "ok": good})
+            cosine = _pooled_cosine(g, w) if g.shape == w.shape else 0.0
+            close = bool(np.allclose(g, w, atol=args.atol, rtol=args.rtol))
+            good = g.shape == w.shape and (close or quantized and cosine >= INT8_POOLED_COSINE)
+            rows.append({"batch": batch, "seq": seq, "output": out, "max_abs_err": err, "pooled_cosine": cosine,
+                         "ok": good})
     return rows
 
 
@@ -477,10 +508,15 @@ def _print_check(out: dict) -> None:
         ["", r["kind"], f"{r['shape'][0]}x{r['shape'][1]}", f"{r['density']:.3f}", f"{r['max_abs_err']:.2e}",
          f"{r['max_ref']:.2e}", "yes" if r["ok"] else "NO"] for r in out["kernels"]], at=0))
     if out["whole_model_checked"]:
-        print_text(f"\nwhole model against {out['oracle']} (atol {out['atol']}, rtol {out['rtol']}):")
+        also = f", or pooled cosine >= {INT8_POOLED_COSINE} for int8" if out["quantized"] else ""
+        print_text(f"\nwhole model against {out['oracle']} (atol {out['atol']}, rtol {out['rtol']}{also}):")
         for r in out["whole_model"]:
             print_text(f"  batch {r['batch']} seq {r['seq']:<4} {r['output']:<24} max |err| {r['max_abs_err']:.2e}  "
-                  f"{'ok' if r['ok'] else 'MISMATCH'}")
+                       f"cosine {r['pooled_cosine']:.6f}  {'ok' if r['ok'] else 'MISMATCH'}")
+        if out["quantized"]:
+            print_text("  (int8 activations are quantized as the model runs: a float difference of an ulp before a "
+                       "quantization can move one value a step, so the int8 model is compared by its pooled "
+                       "output; its kernels above are exact)")
     if not out["ok"]:
         print_text("MISMATCH")
     else:

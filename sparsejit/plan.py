@@ -61,6 +61,17 @@ class LayerPlan:
     def int8(self) -> bool:
         return isinstance(getattr(self.impl, "group", self.impl), Int8Linear)
 
+    @property
+    def skipped(self) -> float:
+        """The fraction of a dense product's multiply-adds the kernel does not do: the zeros
+        the sparse kernel skips; the 4-blocks the int8 kernel does not store."""
+        k, m = self.pattern_shape
+        if self.int8:
+            impl = getattr(self.impl, "group", self.impl)
+            a, b = (self.impl.start, self.impl.stop) if impl is not self.impl else (0, m)
+            return 1 - int(impl.indptr[b] - impl.indptr[a]) / (-(-k // 4) * m)
+        return 1 - self.pattern.density if self.kind == "sparse" else 0.0
+
     def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         if isinstance(self.impl, OutputSlice) and self.int8:
             return self.impl.group.reference(x)[..., self.impl.start:self.impl.stop]
