@@ -8,7 +8,9 @@
 - LayerNorm written out (ReduceMean, Sub, Pow, ReduceMean, Add ε, Sqrt, Div, Mul γ,
   Add β), as exporters before opset 17 emit it → one `LayerNormalization` node.
 - `EmbedLayerNorm`: Gathers from constant tables (word, position, token type), summed by
-  Adds, then LayerNorm → one node.
+  Adds, then LayerNorm → one node. A table quantized per tensor and gathered before its
+  DequantizeLinear (ONNX Runtime's quantizer writes embeddings so) is dequantized at load
+  first: the same values, gathered.
 
 Each pass rewrites only chains whose intermediate values have no other reader, so
 the fused graph computes exactly what the original did.
@@ -20,6 +22,7 @@ import numpy as np
 
 from .fold import eliminate_dead, fold_constants
 from .graph import Graph, Node
+from .ops import evaluate
 
 SQRT2 = float(np.sqrt(2.0))
 
@@ -384,6 +387,32 @@ def _gathered_sum(m: _Matcher, value: str, users: int = 1) -> list[Node] | None:
     return None if None in parts else [*parts[0], *parts[1]]
 
 
+def dequantize_gathered_tables(graph: Graph) -> Graph:
+    """Gather(constant integer table) → DequantizeLinear with a per-tensor scale and zero
+    point (ONNX Runtime's dynamic quantization of embeddings) → a Gather of the table
+    dequantized now. Each element goes through the same (q - zero point) · scale either
+    way, and the embeddings then fuse. (QDQ files quantize the gathered rows again before
+    their Adds: those stay as they are.)"""
+    m = _Matcher(graph)
+    tables: dict[str, np.ndarray] = {}
+    for dq in graph.nodes:
+        gather = m.made_by(dq.inputs[0], "Gather") if dq.op_type == "DequantizeLinear" else None
+        if gather is None or m.only_user(gather.outputs[0]) is not dq or gather.attrs.get("axis", 0) != 0:
+            continue
+        table = m.const(gather.inputs[0])
+        params = [m.const(i) for i in dq.inputs[1:] if i]
+        if table is None or table.ndim != 2 or table.dtype.kind not in "iu" or \
+                any(p is None or p.size != 1 for p in params):
+            continue
+        name = f"{gather.inputs[0]}::dequantized"
+        if name not in tables:
+            args = [table] + [m.const(i) if i else None for i in dq.inputs[1:]]
+            tables[name] = evaluate("DequantizeLinear", args, dq.attrs, graph.opset, 1)[0]
+        m.replace([gather, dq], Node("Gather", gather.name, [name, gather.inputs[1]], [dq.outputs[0]], gather.attrs))
+    g = m.result()
+    return Graph(g.nodes, g.inputs, g.outputs, {**g.constants, **tables}, g.opset, g.origin)
+
+
 def fuse_embeddings(graph: Graph) -> Graph:
     m = _Matcher(graph)
     for ln in graph.nodes:
@@ -411,8 +440,8 @@ def fold_weights(graph: Graph) -> Graph:
     return fold_constants(graph)
 
 
-PASSES = (fuse_gelu, fuse_layernorm, fuse_embeddings, fuse_quantized_linear, fold_weights, fuse_linear,
-          fuse_attention)
+PASSES = (fuse_gelu, fuse_layernorm, dequantize_gathered_tables, fuse_embeddings, fuse_quantized_linear, fold_weights,
+          fuse_linear, fuse_attention)
 
 
 def fuse(graph: Graph) -> Graph:

@@ -68,6 +68,9 @@ def test_quantized_forms_compute_what_the_graph_says(form):
         # Q, K and V quantize their shared input alike: one kernel each block, x quantized once
         groups = [n for n in model.graph.nodes if n.op_type == "QLinearGroup"]
         assert len(groups) == 2 and all(len(n.attrs["members"]) == 3 for n in groups), form
+    if form == "dynamic":  # its embedding tables, gathered then dequantized, dequantized at load and fused
+        assert [n.op_type for n in model.graph.nodes].count("EmbedLayerNorm") == 1
+        assert "DequantizeLinear" not in {n.op_type for n in model.graph.nodes}
     assert model.check().ok
 
 
