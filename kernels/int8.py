@@ -16,10 +16,20 @@ import numpy as np
 from ..ops import dynamic_quantize_linear, matmul_integer, op, quantize_linear
 from .compile import compile_ir, host_cpu, load_source, vector_lanes
 from .compress import balanced_bounds
-from .int8_ir import QUANTIZE_SIGNATURE, RANGE_SIGNATURE, SIGNATURE, Int8Config, int8_ir, quantize_ir, range_ir
+from .int8_ir import (
+    QUANTIZE_FLOAT_SIGNATURE,
+    QUANTIZE_SIGNATURE,
+    RANGE_SIGNATURE,
+    SIGNATURE,
+    Int8Config,
+    int8_ir,
+    quantize_float_ir,
+    quantize_ir,
+    range_ir,
+)
 from .ir import with_driver
 from .layout import feature_major_empty, transposed
-from .linear import _NO_RESIDUAL, _residual_rows, linear_epilogue
+from .linear import _NO_RESIDUAL, SparseLinear, _residual_rows, linear_epilogue
 
 
 def quantize_x(x: np.ndarray, mode: str, x_scale=None, x_zero_point=None) -> tuple[np.ndarray, np.float32, int]:
@@ -75,6 +85,25 @@ def range_scale(lo, hi):
 
 
 @njit(parallel=True, nogil=True, cache=True)
+def dynamic_range(range_fn, xt, parts, lanes):
+    # (finite, lo, hi): x's range with 0 in it, parts of its rows in parallel
+    k = xt.shape[0]
+    ranges = np.empty((parts, 2, lanes), np.float32)
+    for c in prange(parts):
+        range_fn(xt.ctypes.data, xt.strides[0] // 4, c * k // parts, (c + 1) * k // parts, xt.shape[1],
+                 ranges[c].ctypes.data)
+    lo = np.float32(0)
+    hi = np.float32(0)
+    for c in range(parts):
+        for i in range(lanes):
+            if not (np.isfinite(ranges[c, 0, i]) and np.isfinite(ranges[c, 1, i])):
+                return False, lo, hi
+            lo = min(lo, ranges[c, 0, i])
+            hi = max(hi, ranges[c, 1, i])
+    return True, lo, hi
+
+
+@njit(parallel=True, nogil=True, cache=True)
 def run_int8(range_fn, quantize_fn, fn, xt, lanes, dynamic, x_scale, x_zero, x_lo, colsum, wscale, corr, mult,
              indptr, blocks, weights, bias, yt, rt, bounds):
     k = xt.shape[0]
@@ -83,18 +112,9 @@ def run_int8(range_fn, quantize_fn, fn, xt, lanes, dynamic, x_scale, x_zero, x_l
     scale = np.float32(x_scale)
     zero = np.float32(x_zero)
     if dynamic:
-        ranges = np.empty((parts, 2, lanes), np.float32)
-        for c in prange(parts):
-            range_fn(xt.ctypes.data, xt.strides[0] // 4, c * k // parts, (c + 1) * k // parts, ntok,
-                     ranges[c].ctypes.data)
-        lo = np.float32(0)
-        hi = np.float32(0)
-        for c in range(parts):
-            for i in range(lanes):
-                if not (np.isfinite(ranges[c, 0, i]) and np.isfinite(ranges[c, 1, i])):
-                    return False
-                lo = min(lo, ranges[c, 0, i])
-                hi = max(hi, ranges[c, 1, i])
+        finite, lo, hi = dynamic_range(range_fn, xt, parts, lanes)
+        if not finite:
+            return False
         scale, zero = range_scale(lo, hi)
         corr = np.empty(colsum.shape[0], np.int32)
         mult = np.empty(colsum.shape[0], np.float32)
@@ -114,6 +134,37 @@ def run_int8(range_fn, quantize_fn, fn, xt, lanes, dynamic, x_scale, x_zero, x_l
         fn(xq.ctypes.data, tp, indptr.ctypes.data, blocks.ctypes.data, weights.ctypes.data, corr.ctypes.data,
            mult.ctypes.data, bias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data,
            rt.strides[0] // 4, bounds[c], bounds[c + 1], ntok)
+    return True
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def run_on_float(range_fn, quantize_fn, fn, xt, lanes, dynamic, x_scale, x_zero, x_lo, wscale, scaled_bias, xf,
+                 indptr, indices, values, yt, rt, nchunks, order, bounds):
+    # x quantized into floats q - zero point (integers in [-255, 255]), then the scaled sparse
+    # kernel: its sums are the integer sums exactly while below 2^24 (Int8OnFloat)
+    k = xt.shape[0]
+    ntok = xt.shape[1]
+    m = yt.shape[0]
+    parts = bounds.shape[0] - 1
+    scale = np.float32(x_scale)
+    zero = np.float32(x_zero)
+    bias = scaled_bias.copy()
+    if dynamic:
+        finite, lo, hi = dynamic_range(range_fn, xt, parts, lanes)
+        if not finite:
+            return False
+        scale, zero = range_scale(lo, hi)
+        for j in range(m):
+            bias[m + j] = scale * wscale[j]
+    lo = np.float32(x_lo)
+    hi = np.float32(x_lo + 255)
+    for c in prange(parts):
+        quantize_fn(xt.ctypes.data, xt.strides[0] // 4, xf.ctypes.data, xf.strides[0] // 4, scale, zero, lo, hi,
+                    c * k // parts, (c + 1) * k // parts, ntok)
+    for c in prange(parts):
+        fn(xf.ctypes.data, xf.strides[0] // 4, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data,
+           bias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data, rt.strides[0] // 4, m, nchunks,
+           order.ctypes.data, bounds[c], bounds[c + 1], ntok)
     return True
 """
 
@@ -214,8 +265,89 @@ class Int8Linear:
                 raise ValueError("the input holds NaN or infinity, so its dynamic quantization scale is undefined")
         return yt.T.reshape(lead + (m,))
 
+    def skipped(self, start: int = 0, stop: int | None = None) -> float:
+        """The fraction of outputs [start, stop)'s dense multiply-adds not done: the
+        4-blocks not stored."""
+        stop = self.out_features if stop is None else stop
+        return 1 - int(self.indptr[stop] - self.indptr[start]) / max(-(-self.in_features // 4) * (stop - start), 1)
+
     def _split(self) -> np.ndarray:
         n = numba.get_num_threads()
         if self._bounds[0] != n:
             self._bounds = (n, balanced_bounds(self.indptr, n))
         return self._bounds[1]
+
+
+EXACT_FLOAT = 1 << 24  # integers up to this magnitude are exact in float32, and so are their sums
+
+
+class Int8OnFloat:
+    """An int8 layer on the FP32 sparse kernel, exactly: x quantized into floats (q - zero
+    point, integers in [-255, 255]), the int8 weights as floats, so every product and every
+    partial sum is an integer below 2^24 (`exact_on_float` checks this at load) and the
+    kernel's float sums equal MatMulInteger's int32 ones; then the scaled epilogue
+    (sparse_ir `scaled`): times the output scale, plus the bias, as reference_qlinear.
+
+    For unstructured sparsity without VNNI: the int8 kernel stores whole 4-blocks, at 90%
+    about 3.4x the multiply-adds, where this kernel skips each zero."""
+
+    kind = "int8"
+
+    def __init__(self, weight: np.ndarray, scale, mode: str, x_scale=None, x_zero_point=None, bias=None,
+                 activation: str = "none", residual: bool = False):
+        self.in_features, self.out_features = weight.shape
+        m = self.out_features
+        self.mode, self.activation, self.residual = mode, activation, residual
+        self.x_scale, self.x_zero_point = x_scale, x_zero_point
+        self.scale = np.broadcast_to(np.asarray(scale, np.float32), (m,)).copy()
+        self.bias = np.zeros(m, np.float32) if bias is None else np.asarray(bias, np.float32).copy()
+        self.inner = SparseLinear(weight.astype(np.float32), None, activation, residual, scaled=True)
+        self.nnz = int(np.count_nonzero(weight))
+        zp = np.asarray(0 if x_zero_point is None else x_zero_point)
+        self._zero, self._lo = int(zp), -128 if zp.dtype == np.int8 else 0
+        mult = self.scale if mode == "dynamic" else output_scale(mode, np.float32(x_scale), self.scale)
+        self._scaled_bias = np.concatenate([self.bias, mult]).astype(np.float32)  # [bias | output scale]
+        lanes = vector_lanes()
+        self._fns = (RANGE_SIGNATURE.ctypes()(compile_ir(range_ir(lanes), RANGE_SIGNATURE.name)),
+                     QUANTIZE_FLOAT_SIGNATURE.ctypes()(compile_ir(quantize_float_ir(lanes),
+                                                                  QUANTIZE_FLOAT_SIGNATURE.name)))
+        self._driver = load_source(DRIVER_SOURCE).run_on_float
+
+    @property
+    def source(self) -> str:
+        return with_driver(self.inner.source, DRIVER_SOURCE)
+
+    def dense_weight(self) -> np.ndarray:
+        return self.inner.dense_weight().astype(np.int8)
+
+    def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        return reference_qlinear(x, residual, weight=self.dense_weight(), scale=self.scale, mode=self.mode,
+                                 x_scale=self.x_scale, x_zero_point=self.x_zero_point, bias=self.bias,
+                                 activation=self.activation, residual=self.residual)
+
+    def skipped(self, start: int = 0, stop: int | None = None) -> float:
+        """The fraction of outputs [start, stop)'s dense multiply-adds not done."""
+        w = self.dense_weight()[:, start:stop]
+        return 1 - np.count_nonzero(w) / max(w.size, 1)
+
+    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        lead, k, m = x.shape[:-1], self.in_features, self.out_features
+        x2 = x.reshape(-1, k)
+        ntok = x2.shape[0]
+        yt = feature_major_empty(m, ntok)
+        if ntok:
+            xt = transposed(x2)
+            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
+            _, bounds, indptr, indices, values, order = self.inner._arrays()
+            if not self._driver(*self._fns, self.inner._fn, xt, vector_lanes(), self.mode == "dynamic",
+                                np.float32(self.x_scale or 0), self._zero, self._lo, self.scale, self._scaled_bias,
+                                feature_major_empty(k, ntok), indptr, indices, values, yt, rt, self.inner.nchunks,
+                                order, bounds):
+                raise ValueError("the input holds NaN or infinity, so its dynamic quantization scale is undefined")
+        return yt.T.reshape(lead + (m,))
+
+
+def exact_on_float(weight: np.ndarray) -> bool:
+    """Whether Int8OnFloat computes this int8 weight exactly: with activations q - zero in
+    [-255, 255], every partial sum of a column is at most 255 · Σ|w| in magnitude."""
+    return bool(255 * np.abs(weight.astype(np.int64)).sum(axis=0).max(initial=0) < EXACT_FLOAT)

@@ -188,6 +188,33 @@ def quantize_ir(lanes: int) -> str:
                     "; xq[k4, t].byte[i] = clamp(roundeven(xt[4 k4 + i, t] / scale) + zero, lo, hi) - lo")
 
 
+QUANTIZE_FLOAT_SIGNATURE = Signature("quantize_float_rows", (
+    ("xt", "ptr"), ("ldx", "i64"), ("xf", "ptr"), ("ldf", "i64"), ("scale", "float"), ("zero", "float"),
+    ("lo", "float"), ("hi", "float"), ("k0", "i64"), ("k1", "i64"), ("ntok", "i64")))
+
+
+def quantize_float_ir(lanes: int) -> str:
+    """xf[k, t] = clamp(roundeven(xt[k, t] / scale) + zero, lo, hi) - zero for rows [k0, k1):
+    x quantized as _quantize does, kept as the float of q - zero point (int8.Int8OnFloat)."""
+    e = Builder(lanes)
+    vt = e.vt
+
+    def body():
+        scale, zero, lo, hi = (e.splat(v) for v in ("%scale", "%zero", "%lo", "%hi"))
+
+        def tile(k, t):
+            (mask,) = e.lane_masks(t, 1, "%ntok")
+            q = e.vcall("roundeven", e(f"fdiv {vt} {e.vload(e.gep('%xt', e.offset(k, '%ldx', t)), mask)}, {scale}"))
+            q = e.vcall("minnum", e.vcall("maxnum", e(f"fadd {vt} {q}, {zero}"), lo), hi)
+            e.vstore(e(f"fsub {vt} {q}, {zero}"), e.gep("%xf", e.offset(k, "%ldf", t)), mask)
+
+        e.loop("%k0", "%k1", 1, [], lambda k, _: e.tiles("0", "%ntok", lanes, lambda t: tile(k, t)) or [])
+
+    e.function(QUANTIZE_FLOAT_SIGNATURE, body)
+    return e.module("; sparsejit generated kernel: float xt quantized, kept as floats q - zero point\n"
+                    "; xf[k, t] = clamp(roundeven(xt[k, t] / scale) + zero, lo, hi) - zero")
+
+
 RANGE_SIGNATURE = Signature("range_rows", (("xt", "ptr"), ("ldx", "i64"), ("k0", "i64"), ("k1", "i64"),
                                            ("ntok", "i64"), ("out", "ptr")))
 

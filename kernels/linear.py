@@ -87,7 +87,8 @@ def run_rows(fn, xt, indptr, indices, values, bias, yt, rt, nchunks, order, boun
 """
 
 
-def kernel_config(block: int, activation: str, residual: bool, in_features: int = 1 << 16) -> IRConfig:
+def kernel_config(block: int, activation: str, residual: bool, in_features: int = 1 << 16,
+                  scaled: bool = False) -> IRConfig:
     """An output row's tile of tokens stays in `vectors` registers: 8 of AVX-512's 32 (128
     tokens), 14 of AVX2's 16, leaving one for the broadcast weight and one spare (with
     16, the 128 tokens of the AVX-512 tile, LLVM spilled every accumulator to the stack
@@ -95,7 +96,8 @@ def kernel_config(block: int, activation: str, residual: bool, in_features: int 
     the weights stream from memory on every call, and two bytes fewer per stored weight
     is a quarter less to stream."""
     lanes = vector_lanes()
-    return IRConfig(block, activation, residual, lanes, SPARSE_VECTORS[lanes], 16 if in_features <= 1 << 16 else 32)
+    return IRConfig(block, activation, residual, lanes, SPARSE_VECTORS[lanes], 16 if in_features <= 1 << 16 else 32,
+                    scaled)
 
 
 SPARSE_VECTORS = {16: 8, 8: 14}  # accumulator registers of the sparse tile, by lanes (AVX-512, AVX2)
@@ -227,10 +229,10 @@ class SparseLinear(_FeatureMajorLinear):
     kind = "sparse"
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str,
-                 residual: bool, pattern: Pattern | None = None, k_chunk: int | None = None):
+                 residual: bool, pattern: Pattern | None = None, k_chunk: int | None = None, scaled: bool = False):
         self.pattern = pattern or analyse(weight)
         k, m = weight.shape
-        self.config = kernel_config(self.pattern.block, activation, residual, k)
+        self.config = kernel_config(self.pattern.block, activation, residual, k, scaled)
         self.in_features, self.out_features = k, m
         self.activation, self.residual = activation, residual
         indptr, indices, values = compress(weight, self.pattern.block)

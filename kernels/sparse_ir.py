@@ -43,6 +43,7 @@ class IRConfig:
     lanes: int = 16           # floats per vector register
     vectors: int = 8          # registers per output tile
     index_bits: int = 32      # stored input index width: 16 (unsigned) when the inputs fit, else 32
+    scaled: bool = False      # bias holds 2m floats: the sums times bias[m + j], plus bias[j], then act
 
 
 def _add_stored(e: Builder, cfg: IRConfig, vectors: int, mask: str | None, at: str, k_stored: str,
@@ -98,7 +99,7 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
     yptrs = [e.vptr("%yt", e.offset("%j", "%ldy", "%t"), u) for u in range(vectors)]
     e.cond_br(e("icmp eq i64 %c, 0"), "from.bias", "from.y")
     e.label("from.bias")
-    binit = e.splat(e(f"load float, ptr {e.gep('%bias', '%j')}, align 4"))
+    binit = e.const(0.0) if cfg.scaled else e.splat(e(f"load float, ptr {e.gep('%bias', '%j')}, align 4"))
     e.br("start")
     e.label("from.y")
     e.cond_br(e(f"icmp ugt i1 {e(f'icmp sge i64 {p0}, {p1}')}, {last}"), "skip", "from.y.load")  # empty, not last
@@ -117,6 +118,10 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
     e.raw("  ret void")
     e.label("epilogue")
     rstart = e.offset("%j", "%ldr", "%t") if cfg.residual else None
+    if cfg.scaled:  # an int8 layer's exact integer sums (int8.Int8OnFloat): times the scale, plus the bias
+        scale = e.splat(e(f"load float, ptr {e.gep('%bias', e('add i64 %j, %m'))}, align 4"))
+        bias = e.splat(e(f"load float, ptr {e.gep('%bias', '%j')}, align 4"))
+        sums = [e(f"fadd {vt} {e(f'fmul {vt} {v}, {scale}')}, {bias}") for v in sums]
     for u, (v, ptr) in enumerate(zip(sums, yptrs)):
         residual = e.vptr("%rt", rstart, u) if cfg.residual else None
         e.vstore(epilogue(e, cfg.activation, v, residual, mask), ptr, mask)
@@ -169,8 +174,10 @@ def ir_source(cfg: IRConfig) -> str:
         e.function(_SHARED.extended(name, *tile_args), lambda v=vectors, mk=masked: _tile(e, cfg, v, mk),
                    extra=f"<{cfg.lanes} x i1> %mask" if masked else "", attrs="alwaysinline")
     e.function(SIGNATURE, lambda: _driver(e, cfg))
+    total = "bias[m + j] * (sum ...) + bias[j]" if cfg.scaled else "bias[j] + sum ..."
     header = (f"; sparsejit generated kernel: block={cfg.block} activation={cfg.activation} "
-              f"residual={cfg.residual} lanes={cfg.lanes} vectors={cfg.vectors} index_bits={cfg.index_bits}\n"
-              f"; yt[j, t] = act(bias[j] + sum over row j's stored (k, w): w * xt[k, t])"
+              f"residual={cfg.residual} lanes={cfg.lanes} vectors={cfg.vectors} index_bits={cfg.index_bits}"
+              f"{' scaled' if cfg.scaled else ''}\n"
+              f"; yt[j, t] = act({total}), sum ... over row j's stored (k, w): w * xt[k, t]"
               f"{' + rt[j, t]' if cfg.residual else ''}")
     return e.module(header)

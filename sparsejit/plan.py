@@ -22,7 +22,7 @@ from .choose import Chooser
 from .graph import Graph, Node
 from .kernels.attention import fused_attention, prepare_mask
 from .kernels.embed import EmbedLayerNorm
-from .kernels.int8 import DOT_NAMES, Int8Linear
+from .kernels.int8 import DOT_NAMES, Int8Linear, Int8OnFloat, exact_on_float, host_dots
 from .kernels.layernorm import layernorm
 from .kernels.linear import DenseLinear, OutputSlice, Pattern, SparseLinear, analyse, linear_epilogue, reference_linear
 from .ops import bind
@@ -59,17 +59,15 @@ class LayerPlan:
 
     @property
     def int8(self) -> bool:
-        return isinstance(getattr(self.impl, "group", self.impl), Int8Linear)
+        return self.kind == "int8"
 
     @property
     def skipped(self) -> float:
         """The fraction of a dense product's multiply-adds the kernel does not do: the zeros
-        the sparse kernel skips; the 4-blocks the int8 kernel does not store."""
-        k, m = self.pattern_shape
+        the sparse kernel skips; for int8, what its kernel says."""
         if self.int8:
             impl = getattr(self.impl, "group", self.impl)
-            a, b = (self.impl.start, self.impl.stop) if impl is not self.impl else (0, m)
-            return 1 - int(impl.indptr[b] - impl.indptr[a]) / (-(-k // 4) * m)
+            return impl.skipped(self.impl.start, self.impl.stop) if impl is not self.impl else impl.skipped()
         return 1 - self.pattern.density if self.kind == "sparse" else 0.0
 
     def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
@@ -216,13 +214,25 @@ def attention_step(node: Node, p: Planning) -> Step:
     return Step(node, lambda q, kt, v, mask=None, scale=None: (fused_attention(q, kt, v, mask, scale, **a),))
 
 
-def _int8(a: dict) -> tuple[Int8Linear, str]:
-    """The int8 kernel for a QLinear node's attributes, and why."""
-    impl = Int8Linear(a["weight"], a["scale"], a["mode"], a["x_scale"], a["x_zero_point"], a["bias"],
-                      a["activation"], a["residual"])
-    k, m = a["weight"].shape
+PADDING_WORTH = 2.0  # without VNNI, 4-blocks storing this many times the nonzeros lose to skipping each zero
+
+
+def _int8(a: dict) -> tuple[Int8Linear | Int8OnFloat, str]:
+    """The int8 kernel for a QLinear node's attributes, and why. Without VNNI, a weight
+    whose nonzeros are scattered (4-blocks would store over PADDING_WORTH times as many
+    multiply-adds) runs on the FP32 sparse kernel, exactly, where its sums stay below 2^24."""
+    w = a["weight"]
+    k, m = w.shape
+    args = (w, a["scale"], a["mode"], a["x_scale"], a["x_zero_point"], a["bias"], a["activation"], a["residual"])
+    nnz = int(np.count_nonzero(w))
+    blocks = int(np.count_nonzero(np.pad(w, ((0, -k % 4), (0, 0))).reshape(-1, 4, m).any(axis=1)))
+    if "vnni" not in host_dots() and 4 * blocks > PADDING_WORTH * nnz and exact_on_float(w):
+        return Int8OnFloat(*args), (f"int8 ({a['mode']} activation scale) on the FP32 sparse kernel, exact (integer "
+                                    f"sums below 2^24): 4-blocks would store {4 * blocks / max(nnz, 1):.1f}x the "
+                                    "nonzeros, and this CPU has no VNNI")
+    impl = Int8Linear(*args)
     return impl, (f"int8 ({a['mode']} activation scale, {DOT_NAMES[impl.config.dot]})"
-                  f", {len(impl.blocks)} of {-(-k // 4) * m} 4-blocks stored")
+                  f", {blocks} of {-(-k // 4) * m} 4-blocks stored")
 
 
 def qlinear_step(node: Node, p: Planning) -> Step:

@@ -98,3 +98,28 @@ def test_sparsejit_quantize_makes_models_the_int8_kernels_run(tmp_path, mode):
     feeds = make_inputs(model.input_names, 2, 9)
     for g, w in zip(model.run(feeds), _oracle(out, feeds)):
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_unstructured_int8_without_vnni_runs_on_the_fp32_sparse_kernel_exactly(tmp_path, mode):
+    """An unstructured 90% model quantized: its 4-blocks would store about 3x the nonzeros,
+    so a CPU without VNNI runs its layers on the FP32 sparse kernel (int8.Int8OnFloat),
+    whose float sums are the integer ones; with VNNI, on the int8 kernel. Either way what
+    the graph says."""
+    from conftest import MODELS_DIR
+    from sparsejit.kernels.int8 import host_dots
+
+    from sparsejit.quantize import quantize_model
+
+    out = tmp_path / f"{mode}.onnx"
+    quantize_model(MODELS_DIR / "bert_sdpa_h64_op14_legacy_p90.onnx", out, mode)
+    model = sparsejit.load(out)
+    encoder = [lp for lp in model.layers if "encoder" in lp.name]
+    assert {lp.kind for lp in encoder} == {"int8"}
+    on_float = ["on the FP32 sparse kernel" in lp.reason for lp in encoder]
+    assert all(on_float) if "vnni" not in host_dots() else not any(on_float)
+    for batch, seq in [(1, 5), (2, 23)]:
+        feeds = make_inputs(model.input_names, batch, seq, seed=seq)
+        for g, w in zip(model.run(feeds), _oracle(out, feeds)):
+            np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+    assert model.check().ok

@@ -509,6 +509,40 @@ def test_gelu_tanh_epilogue_against_numpy():
         np.testing.assert_allclose(impl(x), reference_linear(x, w, bias, "gelu_tanh"), **TOL)
 
 
+def test_int8_on_the_fp32_sparse_kernel_is_exact():
+    """Int8OnFloat: x quantized into floats q - zero point, the int8 weights as floats: the
+    FP32 sparse kernel's sums are MatMulInteger's exactly (integers below 2^24), so without
+    an activation its output equals the reference bit for bit; with GELU and a residual,
+    within the epilogue's float error. K-chunked too. A weight whose sums could pass 2^24
+    is refused by exact_on_float."""
+    from sparsejit.kernels.int8 import Int8OnFloat, exact_on_float, reference_qlinear
+
+    rng = np.random.default_rng(18)
+    for k, m, sparsity in [(64, 48, 0.9), (130, 7, 0.5), (1, 1, 0.0), (8, 5, 1.0), (300, 40, 0.8)]:
+        w = (rng.integers(-128, 128, (k, m)) * (rng.random((k, m)) >= sparsity)).astype(np.int8)
+        ws, bias = (rng.random(m) * 0.01 + 0.001).astype(np.float32), rng.standard_normal(m).astype(np.float32)
+        for tokens in [0, 1, 17, 130]:
+            x = (rng.standard_normal((tokens, k)) * 3).astype(np.float32)
+            r = rng.standard_normal((tokens, m)).astype(np.float32)
+            for mode, xs, xz in [("dynamic", None, None), ("static", np.float32(0.03), np.uint8(120)),
+                                 ("static", np.float32(0.02), np.int8(-3))]:
+                scale = ws if mode == "dynamic" else np.float32(xs) * ws
+                for act, res in [("none", False), ("gelu", True)]:
+                    impl = Int8OnFloat(w, scale, mode, xs, xz, bias, act, res)
+                    if k == 300:
+                        impl.inner = impl.inner.with_chunk(64)
+                    want = reference_qlinear(x, r if res else None, weight=w, scale=scale, mode=mode, x_scale=xs,
+                                             x_zero_point=xz, bias=bias, activation=act, residual=res)
+                    got = impl(x, r if res else None)
+                    np.testing.assert_array_equal(impl.dense_weight(), w)
+                    if act == "none":
+                        np.testing.assert_array_equal(got, want, err_msg=f"{k}x{m} {tokens} tokens {mode}")
+                    else:
+                        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert exact_on_float(np.full((514, 3), -128, np.int8))  # 255 * 128 * 514 < 2^24
+    assert not exact_on_float(np.full((515, 3), -128, np.int8))
+
+
 def test_int8_dynamic_quantization_of_nan_or_infinity_is_an_error():
     """DynamicQuantizeLinear's scale comes from x's range: with a NaN or an infinity in x
     there is none, and the kernel says so rather than computing with a NaN zero point."""
