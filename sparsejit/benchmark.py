@@ -16,8 +16,10 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -206,9 +208,26 @@ def measure(engine: str, path: str, batch: int = 1, seq: int = 128, runs: int = 
         return cmd
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines()
-        return {"engine": engine, "error": lines[-1] if lines else f"exit status {proc.returncode}"}
+        return {"engine": engine, "error": worker_failure(proc.stderr, proc.returncode)}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_FAILURE = re.compile(r"error|exception|assert|abort|fatal|not supported|unsupported", re.IGNORECASE)
+
+
+def worker_failure(stderr: str, returncode: int) -> str:
+    """Why a worker failed, in a line: how it ended (a signal by name), and the last line of
+    its stderr that names a failure, else its last line. DeepSparse's abort on a dynamically
+    quantized file ends with a backtrace and 'Please email a copy of this stack trace';
+    its 'Assertion at ...planner.hpp:70' line is the one that says something."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    named = [line for line in lines if _FAILURE.search(line)]
+    said = named[-1] if named else lines[-1] if lines else ""
+    try:
+        ended = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit status {returncode}"
+    except ValueError:
+        ended = f"exit status {returncode}"
+    return f"{ended}: {said}" if said else ended
 
 
 # Seconds between one engine's timed calls and the next engine's: ONNX Runtime's and
@@ -292,8 +311,7 @@ def start_worker(cmd: list[str], err) -> tuple[subprocess.Popen | None, dict | s
         return proc, json.loads(line)
     proc.wait()
     err.seek(0)
-    lines = err.read().strip().splitlines()
-    return None, lines[-1] if lines else f"exit {proc.returncode}"
+    return None, worker_failure(err.read(), proc.returncode)
 
 
 def paired_ratio(base: dict, other: dict) -> float | None:

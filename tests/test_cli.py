@@ -478,3 +478,26 @@ def test_deepsparse_gets_a_copy_that_is_deleted_after_compiling(tmp_path, monkey
     assert seen["existed"] and seen["path"] != str(model) and str(tmp_path) in seen["path"]
     assert not os.path.exists(seen["path"]) and list(tmp_path.iterdir()) == []
     assert [name for name, _ in specs] == ["input_ids", "attention_mask", "token_type_ids"]
+
+
+def test_a_failed_peer_is_named_by_its_failure_line():
+    """A peer worker that dies says how, and which line of its stderr names the failure:
+    DeepSparse 1.8 on a dynamically quantized file aborts with a backtrace whose last line
+    is 'Please email a copy of this stack trace', which the bench used to print alone."""
+    from sparsejit.benchmark import worker_failure
+
+    deepsparse = """DeepSparse, Copyright 2021-present / Neuralmagic, Inc. version: 1.8.0
+L2 cache size: 0.5Mb
+
+Assertion at ./src/include/wand/engine/compute/planner.hpp:70
+
+Backtrace:
+ 0# 0x00007f76e3881383:
+    [440fb6c34c8b25920e2f026a0044]
+Please email a copy of this stack trace and any additional information to: x@y.z
+"""
+    assert worker_failure(deepsparse, -6) == \
+        "killed by SIGABRT: Assertion at ./src/include/wand/engine/compute/planner.hpp:70"
+    assert worker_failure("loading\nValueError: bad model\n", 1) == "exit status 1: ValueError: bad model"
+    assert worker_failure("just a last line\n", 3) == "exit status 3: just a last line"
+    assert worker_failure("", 2) == "exit status 2"
