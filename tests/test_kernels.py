@@ -509,6 +509,51 @@ def test_gelu_tanh_epilogue_against_numpy():
         np.testing.assert_allclose(impl(x), reference_linear(x, w, bias, "gelu_tanh"), **TOL)
 
 
+def test_int8_input_kernels_agree_at_every_width():
+    """The range and quantize kernels the int8 layers run first, built for 8 lanes (AVX2)
+    and for 16 (AVX-512, here legalised for whatever this CPU is): x's range as numpy finds
+    it, and the same quantized bytes and floats from both widths, over shapes with partial
+    vectors and partial 4-blocks."""
+    from sparsejit.kernels.compile import compile_ir
+    from sparsejit.kernels.int8_ir import (
+        QUANTIZE_FLOAT_SIGNATURE,
+        QUANTIZE_SIGNATURE,
+        RANGE_SIGNATURE,
+        quantize_float_ir,
+        quantize_ir,
+        range_ir,
+    )
+    from sparsejit.kernels.layout import feature_major_empty
+
+    rng = np.random.default_rng(19)
+    for k, ntok in [(130, 37), (384, 128), (7, 5)]:
+        xt = feature_major_empty(k, ntok)
+        xt[:] = rng.standard_normal((k, ntok)) * 3
+        tp, k4 = -(-ntok // 16) * 16, -(-k // 4)
+        got = []
+        for lanes in (8, 16):
+            out = np.zeros((2, lanes), np.float32)
+            RANGE_SIGNATURE.ctypes()(compile_ir(range_ir(lanes), RANGE_SIGNATURE.name))(
+                xt.ctypes.data, xt.strides[0] // 4, 0, k, ntok, out.ctypes.data)
+            assert out[0].min() == min(0, xt.min()) and out[1].max() == max(0, xt.max())
+            xq, xf = np.zeros((k4, tp), np.int32), feature_major_empty(k, ntok)
+            QUANTIZE_SIGNATURE.ctypes()(compile_ir(quantize_ir(lanes), QUANTIZE_SIGNATURE.name))(
+                xt.ctypes.data, xt.strides[0] // 4, xq.ctypes.data, tp, k, np.float32(0.03), np.float32(120),
+                np.float32(0), np.float32(255), 0, k4, ntok)
+            QUANTIZE_FLOAT_SIGNATURE.ctypes()(compile_ir(quantize_float_ir(lanes), QUANTIZE_FLOAT_SIGNATURE.name))(
+                xt.ctypes.data, xt.strides[0] // 4, xf.ctypes.data, xf.strides[0] // 4, np.float32(0.03),
+                np.float32(120), np.float32(0), np.float32(255), 0, k, ntok)
+            got.append((xq[:, :ntok].copy(), np.array(xf)))
+        np.testing.assert_array_equal(got[0][0], got[1][0])
+        np.testing.assert_array_equal(got[0][1], got[1][1])
+        q = np.clip(np.rint(xt / np.float32(0.03)) + 120, 0, 255)  # what the graph's QuantizeLinear gives
+        np.testing.assert_array_equal(got[0][1], q - 120)
+        packed = np.zeros((k4 * 4, ntok), np.uint32)
+        packed[:k] = q.astype(np.uint32)
+        np.testing.assert_array_equal(got[0][0].view(np.uint32),
+                                      (packed.reshape(k4, 4, ntok) << (8 * np.arange(4, dtype=np.uint32))[:, None]).sum(1))
+
+
 def test_int8_on_the_fp32_sparse_kernel_is_exact():
     """Int8OnFloat: x quantized into floats q - zero point, the int8 weights as floats: the
     FP32 sparse kernel's sums are MatMulInteger's exactly (integers below 2^24), so without
