@@ -37,7 +37,7 @@ class LayerPlan:
     name: str
     node: Node
     pattern: Pattern
-    impl: SparseLinear | DenseLinear | OutputSlice
+    impl: SparseLinear | DenseLinear | OutputSlice | Int8Linear | Int8OnFloat
     reason: str
     timings_ms: dict = field(default_factory=dict)
     timing_reused: bool = False  # measured on an earlier layer of the same kind
