@@ -288,8 +288,8 @@ class Int8OnFloat:
     kernel's float sums equal MatMulInteger's int32 ones; then the scaled epilogue
     (sparse_ir `scaled`): times the output scale, plus the bias, as reference_qlinear.
 
-    For unstructured sparsity without VNNI: the int8 kernel stores whole 4-blocks, at 90%
-    about 3.4x the multiply-adds, where this kernel skips each zero."""
+    For unstructured sparsity without VNNI: the int8 kernel stores whole 4-blocks, several
+    times the multiply-adds, where this kernel skips each zero."""
 
     kind = "int8"
 

@@ -458,11 +458,10 @@ def cmd_check(args) -> int:
 
 # Quantized activations: a float difference of an ulp upstream (a LayerNorm's sum in another
 # order) can move a value across a rounding boundary of the next quantization, and the
-# layers after amplify it: the reference ops against themselves, with one embedding scale of
-# MiniLM 80% INT8 an ulp larger, differ by up to 0.097 (pooled cosine 0.99986). The int8
-# kernels themselves are checked exactly (model.check); the whole model is held to the
-# agreement ONNX Runtime shows with itself (issue 15: its optimized and unoptimized sessions
-# on BERT-base INT8 files, pooled cosine 0.999 and above).
+# layers after amplify it, as much as the reference ops differ from themselves with one
+# scale an ulp apart (bench/README, "Measured and tried"). The int8 kernels themselves are
+# checked exactly (model.check); the whole model is held to the agreement ONNX Runtime
+# shows with itself on INT8 files (issue 15).
 INT8_POOLED_COSINE = 0.999
 
 
