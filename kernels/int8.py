@@ -201,18 +201,51 @@ def compress_blocks(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 INT8_VECTORS = {"vnni": 8, "pmaddwd": 8, "generic": 8}
 
 
-class Int8Linear:
-    """The int8 kernel for one quantized Linear node (attributes as reference_qlinear takes)."""
+class _Quantized:
+    """What both int8 layer kernels share: the node's attributes, the numpy reference, and
+    a call that hands the driver xᵀ, rᵀ and yᵀ (feature-major, as the Linear kernels)."""
 
     kind = "int8"
 
-    def __init__(self, weight: np.ndarray, scale, mode: str, x_scale=None, x_zero_point=None, bias=None,
-                 activation: str = "none", residual: bool = False, dot: str | None = None):
+    def __init__(self, weight: np.ndarray, scale, mode: str, x_scale, x_zero_point, bias, activation: str,
+                 residual: bool):
         self.in_features, self.out_features = weight.shape
         self.mode, self.activation, self.residual = mode, activation, residual
         self.x_scale, self.x_zero_point = x_scale, x_zero_point
         self.scale = np.broadcast_to(np.asarray(scale, np.float32), (self.out_features,)).copy()
         self.bias = np.zeros(self.out_features, np.float32) if bias is None else np.asarray(bias, np.float32).copy()
+
+    def dense_weight(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        return reference_qlinear(x, residual, weight=self.dense_weight(), scale=self.scale, mode=self.mode,
+                                 x_scale=self.x_scale, x_zero_point=self.x_zero_point, bias=self.bias,
+                                 activation=self.activation, residual=self.residual)
+
+    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        """y for x [..., in]: one call of the driver quantizes x (its range first, when
+        dynamic) and runs the kernel, so the threads stay awake between the steps."""
+        lead, k, m = x.shape[:-1], self.in_features, self.out_features
+        x2 = x.reshape(-1, k)
+        yt = feature_major_empty(m, x2.shape[0])
+        if x2.shape[0]:
+            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
+            if not self._run(transposed(x2), yt, rt):
+                raise ValueError("the input holds NaN or infinity, so its dynamic quantization scale is undefined")
+        return yt.T.reshape(lead + (m,))
+
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
+        """The driver's call; False when a dynamic input's range is not finite."""
+        raise NotImplementedError
+
+
+class Int8Linear(_Quantized):
+    """The int8 kernel for one quantized Linear node (attributes as reference_qlinear takes)."""
+
+    def __init__(self, weight: np.ndarray, scale, mode: str, x_scale=None, x_zero_point=None, bias=None,
+                 activation: str = "none", residual: bool = False, dot: str | None = None):
+        super().__init__(weight, scale, mode, x_scale, x_zero_point, bias, activation, residual)
         self.indptr, self.blocks, self.weights = compress_blocks(weight)
         self.colsum = weight.astype(np.int32).sum(axis=0).astype(np.int32)
         dot = dot or host_dots()[0]
@@ -243,27 +276,11 @@ class Int8Linear:
         w[self.blocks.astype(np.int64), :, rows] = blocks
         return w.reshape(-1, self.out_features)[:self.in_features]
 
-    def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-        return reference_qlinear(x, residual, weight=self.dense_weight(), scale=self.scale, mode=self.mode,
-                                 x_scale=self.x_scale, x_zero_point=self.x_zero_point, bias=self.bias,
-                                 activation=self.activation, residual=self.residual)
-
-    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-        """y for x [..., in]: one call of the driver quantizes x (its range first, when
-        dynamic) and runs the kernel, so the threads stay awake between the steps."""
-        lead, k, m = x.shape[:-1], self.in_features, self.out_features
-        x2 = x.reshape(-1, k)
-        ntok = x2.shape[0]
-        yt = feature_major_empty(m, ntok)
-        if ntok:
-            xt = transposed(x2)
-            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
-            scale, zero, lo, corr, mult = self._quantization
-            if not self._driver(*self._fns, xt, vector_lanes(), self.mode == "dynamic", scale, zero, lo, self.colsum,
-                                self.scale, corr, mult, self.indptr, self.blocks, self.weights, self.bias, yt, rt,
-                                self._split()):
-                raise ValueError("the input holds NaN or infinity, so its dynamic quantization scale is undefined")
-        return yt.T.reshape(lead + (m,))
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
+        scale, zero, lo, corr, mult = self._quantization
+        return self._driver(*self._fns, xt, vector_lanes(), self.mode == "dynamic", scale, zero, lo, self.colsum,
+                            self.scale, corr, mult, self.indptr, self.blocks, self.weights, self.bias, yt, rt,
+                            self._split())
 
     def skipped(self, start: int = 0, stop: int | None = None) -> float:
         """The fraction of outputs [start, stop)'s dense multiply-adds not done: the
@@ -281,7 +298,7 @@ class Int8Linear:
 EXACT_FLOAT = 1 << 24  # integers up to this magnitude are exact in float32, and so are their sums
 
 
-class Int8OnFloat:
+class Int8OnFloat(_Quantized):
     """An int8 layer on the FP32 sparse kernel, exactly: x quantized into floats (q - zero
     point, integers in [-255, 255]), the int8 weights as floats, so every product and every
     partial sum is an integer below 2^24 (`exact_on_float` checks this at load) and the
@@ -291,18 +308,10 @@ class Int8OnFloat:
     For unstructured sparsity without VNNI: the int8 kernel stores whole 4-blocks, several
     times the multiply-adds, where this kernel skips each zero."""
 
-    kind = "int8"
-
     def __init__(self, weight: np.ndarray, scale, mode: str, x_scale=None, x_zero_point=None, bias=None,
                  activation: str = "none", residual: bool = False):
-        self.in_features, self.out_features = weight.shape
-        m = self.out_features
-        self.mode, self.activation, self.residual = mode, activation, residual
-        self.x_scale, self.x_zero_point = x_scale, x_zero_point
-        self.scale = np.broadcast_to(np.asarray(scale, np.float32), (m,)).copy()
-        self.bias = np.zeros(m, np.float32) if bias is None else np.asarray(bias, np.float32).copy()
+        super().__init__(weight, scale, mode, x_scale, x_zero_point, bias, activation, residual)
         self.inner = SparseLinear(weight.astype(np.float32), None, activation, residual, scaled=True)
-        self.nnz = int(np.count_nonzero(weight))
         zp = np.asarray(0 if x_zero_point is None else x_zero_point)
         self._zero, self._lo = int(zp), -128 if zp.dtype == np.int8 else 0
         mult = self.scale if mode == "dynamic" else output_scale(mode, np.float32(x_scale), self.scale)
@@ -320,31 +329,17 @@ class Int8OnFloat:
     def dense_weight(self) -> np.ndarray:
         return self.inner.dense_weight().astype(np.int8)
 
-    def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-        return reference_qlinear(x, residual, weight=self.dense_weight(), scale=self.scale, mode=self.mode,
-                                 x_scale=self.x_scale, x_zero_point=self.x_zero_point, bias=self.bias,
-                                 activation=self.activation, residual=self.residual)
-
     def skipped(self, start: int = 0, stop: int | None = None) -> float:
         """The fraction of outputs [start, stop)'s dense multiply-adds not done."""
         w = self.dense_weight()[:, start:stop]
         return 1 - np.count_nonzero(w) / max(w.size, 1)
 
-    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-        lead, k, m = x.shape[:-1], self.in_features, self.out_features
-        x2 = x.reshape(-1, k)
-        ntok = x2.shape[0]
-        yt = feature_major_empty(m, ntok)
-        if ntok:
-            xt = transposed(x2)
-            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
-            _, bounds, indptr, indices, values, order = self.inner._arrays()
-            if not self._driver(*self._fns, self.inner._fn, xt, vector_lanes(), self.mode == "dynamic",
-                                np.float32(self.x_scale or 0), self._zero, self._lo, self.scale, self._scaled_bias,
-                                feature_major_empty(k, ntok), indptr, indices, values, yt, rt, self.inner.nchunks,
-                                order, bounds):
-                raise ValueError("the input holds NaN or infinity, so its dynamic quantization scale is undefined")
-        return yt.T.reshape(lead + (m,))
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
+        _, bounds, indptr, indices, values, order = self.inner._arrays()
+        return self._driver(*self._fns, self.inner._fn, xt, vector_lanes(), self.mode == "dynamic",
+                            np.float32(self.x_scale or 0), self._zero, self._lo, self.scale, self._scaled_bias,
+                            feature_major_empty(*xt.shape), indptr, indices, values, yt, rt, self.inner.nchunks,
+                            order, bounds)
 
 
 def exact_on_float(weight: np.ndarray) -> bool:
