@@ -214,6 +214,9 @@ class _Quantized:
         self.x_scale, self.x_zero_point = x_scale, x_zero_point
         self.scale = np.broadcast_to(np.asarray(scale, np.float32), (self.out_features,)).copy()
         self.bias = np.zeros(self.out_features, np.float32) if bias is None else np.asarray(bias, np.float32).copy()
+        zp = np.asarray(0 if x_zero_point is None else x_zero_point)
+        # x's zero point, and the lowest quantized value (int8 or uint8 activations)
+        self._zero, self._lo = int(zp), -128 if zp.dtype == np.int8 else 0
 
     def dense_weight(self) -> np.ndarray:
         raise NotImplementedError
@@ -259,9 +262,8 @@ class Int8Linear(_Quantized):
         if mode == "dynamic":
             self._quantization = (np.float32(0), 0, 0, np.zeros(1, np.int32), np.zeros(1, np.float32))
         else:  # static: x's scale and zero point, the zero point's correction and the multipliers, fixed
-            zp = np.asarray(x_zero_point)
-            lo = -128 if zp.dtype == np.int8 else 0
-            self._quantization = (np.float32(x_scale), int(zp), lo, ((int(zp) - lo) * self.colsum).astype(np.int32),
+            self._quantization = (np.float32(x_scale), self._zero, self._lo,
+                                  ((self._zero - self._lo) * self.colsum).astype(np.int32),
                                   output_scale(mode, np.float32(x_scale), self.scale))
 
     @property
@@ -312,8 +314,6 @@ class Int8OnFloat(_Quantized):
                  activation: str = "none", residual: bool = False):
         super().__init__(weight, scale, mode, x_scale, x_zero_point, bias, activation, residual)
         self.inner = SparseLinear(weight.astype(np.float32), None, activation, residual, scaled=True)
-        zp = np.asarray(0 if x_zero_point is None else x_zero_point)
-        self._zero, self._lo = int(zp), -128 if zp.dtype == np.int8 else 0
         mult = self.scale if mode == "dynamic" else output_scale(mode, np.float32(x_scale), self.scale)
         self._scaled_bias = np.concatenate([self.bias, mult]).astype(np.float32)  # [bias | output scale]
         lanes = vector_lanes()

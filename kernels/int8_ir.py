@@ -146,6 +146,12 @@ QUANTIZE_SIGNATURE = Signature("quantize_rows", (
     ("lo", "float"), ("hi", "float"), ("k4_0", "i64"), ("k4_1", "i64"), ("ntok", "i64")))
 
 
+def _quantized(e: Builder, x: str, scale: str, zero: str, lo: str, hi: str) -> str:
+    """QuantizeLinear's value, still a float: clamp(roundeven(x / scale) + zero, lo, hi)."""
+    q = e.vcall("roundeven", e(f"fdiv {e.vt} {x}, {scale}"))
+    return e.vcall("minnum", e.vcall("maxnum", e(f"fadd {e.vt} {q}, {zero}"), lo), hi)
+
+
 def _quantize(e: Builder) -> None:
     """xq[k4, t] = the four uint8 q(k, t) of inputs k = 4·k4 .. 4·k4 + 3, packed in an i32:
     q = clamp(roundeven(x / scale) + zero, lo, hi) - lo. Past the last input (a 4-block
@@ -163,8 +169,7 @@ def _quantize(e: Builder) -> None:
             k = e(f"add i64 {e(f'mul i64 {k4}, 4')}, {i}")
             inside = e(f"icmp slt i64 {k}, %k") if checked else None
             at = e.offset(e(f"select i1 {inside}, i64 {k}, i64 0") if checked else k, "%ldx", t)
-            q = e.vcall("roundeven", e(f"fdiv {vt} {e.vload(e.gep('%xt', at), mask)}, {scale}"))
-            q = e.vcall("minnum", e.vcall("maxnum", e(f"fadd {vt} {q}, {zero}"), lo), hi)
+            q = _quantized(e, e.vload(e.gep("%xt", at), mask), scale, zero, lo, hi)
             q = e(f"sub {iv} {e(f'fptosi {vt} {q} to {iv}')}, {lo_i}")
             if checked:
                 q = e(f"select i1 {inside}, {iv} {q}, {iv} zeroinitializer")
@@ -204,8 +209,7 @@ def quantize_float_ir(lanes: int) -> str:
 
         def tile(k, t):
             (mask,) = e.lane_masks(t, 1, "%ntok")
-            q = e.vcall("roundeven", e(f"fdiv {vt} {e.vload(e.gep('%xt', e.offset(k, '%ldx', t)), mask)}, {scale}"))
-            q = e.vcall("minnum", e.vcall("maxnum", e(f"fadd {vt} {q}, {zero}"), lo), hi)
+            q = _quantized(e, e.vload(e.gep("%xt", e.offset(k, "%ldx", t)), mask), scale, zero, lo, hi)
             e.vstore(e(f"fsub {vt} {q}, {zero}"), e.gep("%xf", e.offset(k, "%ldf", t)), mask)
 
         e.loop("%k0", "%k1", 1, [], lambda k, _: e.tiles("0", "%ntok", lanes, lambda t: tile(k, t)) or [])
