@@ -550,29 +550,43 @@ def dynamic_quantize_linear(x):
 
 
 def _centred(x, zero_point, row_wise: bool):
-    """x as int32 minus its zero point (a vector zero point is per row of A, per column of B)."""
-    x = x.astype(np.int32)
+    """x minus its zero point, as float64 (a vector zero point is per row of A, per column
+    of B): integers of at most 16 bits, whose products and sums float64 holds exactly."""
+    x = x.astype(np.float64)
     if zero_point is None:
         return x
-    zp = np.asarray(zero_point).astype(np.int32)
+    zp = np.asarray(zero_point).astype(np.float64)
     if zp.ndim == 1 and zp.size > 1 and row_wise:
         zp = zp.reshape(-1, 1)
     return x - zp
 
 
+def _integer_product(a, b, a_zero_point, b_zero_point) -> np.ndarray:
+    """The integer sums of (a - its zero point) · (b - its zero point), exactly, as float64:
+    each product is below 2^16 in magnitude, so sums of up to 2^37 of them are exact, and
+    the float matmul runs on BLAS where an integer one would not."""
+    return np.matmul(_centred(a, a_zero_point, True), _centred(b, b_zero_point, False))
+
+
 @op("MatMulInteger")
 def matmul_integer(a, b, a_zero_point=None, b_zero_point=None):
-    return np.matmul(_centred(a, a_zero_point, True), _centred(b, b_zero_point, False))
+    return _integer_product(a, b, a_zero_point, b_zero_point).astype(np.int32)
 
 
 @op("QLinearMatMul")
 def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point):
-    acc = np.matmul(_centred(a, a_zero_point, True), _centred(b, b_zero_point, False))
-    y = acc * (a_scale * b_scale / y_scale)
+    """The int32 sums requantized as ONNX Runtime does: in float32, times the multiplier
+    a_scale · b_scale / y_scale, clamped to the output type's range less its zero point,
+    rounded half to even, plus the zero point."""
+    acc = _integer_product(a, b, a_zero_point, b_zero_point).astype(np.float32)
+    a_scale = np.asarray(a_scale, np.float32)
+    a_scale = a_scale.reshape(-1, 1) if a_scale.size > 1 else a_scale  # per row of a
+    multiplier = a_scale * np.asarray(b_scale, np.float32) / np.asarray(y_scale, np.float32)
     dtype = np.asarray(y_zero_point).dtype if y_zero_point is not None else a.dtype
-    if y_zero_point is not None:
-        y = y + y_zero_point
-    return np.clip(np.rint(y), *_INT_RANGES[np.dtype(dtype)]).astype(dtype)
+    zero = np.float32(0 if y_zero_point is None else np.asarray(y_zero_point).reshape(()))
+    lo, hi = _INT_RANGES[np.dtype(dtype)]
+    y = np.rint(np.clip(acc * multiplier, np.float32(lo) - zero, np.float32(hi) - zero)) + zero
+    return y.astype(dtype)
 
 
 # --- attention (ONNX Attention, opset 23) -------------------------------------------
