@@ -46,15 +46,24 @@ def output_scale(mode: str, x_scale: np.float32, scale: np.ndarray) -> np.ndarra
     return np.asarray(scale, np.float32) if mode == "static" else np.float32(x_scale) * np.asarray(scale, np.float32)
 
 
+def requantized(y: np.ndarray, requantize: np.ndarray | None) -> np.ndarray:
+    """y requantized and dequantized, per output column: requantize's rows are the output
+    scale, and its type's lowest and highest values less its zero point (QLinearMatMul's
+    output as ONNX Runtime rounds it, ops.qlinear_matmul, then DequantizeLinear)."""
+    if requantize is None:
+        return y
+    return np.rint(np.clip(y, requantize[1], requantize[2])) * requantize[0]
+
+
 @op("QLinear", fused=True)
 def reference_qlinear(x, skip=None, *, weight, scale, mode, x_scale=None, x_zero_point=None, bias=None,
-                      activation="none", residual=False, source_op=None):
+                      activation="none", residual=False, source_op=None, requantize=None):
     """The fused node (fuse.fuse_quantized_linear): x quantized, MatMulInteger with the int8
-    weight, Cast to float, times the output scale (see output_scale), then the Linear
-    epilogue."""
+    weight, Cast to float, times the output scale (see output_scale), requantized and
+    dequantized if the node says so (QLinearMatMul), then the Linear epilogue."""
     q, xs, zero = quantize_x(x, mode, x_scale, x_zero_point)
     acc = matmul_integer(q, weight, np.array(zero, q.dtype))
-    y = acc.astype(np.float32) * output_scale(mode, xs, scale)
+    y = requantized(acc.astype(np.float32) * output_scale(mode, xs, scale), requantize)
     return linear_epilogue(y, bias, activation, skip if residual else None)
 
 
@@ -105,7 +114,7 @@ def dynamic_range(range_fn, xt, parts, lanes):
 
 @njit(parallel=True, nogil=True, cache=True)
 def run_int8(range_fn, quantize_fn, fn, xt, lanes, dynamic, x_scale, x_zero, x_lo, colsum, wscale, corr, mult,
-             indptr, blocks, weights, bias, yt, rt, bounds):
+             indptr, blocks, weights, bias, requant, yt, rt, bounds):
     k = xt.shape[0]
     ntok = xt.shape[1]
     parts = bounds.shape[0] - 1
@@ -132,7 +141,7 @@ def run_int8(range_fn, quantize_fn, fn, xt, lanes, dynamic, x_scale, x_zero, x_l
                         np.float32(x_lo + 255), a, b, ntok)
     for c in prange(parts):
         fn(xq.ctypes.data, tp, indptr.ctypes.data, blocks.ctypes.data, weights.ctypes.data, corr.ctypes.data,
-           mult.ctypes.data, bias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data,
+           mult.ctypes.data, bias.ctypes.data, requant.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data,
            rt.strides[0] // 4, bounds[c], bounds[c + 1], ntok)
     return True
 
@@ -208,9 +217,9 @@ class _Quantized:
     kind = "int8"
 
     def __init__(self, weight: np.ndarray, scale, mode: str, x_scale, x_zero_point, bias, activation: str,
-                 residual: bool):
+                 residual: bool, requantize: np.ndarray | None = None):
         self.in_features, self.out_features = weight.shape
-        self.mode, self.activation, self.residual = mode, activation, residual
+        self.mode, self.activation, self.residual, self.requantize = mode, activation, residual, requantize
         self.x_scale, self.x_zero_point = x_scale, x_zero_point
         self.scale = np.broadcast_to(np.asarray(scale, np.float32), (self.out_features,)).copy()
         self.bias = np.zeros(self.out_features, np.float32) if bias is None else np.asarray(bias, np.float32).copy()
@@ -224,7 +233,7 @@ class _Quantized:
     def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         return reference_qlinear(x, residual, weight=self.dense_weight(), scale=self.scale, mode=self.mode,
                                  x_scale=self.x_scale, x_zero_point=self.x_zero_point, bias=self.bias,
-                                 activation=self.activation, residual=self.residual)
+                                 activation=self.activation, residual=self.residual, requantize=self.requantize)
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         """y for x [..., in]: one call of the driver quantizes x (its range first, when
@@ -247,12 +256,17 @@ class Int8Linear(_Quantized):
     """The int8 kernel for one quantized Linear node (attributes as reference_qlinear takes)."""
 
     def __init__(self, weight: np.ndarray, scale, mode: str, x_scale=None, x_zero_point=None, bias=None,
-                 activation: str = "none", residual: bool = False, dot: str | None = None):
-        super().__init__(weight, scale, mode, x_scale, x_zero_point, bias, activation, residual)
+                 activation: str = "none", residual: bool = False, requantize: np.ndarray | None = None,
+                 dot: str | None = None):
+        super().__init__(weight, scale, mode, x_scale, x_zero_point, bias, activation, residual, requantize)
         self.indptr, self.blocks, self.weights = compress_blocks(weight)
         self.colsum = weight.astype(np.int32).sum(axis=0).astype(np.int32)
         dot = dot or host_dots()[0]
-        self.config = Int8Config(activation, residual, dot, INT8_VECTORS[dot])
+        self.config = Int8Config(activation, residual, dot, INT8_VECTORS[dot], requantize is not None)
+        # per output: the output scale, its lowest and highest value less its zero point, (padding)
+        self._requant = np.zeros((self.out_features if requantize is not None else 1, 4), np.float32)
+        if requantize is not None:
+            self._requant[:, :3] = np.broadcast_to(np.asarray(requantize, np.float32), (3, self.out_features)).T
         lanes = vector_lanes()
         self._fns = (RANGE_SIGNATURE.ctypes()(compile_ir(range_ir(lanes), RANGE_SIGNATURE.name)),
                      QUANTIZE_SIGNATURE.ctypes()(compile_ir(quantize_ir(lanes), QUANTIZE_SIGNATURE.name)),
@@ -281,8 +295,8 @@ class Int8Linear(_Quantized):
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
         scale, zero, lo, corr, mult = self._quantization
         return self._driver(*self._fns, xt, vector_lanes(), self.mode == "dynamic", scale, zero, lo, self.colsum,
-                            self.scale, corr, mult, self.indptr, self.blocks, self.weights, self.bias, yt, rt,
-                            self._split())
+                            self.scale, corr, mult, self.indptr, self.blocks, self.weights, self.bias, self._requant,
+                            yt, rt, self._split())
 
     def skipped(self, start: int = 0, stop: int | None = None) -> float:
         """The fraction of outputs [start, stop)'s dense multiply-adds not done: the

@@ -18,7 +18,9 @@ of halving widths, then one masked vector; loads never pass the padded token cou
 stores stop at `ntok`. The
 epilogue: y = float(acc - corr[j]) · scale[j], then the Linear epilogues (bias,
 activation, residual), where corr[j] = zero point · Σ_k W[k, j] undoes the activations'
-zero point exactly.
+zero point exactly. With `requantize` (a QLinearMatMul's output, dequantized), y is first
+clamped to the output type's range, rounded half to even and scaled by the output's
+scale, all in float32 as ONNX Runtime and ops.qlinear_matmul do.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from .sparse_ir import tail_vectors
 
 SIGNATURE = Signature("int8_rows", (
     ("xq", "ptr"), ("tp", "i64"), ("indptr", "ptr"), ("blocks", "ptr"), ("weights", "ptr"), ("corr", "ptr"),
-    ("scale", "ptr"), ("bias", "ptr"), ("yt", "ptr"), ("ldy", "i64"), ("rt", "ptr"), ("ldr", "i64"),
-    ("j0", "i64"), ("j1", "i64"), ("ntok", "i64")))
+    ("scale", "ptr"), ("bias", "ptr"), ("requant", "ptr"), ("yt", "ptr"), ("ldy", "i64"), ("rt", "ptr"),
+    ("ldr", "i64"), ("j0", "i64"), ("j1", "i64"), ("ntok", "i64")))
 LANES = 16  # tokens per 64 bytes of xq (one i32 of 4 uint8 each); the token count is padded to it
 
 DOTS = {"vnni": 16, "pmaddwd": 8, "generic": 16}  # how a 4-block's dot products are made → i32 lanes
@@ -44,6 +46,7 @@ class Int8Config:
     residual: bool = False
     dot: str = "vnni"         # a key of DOTS
     vectors: int = 8          # accumulators per token tile
+    requantize: bool = False  # the scaled sums requantized and dequantized before the bias
 
     @property
     def lanes(self) -> int:
@@ -109,11 +112,18 @@ def _tile(e: Builder, cfg: Int8Config, j: str, t: str, vectors: int) -> None:
     corr = e.splat_i32(e(f"load i32, ptr {e.gep('%corr', j, 'i32')}, align 4"))
     scale = e.splat(e(f"load float, ptr {e.gep('%scale', j)}, align 4"))
     bias = e.splat(e(f"load float, ptr {e.gep('%bias', j)}, align 4"))
+    if cfg.requantize:  # requant[4j: 4j + 3]: the output scale, its lowest and highest value less its zero point
+        at = e(f"mul i64 {j}, 4")
+        sy, lo, hi = (e.splat(e(f"load float, ptr {e.gep('%requant', e(f'add i64 {at}, {i}'))}, align 4"))
+                      for i in range(3))
     masks = e.lane_masks(t, vectors, "%ntok")
     ystart, rstart = e.offset(j, "%ldy", t), e.offset(j, "%ldr", t) if cfg.residual else None
     for u, (acc, mask) in enumerate(zip(accs, masks)):
         y = e(f"sitofp {iv} {e(f'sub {iv} {acc}, {corr}')} to {e.vt}")
-        y = e(f"fadd {e.vt} {e(f'fmul {e.vt} {y}, {scale}')}, {bias}")
+        y = e(f"fmul {e.vt} {y}, {scale}")
+        if cfg.requantize:  # (a multiply, then an add: the graph's DequantizeLinear, then its Add)
+            y = e(f"fmul {e.vt} {e.vcall('roundeven', e.vcall('minnum', e.vcall('maxnum', y, lo), hi))}, {sy}")
+        y = e(f"fadd {e.vt} {y}, {bias}")
         residual = e.vptr("%rt", rstart, u) if cfg.residual else None
         e.vstore(epilogue(e, cfg.activation, y, residual, mask), e.vptr("%yt", ystart, u), mask)
 
@@ -261,7 +271,9 @@ def int8_ir(cfg: Int8Config) -> str:
         raise ValueError(f"no int8 kernel for {cfg}")
     e = Builder(cfg.lanes)
     e.function(SIGNATURE, lambda: _rows(e, cfg))
+    scaled = "float(sum over row j's stored 4-blocks b: xq[b, t] . w[b] - corr[j]) * scale[j]"
+    if cfg.requantize:
+        scaled = f"roundeven(clamp({scaled}, requant[4j + 1], requant[4j + 2])) * requant[4j]"
     return e.module(f"; sparsejit generated kernel: int8 activation={cfg.activation} residual={cfg.residual} "
-                    f"dot={cfg.dot} vectors={cfg.vectors}\n"
-                    "; yt[j, t] = act(float(sum over row j's stored 4-blocks b: xq[b, t] . w[b] - corr[j]) * scale[j]"
-                    f" + bias[j]){' + rt[j, t]' if cfg.residual else ''}")
+                    f"dot={cfg.dot} vectors={cfg.vectors} requantize={cfg.requantize}\n"
+                    f"; yt[j, t] = act({scaled} + bias[j]){' + rt[j, t]' if cfg.residual else ''}")

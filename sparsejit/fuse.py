@@ -3,6 +3,9 @@
 - GELU written out as x·0.5·(1 + erf(x/√2)) (every exporter's order) → one `Gelu` node.
 - `Linear`: MatMul or Gemm with a constant weight, then optionally + bias, GELU and
   + residual → one node, the unit a sparse kernel computes with its epilogue fused.
+- `QLinear`: the same with a symmetric int8 weight, in each quantized form: dynamic,
+  QDQ, SparseML's static MatMulInteger, and QOperator (QLinearMatMul, its output
+  requantized then dequantized).
 - `AttentionCore`: MatMul(q, kᵀ) → scale → + mask → Softmax (→ NaN guard) → MatMul(·, v)
   → one node.
 - LayerNorm written out (ReduceMean, Sub, Pow, ReduceMean, Add ε, Sqrt, Div, Mul γ,
@@ -36,7 +39,7 @@ class _Matcher:
         self.producer = graph.producers()
         self.outputs = set(graph.outputs)
         self.removed: set[int] = set()
-        self.placed: dict[int, Node] = {}
+        self.placed: dict[int, list[Node]] = {}
 
     def const(self, name: str):
         return self.graph.constants.get(name)
@@ -59,17 +62,17 @@ class _Matcher:
         n = self.producer.get(name)
         return n if n is not None and n.op_type == op_type and id(n) not in self.removed else None
 
-    def replace(self, chain: list[Node], fused: Node) -> None:
-        """Put `fused` where the chain's last node stood; drop the chain."""
+    def replace(self, chain: list[Node], fused: Node, before: tuple[Node, ...] = ()) -> None:
+        """Put `fused` (after the nodes `before`) where the chain's last node stood; drop the chain."""
         for n in chain:
             self.removed.add(id(n))
-        self.placed[id(chain[-1])] = fused
+        self.placed[id(chain[-1])] = [*before, fused]
 
     def result(self) -> Graph:
         nodes = []
         for n in self.graph.nodes:
             if id(n) in self.placed:
-                nodes.append(self.placed[id(n)])
+                nodes.extend(self.placed[id(n)])
             elif id(n) not in self.removed:
                 nodes.append(n)
         g = self.graph
@@ -244,21 +247,62 @@ def _qdq_matmul(m: _Matcher, mm: Node) -> tuple[str, dict, list[Node]] | None:
                    source_op="MatMul"), [mm]
 
 
+def _scalar_consts(m: _Matcher, names: list[str]) -> list[np.ndarray] | None:
+    values = [m.const(n) for n in names]
+    return None if any(v is None or v.size != 1 for v in values) else [v.reshape(()) for v in values]
+
+
+def _qlinear_matmul(m: _Matcher, mm: Node) -> tuple[str, dict, list[Node]] | None:
+    """QLinearMatMul of an int8 weight whose output only a DequantizeLinear reads (the
+    QOperator form): the int32 sums requantized to the output's type, then dequantized.
+    x is the float a QuantizeLinear with a's scale and zero point quantized, or else a
+    DequantizeLinear of a (`x_node`: the node to add), which the kernel quantizes back
+    exactly."""
+    w = _symmetric_int8(m, mm.inputs[3], mm.inputs[5])
+    scalars = _scalar_consts(m, [mm.inputs[i] for i in (1, 2, 6, 7)])
+    sw = m.const(mm.inputs[4])
+    dq = m.only_user(mm.outputs[0], "DequantizeLinear")
+    if w is None or scalars is None or sw is None or sw.size not in (1, w.shape[1]) or dq is None:
+        return None
+    x_scale, x_zero, y_scale, y_zero = scalars
+    read = _scalar_consts(m, dq.inputs[1:3]) if len(dq.inputs) == 3 else None
+    if read is None or not all(np.array_equal(a, b) for a, b in zip(read, (y_scale, y_zero))):
+        return None
+    q = m.made_by(mm.inputs[0], "QuantizeLinear")
+    found = _quantized_input(m, q, mm.inputs[2])
+    if found is None or not np.array_equal(found[1]["x_scale"], x_scale):
+        x = f"{mm.inputs[0]}::dequantized"
+        found = x, {"mode": "static", "x_scale": np.float32(x_scale), "x_zero_point": x_zero,
+                    "x_node": Node("DequantizeLinear", f"{mm.name}::dequantize_input", list(mm.inputs[:3]), [x])}
+    x, attrs = found
+    lo, hi = np.iinfo(y_zero.dtype).min, np.iinfo(y_zero.dtype).max
+    zero = np.float32(y_zero)
+    width = w.shape[1]
+    requantize = np.array([[y_scale] * width, [np.float32(lo) - zero] * width, [np.float32(hi) - zero] * width],
+                          np.float32)
+    multiplier = np.float32(x_scale) * sw.ravel().astype(np.float32) / np.float32(y_scale)
+    return x, dict(attrs, weight=w, scale=multiplier, requantize=requantize, source_op="QLinearMatMul"), [mm, dq]
+
+
+QUANTIZED_MATMULS = {"MatMulInteger": _integer_matmul, "MatMul": _qdq_matmul, "QLinearMatMul": _qlinear_matmul}
+
+
 def fuse_quantized_linear(graph: Graph) -> Graph:
     """Quantized MatMuls of symmetric int8 weights, with their epilogue, → one `QLinear`
     node (x quantized per tensor, statically or dynamically; see kernels/int8.py)."""
     m = _Matcher(graph)
     for mm in graph.nodes:
-        if id(mm) in m.removed or mm.op_type not in ("MatMulInteger", "MatMul"):
+        if id(mm) in m.removed or mm.op_type not in QUANTIZED_MATMULS:
             continue
-        found = _integer_matmul(m, mm) if mm.op_type == "MatMulInteger" else _qdq_matmul(m, mm)
+        found = QUANTIZED_MATMULS[mm.op_type](m, mm)
         if found is None:
             continue
         x, attrs, chain = found
-        attrs.update(bias=None, activation="none", residual=False)
+        x_node = attrs.pop("x_node", None)
+        attrs = {"requantize": None, **attrs, "bias": None, "activation": "none", "residual": False}
         inputs = [x]
         out = _epilogue(m, chain, attrs, inputs)
-        m.replace(chain, Node("QLinear", mm.name, inputs, [out], attrs))
+        m.replace(chain, Node("QLinear", mm.name, inputs, [out], attrs), before=(x_node,) if x_node else ())
     return m.result()
 
 

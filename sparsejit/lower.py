@@ -39,8 +39,8 @@ def _group_key(n: Node) -> tuple | None:
         return None
     a, w = n.attrs, n.attrs["weight"]
     key = (n.op_type, n.inputs[0], a["activation"], w.shape[0], w.dtype.str)
-    if n.op_type == "QLinear":  # x quantized once: alike for every member
-        key += (a["mode"],) + tuple(None if v is None else (np.asarray(v).dtype.str, np.asarray(v).tobytes())
+    if n.op_type == "QLinear":  # x quantized once: alike for every member; outputs requantized by all or none
+        key += (a["mode"], a.get("requantize") is None) + tuple(None if v is None else (np.asarray(v).dtype.str, np.asarray(v).tobytes())
                                     for v in (a["x_scale"], a["x_zero_point"]))
     return key
 

@@ -224,14 +224,16 @@ def _int8(a: dict) -> tuple[Int8Linear | Int8OnFloat, str]:
     w = a["weight"]
     k, m = w.shape
     args = (w, a["scale"], a["mode"], a["x_scale"], a["x_zero_point"], a["bias"], a["activation"], a["residual"])
+    requantize = a.get("requantize")
     nnz = int(np.count_nonzero(w))
     blocks = int(np.count_nonzero(np.pad(w, ((0, -k % 4), (0, 0))).reshape(-1, 4, m).any(axis=1)))
-    if "vnni" not in host_dots() and 4 * blocks > PADDING_WORTH * nnz and exact_on_float(w):
+    if "vnni" not in host_dots() and 4 * blocks > PADDING_WORTH * nnz and exact_on_float(w) and requantize is None:
         return Int8OnFloat(*args), (f"int8 ({a['mode']} activation scale) on the FP32 sparse kernel, exact (integer "
                                     f"sums below 2^24): 4-blocks would store {4 * blocks / max(nnz, 1):.1f}x the "
                                     "nonzeros, and this CPU has no VNNI")
-    impl = Int8Linear(*args)
-    return impl, (f"int8 ({a['mode']} activation scale, {DOT_NAMES[impl.config.dot]})"
+    impl = Int8Linear(*args, requantize)
+    return impl, (f"int8 ({a['mode']} activation scale, {DOT_NAMES[impl.config.dot]}"
+                  f"{', output requantized' if requantize is not None else ''})"
                   f", {blocks} of {-(-k // 4) * m} 4-blocks stored")
 
 
@@ -255,8 +257,10 @@ def qlinear_group_step(node: Node, p: Planning) -> Step:
     scales = [np.broadcast_to(np.asarray(m.attrs["scale"], np.float32), (w.shape[1],)) for m, w in zip(members, ws)]
     biases = [np.zeros(w.shape[1], np.float32) if m.attrs["bias"] is None else m.attrs["bias"]
               for m, w in zip(members, ws)]
+    requantize = None if m0.get("requantize") is None else np.concatenate([m.attrs["requantize"] for m in members],
+                                                                           axis=1)
     impl, why = _int8(dict(m0, weight=np.concatenate(ws, axis=1), scale=np.concatenate(scales),
-                           bias=np.concatenate(biases).astype(np.float32)))
+                           bias=np.concatenate(biases).astype(np.float32), requantize=requantize))
     why = f"one int8 kernel for the {len(members)} layers reading this input (its time shows on the first): {why}"
     start, cuts = 0, []
     for m, w in zip(members, ws):

@@ -30,7 +30,7 @@ import sparsejit
 from sparsejit.quantize import ort_u8s8_exact
 
 INT8 = Path(__file__).parent / "models" / "int8"
-FORMS = {"dynamic": True, "qdq": True, "sparseml": True, "qoperator": False}  # form → Linear layers on int8
+FORMS = ("dynamic", "qdq", "sparseml", "qoperator")
 
 
 def _ort(path: Path, feeds: dict, optimized: bool) -> list[np.ndarray]:
@@ -50,7 +50,7 @@ def _oracle(path: Path, feeds: dict) -> list[np.ndarray]:
     return sparsejit.load(path, mode="reference").run(feeds)
 
 
-@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("form", FORMS)
 def test_quantized_forms_compute_what_the_graph_says(form):
     path = INT8 / f"bert_block4_p90_int8_{form}.onnx"
     model = sparsejit.load(path)
@@ -63,11 +63,13 @@ def test_quantized_forms_compute_what_the_graph_says(form):
                 spread = float(np.abs(p - o).max())
                 assert np.abs(g - o).max() <= max(1e-4, 1.5 * spread), (form, name, spread)
     encoder = [lp for lp in model.layers if "encoder" in lp.name]
-    if FORMS[form]:
-        assert len(encoder) == 12 and {lp.kind for lp in encoder} == {"int8"}, [(lp.name, lp.kind) for lp in encoder]
-        # Q, K and V quantize their shared input alike: one kernel each block, x quantized once
-        groups = [n for n in model.graph.nodes if n.op_type == "QLinearGroup"]
-        assert len(groups) == 2 and all(len(n.attrs["members"]) == 3 for n in groups), form
+    assert len(encoder) == 12 and {lp.kind for lp in encoder} == {"int8"}, [(lp.name, lp.kind) for lp in encoder]
+    # Q, K and V quantize their shared input alike: one kernel each block, x quantized once
+    groups = [n for n in model.graph.nodes if n.op_type == "QLinearGroup"]
+    assert len(groups) == 2 and all(len(n.attrs["members"]) == 3 for n in groups), form
+    if form == "qoperator":  # every weight's QLinearMatMul fused, its output requantized in the kernel
+        assert all("output requantized" in lp.reason for lp in encoder), [lp.reason for lp in encoder]
+        assert sum(n.op_type == "QLinearMatMul" for n in model.graph.nodes) == 4  # attention's, per block
     if form == "dynamic":  # its embedding tables, gathered then dequantized, dequantized at load and fused
         assert [n.op_type for n in model.graph.nodes].count("EmbedLayerNorm") == 1
         assert "DequantizeLinear" not in {n.op_type for n in model.graph.nodes}

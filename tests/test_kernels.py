@@ -638,3 +638,42 @@ def test_int8_kernel_exact_against_the_integer_reference(dot):
                     np.testing.assert_array_equal(impl.dense_weight(), w)
                     np.testing.assert_allclose(impl(x, r if res else None), want, rtol=1e-5, atol=1e-5,
                                                err_msg=f"{k}x{m} {tokens} tokens {mode} {act}")
+
+
+@pytest.mark.parametrize("dot", ["vnni", "pmaddwd", "generic"])
+def test_int8_kernel_requantizes_as_qlinear_matmul(dot):
+    """A QLinearMatMul's output, dequantized (the QOperator form), on the int8 kernel: equal
+    to the graph's QLinearMatMul then DequantizeLinear, bit for bit, with uint8 and int8
+    outputs, a multiplier of 0.5 (every odd sum a tie, rounded half to even) and outputs
+    past the type's range (clamped); then the bias, as the graph's Add."""
+    from sparsejit.kernels.int8 import Int8Linear, host_dots, reference_qlinear
+
+    from sparsejit.ops import dequantize_linear, qlinear_matmul, quantize_linear
+
+    if dot not in host_dots():
+        pytest.skip(f"this CPU does not run the {dot} int8 kernel")
+    rng = np.random.default_rng(5)
+    ends = set()
+    k, m = 96, 40
+    w = (rng.integers(-127, 128, (k, m)) * np.repeat(rng.random((k // 4, m)) < 0.3, 4, axis=0)).astype(np.int8)
+    xz = np.uint8(118)
+    bias = rng.standard_normal(m).astype(np.float32)
+    for xs, ws, ys, yz in [(0.125, np.full(m, 0.5, np.float32), 0.125, np.uint8(128)),  # a multiplier of 0.5
+                           (0.05, (rng.random(m) * 0.01).astype(np.float32), 0.03, np.int8(-5)),
+                           (0.05, (rng.random(m) * 0.01).astype(np.float32), 0.2, np.uint8(3))]:
+        xs, ys = np.float32(xs), np.float32(ys)
+        multiplier = xs * ws / ys
+        assert ys != 0.125 or np.all(multiplier == 0.5)
+        lo, hi = np.iinfo(yz.dtype).min, np.iinfo(yz.dtype).max
+        requantize = np.array([[ys] * m, [lo - np.float32(yz)] * m, [hi - np.float32(yz)] * m], np.float32)
+        for tokens in [1, 17, 130]:
+            x = (rng.standard_normal((tokens, k)) * 3).astype(np.float32)
+            q = quantize_linear(x, xs, xz)
+            graph = dequantize_linear(qlinear_matmul(q, xs, xz, w, ws, np.zeros(m, np.int8), ys, yz), ys, yz)
+            plain = reference_qlinear(x, weight=w, scale=multiplier, mode="static", x_scale=xs, x_zero_point=xz,
+                                      requantize=requantize)
+            np.testing.assert_array_equal(plain, graph)
+            ends.update(end for end, row in (("lowest", 1), ("highest", 2)) if np.any(plain == requantize[row] * ys))
+            impl = Int8Linear(w, multiplier, "static", xs, xz, bias, requantize=requantize, dot=dot)
+            np.testing.assert_array_equal(impl(x), graph + bias, err_msg=f"{tokens} tokens, output {yz.dtype}")
+    assert ends == {"lowest", "highest"}  # outputs clamped at both ends of their type
