@@ -512,9 +512,9 @@ def quantize_linear(x, y_scale, y_zero_point=None, axis=1, saturate=1, block_siz
     if precision:
         wide = helper.tensor_dtype_to_np_dtype(precision)
         x, scale = x.astype(wide), scale.astype(wide)
-    q = np.rint(x / scale).astype(np.int32)
-    if y_zero_point is not None:
-        q += _per_axis(y_zero_point, x.shape, axis % x.ndim if x.ndim else 0, block_size).astype(np.int32)
+    q = np.rint(x / scale)
+    if y_zero_point is not None:  # (clamped as floats: a value past int32's range saturates too)
+        q = q + _per_axis(y_zero_point, x.shape, axis % x.ndim if x.ndim else 0, block_size).astype(q.dtype)
     return np.clip(q, *_INT_RANGES[dtype]).astype(dtype)
 
 
@@ -550,22 +550,30 @@ def dynamic_quantize_linear(x):
 
 
 def _centred(x, zero_point, row_wise: bool):
-    """x minus its zero point, as float64 (a vector zero point is per row of A, per column
-    of B): integers of at most 16 bits, whose products and sums float64 holds exactly."""
-    x = x.astype(np.float64)
+    """x minus its zero point, as float32, exactly (integers of at most 17 bits; a vector
+    zero point is per row of A, per column of B)."""
+    x = x.astype(np.float32)
     if zero_point is None:
         return x
-    zp = np.asarray(zero_point).astype(np.float64)
+    zp = np.asarray(zero_point).astype(np.float32)
     if zp.ndim == 1 and zp.size > 1 and row_wise:
         zp = zp.reshape(-1, 1)
     return x - zp
 
 
+EXACT_FLOAT32 = 1 << 24
+
+
 def _integer_product(a, b, a_zero_point, b_zero_point) -> np.ndarray:
-    """The integer sums of (a - its zero point) · (b - its zero point), exactly, as float64:
-    each product is below 2^16 in magnitude, so sums of up to 2^37 of them are exact, and
-    the float matmul runs on BLAS where an integer one would not."""
-    return np.matmul(_centred(a, a_zero_point, True), _centred(b, b_zero_point, False))
+    """The integer sums of (a - its zero point) · (b - its zero point), exactly, as floats,
+    on BLAS (an integer matmul is not): in float32 when no partial sum can reach 2^24
+    (K · max|a| · max|b|), else in float64, which holds sums of up to 2^19 products of
+    17-bit integers."""
+    a, b = _centred(a, a_zero_point, True), _centred(b, b_zero_point, False)
+    bound = a.shape[-1] * float(np.abs(a).max(initial=0)) * float(np.abs(b).max(initial=0))
+    if bound < EXACT_FLOAT32:
+        return np.matmul(a, b)
+    return np.matmul(a.astype(np.float64), b.astype(np.float64))
 
 
 @op("MatMulInteger")

@@ -20,6 +20,7 @@ import numpy as np
 
 from .choose import Chooser
 from .graph import Graph, Node
+from .kernels import elementwise
 from .kernels.attention import fused_attention, prepare_mask
 from .kernels.embed import EmbedLayerNorm
 from .kernels.int8 import DOT_NAMES, Int8Linear, Int8OnFloat, exact_on_float, host_dots
@@ -325,6 +326,22 @@ def reference_step(node: Node, p: Planning) -> Step:
     return Step(node, bind(node.op_type, node.attrs, p.opset, len(node.outputs)))
 
 
+ELEMENTWISE = {"QuantizeLinear": elementwise.quantize, "DequantizeLinear": elementwise.dequantize,
+               "Erf": elementwise.erf}
+
+
+def elementwise_step(node: Node, p: Planning) -> Step:
+    """A per-element op on its Numba kernel where the kernel covers the inputs (one scale
+    and zero point, 8-bit types, float32), else on its reference."""
+    kernel, reference, attrs = ELEMENTWISE[node.op_type], bind(node.op_type, node.attrs, p.opset, 1), node.attrs
+
+    def run(*inputs):
+        y = kernel(*inputs, **attrs)
+        return reference(*inputs) if y is None else (y,)
+
+    return Step(node, run)
+
+
 STEPS: dict[str, Callable[[Node, Planning], Step]] = {
     "Linear": linear_step,
     "LinearGroup": group_step,
@@ -335,6 +352,7 @@ STEPS: dict[str, Callable[[Node, Planning], Step]] = {
     "PrepareMask": prepare_mask_step,
     "EmbedLayerNorm": embed_step,
     "QLinear": qlinear_step,
+    **dict.fromkeys(ELEMENTWISE, elementwise_step),
 }
 
 

@@ -677,3 +677,33 @@ def test_int8_kernel_requantizes_as_qlinear_matmul(dot):
             impl = Int8Linear(w, multiplier, "static", xs, xz, bias, requantize=requantize, dot=dot)
             np.testing.assert_array_equal(impl(x), graph + bias, err_msg=f"{tokens} tokens, output {yz.dtype}")
     assert ends == {"lowest", "highest"}  # outputs clamped at both ends of their type
+
+
+def test_elementwise_kernels_equal_their_references():
+    """QuantizeLinear, DequantizeLinear and Erf on their Numba kernels (what the QOperator
+    form runs between its Linear layers): equal to the numpy references bit for bit, for
+    uint8 and int8, ties (x / scale = k + 0.5), values past the type's range and past
+    int32's, infinities, a transposed (feature-major) input and an empty one; and None,
+    so the reference runs, for what they do not cover."""
+    from sparsejit.kernels import elementwise
+
+    from sparsejit.ops import dequantize_linear, erf, quantize_linear
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((37, 300)) * 3).astype(np.float32)
+    x[0, :8] = [1e10, -1e10, np.inf, -np.inf, 2.5 * 0.25, 0.5 * 0.25, -1.5 * 0.25, 0.0]
+    for scale, zero in [(np.float32(0.25), np.uint8(120)), (np.float32(0.013), np.int8(-7)),
+                        (np.float32(0.02), np.uint8(0))]:
+        for v in (x, x.T, x[:0]):
+            q = elementwise.quantize(v, scale, zero)
+            assert q.dtype == zero.dtype and q.shape == v.shape
+            np.testing.assert_array_equal(q, quantize_linear(v, scale, zero))
+            np.testing.assert_array_equal(elementwise.dequantize(q, scale, zero), dequantize_linear(q, scale, zero))
+    assert set(np.unique(elementwise.quantize(x[0, :4], np.float32(0.25), np.uint8(120)))) == {0, 255}
+    finite = x[1:]
+    np.testing.assert_array_equal(elementwise.erf(finite), erf(finite))
+    np.testing.assert_array_equal(elementwise.erf(finite.T), erf(finite.T))
+    assert elementwise.quantize(x, np.full(300, 0.1, np.float32), np.zeros(300, np.uint8)) is None  # per axis
+    assert elementwise.quantize(x, np.float32(0.1), np.uint16(3)) is None
+    assert elementwise.dequantize(x.astype(np.int32), np.float32(0.1), np.int32(0)) is None
+    assert elementwise.erf(x.astype(np.float64)) is None
