@@ -564,13 +564,21 @@ def _centred(x, zero_point, row_wise: bool):
 EXACT_FLOAT32 = 1 << 24
 
 
+def _largest_centred(x, zero_point) -> float:
+    """The largest |x - zero point| x's integer type allows."""
+    info = np.iinfo(x.dtype)
+    zp = np.asarray(0 if zero_point is None else zero_point).astype(np.float64)
+    return float(np.max(np.maximum(zp - info.min, info.max - zp), initial=0))
+
+
 def _integer_product(a, b, a_zero_point, b_zero_point) -> np.ndarray:
     """The integer sums of (a - its zero point) · (b - its zero point), exactly, as floats,
     on BLAS (an integer matmul is not): in float32 when no partial sum can reach 2^24
-    (K · max|a| · max|b|), else in float64, which holds sums of up to 2^19 products of
+    (K times the largest product the types and zero points allow: uint8 attention scores
+    of up to 1024 keys), else in float64, which holds sums of up to 2^19 products of
     17-bit integers."""
+    bound = a.shape[-1] * _largest_centred(a, a_zero_point) * _largest_centred(b, b_zero_point)
     a, b = _centred(a, a_zero_point, True), _centred(b, b_zero_point, False)
-    bound = a.shape[-1] * float(np.abs(a).max(initial=0)) * float(np.abs(b).max(initial=0))
     if bound < EXACT_FLOAT32:
         return np.matmul(a, b)
     return np.matmul(a.astype(np.float64), b.astype(np.float64))
