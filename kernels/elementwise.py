@@ -1,5 +1,5 @@
 """Per-element ops that a quantized graph runs between its Linear layers, as Numba kernels:
-QuantizeLinear and DequantizeLinear per tensor, and Erf. The QOperator form keeps every
+QuantizeLinear and DequantizeLinear per tensor, Erf, and QLinearMatMul's requantization. The QOperator form keeps every
 activation quantized, so a block runs a dozen of each; their numpy references (ops.py)
 make several passes over the tensor each, these one, on every thread.
 
@@ -38,6 +38,21 @@ def quantize(x, scale, zero, lo, hi, out):
             v = np.rint(xs[i] / scale) + zero
             v = lo if v < lo else v
             ys[i] = np.int32(hi if v > hi else v)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def requantize(acc, multiplier, zero, lo, hi, out):
+    # out[r, j] = clamp(rint(acc[r, j] * multiplier[j]), lo, hi) + zero
+    rows = acc.shape[0]
+    per_task = max(1, CHUNK // max(1, acc.shape[1]))
+    for c in prange((rows + per_task - 1) // per_task):
+        for r in range(c * per_task, min(rows, (c + 1) * per_task)):
+            xs = acc[r]
+            ys = out[r]
+            for j in range(xs.size):
+                v = xs[j] * multiplier[j]
+                v = lo if v < lo else v
+                ys[j] = np.int32(np.rint(hi if v > hi else v) + zero)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -112,3 +127,24 @@ def erf(x: np.ndarray, **attrs):
     flat, out, shaped = _flat(x, np.float32)
     _kernels().erf(flat, out)
     return shaped
+
+
+def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point, **attrs):
+    """QLinearMatMul with a per-tensor a and y and an 8-bit output: the exact integer sums
+    on BLAS (ops.qlinear_matmul's), requantized in one pass; None otherwise."""
+    from ..ops import _integer_product
+
+    ys, yz, a_s = _scalar(y_scale), _scalar(y_zero_point), _scalar(a_scale)
+    bs = np.asarray(b_scale, np.float32).reshape(-1)
+    if ys is None or yz is None or yz.dtype not in _RANGES or a_s is None or b.ndim < 2 or \
+            bs.size not in (1, b.shape[-1]) or np.asarray(a_zero_point).size != 1:
+        return None
+    acc = np.ascontiguousarray(_integer_product(a, b, a_zero_point, b_zero_point), np.float32)
+    multiplier = np.broadcast_to(np.float32(a_s) * bs / np.float32(ys), acc.shape[-1:]).copy()
+    lo, hi = _RANGES[yz.dtype]
+    z = np.float32(yz)
+    out = np.empty(acc.shape, yz.dtype)
+    n = acc.shape[-1]
+    _kernels().requantize(acc.reshape(-1, n), multiplier, z, np.float32(lo) - z, np.float32(hi) - z,
+                          out.reshape(-1, n))
+    return out

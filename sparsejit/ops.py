@@ -551,8 +551,9 @@ def dynamic_quantize_linear(x):
 
 def _centred(x, zero_point, row_wise: bool):
     """x minus its zero point, as float32, exactly (integers of at most 17 bits; a vector
-    zero point is per row of A, per column of B)."""
-    x = x.astype(np.float32)
+    zero point is per row of A, per column of B), in C order: a transposed view (attention's
+    keys) would keep its strides and take numpy's matmul off BLAS."""
+    x = x.astype(np.float32, order="C")
     if zero_point is None:
         return x
     zp = np.asarray(zero_point).astype(np.float32)

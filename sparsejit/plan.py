@@ -327,7 +327,7 @@ def reference_step(node: Node, p: Planning) -> Step:
 
 
 ELEMENTWISE = {"QuantizeLinear": elementwise.quantize, "DequantizeLinear": elementwise.dequantize,
-               "Erf": elementwise.erf}
+               "Erf": elementwise.erf, "QLinearMatMul": elementwise.qlinear_matmul}
 
 
 def elementwise_step(node: Node, p: Planning) -> Step:

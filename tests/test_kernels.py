@@ -680,14 +680,14 @@ def test_int8_kernel_requantizes_as_qlinear_matmul(dot):
 
 
 def test_elementwise_kernels_equal_their_references():
-    """QuantizeLinear, DequantizeLinear and Erf on their Numba kernels (what the QOperator
-    form runs between its Linear layers): equal to the numpy references bit for bit, for
+    """QuantizeLinear, DequantizeLinear, Erf and QLinearMatMul on their Numba kernels (what
+    the QOperator form runs between its Linear layers): equal to the numpy references bit for bit, for
     uint8 and int8, ties (x / scale = k + 0.5), values past the type's range and past
     int32's, infinities, a transposed (feature-major) input and an empty one; and None,
     so the reference runs, for what they do not cover."""
     from sparsejit.kernels import elementwise
 
-    from sparsejit.ops import dequantize_linear, erf, quantize_linear
+    from sparsejit.ops import dequantize_linear, erf, qlinear_matmul, quantize_linear
 
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((37, 300)) * 3).astype(np.float32)
@@ -703,6 +703,17 @@ def test_elementwise_kernels_equal_their_references():
     finite = x[1:]
     np.testing.assert_array_equal(elementwise.erf(finite), erf(finite))
     np.testing.assert_array_equal(elementwise.erf(finite.T), erf(finite.T))
+    # QLinearMatMul: attention's (transposed views of uint8 activations; a multiplier of
+    # 2^-10, so sums ≡ 512 mod 1024 are ties) and a Linear's (int8 weights, a scale per column)
+    q, k = rng.integers(0, 256, (2, 9, 48)).astype(np.uint8), rng.integers(0, 256, (2, 9, 48)).astype(np.uint8)
+    heads, keys = q.reshape(2, 9, 4, 12).transpose(0, 2, 1, 3), k.reshape(2, 9, 4, 12).transpose(0, 2, 3, 1)
+    w, ws = rng.integers(-127, 128, (48, 20)).astype(np.int8), (rng.random(20) * 0.01).astype(np.float32)
+    for args in [(heads, np.float32(2 ** -5), np.uint8(128), keys, np.float32(2 ** -5), np.uint8(120),
+                  np.float32(1.0), np.uint8(100)),
+                 (q, np.float32(0.03), np.uint8(3), w, ws, np.zeros(20, np.int8), np.float32(0.2), np.int8(-4))]:
+        got = elementwise.qlinear_matmul(*args)
+        np.testing.assert_array_equal(got, qlinear_matmul(*args))
+        assert len(np.unique(got)) > 20
     assert elementwise.quantize(x, np.full(300, 0.1, np.float32), np.zeros(300, np.uint8)) is None  # per axis
     assert elementwise.quantize(x, np.float32(0.1), np.uint16(3)) is None
     assert elementwise.dequantize(x.astype(np.int32), np.float32(0.1), np.int32(0)) is None
