@@ -81,12 +81,35 @@ def main() -> None:
     if not block4.exists():
         prune_model(minilm, block4, 0.8, 4)
         print("wrote", block4)
-    int8 = MODELS / "minilm_p80_block4_int8.onnx"
-    if not int8.exists():
-        from sparsejit.quantize import quantize_model
+    make_int8(block4)
 
-        quantize_model(block4, int8, "dynamic")
-        print("wrote", int8)
+
+def make_int8(source: Path) -> None:
+    """`source` quantized in each form: dynamic and static QDQ by `sparsejit quantize`; the
+    static one rewritten into SparseML's MatMulInteger form (the INT8 form DeepSparse 1.8
+    runs); and onnxruntime's QOperator form (QLinearMatMul, QLinearAdd, ...; DeepSparse
+    1.8 refuses ONNX Runtime's)."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from sparsejit.quantize import _Calibration, quantize_model
+
+    sys.path.insert(0, str(HERE.parent / "scripts"))
+    from export_test_models import sparseml_form
+
+    stem = MODELS / f"{source.stem}_int8"
+    outputs = {"": lambda out: quantize_model(source, out, "dynamic"),
+               "_static": lambda out: quantize_model(source, out, "static"),
+               "_sparseml": lambda out: sparseml_form(Path(f"{stem}_static.onnx"), out),
+               "_qoperator": lambda out: quantize_static(
+                   source, out, _Calibration(onnx.load(source, load_external_data=False), 8, 64, None),
+                   quant_format=QuantFormat.QOperator, per_channel=True, weight_type=QuantType.QInt8,
+                   activation_type=QuantType.QUInt8, extra_options={"WeightSymmetric": True})}
+    for suffix, make in outputs.items():
+        out = Path(f"{stem}{suffix}.onnx")
+        if not out.exists():
+            make(out)
+            print("wrote", out)
 
 
 if __name__ == "__main__":
