@@ -17,6 +17,7 @@ from ..ops import dynamic_quantize_linear, matmul_integer, op, quantize_linear
 from .compile import compile_ir, host_cpu, load_source, vector_lanes
 from .compress import balanced_bounds
 from .int8_ir import (
+    PAIR_LIMIT,
     QUANTIZE_FLOAT_SIGNATURE,
     QUANTIZE_SIGNATURE,
     RANGE_SIGNATURE,
@@ -114,7 +115,7 @@ def dynamic_range(range_fn, xt, parts, lanes):
 
 @njit(parallel=True, nogil=True, cache=True)
 def run_int8(range_fn, quantize_fn, fn, xt, lanes, dynamic, x_scale, x_zero, x_lo, colsum, wscale, corr, mult,
-             indptr, blocks, weights, bias, requant, yt, rt, bounds):
+             indptr, split, blocks, weights, bias, requant, yt, rt, bounds):
     k = xt.shape[0]
     ntok = xt.shape[1]
     parts = bounds.shape[0] - 1
@@ -140,7 +141,7 @@ def run_int8(range_fn, quantize_fn, fn, xt, lanes, dynamic, x_scale, x_zero, x_l
             quantize_fn(xt.ctypes.data, xt.strides[0] // 4, xq.ctypes.data, tp, k, scale, zero, np.float32(x_lo),
                         np.float32(x_lo + 255), a, b, ntok)
     for c in prange(parts):
-        fn(xq.ctypes.data, tp, indptr.ctypes.data, blocks.ctypes.data, weights.ctypes.data, corr.ctypes.data,
+        fn(xq.ctypes.data, tp, indptr.ctypes.data, split.ctypes.data, blocks.ctypes.data, weights.ctypes.data, corr.ctypes.data,
            mult.ctypes.data, bias.ctypes.data, requant.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data,
            rt.strides[0] // 4, bounds[c], bounds[c + 1], ntok)
     return True
@@ -205,6 +206,18 @@ def compress_blocks(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return indptr, cols.astype(np.uint16), packed
 
 
+def pairs_first_order(indptr: np.ndarray, blocks: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Reorders each row's stored blocks (in place) so that those whose byte pairs cannot
+    saturate vpmaddubsw's int16 sums (int8_ir.PAIR_LIMIT) come first, each group in its
+    input order; returns split: row j's other blocks start at split[j]."""
+    b = weights.view(np.int8).reshape(-1, 4).astype(np.int32)
+    fits = (np.abs(b[:, 0]) + np.abs(b[:, 1]) <= PAIR_LIMIT) & (np.abs(b[:, 2]) + np.abs(b[:, 3]) <= PAIR_LIMIT)
+    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    order = np.lexsort((~fits, rows))  # by row, then the fitting blocks first, stable
+    blocks[:], weights[:] = blocks[order], weights[order]
+    return (indptr[:-1] + np.bincount(rows, weights=fits, minlength=len(indptr) - 1)).astype(np.int64)
+
+
 # Accumulators per token tile: 8 of AVX-512's 32 registers; on AVX2's 16, each vector's
 # activations take two temporaries and the weights two registers.
 INT8_VECTORS = {"vnni": 8, "pmaddwd": 8, "generic": 8}
@@ -262,7 +275,9 @@ class Int8Linear(_Quantized):
         self.indptr, self.blocks, self.weights = compress_blocks(weight)
         self.colsum = weight.astype(np.int32).sum(axis=0).astype(np.int32)
         dot = dot or host_dots()[0]
-        self.config = Int8Config(activation, residual, dot, INT8_VECTORS[dot], requantize is not None)
+        pairs_first = dot == "pmaddwd"
+        self.config = Int8Config(activation, residual, dot, INT8_VECTORS[dot], requantize is not None, pairs_first)
+        self.split = pairs_first_order(self.indptr, self.blocks, self.weights) if pairs_first else self.indptr[1:]
         # per output: the output scale, its lowest and highest value less its zero point, (padding)
         self._requant = np.zeros((self.out_features if requantize is not None else 1, 4), np.float32)
         if requantize is not None:
@@ -295,7 +310,8 @@ class Int8Linear(_Quantized):
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
         scale, zero, lo, corr, mult = self._quantization
         return self._driver(*self._fns, xt, vector_lanes(), self.mode == "dynamic", scale, zero, lo, self.colsum,
-                            self.scale, corr, mult, self.indptr, self.blocks, self.weights, self.bias, self._requant,
+                            self.scale, corr, mult, self.indptr, self.split, self.blocks, self.weights, self.bias,
+                            self._requant,
                             yt, rt, self._split())
 
     def skipped(self, start: int = 0, stop: int | None = None) -> float:

@@ -11,6 +11,9 @@ one i32. For every stored block the kernel broadcasts its i32 and adds, per toke
   and 3 (a 16-bit shift) as 16-bit pairs, times the weights' bytes sign-extended to the
   same pairs, each pair of products added into 32 bits by `vpmaddwd`: exact, where
   AVX2's `vpmaddubsw` (ONNX Runtime's choice) adds two products in 16 bits and saturates.
+  A block whose weight pairs cannot saturate it (|w0| + |w1| ≤ 128: 255 · 128 < 2^15)
+  takes `vpmaddubsw` then `vpmaddwd` by ones, half the instructions: each row's such
+  blocks are stored first (`pairs_first`).
 - `generic`: the same sum written out with shifts and 32-bit multiplies, for any CPU.
 
 `int8_rows` computes rows [j0, j1) for all tokens: tiles of `vectors` vectors, then tiles
@@ -32,7 +35,8 @@ from .ir import Builder, Signature
 from .sparse_ir import tail_vectors
 
 SIGNATURE = Signature("int8_rows", (
-    ("xq", "ptr"), ("tp", "i64"), ("indptr", "ptr"), ("blocks", "ptr"), ("weights", "ptr"), ("corr", "ptr"),
+    ("xq", "ptr"), ("tp", "i64"), ("indptr", "ptr"), ("split", "ptr"), ("blocks", "ptr"), ("weights", "ptr"),
+    ("corr", "ptr"),
     ("scale", "ptr"), ("bias", "ptr"), ("requant", "ptr"), ("yt", "ptr"), ("ldy", "i64"), ("rt", "ptr"),
     ("ldr", "i64"), ("j0", "i64"), ("j1", "i64"), ("ntok", "i64")))
 LANES = 16  # tokens per 64 bytes of xq (one i32 of 4 uint8 each); the token count is padded to it
@@ -47,6 +51,9 @@ class Int8Config:
     dot: str = "vnni"         # a key of DOTS
     vectors: int = 8          # accumulators per token tile
     requantize: bool = False  # the scaled sums requantized and dequantized before the bias
+    # pmaddwd: each row's blocks [indptr[j], split[j]) cannot saturate int16 pairs, so
+    # `vpmaddubsw` does their products in half the instructions (see _dot4_pairs)
+    pairs_first: bool = False
 
     @property
     def lanes(self) -> int:
@@ -73,6 +80,20 @@ def _dot4(e: Builder, cfg: Int8Config, acc: str, a: str, ws: list[str]) -> str:
     return acc
 
 
+PAIR_LIMIT = 128  # |w0| + |w1| ≤ this: 255 · 128 = 32640 fits int16, so vpmaddubsw cannot saturate
+
+
+def _dot4_pairs(e: Builder, acc: str, a: str, packed: str) -> str:
+    """acc + per lane Σ_i a.byte[i] · w.byte[i] for a block whose byte pairs (0, 1) and
+    (2, 3) have |w0| + |w1| ≤ PAIR_LIMIT: `vpmaddubsw` adds each pair's products in int16,
+    exactly (no pair can pass 32640), and `vpmaddwd` by ones adds the two pairs in int32."""
+    iv, bv, hv = f"<{e.lanes} x i32>", f"<{4 * e.lanes} x i8>", f"<{2 * e.lanes} x i16>"
+    a8, w8 = e(f"bitcast {iv} {a} to {bv}"), e(f"bitcast {iv} {e.splat_i32(packed)} to {bv}")
+    pairs = e.call("llvm.x86.avx2.pmadd.ub.sw", hv, (bv, a8), (bv, w8))
+    ones = f"<{', '.join(['i16 1'] * 2 * e.lanes)}>"
+    return e(f"add {iv} {acc}, {e.call('llvm.x86.avx2.pmadd.wd', iv, (hv, pairs), (hv, ones))}")
+
+
 def _block_weights(e: Builder, cfg: Int8Config, packed: str) -> list[str]:
     """The block's weights as _dot4 takes them: its i32 broadcast (vnni); its bytes 0, 2
     and 1, 3 sign-extended to 16-bit pairs, broadcast (pmaddwd); its four bytes, each
@@ -97,18 +118,25 @@ def _tile(e: Builder, cfg: Int8Config, j: str, t: str, vectors: int) -> None:
     p0 = e(f"load i64, ptr {e.gep('%indptr', j, 'i64')}, align 8")
     p1 = e(f"load i64, ptr {e.gep('%indptr', e(f'add i64 {j}, 1'), 'i64')}, align 8")
 
-    def block(p, accs):
+    def block(p, accs, pairs=False):
         at = e.gep("%blocks", p, "i16")
         k4 = e(f"zext i16 {e(f'load i16, ptr {at}, align 2')} to i64")
-        ws = _block_weights(e, cfg, e(f"load i32, ptr {e.gep('%weights', p, 'i32')}, align 4"))
+        packed = e(f"load i32, ptr {e.gep('%weights', p, 'i32')}, align 4")
+        ws = None if pairs else _block_weights(e, cfg, packed)
         start = e(f"add i64 {e(f'mul i64 {k4}, %tp')}, {t}")  # in 4-byte units: one i32 per token
         out = []
         for u, acc in enumerate(accs):
             ptr = e.gep("%xq", e(f"add i64 {start}, {e.lanes * u}") if u else start, "i32")
-            out.append(_dot4(e, cfg, acc, e(f"load {iv}, ptr {ptr}, align 4"), ws))
+            a = e(f"load {iv}, ptr {ptr}, align 4")
+            out.append(_dot4_pairs(e, acc, a, packed) if pairs else _dot4(e, cfg, acc, a, ws))
         return out
 
-    _, accs = e.loop(p0, p1, 1, [(iv, "zeroinitializer")] * vectors, block)
+    accs = ["zeroinitializer"] * vectors
+    if cfg.pairs_first:  # the blocks vpmaddubsw takes exactly, then the rest
+        ps = e(f"load i64, ptr {e.gep('%split', j, 'i64')}, align 8")
+        _, accs = e.loop(p0, ps, 1, [(iv, a) for a in accs], lambda p, c: block(p, c, pairs=True))
+        p0 = ps
+    _, accs = e.loop(p0, p1, 1, [(iv, a) for a in accs], block)
     corr = e.splat_i32(e(f"load i32, ptr {e.gep('%corr', j, 'i32')}, align 4"))
     scale = e.splat(e(f"load float, ptr {e.gep('%scale', j)}, align 4"))
     bias = e.splat(e(f"load float, ptr {e.gep('%bias', j)}, align 4"))
@@ -267,7 +295,7 @@ def range_ir(lanes: int) -> str:
 
 
 def int8_ir(cfg: Int8Config) -> str:
-    if cfg.activation not in ACTIVATIONS or cfg.dot not in DOTS:
+    if cfg.activation not in ACTIVATIONS or cfg.dot not in DOTS or cfg.pairs_first and cfg.dot != "pmaddwd":
         raise ValueError(f"no int8 kernel for {cfg}")
     e = Builder(cfg.lanes)
     e.function(SIGNATURE, lambda: _rows(e, cfg))
@@ -275,5 +303,5 @@ def int8_ir(cfg: Int8Config) -> str:
     if cfg.requantize:
         scaled = f"roundeven(clamp({scaled}, requant[4j + 1], requant[4j + 2])) * requant[4j]"
     return e.module(f"; sparsejit generated kernel: int8 activation={cfg.activation} residual={cfg.residual} "
-                    f"dot={cfg.dot} vectors={cfg.vectors} requantize={cfg.requantize}\n"
+                    f"dot={cfg.dot} vectors={cfg.vectors} requantize={cfg.requantize} pairs_first={cfg.pairs_first}\n"
                     f"; yt[j, t] = act({scaled} + bias[j]){' + rt[j, t]' if cfg.residual else ''}")

@@ -617,16 +617,21 @@ def test_int8_kernel_exact_against_the_integer_reference(dot):
         pytest.skip(f"this CPU does not run the {dot} int8 kernel")
     rng = np.random.default_rng(17)
     for k, m, sparsity, block in [(64, 48, 0.9, 1), (96, 40, 0.8, 4), (130, 7, 0.5, 1), (1, 1, 0.0, 1),
-                                  (256, 1, 0.9, 4), (8, 5, 1.0, 1), (12, 3, -1, 1)]:
+                                  (256, 1, 0.9, 4), (8, 5, 1.0, 1), (12, 3, -1, 1), (40, 6, -2, 1)]:
+        # -1: pairs far past vpmaddubsw's int16 limit; -2: 4-blocks along the inputs with pairs
+        # at it (|w0| + |w1| = 128) and just past (129), next to activations of 255
         w = rng.integers(-127, 128, (k, m)).astype(np.int8) if sparsity >= 0 else \
-            np.resize(np.array([127, -128, 127, 127, -128, -128], np.int8), (k, m))
+            np.resize(np.array([127, -128, 127, 127, -128, -128], np.int8), (k, m)) if sparsity == -1 else \
+            np.resize(np.array([[127, 1, -128, 0], [64, -64, 127, 2], [-2, -127, 1, 127]], np.int8).ravel(), (m, k)).T
         keep = np.repeat(rng.random((k // 4, m)) >= sparsity, 4, axis=0) if block == 4 else rng.random((k, m)) >= sparsity
         w = (w * keep).astype(np.int8)
         ws, bias = (rng.random(m) * 0.01 + 0.001).astype(np.float32), rng.standard_normal(m).astype(np.float32)
         for tokens in [0, 1, 17, 130, 200]:
             x = rng.standard_normal((tokens, k)).astype(np.float32)
-            if sparsity < 0:  # the range's ends: uint8 0 and 255 next to the extreme weights
+            if sparsity == -1:  # the range's ends: uint8 0 and 255 next to the extreme weights
                 x = np.resize(np.array([-1.0, 3.0, 3.0, 3.0, -1.0], np.float32), (tokens, k))
+            elif sparsity == -2:  # every activation 255 (dynamic), or near it
+                x = np.full((tokens, k), 3.0, np.float32)
             r = rng.standard_normal((tokens, m)).astype(np.float32)
             for mode, xs, xz in [("dynamic", None, None), ("static", np.float32(0.03), np.uint8(120)),
                                  ("static", np.float32(0.02), np.int8(-3))]:
