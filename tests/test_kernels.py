@@ -617,7 +617,8 @@ def test_int8_kernel_exact_against_the_integer_reference(dot):
         pytest.skip(f"this CPU does not run the {dot} int8 kernel")
     rng = np.random.default_rng(17)
     for k, m, sparsity, block in [(64, 48, 0.9, 1), (96, 40, 0.8, 4), (130, 7, 0.5, 1), (1, 1, 0.0, 1),
-                                  (256, 1, 0.9, 4), (8, 5, 1.0, 1), (12, 3, -1, 1), (40, 6, -2, 1)]:
+                                  (256, 1, 0.9, 4), (8, 5, 1.0, 1), (12, 3, -1, 1), (40, 6, -2, 1),
+                                  (600, 9, 0.8, 4), (1030, 4, 0.9, 1), (520, 3, -2, 1)]:
         # -1: pairs far past vpmaddubsw's int16 limit; -2: 4-blocks along the inputs with pairs
         # at it (|w0| + |w1| = 128) and just past (129), next to activations of 255
         w = rng.integers(-127, 128, (k, m)).astype(np.int8) if sparsity >= 0 else \
