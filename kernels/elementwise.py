@@ -1,5 +1,6 @@
 """Per-element ops that a quantized graph runs between its Linear layers, as Numba kernels:
-QuantizeLinear and DequantizeLinear per tensor, Erf, and QLinearMatMul's requantization. The QOperator form keeps every
+QuantizeLinear and DequantizeLinear per tensor, Erf, QLinearMatMul's requantization,
+and the table lookups fuse.fuse_lookups makes of per-element chains on 8-bit values. The QOperator form keeps every
 activation quantized, so a block runs a dozen of each; their numpy references (ops.py)
 make several passes over the tensor each, these one, on every thread.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..ops import op
 from .compile import load_source
 
 ELEMENTWISE_SOURCE = """\
@@ -53,6 +55,16 @@ def requantize(acc, multiplier, zero, lo, hi, out):
                 v = xs[j] * multiplier[j]
                 v = lo if v < lo else v
                 ys[j] = np.int32(np.rint(hi if v > hi else v) + zero)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def lookup(x, table, out):
+    n = x.size
+    for c in prange((n + CHUNK - 1) // CHUNK):
+        xs = x[c * CHUNK:min(n, (c + 1) * CHUNK)]
+        ys = out[c * CHUNK:min(n, (c + 1) * CHUNK)]
+        for i in range(xs.size):
+            ys[i] = table[xs[i]]
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -148,3 +160,20 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
     _kernels().requantize(acc.reshape(-1, n), multiplier, z, np.float32(lo) - z, np.float32(hi) - z,
                           out.reshape(-1, n))
     return out
+
+
+@op("Lookup", fused=True)
+def reference_lookup(x: np.ndarray, *, table: np.ndarray, ops=(), min_rank: int = 1) -> np.ndarray:
+    """The fused node (fuse.fuse_lookups): the table's entry for each byte of x, an 8-bit
+    tensor; `ops`, the chain it replaced, for the reader."""
+    y = table[x.view(np.uint8)]
+    return y.reshape((1,) * (min_rank - y.ndim) + y.shape) if y.ndim < min_rank else y
+
+
+def lookup(x: np.ndarray, *, table: np.ndarray, ops=(), min_rank: int = 1):
+    """reference_lookup on every thread; None for what it does not cover."""
+    if x.dtype not in _RANGES or x.ndim < min_rank:
+        return None
+    flat, out, shaped = _flat(x.view(np.uint8), table.dtype)
+    _kernels().lookup(flat, table, out)
+    return shaped

@@ -484,8 +484,60 @@ def fold_weights(graph: Graph) -> Graph:
     return fold_constants(graph)
 
 
+
+
+# Ops that map each element alone: the chain value, and constants of one element
+PER_ELEMENT = {"Abs", "Add", "Cast", "DequantizeLinear", "Div", "Erf", "Exp", "Gelu", "Log", "Mul", "Neg", "Pow",
+               "QuantizeLinear", "Reciprocal", "Relu", "Sigmoid", "Sqrt", "Sub", "Tanh"}
+BYTES = np.arange(256, dtype=np.uint8)
+
+
+def _per_element_next(m: _Matcher, value: str) -> Node | None:
+    """The node that alone reads `value` and maps it element by element (its other inputs
+    constants of one element), if any."""
+    n = m.only_user(value)
+    if n is None or n.op_type not in PER_ELEMENT or len(n.outputs) != 1:
+        return None
+    others = [i for i in n.inputs if i and i != value]
+    if n.inputs.count(value) != 1 or any(m.const(i) is None or m.const(i).size != 1 for i in others):
+        return None
+    return n
+
+
+def fuse_lookups(graph: Graph) -> Graph:
+    """A DequantizeLinear of 8-bit values followed by per-element ops (scalar constants on
+    the side; QuantizeLinear and DequantizeLinear again, say) → one `Lookup` node: its
+    output is a function of the input byte alone, so the chain's own ops run once at load
+    on the 256 bytes, and each run gathers. QOperator and QDQ graphs quantize around
+    every op: a GELU there is DequantizeLinear → Div → Erf → QuantizeLinear, one lookup.
+    The table is what the ops compute, so the results are the same."""
+    m = _Matcher(graph)
+    for dq in graph.nodes:
+        zero = m.const(dq.inputs[2]) if dq.op_type == "DequantizeLinear" and len(dq.inputs) > 2 else None
+        if id(dq) in m.removed or zero is None or zero.dtype not in (np.uint8, np.int8) \
+                or m.const(dq.inputs[1]) is None or m.const(dq.inputs[1]).size != 1:
+            continue
+        chain, value = [dq], dq.outputs[0]
+        while (n := _per_element_next(m, value)) is not None:
+            chain.append(n)
+            value = n.outputs[0]
+        if len(chain) < 2:
+            continue
+        table, prev = BYTES.view(zero.dtype), dq.inputs[0]
+        with np.errstate(all="ignore"):  # (a Pow of the largest byte may overflow: inf, as the op gives)
+            for n in chain:
+                args = [table if i == prev else m.const(i) if i else None for i in n.inputs]
+                table, prev = evaluate(n.op_type, args, n.attrs, graph.opset, 1)[0], n.outputs[0]
+        if np.size(table) != 256:
+            continue
+        attrs = {"table": np.ascontiguousarray(table).reshape(256), "ops": [n.op_type for n in chain],
+                 "min_rank": np.ndim(table)}  # (a constant of rank 2 would make a rank-1 input's output rank 2)
+        m.replace(chain, Node("Lookup", dq.name, [dq.inputs[0]], [value], attrs))
+    return m.result()
+
+
 PASSES = (fuse_gelu, fuse_layernorm, dequantize_gathered_tables, fuse_embeddings, fuse_quantized_linear, fold_weights,
-          fuse_linear, fuse_attention)
+          fuse_linear, fuse_attention, fuse_lookups)
 
 
 def fuse(graph: Graph) -> Graph:

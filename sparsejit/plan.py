@@ -327,7 +327,7 @@ def reference_step(node: Node, p: Planning) -> Step:
 
 
 ELEMENTWISE = {"QuantizeLinear": elementwise.quantize, "DequantizeLinear": elementwise.dequantize,
-               "Erf": elementwise.erf, "QLinearMatMul": elementwise.qlinear_matmul}
+               "Erf": elementwise.erf, "QLinearMatMul": elementwise.qlinear_matmul, "Lookup": elementwise.lookup}
 
 
 def elementwise_step(node: Node, p: Planning) -> Step:

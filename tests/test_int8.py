@@ -70,6 +70,8 @@ def test_quantized_forms_compute_what_the_graph_says(form):
     if form == "qoperator":  # every weight's QLinearMatMul fused, its output requantized in the kernel
         assert all("output requantized" in lp.reason for lp in encoder), [lp.reason for lp in encoder]
         assert sum(n.op_type == "QLinearMatMul" for n in model.graph.nodes) == 4  # attention's, per block
+        # each block's GELU, quantized around every op, one table lookup
+        assert sum("Erf" in n.attrs["ops"] for n in model.graph.nodes if n.op_type == "Lookup") == 2
     if form == "dynamic":  # its embedding tables, gathered then dequantized, dequantized at load and fused
         assert [n.op_type for n in model.graph.nodes].count("EmbedLayerNorm") == 1
         assert "DequantizeLinear" not in {n.op_type for n in model.graph.nodes}
@@ -144,3 +146,41 @@ def test_unstructured_int8_without_vnni_runs_on_the_fp32_sparse_kernel_exactly(t
         for g, w in zip(model.run(feeds), _oracle(out, feeds)):
             _assert_as_the_graph(g, w, static=mode == "static")
     assert model.check().ok
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_per_element_chains_on_bytes_become_one_lookup(dtype):
+    """DequantizeLinear of 8-bit x, then per-element ops with scalar constants (a GELU as
+    QOperator writes it, requantized on the way, and a power that overflows for some
+    bytes): one Lookup node whose table the ops computed, so compiled and reference runs
+    agree exactly, on every byte; a value read twice ends the chain there."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    onnx_type = TensorProto.UINT8 if dtype == np.uint8 else TensorProto.INT8
+    c = {"s": np.float32(0.07), "z": dtype(3), "root2": np.float32(1.4142135), "one": np.float32(1.0),
+         "s2": np.float32(0.02), "z2": dtype(-100 if dtype == np.int8 else 7), "big": np.float32(60.0),
+         "p": np.float32(40.0)}
+    nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["d"]),
+             helper.make_node("Div", ["d", "root2"], ["a"]),
+             helper.make_node("Erf", ["a"], ["e"]),
+             helper.make_node("QuantizeLinear", ["e", "s2", "z2"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s2", "z2"], ["d2"]),
+             helper.make_node("Add", ["one", "d2"], ["y"]),                    # constant first
+             helper.make_node("Mul", ["y", "big"], ["b"]),
+             helper.make_node("Pow", ["b", "p"], ["overflow"]),
+             helper.make_node("Add", ["y", "overflow"], ["twice"])]          # y read twice: the chain ends at y
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in c.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx_type, [None, 300])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("y", "twice")],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    compiled, reference = sparsejit.load(model), sparsejit.load(model, mode="reference")
+    lookups = [n.attrs["ops"] for n in compiled.graph.nodes if n.op_type == "Lookup"]
+    assert ["DequantizeLinear", "Div", "Erf", "QuantizeLinear", "DequantizeLinear", "Add"] in lookups, lookups
+    x = np.resize(np.arange(256, dtype=np.uint8).view(dtype), (3, 300))
+    for feed in (x, x[:, ::-1], x[:0]):
+        got, want = compiled.run({"x": feed}), reference.run({"x": feed})
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            np.testing.assert_array_equal(g, w)
+        assert np.isinf(want[1]).any() or not feed.size
