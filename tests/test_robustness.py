@@ -205,10 +205,17 @@ def test_the_file_may_change_or_go_after_load(tmp_path):
     """, tmp_path / "cache")
 
 
-FORK_AND_THREADS = f"""
+INT8 = MODELS_DIR / "int8"
+
+
+def fork_and_threads(path: Path) -> str:
+    return FORK_AND_THREADS.replace("MODEL_PATH", repr(str(path)))
+
+
+FORK_AND_THREADS = """
     import os, threading, numpy as np, numba, sparsejit
     from conftest import make_inputs
-    model = sparsejit.load({str(SDPA)!r}, num_threads=2)
+    model = sparsejit.load(MODEL_PATH, num_threads=2)
     feeds = make_inputs(model.input_names, 2, 16)
     first = model.run(feeds)[0]
     pid = os.fork()
@@ -216,7 +223,7 @@ FORK_AND_THREADS = f"""
         ok = np.array_equal(model.run(feeds)[0], first)
         os._exit(0 if ok else 3)
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, f"forked child: status {{status}}"
+    assert os.waitstatus_to_exitcode(status) == 0, f"forked child: status {status}"
     same, errors = [], []
 
     def work():
@@ -234,17 +241,20 @@ FORK_AND_THREADS = f"""
 """
 
 
-def test_fork_after_load_and_concurrent_runs(tmp_path):
+@pytest.mark.parametrize("path", [SDPA, INT8 / "bert_block4_p90_int8_dynamic.onnx",
+                                  INT8 / "bert_block4_p90_int8_qoperator.onnx"], ids=["fp32", "int8", "qoperator"])
+def test_fork_after_load_and_concurrent_runs(tmp_path, path):
     """A child forked after a run can run the model (GNU OpenMP killed it); four threads
-    running one model at once all get the single-thread answer."""
-    out = run_python(FORK_AND_THREADS)
+    running one model at once all get the single-thread answer. For the int8 kernels and
+    the per-element kernels between them too (a QOperator file)."""
+    out = run_python(fork_and_threads(path))
     assert out.stdout.split()[-1] == "tbb" or "tbb" not in _installed()
 
 
 def test_workqueue_layer_serialises_concurrent_runs(tmp_path):
     """Forced to Numba's workqueue layer, which aborts on concurrent launches, runs from
     several threads take turns instead."""
-    out = run_python(FORK_AND_THREADS, env={"NUMBA_THREADING_LAYER": "workqueue"})
+    out = run_python(fork_and_threads(SDPA), env={"NUMBA_THREADING_LAYER": "workqueue"})
     assert out.stdout.split()[-1] == "workqueue"
 
 
@@ -255,7 +265,7 @@ def test_a_user_chosen_tbb_layer_loads(layer):
     wheel's library when it chose the layer itself."""
     if "tbb" not in _installed():
         pytest.skip("the tbb wheel is not installed")
-    out = run_python(FORK_AND_THREADS, env={"NUMBA_THREADING_LAYER": layer})
+    out = run_python(fork_and_threads(SDPA), env={"NUMBA_THREADING_LAYER": layer})
     assert out.stdout.split()[-1] == "tbb"
 
 
