@@ -492,16 +492,31 @@ PER_ELEMENT = {"Abs", "Add", "Cast", "DequantizeLinear", "Div", "Erf", "Exp", "G
 BYTES = np.arange(256, dtype=np.uint8)
 
 
-def _per_element_next(m: _Matcher, value: str) -> Node | None:
-    """The node that alone reads `value` and maps it element by element (its other inputs
-    constants of one element), if any."""
-    n = m.only_user(value)
-    if n is None or n.op_type not in PER_ELEMENT or len(n.outputs) != 1:
-        return None
+def _maps_elements(m: _Matcher, n: Node, value: str) -> bool:
+    """Whether node n maps `value` element by element (its other inputs constants of one
+    element)."""
     others = [i for i in n.inputs if i and i != value]
-    if n.inputs.count(value) != 1 or any(m.const(i) is None or m.const(i).size != 1 for i in others):
-        return None
-    return n
+    return n.op_type in PER_ELEMENT and len(n.outputs) == 1 and id(n) not in m.removed and \
+        n.inputs.count(value) == 1 and all(m.const(i) is not None and m.const(i).size == 1 for i in others)
+
+
+def _chain_from(m: _Matcher, first: Node) -> list[Node]:
+    """`first`, then each next node that alone reads the value before and maps it element
+    by element."""
+    chain = [first]
+    while (n := m.only_user(chain[-1].outputs[0])) is not None and _maps_elements(m, n, chain[-1].outputs[0]):
+        chain.append(n)
+    return chain
+
+
+def _table(m: _Matcher, dq: Node, chain: list[Node], opset: int) -> np.ndarray:
+    """What DequantizeLinear `dq` then `chain` make of each of the 256 bytes, in byte order."""
+    table, prev = BYTES.view(m.const(dq.inputs[2]).dtype), dq.inputs[0]
+    with np.errstate(all="ignore"):  # (a Pow of the largest byte may overflow: inf, as the op gives)
+        for n in [dq, *chain]:
+            args = [table if i == prev else m.const(i) if i else None for i in n.inputs]
+            table, prev = evaluate(n.op_type, args, n.attrs, opset, 1)[0], n.outputs[0]
+    return table
 
 
 def fuse_lookups(graph: Graph) -> Graph:
@@ -510,29 +525,25 @@ def fuse_lookups(graph: Graph) -> Graph:
     output is a function of the input byte alone, so the chain's own ops run once at load
     on the 256 bytes, and each run gathers. QOperator and QDQ graphs quantize around
     every op: a GELU there is DequantizeLinear → Div → Erf → QuantizeLinear, one lookup.
+    Each reader of the DequantizeLinear that maps it so starts a chain of its own (GELU's
+    x/√2 branch, where x · ... reads it too); the DequantizeLinear goes when none is left.
     The table is what the ops compute, so the results are the same."""
     m = _Matcher(graph)
     for dq in graph.nodes:
         zero = m.const(dq.inputs[2]) if dq.op_type == "DequantizeLinear" and len(dq.inputs) > 2 else None
-        if id(dq) in m.removed or zero is None or zero.dtype not in (np.uint8, np.int8) \
-                or m.const(dq.inputs[1]) is None or m.const(dq.inputs[1]).size != 1:
+        if zero is None or zero.dtype not in (np.uint8, np.int8) or m.const(dq.inputs[1]) is None \
+                or m.const(dq.inputs[1]).size != 1 or dq.outputs[0] in m.outputs:
             continue
-        chain, value = [dq], dq.outputs[0]
-        while (n := _per_element_next(m, value)) is not None:
-            chain.append(n)
-            value = n.outputs[0]
-        if len(chain) < 2:
-            continue
-        table, prev = BYTES.view(zero.dtype), dq.inputs[0]
-        with np.errstate(all="ignore"):  # (a Pow of the largest byte may overflow: inf, as the op gives)
-            for n in chain:
-                args = [table if i == prev else m.const(i) if i else None for i in n.inputs]
-                table, prev = evaluate(n.op_type, args, n.attrs, graph.opset, 1)[0], n.outputs[0]
-        if np.size(table) != 256:
-            continue
-        attrs = {"table": np.ascontiguousarray(table).reshape(256), "ops": [n.op_type for n in chain],
-                 "min_rank": np.ndim(table)}  # (a constant of rank 2 would make a rank-1 input's output rank 2)
-        m.replace(chain, Node("Lookup", dq.name, [dq.inputs[0]], [value], attrs))
+        for user in list(m.users.get(dq.outputs[0], [])):
+            if not _maps_elements(m, user, dq.outputs[0]):
+                continue
+            chain = _chain_from(m, user)
+            table = _table(m, dq, chain, graph.opset)
+            if np.size(table) != 256:
+                continue
+            attrs = {"table": np.ascontiguousarray(table).reshape(256), "ops": [dq.op_type] + [n.op_type for n in chain],
+                     "min_rank": np.ndim(table)}  # (a constant of rank 2 would make a rank-1 input's output rank 2)
+            m.replace(chain, Node("Lookup", user.name, [dq.inputs[0]], [chain[-1].outputs[0]], attrs))
     return m.result()
 
 

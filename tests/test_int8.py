@@ -153,7 +153,8 @@ def test_per_element_chains_on_bytes_become_one_lookup(dtype):
     """DequantizeLinear of 8-bit x, then per-element ops with scalar constants (a GELU as
     QOperator writes it, requantized on the way, and a power that overflows for some
     bytes): one Lookup node whose table the ops computed, so compiled and reference runs
-    agree exactly, on every byte; a value read twice ends the chain there."""
+    agree exactly, on every byte; a value read twice ends the chain there, and the
+    DequantizeLinear another op reads too stays for it."""
     from onnx import TensorProto, helper, numpy_helper
 
     onnx_type = TensorProto.UINT8 if dtype == np.uint8 else TensorProto.INT8
@@ -168,15 +169,17 @@ def test_per_element_chains_on_bytes_become_one_lookup(dtype):
              helper.make_node("Add", ["one", "d2"], ["y"]),                    # constant first
              helper.make_node("Mul", ["y", "big"], ["b"]),
              helper.make_node("Pow", ["b", "p"], ["overflow"]),
-             helper.make_node("Add", ["y", "overflow"], ["twice"])]          # y read twice: the chain ends at y
+             helper.make_node("Add", ["y", "overflow"], ["twice"]),          # y read twice: the chain ends at y
+             helper.make_node("Mul", ["d", "twice"], ["both"])]              # d read by a Mul of two values too
     inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in c.items()]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx_type, [None, 300])],
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("y", "twice")],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("y", "twice", "both")],
                               inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     compiled, reference = sparsejit.load(model), sparsejit.load(model, mode="reference")
     lookups = [n.attrs["ops"] for n in compiled.graph.nodes if n.op_type == "Lookup"]
     assert ["DequantizeLinear", "Div", "Erf", "QuantizeLinear", "DequantizeLinear", "Add"] in lookups, lookups
+    assert "DequantizeLinear" in {n.op_type for n in compiled.graph.nodes}  # kept for the Mul
     x = np.resize(np.arange(256, dtype=np.uint8).view(dtype), (3, 300))
     for feed in (x, x[:, ::-1], x[:0]):
         got, want = compiled.run({"x": feed}), reference.run({"x": feed})
