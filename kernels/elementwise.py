@@ -1,6 +1,7 @@
 """Per-element ops that a quantized graph runs between its Linear layers, as Numba kernels:
 QuantizeLinear and DequantizeLinear per tensor, Erf, QLinearMatMul's requantization,
-and the table lookups fuse.fuse_lookups makes of per-element chains on 8-bit values. The QOperator form keeps every
+the table lookups fuse.fuse_lookups makes of per-element chains on 8-bit values, and
+QuantizeLinear then DequantizeLinear in one pass (fuse.fuse_fake_quantize). The QOperator form keeps every
 activation quantized, so a block runs a dozen of each; their numpy references (ops.py)
 make several passes over the tensor each, these one, on every thread.
 
@@ -55,6 +56,21 @@ def requantize(acc, multiplier, zero, lo, hi, out):
                 v = xs[j] * multiplier[j]
                 v = lo if v < lo else v
                 ys[j] = np.int32(np.rint(hi if v > hi else v) + zero)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def fake_quantize(x, scale, zero, lo, hi, out):
+    # (clamp(rint(x / scale) + zero, lo, hi) - zero) * scale, QuantizeLinear then DequantizeLinear
+    n = x.size
+    for c in prange((n + CHUNK - 1) // CHUNK):
+        xs = x[c * CHUNK:min(n, (c + 1) * CHUNK)]
+        ys = out[c * CHUNK:min(n, (c + 1) * CHUNK)]
+        for i in range(xs.size):
+            v = np.rint(xs[i] / scale) + zero
+            v = np.float32(0) if v != v else v  # NaN: the byte 0, as numpy's cast of NaN gives on x86
+            v = lo if v < lo else v
+            v = hi if v > hi else v
+            ys[i] = (v - zero) * scale
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -176,4 +192,23 @@ def lookup(x: np.ndarray, *, table: np.ndarray, ops=(), min_rank: int = 1):
         return None
     flat, out, shaped = _flat(x.view(np.uint8), table.dtype)
     _kernels().lookup(flat, table, out)
+    return shaped
+
+
+@op("FakeQuantize", fused=True)
+def reference_fake_quantize(x: np.ndarray, scale, zero_point) -> np.ndarray:
+    """The fused node (fuse.fuse_fake_quantize): DequantizeLinear(QuantizeLinear(x))."""
+    from ..ops import dequantize_linear, quantize_linear
+
+    return dequantize_linear(quantize_linear(x, scale, zero_point), scale, zero_point)
+
+
+def fake_quantize(x: np.ndarray, scale, zero_point):
+    """reference_fake_quantize in one pass on every thread; None for what it does not cover."""
+    s, z = _scalar(scale), _scalar(zero_point)
+    if x.dtype != np.float32 or s is None or s.dtype != np.float32 or z is None or z.dtype not in _RANGES:
+        return None
+    lo, hi = _RANGES[z.dtype]
+    flat, out, shaped = _flat(x, np.float32)
+    _kernels().fake_quantize(flat, np.float32(s), np.float32(z), np.float32(lo), np.float32(hi), out)
     return shaped

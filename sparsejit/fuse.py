@@ -547,8 +547,28 @@ def fuse_lookups(graph: Graph) -> Graph:
     return m.result()
 
 
+def fuse_fake_quantize(graph: Graph) -> Graph:
+    """DequantizeLinear(QuantizeLinear(x)) with one scale and zero point, 8-bit → one
+    `FakeQuantize` node reading x: x rounded to the quantization grid, in one pass (QDQ
+    graphs put such a pair on every activation). The QuantizeLinear stays while anything
+    else reads its bytes."""
+    m = _Matcher(graph)
+    for dq in graph.nodes:
+        q = m.made_by(dq.inputs[0], "QuantizeLinear") if dq.op_type == "DequantizeLinear" else None
+        if q is None or len(q.inputs) < 3 or len(dq.inputs) < 3 or q.attrs.get("output_dtype") or \
+                q.attrs.get("block_size") or q.attrs.get("precision"):
+            continue
+        read, wrote = _scalar_consts(m, dq.inputs[1:3]), _scalar_consts(m, q.inputs[1:3])
+        if read is None or wrote is None or read[1].dtype not in (np.uint8, np.int8) or \
+                read[0].dtype != np.float32 or not all(np.array_equal(a, b) and a.dtype == b.dtype
+                                                       for a, b in zip(read, wrote)):
+            continue
+        m.replace([dq], Node("FakeQuantize", dq.name, [q.inputs[0], *q.inputs[1:3]], list(dq.outputs)))
+    return m.result()
+
+
 PASSES = (fuse_gelu, fuse_layernorm, dequantize_gathered_tables, fuse_embeddings, fuse_quantized_linear, fold_weights,
-          fuse_linear, fuse_attention, fuse_lookups)
+          fuse_linear, fuse_attention, fuse_lookups, fuse_fake_quantize)
 
 
 def fuse(graph: Graph) -> Graph:

@@ -187,3 +187,30 @@ def test_per_element_chains_on_bytes_become_one_lookup(dtype):
             assert g.shape == w.shape
             np.testing.assert_array_equal(g, w)
         assert np.isinf(want[1]).any() or not feed.size
+
+
+def test_quantize_then_dequantize_is_one_pass():
+    """DequantizeLinear(QuantizeLinear(x)) with the same scale and zero point → one
+    FakeQuantize node reading x, equal to the pair on every value (ties, both ends of the
+    range, NaN); the QuantizeLinear stays where another node reads its bytes, and a pair
+    with another scale is left as it is."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = {"s": np.float32(0.25), "z": np.uint8(100), "s2": np.float32(0.5)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+             helper.make_node("DequantizeLinear", ["q", "s2", "z"], ["other_scale"]),
+             helper.make_node("QuantizeLinear", ["y", "s", "z"], ["q2"]),
+             helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["y2"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                               for o in ("y", "other_scale", "y2")],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in c.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    compiled, reference = sparsejit.load(model), sparsejit.load(model, mode="reference")
+    ops = [n.op_type for n in compiled.graph.nodes]
+    assert ops.count("FakeQuantize") == 2 and ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1
+    x = (np.random.default_rng(0).standard_normal((5, 64)) * 40).astype(np.float32)
+    x[0, :6] = [0.125, 0.375, -25.125, 1e9, -1e9, np.nan]  # ties, past either end, NaN
+    for g, w in zip(compiled.run({"x": x}), reference.run({"x": x})):
+        np.testing.assert_array_equal(g, w)

@@ -686,8 +686,8 @@ def test_int8_kernel_requantizes_as_qlinear_matmul(dot):
 
 
 def test_elementwise_kernels_equal_their_references():
-    """QuantizeLinear, DequantizeLinear, Erf and QLinearMatMul on their Numba kernels (what
-    the QOperator form runs between its Linear layers): equal to the numpy references bit for bit, for
+    """QuantizeLinear, DequantizeLinear (and the two in one pass), Erf and QLinearMatMul on
+    their Numba kernels (what the QOperator form runs between its Linear layers): equal to the numpy references bit for bit, for
     uint8 and int8, ties (x / scale = k + 0.5), values past the type's range and past
     int32's, infinities, a transposed (feature-major) input and an empty one; and None,
     so the reference runs, for what they do not cover."""
@@ -705,7 +705,13 @@ def test_elementwise_kernels_equal_their_references():
             assert q.dtype == zero.dtype and q.shape == v.shape
             np.testing.assert_array_equal(q, quantize_linear(v, scale, zero))
             np.testing.assert_array_equal(elementwise.dequantize(q, scale, zero), dequantize_linear(q, scale, zero))
+            np.testing.assert_array_equal(elementwise.fake_quantize(v, scale, zero),
+                                          dequantize_linear(quantize_linear(v, scale, zero), scale, zero))
     assert set(np.unique(elementwise.quantize(x[0, :4], np.float32(0.25), np.uint8(120)))) == {0, 255}
+    nan = np.array([np.nan, 1.0], np.float32)  # NaN quantizes to the byte 0 (numpy's cast on x86), dequantized
+    np.testing.assert_array_equal(elementwise.fake_quantize(nan, np.float32(0.5), np.uint8(9)),
+                                  dequantize_linear(quantize_linear(nan, np.float32(0.5), np.uint8(9)),
+                                                    np.float32(0.5), np.uint8(9)))
     finite = x[1:]
     np.testing.assert_array_equal(elementwise.erf(finite), erf(finite))
     np.testing.assert_array_equal(elementwise.erf(finite.T), erf(finite.T))
