@@ -6,6 +6,9 @@
 - `QLinear`: the same with a symmetric int8 weight, in each quantized form: dynamic,
   QDQ, SparseML's static MatMulInteger, and QOperator (QLinearMatMul, its output
   requantized then dequantized).
+- `Lookup`: a DequantizeLinear of bytes and the per-element ops after it → a table of
+  what they make of each of the 256 bytes, gathered.
+- `FakeQuantize`: QuantizeLinear then DequantizeLinear on a float → one pass.
 - `AttentionCore`: MatMul(q, kᵀ) → scale → + mask → Softmax (→ NaN guard) → MatMul(·, v)
   → one node.
 - LayerNorm written out (ReduceMean, Sub, Pow, ReduceMean, Add ε, Sqrt, Div, Mul γ,
