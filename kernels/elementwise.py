@@ -74,6 +74,30 @@ def fake_quantize(x, scale, zero, lo, hi, out):
 
 
 @njit(parallel=True, nogil=True, cache=True)
+def qsoftmax(q, value, table, out_scale, out_zero, lo, hi, out):
+    # each row of bytes q [rows, n]: the byte of the largest value (value[b]: byte b
+    # dequantized), e = table[that byte, b] = exp(value[b] - value[that byte]), their
+    # float64 sum rounded to float32, e / sum, quantized
+    rows, n = q.shape
+    for r in prange(rows):
+        qr = q[r]
+        top = qr[0]
+        for i in range(1, n):
+            if value[qr[i]] > value[top]:
+                top = qr[i]
+        e = table[np.int64(top)]
+        total = 0.0
+        for i in range(n):
+            total += np.float64(e[qr[i]])
+        t = np.float32(total)
+        ys = out[r]
+        for i in range(n):
+            v = np.rint(np.float32(e[qr[i]] / t) / out_scale) + out_zero
+            v = lo if v < lo else v
+            ys[i] = np.int32(hi if v > hi else v)
+
+
+@njit(parallel=True, nogil=True, cache=True)
 def lookup(x, table, out):
     n = x.size
     for c in prange((n + CHUNK - 1) // CHUNK):
@@ -212,3 +236,34 @@ def fake_quantize(x: np.ndarray, scale, zero_point):
     flat, out, shaped = _flat(x, np.float32)
     _kernels().fake_quantize(flat, np.float32(s), np.float32(z), np.float32(lo), np.float32(hi), out)
     return shaped
+
+
+@op("QSoftmax", fused=True)
+def reference_qsoftmax(q: np.ndarray, *, in_scale, in_zero, out_scale, out_zero, value=None, table=None) -> np.ndarray:
+    """The fused node (fuse.fuse_quantized_softmax): QuantizeLinear(Softmax(DequantizeLinear(q)))
+    over the last axis (`value` and `table`, softmax_table's, are the kernel's)."""
+    from ..ops import dequantize_linear, quantize_linear, softmax
+
+    return quantize_linear(softmax(dequantize_linear(q, in_scale, in_zero), axis=-1), out_scale, out_zero)
+
+
+def softmax_table(in_scale, in_zero) -> tuple[np.ndarray, np.ndarray]:
+    """(each byte's dequantized value [256], exp(value[b] - value[top]) [top, b]), in byte
+    order, by the ops the Softmax runs (numpy's exp on this CPU)."""
+    from ..ops import dequantize_linear
+
+    value = dequantize_linear(np.arange(256, dtype=np.uint8).view(np.asarray(in_zero).dtype), in_scale, in_zero)
+    with np.errstate(all="ignore"):
+        return value, np.exp(value[None, :] - value[:, None])
+
+
+def qsoftmax(q: np.ndarray, *, in_scale, in_zero, out_scale, out_zero, value, table):
+    """reference_qsoftmax on every thread, a row per task; None for what it does not cover."""
+    if q.dtype not in _RANGES or q.ndim == 0 or q.shape[-1] == 0:
+        return None
+    z = np.asarray(out_zero)
+    lo, hi = _RANGES[z.dtype]
+    rows = np.ascontiguousarray(q).view(np.uint8).reshape(-1, q.shape[-1])
+    out = np.empty(rows.shape, z.dtype)
+    _kernels().qsoftmax(rows, value, table, np.float32(out_scale), np.float32(z), np.float32(lo), np.float32(hi), out)
+    return out.reshape(q.shape)

@@ -8,6 +8,8 @@
   requantized then dequantized).
 - `Lookup`: a DequantizeLinear of bytes and the per-element ops after it → a table of
   what they make of each of the 256 bytes, gathered.
+- `QSoftmax`: DequantizeLinear, Softmax, QuantizeLinear → bytes in, bytes out, its
+  exponentials from a table.
 - `FakeQuantize`: QuantizeLinear then DequantizeLinear on a float → one pass.
 - `AttentionCore`: MatMul(q, kᵀ) → scale → + mask → Softmax (→ NaN guard) → MatMul(·, v)
   → one node.
@@ -28,6 +30,7 @@ import numpy as np
 
 from .fold import eliminate_dead, fold_constants
 from .graph import Graph, Node
+from .kernels.elementwise import softmax_table
 from .ops import evaluate
 
 SQRT2 = float(np.sqrt(2.0))
@@ -550,6 +553,31 @@ def fuse_lookups(graph: Graph) -> Graph:
     return m.result()
 
 
+def fuse_quantized_softmax(graph: Graph) -> Graph:
+    """QuantizeLinear(Softmax(DequantizeLinear(bytes))) over the last axis, each with one
+    scale and zero point → one `QSoftmax` node, bytes in and out (attention's in QOperator
+    and QDQ graphs). Its exponentials are a table over the (row's largest byte, byte)
+    pairs, computed at load by numpy's exp as the Softmax computes them; see
+    kernels/elementwise.py."""
+    m = _Matcher(graph)
+    for sm in graph.nodes:
+        axis = sm.attrs.get("axis", -1 if graph.opset >= 13 else 1)
+        dq = m.made_by(sm.inputs[0], "DequantizeLinear") if sm.op_type == "Softmax" and axis == -1 else None
+        q = m.only_user(sm.outputs[0], "QuantizeLinear") if dq is not None else None
+        if q is None or len(dq.inputs) < 3 or len(q.inputs) < 3 or q.attrs.get("output_dtype") or \
+                q.attrs.get("block_size") or q.attrs.get("precision"):
+            continue
+        read, wrote = _scalar_consts(m, dq.inputs[1:3]), _scalar_consts(m, q.inputs[1:3])
+        if read is None or wrote is None or any(z.dtype not in (np.uint8, np.int8) or s.dtype != np.float32
+                                                for s, z in (read, wrote)):
+            continue
+        value, table = softmax_table(*read)
+        attrs = {"in_scale": read[0], "in_zero": read[1], "out_scale": wrote[0], "out_zero": wrote[1],
+                 "value": value, "table": table}
+        m.replace([sm, q], Node("QSoftmax", sm.name, [dq.inputs[0]], list(q.outputs), attrs))
+    return m.result()
+
+
 def fuse_fake_quantize(graph: Graph) -> Graph:
     """DequantizeLinear(QuantizeLinear(x)) with one scale and zero point, 8-bit → one
     `FakeQuantize` node reading x: x rounded to the quantization grid, in one pass (QDQ
@@ -571,7 +599,7 @@ def fuse_fake_quantize(graph: Graph) -> Graph:
 
 
 PASSES = (fuse_gelu, fuse_layernorm, dequantize_gathered_tables, fuse_embeddings, fuse_quantized_linear, fold_weights,
-          fuse_linear, fuse_attention, fuse_lookups, fuse_fake_quantize)
+          fuse_linear, fuse_attention, fuse_lookups, fuse_quantized_softmax, fuse_fake_quantize)
 
 
 def fuse(graph: Graph) -> Graph:

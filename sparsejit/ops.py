@@ -261,7 +261,9 @@ def softmax(x, axis=None, opset=13):
         return softmax(flat, axis=1, opset=13).reshape(shape)
     axis = -1 if axis is None else axis
     e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return e / np.sum(e, axis=axis, keepdims=True)
+    # summed in float64, then rounded: the same total in any order (kernels.elementwise's
+    # quantized softmax adds in its own), where float32 sums differ with numpy's pairing
+    return e / np.sum(e, axis=axis, keepdims=True, dtype=np.float64).astype(e.dtype)
 
 
 @op("LayerNormalization")

@@ -328,7 +328,7 @@ def reference_step(node: Node, p: Planning) -> Step:
 
 ELEMENTWISE = {"QuantizeLinear": elementwise.quantize, "DequantizeLinear": elementwise.dequantize,
                "Erf": elementwise.erf, "QLinearMatMul": elementwise.qlinear_matmul, "Lookup": elementwise.lookup,
-               "FakeQuantize": elementwise.fake_quantize}
+               "FakeQuantize": elementwise.fake_quantize, "QSoftmax": elementwise.qsoftmax}
 
 
 def elementwise_step(node: Node, p: Planning) -> Step:
