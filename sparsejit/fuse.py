@@ -493,8 +493,8 @@ def fold_weights(graph: Graph) -> Graph:
 
 
 # Ops that map each element alone: the chain value, and constants of one element
-PER_ELEMENT = {"Abs", "Add", "Cast", "DequantizeLinear", "Div", "Erf", "Exp", "Gelu", "Log", "Mul", "Neg", "Pow",
-               "QuantizeLinear", "Reciprocal", "Relu", "Sigmoid", "Sqrt", "Sub", "Tanh"}
+PER_ELEMENT = {"Abs", "Add", "Cast", "Ceil", "Cos", "DequantizeLinear", "Div", "Erf", "Gelu", "Log", "Mul", "Neg",
+               "Pow", "QuantizeLinear", "Sign", "Sin", "Sqrt", "Sub", "Tanh"}
 BYTES = np.arange(256, dtype=np.uint8)
 
 
