@@ -251,10 +251,11 @@ def test_fork_after_load_and_concurrent_runs(tmp_path, path):
     assert out.stdout.split()[-1] == "tbb" or "tbb" not in _installed()
 
 
-def test_workqueue_layer_serialises_concurrent_runs(tmp_path):
+@pytest.mark.parametrize("path", [SDPA, INT8 / "bert_block4_p90_int8_qoperator.onnx"], ids=["fp32", "qoperator"])
+def test_workqueue_layer_serialises_concurrent_runs(tmp_path, path):
     """Forced to Numba's workqueue layer, which aborts on concurrent launches, runs from
-    several threads take turns instead."""
-    out = run_python(fork_and_threads(SDPA), env={"NUMBA_THREADING_LAYER": "workqueue"})
+    several threads take turns instead (the per-element kernels between int8 layers too)."""
+    out = run_python(fork_and_threads(path), env={"NUMBA_THREADING_LAYER": "workqueue"})
     assert out.stdout.split()[-1] == "workqueue"
 
 
