@@ -29,6 +29,16 @@ from numba import njit, prange
 CHUNK = 8192  # elements per parallel task
 
 
+@njit(inline="always")
+def quantized(x, scale, zero, lo, hi):
+    # QuantizeLinear's value as a float: clamp(rint(x / scale) + zero, lo, hi); NaN gives
+    # the byte 0, as numpy's cast of NaN does on x86
+    v = np.rint(x / scale) + zero
+    v = np.float32(0) if v != v else v
+    v = lo if v < lo else v
+    return hi if v > hi else v
+
+
 # Each task works on slices of its chunk: loops over a slice from 0 vectorise, where
 # loops over the chunk's range of the whole array did not.
 @njit(parallel=True, nogil=True, cache=True)
@@ -38,9 +48,7 @@ def quantize(x, scale, zero, lo, hi, out):
         xs = x[c * CHUNK:min(n, (c + 1) * CHUNK)]
         ys = out[c * CHUNK:min(n, (c + 1) * CHUNK)]
         for i in range(xs.size):
-            v = np.rint(xs[i] / scale) + zero
-            v = lo if v < lo else v
-            ys[i] = np.int32(hi if v > hi else v)
+            ys[i] = np.int32(quantized(xs[i], scale, zero, lo, hi))
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -66,11 +74,7 @@ def fake_quantize(x, scale, zero, lo, hi, out):
         xs = x[c * CHUNK:min(n, (c + 1) * CHUNK)]
         ys = out[c * CHUNK:min(n, (c + 1) * CHUNK)]
         for i in range(xs.size):
-            v = np.rint(xs[i] / scale) + zero
-            v = np.float32(0) if v != v else v  # NaN: the byte 0, as numpy's cast of NaN gives on x86
-            v = lo if v < lo else v
-            v = hi if v > hi else v
-            ys[i] = (v - zero) * scale
+            ys[i] = (quantized(xs[i], scale, zero, lo, hi) - zero) * scale
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -92,9 +96,7 @@ def qsoftmax(q, value, table, out_scale, out_zero, lo, hi, out):
         t = np.float32(total)
         ys = out[r]
         for i in range(n):
-            v = np.rint(np.float32(e[qr[i]] / t) / out_scale) + out_zero
-            v = lo if v < lo else v
-            ys[i] = np.int32(hi if v > hi else v)
+            ys[i] = np.int32(quantized(np.float32(e[qr[i]] / t), out_scale, out_zero, lo, hi))
 
 
 @njit(parallel=True, nogil=True, cache=True)
