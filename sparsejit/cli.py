@@ -817,7 +817,8 @@ def _file_commands(sub) -> None:
                         formatter_class=_Formatter)
     sp.add_argument("model", help="ONNX model file")
     sp.add_argument("--mode", choices=["dynamic", "static"], default="dynamic",
-                    help="activation scales from each input at run time, or from calibration (QDQ format)")
+                    help="activation scales from each input at run time, or from calibration (QDQ format, the "
+                         "Linear layers' inputs only: attention stays in float)")
     sp.add_argument("--calibration", help=".npz of inputs by name for static calibration (default: generated)")
     sp.add_argument("-o", "--output", required=True, help="output ONNX file")
     _common(sp)
