@@ -514,9 +514,9 @@ def quantize_linear(x, y_scale, y_zero_point=None, axis=1, saturate=1, block_siz
     if precision:
         wide = helper.tensor_dtype_to_np_dtype(precision)
         x, scale = x.astype(wide), scale.astype(wide)
-    q = np.rint(x / scale)
-    if y_zero_point is not None:  # (clamped as floats: a value past int32's range saturates too)
-        q = q + _per_axis(y_zero_point, x.shape, axis % x.ndim if x.ndim else 0, block_size).astype(q.dtype)
+    q = np.rint(x / scale).astype(np.float64)  # (clamped as float64: a value past int32's range saturates
+    if y_zero_point is not None:               # too, and a 16-bit zero point adds exactly to a float16 x)
+        q = q + _per_axis(y_zero_point, x.shape, axis % x.ndim if x.ndim else 0, block_size).astype(np.float64)
     return np.clip(q, *_INT_RANGES[dtype]).astype(dtype)
 
 
