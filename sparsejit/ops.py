@@ -568,7 +568,9 @@ EXACT_FLOAT32 = 1 << 24
 
 
 def _largest_centred(x, zero_point) -> float:
-    """The largest |x - zero point| x's integer type allows."""
+    """The largest |x - zero point| x's integer type allows (inf for another type)."""
+    if not np.issubdtype(x.dtype, np.integer):
+        return float("inf")
     info = np.iinfo(x.dtype)
     zp = np.asarray(0 if zero_point is None else zero_point).astype(np.float64)
     return float(np.max(np.maximum(zp - info.min, info.max - zp), initial=0))
