@@ -208,6 +208,8 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
 def reference_lookup(x: np.ndarray, *, table: np.ndarray, ops=(), min_rank: int = 1) -> np.ndarray:
     """The fused node (fuse.fuse_lookups): the table's entry for each byte of x, an 8-bit
     tensor; `ops`, the chain it replaced, for the reader."""
+    if x.dtype not in _RANGES:
+        raise TypeError(f"a Lookup over {' -> '.join(ops)} got a {x.dtype} input; its table is for 8-bit values")
     y = table[x.view(np.uint8)]
     return y.reshape((1,) * (min_rank - y.ndim) + y.shape) if y.ndim < min_rank else y
 
