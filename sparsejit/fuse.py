@@ -271,6 +271,8 @@ def _qlinear_matmul(m: _Matcher, mm: Node) -> tuple[str, dict, list[Node]] | Non
     if w is None or scalars is None or sw is None or sw.size not in (1, w.shape[1]) or dq is None:
         return None
     x_scale, x_zero, y_scale, y_zero = scalars
+    if x_zero.dtype not in (np.uint8, np.int8) or y_zero.dtype not in (np.uint8, np.int8):  # (not float8)
+        return None
     read = _scalar_consts(m, dq.inputs[1:3]) if len(dq.inputs) == 3 else None
     if read is None or not all(np.array_equal(a, b) for a, b in zip(read, (y_scale, y_zero))):
         return None
@@ -488,8 +490,6 @@ def _adds_of(m: _Matcher, value: str) -> list[Node]:
 def fold_weights(graph: Graph) -> Graph:
     """The quantized weights no quantized Linear took, dequantized now (fold.quantized_weight)."""
     return fold_constants(graph)
-
-
 
 
 # Ops that map each element alone: the chain value, and constants of one element
