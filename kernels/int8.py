@@ -141,9 +141,9 @@ def run_int8(range_fn, quantize_fn, fn, xt, lanes, dynamic, x_scale, x_zero, x_l
             quantize_fn(xt.ctypes.data, xt.strides[0] // 4, xq.ctypes.data, tp, k, scale, zero, np.float32(x_lo),
                         np.float32(x_lo + 255), a, b, ntok)
     for c in prange(parts):
-        fn(xq.ctypes.data, tp, indptr.ctypes.data, split.ctypes.data, blocks.ctypes.data, weights.ctypes.data, corr.ctypes.data,
-           mult.ctypes.data, bias.ctypes.data, requant.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data,
-           rt.strides[0] // 4, bounds[c], bounds[c + 1], ntok)
+        fn(xq.ctypes.data, tp, indptr.ctypes.data, split.ctypes.data, blocks.ctypes.data, weights.ctypes.data,
+           corr.ctypes.data, mult.ctypes.data, bias.ctypes.data, requant.ctypes.data, yt.ctypes.data,
+           yt.strides[0] // 4, rt.ctypes.data, rt.strides[0] // 4, bounds[c], bounds[c + 1], ntok)
     return True
 
 
@@ -311,8 +311,7 @@ class Int8Linear(_Quantized):
         scale, zero, lo, corr, mult = self._quantization
         return self._driver(*self._fns, xt, vector_lanes(), self.mode == "dynamic", scale, zero, lo, self.colsum,
                             self.scale, corr, mult, self.indptr, self.split, self.blocks, self.weights, self.bias,
-                            self._requant,
-                            yt, rt, self._split())
+                            self._requant, yt, rt, self._split())
 
     def skipped(self, start: int = 0, stop: int | None = None) -> float:
         """The fraction of outputs [start, stop)'s dense multiply-adds not done: the

@@ -547,7 +547,8 @@ def fuse_lookups(graph: Graph) -> Graph:
             table = _table(m, dq, chain, graph.opset)
             if np.size(table) != 256:
                 continue
-            attrs = {"table": np.ascontiguousarray(table).reshape(256), "ops": [dq.op_type] + [n.op_type for n in chain],
+            attrs = {"table": np.ascontiguousarray(table).reshape(256),
+                     "ops": [dq.op_type] + [n.op_type for n in chain],
                      "min_rank": np.ndim(table)}  # (a constant of rank 2 would make a rank-1 input's output rank 2)
             m.replace(chain, Node("Lookup", user.name, [dq.inputs[0]], [chain[-1].outputs[0]], attrs))
     return m.result()

@@ -40,8 +40,9 @@ def _group_key(n: Node) -> tuple | None:
     a, w = n.attrs, n.attrs["weight"]
     key = (n.op_type, n.inputs[0], a["activation"], w.shape[0], w.dtype.str)
     if n.op_type == "QLinear":  # x quantized once: alike for every member; outputs requantized by all or none
-        key += (a["mode"], a.get("requantize") is None) + tuple(None if v is None else (np.asarray(v).dtype.str, np.asarray(v).tobytes())
-                                    for v in (a["x_scale"], a["x_zero_point"]))
+        key += (a["mode"], a.get("requantize") is None)
+        key += tuple(None if v is None else (np.asarray(v).dtype.str, np.asarray(v).tobytes())
+                     for v in (a["x_scale"], a["x_zero_point"]))
     return key
 
 

@@ -173,7 +173,8 @@ def test_per_element_chains_on_bytes_become_one_lookup(dtype):
              helper.make_node("Mul", ["d", "twice"], ["both"])]              # d read by a Mul of two values too
     inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in c.items()]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx_type, [None, 300])],
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("y", "twice", "both")],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                               for o in ("y", "twice", "both")],
                               inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     compiled, reference = sparsejit.load(model), sparsejit.load(model, mode="reference")
@@ -227,7 +228,8 @@ def test_quantized_softmax_is_exact(dtype):
 
     onnx_type = TensorProto.UINT8 if dtype == np.uint8 else TensorProto.INT8
     # a fine output step (1/4096), so that an ulp in the row's total moves some outputs by a step
-    c = {"s": np.float32(0.09), "z": dtype(10), "ps": np.float32(1 / 4096), "pz": dtype(0 if dtype == np.uint8 else -128)}
+    c = {"s": np.float32(0.09), "z": dtype(10), "ps": np.float32(1 / 4096),
+         "pz": dtype(0 if dtype == np.uint8 else -128)}
     nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["d"]),
              helper.make_node("Softmax", ["d"], ["p"], axis=-1),
              helper.make_node("QuantizeLinear", ["p", "ps", "pz"], ["y"]),
