@@ -326,6 +326,7 @@ class Int8Linear(_Quantized):
         return self._bounds[1]
 
 
+ON_FLOAT_CHUNK = 128  # inputs per K-chunk of Int8OnFloat's sparse kernel
 EXACT_FLOAT = 1 << 24  # integers up to this magnitude are exact in float32, and so are their sums
 
 
@@ -342,7 +343,10 @@ class Int8OnFloat(_Quantized):
     def __init__(self, weight: np.ndarray, scale, mode: str, x_scale=None, x_zero_point=None, bias=None,
                  activation: str = "none", residual: bool = False):
         super().__init__(weight, scale, mode, x_scale, x_zero_point, bias, activation, residual)
-        self.inner = SparseLinear(weight.astype(np.float32), None, activation, residual, scaled=True)
+        # in K-chunks of 128 inputs, the FP32 planner's default: with all inputs at once, a
+        # 3072-input layer's activations are read from L2 for every stored weight
+        self.inner = SparseLinear(weight.astype(np.float32), None, activation, residual, k_chunk=ON_FLOAT_CHUNK,
+                                  scaled=True)
         mult = self.scale if mode == "dynamic" else output_scale(mode, np.float32(x_scale), self.scale)
         self._scaled_bias = np.concatenate([self.bias, mult]).astype(np.float32)  # [bias | output scale]
         lanes = vector_lanes()
