@@ -8,7 +8,7 @@ Static quantization covers the Linear layers only: MatMul and Gemm with a consta
 weight, their inputs and not their outputs. By default onnxruntime's static quantizer
 also wraps attention's MatMuls, Softmax, the Adds and the LayerNorm pieces in
 QuantizeLinear/DequantizeLinear pairs, which keeps the attention and the epilogues from
-fusing: a MiniLM 80% 4-block model quantized so ran 5x slower than this form.
+fusing (measured in bench/README, fourth session of 2026-12-02).
 
 Needs onnxruntime (`pip install sparsejit[check]` or the test extra).
 """
