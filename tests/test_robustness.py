@@ -160,6 +160,65 @@ def test_degenerate_shapes_of_every_kernel_at_two_threads(tmp_path):
     run_python(DEGENERATE, timeout=600)
 
 
+DEGENERATE_INT8 = """
+    import numba, numpy as np
+    from sparsejit.kernels import elementwise
+    from sparsejit.kernels.int8 import Int8Linear, host_dots, reference_qlinear
+    from sparsejit.ops import dequantize_linear, qlinear_matmul, quantize_linear
+    numba.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    for k, m in [(1, 1), (1, 5), (128, 1), (4, 1), (8, 3), (520, 2)]:
+        for kind in ["random", "zero", "pairs past the limit"]:
+            w = rng.integers(-127, 128, (k, m)).astype(np.int8)
+            w[rng.random(w.shape) < 0.7] = 0
+            if kind == "zero":
+                w[:] = 0
+            elif kind == "pairs past the limit":
+                w[:] = 127
+            scale = np.full(m, 0.01, np.float32)
+            requantize = np.array([[0.05] * m, [-100.0] * m, [155.0] * m], np.float32)
+            for dot in host_dots():
+                for rq in (None, requantize):
+                    impl = Int8Linear(w, scale, "static", np.float32(0.1), np.uint8(100), requantize=rq, dot=dot)
+                    for tokens in (0, 1, 3, 17):
+                        x = rng.standard_normal((tokens, k)).astype(np.float32)
+                        want = reference_qlinear(x, weight=w, scale=scale, mode="static", x_scale=np.float32(0.1),
+                                                 x_zero_point=np.uint8(100), requantize=rq)
+                        np.testing.assert_allclose(impl(x), want, atol=1e-5, rtol=1e-5)
+    s, z = np.float32(0.1), np.uint8(7)
+    for shape in [(0,), (1,), (3,), (1, 1), (2, 0, 5), (5, 8193)]:  # fewer chunks than threads, a partial one
+        x = rng.standard_normal(shape).astype(np.float32)
+        q = elementwise.quantize(x, s, z)
+        assert np.array_equal(q, quantize_linear(x, s, z))
+        assert np.array_equal(elementwise.dequantize(q, s, z), dequantize_linear(q, s, z))
+        assert np.array_equal(elementwise.fake_quantize(x, s, z), dequantize_linear(quantize_linear(x, s, z), s, z))
+        table = np.arange(256, dtype=np.float32)
+        assert np.array_equal(elementwise.lookup(q, table=table), table[q])
+    value, table = elementwise.softmax_table(s, z)
+    for rows in [(0, 4), (1, 1), (3, 1), (1, 7)]:
+        q = rng.integers(0, 256, rows).astype(np.uint8)
+        got = elementwise.qsoftmax(q, in_scale=s, in_zero=z, out_scale=np.float32(1 / 255), out_zero=np.uint8(0),
+                                   value=value, table=table)
+        want = elementwise.reference_qsoftmax(q, in_scale=s, in_zero=z, out_scale=np.float32(1 / 255),
+                                              out_zero=np.uint8(0))
+        assert np.array_equal(got, want)
+    for a_shape, b_shape in [((1, 1), (1, 1)), ((0, 4), (4, 3)), ((2, 1, 3), (2, 3, 1))]:
+        a, b = rng.integers(0, 256, a_shape).astype(np.uint8), rng.integers(0, 256, b_shape).astype(np.uint8)
+        args = (a, s, z, b, s, z, np.float32(0.3), np.uint8(9))
+        assert np.array_equal(elementwise.qlinear_matmul(*args), qlinear_matmul(*args))
+    print("ok")
+"""
+
+
+def test_degenerate_shapes_of_the_int8_and_per_element_kernels_at_two_threads():
+    """The int8 kernel (every dot this CPU runs, output requantized or not) with 1 output,
+    1 input, fewer rows than threads, all-zero weights and every block past vpmaddubsw's
+    limit, over 0, 1, 3 and 17 tokens; the per-element kernels on empty, single-element
+    and chunk-boundary tensors, softmax rows of 0 and 1, 1 x 1 and empty matmuls: against
+    numpy, in a subprocess."""
+    run_python(DEGENERATE_INT8, timeout=600)
+
+
 def test_single_output_sparse_layer_in_a_model(tmp_path):
     run_python("""
         import numpy as np, sparsejit
