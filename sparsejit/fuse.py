@@ -258,6 +258,22 @@ def _scalar_consts(m: _Matcher, names: list[str]) -> list[np.ndarray] | None:
     return None if any(v is None or v.size != 1 for v in values) else [v.reshape(()) for v in values]
 
 
+BYTE_TYPES = (np.uint8, np.int8)
+
+
+def _byte_grid(m: _Matcher, node: Node) -> list[np.ndarray] | None:
+    """[scale, zero point] of a QuantizeLinear or DequantizeLinear with one constant scale
+    and an 8-bit integer zero point: the grid of bytes it maps onto or from."""
+    found = _scalar_consts(m, node.inputs[1:3]) if len(node.inputs) >= 3 else None
+    return found if found is not None and found[1].dtype in BYTE_TYPES else None
+
+
+def _plain(q: Node) -> bool:
+    """A QuantizeLinear with none of opset 21's and later's variants (blocks, another
+    output type, another precision)."""
+    return not any(q.attrs.get(a) for a in ("block_size", "output_dtype", "precision"))
+
+
 def _qlinear_matmul(m: _Matcher, mm: Node) -> tuple[str, dict, list[Node]] | None:
     """QLinearMatMul of an int8 weight whose output only a DequantizeLinear reads (the
     QOperator form): the int32 sums requantized to the output's type, then dequantized.
@@ -271,9 +287,9 @@ def _qlinear_matmul(m: _Matcher, mm: Node) -> tuple[str, dict, list[Node]] | Non
     if w is None or scalars is None or sw is None or sw.size not in (1, w.shape[1]) or dq is None:
         return None
     x_scale, x_zero, y_scale, y_zero = scalars
-    if x_zero.dtype not in (np.uint8, np.int8) or y_zero.dtype not in (np.uint8, np.int8):  # (not float8)
+    if x_zero.dtype not in BYTE_TYPES or y_zero.dtype not in BYTE_TYPES:  # (not float8)
         return None
-    read = _scalar_consts(m, dq.inputs[1:3]) if len(dq.inputs) == 3 else None
+    read = _byte_grid(m, dq)
     if read is None or not all(np.array_equal(a, b) for a, b in zip(read, (y_scale, y_zero))):
         return None
     q = m.made_by(mm.inputs[0], "QuantizeLinear")
@@ -536,9 +552,7 @@ def fuse_lookups(graph: Graph) -> Graph:
     The table is what the ops compute, so the results are the same."""
     m = _Matcher(graph)
     for dq in graph.nodes:
-        zero = m.const(dq.inputs[2]) if dq.op_type == "DequantizeLinear" and len(dq.inputs) > 2 else None
-        if zero is None or zero.dtype not in (np.uint8, np.int8) or m.const(dq.inputs[1]) is None \
-                or m.const(dq.inputs[1]).size != 1 or dq.outputs[0] in m.outputs:
+        if dq.op_type != "DequantizeLinear" or _byte_grid(m, dq) is None or dq.outputs[0] in m.outputs:
             continue
         for user in list(m.users.get(dq.outputs[0], [])):
             if not _maps_elements(m, user, dq.outputs[0]):
@@ -565,12 +579,8 @@ def fuse_quantized_softmax(graph: Graph) -> Graph:
         axis = sm.attrs.get("axis", -1 if graph.opset >= 13 else 1)
         dq = m.made_by(sm.inputs[0], "DequantizeLinear") if sm.op_type == "Softmax" and axis == -1 else None
         q = m.only_user(sm.outputs[0], "QuantizeLinear") if dq is not None else None
-        if q is None or len(dq.inputs) < 3 or len(q.inputs) < 3 or q.attrs.get("output_dtype") or \
-                q.attrs.get("block_size") or q.attrs.get("precision"):
-            continue
-        read, wrote = _scalar_consts(m, dq.inputs[1:3]), _scalar_consts(m, q.inputs[1:3])
-        if read is None or wrote is None or any(z.dtype not in (np.uint8, np.int8) or s.dtype != np.float32
-                                                for s, z in (read, wrote)):
+        read, wrote = (_byte_grid(m, dq), _byte_grid(m, q)) if q is not None and _plain(q) else (None, None)
+        if read is None or wrote is None or read[0].dtype != np.float32 or wrote[0].dtype != np.float32:
             continue
         value, table = softmax_table(*read)
         attrs = {"in_scale": read[0], "in_zero": read[1], "out_scale": wrote[0], "out_zero": wrote[1],
@@ -587,13 +597,9 @@ def fuse_fake_quantize(graph: Graph) -> Graph:
     m = _Matcher(graph)
     for dq in graph.nodes:
         q = m.made_by(dq.inputs[0], "QuantizeLinear") if dq.op_type == "DequantizeLinear" else None
-        if q is None or len(q.inputs) < 3 or len(dq.inputs) < 3 or q.attrs.get("output_dtype") or \
-                q.attrs.get("block_size") or q.attrs.get("precision"):
-            continue
-        read, wrote = _scalar_consts(m, dq.inputs[1:3]), _scalar_consts(m, q.inputs[1:3])
-        if read is None or wrote is None or read[1].dtype not in (np.uint8, np.int8) or \
-                read[0].dtype != np.float32 or not all(np.array_equal(a, b) and a.dtype == b.dtype
-                                                       for a, b in zip(read, wrote)):
+        read, wrote = (_byte_grid(m, dq), _byte_grid(m, q)) if q is not None and _plain(q) else (None, None)
+        if read is None or wrote is None or read[0].dtype != np.float32 or \
+                not all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(read, wrote)):
             continue
         m.replace([dq], Node("FakeQuantize", dq.name, [q.inputs[0], *q.inputs[1:3]], list(dq.outputs)))
     return m.result()
