@@ -1,22 +1,21 @@
 """Per-element ops that a quantized graph runs between its Linear layers, as Numba kernels:
-QuantizeLinear and DequantizeLinear per tensor, Erf, QLinearMatMul's requantization,
-the table lookups fuse.fuse_lookups makes of per-element chains on 8-bit values, and
-QuantizeLinear then DequantizeLinear in one pass (fuse.fuse_fake_quantize). The QOperator form keeps every
-activation quantized, so a block runs a dozen of each; their numpy references (ops.py)
-make several passes over the tensor each, these one, on every thread.
+QuantizeLinear and DequantizeLinear per tensor, Erf, QLinearMatMul's requantization, and
+the fused nodes of fuse.py's quantized passes (Lookup, QSoftmax, FakeQuantize). QOperator
+and QDQ graphs keep activations quantized, so a block runs a dozen of these; their numpy
+references make several passes over the tensor each, these one, on every thread.
 
 Each computes what its reference does, in the same float32 steps: x / scale rounded half
 to even, plus the zero point, clamped to the type (QuantizeLinear); (q - zero point) ·
-scale (DequantizeLinear); erf in float64, rounded to float32 (scipy's float32 erf).
-`quantize`, `dequantize` and `erf` return None for what they do not cover (a scale per
-axis or block, another type), and the caller runs the reference.
+scale (DequantizeLinear); erf in float64, rounded to float32 (scipy's float32 erf). Each
+wrapper returns None for what its kernel does not cover (a scale per axis or block,
+another type), and plan.elementwise_step runs the reference instead.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..ops import op
+from ..ops import _integer_product, dequantize_linear, op, quantize_linear, softmax
 from .compile import load_source
 
 ELEMENTWISE_SOURCE = """\
@@ -186,8 +185,6 @@ def erf(x: np.ndarray, **attrs):
 def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point, **attrs):
     """QLinearMatMul with a per-tensor a and y and an 8-bit output: the exact integer sums
     on BLAS (ops.qlinear_matmul's), requantized in one pass; None otherwise."""
-    from ..ops import _integer_product
-
     ys, yz, a_s = _scalar(y_scale), _scalar(y_zero_point), _scalar(a_scale)
     bs = np.asarray(b_scale, np.float32).reshape(-1)
     if ys is None or yz is None or yz.dtype not in _RANGES or a_s is None or b.ndim < 2 or \
@@ -226,8 +223,6 @@ def lookup(x: np.ndarray, *, table: np.ndarray, ops=(), min_rank: int = 1):
 @op("FakeQuantize", fused=True)
 def reference_fake_quantize(x: np.ndarray, scale, zero_point) -> np.ndarray:
     """The fused node (fuse.fuse_fake_quantize): DequantizeLinear(QuantizeLinear(x))."""
-    from ..ops import dequantize_linear, quantize_linear
-
     return dequantize_linear(quantize_linear(x, scale, zero_point), scale, zero_point)
 
 
@@ -246,16 +241,12 @@ def fake_quantize(x: np.ndarray, scale, zero_point):
 def reference_qsoftmax(q: np.ndarray, *, in_scale, in_zero, out_scale, out_zero, value=None, table=None) -> np.ndarray:
     """The fused node (fuse.fuse_quantized_softmax): QuantizeLinear(Softmax(DequantizeLinear(q)))
     over the last axis (`value` and `table`, softmax_table's, are the kernel's)."""
-    from ..ops import dequantize_linear, quantize_linear, softmax
-
     return quantize_linear(softmax(dequantize_linear(q, in_scale, in_zero), axis=-1), out_scale, out_zero)
 
 
 def softmax_table(in_scale, in_zero) -> tuple[np.ndarray, np.ndarray]:
     """(each byte's dequantized value [256], exp(value[b] - value[top]) [top, b]), in byte
     order, by the ops the Softmax runs (numpy's exp on this CPU)."""
-    from ..ops import dequantize_linear
-
     value = dequantize_linear(np.arange(256, dtype=np.uint8).view(np.asarray(in_zero).dtype), in_scale, in_zero)
     with np.errstate(all="ignore"):
         return value, np.exp(value[None, :] - value[:, None])
