@@ -379,3 +379,11 @@ def exact_on_float(weight: np.ndarray) -> bool:
     """Whether Int8OnFloat computes this int8 weight exactly: with activations q - zero in
     [-255, 255], every partial sum of a column is at most 255 · Σ|w| in magnitude."""
     return bool(255 * np.abs(weight.astype(np.int64)).sum(axis=0).max(initial=0) < EXACT_FLOAT)
+
+
+def weight_step(layer: _Quantized) -> np.ndarray:
+    """Per output column, the float value of one step of the int8 weight: the node's scale,
+    less x's scale where the model folded the two into one constant (static), times the
+    output's scale where the sums are requantized (QLinearMatMul divided by it)."""
+    step = layer.scale / np.float32(layer.x_scale) if layer.mode == "static" else layer.scale
+    return step if layer.requantize is None else step * layer.requantize[0]

@@ -443,12 +443,14 @@ def cmd_check(args) -> int:
         if oracle is not None:
             steps.start(f"the whole model against {oracle[0]}")
             whole = _compare_whole(model, oracle[1], args)
+        fp32 = _fp32_layers(model, path, args, steps) if args.fp32 else None
     ok = report.ok and all(r["ok"] for r in whole)
     out = {"model": str(path), "ok": ok, "whole_model_checked": oracle is not None,
            "oracle": oracle[0] if oracle else None, "note": why_not, "atol": args.atol, "rtol": args.rtol,
            "quantized": any(lp.kind == "int8" for lp in model.layers),
            "kernels": [{**r.__dict__, "op": lp.node.attrs["source_op"]} for r, lp in zip(report, model.layers)],
-           "whole_model": whole}
+           "whole_model": whole, "seq": args.seq, "fp32": str(args.fp32) if args.fp32 else None,
+           "fp32_layers": fp32}
     if args.json:
         _emit_json(out)
     else:
@@ -493,6 +495,49 @@ def _compare_whole(model, run, args) -> list[dict]:
     return rows
 
 
+def _fp32_layers(model, path: Path, args, steps: Steps) -> list[dict]:
+    """check --fp32: each int8 layer against the layer of the FP32 file it was quantized from."""
+    import sparsejit
+
+    from .quantize import layer_errors
+
+    if not any(lp.int8 for lp in model.layers):
+        raise CLIError(f"--fp32 compares int8 layers with the FP32 weights they came from, and {path.name} "
+                       "has no int8 layer")
+    steps.start(f"each int8 layer against {Path(args.fp32).name}")
+    fp32 = _load(argparse.Namespace(model=args.fp32, threads=getattr(args, "threads", None)), steps)
+    if not any(lp.kind != "int8" for lp in fp32.layers):
+        raise CLIError(f"--fp32 {args.fp32}: that model's layers are int8 too; give the file before quantization")
+    feeds = _inputs(fp32, argparse.Namespace(inputs=None, batch=2, seq=args.seq))
+    try:
+        return layer_errors(model, fp32, feeds)
+    except sparsejit.UnsupportedModelError as e:
+        raise CLIError(str(e)) from e
+
+
+def _print_fp32_layers(out: dict) -> None:
+    rows = out["fp32_layers"]
+    prefix = _common_prefix([r["layer"] for r in rows])
+    print_text(f"\neach int8 layer against the FP32 layer it came from in {Path(out['fp32']).name} (its weight, "
+               f"and its output on the activations the FP32 model computes for batch 2 x seq {out['seq']}):")
+    cols = [Column("layer", wrap=True), Column("in x out", numeric=True), Column("weight err", numeric=True),
+            Column("zeros kept"), Column("output err", numeric=True), Column("output cosine", numeric=True)]
+
+    def cells(r):
+        if r["fp32_layer"] is None:
+            return ["", f"{r['shape'][0]}x{r['shape'][1]}", "no FP32 layer of this name and shape", "", "", ""]
+        out_err = f"{r['output_error']:.2e}" if "output_error" in r else "-"
+        cos = f"{r['output_cosine']:.6f}" if "output_cosine" in r else "-"
+        return ["", f"{r['shape'][0]}x{r['shape'][1]}", f"{r['weight_error']:.2e}",
+                "yes" if r["zeros_kept"] else "NO", out_err, cos]
+
+    print_table(cols, _sectioned([r["layer"] for r in rows], ["MatMul"] * len(rows), prefix,
+                                 [cells(r) for r in rows], at=0),
+                footer=[("err: |quantized - fp32| / |fp32| (Frobenius norms); zeros kept: every weight the FP32 "
+                        "layer prunes is zero in the int8 one; '-': the two layers' epilogues differ (an "
+                        "activation the int8 file computes outside the layer), so only the weights compare")])
+
+
 def _print_check(out: dict) -> None:
     if out["note"]:
         print_text(f"NOTE: {out['note']}\n")
@@ -516,6 +561,8 @@ def _print_check(out: dict) -> None:
             print_text("  (int8 activations are quantized as the model runs: a float difference of an ulp before a "
                        "quantization can move one value a step, so the int8 model is compared by its pooled "
                        "output; its kernels above are exact)")
+    if out["fp32_layers"] is not None:
+        _print_fp32_layers(out)
     if not out["ok"]:
         print_text("MISMATCH")
     else:
@@ -641,7 +688,8 @@ def cmd_quantize(args) -> int:
             quantize_model(args.model, args.output, args.mode, args.calibration)
         except (ImportError, ValueError) as e:
             raise CLIError(str(e)) from e
-    print_text(f"quantized {args.model} ({args.mode} activations, symmetric per-channel int8 weights); wrote {args.output}")
+    print_text(f"quantized {args.model} ({args.mode} activations, symmetric per-channel int8 weights); wrote {args.output}"
+               f"\neach layer's error against the FP32 weights: sparsejit check {args.output} --fp32 {args.model}")
     return 0
 
 
@@ -752,6 +800,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--seq", type=positive_int, default=33, help="sequence length of the batch-2 comparison")
     sp.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the whole-model comparison")
     sp.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the whole-model comparison")
+    sp.add_argument("--fp32", type=Path, default=None, metavar="FILE",
+                    help="for an int8 model: the FP32 file it was quantized from, to show each layer's error "
+                         "against its FP32 weights")
     sp.set_defaults(func=cmd_check)
 
     sp = with_model("kernel", "print the generated source of one layer's kernel", json_out=False)

@@ -99,3 +99,87 @@ def ort_u8s8_exact() -> bool:
         y = sess.run(None, {"x": x})[0]
         _u8s8_exact = bool(np.array_equal(y, x.astype(np.int32) @ w.astype(np.int32)))
     return _u8s8_exact
+
+
+# --- each quantized layer against the FP32 weights it came from ---------------------------
+
+# What exporters append to a MatMul's name when they quantize it: onnxruntime's dynamic and
+# QOperator quantizers ("_quant"), SparseML's MatMulInteger form ("_integer").
+_QUANTIZED_SUFFIXES = ("_quant", "_integer", "_MatMulInteger")
+
+
+def _source_name(name: str) -> str:
+    for suffix in _QUANTIZED_SUFFIXES:
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    return name
+
+
+def match_layers(quantized: list, fp32: list) -> list[tuple]:
+    """(int8 layer, its FP32 layer or None) for each int8 layer: by node name, less what
+    the quantizers append; failing that, by position when both models have as many layers
+    (a quantizer that renamed every node). A pair must have the same shape."""
+    by_name = {lp.name: lp for lp in fp32}
+    same_count = len(quantized) == len(fp32)
+    pairs = []
+    for i, q in enumerate(quantized):
+        if not q.int8:
+            continue
+        f = by_name.get(q.name) or by_name.get(_source_name(q.name)) or (fp32[i] if same_count else None)
+        pairs.append((q, f if f is not None and f.pattern_shape == q.pattern_shape else None))
+    return pairs
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    """‖a − b‖ / ‖b‖ (0 when both are zero), in float64."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norm = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / norm) if norm else float(np.linalg.norm(a) > 0)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    norms = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / norms) if norms else float(not a.any() and not b.any())
+
+
+def _dequantized_weight(layer) -> np.ndarray:
+    """The int8 layer's weight [in, out] as floats: each int8 value times its column's step."""
+    from .kernels.int8 import weight_step
+
+    impl = getattr(layer.impl, "group", layer.impl)
+    start, stop = getattr(layer.impl, "start", 0), getattr(layer.impl, "stop", None)
+    return layer.impl.dense_weight().astype(np.float32) * weight_step(impl)[start:stop]
+
+
+def _outputs(x: np.ndarray, *layers) -> list[np.ndarray]:
+    """Each (model, layer)'s output for x, a zero residual where the layer adds one."""
+    x = x.reshape(-1, x.shape[-1])
+    out = []
+    for model, layer in layers:
+        r = np.zeros((x.shape[0], layer.pattern_shape[1]), np.float32) if layer.node.attrs["residual"] else None
+        with model._threads:
+            out.append(layer.impl(x, r))
+    return out
+
+
+def layer_errors(quantized, fp32, feeds: dict[str, np.ndarray]) -> list[dict]:
+    """One row per int8 layer of the Model `quantized`: how far its weight and its output
+    are from the FP32 layer it came from in the Model `fp32` (the unquantized file).
+    The outputs are compared on the activations the FP32 model computes for `feeds`, so
+    each row is that layer's own error, not what the layers before it added."""
+    pairs = match_layers(quantized.layers, fp32.layers)
+    inputs = list(dict.fromkeys(f.node.inputs[0] for _, f in pairs if f is not None))
+    with fp32._threads:
+        values = dict(zip(inputs, fp32._executor.run(feeds, tuple(inputs)))) if inputs else {}
+    rows = []
+    for q, f in pairs:
+        row = {"layer": q.name, "fp32_layer": f.name if f else None, "shape": q.pattern_shape}
+        if f is not None:
+            w, wq = f.weight, _dequantized_weight(q)
+            row.update(weight_error=_relative(wq, w), zeros_kept=bool(not np.any(wq[w == 0])))
+            if q.node.attrs["activation"] == f.node.attrs["activation"]:
+                got, want = _outputs(values[f.node.inputs[0]], (quantized, q), (fp32, f))
+                row.update(output_error=_relative(got, want), output_cosine=_cosine(got, want))
+        rows.append(row)
+    return rows

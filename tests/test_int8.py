@@ -250,3 +250,47 @@ def test_quantized_softmax_is_exact(dtype):
         x[2, :2] = [info.min, info.max] if n > 1 else info.max
         for g, w in zip(compiled.run({"x": x}), reference.run({"x": x})):
             np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_each_int8_layer_against_the_fp32_weights_it_came_from(form):
+    """`check --fp32`'s rows: every int8 layer found in the FP32 file it was quantized from,
+    its weight within int8's rounding of the FP32 one (symmetric per channel: a step of
+    max|w| / 127, so a relative error of about 0.3 steps over the weights' spread, under
+    2% here) with every pruned zero still zero, and its output on the FP32 model's own
+    activations close to the FP32 layer's. Against another model's weights of the same
+    shapes, the same measure says they differ."""
+    from conftest import MODELS_DIR
+
+    from sparsejit.quantize import layer_errors
+
+    model = sparsejit.load(INT8 / f"bert_block4_p90_int8_{form}.onnx")
+    fp32 = sparsejit.load(MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx")
+    feeds = make_inputs(fp32.input_names, 2, 13)
+    rows = layer_errors(model, fp32, feeds)
+    assert len(rows) == sum(lp.int8 for lp in model.layers) >= 12
+    for r in rows:
+        assert r["fp32_layer"] is not None and r["zeros_kept"], r
+        assert 0 < r["weight_error"] < 0.02, r
+        if "output_cosine" in r:  # not where a quantized GELU runs outside the int8 layer (static files)
+            assert r["output_cosine"] > 0.99 and r["output_error"] < 0.2, r
+    assert sum("output_cosine" in r for r in rows) >= (12 if form == "dynamic" else 8)
+    other = sparsejit.load(MODELS_DIR / "roberta_sdpa_h128_op17_legacy_p90.onnx")
+    matched = [r for r in layer_errors(model, other, make_inputs(other.input_names, 2, 13)) if r["fp32_layer"]]
+    assert matched and all(r["weight_error"] > 0.5 for r in matched), matched
+
+
+def test_check_with_fp32_shows_each_layer_and_refuses_a_model_without_int8(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import MODELS_DIR
+
+    fp32 = MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx"
+    cmd = [sys.executable, "-m", "sparsejit", "check", str(INT8 / "bert_block4_p90_int8_dynamic.onnx"),
+           "--fp32", str(fp32), "--seq", "9"]
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "each int8 layer against the FP32 layer it came from" in p.stdout and "zeros kept" in p.stdout
+    p = subprocess.run([*cmd[:4], str(fp32), *cmd[5:]], capture_output=True, text=True, check=False)
+    assert p.returncode != 0 and "has no int8 layer" in p.stdout + p.stderr, p.stdout + p.stderr
