@@ -171,5 +171,6 @@ class EmbedLayerNorm:
         if xt.size:
             fn, run_columns = _columns_kernel(vector_lanes())
             b = np.zeros(h, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
-            run_columns(fn, xt, yt, np.ascontiguousarray(scale, np.float32), b, self.epsilon, parts)
+            run_columns(fn, xt, yt, np.ascontiguousarray(scale, np.float32), b, self.epsilon, np.zeros(4, np.float32),
+                        parts)
         return yt.T.reshape(shape + (h,))

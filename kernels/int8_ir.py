@@ -184,10 +184,12 @@ QUANTIZE_SIGNATURE = Signature("quantize_rows", (
     ("lo", "float"), ("hi", "float"), ("k4_0", "i64"), ("k4_1", "i64"), ("ntok", "i64")))
 
 
-def _quantized(e: Builder, x: str, scale: str, zero: str, lo: str, hi: str) -> str:
-    """QuantizeLinear's value, still a float: clamp(roundeven(x / scale) + zero, lo, hi)."""
-    q = e.vcall("roundeven", e(f"fdiv {e.vt} {x}, {scale}"))
-    return e.vcall("minnum", e.vcall("maxnum", e(f"fadd {e.vt} {q}, {zero}"), lo), hi)
+def quantized(e: Builder, x: str, scale: str, zero: str, lo: str, hi: str) -> str:
+    """QuantizeLinear's value, still a float: clamp(roundeven(x / scale) + zero, lo, hi),
+    NaN giving 0 before the clamp (as numpy's cast of NaN to a byte does on x86)."""
+    q = e(f"fadd {e.vt} {e.vcall('roundeven', e(f'fdiv {e.vt} {x}, {scale}'))}, {zero}")
+    q = e(f"select <{e.lanes} x i1> {e(f'fcmp uno {e.vt} {q}, {q}')}, {e.vt} zeroinitializer, {e.vt} {q}")
+    return e.vcall("minnum", e.vcall("maxnum", q, lo), hi)
 
 
 def _quantize(e: Builder) -> None:
@@ -207,7 +209,7 @@ def _quantize(e: Builder) -> None:
             k = e(f"add i64 {e(f'mul i64 {k4}, 4')}, {i}")
             inside = e(f"icmp slt i64 {k}, %k") if checked else None
             at = e.offset(e(f"select i1 {inside}, i64 {k}, i64 0") if checked else k, "%ldx", t)
-            q = _quantized(e, e.vload(e.gep("%xt", at), mask), scale, zero, lo, hi)
+            q = quantized(e, e.vload(e.gep("%xt", at), mask), scale, zero, lo, hi)
             q = e(f"sub {iv} {e(f'fptosi {vt} {q} to {iv}')}, {lo_i}")
             if checked:
                 q = e(f"select i1 {inside}, {iv} {q}, {iv} zeroinitializer")
@@ -247,7 +249,7 @@ def quantize_float_ir(lanes: int) -> str:
 
         def tile(k, t):
             (mask,) = e.lane_masks(t, 1, "%ntok")
-            q = _quantized(e, e.vload(e.gep("%xt", e.offset(k, "%ldx", t)), mask), scale, zero, lo, hi)
+            q = quantized(e, e.vload(e.gep("%xt", e.offset(k, "%ldx", t)), mask), scale, zero, lo, hi)
             e.vstore(e(f"fsub {vt} {q}, {zero}"), e.gep("%xf", e.offset(k, "%ldf", t)), mask)
 
         e.loop("%k0", "%k1", 1, [], lambda k, _: e.tiles("0", "%ntok", lanes, lambda t: tile(k, t)) or [])

@@ -15,17 +15,21 @@ import numpy as np
 
 from ..ops import layer_normalization, op
 from .compile import compile_ir, load_source, vector_lanes
+from .elementwise import fake_quantize, reference_fake_quantize
+from .int8_ir import quantized
 from .ir import Builder, Signature
 from .layout import contiguous, feature_major_empty, transposed, unit_token_stride
 
 
 @op("LayerNorm", fused=True)
 def reference_layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None = None, *, epsilon: float = 1e-5,
-                        feature_major: bool | None = None) -> np.ndarray:
+                        feature_major: bool | None = None, quantize: tuple | None = None) -> np.ndarray:
     """The fused node (lower.mark_layouts): LayerNormalization over the last axis, its one
     output written feature-major when `feature_major` (a layout, not a value: the
-    reference ignores it)."""
-    return layer_normalization(x, scale, bias, axis=-1, epsilon=epsilon)[0]
+    reference ignores it); with `quantize` (a scale and 8-bit zero point,
+    lower.quantize_layernorms), rounded to that grid as the FakeQuantize it absorbed."""
+    y = layer_normalization(x, scale, bias, axis=-1, epsilon=epsilon)[0]
+    return y if quantize is None else reference_fake_quantize(y, *quantize)
 
 
 LAYERNORM_SOURCE = """\\
@@ -57,16 +61,20 @@ def layernorm_rows(x, scale, bias, eps, y):
 # Feature-major LayerNorm as LLVM IR: a tile of `vectors` × lanes tokens at a time, the
 # token loop in the vector lanes, three passes over the features (shifted sum; sum of squared
 # deviations from the mean; the output), each accumulator in a register. Loads and
-# stores are masked at the tile's end, so any token range works.
+# stores are masked at the tile's end, so any token range works. The quantizing variant
+# rounds each output to a grid (QuantizeLinear then DequantizeLinear with scale qscale and
+# zero point qzero, clamped to [qlo, qhi]) before it stores it; the plain one ignores those.
 COLUMNS_SIGNATURE = Signature("layernorm_columns", (
     ("xt", "ptr"), ("ldx", "i64"), ("yt", "ptr"), ("ldy", "i64"), ("scale", "ptr"), ("bias", "ptr"), ("eps", "float"),
-    ("h", "i64"), ("t0", "i64"), ("t1", "i64")))
+    ("h", "i64"), ("t0", "i64"), ("t1", "i64"), ("qscale", "float"), ("qzero", "float"), ("qlo", "float"),
+    ("qhi", "float")))
 
 
-def _columns(e: Builder, vectors: int) -> None:
+def _columns(e: Builder, vectors: int, quantize: bool) -> None:
     vt = e.vt
     inv_h = e.splat(e(f"fdiv float 1.0, {e('sitofp i64 %h to float')}"))
     eps = e.splat("%eps")
+    grid = [e.splat(f"%q{v}") for v in ("scale", "zero", "lo", "hi")] if quantize else None
 
     def tile(i0):
         masks = e.lane_masks(i0, vectors, "%t1")
@@ -97,6 +105,9 @@ def _columns(e: Builder, vectors: int) -> None:
             off = e.offset(f, "%ldy", i0)
             for v, x in enumerate(xs(f)):
                 y = e.fma(e(f"fmul {vt} {e(f'fsub {vt} {x}, {means[v]}')}, {invs[v]}"), a, b)
+                if grid:
+                    step, zero = grid[0], grid[1]
+                    y = e(f"fmul {vt} {e(f'fsub {vt} {quantized(e, y, *grid)}, {zero}')}, {step}")
                 e.vstore(y, e.vptr("%yt", off, v), masks[v])
             return []
 
@@ -105,11 +116,11 @@ def _columns(e: Builder, vectors: int) -> None:
     e.tiles("%t0", "%t1", e.lanes * vectors, tile)
 
 
-def columns_ir(lanes: int, vectors: int = 4) -> str:
+def columns_ir(lanes: int, vectors: int = 4, quantize: bool = False) -> str:
     e = Builder(lanes)
-    e.function(COLUMNS_SIGNATURE, lambda: _columns(e, vectors))
+    e.function(COLUMNS_SIGNATURE, lambda: _columns(e, vectors, quantize))
     return e.module(f"; sparsejit generated kernel: LayerNorm, feature-major, tokens [t0, t1), lanes={lanes} "
-                    f"vectors={vectors}")
+                    f"vectors={vectors}" + (", each output rounded to the grid of qscale and qzero" if quantize else ""))
 
 
 COLUMNS_DRIVER_SOURCE = """\
@@ -118,7 +129,7 @@ from numba import njit, prange
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def run_columns(fn, xt, yt, scale, bias, eps, parts):
+def run_columns(fn, xt, yt, scale, bias, eps, grid, parts):
     h, n = xt.shape
     step = ((n + parts - 1) // parts + 15) // 16 * 16
     for c in prange(parts):
@@ -126,25 +137,41 @@ def run_columns(fn, xt, yt, scale, bias, eps, parts):
         t1 = min(n, t0 + step)
         if t0 < t1:
             fn(xt.ctypes.data, xt.strides[0] // 4, yt.ctypes.data, yt.strides[0] // 4, scale.ctypes.data,
-               bias.ctypes.data, eps, h, t0, t1)
+               bias.ctypes.data, eps, h, t0, t1, grid[0], grid[1], grid[2], grid[3])
 """
 
 @functools.cache
-def _columns_kernel(lanes: int):
+def _columns_kernel(lanes: int, quantize: bool = False):
     """(IR function, Numba driver) for a vector width, looked up once, as the attention's
     are: every run calls this kernel 25 times for BERT-base."""
-    fn = COLUMNS_SIGNATURE.ctypes()(compile_ir(columns_ir(lanes), COLUMNS_SIGNATURE.name))
+    fn = COLUMNS_SIGNATURE.ctypes()(compile_ir(columns_ir(lanes, quantize=quantize), COLUMNS_SIGNATURE.name))
     return fn, load_source(COLUMNS_DRIVER_SOURCE).run_columns
 
 
+def _grid(quantize: tuple | None) -> np.ndarray | None:
+    """[scale, zero point, lowest, highest] as float32 for one float32 scale and an 8-bit zero
+    point (what FakeQuantize's kernel covers); None otherwise."""
+    if quantize is None:
+        return None
+    s, z = (np.asarray(v) for v in quantize)
+    if s.size != 1 or s.dtype != np.float32 or z.size != 1 or z.dtype not in (np.uint8, np.int8):
+        return None
+    lo, hi = (0, 255) if z.dtype == np.uint8 else (-128, 127)
+    return np.array([s.item(), z.item(), lo, hi], np.float32)
+
+
 def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon: float,
-              feature_major: bool | None = None) -> np.ndarray:
+              feature_major: bool | None = None, quantize: tuple | None = None) -> np.ndarray:
     """LayerNorm over the last axis. The output is feature-major when `feature_major`
     (the input transposed first if it is not), token-major when False, and in the
-    input's layout when None."""
+    input's layout when None. With `quantize` (scale, zero point), the output rounded
+    to that grid as QuantizeLinear then DequantizeLinear would: in the feature-major
+    kernel's stores, or by FakeQuantize's kernel after."""
     h = x.shape[-1]
-    if x.dtype != np.float32 or scale.shape != (h,) or (bias is not None and bias.shape != (h,)):
-        return reference_layernorm(x, scale, bias, epsilon=epsilon)
+    grid = _grid(quantize)
+    if x.dtype != np.float32 or scale.shape != (h,) or (bias is not None and bias.shape != (h,)) or \
+            (quantize is not None and grid is None):
+        return reference_layernorm(x, scale, bias, epsilon=epsilon, quantize=quantize)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, h)
     b = np.zeros(h, np.float32) if bias is None else bias
@@ -155,9 +182,11 @@ def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon
     if feature_major:
         xt = transposed(x2)
         yt = feature_major_empty(h, x2.shape[0])
-        fn, run_columns = _columns_kernel(vector_lanes())
-        run_columns(fn, xt, yt, scale, b, np.float32(epsilon), numba.get_num_threads())
+        fn, run_columns = _columns_kernel(vector_lanes(), grid is not None)
+        run_columns(fn, xt, yt, scale, b, np.float32(epsilon), np.zeros(4, np.float32) if grid is None else grid,
+                    numba.get_num_threads())
         return yt.T.reshape(lead + (h,))
     y = np.empty(x2.shape, np.float32)
     load_source(LAYERNORM_SOURCE).layernorm_rows(contiguous(x2), scale, b, np.float32(epsilon), y)
-    return y.reshape(lead + (h,))
+    y = y.reshape(lead + (h,))
+    return y if quantize is None else fake_quantize(y, *quantize)

@@ -13,6 +13,8 @@ graph rewrite, so `Model.graph` and `Model.forward_source` show what runs.
   `LayerNorm` node, written feature-major when a Linear reads it (every Linear kernel,
   int8 too, works so), even from a token-major input (the embeddings): one transpose there rather
   than one per reader.
+- `quantize_layernorms`: a LayerNorm whose output is rounded to one grid (a FakeQuantize,
+  and Linear layers quantizing to the same) rounds it as it stores it.
 
 Like the fusion passes, each returns a new graph and leaves the one it is given as it was.
 """
@@ -94,7 +96,56 @@ def mark_layouts(graph: Graph) -> Graph:
     return _with_nodes(graph, nodes)
 
 
-LOWERING = (group_linears, prepare_masks, mark_layouts)
+def _same_grid(n: Node, grid: tuple) -> bool:
+    """Whether a QLinear (or QLinearGroup) quantizes x statically with this scale and zero
+    point: then it reads x rounded to that grid as x itself (the same bytes)."""
+    a = n.attrs["members"][0].attrs if n.op_type == "QLinearGroup" else n.attrs if n.op_type == "QLinear" else None
+    return a is not None and a["mode"] == "static" and all(
+        v is not None and np.asarray(v).dtype == g.dtype and np.array_equal(np.asarray(v).reshape(-1), g.reshape(-1))
+        for v, g in zip((a["x_scale"], a["x_zero_point"]), grid))
+
+
+def _absorbed_quantization(graph: Graph, n: Node, readers: dict) -> Node | None:
+    """The FakeQuantize a LayerNorm can take into its stores: its output's one
+    FakeQuantize, where every other reader quantizes it to the same grid."""
+    out = n.outputs[0] if n.op_type == "LayerNorm" else None
+    if not out or out in graph.outputs:
+        return None
+    fqs = [r for r in readers.get(out, []) if r.op_type == "FakeQuantize" and r.inputs[0] == out]
+    if len(fqs) != 1 or not all(i in graph.constants for i in fqs[0].inputs[1:3]):
+        return None
+    grid = tuple(np.asarray(graph.constants[i]) for i in fqs[0].inputs[1:3])
+    others = [r for r in readers[out] if r is not fqs[0]]
+    return fqs[0] if all(_same_grid(r, grid) for r in others) else None
+
+
+def quantize_layernorms(graph: Graph) -> Graph:
+    """Static QDQ and SparseML files round each LayerNorm's output to the next Linear's
+    grid (a FakeQuantize) for the residual, and the Linear quantizes the LayerNorm's output
+    itself. Such a LayerNorm rounds its outputs as it stores them, and the Linear reads
+    them rounded (quantizing a value on its own grid gives the same byte): one pass
+    over the tensor instead of two. Its layout is then decided by all its readers."""
+    readers = graph.consumers()
+    linear_inputs = {i for n in graph.nodes if n.op_type in ("Linear", "QLinear", *GROUPS.values()) for i in n.inputs}
+    absorbed = {n.name: fq for n in graph.nodes if (fq := _absorbed_quantization(graph, n, readers)) is not None}
+    gone = {fq.name for fq in absorbed.values()}
+    renamed = {fq.inputs[0]: fq.outputs[0] for fq in absorbed.values()}
+    nodes = []
+    for n in graph.nodes:
+        fq = absorbed.get(n.name)
+        if fq is not None:
+            layout = True if fq.outputs[0] in linear_inputs or n.outputs[0] in linear_inputs else n.attrs["feature_major"]
+            n = Node("LayerNorm", n.name, list(n.inputs), list(fq.outputs),
+                     {**n.attrs, "feature_major": layout,
+                      "quantize": tuple(graph.constants[i] for i in fq.inputs[1:3])})
+        elif any(i in renamed for i in n.inputs):
+            n = Node(n.op_type, n.name, [renamed.get(i, i) for i in n.inputs], list(n.outputs), n.attrs)
+        if n.name not in gone:
+            nodes.append(n)
+    return _with_nodes(graph, nodes)
+
+
+LOWERING = (group_linears, prepare_masks, mark_layouts, quantize_layernorms)
 
 
 def lower(graph: Graph) -> Graph:

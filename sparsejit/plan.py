@@ -305,8 +305,8 @@ def onnx_attention_step(node: Node, p: Planning) -> Step:
 
 
 def layernorm_step(node: Node, p: Planning) -> Step:
-    eps, layout = node.attrs["epsilon"], node.attrs["feature_major"]
-    return Step(node, lambda x, scale, bias=None: (layernorm(x, scale, bias, eps, layout),))
+    eps, layout, grid = node.attrs["epsilon"], node.attrs["feature_major"], node.attrs.get("quantize")
+    return Step(node, lambda x, scale, bias=None: (layernorm(x, scale, bias, eps, layout, grid),))
 
 
 def prepare_mask_step(node: Node, p: Planning) -> Step:

@@ -72,6 +72,9 @@ def test_quantized_forms_compute_what_the_graph_says(form):
         assert sum(n.op_type == "QLinearMatMul" for n in model.graph.nodes) == 4  # attention's, per block
         # each block's GELU, quantized around every op, one table lookup
         assert sum("Erf" in n.attrs["ops"] for n in model.graph.nodes if n.op_type == "Lookup") == 2
+    if form in ("qdq", "sparseml"):  # each LayerNorm rounds its output to the next Linear's grid as it stores it
+        norms = [n for n in model.graph.nodes if n.op_type == "LayerNorm"]
+        assert len(norms) == 5 and all(n.attrs.get("quantize") is not None for n in norms), form
     if form == "dynamic":  # its embedding tables, gathered then dequantized, dequantized at load and fused
         assert [n.op_type for n in model.graph.nodes].count("EmbedLayerNorm") == 1
         assert "DequantizeLinear" not in {n.op_type for n in model.graph.nodes}

@@ -370,6 +370,43 @@ def test_layernorm_both_layouts(layout_in, layout_out):
         assert unit_token_stride(got[0]) == fm or n == 1
 
 
+@pytest.mark.parametrize("zero", [np.uint8(128), np.int8(-3)])
+@pytest.mark.parametrize("lanes", ["native", 8])
+def test_layernorm_rounding_to_a_grid_stores_what_fake_quantize_gives(zero, lanes, monkeypatch):
+    """The quantizing LayerNorm (lower.quantize_layernorms) against its plain kernel then
+    FakeQuantize's kernel, bit for bit: features whose LayerNorm scale is 0 output their
+    bias exactly, put on ties (k + 1/2 steps, rounded to even), past both ends of the
+    type and at ±inf; a token with a NaN gives NaN, which quantizes to the byte 0."""
+    import sparsejit.kernels.layernorm as layernorm_mod
+    from sparsejit.kernels.elementwise import fake_quantize
+
+    if lanes == 8:
+        monkeypatch.setattr(layernorm_mod, "vector_lanes", lambda: 8)
+    layernorm_mod._columns_kernel.cache_clear()
+    rng = np.random.default_rng(12)
+    step = np.float32(1 / 16)
+    h, n = 40, 37
+    scale = rng.standard_normal(h).astype(np.float32)
+    bias = rng.standard_normal(h).astype(np.float32) * 4
+    fixed = (np.array([0.5, 1.5, -0.5, -2.5, 200.5, -300.5, 1e10, -1e10, np.inf, -np.inf]) * step).astype(np.float32)
+    scale[:fixed.size], bias[:fixed.size] = 0, fixed
+    x = rng.standard_normal((n, h)).astype(np.float32) * 3
+    x[5, 7] = np.nan
+    grid = (step, zero)
+    for arg in (transposed(x).T, x):
+        got = layernorm(arg, scale, bias, 1e-5, feature_major=True, quantize=grid)
+        want = fake_quantize(layernorm(arg, scale, bias, 1e-5, feature_major=True), *grid)
+        assert np.array_equal(got, want), np.argwhere(got != want)[:5]
+        assert not np.isnan(got).any() and np.all(got[5] == (0 - int(zero)) * step)
+        lo, hi = (0, 255) if zero.dtype == np.uint8 else (-128, 127)
+        on_grid = got / step + int(zero)
+        assert np.array_equal(on_grid, np.rint(on_grid)) and on_grid.min() == lo and on_grid.max() == hi
+        np.testing.assert_array_equal(got[0, :4] / step, [0, 2, 0, -2])  # ties to even
+    token_major = layernorm(x, scale, bias, 1e-5, feature_major=False, quantize=grid)
+    assert np.array_equal(token_major, fake_quantize(layernorm(x, scale, bias, 1e-5, feature_major=False), *grid))
+    layernorm_mod._columns_kernel.cache_clear()
+
+
 def test_kernels_with_8_lanes(monkeypatch):
     """The IR kernels as an AVX2 machine (8 floats per vector) gets them, run here."""
     import sparsejit.kernels.attention as attention_mod
