@@ -15,21 +15,24 @@ import numpy as np
 
 from ..ops import gather, layer_normalization, op
 from .compile import compile_ir, load_source, vector_lanes
+from .elementwise import reference_fake_quantize
 from .ir import Builder, Signature, with_driver
-from .layernorm import _columns_kernel
+from .layernorm import _columns_kernel, _grid
 from .layout import feature_major_empty
 
 
 @op("EmbedLayerNorm", fused=True)
-def reference_embed_layernorm(*ids_scale_bias, tables, gathers, epsilon):
+def reference_embed_layernorm(*ids_scale_bias, tables, gathers, epsilon, quantize=None):
     """The fused node (fuse.fuse_embeddings): LayerNorm(Σ_i tables[i][ids_i]), the ids
     broadcast against each other, then scale and bias. `gathers` names the Gather nodes
-    it replaces, for errors."""
+    it replaces, for errors. With `quantize` (a scale and 8-bit zero point,
+    lower.quantize_layernorms), rounded to that grid as the FakeQuantize it absorbed."""
     *ids, scale, bias = ids_scale_bias
     x = gather(tables[0], ids[0])
     for table, i in zip(tables[1:], ids[1:]):
         x = x + gather(table, i)
-    return layer_normalization(x, scale, bias, axis=-1, epsilon=epsilon)[0]
+    y = layer_normalization(x, scale, bias, axis=-1, epsilon=epsilon)[0]
+    return y if quantize is None else reference_fake_quantize(y, *quantize)
 
 
 SIGNATURE = Signature("embed_sum", (
@@ -142,11 +145,12 @@ class EmbedLayerNorm:
     """The kernel for one EmbedLayerNorm node: its tables concatenated into one private
     array at load (row offsets per table), the ids checked and offset per call."""
 
-    def __init__(self, tables: list[np.ndarray], gathers: list[str], epsilon: float):
+    def __init__(self, tables: list[np.ndarray], gathers: list[str], epsilon: float, quantize: tuple | None = None):
         self.sizes = np.array([t.shape[0] for t in tables], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
         self.table = np.ascontiguousarray(np.concatenate(tables).astype(np.float32, copy=False))
         self.gathers, self.epsilon = gathers, np.float32(epsilon)
+        self.quantize, self._grid = quantize, _grid(quantize)
         self._fn = SIGNATURE.ctypes()(compile_ir(embed_ir(vector_lanes(), len(tables)), SIGNATURE.name))
         self._driver = load_source(EMBED_DRIVER_SOURCE).run_embed
 
@@ -157,9 +161,10 @@ class EmbedLayerNorm:
         *ids, scale, bias = ids_scale_bias
         shape = np.broadcast_shapes(*(np.shape(i) for i in ids))
         h = self.table.shape[1]
-        if len(shape) != 2 or scale.shape != (h,) or (bias is not None and bias.shape != (h,)):
+        if len(shape) != 2 or scale.shape != (h,) or (bias is not None and bias.shape != (h,)) or \
+                (self.quantize is not None and self._grid is None):
             return reference_embed_layernorm(*ids, scale, bias, tables=self.dense_tables(), gathers=self.gathers,
-                                             epsilon=float(self.epsilon))
+                                             epsilon=float(self.epsilon), quantize=self.quantize)
         parts = numba.get_num_threads()
         xt, yt = feature_major_empty(h, shape[0] * shape[1]), feature_major_empty(h, shape[0] * shape[1])
         # one type for all (C-contiguous, writable int64, 2-D): Numba indexes the tuple at run time
@@ -169,8 +174,8 @@ class EmbedLayerNorm:
             rows = self.sizes[bad]
             raise IndexError(f"{self.gathers[bad]!r}: Gather index out of range [{-rows}, {rows}) on axis 0")
         if xt.size:
-            fn, run_columns = _columns_kernel(vector_lanes())
+            fn, run_columns = _columns_kernel(vector_lanes(), self._grid is not None)
             b = np.zeros(h, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
-            run_columns(fn, xt, yt, np.ascontiguousarray(scale, np.float32), b, self.epsilon, np.zeros(4, np.float32),
-                        parts)
+            grid = np.zeros(4, np.float32) if self._grid is None else self._grid
+            run_columns(fn, xt, yt, np.ascontiguousarray(scale, np.float32), b, self.epsilon, grid, parts)
         return yt.T.reshape(shape + (h,))

@@ -13,8 +13,8 @@ graph rewrite, so `Model.graph` and `Model.forward_source` show what runs.
   `LayerNorm` node, written feature-major when a Linear reads it (every Linear kernel,
   int8 too, works so), even from a token-major input (the embeddings): one transpose there rather
   than one per reader.
-- `quantize_layernorms`: a LayerNorm whose output is rounded to one grid (a FakeQuantize,
-  and Linear layers quantizing to the same) rounds it as it stores it.
+- `quantize_layernorms`: a LayerNorm or EmbedLayerNorm whose output is rounded to one grid
+  (a FakeQuantize, and Linear layers quantizing to the same) rounds it as it stores it.
 
 Like the fusion passes, each returns a new graph and leaves the one it is given as it was.
 """
@@ -105,10 +105,13 @@ def _same_grid(n: Node, grid: tuple) -> bool:
         for v, g in zip((a["x_scale"], a["x_zero_point"]), grid))
 
 
+NORMS = ("LayerNorm", "EmbedLayerNorm")
+
+
 def _absorbed_quantization(graph: Graph, n: Node, readers: dict) -> Node | None:
     """The FakeQuantize a LayerNorm can take into its stores: its output's one
     FakeQuantize, where every other reader quantizes it to the same grid."""
-    out = n.outputs[0] if n.op_type == "LayerNorm" else None
+    out = n.outputs[0] if n.op_type in NORMS else None
     if not out or out in graph.outputs:
         return None
     fqs = [r for r in readers.get(out, []) if r.op_type == "FakeQuantize" and r.inputs[0] == out]
@@ -134,10 +137,11 @@ def quantize_layernorms(graph: Graph) -> Graph:
     for n in graph.nodes:
         fq = absorbed.get(n.name)
         if fq is not None:
-            layout = True if fq.outputs[0] in linear_inputs or n.outputs[0] in linear_inputs else n.attrs["feature_major"]
-            n = Node("LayerNorm", n.name, list(n.inputs), list(fq.outputs),
-                     {**n.attrs, "feature_major": layout,
-                      "quantize": tuple(graph.constants[i] for i in fq.inputs[1:3])})
+            attrs = {**n.attrs, "quantize": tuple(graph.constants[i] for i in fq.inputs[1:3])}
+            if n.op_type == "LayerNorm":  # (an EmbedLayerNorm writes feature-major always)
+                linear = fq.outputs[0] in linear_inputs or n.outputs[0] in linear_inputs
+                attrs["feature_major"] = True if linear else n.attrs["feature_major"]
+            n = Node(n.op_type, n.name, list(n.inputs), list(fq.outputs), attrs)
         elif any(i in renamed for i in n.inputs):
             n = Node(n.op_type, n.name, [renamed.get(i, i) for i in n.inputs], list(n.outputs), n.attrs)
         if n.name not in gone:

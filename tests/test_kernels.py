@@ -492,6 +492,15 @@ def test_embeddings_kernel_against_the_registry_reference():
         np.testing.assert_allclose(got, want, **TOL)
     with pytest.raises(IndexError, match="'word': Gather index out of range"):
         kernel(np.array([[50]]), np.array([[0]]), np.array([[0]]), scale, bias)
+    # rounding to a grid as it stores (lower.quantize_layernorms): what FakeQuantize's kernel gives after it
+    from sparsejit.kernels.elementwise import fake_quantize
+
+    for grid in [(np.float32(1 / 32), np.uint8(128)), (np.float32(0.01), np.int8(5))]:
+        ids = [rng.integers(0, 50, (2, 19)), np.arange(19)[None, :], rng.integers(0, 2, (2, 19))]
+        got = EmbedLayerNorm(tables, names, 1e-12, grid)(*ids, scale, bias)
+        assert np.array_equal(got, fake_quantize(kernel(*ids, scale, bias), *grid))
+        want = OPS["EmbedLayerNorm"](*ids, scale, bias, tables=tables, gathers=names, epsilon=1e-12, quantize=grid)
+        assert np.mean(got == want) > 0.99 and np.abs(got - want).max() <= grid[0] * 1.001  # a step at most
 
 
 def test_the_k_chunk_follows_clear_differences_only():
