@@ -76,26 +76,52 @@ def fake_quantize(x, scale, zero, lo, hi, out):
             ys[i] = (quantized(xs[i], scale, zero, lo, hi) - zero) * scale
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def qsoftmax(q, value, table, out_scale, out_zero, lo, hi, out):
-    # each row of bytes q [rows, n]: the byte of the largest value (value[b]: byte b
-    # dequantized), e = table[that byte, b] = exp(value[b] - value[that byte]), their
-    # float64 sum rounded to float32, e / sum, quantized
-    rows, n = q.shape
-    for r in prange(rows):
-        qr = q[r]
+# (a float64 sum of float32 values: exact but where their exponents span more than 29
+# bits, and then its rounding to float32 does not depend on the order)
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def total64(xs):
+    total = 0.0
+    for i in range(xs.size):
+        total += np.float64(xs[i])
+    return total
+
+
+@njit(inline="always")
+def top_byte(qr, value, flip):
+    # the byte of the row's largest value (value[b]: byte b dequantized). Where the values
+    # rise with the bytes xor `flip` (0 to 255; see qsoftmax's wrapper), the largest of
+    # those, which vectorises; else (flip -1) compared value by value
+    if flip < 0:
         top = qr[0]
-        for i in range(1, n):
+        for i in range(1, qr.size):
             if value[qr[i]] > value[top]:
                 top = qr[i]
-        e = table[np.int64(top)]
-        total = 0.0
-        for i in range(n):
-            total += np.float64(e[qr[i]])
-        t = np.float32(total)
-        ys = out[r]
-        for i in range(n):
-            ys[i] = np.int32(quantized(np.float32(e[qr[i]] / t), out_scale, out_zero, lo, hi))
+        return np.int64(top)
+    f = np.uint8(flip)
+    best = np.uint8(0)
+    for i in range(qr.size):
+        key = qr[i] ^ f
+        best = key if key > best else best
+    return np.int64(best ^ f)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def qsoftmax(q, value, table, flip, out_scale, out_zero, lo, hi, out):
+    # each row of bytes q [rows, n]: its top byte (top_byte), e = table[top, b] =
+    # exp(value[b] - value[top]), their float64 sum rounded to float32, e / sum, quantized
+    rows, n = q.shape
+    per_task = max(1, CHUNK // max(1, n))
+    for c in prange((rows + per_task - 1) // per_task):
+        es = np.empty(n, np.float32)
+        for r in range(c * per_task, min(rows, (c + 1) * per_task)):
+            qr = q[r]
+            e = table[top_byte(qr, value, flip)]
+            for i in range(n):
+                es[i] = e[qr[i]]
+            t = np.float32(total64(es))
+            ys = out[r]
+            for i in range(n):
+                ys[i] = np.int32(quantized(np.float32(es[i] / t), out_scale, out_zero, lo, hi))
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -252,6 +278,16 @@ def softmax_table(in_scale, in_zero) -> tuple[np.ndarray, np.ndarray]:
         return value, np.exp(value[None, :] - value[:, None])
 
 
+def _rising(scale, zero) -> int:
+    """The byte mask under whose xor the dequantized values (b - zero) · scale never fall
+    as the bytes rise: the type's order (uint8: 0; int8: its sign bit, 128), reversed
+    (xor 255) by a negative scale; -1 where the scale is 0, NaN or infinite."""
+    s = float(np.asarray(scale).reshape(()))
+    if not np.isfinite(s) or s == 0:
+        return -1
+    return (128 if np.asarray(zero).dtype == np.int8 else 0) ^ (255 if s < 0 else 0)
+
+
 def qsoftmax(q: np.ndarray, *, in_scale, in_zero, out_scale, out_zero, value, table):
     """reference_qsoftmax on every thread, a row per task; None for what it does not cover."""
     if q.dtype not in _RANGES or q.ndim == 0 or q.shape[-1] == 0:
@@ -260,5 +296,6 @@ def qsoftmax(q: np.ndarray, *, in_scale, in_zero, out_scale, out_zero, value, ta
     lo, hi = _RANGES[z.dtype]
     rows = np.ascontiguousarray(q).view(np.uint8).reshape(-1, q.shape[-1])
     out = np.empty(rows.shape, z.dtype)
-    _kernels().qsoftmax(rows, value, table, np.float32(out_scale), np.float32(z), np.float32(lo), np.float32(hi), out)
+    _kernels().qsoftmax(rows, value, table, _rising(in_scale, in_zero), np.float32(out_scale), np.float32(z),
+                        np.float32(lo), np.float32(hi), out)
     return out.reshape(q.shape)

@@ -227,17 +227,20 @@ def test_quantize_then_dequantize_is_one_pass():
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])
-def test_quantized_softmax_is_exact(dtype):
+@pytest.mark.parametrize("scale", [0.09, -0.09, 0.0])
+def test_quantized_softmax_is_exact(dtype, scale):
     """QuantizeLinear(Softmax(DequantizeLinear(bytes))) over the last axis → one QSoftmax
     node (exponentials from a table numpy's exp filled at load), equal to the three ops on
     every row: random bytes, a row of one byte, a row holding both ends of the type, rows
     of 1, 7 and 300 (where a total summed otherwise than the reference differs: tried, a
-    float32 running sum fails); a Softmax over another axis is left as it is."""
+    float32 running sum fails); a Softmax over another axis is left as it is. The input
+    scale positive, negative (the largest value at the smallest byte) and 0 (the kernel's
+    value-by-value path)."""
     from onnx import TensorProto, helper, numpy_helper
 
     onnx_type = TensorProto.UINT8 if dtype == np.uint8 else TensorProto.INT8
     # a fine output step (1/4096), so that an ulp in the row's total moves some outputs by a step
-    c = {"s": np.float32(0.09), "z": dtype(10), "ps": np.float32(1 / 4096),
+    c = {"s": np.float32(scale), "z": dtype(10), "ps": np.float32(1 / 4096),
          "pz": dtype(0 if dtype == np.uint8 else -128)}
     nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["d"]),
              helper.make_node("Softmax", ["d"], ["p"], axis=-1),
