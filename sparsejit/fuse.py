@@ -200,8 +200,9 @@ def _quantized_input(m: _Matcher, q: Node | None, zero_point: str) -> tuple[str,
         return q.inputs[0], {"mode": "dynamic", "x_scale": None, "x_zero_point": None}
     scale, zero = m.const(q.inputs[1]), m.const(q.inputs[2]) if len(q.inputs) > 2 else None
     if q.op_type != "QuantizeLinear" or scale is None or scale.size != 1 or zero is None or zero.size != 1 \
-            or q.attrs.get("block_size") or (zero_point and not np.array_equal(m.const(zero_point), zero)):
-        return None
+            or zero.dtype not in BYTE_TYPES or not _plain(q) \
+            or (zero_point and not np.array_equal(m.const(zero_point), zero)):
+        return None  # (16-bit activations, say: the int8 kernels quantize x to bytes)
     return q.inputs[0], {"mode": "static", "x_scale": np.float32(scale.reshape(())),
                          "x_zero_point": zero.reshape(())}
 

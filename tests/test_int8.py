@@ -306,3 +306,29 @@ def test_check_with_fp32_shows_each_layer_and_refuses_a_model_without_int8(tmp_p
     assert "each int8 layer against the FP32 layer it came from" in p.stdout and "zeros kept" in p.stdout
     p = subprocess.run([*cmd[:4], str(fp32), *cmd[5:]], capture_output=True, text=True, check=False)
     assert p.returncode != 0 and "has no int8 layer" in p.stdout + p.stderr, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16])
+def test_16_bit_activations_are_not_quantized_to_bytes(dtype):
+    """A QDQ MatMul whose activations are quantized to 16 bits (onnxruntime's
+    activation_type=QUInt16) reads x on a grid of 65536 steps; the int8 kernels quantize
+    x to bytes, so such a MatMul must not become an int8 layer (it did, and its outputs
+    were off by 0.2 on the test BERT). It runs on the float kernels, as the graph says."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    w = (rng.integers(-127, 128, (48, 24)) * (rng.random((48, 24)) < 0.2)).astype(np.int8)
+    c = {"xs": np.float32(1e-4), "xz": dtype(30000 if dtype == np.uint16 else 100), "w": w,
+         "ws": (rng.random(24) * 0.01 + 0.001).astype(np.float32), "wz": np.zeros(24, np.int8)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 48])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in c.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    compiled, reference = sparsejit.load(model), sparsejit.load(model, mode="reference")
+    assert {lp.kind for lp in compiled.layers} != {"int8"}, [lp.kind for lp in compiled.layers]
+    x = rng.standard_normal((9, 48)).astype(np.float32)
+    np.testing.assert_allclose(compiled.run({"x": x})[0], reference.run({"x": x})[0], atol=1e-5, rtol=1e-5)
