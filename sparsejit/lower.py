@@ -98,9 +98,13 @@ def mark_layouts(graph: Graph) -> Graph:
 
 def _same_grid(n: Node, grid: tuple) -> bool:
     """Whether a QLinear (or QLinearGroup) quantizes x statically with this scale and zero
-    point: then it reads x rounded to that grid as x itself (the same bytes)."""
+    point: then it reads x rounded to that grid as x itself (the same bytes: (q - zero) ·
+    scale, divided by the scale, rounds back to q - zero while the scale is a normal float
+    whose 255 steps do not overflow)."""
     a = n.attrs["members"][0].attrs if n.op_type == "QLinearGroup" else n.attrs if n.op_type == "QLinear" else None
-    return a is not None and a["mode"] == "static" and all(
+    scale = float(grid[0].reshape(-1)[0]) if grid[0].size == 1 else 0.0
+    normal = np.finfo(np.float32).tiny <= scale <= 1e30
+    return a is not None and normal and a["mode"] == "static" and all(
         v is not None and np.asarray(v).dtype == g.dtype and np.array_equal(np.asarray(v).reshape(-1), g.reshape(-1))
         for v, g in zip((a["x_scale"], a["x_zero_point"]), grid))
 
