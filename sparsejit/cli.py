@@ -497,8 +497,6 @@ def _compare_whole(model, run, args) -> list[dict]:
 
 def _fp32_layers(model, path: Path, args, steps: Steps) -> list[dict]:
     """check --fp32: each int8 layer against the layer of the FP32 file it was quantized from."""
-    import sparsejit
-
     from .quantize import layer_errors
 
     if not any(lp.int8 for lp in model.layers):
@@ -510,9 +508,13 @@ def _fp32_layers(model, path: Path, args, steps: Steps) -> list[dict]:
         raise CLIError(f"--fp32 {args.fp32}: that model's layers are int8 too; give the file before quantization")
     feeds = _inputs(fp32, argparse.Namespace(inputs=None, batch=2, seq=args.seq))
     try:
-        return layer_errors(model, fp32, feeds)
-    except sparsejit.UnsupportedModelError as e:
-        raise CLIError(str(e)) from e
+        rows = layer_errors(model, fp32, feeds)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise CLIError(f"--fp32 {args.fp32}: {e}") from e
+    if not any(r["fp32_layer"] for r in rows):
+        raise CLIError(f"--fp32 {args.fp32}: no int8 layer of {path.name} has a layer of its name (less _quant or "
+                       "_integer) and shape there; give the FP32 file it was quantized from")
+    return rows
 
 
 def _print_fp32_layers(out: dict) -> None:

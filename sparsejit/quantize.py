@@ -105,7 +105,7 @@ def ort_u8s8_exact() -> bool:
 
 # What exporters append to a MatMul's name when they quantize it: onnxruntime's dynamic and
 # QOperator quantizers ("_quant"), SparseML's MatMulInteger form ("_integer").
-_QUANTIZED_SUFFIXES = ("_quant", "_integer", "_MatMulInteger")
+_QUANTIZED_SUFFIXES = ("_quant", "_integer")
 
 
 def _source_name(name: str) -> str:

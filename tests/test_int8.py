@@ -306,6 +306,9 @@ def test_check_with_fp32_shows_each_layer_and_refuses_a_model_without_int8(tmp_p
     assert "each int8 layer against the FP32 layer it came from" in p.stdout and "zeros kept" in p.stdout
     p = subprocess.run([*cmd[:4], str(fp32), *cmd[5:]], capture_output=True, text=True, check=False)
     assert p.returncode != 0 and "has no int8 layer" in p.stdout + p.stderr, p.stdout + p.stderr
+    other = MODELS_DIR / "distilbert_eager_h64_op11_legacy_p90.onnx"  # not the file it came from
+    p = subprocess.run([*cmd[:6], str(other), *cmd[7:]], capture_output=True, text=True, check=False)
+    assert p.returncode != 0 and "give the FP32 file it was quantized from" in p.stdout + p.stderr, p.stdout
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.int16])
