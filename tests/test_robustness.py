@@ -194,14 +194,24 @@ DEGENERATE_INT8 = """
         assert np.array_equal(elementwise.fake_quantize(x, s, z), dequantize_linear(quantize_linear(x, s, z), s, z))
         table = np.arange(256, dtype=np.float32)
         assert np.array_equal(elementwise.lookup(q, table=table), table[q])
-    value, table = elementwise.softmax_table(s, z)
-    for rows in [(0, 4), (1, 1), (3, 1), (1, 7)]:
-        q = rng.integers(0, 256, rows).astype(np.uint8)
-        got = elementwise.qsoftmax(q, in_scale=s, in_zero=z, out_scale=np.float32(1 / 255), out_zero=np.uint8(0),
-                                   value=value, table=table)
-        want = elementwise.reference_qsoftmax(q, in_scale=s, in_zero=z, out_scale=np.float32(1 / 255),
-                                              out_zero=np.uint8(0))
-        assert np.array_equal(got, want)
+    for in_scale, in_zero in [(s, z), (np.float32(-0.1), np.int8(-7))]:  # (bytes in the type's order, reversed)
+        value, table = elementwise.softmax_table(in_scale, in_zero)
+        for rows in [(0, 4), (1, 1), (3, 1), (1, 7), (70, 128)]:  # (70 rows: a task of 64, then a partial one)
+            q = rng.integers(-128, 128, rows).astype(in_zero.dtype)
+            got = elementwise.qsoftmax(q, in_scale=in_scale, in_zero=in_zero, out_scale=np.float32(1 / 255),
+                                       out_zero=np.uint8(0), value=value, table=table)
+            want = elementwise.reference_qsoftmax(q, in_scale=in_scale, in_zero=in_zero,
+                                                  out_scale=np.float32(1 / 255), out_zero=np.uint8(0))
+            assert np.array_equal(got, want)
+    from sparsejit.kernels.layernorm import layernorm
+    for h in (1, 5):
+        for tokens in (0, 1, 3, 17):
+            x = rng.standard_normal((tokens, h)).astype(np.float32)
+            g, b = np.ones(h, np.float32), np.zeros(h, np.float32)
+            for fm in (True, False):  # the LayerNorm rounding to a grid as it stores
+                got = layernorm(x, g, b, 1e-5, fm, (s, z))
+                assert got.shape == x.shape
+                assert np.array_equal(got, elementwise.fake_quantize(layernorm(x, g, b, 1e-5, fm), s, z))
     for a_shape, b_shape in [((1, 1), (1, 1)), ((0, 4), (4, 3)), ((2, 1, 3), (2, 3, 1))]:
         a, b = rng.integers(0, 256, a_shape).astype(np.uint8), rng.integers(0, 256, b_shape).astype(np.uint8)
         args = (a, s, z, b, s, z, np.float32(0.3), np.uint8(9))
@@ -214,8 +224,9 @@ def test_degenerate_shapes_of_the_int8_and_per_element_kernels_at_two_threads():
     """The int8 kernel (every dot this CPU runs, output requantized or not) with 1 output,
     1 input, fewer rows than threads, all-zero weights and every block past vpmaddubsw's
     limit, over 0, 1, 3 and 17 tokens; the per-element kernels on empty, single-element
-    and chunk-boundary tensors, softmax rows of 0 and 1, 1 x 1 and empty matmuls: against
-    numpy, in a subprocess."""
+    and chunk-boundary tensors, softmax rows of 0 and 1 (and a partial task of rows, both
+    byte orders), 1 x 1 and empty matmuls, the LayerNorm rounding to a grid over 0, 1, 3
+    and 17 tokens of 1 and 5 features: against numpy, in a subprocess."""
     run_python(DEGENERATE_INT8, timeout=600)
 
 
@@ -301,11 +312,13 @@ FORK_AND_THREADS = """
 
 
 @pytest.mark.parametrize("path", [SDPA, INT8 / "bert_block4_p90_int8_dynamic.onnx",
-                                  INT8 / "bert_block4_p90_int8_qoperator.onnx"], ids=["fp32", "int8", "qoperator"])
+                                  INT8 / "bert_block4_p90_int8_qoperator.onnx", INT8 / "bert_block4_p90_int8_sparseml.onnx"],
+                         ids=["fp32", "int8", "qoperator", "sparseml"])
 def test_fork_after_load_and_concurrent_runs(tmp_path, path):
     """A child forked after a run can run the model (GNU OpenMP killed it); four threads
     running one model at once all get the single-thread answer. For the int8 kernels and
-    the per-element kernels between them too (a QOperator file)."""
+    the per-element kernels between them too (a QOperator file; a SparseML file, whose
+    LayerNorms round to a grid as they store)."""
     out = run_python(fork_and_threads(path))
     assert out.stdout.split()[-1] == "tbb" or "tbb" not in _installed()
 
