@@ -154,7 +154,7 @@ def erf(x, out):
             ys[i] = np.float32(math.erf(np.float64(xs[i])))
 """
 
-_RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
+RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
 
 
 def _kernels():
@@ -171,18 +171,18 @@ def _flat(x: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x).reshape(-1), out.reshape(-1), out
 
 
-def _scalar(value) -> np.ndarray | None:
+def scalar(value) -> np.ndarray | None:
     v = None if value is None else np.asarray(value)
     return v.reshape(()) if v is not None and v.size == 1 else None
 
 
 def quantize(x: np.ndarray, scale, zero_point=None, **attrs):
     """QuantizeLinear of float32 x to uint8 or int8 with one scale and zero point; None otherwise."""
-    s, z = _scalar(scale), _scalar(zero_point)
-    if x.dtype != np.float32 or s is None or s.dtype != np.float32 or z is None or z.dtype not in _RANGES \
+    s, z = scalar(scale), scalar(zero_point)
+    if x.dtype != np.float32 or s is None or s.dtype != np.float32 or z is None or z.dtype not in RANGES \
             or any(attrs.get(a) for a in ("block_size", "precision", "output_dtype")):
         return None
-    lo, hi = _RANGES[z.dtype]
+    lo, hi = RANGES[z.dtype]
     flat, out, shaped = _flat(x, z.dtype)
     _kernels().quantize(flat, np.float32(s), np.float32(z), np.float32(lo), np.float32(hi), out)
     return shaped
@@ -190,8 +190,8 @@ def quantize(x: np.ndarray, scale, zero_point=None, **attrs):
 
 def dequantize(q: np.ndarray, scale, zero_point=None, **attrs):
     """DequantizeLinear of uint8 or int8 q with one float32 scale and zero point; None otherwise."""
-    s, z = _scalar(scale), _scalar(0 if zero_point is None else zero_point)
-    if q.dtype not in _RANGES or s is None or s.dtype != np.float32 \
+    s, z = scalar(scale), scalar(0 if zero_point is None else zero_point)
+    if q.dtype not in RANGES or s is None or s.dtype != np.float32 \
             or any(attrs.get(a) for a in ("block_size", "output_dtype")):
         return None
     flat, out, shaped = _flat(q, np.float32)
@@ -211,14 +211,14 @@ def erf(x: np.ndarray, **attrs):
 def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point, **attrs):
     """QLinearMatMul with a per-tensor a and y and an 8-bit output: the exact integer sums
     on BLAS (ops.qlinear_matmul's), requantized in one pass; None otherwise."""
-    ys, yz, a_s = _scalar(y_scale), _scalar(y_zero_point), _scalar(a_scale)
+    ys, yz, a_s = scalar(y_scale), scalar(y_zero_point), scalar(a_scale)
     bs = np.asarray(b_scale, np.float32).reshape(-1)
-    if ys is None or yz is None or yz.dtype not in _RANGES or a_s is None or b.ndim < 2 or \
+    if ys is None or yz is None or yz.dtype not in RANGES or a_s is None or b.ndim < 2 or \
             bs.size not in (1, b.shape[-1]) or np.asarray(a_zero_point).size != 1:
         return None
     acc = np.ascontiguousarray(_integer_product(a, b, a_zero_point, b_zero_point), np.float32)
     multiplier = np.broadcast_to(np.float32(a_s) * bs / np.float32(ys), acc.shape[-1:]).copy()
-    lo, hi = _RANGES[yz.dtype]
+    lo, hi = RANGES[yz.dtype]
     z = np.float32(yz)
     out = np.empty(acc.shape, yz.dtype)
     n = acc.shape[-1]
@@ -231,7 +231,7 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
 def reference_lookup(x: np.ndarray, *, table: np.ndarray, ops=(), min_rank: int = 1) -> np.ndarray:
     """The fused node (fuse.fuse_lookups): the table's entry for each byte of x, an 8-bit
     tensor; `ops`, the chain it replaced, for the reader."""
-    if x.dtype not in _RANGES:
+    if x.dtype not in RANGES:
         raise TypeError(f"a Lookup over {' -> '.join(ops)} got a {x.dtype} input; its table is for 8-bit values")
     y = table[x.view(np.uint8)]
     return y.reshape((1,) * (min_rank - y.ndim) + y.shape) if y.ndim < min_rank else y
@@ -239,7 +239,7 @@ def reference_lookup(x: np.ndarray, *, table: np.ndarray, ops=(), min_rank: int 
 
 def lookup(x: np.ndarray, *, table: np.ndarray, ops=(), min_rank: int = 1):
     """reference_lookup on every thread; None for what it does not cover."""
-    if x.dtype not in _RANGES or x.ndim < min_rank:
+    if x.dtype not in RANGES or x.ndim < min_rank:
         return None
     flat, out, shaped = _flat(x.view(np.uint8), table.dtype)
     _kernels().lookup(flat, table, out)
@@ -254,10 +254,10 @@ def reference_fake_quantize(x: np.ndarray, scale, zero_point) -> np.ndarray:
 
 def fake_quantize(x: np.ndarray, scale, zero_point):
     """reference_fake_quantize in one pass on every thread; None for what it does not cover."""
-    s, z = _scalar(scale), _scalar(zero_point)
-    if x.dtype != np.float32 or s is None or s.dtype != np.float32 or z is None or z.dtype not in _RANGES:
+    s, z = scalar(scale), scalar(zero_point)
+    if x.dtype != np.float32 or s is None or s.dtype != np.float32 or z is None or z.dtype not in RANGES:
         return None
-    lo, hi = _RANGES[z.dtype]
+    lo, hi = RANGES[z.dtype]
     flat, out, shaped = _flat(x, np.float32)
     _kernels().fake_quantize(flat, np.float32(s), np.float32(z), np.float32(lo), np.float32(hi), out)
     return shaped
@@ -290,10 +290,10 @@ def _rising(scale, zero) -> int:
 
 def qsoftmax(q: np.ndarray, *, in_scale, in_zero, out_scale, out_zero, value, table):
     """reference_qsoftmax on every thread, a row per task; None for what it does not cover."""
-    if q.dtype not in _RANGES or q.ndim == 0 or q.shape[-1] == 0:
+    if q.dtype not in RANGES or q.ndim == 0 or q.shape[-1] == 0:
         return None
     z = np.asarray(out_zero)
-    lo, hi = _RANGES[z.dtype]
+    lo, hi = RANGES[z.dtype]
     rows = np.ascontiguousarray(q).view(np.uint8).reshape(-1, q.shape[-1])
     out = np.empty(rows.shape, z.dtype)
     _kernels().qsoftmax(rows, value, table, _rising(in_scale, in_zero), np.float32(out_scale), np.float32(z),

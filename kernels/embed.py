@@ -17,7 +17,7 @@ from ..ops import gather, layer_normalization, op
 from .compile import compile_ir, load_source, vector_lanes
 from .elementwise import reference_fake_quantize
 from .ir import Builder, Signature, with_driver
-from .layernorm import _columns_kernel, _grid
+from .layernorm import NO_GRID, Grid, _columns_kernel
 from .layout import feature_major_empty
 
 
@@ -150,7 +150,7 @@ class EmbedLayerNorm:
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
         self.table = np.ascontiguousarray(np.concatenate(tables).astype(np.float32, copy=False))
         self.gathers, self.epsilon = gathers, np.float32(epsilon)
-        self.quantize, self._grid = quantize, _grid(quantize)
+        self.grid = Grid.of(quantize)
         self._fn = SIGNATURE.ctypes()(compile_ir(embed_ir(vector_lanes(), len(tables)), SIGNATURE.name))
         self._driver = load_source(EMBED_DRIVER_SOURCE).run_embed
 
@@ -162,9 +162,9 @@ class EmbedLayerNorm:
         shape = np.broadcast_shapes(*(np.shape(i) for i in ids))
         h = self.table.shape[1]
         if len(shape) != 2 or scale.shape != (h,) or (bias is not None and bias.shape != (h,)) or \
-                (self.quantize is not None and self._grid is None):
+                (self.grid is not None and self.grid.floats is None):
             return reference_embed_layernorm(*ids, scale, bias, tables=self.dense_tables(), gathers=self.gathers,
-                                             epsilon=float(self.epsilon), quantize=self.quantize)
+                                             epsilon=float(self.epsilon), quantize=self.grid and self.grid.quantize)
         parts = numba.get_num_threads()
         xt, yt = feature_major_empty(h, shape[0] * shape[1]), feature_major_empty(h, shape[0] * shape[1])
         # one type for all (C-contiguous, writable int64, 2-D): Numba indexes the tuple at run time
@@ -174,8 +174,8 @@ class EmbedLayerNorm:
             rows = self.sizes[bad]
             raise IndexError(f"{self.gathers[bad]!r}: Gather index out of range [{-rows}, {rows}) on axis 0")
         if xt.size:
-            fn, run_columns = _columns_kernel(vector_lanes(), self._grid is not None)
+            fn, run_columns = _columns_kernel(vector_lanes(), self.grid is not None)
             b = np.zeros(h, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
-            grid = np.zeros(4, np.float32) if self._grid is None else self._grid
+            grid = NO_GRID if self.grid is None else self.grid.floats
             run_columns(fn, xt, yt, np.ascontiguousarray(scale, np.float32), b, self.epsilon, grid, parts)
         return yt.T.reshape(shape + (h,))

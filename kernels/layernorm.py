@@ -9,13 +9,14 @@ layers and residual adds read without a copy.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numba
 import numpy as np
 
 from ..ops import layer_normalization, op
 from .compile import compile_ir, load_source, vector_lanes
-from .elementwise import fake_quantize, reference_fake_quantize
+from .elementwise import RANGES, fake_quantize, reference_fake_quantize, scalar
 from .int8_ir import quantized
 from .ir import Builder, Signature
 from .layout import contiguous, feature_major_empty, transposed, unit_token_stride
@@ -148,30 +149,38 @@ def _columns_kernel(lanes: int, quantize: bool = False):
     return fn, load_source(COLUMNS_DRIVER_SOURCE).run_columns
 
 
-def _grid(quantize: tuple | None) -> np.ndarray | None:
-    """[scale, zero point, lowest, highest] as float32 for one float32 scale and an 8-bit zero
-    point (what FakeQuantize's kernel covers); None otherwise."""
-    if quantize is None:
-        return None
-    s, z = (np.asarray(v) for v in quantize)
-    if s.size != 1 or s.dtype != np.float32 or z.size != 1 or z.dtype not in (np.uint8, np.int8):
-        return None
-    lo, hi = (0, 255) if z.dtype == np.uint8 else (-128, 127)
-    return np.array([s.item(), z.item(), lo, hi], np.float32)
+class Grid(NamedTuple):
+    """What a LayerNorm rounds its output to (lower.quantize_layernorms), prepared once at
+    load: the node's (scale, zero point), and the kernel's [scale, zero point, lowest,
+    highest] as float32 (None where FakeQuantize's kernel would not cover it: one float32
+    scale and an 8-bit zero point; then the reference runs)."""
+
+    quantize: tuple
+    floats: np.ndarray | None
+
+    @classmethod
+    def of(cls, quantize: tuple | None) -> Grid | None:
+        if quantize is None:
+            return None
+        s, z = (scalar(v) for v in quantize)
+        covered = s is not None and s.dtype == np.float32 and z is not None and z.dtype in RANGES
+        return cls(quantize, np.array([s, z, *RANGES[z.dtype]], np.float32) if covered else None)
+
+
+NO_GRID = np.zeros(4, np.float32)  # what the plain kernel is passed for the grid, and ignores
 
 
 def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon: float,
-              feature_major: bool | None = None, quantize: tuple | None = None) -> np.ndarray:
+              feature_major: bool | None = None, grid: Grid | None = None) -> np.ndarray:
     """LayerNorm over the last axis. The output is feature-major when `feature_major`
     (the input transposed first if it is not), token-major when False, and in the
-    input's layout when None. With `quantize` (scale, zero point), the output rounded
-    to that grid as QuantizeLinear then DequantizeLinear would: in the feature-major
-    kernel's stores, or by FakeQuantize's kernel after."""
+    input's layout when None. With a `grid`, the output rounded to it as QuantizeLinear
+    then DequantizeLinear would: in the feature-major kernel's stores, or by
+    FakeQuantize's kernel after."""
     h = x.shape[-1]
-    grid = _grid(quantize)
     if x.dtype != np.float32 or scale.shape != (h,) or (bias is not None and bias.shape != (h,)) or \
-            (quantize is not None and grid is None):
-        return reference_layernorm(x, scale, bias, epsilon=epsilon, quantize=quantize)
+            (grid is not None and grid.floats is None):
+        return reference_layernorm(x, scale, bias, epsilon=epsilon, quantize=grid and grid.quantize)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, h)
     b = np.zeros(h, np.float32) if bias is None else bias
@@ -183,10 +192,10 @@ def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon
         xt = transposed(x2)
         yt = feature_major_empty(h, x2.shape[0])
         fn, run_columns = _columns_kernel(vector_lanes(), grid is not None)
-        run_columns(fn, xt, yt, scale, b, np.float32(epsilon), np.zeros(4, np.float32) if grid is None else grid,
+        run_columns(fn, xt, yt, scale, b, np.float32(epsilon), NO_GRID if grid is None else grid.floats,
                     numba.get_num_threads())
         return yt.T.reshape(lead + (h,))
     y = np.empty(x2.shape, np.float32)
     load_source(LAYERNORM_SOURCE).layernorm_rows(contiguous(x2), scale, b, np.float32(epsilon), y)
     y = y.reshape(lead + (h,))
-    return y if quantize is None else fake_quantize(y, *quantize)
+    return y if grid is None else fake_quantize(y, *grid.quantize)

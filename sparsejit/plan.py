@@ -24,7 +24,7 @@ from .kernels import elementwise
 from .kernels.attention import fused_attention, prepare_mask
 from .kernels.embed import EmbedLayerNorm
 from .kernels.int8 import DOT_NAMES, Int8Linear, Int8OnFloat, exact_on_float, host_dots
-from .kernels.layernorm import layernorm
+from .kernels.layernorm import Grid, layernorm
 from .kernels.linear import DenseLinear, OutputSlice, Pattern, SparseLinear, analyse, linear_epilogue, reference_linear
 from .ops import bind
 
@@ -305,7 +305,7 @@ def onnx_attention_step(node: Node, p: Planning) -> Step:
 
 
 def layernorm_step(node: Node, p: Planning) -> Step:
-    eps, layout, grid = node.attrs["epsilon"], node.attrs["feature_major"], node.attrs.get("quantize")
+    eps, layout, grid = node.attrs["epsilon"], node.attrs["feature_major"], Grid.of(node.attrs.get("quantize"))
     return Step(node, lambda x, scale, bias=None: (layernorm(x, scale, bias, eps, layout, grid),))
 
 

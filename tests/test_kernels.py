@@ -394,7 +394,7 @@ def test_layernorm_rounding_to_a_grid_stores_what_fake_quantize_gives(zero, lane
     x[5, 7] = np.nan
     grid = (step, zero)
     for arg in (transposed(x).T, x):
-        got = layernorm(arg, scale, bias, 1e-5, feature_major=True, quantize=grid)
+        got = layernorm(arg, scale, bias, 1e-5, feature_major=True, grid=layernorm_mod.Grid.of(grid))
         want = fake_quantize(layernorm(arg, scale, bias, 1e-5, feature_major=True), *grid)
         assert np.array_equal(got, want), np.argwhere(got != want)[:5]
         assert not np.isnan(got).any() and np.all(got[5] == (0 - int(zero)) * step)
@@ -402,7 +402,7 @@ def test_layernorm_rounding_to_a_grid_stores_what_fake_quantize_gives(zero, lane
         on_grid = got / step + int(zero)
         assert np.array_equal(on_grid, np.rint(on_grid)) and on_grid.min() == lo and on_grid.max() == hi
         np.testing.assert_array_equal(got[0, :4] / step, [0, 2, 0, -2])  # ties to even
-    token_major = layernorm(x, scale, bias, 1e-5, feature_major=False, quantize=grid)
+    token_major = layernorm(x, scale, bias, 1e-5, feature_major=False, grid=layernorm_mod.Grid.of(grid))
     assert np.array_equal(token_major, fake_quantize(layernorm(x, scale, bias, 1e-5, feature_major=False), *grid))
     layernorm_mod._columns_kernel.cache_clear()
 

@@ -203,13 +203,13 @@ DEGENERATE_INT8 = """
             want = elementwise.reference_qsoftmax(q, in_scale=in_scale, in_zero=in_zero,
                                                   out_scale=np.float32(1 / 255), out_zero=np.uint8(0))
             assert np.array_equal(got, want)
-    from sparsejit.kernels.layernorm import layernorm
+    from sparsejit.kernels.layernorm import Grid, layernorm
     for h in (1, 5):
         for tokens in (0, 1, 3, 17):
             x = rng.standard_normal((tokens, h)).astype(np.float32)
             g, b = np.ones(h, np.float32), np.zeros(h, np.float32)
             for fm in (True, False):  # the LayerNorm rounding to a grid as it stores
-                got = layernorm(x, g, b, 1e-5, fm, (s, z))
+                got = layernorm(x, g, b, 1e-5, fm, Grid.of((s, z)))
                 assert got.shape == x.shape
                 assert np.array_equal(got, elementwise.fake_quantize(layernorm(x, g, b, 1e-5, fm), s, z))
     for a_shape, b_shape in [((1, 1), (1, 1)), ((0, 4), (4, 3)), ((2, 1, 3), (2, 3, 1))]:
