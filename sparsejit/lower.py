@@ -83,8 +83,13 @@ def prepare_masks(graph: Graph) -> Graph:
     return _with_nodes(graph, nodes)
 
 
+def _linear_inputs(graph: Graph) -> set[str]:
+    """The values some Linear kernel (float or int8, grouped or not) reads."""
+    return {i for n in graph.nodes if n.op_type in ("Linear", "QLinear", *GROUPS.values()) for i in n.inputs}
+
+
 def mark_layouts(graph: Graph) -> Graph:
-    linear_inputs = {i for n in graph.nodes if n.op_type in ("Linear", "QLinear", *GROUPS.values()) for i in n.inputs}
+    linear_inputs = _linear_inputs(graph)
     nodes = []
     for n in graph.nodes:
         outs = [o for o in n.outputs if o]
@@ -133,7 +138,7 @@ def quantize_layernorms(graph: Graph) -> Graph:
     them rounded (quantizing a value on its own grid gives the same byte): one pass
     over the tensor instead of two. Its layout is then decided by all its readers."""
     readers = graph.consumers()
-    linear_inputs = {i for n in graph.nodes if n.op_type in ("Linear", "QLinear", *GROUPS.values()) for i in n.inputs}
+    linear_inputs = _linear_inputs(graph)
     absorbed = {n.name: fq for n in graph.nodes if (fq := _absorbed_quantization(graph, n, readers)) is not None}
     gone = {fq.name for fq in absorbed.values()}
     renamed = {fq.inputs[0]: fq.outputs[0] for fq in absorbed.values()}
