@@ -227,6 +227,7 @@ class SparseLinear(_FeatureMajorLinear):
     go through yᵀ between chunks). None takes all inputs at once."""
 
     kind = "sparse"
+    granule = 0  # the inputs a K-chunk must hold whole, when not the pattern's block
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str,
                  residual: bool, pattern: Pattern | None = None, k_chunk: int | None = None, scaled: bool = False):
@@ -244,8 +245,9 @@ class SparseLinear(_FeatureMajorLinear):
     def _set_chunk(self, k_chunk: int | None) -> None:
         indptr, indices, values = self._csr
         self.k_chunk = self.in_features if k_chunk is None else min(k_chunk, self.in_features)
-        if self.k_chunk % self.pattern.block:
-            raise ValueError(f"k_chunk {k_chunk} is not a multiple of the block size {self.pattern.block}")
+        granule = self.granule or self.pattern.block
+        if self.k_chunk % granule and self.k_chunk != self.in_features:
+            raise ValueError(f"k_chunk {k_chunk} is not a multiple of the block size {granule}")
         indptr, indices, values, self.nchunks = chunk_rows(indptr, indices, values, self.in_features, self.k_chunk)
         m = self.out_features
         self._layout = (0, None, indptr, indices, values, np.tile(np.arange(m, dtype=np.int32), self.nchunks))

@@ -44,12 +44,30 @@ class IRConfig:
     vectors: int = 8          # registers per output tile
     index_bits: int = 32      # stored input index width: 16 (unsigned) when the inputs fit, else 32
     scaled: bool = False      # bias holds 2m floats: the sums times bias[m + j], plus bias[j], then act
+    bf16: bool = False        # pairs of inputs in bfloat16 (see _add_pair): xt and values hold i32 pairs
+
+
+BF16_DOT = "llvm.x86.avx512bf16.dpbf16ps.512"
+
+
+def _add_pair(e: Builder, vectors: int, mask: str | None, at: str, k: str, accs: list[str]) -> list[str]:
+    """accs + the bfloat16 pair of weights at slot `at` × pair row k of xᵀ: `vdpbf16ps`
+    (AVX512-BF16) adds, per token, x[2k]·w[0] + x[2k + 1]·w[1] to a float sum. Each i32 of
+    values and of xᵀ holds the pair, input 2k in its low 16 bits."""
+    bv, vt = f"<{2 * e.lanes} x bfloat>", e.vt
+    packed = e(f"load i32, ptr {e.gep('%values', at, 'i32')}, align 4")
+    w = e(f"bitcast <{e.lanes} x i32> {e.splat_i32(packed)} to {bv}")
+    start = e.offset(k, "%ldx", "%t")
+    return [e.call(BF16_DOT, vt, (vt, accs[u]), (bv, e(f"bitcast {vt} {e.vload(e.vptr('%xt', start, u), mask)} to {bv}")),
+                   (bv, w)) for u in range(vectors)]
 
 
 def _add_stored(e: Builder, cfg: IRConfig, vectors: int, mask: str | None, at: str, k_stored: str,
                 accs: list[str]) -> list[str]:
-    """accs + the weights stored at slot `at` (one, or a block of four) × their rows of xᵀ."""
+    """accs + the weights stored at slot `at` (one, a block of four, or a bfloat16 pair) × their rows of xᵀ."""
     k = e(f"{'zext' if cfg.index_bits == 16 else 'sext'} i{cfg.index_bits} {k_stored} to i64")
+    if cfg.bf16:  # (k: the pair's first input, 2·its row of xᵀ)
+        return _add_pair(e, vectors, mask, at, e(f"lshr i64 {k}, 1"), accs)
     wbase = e(f"mul i64 {at}, {cfg.block}")
     for b in range(cfg.block):
         w = e.splat(e(f"load float, ptr {e.gep('%values', e(f'add i64 {wbase}, {b}') if b else wbase)}, align 4"))
@@ -164,7 +182,8 @@ def tail_vectors(vectors: int) -> list[int]:
 
 def ir_source(cfg: IRConfig) -> str:
     """The whole module's LLVM IR for one kernel configuration."""
-    if cfg.block not in (1, 4) or cfg.activation not in ACTIVATIONS or cfg.index_bits not in (16, 32):
+    if cfg.block not in (1, 4) or cfg.activation not in ACTIVATIONS or cfg.index_bits not in (16, 32) or \
+            cfg.bf16 and (cfg.block != 1 or cfg.lanes != 16):
         raise ValueError(f"no sparse kernel for {cfg}")
     e = Builder(cfg.lanes)
     tile_args = (("s", "i64"), ("t", "i64"), ("c", "i64"))
@@ -177,7 +196,7 @@ def ir_source(cfg: IRConfig) -> str:
     total = "bias[m + j] * (sum ...) + bias[j]" if cfg.scaled else "bias[j] + sum ..."
     header = (f"; sparsejit generated kernel: block={cfg.block} activation={cfg.activation} "
               f"residual={cfg.residual} lanes={cfg.lanes} vectors={cfg.vectors} index_bits={cfg.index_bits}"
-              f"{' scaled' if cfg.scaled else ''}\n"
+              f"{' scaled' if cfg.scaled else ''}{' bf16' if cfg.bf16 else ''}\n"
               f"; yt[j, t] = act({total}), sum ... over row j's stored (k, w): w * xt[k, t]"
               f"{' + rt[j, t]' if cfg.residual else ''}")
     return e.module(header)

@@ -1,0 +1,184 @@
+"""bfloat16 sparse Linear layers (`load(..., precision="bf16")`): the weights rounded to
+bfloat16 at load, the activations rounded to bfloat16 as the layer reads them, products
+summed in float32 by AVX512-BF16's `vdpbf16ps`, the epilogues in float32 as in every
+other Linear kernel.
+
+`vdpbf16ps` takes pairs: per float lane it adds a·b + c·d for two bfloat16 pairs held in
+one 32-bit lane. So the weights are stored as pairs of consecutive inputs (2k, 2k + 1)
+holding a nonzero, the two bfloat16 in one i32, and the activations are packed feature-
+major into pair rows xp [in/2, tokens] of i32 (input 2k in the low half) by the
+conversion kernel here, once per call. The sparse kernel is sparse_ir's with `bf16`:
+the same tiles, K-chunks, row order and epilogues, one `vdpbf16ps` per stored pair and
+vector of tokens where the float32 kernel has one fma per stored weight. Half the bytes
+of activations per input, and at 4-block pruning half the instructions; at scattered
+pruning most pairs hold one nonzero, so the instructions are about the float32 kernel's.
+
+bfloat16 keeps float32's exponent and 8 significant bits (relative rounding error at most
+2⁻⁸). Rounding is to nearest, ties to even, on both sides (numpy's `to_bf16` below, and LLVM's
+`fptrunc` to bfloat, which is `vcvtneps2bf16`), NaN kept NaN.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .compile import compile_ir, host_cpu, load_source
+from .ir import Builder, Signature, with_driver
+from .layout import feature_major_empty
+from .linear import SPARSE_VECTORS, SparseLinear, _bias, linear_epilogue
+from .sparse_ir import SIGNATURE as SPARSE_SIGNATURE
+from .sparse_ir import IRConfig, ir_source
+
+
+def has_bf16() -> bool:
+    """Whether this CPU has AVX512-BF16's `vdpbf16ps` on 512-bit vectors."""
+    features = host_cpu()[1]
+    return "+avx512bf16" in features and "+avx512f" in features
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """The bfloat16 bits (uint16) of float32 x, rounded to nearest, ties to even; NaN
+    stays a (quiet) NaN."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.where(np.isnan(x), (bits >> np.uint32(16)) | np.uint32(0x40), rounded).astype(np.uint16)
+
+
+def from_bf16(bits: np.ndarray) -> np.ndarray:
+    """float32 values of bfloat16 bits."""
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def rounded(x: np.ndarray) -> np.ndarray:
+    """x rounded to bfloat16 and back: what the kernel computes with."""
+    return from_bf16(to_bf16(x))
+
+
+def reference_bf16_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
+                          activation: str = "none", residual: np.ndarray | None = None) -> np.ndarray:
+    """The numpy meaning of a bf16 layer: x and W rounded to bfloat16, the products and
+    sums in float64 (the kernel sums in float32, in another order), then the float32
+    epilogue."""
+    y = (rounded(x).astype(np.float64) @ rounded(weight).astype(np.float64)).astype(np.float32)
+    return linear_epilogue(y, bias, activation, residual)
+
+
+PACK_SIGNATURE = Signature("pack_pairs", (("xt", "ptr"), ("ldx", "i64"), ("xp", "ptr"), ("ldp", "i64"), ("k", "i64"),
+                                          ("p0", "i64"), ("p1", "i64"), ("ntok", "i64")))
+
+
+def _pack(e: Builder) -> None:
+    """xp[p, t] = bf16(xt[2p, t]) | bf16(xt[2p + 1, t]) << 16 for pair rows [p0, p1), the
+    second 0 past the last input; whole vectors of tokens up to ntok rounded up to 16
+    (the kernel reads them; the lanes past ntok hold zeros)."""
+    L, vt = e.lanes, e.vt
+    hv = f"<{L} x bfloat>"
+    interleave = ", ".join(f"i32 {i // 2 + (i % 2) * L}" for i in range(2 * L))
+
+    def tile(p, t):
+        (mask,) = e.lane_masks(t, 1, "%ntok")
+        k = e(f"mul i64 {p}, 2")
+        lo = e.vload(e.gep("%xt", e.offset(k, "%ldx", t)), mask)
+        k1 = e(f"add i64 {k}, 1")
+        inside = e(f"icmp slt i64 {k1}, %k")
+        hi = e.vload(e.gep("%xt", e.offset(e(f"select i1 {inside}, i64 {k1}, i64 {k}"), "%ldx", t)), mask)
+        hi = e(f"select i1 {inside}, {vt} {hi}, {vt} zeroinitializer")
+        pair = e(f"shufflevector {hv} {e(f'fptrunc {vt} {lo} to {hv}')}, {hv} {e(f'fptrunc {vt} {hi} to {hv}')}, "
+                 f"<{2 * L} x i32> <{interleave}>")
+        e.raw(f"  store <{2 * L} x bfloat> {pair}, ptr {e.gep('%xp', e.offset(p, '%ldp', t), 'i32')}, align 4")
+
+    e.loop("%p0", "%p1", 1, [], lambda p, _: e.tiles("0", "%ntok", L, lambda t: tile(p, t)) or [])
+
+
+def pack_ir() -> str:
+    e = Builder(16)
+    e.function(PACK_SIGNATURE, lambda: _pack(e))
+    return e.module("; sparsejit generated kernel: float xt packed into bfloat16 pairs of inputs\n"
+                    "; xp[p, t] = bf16(xt[2p, t]) | bf16(xt[2p + 1, t]) << 16 (0 past the last input)")
+
+
+DRIVER_SOURCE = """\
+# sparsejit generated kernel: the parallel driver of the bf16 sparse kernel
+# xt packed into bfloat16 pairs by pack_fn, pair rows split across threads; then, as the
+# float32 kernel's driver, thread c computes output rows [bounds[c], bounds[c + 1])
+from numba import njit, prange
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def run_pairs(pack_fn, fn, xt, xp, indptr, indices, values, bias, yt, rt, nchunks, order, bounds):
+    k = xt.shape[0]
+    ntok = xt.shape[1]
+    pairs = xp.shape[0]
+    parts = bounds.shape[0] - 1
+    for c in prange(parts):
+        pack_fn(xt.ctypes.data, xt.strides[0] // 4, xp.ctypes.data, xp.strides[0] // 4, k, c * pairs // parts,
+                (c + 1) * pairs // parts, ntok)
+    for c in prange(parts):
+        fn(xp.ctypes.data, xp.strides[0] // 4, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data,
+           bias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data, rt.strides[0] // 4, yt.shape[0],
+           nchunks, order.ctypes.data, bounds[c], bounds[c + 1], ntok)
+"""
+
+
+def compress_pairs(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr, pair indices k/2 as uint16, the pairs' two bfloat16 packed in an int32) per
+    output row: the pairs of consecutive inputs holding a nonzero."""
+    k, m = weight.shape
+    padded = np.zeros((k + k % 2, m), np.float32)
+    padded[:k] = weight
+    pairs = padded.reshape(-1, 2, m).transpose(2, 0, 1)  # [out, in/2, 2]
+    rows, cols = np.nonzero(pairs.any(axis=2))
+    indptr = np.zeros(m + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=m), out=indptr[1:])
+    packed = np.ascontiguousarray(to_bf16(pairs[rows, cols])).view(np.int32).ravel()
+    return indptr, cols.astype(np.uint16), packed
+
+
+class BF16SparseLinear(SparseLinear):
+    """The bf16 sparse kernel for one weight: SparseLinear's K-chunks, row order and thread
+    split over stored pairs (indices hold each pair's first input, 2k), with x packed
+    into bfloat16 pairs by the driver before the rows run."""
+
+    kind = "sparse-bf16"
+    granule = 2  # K-chunks hold whole pairs
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str, residual: bool,
+                 pattern=None, k_chunk: int | None = None):
+        from .compress import analyse
+        self.pattern = pattern or analyse(weight)
+        k, m = weight.shape
+        self.config = IRConfig(1, activation, residual, 16, SPARSE_VECTORS[16], 16 if k <= 1 << 16 else 32,
+                               bf16=True)
+        self.in_features, self.out_features = k, m
+        self.activation, self.residual = activation, residual
+        indptr, pairs, values = compress_pairs(weight)
+        self._csr = indptr, (2 * pairs.astype(np.int64)).astype(np.uint16 if k <= 1 << 16 else np.int32), values
+        self.bias = _bias(bias, m)
+        self._fn = SPARSE_SIGNATURE.ctypes()(compile_ir(ir_source(self.config), SPARSE_SIGNATURE.name))
+        self._pack = PACK_SIGNATURE.ctypes()(compile_ir(pack_ir(), PACK_SIGNATURE.name))
+        self._driver = load_source(DRIVER_SOURCE).run_pairs
+        self._set_chunk(k_chunk)
+
+    @property
+    def source(self) -> str:
+        return with_driver(ir_source(self.config) + "\n" + pack_ir(), DRIVER_SOURCE)
+
+    def dense_weight(self) -> np.ndarray:
+        """W [in, out] as the kernel holds it: the stored pairs' bfloat16 values as float32."""
+        _, _, indptr, indices, values, order = self._layout
+        w = np.zeros((self.in_features + 1, self.out_features), np.float32)
+        rows = np.repeat(order, np.diff(indptr))
+        pairs = from_bf16(values.view(np.uint16).reshape(-1, 2))
+        for b in range(2):
+            w[indices.astype(np.int64) + b, rows] = pairs[:, b]
+        return w[:self.in_features]
+
+    def skipped(self, start: int = 0, stop: int | None = None) -> float:
+        stop = self.out_features if stop is None else stop
+        return 1 - np.count_nonzero(self.dense_weight()[:, start:stop]) / max(self.in_features * (stop - start), 1)
+
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        _, bounds, indptr, indices, values, order = self._arrays()
+        xp = feature_major_empty(-(-self.in_features // 2), xt.shape[1])
+        self._driver(self._pack, self._fn, xt, xp, indptr, indices, values, self.bias, yt, rt, self.nchunks, order,
+                     bounds)
