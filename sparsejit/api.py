@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,12 +12,14 @@ import numpy as np
 import onnx
 
 from . import saved_plans
-from .choose import KERNEL_CHOICES, Chooser
+from .choose import KERNEL_CHOICES, PRECISIONS, Chooser
 from .executor import Executor
 from .fold import fold_constants, quantized_weight
 from .fuse import fuse
 from .graph import Graph, InputSpec, ModelIO, import_onnx
 from .heap import keep_buffers_mapped
+from .kernels.bf16 import has_bf16
+from .kernels.compile import host_cpu
 from .lower import lower
 from .onnx_file import detach, release
 from .ops import bind
@@ -36,6 +39,7 @@ class LayerCheck:
     max_abs_err: float
     max_ref: float
     ok: bool
+    fp32_err: float | None = None  # bf16 layers: max |error| at the probe against the float32 weights loaded
 
 
 class CheckReport(list):
@@ -46,11 +50,14 @@ class CheckReport(list):
         return all(r.ok for r in self)
 
     def __str__(self) -> str:
-        head = f"{'layer':<48} {'kernel':<7} {'in x out':>11} {'density':>8} {'max |err|':>10} {'max |ref|':>10}  ok"
+        head = f"{'layer':<48} {'kernel':<11} {'in x out':>11} {'density':>8} {'max |err|':>10} {'max |ref|':>10}  ok"
         lines = [head, "-" * len(head)]
         for r in self:
-            lines.append(f"{r.layer[-48:]:<48} {r.kind:<7} {f'{r.shape[0]}x{r.shape[1]}':>11} "
+            lines.append(f"{r.layer[-48:]:<48} {r.kind:<11} {f'{r.shape[0]}x{r.shape[1]}':>11} "
                          f"{r.density:>8.3f} {r.max_abs_err:>10.2e} {r.max_ref:>10.2e}  {'yes' if r.ok else 'NO'}")
+        for r in self:
+            if r.fp32_err is not None:
+                lines.append(f"{r.layer[-48:]:<48} bf16 against its float32 weights: max |err| {r.fp32_err:.2e}")
         return "\n".join(lines)
 
 
@@ -66,12 +73,13 @@ class Model:
     """
 
     def __init__(self, graph: Graph, steps: list[Step], layers: list[LayerPlan], mode: str, num_threads: int,
-                 plan: dict | None = None, io: ModelIO | None = None):
+                 plan: dict | None = None, io: ModelIO | None = None, precision: str = "fp32"):
         self.graph = graph
         self.io = io  # the file's declared inputs, outputs and metadata (`InferenceSession` reports them)
         self.layers = layers
         self.mode = mode
         self.num_threads = num_threads
+        self.precision = precision  # what its sparse Linear layers compute in: "fp32" or "bf16"
         self.plan = plan or {}  # the kernel decisions by layer name, as `save_plan` writes them
         self._threads = ThreadScope(num_threads)
         self._executor = Executor(graph, steps)
@@ -195,12 +203,19 @@ class Model:
                 # The kernel against the weights it holds, at `tokens`; and against the
                 # weights as loaded, at the probe input kept then.
                 got_probe, want_probe = layer.probe_check()
-                got = np.concatenate([layer.impl(x, r).ravel(), got_probe.ravel()])
-                want = np.concatenate([layer.reference(x, r).ravel(), want_probe.ravel()])
+                got, want = layer.impl(x, r).ravel(), layer.reference(x, r).ravel()
+            fp32_err = None
+            if layer.bf16:  # rounded to bfloat16: the probe is compared with the float32 weights apart
+                fp32_err = float(np.max(np.abs(got_probe - want_probe), initial=0))
+                ok = bool(np.all(np.abs(got_probe - want_probe) <= layer.bf16_bound()))
+            else:
+                got, want = np.concatenate([got, got_probe.ravel()]), np.concatenate([want, want_probe.ravel()])
+                ok = True
             err = float(np.max(np.abs(got - want))) if want.size else 0.0
             scale = float(np.max(np.abs(want))) if want.size else 0.0
-            ok = bool(np.allclose(got, want, atol=1e-4, rtol=1e-4))
-            report.append(LayerCheck(layer.name, layer.kind, (k, m), layer.pattern.density, err, scale, ok))
+            ok = ok and bool(np.allclose(got, want, atol=1e-4, rtol=1e-4))
+            report.append(LayerCheck(layer.name, layer.kind, (k, m), layer.pattern.density, err, scale, ok,
+                                     fp32_err))
         return report
 
     def save_plan(self, path: str | os.PathLike) -> None:
@@ -228,12 +243,17 @@ class Model:
 
 def load(model: str | os.PathLike | bytes | onnx.ModelProto, *, num_threads: int | None = None,
          kernels: str = "auto", mode: str = "compiled", plan: str | os.PathLike | None = None,
-         progress: Callable[[int, int, LayerPlan], None] | bool | None = None) -> Model:
+         progress: Callable[[int, int, LayerPlan], None] | bool | None = None, precision: str = "fp32") -> Model:
     """Load an ONNX model (a file, its bytes, or a ModelProto) and compile it for this machine.
 
     - `num_threads`: threads for this model's kernels (default: all cores), set around
       each of its runs; BLAS runs single-threaded inside them.
     - `kernels`: "auto" (sparse or dense per layer, by rule or measurement), "sparse" or "dense".
+    - `precision`: "fp32" (the default: results match ONNX Runtime's float32), or "bf16":
+      the sparse Linear layers round their weights and inputs to bfloat16 and sum in
+      float32 (AVX512-BF16's `vdpbf16ps`, kernels/bf16.py); dense layers, attention,
+      LayerNorm and the rest stay float32. On a CPU without AVX512-BF16, "bf16" warns and
+      loads in fp32. `check()` reports each bf16 layer's error against its float32 weights.
     - `mode`: "compiled", or "reference" to run the unfused graph on the numpy reference
       ops only (the whole-graph oracle).
     - `plan`: a JSON file of kernel decisions: used when it exists, written when it does
@@ -259,12 +279,13 @@ def load(model: str | os.PathLike | bytes | onnx.ModelProto, *, num_threads: int
         with Steps(enabled=True) as steps:
             steps.start(f"reading and fusing {name}")
             return load(model, num_threads=num_threads, kernels=kernels, mode=mode, plan=plan,
-                        progress=steps.layer_callback())
+                        progress=steps.layer_callback(), precision=precision)
     progress = progress or None  # False: none
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+    precision = _usable_precision(precision)
     threads = resolve_threads(num_threads)
     keep_buffers_mapped()
     with ThreadScope(threads):
@@ -276,18 +297,30 @@ def load(model: str | os.PathLike | bytes | onnx.ModelProto, *, num_threads: int
             steps = [Step(n, bind(n.op_type, n.attrs, graph.opset, len(n.outputs))) for n in graph.nodes]
             return Model(graph, steps, [], mode, threads, io=io)
         graph = lower(fuse(graph))
-        chooser, save = _chooser(graph, threads, kernels, plan)
+        chooser, save = _chooser(graph, threads, kernels, plan, precision)
         steps, layers = plan_steps(graph, chooser, progress, done_with=release)
         save(chooser.decisions)
     planned = Graph([s.node for s in steps], graph.inputs, graph.outputs, detach(graph.constants), graph.opset,
                     graph.origin)
-    return Model(planned, steps, layers, mode, threads, chooser.decisions, io)
+    return Model(planned, steps, layers, mode, threads, chooser.decisions, io, precision)
 
 
-def _chooser(graph: Graph, threads: int, kernels: str, plan_file) -> tuple[Chooser, Callable[[dict], None]]:
+def _usable_precision(precision: str) -> str:
+    """`precision` if this CPU runs it, else "fp32" with a warning."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and not has_bf16():
+        warnings.warn("precision='bf16' needs AVX512-BF16, which this CPU does not have "
+                      f"({host_cpu()[0]}): loading in fp32", RuntimeWarning, stacklevel=3)
+        return "fp32"
+    return precision
+
+
+def _chooser(graph: Graph, threads: int, kernels: str, plan_file,
+             precision: str = "fp32") -> tuple[Chooser, Callable[[dict], None]]:
     """A kernel chooser holding the saved plan (the user's file, else the cache's), and
     what to call with the decisions once made to keep them."""
-    key = saved_plans.structure_key(graph, threads, kernels)
+    key = saved_plans.structure_key(graph, threads, kernels, precision)
     if plan_file is not None:
         path = Path(plan_file)
         saved = saved_plans.read_plan(path, trusted_only=False)
@@ -296,7 +329,7 @@ def _chooser(graph: Graph, threads: int, kernels: str, plan_file) -> tuple[Choos
             if saved is None:
                 saved_plans.write_plan(path, decisions, key, private=False)
 
-        return Chooser(kernels, saved, "plan file"), save
+        return Chooser(kernels, saved, "plan file", precision), save
     path = saved_plans.cached_plan_path(key)
     saved = None if path is None else saved_plans.read_plan(path, trusted_only=True)
 
@@ -304,4 +337,4 @@ def _chooser(graph: Graph, threads: int, kernels: str, plan_file) -> tuple[Choos
         if path is not None and decisions != saved:
             saved_plans.write_plan(path, decisions, key, private=True)
 
-    return Chooser(kernels, saved, "cached plan"), keep
+    return Chooser(kernels, saved, "cached plan", precision), keep

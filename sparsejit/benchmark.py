@@ -31,9 +31,10 @@ if __package__:
 else:  # the worker script, run by path (its directory is on sys.path)
     from timing import time_calls
 
-# dense: sparsejit with kernels="dense"; openvino: OpenVINO at its default precision for
-# the CPU (bf16 where the CPU has AMX or AVX512-BF16), openvino-f32: forced to f32.
-ENGINES = ("sparsejit", "dense", "ort", "deepsparse", "openvino", "openvino-f32")
+# dense: sparsejit with kernels="dense"; bf16: sparsejit with precision="bf16"; openvino:
+# OpenVINO at its default precision for the CPU (bf16 where the CPU has AMX or
+# AVX512-BF16), openvino-f32: forced to f32.
+ENGINES = ("sparsejit", "dense", "bf16", "ort", "deepsparse", "openvino", "openvino-f32")
 DEFAULT_DEEPSPARSE_PYTHON = os.environ.get("SPARSEJIT_DEEPSPARSE_PYTHON", "")
 # OpenVINO runs under the Python given (--openvino-python, SPARSEJIT_OPENVINO_PYTHON), else
 # under this one, where `pip install openvino` may have put it.
@@ -97,10 +98,11 @@ def _onnx_inputs(path: str) -> list[tuple[str, str]]:
 
 def _load(engine: str, path: str, batch: int, seq: int, threads: int):
     """-> (run(list of arrays), input (name, dtype) pairs)"""
-    if engine in ("sparsejit", "dense"):
+    if engine in ("sparsejit", "dense", "bf16"):
         import sparsejit  # the installed package: this worker runs under the venv that has it
 
-        model = sparsejit.load(path, num_threads=threads, kernels="dense" if engine == "dense" else "auto")
+        model = sparsejit.load(path, num_threads=threads, kernels="dense" if engine == "dense" else "auto",
+                               precision="bf16" if engine == "bf16" else "fp32")
         return model.run, [(s.name, str(s.dtype)) for s in model.inputs]
     if engine == "ort":
         import onnxruntime as ort

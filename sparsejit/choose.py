@@ -26,6 +26,9 @@ from .timing import race
 log = logging.getLogger("sparsejit")
 
 KERNEL_CHOICES = ("auto", "sparse", "dense")
+# What the Linear layers compute in: "bf16" runs the sparse layers on the bfloat16 kernel
+# (kernels/bf16.py) where the CPU has AVX512-BF16; dense layers and everything else stay float32.
+PRECISIONS = ("fp32", "bf16")
 # Tokens the kernels are timed over: one sequence of 128, BERT's common case.
 PROBE_TOKENS = 128
 # Stored-weight density above which "auto" takes the dense kernel without timing: the
@@ -81,10 +84,14 @@ class Chooser:
     density to 1%, epilogue, threads) for the rest of this load: BERT-base's 73 layers
     are 4 kinds at one sparsity."""
 
-    def __init__(self, kernels: str = "auto", saved: dict | None = None, saved_by: str = "cached plan"):
+    def __init__(self, kernels: str = "auto", saved: dict | None = None, saved_by: str = "cached plan",
+                 precision: str = "fp32"):
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.kernels = kernels
+        self.precision = precision
         self.saved = saved or {}
         self.saved_by = saved_by
         self.kinds: dict[tuple, dict] = {}
@@ -134,7 +141,7 @@ class Chooser:
 
     def measure(self, pattern: Pattern, act: str, residual: bool, against_dense: bool,
                 sparse: Callable[[], SparseLinear], dense: Callable[[], DenseLinear], by: str, why: str) -> Choice:
-        key = (self.kernels, pattern.in_features, pattern.out_features, pattern.block, round(pattern.density, 2),
+        key = (self.kernels, self.precision, pattern.in_features, pattern.out_features, pattern.block, round(pattern.density, 2),
                act, residual, against_dense, numba.get_num_threads())
         t, reused = self.kinds.get(key), key in self.kinds
         if t is None:

@@ -22,6 +22,7 @@ from .choose import Chooser
 from .graph import Graph, Node
 from .kernels import elementwise
 from .kernels.attention import fused_attention, prepare_mask
+from .kernels.bf16 import BF16SparseLinear, reference_bf16_linear
 from .kernels.embed import EmbedLayerNorm
 from .kernels.int8 import DOT_NAMES, Int8Linear, Int8OnFloat, exact_on_float, host_dots
 from .kernels.layernorm import Grid, layernorm
@@ -63,13 +64,17 @@ class LayerPlan:
         return self.kind == "int8"
 
     @property
+    def bf16(self) -> bool:
+        return self.kind == "sparse-bf16"
+
+    @property
     def skipped(self) -> float:
         """The fraction of a dense product's multiply-adds the kernel does not do: the zeros
         the sparse kernel skips; for int8, what its kernel says."""
         if self.int8:
             impl = getattr(self.impl, "group", self.impl)
             return impl.skipped(self.impl.start, self.impl.stop) if impl is not self.impl else impl.skipped()
-        return 1 - self.pattern.density if self.kind == "sparse" else 0.0
+        return 1 - self.pattern.density if self.kind in ("sparse", "sparse-bf16") else 0.0
 
     def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         if isinstance(self.impl, OutputSlice) and self.int8:
@@ -77,12 +82,14 @@ class LayerPlan:
         if self.int8:
             return self.impl.reference(x, residual)
         a = self.node.attrs
-        return reference_linear(x, self.weight, a["bias"], a["activation"], residual)
+        linear = reference_bf16_linear if self.bf16 else reference_linear
+        return linear(x, self.weight, a["bias"], a["activation"], residual)
 
     def probe_check(self) -> tuple[np.ndarray, np.ndarray]:
         """(the kernel's output, the loaded weight's) for the probe input: they differ when
         the weights the kernel holds are not the ones loaded. (int8: the exact integer
-        products of the weights held and of those loaded.)"""
+        products of the weights held and of those loaded. bf16: they differ by rounding,
+        within `bf16_bound`.)"""
         a = self.node.attrs
         if self.int8:
             held = int_probe_input(self.pattern.in_features) @ self.impl.dense_weight().astype(np.int64)
@@ -90,6 +97,17 @@ class LayerPlan:
         r = np.zeros((1, self.pattern.out_features), np.float32) if a["residual"] else None
         got = self.impl(probe_input(self.pattern.in_features), r)
         return got, linear_epilogue(self.probe, a["bias"], a["activation"], r)
+
+
+    def bf16_bound(self) -> np.ndarray:
+        """Per output, how far a bf16 kernel's result at the probe input may be from the
+        float32 weights': x and w rounded to bfloat16's 8 significant bits (relative error
+        at most u = 2⁻⁸ each), each product is within (2u + u²)·|x·w| of the exact one;
+        |w| loaded is at most |w| held · (1 + 2u); the float32 sums add a little, and the
+        activation (GELU's slope is at most 1.13) scales it by at most 1.13."""
+        x = np.abs(probe_input(self.pattern.in_features).astype(np.float64))
+        total = x @ np.abs(self.impl.dense_weight().astype(np.float64)) * (1 + 2.0 ** -7)
+        return 1.13 * (2.0 ** -7 + 2.0 ** -16) * total + 1e-5
 
 
 def probe_input(in_features: int) -> np.ndarray:
@@ -146,7 +164,8 @@ def plan_linear(node: Node, chooser: Chooser) -> LayerPlan:
 
     def sparse() -> SparseLinear:
         if "sparse" not in built:
-            built["sparse"] = SparseLinear(w, bias, act, residual, pattern)
+            kernel = BF16SparseLinear if chooser.precision == "bf16" else SparseLinear
+            built["sparse"] = kernel(w, bias, act, residual, pattern)
         return built["sparse"]
 
     def dense() -> DenseLinear:

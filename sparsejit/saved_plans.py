@@ -43,12 +43,12 @@ def kernels_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def structure_key(graph: Graph, threads: int, kernels: str) -> str:
+def structure_key(graph: Graph, threads: int, kernels: str, precision: str = "fp32") -> str:
     """What a plan depends on besides the weights' patterns (checked per layer)."""
     from . import __version__
 
     h = hashlib.sha256(f"sparsejit {__version__} plan format {FORMAT} kernels {kernels_fingerprint()}\n"
-                       f"{' '.join(host_cpu())}\nthreads {threads} kernels {kernels}\n".encode())
+                       f"{' '.join(host_cpu())}\nthreads {threads} kernels {kernels} precision {precision}\n".encode())
     for n in graph.nodes:
         layers = n.attrs["members"] if n.op_type == "LinearGroup" else [n] if n.op_type == "Linear" else []
         shapes = [(m.attrs["weight"].shape, m.attrs["activation"], m.attrs["residual"]) for m in layers]
