@@ -15,7 +15,7 @@ import numpy as np
 
 from ..ops import dynamic_quantize_linear, matmul_integer, op, quantize_linear
 from .compile import compile_ir, host_cpu, load_source, vector_lanes
-from .compress import balanced_bounds
+from .compress import analyse, balanced_bounds
 from .int8_ir import (
     PAIR_LIMIT,
     QUANTIZE_FLOAT_SIGNATURE,
@@ -30,7 +30,9 @@ from .int8_ir import (
 )
 from .ir import with_driver
 from .layout import feature_major_empty, transposed
-from .linear import _NO_RESIDUAL, SparseLinear, _residual_rows, linear_epilogue
+from .linear import _NO_RESIDUAL, SPARSE_VECTORS, SparseLinear, _residual_rows, linear_epilogue
+from .sparse_ir import SIGNATURE as SPARSE_SIGNATURE
+from .sparse_ir import IRConfig, ir_source
 
 
 def quantize_x(x: np.ndarray, mode: str, x_scale=None, x_zero_point=None) -> tuple[np.ndarray, np.float32, int]:
@@ -387,3 +389,111 @@ def weight_step(layer: _Quantized) -> np.ndarray:
     output's scale where the sums are requantized (QLinearMatMul divided by it)."""
     step = layer.scale / np.float32(layer.x_scale) if layer.mode == "static" else layer.scale
     return step if layer.requantize is None else step * layer.requantize[0]
+
+
+# The K-chunked int8 kernel's driver, after DRIVER_SOURCE's (whose helpers it calls): (dynamic)
+# x's range by range_fn, the scale, zero point and their per-output terms; x quantized by
+# quantize_fn into 4-blocks xq, split across threads; then, as the float32 sparse kernel's
+# driver, thread c computes output rows [bounds[c], bounds[c + 1]).
+CHUNKED_DRIVER_SOURCE = DRIVER_SOURCE + """
+
+@njit(parallel=True, nogil=True, cache=True)
+def run_chunked(range_fn, quantize_fn, fn, xt, xq, lanes, dynamic, x_scale, x_zero, x_lo, colsum, wscale, kbias,
+                indptr, indices, values, yt, rt, nchunks, order, bounds):
+    k = xt.shape[0]
+    ntok = xt.shape[1]
+    m = yt.shape[0]
+    parts = bounds.shape[0] - 1
+    scale = np.float32(x_scale)
+    zero = np.float32(x_zero)
+    if dynamic:
+        finite, lo, hi = dynamic_range(range_fn, xt, parts, lanes)
+        if not finite:
+            return False
+        scale, zero = range_scale(lo, hi)
+        kbias = kbias.copy()  # [bias | output scale | correction (i32)], this call's
+        corr = kbias[2 * m:].view(np.int32)
+        for j in range(m):
+            kbias[m + j] = scale * wscale[j]
+            corr[j] = np.int32(zero) * colsum[j]
+    k4 = xq.shape[0]
+    for c in prange(parts):
+        a = c * k4 // parts
+        b = (c + 1) * k4 // parts
+        if a < b:
+            quantize_fn(xt.ctypes.data, xt.strides[0] // 4, xq.ctypes.data, xq.strides[0] // 4, k, scale, zero,
+                        np.float32(x_lo), np.float32(x_lo + 255), a, b, ntok)
+    for c in prange(parts):
+        fn(xq.ctypes.data, xq.strides[0] // 4, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data,
+           kbias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data, rt.strides[0] // 4, m, nchunks,
+           order.ctypes.data, bounds[c], bounds[c + 1], ntok)
+    return True
+"""
+
+
+class Int8Chunked(_Quantized, SparseLinear):
+    """The int8 layer on the float32 sparse kernel's frame with AVX-512 VNNI products
+    (sparse_ir's `int8`): its K-chunks, per-thread row order and balanced split, one
+    `vpdpbusd` per stored 4-block and vector of 16 tokens, the i32 partial sums passed
+    through yᵀ between chunks, then Int8Linear's epilogue. The chunk of xq it reads (128
+    inputs × 128 tokens: 16 KB) stays in L1 across a thread's rows, where Int8Linear,
+    which reads all of a row's inputs at once, reads xq from L2.
+
+    Not for QLinearMatMul's requantized outputs (Int8Linear keeps those)."""
+
+    kind = "int8"
+    granule = 4  # K-chunks hold whole 4-blocks
+
+    def __init__(self, weight: np.ndarray, scale, mode: str, x_scale=None, x_zero_point=None, bias=None,
+                 activation: str = "none", residual: bool = False, k_chunk: int | None = ON_FLOAT_CHUNK):
+        _Quantized.__init__(self, weight, scale, mode, x_scale, x_zero_point, bias, activation, residual)
+        k, m = weight.shape
+        self.pattern = analyse(weight)
+        self.config = IRConfig(1, activation, residual, 16, SPARSE_VECTORS[16], 16 if k <= 1 << 16 else 32,
+                               int8=True)
+        indptr, k4, packed = compress_blocks(weight)
+        self._csr = indptr, (4 * k4.astype(np.int64)).astype(np.uint16 if k <= 1 << 16 else np.int32), packed
+        self.colsum = weight.astype(np.int32).sum(axis=0).astype(np.int32)
+        self._kbias = np.zeros(3 * m, np.float32)  # [bias | output scale | the zero point's correction (i32)]
+        self._kbias[:m] = self.bias
+        if mode != "dynamic":
+            self._kbias[m:2 * m] = output_scale(mode, np.float32(x_scale), self.scale)
+            self._kbias[2 * m:].view(np.int32)[:] = (self._zero - self._lo) * self.colsum
+        lanes = vector_lanes()
+        self._fns = (RANGE_SIGNATURE.ctypes()(compile_ir(range_ir(lanes), RANGE_SIGNATURE.name)),
+                     QUANTIZE_SIGNATURE.ctypes()(compile_ir(quantize_ir(lanes), QUANTIZE_SIGNATURE.name)),
+                     SPARSE_SIGNATURE.ctypes()(compile_ir(ir_source(self.config), SPARSE_SIGNATURE.name)))
+        self._driver = load_source(CHUNKED_DRIVER_SOURCE).run_chunked
+        self._set_chunk(k_chunk)
+
+    @property
+    def source(self) -> str:
+        return with_driver(ir_source(self.config), CHUNKED_DRIVER_SOURCE)
+
+    def dense_weight(self) -> np.ndarray:
+        """The int8 weight [in, out] rebuilt from the stored, chunked and reordered blocks."""
+        _, _, indptr, indices, values, order = self._layout
+        w = np.zeros((-(-self.in_features // 4) * 4, self.out_features), np.int8)
+        rows = np.repeat(order, np.diff(indptr))
+        blocks = values.view(np.int8).reshape(-1, 4)
+        for b in range(4):
+            w[indices.astype(np.int64) + b, rows] = blocks[:, b]
+        return w[:self.in_features]
+
+    def skipped(self, start: int = 0, stop: int | None = None) -> float:
+        """The fraction of outputs [start, stop)'s dense multiply-adds not done: the
+        4-blocks not stored."""
+        _, _, indptr, _, _, order = self._layout
+        per_row = np.bincount(order, weights=np.diff(indptr), minlength=self.out_features)
+        stop = self.out_features if stop is None else stop
+        return 1 - float(per_row[start:stop].sum()) / max(-(-self.in_features // 4) * (stop - start), 1)
+
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
+        _, bounds, indptr, indices, values, order = self._arrays()
+        scale, zero, lo = (np.float32(0), 0, 0) if self.mode == "dynamic" else \
+            (np.float32(self.x_scale), self._zero, self._lo)
+        xq = feature_major_empty(-(-self.in_features // 4), xt.shape[1])
+        return self._driver(*self._fns, xt, xq, vector_lanes(), self.mode == "dynamic", scale, zero, lo, self.colsum,
+                            self.scale, self._kbias, indptr, indices, values, yt, rt, self.nchunks, order, bounds)
+
+

@@ -45,6 +45,7 @@ class IRConfig:
     index_bits: int = 32      # stored input index width: 16 (unsigned) when the inputs fit, else 32
     scaled: bool = False      # bias holds 2m floats: the sums times bias[m + j], plus bias[j], then act
     bf16: bool = False        # pairs of inputs in bfloat16 (see _add_pair): xt and values hold i32 pairs
+    int8: bool = False        # 4-blocks of uint8 x and int8 w summed in i32 (see _add_block); bias holds 3m
 
 
 BF16_DOT = "llvm.x86.avx512bf16.dpbf16ps.512"
@@ -62,12 +63,31 @@ def _add_pair(e: Builder, vectors: int, mask: str | None, at: str, k: str, accs:
                    (bv, w)) for u in range(vectors)]
 
 
+def _add_block(e: Builder, vectors: int, mask: str | None, at: str, k4: str, accs: list[str]) -> list[str]:
+    """accs + the int8 4-block of weights at slot `at` × 4-block row k4 of xᵀ: `vpdpbusd`
+    (AVX-512 VNNI) adds, per token, the four products of uint8 x and int8 w to an i32 sum
+    (int8_ir's layout: each i32 of values and of xᵀ holds the block's four bytes). The
+    sums are carried as float vectors, bit for bit (every loop and store is the float
+    kernel's), and read as i32 by the epilogue."""
+    iv, vt = f"<{e.lanes} x i32>", e.vt
+    w = e.splat_i32(e(f"load i32, ptr {e.gep('%values', at, 'i32')}, align 4"))
+    start = e.offset(k4, "%ldx", "%t")
+    out = []
+    for u in range(vectors):
+        a = e(f"bitcast {vt} {e.vload(e.vptr('%xt', start, u), mask)} to {iv}")
+        acc = e.call("llvm.x86.avx512.vpdpbusd.512", iv, (iv, e(f"bitcast {vt} {accs[u]} to {iv}")), (iv, a), (iv, w))
+        out.append(e(f"bitcast {iv} {acc} to {vt}"))
+    return out
+
+
 def _add_stored(e: Builder, cfg: IRConfig, vectors: int, mask: str | None, at: str, k_stored: str,
                 accs: list[str]) -> list[str]:
     """accs + the weights stored at slot `at` (one, a block of four, or a bfloat16 pair) × their rows of xᵀ."""
     k = e(f"{'zext' if cfg.index_bits == 16 else 'sext'} i{cfg.index_bits} {k_stored} to i64")
     if cfg.bf16:  # (k: the pair's first input, 2·its row of xᵀ)
         return _add_pair(e, vectors, mask, at, e(f"lshr i64 {k}, 1"), accs)
+    if cfg.int8:  # (k: the block's first input, 4·its row of xᵀ)
+        return _add_block(e, vectors, mask, at, e(f"lshr i64 {k}, 2"), accs)
     wbase = e(f"mul i64 {at}, {cfg.block}")
     for b in range(cfg.block):
         w = e.splat(e(f"load float, ptr {e.gep('%values', e(f'add i64 {wbase}, {b}') if b else wbase)}, align 4"))
@@ -117,7 +137,7 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
     yptrs = [e.vptr("%yt", e.offset("%j", "%ldy", "%t"), u) for u in range(vectors)]
     e.cond_br(e("icmp eq i64 %c, 0"), "from.bias", "from.y")
     e.label("from.bias")
-    binit = e.const(0.0) if cfg.scaled else e.splat(e(f"load float, ptr {e.gep('%bias', '%j')}, align 4"))
+    binit = e.const(0.0) if cfg.scaled or cfg.int8 else e.splat(e(f"load float, ptr {e.gep('%bias', '%j')}, align 4"))
     e.br("start")
     e.label("from.y")
     e.cond_br(e(f"icmp ugt i1 {e(f'icmp sge i64 {p0}, {p1}')}, {last}"), "skip", "from.y.load")  # empty, not last
@@ -140,9 +160,27 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
         scale = e.splat(e(f"load float, ptr {e.gep('%bias', e('add i64 %j, %m'))}, align 4"))
         bias = e.splat(e(f"load float, ptr {e.gep('%bias', '%j')}, align 4"))
         sums = [e(f"fadd {vt} {e(f'fmul {vt} {v}, {scale}')}, {bias}") for v in sums]
+    if cfg.int8:
+        sums = _int8_scaled(e, sums)
     for u, (v, ptr) in enumerate(zip(sums, yptrs)):
         residual = e.vptr("%rt", rstart, u) if cfg.residual else None
         e.vstore(epilogue(e, cfg.activation, v, residual, mask), ptr, mask)
+
+
+def _int8_scaled(e: Builder, sums: list[str]) -> list[str]:
+    """An int8 row's i32 sums less the zero point's correction bias[2m + j] (an i32),
+    times the output scale bias[m + j], plus the bias bias[j] (int8.Int8Linear's epilogue)."""
+    iv, vt = f"<{e.lanes} x i32>", e.vt
+    scale = e.splat(e(f"load float, ptr {e.gep('%bias', e('add i64 %j, %m'))}, align 4"))
+    bias = e.splat(e(f"load float, ptr {e.gep('%bias', '%j')}, align 4"))
+    at = e(f"add i64 %j, {e('mul i64 %m, 2')}")
+    corr = e.splat_i32(e(f"load i32, ptr {e.gep('%bias', at, 'i32')}, align 4"))
+    out = []
+    for v in sums:
+        acc = e(f"bitcast {vt} {v} to {iv}")
+        y = e(f"sitofp {iv} {e(f'sub {iv} {acc}, {corr}')} to {vt}")
+        out.append(e(f"fadd {vt} {e(f'fmul {vt} {y}, {scale}')}, {bias}"))
+    return out
 
 
 def _driver(e: Builder, cfg: IRConfig) -> None:
@@ -183,7 +221,7 @@ def tail_vectors(vectors: int) -> list[int]:
 def ir_source(cfg: IRConfig) -> str:
     """The whole module's LLVM IR for one kernel configuration."""
     if cfg.block not in (1, 4) or cfg.activation not in ACTIVATIONS or cfg.index_bits not in (16, 32) or \
-            cfg.bf16 and (cfg.block != 1 or cfg.lanes != 16):
+            (cfg.bf16 or cfg.int8) and (cfg.block != 1 or cfg.lanes != 16) or cfg.int8 and (cfg.bf16 or cfg.scaled):
         raise ValueError(f"no sparse kernel for {cfg}")
     e = Builder(cfg.lanes)
     tile_args = (("s", "i64"), ("t", "i64"), ("c", "i64"))
@@ -194,9 +232,11 @@ def ir_source(cfg: IRConfig) -> str:
                    extra=f"<{cfg.lanes} x i1> %mask" if masked else "", attrs="alwaysinline")
     e.function(SIGNATURE, lambda: _driver(e, cfg))
     total = "bias[m + j] * (sum ...) + bias[j]" if cfg.scaled else "bias[j] + sum ..."
+    if cfg.int8:
+        total = "bias[m + j] * float(sum ... - bias[2m + j] as i32) + bias[j]"
     header = (f"; sparsejit generated kernel: block={cfg.block} activation={cfg.activation} "
               f"residual={cfg.residual} lanes={cfg.lanes} vectors={cfg.vectors} index_bits={cfg.index_bits}"
-              f"{' scaled' if cfg.scaled else ''}{' bf16' if cfg.bf16 else ''}\n"
+              f"{' scaled' if cfg.scaled else ''}{' bf16' if cfg.bf16 else ''}{' int8' if cfg.int8 else ''}\n"
               f"; yt[j, t] = act({total}), sum ... over row j's stored (k, w): w * xt[k, t]"
               f"{' + rt[j, t]' if cfg.residual else ''}")
     return e.module(header)

@@ -24,7 +24,7 @@ from .kernels import elementwise
 from .kernels.attention import fused_attention, prepare_mask
 from .kernels.bf16 import BF16SparseLinear, reference_bf16_linear
 from .kernels.embed import EmbedLayerNorm
-from .kernels.int8 import DOT_NAMES, Int8Linear, Int8OnFloat, exact_on_float, host_dots
+from .kernels.int8 import DOT_NAMES, Int8Chunked, Int8Linear, Int8OnFloat, exact_on_float, host_dots
 from .kernels.layernorm import Grid, layernorm
 from .kernels.linear import DenseLinear, OutputSlice, Pattern, SparseLinear, analyse, linear_epilogue, reference_linear
 from .ops import bind
@@ -39,7 +39,7 @@ class LayerPlan:
     name: str
     node: Node
     pattern: Pattern
-    impl: SparseLinear | DenseLinear | OutputSlice | Int8Linear | Int8OnFloat
+    impl: SparseLinear | DenseLinear | OutputSlice | Int8Linear | Int8Chunked | Int8OnFloat
     reason: str
     timings_ms: dict = field(default_factory=dict)
     timing_reused: bool = False  # measured on an earlier layer of the same kind
@@ -235,9 +235,12 @@ def attention_step(node: Node, p: Planning) -> Step:
 
 
 PADDING_WORTH = 2.0  # without VNNI, 4-blocks storing this many times the nonzeros lose to skipping each zero
+# Inputs per K-chunk of the VNNI int8 kernel (int8.Int8Chunked): 256 inputs of 128 tokens of
+# xq are 32 KB, in L1 (bench/README, "Measured and tried", for the sizes compared).
+INT8_CHUNK = 256
 
 
-def _int8(a: dict) -> tuple[Int8Linear | Int8OnFloat, str]:
+def _int8(a: dict) -> tuple[Int8Linear | Int8Chunked | Int8OnFloat, str]:
     """The int8 kernel for a QLinear node's attributes, and why. Without VNNI, a weight
     whose nonzeros are scattered (4-blocks would store over PADDING_WORTH times as many
     multiply-adds) runs on the FP32 sparse kernel, exactly, where its sums stay below 2^24."""
@@ -251,6 +254,10 @@ def _int8(a: dict) -> tuple[Int8Linear | Int8OnFloat, str]:
         return Int8OnFloat(*args), (f"int8 ({a['mode']} activation scale) on the FP32 sparse kernel, exact (integer "
                                     f"sums below 2^24): 4-blocks would store {4 * blocks / max(nnz, 1):.1f}x the "
                                     "nonzeros, and this CPU has no VNNI")
+    if "vnni" in host_dots() and requantize is None:
+        return Int8Chunked(*args, k_chunk=INT8_CHUNK), (
+            f"int8 ({a['mode']} activation scale, {DOT_NAMES['vnni']}, in K-chunks of {INT8_CHUNK})"
+            f", {blocks} of {-(-k // 4) * m} 4-blocks stored")
     impl = Int8Linear(*args, requantize)
     return impl, (f"int8 ({a['mode']} activation scale, {DOT_NAMES[impl.config.dot]}"
                   f"{', output requantized' if requantize is not None else ''})"
