@@ -103,6 +103,10 @@ class Chooser:
         size = pattern.in_features * pattern.out_features
         if self.kernels == "dense":
             return "dense", "forced", "forced dense"
+        if self.precision == "bf16" and self.kernels == "auto" and pattern.stored > SPARSE_BELOW * size:
+            # two bfloat16 multiply-adds per lane and instruction, where the dense float32
+            # GEMM does one: the bf16 kernel may win on dense weights too, so it is timed
+            return None, "measured", ""
         if pattern.nnz == size:
             return "dense", "rule", "no zeros to skip"
         if self.kernels == "sparse":
@@ -149,7 +153,8 @@ class Chooser:
         chunk = t["k_chunk"] if t["k_chunk"] < pattern.in_features else None
         chunked = f" in K-chunks of {chunk}" if chunk else ""
         source = "an earlier layer like it" if reused else "this layer"
-        timed = f"measured on {source} over {PROBE_TOKENS} tokens: sparse {t['sparse']:.3f} ms{chunked}"
+        sparse_kind = "sparse bf16" if self.precision == "bf16" else "sparse"
+        timed = f"measured on {source} over {PROBE_TOKENS} tokens: {sparse_kind} {t['sparse']:.3f} ms{chunked}"
         if against_dense:
             kernel = "sparse" if t["sparse"] < t["dense"] else "dense"
             return Choice(kernel, chunk, "measured", f"{timed}, dense {t['dense']:.3f} ms", t, reused)

@@ -92,6 +92,8 @@ def test_bf16_models_stay_near_onnx_runtimes_float32(path):
     model = sparsejit.load(path, precision="bf16")
     sparse = [lp for lp in model.layers if lp.pattern.density < 0.25]
     assert sparse and all(lp.kind == "sparse-bf16" for lp in sparse) and model.precision == "bf16"
+    dense = [lp for lp in model.layers if lp.pattern.density == 1]
+    assert all("measured" in lp.reason and "dense" in lp.reason for lp in dense)  # pairs against the GEMM
     report = model.check()
     assert report.ok, str(report)
     assert all(r.fp32_err is not None and r.fp32_err > 0 for r in report if r.kind == "sparse-bf16")
