@@ -27,6 +27,7 @@ import sparsejit
 
 needs_bf16 = pytest.mark.skipif(not has_bf16(), reason="this CPU has no AVX512-BF16")
 DEFAULT = Path(sparsejit.default_model_path())
+BLOCK4 = MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx"
 
 
 def _weight(rng, k, m, density, block=1):
@@ -62,6 +63,8 @@ def test_the_kernel_reads_x_rounded_to_bf16_bit_for_bit(k):
         layer = BF16SparseLinear(np.eye(k, dtype=np.float32), None, "none", False)
         got = layer(x)
         assert np.array_equal(got.view(np.uint32), rounded(x).view(np.uint32)), (k, ntok)
+    x = np.full((3, k), 1e-39, np.float32)  # subnormal: read as zero (README, Guarantees)
+    assert not BF16SparseLinear(np.eye(k, dtype=np.float32), None, "none", False)(x).any()
 
 
 @needs_bf16
@@ -86,12 +89,14 @@ def test_bf16_kernel_is_its_numpy_meaning(k, m, chunk, block):
 
 
 @needs_bf16
-@pytest.mark.parametrize("path", [DEFAULT, MODELS_DIR / "arch" / "bert_op23_dynamo_p90.onnx",
-                                  MODELS_DIR / "arch" / "deberta_v2_op14_legacy_p90.onnx"], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [BLOCK4, DEFAULT], ids=lambda p: p.stem)
 def test_bf16_models_stay_near_onnx_runtimes_float32(path):
+    """4-block layers run in bf16; scattered ones (90% unstructured: a stored pair per
+    nonzero, as many instructions as float32) stay float32; dense ones are timed."""
     model = sparsejit.load(path, precision="bf16")
     sparse = [lp for lp in model.layers if lp.pattern.density < 0.25]
-    assert sparse and all(lp.kind == "sparse-bf16" for lp in sparse) and model.precision == "bf16"
+    assert sparse and model.precision == "bf16"
+    assert all(lp.kind == ("sparse-bf16" if lp.pattern.block == 4 else "sparse") for lp in sparse)
     dense = [lp for lp in model.layers if lp.pattern.density == 1]
     assert all("measured" in lp.reason and "dense" in lp.reason for lp in dense)  # pairs against the GEMM
     report = model.check()
@@ -111,11 +116,11 @@ def test_bf16_models_stay_near_onnx_runtimes_float32(path):
 
 @needs_bf16
 def test_check_catches_a_bf16_kernel_that_computes_something_else(monkeypatch):
-    model = sparsejit.load(DEFAULT, precision="bf16")
+    model = sparsejit.load(BLOCK4, precision="bf16")
     real = BF16SparseLinear.__call__
     monkeypatch.setattr(BF16SparseLinear, "__call__", lambda self, x, r=None: real(self, x, r) * 1.01)
     report = model.check()
-    assert not any(r.ok for r in report if r.kind == "sparse-bf16")
+    assert not any(r.ok for r in report if r.kind == "sparse-bf16") and any(r.kind == "sparse-bf16" for r in report)
 
 
 def test_without_avx512_bf16_it_warns_and_loads_in_fp32(monkeypatch):
@@ -123,7 +128,7 @@ def test_without_avx512_bf16_it_warns_and_loads_in_fp32(monkeypatch):
 
     monkeypatch.setattr(api, "has_bf16", lambda: False)
     with pytest.warns(RuntimeWarning, match="AVX512-BF16"):
-        model = sparsejit.load(DEFAULT, precision="bf16")
+        model = sparsejit.load(BLOCK4, precision="bf16")
     assert model.precision == "fp32" and "sparse-bf16" not in {lp.kind for lp in model.layers}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
