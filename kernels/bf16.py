@@ -20,12 +20,23 @@ bfloat16 keeps float32's exponent and 8 significant bits (relative rounding erro
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from .compile import compile_ir, host_cpu, load_source
+from .dense_ir import SIGNATURE as DENSE_SIGNATURE
+from .dense_ir import DenseConfig, dense_ir
 from .ir import Builder, Signature, with_driver
 from .layout import feature_major_empty
-from .linear import SPARSE_VECTORS, SparseLinear, _bias, linear_epilogue
+from .linear import (
+    DENSE_DRIVER_SOURCE,
+    DENSE_TOKEN_TILE,
+    SPARSE_VECTORS,
+    DenseLinear,
+    SparseLinear,
+    _bias,
+    linear_epilogue,
+)
 from .sparse_ir import SIGNATURE as SPARSE_SIGNATURE
 from .sparse_ir import IRConfig, ir_source
 
@@ -102,6 +113,14 @@ DRIVER_SOURCE = """\
 # xt packed into bfloat16 pairs by pack_fn, pair rows split across threads; then, as the
 # float32 kernel's driver, thread c computes output rows [bounds[c], bounds[c + 1])
 from numba import njit, prange
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def pack_pairs(pack_fn, xt, xp, parts):
+    pairs = xp.shape[0]
+    for c in prange(parts):
+        pack_fn(xt.ctypes.data, xt.strides[0] // 4, xp.ctypes.data, xp.strides[0] // 4, xt.shape[0],
+                c * pairs // parts, (c + 1) * pairs // parts, xt.shape[1])
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -182,3 +201,44 @@ class BF16SparseLinear(SparseLinear):
         xp = feature_major_empty(-(-self.in_features // 2), xt.shape[1])
         self._driver(self._pack, self._fn, xt, xp, indptr, indices, values, self.bias, yt, rt, self.nchunks, order,
                      bounds)
+
+
+class BF16DenseLinear(DenseLinear):
+    """The dense GEMM (dense_ir.py) on bfloat16 pairs: the weight packed into panels of
+    pairs at load, x packed into pairs, one `vdpbf16ps` per accumulator and pair of inputs."""
+
+    kind = "dense-bf16"
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str, residual: bool):
+        k, m = weight.shape
+        self.in_features, self.out_features = k, m
+        self.config = DenseConfig(activation, residual, 16, 6, 4, bf16=True)
+        rows = self.config.rows
+        panels, pairs = -(-m // rows), -(-k // 2)
+        padded = np.zeros((2 * pairs, panels * rows), np.float32)
+        padded[:k, :m] = weight
+        packed = to_bf16(padded).reshape(pairs, 2, panels * rows).transpose(0, 2, 1).copy().view(np.int32)[..., 0]
+        # wp[p, k2, r]: the pair (W[2·k2, j], W[2·k2 + 1, j]) of output j = p·rows + r, as float32 bits
+        self.weight = np.ascontiguousarray(packed.reshape(pairs, panels, rows).transpose(1, 0, 2)).view(np.float32)
+        self.bias = _bias(bias, m)
+        self.activation, self.residual = activation, residual
+        self._fn = DENSE_SIGNATURE.ctypes()(compile_ir(dense_ir(self.config), DENSE_SIGNATURE.name))
+        self._pack = PACK_SIGNATURE.ctypes()(compile_ir(pack_ir(), PACK_SIGNATURE.name))
+        self._driver = load_source(DENSE_DRIVER_SOURCE).run_panels
+        width = self.config.lanes * self.config.vectors
+        self.token_tile = -(-DENSE_TOKEN_TILE // width) * width
+
+    def dense_weight(self) -> np.ndarray:
+        """W [in, out] as the kernel holds it: bfloat16 values as float32."""
+        pairs = self.weight.view(np.uint16).reshape(self.weight.shape[0], self.weight.shape[1], -1, 2)
+        w = from_bf16(pairs.transpose(1, 3, 0, 2).reshape(2 * pairs.shape[1], -1))  # [in (padded), out (padded)]
+        return np.ascontiguousarray(w[:self.in_features, :self.out_features])
+
+    @property
+    def source(self) -> str:
+        return with_driver(dense_ir(self.config) + "\n" + pack_ir(), DENSE_DRIVER_SOURCE)
+
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        xp = feature_major_empty(-(-self.in_features // 2), xt.shape[1])
+        load_source(DRIVER_SOURCE).pack_pairs(self._pack, xt, xp, numba.get_num_threads())
+        super()._run(xp, yt, rt)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from .epilogue import ACTIVATIONS, epilogue
 from .ir import Builder, Signature
+from .sparse_ir import BF16_DOT
 
 SIGNATURE = Signature("dense_panels", (
     ("xt", "ptr"), ("ldx", "i64"), ("wp", "ptr"), ("bias", "ptr"), ("yt", "ptr"), ("ldy", "i64"), ("rt", "ptr"),
@@ -35,6 +36,9 @@ class DenseConfig:
     lanes: int = 16
     rows: int = 6             # output features per register tile
     vectors: int = 4          # token vectors per register tile
+    # bfloat16 pairs (AVX512-BF16, see bf16.py): xt and wp hold i32 pairs of inputs, k counts
+    # the pairs, and each step is one `vdpbf16ps` per accumulator where float32 has one fma
+    bf16: bool = False
 
 
 def dense_config(activation: str, residual: bool, lanes: int) -> DenseConfig:
@@ -61,8 +65,14 @@ def _panel(e: Builder, cfg: DenseConfig, p: str) -> None:
             woff = e(f"mul i64 {kk}, {R}")
             out = []
             for r in range(R):
-                w = e.splat(e(f"load float, ptr {e.gep(wpanel, e(f'add i64 {woff}, {r}') if r else woff)}, align 4"))
-                out += [e.fma(w, xs[v], accs[r * V + v]) for v in range(V)]
+                w = e(f"load float, ptr {e.gep(wpanel, e(f'add i64 {woff}, {r}') if r else woff)}, align 4")
+                if cfg.bf16:
+                    bv = f"<{2 * e.lanes} x bfloat>"
+                    wb = e(f"bitcast {vt} {e.splat(w)} to {bv}")
+                    out += [e.call(BF16_DOT, vt, (vt, accs[r * V + v]), (bv, e(f"bitcast {vt} {xs[v]} to {bv}")),
+                                   (bv, wb)) for v in range(V)]
+                else:
+                    out += [e.fma(e.splat(w), xs[v], accs[r * V + v]) for v in range(V)]
             return out
 
         _, accs = e.loop("0", "%k", 1, [(vt, biases[r]) for r in range(R) for _ in range(V)], step)
@@ -91,12 +101,12 @@ def _panel(e: Builder, cfg: DenseConfig, p: str) -> None:
 
 
 def dense_ir(cfg: DenseConfig) -> str:
-    if cfg.activation not in ACTIVATIONS:
+    if cfg.activation not in ACTIVATIONS or cfg.bf16 and cfg.lanes != 16:
         raise ValueError(f"no dense kernel for {cfg}")
     e = Builder(cfg.lanes)
     e.function(SIGNATURE, lambda: e.loop("%panel0", "%panel1", 1, [], lambda p, _: _panel(e, cfg, p) or []))
     header = (f"; sparsejit generated kernel: dense activation={cfg.activation} residual={cfg.residual} "
-              f"lanes={cfg.lanes} rows={cfg.rows} vectors={cfg.vectors}\n"
+              f"lanes={cfg.lanes} rows={cfg.rows} vectors={cfg.vectors}{' bf16' if cfg.bf16 else ''}\n"
               "; yt[j, t] = act(bias[j] + sum_k wp[j / rows, k, j % rows] * xt[k, t])"
               + (" + rt[j, t]" if cfg.residual else ""))
     return e.module(header)

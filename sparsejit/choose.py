@@ -104,8 +104,8 @@ class Chooser:
         if self.kernels == "dense":
             return "dense", "forced", "forced dense"
         if self.precision == "bf16" and self.kernels == "auto" and pattern.stored > SPARSE_BELOW * size:
-            # two bfloat16 multiply-adds per lane and instruction, where the dense float32
-            # GEMM does one: the bf16 kernel may win on dense weights too, so it is timed
+            # the bf16 sparse kernel stores pairs, half the instructions per weight of the
+            # float32 one: it may win on dense weights too, so it is timed against the bf16 GEMM
             return None, "measured", ""
         if pattern.nnz == size:
             return "dense", "rule", "no zeros to skip"
@@ -153,11 +153,11 @@ class Chooser:
         chunk = t["k_chunk"] if t["k_chunk"] < pattern.in_features else None
         chunked = f" in K-chunks of {chunk}" if chunk else ""
         source = "an earlier layer like it" if reused else "this layer"
-        sparse_kind = "sparse bf16" if self.precision == "bf16" else "sparse"
+        sparse_kind, dense_kind = ("sparse bf16", "dense bf16") if self.precision == "bf16" else ("sparse", "dense")
         timed = f"measured on {source} over {PROBE_TOKENS} tokens: {sparse_kind} {t['sparse']:.3f} ms{chunked}"
         if against_dense:
             kernel = "sparse" if t["sparse"] < t["dense"] else "dense"
-            return Choice(kernel, chunk, "measured", f"{timed}, dense {t['dense']:.3f} ms", t, reused)
+            return Choice(kernel, chunk, "measured", f"{timed}, {dense_kind} {t['dense']:.3f} ms", t, reused)
         return Choice("sparse", chunk, by, f"{why}; K-chunk {timed}", t, reused)
 
     def time_kernels(self, sparse: SparseLinear, dense: DenseLinear | None, residual: bool) -> dict:

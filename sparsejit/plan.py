@@ -22,7 +22,7 @@ from .choose import Chooser
 from .graph import Graph, Node
 from .kernels import elementwise
 from .kernels.attention import fused_attention, prepare_mask
-from .kernels.bf16 import BF16SparseLinear, reference_bf16_linear
+from .kernels.bf16 import BF16DenseLinear, BF16SparseLinear, reference_bf16_linear
 from .kernels.embed import EmbedLayerNorm
 from .kernels.int8 import DOT_NAMES, Int8Chunked, Int8Linear, Int8OnFloat, exact_on_float, host_dots
 from .kernels.layernorm import Grid, layernorm
@@ -65,7 +65,7 @@ class LayerPlan:
 
     @property
     def bf16(self) -> bool:
-        return self.kind == "sparse-bf16"
+        return self.kind.endswith("-bf16")
 
     @property
     def skipped(self) -> float:
@@ -185,7 +185,7 @@ def plan_linear(node: Node, chooser: Chooser) -> LayerPlan:
 
     def dense() -> DenseLinear:
         if "dense" not in built:
-            built["dense"] = DenseLinear(w, bias, act, residual)
+            built["dense"] = (BF16DenseLinear if chooser.precision == "bf16" else DenseLinear)(w, bias, act, residual)
         return built["dense"]
 
     c = chooser.decide(node.name, pattern, act, residual, sparse, dense)

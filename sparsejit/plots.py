@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-COLOURS = {"sparse": "tab:green", "dense": "tab:gray", "int8": "tab:purple"}
-LABELS = {"sparse": "sparse kernel", "dense": "dense GEMM", "int8": "INT8 kernel"}
+COLOURS = {"sparse": "tab:green", "sparse-bf16": "tab:olive", "dense": "tab:gray", "dense-bf16": "tab:brown", "int8": "tab:purple"}
+LABELS = {"sparse": "sparse kernel", "sparse-bf16": "bf16 sparse kernel", "dense": "dense GEMM", "dense-bf16": "bf16 dense GEMM", "int8": "INT8 kernel"}
 BLOCK = re.compile(r"(?:^|[/._])(?:layer|layers|block|blocks|h)[/._]?(\d+)(?=[/._]|$)")
 _OPS = {"MatMul", "Gemm", "Add", "MatMulInteger", "QLinearMatMul"}
 

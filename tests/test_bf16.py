@@ -21,7 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import MODELS_DIR, make_inputs, ort_run
-from sparsejit.kernels.bf16 import BF16SparseLinear, from_bf16, has_bf16, reference_bf16_linear, rounded, to_bf16
+from sparsejit.kernels.bf16 import (
+    BF16DenseLinear,
+    BF16SparseLinear,
+    from_bf16,
+    has_bf16,
+    reference_bf16_linear,
+    rounded,
+    to_bf16,
+)
 
 import sparsejit
 
@@ -50,9 +58,14 @@ def test_rounding_to_bf16_is_numpys_round_to_nearest_even():
     assert np.isnan(from_bf16(got[~finite])).all()
 
 
+KERNELS = {"sparse": lambda w, b, act, res, chunk=None: BF16SparseLinear(w, b, act, res, k_chunk=chunk),
+           "dense": lambda w, b, act, res, chunk=None: BF16DenseLinear(w, b, act, res)}
+
+
 @needs_bf16
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("k", [1, 2, 7, 64, 300])
-def test_the_kernel_reads_x_rounded_to_bf16_bit_for_bit(k):
+def test_the_kernel_reads_x_rounded_to_bf16_bit_for_bit(k, kernel):
     """An identity weight: each output is one input times 1 (and its pair partner times
     0), exact, so the output is the packed bfloat16 of x itself. Ties, odd input counts,
     token counts off the vector width; no subnormals (vdpbf16ps flushes them to 0)."""
@@ -60,17 +73,18 @@ def test_the_kernel_reads_x_rounded_to_bf16_bit_for_bit(k):
     for ntok in (1, 15, 17, 130):
         x = (rng.standard_normal((ntok, k)) * 10.0 ** rng.integers(-30, 30, (ntok, k))).astype(np.float32)
         x.view(np.uint32)[::3] = (x.view(np.uint32)[::3] & 0xFFFF0000) | 0x8000  # ties
-        layer = BF16SparseLinear(np.eye(k, dtype=np.float32), None, "none", False)
+        layer = KERNELS[kernel](np.eye(k, dtype=np.float32), None, "none", False)
         got = layer(x)
         assert np.array_equal(got.view(np.uint32), rounded(x).view(np.uint32)), (k, ntok)
     x = np.full((3, k), 1e-39, np.float32)  # subnormal: read as zero (README, Guarantees)
-    assert not BF16SparseLinear(np.eye(k, dtype=np.float32), None, "none", False)(x).any()
+    assert not KERNELS[kernel](np.eye(k, dtype=np.float32), None, "none", False)(x).any()
 
 
 @needs_bf16
 @pytest.mark.parametrize("k,m,chunk,block", [(7, 5, None, 1), (33, 17, None, 1), (768, 96, 128, 1),
                                              (768, 64, 128, 4), (3072, 40, 128, 1), (130, 20, 64, 1)])
-def test_bf16_kernel_is_its_numpy_meaning(k, m, chunk, block):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bf16_kernel_is_its_numpy_meaning(k, m, chunk, block, kernel):
     rng = np.random.default_rng(k + m)
     w = _weight(rng, k, m, 0.1 if block == 1 else 0.2, block)
     w[:, 0] = 0  # an empty row
@@ -81,7 +95,7 @@ def test_bf16_kernel_is_its_numpy_meaning(k, m, chunk, block):
         total = np.abs(rounded(x)).astype(np.float64) @ np.abs(rounded(w)).astype(np.float64)
         bound = 1.13 * (k + 2) * 2.0 ** -24 * total + 2.0 ** -22 * (np.abs(bias) + np.abs(r) + 1)
         for act, res in [("none", None), ("gelu", None), ("none", r)]:
-            layer = BF16SparseLinear(w, bias, act, res is not None, k_chunk=chunk)
+            layer = KERNELS[kernel](w, bias, act, res is not None, chunk)
             got, want = layer(x, res), reference_bf16_linear(x, w, bias, act, res)
             assert got.shape == (ntok, m)
             assert np.all(np.abs(got - want) <= bound), (act, res is not None, ntok, np.abs(got - want).max())
@@ -98,10 +112,10 @@ def test_bf16_models_stay_near_onnx_runtimes_float32(path):
     assert sparse and model.precision == "bf16"
     assert all(lp.kind == ("sparse-bf16" if lp.pattern.block == 4 else "sparse") for lp in sparse)
     dense = [lp for lp in model.layers if lp.pattern.density == 1]
-    assert all("measured" in lp.reason and "dense" in lp.reason for lp in dense)  # pairs against the GEMM
+    assert all("measured" in lp.reason and lp.kind in ("dense-bf16", "sparse-bf16") for lp in dense)
     report = model.check()
     assert report.ok, str(report)
-    assert all(r.fp32_err is not None and r.fp32_err > 0 for r in report if r.kind == "sparse-bf16")
+    assert all(r.fp32_err is not None and r.fp32_err > 0 for r in report if r.kind.endswith("-bf16"))
     for batch, seq in [(1, 7), (3, 20)]:
         feeds = make_inputs(model.input_names, batch, seq, seed=seq)
         mask = feeds.get("attention_mask", np.ones((batch, seq)))[..., None]
@@ -129,7 +143,7 @@ def test_without_avx512_bf16_it_warns_and_loads_in_fp32(monkeypatch):
     monkeypatch.setattr(api, "has_bf16", lambda: False)
     with pytest.warns(RuntimeWarning, match="AVX512-BF16"):
         model = sparsejit.load(BLOCK4, precision="bf16")
-    assert model.precision == "fp32" and "sparse-bf16" not in {lp.kind for lp in model.layers}
+    assert model.precision == "fp32" and not any(lp.bf16 for lp in model.layers)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sparsejit.load(DEFAULT)  # fp32 asks nothing of the CPU
