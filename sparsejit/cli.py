@@ -731,7 +731,8 @@ def cmd_serve(args) -> int:
         raise CLIError(f"model not found: {args.model}")
     try:
         config = ServeConfig(args.model, args.task, args.name or "", args.max_batch, args.max_wait_ms,
-                             args.max_items, args.max_tokens, args.max_queue, args.threads, args.api_key_env)
+                             args.max_items, args.max_tokens, args.max_queue, args.threads, args.api_key_env,
+                             args.precision)
         if config.api_key_env and not os.environ.get(config.api_key_env):
             raise ValueError(f"--api-key-env {config.api_key_env}: that environment variable is not set")
         serve(config, args.host, args.port, args.workers)
@@ -854,6 +855,8 @@ def _serve_command(sub) -> None:
                     help="kernel threads per process (default: all cores)")
     sp.add_argument("--api-key-env", default=None,
                     help="environment variable holding an API key every route but /health then requires")
+    sp.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                    help="bf16: Linear layers in bfloat16 where the CPU has AVX512-BF16 and it pays")
     _common(sp)
     sp.set_defaults(func=cmd_serve)
 

@@ -48,6 +48,7 @@ class ServeConfig:
     max_queue: int = 1024  # items waiting; more gets 503
     num_threads: int | None = None
     api_key_env: str | None = None
+    precision: str = "fp32"  # sparsejit.load's: "bf16" where the CPU has AVX512-BF16
 
     def __post_init__(self):
         self.name = self.name or os.path.basename(os.path.normpath(self.model))
@@ -260,7 +261,7 @@ class Server:
 
         try:
             self.pipeline = pipeline(self.config.task, self.config.model, batch_size=self.config.max_batch,
-                                     num_threads=self.config.num_threads)
+                                     num_threads=self.config.num_threads, precision=self.config.precision)
         except Exception as e:  # noqa: BLE001 (reported by /ready and the log; the server stays up to say so)
             self.failed = f"{type(e).__name__}: {e}"
             print(f"sparsejit serve: the model did not load: {self.failed}", flush=True)

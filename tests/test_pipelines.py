@@ -62,6 +62,21 @@ def test_embeddings_equal_sentence_transformers(folders):
     np.testing.assert_allclose(one, got[7], atol=1e-5)
 
 
+def test_bf16_embeddings_of_the_real_minilm_stay_near_float32(folders):
+    """precision="bf16" through the pipeline: the real (dense) all-MiniLM-L6-v2 on the bf16
+    GEMM or pair kernel, each sentence's embedding within cosine 0.999 of float32's (issue
+    16's target for the pooled output)."""
+    from sparsejit.kernels.bf16 import has_bf16
+
+    if not has_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    _, out = folders["minilm"]
+    embed = sparsejit.pipeline("sentence-embeddings", out, precision="bf16")
+    assert embed.model.precision == "bf16" and all(lp.bf16 for lp in embed.model.layers)
+    got, want = embed(TEXTS), sparsejit.pipeline("sentence-embeddings", out)(TEXTS)
+    assert 0.999 <= cosines(got, want).min() < 1 - 1e-7  # rounded, and near
+
+
 def test_pruned_embeddings_equal_the_onnx_backend_on_the_same_file(folders):
     from sentence_transformers import SentenceTransformer
 
