@@ -16,7 +16,7 @@ sentence-transformers default), so a slow spell of the machine lands on every en
 alike. Reported: median sentences/s per engine and model, and each engine's ratio to
 sparsejit paired by round. Each engine's embeddings of the first 200 sentences are
 compared with sparsejit's (minimum cosine), so the speeds are of the same answers.
-Writes bench/results/embed_throughput.{json,md}.
+Writes bench/results/embed_throughput.{json,md} (--out: another name).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from sparsejit.benchmark import cpu_name
 HERE = Path(__file__).resolve().parent
 MODELS_DIR = HERE / "models" / "text"
 DEFAULT_DS_PYTHON = HERE / ".venv-deepsparse" / "bin" / "python"
-ENGINES = ["sparsejit", "st-torch", "st-onnx", "deepsparse"]
+# sparsejit-bf16: sparsejit's pipeline with precision="bf16" (float32 where the CPU has no AVX512-BF16)
+ENGINES = ["sparsejit", "sparsejit-bf16", "st-torch", "st-onnx", "deepsparse"]
 _VOCAB_TEXT = ("the of and to a in is that for it as was with be by on not he this are or his from at which but have an "
          "they you were her she there been one all we their has would when if so no more out up into do any your "
          "what some can time about only other new people could these also two may first then way well should "
@@ -59,11 +60,11 @@ def corpus(n: int, seed: int = 0) -> list[str]:
 
 def _engine(name: str, folder: Path, threads: int):
     """A function texts → embeddings [n, dim] (normalised, mean-pooled: MiniLM's own)."""
-    if name == "sparsejit":
+    if name in ("sparsejit", "sparsejit-bf16"):
         import sparsejit
 
-        embed = sparsejit.pipeline("sentence-embeddings", folder, num_threads=threads, batch_size=32)
-        return embed
+        return sparsejit.pipeline("sentence-embeddings", folder, num_threads=threads, batch_size=32,
+                                  precision="bf16" if name == "sparsejit-bf16" else "fp32")
     if name == "st-torch":
         import torch
         from sentence_transformers import SentenceTransformer
@@ -221,6 +222,7 @@ def main() -> None:
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--deepsparse-python", default=os.environ.get("SPARSEJIT_DEEPSPARSE_PYTHON",
                                                                   str(DEFAULT_DS_PYTHON)))
+    ap.add_argument("--out", default="embed_throughput", help="results file name in bench/results (.json, .md)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--texts", help=argparse.SUPPRESS)
@@ -240,7 +242,7 @@ def main() -> None:
             "words_median": statistics.median(words), "words_p95": float(np.percentile(words, 95)),
             "date": time.strftime("%Y-%m-%d")}
     results = HERE / "results"
-    (results / "embed_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (results / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     head = (f"Embedding {len(texts):,} generated sentences (median {meta['words_median']:.0f} words, p95 "
             f"{meta['words_p95']:.0f}), batch 32, {args.threads} threads, {args.rounds} rounds; {meta['cpu']}, "
             f"{meta['date']}.")
@@ -250,7 +252,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['model']} | {r['engine']} | {r['sentences_per_s']:.0f} | {r['sparsejit_speedup']:.2f}x | "
                      f"{r['min_cosine_vs_sparsejit']:.6f} |")
-    (results / "embed_throughput.md").write_text("\n".join(lines) + "\n")
+    (results / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

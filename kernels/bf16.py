@@ -1,7 +1,7 @@
-"""bfloat16 sparse Linear layers (`load(..., precision="bf16")`): the weights rounded to
-bfloat16 at load, the activations rounded to bfloat16 as the layer reads them, products
-summed in float32 by AVX512-BF16's `vdpbf16ps`, the epilogues in float32 as in every
-other Linear kernel.
+"""bfloat16 Linear layers (`load(..., precision="bf16")`), sparse and dense: the weights
+rounded to bfloat16 at load, the activations rounded to bfloat16 as the layer reads
+them, products summed in float32 by AVX512-BF16's `vdpbf16ps`, the epilogues in float32
+as in every other Linear kernel.
 
 `vdpbf16ps` takes pairs: per float lane it adds a·b + c·d for two bfloat16 pairs held in
 one 32-bit lane. So the weights are stored as pairs of consecutive inputs (2k, 2k + 1)
@@ -12,6 +12,8 @@ the same tiles, K-chunks, row order and epilogues, one `vdpbf16ps` per stored pa
 vector of tokens where the float32 kernel has one fma per stored weight. Half the bytes
 of activations per input, and at 4-block pruning half the instructions; at scattered
 pruning most pairs hold one nonzero, so the instructions are about the float32 kernel's.
+The dense GEMM (dense_ir's with `bf16`) holds its weights as panels of pairs: one
+`vdpbf16ps` per accumulator and pair of inputs where float32 has one fma per input.
 
 bfloat16 keeps float32's exponent and 8 significant bits (relative rounding error at most
 2⁻⁸). Rounding is to nearest, ties to even, on both sides (numpy's `to_bf16` below, and LLVM's
@@ -24,6 +26,7 @@ import numba
 import numpy as np
 
 from .compile import compile_ir, host_cpu, load_source
+from .compress import analyse
 from .dense_ir import SIGNATURE as DENSE_SIGNATURE
 from .dense_ir import DenseConfig, dense_ir
 from .ir import Builder, Signature, with_driver
@@ -109,9 +112,10 @@ def pack_ir() -> str:
 
 
 DRIVER_SOURCE = """\
-# sparsejit generated kernel: the parallel driver of the bf16 sparse kernel
-# xt packed into bfloat16 pairs by pack_fn, pair rows split across threads; then, as the
-# float32 kernel's driver, thread c computes output rows [bounds[c], bounds[c + 1])
+# sparsejit generated kernel: the parallel drivers of the bf16 kernels
+# pack_pairs: xt packed into bfloat16 pairs by pack_fn, pair rows split across threads
+# run_pairs: that, then, as the float32 sparse kernel's driver, thread c computes output
+# rows [bounds[c], bounds[c + 1])
 from numba import njit, prange
 
 
@@ -125,13 +129,9 @@ def pack_pairs(pack_fn, xt, xp, parts):
 
 @njit(parallel=True, nogil=True, cache=True)
 def run_pairs(pack_fn, fn, xt, xp, indptr, indices, values, bias, yt, rt, nchunks, order, bounds):
-    k = xt.shape[0]
     ntok = xt.shape[1]
-    pairs = xp.shape[0]
     parts = bounds.shape[0] - 1
-    for c in prange(parts):
-        pack_fn(xt.ctypes.data, xt.strides[0] // 4, xp.ctypes.data, xp.strides[0] // 4, k, c * pairs // parts,
-                (c + 1) * pairs // parts, ntok)
+    pack_pairs(pack_fn, xt, xp, parts)
     for c in prange(parts):
         fn(xp.ctypes.data, xp.strides[0] // 4, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data,
            bias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data, rt.strides[0] // 4, yt.shape[0],
@@ -163,7 +163,6 @@ class BF16SparseLinear(SparseLinear):
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str, residual: bool,
                  pattern=None, k_chunk: int | None = None):
-        from .compress import analyse
         self.pattern = pattern or analyse(weight)
         k, m = weight.shape
         self.config = IRConfig(1, activation, residual, 16, SPARSE_VECTORS[16], 16 if k <= 1 << 16 else 32,
@@ -191,10 +190,6 @@ class BF16SparseLinear(SparseLinear):
         for b in range(2):
             w[indices.astype(np.int64) + b, rows] = pairs[:, b]
         return w[:self.in_features]
-
-    def skipped(self, start: int = 0, stop: int | None = None) -> float:
-        stop = self.out_features if stop is None else stop
-        return 1 - np.count_nonzero(self.dense_weight()[:, start:stop]) / max(self.in_features * (stop - start), 1)
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         _, bounds, indptr, indices, values, order = self._arrays()
