@@ -45,6 +45,25 @@ def reference_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.n
     return np.matmul(p, v)
 
 
+def reference_bf16_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarray | None,
+                             scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The numpy meaning of the bf16 kernel, and a bound on its distance from it: scores
+    of q and kᵀ rounded to bfloat16 (exact products, float64 sums), · scale + mask, p =
+    exp(s - max) summed unrounded, then p and v rounded to bfloat16, Σ p·v / Σ p. The
+    kernel's exp and float32 sums may move a p across a bfloat16 rounding boundary: at
+    most 2⁻⁸ of that p, so the bound is 2⁻⁸ · Σ p·|v| / Σ p (plus float32 rounding)."""
+    from .bf16 import rounded
+
+    s = (rounded(q).astype(np.float64) @ rounded(kt).astype(np.float64)).astype(np.float32) * np.float32(scale)
+    if mask is not None:
+        s = s + mask
+    p = np.exp((s - s.max(axis=-1, keepdims=True)).astype(np.float64))
+    total = p.sum(axis=-1, keepdims=True)
+    out = (rounded(p.astype(np.float32)).astype(np.float64) @ rounded(v).astype(np.float64)) / total
+    bound = 2.0 ** -8 * (p @ np.abs(v.astype(np.float64))) / total + 1e-5 * (1 + np.abs(out))
+    return out.astype(np.float32), bound
+
+
 HEADS_DRIVER_SOURCE = """\
 # sparsejit generated kernel: the parallel driver of the attention IR kernel
 # one (batch, head) pair per iteration; arrays are [batch, head, feature, token] views
@@ -53,7 +72,7 @@ from numba import njit, prange
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def run_heads(fn, qt, kt, vt, mask, ot, scale, width):
+def run_heads(fn, qt, kt, vt, mask, ot, scale, width, packed):
     n_batch, n_head, d, tq = qt.shape
     tk = kt.shape[3]
     mb, mh = mask.shape[0] > 1, mask.shape[1] > 1
@@ -62,13 +81,15 @@ def run_heads(fn, qt, kt, vt, mask, ot, scale, width):
         h = bh % n_head
         s = np.empty(tk * width + 16, np.float32)  # the scratch, from its first 64-byte line
         s_at = s.ctypes.data + (64 - s.ctypes.data % 64) % 64
+        pk = np.empty(packed + 16, np.float32)  # bf16: q, k and v packed (attention_ir._packed)
+        pk_at = pk.ctypes.data + (64 - pk.ctypes.data % 64) % 64
         fn(qt.ctypes.data + b * qt.strides[0] + h * qt.strides[1], qt.strides[2] // 4,
            kt.ctypes.data + b * kt.strides[0] + h * kt.strides[1], kt.strides[2] // 4,
            vt.ctypes.data + b * vt.strides[0] + h * vt.strides[1], vt.strides[2] // 4,
            mask.ctypes.data + (b if mb else 0) * mask.strides[0] + (h if mh else 0) * mask.strides[1],
            mask.strides[2] // 4,
            ot.ctypes.data + b * ot.strides[0] + h * ot.strides[1], ot.strides[2] // 4,
-           d, tq, tk, scale, s_at)
+           d, tq, tk, scale, s_at, pk_at)
 """
 
 # Keys per pass over the head features, by vector lanes: with AVX2's 16 registers, 2
@@ -77,9 +98,10 @@ def run_heads(fn, qt, kt, vt, mask, ot, scale, width):
 ATTENTION_GROUP = {16: 8, 8: 4}
 
 
-def attention_config(mask_per_query: bool, nan_guard: bool = False, lanes: int | None = None) -> AttentionConfig:
+def attention_config(mask_per_query: bool, nan_guard: bool = False, lanes: int | None = None,
+                     bf16: bool = False) -> AttentionConfig:
     lanes = lanes or vector_lanes()
-    return AttentionConfig(mask_per_query, lanes, group=ATTENTION_GROUP[lanes], nan_guard=nan_guard)
+    return AttentionConfig(mask_per_query, lanes, group=ATTENTION_GROUP[lanes], nan_guard=nan_guard, bf16=bf16)
 
 
 @functools.cache
@@ -88,16 +110,16 @@ def _compiled(cfg: AttentionConfig):
 
 
 @functools.cache
-def _kernel(mask_per_query: bool, nan_guard: bool, lanes: int):
-    """(config, IR function, Numba driver), looked up once per mask layout, NaN guard and
-    vector width, not built and hashed on every call."""
-    cfg = attention_config(mask_per_query, nan_guard, lanes)
+def _kernel(mask_per_query: bool, nan_guard: bool, lanes: int, bf16: bool = False):
+    """(config, IR function, Numba driver), looked up once per mask layout, NaN guard,
+    vector width and precision, not built and hashed on every call."""
+    cfg = attention_config(mask_per_query, nan_guard, lanes, bf16)
     return cfg, _compiled(cfg), load_source(HEADS_DRIVER_SOURCE).run_heads
 
 
-def kernel_source(mask_per_query: bool = False, nan_guard: bool = False) -> str:
+def kernel_source(mask_per_query: bool = False, nan_guard: bool = False, bf16: bool = False) -> str:
     """What runs: the IR for one head, then the Numba driver over (batch, head) pairs."""
-    return with_driver(attention_ir(attention_config(mask_per_query, nan_guard)), HEADS_DRIVER_SOURCE)
+    return with_driver(attention_ir(attention_config(mask_per_query, nan_guard, bf16=bf16)), HEADS_DRIVER_SOURCE)
 
 
 def _unit_last(a: np.ndarray) -> np.ndarray:
@@ -150,8 +172,9 @@ def _kernel_mask(mask4: np.ndarray, tk: int) -> np.ndarray:
 
 def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarray | PreparedMask | None = None,
                     scale: np.ndarray | None = None, scale_op: str = "none", axis: int | None = None,
-                    opset: int = 13, nan_guard: bool = False) -> np.ndarray:
-    """The kernel where it applies, else the reference (same arguments, same result)."""
+                    opset: int = 13, nan_guard: bool = False, bf16: bool = False) -> np.ndarray:
+    """The kernel where it applies, else the reference (same arguments, same result).
+    `bf16`: the products in bfloat16 (AVX512-BF16; the model's precision="bf16")."""
     prepared = mask if isinstance(mask, PreparedMask) else None
     if prepared is not None:
         mask = prepared.mask
@@ -181,6 +204,14 @@ def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarr
     # Splitting the two axes is a view, never a copy.
     ot = feature_major_empty(n_head * v.shape[3], n_batch * tq).reshape(n_head, v.shape[3], n_batch, tq)
     ot = ot.transpose(2, 0, 1, 3)
-    cfg, fn, run_heads = _kernel(per_query, bool(nan_guard), vector_lanes())
-    run_heads(fn, qt, kt, vt, mask_t, ot, np.float32(mul), cfg.lanes * cfg.qvec)
+    cfg, fn, run_heads = _kernel(per_query, bool(nan_guard), vector_lanes(), bf16)
+    run_heads(fn, qt, kt, vt, mask_t, ot, np.float32(mul), cfg.lanes * cfg.qvec, _packed_size(cfg, qt.shape[2], tq, tk))
     return ot.transpose(0, 1, 3, 2)
+
+
+def _packed_size(cfg: AttentionConfig, d: int, tq: int, tk: int) -> int:
+    """Floats of the bf16 kernel's packed operands for one head (attention_ir._packed)."""
+    if not cfg.bf16:
+        return 0
+    whole = lambda n: -(-n // cfg.lanes) * cfg.lanes
+    return -(-d // 2) * (whole(tq) + whole(tk)) + d * whole(-(-tk // 2))

@@ -28,11 +28,12 @@ from dataclasses import dataclass
 
 from .epilogue import exp as _exp
 from .ir import Builder, Signature
+from .sparse_ir import BF16_DOT
 
 SIGNATURE = Signature("attention_head", (
     ("qt", "ptr"), ("ldq", "i64"), ("kt", "ptr"), ("ldk", "i64"), ("vt", "ptr"), ("ldv", "i64"), ("mask", "ptr"),
     ("ldm", "i64"), ("ot", "ptr"), ("ldo", "i64"), ("d", "i64"), ("tq", "i64"), ("tk", "i64"), ("scale", "float"),
-    ("s", "ptr")))
+    ("s", "ptr"), ("pk", "ptr")))
 
 
 @dataclass(frozen=True)
@@ -42,28 +43,43 @@ class AttentionConfig:
     qvec: int = 2                 # query vectors per tile
     group: int = 8                # keys per pass over the head features; head features per pass over the keys
     nan_guard: bool = False       # the softmax's NaN outputs are replaced by 0
+    # bfloat16 products (AVX512-BF16 `vdpbf16ps`, precision="bf16"): q, k packed into pairs of
+    # head features and v into bfloat16 rows in the scratch pk, the probabilities into pairs of
+    # keys in s; scores, sums and outputs stay float32 (see _packed)
+    bf16: bool = False
 
 
 ZERO = "zeroinitializer"
+
+
+def _dot(e: Builder, cfg: AttentionConfig, w: str, x: str, acc: str) -> str:
+    """acc + w·x: a fma, or with bf16 one `vdpbf16ps` of a pair (w broadcast, x a vector of pairs)."""
+    if not cfg.bf16:
+        return e.fma(w, x, acc)
+    bv = f"<{2 * e.lanes} x bfloat>"
+    return e.call(BF16_DOT, e.vt, (e.vt, acc), (bv, e(f"bitcast {e.vt} {x} to {bv}")),
+                  (bv, e(f"bitcast {e.vt} {w} to {bv}")))
 
 
 def _scores(e: Builder, cfg: AttentionConfig, i0: str, masks: list[str]) -> list[str]:
     """Stage 1 for the query tile at i0: every key's scaled, masked score into the
     scratch; returns the running max per query vector."""
     vt, QV = e.vt, cfg.qvec
+    # bf16: pairs of head features, from the packed q and k (see _packed)
+    q, ldq, k, ldk, steps = ("%qp", "%ldqp", "%kp", "%ldkp", "%d2") if cfg.bf16 else ("%qt", "%ldq", "%kt", "%ldk", "%d")
 
     def keys(rows):  # `rows` keys from j0, each score a fma chain over the head features
         def body(j0, maxes):
             def dot(ee, accs):
-                qs = e.row_vectors("%qt", "%ldq", ee, i0, masks)
-                koff = e.offset(ee, "%ldk", j0)
+                qs = e.row_vectors(q, ldq, ee, i0, masks)
+                koff = e.offset(ee, ldk, j0)
                 out = []
                 for r in range(rows):
-                    w = e.splat(e(f"load float, ptr {e.gep('%kt', e(f'add i64 {koff}, {r}') if r else koff)}, align 4"))
-                    out += [e.fma(w, qs[v], accs[r * QV + v]) for v in range(QV)]
+                    w = e.splat(e(f"load float, ptr {e.gep(k, e(f'add i64 {koff}, {r}') if r else koff)}, align 4"))
+                    out += [_dot(e, cfg, w, qs[v], accs[r * QV + v]) for v in range(QV)]
                 return out
 
-            _, accs = e.loop("0", "%d", 1, [(vt, ZERO)] * (rows * QV), dot)
+            _, accs = e.loop("0", steps, 1, [(vt, ZERO)] * (rows * QV), dot)
             maxes = list(maxes)
             for r in range(rows):
                 j = e(f"add i64 {j0}, {r}") if r else j0
@@ -98,19 +114,35 @@ def _softmax(e: Builder, cfg: AttentionConfig, maxes: list[str]) -> tuple[list[s
     else:
         dead = [e(f"fcmp oeq {vt} {m}, {e.const(float('-inf'))}") for m in maxes]
 
+    def probability(j, v):
+        p = _exp(e, e(f"fsub {vt} {e.vload(e.vptr('%s', e(f'mul i64 {j}, {L * QV}'), v), None)}, {maxes[v]}"))
+        return e(f"select <{L} x i1> {dead[v]}, {vt} {ZERO}, {vt} {p}") if cfg.nan_guard else p
+
     def key(j, sums):
-        srow = e(f"mul i64 {j}, {L * QV}")
         out = []
         for v in range(QV):
-            ptr = e.vptr("%s", srow, v)
-            p = _exp(e, e(f"fsub {vt} {e.vload(ptr, None)}, {maxes[v]}"))
-            if cfg.nan_guard:
-                p = e(f"select <{L} x i1> {dead[v]}, {vt} {ZERO}, {vt} {p}")
-            e.vstore(p, ptr, None)
+            p = probability(j, v)
+            e.vstore(p, e.vptr("%s", e(f"mul i64 {j}, {L * QV}"), v), None)
             out.append(e(f"fadd {vt} {sums[v]}, {p}"))
         return out
 
-    _, sums = e.loop("0", "%tk", 1, [(vt, ZERO)] * QV, key)
+    def key_pair(jp, sums):  # bf16: keys 2jp and 2jp + 1 (p = 0 past the last), stored as pair row jp
+        j0 = e(f"mul i64 {jp}, 2")
+        j1 = e(f"add i64 {j0}, 1")
+        inside = e(f"icmp slt i64 {j1}, %tk")
+        out = []
+        for v in range(QV):
+            p0 = probability(j0, v)
+            p1 = e(f"select i1 {inside}, {vt} {probability(e(f'select i1 {inside}, i64 {j1}, i64 {j0}'), v)}, "
+                   f"{vt} {ZERO}")
+            e.vstore(_pairs(e, p0, p1), e.vptr("%s", e(f"mul i64 {jp}, {L * QV}"), v), None)
+            out.append(e(f"fadd {vt} {e(f'fadd {vt} {sums[v]}, {p0}')}, {p1}"))
+        return out
+
+    if cfg.bf16:  # (pair row jp overwrites row jp, read before: jp <= 2jp)
+        _, sums = e.loop("0", "%tk2", 1, [(vt, ZERO)] * QV, key_pair)
+    else:
+        _, sums = e.loop("0", "%tk", 1, [(vt, ZERO)] * QV, key)
     scales = [e(f"fdiv {vt} {e.const(1.0)}, {s}") for s in sums]
     if cfg.nan_guard:
         scales = [e(f"select <{L} x i1> {d}, {vt} {e.const(1.0)}, {vt} {s}") for d, s in zip(dead, scales)]
@@ -123,17 +155,18 @@ def _output(e: Builder, cfg: AttentionConfig, i0: str, masks: list[str], scales:
 
     def features(rows):
         def body(e0, _):
-            def key(j, accs):
+            def key(j, accs):  # (bf16: a pair of keys, from the packed v)
                 srow = e(f"mul i64 {j}, {L * QV}")
                 ps = [e.vload(e.vptr("%s", srow, v), None) for v in range(QV)]
                 out = []
                 for r in range(rows):
-                    vrow = e(f"mul i64 {e(f'add i64 {e0}, {r}') if r else e0}, %ldv")
-                    w = e.splat(e(f"load float, ptr {e.gep('%vt', e(f'add i64 {vrow}, {j}'))}, align 4"))
-                    out += [e.fma(w, ps[v], accs[r * QV + v]) for v in range(QV)]
+                    vrow = e(f"mul i64 {e(f'add i64 {e0}, {r}') if r else e0}, {'%ldvp' if cfg.bf16 else '%ldv'}")
+                    at = e.gep("%vp" if cfg.bf16 else "%vt", e(f"add i64 {vrow}, {j}"))
+                    w = e.splat(e(f"load float, ptr {at}, align 4"))
+                    out += [_dot(e, cfg, w, ps[v], accs[r * QV + v]) for v in range(QV)]
                 return out
 
-            _, accs = e.loop("0", "%tk", 1, [(vt, ZERO)] * (rows * QV), key)
+            _, accs = e.loop("0", "%tk2" if cfg.bf16 else "%tk", 1, [(vt, ZERO)] * (rows * QV), key)
             for r in range(rows):
                 ooff = e.offset(e(f"add i64 {e0}, {r}") if r else e0, "%ldo", i0)
                 for v in range(QV):
@@ -148,7 +181,80 @@ def _output(e: Builder, cfg: AttentionConfig, i0: str, masks: list[str], scales:
     e.loop(start, "%d", 1, [], features(1))
 
 
+def _pairs(e: Builder, lo: str, hi: str) -> str:
+    """Two float vectors as one of bfloat16 pairs (lo's in the low halves), as float bits."""
+    L, hv = e.lanes, f"<{e.lanes} x bfloat>"
+    interleave = ", ".join(f"i32 {i // 2 + (i % 2) * L}" for i in range(2 * L))
+    pair = e(f"shufflevector {hv} {e(f'fptrunc {e.vt} {lo} to {hv}')}, {hv} {e(f'fptrunc {e.vt} {hi} to {hv}')}, "
+             f"<{2 * L} x i32> <{interleave}>")
+    return e(f"bitcast <{2 * L} x bfloat> {pair} to {e.vt}")
+
+
+def _packed(e: Builder) -> None:
+    """bf16: the head's operands packed into pk, rows of whole vectors (16 tokens each):
+    qp [d2, ldqp] and kp [d2, ldkp], token t's pair of head features (2e, 2e + 1) in one
+    32-bit lane (0 past the last feature and token); vp [d, ldvp], row e the bfloat16
+    pairs of keys (2j, 2j + 1) of vᵀ[e] (0 past the last key). Names %d2, %tk2 (pairs of
+    features, of keys) and the packed rows' strides, for the stages."""
+    L = e.lanes
+    e("add i64 %d, 1", "%d1")
+    e("sdiv i64 %d1, 2", "%d2")
+    e("add i64 %tk, 1", "%tk1")
+    e("sdiv i64 %tk1, 2", "%tk2")
+    for n, t in (("q", "%tq"), ("k", "%tk")):
+        e(f"add i64 {t}, {L - 1}", f"%{n}r")
+        e(f"and i64 %{n}r, {-L}", f"%ld{n}p")
+    e("add i64 %tk2, " + str(L - 1), "%vr")
+    e(f"and i64 %vr, {-L}", "%ldvp")
+    e("getelementptr inbounds float, ptr %pk, i64 0", "%qp")
+    e(f"getelementptr inbounds float, ptr %pk, i64 {e('mul i64 %d2, %ldqp')}", "%kp")
+    e(f"getelementptr inbounds float, ptr %kp, i64 {e('mul i64 %d2, %ldkp')}", "%vp")
+
+    def pack_rows(src, ld, dst, ldd, ntok):  # rows (2p, 2p + 1) of src → row p of dst
+        def tile(p, t):
+            (mask,) = e.lane_masks(t, 1, ntok)
+            r0 = e(f"mul i64 {p}, 2")
+            r1 = e(f"add i64 {r0}, 1")
+            inside = e(f"icmp slt i64 {r1}, %d")
+            lo = e.vload(e.gep(src, e.offset(r0, ld, t)), mask)
+            hi = e.vload(e.gep(src, e.offset(e(f"select i1 {inside}, i64 {r1}, i64 {r0}"), ld, t)), mask)
+            hi = e(f"select i1 {inside}, {e.vt} {hi}, {e.vt} {ZERO}")
+            e.vstore(_pairs(e, lo, hi), e.gep(dst, e.offset(p, ldd, t)), None)
+        e.loop("0", "%d2", 1, [], lambda p, _: e.tiles("0", ntok, L, lambda t: tile(p, t)) or [])
+
+    pack_rows("%qt", "%ldq", "%qp", "%ldqp", "%tq")
+    pack_rows("%kt", "%ldk", "%kp", "%ldkp", "%tk")
+    wide, iv = f"<{2 * L} x i64>", f"<{L} x i64>"
+    iota = f"<{', '.join(f'i64 {i}' for i in range(2 * L))}>"
+    tk_wide = e(f"shufflevector {iv} {e.splat_i64('%tk')}, {iv} poison, <{2 * L} x i32> zeroinitializer")
+
+    def v_pairs(row, t2):  # keys 2·t2 .. 2·t2 + 2·lanes - 1 of vᵀ[row] (0 past the last) → vp[row, t2:]
+        t = e(f"mul i64 {t2}, 2")
+        keys = e(f"add {wide} {e(f'shufflevector {iv} {e.splat_i64(t)}, {iv} poison, <{2 * L} x i32> zeroinitializer')}"
+                 f", {iota}")
+        x = e.call(f"llvm.masked.load.v{2 * L}f32.p0", f"<{2 * L} x float>", ("ptr", e.gep("%vt", e.offset(row, "%ldv", t))),
+                   ("i32", "4"), (f"<{2 * L} x i1>", e(f"icmp slt {wide} {keys}, {tk_wide}")),
+                   (f"<{2 * L} x float>", ZERO))
+        b = e(f"fptrunc <{2 * L} x float> {x} to <{2 * L} x bfloat>")
+        e.raw(f"  store <{2 * L} x bfloat> {b}, ptr {e.gep('%vp', e.offset(row, '%ldvp', t2))}, align 4")
+
+    def pack_v(row, _):  # whole vectors of key pairs, then the last one
+        full, _c = e.loop("0", "%tk2", L, [], lambda t2, _c: v_pairs(row, t2) or [])
+        tail, done = e.fresh("vtail"), e.fresh("vdone")
+        e.cond_br(e(f"icmp slt i64 {full}, %tk2"), tail, done)
+        e.label(tail)
+        v_pairs(row, full)
+        e.br(done)
+        e.label(done)
+        return []
+
+    e.loop("0", "%d", 1, [], pack_v)
+
+
 def _head(e: Builder, cfg: AttentionConfig) -> None:
+    if cfg.bf16:
+        _packed(e)
+
     def tile(i0):  # query tiles, the last one maybe partly masked
         masks = e.lane_masks(i0, cfg.qvec, "%tq")
         maxes = _scores(e, cfg, i0, masks)
@@ -163,6 +269,6 @@ def attention_ir(cfg: AttentionConfig) -> str:
     e.function(SIGNATURE, lambda: _head(e, cfg))
     header = (f"; sparsejit generated kernel: attention for one (batch, head), feature-major, "
               f"mask_per_query={cfg.mask_per_query} lanes={cfg.lanes} qvec={cfg.qvec} group={cfg.group} "
-              f"nan_guard={cfg.nan_guard}\n"
+              f"nan_guard={cfg.nan_guard}{' bf16' if cfg.bf16 else ''}\n"
               "; ot[e, i] = sum_j vt[e, j] * softmax_j(scale * sum_e' qt[e', i] * kt[e', j] + mask[j(, i)])")
     return e.module(header)

@@ -233,7 +233,8 @@ class Model:
                 raise KeyError("the model has no fused AttentionCore node")
             # The variant for a mask that varies by query, as exported BERT masks do
             # ([batch, 1, seq, seq]); a [batch, 1, 1, seq] mask runs the per-key variant.
-            return attention_source(mask_per_query=True, nan_guard=node.attrs["nan_guard"])
+            return attention_source(mask_per_query=True, nan_guard=node.attrs["nan_guard"],
+                                    bf16=self.precision == "bf16")
         found = self.layers[layer] if isinstance(layer, int) else next(
             (lp for lp in self.layers if lp.name == layer), None)
         if found is None:

@@ -245,7 +245,7 @@ def group_step(node: Node, p: Planning) -> Step:
 
 
 def attention_step(node: Node, p: Planning) -> Step:
-    a = node.attrs
+    a = dict(node.attrs, bf16=p.chooser.precision == "bf16")
     return Step(node, lambda q, kt, v, mask=None, scale=None: (fused_attention(q, kt, v, mask, scale, **a),))
 
 
@@ -339,7 +339,8 @@ def onnx_attention_step(node: Node, p: Planning) -> Step:
         if mask is not None and mask.dtype == np.bool_:
             mask = np.where(mask, np.float32(0), np.float32(-np.inf))
         scale = np.float32(a["scale"] if a.get("scale") is not None else 1 / np.sqrt(q.shape[3]))
-        y = fused_attention(q, np.swapaxes(k, 2, 3), v, mask, scale, "mul", -1, p.opset)
+        y = fused_attention(q, np.swapaxes(k, 2, 3), v, mask, scale, "mul", -1, p.opset,
+                            bf16=p.chooser.precision == "bf16")
         return (y,) + (None,) * (len(node.outputs) - 1)
 
     return Step(node, run)

@@ -152,3 +152,34 @@ def test_without_avx512_bf16_it_warns_and_loads_in_fp32(monkeypatch):
 def test_an_unknown_precision_is_refused_by_name():
     with pytest.raises(ValueError, match="precision must be one of .*'fp16'"):
         sparsejit.load(DEFAULT, precision="fp16")
+
+
+@needs_bf16
+@pytest.mark.parametrize("nan_guard", [False, True])
+def test_bf16_attention_is_its_numpy_meaning(nan_guard):
+    """The attention kernel with bfloat16 products against reference_bf16_attention, within
+    its bound; odd head sizes and key counts (pairs padded with zeros), queries off the
+    vector width, masks per key and per query, a query with every key masked (NaN, or 0
+    under the guard, where the float32 kernel gives them)."""
+    from sparsejit.kernels.attention import fused_attention, reference_bf16_attention
+
+    rng = np.random.default_rng(5)
+    for b, h, tq, tk, d, per_query in [(1, 1, 1, 1, 1, False), (1, 2, 7, 7, 8, False), (2, 3, 20, 21, 64, True),
+                                       (1, 2, 33, 17, 5, True), (2, 1, 130, 129, 63, True)]:
+        q = rng.standard_normal((b, h, tq, d)).astype(np.float32)
+        kt = rng.standard_normal((b, h, d, tk)).astype(np.float32)
+        v = rng.standard_normal((b, h, tk, d)).astype(np.float32)
+        mask = np.zeros((b, 1, tq if per_query else 1, tk), np.float32)
+        mask[..., -1] = -1e4
+        if per_query and tq > 2:
+            mask[0, 0, 1, :] = -np.inf  # a query with every key masked
+        scale = np.float32(1 / np.sqrt(d))
+        got = fused_attention(q, kt, v, mask, scale, "mul", nan_guard=nan_guard, bf16=True)
+        f32 = fused_attention(q, kt, v, mask, scale, "mul", nan_guard=nan_guard)
+        assert np.array_equal(np.isnan(got), np.isnan(f32)) and got.shape == f32.shape
+        want, bound = reference_bf16_attention(q, kt, v, mask, scale)
+        live = ~np.isnan(f32) & ~np.isnan(want)
+        assert np.all(np.abs(got - want)[live] <= bound[live]), (tq, tk, d)
+        assert np.abs(got - f32)[live].max() > 0 or tk == 1  # it did round
+        if nan_guard and per_query and tq > 2:
+            assert not got[0, :, 1].any()  # Σ 0·v, as the guarded graph
