@@ -251,9 +251,9 @@ def load(model: str | os.PathLike | bytes | onnx.ModelProto, *, num_threads: int
       each of its runs; BLAS runs single-threaded inside them.
     - `kernels`: "auto" (sparse or dense per layer, by rule or measurement), "sparse" or "dense".
     - `precision`: "fp32" (the default: results match ONNX Runtime's float32), or "bf16":
-      the sparse Linear layers round their weights and inputs to bfloat16 and sum in
-      float32 (AVX512-BF16's `vdpbf16ps`, kernels/bf16.py); dense layers, attention,
-      LayerNorm and the rest stay float32. On a CPU without AVX512-BF16, "bf16" warns and
+      Linear layers whose weights pair well (4-block, dense) and attention's products
+      round their operands to bfloat16 and sum in float32 (AVX512-BF16's `vdpbf16ps`,
+      kernels/bf16.py); scattered weights, LayerNorm and the rest stay float32. On a CPU without AVX512-BF16, "bf16" warns and
       loads in fp32. `check()` reports each bf16 layer's error against its float32 weights.
     - `mode`: "compiled", or "reference" to run the unfused graph on the numpy reference
       ops only (the whole-graph oracle).

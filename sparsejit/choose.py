@@ -26,8 +26,8 @@ from .timing import race
 log = logging.getLogger("sparsejit")
 
 KERNEL_CHOICES = ("auto", "sparse", "dense")
-# What the Linear layers compute in: "bf16" runs the sparse layers on the bfloat16 kernel
-# (kernels/bf16.py) where the CPU has AVX512-BF16; dense layers and everything else stay float32.
+# What the Linear layers and attention compute in: "bf16" runs them on the bfloat16 kernels
+# (kernels/bf16.py) where the CPU has AVX512-BF16 and a weight's pairs pay (plan.pairs_worth).
 PRECISIONS = ("fp32", "bf16")
 # Tokens the kernels are timed over: one sequence of 128, BERT's common case.
 PROBE_TOKENS = 128
