@@ -238,17 +238,7 @@ def _packed(e: Builder) -> None:
         b = e(f"fptrunc <{2 * L} x float> {x} to <{2 * L} x bfloat>")
         e.raw(f"  store <{2 * L} x bfloat> {b}, ptr {e.gep('%vp', e.offset(row, '%ldvp', t2))}, align 4")
 
-    def pack_v(row, _):  # whole vectors of key pairs, then the last one
-        full, _c = e.loop("0", "%tk2", L, [], lambda t2, _c: v_pairs(row, t2) or [])
-        tail, done = e.fresh("vtail"), e.fresh("vdone")
-        e.cond_br(e(f"icmp slt i64 {full}, %tk2"), tail, done)
-        e.label(tail)
-        v_pairs(row, full)
-        e.br(done)
-        e.label(done)
-        return []
-
-    e.loop("0", "%d", 1, [], pack_v)
+    e.loop("0", "%d", 1, [], lambda row, _: e.tiles("0", "%tk2", L, lambda t2: v_pairs(row, t2)) or [])
 
 
 def _head(e: Builder, cfg: AttentionConfig) -> None:

@@ -116,32 +116,44 @@ def dynamic_range(range_fn, xt, parts, lanes):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def run_int8(range_fn, quantize_fn, fn, xt, lanes, dynamic, x_scale, x_zero, x_lo, colsum, wscale, corr, mult,
-             indptr, split, blocks, weights, bias, requant, yt, rt, bounds):
+def quantized_input(range_fn, quantize_fn, xt, xq, ldq, lanes, dynamic, x_scale, x_zero, x_lo, parts):
+    # (finite, scale, zero point): x's quantization (from its range, when dynamic), and x
+    # quantized into the 4-block rows of xq (a pointer; ldq: its row stride in 4-byte units)
     k = xt.shape[0]
-    ntok = xt.shape[1]
-    parts = bounds.shape[0] - 1
     scale = np.float32(x_scale)
     zero = np.float32(x_zero)
     if dynamic:
         finite, lo, hi = dynamic_range(range_fn, xt, parts, lanes)
         if not finite:
-            return False
+            return False, scale, zero
         scale, zero = range_scale(lo, hi)
+    k4 = (k + 3) // 4
+    for c in prange(parts):
+        a = c * k4 // parts
+        b = (c + 1) * k4 // parts
+        if a < b:
+            quantize_fn(xt.ctypes.data, xt.strides[0] // 4, xq, ldq, k, scale, zero, np.float32(x_lo),
+                        np.float32(x_lo + 255), a, b, xt.shape[1])
+    return True, scale, zero
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def run_int8(range_fn, quantize_fn, fn, xt, lanes, dynamic, x_scale, x_zero, x_lo, colsum, wscale, corr, mult,
+             indptr, split, blocks, weights, bias, requant, yt, rt, bounds):
+    ntok = xt.shape[1]
+    parts = bounds.shape[0] - 1
+    tp = (ntok + 15) // 16 * 16  # int8_ir.LANES: whole 64-byte rows of xq
+    xq = np.empty(((xt.shape[0] + 3) // 4, tp, 4), np.uint8)
+    finite, scale, zero = quantized_input(range_fn, quantize_fn, xt, xq.ctypes.data, tp, lanes, dynamic, x_scale,
+                                          x_zero, x_lo, parts)
+    if not finite:
+        return False
+    if dynamic:
         corr = np.empty(colsum.shape[0], np.int32)
         mult = np.empty(colsum.shape[0], np.float32)
         for j in range(colsum.shape[0]):
             corr[j] = np.int32(zero) * colsum[j]
             mult[j] = scale * wscale[j]
-    k4 = (k + 3) // 4
-    tp = (ntok + 15) // 16 * 16  # int8_ir.LANES: whole 64-byte rows of xq
-    xq = np.empty((k4, tp, 4), np.uint8)
-    for c in prange(parts):
-        a = c * k4 // parts
-        b = (c + 1) * k4 // parts
-        if a < b:
-            quantize_fn(xt.ctypes.data, xt.strides[0] // 4, xq.ctypes.data, tp, k, scale, zero, np.float32(x_lo),
-                        np.float32(x_lo + 255), a, b, ntok)
     for c in prange(parts):
         fn(xq.ctypes.data, tp, indptr.ctypes.data, split.ctypes.data, blocks.ctypes.data, weights.ctypes.data,
            corr.ctypes.data, mult.ctypes.data, bias.ctypes.data, requant.ctypes.data, yt.ctypes.data,
@@ -400,29 +412,19 @@ CHUNKED_DRIVER_SOURCE = DRIVER_SOURCE + """
 @njit(parallel=True, nogil=True, cache=True)
 def run_chunked(range_fn, quantize_fn, fn, xt, xq, lanes, dynamic, x_scale, x_zero, x_lo, colsum, wscale, kbias,
                 indptr, indices, values, yt, rt, nchunks, order, bounds):
-    k = xt.shape[0]
     ntok = xt.shape[1]
     m = yt.shape[0]
     parts = bounds.shape[0] - 1
-    scale = np.float32(x_scale)
-    zero = np.float32(x_zero)
+    finite, scale, zero = quantized_input(range_fn, quantize_fn, xt, xq.ctypes.data, xq.strides[0] // 4, lanes,
+                                          dynamic, x_scale, x_zero, x_lo, parts)
+    if not finite:
+        return False
     if dynamic:
-        finite, lo, hi = dynamic_range(range_fn, xt, parts, lanes)
-        if not finite:
-            return False
-        scale, zero = range_scale(lo, hi)
         kbias = kbias.copy()  # [bias | output scale | correction (i32)], this call's
         corr = kbias[2 * m:].view(np.int32)
         for j in range(m):
             kbias[m + j] = scale * wscale[j]
             corr[j] = np.int32(zero) * colsum[j]
-    k4 = xq.shape[0]
-    for c in prange(parts):
-        a = c * k4 // parts
-        b = (c + 1) * k4 // parts
-        if a < b:
-            quantize_fn(xt.ctypes.data, xt.strides[0] // 4, xq.ctypes.data, xq.strides[0] // 4, k, scale, zero,
-                        np.float32(x_lo), np.float32(x_lo + 255), a, b, ntok)
     for c in prange(parts):
         fn(xq.ctypes.data, xq.strides[0] // 4, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data,
            kbias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data, rt.strides[0] // 4, m, nchunks,
