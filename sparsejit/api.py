@@ -79,7 +79,7 @@ class Model:
         self.layers = layers
         self.mode = mode
         self.num_threads = num_threads
-        self.precision = precision  # what its sparse Linear layers compute in: "fp32" or "bf16"
+        self.precision = precision  # "fp32", or "bf16" (see load): what the model was loaded to compute in
         self.plan = plan or {}  # the kernel decisions by layer name, as `save_plan` writes them
         self._threads = ThreadScope(num_threads)
         self._executor = Executor(graph, steps)
@@ -253,8 +253,9 @@ def load(model: str | os.PathLike | bytes | onnx.ModelProto, *, num_threads: int
     - `precision`: "fp32" (the default: results match ONNX Runtime's float32), or "bf16":
       Linear layers whose weights pair well (4-block, dense) and attention's products
       round their operands to bfloat16 and sum in float32 (AVX512-BF16's `vdpbf16ps`,
-      kernels/bf16.py); scattered weights, LayerNorm and the rest stay float32. On a CPU without AVX512-BF16, "bf16" warns and
-      loads in fp32. `check()` reports each bf16 layer's error against its float32 weights.
+      kernels/bf16.py); scattered weights, LayerNorm and the rest stay float32. On a CPU
+      without AVX512-BF16, "bf16" warns and loads in fp32. `check()` reports each bf16
+      layer's error against its float32 weights.
     - `mode`: "compiled", or "reference" to run the unfused graph on the numpy reference
       ops only (the whole-graph oracle).
     - `plan`: a JSON file of kernel decisions: used when it exists, written when it does

@@ -145,19 +145,18 @@ class Chooser:
 
     def measure(self, pattern: Pattern, act: str, residual: bool, against_dense: bool,
                 sparse: Callable[[], SparseLinear], dense: Callable[[], DenseLinear], by: str, why: str) -> Choice:
-        key = (self.kernels, self.precision, pattern.in_features, pattern.out_features, pattern.block, round(pattern.density, 2),
-               act, residual, against_dense, numba.get_num_threads())
+        key = (self.kernels, self.precision, pattern.in_features, pattern.out_features, pattern.block,
+               round(pattern.density, 2), act, residual, against_dense, numba.get_num_threads())
         t, reused = self.kinds.get(key), key in self.kinds
         if t is None:
             t = self.kinds[key] = self.time_kernels(sparse(), dense() if against_dense else None, residual)
         chunk = t["k_chunk"] if t["k_chunk"] < pattern.in_features else None
         chunked = f" in K-chunks of {chunk}" if chunk else ""
         source = "an earlier layer like it" if reused else "this layer"
-        sparse_kind, dense_kind = ("sparse bf16", "dense bf16") if self.precision == "bf16" else ("sparse", "dense")
-        timed = f"measured on {source} over {PROBE_TOKENS} tokens: {sparse_kind} {t['sparse']:.3f} ms{chunked}"
+        timed = f"measured on {source} over {PROBE_TOKENS} tokens: {t['kinds'][0]} {t['sparse']:.3f} ms{chunked}"
         if against_dense:
             kernel = "sparse" if t["sparse"] < t["dense"] else "dense"
-            return Choice(kernel, chunk, "measured", f"{timed}, {dense_kind} {t['dense']:.3f} ms", t, reused)
+            return Choice(kernel, chunk, "measured", f"{timed}, {t['kinds'][1]} {t['dense']:.3f} ms", t, reused)
         return Choice("sparse", chunk, by, f"{why}; K-chunk {timed}", t, reused)
 
     def time_kernels(self, sparse: SparseLinear, dense: DenseLinear | None, residual: bool) -> dict:
@@ -171,7 +170,7 @@ class Chooser:
         if dense is not None:
             fns["dense"] = lambda: dense(x, r)
         ms = race(fns, rounds=9)
-        t = {"chunks": {c: v for c, v in ms.items() if c != "dense"}}
+        t = {"chunks": {c: v for c, v in ms.items() if c != "dense"}, "kinds": (sparse.kind, getattr(dense, "kind", ""))}
         t["k_chunk"] = pick_chunk(t["chunks"])
         t["sparse"] = t["chunks"][t["k_chunk"]]
         if dense is not None:
