@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from .epilogue import ACTIVATIONS, epilogue
 from .ir import Builder, Signature
-from .sparse_ir import BF16_DOT
+from .sparse_ir import BF16_DOT, VNNI_DOT
 
 SIGNATURE = Signature("dense_panels", (
     ("xt", "ptr"), ("ldx", "i64"), ("wp", "ptr"), ("bias", "ptr"), ("yt", "ptr"), ("ldy", "i64"), ("rt", "ptr"),
@@ -39,6 +39,10 @@ class DenseConfig:
     # bfloat16 pairs (AVX512-BF16, see bf16.py): xt and wp hold i32 pairs of inputs, k counts
     # the pairs, and each step is one `vdpbf16ps` per accumulator where float32 has one fma
     bf16: bool = False
+    # int8 4-blocks (AVX-512 VNNI, see int8.Int8Dense): xt and wp hold i32 of four bytes
+    # (uint8 x, int8 w), k counts the blocks, sums in i32 from 0; bias holds 3m: [bias |
+    # output scale | the zero point's correction (i32)], as sparse_ir's int8 epilogue
+    int8: bool = False
 
 
 def dense_config(activation: str, residual: bool, lanes: int) -> DenseConfig:
@@ -52,10 +56,10 @@ def _panel(e: Builder, cfg: DenseConfig, p: str) -> None:
     wpanel = e.gep("%wp", e(f"mul i64 {p}, {e('mul i64 %k, ' + str(R))}"))
     j0 = e(f"mul i64 {p}, {R}")
     js = [e(f"add i64 {j0}, {r}") if r else j0 for r in range(R)]
-    biases = []
+    biases, rows_in = [], []
     for j in js:  # rows past m read bias[m - 1]: in bounds, and never stored
-        jc = e(f"select i1 {e(f'icmp slt i64 {j}, %m')}, i64 {j}, i64 {e('add i64 %m, -1')}")
-        biases.append(e.splat(e(f"load float, ptr {e.gep('%bias', jc)}, align 4")))
+        rows_in.append(e(f"select i1 {e(f'icmp slt i64 {j}, %m')}, i64 {j}, i64 {e('add i64 %m, -1')}"))
+        biases.append(e.splat(e(f"load float, ptr {e.gep('%bias', rows_in[-1])}, align 4")))
 
     def tile(t, masked: bool):
         masks = e.lane_masks(t, V, "%ntok") if masked else [None] * V
@@ -66,7 +70,14 @@ def _panel(e: Builder, cfg: DenseConfig, p: str) -> None:
             out = []
             for r in range(R):
                 w = e(f"load float, ptr {e.gep(wpanel, e(f'add i64 {woff}, {r}') if r else woff)}, align 4")
-                if cfg.bf16:
+                if cfg.int8:
+                    iv = f"<{e.lanes} x i32>"
+                    wi = e(f"bitcast {vt} {e.splat(w)} to {iv}")
+                    for v in range(V):
+                        acc = e(f"bitcast {vt} {accs[r * V + v]} to {iv}")
+                        acc = e.call(VNNI_DOT, iv, (iv, acc), (iv, e(f"bitcast {vt} {xs[v]} to {iv}")), (iv, wi))
+                        out.append(e(f"bitcast {iv} {acc} to {vt}"))
+                elif cfg.bf16:
                     bv = f"<{2 * e.lanes} x bfloat>"
                     wb = e(f"bitcast {vt} {e.splat(w)} to {bv}")
                     out += [e.call(BF16_DOT, vt, (vt, accs[r * V + v]), (bv, e(f"bitcast {vt} {xs[v]} to {bv}")),
@@ -75,7 +86,10 @@ def _panel(e: Builder, cfg: DenseConfig, p: str) -> None:
                     out += [e.fma(e.splat(w), xs[v], accs[r * V + v]) for v in range(V)]
             return out
 
-        _, accs = e.loop("0", "%k", 1, [(vt, biases[r]) for r in range(R) for _ in range(V)], step)
+        init = [ZERO if cfg.int8 else biases[r] for r in range(R) for _ in range(V)]
+        _, accs = e.loop("0", "%k", 1, [(vt, a) for a in init], step)
+        if cfg.int8:
+            accs = _int8_scaled(e, accs, rows_in, biases, V)
         for r, j in enumerate(js):
             store, skip = e.fresh("store"), e.fresh("skip")
             e.cond_br(e(f"icmp slt i64 {j}, %m"), store, skip)
@@ -100,13 +114,32 @@ def _panel(e: Builder, cfg: DenseConfig, p: str) -> None:
     e.label(done)
 
 
+ZERO = "zeroinitializer"
+
+
+def _int8_scaled(e: Builder, accs: list[str], rows: list[str], biases: list[str], vectors: int) -> list[str]:
+    """Each row's i32 sums less its correction bias[2m + j], times its scale bias[m + j],
+    plus its bias (rows past m read row m - 1's: never stored)."""
+    iv, vt = f"<{e.lanes} x i32>", e.vt
+    out = []
+    for r, j in enumerate(rows):
+        scale = e.splat(e(f"load float, ptr {e.gep('%bias', e(f'add i64 {j}, %m'))}, align 4"))
+        at = e(f"add i64 {j}, {e('mul i64 %m, 2')}")
+        corr = e.splat_i32(e(f"load i32, ptr {e.gep('%bias', at, 'i32')}, align 4"))
+        for v in range(vectors):
+            acc = e(f"sub {iv} {e(f'bitcast {vt} {accs[r * vectors + v]} to {iv}')}, {corr}")
+            y = e(f"sitofp {iv} {acc} to {vt}")
+            out.append(e(f"fadd {vt} {e(f'fmul {vt} {y}, {scale}')}, {biases[r]}"))
+    return out
+
+
 def dense_ir(cfg: DenseConfig) -> str:
-    if cfg.activation not in ACTIVATIONS or cfg.bf16 and cfg.lanes != 16:
+    if cfg.activation not in ACTIVATIONS or (cfg.bf16 or cfg.int8) and cfg.lanes != 16 or cfg.bf16 and cfg.int8:
         raise ValueError(f"no dense kernel for {cfg}")
     e = Builder(cfg.lanes)
     e.function(SIGNATURE, lambda: e.loop("%panel0", "%panel1", 1, [], lambda p, _: _panel(e, cfg, p) or []))
     header = (f"; sparsejit generated kernel: dense activation={cfg.activation} residual={cfg.residual} "
-              f"lanes={cfg.lanes} rows={cfg.rows} vectors={cfg.vectors}{' bf16' if cfg.bf16 else ''}\n"
+              f"lanes={cfg.lanes} rows={cfg.rows} vectors={cfg.vectors}{' bf16' if cfg.bf16 else ''}{' int8' if cfg.int8 else ''}\n"
               "; yt[j, t] = act(bias[j] + sum_k wp[j / rows, k, j % rows] * xt[k, t])"
               + (" + rt[j, t]" if cfg.residual else ""))
     return e.module(header)

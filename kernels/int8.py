@@ -16,6 +16,8 @@ import numpy as np
 from ..ops import dynamic_quantize_linear, matmul_integer, op, quantize_linear
 from .compile import compile_ir, host_cpu, load_source, vector_lanes
 from .compress import analyse, balanced_bounds
+from .dense_ir import SIGNATURE as DENSE_SIGNATURE
+from .dense_ir import DenseConfig, dense_ir
 from .int8_ir import (
     PAIR_LIMIT,
     QUANTIZE_FLOAT_SIGNATURE,
@@ -30,7 +32,16 @@ from .int8_ir import (
 )
 from .ir import with_driver
 from .layout import feature_major_empty, transposed
-from .linear import _NO_RESIDUAL, SPARSE_VECTORS, SparseLinear, _residual_rows, linear_epilogue
+from .linear import (
+    _NO_RESIDUAL,
+    DENSE_DRIVER_SOURCE,
+    DENSE_TOKEN_TILE,
+    SPARSE_VECTORS,
+    DenseLinear,
+    SparseLinear,
+    _residual_rows,
+    linear_epilogue,
+)
 from .sparse_ir import SIGNATURE as SPARSE_SIGNATURE
 from .sparse_ir import IRConfig, ir_source
 
@@ -499,3 +510,70 @@ class Int8Chunked(_Quantized, SparseLinear):
                             self.scale, self._kbias, indptr, indices, values, yt, rt, self.nchunks, order, bounds)
 
 
+
+
+class Int8Dense(_Quantized, DenseLinear):
+    """A dense (or nearly dense) int8 layer on the register-blocked GEMM (dense_ir's
+    `int8`) with AVX-512 VNNI: the weight in panels of 4-blocks, x quantized into 4-block
+    rows as for the sparse kernels, one `vpdpbusd` per accumulator and 4-block, then
+    Int8Linear's epilogue. Not for requantized outputs."""
+
+    kind = "int8"
+
+    def __init__(self, weight: np.ndarray, scale, mode: str, x_scale=None, x_zero_point=None, bias=None,
+                 activation: str = "none", residual: bool = False):
+        _Quantized.__init__(self, weight, scale, mode, x_scale, x_zero_point, bias, activation, residual)
+        k, m = weight.shape
+        self.config = DenseConfig(activation, residual, 16, 6, 4, int8=True)
+        rows, k4 = self.config.rows, -(-k // 4)
+        panels = -(-m // rows)
+        padded = np.zeros((4 * k4, panels * rows), np.int8)
+        padded[:k, :m] = weight
+        blocks = padded.reshape(k4, 4, panels * rows).transpose(0, 2, 1).copy().view(np.int32)[..., 0]
+        # wp[p, k4, r]: the 4-block (W[4·k4 .. 4·k4 + 3, j]) of output j = p·rows + r, as float32 bits
+        self.weight = np.ascontiguousarray(blocks.reshape(k4, panels, rows).transpose(1, 0, 2)).view(np.float32)
+        self.colsum = weight.astype(np.int32).sum(axis=0).astype(np.int32)
+        self._kbias = np.zeros(3 * m, np.float32)  # [bias | output scale | the zero point's correction (i32)]
+        self._kbias[:m] = self.bias
+        if mode != "dynamic":
+            self._kbias[m:2 * m] = output_scale(mode, np.float32(x_scale), self.scale)
+            self._kbias[2 * m:].view(np.int32)[:] = (self._zero - self._lo) * self.colsum
+        lanes = vector_lanes()
+        self._fns = (RANGE_SIGNATURE.ctypes()(compile_ir(range_ir(lanes), RANGE_SIGNATURE.name)),
+                     QUANTIZE_SIGNATURE.ctypes()(compile_ir(quantize_ir(lanes), QUANTIZE_SIGNATURE.name)))
+        self._fn = DENSE_SIGNATURE.ctypes()(compile_ir(dense_ir(self.config), DENSE_SIGNATURE.name))
+        self._driver = load_source(DENSE_DRIVER_SOURCE).run_panels
+        width = self.config.lanes * self.config.vectors
+        self.token_tile = -(-DENSE_TOKEN_TILE // width) * width
+
+    @property
+    def source(self) -> str:
+        return with_driver(dense_ir(self.config), DRIVER_SOURCE + "\n" + DENSE_DRIVER_SOURCE)
+
+    def dense_weight(self) -> np.ndarray:
+        """The int8 weight [in, out] rebuilt from the panels."""
+        blocks = self.weight.view(np.int8).reshape(self.weight.shape[0], self.weight.shape[1], -1, 4)
+        w = blocks.transpose(1, 3, 0, 2).reshape(4 * blocks.shape[1], -1)  # [in (padded), out (padded)]
+        return np.ascontiguousarray(w[:self.in_features, :self.out_features])
+
+    def skipped(self, start: int = 0, stop: int | None = None) -> float:
+        return 0.0  # every multiply-add done
+
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
+        m, dynamic = self.out_features, self.mode == "dynamic"
+        scale, zero, lo = (np.float32(0), 0, 0) if dynamic else (np.float32(self.x_scale), self._zero, self._lo)
+        xq = feature_major_empty(-(-self.in_features // 4), xt.shape[1])
+        finite, scale, zero = load_source(DRIVER_SOURCE).quantized_input(
+            *self._fns, xt, xq.ctypes.data, xq.strides[0] // 4, vector_lanes(), dynamic, scale, zero, lo,
+            numba.get_num_threads())
+        if not finite:
+            return False
+        kbias = self._kbias
+        if dynamic:  # this call's output scales and correction
+            kbias = kbias.copy()
+            kbias[m:2 * m] = np.float32(scale) * self.scale
+            kbias[2 * m:].view(np.int32)[:] = np.int32(zero) * self.colsum
+        parts = max(1, min(numba.get_num_threads(), self.weight.shape[0]))
+        ntok = xq.shape[1]
+        self._driver(self._fn, xq, self.weight, kbias, yt, rt, parts, ntok if ntok <= 128 else self.token_tile)
+        return True

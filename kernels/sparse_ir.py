@@ -49,6 +49,7 @@ class IRConfig:
 
 
 BF16_DOT = "llvm.x86.avx512bf16.dpbf16ps.512"
+VNNI_DOT = "llvm.x86.avx512.vpdpbusd.512"
 
 
 def _add_pair(e: Builder, vectors: int, mask: str | None, at: str, k: str, accs: list[str]) -> list[str]:
@@ -75,7 +76,7 @@ def _add_block(e: Builder, vectors: int, mask: str | None, at: str, k4: str, acc
     out = []
     for u in range(vectors):
         a = e(f"bitcast {vt} {e.vload(e.vptr('%xt', start, u), mask)} to {iv}")
-        acc = e.call("llvm.x86.avx512.vpdpbusd.512", iv, (iv, e(f"bitcast {vt} {accs[u]} to {iv}")), (iv, a), (iv, w))
+        acc = e.call(VNNI_DOT, iv, (iv, e(f"bitcast {vt} {accs[u]} to {iv}")), (iv, a), (iv, w))
         out.append(e(f"bitcast {iv} {acc} to {vt}"))
     return out
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .choose import Chooser
+from .choose import DENSE_ABOVE, Chooser
 from .graph import Graph, Node
 from .kernels import elementwise
 from .kernels.attention import fused_attention, prepare_mask
 from .kernels.bf16 import BF16DenseLinear, BF16SparseLinear, reference_bf16_linear
 from .kernels.embed import EmbedLayerNorm
-from .kernels.int8 import DOT_NAMES, Int8Chunked, Int8Linear, Int8OnFloat, exact_on_float, host_dots
+from .kernels.int8 import DOT_NAMES, Int8Chunked, Int8Dense, Int8Linear, Int8OnFloat, exact_on_float, host_dots
 from .kernels.layernorm import Grid, layernorm
 from .kernels.linear import DenseLinear, OutputSlice, Pattern, SparseLinear, analyse, linear_epilogue, reference_linear
 from .ops import bind
@@ -39,7 +39,7 @@ class LayerPlan:
     name: str
     node: Node
     pattern: Pattern
-    impl: SparseLinear | DenseLinear | OutputSlice | Int8Linear | Int8Chunked | Int8OnFloat
+    impl: SparseLinear | DenseLinear | OutputSlice | Int8Linear | Int8Chunked | Int8Dense | Int8OnFloat
     reason: str
     timings_ms: dict = field(default_factory=dict)
     timing_reused: bool = False  # measured on an earlier layer of the same kind
@@ -255,10 +255,12 @@ PADDING_WORTH = 2.0  # without VNNI, 4-blocks storing this many times the nonzer
 INT8_CHUNK = 256
 
 
-def _int8(a: dict) -> tuple[Int8Linear | Int8Chunked | Int8OnFloat, str]:
-    """The int8 kernel for a QLinear node's attributes, and why. Without VNNI, a weight
-    whose nonzeros are scattered (4-blocks would store over PADDING_WORTH times as many
-    multiply-adds) runs on the FP32 sparse kernel, exactly, where its sums stay below 2^24."""
+def _int8(a: dict) -> tuple[Int8Linear | Int8Chunked | Int8Dense | Int8OnFloat, str]:
+    """The int8 kernel for a QLinear node's attributes, and why. With VNNI (and an output
+    not requantized): the dense GEMM where over DENSE_ABOVE of the 4-blocks hold a
+    nonzero, else the K-chunked sparse kernel. Without VNNI, a weight whose nonzeros are
+    scattered (4-blocks would store over PADDING_WORTH times as many multiply-adds) runs
+    on the FP32 sparse kernel, exactly, where its sums stay below 2^24."""
     w = a["weight"]
     k, m = w.shape
     args = (w, a["scale"], a["mode"], a["x_scale"], a["x_zero_point"], a["bias"], a["activation"], a["residual"])
@@ -269,6 +271,9 @@ def _int8(a: dict) -> tuple[Int8Linear | Int8Chunked | Int8OnFloat, str]:
         return Int8OnFloat(*args), (f"int8 ({a['mode']} activation scale) on the FP32 sparse kernel, exact (integer "
                                     f"sums below 2^24): 4-blocks would store {4 * blocks / max(nnz, 1):.1f}x the "
                                     "nonzeros, and this CPU has no VNNI")
+    if "vnni" in host_dots() and requantize is None and blocks > DENSE_ABOVE * -(-k // 4) * m:
+        return Int8Dense(*args), (f"int8 ({a['mode']} activation scale, {DOT_NAMES['vnni']}) dense GEMM: {blocks} of "
+                                  f"{-(-k // 4) * m} 4-blocks hold a nonzero, over {DENSE_ABOVE} of them")
     if "vnni" in host_dots() and requantize is None:
         return Int8Chunked(*args, k_chunk=INT8_CHUNK), (
             f"int8 ({a['mode']} activation scale, {DOT_NAMES['vnni']}, in K-chunks of {INT8_CHUNK})"

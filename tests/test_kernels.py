@@ -637,10 +637,10 @@ def test_int8_on_the_fp32_sparse_kernel_is_exact():
 def test_int8_dynamic_quantization_of_nan_or_infinity_is_an_error():
     """DynamicQuantizeLinear's scale comes from x's range: with a NaN or an infinity in x
     there is none, and the kernel says so rather than computing with a NaN zero point."""
-    from sparsejit.kernels.int8 import Int8Chunked, Int8Linear, host_dots
+    from sparsejit.kernels.int8 import Int8Chunked, Int8Dense, Int8Linear, host_dots
 
     w = np.ones((8, 3), np.int8)
-    kinds = [Int8Linear] + [Int8Chunked] * ("vnni" in host_dots())
+    kinds = [Int8Linear] + [Int8Chunked, Int8Dense] * ("vnni" in host_dots())
     for impl in (kind(w, np.full(3, 0.1, np.float32), "dynamic") for kind in kinds):
         for bad in (np.nan, np.inf, -np.inf):
             x = np.ones((5, 8), np.float32)
@@ -650,16 +650,17 @@ def test_int8_dynamic_quantization_of_nan_or_infinity_is_an_error():
         np.testing.assert_allclose(impl(np.ones((5, 8), np.float32)), impl.reference(np.ones((5, 8), np.float32)))
 
 
-@pytest.mark.parametrize("dot", ["vnni", "vnni-chunked", "pmaddwd", "generic"])
+@pytest.mark.parametrize("dot", ["vnni", "vnni-chunked", "vnni-dense", "pmaddwd", "generic"])
 def test_int8_kernel_exact_against_the_integer_reference(dot):
     """The int8 kernel, with each way of making the dot products (AVX-512 VNNI, AVX2
-    vpmaddwd, written out for any CPU), and the K-chunked VNNI kernel (int8.Int8Chunked,
-    in chunks of 64 inputs), against the numpy reference: int32 sums exactly,
+    vpmaddwd, written out for any CPU), the K-chunked VNNI kernel (int8.Int8Chunked, in
+    chunks of 64 inputs) and the VNNI dense GEMM (int8.Int8Dense), against the numpy
+    reference: int32 sums exactly,
     then the float epilogue; dynamic and static uint8 and int8 activation quantization;
     1 output, 1 input, all-zero, 4-block and unstructured weights, weights of ±127 and
     -128 next to activations of 255 (where AVX2's vpmaddubsw saturates); 0, 1, 17, 130
     and 200 tokens (whole tiles, every narrower tile, a masked last vector)."""
-    from sparsejit.kernels.int8 import Int8Chunked, Int8Linear, host_dots, reference_qlinear
+    from sparsejit.kernels.int8 import Int8Chunked, Int8Dense, Int8Linear, host_dots, reference_qlinear
 
     if dot.split("-")[0] not in host_dots():
         pytest.skip(f"this CPU does not run the {dot} int8 kernel")
@@ -686,8 +687,9 @@ def test_int8_kernel_exact_against_the_integer_reference(dot):
                                  ("static", np.float32(0.02), np.int8(-3))]:
                 scale = ws if mode == "dynamic" else np.float32(xs) * ws
                 for act, res in [("none", False), ("gelu", True)]:
-                    impl = Int8Chunked(w, scale, mode, xs, xz, bias, act, res, k_chunk=64) \
-                        if dot == "vnni-chunked" else Int8Linear(w, scale, mode, xs, xz, bias, act, res, dot=dot)
+                    args = (w, scale, mode, xs, xz, bias, act, res)
+                    impl = Int8Chunked(*args, k_chunk=64) if dot == "vnni-chunked" else Int8Dense(*args) \
+                        if dot == "vnni-dense" else Int8Linear(*args, dot=dot)
                     want = reference_qlinear(x, r if res else None, weight=w, scale=scale, mode=mode, x_scale=xs,
                                              x_zero_point=xz, bias=bias, activation=act, residual=res)
                     np.testing.assert_array_equal(impl.dense_weight(), w)

@@ -163,7 +163,7 @@ def test_degenerate_shapes_of_every_kernel_at_two_threads(tmp_path):
 DEGENERATE_INT8 = """
     import numba, numpy as np
     from sparsejit.kernels import elementwise
-    from sparsejit.kernels.int8 import Int8Chunked, Int8Linear, host_dots, reference_qlinear
+    from sparsejit.kernels.int8 import Int8Chunked, Int8Dense, Int8Linear, host_dots, reference_qlinear
     from sparsejit.ops import dequantize_linear, qlinear_matmul, quantize_linear
     numba.set_num_threads(2)
     rng = np.random.default_rng(0)
@@ -177,11 +177,11 @@ DEGENERATE_INT8 = """
                 w[:] = 127
             scale = np.full(m, 0.01, np.float32)
             requantize = np.array([[0.05] * m, [-100.0] * m, [155.0] * m], np.float32)
-            for dot in host_dots() + ["vnni-chunked"] * ("vnni" in host_dots()):
-                for rq in (None, requantize) if dot != "vnni-chunked" else (None,):
-                    impl = Int8Chunked(w, scale, "static", np.float32(0.1), np.uint8(100), k_chunk=4) \
-                        if dot == "vnni-chunked" else \
-                        Int8Linear(w, scale, "static", np.float32(0.1), np.uint8(100), requantize=rq, dot=dot)
+            for dot in host_dots() + ["vnni-chunked", "vnni-dense"] * ("vnni" in host_dots()):
+                for rq in (None, requantize) if not dot.startswith("vnni-") else (None,):
+                    args = (w, scale, "static", np.float32(0.1), np.uint8(100))
+                    impl = Int8Chunked(*args, k_chunk=4) if dot == "vnni-chunked" else Int8Dense(*args) \
+                        if dot == "vnni-dense" else Int8Linear(*args, requantize=rq, dot=dot)
                     for tokens in (0, 1, 3, 17):
                         x = rng.standard_normal((tokens, k)).astype(np.float32)
                         want = reference_qlinear(x, weight=w, scale=scale, mode="static", x_scale=np.float32(0.1),
