@@ -268,6 +268,18 @@ class _Quantized:
     def dense_weight(self) -> np.ndarray:
         raise NotImplementedError
 
+    def _set_vnni_terms(self, weight: np.ndarray) -> None:
+        """What the VNNI kernels' epilogue reads (sparse_ir's and dense_ir's `int8`): the
+        weight's column sums, and [bias | output scale | the zero point's correction
+        (i32)], the last two fixed at load when x's quantization is static."""
+        m = self.out_features
+        self.colsum = weight.astype(np.int32).sum(axis=0).astype(np.int32)
+        self._kbias = np.zeros(3 * m, np.float32)
+        self._kbias[:m] = self.bias
+        if self.mode != "dynamic":
+            self._kbias[m:2 * m] = output_scale(self.mode, np.float32(self.x_scale), self.scale)
+            self._kbias[2 * m:].view(np.int32)[:] = (self._zero - self._lo) * self.colsum
+
     def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         return reference_qlinear(x, residual, weight=self.dense_weight(), scale=self.scale, mode=self.mode,
                                  x_scale=self.x_scale, x_zero_point=self.x_zero_point, bias=self.bias,
@@ -290,6 +302,13 @@ class _Quantized:
         raise NotImplementedError
 
 
+def _quantize_fns() -> tuple:
+    """The range (dynamic scales) and quantize-into-4-blocks IR kernels, as ctypes functions."""
+    lanes = vector_lanes()
+    return (RANGE_SIGNATURE.ctypes()(compile_ir(range_ir(lanes), RANGE_SIGNATURE.name)),
+            QUANTIZE_SIGNATURE.ctypes()(compile_ir(quantize_ir(lanes), QUANTIZE_SIGNATURE.name)))
+
+
 class Int8Linear(_Quantized):
     """The int8 kernel for one quantized Linear node (attributes as reference_qlinear takes)."""
 
@@ -307,10 +326,7 @@ class Int8Linear(_Quantized):
         self._requant = np.zeros((self.out_features if requantize is not None else 1, 4), np.float32)
         if requantize is not None:
             self._requant[:, :3] = np.broadcast_to(np.asarray(requantize, np.float32), (3, self.out_features)).T
-        lanes = vector_lanes()
-        self._fns = (RANGE_SIGNATURE.ctypes()(compile_ir(range_ir(lanes), RANGE_SIGNATURE.name)),
-                     QUANTIZE_SIGNATURE.ctypes()(compile_ir(quantize_ir(lanes), QUANTIZE_SIGNATURE.name)),
-                     SIGNATURE.ctypes()(compile_ir(int8_ir(self.config), SIGNATURE.name)))
+        self._fns = (*_quantize_fns(), SIGNATURE.ctypes()(compile_ir(int8_ir(self.config), SIGNATURE.name)))
         self._driver = load_source(DRIVER_SOURCE).run_int8
         self._bounds: tuple[int, np.ndarray] = (0, np.zeros(1, np.int64))
         if mode == "dynamic":
@@ -460,22 +476,15 @@ class Int8Chunked(_Quantized, SparseLinear):
     def __init__(self, weight: np.ndarray, scale, mode: str, x_scale=None, x_zero_point=None, bias=None,
                  activation: str = "none", residual: bool = False, k_chunk: int | None = ON_FLOAT_CHUNK):
         _Quantized.__init__(self, weight, scale, mode, x_scale, x_zero_point, bias, activation, residual)
-        k, m = weight.shape
+        k = weight.shape[0]
         self.pattern = analyse(weight)
         self.config = IRConfig(1, activation, residual, 16, SPARSE_VECTORS[16], 16 if k <= 1 << 16 else 32,
                                int8=True)
         indptr, k4, packed = compress_blocks(weight)
         self._csr = indptr, (4 * k4.astype(np.int64)).astype(np.uint16 if k <= 1 << 16 else np.int32), packed
-        self.colsum = weight.astype(np.int32).sum(axis=0).astype(np.int32)
-        self._kbias = np.zeros(3 * m, np.float32)  # [bias | output scale | the zero point's correction (i32)]
-        self._kbias[:m] = self.bias
-        if mode != "dynamic":
-            self._kbias[m:2 * m] = output_scale(mode, np.float32(x_scale), self.scale)
-            self._kbias[2 * m:].view(np.int32)[:] = (self._zero - self._lo) * self.colsum
-        lanes = vector_lanes()
-        self._fns = (RANGE_SIGNATURE.ctypes()(compile_ir(range_ir(lanes), RANGE_SIGNATURE.name)),
-                     QUANTIZE_SIGNATURE.ctypes()(compile_ir(quantize_ir(lanes), QUANTIZE_SIGNATURE.name)),
-                     SPARSE_SIGNATURE.ctypes()(compile_ir(ir_source(self.config), SPARSE_SIGNATURE.name)))
+        self._set_vnni_terms(weight)
+        self._fns = (*_quantize_fns(), SPARSE_SIGNATURE.ctypes()(compile_ir(ir_source(self.config),
+                                                                             SPARSE_SIGNATURE.name)))
         self._driver = load_source(CHUNKED_DRIVER_SOURCE).run_chunked
         self._set_chunk(k_chunk)
 
@@ -532,15 +541,8 @@ class Int8Dense(_Quantized, DenseLinear):
         blocks = padded.reshape(k4, 4, panels * rows).transpose(0, 2, 1).copy().view(np.int32)[..., 0]
         # wp[p, k4, r]: the 4-block (W[4·k4 .. 4·k4 + 3, j]) of output j = p·rows + r, as float32 bits
         self.weight = np.ascontiguousarray(blocks.reshape(k4, panels, rows).transpose(1, 0, 2)).view(np.float32)
-        self.colsum = weight.astype(np.int32).sum(axis=0).astype(np.int32)
-        self._kbias = np.zeros(3 * m, np.float32)  # [bias | output scale | the zero point's correction (i32)]
-        self._kbias[:m] = self.bias
-        if mode != "dynamic":
-            self._kbias[m:2 * m] = output_scale(mode, np.float32(x_scale), self.scale)
-            self._kbias[2 * m:].view(np.int32)[:] = (self._zero - self._lo) * self.colsum
-        lanes = vector_lanes()
-        self._fns = (RANGE_SIGNATURE.ctypes()(compile_ir(range_ir(lanes), RANGE_SIGNATURE.name)),
-                     QUANTIZE_SIGNATURE.ctypes()(compile_ir(quantize_ir(lanes), QUANTIZE_SIGNATURE.name)))
+        self._set_vnni_terms(weight)
+        self._fns = _quantize_fns()
         self._fn = DENSE_SIGNATURE.ctypes()(compile_ir(dense_ir(self.config), DENSE_SIGNATURE.name))
         self._driver = load_source(DENSE_DRIVER_SOURCE).run_panels
         width = self.config.lanes * self.config.vectors
