@@ -280,14 +280,14 @@ def test_the_file_may_change_or_go_after_load(tmp_path):
 INT8 = MODELS_DIR / "int8"
 
 
-def fork_and_threads(path: Path) -> str:
-    return FORK_AND_THREADS.replace("MODEL_PATH", repr(str(path)))
+def fork_and_threads(path: Path, precision: str = "fp32") -> str:
+    return FORK_AND_THREADS.replace("MODEL_PATH", repr(str(path))).replace("PRECISION", repr(precision))
 
 
 FORK_AND_THREADS = """
     import os, threading, numpy as np, numba, sparsejit
     from conftest import make_inputs
-    model = sparsejit.load(MODEL_PATH, num_threads=2)
+    model = sparsejit.load(MODEL_PATH, num_threads=2, precision=PRECISION)
     feeds = make_inputs(model.input_names, 2, 16)
     first = model.run(feeds)[0]
     pid = os.fork()
@@ -322,6 +322,17 @@ def test_fork_after_load_and_concurrent_runs(tmp_path, path):
     the per-element kernels between them too (a QOperator file; a SparseML file, whose
     LayerNorms round to a grid as they store)."""
     out = run_python(fork_and_threads(path))
+    assert out.stdout.split()[-1] == "tbb" or "tbb" not in _installed()
+
+
+def test_fork_and_concurrent_runs_in_bf16(tmp_path):
+    """The same for a model loaded with precision="bf16" (its bf16 Linear, GEMM and attention
+    kernels pack their operands into per-call buffers)."""
+    from sparsejit.kernels.bf16 import has_bf16
+
+    if not has_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    out = run_python(fork_and_threads(MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx", "bf16"))
     assert out.stdout.split()[-1] == "tbb" or "tbb" not in _installed()
 
 
