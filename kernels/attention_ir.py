@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from .epilogue import exp as _exp
 from .ir import Builder, Signature
-from .sparse_ir import BF16_DOT
+from .lowp_ir import bf16_dot, bf16_pairs, pack_pair_rows
 
 SIGNATURE = Signature("attention_head", (
     ("qt", "ptr"), ("ldq", "i64"), ("kt", "ptr"), ("ldk", "i64"), ("vt", "ptr"), ("ldv", "i64"), ("mask", "ptr"),
@@ -54,11 +54,7 @@ ZERO = "zeroinitializer"
 
 def _dot(e: Builder, cfg: AttentionConfig, w: str, x: str, acc: str) -> str:
     """acc + w·x: a fma, or with bf16 one `vdpbf16ps` of a pair (w broadcast, x a vector of pairs)."""
-    if not cfg.bf16:
-        return e.fma(w, x, acc)
-    bv = f"<{2 * e.lanes} x bfloat>"
-    return e.call(BF16_DOT, e.vt, (e.vt, acc), (bv, e(f"bitcast {e.vt} {x} to {bv}")),
-                  (bv, e(f"bitcast {e.vt} {w} to {bv}")))
+    return bf16_dot(e, acc, x, w) if cfg.bf16 else e.fma(w, x, acc)
 
 
 def _scores(e: Builder, cfg: AttentionConfig, i0: str, masks: list[str]) -> list[str]:
@@ -135,7 +131,7 @@ def _softmax(e: Builder, cfg: AttentionConfig, maxes: list[str]) -> tuple[list[s
             p0 = probability(j0, v)
             p1 = e(f"select i1 {inside}, {vt} {probability(e(f'select i1 {inside}, i64 {j1}, i64 {j0}'), v)}, "
                    f"{vt} {ZERO}")
-            e.vstore(_pairs(e, p0, p1), e.vptr("%s", e(f"mul i64 {jp}, {L * QV}"), v), None)
+            e.vstore(bf16_pairs(e, p0, p1), e.vptr("%s", e(f"mul i64 {jp}, {L * QV}"), v), None)
             out.append(e(f"fadd {vt} {e(f'fadd {vt} {sums[v]}, {p0}')}, {p1}"))
         return out
 
@@ -181,15 +177,6 @@ def _output(e: Builder, cfg: AttentionConfig, i0: str, masks: list[str], scales:
     e.loop(start, "%d", 1, [], features(1))
 
 
-def _pairs(e: Builder, lo: str, hi: str) -> str:
-    """Two float vectors as one of bfloat16 pairs (lo's in the low halves), as float bits."""
-    L, hv = e.lanes, f"<{e.lanes} x bfloat>"
-    interleave = ", ".join(f"i32 {i // 2 + (i % 2) * L}" for i in range(2 * L))
-    pair = e(f"shufflevector {hv} {e(f'fptrunc {e.vt} {lo} to {hv}')}, {hv} {e(f'fptrunc {e.vt} {hi} to {hv}')}, "
-             f"<{2 * L} x i32> <{interleave}>")
-    return e(f"bitcast <{2 * L} x bfloat> {pair} to {e.vt}")
-
-
 def _packed(e: Builder) -> None:
     """bf16: the head's operands packed into pk, rows of whole vectors (16 tokens each):
     qp [d2, ldqp] and kp [d2, ldkp], token t's pair of head features (2e, 2e + 1) in one
@@ -210,20 +197,8 @@ def _packed(e: Builder) -> None:
     e(f"getelementptr inbounds float, ptr %pk, i64 {e('mul i64 %d2, %ldqp')}", "%kp")
     e(f"getelementptr inbounds float, ptr %kp, i64 {e('mul i64 %d2, %ldkp')}", "%vp")
 
-    def pack_rows(src, ld, dst, ldd, ntok):  # rows (2p, 2p + 1) of src → row p of dst
-        def tile(p, t):
-            (mask,) = e.lane_masks(t, 1, ntok)
-            r0 = e(f"mul i64 {p}, 2")
-            r1 = e(f"add i64 {r0}, 1")
-            inside = e(f"icmp slt i64 {r1}, %d")
-            lo = e.vload(e.gep(src, e.offset(r0, ld, t)), mask)
-            hi = e.vload(e.gep(src, e.offset(e(f"select i1 {inside}, i64 {r1}, i64 {r0}"), ld, t)), mask)
-            hi = e(f"select i1 {inside}, {e.vt} {hi}, {e.vt} {ZERO}")
-            e.vstore(_pairs(e, lo, hi), e.gep(dst, e.offset(p, ldd, t)), None)
-        e.loop("0", "%d2", 1, [], lambda p, _: e.tiles("0", ntok, L, lambda t: tile(p, t)) or [])
-
-    pack_rows("%qt", "%ldq", "%qp", "%ldqp", "%tq")
-    pack_rows("%kt", "%ldk", "%kp", "%ldkp", "%tk")
+    pack_pair_rows(e, "%qt", "%ldq", "%d", "%qp", "%ldqp", "0", "%d2", "%tq")
+    pack_pair_rows(e, "%kt", "%ldk", "%d", "%kp", "%ldkp", "0", "%d2", "%tk")
     wide, iv = f"<{2 * L} x i64>", f"<{L} x i64>"
     iota = f"<{', '.join(f'i64 {i}' for i in range(2 * L))}>"
     tk_wide = e(f"shufflevector {iv} {e.splat_i64('%tk')}, {iv} poison, <{2 * L} x i32> zeroinitializer")

@@ -40,6 +40,7 @@ from .linear import (
     _bias,
     linear_epilogue,
 )
+from .lowp_ir import pack_pair_rows
 from .sparse_ir import SIGNATURE as SPARSE_SIGNATURE
 from .sparse_ir import IRConfig, ir_source
 
@@ -81,32 +82,9 @@ PACK_SIGNATURE = Signature("pack_pairs", (("xt", "ptr"), ("ldx", "i64"), ("xp", 
                                           ("p0", "i64"), ("p1", "i64"), ("ntok", "i64")))
 
 
-def _pack(e: Builder) -> None:
-    """xp[p, t] = bf16(xt[2p, t]) | bf16(xt[2p + 1, t]) << 16 for pair rows [p0, p1), the
-    second 0 past the last input; whole vectors of tokens up to ntok rounded up to 16
-    (the kernel reads them; the lanes past ntok hold zeros)."""
-    L, vt = e.lanes, e.vt
-    hv = f"<{L} x bfloat>"
-    interleave = ", ".join(f"i32 {i // 2 + (i % 2) * L}" for i in range(2 * L))
-
-    def tile(p, t):
-        (mask,) = e.lane_masks(t, 1, "%ntok")
-        k = e(f"mul i64 {p}, 2")
-        lo = e.vload(e.gep("%xt", e.offset(k, "%ldx", t)), mask)
-        k1 = e(f"add i64 {k}, 1")
-        inside = e(f"icmp slt i64 {k1}, %k")
-        hi = e.vload(e.gep("%xt", e.offset(e(f"select i1 {inside}, i64 {k1}, i64 {k}"), "%ldx", t)), mask)
-        hi = e(f"select i1 {inside}, {vt} {hi}, {vt} zeroinitializer")
-        pair = e(f"shufflevector {hv} {e(f'fptrunc {vt} {lo} to {hv}')}, {hv} {e(f'fptrunc {vt} {hi} to {hv}')}, "
-                 f"<{2 * L} x i32> <{interleave}>")
-        e.raw(f"  store <{2 * L} x bfloat> {pair}, ptr {e.gep('%xp', e.offset(p, '%ldp', t), 'i32')}, align 4")
-
-    e.loop("%p0", "%p1", 1, [], lambda p, _: e.tiles("0", "%ntok", L, lambda t: tile(p, t)) or [])
-
-
 def pack_ir() -> str:
     e = Builder(16)
-    e.function(PACK_SIGNATURE, lambda: _pack(e))
+    e.function(PACK_SIGNATURE, lambda: pack_pair_rows(e, "%xt", "%ldx", "%k", "%xp", "%ldp", "%p0", "%p1", "%ntok"))
     return e.module("; sparsejit generated kernel: float xt packed into bfloat16 pairs of inputs\n"
                     "; xp[p, t] = bf16(xt[2p, t]) | bf16(xt[2p + 1, t]) << 16 (0 past the last input)")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from .epilogue import ACTIVATIONS, epilogue
 from .ir import Builder, Signature
-from .sparse_ir import BF16_DOT, VNNI_DOT
+from .lowp_ir import bf16_dot, scaled_sums, vnni_dot
 
 SIGNATURE = Signature("dense_panels", (
     ("xt", "ptr"), ("ldx", "i64"), ("wp", "ptr"), ("bias", "ptr"), ("yt", "ptr"), ("ldy", "i64"), ("rt", "ptr"),
@@ -61,6 +61,8 @@ def _panel(e: Builder, cfg: DenseConfig, p: str) -> None:
         rows_in.append(e(f"select i1 {e(f'icmp slt i64 {j}, %m')}, i64 {j}, i64 {e('add i64 %m, -1')}"))
         biases.append(e.splat(e(f"load float, ptr {e.gep('%bias', rows_in[-1])}, align 4")))
 
+    dot = vnni_dot if cfg.int8 else bf16_dot if cfg.bf16 else lambda e, acc, x, w: e.fma(w, x, acc)
+
     def tile(t, masked: bool):
         masks = e.lane_masks(t, V, "%ntok") if masked else [None] * V
 
@@ -69,27 +71,14 @@ def _panel(e: Builder, cfg: DenseConfig, p: str) -> None:
             woff = e(f"mul i64 {kk}, {R}")
             out = []
             for r in range(R):
-                w = e(f"load float, ptr {e.gep(wpanel, e(f'add i64 {woff}, {r}') if r else woff)}, align 4")
-                if cfg.int8:
-                    iv = f"<{e.lanes} x i32>"
-                    wi = e(f"bitcast {vt} {e.splat(w)} to {iv}")
-                    for v in range(V):
-                        acc = e(f"bitcast {vt} {accs[r * V + v]} to {iv}")
-                        acc = e.call(VNNI_DOT, iv, (iv, acc), (iv, e(f"bitcast {vt} {xs[v]} to {iv}")), (iv, wi))
-                        out.append(e(f"bitcast {iv} {acc} to {vt}"))
-                elif cfg.bf16:
-                    bv = f"<{2 * e.lanes} x bfloat>"
-                    wb = e(f"bitcast {vt} {e.splat(w)} to {bv}")
-                    out += [e.call(BF16_DOT, vt, (vt, accs[r * V + v]), (bv, e(f"bitcast {vt} {xs[v]} to {bv}")),
-                                   (bv, wb)) for v in range(V)]
-                else:
-                    out += [e.fma(e.splat(w), xs[v], accs[r * V + v]) for v in range(V)]
+                w = e.splat(e(f"load float, ptr {e.gep(wpanel, e(f'add i64 {woff}, {r}') if r else woff)}, align 4"))
+                out += [dot(e, accs[r * V + v], xs[v], w) for v in range(V)]
             return out
 
-        init = [ZERO if cfg.int8 else biases[r] for r in range(R) for _ in range(V)]
+        init = ["zeroinitializer" if cfg.int8 else biases[r] for r in range(R) for _ in range(V)]
         _, accs = e.loop("0", "%k", 1, [(vt, a) for a in init], step)
         if cfg.int8:
-            accs = _int8_scaled(e, accs, rows_in, biases, V)
+            accs = [y for r in range(R) for y in scaled_sums(e, accs[r * V:(r + 1) * V], rows_in[r], biases[r], True)]
         for r, j in enumerate(js):
             store, skip = e.fresh("store"), e.fresh("skip")
             e.cond_br(e(f"icmp slt i64 {j}, %m"), store, skip)
@@ -112,25 +101,6 @@ def _panel(e: Builder, cfg: DenseConfig, p: str) -> None:
     tile(rest, True)
     e.br(done)
     e.label(done)
-
-
-ZERO = "zeroinitializer"
-
-
-def _int8_scaled(e: Builder, accs: list[str], rows: list[str], biases: list[str], vectors: int) -> list[str]:
-    """Each row's i32 sums less its correction bias[2m + j], times its scale bias[m + j],
-    plus its bias (rows past m read row m - 1's: never stored)."""
-    iv, vt = f"<{e.lanes} x i32>", e.vt
-    out = []
-    for r, j in enumerate(rows):
-        scale = e.splat(e(f"load float, ptr {e.gep('%bias', e(f'add i64 {j}, %m'))}, align 4"))
-        at = e(f"add i64 {j}, {e('mul i64 %m, 2')}")
-        corr = e.splat_i32(e(f"load i32, ptr {e.gep('%bias', at, 'i32')}, align 4"))
-        for v in range(vectors):
-            acc = e(f"sub {iv} {e(f'bitcast {vt} {accs[r * vectors + v]} to {iv}')}, {corr}")
-            y = e(f"sitofp {iv} {acc} to {vt}")
-            out.append(e(f"fadd {vt} {e(f'fmul {vt} {y}, {scale}')}, {biases[r]}"))
-    return out
 
 
 def dense_ir(cfg: DenseConfig) -> str:

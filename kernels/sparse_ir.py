@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from .epilogue import ACTIVATIONS, epilogue
 from .ir import Builder, Signature
+from .lowp_ir import bf16_dot, scaled_sums, vnni_dot
 
 SIGNATURE = Signature("sparse_rows", (
     ("xt", "ptr"), ("ldx", "i64"), ("indptr", "ptr"), ("indices", "ptr"), ("values", "ptr"), ("bias", "ptr"),
@@ -48,20 +49,13 @@ class IRConfig:
     int8: bool = False        # 4-blocks of uint8 x and int8 w summed in i32 (see _add_block); bias holds 3m
 
 
-BF16_DOT = "llvm.x86.avx512bf16.dpbf16ps.512"
-VNNI_DOT = "llvm.x86.avx512.vpdpbusd.512"
-
-
 def _add_pair(e: Builder, vectors: int, mask: str | None, at: str, k: str, accs: list[str]) -> list[str]:
     """accs + the bfloat16 pair of weights at slot `at` × pair row k of xᵀ: `vdpbf16ps`
     (AVX512-BF16) adds, per token, x[2k]·w[0] + x[2k + 1]·w[1] to a float sum. Each i32 of
     values and of xᵀ holds the pair, input 2k in its low 16 bits."""
-    bv, vt = f"<{2 * e.lanes} x bfloat>", e.vt
-    packed = e(f"load i32, ptr {e.gep('%values', at, 'i32')}, align 4")
-    w = e(f"bitcast <{e.lanes} x i32> {e.splat_i32(packed)} to {bv}")
+    w = e.splat(e(f"load float, ptr {e.gep('%values', at)}, align 4"))  # (the pair's bits)
     start = e.offset(k, "%ldx", "%t")
-    return [e.call(BF16_DOT, vt, (vt, accs[u]), (bv, e(f"bitcast {vt} {e.vload(e.vptr('%xt', start, u), mask)} to {bv}")),
-                   (bv, w)) for u in range(vectors)]
+    return [bf16_dot(e, accs[u], e.vload(e.vptr("%xt", start, u), mask), w) for u in range(vectors)]
 
 
 def _add_block(e: Builder, vectors: int, mask: str | None, at: str, k4: str, accs: list[str]) -> list[str]:
@@ -70,15 +64,9 @@ def _add_block(e: Builder, vectors: int, mask: str | None, at: str, k4: str, acc
     (int8_ir's layout: each i32 of values and of xᵀ holds the block's four bytes). The
     sums are carried as float vectors, bit for bit (every loop and store is the float
     kernel's), and read as i32 by the epilogue."""
-    iv, vt = f"<{e.lanes} x i32>", e.vt
-    w = e.splat_i32(e(f"load i32, ptr {e.gep('%values', at, 'i32')}, align 4"))
+    w = e.splat(e(f"load float, ptr {e.gep('%values', at)}, align 4"))  # (the block's bits)
     start = e.offset(k4, "%ldx", "%t")
-    out = []
-    for u in range(vectors):
-        a = e(f"bitcast {vt} {e.vload(e.vptr('%xt', start, u), mask)} to {iv}")
-        acc = e.call(VNNI_DOT, iv, (iv, e(f"bitcast {vt} {accs[u]} to {iv}")), (iv, a), (iv, w))
-        out.append(e(f"bitcast {iv} {acc} to {vt}"))
-    return out
+    return [vnni_dot(e, accs[u], e.vload(e.vptr("%xt", start, u), mask), w) for u in range(vectors)]
 
 
 def _add_stored(e: Builder, cfg: IRConfig, vectors: int, mask: str | None, at: str, k_stored: str,
@@ -157,31 +145,11 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
     e.raw("  ret void")
     e.label("epilogue")
     rstart = e.offset("%j", "%ldr", "%t") if cfg.residual else None
-    if cfg.scaled:  # an int8 layer's exact integer sums (int8.Int8OnFloat): times the scale, plus the bias
-        scale = e.splat(e(f"load float, ptr {e.gep('%bias', e('add i64 %j, %m'))}, align 4"))
-        bias = e.splat(e(f"load float, ptr {e.gep('%bias', '%j')}, align 4"))
-        sums = [e(f"fadd {vt} {e(f'fmul {vt} {v}, {scale}')}, {bias}") for v in sums]
-    if cfg.int8:
-        sums = _int8_scaled(e, sums)
+    if cfg.scaled or cfg.int8:  # an int8 layer's exact sums (int8.Int8OnFloat, Int8Chunked): scaled, plus the bias
+        sums = scaled_sums(e, sums, "%j", e.splat(e(f"load float, ptr {e.gep('%bias', '%j')}, align 4")), cfg.int8)
     for u, (v, ptr) in enumerate(zip(sums, yptrs)):
         residual = e.vptr("%rt", rstart, u) if cfg.residual else None
         e.vstore(epilogue(e, cfg.activation, v, residual, mask), ptr, mask)
-
-
-def _int8_scaled(e: Builder, sums: list[str]) -> list[str]:
-    """An int8 row's i32 sums less the zero point's correction bias[2m + j] (an i32),
-    times the output scale bias[m + j], plus the bias bias[j] (int8.Int8Linear's epilogue)."""
-    iv, vt = f"<{e.lanes} x i32>", e.vt
-    scale = e.splat(e(f"load float, ptr {e.gep('%bias', e('add i64 %j, %m'))}, align 4"))
-    bias = e.splat(e(f"load float, ptr {e.gep('%bias', '%j')}, align 4"))
-    at = e(f"add i64 %j, {e('mul i64 %m, 2')}")
-    corr = e.splat_i32(e(f"load i32, ptr {e.gep('%bias', at, 'i32')}, align 4"))
-    out = []
-    for v in sums:
-        acc = e(f"bitcast {vt} {v} to {iv}")
-        y = e(f"sitofp {iv} {e(f'sub {iv} {acc}, {corr}')} to {vt}")
-        out.append(e(f"fadd {vt} {e(f'fmul {vt} {y}, {scale}')}, {bias}"))
-    return out
 
 
 def _driver(e: Builder, cfg: IRConfig) -> None:

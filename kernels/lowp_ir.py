@@ -1,0 +1,76 @@
+"""The low-precision pieces the IR generators share (sparse_ir, dense_ir, attention_ir,
+bf16): the two dot-product instructions, packing float rows into bfloat16 pairs, and the
+scaled epilogue of integer (int8) or scaled float sums.
+
+Sums are carried as float vectors whatever they hold (i32 for VNNI), bit for bit, so
+that every loop, phi, load and store of a generator stays the float kernel's; the dots
+bitcast their operands.
+
+- `bf16_dot`: `vdpbf16ps` (AVX512-BF16): per float lane, acc + x.lo·w.lo + x.hi·w.hi for
+  two bfloat16 pairs held in one 32-bit lane.
+- `vnni_dot`: `vpdpbusd` (AVX-512 VNNI): per i32 lane, acc + Σ of four products of
+  uint8 x and int8 w bytes.
+"""
+
+from __future__ import annotations
+
+from .ir import Builder
+
+BF16_DOT = "llvm.x86.avx512bf16.dpbf16ps.512"
+VNNI_DOT = "llvm.x86.avx512.vpdpbusd.512"
+ZERO = "zeroinitializer"
+
+
+def bf16_dot(e: Builder, acc: str, x: str, w: str) -> str:
+    """acc + the pairs of x times the pairs of w (float vectors of the pairs' bits)."""
+    bv, vt = f"<{2 * e.lanes} x bfloat>", e.vt
+    return e.call(BF16_DOT, vt, (vt, acc), (bv, e(f"bitcast {vt} {x} to {bv}")), (bv, e(f"bitcast {vt} {w} to {bv}")))
+
+
+def vnni_dot(e: Builder, acc: str, x: str, w: str) -> str:
+    """acc (i32 sums as float bits) + per lane the four products of x's uint8 and w's int8."""
+    iv, vt = f"<{e.lanes} x i32>", e.vt
+    out = e.call(VNNI_DOT, iv, (iv, e(f"bitcast {vt} {acc} to {iv}")), (iv, e(f"bitcast {vt} {x} to {iv}")),
+                 (iv, e(f"bitcast {vt} {w} to {iv}")))
+    return e(f"bitcast {iv} {out} to {vt}")
+
+
+def bf16_pairs(e: Builder, lo: str, hi: str) -> str:
+    """Two float vectors as one of bfloat16 pairs, lo's in the low halves (as float bits);
+    `fptrunc` rounds to nearest even, NaN kept NaN."""
+    L, hv = e.lanes, f"<{e.lanes} x bfloat>"
+    interleave = ", ".join(f"i32 {i // 2 + (i % 2) * L}" for i in range(2 * L))
+    pair = e(f"shufflevector {hv} {e(f'fptrunc {e.vt} {lo} to {hv}')}, {hv} {e(f'fptrunc {e.vt} {hi} to {hv}')}, "
+             f"<{2 * L} x i32> <{interleave}>")
+    return e(f"bitcast <{2 * L} x bfloat> {pair} to {e.vt}")
+
+
+def pack_pair_rows(e: Builder, src: str, ld: str, rows: str, dst: str, ldd: str, p0: str, p1: str, ntok: str) -> None:
+    """dst[p, t] = the bfloat16 pair (src[2p, t], src[2p + 1, t]) for pair rows [p0, p1),
+    the second 0 past the last of `rows` rows; whole vectors of tokens up to ntok rounded
+    up to the lanes (the lanes past ntok hold zeros)."""
+    def tile(p, t):
+        (mask,) = e.lane_masks(t, 1, ntok)
+        r0 = e(f"mul i64 {p}, 2")
+        r1 = e(f"add i64 {r0}, 1")
+        inside = e(f"icmp slt i64 {r1}, {rows}")
+        lo = e.vload(e.gep(src, e.offset(r0, ld, t)), mask)
+        hi = e.vload(e.gep(src, e.offset(e(f"select i1 {inside}, i64 {r1}, i64 {r0}"), ld, t)), mask)
+        hi = e(f"select i1 {inside}, {e.vt} {hi}, {e.vt} {ZERO}")
+        e.vstore(bf16_pairs(e, lo, hi), e.gep(dst, e.offset(p, ldd, t)), None)
+
+    e.loop(p0, p1, 1, [], lambda p, _: e.tiles("0", ntok, e.lanes, lambda t: tile(p, t)) or [])
+
+
+def scaled_sums(e: Builder, sums: list[str], j: str, bias: str, int8: bool) -> list[str]:
+    """Row j's sums times its scale %bias[m + j], plus `bias` (its bias, splat); int8: the
+    sums are i32 (as float bits), less the zero point's correction %bias[2m + j] (an i32)
+    and converted first (int8.Int8Linear's epilogue)."""
+    iv, vt = f"<{e.lanes} x i32>", e.vt
+    scale = e.splat(e(f"load float, ptr {e.gep('%bias', e(f'add i64 {j}, %m'))}, align 4"))
+    if int8:
+        at = e(f"add i64 {j}, {e('mul i64 %m, 2')}")
+        corr = e.splat_i32(e(f"load i32, ptr {e.gep('%bias', at, 'i32')}, align 4"))
+        ints = [e(f"sub {iv} {e(f'bitcast {vt} {v} to {iv}')}, {corr}") for v in sums]
+        sums = [e(f"sitofp {iv} {v} to {vt}") for v in ints]
+    return [e(f"fadd {vt} {e(f'fmul {vt} {v}, {scale}')}, {bias}") for v in sums]
