@@ -148,6 +148,19 @@ def quantized_input(range_fn, quantize_fn, xt, xq, ldq, lanes, dynamic, x_scale,
     return True, scale, zero
 
 
+@njit(nogil=True, cache=True)
+def call_terms(kbias, scale, zero, wscale, colsum):
+    # the VNNI kernels' [bias | output scale | correction (i32)] for this call's dynamic scale
+    # and zero point (kbias holds the bias)
+    m = colsum.shape[0]
+    out = kbias.copy()
+    corr = out[2 * m:].view(np.int32)
+    for j in range(m):
+        out[m + j] = scale * wscale[j]
+        corr[j] = np.int32(zero) * colsum[j]
+    return out
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def run_int8(range_fn, quantize_fn, fn, xt, lanes, dynamic, x_scale, x_zero, x_lo, colsum, wscale, corr, mult,
              indptr, split, blocks, weights, bias, requant, yt, rt, bounds):
@@ -267,6 +280,10 @@ class _Quantized:
 
     def dense_weight(self) -> np.ndarray:
         raise NotImplementedError
+
+    def _x_quantization(self) -> tuple:
+        """x's scale, zero point and lowest byte for the VNNI drivers (placeholders when dynamic)."""
+        return (np.float32(0), 0, 0) if self.mode == "dynamic" else (np.float32(self.x_scale), self._zero, self._lo)
 
     def _set_vnni_terms(self, weight: np.ndarray) -> None:
         """What the VNNI kernels' epilogue reads (sparse_ir's and dense_ir's `int8`): the
@@ -447,11 +464,7 @@ def run_chunked(range_fn, quantize_fn, fn, xt, xq, lanes, dynamic, x_scale, x_ze
     if not finite:
         return False
     if dynamic:
-        kbias = kbias.copy()  # [bias | output scale | correction (i32)], this call's
-        corr = kbias[2 * m:].view(np.int32)
-        for j in range(m):
-            kbias[m + j] = scale * wscale[j]
-            corr[j] = np.int32(zero) * colsum[j]
+        kbias = call_terms(kbias, scale, zero, wscale, colsum)
     for c in prange(parts):
         fn(xq.ctypes.data, xq.strides[0] // 4, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data,
            kbias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data, rt.strides[0] // 4, m, nchunks,
@@ -512,13 +525,10 @@ class Int8Chunked(_Quantized, SparseLinear):
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
         _, bounds, indptr, indices, values, order = self._arrays()
-        scale, zero, lo = (np.float32(0), 0, 0) if self.mode == "dynamic" else \
-            (np.float32(self.x_scale), self._zero, self._lo)
         xq = feature_major_empty(-(-self.in_features // 4), xt.shape[1])
-        return self._driver(*self._fns, xt, xq, vector_lanes(), self.mode == "dynamic", scale, zero, lo, self.colsum,
-                            self.scale, self._kbias, indptr, indices, values, yt, rt, self.nchunks, order, bounds)
-
-
+        return self._driver(*self._fns, xt, xq, vector_lanes(), self.mode == "dynamic", *self._x_quantization(),
+                            self.colsum, self.scale, self._kbias, indptr, indices, values, yt, rt, self.nchunks,
+                            order, bounds)
 
 
 class Int8Dense(_Quantized, DenseLinear):
@@ -562,19 +572,15 @@ class Int8Dense(_Quantized, DenseLinear):
         return 0.0  # every multiply-add done
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
-        m, dynamic = self.out_features, self.mode == "dynamic"
-        scale, zero, lo = (np.float32(0), 0, 0) if dynamic else (np.float32(self.x_scale), self._zero, self._lo)
+        dynamic = self.mode == "dynamic"
+        driver = load_source(DRIVER_SOURCE)
         xq = feature_major_empty(-(-self.in_features // 4), xt.shape[1])
-        finite, scale, zero = load_source(DRIVER_SOURCE).quantized_input(
-            *self._fns, xt, xq.ctypes.data, xq.strides[0] // 4, vector_lanes(), dynamic, scale, zero, lo,
-            numba.get_num_threads())
+        finite, scale, zero = driver.quantized_input(*self._fns, xt, xq.ctypes.data, xq.strides[0] // 4,
+                                                     vector_lanes(), dynamic, *self._x_quantization(),
+                                                     numba.get_num_threads())
         if not finite:
             return False
-        kbias = self._kbias
-        if dynamic:  # this call's output scales and correction
-            kbias = kbias.copy()
-            kbias[m:2 * m] = np.float32(scale) * self.scale
-            kbias[2 * m:].view(np.int32)[:] = np.int32(zero) * self.colsum
+        kbias = driver.call_terms(self._kbias, scale, zero, self.scale, self.colsum) if dynamic else self._kbias
         parts = max(1, min(numba.get_num_threads(), self.weight.shape[0]))
         ntok = xq.shape[1]
         self._driver(self._fn, xq, self.weight, kbias, yt, rt, parts, ntok if ntok <= 128 else self.token_tile)

@@ -98,7 +98,6 @@ class LayerPlan:
         got = self.impl(probe_input(self.pattern.in_features), r)
         return got, linear_epilogue(self.probe, a["bias"], a["activation"], r)
 
-
     def bf16_bound(self) -> np.ndarray:
         """Per output, how far a bf16 kernel's result at the probe input may be from the
         float32 weights': x and w rounded to bfloat16's 8 significant bits (relative error
