@@ -160,6 +160,44 @@ def test_degenerate_shapes_of_every_kernel_at_two_threads(tmp_path):
     run_python(DEGENERATE, timeout=600)
 
 
+DEGENERATE_BF16 = """
+    import numba, numpy as np
+    from sparsejit.kernels.attention import fused_attention, reference_bf16_attention
+    from sparsejit.kernels.bf16 import BF16DenseLinear, BF16SparseLinear, reference_bf16_linear
+    numba.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    for k, m in [(1, 1), (1, 5), (2, 1), (3, 7), (130, 1), (129, 3)]:
+        for kind in ("random", "zero"):
+            w = rng.standard_normal((k, m)).astype(np.float32) * (kind == "random")
+            w[rng.random(w.shape) < 0.5] = 0
+            for layer in (BF16SparseLinear(w, None, "gelu", False, k_chunk=64 if k > 64 else None),
+                          BF16DenseLinear(w, None, "gelu", False)):
+                for tokens in (0, 1, 3, 17):
+                    x = rng.standard_normal((tokens, k)).astype(np.float32)
+                    got, want = layer(x), reference_bf16_linear(x, w, None, "gelu")
+                    assert got.shape == (tokens, m) and np.allclose(got, want, atol=1e-4, rtol=1e-4), (k, m, tokens)
+    for tq, tk, d in [(1, 1, 1), (1, 2, 3), (3, 1, 2), (17, 33, 5)]:
+        q = rng.standard_normal((1, 2, tq, d)).astype(np.float32)
+        kt = rng.standard_normal((1, 2, d, tk)).astype(np.float32)
+        v = rng.standard_normal((1, 2, tk, d)).astype(np.float32)
+        got = fused_attention(q, kt, v, None, np.float32(0.5), "mul", bf16=True)
+        want, bound = reference_bf16_attention(q, kt, v, None, 0.5)
+        assert got.shape == want.shape and np.all(np.abs(got - want) <= bound), (tq, tk, d)
+    print("ok")
+"""
+
+
+def test_degenerate_shapes_of_the_bf16_kernels_at_two_threads():
+    """The bf16 sparse and dense kernels and bf16 attention on 1 input or output, odd input
+    counts (a pair half past the end), all-zero weights, 0 and 1 token, one key, one head
+    feature, at two threads in a subprocess, each against its numpy meaning."""
+    from sparsejit.kernels.bf16 import has_bf16
+
+    if not has_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    assert run_python(DEGENERATE_BF16, timeout=600).stdout.split()[-1] == "ok"
+
+
 DEGENERATE_INT8 = """
     import numba, numpy as np
     from sparsejit.kernels import elementwise
