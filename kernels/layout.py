@@ -88,10 +88,19 @@ def unit_token_stride(a: np.ndarray) -> bool:
         (a.shape[1] <= 1 or a.strides[1] >= a.shape[0] * a.itemsize)
 
 
+def on_lines(t: np.ndarray) -> bool:
+    """Whether every row of a 2-D array starts on a 64-byte line (ALIGN). A row that does
+    not is read by vector loads that each straddle two lines: the sparse kernel took
+    about 1.5 times as long on such an xᵀ (see bench/README.md, seventh session)."""
+    return t.ctypes.data % ALIGN == 0 and (t.shape[0] <= 1 or t.strides[0] % ALIGN == 0)
+
+
 def transposed(a: np.ndarray) -> np.ndarray:
-    """a.T as float32 with unit inner stride (rows maybe padded), no copy when a.T is one."""
+    """a.T as float32 with unit inner stride and rows on 64-byte lines (maybe padded), no
+    copy when a.T is one: as every kernel output is, unlike most feature-major views of
+    numpy's own arrays (numpy aligns its buffers to 16 bytes)."""
     t = a.T
-    if unit_token_stride(a) and t.flags.writeable and t.dtype == np.float32:
+    if unit_token_stride(a) and t.flags.writeable and t.dtype == np.float32 and on_lines(t):
         return t
     out = feature_major_empty(t.shape[0], t.shape[1])
     load_source(TRANSPOSE_SOURCE).transpose(a.astype(np.float32, copy=False), out)

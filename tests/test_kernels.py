@@ -254,6 +254,23 @@ def test_activation_rows_start_on_cache_lines():
     assert transposed(np.ones((130, 48), np.float32)).ctypes.data % 64 == 0
 
 
+def test_transposed_hands_kernels_rows_on_lines():
+    """A feature-major view is passed through only when its rows start on 64-byte lines
+    (as a kernel's output does); one off the lines, as numpy's own buffers usually are,
+    is copied onto them, its values unchanged."""
+    aligned = feature_major_empty(48, 130)
+    aligned[:] = np.arange(48 * 130, dtype=np.float32).reshape(48, 130)
+    assert np.shares_memory(transposed(aligned.T), aligned)
+    buf = np.zeros(48 * 144 + 16, np.float32)
+    start = -buf.ctypes.data % 64 // 4 + 4  # 16 bytes past a line
+    off = buf[start:start + 48 * 144].reshape(48, 144)[:, :130]
+    off[:] = aligned
+    out = transposed(off.T)
+    assert not np.shares_memory(out, off)
+    assert out.ctypes.data % 64 == 0 and out.strides[0] % 64 == 0 and out.strides[1] == 4
+    np.testing.assert_array_equal(out, aligned)
+
+
 def test_transpose_kernel():
     rng = np.random.default_rng(4)
     for shape in [(1, 1), (33, 65), (128, 96)]:
