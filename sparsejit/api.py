@@ -129,6 +129,28 @@ class Model:
                 self._executor.run(feeds, wanted)
         return self._executor.forward(signature, wanted).source
 
+    def values(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray],
+               names: Sequence[str]) -> dict[str, np.ndarray]:
+        """The tensors `names` of the compiled graph (a node's output, such as a layer's
+        input `layer.node.inputs[0]`, or a graph input or output) computed on `inputs`, by
+        name. An unknown name is a ValueError naming it."""
+        feeds = self._validate(inputs)
+        known = set(self.graph.producers()) | {s.name for s in self.graph.inputs} | set(self.graph.constants)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"no tensor named {unknown} in the compiled graph of {self.graph.origin}")
+        names = list(dict.fromkeys(names))
+        if not names:
+            return {}
+        with self._threads:
+            return dict(zip(names, self._executor.run(feeds, tuple(names))))
+
+    def run_layer(self, layer: LayerPlan, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        """One of `layers`' chosen kernel on x [..., in] (plus `residual` [..., out] where
+        the layer adds one), with the model's threads."""
+        with self._threads:
+            return layer.impl(x, residual)
+
     def _wanted(self, output_names) -> tuple[str, ...]:
         wanted = tuple([output_names] if isinstance(output_names, str) else output_names or ())
         if not wanted:  # as ONNX Runtime: None or [] asks for every output

@@ -158,8 +158,7 @@ def _outputs(x: np.ndarray, *layers) -> list[np.ndarray]:
     out = []
     for model, layer in layers:
         r = np.zeros((x.shape[0], layer.pattern_shape[1]), np.float32) if layer.node.attrs["residual"] else None
-        with model._threads:
-            out.append(layer.impl(x, r))
+        out.append(model.run_layer(layer, x, r))
     return out
 
 
@@ -169,9 +168,7 @@ def layer_errors(quantized, fp32, feeds: dict[str, np.ndarray]) -> list[dict]:
     The outputs are compared on the activations the FP32 model computes for `feeds`, so
     each row is that layer's own error, not what the layers before it added."""
     pairs = match_layers(quantized.layers, fp32.layers)
-    inputs = list(dict.fromkeys(f.node.inputs[0] for _, f in pairs if f is not None))
-    with fp32._threads:
-        values = dict(zip(inputs, fp32._executor.run(feeds, tuple(inputs)))) if inputs else {}
+    values = fp32.values(feeds, [f.node.inputs[0] for _, f in pairs if f is not None])
     rows = []
     for q, f in pairs:
         row = {"layer": q.name, "fp32_layer": f.name if f else None, "shape": q.pattern_shape}

@@ -35,6 +35,22 @@ def test_list_inputs_in_graph_order_and_output_selection(bert):
     np.testing.assert_array_equal(swapped[1], full[0])
 
 
+def test_values_of_inner_tensors_and_one_layer_on_them(bert):
+    """`values` gives any tensor of the compiled graph by name (what the layer-by-layer
+    tools read); a layer run on its own input gives its output as the whole model does."""
+    feeds = make_inputs(bert.input_names, 2, 9)
+    first, last = bert.layers[0], bert.layers[-1]
+    names = [first.node.inputs[0], first.node.outputs[0], "last_hidden_state"]
+    got = bert.values(feeds, names + [names[0]])
+    assert list(got) == names
+    np.testing.assert_array_equal(got["last_hidden_state"], bert.run(feeds)[0])
+    np.testing.assert_allclose(bert.run_layer(first, got[names[0]]).reshape(got[names[1]].shape), got[names[1]],
+                               rtol=1e-6, atol=1e-6)
+    assert bert.values(feeds, []) == {}
+    with pytest.raises(ValueError, match="no tensor named .'nope'. in the compiled graph"):
+        bert.values(feeds, ["nope", last.node.inputs[0]])
+
+
 def test_outputs_are_plain_c_ordered_arrays(bert):
     """The kernels leave feature-major views; callers get C-ordered copies, equal to ORT's."""
     feeds = make_inputs(bert.input_names, 3, 20)
