@@ -1,0 +1,177 @@
+"""How far the kernels are from this CPU's limits: the vector product peaks, then the
+sparse kernels' rate of vector products against them.
+
+The peaks are measured, not taken from a data sheet: a loop of `chains` independent
+vector products (float32 FMA; `vdpbf16ps` and `vpdpbusd` where the CPU has them), once
+on registers only and once with each product's x loaded from a 32 KB buffer in L1, as
+the sparse kernels load a row of xᵀ for every stored weight. One chain gives the
+product's latency; the clock printed assumes the FMA latency is 4 cycles (Zen 3-5,
+Intel since Skylake).
+
+The kernels then run on one thread, 128 tokens, feature-major input (as the model hands
+it over), their best of `--calls` calls per round over `--rounds` rounds; their rate is
+stored slots × vectors of tokens per second, the product instructions they issue.
+
+    python bench/peaks.py [--out bench/results/peaks_<cpu>.md]
+
+Not part of CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import time
+
+import numba
+import numpy as np
+from sparsejit.kernels.compile import compile_ir, host_cpu, vector_lanes
+
+from sparsejit.benchmark import cpu_name
+
+ITERS = 4_000_000
+CHAINS = 12  # independent sums: more than latency × products per cycle (4 × 2)
+BUFFER_FLOATS = 8192  # 32 KB: in L1 on every x86-64 CPU this project runs on
+
+# op: (accumulator type, operand type, intrinsic call or None for fma); AVX-512 only for the low-precision ones
+OPS = {
+    "fp32 fma": ("float", "float", None),
+    "bf16 vdpbf16ps": ("float", "bfloat", "llvm.x86.avx512bf16.dpbf16ps.512"),
+    "int8 vpdpbusd": ("i32", "i32", "llvm.x86.avx512.vpdpbusd.512"),
+}
+
+
+def _op_ir(op: str, lanes: int, chains: int, load: bool) -> str:
+    """`f(x, n)`: n iterations of `chains` independent products acc = acc + x·w (w one
+    vector for all; x a register, or loaded from x[(i mod 32)·256 + 16c])."""
+    acc_t, arg_t, intrinsic = OPS[op]
+    vt = f"<{lanes} x {acc_t}>"
+    ft = f"<{lanes} x float>"
+    at = f"<{2 * lanes} x bfloat>" if arg_t == "bfloat" else vt
+    body = ["entry:", f"  %w = load {ft}, ptr %x, align 64", "  br label %loop", "loop:",
+            "  %i = phi i64 [0, %entry], [%i1, %loop]"]
+    body += [f"  %a{c} = phi {vt} [zeroinitializer, %entry], [%b{c}, %loop]" for c in range(chains)]
+    body += ["  %slot = and i64 %i, 31", "  %row = mul i64 %slot, 256"]
+    for c in range(chains):
+        if load:
+            body += [f"  %o{c} = add i64 %row, {c * lanes}", f"  %p{c} = getelementptr float, ptr %x, i64 %o{c}",
+                     f"  %v{c} = load {ft}, ptr %p{c}, align 64"]
+        x = f"%v{c}" if load else "%w"
+        if intrinsic is None:
+            body.append(f"  %b{c} = call {ft} @llvm.fma.v{lanes}f32({ft} {x}, {ft} %w, {ft} %a{c})")
+        else:
+            body += [f"  %xc{c} = bitcast {ft} {x} to {at}", f"  %wc{c} = bitcast {ft} %w to {at}",
+                     f"  %b{c} = call {vt} @{intrinsic}({vt} %a{c}, {at} %xc{c}, {at} %wc{c})"]
+    body += ["  %i1 = add i64 %i, 1", "  %more = icmp ult i64 %i1, %n", "  br i1 %more, label %loop, label %done",
+             "done:"]
+    total = "%b0"
+    for c in range(1, chains):
+        body.append(f"  %s{c} = {'fadd' if acc_t == 'float' else 'add'} {vt} {total}, %b{c}")
+        total = f"%s{c}"
+    body += [f"  %r = bitcast {vt} {total} to {ft}", f"  store {ft} %r, ptr %x, align 64", "  ret void", "}"]
+    decl = (f"declare {ft} @llvm.fma.v{lanes}f32({ft}, {ft}, {ft})" if intrinsic is None
+            else f"declare {vt} @{intrinsic}({vt}, {at}, {at})")
+    return "\n".join(["define void @f(ptr %x, i64 %n) {"] + body + [decl, ""])
+
+
+def product_loop(op: str, lanes: int, chains: int, load: bool):
+    """The compiled loop and the buffer it reads (on 64-byte lines)."""
+    fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(compile_ir(_op_ir(op, lanes, chains, load), "f"))
+    buf = np.empty(BUFFER_FLOATS + 64, np.float32)
+    return fn, buf[-buf.ctypes.data % 64 // 4:][:BUFFER_FLOATS]
+
+
+def _timed(fn, x) -> float:
+    x[:] = 1e-3  # (the loop stores its sum into x[0:lanes])
+    t = time.perf_counter()
+    fn(x.ctypes.data, ITERS)
+    return time.perf_counter() - t
+
+
+def peaks(lanes: int, rounds: int) -> tuple[dict, float]:
+    """{op: (registers only, with a load from L1)} in products per ns, and the clock in
+    GHz: each loop's best of `rounds` rounds, the loops taking turns in every round."""
+    features = host_cpu()[1]
+    ops = ["fp32 fma"]
+    if lanes == 16:
+        ops += ["bf16 vdpbf16ps"] * ("+avx512bf16" in features) + ["int8 vpdpbusd"] * ("+avx512vnni" in features)
+    loops = {("latency", False): product_loop("fp32 fma", lanes, 1, False)}
+    loops.update({(op, load): product_loop(op, lanes, CHAINS, load) for op in ops for load in (False, True)})
+    best = dict.fromkeys(loops, np.inf)
+    for _ in range(rounds):
+        for key, (fn, x) in loops.items():
+            best[key] = min(best[key], _timed(fn, x))
+    rate = {key: ITERS * (1 if key[0] == "latency" else CHAINS) / t / 1e9 for key, t in best.items()}
+    return {op: (rate[op, False], rate[op, True]) for op in ops}, 4 * rate["latency", False]
+
+
+def _weight(rng, k: int, m: int, sparsity: float, block: int) -> np.ndarray:
+    keep = rng.random((k // block, m)) >= sparsity
+    return (rng.standard_normal((k, m)) * np.repeat(keep, block, axis=0)).astype(np.float32)
+
+
+def kernels(lanes: int, rounds: int, calls: int) -> list[tuple[str, float]]:
+    """[(kernel on a weight, vector products per ns)] on one thread, 128 tokens."""
+    from sparsejit.kernels.layout import feature_major_empty
+    from sparsejit.kernels.linear import SparseLinear
+
+    rng = np.random.default_rng(0)
+    k, m, tokens = 768, 3072, 128
+    cases = []
+    for name, sparsity, block in [("90% unstructured", 0.9, 1), ("80% in 4-blocks", 0.8, 4)]:
+        w = _weight(rng, k, m, sparsity, block)
+        cases.append((f"fp32 sparse, {name}", SparseLinear(w, None, "none", False, k_chunk=128)))
+        if lanes == 16 and "+avx512bf16" in host_cpu()[1] and block == 4:
+            from sparsejit.kernels.bf16 import BF16SparseLinear
+            cases.append((f"bf16 sparse, {name}", BF16SparseLinear(w, None, "none", False, k_chunk=128)))
+        if lanes == 16 and "+avx512vnni" in host_cpu()[1]:
+            from sparsejit.kernels.int8 import Int8Chunked
+            scale = np.abs(w).max(axis=0) / 127 + 1e-6
+            wq = np.round(w / scale).astype(np.int8)
+            cases.append((f"int8 sparse VNNI, {name}", Int8Chunked(wq, scale, "dynamic")))
+    xt = feature_major_empty(k, tokens)  # feature-major and on 64-byte lines, as the model hands x over
+    xt[:] = rng.standard_normal((k, tokens))
+    x = xt.T
+    best = {name: np.inf for name, _ in cases}
+    numba.set_num_threads(1)
+    for _ in range(rounds):
+        for name, layer in cases:
+            for _ in range(calls):
+                t = time.perf_counter()
+                layer(x)
+                best[name] = min(best[name], time.perf_counter() - t)
+    vectors = -(-tokens // lanes)
+    return [(name, int(layer.indptr[-1]) * (layer.pattern.block if layer.kind == 'sparse' else 1) * vectors / best[name] / 1e9, best[name]) for name, layer in cases]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--out", default=None, help="write the tables to this markdown file too")
+    args = ap.parse_args()
+    lanes = vector_lanes()
+    table, clock = peaks(lanes, 3 * args.rounds)
+    lines = [f"# Vector product peaks and the sparse kernels' rate, one thread ({cpu_name()}, {lanes}-lane vectors)",
+             "",
+             f"Clock from the FMA latency chain (4 cycles assumed): {clock:.2f} GHz.", "",
+             "| product | registers only, per ns | per cycle | with x loaded from L1, per ns | per cycle |",
+             "|---|---|---|---|---|"]
+    for op, (reg, mem) in table.items():
+        lines.append(f"| {op} | {reg:.2f} | {reg / clock:.2f} | {mem:.2f} | {mem / clock:.2f} |")
+    lines += ["", f"768→3072, {128} tokens, one thread; rate = stored slots × vectors of tokens per second;",
+              "the fraction is of the same product's peak with x loaded from L1. The bf16 time includes packing x",
+              "into pairs, the int8 time quantizing x (its range, then uint8 in 4-blocks), as in a model.", "",
+              "| kernel, weight | µs per call | products per ns | of the peak with loads |", "|---|---|---|---|"]
+    for name, rate, seconds in kernels(lanes, args.rounds, args.calls):
+        peak = table[next(op for op in table if op.split()[0] == name.split()[0])][1]
+        lines.append(f"| {name} | {seconds * 1e6:.0f} | {rate:.2f} | {rate / peak:.0%} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
