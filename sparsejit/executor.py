@@ -8,7 +8,8 @@ only live activations.
 The first run of a signature walks the steps over a name → array dict. Later runs call
 a forward function generated for the signature: one line per step, values in local
 variables, `del` after each value's last reader (see `forward_source`), which costs the
-interpreter less per step than the dict walk.
+interpreter less per step than the dict walk. There, a block's two FFN layers run
+together over token tiles when there are many tokens (`TokenChain`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,20 @@ import numpy as np
 
 from .fold import shape_only_values
 from .graph import Graph
-from .kernels.layout import transposed_copy, unit_token_stride
+from .kernels.layout import feature_major_empty, transposed_copy, unit_token_stride
 from .plan import Step
 
 MAX_SHAPE_SIGNATURES = 32
+
+# Consecutive token-wise Linear layers (a block's FFN: its inner value read by nothing
+# else) run over tiles of TOKEN_TILE tokens once x has TILE_FROM tokens or more, so that
+# a tile's inner value stays in cache between the two (12 KB a token for BERT-base; for
+# 1024 tokens it went out to L3 and back). Each token's result is the same either way:
+# these kernels compute a token from that token alone (dynamic INT8, whose scale comes
+# from all the tokens, is not token-wise). What was measured: bench/README.md, seventh
+# session (taking the output projection and the LayerNorms into the chain was slower).
+TOKEN_TILE = 128
+TILE_FROM = 1024
 
 
 def _c_order(a):
@@ -45,7 +56,70 @@ def _c_order(a):
 
 def step_failed(node, e: Exception) -> RuntimeError:
     """The error a run raises when a step fails: it names the node."""
-    return RuntimeError(f"node {node.name!r} ({node.op_type}) failed: {e}")
+    return StepFailed(f"node {node.name!r} ({node.op_type}) failed: {e}")
+
+
+class StepFailed(RuntimeError):
+    """A step's failure, already naming its node."""
+
+
+def tokenwise(node) -> bool:
+    """Whether a node's kernel computes each token's output from that token's input alone."""
+    return (node.op_type == "Linear" or node.op_type == "QLinear" and node.attrs.get("mode") == "static"
+            ) and len(node.outputs) == 1 and bool(node.outputs[0])
+
+
+def chain_length(steps: tuple, drops: tuple, i: int, outputs: tuple[str, ...]) -> int:
+    """How many steps from i on run as one TokenChain (0: fewer than two): token-wise
+    steps, each value they make but the last read by later steps of the chain only."""
+    j = i
+    while j < len(steps) and tokenwise(steps[j].node):
+        j += 1
+    while j - i >= 2:
+        dropped = {name for d in drops[i:j] for name in d}
+        inner = [steps[k].node.outputs[0] for k in range(i, j - 1)]
+        if all(h in dropped and h not in outputs for h in inner):
+            return j - i
+        j -= 1
+    return 0
+
+
+class TokenChain:
+    """Token-wise steps run together (see TOKEN_TILE): called with the values they read
+    from outside, in `outside` order; returns the last step's output, for every token."""
+
+    def __init__(self, steps: tuple):
+        self.steps = steps
+        made = {s.node.outputs[0] for s in steps}
+        self.outside = list(dict.fromkeys(i for s in steps for i in s.node.inputs if i and i not in made))
+        self.output = steps[-1].node.outputs[0]
+
+    def __call__(self, *values: np.ndarray) -> tuple[np.ndarray]:
+        env = dict(zip(self.outside, values))
+        lead = env[self.steps[0].node.inputs[0]].shape[:-1]
+        n = int(np.prod(lead))
+        if n < TILE_FROM:
+            return (self._run(env),)
+        tokens = {k: v.reshape(n, v.shape[-1]) for k, v in env.items() if v.ndim and v.shape[:-1] == lead}
+        out = None
+        for t0 in range(0, n, TOKEN_TILE):
+            y = self._run({**env, **{k: v[t0:t0 + TOKEN_TILE] for k, v in tokens.items()}})
+            if out is None:
+                out = feature_major_empty(y.shape[-1], n)
+            out[:, t0:t0 + TOKEN_TILE] = y.T
+        return (out.T.reshape(lead + (out.shape[0],)),)
+
+    def _run(self, env: dict) -> np.ndarray:
+        for s in self.steps:
+            (env[s.node.outputs[0]],) = _ran(s, *[env[i] if i else None for i in s.node.inputs])
+        return env[self.output]
+
+
+def _ran(step, *args) -> tuple:
+    try:
+        return step.run(*args)
+    except Exception as e:
+        raise step_failed(step.node, e) from e
 
 
 class Executor:
@@ -180,22 +254,33 @@ class Forward:
                  "def forward(feeds):"]
         self._step_at: dict[int, int] = {}  # line number → step index
         made = 0
-        for i, (step, drop) in enumerate(zip(steps, drops)):
-            node = step.node
-            namespace[f"step{i}"] = step.run
-            args = ", ".join(read(name) for name in node.inputs)
+        i = 0
+        while i < len(steps):
+            length = chain_length(steps, drops, i, outputs)
+            if length:
+                chain = TokenChain(steps[i:i + length])
+                namespace[f"step{i}"] = chain
+                inputs, shown = chain.outside, steps[i + length - 1].node
+                what = (f"{length} steps by token tiles: " +
+                        ", ".join(f"{s.node.op_type} {s.node.name!r}" for s in chain.steps))
+            else:
+                node = shown = steps[i].node
+                namespace[f"step{i}"] = steps[i].run
+                self._step_at[len(lines) + 1] = i  # (a TokenChain names the step that failed itself)
+                inputs, what = node.inputs, f"{node.op_type} {node.name!r}"
+            args = ", ".join(read(name) for name in inputs)
             targets = []
-            for name in node.outputs:
+            for name in shown.outputs:
                 if name:
                     local[name] = f"v{made}"
                     made += 1
                 targets.append(local[name] if name else "_")
-            self._step_at[len(lines) + 1] = i
             # Names from the file appear only as repr() literals: no name can end the line.
-            lines.append(f"    {', '.join(targets)}, = step{i}({args})  # {node.op_type} {node.name!r}")
-            gone = [local.pop(name) for name in drop if name in local]
+            lines.append(f"    {', '.join(targets)}, = step{i}({args})  # {what}")
+            gone = [local.pop(name) for d in drops[i:i + max(length, 1)] for name in d if name in local]
             if gone:
                 lines.append(f"    del {', '.join(gone)}")
+            i += max(length, 1)
         lines.append(f"    return [{', '.join(read(name) for name in outputs)}]")
         self.source = "\n".join(lines) + "\n"
         # Registered with linecache so that tracebacks through it show its lines.
@@ -213,7 +298,7 @@ class Forward:
                 if tb.tb_frame.f_code is self._fn.__code__:
                     at = self._step_at.get(tb.tb_lineno)
                 tb = tb.tb_next
-            if at is None:
+            if at is None or isinstance(e, StepFailed):
                 raise
             raise step_failed(self.nodes[at], e) from e
 

@@ -1,0 +1,108 @@
+"""Token tiles (executor.TokenChain): from executor.TILE_FROM tokens on, a block's two FFN
+layers run over tiles of executor.TOKEN_TILE tokens, so that the inner value of one tile
+stays in cache between them. Every such kernel computes a token from that token alone, so
+the outputs are the untiled ones bit for bit; dynamic INT8 (its scale comes from every
+token) is not tiled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import MODELS_DIR, assert_parity, make_inputs, ort_run
+
+import sparsejit
+from sparsejit import executor
+
+INT8 = MODELS_DIR / "int8"
+TILED = "by token tiles"
+
+
+def _counting(monkeypatch) -> list:
+    """The tiles TokenChains run from now on (one entry each)."""
+    tiles, run = [], executor.TokenChain._run
+    monkeypatch.setattr(executor.TokenChain, "_run", lambda self, env: tiles.append(1) or run(self, env))
+    return tiles
+
+
+def _feeds(model):
+    return make_inputs(model.input_names, 10, 110)  # 1100 tokens, rows padded from 110 down to 83
+
+
+@pytest.fixture(scope="module")
+def static_int8(tmp_path_factory):
+    """The 4-block test BERT by `sparsejit quantize --mode static`: only the Linear layers
+    are quantized, so each FFN's two layers follow each other (onnxruntime's own forms
+    quantize every op, and a FakeQuantize, an Add and a GELU stand between them)."""
+    pytest.importorskip("onnxruntime")
+    from sparsejit.quantize import quantize_model
+
+    out = tmp_path_factory.mktemp("static") / "static.onnx"
+    return quantize_model(MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx", out, "static")
+
+
+@pytest.mark.parametrize("which", ["bert_sdpa_h64_op14_legacy_p90", "bert_eager_h128_op17_legacy_block4_p90",
+                                   "static int8"])
+def test_token_tiles_give_the_untiled_outputs(which, monkeypatch, request):
+    path = request.getfixturevalue("static_int8") if which == "static int8" else MODELS_DIR / f"{which}.onnx"
+    model = sparsejit.load(path)
+    feeds = _feeds(model)
+    model.run(feeds)  # (the first run of a shape walks the steps one by one)
+    chains = model.forward_source(feeds).count(TILED)
+    assert chains == 2  # (each of the two blocks' FFN)
+    tiles = _counting(monkeypatch)
+    tiled = model.run(feeds)
+    assert len(tiles) == chains * -(-1100 // executor.TOKEN_TILE)
+    monkeypatch.setattr(executor, "TILE_FROM", 1 << 30)
+    untiled = model.run(feeds)
+    for a, b in zip(tiled, untiled):
+        np.testing.assert_array_equal(a, b)
+    if which != "static int8":
+        assert_parity(tiled, ort_run(path, feeds), model.output_names)
+    else:
+        assert {layer.kind for layer in model.layers if "intermediate" in layer.name} == {"int8"}
+
+
+def test_dynamic_int8_and_few_tokens_are_not_tiled(monkeypatch):
+    model = sparsejit.load(INT8 / "bert_block4_p90_int8_dynamic.onnx")
+    feeds = _feeds(model)
+    model.run(feeds)
+    assert TILED not in model.forward_source(feeds)
+    model = sparsejit.load(MODELS_DIR / "bert_sdpa_h64_op14_legacy_p90.onnx")
+    few = make_inputs(model.input_names, 2, 110)
+    model.run(few)
+    assert TILED in model.forward_source(few)  # (the chain is in the code; it runs whole under TILE_FROM)
+    tiles = _counting(monkeypatch)
+    model.run(few)
+    assert len(tiles) == 2
+
+
+def test_an_inner_value_asked_for_is_computed_whole():
+    """A value inside a chain that a caller asks for (`values`) ends the chain there."""
+    model = sparsejit.load(MODELS_DIR / "bert_sdpa_h64_op14_legacy_p90.onnx")
+    feeds = _feeds(model)
+    ffn1 = next(layer for layer in model.layers if "intermediate" in layer.name)
+    inner = ffn1.node.outputs[0]
+    whole = model.run(feeds)
+    got = model.values(feeds, [ffn1.node.inputs[0], inner, "last_hidden_state"])
+    got = model.values(feeds, [ffn1.node.inputs[0], inner, "last_hidden_state"])  # (the generated forward)
+    np.testing.assert_array_equal(got["last_hidden_state"], whole[0])
+    np.testing.assert_allclose(got[inner], model.run_layer(ffn1, got[ffn1.node.inputs[0]]).reshape(got[inner].shape),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_a_failing_step_in_a_chain_is_named(monkeypatch):
+    model = sparsejit.load(MODELS_DIR / "bert_sdpa_h64_op14_legacy_p90.onnx")
+    feeds = _feeds(model)
+    model.run(feeds)
+    ffn2 = next(layer for layer in model.layers if layer.name.endswith("output/dense/MatMul")
+                and "attention" not in layer.name)
+
+    def broken(x, residual=None):
+        raise ValueError("kernel broke")
+
+    monkeypatch.setattr(ffn2, "impl", broken)
+    for step in model._executor.steps:
+        if step.node.name == ffn2.name:
+            monkeypatch.setattr(step, "run", lambda x, residual=None: (broken(x, residual),))
+    with pytest.raises(RuntimeError, match=f"node '{ffn2.name}' \\(Linear\\) failed: kernel broke"):
+        model.run(feeds)
