@@ -98,9 +98,11 @@ class TokenChain:
         env = dict(zip(self.outside, values))
         lead = env[self.steps[0].node.inputs[0]].shape[:-1]
         n = int(np.prod(lead))
-        if n < TILE_FROM:
+        per_token = {k for k, v in env.items() if v is not None and v.ndim and v.shape[:-1] == lead}
+        # (a value broadcast over the tokens, other than a vector, would need slicing as broadcast: run whole)
+        if n < TILE_FROM or any(v is not None and v.ndim > 1 and k not in per_token for k, v in env.items()):
             return (self._run(env),)
-        tokens = {k: v.reshape(n, v.shape[-1]) for k, v in env.items() if v.ndim and v.shape[:-1] == lead}
+        tokens = {k: env[k].reshape(n, env[k].shape[-1]) for k in per_token}
         out = None
         for t0 in range(0, n, TOKEN_TILE):
             y = self._run({**env, **{k: v[t0:t0 + TOKEN_TILE] for k, v in tokens.items()}})
@@ -266,8 +268,8 @@ class Forward:
             else:
                 node = shown = steps[i].node
                 namespace[f"step{i}"] = steps[i].run
-                self._step_at[len(lines) + 1] = i  # (a TokenChain names the step that failed itself)
                 inputs, what = node.inputs, f"{node.op_type} {node.name!r}"
+            self._step_at[len(lines) + 1] = i  # (a TokenChain's failing step is named already: StepFailed)
             args = ", ".join(read(name) for name in inputs)
             targets = []
             for name in shown.outputs:

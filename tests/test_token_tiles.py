@@ -106,3 +106,21 @@ def test_a_failing_step_in_a_chain_is_named(monkeypatch):
             monkeypatch.setattr(step, "run", lambda x, residual=None: (broken(x, residual),))
     with pytest.raises(RuntimeError, match=f"node '{ffn2.name}' \\(Linear\\) failed: kernel broke"):
         model.run(feeds)
+
+
+def test_a_chain_slices_what_is_per_token_and_runs_whole_on_a_broadcast_value():
+    from sparsejit.graph import Node
+    from sparsejit.plan import Step
+
+    rows = []
+    a = Step(Node("Linear", "a", ["x"], ["h"], {}), lambda x, residual=None: (2 * x,))
+    b = Step(Node("Linear", "b", ["h", "r"], ["y"], {}), lambda h, r: (rows.append(len(h)) or h + r,))
+    chain = executor.TokenChain((a, b))
+    assert chain.outside == ["x", "r"]
+    x = np.arange(1100 * 4, dtype=np.float32).reshape(1100, 4)
+    for r, tiles in [(np.ones((1100, 4), np.float32), [128] * 8 + [76]), (np.ones(4, np.float32), [128] * 8 + [76]),
+                     (np.ones((1, 4), np.float32), [1100])]:
+        rows.clear()
+        (y,) = chain(x, r)
+        assert rows == tiles
+        np.testing.assert_array_equal(y, 2 * x + r)
