@@ -31,6 +31,7 @@ import numpy as np
 from .benchmark import latency_stats, make_inputs
 from .choose import KERNEL_CHOICES, PRECISIONS
 from .console import Column, Steps, print_table, print_text
+from .executor import TILE_FROM, TOKEN_TILE
 
 log = logging.getLogger("sparsejit")
 
@@ -420,6 +421,9 @@ def _print_inspect(out: dict, verbose: bool) -> None:
               f"({100 * skipped / max(dense_total, 1):.1f}%)"),
               "other ops: " + ", ".join(f"{op} {ms:.2f} ms" for op, ms in out["other_ops_ms"].items()),
               f"total: {out['total_ms']:.2f} ms per run (sum of node medians)"]
+    if out["tokens"] >= TILE_FROM:
+        footer.append(f"each node is timed alone: from {TILE_FROM} tokens, model.run takes a block's two FFN layers "
+                      f"together over {TOKEN_TILE}-token tiles")
     if "plot" in out:
         footer.append(f"wrote {out['plot']}")
     footer.append("" if verbose else "who decided each kernel (rule, measurement, saved plan) and why: add -v")

@@ -92,6 +92,8 @@ def test_inspect_table_and_plot(tmp_path):
     assert "dense not timed" not in p.stdout  # the why, only with -v
     assert png.exists() and png.stat().st_size > 1000
     assert "dense not timed" in cli("inspect", MODEL, "--seq", 8, "--runs", 1, "-v").stdout
+    assert "tiles" not in p.stdout  # (32 tokens; from 1024 the profile says it times the FFN pair apart)
+    assert "128-token tiles" in cli("inspect", MODEL, "--batch", 10, "--seq", 110, "--runs", 1).stdout
 
 
 def test_inspect_json_and_the_plots_bars(tmp_path):
