@@ -10,6 +10,8 @@ unstructured pruning stores the zeros that share a block with a nonzero.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numba
 import numpy as np
 
@@ -455,12 +457,16 @@ CHUNKED_DRIVER_SOURCE = DRIVER_SOURCE + """
 
 @njit(parallel=True, nogil=True, cache=True)
 def run_chunked(range_fn, quantize_fn, fn, xt, xq, lanes, dynamic, x_scale, x_zero, x_lo, colsum, wscale, kbias,
-                indptr, indices, values, yt, rt, nchunks, order, bounds):
+                indptr, indices, values, yt, rt, nchunks, order, bounds, given):
+    # given: xq holds x quantized already (static; xt is xq then)
     ntok = xt.shape[1]
     m = yt.shape[0]
     parts = bounds.shape[0] - 1
-    finite, scale, zero = quantized_input(range_fn, quantize_fn, xt, xq.ctypes.data, xq.strides[0] // 4, lanes,
-                                          dynamic, x_scale, x_zero, x_lo, parts)
+    if given:
+        finite, scale, zero = True, np.float32(x_scale), np.float32(x_zero)
+    else:
+        finite, scale, zero = quantized_input(range_fn, quantize_fn, xt, xq.ctypes.data, xq.strides[0] // 4, lanes,
+                                              dynamic, x_scale, x_zero, x_lo, parts)
     if not finite:
         return False
     if dynamic:
@@ -524,11 +530,60 @@ class Int8Chunked(_Quantized, SparseLinear):
         return 1 - float(per_row[start:stop].sum()) / max(-(-self.in_features // 4) * (stop - start), 1)
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
-        _, bounds, indptr, indices, values, order = self._arrays()
         xq = feature_major_empty(-(-self.in_features // 4), xt.shape[1])
-        return self._driver(*self._fns, xt, xq, vector_lanes(), self.mode == "dynamic", *self._x_quantization(),
-                            self.colsum, self.scale, self._kbias, indptr, indices, values, yt, rt, self.nchunks,
-                            order, bounds)
+        return self._call(self._fns[2], self._kbias, xt, xq, yt, rt, False)
+
+    def _call(self, fn, kbias, xt, xq, yt, rt, given: bool) -> bool:
+        _, bounds, indptr, indices, values, order = self._arrays()
+        return self._driver(*self._fns[:2], fn, xt, xq, vector_lanes(), self.mode == "dynamic",
+                            *self._x_quantization(), self.colsum, self.scale, kbias, indptr, indices, values, yt, rt,
+                            self.nchunks, order, bounds, given)
+
+    # --- handing the output to the next int8 layer already quantized --------------------
+
+    def hands_to(self, nxt) -> bool:
+        """Whether this layer's output can go to `nxt` (reading it as x) as the bytes nxt's
+        kernel reads: both static K-chunked VNNI layers, no residual here."""
+        return (isinstance(nxt, Int8Chunked) and self.mode == "static" and nxt.mode == "static"
+                and not self.residual and nxt.in_features == self.out_features)
+
+    def quantized_for(self, x: np.ndarray, nxt: Int8Chunked) -> np.ndarray:
+        """This layer's output for x [..., in], quantized as `nxt` quantizes its x, in the
+        4-block rows nxt's kernel reads ([out/4, tokens] of i32): the kernel stores those
+        bytes in its epilogue (sparse_ir's `quant_out`) instead of y, and nxt skips its
+        own pass over y (`from_quantized`)."""
+        x2 = x.reshape(-1, self.in_features)
+        n, m = x2.shape[0], self.out_features
+        xq = feature_major_empty(-(-m // 4), n)
+        if n:
+            if m % 4:
+                xq[-1] = 0  # (the bytes past the last output: nxt's padded weights are 0 there)
+            fn, kbias = self._handoff(nxt)
+            yt = feature_major_empty(m, n)  # (the partial sums between K-chunks)
+            self._call(fn, kbias, transposed(x2), feature_major_empty(-(-self.in_features // 4), n), yt, xq, False)
+        return xq
+
+    def from_quantized(self, xq: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
+        """y for the x that a layer's `quantized_for` left in xq: what __call__ gives for it."""
+        m = self.out_features
+        yt = feature_major_empty(m, xq.shape[1])
+        if xq.shape[1]:
+            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
+            self._call(self._fns[2], self._kbias, xq, xq, yt, rt, True)
+        return yt.T.reshape(lead + (m,))
+
+    def _handoff(self, nxt: Int8Chunked) -> tuple:
+        """(the quant_out kernel, [bias | scale | correction | nxt's grid]), made on first use."""
+        key = (float(nxt.x_scale), nxt._zero, nxt._lo)
+        made = getattr(self, "_handoffs", None)
+        if made is None:
+            made = self._handoffs = {}
+        if key not in made:
+            scale, zero, lo = nxt._x_quantization()
+            cfg = dataclasses.replace(self.config, quant_out=True)
+            fn = SPARSE_SIGNATURE.ctypes()(compile_ir(ir_source(cfg), SPARSE_SIGNATURE.name))
+            made[key] = fn, np.concatenate([self._kbias, np.array([scale, zero, lo, lo + 255], np.float32)])
+        return made[key]
 
 
 class Int8Dense(_Quantized, DenseLinear):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from .epilogue import ACTIVATIONS, epilogue
 from .ir import Builder, Signature
+from .lowp_ir import quantized
 from .sparse_ir import tail_vectors
 
 SIGNATURE = Signature("int8_rows", (
@@ -182,14 +183,6 @@ def _rows(e: Builder, cfg: Int8Config) -> None:
 QUANTIZE_SIGNATURE = Signature("quantize_rows", (
     ("xt", "ptr"), ("ldx", "i64"), ("xq", "ptr"), ("tp", "i64"), ("k", "i64"), ("scale", "float"), ("zero", "float"),
     ("lo", "float"), ("hi", "float"), ("k4_0", "i64"), ("k4_1", "i64"), ("ntok", "i64")))
-
-
-def quantized(e: Builder, x: str, scale: str, zero: str, lo: str, hi: str) -> str:
-    """QuantizeLinear's value, still a float: clamp(roundeven(x / scale) + zero, lo, hi),
-    NaN giving 0 before the clamp (as numpy's cast of NaN to a byte does on x86)."""
-    q = e(f"fadd {e.vt} {e.vcall('roundeven', e(f'fdiv {e.vt} {x}, {scale}'))}, {zero}")
-    q = e(f"select <{e.lanes} x i1> {e(f'fcmp uno {e.vt} {q}, {q}')}, {e.vt} zeroinitializer, {e.vt} {q}")
-    return e.vcall("minnum", e.vcall("maxnum", q, lo), hi)
 
 
 def _quantize(e: Builder) -> None:

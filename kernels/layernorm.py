@@ -17,9 +17,9 @@ import numpy as np
 from ..ops import layer_normalization, op
 from .compile import compile_ir, load_source, vector_lanes
 from .elementwise import RANGES, fake_quantize, reference_fake_quantize, scalar
-from .int8_ir import quantized
 from .ir import Builder, Signature
 from .layout import contiguous, feature_major_empty, transposed, unit_token_stride
+from .lowp_ir import quantized
 
 
 @op("LayerNorm", fused=True)

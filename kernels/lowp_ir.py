@@ -74,3 +74,11 @@ def scaled_sums(e: Builder, sums: list[str], j: str, bias: str, int8: bool) -> l
         ints = [e(f"sub {iv} {e(f'bitcast {vt} {v} to {iv}')}, {corr}") for v in sums]
         sums = [e(f"sitofp {iv} {v} to {vt}") for v in ints]
     return [e(f"fadd {vt} {e(f'fmul {vt} {v}, {scale}')}, {bias}") for v in sums]
+
+
+def quantized(e: Builder, x: str, scale: str, zero: str, lo: str, hi: str) -> str:
+    """QuantizeLinear's value, still a float: clamp(roundeven(x / scale) + zero, lo, hi),
+    NaN giving 0 before the clamp (as numpy's cast of NaN to a byte does on x86)."""
+    q = e(f"fadd {e.vt} {e.vcall('roundeven', e(f'fdiv {e.vt} {x}, {scale}'))}, {zero}")
+    q = e(f"select <{e.lanes} x i1> {e(f'fcmp uno {e.vt} {q}, {q}')}, {e.vt} zeroinitializer, {e.vt} {q}")
+    return e.vcall("minnum", e.vcall("maxnum", q, lo), hi)

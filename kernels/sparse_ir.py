@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from .epilogue import ACTIVATIONS, epilogue
 from .ir import Builder, Signature
-from .lowp_ir import bf16_dot, scaled_sums, vnni_dot
+from .lowp_ir import bf16_dot, quantized, scaled_sums, vnni_dot
 
 SIGNATURE = Signature("sparse_rows", (
     ("xt", "ptr"), ("ldx", "i64"), ("indptr", "ptr"), ("indices", "ptr"), ("values", "ptr"), ("bias", "ptr"),
@@ -47,6 +47,7 @@ class IRConfig:
     scaled: bool = False      # bias holds 2m floats: the sums times bias[m + j], plus bias[j], then act
     bf16: bool = False        # pairs of inputs in bfloat16 (see _add_pair): xt and values hold i32 pairs
     int8: bool = False        # 4-blocks of uint8 x and int8 w summed in i32 (see _add_block); bias holds 3m
+    quant_out: bool = False   # int8 without residual: y quantized for the next layer into rt (_store_quantized)
 
 
 def _add_pair(e: Builder, vectors: int, mask: str | None, at: str, k: str, accs: list[str]) -> list[str]:
@@ -147,9 +148,39 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
     rstart = e.offset("%j", "%ldr", "%t") if cfg.residual else None
     if cfg.scaled or cfg.int8:  # an int8 layer's exact sums (int8.Int8OnFloat, Int8Chunked): scaled, plus the bias
         sums = scaled_sums(e, sums, "%j", e.splat(e(f"load float, ptr {e.gep('%bias', '%j')}, align 4")), cfg.int8)
+    if cfg.quant_out:
+        _store_quantized(e, [epilogue(e, cfg.activation, v, None, mask) for v in sums], mask)
+        return
     for u, (v, ptr) in enumerate(zip(sums, yptrs)):
         residual = e.vptr("%rt", rstart, u) if cfg.residual else None
         e.vstore(epilogue(e, cfg.activation, v, residual, mask), ptr, mask)
+
+
+def _store_quantized(e: Builder, values: list[str], mask: str | None) -> None:
+    """Row j's outputs (tokens from t) quantized as the next int8 layer quantizes its x
+    (lowp_ir.quantized, less the lowest value: a byte) and stored where that layer's
+    kernel reads them: byte j % 4 of each token's i32 in 4-block row j / 4 of rt (`ldr`:
+    its row stride in i32). One masked byte store per vector of tokens; the grid (scale,
+    zero point, lowest, highest value) is bias[3m .. 3m + 3]."""
+    L, vt = e.lanes, e.vt
+    iv, bv, bm = f"<{L} x i32>", f"<{4 * L} x i8>", f"<{4 * L} x i1>"
+    at = e("mul i64 %m, 3")
+    scale, zero, lo, hi = (e.splat(e(f"load float, ptr {e.gep('%bias', e(f'add i64 {at}, {i}') if i else at)}, "
+                                     "align 4")) for i in range(4))
+    byte = e("and i64 %j, 3")
+    shift = e.splat_i32(e(f"trunc i64 {e(f'shl i64 {byte}, 3')} to i32"))  # 8 · (j mod 4)
+    ones = e(f"bitcast {iv} {e(f'shl {iv} {e.splat_i32(255)}, {shift}')} to {bv}")
+    bytes_mask = e(f"icmp ne {bv} {ones}, zeroinitializer")
+    if mask is not None:  # each token's lane mask over its four bytes
+        spread = ", ".join(f"i32 {i // 4}" for i in range(4 * L))
+        per_byte = e(f"shufflevector <{L} x i1> {mask}, <{L} x i1> poison, <{4 * L} x i32> <{spread}>")
+        bytes_mask = e(f"and {bm} {bytes_mask}, {per_byte}")
+    start = e.offset(e("lshr i64 %j, 2"), "%ldr", "%t")
+    for u, v in enumerate(values):
+        q = e(f"fptosi {vt} {e(f'fsub {vt} {quantized(e, v, scale, zero, lo, hi)}, {lo}')} to {iv}")
+        packed = e(f"bitcast {iv} {e(f'shl {iv} {q}, {shift}')} to {bv}")
+        e.call(f"llvm.masked.store.v{4 * L}i8.p0", "void", (bv, packed), ("ptr", e.vptr("%rt", start, u, "i32")),
+               ("i32", "1"), (bm, bytes_mask))
 
 
 def _driver(e: Builder, cfg: IRConfig) -> None:
@@ -190,7 +221,8 @@ def tail_vectors(vectors: int) -> list[int]:
 def ir_source(cfg: IRConfig) -> str:
     """The whole module's LLVM IR for one kernel configuration."""
     if cfg.block not in (1, 4) or cfg.activation not in ACTIVATIONS or cfg.index_bits not in (16, 32) or \
-            (cfg.bf16 or cfg.int8) and (cfg.block != 1 or cfg.lanes != 16) or cfg.int8 and (cfg.bf16 or cfg.scaled):
+            (cfg.bf16 or cfg.int8) and (cfg.block != 1 or cfg.lanes != 16) or cfg.int8 and (cfg.bf16 or cfg.scaled) or \
+            cfg.quant_out and (not cfg.int8 or cfg.residual):
         raise ValueError(f"no sparse kernel for {cfg}")
     e = Builder(cfg.lanes)
     tile_args = (("s", "i64"), ("t", "i64"), ("c", "i64"))
@@ -205,7 +237,8 @@ def ir_source(cfg: IRConfig) -> str:
         total = "bias[m + j] * float(sum ... - bias[2m + j] as i32) + bias[j]"
     header = (f"; sparsejit generated kernel: block={cfg.block} activation={cfg.activation} "
               f"residual={cfg.residual} lanes={cfg.lanes} vectors={cfg.vectors} index_bits={cfg.index_bits}"
-              f"{' scaled' if cfg.scaled else ''}{' bf16' if cfg.bf16 else ''}{' int8' if cfg.int8 else ''}\n"
+              f"{' scaled' if cfg.scaled else ''}{' bf16' if cfg.bf16 else ''}{' int8' if cfg.int8 else ''}"
+              f"{' quant_out' if cfg.quant_out else ''}\n"
               f"; yt[j, t] = act({total}), sum ... over row j's stored (k, w): w * xt[k, t]"
               f"{' + rt[j, t]' if cfg.residual else ''}")
     return e.module(header)

@@ -36,6 +36,9 @@ MAX_SHAPE_SIGNATURES = 32
 # session (taking the output projection and the LayerNorms into the chain was slower).
 TOKEN_TILE = 128
 TILE_FROM = 1024
+# In a chain, a static int8 layer whose output the next static int8 layer reads as x hands
+# it over quantized, in the bytes the next kernel reads (int8.Int8Chunked.quantized_for).
+INT8_HANDOFF = True
 
 
 def _c_order(a):
@@ -112,16 +115,32 @@ class TokenChain:
         return (out.T.reshape(lead + (out.shape[0],)),)
 
     def _run(self, env: dict) -> np.ndarray:
-        for s in self.steps:
+        k = 0
+        while k < len(self.steps):
+            s = self.steps[k]
+            nxt = self.steps[k + 1] if k + 1 < len(self.steps) else None
+            if INT8_HANDOFF and nxt is not None and nxt.node.inputs[0] == s.node.outputs[0] and \
+                    getattr(s.impl, "hands_to", lambda _: False)(nxt.impl):
+                x = env[s.node.inputs[0]]
+                r = env[nxt.node.inputs[1]] if len(nxt.node.inputs) > 1 and nxt.node.inputs[1] else None
+                xq = _called(s.node, s.impl.quantized_for, x, nxt.impl)
+                env[nxt.node.outputs[0]] = _called(nxt.node, nxt.impl.from_quantized, xq, x.shape[:-1], r)
+                k += 2
+                continue
             (env[s.node.outputs[0]],) = _ran(s, *[env[i] if i else None for i in s.node.inputs])
+            k += 1
         return env[self.output]
 
 
 def _ran(step, *args) -> tuple:
+    return _called(step.node, step.run, *args)
+
+
+def _called(node, fn, *args):
     try:
-        return step.run(*args)
+        return fn(*args)
     except Exception as e:
-        raise step_failed(step.node, e) from e
+        raise step_failed(node, e) from e
 
 
 class Executor:

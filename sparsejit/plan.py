@@ -127,6 +127,7 @@ def weight_probe(weight: np.ndarray) -> np.ndarray:
 class Step:
     node: Node
     run: Callable[..., tuple]
+    impl: object = None  # a Linear layer's kernel (what run calls), for the executor's TokenChain
 
 
 @dataclass
@@ -224,7 +225,7 @@ def linear_step(node: Node, p: Planning) -> Step:
     p.done_with(node.attrs["weight"])
     p.add(layer)
     impl = layer.impl
-    return Step(layer.node, lambda x, residual=None: (impl(x, residual),))
+    return Step(layer.node, lambda x, residual=None: (impl(x, residual),), impl)
 
 
 def group_step(node: Node, p: Planning) -> Step:
@@ -291,7 +292,7 @@ def qlinear_step(node: Node, p: Planning) -> Step:
     p.done_with(a["weight"])
     p.add(LayerPlan(node.name, _without_weight(node), analyse(a["weight"]), impl, why, decided_by="rule",
                     probe=probe))
-    return Step(p.layers[-1].node, lambda x, residual=None: (impl(x, residual),))
+    return Step(p.layers[-1].node, lambda x, residual=None: (impl(x, residual),), impl)
 
 
 def qlinear_group_step(node: Node, p: Planning) -> Step:

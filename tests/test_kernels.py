@@ -714,6 +714,47 @@ def test_int8_kernel_exact_against_the_integer_reference(dot):
                                                err_msg=f"{k}x{m} {tokens} tokens {mode} {act}")
 
 
+def test_int8_layer_hands_its_output_to_the_next_quantized():
+    """Int8Chunked.quantized_for: a static int8 layer's output stored by its kernel as the
+    bytes the next static layer's kernel reads (x quantized with the next layer's scale
+    and zero point, round half to even, clamped, NaN to 0), four outputs to a 4-block.
+    The bytes equal numpy's quantization of the layer's float output, and the next layer
+    run on them (`from_quantized`) gives what it gives on that output, bit for bit: uint8
+    and int8 grids, GELU and no activation, outputs not a multiple of 4, 0, 1, 5, 37, 130
+    and 300 tokens, one and two threads (rows of one 4-block on both), K-chunks."""
+    from sparsejit.kernels.int8 import Int8Chunked, host_dots
+
+    from sparsejit.threads import ThreadScope
+
+    if "vnni" not in host_dots():
+        pytest.skip("this CPU does not run the VNNI int8 kernel")
+    rng = np.random.default_rng(23)
+
+    def layer(k, m, act, residual, xs, xz):
+        keep = np.repeat(rng.random((-(-k // 4), m)) >= 0.8, 4, axis=0)[:k]
+        w = (rng.integers(-127, 128, (k, m)) * keep).astype(np.int8)
+        return Int8Chunked(w, (rng.random(m) * 0.01 + 1e-3).astype(np.float32), "static", np.float32(xs), xz,
+                           rng.standard_normal(m).astype(np.float32), act, residual, k_chunk=64)
+
+    for threads in (1, 2):
+        with ThreadScope(threads):
+            for k, m, act, (xs, xz) in [(96, 130, "gelu", (0.05, np.uint8(128))), (40, 21, "none", (0.02, np.int8(-3))),
+                                        (300, 64, "gelu", (0.5, np.uint8(0)))]:
+                first, nxt = layer(k, m, act, False, 0.03, np.uint8(120)), layer(m, 24, "none", True, xs, xz)
+                assert first.hands_to(nxt) and not nxt.hands_to(first)  # (nxt adds a residual)
+                for tokens in [0, 1, 5, 37, 130, 300]:
+                    x = (3 * rng.standard_normal((tokens, k))).astype(np.float32)
+                    r = rng.standard_normal((tokens, 24)).astype(np.float32)
+                    y = first(x)
+                    lo = -128 if xz.dtype == np.int8 else 0
+                    q = (np.clip(np.rint(y / np.float32(xs)) + np.float32(xz), lo, lo + 255) - lo).astype(np.uint8)
+                    xq = first.quantized_for(x, nxt)
+                    got = xq.view(np.uint8).reshape(xq.shape[0], -1, 4)[:, :tokens].transpose(0, 2, 1)
+                    got = got.reshape(4 * xq.shape[0], tokens)[:m]
+                    np.testing.assert_array_equal(got, q.T, err_msg=f"{k}x{m} {tokens} tokens")
+                    np.testing.assert_array_equal(nxt.from_quantized(xq, (tokens,), r), nxt(y, r))
+
+
 @pytest.mark.parametrize("dot", ["vnni", "pmaddwd", "generic"])
 def test_int8_kernel_requantizes_as_qlinear_matmul(dot):
     """A QLinearMatMul's output, dequantized (the QOperator form), on the int8 kernel: equal

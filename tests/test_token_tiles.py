@@ -131,3 +131,25 @@ def test_a_chain_slices_what_is_per_token_and_runs_whole_on_a_broadcast_value():
         (y,) = chain(x, r)
         assert rows == tiles
         np.testing.assert_array_equal(y, 2 * x + r)
+
+
+def test_static_int8_ffn_hands_its_inner_value_over_quantized(static_int8, monkeypatch):
+    """In a chain, FFN1 (static int8) stores its output as the bytes FFN2's kernel reads
+    (int8.Int8Chunked.quantized_for): the outputs are those of the plain handover, bit for
+    bit, whole and by token tiles."""
+    from sparsejit.kernels.int8 import Int8Chunked, has_vnni
+
+    if not has_vnni():
+        pytest.skip("the handover is the VNNI kernel's (Int8Chunked)")
+    model = sparsejit.load(static_int8)
+    handed, quantized_for = [], Int8Chunked.quantized_for
+    monkeypatch.setattr(Int8Chunked, "quantized_for", lambda self, x, nxt: handed.append(1) or quantized_for(self, x, nxt))
+    for feeds in (make_inputs(model.input_names, 2, 9), _feeds(model)):
+        model.run(feeds)
+        handed.clear()
+        monkeypatch.setattr(executor, "INT8_HANDOFF", True)
+        got = model.run(feeds)
+        assert handed, "no FFN handed its output over"
+        monkeypatch.setattr(executor, "INT8_HANDOFF", False)
+        for a, b in zip(got, model.run(feeds)):
+            np.testing.assert_array_equal(a, b)
