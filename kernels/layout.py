@@ -90,8 +90,8 @@ def unit_token_stride(a: np.ndarray) -> bool:
 
 def on_lines(t: np.ndarray) -> bool:
     """Whether every row of a 2-D array starts on a 64-byte line (ALIGN). A row that does
-    not is read by vector loads that each straddle two lines: the sparse kernel took
-    about 1.5 times as long on such an xᵀ (see bench/README.md, seventh session)."""
+    not is read by vector loads that each straddle two lines (what that costs the sparse
+    kernel: bench/README.md, seventh session)."""
     return t.ctypes.data % ALIGN == 0 and (t.shape[0] <= 1 or t.strides[0] % ALIGN == 0)
 
 

@@ -32,8 +32,8 @@ MAX_SHAPE_SIGNATURES = 32
 # a tile's inner value stays in cache between the two (12 KB a token for BERT-base; for
 # 1024 tokens it went out to L3 and back). Each token's result is the same either way:
 # these kernels compute a token from that token alone (dynamic INT8, whose scale comes
-# from all the tokens, is not token-wise). What was measured: bench/README.md, seventh
-# session (taking the output projection and the LayerNorms into the chain was slower).
+# from all the tokens, is not token-wise). What was measured, longer chains too:
+# bench/README.md, seventh session.
 TOKEN_TILE = 128
 TILE_FROM = 1024
 # In a chain, a static int8 layer whose output the next static int8 layer reads as x hands
