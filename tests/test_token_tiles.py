@@ -153,3 +153,11 @@ def test_static_int8_ffn_hands_its_inner_value_over_quantized(static_int8, monke
         monkeypatch.setattr(executor, "INT8_HANDOFF", False)
         for a, b in zip(got, model.run(feeds)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_dense_kernels_are_not_tiled():
+    """A dense GEMM streams all its weights per call: by token tiles it would read them once per tile."""
+    model = sparsejit.load(MODELS_DIR / "bert_sdpa_h64_op14_legacy_p90.onnx", kernels="dense")
+    feeds = _feeds(model)
+    model.run(feeds)
+    assert TILED not in model.forward_source(feeds)
