@@ -14,6 +14,7 @@ together over token tiles when there are many tokens (`TokenChain`).
 
 from __future__ import annotations
 
+import itertools
 import linecache
 import time
 from collections import OrderedDict
@@ -99,6 +100,10 @@ class TokenChain:
         made = {s.node.outputs[0] for s in steps}
         self.outside = list(dict.fromkeys(i for s in steps for i in s.node.inputs if i and i not in made))
         self.output = steps[-1].node.outputs[0]
+        # steps k that hand their output to step k + 1 quantized (int8.Int8Chunked.hands_to)
+        self.handing = {k for k, (s, nxt) in enumerate(itertools.pairwise(steps))
+                        if nxt.node.inputs[0] == s.node.outputs[0] and hasattr(s.impl, "hands_to")
+                        and s.impl.hands_to(nxt.impl)}
 
     def __call__(self, *values: np.ndarray) -> tuple[np.ndarray]:
         env = dict(zip(self.outside, values))
@@ -121,22 +126,17 @@ class TokenChain:
         k = 0
         while k < len(self.steps):
             s = self.steps[k]
-            nxt = self.steps[k + 1] if k + 1 < len(self.steps) else None
-            if INT8_HANDOFF and nxt is not None and nxt.node.inputs[0] == s.node.outputs[0] and \
-                    getattr(s.impl, "hands_to", lambda _: False)(nxt.impl):
+            if INT8_HANDOFF and k in self.handing:
+                nxt = self.steps[k + 1]
                 x = env[s.node.inputs[0]]
                 r = env[nxt.node.inputs[1]] if len(nxt.node.inputs) > 1 and nxt.node.inputs[1] else None
                 xq = _called(s.node, s.impl.quantized_for, x, nxt.impl)
                 env[nxt.node.outputs[0]] = _called(nxt.node, nxt.impl.from_quantized, xq, x.shape[:-1], r)
                 k += 2
                 continue
-            (env[s.node.outputs[0]],) = _ran(s, *[env[i] if i else None for i in s.node.inputs])
+            (env[s.node.outputs[0]],) = _called(s.node, s.run, *[env[i] if i else None for i in s.node.inputs])
             k += 1
         return env[self.output]
-
-
-def _ran(step, *args) -> tuple:
-    return _called(step.node, step.run, *args)
 
 
 def _called(node, fn, *args):
