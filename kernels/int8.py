@@ -151,15 +151,21 @@ def quantized_input(range_fn, quantize_fn, xt, xq, ldq, lanes, dynamic, x_scale,
 
 
 @njit(nogil=True, cache=True)
+def dynamic_terms(scale, zero, wscale, colsum, mult, corr):
+    # per output, for this call's dynamic scale and zero point: the output scale (into
+    # mult) and the zero point's correction (into corr, i32)
+    for j in range(colsum.shape[0]):
+        mult[j] = scale * wscale[j]
+        corr[j] = np.int32(zero) * colsum[j]
+
+
+@njit(nogil=True, cache=True)
 def call_terms(kbias, scale, zero, wscale, colsum):
     # the VNNI kernels' [bias | output scale | correction (i32)] for this call's dynamic scale
     # and zero point (kbias holds the bias)
     m = colsum.shape[0]
     out = kbias.copy()
-    corr = out[2 * m:].view(np.int32)
-    for j in range(m):
-        out[m + j] = scale * wscale[j]
-        corr[j] = np.int32(zero) * colsum[j]
+    dynamic_terms(scale, zero, wscale, colsum, out[m:2 * m], out[2 * m:].view(np.int32))
     return out
 
 
@@ -177,9 +183,7 @@ def run_int8(range_fn, quantize_fn, fn, xt, lanes, dynamic, x_scale, x_zero, x_l
     if dynamic:
         corr = np.empty(colsum.shape[0], np.int32)
         mult = np.empty(colsum.shape[0], np.float32)
-        for j in range(colsum.shape[0]):
-            corr[j] = np.int32(zero) * colsum[j]
-            mult[j] = scale * wscale[j]
+        dynamic_terms(scale, zero, wscale, colsum, mult, corr)
     for c in prange(parts):
         fn(xq.ctypes.data, tp, indptr.ctypes.data, split.ctypes.data, blocks.ctypes.data, weights.ctypes.data,
            corr.ctypes.data, mult.ctypes.data, bias.ctypes.data, requant.ctypes.data, yt.ctypes.data,
@@ -505,6 +509,7 @@ class Int8Chunked(_Quantized, SparseLinear):
         self._fns = (*_quantize_fns(), SPARSE_SIGNATURE.ctypes()(compile_ir(ir_source(self.config),
                                                                              SPARSE_SIGNATURE.name)))
         self._driver = load_source(CHUNKED_DRIVER_SOURCE).run_chunked
+        self._handoffs: dict[tuple, tuple] = {}  # by the next layer's grid: see _handoff
         self._set_chunk(k_chunk)
 
     @property
@@ -575,9 +580,7 @@ class Int8Chunked(_Quantized, SparseLinear):
     def _handoff(self, nxt: Int8Chunked) -> tuple:
         """(the quant_out kernel, [bias | scale | correction | nxt's grid]), made on first use."""
         key = (float(nxt.x_scale), nxt._zero, nxt._lo)
-        made = getattr(self, "_handoffs", None)
-        if made is None:
-            made = self._handoffs = {}
+        made = self._handoffs
         if key not in made:
             scale, zero, lo = nxt._x_quantization()
             cfg = dataclasses.replace(self.config, quant_out=True)
