@@ -225,6 +225,11 @@ DEGENERATE_INT8 = """
                         want = reference_qlinear(x, weight=w, scale=scale, mode="static", x_scale=np.float32(0.1),
                                                  x_zero_point=np.uint8(100), requantize=rq)
                         np.testing.assert_allclose(impl(x), want, atol=1e-5, rtol=1e-5)
+                        if dot == "vnni-chunked":  # its output handed to a next layer already quantized
+                            nxt = Int8Chunked(rng.integers(-127, 128, (m, 3)).astype(np.int8), np.full(3, 0.01, np.float32),
+                                              "static", np.float32(0.05), np.uint8(9), k_chunk=4)
+                            assert np.array_equal(nxt.from_quantized(impl.quantized_for(x, nxt), (tokens,)),
+                                                  nxt(impl(x)))
     s, z = np.float32(0.1), np.uint8(7)
     for shape in [(0,), (1,), (3,), (1, 1), (2, 0, 5), (5, 8193)]:  # fewer chunks than threads, a partial one
         x = rng.standard_normal(shape).astype(np.float32)
@@ -263,7 +268,8 @@ DEGENERATE_INT8 = """
 def test_degenerate_shapes_of_the_int8_and_per_element_kernels_at_two_threads():
     """The int8 kernel (every dot this CPU runs, output requantized or not) with 1 output,
     1 input, fewer rows than threads, all-zero weights and every block past vpmaddubsw's
-    limit, over 0, 1, 3 and 17 tokens; the per-element kernels on empty, single-element
+    limit, over 0, 1, 3 and 17 tokens (with VNNI, also handing its output to a next layer
+    quantized, 1 to 5 outputs: a partial 4-block); the per-element kernels on empty, single-element
     and chunk-boundary tensors, softmax rows of 0 and 1 (and a partial task of rows, both
     byte orders), 1 x 1 and empty matmuls, the LayerNorm rounding to a grid over 0, 1, 3
     and 17 tokens of 1 and 5 features: against numpy, in a subprocess."""
@@ -318,15 +324,17 @@ def test_the_file_may_change_or_go_after_load(tmp_path):
 INT8 = MODELS_DIR / "int8"
 
 
-def fork_and_threads(path: Path, precision: str = "fp32") -> str:
-    return FORK_AND_THREADS.replace("MODEL_PATH", repr(str(path))).replace("PRECISION", repr(precision))
+def fork_and_threads(path: Path, precision: str = "fp32", batch: int = 2, seq: int = 16) -> str:
+    return (FORK_AND_THREADS.replace("MODEL_PATH", repr(str(path))).replace("PRECISION", repr(precision))
+            .replace("BATCH", str(batch)).replace("SEQ", str(seq)))
 
 
 FORK_AND_THREADS = """
     import os, threading, numpy as np, numba, sparsejit
     from conftest import make_inputs
     model = sparsejit.load(MODEL_PATH, num_threads=2, precision=PRECISION)
-    feeds = make_inputs(model.input_names, 2, 16)
+    feeds = make_inputs(model.input_names, BATCH, SEQ)
+    model.run(feeds)
     first = model.run(feeds)[0]
     pid = os.fork()
     if pid == 0:  # the child runs the model it inherited
@@ -371,6 +379,24 @@ def test_fork_and_concurrent_runs_in_bf16(tmp_path):
     if not has_bf16():
         pytest.skip("this CPU has no AVX512-BF16")
     out = run_python(fork_and_threads(MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx", "bf16"))
+    assert out.stdout.split()[-1] == "tbb" or "tbb" not in _installed()
+
+
+@pytest.mark.parametrize("which", ["fp32", "static int8"])
+def test_fork_and_concurrent_runs_by_token_tiles(tmp_path, which):
+    """The same over 1100 tokens, where the generated forward runs each FFN by token tiles
+    (executor.TokenChain) and, in a static INT8 file made by `sparsejit quantize`, hands
+    FFN1's output to FFN2 quantized."""
+    path = MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx"
+    if which == "static int8":
+        pytest.importorskip("onnxruntime")
+        from sparsejit.quantize import quantize_model
+
+        path = quantize_model(path, tmp_path / "static.onnx", "static")
+    code = fork_and_threads(path, batch=10, seq=110)
+    out = run_python(code.replace("first = model.run(feeds)[0]",
+                                  "first = model.run(feeds)[0]\n"
+                                  "    assert 'by token tiles' in model.forward_source(feeds)"))
     assert out.stdout.split()[-1] == "tbb" or "tbb" not in _installed()
 
 
