@@ -161,3 +161,26 @@ def test_dense_kernels_are_not_tiled():
     feeds = _feeds(model)
     model.run(feeds)
     assert TILED not in model.forward_source(feeds)
+
+
+def test_static_int8_without_vnni_is_tiled_without_the_handover(static_int8, monkeypatch):
+    """Where the CPU has no VNNI the int8 layers run on Int8Linear, which hands nothing on
+    quantized: the chain runs each layer as it is, by token tiles, with the same outputs."""
+    from sparsejit.kernels.int8 import Int8Chunked, Int8Linear
+
+    from sparsejit import plan
+
+    monkeypatch.setattr(plan, "host_dots", lambda: ["pmaddwd", "generic"])
+    model = sparsejit.load(static_int8)
+    assert all(isinstance(layer.impl, Int8Linear) for layer in model.layers if "intermediate" in layer.name)
+    handed = []
+    monkeypatch.setattr(Int8Chunked, "quantized_for", lambda *a: handed.append(1))
+    feeds = _feeds(model)
+    model.run(feeds)
+    assert model.forward_source(feeds).count(TILED) == 2
+    tiles = _counting(monkeypatch)
+    tiled = model.run(feeds)
+    assert tiles and not handed
+    monkeypatch.setattr(executor, "TILE_FROM", 1 << 30)
+    for a, b in zip(tiled, model.run(feeds)):
+        np.testing.assert_array_equal(a, b)
