@@ -422,7 +422,7 @@ def _print_inspect(out: dict, verbose: bool) -> None:
               "other ops: " + ", ".join(f"{op} {ms:.2f} ms" for op, ms in out["other_ops_ms"].items()),
               f"total: {out['total_ms']:.2f} ms per run (sum of node medians)"]
     if out["tokens"] >= TILE_FROM:
-        footer.append(f"each node is timed alone: from {TILE_FROM} tokens, model.run takes a block's two FFN layers "
+        footer.append(f"each node is timed alone: from {TILE_FROM} tokens, model.run takes a block's two sparse FFN layers "
                       f"together over {TOKEN_TILE}-token tiles")
     if "plot" in out:
         footer.append(f"wrote {out['plot']}")
