@@ -8,9 +8,18 @@ the sparse kernels load a row of xᵀ for every stored weight. One chain gives t
 product's latency; the clock printed assumes the FMA latency is 4 cycles (Zen 3-5,
 Intel since Skylake).
 
+Then the kernels' inner loop alone: one stored slot is a row of xᵀ times a broadcast
+weight, `vectors` memory-operand FMAs, its row picked at random from 64 rows of 128
+tokens (32 KB, L1) or 128 (64 KB, past L1 on every CPU here). The loop is timed with its
+loads added one kind at a time (xᵀ only; the weight's broadcast; a 16-bit index per slot),
+which shows what bounds it: the load slots, or the FMAs.
+
 The kernels then run on one thread, 128 tokens, feature-major input (as the model hands
 it over), their best of `--calls` calls per round over `--rounds` rounds; their rate is
-stored slots × vectors of tokens per second, the product instructions they issue.
+stored slots × vectors of tokens per second, the product instructions they issue. Last,
+a kernel's time split into a cost per stored slot and one per row and K-chunk (the
+partial sums' loads and stores, the loop exit), fitted over weights with exactly n slots
+in every row of every chunk.
 
     python bench/peaks.py [--out bench/results/peaks_<cpu>.md]
 
@@ -105,6 +114,133 @@ def peaks(lanes: int, rounds: int) -> tuple[dict, float]:
     return {op: (rate[op, False], rate[op, True]) for op in ops}, 4 * rate["latency", False]
 
 
+SLOT_LOOPS = {  # name: (index load, weight broadcast load, rows of xᵀ)
+    "xᵀ rows only, in L1": (False, False, 64),
+    "+ the weight's broadcast": (False, True, 64),
+    "+ a 16-bit index (the kernel's loop)": (True, True, 64),
+    "the kernel's loop, xᵀ 64 KB (past L1)": (True, True, 128),
+}
+SLOT_TOKENS = 128
+
+
+def _slot_ir(lanes: int, vectors: int, index: bool, weight: bool, rows: int) -> str:
+    """`f(x, idx, w, n)`: n stored slots, each `vectors` FMAs of a broadcast weight with
+    one row of xᵀ (row stride 128 floats); the row is idx[i mod 4096] (a 16-bit load) or,
+    without `index`, i mod rows; the weight w[i mod 4096] (a load) or a constant."""
+    ft = f"<{lanes} x float>"
+    b = ["define void @f(ptr %x, ptr %idx, ptr %w, i64 %n) {", "entry:", "  br label %loop", "loop:",
+         "  %i = phi i64 [0, %entry], [%i1, %loop]"]
+    b += [f"  %a{u} = phi {ft} [zeroinitializer, %entry], [%b{u}, %loop]" for u in range(vectors)]
+    b += ["  %s = and i64 %i, 4095"]
+    if index:
+        b += ["  %ip = getelementptr i16, ptr %idx, i64 %s", "  %k16 = load i16, ptr %ip, align 2",
+              "  %k = zext i16 %k16 to i64"]
+    else:
+        b += [f"  %k = and i64 %i, {rows - 1}"]
+    b += [f"  %row = mul i64 %k, {SLOT_TOKENS}"]
+    if weight:
+        b += ["  %wp = getelementptr float, ptr %w, i64 %s", "  %ws = load float, ptr %wp, align 4"]
+    else:
+        b += ["  %ws = bitcast i32 981668463 to float"]  # 0.001
+    b += [f"  %wi = insertelement {ft} poison, float %ws, i64 0",
+          f"  %wv = shufflevector {ft} %wi, {ft} poison, <{lanes} x i32> zeroinitializer"]
+    for u in range(vectors):
+        b += [f"  %o{u} = add i64 %row, {lanes * u}", f"  %p{u} = getelementptr float, ptr %x, i64 %o{u}",
+              f"  %v{u} = load {ft}, ptr %p{u}, align 64",
+              f"  %b{u} = call {ft} @llvm.fma.v{lanes}f32({ft} %wv, {ft} %v{u}, {ft} %a{u})"]
+    b += ["  %i1 = add i64 %i, 1", "  %more = icmp ult i64 %i1, %n", "  br i1 %more, label %loop, label %done",
+          "done:"]
+    total = "%b0"
+    for u in range(1, vectors):
+        b.append(f"  %t{u} = fadd {ft} {total}, %b{u}")
+        total = f"%t{u}"
+    b += [f"  store {ft} {total}, ptr %x, align 64", "  ret void", "}",
+          f"declare {ft} @llvm.fma.v{lanes}f32({ft}, {ft}, {ft})", ""]
+    return "\n".join(b)
+
+
+def slot_loops(lanes: int, rounds: int) -> list[tuple[str, int, float]]:
+    """[(loop, loads per slot, ns per slot)]: each loop's best of `rounds` rounds, taking turns."""
+    from sparsejit.kernels.linear import SPARSE_VECTORS
+
+    vectors = SPARSE_VECTORS[lanes]
+    sig = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+    rng = np.random.default_rng(0)
+    w = np.full(4096, 1e-3, np.float32)
+    loops = []
+    for name, (index, weight, rows) in SLOT_LOOPS.items():
+        fn = sig(compile_ir(_slot_ir(lanes, vectors, index, weight, rows), "f"))
+        buf = np.empty(rows * SLOT_TOKENS + 64, np.float32)
+        x = buf[-buf.ctypes.data % 64 // 4:][:rows * SLOT_TOKENS]
+        loads = vectors + weight + index
+        loops.append((name, fn, x, rng.integers(0, rows, 4096).astype(np.uint16), loads))
+    best = [np.inf] * len(loops)
+    n = ITERS // 2
+    for _ in range(rounds):
+        for i, (_, fn, x, idx, _) in enumerate(loops):
+            x[:] = 1e-3
+            t = time.perf_counter()
+            fn(x.ctypes.data, idx.ctypes.data, w.ctypes.data, n)
+            best[i] = min(best[i], time.perf_counter() - t)
+    return [(name, loads, t / n * 1e9) for (name, *_, loads), t in zip(loops, best)]
+
+
+def _exact_weight(rng, k: int, m: int, n: int, block: int, chunk: int) -> np.ndarray:
+    """[k, m] with exactly n stored slots (of `block` inputs) per output in every K-chunk."""
+    per_chunk = chunk // block
+    w = np.zeros((k, m), np.float32)
+    for c in range(k // chunk):
+        pick = np.argsort(rng.random((m, per_chunk)), axis=1)[:, :n]
+        for b in range(block):
+            w[c * chunk + pick.T * block + b, np.arange(m)] = rng.uniform(1.0, 3.0, (n, m))  # (whole numbers as int8: 1 or 2)
+    return w
+
+
+def slot_and_row_costs(lanes: int, rounds: int) -> list[tuple[str, float, float, float]]:
+    """[(kernel, ns per stored slot, ns per row and K-chunk, µs per call)], one thread, 128
+    tokens: time = a·slots + b·(rows × chunks) + c, least squares over weights with 4, 8,
+    16 and 24 slots per row and chunk and 1536 or 3072 outputs (768 inputs)."""
+    from sparsejit.kernels.layout import feature_major_empty
+    from sparsejit.kernels.linear import SparseLinear
+
+    rng = np.random.default_rng(1)
+    k, tokens = 768, 128
+    xt = feature_major_empty(k, tokens)
+    xt[:] = rng.standard_normal((k, tokens))
+    kinds = [("fp32 sparse, K-chunks of 128", 1, 128), ("fp32 sparse, K-chunks of 64", 1, 64)]
+    if lanes == 16 and "+avx512vnni" in host_cpu()[1]:
+        kinds.append(("int8 sparse VNNI 4-blocks, K-chunks of 256, x given quantized", 4, 256))
+    numba.set_num_threads(1)
+    out = []
+    for name, block, chunk in kinds:
+        cases = []
+        for m in (1536, 3072):
+            for n in (4, 8, 16, 24):
+                w = _exact_weight(rng, k, m, n, block, chunk)
+                if block == 1:
+                    layer = SparseLinear(w, None, "none", False, k_chunk=chunk)
+                    call = (lambda layer=layer: layer(xt.T))
+                else:
+                    from sparsejit.kernels.int8 import Int8Chunked
+                    grid = {"x_scale": np.float32(0.03), "x_zero_point": np.uint8(128)}
+                    layer = Int8Chunked(w.astype(np.int8), np.ones(m, np.float32), "static", k_chunk=chunk, **grid)
+                    xq = Int8Chunked(np.eye(k, dtype=np.int8), np.ones(k, np.float32), "static",
+                                     **grid).quantized_for(xt.T, layer)
+                    call = (lambda layer=layer, xq=xq: layer.from_quantized(xq, (tokens,)))
+                cases.append((n * m * (k // chunk), m * (k // chunk), call))
+        best = [np.inf] * len(cases)
+        for _ in range(rounds):
+            for i, (*_, call) in enumerate(cases):
+                for _ in range(4):
+                    t = time.perf_counter()
+                    call()
+                    best[i] = min(best[i], time.perf_counter() - t)
+        a = np.array([[s, r, 1.0] for s, r, _ in cases])
+        per_slot, per_row, per_call = np.linalg.lstsq(a, np.array(best), rcond=None)[0]
+        out.append((name, per_slot * 1e9, per_row * 1e9, per_call * 1e6))
+    return out
+
+
 def _weight(rng, k: int, m: int, sparsity: float, block: int) -> np.ndarray:
     keep = rng.random((k // block, m)) >= sparsity
     return (rng.standard_normal((k, m)) * np.repeat(keep, block, axis=0)).astype(np.float32)
@@ -151,6 +287,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the tables to this markdown file too")
     args = ap.parse_args()
     lanes = vector_lanes()
+    from sparsejit.kernels.linear import SPARSE_VECTORS
+
+    vectors = SPARSE_VECTORS[lanes]
     table, clock = peaks(lanes, 3 * args.rounds)
     lines = [f"# Vector product peaks and the sparse kernels' rate, one thread ({cpu_name()}, {lanes}-lane vectors)",
              "",
@@ -166,6 +305,15 @@ def main() -> None:
     for name, rate, seconds in kernels(lanes, args.rounds, args.calls):
         peak = table[next(op for op in table if op.split()[0] == name.split()[0])][1]
         lines.append(f"| {name} | {seconds * 1e6:.0f} | {rate:.2f} | {rate / peak:.0%} |")
+    lines += ["", f"The stored-slot loop alone (one row of xᵀ × a broadcast weight: {vectors} memory-operand FMAs), one",
+              "thread; loads per cycle at the clock above:", "",
+              "| loop | loads per slot | ns per slot | cycles per slot | loads per cycle |", "|---|---|---|---|---|"]
+    for name, loads, ns in slot_loops(lanes, 3 * args.rounds):
+        lines.append(f"| {name} | {loads} | {ns:.2f} | {ns * clock:.2f} | {loads / (ns * clock):.2f} |")
+    lines += ["", "The kernels' time per stored slot and per row and K-chunk, one thread, 128 tokens (fitted, see above):",
+              "", "| kernel | ns per slot | cycles | ns per row and chunk | cycles | µs per call |", "|---|---|---|---|---|---|"]
+    for name, slot, row, call in slot_and_row_costs(lanes, args.rounds):
+        lines.append(f"| {name} | {slot:.2f} | {slot * clock:.1f} | {row:.1f} | {row * clock:.0f} | {call:.0f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
