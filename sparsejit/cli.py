@@ -185,7 +185,7 @@ def cmd_run(args) -> int:
             times.append(time.perf_counter() - t0)
             steps.advance()
     result = {"model": str(path), "threads": model.num_threads, "linear_layers": len(model.layers),
-              "sparse_layers": sum(lp.kind in ("sparse", "sparse-bf16") for lp in model.layers),
+              "sparse_layers": sum(lp.sparse for lp in model.layers),
               "precision": model.precision,
               "kernels": dict(Counter(lp.kind for lp in model.layers)), "first_run_ms": first_ms,
               "latency": latency_stats(times),

@@ -22,7 +22,7 @@ def main() -> int:
     t0 = time.perf_counter()
     model = sparsejit.load(path)
     print(f"loaded {path.name} in {time.perf_counter() - t0:.2f} s on {model.num_threads} thread(s)")
-    sparse = sum(lp.kind == "sparse" for lp in model.layers)
+    sparse = sum(lp.sparse for lp in model.layers)
     print(f"{len(model.layers)} linear layers: {sparse} generated sparse kernels, "
           f"{len(model.layers) - sparse} dense GEMM (chosen by measurement)")
 

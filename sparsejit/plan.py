@@ -68,13 +68,18 @@ class LayerPlan:
         return self.kind.endswith("-bf16")
 
     @property
+    def sparse(self) -> bool:
+        """A float sparse kernel (float32 or bfloat16) that skips the weight's zeros."""
+        return self.kind in ("sparse", "sparse-bf16")
+
+    @property
     def skipped(self) -> float:
         """The fraction of a dense product's multiply-adds the kernel does not do: the zeros
         the sparse kernel skips; for int8, what its kernel says."""
         if self.int8:
             impl = getattr(self.impl, "group", self.impl)
             return impl.skipped(self.impl.start, self.impl.stop) if impl is not self.impl else impl.skipped()
-        return 1 - self.pattern.density if self.kind in ("sparse", "sparse-bf16") else 0.0
+        return 1 - self.pattern.density if self.sparse else 0.0
 
     def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         if isinstance(self.impl, OutputSlice) and self.int8:
