@@ -15,7 +15,8 @@ through yᵀ between chunks, and the epilogue runs on the last. Within a chunk t
 come in the order `order` lists them (compress.order_rows: by count, so that the loop
 exits are predictable).
 
-The text is a pure function of `IRConfig`. What was measured on the way to this
+With a residual, the last chunk's epilogue prefetches the residual of the row a few
+slots on (RESIDUAL_AHEAD). The text is a pure function of `IRConfig`. What was measured on the way to this
 design, and what did not help, is in bench/README.md ("Measured and tried").
 """
 
@@ -34,6 +35,11 @@ SIGNATURE = Signature("sparse_rows", (
 # A tile function takes what the kernel does, but for its rows and tokens: slot s of
 # K-chunk c, tokens from t.
 _SHARED = Signature("tile", SIGNATURE.args[:13])
+# The epilogue adds a residual read nowhere else: a row's 512 bytes (128 tokens) that,
+# once x has many tokens, lie in L3 or DRAM, 4 KB or more from the previous row's (the
+# rows come in count order), where no hardware prefetcher looks. So each row's epilogue
+# prefetches the residual of the row this many slots on. (bench/README, eighth session.)
+RESIDUAL_AHEAD = 8
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,8 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
         e.vstore(v, ptr, mask)
     e.raw("  ret void")
     e.label("epilogue")
+    if cfg.residual and RESIDUAL_AHEAD:
+        _prefetch_residual(e, vectors)
     rstart = e.offset("%j", "%ldr", "%t") if cfg.residual else None
     if cfg.scaled or cfg.int8:  # an int8 layer's exact sums (int8.Int8OnFloat, Int8Chunked): scaled, plus the bias
         sums = scaled_sums(e, sums, "%j", e.splat(e(f"load float, ptr {e.gep('%bias', '%j')}, align 4")), cfg.int8)
@@ -154,6 +162,20 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
     for u, (v, ptr) in enumerate(zip(sums, yptrs)):
         residual = e.vptr("%rt", rstart, u) if cfg.residual else None
         e.vstore(epilogue(e, cfg.activation, v, residual, mask), ptr, mask)
+
+
+def _prefetch_residual(e: Builder, vectors: int) -> None:
+    """Prefetch the residual tile of the row RESIDUAL_AHEAD slots on in this chunk's order
+    (the last chunk's: the one whose epilogue reads the residual)."""
+    nxt = e(f"add i64 %s, {RESIDUAL_AHEAD}")
+    e.cond_br(e(f"icmp ult i64 {nxt}, %m"), "prefetch", "prefetched")
+    e.label("prefetch")
+    row = e(f"load i32, ptr {e.gep('%order', e.offset('%c', '%m', nxt), 'i32')}, align 4")
+    start = e.offset(e(f"sext i32 {row} to i64"), "%ldr", "%t")
+    for u in range(vectors):
+        e.call("llvm.prefetch.p0", "void", ("ptr", e.vptr("%rt", start, u)), ("i32", "0"), ("i32", "3"), ("i32", "1"))
+    e.br("prefetched")
+    e.label("prefetched")
 
 
 def _store_quantized(e: Builder, values: list[str], mask: str | None) -> None:

@@ -51,6 +51,22 @@ def test_linear_matches_reference(block, activation, residual, impl):
         np.testing.assert_allclose(got, reference_linear(x, w, bias, activation, r), **TOL)
 
 
+def test_residual_epilogue_prefetches_the_residual_rows_ahead():
+    """A prefetch cannot change a result, so the residual tests above cannot see it: the
+    kernel text must hold one per residual vector of the row RESIDUAL_AHEAD slots on, in
+    every tile width, and none without a residual. (Its effect: bench/README, eighth session.)"""
+    from sparsejit.kernels.sparse_ir import RESIDUAL_AHEAD, IRConfig, tail_vectors
+
+    assert RESIDUAL_AHEAD > 0
+    for cfg in (IRConfig(residual=True), IRConfig(block=4, residual=True, activation="gelu"),
+                IRConfig(residual=True, int8=True), IRConfig(residual=True, bf16=True)):
+        text = ir_source(cfg)
+        tiles = [cfg.vectors, *tail_vectors(cfg.vectors), 1]  # full, narrower, masked tail
+        assert text.count("call void @llvm.prefetch.p0(ptr") == sum(tiles)
+        assert f"add i64 %s, {RESIDUAL_AHEAD}" in text
+    assert "llvm.prefetch" not in ir_source(IRConfig(residual=False))
+
+
 @pytest.mark.parametrize("block", [1, 4])
 @pytest.mark.parametrize("activation", ["none", "gelu"])
 @pytest.mark.parametrize("residual", [False, True])
