@@ -82,3 +82,26 @@ def quantized(e: Builder, x: str, scale: str, zero: str, lo: str, hi: str) -> st
     q = e(f"fadd {e.vt} {e.vcall('roundeven', e(f'fdiv {e.vt} {x}, {scale}'))}, {zero}")
     q = e(f"select <{e.lanes} x i1> {e(f'fcmp uno {e.vt} {q}, {q}')}, {e.vt} zeroinitializer, {e.vt} {q}")
     return e.vcall("minnum", e.vcall("maxnum", q, lo), hi)
+
+
+def store_block_bytes(e: Builder, qs: list[str], j: str, base: str, ld: str, t: str, masks: list) -> None:
+    """Bytes (i32 vectors holding 0..255) of input j for consecutive vectors of tokens from
+    t, stored where an int8 kernel reads its x: byte j % 4 of each token's i32 in 4-block
+    row j / 4 of `base` (row stride `ld` in i32). One masked byte store per vector; a lane
+    mask (None: every lane) covers its token's one byte."""
+    L = e.lanes
+    iv, bv, bm = f"<{L} x i32>", f"<{4 * L} x i8>", f"<{4 * L} x i1>"
+    byte = e(f"and i64 {j}, 3")
+    shift = e.splat_i32(e(f"trunc i64 {e(f'shl i64 {byte}, 3')} to i32"))  # 8 · (j mod 4)
+    ones = e(f"bitcast {iv} {e(f'shl {iv} {e.splat_i32(255)}, {shift}')} to {bv}")
+    bytes_mask = e(f"icmp ne {bv} {ones}, zeroinitializer")
+    start = e.offset(e(f"lshr i64 {j}, 2"), ld, t)
+    spread = ", ".join(f"i32 {i // 4}" for i in range(4 * L))
+    for u, (q, mask) in enumerate(zip(qs, masks)):
+        on = bytes_mask
+        if mask is not None:  # each token's lane mask over its four bytes
+            per_byte = e(f"shufflevector <{L} x i1> {mask}, <{L} x i1> poison, <{4 * L} x i32> <{spread}>")
+            on = e(f"and {bm} {bytes_mask}, {per_byte}")
+        packed = e(f"bitcast {iv} {e(f'shl {iv} {q}, {shift}')} to {bv}")
+        e.call(f"llvm.masked.store.v{4 * L}i8.p0", "void", (bv, packed), ("ptr", e.vptr(base, start, u, "i32")),
+               ("i32", "1"), (bm, on))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from .epilogue import ACTIVATIONS, epilogue
 from .ir import Builder, Signature
-from .lowp_ir import bf16_dot, quantized, scaled_sums, vnni_dot
+from .lowp_ir import bf16_dot, quantized, scaled_sums, store_block_bytes, vnni_dot
 
 SIGNATURE = Signature("sparse_rows", (
     ("xt", "ptr"), ("ldx", "i64"), ("indptr", "ptr"), ("indices", "ptr"), ("values", "ptr"), ("bias", "ptr"),
@@ -181,28 +181,14 @@ def _prefetch_residual(e: Builder, vectors: int) -> None:
 def _store_quantized(e: Builder, values: list[str], mask: str | None) -> None:
     """Row j's outputs (tokens from t) quantized as the next int8 layer quantizes its x
     (lowp_ir.quantized, less the lowest value: a byte) and stored where that layer's
-    kernel reads them: byte j % 4 of each token's i32 in 4-block row j / 4 of rt (`ldr`:
-    its row stride in i32). One masked byte store per vector of tokens; the grid (scale,
-    zero point, lowest, highest value) is bias[3m .. 3m + 3]."""
-    L, vt = e.lanes, e.vt
-    iv, bv, bm = f"<{L} x i32>", f"<{4 * L} x i8>", f"<{4 * L} x i1>"
+    kernel reads them (lowp_ir.store_block_bytes: row j / 4 of rt, `ldr` its row stride
+    in i32). The grid (scale, zero point, lowest, highest value) is bias[3m .. 3m + 3]."""
+    vt, iv = e.vt, f"<{e.lanes} x i32>"
     at = e("mul i64 %m, 3")
     scale, zero, lo, hi = (e.splat(e(f"load float, ptr {e.gep('%bias', e(f'add i64 {at}, {i}') if i else at)}, "
                                      "align 4")) for i in range(4))
-    byte = e("and i64 %j, 3")
-    shift = e.splat_i32(e(f"trunc i64 {e(f'shl i64 {byte}, 3')} to i32"))  # 8 · (j mod 4)
-    ones = e(f"bitcast {iv} {e(f'shl {iv} {e.splat_i32(255)}, {shift}')} to {bv}")
-    bytes_mask = e(f"icmp ne {bv} {ones}, zeroinitializer")
-    if mask is not None:  # each token's lane mask over its four bytes
-        spread = ", ".join(f"i32 {i // 4}" for i in range(4 * L))
-        per_byte = e(f"shufflevector <{L} x i1> {mask}, <{L} x i1> poison, <{4 * L} x i32> <{spread}>")
-        bytes_mask = e(f"and {bm} {bytes_mask}, {per_byte}")
-    start = e.offset(e("lshr i64 %j, 2"), "%ldr", "%t")
-    for u, v in enumerate(values):
-        q = e(f"fptosi {vt} {e(f'fsub {vt} {quantized(e, v, scale, zero, lo, hi)}, {lo}')} to {iv}")
-        packed = e(f"bitcast {iv} {e(f'shl {iv} {q}, {shift}')} to {bv}")
-        e.call(f"llvm.masked.store.v{4 * L}i8.p0", "void", (bv, packed), ("ptr", e.vptr("%rt", start, u, "i32")),
-               ("i32", "1"), (bm, bytes_mask))
+    qs = [e(f"fptosi {vt} {e(f'fsub {vt} {quantized(e, v, scale, zero, lo, hi)}, {lo}')} to {iv}") for v in values]
+    store_block_bytes(e, qs, "%j", "%rt", "%ldr", "%t", [mask] * len(qs))
 
 
 def _driver(e: Builder, cfg: IRConfig) -> None:
