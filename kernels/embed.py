@@ -17,7 +17,7 @@ from ..ops import gather, layer_normalization, op
 from .compile import compile_ir, load_source, vector_lanes
 from .elementwise import reference_fake_quantize
 from .ir import Builder, Signature, with_driver
-from .layernorm import NO_GRID, Grid, _columns_kernel
+from .layernorm import NO_BYTES, NO_GRID, Grid, _columns_kernel
 from .layout import feature_major_empty
 
 
@@ -177,5 +177,5 @@ class EmbedLayerNorm:
             fn, run_columns = _columns_kernel(vector_lanes(), self.grid is not None)
             b = np.zeros(h, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
             grid = NO_GRID if self.grid is None else self.grid.floats
-            run_columns(fn, xt, yt, np.ascontiguousarray(scale, np.float32), b, self.epsilon, grid, parts)
+            run_columns(fn, xt, yt, np.ascontiguousarray(scale, np.float32), b, self.epsilon, grid, NO_BYTES, parts)
         return yt.T.reshape(shape + (h,))

@@ -483,6 +483,13 @@ def run_chunked(range_fn, quantize_fn, fn, xt, xq, lanes, dynamic, x_scale, x_ze
 """
 
 
+def byte_rows(given: np.ndarray) -> np.ndarray:
+    """A token-major view [..., in/4] of x's bytes (layernorm.layernorm_to_bytes) as the
+    4-block rows [in/4, tokens] the kernel reads, token stride 1 (copied only if not)."""
+    rows = given.reshape(-1, given.shape[-1]).T
+    return rows if rows.shape[1] <= 1 or rows.strides[1] == rows.itemsize else np.ascontiguousarray(rows)
+
+
 class Int8Chunked(_Quantized, SparseLinear):
     """The int8 layer on the float32 sparse kernel's frame with AVX-512 VNNI products
     (sparse_ir's `int8`): its K-chunks, per-thread row order and balanced split, one
@@ -552,11 +559,18 @@ class Int8Chunked(_Quantized, SparseLinear):
         return (isinstance(nxt, Int8Chunked) and self.mode == "static" and nxt.mode == "static"
                 and not self.residual and nxt.in_features == self.out_features)
 
-    def quantized_for(self, x: np.ndarray, nxt: Int8Chunked) -> np.ndarray:
+    def reads_bytes(self, grid: np.ndarray) -> bool:
+        """Whether x quantized to `grid` ([scale, zero point, lowest, highest] as float32,
+        layernorm.Grid's) is what this layer's kernel reads: a static layer quantizing x
+        to that grid, so that `from_quantized` can take its bytes."""
+        return self.mode == "static" and (np.float32(self.x_scale), self._zero, self._lo) == tuple(grid[:3])
+
+    def quantized_for(self, x: np.ndarray, nxt: Int8Chunked, given: np.ndarray | None = None) -> np.ndarray:
         """This layer's output for x [..., in], quantized as `nxt` quantizes its x, in the
         4-block rows nxt's kernel reads ([out/4, tokens] of i32): the kernel stores those
         bytes in its epilogue (sparse_ir's `quant_out`) instead of y, and nxt skips its
-        own pass over y (`from_quantized`)."""
+        own pass over y (`from_quantized`). `given`: x's own bytes already, as a token-major
+        view (layernorm.layernorm_to_bytes), which this layer reads instead of quantizing x."""
         x2 = x.reshape(-1, self.in_features)
         n, m = x2.shape[0], self.out_features
         xq = feature_major_empty(-(-m // 4), n)
@@ -565,7 +579,11 @@ class Int8Chunked(_Quantized, SparseLinear):
                 xq[-1] = 0  # (the bytes past the last output: nxt's padded weights are 0 there)
             fn, kbias = self._handoff(nxt)
             yt = feature_major_empty(m, n)  # (the partial sums between K-chunks)
-            self._call(fn, kbias, transposed(x2), feature_major_empty(-(-self.in_features // 4), n), yt, xq, False)
+            if given is None:
+                self._call(fn, kbias, transposed(x2), feature_major_empty(-(-self.in_features // 4), n), yt, xq, False)
+            else:
+                gt = byte_rows(given)
+                self._call(fn, kbias, gt, gt, yt, xq, True)
         return xq
 
     def from_quantized(self, xq: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:

@@ -19,7 +19,7 @@ from .compile import compile_ir, load_source, vector_lanes
 from .elementwise import RANGES, fake_quantize, reference_fake_quantize, scalar
 from .ir import Builder, Signature
 from .layout import contiguous, feature_major_empty, transposed, unit_token_stride
-from .lowp_ir import quantized
+from .lowp_ir import quantized, store_block_bytes
 
 
 @op("LayerNorm", fused=True)
@@ -65,13 +65,58 @@ def layernorm_rows(x, scale, bias, eps, y):
 # stores are masked at the tile's end, so any token range works. The quantizing variant
 # rounds each output to a grid (QuantizeLinear then DequantizeLinear with scale qscale and
 # zero point qzero, clamped to [qlo, qhi]) before it stores it; the plain one ignores those.
+# The variant that also hands its output to an int8 layer stores each output's byte (q
+# less qlo) where that layer's kernel reads its x: 4-block rows of xq, row stride ldq in
+# i32 (lowp_ir.store_block_bytes); the others ignore xq.
 COLUMNS_SIGNATURE = Signature("layernorm_columns", (
     ("xt", "ptr"), ("ldx", "i64"), ("yt", "ptr"), ("ldy", "i64"), ("scale", "ptr"), ("bias", "ptr"), ("eps", "float"),
     ("h", "i64"), ("t0", "i64"), ("t1", "i64"), ("qscale", "float"), ("qzero", "float"), ("qlo", "float"),
-    ("qhi", "float")))
+    ("qhi", "float"), ("xq", "ptr"), ("ldq", "i64")))
 
 
-def _columns(e: Builder, vectors: int, quantize: bool) -> None:
+def _outputs(e: Builder, xs, means: list[str], invs: list[str], i0: str, masks: list, grid: list | None,
+             to_bytes: bool) -> None:
+    """The third pass over the features of tokens from i0: each output, rounded to the
+    grid if any, stored; with to_bytes, also its byte (q less the lowest value) in the
+    4-block rows of xq, four features packed into each token's i32 and stored at once
+    (the features past the last whole 4-block: a masked byte store each)."""
+    vt, iv = e.vt, f"<{e.lanes} x i32>"
+
+    def normalised(f):  # (with to_bytes: the bytes, an i32 vector per vector of tokens)
+        a = e.splat(e(f"load float, ptr {e.gep('%scale', f)}, align 4"))
+        b = e.splat(e(f"load float, ptr {e.gep('%bias', f)}, align 4"))
+        off = e.offset(f, "%ldy", i0)
+        qs = []
+        for v, x in enumerate(xs(f)):
+            y = e.fma(e(f"fmul {vt} {e(f'fsub {vt} {x}, {means[v]}')}, {invs[v]}"), a, b)
+            if grid:
+                step, zero, lo = grid[0], grid[1], grid[2]
+                q = quantized(e, y, *grid)
+                y = e(f"fmul {vt} {e(f'fsub {vt} {q}, {zero}')}, {step}")
+                if to_bytes:
+                    qs.append(e(f"fptosi {vt} {e(f'fsub {vt} {q}, {lo}')} to {iv}"))
+            e.vstore(y, e.vptr("%yt", off, v), masks[v])
+        return qs
+
+    def four(f, _acc):
+        packed = normalised(f)
+        for i in range(1, 4):
+            more = normalised(e(f"add i64 {f}, {i}"))
+            packed = [e(f"or {iv} {p}, {e(f'shl {iv} {q}, {e.splat_i32(8 * i)}')}") for p, q in zip(packed, more)]
+        row = e.offset(e(f"lshr i64 {f}, 2"), "%ldq", i0)
+        for v, p in enumerate(packed):
+            e.vstore(e(f"bitcast {iv} {p} to {vt}"), e.vptr("%xq", row, v, "i32"), masks[v])
+        return []
+
+    if to_bytes:
+        whole = e("and i64 %h, -4")
+        e.loop("0", whole, 4, [], four)
+        e.loop(whole, "%h", 1, [], lambda f, _: store_block_bytes(e, normalised(f), f, "%xq", "%ldq", i0, masks) or [])
+    else:
+        e.loop("0", "%h", 1, [], lambda f, _: normalised(f) and [])
+
+
+def _columns(e: Builder, vectors: int, quantize: bool, to_bytes: bool = False) -> None:
     vt = e.vt
     inv_h = e.splat(e(f"fdiv float 1.0, {e('sitofp i64 %h to float')}"))
     eps = e.splat("%eps")
@@ -100,28 +145,17 @@ def _columns(e: Builder, vectors: int, quantize: bool) -> None:
         _, sqs = e.loop("0", "%h", 1, [(vt, "zeroinitializer")] * vectors, squares)
         invs = [e(f"fdiv {vt} {e.const(1.0)}, {e.vcall('sqrt', e.fma(q, inv_h, eps))}") for q in sqs]
 
-        def output(f, _acc):
-            a = e.splat(e(f"load float, ptr {e.gep('%scale', f)}, align 4"))
-            b = e.splat(e(f"load float, ptr {e.gep('%bias', f)}, align 4"))
-            off = e.offset(f, "%ldy", i0)
-            for v, x in enumerate(xs(f)):
-                y = e.fma(e(f"fmul {vt} {e(f'fsub {vt} {x}, {means[v]}')}, {invs[v]}"), a, b)
-                if grid:
-                    step, zero = grid[0], grid[1]
-                    y = e(f"fmul {vt} {e(f'fsub {vt} {quantized(e, y, *grid)}, {zero}')}, {step}")
-                e.vstore(y, e.vptr("%yt", off, v), masks[v])
-            return []
-
-        e.loop("0", "%h", 1, [], output)
+        _outputs(e, xs, means, invs, i0, masks, grid, to_bytes)
 
     e.tiles("%t0", "%t1", e.lanes * vectors, tile)
 
 
-def columns_ir(lanes: int, vectors: int = 4, quantize: bool = False) -> str:
+def columns_ir(lanes: int, vectors: int = 4, quantize: bool = False, to_bytes: bool = False) -> str:
     e = Builder(lanes)
-    e.function(COLUMNS_SIGNATURE, lambda: _columns(e, vectors, quantize))
+    e.function(COLUMNS_SIGNATURE, lambda: _columns(e, vectors, quantize, to_bytes))
     return e.module(f"; sparsejit generated kernel: LayerNorm, feature-major, tokens [t0, t1), lanes={lanes} "
-                    f"vectors={vectors}" + (", each output rounded to the grid of qscale and qzero" if quantize else ""))
+                    f"vectors={vectors}" + (", each output rounded to the grid of qscale and qzero" if quantize else "")
+                    + (", and its byte stored in the 4-block rows of xq" if to_bytes else ""))
 
 
 COLUMNS_DRIVER_SOURCE = """\
@@ -130,7 +164,7 @@ from numba import njit, prange
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def run_columns(fn, xt, yt, scale, bias, eps, grid, parts):
+def run_columns(fn, xt, yt, scale, bias, eps, grid, xq, parts):
     h, n = xt.shape
     step = ((n + parts - 1) // parts + 15) // 16 * 16
     for c in prange(parts):
@@ -138,14 +172,16 @@ def run_columns(fn, xt, yt, scale, bias, eps, grid, parts):
         t1 = min(n, t0 + step)
         if t0 < t1:
             fn(xt.ctypes.data, xt.strides[0] // 4, yt.ctypes.data, yt.strides[0] // 4, scale.ctypes.data,
-               bias.ctypes.data, eps, h, t0, t1, grid[0], grid[1], grid[2], grid[3])
+               bias.ctypes.data, eps, h, t0, t1, grid[0], grid[1], grid[2], grid[3], xq.ctypes.data,
+               xq.strides[0] // 4)
 """
 
 @functools.cache
-def _columns_kernel(lanes: int, quantize: bool = False):
+def _columns_kernel(lanes: int, quantize: bool = False, to_bytes: bool = False):
     """(IR function, Numba driver) for a vector width, looked up once, as the attention's
     are: every run calls this kernel 25 times for BERT-base."""
-    fn = COLUMNS_SIGNATURE.ctypes()(compile_ir(columns_ir(lanes, quantize=quantize), COLUMNS_SIGNATURE.name))
+    fn = COLUMNS_SIGNATURE.ctypes()(compile_ir(columns_ir(lanes, quantize=quantize, to_bytes=to_bytes),
+                                               COLUMNS_SIGNATURE.name))
     return fn, load_source(COLUMNS_DRIVER_SOURCE).run_columns
 
 
@@ -168,6 +204,7 @@ class Grid(NamedTuple):
 
 
 NO_GRID = np.zeros(4, np.float32)  # what the plain kernel is passed for the grid, and ignores
+NO_BYTES = np.zeros((1, 1), np.int32)  # what a kernel that stores no bytes is passed for xq
 
 
 def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon: float,
@@ -192,10 +229,41 @@ def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon
         xt = transposed(x2)
         yt = feature_major_empty(h, x2.shape[0])
         fn, run_columns = _columns_kernel(vector_lanes(), grid is not None)
-        run_columns(fn, xt, yt, scale, b, np.float32(epsilon), NO_GRID if grid is None else grid.floats,
+        run_columns(fn, xt, yt, scale, b, np.float32(epsilon), NO_GRID if grid is None else grid.floats, NO_BYTES,
                     numba.get_num_threads())
         return yt.T.reshape(lead + (h,))
     y = np.empty(x2.shape, np.float32)
     load_source(LAYERNORM_SOURCE).layernorm_rows(contiguous(x2), scale, b, np.float32(epsilon), y)
     y = y.reshape(lead + (h,))
     return y if grid is None else fake_quantize(y, *grid.quantize)
+
+
+def layernorm_to_bytes(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon: float,
+                       grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """`layernorm(..., feature_major=True, grid=grid)`, and the bytes an int8 layer
+    quantizing its x to the same grid would make of it: 4-block rows of i32 (byte i of
+    row k4 is input 4·k4 + i, less the grid's lowest value; 0 past the last input), as
+    the token-major view [..., ceil(h/4)] of a feature-major array, which the int8 kernel
+    reads in place (int8.Int8Chunked.from_quantized). The kernel stores both at once.
+    `grid` must be one the kernel covers (`grid.floats`)."""
+    h = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, h)
+    n = x2.shape[0]
+    xq = feature_major_empty(-(-h // 4), n).view(np.int32)
+    if h % 4:
+        xq[-1] = 0
+    if x.dtype != np.float32 or scale.shape != (h,) or (bias is not None and bias.shape != (h,)):
+        y = layernorm(x, scale, bias, epsilon, True, grid)  # (the reference's: its output quantized again)
+        step, zero, lo, hi = grid.floats
+        padded = np.zeros((n, 4 * xq.shape[0]), np.uint8)
+        padded[:, :h] = np.clip(np.rint(y.reshape(n, h) / step) + zero, lo, hi) - lo
+        xq[:] = padded.view(np.int32).T
+        return y, xq.T.reshape(lead + (xq.shape[0],))
+    b = np.zeros(h, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+    yt = feature_major_empty(h, n)
+    if n:
+        fn, run_columns = _columns_kernel(vector_lanes(), True, True)
+        run_columns(fn, transposed(x2), yt, np.ascontiguousarray(scale, dtype=np.float32), b, np.float32(epsilon),
+                    grid.floats, xq, numba.get_num_threads())
+    return yt.T.reshape(lead + (h,)), xq.T.reshape(lead + (xq.shape[0],))

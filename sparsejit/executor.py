@@ -130,7 +130,8 @@ class TokenChain:
                 nxt = self.steps[k + 1]
                 x = env[s.node.inputs[0]]
                 r = env[nxt.node.inputs[1]] if len(nxt.node.inputs) > 1 and nxt.node.inputs[1] else None
-                xq = _called(s.node, s.impl.quantized_for, x, nxt.impl)
+                given = env[s.node.inputs[2]] if len(s.node.inputs) > 2 else None  # (plan.hand_layernorm_bytes)
+                xq = _called(s.node, s.impl.quantized_for, x, nxt.impl, given)
                 env[nxt.node.outputs[0]] = _called(nxt.node, nxt.impl.from_quantized, xq, x.shape[:-1], r)
                 k += 2
                 continue

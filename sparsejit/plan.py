@@ -24,8 +24,17 @@ from .kernels import elementwise
 from .kernels.attention import fused_attention, prepare_mask
 from .kernels.bf16 import BF16DenseLinear, BF16SparseLinear, reference_bf16_linear
 from .kernels.embed import EmbedLayerNorm
-from .kernels.int8 import DOT_NAMES, Int8Chunked, Int8Dense, Int8Linear, Int8OnFloat, exact_on_float, host_dots
-from .kernels.layernorm import Grid, layernorm
+from .kernels.int8 import (
+    DOT_NAMES,
+    Int8Chunked,
+    Int8Dense,
+    Int8Linear,
+    Int8OnFloat,
+    byte_rows,
+    exact_on_float,
+    host_dots,
+)
+from .kernels.layernorm import Grid, layernorm, layernorm_to_bytes
 from .kernels.linear import DenseLinear, OutputSlice, Pattern, SparseLinear, analyse, linear_epilogue, reference_linear
 from .ops import bind
 
@@ -297,7 +306,10 @@ def qlinear_step(node: Node, p: Planning) -> Step:
     p.done_with(a["weight"])
     p.add(LayerPlan(node.name, _without_weight(node), analyse(a["weight"]), impl, why, decided_by="rule",
                     probe=probe))
-    return Step(p.layers[-1].node, lambda x, residual=None: (impl(x, residual),), impl)
+    def run(x, residual=None, xq=None):  # xq: x's bytes from the LayerNorm (hand_layernorm_bytes)
+        return (impl(x, residual) if xq is None else impl.from_quantized(byte_rows(xq), x.shape[:-1], residual),)
+
+    return Step(p.layers[-1].node, run, impl)
 
 
 def qlinear_group_step(node: Node, p: Planning) -> Step:
@@ -324,11 +336,11 @@ def qlinear_group_step(node: Node, p: Planning) -> Step:
         start = cuts[-1][1]
     attrs = {"activation": node.attrs["activation"], "members": [lp.node for lp in p.layers[-len(members):]]}
 
-    def run(x):
-        y = impl(x)
+    def run(x, xq=None):  # xq: x's bytes from the LayerNorm (hand_layernorm_bytes)
+        y = impl(x) if xq is None else impl.from_quantized(byte_rows(xq), x.shape[:-1])
         return tuple(y[..., a:b] for a, b in cuts)
 
-    return Step(Node(node.op_type, node.name, list(node.inputs), list(node.outputs), attrs), run)
+    return Step(Node(node.op_type, node.name, list(node.inputs), list(node.outputs), attrs), run, impl)
 
 
 def onnx_attention_step(node: Node, p: Planning) -> Step:
@@ -419,4 +431,44 @@ def plan(graph: Graph, chooser: Chooser | None = None, progress: Callable[[int, 
     if done_with is not None:
         p.done_with = done_with
     steps = [STEPS.get(n.op_type, reference_step)(n, p) for n in graph.nodes]
-    return steps, p.layers
+    return (hand_layernorm_bytes(steps) if LAYERNORM_BYTES else steps), p.layers
+
+
+# A LayerNorm rounding its output to the grid a static int8 layer reading it quantizes x
+# to (lower.quantize_layernorms) also stores that layer's bytes, so the layer skips its
+# own pass over x; see hand_layernorm_bytes.
+LAYERNORM_BYTES = True
+BYTES_SUFFIX = "#int8"  # the bytes' value name: the LayerNorm's output's, and this
+
+
+def hand_layernorm_bytes(steps: list[Step]) -> list[Step]:
+    """Steps where each LayerNorm with a grid whose output a static K-chunked int8 layer
+    (or group) reads as x, quantized to that same grid, also stores the bytes that layer's
+    kernel reads (layernorm.layernorm_to_bytes: one pass, the byte beside the rounded
+    float), as a second output `<output>#int8`; those layers take it as their last input
+    and run on it (Int8Chunked.from_quantized) instead of quantizing x. Other readers,
+    the residual adds among them, read the floats as before. The graph is unchanged:
+    `Model.forward_source` shows the bytes."""
+    readers: dict[str, list[int]] = {}
+    for k, s in enumerate(steps):
+        if s.node.inputs:
+            readers.setdefault(s.node.inputs[0], []).append(k)
+    out = list(steps)
+    for i, s in enumerate(steps):
+        n = s.node
+        grid = Grid.of(n.attrs.get("quantize")) if n.op_type == "LayerNorm" and n.attrs.get("feature_major") else None
+        if grid is None or grid.floats is None or len(n.outputs) != 1:
+            continue
+        takers = [k for k in readers.get(n.outputs[0], [])
+                  if steps[k].node.op_type in ("QLinear", "QLinearGroup") and isinstance(steps[k].impl, Int8Chunked)
+                  and steps[k].impl.reads_bytes(grid.floats)]
+        if not takers:
+            continue
+        q, eps = n.outputs[0] + BYTES_SUFFIX, n.attrs["epsilon"]
+        out[i] = Step(Node(n.op_type, n.name, list(n.inputs), [n.outputs[0], q], n.attrs),
+                      lambda x, scale, bias=None, eps=eps, grid=grid: layernorm_to_bytes(x, scale, bias, eps, grid))
+        for k in takers:
+            r = steps[k].node
+            inputs = list(r.inputs) + [""] * (r.op_type == "QLinear" and len(r.inputs) < 2) + [q]
+            out[k] = Step(Node(r.op_type, r.name, inputs, list(r.outputs), r.attrs), steps[k].run, steps[k].impl)
+    return out

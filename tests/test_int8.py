@@ -81,6 +81,34 @@ def test_quantized_forms_compute_what_the_graph_says(form):
     assert model.check().ok
 
 
+@pytest.mark.parametrize("form", ["qdq", "sparseml"])
+def test_layernorms_hand_their_bytes_to_the_int8_layers_reading_them(form, monkeypatch):
+    """Each LayerNorm rounding to its readers' grid stores the bytes of its output too
+    (plan.hand_layernorm_bytes), and the QKV group and FFN1 run on them without
+    quantizing x: the outputs are those of the model without the handover, bit for bit,
+    over padded rows, whole and by token tiles (1100 tokens), which the test above holds
+    to ONNX Runtime."""
+    from sparsejit.kernels.int8 import has_vnni
+
+    from sparsejit import plan
+
+    if not has_vnni():
+        pytest.skip("the bytes are the VNNI kernel's (Int8Chunked)")
+    path = INT8 / f"bert_block4_p90_int8_{form}.onnx"
+    calls, to_bytes = [], plan.layernorm_to_bytes
+    monkeypatch.setattr(plan, "layernorm_to_bytes", lambda *a: calls.append(1) or to_bytes(*a))
+    handing = sparsejit.load(path)
+    monkeypatch.setattr(plan, "LAYERNORM_BYTES", False)
+    plain = sparsejit.load(path)
+    for batch, seq in [(2, 37), (10, 110)]:
+        feeds = make_inputs(handing.input_names, batch, seq, seed=seq)
+        calls.clear()
+        got = handing.run(feeds)
+        assert len(calls) == 4  # each block's two LayerNorms but the last (the pooler reads it)
+        for a, b in zip(got, plain.run(feeds)):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_a_reference_run_agrees_with_the_int8_kernels():
     path = INT8 / "bert_block4_p90_int8_dynamic.onnx"
     feeds = make_inputs(sparsejit.load(path).input_names, 2, 11)

@@ -730,6 +730,33 @@ def test_int8_kernel_exact_against_the_integer_reference(dot):
                                                err_msg=f"{k}x{m} {tokens} tokens {mode} {act}")
 
 
+@pytest.mark.parametrize("zero", [np.uint8(120), np.int8(-3)])
+def test_layernorm_stores_the_bytes_its_int8_reader_makes_of_its_output(zero):
+    """layernorm_to_bytes: the LayerNorm rounded to a grid, and in the same pass the bytes an
+    int8 layer on that grid makes of that output (its quantization, less the lowest value,
+    packed four inputs to an i32, zero past the last input), exactly; whole 4-blocks, a
+    partial one, whole and partial vectors of tokens, none, at one and two threads."""
+    from sparsejit.kernels.elementwise import quantize
+    from sparsejit.kernels.layernorm import Grid, layernorm_to_bytes
+
+    rng = np.random.default_rng(abs(int(zero)))
+    grid, lo = Grid.of((np.float32(0.02), zero)), np.iinfo(zero.dtype).min
+    for h in (768, 30, 5):
+        for n in (0, 1, 17, 128, 130):
+            xt = feature_major_empty(h, n)
+            xt[:] = rng.standard_normal((h, n)) * 3
+            scale, bias = rng.standard_normal(h).astype(np.float32), rng.standard_normal(h).astype(np.float32)
+            for threads in (1, 2):
+                numba.set_num_threads(threads)
+                y, xq = layernorm_to_bytes(xt.T, scale, bias, 1e-12, grid)
+                assert np.array_equal(y, layernorm(xt.T, scale, bias, 1e-12, True, grid))
+                want = np.zeros((n, 4 * -(-h // 4)), np.uint8)
+                want[:, :h] = quantize(y, np.float32(0.02), zero).astype(np.int16) - lo
+                assert xq.shape == (n, -(-h // 4)) and xq.dtype == np.int32
+                np.testing.assert_array_equal(xq, want.view(np.int32))
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
 def test_int8_layer_hands_its_output_to_the_next_quantized():
     """Int8Chunked.quantized_for: a static int8 layer's output stored by its kernel as the
     bytes the next static layer's kernel reads (x quantized with the next layer's scale

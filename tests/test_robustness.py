@@ -248,7 +248,7 @@ DEGENERATE_INT8 = """
             want = elementwise.reference_qsoftmax(q, in_scale=in_scale, in_zero=in_zero,
                                                   out_scale=np.float32(1 / 255), out_zero=np.uint8(0))
             assert np.array_equal(got, want)
-    from sparsejit.kernels.layernorm import Grid, layernorm
+    from sparsejit.kernels.layernorm import Grid, layernorm, layernorm_to_bytes
     for h in (1, 5):
         for tokens in (0, 1, 3, 17):
             x = rng.standard_normal((tokens, h)).astype(np.float32)
@@ -257,6 +257,11 @@ DEGENERATE_INT8 = """
                 got = layernorm(x, g, b, 1e-5, fm, Grid.of((s, z)))
                 assert got.shape == x.shape
                 assert np.array_equal(got, elementwise.fake_quantize(layernorm(x, g, b, 1e-5, fm), s, z))
+            y, xq = layernorm_to_bytes(x, g, b, 1e-5, Grid.of((s, z)))  # and storing its int8 reader's bytes
+            assert np.array_equal(y, layernorm(x, g, b, 1e-5, True, Grid.of((s, z))))
+            padded = np.zeros((tokens, 4 * xq.shape[-1]), np.uint8)
+            padded[:, :h] = elementwise.quantize(y, s, z)
+            assert xq.shape == (tokens, -(-h // 4)) and np.array_equal(xq, padded.view(np.int32))
     for a_shape, b_shape in [((1, 1), (1, 1)), ((0, 4), (4, 3)), ((2, 1, 3), (2, 3, 1))]:
         a, b = rng.integers(0, 256, a_shape).astype(np.uint8), rng.integers(0, 256, b_shape).astype(np.uint8)
         args = (a, s, z, b, s, z, np.float32(0.3), np.uint8(9))
@@ -272,7 +277,8 @@ def test_degenerate_shapes_of_the_int8_and_per_element_kernels_at_two_threads():
     quantized, 1 to 5 outputs: a partial 4-block); the per-element kernels on empty, single-element
     and chunk-boundary tensors, softmax rows of 0 and 1 (and a partial task of rows, both
     byte orders), 1 x 1 and empty matmuls, the LayerNorm rounding to a grid over 0, 1, 3
-    and 17 tokens of 1 and 5 features: against numpy, in a subprocess."""
+    and 17 tokens of 1 and 5 features (and storing the bytes an int8 layer reads): against
+    numpy, in a subprocess."""
     run_python(DEGENERATE_INT8, timeout=600)
 
 
