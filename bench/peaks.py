@@ -71,16 +71,22 @@ def _op_ir(op: str, lanes: int, chains: int, load: bool) -> str:
         else:
             body += [f"  %xc{c} = bitcast {ft} {x} to {at}", f"  %wc{c} = bitcast {ft} %w to {at}",
                      f"  %b{c} = call {vt} @{intrinsic}({vt} %a{c}, {at} %xc{c}, {at} %wc{c})"]
-    body += ["  %i1 = add i64 %i, 1", "  %more = icmp ult i64 %i1, %n", "  br i1 %more, label %loop, label %done",
-             "done:"]
-    total = "%b0"
-    for c in range(1, chains):
-        body.append(f"  %s{c} = {'fadd' if acc_t == 'float' else 'add'} {vt} {total}, %b{c}")
-        total = f"%s{c}"
-    body += [f"  %r = bitcast {vt} {total} to {ft}", f"  store {ft} %r, ptr %x, align 64", "  ret void", "}"]
+    body += _loop_end(chains, "fadd" if acc_t == "float" else "add", vt, ft)
     decl = (f"declare {ft} @llvm.fma.v{lanes}f32({ft}, {ft}, {ft})" if intrinsic is None
             else f"declare {vt} @{intrinsic}({vt}, {at}, {at})")
     return "\n".join(["define void @f(ptr %x, i64 %n) {"] + body + [decl, ""])
+
+
+def _loop_end(sums: int, add: str, vt: str, ft: str) -> list[str]:
+    """The loop's latch, then its `sums` sums %b0.. added up and stored into x[0:lanes]
+    (so that the loop's work is used), and the function's end."""
+    lines = ["  %i1 = add i64 %i, 1", "  %more = icmp ult i64 %i1, %n", "  br i1 %more, label %loop, label %done",
+             "done:"]
+    total = "%b0"
+    for c in range(1, sums):
+        lines.append(f"  %s{c} = {add} {vt} {total}, %b{c}")
+        total = f"%s{c}"
+    return lines + [f"  %r = bitcast {vt} {total} to {ft}", f"  store {ft} %r, ptr %x, align 64", "  ret void", "}"]
 
 
 def product_loop(op: str, lanes: int, chains: int, load: bool):
@@ -148,14 +154,7 @@ def _slot_ir(lanes: int, vectors: int, index: bool, weight: bool, rows: int) -> 
         b += [f"  %o{u} = add i64 %row, {lanes * u}", f"  %p{u} = getelementptr float, ptr %x, i64 %o{u}",
               f"  %v{u} = load {ft}, ptr %p{u}, align 64",
               f"  %b{u} = call {ft} @llvm.fma.v{lanes}f32({ft} %wv, {ft} %v{u}, {ft} %a{u})"]
-    b += ["  %i1 = add i64 %i, 1", "  %more = icmp ult i64 %i1, %n", "  br i1 %more, label %loop, label %done",
-          "done:"]
-    total = "%b0"
-    for u in range(1, vectors):
-        b.append(f"  %t{u} = fadd {ft} {total}, %b{u}")
-        total = f"%t{u}"
-    b += [f"  store {ft} {total}, ptr %x, align 64", "  ret void", "}",
-          f"declare {ft} @llvm.fma.v{lanes}f32({ft}, {ft}, {ft})", ""]
+    b += _loop_end(vectors, "fadd", ft, ft) + [f"declare {ft} @llvm.fma.v{lanes}f32({ft}, {ft}, {ft})", ""]
     return "\n".join(b)
 
 
