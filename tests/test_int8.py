@@ -87,7 +87,7 @@ def test_layernorms_hand_their_bytes_to_the_int8_layers_reading_them(form, monke
     (plan.hand_layernorm_bytes), and the QKV group and FFN1 run on them without
     quantizing x: the outputs are those of the model without the handover, bit for bit,
     over padded rows, whole and by token tiles (1100 tokens), which the test above holds
-    to ONNX Runtime."""
+    to ONNX Runtime. Without VNNI (Int8Linear reads floats) no bytes are made."""
     from sparsejit.kernels.int8 import has_vnni
 
     from sparsejit import plan
@@ -107,6 +107,14 @@ def test_layernorms_hand_their_bytes_to_the_int8_layers_reading_them(form, monke
         assert len(calls) == 4  # each block's two LayerNorms but the last (the pooler reads it)
         for a, b in zip(got, plain.run(feeds)):
             np.testing.assert_array_equal(a, b)
+    # without VNNI the readers run on Int8Linear, which reads floats: no bytes are made
+    monkeypatch.setattr(plan, "LAYERNORM_BYTES", True)
+    monkeypatch.setattr(plan, "host_dots", lambda: ["pmaddwd", "generic"])
+    without = sparsejit.load(path)
+    calls.clear()
+    for a, b in zip(without.run(feeds), got):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert not calls
 
 
 def test_a_reference_run_agrees_with_the_int8_kernels():
