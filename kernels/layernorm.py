@@ -254,7 +254,7 @@ def layernorm_to_bytes(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None
     if h % 4:
         xq[-1] = 0
     if x.dtype != np.float32 or scale.shape != (h,) or (bias is not None and bias.shape != (h,)):
-        y = layernorm(x, scale, bias, epsilon, True, grid)  # (the reference's: its output quantized again)
+        y = layernorm(x, scale, bias, epsilon, True, grid)  # (the reference op; the bytes by numpy from its output)
         step, zero, lo, hi = grid.floats
         padded = np.zeros((n, 4 * xq.shape[0]), np.uint8)
         padded[:, :h] = np.clip(np.rint(y.reshape(n, h) / step) + zero, lo, hi) - lo

@@ -16,8 +16,9 @@ come in the order `order` lists them (compress.order_rows: by count, so that the
 exits are predictable).
 
 With a residual, the last chunk's epilogue prefetches the residual of the row a few
-slots on (RESIDUAL_AHEAD). The text is a pure function of `IRConfig`. What was measured on the way to this
-design, and what did not help, is in bench/README.md ("Measured and tried").
+slots on (RESIDUAL_AHEAD). The text is a pure function of `IRConfig`. What was measured
+on the way to this design, and what did not help, is in bench/README.md ("Measured and
+tried").
 """
 
 from __future__ import annotations
