@@ -467,6 +467,8 @@ def hand_layernorm_bytes(steps: list[Step]) -> list[Step]:
         q, eps = n.outputs[0] + BYTES_SUFFIX, n.attrs["epsilon"]
         out[i] = Step(Node(n.op_type, n.name, list(n.inputs), [n.outputs[0], q], n.attrs),
                       lambda x, scale, bias=None, eps=eps, grid=grid: layernorm_to_bytes(x, scale, bias, eps, grid))
+        log.debug("%s: stores the bytes its int8 readers' kernels read (they skip quantizing x): %s", n.name,
+                  ", ".join(steps[k].node.name for k in takers))
         for k in takers:
             r = steps[k].node
             inputs = list(r.inputs) + [""] * (r.op_type == "QLinear" and len(r.inputs) < 2) + [q]
