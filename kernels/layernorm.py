@@ -215,8 +215,7 @@ def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon
     then DequantizeLinear would: in the feature-major kernel's stores, or by
     FakeQuantize's kernel after."""
     h = x.shape[-1]
-    if x.dtype != np.float32 or scale.shape != (h,) or (bias is not None and bias.shape != (h,)) or \
-            (grid is not None and grid.floats is None):
+    if not _kernel_takes(x, scale, bias) or (grid is not None and grid.floats is None):
         return reference_layernorm(x, scale, bias, epsilon=epsilon, quantize=grid and grid.quantize)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, h)
@@ -226,12 +225,7 @@ def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon
     if feature_major is None:
         feature_major = unit_token_stride(x2) and not x2.flags.c_contiguous
     if feature_major:
-        xt = transposed(x2)
-        yt = feature_major_empty(h, x2.shape[0])
-        fn, run_columns = _columns_kernel(vector_lanes(), grid is not None)
-        run_columns(fn, xt, yt, scale, b, np.float32(epsilon), NO_GRID if grid is None else grid.floats, NO_BYTES,
-                    numba.get_num_threads())
-        return yt.T.reshape(lead + (h,))
+        return _run_columns(x2, scale, b, epsilon, grid).T.reshape(lead + (h,))
     y = np.empty(x2.shape, np.float32)
     load_source(LAYERNORM_SOURCE).layernorm_rows(contiguous(x2), scale, b, np.float32(epsilon), y)
     y = y.reshape(lead + (h,))
@@ -253,7 +247,7 @@ def layernorm_to_bytes(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None
     xq = feature_major_empty(-(-h // 4), n).view(np.int32)
     if h % 4:
         xq[-1] = 0
-    if x.dtype != np.float32 or scale.shape != (h,) or (bias is not None and bias.shape != (h,)):
+    if not _kernel_takes(x, scale, bias):
         y = layernorm(x, scale, bias, epsilon, True, grid)  # (the reference op; the bytes by numpy from its output)
         step, zero, lo, hi = grid.floats
         padded = np.zeros((n, 4 * xq.shape[0]), np.uint8)
@@ -261,9 +255,22 @@ def layernorm_to_bytes(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None
         xq[:] = padded.view(np.int32).T
         return y, xq.T.reshape(lead + (xq.shape[0],))
     b = np.zeros(h, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
-    yt = feature_major_empty(h, n)
-    if n:
-        fn, run_columns = _columns_kernel(vector_lanes(), True, True)
-        run_columns(fn, transposed(x2), yt, np.ascontiguousarray(scale, dtype=np.float32), b, np.float32(epsilon),
-                    grid.floats, xq, numba.get_num_threads())
+    yt = _run_columns(x2, np.ascontiguousarray(scale, dtype=np.float32), b, epsilon, grid, xq)
     return yt.T.reshape(lead + (h,)), xq.T.reshape(lead + (xq.shape[0],))
+
+
+def _kernel_takes(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None) -> bool:
+    """Whether the kernels take these arguments (else the reference op runs)."""
+    h = x.shape[-1]
+    return x.dtype == np.float32 and scale.shape == (h,) and (bias is None or bias.shape == (h,))
+
+
+def _run_columns(x2: np.ndarray, scale: np.ndarray, bias: np.ndarray, epsilon: float, grid: Grid | None,
+                 xq: np.ndarray | None = None) -> np.ndarray:
+    """yᵀ [h, tokens] by the feature-major kernel for x2 [tokens, h] (scale and bias float32,
+    contiguous): rounded to `grid` if any, and with xq also storing its bytes there."""
+    yt = feature_major_empty(x2.shape[1], x2.shape[0])
+    fn, run_columns = _columns_kernel(vector_lanes(), grid is not None, xq is not None)
+    run_columns(fn, transposed(x2), yt, scale, bias, np.float32(epsilon), NO_GRID if grid is None else grid.floats,
+                NO_BYTES if xq is None else xq, numba.get_num_threads())
+    return yt
