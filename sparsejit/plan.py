@@ -306,10 +306,13 @@ def qlinear_step(node: Node, p: Planning) -> Step:
     p.done_with(a["weight"])
     p.add(LayerPlan(node.name, _without_weight(node), analyse(a["weight"]), impl, why, decided_by="rule",
                     probe=probe))
-    def run(x, residual=None, xq=None):  # xq: x's bytes from the LayerNorm (hand_layernorm_bytes)
-        return (impl(x, residual) if xq is None else impl.from_quantized(byte_rows(xq), x.shape[:-1], residual),)
+    return Step(p.layers[-1].node, lambda x, residual=None, xq=None: (_int8_run(impl, x, residual, xq),), impl)
 
-    return Step(p.layers[-1].node, run, impl)
+
+def _int8_run(impl, x: np.ndarray, residual: np.ndarray | None, xq: np.ndarray | None) -> np.ndarray:
+    """An int8 layer's (or group's) output for x, or, given xq (x's bytes from the
+    LayerNorm, hand_layernorm_bytes), for those bytes."""
+    return impl(x, residual) if xq is None else impl.from_quantized(byte_rows(xq), x.shape[:-1], residual)
 
 
 def qlinear_group_step(node: Node, p: Planning) -> Step:
@@ -336,8 +339,8 @@ def qlinear_group_step(node: Node, p: Planning) -> Step:
         start = cuts[-1][1]
     attrs = {"activation": node.attrs["activation"], "members": [lp.node for lp in p.layers[-len(members):]]}
 
-    def run(x, xq=None):  # xq: x's bytes from the LayerNorm (hand_layernorm_bytes)
-        y = impl(x) if xq is None else impl.from_quantized(byte_rows(xq), x.shape[:-1])
+    def run(x, xq=None):
+        y = _int8_run(impl, x, None, xq)
         return tuple(y[..., a:b] for a, b in cuts)
 
     return Step(Node(node.op_type, node.name, list(node.inputs), list(node.outputs), attrs), run, impl)
