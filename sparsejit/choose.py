@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
+from .kernels.amx import has_amx
 from .kernels.layout import feature_major_empty
 from .kernels.linear import DenseLinear, Pattern, SparseLinear
 from .timing import race
@@ -95,6 +96,9 @@ class Chooser:
         self.saved = saved or {}
         self.saved_by = saved_by
         self.kinds: dict[tuple, dict] = {}
+        # bf16 with AMX: the dense kernel multiplies tiles, far faster per multiply-add than
+        # any vector kernel, so it is timed against the sparse one at every density
+        self.tiles = precision == "bf16" and kernels == "auto" and has_amx("bf16")
         self.decisions: dict[str, dict] = {}  # the plan to save, by layer name
         self.rng = np.random.default_rng(0)
 
@@ -103,9 +107,10 @@ class Chooser:
         size = pattern.in_features * pattern.out_features
         if self.kernels == "dense":
             return "dense", "forced", "forced dense"
-        if self.precision == "bf16" and self.kernels == "auto" and pattern.stored > SPARSE_BELOW * size:
+        if self.precision == "bf16" and self.kernels == "auto" and (pattern.stored > SPARSE_BELOW * size or self.tiles):
             # the bf16 sparse kernel stores pairs, half the instructions per weight of the
             # float32 one: it may win on dense weights too, so it is timed against the bf16 GEMM
+            # (on AMX tiles, timed at any density)
             return None, "measured", ""
         if pattern.nnz == size:
             return "dense", "rule", "no zeros to skip"
@@ -170,17 +175,36 @@ class Chooser:
         if dense is not None:
             fns["dense"] = lambda: dense(x, r)
         ms = race(fns, rounds=9)
-        t = {"chunks": {c: v for c, v in ms.items() if c != "dense"}, "kinds": (sparse.kind, getattr(dense, "kind", ""))}
+        t = {"chunks": {c: v for c, v in ms.items() if c != "dense"}, "kinds": (label(sparse), label(dense))}
         t["k_chunk"] = pick_chunk(t["chunks"])
         t["sparse"] = t["chunks"][t["k_chunk"]]
         if dense is not None:
             t["dense"] = ms["dense"]
         return t
 
+    def race_layers(self, kind: tuple, layers: dict[str, Callable[[], object]], in_features: int, out_features: int,
+                    residual: bool) -> tuple[str, dict, bool]:
+        """The fastest of `layers` (name → a function giving the layer) over PROBE_TOKENS
+        tokens, timed on the first layer of each `kind` of this load: (its name, {name: ms},
+        whether an earlier layer's timing was reused)."""
+        key = ("race", *kind, numba.get_num_threads())
+        reused = key in self.kinds
+        if not reused:
+            x = self._probe(in_features)
+            r = self._probe(out_features) if residual else None
+            self.kinds[key] = race({name: (lambda f=f: f()(x, r)) for name, f in layers.items()}, rounds=9)
+        ms = self.kinds[key]
+        return min(ms, key=ms.get), ms, reused
+
     def _probe(self, features: int) -> np.ndarray:
         xt = feature_major_empty(features, PROBE_TOKENS)
         xt[:] = self.rng.standard_normal(xt.shape, dtype=np.float32)
         return xt.T
+
+
+def label(layer) -> str:
+    """A kernel's name in a decision's reason: its kind, or what says more (AMX)."""
+    return getattr(layer, "label", getattr(layer, "kind", ""))
 
 
 # The K-chunk taken unless another is clearly faster: chunks near the best differ by a few

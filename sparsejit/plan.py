@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .choose import DENSE_ABOVE, Chooser
+from .choose import DENSE_ABOVE, PROBE_TOKENS, Chooser
 from .graph import Graph, Node
 from .kernels import elementwise
+from .kernels.amx import BF16AmxLinear, Int8Amx, has_amx
 from .kernels.attention import fused_attention, prepare_mask
 from .kernels.bf16 import BF16DenseLinear, BF16SparseLinear, reference_bf16_linear
 from .kernels.embed import EmbedLayerNorm
@@ -48,7 +49,7 @@ class LayerPlan:
     name: str
     node: Node
     pattern: Pattern
-    impl: SparseLinear | DenseLinear | OutputSlice | Int8Linear | Int8Chunked | Int8Dense | Int8OnFloat
+    impl: SparseLinear | DenseLinear | OutputSlice | Int8Linear | Int8Chunked | Int8Dense | Int8OnFloat | Int8Amx
     reason: str
     timings_ms: dict = field(default_factory=dict)
     timing_reused: bool = False  # measured on an earlier layer of the same kind
@@ -199,7 +200,8 @@ def plan_linear(node: Node, chooser: Chooser) -> LayerPlan:
 
     def dense() -> DenseLinear:
         if "dense" not in built:
-            built["dense"] = (BF16DenseLinear if chooser.precision == "bf16" else DenseLinear)(w, bias, act, residual)
+            bf16 = BF16AmxLinear if has_amx("bf16") else BF16DenseLinear
+            built["dense"] = (bf16 if chooser.precision == "bf16" else DenseLinear)(w, bias, act, residual)
         return built["dense"]
 
     c = chooser.decide(node.name, pattern, act, residual, sparse, dense)
@@ -298,13 +300,41 @@ def _int8(a: dict) -> tuple[Int8Linear | Int8Chunked | Int8Dense | Int8OnFloat, 
                   f", {blocks} of {-(-k // 4) * m} 4-blocks stored")
 
 
+def _int8_choice(a: dict, chooser: Chooser) -> tuple:
+    """(the int8 kernel, why, decided_by, timings in ms) for a QLinear node's attributes:
+    _int8's VNNI kernel, or, where the CPU has AMX, the faster of it and the dense AMX
+    kernel (Int8Amx), timed on the first layer of each kind; `kernels="dense"` takes AMX,
+    `"sparse"` the VNNI kernel, untimed."""
+    impl, why = _int8(a)
+    if not isinstance(impl, (Int8Chunked, Int8Dense)) or chooser.kernels == "sparse" or not has_amx("int8"):
+        return impl, why, "rule", {}
+    w = a["weight"]
+    args = (w, a["scale"], a["mode"], a["x_scale"], a["x_zero_point"], a["bias"], a["activation"], a["residual"])
+    built: dict = {}
+
+    def amx():
+        if "amx" not in built:
+            built["amx"] = Int8Amx(*args)
+        return built["amx"]
+
+    tiles = "int8 ({} activation scale) dense GEMM on AMX tiles".format(a["mode"])
+    if chooser.kernels == "dense":
+        return amx(), f"{tiles}, forced dense", "forced", {}
+    blocks = np.pad(w != 0, ((0, -w.shape[0] % 4), (0, 0))).reshape(-1, 4, w.shape[1]).any(axis=1).mean()
+    kind = ("int8", a["mode"], *w.shape, round(float(blocks), 2), a["activation"], a["residual"])
+    best, ms, reused = chooser.race_layers(kind, {"vnni": lambda: impl, "amx": amx}, *w.shape, a["residual"])
+    timed = (f"measured on {'an earlier layer like it' if reused else 'this layer'} over {PROBE_TOKENS} tokens: "
+             f"VNNI {ms['vnni']:.3f} ms, AMX {ms['amx']:.3f} ms")
+    return (amx(), f"{tiles}; {timed}", "measured", ms) if best == "amx" else (impl, f"{why}; {timed}", "measured", ms)
+
+
 def qlinear_step(node: Node, p: Planning) -> Step:
     """A quantized Linear on the int8 kernel (AVX-512 VNNI where the CPU has it, else AVX2)."""
     a = node.attrs
-    impl, why = _int8(a)
+    impl, why, by, ms = _int8_choice(a, p.chooser)
     probe = int_probe_input(a["weight"].shape[0]) @ a["weight"].astype(np.int64)
     p.done_with(a["weight"])
-    p.add(LayerPlan(node.name, _without_weight(node), analyse(a["weight"]), impl, why, decided_by="rule",
+    p.add(LayerPlan(node.name, _without_weight(node), analyse(a["weight"]), impl, why, ms, decided_by=by,
                     probe=probe))
     return Step(p.layers[-1].node, lambda x, residual=None, xq=None: (_int8_run(impl, x, residual, xq),), impl)
 
@@ -326,16 +356,17 @@ def qlinear_group_step(node: Node, p: Planning) -> Step:
               for m, w in zip(members, ws)]
     requantize = None if m0.get("requantize") is None else np.concatenate([m.attrs["requantize"] for m in members],
                                                                            axis=1)
-    impl, why = _int8(dict(m0, weight=np.concatenate(ws, axis=1), scale=np.concatenate(scales),
-                           bias=np.concatenate(biases).astype(np.float32), requantize=requantize))
+    impl, why, by, ms = _int8_choice(dict(m0, weight=np.concatenate(ws, axis=1), scale=np.concatenate(scales),
+                                          bias=np.concatenate(biases).astype(np.float32), requantize=requantize),
+                                     p.chooser)
     why = f"one int8 kernel for the {len(members)} layers reading this input (its time shows on the first): {why}"
     start, cuts = 0, []
     for m, w in zip(members, ws):
         cuts.append((start, start + w.shape[1]))
         probe = int_probe_input(w.shape[0]) @ w.astype(np.int64)
         p.done_with(w)
-        p.add(LayerPlan(m.name, _without_weight(m), analyse(w), OutputSlice(impl, *cuts[-1]), why,
-                        decided_by="rule", probe=probe))
+        p.add(LayerPlan(m.name, _without_weight(m), analyse(w), OutputSlice(impl, *cuts[-1]), why, ms,
+                        decided_by=by, probe=probe))
         start = cuts[-1][1]
     attrs = {"activation": node.attrs["activation"], "members": [lp.node for lp in p.layers[-len(members):]]}
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import MODELS_DIR, make_inputs, ort_run
+from sparsejit.kernels.amx import BF16AmxLinear, has_amx
 from sparsejit.kernels.bf16 import (
     BF16DenseLinear,
     BF16SparseLinear,
@@ -59,7 +60,13 @@ def test_rounding_to_bf16_is_numpys_round_to_nearest_even():
 
 
 KERNELS = {"sparse": lambda w, b, act, res, chunk=None: BF16SparseLinear(w, b, act, res, k_chunk=chunk),
-           "dense": lambda w, b, act, res, chunk=None: BF16DenseLinear(w, b, act, res)}
+           "dense": lambda w, b, act, res, chunk=None: BF16DenseLinear(w, b, act, res),
+           "amx": lambda w, b, act, res, chunk=None: BF16AmxLinear(w, b, act, res)}
+
+
+def _runs(kernel: str) -> None:
+    if kernel == "amx" and not has_amx("bf16"):
+        pytest.skip("this CPU has no AMX-BF16 (or Linux did not grant its tiles)")
 
 
 @needs_bf16
@@ -68,7 +75,8 @@ KERNELS = {"sparse": lambda w, b, act, res, chunk=None: BF16SparseLinear(w, b, a
 def test_the_kernel_reads_x_rounded_to_bf16_bit_for_bit(k, kernel):
     """An identity weight: each output is one input times 1 (and its pair partner times
     0), exact, so the output is the packed bfloat16 of x itself. Ties, odd input counts,
-    token counts off the vector width; no subnormals (vdpbf16ps flushes them to 0)."""
+    token counts off the vector width; no subnormals (vdpbf16ps and AMX flush them to 0)."""
+    _runs(kernel)
     rng = np.random.default_rng(k)
     for ntok in (1, 15, 17, 130):
         x = (rng.standard_normal((ntok, k)) * 10.0 ** rng.integers(-30, 30, (ntok, k))).astype(np.float32)
@@ -85,6 +93,7 @@ def test_the_kernel_reads_x_rounded_to_bf16_bit_for_bit(k, kernel):
                                              (768, 64, 128, 4), (3072, 40, 128, 1), (130, 20, 64, 1)])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_bf16_kernel_is_its_numpy_meaning(k, m, chunk, block, kernel):
+    _runs(kernel)
     rng = np.random.default_rng(k + m)
     w = _weight(rng, k, m, 0.1 if block == 1 else 0.2, block)
     w[:, 0] = 0  # an empty row
@@ -103,16 +112,27 @@ def test_bf16_kernel_is_its_numpy_meaning(k, m, chunk, block, kernel):
 
 
 @needs_bf16
+@pytest.mark.parametrize("kernels", ["auto", "dense"])
 @pytest.mark.parametrize("path", [BLOCK4, DEFAULT], ids=lambda p: p.stem)
-def test_bf16_models_stay_near_onnx_runtimes_float32(path):
+def test_bf16_models_stay_near_onnx_runtimes_float32(path, kernels):
     """4-block layers run in bf16; scattered ones (90% unstructured: a stored pair per
-    nonzero, as many instructions as float32) stay float32; dense ones are timed."""
-    model = sparsejit.load(path, precision="bf16")
-    sparse = [lp for lp in model.layers if lp.pattern.density < 0.25]
-    assert sparse and model.precision == "bf16"
-    assert all(lp.kind == ("sparse-bf16" if lp.pattern.block == 4 else "sparse") for lp in sparse)
-    dense = [lp for lp in model.layers if lp.pattern.density == 1]
-    assert all("measured" in lp.reason and lp.kind in ("dense-bf16", "sparse-bf16") for lp in dense)
+    nonzero, as many instructions as float32) stay float32; dense ones are timed. With
+    AMX, the dense kernel multiplies bfloat16 tiles and is timed at every density;
+    kernels="dense" puts every layer on it (or on the AVX512-BF16 GEMM without AMX)."""
+    if kernels == "dense" and not has_amx("bf16"):
+        pytest.skip("kernels='dense' is the AMX case here")
+    model = sparsejit.load(path, precision="bf16", kernels=kernels)
+    assert model.precision == "bf16"
+    if kernels == "dense":
+        assert all(isinstance(getattr(lp.impl, "group", lp.impl), BF16AmxLinear) for lp in model.layers)
+    else:
+        sparse = [lp for lp in model.layers if lp.pattern.density < 0.25]
+        tiles = ("dense-bf16",) * has_amx("bf16")  # (timed against them: either may win)
+        assert sparse and all(lp.kind in ("sparse-bf16" if lp.pattern.block == 4 else "sparse",) + tiles
+                              for lp in sparse)
+        assert all("AMX" in lp.reason for lp in sparse if has_amx("bf16"))
+        dense = [lp for lp in model.layers if lp.pattern.density == 1]
+        assert all("measured" in lp.reason and lp.kind in ("dense-bf16", "sparse-bf16") for lp in dense)
     report = model.check()
     assert report.ok, str(report)
     assert all(r.fp32_err is not None and r.fp32_err > 0 for r in report if r.kind.endswith("-bf16"))

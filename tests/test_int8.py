@@ -97,9 +97,9 @@ def test_layernorms_hand_their_bytes_to_the_int8_layers_reading_them(form, monke
     path = INT8 / f"bert_block4_p90_int8_{form}.onnx"
     calls, to_bytes = [], plan.layernorm_to_bytes
     monkeypatch.setattr(plan, "layernorm_to_bytes", lambda *a: calls.append(1) or to_bytes(*a))
-    handing = sparsejit.load(path)
+    handing = sparsejit.load(path, kernels="sparse")  # (VNNI kernels, never AMX's, which read x)
     monkeypatch.setattr(plan, "LAYERNORM_BYTES", False)
-    plain = sparsejit.load(path)
+    plain = sparsejit.load(path, kernels="sparse")
     for batch, seq in [(2, 37), (10, 110)]:
         feeds = make_inputs(handing.input_names, batch, seq, seed=seq)
         calls.clear()
@@ -110,7 +110,7 @@ def test_layernorms_hand_their_bytes_to_the_int8_layers_reading_them(form, monke
     # without VNNI the readers run on Int8Linear, which reads floats: no bytes are made
     monkeypatch.setattr(plan, "LAYERNORM_BYTES", True)
     monkeypatch.setattr(plan, "host_dots", lambda: ["pmaddwd", "generic"])
-    without = sparsejit.load(path)
+    without = sparsejit.load(path, kernels="sparse")
     calls.clear()
     for a, b in zip(without.run(feeds), got):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
@@ -123,6 +123,38 @@ def test_a_reference_run_agrees_with_the_int8_kernels():
     compiled, reference = sparsejit.load(path).run(feeds), sparsejit.load(path, mode="reference").run(feeds)
     for c, r in zip(compiled, reference):
         np.testing.assert_allclose(c, r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["dynamic", "sparseml"])
+def test_int8_layers_on_amx_tiles_give_the_vnni_kernels_outputs(form, monkeypatch):
+    """Where the CPU has AMX, each int8 layer's kernel is the faster of the VNNI one and the
+    dense AMX GEMM (amx.Int8Amx), timed on the first layer of each kind; both sum the
+    same integers exactly, so a model on AMX alone (kernels="dense") gives the VNNI
+    model's outputs bit for bit, over padding and several shapes. Without AMX the plan is
+    the VNNI one, untimed."""
+    from sparsejit.kernels.amx import Int8Amx, has_amx
+
+    from sparsejit import plan
+
+    path = INT8 / f"bert_block4_p90_int8_{form}.onnx"
+    if has_amx("int8"):
+        tiles, vnni, auto = (sparsejit.load(path, kernels=k) for k in ("dense", "sparse", "auto"))
+        encoder = [lp for lp in tiles.layers if "encoder" in lp.name]
+        assert all(isinstance(getattr(lp.impl, "group", lp.impl), Int8Amx) and "AMX tiles" in lp.reason
+                   for lp in encoder), [lp.reason for lp in encoder]
+        assert not any(isinstance(getattr(lp.impl, "group", lp.impl), Int8Amx) for lp in vnni.layers)
+        measured = [lp for lp in auto.layers if "encoder" in lp.name]
+        assert all(lp.decided_by == "measured" and set(lp.timings_ms) == {"vnni", "amx"} for lp in measured)
+        for batch, seq in [(1, 7), (2, 37), (3, 100)]:
+            feeds = make_inputs(tiles.input_names, batch, seq, seed=seq)
+            for a, b, c in zip(tiles.run(feeds), vnni.run(feeds), auto.run(feeds)):
+                np.testing.assert_array_equal(a, b)
+                np.testing.assert_array_equal(c, b)
+        assert tiles.check().ok
+    monkeypatch.setattr(plan, "has_amx", lambda dot="int8": False)
+    without = sparsejit.load(path)
+    assert not any(isinstance(getattr(lp.impl, "group", lp.impl), Int8Amx) or lp.decided_by == "measured"
+                   for lp in without.layers)
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])

@@ -683,19 +683,21 @@ def test_int8_dynamic_quantization_of_nan_or_infinity_is_an_error():
         np.testing.assert_allclose(impl(np.ones((5, 8), np.float32)), impl.reference(np.ones((5, 8), np.float32)))
 
 
-@pytest.mark.parametrize("dot", ["vnni", "vnni-chunked", "vnni-dense", "pmaddwd", "generic"])
+@pytest.mark.parametrize("dot", ["vnni", "vnni-chunked", "vnni-dense", "amx", "pmaddwd", "generic"])
 def test_int8_kernel_exact_against_the_integer_reference(dot):
     """The int8 kernel, with each way of making the dot products (AVX-512 VNNI, AVX2
     vpmaddwd, written out for any CPU), the K-chunked VNNI kernel (int8.Int8Chunked, in
-    chunks of 64 inputs) and the VNNI dense GEMM (int8.Int8Dense), against the numpy
-    reference: int32 sums exactly,
+    chunks of 64 inputs), the VNNI dense GEMM (int8.Int8Dense) and the AMX one
+    (amx.Int8Amx: inputs padded to K-tiles of 64, outputs to pairs of 16-row tiles,
+    tokens to 16), against the numpy reference: int32 sums exactly,
     then the float epilogue; dynamic and static uint8 and int8 activation quantization;
     1 output, 1 input, all-zero, 4-block and unstructured weights, weights of ±127 and
     -128 next to activations of 255 (where AVX2's vpmaddubsw saturates); 0, 1, 17, 130
     and 200 tokens (whole tiles, every narrower tile, a masked last vector)."""
+    from sparsejit.kernels.amx import Int8Amx, has_amx
     from sparsejit.kernels.int8 import Int8Chunked, Int8Dense, Int8Linear, host_dots, reference_qlinear
 
-    if dot.split("-")[0] not in host_dots():
+    if dot.split("-")[0] not in host_dots() + ["amx"] * has_amx("int8"):
         pytest.skip(f"this CPU does not run the {dot} int8 kernel")
     rng = np.random.default_rng(17)
     for k, m, sparsity, block in [(64, 48, 0.9, 1), (96, 40, 0.8, 4), (130, 7, 0.5, 1), (1, 1, 0.0, 1),
@@ -722,7 +724,7 @@ def test_int8_kernel_exact_against_the_integer_reference(dot):
                 for act, res in [("none", False), ("gelu", True)]:
                     args = (w, scale, mode, xs, xz, bias, act, res)
                     impl = Int8Chunked(*args, k_chunk=64) if dot == "vnni-chunked" else Int8Dense(*args) \
-                        if dot == "vnni-dense" else Int8Linear(*args, dot=dot)
+                        if dot == "vnni-dense" else Int8Amx(*args) if dot == "amx" else Int8Linear(*args, dot=dot)
                     want = reference_qlinear(x, r if res else None, weight=w, scale=scale, mode=mode, x_scale=xs,
                                              x_zero_point=xz, bias=bias, activation=act, residual=res)
                     np.testing.assert_array_equal(impl.dense_weight(), w)

@@ -1,0 +1,199 @@
+"""Dense Linear layers on AMX (Intel's Advanced Matrix Extensions): int8 and bfloat16.
+
+The generated kernel is amx_ir.py's; here are the CPU check, the permission the process
+needs, the weights' packing into tiles and the layers, which take x and give y exactly as
+the int8 and bf16 layers they stand beside (Int8Dense, BF16DenseLinear) do:
+
+- `Int8Amx`: x quantized into 4-block rows (int8.py's quantize kernel, static or dynamic
+  scale), `tdpbsud` into i32, Int8Linear's epilogue. Integer sums exact, so its output is
+  Int8Dense's bit for bit.
+- `BF16AmxLinear`: x packed into bfloat16 pairs (bf16.py's pack kernel), `tdpbf16ps`
+  into float32, the bias and epilogues in float32.
+
+Linux keeps AMX's 8 KB of tile data out of a thread's saved state until the process asks
+for it: `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, once, for every thread of
+the process. Without it the first tile instruction kills the process (SIGILL), so
+`has_amx()` asks, and says no AMX unless both the CPU and the kernel allow it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numba
+import numpy as np
+
+from .amx_ir import K_TILE, ROWS, SIGNATURE, AmxConfig, amx_ir
+from .bf16 import DRIVER_SOURCE as BF16_DRIVER_SOURCE
+from .bf16 import PACK_SIGNATURE, from_bf16, pack_ir, to_bf16
+from .compile import compile_ir, host_cpu, load_source, vector_lanes
+from .int8 import DRIVER_SOURCE as INT8_DRIVER_SOURCE
+from .int8 import _quantize_fns, _Quantized
+from .ir import with_driver
+from .layout import feature_major_empty
+from .linear import DenseLinear, _bias
+
+SYS_ARCH_PRCTL = 158          # x86-64
+ARCH_REQ_XCOMP_PERM = 0x1023
+XFEATURE_XTILEDATA = 18
+FEATURES = {"int8": ("+amx-tile", "+amx-int8"), "bf16": ("+amx-tile", "+amx-bf16")}
+
+
+@functools.cache
+def request_amx() -> bool:
+    """Asks Linux to let this process use AMX's tile data; whether it did."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def has_amx(dot: str = "int8") -> bool:
+    """Whether this CPU has AMX's tiles and `dot` ("int8" or "bf16"), and the process may
+    use them (asked for here, once)."""
+    features = host_cpu()[1].split(",")
+    return all(f in features for f in FEATURES[dot]) and request_amx()
+
+
+DRIVER_SOURCE = """\
+# sparsejit generated kernel: the parallel driver of the AMX kernel
+# thread c computes output pairs of panels [c * n / parts, (c + 1) * n / parts) (32
+# features each), `token_tile` tokens at a time so that the tokens' rows of xq stay in
+# cache across the thread's panels
+from numba import njit, prange
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def run_amx(fn, xq, wa, bias, yt, rt, parts, token_tile):
+    pairs = wa.shape[0] // 2
+    ktiles = wa.shape[1]
+    ntok = yt.shape[1]
+    r_step = 4 if rt.shape[1] == ntok else 0  # (no residual: a 1 x 1 placeholder, never read)
+    for c in prange(parts):
+        p0 = c * pairs // parts
+        p1 = (c + 1) * pairs // parts
+        if p0 < p1:
+            for t0 in range(0, ntok, token_tile):
+                fn(xq.ctypes.data + t0 * 4, xq.strides[0] // 4, wa.ctypes.data, bias.ctypes.data,
+                   yt.ctypes.data + t0 * 4, yt.strides[0] // 4, rt.ctypes.data + t0 * r_step, rt.strides[0] // 4,
+                   ktiles, yt.shape[0], p0, p1, min(token_tile, ntok - t0))
+"""
+
+# Tokens per driver step: 256 tokens of a 3072-input layer's int8 rows are 768 KB, in L2
+# (2 MB per core) beside the thread's weight tiles; a multiple of the kernel's 32.
+AMX_TOKEN_TILE = 256
+
+
+def tiles_of(weight_t: np.ndarray, per_row: int) -> np.ndarray:
+    """Wᵀ [out, in] (any element type) as A tiles [out/16, in/per_row, 16, per_row]:
+    zero-padded to whole pairs of 16-feature panels and whole K-tiles."""
+    m, k = weight_t.shape
+    mp, kp = -(-m // (2 * ROWS)) * 2 * ROWS, -(-k // per_row) * per_row
+    padded = np.zeros((mp, kp), weight_t.dtype)
+    padded[:m, :k] = weight_t
+    return np.ascontiguousarray(padded.reshape(mp // ROWS, ROWS, kp // per_row, per_row).transpose(0, 2, 1, 3))
+
+
+def untiled(tiles: np.ndarray, k: int, m: int) -> np.ndarray:
+    """W [in, out] from tiles_of's tiles."""
+    panels, kt, rows, per_row = tiles.shape
+    return np.ascontiguousarray(tiles.transpose(0, 2, 1, 3).reshape(panels * rows, kt * per_row).T[:k, :m])
+
+
+def x_rows(in_features: int, dot: str, ntok: int) -> np.ndarray:
+    """An uninitialised xq for `dot` ([rows, tokens] of i32, as float32 bits) with its rows
+    padded to whole K-tiles, the padded rows zero."""
+    per_i32 = 4 if dot == "int8" else 2
+    rows = -(-in_features // per_i32)
+    xq = feature_major_empty(-(-in_features // K_TILE[dot]) * ROWS, ntok)
+    xq[rows:] = 0
+    return xq
+
+
+class _Amx:
+    """What both AMX layers share: the compiled kernel and its driver."""
+
+    def _build(self, dot: str, activation: str, residual: bool) -> None:
+        if not has_amx(dot):  # (a tile instruction without the permission is a SIGILL)
+            raise RuntimeError(f"this CPU or process cannot run AMX {dot} tiles")
+        self.config = AmxConfig(dot, activation, residual)
+        self._fn = SIGNATURE.ctypes()(compile_ir(amx_ir(self.config), SIGNATURE.name))
+        self._driver = load_source(DRIVER_SOURCE).run_amx
+
+    def _tiles_run(self, xq: np.ndarray, bias: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        parts = max(1, min(numba.get_num_threads(), self.tiles.shape[0] // 2))
+        self._driver(self._fn, xq, self.tiles.reshape(self.tiles.shape[0], self.tiles.shape[1], -1), bias, yt, rt,
+                     parts, AMX_TOKEN_TILE)
+
+
+class Int8Amx(_Amx, _Quantized, DenseLinear):
+    """A dense int8 layer on AMX tiles (`tdpbsud`): the weight in 16 × 64 tiles of int8,
+    x quantized into 4-block rows as for the VNNI kernels, Int8Linear's epilogue. Not for
+    requantized outputs."""
+
+    kind = "int8"
+    label = "int8 (AMX)"
+
+    def __init__(self, weight: np.ndarray, scale, mode: str, x_scale=None, x_zero_point=None, bias=None,
+                 activation: str = "none", residual: bool = False):
+        _Quantized.__init__(self, weight, scale, mode, x_scale, x_zero_point, bias, activation, residual)
+        self.tiles = tiles_of(np.ascontiguousarray(weight.T), K_TILE["int8"])
+        self._set_vnni_terms(weight)
+        self._fns = _quantize_fns()
+        self._build("int8", activation, residual)
+
+    @property
+    def source(self) -> str:
+        return with_driver(amx_ir(self.config), INT8_DRIVER_SOURCE + "\n" + DRIVER_SOURCE)
+
+    def dense_weight(self) -> np.ndarray:
+        return untiled(self.tiles, self.in_features, self.out_features)
+
+    def skipped(self, start: int = 0, stop: int | None = None) -> float:
+        return 0.0  # every multiply-add done
+
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
+        dynamic = self.mode == "dynamic"
+        driver = load_source(INT8_DRIVER_SOURCE)
+        xq = x_rows(self.in_features, "int8", xt.shape[1])
+        finite, scale, zero = driver.quantized_input(*self._fns, xt, xq.ctypes.data, xq.strides[0] // 4,
+                                                     vector_lanes(), dynamic, *self._x_quantization(),
+                                                     numba.get_num_threads())
+        if not finite:
+            return False
+        kbias = driver.call_terms(self._kbias, scale, zero, self.scale, self.colsum) if dynamic else self._kbias
+        self._tiles_run(xq, kbias, yt, rt)
+        return True
+
+
+class BF16AmxLinear(_Amx, DenseLinear):
+    """A dense bf16 layer on AMX tiles (`tdpbf16ps`): the weight rounded to bfloat16 in
+    16 × 32 tiles, x packed into bfloat16 pairs, sums in float32, the float32 epilogues."""
+
+    kind = "dense-bf16"
+    label = "dense-bf16 (AMX)"
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str, residual: bool):
+        k, m = weight.shape
+        self.in_features, self.out_features = k, m
+        self.tiles = tiles_of(to_bf16(np.ascontiguousarray(weight.T)), K_TILE["bf16"])
+        self.bias = _bias(bias, m)
+        self.activation, self.residual = activation, residual
+        self._pack = PACK_SIGNATURE.ctypes()(compile_ir(pack_ir(), PACK_SIGNATURE.name))
+        self._build("bf16", activation, residual)
+
+    @property
+    def source(self) -> str:
+        return with_driver(amx_ir(self.config) + "\n" + pack_ir(), BF16_DRIVER_SOURCE + "\n" + DRIVER_SOURCE)
+
+    def dense_weight(self) -> np.ndarray:
+        """W [in, out] as the kernel holds it: bfloat16 values as float32."""
+        return from_bf16(untiled(self.tiles, self.in_features, self.out_features))
+
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        xp = x_rows(self.in_features, "bf16", xt.shape[1])
+        pairs = xp[:-(-self.in_features // 2)]  # (the padded rows stay zero)
+        load_source(BF16_DRIVER_SOURCE).pack_pairs(self._pack, xt, pairs, numba.get_num_threads())
+        self._tiles_run(xp, self.bias, yt, rt)

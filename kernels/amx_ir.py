@@ -1,0 +1,171 @@
+"""The dense Linear kernel on AMX tiles, as LLVM IR: int8 (`tdpbsud`) or bfloat16 (`tdpbf16ps`).
+
+AMX multiplies whole tiles, 16 rows of 64 bytes each, held in eight tile registers
+tmm0..tmm7. One `tdpbsud` adds to a 16 × 16 tile of i32 sums the products of a 16 × 64
+tile of int8 (A) and a 16 × 64 tile of uint8 (B, read as 16 rows of 16 groups of four
+bytes): 16 384 multiply-adds, where one AVX-512 `vpdpbusd` does 64. `tdpbf16ps` is the
+same on bfloat16 pairs, summed in float32.
+
+The kernel computes yᵀ, as every Linear kernel here does, so A is the weight and B the
+activations, in the layouts the other int8 and bf16 kernels already use:
+
+- B: the activations as 4-block rows xq [in/4, tokens] of i32 (int8: four uint8 inputs
+  per token, int8.py), or pair rows [in/2, tokens] (bf16: two bfloat16 inputs per
+  token, bf16.py). A B tile is 16 such rows (64 inputs, or 32) × 16 tokens, loaded with
+  the rows' stride: no repacking of x.
+- A: the weight, packed at load into tiles wa[p, kt] = Wᵀ[16p .. 16p + 15, the inputs of
+  K-tile kt] (16 output features × 64 bytes of their inputs), each 1 KB contiguous.
+- C: tiles of yᵀ, 16 output features × 16 tokens, i32 (int8) or float (bf16).
+
+Register blocking: two A tiles (32 output features) × two B tiles (32 tokens) make four
+C tiles, four products per four tile loads. Each call walks output pairs of panels
+[pair0, pair1), and for each, every 32 tokens (a last 16 with one B tile): the K-tiles'
+products, then the C tiles stored to a 4 KB stack buffer and read back 16 tokens at a
+time through the Linear epilogue: int8 as Int8Linear's (lowp_ir.scaled_sums: less the
+zero point's correction, times the scale, plus the bias), bf16 plus the bias; then the
+activation and residual (epilogue.py). Stores stop at `ntok` and at `m`.
+
+Inputs are padded to whole K-tiles (zeros in the weight; the activations' padded rows
+must be zero for bf16, where garbage bits times zero could be NaN), tokens to 16 (the
+B tiles read the rows' padding, whose columns are never stored).
+
+A tile configuration (palette 1, every tile 16 rows × 64 bytes) is loaded at each call
+(`ldtilecfg`) and released at its end: tile state belongs to the thread. The process
+must first be allowed AMX's tile data (amx.request_amx).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .epilogue import ACTIVATIONS, epilogue
+from .ir import Builder, Signature
+from .lowp_ir import scaled_sums
+
+SIGNATURE = Signature("amx_panels", (
+    ("xq", "ptr"), ("ldq", "i64"), ("wa", "ptr"), ("bias", "ptr"), ("yt", "ptr"), ("ldy", "i64"), ("rt", "ptr"),
+    ("ldr", "i64"), ("ktiles", "i64"), ("m", "i64"), ("pair0", "i64"), ("pair1", "i64"), ("ntok", "i64")))
+
+DOTS = {"int8": "llvm.x86.tdpbsud", "bf16": "llvm.x86.tdpbf16ps"}  # C += A (signed) · B (unsigned) / bf16 pairs
+K_TILE = {"int8": 64, "bf16": 32}  # inputs per 64-byte tile row
+ROWS = 16                          # rows per tile: output features in A and C, i32 rows of x in B
+TOKENS = 16                        # tokens per B and C tile (16 i32 columns)
+TILE_BYTES = ROWS * 64
+A0, B0 = 4, 6
+PREFETCH_B = False                      # tmm4, tmm5: weights; tmm6, tmm7: activations; tmm0..3: sums
+
+
+@dataclass(frozen=True)
+class AmxConfig:
+    dot: str = "int8"          # a key of DOTS
+    activation: str = "none"   # a key of epilogue.ACTIVATIONS
+    residual: bool = False
+
+
+def _tile_config() -> str:
+    """The 64-byte tile configuration: palette 1, tiles 0..7 each 16 rows × 64 bytes."""
+    cfg = bytearray(64)
+    cfg[0] = 1
+    for t in range(8):
+        cfg[16 + 2 * t] = 64   # colsb[t] (u16, little-endian)
+        cfg[48 + t] = ROWS     # rows[t]
+    return "".join(f"\\{b:02X}" for b in cfg)
+
+
+def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch: str) -> None:
+    """Output features [32·pair, 32·pair + 32) × tokens [t, t + 16·tiles): the products of
+    every K-tile into C tiles 0..3 (C[2a + b]: features half a, tokens half b), then the
+    epilogue."""
+    cs = [(2 * a + b, A0 + a, B0 + b) for a in range(2) for b in range(tiles)]  # (C, its A, its B)
+    for c, _, _ in cs:
+        e.call("llvm.x86.tilezero", "void", ("i8", str(c)))
+    panel = e(f"mul i64 {pair}, 2")
+    firsts = [e(f"mul i64 {e(f'add i64 {panel}, {a}')}, %ktiles") for a in range(2)]  # each panel's K-tile 0
+    cols = [e(f"add i64 {t}, {TOKENS * b}") if b else t for b in range(tiles)]
+    stride = e("mul i64 %ldq, 4")  # bytes between xq's rows
+
+    def step(kt, _):
+        for a, first in enumerate(firsts):
+            tile = e(f"add i64 {first}, {kt}")
+            at = e(f"getelementptr inbounds i8, ptr %wa, i64 {e(f'mul i64 {tile}, {TILE_BYTES}')}")
+            e.call("llvm.x86.tileloadd64", "void", ("i8", str(A0 + a)), ("ptr", at), ("i64", "64"))
+        row = e(f"mul i64 {kt}, {ROWS}")
+        if PREFETCH_B:  # the next K-tile's rows of x, from L2
+            _prefetch_rows(e, row, cols)
+        for b, col in enumerate(cols):
+            at = e.gep("%xq", e.offset(row, "%ldq", col), "i32")
+            e.call("llvm.x86.tileloadd64", "void", ("i8", str(B0 + b)), ("ptr", at), ("i64", stride))
+        for c, a, b in cs:
+            e.call(DOTS[cfg.dot], "void", ("i8", str(c)), ("i8", str(a)), ("i8", str(b)))
+        return []
+
+    e.loop("0", "%ktiles", 1, [], step)
+    for c, _, _ in cs:
+        e.call("llvm.x86.tilestored64", "void", ("i8", str(c)), ("ptr", e.gep(scratch, str(c * ROWS * TOKENS))),
+               ("i64", "64"))
+    e.loop("0", str(ROWS), 1, [], lambda r, _: _rows_out(e, cfg, pair, t, tiles, scratch, r) or [])
+
+
+def _prefetch_rows(e: Builder, row: str, cols: list[str]) -> None:
+    """Prefetches the next K-tile's 16 rows of x from `row`, at each B tile's columns."""
+    for col in cols:
+        for i in range(ROWS):
+            at = e.gep("%xq", e.offset(e(f"add i64 {row}, {ROWS + i}"), "%ldq", col), "i32")
+            e.call("llvm.prefetch.p0", "void", ("ptr", at), ("i32", "0"), ("i32", "3"), ("i32", "1"))
+
+
+def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch: str, r: str) -> None:
+    """Row r of both features halves from the stored C tiles, through the epilogue into yᵀ."""
+    for a in range(2):
+        j = e(f"add i64 {e(f'mul i64 {pair}, 32')}, {e(f'add i64 {r}, {ROWS * a}')}")
+        store, skip = e.fresh("store"), e.fresh("skip")
+        e.cond_br(e(f"icmp slt i64 {j}, %m"), store, skip)
+        e.label(store)
+        bias = e.splat(e(f"load float, ptr {e.gep('%bias', j)}, align 4"))
+        sums = [e.vload(e.gep(scratch, e(f"add i64 {e(f'mul i64 {r}, {TOKENS}')}, {(2 * a + b) * ROWS * TOKENS}")),
+                        None) for b in range(tiles)]
+        if cfg.dot == "int8":
+            ys = scaled_sums(e, sums, j, bias, True)
+        else:
+            ys = [e(f"fadd {e.vt} {s}, {bias}") for s in sums]
+        masks = e.lane_masks(t, tiles, "%ntok")
+        yoff = e.offset(j, "%ldy", t)
+        roff = e.offset(j, "%ldr", t) if cfg.residual else None
+        for b, (y, mask) in enumerate(zip(ys, masks)):
+            residual = e.vptr("%rt", roff, b) if cfg.residual else None
+            e.vstore(epilogue(e, cfg.activation, y, residual, mask), e.vptr("%yt", yoff, b), mask)
+        e.br(skip)
+        e.label(skip)
+
+
+def _panels(e: Builder, cfg: AmxConfig) -> None:
+    scratch = e(f"alloca [{4 * ROWS * TOKENS} x float], align 64")
+    e.call("llvm.x86.ldtilecfg", "void", ("ptr", "@amx_config"))
+    padded = e(f"and i64 {e(f'add i64 %ntok, {TOKENS - 1}')}, {-TOKENS}")
+
+    def pair(p, _):
+        t, _c = e.loop("0", padded, 2 * TOKENS, [], lambda t, _c: _block(e, cfg, p, t, 2, scratch) or [])
+        last, done = e.fresh("last"), e.fresh("done")
+        e.cond_br(e(f"icmp slt i64 {t}, {padded}"), last, done)
+        e.label(last)
+        _block(e, cfg, p, t, 1, scratch)
+        e.br(done)
+        e.label(done)
+        return []
+
+    e.loop("%pair0", "%pair1", 1, [], pair)
+    e.call("llvm.x86.tilerelease", "void")
+
+
+def amx_ir(cfg: AmxConfig) -> str:
+    if cfg.dot not in DOTS or cfg.activation not in ACTIVATIONS:
+        raise ValueError(f"no AMX kernel for {cfg}")
+    e = Builder(16)
+    e.function(SIGNATURE, lambda: _panels(e, cfg))
+    e.raw(f'@amx_config = private unnamed_addr constant [64 x i8] c"{_tile_config()}", align 64')
+    epi = ("float(C - corr[j]) * scale[j] + bias[j]" if cfg.dot == "int8" else "C + bias[j]")
+    return e.module(f"; sparsejit generated kernel: AMX dense {cfg.dot} activation={cfg.activation} "
+                    f"residual={cfg.residual}\n"
+                    f"; C[j, t] = sum over K-tiles kt: wa[j / 16, kt] (16 x 64 bytes) . xq[16 kt .. 16 kt + 15, t]"
+                    f" ({DOTS[cfg.dot].rsplit('.', 1)[1]})\n"
+                    f"; yt[j, t] = act({epi}){' + rt[j, t]' if cfg.residual else ''}")
