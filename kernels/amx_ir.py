@@ -51,8 +51,7 @@ K_TILE = {"int8": 64, "bf16": 32}  # inputs per 64-byte tile row
 ROWS = 16                          # rows per tile: output features in A and C, i32 rows of x in B
 TOKENS = 16                        # tokens per B and C tile (16 i32 columns)
 TILE_BYTES = ROWS * 64
-A0, B0 = 4, 6
-PREFETCH_B = False                      # tmm4, tmm5: weights; tmm6, tmm7: activations; tmm0..3: sums
+A0, B0 = 4, 6                      # tmm4, tmm5: weights; tmm6, tmm7: activations; tmm0..3: sums
 
 
 @dataclass(frozen=True)
@@ -90,8 +89,6 @@ def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch: s
             at = e(f"getelementptr inbounds i8, ptr %wa, i64 {e(f'mul i64 {tile}, {TILE_BYTES}')}")
             e.call("llvm.x86.tileloadd64", "void", ("i8", str(A0 + a)), ("ptr", at), ("i64", "64"))
         row = e(f"mul i64 {kt}, {ROWS}")
-        if PREFETCH_B:  # the next K-tile's rows of x, from L2
-            _prefetch_rows(e, row, cols)
         for b, col in enumerate(cols):
             at = e.gep("%xq", e.offset(row, "%ldq", col), "i32")
             e.call("llvm.x86.tileloadd64", "void", ("i8", str(B0 + b)), ("ptr", at), ("i64", stride))
@@ -104,14 +101,6 @@ def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch: s
         e.call("llvm.x86.tilestored64", "void", ("i8", str(c)), ("ptr", e.gep(scratch, str(c * ROWS * TOKENS))),
                ("i64", "64"))
     e.loop("0", str(ROWS), 1, [], lambda r, _: _rows_out(e, cfg, pair, t, tiles, scratch, r) or [])
-
-
-def _prefetch_rows(e: Builder, row: str, cols: list[str]) -> None:
-    """Prefetches the next K-tile's 16 rows of x from `row`, at each B tile's columns."""
-    for col in cols:
-        for i in range(ROWS):
-            at = e.gep("%xq", e.offset(e(f"add i64 {row}, {ROWS + i}"), "%ldq", col), "i32")
-            e.call("llvm.prefetch.p0", "void", ("ptr", at), ("i32", "0"), ("i32", "3"), ("i32", "1"))
 
 
 def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch: str, r: str) -> None:

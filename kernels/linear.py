@@ -330,3 +330,31 @@ class OutputSlice:
         if residual is not None:
             raise ValueError("a grouped Linear layer has no residual input")
         return self.group(x)[..., self.start:self.stop]
+
+
+class ByTokens:
+    """One layer on two kernels that compute the same y: `few` for calls under `at` tokens,
+    `many` for calls of `at` tokens or more, each the faster there as measured at load
+    (plan._int8_choice: the sparse VNNI kernel at one sequence, AMX's dense one at a batch
+    of them, which reuses each weight tile across its tokens). Everything else about the
+    layer (its weights, reference, epilogue) is `few`'s, which `many` equals."""
+
+    def __init__(self, few, many, at: int):
+        self.few, self.many, self.at = few, many, at
+        self.label = f"{getattr(few, 'label', few.kind)} under {at} tokens, {getattr(many, 'label', many.kind)} from {at}"
+
+    def pick(self, x: np.ndarray):
+        """The kernel for x [..., in]."""
+        return self.many if x.size >= self.at * x.shape[-1] else self.few
+
+    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        return self.pick(x)(x, residual)
+
+    @property
+    def source(self) -> str:
+        return (f"; under {self.at} tokens:\n{self.few.source}\n; from {self.at} tokens:\n{self.many.source}")
+
+    def __getattr__(self, name: str):
+        if name in ("few", "many"):  # (not set yet: copying, unpickling)
+            raise AttributeError(name)
+        return getattr(self.few, name)

@@ -183,21 +183,21 @@ class Chooser:
         return t
 
     def race_layers(self, kind: tuple, layers: dict[str, Callable[[], object]], in_features: int, out_features: int,
-                    residual: bool) -> tuple[str, dict, bool]:
-        """The fastest of `layers` (name → a function giving the layer) over PROBE_TOKENS
+                    residual: bool, tokens: int = PROBE_TOKENS) -> tuple[str, dict, bool]:
+        """The fastest of `layers` (name → a function giving the layer) over `tokens`
         tokens, timed on the first layer of each `kind` of this load: (its name, {name: ms},
         whether an earlier layer's timing was reused)."""
-        key = ("race", *kind, numba.get_num_threads())
+        key = ("race", *kind, tokens, numba.get_num_threads())
         reused = key in self.kinds
         if not reused:
-            x = self._probe(in_features)
-            r = self._probe(out_features) if residual else None
+            x = self._probe(in_features, tokens)
+            r = self._probe(out_features, tokens) if residual else None
             self.kinds[key] = race({name: (lambda f=f: f()(x, r)) for name, f in layers.items()}, rounds=9)
         ms = self.kinds[key]
         return min(ms, key=ms.get), ms, reused
 
-    def _probe(self, features: int) -> np.ndarray:
-        xt = feature_major_empty(features, PROBE_TOKENS)
+    def _probe(self, features: int, tokens: int = PROBE_TOKENS) -> np.ndarray:
+        xt = feature_major_empty(features, tokens)
         xt[:] = self.rng.standard_normal(xt.shape, dtype=np.float32)
         return xt.T
 

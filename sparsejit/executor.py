@@ -24,7 +24,7 @@ import numpy as np
 from .fold import shape_only_values
 from .graph import Graph
 from .kernels.layout import feature_major_empty, transposed_copy, unit_token_stride
-from .kernels.linear import DenseLinear
+from .kernels.linear import ByTokens, DenseLinear
 from .plan import Step
 
 MAX_SHAPE_SIGNATURES = 32
@@ -78,9 +78,10 @@ def chain_length(steps: tuple, drops: tuple, i: int, outputs: tuple[str, ...]) -
     """How many steps from i on run as one TokenChain (0: fewer than two): token-wise
     steps on sparse kernels, each value they make but the last read by later steps of the
     chain only. (A dense GEMM streams all its weights per call and tiles the tokens
-    itself: by token tiles it read them once per tile, and took longer.)"""
+    itself: by token tiles it read them once per tile, and took longer. A layer that
+    takes AMX's dense GEMM at many tokens, ByTokens, is left whole for the same reason.)"""
     j = i
-    while j < len(steps) and tokenwise(steps[j].node) and not isinstance(steps[j].impl, DenseLinear):
+    while j < len(steps) and tokenwise(steps[j].node) and not isinstance(steps[j].impl, (DenseLinear, ByTokens)):
         j += 1
     while j - i >= 2:
         dropped = {name for d in drops[i:j] for name in d}

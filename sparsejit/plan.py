@@ -36,7 +36,16 @@ from .kernels.int8 import (
     host_dots,
 )
 from .kernels.layernorm import Grid, layernorm, layernorm_to_bytes
-from .kernels.linear import DenseLinear, OutputSlice, Pattern, SparseLinear, analyse, linear_epilogue, reference_linear
+from .kernels.linear import (
+    ByTokens,
+    DenseLinear,
+    OutputSlice,
+    Pattern,
+    SparseLinear,
+    analyse,
+    linear_epilogue,
+    reference_linear,
+)
 from .ops import bind
 
 log = logging.getLogger("sparsejit")
@@ -300,11 +309,22 @@ def _int8(a: dict) -> tuple[Int8Linear | Int8Chunked | Int8Dense | Int8OnFloat, 
                   f", {blocks} of {-(-k // 4) * m} 4-blocks stored")
 
 
+# Where AMX's dense int8 kernel may win only with many tokens (each weight tile reused
+# across them), the layer's two kernels are also timed at these token counts, and the
+# layer runs the VNNI kernel under the first count at which AMX won, AMX's from it.
+MANY_TOKENS = (384, 1024)
+# ... and AMX is taken where its time is under this fraction of the VNNI kernel's: closer
+# than that is within the timing's noise (on a shared machine AMX's speed moved 2x within
+# minutes), and the VNNI kernel keeps its handovers (the LayerNorm's bytes, FFN1's output).
+AMX_CLEARLY = 0.9
+
+
 def _int8_choice(a: dict, chooser: Chooser) -> tuple:
     """(the int8 kernel, why, decided_by, timings in ms) for a QLinear node's attributes:
-    _int8's VNNI kernel, or, where the CPU has AMX, the faster of it and the dense AMX
-    kernel (Int8Amx), timed on the first layer of each kind; `kernels="dense"` takes AMX,
-    `"sparse"` the VNNI kernel, untimed."""
+    _int8's VNNI kernel, or, where the CPU has AMX, the dense AMX kernel (Int8Amx) where it
+    is clearly faster (AMX_CLEARLY): timed on the first layer of each kind over PROBE_TOKENS tokens, then, while
+    the VNNI kernel still wins, over MANY_TOKENS; a layer AMX wins only with many tokens
+    runs both (ByTokens). `kernels="dense"` takes AMX, `"sparse"` the VNNI kernel, untimed."""
     impl, why = _int8(a)
     if not isinstance(impl, (Int8Chunked, Int8Dense)) or chooser.kernels == "sparse" or not has_amx("int8"):
         return impl, why, "rule", {}
@@ -322,10 +342,20 @@ def _int8_choice(a: dict, chooser: Chooser) -> tuple:
         return amx(), f"{tiles}, forced dense", "forced", {}
     blocks = np.pad(w != 0, ((0, -w.shape[0] % 4), (0, 0))).reshape(-1, 4, w.shape[1]).any(axis=1).mean()
     kind = ("int8", a["mode"], *w.shape, round(float(blocks), 2), a["activation"], a["residual"])
-    best, ms, reused = chooser.race_layers(kind, {"vnni": lambda: impl, "amx": amx}, *w.shape, a["residual"])
-    timed = (f"measured on {'an earlier layer like it' if reused else 'this layer'} over {PROBE_TOKENS} tokens: "
-             f"VNNI {ms['vnni']:.3f} ms, AMX {ms['amx']:.3f} ms")
-    return (amx(), f"{tiles}; {timed}", "measured", ms) if best == "amx" else (impl, f"{why}; {timed}", "measured", ms)
+    timings, at, reused = {}, None, False
+    for n in (PROBE_TOKENS, *MANY_TOKENS):
+        _, ms, reused = chooser.race_layers(kind, {"vnni": lambda: impl, "amx": amx}, *w.shape, a["residual"], n)
+        timings[n] = ms
+        if ms["amx"] < AMX_CLEARLY * ms["vnni"]:
+            at = n
+            break
+    timed = (f"measured on {'an earlier layer like it' if reused else 'this layer'}: "
+             + ", ".join(f"{n} tokens VNNI {ms['vnni']:.3f} ms, AMX {ms['amx']:.3f} ms" for n, ms in timings.items()))
+    if at is None:
+        return impl, f"{why}; {timed}", "measured", timings
+    if at == PROBE_TOKENS:
+        return amx(), f"{tiles}; {timed}", "measured", timings
+    return ByTokens(impl, amx(), at), f"{why} under {at} tokens, {tiles} from {at}; {timed}", "measured", timings
 
 
 def qlinear_step(node: Node, p: Planning) -> Step:
@@ -341,8 +371,11 @@ def qlinear_step(node: Node, p: Planning) -> Step:
 
 def _int8_run(impl, x: np.ndarray, residual: np.ndarray | None, xq: np.ndarray | None) -> np.ndarray:
     """An int8 layer's (or group's) output for x, or, given xq (x's bytes from the
-    LayerNorm, hand_layernorm_bytes), for those bytes."""
-    return impl(x, residual) if xq is None else impl.from_quantized(byte_rows(xq), x.shape[:-1], residual)
+    LayerNorm, hand_layernorm_bytes), for those bytes where its kernel for x reads them."""
+    kernel = impl.pick(x) if isinstance(impl, ByTokens) else impl
+    if xq is None or not isinstance(kernel, Int8Chunked):
+        return kernel(x, residual)
+    return kernel.from_quantized(byte_rows(xq), x.shape[:-1], residual)
 
 
 def qlinear_group_step(node: Node, p: Planning) -> Step:
@@ -494,7 +527,8 @@ def hand_layernorm_bytes(steps: list[Step]) -> list[Step]:
         if grid is None or grid.floats is None or len(n.outputs) != 1:
             continue
         takers = [k for k in readers.get(n.outputs[0], [])
-                  if steps[k].node.op_type in ("QLinear", "QLinearGroup") and isinstance(steps[k].impl, Int8Chunked)
+                  if steps[k].node.op_type in ("QLinear", "QLinearGroup")
+                  and isinstance(getattr(steps[k].impl, "few", steps[k].impl), Int8Chunked)
                   and steps[k].impl.reads_bytes(grid.floats)]
         if not takers:
             continue

@@ -128,11 +128,13 @@ def test_a_reference_run_agrees_with_the_int8_kernels():
 @pytest.mark.parametrize("form", ["dynamic", "sparseml"])
 def test_int8_layers_on_amx_tiles_give_the_vnni_kernels_outputs(form, monkeypatch):
     """Where the CPU has AMX, each int8 layer's kernel is the faster of the VNNI one and the
-    dense AMX GEMM (amx.Int8Amx), timed on the first layer of each kind; both sum the
-    same integers exactly, so a model on AMX alone (kernels="dense") gives the VNNI
-    model's outputs bit for bit, over padding and several shapes. Without AMX the plan is
-    the VNNI one, untimed."""
+    dense AMX GEMM (amx.Int8Amx), timed on the first layer of each kind, at 128 tokens and
+    then at more while VNNI wins; a layer AMX wins only at many tokens runs both, by the
+    call's token count (linear.ByTokens). All sum the same integers exactly, so a model
+    on AMX alone (kernels="dense"), or switching, gives the VNNI model's outputs bit for
+    bit, over padding and several shapes. Without AMX the plan is the VNNI one, untimed."""
     from sparsejit.kernels.amx import Int8Amx, has_amx
+    from sparsejit.kernels.linear import ByTokens
 
     from sparsejit import plan
 
@@ -144,13 +146,27 @@ def test_int8_layers_on_amx_tiles_give_the_vnni_kernels_outputs(form, monkeypatc
                    for lp in encoder), [lp.reason for lp in encoder]
         assert not any(isinstance(getattr(lp.impl, "group", lp.impl), Int8Amx) for lp in vnni.layers)
         measured = [lp for lp in auto.layers if "encoder" in lp.name]
-        assert all(lp.decided_by == "measured" and set(lp.timings_ms) == {"vnni", "amx"} for lp in measured)
-        for batch, seq in [(1, 7), (2, 37), (3, 100)]:
+        assert all(lp.decided_by == "measured" and 128 in lp.timings_ms and "AMX" in lp.reason for lp in measured)
+        # a layer AMX wins only from 384 tokens on runs both kernels, by the call's tokens
+        monkeypatch.setattr(plan.Chooser, "race_layers",
+                            lambda self, kind, layers, *a: ("", {"vnni": 1, "amx": 0.5 if a[-1] >= 384 else 0.95},
+                                                            False))
+        switching = sparsejit.load(path)
+        encoder = [lp for lp in switching.layers if "encoder" in lp.name]
+        assert all(isinstance(getattr(lp.impl, "group", lp.impl), ByTokens) for lp in encoder)
+        runs = []
+        monkeypatch.setattr(Int8Amx, "_tiles_run", lambda self, *a, real=Int8Amx._tiles_run: runs.append(1)
+                            or real(self, *a))
+        for batch, seq in [(1, 7), (2, 37), (4, 100)]:
             feeds = make_inputs(tiles.input_names, batch, seq, seed=seq)
-            for a, b, c in zip(tiles.run(feeds), vnni.run(feeds), auto.run(feeds)):
+            runs.clear()
+            got = switching.run(feeds)
+            assert bool(runs) == (batch * seq >= 384), (batch, seq, len(runs))
+            for a, b, c, d in zip(tiles.run(feeds), vnni.run(feeds), auto.run(feeds), got):
                 np.testing.assert_array_equal(a, b)
                 np.testing.assert_array_equal(c, b)
-        assert tiles.check().ok
+                np.testing.assert_array_equal(d, b)
+        assert tiles.check().ok and switching.check().ok
     monkeypatch.setattr(plan, "has_amx", lambda dot="int8": False)
     without = sparsejit.load(path)
     assert not any(isinstance(getattr(lp.impl, "group", lp.impl), Int8Amx) or lp.decided_by == "measured"
