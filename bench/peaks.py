@@ -21,6 +21,11 @@ a kernel's time split into a cost per stored slot and one per row and K-chunk (t
 partial sums' loads and stores, the loop exit), fitted over weights with exactly n slots
 in every row of every chunk.
 
+Where the CPU has AMX, the tile products too (`tdpbsud`, `tdpbf16ps`: a 16 × 16 tile of
+sums per instruction), on tiles only and with the tile loads of the AMX kernel's step
+(two weight and two activation tiles per four products), and the AMX dense kernels'
+multiply-adds per ns against them.
+
     python bench/peaks.py [--out bench/results/peaks_<cpu>.md]
 
 Not part of CI.
@@ -279,6 +284,102 @@ def kernels(lanes: int, rounds: int, calls: int) -> list[tuple[str, float]]:
     return [(name, int(layer.indptr[-1]) * (layer.pattern.block if layer.kind == 'sparse' else 1) * vectors / best[name] / 1e9, best[name]) for name, layer in cases]
 
 
+# AMX: (intrinsic, multiply-adds per tile product: 16 x 16 sums of 64 int8 or 32 bf16 products)
+TILE_OPS = {"int8 tdpbsud": ("llvm.x86.tdpbsud", 16 * 16 * 64), "bf16 tdpbf16ps": ("llvm.x86.tdpbf16ps", 16 * 16 * 32)}
+TILE_ITERS = 200_000
+
+
+def _tile_ir(intrinsic: str, loads: bool) -> str:
+    """`f(buf, n)`: n iterations of the AMX kernel's step, 4 independent tile products
+    (C tiles 0-3 += A tiles 4-5 · B tiles 6-7); with `loads`, the step's 4 tile loads from
+    a 4 KB buffer (in L1) first, as the kernel loads two weight and two activation tiles."""
+    from sparsejit.kernels.amx_ir import _tile_config
+
+    step = [f"  call void @llvm.x86.tileloadd64(i8 {t}, ptr %buf, i64 64)" for t in (4, 5, 6, 7)] if loads else []
+    step += [f"  call void @{intrinsic}(i8 {c}, i8 {4 + c // 2}, i8 {6 + c % 2})" for c in range(4)]
+    setup = [f"  call void @llvm.x86.tilezero(i8 {t})" for t in range(4)]
+    setup += [f"  call void @llvm.x86.tileloadd64(i8 {t}, ptr %buf, i64 64)" for t in (4, 5, 6, 7)]
+    return "\n".join([
+        "declare void @llvm.x86.ldtilecfg(ptr)", "declare void @llvm.x86.tilerelease()",
+        "declare void @llvm.x86.tileloadd64(i8, ptr, i64)", "declare void @llvm.x86.tilezero(i8)",
+        f"declare void @{intrinsic}(i8, i8, i8)",
+        f'@cfg = private unnamed_addr constant [64 x i8] c"{_tile_config()}", align 64',
+        "define void @f(ptr %buf, i64 %n) {", "entry:", "  call void @llvm.x86.ldtilecfg(ptr @cfg)", *setup,
+        "  br label %loop", "loop:", "  %i = phi i64 [0, %entry], [%i1, %loop]", *step, "  %i1 = add i64 %i, 1",
+        "  %c = icmp slt i64 %i1, %n", "  br i1 %c, label %loop, label %done", "done:",
+        "  call void @llvm.x86.tilerelease()", "  ret void", "}"])
+
+
+def tile_peaks(rounds: int) -> dict:
+    """{AMX product: (registers only, with the kernel's tile loads)} in multiply-adds per
+    ns, one thread, each loop's best of `rounds` rounds; {} without AMX."""
+    from sparsejit.kernels.amx import has_amx
+
+    ops = [op for op in TILE_OPS if has_amx(op.split()[0])]
+    buf = np.zeros(8192, np.uint8)
+    at = buf[-buf.ctypes.data % 64:][:4096]
+    loops = {(op, loads): ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64)(
+        compile_ir(_tile_ir(TILE_OPS[op][0], loads), "f")) for op in ops for loads in (False, True)}
+    best = dict.fromkeys(loops, np.inf)
+    for _ in range(rounds):
+        for key, fn in loops.items():
+            t = time.perf_counter()
+            fn(at.ctypes.data, TILE_ITERS)
+            best[key] = min(best[key], time.perf_counter() - t)
+    return {op: tuple(4 * TILE_ITERS * TILE_OPS[op][1] / best[op, loads] / 1e9 for loads in (False, True))
+            for op in ops}
+
+
+def tile_kernels(rounds: int, calls: int) -> list[tuple[str, float, float]]:
+    """[(AMX kernel, multiply-adds per ns, seconds per call)] on 768→3072, 128 tokens, one
+    thread, the best of `calls` calls per round; x quantized or packed in the time."""
+    from sparsejit.kernels.amx import BF16AmxLinear, Int8Amx, has_amx
+    from sparsejit.kernels.layout import feature_major_empty
+
+    rng = np.random.default_rng(0)
+    k, m, tokens = 768, 3072, 128
+    cases = []
+    if has_amx("int8"):
+        cases.append(("int8 AMX dense", Int8Amx(rng.integers(-127, 128, (k, m)).astype(np.int8), 0.01, "dynamic")))
+    if has_amx("bf16"):
+        cases.append(("bf16 AMX dense", BF16AmxLinear(_weight(rng, k, m, 0.0, 1), None, "none", False)))
+    xt = feature_major_empty(k, tokens)
+    xt[:] = rng.standard_normal((k, tokens))
+    best = {name: np.inf for name, _ in cases}
+    numba.set_num_threads(1)
+    for _ in range(rounds):
+        for name, layer in cases:
+            for _ in range(calls):
+                t = time.perf_counter()
+                layer(xt.T)
+                best[name] = min(best[name], time.perf_counter() - t)
+    return [(name, k * m * tokens / best[name] / 1e9, best[name]) for name, _ in cases]
+
+
+def tile_lines(rounds: int, calls: int, clock: float, vector_peaks: dict) -> list[str]:
+    """The AMX tables' markdown: the tile products' peaks beside the vector ones', and the
+    AMX kernels' rate against them."""
+    table = tile_peaks(rounds)
+    if not table:
+        return ["", "No AMX on this CPU (or Linux did not grant its tile data): no tile products measured."]
+    lines = ["", "AMX tile products, one thread, multiply-adds per ns (below them the vector products', 16 lanes of",
+             "4, 2 or 1 products each, for comparison):", "",
+             "| product | registers only, per ns | per cycle | with the kernel's tile loads from L1, per ns | per cycle |",
+             "|---|---|---|---|---|"]
+    for op, (reg, mem) in table.items():
+        lines.append(f"| {op} | {reg:.0f} | {reg / clock:.0f} | {mem:.0f} | {mem / clock:.0f} |")
+    for op, per in (("int8 vpdpbusd", 64), ("bf16 vdpbf16ps", 32), ("fp32 fma", 16)):
+        if op in vector_peaks:
+            reg, mem = vector_peaks[op]
+            lines.append(f"| {op} | {reg * per:.0f} | {reg * per / clock:.0f} | {mem * per:.0f} | {mem * per / clock:.0f} |")
+    lines += ["", "The AMX kernels on 768→3072 (dense), 128 tokens, one thread (x quantized or packed in the time):", "",
+              "| kernel | µs per call | multiply-adds per ns | of the tile peak with loads |", "|---|---|---|---|"]
+    for name, rate, seconds in tile_kernels(rounds, calls):
+        peak = table[next(op for op in table if op.split()[0] == name.split()[0])][1]
+        lines.append(f"| {name} | {seconds * 1e6:.0f} | {rate:.0f} | {rate / peak:.0%} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -313,6 +414,7 @@ def main() -> None:
               "", "| kernel | ns per slot | cycles | ns per row and chunk | cycles | µs per call |", "|---|---|---|---|---|---|"]
     for name, slot, row, call in slot_and_row_costs(lanes, args.rounds):
         lines.append(f"| {name} | {slot:.2f} | {slot * clock:.1f} | {row:.1f} | {row * clock:.0f} | {call:.0f} |")
+    lines += tile_lines(3 * args.rounds, args.calls, clock, table)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
