@@ -31,8 +31,8 @@ from .compile import compile_ir, host_cpu, load_source, vector_lanes
 from .int8 import DRIVER_SOURCE as INT8_DRIVER_SOURCE
 from .int8 import _quantize_fns, _Quantized
 from .ir import with_driver
-from .layout import feature_major_empty
-from .linear import DenseLinear, _bias
+from .layout import aligned_empty, feature_major_empty, transposed
+from .linear import _NO_RESIDUAL, DenseLinear, _bias, _residual_rows
 
 SYS_ARCH_PRCTL = 158          # x86-64
 ARCH_REQ_XCOMP_PERM = 0x1023
@@ -66,9 +66,7 @@ from numba import njit, prange
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def run_amx(fn, xq, wa, bias, yt, rt, parts, token_tile):
-    pairs = wa.shape[0] // 2
-    ktiles = wa.shape[1]
+def run_amx(fn, xq, wa, bias, yt, rt, parts, token_tile, pairs, ktiles, masks, offsets, work):
     ntok = yt.shape[1]
     r_step = 4 if rt.shape[1] == ntok else 0  # (no residual: a 1 x 1 placeholder, never read)
     for c in prange(parts):
@@ -78,7 +76,8 @@ def run_amx(fn, xq, wa, bias, yt, rt, parts, token_tile):
             for t0 in range(0, ntok, token_tile):
                 fn(xq.ctypes.data + t0 * 4, xq.strides[0] // 4, wa.ctypes.data, bias.ctypes.data,
                    yt.ctypes.data + t0 * 4, yt.strides[0] // 4, rt.ctypes.data + t0 * r_step, rt.strides[0] // 4,
-                   ktiles, yt.shape[0], p0, p1, min(token_tile, ntok - t0))
+                   ktiles, yt.shape[0], p0, p1, min(token_tile, ntok - t0), masks.ctypes.data, offsets.ctypes.data,
+                   work[c].ctypes.data)
 """
 
 # Tokens per driver step: 256 tokens of a 3072-input layer's int8 rows are 768 KB, in L2
@@ -102,6 +101,34 @@ def untiled(tiles: np.ndarray, k: int, m: int) -> np.ndarray:
     return np.ascontiguousarray(tiles.transpose(0, 2, 1, 3).reshape(panels * rows, kt * per_row).T[:k, :m])
 
 
+def compressed_tiles(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """tiles_of's tiles [panels, K-tiles, 16, per_row] (int8 or bf16 bits) as amx_ir's
+    compressed weight: (the nonzero elements, tile after tile and row after row, as bytes;
+    per tile row a bit per element, bit i for element i, as uint64 or uint32; per tile the
+    byte offset of its first element, as int64)."""
+    nz = tiles != 0
+    bits = np.packbits(nz, axis=-1, bitorder="little")  # [..., 16, per_row / 8]
+    masks = np.ascontiguousarray(bits).view(np.uint64 if tiles.shape[-1] == 64 else np.uint32).reshape(-1)
+    counts = nz.reshape(-1, ROWS * tiles.shape[-1]).sum(axis=1) * tiles.itemsize
+    offsets = np.zeros(counts.size + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return np.ascontiguousarray(tiles[nz]).view(np.uint8), masks, offsets
+
+
+def expanded_tiles(values: np.ndarray, masks: np.ndarray, shape: tuple, dtype) -> np.ndarray:
+    """compressed_tiles' inverse: the tiles [panels, K-tiles, 16, per_row]."""
+    bits = np.unpackbits(masks.view(np.uint8).reshape(-1, shape[-1] // 8), axis=-1, bitorder="little")
+    tiles = np.zeros(shape, dtype)
+    tiles[bits.reshape(shape).astype(bool)] = values.view(dtype)
+    return tiles
+
+
+# Weights stored in under this fraction of nonzeros are kept compressed (amx_ir's
+# `compressed`): a dense tile streams 1 KB per 16 × 64 products from memory, more than the
+# products take; at 10% nonzeros the compressed tile is 16% of that.
+COMPRESS_BELOW = 0.5
+
+
 def x_rows(in_features: int, dot: str, ntok: int) -> np.ndarray:
     """An uninitialised xq for `dot` ([rows, tokens] of i32, as float32 bits) with its rows
     padded to whole K-tiles, the padded rows zero."""
@@ -112,20 +139,44 @@ def x_rows(in_features: int, dot: str, ntok: int) -> np.ndarray:
     return xq
 
 
-class _Amx:
-    """What both AMX layers share: the compiled kernel and its driver."""
+def can_compress() -> bool:
+    """Whether this CPU expands compressed rows in one instruction (AVX512-VBMI2)."""
+    return "+avx512vbmi2" in host_cpu()[1].split(",")
 
-    def _build(self, dot: str, activation: str, residual: bool) -> None:
+
+_NONE = np.zeros(1, np.int64)  # the masks and offsets a dense weight's kernel gets
+
+
+class _Amx:
+    """What both AMX layers share: the weight's tiles (dense, or compressed where few of
+    its elements are nonzero), the compiled kernel and its driver."""
+
+    def _build(self, dot: str, tiles: np.ndarray, activation: str, residual: bool, compressed: bool | None) -> None:
         if not has_amx(dot):  # (a tile instruction without the permission is a SIGILL)
             raise RuntimeError(f"this CPU or process cannot run AMX {dot} tiles")
-        self.config = AmxConfig(dot, activation, residual)
+        if compressed is None:
+            compressed = can_compress() and np.count_nonzero(tiles) < COMPRESS_BELOW * tiles.size
+        self.config = AmxConfig(dot, activation, residual, compressed)
+        self._shape, self._dtype = tiles.shape, tiles.dtype
+        self._arrays = compressed_tiles(tiles) if compressed else (tiles.reshape(-1).view(np.uint8), _NONE, _NONE)
         self._fn = SIGNATURE.ctypes()(compile_ir(amx_ir(self.config), SIGNATURE.name))
         self._driver = load_source(DRIVER_SOURCE).run_amx
 
+    @property
+    def tiles(self) -> np.ndarray:
+        """The weight's tiles [panels, K-tiles, 16, per_row], expanded if stored compressed."""
+        values, masks, _ = self._arrays
+        if self.config.compressed:
+            return expanded_tiles(values, masks, self._shape, self._dtype)
+        return values.view(self._dtype).reshape(self._shape)
+
     def _tiles_run(self, xq: np.ndarray, bias: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
-        parts = max(1, min(numba.get_num_threads(), self.tiles.shape[0] // 2))
-        self._driver(self._fn, xq, self.tiles.reshape(self.tiles.shape[0], self.tiles.shape[1], -1), bias, yt, rt,
-                     parts, AMX_TOKEN_TILE)
+        pairs, ktiles = self._shape[0] // 2, self._shape[1]
+        parts = max(1, min(numba.get_num_threads(), pairs))
+        # (compressed: each thread's pair of panels expanded, 2 KB per K-tile, on 64-byte lines)
+        work = aligned_empty((parts, 2 * ktiles * 1024 if self.config.compressed else 64), np.uint8)
+        self._driver(self._fn, xq, self._arrays[0], bias, yt, rt, parts, AMX_TOKEN_TILE, pairs, ktiles,
+                     *self._arrays[1:], work)
 
 
 class Int8Amx(_Amx, _Quantized, DenseLinear):
@@ -137,12 +188,11 @@ class Int8Amx(_Amx, _Quantized, DenseLinear):
     label = "int8 (AMX)"
 
     def __init__(self, weight: np.ndarray, scale, mode: str, x_scale=None, x_zero_point=None, bias=None,
-                 activation: str = "none", residual: bool = False):
+                 activation: str = "none", residual: bool = False, compressed: bool | None = None):
         _Quantized.__init__(self, weight, scale, mode, x_scale, x_zero_point, bias, activation, residual)
-        self.tiles = tiles_of(np.ascontiguousarray(weight.T), K_TILE["int8"])
         self._set_vnni_terms(weight)
         self._fns = _quantize_fns()
-        self._build("int8", activation, residual)
+        self._build("int8", tiles_of(np.ascontiguousarray(weight.T), K_TILE["int8"]), activation, residual, compressed)
 
     @property
     def source(self) -> str:
@@ -153,6 +203,26 @@ class Int8Amx(_Amx, _Quantized, DenseLinear):
 
     def skipped(self, start: int = 0, stop: int | None = None) -> float:
         return 0.0  # every multiply-add done
+
+    def reads_bytes(self, grid: np.ndarray) -> bool:
+        """Whether x quantized to `grid` (layernorm.Grid's floats) is what this layer
+        reads, so that `from_quantized` can take those bytes (Int8Chunked.reads_bytes)."""
+        return self.mode == "static" and (np.float32(self.x_scale), self._zero, self._lo) == tuple(grid[:3])
+
+    def from_quantized(self, xq: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
+        """y for x given as its bytes, xq [in/4, tokens] of i32 (token stride 1, rows padded
+        to 16 tokens, as int8.byte_rows gives the LayerNorm's): copied into whole K-tiles of
+        rows first where the inputs are not a multiple of 64."""
+        m, n = self.out_features, xq.shape[1]
+        if xq.shape[0] % ROWS:
+            padded = x_rows(self.in_features, "int8", n)
+            padded.view(np.int32)[:xq.shape[0]] = xq.view(np.int32)  # (the bits, not the values)
+            xq = padded
+        yt = feature_major_empty(m, n)
+        if n:
+            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
+            self._tiles_run(xq, self._kbias, yt, rt)
+        return yt.T.reshape(lead + (m,))
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
         dynamic = self.mode == "dynamic"
@@ -175,14 +245,15 @@ class BF16AmxLinear(_Amx, DenseLinear):
     kind = "dense-bf16"
     label = "dense-bf16 (AMX)"
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str, residual: bool):
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str, residual: bool,
+                 compressed: bool | None = None):
         k, m = weight.shape
         self.in_features, self.out_features = k, m
-        self.tiles = tiles_of(to_bf16(np.ascontiguousarray(weight.T)), K_TILE["bf16"])
         self.bias = _bias(bias, m)
         self.activation, self.residual = activation, residual
         self._pack = PACK_SIGNATURE.ctypes()(compile_ir(pack_ir(), PACK_SIGNATURE.name))
-        self._build("bf16", activation, residual)
+        self._build("bf16", tiles_of(to_bf16(np.ascontiguousarray(weight.T)), K_TILE["bf16"]), activation, residual,
+                    compressed)
 
     @property
     def source(self) -> str:

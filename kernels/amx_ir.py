@@ -44,7 +44,8 @@ from .lowp_ir import scaled_sums
 
 SIGNATURE = Signature("amx_panels", (
     ("xq", "ptr"), ("ldq", "i64"), ("wa", "ptr"), ("bias", "ptr"), ("yt", "ptr"), ("ldy", "i64"), ("rt", "ptr"),
-    ("ldr", "i64"), ("ktiles", "i64"), ("m", "i64"), ("pair0", "i64"), ("pair1", "i64"), ("ntok", "i64")))
+    ("ldr", "i64"), ("ktiles", "i64"), ("m", "i64"), ("pair0", "i64"), ("pair1", "i64"), ("ntok", "i64"),
+    ("masks", "ptr"), ("offsets", "ptr"), ("work", "ptr")))
 
 DOTS = {"int8": "llvm.x86.tdpbsud", "bf16": "llvm.x86.tdpbf16ps"}  # C += A (signed) · B (unsigned) / bf16 pairs
 K_TILE = {"int8": 64, "bf16": 32}  # inputs per 64-byte tile row
@@ -59,6 +60,9 @@ class AmxConfig:
     dot: str = "int8"          # a key of DOTS
     activation: str = "none"   # a key of epilogue.ACTIVATIONS
     residual: bool = False
+    # the weight tiles stored compressed (see _expanded_tile): a bit per element, then the
+    # nonzero elements, expanded into an L1 buffer per K-step (AVX512-VBMI2's vpexpandb/w)
+    compressed: bool = False
 
 
 def _tile_config() -> str:
@@ -71,22 +75,43 @@ def _tile_config() -> str:
     return "".join(f"\\{b:02X}" for b in cfg)
 
 
-def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch: str) -> None:
+def _expanded_tile(e: Builder, cfg: AmxConfig, tile: str, buffer: str) -> str:
+    """Weight tile `tile` expanded into `buffer` (1 KB), which it returns: each row's
+    elements from %masks[16·tile + r] (a bit per element: 64 int8, or 32 bf16) and the
+    nonzero elements stored from byte %offsets[tile] of %wa, row after row."""
+    bits = 64 if cfg.dot == "int8" else 32
+    elem = "i8" if cfg.dot == "int8" else "i16"
+    vt, mt = f"<{bits} x {elem}>", f"<{bits} x i1>"
+    off = e(f"load i64, ptr {e.gep('%offsets', tile, 'i64')}, align 8")
+    base = e(f"mul i64 {tile}, {ROWS}")
+    for r in range(ROWS):
+        word = e(f"load i{bits}, ptr {e.gep('%masks', e(f'add i64 {base}, {r}'), f'i{bits}')}, align {bits // 8}")
+        src = e(f"getelementptr inbounds i8, ptr %wa, i64 {off}")
+        row = e.call(f"llvm.masked.expandload.v{bits}{elem}", vt, ("ptr", src), (mt, e(f"bitcast i{bits} {word} to {mt}")),
+                     (vt, "zeroinitializer"))
+        e.raw(f"  store {vt} {row}, ptr {e(f'getelementptr inbounds i8, ptr {buffer}, i64 {64 * r}')}, align 64")
+        if r < ROWS - 1:
+            count = e.call(f"llvm.ctpop.i{bits}", f"i{bits}", (f"i{bits}", word))
+            count = count if bits == 64 else e(f"zext i{bits} {count} to i64")
+            off = e(f"add i64 {off}, {count if cfg.dot == 'int8' else e(f'shl i64 {count}, 1')}")
+    return buffer
+
+
+def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch: str, weights: tuple) -> None:
     """Output features [32·pair, 32·pair + 32) × tokens [t, t + 16·tiles): the products of
     every K-tile into C tiles 0..3 (C[2a + b]: features half a, tokens half b), then the
-    epilogue."""
+    epilogue. `weights`: (where the tiles are, the index there of each panel's K-tile 0)."""
     cs = [(2 * a + b, A0 + a, B0 + b) for a in range(2) for b in range(tiles)]  # (C, its A, its B)
     for c, _, _ in cs:
         e.call("llvm.x86.tilezero", "void", ("i8", str(c)))
-    panel = e(f"mul i64 {pair}, 2")
-    firsts = [e(f"mul i64 {e(f'add i64 {panel}, {a}')}, %ktiles") for a in range(2)]  # each panel's K-tile 0
+    base, firsts = weights
     cols = [e(f"add i64 {t}, {TOKENS * b}") if b else t for b in range(tiles)]
     stride = e("mul i64 %ldq, 4")  # bytes between xq's rows
 
     def step(kt, _):
         for a, first in enumerate(firsts):
             tile = e(f"add i64 {first}, {kt}")
-            at = e(f"getelementptr inbounds i8, ptr %wa, i64 {e(f'mul i64 {tile}, {TILE_BYTES}')}")
+            at = e(f"getelementptr inbounds i8, ptr {base}, i64 {e(f'mul i64 {tile}, {TILE_BYTES}')}")
             e.call("llvm.x86.tileloadd64", "void", ("i8", str(A0 + a)), ("ptr", at), ("i64", "64"))
         row = e(f"mul i64 {kt}, {ROWS}")
         for b, col in enumerate(cols):
@@ -101,6 +126,25 @@ def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch: s
         e.call("llvm.x86.tilestored64", "void", ("i8", str(c)), ("ptr", e.gep(scratch, str(c * ROWS * TOKENS))),
                ("i64", "64"))
     e.loop("0", str(ROWS), 1, [], lambda r, _: _rows_out(e, cfg, pair, t, tiles, scratch, r) or [])
+
+
+def _pair_weights(e: Builder, cfg: AmxConfig, pair: str) -> tuple:
+    """_block's `weights` for a pair of panels: in %wa; or, compressed, expanded once into
+    %work (2 · ktiles KB, the thread's own), which every token tile of the pair then reads."""
+    panel = e(f"mul i64 {pair}, 2")
+    firsts = [e(f"mul i64 {e(f'add i64 {panel}, {a}')}, %ktiles") for a in range(2)]  # each panel's K-tile 0
+    if not cfg.compressed:
+        return "%wa", firsts
+
+    def expand(kt, _):
+        for a, first in enumerate(firsts):
+            here = e(f"add i64 {kt}, {e(f'mul i64 %ktiles, {a}')}")  # K-tile kt of panel a, in %work
+            at = e(f"mul i64 {here}, {TILE_BYTES}")
+            _expanded_tile(e, cfg, e(f"add i64 {first}, {kt}"), e(f"getelementptr inbounds i8, ptr %work, i64 {at}"))
+        return []
+
+    e.loop("0", "%ktiles", 1, [], expand)
+    return "%work", ["0", "%ktiles"]
 
 
 def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch: str, r: str) -> None:
@@ -128,16 +172,17 @@ def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch
 
 
 def _panels(e: Builder, cfg: AmxConfig) -> None:
-    scratch = e(f"alloca [{4 * ROWS * TOKENS} x float], align 64")
+    scratch = e(f"alloca [{4 * ROWS * TOKENS} x float], align 64")  # the 4 C tiles
     e.call("llvm.x86.ldtilecfg", "void", ("ptr", "@amx_config"))
     padded = e(f"and i64 {e(f'add i64 %ntok, {TOKENS - 1}')}, {-TOKENS}")
 
     def pair(p, _):
-        t, _c = e.loop("0", padded, 2 * TOKENS, [], lambda t, _c: _block(e, cfg, p, t, 2, scratch) or [])
+        weights = _pair_weights(e, cfg, p)
+        t, _c = e.loop("0", padded, 2 * TOKENS, [], lambda t, _c: _block(e, cfg, p, t, 2, scratch, weights) or [])
         last, done = e.fresh("last"), e.fresh("done")
         e.cond_br(e(f"icmp slt i64 {t}, {padded}"), last, done)
         e.label(last)
-        _block(e, cfg, p, t, 1, scratch)
+        _block(e, cfg, p, t, 1, scratch, weights)
         e.br(done)
         e.label(done)
         return []
@@ -154,7 +199,7 @@ def amx_ir(cfg: AmxConfig) -> str:
     e.raw(f'@amx_config = private unnamed_addr constant [64 x i8] c"{_tile_config()}", align 64')
     epi = ("float(C - corr[j]) * scale[j] + bias[j]" if cfg.dot == "int8" else "C + bias[j]")
     return e.module(f"; sparsejit generated kernel: AMX dense {cfg.dot} activation={cfg.activation} "
-                    f"residual={cfg.residual}\n"
+                    f"residual={cfg.residual} compressed={cfg.compressed}\n"
                     f"; C[j, t] = sum over K-tiles kt: wa[j / 16, kt] (16 x 64 bytes) . xq[16 kt .. 16 kt + 15, t]"
                     f" ({DOTS[cfg.dot].rsplit('.', 1)[1]})\n"
                     f"; yt[j, t] = act({epi}){' + rt[j, t]' if cfg.residual else ''}")

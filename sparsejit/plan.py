@@ -373,7 +373,7 @@ def _int8_run(impl, x: np.ndarray, residual: np.ndarray | None, xq: np.ndarray |
     """An int8 layer's (or group's) output for x, or, given xq (x's bytes from the
     LayerNorm, hand_layernorm_bytes), for those bytes where its kernel for x reads them."""
     kernel = impl.pick(x) if isinstance(impl, ByTokens) else impl
-    if xq is None or not isinstance(kernel, Int8Chunked):
+    if xq is None or not hasattr(kernel, "from_quantized"):
         return kernel(x, residual)
     return kernel.from_quantized(byte_rows(xq), x.shape[:-1], residual)
 
@@ -508,9 +508,15 @@ LAYERNORM_BYTES = True
 BYTES_SUFFIX = "#int8"  # the bytes' value name: the LayerNorm's output's, and this
 
 
+def _reads_bytes(impl, grid: Grid) -> bool:
+    """Whether an int8 layer's kernels (both, for ByTokens) can run on x's bytes on `grid`."""
+    kernels = (impl.few, impl.many) if isinstance(impl, ByTokens) else (impl,)
+    return all(isinstance(k, (Int8Chunked, Int8Amx)) and k.reads_bytes(grid.floats) for k in kernels)
+
+
 def hand_layernorm_bytes(steps: list[Step]) -> list[Step]:
-    """Steps where each LayerNorm with a grid whose output a static K-chunked int8 layer
-    (or group) reads as x, quantized to that same grid, also stores the bytes that layer's
+    """Steps where each LayerNorm with a grid whose output a static K-chunked or AMX int8
+    layer (or group) reads as x, quantized to that same grid, also stores the bytes that layer's
     kernel reads (layernorm.layernorm_to_bytes: one pass, the byte beside the rounded
     float), as a second output `<output>#int8`; those layers take it as their last input
     and run on it (Int8Chunked.from_quantized) instead of quantizing x. Other readers,
@@ -527,9 +533,7 @@ def hand_layernorm_bytes(steps: list[Step]) -> list[Step]:
         if grid is None or grid.floats is None or len(n.outputs) != 1:
             continue
         takers = [k for k in readers.get(n.outputs[0], [])
-                  if steps[k].node.op_type in ("QLinear", "QLinearGroup")
-                  and isinstance(getattr(steps[k].impl, "few", steps[k].impl), Int8Chunked)
-                  and steps[k].impl.reads_bytes(grid.floats)]
+                  if steps[k].node.op_type in ("QLinear", "QLinearGroup") and _reads_bytes(steps[k].impl, grid)]
         if not takers:
             continue
         q, eps = n.outputs[0] + BYTES_SUFFIX, n.attrs["epsilon"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import MODELS_DIR, make_inputs, ort_run
-from sparsejit.kernels.amx import BF16AmxLinear, has_amx
+from sparsejit.kernels.amx import BF16AmxLinear, can_compress, has_amx
 from sparsejit.kernels.bf16 import (
     BF16DenseLinear,
     BF16SparseLinear,
@@ -61,12 +61,15 @@ def test_rounding_to_bf16_is_numpys_round_to_nearest_even():
 
 KERNELS = {"sparse": lambda w, b, act, res, chunk=None: BF16SparseLinear(w, b, act, res, k_chunk=chunk),
            "dense": lambda w, b, act, res, chunk=None: BF16DenseLinear(w, b, act, res),
-           "amx": lambda w, b, act, res, chunk=None: BF16AmxLinear(w, b, act, res)}
+           "amx": lambda w, b, act, res, chunk=None: BF16AmxLinear(w, b, act, res, compressed=False),
+           "amx-compressed": lambda w, b, act, res, chunk=None: BF16AmxLinear(w, b, act, res, compressed=True)}
 
 
 def _runs(kernel: str) -> None:
-    if kernel == "amx" and not has_amx("bf16"):
+    if kernel.startswith("amx") and not has_amx("bf16"):
         pytest.skip("this CPU has no AMX-BF16 (or Linux did not grant its tiles)")
+    if kernel == "amx-compressed" and not can_compress():
+        pytest.skip("this CPU has no AVX512-VBMI2 to expand compressed tiles")
 
 
 @needs_bf16

@@ -87,7 +87,8 @@ def test_layernorms_hand_their_bytes_to_the_int8_layers_reading_them(form, monke
     (plan.hand_layernorm_bytes), and the QKV group and FFN1 run on them without
     quantizing x: the outputs are those of the model without the handover, bit for bit,
     over padded rows, whole and by token tiles (1100 tokens), which the test above holds
-    to ONNX Runtime. Without VNNI (Int8Linear reads floats) no bytes are made."""
+    to ONNX Runtime; on AMX's kernels too. Without VNNI (Int8Linear reads floats) no bytes
+    are made."""
     from sparsejit.kernels.int8 import has_vnni
 
     from sparsejit import plan
@@ -107,8 +108,17 @@ def test_layernorms_hand_their_bytes_to_the_int8_layers_reading_them(form, monke
         assert len(calls) == 4  # each block's two LayerNorms but the last (the pooler reads it)
         for a, b in zip(got, plain.run(feeds)):
             np.testing.assert_array_equal(a, b)
-    # without VNNI the readers run on Int8Linear, which reads floats: no bytes are made
+    # on AMX's kernels (kernels="dense"), the same bytes read as tiles
     monkeypatch.setattr(plan, "LAYERNORM_BYTES", True)
+    from sparsejit.kernels.amx import has_amx
+
+    if has_amx("int8"):
+        tiles = sparsejit.load(path, kernels="dense")
+        calls.clear()
+        for a, b in zip(tiles.run(feeds), plain.run(feeds)):
+            np.testing.assert_array_equal(a, b)
+        assert len(calls) == 4
+    # without VNNI the readers run on Int8Linear, which reads floats: no bytes are made
     monkeypatch.setattr(plan, "host_dots", lambda: ["pmaddwd", "generic"])
     without = sparsejit.load(path, kernels="sparse")
     calls.clear()

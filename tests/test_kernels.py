@@ -683,21 +683,22 @@ def test_int8_dynamic_quantization_of_nan_or_infinity_is_an_error():
         np.testing.assert_allclose(impl(np.ones((5, 8), np.float32)), impl.reference(np.ones((5, 8), np.float32)))
 
 
-@pytest.mark.parametrize("dot", ["vnni", "vnni-chunked", "vnni-dense", "amx", "pmaddwd", "generic"])
+@pytest.mark.parametrize("dot", ["vnni", "vnni-chunked", "vnni-dense", "amx", "amx-compressed", "pmaddwd", "generic"])
 def test_int8_kernel_exact_against_the_integer_reference(dot):
     """The int8 kernel, with each way of making the dot products (AVX-512 VNNI, AVX2
     vpmaddwd, written out for any CPU), the K-chunked VNNI kernel (int8.Int8Chunked, in
     chunks of 64 inputs), the VNNI dense GEMM (int8.Int8Dense) and the AMX one
     (amx.Int8Amx: inputs padded to K-tiles of 64, outputs to pairs of 16-row tiles,
-    tokens to 16), against the numpy reference: int32 sums exactly,
+    tokens to 16; its weight tiles dense, or compressed and expanded per pair of panels),
+    against the numpy reference: int32 sums exactly,
     then the float epilogue; dynamic and static uint8 and int8 activation quantization;
     1 output, 1 input, all-zero, 4-block and unstructured weights, weights of ±127 and
     -128 next to activations of 255 (where AVX2's vpmaddubsw saturates); 0, 1, 17, 130
     and 200 tokens (whole tiles, every narrower tile, a masked last vector)."""
-    from sparsejit.kernels.amx import Int8Amx, has_amx
+    from sparsejit.kernels.amx import Int8Amx, can_compress, has_amx
     from sparsejit.kernels.int8 import Int8Chunked, Int8Dense, Int8Linear, host_dots, reference_qlinear
 
-    if dot.split("-")[0] not in host_dots() + ["amx"] * has_amx("int8"):
+    if dot.split("-")[0] not in host_dots() + ["amx"] * has_amx("int8") or dot == "amx-compressed" and not can_compress():
         pytest.skip(f"this CPU does not run the {dot} int8 kernel")
     rng = np.random.default_rng(17)
     for k, m, sparsity, block in [(64, 48, 0.9, 1), (96, 40, 0.8, 4), (130, 7, 0.5, 1), (1, 1, 0.0, 1),
@@ -724,7 +725,8 @@ def test_int8_kernel_exact_against_the_integer_reference(dot):
                 for act, res in [("none", False), ("gelu", True)]:
                     args = (w, scale, mode, xs, xz, bias, act, res)
                     impl = Int8Chunked(*args, k_chunk=64) if dot == "vnni-chunked" else Int8Dense(*args) \
-                        if dot == "vnni-dense" else Int8Amx(*args) if dot == "amx" else Int8Linear(*args, dot=dot)
+                        if dot == "vnni-dense" else Int8Amx(*args, compressed=dot == "amx-compressed") \
+                        if dot.startswith("amx") else Int8Linear(*args, dot=dot)
                     want = reference_qlinear(x, r if res else None, weight=w, scale=scale, mode=mode, x_scale=xs,
                                              x_zero_point=xz, bias=bias, activation=act, residual=res)
                     np.testing.assert_array_equal(impl.dense_weight(), w)
@@ -761,6 +763,32 @@ def test_layernorm_stores_the_bytes_its_int8_reader_makes_of_its_output(zero):
                 want[:, :h] = quantize(y.astype(np.float32), np.float32(0.02), zero).astype(np.int16) - lo
                 np.testing.assert_array_equal(xq, want.view(np.int32))
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+def test_amx_int8_layer_runs_on_the_layernorms_bytes():
+    """Int8Amx.from_quantized on layernorm_to_bytes's bytes gives what the layer gives for
+    the LayerNorm's (rounded) output, bit for bit: inputs a multiple of 64 (the bytes read
+    as tiles in place) and not (copied into whole K-tiles first), tokens off 16, none."""
+    from sparsejit.kernels.amx import Int8Amx, has_amx
+    from sparsejit.kernels.int8 import byte_rows
+    from sparsejit.kernels.layernorm import Grid, layernorm_to_bytes
+
+    if not has_amx("int8"):
+        pytest.skip("this CPU has no AMX-INT8")
+    rng = np.random.default_rng(3)
+    zero = np.uint8(120)
+    grid = Grid.of((np.float32(0.02), zero))
+    for h, m in [(128, 48), (40, 20), (768, 33)]:
+        w = rng.integers(-127, 128, (h, m)).astype(np.int8)
+        layer = Int8Amx(w, (rng.random(m) * 0.01).astype(np.float32), "static", np.float32(0.02), zero,
+                        rng.standard_normal(m).astype(np.float32), "gelu", True)
+        assert layer.reads_bytes(grid.floats)
+        for n in (0, 5, 37):
+            xt = feature_major_empty(h, n)
+            xt[:] = rng.standard_normal((h, n))
+            y, xq = layernorm_to_bytes(xt.T, np.ones(h, np.float32), None, 1e-12, grid)
+            r = rng.standard_normal((n, m)).astype(np.float32)
+            np.testing.assert_array_equal(layer.from_quantized(byte_rows(xq), (n,), r), layer(y, r), err_msg=f"{h} {n}")
 
 
 def test_int8_layer_hands_its_output_to_the_next_quantized():
