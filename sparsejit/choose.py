@@ -32,6 +32,9 @@ KERNEL_CHOICES = ("auto", "sparse", "dense")
 PRECISIONS = ("fp32", "bf16")
 # Tokens the kernels are timed over: one sequence of 128, BERT's common case.
 PROBE_TOKENS = 128
+# Rounds of race_layers (two kernels of one layer, e.g. VNNI's and AMX's): on a shared
+# machine the two differed by 10-20% in a model while 9 rounds' medians moved more.
+RACE_ROUNDS = 15
 # Stored-weight density above which "auto" takes the dense kernel without timing: the
 # sparse kernel's rate per nonzero is at most about half the dense GEMM's, so it cannot
 # win there (and timing it on a nearly dense weight held several compressed copies).
@@ -192,7 +195,7 @@ class Chooser:
         if not reused:
             x = self._probe(in_features, tokens)
             r = self._probe(out_features, tokens) if residual else None
-            self.kinds[key] = race({name: (lambda f=f: f()(x, r)) for name, f in layers.items()}, rounds=9)
+            self.kinds[key] = race({name: (lambda f=f: f()(x, r)) for name, f in layers.items()}, rounds=RACE_ROUNDS)
         ms = self.kinds[key]
         return min(ms, key=ms.get), ms, reused
 
