@@ -250,9 +250,26 @@ def _weight(rng, k: int, m: int, sparsity: float, block: int) -> np.ndarray:
     return (rng.standard_normal((k, m)) * np.repeat(keep, block, axis=0)).astype(np.float32)
 
 
+def _best_calls(cases: list, rng, k: int, tokens: int, rounds: int, calls: int) -> dict:
+    """{name: seconds} the best call of each (name, layer) on one thread over `tokens`
+    random inputs, `calls` calls per round, the layers taking turns for `rounds` rounds."""
+    from sparsejit.kernels.layout import feature_major_empty
+
+    xt = feature_major_empty(k, tokens)  # feature-major and on 64-byte lines, as the model hands x over
+    xt[:] = rng.standard_normal((k, tokens))
+    best = {name: np.inf for name, _ in cases}
+    numba.set_num_threads(1)
+    for _ in range(rounds):
+        for name, layer in cases:
+            for _ in range(calls):
+                t = time.perf_counter()
+                layer(xt.T)
+                best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
 def kernels(lanes: int, rounds: int, calls: int) -> list[tuple[str, float]]:
     """[(kernel on a weight, vector products per ns)] on one thread, 128 tokens."""
-    from sparsejit.kernels.layout import feature_major_empty
     from sparsejit.kernels.linear import SparseLinear
 
     rng = np.random.default_rng(0)
@@ -269,17 +286,7 @@ def kernels(lanes: int, rounds: int, calls: int) -> list[tuple[str, float]]:
             scale = np.abs(w).max(axis=0) / 127 + 1e-6
             wq = np.round(w / scale).astype(np.int8)
             cases.append((f"int8 sparse VNNI, {name}", Int8Chunked(wq, scale, "dynamic")))
-    xt = feature_major_empty(k, tokens)  # feature-major and on 64-byte lines, as the model hands x over
-    xt[:] = rng.standard_normal((k, tokens))
-    x = xt.T
-    best = {name: np.inf for name, _ in cases}
-    numba.set_num_threads(1)
-    for _ in range(rounds):
-        for name, layer in cases:
-            for _ in range(calls):
-                t = time.perf_counter()
-                layer(x)
-                best[name] = min(best[name], time.perf_counter() - t)
+    best = _best_calls(cases, rng, k, tokens, rounds, calls)
     vectors = -(-tokens // lanes)
     return [(name, int(layer.indptr[-1]) * (layer.pattern.block if layer.kind == 'sparse' else 1) * vectors / best[name] / 1e9, best[name]) for name, layer in cases]
 
@@ -334,7 +341,6 @@ def tile_kernels(rounds: int, calls: int) -> list[tuple[str, float, float]]:
     """[(AMX kernel, multiply-adds per ns, seconds per call)] on 768→3072, 128 tokens, one
     thread, the best of `calls` calls per round; x quantized or packed in the time."""
     from sparsejit.kernels.amx import BF16AmxLinear, Int8Amx, has_amx
-    from sparsejit.kernels.layout import feature_major_empty
 
     rng = np.random.default_rng(0)
     k, m, tokens = 768, 3072, 128
@@ -343,16 +349,7 @@ def tile_kernels(rounds: int, calls: int) -> list[tuple[str, float, float]]:
         cases.append(("int8 AMX dense", Int8Amx(rng.integers(-127, 128, (k, m)).astype(np.int8), 0.01, "dynamic")))
     if has_amx("bf16"):
         cases.append(("bf16 AMX dense", BF16AmxLinear(_weight(rng, k, m, 0.0, 1), None, "none", False)))
-    xt = feature_major_empty(k, tokens)
-    xt[:] = rng.standard_normal((k, tokens))
-    best = {name: np.inf for name, _ in cases}
-    numba.set_num_threads(1)
-    for _ in range(rounds):
-        for name, layer in cases:
-            for _ in range(calls):
-                t = time.perf_counter()
-                layer(xt.T)
-                best[name] = min(best[name], time.perf_counter() - t)
+    best = _best_calls(cases, rng, k, tokens, rounds, calls)
     return [(name, k * m * tokens / best[name] / 1e9, best[name]) for name, _ in cases]
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from .amx_ir import K_TILE, ROWS, SIGNATURE, AmxConfig, amx_ir
 from .bf16 import DRIVER_SOURCE as BF16_DRIVER_SOURCE
 from .bf16 import PACK_SIGNATURE, from_bf16, pack_ir, to_bf16
-from .compile import compile_ir, host_cpu, load_source, vector_lanes
+from .compile import compile_ir, host_cpu, load_source
 from .int8 import DRIVER_SOURCE as INT8_DRIVER_SOURCE
 from .int8 import _quantize_fns, _Quantized
 from .ir import with_driver
@@ -225,15 +225,10 @@ class Int8Amx(_Amx, _Quantized, DenseLinear):
         return yt.T.reshape(lead + (m,))
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
-        dynamic = self.mode == "dynamic"
-        driver = load_source(INT8_DRIVER_SOURCE)
         xq = x_rows(self.in_features, "int8", xt.shape[1])
-        finite, scale, zero = driver.quantized_input(*self._fns, xt, xq.ctypes.data, xq.strides[0] // 4,
-                                                     vector_lanes(), dynamic, *self._x_quantization(),
-                                                     numba.get_num_threads())
-        if not finite:
+        kbias = self._quantize_into(xt, xq)
+        if kbias is None:
             return False
-        kbias = driver.call_terms(self._kbias, scale, zero, self.scale, self.colsum) if dynamic else self._kbias
         self._tiles_run(xq, kbias, yt, rt)
         return True
 

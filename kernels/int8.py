@@ -324,6 +324,19 @@ class _Quantized:
         """The driver's call; False when a dynamic input's range is not finite."""
         raise NotImplementedError
 
+    def _quantize_into(self, xt: np.ndarray, xq: np.ndarray) -> np.ndarray | None:
+        """xᵀ quantized into xq's 4-block rows (its range first, when dynamic); the
+        epilogue's terms for it ([bias | scale | correction]), None when a dynamic
+        input's range is not finite. For the dense kernels, which take x so quantized."""
+        dynamic = self.mode == "dynamic"
+        driver = load_source(DRIVER_SOURCE)
+        finite, scale, zero = driver.quantized_input(*self._fns, xt, xq.ctypes.data, xq.strides[0] // 4,
+                                                     vector_lanes(), dynamic, *self._x_quantization(),
+                                                     numba.get_num_threads())
+        if not finite:
+            return None
+        return driver.call_terms(self._kbias, scale, zero, self.scale, self.colsum) if dynamic else self._kbias
+
 
 def _quantize_fns() -> tuple:
     """The range (dynamic scales) and quantize-into-4-blocks IR kernels, as ctypes functions."""
@@ -648,15 +661,10 @@ class Int8Dense(_Quantized, DenseLinear):
         return 0.0  # every multiply-add done
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
-        dynamic = self.mode == "dynamic"
-        driver = load_source(DRIVER_SOURCE)
         xq = feature_major_empty(-(-self.in_features // 4), xt.shape[1])
-        finite, scale, zero = driver.quantized_input(*self._fns, xt, xq.ctypes.data, xq.strides[0] // 4,
-                                                     vector_lanes(), dynamic, *self._x_quantization(),
-                                                     numba.get_num_threads())
-        if not finite:
+        kbias = self._quantize_into(xt, xq)
+        if kbias is None:
             return False
-        kbias = driver.call_terms(self._kbias, scale, zero, self.scale, self.colsum) if dynamic else self._kbias
         parts = max(1, min(numba.get_num_threads(), self.weight.shape[0]))
         ntok = xq.shape[1]
         self._driver(self._fn, xq, self.weight, kbias, yt, rt, parts, ntok if ntok <= 128 else self.token_tile)
