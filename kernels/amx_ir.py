@@ -25,6 +25,11 @@ time through the Linear epilogue: int8 as Int8Linear's (lowp_ir.scaled_sums: les
 zero point's correction, times the scale, plus the bias), bf16 plus the bias; then the
 activation and residual (epilogue.py). Stores stop at `ntok` and at `m`.
 
+A weight under half nonzero may be stored compressed (`compressed`): per tile row a bit
+per element, then the row's nonzero elements. Each thread expands a pair of panels once,
+one `vpexpandb` or `vpexpandw` (AVX512-VBMI2, `llvm.masked.expandload`) per tile row, into
+a buffer of its own (`work`, 2 KB per K-tile) that every token tile of the pair then reads.
+
 Inputs are padded to whole K-tiles (zeros in the weight; the activations' padded rows
 must be zero for bf16, where garbage bits times zero could be NaN), tokens to 16 (the
 B tiles read the rows' padding, whose columns are never stored).

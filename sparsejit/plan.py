@@ -59,7 +59,8 @@ class LayerPlan:
     name: str
     node: Node
     pattern: Pattern
-    impl: SparseLinear | DenseLinear | OutputSlice | Int8Linear | Int8Chunked | Int8Dense | Int8OnFloat | Int8Amx
+    impl: SparseLinear | DenseLinear | OutputSlice | Int8Linear | Int8Chunked | Int8Dense | Int8OnFloat | Int8Amx \
+        | ByTokens
     reason: str
     timings_ms: dict = field(default_factory=dict)
     timing_reused: bool = False  # measured on an earlier layer of the same kind
@@ -338,10 +339,11 @@ class _OnBytes:
 
 def _int8_choice(a: dict, chooser: Chooser) -> tuple:
     """(the int8 kernel, why, decided_by, timings in ms) for a QLinear node's attributes:
-    _int8's VNNI kernel, or, where the CPU has AMX, the dense AMX kernel (Int8Amx) where it
-    is clearly faster (AMX_CLEARLY): timed on the first layer of each kind over PROBE_TOKENS tokens, then, while
-    the VNNI kernel still wins, over MANY_TOKENS; a layer AMX wins only with many tokens
-    runs both (ByTokens). `kernels="dense"` takes AMX, `"sparse"` the VNNI kernel, untimed."""
+    _int8's VNNI kernel, or, where the CPU has AMX, the dense AMX kernel (Int8Amx) where
+    it is clearly faster (AMX_CLEARLY). Timed on the first layer of each kind over
+    PROBE_TOKENS tokens, then, while the VNNI kernel still wins, over MANY_TOKENS; a layer
+    AMX wins only with many tokens runs both (ByTokens). `kernels="dense"` takes AMX,
+    `"sparse"` the VNNI kernel, untimed."""
     impl, why = _int8(a)
     if not isinstance(impl, (Int8Chunked, Int8Dense)) or chooser.kernels == "sparse" or not has_amx("int8"):
         return impl, why, "rule", {}
@@ -376,13 +378,13 @@ def _int8_choice(a: dict, chooser: Chooser) -> tuple:
         if ms["amx"] < AMX_CLEARLY * ms["vnni"]:
             at = n
             break
-    timed = (f"measured on {'an earlier layer like it' if reused else 'this layer'}: "
-             + ", ".join(f"{n} tokens VNNI {ms['vnni']:.3f} ms, AMX {ms['amx']:.3f} ms" for n, ms in timings.items()))
+    said = (f"measured on {'an earlier layer like it' if reused else 'this layer'}: "
+            + ", ".join(f"{n} tokens VNNI {ms['vnni']:.3f} ms, AMX {ms['amx']:.3f} ms" for n, ms in timings.items()))
     if at is None:
-        return impl, f"{why}; {timed}", "measured", timings
+        return impl, f"{why}; {said}", "measured", timings
     if at == PROBE_TOKENS:
-        return amx(), f"{tiles}; {timed}", "measured", timings
-    return ByTokens(impl, amx(), at), f"{why} under {at} tokens, {tiles} from {at}; {timed}", "measured", timings
+        return amx(), f"{tiles}; {said}", "measured", timings
+    return ByTokens(impl, amx(), at), f"{why} under {at} tokens, {tiles} from {at}; {said}", "measured", timings
 
 
 def qlinear_step(node: Node, p: Planning) -> Step:
