@@ -32,8 +32,9 @@ KERNEL_CHOICES = ("auto", "sparse", "dense")
 PRECISIONS = ("fp32", "bf16")
 # Tokens the kernels are timed over: one sequence of 128, BERT's common case.
 PROBE_TOKENS = 128
-# Rounds of race_layers (two kernels of one layer, e.g. VNNI's and AMX's): on a shared
-# machine the two differed by 10-20% in a model while 9 rounds' medians moved more.
+# Rounds of race_layers (two kernels of one layer, e.g. VNNI's and AMX's) over
+# PROBE_TOKENS: on a shared machine the two differed by 10-20% in a model while 9
+# rounds' medians moved more. Over more tokens, proportionally fewer, at least 5.
 RACE_ROUNDS = 15
 # Stored-weight density above which "auto" takes the dense kernel without timing: the
 # sparse kernel's rate per nonzero is at most about half the dense GEMM's, so it cannot
@@ -195,7 +196,9 @@ class Chooser:
         if not reused:
             x = self._probe(in_features, tokens)
             r = self._probe(out_features, tokens) if residual else None
-            self.kinds[key] = race({name: (lambda f=f: f()(x, r)) for name, f in layers.items()}, rounds=RACE_ROUNDS)
+            # (longer calls over more tokens vary less, and cost the load more: fewer rounds)
+            rounds = max(5, RACE_ROUNDS * PROBE_TOKENS // max(tokens, PROBE_TOKENS))
+            self.kinds[key] = race({name: (lambda f=f: f()(x, r)) for name, f in layers.items()}, rounds=rounds)
         ms = self.kinds[key]
         return min(ms, key=ms.get), ms, reused
 
