@@ -330,15 +330,15 @@ def test_the_file_may_change_or_go_after_load(tmp_path):
 INT8 = MODELS_DIR / "int8"
 
 
-def fork_and_threads(path: Path, precision: str = "fp32", batch: int = 2, seq: int = 16) -> str:
+def fork_and_threads(path: Path, precision: str = "fp32", batch: int = 2, seq: int = 16, kernels: str = "auto") -> str:
     return (FORK_AND_THREADS.replace("MODEL_PATH", repr(str(path))).replace("PRECISION", repr(precision))
-            .replace("BATCH", str(batch)).replace("SEQ", str(seq)))
+            .replace("BATCH", str(batch)).replace("SEQ", str(seq)).replace("KERNELS", repr(kernels)))
 
 
 FORK_AND_THREADS = """
     import os, threading, numpy as np, numba, sparsejit
     from conftest import make_inputs
-    model = sparsejit.load(MODEL_PATH, num_threads=2, precision=PRECISION)
+    model = sparsejit.load(MODEL_PATH, num_threads=2, precision=PRECISION, kernels=KERNELS)
     feeds = make_inputs(model.input_names, BATCH, SEQ)
     model.run(feeds)
     first = model.run(feeds)[0]
@@ -386,6 +386,25 @@ def test_fork_and_concurrent_runs_in_bf16(tmp_path):
         pytest.skip("this CPU has no AVX512-BF16")
     out = run_python(fork_and_threads(MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx", "bf16"))
     assert out.stdout.split()[-1] == "tbb" or "tbb" not in _installed()
+
+
+@pytest.mark.parametrize("which", ["int8", "bf16"])
+def test_fork_and_concurrent_runs_on_amx_tiles(which):
+    """Every layer on AMX's tiles (kernels="dense"): a forked child runs the model (the tile
+    permission Linux granted the parent is inherited), four threads run it at once (each
+    loads its own tile configuration), and a batch of one token and one of 130 run."""
+    from sparsejit.kernels.amx import has_amx
+
+    if not has_amx(which):
+        pytest.skip(f"this CPU has no AMX-{which.upper()}")
+    path = INT8 / "bert_block4_p90_int8_sparseml.onnx" if which == "int8" else \
+        MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx"
+    code = fork_and_threads(path, "bf16" if which == "bf16" else "fp32", kernels="dense") + """
+    for batch, seq in [(1, 1), (1, 128), (3, 5)]:
+        out = model.run(make_inputs(model.input_names, batch, seq))[0]
+        assert out.shape[:2] == (batch, seq) and np.isfinite(out).all()
+    """
+    run_python(code)  # (a SIGILL, abort or failed assert is a non-zero exit)
 
 
 @pytest.mark.parametrize("which", ["fp32", "static int8"])
