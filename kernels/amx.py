@@ -123,9 +123,9 @@ def expanded_tiles(values: np.ndarray, masks: np.ndarray, shape: tuple, dtype) -
     return tiles
 
 
-# Weights stored in under this fraction of nonzeros are kept compressed (amx_ir's
-# `compressed`): a dense tile streams 1 KB per 16 × 64 products from memory, more than the
-# products take; at 10% nonzeros the compressed tile is 16% of that.
+# Weights with under this fraction of nonzeros are kept compressed (amx_ir's
+# `compressed`: a bit per element and the nonzeros, fewer bytes to stream than the dense
+# tiles' byte per element; no slower in the model: bench/README.md, ninth session).
 COMPRESS_BELOW = 0.5
 
 

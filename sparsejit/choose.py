@@ -33,8 +33,8 @@ PRECISIONS = ("fp32", "bf16")
 # Tokens the kernels are timed over: one sequence of 128, BERT's common case.
 PROBE_TOKENS = 128
 # Rounds of race_layers (two kernels of one layer, e.g. VNNI's and AMX's) over
-# PROBE_TOKENS: on a shared machine the two differed by 10-20% in a model while 9
-# rounds' medians moved more. Over more tokens, proportionally fewer, at least 5.
+# PROBE_TOKENS: more than race's usual 9, the two being close (bench/README.md, ninth
+# session). Over more tokens, proportionally fewer, at least 5: longer calls vary less.
 RACE_ROUNDS = 15
 # Stored-weight density above which "auto" takes the dense kernel without timing: the
 # sparse kernel's rate per nonzero is at most about half the dense GEMM's, so it cannot

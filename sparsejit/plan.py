@@ -316,8 +316,8 @@ def _int8(a: dict) -> tuple[Int8Linear | Int8Chunked | Int8Dense | Int8OnFloat, 
 # layer runs the VNNI kernel under the first count at which AMX won, AMX's from it.
 MANY_TOKENS = (384, 1024)
 # ... and AMX is taken where its time is under this fraction of the VNNI kernel's: closer
-# than that is within the timing's noise (on a shared machine AMX's speed moved 2x within
-# minutes), and the VNNI kernel keeps its handovers (the LayerNorm's bytes, FFN1's output).
+# than that is within the timing's noise (bench/README.md, ninth session), and the VNNI
+# kernel keeps FFN1's handover to FFN2.
 AMX_CLEARLY = 0.9
 
 
