@@ -173,7 +173,8 @@ class _Amx:
     def _tiles_run(self, xq: np.ndarray, bias: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         pairs, ktiles = self._shape[0] // 2, self._shape[1]
         parts = max(1, min(numba.get_num_threads(), pairs))
-        # (compressed: each thread's pair of panels expanded, 2 KB per K-tile, on 64-byte lines)
+        # (compressed: each thread's pair of panels expanded, 2 KB per K-tile, on 64-byte lines;
+        # made per call, as two Python threads may run the layer at once)
         work = aligned_empty((parts, 2 * ktiles * 1024 if self.config.compressed else 64), np.uint8)
         self._driver(self._fn, xq, self._arrays[0], bias, yt, rt, parts, AMX_TOKEN_TILE, pairs, ktiles,
                      *self._arrays[1:], work)
@@ -203,11 +204,6 @@ class Int8Amx(_Amx, _Quantized, DenseLinear):
 
     def skipped(self, start: int = 0, stop: int | None = None) -> float:
         return 0.0  # every multiply-add done
-
-    def reads_bytes(self, grid: np.ndarray) -> bool:
-        """Whether x quantized to `grid` (layernorm.Grid's floats) is what this layer
-        reads, so that `from_quantized` can take those bytes (Int8Chunked.reads_bytes)."""
-        return self.mode == "static" and (np.float32(self.x_scale), self._zero, self._lo) == tuple(grid[:3])
 
     def from_quantized(self, xq: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
         """y for x given as its bytes, xq [in/4, tokens] of i32 (token stride 1, rows padded

@@ -66,7 +66,7 @@ class AmxConfig:
     activation: str = "none"   # a key of epilogue.ACTIVATIONS
     residual: bool = False
     # the weight tiles stored compressed (see _expanded_tile): a bit per element, then the
-    # nonzero elements, expanded into an L1 buffer per K-step (AVX512-VBMI2's vpexpandb/w)
+    # nonzero elements, expanded once per pair of panels into %work (AVX512-VBMI2's vpexpandb/w)
     compressed: bool = False
 
 

@@ -324,6 +324,12 @@ class _Quantized:
         """The driver's call; False when a dynamic input's range is not finite."""
         raise NotImplementedError
 
+    def reads_bytes(self, grid: np.ndarray) -> bool:
+        """Whether x quantized to `grid` ([scale, zero point, lowest, highest] as float32,
+        layernorm.Grid's) is what this layer quantizes x to: a static layer on that grid,
+        whose `from_quantized` (Int8Chunked's, Int8Amx's) can then take x's bytes."""
+        return self.mode == "static" and (np.float32(self.x_scale), self._zero, self._lo) == tuple(grid[:3])
+
     def _quantize_into(self, xt: np.ndarray, xq: np.ndarray) -> np.ndarray | None:
         """xᵀ quantized into xq's 4-block rows (its range first, when dynamic); the
         epilogue's terms for it ([bias | scale | correction]), None when a dynamic
@@ -571,12 +577,6 @@ class Int8Chunked(_Quantized, SparseLinear):
         kernel reads: both static K-chunked VNNI layers, no residual here."""
         return (isinstance(nxt, Int8Chunked) and self.mode == "static" and nxt.mode == "static"
                 and not self.residual and nxt.in_features == self.out_features)
-
-    def reads_bytes(self, grid: np.ndarray) -> bool:
-        """Whether x quantized to `grid` ([scale, zero point, lowest, highest] as float32,
-        layernorm.Grid's) is what this layer's kernel reads: a static layer quantizing x
-        to that grid, so that `from_quantized` can take its bytes."""
-        return self.mode == "static" and (np.float32(self.x_scale), self._zero, self._lo) == tuple(grid[:3])
 
     def quantized_for(self, x: np.ndarray, nxt: Int8Chunked, given: np.ndarray | None = None) -> np.ndarray:
         """This layer's output for x [..., in], quantized as `nxt` quantizes its x, in the
