@@ -98,7 +98,7 @@ def test_layernorms_hand_their_bytes_to_the_int8_layers_reading_them(form, monke
     path = INT8 / f"bert_block4_p90_int8_{form}.onnx"
     calls, to_bytes = [], plan.layernorm_to_bytes
     monkeypatch.setattr(plan, "layernorm_to_bytes", lambda *a: calls.append(1) or to_bytes(*a))
-    handing = sparsejit.load(path, kernels="sparse")  # (VNNI kernels, never AMX's, which read x)
+    handing = sparsejit.load(path, kernels="sparse")  # (VNNI's kernels here, AMX's below)
     monkeypatch.setattr(plan, "LAYERNORM_BYTES", False)
     plain = sparsejit.load(path, kernels="sparse")
     for batch, seq in [(2, 37), (10, 110)]:
