@@ -70,7 +70,7 @@ class AmxConfig:
     compressed: bool = False
 
 
-def _tile_config() -> str:
+def tile_config() -> str:
     """The 64-byte tile configuration: palette 1, tiles 0..7 each 16 rows × 64 bytes."""
     cfg = bytearray(64)
     cfg[0] = 1
@@ -201,7 +201,7 @@ def amx_ir(cfg: AmxConfig) -> str:
         raise ValueError(f"no AMX kernel for {cfg}")
     e = Builder(16)
     e.function(SIGNATURE, lambda: _panels(e, cfg))
-    e.raw(f'@amx_config = private unnamed_addr constant [64 x i8] c"{_tile_config()}", align 64')
+    e.raw(f'@amx_config = private unnamed_addr constant [64 x i8] c"{tile_config()}", align 64')
     epi = ("float(C - corr[j]) * scale[j] + bias[j]" if cfg.dot == "int8" else "C + bias[j]")
     return e.module(f"; sparsejit generated kernel: AMX dense {cfg.dot} activation={cfg.activation} "
                     f"residual={cfg.residual} compressed={cfg.compressed}\n"

@@ -79,7 +79,7 @@ def run_heads(fn, qt, kt, vt, mask, ot, scale, width, packed):
     for bh in prange(n_batch * n_head):
         b = bh // n_head
         h = bh % n_head
-        s = np.empty(tk * width + 16, np.float32)  # the scratch, from its first 64-byte line
+        s = np.empty((tk + 15) // 16 * 16 * width + 16, np.float32)  # the scratch (whole AMX tiles of keys)
         s_at = s.ctypes.data + (64 - s.ctypes.data % 64) % 64
         pk = np.empty(packed + 16, np.float32)  # bf16: q, k and v packed (attention_ir._packed)
         pk_at = pk.ctypes.data + (64 - pk.ctypes.data % 64) % 64
@@ -99,9 +99,18 @@ ATTENTION_GROUP = {16: 8, 8: 4}
 
 
 def attention_config(mask_per_query: bool, nan_guard: bool = False, lanes: int | None = None,
-                     bf16: bool = False) -> AttentionConfig:
+                     bf16: bool = False, amx: bool = False) -> AttentionConfig:
     lanes = lanes or vector_lanes()
-    return AttentionConfig(mask_per_query, lanes, group=ATTENTION_GROUP[lanes], nan_guard=nan_guard, bf16=bf16)
+    return AttentionConfig(mask_per_query, lanes, group=ATTENTION_GROUP[lanes], nan_guard=nan_guard, bf16=bf16,
+                           amx=amx)
+
+
+def amx_fits(head_size: int) -> bool:
+    """Whether bf16 attention runs its products on AMX's tiles: the CPU has AMX-BF16 (and
+    the process may use it), and the head size is whole tile rows of bfloat16 (32)."""
+    from .amx import has_amx
+
+    return head_size % 32 == 0 and vector_lanes() == 16 and has_amx("bf16")
 
 
 @functools.cache
@@ -110,16 +119,18 @@ def _compiled(cfg: AttentionConfig):
 
 
 @functools.cache
-def _kernel(mask_per_query: bool, nan_guard: bool, lanes: int, bf16: bool = False):
+def _kernel(mask_per_query: bool, nan_guard: bool, lanes: int, bf16: bool = False, amx: bool = False):
     """(config, IR function, Numba driver), looked up once per mask layout, NaN guard,
-    vector width and precision, not built and hashed on every call."""
-    cfg = attention_config(mask_per_query, nan_guard, lanes, bf16)
+    vector width, precision and product unit, not built and hashed on every call."""
+    cfg = attention_config(mask_per_query, nan_guard, lanes, bf16, amx)
     return cfg, _compiled(cfg), load_source(HEADS_DRIVER_SOURCE).run_heads
 
 
-def kernel_source(mask_per_query: bool = False, nan_guard: bool = False, bf16: bool = False) -> str:
+def kernel_source(mask_per_query: bool = False, nan_guard: bool = False, bf16: bool = False,
+                  amx: bool = False) -> str:
     """What runs: the IR for one head, then the Numba driver over (batch, head) pairs."""
-    return with_driver(attention_ir(attention_config(mask_per_query, nan_guard, bf16=bf16)), HEADS_DRIVER_SOURCE)
+    return with_driver(attention_ir(attention_config(mask_per_query, nan_guard, bf16=bf16, amx=amx)),
+                       HEADS_DRIVER_SOURCE)
 
 
 def _unit_last(a: np.ndarray) -> np.ndarray:
@@ -172,9 +183,11 @@ def _kernel_mask(mask4: np.ndarray, tk: int) -> np.ndarray:
 
 def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarray | PreparedMask | None = None,
                     scale: np.ndarray | None = None, scale_op: str = "none", axis: int | None = None,
-                    opset: int = 13, nan_guard: bool = False, bf16: bool = False) -> np.ndarray:
+                    opset: int = 13, nan_guard: bool = False, bf16: bool = False,
+                    amx: bool = True) -> np.ndarray:
     """The kernel where it applies, else the reference (same arguments, same result).
-    `bf16`: the products in bfloat16 (AVX512-BF16; the model's precision="bf16")."""
+    `bf16`: the products in bfloat16 (the model's precision="bf16"), on AMX's tiles where
+    `amx_fits` (unless `amx` is False), else AVX512-BF16's `vdpbf16ps`."""
     prepared = mask if isinstance(mask, PreparedMask) else None
     if prepared is not None:
         mask = prepared.mask
@@ -204,7 +217,8 @@ def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarr
     # Splitting the two axes is a view, never a copy.
     ot = feature_major_empty(n_head * v.shape[3], n_batch * tq).reshape(n_head, v.shape[3], n_batch, tq)
     ot = ot.transpose(2, 0, 1, 3)
-    cfg, fn, run_heads = _kernel(per_query, bool(nan_guard), vector_lanes(), bf16)
+    amx = bf16 and amx and amx_fits(q.shape[3])
+    cfg, fn, run_heads = _kernel(per_query, bool(nan_guard), vector_lanes(), bf16, amx)
     run_heads(fn, qt, kt, vt, mask_t, ot, np.float32(mul), cfg.lanes * cfg.qvec, _packed_size(cfg, qt.shape[2], tq, tk))
     return ot.transpose(0, 1, 3, 2)
 
@@ -213,5 +227,6 @@ def _packed_size(cfg: AttentionConfig, d: int, tq: int, tk: int) -> int:
     """Floats of the bf16 kernel's packed operands for one head (attention_ir._packed)."""
     if not cfg.bf16:
         return 0
-    whole = lambda n: -(-n // cfg.lanes) * cfg.lanes
-    return -(-d // 2) * (whole(tq) + whole(tk)) + d * whole(-(-tk // 2))
+    whole = lambda n, to=cfg.lanes: -(-n // to) * to
+    keys_by_row = whole(tk, 16) * -(-d // 2) if cfg.amx else 0  # attention_ir._keys_by_row
+    return -(-d // 2) * (whole(tq) + whole(tk)) + d * whole(-(-tk // 2)) + keys_by_row

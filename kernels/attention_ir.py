@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .amx_ir import ROWS, tile_config
 from .epilogue import exp as _exp
 from .ir import Builder, Signature
 from .lowp_ir import bf16_dot, bf16_pairs, pack_pair_rows
@@ -47,6 +48,9 @@ class AttentionConfig:
     # head features and v into bfloat16 rows in the scratch pk, the probabilities into pairs of
     # keys in s; scores, sums and outputs stay float32 (see _packed)
     bf16: bool = False
+    # with bf16, both products on AMX's tiles (`tdpbf16ps`; _tile_scores, _tile_output), for
+    # head sizes of whole tile rows (32 bfloat16)
+    amx: bool = False
 
 
 ZERO = "zeroinitializer"
@@ -216,24 +220,157 @@ def _packed(e: Builder) -> None:
     e.loop("0", "%d", 1, [], lambda row, _: e.tiles("0", "%tk2", L, lambda t2: v_pairs(row, t2)) or [])
 
 
+# AMX's tiles (cfg.amx): tmm0, tmm1 the sums of the query tile's two halves, tmm4 the
+# keys' (or v's) tile, tmm6, tmm7 the queries' (or the probabilities') tiles of each half
+TILE_C, TILE_A, TILE_B = 0, 4, 6
+
+
+def _keys_by_row(e: Builder) -> None:
+    """AMX: the keys' pairs as rows, ka [tk16, d2] (tk16 = tk rounded up to 16: key j's
+    pairs of head features, in order; 0 past the last key), the A operand of the scores'
+    tiles: kp transposed by gathers of 16 pairs. After vp in pk."""
+    L = e.lanes
+    e(f"and i64 {e(f'add i64 %tk, {ROWS - 1}')}, {-ROWS}", "%tk16")
+    e(f"getelementptr inbounds float, ptr %vp, i64 {e('mul i64 %d, %ldvp')}", "%ka")
+    iv = f"<{L} x i64>"
+    iota = f"<{', '.join(f'i64 {i}' for i in range(L))}>"
+    ones = f"<{', '.join(['i1 true'] * L)}>"
+
+    def key(j, _):
+        def pairs(h, _c):
+            rows = e(f"mul {iv} {e(f'add {iv} {e.splat_i64(h)}, {iota}')}, {e.splat_i64('%ldkp')}")
+            at = e(f"getelementptr inbounds i32, ptr %kp, {iv} {e(f'add {iv} {rows}, {e.splat_i64(j)}')}")
+            got = e.call(f"llvm.masked.gather.v{L}i32.v{L}p0", f"<{L} x i32>", (f"<{L} x ptr>", at), ("i32", "4"),
+                         (f"<{L} x i1>", ones), (f"<{L} x i32>", "poison"))
+            e.raw(f"  store <{L} x i32> {got}, ptr {e.gep('%ka', e.offset(j, '%d2', h), 'i32')}, align 4")
+            return []
+        e.loop("0", "%d2", L, [], pairs)
+        return []
+
+    e.loop("0", "%tk16", 1, [], key)
+
+
+def _tile_products(e: Builder, a: str, lda: str, b: str, ldb: str, steps: str) -> None:
+    """tmm0, tmm1 = Σ over `steps` K-tiles: A (16 rows of 64 bytes from a, row stride lda
+    bytes, on by 64 bytes a step) · B (16 rows from b and from b + 64 bytes, stride ldb
+    bytes, on by 16 rows a step)."""
+    for c in range(2):
+        e.call("llvm.x86.tilezero", "void", ("i8", str(TILE_C + c)))
+
+    def step(k, _):
+        at = e(f"getelementptr inbounds i8, ptr {a}, i64 {e(f'mul i64 {k}, 64')}")
+        e.call("llvm.x86.tileloadd64", "void", ("i8", str(TILE_A)), ("ptr", at), ("i64", lda))
+        krow = e(f"mul i64 {k}, {ROWS}")
+        row = e(f"getelementptr inbounds i8, ptr {b}, i64 {e(f'mul i64 {krow}, {ldb}')}")
+        for c in range(2):
+            at = e(f"getelementptr inbounds i8, ptr {row}, i64 {64 * c}")
+            e.call("llvm.x86.tileloadd64", "void", ("i8", str(TILE_B + c)), ("ptr", at), ("i64", ldb))
+        for c in range(2):
+            e.call("llvm.x86.tdpbf16ps", "void", ("i8", str(TILE_C + c)), ("i8", str(TILE_A)), ("i8", str(TILE_B + c)))
+        return []
+
+    e.loop("0", steps, 1, [], step)
+
+
+def _tile_scores(e: Builder, cfg: AttentionConfig, i0: str, masks: list[str]) -> list[str]:
+    """Stage 1 on AMX: the scores of 16 keys × the tile's 32 queries from ka's rows and
+    qp's pair rows into tmm0, tmm1, stored to the scratch rows [key, query]; then each
+    key's row · scale + mask, and the running max."""
+    vt, W = e.vt, cfg.lanes * cfg.qvec
+    qp = e.gep("%qp", i0)
+    ldq, lda = e("mul i64 %ldqp, 4"), e("mul i64 %d2, 4")
+    steps = e(f"sdiv i64 %d2, {ROWS}")
+
+    def block(j0, _):
+        _tile_products(e, e.gep("%ka", e.offset(j0, "%d2", "0"), "i32"), lda, qp, ldq, steps)
+        for c in range(2):
+            e.call("llvm.x86.tilestored64", "void", ("i8", str(TILE_C + c)),
+                   ("ptr", e.gep("%s", e(f"add i64 {e(f'mul i64 {j0}, {W}')}, {cfg.lanes * c}"))), ("i64", str(4 * W)))
+        return []
+
+    e.loop("0", "%tk16", ROWS, [], block)
+
+    def key(j, maxes):
+        srow = e(f"mul i64 {j}, {W}")
+        out = []
+        for v, mask in enumerate(_mask_vectors(e, cfg, j, i0, masks)):
+            s = e.fma(e.vload(e.vptr("%s", srow, v), None), e.splat("%scale"), mask)
+            e.vstore(s, e.vptr("%s", srow, v), None)
+            out.append(e.vcall("maximum", maxes[v], s))
+        return out
+
+    return e.loop("0", "%tk", 1, [(vt, e.const(float("-inf")))] * cfg.qvec, key)[1]
+
+
+def _tile_output(e: Builder, cfg: AttentionConfig, i0: str, masks: list[str], scales: list[str],
+                 dead: list[str]) -> None:
+    """Stage 3 on AMX: oᵀ for 16 head features × the tile's 32 queries, Σ over 32 keys a
+    step of vp's rows (bfloat16 keys) · the scratch's pair rows of probabilities, stored
+    through a 2 KB buffer (%obuf), · 1/sum into oᵀ. The scratch's pair rows past the last pair,
+    up to a whole tile, are zeroed first (garbage bits × 0 could be NaN)."""
+    vt, L, W = e.vt, cfg.lanes, cfg.lanes * cfg.qvec
+    pad = e(f"and i64 {e(f'add i64 %tk2, {ROWS - 1}')}, {-ROWS}")
+
+    def zero(jp, _):
+        for v in range(cfg.qvec):
+            e.vstore(ZERO, e.vptr("%s", e(f"mul i64 {jp}, {W}"), v), None)
+        return []
+
+    e.loop("%tk2", pad, 1, [], zero)
+    out = "%obuf"
+    ldv, ldp = e("mul i64 %ldvp, 4"), str(4 * W)
+    steps = e(f"sdiv i64 {pad}, {ROWS}")
+
+    def block(f0, _):
+        _tile_products(e, e.gep("%vp", e.offset(f0, "%ldvp", "0")), ldv, "%s", ldp, steps)
+        for c in range(2):
+            e.call("llvm.x86.tilestored64", "void", ("i8", str(TILE_C + c)), ("ptr", e.gep(out, str(c * ROWS * L))),
+                   ("i64", "64"))
+
+        def row(r, _):
+            ooff = e.offset(e(f"add i64 {f0}, {r}"), "%ldo", i0)
+            for v in range(cfg.qvec):
+                at = e(f"add i64 {e(f'mul i64 {r}, {L}')}, {v * ROWS * L}")
+                o = e(f"fmul {vt} {e.vload(e.gep(out, at), None)}, {scales[v]}")
+                if not cfg.nan_guard:
+                    o = e(f"select <{L} x i1> {dead[v]}, {vt} {e.const(float('nan'))}, {vt} {o}")
+                e.vstore(o, e.vptr("%ot", ooff, v), masks[v])
+            return []
+
+        e.loop("0", str(ROWS), 1, [], row)
+        return []
+
+    e.loop("0", "%d", ROWS, [], block)
+
+
 def _head(e: Builder, cfg: AttentionConfig) -> None:
     if cfg.bf16:
         _packed(e)
+    if cfg.amx:
+        _keys_by_row(e)
+        e(f"alloca [{2 * ROWS * cfg.lanes} x float], align 64", "%obuf")  # _tile_output's C tiles
+        e.call("llvm.x86.ldtilecfg", "void", ("ptr", "@amx_config"))
 
     def tile(i0):  # query tiles, the last one maybe partly masked
         masks = e.lane_masks(i0, cfg.qvec, "%tq")
-        maxes = _scores(e, cfg, i0, masks)
+        maxes = (_tile_scores if cfg.amx else _scores)(e, cfg, i0, masks)
         scales, dead = _softmax(e, cfg, maxes)
-        _output(e, cfg, i0, masks, scales, dead)
+        (_tile_output if cfg.amx else _output)(e, cfg, i0, masks, scales, dead)
 
     e.tiles("0", "%tq", cfg.lanes * cfg.qvec, tile)
+    if cfg.amx:
+        e.call("llvm.x86.tilerelease", "void")
 
 
 def attention_ir(cfg: AttentionConfig) -> str:
+    if cfg.amx and not (cfg.bf16 and cfg.lanes == 16 and cfg.qvec == 2):
+        raise ValueError(f"no AMX attention kernel for {cfg}")
     e = Builder(cfg.lanes)
     e.function(SIGNATURE, lambda: _head(e, cfg))
+    if cfg.amx:
+        e.raw(f'@amx_config = private unnamed_addr constant [64 x i8] c"{tile_config()}", align 64')
     header = (f"; sparsejit generated kernel: attention for one (batch, head), feature-major, "
               f"mask_per_query={cfg.mask_per_query} lanes={cfg.lanes} qvec={cfg.qvec} group={cfg.group} "
-              f"nan_guard={cfg.nan_guard}{' bf16' if cfg.bf16 else ''}\n"
+              f"nan_guard={cfg.nan_guard}{' bf16' if cfg.bf16 else ''}{' amx' if cfg.amx else ''}\n"
               "; ot[e, i] = sum_j vt[e, j] * softmax_j(scale * sum_e' qt[e', i] * kt[e', j] + mask[j(, i)])")
     return e.module(header)
