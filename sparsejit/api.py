@@ -248,6 +248,7 @@ class Model:
         """The generated source of one layer's kernel (by index or node name), or of the
         attention kernel for `layer="attention"`."""
         if layer == "attention":
+            from .kernels.attention import amx_fits
             from .kernels.attention import kernel_source as attention_source
 
             node = next((n for n in self.graph.nodes if n.op_type == "AttentionCore"), None)
@@ -255,8 +256,10 @@ class Model:
                 raise KeyError("the model has no fused AttentionCore node")
             # The variant for a mask that varies by query, as exported BERT masks do
             # ([batch, 1, seq, seq]); a [batch, 1, 1, seq] mask runs the per-key variant.
-            return attention_source(mask_per_query=True, nan_guard=node.attrs["nan_guard"],
-                                    bf16=self.precision == "bf16")
+            bf16 = self.precision == "bf16"
+            amx = bf16 and amx_fits(64)
+            note = "# bf16 on AMX tiles for head sizes of whole tile rows (32 bfloat16), else vdpbf16ps\n" if amx else ""
+            return note + attention_source(mask_per_query=True, nan_guard=node.attrs["nan_guard"], bf16=bf16, amx=amx)
         found = self.layers[layer] if isinstance(layer, int) else next(
             (lp for lp in self.layers if lp.name == layer), None)
         if found is None:

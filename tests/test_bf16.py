@@ -178,17 +178,27 @@ def test_an_unknown_precision_is_refused_by_name():
 
 
 @needs_bf16
+@pytest.mark.parametrize("unit", ["vdpbf16ps", "amx"])
 @pytest.mark.parametrize("nan_guard", [False, True])
-def test_bf16_attention_is_its_numpy_meaning(nan_guard):
+def test_bf16_attention_is_its_numpy_meaning(nan_guard, unit, monkeypatch):
     """The attention kernel with bfloat16 products against reference_bf16_attention, within
     its bound; odd head sizes and key counts (pairs padded with zeros), queries off the
     vector width, masks per key and per query, a query with every key masked (NaN, or 0
-    under the guard, where the float32 kernel gives them)."""
-    from sparsejit.kernels.attention import fused_attention, reference_bf16_attention
+    under the guard, where the float32 kernel gives them). On AMX's tiles (`unit` "amx")
+    for the head sizes of whole tile rows (32, 64, 96), with key counts off the 16-key
+    tiles and the 32-key steps; the other head sizes run vdpbf16ps there too."""
+    from sparsejit.kernels import attention
+    from sparsejit.kernels.attention import amx_fits, fused_attention, reference_bf16_attention
 
+    if unit == "amx" and not amx_fits(32):
+        pytest.skip("this CPU has no AMX-BF16")
+    ran = []  # whether each call's kernel was the AMX one
+    kernel = attention._kernel
+    monkeypatch.setattr(attention, "_kernel", lambda *a: ran.append(a[4]) or kernel(*a))
     rng = np.random.default_rng(5)
     for b, h, tq, tk, d, per_query in [(1, 1, 1, 1, 1, False), (1, 2, 7, 7, 8, False), (2, 3, 20, 21, 64, True),
-                                       (1, 2, 33, 17, 5, True), (2, 1, 130, 129, 63, True)]:
+                                       (1, 2, 33, 17, 5, True), (2, 1, 130, 129, 63, True), (1, 1, 1, 1, 32, False),
+                                       (1, 2, 33, 17, 32, True), (2, 1, 130, 129, 96, True), (1, 3, 16, 48, 64, False)]:
         q = rng.standard_normal((b, h, tq, d)).astype(np.float32)
         kt = rng.standard_normal((b, h, d, tk)).astype(np.float32)
         v = rng.standard_normal((b, h, tk, d)).astype(np.float32)
@@ -197,7 +207,8 @@ def test_bf16_attention_is_its_numpy_meaning(nan_guard):
         if per_query and tq > 2:
             mask[0, 0, 1, :] = -np.inf  # a query with every key masked
         scale = np.float32(1 / np.sqrt(d))
-        got = fused_attention(q, kt, v, mask, scale, "mul", nan_guard=nan_guard, bf16=True)
+        got = fused_attention(q, kt, v, mask, scale, "mul", nan_guard=nan_guard, bf16=True, amx=unit == "amx")
+        assert ran.pop() == (unit == "amx" and d % 32 == 0)
         f32 = fused_attention(q, kt, v, mask, scale, "mul", nan_guard=nan_guard)
         assert np.array_equal(np.isnan(got), np.isnan(f32)) and got.shape == f32.shape
         want, bound = reference_bf16_attention(q, kt, v, mask, scale)
