@@ -27,7 +27,6 @@ import numpy as np
 
 from .compile import compile_ir, host_cpu, load_source
 from .compress import analyse
-from .dense_ir import SIGNATURE as DENSE_SIGNATURE
 from .dense_ir import DenseConfig, dense_ir
 from .ir import Builder, Signature, with_driver
 from .layout import feature_major_empty
@@ -195,7 +194,7 @@ class BF16DenseLinear(DenseLinear):
         self.weight = np.ascontiguousarray(packed.reshape(pairs, panels, rows).transpose(1, 0, 2)).view(np.float32)
         self.bias = _bias(bias, m)
         self.activation, self.residual = activation, residual
-        self._fn = DENSE_SIGNATURE.ctypes()(compile_ir(dense_ir(self.config), DENSE_SIGNATURE.name))
+        self._compile()
         self._pack = PACK_SIGNATURE.ctypes()(compile_ir(pack_ir(), PACK_SIGNATURE.name))
         self._driver = load_source(DENSE_DRIVER_SOURCE).run_panels
         width = self.config.lanes * self.config.vectors

@@ -17,6 +17,7 @@ epilogues (epilogue.py).
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numba
 import numpy as np
@@ -196,10 +197,18 @@ class DenseLinear(_FeatureMajorLinear):
         self.weight = np.ascontiguousarray(padded.reshape(k, panels, rows).transpose(1, 0, 2))
         self.bias = _bias(bias, m)
         self.activation, self.residual = activation, residual
-        self._fn = DENSE_SIGNATURE.ctypes()(compile_ir(dense_ir(self.config), DENSE_SIGNATURE.name))
+        self._compile()
         self._driver = load_source(DENSE_DRIVER_SOURCE).run_panels
         width = self.config.lanes * self.config.vectors
         self.token_tile = -(-DENSE_TOKEN_TILE // width) * width
+
+    def _compile(self) -> None:
+        """The kernel for self.config, and for one vector of tokens or fewer (a pooler or a
+        classifier head on a batch's first tokens) the same panels with one token vector
+        per register tile: the full tile would multiply every weight by `vectors` times as
+        many tokens, nearly all of them padding."""
+        self._fn, self._few = (DENSE_SIGNATURE.ctypes()(compile_ir(dense_ir(cfg), DENSE_SIGNATURE.name))
+                               for cfg in (self.config, replace(self.config, vectors=1)))
 
     def dense_weight(self) -> np.ndarray:
         """W [in, out] as the kernel holds it, unpacked."""
@@ -216,7 +225,8 @@ class DenseLinear(_FeatureMajorLinear):
         # AVX2): every panel re-reads xᵀ, and that many tokens of it stay in L2 where 1024 do
         # not; whole tiles, so that only the last one is masked.
         ntok = xt.shape[1]
-        self._driver(self._fn, xt, self.weight, self.bias, yt, rt, parts, ntok if ntok <= 128 else self.token_tile)
+        fn = self._few if ntok <= self.config.lanes else self._fn
+        self._driver(fn, xt, self.weight, self.bias, yt, rt, parts, ntok if ntok <= 128 else self.token_tile)
 
 
 class SparseLinear(_FeatureMajorLinear):

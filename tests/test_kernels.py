@@ -40,7 +40,8 @@ def test_linear_matches_reference(block, activation, residual, impl):
     k, m = 96, 40
     w = pruned(rng, k, m, 0.85, block)
     bias = rng.standard_normal(m).astype(np.float32)
-    for lead in [(1,), (7,), (3, 13), (2, 100), (0,)]:  # one token, odd counts, batches, full tiles, none
+    # one token, odd counts, one vector of tokens and one past (DenseLinear's two kernels), batches, full tiles, none
+    for lead in [(1,), (7,), (16,), (17,), (3, 13), (2, 100), (0,)]:
         x = rng.standard_normal(lead + (k,)).astype(np.float32)
         r = rng.standard_normal(lead + (m,)).astype(np.float32) if residual else None
         layer = impl(w, bias, activation, residual)
