@@ -282,8 +282,9 @@ PADDING_WORTH = 2.0  # without VNNI, 4-blocks storing this many times the nonzer
 INT8_CHUNK = 256
 
 
-def _int8(a: dict) -> tuple[Int8Linear | Int8Chunked | Int8Dense | Int8OnFloat, str]:
-    """The int8 kernel for a QLinear node's attributes, and why. With VNNI (and an output
+def _int8(a: dict) -> tuple[type, Callable[[], Int8Linear | Int8Chunked | Int8Dense | Int8OnFloat], str]:
+    """The int8 kernel for a QLinear node's attributes: its class, what builds it, and why.
+    With VNNI (and an output
     not requantized): the dense GEMM where over DENSE_ABOVE of the 4-blocks hold a
     nonzero, else the K-chunked sparse kernel. Without VNNI, a weight whose nonzeros are
     scattered (4-blocks would store over PADDING_WORTH times as many multiply-adds) runs
@@ -295,18 +296,18 @@ def _int8(a: dict) -> tuple[Int8Linear | Int8Chunked | Int8Dense | Int8OnFloat, 
     nnz = int(np.count_nonzero(w))
     blocks = int(np.count_nonzero(np.pad(w, ((0, -k % 4), (0, 0))).reshape(-1, 4, m).any(axis=1)))
     if "vnni" not in host_dots() and 4 * blocks > PADDING_WORTH * nnz and exact_on_float(w) and requantize is None:
-        return Int8OnFloat(*args), (f"int8 ({a['mode']} activation scale) on the FP32 sparse kernel, exact (integer "
+        return Int8OnFloat, lambda: Int8OnFloat(*args), (f"int8 ({a['mode']} activation scale) on the FP32 sparse kernel, exact (integer "
                                     f"sums below 2^24): 4-blocks would store {4 * blocks / max(nnz, 1):.1f}x the "
                                     "nonzeros, and this CPU has no VNNI")
     if "vnni" in host_dots() and requantize is None and blocks > DENSE_ABOVE * -(-k // 4) * m:
-        return Int8Dense(*args), (f"int8 ({a['mode']} activation scale, {DOT_NAMES['vnni']}) dense GEMM: {blocks} of "
+        return Int8Dense, lambda: Int8Dense(*args), (f"int8 ({a['mode']} activation scale, {DOT_NAMES['vnni']}) dense GEMM: {blocks} of "
                                   f"{-(-k // 4) * m} 4-blocks hold a nonzero, over {DENSE_ABOVE} of them")
     if "vnni" in host_dots() and requantize is None:
-        return Int8Chunked(*args, k_chunk=INT8_CHUNK), (
+        return Int8Chunked, lambda: Int8Chunked(*args, k_chunk=INT8_CHUNK), (
             f"int8 ({a['mode']} activation scale, {DOT_NAMES['vnni']}, in K-chunks of {INT8_CHUNK})"
             f", {blocks} of {-(-k // 4) * m} 4-blocks stored")
     impl = Int8Linear(*args, requantize)
-    return impl, (f"int8 ({a['mode']} activation scale, {DOT_NAMES[impl.config.dot]}"
+    return Int8Linear, lambda: impl, (f"int8 ({a['mode']} activation scale, {DOT_NAMES[impl.config.dot]}"
                   f"{', output requantized' if requantize is not None else ''})"
                   f", {blocks} of {-(-k // 4) * m} 4-blocks stored")
 
@@ -337,19 +338,51 @@ class _OnBytes:
         return self.layer.from_quantized(self.made[1], x.shape[:-1], residual)
 
 
-def _int8_choice(a: dict, chooser: Chooser) -> tuple:
+# The kernels a saved plan may name for an int8 layer on a CPU with AMX: _int8's VNNI
+# kernel, AMX's, or both by token count (ByTokens, from the entry's "at" tokens on).
+INT8_PLANNED = ("int8-vnni", "int8-amx", "int8-by-tokens")
+
+
+def _int8_weight_facts(w: np.ndarray) -> dict:
+    """What a saved int8 decision was made for: the weight's shape, nonzeros and 4-blocks."""
+    blocks = np.pad(w != 0, ((0, -w.shape[0] % 4), (0, 0))).reshape(-1, 4, w.shape[1]).any(axis=1)
+    return {"in": w.shape[0], "out": w.shape[1], "nnz": int(np.count_nonzero(w)), "blocks4": int(blocks.sum())}
+
+
+def _int8_saved(chooser: Chooser, name: str, facts: dict) -> dict | None:
+    """The saved plan's entry for this int8 layer, if it was made for this weight and names
+    an int8 kernel (else, as for float layers, it is decided afresh)."""
+    entry = chooser.saved.get(name)
+    try:
+        fits = entry is not None and entry["kernel"] in INT8_PLANNED and all(entry[k] == v for k, v in facts.items()) \
+            and (entry["kernel"] != "int8-by-tokens" or (type(entry["at"]) is int and entry["at"] > 0))
+    except (KeyError, TypeError):
+        fits = False
+    if entry is not None and not fits:
+        (log.warning if chooser.saved_by == "plan file" else log.debug)(
+            "%s: the %s's entry was made for another weight or kernel; deciding afresh", name, chooser.saved_by)
+    return entry if fits else None
+
+
+def _int8_choice(a: dict, chooser: Chooser, name: str) -> tuple:
     """(the int8 kernel, why, decided_by, timings in ms) for a QLinear node's attributes:
     _int8's VNNI kernel, or, where the CPU has AMX, the dense AMX kernel (Int8Amx) where
     it is clearly faster (AMX_CLEARLY). Timed on the first layer of each kind over
     PROBE_TOKENS tokens, then, while the VNNI kernel still wins, over MANY_TOKENS; a layer
     AMX wins only with many tokens runs both (ByTokens). `kernels="dense"` takes AMX,
-    `"sparse"` the VNNI kernel, untimed."""
-    impl, why = _int8(a)
-    if not isinstance(impl, (Int8Chunked, Int8Dense)) or chooser.kernels == "sparse" or not has_amx("int8"):
-        return impl, why, "rule", {}
+    `"sparse"` the VNNI kernel, untimed. The decision is kept in the plan under `name`
+    and taken from a saved plan made for the same weight, untimed."""
+    cls, make, why = _int8(a)
+    if cls not in (Int8Chunked, Int8Dense) or chooser.kernels == "sparse" or not has_amx("int8"):
+        return make(), why, "rule", {}
     w = a["weight"]
     args = (w, a["scale"], a["mode"], a["x_scale"], a["x_zero_point"], a["bias"], a["activation"], a["residual"])
-    built: dict = {}
+    built: dict = {}  # each kernel built once, and only when needed (a saved plan may name one)
+
+    def vnni():
+        if "vnni" not in built:
+            built["vnni"] = make()
+        return built["vnni"]
 
     def amx():
         if "amx" not in built:
@@ -359,7 +392,22 @@ def _int8_choice(a: dict, chooser: Chooser) -> tuple:
     tiles = "int8 ({} activation scale) dense GEMM on AMX tiles".format(a["mode"])
     if chooser.kernels == "dense":
         return amx(), f"{tiles}, forced dense", "forced", {}
-    blocks = np.pad(w != 0, ((0, -w.shape[0] % 4), (0, 0))).reshape(-1, 4, w.shape[1]).any(axis=1).mean()
+    facts = _int8_weight_facts(w)
+    entry = _int8_saved(chooser, name, facts)
+    if entry is not None:  # kept as it was saved, with how it was first decided
+        chooser.decisions[name] = entry
+        said = f"{chooser.saved_by}, first {entry.get('decided_by')}: {entry.get('why', '')}"
+        made = {"int8-vnni": vnni, "int8-amx": amx, "int8-by-tokens": lambda: ByTokens(vnni(), amx(), entry["at"])}
+        return made[entry["kernel"]](), said, chooser.saved_by, {}
+    impl, why, ms, kernel, at = _int8_raced(a, chooser, vnni, why, amx, tiles, facts)
+    chooser.decisions[name] = dict(facts, kernel=kernel, at=at, decided_by="measured", why=why)
+    return impl, why, "measured", ms
+
+
+def _int8_raced(a: dict, chooser: Chooser, vnni: Callable, why: str, amx: Callable, tiles: str, facts: dict) -> tuple:
+    """_int8_choice's timing: (kernel, why, timings, the plan's kernel name, ByTokens' `at`)."""
+    w = a["weight"]
+    blocks = facts["blocks4"] / (-(-w.shape[0] // 4) * w.shape[1])
     kind = ("int8", a["mode"], *w.shape, round(float(blocks), 2), a["activation"], a["residual"])
     wrapped: dict = {}  # static: timed on x's bytes, as the model runs them (_OnBytes)
 
@@ -370,7 +418,7 @@ def _int8_choice(a: dict, chooser: Chooser) -> tuple:
             return wrapped[name]
         return get
 
-    timed = {"vnni": candidate("vnni", lambda: impl), "amx": candidate("amx", amx)}
+    timed = {"vnni": candidate("vnni", vnni), "amx": candidate("amx", amx)}
     timings, at, reused = {}, None, False
     for n in (PROBE_TOKENS, *MANY_TOKENS):
         _, ms, reused = chooser.race_layers(kind, timed, *w.shape, a["residual"], n)
@@ -381,16 +429,16 @@ def _int8_choice(a: dict, chooser: Chooser) -> tuple:
     said = (f"measured on {'an earlier layer like it' if reused else 'this layer'}: "
             + ", ".join(f"{n} tokens VNNI {ms['vnni']:.3f} ms, AMX {ms['amx']:.3f} ms" for n, ms in timings.items()))
     if at is None:
-        return impl, f"{why}; {said}", "measured", timings
+        return vnni(), f"{why}; {said}", timings, "int8-vnni", None
     if at == PROBE_TOKENS:
-        return amx(), f"{tiles}; {said}", "measured", timings
-    return ByTokens(impl, amx(), at), f"{why} under {at} tokens, {tiles} from {at}; {said}", "measured", timings
+        return amx(), f"{tiles}; {said}", timings, "int8-amx", None
+    return ByTokens(vnni(), amx(), at), f"{why} under {at} tokens, {tiles} from {at}; {said}", timings, "int8-by-tokens", at
 
 
 def qlinear_step(node: Node, p: Planning) -> Step:
     """A quantized Linear on the int8 kernel (AVX-512 VNNI where the CPU has it, else AVX2)."""
     a = node.attrs
-    impl, why, by, ms = _int8_choice(a, p.chooser)
+    impl, why, by, ms = _int8_choice(a, p.chooser, node.name)
     probe = int_probe_input(a["weight"].shape[0]) @ a["weight"].astype(np.int64)
     p.done_with(a["weight"])
     p.add(LayerPlan(node.name, _without_weight(node), analyse(a["weight"]), impl, why, ms, decided_by=by,
@@ -420,7 +468,7 @@ def qlinear_group_step(node: Node, p: Planning) -> Step:
                                                                            axis=1)
     impl, why, by, ms = _int8_choice(dict(m0, weight=np.concatenate(ws, axis=1), scale=np.concatenate(scales),
                                           bias=np.concatenate(biases).astype(np.float32), requantize=requantize),
-                                     p.chooser)
+                                     p.chooser, node.name)
     why = f"one int8 kernel for the {len(members)} layers reading this input (its time shows on the first): {why}"
     start, cuts = 0, []
     for m, w in zip(members, ws):

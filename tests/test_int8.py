@@ -136,13 +136,15 @@ def test_a_reference_run_agrees_with_the_int8_kernels():
 
 
 @pytest.mark.parametrize("form", ["dynamic", "sparseml"])
-def test_int8_layers_on_amx_tiles_give_the_vnni_kernels_outputs(form, monkeypatch):
+def test_int8_layers_on_amx_tiles_give_the_vnni_kernels_outputs(form, monkeypatch, tmp_path):
     """Where the CPU has AMX, each int8 layer's kernel is the faster of the VNNI one and the
     dense AMX GEMM (amx.Int8Amx), timed on the first layer of each kind, at 128 tokens and
     then at more while VNNI wins; a layer AMX wins only at many tokens runs both, by the
     call's token count (linear.ByTokens). All sum the same integers exactly, so a model
     on AMX alone (kernels="dense"), or switching, gives the VNNI model's outputs bit for
-    bit, over padding and several shapes. Without AMX the plan is the VNNI one, untimed."""
+    bit, over padding and several shapes. The decisions are kept in the plan and taken
+    from it, untimed, by the next load (an entry made for another weight is not). Without
+    AMX the plan is the VNNI one, untimed."""
     from sparsejit.kernels.amx import Int8Amx, has_amx
     from sparsejit.kernels.linear import ByTokens
 
@@ -150,18 +152,20 @@ def test_int8_layers_on_amx_tiles_give_the_vnni_kernels_outputs(form, monkeypatc
 
     path = INT8 / f"bert_block4_p90_int8_{form}.onnx"
     if has_amx("int8"):
-        tiles, vnni, auto = (sparsejit.load(path, kernels=k) for k in ("dense", "sparse", "auto"))
+        tiles, vnni = (sparsejit.load(path, kernels=k) for k in ("dense", "sparse"))
+        auto = sparsejit.load(path, plan=tmp_path / "auto.plan.json")  # (a new file: decided afresh, then saved)
         encoder = [lp for lp in tiles.layers if "encoder" in lp.name]
         assert all(isinstance(getattr(lp.impl, "group", lp.impl), Int8Amx) and "AMX tiles" in lp.reason
                    for lp in encoder), [lp.reason for lp in encoder]
         assert not any(isinstance(getattr(lp.impl, "group", lp.impl), Int8Amx) for lp in vnni.layers)
         measured = [lp for lp in auto.layers if "encoder" in lp.name]
         assert all(lp.decided_by == "measured" and 128 in lp.timings_ms and "AMX" in lp.reason for lp in measured)
+        _the_plan_keeps_the_int8_kernels(path, tmp_path / "auto.plan.json", auto, monkeypatch)
         # a layer AMX wins only from 384 tokens on runs both kernels, by the call's tokens
         monkeypatch.setattr(plan.Chooser, "race_layers",
                             lambda self, kind, layers, *a: ("", {"vnni": 1, "amx": 0.5 if a[-1] >= 384 else 0.95},
                                                             False))
-        switching = sparsejit.load(path)
+        switching = sparsejit.load(path, plan=tmp_path / "switching.plan.json")
         encoder = [lp for lp in switching.layers if "encoder" in lp.name]
         assert all(isinstance(getattr(lp.impl, "group", lp.impl), ByTokens) for lp in encoder)
         runs = []
@@ -181,6 +185,31 @@ def test_int8_layers_on_amx_tiles_give_the_vnni_kernels_outputs(form, monkeypatc
     without = sparsejit.load(path)
     assert not any(isinstance(getattr(lp.impl, "group", lp.impl), Int8Amx) or lp.decided_by == "measured"
                    for lp in without.layers)
+
+
+def _the_plan_keeps_the_int8_kernels(path: Path, plan_file: Path, auto, monkeypatch) -> None:
+    """A load with `auto`'s plan file runs the same int8 kernels, none timed; an entry whose
+    weight facts no longer match is timed again."""
+    import json
+
+    from sparsejit.choose import Chooser
+
+    def untimed(*a):
+        raise AssertionError("a saved int8 decision was timed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(Chooser, "race_layers", untimed)
+        again = sparsejit.load(path, plan=plan_file)
+    kinds = [(lp.name, type(getattr(lp.impl, "group", lp.impl))) for lp in auto.layers]
+    assert [(lp.name, type(getattr(lp.impl, "group", lp.impl))) for lp in again.layers] == kinds
+    assert {lp.decided_by for lp in again.layers if "encoder" in lp.name} == {"plan file"}
+    saved = json.loads(plan_file.read_text())
+    layers = {lp.name for lp in auto.layers if not hasattr(lp.impl, "group")}  # (a group's entry decides its members)
+    name = next(n for n, e in saved["layers"].items() if str(e["kernel"]).startswith("int8-") and n in layers)
+    saved["layers"][name]["nnz"] += 1
+    plan_file.write_text(json.dumps(saved))
+    decided = {lp.name: lp.decided_by for lp in sparsejit.load(path, plan=plan_file).layers if "encoder" in lp.name}
+    assert decided.pop(name) == "measured" and set(decided.values()) == {"plan file"}
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
