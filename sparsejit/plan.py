@@ -118,7 +118,7 @@ class LayerPlan:
         within `bf16_bound`.)"""
         a = self.node.attrs
         if self.int8:
-            held = int_probe_input(self.pattern.in_features) @ self.impl.dense_weight().astype(np.int64)
+            held = int_weight_probe(self.impl.dense_weight())
             return held.astype(np.float64), self.probe.astype(np.float64)
         r = np.zeros((1, self.pattern.out_features), np.float32) if a["residual"] else None
         got = self.impl(probe_input(self.pattern.in_features), r)
@@ -141,6 +141,13 @@ def probe_input(in_features: int) -> np.ndarray:
 
 def int_probe_input(in_features: int) -> np.ndarray:
     return np.random.default_rng(in_features).integers(0, 256, (1, in_features))
+
+
+def int_weight_probe(weight: np.ndarray) -> np.ndarray:
+    """x₀·W in int64 for an int8 weight and int_probe_input's uint8 x₀: summed in float64
+    (BLAS: numpy's int64 product has none, and took most of a quantized model's load),
+    exact while the sums stay below 2⁵³ (255 · 128 per input)."""
+    return (int_probe_input(weight.shape[0]).astype(np.float64) @ weight.astype(np.float64)).astype(np.int64)
 
 
 def weight_probe(weight: np.ndarray) -> np.ndarray:
@@ -439,7 +446,7 @@ def qlinear_step(node: Node, p: Planning) -> Step:
     """A quantized Linear on the int8 kernel (AVX-512 VNNI where the CPU has it, else AVX2)."""
     a = node.attrs
     impl, why, by, ms = _int8_choice(a, p.chooser, node.name)
-    probe = int_probe_input(a["weight"].shape[0]) @ a["weight"].astype(np.int64)
+    probe = int_weight_probe(a["weight"])
     p.done_with(a["weight"])
     p.add(LayerPlan(node.name, _without_weight(node), analyse(a["weight"]), impl, why, ms, decided_by=by,
                     probe=probe))
@@ -473,7 +480,7 @@ def qlinear_group_step(node: Node, p: Planning) -> Step:
     start, cuts = 0, []
     for m, w in zip(members, ws):
         cuts.append((start, start + w.shape[1]))
-        probe = int_probe_input(w.shape[0]) @ w.astype(np.int64)
+        probe = int_weight_probe(w)
         p.done_with(w)
         p.add(LayerPlan(m.name, _without_weight(m), analyse(w), OutputSlice(impl, *cuts[-1]), why, ms,
                         decided_by=by, probe=probe))
