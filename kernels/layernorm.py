@@ -83,6 +83,7 @@ def _outputs(e: Builder, xs, means: list[str], invs: list[str], i0: str, masks: 
     vt, iv = e.vt, f"<{e.lanes} x i32>"
 
     def normalised(f):  # (with to_bytes: the bytes, an i32 vector per vector of tokens)
+        _prefetch_row(e, "%yt", "%ldy", f, i0, len(means), write=True)
         a = e.splat(e(f"load float, ptr {e.gep('%scale', f)}, align 4"))
         b = e.splat(e(f"load float, ptr {e.gep('%bias', f)}, align 4"))
         off = e.offset(f, "%ldy", i0)
@@ -116,6 +117,24 @@ def _outputs(e: Builder, xs, means: list[str], invs: list[str], i0: str, masks: 
         e.loop("0", "%h", 1, [], lambda f, _: normalised(f) and [])
 
 
+# Rows the first pass (reading xᵀ) and the last (writing yᵀ) prefetch ahead of the row they
+# are on: a tile's rows are a row stride apart (over 4 KB with many tokens), which no
+# hardware prefetcher follows; the first pass reads them from L3 (the second finds them
+# in L2) and the last writes lines not yet in any cache. (bench/README, tenth session.)
+ROWS_AHEAD = 16
+
+
+def _prefetch_row(e: Builder, base: str, ld: str, f: str, i0: str, vectors: int, write: bool = False) -> None:
+    """Prefetch (for writing, if `write`) the tile's lines of row f + ROWS_AHEAD of `base`
+    (row stride `ld`), or of the last row past the end."""
+    ahead = e(f"add i64 {f}, {ROWS_AHEAD}")
+    row = e(f"select i1 {e(f'icmp slt i64 {ahead}, %h')}, i64 {ahead}, i64 {e('sub i64 %h, 1')}")
+    off = e.offset(row, ld, i0)
+    for v in range(vectors):
+        e.call("llvm.prefetch.p0", "void", ("ptr", e.vptr(base, off, v)), ("i32", "1" if write else "0"), ("i32", "3"),
+               ("i32", "1"))
+
+
 def _columns(e: Builder, vectors: int, quantize: bool, to_bytes: bool = False) -> None:
     vt = e.vt
     inv_h = e.splat(e(f"fdiv float 1.0, {e('sitofp i64 %h to float')}"))
@@ -133,6 +152,7 @@ def _columns(e: Builder, vectors: int, quantize: bool, to_bytes: bool = False) -
         shift = xs("0")
 
         def shifted_sum(f, acc):
+            _prefetch_row(e, "%xt", "%ldx", f, i0, vectors)
             return [e(f"fadd {vt} {a}, {e(f'fsub {vt} {x}, {s_}')}") for a, x, s_ in zip(acc, xs(f), shift)]
 
         _, sums = e.loop("1", "%h", 1, [(vt, "zeroinitializer")] * vectors, shifted_sum)
