@@ -16,7 +16,8 @@ come in the order `order` lists them (compress.order_rows: by count, so that the
 exits are predictable).
 
 With a residual, the last chunk's epilogue prefetches the residual of the row a few
-slots on (RESIDUAL_AHEAD). The text is a pure function of `IRConfig`. What was measured
+slots on (RESIDUAL_AHEAD), and chunk 0 prefetches, for writing, the output of the row
+a few slots on (OUTPUT_AHEAD). The text is a pure function of `IRConfig`. What was measured
 on the way to this design, and what did not help, is in bench/README.md ("Measured and
 tried").
 """
@@ -41,6 +42,9 @@ _SHARED = Signature("tile", SIGNATURE.args[:13])
 # rows come in count order), where no hardware prefetcher looks. So each row's epilogue
 # prefetches the residual of the row this many slots on. (bench/README, eighth session.)
 RESIDUAL_AHEAD = 8
+# ... and chunk 0 prefetches, for writing, the output tile of the row this many slots on:
+# its lines are in no cache (a new yᵀ each call), and are written in the same count order.
+OUTPUT_AHEAD = 16
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,10 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
     yptrs = [e.vptr("%yt", e.offset("%j", "%ldy", "%t"), u) for u in range(vectors)]
     e.cond_br(e("icmp eq i64 %c, 0"), "from.bias", "from.y")
     e.label("from.bias")
+    if OUTPUT_AHEAD:
+        _prefetch_output(e, vectors)
     binit = e.const(0.0) if cfg.scaled or cfg.int8 else e.splat(e(f"load float, ptr {e.gep('%bias', '%j')}, align 4"))
+    from_bias = e.block
     e.br("start")
     e.label("from.y")
     e.cond_br(e(f"icmp ugt i1 {e(f'icmp sge i64 {p0}, {p1}')}, {last}"), "skip", "from.y.load")  # empty, not last
@@ -144,7 +151,7 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
     yinit = [e.vload(ptr, mask) for ptr in yptrs]
     e.br("start")
     e.label("start")
-    init = [e.phi(vt, (binit, "from.bias"), (y, "from.y.load")) for y in yinit]
+    init = [e.phi(vt, (binit, from_bias), (y, "from.y.load")) for y in yinit]
     sums = _stored_weights(e, cfg, vectors, mask, p0, p1, init)
     e.cond_br(last, "epilogue", "partial")
     e.label("partial")
@@ -177,6 +184,20 @@ def _prefetch_residual(e: Builder, vectors: int) -> None:
         e.call("llvm.prefetch.p0", "void", ("ptr", e.vptr("%rt", start, u)), ("i32", "0"), ("i32", "3"), ("i32", "1"))
     e.br("prefetched")
     e.label("prefetched")
+
+
+def _prefetch_output(e: Builder, vectors: int) -> None:
+    """Prefetch for writing the output tile of the row OUTPUT_AHEAD slots on in chunk 0's
+    order (chunk 0 writes yᵀ's lines first; the chunks after it find them in cache)."""
+    nxt = e(f"add i64 %s, {OUTPUT_AHEAD}")
+    e.cond_br(e(f"icmp ult i64 {nxt}, %m"), "prefetch.y", "prefetched.y")
+    e.label("prefetch.y")
+    row = e(f"load i32, ptr {e.gep('%order', e.offset('%c', '%m', nxt), 'i32')}, align 4")
+    start = e.offset(e(f"sext i32 {row} to i64"), "%ldy", "%t")
+    for u in range(vectors):
+        e.call("llvm.prefetch.p0", "void", ("ptr", e.vptr("%yt", start, u)), ("i32", "1"), ("i32", "3"), ("i32", "1"))
+    e.br("prefetched.y")
+    e.label("prefetched.y")
 
 
 def _store_quantized(e: Builder, values: list[str], mask: str | None) -> None:

@@ -52,20 +52,27 @@ def test_linear_matches_reference(block, activation, residual, impl):
         np.testing.assert_allclose(got, reference_linear(x, w, bias, activation, r), **TOL)
 
 
-def test_residual_epilogue_prefetches_the_residual_rows_ahead():
-    """A prefetch cannot change a result, so the residual tests above cannot see it: the
-    kernel text must hold one per residual vector of the row RESIDUAL_AHEAD slots on, in
-    every tile width, and none without a residual. (Its effect: bench/README, eighth session.)"""
-    from sparsejit.kernels.sparse_ir import RESIDUAL_AHEAD, IRConfig, tail_vectors
+def test_kernels_prefetch_the_residual_and_output_rows_ahead():
+    """A prefetch cannot change a result, so the tests above cannot see it: the kernel text
+    must hold, in every tile width, one read prefetch per residual vector of the row
+    RESIDUAL_AHEAD slots on (none without a residual), and one write prefetch per output
+    vector of the row OUTPUT_AHEAD slots on. (Their effect: bench/README, eighth and
+    tenth sessions.)"""
+    import re
 
-    assert RESIDUAL_AHEAD > 0
+    from sparsejit.kernels.sparse_ir import OUTPUT_AHEAD, RESIDUAL_AHEAD, IRConfig, tail_vectors
+
+    def prefetches(text: str, write: bool) -> int:
+        return len(re.findall(rf"call void @llvm\.prefetch\.p0\(ptr %\S+, i32 {int(write)}, i32 3, i32 1\)", text))
+
+    assert RESIDUAL_AHEAD > 0 and OUTPUT_AHEAD > 0
     for cfg in (IRConfig(residual=True), IRConfig(block=4, residual=True, activation="gelu"),
-                IRConfig(residual=True, int8=True), IRConfig(residual=True, bf16=True)):
+                IRConfig(residual=True, int8=True), IRConfig(residual=True, bf16=True), IRConfig(residual=False)):
         text = ir_source(cfg)
         tiles = [cfg.vectors, *tail_vectors(cfg.vectors), 1]  # full, narrower, masked tail
-        assert text.count("call void @llvm.prefetch.p0(ptr") == sum(tiles)
-        assert f"add i64 %s, {RESIDUAL_AHEAD}" in text
-    assert "llvm.prefetch" not in ir_source(IRConfig(residual=False))
+        assert prefetches(text, write=False) == (sum(tiles) if cfg.residual else 0)
+        assert prefetches(text, write=True) == sum(tiles) and f"add i64 %s, {OUTPUT_AHEAD}" in text
+        assert (f"add i64 %s, {RESIDUAL_AHEAD}" in text) == cfg.residual
 
 
 @pytest.mark.parametrize("block", [1, 4])
