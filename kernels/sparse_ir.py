@@ -139,7 +139,7 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
     e.cond_br(e("icmp eq i64 %c, 0"), "from.bias", "from.y")
     e.label("from.bias")
     if OUTPUT_AHEAD:
-        _prefetch_output(e, vectors)
+        _prefetch_ahead(e, vectors, OUTPUT_AHEAD, "%yt", "%ldy", write=True)
     binit = e.const(0.0) if cfg.scaled or cfg.int8 else e.splat(e(f"load float, ptr {e.gep('%bias', '%j')}, align 4"))
     from_bias = e.block
     e.br("start")
@@ -160,7 +160,7 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
     e.raw("  ret void")
     e.label("epilogue")
     if cfg.residual and RESIDUAL_AHEAD:
-        _prefetch_residual(e, vectors)
+        _prefetch_ahead(e, vectors, RESIDUAL_AHEAD, "%rt", "%ldr", write=False)
     rstart = e.offset("%j", "%ldr", "%t") if cfg.residual else None
     if cfg.scaled or cfg.int8:  # an int8 layer's exact sums (int8.Int8OnFloat, Int8Chunked): scaled, plus the bias
         sums = scaled_sums(e, sums, "%j", e.splat(e(f"load float, ptr {e.gep('%bias', '%j')}, align 4")), cfg.int8)
@@ -172,32 +172,21 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
         e.vstore(epilogue(e, cfg.activation, v, residual, mask), ptr, mask)
 
 
-def _prefetch_residual(e: Builder, vectors: int) -> None:
-    """Prefetch the residual tile of the row RESIDUAL_AHEAD slots on in this chunk's order
-    (the last chunk's: the one whose epilogue reads the residual)."""
-    nxt = e(f"add i64 %s, {RESIDUAL_AHEAD}")
-    e.cond_br(e(f"icmp ult i64 {nxt}, %m"), "prefetch", "prefetched")
-    e.label("prefetch")
+def _prefetch_ahead(e: Builder, vectors: int, ahead: int, base: str, ld: str, write: bool) -> None:
+    """Prefetch the tile (tokens from t) of `base`'s row (stride `ld`) that `ahead` slots on
+    in this chunk's order will take: the residual the last chunk's epilogue reads, or
+    (`write`) the output tile chunk 0 writes first, its lines in no cache."""
+    nxt = e(f"add i64 %s, {ahead}")
+    go, done = e.fresh("prefetch"), e.fresh("prefetched")
+    e.cond_br(e(f"icmp ult i64 {nxt}, %m"), go, done)
+    e.label(go)
     row = e(f"load i32, ptr {e.gep('%order', e.offset('%c', '%m', nxt), 'i32')}, align 4")
-    start = e.offset(e(f"sext i32 {row} to i64"), "%ldr", "%t")
+    start = e.offset(e(f"sext i32 {row} to i64"), ld, "%t")
     for u in range(vectors):
-        e.call("llvm.prefetch.p0", "void", ("ptr", e.vptr("%rt", start, u)), ("i32", "0"), ("i32", "3"), ("i32", "1"))
-    e.br("prefetched")
-    e.label("prefetched")
-
-
-def _prefetch_output(e: Builder, vectors: int) -> None:
-    """Prefetch for writing the output tile of the row OUTPUT_AHEAD slots on in chunk 0's
-    order (chunk 0 writes yᵀ's lines first; the chunks after it find them in cache)."""
-    nxt = e(f"add i64 %s, {OUTPUT_AHEAD}")
-    e.cond_br(e(f"icmp ult i64 {nxt}, %m"), "prefetch.y", "prefetched.y")
-    e.label("prefetch.y")
-    row = e(f"load i32, ptr {e.gep('%order', e.offset('%c', '%m', nxt), 'i32')}, align 4")
-    start = e.offset(e(f"sext i32 {row} to i64"), "%ldy", "%t")
-    for u in range(vectors):
-        e.call("llvm.prefetch.p0", "void", ("ptr", e.vptr("%yt", start, u)), ("i32", "1"), ("i32", "3"), ("i32", "1"))
-    e.br("prefetched.y")
-    e.label("prefetched.y")
+        e.call("llvm.prefetch.p0", "void", ("ptr", e.vptr(base, start, u)), ("i32", str(int(write))), ("i32", "3"),
+               ("i32", "1"))
+    e.br(done)
+    e.label(done)
 
 
 def _store_quantized(e: Builder, values: list[str], mask: str | None) -> None:
