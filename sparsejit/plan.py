@@ -289,34 +289,33 @@ PADDING_WORTH = 2.0  # without VNNI, 4-blocks storing this many times the nonzer
 INT8_CHUNK = 256
 
 
-def _int8(a: dict) -> tuple[type, Callable[[], Int8Linear | Int8Chunked | Int8Dense | Int8OnFloat], str]:
-    """The int8 kernel for a QLinear node's attributes: its class, what builds it, and why.
-    With VNNI (and an output
-    not requantized): the dense GEMM where over DENSE_ABOVE of the 4-blocks hold a
-    nonzero, else the K-chunked sparse kernel. Without VNNI, a weight whose nonzeros are
+def _int8(a: dict, facts: dict) -> tuple[type, Callable[[], Int8Linear | Int8Chunked | Int8Dense | Int8OnFloat], str]:
+    """The int8 kernel for a QLinear node's attributes (and its weight's `_int8_weight_facts`):
+    its class, what builds it, and why. With VNNI (and an output not requantized): the dense
+    GEMM where over DENSE_ABOVE of the 4-blocks hold a nonzero, else the K-chunked sparse kernel. Without VNNI, a weight whose nonzeros are
     scattered (4-blocks would store over PADDING_WORTH times as many multiply-adds) runs
     on the FP32 sparse kernel, exactly, where its sums stay below 2^24."""
     w = a["weight"]
     k, m = w.shape
     args = (w, a["scale"], a["mode"], a["x_scale"], a["x_zero_point"], a["bias"], a["activation"], a["residual"])
     requantize = a.get("requantize")
-    nnz = int(np.count_nonzero(w))
-    blocks = int(np.count_nonzero(np.pad(w, ((0, -k % 4), (0, 0))).reshape(-1, 4, m).any(axis=1)))
+    nnz, blocks = facts["nnz"], facts["blocks4"]
     if "vnni" not in host_dots() and 4 * blocks > PADDING_WORTH * nnz and exact_on_float(w) and requantize is None:
-        return Int8OnFloat, lambda: Int8OnFloat(*args), (f"int8 ({a['mode']} activation scale) on the FP32 sparse kernel, exact (integer "
-                                    f"sums below 2^24): 4-blocks would store {4 * blocks / max(nnz, 1):.1f}x the "
-                                    "nonzeros, and this CPU has no VNNI")
+        return Int8OnFloat, lambda: Int8OnFloat(*args), (
+            f"int8 ({a['mode']} activation scale) on the FP32 sparse kernel, exact (integer sums below 2^24): "
+            f"4-blocks would store {4 * blocks / max(nnz, 1):.1f}x the nonzeros, and this CPU has no VNNI")
     if "vnni" in host_dots() and requantize is None and blocks > DENSE_ABOVE * -(-k // 4) * m:
-        return Int8Dense, lambda: Int8Dense(*args), (f"int8 ({a['mode']} activation scale, {DOT_NAMES['vnni']}) dense GEMM: {blocks} of "
-                                  f"{-(-k // 4) * m} 4-blocks hold a nonzero, over {DENSE_ABOVE} of them")
+        return Int8Dense, lambda: Int8Dense(*args), (
+            f"int8 ({a['mode']} activation scale, {DOT_NAMES['vnni']}) dense GEMM: {blocks} of {-(-k // 4) * m} "
+            f"4-blocks hold a nonzero, over {DENSE_ABOVE} of them")
     if "vnni" in host_dots() and requantize is None:
         return Int8Chunked, lambda: Int8Chunked(*args, k_chunk=INT8_CHUNK), (
             f"int8 ({a['mode']} activation scale, {DOT_NAMES['vnni']}, in K-chunks of {INT8_CHUNK})"
             f", {blocks} of {-(-k // 4) * m} 4-blocks stored")
     impl = Int8Linear(*args, requantize)
     return Int8Linear, lambda: impl, (f"int8 ({a['mode']} activation scale, {DOT_NAMES[impl.config.dot]}"
-                  f"{', output requantized' if requantize is not None else ''})"
-                  f", {blocks} of {-(-k // 4) * m} 4-blocks stored")
+                                      f"{', output requantized' if requantize is not None else ''})"
+                                      f", {blocks} of {-(-k // 4) * m} 4-blocks stored")
 
 
 # Where AMX's dense int8 kernel may win only with many tokens (each weight tile reused
@@ -379,10 +378,11 @@ def _int8_choice(a: dict, chooser: Chooser, name: str) -> tuple:
     AMX wins only with many tokens runs both (ByTokens). `kernels="dense"` takes AMX,
     `"sparse"` the VNNI kernel, untimed. The decision is kept in the plan under `name`
     and taken from a saved plan made for the same weight, untimed."""
-    cls, make, why = _int8(a)
+    w = a["weight"]
+    facts = _int8_weight_facts(w)
+    cls, make, why = _int8(a, facts)
     if cls not in (Int8Chunked, Int8Dense) or chooser.kernels == "sparse" or not has_amx("int8"):
         return make(), why, "rule", {}
-    w = a["weight"]
     args = (w, a["scale"], a["mode"], a["x_scale"], a["x_zero_point"], a["bias"], a["activation"], a["residual"])
     built: dict = {}  # each kernel built once, and only when needed (a saved plan may name one)
 
@@ -399,7 +399,6 @@ def _int8_choice(a: dict, chooser: Chooser, name: str) -> tuple:
     tiles = "int8 ({} activation scale) dense GEMM on AMX tiles".format(a["mode"])
     if chooser.kernels == "dense":
         return amx(), f"{tiles}, forced dense", "forced", {}
-    facts = _int8_weight_facts(w)
     entry = _int8_saved(chooser, name, facts)
     if entry is not None:  # kept as it was saved, with how it was first decided
         chooser.decisions[name] = entry
