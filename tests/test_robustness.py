@@ -176,7 +176,8 @@ DEGENERATE_BF16 = """
                     x = rng.standard_normal((tokens, k)).astype(np.float32)
                     got, want = layer(x), reference_bf16_linear(x, w, None, "gelu")
                     assert got.shape == (tokens, m) and np.allclose(got, want, atol=1e-4, rtol=1e-4), (k, m, tokens)
-    for tq, tk, d in [(1, 1, 1), (1, 2, 3), (3, 1, 2), (17, 33, 5)]:
+    # (head sizes of 32 and 64 run on AMX's tiles where the CPU has them)
+    for tq, tk, d in [(1, 1, 1), (1, 2, 3), (3, 1, 2), (17, 33, 5), (1, 1, 32), (3, 1, 64), (17, 33, 32)]:
         q = rng.standard_normal((1, 2, tq, d)).astype(np.float32)
         kt = rng.standard_normal((1, 2, d, tk)).astype(np.float32)
         v = rng.standard_normal((1, 2, tk, d)).astype(np.float32)
@@ -190,7 +191,8 @@ DEGENERATE_BF16 = """
 def test_degenerate_shapes_of_the_bf16_kernels_at_two_threads():
     """The bf16 sparse and dense kernels and bf16 attention on 1 input or output, odd input
     counts (a pair half past the end), all-zero weights, 0 and 1 token, one key, one head
-    feature, at two threads in a subprocess, each against its numpy meaning."""
+    feature (and, on AMX, one key or query of a whole tile row's head), at two threads in
+    a subprocess, each against its numpy meaning."""
     from sparsejit.kernels.bf16 import has_bf16
 
     if not has_bf16():
