@@ -50,9 +50,10 @@ def request_amx() -> bool:
         return False
 
 
+@functools.cache
 def has_amx(dot: str = "int8") -> bool:
     """Whether this CPU has AMX's tiles and `dot` ("int8" or "bf16"), and the process may
-    use them (asked for here, once)."""
+    use them (asked for here, once; bf16 attention asks on every call)."""
     features = host_cpu()[1].split(",")
     return all(f in features for f in FEATURES[dot]) and request_amx()
 

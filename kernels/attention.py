@@ -105,6 +105,7 @@ def attention_config(mask_per_query: bool, nan_guard: bool = False, lanes: int |
                            amx=amx)
 
 
+@functools.cache  # (asked on every call: the CPU and the permission do not change)
 def amx_fits(head_size: int) -> bool:
     """Whether bf16 attention runs its products on AMX's tiles: the CPU has AMX-BF16 (and
     the process may use it), and the head size is whole tile rows of bfloat16 (32)."""
