@@ -121,6 +121,14 @@ class Emitter:
         start = self.offset(row, ld, col)
         return [self.vload(self.vptr(base, start, v), m) for v, m in enumerate(masks)]
 
+    def prefetch_row(self, base: str, ld: str, row: str, col: str, vectors: int, write: bool = False) -> None:
+        """Prefetch into L1 (for writing, if `write`) the lines of `vectors` vectors of one row
+        of `base` from column `col`, as row_vectors would read them."""
+        start = self.offset(row, ld, col)
+        for v in range(vectors):
+            self.call("llvm.prefetch.p0", "void", ("ptr", self.vptr(base, start, v)), ("i32", str(int(write))),
+                      ("i32", "3"), ("i32", "1"))
+
     def vload(self, ptr: str, mask: str | None, name: str | None = None) -> str:
         vt, L = self.vt, self.lanes
         if mask is None:

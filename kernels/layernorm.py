@@ -129,10 +129,7 @@ def _prefetch_row(e: Builder, base: str, ld: str, f: str, i0: str, vectors: int,
     (row stride `ld`), or of the last row past the end."""
     ahead = e(f"add i64 {f}, {ROWS_AHEAD}")
     row = e(f"select i1 {e(f'icmp slt i64 {ahead}, %h')}, i64 {ahead}, i64 {e('sub i64 %h, 1')}")
-    off = e.offset(row, ld, i0)
-    for v in range(vectors):
-        e.call("llvm.prefetch.p0", "void", ("ptr", e.vptr(base, off, v)), ("i32", "1" if write else "0"), ("i32", "3"),
-               ("i32", "1"))
+    e.prefetch_row(base, ld, row, i0, vectors, write)
 
 
 def _columns(e: Builder, vectors: int, quantize: bool, to_bytes: bool = False) -> None:

@@ -181,10 +181,7 @@ def _prefetch_ahead(e: Builder, vectors: int, ahead: int, base: str, ld: str, wr
     e.cond_br(e(f"icmp ult i64 {nxt}, %m"), go, done)
     e.label(go)
     row = e(f"load i32, ptr {e.gep('%order', e.offset('%c', '%m', nxt), 'i32')}, align 4")
-    start = e.offset(e(f"sext i32 {row} to i64"), ld, "%t")
-    for u in range(vectors):
-        e.call("llvm.prefetch.p0", "void", ("ptr", e.vptr(base, start, u)), ("i32", str(int(write))), ("i32", "3"),
-               ("i32", "1"))
+    e.prefetch_row(base, ld, e(f"sext i32 {row} to i64"), "%t", vectors, write)
     e.br(done)
     e.label(done)
 
