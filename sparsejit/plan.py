@@ -145,7 +145,7 @@ def int_probe_input(in_features: int) -> np.ndarray:
 
 def int_weight_probe(weight: np.ndarray) -> np.ndarray:
     """x₀·W in int64 for an int8 weight and int_probe_input's uint8 x₀: summed in float64
-    (BLAS: numpy's int64 product has none, and took most of a quantized model's load),
+    (BLAS: numpy's int64 product has none, and this runs for every int8 layer at load),
     exact while the sums stay below 2⁵³ (255 · 128 per input)."""
     return (int_probe_input(weight.shape[0]).astype(np.float64) @ weight.astype(np.float64)).astype(np.int64)
 
