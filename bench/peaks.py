@@ -300,7 +300,7 @@ def _tile_ir(intrinsic: str, loads: bool) -> str:
     """`f(buf, n)`: n iterations of the AMX kernel's step, 4 independent tile products
     (C tiles 0-3 += A tiles 4-5 · B tiles 6-7); with `loads`, the step's 4 tile loads from
     a 4 KB buffer (in L1) first, as the kernel loads two weight and two activation tiles."""
-    from sparsejit.kernels.amx_ir import _tile_config
+    from sparsejit.kernels.amx_ir import tile_config
 
     step = [f"  call void @llvm.x86.tileloadd64(i8 {t}, ptr %buf, i64 64)" for t in (4, 5, 6, 7)] if loads else []
     step += [f"  call void @{intrinsic}(i8 {c}, i8 {4 + c // 2}, i8 {6 + c % 2})" for c in range(4)]
@@ -310,7 +310,7 @@ def _tile_ir(intrinsic: str, loads: bool) -> str:
         "declare void @llvm.x86.ldtilecfg(ptr)", "declare void @llvm.x86.tilerelease()",
         "declare void @llvm.x86.tileloadd64(i8, ptr, i64)", "declare void @llvm.x86.tilezero(i8)",
         f"declare void @{intrinsic}(i8, i8, i8)",
-        f'@cfg = private unnamed_addr constant [64 x i8] c"{_tile_config()}", align 64',
+        f'@cfg = private unnamed_addr constant [64 x i8] c"{tile_config()}", align 64',
         "define void @f(ptr %buf, i64 %n) {", "entry:", "  call void @llvm.x86.ldtilecfg(ptr @cfg)", *setup,
         "  br label %loop", "loop:", "  %i = phi i64 [0, %entry], [%i1, %loop]", *step, "  %i1 = add i64 %i, 1",
         "  %c = icmp slt i64 %i1, %n", "  br i1 %c, label %loop, label %done", "done:",

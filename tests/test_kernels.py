@@ -799,6 +799,24 @@ def test_amx_int8_layer_runs_on_the_layernorms_bytes():
             np.testing.assert_array_equal(layer.from_quantized(byte_rows(xq), (n,), r), layer(y, r), err_msg=f"{h} {n}")
 
 
+def test_bench_peaks_measures_the_tile_products(monkeypatch):
+    """bench/peaks.py's AMX loops build and run (they import amx_ir's tile configuration:
+    a rename there once broke them unseen), each product giving a rate."""
+    import importlib.util
+    from pathlib import Path
+
+    from sparsejit.kernels.amx import has_amx
+
+    if not has_amx("int8"):
+        pytest.skip("this CPU has no AMX-INT8")
+    spec = importlib.util.spec_from_file_location("peaks", Path(__file__).parents[1] / "bench" / "peaks.py")
+    peaks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peaks)
+    monkeypatch.setattr(peaks, "TILE_ITERS", 1000)
+    rates = peaks.tile_peaks(1)
+    assert "int8 tdpbsud" in rates and all(r > 0 for pair in rates.values() for r in pair)
+
+
 def test_int8_layer_hands_its_output_to_the_next_quantized():
     """Int8Chunked.quantized_for: a static int8 layer's output stored by its kernel as the
     bytes the next static layer's kernel reads (x quantized with the next layer's scale
