@@ -145,6 +145,12 @@ def can_compress() -> bool:
     return "+avx512vbmi2" in host_cpu()[1].split(",")
 
 
+# Layers with these activations run each block's epilogue during the next block's tile
+# products (amx_ir's `overlapped`): their epilogue is compute the vector units can do
+# beside the tiles. One that only adds a residual gained nothing, and lost with the
+# residual's reads beside the tile loads from L2 (bench/README.md, eleventh session).
+OVERLAPPED = ("gelu", "gelu_tanh")
+
 _NONE = np.zeros(1, np.int64)  # the masks and offsets a dense weight's kernel gets
 
 
@@ -157,7 +163,7 @@ class _Amx:
             raise RuntimeError(f"this CPU or process cannot run AMX {dot} tiles")
         if compressed is None:
             compressed = can_compress() and np.count_nonzero(tiles) < COMPRESS_BELOW * tiles.size
-        self.config = AmxConfig(dot, activation, residual, compressed)
+        self.config = AmxConfig(dot, activation, residual, compressed, activation in OVERLAPPED)
         self._shape, self._dtype = tiles.shape, tiles.dtype
         self._arrays = compressed_tiles(tiles) if compressed else (tiles.reshape(-1).view(np.uint8), _NONE, _NONE)
         self._fn = SIGNATURE.ctypes()(compile_ir(amx_ir(self.config), SIGNATURE.name))

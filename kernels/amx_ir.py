@@ -23,7 +23,9 @@ C tiles, four products per four tile loads. Each call walks output pairs of pane
 products, then the C tiles stored to a 4 KB stack buffer and read back 16 tokens at a
 time through the Linear epilogue: int8 as Int8Linear's (lowp_ir.scaled_sums: less the
 zero point's correction, times the scale, plus the bias), bf16 plus the bias; then the
-activation and residual (epilogue.py). Stores stop at `ntok` and at `m`.
+activation and residual (epilogue.py). Stores stop at `ntok` and at `m`. `overlapped`
+(for a GELU): a block's epilogue waits, and the next block's K-steps each take a share of
+its 16 rows, so that its vector work runs while the tiles multiply.
 
 A weight under half nonzero may be stored compressed (`compressed`): per tile row a bit
 per element, then the row's nonzero elements. Each thread expands a pair of panels once,
@@ -68,6 +70,10 @@ class AmxConfig:
     # the weight tiles stored compressed (see _expanded_tile): a bit per element, then the
     # nonzero elements, expanded once per pair of panels into %work (AVX512-VBMI2's vpexpandb/w)
     compressed: bool = False
+    # each block's epilogue run during the next block's tile products, its rows spread over
+    # the K-steps (_waiting_rows): the epilogue's vector work beside the tiles' instead of
+    # after them
+    overlapped: bool = False
 
 
 def tile_config() -> str:
@@ -102,10 +108,13 @@ def _expanded_tile(e: Builder, cfg: AmxConfig, tile: str, buffer: str) -> str:
     return buffer
 
 
-def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch: str, weights: tuple) -> None:
+def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: tuple, weights: tuple) -> None:
     """Output features [32·pair, 32·pair + 32) × tokens [t, t + 16·tiles): the products of
-    every K-tile into C tiles 0..3 (C[2a + b]: features half a, tokens half b), then the
-    epilogue. `weights`: (where the tiles are, the index there of each panel's K-tile 0)."""
+    every K-tile into C tiles 0..3 (C[2a + b]: features half a, tokens half b), stored to
+    the scratch, then the epilogue; `overlapped`, the epilogue waits for the next block,
+    whose K-steps take its rows (_waiting_rows). `weights`: (where the tiles are, the
+    index there of each panel's K-tile 0); `out`: (the scratch, and overlapped, the
+    waiting block's pair and t, and the rows a K-step takes)."""
     cs = [(2 * a + b, A0 + a, B0 + b) for a in range(2) for b in range(tiles)]  # (C, its A, its B)
     for c, _, _ in cs:
         e.call("llvm.x86.tilezero", "void", ("i8", str(c)))
@@ -124,13 +133,51 @@ def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch: s
             e.call("llvm.x86.tileloadd64", "void", ("i8", str(B0 + b)), ("ptr", at), ("i64", stride))
         for c, a, b in cs:
             e.call(DOTS[cfg.dot], "void", ("i8", str(c)), ("i8", str(a)), ("i8", str(b)))
+        if cfg.overlapped:  # rows [per·kt, per·(kt + 1)) of the waiting block, up to 16
+            r0 = e(f"mul i64 {kt}, {out[2]}")
+            r1 = e(f"add i64 {r0}, {out[2]}")
+            _waiting_rows(e, cfg, out, r0, e(f"select i1 {e(f'icmp slt i64 {r1}, {ROWS}')}, i64 {r1}, i64 {ROWS}"))
         return []
 
     e.loop("0", "%ktiles", 1, [], step)
+    scratch = out[0]
+    if cfg.overlapped:  # (no K-steps: none took the waiting rows)
+        _waiting_rows(e, cfg, out, e(f"select i1 {e('icmp sgt i64 %ktiles, 0')}, i64 {ROWS}, i64 0"), str(ROWS))
     for c, _, _ in cs:
         e.call("llvm.x86.tilestored64", "void", ("i8", str(c)), ("ptr", e.gep(scratch, str(c * ROWS * TOKENS))),
                ("i64", "64"))
-    e.loop("0", str(ROWS), 1, [], lambda r, _: _rows_out(e, cfg, pair, t, tiles, scratch, r) or [])
+    if cfg.overlapped:
+        e.raw(f"  store i64 {pair}, ptr {out[1]}, align 8")
+        e.raw(f"  store i64 {t}, ptr {e.gep(out[1], '1', 'i64')}, align 8")
+    else:
+        e.loop("0", str(ROWS), 1, [], lambda r, _: _rows_out(e, cfg, pair, t, tiles, scratch, r) or [])
+
+
+def _waiting_rows(e: Builder, cfg: AmxConfig, out: tuple, r0: str, r1: str) -> None:
+    """Rows [r0, r1) of the waiting block's epilogue (_rows_out), if a block waits (its
+    pair is not -1). Always two token tiles: a block of one is the last of the tokens, so
+    its second tile's lanes are all past ntok, masked off (the scratch there holds an
+    earlier block's sums, or zeros)."""
+    scratch, waiting, _ = out
+    pair = e(f"load i64, ptr {waiting}, align 8")
+    t = e(f"load i64, ptr {e.gep(waiting, '1', 'i64')}, align 8")
+    go, done = e.fresh("waiting"), e.fresh("waited")
+    e.cond_br(e(f"icmp sge i64 {pair}, 0"), go, done)
+    e.label(go)
+    e.loop(r0, r1, 1, [], lambda r, _: _rows_out(e, cfg, pair, t, 2, scratch, r) or [])
+    e.br(done)
+    e.label(done)
+
+
+def _overlap_state(e: Builder, scratch: str) -> tuple:
+    """_block's `out` when overlapped: the scratch zeroed, no block waiting (pair -1), and
+    the rows of the waiting block a K-step takes, 16 / ktiles rounded up."""
+    waiting = e("alloca [2 x i64], align 8")  # the waiting block's pair and t
+    e.call("llvm.memset.p0.i64", "void", ("ptr", scratch), ("i8", "0"), ("i64", str(16 * ROWS * TOKENS)),
+           ("i1", "false"))
+    e.raw(f"  store i64 -1, ptr {waiting}, align 8")
+    some = e(f"select i1 {e('icmp sgt i64 %ktiles, 0')}, i64 %ktiles, i64 1")
+    return scratch, waiting, e(f"udiv i64 {e(f'add i64 {some}, {ROWS - 1}')}, {some}")
 
 
 def _pair_weights(e: Builder, cfg: AmxConfig, pair: str) -> tuple:
@@ -178,21 +225,24 @@ def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch
 
 def _panels(e: Builder, cfg: AmxConfig) -> None:
     scratch = e(f"alloca [{4 * ROWS * TOKENS} x float], align 64")  # the 4 C tiles
+    out = _overlap_state(e, scratch) if cfg.overlapped else (scratch,)
     e.call("llvm.x86.ldtilecfg", "void", ("ptr", "@amx_config"))
     padded = e(f"and i64 {e(f'add i64 %ntok, {TOKENS - 1}')}, {-TOKENS}")
 
     def pair(p, _):
         weights = _pair_weights(e, cfg, p)
-        t, _c = e.loop("0", padded, 2 * TOKENS, [], lambda t, _c: _block(e, cfg, p, t, 2, scratch, weights) or [])
+        t, _c = e.loop("0", padded, 2 * TOKENS, [], lambda t, _c: _block(e, cfg, p, t, 2, out, weights) or [])
         last, done = e.fresh("last"), e.fresh("done")
         e.cond_br(e(f"icmp slt i64 {t}, {padded}"), last, done)
         e.label(last)
-        _block(e, cfg, p, t, 1, scratch, weights)
+        _block(e, cfg, p, t, 1, out, weights)
         e.br(done)
         e.label(done)
         return []
 
     e.loop("%pair0", "%pair1", 1, [], pair)
+    if cfg.overlapped:
+        _waiting_rows(e, cfg, out, "0", str(ROWS))  # the last block's
     e.call("llvm.x86.tilerelease", "void")
 
 
@@ -204,7 +254,7 @@ def amx_ir(cfg: AmxConfig) -> str:
     e.raw(f'@amx_config = private unnamed_addr constant [64 x i8] c"{tile_config()}", align 64')
     epi = ("float(C - corr[j]) * scale[j] + bias[j]" if cfg.dot == "int8" else "C + bias[j]")
     return e.module(f"; sparsejit generated kernel: AMX dense {cfg.dot} activation={cfg.activation} "
-                    f"residual={cfg.residual} compressed={cfg.compressed}\n"
+                    f"residual={cfg.residual} compressed={cfg.compressed} overlapped={cfg.overlapped}\n"
                     f"; C[j, t] = sum over K-tiles kt: wa[j / 16, kt] (16 x 64 bytes) . xq[16 kt .. 16 kt + 15, t]"
                     f" ({DOTS[cfg.dot].rsplit('.', 1)[1]})\n"
                     f"; yt[j, t] = act({epi}){' + rt[j, t]' if cfg.residual else ''}")

@@ -699,7 +699,8 @@ def test_int8_kernel_exact_against_the_integer_reference(dot):
     (amx.Int8Amx: inputs padded to K-tiles of 64, outputs to pairs of 16-row tiles,
     tokens to 16; its weight tiles dense, or compressed and expanded per pair of panels),
     against the numpy reference: int32 sums exactly,
-    then the float epilogue; dynamic and static uint8 and int8 activation quantization;
+    then the float epilogue (AMX's with GELU run during the next block's products, across
+    pairs of panels: 130 outputs); dynamic and static uint8 and int8 activation quantization;
     1 output, 1 input, all-zero, 4-block and unstructured weights, weights of ±127 and
     -128 next to activations of 255 (where AVX2's vpmaddubsw saturates); 0, 1, 17, 130
     and 200 tokens (whole tiles, every narrower tile, a masked last vector)."""
@@ -711,7 +712,7 @@ def test_int8_kernel_exact_against_the_integer_reference(dot):
     rng = np.random.default_rng(17)
     for k, m, sparsity, block in [(64, 48, 0.9, 1), (96, 40, 0.8, 4), (130, 7, 0.5, 1), (1, 1, 0.0, 1),
                                   (256, 1, 0.9, 4), (8, 5, 1.0, 1), (12, 3, -1, 1), (40, 6, -2, 1),
-                                  (600, 9, 0.8, 4), (1030, 4, 0.9, 1), (520, 3, -2, 1)]:
+                                  (600, 9, 0.8, 4), (1030, 4, 0.9, 1), (520, 3, -2, 1), (70, 130, 0.5, 1)]:
         # -1: pairs far past vpmaddubsw's int16 limit; -2: 4-blocks along the inputs with pairs
         # at it (|w0| + |w1| = 128) and just past (129), next to activations of 255
         w = rng.integers(-127, 128, (k, m)).astype(np.int8) if sparsity >= 0 else \
