@@ -20,14 +20,19 @@ def time_calls(fn: Callable[[], object], runs: int, warmup: int = 1) -> list[flo
 
 
 def race(fns: dict, rounds: int = 7) -> dict:
-    """Median ms of each candidate over `rounds` rounds that call every candidate once,
-    after one warm-up call each (a fresh kernel's compile). Interleaving spreads the
-    machine's slow moments over all candidates instead of one; the median keeps one slow
-    (or lucky) round from deciding."""
+    """ms per call of each candidate over `rounds` rounds that call every candidate once,
+    after one warm-up call each (a fresh kernel's compile): the first candidate's median,
+    and for each other the first's median times the median of its time over the first's
+    in the same round. Candidates are compared by round, as the bench compares engines:
+    a machine whose speed moves two to four times within minutes (bench/README.md,
+    eleventh session) moves both times of a round together, where separate medians
+    could each fall on a different side of a change of speed."""
     for fn in fns.values():
         fn()
     samples: dict = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             samples[name].append(time_calls(fn, 1, warmup=0)[0] * 1e3)
-    return {name: statistics.median(ms) for name, ms in samples.items()}
+    first = samples[next(iter(fns))]
+    base = statistics.median(first)
+    return {name: base * statistics.median(t / f for t, f in zip(ms, first)) for name, ms in samples.items()}

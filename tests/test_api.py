@@ -365,6 +365,28 @@ def test_auto_times_only_densities_near_the_crossover():
         np.testing.assert_allclose(lp.impl(x), x @ w, rtol=1e-4, atol=1e-4)
 
 
+def test_a_race_compares_candidates_round_by_round(monkeypatch):
+    """timing.race on a machine that slows threefold between two candidates' calls of one
+    round: b takes 1.25x a's time in every round, and the race says so. (Separate medians
+    put a's in the fast rounds and b's in the slow ones: 3.75x.) Each call's time is the
+    one the fake clock gives it, so the test times nothing."""
+    from sparsejit import timing
+
+    calls = []
+
+    def candidate(base: float):
+        def fn() -> float:
+            calls.append(base)
+            return base * (3.0 if len(calls) > 9 else 1.0)  # slow from round 4's second call on
+        return fn
+
+    monkeypatch.setattr(timing, "time_calls", lambda fn, runs, warmup=1: [fn()])
+    ms = timing.race({"a": candidate(0.8e-3), "b": candidate(1.0e-3)}, rounds=7)
+    assert len(calls) == 2 + 2 * 7  # one warm-up call each, then a call each per round
+    assert ms["b"] / ms["a"] == pytest.approx(1.25)
+    assert ms["a"] == pytest.approx(0.8)  # ms: a's own median (its first four rounds were fast)
+
+
 def test_the_readme_lists_the_supported_ops():
     from pathlib import Path
 
