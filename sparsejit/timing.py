@@ -24,9 +24,8 @@ def race(fns: dict, rounds: int = 7) -> dict:
     after one warm-up call each (a fresh kernel's compile): the first candidate's median,
     and for each other the first's median times the median of its time over the first's
     in the same round. Candidates are compared by round, as the bench compares engines:
-    a machine whose speed moves two to four times within minutes (bench/README.md,
-    eleventh session) moves both times of a round together, where separate medians
-    could each fall on a different side of a change of speed."""
+    a change in the machine's speed moves both times of a round together, where separate
+    medians could each fall on a different side of it (bench/README.md, eleventh session)."""
     for fn in fns.values():
         fn()
     samples: dict = {name: [] for name in fns}
