@@ -44,6 +44,7 @@ must first be allowed AMX's tile data (amx.request_amx).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .epilogue import ACTIVATIONS, epilogue
 from .ir import Builder, Signature
@@ -74,6 +75,14 @@ class AmxConfig:
     # the K-steps (_waiting_rows): the epilogue's vector work beside the tiles' instead of
     # after them
     overlapped: bool = False
+
+
+class _Out(NamedTuple):
+    """Where _block leaves a block: the scratch its C tiles are stored to, and, overlapped,
+    the slots of the waiting block's pair and t and the rows of it a K-step takes."""
+    scratch: str
+    waiting: str | None = None
+    per: str | None = None
 
 
 def tile_config() -> str:
@@ -108,13 +117,12 @@ def _expanded_tile(e: Builder, cfg: AmxConfig, tile: str, buffer: str) -> str:
     return buffer
 
 
-def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: tuple, weights: tuple) -> None:
+def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _Out, weights: tuple) -> None:
     """Output features [32·pair, 32·pair + 32) × tokens [t, t + 16·tiles): the products of
     every K-tile into C tiles 0..3 (C[2a + b]: features half a, tokens half b), stored to
     the scratch, then the epilogue; `overlapped`, the epilogue waits for the next block,
     whose K-steps take its rows (_waiting_rows). `weights`: (where the tiles are, the
-    index there of each panel's K-tile 0); `out`: (the scratch, and overlapped, the
-    waiting block's pair and t, and the rows a K-step takes)."""
+    index there of each panel's K-tile 0)."""
     cs = [(2 * a + b, A0 + a, B0 + b) for a in range(2) for b in range(tiles)]  # (C, its A, its B)
     for c, _, _ in cs:
         e.call("llvm.x86.tilezero", "void", ("i8", str(c)))
@@ -134,42 +142,41 @@ def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: tuple
         for c, a, b in cs:
             e.call(DOTS[cfg.dot], "void", ("i8", str(c)), ("i8", str(a)), ("i8", str(b)))
         if cfg.overlapped:  # rows [per·kt, per·(kt + 1)) of the waiting block, up to 16
-            r0 = e(f"mul i64 {kt}, {out[2]}")
-            r1 = e(f"add i64 {r0}, {out[2]}")
+            r0 = e(f"mul i64 {kt}, {out.per}")
+            r1 = e(f"add i64 {r0}, {out.per}")
             _waiting_rows(e, cfg, out, r0, e(f"select i1 {e(f'icmp slt i64 {r1}, {ROWS}')}, i64 {r1}, i64 {ROWS}"))
         return []
 
     e.loop("0", "%ktiles", 1, [], step)
-    scratch = out[0]
+    scratch = out.scratch
     if cfg.overlapped:  # (no K-steps: none took the waiting rows)
         _waiting_rows(e, cfg, out, e(f"select i1 {e('icmp sgt i64 %ktiles, 0')}, i64 {ROWS}, i64 0"), str(ROWS))
     for c, _, _ in cs:
         e.call("llvm.x86.tilestored64", "void", ("i8", str(c)), ("ptr", e.gep(scratch, str(c * ROWS * TOKENS))),
                ("i64", "64"))
     if cfg.overlapped:
-        e.raw(f"  store i64 {pair}, ptr {out[1]}, align 8")
-        e.raw(f"  store i64 {t}, ptr {e.gep(out[1], '1', 'i64')}, align 8")
+        e.raw(f"  store i64 {pair}, ptr {out.waiting}, align 8")
+        e.raw(f"  store i64 {t}, ptr {e.gep(out.waiting, '1', 'i64')}, align 8")
     else:
         e.loop("0", str(ROWS), 1, [], lambda r, _: _rows_out(e, cfg, pair, t, tiles, scratch, r) or [])
 
 
-def _waiting_rows(e: Builder, cfg: AmxConfig, out: tuple, r0: str, r1: str) -> None:
+def _waiting_rows(e: Builder, cfg: AmxConfig, out: _Out, r0: str, r1: str) -> None:
     """Rows [r0, r1) of the waiting block's epilogue (_rows_out), if a block waits (its
     pair is not -1). Always two token tiles: a block of one is the last of the tokens, so
     its second tile's lanes are all past ntok, masked off (the scratch there holds an
     earlier block's sums, or zeros)."""
-    scratch, waiting, _ = out
-    pair = e(f"load i64, ptr {waiting}, align 8")
-    t = e(f"load i64, ptr {e.gep(waiting, '1', 'i64')}, align 8")
+    pair = e(f"load i64, ptr {out.waiting}, align 8")
+    t = e(f"load i64, ptr {e.gep(out.waiting, '1', 'i64')}, align 8")
     go, done = e.fresh("waiting"), e.fresh("waited")
     e.cond_br(e(f"icmp sge i64 {pair}, 0"), go, done)
     e.label(go)
-    e.loop(r0, r1, 1, [], lambda r, _: _rows_out(e, cfg, pair, t, 2, scratch, r) or [])
+    e.loop(r0, r1, 1, [], lambda r, _: _rows_out(e, cfg, pair, t, 2, out.scratch, r) or [])
     e.br(done)
     e.label(done)
 
 
-def _overlap_state(e: Builder, scratch: str) -> tuple:
+def _overlap_state(e: Builder, scratch: str) -> _Out:
     """_block's `out` when overlapped: the scratch zeroed, no block waiting (pair -1), and
     the rows of the waiting block a K-step takes, 16 / ktiles rounded up."""
     waiting = e("alloca [2 x i64], align 8")  # the waiting block's pair and t
@@ -177,7 +184,7 @@ def _overlap_state(e: Builder, scratch: str) -> tuple:
            ("i1", "false"))
     e.raw(f"  store i64 -1, ptr {waiting}, align 8")
     some = e(f"select i1 {e('icmp sgt i64 %ktiles, 0')}, i64 %ktiles, i64 1")
-    return scratch, waiting, e(f"udiv i64 {e(f'add i64 {some}, {ROWS - 1}')}, {some}")
+    return _Out(scratch, waiting, e(f"udiv i64 {e(f'add i64 {some}, {ROWS - 1}')}, {some}"))
 
 
 def _pair_weights(e: Builder, cfg: AmxConfig, pair: str) -> tuple:
@@ -225,7 +232,7 @@ def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch
 
 def _panels(e: Builder, cfg: AmxConfig) -> None:
     scratch = e(f"alloca [{4 * ROWS * TOKENS} x float], align 64")  # the 4 C tiles
-    out = _overlap_state(e, scratch) if cfg.overlapped else (scratch,)
+    out = _overlap_state(e, scratch) if cfg.overlapped else _Out(scratch)
     e.call("llvm.x86.ldtilecfg", "void", ("ptr", "@amx_config"))
     padded = e(f"and i64 {e(f'add i64 %ntok, {TOKENS - 1}')}, {-TOKENS}")
 
