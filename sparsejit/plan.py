@@ -293,9 +293,9 @@ def _int8(a: dict, facts: dict) -> tuple[type, Callable[[], Int8Linear | Int8Chu
     """The int8 kernel for a QLinear node's attributes (and its weight's `_int8_weight_facts`):
     its class, what builds it, and why. With VNNI (and an output not requantized): the
     dense GEMM where over DENSE_ABOVE of the 4-blocks hold a nonzero, else the K-chunked
-    sparse kernel. Without VNNI, a weight whose nonzeros are
-    scattered (4-blocks would store over PADDING_WORTH times as many multiply-adds) runs
-    on the FP32 sparse kernel, exactly, where its sums stay below 2^24."""
+    sparse kernel. Without VNNI, a weight whose nonzeros are scattered (4-blocks would
+    store over PADDING_WORTH times as many multiply-adds) runs on the FP32 sparse kernel,
+    exactly, where its sums stay below 2^24."""
     w = a["weight"]
     k, m = w.shape
     args = (w, a["scale"], a["mode"], a["x_scale"], a["x_zero_point"], a["bias"], a["activation"], a["residual"])
