@@ -70,6 +70,8 @@ HEADS_DRIVER_SOURCE = """\
 import numpy as np
 from numba import njit, prange
 
+ANY_LAYOUT = True  # its arrays compiled for any layout only (compile._any_layout)
+
 
 @njit(parallel=True, nogil=True, cache=True)
 def run_heads(fn, qt, kt, vt, mask, ot, scale, width, packed):

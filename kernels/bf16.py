@@ -95,6 +95,8 @@ DRIVER_SOURCE = """\
 # rows [bounds[c], bounds[c + 1])
 from numba import njit, prange
 
+ANY_LAYOUT = True  # its arrays compiled for any layout only (compile._any_layout)
+
 
 @njit(parallel=True, nogil=True, cache=True)
 def pack_pairs(pack_fn, xt, xp, parts):

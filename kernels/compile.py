@@ -41,6 +41,7 @@ from types import ModuleType
 from numba.core.caching import CompileResultCacheImpl, FunctionCache, IndexDataCacheFile, InTreeCacheLocator
 from numba.core.compiler_lock import global_compiler_lock
 from numba.core.dispatcher import Dispatcher
+from numba.core.types import Array
 
 log = logging.getLogger("sparsejit")
 
@@ -196,7 +197,68 @@ def _build_module(source: str) -> ModuleType:
     for value in list(vars(module).values()):
         if isinstance(value, Dispatcher) and type(value._cache) is FunctionCache:
             value._cache = CheckedCache(value.py_func)
+            if module.__dict__.get("ANY_LAYOUT"):
+                _any_layout(value)
     return module
+
+
+# A driver is compiled anew for every argument type it meets, and a parallel one takes a
+# second or more (cold load: bench/README, twelfth session). Its arrays meet several types:
+# the same buffer contiguous at one token count and a padded view at another, a weight
+# read-only from the model's file or a writable copy. A source that sets ANY_LAYOUT = True
+# has its functions, called from Python, compiled for one type per array's element type
+# and dimensions: layout 'A', read-only, maybe unaligned, which every such array converts
+# to (so one compiled signature takes them all, never two ambiguously). Its Numba code
+# may read its array arguments' pointers, strides, shapes and values, and not write them.
+
+
+def _relaxed(ty, widest: bool):
+    """An array type as layout 'A', and with `widest` also read-only and maybe unaligned."""
+    if type(ty) is not Array:
+        return ty
+    return Array(ty.dtype, ty.ndim, "A", readonly=True, aligned=False) if widest else ty.copy(layout="A")
+
+
+def _any_layout(dispatcher: Dispatcher) -> None:
+    """Compile `dispatcher`, called from Python, only for its argument types made widest
+    (`_relaxed`). Its compiling at call time is turned off, so that a call whose types
+    have no exact compiled match comes to `_search_new_conversions` (Numba's C dispatcher
+    asks it for conversions to a compiled signature and registers them, so the next such
+    call is dispatched in C); here that first compiles the widest signature, if new. Calls
+    from other Numba code, typed by `get_call_template`, compile for their arrays as
+    layout 'A' (keeping whether the caller may write them)."""
+    def compile_relaxed(tys, widest: bool) -> tuple:
+        sig = tuple(_relaxed(t, widest) for t in tys)
+        with global_compiler_lock:  # (threads loading at once: one turns compiling on and off at a time)
+            if sig not in dispatcher.overloads:
+                dispatcher._can_compile = True
+                try:
+                    dispatcher.compile(sig)
+                finally:
+                    dispatcher._can_compile = False
+        return sig
+
+    search, template = dispatcher._search_new_conversions, dispatcher.get_call_template
+
+    def search_new_conversions(*args, **kws):
+        compile_relaxed([dispatcher.typeof_pyval(a) for a in args], True)
+        return search(*args, **kws)
+
+    def compile_for_args(*args):
+        # (the C dispatcher's way when it meets compiling turned on: another thread's
+        # compile_relaxed, between its turning it on and off)
+        sig = compile_relaxed([dispatcher.typeof_pyval(a) for a in args], True)
+        search(*args)
+        return dispatcher.overloads[sig].entry_point
+
+    def get_call_template(args, kws):
+        compile_relaxed(dispatcher._compiler.fold_argument_types(args, kws)[1], False)
+        return template(args, kws)
+
+    dispatcher._can_compile = False
+    dispatcher._search_new_conversions = search_new_conversions
+    dispatcher._compile_for_args = compile_for_args
+    dispatcher.get_call_template = get_call_template
 
 
 class _InTree(CompileResultCacheImpl):

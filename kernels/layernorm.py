@@ -179,6 +179,8 @@ COLUMNS_DRIVER_SOURCE = """\
 # sparsejit generated kernel: the parallel driver of the feature-major LayerNorm IR kernel
 from numba import njit, prange
 
+ANY_LAYOUT = True  # its arrays compiled for any layout only (compile._any_layout)
+
 
 @njit(parallel=True, nogil=True, cache=True)
 def run_columns(fn, xt, yt, scale, bias, eps, grid, xq, parts):

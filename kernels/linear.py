@@ -74,6 +74,8 @@ SPARSE_DRIVER_SOURCE = """\
 # it takes them in the order `order` lists them (see compress.order_rows)
 from numba import njit, prange
 
+ANY_LAYOUT = True  # its arrays compiled for any layout only (compile._any_layout)
+
 
 @njit(parallel=True, nogil=True, cache=True)
 def run_rows(fn, xt, indptr, indices, values, bias, yt, rt, nchunks, order, bounds):
@@ -132,6 +134,8 @@ DENSE_DRIVER_SOURCE = """\
 # thread c computes panels [c * n / parts, (c + 1) * n / parts), `token_tile` tokens at a
 # time so that the tokens' slice of xt stays in cache across the thread's panels
 from numba import njit, prange
+
+ANY_LAYOUT = True  # its arrays compiled for any layout only (compile._any_layout)
 
 
 @njit(parallel=True, nogil=True, cache=True)

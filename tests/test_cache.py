@@ -98,3 +98,61 @@ def test_a_change_to_the_kernels_makes_cached_plans_stale(tmp_path, monkeypatch)
         assert saved_plans.structure_key(graph, 2, "auto") != before
     finally:
         saved_plans.kernels_fingerprint.cache_clear()
+
+
+ANY_LAYOUT_SOURCE = """\
+import numpy as np
+from numba import njit
+
+ANY_LAYOUT = True
+
+
+@njit(cache=True)
+def corner(a, b):
+    return a[1, 2] + b[0] + a.shape[1]
+
+
+@njit(cache=True)
+def fill(out, v):
+    out[:] = v
+
+
+@njit(cache=True)
+def through(a, b):
+    out = np.empty(3, np.float32)
+    fill(out, a[0, 0])  # (called from Numba code: may write its argument)
+    return corner(a, b) + out[2]
+"""
+
+
+def test_a_driver_compiles_once_for_every_layout_of_its_arrays(tmp_path, monkeypatch):
+    """A source with ANY_LAYOUT compiles each function for one array type per element type
+    and dimensions (compile._any_layout): the same buffer contiguous, as a padded view,
+    read-only and unaligned takes that one compiled signature, and no two compiled
+    signatures ever match one call ambiguously. A new element type compiles anew."""
+    import numpy as np
+
+    from sparsejit.kernels import compile as c
+
+    monkeypatch.setenv("SPARSEJIT_CACHE_DIR", str(tmp_path))
+    m = c.load_source(ANY_LAYOUT_SOURCE)
+    wide = np.arange(24, dtype=np.float32).reshape(4, 6)
+    contiguous = np.ascontiguousarray(wide[:, :4])
+    frozen = contiguous.copy()
+    frozen.flags.writeable = False
+    raw = np.zeros(4 * 4 * 4 + 1, np.uint8)[1:].view(np.float32).reshape(4, 4)  # unaligned
+    raw[:] = contiguous
+    assert not raw.flags.aligned
+    b = np.ones(2, np.float32)
+    for a in (contiguous, wide[:, :4], frozen, raw, contiguous, wide[:, :4]):
+        assert m.corner(a, b) == 8 + 1 + 4
+        assert m.through(a, frozen[0, :2]) == 8 + 0 + 4 + 0  # (b read-only: 0, 1)
+    m.corner._can_compile = True  # as while another thread compiles (a load in each of two threads)
+    assert m.corner(np.asfortranarray(contiguous), b) == 8 + 1 + 4
+    m.corner._can_compile = False
+    assert len(m.corner.signatures) == len(m.through.signatures) == 1
+    (sig,) = m.corner.signatures
+    assert all(t.layout == "A" and not t.mutable for t in sig)
+    assert len(m.fill.signatures) == 1 and m.fill.signatures[0][0].mutable  # (from Numba code, as the caller has it)
+    assert m.corner(contiguous.astype(np.float64), b) == 8 + 1 + 4
+    assert len(m.corner.signatures) == 2
