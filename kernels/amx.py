@@ -65,6 +65,8 @@ DRIVER_SOURCE = """\
 # cache across the thread's panels
 from numba import njit, prange
 
+ANY_LAYOUT = True  # its arrays compiled for any layout only (compile._any_layout)
+
 
 @njit(parallel=True, nogil=True, cache=True)
 def run_amx(fn, xq, wa, bias, yt, rt, parts, token_tile, pairs, ktiles, masks, offsets, work):
@@ -183,7 +185,8 @@ class _Amx:
         # (compressed: each thread's pair of panels expanded, 2 KB per K-tile, on 64-byte lines;
         # made per call, as two Python threads may run the layer at once)
         work = aligned_empty((parts, 2 * ktiles * 1024 if self.config.compressed else 64), np.uint8)
-        self._driver(self._fn, xq, self._arrays[0], bias, yt, rt, parts, AMX_TOKEN_TILE, pairs, ktiles,
+        # (xq's i32 rows as float32 bits, as x_rows makes them: one type, one compiled driver)
+        self._driver(self._fn, xq.view(np.float32), self._arrays[0], bias, yt, rt, parts, AMX_TOKEN_TILE, pairs, ktiles,
                      *self._arrays[1:], work)
 
 

@@ -97,6 +97,8 @@ DRIVER_SOURCE = """\
 import numpy as np
 from numba import njit, prange
 
+ANY_LAYOUT = True  # its arrays compiled for any layout only (compile._any_layout)
+
 
 @njit(nogil=True, cache=True)
 def range_scale(lo, hi):
@@ -180,13 +182,15 @@ def run_int8(range_fn, quantize_fn, fn, xt, lanes, dynamic, x_scale, x_zero, x_l
                                           x_zero, x_lo, parts)
     if not finite:
         return False
-    if dynamic:
-        corr = np.empty(colsum.shape[0], np.int32)
-        mult = np.empty(colsum.shape[0], np.float32)
-        dynamic_terms(scale, zero, wscale, colsum, mult, corr)
+    at_corr, at_mult = corr.ctypes.data, mult.ctypes.data
+    if dynamic:  # (new arrays: the arguments are read-only to this driver, compile._any_layout)
+        dcorr = np.empty(colsum.shape[0], np.int32)
+        dmult = np.empty(colsum.shape[0], np.float32)
+        dynamic_terms(scale, zero, wscale, colsum, dmult, dcorr)
+        at_corr, at_mult = dcorr.ctypes.data, dmult.ctypes.data
     for c in prange(parts):
         fn(xq.ctypes.data, tp, indptr.ctypes.data, split.ctypes.data, blocks.ctypes.data, weights.ctypes.data,
-           corr.ctypes.data, mult.ctypes.data, bias.ctypes.data, requant.ctypes.data, yt.ctypes.data,
+           at_corr, at_mult, bias.ctypes.data, requant.ctypes.data, yt.ctypes.data,
            yt.strides[0] // 4, rt.ctypes.data, rt.strides[0] // 4, bounds[c], bounds[c + 1], ntok)
     return True
 
@@ -218,6 +222,32 @@ def run_on_float(range_fn, quantize_fn, fn, xt, lanes, dynamic, x_scale, x_zero,
     for c in prange(parts):
         fn(xf.ctypes.data, xf.strides[0] // 4, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data,
            bias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data, rt.strides[0] // 4, m, nchunks,
+           order.ctypes.data, bounds[c], bounds[c + 1], ntok)
+    return True
+
+
+# run_chunked, the K-chunked kernel's (Int8Chunked): x quantized as above unless given as
+# bytes, then as the float32 sparse kernel's driver, thread c computes output rows
+# [bounds[c], bounds[c + 1])
+@njit(parallel=True, nogil=True, cache=True)
+def run_chunked(range_fn, quantize_fn, fn, xt, xq, lanes, dynamic, x_scale, x_zero, x_lo, colsum, wscale, kbias,
+                indptr, indices, values, yt, rt, nchunks, order, bounds, given):
+    # given: xq holds x quantized already (static; xt is xq then)
+    ntok = xt.shape[1]
+    m = yt.shape[0]
+    parts = bounds.shape[0] - 1
+    if given:
+        finite, scale, zero = True, np.float32(x_scale), np.float32(x_zero)
+    else:
+        finite, scale, zero = quantized_input(range_fn, quantize_fn, xt, xq.ctypes.data, xq.strides[0] // 4, lanes,
+                                              dynamic, x_scale, x_zero, x_lo, parts)
+    if not finite:
+        return False
+    if dynamic:
+        kbias = call_terms(kbias, scale, zero, wscale, colsum)
+    for c in prange(parts):
+        fn(xq.ctypes.data, xq.strides[0] // 4, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data,
+           kbias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data, rt.strides[0] // 4, m, nchunks,
            order.ctypes.data, bounds[c], bounds[c + 1], ntok)
     return True
 """
@@ -472,36 +502,6 @@ def weight_step(layer: _Quantized) -> np.ndarray:
     return step if layer.requantize is None else step * layer.requantize[0]
 
 
-# The K-chunked int8 kernel's driver, after DRIVER_SOURCE's (whose helpers it calls): (dynamic)
-# x's range by range_fn, the scale, zero point and their per-output terms; x quantized by
-# quantize_fn into 4-blocks xq, split across threads; then, as the float32 sparse kernel's
-# driver, thread c computes output rows [bounds[c], bounds[c + 1]).
-CHUNKED_DRIVER_SOURCE = DRIVER_SOURCE + """
-
-@njit(parallel=True, nogil=True, cache=True)
-def run_chunked(range_fn, quantize_fn, fn, xt, xq, lanes, dynamic, x_scale, x_zero, x_lo, colsum, wscale, kbias,
-                indptr, indices, values, yt, rt, nchunks, order, bounds, given):
-    # given: xq holds x quantized already (static; xt is xq then)
-    ntok = xt.shape[1]
-    m = yt.shape[0]
-    parts = bounds.shape[0] - 1
-    if given:
-        finite, scale, zero = True, np.float32(x_scale), np.float32(x_zero)
-    else:
-        finite, scale, zero = quantized_input(range_fn, quantize_fn, xt, xq.ctypes.data, xq.strides[0] // 4, lanes,
-                                              dynamic, x_scale, x_zero, x_lo, parts)
-    if not finite:
-        return False
-    if dynamic:
-        kbias = call_terms(kbias, scale, zero, wscale, colsum)
-    for c in prange(parts):
-        fn(xq.ctypes.data, xq.strides[0] // 4, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data,
-           kbias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data, rt.strides[0] // 4, m, nchunks,
-           order.ctypes.data, bounds[c], bounds[c + 1], ntok)
-    return True
-"""
-
-
 def byte_rows(given: np.ndarray) -> np.ndarray:
     """A token-major view [..., in/4] of x's bytes (layernorm.layernorm_to_bytes) as the
     4-block rows [in/4, tokens] the kernel reads, token stride 1 (copied only if not)."""
@@ -534,13 +534,13 @@ class Int8Chunked(_Quantized, SparseLinear):
         self._set_vnni_terms(weight)
         self._fns = (*_quantize_fns(), SPARSE_SIGNATURE.ctypes()(compile_ir(ir_source(self.config),
                                                                              SPARSE_SIGNATURE.name)))
-        self._driver = load_source(CHUNKED_DRIVER_SOURCE).run_chunked
+        self._driver = load_source(DRIVER_SOURCE).run_chunked
         self._handoffs: dict[tuple, tuple] = {}  # by the next layer's grid: see _handoff
         self._set_chunk(k_chunk)
 
     @property
     def source(self) -> str:
-        return with_driver(ir_source(self.config), CHUNKED_DRIVER_SOURCE)
+        return with_driver(ir_source(self.config), DRIVER_SOURCE)
 
     def dense_weight(self) -> np.ndarray:
         """The int8 weight [in, out] rebuilt from the stored, chunked and reordered blocks."""
@@ -566,6 +566,8 @@ class Int8Chunked(_Quantized, SparseLinear):
 
     def _call(self, fn, kbias, xt, xq, yt, rt, given: bool) -> bool:
         _, bounds, indptr, indices, values, order = self._arrays()
+        if given:  # (x's bytes as i32: their bits as float32, the type the driver is compiled for)
+            xt = xq = xq.view(np.float32)
         return self._driver(*self._fns[:2], fn, xt, xq, vector_lanes(), self.mode == "dynamic",
                             *self._x_quantization(), self.colsum, self.scale, kbias, indptr, indices, values, yt, rt,
                             self.nchunks, order, bounds, given)
