@@ -458,3 +458,34 @@ def test_16_bit_activations_are_not_quantized_to_bytes(dtype):
     assert {lp.kind for lp in compiled.layers} != {"int8"}, [lp.kind for lp in compiled.layers]
     x = rng.standard_normal((9, 48)).astype(np.float32)
     np.testing.assert_allclose(compiled.run({"x": x})[0], reference.run({"x": x})[0], atol=1e-5, rtol=1e-5)
+
+
+def test_each_driver_compiles_once_for_the_int8_forms_and_token_counts():
+    """A fresh process running the static and the dynamic model at 16 tokens (buffers of
+    whole 64-byte rows: contiguous) and 21 (padded rows: views), x handed over as bytes
+    or quantized by the layer, compiles each Numba function of the drivers that only
+    read their arrays (ANY_LAYOUT) once: every extra signature is another second or more
+    of a first load on an empty cache (compile._any_layout; bench/README, twelfth session)."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import sparsejit
+from conftest import make_inputs
+from sparsejit.kernels import compile as c
+for form in ("sparseml", "dynamic"):
+    m = sparsejit.load({str(INT8)!r} + f"/bert_block4_p90_int8_{{form}}.onnx")
+    for batch, seq in ((1, 16), (2, 21), (1, 16)):
+        m.run(make_inputs([i.name for i in m.inputs], batch, seq))
+counts = {{f"{{name}}": [str(s) for s in f.signatures] for mod in c._loaded.values() if vars(mod).get("ANY_LAYOUT")
+          for name, f in vars(mod).items() if getattr(f, "signatures", None)}}
+print(json.dumps(counts))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=600)
+    assert p.returncode == 0, p.stderr
+    counts = json.loads(p.stdout.strip().splitlines()[-1])
+    assert "run_columns" in counts and ("run_chunked" in counts or "run_amx" in counts), counts
+    assert all(len(sigs) == 1 for sigs in counts.values()), {k: v for k, v in counts.items() if len(v) > 1}
