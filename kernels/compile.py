@@ -197,38 +197,44 @@ def _build_module(source: str) -> ModuleType:
     for value in list(vars(module).values()):
         if isinstance(value, Dispatcher) and type(value._cache) is FunctionCache:
             value._cache = CheckedCache(value.py_func)
-            if module.__dict__.get("ANY_LAYOUT"):
-                _any_layout(value)
+            marker = module.__dict__.get("ANY_LAYOUT")
+            if marker:
+                _any_layout(value, () if marker is True else tuple(marker))
     return module
 
 
 # A driver is compiled anew for every argument type it meets, and a parallel one takes a
 # second or more (cold load: bench/README, twelfth session). Its arrays meet several types:
 # the same buffer contiguous at one token count and a padded view at another, a weight
-# read-only from the model's file or a writable copy. A source that sets ANY_LAYOUT = True
-# has its functions, called from Python, compiled for one type per array's element type
-# and dimensions: layout 'A', read-only, maybe unaligned, which every such array converts
-# to (so one compiled signature takes them all, never two ambiguously). Its Numba code
-# may read its array arguments' pointers, strides, shapes and values, and not write them.
+# read-only from the model's file or a writable copy. A source that sets ANY_LAYOUT has
+# its functions, called from Python, compiled for one type per array's element type and
+# dimensions, which every such array converts to (so one compiled signature takes them
+# all, never two ambiguously): layout 'A', maybe unaligned, and read-only. ANY_LAYOUT =
+# True: its Numba code may read its array arguments (pointers, strides, shapes, values),
+# not write them; a tuple names the arguments it writes, which are typed writable.
 
 
-def _relaxed(ty, widest: bool):
-    """An array type as layout 'A', and with `widest` also read-only and maybe unaligned."""
+def _relaxed(ty, widest: bool, writable: bool = False):
+    """An array type as layout 'A', and with `widest` also maybe unaligned and read-only
+    unless `writable`."""
     if type(ty) is not Array:
         return ty
-    return Array(ty.dtype, ty.ndim, "A", readonly=True, aligned=False) if widest else ty.copy(layout="A")
+    return Array(ty.dtype, ty.ndim, "A", readonly=not writable, aligned=False) if widest else ty.copy(layout="A")
 
 
-def _any_layout(dispatcher: Dispatcher) -> None:
+def _any_layout(dispatcher: Dispatcher, written: tuple[str, ...]) -> None:
     """Compile `dispatcher`, called from Python, only for its argument types made widest
-    (`_relaxed`). Its compiling at call time is turned off, so that a call whose types
+    (`_relaxed`; writable for the arguments named in `written`). Its compiling at call time is turned off, so that a call whose types
     have no exact compiled match comes to `_search_new_conversions` (Numba's C dispatcher
     asks it for conversions to a compiled signature and registers them, so the next such
     call is dispatched in C); here that first compiles the widest signature, if new. Calls
     from other Numba code, typed by `get_call_template`, compile for their arrays as
     layout 'A' (keeping whether the caller may write them)."""
+    code = dispatcher.py_func.__code__
+    writable = [name in written for name in code.co_varnames[:code.co_argcount]]
+
     def compile_relaxed(tys, widest: bool) -> tuple:
-        sig = tuple(_relaxed(t, widest) for t in tys)
+        sig = tuple(_relaxed(t, widest, i < len(writable) and writable[i]) for i, t in enumerate(tys))
         with global_compiler_lock:  # (threads loading at once: one turns compiling on and off at a time)
             if sig not in dispatcher.overloads:
                 dispatcher._can_compile = True

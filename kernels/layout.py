@@ -23,6 +23,7 @@ TRANSPOSE_SOURCE = f"""\
 # sparsejit generated kernel: tiled transpose, out = a.T (C-contiguous)
 from numba import njit, prange
 
+ANY_LAYOUT = ("out",)  # a and out compiled for any layout only, out writable (compile._any_layout)
 TILE = {TILE}
 
 

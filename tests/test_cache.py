@@ -131,7 +131,6 @@ def test_a_driver_compiles_once_for_every_layout_of_its_arrays(tmp_path, monkeyp
     read-only and unaligned takes that one compiled signature, and no two compiled
     signatures ever match one call ambiguously. A new element type compiles anew."""
     import numpy as np
-
     from sparsejit.kernels import compile as c
 
     monkeypatch.setenv("SPARSEJIT_CACHE_DIR", str(tmp_path))
@@ -156,3 +155,37 @@ def test_a_driver_compiles_once_for_every_layout_of_its_arrays(tmp_path, monkeyp
     assert len(m.fill.signatures) == 1 and m.fill.signatures[0][0].mutable  # (from Numba code, as the caller has it)
     assert m.corner(contiguous.astype(np.float64), b) == 8 + 1 + 4
     assert len(m.corner.signatures) == 2
+
+
+WRITES_SOURCE = """\
+from numba import njit
+
+ANY_LAYOUT = ("out",)
+
+
+@njit(cache=True)
+def twice(a, out):
+    for i in range(a.shape[0]):
+        out[i] = 2 * a[i]
+"""
+
+
+def test_a_driver_that_writes_an_argument_compiles_it_writable_once(tmp_path, monkeypatch):
+    """ANY_LAYOUT naming the arguments a function writes: those typed writable, layout 'A'
+    (one signature for a contiguous and a strided output); a read-only output is refused."""
+    import numpy as np
+    import pytest
+    from sparsejit.kernels import compile as c
+
+    monkeypatch.setenv("SPARSEJIT_CACHE_DIR", str(tmp_path))
+    m = c.load_source(WRITES_SOURCE)
+    a = np.arange(3, dtype=np.float32)
+    out = np.zeros(6, np.float32)
+    m.twice(a, out[:3])
+    m.twice(a, out[::2])
+    assert out.tolist() == [0, 2, 2, 0, 4, 0]
+    (sig,) = m.twice.signatures
+    assert sig[1].mutable and sig[1].layout == "A" and not sig[0].mutable
+    out.flags.writeable = False
+    with pytest.raises(TypeError):
+        m.twice(a, out[:3])
