@@ -224,12 +224,13 @@ def _relaxed(ty, widest: bool, writable: bool = False):
 
 def _any_layout(dispatcher: Dispatcher, written: tuple[str, ...]) -> None:
     """Compile `dispatcher`, called from Python, only for its argument types made widest
-    (`_relaxed`; writable for the arguments named in `written`). Its compiling at call time is turned off, so that a call whose types
-    have no exact compiled match comes to `_search_new_conversions` (Numba's C dispatcher
-    asks it for conversions to a compiled signature and registers them, so the next such
-    call is dispatched in C); here that first compiles the widest signature, if new. Calls
-    from other Numba code, typed by `get_call_template`, compile for their arrays as
-    layout 'A' (keeping whether the caller may write them)."""
+    (`_relaxed`; writable for the arguments named in `written`). Its compiling at call
+    time is turned off, so that a call whose types have no exact compiled match comes to
+    `_search_new_conversions` (Numba's C dispatcher asks it for conversions to a compiled
+    signature and registers them, so the next such call is dispatched in C); here that
+    first compiles the widest signature, if new. Calls from other Numba code, typed by
+    `get_call_template`, compile for their arrays as layout 'A' (keeping whether the
+    caller may write them)."""
     code = dispatcher.py_func.__code__
     writable = [name in written for name in code.co_varnames[:code.co_argcount]]
 

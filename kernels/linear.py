@@ -113,8 +113,8 @@ def compiled_kernel(cfg: IRConfig):
 
 
 def _writable(a: np.ndarray) -> np.ndarray:
-    # The kernels' signatures take writable arrays; a read-only view (a broadcast, a
-    # caller's frozen buffer) is copied rather than compiled for twice.
+    # A read-only view (a broadcast, a caller's frozen buffer) is copied: the layer keeps
+    # a bias of its own. (The drivers take read-only arrays too: compile._any_layout.)
     return a if a.flags.writeable else a.copy()
 
 
