@@ -198,7 +198,7 @@ def _build_module(source: str) -> ModuleType:
         if isinstance(value, Dispatcher) and type(value._cache) is FunctionCache:
             value._cache = CheckedCache(value.py_func)
             marker = module.__dict__.get("ANY_LAYOUT")
-            if marker:
+            if marker and all(hasattr(value, name) for name in _NUMBA_HOOKS):
                 _any_layout(value, () if marker is True else tuple(marker))
     return module
 
@@ -212,6 +212,11 @@ def _build_module(source: str) -> ModuleType:
 # all, never two ambiguously): layout 'A', maybe unaligned, and read-only. ANY_LAYOUT =
 # True: its Numba code may read its array arguments (pointers, strides, shapes, values),
 # not write them; a tuple names the arguments it writes, which are typed writable.
+
+
+# The dispatcher's internals _any_layout replaces or uses (Numba 0.68.1 has them); a
+# Numba without them compiles its drivers per type as before, only slower to load cold.
+_NUMBA_HOOKS = ("_search_new_conversions", "_compile_for_args", "get_call_template", "_compiler", "_can_compile")
 
 
 def _relaxed(ty, widest: bool, writable: bool = False):
