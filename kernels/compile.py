@@ -203,10 +203,10 @@ def _build_module(source: str) -> ModuleType:
     return module
 
 
-# A driver is compiled anew for every argument type it meets, and a parallel one takes a
-# second or more (cold load: bench/README, twelfth session). Its arrays meet several types:
-# the same buffer contiguous at one token count and a padded view at another, a weight
-# read-only from the model's file or a writable copy. A source that sets ANY_LAYOUT has
+# A driver is compiled anew for every argument type it meets, and a parallel one is slow
+# to compile (the first load's time: bench/README, twelfth session). Its arrays meet
+# several types: the same buffer contiguous at one token count and a padded view at
+# another, a weight read-only from the model's file or a writable copy. A source that sets ANY_LAYOUT has
 # its functions, called from Python, compiled for one type per array's element type and
 # dimensions, which every such array converts to (so one compiled signature takes them
 # all, never two ambiguously): layout 'A', maybe unaligned, and read-only. ANY_LAYOUT =

@@ -464,8 +464,8 @@ def test_each_driver_compiles_once_for_the_int8_forms_and_token_counts():
     """A fresh process running the static and the dynamic model at 16 tokens (buffers of
     whole 64-byte rows: contiguous) and 21 (padded rows: views), x handed over as bytes
     or quantized by the layer, compiles each Numba function of the drivers that only
-    read their arrays (ANY_LAYOUT) once: every extra signature is another second or more
-    of a first load on an empty cache (compile._any_layout; bench/README, twelfth session)."""
+    read their arrays (ANY_LAYOUT) once: every extra signature is another parallel compile
+    in a first load on an empty cache (compile._any_layout; bench/README, twelfth session)."""
     import json
     import subprocess
     import sys
