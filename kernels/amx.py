@@ -167,7 +167,10 @@ class _Amx:
             compressed = can_compress() and np.count_nonzero(tiles) < COMPRESS_BELOW * tiles.size
         self.config = AmxConfig(dot, activation, residual, compressed, activation in OVERLAPPED)
         self._shape, self._dtype = tiles.shape, tiles.dtype
-        self._arrays = compressed_tiles(tiles) if compressed else (tiles.reshape(-1).view(np.uint8), _NONE, _NONE)
+        dense = tiles.reshape(-1).view(np.uint8), _NONE, _NONE
+        values, masks, offsets = compressed_tiles(tiles) if compressed else dense
+        # (the masks, of 64 or 32 bits or none, kept as bytes: one type for the driver, one compile)
+        self._arrays = values, masks.view(np.uint8), offsets
         self._fn = SIGNATURE.ctypes()(compile_ir(amx_ir(self.config), SIGNATURE.name))
         self._driver = load_source(DRIVER_SOURCE).run_amx
 
@@ -185,11 +188,9 @@ class _Amx:
         # (compressed: each thread's pair of panels expanded, 2 KB per K-tile, on 64-byte lines;
         # made per call, as two Python threads may run the layer at once)
         work = aligned_empty((parts, 2 * ktiles * 1024 if self.config.compressed else 64), np.uint8)
-        # (xq's i32 rows as float32 bits, as x_rows makes them, and the masks, of 64 or 32 bits
-        # or none, as bytes: one type each, one compiled driver)
-        values, masks, offsets = self._arrays
-        self._driver(self._fn, xq.view(np.float32), values, bias, yt, rt, parts, AMX_TOKEN_TILE, pairs, ktiles,
-                     masks.view(np.uint8), offsets, work)
+        # (xq's i32 rows as float32 bits, as x_rows makes them: one type, one compiled driver)
+        self._driver(self._fn, xq.view(np.float32), self._arrays[0], bias, yt, rt, parts, AMX_TOKEN_TILE, pairs, ktiles,
+                     *self._arrays[1:], work)
 
 
 class Int8Amx(_Amx, _Quantized, DenseLinear):
