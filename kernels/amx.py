@@ -31,6 +31,7 @@ from .compile import compile_ir, host_cpu, load_source
 from .int8 import DRIVER_SOURCE as INT8_DRIVER_SOURCE
 from .int8 import _quantize_fns, _Quantized
 from .ir import with_driver
+from .launch import IMPORTS, put_source, run
 from .layout import aligned_empty, feature_major_empty, transposed
 from .linear import _NO_RESIDUAL, DenseLinear, _bias, _residual_rows
 
@@ -59,28 +60,32 @@ def has_amx(dot: str = "int8") -> bool:
 
 
 DRIVER_SOURCE = """\
-# sparsejit generated kernel: the parallel driver of the AMX kernel
-# thread c computes output pairs of panels [c * n / parts, (c + 1) * n / parts) (32
+# sparsejit generated kernel: the driver of the AMX kernel
+# part c computes output pairs of panels [c * n / parts, (c + 1) * n / parts) (32
 # features each), `token_tile` tokens at a time so that the tokens' rows of xq stay in
-# cache across the thread's panels
-from numba import njit, prange
+# cache across the part's panels
+import numpy as np
+from numba import njit
 
-ANY_LAYOUT = True  # its arrays compiled for any layout only (compile._any_layout)
+ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any_layout)
+""" + IMPORTS + "\n\n" + put_source(SIGNATURE) + """
 
-
-@njit(parallel=True, nogil=True, cache=True)
-def run_amx(fn, xq, wa, bias, yt, rt, parts, token_tile, pairs, ktiles, masks, offsets, work):
+@njit(nogil=True, cache=True)
+def run_amx(launch, part, calls, fn, xq, wa, bias, yt, rt, token_tile, pairs, ktiles, masks, offsets, work):
     ntok = yt.shape[1]
     r_step = 4 if rt.shape[1] == ntok else 0  # (no residual: a 1 x 1 placeholder, never read)
-    for c in prange(parts):
+    parts = calls.shape[0]
+    for c in range(parts):
         p0 = c * pairs // parts
         p1 = (c + 1) * pairs // parts
         if p0 < p1:
             for t0 in range(0, ntok, token_tile):
-                fn(xq.ctypes.data + t0 * 4, xq.strides[0] // 4, wa.ctypes.data, bias.ctypes.data,
-                   yt.ctypes.data + t0 * 4, yt.strides[0] // 4, rt.ctypes.data + t0 * r_step, rt.strides[0] // 4,
-                   ktiles, yt.shape[0], p0, p1, min(token_tile, ntok - t0), masks.ctypes.data, offsets.ctypes.data,
-                   work[c].ctypes.data)
+                put_amx_panels(calls, c, fn, xq.ctypes.data + t0 * 4, xq.strides[0] // 4, wa.ctypes.data,
+                               bias.ctypes.data, yt.ctypes.data + t0 * 4, yt.strides[0] // 4,
+                               rt.ctypes.data + t0 * r_step, rt.strides[0] // 4, ktiles, yt.shape[0], p0, p1,
+                               min(token_tile, ntok - t0), masks.ctypes.data, offsets.ctypes.data,
+                               work.ctypes.data + c * work.strides[0])
+    launch(part, calls.ctypes.data, parts, calls.shape[1])
 """
 
 # Tokens per driver step: 256 tokens of a 3072-input layer's int8 rows are 768 KB, in L2
@@ -171,7 +176,7 @@ class _Amx:
         values, masks, offsets = compressed_tiles(tiles) if compressed else dense
         # (the masks, of 64 or 32 bits or none, kept as bytes: one type for the driver, one compile)
         self._arrays = values, masks.view(np.uint8), offsets
-        self._fn = SIGNATURE.ctypes()(compile_ir(amx_ir(self.config), SIGNATURE.name))
+        self._fn = compile_ir(amx_ir(self.config), SIGNATURE.name)
         self._driver = load_source(DRIVER_SOURCE).run_amx
 
     @property
@@ -189,8 +194,8 @@ class _Amx:
         # made per call, as two Python threads may run the layer at once)
         work = aligned_empty((parts, 2 * ktiles * 1024 if self.config.compressed else 64), np.uint8)
         # (xq's i32 rows as float32 bits, as x_rows makes them: one type, one compiled driver)
-        self._driver(self._fn, xq.view(np.float32), self._arrays[0], bias, yt, rt, parts, AMX_TOKEN_TILE, pairs, ktiles,
-                     *self._arrays[1:], work)
+        run(self._driver, SIGNATURE, parts, -(-yt.shape[1] // AMX_TOKEN_TILE), self._fn, xq.view(np.float32),
+            self._arrays[0], bias, yt, rt, AMX_TOKEN_TILE, pairs, ktiles, *self._arrays[1:], work)
 
 
 class Int8Amx(_Amx, _Quantized, DenseLinear):

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import functools
 
+import numba
 import numpy as np
 
 from ..ops import op, softmax
 from .attention_ir import SIGNATURE, AttentionConfig, attention_ir
 from .compile import compile_ir, load_source, vector_lanes
 from .ir import with_driver
+from .launch import IMPORTS, put_source, run
 from .layout import aligned_empty, feature_major_empty
 
 
@@ -65,33 +67,37 @@ def reference_bf16_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask:
 
 
 HEADS_DRIVER_SOURCE = """\
-# sparsejit generated kernel: the parallel driver of the attention IR kernel
-# one (batch, head) pair per iteration; arrays are [batch, head, feature, token] views
+# sparsejit generated kernel: the driver of the attention IR kernel
+# part c computes (batch, head) pairs [c * n / parts, (c + 1) * n / parts) in its rows of
+# the scratch s and pk; arrays are [batch, head, feature, token] views
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-ANY_LAYOUT = True  # its arrays compiled for any layout only (compile._any_layout)
+ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any_layout)
+""" + IMPORTS + "\n\n" + put_source(SIGNATURE) + """
 
-
-@njit(parallel=True, nogil=True, cache=True)
-def run_heads(fn, qt, kt, vt, mask, ot, scale, width, packed):
+@njit(nogil=True, cache=True)
+def run_heads(launch, part, calls, fn, qt, kt, vt, mask, ot, scale, s, pk):
     n_batch, n_head, d, tq = qt.shape
     tk = kt.shape[3]
     mb, mh = mask.shape[0] > 1, mask.shape[1] > 1
-    for bh in prange(n_batch * n_head):
-        b = bh // n_head
-        h = bh % n_head
-        s = np.empty((tk + 15) // 16 * 16 * width + 16, np.float32)  # the scratch (whole AMX tiles of keys)
-        s_at = s.ctypes.data + (64 - s.ctypes.data % 64) % 64
-        pk = np.empty(packed + 16, np.float32)  # bf16: q, k and v packed (attention_ir._packed)
-        pk_at = pk.ctypes.data + (64 - pk.ctypes.data % 64) % 64
-        fn(qt.ctypes.data + b * qt.strides[0] + h * qt.strides[1], qt.strides[2] // 4,
-           kt.ctypes.data + b * kt.strides[0] + h * kt.strides[1], kt.strides[2] // 4,
-           vt.ctypes.data + b * vt.strides[0] + h * vt.strides[1], vt.strides[2] // 4,
-           mask.ctypes.data + (b if mb else 0) * mask.strides[0] + (h if mh else 0) * mask.strides[1],
-           mask.strides[2] // 4,
-           ot.ctypes.data + b * ot.strides[0] + h * ot.strides[1], ot.strides[2] // 4,
-           d, tq, tk, scale, s_at, pk_at)
+    parts = calls.shape[0]
+    for c in range(parts):
+        s_at = s.ctypes.data + c * s.strides[0]
+        s_at += (64 - s_at % 64) % 64  # (the scratch: whole AMX tiles of keys, 64-byte aligned)
+        pk_at = pk.ctypes.data + c * pk.strides[0]
+        pk_at += (64 - pk_at % 64) % 64  # (bf16: q, k and v packed, attention_ir._packed)
+        for bh in range(c * n_batch * n_head // parts, (c + 1) * n_batch * n_head // parts):
+            b = bh // n_head
+            h = bh % n_head
+            put_attention_head(calls, c, fn, qt.ctypes.data + b * qt.strides[0] + h * qt.strides[1],
+                               qt.strides[2] // 4, kt.ctypes.data + b * kt.strides[0] + h * kt.strides[1],
+                               kt.strides[2] // 4, vt.ctypes.data + b * vt.strides[0] + h * vt.strides[1],
+                               vt.strides[2] // 4,
+                               mask.ctypes.data + (b if mb else 0) * mask.strides[0] + (h if mh else 0) * mask.strides[1],
+                               mask.strides[2] // 4, ot.ctypes.data + b * ot.strides[0] + h * ot.strides[1],
+                               ot.strides[2] // 4, d, tq, tk, scale, s_at, pk_at)
+    launch(part, calls.ctypes.data, parts, calls.shape[1])
 """
 
 # Keys per pass over the head features, by vector lanes: with AVX2's 16 registers, 2
@@ -118,7 +124,7 @@ def amx_fits(head_size: int) -> bool:
 
 @functools.cache
 def _compiled(cfg: AttentionConfig):
-    return SIGNATURE.ctypes()(compile_ir(attention_ir(cfg), SIGNATURE.name))
+    return compile_ir(attention_ir(cfg), SIGNATURE.name)
 
 
 @functools.cache
@@ -222,7 +228,11 @@ def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarr
     ot = ot.transpose(2, 0, 1, 3)
     amx = bf16 and amx and amx_fits(q.shape[3])
     cfg, fn, run_heads = _kernel(per_query, bool(nan_guard), vector_lanes(), bf16, amx)
-    run_heads(fn, qt, kt, vt, mask_t, ot, np.float32(mul), cfg.lanes * cfg.qvec, _packed_size(cfg, qt.shape[2], tq, tk))
+    pairs = n_batch * n_head
+    parts = max(1, min(numba.get_num_threads(), pairs))
+    scratch = np.empty((parts, -(-tk // 16) * 16 * cfg.lanes * cfg.qvec + 16), np.float32)
+    packed = np.empty((parts, _packed_size(cfg, qt.shape[2], tq, tk) + 16), np.float32)
+    run(run_heads, SIGNATURE, parts, -(-pairs // parts), fn, qt, kt, vt, mask_t, ot, np.float32(mul), scratch, packed)
     return ot.transpose(0, 1, 3, 2)
 
 

@@ -203,6 +203,19 @@ def _build_module(source: str) -> ModuleType:
     return module
 
 
+def compiled_cfunc(py_func, sig, **options):
+    """Numba's `cfunc(sig, cache=True, **options)` of a function of a `load_source`
+    module, its machine code kept through `CheckedCache` like the module's other
+    functions (the decorator would compile it with Numba's plain cache)."""
+    from numba.core import sigutils
+    from numba.core.ccallback import CFunc
+
+    compiled = CFunc(py_func, sigutils.normalize_signature(sig), locals={}, options=options)
+    compiled._cache = CheckedCache(py_func)
+    compiled.compile()
+    return compiled
+
+
 # A driver is compiled anew for every argument type it meets, and a parallel one is slow
 # to compile (the first load's time: bench/README, twelfth session). Its arrays meet
 # several types: the same buffer contiguous at one token count and a padded view at

@@ -17,7 +17,8 @@ from ..ops import gather, layer_normalization, op
 from .compile import compile_ir, load_source, vector_lanes
 from .elementwise import reference_fake_quantize
 from .ir import Builder, Signature, with_driver
-from .layernorm import NO_BYTES, NO_GRID, Grid, _columns_kernel
+from .launch import IMPORTS, put_source, run
+from .layernorm import NO_BYTES, NO_GRID, Grid, _columns_kernel, layernorm_columns
 from .layout import feature_major_empty
 
 
@@ -107,18 +108,20 @@ def embed_ir(lanes: int, tables: int) -> str:
 
 
 EMBED_DRIVER_SOURCE = """\
-# sparsejit generated kernel: the parallel driver of the embedding IR kernel
+# sparsejit generated kernel: the driver of the embedding IR kernel
 # ids[k] is table k's ids as [b or 1, s or 1], broadcast to [batch, seq]; each is checked
 # against its table's rows (the index of the first table with an id out of range is
-# returned, -1 when none) and turned into a row of the concatenated table
+# returned, -1 when none) and turned into a row of the concatenated table, in rows;
+# part c sums tokens [c * step, (c + 1) * step), whole 16-token groups
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
+ANY_LAYOUT = ("calls", "rows")  # its arrays compiled for any layout only (compile._any_layout)
+""" + IMPORTS + "\n\n" + put_source(SIGNATURE) + """
 
-@njit(parallel=True, nogil=True, cache=True)
-def run_embed(fn, ids, sizes, offsets, batch, seq, table, yt, parts):
+@njit(nogil=True, cache=True)
+def run_embed(launch, part, calls, fn, ids, sizes, offsets, batch, seq, table, yt, rows):
     n = batch * seq
-    rows = np.empty((len(ids), n), np.int64)
     for k in range(len(ids)):
         a = ids[k]
         for t in range(n):
@@ -126,13 +129,15 @@ def run_embed(fn, ids, sizes, offsets, batch, seq, table, yt, parts):
             if i < -sizes[k] or i >= sizes[k]:
                 return k
             rows[k, t] = (i + sizes[k] if i < 0 else i) + offsets[k]
+    parts = calls.shape[0]
     step = ((n + parts - 1) // parts + 15) // 16 * 16
-    for c in prange(parts):
+    for c in range(parts):
         t0 = min(n, c * step)
         t1 = min(n, t0 + step)
         if t0 < t1:
-            fn(rows.ctypes.data, rows.strides[0] // 8, table.ctypes.data, table.shape[1], yt.ctypes.data,
-               yt.strides[0] // 4, t0, t1)
+            put_embed_sum(calls, c, fn, rows.ctypes.data, rows.strides[0] // 8, table.ctypes.data, table.shape[1],
+                          yt.ctypes.data, yt.strides[0] // 4, t0, t1)
+    launch(part, calls.ctypes.data, parts, calls.shape[1])
     return -1
 """
 
@@ -151,7 +156,7 @@ class EmbedLayerNorm:
         self.table = np.ascontiguousarray(np.concatenate(tables).astype(np.float32, copy=False))
         self.gathers, self.epsilon = gathers, np.float32(epsilon)
         self.grid = Grid.of(quantize)
-        self._fn = SIGNATURE.ctypes()(compile_ir(embed_ir(vector_lanes(), len(tables)), SIGNATURE.name))
+        self._fn = compile_ir(embed_ir(vector_lanes(), len(tables)), SIGNATURE.name)
         self._driver = load_source(EMBED_DRIVER_SOURCE).run_embed
 
     def dense_tables(self) -> list[np.ndarray]:
@@ -169,7 +174,9 @@ class EmbedLayerNorm:
         xt, yt = feature_major_empty(h, shape[0] * shape[1]), feature_major_empty(h, shape[0] * shape[1])
         # one type for all (C-contiguous, writable int64, 2-D): Numba indexes the tuple at run time
         as_2d = tuple(np.require(i, np.int64, ["C", "W"]).reshape((1,) * (2 - np.ndim(i)) + np.shape(i)) for i in ids)
-        bad = self._driver(self._fn, as_2d, self.sizes, self.offsets, shape[0], shape[1], self.table, xt, parts)
+        rows = np.empty((len(ids), shape[0] * shape[1]), np.int64)
+        bad = run(self._driver, SIGNATURE, parts, 1, self._fn, as_2d, self.sizes, self.offsets, shape[0], shape[1],
+                  self.table, xt, rows)
         if bad >= 0:
             rows = self.sizes[bad]
             raise IndexError(f"{self.gathers[bad]!r}: Gather index out of range [{-rows}, {rows}) on axis 0")
@@ -177,5 +184,6 @@ class EmbedLayerNorm:
             fn, run_columns = _columns_kernel(vector_lanes(), self.grid is not None)
             b = np.zeros(h, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
             grid = NO_GRID if self.grid is None else self.grid.floats
-            run_columns(fn, xt, yt, np.ascontiguousarray(scale, np.float32), b, self.epsilon, grid, NO_BYTES, parts)
+            layernorm_columns(run_columns, fn, xt, yt, np.ascontiguousarray(scale, np.float32), b, self.epsilon, grid,
+                              NO_BYTES, parts)
         return yt.T.reshape(shape + (h,))

@@ -42,6 +42,7 @@ from .linear import (
     DenseLinear,
     SparseLinear,
     _residual_rows,
+    dense_panels,
     linear_epilogue,
 )
 from .sparse_ir import SIGNATURE as SPARSE_SIGNATURE
@@ -467,6 +468,7 @@ class Int8OnFloat(_Quantized):
                      QUANTIZE_FLOAT_SIGNATURE.ctypes()(compile_ir(quantize_float_ir(lanes),
                                                                   QUANTIZE_FLOAT_SIGNATURE.name)))
         self._driver = load_source(DRIVER_SOURCE).run_on_float
+        self._inner_fn = SPARSE_SIGNATURE.ctypes()(self.inner._fn)
 
     @property
     def source(self) -> str:
@@ -482,7 +484,7 @@ class Int8OnFloat(_Quantized):
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
         _, bounds, indptr, indices, values, order = self.inner._arrays()
-        return self._driver(*self._fns, self.inner._fn, xt, vector_lanes(), self.mode == "dynamic",
+        return self._driver(*self._fns, self._inner_fn, xt, vector_lanes(), self.mode == "dynamic",
                             np.float32(self.x_scale or 0), self._zero, self._lo, self.scale, self._scaled_bias,
                             feature_major_empty(*xt.shape), indptr, indices, values, yt, rt, self.inner.nchunks,
                             order, bounds)
@@ -644,7 +646,7 @@ class Int8Dense(_Quantized, DenseLinear):
         self.weight = np.ascontiguousarray(blocks.reshape(k4, panels, rows).transpose(1, 0, 2)).view(np.float32)
         self._set_vnni_terms(weight)
         self._fns = _quantize_fns()
-        self._fn = DENSE_SIGNATURE.ctypes()(compile_ir(dense_ir(self.config), DENSE_SIGNATURE.name))
+        self._fn = compile_ir(dense_ir(self.config), DENSE_SIGNATURE.name)
         self._driver = load_source(DENSE_DRIVER_SOURCE).run_panels
         width = self.config.lanes * self.config.vectors
         self.token_tile = -(-DENSE_TOKEN_TILE // width) * width
@@ -669,5 +671,6 @@ class Int8Dense(_Quantized, DenseLinear):
             return False
         parts = max(1, min(numba.get_num_threads(), self.weight.shape[0]))
         ntok = xq.shape[1]
-        self._driver(self._fn, xq, self.weight, kbias, yt, rt, parts, ntok if ntok <= 128 else self.token_tile)
+        dense_panels(self._driver, self._fn, xq, self.weight, kbias, yt, rt, parts,
+                     ntok if ntok <= 128 else self.token_tile)
         return True

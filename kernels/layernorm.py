@@ -18,6 +18,7 @@ from ..ops import layer_normalization, op
 from .compile import compile_ir, load_source, vector_lanes
 from .elementwise import RANGES, fake_quantize, reference_fake_quantize, scalar
 from .ir import Builder, Signature
+from .launch import IMPORTS, put_source, run
 from .layout import contiguous, feature_major_empty, transposed, unit_token_stride
 from .lowp_ir import quantized, store_block_bytes
 
@@ -176,31 +177,39 @@ def columns_ir(lanes: int, vectors: int = 4, quantize: bool = False, to_bytes: b
 
 
 COLUMNS_DRIVER_SOURCE = """\
-# sparsejit generated kernel: the parallel driver of the feature-major LayerNorm IR kernel
-from numba import njit, prange
+# sparsejit generated kernel: the driver of the feature-major LayerNorm IR kernel
+# part c normalises tokens [c * step, (c + 1) * step), whole 16-token groups
+import numpy as np
+from numba import njit
 
-ANY_LAYOUT = True  # its arrays compiled for any layout only (compile._any_layout)
+ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any_layout)
+""" + IMPORTS + "\n\n" + put_source(COLUMNS_SIGNATURE) + """
 
-
-@njit(parallel=True, nogil=True, cache=True)
-def run_columns(fn, xt, yt, scale, bias, eps, grid, xq, parts):
+@njit(nogil=True, cache=True)
+def run_columns(launch, part, calls, fn, xt, yt, scale, bias, eps, grid, xq):
     h, n = xt.shape
+    parts = calls.shape[0]
     step = ((n + parts - 1) // parts + 15) // 16 * 16
-    for c in prange(parts):
+    for c in range(parts):
         t0 = min(n, c * step)
         t1 = min(n, t0 + step)
         if t0 < t1:
-            fn(xt.ctypes.data, xt.strides[0] // 4, yt.ctypes.data, yt.strides[0] // 4, scale.ctypes.data,
-               bias.ctypes.data, eps, h, t0, t1, grid[0], grid[1], grid[2], grid[3], xq.ctypes.data,
-               xq.strides[0] // 4)
+            put_layernorm_columns(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, yt.ctypes.data, yt.strides[0] // 4,
+                                  scale.ctypes.data, bias.ctypes.data, eps, h, t0, t1, grid[0], grid[1], grid[2],
+                                  grid[3], xq.ctypes.data, xq.strides[0] // 4)
+    launch(part, calls.ctypes.data, parts, calls.shape[1])
 """
+
+
+def layernorm_columns(driver, fn: int, xt, yt, scale, bias, eps, grid, xq, parts: int) -> None:
+    """run_columns over `parts` parts (both callers of the LayerNorm kernel's driver)."""
+    run(driver, COLUMNS_SIGNATURE, parts, 1, fn, xt, yt, scale, bias, eps, grid, xq)
 
 @functools.cache
 def _columns_kernel(lanes: int, quantize: bool = False, to_bytes: bool = False):
     """(IR function, Numba driver) for a vector width, looked up once, as the attention's
     are: every run calls this kernel 25 times for BERT-base."""
-    fn = COLUMNS_SIGNATURE.ctypes()(compile_ir(columns_ir(lanes, quantize=quantize, to_bytes=to_bytes),
-                                               COLUMNS_SIGNATURE.name))
+    fn = compile_ir(columns_ir(lanes, quantize=quantize, to_bytes=to_bytes), COLUMNS_SIGNATURE.name)
     return fn, load_source(COLUMNS_DRIVER_SOURCE).run_columns
 
 
@@ -290,6 +299,6 @@ def _run_columns(x2: np.ndarray, scale: np.ndarray, bias: np.ndarray, epsilon: f
     contiguous): rounded to `grid` if any, and with xq also storing its bytes there."""
     yt = feature_major_empty(x2.shape[1], x2.shape[0])
     fn, run_columns = _columns_kernel(vector_lanes(), grid is not None, xq is not None)
-    run_columns(fn, transposed(x2), yt, scale, bias, np.float32(epsilon), NO_GRID if grid is None else grid.floats,
-                NO_BYTES if xq is None else xq, numba.get_num_threads())
+    layernorm_columns(run_columns, fn, transposed(x2), yt, scale, bias, np.float32(epsilon),
+                      NO_GRID if grid is None else grid.floats, NO_BYTES if xq is None else xq, numba.get_num_threads())
     return yt

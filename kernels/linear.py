@@ -28,6 +28,7 @@ from .compress import Pattern, analyse, balanced_bounds, chunk_rows, compress, o
 from .dense_ir import SIGNATURE as DENSE_SIGNATURE
 from .dense_ir import dense_config, dense_ir
 from .ir import with_driver
+from .launch import IMPORTS, put_source, run
 from .layout import feature_major_empty, transposed
 from .sparse_ir import SIGNATURE as SPARSE_SIGNATURE
 from .sparse_ir import IRConfig, ir_source
@@ -69,24 +70,23 @@ def linear_group(x, *, activation, members):
 # function that splits output rows across threads with equal work per thread.
 
 SPARSE_DRIVER_SOURCE = """\
-# sparsejit generated kernel: the parallel driver of every sparse IR kernel
-# thread c computes output rows [bounds[c], bounds[c + 1]) for all tokens; in each K-chunk
+# sparsejit generated kernel: the driver of every sparse IR kernel
+# part c computes output rows [bounds[c], bounds[c + 1]) for all tokens; in each K-chunk
 # it takes them in the order `order` lists them (see compress.order_rows)
-from numba import njit, prange
+import numpy as np
+from numba import njit
 
-ANY_LAYOUT = True  # its arrays compiled for any layout only (compile._any_layout)
+ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any_layout)
+""" + IMPORTS + "\n\n" + put_source(SPARSE_SIGNATURE) + """
 
-
-@njit(parallel=True, nogil=True, cache=True)
-def run_rows(fn, xt, indptr, indices, values, bias, yt, rt, nchunks, order, bounds):
-    ldx = xt.strides[0] // 4
-    ldy = yt.strides[0] // 4
-    ldr = rt.strides[0] // 4
-    m = yt.shape[0]
-    for c in prange(bounds.shape[0] - 1):
-        fn(xt.ctypes.data, ldx, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data, bias.ctypes.data,
-           yt.ctypes.data, ldy, rt.ctypes.data, ldr, m, nchunks, order.ctypes.data, bounds[c], bounds[c + 1],
-           xt.shape[1])
+@njit(nogil=True, cache=True)
+def run_rows(launch, part, calls, fn, xt, indptr, indices, values, bias, yt, rt, nchunks, order, bounds):
+    for c in range(calls.shape[0]):
+        put_sparse_rows(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, indptr.ctypes.data, indices.ctypes.data,
+                        values.ctypes.data, bias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data,
+                        rt.strides[0] // 4, yt.shape[0], nchunks, order.ctypes.data, bounds[c], bounds[c + 1],
+                        xt.shape[1])
+    launch(part, calls.ctypes.data, calls.shape[0], calls.shape[1])
 """
 
 
@@ -107,9 +107,8 @@ SPARSE_VECTORS = {16: 8, 8: 14}  # accumulator registers of the sparse tile, by 
 
 
 def compiled_kernel(cfg: IRConfig):
-    """(IR function as a ctypes pointer, Numba driver)."""
-    fn = SPARSE_SIGNATURE.ctypes()(compile_ir(ir_source(cfg), SPARSE_SIGNATURE.name))
-    return fn, load_source(SPARSE_DRIVER_SOURCE).run_rows
+    """(the IR function's address, Numba driver)."""
+    return compile_ir(ir_source(cfg), SPARSE_SIGNATURE.name), load_source(SPARSE_DRIVER_SOURCE).run_rows
 
 
 def _writable(a: np.ndarray) -> np.ndarray:
@@ -130,28 +129,37 @@ def _residual_rows(residual: np.ndarray, lead: tuple, m: int) -> np.ndarray:
 
 
 DENSE_DRIVER_SOURCE = """\
-# sparsejit generated kernel: the parallel driver of the dense IR kernel
-# thread c computes panels [c * n / parts, (c + 1) * n / parts), `token_tile` tokens at a
-# time so that the tokens' slice of xt stays in cache across the thread's panels
-from numba import njit, prange
+# sparsejit generated kernel: the driver of the dense IR kernel
+# part c computes panels [c * n / parts, (c + 1) * n / parts), `token_tile` tokens at a
+# time so that the tokens' slice of xt stays in cache across the part's panels
+import numpy as np
+from numba import njit
 
-ANY_LAYOUT = True  # its arrays compiled for any layout only (compile._any_layout)
+ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any_layout)
+""" + IMPORTS + "\n\n" + put_source(DENSE_SIGNATURE) + """
 
-
-@njit(parallel=True, nogil=True, cache=True)
-def run_panels(fn, xt, wp, bias, yt, rt, parts, token_tile):
+@njit(nogil=True, cache=True)
+def run_panels(launch, part, calls, fn, xt, wp, bias, yt, rt, token_tile):
+    parts = calls.shape[0]
     panels = wp.shape[0]
     ntok = xt.shape[1]
     r_step = 4 if rt.shape[1] == ntok else 0  # (no residual: a 1 x 1 placeholder, never read)
-    for c in prange(parts):
+    for c in range(parts):
         p0 = c * panels // parts
         p1 = (c + 1) * panels // parts
         if p0 < p1:
             for t0 in range(0, ntok, token_tile):
-                fn(xt.ctypes.data + t0 * 4, xt.strides[0] // 4, wp.ctypes.data, bias.ctypes.data,
-                   yt.ctypes.data + t0 * 4, yt.strides[0] // 4, rt.ctypes.data + t0 * r_step, rt.strides[0] // 4,
-                   xt.shape[0], yt.shape[0], p0, p1, min(token_tile, ntok - t0))
+                put_dense_panels(calls, c, fn, xt.ctypes.data + t0 * 4, xt.strides[0] // 4, wp.ctypes.data,
+                                 bias.ctypes.data, yt.ctypes.data + t0 * 4, yt.strides[0] // 4,
+                                 rt.ctypes.data + t0 * r_step, rt.strides[0] // 4, xt.shape[0], yt.shape[0], p0, p1,
+                                 min(token_tile, ntok - t0))
+    launch(part, calls.ctypes.data, parts, calls.shape[1])
 """
+
+
+def dense_panels(driver, fn: int, xt, wp, bias, yt, rt, parts: int, token_tile: int) -> None:
+    """run_panels over `parts` parts (every caller of the dense kernel's driver)."""
+    run(driver, DENSE_SIGNATURE, parts, -(-xt.shape[1] // token_tile), fn, xt, wp, bias, yt, rt, token_tile)
 
 
 class _FeatureMajorLinear:
@@ -211,7 +219,7 @@ class DenseLinear(_FeatureMajorLinear):
         classifier head on a batch's first tokens) the same panels with one token vector
         per register tile: the full tile would multiply every weight by `vectors` times as
         many tokens, nearly all of them padding."""
-        self._fn, self._few = (DENSE_SIGNATURE.ctypes()(compile_ir(dense_ir(cfg), DENSE_SIGNATURE.name))
+        self._fn, self._few = (compile_ir(dense_ir(cfg), DENSE_SIGNATURE.name)
                                for cfg in (self.config, replace(self.config, vectors=1)))
 
     def dense_weight(self) -> np.ndarray:
@@ -230,7 +238,8 @@ class DenseLinear(_FeatureMajorLinear):
         # not; whole tiles, so that only the last one is masked.
         ntok = xt.shape[1]
         fn = self._few if ntok <= self.config.lanes else self._fn
-        self._driver(fn, xt, self.weight, self.bias, yt, rt, parts, ntok if ntok <= 128 else self.token_tile)
+        dense_panels(self._driver, fn, xt, self.weight, self.bias, yt, rt, parts,
+                     ntok if ntok <= 128 else self.token_tile)
 
 
 class SparseLinear(_FeatureMajorLinear):
@@ -318,7 +327,8 @@ class SparseLinear(_FeatureMajorLinear):
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         _, bounds, indptr, indices, values, order = self._arrays()
-        self._driver(self._fn, xt, indptr, indices, values, self.bias, yt, rt, self.nchunks, order, bounds)
+        run(self._driver, SPARSE_SIGNATURE, len(bounds) - 1, 1, self._fn, xt, indptr, indices, values, self.bias, yt,
+            rt, self.nchunks, order, bounds)
 
 
 class OutputSlice:

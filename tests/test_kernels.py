@@ -16,6 +16,7 @@ from sparsejit.kernels.ir import Builder, Signature
 from sparsejit.kernels.layernorm import layernorm, reference_layernorm
 from sparsejit.kernels.layout import aligned_empty, contiguous, feature_major_empty, transposed, unit_token_stride
 from sparsejit.kernels.linear import DenseLinear, SparseLinear, kernel_config, reference_linear
+from sparsejit.kernels.sparse_ir import SIGNATURE as SPARSE_SIGNATURE
 from sparsejit.kernels.sparse_ir import ir_source
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
@@ -500,12 +501,13 @@ def test_a_thread_given_no_rows_writes_nothing():
     xt = rng.standard_normal((16, 16)).astype(np.float32)
     yt = np.full((2, 16), 7.0, np.float32)
     rt = np.zeros((1, 1), np.float32)
+    kernel = SPARSE_SIGNATURE.ctypes()(sparse._fn)
     for j0 in (0, 1):
-        sparse._fn(xt.ctypes.data, 16, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data, bias.ctypes.data,
-                   yt.ctypes.data, 16, rt.ctypes.data, 1, 1, 1, order.ctypes.data, j0, j0, 16)
+        kernel(xt.ctypes.data, 16, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data, bias.ctypes.data,
+               yt.ctypes.data, 16, rt.ctypes.data, 1, 1, 1, order.ctypes.data, j0, j0, 16)
     assert (yt == 7.0).all()
-    sparse._fn(xt.ctypes.data, 16, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data, bias.ctypes.data,
-               yt.ctypes.data, 16, rt.ctypes.data, 1, 1, 1, order.ctypes.data, 0, 1, 16)
+    kernel(xt.ctypes.data, 16, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data, bias.ctypes.data,
+           yt.ctypes.data, 16, rt.ctypes.data, 1, 1, 1, order.ctypes.data, 0, 1, 16)
     np.testing.assert_allclose(yt[0], (xt.T @ w)[:, 0], **TOL)
     assert (yt[1] == 7.0).all()
 
@@ -943,3 +945,44 @@ def test_elementwise_kernels_equal_their_references():
     assert elementwise.quantize(x, np.float32(0.1), np.uint16(3)) is None
     assert elementwise.dequantize(x.astype(np.int32), np.float32(0.1), np.int32(0)) is None
     assert elementwise.erf(x.astype(np.float64)) is None
+
+
+def test_the_launcher_makes_every_call_with_its_arguments():
+    """launch.py: a driver's `put_*` rows, run by the one parallel loop through the
+    signature's `part`, call the kernel once per call put, with its pointer, integer and
+    float arguments as given (the float's bits exact), whichever part holds it."""
+    from sparsejit.kernels.compile import load_source
+    from sparsejit.kernels.launch import IMPORTS, put_source, run
+
+    sig = Signature("record", (("out", "ptr"), ("i", "i64"), ("x", "float")))
+    fn = compile_ir("""
+define void @record(ptr %out, i64 %i, float %x) {
+entry:
+  %at = mul i64 %i, 2
+  %p = getelementptr i64, ptr %out, i64 %at
+  %n = load i64, ptr %p
+  %n1 = add i64 %n, 1
+  store i64 %n1, ptr %p
+  %q = getelementptr i64, ptr %p, i64 1
+  %b = bitcast float %x to i32
+  %w = sext i32 %b to i64
+  store i64 %w, ptr %q
+  ret void
+}
+""", "record")
+    driver = load_source("import numpy as np\nfrom numba import njit\n" + IMPORTS + "\n\n" + put_source(sig) + """
+@njit(nogil=True, cache=True)
+def run_record(launch, part, calls, fn, out, xs):
+    parts = calls.shape[0]
+    n = xs.shape[0]
+    for c in range(parts):
+        for i in range(c * n // parts, (c + 1) * n // parts):
+            put_record(calls, c, fn, out.ctypes.data, i, xs[i])
+    launch(part, calls.ctypes.data, parts, calls.shape[1])
+""").run_record
+    xs = np.array([0.0, -0.0, 1.5, -3.25e-39, np.inf, np.nan, 7.0], np.float32)
+    for parts in (1, 2, 3, 7):
+        out = np.zeros((len(xs), 2), np.int64)
+        run(driver, sig, parts, -(-len(xs) // parts), fn, out, xs)
+        assert (out[:, 0] == 1).all()  # each call made once
+        np.testing.assert_array_equal(out[:, 1].astype(np.int32), xs.view(np.int32))

@@ -1,0 +1,144 @@
+"""One parallel loop for every kernel.
+
+Numba compiles a function with a `prange` loop more slowly than a plain one, and a model
+meets a dozen drivers on its first load (bench/README: the first load). So the engine has
+one such loop, `launch(part, calls, parts, width)`, compiled once as a C function: it
+runs row c of `calls` on part c of the threads. A driver is plain (sequential) Numba
+code that writes into those rows the calls each part makes (`put_source`'s function for
+the kernel's signature), then launches them; `part` is a small LLVM IR function made from
+the kernel's `Signature` (`part_ir`) that reads each call's address and arguments from
+its row and makes the call.
+
+A row of `calls` (int64): the number of calls, then per call the kernel's address and
+its arguments, one slot each: pointers and integers as they are, floats as their bits.
+The caller makes `calls` (`new_calls`, through `run`): a Numba function that makes an
+array compiles more slowly than one that is given it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from .compile import compile_ir, compiled_cfunc, load_source
+from .ir import Signature
+
+
+@intrinsic
+def call_part(typingctx, part, row):
+    """part(row), both given as integers (in Numba code)."""
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()])
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [builder.inttoptr(args[1], fnty.args[0])])
+        return context.get_dummy_value()
+    return types.void(types.int64, types.int64), codegen
+
+
+@intrinsic
+def bits(typingctx, x):
+    """A float32 argument's slot: its bits (in Numba code)."""
+    def codegen(context, builder, signature, args):
+        return builder.sext(builder.bitcast(args[0], ir.IntType(32)), ir.IntType(64))
+    return types.int64(types.float32), codegen
+
+
+LAUNCH_SOURCE = """\
+# sparsejit generated kernel: the engine's one parallel loop
+# row c of `calls` (`width` int64 each) is part c's work: a count, then per call a kernel's
+# address and arguments; `part` (launch.part_ir) makes the calls of the row it is given
+from numba import prange
+
+from sparsejit.kernels.launch import call_part
+
+
+def launch(part, calls, parts, width):
+    # compiled as a C function (launch.launcher), parallel
+    for c in prange(parts):
+        call_part(part, calls + c * width * 8)
+"""
+
+LAUNCH = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
+
+# What a driver source imports. (Numba's cache of a driver holds the code of what it calls:
+# a change to `bits` must change this line, and so the drivers' text.)
+IMPORTS = "from sparsejit.kernels.launch import bits  # (bits v1)\n"
+
+
+def put_source(sig: Signature) -> str:
+    """A Numba function `put_<name>(calls, c, fn, <sig's arguments>)` that appends to row
+    c of `calls` a call of the kernel at address `fn`."""
+    args = [name for name, _ in sig.args]
+    lines = ["@njit(nogil=True, cache=True)",
+             f"def put_{sig.name}(calls, c, fn, {', '.join(args)}):",
+             f"    at = 1 + calls[c, 0] * {len(args) + 1}",
+             "    calls[c, 0] += 1",
+             "    calls[c, at] = fn"]
+    for i, (name, ty) in enumerate(sig.args):
+        lines.append(f"    calls[c, at + {i + 1}] = {f'bits(np.float32({name}))' if ty == 'float' else name}")
+    return "\n".join(lines) + "\n"
+
+
+def new_calls(parts: int, per_part: int, sig: Signature) -> np.ndarray:
+    """Rows for `parts` parts of up to `per_part` calls of kernels of signature `sig`."""
+    calls = np.empty((parts, 1 + per_part * (1 + len(sig.args))), np.int64)
+    calls[:, 0] = 0
+    return calls
+
+
+@functools.cache
+def launcher():
+    """`launch(part, calls, parts, width)` as a ctypes pointer, for drivers to call."""
+    compiled = compiled_cfunc(load_source(LAUNCH_SOURCE).launch, "void(int64, int64, int64, int64)",
+                              parallel=True, nogil=True)
+    fn = LAUNCH(compiled.address)
+    fn.compiled = compiled  # (keeps its machine code alive)
+    return fn
+
+
+def part_ir(sig: Signature) -> str:
+    """`void @part(ptr %row)`: each call in the row, `sig`'s kernel at the call's address
+    with its arguments from their slots."""
+    n = len(sig.args)
+    lines = [f"; the calls of one part, kernels of {sig.name}'s signature (launch.part_ir)",
+             "define void @part(ptr %row) {", "entry:", "  %n = load i64, ptr %row", "  br label %head",
+             "head:", "  %j = phi i64 [ 0, %entry ], [ %next, %body ]", "  %more = icmp slt i64 %j, %n",
+             "  br i1 %more, label %body, label %done", "body:",
+             f"  %first = mul i64 %j, {n + 1}", "  %at = add i64 %first, 1",
+             "  %call = getelementptr i64, ptr %row, i64 %at", "  %fa = load i64, ptr %call",
+             "  %f = inttoptr i64 %fa to ptr"]
+    passed = []
+    for i, (_, ty) in enumerate(sig.args):
+        lines += [f"  %s{i}.at = getelementptr i64, ptr %call, i64 {i + 1}", f"  %s{i} = load i64, ptr %s{i}.at"]
+        if ty == "ptr":
+            lines.append(f"  %a{i} = inttoptr i64 %s{i} to ptr")
+        elif ty == "float":
+            lines += [f"  %s{i}.b = trunc i64 %s{i} to i32", f"  %a{i} = bitcast i32 %s{i}.b to float"]
+        else:
+            lines.append(f"  %a{i} = add i64 %s{i}, 0")
+        passed.append(f"{ty} %a{i}")
+    lines += [f"  call void %f({', '.join(passed)})", "  %next = add i64 %j, 1", "  br label %head",
+              "done:", "  ret void", "}", ""]
+    return "\n".join(lines)
+
+
+@functools.cache
+def part(sig: Signature) -> int:
+    """The address of the compiled `part` for kernels of signature `sig`."""
+    return compile_ir(part_ir(sig), "part")
+
+
+def address(fn) -> int:
+    """A ctypes function pointer's address, as a slot of `calls` holds it."""
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+def run(driver, sig: Signature, parts: int, per_part: int, *args):
+    """`driver(launch, part, calls, *args)` with new rows of calls for `parts` parts of up
+    to `per_part` calls each of kernels of signature `sig`: what a kernel's Python side
+    calls its driver through."""
+    return driver(launcher(), part(sig), new_calls(parts, per_part, sig), *args)
