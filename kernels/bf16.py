@@ -29,10 +29,12 @@ from .compile import compile_ir, host_cpu, load_source
 from .compress import analyse
 from .dense_ir import DenseConfig, dense_ir
 from .ir import Builder, Signature, with_driver
+from .launch import IMPORTS, put_source, run
 from .layout import feature_major_empty
 from .linear import (
     DENSE_DRIVER_SOURCE,
     DENSE_TOKEN_TILE,
+    SPARSE_DRIVER_SOURCE,
     SPARSE_VECTORS,
     DenseLinear,
     SparseLinear,
@@ -89,33 +91,30 @@ def pack_ir() -> str:
 
 
 DRIVER_SOURCE = """\
-# sparsejit generated kernel: the parallel drivers of the bf16 kernels
-# pack_pairs: xt packed into bfloat16 pairs by pack_fn, pair rows split across threads
-# run_pairs: that, then, as the float32 sparse kernel's driver, thread c computes output
-# rows [bounds[c], bounds[c + 1])
-from numba import njit, prange
+# sparsejit generated kernel: the driver of the bf16 kernels' packing (the sparse ones then
+# run on the sparse kernel's driver, linear.SPARSE_DRIVER_SOURCE)
+# part c packs xt's pairs of rows [c * pairs / parts, (c + 1) * pairs / parts) into xp
+import numpy as np
+from numba import njit
 
-ANY_LAYOUT = True  # its arrays compiled for any layout only (compile._any_layout)
+ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any_layout)
+""" + IMPORTS + "\n\n" + put_source(PACK_SIGNATURE) + """
 
-
-@njit(parallel=True, nogil=True, cache=True)
-def pack_pairs(pack_fn, xt, xp, parts):
+@njit(nogil=True, cache=True)
+def pack_pairs(launch, part, calls, fn, xt, xp):
     pairs = xp.shape[0]
-    for c in prange(parts):
-        pack_fn(xt.ctypes.data, xt.strides[0] // 4, xp.ctypes.data, xp.strides[0] // 4, xt.shape[0],
-                c * pairs // parts, (c + 1) * pairs // parts, xt.shape[1])
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def run_pairs(pack_fn, fn, xt, xp, indptr, indices, values, bias, yt, rt, nchunks, order, bounds):
-    ntok = xt.shape[1]
-    parts = bounds.shape[0] - 1
-    pack_pairs(pack_fn, xt, xp, parts)
-    for c in prange(parts):
-        fn(xp.ctypes.data, xp.strides[0] // 4, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data,
-           bias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data, rt.strides[0] // 4, yt.shape[0],
-           nchunks, order.ctypes.data, bounds[c], bounds[c + 1], ntok)
+    parts = calls.shape[0]
+    for c in range(parts):
+        put_pack_pairs(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, xp.ctypes.data, xp.strides[0] // 4,
+                       xt.shape[0], c * pairs // parts, (c + 1) * pairs // parts, xt.shape[1])
+    launch(part, calls.ctypes.data, parts, calls.shape[1])
 """
+
+
+def packed_pairs(pack: int, xt: np.ndarray, xp: np.ndarray) -> np.ndarray:
+    """xp ([in/2, tokens]) with xt's pairs of rows packed into it by the kernel at `pack`."""
+    run(load_source(DRIVER_SOURCE).pack_pairs, PACK_SIGNATURE, numba.get_num_threads(), 1, pack, xt, xp)
+    return xp
 
 
 def compress_pairs(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -151,14 +150,14 @@ class BF16SparseLinear(SparseLinear):
         indptr, pairs, values = compress_pairs(weight)
         self._csr = indptr, (2 * pairs.astype(np.int64)).astype(np.uint16 if k <= 1 << 16 else np.int32), values
         self.bias = _bias(bias, m)
-        self._fn = SPARSE_SIGNATURE.ctypes()(compile_ir(ir_source(self.config), SPARSE_SIGNATURE.name))
-        self._pack = PACK_SIGNATURE.ctypes()(compile_ir(pack_ir(), PACK_SIGNATURE.name))
-        self._driver = load_source(DRIVER_SOURCE).run_pairs
+        self._fn = compile_ir(ir_source(self.config), SPARSE_SIGNATURE.name)
+        self._pack = compile_ir(pack_ir(), PACK_SIGNATURE.name)
+        self._driver = load_source(SPARSE_DRIVER_SOURCE).run_rows
         self._set_chunk(k_chunk)
 
     @property
     def source(self) -> str:
-        return with_driver(ir_source(self.config) + "\n" + pack_ir(), DRIVER_SOURCE)
+        return with_driver(ir_source(self.config) + "\n" + pack_ir(), DRIVER_SOURCE + "\n" + SPARSE_DRIVER_SOURCE)
 
     def dense_weight(self) -> np.ndarray:
         """W [in, out] as the kernel holds it: the stored pairs' bfloat16 values as float32."""
@@ -171,10 +170,11 @@ class BF16SparseLinear(SparseLinear):
         return w[:self.in_features]
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        xp = packed_pairs(self._pack, xt, feature_major_empty(-(-self.in_features // 2), xt.shape[1]))
         _, bounds, indptr, indices, values, order = self._arrays()
-        xp = feature_major_empty(-(-self.in_features // 2), xt.shape[1])
-        self._driver(self._pack, self._fn, xt, xp, indptr, indices, values, self.bias, yt, rt, self.nchunks, order,
-                     bounds)
+        # (the stored pairs' bits as float32: the sparse driver's types)
+        run(self._driver, SPARSE_SIGNATURE, len(bounds) - 1, 1, self._fn, xp.view(np.float32), indptr, indices,
+            values.view(np.float32), self.bias, yt, rt, self.nchunks, order, bounds)
 
 
 class BF16DenseLinear(DenseLinear):
@@ -197,7 +197,7 @@ class BF16DenseLinear(DenseLinear):
         self.bias = _bias(bias, m)
         self.activation, self.residual = activation, residual
         self._compile()
-        self._pack = PACK_SIGNATURE.ctypes()(compile_ir(pack_ir(), PACK_SIGNATURE.name))
+        self._pack = compile_ir(pack_ir(), PACK_SIGNATURE.name)
         self._driver = load_source(DENSE_DRIVER_SOURCE).run_panels
         width = self.config.lanes * self.config.vectors
         self.token_tile = -(-DENSE_TOKEN_TILE // width) * width
@@ -213,6 +213,4 @@ class BF16DenseLinear(DenseLinear):
         return with_driver(dense_ir(self.config) + "\n" + pack_ir(), DENSE_DRIVER_SOURCE)
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
-        xp = feature_major_empty(-(-self.in_features // 2), xt.shape[1])
-        load_source(DRIVER_SOURCE).pack_pairs(self._pack, xt, xp, numba.get_num_threads())
-        super()._run(xp, yt, rt)
+        super()._run(packed_pairs(self._pack, xt, feature_major_empty(-(-self.in_features // 2), xt.shape[1])), yt, rt)

@@ -15,12 +15,13 @@ import dataclasses
 import numba
 import numpy as np
 
-from ..ops import dynamic_quantize_linear, matmul_integer, op, quantize_linear
+from ..ops import dynamic_quantize_linear, matmul_integer, op, quantize_linear, range_scale
 from .compile import compile_ir, host_cpu, load_source, vector_lanes
 from .compress import analyse, balanced_bounds
 from .dense_ir import SIGNATURE as DENSE_SIGNATURE
 from .dense_ir import DenseConfig, dense_ir
 from .int8_ir import (
+    LANES,
     PAIR_LIMIT,
     QUANTIZE_FLOAT_SIGNATURE,
     QUANTIZE_SIGNATURE,
@@ -33,11 +34,13 @@ from .int8_ir import (
     range_ir,
 )
 from .ir import with_driver
+from .launch import IMPORTS, put_source, run
 from .layout import feature_major_empty, transposed
 from .linear import (
     _NO_RESIDUAL,
     DENSE_DRIVER_SOURCE,
     DENSE_TOKEN_TILE,
+    SPARSE_DRIVER_SOURCE,
     SPARSE_VECTORS,
     DenseLinear,
     SparseLinear,
@@ -91,166 +94,61 @@ def reference_qlinear_group(x, *, activation, members):
 
 
 DRIVER_SOURCE = """\
-# sparsejit generated kernel: the parallel driver of the int8 IR kernels, one call per layer
-# (dynamic) x's range by range_fn, its scale and zero point as DynamicQuantizeLinear makes them
-# x quantized by quantize_fn, 4-blocks of inputs split across threads
-# thread c computes output rows [bounds[c], bounds[c + 1]) for all tokens with fn
+# sparsejit generated kernel: the drivers of the int8 IR kernels (the K-chunked and the
+# on-float ones run on the sparse kernel's driver, linear.SPARSE_DRIVER_SOURCE)
+# run_range: part c finds the range of x's rows [c * k / parts, (c + 1) * k / parts)
+# run_quantize: part c quantizes x's 4-blocks of inputs [c * k4 / parts, (c + 1) * k4 / parts)
+# into the 4-block rows of xq (run_quantize_float: x's rows into floats q - zero point)
+# run_int8: part c computes output rows [bounds[c], bounds[c + 1]) for all tokens
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-ANY_LAYOUT = True  # its arrays compiled for any layout only (compile._any_layout)
+ANY_LAYOUT = ("calls", "ranges")  # its arrays compiled for any layout only (compile._any_layout)
+""" + IMPORTS + "\n\n" + put_source(RANGE_SIGNATURE) + "\n\n" + put_source(QUANTIZE_SIGNATURE) + "\n\n" + \
+    put_source(QUANTIZE_FLOAT_SIGNATURE) + "\n\n" + put_source(SIGNATURE) + """
+
+@njit(nogil=True, cache=True)
+def run_range(launch, part, calls, fn, xt, ranges):
+    k = xt.shape[0]
+    parts = calls.shape[0]
+    for c in range(parts):
+        put_range_rows(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, c * k // parts, (c + 1) * k // parts,
+                       xt.shape[1], ranges.ctypes.data + c * ranges.strides[0])
+    launch(part, calls.ctypes.data, parts, calls.shape[1])
 
 
 @njit(nogil=True, cache=True)
-def range_scale(lo, hi):
-    # ops.range_scale in float32, as numpy computes it
-    hi = np.float32(hi)
-    lo = np.float32(lo)
-    d = np.float32(1.0) if hi == lo else np.float32(hi - lo)
-    scale = np.float32(d / np.float32(255))
-    zero = np.float32(np.float32(0) - np.float32(lo / scale))
-    return scale, np.float32(np.rint(min(max(zero, np.float32(0)), np.float32(255))))
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def dynamic_range(range_fn, xt, parts, lanes):
-    # (finite, lo, hi): x's range with 0 in it, parts of its rows in parallel
+def run_quantize(launch, part, calls, fn, xt, xq, scale, zero, lo):
     k = xt.shape[0]
-    ranges = np.empty((parts, 2, lanes), np.float32)
-    for c in prange(parts):
-        range_fn(xt.ctypes.data, xt.strides[0] // 4, c * k // parts, (c + 1) * k // parts, xt.shape[1],
-                 ranges[c].ctypes.data)
-    lo = np.float32(0)
-    hi = np.float32(0)
-    for c in range(parts):
-        for i in range(lanes):
-            if not (np.isfinite(ranges[c, 0, i]) and np.isfinite(ranges[c, 1, i])):
-                return False, lo, hi
-            lo = min(lo, ranges[c, 0, i])
-            hi = max(hi, ranges[c, 1, i])
-    return True, lo, hi
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def quantized_input(range_fn, quantize_fn, xt, xq, ldq, lanes, dynamic, x_scale, x_zero, x_lo, parts):
-    # (finite, scale, zero point): x's quantization (from its range, when dynamic), and x
-    # quantized into the 4-block rows of xq (a pointer; ldq: its row stride in 4-byte units)
-    k = xt.shape[0]
-    scale = np.float32(x_scale)
-    zero = np.float32(x_zero)
-    if dynamic:
-        finite, lo, hi = dynamic_range(range_fn, xt, parts, lanes)
-        if not finite:
-            return False, scale, zero
-        scale, zero = range_scale(lo, hi)
     k4 = (k + 3) // 4
-    for c in prange(parts):
+    parts = calls.shape[0]
+    for c in range(parts):
         a = c * k4 // parts
         b = (c + 1) * k4 // parts
         if a < b:
-            quantize_fn(xt.ctypes.data, xt.strides[0] // 4, xq, ldq, k, scale, zero, np.float32(x_lo),
-                        np.float32(x_lo + 255), a, b, xt.shape[1])
-    return True, scale, zero
+            put_quantize_rows(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, xq.ctypes.data, xq.strides[0] // 4, k,
+                              scale, zero, lo, lo + 255, a, b, xt.shape[1])
+    launch(part, calls.ctypes.data, parts, calls.shape[1])
 
 
 @njit(nogil=True, cache=True)
-def dynamic_terms(scale, zero, wscale, colsum, mult, corr):
-    # per output, for this call's dynamic scale and zero point: the output scale (into
-    # mult) and the zero point's correction (into corr, i32)
-    for j in range(colsum.shape[0]):
-        mult[j] = scale * wscale[j]
-        corr[j] = np.int32(zero) * colsum[j]
-
-
-@njit(nogil=True, cache=True)
-def call_terms(kbias, scale, zero, wscale, colsum):
-    # the VNNI kernels' [bias | output scale | correction (i32)] for this call's dynamic scale
-    # and zero point (kbias holds the bias)
-    m = colsum.shape[0]
-    out = kbias.copy()
-    dynamic_terms(scale, zero, wscale, colsum, out[m:2 * m], out[2 * m:].view(np.int32))
-    return out
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def run_int8(range_fn, quantize_fn, fn, xt, lanes, dynamic, x_scale, x_zero, x_lo, colsum, wscale, corr, mult,
-             indptr, split, blocks, weights, bias, requant, yt, rt, bounds):
-    ntok = xt.shape[1]
-    parts = bounds.shape[0] - 1
-    tp = (ntok + 15) // 16 * 16  # int8_ir.LANES: whole 64-byte rows of xq
-    xq = np.empty(((xt.shape[0] + 3) // 4, tp, 4), np.uint8)
-    finite, scale, zero = quantized_input(range_fn, quantize_fn, xt, xq.ctypes.data, tp, lanes, dynamic, x_scale,
-                                          x_zero, x_lo, parts)
-    if not finite:
-        return False
-    at_corr, at_mult = corr.ctypes.data, mult.ctypes.data
-    if dynamic:  # (new arrays: the arguments are read-only to this driver, compile._any_layout)
-        dcorr = np.empty(colsum.shape[0], np.int32)
-        dmult = np.empty(colsum.shape[0], np.float32)
-        dynamic_terms(scale, zero, wscale, colsum, dmult, dcorr)
-        at_corr, at_mult = dcorr.ctypes.data, dmult.ctypes.data
-    for c in prange(parts):
-        fn(xq.ctypes.data, tp, indptr.ctypes.data, split.ctypes.data, blocks.ctypes.data, weights.ctypes.data,
-           at_corr, at_mult, bias.ctypes.data, requant.ctypes.data, yt.ctypes.data,
-           yt.strides[0] // 4, rt.ctypes.data, rt.strides[0] // 4, bounds[c], bounds[c + 1], ntok)
-    return True
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def run_on_float(range_fn, quantize_fn, fn, xt, lanes, dynamic, x_scale, x_zero, x_lo, wscale, scaled_bias, xf,
-                 indptr, indices, values, yt, rt, nchunks, order, bounds):
-    # x quantized into floats q - zero point (integers in [-255, 255]), then the scaled sparse
-    # kernel: its sums are the integer sums exactly while below 2^24 (Int8OnFloat)
+def run_quantize_float(launch, part, calls, fn, xt, xf, scale, zero, lo):
     k = xt.shape[0]
-    ntok = xt.shape[1]
-    m = yt.shape[0]
-    parts = bounds.shape[0] - 1
-    scale = np.float32(x_scale)
-    zero = np.float32(x_zero)
-    bias = scaled_bias.copy()
-    if dynamic:
-        finite, lo, hi = dynamic_range(range_fn, xt, parts, lanes)
-        if not finite:
-            return False
-        scale, zero = range_scale(lo, hi)
-        for j in range(m):
-            bias[m + j] = scale * wscale[j]
-    lo = np.float32(x_lo)
-    hi = np.float32(x_lo + 255)
-    for c in prange(parts):
-        quantize_fn(xt.ctypes.data, xt.strides[0] // 4, xf.ctypes.data, xf.strides[0] // 4, scale, zero, lo, hi,
-                    c * k // parts, (c + 1) * k // parts, ntok)
-    for c in prange(parts):
-        fn(xf.ctypes.data, xf.strides[0] // 4, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data,
-           bias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data, rt.strides[0] // 4, m, nchunks,
-           order.ctypes.data, bounds[c], bounds[c + 1], ntok)
-    return True
+    parts = calls.shape[0]
+    for c in range(parts):
+        put_quantize_float_rows(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, xf.ctypes.data, xf.strides[0] // 4,
+                                scale, zero, lo, lo + 255, c * k // parts, (c + 1) * k // parts, xt.shape[1])
+    launch(part, calls.ctypes.data, parts, calls.shape[1])
 
 
-# run_chunked, the K-chunked kernel's (Int8Chunked): x quantized as above unless given as
-# bytes, then as the float32 sparse kernel's driver, thread c computes output rows
-# [bounds[c], bounds[c + 1])
-@njit(parallel=True, nogil=True, cache=True)
-def run_chunked(range_fn, quantize_fn, fn, xt, xq, lanes, dynamic, x_scale, x_zero, x_lo, colsum, wscale, kbias,
-                indptr, indices, values, yt, rt, nchunks, order, bounds, given):
-    # given: xq holds x quantized already (static; xt is xq then)
-    ntok = xt.shape[1]
-    m = yt.shape[0]
-    parts = bounds.shape[0] - 1
-    if given:
-        finite, scale, zero = True, np.float32(x_scale), np.float32(x_zero)
-    else:
-        finite, scale, zero = quantized_input(range_fn, quantize_fn, xt, xq.ctypes.data, xq.strides[0] // 4, lanes,
-                                              dynamic, x_scale, x_zero, x_lo, parts)
-    if not finite:
-        return False
-    if dynamic:
-        kbias = call_terms(kbias, scale, zero, wscale, colsum)
-    for c in prange(parts):
-        fn(xq.ctypes.data, xq.strides[0] // 4, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data,
-           kbias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data, rt.strides[0] // 4, m, nchunks,
-           order.ctypes.data, bounds[c], bounds[c + 1], ntok)
-    return True
+@njit(nogil=True, cache=True)
+def run_int8(launch, part, calls, fn, xq, indptr, split, blocks, weights, corr, mult, bias, requant, yt, rt, bounds):
+    for c in range(calls.shape[0]):
+        put_int8_rows(calls, c, fn, xq.ctypes.data, xq.strides[0] // 4, indptr.ctypes.data, split.ctypes.data,
+                      blocks.ctypes.data, weights.ctypes.data, corr.ctypes.data, mult.ctypes.data, bias.ctypes.data,
+                      requant.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data, rt.strides[0] // 4,
+                      bounds[c], bounds[c + 1], yt.shape[1])
+    launch(part, calls.ctypes.data, calls.shape[0], calls.shape[1])
 """
 
 
@@ -361,25 +259,50 @@ class _Quantized:
         whose `from_quantized` (Int8Chunked's, Int8Amx's) can then take x's bytes."""
         return self.mode == "static" and (np.float32(self.x_scale), self._zero, self._lo) == tuple(grid[:3])
 
-    def _quantize_into(self, xt: np.ndarray, xq: np.ndarray) -> np.ndarray | None:
-        """xᵀ quantized into xq's 4-block rows (its range first, when dynamic); the
-        epilogue's terms for it ([bias | scale | correction]), None when a dynamic
-        input's range is not finite. For the dense kernels, which take x so quantized."""
-        dynamic = self.mode == "dynamic"
-        driver = load_source(DRIVER_SOURCE)
-        finite, scale, zero = driver.quantized_input(*self._fns, xt, xq.ctypes.data, xq.strides[0] // 4,
-                                                     vector_lanes(), dynamic, *self._x_quantization(),
-                                                     numba.get_num_threads())
-        if not finite:
+    def _x_grid(self, xt: np.ndarray, range_fn: int) -> tuple | None:
+        """(scale, zero point, lowest byte) x is quantized with, as float32: the model's
+        (static), or from xᵀ's range found by `range_fn` (dynamic; None when the range is
+        not finite)."""
+        if self.mode != "dynamic":
+            return np.float32(self.x_scale), np.float32(self._zero), np.float32(self._lo)
+        parts = numba.get_num_threads()
+        ranges = np.empty((parts, 2, vector_lanes()), np.float32)  # per part and lane: lowest, highest
+        run(load_source(DRIVER_SOURCE).run_range, RANGE_SIGNATURE, parts, 1, range_fn, xt, ranges)
+        if not np.isfinite(ranges).all():
             return None
-        return driver.call_terms(self._kbias, scale, zero, self.scale, self.colsum) if dynamic else self._kbias
+        scale, zero = range_scale(min(np.float32(0), ranges[:, 0].min()), max(np.float32(0), ranges[:, 1].max()))
+        return scale, zero, np.float32(0)
+
+    def _quantize(self, xt: np.ndarray, xq: np.ndarray) -> tuple | None:
+        """xᵀ quantized into xq's 4-block rows (its range first, when dynamic): the scale
+        and zero point it was quantized with, None when a dynamic input's range is not
+        finite."""
+        grid = self._x_grid(xt, self._fns[0])
+        if grid is not None:
+            run(load_source(DRIVER_SOURCE).run_quantize, QUANTIZE_SIGNATURE, numba.get_num_threads(), 1,
+                self._fns[1], xt, xq, *grid)
+        return grid
+
+    def _quantize_into(self, xt: np.ndarray, xq: np.ndarray, kbias: np.ndarray | None = None) -> np.ndarray | None:
+        """xᵀ quantized into xq's 4-block rows (its range first, when dynamic); the
+        epilogue's terms for it (`kbias`, by default the layer's [bias | scale | correction]),
+        None when a dynamic input's range is not finite. For the kernels that take x so
+        quantized."""
+        kbias = self._kbias if kbias is None else kbias
+        grid = self._quantize(xt, xq)
+        if grid is None or self.mode != "dynamic":
+            return None if grid is None else kbias
+        m = self.out_features
+        terms = kbias.copy()  # (this call's scale and zero point)
+        terms[m:2 * m] = grid[0] * self.scale
+        terms[2 * m:3 * m].view(np.int32)[:] = np.int32(grid[1]) * self.colsum
+        return terms
 
 
 def _quantize_fns() -> tuple:
-    """The range (dynamic scales) and quantize-into-4-blocks IR kernels, as ctypes functions."""
+    """The range (dynamic scales) and quantize-into-4-blocks IR kernels' addresses."""
     lanes = vector_lanes()
-    return (RANGE_SIGNATURE.ctypes()(compile_ir(range_ir(lanes), RANGE_SIGNATURE.name)),
-            QUANTIZE_SIGNATURE.ctypes()(compile_ir(quantize_ir(lanes), QUANTIZE_SIGNATURE.name)))
+    return compile_ir(range_ir(lanes), RANGE_SIGNATURE.name), compile_ir(quantize_ir(lanes), QUANTIZE_SIGNATURE.name)
 
 
 class Int8Linear(_Quantized):
@@ -399,7 +322,7 @@ class Int8Linear(_Quantized):
         self._requant = np.zeros((self.out_features if requantize is not None else 1, 4), np.float32)
         if requantize is not None:
             self._requant[:, :3] = np.broadcast_to(np.asarray(requantize, np.float32), (3, self.out_features)).T
-        self._fns = (*_quantize_fns(), SIGNATURE.ctypes()(compile_ir(int8_ir(self.config), SIGNATURE.name)))
+        self._fns = (*_quantize_fns(), compile_ir(int8_ir(self.config), SIGNATURE.name))
         self._driver = load_source(DRIVER_SOURCE).run_int8
         self._bounds: tuple[int, np.ndarray] = (0, np.zeros(1, np.int64))
         if mode == "dynamic":
@@ -422,10 +345,18 @@ class Int8Linear(_Quantized):
         return w.reshape(-1, self.out_features)[:self.in_features]
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
-        scale, zero, lo, corr, mult = self._quantization
-        return self._driver(*self._fns, xt, vector_lanes(), self.mode == "dynamic", scale, zero, lo, self.colsum,
-                            self.scale, corr, mult, self.indptr, self.split, self.blocks, self.weights, self.bias,
-                            self._requant, yt, rt, self._split())
+        # x's 4-block rows padded to whole 64-byte lines (int8_ir.LANES tokens)
+        xq = np.empty((-(-self.in_features // 4), -(-xt.shape[1] // LANES) * LANES), np.float32)
+        grid = self._quantize(xt, xq)
+        if grid is None:
+            return False
+        corr, mult = self._quantization[3:]
+        if self.mode == "dynamic":  # (this call's scale and zero point)
+            corr, mult = np.int32(grid[1]) * self.colsum, grid[0] * self.scale
+        bounds = self._split()
+        run(self._driver, SIGNATURE, len(bounds) - 1, 1, self._fns[2], xq, self.indptr, self.split, self.blocks,
+            self.weights, corr, mult, self.bias, self._requant, yt, rt, bounds)
+        return True
 
     def skipped(self, start: int = 0, stop: int | None = None) -> float:
         """The fraction of outputs [start, stop)'s dense multiply-adds not done: the
@@ -464,11 +395,8 @@ class Int8OnFloat(_Quantized):
         mult = self.scale if mode == "dynamic" else output_scale(mode, np.float32(x_scale), self.scale)
         self._scaled_bias = np.concatenate([self.bias, mult]).astype(np.float32)  # [bias | output scale]
         lanes = vector_lanes()
-        self._fns = (RANGE_SIGNATURE.ctypes()(compile_ir(range_ir(lanes), RANGE_SIGNATURE.name)),
-                     QUANTIZE_FLOAT_SIGNATURE.ctypes()(compile_ir(quantize_float_ir(lanes),
-                                                                  QUANTIZE_FLOAT_SIGNATURE.name)))
-        self._driver = load_source(DRIVER_SOURCE).run_on_float
-        self._inner_fn = SPARSE_SIGNATURE.ctypes()(self.inner._fn)
+        self._fns = (compile_ir(range_ir(lanes), RANGE_SIGNATURE.name),
+                     compile_ir(quantize_float_ir(lanes), QUANTIZE_FLOAT_SIGNATURE.name))
 
     @property
     def source(self) -> str:
@@ -483,11 +411,18 @@ class Int8OnFloat(_Quantized):
         return 1 - np.count_nonzero(w) / max(w.size, 1)
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
-        _, bounds, indptr, indices, values, order = self.inner._arrays()
-        return self._driver(*self._fns, self._inner_fn, xt, vector_lanes(), self.mode == "dynamic",
-                            np.float32(self.x_scale or 0), self._zero, self._lo, self.scale, self._scaled_bias,
-                            feature_major_empty(*xt.shape), indptr, indices, values, yt, rt, self.inner.nchunks,
-                            order, bounds)
+        grid = self._x_grid(xt, self._fns[0])
+        if grid is None:
+            return False
+        xf = feature_major_empty(*xt.shape)
+        run(load_source(DRIVER_SOURCE).run_quantize_float, QUANTIZE_FLOAT_SIGNATURE, numba.get_num_threads(), 1,
+            self._fns[1], xt, xf, *grid)
+        bias = self._scaled_bias
+        if self.mode == "dynamic":  # (this call's output scale)
+            bias = bias.copy()
+            bias[self.out_features:] = grid[0] * self.scale
+        self.inner._run(xf, yt, rt, bias)
+        return True
 
 
 def exact_on_float(weight: np.ndarray) -> bool:
@@ -534,15 +469,14 @@ class Int8Chunked(_Quantized, SparseLinear):
         indptr, k4, packed = compress_blocks(weight)
         self._csr = indptr, (4 * k4.astype(np.int64)).astype(np.uint16 if k <= 1 << 16 else np.int32), packed
         self._set_vnni_terms(weight)
-        self._fns = (*_quantize_fns(), SPARSE_SIGNATURE.ctypes()(compile_ir(ir_source(self.config),
-                                                                             SPARSE_SIGNATURE.name)))
-        self._driver = load_source(DRIVER_SOURCE).run_chunked
+        self._fns = (*_quantize_fns(), compile_ir(ir_source(self.config), SPARSE_SIGNATURE.name))
+        self._driver = load_source(SPARSE_DRIVER_SOURCE).run_rows
         self._handoffs: dict[tuple, tuple] = {}  # by the next layer's grid: see _handoff
         self._set_chunk(k_chunk)
 
     @property
     def source(self) -> str:
-        return with_driver(ir_source(self.config), DRIVER_SOURCE)
+        return with_driver(ir_source(self.config), DRIVER_SOURCE + "\n" + SPARSE_DRIVER_SOURCE)
 
     def dense_weight(self) -> np.ndarray:
         """The int8 weight [in, out] rebuilt from the stored, chunked and reordered blocks."""
@@ -566,13 +500,17 @@ class Int8Chunked(_Quantized, SparseLinear):
         xq = feature_major_empty(-(-self.in_features // 4), xt.shape[1])
         return self._call(self._fns[2], self._kbias, xt, xq, yt, rt, False)
 
-    def _call(self, fn, kbias, xt, xq, yt, rt, given: bool) -> bool:
+    def _call(self, fn: int, kbias, xt, xq, yt, rt, given: bool) -> bool:
+        """The kernel at `fn` on x: quantized into xq first, or `given` there as bytes."""
+        if not given:
+            kbias = self._quantize_into(xt, xq, kbias)
+            if kbias is None:
+                return False
         _, bounds, indptr, indices, values, order = self._arrays()
-        if given:  # (x's bytes as i32: their bits as float32, the type the driver is compiled for)
-            xt = xq = xq.view(np.float32)
-        return self._driver(*self._fns[:2], fn, xt, xq, vector_lanes(), self.mode == "dynamic",
-                            *self._x_quantization(), self.colsum, self.scale, kbias, indptr, indices, values, yt, rt,
-                            self.nchunks, order, bounds, given)
+        # (x's bytes, and the weight's 4-blocks, as float32 bits: the sparse driver's types)
+        run(self._driver, SPARSE_SIGNATURE, len(bounds) - 1, 1, fn, xq.view(np.float32), indptr, indices,
+            values.view(np.float32), kbias, yt, rt, self.nchunks, order, bounds)
+        return True
 
     # --- handing the output to the next int8 layer already quantized --------------------
 
@@ -619,7 +557,7 @@ class Int8Chunked(_Quantized, SparseLinear):
         if key not in made:
             scale, zero, lo = nxt._x_quantization()
             cfg = dataclasses.replace(self.config, quant_out=True)
-            fn = SPARSE_SIGNATURE.ctypes()(compile_ir(ir_source(cfg), SPARSE_SIGNATURE.name))
+            fn = compile_ir(ir_source(cfg), SPARSE_SIGNATURE.name)
             made[key] = fn, np.concatenate([self._kbias, np.array([scale, zero, lo, lo + 255], np.float32)])
         return made[key]
 

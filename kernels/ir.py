@@ -53,7 +53,12 @@ class Signature:
 
 
 def with_driver(ir: str, driver: str) -> str:
-    """What runs for one kernel, printable: its IR, then its Numba driver as comments."""
+    """What runs for one kernel, printable: its IR, then its Numba driver as comments, and
+    the parallel loop that makes the driver's calls (launch.py) where it hands them over."""
+    from .launch import LAUNCH_SOURCE
+
+    if "launch(part" in driver:
+        driver += "\n# the parallel loop (kernels/launch.py):\n" + LAUNCH_SOURCE
     return ir + "\n; driver (Numba):\n" + "".join("; " + line + "\n" for line in driver.splitlines())
 
 

@@ -325,10 +325,12 @@ class SparseLinear(_FeatureMajorLinear):
     def bounds(self) -> np.ndarray:
         return self._arrays()[1]
 
-    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray, bias: np.ndarray | None = None) -> None:
+        """The kernel's call; `bias`: what its epilogue reads instead of the layer's bias
+        (Int8OnFloat's [bias | output scale])."""
         _, bounds, indptr, indices, values, order = self._arrays()
-        run(self._driver, SPARSE_SIGNATURE, len(bounds) - 1, 1, self._fn, xt, indptr, indices, values, self.bias, yt,
-            rt, self.nchunks, order, bounds)
+        run(self._driver, SPARSE_SIGNATURE, len(bounds) - 1, 1, self._fn, xt, indptr, indices, values,
+            self.bias if bias is None else bias, yt, rt, self.nchunks, order, bounds)
 
 
 class OutputSlice:
