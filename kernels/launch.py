@@ -73,7 +73,7 @@ def put_source(sig: Signature) -> str:
     """A Numba function `put_<name>(calls, c, fn, <sig's arguments>)` that appends to row
     c of `calls` a call of the kernel at address `fn`."""
     args = [name for name, _ in sig.args]
-    lines = ["@njit(nogil=True, cache=True)",
+    lines = ["@njit(nogil=True, cache=True, inline=\"always\")  # (inlined: one compile less for its driver)",
              f"def put_{sig.name}(calls, c, fn, {', '.join(args)}):",
              f"    at = 1 + calls[c, 0] * {len(args) + 1}",
              "    calls[c, 0] += 1",
@@ -85,9 +85,7 @@ def put_source(sig: Signature) -> str:
 
 def new_calls(parts: int, per_part: int, sig: Signature) -> np.ndarray:
     """Rows for `parts` parts of up to `per_part` calls of kernels of signature `sig`."""
-    calls = np.empty((parts, 1 + per_part * (1 + len(sig.args))), np.int64)
-    calls[:, 0] = 0
-    return calls
+    return np.zeros((parts, 1 + per_part * (1 + len(sig.args))), np.int64)
 
 
 @functools.cache
@@ -126,10 +124,18 @@ def part_ir(sig: Signature) -> str:
     return "\n".join(lines)
 
 
-@functools.cache
+_parts: dict[str, tuple] = {}  # signature name → (its arguments, its part's address)
+
+
 def part(sig: Signature) -> int:
-    """The address of the compiled `part` for kernels of signature `sig`."""
-    return compile_ir(part_ir(sig), "part")
+    """The address of the compiled `part` for kernels of signature `sig` (looked up by
+    name: a Signature's own hash walks all its arguments, on every kernel call)."""
+    found = _parts.get(sig.name)
+    if found is None:
+        found = _parts[sig.name] = (sig.args, compile_ir(part_ir(sig), "part"))
+    if found[0] is not sig.args and found[0] != sig.args:
+        raise ValueError(f"two kernel signatures named {sig.name!r}")
+    return found[1]
 
 
 def address(fn) -> int:

@@ -11,35 +11,121 @@ tile of every row used a fraction of L2.
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numba
 import numpy as np
 
-from .compile import load_source
+from .compile import compile_ir, load_source
+from .ir import Signature
+from .launch import IMPORTS, put_source, run
 
 TILE = 32
 
-TRANSPOSE_SOURCE = f"""\
-# sparsejit generated kernel: tiled transpose, out = a.T (C-contiguous)
-from numba import njit, prange
-
-ANY_LAYOUT = ("out",)  # a and out compiled for any layout only, out writable (compile._any_layout)
-TILE = {TILE}
+TRANSPOSE_SIGNATURE = Signature("transpose_rows", (
+    ("a", "ptr"), ("sr", "i64"), ("sc", "i64"), ("out", "ptr"), ("ldo", "i64"), ("r0", "i64"), ("r1", "i64"),
+    ("cols", "i64")))
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def transpose(a, out):
-    rows, cols = a.shape
-    n_row_tiles = (rows + TILE - 1) // TILE
-    for rt in prange(n_row_tiles):
-        r0 = rt * TILE
-        r1 = min(rows, r0 + TILE)
-        for c0 in range(0, cols, TILE):
-            c1 = min(cols, c0 + TILE)
-            for c in range(c0, c1):
-                for r in range(r0, r1):
-                    out[c, r] = a[r, c]
+def transpose_ir() -> str:
+    """out[c, r] = a[r, c] for a's rows [r0, r1) and every column, TILE × TILE at a time
+    so that both sides stay in cache (strides in floats: a's sr and sc, out's ldo)."""
+    return f"""\
+; sparsejit generated kernel: tiled transpose of a's rows [r0, r1), out = a.T
+define void @transpose_rows({TRANSPOSE_SIGNATURE.params()}) {{
+entry:
+  br label %rt.head
+rt.head:
+  %rt = phi i64 [ %r0, %entry ], [ %rt.next, %ct.done ]
+  %rt.more = icmp slt i64 %rt, %r1
+  br i1 %rt.more, label %rt.body, label %exit
+rt.body:
+  %rt.next = add i64 %rt, {TILE}
+  %rt.lt = icmp slt i64 %rt.next, %r1
+  %rt.end = select i1 %rt.lt, i64 %rt.next, i64 %r1
+  br label %ct.head
+ct.head:
+  %ct = phi i64 [ 0, %rt.body ], [ %ct.next, %c.done ]
+  %ct.more = icmp slt i64 %ct, %cols
+  br i1 %ct.more, label %ct.body, label %ct.done
+ct.body:
+  %ct.next = add i64 %ct, {TILE}
+  %ct.lt = icmp slt i64 %ct.next, %cols
+  %ct.end = select i1 %ct.lt, i64 %ct.next, i64 %cols
+  br label %c.head
+c.head:
+  %c = phi i64 [ %ct, %ct.body ], [ %c.next, %r.done ]
+  %c.more = icmp slt i64 %c, %ct.end
+  br i1 %c.more, label %c.body, label %c.done
+c.body:
+  %c.next = add i64 %c, 1
+  %orow = mul i64 %c, %ldo
+  %acol = mul i64 %c, %sc
+  br label %r.head
+r.head:
+  %r = phi i64 [ %rt, %c.body ], [ %r.next, %r.body ]
+  %r.more = icmp slt i64 %r, %rt.end
+  br i1 %r.more, label %r.body, label %r.done
+r.body:
+  %r.next = add i64 %r, 1
+  %arow = mul i64 %r, %sr
+  %ai = add i64 %arow, %acol
+  %ap = getelementptr float, ptr %a, i64 %ai
+  %v = load float, ptr %ap
+  %oi = add i64 %orow, %r
+  %op = getelementptr float, ptr %out, i64 %oi
+  store float %v, ptr %op
+  br label %r.head
+r.done:
+  br label %c.head
+c.done:
+  br label %ct.head
+ct.done:
+  br label %rt.head
+exit:
+  ret void
+}}
 """
+
+
+TRANSPOSE_SOURCE = f"""\
+# sparsejit generated kernel: the driver of the tiled transpose, out = a.T (rows of unit
+# stride); part c transposes a's row tiles [c * n / parts, (c + 1) * n / parts)
+import numpy as np
+from numba import njit
+
+ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any_layout)
+TILE = {TILE}
+""" + IMPORTS + "\n\n" + put_source(TRANSPOSE_SIGNATURE) + """
+
+@njit(nogil=True, cache=True)
+def transpose(launch, part, calls, fn, a, out):
+    rows, cols = a.shape
+    tiles = (rows + TILE - 1) // TILE
+    parts = calls.shape[0]
+    for c in range(parts):
+        r0 = min(rows, c * tiles // parts * TILE)
+        r1 = min(rows, (c + 1) * tiles // parts * TILE)
+        if r0 < r1:
+            put_transpose_rows(calls, c, fn, a.ctypes.data, a.strides[0] // 4, a.strides[1] // 4, out.ctypes.data,
+                               out.strides[0] // 4, r0, r1, cols)
+    launch(part, calls.ctypes.data, parts, calls.shape[1])
+"""
+
+
+def _transpose_into(a: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out (rows of unit stride) = a.T, a float32."""
+    if a.strides[0] % 4 or a.strides[1] % 4:  # (a view of unaligned floats)
+        a = np.ascontiguousarray(a)
+    run(load_source(TRANSPOSE_SOURCE).transpose, TRANSPOSE_SIGNATURE, numba.get_num_threads(), 1, _transpose_fn(), a,
+        out)
+    return out
+
+
+@functools.cache
+def _transpose_fn() -> int:
+    return compile_ir(transpose_ir(), TRANSPOSE_SIGNATURE.name)
 
 
 def padded_rows(n: int) -> int:
@@ -103,17 +189,13 @@ def transposed(a: np.ndarray) -> np.ndarray:
     t = a.T
     if unit_token_stride(a) and t.flags.writeable and t.dtype == np.float32 and on_lines(t):
         return t
-    out = feature_major_empty(t.shape[0], t.shape[1])
-    load_source(TRANSPOSE_SOURCE).transpose(a.astype(np.float32, copy=False), out)
-    return out
+    return _transpose_into(a.astype(np.float32, copy=False), feature_major_empty(t.shape[0], t.shape[1]))
 
 
 def transposed_copy(a: np.ndarray) -> np.ndarray:
     """A C-contiguous float32 copy of a 2-D array, by the tiled transpose of a.T (fast
     when a is feature-major, that is when a.T has contiguous rows)."""
-    out = np.empty(a.shape, np.float32)
-    load_source(TRANSPOSE_SOURCE).transpose(a.T.astype(np.float32, copy=False), out)
-    return out
+    return _transpose_into(a.T.astype(np.float32, copy=False), np.empty(a.shape, np.float32))
 
 
 def contiguous(a: np.ndarray) -> np.ndarray:

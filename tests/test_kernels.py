@@ -297,12 +297,16 @@ def test_transposed_hands_kernels_rows_on_lines():
 
 
 def test_transpose_kernel():
+    """The tiled transpose, of whole arrays and of views with any strides (every other row
+    or column, reversed rows, Fortran order, floats off their 4-byte alignment)."""
     rng = np.random.default_rng(4)
-    for shape in [(1, 1), (33, 65), (128, 96)]:
+    for shape in [(1, 1), (33, 65), (128, 96), (0, 5)]:
         a = rng.standard_normal(shape).astype(np.float32)
-        np.testing.assert_array_equal(transposed(a), np.ascontiguousarray(a.T))
-        np.testing.assert_array_equal(contiguous(a.T), a.T)
-        assert transposed(a).strides[1] == 4  # unit token stride, rows maybe padded
+        unaligned = np.frombuffer(b"\0" + a.tobytes(), np.float32, a.size, 1).reshape(shape)
+        for v in (a, a[::2], a[:, ::3], a[::-1], np.asfortranarray(a), unaligned):
+            np.testing.assert_array_equal(transposed(v), np.ascontiguousarray(v.T))
+            np.testing.assert_array_equal(contiguous(v.T), v.T)
+            assert transposed(v).strides[1] == 4 or v.shape[0] <= 1  # unit token stride, rows maybe padded
 
 
 @pytest.mark.parametrize("mask_shape", [None, (2, 1, 1, 11), (2, 1, 9, 11), (1, 1, 1, 11), (11,)])
