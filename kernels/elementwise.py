@@ -1,7 +1,8 @@
 """Per-element ops that a quantized graph runs between its Linear layers, as Numba kernels:
 QuantizeLinear and DequantizeLinear per tensor, Erf, QLinearMatMul's requantization, and
-the fused nodes of fuse.py's quantized passes (Lookup, QSoftmax, FakeQuantize). QOperator
-and QDQ graphs keep activations quantized, so a block runs a dozen of these; their numpy
+the fused nodes of fuse.py's quantized passes (Lookup, QSoftmax; FakeQuantize, which every
+quantized BERT runs, as an LLVM IR kernel on the launcher, launch.py). QOperator and QDQ
+graphs keep activations quantized, so a block runs a dozen of these; their numpy
 references make several passes over the tensor each, these one, on every thread.
 
 Each computes what its reference does, in the same float32 steps: x / scale rounded half
@@ -13,10 +14,15 @@ another type), and plan.elementwise_step runs the reference instead.
 
 from __future__ import annotations
 
+import functools
+
+import numba
 import numpy as np
 
 from ..ops import _integer_product, dequantize_linear, op, quantize_linear, softmax
-from .compile import load_source
+from .compile import compile_ir, load_source
+from .ir import Signature
+from .launch import IMPORTS, put_source, run
 
 ELEMENTWISE_SOURCE = """\
 # sparsejit generated kernel: per-element QuantizeLinear, DequantizeLinear (per tensor) and Erf
@@ -63,17 +69,6 @@ def requantize(acc, multiplier, zero, lo, hi, out):
                 v = xs[j] * multiplier[j]
                 v = lo if v < lo else v
                 ys[j] = np.int32(np.rint(hi if v > hi else v) + zero)
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def fake_quantize(x, scale, zero, lo, hi, out):
-    # (clamp(rint(x / scale) + zero, lo, hi) - zero) * scale, QuantizeLinear then DequantizeLinear
-    n = x.size
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        xs = x[c * CHUNK:min(n, (c + 1) * CHUNK)]
-        ys = out[c * CHUNK:min(n, (c + 1) * CHUNK)]
-        for i in range(xs.size):
-            ys[i] = (quantized(xs[i], scale, zero, lo, hi) - zero) * scale
 
 
 # (a float64 sum of float32 values: exact but where their exponents span more than 29
@@ -259,8 +254,79 @@ def fake_quantize(x: np.ndarray, scale, zero_point):
         return None
     lo, hi = RANGES[z.dtype]
     flat, out, shaped = _flat(x, np.float32)
-    _kernels().fake_quantize(flat, np.float32(s), np.float32(z), np.float32(lo), np.float32(hi), out)
+    run(load_source(FAKE_QUANTIZE_DRIVER).fake_quantize, FAKE_QUANTIZE_SIGNATURE, numba.get_num_threads(), 1,
+        _fake_quantize_fn(), flat, out, np.float32(s), np.float32(z), np.float32(lo), np.float32(hi))
     return shaped
+
+
+FAKE_QUANTIZE_SIGNATURE = Signature("fake_quantize_range", (
+    ("x", "ptr"), ("out", "ptr"), ("i0", "i64"), ("i1", "i64"), ("scale", "float"), ("zero", "float"), ("lo", "float"),
+    ("hi", "float")))
+
+
+def fake_quantize_ir() -> str:
+    """out[i0:i1] = x[i0:i1] quantized and dequantized in float32, as the Numba kernels'
+    `quantized` and the LayerNorm's grid (lowp_ir.quantized) compute it."""
+    return f"""\
+; sparsejit generated kernel: FakeQuantize of x[i0:i1], (clamp(roundeven(x / scale) + zero, lo, hi) - zero) * scale,
+; NaN giving the byte 0 before the clamp (as numpy's cast of NaN to a byte does on x86)
+define void @fake_quantize_range({FAKE_QUANTIZE_SIGNATURE.params()}) {{
+entry:
+  br label %head
+head:
+  %i = phi i64 [ %i0, %entry ], [ %next, %body ]
+  %more = icmp slt i64 %i, %i1
+  br i1 %more, label %body, label %exit
+body:
+  %next = add i64 %i, 1
+  %xp = getelementptr float, ptr %x, i64 %i
+  %v = load float, ptr %xp
+  %d = fdiv float %v, %scale
+  %r = call float @llvm.roundeven.f32(float %d)
+  %q = fadd float %r, %zero
+  %nan = fcmp uno float %q, %q
+  %q0 = select i1 %nan, float 0.0, float %q
+  %q1 = call float @llvm.maxnum.f32(float %q0, float %lo)
+  %q2 = call float @llvm.minnum.f32(float %q1, float %hi)
+  %s = fsub float %q2, %zero
+  %y = fmul float %s, %scale
+  %yp = getelementptr float, ptr %out, i64 %i
+  store float %y, ptr %yp
+  br label %head
+exit:
+  ret void
+}}
+
+declare float @llvm.roundeven.f32(float)
+declare float @llvm.maxnum.f32(float, float)
+declare float @llvm.minnum.f32(float, float)
+"""
+
+
+FAKE_QUANTIZE_DRIVER = """\
+# sparsejit generated kernel: the driver of the FakeQuantize IR kernel
+# part c computes elements [c * n / parts, (c + 1) * n / parts)
+import numpy as np
+from numba import njit
+
+ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any_layout)
+""" + IMPORTS + "\n\n" + put_source(FAKE_QUANTIZE_SIGNATURE) + """
+
+@njit(nogil=True, cache=True)
+def fake_quantize(launch, part, calls, fn, x, out, scale, zero, lo, hi):
+    n = x.size
+    parts = calls.shape[0]
+    for c in range(parts):
+        if c * n // parts < (c + 1) * n // parts:
+            put_fake_quantize_range(calls, c, fn, x.ctypes.data, out.ctypes.data, c * n // parts,
+                                    (c + 1) * n // parts, scale, zero, lo, hi)
+    launch(part, calls.ctypes.data, parts, calls.shape[1])
+"""
+
+
+@functools.cache
+def _fake_quantize_fn() -> int:
+    return compile_ir(fake_quantize_ir(), FAKE_QUANTIZE_SIGNATURE.name)
 
 
 @op("QSoftmax", fused=True)
