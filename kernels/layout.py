@@ -28,6 +28,18 @@ TRANSPOSE_SIGNATURE = Signature("transpose_rows", (
     ("cols", "i64")))
 
 
+def _counted(name: str, start: str, end: str, step: int, entry: str, latch: str, done: str) -> str:
+    """The head of `for name in range(start, end, step)` in IR text: entered from block
+    `entry`, looped back to from `latch`, leaving to `done`; the body block follows, with
+    %name.next; a tile loop (step > 1) also has %name.end, its tile's end clamped to end."""
+    clamp = (f"  %{name}.lt = icmp slt i64 %{name}.next, {end}\n"
+             f"  %{name}.end = select i1 %{name}.lt, i64 %{name}.next, i64 {end}\n") if step > 1 else ""
+    return (f"{name}.head:\n  %{name} = phi i64 [ {start}, %{entry} ], [ %{name}.next, %{latch} ]\n"
+            f"  %{name}.more = icmp slt i64 %{name}, {end}\n"
+            f"  br i1 %{name}.more, label %{name}.body, label %{done}\n"
+            f"{name}.body:\n  %{name}.next = add i64 %{name}, {step}\n{clamp}")
+
+
 def transpose_ir() -> str:
     """out[c, r] = a[r, c] for a's rows [r0, r1) and every column, TILE × TILE at a time
     so that both sides stay in cache (strides in floats: a's sr and sc, out's ldo)."""
@@ -36,39 +48,15 @@ def transpose_ir() -> str:
 define void @transpose_rows({TRANSPOSE_SIGNATURE.params()}) {{
 entry:
   br label %rt.head
-rt.head:
-  %rt = phi i64 [ %r0, %entry ], [ %rt.next, %ct.done ]
-  %rt.more = icmp slt i64 %rt, %r1
-  br i1 %rt.more, label %rt.body, label %exit
-rt.body:
-  %rt.next = add i64 %rt, {TILE}
-  %rt.lt = icmp slt i64 %rt.next, %r1
-  %rt.end = select i1 %rt.lt, i64 %rt.next, i64 %r1
+{_counted("rt", "%r0", "%r1", TILE, "entry", "ct.done", "exit")}\
   br label %ct.head
-ct.head:
-  %ct = phi i64 [ 0, %rt.body ], [ %ct.next, %c.done ]
-  %ct.more = icmp slt i64 %ct, %cols
-  br i1 %ct.more, label %ct.body, label %ct.done
-ct.body:
-  %ct.next = add i64 %ct, {TILE}
-  %ct.lt = icmp slt i64 %ct.next, %cols
-  %ct.end = select i1 %ct.lt, i64 %ct.next, i64 %cols
+{_counted("ct", "0", "%cols", TILE, "rt.body", "c.done", "ct.done")}\
   br label %c.head
-c.head:
-  %c = phi i64 [ %ct, %ct.body ], [ %c.next, %r.done ]
-  %c.more = icmp slt i64 %c, %ct.end
-  br i1 %c.more, label %c.body, label %c.done
-c.body:
-  %c.next = add i64 %c, 1
+{_counted("c", "%ct", "%ct.end", 1, "ct.body", "r.done", "c.done")}\
   %orow = mul i64 %c, %ldo
   %acol = mul i64 %c, %sc
   br label %r.head
-r.head:
-  %r = phi i64 [ %rt, %c.body ], [ %r.next, %r.body ]
-  %r.more = icmp slt i64 %r, %rt.end
-  br i1 %r.more, label %r.body, label %r.done
-r.body:
-  %r.next = add i64 %r, 1
+{_counted("r", "%rt", "%rt.end", 1, "c.body", "r.body", "r.done")}\
   %arow = mul i64 %r, %sr
   %ai = add i64 %arow, %acol
   %ap = getelementptr float, ptr %a, i64 %ai
