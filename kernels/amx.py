@@ -85,7 +85,7 @@ def run_amx(launch, part, calls, fn, xq, wa, bias, yt, rt, token_tile, pairs, kt
                                rt.ctypes.data + t0 * r_step, rt.strides[0] // 4, ktiles, yt.shape[0], p0, p1,
                                min(token_tile, ntok - t0), masks.ctypes.data, offsets.ctypes.data,
                                work.ctypes.data + c * work.strides[0])
-    launch(part, calls.ctypes.data, parts, calls.shape[1])
+    launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """
 
 # Tokens per driver step: 256 tokens of a 3072-input layer's int8 rows are 768 KB, in L2

@@ -97,7 +97,7 @@ def run_heads(launch, part, calls, fn, qt, kt, vt, mask, ot, scale, s, pk):
                                mask.ctypes.data + (b if mb else 0) * mask.strides[0] + (h if mh else 0) * mask.strides[1],
                                mask.strides[2] // 4, ot.ctypes.data + b * ot.strides[0] + h * ot.strides[1],
                                ot.strides[2] // 4, d, tq, tk, scale, s_at, pk_at)
-    launch(part, calls.ctypes.data, parts, calls.shape[1])
+    launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """
 
 # Keys per pass over the head features, by vector lanes: with AVX2's 16 registers, 2

@@ -107,7 +107,7 @@ def pack_pairs(launch, part, calls, fn, xt, xp):
     for c in range(parts):
         put_pack_pairs(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, xp.ctypes.data, xp.strides[0] // 4,
                        xt.shape[0], c * pairs // parts, (c + 1) * pairs // parts, xt.shape[1])
-    launch(part, calls.ctypes.data, parts, calls.shape[1])
+    launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """
 
 

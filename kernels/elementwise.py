@@ -320,7 +320,7 @@ def fake_quantize(launch, part, calls, fn, x, out, scale, zero, lo, hi):
         if c * n // parts < (c + 1) * n // parts:
             put_fake_quantize_range(calls, c, fn, x.ctypes.data, out.ctypes.data, c * n // parts,
                                     (c + 1) * n // parts, scale, zero, lo, hi)
-    launch(part, calls.ctypes.data, parts, calls.shape[1])
+    launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """
 
 

@@ -137,7 +137,7 @@ def run_embed(launch, part, calls, fn, ids, sizes, offsets, batch, seq, table, y
         if t0 < t1:
             put_embed_sum(calls, c, fn, rows.ctypes.data, rows.strides[0] // 8, table.ctypes.data, table.shape[1],
                           yt.ctypes.data, yt.strides[0] // 4, t0, t1)
-    launch(part, calls.ctypes.data, parts, calls.shape[1])
+    launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
     return -1
 """
 

@@ -114,7 +114,7 @@ def run_range(launch, part, calls, fn, xt, ranges):
     for c in range(parts):
         put_range_rows(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, c * k // parts, (c + 1) * k // parts,
                        xt.shape[1], ranges.ctypes.data + c * ranges.strides[0])
-    launch(part, calls.ctypes.data, parts, calls.shape[1])
+    launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 
 
 @njit(nogil=True, cache=True)
@@ -128,7 +128,7 @@ def run_quantize(launch, part, calls, fn, xt, xq, scale, zero, lo):
         if a < b:
             put_quantize_rows(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, xq.ctypes.data, xq.strides[0] // 4, k,
                               scale, zero, lo, lo + 255, a, b, xt.shape[1])
-    launch(part, calls.ctypes.data, parts, calls.shape[1])
+    launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 
 
 @njit(nogil=True, cache=True)
@@ -138,7 +138,7 @@ def run_quantize_float(launch, part, calls, fn, xt, xf, scale, zero, lo):
     for c in range(parts):
         put_quantize_float_rows(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, xf.ctypes.data, xf.strides[0] // 4,
                                 scale, zero, lo, lo + 255, c * k // parts, (c + 1) * k // parts, xt.shape[1])
-    launch(part, calls.ctypes.data, parts, calls.shape[1])
+    launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 
 
 @njit(nogil=True, cache=True)
@@ -148,7 +148,7 @@ def run_int8(launch, part, calls, fn, xq, indptr, split, blocks, weights, corr, 
                       blocks.ctypes.data, weights.ctypes.data, corr.ctypes.data, mult.ctypes.data, bias.ctypes.data,
                       requant.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data, rt.strides[0] // 4,
                       bounds[c], bounds[c + 1], yt.shape[1])
-    launch(part, calls.ctypes.data, calls.shape[0], calls.shape[1])
+    launch_calls(launch, part, calls.ctypes.data, calls.shape[0], calls.shape[1])
 """
 
 

@@ -57,7 +57,7 @@ def with_driver(ir: str, driver: str) -> str:
     the parallel loop that makes the driver's calls (launch.py) where it hands them over."""
     from .launch import LAUNCH_SOURCE
 
-    if "launch(part" in driver:
+    if "launch_calls(" in driver:
         driver += "\n# the parallel loop (kernels/launch.py):\n" + LAUNCH_SOURCE
     return ir + "\n; driver (Numba):\n" + "".join("; " + line + "\n" for line in driver.splitlines())
 

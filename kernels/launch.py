@@ -1,13 +1,13 @@
 """One parallel loop for every kernel.
 
 Numba compiles a function with a `prange` loop more slowly than a plain one, and a model
-meets a dozen drivers on its first load (bench/README: the first load). So the engine has
-one such loop, `launch(part, calls, parts, width)`, compiled once as a C function: it
-runs row c of `calls` on part c of the threads. A driver is plain (sequential) Numba
-code that writes into those rows the calls each part makes (`put_source`'s function for
-the kernel's signature), then launches them; `part` is a small LLVM IR function made from
-the kernel's `Signature` (`part_ir`) that reads each call's address and arguments from
-its row and makes the call.
+meets a dozen drivers on its first load (bench/README.md, thirteenth session). So the
+engine has one such loop, `launch(part, calls, parts, width)`, compiled once as a C
+function: it runs row c of `calls` on part c of the threads. A driver is plain
+(sequential) Numba code that writes into those rows the calls each part makes
+(`put_source`'s function for the kernel's signature), then launches them
+(`launch_calls`); `part` is a small LLVM IR function made from the kernel's `Signature`
+(`part_ir`) that reads each call's address and arguments from its row and makes the call.
 
 A row of `calls` (int64): the number of calls, then per call the kernel's address and
 its arguments, one slot each: pointers and integers as they are, floats as their bits.
@@ -17,7 +17,6 @@ array compiles more slowly than one that is given it.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 
 import numpy as np
@@ -47,6 +46,21 @@ def bits(typingctx, x):
     return types.int64(types.float32), codegen
 
 
+@intrinsic
+def launch_calls(typingctx, launch, part, calls, parts, width):
+    """launch(part, calls, parts, width), the launcher given by its address (in Numba code:
+    a ctypes function passed to a Numba function is typed in Python on every call, an
+    integer in C)."""
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(64)] * 4)
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), args[1:])
+        return context.get_dummy_value()
+    kinds = (launch, part, calls, parts, width)
+    if all(isinstance(k, types.Integer) and k.bitwidth == 64 for k in kinds):
+        return types.void(*kinds), codegen
+    return None
+
+
 LAUNCH_SOURCE = """\
 # sparsejit generated kernel: the engine's one parallel loop
 # row c of `calls` (`width` int64 each) is part c's work: a count, then per call a kernel's
@@ -62,11 +76,9 @@ def launch(part, calls, parts, width):
         call_part(part, calls + c * width * 8)
 """
 
-LAUNCH = ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
-
 # What a driver source imports. (Numba's cache of a driver holds the code of what it calls:
-# a change to `bits` must change this line, and so the drivers' text.)
-IMPORTS = "from sparsejit.kernels.launch import bits  # (bits v1)\n"
+# a change to these intrinsics must change this line, and so the drivers' text.)
+IMPORTS = "from sparsejit.kernels.launch import bits, launch_calls  # (v2)\n"
 
 
 def put_source(sig: Signature) -> str:
@@ -89,13 +101,16 @@ def new_calls(parts: int, per_part: int, sig: Signature) -> np.ndarray:
 
 
 @functools.cache
-def launcher():
-    """`launch(part, calls, parts, width)` as a ctypes pointer, for drivers to call."""
+def launcher() -> int:
+    """The address of `launch(part, calls, parts, width)`, for drivers to call
+    (`launch_calls`)."""
     compiled = compiled_cfunc(load_source(LAUNCH_SOURCE).launch, "void(int64, int64, int64, int64)",
                               parallel=True, nogil=True)
-    fn = LAUNCH(compiled.address)
-    fn.compiled = compiled  # (keeps its machine code alive)
-    return fn
+    _compiled.append(compiled)  # (keeps its machine code alive)
+    return compiled.address
+
+
+_compiled: list = []
 
 
 def part_ir(sig: Signature) -> str:
@@ -137,10 +152,6 @@ def part(sig: Signature) -> int:
         raise ValueError(f"two kernel signatures named {sig.name!r}")
     return found[1]
 
-
-def address(fn) -> int:
-    """A ctypes function pointer's address, as a slot of `calls` holds it."""
-    return ctypes.cast(fn, ctypes.c_void_p).value
 
 
 def run(driver, sig: Signature, parts: int, per_part: int, *args):

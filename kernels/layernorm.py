@@ -197,7 +197,7 @@ def run_columns(launch, part, calls, fn, xt, yt, scale, bias, eps, grid, xq):
             put_layernorm_columns(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, yt.ctypes.data, yt.strides[0] // 4,
                                   scale.ctypes.data, bias.ctypes.data, eps, h, t0, t1, grid[0], grid[1], grid[2],
                                   grid[3], xq.ctypes.data, xq.strides[0] // 4)
-    launch(part, calls.ctypes.data, parts, calls.shape[1])
+    launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """
 
 

@@ -98,7 +98,7 @@ def transpose(launch, part, calls, fn, a, out):
         if r0 < r1:
             put_transpose_rows(calls, c, fn, a.ctypes.data, a.strides[0] // 4, a.strides[1] // 4, out.ctypes.data,
                                out.strides[0] // 4, r0, r1, cols)
-    launch(part, calls.ctypes.data, parts, calls.shape[1])
+    launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """
 
 

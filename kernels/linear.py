@@ -86,7 +86,7 @@ def run_rows(launch, part, calls, fn, xt, indptr, indices, values, bias, yt, rt,
                         values.ctypes.data, bias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data,
                         rt.strides[0] // 4, yt.shape[0], nchunks, order.ctypes.data, bounds[c], bounds[c + 1],
                         xt.shape[1])
-    launch(part, calls.ctypes.data, calls.shape[0], calls.shape[1])
+    launch_calls(launch, part, calls.ctypes.data, calls.shape[0], calls.shape[1])
 """
 
 
@@ -153,7 +153,7 @@ def run_panels(launch, part, calls, fn, xt, wp, bias, yt, rt, token_tile):
                                  bias.ctypes.data, yt.ctypes.data + t0 * 4, yt.strides[0] // 4,
                                  rt.ctypes.data + t0 * r_step, rt.strides[0] // 4, xt.shape[0], yt.shape[0], p0, p1,
                                  min(token_tile, ntok - t0))
-    launch(part, calls.ctypes.data, parts, calls.shape[1])
+    launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """
 
 

@@ -982,7 +982,7 @@ def run_record(launch, part, calls, fn, out, xs):
     for c in range(parts):
         for i in range(c * n // parts, (c + 1) * n // parts):
             put_record(calls, c, fn, out.ctypes.data, i, xs[i])
-    launch(part, calls.ctypes.data, parts, calls.shape[1])
+    launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """).run_record
     xs = np.array([0.0, -0.0, 1.5, -3.25e-39, np.inf, np.nan, 7.0], np.float32)
     for parts in (1, 2, 3, 7):
