@@ -21,13 +21,12 @@ from __future__ import annotations
 import ctypes
 import functools
 
-import numba
 import numpy as np
 
 from .amx_ir import K_TILE, ROWS, SIGNATURE, AmxConfig, amx_ir
 from .bf16 import DRIVER_SOURCE as BF16_DRIVER_SOURCE
 from .bf16 import PACK_SIGNATURE, from_bf16, pack_ir, packed_pairs, to_bf16
-from .compile import compile_ir, host_cpu, load_source
+from .compile import compile_ir, host_cpu, load_source, threads
 from .int8 import DRIVER_SOURCE as INT8_DRIVER_SOURCE
 from .int8 import _quantize_fns, _Quantized
 from .ir import with_driver
@@ -189,7 +188,7 @@ class _Amx:
 
     def _tiles_run(self, xq: np.ndarray, bias: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         pairs, ktiles = self._shape[0] // 2, self._shape[1]
-        parts = max(1, min(numba.get_num_threads(), pairs))
+        parts = max(1, min(threads(), pairs))
         # (compressed: each thread's pair of panels expanded, 2 KB per K-tile, on 64-byte lines;
         # made per call, as two Python threads may run the layer at once)
         work = aligned_empty((parts, 2 * ktiles * 1024 if self.config.compressed else 64), np.uint8)

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import functools
 
-import numba
 import numpy as np
 
 from ..ops import op, softmax
 from .attention_ir import SIGNATURE, AttentionConfig, attention_ir
-from .compile import compile_ir, load_source, vector_lanes
+from .compile import compile_ir, load_source, threads, vector_lanes
 from .ir import with_driver
 from .launch import IMPORTS, put_source, run
 from .layout import aligned_empty, feature_major_empty
@@ -229,7 +228,7 @@ def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarr
     amx = bf16 and amx and amx_fits(q.shape[3])
     cfg, fn, run_heads = _kernel(per_query, bool(nan_guard), vector_lanes(), bf16, amx)
     pairs = n_batch * n_head
-    parts = max(1, min(numba.get_num_threads(), pairs))
+    parts = max(1, min(threads(), pairs))
     scratch = np.empty((parts, -(-tk // 16) * 16 * cfg.lanes * cfg.qvec + 16), np.float32)
     packed = np.empty((parts, _packed_size(cfg, qt.shape[2], tq, tk) + 16), np.float32)
     run(run_heads, SIGNATURE, parts, -(-pairs // parts), fn, qt, kt, vt, mask_t, ot, np.float32(mul), scratch, packed)

@@ -22,10 +22,9 @@ bfloat16 keeps float32's exponent and 8 significant bits (relative rounding erro
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
-from .compile import compile_ir, host_cpu, load_source
+from .compile import compile_ir, host_cpu, load_source, threads
 from .compress import analyse
 from .dense_ir import DenseConfig, dense_ir
 from .ir import Builder, Signature, with_driver
@@ -113,7 +112,7 @@ def pack_pairs(launch, part, calls, fn, xt, xp):
 
 def packed_pairs(pack: int, xt: np.ndarray, xp: np.ndarray) -> np.ndarray:
     """xp ([in/2, tokens]) with xt's pairs of rows packed into it by the kernel at `pack`."""
-    run(load_source(DRIVER_SOURCE).pack_pairs, PACK_SIGNATURE, numba.get_num_threads(), 1, pack, xt, xp)
+    run(load_source(DRIVER_SOURCE).pack_pairs, PACK_SIGNATURE, threads(), 1, pack, xt, xp)
     return xp
 
 

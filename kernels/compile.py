@@ -42,6 +42,7 @@ from numba.core.caching import CompileResultCacheImpl, FunctionCache, IndexDataC
 from numba.core.compiler_lock import global_compiler_lock
 from numba.core.dispatcher import Dispatcher
 from numba.core.types import Array
+from numba.np.ufunc import parallel as _parallel
 
 log = logging.getLogger("sparsejit")
 
@@ -380,6 +381,17 @@ def host_cpu() -> tuple[str, str]:
             llvm.initialize_native_asmprinter()
             _host = llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten()
     return _host
+
+
+def threads() -> int:
+    """The calling thread's kernel thread count: numba.get_num_threads() without its locks
+    and checks, as every kernel call reads it. (Numba 0.68's pool state and the count's
+    reader; another Numba, or a pool not started, goes through numba.get_num_threads.)"""
+    if getattr(_parallel, "_is_initialized", False):
+        return _parallel._get_num_threads()
+    import numba
+
+    return numba.get_num_threads()
 
 
 def vector_lanes() -> int:

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import functools
 
-import numba
 import numpy as np
 
 from ..ops import _integer_product, dequantize_linear, op, quantize_linear, softmax
-from .compile import compile_ir, load_source
+from .compile import compile_ir, load_source, threads
 from .ir import Signature
 from .launch import IMPORTS, put_source, run
 
@@ -254,7 +253,7 @@ def fake_quantize(x: np.ndarray, scale, zero_point):
         return None
     lo, hi = RANGES[z.dtype]
     flat, out, shaped = _flat(x, np.float32)
-    run(load_source(FAKE_QUANTIZE_DRIVER).fake_quantize, FAKE_QUANTIZE_SIGNATURE, numba.get_num_threads(), 1,
+    run(load_source(FAKE_QUANTIZE_DRIVER).fake_quantize, FAKE_QUANTIZE_SIGNATURE, threads(), 1,
         _fake_quantize_fn(), flat, out, np.float32(s), np.float32(z), np.float32(lo), np.float32(hi))
     return shaped
 

@@ -10,11 +10,10 @@ adds, the transpose to feature-major, LayerNorm).
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from ..ops import gather, layer_normalization, op
-from .compile import compile_ir, load_source, vector_lanes
+from .compile import compile_ir, load_source, threads, vector_lanes
 from .elementwise import reference_fake_quantize
 from .ir import Builder, Signature, with_driver
 from .launch import IMPORTS, put_source, run
@@ -170,7 +169,7 @@ class EmbedLayerNorm:
                 (self.grid is not None and self.grid.floats is None):
             return reference_embed_layernorm(*ids, scale, bias, tables=self.dense_tables(), gathers=self.gathers,
                                              epsilon=float(self.epsilon), quantize=self.grid and self.grid.quantize)
-        parts = numba.get_num_threads()
+        parts = threads()
         xt, yt = feature_major_empty(h, shape[0] * shape[1]), feature_major_empty(h, shape[0] * shape[1])
         # one type for all (C-contiguous, writable int64, 2-D): Numba indexes the tuple at run time
         as_2d = tuple(np.require(i, np.int64, ["C", "W"]).reshape((1,) * (2 - np.ndim(i)) + np.shape(i)) for i in ids)

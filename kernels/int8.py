@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import numba
 import numpy as np
 
 from ..ops import dynamic_quantize_linear, matmul_integer, op, quantize_linear, range_scale
-from .compile import compile_ir, host_cpu, load_source, vector_lanes
+from .compile import compile_ir, host_cpu, load_source, threads, vector_lanes
 from .compress import analyse, balanced_bounds
 from .dense_ir import SIGNATURE as DENSE_SIGNATURE
 from .dense_ir import DenseConfig, dense_ir
@@ -265,7 +264,7 @@ class _Quantized:
         not finite)."""
         if self.mode != "dynamic":
             return np.float32(self.x_scale), np.float32(self._zero), np.float32(self._lo)
-        parts = numba.get_num_threads()
+        parts = threads()
         ranges = np.empty((parts, 2, vector_lanes()), np.float32)  # per part and lane: lowest, highest
         run(load_source(DRIVER_SOURCE).run_range, RANGE_SIGNATURE, parts, 1, range_fn, xt, ranges)
         if not np.isfinite(ranges).all():
@@ -279,7 +278,7 @@ class _Quantized:
         finite."""
         grid = self._x_grid(xt, self._fns[0])
         if grid is not None:
-            run(load_source(DRIVER_SOURCE).run_quantize, QUANTIZE_SIGNATURE, numba.get_num_threads(), 1,
+            run(load_source(DRIVER_SOURCE).run_quantize, QUANTIZE_SIGNATURE, threads(), 1,
                 self._fns[1], xt, xq, *grid)
         return grid
 
@@ -365,7 +364,7 @@ class Int8Linear(_Quantized):
         return 1 - int(self.indptr[stop] - self.indptr[start]) / max(-(-self.in_features // 4) * (stop - start), 1)
 
     def _split(self) -> np.ndarray:
-        n = numba.get_num_threads()
+        n = threads()
         if self._bounds[0] != n:
             self._bounds = (n, balanced_bounds(self.indptr, n))
         return self._bounds[1]
@@ -415,7 +414,7 @@ class Int8OnFloat(_Quantized):
         if grid is None:
             return False
         xf = feature_major_empty(*xt.shape)
-        run(load_source(DRIVER_SOURCE).run_quantize_float, QUANTIZE_FLOAT_SIGNATURE, numba.get_num_threads(), 1,
+        run(load_source(DRIVER_SOURCE).run_quantize_float, QUANTIZE_FLOAT_SIGNATURE, threads(), 1,
             self._fns[1], xt, xf, *grid)
         bias = self._scaled_bias
         if self.mode == "dynamic":  # (this call's output scale)
@@ -607,7 +606,7 @@ class Int8Dense(_Quantized, DenseLinear):
         kbias = self._quantize_into(xt, xq)
         if kbias is None:
             return False
-        parts = max(1, min(numba.get_num_threads(), self.weight.shape[0]))
+        parts = max(1, min(threads(), self.weight.shape[0]))
         ntok = xq.shape[1]
         dense_panels(self._driver, self._fn, xq, self.weight, kbias, yt, rt, parts,
                      ntok if ntok <= 128 else self.token_tile)

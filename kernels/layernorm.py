@@ -11,11 +11,10 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-import numba
 import numpy as np
 
 from ..ops import layer_normalization, op
-from .compile import compile_ir, load_source, vector_lanes
+from .compile import compile_ir, load_source, threads, vector_lanes
 from .elementwise import RANGES, fake_quantize, reference_fake_quantize, scalar
 from .ir import Builder, Signature
 from .launch import IMPORTS, put_source, run
@@ -300,5 +299,5 @@ def _run_columns(x2: np.ndarray, scale: np.ndarray, bias: np.ndarray, epsilon: f
     yt = feature_major_empty(x2.shape[1], x2.shape[0])
     fn, run_columns = _columns_kernel(vector_lanes(), grid is not None, xq is not None)
     layernorm_columns(run_columns, fn, transposed(x2), yt, scale, bias, np.float32(epsilon),
-                      NO_GRID if grid is None else grid.floats, NO_BYTES if xq is None else xq, numba.get_num_threads())
+                      NO_GRID if grid is None else grid.floats, NO_BYTES if xq is None else xq, threads())
     return yt

@@ -14,10 +14,9 @@ from __future__ import annotations
 import functools
 import math
 
-import numba
 import numpy as np
 
-from .compile import compile_ir, load_source
+from .compile import compile_ir, load_source, threads
 from .ir import Signature
 from .launch import IMPORTS, put_source, run
 
@@ -106,7 +105,7 @@ def _transpose_into(a: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out (rows of unit stride) = a.T, a float32."""
     if a.strides[0] % 4 or a.strides[1] % 4:  # (a view of unaligned floats)
         a = np.ascontiguousarray(a)
-    run(load_source(TRANSPOSE_SOURCE).transpose, TRANSPOSE_SIGNATURE, numba.get_num_threads(), 1, _transpose_fn(), a,
+    run(load_source(TRANSPOSE_SOURCE).transpose, TRANSPOSE_SIGNATURE, threads(), 1, _transpose_fn(), a,
         out)
     return out
 

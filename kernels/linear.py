@@ -19,11 +19,10 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 
-import numba
 import numpy as np
 
 from ..ops import gelu, op
-from .compile import compile_ir, load_source, vector_lanes
+from .compile import compile_ir, load_source, threads, vector_lanes
 from .compress import Pattern, analyse, balanced_bounds, chunk_rows, compress, order_rows
 from .dense_ir import SIGNATURE as DENSE_SIGNATURE
 from .dense_ir import dense_config, dense_ir
@@ -232,7 +231,7 @@ class DenseLinear(_FeatureMajorLinear):
         return with_driver(dense_ir(self.config), DENSE_DRIVER_SOURCE)
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
-        parts = max(1, min(numba.get_num_threads(), self.weight.shape[0]))
+        parts = max(1, min(threads(), self.weight.shape[0]))
         # Over 128 tokens, a few register tiles at a time (64 tokens with AVX-512, 2 × 24 with
         # AVX2): every panel re-reads xᵀ, and that many tokens of it stay in L2 where 1024 do
         # not; whole tiles, so that only the last one is masked.
@@ -280,7 +279,7 @@ class SparseLinear(_FeatureMajorLinear):
         """(threads, bounds, indptr, indices, values, order) for the current thread count:
         the rows split across threads with equal work, then ordered per thread by count
         (`order_rows`). Built again, from the last layout, when the thread count changes."""
-        n = numba.get_num_threads()
+        n = threads()
         layout = self._layout
         if layout[0] != n:
             _, _, indptr, indices, values, order = layout
