@@ -1,7 +1,7 @@
 """Per-element ops that a quantized graph runs between its Linear layers, as Numba kernels:
 QuantizeLinear and DequantizeLinear per tensor, Erf, QLinearMatMul's requantization, and
-the fused nodes of fuse.py's quantized passes (Lookup, QSoftmax; FakeQuantize, which every
-quantized BERT runs, as an LLVM IR kernel on the launcher, launch.py). QOperator and QDQ
+the fused nodes of fuse.py's quantized passes (QSoftmax; FakeQuantize, which every quantized
+BERT runs, and Lookup as LLVM IR kernels on the launcher, launch.py). QOperator and QDQ
 graphs keep activations quantized, so a block runs a dozen of these; their numpy
 references make several passes over the tensor each, these one, on every thread.
 
@@ -119,16 +119,6 @@ def qsoftmax(q, value, table, flip, out_scale, out_zero, lo, hi, out):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def lookup(x, table, out):
-    n = x.size
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        xs = x[c * CHUNK:min(n, (c + 1) * CHUNK)]
-        ys = out[c * CHUNK:min(n, (c + 1) * CHUNK)]
-        for i in range(xs.size):
-            ys[i] = table[xs[i]]
-
-
-@njit(parallel=True, nogil=True, cache=True)
 def dequantize(q, scale, zero, out):
     n = q.size
     for c in prange((n + CHUNK - 1) // CHUNK):
@@ -233,10 +223,11 @@ def reference_lookup(x: np.ndarray, *, table: np.ndarray, ops=(), min_rank: int 
 
 def lookup(x: np.ndarray, *, table: np.ndarray, ops=(), min_rank: int = 1):
     """reference_lookup on every thread; None for what it does not cover."""
-    if x.dtype not in RANGES or x.ndim < min_rank:
+    if x.dtype not in RANGES or x.ndim < min_rank or table.shape != (256,) or table.dtype.hasobject \
+            or table.dtype.itemsize not in (1, 2, 4, 8):
         return None
     flat, out, shaped = _flat(x.view(np.uint8), table.dtype)
-    _kernels().lookup(flat, table, out)
+    _each(f"lookup {8 * table.dtype.itemsize}", flat, out, table=np.ascontiguousarray(table))
     return shaped
 
 
@@ -253,31 +244,17 @@ def fake_quantize(x: np.ndarray, scale, zero_point):
         return None
     lo, hi = RANGES[z.dtype]
     flat, out, shaped = _flat(x, np.float32)
-    run(load_source(FAKE_QUANTIZE_DRIVER).fake_quantize, FAKE_QUANTIZE_SIGNATURE, threads(), 1,
-        _fake_quantize_fn(), flat, out, np.float32(s), np.float32(z), np.float32(lo), np.float32(hi))
+    _each("fake_quantize", flat, out, s, z, lo, hi)
     return shaped
 
 
-FAKE_QUANTIZE_SIGNATURE = Signature("fake_quantize_range", (
+EACH = Signature("each", (
     ("x", "ptr"), ("out", "ptr"), ("i0", "i64"), ("i1", "i64"), ("scale", "float"), ("zero", "float"), ("lo", "float"),
-    ("hi", "float")))
+    ("hi", "float"), ("table", "ptr")))
 
-
-def fake_quantize_ir() -> str:
-    """out[i0:i1] = x[i0:i1] quantized and dequantized in float32, as the Numba kernels'
-    `quantized` and the LayerNorm's grid (lowp_ir.quantized) compute it."""
-    return f"""\
-; sparsejit generated kernel: FakeQuantize of x[i0:i1], (clamp(roundeven(x / scale) + zero, lo, hi) - zero) * scale,
-; NaN giving the byte 0 before the clamp (as numpy's cast of NaN to a byte does on x86)
-define void @fake_quantize_range({FAKE_QUANTIZE_SIGNATURE.params()}) {{
-entry:
-  br label %head
-head:
-  %i = phi i64 [ %i0, %entry ], [ %next, %body ]
-  %more = icmp slt i64 %i, %i1
-  br i1 %more, label %body, label %exit
-body:
-  %next = add i64 %i, 1
+# QuantizeLinear's value of float %v, still a float (%q2): clamp(roundeven(v / scale) +
+# zero, lo, hi), NaN giving 0 before the clamp, as `quantized` and lowp_ir.quantized
+_QUANTIZED = """\
   %xp = getelementptr float, ptr %x, i64 %i
   %v = load float, ptr %xp
   %d = fdiv float %v, %scale
@@ -287,11 +264,34 @@ body:
   %q0 = select i1 %nan, float 0.0, float %q
   %q1 = call float @llvm.maxnum.f32(float %q0, float %lo)
   %q2 = call float @llvm.minnum.f32(float %q1, float %hi)
-  %s = fsub float %q2, %zero
-  %y = fmul float %s, %scale
-  %yp = getelementptr float, ptr %out, i64 %i
-  store float %y, ptr %yp
+"""
+_STORE_FLOAT = "  %yp = getelementptr float, ptr %out, i64 %i\n  store float %y, ptr %yp\n"
+
+
+def each_ir(op: str) -> str:
+    """out[i] for x[i], i in [i0, i1): `op` "fake_quantize" (float to float, in the float32
+    steps of the Numba kernels' `quantized`) or "lookup <bits>" (byte to table[byte],
+    entries of 8 to 64 bits). (QuantizeLinear and DequantizeLinear alone stay Numba
+    kernels, which ran them faster than such loops: bench/README, thirteenth session.)"""
+    if op == "fake_quantize":
+        body = _QUANTIZED + "  %s = fsub float %q2, %zero\n  %y = fmul float %s, %scale\n" + _STORE_FLOAT
+    else:
+        t = f"i{op.split()[1]}"
+        body = ("  %kp = getelementptr i8, ptr %x, i64 %i\n  %k = load i8, ptr %kp\n  %ki = zext i8 %k to i64\n"
+                f"  %tp = getelementptr {t}, ptr %table, i64 %ki\n  %e = load {t}, ptr %tp\n"
+                f"  %yp = getelementptr {t}, ptr %out, i64 %i\n  store {t} %e, ptr %yp\n")
+    return f"""\
+; sparsejit generated kernel: {op}, element by element over [i0, i1)
+define void @each({EACH.params()}) {{
+entry:
   br label %head
+head:
+  %i = phi i64 [ %i0, %entry ], [ %next, %body ]
+  %more = icmp slt i64 %i, %i1
+  br i1 %more, label %body, label %exit
+body:
+  %next = add i64 %i, 1
+{body}  br label %head
 exit:
   ret void
 }}
@@ -302,30 +302,39 @@ declare float @llvm.minnum.f32(float, float)
 """
 
 
-FAKE_QUANTIZE_DRIVER = """\
-# sparsejit generated kernel: the driver of the FakeQuantize IR kernel
-# part c computes elements [c * n / parts, (c + 1) * n / parts)
+EACH_DRIVER = """\
+# sparsejit generated kernel: the driver of the element-by-element IR kernels (each_ir)
+# part c computes elements [c * n / parts, (c + 1) * n / parts); x, out and table are
+# their bytes (one compiled driver for every element type)
 import numpy as np
 from numba import njit
 
 ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any_layout)
-""" + IMPORTS + "\n\n" + put_source(FAKE_QUANTIZE_SIGNATURE) + """
+""" + IMPORTS + "\n\n" + put_source(EACH) + """
 
 @njit(nogil=True, cache=True)
-def fake_quantize(launch, part, calls, fn, x, out, scale, zero, lo, hi):
-    n = x.size
+def run_each(launch, part, calls, fn, x, out, n, scale, zero, lo, hi, table):
     parts = calls.shape[0]
     for c in range(parts):
         if c * n // parts < (c + 1) * n // parts:
-            put_fake_quantize_range(calls, c, fn, x.ctypes.data, out.ctypes.data, c * n // parts,
-                                    (c + 1) * n // parts, scale, zero, lo, hi)
+            put_each(calls, c, fn, x.ctypes.data, out.ctypes.data, c * n // parts, (c + 1) * n // parts, scale, zero,
+                     lo, hi, table.ctypes.data)
     launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """
 
+_NO_TABLE = np.zeros(1, np.uint8)
+
 
 @functools.cache
-def _fake_quantize_fn() -> int:
-    return compile_ir(fake_quantize_ir(), FAKE_QUANTIZE_SIGNATURE.name)
+def _each_fn(op: str) -> int:
+    return compile_ir(each_ir(op), EACH.name)
+
+
+def _each(op: str, x: np.ndarray, out: np.ndarray, scale=0, zero=0, lo=0, hi=0, table: np.ndarray = _NO_TABLE) -> None:
+    """each_ir(op) over the flat (contiguous) x into out, on every thread."""
+    f32 = np.float32
+    run(load_source(EACH_DRIVER).run_each, EACH, threads(), 1, _each_fn(op), x.view(np.uint8), out.view(np.uint8),
+        x.size, f32(scale), f32(zero), f32(lo), f32(hi), table.view(np.uint8))
 
 
 @op("QSoftmax", fused=True)

@@ -905,8 +905,8 @@ def test_int8_kernel_requantizes_as_qlinear_matmul(dot):
 
 
 def test_elementwise_kernels_equal_their_references():
-    """QuantizeLinear, DequantizeLinear (and the two in one pass), Erf and QLinearMatMul on
-    their Numba kernels (what the QOperator form runs between its Linear layers): equal to the numpy references bit for bit, for
+    """QuantizeLinear, DequantizeLinear (and the two in one pass), Lookup, Erf and QLinearMatMul
+    on their kernels (what the QOperator form runs between its Linear layers): equal to the numpy references bit for bit, for
     uint8 and int8, ties (x / scale = k + 0.5), values past the type's range and past
     int32's, infinities, a transposed (feature-major) input and an empty one; and None,
     so the reference runs, for what they do not cover."""
@@ -931,6 +931,12 @@ def test_elementwise_kernels_equal_their_references():
     np.testing.assert_array_equal(elementwise.fake_quantize(nan, np.float32(0.5), np.uint8(9)),
                                   dequantize_linear(quantize_linear(nan, np.float32(0.5), np.uint8(9)),
                                                     np.float32(0.5), np.uint8(9)))
+    q = elementwise.quantize(x, np.float32(0.02), np.uint8(0))
+    for dtype in (np.uint8, np.int16, np.float32, np.float64):  # Lookup: tables of 8 to 64 bits
+        table = rng.integers(-100, 100, 256).astype(dtype)
+        for v in (q, q.T, q[:0]):
+            np.testing.assert_array_equal(elementwise.lookup(v, table=table), table[v])
+    assert elementwise.lookup(q, table=np.zeros(10, np.float32)) is None  # (not a table of every byte)
     finite = x[1:]
     np.testing.assert_array_equal(elementwise.erf(finite), erf(finite))
     np.testing.assert_array_equal(elementwise.erf(finite.T), erf(finite.T))
