@@ -83,11 +83,14 @@ IMPORTS = "from sparsejit.kernels.launch import bits, launch_calls  # (v2)\n"
 
 def put_source(sig: Signature) -> str:
     """A Numba function `put_<name>(calls, c, fn, <sig's arguments>)` that appends to row
-    c of `calls` a call of the kernel at address `fn`."""
+    c of `calls` a call of the kernel at address `fn` (an IndexError past the row's end,
+    where a driver would otherwise write past its rows)."""
     args = [name for name, _ in sig.args]
     lines = ["@njit(nogil=True, cache=True, inline=\"always\")  # (inlined: one compile less for its driver)",
              f"def put_{sig.name}(calls, c, fn, {', '.join(args)}):",
              f"    at = 1 + calls[c, 0] * {len(args) + 1}",
+             f"    if at + {len(args)} >= calls.shape[1]:",
+             "        raise IndexError('more calls put in a part than its row of calls holds')",
              "    calls[c, 0] += 1",
              "    calls[c, at] = fn"]
     for i, (name, ty) in enumerate(sig.args):
@@ -151,7 +154,6 @@ def part(sig: Signature) -> int:
     if found[0] is not sig.args and found[0] != sig.args:
         raise ValueError(f"two kernel signatures named {sig.name!r}")
     return found[1]
-
 
 
 def run(driver, sig: Signature, parts: int, per_part: int, *args):

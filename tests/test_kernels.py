@@ -996,3 +996,23 @@ def run_record(launch, part, calls, fn, out, xs):
         run(driver, sig, parts, -(-len(xs) // parts), fn, out, xs)
         assert (out[:, 0] == 1).all()  # each call made once
         np.testing.assert_array_equal(out[:, 1].astype(np.int32), xs.view(np.int32))
+
+
+def test_a_driver_putting_more_calls_than_its_rows_hold_is_refused():
+    """A driver that puts more calls in a part than `run` made room for raises IndexError
+    (and makes no call) rather than writing past its rows."""
+    from sparsejit.kernels.compile import load_source
+    from sparsejit.kernels.launch import IMPORTS, put_source, run
+
+    sig = Signature("record2", (("out", "ptr"), ("i", "i64")))
+    driver = load_source("import numpy as np\nfrom numba import njit\n" + IMPORTS + "\n\n" + put_source(sig) + """
+@njit(nogil=True, cache=True)
+def run_three(launch, part, calls, fn, out):
+    for i in range(3):
+        put_record2(calls, 0, fn, out.ctypes.data, i)
+    launch_calls(launch, part, calls.ctypes.data, calls.shape[0], calls.shape[1])
+""").run_three
+    nop = compile_ir("define void @nop(ptr %out, i64 %i) {\nentry:\n  ret void\n}\n", "nop")
+    with pytest.raises(IndexError, match="more calls"):
+        run(driver, sig, 1, 2, nop, np.zeros(3, np.int64))
+    run(driver, sig, 1, 3, nop, np.zeros(3, np.int64))  # (room for the three)
