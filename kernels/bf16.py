@@ -169,11 +169,7 @@ class BF16SparseLinear(SparseLinear):
         return w[:self.in_features]
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
-        xp = packed_pairs(self._pack, xt, feature_major_empty(-(-self.in_features // 2), xt.shape[1]))
-        _, bounds, indptr, indices, values, order = self._arrays()
-        # (the stored pairs' bits as float32: the sparse driver's types)
-        run(self._driver, SPARSE_SIGNATURE, len(bounds) - 1, 1, self._fn, xp.view(np.float32), indptr, indices,
-            values.view(np.float32), self.bias, yt, rt, self.nchunks, order, bounds)
+        super()._run(packed_pairs(self._pack, xt, feature_major_empty(-(-self.in_features // 2), xt.shape[1])), yt, rt)
 
 
 class BF16DenseLinear(DenseLinear):

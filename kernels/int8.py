@@ -216,8 +216,8 @@ class _Quantized:
         raise NotImplementedError
 
     def _x_quantization(self) -> tuple:
-        """x's scale, zero point and lowest byte for the VNNI drivers (placeholders when dynamic)."""
-        return (np.float32(0), 0, 0) if self.mode == "dynamic" else (np.float32(self.x_scale), self._zero, self._lo)
+        """x's static scale, zero point and lowest byte, as float32."""
+        return np.float32(self.x_scale), np.float32(self._zero), np.float32(self._lo)
 
     def _set_vnni_terms(self, weight: np.ndarray) -> None:
         """What the VNNI kernels' epilogue reads (sparse_ir's and dense_ir's `int8`): the
@@ -263,7 +263,7 @@ class _Quantized:
         (static), or from xᵀ's range found by `range_fn` (dynamic; None when the range is
         not finite)."""
         if self.mode != "dynamic":
-            return np.float32(self.x_scale), np.float32(self._zero), np.float32(self._lo)
+            return self._x_quantization()
         parts = threads()
         ranges = np.empty((parts, 2, vector_lanes()), np.float32)  # per part and lane: lowest, highest
         run(load_source(DRIVER_SOURCE).run_range, RANGE_SIGNATURE, parts, 1, range_fn, xt, ranges)
@@ -324,12 +324,9 @@ class Int8Linear(_Quantized):
         self._fns = (*_quantize_fns(), compile_ir(int8_ir(self.config), SIGNATURE.name))
         self._driver = load_source(DRIVER_SOURCE).run_int8
         self._bounds: tuple[int, np.ndarray] = (0, np.zeros(1, np.int64))
-        if mode == "dynamic":
-            self._quantization = (np.float32(0), 0, 0, np.zeros(1, np.int32), np.zeros(1, np.float32))
-        else:  # static: x's scale and zero point, the zero point's correction and the multipliers, fixed
-            self._quantization = (np.float32(x_scale), self._zero, self._lo,
-                                  ((self._zero - self._lo) * self.colsum).astype(np.int32),
-                                  output_scale(mode, np.float32(x_scale), self.scale))
+        if mode != "dynamic":  # static: the zero point's correction and the multipliers, fixed
+            self._terms = (((self._zero - self._lo) * self.colsum).astype(np.int32),
+                           output_scale(mode, np.float32(x_scale), self.scale))
 
     @property
     def source(self) -> str:
@@ -349,9 +346,10 @@ class Int8Linear(_Quantized):
         grid = self._quantize(xt, xq)
         if grid is None:
             return False
-        corr, mult = self._quantization[3:]
         if self.mode == "dynamic":  # (this call's scale and zero point)
             corr, mult = np.int32(grid[1]) * self.colsum, grid[0] * self.scale
+        else:
+            corr, mult = self._terms
         bounds = self._split()
         run(self._driver, SIGNATURE, len(bounds) - 1, 1, self._fns[2], xq, self.indptr, self.split, self.blocks,
             self.weights, corr, mult, self.bias, self._requant, yt, rt, bounds)
@@ -505,10 +503,7 @@ class Int8Chunked(_Quantized, SparseLinear):
             kbias = self._quantize_into(xt, xq, kbias)
             if kbias is None:
                 return False
-        _, bounds, indptr, indices, values, order = self._arrays()
-        # (x's bytes, and the weight's 4-blocks, as float32 bits: the sparse driver's types)
-        run(self._driver, SPARSE_SIGNATURE, len(bounds) - 1, 1, fn, xq.view(np.float32), indptr, indices,
-            values.view(np.float32), kbias, yt, rt, self.nchunks, order, bounds)
+        SparseLinear._run(self, xq, yt, rt, kbias, fn)
         return True
 
     # --- handing the output to the next int8 layer already quantized --------------------

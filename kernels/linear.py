@@ -324,12 +324,16 @@ class SparseLinear(_FeatureMajorLinear):
     def bounds(self) -> np.ndarray:
         return self._arrays()[1]
 
-    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray, bias: np.ndarray | None = None) -> None:
-        """The kernel's call; `bias`: what its epilogue reads instead of the layer's bias
-        (Int8OnFloat's [bias | output scale])."""
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray, bias: np.ndarray | None = None,
+             fn: int | None = None) -> None:
+        """The sparse driver's call, for this layer and the layers on it (int8, bf16): `bias`
+        what the epilogue reads instead of the layer's bias ([bias | output scale ...]),
+        `fn` a kernel of this layout instead of the layer's own. x and the stored values
+        go as float32 bits (an int8 layer's bytes, a bf16 one's pairs): the driver's types."""
         _, bounds, indptr, indices, values, order = self._arrays()
-        run(self._driver, SPARSE_SIGNATURE, len(bounds) - 1, 1, self._fn, xt, indptr, indices, values,
-            self.bias if bias is None else bias, yt, rt, self.nchunks, order, bounds)
+        run(self._driver, SPARSE_SIGNATURE, len(bounds) - 1, 1, self._fn if fn is None else fn, xt.view(np.float32),
+            indptr, indices, values.view(np.float32), self.bias if bias is None else bias, yt, rt, self.nchunks,
+            order, bounds)
 
 
 class OutputSlice:
