@@ -217,15 +217,16 @@ def compiled_cfunc(py_func, sig, **options):
     return compiled
 
 
-# A driver is compiled anew for every argument type it meets, and a parallel one is slow
-# to compile (the first load's time: bench/README, twelfth session). Its arrays meet
-# several types: the same buffer contiguous at one token count and a padded view at
-# another, a weight read-only from the model's file or a writable copy. A source that sets ANY_LAYOUT has
-# its functions, called from Python, compiled for one type per array's element type and
+# A driver is compiled anew for every argument type it meets (the first load's time:
+# bench/README, twelfth and thirteenth sessions). Its arrays meet several types: the same
+# buffer contiguous at one token count and a padded view at another, a weight read-only
+# from the model's file or a writable copy. A source that sets ANY_LAYOUT has its
+# functions, called from Python, compiled for one type per array's element type and
 # dimensions, which every such array converts to (so one compiled signature takes them
 # all, never two ambiguously): layout 'A', maybe unaligned, and read-only. ANY_LAYOUT =
 # True: its Numba code may read its array arguments (pointers, strides, shapes, values),
-# not write them; a tuple names the arguments it writes, which are typed writable.
+# not write them; a tuple names the arguments it writes, which are typed writable (the
+# drivers' rows of calls, launch.py).
 
 
 # The dispatcher's internals _any_layout replaces or uses (Numba 0.68.1 has them); a
