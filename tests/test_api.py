@@ -394,3 +394,23 @@ def test_the_readme_lists_the_supported_ops():
     listed = readme.split("<!-- ops -->")[1].split("<!-- /ops -->")[0]
     ops = [o.strip() for o in listed.replace("\n", " ").strip().rstrip(".").split(",")]
     assert ops == sorted(sparsejit.SUPPORTED_OPS), "README ops: " + ", ".join(sorted(sparsejit.SUPPORTED_OPS))
+
+
+def test_import_leaves_what_only_some_models_need_unimported():
+    # `import sparsejit` starts every process: scipy.special (for the reference Erf and
+    # Gelu only) took a third of it, and is imported when one of them first runs.
+    import json
+    import math
+    import subprocess
+    import sys
+
+    code = ("import json, sys, numpy as np, sparsejit\n"
+            "assert 'scipy.special' not in sys.modules, 'imported with sparsejit'\n"
+            "from sparsejit import ops\n"
+            "x = np.array([-1.5, 0.0, 0.5], np.float32)\n"
+            "print(json.dumps([ops.OPS['Erf'](x).tolist(), str(ops.OPS['Gelu'](x).dtype), 'scipy.special' in sys.modules]))\n")
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    erf, gelu_dtype, imported = json.loads(out.stdout)
+    np.testing.assert_allclose(erf, [math.erf(v) for v in (-1.5, 0.0, 0.5)], rtol=1e-6)
+    assert gelu_dtype == "float32" and imported
