@@ -43,6 +43,7 @@ must first be allowed AMX's tile data (amx.request_amx).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -253,6 +254,7 @@ def _panels(e: Builder, cfg: AmxConfig) -> None:
     e.call("llvm.x86.tilerelease", "void")
 
 
+@functools.cache  # (the same text for every layer of a configuration: made once)
 def amx_ir(cfg: AmxConfig) -> str:
     if cfg.dot not in DOTS or cfg.activation not in ACTIVATIONS:
         raise ValueError(f"no AMX kernel for {cfg}")

@@ -28,6 +28,7 @@ scale, all in float32 as ONNX Runtime and ops.qlinear_matmul do.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .epilogue import ACTIVATIONS, epilogue
@@ -219,6 +220,7 @@ def _quantize(e: Builder) -> None:
     blocks(k4, "%k4_1", True)  # (k4: where the first loop stopped, at least k4_0)
 
 
+@functools.cache  # (the same text for every layer of a configuration: made once)
 def quantize_ir(lanes: int) -> str:
     e = Builder(lanes)
     e.function(QUANTIZE_SIGNATURE, lambda: _quantize(e))
@@ -231,6 +233,7 @@ QUANTIZE_FLOAT_SIGNATURE = Signature("quantize_float_rows", (
     ("lo", "float"), ("hi", "float"), ("k0", "i64"), ("k1", "i64"), ("ntok", "i64")))
 
 
+@functools.cache  # (the same text for every layer of a configuration: made once)
 def quantize_float_ir(lanes: int) -> str:
     """xf[k, t] = clamp(roundeven(xt[k, t] / scale) + zero, lo, hi) - zero for rows [k0, k1):
     x quantized as _quantize does, kept as the float of q - zero point (int8.Int8OnFloat)."""
@@ -282,6 +285,7 @@ def _range(e: Builder) -> None:
     e.vstore(hi, e.gep("%out", str(L)), None)
 
 
+@functools.cache  # (the same text for every layer of a configuration: made once)
 def range_ir(lanes: int) -> str:
     e = Builder(lanes)
     e.function(RANGE_SIGNATURE, lambda: _range(e))
@@ -289,6 +293,7 @@ def range_ir(lanes: int) -> str:
                     "; out = (per lane min(0, xt[k0:k1, :ntok]), per lane max(0, xt[k0:k1, :ntok]))")
 
 
+@functools.cache  # (the same text for every layer of a configuration: made once)
 def int8_ir(cfg: Int8Config) -> str:
     if cfg.activation not in ACTIVATIONS or cfg.dot not in DOTS or cfg.pairs_first and cfg.dot != "pmaddwd":
         raise ValueError(f"no int8 kernel for {cfg}")

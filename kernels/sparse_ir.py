@@ -24,6 +24,7 @@ tried").
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .epilogue import ACTIVATIONS, epilogue
@@ -234,6 +235,7 @@ def tail_vectors(vectors: int) -> list[int]:
     return [1 << b for b in range(vectors.bit_length() - 1, -1, -1) if 1 << b < vectors]
 
 
+@functools.cache  # (the same text for every layer of a configuration: made once)
 def ir_source(cfg: IRConfig) -> str:
     """The whole module's LLVM IR for one kernel configuration."""
     if cfg.block not in (1, 4) or cfg.activation not in ACTIVATIONS or cfg.index_bits not in (16, 32) or \
