@@ -22,6 +22,7 @@ import functools
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .compile import compile_ir, compiled_cfunc, load_source
@@ -39,11 +40,48 @@ def call_part(typingctx, part, row):
 
 
 @intrinsic
-def bits(typingctx, x):
-    """A float32 argument's slot: its bits (in Numba code)."""
+def put_call(typingctx, calls, c, kinds, call):
+    """Append to row c of `calls` one call (in Numba code): `call` a tuple of the kernel's
+    address and its arguments, `kinds` a literal string of a letter per argument (`f` a
+    float, stored as its float32 bits; `p`, `i` a pointer or integer, stored as int64).
+    Past the row's end (or past the rows) an IndexError, and nothing written. (An
+    intrinsic: the same stores as Numba code, a store per slot, took Numba a third longer
+    to compile, in every driver; bench/README.md, fourteenth session.)"""
+    if not (isinstance(calls, types.Array) and calls.ndim == 2 and calls.dtype == types.int64
+            and isinstance(c, types.Integer) and isinstance(kinds, types.StringLiteral)
+            and isinstance(call, types.BaseTuple) and len(call) == len(kinds.literal_value) + 1
+            and all(isinstance(t, (types.Integer, types.Float, types.Boolean)) for t in call)):
+        return None
+    letters, width = kinds.literal_value, len(call)
+
     def codegen(context, builder, signature, args):
-        return builder.sext(builder.bitcast(args[0], ir.IntType(32)), ir.IntType(64))
-    return types.int64(types.float32), codegen
+        i64 = ir.IntType(64)
+        rows = context.make_array(signature.args[0])(context, builder, args[0])
+        shape = cgutils.unpack_tuple(builder, rows.shape, 2)
+        strides = cgutils.unpack_tuple(builder, rows.strides, 2)
+        ci = context.cast(builder, args[1], signature.args[1], types.int64)
+        row = builder.add(builder.ptrtoint(rows.data, i64), builder.mul(ci, strides[0]))
+
+        def slot(k):
+            return builder.inttoptr(builder.add(row, builder.mul(k, strides[1])), i64.as_pointer())
+
+        n = builder.load(slot(ir.Constant(i64, 0)))
+        at = builder.add(builder.mul(n, ir.Constant(i64, width)), ir.Constant(i64, 1))
+        past = builder.or_(builder.icmp_unsigned(">=", ci, shape[0]),
+                           builder.icmp_signed(">=", builder.add(at, ir.Constant(i64, width - 1)), shape[1]))
+        with cgutils.if_unlikely(builder, past):
+            context.call_conv.return_user_exc(builder, IndexError,
+                                              ("more calls put in a part than its row of calls holds",))
+        builder.store(builder.add(n, ir.Constant(i64, 1)), slot(ir.Constant(i64, 0)))
+        for i, (v, ty) in enumerate(zip(cgutils.unpack_tuple(builder, args[3], width), signature.args[3])):
+            if i and letters[i - 1] == "f":
+                v = builder.sext(builder.bitcast(context.cast(builder, v, ty, types.float32), ir.IntType(32)), i64)
+            else:
+                v = context.cast(builder, v, ty, types.int64)
+            builder.store(v, slot(builder.add(at, ir.Constant(i64, i))))
+        return context.get_dummy_value()
+
+    return types.void(calls, c, kinds, call), codegen
 
 
 @intrinsic
@@ -78,24 +116,18 @@ def launch(part, calls, parts, width):
 
 # What a driver source imports. (Numba's cache of a driver holds the code of what it calls:
 # a change to these intrinsics must change this line, and so the drivers' text.)
-IMPORTS = "from sparsejit.kernels.launch import bits, launch_calls  # (v2)\n"
+IMPORTS = "from sparsejit.kernels.launch import launch_calls, put_call  # (v3)\n"
 
 
 def put_source(sig: Signature) -> str:
     """A Numba function `put_<name>(calls, c, fn, <sig's arguments>)` that appends to row
-    c of `calls` a call of the kernel at address `fn` (an IndexError past the row's end,
-    where a driver would otherwise write past its rows)."""
-    args = [name for name, _ in sig.args]
-    lines = ["@njit(nogil=True, cache=True, inline=\"always\")  # (inlined: one compile less for its driver)",
-             f"def put_{sig.name}(calls, c, fn, {', '.join(args)}):",
-             f"    at = 1 + calls[c, 0] * {len(args) + 1}",
-             f"    if at + {len(args)} >= calls.shape[1]:",
-             "        raise IndexError('more calls put in a part than its row of calls holds')",
-             "    calls[c, 0] += 1",
-             "    calls[c, at] = fn"]
-    for i, (name, ty) in enumerate(sig.args):
-        lines.append(f"    calls[c, at + {i + 1}] = {f'bits(np.float32({name}))' if ty == 'float' else name}")
-    return "\n".join(lines) + "\n"
+    c of `calls` a call of the kernel at address `fn` (`put_call`: an IndexError past the
+    row's end, where a driver would otherwise write past its rows)."""
+    args = ", ".join(name for name, _ in sig.args)
+    kinds = "".join({"ptr": "p", "i64": "i", "float": "f"}[ty] for _, ty in sig.args)
+    return (f"@njit(nogil=True, cache=True, inline=\"always\")  # (inlined: one compile less for its driver)\n"
+            f"def put_{sig.name}(calls, c, fn, {args}):\n"
+            f"    put_call(calls, c, \"{kinds}\", (fn, {args}))\n")
 
 
 def new_calls(parts: int, per_part: int, sig: Signature) -> np.ndarray:

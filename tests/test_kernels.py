@@ -1016,3 +1016,30 @@ def run_three(launch, part, calls, fn, out):
     with pytest.raises(IndexError, match="more calls"):
         run(driver, sig, 1, 2, nop, np.zeros(3, np.int64))
     run(driver, sig, 1, 3, nop, np.zeros(3, np.int64))  # (room for the three)
+
+
+def test_a_put_stores_each_argument_as_its_slots_kind():
+    """put_call (through a signature's `put_*`): the count, the address, then each argument
+    in its slot: pointers and integers as int64 (of any integer type), floats as their
+    float32 bits (of a float64, float32 or integer value); in rows of any layout."""
+    from sparsejit.kernels.compile import load_source
+    from sparsejit.kernels.launch import IMPORTS, put_source
+
+    sig = Signature("kinds", (("p", "ptr"), ("i", "i64"), ("x", "float"), ("y", "float")))
+    put_two = load_source("import numpy as np\nfrom numba import njit\n" + IMPORTS + "\n\n" + put_source(sig) + """
+@njit(nogil=True, cache=True)
+def put_two(calls, fn, p, i, x):
+    put_kinds(calls, 1, fn, p, i, x, 3)
+    put_kinds(calls, 1, fn + 1, p, np.int32(i), np.float64(x) / 3, x)
+""").put_two
+
+    def bits(v):
+        return int(np.array(v, np.float32).view(np.int32))
+
+    x = np.float32(-2.5)
+    want = [2, 7, 1 << 40, -5, bits(x), bits(3.0), 8, 1 << 40, -5, bits(np.float64(x) / 3), bits(x)]
+    for order in "CF":
+        calls = np.zeros((2, 11), np.int64, order=order)
+        put_two(calls, 7, 1 << 40, -5, x)
+        assert calls[0].tolist() == [0] * 11
+        assert calls[1].tolist() == want
