@@ -86,7 +86,7 @@ def sqrt(x):
 
 
 def _erf(x):
-    from scipy.special import erf  # (on first use: importing scipy.special took 0.2 s, a third of `import sparsejit`)
+    from scipy.special import erf  # (here: slow to import, and only the reference Erf and Gelu need it)
 
     return erf(x)
 
