@@ -1,10 +1,9 @@
-"""LayerNorm over the last axis: the dense numpy reference and the feature-major kernel.
+"""LayerNorm over the last axis: the dense numpy reference and two kernels, one per layout.
 
-The kernel normalises each column of feature-major input (the transposed view a sparse
-Linear returns), with the token loop innermost and contiguous, and returns feature-major
-too, which is what the next sparse layers and residual adds read without a copy.
-Token-major input [tokens, features] goes through the tiled transpose on the way in and,
-when token-major output is asked for, on the way out.
+Token-major input [tokens, features] normalises each row; feature-major input (the
+transposed view a sparse Linear returns) normalises each column, with the token loop
+innermost and contiguous, and returns feature-major too, which is what the next sparse
+layers and residual adds read without a copy.
 """
 
 from __future__ import annotations
@@ -16,10 +15,10 @@ import numpy as np
 
 from ..ops import layer_normalization, op
 from .compile import compile_ir, load_source, threads, vector_lanes
-from .elementwise import RANGES, reference_fake_quantize, scalar
+from .elementwise import RANGES, fake_quantize, reference_fake_quantize, scalar
 from .ir import Builder, Signature
 from .launch import IMPORTS, put_source, run
-from .layout import feature_major_empty, transposed, transposed_copy, unit_token_stride
+from .layout import contiguous, feature_major_empty, transposed, unit_token_stride
 from .lowp_ir import quantized, store_block_bytes
 
 
@@ -32,6 +31,32 @@ def reference_layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | Non
     lower.quantize_layernorms), rounded to that grid as the FakeQuantize it absorbed."""
     y = layer_normalization(x, scale, bias, axis=-1, epsilon=epsilon)[0]
     return y if quantize is None else reference_fake_quantize(y, *quantize)
+
+
+LAYERNORM_SOURCE = """\\
+# sparsejit generated kernel: LayerNorm over features, token-major and feature-major
+import numpy as np
+from numba import njit, prange
+
+
+# reassoc lets LLVM vectorise the row sums (a serial chain otherwise); NaN and inf
+# semantics are kept.
+@njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def layernorm_rows(x, scale, bias, eps, y):
+    n, h = x.shape
+    for t in prange(n):
+        mean = np.float32(0.0)
+        for f in range(h):
+            mean += x[t, f]
+        mean /= h
+        var = np.float32(0.0)
+        for f in range(h):
+            d = x[t, f] - mean
+            var += d * d
+        inv = np.float32(1.0) / np.sqrt(var / h + eps)
+        for f in range(h):
+            y[t, f] = (x[t, f] - mean) * inv * scale[f] + bias[f]
+"""
 
 
 # Feature-major LayerNorm as LLVM IR: a tile of `vectors` × lanes tokens at a time, the
@@ -214,7 +239,8 @@ def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon
     """LayerNorm over the last axis. The output is feature-major when `feature_major`
     (the input transposed first if it is not), token-major when False, and in the
     input's layout when None. With a `grid`, the output rounded to it as QuantizeLinear
-    then DequantizeLinear would, in the kernel's stores."""
+    then DequantizeLinear would: in the feature-major kernel's stores, or by
+    FakeQuantize's kernel after."""
     h = x.shape[-1]
     if not _kernel_takes(x, scale, bias) or (grid is not None and grid.floats is None):
         return reference_layernorm(x, scale, bias, epsilon=epsilon, quantize=grid and grid.quantize)
@@ -225,11 +251,12 @@ def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon
     b = np.ascontiguousarray(b, dtype=np.float32)
     if feature_major is None:
         feature_major = unit_token_stride(x2) and not x2.flags.c_contiguous
-    yt = _run_columns(x2, scale, b, epsilon, grid)
-    # (token-major: between two tiled transposes. A token-major kernel of its own, a parallel
-    # Numba function, was one more compile, met only at shapes whose LayerNorm read
-    # token-major values: a cache filled at other shapes lacked it)
-    return (yt.T if feature_major else transposed_copy(yt.T)).reshape(lead + (h,))
+    if feature_major:
+        return _run_columns(x2, scale, b, epsilon, grid).T.reshape(lead + (h,))
+    y = np.empty(x2.shape, np.float32)
+    load_source(LAYERNORM_SOURCE).layernorm_rows(contiguous(x2), scale, b, np.float32(epsilon), y)
+    y = y.reshape(lead + (h,))
+    return y if grid is None else fake_quantize(y, *grid.quantize)
 
 
 def layernorm_to_bytes(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon: float,
