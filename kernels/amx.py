@@ -25,7 +25,7 @@ import numpy as np
 
 from .amx_ir import K_TILE, ROWS, SIGNATURE, AmxConfig, amx_ir
 from .bf16 import DRIVER_SOURCE as BF16_DRIVER_SOURCE
-from .bf16 import PACK_SIGNATURE, from_bf16, pack_ir, packed_pairs, to_bf16
+from .bf16 import from_bf16, pack_ir, packed_pairs, to_bf16
 from .compile import compile_ir, host_cpu, load_source, threads
 from .int8 import DRIVER_SOURCE as INT8_DRIVER_SOURCE
 from .int8 import _quantize_fns, _Quantized
@@ -259,7 +259,6 @@ class BF16AmxLinear(_Amx, DenseLinear):
         self.in_features, self.out_features = k, m
         self.bias = _bias(bias, m)
         self.activation, self.residual = activation, residual
-        self._pack = compile_ir(pack_ir(), PACK_SIGNATURE.name)
         self._build("bf16", tiles_of(to_bf16(np.ascontiguousarray(weight.T)), K_TILE["bf16"]), activation, residual,
                     compressed)
 
@@ -274,5 +273,5 @@ class BF16AmxLinear(_Amx, DenseLinear):
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         xp = x_rows(self.in_features, "bf16", xt.shape[1])
         pairs = xp[:-(-self.in_features // 2)]  # (the padded rows stay zero)
-        packed_pairs(self._pack, xt, pairs)
+        packed_pairs(xt, pairs)
         self._tiles_run(xp, self.bias, yt, rt)

@@ -22,6 +22,8 @@ bfloat16 keeps float32's exponent and 8 significant bits (relative rounding erro
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .compile import compile_ir, host_cpu, load_source, threads
@@ -110,9 +112,17 @@ def pack_pairs(launch, part, calls, fn, xt, xp):
 """
 
 
-def packed_pairs(pack: int, xt: np.ndarray, xp: np.ndarray) -> np.ndarray:
-    """xp ([in/2, tokens]) with xt's pairs of rows packed into it by the kernel at `pack`."""
-    run(load_source(DRIVER_SOURCE).pack_pairs, PACK_SIGNATURE, threads(), 1, pack, xt, xp)
+@functools.cache
+def _pack_fn() -> int:
+    return compile_ir(pack_ir(), PACK_SIGNATURE.name)
+
+
+def packed_pairs(xt: np.ndarray, xp: np.ndarray | None = None) -> np.ndarray:
+    """xp ([in/2, tokens]; a new feature-major array when None) with xt's pairs of rows
+    packed into it by pack_ir's kernel."""
+    if xp is None:
+        xp = feature_major_empty(-(-xt.shape[0] // 2), xt.shape[1])
+    run(load_source(DRIVER_SOURCE).pack_pairs, PACK_SIGNATURE, threads(), 1, _pack_fn(), xt, xp)
     return xp
 
 
@@ -150,7 +160,6 @@ class BF16SparseLinear(SparseLinear):
         self._csr = indptr, (2 * pairs.astype(np.int64)).astype(np.uint16 if k <= 1 << 16 else np.int32), values
         self.bias = _bias(bias, m)
         self._fn = compile_ir(ir_source(self.config), SPARSE_SIGNATURE.name)
-        self._pack = compile_ir(pack_ir(), PACK_SIGNATURE.name)
         self._driver = load_source(SPARSE_DRIVER_SOURCE).run_rows
         self._set_chunk(k_chunk)
 
@@ -169,7 +178,7 @@ class BF16SparseLinear(SparseLinear):
         return w[:self.in_features]
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
-        super()._run(packed_pairs(self._pack, xt, feature_major_empty(-(-self.in_features // 2), xt.shape[1])), yt, rt)
+        super()._run(packed_pairs(xt), yt, rt)
 
 
 class BF16DenseLinear(DenseLinear):
@@ -192,7 +201,6 @@ class BF16DenseLinear(DenseLinear):
         self.bias = _bias(bias, m)
         self.activation, self.residual = activation, residual
         self._compile()
-        self._pack = compile_ir(pack_ir(), PACK_SIGNATURE.name)
         self._driver = load_source(DENSE_DRIVER_SOURCE).run_panels
         width = self.config.lanes * self.config.vectors
         self.token_tile = -(-DENSE_TOKEN_TILE // width) * width
@@ -208,4 +216,4 @@ class BF16DenseLinear(DenseLinear):
         return with_driver(dense_ir(self.config) + "\n" + pack_ir(), DENSE_DRIVER_SOURCE)
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
-        super()._run(packed_pairs(self._pack, xt, feature_major_empty(-(-self.in_features // 2), xt.shape[1])), yt, rt)
+        super()._run(packed_pairs(xt), yt, rt)
