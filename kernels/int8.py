@@ -292,10 +292,14 @@ class _Quantized:
         if grid is None or self.mode != "dynamic":
             return None if grid is None else kbias
         m = self.out_features
-        terms = kbias.copy()  # (this call's scale and zero point)
-        terms[m:2 * m] = grid[0] * self.scale
-        terms[2 * m:3 * m].view(np.int32)[:] = np.int32(grid[1]) * self.colsum
+        terms = kbias.copy()
+        terms[2 * m:3 * m].view(np.int32)[:], terms[m:2 * m] = self._call_terms(grid)
         return terms
+
+    def _call_terms(self, grid: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """A dynamic x's call: the zero point's correction per output (i32) and the output
+        scale, for the `grid` (_x_grid) x was quantized with."""
+        return np.int32(grid[1]) * self.colsum, grid[0] * self.scale
 
 
 def _quantize_fns() -> tuple:
@@ -346,10 +350,7 @@ class Int8Linear(_Quantized):
         grid = self._quantize(xt, xq)
         if grid is None:
             return False
-        if self.mode == "dynamic":  # (this call's scale and zero point)
-            corr, mult = np.int32(grid[1]) * self.colsum, grid[0] * self.scale
-        else:
-            corr, mult = self._terms
+        corr, mult = self._call_terms(grid) if self.mode == "dynamic" else self._terms
         bounds = self._split()
         run(self._driver, SIGNATURE, len(bounds) - 1, 1, self._fns[2], xq, self.indptr, self.split, self.blocks,
             self.weights, corr, mult, self.bias, self._requant, yt, rt, bounds)
