@@ -4,8 +4,9 @@ with an empty kernel cache, for one or two code trees taking turns.
 Each round, each side runs in a new process with `SPARSEJIT_CACHE_DIR` a new empty
 directory, so every kernel and driver it needs is compiled; `--warm N` then loads it N
 more times in new processes on that same cache. What is printed per process: seconds
-to `import sparsejit`, to `sparsejit.load`, to the first `run`, and Numba's own compile
-time (its "numba:compile" events; nested compiles counted once).
+to `import sparsejit`, to `sparsejit.load`, to the first `run`, Numba's own compile
+time (its "numba:compile" events; nested compiles counted once), and how long after the
+first run the load's helper (kernels/prebuild.py), if any, was still compiling.
 
     python bench/first_load.py [TREE ...] [--model M] [--batch 1 --seq 128 --rounds 2 --warm 0]
 
@@ -51,7 +52,15 @@ def worker(tree: str, model: str, batch: int, seq: int) -> None:
         else:
             depth -= 1
             numba_s += (at - started) if depth == 0 else 0.0
-    print(json.dumps({"import": t1 - t0, "load": t2 - t1, "first run": t3 - t2, "numba": numba_s}))
+    try:  # (a first load's helper, where the tree has one: done before the next process starts)
+        from sparsejit.kernels import prebuild
+    except ImportError:
+        helper_s = 0.0
+    else:
+        prebuild.wait()
+        helper_s = time.perf_counter() - t3
+    print(json.dumps({"import": t1 - t0, "load": t2 - t1, "first run": t3 - t2, "numba": numba_s,
+                      "helper after": helper_s}))
 
 
 def one(tree: str, args, cache: str) -> dict:
@@ -83,7 +92,8 @@ def main() -> None:
                     total = t["import"] + t["load"] + t["first run"]
                     print(f"round {r + 1} {tree} {'first' if k == 0 else f'warm {k}'}: import {t['import']:.1f} + "
                           f"load {t['load']:.1f} + first run {t['first run']:.1f} = {total:.1f} s "
-                          f"(Numba compiling {t['numba']:.1f} s)", flush=True)
+                          f"(Numba compiling {t['numba']:.1f} s; helper done {t['helper after']:.1f} s after)",
+                          flush=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ lock, which also serialises LLVM use between Numba and the IR kernels.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import hashlib
 import io
 import logging
@@ -35,6 +37,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -242,6 +245,20 @@ def _relaxed(ty, widest: bool, writable: bool = False):
     return Array(ty.dtype, ty.ndim, "A", readonly=not writable, aligned=False) if widest else ty.copy(layout="A")
 
 
+def compile_driver(dispatcher: Dispatcher, sig: tuple) -> None:
+    """Compile (or load from the cache) a driver made by `_any_layout` for `sig`, unless it
+    has it: under the cache's lock on it (`claimed`), and in `drivers_met`."""
+    with global_compiler_lock:  # (threads loading at once: one turns compiling on and off at a time)
+        if sig not in dispatcher.overloads:
+            with claimed(dispatcher):
+                dispatcher._can_compile = True
+                try:
+                    dispatcher.compile(sig)
+                finally:
+                    dispatcher._can_compile = False
+            drivers_met.append((dispatcher, sig))
+
+
 def _any_layout(dispatcher: Dispatcher, written: tuple[str, ...]) -> None:
     """Compile `dispatcher`, called from Python, only for its argument types made widest
     (`_relaxed`; writable for the arguments named in `written`). Its compiling at call
@@ -256,13 +273,7 @@ def _any_layout(dispatcher: Dispatcher, written: tuple[str, ...]) -> None:
 
     def compile_relaxed(tys, widest: bool) -> tuple:
         sig = tuple(_relaxed(t, widest, i < len(writable) and writable[i]) for i, t in enumerate(tys))
-        with global_compiler_lock:  # (threads loading at once: one turns compiling on and off at a time)
-            if sig not in dispatcher.overloads:
-                dispatcher._can_compile = True
-                try:
-                    dispatcher.compile(sig)
-                finally:
-                    dispatcher._can_compile = False
+        compile_driver(dispatcher, sig)
         return sig
 
     search, template = dispatcher._search_new_conversions, dispatcher.get_call_template
@@ -286,6 +297,44 @@ def _any_layout(dispatcher: Dispatcher, written: tuple[str, ...]) -> None:
     dispatcher._search_new_conversions = search_new_conversions
     dispatcher._compile_for_args = compile_for_args
     dispatcher.get_call_template = get_call_template
+
+
+drivers_met: list[tuple[Dispatcher, tuple]] = []  # each driver and signature compiled or loaded, in turn
+
+
+# Waits for a driver another process is compiling (prebuild.py's helper, or another load
+# on the same cache) up to this long, then compiles it too: the other may be starved of a
+# core (the helper runs only on an idle one).
+CLAIM_WAIT_S = 5.0
+
+
+@contextlib.contextmanager
+def claimed(dispatcher: Dispatcher):
+    """Hold the cache's lock on `dispatcher` (a driver of a `load_source` module) while
+    compiling it: one process compiles a driver at a time, and the others, once they
+    hold the lock, load its machine code from the cache. Waits at most `CLAIM_WAIT_S`;
+    without a usable lock file it just compiles."""
+    module = dispatcher.py_func.__module__.removeprefix("sparsejit_kernel_")
+    try:
+        fd = os.open(cache_dir() / f"k_{module}.{dispatcher.py_func.__name__}.lock",
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + CLAIM_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.debug("compiling %s: another process has held it for %.0f s", module, CLAIM_WAIT_S)
+                    break
+                time.sleep(0.005)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
 
 
 class _InTree(CompileResultCacheImpl):

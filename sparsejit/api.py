@@ -18,6 +18,7 @@ from .fold import fold_constants, quantized_weight
 from .fuse import fuse
 from .graph import Graph, InputSpec, ModelIO, import_onnx
 from .heap import keep_buffers_mapped
+from .kernels import prebuild
 from .kernels.bf16 import has_bf16
 from .kernels.compile import host_cpu
 from .lower import lower
@@ -28,6 +29,9 @@ from .plan import plan as plan_steps
 from .threads import ThreadScope, resolve_threads
 
 MODES = ("compiled", "reference")
+# A graph with any of these gets the helper's int8 drivers too (kernels/prebuild.py).
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                           "QLinearMatMul"})
 
 
 @dataclass
@@ -317,6 +321,9 @@ def load(model: str | os.PathLike | bytes | onnx.ModelProto, *, num_threads: int
     keep_buffers_mapped()
     with ThreadScope(threads):
         graph = import_onnx(model)
+        if mode == "compiled":
+            prebuild.start(("float",) + ("int8",) * any(n.op_type in QUANTIZED_OPS for n in graph.nodes)
+                           + ("bf16",) * (precision == "bf16"))
         io = graph.io
         graph = fold_constants(graph, keep=quantized_weight if mode == "compiled" else None)
         if mode == "reference":

@@ -32,6 +32,7 @@ from .benchmark import latency_stats, make_inputs
 from .choose import KERNEL_CHOICES, PRECISIONS
 from .console import Column, Steps, print_table, print_text
 from .executor import TILE_FROM, TOKEN_TILE
+from .kernels import prebuild
 
 log = logging.getLogger("sparsejit")
 
@@ -124,9 +125,11 @@ def _load(args, steps: Steps, **kw):
     path = _model_file(args.model)
     steps.start(f"reading and fusing {path.name}")
     try:
-        return sparsejit.load(path, num_threads=getattr(args, "threads", None),
-                              kernels=getattr(args, "kernels", "auto"), progress=steps.layer_callback(),
-                              precision=getattr(args, "precision", "fp32"), **kw)
+        model = sparsejit.load(path, num_threads=getattr(args, "threads", None),
+                               kernels=getattr(args, "kernels", "auto"), progress=steps.layer_callback(),
+                               precision=getattr(args, "precision", "fp32"), **kw)
+        prebuild.wait()  # (a first load's helper: its drivers in the cache before any timing or exit)
+        return model
     except sparsejit.UnsupportedModelError as e:
         raise CLIError(str(e)) from e
     except (ValueError, FileNotFoundError, IsADirectoryError) as e:

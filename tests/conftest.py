@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Loads here (and in the tests' subprocesses) start no helper compiling drivers beside
+# them (kernels/prebuild.py): what a test compiles and writes to a cache is its own.
+# tests/test_prebuild.py turns it on where it is tested.
+os.environ.setdefault("SPARSEJIT_PREBUILD", "0")
 
 MODELS_DIR = Path(__file__).parent / "models"
 MODEL_FILES = sorted(MODELS_DIR.glob("*.onnx"))

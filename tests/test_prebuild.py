@@ -1,0 +1,130 @@
+"""The helper that compiles a first load's drivers beside it (kernels/prebuild.py): its
+table holds what loads compile, a load with it gives what a load without it gives, what
+it builds alone is every driver a load needs, and a driver whose lock a stuck process
+holds is compiled all the same. Each in subprocesses with caches of their
+own (conftest.py turns the helper off for every other test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from sparsejit.kernels import prebuild
+from sparsejit.kernels.bf16 import has_bf16
+
+MODELS = Path(__file__).parent / "models"
+FLOAT = MODELS / "bert_sdpa_h64_op14_legacy_p90.onnx"
+INT8 = [MODELS / "int8" / f"bert_block4_p90_int8_{form}.onnx" for form in ("sparseml", "dynamic", "qoperator", "qdq")]
+
+
+def _python(code: str, cache: Path, *args, helper: bool = False, timeout: int = 600) -> str:
+    env = {**os.environ, "SPARSEJIT_CACHE_DIR": str(cache), "SPARSEJIT_PREBUILD": "1" if helper else "0"}
+    p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
+                       check=False, timeout=timeout)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def test_the_table_holds_each_driver_the_test_models_compile(tmp_path):
+    """Every driver (and argument types) that loading and running the test models compiles
+    is in DRIVERS, serving the kind of model that met it first (a float model first, so
+    that what the int8 and bf16 ones add serves them)."""
+    specs = [str(FLOAT)] + [str(p) for p in INT8] + ([f"{FLOAT}:bf16"] if has_bf16() else [])
+    out = _python("import json, sys; from sparsejit.kernels import prebuild; "
+                  "print(json.dumps(prebuild.met(sys.argv[1:])))", tmp_path / "cache", *specs)
+    met = json.loads(out.splitlines()[-1])
+    assert len(met) >= 8  # (the float model alone meets six)
+    table = {entry[:4]: entry[4].split() for entry in prebuild.DRIVERS}
+    for module, source, name, types, spec in met:
+        assert (module, source, name, types) in table, f"{name}({types}), met by {spec}, is not in DRIVERS"
+        kinds = {"float", "bf16" if spec.endswith(":bf16") else "int8" if "int8" in spec else "float"}
+        assert kinds & set(table[module, source, name, types]), f"{name} is met by {spec} but serves none of {kinds}"
+
+
+LOAD_AND_RUN = """
+import sys, time
+import numpy as np
+from numba.core import event
+import sparsejit
+from sparsejit.kernels import prebuild
+
+compiled = event.RecordingListener()
+event.register("numba:compile", compiled)
+m = sparsejit.load(sys.argv[1], num_threads=2)
+mask = np.ones((2, 21), np.int64)
+mask[1, 13:] = 0
+ids = (np.arange(42).reshape(2, 21) % 50 + 2).astype(np.int64)
+feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+outs = m.run({n: feeds[n] for n in m.input_names})
+np.savez(sys.argv[2], *outs)
+drivers = {entry[2] for entry in prebuild.DRIVERS}
+names = {ev.data["dispatcher"].py_func.__name__ for _, ev in compiled.buffer if ev.is_start}
+print("helper", "none" if prebuild._helper is None else prebuild.wait(300))
+print("drivers compiled", len(names & drivers))
+"""
+
+
+def test_a_load_with_the_helper_gives_what_one_without_gives(tmp_path):
+    """On an empty cache, a load with the helper beside it (which exits 0 and marks its
+    kinds done) gives the outputs of a load without it, bit for bit."""
+    model = INT8[0]
+    cache = tmp_path / "with"
+    first = _python(LOAD_AND_RUN, cache, model, tmp_path / "with.npz", helper=True).split("\n")
+    assert first[0] == "helper 0", first
+    files = [p.name for p in (cache / "kernels").iterdir()]
+    assert all(any(f.startswith(f"prebuilt-{kind}-") for f in files) for kind in ("float", "int8")), files
+    _python(LOAD_AND_RUN, tmp_path / "without", model, tmp_path / "without.npz")
+    with np.load(tmp_path / "with.npz") as a, np.load(tmp_path / "without.npz") as b:
+        assert a.files == b.files
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_after_the_helper_alone_a_load_compiles_no_driver(tmp_path):
+    """The helper alone, on an empty cache, builds every driver a quantized model's load
+    and run then need: that load compiles none, and starts no helper (the marks)."""
+    cache = tmp_path / "cache"
+    done = _python("from sparsejit.kernels import prebuild; prebuild.start(('float', 'int8')); "
+                   "print(prebuild.wait(300))", cache, helper=True)
+    assert done.split() == ["0"]
+    after = _python(LOAD_AND_RUN, cache, INT8[0], tmp_path / "out.npz", helper=True).split("\n")
+    assert after[:2] == ["helper none", "drivers compiled 0"], after
+
+
+HOLD = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+TRANSPOSE_PAST_A_HELD_LOCK = """
+import subprocess, sys
+import numpy as np
+from sparsejit.kernels import compile, layout
+
+lock = compile.cache_dir() / f"k_{compile.source_key(layout.TRANSPOSE_SOURCE)}.transpose.lock"
+holder = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(lock)], stdout=subprocess.PIPE, text=True)
+try:
+    assert holder.stdout.readline().strip() == "held"
+    compile.CLAIM_WAIT_S = 0.5
+    a = np.arange(12 * 40, dtype=np.float32).reshape(12, 40)
+    out = np.empty((40, 12), np.float32)
+    layout._transpose_into(a, out)
+    print("equal", bool(np.array_equal(out, a.T)))
+finally:
+    holder.kill()
+"""
+
+
+def test_a_driver_whose_lock_a_stuck_process_holds_is_compiled_all_the_same(tmp_path):
+    """A process holding a driver's lock and never letting go (a helper starved of a core,
+    say) delays a load by `CLAIM_WAIT_S`, not for ever: the load compiles the driver
+    itself, and it works."""
+    out = _python(TRANSPOSE_PAST_A_HELD_LOCK, tmp_path / "cache", HOLD, timeout=300)
+    assert out.split() == ["equal", "True"]
