@@ -247,10 +247,10 @@ def _relaxed(ty, widest: bool, writable: bool = False):
 
 def compile_driver(dispatcher: Dispatcher, sig: tuple) -> None:
     """Compile (or load from the cache) a driver made by `_any_layout` for `sig`, unless it
-    has it: under the cache's lock on it (`claimed`), and in `drivers_met`."""
+    has it: under the cache's lock on it (`claimed`); noted in `drivers_met`."""
     with global_compiler_lock:  # (threads loading at once: one turns compiling on and off at a time)
         if sig not in dispatcher.overloads:
-            with claimed(dispatcher):
+            with claimed(driver_lock(dispatcher)):
                 dispatcher._can_compile = True
                 try:
                     dispatcher.compile(sig)
@@ -309,15 +309,13 @@ CLAIM_WAIT_S = 5.0
 
 
 @contextlib.contextmanager
-def claimed(dispatcher: Dispatcher):
-    """Hold the cache's lock on `dispatcher` (a driver of a `load_source` module) while
-    compiling it: one process compiles a driver at a time, and the others, once they
-    hold the lock, load its machine code from the cache. Waits at most `CLAIM_WAIT_S`;
-    without a usable lock file it just compiles."""
-    module = dispatcher.py_func.__module__.removeprefix("sparsejit_kernel_")
+def claimed(lock: Path):
+    """Hold the cache's lock file `lock` while compiling what it names (a driver, an IR
+    kernel): one process compiles it at a time, and the others, once they hold the lock,
+    load its machine code from the cache. Waits at most `CLAIM_WAIT_S`; without a usable
+    lock file it just compiles."""
     try:
-        fd = os.open(cache_dir() / f"k_{module}.{dispatcher.py_func.__name__}.lock",
-                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError:
         yield
         return
@@ -329,12 +327,18 @@ def claimed(dispatcher: Dispatcher):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    log.debug("compiling %s: another process has held it for %.0f s", module, CLAIM_WAIT_S)
+                    log.debug("compiling %s: another process has held it for %.0f s", lock.stem, CLAIM_WAIT_S)
                     break
                 time.sleep(0.005)
         yield
     finally:
         os.close(fd)  # (releases the lock)
+
+
+def driver_lock(dispatcher: Dispatcher) -> Path:
+    """The lock file of a driver of a `load_source` module (`claimed`)."""
+    module = dispatcher.py_func.__module__.removeprefix("sparsejit_kernel_")
+    return cache_dir() / f"k_{module}.{dispatcher.py_func.__name__}.lock"
 
 
 class _InTree(CompileResultCacheImpl):
@@ -456,29 +460,57 @@ def compile_ir(source: str, function: str) -> int:
     sha256 of the CPU name, its feature string, the llvmlite and LLVM versions and the IR
     text: anything that could change the code changes the file name. A hit skips the
     optimisation passes and code generation."""
-    import llvmlite
-    import llvmlite.binding as llvm
+    return ir_engine(source).get_function_address(function)
 
-    cpu, features = host_cpu()
-    key = hashlib.sha256(f"{cpu} {features} llvmlite {llvmlite.__version__} llvm {llvm.llvm_version_info}\n"
-                         f"{source}".encode()).hexdigest()
+
+def ir_engine(source: str):
+    """The execution engine holding `source`'s machine code (`compile_ir`), kept for the
+    process."""
+    key = ir_key(source)
     engine = _engines.get(key)
     if engine is None:
         with global_compiler_lock:  # one engine per key: a second would free the first's code
             if key not in _engines:
-                _engines[key] = _build_engine(source, key, cpu, features)
+                _engines[key] = _build_engine(source, key, *host_cpu())
             engine = _engines[key]
-    return engine.get_function_address(function)
+    return engine
 
 
-def _build_engine(source: str, key: str, cpu: str, features: str):
+def ir_key(source: str) -> str:
+    """What an IR kernel's machine code is kept under: the sha256 of the CPU name and
+    features, the llvmlite and LLVM versions and the IR text."""
+    import llvmlite
     import llvmlite.binding as llvm
 
-    path = cache_dir() / f"ir_{key[:32]}.o"
+    cpu, features = host_cpu()
+    return hashlib.sha256(f"{cpu} {features} llvmlite {llvmlite.__version__} llvm {llvm.llvm_version_info}\n"
+                          f"{source}".encode()).hexdigest()
+
+
+def _cached_object(path: Path, key: str) -> bytes | None:
     data = read_trusted(path)
     cached = None if data is None else unseal(key, data)
     if data is not None and cached is None:
         discard(path, "it is damaged or was built for another kernel")
+    return cached
+
+
+def _build_engine(source: str, key: str, cpu: str, features: str):
+    path = cache_dir() / f"ir_{key[:32]}.o"
+    cached = _cached_object(path, key)
+    if cached is not None:
+        ir_met.append((key, False))
+        return _engine(source, cpu, features, cached, path, key)
+    with claimed(path.with_suffix(".lock")):  # (another process may be compiling it: then it is read)
+        cached = _cached_object(path, key)
+        ir_met.append((key, cached is None))
+        return _engine(source, cpu, features, cached, path, key)
+
+
+def _engine(source: str, cpu: str, features: str, cached: bytes | None, path: Path, key: str):
+    """An engine for `source`: from the `cached` object code, or compiled and saved."""
+    import llvmlite.binding as llvm
+
     mod = llvm.parse_assembly(source)
     mod.verify()
     tm = llvm.Target.from_default_triple().create_target_machine(cpu=cpu, features=features, opt=3)
@@ -493,3 +525,6 @@ def _build_engine(source: str, key: str, cpu: str, features: str):
     engine.set_object_cache(save, lambda _module: cached)
     engine.finalize_object()
     return engine
+
+
+ir_met: list[tuple[str, bool]] = []  # each IR kernel's key (ir_key) as the process met it, and whether it compiled it

@@ -1,13 +1,15 @@
-"""The drivers of a first load compiled on the other core, by a helper process.
+"""What a first load compiles beside its model, compiled on the other core by a helper.
 
 On an empty kernel cache most of a first load is compiling, one thing after another on
-one core: the IR kernels, and the Numba drivers that launch them (a quarter to half a
-second each; bench/README.md, fifteenth session). The drivers do not depend on the model:
-`DRIVERS` lists each with the argument types a load compiles it for. So `start`, called
-as a load begins, starts this module as a helper process that compiles them into the
-cache while the load reads, packs and races its kernels; the load, when it needs a
-driver, loads it from the cache, or waits while the helper is compiling it
-(`compile.claimed`), or compiles it itself.
+one core: the IR kernels, and the Numba drivers that launch them (bench/README.md,
+fifteenth session). Much of it does not depend on the model's weights: the drivers
+(with the argument types a load compiles each for), LayerNorm's, attention's and the
+launcher's code, and the Linear kernels of unstructured weights as transformers like
+BERT have them. `BUILDS` lists them, in the order a load needs them. `start`, called as
+a load begins, starts a helper process that builds them into the cache while the load
+reads, packs and races its kernels. The load, when it needs one, reads it from the
+cache, or waits while the helper compiles it (`compile.claimed`), or compiles it itself
+(what `BUILDS` misses, or what it meets before the helper).
 
 The helper runs at the idle scheduling class (SCHED_IDLE): on a core the load, its
 kernels' threads or anyone else wants, it does not run, so it does not change what the
@@ -16,9 +18,9 @@ none; a process that exits first leaves it to finish (the CLI waits for it: `wai
 `SPARSEJIT_PREBUILD=0` turns it off.
 
 `python -m sparsejit.kernels.prebuild --record MODEL[:PRECISION] ...` prints the drivers
-the loads of those models compile, as `DRIVERS` lines with the models in place of what
-each serves (tests/test_prebuild.py checks that the table holds what the test models
-compile).
+the loads of those models compile, as `Driver` lines with the models in place of what
+each serves (tests/test_prebuild.py checks that `BUILDS` holds what the test models
+compile, and that what else it builds is what they meet).
 """
 
 from __future__ import annotations
@@ -29,46 +31,105 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
-# (kernels module, its source of drivers, driver, argument types, what it serves), in the
-# order a load first meets them. Types are Numba's, where A(dtype, ndim) is an array as
-# compile._any_layout compiles a driver for it (layout 'A', maybe unaligned, read-only)
-# and W(dtype, ndim) one the driver writes. What it serves: "float" every model, "int8"
+
+class Driver(NamedTuple):
+    """A Numba driver: its kernels module, the name of its source there, its name, its
+    argument types, and what it serves. Types are Numba's, where A(dtype, ndim) is an
+    array as compile._any_layout compiles a driver for it (layout 'A', maybe unaligned,
+    read-only) and W(dtype, ndim) one the driver writes."""
+
+    module: str
+    source: str
+    name: str
+    types: str
+    serves: str
+
+
+class IR(NamedTuple):
+    """An IR kernel (or the launcher): its kernels module, the expression there that makes
+    its source (`VECTOR_LANES` this CPU's, `part_ir` launch's), what it serves, and when
+    it is built (an expression there too: this CPU has what it needs)."""
+
+    module: str
+    source: str
+    serves: str
+    when: str = "True"
+
+
+# What a first load compiles that does not depend on its model's weights, in the order a
+# load first needs it (bench/README.md, fifteenth session): the drivers, and the IR
+# kernels of transformers like BERT (LayerNorm, attention, the float and int8 Linear
+# kernels of unstructured weights; attention with a mask per query, as transformers'
+# exports make it). What it serves: "float" every model, "int8"
 # quantized models, "bf16" loads with precision="bf16" (a space between several).
-DRIVERS = (
-    ("linear", "SPARSE_DRIVER_SOURCE", "run_rows",
+BUILDS = (
+    IR("launch", "launcher()", "float"),
+    IR("embed", "embed_ir(VECTOR_LANES, 3)", "float"),
+    IR("int8", "range_ir(VECTOR_LANES)", "int8"),
+    IR("int8", "part_ir(RANGE_SIGNATURE)", "int8"),
+    Driver("int8", "DRIVER_SOURCE", "run_range",
+     "int64, int64, W(int64, 2), int64, A(float32, 2), W(float32, 3)", "int8"),
+    IR("int8", "quantize_ir(VECTOR_LANES)", "int8"),
+    IR("int8", "ir_source(IRConfig(1, 'none', False, 16, SPARSE_VECTORS[16], 16, int8=True))", "int8", "VECTOR_LANES == 16"),
+    IR("linear", "ir_source(kernel_config(1, 'none', False))", "float"),
+    IR("linear", "part_ir(SPARSE_SIGNATURE)", "float"),
+    Driver("linear", "SPARSE_DRIVER_SOURCE", "run_rows",
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(int64, 1), A(uint16, 1), A(float32, 1), A(float32, 1), "
      "A(float32, 2), A(float32, 2), int64, A(int32, 1), A(int64, 1)"), "float"),
-    ("bf16", "DRIVER_SOURCE", "pack_pairs",
+    IR("amx", "amx_ir(AmxConfig('int8', 'none', False, True, False))", "int8", "has_amx('int8')"),
+    IR("amx", "part_ir(SIGNATURE)", "int8 bf16", "has_amx('int8') or has_amx('bf16')"),
+    Driver("bf16", "DRIVER_SOURCE", "pack_pairs",
      "int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 2)", "bf16"),
-    ("amx", "DRIVER_SOURCE", "run_amx",
+    Driver("amx", "DRIVER_SOURCE", "run_amx",
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(uint8, 1), A(float32, 1), A(float32, 2), A(float32, 2), "
      "int64, int64, int64, A(uint8, 1), A(int64, 1), A(uint8, 2)"), "int8 bf16"),
-    ("int8", "DRIVER_SOURCE", "run_range",
-     "int64, int64, W(int64, 2), int64, A(float32, 2), W(float32, 3)", "int8"),
-    ("embed", "EMBED_DRIVER_SOURCE", "run_embed",
+    IR("int8", "ir_source(IRConfig(1, 'none', True, 16, SPARSE_VECTORS[16], 16, int8=True))", "int8", "VECTOR_LANES == 16"),
+    IR("linear", "ir_source(kernel_config(1, 'none', True))", "float"),
+    IR("amx", "amx_ir(AmxConfig('int8', 'none', True, True, False))", "int8", "has_amx('int8')"),
+    IR("int8", "ir_source(IRConfig(1, 'gelu', False, 16, SPARSE_VECTORS[16], 16, int8=True))", "int8", "VECTOR_LANES == 16"),
+    IR("linear", "ir_source(kernel_config(1, 'gelu', False))", "float"),
+    IR("amx", "amx_ir(AmxConfig('int8', 'gelu', False, True, True))", "int8", "has_amx('int8')"),
+    IR("linear", "dense_ir(dense_config('none', False, VECTOR_LANES))", "float"),
+    IR("linear", "dense_ir(replace(dense_config('none', False, VECTOR_LANES), vectors=1))", "float"),
+    IR("linear", "part_ir(DENSE_SIGNATURE)", "float"),
+    IR("embed", "part_ir(SIGNATURE)", "float"),
+    Driver("embed", "EMBED_DRIVER_SOURCE", "run_embed",
      ("int64, int64, W(int64, 2), int64, UniTuple(int64[:, ::1], 3), A(int64, 1), A(int64, 1), int64, int64, "
      "A(float32, 2), A(float32, 2), W(int64, 2)"), "float"),
-    ("layernorm", "COLUMNS_DRIVER_SOURCE", "run_columns",
+    IR("layernorm", "columns_ir(VECTOR_LANES)", "float"),
+    IR("layernorm", "columns_ir(VECTOR_LANES, quantize=True)", "int8"),
+    IR("layernorm", "part_ir(COLUMNS_SIGNATURE)", "float"),
+    Driver("layernorm", "COLUMNS_DRIVER_SOURCE", "run_columns",
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 2), A(float32, 1), A(float32, 1), float32, "
      "A(float32, 1), A(int32, 2)"), "float"),
-    ("int8", "DRIVER_SOURCE", "run_quantize",
+    IR("int8", "part_ir(QUANTIZE_SIGNATURE)", "int8"),
+    Driver("int8", "DRIVER_SOURCE", "run_quantize",
      "int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 2), float32, float32, float32", "int8"),
-    ("int8", "DRIVER_SOURCE", "run_int8",
+    Driver("int8", "DRIVER_SOURCE", "run_int8",
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(int64, 1), A(int64, 1), A(uint16, 1), A(int32, 1), "
      "A(int32, 1), A(float32, 1), A(float32, 1), A(float32, 2), A(float32, 2), A(float32, 2), A(int64, 1)"), "int8"),
-    ("attention", "HEADS_DRIVER_SOURCE", "run_heads",
+    IR("attention", "attention_ir(attention_config(True))", "float"),
+    IR("attention", "part_ir(SIGNATURE)", "float"),
+    Driver("attention", "HEADS_DRIVER_SOURCE", "run_heads",
      ("int64, int64, W(int64, 2), int64, A(float32, 4), A(float32, 4), A(float32, 4), A(float32, 4), A(float32, 4), "
      "float32, A(float32, 2), A(float32, 2)"), "float"),
-    ("elementwise", "EACH_DRIVER", "run_each",
+    IR("layernorm", "columns_ir(VECTOR_LANES, quantize=True, to_bytes=True)", "int8"),
+    IR("elementwise", "each_ir('fake_quantize')", "int8"),
+    IR("elementwise", "part_ir(EACH)", "int8"),
+    Driver("elementwise", "EACH_DRIVER", "run_each",
      ("int64, int64, W(int64, 2), int64, A(uint8, 1), A(uint8, 1), int64, float32, float32, float32, float32, "
      "A(uint8, 1)"), "int8"),
-    ("layout", "TRANSPOSE_SOURCE", "transpose",
+    IR("layout", "transpose_ir()", "float"),
+    IR("layout", "part_ir(TRANSPOSE_SIGNATURE)", "float"),
+    Driver("layout", "TRANSPOSE_SOURCE", "transpose",
      "int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 2)", "float"),
-    ("linear", "DENSE_DRIVER_SOURCE", "run_panels",
+    Driver("linear", "DENSE_DRIVER_SOURCE", "run_panels",
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 3), A(float32, 1), A(float32, 2), A(float32, 2), "
      "int64"), "float"),
 )
+DRIVERS = tuple(b for b in BUILDS if isinstance(b, Driver))
 
 _helper: subprocess.Popen | None = None
 
@@ -80,7 +141,7 @@ def _array(writable: bool):
 
 
 def signature(text: str) -> tuple:
-    """A `DRIVERS` entry's argument types as Numba's."""
+    """A `Driver`'s argument types as Numba's."""
     from numba.core import types
 
     # (eval: the text is this module's own, read with Numba's type names and A, W only)
@@ -109,18 +170,27 @@ def driver(module: str, source: str, name: str):
 
 
 def mark(tag: str) -> Path:
-    """The file whose presence says the helper has built `tag`'s drivers into this cache,
-    for this table, these sources, this Numba and this CPU."""
+    """The file whose presence says the helper has built `tag`'s share of `BUILDS` into
+    this cache, for this Numba, this CPU and these kernels (their generators' source)."""
     import numba
 
+    from ..saved_plans import kernels_fingerprint
     from .compile import cache_dir, host_cpu
 
-    h = hashlib.sha256(f"numba {numba.__version__} {host_cpu()}".encode())
-    for entry in DRIVERS:
-        if tag in entry[4].split():
-            h.update(repr(entry).encode())
-            h.update(getattr(importlib.import_module(f"{__package__}.{entry[0]}"), entry[1]).encode())
+    h = hashlib.sha256(f"{tag} numba {numba.__version__} {host_cpu()} {kernels_fingerprint()}".encode())
     return cache_dir() / f"prebuilt-{tag}-{h.hexdigest()[:24]}"
+
+
+def made(entry: IR):
+    """What an `IR` entry's expression makes (an IR source; the launcher's address), or
+    None where its `when` does not hold."""
+    from .compile import vector_lanes
+    from .launch import part_ir
+
+    names = {**vars(importlib.import_module(f"{__package__}.{entry.module}")), "VECTOR_LANES": vector_lanes(),
+             "part_ir": part_ir}
+    # (eval: the expressions are this module's own)
+    return eval(entry.source, {"__builtins__": {}}, names) if eval(entry.when, {"__builtins__": {}}, names) else None
 
 
 def start(tags: tuple[str, ...]) -> None:
@@ -155,13 +225,21 @@ def wait(timeout: float | None = None) -> int | None:
 
 
 def build(tags: list[str]) -> None:
-    """The helper: compile `tags`' drivers, the last a load needs first, then mark them done."""
-    from .compile import compile_driver
+    """The helper: build `tags`' share of `BUILDS` in turn (a load waits for what the
+    helper is compiling, or finds it done), then mark them done."""
+    from .compile import compile_driver, ir_engine
 
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    for module, source, name, types, serves in reversed(DRIVERS):
-        if set(serves.split()) & set(tags):
-            compile_driver(driver(module, source, name), signature(types))
+    for entry in reversed(BUILDS):
+        if not set(entry.serves.split()) & set(tags):
+            continue
+        try:
+            if isinstance(entry, Driver):
+                compile_driver(driver(entry.module, entry.source, entry.name), signature(entry.types))
+            elif isinstance(source := made(entry), str):
+                ir_engine(source)
+        except Exception:  # noqa: BLE001, S112 (what fails here, a load compiles itself as without a helper)
+            continue
     for tag in tags:
         mark(tag).touch(0o600)
 
@@ -171,15 +249,16 @@ def build(tags: list[str]) -> None:
 MODULES = ("launch", "linear", "layout", "layernorm", "embed", "elementwise", "attention", "int8", "bf16", "amx")
 
 
-def met(specs: list[str]) -> list[tuple[str, str, str, str, str]]:
-    """The drivers that loading these models (each MODEL or MODEL:PRECISION) and running
-    them at 1 × 128 and 2 × 21 tokens compiles or loads, in turn, as `DRIVERS` entries
-    with the specs (space-separated) that met each in place of what it serves."""
+def met(specs: list[str]) -> dict:
+    """What loading these models (each MODEL or MODEL:PRECISION) and running them at
+    1 × 128 and 2 × 21 tokens compiles or loads: "drivers", as `Driver` fields with the
+    specs (space-separated) that met each in place of what it serves; "ir", the keys
+    (compile.ir_key) of the IR kernels."""
     import numpy as np
 
     import sparsejit
 
-    from .compile import drivers_met
+    from .compile import drivers_met, ir_met
 
     entries: dict[tuple, list[str]] = {}
     for spec in specs:
@@ -192,7 +271,7 @@ def met(specs: list[str]) -> list[tuple[str, str, str, str, str]]:
             key = (*source_of(dispatcher), dispatcher.py_func.__name__, ", ".join(type_text(t) for t in sig))
             entries.setdefault(key, []).append(spec)
         drivers_met.clear()
-    return [(*key, " ".join(by)) for key, by in entries.items()]
+    return {"drivers": [(*key, " ".join(by)) for key, by in entries.items()], "ir": [key for key, _ in ir_met]}
 
 
 def source_of(dispatcher) -> tuple[str, str]:
@@ -209,7 +288,7 @@ def source_of(dispatcher) -> tuple[str, str]:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--record"]:
         os.environ["SPARSEJIT_PREBUILD"] = "0"
-        for module, source, name, types, by in met(sys.argv[2:]):
+        for module, source, name, types, by in met(sys.argv[2:])["drivers"]:
             print(f'    ("{module}", "{source}", "{name}",\n     "{types}", "{by}"),')
     else:
         sys.exit(__doc__)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sparsejit.kernels import prebuild
+from sparsejit.kernels import compile, prebuild
 from sparsejit.kernels.bf16 import has_bf16
 
 MODELS = Path(__file__).parent / "models"
@@ -29,20 +29,29 @@ def _python(code: str, cache: Path, *args, helper: bool = False, timeout: int = 
     return p.stdout
 
 
-def test_the_table_holds_each_driver_the_test_models_compile(tmp_path):
+def test_builds_holds_each_driver_the_test_models_compile_and_only_ir_they_meet(tmp_path):
     """Every driver (and argument types) that loading and running the test models compiles
-    is in DRIVERS, serving the kind of model that met it first (a float model first, so
-    that what the int8 and bf16 ones add serves them)."""
+    is in BUILDS, serving the kind of model that met it first (a float model first, so
+    that what the int8 and bf16 ones add serves them); and every IR kernel BUILDS makes
+    on this CPU for the kinds loaded is one those loads meet (the helper builds nothing
+    they would not use)."""
     specs = [str(FLOAT)] + [str(p) for p in INT8] + ([f"{FLOAT}:bf16"] if has_bf16() else [])
     out = _python("import json, sys; from sparsejit.kernels import prebuild; "
                   "print(json.dumps(prebuild.met(sys.argv[1:])))", tmp_path / "cache", *specs)
     met = json.loads(out.splitlines()[-1])
-    assert len(met) >= 8  # (the float model alone meets six)
-    table = {entry[:4]: entry[4].split() for entry in prebuild.DRIVERS}
-    for module, source, name, types, spec in met:
-        assert (module, source, name, types) in table, f"{name}({types}), met by {spec}, is not in DRIVERS"
+    assert len(met["drivers"]) >= 8  # (the float model alone meets six)
+    table = {entry[:4]: entry.serves.split() for entry in prebuild.DRIVERS}
+    for module, source, name, types, spec in met["drivers"]:
+        assert (module, source, name, types) in table, f"{name}({types}), met by {spec}, is not in BUILDS"
         kinds = {"float", "bf16" if spec.endswith(":bf16") else "int8" if "int8" in spec else "float"}
         assert kinds & set(table[module, source, name, types]), f"{name} is met by {spec} but serves none of {kinds}"
+    loaded = {"float", "int8"} | ({"bf16"} if has_bf16() else set())
+    built = [(entry.source, prebuild.made(entry)) for entry in prebuild.BUILDS
+             if isinstance(entry, prebuild.IR) and set(entry.serves.split()) & loaded]
+    sources = [(expression, source) for expression, source in built if isinstance(source, str)]
+    assert len(sources) >= 20
+    unmet = [expression for expression, source in sources if compile.ir_key(source) not in met["ir"]]
+    assert not unmet, f"BUILDS makes IR kernels no test model met: {unmet}"
 
 
 LOAD_AND_RUN = """
@@ -50,7 +59,7 @@ import sys, time
 import numpy as np
 from numba.core import event
 import sparsejit
-from sparsejit.kernels import prebuild
+from sparsejit.kernels import compile, prebuild
 
 compiled = event.RecordingListener()
 event.register("numba:compile", compiled)
@@ -61,10 +70,13 @@ ids = (np.arange(42).reshape(2, 21) % 50 + 2).astype(np.int64)
 feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
 outs = m.run({n: feeds[n] for n in m.input_names})
 np.savez(sys.argv[2], *outs)
-drivers = {entry[2] for entry in prebuild.DRIVERS}
+drivers = {entry.name for entry in prebuild.DRIVERS}
 names = {ev.data["dispatcher"].py_func.__name__ for _, ev in compiled.buffer if ev.is_start}
+built = {compile.ir_key(s) for e in prebuild.BUILDS if isinstance(e, prebuild.IR) and isinstance(s := prebuild.made(e), str)}
 print("helper", "none" if prebuild._helper is None else prebuild.wait(300))
 print("drivers compiled", len(names & drivers))
+print("built IR kernels met", len({key for key, _ in compile.ir_met} & built),
+      "compiled", len({key for key, fresh in compile.ir_met if fresh} & built))
 """
 
 
@@ -86,13 +98,16 @@ def test_a_load_with_the_helper_gives_what_one_without_gives(tmp_path):
 
 def test_after_the_helper_alone_a_load_compiles_no_driver(tmp_path):
     """The helper alone, on an empty cache, builds every driver a quantized model's load
-    and run then need: that load compiles none, and starts no helper (the marks)."""
+    and run then need, and the IR kernels of BUILDS they meet: that load compiles none of
+    them, and starts no helper (the marks)."""
     cache = tmp_path / "cache"
     done = _python("from sparsejit.kernels import prebuild; prebuild.start(('float', 'int8')); "
                    "print(prebuild.wait(300))", cache, helper=True)
     assert done.split() == ["0"]
     after = _python(LOAD_AND_RUN, cache, INT8[0], tmp_path / "out.npz", helper=True).split("\n")
     assert after[:2] == ["helper none", "drivers compiled 0"], after
+    met, compiled = after[2].split()[-3], after[2].split()[-1]
+    assert int(met) >= 10 and compiled == "0", after
 
 
 HOLD = """
