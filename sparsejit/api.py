@@ -296,7 +296,9 @@ def load(model: str | os.PathLike | bytes | onnx.ModelProto, *, num_threads: int
 
     The loaded model holds its own copy of everything it reads from the file (the file
     may change or go). Loading changes two process-wide settings, once: Numba's threading
-    layer (tbb where installed) and glibc malloc's thresholds (README, Guarantees).
+    layer (tbb where installed) and glibc malloc's thresholds (README, Guarantees). On an
+    empty kernel cache it starts a helper process compiling beside it (kernels/prebuild.py;
+    `SPARSEJIT_PREBUILD=0` for none).
 
     >>> import sparsejit
     >>> m = sparsejit.load(sparsejit.default_model_path())
