@@ -30,6 +30,7 @@ import importlib
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -217,6 +218,7 @@ def start(tags: tuple[str, ...]) -> None:
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except OSError:
         return
+    threading.Thread(target=_helper.wait, name="sparsejit-prebuild-reaper", daemon=True).start()  # (no zombie)
 
 
 def wait(timeout: float | None = None) -> int | None:
