@@ -195,8 +195,8 @@ def made(entry: IR):
 
 
 def start(tags: tuple[str, ...]) -> None:
-    """Start the helper for `tags`' drivers, unless it is off, running, or done for them,
-    or there is no other core, or the cache is a temporary one."""
+    """Start the helper for `tags`' share of `BUILDS`, unless it is off, running, or
+    done for them, or there is no other core, or the cache is a temporary one."""
     global _helper
     from .compile import cache_dir, cache_root
 
@@ -211,7 +211,8 @@ def start(tags: tuple[str, ...]) -> None:
     # put on sys.path (bench/ab.py's trees, whose sparsejit/kernels links to kernels/).
     root = Path(sys.modules["sparsejit"].__file__).resolve().parent.parent
     path = [str(root)] if (root / "sparsejit" / "kernels").is_dir() else []
-    code = f"import sys; sys.path[:0] = {path!r}; from sparsejit.kernels.prebuild import build; build({needed!r})"
+    code = (f"import os, sys; os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)); sys.path[:0] = {path!r}; "
+            f"from sparsejit.kernels.prebuild import build; build({needed!r})")
     try:
         _helper = subprocess.Popen([sys.executable, "-c", code], cwd=cache_dir(),
                                    env={**os.environ, "SPARSEJIT_CACHE_DIR": str(cache_root())},
@@ -227,11 +228,11 @@ def wait(timeout: float | None = None) -> int | None:
 
 
 def build(tags: list[str]) -> None:
-    """The helper: build `tags`' share of `BUILDS` in turn (a load waits for what the
-    helper is compiling, or finds it done), then mark them done."""
+    """The helper (at the idle scheduling class from its first line, `start`): build
+    `tags`' share of `BUILDS` from the last (the load works from the first; it waits
+    for what the helper is compiling, or finds it done), then mark them done."""
     from .compile import compile_driver, ir_engine
 
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     for entry in reversed(BUILDS):
         if not set(entry.serves.split()) & set(tags):
             continue

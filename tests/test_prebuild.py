@@ -110,6 +110,19 @@ def test_after_the_helper_alone_a_load_compiles_no_driver(tmp_path):
     assert int(met) >= 10 and compiled == "0", after
 
 
+def test_the_helper_runs_at_the_idle_scheduling_class(tmp_path):
+    """The helper takes no core a load's threads want (the planner times kernels while it
+    compiles): its scheduling class is SCHED_IDLE, seen from outside while it works."""
+    code = """
+import os, time
+from sparsejit.kernels import prebuild
+prebuild.start(("float",))
+time.sleep(1.0)  # (past its first line; on an empty cache it works for seconds more)
+print(os.sched_getscheduler(prebuild._helper.pid) == os.SCHED_IDLE, prebuild.wait(300))
+"""
+    assert _python(code, tmp_path / "cache", helper=True).split() == ["True", "0"]
+
+
 HOLD = """
 import fcntl, os, sys, time
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
