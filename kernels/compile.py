@@ -20,7 +20,10 @@ is replaced by a private temporary one for the process (with a warning), such a 
 is removed and compiled again.
 
 Loads in several threads at once share this module's state under Numba's compiler
-lock, which also serialises LLVM use between Numba and the IR kernels.
+lock, which also serialises LLVM use between Numba and the IR kernels. Processes on one
+cache (a load and its helper, prebuild.py; loads started together) compile each driver
+and IR kernel once: a miss is compiled under a lock file beside it (`claimed`), and the
+others, once they hold it, read the cache.
 """
 
 from __future__ import annotations
