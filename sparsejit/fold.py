@@ -28,7 +28,9 @@ def quantized_weight(node, constants: dict) -> bool:
 
 def fold_constants(graph: Graph, keep=None) -> Graph:
     """Every node whose inputs are all constants, evaluated now, but those `keep(node,
-    constants)` names."""
+    constants)` names. Nodes nothing reads are dropped first, not evaluated (after the
+    quantized Linear fusion, the DequantizeLinear of each weight it took)."""
+    graph = eliminate_dead(graph)
     consts = dict(graph.constants)
     kept = []
     for n in graph.nodes:
