@@ -196,11 +196,13 @@ def made(entry: IR):
 
 def start(tags: tuple[str, ...]) -> None:
     """Start the helper for `tags`' share of `BUILDS`, unless it is off, running, or
-    done for them, or there is no other core, or the cache is a temporary one."""
+    done for them, or there is no other core, or the cache is a temporary one, or this
+    process is not a Python interpreter that a helper could be (embedded, or frozen)."""
     global _helper
     from .compile import cache_dir, cache_root
 
     if (os.environ.get("SPARSEJIT_PREBUILD", "1") == "0" or not sys.platform.startswith("linux")
+            or getattr(sys, "frozen", False) or not Path(sys.executable or "").name.startswith("python")
             or (_helper is not None and _helper.poll() is None) or len(os.sched_getaffinity(0)) < 2
             or cache_dir() != cache_root() / "kernels"):
         return
