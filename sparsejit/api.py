@@ -29,7 +29,7 @@ from .plan import plan as plan_steps
 from .threads import ThreadScope, resolve_threads
 
 MODES = ("compiled", "reference")
-# A graph with any of these gets the helper's int8 drivers too (kernels/prebuild.py).
+# A graph with any of these gets the int8 share of the first load's helper too (kernels/prebuild.py).
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
                            "QLinearMatMul"})
 

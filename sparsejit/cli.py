@@ -128,7 +128,7 @@ def _load(args, steps: Steps, **kw):
         model = sparsejit.load(path, num_threads=getattr(args, "threads", None),
                                kernels=getattr(args, "kernels", "auto"), progress=steps.layer_callback(),
                                precision=getattr(args, "precision", "fp32"), **kw)
-        prebuild.wait()  # (a first load's helper: its drivers in the cache before any timing or exit)
+        prebuild.wait()  # (a first load's helper: all it builds in the cache before any timing or exit)
         return model
     except sparsejit.UnsupportedModelError as e:
         raise CLIError(str(e)) from e
