@@ -59,11 +59,14 @@ class IR(NamedTuple):
     when: str = "True"
 
 
-# What a first load compiles that does not depend on its model's weights, in the order a
-# load first needs it (bench/README.md, fifteenth session): the drivers, and the IR
-# kernels of transformers like BERT (LayerNorm, attention, the float and int8 Linear
-# kernels of unstructured weights; attention with a mask per query, as transformers'
-# exports make it). What it serves: "float" every model, "int8"
+# What a first load compiles that does not depend on its model's weights (bench/README.md,
+# fifteenth session): the drivers, and the IR kernels of transformers like BERT
+# (LayerNorm, attention, the float and int8 Linear kernels of unstructured weights;
+# attention with a mask per query, as transformers' exports make it). In the order a load
+# needs them, but for what only some quantized models need (dynamic quantization's
+# ranges; the VNNI int8 driver, where AMX does not win), put first: the helper, which
+# works from the last, comes to those last. What it serves: "float" every model, "fp32"
+# models with float32 Linear layers (not a quantized model's float head alone), "int8"
 # quantized models, "bf16" loads with precision="bf16" (a space between several).
 BUILDS = (
     IR("launch", "launcher()", "float"),
@@ -72,9 +75,12 @@ BUILDS = (
     IR("int8", "part_ir(RANGE_SIGNATURE)", "int8"),
     Driver("int8", "DRIVER_SOURCE", "run_range",
      "int64, int64, W(int64, 2), int64, A(float32, 2), W(float32, 3)", "int8"),
+    Driver("int8", "DRIVER_SOURCE", "run_int8",
+     ("int64, int64, W(int64, 2), int64, A(float32, 2), A(int64, 1), A(int64, 1), A(uint16, 1), A(int32, 1), "
+     "A(int32, 1), A(float32, 1), A(float32, 1), A(float32, 2), A(float32, 2), A(float32, 2), A(int64, 1)"), "int8"),
     IR("int8", "quantize_ir(VECTOR_LANES)", "int8"),
     IR("int8", "ir_source(IRConfig(1, 'none', False, 16, SPARSE_VECTORS[16], 16, int8=True))", "int8", "VECTOR_LANES == 16"),
-    IR("linear", "ir_source(kernel_config(1, 'none', False))", "float"),
+    IR("linear", "ir_source(kernel_config(1, 'none', False))", "fp32"),
     IR("linear", "part_ir(SPARSE_SIGNATURE)", "float"),
     Driver("linear", "SPARSE_DRIVER_SOURCE", "run_rows",
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(int64, 1), A(uint16, 1), A(float32, 1), A(float32, 1), "
@@ -87,10 +93,10 @@ BUILDS = (
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(uint8, 1), A(float32, 1), A(float32, 2), A(float32, 2), "
      "int64, int64, int64, A(uint8, 1), A(int64, 1), A(uint8, 2)"), "int8 bf16"),
     IR("int8", "ir_source(IRConfig(1, 'none', True, 16, SPARSE_VECTORS[16], 16, int8=True))", "int8", "VECTOR_LANES == 16"),
-    IR("linear", "ir_source(kernel_config(1, 'none', True))", "float"),
+    IR("linear", "ir_source(kernel_config(1, 'none', True))", "fp32"),
     IR("amx", "amx_ir(AmxConfig('int8', 'none', True, True, False))", "int8", "has_amx('int8')"),
     IR("int8", "ir_source(IRConfig(1, 'gelu', False, 16, SPARSE_VECTORS[16], 16, int8=True))", "int8", "VECTOR_LANES == 16"),
-    IR("linear", "ir_source(kernel_config(1, 'gelu', False))", "float"),
+    IR("linear", "ir_source(kernel_config(1, 'gelu', False))", "fp32"),
     IR("amx", "amx_ir(AmxConfig('int8', 'gelu', False, True, True))", "int8", "has_amx('int8')"),
     IR("linear", "dense_ir(dense_config('none', False, VECTOR_LANES))", "float"),
     IR("linear", "dense_ir(replace(dense_config('none', False, VECTOR_LANES), vectors=1))", "float"),
@@ -108,9 +114,6 @@ BUILDS = (
     IR("int8", "part_ir(QUANTIZE_SIGNATURE)", "int8"),
     Driver("int8", "DRIVER_SOURCE", "run_quantize",
      "int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 2), float32, float32, float32", "int8"),
-    Driver("int8", "DRIVER_SOURCE", "run_int8",
-     ("int64, int64, W(int64, 2), int64, A(float32, 2), A(int64, 1), A(int64, 1), A(uint16, 1), A(int32, 1), "
-     "A(int32, 1), A(float32, 1), A(float32, 1), A(float32, 2), A(float32, 2), A(float32, 2), A(int64, 1)"), "int8"),
     IR("attention", "attention_ir(attention_config(True))", "float"),
     IR("attention", "part_ir(SIGNATURE)", "float"),
     Driver("attention", "HEADS_DRIVER_SOURCE", "run_heads",

@@ -29,9 +29,20 @@ from .plan import plan as plan_steps
 from .threads import ThreadScope, resolve_threads
 
 MODES = ("compiled", "reference")
-# A graph with any of these gets the int8 share of the first load's helper too (kernels/prebuild.py).
 QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
                            "QLinearMatMul"})
+
+
+def _prebuild_kinds(graph: Graph, precision: str) -> tuple[str, ...]:
+    """What the first load's helper builds for this graph (kernels/prebuild.py, BUILDS):
+    "float" always; "int8" with quantized ops; "fp32" (float32 Linear kernels) without,
+    or with two or more float MatMul or Gemm of a constant weight (more than a float
+    head); "bf16" for precision="bf16"."""
+    quantized = any(n.op_type in QUANTIZED_OPS for n in graph.nodes)
+    float_linears = sum(n.op_type in ("MatMul", "Gemm") and len(n.inputs) > 1 and n.inputs[1] in graph.constants
+                        for n in graph.nodes)
+    return (("float",) + ("int8",) * quantized + ("fp32",) * (not quantized or float_linears >= 2)
+            + ("bf16",) * (precision == "bf16"))
 
 
 @dataclass
@@ -324,8 +335,7 @@ def load(model: str | os.PathLike | bytes | onnx.ModelProto, *, num_threads: int
     with ThreadScope(threads):
         graph = import_onnx(model)
         if mode == "compiled":
-            prebuild.start(("float",) + ("int8",) * any(n.op_type in QUANTIZED_OPS for n in graph.nodes)
-                           + ("bf16",) * (precision == "bf16"))
+            prebuild.start(_prebuild_kinds(graph, precision))
         io = graph.io
         graph = fold_constants(graph, keep=quantized_weight if mode == "compiled" else None)
         if mode == "reference":

@@ -45,7 +45,7 @@ def test_builds_holds_each_driver_the_test_models_compile_and_only_ir_they_meet(
         assert (module, source, name, types) in table, f"{name}({types}), met by {spec}, is not in BUILDS"
         kinds = {"float", "bf16" if spec.endswith(":bf16") else "int8" if "int8" in spec else "float"}
         assert kinds & set(table[module, source, name, types]), f"{name} is met by {spec} but serves none of {kinds}"
-    loaded = {"float", "int8"} | ({"bf16"} if has_bf16() else set())
+    loaded = {"float", "fp32", "int8"} | ({"bf16"} if has_bf16() else set())
     built = [(entry.source, prebuild.made(entry)) for entry in prebuild.BUILDS
              if isinstance(entry, prebuild.IR) and set(entry.serves.split()) & loaded]
     sources = [(expression, source) for expression, source in built if isinstance(source, str)]
