@@ -10,6 +10,8 @@ adds, the transpose to feature-major, LayerNorm).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..ops import gather, layer_normalization, op
@@ -155,8 +157,13 @@ class EmbedLayerNorm:
         self.table = np.ascontiguousarray(np.concatenate(tables).astype(np.float32, copy=False))
         self.gathers, self.epsilon = gathers, np.float32(epsilon)
         self.grid = Grid.of(quantize)
-        self._fn = compile_ir(embed_ir(vector_lanes(), len(tables)), SIGNATURE.name)
         self._driver = load_source(EMBED_DRIVER_SOURCE).run_embed
+
+    @functools.cached_property
+    def _fn(self) -> int:
+        # (compiled at the first call, not at load: on an empty cache the load's helper,
+        # kernels/prebuild.py, builds it meanwhile)
+        return compile_ir(embed_ir(vector_lanes(), len(self.sizes)), SIGNATURE.name)
 
     def dense_tables(self) -> list[np.ndarray]:
         return [self.table[o:o + r] for o, r in zip(self.offsets, self.sizes)]

@@ -70,7 +70,6 @@ class IR(NamedTuple):
 # quantized models, "bf16" loads with precision="bf16" (a space between several).
 BUILDS = (
     IR("launch", "launcher()", "float"),
-    IR("embed", "embed_ir(VECTOR_LANES, 3)", "float"),
     IR("int8", "range_ir(VECTOR_LANES)", "int8"),
     IR("int8", "part_ir(RANGE_SIGNATURE)", "int8"),
     Driver("int8", "DRIVER_SOURCE", "run_range",
@@ -101,6 +100,7 @@ BUILDS = (
     IR("linear", "dense_ir(dense_config('none', False, VECTOR_LANES))", "float"),
     IR("linear", "dense_ir(replace(dense_config('none', False, VECTOR_LANES), vectors=1))", "float"),
     IR("linear", "part_ir(DENSE_SIGNATURE)", "float"),
+    IR("embed", "embed_ir(VECTOR_LANES, 3)", "float"),
     IR("embed", "part_ir(SIGNATURE)", "float"),
     Driver("embed", "EMBED_DRIVER_SOURCE", "run_embed",
      ("int64, int64, W(int64, 2), int64, UniTuple(int64[:, ::1], 3), A(int64, 1), A(int64, 1), int64, int64, "
