@@ -136,6 +136,17 @@ BUILDS = (
 DRIVERS = tuple(b for b in BUILDS if isinstance(b, Driver))
 
 _helper: subprocess.Popen | None = None
+_starting = threading.Lock()
+
+
+def _forked() -> None:
+    # A forked child did not start its parent's helper, and may have been forked while
+    # another thread held the lock.
+    global _helper, _starting
+    _helper, _starting = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def _array(writable: bool):
@@ -201,6 +212,11 @@ def start(tags: tuple[str, ...]) -> None:
     """Start the helper for `tags`' share of `BUILDS`, unless it is off, running, or
     done for them, or there is no other core, or the cache is a temporary one, or this
     process is not a Python interpreter that a helper could be (embedded, or frozen)."""
+    with _starting:  # (threads loading at once start one helper)
+        _start(tags)
+
+
+def _start(tags: tuple[str, ...]) -> None:
     global _helper
     from .compile import cache_dir, cache_root
 

@@ -156,3 +156,60 @@ def test_a_driver_whose_lock_a_stuck_process_holds_is_compiled_all_the_same(tmp_
     itself, and it works."""
     out = _python(TRANSPOSE_PAST_A_HELD_LOCK, tmp_path / "cache", HOLD, timeout=300)
     assert out.split() == ["equal", "True"]
+
+
+THREADS_THEN_FORK = """
+import os, sys, threading
+import numpy as np
+import sparsejit
+from sparsejit.kernels import prebuild
+
+ids = (np.arange(42).reshape(2, 21) % 50 + 2).astype(np.int64)
+mask = np.ones((2, 21), np.int64)
+mask[1, 13:] = 0
+outs = {}
+
+def load_and_run(i):
+    m = sparsejit.load(sys.argv[1], num_threads=2)
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    outs[i] = m.run({n: feeds[n] for n in m.input_names})
+
+threads = [threading.Thread(target=load_and_run, args=(i,)) for i in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+same = all(np.array_equal(a, b) for a, b in zip(outs[0], outs[1]))
+pid = os.fork()
+if pid == 0:  # the child: not its parent's helper, and a lock it can take
+    os.environ["SPARSEJIT_PREBUILD"] = "0"
+    prebuild.start(("float",))
+    os._exit(0 if prebuild._helper is None and prebuild.wait() is None else 3)
+_, status = os.waitpid(pid, 0)
+print(len(outs), same, os.waitstatus_to_exitcode(status), prebuild.wait(300))
+"""
+
+
+def test_two_threads_loading_at_once_then_a_fork(tmp_path):
+    """Two threads loading a quantized model at once on an empty cache, with the helper
+    on, get the same outputs (one helper, the compiles shared through the cache's locks);
+    a child forked after has no helper of its parent's and starts none when told not to,
+    without hanging on the parent's lock."""
+    out = _python(THREADS_THEN_FORK, tmp_path / "cache", INT8[0], helper=True)
+    assert out.split() == ["2", "True", "0", "0"], out
+
+
+def test_builds_skips_what_the_cpu_cannot_run(monkeypatch):
+    """What `BUILDS` makes depends on the CPU's features, not its name: without AMX the AMX
+    kernels are not built, and with AVX2's 8 lanes neither are the int8 sparse kernels
+    (made for AVX-512 only), while the rest are made for 8 lanes."""
+    from sparsejit.kernels import amx
+
+    monkeypatch.setattr(amx, "has_amx", lambda dot="int8": False)
+    monkeypatch.setattr(compile, "vector_lanes", lambda: 8)
+    irs = [e for e in prebuild.BUILDS if isinstance(e, prebuild.IR) and e.module != "launch"]
+    gated = [e for e in irs if "has_amx" in e.when or "VECTOR_LANES ==" in e.when]
+    assert len(gated) >= 6 and all(prebuild.made(e) is None for e in gated)
+    made = [prebuild.made(e) for e in irs if e not in gated]
+    assert made and all(isinstance(m, str) for m in made)
+    assert "<8 x float>" in prebuild.made(next(e for e in irs if "columns_ir(VECTOR_LANES)" in e.source))
