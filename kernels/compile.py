@@ -501,11 +501,9 @@ def _cached_object(path: Path, key: str) -> bytes | None:
 def _build_engine(source: str, key: str, cpu: str, features: str):
     path = cache_dir() / f"ir_{key[:32]}.o"
     cached = _cached_object(path, key)
-    if cached is not None:
-        ir_met.append((key, False))
-        return _engine(source, cpu, features, cached, path, key)
-    with claimed(path.with_suffix(".lock")):  # (another process may be compiling it: then it is read)
-        cached = _cached_object(path, key)
+    with contextlib.nullcontext() if cached is not None else claimed(path.with_suffix(".lock")):
+        if cached is None:  # (another process may have compiled it while this one waited: then it is read)
+            cached = _cached_object(path, key)
         ir_met.append((key, cached is None))
         return _engine(source, cpu, features, cached, path, key)
 
