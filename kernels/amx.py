@@ -92,14 +92,17 @@ def run_amx(launch, part, calls, fn, xq, wa, bias, yt, rt, token_tile, pairs, kt
 AMX_TOKEN_TILE = 256
 
 
-def tiles_of(weight_t: np.ndarray, per_row: int) -> np.ndarray:
-    """Wᵀ [out, in] (any element type) as A tiles [out/16, in/per_row, 16, per_row]:
-    zero-padded to whole pairs of 16-feature panels and whole K-tiles."""
-    m, k = weight_t.shape
+def tiles_of(weight: np.ndarray, per_row: int) -> np.ndarray:
+    """W [in, out] (any element type) as A tiles of Wᵀ [out/16, in/per_row, 16, per_row]:
+    zero-padded to whole pairs of 16-feature panels and whole K-tiles. (One strided copy
+    from W: transposing first and tiling after would copy the weight twice.)"""
+    k, m = weight.shape
     mp, kp = -(-m // (2 * ROWS)) * 2 * ROWS, -(-k // per_row) * per_row
-    padded = np.zeros((mp, kp), weight_t.dtype)
-    padded[:m, :k] = weight_t
-    return np.ascontiguousarray(padded.reshape(mp // ROWS, ROWS, kp // per_row, per_row).transpose(0, 2, 1, 3))
+    padded = weight
+    if (kp, mp) != (k, m):
+        padded = np.zeros((kp, mp), weight.dtype)
+        padded[:k, :m] = weight
+    return np.ascontiguousarray(padded.reshape(kp // per_row, per_row, mp // ROWS, ROWS).transpose(2, 0, 3, 1))
 
 
 def untiled(tiles: np.ndarray, k: int, m: int) -> np.ndarray:
@@ -113,13 +116,17 @@ def compressed_tiles(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     compressed weight: (the nonzero elements, tile after tile and row after row, as bytes;
     per tile row a bit per element, bit i for element i, as uint64 or uint32; per tile the
     byte offset of its first element, as int64)."""
-    nz = tiles != 0
-    bits = np.packbits(nz, axis=-1, bitorder="little")  # [..., 16, per_row / 8]
-    masks = np.ascontiguousarray(bits).view(np.uint64 if tiles.shape[-1] == 64 else np.uint32).reshape(-1)
-    counts = nz.reshape(-1, ROWS * tiles.shape[-1]).sum(axis=1) * tiles.itemsize
+    flat = tiles.reshape(-1)
+    nz = flat != 0
+    bits = np.packbits(nz, bitorder="little")  # (rows of 64 or 32 elements: whole bytes)
+    masks = bits.view(np.uint64 if tiles.shape[-1] == 64 else np.uint32)
+    # (the nonzeros' positions, then a take: numpy's boolean select is several times slower)
+    where = np.flatnonzero(nz)
+    per_tile = ROWS * tiles.shape[-1]
+    counts = np.bincount(where // per_tile, minlength=flat.size // per_tile) * tiles.itemsize
     offsets = np.zeros(counts.size + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
-    return np.ascontiguousarray(tiles[nz]).view(np.uint8), masks, offsets
+    return flat[where].view(np.uint8), masks, offsets
 
 
 def expanded_tiles(values: np.ndarray, masks: np.ndarray, shape: tuple, dtype) -> np.ndarray:
@@ -210,7 +217,7 @@ class Int8Amx(_Amx, _Quantized, DenseLinear):
         _Quantized.__init__(self, weight, scale, mode, x_scale, x_zero_point, bias, activation, residual)
         self._set_vnni_terms(weight)
         self._fns = _quantize_fns()
-        self._build("int8", tiles_of(np.ascontiguousarray(weight.T), K_TILE["int8"]), activation, residual, compressed)
+        self._build("int8", tiles_of(weight, K_TILE["int8"]), activation, residual, compressed)
 
     @property
     def source(self) -> str:
@@ -259,7 +266,7 @@ class BF16AmxLinear(_Amx, DenseLinear):
         self.in_features, self.out_features = k, m
         self.bias = _bias(bias, m)
         self.activation, self.residual = activation, residual
-        self._build("bf16", tiles_of(to_bf16(np.ascontiguousarray(weight.T)), K_TILE["bf16"]), activation, residual,
+        self._build("bf16", tiles_of(to_bf16(weight), K_TILE["bf16"]), activation, residual,
                     compressed)
 
     @property

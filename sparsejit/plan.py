@@ -144,10 +144,22 @@ def int_probe_input(in_features: int) -> np.ndarray:
 
 
 def int_weight_probe(weight: np.ndarray) -> np.ndarray:
-    """x₀·W in int64 for an int8 weight and int_probe_input's uint8 x₀: summed in float64
-    (BLAS: numpy's int64 product has none, and this runs for every int8 layer at load),
-    exact while the sums stay below 2⁵³ (255 · 128 per input)."""
-    return (int_probe_input(weight.shape[0]).astype(np.float64) @ weight.astype(np.float64)).astype(np.int64)
+    """x₀·W in int64 for an int8 weight and int_probe_input's uint8 x₀. Summed by BLAS in
+    float32 (numpy's integer product has none, and this runs for every int8 layer at
+    load) over PROBE_ROWS inputs at a time, whose sums are exact in float32: each term's
+    magnitude is at most 255 · 128, and PROBE_ROWS of them stay within 2²⁴. Another
+    integer weight is summed in float64, exact while the sums stay below 2⁵³."""
+    x0 = int_probe_input(weight.shape[0])
+    if weight.dtype != np.int8:
+        return (x0.astype(np.float64) @ weight.astype(np.float64)).astype(np.int64)
+    x0 = x0.astype(np.float32)
+    out = np.zeros((1, weight.shape[1]), np.int64)
+    for k0 in range(0, weight.shape[0], PROBE_ROWS):
+        out += (x0[:, k0:k0 + PROBE_ROWS] @ weight[k0:k0 + PROBE_ROWS].astype(np.float32)).astype(np.int64)
+    return out
+
+
+PROBE_ROWS = (1 << 24) // (255 * 128)  # 514
 
 
 def weight_probe(weight: np.ndarray) -> np.ndarray:
