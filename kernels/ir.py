@@ -248,6 +248,24 @@ class Builder(Emitter):
         self.br(f"{tail}.done")
         self.label(f"{tail}.done")
 
+    def vector_tiles(self, start: str, end: str, vectors: int, body) -> None:
+        """As `tiles`, for a body of any number of vectors, `body(t, v)`: whole tiles of
+        `vectors` vectors, then what is left in whole tiles of halving widths (each at most
+        once), then a masked one-vector tail. So a few tokens take one vector's work, not a
+        whole masked tile's (the masked-off lanes' loads and arithmetic cost as the others)."""
+        L = self.lanes
+        self.full_to.append(end)
+        t, _ = self.loop(start, end, L * vectors, [], lambda t, _c: body(t, vectors) or [])
+        for v in [1 << b for b in range(vectors.bit_length() - 1, -1, -1) if 1 << b < vectors]:
+            t, _ = self.loop(t, end, L * v, [], lambda t, _c, v=v: body(t, v) or [])
+        self.full_to.pop()
+        tail = self.fresh("T")
+        self.cond_br(self(f"icmp slt i64 {t}, {end}"), f"{tail}.body", f"{tail}.done")
+        self.label(f"{tail}.body")
+        body(t, 1)
+        self.br(f"{tail}.done")
+        self.label(f"{tail}.done")
+
     def function(self, signature: Signature, body, extra: str = "", attrs: str = "") -> None:
         """Appends a whole function: its definition line, `body()` from the entry block,
         `ret void`."""

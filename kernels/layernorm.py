@@ -138,7 +138,7 @@ def _columns(e: Builder, vectors: int, quantize: bool, to_bytes: bool = False) -
     eps = e.splat("%eps")
     grid = [e.splat(f"%q{v}") for v in ("scale", "zero", "lo", "hi")] if quantize else None
 
-    def tile(i0):
+    def tile(i0, vectors):
         masks = e.lane_masks(i0, vectors, "%t1")
 
         def xs(f):
@@ -164,7 +164,7 @@ def _columns(e: Builder, vectors: int, quantize: bool, to_bytes: bool = False) -
 
         _outputs(e, xs, means, invs, i0, masks, grid, to_bytes)
 
-    e.tiles("%t0", "%t1", e.lanes * vectors, tile)
+    e.vector_tiles("%t0", "%t1", vectors, tile)
 
 
 def columns_ir(lanes: int, vectors: int = 4, quantize: bool = False, to_bytes: bool = False) -> str:
