@@ -489,3 +489,17 @@ print(json.dumps(counts))
     counts = json.loads(p.stdout.strip().splitlines()[-1])
     assert "run_columns" in counts and "run_quantize" in counts and ("run_rows" in counts or "run_amx" in counts), counts
     assert all(len(sigs) == 1 for sigs in counts.values()), {k: v for k, v in counts.items() if len(v) > 1}
+
+
+def test_the_int8_probe_is_exact_at_the_extremes():
+    """plan.int_weight_probe sums in float32 pieces of PROBE_ROWS inputs: exact against
+    integer arithmetic for weights all at -128 or 127 (every piece at its largest sum),
+    for input counts of one piece, several, and a partial last one."""
+    from sparsejit.plan import PROBE_ROWS, int_probe_input, int_weight_probe
+
+    for k in (PROBE_ROWS, 3 * PROBE_ROWS + 7, 3072, 5):
+        for fill in (-128, 127):
+            w = np.full((k, 3), fill, np.int8)
+            w[::7, 1] = 0
+            exact = int_probe_input(k).astype(np.int64) @ w.astype(np.int64)
+            assert np.array_equal(int_weight_probe(w), exact)
