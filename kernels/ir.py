@@ -52,6 +52,11 @@ class Signature:
         return ctypes.CFUNCTYPE(None, *(_CTYPES[t] for _, t in self.args))
 
 
+def tail_vectors(vectors: int) -> list[int]:
+    """The widths of the tiles after the full ones: powers of two below `vectors`, largest first."""
+    return [1 << b for b in range(vectors.bit_length() - 1, -1, -1) if 1 << b < vectors]
+
+
 def with_driver(ir: str, driver: str) -> str:
     """What runs for one kernel, printable: its IR, then its Numba driver as comments, and
     the parallel loop that makes the driver's calls (launch.py) where it hands them over."""
@@ -241,12 +246,7 @@ class Builder(Emitter):
         self.full_to.append(end)
         t, _ = self.loop(start, end, width, [], lambda t, _c: body(t) or [])
         self.full_to.pop()
-        tail = self.fresh("T")
-        self.cond_br(self(f"icmp slt i64 {t}, {end}"), f"{tail}.body", f"{tail}.done")
-        self.label(f"{tail}.body")
-        body(t)
-        self.br(f"{tail}.done")
-        self.label(f"{tail}.done")
+        self._if_before(t, end, lambda: body(t))
 
     def vector_tiles(self, start: str, end: str, vectors: int, body) -> None:
         """As `tiles`, for a body of any number of vectors, `body(t, v)`: whole tiles of
@@ -256,13 +256,17 @@ class Builder(Emitter):
         L = self.lanes
         self.full_to.append(end)
         t, _ = self.loop(start, end, L * vectors, [], lambda t, _c: body(t, vectors) or [])
-        for v in [1 << b for b in range(vectors.bit_length() - 1, -1, -1) if 1 << b < vectors]:
+        for v in tail_vectors(vectors):
             t, _ = self.loop(t, end, L * v, [], lambda t, _c, v=v: body(t, v) or [])
         self.full_to.pop()
+        self._if_before(t, end, lambda: body(t, 1))
+
+    def _if_before(self, t: str, end: str, emit) -> None:
+        """emit() in a block run only if t < end (a tile loop's masked last tile)."""
         tail = self.fresh("T")
         self.cond_br(self(f"icmp slt i64 {t}, {end}"), f"{tail}.body", f"{tail}.done")
         self.label(f"{tail}.body")
-        body(t, 1)
+        emit()
         self.br(f"{tail}.done")
         self.label(f"{tail}.done")
 

@@ -28,7 +28,7 @@ import functools
 from dataclasses import dataclass
 
 from .epilogue import ACTIVATIONS, epilogue
-from .ir import Builder, Signature
+from .ir import Builder, Signature, tail_vectors
 from .lowp_ir import bf16_dot, quantized, scaled_sums, store_block_bytes, vnni_dot
 
 SIGNATURE = Signature("sparse_rows", (
@@ -228,11 +228,6 @@ def _driver(e: Builder, cfg: IRConfig) -> None:
     rows("tile_tail", t, e(f"icmp ult <{L} x i64> {iota}, {e.splat_i64(rem)}"))
     e.br("exit")
     e.label("exit")
-
-
-def tail_vectors(vectors: int) -> list[int]:
-    """The widths of the tiles after the full ones: powers of two below `vectors`, largest first."""
-    return [1 << b for b in range(vectors.bit_length() - 1, -1, -1) if 1 << b < vectors]
 
 
 @functools.cache  # (the same text for every layer of a configuration: made once)
