@@ -313,6 +313,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--record"]:
         os.environ["SPARSEJIT_PREBUILD"] = "0"
         for module, source, name, types, by in met(sys.argv[2:])["drivers"]:
-            print(f'    ("{module}", "{source}", "{name}",\n     "{types}", "{by}"),')
+            print(f'    Driver("{module}", "{source}", "{name}",\n     "{types}", "{by}"),')
     else:
         sys.exit(__doc__)
