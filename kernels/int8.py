@@ -10,7 +10,9 @@ unstructured pruning stores the zeros that share a block with a nonzero.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -33,8 +35,10 @@ from .int8_ir import (
     range_ir,
 )
 from .ir import with_driver
-from .launch import IMPORTS, put_source, run
-from .layout import feature_major_empty, transposed
+from .lanes_ir import GROUP, TOKENS, WINDOW, LanesConfig, lanes_ir
+from .lanes_ir import SIGNATURE as LANES_SIGNATURE
+from .launch import IMPORTS, launcher, new_calls, part, put_source, run
+from .layout import aligned_empty, feature_major_empty, transposed
 from .linear import (
     _NO_RESIDUAL,
     DENSE_DRIVER_SOURCE,
@@ -609,3 +613,136 @@ class Int8Dense(_Quantized, DenseLinear):
         dense_panels(self._driver, self._fn, xq, self.weight, kbias, yt, rt, parts,
                      ntok if ntok <= 128 else self.token_tile)
         return True
+
+
+# --- outputs in the lanes (lanes_ir) -------------------------------------------------------
+
+def has_lanes() -> bool:
+    """Whether this CPU runs lanes_ir's kernel: AVX-512 VNNI, and VBMI's `vpermi2b`."""
+    return has_vnni() and "+avx512vbmi" in host_cpu()[1]
+
+
+def lane_slot_count(weight: np.ndarray) -> int:
+    """How many slots lane_slots stores for this weight (its 2 instructions per slot and
+    token are what the planner weighs), without storing them."""
+    k, m = weight.shape
+    nw = -(-k // WINDOW)
+    nz = np.zeros((nw * WINDOW, m), np.bool_)
+    nz[:k] = weight != 0
+    counts = nz.reshape(nw, WINDOW, m).sum(axis=1)
+    return int((-(-counts // 4)).reshape(nw, m // GROUP, GROUP).max(axis=2).sum())
+
+
+def lane_slots(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """lanes_ir's weights for an int8 weight [in, out] (out a multiple of 16): (starts,
+    idx, w). For group g of 16 outputs and window v of 128 inputs, slots starts[g · nw + v]
+    on; slot s holds, for lane i (output 16g + i), the input offsets in the window (idx[s,
+    4i .. 4i + 3]) and the weights (w[s, 4i ..]) of the row's nonzeros 4s', 4s' + 1, ...
+    of that window, in input order; rows with fewer nonzeros than the group's most are
+    padded with offset 0 and weight 0."""
+    k, m = weight.shape
+    nw, groups = -(-k // WINDOW), m // GROUP
+    padded = np.zeros((nw * WINDOW, m), np.int8)
+    padded[:k] = weight
+    by_window = np.ascontiguousarray(padded.reshape(nw, WINDOW, m).transpose(0, 2, 1)).reshape(-1)  # [nw, m, 128]
+    where = np.flatnonzero(by_window)
+    column, offset = np.divmod(where, WINDOW)  # column: window · m + output
+    window, out = np.divmod(column, m)
+    counts = np.bincount(column, minlength=nw * m)
+    rank = np.arange(len(where)) - (np.cumsum(counts) - counts)[column]  # the nonzero's place in its row's window
+    slots = (-(-counts // 4)).reshape(nw, groups, GROUP).max(axis=2).T  # [groups, nw]
+    starts = np.zeros(groups * nw + 1, np.int32)
+    np.cumsum(slots.reshape(-1), out=starts[1:])
+    slot = starts[(out // GROUP) * nw + window] + rank // 4
+    byte = (out % GROUP) * 4 + rank % 4
+    idx = aligned_empty((int(starts[-1]), 64), np.uint8)
+    w = aligned_empty((int(starts[-1]), 64), np.int8)
+    idx[:], w[:] = 0, 0
+    idx[slot, byte], w[slot, byte] = offset, by_window[where]
+    return starts, idx, w
+
+
+class Int8Lanes(_Quantized):
+    """The int8 layer with 16 outputs in the lanes (lanes_ir): for scattered weights, where
+    the 4-block kernel (Int8Chunked) stores mostly zeros. x quantized into the same 4-block
+    rows as for the other VNNI kernels (so a LayerNorm's bytes serve it too), the same
+    epilogue, bit for bit. Needs AVX-512 VBMI (has_lanes) and out_features a multiple of 16."""
+
+    kind = "int8"
+
+    def __init__(self, weight: np.ndarray, scale, mode: str, x_scale=None, x_zero_point=None, bias=None,
+                 activation: str = "none", residual: bool = False):
+        _Quantized.__init__(self, weight, scale, mode, x_scale, x_zero_point, bias, activation, residual)
+        if self.out_features % GROUP:
+            raise ValueError(f"Int8Lanes needs outputs in groups of {GROUP}, not {self.out_features}")
+        self.config = LanesConfig(activation, residual)
+        self.starts, self.idx, self.w = lane_slots(weight)
+        self.windows = -(-self.in_features // WINDOW)
+        self._set_vnni_terms(weight)
+        self._fns = (*_quantize_fns(), compile_ir(lanes_ir(self.config), LANES_SIGNATURE.name))
+        self._calls: dict[int, np.ndarray] = {}
+
+    @property
+    def source(self) -> str:
+        return lanes_ir(self.config)
+
+    def dense_weight(self) -> np.ndarray:
+        """The int8 weight [in, out] rebuilt from the slots."""
+        nw = self.windows
+        cell = np.repeat(np.arange(len(self.starts) - 1), np.diff(self.starts))  # slot → group · nw + window
+        group, window = np.divmod(cell, nw)
+        w = np.zeros((nw * WINDOW, self.out_features), np.int8)
+        s, b = np.nonzero(self.w)
+        w[window[s] * WINDOW + self.idx[s, b], group[s] * GROUP + b // 4] = self.w[s, b]
+        return w[:self.in_features]
+
+    def skipped(self, start: int = 0, stop: int | None = None) -> float:
+        """The fraction of outputs [start, stop)'s dense multiply-adds not done: each slot
+        does 4 per output of its group."""
+        stop = self.out_features if stop is None else stop
+        per_group = 4 * np.diff(self.starts[::self.windows]).astype(np.int64)
+        per_output = np.repeat(per_group, GROUP)
+        return 1 - float(per_output[start:stop].sum()) / max(self.in_features * (stop - start), 1)
+
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
+        xq = feature_major_empty(-(-self.in_features // 4), xt.shape[1])
+        terms = self._quantize_into(xt, xq)
+        if terms is None:
+            return False
+        self._kernel(xq, yt, rt, terms)
+        return True
+
+    def from_quantized(self, xq: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
+        """y for x's bytes in xq (4-block rows, as Int8Chunked.from_quantized takes them)."""
+        m = self.out_features
+        yt = feature_major_empty(m, xq.shape[1])
+        if xq.shape[1]:
+            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
+            self._kernel(xq, yt, rt, self._kbias)
+        return yt.T.reshape(lead + (m,))
+
+    def _kernel(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray, terms: np.ndarray) -> None:
+        """The kernel over all tokens, the groups split between the threads by their slots."""
+        parts = threads()
+        calls = self._calls.get(parts)
+        if calls is None:  # the fixed part of each part's call: the kernel, its weights, its groups
+            bounds = balanced_bounds(self.starts[::self.windows].astype(np.int64), parts, 0.0)
+            calls = self._calls[parts] = new_calls(parts, 1, LANES_SIGNATURE)
+            kp4 = self.windows * WINDOW // 4
+            self._scratch = aligned_empty((parts, TOKENS * kp4), np.int32)
+            calls[:, 0], calls[:, 1] = 1, self._fns[2]
+            for c in range(parts):
+                calls[c, 2:] = (0, 0, -(-self.in_features // 4), self.starts.ctypes.data, self.idx.ctypes.data,
+                                self.w.ctypes.data, 0, self.out_features, 0, 0, 0, 0,
+                                self._scratch[c].ctypes.data, kp4, self.windows, bounds[c], bounds[c + 1], 0, 0)
+        calls[:, 2], calls[:, 3] = xq.ctypes.data, xq.strides[0] // 4
+        calls[:, 8], calls[:, 10], calls[:, 11] = terms.ctypes.data, yt.ctypes.data, yt.strides[0] // 4
+        calls[:, 12], calls[:, 13] = rt.ctypes.data, rt.strides[0] // 4
+        calls[:, 20] = xq.shape[1]
+        _launch()(part(LANES_SIGNATURE), calls.ctypes.data, parts, calls.shape[1])
+
+
+@functools.cache
+def _launch():
+    """The engine's parallel loop (launch.launcher), called from Python."""
+    return ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)(launcher())

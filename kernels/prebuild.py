@@ -61,7 +61,8 @@ class IR(NamedTuple):
 
 # What a first load compiles that does not depend on its model's weights (bench/README.md,
 # fifteenth session): the drivers, and the IR kernels of transformers like BERT
-# (LayerNorm, attention, the float and int8 Linear kernels of unstructured weights;
+# (LayerNorm, attention, the float and int8 Linear kernels of unstructured weights, int8
+# with 16 outputs in the lanes where the CPU has VBMI;
 # attention with a mask per query, as transformers' exports make it). In the order a load
 # needs them, but for what only some quantized models need (dynamic quantization's
 # ranges; the VNNI int8 driver, where AMX does not win), put first: the helper, which
@@ -79,6 +80,8 @@ BUILDS = (
      "A(int32, 1), A(float32, 1), A(float32, 1), A(float32, 2), A(float32, 2), A(float32, 2), A(int64, 1)"), "int8"),
     IR("int8", "quantize_ir(VECTOR_LANES)", "int8"),
     IR("int8", "ir_source(IRConfig(1, 'none', False, 16, SPARSE_VECTORS[16], 16, int8=True))", "int8", "VECTOR_LANES == 16"),
+    IR("int8", "lanes_ir(LanesConfig('none', False))", "int8", "VECTOR_LANES == 16 and has_lanes()"),
+    IR("int8", "part_ir(LANES_SIGNATURE)", "int8", "VECTOR_LANES == 16 and has_lanes()"),
     IR("linear", "ir_source(kernel_config(1, 'none', False))", "fp32"),
     IR("linear", "part_ir(SPARSE_SIGNATURE)", "float"),
     Driver("linear", "SPARSE_DRIVER_SOURCE", "run_rows",
@@ -92,9 +95,11 @@ BUILDS = (
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(uint8, 1), A(float32, 1), A(float32, 2), A(float32, 2), "
      "int64, int64, int64, A(uint8, 1), A(int64, 1), A(uint8, 2)"), "int8 bf16"),
     IR("int8", "ir_source(IRConfig(1, 'none', True, 16, SPARSE_VECTORS[16], 16, int8=True))", "int8", "VECTOR_LANES == 16"),
+    IR("int8", "lanes_ir(LanesConfig('none', True))", "int8", "VECTOR_LANES == 16 and has_lanes()"),
     IR("linear", "ir_source(kernel_config(1, 'none', True))", "fp32"),
     IR("amx", "amx_ir(AmxConfig('int8', 'none', True, True, False))", "int8", "has_amx('int8')"),
     IR("int8", "ir_source(IRConfig(1, 'gelu', False, 16, SPARSE_VECTORS[16], 16, int8=True))", "int8", "VECTOR_LANES == 16"),
+    IR("int8", "lanes_ir(LanesConfig('gelu', False))", "int8", "VECTOR_LANES == 16 and has_lanes()"),
     IR("linear", "ir_source(kernel_config(1, 'gelu', False))", "fp32"),
     IR("amx", "amx_ir(AmxConfig('int8', 'gelu', False, True, True))", "int8", "has_amx('int8')"),
     IR("linear", "dense_ir(dense_config('none', False, VECTOR_LANES))", "float"),

