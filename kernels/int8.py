@@ -518,7 +518,7 @@ class Int8Chunked(_Quantized, SparseLinear):
     def hands_to(self, nxt) -> bool:
         """Whether this layer's output can go to `nxt` (reading it as x) as the bytes nxt's
         kernel reads: both static K-chunked VNNI layers, no residual here."""
-        return (isinstance(nxt, Int8Chunked) and self.mode == "static" and nxt.mode == "static"
+        return (isinstance(nxt, (Int8Chunked, Int8Lanes)) and self.mode == "static" and nxt.mode == "static"
                 and not self.residual and nxt.in_features == self.out_features)
 
     def quantized_for(self, x: np.ndarray, nxt: Int8Chunked, given: np.ndarray | None = None) -> np.ndarray:
@@ -681,6 +681,7 @@ class Int8Lanes(_Quantized):
         self._set_vnni_terms(weight)
         self._fns = (*_quantize_fns(), compile_ir(lanes_ir(self.config), LANES_SIGNATURE.name))
         self._calls: dict[int, np.ndarray] = {}
+        self._handoffs: dict[tuple, tuple] = {}  # by the next layer's grid: see _handoff
 
     @property
     def source(self) -> str:
@@ -721,23 +722,61 @@ class Int8Lanes(_Quantized):
             self._kernel(xq, yt, rt, self._kbias)
         return yt.T.reshape(lead + (m,))
 
-    def _kernel(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray, terms: np.ndarray) -> None:
-        """The kernel over all tokens, the groups split between the threads by their slots."""
+    # --- handing the output to the next int8 layer already quantized (as Int8Chunked does) ---
+
+    def hands_to(self, nxt) -> bool:
+        """Whether this layer's output can go to `nxt` as the bytes nxt's kernel reads: both
+        static, nxt reading x's 4-block rows (Int8Chunked, Int8Lanes), no residual here."""
+        return (isinstance(nxt, (Int8Chunked, Int8Lanes)) and self.mode == "static" and nxt.mode == "static"
+                and not self.residual and nxt.in_features == self.out_features)
+
+    def quantized_for(self, x: np.ndarray, nxt, given: np.ndarray | None = None) -> np.ndarray:
+        """This layer's output for x [..., in], quantized as `nxt` quantizes its x, in its 4-block
+        rows ([out/4, tokens] of i32), stored by the kernel's epilogue (lanes_ir's `quant_out`)
+        instead of y. `given`: x's own bytes already (Int8Chunked.quantized_for)."""
+        x2 = x.reshape(-1, self.in_features)
+        n = x2.shape[0]
+        out = feature_major_empty(self.out_features // 4, n)
+        if n:
+            fn, terms = self._handoff(nxt)
+            if given is None:
+                xq = feature_major_empty(-(-self.in_features // 4), n)
+                terms = self._quantize_into(transposed(x2), xq, terms)
+            else:
+                xq = byte_rows(given)
+            self._kernel(xq, out, out, terms, fn)
+        return out
+
+    def _handoff(self, nxt) -> tuple:
+        """(the quant_out kernel, [bias | scale | correction | nxt's grid]), made on first use."""
+        key = (float(nxt.x_scale), nxt._zero, nxt._lo)
+        if key not in self._handoffs:
+            scale, zero, lo = nxt._x_quantization()
+            fn = compile_ir(lanes_ir(dataclasses.replace(self.config, quant_out=True)), LANES_SIGNATURE.name)
+            self._handoffs[key] = fn, np.concatenate([self._kbias, np.array([scale, zero, lo, lo + 255], np.float32)])
+        return self._handoffs[key]
+
+    def _kernel(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray, terms: np.ndarray, fn: int | None = None) -> None:
+        """The kernel (`fn`, by default the layer's) over all tokens, the groups split between
+        the threads by their slots."""
         parts = threads()
-        calls = self._calls.get(parts)
-        if calls is None:  # the fixed part of each part's call: the kernel, its weights, its groups
+        template = self._calls.get(parts)
+        if template is None:  # each part's call but for the arrays of this call: the weights, its groups
             bounds = balanced_bounds(self.starts[::self.windows].astype(np.int64), parts, 0.0)
-            calls = self._calls[parts] = new_calls(parts, 1, LANES_SIGNATURE)
-            kp4 = self.windows * WINDOW // 4
-            self._scratch = aligned_empty((parts, TOKENS * kp4), np.int32)
-            calls[:, 0], calls[:, 1] = 1, self._fns[2]
+            template = new_calls(parts, 1, LANES_SIGNATURE)
+            template[:, 0] = 1
             for c in range(parts):
-                calls[c, 2:] = (0, 0, -(-self.in_features // 4), self.starts.ctypes.data, self.idx.ctypes.data,
-                                self.w.ctypes.data, 0, self.out_features, 0, 0, 0, 0,
-                                self._scratch[c].ctypes.data, kp4, self.windows, bounds[c], bounds[c + 1], 0, 0)
+                template[c, 2:] = (0, 0, -(-self.in_features // 4), self.starts.ctypes.data, self.idx.ctypes.data,
+                                   self.w.ctypes.data, 0, self.out_features, 0, 0, 0, 0, 0,
+                                   self.windows * WINDOW // 4, self.windows, bounds[c], bounds[c + 1], 0, 0)
+            self._calls[parts] = template
+        calls = template.copy()  # (per call, as the scratch: a model may run in several threads at once)
+        scratch = aligned_empty((parts, TOKENS * self.windows * WINDOW // 4), np.int32)
+        calls[:, 1] = self._fns[2] if fn is None else fn
         calls[:, 2], calls[:, 3] = xq.ctypes.data, xq.strides[0] // 4
         calls[:, 8], calls[:, 10], calls[:, 11] = terms.ctypes.data, yt.ctypes.data, yt.strides[0] // 4
         calls[:, 12], calls[:, 13] = rt.ctypes.data, rt.strides[0] // 4
+        calls[:, 14] = scratch.ctypes.data + np.arange(parts) * scratch.strides[0]
         calls[:, 20] = xq.shape[1]
         _launch()(part(LANES_SIGNATURE), calls.ctypes.data, parts, calls.shape[1])
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from .epilogue import ACTIVATIONS
 from .ir import Builder, Signature
+from .lowp_ir import quantized
 
 WINDOW = 128  # inputs per window: the bytes two registers hold, what `vpermi2b` selects from
 GROUP = 16    # outputs per group: the i32 lanes of a 512-bit register
@@ -55,6 +56,7 @@ IV, BV = "<16 x i32>", "<64 x i8>"
 class LanesConfig:
     activation: str = "none"  # a key of epilogue.ACTIVATIONS
     residual: bool = False
+    quant_out: bool = False   # without residual: y quantized for the next int8 layer into rt (_store_quantized)
 
 
 def _transpose8(e: Builder, ty: str, rows: list[str]) -> list[str]:
@@ -169,6 +171,9 @@ def _epilogue(e: Builder, cfg: LanesConfig, g: str, t: str, sums: list[str], mas
     for acc in sums:
         v = e(f"sitofp {IV} {e(f'sub {IV} {acc}, {corr}')} to {vt}")
         ys.append(ACTIVATIONS[cfg.activation](e, e(f"fadd {vt} {e(f'fmul {vt} {v}, {scale}')}, {bias}")))
+    if cfg.quant_out:
+        _store_quantized(e, ys, j0, t, mask)
+        return
     for h in range(2):  # outputs j0 .. j0 + 7, then j0 + 8 .. j0 + 15
         half = f"<8 x i32> <{', '.join(f'i32 {8 * h + i}' for i in range(8))}>"
         rows = [e(f"shufflevector {vt} {y}, {vt} poison, {half}") for y in ys]
@@ -177,6 +182,32 @@ def _epilogue(e: Builder, cfg: LanesConfig, g: str, t: str, sums: list[str], mas
             if cfg.residual:
                 col = e(f"fadd <8 x float> {col}, {_load8(e, 'float', e.gep('%rt', e.offset(j, '%ldr', t)), mask)}")
             _store8(e, "float", col, e.gep("%yt", e.offset(j, "%ldy", t)), mask)
+
+
+def _store_quantized(e: Builder, ys: list[str], j0: str, t: str, mask: str | None) -> None:
+    """The group's outputs quantized as the next int8 layer quantizes its x (sparse_ir's
+    _store_quantized: lowp_ir.quantized, less the lowest value, a byte; the grid is
+    terms[3m .. 3m + 3]) and stored where that layer's kernel reads them: the 16 bytes of
+    token t are the i32 of 4-block rows j0/4 .. j0/4 + 3 (rt's rows, stride `ldr` in i32)."""
+    vt = e.vt
+    at = e("mul i64 %m, 3")
+    scale, zero, lo, hi = (e.splat(e(f"load float, ptr {e.gep('%terms', e(f'add i64 {at}, {i}') if i else at)}, "
+                                     "align 4")) for i in range(4))
+    words = []  # per token, its four i32 of bytes
+    for y in ys:
+        q = e(f"fptosi {vt} {e(f'fsub {vt} {quantized(e, y, scale, zero, lo, hi)}, {lo}')} to {IV}")
+        words.append(e(f"bitcast <16 x i8> {e(f'trunc {IV} {q} to <16 x i8>')} to <4 x i32>"))
+    n = 4
+    while len(words) > 1:  # concatenated: element 4·token + row
+        ty = f"<{n} x i32>"
+        order = ", ".join(f"i32 {i}" for i in range(2 * n))
+        words = [e(f"shufflevector {ty} {a}, {ty} {b}, <{2 * n} x i32> <{order}>") for a, b in zip(words[::2], words[1::2])]
+        n *= 2
+    row0 = e(f"lshr i64 {j0}, 2")
+    for r in range(4):
+        picked = ", ".join(f"i32 {4 * j + r}" for j in range(TOKENS))
+        row = e(f"shufflevector <{n} x i32> {words[0]}, <{n} x i32> poison, <{TOKENS} x i32> <{picked}>")
+        _store8(e, "i32", row, e.gep("%rt", e.offset(e(f"add i64 {row0}, {r}") if r else row0, "%ldr", t), "i32"), mask)
 
 
 def lanes_ir(cfg: LanesConfig) -> str:
@@ -198,5 +229,5 @@ def lanes_ir(cfg: LanesConfig) -> str:
     e.function(SIGNATURE, body)
     return e.module(f"; sparsejit generated kernel: int8 sparse Linear, 16 outputs in the lanes, x gathered by "
                     f"vpermi2b from {WINDOW}-input windows, {TOKENS} tokens a tile, activation={cfg.activation} "
-                    f"residual={cfg.residual}\n"
+                    f"residual={cfg.residual}{' quant_out' if cfg.quant_out else ''}\n"
                     "; yt[j, t] = act(sum_k xq[k, t] w[k, j] - corr[j]) * scale[j] + bias[j]) (+ rt[j, t])")

@@ -603,3 +603,33 @@ def test_an_unstructured_int8_model_on_the_lanes_kernel_computes_what_the_graph_
         for g, w, b in zip(got, _oracle(path, feeds), blocks.run(feeds)):
             _assert_as_the_graph(g, w, static=True)
             np.testing.assert_array_equal(g, b)
+
+
+def test_the_lanes_kernel_hands_its_output_over_quantized_bit_for_bit():
+    """FFN1 → FFN2 as executor.TokenChain runs them: a static layer whose output the next
+    static layer reads stores it as that layer's bytes (quantized_for), which the next runs
+    on (from_quantized). Between Int8Lanes and Int8Chunked both ways, with x quantized or
+    given as bytes: the same output as the plain path, bit for bit."""
+    _lanes_cpu()
+    from sparsejit.kernels.int8 import Int8Chunked, Int8Lanes, byte_rows, quantize_x
+
+    rng = np.random.default_rng(7)
+
+    def weight(k, m):
+        w = rng.integers(-128, 128, (k, m)).astype(np.int8)
+        w[rng.random((k, m)) < 0.9] = 0
+        return w
+
+    w1, w2 = weight(200, 64), weight(64, 48)
+    x = (rng.standard_normal((37, 200)) * 2).astype(np.float32)
+    r = rng.standard_normal((37, 48)).astype(np.float32)
+    for first, second in [(Int8Lanes, Int8Lanes), (Int8Chunked, Int8Lanes), (Int8Lanes, Int8Chunked)]:
+        a = first(w1, np.float32(0.01), "static", np.float32(0.04), np.uint8(5), None, "gelu", False)
+        b = second(w2, np.float32(0.02), "static", np.float32(0.03), np.uint8(128), None, "none", True)
+        assert a.hands_to(b)
+        want = b(a(x), r)
+        np.testing.assert_array_equal(b.from_quantized(a.quantized_for(x, b), (37,), r), want)
+        q = np.pad(quantize_x(x, "static", a.x_scale, a.x_zero_point)[0], ((0, 0), (0, 4 - 200 % 4 if 200 % 4 else 0)))
+        given = np.ascontiguousarray(q).view(np.int32)
+        np.testing.assert_array_equal(b.from_quantized(a.quantized_for(x, b, given), (37,), r), want)
+        assert byte_rows(given).shape[0] == 50
