@@ -517,7 +517,7 @@ def _lanes_cpu() -> None:
 @pytest.mark.parametrize(("k", "m", "tokens", "activation", "residual", "mode"), [
     (768, 3072, 128, "gelu", False, "static"),   # whole token tiles, 6 windows
     (3072, 768, 37, "none", True, "static"),     # a partial last tile, 24 windows
-    (100, 48, 5, "none", False, "static"),       # inputs not a multiple of 4, 8 or 128; one partial tile
+    (100, 48, 13, "none", False, "static"),      # inputs not a multiple of 4, 8 (rows of 4-blocks) or 128
     (130, 32, 1, "gelu_tanh", True, "dynamic"),  # a window of 2 inputs; one token; x's range per call
     (768, 2304, 203, "none", False, "dynamic"),
 ])
@@ -633,3 +633,41 @@ def test_the_lanes_kernel_hands_its_output_over_quantized_bit_for_bit():
         given = np.ascontiguousarray(q).view(np.int32)
         np.testing.assert_array_equal(b.from_quantized(a.quantized_for(x, b, given), (37,), r), want)
         assert byte_rows(given).shape[0] == 50
+
+
+THREADS_AT_ONCE = """
+import sys, threading
+import numpy as np
+from conftest import make_inputs
+import sparsejit
+model = sparsejit.load(sys.argv[1], num_threads=2)
+feeds = [make_inputs(model.input_names, 2, seq, seed=seq) for seq in (19, 37, 64)]
+want = [model.run(f) for f in feeds]
+bad = []
+def worker(i):
+    for r in range(30):
+        f = (i + r) % 3
+        if not all(np.array_equal(a, b) for a, b in zip(model.run(feeds[f]), want[f])):
+            bad.append(f)
+threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(len(bad))
+"""
+
+
+def test_a_model_on_the_lanes_kernel_runs_in_several_threads_at_once(tmp_path):
+    """Three threads running one INT8 model on Int8Lanes layers at once, on inputs of
+    different shapes, get each input's outputs as a lone run does (the kernel's rows of
+    calls and its scratch are per call). In a subprocess: a race could crash."""
+    import os
+    import subprocess
+    import sys
+
+    _lanes_cpu()
+    env = {**os.environ, "SPARSEJIT_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-c", THREADS_AT_ONCE, str(INT8 / "roberta_p90_int8_sparseml.onnx")],
+                       capture_output=True, text=True, env=env, check=False, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[-1] == "0", p.stdout
