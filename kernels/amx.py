@@ -28,11 +28,11 @@ from .bf16 import DRIVER_SOURCE as BF16_DRIVER_SOURCE
 from .bf16 import from_bf16, pack_ir, packed_pairs, to_bf16
 from .compile import compile_ir, host_cpu, load_source, threads
 from .int8 import DRIVER_SOURCE as INT8_DRIVER_SOURCE
-from .int8 import _quantize_fns, _Quantized
+from .int8 import _quantize_fns, _Quantized, _ReadsBytes
 from .ir import with_driver
 from .launch import IMPORTS, put_source, run
-from .layout import aligned_empty, feature_major_empty, transposed
-from .linear import _NO_RESIDUAL, DenseLinear, _bias, _residual_rows
+from .layout import aligned_empty, feature_major_empty
+from .linear import DenseLinear, _bias
 
 SYS_ARCH_PRCTL = 158          # x86-64
 ARCH_REQ_XCOMP_PERM = 0x1023
@@ -204,7 +204,7 @@ class _Amx:
             self._arrays[0], bias, yt, rt, AMX_TOKEN_TILE, pairs, ktiles, *self._arrays[1:], work)
 
 
-class Int8Amx(_Amx, _Quantized, DenseLinear):
+class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
     """A dense int8 layer on AMX tiles (`tdpbsud`): the weight in 16 × 64 tiles of int8,
     x quantized into 4-block rows as for the VNNI kernels, Int8Linear's epilogue. Not for
     requantized outputs."""
@@ -229,20 +229,14 @@ class Int8Amx(_Amx, _Quantized, DenseLinear):
     def skipped(self, start: int = 0, stop: int | None = None) -> float:
         return 0.0  # every multiply-add done
 
-    def from_quantized(self, xq: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
-        """y for x given as its bytes, xq [in/4, tokens] of i32 (token stride 1, rows padded
-        to 16 tokens, as int8.byte_rows gives the LayerNorm's): copied into whole K-tiles of
-        rows first where the inputs are not a multiple of 64."""
-        m, n = self.out_features, xq.shape[1]
+    def _on_bytes(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        """(xq rows padded to 16 tokens, as int8.byte_rows gives the LayerNorm's: copied into
+        whole K-tiles of rows first where the inputs are not a multiple of 64.)"""
         if xq.shape[0] % ROWS:
-            padded = x_rows(self.in_features, "int8", n)
+            padded = x_rows(self.in_features, "int8", xq.shape[1])
             padded.view(np.int32)[:xq.shape[0]] = xq.view(np.int32)  # (the bits, not the values)
             xq = padded
-        yt = feature_major_empty(m, n)
-        if n:
-            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
-            self._tiles_run(xq, self._kbias, yt, rt)
-        return yt.T.reshape(lead + (m,))
+        self._tiles_run(xq, self._kbias, yt, rt)
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
         xq = x_rows(self.in_features, "int8", xt.shape[1])

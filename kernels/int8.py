@@ -450,7 +450,32 @@ def byte_rows(given: np.ndarray) -> np.ndarray:
     return rows if rows.shape[1] <= 1 or rows.strides[1] == rows.itemsize else np.ascontiguousarray(rows)
 
 
-class Int8Chunked(_Quantized, SparseLinear):
+class _ReadsBytes:
+    """An int8 layer that can run on x's bytes in 4-block rows ([in/4, tokens] of i32, token
+    stride 1: a LayerNorm's, byte_rows, or what the layer before left, quantized_for)."""
+
+    def from_quantized(self, xq: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
+        """y for the x whose bytes are xq: what __call__ gives for that x."""
+        m = self.out_features
+        yt = feature_major_empty(m, xq.shape[1])
+        if xq.shape[1]:
+            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
+            self._on_bytes(xq, yt, rt)
+        return yt.T.reshape(lead + (m,))
+
+
+class _HandsOver(_ReadsBytes):
+    """An int8 layer whose kernel can also store its output as the next layer's bytes
+    (`quantized_for`, its kernel's `quant_out`), so that the next skips quantizing it."""
+
+    def hands_to(self, nxt) -> bool:
+        """Whether this layer's output can go to `nxt` (reading it as x) as the bytes nxt's
+        kernel reads: both static and both such layers, no residual here."""
+        return (isinstance(nxt, _HandsOver) and self.mode == "static" and nxt.mode == "static"
+                and not self.residual and nxt.in_features == self.out_features)
+
+
+class Int8Chunked(_HandsOver, _Quantized, SparseLinear):
     """The int8 layer on the float32 sparse kernel's frame with AVX-512 VNNI products
     (sparse_ir's `int8`): its K-chunks, per-thread row order and balanced split, one
     `vpdpbusd` per stored 4-block and vector of 16 tokens, the i32 partial sums passed
@@ -515,12 +540,6 @@ class Int8Chunked(_Quantized, SparseLinear):
 
     # --- handing the output to the next int8 layer already quantized --------------------
 
-    def hands_to(self, nxt) -> bool:
-        """Whether this layer's output can go to `nxt` (reading it as x) as the bytes nxt's
-        kernel reads: both static K-chunked VNNI layers, no residual here."""
-        return (isinstance(nxt, (Int8Chunked, Int8Lanes)) and self.mode == "static" and nxt.mode == "static"
-                and not self.residual and nxt.in_features == self.out_features)
-
     def quantized_for(self, x: np.ndarray, nxt: Int8Chunked, given: np.ndarray | None = None) -> np.ndarray:
         """This layer's output for x [..., in], quantized as `nxt` quantizes its x, in the
         4-block rows nxt's kernel reads ([out/4, tokens] of i32): the kernel stores those
@@ -542,14 +561,8 @@ class Int8Chunked(_Quantized, SparseLinear):
                 self._call(fn, kbias, gt, gt, yt, xq, True)
         return xq
 
-    def from_quantized(self, xq: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
-        """y for the x that a layer's `quantized_for` left in xq: what __call__ gives for it."""
-        m = self.out_features
-        yt = feature_major_empty(m, xq.shape[1])
-        if xq.shape[1]:
-            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
-            self._call(self._fns[2], self._kbias, xq, xq, yt, rt, True)
-        return yt.T.reshape(lead + (m,))
+    def _on_bytes(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        self._call(self._fns[2], self._kbias, xq, xq, yt, rt, True)
 
     def _handoff(self, nxt: Int8Chunked) -> tuple:
         """(the quant_out kernel, [bias | scale | correction | nxt's grid]), made on first use."""
@@ -665,7 +678,7 @@ def lane_slots(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return starts, idx, w
 
 
-class Int8Lanes(_Quantized):
+class Int8Lanes(_HandsOver, _Quantized):
     """The int8 layer with 16 outputs in the lanes (lanes_ir): for scattered weights, where
     the 4-block kernel (Int8Chunked) stores mostly zeros. x quantized into the same 4-block
     rows as for the other VNNI kernels (so a LayerNorm's bytes serve it too), the same
@@ -716,22 +729,10 @@ class Int8Lanes(_Quantized):
         self._kernel(xq, yt, rt, terms)
         return True
 
-    def from_quantized(self, xq: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
-        """y for x's bytes in xq (4-block rows, as Int8Chunked.from_quantized takes them)."""
-        m = self.out_features
-        yt = feature_major_empty(m, xq.shape[1])
-        if xq.shape[1]:
-            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
-            self._kernel(xq, yt, rt, self._kbias)
-        return yt.T.reshape(lead + (m,))
+    def _on_bytes(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        self._kernel(xq, yt, rt, self._kbias)
 
     # --- handing the output to the next int8 layer already quantized (as Int8Chunked does) ---
-
-    def hands_to(self, nxt) -> bool:
-        """Whether this layer's output can go to `nxt` as the bytes nxt's kernel reads: both
-        static, nxt reading x's 4-block rows (Int8Chunked, Int8Lanes), no residual here."""
-        return (isinstance(nxt, (Int8Chunked, Int8Lanes)) and self.mode == "static" and nxt.mode == "static"
-                and not self.residual and nxt.in_features == self.out_features)
 
     def quantized_for(self, x: np.ndarray, nxt, given: np.ndarray | None = None) -> np.ndarray:
         """This layer's output for x [..., in], quantized as `nxt` quantizes its x, in its 4-block
