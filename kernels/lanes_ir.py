@@ -230,4 +230,4 @@ def lanes_ir(cfg: LanesConfig) -> str:
     return e.module(f"; sparsejit generated kernel: int8 sparse Linear, 16 outputs in the lanes, x gathered by "
                     f"vpermi2b from {WINDOW}-input windows, {TOKENS} tokens a tile, activation={cfg.activation} "
                     f"residual={cfg.residual}{' quant_out' if cfg.quant_out else ''}\n"
-                    "; yt[j, t] = act(sum_k xq[k, t] w[k, j] - corr[j]) * scale[j] + bias[j]) (+ rt[j, t])")
+                    "; yt[j, t] = act((sum_k xq[k, t] w[k, j] - corr[j]) * scale[j] + bias[j]) (+ rt[j, t])")
