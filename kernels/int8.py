@@ -470,9 +470,9 @@ class _HandsOver(_ReadsBytes):
 
     def hands_to(self, nxt) -> bool:
         """Whether this layer's output can go to `nxt` (reading it as x) as the bytes nxt's
-        kernel reads: both static and both such layers, no residual here."""
+        kernel reads: both static and both such layers, no residual or requantized output here."""
         return (isinstance(nxt, _HandsOver) and self.mode == "static" and nxt.mode == "static"
-                and not self.residual and nxt.in_features == self.out_features)
+                and not self.residual and self.requantize is None and nxt.in_features == self.out_features)
 
 
 class Int8Chunked(_HandsOver, _Quantized, SparseLinear):
@@ -687,14 +687,17 @@ class Int8Lanes(_HandsOver, _Quantized):
     kind = "int8"
 
     def __init__(self, weight: np.ndarray, scale, mode: str, x_scale=None, x_zero_point=None, bias=None,
-                 activation: str = "none", residual: bool = False):
-        _Quantized.__init__(self, weight, scale, mode, x_scale, x_zero_point, bias, activation, residual)
+                 activation: str = "none", residual: bool = False, requantize: np.ndarray | None = None):
+        _Quantized.__init__(self, weight, scale, mode, x_scale, x_zero_point, bias, activation, residual, requantize)
         if self.out_features % GROUP:
             raise ValueError(f"Int8Lanes needs outputs in groups of {GROUP}, not {self.out_features}")
-        self.config = LanesConfig(activation, residual)
+        self.config = LanesConfig(activation, residual, requantize=requantize is not None)
         self.starts, self.idx, self.w = lane_slots(weight)
         self.windows = -(-self.in_features // WINDOW)
         self._set_vnni_terms(weight)
+        if requantize is not None:  # [bias | scale | correction | output scale | lowest | highest] (lanes_ir)
+            rows = np.broadcast_to(np.asarray(requantize, np.float32), (3, self.out_features))
+            self._kbias = np.concatenate([self._kbias, rows.reshape(-1)])
         self._fns = (*_quantize_fns(), compile_ir(lanes_ir(self.config), LANES_SIGNATURE.name))
         self._calls: dict[int, np.ndarray] = {}
         self._handoffs: dict[tuple, tuple] = {}  # by the next layer's grid: see _handoff

@@ -21,7 +21,8 @@ Layout:
   bytes (lane i's four input offsets in the window) and `w` 64 int8 (the weights; 0 in
   the padding, whose offsets are 0).
 - Epilogue: int8.Int8Linear's (lowp_ir.scaled_sums) with the outputs in the lanes: the i32
-  sums less the zero point's correction, times the output scale, plus the bias
+  sums less the zero point's correction, times the output scale (requantized, for a
+  QLinearMatMul's output, as int8_ir's epilogue does), plus the bias
   (`terms`: [bias | scale | correction] by output), the activation, transposed to rows of
   8 tokens, plus the residual, into yᵀ. Each output is computed with the same float
   operations in the same order as there, so the two kernels agree bit for bit.
@@ -57,6 +58,7 @@ class LanesConfig:
     activation: str = "none"  # a key of epilogue.ACTIVATIONS
     residual: bool = False
     quant_out: bool = False   # without residual: y quantized for the next int8 layer into rt (_store_quantized)
+    requantize: bool = False  # the scaled sums requantized and dequantized before the bias (int8_ir's)
 
 
 def _transpose8(e: Builder, ty: str, rows: list[str]) -> list[str]:
@@ -167,10 +169,17 @@ def _epilogue(e: Builder, cfg: LanesConfig, g: str, t: str, sums: list[str], mas
     scale = e(f"load {vt}, ptr {e.gep('%terms', e(f'add i64 {j0}, %m'))}, align 4")
     corr_at = e.gep("%terms", e(f"add i64 {j0}, {e('mul i64 %m, 2')}"), "i32")
     corr = e(f"load {IV}, ptr {corr_at}, align 4")
+    if cfg.requantize:  # terms[3m ..], [4m ..], [5m ..]: the output scale, its lowest and highest value
+        # less its zero point
+        starts = [e(f"add i64 {j0}, {e(f'mul i64 %m, {3 + i}')}") for i in range(3)]
+        sy, lo, hi = (e(f"load {vt}, ptr {e.gep('%terms', at)}, align 4") for at in starts)
     ys = []
     for acc in sums:
         v = e(f"sitofp {IV} {e(f'sub {IV} {acc}, {corr}')} to {vt}")
-        ys.append(ACTIVATIONS[cfg.activation](e, e(f"fadd {vt} {e(f'fmul {vt} {v}, {scale}')}, {bias}")))
+        v = e(f"fmul {vt} {v}, {scale}")
+        if cfg.requantize:  # (as int8_ir's epilogue: a multiply, then an add)
+            v = e(f"fmul {vt} {e.vcall('roundeven', e.vcall('minnum', e.vcall('maxnum', v, lo), hi))}, {sy}")
+        ys.append(ACTIVATIONS[cfg.activation](e, e(f"fadd {vt} {v}, {bias}")))
     if cfg.quant_out:
         _store_quantized(e, ys, j0, t, mask)
         return
@@ -229,5 +238,5 @@ def lanes_ir(cfg: LanesConfig) -> str:
     e.function(SIGNATURE, body)
     return e.module(f"; sparsejit generated kernel: int8 sparse Linear, 16 outputs in the lanes, x gathered by "
                     f"vpermi2b from {WINDOW}-input windows, {TOKENS} tokens a tile, activation={cfg.activation} "
-                    f"residual={cfg.residual}{' quant_out' if cfg.quant_out else ''}\n"
+                    f"residual={cfg.residual}{' quant_out' if cfg.quant_out else ''}{' requantize' if cfg.requantize else ''}\n"
                     "; yt[j, t] = act((sum_k xq[k, t] w[k, j] - corr[j]) * scale[j] + bias[j]) (+ rt[j, t])")

@@ -311,11 +311,14 @@ INT8_CHUNK = 256
 LANES_WORTH = 1.15
 
 
-def _int8(a: dict, facts: dict) -> tuple[type, Callable[[], Int8Linear | Int8Chunked | Int8Dense | Int8OnFloat], str]:
+def _int8(a: dict, facts: dict) -> tuple[type, Callable[[], Int8Linear | Int8Chunked | Int8Lanes | Int8Dense
+                                                         | Int8OnFloat], str]:
     """The int8 kernel for a QLinear node's attributes (and its weight's `_int8_weight_facts`):
-    its class, what builds it, and why. With VNNI (and an output not requantized): the
-    dense GEMM where over DENSE_ABOVE of the 4-blocks hold a nonzero, else the K-chunked
-    sparse kernel. Without VNNI, a weight whose nonzeros are scattered (4-blocks would
+    its class, what builds it, and why. With VNNI and VBMI, a weight whose nonzeros are
+    scattered (LANES_WORTH) runs on the kernel with the outputs in the lanes, its output
+    requantized or not. Else, with VNNI (and an output not requantized): the dense GEMM
+    where over DENSE_ABOVE of the 4-blocks hold a nonzero, else the K-chunked sparse
+    kernel. Without VNNI, a weight whose nonzeros are scattered (4-blocks would
     store over PADDING_WORTH times as many multiply-adds) runs on the FP32 sparse kernel,
     exactly, where its sums stay below 2^24."""
     w = a["weight"]
@@ -331,12 +334,12 @@ def _int8(a: dict, facts: dict) -> tuple[type, Callable[[], Int8Linear | Int8Chu
         return Int8Dense, lambda: Int8Dense(*args), (
             f"int8 ({a['mode']} activation scale, {DOT_NAMES['vnni']}) dense GEMM: {blocks} of {-(-k // 4) * m} "
             f"4-blocks hold a nonzero, over {DENSE_ABOVE} of them")
-    slots = lane_slot_count(w) if "vnni" in host_dots() and requantize is None and has_lanes() and m % 16 == 0 \
-        else None
+    slots = lane_slot_count(w) if "vnni" in host_dots() and has_lanes() and m % 16 == 0 else None
     if slots is not None and 2 * slots < LANES_WORTH * blocks / 16:
-        return Int8Lanes, lambda: Int8Lanes(*args), (
+        return Int8Lanes, lambda: Int8Lanes(*args, requantize), (
             f"int8 ({a['mode']} activation scale, {DOT_NAMES['vnni']}) with 16 outputs in the lanes: {slots} slots "
-            f"of 4 nonzeros × 16 outputs, where {blocks} of {-(-k // 4) * m} 4-blocks hold a nonzero")
+            f"of 4 nonzeros × 16 outputs, where {blocks} of {-(-k // 4) * m} 4-blocks hold a nonzero"
+            f"{', output requantized' if requantize is not None else ''}")
     if "vnni" in host_dots() and requantize is None:
         return Int8Chunked, lambda: Int8Chunked(*args, k_chunk=INT8_CHUNK), (
             f"int8 ({a['mode']} activation scale, {DOT_NAMES['vnni']}, in K-chunks of {INT8_CHUNK})"
@@ -410,7 +413,8 @@ def _int8_choice(a: dict, chooser: Chooser, name: str) -> tuple:
     w = a["weight"]
     facts = _int8_weight_facts(w)
     cls, make, why = _int8(a, facts)
-    if cls not in (Int8Chunked, Int8Lanes, Int8Dense) or chooser.kernels == "sparse" or not has_amx("int8"):
+    if cls not in (Int8Chunked, Int8Lanes, Int8Dense) or a.get("requantize") is not None or chooser.kernels == "sparse" \
+            or not has_amx("int8"):  # (AMX's kernel does not requantize)
         return make(), why, "rule", {}
     args = (w, a["scale"], a["mode"], a["x_scale"], a["x_zero_point"], a["bias"], a["activation"], a["residual"])
     built: dict = {}  # each kernel built once, and only when needed (a saved plan may name one)

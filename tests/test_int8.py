@@ -671,3 +671,31 @@ def test_a_model_on_the_lanes_kernel_runs_in_several_threads_at_once(tmp_path):
                        capture_output=True, text=True, env=env, check=False, timeout=600)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split()[-1] == "0", p.stdout
+
+
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_the_lanes_kernel_requantizes_as_the_int8_kernel_does(tokens):
+    """A QLinearMatMul's output (QOperator files): the scaled sums clamped to the output
+    type's range, rounded half to even and scaled back, then the bias; Int8Lanes bit for
+    bit Int8Linear, which the QOperator tests hold to ONNX Runtime."""
+    _lanes_cpu()
+    from sparsejit.kernels.int8 import Int8Lanes, Int8Linear
+
+    rng = np.random.default_rng(tokens)
+    k, m = 300, 64
+    w = rng.integers(-128, 128, (k, m)).astype(np.int8)
+    w[rng.random((k, m)) < 0.9] = 0
+    scale = ((rng.random(m) + 0.5) * 0.002).astype(np.float32)
+    requantize = np.stack([np.full(m, 0.05, np.float32), np.full(m, -128 - 3, np.float32),
+                           np.full(m, 127 - 3, np.float32)])  # (int8 output, zero point 3)
+    args = (w, scale, "static", np.float32(0.05), np.uint8(128), rng.standard_normal(m).astype(np.float32), "none",
+            True, requantize)
+    lanes, plain = Int8Lanes(*args), Int8Linear(*args)
+    x = (rng.standard_normal((tokens, k)) * 4).astype(np.float32)
+    r = rng.standard_normal((tokens, m)).astype(np.float32)
+    got = lanes(x, r)
+    np.testing.assert_array_equal(got, plain(x, r))
+    np.testing.assert_array_equal(got, lanes.reference(x, r))
+    clamped = (got - r - plain.bias) / np.float32(0.05)
+    assert np.allclose(clamped, np.rint(clamped), atol=1e-3) and np.isclose(np.abs(clamped - 0.5).max(), 131.5)  # (clamped)
+    assert not lanes.hands_to(lanes)
