@@ -305,9 +305,8 @@ INT8_CHUNK = 256
 # With AVX-512 VBMI, a weight runs on the kernel with 16 outputs in the lanes (Int8Lanes)
 # where its two instructions per slot (a `vpermi2b`, a `vpdpbusd`; 4 nonzeros × 16 outputs,
 # one token) are fewer than this times the 4-block kernel's one per stored block and 16
-# tokens. Unstructured: 0.93-0.94 of them at 80% and 90%, 1.06 at 95%, 1.21 at 97%, where
-# its time is 0.4-0.7, 0.6 and 0.86-1.03 the 4-block kernel's; 4-block pruning: about 3.4
-# (bench/README.md, seventeenth session).
+# tokens: unstructured pruning to 95% falls below it, 97% and 4-block pruning above, as the
+# two kernels' timings at 80-97% sparsity put the line (bench/README.md, seventeenth session).
 LANES_WORTH = 1.15
 
 
