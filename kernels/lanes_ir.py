@@ -14,7 +14,7 @@ What was measured: bench/README.md (seventeenth session).
 Layout:
 - xq: x quantized, in the 4-block rows every int8 kernel reads ([in/4, tokens] of i32,
   row stride `ldx` in i32, int8.py's quantize kernel, a LayerNorm's bytes), so that every
-  producer of x's bytes serves this kernel too. Each tile of `T` tokens is first copied,
+  producer of x's bytes serves this kernel too. Each tile of TOKENS tokens is first copied,
   transposed, into `scratch` ([T, kp4] of i32: token t's bytes in order, 128-byte windows).
 - Weights, by groups of 16 consecutive outputs and windows of 128 inputs: `starts`
   [groups · windows + 1] (i32) the first slot of each (group, window); per slot, `idx` 64
@@ -23,8 +23,9 @@ Layout:
 - Epilogue: int8.Int8Linear's (lowp_ir.scaled_sums) with the outputs in the lanes: the i32
   sums less the zero point's correction, times the output scale (requantized, for a
   QLinearMatMul's output, as int8_ir's epilogue does), plus the bias
-  (`terms`: [bias | scale | correction] by output), the activation, transposed to rows of
-  8 tokens, plus the residual, into yᵀ. Each output is computed with the same float
+  (`terms`: [bias | scale | correction] by output, then with requantize its output scale,
+  lowest and highest value by output, or with quant_out the next layer's grid), the
+  activation, transposed to rows of 8 tokens, plus the residual, into yᵀ. Each output is computed with the same float
   operations in the same order as there, so the two kernels agree bit for bit.
 
 A part computes groups [g0, g1) for tokens [t0, t1); out_features is a multiple of 16.
