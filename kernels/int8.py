@@ -10,9 +10,8 @@ unstructured pruning stores the zeros that share a block with a nonzero.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import functools
+import threading
 
 import numpy as np
 
@@ -37,7 +36,7 @@ from .int8_ir import (
 from .ir import with_driver
 from .lanes_ir import GROUP, TOKENS, WINDOW, LanesConfig, lanes_ir
 from .lanes_ir import SIGNATURE as LANES_SIGNATURE
-from .launch import IMPORTS, launcher, new_calls, part, put_source, run
+from .launch import IMPORTS, put_source, run
 from .layout import aligned_empty, feature_major_empty, transposed
 from .linear import (
     _NO_RESIDUAL,
@@ -699,12 +698,14 @@ class Int8Lanes(_HandsOver, _Quantized):
             rows = np.broadcast_to(np.asarray(requantize, np.float32), (3, self.out_features))
             self._kbias = np.concatenate([self._kbias, rows.reshape(-1)])
         self._fns = (*_quantize_fns(), compile_ir(lanes_ir(self.config), LANES_SIGNATURE.name))
-        self._calls: dict[int, np.ndarray] = {}
+        self._per_thread = threading.local()
+        self._bounds: dict[int, np.ndarray] = {}  # each part's groups, by the thread count
+        self._driver = load_source(LANES_DRIVER_SOURCE).run_lanes
         self._handoffs: dict[tuple, tuple] = {}  # by the next layer's grid: see _handoff
 
     @property
     def source(self) -> str:
-        return lanes_ir(self.config)
+        return with_driver(lanes_ir(self.config), LANES_DRIVER_SOURCE)
 
     def dense_weight(self) -> np.ndarray:
         """The int8 weight [in, out] rebuilt from the slots."""
@@ -765,30 +766,35 @@ class Int8Lanes(_HandsOver, _Quantized):
 
     def _kernel(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray, terms: np.ndarray, fn: int | None = None) -> None:
         """The kernel (`fn`, by default the layer's) over all tokens, the groups split between
-        the threads by their slots."""
+        the threads by their slots. The scratch is the calling thread's own (a model may run
+        in several threads at once), made once per thread."""
         parts = threads()
-        template = self._calls.get(parts)
-        if template is None:  # each part's call but for the arrays of this call: the weights, its groups
-            bounds = balanced_bounds(self.starts[::self.windows].astype(np.int64), parts, 0.0)
-            template = new_calls(parts, 1, LANES_SIGNATURE)
-            template[:, 0] = 1
-            for c in range(parts):
-                template[c, 2:] = (0, 0, -(-self.in_features // 4), self.starts.ctypes.data, self.idx.ctypes.data,
-                                   self.w.ctypes.data, 0, self.out_features, 0, 0, 0, 0, 0,
-                                   self.windows * WINDOW // 4, self.windows, bounds[c], bounds[c + 1], 0, 0)
-            self._calls[parts] = template
-        calls = template.copy()  # (per call, as the scratch: a model may run in several threads at once)
-        scratch = aligned_empty((parts, TOKENS * self.windows * WINDOW // 4), np.int32)
-        calls[:, 1] = self._fns[2] if fn is None else fn
-        calls[:, 2], calls[:, 3] = xq.ctypes.data, xq.strides[0] // 4
-        calls[:, 8], calls[:, 10], calls[:, 11] = terms.ctypes.data, yt.ctypes.data, yt.strides[0] // 4
-        calls[:, 12], calls[:, 13] = rt.ctypes.data, rt.strides[0] // 4
-        calls[:, 14] = scratch.ctypes.data + np.arange(parts) * scratch.strides[0]
-        calls[:, 20] = xq.shape[1]
-        _launch()(part(LANES_SIGNATURE), calls.ctypes.data, parts, calls.shape[1])
+        scratch = getattr(self._per_thread, "scratch", None)
+        if scratch is None or scratch.shape[0] != parts:
+            scratch = self._per_thread.scratch = aligned_empty((parts, TOKENS * self.windows * WINDOW // 4), np.int32)
+        bounds = self._bounds.get(parts)
+        if bounds is None:
+            bounds = self._bounds[parts] = balanced_bounds(self.starts[::self.windows].astype(np.int64), parts, 0.0)
+        run(self._driver, LANES_SIGNATURE, parts, 1, self._fns[2] if fn is None else fn, xq.view(np.float32),
+            -(-self.in_features // 4), self.starts, self.idx, self.w, terms, self.out_features, yt, rt, scratch,
+            self.windows, bounds)
 
 
-@functools.cache
-def _launch():
-    """The engine's parallel loop (launch.launcher), called from Python."""
-    return ctypes.CFUNCTYPE(None, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)(launcher())
+LANES_DRIVER_SOURCE = """\
+# sparsejit generated kernel: the driver of the int8 kernel with the outputs in the lanes (lanes_ir)
+# part c computes the groups [bounds[c], bounds[c + 1]) for all tokens, in row c of the scratch
+import numpy as np
+from numba import njit
+
+ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any_layout)
+""" + IMPORTS + "\n\n" + put_source(LANES_SIGNATURE) + f"""
+
+@njit(nogil=True, cache=True)
+def run_lanes(launch, part, calls, fn, xq, k4, starts, idx, w, terms, m, yt, rt, scratch, windows, bounds):
+    for c in range(calls.shape[0]):
+        put_int8_lanes(calls, c, fn, xq.ctypes.data, xq.strides[0] // 4, k4, starts.ctypes.data, idx.ctypes.data,
+                       w.ctypes.data, terms.ctypes.data, m, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data,
+                       rt.strides[0] // 4, scratch.ctypes.data + c * scratch.strides[0], windows * {WINDOW // 4},
+                       windows, bounds[c], bounds[c + 1], 0, xq.shape[1])
+    launch_calls(launch, part, calls.ctypes.data, calls.shape[0], calls.shape[1])
+"""

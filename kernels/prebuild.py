@@ -82,6 +82,9 @@ BUILDS = (
     IR("int8", "ir_source(IRConfig(1, 'none', False, 16, SPARSE_VECTORS[16], 16, int8=True))", "int8", "VECTOR_LANES == 16"),
     IR("int8", "lanes_ir(LanesConfig('none', False))", "int8", "VECTOR_LANES == 16 and has_lanes()"),
     IR("int8", "part_ir(LANES_SIGNATURE)", "int8", "VECTOR_LANES == 16 and has_lanes()"),
+    Driver("int8", "LANES_DRIVER_SOURCE", "run_lanes",
+     ("int64, int64, W(int64, 2), int64, A(float32, 2), int64, A(int32, 1), A(uint8, 2), A(int8, 2), A(float32, 1), "
+     "int64, A(float32, 2), A(float32, 2), A(int32, 2), int64, A(int64, 1)"), "int8"),
     IR("linear", "ir_source(kernel_config(1, 'none', False))", "fp32"),
     IR("linear", "part_ir(SPARSE_SIGNATURE)", "float"),
     Driver("linear", "SPARSE_DRIVER_SOURCE", "run_rows",
