@@ -18,7 +18,8 @@ import functools
 
 import numpy as np
 
-from ..ops import _integer_product, dequantize_linear, op, quantize_linear, softmax
+from ..ops import EXACT_FLOAT32, _integer_product, _largest_centred, dequantize_linear, op, quantize_linear, softmax
+from ..ops import qlinear_matmul as reference_qlinear_matmul
 from .compile import compile_ir, load_source, threads
 from .ir import Signature
 from .launch import IMPORTS, put_source, run
@@ -116,6 +117,58 @@ def qsoftmax(q, value, table, flip, out_scale, out_zero, lo, hi, out):
             ys = out[r]
             for i in range(n):
                 ys[i] = np.int32(quantized(np.float32(es[i] / t), out_scale, out_zero, lo, hi))
+
+
+# QOperator attention, QLinearMatMul(q, kᵀ) → Lookup → + mask → QuantizeLinear → QSoftmax →
+# QLinearMatMul(·, v), a (batch, head) per task, in the float32 steps of the kernels above.
+# q, kt and v hold bytes less their zero points as floats that hold every sum of products
+# exactly, so BLAS's order does not matter; the keys come transposed, [d, t], as attention's
+# QLinearMatMul reads them. mask: [batch or 1, heads or 1, rows or 1, t]. pz: the second
+# product's zero point of the probabilities' bytes. A row's steps are loops of their own
+# where one gathers (the lookups), so that the others vectorise.
+@njit(parallel=True, nogil=True, cache=True)
+def qattention(q, kt, mask, v, m1, z1, lo1, hi1, scores, s_scale, s_zero, s_lo, s_hi, value, table, flip,
+               p_scale, p_zero, p_lo, p_hi, pz, m2, z2, lo2, hi2, out):
+    batch, heads, rows = q.shape[:3]
+    t = kt.shape[3]
+    dv = v.shape[3]
+    for task in prange(batch * heads):
+        b = task // heads
+        h = task - b * heads
+        acc = np.empty((rows, t), q.dtype)
+        np.dot(q[b, h], kt[b, h], acc)
+        byte = np.empty(t, np.int32)
+        f = np.empty(t, np.float32)
+        qr = np.empty(t, np.uint8)
+        es = np.empty(t, np.float32)
+        pc = np.empty((rows, t), v.dtype)
+        for i in range(rows):
+            ai = acc[i]
+            mr = mask[min(b, mask.shape[0] - 1), min(h, mask.shape[1] - 1), min(i, mask.shape[2] - 1)]
+            for j in range(t):
+                x = np.float32(ai[j]) * m1
+                x = lo1 if x < lo1 else x
+                byte[j] = np.int32(np.rint(hi1 if x > hi1 else x) + z1) & 255
+            for j in range(t):
+                f[j] = scores[byte[j]]
+            for j in range(t):
+                qr[j] = np.int32(quantized(f[j] + mr[j], s_scale, s_zero, s_lo, s_hi)) & 255
+            e = table[top_byte(qr, value, flip)]
+            for j in range(t):
+                es[j] = e[qr[j]]
+            total = np.float32(total64(es))
+            pi = pc[i]
+            for j in range(t):
+                pi[j] = np.int32(quantized(np.float32(es[j] / total), p_scale, p_zero, p_lo, p_hi)) - pz
+        o = np.empty((rows, dv), v.dtype)
+        np.dot(pc, v[b, h], o)
+        for i in range(rows):
+            oi = o[i]
+            ys = out[b, h, i]
+            for k in range(dv):
+                x = np.float32(oi[k]) * m2
+                x = lo2 if x < lo2 else x
+                ys[k] = np.int32(np.rint(hi2 if x > hi2 else x) + z2)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -373,3 +426,69 @@ def qsoftmax(q: np.ndarray, *, in_scale, in_zero, out_scale, out_zero, value, ta
     _kernels().qsoftmax(rows, value, table, _rising(in_scale, in_zero), np.float32(out_scale), np.float32(z),
                         np.float32(lo), np.float32(hi), out)
     return out.reshape(q.shape)
+
+
+@op("QAttentionCore", fused=True)
+def reference_qattention(q, kt, mask, v, *, qk, lookup, grid, softmax, pv, ops=()) -> np.ndarray:
+    """The fused node (fuse.fuse_quantized_attention), each step by its reference:
+    QLinearMatMul(q, kt) with `qk` (a's scale and zero point, b's, y's), the Lookup
+    `lookup` of its bytes (over `ops`), + mask, QuantizeLinear to `grid` (scale, zero
+    point), QSoftmax with `softmax` (its attributes), QLinearMatMul(·, v) with `pv`."""
+    scores = reference_lookup(reference_qlinear_matmul(q, qk[0], qk[1], kt, *qk[2:]), table=lookup)
+    p = reference_qsoftmax(quantize_linear(np.add(scores, mask), *grid), **softmax)
+    return reference_qlinear_matmul(p, pv[0], pv[1], v, *pv[2:])
+
+
+def _exact_floats(k: int, a, a_zero, b, b_zero):
+    """The float type whose sums of k products of (a - a_zero) and (b - b_zero) are exact
+    (ops._integer_product's rule)."""
+    return np.float32 if k * _largest_centred(a, a_zero) * _largest_centred(b, b_zero) < EXACT_FLOAT32 else np.float64
+
+
+def _centred(x: np.ndarray, zero, dtype) -> np.ndarray:
+    """x less its zero point, as `dtype`, in C order."""
+    y = np.empty(x.shape, dtype)
+    np.subtract(x, dtype(zero), out=y, dtype=dtype)
+    return y
+
+
+def _requantizing(a_scale, b_scale, y_scale, y_zero) -> tuple:
+    """(multiplier, zero, lo, hi) of qlinear_matmul's requantization, as its kernel takes them."""
+    z = np.float32(y_zero)
+    lo, hi = RANGES[np.asarray(y_zero).dtype]
+    return np.float32(a_scale) * np.float32(b_scale) / np.float32(y_scale), z, np.float32(lo) - z, np.float32(hi) - z
+
+
+def qattention(q, kt, mask, v, *, qk, lookup, grid, softmax, pv, ops=()):
+    """reference_qattention on every thread, a (batch, head) per task, its scores never
+    leaving the task; None for what it does not cover (a scale or zero point per axis, a
+    mask that does not broadcast to the scores, inputs not 4-D 8-bit)."""
+    scales, zeros = [*qk[0::2], grid[0], *pv[0::2]], [*qk[1::2], grid[1], *pv[1::2]]
+    if any(x.ndim != 4 or x.dtype not in RANGES for x in (q, kt, v)) or mask.dtype != np.float32 or \
+            any(np.size(c) != 1 or np.asarray(c).dtype != np.float32 for c in scales) or \
+            any(np.size(c) != 1 or np.asarray(c).dtype not in RANGES for c in zeros) or \
+            [np.asarray(z).dtype for z in (qk[1], qk[3], pv[3], pv[1])] != [q.dtype, kt.dtype, v.dtype,
+                                                                          np.asarray(softmax["out_zero"]).dtype] or \
+            lookup.shape != (256,) or lookup.dtype != np.float32:
+        return None
+    batch, heads, rows, d = q.shape
+    t = kt.shape[3]
+    if kt.shape != (batch, heads, d, t) or v.shape[:3] != (batch, heads, t) or \
+            np.broadcast_shapes(mask.shape, (batch, heads, rows, t)) != (batch, heads, rows, t):
+        return None
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    mask = np.ascontiguousarray(np.broadcast_to(mask, (*mask.shape[:3], t)))
+    scalars = [np.asarray(c).reshape(()) for c in (*qk, *grid, *pv)]
+    (qs, qz, ks, kz, ss, sz), (gs, gz), (ps, pz, vs, vz, ys, yz) = scalars[:6], scalars[6:8], scalars[8:]
+    first = _exact_floats(d, q, qz, kt, kz)
+    second = _exact_floats(t, np.empty(0, pz.dtype), pz, v, vz)
+    lo, hi = RANGES[gz.dtype]
+    p_lo, p_hi = RANGES[pz.dtype]
+    out = np.empty((batch, heads, rows, v.shape[3]), yz.dtype)
+    _kernels().qattention(
+        _centred(q, qz, first), _centred(kt, kz, first), mask, _centred(v, vz, second),
+        *_requantizing(qs, ks, ss, sz), lookup, np.float32(gs), np.float32(gz), np.float32(lo), np.float32(hi),
+        softmax["value"], softmax["table"], _rising(softmax["in_scale"], softmax["in_zero"]),
+        np.float32(softmax["out_scale"]), np.float32(softmax["out_zero"]), np.float32(p_lo), np.float32(p_hi),
+        second(pz), *_requantizing(ps, vs, ys, yz), out)
+    return out

@@ -11,6 +11,8 @@
 - `QSoftmax`: DequantizeLinear, Softmax, QuantizeLinear → bytes in, bytes out, its
   exponentials from a table.
 - `FakeQuantize`: QuantizeLinear then DequantizeLinear on a float → one pass.
+- `QAttentionCore`: QOperator attention, QLinearMatMul(q, kᵀ) → Lookup → + mask →
+  QuantizeLinear → QSoftmax → QLinearMatMul(·, v) → one node, its scores kept per head.
 - `AttentionCore`: MatMul(q, kᵀ) → scale → + mask → Softmax (→ NaN guard) → MatMul(·, v)
   → one node.
 - LayerNorm written out (ReduceMean, Sub, Pow, ReduceMean, Add ε, Sqrt, Div, Mul γ,
@@ -606,8 +608,47 @@ def fuse_fake_quantize(graph: Graph) -> Graph:
     return m.result()
 
 
+def _scalar_inputs(m: _Matcher, node: Node, at: tuple[int, ...]) -> list[np.ndarray] | None:
+    found = [m.const(node.inputs[i]) if i < len(node.inputs) and node.inputs[i] else None for i in at]
+    return found if all(c is not None and c.size == 1 for c in found) else None
+
+
+def fuse_quantized_attention(graph: Graph) -> Graph:
+    """QOperator attention: QLinearMatMul(q, kᵀ) → Lookup (the scaling, fuse_lookups') → +
+    mask → QuantizeLinear → QSoftmax → QLinearMatMul(·, v), each scale and zero point one
+    constant, each value read only by the next → one `QAttentionCore` node reading q, kᵀ,
+    the mask and v. Its kernel computes each step as the node's own kernel does, for a
+    head's rows while they are in cache; see kernels/elementwise.py."""
+    m = _Matcher(eliminate_dead(graph))  # (fuse_quantized_softmax leaves its DequantizeLinear, unread)
+    for qs in m.graph.nodes:
+        if qs.op_type != "QSoftmax":
+            continue
+        qz = m.made_by(qs.inputs[0], "QuantizeLinear")
+        add = m.made_by(qz.inputs[0], "Add") if qz is not None and _plain(qz) and m.only_user(qz.outputs[0]) is qs \
+            else None
+        if add is None or m.only_user(add.outputs[0]) is not qz or len(add.inputs) != 2:
+            continue
+        found = [(lk, other) for lk, other in (add.inputs, add.inputs[::-1])
+                 if m.made_by(lk, "Lookup") is not None and m.only_user(lk) is add and other != lk]
+        lk = m.made_by(found[0][0], "Lookup") if found else None
+        mm1 = m.made_by(lk.inputs[0], "QLinearMatMul") if lk is not None else None
+        mm2 = m.only_user(qs.outputs[0], "QLinearMatMul")
+        if mm1 is None or mm2 is None or m.only_user(mm1.outputs[0]) is not lk or mm2.inputs[0] != qs.outputs[0]:
+            continue
+        qk, pv = _scalar_inputs(m, mm1, (1, 2, 4, 5, 6, 7)), _scalar_inputs(m, mm2, (1, 2, 4, 5, 6, 7))
+        grid = _scalar_inputs(m, qz, (1, 2))
+        if qk is None or pv is None or grid is None:
+            continue
+        attrs = {"qk": qk, "lookup": lk.attrs["table"], "ops": lk.attrs["ops"], "grid": grid, "softmax": qs.attrs,
+                 "pv": pv}
+        inputs = [mm1.inputs[0], mm1.inputs[3], found[0][1], mm2.inputs[3]]
+        m.replace([mm1, lk, add, qz, qs, mm2], Node("QAttentionCore", mm1.name, inputs, list(mm2.outputs), attrs))
+    return m.result()
+
+
 PASSES = (fuse_gelu, fuse_layernorm, dequantize_gathered_tables, fuse_embeddings, fuse_quantized_linear, fold_weights,
-          fuse_linear, fuse_attention, fuse_lookups, fuse_quantized_softmax, fuse_fake_quantize)
+          fuse_linear, fuse_attention, fuse_lookups, fuse_quantized_softmax, fuse_quantized_attention,
+          fuse_fake_quantize)
 
 
 def fuse(graph: Graph) -> Graph:

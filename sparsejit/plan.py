@@ -574,7 +574,8 @@ def reference_step(node: Node, p: Planning) -> Step:
 
 ELEMENTWISE = {"QuantizeLinear": elementwise.quantize, "DequantizeLinear": elementwise.dequantize,
                "Erf": elementwise.erf, "QLinearMatMul": elementwise.qlinear_matmul, "Lookup": elementwise.lookup,
-               "FakeQuantize": elementwise.fake_quantize, "QSoftmax": elementwise.qsoftmax}
+               "FakeQuantize": elementwise.fake_quantize, "QSoftmax": elementwise.qsoftmax,
+               "QAttentionCore": elementwise.qattention}
 
 
 def elementwise_step(node: Node, p: Planning) -> Step:

@@ -69,7 +69,9 @@ def test_quantized_forms_compute_what_the_graph_says(form):
     assert len(groups) == 2 and all(len(n.attrs["members"]) == 3 for n in groups), form
     if form == "qoperator":  # every weight's QLinearMatMul fused, its output requantized in the kernel
         assert all("output requantized" in lp.reason for lp in encoder), [lp.reason for lp in encoder]
-        assert sum(n.op_type == "QLinearMatMul" for n in model.graph.nodes) == 4  # attention's, per block
+        # attention's two QLinearMatMul, and the steps between, one node per block
+        assert [n.op_type for n in model.graph.nodes].count("QAttentionCore") == 2
+        assert not any(n.op_type == "QLinearMatMul" for n in model.graph.nodes)
         # each block's GELU, quantized around every op, one table lookup
         assert sum("Erf" in n.attrs["ops"] for n in model.graph.nodes if n.op_type == "Lookup") == 2
     if form in ("qdq", "sparseml"):  # each LayerNorm rounds its output to the next Linear's grid as it stores it
@@ -701,3 +703,40 @@ def test_the_lanes_kernel_requantizes_as_the_int8_kernel_does(tokens):
     clamped = (got - r - plain.bias) / np.float32(0.05)
     assert np.allclose(clamped, np.rint(clamped), atol=1e-3) and np.isclose(np.abs(clamped - 0.5).max(), 131.5)  # (clamped)
     assert not lanes.hands_to(lanes)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+def test_quantized_attention_kernel_is_its_reference(dtype):
+    """QAttentionCore's kernel (kernels/elementwise.py) gives what its steps give on their
+    reference ops, bit for bit: bytes of either type, masks of every broadcast shape, more
+    keys than queries, values wider than keys, 300 keys; none (the reference runs) for a
+    scale per axis. The products' sums are exact in float32 up to 2^24, in float64 past."""
+    from sparsejit.kernels import elementwise as E
+
+    rng = np.random.default_rng(7)
+    zero = (lambda v: dtype(v if dtype == np.uint8 else v - 128))
+    f32 = np.float32
+    grid = [f32(0.08), zero(200)]
+    value, table = E.softmax_table(*grid)
+    softmax = {"in_scale": grid[0], "in_zero": grid[1], "out_scale": f32(1 / 255), "out_zero": zero(0),
+               "value": value, "table": table}
+    qk = [f32(0.05), zero(131), f32(0.04), zero(120), f32(0.9), zero(125)]
+    pv = [f32(1 / 255), zero(0), f32(0.03), zero(128), f32(0.02), zero(127)]
+    lookup = E.dequantize(np.arange(256, dtype=np.uint8).view(dtype), qk[4], qk[5]) / f32(8)
+    info = np.iinfo(dtype)
+    for batch, heads, rows, d, t, dv, mask_shape in [(1, 4, 16, 8, 16, 8, (1, 1, 1, 16)), (2, 3, 5, 16, 11, 24, (2, 1, 1, 11)),
+                                                      (2, 2, 7, 8, 7, 8, (2, 1, 7, 7)), (1, 2, 3, 8, 300, 8, (300,))]:
+        q = rng.integers(info.min, info.max + 1, (batch, heads, rows, d)).astype(dtype)
+        kt = rng.integers(info.min, info.max + 1, (batch, heads, d, t)).astype(dtype)
+        v = rng.integers(info.min, info.max + 1, (batch, heads, t, dv)).astype(dtype)
+        mask = np.where(rng.random(mask_shape) < 0.2, f32(-10000), f32(0)).astype(np.float32)
+        kw = {"qk": qk, "lookup": lookup, "grid": grid, "softmax": softmax, "pv": pv}
+        got, want = E.qattention(q, kt, mask, v, **kw), E.reference_qattention(q, kt, mask, v, **kw)
+        assert got is not None and got.dtype == want.dtype == dtype
+        np.testing.assert_array_equal(got, want, err_msg=str((batch, heads, rows, d, t, dv, mask_shape)))
+        assert len(np.unique(got)) > 8  # (not saturated)
+    # (the probabilities' bytes sum to about 255, but their grid may let them all be 255)
+    assert E._exact_floats(600, np.empty(0, dtype), pv[1], v, pv[3]) is np.float64  # 600 · 255 · 128 > 2^24
+    assert E._exact_floats(500, np.empty(0, dtype), pv[1], v, pv[3]) is np.float32
+    per_axis = {**kw, "pv": [*pv[:2], np.full(dv, pv[2]), *pv[3:]]}
+    assert E.qattention(q, kt, mask, v, **per_axis) is None
