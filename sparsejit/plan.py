@@ -20,7 +20,7 @@ import numpy as np
 
 from .choose import DENSE_ABOVE, PROBE_TOKENS, Chooser
 from .graph import Graph, Node
-from .kernels import elementwise
+from .kernels import elementwise, rows
 from .kernels.amx import BF16AmxLinear, Int8Amx, has_amx
 from .kernels.attention import fused_attention, prepare_mask
 from .kernels.bf16 import BF16DenseLinear, BF16SparseLinear, reference_bf16_linear
@@ -590,7 +590,25 @@ def elementwise_step(node: Node, p: Planning) -> Step:
     return Step(node, run)
 
 
+def row_group_step(node: Node, p: Planning) -> Step:
+    """A RowGroup on its kernel where the kernel covers the inputs, else op by op: each on
+    its own kernel where it has one, which computes what the group's reference does."""
+    a = node.attrs
+    kernel = rows.RowKernel(a["nodes"], a["names"], a["outputs"], a["consts"])
+    own = {id(m): elementwise_step(m, p).run for m in a["nodes"] if m.op_type in ELEMENTWISE}
+
+    def one(m: Node, args: list) -> np.ndarray:
+        return own[id(m)](*args)[0] if id(m) in own else rows.reference_op(m, args, p.opset)
+
+    def run(*inputs):
+        y = kernel(*inputs)
+        return y if y is not None else rows.run_members(inputs, a["nodes"], a["names"], a["outputs"], a["consts"], one)
+
+    return Step(node, run)
+
+
 STEPS: dict[str, Callable[[Node, Planning], Step]] = {
+    "RowGroup": row_group_step,
     "Linear": linear_step,
     "LinearGroup": group_step,
     "QLinearGroup": qlinear_group_step,
