@@ -121,13 +121,24 @@ def qsoftmax(q, value, table, flip, out_scale, out_zero, lo, hi, out):
 
 # QOperator attention, QLinearMatMul(q, kᵀ) → Lookup → + mask → QuantizeLinear → QSoftmax →
 # QLinearMatMul(·, v), a (batch, head) per task, in the float32 steps of the kernels above.
-# q, kt and v hold bytes less their zero points as floats that hold every sum of products
-# exactly, so BLAS's order does not matter; the keys come transposed, [d, t], as attention's
-# QLinearMatMul reads them. mask: [batch or 1, heads or 1, rows or 1, t]. pz: the second
-# product's zero point of the probabilities' bytes. A row's steps are loops of their own
-# where one gathers (the lookups), so that the others vectorise.
+# q, kt and v are bytes, in any layout; each task takes its head's less their zero points
+# (qz, kz, vz) as floats that hold every sum of products exactly (qz's type for q·kᵀ, vz's
+# for p·v), so BLAS's order does not matter. The keys come transposed, [d, t], as
+# attention's QLinearMatMul reads them. mask: [batch or 1, heads or 1, rows or 1, t].
+# pz: the second product's zero point of the probabilities' bytes. A row's steps are loops
+# of their own where one gathers (the lookups), so that the others vectorise.
+@njit(inline="always")
+def centred(x, zero):
+    # x (2-D bytes, any layout) less its zero point, in zero's type, C order
+    y = np.empty(x.shape, np.asarray(zero).dtype)
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            y[i, j] = x[i, j] - zero
+    return y
+
+
 @njit(parallel=True, nogil=True, cache=True)
-def qattention(q, kt, mask, v, m1, z1, lo1, hi1, scores, s_scale, s_zero, s_lo, s_hi, value, table, flip,
+def qattention(q, kt, mask, v, qz, kz, vz, m1, z1, lo1, hi1, scores, s_scale, s_zero, s_lo, s_hi, value, table, flip,
                p_scale, p_zero, p_lo, p_hi, pz, m2, z2, lo2, hi2, out):
     batch, heads, rows = q.shape[:3]
     t = kt.shape[3]
@@ -135,13 +146,15 @@ def qattention(q, kt, mask, v, m1, z1, lo1, hi1, scores, s_scale, s_zero, s_lo, 
     for task in prange(batch * heads):
         b = task // heads
         h = task - b * heads
-        acc = np.empty((rows, t), q.dtype)
-        np.dot(q[b, h], kt[b, h], acc)
+        qh = centred(q[b, h], qz)
+        acc = np.empty((rows, t), qh.dtype)
+        np.dot(qh, centred(kt[b, h], kz), acc)
+        vh = centred(v[b, h], vz)
         byte = np.empty(t, np.int32)
         f = np.empty(t, np.float32)
         qr = np.empty(t, np.uint8)
         es = np.empty(t, np.float32)
-        pc = np.empty((rows, t), v.dtype)
+        pc = np.empty((rows, t), vh.dtype)
         for i in range(rows):
             ai = acc[i]
             mr = mask[min(b, mask.shape[0] - 1), min(h, mask.shape[1] - 1), min(i, mask.shape[2] - 1)]
@@ -160,8 +173,8 @@ def qattention(q, kt, mask, v, m1, z1, lo1, hi1, scores, s_scale, s_zero, s_lo, 
             pi = pc[i]
             for j in range(t):
                 pi[j] = np.int32(quantized(np.float32(es[j] / total), p_scale, p_zero, p_lo, p_hi)) - pz
-        o = np.empty((rows, dv), v.dtype)
-        np.dot(pc, v[b, h], o)
+        o = np.empty((rows, dv), vh.dtype)
+        np.dot(pc, vh, o)
         for i in range(rows):
             oi = o[i]
             ys = out[b, h, i]
@@ -445,13 +458,6 @@ def _exact_floats(k: int, a, a_zero, b, b_zero):
     return np.float32 if k * _largest_centred(a, a_zero) * _largest_centred(b, b_zero) < EXACT_FLOAT32 else np.float64
 
 
-def _centred(x: np.ndarray, zero, dtype) -> np.ndarray:
-    """x less its zero point, as `dtype`, in C order."""
-    y = np.empty(x.shape, dtype)
-    np.subtract(x, dtype(zero), out=y, dtype=dtype)
-    return y
-
-
 def _requantizing(a_scale, b_scale, y_scale, y_zero) -> tuple:
     """(multiplier, zero, lo, hi) of qlinear_matmul's requantization, as its kernel takes them."""
     z = np.float32(y_zero)
@@ -486,8 +492,7 @@ def qattention(q, kt, mask, v, *, qk, lookup, grid, softmax, pv, ops=()):
     p_lo, p_hi = RANGES[pz.dtype]
     out = np.empty((batch, heads, rows, v.shape[3]), yz.dtype)
     _kernels().qattention(
-        _centred(q, qz, first), _centred(kt, kz, first), mask, _centred(v, vz, second),
-        *_requantizing(qs, ks, ss, sz), lookup, np.float32(gs), np.float32(gz), np.float32(lo), np.float32(hi),
+        q, kt, mask, v, first(qz), first(kz), second(vz), *_requantizing(qs, ks, ss, sz), lookup, np.float32(gs), np.float32(gz), np.float32(lo), np.float32(hi),
         softmax["value"], softmax["table"], _rising(softmax["in_scale"], softmax["in_zero"]),
         np.float32(softmax["out_scale"]), np.float32(softmax["out_zero"]), np.float32(p_lo), np.float32(p_hi),
         second(pz), *_requantizing(ps, vs, ys, yz), out)

@@ -251,7 +251,8 @@ class RowKernel:
         for n in self.loops[stage][k]:
             o, v = n.outputs[0], self.var[n.outputs[0]]
             if n.op_type == "ReduceMean":
-                out.append(f"{pad}{v}_in_{e} = {self._ref(n.inputs[0], (stage, k), tm)}")
+                x = self._ref(n.inputs[0], (stage, k), tm)
+                out.append(f"{pad}{v}_in_[j] = {x}" if tm else f"{pad}{v}_part_[i] += np.float64({x})")
                 continue
             out.append(f"{pad}{v} = {self._expr(n, (stage, k), tm)}")
             if o in self.temps.get(stage, []):
@@ -282,18 +283,19 @@ class RowKernel:
         if self.loops[stage]:
             sliced = [f"x{k}" for k in range(len(self.names))] + [
                 f"y{k}" for k, o in enumerate(self.outputs) if self.values[o].kind == "row"] + [
-                f"{var[o]}_kept" for o in self.keep] + [f"{v}_in" for v in means]
-            lines += [f"{pad}for b in prange((n + {BLOCK} - 1) // {BLOCK}):"]
+                f"{var[o]}_kept" for o in self.keep]
+            lines += [f"{pad}{v}_part = np.zeros((blocks, rows), np.float64)" for v in means]
+            lines += [f"{pad}for b in prange(blocks):"]
             lines += [f"{pad}    {var[o]}_t = np.empty(rows, np.float32)" for o in self.temps.get(stage, [])]
+            lines += [f"{pad}    {v}_part_ = {v}_part[b]" for v in means]
             lines += [f"{pad}    for j in range(b * {BLOCK}, min(n, (b + 1) * {BLOCK})):"]
             lines += [f"{pad}        {a}_ = {a}[j]" for a in sliced]
             for k in range(len(self.loops[stage])):
                 lines += [f"{pad}        for i in range(rows):"] + self._body(stage, k, tm, pad + "            ")
-        for v in means:
-            lines += [f"{pad}{v}_sum = np.zeros(rows, np.float64)", f"{pad}for j in range(n):",
-                      f"{pad}    {v}_in_ = {v}_in[j]", f"{pad}    for i in range(rows):",
-                      f"{pad}        {v}_sum[i] += np.float64({v}_in_[i])", f"{pad}for i in range(rows):",
-                      f"{pad}    {v}[i] = np.float32(np.float32({v}_sum[i]) / nf)"]
+        for v in means:  # each block's sums, added
+            lines += [f"{pad}for i in range(rows):", f"{pad}    total = 0.0", f"{pad}    for b in range(blocks):",
+                      f"{pad}        total += {v}_part[b, i]",
+                      f"{pad}    {v}[i] = np.float32(np.float32(total) / nf)"]
         return lines
 
     def source(self, major: str) -> str:
@@ -306,17 +308,18 @@ class RowKernel:
         lines = ["@njit(parallel=True, nogil=True, cache=True)",
                  f"def rows(rows, n, {', '.join(args)}):",
                  "    nf = np.float32(n)"]
-        scratch = [f"{self.var[o]}_kept" for o in self.keep] + [f"{v}_in" for v in means]
+        scratch = [f"{self.var[o]}_kept" for o in self.keep]
         if tm:
             pad = "        "
             lines.append("    for r in prange(rows):")
             temps = [f"{self.var[o]}_t" for t in self.temps.values() for o in t]
-            lines += [f"{pad}{a}_ = np.empty(n, np.float32)" for a in scratch]
+            lines += [f"{pad}{a}_ = np.empty(n, np.float32)" for a in scratch + [f"{v}_in" for v in means]]
             lines += [f"{pad}{a} = np.empty(n, np.float32)" for a in temps]
             lines += [f"{pad}x{k}_ = x{k}[r]" for k in range(len(self.names))]
             lines += [f"{pad}y{k}_ = y{k}[r]" for k, o in enumerate(self.outputs) if self.values[o].kind == "row"]
         else:
             pad = "    "
+            lines.append(f"{pad}blocks = (n + {BLOCK} - 1) // {BLOCK}")
             lines += [f"{pad}{a} = np.empty((n, rows), np.float32)" for a in scratch]
             lines += [f"{pad}{self.var[n.outputs[0]]} = np.empty(rows, np.float32)" for n in self.nodes
                       if self.values[n.outputs[0]].kind == "mean"]
