@@ -133,6 +133,8 @@ BUILDS = (
     Driver("elementwise", "EACH_DRIVER", "run_each",
      ("int64, int64, W(int64, 2), int64, A(uint8, 1), A(uint8, 1), int64, float32, float32, float32, float32, "
      "A(uint8, 1)"), "int8"),
+    IR("rows", "part_ir(ROWS)", "int8"),
+    Driver("rows", "ROWS_DRIVER", "run_row_group", "int64, int64, W(int64, 2), int64, A(int64, 1), int64, int64", "int8"),
     IR("layout", "transpose_ir()", "float"),
     IR("layout", "part_ir(TRANSPOSE_SIGNATURE)", "float"),
     Driver("layout", "TRANSPOSE_SOURCE", "transpose",
@@ -278,7 +280,7 @@ def build(tags: list[str]) -> None:
 
 # The kernels modules, each before those that import its sources (a source is named
 # after the module that makes it).
-MODULES = ("launch", "linear", "layout", "layernorm", "embed", "elementwise", "attention", "int8", "bf16", "amx")
+MODULES = ("launch", "linear", "layout", "layernorm", "embed", "elementwise", "rows", "attention", "int8", "bf16", "amx")
 
 
 def met(specs: list[str]) -> dict:

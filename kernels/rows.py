@@ -1,12 +1,12 @@
-"""Row kernels: a group of per-element ops and means over the last axis, one Numba kernel.
+"""Row kernels: a group of per-element ops and means over the last axis, one kernel.
 
 QOperator and QDQ graphs quantize around every op, so what a float graph runs as one
 LayerNorm runs there as a dozen nodes: FakeQuantize on each input of the residual Add
 and on its output, ReduceMean, Sub, Pow, ReduceMean, a QuantizeLinear and Lookup for the
 square root, Div, FakeQuantize, Mul γ, FakeQuantize, Add β. Each is a pass over the
-tensor on its own kernel. lower.fuse_rows gathers such a group; `RowKernel` writes one
-Numba function for it that takes each row of the tensor through every op while it is in
-cache: one pass per mean instead of one per op.
+tensor on its own kernel. lower.fuse_rows gathers such a group; `RowKernel` writes LLVM
+IR for it that takes every element through the ops, one pass over the tensor per mean
+(a pass ends where a mean is summed), on every thread (launch.py's launcher).
 
 Each op computes what its node's kernel computes, in the same float32 steps (see
 elementwise.py): Add, Sub, Mul, Div and Sqrt per element; Pow with the exponent 2 as
@@ -16,9 +16,14 @@ float32 before the division by the row's length. That sum is exact but where the
 values span more than 29 bits of exponent, so its order does not matter, and
 `reference_rows`, each op on numpy in turn, gives the kernel's result bit for bit.
 
-The kernel reads its inputs as they lie: token-major (C order), or feature-major (a
-Linear kernel's output, the reverse of C order), looping over the features inside the
-tokens for the first and outside for the second, and writes its outputs the same way.
+The kernel works feature-major: a Linear kernel's output, [features, tokens] in memory,
+is read as it lies, and the outputs are written so (token-major inputs are transposed
+first). A part of the threads takes a range of features; a pass loops over a feature's
+tokens, in loops of their own where one gathers (a Lookup), so that the others
+vectorise; the loops are marked free of dependences between tokens, so LLVM vectorises
+them without checks. What is one per row (a mean, and what is made from means and
+constants alone) is made between the passes on numpy, by the reference ops. (A Numba
+kernel of the same took 2 to 4 s to compile per group, this IR a fraction of that.)
 """
 
 from __future__ import annotations
@@ -30,34 +35,15 @@ import numpy as np
 
 from ..graph import Node
 from ..ops import evaluate, op
-from .compile import load_source
+from .compile import ir_engine, load_source, threads
+from .ir import Signature
+from .launch import IMPORTS, part_ir, put_source, run  # noqa: F401 (part_ir: prebuild's BUILDS)
 
 ROW_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "FakeQuantize", "QuantizeLinear", "DequantizeLinear", "Lookup",
            "ReduceMean")
 BYTES = (np.dtype(np.uint8), np.dtype(np.int8))
-BLOCK = 16  # features per task, feature-major
-SIGNS = {"Add": "+", "Sub": "-", "Mul": "*", "Div": "/"}
+SIGNS = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}  # (LLVM's f<sign>)
 
-HELPERS = """\
-@njit(inline="always")
-def quantized(x, scale, zero, lo, hi):
-    # QuantizeLinear's value as a float: clamp(rint(x / scale) + zero, lo, hi); NaN gives
-    # the byte 0, as numpy's cast of NaN does on x86
-    v = np.rint(x / scale) + zero
-    v = np.float32(0) if v != v else v
-    v = lo if v < lo else v
-    return hi if v > hi else v
-
-
-# (a float64 sum of float32 values: exact but where their exponents span more than 29
-# bits, and then its rounding to float32 does not depend on the order)
-@njit(nogil=True, cache=True, fastmath={"reassoc"})
-def total64(xs):
-    total = 0.0
-    for i in range(xs.size):
-        total += np.float64(xs[i])
-    return total
-"""
 
 
 def _const(consts: dict, name: str) -> np.ndarray | None:
@@ -146,19 +132,49 @@ def reference_rows(*inputs: np.ndarray, nodes: list[Node], names: list[str], out
     return run_members(inputs, nodes, names, outputs, consts, lambda n, args: reference_op(n, args, opset))
 
 
-def _passed(c: np.ndarray):
-    """A constant as the kernel takes it: a scalar, or the vector along the last axis."""
-    return c.reshape(-1)[0] if c.size == 1 else np.ascontiguousarray(c.reshape(-1))
+ROWS = Signature("rows", (("p", "ptr"), ("rows", "i64"), ("j0", "i64"), ("j1", "i64"), ("slot", "i64")))
+
+ROWS_DRIVER = """\
+# sparsejit generated kernel: the driver of the row kernels (rows.py); part c takes the
+# features [c * n / parts, (c + 1) * n / parts) and slot c of the scratch; p holds the
+# addresses of the kernel's arrays
+import numpy as np
+from numba import njit
+
+ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any_layout)
+""" + IMPORTS + "\n\n" + put_source(ROWS) + """
+
+@njit(nogil=True, cache=True)
+def run_row_group(launch, part, calls, fn, p, rows, n):
+    parts = calls.shape[0]
+    for c in range(parts):
+        if c * n // parts < (c + 1) * n // parts:
+            put_rows(calls, c, fn, p.ctypes.data, rows, c * n // parts, (c + 1) * n // parts, c)
+    launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
+"""
+
+_DECLARES = """
+declare float @llvm.roundeven.f32(float)
+declare float @llvm.maxnum.f32(float, float)
+declare float @llvm.minnum.f32(float, float)
+declare float @llvm.sqrt.f32(float)
+!0 = distinct !{}
+"""
+
+
+def _lit(x: float) -> str:
+    """An integral float as an LLVM literal."""
+    return f"{float(x):e}"
 
 
 class RowKernel:
-    """The Numba kernel of a group of row ops (`nodes`, in order) reading `names` (the
-    values computed outside, each of the outputs' shape) and writing `outputs`."""
+    """The kernel of a group of row ops (`nodes`, in order) reading `names` (values made
+    outside it, of the outputs' shape or broadcast to it) and writing `outputs`."""
 
-    def __init__(self, nodes: list[Node], names: list[str], outputs: list[str], consts: dict):
-        self.nodes, self.names, self.outputs = nodes, names, outputs
+    def __init__(self, nodes: list[Node], names: list[str], outputs: list[str], consts: dict, opset: int = 17):
+        self.nodes, self.names, self.outputs, self.opset = nodes, names, outputs, opset
         self.arrays = {i: consts[i] for n in nodes for i in n.inputs if i in consts}
-        self.arrays.update({f"{n.outputs[0]}::table": n.attrs["table"] for n in nodes if n.op_type == "Lookup"})
+        self.tables = {n.outputs[0]: n.attrs["table"] for n in nodes if n.op_type == "Lookup"}
         self.values: dict[str, _Value] = {x: _Value("row", 0) for x in names}
         for n in nodes:
             ins = [self.values[i] for i in n.inputs if i in self.values]
@@ -168,171 +184,213 @@ class RowKernel:
             self.values[n.outputs[0]] = _Value(kind, stage, n)
         self.stages = 1 + max(v.stage for v in self.values.values())
         self.types = {o: self._type(o) for o in outputs}
-        self._compiled: dict[str, object] = {}
+        self._plan()
+        self._compiled: dict[tuple, list | None] = {}
 
     def _type(self, name: str) -> np.dtype:
         n = self.values[name].node
         return self.arrays[n.inputs[2]].dtype if n.op_type == "QuantizeLinear" else np.dtype(np.float32)
 
-    # --- source --------------------------------------------------------------------
-
     def _plan(self) -> None:
-        """Each row value's variable, loop and storage. A pass over the row is a series of
-        loops over its elements: the ops that vectorise share a loop, and each Lookup (a
-        gather, which keeps a loop scalar) has one of its own. A value read by a later
-        loop of its pass is stored in a temporary, by a later pass in a kept array."""
-        self.var = {n.outputs[0]: f"v{i}" for i, n in enumerate(self.nodes)}
-        self.loop: dict[str, tuple[int, int]] = {}
+        """Each pass's loops, and where each row value lives. A pass is a series of loops
+        over a feature's tokens: the ops that vectorise share a loop, and each Lookup (a
+        gather) has one of its own. A value read by a later loop of its pass is kept in a
+        temporary (a row per part of the threads), by a later pass in a kept array."""
         self.loops: dict[int, list[list[Node]]] = {}
+        self.loop: dict[str, tuple[int, int]] = {}
+        self.once: dict[int, list[Node]] = {}
         for stage in range(self.stages):
             loops: list[list[Node]] = []
             for n in self.nodes:
                 o = n.outputs[0]
-                if self.values[o].stage != stage or (self.values[o].kind == "mean" and n.op_type != "ReduceMean"):
+                if self.values[o].stage != stage:
                     continue
-                gather = n.op_type == "Lookup"
-                if not loops or gather or loops[-1][-1].op_type == "Lookup":
+                if self.values[o].kind == "mean" and n.op_type != "ReduceMean":
+                    self.once.setdefault(stage, []).append(n)
+                    continue
+                if not loops or n.op_type == "Lookup" or loops[-1][-1].op_type == "Lookup":
                     loops.append([])
                 loops[-1].append(n)
                 self.loop[o] = (stage, len(loops) - 1)
             self.loops[stage] = loops
-        readers = [(self.values[n.outputs[0]].stage, self.loop.get(n.outputs[0]), n) for n in self.nodes]
-        self.keep, self.temps = [], {}
-        for o, (stage, k) in self.loop.items():
-            if self.values[o].kind != "row":
-                continue
-            read = [(s, lp) for s, lp, n in readers if o in n.inputs]
-            if any(s > stage for s, _ in read):
-                self.keep.append(o)
-            if any(s == stage and lp is not None and lp[1] != k for s, lp in read):
-                self.temps.setdefault(stage, []).append(o)
+        read_by = {v: [n for n in self.nodes if v in n.inputs] for v in self.values}
+        self.keep = [o for o, (s, _) in self.loop.items() if self.values[o].kind == "row"
+                     and any(self.values[n.outputs[0]].stage > s and n.outputs[0] in self.loop for n in read_by[o])]
+        self.temps = [o for o, (s, k) in self.loop.items() if self.values[o].kind == "row"
+                      and any(self.loop.get(n.outputs[0], (s, k))[0] == s and self.loop[n.outputs[0]][1] != k
+                              for n in read_by[o] if n.outputs[0] in self.loop)]
+        self.means = [v for v, val in self.values.items() if val.kind == "mean"
+                      and any(n.outputs[0] in self.loop for n in read_by[v])]
+        self.sums = [n.outputs[0] for n in self.nodes if n.op_type == "ReduceMean"]
+        self.scalars = {i: k for k, i in enumerate(i for i, c in self.arrays.items() if c.size == 1)}
+        self.vectors = [i for i, c in self.arrays.items() if c.size > 1]
+        rows_out = [o for o in self.outputs if self.values[o].kind == "row"]
+        self.slots = ([("x", x) for x in self.names] + [("y", o) for o in rows_out] + [("kept", o) for o in self.keep]
+                      + [("mean", v) for v in self.means] + [("sum", v) for v in self.sums]
+                      + [("temp", o) for o in self.temps] + [("vector", v) for v in self.vectors]
+                      + [("table", t) for t in self.tables] + [("scalars", "")])
+        self.slot = {s: k for k, s in enumerate(self.slots)}
 
-    def _ref(self, name: str, at: tuple[int, int], tm: bool) -> str:
-        """How loop `at` (pass, loop) reads value `name`: at feature j of row r (token-
-        major) or at row i of feature j (feature-major)."""
-        e = "[j]" if tm else "[i]"
-        if name in self.names:
-            return f"x{self.names.index(name)}_{e}"
-        if name in self.arrays:
-            return f"k{list(self.arrays).index(name)}" + ("[j]" if _vector(self.arrays[name]) else "")
-        v, var = self.values[name], self.var[name]
-        if v.kind == "mean":
-            return var if tm else f"{var}[i]"
-        where = self.loop[name]
-        if where == at:
-            return var
-        return f"{var}_t{e}" if where[0] == at[0] else f"{var}_kept_{e}"
+    # --- IR ------------------------------------------------------------------------
 
-    def _expr(self, n: Node, at: tuple[int, int], tm: bool) -> str:
-        """The value of n's output, from its inputs as loop `at` reads them."""
-        a = [self._ref(i, at, tm) if i else "" for i in n.inputs]
-        op = n.op_type
+    def _load(self, name: str, k: int, into: str, bytes_in: dict) -> list[str]:
+        """Lines that load value `name` into %into, as loop k of its pass reads it."""
+        if name in self.scalars or name in self.vectors:
+            return []
+        if name in bytes_in:
+            return [f"  {into}.at = getelementptr i8, ptr %s{self.slot['x', name]}, i64 %x{k}",
+                    f"  {into} = load i8, ptr {into}.at, !llvm.access.group !0"]
+        where = ("x", name) if name in self.names else ("mean", name) if self.values[name].kind == "mean" else \
+            ("temp", name) if self.loop[name][1] != k and name in self.temps else ("kept", name)
+        index = {"x": f"%x{k}", "kept": f"%x{k}", "mean": f"%i{k}", "temp": f"%t{k}"}[where[0]]
+        return [f"  {into}.at = getelementptr float, ptr %s{self.slot[where]}, i64 {index}",
+                f"  {into} = load float, ptr {into}.at, !llvm.access.group !0"]
+
+    def _operand(self, name: str, here: set, k: int, v: str, bytes_in: dict) -> tuple[list[str], str]:
+        if name in self.scalars:
+            return [], f"%k{self.scalars[name]}"
+        if name in self.vectors:
+            return [], f"%vc{self.vectors.index(name)}"
+        if name in here:
+            return [], f"%v{self.index[name]}"
+        return self._load(name, k, v, bytes_in), v
+
+    def _op(self, n: Node, k: int, here: set, bytes_in: dict) -> list[str] | None:
+        """The lines computing n's output %v<i> in loop k; None where the kernel cannot
+        (arithmetic on bytes, which ONNX does in integers)."""
+        i = self.index[n.outputs[0]]
+        ins = [self._operand(x, here, k, f"%a{i}_{j}", bytes_in) for j, x in enumerate(n.inputs[:3]) if x]
+        lines = [line for ls, _ in ins for line in ls]
+        a = [op for _, op in ins]
+        byte = [x in bytes_in or (x in self.values and self.values[x].node is not None
+                                  and self.values[x].node.op_type == "QuantizeLinear") for x in n.inputs[:1]]
+        op, v = n.op_type, f"%v{i}"
+        if op not in ("DequantizeLinear", "Lookup") and byte[0]:
+            return None
         if op in SIGNS:
-            return f"{a[0]} {SIGNS[op]} {a[1]}"
+            return lines + [f"  {v} = f{SIGNS[op]} float {a[0]}, {a[1]}"]
         if op == "Pow":
-            return f"{a[0]} * {a[0]}"
+            return lines + [f"  {v} = fmul float {a[0]}, {a[0]}"]
         if op == "Sqrt":
-            return f"np.sqrt({a[0]})"
+            return lines + [f"  {v} = call float @llvm.sqrt.f32(float {a[0]})"]
         if op == "Lookup":
-            return f"k{list(self.arrays).index(n.outputs[0] + '::table')}[np.int32({a[0]}) & 255]"
-        scale, zero = f"np.float32({a[1]})", f"np.float32({a[2]})"
+            x = a[0]
+            if n.inputs[0] in bytes_in:
+                lines.append(f"  {v}.k = zext i8 {x} to i64")
+            else:
+                lines += [f"  {v}.q = fptosi float {x} to i32", f"  {v}.b = and i32 {v}.q, 255",
+                          f"  {v}.k = zext i32 {v}.b to i64"]
+            return lines + [f"  {v}.at = getelementptr float, ptr %s{self.slot['table', n.outputs[0]]}, i64 {v}.k",
+                            f"  {v} = load float, ptr {v}.at, !llvm.access.group !0"]
+        x, scale, zero = a
         if op == "DequantizeLinear":
-            return f"(np.float32({a[0]}) - {zero}) * {scale}"
+            if n.inputs[0] in bytes_in:
+                lines.append(f"  {v}.f = {'sitofp' if bytes_in[n.inputs[0]] == np.int8 else 'uitofp'} i8 {x} to float")
+                x = f"{v}.f"
+            return lines + [f"  {v}.d = fsub float {x}, {zero}", f"  {v} = fmul float {v}.d, {scale}"]
         info = np.iinfo(self.arrays[n.inputs[2]].dtype)
-        q = f"quantized({a[0]}, {scale}, {zero}, np.float32({info.min}), np.float32({info.max}))"
-        return q if op == "QuantizeLinear" else f"({q} - {zero}) * {scale}"
-
-    def _cast(self, o: str) -> str:
-        return "np.int32" if self.types[o] != np.float32 else ""
-
-    def _body(self, stage: int, k: int, tm: bool, pad: str) -> list[str]:
-        """The statements of loop k of pass `stage`, one element's."""
-        e, out = "[j]" if tm else "[i]", []
-        for n in self.loops[stage][k]:
-            o, v = n.outputs[0], self.var[n.outputs[0]]
-            if n.op_type == "ReduceMean":
-                x = self._ref(n.inputs[0], (stage, k), tm)
-                out.append(f"{pad}{v}_in_[j] = {x}" if tm else f"{pad}{v}_part_[i] += np.float64({x})")
-                continue
-            out.append(f"{pad}{v} = {self._expr(n, (stage, k), tm)}")
-            if o in self.temps.get(stage, []):
-                out.append(f"{pad}{v}_t{e} = {v}")
-            if o in self.keep:
-                out.append(f"{pad}{v}_kept_{e} = {v}")
-            if o in self.outputs:
-                out.append(f"{pad}y{self.outputs.index(o)}_{e} = {self._cast(o)}({v})")
-        return out
-
-    def _pass(self, stage: int, tm: bool, pad: str) -> list[str]:
-        """One pass over the row(s): the values once per row (of means and constants), the
-        loops over the elements, and the means it ends. Token-major, a row's pass;
-        feature-major, the features in blocks on every thread, then the means' sums."""
-        var, lines = self.var, []
-        for n in self.nodes:
-            o = n.outputs[0]
-            if self.values[o].stage == stage and self.values[o].kind == "mean" and n.op_type != "ReduceMean":
-                e = self._expr(n, (stage, -1), tm)
-                lines += [f"{pad}{var[o]} = {e}"] if tm else [f"{pad}for i in range(rows):", f"{pad}    {var[o]}[i] = {e}"]
-        means = [var[n.outputs[0]] for n in self.nodes
-                 if n.op_type == "ReduceMean" and self.values[n.outputs[0]].stage == stage]
-        if tm:
-            for k in range(len(self.loops[stage])):
-                lines += [f"{pad}for j in range(n):"] + self._body(stage, k, tm, pad + "    ")
-            lines += [f"{pad}{v} = np.float32(np.float32(total64({v}_in_)) / nf)" for v in means]
-            return lines
-        if self.loops[stage]:
-            sliced = [f"x{k}" for k in range(len(self.names))] + [
-                f"y{k}" for k, o in enumerate(self.outputs) if self.values[o].kind == "row"] + [
-                f"{var[o]}_kept" for o in self.keep]
-            lines += [f"{pad}{v}_part = np.zeros((blocks, rows), np.float64)" for v in means]
-            lines += [f"{pad}for b in prange(blocks):"]
-            lines += [f"{pad}    {var[o]}_t = np.empty(rows, np.float32)" for o in self.temps.get(stage, [])]
-            lines += [f"{pad}    {v}_part_ = {v}_part[b]" for v in means]
-            lines += [f"{pad}    for j in range(b * {BLOCK}, min(n, (b + 1) * {BLOCK})):"]
-            lines += [f"{pad}        {a}_ = {a}[j]" for a in sliced]
-            for k in range(len(self.loops[stage])):
-                lines += [f"{pad}        for i in range(rows):"] + self._body(stage, k, tm, pad + "            ")
-        for v in means:  # each block's sums, added
-            lines += [f"{pad}for i in range(rows):", f"{pad}    total = 0.0", f"{pad}    for b in range(blocks):",
-                      f"{pad}        total += {v}_part[b, i]",
-                      f"{pad}    {v}[i] = np.float32(np.float32(total) / nf)"]
+        lines += [f"  {v}.d = fdiv float {x}, {scale}", f"  {v}.r = call float @llvm.roundeven.f32(float {v}.d)",
+                  f"  {v}.z = fadd float {v}.r, {zero}", f"  {v}.nan = fcmp uno float {v}.z, {v}.z",
+                  f"  {v}.n = select i1 {v}.nan, float 0.0, float {v}.z",
+                  f"  {v}.lo = call float @llvm.maxnum.f32(float {v}.n, float {_lit(info.min)})",
+                  f"  {v}{'' if op == 'QuantizeLinear' else '.q'} = call float @llvm.minnum.f32("
+                  + f"float {v}.lo, float {_lit(info.max)})"]
+        if op == "FakeQuantize":
+            lines += [f"  {v}.s = fsub float {v}.q, {zero}", f"  {v} = fmul float {v}.s, {scale}"]
         return lines
 
-    def source(self, major: str) -> str:
-        """The kernel's text; `major` "token" (inputs [rows, n]) or "feature" ([n, rows])."""
-        tm = major == "token"
-        self._plan()
-        means = [self.var[n.outputs[0]] for n in self.nodes if n.op_type == "ReduceMean"]
-        args = [f"x{k}" for k in range(len(self.names))] + [f"k{k}" for k in range(len(self.arrays))] + \
-            [f"y{k}" for k in range(len(self.outputs))]
-        lines = ["@njit(parallel=True, nogil=True, cache=True)",
-                 f"def rows(rows, n, {', '.join(args)}):",
-                 "    nf = np.float32(n)"]
-        scratch = [f"{self.var[o]}_kept" for o in self.keep]
-        if tm:
-            pad = "        "
-            lines.append("    for r in prange(rows):")
-            temps = [f"{self.var[o]}_t" for t in self.temps.values() for o in t]
-            lines += [f"{pad}{a}_ = np.empty(n, np.float32)" for a in scratch + [f"{v}_in" for v in means]]
-            lines += [f"{pad}{a} = np.empty(n, np.float32)" for a in temps]
-            lines += [f"{pad}x{k}_ = x{k}[r]" for k in range(len(self.names))]
-            lines += [f"{pad}y{k}_ = y{k}[r]" for k, o in enumerate(self.outputs) if self.values[o].kind == "row"]
-        else:
-            pad = "    "
-            lines.append(f"{pad}blocks = (n + {BLOCK} - 1) // {BLOCK}")
-            lines += [f"{pad}{a} = np.empty((n, rows), np.float32)" for a in scratch]
-            lines += [f"{pad}{self.var[n.outputs[0]]} = np.empty(rows, np.float32)" for n in self.nodes
-                      if self.values[n.outputs[0]].kind == "mean"]
+    def _stores(self, o: str, k: int) -> list[str]:
+        """Where loop k puts the value %v<i> it made: output, kept array, temporary, sum."""
+        v, lines = f"%v{self.index[o]}", []
+        if o in self.temps:
+            lines += [f"  {v}.tat = getelementptr float, ptr %s{self.slot['temp', o]}, i64 %t{k}",
+                      f"  store float {v}, ptr {v}.tat, !llvm.access.group !0"]
+        if o in self.keep:
+            lines += [f"  {v}.kat = getelementptr float, ptr %s{self.slot['kept', o]}, i64 %x{k}",
+                      f"  store float {v}, ptr {v}.kat, !llvm.access.group !0"]
+        if ("y", o) in self.slot:
+            if self.types[o] == np.float32:
+                lines += [f"  {v}.yat = getelementptr float, ptr %s{self.slot['y', o]}, i64 %x{k}",
+                          f"  store float {v}, ptr {v}.yat, !llvm.access.group !0"]
+            else:
+                lines += [f"  {v}.yi = fptosi float {v} to i32", f"  {v}.yb = trunc i32 {v}.yi to i8",
+                          f"  {v}.yat = getelementptr i8, ptr %s{self.slot['y', o]}, i64 %x{k}",
+                          f"  store i8 {v}.yb, ptr {v}.yat, !llvm.access.group !0"]
+        return lines
+
+    def _pass_ir(self, stage: int, bytes_in: dict, loop_ids: list) -> list[str] | None:
+        sig = Signature(f"pass{stage}", ROWS.args)
+        lines = [sig.define(), "entry:"]
+        for k, _ in enumerate(self.slots):
+            lines += [f"  %s{k}.at = getelementptr i64, ptr %p, i64 {k}", f"  %s{k}.i = load i64, ptr %s{k}.at",
+                      f"  %s{k} = inttoptr i64 %s{k}.i to ptr"]
+        for name, k in self.scalars.items():
+            lines += [f"  %k{k}.at = getelementptr float, ptr %s{self.slot['scalars', '']}, i64 {k}",
+                      f"  %k{k} = load float, ptr %k{k}.at"]
+        lines += ["  %crow = mul i64 %slot, %rows", "  br label %jhead", "jhead:",
+                  "  %j = phi i64 [ %j0, %entry ], [ %jnext, %jlatch ]", "  %jmore = icmp slt i64 %j, %j1",
+                  "  br i1 %jmore, label %jbody, label %exit", "jbody:", "  %jrow = mul i64 %j, %rows"]
+        for k, name in enumerate(self.vectors):
+            lines += [f"  %vc{k}.at = getelementptr float, ptr %s{self.slot['vector', name]}, i64 %j",
+                      f"  %vc{k} = load float, ptr %vc{k}.at"]
+        before = "jbody"
+        for k, loop in enumerate(self.loops[stage]):
+            m = len(loop_ids)
+            loop_ids.append(m)
+            lines += [f"  br label %l{k}.head", f"l{k}.head:",
+                      f"  %i{k} = phi i64 [ 0, %{before} ], [ %i{k}.next, %l{k}.body ]",
+                      f"  %l{k}.more = icmp slt i64 %i{k}, %rows", f"  br i1 %l{k}.more, label %l{k}.body, label %l{k}.done",
+                      f"l{k}.body:", f"  %x{k} = add i64 %jrow, %i{k}", f"  %t{k} = add i64 %crow, %i{k}"]
+            here: set[str] = set()
+            for n in loop:
+                o = n.outputs[0]
+                if n.op_type == "ReduceMean":
+                    x = n.inputs[0]
+                    if x in bytes_in or (x in self.values and self.values[x].node is not None
+                                         and self.values[x].node.op_type == "QuantizeLinear"):
+                        return None
+                    ld, a = self._operand(x, here, k, f"%m{self.index[o]}", bytes_in)
+                    s = f"%sum{self.index[o]}"
+                    lines += ld + [f"  {s}.at = getelementptr double, ptr %s{self.slot['sum', o]}, i64 %t{k}",
+                                   f"  {s}.old = load double, ptr {s}.at, !llvm.access.group !0",
+                                   f"  {s}.x = fpext float {a} to double", f"  {s}.new = fadd double {s}.old, {s}.x",
+                                   f"  store double {s}.new, ptr {s}.at, !llvm.access.group !0"]
+                    continue
+                got = self._op(n, k, here, bytes_in)
+                if got is None:
+                    return None
+                lines += got + self._stores(o, k)
+                here.add(o)
+            lines += [f"  %i{k}.next = add i64 %i{k}, 1", f"  br label %l{k}.head, !llvm.loop !{2 * m + 1}",
+                      f"l{k}.done:"]
+            before = f"l{k}.done"
+        lines += ["  br label %jlatch", "jlatch:", "  %jnext = add i64 %j, 1", "  br label %jhead", "exit:",
+                  "  ret void", "}", ""]
+        return lines
+
+    def source(self, bytes_in: dict) -> str | None:
+        """The IR of the passes (`pass<stage>`, those that loop), for inputs of which
+        `bytes_in` are 8-bit (name → type); None where the kernel cannot run them."""
+        self.index = {n.outputs[0]: i for i, n in enumerate(self.nodes)}
+        body, loop_ids = [f"; sparsejit generated kernel: a row group ({' '.join(n.op_type for n in self.nodes)})"], []
         for stage in range(self.stages):
-            lines += self._pass(stage, tm, pad)
-        for k, o in enumerate(self.outputs):
-            if self.values[o].kind == "mean":
-                v = self.var[o]
-                lines += [f"{pad}y{k}[r, 0] = {self._cast(o)}({v})"] if tm else [
-                    f"{pad}for i in range(rows):", f"{pad}    y{k}[0, i] = {self._cast(o)}({v}[i])"]
-        head = (f"# sparsejit generated kernel: a row group ({' '.join(n.op_type for n in self.nodes)}), "
-                f"{major}-major\nimport numpy as np\nfrom numba import njit, prange\n\n\n")
-        return head + HELPERS + "\n\n" + "\n".join(lines) + "\n"
+            if self.loops[stage]:
+                got = self._pass_ir(stage, bytes_in, loop_ids)
+                if got is None:
+                    return None
+                body += got
+        meta = [f"!{2 * m + 1} = distinct !{{!{2 * m + 1}, !{2 * m + 2}}}\n"
+                f"!{2 * m + 2} = !{{!\"llvm.loop.parallel_accesses\", !0}}" for m in loop_ids]
+        return "\n".join(body) + _DECLARES + "\n".join(meta) + "\n"
+
+    def _passes(self, bytes_in: dict) -> list | None:
+        key = tuple(sorted((k, np.dtype(v).str) for k, v in bytes_in.items()))
+        if key not in self._compiled:
+            src = self.source(bytes_in)
+            engine = None if src is None else ir_engine(src)
+            self._compiled[key] = None if engine is None else [
+                engine.get_function_address(f"pass{s}") if self.loops[s] else 0 for s in range(self.stages)]
+        return self._compiled[key]
 
     # --- running -------------------------------------------------------------------
 
@@ -358,33 +416,47 @@ class RowKernel:
         return full
 
     def __call__(self, *inputs: np.ndarray) -> tuple | None:
-        """The outputs, each in the layout the inputs mostly have; None where the kernel
+        """The outputs, written feature-major (reversed C order); None where the kernel
         does not cover the inputs (see _broadcast; another type, a constant of another
-        length, no elements)."""
+        length, no elements, arithmetic on bytes)."""
         shape = inputs[0].shape if all(x.shape == inputs[0].shape for x in inputs) else self._broadcast(inputs)
         if shape is None or not shape or any(x.dtype not in (np.float32, *BYTES) for x in inputs):
             return None
         n, rows = shape[-1], int(np.prod(shape[:-1]))
-        if n == 0 or rows == 0 or any(c.size not in (1, n) for k, c in self.arrays.items() if not k.endswith("::table")):
+        if n == 0 or rows == 0 or any(c.size not in (1, n) for c in self.arrays.values()):
             return None
-        inputs = tuple(x if x.shape == shape else np.broadcast_to(x, shape) for x in inputs)
-        feature = 2 * sum(not x.flags.c_contiguous and x.T.flags.c_contiguous for x in inputs) >= len(inputs) \
-            and len(shape) > 1
-        major = "feature" if feature else "token"
-        fn = self._compiled.get(major)
-        if fn is None:
-            fn = self._compiled[major] = load_source(self.source(major)).rows
-        if feature:
-            xs = [(x.T if x.T.flags.c_contiguous else np.ascontiguousarray(x.T)).reshape(n, rows) for x in inputs]
-            mems = [np.empty(shape[::-1] if self.values[o].kind == "row" else (1, *shape[-2::-1]), self.types[o])
-                    for o in self.outputs]
-            flat = [m.reshape(n, rows) if self.values[o].kind == "row" else m.reshape(1, rows)
-                    for m, o in zip(mems, self.outputs)]
-            outs = [m.T for m in mems]
-        else:
-            xs = [np.ascontiguousarray(x).reshape(rows, n) for x in inputs]
-            outs = [np.empty(shape if self.values[o].kind == "row" else (*shape[:-1], 1), self.types[o])
-                    for o in self.outputs]
-            flat = [m.reshape(rows, -1) for m in outs]
-        fn(rows, n, *xs, *(_passed(c) for c in self.arrays.values()), *flat)
-        return tuple(outs)
+        passes = self._passes({x: v.dtype for x, v in zip(self.names, inputs) if v.dtype in BYTES})
+        if passes is None:
+            return None
+        parts = threads()
+        arrays = {("x", x): (v.T if v.shape == shape and v.T.flags.c_contiguous else
+                             np.ascontiguousarray(np.broadcast_to(v, shape).T)).reshape(n, rows)
+                  for x, v in zip(self.names, inputs)}
+        outs = {o: np.empty(shape[::-1], self.types[o]) for o in self.outputs if self.values[o].kind == "row"}
+        arrays.update({("y", o): m.reshape(n, rows) for o, m in outs.items()})
+        arrays.update({("kept", o): np.empty((n, rows), np.float32) for o in self.keep})
+        arrays.update({("mean", v): np.empty(rows, np.float32) for v in self.means})
+        arrays.update({("sum", v): np.zeros((parts, rows), np.float64) for v in self.sums})
+        arrays.update({("temp", o): np.empty((parts, rows), np.float32) for o in self.temps})
+        arrays.update({("vector", v): np.ascontiguousarray(self.arrays[v].reshape(-1), np.float32)
+                       for v in self.vectors})
+        arrays.update({("table", t): np.ascontiguousarray(table) for t, table in self.tables.items()})
+        arrays["scalars", ""] = np.array([self.arrays[i].reshape(-1)[0] for i in self.scalars], np.float32)
+        p = np.array([arrays[s].ctypes.data for s in self.slots], np.int64)
+        driver = load_source(ROWS_DRIVER).run_row_group
+        env: dict[str, np.ndarray] = {}
+        for stage in range(self.stages):
+            for node in self.once.get(stage, []):  # one per row: of means and constants, on numpy
+                args = [env[i] if i in env else self.arrays.get(i) if i else None for i in node.inputs]
+                env[node.outputs[0]] = reference_op(node, args, self.opset)
+            for v in self.means:
+                if v in env and self.values[v].stage <= stage:
+                    arrays["mean", v][:] = env[v].reshape(-1)
+            if passes[stage]:
+                run(driver, ROWS, parts, 1, passes[stage], p, rows, n)
+            for v in self.sums:
+                if self.values[v].stage == stage:
+                    env[v] = arrays["sum", v].sum(axis=0).astype(np.float32) / np.float32(n)
+        means = {o: env[o].astype(self.types[o]).reshape((1, *shape[-2::-1])).T for o in self.outputs
+                 if self.values[o].kind == "mean"}
+        return tuple(outs[o].T if o in outs else means[o] for o in self.outputs)

@@ -594,7 +594,7 @@ def row_group_step(node: Node, p: Planning) -> Step:
     """A RowGroup on its kernel where the kernel covers the inputs, else op by op: each on
     its own kernel where it has one, which computes what the group's reference does."""
     a = node.attrs
-    kernel = rows.RowKernel(a["nodes"], a["names"], a["outputs"], a["consts"])
+    kernel = rows.RowKernel(a["nodes"], a["names"], a["outputs"], a["consts"], p.opset)
     own = {id(m): elementwise_step(m, p).run for m in a["nodes"] if m.op_type in ELEMENTWISE}
 
     def one(m: Node, args: list) -> np.ndarray:
