@@ -162,6 +162,16 @@ declare float @llvm.sqrt.f32(float)
 """
 
 
+def _laid(v: np.ndarray, shape: tuple, token: bool) -> np.ndarray:
+    """v broadcast to `shape`, as the kernel reads it: [rows, n] token-major, [n, rows]
+    feature-major, C order (a view where v lies so)."""
+    n = shape[-1]
+    if token:
+        return np.ascontiguousarray(np.broadcast_to(v, shape)).reshape(-1, n)
+    return (v.T if v.shape == shape and v.T.flags.c_contiguous else
+            np.ascontiguousarray(np.broadcast_to(v, shape).T)).reshape(n, -1)
+
+
 def _lit(x: float) -> str:
     """An integral float as an LLVM literal."""
     return f"{float(x):e}"
@@ -242,13 +252,16 @@ class RowKernel:
                     f"  {into} = load i8, ptr {into}.at, !llvm.access.group !0"]
         where = ("x", name) if name in self.names else ("mean", name) if self.values[name].kind == "mean" else \
             ("temp", name) if self.loop[name][1] != k and name in self.temps else ("kept", name)
-        index = {"x": f"%x{k}", "kept": f"%x{k}", "mean": f"%i{k}", "temp": f"%t{k}"}[where[0]]
+        index = {"x": f"%x{k}", "kept": f"%x{k}", "mean": "%j" if self.token else f"%i{k}", "temp": f"%t{k}"}[where[0]]
         return [f"  {into}.at = getelementptr float, ptr %s{self.slot[where]}, i64 {index}",
                 f"  {into} = load float, ptr {into}.at, !llvm.access.group !0"]
 
     def _operand(self, name: str, here: set, k: int, v: str, bytes_in: dict) -> tuple[list[str], str]:
         if name in self.scalars:
             return [], f"%k{self.scalars[name]}"
+        if name in self.vectors and self.token:  # (along the loop)
+            return [f"  {v}.at = getelementptr float, ptr %s{self.slot['vector', name]}, i64 %i{k}",
+                    f"  {v} = load float, ptr {v}.at, !llvm.access.group !0"], v
         if name in self.vectors:
             return [], f"%vc{self.vectors.index(name)}"
         if name in here:
@@ -330,15 +343,18 @@ class RowKernel:
         lines += ["  %crow = mul i64 %slot, %rows", "  br label %jhead", "jhead:",
                   "  %j = phi i64 [ %j0, %entry ], [ %jnext, %jlatch ]", "  %jmore = icmp slt i64 %j, %j1",
                   "  br i1 %jmore, label %jbody, label %exit", "jbody:", "  %jrow = mul i64 %j, %rows"]
-        for k, name in enumerate(self.vectors):
+        for k, name in enumerate([] if self.token else self.vectors):  # (one per feature: the loop's)
             lines += [f"  %vc{k}.at = getelementptr float, ptr %s{self.slot['vector', name]}, i64 %j",
                       f"  %vc{k} = load float, ptr %vc{k}.at"]
         before = "jbody"
         for k, loop in enumerate(self.loops[stage]):
             m = len(loop_ids)
             loop_ids.append(m)
+            sums = [f"%sum{self.index[n.outputs[0]]}" for n in loop if n.op_type == "ReduceMean"]
             lines += [f"  br label %l{k}.head", f"l{k}.head:",
-                      f"  %i{k} = phi i64 [ 0, %{before} ], [ %i{k}.next, %l{k}.body ]",
+                      f"  %i{k} = phi i64 [ 0, %{before} ], [ %i{k}.next, %l{k}.body ]"]
+            lines += [f"  {s} = phi double [ 0.0, %{before} ], [ {s}.new, %l{k}.body ]" for s in sums if self.token]
+            lines += [
                       f"  %l{k}.more = icmp slt i64 %i{k}, %rows", f"  br i1 %l{k}.more, label %l{k}.body, label %l{k}.done",
                       f"l{k}.body:", f"  %x{k} = add i64 %jrow, %i{k}", f"  %t{k} = add i64 %crow, %i{k}"]
             here: set[str] = set()
@@ -351,6 +367,10 @@ class RowKernel:
                         return None
                     ld, a = self._operand(x, here, k, f"%m{self.index[o]}", bytes_in)
                     s = f"%sum{self.index[o]}"
+                    if self.token:  # the row's sum in the loop (its order free: see the module's note)
+                        lines += ld + [f"  {s}.x = fpext float {a} to double",
+                                       f"  {s}.new = fadd reassoc double {s}, {s}.x"]
+                        continue
                     lines += ld + [f"  {s}.at = getelementptr double, ptr %s{self.slot['sum', o]}, i64 %t{k}",
                                    f"  {s}.old = load double, ptr {s}.at, !llvm.access.group !0",
                                    f"  {s}.x = fpext float {a} to double", f"  {s}.new = fadd double {s}.old, {s}.x",
@@ -363,15 +383,21 @@ class RowKernel:
                 here.add(o)
             lines += [f"  %i{k}.next = add i64 %i{k}, 1", f"  br label %l{k}.head, !llvm.loop !{2 * m + 1}",
                       f"l{k}.done:"]
+            for s in sums if self.token else []:  # (row j's own slot of the first part's sums)
+                o = next(n.outputs[0] for n in loop if f"%sum{self.index[n.outputs[0]]}" == s)
+                lines += [f"  {s}.at = getelementptr double, ptr %s{self.slot['sum', o]}, i64 %j",
+                          f"  store double {s}, ptr {s}.at"]
             before = f"l{k}.done"
         lines += ["  br label %jlatch", "jlatch:", "  %jnext = add i64 %j, 1", "  br label %jhead", "exit:",
                   "  ret void", "}", ""]
         return lines
 
-    def source(self, bytes_in: dict) -> str | None:
+    def source(self, bytes_in: dict, token: bool = False) -> str | None:
         """The IR of the passes (`pass<stage>`, those that loop), for inputs of which
-        `bytes_in` are 8-bit (name → type); None where the kernel cannot run them."""
-        self.index = {n.outputs[0]: i for i, n in enumerate(self.nodes)}
+        `bytes_in` are 8-bit (name → type), `token`-major (each part takes rows, a loop
+        runs along a row) or feature-major (each part takes features, a loop runs along a
+        feature's tokens); None where the kernel cannot run them."""
+        self.index, self.token = {n.outputs[0]: i for i, n in enumerate(self.nodes)}, token
         body, loop_ids = [f"; sparsejit generated kernel: a row group ({' '.join(n.op_type for n in self.nodes)})"], []
         for stage in range(self.stages):
             if self.loops[stage]:
@@ -383,10 +409,10 @@ class RowKernel:
                 f"!{2 * m + 2} = !{{!\"llvm.loop.parallel_accesses\", !0}}" for m in loop_ids]
         return "\n".join(body) + _DECLARES + "\n".join(meta) + "\n"
 
-    def _passes(self, bytes_in: dict) -> list | None:
-        key = tuple(sorted((k, np.dtype(v).str) for k, v in bytes_in.items()))
+    def _passes(self, bytes_in: dict, token: bool) -> list | None:
+        key = (token, *sorted((k, np.dtype(v).str) for k, v in bytes_in.items()))
         if key not in self._compiled:
-            src = self.source(bytes_in)
+            src = self.source(bytes_in, token)
             engine = None if src is None else ir_engine(src)
             self._compiled[key] = None if engine is None else [
                 engine.get_function_address(f"pass{s}") if self.loops[s] else 0 for s in range(self.stages)]
@@ -416,28 +442,31 @@ class RowKernel:
         return full
 
     def __call__(self, *inputs: np.ndarray) -> tuple | None:
-        """The outputs, written feature-major (reversed C order); None where the kernel
-        does not cover the inputs (see _broadcast; another type, a constant of another
-        length, no elements, arithmetic on bytes)."""
+        """The outputs, written feature-major (reversed C order, a Linear kernel's at
+        a batch's tokens) where every input of the full shape is so, else token-major (C
+        order; a Linear kernel reads that faster than either at many tokens); None where
+        the kernel does not cover the inputs (see _broadcast; another type, a constant of
+        another length, no elements, arithmetic on bytes)."""
         shape = inputs[0].shape if all(x.shape == inputs[0].shape for x in inputs) else self._broadcast(inputs)
         if shape is None or not shape or any(x.dtype not in (np.float32, *BYTES) for x in inputs):
             return None
         n, rows = shape[-1], int(np.prod(shape[:-1]))
         if n == 0 or rows == 0 or any(c.size not in (1, n) for c in self.arrays.values()):
             return None
-        passes = self._passes({x: v.dtype for x, v in zip(self.names, inputs) if v.dtype in BYTES})
+        full = [x for x in inputs if x.shape == shape]
+        token = len(shape) == 1 or not all(x.T.flags.c_contiguous and not x.flags.c_contiguous for x in full)
+        passes = self._passes({x: v.dtype for x, v in zip(self.names, inputs) if v.dtype in BYTES}, token)
         if passes is None:
             return None
-        parts = threads()
-        arrays = {("x", x): (v.T if v.shape == shape and v.T.flags.c_contiguous else
-                             np.ascontiguousarray(np.broadcast_to(v, shape).T)).reshape(n, rows)
-                  for x, v in zip(self.names, inputs)}
-        outs = {o: np.empty(shape[::-1], self.types[o]) for o in self.outputs if self.values[o].kind == "row"}
-        arrays.update({("y", o): m.reshape(n, rows) for o, m in outs.items()})
-        arrays.update({("kept", o): np.empty((n, rows), np.float32) for o in self.keep})
+        parts, (outer, inner) = threads(), ((rows, n) if token else (n, rows))
+        arrays = {("x", x): _laid(v, shape, token) for x, v in zip(self.names, inputs)}
+        outs = {o: np.empty(shape if token else shape[::-1], self.types[o]) for o in self.outputs
+                if self.values[o].kind == "row"}
+        arrays.update({("y", o): m.reshape(outer, inner) for o, m in outs.items()})
+        arrays.update({("kept", o): np.empty((outer, inner), np.float32) for o in self.keep})
         arrays.update({("mean", v): np.empty(rows, np.float32) for v in self.means})
         arrays.update({("sum", v): np.zeros((parts, rows), np.float64) for v in self.sums})
-        arrays.update({("temp", o): np.empty((parts, rows), np.float32) for o in self.temps})
+        arrays.update({("temp", o): np.empty((parts, inner), np.float32) for o in self.temps})
         arrays.update({("vector", v): np.ascontiguousarray(self.arrays[v].reshape(-1), np.float32)
                        for v in self.vectors})
         arrays.update({("table", t): np.ascontiguousarray(table) for t, table in self.tables.items()})
@@ -453,10 +482,11 @@ class RowKernel:
                 if v in env and self.values[v].stage <= stage:
                     arrays["mean", v][:] = env[v].reshape(-1)
             if passes[stage]:
-                run(driver, ROWS, parts, 1, passes[stage], p, rows, n)
+                run(driver, ROWS, parts, 1, passes[stage], p, inner, outer)
             for v in self.sums:
                 if self.values[v].stage == stage:
                     env[v] = arrays["sum", v].sum(axis=0).astype(np.float32) / np.float32(n)
-        means = {o: env[o].astype(self.types[o]).reshape((1, *shape[-2::-1])).T for o in self.outputs
-                 if self.values[o].kind == "mean"}
-        return tuple(outs[o].T if o in outs else means[o] for o in self.outputs)
+        means = {o: env[o].astype(self.types[o]).reshape((*shape[:-1], 1)) if token else
+                 env[o].astype(self.types[o]).reshape((1, *shape[-2::-1])).T
+                 for o in self.outputs if self.values[o].kind == "mean"}
+        return tuple((outs[o] if token else outs[o].T) if o in outs else means[o] for o in self.outputs)
