@@ -100,23 +100,28 @@ def top_byte(qr, value, flip):
     return np.int64(best ^ f)
 
 
+@njit(inline="always")
+def softmax_row(qr, value, table, flip, es, scale, zero, lo, hi, less, out):
+    # out[i] = the softmax of the row of bytes qr, quantized, less `less`: its top byte
+    # (top_byte), e = table[top, b] = exp(value[b] - value[top]) (es: room for them), their
+    # float64 sum rounded to float32, e / sum
+    e = table[top_byte(qr, value, flip)]
+    for i in range(qr.size):
+        es[i] = e[qr[i]]
+    t = np.float32(total64(es))
+    for i in range(qr.size):
+        out[i] = np.int32(quantized(np.float32(es[i] / t), scale, zero, lo, hi)) - less
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def qsoftmax(q, value, table, flip, out_scale, out_zero, lo, hi, out):
-    # each row of bytes q [rows, n]: its top byte (top_byte), e = table[top, b] =
-    # exp(value[b] - value[top]), their float64 sum rounded to float32, e / sum, quantized
+    # each row of bytes q [rows, n] (softmax_row)
     rows, n = q.shape
     per_task = max(1, CHUNK // max(1, n))
     for c in prange((rows + per_task - 1) // per_task):
         es = np.empty(n, np.float32)
         for r in range(c * per_task, min(rows, (c + 1) * per_task)):
-            qr = q[r]
-            e = table[top_byte(qr, value, flip)]
-            for i in range(n):
-                es[i] = e[qr[i]]
-            t = np.float32(total64(es))
-            ys = out[r]
-            for i in range(n):
-                ys[i] = np.int32(quantized(np.float32(es[i] / t), out_scale, out_zero, lo, hi))
+            softmax_row(q[r], value, table, flip, es, out_scale, out_zero, lo, hi, 0, out[r])
 
 
 # QOperator attention, QLinearMatMul(q, kᵀ) → Lookup → + mask → QuantizeLinear → QSoftmax →
@@ -166,13 +171,7 @@ def qattention(q, kt, mask, v, qz, kz, vz, m1, z1, lo1, hi1, scores, s_scale, s_
                 f[j] = scores[byte[j]]
             for j in range(t):
                 qr[j] = np.int32(quantized(f[j] + mr[j], s_scale, s_zero, s_lo, s_hi)) & 255
-            e = table[top_byte(qr, value, flip)]
-            for j in range(t):
-                es[j] = e[qr[j]]
-            total = np.float32(total64(es))
-            pi = pc[i]
-            for j in range(t):
-                pi[j] = np.int32(quantized(np.float32(es[j] / total), p_scale, p_zero, p_lo, p_hi)) - pz
+            softmax_row(qr, value, table, flip, es, p_scale, p_zero, p_lo, p_hi, pz, pc[i])
         o = np.empty((rows, dv), vh.dtype)
         np.dot(pc, vh, o)
         for i in range(rows):
