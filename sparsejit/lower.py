@@ -218,7 +218,7 @@ class _RowGroups:
         self.members[id(n)] = [n]
 
 
-def _ordered(nodes: list[Node], before: dict[int, int]) -> list[Node]:
+def _ordered(nodes: list[Node]) -> list[Node]:
     """`nodes` in an order where each comes after what it reads, else as they were."""
     producer = {o: k for k, n in enumerate(nodes) for o in n.outputs}
     waiting = [sum(1 for i in set(n.inputs) if i in producer) for n in nodes]
@@ -227,16 +227,16 @@ def _ordered(nodes: list[Node], before: dict[int, int]) -> list[Node]:
         for i in set(n.inputs):
             if i in producer:
                 readers.setdefault(producer[i], []).append(k)
-    ready = [(before[k], k) for k in range(len(nodes)) if waiting[k] == 0]
+    ready = [k for k in range(len(nodes)) if waiting[k] == 0]
     heapq.heapify(ready)
     out = []
     while ready:
-        _, k = heapq.heappop(ready)
+        k = heapq.heappop(ready)
         out.append(nodes[k])
         for r in readers.get(k, []):
             waiting[r] -= 1
             if waiting[r] == 0:
-                heapq.heappush(ready, (before[r], r))
+                heapq.heappush(ready, r)
     return out
 
 
@@ -244,8 +244,9 @@ def fuse_rows(graph: Graph) -> Graph:
     """Groups of row ops (rows.row_op), each run by one RowKernel. Nodes are taken in
     order; each joins the groups it reads from (merged), or else one of them, where the
     group would not then read, through the nodes and groups outside it, what it writes.
-    The graph is then ordered again, each group where its last input is ready. A group of
-    one node stays as it was (its own kernel covers it), and so does arithmetic on shapes."""
+    Each group stands where its first node stood, moved later where what it reads comes
+    later. A group of one node stays as it was (its own kernel covers it), and so does
+    arithmetic on shapes."""
     consts, shapes = graph.constants, shape_only_values(graph)
     groups = _RowGroups(graph)
     for n in graph.nodes:
@@ -267,7 +268,7 @@ def fuse_rows(graph: Graph) -> Graph:
         gone |= inside
     nodes += [(groups.position[id(n)], n) for n in graph.nodes if id(n) not in gone]
     nodes.sort(key=lambda pn: pn[0])
-    return _with_nodes(graph, _ordered([n for _, n in nodes], {k: k for k in range(len(nodes))}))
+    return _with_nodes(graph, _ordered([n for _, n in nodes]))
 
 
 LOWERING = (group_linears, prepare_masks, mark_layouts, quantize_layernorms, fuse_rows)

@@ -852,3 +852,26 @@ def test_quantized_attention_kernel_is_its_reference(dtype):
     assert E._exact_floats(500, np.empty(0, dtype), pv[1], v, pv[3]) is np.float32
     per_axis = {**kw, "pv": [*pv[:2], np.full(dv, pv[2]), *pv[3:]]}
     assert E.qattention(q, kt, mask, v, **per_axis) is None
+
+
+def test_row_groups_never_read_what_they_write():
+    """lower.fuse_rows: a row op that reads its group's value and, through an op outside
+    the group, its group's value again (B, then Tanh(B), both into C) cannot join that
+    group (run as one, it would wait on itself): C starts a group of its own, after the
+    Tanh. The groups run what the graph says (float ops: bit for bit the reference)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = {"two": np.float32(2), "one": np.float32(1), "three": np.float32(3)}
+    nodes = [helper.make_node("Mul", ["x", "two"], ["a"]), helper.make_node("Sub", ["a", "one"], ["b"]),
+             helper.make_node("Tanh", ["b"], ["t"]), helper.make_node("Add", ["b", "t"], ["c"]),
+             helper.make_node("Mul", ["c", "three"], ["d"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 5, 24])],
+                              [helper.make_tensor_value_info("d", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in c.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    compiled, reference = sparsejit.load(model), sparsejit.load(model, mode="reference")
+    ops = [n.op_type for n in compiled.graph.nodes]
+    groups = [[m.outputs[0] for m in n.attrs["nodes"]] for n in compiled.graph.nodes if n.op_type == "RowGroup"]
+    assert ops == ["RowGroup", "Tanh", "RowGroup"] and groups == [["a", "b"], ["c", "d"]], (ops, groups)
+    x = np.random.default_rng(0).standard_normal((3, 5, 24)).astype(np.float32)
+    np.testing.assert_array_equal(compiled.run({"x": x})[0], reference.run({"x": x})[0])
