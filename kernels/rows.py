@@ -28,6 +28,7 @@ kernel of the same took 2 to 4 s to compile per group, this IR a fraction of tha
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -196,6 +197,7 @@ class RowKernel:
         self.types = {o: self._type(o) for o in outputs}
         self._plan()
         self._compiled: dict[tuple, list | None] = {}
+        self._lock = threading.Lock()
 
     def _type(self, name: str) -> np.dtype:
         n = self.values[name].node
@@ -410,12 +412,18 @@ class RowKernel:
         return "\n".join(body) + _DECLARES + "\n".join(meta) + "\n"
 
     def _passes(self, bytes_in: dict, token: bool) -> list | None:
+        """The passes' addresses for these inputs (made once; `source` keeps its layout on
+        the kernel while it writes, so under a lock: a model may run on several threads)."""
         key = (token, *sorted((k, np.dtype(v).str) for k, v in bytes_in.items()))
-        if key not in self._compiled:
-            src = self.source(bytes_in, token)
-            engine = None if src is None else ir_engine(src)
-            self._compiled[key] = None if engine is None else [
-                engine.get_function_address(f"pass{s}") if self.loops[s] else 0 for s in range(self.stages)]
+        found = self._compiled.get(key, False)
+        if found is not False:
+            return found
+        with self._lock:
+            if key not in self._compiled:
+                src = self.source(bytes_in, token)
+                engine = None if src is None else ir_engine(src)
+                self._compiled[key] = None if engine is None else [
+                    engine.get_function_address(f"pass{s}") if self.loops[s] else 0 for s in range(self.stages)]
         return self._compiled[key]
 
     # --- running -------------------------------------------------------------------

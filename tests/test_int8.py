@@ -875,3 +875,44 @@ def test_row_groups_never_read_what_they_write():
     assert ops == ["RowGroup", "Tanh", "RowGroup"] and groups == [["a", "b"], ["c", "d"]], (ops, groups)
     x = np.random.default_rng(0).standard_normal((3, 5, 24)).astype(np.float32)
     np.testing.assert_array_equal(compiled.run({"x": x})[0], reference.run({"x": x})[0])
+
+
+FUSED_AT_ONCE = """
+import sys, threading
+import numpy as np
+from conftest import make_inputs
+import sparsejit
+model = sparsejit.load(sys.argv[1], num_threads=2)
+ops = {n.op_type for n in model.graph.nodes}
+assert "RowGroup" in ops and (sys.argv[2] not in ops) == (sys.argv[3] == "0"), ops
+feeds = [make_inputs(model.input_names, b, seq, seed=seq) for b, seq in ((1, 19), (2, 37), (3, 64))]
+got = {}
+def worker(i):  # the first runs of each shape race to write each row kernel's IR
+    for r in range(10):
+        f = (i + r) % 3
+        got.setdefault(f, []).append(model.run(feeds[f]))
+threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+for t in threads: t.start()
+for t in threads: t.join()
+want = [model.run(f) for f in feeds]
+print(sum(not all(np.array_equal(a, b) for a, b in zip(out, want[f])) for f, outs in got.items() for out in outs))
+"""
+
+
+@pytest.mark.parametrize("file, attention", [("bert_block4_p90_int8_qoperator.onnx", 1),
+                                             ("bert_op14_p90_int8_qoperator.onnx", 0)])
+def test_a_qoperator_model_runs_in_several_threads_at_once(tmp_path, file, attention):
+    """Three threads running one QOperator model from its first run, on inputs of
+    different shapes and layouts: its RowGroup and QAttentionCore kernels give each input
+    what a lone run does, while the threads write their kernels. In a subprocess: a race
+    could crash."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SPARSEJIT_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-c", FUSED_AT_ONCE, str(INT8 / file), "QAttentionCore", str(attention)],
+                       capture_output=True, text=True, env=env, check=False, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[-1] == "0", p.stdout
