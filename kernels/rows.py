@@ -173,6 +173,11 @@ def _laid(v: np.ndarray, shape: tuple, token: bool) -> np.ndarray:
             np.ascontiguousarray(np.broadcast_to(v, shape).T)).reshape(n, -1)
 
 
+def _address(a: np.ndarray) -> int:
+    """a's data address (ndarray.ctypes.data makes a ctypes object per call)."""
+    return a.__array_interface__["data"][0]
+
+
 def _lit(x: float) -> str:
     """An integral float as an LLVM literal."""
     return f"{float(x):e}"
@@ -197,6 +202,12 @@ class RowKernel:
         self.types = {o: self._type(o) for o in outputs}
         self._plan()
         self._compiled: dict[tuple, list | None] = {}
+        # the constants as the kernel reads them, made once: kept here, their addresses passed
+        self._constants = {("vector", v): np.ascontiguousarray(self.arrays[v].reshape(-1), np.float32)
+                           for v in self.vectors}
+        self._constants.update({("table", t): np.ascontiguousarray(table) for t, table in self.tables.items()})
+        self._constants["scalars", ""] = np.array([self.arrays[i].reshape(-1)[0] for i in self.scalars], np.float32)
+        self._fixed = {s: _address(a) for s, a in self._constants.items()}
         self._lock = threading.Lock()
 
     def _type(self, name: str) -> np.dtype:
@@ -475,11 +486,7 @@ class RowKernel:
         arrays.update({("mean", v): np.empty(rows, np.float32) for v in self.means})
         arrays.update({("sum", v): np.zeros((parts, rows), np.float64) for v in self.sums})
         arrays.update({("temp", o): np.empty((parts, inner), np.float32) for o in self.temps})
-        arrays.update({("vector", v): np.ascontiguousarray(self.arrays[v].reshape(-1), np.float32)
-                       for v in self.vectors})
-        arrays.update({("table", t): np.ascontiguousarray(table) for t, table in self.tables.items()})
-        arrays["scalars", ""] = np.array([self.arrays[i].reshape(-1)[0] for i in self.scalars], np.float32)
-        p = np.array([arrays[s].ctypes.data for s in self.slots], np.int64)
+        p = np.array([_address(arrays[s]) if s in arrays else self._fixed[s] for s in self.slots], np.int64)
         driver = load_source(ROWS_DRIVER).run_row_group
         env: dict[str, np.ndarray] = {}
         for stage in range(self.stages):
