@@ -317,19 +317,19 @@ EACH = Signature("each", (
     ("x", "ptr"), ("out", "ptr"), ("i0", "i64"), ("i1", "i64"), ("scale", "float"), ("zero", "float"), ("lo", "float"),
     ("hi", "float"), ("table", "ptr")))
 
-# QuantizeLinear's value of float %v, still a float (%q2): clamp(roundeven(v / scale) +
-# zero, lo, hi), NaN giving 0 before the clamp, as `quantized` and lowp_ir.quantized
-_QUANTIZED = """\
-  %xp = getelementptr float, ptr %x, i64 %i
-  %v = load float, ptr %xp
-  %d = fdiv float %v, %scale
-  %r = call float @llvm.roundeven.f32(float %d)
-  %q = fadd float %r, %zero
-  %nan = fcmp uno float %q, %q
-  %q0 = select i1 %nan, float 0.0, float %q
-  %q1 = call float @llvm.maxnum.f32(float %q0, float %lo)
-  %q2 = call float @llvm.minnum.f32(float %q1, float %hi)
-"""
+def quantized_ir(out: str, x: str, scale: str, zero: str, lo: str, hi: str) -> str:
+    """IR lines making float `out` QuantizeLinear's value of float `x`, still a float:
+    clamp(roundeven(x / scale) + zero, lo, hi), NaN giving 0 before the clamp, as the
+    Numba kernels' `quantized` (lowp_ir.quantized is its vector twin)."""
+    return (f"  {out}.d = fdiv float {x}, {scale}\n  {out}.r = call float @llvm.roundeven.f32(float {out}.d)\n"
+            f"  {out}.z = fadd float {out}.r, {zero}\n  {out}.nan = fcmp uno float {out}.z, {out}.z\n"
+            f"  {out}.n = select i1 {out}.nan, float 0.0, float {out}.z\n"
+            f"  {out}.lo = call float @llvm.maxnum.f32(float {out}.n, float {lo})\n"
+            f"  {out} = call float @llvm.minnum.f32(float {out}.lo, float {hi})\n")
+
+
+_QUANTIZED = "  %xp = getelementptr float, ptr %x, i64 %i\n  %v = load float, ptr %xp\n" + \
+    quantized_ir("%q2", "%v", "%scale", "%zero", "%lo", "%hi")
 _STORE_FLOAT = "  %yp = getelementptr float, ptr %out, i64 %i\n  store float %y, ptr %yp\n"
 
 

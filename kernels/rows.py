@@ -37,6 +37,7 @@ import numpy as np
 from ..graph import Node
 from ..ops import evaluate, op
 from .compile import ir_engine, load_source, threads
+from .elementwise import quantized_ir
 from .ir import Signature
 from .launch import IMPORTS, part_ir, put_source, run  # noqa: F401 (part_ir: prebuild's BUILDS)
 
@@ -315,12 +316,8 @@ class RowKernel:
                 x = f"{v}.f"
             return lines + [f"  {v}.d = fsub float {x}, {zero}", f"  {v} = fmul float {v}.d, {scale}"]
         info = np.iinfo(self.arrays[n.inputs[2]].dtype)
-        lines += [f"  {v}.d = fdiv float {x}, {scale}", f"  {v}.r = call float @llvm.roundeven.f32(float {v}.d)",
-                  f"  {v}.z = fadd float {v}.r, {zero}", f"  {v}.nan = fcmp uno float {v}.z, {v}.z",
-                  f"  {v}.n = select i1 {v}.nan, float 0.0, float {v}.z",
-                  f"  {v}.lo = call float @llvm.maxnum.f32(float {v}.n, float {_lit(info.min)})",
-                  f"  {v}{'' if op == 'QuantizeLinear' else '.q'} = call float @llvm.minnum.f32("
-                  + f"float {v}.lo, float {_lit(info.max)})"]
+        q = v if op == "QuantizeLinear" else f"{v}.q"
+        lines += quantized_ir(q, x, scale, zero, _lit(info.min), _lit(info.max)).splitlines()
         if op == "FakeQuantize":
             lines += [f"  {v}.s = fsub float {v}.q, {zero}", f"  {v} = fmul float {v}.s, {scale}"]
         return lines
