@@ -16,14 +16,15 @@ float32 before the division by the row's length. That sum is exact but where the
 values span more than 29 bits of exponent, so its order does not matter, and
 `reference_rows`, each op on numpy in turn, gives the kernel's result bit for bit.
 
-The kernel works feature-major: a Linear kernel's output, [features, tokens] in memory,
-is read as it lies, and the outputs are written so (token-major inputs are transposed
-first). A part of the threads takes a range of features; a pass loops over a feature's
-tokens, in loops of their own where one gathers (a Lookup), so that the others
-vectorise; the loops are marked free of dependences between tokens, so LLVM vectorises
-them without checks. What is one per row (a mean, and what is made from means and
-constants alone) is made between the passes on numpy, by the reference ops. (A Numba
-kernel of the same took 2 to 4 s to compile per group, this IR a fraction of that.)
+A part of the threads takes a range of features (feature-major: a Linear kernel's
+output at a batch's tokens, [features, tokens] in memory, read as it lies) or of tokens
+(token-major, C order); the outputs are written the same way. A pass is a series of
+loops (along a feature's tokens, or a token's features), a Lookup (a gather, which
+keeps a loop scalar) in a loop of its own so that the others vectorise; the loops are marked free of dependences between their
+iterations, so LLVM vectorises them without checks. What is one per row (a mean, and
+what is made from means and constants alone) is made between the passes on numpy, by the
+reference ops. (Why IR and not Numba, and what each layout costs: bench/README.md,
+eighteenth session.)
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ ROW_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "FakeQuantize", "QuantizeL
            "ReduceMean")
 BYTES = (np.dtype(np.uint8), np.dtype(np.int8))
 SIGNS = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}  # (LLVM's f<sign>)
-
 
 
 def _const(consts: dict, name: str) -> np.ndarray | None:
@@ -85,7 +85,7 @@ def row_op(n: Node, consts: dict, opset: int) -> bool:
     op, cs = n.op_type, [_const(consts, i) for i in n.inputs]
     if op not in ROW_OPS or len(n.outputs) != 1 or cs[0] is not None:
         return False
-    if op in ("Add", "Sub", "Mul", "Div"):
+    if op in SIGNS:
         c = cs[1]
         return len(n.inputs) == 2 and (c is None or (c.dtype == np.float32 and (_scalar(c) or _vector(c))))
     if op == "Pow":
@@ -201,6 +201,7 @@ class RowKernel:
             self.values[n.outputs[0]] = _Value(kind, stage, n)
         self.stages = 1 + max(v.stage for v in self.values.values())
         self.types = {o: self._type(o) for o in outputs}
+        self.index = {n.outputs[0]: i for i, n in enumerate(nodes)}  # (its value is %v<i> in the IR)
         self._plan()
         self._compiled: dict[tuple, list | None] = {}
         # the constants as the kernel reads them, made once: kept here, their addresses passed
@@ -257,6 +258,11 @@ class RowKernel:
 
     # --- IR ------------------------------------------------------------------------
 
+    def _bytes(self, name: str, bytes_in: dict) -> bool:
+        """Whether value `name` is bytes: an 8-bit input, or a QuantizeLinear's output."""
+        v = self.values.get(name)
+        return name in bytes_in or (v is not None and v.node is not None and v.node.op_type == "QuantizeLinear")
+
     def _load(self, name: str, k: int, into: str, bytes_in: dict) -> list[str]:
         """Lines that load value `name` into %into, as loop k of its pass reads it."""
         if name in self.scalars or name in self.vectors:
@@ -289,10 +295,8 @@ class RowKernel:
         ins = [self._operand(x, here, k, f"%a{i}_{j}", bytes_in) for j, x in enumerate(n.inputs[:3]) if x]
         lines = [line for ls, _ in ins for line in ls]
         a = [op for _, op in ins]
-        byte = [x in bytes_in or (x in self.values and self.values[x].node is not None
-                                  and self.values[x].node.op_type == "QuantizeLinear") for x in n.inputs[:1]]
         op, v = n.op_type, f"%v{i}"
-        if op not in ("DequantizeLinear", "Lookup") and byte[0]:
+        if op not in ("DequantizeLinear", "Lookup") and self._bytes(n.inputs[0], bytes_in):
             return None
         if op in SIGNS:
             return lines + [f"  {v} = f{SIGNS[op]} float {a[0]}, {a[1]}"]
@@ -364,16 +368,15 @@ class RowKernel:
             lines += [f"  br label %l{k}.head", f"l{k}.head:",
                       f"  %i{k} = phi i64 [ 0, %{before} ], [ %i{k}.next, %l{k}.body ]"]
             lines += [f"  {s} = phi double [ 0.0, %{before} ], [ {s}.new, %l{k}.body ]" for s in sums if self.token]
-            lines += [
-                      f"  %l{k}.more = icmp slt i64 %i{k}, %rows", f"  br i1 %l{k}.more, label %l{k}.body, label %l{k}.done",
+            lines += [f"  %l{k}.more = icmp slt i64 %i{k}, %rows",
+                      f"  br i1 %l{k}.more, label %l{k}.body, label %l{k}.done",
                       f"l{k}.body:", f"  %x{k} = add i64 %jrow, %i{k}", f"  %t{k} = add i64 %crow, %i{k}"]
             here: set[str] = set()
             for n in loop:
                 o = n.outputs[0]
                 if n.op_type == "ReduceMean":
                     x = n.inputs[0]
-                    if x in bytes_in or (x in self.values and self.values[x].node is not None
-                                         and self.values[x].node.op_type == "QuantizeLinear"):
+                    if self._bytes(x, bytes_in):
                         return None
                     ld, a = self._operand(x, here, k, f"%m{self.index[o]}", bytes_in)
                     s = f"%sum{self.index[o]}"
@@ -407,7 +410,7 @@ class RowKernel:
         `bytes_in` are 8-bit (name → type), `token`-major (each part takes rows, a loop
         runs along a row) or feature-major (each part takes features, a loop runs along a
         feature's tokens); None where the kernel cannot run them."""
-        self.index, self.token = {n.outputs[0]: i for i, n in enumerate(self.nodes)}, token
+        self.token = token
         body, loop_ids = [f"; sparsejit generated kernel: a row group ({' '.join(n.op_type for n in self.nodes)})"], []
         for stage in range(self.stages):
             if self.loops[stage]:
