@@ -18,7 +18,7 @@ import functools
 
 import numpy as np
 
-from ..ops import EXACT_FLOAT32, _integer_product, _largest_centred, dequantize_linear, op, quantize_linear, softmax
+from ..ops import _integer_product, dequantize_linear, exact_floats, op, quantize_linear, softmax
 from ..ops import qlinear_matmul as reference_qlinear_matmul
 from .compile import compile_ir, load_source, threads
 from .ir import Signature
@@ -56,9 +56,17 @@ def quantize(x, scale, zero, lo, hi, out):
             ys[i] = np.int32(quantized(xs[i], scale, zero, lo, hi))
 
 
+@njit(inline="always")
+def requantized(acc, multiplier, zero, lo, hi):
+    # QLinearMatMul's output of the sum acc: clamp(rint(acc * multiplier), lo, hi) + zero
+    v = np.float32(acc) * multiplier
+    v = lo if v < lo else v
+    return np.int32(np.rint(hi if v > hi else v) + zero)
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def requantize(acc, multiplier, zero, lo, hi, out):
-    # out[r, j] = clamp(rint(acc[r, j] * multiplier[j]), lo, hi) + zero
+    # out[r, j] = requantized(acc[r, j]), multiplier[j] per column
     rows = acc.shape[0]
     per_task = max(1, CHUNK // max(1, acc.shape[1]))
     for c in prange((rows + per_task - 1) // per_task):
@@ -66,9 +74,7 @@ def requantize(acc, multiplier, zero, lo, hi, out):
             xs = acc[r]
             ys = out[r]
             for j in range(xs.size):
-                v = xs[j] * multiplier[j]
-                v = lo if v < lo else v
-                ys[j] = np.int32(np.rint(hi if v > hi else v) + zero)
+                ys[j] = requantized(xs[j], multiplier[j], zero, lo, hi)
 
 
 # (a float64 sum of float32 values: exact but where their exponents span more than 29
@@ -164,9 +170,7 @@ def qattention(q, kt, mask, v, qz, kz, vz, m1, z1, lo1, hi1, scores, s_scale, s_
             ai = acc[i]
             mr = mask[min(b, mask.shape[0] - 1), min(h, mask.shape[1] - 1), min(i, mask.shape[2] - 1)]
             for j in range(t):
-                x = np.float32(ai[j]) * m1
-                x = lo1 if x < lo1 else x
-                byte[j] = np.int32(np.rint(hi1 if x > hi1 else x) + z1) & 255
+                byte[j] = requantized(ai[j], m1, z1, lo1, hi1) & 255
             for j in range(t):
                 f[j] = scores[byte[j]]
             for j in range(t):
@@ -178,9 +182,7 @@ def qattention(q, kt, mask, v, qz, kz, vz, m1, z1, lo1, hi1, scores, s_scale, s_
             oi = o[i]
             ys = out[b, h, i]
             for k in range(dv):
-                x = np.float32(oi[k]) * m2
-                x = lo2 if x < lo2 else x
-                ys[k] = np.int32(np.rint(hi2 if x > hi2 else x) + z2)
+                ys[k] = requantized(oi[k], m2, z2, lo2, hi2)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -266,13 +268,10 @@ def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, 
             bs.size not in (1, b.shape[-1]) or np.asarray(a_zero_point).size != 1:
         return None
     acc = np.ascontiguousarray(_integer_product(a, b, a_zero_point, b_zero_point), np.float32)
-    multiplier = np.broadcast_to(np.float32(a_s) * bs / np.float32(ys), acc.shape[-1:]).copy()
-    lo, hi = RANGES[yz.dtype]
-    z = np.float32(yz)
+    multiplier, z, lo, hi = _requantizing(a_s, bs, ys, yz)
     out = np.empty(acc.shape, yz.dtype)
     n = acc.shape[-1]
-    _kernels().requantize(acc.reshape(-1, n), multiplier, z, np.float32(lo) - z, np.float32(hi) - z,
-                          out.reshape(-1, n))
+    _kernels().requantize(acc.reshape(-1, n), np.broadcast_to(multiplier, (n,)).copy(), z, lo, hi, out.reshape(-1, n))
     return out
 
 
@@ -451,12 +450,6 @@ def reference_qattention(q, kt, mask, v, *, qk, lookup, grid, softmax, pv, ops=(
     return reference_qlinear_matmul(p, pv[0], pv[1], v, *pv[2:])
 
 
-def _exact_floats(k: int, a, a_zero, b, b_zero):
-    """The float type whose sums of k products of (a - a_zero) and (b - b_zero) are exact
-    (ops._integer_product's rule)."""
-    return np.float32 if k * _largest_centred(a, a_zero) * _largest_centred(b, b_zero) < EXACT_FLOAT32 else np.float64
-
-
 def _requantizing(a_scale, b_scale, y_scale, y_zero) -> tuple:
     """(multiplier, zero, lo, hi) of qlinear_matmul's requantization, as its kernel takes them."""
     z = np.float32(y_zero)
@@ -485,14 +478,14 @@ def qattention(q, kt, mask, v, *, qk, lookup, grid, softmax, pv, ops=()):
     mask = np.ascontiguousarray(np.broadcast_to(mask, (*mask.shape[:3], t)))
     scalars = [np.asarray(c).reshape(()) for c in (*qk, *grid, *pv)]
     (qs, qz, ks, kz, ss, sz), (gs, gz), (ps, pz, vs, vz, ys, yz) = scalars[:6], scalars[6:8], scalars[8:]
-    first = _exact_floats(d, q, qz, kt, kz)
-    second = _exact_floats(t, np.empty(0, pz.dtype), pz, v, vz)
+    first = exact_floats(d, q, qz, kt, kz)
+    second = exact_floats(t, np.empty(0, pz.dtype), pz, v, vz)
     lo, hi = RANGES[gz.dtype]
     p_lo, p_hi = RANGES[pz.dtype]
     out = np.empty((batch, heads, rows, v.shape[3]), yz.dtype)
     _kernels().qattention(
-        q, kt, mask, v, first(qz), first(kz), second(vz), *_requantizing(qs, ks, ss, sz), lookup, np.float32(gs), np.float32(gz), np.float32(lo), np.float32(hi),
-        softmax["value"], softmax["table"], _rising(softmax["in_scale"], softmax["in_zero"]),
+        q, kt, mask, v, first(qz), first(kz), second(vz), *_requantizing(qs, ks, ss, sz), lookup,
+        np.float32(gs), np.float32(gz), np.float32(lo), np.float32(hi), softmax["value"], softmax["table"], _rising(softmax["in_scale"], softmax["in_zero"]),
         np.float32(softmax["out_scale"]), np.float32(softmax["out_zero"]), np.float32(p_lo), np.float32(p_hi),
         second(pz), *_requantizing(ps, vs, ys, yz), out)
     return out

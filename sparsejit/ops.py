@@ -581,17 +581,23 @@ def _largest_centred(x, zero_point) -> float:
     return float(np.max(np.maximum(zp - info.min, info.max - zp), initial=0))
 
 
+def exact_floats(k: int, a, a_zero_point, b, b_zero_point) -> type:
+    """The float type in which sums of k products of (a - its zero point) and (b - its zero
+    point) are exact: float32 when no partial sum can reach 2^24 (k times the largest
+    product the types and zero points allow), else float64."""
+    bound = k * _largest_centred(a, a_zero_point) * _largest_centred(b, b_zero_point)
+    return np.float32 if bound < EXACT_FLOAT32 else np.float64
+
+
 def _integer_product(a, b, a_zero_point, b_zero_point) -> np.ndarray:
     """The integer sums of (a - its zero point) · (b - its zero point), exactly, as floats,
     on BLAS (an integer matmul is not): in float32 when no partial sum can reach 2^24
     (K times the largest product the types and zero points allow: uint8 attention scores
     of up to 1024 keys), else in float64, which holds sums of up to 2^19 products of
     17-bit integers."""
-    bound = a.shape[-1] * _largest_centred(a, a_zero_point) * _largest_centred(b, b_zero_point)
+    exact = exact_floats(a.shape[-1], a, a_zero_point, b, b_zero_point)
     a, b = _centred(a, a_zero_point, True), _centred(b, b_zero_point, False)
-    if bound < EXACT_FLOAT32:
-        return np.matmul(a, b)
-    return np.matmul(a.astype(np.float64), b.astype(np.float64))
+    return np.matmul(a, b) if exact is np.float32 else np.matmul(a.astype(np.float64), b.astype(np.float64))
 
 
 @op("MatMulInteger")

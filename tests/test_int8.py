@@ -825,6 +825,8 @@ def test_quantized_attention_kernel_is_its_reference(dtype):
     scale per axis. The products' sums are exact in float32 up to 2^24, in float64 past."""
     from sparsejit.kernels import elementwise as E
 
+    from sparsejit.ops import exact_floats
+
     rng = np.random.default_rng(7)
     zero = (lambda v: dtype(v if dtype == np.uint8 else v - 128))
     f32 = np.float32
@@ -848,8 +850,8 @@ def test_quantized_attention_kernel_is_its_reference(dtype):
         np.testing.assert_array_equal(got, want, err_msg=str((batch, heads, rows, d, t, dv, mask_shape)))
         assert len(np.unique(got)) > 8  # (not saturated)
     # (the probabilities' bytes sum to about 255, but their grid may let them all be 255)
-    assert E._exact_floats(600, np.empty(0, dtype), pv[1], v, pv[3]) is np.float64  # 600 · 255 · 128 > 2^24
-    assert E._exact_floats(500, np.empty(0, dtype), pv[1], v, pv[3]) is np.float32
+    assert exact_floats(600, np.empty(0, dtype), pv[1], v, pv[3]) is np.float64  # 600 · 255 · 128 > 2^24
+    assert exact_floats(500, np.empty(0, dtype), pv[1], v, pv[3]) is np.float32
     per_axis = {**kw, "pv": [*pv[:2], np.full(dv, pv[2]), *pv[3:]]}
     assert E.qattention(q, kt, mask, v, **per_axis) is None
 
