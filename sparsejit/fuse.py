@@ -609,8 +609,7 @@ def fuse_fake_quantize(graph: Graph) -> Graph:
 
 
 def _scalar_inputs(m: _Matcher, node: Node, at: tuple[int, ...]) -> list[np.ndarray] | None:
-    found = [m.const(node.inputs[i]) if i < len(node.inputs) and node.inputs[i] else None for i in at]
-    return found if all(c is not None and c.size == 1 for c in found) else None
+    return _scalar_consts(m, [node.inputs[i] if i < len(node.inputs) else "" for i in at])
 
 
 def fuse_quantized_attention(graph: Graph) -> Graph:
