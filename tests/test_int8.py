@@ -918,3 +918,71 @@ def test_a_qoperator_model_runs_in_several_threads_at_once(tmp_path, file, atten
                        capture_output=True, text=True, env=env, check=False, timeout=600)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split()[-1] == "0", p.stdout
+
+
+EDGES_AND_FORK = """
+import os, sys
+import numpy as np
+from conftest import make_inputs
+import sparsejit
+from sparsejit.graph import Node
+from sparsejit.kernels import elementwise as E, rows
+
+# a row group over one feature, one row, no rows
+nodes = [Node("ReduceMean", "mu", ["x"], ["mu"], {"axes": [-1]}), Node("Sub", "d", ["x", "mu"], ["d"]),
+         Node("FakeQuantize", "f", ["d", "s", "z"], ["f"])]
+consts = {"s": np.float32(0.02), "z": np.uint8(128)}
+kernel = rows.RowKernel(nodes, ["x"], ["f", "mu"], consts)
+for shape in [(1, 1), (3, 1), (1, 1, 5), (2, 1, 1)]:
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    got = kernel(x)
+    want = rows.reference_rows(x, nodes=nodes, names=["x"], outputs=["f", "mu"], consts=consts, opset=17)
+    assert got is not None and all(np.array_equal(g, w) for g, w in zip(got, want)), shape
+assert kernel(np.zeros((0, 4), np.float32)) is None and kernel(np.zeros((2, 0), np.float32)) is None
+
+# attention with one query, one key, one feature
+f32 = np.float32
+value, table = E.softmax_table(f32(0.1), np.uint8(200))
+kw = {"qk": [f32(0.05), np.uint8(128), f32(0.05), np.uint8(128), f32(0.3), np.uint8(128)],
+      "lookup": np.linspace(-1, 1, 256).astype(np.float32), "grid": [f32(0.1), np.uint8(200)],
+      "softmax": {"in_scale": f32(0.1), "in_zero": np.uint8(200), "out_scale": f32(1 / 255),
+                  "out_zero": np.uint8(0), "value": value, "table": table},
+      "pv": [f32(1 / 255), np.uint8(0), f32(0.05), np.uint8(128), f32(0.05), np.uint8(128)]}
+q, kt, v = (np.full((1, 1, 1, 1), 200, np.uint8) for _ in range(3))
+mask = np.zeros((1, 1, 1, 1), np.float32)
+assert np.array_equal(E.qattention(q, kt, mask, v, **kw), E.reference_qattention(q, kt, mask, v, **kw))
+
+# whole models at one token, then a forked child running them at another shape
+for path in sys.argv[1:]:
+    model = sparsejit.load(path, num_threads=2)
+    one = model.run(make_inputs(model.input_names, 1, 1))
+    assert all(np.isfinite(o).all() for o in one)
+    feeds = make_inputs(model.input_names, 2, 9, seed=3)
+    want = model.run(feeds)
+    pid = os.fork()
+    if pid == 0:
+        got = model.run(feeds)
+        os._exit(0 if all(np.array_equal(g, w) for g, w in zip(got, want)) else 3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+print("ok")
+"""
+
+
+def test_row_and_attention_kernels_at_the_edges_and_in_a_forked_child(tmp_path):
+    """In a subprocess (a crash would take the test runner down): a row group over rows of
+    one feature, one row or none, and QAttentionCore with one query, key and feature,
+    give their references' results or hand over (None); the two QOperator test models
+    run at one token, and a child forked after they ran runs them again to the same
+    outputs."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SPARSEJIT_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    files = [str(INT8 / f) for f in ("bert_op14_p90_int8_qoperator.onnx", "bert_block4_p90_int8_qoperator.onnx")]
+    p = subprocess.run([sys.executable, "-c", EDGES_AND_FORK, *files], capture_output=True, text=True, env=env,
+                       check=False, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[-1] == "ok", p.stdout
