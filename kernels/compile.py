@@ -213,14 +213,23 @@ def _build_module(source: str) -> ModuleType:
 def compiled_cfunc(py_func, sig, **options):
     """Numba's `cfunc(sig, cache=True, **options)` of a function of a `load_source`
     module, its machine code kept through `CheckedCache` like the module's other
-    functions (the decorator would compile it with Numba's plain cache)."""
+    functions (the decorator would compile it with Numba's plain cache); compiled under
+    the cache's lock on it (`claimed`), so that a load waits for the helper compiling it
+    (prebuild.py) and then reads it; noted in `cfuncs_met`."""
     from numba.core import sigutils
     from numba.core.ccallback import CFunc
 
     compiled = CFunc(py_func, sigutils.normalize_signature(sig), locals={}, options=options)
     compiled._cache = CheckedCache(py_func)
-    compiled.compile()
+    module = py_func.__module__.removeprefix("sparsejit_kernel_")
+    with claimed(cache_dir() / f"k_{module}.{py_func.__name__}.lock"):
+        compiled.compile()
+    cfuncs_met.append((module, py_func.__name__, compiled.address))
     return compiled
+
+
+# each C function compiled or loaded (its source's key, its name, its address), in turn
+cfuncs_met: list[tuple[str, str, int]] = []
 
 
 # A driver is compiled anew for every argument type it meets (the first load's time:

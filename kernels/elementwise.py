@@ -20,20 +20,12 @@ import numpy as np
 
 from ..ops import _integer_product, dequantize_linear, exact_floats, op, quantize_linear, softmax
 from ..ops import qlinear_matmul as reference_qlinear_matmul
-from .compile import compile_ir, load_source, threads
+from .compile import compile_ir, compiled_cfunc, load_source, threads
 from .ir import Signature
-from .launch import IMPORTS, put_source, run
+from .launch import IMPORTS, launch_rows, new_calls, put_source, run
 
-ELEMENTWISE_SOURCE = """\
-# sparsejit generated kernel: per-element QuantizeLinear, DequantizeLinear (per tensor) and Erf
-import math
-
-import numpy as np
-from numba import njit, prange
-
-CHUNK = 8192  # elements per parallel task
-
-
+# The steps the kernels below and the attention kernel (QATTENTION_SOURCE) share
+STEPS = """\
 @njit(inline="always")
 def quantized(x, scale, zero, lo, hi):
     # QuantizeLinear's value as a float: clamp(rint(x / scale) + zero, lo, hi); NaN gives
@@ -44,37 +36,12 @@ def quantized(x, scale, zero, lo, hi):
     return hi if v > hi else v
 
 
-# Each task works on slices of its chunk: loops over a slice from 0 vectorise, where
-# loops over the chunk's range of the whole array did not.
-@njit(parallel=True, nogil=True, cache=True)
-def quantize(x, scale, zero, lo, hi, out):
-    n = x.size
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        xs = x[c * CHUNK:min(n, (c + 1) * CHUNK)]
-        ys = out[c * CHUNK:min(n, (c + 1) * CHUNK)]
-        for i in range(xs.size):
-            ys[i] = np.int32(quantized(xs[i], scale, zero, lo, hi))
-
-
 @njit(inline="always")
 def requantized(acc, multiplier, zero, lo, hi):
     # QLinearMatMul's output of the sum acc: clamp(rint(acc * multiplier), lo, hi) + zero
     v = np.float32(acc) * multiplier
     v = lo if v < lo else v
     return np.int32(np.rint(hi if v > hi else v) + zero)
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def requantize(acc, multiplier, zero, lo, hi, out):
-    # out[r, j] = requantized(acc[r, j]), multiplier[j] per column
-    rows = acc.shape[0]
-    per_task = max(1, CHUNK // max(1, acc.shape[1]))
-    for c in prange((rows + per_task - 1) // per_task):
-        for r in range(c * per_task, min(rows, (c + 1) * per_task)):
-            xs = acc[r]
-            ys = out[r]
-            for j in range(xs.size):
-                ys[j] = requantized(xs[j], multiplier[j], zero, lo, hi)
 
 
 # (a float64 sum of float32 values: exact but where their exponents span more than 29
@@ -117,6 +84,43 @@ def softmax_row(qr, value, table, flip, es, scale, zero, lo, hi, less, out):
     t = np.float32(total64(es))
     for i in range(qr.size):
         out[i] = np.int32(quantized(np.float32(es[i] / t), scale, zero, lo, hi)) - less
+"""
+
+ELEMENTWISE_SOURCE = """\
+# sparsejit generated kernel: per-element QuantizeLinear, DequantizeLinear (per tensor) and Erf
+import math
+
+import numpy as np
+from numba import njit, prange
+
+CHUNK = 8192  # elements per parallel task
+
+
+""" + STEPS + """
+
+# Each task works on slices of its chunk: loops over a slice from 0 vectorise, where
+# loops over the chunk's range of the whole array did not.
+@njit(parallel=True, nogil=True, cache=True)
+def quantize(x, scale, zero, lo, hi, out):
+    n = x.size
+    for c in prange((n + CHUNK - 1) // CHUNK):
+        xs = x[c * CHUNK:min(n, (c + 1) * CHUNK)]
+        ys = out[c * CHUNK:min(n, (c + 1) * CHUNK)]
+        for i in range(xs.size):
+            ys[i] = np.int32(quantized(xs[i], scale, zero, lo, hi))
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def requantize(acc, multiplier, zero, lo, hi, out):
+    # out[r, j] = requantized(acc[r, j]), multiplier[j] per column
+    rows = acc.shape[0]
+    per_task = max(1, CHUNK // max(1, acc.shape[1]))
+    for c in prange((rows + per_task - 1) // per_task):
+        for r in range(c * per_task, min(rows, (c + 1) * per_task)):
+            xs = acc[r]
+            ys = out[r]
+            for j in range(xs.size):
+                ys[j] = requantized(xs[j], multiplier[j], zero, lo, hi)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -128,61 +132,6 @@ def qsoftmax(q, value, table, flip, out_scale, out_zero, lo, hi, out):
         es = np.empty(n, np.float32)
         for r in range(c * per_task, min(rows, (c + 1) * per_task)):
             softmax_row(q[r], value, table, flip, es, out_scale, out_zero, lo, hi, 0, out[r])
-
-
-# QOperator attention, QLinearMatMul(q, kᵀ) → Lookup → + mask → QuantizeLinear → QSoftmax →
-# QLinearMatMul(·, v), a (batch, head) per task, in the float32 steps of the kernels above.
-# q, kt and v are bytes, in any layout; each task takes its head's less their zero points
-# (qz, kz, vz) as floats that hold every sum of products exactly (qz's type for q·kᵀ, vz's
-# for p·v), so BLAS's order does not matter. The keys come transposed, [d, t], as
-# attention's QLinearMatMul reads them. mask: [batch or 1, heads or 1, rows or 1, t].
-# pz: the second product's zero point of the probabilities' bytes. A row's steps are loops
-# of their own where one gathers (the lookups), so that the others vectorise.
-@njit(inline="always")
-def centred(x, zero):
-    # x (2-D bytes, any layout) less its zero point, in zero's type, C order
-    y = np.empty(x.shape, np.asarray(zero).dtype)
-    for i in range(x.shape[0]):
-        for j in range(x.shape[1]):
-            y[i, j] = x[i, j] - zero
-    return y
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def qattention(q, kt, mask, v, qz, kz, vz, m1, z1, lo1, hi1, scores, s_scale, s_zero, s_lo, s_hi, value, table, flip,
-               p_scale, p_zero, p_lo, p_hi, pz, m2, z2, lo2, hi2, out):
-    batch, heads, rows = q.shape[:3]
-    t = kt.shape[3]
-    dv = v.shape[3]
-    for task in prange(batch * heads):
-        b = task // heads
-        h = task - b * heads
-        qh = centred(q[b, h], qz)
-        acc = np.empty((rows, t), qh.dtype)
-        np.dot(qh, centred(kt[b, h], kz), acc)
-        vh = centred(v[b, h], vz)
-        byte = np.empty(t, np.int32)
-        f = np.empty(t, np.float32)
-        qr = np.empty(t, np.uint8)
-        es = np.empty(t, np.float32)
-        pc = np.empty((rows, t), vh.dtype)
-        for i in range(rows):
-            ai = acc[i]
-            mr = mask[min(b, mask.shape[0] - 1), min(h, mask.shape[1] - 1), min(i, mask.shape[2] - 1)]
-            for j in range(t):
-                byte[j] = requantized(ai[j], m1, z1, lo1, hi1) & 255
-            for j in range(t):
-                f[j] = scores[byte[j]]
-            for j in range(t):
-                qr[j] = np.int32(quantized(f[j] + mr[j], s_scale, s_zero, s_lo, s_hi)) & 255
-            softmax_row(qr, value, table, flip, es, p_scale, p_zero, p_lo, p_hi, pz, pc[i])
-        o = np.empty((rows, dv), vh.dtype)
-        np.dot(pc, vh, o)
-        for i in range(rows):
-            oi = o[i]
-            ys = out[b, h, i]
-            for k in range(dv):
-                ys[k] = requantized(oi[k], m2, z2, lo2, hi2)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -204,6 +153,93 @@ def erf(x, out):
         for i in range(xs.size):
             ys[i] = np.float32(math.erf(np.float64(xs[i])))
 """
+
+# QOperator attention (QAttentionCore): QLinearMatMul(q, kᵀ) → Lookup → + mask →
+# QuantizeLinear → QSoftmax → QLinearMatMul(·, v), in the float32 steps of the kernels
+# above; the (batch, head) tasks [t0, t1) of one part, compiled as a C function that the
+# launcher runs (launch.py; a parallel Numba function took twice as long to compile).
+# Its types are set per model where it says TYPES: q's, kᵀ's, v's and the output's bytes,
+# and the floats of each product, which hold every sum of products exactly, so that
+# BLAS's order does not matter (ops.exact_floats).
+QATTENTION_SOURCE = """\
+# sparsejit generated kernel: QOperator attention, (batch, head) tasks [t0, t1)
+import numpy as np
+from numba import carray, njit
+from numpy.lib.stride_tricks import as_strided
+
+from sparsejit.kernels.launch import pointer
+
+Q, K, V, Y, FIRST, SECOND = TYPES
+""" + STEPS + """
+
+@njit(inline="always")
+def centred(x, zero):
+    # x (2-D bytes, any layout) less its zero point, in zero's type, C order
+    y = np.empty(x.shape, np.asarray(zero).dtype)
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            y[i, j] = x[i, j] - zero
+    return y
+
+
+@njit(inline="always")
+def strided(n, at, dtype):
+    # the 4-D array of dtype from slots n[at:at + 9]: its first element's address, its
+    # extent in elements, its shape and its strides in bytes
+    flat = carray(pointer(n[at]), n[at + 1], dtype)
+    return as_strided(flat, (n[at + 2], n[at + 3], n[at + 4], n[at + 5]), (n[at + 6], n[at + 7], n[at + 8], n[at + 9]))
+
+
+def qattention(slots, floats, t0, t1):
+    # slots: int64 [44] (qattention's wrapper), floats: float32 [20]. q [b, h, rows, d],
+    # kt [b, h, d, t], v [b, h, t, dv], each in any layout (`strided`); the mask [mb, mh, mr,
+    # t] and the output [b, h, rows, dv] in C order
+    n = carray(pointer(slots), 44, np.int64)
+    f = carray(pointer(floats), 20, np.float32)
+    q, kt, v = strided(n, 0, Q), strided(n, 10, K), strided(n, 20, V)
+    mask = carray(pointer(n[30]), (n[31], n[32], n[33], n[34]), np.float32)
+    out = carray(pointer(n[35]), (n[36], n[37], n[38], n[39]), Y)
+    scores = carray(pointer(n[40]), 256, np.float32)
+    value = carray(pointer(n[41]), 256, np.float32)
+    table = carray(pointer(n[42]), (256, 256), np.float32)
+    flip = n[43]
+    qz, kz, vz, pz = FIRST(f[0]), FIRST(f[1]), SECOND(f[2]), SECOND(f[3])
+    m1, z1, lo1, hi1, s_scale, s_zero, s_lo, s_hi = f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11]
+    p_scale, p_zero, p_lo, p_hi, m2, z2, lo2, hi2 = f[12], f[13], f[14], f[15], f[16], f[17], f[18], f[19]
+    heads, rows = q.shape[1:3]
+    t = kt.shape[3]
+    dv = v.shape[3]
+    byte = np.empty(t, np.int32)
+    e = np.empty(t, np.float32)
+    qr = np.empty(t, np.uint8)
+    es = np.empty(t, np.float32)
+    for task in range(t0, t1):
+        b = task // heads
+        h = task - b * heads
+        qh = centred(q[b, h], qz)
+        acc = np.empty((rows, t), FIRST)
+        np.dot(qh, centred(kt[b, h], kz), acc)
+        vh = centred(v[b, h], vz)
+        pc = np.empty((rows, t), SECOND)
+        for i in range(rows):
+            ai = acc[i]
+            mr = mask[min(b, mask.shape[0] - 1), min(h, mask.shape[1] - 1), min(i, mask.shape[2] - 1)]
+            for j in range(t):
+                byte[j] = requantized(ai[j], m1, z1, lo1, hi1) & 255
+            for j in range(t):
+                e[j] = scores[byte[j]]
+            for j in range(t):
+                qr[j] = np.int32(quantized(e[j] + mr[j], s_scale, s_zero, s_lo, s_hi)) & 255
+            softmax_row(qr, value, table, flip, es, p_scale, p_zero, p_lo, p_hi, pz, pc[i])
+        o = np.empty((rows, dv), SECOND)
+        np.dot(pc, vh, o)
+        for i in range(rows):
+            oi = o[i]
+            ys = out[b, h, i]
+            for k in range(dv):
+                ys[k] = requantized(oi[k], m2, z2, lo2, hi2)
+"""
+
 
 RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
 
@@ -472,7 +508,8 @@ def qattention(q, kt, mask, v, *, qk, lookup, grid, softmax, pv, ops=()):
     batch, heads, rows, d = q.shape
     t = kt.shape[3]
     if kt.shape != (batch, heads, d, t) or v.shape[:3] != (batch, heads, t) or \
-            np.broadcast_shapes(mask.shape, (batch, heads, rows, t)) != (batch, heads, rows, t):
+            np.broadcast_shapes(mask.shape, (batch, heads, rows, t)) != (batch, heads, rows, t) or \
+            any(s < 0 for x in (q, kt, v) for s in x.strides):
         return None
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
     mask = np.ascontiguousarray(np.broadcast_to(mask, (*mask.shape[:3], t)))
@@ -483,9 +520,44 @@ def qattention(q, kt, mask, v, *, qk, lookup, grid, softmax, pv, ops=()):
     lo, hi = RANGES[gz.dtype]
     p_lo, p_hi = RANGES[pz.dtype]
     out = np.empty((batch, heads, rows, v.shape[3]), yz.dtype)
-    _kernels().qattention(
-        q, kt, mask, v, first(qz), first(kz), second(vz), *_requantizing(qs, ks, ss, sz), lookup,
-        np.float32(gs), np.float32(gz), np.float32(lo), np.float32(hi), softmax["value"], softmax["table"], _rising(softmax["in_scale"], softmax["in_zero"]),
-        np.float32(softmax["out_scale"]), np.float32(softmax["out_zero"]), np.float32(p_lo), np.float32(p_hi),
-        second(pz), *_requantizing(ps, vs, ys, yz), out)
+    if out.size == 0:
+        return out
+    value, table = softmax["value"], softmax["table"]
+    slots = np.array([*_strided(q), *_strided(kt), *_strided(v), _address(mask), *mask.shape, _address(out), *out.shape,
+                      _address(lookup), _address(value), _address(table), _rising(softmax["in_scale"], softmax["in_zero"])],
+                     np.int64)
+    floats = np.array([qz, kz, vz, pz, *_requantizing(qs, ks, ss, sz), gs, gz, lo, hi,
+                       softmax["out_scale"], softmax["out_zero"], p_lo, p_hi, *_requantizing(ps, vs, ys, yz)], np.float32)
+    tasks = batch * heads
+    parts = min(threads(), tasks)
+    calls = new_calls(parts, 1, QATTENTION)
+    fn = qattention_kernel(tuple(np.dtype(x).name for x in (q.dtype, kt.dtype, v.dtype, yz.dtype, first, second)))
+    calls[:, :6] = [[1, fn, _address(slots), _address(floats), c * tasks // parts, (c + 1) * tasks // parts]
+                    for c in range(parts)]
+    launch_rows(QATTENTION, calls)
     return out
+
+
+QATTENTION = Signature("qattention", (("slots", "ptr"), ("floats", "ptr"), ("t0", "i64"), ("t1", "i64")))
+
+
+def _address(x: np.ndarray) -> int:
+    return x.__array_interface__["data"][0]
+
+
+def _strided(x: np.ndarray) -> tuple[int, ...]:
+    """x's first element's address, its extent in elements, shape and strides (not negative)."""
+    return _address(x), 1 + sum((n - 1) * s for n, s in zip(x.shape, x.strides)) // x.itemsize, *x.shape, *x.strides
+
+
+_qattention_compiled: list = []
+
+
+@functools.cache
+def qattention_kernel(types: tuple[str, ...]) -> int:
+    """The address of QATTENTION_SOURCE's kernel for these types (q's, kt's, v's and the
+    output's bytes, then the two products' floats)."""
+    source = QATTENTION_SOURCE.replace("TYPES", ", ".join(f"np.{t}" for t in types))
+    compiled = compiled_cfunc(load_source(source).qattention, "void(int64, int64, int64, int64)", nogil=True)
+    _qattention_compiled.append(compiled)  # (keeps its machine code alive)
+    return compiled.address

@@ -17,6 +17,7 @@ array compiles more slowly than one that is given it.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import numpy as np
@@ -37,6 +38,16 @@ def call_part(typingctx, part, row):
         builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [builder.inttoptr(args[1], fnty.args[0])])
         return context.get_dummy_value()
     return types.void(types.int64, types.int64), codegen
+
+
+@intrinsic
+def pointer(typingctx, address):
+    """The integer `address` as a void pointer (in Numba code), for `numba.carray`."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+    if isinstance(address, types.Integer) and address.bitwidth == 64:
+        return types.voidptr(address), codegen
+    return None
 
 
 @intrinsic
@@ -146,6 +157,18 @@ def launcher() -> int:
 
 
 _compiled: list = []
+
+
+@functools.cache
+def _python_launcher():
+    return ctypes.CFUNCTYPE(None, *[ctypes.c_int64] * 4)(launcher())
+
+
+def launch_rows(sig: Signature, calls: np.ndarray) -> None:
+    """Make row c of `calls` (`new_calls`, filled in Python) on part c of the threads:
+    for a kernel called a few times a run, each call long, which then needs no driver to
+    compile. (ctypes lets go of the GIL for the call.)"""
+    _python_launcher()(part(sig), calls.ctypes.data, calls.shape[0], calls.shape[1])
 
 
 def part_ir(sig: Signature) -> str:

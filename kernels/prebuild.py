@@ -48,6 +48,17 @@ class Driver(NamedTuple):
     serves: str
 
 
+class CFunction(NamedTuple):
+    """A Numba function compiled as a C function (the launcher, a kernel the launcher
+    runs): its kernels module, the expression there that compiles it (or reads it from
+    the cache) and gives its address, what it serves, and when it is built."""
+
+    module: str
+    source: str
+    serves: str
+    when: str = "True"
+
+
 class IR(NamedTuple):
     """An IR kernel (or the launcher): its kernels module, the expression there that makes
     its source (`VECTOR_LANES` this CPU's, `part_ir` launch's), what it serves, and when
@@ -68,9 +79,11 @@ class IR(NamedTuple):
 # ranges; the VNNI int8 driver, where AMX does not win), put first: the helper, which
 # works from the last, comes to those last. What it serves: "float" every model, "fp32"
 # models with float32 Linear layers (not a quantized model's float head alone), "int8"
-# quantized models, "bf16" loads with precision="bf16" (a space between several).
+# quantized models, "qoperator" those with QLinearMatMul (QOperator's attention:
+# QAttentionCore's kernel, at most 258 keys), "bf16" loads with precision="bf16" (a space
+# between several).
 BUILDS = (
-    IR("launch", "launcher()", "float"),
+    CFunction("launch", "launcher()", "float"),
     IR("int8", "range_ir(VECTOR_LANES)", "int8"),
     IR("int8", "part_ir(RANGE_SIGNATURE)", "int8"),
     Driver("int8", "DRIVER_SOURCE", "run_range",
@@ -142,6 +155,8 @@ BUILDS = (
     Driver("linear", "DENSE_DRIVER_SOURCE", "run_panels",
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 3), A(float32, 1), A(float32, 2), A(float32, 2), "
      "int64"), "float"),
+    IR("elementwise", "part_ir(QATTENTION)", "qoperator"),
+    CFunction("elementwise", "qattention_kernel(('uint8',) * 4 + ('float32',) * 2)", "qoperator"),
 )
 DRIVERS = tuple(b for b in BUILDS if isinstance(b, Driver))
 
@@ -206,9 +221,9 @@ def mark(tag: str) -> Path:
     return cache_dir() / f"prebuilt-{tag}-{h.hexdigest()[:24]}"
 
 
-def made(entry: IR):
-    """What an `IR` entry's expression makes (an IR source; the launcher's address), or
-    None where its `when` does not hold."""
+def made(entry: IR | CFunction):
+    """What an `IR` or `CFunction` entry's expression makes (an IR source; a C function's
+    address), or None where its `when` does not hold."""
     from .compile import vector_lanes
     from .launch import part_ir
 
@@ -287,12 +302,12 @@ def met(specs: list[str]) -> dict:
     """What loading these models (each MODEL or MODEL:PRECISION) and running them at
     1 × 128 and 2 × 21 tokens compiles or loads: "drivers", as `Driver` fields with the
     specs (space-separated) that met each in place of what it serves; "ir", the keys
-    (compile.ir_key) of the IR kernels."""
+    (compile.ir_key) of the IR kernels; "cfuncs", the C functions (compile.cfuncs_met)."""
     import numpy as np
 
     import sparsejit
 
-    from .compile import drivers_met, ir_met
+    from .compile import cfuncs_met, drivers_met, ir_met
 
     entries: dict[tuple, list[str]] = {}
     for spec in specs:
@@ -305,7 +320,8 @@ def met(specs: list[str]) -> dict:
             key = (*source_of(dispatcher), dispatcher.py_func.__name__, ", ".join(type_text(t) for t in sig))
             entries.setdefault(key, []).append(spec)
         drivers_met.clear()
-    return {"drivers": [(*key, " ".join(by)) for key, by in entries.items()], "ir": [key for key, _ in ir_met]}
+    return {"drivers": [(*key, " ".join(by)) for key, by in entries.items()], "ir": [key for key, _ in ir_met],
+            "cfuncs": sorted(set(cfuncs_met))}
 
 
 def source_of(dispatcher) -> tuple[str, str]:

@@ -33,12 +33,16 @@ def _python(code: str, cache: Path, *args, helper: bool = False, timeout: int = 
 def test_builds_holds_each_driver_the_test_models_compile_and_only_ir_they_meet(tmp_path):
     """Every driver (and argument types) that loading and running the test models compiles
     is in BUILDS, serving the kind of model that met it first (a float model first, so
-    that what the int8 and bf16 ones add serves them); and every IR kernel BUILDS makes
-    on this CPU for the kinds loaded is one those loads meet (the helper builds nothing
-    they would not use)."""
+    that what the int8 and bf16 ones add serves them); and every IR kernel and C function
+    BUILDS makes on this CPU for the kinds loaded is one those loads meet (the helper
+    builds nothing they would not use), every C function they meet one BUILDS makes."""
     specs = [str(FLOAT)] + [str(p) for p in INT8] + ([f"{FLOAT}:bf16"] if has_bf16() else [])
+    loaded = {"float", "fp32", "int8", "qoperator"} | ({"bf16"} if has_bf16() else set())
     out = _python("import json, sys; from sparsejit.kernels import prebuild; "
-                  "print(json.dumps(prebuild.met(sys.argv[1:])))", tmp_path / "cache", *specs)
+                  "met = prebuild.met(sys.argv[2:]); "
+                  "met['built'] = [prebuild.made(e) for e in prebuild.BUILDS if isinstance(e, prebuild.CFunction) "
+                  "and set(e.serves.split()) & set(sys.argv[1].split())]; "
+                  "print(json.dumps(met))", tmp_path / "cache", " ".join(loaded), *specs)
     met = json.loads(out.splitlines()[-1])
     assert len(met["drivers"]) >= 8  # (the float model alone meets six)
     table = {entry[:4]: entry.serves.split() for entry in prebuild.DRIVERS}
@@ -46,13 +50,15 @@ def test_builds_holds_each_driver_the_test_models_compile_and_only_ir_they_meet(
         assert (module, source, name, types) in table, f"{name}({types}), met by {spec}, is not in BUILDS"
         kinds = {"float", "bf16" if spec.endswith(":bf16") else "int8" if "int8" in spec else "float"}
         assert kinds & set(table[module, source, name, types]), f"{name} is met by {spec} but serves none of {kinds}"
-    loaded = {"float", "fp32", "int8"} | ({"bf16"} if has_bf16() else set())
     built = [(entry.source, prebuild.made(entry)) for entry in prebuild.BUILDS
              if isinstance(entry, prebuild.IR) and set(entry.serves.split()) & loaded]
     sources = [(expression, source) for expression, source in built if isinstance(source, str)]
     assert len(sources) >= 20
     unmet = [expression for expression, source in sources if compile.ir_key(source) not in met["ir"]]
     assert not unmet, f"BUILDS makes IR kernels no test model met: {unmet}"
+    # the C functions (by their addresses in that process): those BUILDS makes are those met
+    assert len(met["built"]) >= 2 and all(met["built"])  # (the launcher, QOperator's attention)
+    assert {address for *_, address in met["cfuncs"]} == set(met["built"]), met["cfuncs"]
 
 
 LOAD_AND_RUN = """
@@ -208,7 +214,7 @@ def test_builds_skips_what_the_cpu_cannot_run(monkeypatch):
 
     monkeypatch.setattr(amx, "has_amx", lambda dot="int8": False)
     monkeypatch.setattr(compile, "vector_lanes", lambda: 8)
-    irs = [e for e in prebuild.BUILDS if isinstance(e, prebuild.IR) and e.module != "launch"]
+    irs = [e for e in prebuild.BUILDS if isinstance(e, prebuild.IR)]
     gated = [e for e in irs if "has_amx" in e.when or "VECTOR_LANES ==" in e.when]
     assert len(gated) >= 6 and all(prebuild.made(e) is None for e in gated)
     made = [prebuild.made(e) for e in irs if e not in gated]
