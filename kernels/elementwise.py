@@ -1,7 +1,10 @@
 """Per-element ops that a quantized graph runs between its Linear layers, as Numba kernels:
 QuantizeLinear and DequantizeLinear per tensor, Erf, QLinearMatMul's requantization, and
-the fused nodes of fuse.py's quantized passes (QSoftmax; FakeQuantize, which every quantized
-BERT runs, and Lookup as LLVM IR kernels on the launcher, launch.py). QOperator and QDQ
+the fused nodes of fuse.py's quantized passes (QSoftmax, QAttentionCore; FakeQuantize,
+which every quantized BERT runs, and Lookup as LLVM IR kernels). QuantizeLinear,
+DequantizeLinear and QAttentionCore are plain Numba functions compiled as C functions and
+FakeQuantize and Lookup IR, all run on the launcher (launch.py); the others parallel
+Numba functions. QOperator and QDQ
 graphs keep activations quantized, so a block runs a dozen of these; their numpy
 references make several passes over the tensor each, these one, on every thread.
 
@@ -98,18 +101,6 @@ CHUNK = 8192  # elements per parallel task
 
 """ + STEPS + """
 
-# Each task works on slices of its chunk: loops over a slice from 0 vectorise, where
-# loops over the chunk's range of the whole array did not.
-@njit(parallel=True, nogil=True, cache=True)
-def quantize(x, scale, zero, lo, hi, out):
-    n = x.size
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        xs = x[c * CHUNK:min(n, (c + 1) * CHUNK)]
-        ys = out[c * CHUNK:min(n, (c + 1) * CHUNK)]
-        for i in range(xs.size):
-            ys[i] = np.int32(quantized(xs[i], scale, zero, lo, hi))
-
-
 @njit(parallel=True, nogil=True, cache=True)
 def requantize(acc, multiplier, zero, lo, hi, out):
     # out[r, j] = requantized(acc[r, j]), multiplier[j] per column
@@ -134,16 +125,8 @@ def qsoftmax(q, value, table, flip, out_scale, out_zero, lo, hi, out):
             softmax_row(q[r], value, table, flip, es, out_scale, out_zero, lo, hi, 0, out[r])
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def dequantize(q, scale, zero, out):
-    n = q.size
-    for c in prange((n + CHUNK - 1) // CHUNK):
-        qs = q[c * CHUNK:min(n, (c + 1) * CHUNK)]
-        ys = out[c * CHUNK:min(n, (c + 1) * CHUNK)]
-        for i in range(qs.size):
-            ys[i] = (np.float32(qs[i]) - zero) * scale
-
-
+# Each task works on slices of its chunk: loops over a slice from 0 vectorise, where
+# loops over the chunk's range of the whole array did not.
 @njit(parallel=True, nogil=True, cache=True)
 def erf(x, out):
     n = x.size
@@ -157,7 +140,8 @@ def erf(x, out):
 # QOperator attention (QAttentionCore): QLinearMatMul(q, kᵀ) → Lookup → + mask →
 # QuantizeLinear → QSoftmax → QLinearMatMul(·, v), in the float32 steps of the kernels
 # above; the (batch, head) tasks [t0, t1) of one part, compiled as a C function that the
-# launcher runs (launch.py; a parallel Numba function took twice as long to compile).
+# launcher runs (launch.py; a parallel Numba function compiles more slowly: bench/README.md,
+# nineteenth session).
 # Its types are set per model where it says TYPES: q's, kᵀ's, v's and the output's bytes,
 # and the floats of each product, which hold every sum of products exactly, so that
 # BLAS's order does not matter (ops.exact_floats).
@@ -271,7 +255,7 @@ def quantize(x: np.ndarray, scale, zero_point=None, **attrs):
         return None
     lo, hi = RANGES[z.dtype]
     flat, out, shaped = _flat(x, z.dtype)
-    _kernels().quantize(flat, np.float32(s), np.float32(z), np.float32(lo), np.float32(hi), out)
+    _each("quantize", flat, out, s, z, lo, hi)
     return shaped
 
 
@@ -282,7 +266,7 @@ def dequantize(q: np.ndarray, scale, zero_point=None, **attrs):
             or any(attrs.get(a) for a in ("block_size", "output_dtype")):
         return None
     flat, out, shaped = _flat(q, np.float32)
-    _kernels().dequantize(flat, np.float32(s), np.float32(z), out)
+    _each("dequantize", flat, out, s, z, RANGES[q.dtype][0])
     return shaped
 
 
@@ -425,13 +409,58 @@ def run_each(launch, part, calls, fn, x, out, n, scale, zero, lo, hi, table):
 _NO_TABLE = np.zeros(1, np.uint8)
 
 
+# QuantizeLinear and DequantizeLinear per tensor over [i0, i1), Numba functions compiled as
+# C functions of EACH's signature (`each_kernel`), which run_each launches as it does the
+# IR kernels (IR loops ran them more slowly: bench/README.md, thirteenth session; a
+# parallel Numba function compiles more slowly: nineteenth session)
+EACH_SOURCE = """\
+# sparsejit generated kernel: QuantizeLinear and DequantizeLinear per tensor, [i0, i1)
+import numpy as np
+from numba import carray, njit
+
+from sparsejit.kernels.launch import pointer
+""" + STEPS + """
+
+def quantize(x, out, i0, i1, scale, zero, lo, hi, table):
+    # float32 x to bytes (int8's too: the int32 value's low byte)
+    xs = carray(pointer(x), i1, np.float32)[i0:]
+    ys = carray(pointer(out), i1, np.uint8)[i0:]
+    for i in range(xs.size):
+        ys[i] = np.int32(quantized(xs[i], scale, zero, lo, hi))
+
+
+def dequantize(x, out, i0, i1, scale, zero, lo, hi, table):
+    # bytes x to float32: (x - zero) · scale, x int8 where lo < 0
+    qs = carray(pointer(x), i1, np.uint8)[i0:]
+    ys = carray(pointer(out), i1, np.float32)[i0:]
+    wrap = np.float32(256) if lo < 0 else np.float32(0)
+    for i in range(qs.size):
+        v = np.float32(qs[i])
+        ys[i] = ((v - wrap if v >= 128 else v) - zero) * scale
+"""
+
+
+@functools.cache
+def each_kernel(op: str) -> int:
+    """The address of EACH_SOURCE's `op` ("quantize" or "dequantize"), a C function of
+    EACH's signature."""
+    compiled = compiled_cfunc(getattr(load_source(EACH_SOURCE), op),
+                              "void(int64, int64, int64, int64, float32, float32, float32, float32, int64)",
+                              nogil=True)
+    _compiled.append(compiled)  # (keeps its machine code alive)
+    return compiled.address
+
+
+_compiled: list = []
+
+
 @functools.cache
 def _each_fn(op: str) -> int:
-    return compile_ir(each_ir(op), EACH.name)
+    return each_kernel(op) if op in ("quantize", "dequantize") else compile_ir(each_ir(op), EACH.name)
 
 
 def _each(op: str, x: np.ndarray, out: np.ndarray, scale=0, zero=0, lo=0, hi=0, table: np.ndarray = _NO_TABLE) -> None:
-    """each_ir(op) over the flat (contiguous) x into out, on every thread."""
+    """each_ir(op), or EACH_SOURCE's, over the flat (contiguous) x into out, on every thread."""
     f32 = np.float32
     run(load_source(EACH_DRIVER).run_each, EACH, threads(), 1, _each_fn(op), x.view(np.uint8), out.view(np.uint8),
         x.size, f32(scale), f32(zero), f32(lo), f32(hi), table.view(np.uint8))
@@ -550,14 +579,11 @@ def _strided(x: np.ndarray) -> tuple[int, ...]:
     return _address(x), 1 + sum((n - 1) * s for n, s in zip(x.shape, x.strides)) // x.itemsize, *x.shape, *x.strides
 
 
-_qattention_compiled: list = []
-
-
 @functools.cache
 def qattention_kernel(types: tuple[str, ...]) -> int:
     """The address of QATTENTION_SOURCE's kernel for these types (q's, kt's, v's and the
     output's bytes, then the two products' floats)."""
     source = QATTENTION_SOURCE.replace("TYPES", ", ".join(f"np.{t}" for t in types))
     compiled = compiled_cfunc(load_source(source).qattention, "void(int64, int64, int64, int64)", nogil=True)
-    _qattention_compiled.append(compiled)  # (keeps its machine code alive)
+    _compiled.append(compiled)  # (keeps its machine code alive)
     return compiled.address

@@ -155,6 +155,8 @@ BUILDS = (
     Driver("linear", "DENSE_DRIVER_SOURCE", "run_panels",
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 3), A(float32, 1), A(float32, 2), A(float32, 2), "
      "int64"), "float"),
+    CFunction("elementwise", "each_kernel('dequantize')", "int8"),
+    CFunction("elementwise", "each_kernel('quantize')", "int8"),
     IR("elementwise", "part_ir(QATTENTION)", "qoperator"),
     CFunction("elementwise", "qattention_kernel(('uint8',) * 4 + ('float32',) * 2)", "qoperator"),
 )
