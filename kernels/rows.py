@@ -17,14 +17,15 @@ values span more than 29 bits of exponent, so its order does not matter, and
 `reference_rows`, each op on numpy in turn, gives the kernel's result bit for bit.
 
 A part of the threads takes a range of features (feature-major: a Linear kernel's
-output at a batch's tokens, [features, tokens] in memory, read as it lies) or of tokens
-(token-major, C order); the outputs are written the same way. A pass is a series of
-loops (along a feature's tokens, or a token's features), a Lookup (a gather, which
-keeps a loop scalar) in a loop of its own so that the others vectorise; the loops are marked free of dependences between their
-iterations, so LLVM vectorises them without checks. What is one per row (a mean, and
+output at a batch's tokens, [features, tokens] in memory, read as it lies, where an input
+lies so) or of tokens (token-major, C order); the outputs are written the same way. A
+pass is a series of loops (along a feature's tokens, or a token's features), a Lookup (a
+gather, which keeps a loop scalar) in a loop of its own so that the others vectorise;
+the loops are marked free of dependences between their iterations, so LLVM vectorises
+them without checks. What is one per row (a mean, and
 what is made from means and constants alone) is made between the passes on numpy, by the
 reference ops. (Why IR and not Numba, and what each layout costs: bench/README.md,
-eighteenth session.)
+eighteenth and nineteenth sessions.)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .compile import ir_engine, load_source, threads
 from .elementwise import quantized_ir
 from .ir import Signature
 from .launch import IMPORTS, part_ir, put_source, run  # noqa: F401 (part_ir: prebuild's BUILDS)
+from .layout import aligned_empty
 
 ROW_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "FakeQuantize", "QuantizeLinear", "DequantizeLinear", "Lookup",
            "ReduceMean")
@@ -162,6 +164,14 @@ declare float @llvm.minnum.f32(float, float)
 declare float @llvm.sqrt.f32(float)
 !0 = distinct !{}
 """
+
+
+def _feature_major(full: list[np.ndarray]) -> bool:
+    """Whether a row kernel over inputs `full` (those of the whole shape) runs feature-major:
+    where any lies so (reversed C order, a Linear kernel's output at a batch's tokens). Its
+    outputs then lie so too, as the Linear kernels read x, and the others are copied to it
+    (in a transformer, the residual of the first block only)."""
+    return any(x.T.flags.c_contiguous and not x.flags.c_contiguous for x in full)
 
 
 def _laid(v: np.ndarray, shape: tuple, token: bool) -> np.ndarray:
@@ -462,8 +472,9 @@ class RowKernel:
 
     def __call__(self, *inputs: np.ndarray) -> tuple | None:
         """The outputs, written feature-major (reversed C order, a Linear kernel's at
-        a batch's tokens) where every input of the full shape is so, else token-major (C
-        order; a Linear kernel reads that faster than either at many tokens); None where
+        a batch's tokens, on 64-byte lines, as the Linear kernels read x) where an input
+        of the full shape is so (`_feature_major`), else token-major (C order; a Linear
+        kernel reads that faster than either at many tokens); None where
         the kernel does not cover the inputs (see _broadcast; another type, a constant of
         another length, no elements, arithmetic on bytes)."""
         shape = inputs[0].shape if all(x.shape == inputs[0].shape for x in inputs) else self._broadcast(inputs)
@@ -473,13 +484,14 @@ class RowKernel:
         if n == 0 or rows == 0 or any(c.size not in (1, n) for c in self.arrays.values()):
             return None
         full = [x for x in inputs if x.shape == shape]
-        token = len(shape) == 1 or not all(x.T.flags.c_contiguous and not x.flags.c_contiguous for x in full)
+        token = len(shape) == 1 or not _feature_major(full)
         passes = self._passes({x: v.dtype for x, v in zip(self.names, inputs) if v.dtype in BYTES}, token)
         if passes is None:
             return None
         parts, (outer, inner) = threads(), ((rows, n) if token else (n, rows))
         arrays = {("x", x): _laid(v, shape, token) for x, v in zip(self.names, inputs)}
-        outs = {o: np.empty(shape if token else shape[::-1], self.types[o]) for o in self.outputs
+        outs = {o: np.empty(shape, self.types[o]) if token else aligned_empty(shape[::-1], self.types[o])
+                for o in self.outputs
                 if self.values[o].kind == "row"}
         arrays.update({("y", o): m.reshape(outer, inner) for o, m in outs.items()})
         arrays.update({("kept", o): np.empty((outer, inner), np.float32) for o in self.keep})
