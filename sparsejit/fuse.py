@@ -28,6 +28,8 @@ the fused graph computes exactly what the original did.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .fold import eliminate_dead, fold_constants
@@ -571,6 +573,69 @@ def fuse_lookups(graph: Graph) -> Graph:
     return m.result()
 
 
+def _ranked(table: np.ndarray, lookup: Node) -> np.ndarray:
+    """A Lookup's table of what it makes of each byte, of the rank its output takes at least."""
+    rank = lookup.attrs.get("min_rank", 1)
+    return table.reshape((1,) * (rank - table.ndim) + table.shape) if table.ndim < rank else table
+
+
+def _ops(n: Node) -> list[str]:
+    """The ops node n stands for: a Lookup's chain, else its own."""
+    return list(n.attrs["ops"]) if n.op_type == "Lookup" else [n.op_type]
+
+
+class _ByteFunction(NamedTuple):
+    """A value that is a function of the bytes `source` (fuse_byte_functions): its `table`
+    over the 256 bytes, the `ops` it is from them, how many `nodes` of the graph make it
+    and how many of those gather (Lookups)."""
+
+    source: str
+    table: np.ndarray
+    ops: list[str]
+    nodes: int
+    gathers: int
+
+
+def fuse_byte_functions(graph: Graph) -> Graph:
+    """Per-element ops whose inputs are all functions of one byte tensor, or constants of
+    one element → one `Lookup` of that byte tensor where their value leaves them, where
+    that saves a gather. The functions of bytes b are its Lookups and DequantizeLinear,
+    and what such ops make of them: a QOperator GELU is b = QuantizeLinear(x), then
+    DequantizeLinear(b) · Lookup(b), quantized and looked up again, two gathers and as
+    many passes over FFN1's output, where the value it hands on is one table's entry for
+    b. The ops run once at load on the 256 bytes, as fuse_lookups' do, so the results are
+    the same. The ops between stay while anything else reads them."""
+    m = _Matcher(graph)
+    made: dict[str, _ByteFunction] = {}
+    for n in graph.nodes:
+        read = [i for i in n.inputs if i and m.const(i) is None]
+        if read and all(i in made for i in read) and len({made[i].source for i in read}) == 1 \
+                and len(n.outputs) == 1 and (n.op_type in PER_ELEMENT or n.op_type == "Lookup") \
+                and all(m.const(i).size == 1 for i in n.inputs if i and m.const(i) is not None):
+            args = [made[i].table if i in made else m.const(i) if i else None for i in n.inputs]
+            if n.op_type == "Lookup":
+                table = _ranked(n.attrs["table"][args[0].view(np.uint8)], n) if args[0].dtype in BYTE_TYPES else None
+            else:
+                with np.errstate(all="ignore"):  # (as _table)
+                    table = evaluate(n.op_type, args, n.attrs, graph.opset, 1)[0]
+            if np.size(table) == 256:
+                made[n.outputs[0]] = _ByteFunction(
+                    made[read[0]].source, table, [*(op for i in read for op in made[i].ops), *_ops(n)],
+                    1 + sum(made[i].nodes for i in read), (n.op_type == "Lookup") + sum(made[i].gathers for i in read))
+        elif n.op_type == "Lookup":
+            made[n.outputs[0]] = _ByteFunction(n.inputs[0], _ranked(n.attrs["table"], n), _ops(n), 1, 1)
+        elif n.op_type == "DequantizeLinear" and _byte_grid(m, n) is not None:
+            made[n.outputs[0]] = _ByteFunction(n.inputs[0], _table(m, n, [], graph.opset), ["DequantizeLinear"], 1, 0)
+    for n in graph.nodes:
+        f = made.get(n.outputs[0]) if len(n.outputs) == 1 else None
+        if f is None or f.nodes < 2 or not f.gathers or \
+                (n.outputs[0] not in m.outputs and all(u.outputs[0] in made for u in m.users.get(n.outputs[0], []))):
+            continue  # (its own node already, no gather saved, or read only by ops folded further on)
+        attrs = {"table": np.ascontiguousarray(f.table).reshape(256), "ops": f.ops, "min_rank": np.ndim(f.table)}
+        m.replace([n], Node("Lookup", n.name, [f.source], list(n.outputs), attrs))
+    return eliminate_dead(m.result())
+
+
 def fuse_quantized_softmax(graph: Graph) -> Graph:
     """QuantizeLinear(Softmax(DequantizeLinear(bytes))) over the last axis, each with one
     scale and zero point → one `QSoftmax` node, bytes in and out (attention's in QOperator
@@ -646,7 +711,8 @@ def fuse_quantized_attention(graph: Graph) -> Graph:
 
 
 PASSES = (fuse_gelu, fuse_layernorm, dequantize_gathered_tables, fuse_embeddings, fuse_quantized_linear, fold_weights,
-          fuse_linear, fuse_attention, fuse_lookups, fuse_quantized_softmax, fuse_quantized_attention,
+          fuse_linear, fuse_attention, fuse_lookups, fuse_byte_functions, fuse_quantized_softmax,
+          fuse_quantized_attention,
           fuse_fake_quantize)
 
 

@@ -294,8 +294,9 @@ def test_per_element_chains_on_bytes_become_one_lookup(dtype):
     """DequantizeLinear of 8-bit x, then per-element ops with scalar constants (a GELU as
     QOperator writes it, requantized on the way, and a power that overflows for some
     bytes): one Lookup node whose table the ops computed, so compiled and reference runs
-    agree exactly, on every byte; a value read twice ends the chain there, and the
-    DequantizeLinear another op reads too stays for it."""
+    agree exactly, on every byte; a value read twice ends the chain there, and ops of two
+    such values of x that save a gather (the Muls of d and `twice`, d and y) are Lookups
+    of x too (fuse_byte_functions), so no DequantizeLinear stays."""
     from onnx import TensorProto, helper, numpy_helper
 
     onnx_type = TensorProto.UINT8 if dtype == np.uint8 else TensorProto.INT8
@@ -311,17 +312,19 @@ def test_per_element_chains_on_bytes_become_one_lookup(dtype):
              helper.make_node("Mul", ["y", "big"], ["b"]),
              helper.make_node("Pow", ["b", "p"], ["overflow"]),
              helper.make_node("Add", ["y", "overflow"], ["twice"]),          # y read twice: the chain ends at y
-             helper.make_node("Mul", ["d", "twice"], ["both"])]              # d read by a Mul of two values too
+             helper.make_node("Mul", ["d", "twice"], ["both"]),              # d read by a Mul of two values too
+             helper.make_node("Mul", ["d", "y"], ["scaled"])]                # (finite: x · GELU's table, say)
     inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in c.items()]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx_type, [None, 300])],
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
-                               for o in ("y", "twice", "both")],
+                               for o in ("y", "twice", "both", "scaled")],
                               inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     compiled, reference = sparsejit.load(model), sparsejit.load(model, mode="reference")
     lookups = [n.attrs["ops"] for n in _unfolded(compiled.graph) if n.op_type == "Lookup"]
     assert ["DequantizeLinear", "Div", "Erf", "QuantizeLinear", "DequantizeLinear", "Add"] in lookups, lookups
-    assert "DequantizeLinear" in {n.op_type for n in _unfolded(compiled.graph)}  # kept for the Mul
+    assert {n.op_type for n in _unfolded(compiled.graph)} == {"Lookup"}
+    assert [n.inputs for n in _unfolded(compiled.graph)] == [["x"]] * 4
     x = np.resize(np.arange(256, dtype=np.uint8).view(dtype), (3, 300))
     for feed in (x, x[:, ::-1], x[:0]):
         got, want = compiled.run({"x": feed}), reference.run({"x": feed})
@@ -716,8 +719,9 @@ def test_written_out_layernorms_and_attention_in_qoperator_run_as_row_kernels():
     """ONNX Runtime's QOperator form of a BERT from before opset 17 writes each LayerNorm
     out, a dozen quantized ops (QLinearAdd, ReduceMean, Sub, Pow, ReduceMean, Sqrt as a
     lookup, Div, QLinearMul γ, QLinearAdd β), and its GELU as lookups around a QLinearMul.
-    Each becomes one RowGroup, whose kernel gives bit for bit what the ops give one by one
-    (lower.fuse_rows left out), at several shapes with padding.
+    Each becomes one RowGroup, the GELU's ops after FFN1's bytes one Lookup of them
+    (fuse.fuse_byte_functions); the kernels give bit for bit what the ops give one by one
+    (lower.fuse_rows and fuse_byte_functions left out), at several shapes with padding.
 
     Against the oracle: within 1e-4, but where a byte of a quantized step lands on the
     neighbouring one. A mean is rounded to float32 after summing in some order (ONNX
@@ -726,20 +730,24 @@ def test_written_out_layernorms_and_attention_in_qoperator_run_as_row_kernels():
     The reference ops differ from ONNX Runtime so at 0.1% of the outputs at (3, 20). So
     the bound: 1e-4 at all but 1% of the elements, one step of the output's grid at
     most."""
-    from sparsejit import lower
+    from sparsejit import fuse, lower
 
     path = INT8 / "bert_op14_p90_int8_qoperator.onnx"
     model = sparsejit.load(path)
     groups = [[m.op_type for m in n.attrs["nodes"]] for n in model.graph.nodes if n.op_type == "RowGroup"]
     layernorms = [g for g in groups if g.count("ReduceMean") == 2 and "Sqrt" not in g]  # (the root a lookup)
     assert len(layernorms) == 5, groups  # the embeddings' and two per block
-    assert sum("Lookup" in g and "Mul" in g and "ReduceMean" not in g for g in groups) == 2, groups  # GELU
-    kept = lower.LOWERING
-    lower.LOWERING = tuple(p for p in kept if p is not lower.fuse_rows)
+    gelus = [g for g in groups if g == ["QuantizeLinear", "Lookup"]]
+    assert len(gelus) == 2 and all(any("Erf" in m.attrs["ops"] and "Mul" in m.attrs["ops"] for m in n.attrs["nodes"]
+                                       if m.op_type == "Lookup") for n in model.graph.nodes if n.op_type == "RowGroup"
+                                   and [m.op_type for m in n.attrs["nodes"]] in gelus), groups
+    kept = lower.LOWERING, fuse.PASSES
+    lower.LOWERING = tuple(p for p in kept[0] if p is not lower.fuse_rows)
+    fuse.PASSES = tuple(p for p in kept[1] if p is not fuse.fuse_byte_functions)
     try:
         by_op = sparsejit.load(path)
     finally:
-        lower.LOWERING = kept
+        lower.LOWERING, fuse.PASSES = kept
     assert not any(n.op_type == "RowGroup" for n in by_op.graph.nodes)
     group, last = next((n, m) for n in model.graph.nodes if n.op_type == "RowGroup" for m in n.attrs["nodes"]
                        if m.outputs[0] == model.output_names[0])
