@@ -142,18 +142,19 @@ def erf(x, out):
 # above; the (batch, head) tasks [t0, t1) of one part, compiled as a C function that the
 # launcher runs (launch.py; a parallel Numba function compiles more slowly: bench/README.md,
 # nineteenth session).
-# Its types are set per model where it says TYPES: q's, kᵀ's, v's and the output's bytes,
-# and the floats of each product, which hold every sum of products exactly, so that
-# BLAS's order does not matter (ops.exact_floats).
+# Its types are set per model where it says TYPES (q's, kᵀ's, v's, the probabilities' and
+# the output's bytes, the floats of each product) and OFFSETS, and its products where it
+# says PRODUCT (`PRODUCTS`).
 QATTENTION_SOURCE = """\
 # sparsejit generated kernel: QOperator attention, (batch, head) tasks [t0, t1)
 import numpy as np
 from numba import carray, njit
 from numpy.lib.stride_tricks import as_strided
 
-from sparsejit.kernels.launch import pointer
+from sparsejit.kernels.launch import call_address, pointer
 
-Q, K, V, Y, FIRST, SECOND = TYPES
+Q, K, V, P, Y, FIRST, SECOND = TYPES
+QA, KB, PA, VB = OFFSETS
 """ + STEPS + """
 
 @njit(inline="always")
@@ -165,6 +166,7 @@ def centred(x, zero):
             y[i, j] = x[i, j] - zero
     return y
 
+PRODUCT
 
 @njit(inline="always")
 def strided(n, at, dtype):
@@ -175,10 +177,10 @@ def strided(n, at, dtype):
 
 
 def qattention(slots, floats, t0, t1):
-    # slots: int64 [44] (qattention's wrapper), floats: float32 [20]. q [b, h, rows, d],
+    # slots: int64 [45] (qattention's wrapper), floats: float32 [20]. q [b, h, rows, d],
     # kt [b, h, d, t], v [b, h, t, dv], each in any layout (`strided`); the mask [mb, mh, mr,
-    # t] and the output [b, h, rows, dv] in C order
-    n = carray(pointer(slots), 44, np.int64)
+    # t] and the output [b, h, rows, dv] in C order; the products' IR kernel (`product`)
+    n = carray(pointer(slots), 45, np.int64)
     f = carray(pointer(floats), 20, np.float32)
     q, kt, v = strided(n, 0, Q), strided(n, 10, K), strided(n, 20, V)
     mask = carray(pointer(n[30]), (n[31], n[32], n[33], n[34]), np.float32)
@@ -186,7 +188,7 @@ def qattention(slots, floats, t0, t1):
     scores = carray(pointer(n[40]), 256, np.float32)
     value = carray(pointer(n[41]), 256, np.float32)
     table = carray(pointer(n[42]), (256, 256), np.float32)
-    flip = n[43]
+    flip, idot = n[43], n[44]
     qz, kz, vz, pz = FIRST(f[0]), FIRST(f[1]), SECOND(f[2]), SECOND(f[3])
     m1, z1, lo1, hi1, s_scale, s_zero, s_lo, s_hi = f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11]
     p_scale, p_zero, p_lo, p_hi, m2, z2, lo2, hi2 = f[12], f[13], f[14], f[15], f[16], f[17], f[18], f[19]
@@ -200,11 +202,8 @@ def qattention(slots, floats, t0, t1):
     for task in range(t0, t1):
         b = task // heads
         h = task - b * heads
-        qh = centred(q[b, h], qz)
-        acc = np.empty((rows, t), FIRST)
-        np.dot(qh, centred(kt[b, h], kz), acc)
-        vh = centred(v[b, h], vz)
-        pc = np.empty((rows, t), SECOND)
+        acc = product(q[b, h], qz, kt[b, h], kz, QA, KB, idot)
+        pq = np.empty((rows, t), P)  # the probabilities' bytes
         for i in range(rows):
             ai = acc[i]
             mr = mask[min(b, mask.shape[0] - 1), min(h, mask.shape[1] - 1), min(i, mask.shape[2] - 1)]
@@ -214,15 +213,60 @@ def qattention(slots, floats, t0, t1):
                 e[j] = scores[byte[j]]
             for j in range(t):
                 qr[j] = np.int32(quantized(e[j] + mr[j], s_scale, s_zero, s_lo, s_hi)) & 255
-            softmax_row(qr, value, table, flip, es, p_scale, p_zero, p_lo, p_hi, pz, pc[i])
-        o = np.empty((rows, dv), SECOND)
-        np.dot(pc, vh, o)
+            softmax_row(qr, value, table, flip, es, p_scale, p_zero, p_lo, p_hi, 0, pq[i])
+        o = product(pq, pz, v[b, h], vz, PA, VB, idot)
         for i in range(rows):
             oi = o[i]
             ys = out[b, h, i]
             for k in range(dv):
                 ys[k] = requantized(oi[k], m2, z2, lo2, hi2)
 """
+
+# QATTENTION_SOURCE's `product`: the sums of (x - xz)(y - yz) over k for x [m, k] and y [k,
+# n] bytes in any layout, exactly, so that the order of the sums does not matter
+PRODUCTS = {
+    # in xz's float type, which holds every such sum (ops.exact_floats), on BLAS
+    "blas": """\
+@njit(inline="always")
+def product(x, xz, y, yz, cx, cy, idot):
+    c = np.empty((x.shape[0], y.shape[1]), np.asarray(xz).dtype)
+    np.dot(centred(x, xz), centred(y, yz), c)
+    return c
+""",
+    # in int32 by AVX-512 VNNI (`idot`, idot_ir's kernel): x + cx as uint8 and y - cy as
+    # int8 (cx, cy: 128 or 0, as the types are), their products' sums less what the zero
+    # points and offsets add, from x's row sums and y's column sums
+    "vnni": """\
+@njit(inline="always")
+def product(x, xz, y, yz, cx, cy, idot):
+    m, k = x.shape
+    n = y.shape[1]
+    k4 = (k + 3) // 4
+    n16 = (n + 15) // 16 * 16
+    a = np.zeros((m, 4 * k4), np.uint8)
+    sa = np.zeros(m, np.int64)
+    for i in range(m):
+        for kk in range(k):
+            u = np.int32(x[i, kk]) + cx
+            a[i, kk] = u
+            sa[i] += u
+    bp = np.zeros((k4, n16, 4), np.int8)
+    sb = np.zeros(n, np.int64)
+    for kk in range(k):
+        for j in range(n):
+            w = np.int32(y[kk, j]) - cy
+            bp[kk // 4, j, kk % 4] = w
+            sb[j] += w
+    c = np.empty((m, n16), np.int32)
+    call_address(idot, (a.ctypes.data, bp.ctypes.data, c.ctypes.data, m, k4, n16 // 16))
+    alpha, beta = np.int64(xz) + cx, np.int64(yz) - cy
+    for i in range(m):
+        row = k * alpha * beta - beta * sa[i]
+        for j in range(n):
+            c[i, j] = np.int32(np.int64(c[i, j]) + row - alpha * sb[j])
+    return c
+""",
+}
 
 
 RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
@@ -557,10 +601,17 @@ def qattention(q, kt, mask, v, *, qk, lookup, grid, softmax, pv, ops=()):
                      np.int64)
     floats = np.array([qz, kz, vz, pz, *_requantizing(qs, ks, ss, sz), gs, gz, lo, hi,
                        softmax["out_scale"], softmax["out_zero"], p_lo, p_hi, *_requantizing(ps, vs, ys, yz)], np.float32)
+    products = qattention_products() if max(d, t) < EXACT_INT32 else "blas"
+    if products == "vnni":
+        first = second = np.float32  # (not used)
+        slots = np.append(slots, idot_kernel())
+    else:
+        slots = np.append(slots, 0)
     tasks = batch * heads
     parts = min(threads(), tasks)
     calls = new_calls(parts, 1, QATTENTION)
-    fn = qattention_kernel(tuple(np.dtype(x).name for x in (q.dtype, kt.dtype, v.dtype, yz.dtype, first, second)))
+    fn = qattention_kernel(tuple(np.dtype(x).name for x in (q.dtype, kt.dtype, v.dtype, pz.dtype, yz.dtype, first,
+                                                            second)) + (products,))
     calls[:, :6] = [[1, fn, _address(slots), _address(floats), c * tasks // parts, (c + 1) * tasks // parts]
                     for c in range(parts)]
     launch_rows(QATTENTION, calls)
@@ -581,9 +632,79 @@ def _strided(x: np.ndarray) -> tuple[int, ...]:
 
 @functools.cache
 def qattention_kernel(types: tuple[str, ...]) -> int:
-    """The address of QATTENTION_SOURCE's kernel for these types (q's, kt's, v's and the
-    output's bytes, then the two products' floats)."""
-    source = QATTENTION_SOURCE.replace("TYPES", ", ".join(f"np.{t}" for t in types))
+    """The address of QATTENTION_SOURCE's kernel for these types (q's, kt's, v's, the
+    probabilities' and the output's bytes, the two products' floats) and products (a key
+    of PRODUCTS)."""
+    *types, products = types
+    offsets = [128 * (types[0] == "int8"), 128 * (types[1] == "uint8"), 128 * (types[3] == "int8"),
+               128 * (types[2] == "uint8")]  # uint8 x (+ cx) and int8 y (- cy) for vpdpbusd
+    source = QATTENTION_SOURCE.replace("TYPES", ", ".join(f"np.{t}" for t in types)).replace(
+        "OFFSETS", ", ".join(map(str, offsets))).replace("PRODUCT\n", PRODUCTS[products])
     compiled = compiled_cfunc(load_source(source).qattention, "void(int64, int64, int64, int64)", nogil=True)
     _compiled.append(compiled)  # (keeps its machine code alive)
     return compiled.address
+
+
+def qattention_products() -> str:
+    """The PRODUCTS QAttentionCore's kernel takes on this CPU."""
+    from .int8 import has_vnni
+
+    return "vnni" if has_vnni() else "blas"
+
+
+EXACT_INT32 = 33025  # sums of fewer products of a byte less 255 and one less 128 fit int32 (k · 255 · 255 < 2^31)
+
+
+@functools.cache
+def idot_kernel() -> int:
+    """The address of idot_ir's kernel."""
+    return compile_ir(idot_ir(), IDOT.name)
+
+
+IDOT = Signature("idot", (("a", "ptr"), ("b", "ptr"), ("c", "ptr"), ("m", "i64"), ("k4", "i64"), ("nv", "i64")))
+
+
+def idot_ir() -> str:
+    """`idot`: c[i, j] = Σ_k a[i, k] (uint8) · b[k, j] (int8), exact in int32, by AVX-512
+    VNNI's `vpdpbusd`: a [m, 4 k4] in rows, b packed [k4, 16 nv, 4] (4 consecutive k of
+    one column in one i32, so one 64-byte load is 16 columns' 4), c [m, 16 nv] in rows.
+    Rows in blocks of 4 (4 accumulators sharing each load of b), then one at a time."""
+    iv = f"<{16} x i32>"
+    lines = ["; sparsejit generated kernel: uint8 × int8 products by vpdpbusd (QAttentionCore's two)",
+             f"define void @idot({IDOT.params()}) {{", "entry:", "  %lda = shl i64 %k4, 2", "  %ldc = shl i64 %nv, 4",
+             "  %m4 = and i64 %m, -4", "  br label %r4.head"]
+    for tag, rows, start, end, came, after in (("r4", 4, "0", "%m4", "entry", "r1.pre"), ("r1", 1, "%m4", "%m", "r1.pre",
+                                                                                         "done")):
+        t = f"%{tag}"
+        lines += [f"{tag}.head:", f"  {t}.i = phi i64 [ {start}, %{came} ], [ {t}.inext, {t}.cdone ]",
+                  f"  {t}.more = icmp slt i64 {t}.i, {end}", f"  br i1 {t}.more, label {t}.cols, label %{after}",
+                  f"{tag}.cols:", f"  br label {t}.chead",
+                  f"{tag}.chead:", f"  {t}.jv = phi i64 [ 0, {t}.cols ], [ {t}.jvnext, {t}.kdone ]",
+                  f"  {t}.cmore = icmp slt i64 {t}.jv, %nv", f"  br i1 {t}.cmore, label {t}.kpre, label {t}.cdone",
+                  f"{tag}.kpre:", f"  {t}.j = shl i64 {t}.jv, 4", f"  br label {t}.khead",
+                  f"{tag}.khead:", f"  {t}.kk = phi i64 [ 0, {t}.kpre ], [ {t}.kknext, {t}.kbody ]"]
+        lines += [f"  {t}.acc{r} = phi {iv} [ zeroinitializer, {t}.kpre ], [ {t}.nacc{r}, {t}.kbody ]"
+                  for r in range(rows)]
+        lines += [f"  {t}.kmore = icmp slt i64 {t}.kk, %k4", f"  br i1 {t}.kmore, label {t}.kbody, label {t}.kdone",
+                  f"{tag}.kbody:", f"  {t}.bo1 = mul i64 {t}.kk, %ldc", f"  {t}.bo = add i64 {t}.bo1, {t}.j",
+                  f"  {t}.bp = getelementptr i32, ptr %b, i64 {t}.bo", f"  {t}.bv = load {iv}, ptr {t}.bp, align 4",
+                  f"  {t}.ak = shl i64 {t}.kk, 2"]
+        for r in range(rows):
+            lines += [f"  {t}.row{r} = add i64 {t}.i, {r}", f"  {t}.ao1{r} = mul i64 {t}.row{r}, %lda",
+                      f"  {t}.ao{r} = add i64 {t}.ao1{r}, {t}.ak", f"  {t}.ap{r} = getelementptr i8, ptr %a, i64 {t}.ao{r}",
+                      f"  {t}.a{r} = load i32, ptr {t}.ap{r}, align 1",
+                      f"  {t}.ai{r} = insertelement {iv} poison, i32 {t}.a{r}, i64 0",
+                      f"  {t}.as{r} = shufflevector {iv} {t}.ai{r}, {iv} poison, {iv} zeroinitializer",
+                      (f"  {t}.nacc{r} = call {iv} @llvm.x86.avx512.vpdpbusd.512({iv} {t}.acc{r}, {iv} {t}.as{r}, "
+                       f"{iv} {t}.bv)")]
+        lines += [f"  {t}.kknext = add i64 {t}.kk, 1", f"  br label {t}.khead", f"{tag}.kdone:"]
+        for r in range(rows):
+            lines += [f"  {t}.crow{r} = add i64 {t}.i, {r}", f"  {t}.co1{r} = mul i64 {t}.crow{r}, %ldc",
+                      f"  {t}.co{r} = add i64 {t}.co1{r}, {t}.j", f"  {t}.cp{r} = getelementptr i32, ptr %c, i64 {t}.co{r}",
+                      f"  store {iv} {t}.acc{r}, ptr {t}.cp{r}, align 4"]
+        lines += [f"  {t}.jvnext = add i64 {t}.jv, 1", f"  br label {t}.chead",
+                  f"{tag}.cdone:", f"  {t}.inext = add i64 {t}.i, {rows}", f"  br label {t}.head"]
+        if tag == "r4":
+            lines += ["r1.pre:", "  br label %r1.head"]
+    lines += ["done:", "  ret void", "}", "", f"declare {iv} @llvm.x86.avx512.vpdpbusd.512({iv}, {iv}, {iv})", ""]
+    return "\n".join(lines)

@@ -51,6 +51,24 @@ def pointer(typingctx, address):
 
 
 @intrinsic
+def call_address(typingctx, fn, args):
+    """fn(*args) (in Numba code): fn the address of a C function whose arguments are
+    integers or pointers (int64 each), args a tuple of integers."""
+    if not (isinstance(fn, types.Integer) and isinstance(args, types.BaseTuple)
+            and all(isinstance(t, types.Integer) for t in args)):
+        return None
+
+    def codegen(context, builder, signature, a):
+        i64 = ir.IntType(64)
+        fnty = ir.FunctionType(ir.VoidType(), [i64] * len(args))
+        values = [context.cast(builder, v, t, types.int64)
+                  for v, t in zip(cgutils.unpack_tuple(builder, a[1], len(args)), args)]
+        builder.call(builder.inttoptr(context.cast(builder, a[0], fn, types.int64), fnty.as_pointer()), values)
+        return context.get_dummy_value()
+    return types.void(fn, args), codegen
+
+
+@intrinsic
 def put_call(typingctx, calls, c, kinds, call):
     """Append to row c of `calls` one call (in Numba code): `call` a tuple of the kernel's
     address and its arguments, `kinds` a literal string of a letter per argument (`f` a

@@ -158,7 +158,9 @@ BUILDS = (
     CFunction("elementwise", "each_kernel('dequantize')", "int8"),
     CFunction("elementwise", "each_kernel('quantize')", "int8"),
     IR("elementwise", "part_ir(QATTENTION)", "qoperator"),
-    CFunction("elementwise", "qattention_kernel(('uint8',) * 4 + ('float32',) * 2)", "qoperator"),
+    IR("elementwise", "idot_ir()", "qoperator", "qattention_products() == 'vnni'"),
+    CFunction("elementwise", "qattention_kernel(('uint8',) * 5 + ('float32',) * 2 + (qattention_products(),))",
+              "qoperator"),
 )
 DRIVERS = tuple(b for b in BUILDS if isinstance(b, Driver))
 

@@ -827,15 +827,23 @@ def test_row_kernel_is_its_reference(case):
     assert kernel(*[np.zeros((0, n), np.float32) for _ in names]) is None
 
 
+@pytest.mark.parametrize("products", ["vnni", "blas"])
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])
-def test_quantized_attention_kernel_is_its_reference(dtype):
+def test_quantized_attention_kernel_is_its_reference(dtype, products, monkeypatch):
     """QAttentionCore's kernel (kernels/elementwise.py) gives what its steps give on their
     reference ops, bit for bit: bytes of either type, masks of every broadcast shape, more
     keys than queries, values wider than keys, 300 keys; none (the reference runs) for a
-    scale per axis. The products' sums are exact in float32 up to 2^24, in float64 past."""
+    scale per axis. Its products by AVX-512 VNNI (exact in int32) where the CPU has it,
+    and on BLAS in floats, exact in float32 up to 2^24, in float64 past."""
     from sparsejit.kernels import elementwise as E
+    from sparsejit.kernels.int8 import has_vnni
 
     from sparsejit.ops import exact_floats
+
+    if products == "vnni" and not has_vnni():
+        pytest.skip("no AVX-512 VNNI on this CPU")
+    monkeypatch.setattr(E, "qattention_products", lambda: products)
+    assert E.qattention_products() == products
 
     rng = np.random.default_rng(7)
     zero = (lambda v: dtype(v if dtype == np.uint8 else v - 128))

@@ -208,15 +208,17 @@ def test_two_threads_loading_at_once_then_a_fork(tmp_path):
 
 def test_builds_skips_what_the_cpu_cannot_run(monkeypatch):
     """What `BUILDS` makes depends on the CPU's features, not its name: without AMX the AMX
-    kernels are not built, and with AVX2's 8 lanes neither are the int8 sparse kernels
-    (made for AVX-512 only), while the rest are made for 8 lanes."""
-    from sparsejit.kernels import amx
+    kernels are not built, with AVX2's 8 lanes neither are the int8 sparse kernels (made
+    for AVX-512 only), and without AVX-512 VNNI neither is attention's integer product,
+    while the rest are made for 8 lanes."""
+    from sparsejit.kernels import amx, elementwise
 
     monkeypatch.setattr(amx, "has_amx", lambda dot="int8": False)
     monkeypatch.setattr(compile, "vector_lanes", lambda: 8)
+    monkeypatch.setattr(elementwise, "qattention_products", lambda: "blas")
     irs = [e for e in prebuild.BUILDS if isinstance(e, prebuild.IR)]
-    gated = [e for e in irs if "has_amx" in e.when or "VECTOR_LANES ==" in e.when]
-    assert len(gated) >= 6 and all(prebuild.made(e) is None for e in gated)
+    gated = [e for e in irs if e.when != "True"]
+    assert len(gated) >= 7 and all(prebuild.made(e) is None for e in gated)
     made = [prebuild.made(e) for e in irs if e not in gated]
     assert made and all(isinstance(m, str) for m in made)
     assert "<8 x float>" in prebuild.made(next(e for e in irs if "columns_ir(VECTOR_LANES)" in e.source))
