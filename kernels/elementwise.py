@@ -566,56 +566,66 @@ def _requantizing(a_scale, b_scale, y_scale, y_zero) -> tuple:
     return np.float32(a_scale) * np.float32(b_scale) / np.float32(y_scale), z, np.float32(lo) - z, np.float32(hi) - z
 
 
-def qattention(q, kt, mask, v, *, qk, lookup, grid, softmax, pv, ops=()):
+def qattention(q, kt, mask, v, **attrs):
     """reference_qattention on every thread, a (batch, head) per task, its scores never
     leaving the task; None for what it does not cover (a scale or zero point per axis, a
-    mask that does not broadcast to the scores, inputs not 4-D 8-bit)."""
-    scales, zeros = [*qk[0::2], grid[0], *pv[0::2]], [*qk[1::2], grid[1], *pv[1::2]]
-    if any(x.ndim != 4 or x.dtype not in RANGES for x in (q, kt, v)) or mask.dtype != np.float32 or \
-            any(np.size(c) != 1 or np.asarray(c).dtype != np.float32 for c in scales) or \
-            any(np.size(c) != 1 or np.asarray(c).dtype not in RANGES for c in zeros) or \
-            [np.asarray(z).dtype for z in (qk[1], qk[3], pv[3], pv[1])] != [q.dtype, kt.dtype, v.dtype,
-                                                                          np.asarray(softmax["out_zero"]).dtype] or \
-            lookup.shape != (256,) or lookup.dtype != np.float32:
-        return None
-    batch, heads, rows, d = q.shape
-    t = kt.shape[3]
-    if kt.shape != (batch, heads, d, t) or v.shape[:3] != (batch, heads, t) or \
-            np.broadcast_shapes(mask.shape, (batch, heads, rows, t)) != (batch, heads, rows, t) or \
-            any(s < 0 for x in (q, kt, v) for s in x.strides):
-        return None
-    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    mask = np.ascontiguousarray(np.broadcast_to(mask, (*mask.shape[:3], t)))
-    scalars = [np.asarray(c).reshape(()) for c in (*qk, *grid, *pv)]
-    (qs, qz, ks, kz, ss, sz), (gs, gz), (ps, pz, vs, vz, ys, yz) = scalars[:6], scalars[6:8], scalars[8:]
-    first = exact_floats(d, q, qz, kt, kz)
-    second = exact_floats(t, np.empty(0, pz.dtype), pz, v, vz)
-    lo, hi = RANGES[gz.dtype]
-    p_lo, p_hi = RANGES[pz.dtype]
-    out = np.empty((batch, heads, rows, v.shape[3]), yz.dtype)
-    if out.size == 0:
+    mask that does not broadcast to the scores, inputs not 4-D 8-bit). A node's steps
+    make its `QAttention` once (plan.elementwise_step)."""
+    return QAttention(**attrs)(q, kt, mask, v)
+
+
+class QAttention:
+    """qattention for one node's constants, checked and laid out for the kernel once."""
+
+    def __init__(self, *, qk, lookup, grid, softmax, pv, ops=()):
+        scales, zeros = [*qk[0::2], grid[0], *pv[0::2]], [*qk[1::2], grid[1], *pv[1::2]]
+        self.covered = not (any(np.size(c) != 1 or np.asarray(c).dtype != np.float32 for c in scales) or
+                            any(np.size(c) != 1 or np.asarray(c).dtype not in RANGES for c in zeros) or
+                            np.asarray(softmax["out_zero"]).dtype != np.asarray(pv[1]).dtype or
+                            lookup.shape != (256,) or lookup.dtype != np.float32)
+        if not self.covered:
+            return
+        scalars = [np.asarray(c).reshape(()) for c in (*qk, *grid, *pv)]
+        (qs, self.qz, ks, self.kz, ss, sz), (gs, gz), (ps, self.pz, vs, self.vz, ys, yz) = \
+            scalars[:6], scalars[6:8], scalars[8:]
+        self.types = [z.dtype for z in (self.qz, self.kz, self.vz, self.pz, yz)]  # q's, kt's, v's, p's, y's
+        lo, hi = RANGES[gz.dtype]
+        p_lo, p_hi = RANGES[self.pz.dtype]
+        self.floats = np.array([self.qz, self.kz, self.vz, self.pz, *_requantizing(qs, ks, ss, sz), gs, gz, lo, hi,
+                                softmax["out_scale"], softmax["out_zero"], p_lo, p_hi, *_requantizing(ps, vs, ys, yz)],
+                               np.float32)
+        self.tables = lookup, softmax["value"], softmax["table"]  # (held: the kernel reads them by address)
+        self.tail = [*map(_address, self.tables), _rising(softmax["in_scale"], softmax["in_zero"])]
+
+    def __call__(self, q, kt, mask, v):
+        if not self.covered or any(x.ndim != 4 for x in (q, kt, v)) or [q.dtype, kt.dtype, v.dtype] != self.types[:3] \
+                or mask.dtype != np.float32:
+            return None
+        batch, heads, rows, d = q.shape
+        t = kt.shape[3]
+        if kt.shape != (batch, heads, d, t) or v.shape[:3] != (batch, heads, t) or \
+                np.broadcast_shapes(mask.shape, (batch, heads, rows, t)) != (batch, heads, rows, t) or \
+                any(s < 0 for x in (q, kt, v) for s in x.strides):
+            return None
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        mask = np.ascontiguousarray(np.broadcast_to(mask, (*mask.shape[:3], t)))
+        out = np.empty((batch, heads, rows, v.shape[3]), self.types[4])
+        if out.size == 0:
+            return out
+        if qattention_products() == "vnni" and max(d, t) < EXACT_INT32:
+            fn, idot = _qattention_fn(*self.types, np.float32, np.float32, "vnni"), idot_kernel()
+        else:
+            fn, idot = _qattention_fn(*self.types, exact_floats(d, q, self.qz, kt, self.kz),
+                                      exact_floats(t, np.empty(0, self.pz.dtype), self.pz, v, self.vz), "blas"), 0
+        slots = np.array([*_strided(q), *_strided(kt), *_strided(v), _address(mask), *mask.shape, _address(out),
+                          *out.shape, *self.tail, idot], np.int64)
+        tasks = batch * heads
+        parts = min(threads(), tasks)
+        calls = new_calls(parts, 1, QATTENTION)
+        calls[:, :6] = [[1, fn, _address(slots), _address(self.floats), c * tasks // parts, (c + 1) * tasks // parts]
+                        for c in range(parts)]
+        launch_rows(QATTENTION, calls)
         return out
-    value, table = softmax["value"], softmax["table"]
-    slots = np.array([*_strided(q), *_strided(kt), *_strided(v), _address(mask), *mask.shape, _address(out), *out.shape,
-                      _address(lookup), _address(value), _address(table), _rising(softmax["in_scale"], softmax["in_zero"])],
-                     np.int64)
-    floats = np.array([qz, kz, vz, pz, *_requantizing(qs, ks, ss, sz), gs, gz, lo, hi,
-                       softmax["out_scale"], softmax["out_zero"], p_lo, p_hi, *_requantizing(ps, vs, ys, yz)], np.float32)
-    products = qattention_products() if max(d, t) < EXACT_INT32 else "blas"
-    if products == "vnni":
-        first = second = np.float32  # (not used)
-        slots = np.append(slots, idot_kernel())
-    else:
-        slots = np.append(slots, 0)
-    tasks = batch * heads
-    parts = min(threads(), tasks)
-    calls = new_calls(parts, 1, QATTENTION)
-    fn = qattention_kernel(tuple(np.dtype(x).name for x in (q.dtype, kt.dtype, v.dtype, pz.dtype, yz.dtype, first,
-                                                            second)) + (products,))
-    calls[:, :6] = [[1, fn, _address(slots), _address(floats), c * tasks // parts, (c + 1) * tasks // parts]
-                    for c in range(parts)]
-    launch_rows(QATTENTION, calls)
-    return out
 
 
 QATTENTION = Signature("qattention", (("slots", "ptr"), ("floats", "ptr"), ("t0", "i64"), ("t1", "i64")))
@@ -643,6 +653,13 @@ def qattention_kernel(types: tuple[str, ...]) -> int:
     compiled = compiled_cfunc(load_source(source).qattention, "void(int64, int64, int64, int64)", nogil=True)
     _compiled.append(compiled)  # (keeps its machine code alive)
     return compiled.address
+
+
+@functools.cache
+def _qattention_fn(*types) -> int:
+    """qattention_kernel for these dtypes (or types) and products (looked up by them: their
+    names take longer)."""
+    return qattention_kernel(tuple(np.dtype(t).name for t in types[:-1]) + types[-1:])
 
 
 def qattention_products() -> str:

@@ -578,10 +578,17 @@ ELEMENTWISE = {"QuantizeLinear": elementwise.quantize, "DequantizeLinear": eleme
                "QAttentionCore": elementwise.qattention}
 
 
+PREPARED = {"QAttentionCore": elementwise.QAttention}  # kernels made per node, of its attributes
+
+
 def elementwise_step(node: Node, p: Planning) -> Step:
     """A per-element op on its Numba kernel where the kernel covers the inputs (one scale
     and zero point, 8-bit types, float32), else on its reference."""
-    kernel, reference, attrs = ELEMENTWISE[node.op_type], bind(node.op_type, node.attrs, p.opset, 1), node.attrs
+    reference, attrs = bind(node.op_type, node.attrs, p.opset, 1), node.attrs
+    if node.op_type in PREPARED:  # (its constants checked and laid out once)
+        kernel, attrs = PREPARED[node.op_type](**attrs), {}
+    else:
+        kernel = ELEMENTWISE[node.op_type]
 
     def run(*inputs):
         y = kernel(*inputs, **attrs)
