@@ -90,15 +90,13 @@ def softmax_row(qr, value, table, flip, es, scale, zero, lo, hi, less, out):
 """
 
 ELEMENTWISE_SOURCE = """\
-# sparsejit generated kernel: per-element QuantizeLinear, DequantizeLinear (per tensor) and Erf
+# sparsejit generated kernel: QLinearMatMul's requantization, QSoftmax and Erf
 import math
 
 import numpy as np
 from numba import njit, prange
 
 CHUNK = 8192  # elements per parallel task
-
-
 """ + STEPS + """
 
 @njit(parallel=True, nogil=True, cache=True)

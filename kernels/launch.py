@@ -12,7 +12,11 @@ function: it runs row c of `calls` on part c of the threads. A driver is plain
 A row of `calls` (int64): the number of calls, then per call the kernel's address and
 its arguments, one slot each: pointers and integers as they are, floats as their bits.
 The caller makes `calls` (`new_calls`, through `run`): a Numba function that makes an
-array compiles more slowly than one that is given it.
+array compiles more slowly than one that is given it. A kernel called a few times a run,
+each call long (QOperator attention's), has its rows filled in Python and launched from
+there (`launch_rows`), with no driver to compile; its kernel may be a Numba function
+compiled as a C function (`compile.compiled_cfunc`), which reads its arrays through
+`pointer` and calls IR kernels through `call_address`.
 """
 
 from __future__ import annotations
