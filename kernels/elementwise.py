@@ -243,18 +243,42 @@ def product(x, xz, y, yz, cx, cy, idot):
     n16 = (n + 15) // 16 * 16
     a = np.zeros((m, 4 * k4), np.uint8)
     sa = np.zeros(m, np.int64)
-    for i in range(m):
+    if x.strides[0] < x.strides[1]:  # (each loop along x's contiguous axis, where it has one)
         for kk in range(k):
-            u = np.int32(x[i, kk]) + cx
-            a[i, kk] = u
-            sa[i] += u
+            xk = x[:, kk]
+            for i in range(m):
+                u = np.int32(xk[i]) + cx
+                a[i, kk] = u
+                sa[i] += u
+    else:
+        for i in range(m):
+            xi = x[i]
+            ai = a[i]
+            s = np.int64(0)
+            for kk in range(k):
+                u = np.int32(xi[kk]) + cx
+                ai[kk] = u
+                s += u
+            sa[i] = s
     bp = np.zeros((k4, n16, 4), np.int8)
     sb = np.zeros(n, np.int64)
-    for kk in range(k):
+    if y.strides[0] < y.strides[1]:
         for j in range(n):
-            w = np.int32(y[kk, j]) - cy
-            bp[kk // 4, j, kk % 4] = w
-            sb[j] += w
+            yj = y[:, j]
+            s = np.int64(0)
+            for kk in range(k):
+                w = np.int32(yj[kk]) - cy
+                bp[kk // 4, j, kk % 4] = w
+                s += w
+            sb[j] = s
+    else:
+        for kk in range(k):
+            yk = y[kk]
+            bk = bp[kk // 4, :, kk % 4]
+            for j in range(n):
+                w = np.int32(yk[j]) - cy
+                bk[j] = w
+                sb[j] += w
     c = np.empty((m, n16), np.int32)
     call_address(idot, (a.ctypes.data, bp.ctypes.data, c.ctypes.data, m, k4, n16 // 16))
     alpha, beta = np.int64(xz) + cx, np.int64(yz) - cy

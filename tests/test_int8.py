@@ -831,8 +831,8 @@ def test_row_kernel_is_its_reference(case):
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])
 def test_quantized_attention_kernel_is_its_reference(dtype, products, monkeypatch):
     """QAttentionCore's kernel (kernels/elementwise.py) gives what its steps give on their
-    reference ops, bit for bit: bytes of either type, masks of every broadcast shape, more
-    keys than queries, values wider than keys, 300 keys; none (the reference runs) for a
+    reference ops, bit for bit: bytes of either type, in either order, masks of every
+    broadcast shape, more keys than queries, values wider than keys, 300 keys; none (the reference runs) for a
     scale per axis. Its products by AVX-512 VNNI (exact in int32) where the CPU has it,
     and on BLAS in floats, exact in float32 up to 2^24, in float64 past."""
     from sparsejit.kernels import elementwise as E
@@ -863,9 +863,15 @@ def test_quantized_attention_kernel_is_its_reference(dtype, products, monkeypatc
         v = rng.integers(info.min, info.max + 1, (batch, heads, t, dv)).astype(dtype)
         mask = np.where(rng.random(mask_shape) < 0.2, f32(-10000), f32(0)).astype(np.float32)
         kw = {"qk": qk, "lookup": lookup, "grid": grid, "softmax": softmax, "pv": pv}
-        got, want = E.qattention(q, kt, mask, v, **kw), E.reference_qattention(q, kt, mask, v, **kw)
-        assert got is not None and got.dtype == want.dtype == dtype
-        np.testing.assert_array_equal(got, want, err_msg=str((batch, heads, rows, d, t, dv, mask_shape)))
+        want = E.reference_qattention(q, kt, mask, v, **kw)
+        # in C order, and each head's last two axes swapped in memory (a Linear kernel's
+        # feature-major output, reshaped to heads, lies so)
+        swapped = [np.ascontiguousarray(x.swapaxes(2, 3)).swapaxes(2, 3) for x in (q, kt, v)]
+        for inputs in [(q, kt, v), swapped]:
+            got = E.qattention(*inputs[:2], mask, inputs[2], **kw)
+            assert got is not None and got.dtype == want.dtype == dtype
+            np.testing.assert_array_equal(got, want, err_msg=str((batch, heads, rows, d, t, dv, mask_shape,
+                                                                  inputs[0].strides)))
         assert len(np.unique(got)) > 8  # (not saturated)
     # (the probabilities' bytes sum to about 255, but their grid may let them all be 255)
     assert exact_floats(600, np.empty(0, dtype), pv[1], v, pv[3]) is np.float64  # 600 · 255 · 128 > 2^24
