@@ -299,13 +299,16 @@ def _kernels():
 
 
 def _flat(x: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x's elements in memory order, the output's, the output shaped as x): a transposed
-    view (a Linear kernel's feature-major output) is read as it lies, not copied."""
-    if not x.flags.c_contiguous and x.T.flags.c_contiguous:
-        out = np.empty(x.T.shape, dtype)
-        return x.T.reshape(-1), out.reshape(-1), out.T
-    out = np.empty(x.shape, dtype)
-    return np.ascontiguousarray(x).reshape(-1), out.reshape(-1), out
+    """(x's elements in memory order, the output's, the output shaped as x, laid out as x):
+    a transposed view (a Linear kernel's feature-major output) is read as it lies, not
+    copied; another view (its output at a batch's tokens, each feature's row padded) is
+    copied in its own axes' order, row by row, not transposed to C order."""
+    if x.flags.c_contiguous:
+        out = np.empty(x.shape, dtype)
+        return x.reshape(-1), out.reshape(-1), out
+    order = np.argsort(x.strides, kind="stable")[::-1]  # axes from the one whose steps are longest
+    out = np.empty([x.shape[a] for a in order], dtype)
+    return np.ascontiguousarray(x.transpose(order)).reshape(-1), out.reshape(-1), out.transpose(np.argsort(order))
 
 
 def scalar(value) -> np.ndarray | None:
