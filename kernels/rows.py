@@ -42,7 +42,7 @@ from .compile import ir_engine, load_source, threads
 from .elementwise import quantized_ir
 from .ir import Signature
 from .launch import IMPORTS, part_ir, put_source, run  # noqa: F401 (part_ir: prebuild's BUILDS)
-from .layout import aligned_empty
+from .layout import aligned_empty, transposed_copy, unit_token_stride
 
 ROW_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "FakeQuantize", "QuantizeLinear", "DequantizeLinear", "Lookup",
            "ReduceMean")
@@ -176,9 +176,18 @@ def _feature_major(full: list[np.ndarray]) -> bool:
 
 def _laid(v: np.ndarray, shape: tuple, token: bool) -> np.ndarray:
     """v broadcast to `shape`, as the kernel reads it: [rows, n] token-major, [n, rows]
-    feature-major, C order (a view where v lies so)."""
+    feature-major, C order (a view where v lies so). A float32 v whose features' rows of
+    tokens are each contiguous (a Linear kernel's output at a batch's tokens) goes to
+    token-major by the tiled transpose, not numpy's element-by-element copy."""
     n = shape[-1]
     if token:
+        if v.shape == shape and v.dtype == np.float32 and not v.flags.c_contiguous:
+            try:
+                rows = np.reshape(v, (-1, n), copy=False)
+            except ValueError:  # (not a view)
+                rows = None
+            if rows is not None and unit_token_stride(rows):
+                return transposed_copy(rows)
         return np.ascontiguousarray(np.broadcast_to(v, shape)).reshape(-1, n)
     return (v.T if v.shape == shape and v.T.flags.c_contiguous else
             np.ascontiguousarray(np.broadcast_to(v, shape).T)).reshape(n, -1)

@@ -798,8 +798,10 @@ def test_row_kernel_is_its_reference(case):
     """A RowKernel (kernels/rows.py) gives what its group's ops give one by one on numpy,
     bit for bit: token-major and feature-major inputs (a Linear kernel's output) alike,
     each output written feature-major where an input lies so (the other inputs copied),
-    an input broadcast over the rows; none (the ops run one by one) for no rows."""
+    token-major from a batch's padded feature rows, an input broadcast over the rows; none
+    (the ops run one by one) for no rows."""
     from sparsejit.kernels import rows
+    from sparsejit.kernels.layout import feature_major_empty
 
     cases = _row_kernel_cases()
     gelu = [c for c in cases if any(m.op_type == "Lookup" and "Erf" in m.attrs["ops"] for m in c[0])]
@@ -812,10 +814,14 @@ def test_row_kernel_is_its_reference(case):
         xs = [rng.standard_normal(shape[::-1]).astype(np.float32).T * 3 for _ in names]  # feature-major
         if case == 4:
             xs[1] = xs[1][:1]  # y read broadcast over the rows
-        for layout in ("feature", "token", "mixed"):
+        for layout in ("feature", "token", "mixed", "padded"):
             inputs = xs if layout == "feature" else [np.ascontiguousarray(x) for x in xs]
             if layout == "mixed":  # (a Linear kernel's output and the residual stream in C order)
                 inputs[0] = xs[0]
+            if layout == "padded" and len(shape) == 3:  # (a Linear kernel's output at a batch's tokens)
+                rows_t = feature_major_empty(n, shape[0] * shape[1])
+                rows_t[:] = inputs[0].reshape(-1, n).T
+                inputs[0] = rows_t.T.reshape(shape)
             got = kernel(*inputs)
             want = rows.reference_rows(*inputs, nodes=nodes, names=names, outputs=outputs, consts=consts, opset=17)
             assert got is not None, (case, shape, layout)
@@ -823,7 +829,7 @@ def test_row_kernel_is_its_reference(case):
                 assert g.dtype == w.dtype and g.shape == w.shape, (o, g.dtype, w.dtype, g.shape, w.shape)
                 np.testing.assert_array_equal(g, w, err_msg=f"{o} {shape} {layout}")
                 if g.shape[-1] > 1 and np.prod(shape[:-1]) > 1 and case != 4:  # written as the inputs lie
-                    assert (g if layout == "token" else g.T).flags.c_contiguous, (o, layout)
+                    assert (g if layout in ("token", "padded") else g.T).flags.c_contiguous, (o, layout)
     assert kernel(*[np.zeros((0, n), np.float32) for _ in names]) is None
 
 
