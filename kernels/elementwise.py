@@ -594,7 +594,8 @@ def _requantizing(a_scale, b_scale, y_scale, y_zero) -> tuple:
 def qattention(q, kt, mask, v, **attrs):
     """reference_qattention on every thread, a (batch, head) per task, its scores never
     leaving the task; None for what it does not cover (a scale or zero point per axis, a
-    mask that does not broadcast to the scores, inputs not 4-D 8-bit). A node's steps
+    mask that does not broadcast to the scores, inputs not 4-D 8-bit, no keys: a softmax
+    over none, which the reference refuses). A node's steps
     make its `QAttention` once (plan.elementwise_step)."""
     return QAttention(**attrs)(q, kt, mask, v)
 
@@ -628,7 +629,7 @@ class QAttention:
             return None
         batch, heads, rows, d = q.shape
         t = kt.shape[3]
-        if kt.shape != (batch, heads, d, t) or v.shape[:3] != (batch, heads, t) or \
+        if t == 0 or kt.shape != (batch, heads, d, t) or v.shape[:3] != (batch, heads, t) or \
                 np.broadcast_shapes(mask.shape, (batch, heads, rows, t)) != (batch, heads, rows, t) or \
                 any(s < 0 for x in (q, kt, v) for s in x.strides):
             return None

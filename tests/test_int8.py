@@ -981,6 +981,8 @@ kw = {"qk": [f32(0.05), np.uint8(128), f32(0.05), np.uint8(128), f32(0.3), np.ui
 q, kt, v = (np.full((1, 1, 1, 1), 200, np.uint8) for _ in range(3))
 mask = np.zeros((1, 1, 1, 1), np.float32)
 assert np.array_equal(E.qattention(q, kt, mask, v, **kw), E.reference_qattention(q, kt, mask, v, **kw))
+# no keys: the reference's softmax over none refuses, and the kernel hands it over
+assert E.qattention(q, kt[..., :0], mask[..., :0], v[:, :, :0], **kw) is None
 
 # whole models at one token, then a forked child running them at another shape
 for path in sys.argv[1:]:
@@ -1001,8 +1003,8 @@ print("ok")
 
 def test_row_and_attention_kernels_at_the_edges_and_in_a_forked_child(tmp_path):
     """In a subprocess (a crash would take the test runner down): a row group over rows of
-    one feature, one row or none, and QAttentionCore with one query, key and feature,
-    give their references' results or hand over (None); the two QOperator test models
+    one feature, one row or none, and QAttentionCore with one query, key and feature or
+    no keys, give their references' results or hand over (None); the two QOperator test models
     run at one token, and a child forked after they ran runs them again to the same
     outputs."""
     import os
