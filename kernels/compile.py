@@ -215,19 +215,21 @@ def compiled_cfunc(py_func, sig, **options):
     module, its machine code kept through `CheckedCache` like the module's other
     functions (the decorator would compile it with Numba's plain cache); compiled under
     the cache's lock on it (`claimed`), so that a load waits for the helper compiling it
-    (prebuild.py) and then reads it; noted in `cfuncs_met`."""
+    (prebuild.py) and then reads it; kept for the process (its machine code with it) and
+    noted in `cfuncs_met`."""
     from numba.core import sigutils
     from numba.core.ccallback import CFunc
 
     compiled = CFunc(py_func, sigutils.normalize_signature(sig), locals={}, options=options)
     compiled._cache = CheckedCache(py_func)
-    module = py_func.__module__.removeprefix("sparsejit_kernel_")
-    with claimed(cache_dir() / f"k_{module}.{py_func.__name__}.lock"):
+    with claimed(function_lock(py_func)):
         compiled.compile()
-    cfuncs_met.append((module, py_func.__name__, compiled.address))
+    _cfuncs.append(compiled)
+    cfuncs_met.append((py_func.__module__.removeprefix("sparsejit_kernel_"), py_func.__name__, compiled.address))
     return compiled
 
 
+_cfuncs: list = []  # every C function compiled_cfunc made (freeing one would free its machine code)
 # each C function compiled or loaded (its source's key, its name, its address), in turn
 cfuncs_met: list[tuple[str, str, int]] = []
 
@@ -349,8 +351,13 @@ def claimed(lock: Path):
 
 def driver_lock(dispatcher: Dispatcher) -> Path:
     """The lock file of a driver of a `load_source` module (`claimed`)."""
-    module = dispatcher.py_func.__module__.removeprefix("sparsejit_kernel_")
-    return cache_dir() / f"k_{module}.{dispatcher.py_func.__name__}.lock"
+    return function_lock(dispatcher.py_func)
+
+
+def function_lock(py_func) -> Path:
+    """The lock file of a function of a `load_source` module (`claimed`)."""
+    module = py_func.__module__.removeprefix("sparsejit_kernel_")
+    return cache_dir() / f"k_{module}.{py_func.__name__}.lock"
 
 
 class _InTree(CompileResultCacheImpl):

@@ -513,14 +513,9 @@ def dequantize(x, out, i0, i1, scale, zero, lo, hi, table):
 def each_kernel(op: str) -> int:
     """The address of EACH_SOURCE's `op` ("quantize" or "dequantize"), a C function of
     EACH's signature."""
-    compiled = compiled_cfunc(getattr(load_source(EACH_SOURCE), op),
-                              "void(int64, int64, int64, int64, float32, float32, float32, float32, int64)",
-                              nogil=True)
-    _compiled.append(compiled)  # (keeps its machine code alive)
-    return compiled.address
-
-
-_compiled: list = []
+    return compiled_cfunc(getattr(load_source(EACH_SOURCE), op),
+                          "void(int64, int64, int64, int64, float32, float32, float32, float32, int64)",
+                          nogil=True).address
 
 
 @functools.cache
@@ -676,9 +671,7 @@ def qattention_kernel(types: tuple[str, ...]) -> int:
                128 * (types[2] == "uint8")]  # uint8 x (+ cx) and int8 y (- cy) for vpdpbusd
     source = QATTENTION_SOURCE.replace("TYPES", ", ".join(f"np.{t}" for t in types)).replace(
         "OFFSETS", ", ".join(map(str, offsets))).replace("PRODUCT\n", PRODUCTS[products])
-    compiled = compiled_cfunc(load_source(source).qattention, "void(int64, int64, int64, int64)", nogil=True)
-    _compiled.append(compiled)  # (keeps its machine code alive)
-    return compiled.address
+    return compiled_cfunc(load_source(source).qattention, "void(int64, int64, int64, int64)", nogil=True).address
 
 
 @functools.cache

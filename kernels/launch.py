@@ -172,13 +172,8 @@ def new_calls(parts: int, per_part: int, sig: Signature) -> np.ndarray:
 def launcher() -> int:
     """The address of `launch(part, calls, parts, width)`, for drivers to call
     (`launch_calls`)."""
-    compiled = compiled_cfunc(load_source(LAUNCH_SOURCE).launch, "void(int64, int64, int64, int64)",
-                              parallel=True, nogil=True)
-    _compiled.append(compiled)  # (keeps its machine code alive)
-    return compiled.address
-
-
-_compiled: list = []
+    return compiled_cfunc(load_source(LAUNCH_SOURCE).launch, "void(int64, int64, int64, int64)",
+                          parallel=True, nogil=True).address
 
 
 @functools.cache
