@@ -25,7 +25,7 @@ from ..ops import _integer_product, dequantize_linear, exact_floats, op, quantiz
 from ..ops import qlinear_matmul as reference_qlinear_matmul
 from .compile import compile_ir, compiled_cfunc, load_source, threads
 from .ir import Signature
-from .launch import IMPORTS, launch_rows, new_calls, put_source, run
+from .launch import IMPORTS, address, launch_rows, new_calls, put_source, run
 
 # The steps the kernels below and the attention kernel (QATTENTION_SOURCE) share
 STEPS = """\
@@ -616,7 +616,8 @@ class QAttention:
                                 softmax["out_scale"], softmax["out_zero"], p_lo, p_hi, *_requantizing(ps, vs, ys, yz)],
                                np.float32)
         self.tables = lookup, softmax["value"], softmax["table"]  # (held: the kernel reads them by address)
-        self.tail = [*map(_address, self.tables), _rising(softmax["in_scale"], softmax["in_zero"])]
+        self.products = qattention_products()
+        self.tail = [*map(address, self.tables), _rising(softmax["in_scale"], softmax["in_zero"])]
 
     def __call__(self, q, kt, mask, v):
         if not self.covered or any(x.ndim != 4 for x in (q, kt, v)) or [q.dtype, kt.dtype, v.dtype] != self.types[:3] \
@@ -633,17 +634,17 @@ class QAttention:
         out = np.empty((batch, heads, rows, v.shape[3]), self.types[4])
         if out.size == 0:
             return out
-        if qattention_products() == "vnni" and max(d, t) < EXACT_INT32:
+        if self.products == "vnni" and max(d, t) < EXACT_INT32:
             fn, idot = _qattention_fn(*self.types, np.float32, np.float32, "vnni"), idot_kernel()
         else:
             fn, idot = _qattention_fn(*self.types, exact_floats(d, q, self.qz, kt, self.kz),
                                       exact_floats(t, np.empty(0, self.pz.dtype), self.pz, v, self.vz), "blas"), 0
-        slots = np.array([*_strided(q), *_strided(kt), *_strided(v), _address(mask), *mask.shape, _address(out),
+        slots = np.array([*_strided(q), *_strided(kt), *_strided(v), address(mask), *mask.shape, address(out),
                           *out.shape, *self.tail, idot], np.int64)
         tasks = batch * heads
         parts = min(threads(), tasks)
         calls = new_calls(parts, 1, QATTENTION)
-        calls[:, :6] = [[1, fn, _address(slots), _address(self.floats), c * tasks // parts, (c + 1) * tasks // parts]
+        calls[:, :6] = [[1, fn, address(slots), address(self.floats), c * tasks // parts, (c + 1) * tasks // parts]
                         for c in range(parts)]
         launch_rows(QATTENTION, calls)
         return out
@@ -652,13 +653,9 @@ class QAttention:
 QATTENTION = Signature("qattention", (("slots", "ptr"), ("floats", "ptr"), ("t0", "i64"), ("t1", "i64")))
 
 
-def _address(x: np.ndarray) -> int:
-    return x.__array_interface__["data"][0]
-
-
 def _strided(x: np.ndarray) -> tuple[int, ...]:
     """x's first element's address, its extent in elements, shape and strides (not negative)."""
-    return _address(x), 1 + sum((n - 1) * s for n, s in zip(x.shape, x.strides)) // x.itemsize, *x.shape, *x.strides
+    return address(x), 1 + sum((n - 1) * s for n, s in zip(x.shape, x.strides)) // x.itemsize, *x.shape, *x.strides
 
 
 @functools.cache

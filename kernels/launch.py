@@ -163,6 +163,12 @@ def put_source(sig: Signature) -> str:
             f"    put_call(calls, c, \"{kinds}\", (fn, {args}))\n")
 
 
+def address(a: np.ndarray) -> int:
+    """a's data address, for a row of calls (ndarray.ctypes.data makes a ctypes object per
+    call)."""
+    return a.__array_interface__["data"][0]
+
+
 def new_calls(parts: int, per_part: int, sig: Signature) -> np.ndarray:
     """Rows for `parts` parts of up to `per_part` calls of kernels of signature `sig`."""
     return np.zeros((parts, 1 + per_part * (1 + len(sig.args))), np.int64)

@@ -80,8 +80,8 @@ class IR(NamedTuple):
 # works from the last, comes to those last. What it serves: "float" every model, "fp32"
 # models with float32 Linear layers (not a quantized model's float head alone), "int8"
 # quantized models, "qoperator" those with QLinearMatMul (QOperator's attention:
-# QAttentionCore's kernel, at most 258 keys), "bf16" loads with precision="bf16" (a space
-# between several).
+# QAttentionCore's kernel with this CPU's products, for up to 258 keys where they are
+# BLAS's), "bf16" loads with precision="bf16" (a space between several).
 BUILDS = (
     CFunction("launch", "launcher()", "float"),
     IR("int8", "range_ir(VECTOR_LANES)", "int8"),

@@ -41,7 +41,7 @@ from ..ops import evaluate, op
 from .compile import ir_engine, load_source, threads
 from .elementwise import quantized_ir
 from .ir import Signature
-from .launch import IMPORTS, part_ir, put_source, run  # noqa: F401 (part_ir: prebuild's BUILDS)
+from .launch import IMPORTS, address, part_ir, put_source, run  # noqa: F401 (part_ir: prebuild's BUILDS)
 from .layout import aligned_empty, transposed_copy, unit_token_stride
 
 ROW_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "FakeQuantize", "QuantizeLinear", "DequantizeLinear", "Lookup",
@@ -193,11 +193,6 @@ def _laid(v: np.ndarray, shape: tuple, token: bool) -> np.ndarray:
             np.ascontiguousarray(np.broadcast_to(v, shape).T)).reshape(n, -1)
 
 
-def _address(a: np.ndarray) -> int:
-    """a's data address (ndarray.ctypes.data makes a ctypes object per call)."""
-    return a.__array_interface__["data"][0]
-
-
 def _lit(x: float) -> str:
     """An integral float as an LLVM literal."""
     return f"{float(x):e}"
@@ -228,7 +223,7 @@ class RowKernel:
                            for v in self.vectors}
         self._constants.update({("table", t): np.ascontiguousarray(table) for t, table in self.tables.items()})
         self._constants["scalars", ""] = np.array([self.arrays[i].reshape(-1)[0] for i in self.scalars], np.float32)
-        self._fixed = {s: _address(a) for s, a in self._constants.items()}
+        self._fixed = {s: address(a) for s, a in self._constants.items()}
         self._lock = threading.Lock()
 
     def _type(self, name: str) -> np.dtype:
@@ -507,7 +502,7 @@ class RowKernel:
         arrays.update({("mean", v): np.empty(rows, np.float32) for v in self.means})
         arrays.update({("sum", v): np.zeros((parts, rows), np.float64) for v in self.sums})
         arrays.update({("temp", o): np.empty((parts, inner), np.float32) for o in self.temps})
-        p = np.array([_address(arrays[s]) if s in arrays else self._fixed[s] for s in self.slots], np.int64)
+        p = np.array([address(arrays[s]) if s in arrays else self._fixed[s] for s in self.slots], np.int64)
         driver = load_source(ROWS_DRIVER).run_row_group
         env: dict[str, np.ndarray] = {}
         for stage in range(self.stages):
