@@ -42,7 +42,7 @@ from .compile import ir_engine, load_source, threads
 from .elementwise import quantized_ir
 from .ir import Signature
 from .launch import IMPORTS, address, part_ir, put_source, run  # noqa: F401 (part_ir: prebuild's BUILDS)
-from .layout import aligned_empty, transposed_copy, unit_token_stride
+from .layout import aligned_empty, feature_major_empty, transposed_copy, unit_token_stride
 
 ROW_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "FakeQuantize", "QuantizeLinear", "DequantizeLinear", "Lookup",
            "ReduceMean")
@@ -193,6 +193,37 @@ def _laid(v: np.ndarray, shape: tuple, token: bool) -> np.ndarray:
             np.ascontiguousarray(np.broadcast_to(v, shape).T)).reshape(n, -1)
 
 
+def quad_empty(n: int, tokens: int) -> np.ndarray:
+    """Room for the bytes of `tokens` × `n` values as the int8 kernels read x: 4-block rows
+    [ceil(n / 4), tokens] of i32, unit token stride, 0 past the last value."""
+    q = feature_major_empty(-(-n // 4), tokens).view(np.int32)
+    if n % 4:
+        q[-1] = 0
+    return q
+
+
+def grid_bytes(y: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """QuantizeLinear's bytes of float32 y on `grid` ([scale, zero point, lowest, highest],
+    float32) less the lowest, as uint8: clamp(rint(y / scale) + zero, lowest, highest),
+    NaN giving 0 before the clamp, in the kernels' float32 steps (elementwise.quantized_ir)."""
+    q = np.rint(np.asarray(y, np.float32) / grid[0]) + grid[1]
+    return (np.clip(np.where(np.isnan(q), np.float32(0), q), grid[2], grid[3]) - grid[2]).astype(np.uint8)
+
+
+def quad_bytes(y: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """What RowKernel stores for a value y [..., n] in `quads`, by numpy: QuantizeLinear's
+    byte of each element on `grid` ([scale, zero point, lowest, highest], float32), less the
+    lowest, at byte (f mod 4) of i32 [f / 4, token] (quad_empty), as the token-major view
+    [..., ceil(n / 4)] (what layernorm.layernorm_to_bytes hands over; int8.byte_rows)."""
+    n = y.shape[-1]
+    y2 = np.asarray(y, np.float32).reshape(-1, n)
+    out = quad_empty(n, y2.shape[0])
+    padded = np.zeros((y2.shape[0], 4 * out.shape[0]), np.uint8)
+    padded[:, :n] = grid_bytes(y2, grid)
+    out[:] = padded.view(np.int32).T
+    return out.T.reshape((*y.shape[:-1], out.shape[0]))
+
+
 def _lit(x: float) -> str:
     """An integral float as an LLVM literal."""
     return f"{float(x):e}"
@@ -200,10 +231,15 @@ def _lit(x: float) -> str:
 
 class RowKernel:
     """The kernel of a group of row ops (`nodes`, in order) reading `names` (values made
-    outside it, of the outputs' shape or broadcast to it) and writing `outputs`."""
+    outside it, of the outputs' shape or broadcast to it) and writing `outputs`; and for
+    each float row value in `quads` (name → an int8 layer's grid [scale, zero point,
+    lowest, highest], float32), the bytes that layer would quantize it to, as the int8
+    kernels read x (`quad_bytes`), after the outputs."""
 
-    def __init__(self, nodes: list[Node], names: list[str], outputs: list[str], consts: dict, opset: int = 17):
+    def __init__(self, nodes: list[Node], names: list[str], outputs: list[str], consts: dict, opset: int = 17,
+                 quads: dict[str, np.ndarray] | None = None):
         self.nodes, self.names, self.outputs, self.opset = nodes, names, outputs, opset
+        self.quads = dict(quads or {})
         self.arrays = {i: consts[i] for n in nodes for i in n.inputs if i in consts}
         self.tables = {n.outputs[0]: n.attrs["table"] for n in nodes if n.op_type == "Lookup"}
         self.values: dict[str, _Value] = {x: _Value("row", 0) for x in names}
@@ -222,7 +258,10 @@ class RowKernel:
         self._constants = {("vector", v): np.ascontiguousarray(self.arrays[v].reshape(-1), np.float32)
                            for v in self.vectors}
         self._constants.update({("table", t): np.ascontiguousarray(table) for t, table in self.tables.items()})
-        self._constants["scalars", ""] = np.array([self.arrays[i].reshape(-1)[0] for i in self.scalars], np.float32)
+        self._constants.update({("quad table", o): grid_bytes(self.tables[o], self.quads[o]) for o in self.quads
+                                if o in self.tables})  # (a Lookup's bytes: looked up, not quantized)
+        self._constants["scalars", ""] = np.array([self.quads[i[0]][i[1]] if isinstance(i, tuple) else
+                                                   self.arrays[i].reshape(-1)[0] for i in self.scalars], np.float32)
         self._fixed = {s: address(a) for s, a in self._constants.items()}
         self._lock = threading.Lock()
 
@@ -262,12 +301,18 @@ class RowKernel:
                       and any(n.outputs[0] in self.loop for n in read_by[v])]
         self.sums = [n.outputs[0] for n in self.nodes if n.op_type == "ReduceMean"]
         self.scalars = {i: k for k, i in enumerate(i for i, c in self.arrays.items() if c.size == 1)}
+        for o in self.quads:  # (its grid's four floats, keyed (o, 0..3))
+            if self.values[o].kind != "row" or self._type(o) != np.float32:
+                raise ValueError(f"a row group stores the bytes of a float row value, not of {o!r}")
+            self.scalars.update({(o, m): len(self.scalars) + m for m in range(4)})
         self.vectors = [i for i, c in self.arrays.items() if c.size > 1]
         rows_out = [o for o in self.outputs if self.values[o].kind == "row"]
         self.slots = ([("x", x) for x in self.names] + [("y", o) for o in rows_out] + [("kept", o) for o in self.keep]
                       + [("mean", v) for v in self.means] + [("sum", v) for v in self.sums]
                       + [("temp", o) for o in self.temps] + [("vector", v) for v in self.vectors]
-                      + [("table", t) for t in self.tables] + [("scalars", "")])
+                      + [("table", t) for t in self.tables] + [("scalars", "")]
+                      + [(kind, o) for o in self.quads for kind in ("quad", "quad rows", "quad temp")]
+                      + [("quad table", o) for o in self.quads if o in self.tables])
         self.slot = {s: k for k, s in enumerate(self.slots)}
 
     # --- IR ------------------------------------------------------------------------
@@ -357,7 +402,100 @@ class RowKernel:
                 lines += [f"  {v}.yi = fptosi float {v} to i32", f"  {v}.yb = trunc i32 {v}.yi to i8",
                           f"  {v}.yat = getelementptr i8, ptr %s{self.slot['y', o]}, i64 %x{k}",
                           f"  store i8 {v}.yb, ptr {v}.yat, !llvm.access.group !0"]
+        if o in self.quads:  # its bytes to the part's temporary rows (_flush_quad takes them on)
+            scale, zero, lo, hi = (f"%k{self.scalars[o, m]}" for m in range(4))
+            if o in self.tables:  # (a Lookup: its byte from the table's bytes, grid_bytes)
+                lines += [f"  {v}.qbat = getelementptr i8, ptr %s{self.slot['quad table', o]}, i64 {v}.k",
+                          f"  {v}.qb = load i8, ptr {v}.qbat, !llvm.access.group !0"]
+            else:
+                lines += quantized_ir(f"{v}.qq", v, scale, zero, lo, hi).splitlines()
+                lines += [f"  {v}.qd = fsub float {v}.qq, {lo}", f"  {v}.qi = fptosi float {v}.qd to i32",
+                          f"  {v}.qb = trunc i32 {v}.qi to i8"]
+            at = f"%i{k}" if self.token else f"{v}.qx"  # (feature-major: row j mod 4 of the four)
+            if not self.token:
+                lines += [f"  {v}.qm = and i64 %j, 3", f"  {v}.qy = mul i64 {v}.qm, %rows",
+                          f"  {v}.qx = add i64 {v}.qy, %i{k}"]
+            lines += [f"  {v}.qz = add i64 %qrow4, {at}",
+                      f"  {v}.qat = getelementptr i8, ptr %s{self.slot['quad temp', o]}, i64 {v}.qz",
+                      f"  store i8 {v}.qb, ptr {v}.qat, !llvm.access.group !0"]
         return lines
+
+    def _after_loop(self, stage: int, k: int, loop: list[Node], sums: list[str], loop_ids: list) -> tuple[list, str]:
+        """Lines after loop k of a pass (its sums stored, token-major; its values' bytes
+        put in place, _flush_quad), and the label they end at."""
+        lines = []
+        for s in sums if self.token else []:  # (row j's own slot of the first part's sums)
+            o = next(n.outputs[0] for n in loop if f"%sum{self.index[n.outputs[0]]}" == s)
+            lines += [f"  {s}.at = getelementptr double, ptr %s{self.slot['sum', o]}, i64 %j",
+                      f"  store double {s}, ptr {s}.at"]
+        before = f"l{k}.done"
+        for q, o in enumerate(self.quads):
+            if self.loop.get(o) == (stage, k):
+                got, before = self._flush_quad(o, f"qf{k}_{q}", before, loop_ids)
+                lines += got
+        return lines, before
+
+    def _flush_quad(self, o: str, tag: str, came: str, loop_ids: list) -> tuple[list[str], str]:
+        """Lines after the loop that made o's bytes in the part's temporary rows, which put
+        them where the int8 kernels read x: byte (f mod 4) of i32 [f / 4, token] of rows
+        `quad rows` i32 apart. Token-major (row j): each four features' i32 to its row.
+        Feature-major (feature j), after a quad's last feature: its four rows of bytes
+        as one row of i32 (a vector loop), or where the part holds only some of the quad
+        (the parts split the features anywhere), those bytes one by one. And the label the
+        lines end at."""
+        tmp, out, ld = (f"%s{self.slot[kind, o]}" for kind in ("quad temp", "quad", "quad rows"))
+        t = f"%{tag}"
+        if self.token:
+            return [f"  br label {t}.head", f"{tag}.head:",
+                    f"  {t}.q = phi i64 [ 0, %{came} ], [ {t}.qn, {t}.body ]",
+                    f"  {t}.more = icmp slt i64 {t}.q, %quads", f"  br i1 {t}.more, label {t}.body, label {t}.done",
+                    f"{tag}.body:", f"  {t}.si = add i64 %crow, {t}.q",
+                    f"  {t}.sat = getelementptr i32, ptr {tmp}, i64 {t}.si", f"  {t}.w = load i32, ptr {t}.sat",
+                    f"  {t}.dr = mul i64 {t}.q, {ld}.i", f"  {t}.di = add i64 {t}.dr, %j",
+                    f"  {t}.dat = getelementptr i32, ptr {out}, i64 {t}.di", f"  store i32 {t}.w, ptr {t}.dat",
+                    f"  {t}.qn = add i64 {t}.q, 1", f"  br label {t}.head", f"{tag}.done:"], f"{tag}.done"
+        m = len(loop_ids)
+        loop_ids.append(m)
+        lines = [f"  {t}.j3 = and i64 %j, 3", f"  {t}.last = icmp eq i64 {t}.j3, 3", f"  {t}.jn = add i64 %j, 1",
+                 f"  {t}.end = icmp eq i64 {t}.jn, %j1", f"  {t}.go = or i1 {t}.last, {t}.end",
+                 f"  br i1 {t}.go, label {t}.check, label {t}.done",
+                 f"{tag}.check:", f"  {t}.q4 = lshr i64 %j, 2", f"  {t}.f0 = shl i64 {t}.q4, 2",
+                 f"  {t}.in = icmp sge i64 {t}.f0, %j0", f"  {t}.whole = and i1 {t}.in, {t}.last",
+                 f"  {t}.row = mul i64 {t}.q4, {ld}.i",
+                 f"  br i1 {t}.whole, label {t}.w.head, label {t}.p.pre",
+                 f"{tag}.w.head:", f"  {t}.i = phi i64 [ 0, {t}.check ], [ {t}.inext, {t}.w.body ]",
+                 f"  {t}.imore = icmp slt i64 {t}.i, %rows", f"  br i1 {t}.imore, label {t}.w.body, label {t}.done",
+                 f"{tag}.w.body:"]
+        word = None
+        for r in range(4):
+            lines += [f"  {t}.o{r} = mul i64 %rows, {r}", f"  {t}.a{r} = add i64 %qrow4, {t}.o{r}",
+                      f"  {t}.x{r} = add i64 {t}.a{r}, {t}.i",
+                      f"  {t}.at{r} = getelementptr i8, ptr {tmp}, i64 {t}.x{r}",
+                      f"  {t}.b{r} = load i8, ptr {t}.at{r}, !llvm.access.group !0",
+                      f"  {t}.z{r} = zext i8 {t}.b{r} to i32", f"  {t}.s{r} = shl i32 {t}.z{r}, {8 * r}"]
+            if word is not None:
+                lines.append(f"  {t}.or{r} = or i32 {word}, {t}.s{r}")
+            word = f"{t}.or{r}" if r else f"{t}.s0"
+        lines += [f"  {t}.di = add i64 {t}.row, {t}.i", f"  {t}.dat = getelementptr i32, ptr {out}, i64 {t}.di",
+                  f"  store i32 {word}, ptr {t}.dat, !llvm.access.group !0", f"  {t}.inext = add i64 {t}.i, 1",
+                  f"  br label {t}.w.head, !llvm.loop !{2 * m + 1}",
+                  # (some of the quad: its features from max(j0, f0) to j, byte by byte)
+                  f"{tag}.p.pre:", f"  {t}.pin = icmp sge i64 {t}.f0, %j0",
+                  f"  {t}.fs = select i1 {t}.pin, i64 {t}.f0, i64 %j0", f"  br label {t}.f.head",
+                  f"{tag}.f.head:", f"  {t}.f = phi i64 [ {t}.fs, {t}.p.pre ], [ {t}.fnext, {t}.t.end ]",
+                  f"  {t}.fmore = icmp sle i64 {t}.f, %j", f"  br i1 {t}.fmore, label {t}.t.pre, label {t}.done",
+                  f"{tag}.t.pre:", f"  {t}.fm = and i64 {t}.f, 3", f"  {t}.fo = mul i64 {t}.fm, %rows",
+                  f"  {t}.fa = add i64 %qrow4, {t}.fo", f"  br label {t}.t.head",
+                  f"{tag}.t.head:", f"  {t}.ti = phi i64 [ 0, {t}.t.pre ], [ {t}.tnext, {t}.t.body ]",
+                  f"  {t}.tmore = icmp slt i64 {t}.ti, %rows", f"  br i1 {t}.tmore, label {t}.t.body, label {t}.t.end",
+                  f"{tag}.t.body:", f"  {t}.tx = add i64 {t}.fa, {t}.ti",
+                  f"  {t}.tat = getelementptr i8, ptr {tmp}, i64 {t}.tx", f"  {t}.tb = load i8, ptr {t}.tat",
+                  f"  {t}.tw = add i64 {t}.row, {t}.ti", f"  {t}.ty = shl i64 {t}.tw, 2",
+                  f"  {t}.tz = or i64 {t}.ty, {t}.fm", f"  {t}.tdat = getelementptr i8, ptr {out}, i64 {t}.tz",
+                  f"  store i8 {t}.tb, ptr {t}.tdat", f"  {t}.tnext = add i64 {t}.ti, 1", f"  br label {t}.t.head",
+                  f"{tag}.t.end:", f"  {t}.fnext = add i64 {t}.f, 1", f"  br label {t}.f.head",
+                  f"{tag}.done:"]
+        return lines, f"{tag}.done"
 
     def _pass_ir(self, stage: int, bytes_in: dict, loop_ids: list) -> list[str] | None:
         sig = Signature(f"pass{stage}", ROWS.args)
@@ -368,7 +506,8 @@ class RowKernel:
         for name, k in self.scalars.items():
             lines += [f"  %k{k}.at = getelementptr float, ptr %s{self.slot['scalars', '']}, i64 {k}",
                       f"  %k{k} = load float, ptr %k{k}.at"]
-        lines += ["  %crow = mul i64 %slot, %rows", "  br label %jhead", "jhead:",
+        lines += ["  %crow = mul i64 %slot, %rows", "  %qrow4 = shl i64 %crow, 2", "  %quads.r = add i64 %rows, 3",
+                  "  %quads = lshr i64 %quads.r, 2", "  br label %jhead", "jhead:",
                   "  %j = phi i64 [ %j0, %entry ], [ %jnext, %jlatch ]", "  %jmore = icmp slt i64 %j, %j1",
                   "  br i1 %jmore, label %jbody, label %exit", "jbody:", "  %jrow = mul i64 %j, %rows"]
         for k, name in enumerate([] if self.token else self.vectors):  # (one per feature: the loop's)
@@ -410,11 +549,8 @@ class RowKernel:
                 here.add(o)
             lines += [f"  %i{k}.next = add i64 %i{k}, 1", f"  br label %l{k}.head, !llvm.loop !{2 * m + 1}",
                       f"l{k}.done:"]
-            for s in sums if self.token else []:  # (row j's own slot of the first part's sums)
-                o = next(n.outputs[0] for n in loop if f"%sum{self.index[n.outputs[0]]}" == s)
-                lines += [f"  {s}.at = getelementptr double, ptr %s{self.slot['sum', o]}, i64 %j",
-                          f"  store double {s}, ptr {s}.at"]
-            before = f"l{k}.done"
+            got, before = self._after_loop(stage, k, loop, sums, loop_ids)
+            lines += got
         lines += ["  br label %jlatch", "jlatch:", "  %jnext = add i64 %j, 1", "  br label %jhead", "exit:",
                   "  ret void", "}", ""]
         return lines
@@ -502,7 +638,11 @@ class RowKernel:
         arrays.update({("mean", v): np.empty(rows, np.float32) for v in self.means})
         arrays.update({("sum", v): np.zeros((parts, rows), np.float64) for v in self.sums})
         arrays.update({("temp", o): np.empty((parts, inner), np.float32) for o in self.temps})
-        p = np.array([address(arrays[s]) if s in arrays else self._fixed[s] for s in self.slots], np.int64)
+        quads = {o: quad_empty(n, rows) for o in self.quads}
+        arrays.update({("quad", o): q for o, q in quads.items()})
+        arrays.update({("quad temp", o): np.zeros((parts, 4 * inner), np.uint8) for o in quads})
+        p = np.array([address(arrays[s]) if s in arrays else self._fixed[s] if s[0] != "quad rows" else
+                      quads[s[1]].strides[0] // 4 for s in self.slots], np.int64)
         driver = load_source(ROWS_DRIVER).run_row_group
         env: dict[str, np.ndarray] = {}
         for stage in range(self.stages):
@@ -520,4 +660,6 @@ class RowKernel:
         means = {o: env[o].astype(self.types[o]).reshape((*shape[:-1], 1)) if token else
                  env[o].astype(self.types[o]).reshape((1, *shape[-2::-1])).T
                  for o in self.outputs if self.values[o].kind == "mean"}
-        return tuple((outs[o] if token else outs[o].T) if o in outs else means[o] for o in self.outputs)
+        return tuple((outs[o] if token else outs[o].T) if o in outs else means[o] for o in self.outputs) + \
+            tuple(q.reshape((q.shape[0], *shape[-2::-1])).T if not token else q.T.reshape((*shape[:-1], q.shape[0]))
+                  for q in quads.values())  # (feature-major: the tokens lie in reversed C order)

@@ -14,6 +14,7 @@ together over token tiles when there are many tokens (`TokenChain`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import linecache
 import time
@@ -81,7 +82,8 @@ def chain_length(steps: tuple, drops: tuple, i: int, outputs: tuple[str, ...]) -
     itself: by token tiles it read them once per tile, and took longer. A layer that
     takes AMX's dense GEMM at many tokens, ByTokens, is left whole for the same reason.)"""
     j = i
-    while j < len(steps) and tokenwise(steps[j].node) and not isinstance(steps[j].impl, (DenseLinear, ByTokens)):
+    while j < len(steps) and tokenwise(steps[j].node) and not steps[j].optional \
+            and not isinstance(steps[j].impl, (DenseLinear, ByTokens)):
         j += 1
     while j - i >= 2:
         dropped = {name for d in drops[i:j] for name in d}
@@ -177,6 +179,10 @@ class Executor:
         keep = set(outputs) | set(self.graph.constants)
         if not skip_shape_only:
             keep |= self.shape_only  # the first run of a signature collects them
+        for idx, s in enumerate(chosen):  # a value only steps that run without it read: not made
+            if s.lean is not None and s.lean[0] not in keep and all(
+                    s.lean[0] in later.optional for later in chosen[idx + 1:] if s.lean[0] in later.node.inputs):
+                chosen[idx] = dataclasses.replace(s, run=s.lean[1], lean=None)
         seen: set[str] = set()
         drops: list[list[str]] = [[] for _ in chosen]
         for idx in range(len(chosen) - 1, -1, -1):

@@ -176,6 +176,10 @@ class Step:
     node: Node
     run: Callable[..., tuple]
     impl: object = None  # a Linear layer's kernel (what run calls), for the executor's TokenChain
+    # (an output's name, a run that gives None for it): taken where no later step needs
+    # that value but those that run without it (`optional`) (hand_row_bytes)
+    lean: tuple[str, Callable[..., tuple]] | None = None
+    optional: frozenset[str] = frozenset()  # inputs this step runs without, given None
 
 
 @dataclass
@@ -484,13 +488,14 @@ def qlinear_step(node: Node, p: Planning) -> Step:
     return Step(p.layers[-1].node, lambda x, residual=None, xq=None: (_int8_run(impl, x, residual, xq),), impl)
 
 
-def _int8_run(impl, x: np.ndarray, residual: np.ndarray | None, xq: np.ndarray | None) -> np.ndarray:
+def _int8_run(impl, x: np.ndarray | None, residual: np.ndarray | None, xq: np.ndarray | None) -> np.ndarray:
     """An int8 layer's (or group's) output for x, or, given xq (x's bytes from the
-    LayerNorm, hand_layernorm_bytes), for those bytes where its kernel for x reads them."""
-    kernel = impl.pick(x) if isinstance(impl, ByTokens) else impl
+    LayerNorm or row group that made x: hand_layernorm_bytes, hand_row_bytes), for those
+    bytes where its kernel for x reads them (x None: there are only the bytes)."""
+    kernel = impl.pick(x if x is not None else xq) if isinstance(impl, ByTokens) else impl  # (by the token count)
     if xq is None or not hasattr(kernel, "from_quantized"):
         return kernel(x, residual)
-    return kernel.from_quantized(byte_rows(xq), x.shape[:-1], residual)
+    return kernel.from_quantized(byte_rows(xq), xq.shape[:-1], residual)
 
 
 def qlinear_group_step(node: Node, p: Planning) -> Step:
@@ -639,7 +644,8 @@ def plan(graph: Graph, chooser: Chooser | None = None, progress: Callable[[int, 
     if done_with is not None:
         p.done_with = done_with
     steps = [STEPS.get(n.op_type, reference_step)(n, p) for n in graph.nodes]
-    return (hand_layernorm_bytes(steps) if LAYERNORM_BYTES else steps), p.layers
+    steps = hand_layernorm_bytes(steps) if LAYERNORM_BYTES else steps
+    return (hand_row_bytes(steps, p.opset, graph.outputs) if ROW_BYTES else steps), p.layers
 
 
 # A LayerNorm rounding its output to the grid a static int8 layer reading it quantizes x
@@ -653,6 +659,91 @@ def _reads_bytes(impl, grid: Grid) -> bool:
     """Whether an int8 layer's kernels (both, for ByTokens) can run on x's bytes on `grid`."""
     kernels = (impl.few, impl.many) if isinstance(impl, ByTokens) else (impl,)
     return all(isinstance(k, (Int8Chunked, Int8Lanes, Int8Amx)) and k.reads_bytes(grid.floats) for k in kernels)
+
+
+ROW_BYTES = True  # see hand_row_bytes
+
+
+def _x_grid(impl) -> np.ndarray | None:
+    """The grid a static int8 layer quantizes x to ([scale, zero point, lowest, highest],
+    float32, as layernorm.Grid's floats), None for a dynamic one."""
+    kernel = impl.few if isinstance(impl, ByTokens) else impl
+    if getattr(kernel, "mode", None) != "static":
+        return None
+    scale, zero, lo = kernel._x_quantization()
+    return np.array([scale, zero, lo, lo + 255], np.float32)
+
+
+def hand_row_bytes(steps: list[Step], opset: int, graph_outputs=()) -> list[Step]:
+    """Steps where each row group (lower.fuse_rows) whose float output only static int8
+    layers (or groups) read, as x, also stores the bytes their kernels would quantize x
+    to, in the 4-block rows they read (rows.RowKernel's `quads`), as a second output
+    `<output>#int8`, which those layers take as their last input (as after
+    hand_layernorm_bytes) and run on (`from_quantized`) instead of quantizing x: for a
+    quantized GELU, the next Linear layer's bytes come from one more table lookup. The
+    group's `lean` run leaves the floats out; the executor takes it where no step and no
+    caller asks for them (Executor._schedule), so `Model.values` still gives them."""
+    readers: dict[str, list[int]] = {}
+    for k, s in enumerate(steps):
+        for i in s.node.inputs:
+            if i:
+                readers.setdefault(i, []).append(k)
+    out = list(steps)
+    for i, s in enumerate(steps):
+        n = s.node
+        if n.op_type != "RowGroup":
+            continue
+        a = n.attrs
+        probe = rows.RowKernel(a["nodes"], a["names"], a["outputs"], a["consts"], opset)
+        for o in a["outputs"]:
+            if probe.values[o].kind != "row" or probe.types[o] != np.float32:
+                continue
+            takers = [k for k in readers.get(o, []) if steps[k].node.op_type in ("QLinear", "QLinearGroup")
+                      and steps[k].node.inputs[0] == o and o not in steps[k].node.inputs[1:]]
+            grids = [_x_grid(steps[k].impl) for k in takers]
+            takers = [k for k, g in zip(takers, grids) if g is not None and np.array_equal(g, grids[0])
+                      and _reads_bytes(steps[k].impl, Grid(None, g))]
+            if not takers or o in graph_outputs or any(k not in takers for k in readers.get(o, [])):
+                continue  # (where another step reads the floats, storing bytes too cost more than it saved)
+            grid, q = grids[0], o + BYTES_SUFFIX
+            out[i] = _row_step_with_bytes(out[i], o, grid, opset)
+            log.debug("%s: stores the bytes its int8 readers' kernels read (they skip quantizing x): %s", n.name,
+                      ", ".join(steps[k].node.name for k in takers))
+            for k in takers:
+                r = out[k].node
+                inputs = list(r.inputs) + [""] * (r.op_type == "QLinear" and len(r.inputs) < 2) + [q]
+                out[k] = Step(Node(r.op_type, r.name, inputs, list(r.outputs), r.attrs), out[k].run, out[k].impl,
+                              optional=frozenset({o}))
+            break  # (one output's bytes per group)
+    return out
+
+
+def _row_step_with_bytes(step: Step, o: str, grid: np.ndarray, opset: int) -> Step:
+    """A RowGroup's step storing value o's bytes on `grid` as one more output (see
+    hand_row_bytes); its lean run gives None for o's floats."""
+    node, a = step.node, step.node.attrs
+    outputs = a["outputs"]
+    at = outputs.index(o)
+    full = rows.RowKernel(a["nodes"], a["names"], outputs, a["consts"], opset, quads={o: grid})
+    lean = rows.RowKernel(a["nodes"], a["names"], [x for x in outputs if x != o], a["consts"], opset, quads={o: grid})
+
+    def by_ops(inputs) -> tuple:  # (what the kernel does not cover: the step's own run, the bytes by numpy)
+        ys = step.run(*inputs)
+        return (*ys, rows.quad_bytes(ys[at], grid))
+
+    def run(*inputs):
+        y = full(*inputs)
+        return y if y is not None else by_ops(inputs)
+
+    def run_lean(*inputs):
+        y = lean(*inputs)
+        if y is None:
+            ys = by_ops(inputs)
+            return (*ys[:at], None, *ys[at + 1:])
+        return (*y[:at], None, *y[at:])
+
+    return Step(Node(node.op_type, node.name, list(node.inputs), [*outputs, o + BYTES_SUFFIX], a), run,
+                lean=(o, run_lean))
 
 
 def hand_layernorm_bytes(steps: list[Step]) -> list[Step]:

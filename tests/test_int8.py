@@ -762,6 +762,38 @@ def test_written_out_layernorms_and_attention_in_qoperator_run_as_row_kernels():
             assert off.mean() <= 0.01 and np.abs(g - o).max() <= 1.01 * step, (name, off.mean(), np.abs(g - o).max())
 
 
+def test_row_groups_hand_their_bytes_to_the_int8_layers(monkeypatch):
+    """plan.hand_row_bytes: in the written-out QOperator BERT, the GELU groups and the
+    LayerNorm groups whose floats only a static int8 layer reads (FFN2, FFN1) store that
+    layer's bytes instead, and the layer runs on them. Outputs bit for bit those of a load
+    without it, at several shapes with padding, token-major and feature-major; where the
+    floats are asked for (`Model.values`), the group makes them too, and they are the
+    same."""
+    from sparsejit.kernels.int8 import has_vnni
+
+    from sparsejit import plan
+
+    path = INT8 / "bert_op14_p90_int8_qoperator.onnx"
+    model = sparsejit.load(path)
+    lean = [s for s in model._executor.steps if s.lean is not None]
+    if has_vnni():  # (the kernels that read bytes; an AVX2 CPU's int8 kernel quantizes x itself)
+        assert len(lean) == 4 and all(s.node.op_type == "RowGroup" for s in lean), [s.node.name for s in lean]
+    assert all(s.node.outputs[-1] == s.lean[0] + plan.BYTES_SUFFIX for s in lean)
+    chosen = model._executor._schedule(tuple(model.graph.outputs), True)[0]
+    assert sum(any(s.run is g.lean[1] for g in lean) for s in chosen) == len(lean)  # (the floats left out)
+    monkeypatch.setattr(plan, "ROW_BYTES", False)
+    plain = sparsejit.load(path)
+    assert not any(s.lean for s in plain._executor.steps)
+    floats = [s.lean[0] for s in lean]
+    for batch, seq in [(1, 7), (3, 20), (2, 37), (1, 64)]:
+        feeds = make_inputs(model.input_names, batch, seq, seed=seq)
+        for g, p, name in zip(model.run(feeds), plain.run(feeds), model.output_names):
+            np.testing.assert_array_equal(g, p, err_msg=f"{name} {batch} {seq}")
+        got, want = model.values(feeds, floats), plain.values(feeds, floats)
+        for name in floats:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
 def _row_kernel_cases():
     """(group nodes, input names, outputs, constants): the groups fuse_rows makes of the
     written-out QOperator BERT (its LayerNorms, its GELU), and one of every op with a
@@ -799,7 +831,12 @@ def test_row_kernel_is_its_reference(case):
     bit for bit: token-major and feature-major inputs (a Linear kernel's output) alike,
     each output written feature-major where an input lies so (the other inputs copied),
     token-major from a batch's padded feature rows, an input broadcast over the rows; none
-    (the ops run one by one) for no rows."""
+    (the ops run one by one) for no rows.
+
+    With `quads` (plan.hand_row_bytes), a float value's bytes on an int8 layer's grid, as
+    that layer's kernel reads x, are rows.quad_bytes of the reference's value: an output's
+    or a Lookup's (from the table's bytes) left out of the outputs, on an int8 and a uint8
+    grid; 42 features, so that the threads split a quad of features between them."""
     from sparsejit.kernels import rows
     from sparsejit.kernels.layout import feature_major_empty
 
@@ -808,7 +845,13 @@ def test_row_kernel_is_its_reference(case):
     layernorms = [c for c in cases if [m.op_type for m in c[0]].count("ReduceMean") == 2]
     nodes, names, outputs, consts = [layernorms[0], layernorms[1], gelu[0], cases[-1], cases[-1]][case]
     kernel = rows.RowKernel(nodes, names, outputs, consts)
-    n = next((c.size for c in consts.values() if c.size > 1), 40)
+    floats = [o for o in (*outputs, *(n.outputs[0] for n in nodes if n.op_type == "Lookup"))
+              if kernel.values[o].kind == "row" and kernel._type(o) == np.float32]
+    pick = floats[-1 if case != 3 else 0]  # (a LayerNorm's output, a GELU's Lookup; the made-up Sub, its Lookup)
+    grid = np.array([0.05, -3, -128, 127] if case % 2 else [0.03, 120, 0, 255], np.float32)
+    lean = [o for o in outputs if o != pick]
+    with_bytes = rows.RowKernel(nodes, names, lean, consts, quads={pick: grid})
+    n = next((c.size for c in consts.values() if c.size > 1), 42)
     rng = np.random.default_rng(case)
     for shape in [(2, 9, n), (1, 1, n), (3, n)]:
         xs = [rng.standard_normal(shape[::-1]).astype(np.float32).T * 3 for _ in names]  # feature-major
@@ -830,6 +873,15 @@ def test_row_kernel_is_its_reference(case):
                 np.testing.assert_array_equal(g, w, err_msg=f"{o} {shape} {layout}")
                 if g.shape[-1] > 1 and np.prod(shape[:-1]) > 1 and case != 4:  # written as the inputs lie
                     assert (g if layout in ("token", "padded") else g.T).flags.c_contiguous, (o, layout)
+            *others, quad = with_bytes(*inputs)
+            value = rows.reference_rows(*inputs, nodes=nodes, names=names, outputs=[pick], consts=consts, opset=17)[0]
+            want_bytes = rows.quad_bytes(value, grid)
+            assert quad.shape == want_bytes.shape == (*shape[:-1], -(-n // 4)), (quad.shape, want_bytes.shape)
+            np.testing.assert_array_equal(quad, want_bytes, err_msg=f"{pick} {shape} {layout}")
+            for g, o in zip(others, lean):
+                np.testing.assert_array_equal(g, want[outputs.index(o)], err_msg=o)
+            assert len(np.unique(np.asarray(quad).view(np.uint8) if quad.flags.c_contiguous else
+                                 np.ascontiguousarray(quad).view(np.uint8))) > 2  # (not saturated)
     assert kernel(*[np.zeros((0, n), np.float32) for _ in names]) is None
 
 
