@@ -42,7 +42,7 @@ from .compile import ir_engine, load_source, threads
 from .elementwise import quantized_ir
 from .ir import Signature
 from .launch import IMPORTS, address, part_ir, put_source, run  # noqa: F401 (part_ir: prebuild's BUILDS)
-from .layout import aligned_empty, feature_major_empty, transposed_copy, unit_token_stride
+from .layout import aligned_empty, feature_major_empty, transposed, transposed_copy, unit_token_stride
 
 ROW_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "FakeQuantize", "QuantizeLinear", "DequantizeLinear", "Lookup",
            "ReduceMean")
@@ -166,31 +166,51 @@ declare float @llvm.sqrt.f32(float)
 """
 
 
+def _token_rows(v: np.ndarray) -> np.ndarray | None:
+    """v as a view [tokens, n] (its tokens in C order) where each feature's tokens are
+    contiguous (unit token stride: a Linear kernel's output, rows padded or not); None
+    otherwise."""
+    if v.ndim == 0 or v.size == 0:
+        return None
+    try:
+        rows = np.reshape(v, (-1, v.shape[-1]), copy=False)
+    except ValueError:  # (not a view)
+        return None
+    return rows if unit_token_stride(rows) and rows.shape[0] > 1 and rows.shape[1] > 1 else None
+
+
 def _feature_major(full: list[np.ndarray]) -> bool:
     """Whether a row kernel over inputs `full` (those of the whole shape) runs feature-major:
-    where any lies so (reversed C order, a Linear kernel's output at a batch's tokens). Its
-    outputs then lie so too, as the Linear kernels read x, and the others are copied to it
-    (in a transformer, the residual of the first block only)."""
-    return any(x.T.flags.c_contiguous and not x.flags.c_contiguous for x in full)
+    where any lies so (_token_rows: a Linear kernel's output). Its outputs then lie so too,
+    as the Linear kernels read x, and the others are transposed to it (in a transformer,
+    the residual of the first block only)."""
+    return any(x.T.flags.c_contiguous and not x.flags.c_contiguous and _one_sequence(x.shape) or
+               _token_rows(x) is not None for x in full)
+
+
+def _one_sequence(shape: tuple) -> bool:
+    """Whether tokens of this shape lie in the same order in C and reversed C order: one
+    axis but the last longer than 1."""
+    return sum(d > 1 for d in shape[:-1]) <= 1
 
 
 def _laid(v: np.ndarray, shape: tuple, token: bool) -> np.ndarray:
-    """v broadcast to `shape`, as the kernel reads it: [rows, n] token-major, [n, rows]
-    feature-major, C order (a view where v lies so). A float32 v whose features' rows of
-    tokens are each contiguous (a Linear kernel's output at a batch's tokens) goes to
-    token-major by the tiled transpose, not numpy's element-by-element copy."""
+    """v broadcast to `shape`, as the kernel reads it: [rows, n] token-major, C order;
+    [n, rows] feature-major, each feature's tokens contiguous, rows maybe padded (a view
+    where v lies so; a float32 v of the whole shape by the tiled transpose, not numpy's
+    element-by-element copy)."""
     n = shape[-1]
+    rows = _token_rows(v) if v.shape == shape and v.dtype == np.float32 else None
     if token:
-        if v.shape == shape and v.dtype == np.float32 and not v.flags.c_contiguous:
-            try:
-                rows = np.reshape(v, (-1, n), copy=False)
-            except ValueError:  # (not a view)
-                rows = None
-            if rows is not None and unit_token_stride(rows):
-                return transposed_copy(rows)
+        if rows is not None and not v.flags.c_contiguous:
+            return transposed_copy(rows)
         return np.ascontiguousarray(np.broadcast_to(v, shape)).reshape(-1, n)
-    return (v.T if v.shape == shape and v.T.flags.c_contiguous else
-            np.ascontiguousarray(np.broadcast_to(v, shape).T)).reshape(n, -1)
+    if v.shape == shape and v.T.flags.c_contiguous and _one_sequence(shape):  # (a view, at once)
+        return v.T.reshape(n, -1)
+    if v.shape == shape and v.dtype == np.float32:
+        return transposed(np.reshape(v, (-1, n)))
+    rows = _token_rows(v) if v.shape == shape else None
+    return rows.T if rows is not None else np.ascontiguousarray(np.broadcast_to(v, shape).reshape(-1, n).T)
 
 
 def quad_empty(n: int, tokens: int) -> np.ndarray:
@@ -308,6 +328,7 @@ class RowKernel:
         self.vectors = [i for i, c in self.arrays.items() if c.size > 1]
         rows_out = [o for o in self.outputs if self.values[o].kind == "row"]
         self.slots = ([("x", x) for x in self.names] + [("y", o) for o in rows_out] + [("kept", o) for o in self.keep]
+                      + [("x rows", x) for x in self.names] + [("y rows", o) for o in rows_out]
                       + [("mean", v) for v in self.means] + [("sum", v) for v in self.sums]
                       + [("temp", o) for o in self.temps] + [("vector", v) for v in self.vectors]
                       + [("table", t) for t in self.tables] + [("scalars", "")]
@@ -327,13 +348,20 @@ class RowKernel:
         if name in self.scalars or name in self.vectors:
             return []
         if name in bytes_in:
-            return [f"  {into}.at = getelementptr i8, ptr %s{self.slot['x', name]}, i64 %x{k}",
+            return self._x_index(name, k, into) + [
+                    f"  {into}.at = getelementptr i8, ptr %s{self.slot['x', name]}, i64 {into}.xi",
                     f"  {into} = load i8, ptr {into}.at, !llvm.access.group !0"]
         where = ("x", name) if name in self.names else ("mean", name) if self.values[name].kind == "mean" else \
             ("temp", name) if self.loop[name][1] != k and name in self.temps else ("kept", name)
-        index = {"x": f"%x{k}", "kept": f"%x{k}", "mean": "%j" if self.token else f"%i{k}", "temp": f"%t{k}"}[where[0]]
-        return [f"  {into}.at = getelementptr float, ptr %s{self.slot[where]}, i64 {index}",
+        index = {"x": f"{into}.xi", "kept": f"%x{k}", "mean": "%j" if self.token else f"%i{k}", "temp": f"%t{k}"}[where[0]]
+        return (self._x_index(name, k, into) if where[0] == "x" else []) + [
+                f"  {into}.at = getelementptr float, ptr %s{self.slot[where]}, i64 {index}",
                 f"  {into} = load float, ptr {into}.at, !llvm.access.group !0"]
+
+    def _x_index(self, name: str, k: int, into: str) -> list[str]:
+        """Lines making {into}.xi, input `name`'s element of row j, loop k: its rows lie
+        `x rows` elements apart (C order, or a feature's tokens in a padded row)."""
+        return [f"  {into}.xr = mul i64 %j, %s{self.slot['x rows', name]}.i", f"  {into}.xi = add i64 {into}.xr, %i{k}"]
 
     def _operand(self, name: str, here: set, k: int, v: str, bytes_in: dict) -> tuple[list[str], str]:
         if name in self.scalars:
@@ -394,13 +422,14 @@ class RowKernel:
         if o in self.keep:
             lines += [f"  {v}.kat = getelementptr float, ptr %s{self.slot['kept', o]}, i64 %x{k}",
                       f"  store float {v}, ptr {v}.kat, !llvm.access.group !0"]
-        if ("y", o) in self.slot:
+        if ("y", o) in self.slot:  # (rows `y rows` elements apart)
+            lines += [f"  {v}.yr = mul i64 %j, %s{self.slot['y rows', o]}.i", f"  {v}.yx = add i64 {v}.yr, %i{k}"]
             if self.types[o] == np.float32:
-                lines += [f"  {v}.yat = getelementptr float, ptr %s{self.slot['y', o]}, i64 %x{k}",
+                lines += [f"  {v}.yat = getelementptr float, ptr %s{self.slot['y', o]}, i64 {v}.yx",
                           f"  store float {v}, ptr {v}.yat, !llvm.access.group !0"]
             else:
                 lines += [f"  {v}.yi = fptosi float {v} to i32", f"  {v}.yb = trunc i32 {v}.yi to i8",
-                          f"  {v}.yat = getelementptr i8, ptr %s{self.slot['y', o]}, i64 %x{k}",
+                          f"  {v}.yat = getelementptr i8, ptr %s{self.slot['y', o]}, i64 {v}.yx",
                           f"  store i8 {v}.yb, ptr {v}.yat, !llvm.access.group !0"]
         if o in self.quads:  # its bytes to the part's temporary rows (_flush_quad takes them on)
             scale, zero, lo, hi = (f"%k{self.scalars[o, m]}" for m in range(4))
@@ -630,10 +659,11 @@ class RowKernel:
             return None
         parts, (outer, inner) = threads(), ((rows, n) if token else (n, rows))
         arrays = {("x", x): _laid(v, shape, token) for x, v in zip(self.names, inputs)}
-        outs = {o: np.empty(shape, self.types[o]) if token else aligned_empty(shape[::-1], self.types[o])
+        outs = {o: np.empty((rows, n), self.types[o]) if token else feature_major_empty(n, rows)
+                if self.types[o] == np.float32 else aligned_empty((n, rows), self.types[o])
                 for o in self.outputs
                 if self.values[o].kind == "row"}
-        arrays.update({("y", o): m.reshape(outer, inner) for o, m in outs.items()})
+        arrays.update({("y", o): m for o, m in outs.items()})
         arrays.update({("kept", o): np.empty((outer, inner), np.float32) for o in self.keep})
         arrays.update({("mean", v): np.empty(rows, np.float32) for v in self.means})
         arrays.update({("sum", v): np.zeros((parts, rows), np.float64) for v in self.sums})
@@ -641,8 +671,10 @@ class RowKernel:
         quads = {o: quad_empty(n, rows) for o in self.quads}
         arrays.update({("quad", o): q for o, q in quads.items()})
         arrays.update({("quad temp", o): np.zeros((parts, 4 * inner), np.uint8) for o in quads})
-        p = np.array([address(arrays[s]) if s in arrays else self._fixed[s] if s[0] != "quad rows" else
-                      quads[s[1]].strides[0] // 4 for s in self.slots], np.int64)
+        apart = {"x rows": "x", "y rows": "y", "quad rows": "quad"}  # (rows' strides in elements)
+        p = np.array([address(arrays[s]) if s in arrays else self._fixed[s] if s[0] not in apart else
+                      arrays[apart[s[0]], s[1]].strides[0] // arrays[apart[s[0]], s[1]].itemsize for s in self.slots],
+                     np.int64)
         driver = load_source(ROWS_DRIVER).run_row_group
         env: dict[str, np.ndarray] = {}
         for stage in range(self.stages):
@@ -657,9 +689,7 @@ class RowKernel:
             for v in self.sums:
                 if self.values[v].stage == stage:
                     env[v] = arrays["sum", v].sum(axis=0).astype(np.float32) / np.float32(n)
-        means = {o: env[o].astype(self.types[o]).reshape((*shape[:-1], 1)) if token else
-                 env[o].astype(self.types[o]).reshape((1, *shape[-2::-1])).T
+        means = {o: env[o].astype(self.types[o]).reshape((*shape[:-1], 1))
                  for o in self.outputs if self.values[o].kind == "mean"}
-        return tuple((outs[o] if token else outs[o].T) if o in outs else means[o] for o in self.outputs) + \
-            tuple(q.reshape((q.shape[0], *shape[-2::-1])).T if not token else q.T.reshape((*shape[:-1], q.shape[0]))
-                  for q in quads.values())  # (feature-major: the tokens lie in reversed C order)
+        return tuple((outs[o] if token else outs[o].T).reshape(shape) if o in outs else means[o]
+                     for o in self.outputs) + tuple(q.T.reshape((*shape[:-1], q.shape[0])) for q in quads.values())

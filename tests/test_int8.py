@@ -828,10 +828,10 @@ def _row_kernel_cases():
 @pytest.mark.parametrize("case", range(5))
 def test_row_kernel_is_its_reference(case):
     """A RowKernel (kernels/rows.py) gives what its group's ops give one by one on numpy,
-    bit for bit: token-major and feature-major inputs (a Linear kernel's output) alike,
-    each output written feature-major where an input lies so (the other inputs copied),
-    token-major from a batch's padded feature rows, an input broadcast over the rows; none
-    (the ops run one by one) for no rows.
+    bit for bit: token-major and feature-major inputs (a Linear kernel's output, rows
+    padded or not) alike, each output written feature-major where an input lies so (the
+    other inputs transposed), an input broadcast over the rows, inputs in reversed C order
+    (run token-major); none (the ops run one by one) for no rows.
 
     With `quads` (plan.hand_row_bytes), a float value's bytes on an int8 layer's grid, as
     that layer's kernel reads x, are rows.quad_bytes of the reference's value: an output's
@@ -853,26 +853,32 @@ def test_row_kernel_is_its_reference(case):
     with_bytes = rows.RowKernel(nodes, names, lean, consts, quads={pick: grid})
     n = next((c.size for c in consts.values() if c.size > 1), 42)
     rng = np.random.default_rng(case)
-    for shape in [(2, 9, n), (1, 1, n), (3, n)]:
-        xs = [rng.standard_normal(shape[::-1]).astype(np.float32).T * 3 for _ in names]  # feature-major
+    def linear_output(x, padded):  # (as a Linear kernel writes y: each feature's tokens contiguous)
+        t = feature_major_empty(n, x.size // n) if padded else np.empty((n, x.size // n), np.float32)
+        t[:] = x.reshape(-1, n).T
+        return t.T.reshape(x.shape)
+
+    for shape in [(2, 9, n), (1, 1, n), (3, n), (1, 5, n)]:
+        xs = [(rng.standard_normal(shape) * 3).astype(np.float32) for _ in names]
         if case == 4:
             xs[1] = xs[1][:1]  # y read broadcast over the rows
-        for layout in ("feature", "token", "mixed", "padded"):
-            inputs = xs if layout == "feature" else [np.ascontiguousarray(x) for x in xs]
-            if layout == "mixed":  # (a Linear kernel's output and the residual stream in C order)
-                inputs[0] = xs[0]
-            if layout == "padded" and len(shape) == 3:  # (a Linear kernel's output at a batch's tokens)
-                rows_t = feature_major_empty(n, shape[0] * shape[1])
-                rows_t[:] = inputs[0].reshape(-1, n).T
-                inputs[0] = rows_t.T.reshape(shape)
+        for layout in ("feature", "token", "mixed", "padded", "reversed"):
+            inputs = [linear_output(x, False) if layout == "feature" and x.shape == shape else x for x in xs]
+            if layout in ("mixed", "padded"):  # (a Linear kernel's output and the residual stream in C order)
+                inputs[0] = linear_output(xs[0], layout == "padded")
+            if layout == "reversed":  # (C order reversed: the tokens not in C order, read token-major)
+                inputs = [np.ascontiguousarray(x.T).T for x in xs]
+            feature_major = np.prod(shape[:-1]) > 1 and (layout in ("feature", "mixed", "padded") or layout ==
+                                                         "reversed" and sum(d > 1 for d in shape[:-1]) == 1)
             got = kernel(*inputs)
             want = rows.reference_rows(*inputs, nodes=nodes, names=names, outputs=outputs, consts=consts, opset=17)
             assert got is not None, (case, shape, layout)
             for g, w, o in zip(got, want, outputs):
                 assert g.dtype == w.dtype and g.shape == w.shape, (o, g.dtype, w.dtype, g.shape, w.shape)
                 np.testing.assert_array_equal(g, w, err_msg=f"{o} {shape} {layout}")
-                if g.shape[-1] > 1 and np.prod(shape[:-1]) > 1 and case != 4:  # written as the inputs lie
-                    assert (g if layout in ("token", "padded") else g.T).flags.c_contiguous, (o, layout)
+                if g.shape[-1] > 1 and np.prod(shape[:-1]) > 1 and g.shape[:-1] == shape[:-1]:  # as the inputs lie
+                    laid = np.reshape(g, (-1, n), copy=False)
+                    assert (laid.strides[0] == g.itemsize) if feature_major else g.flags.c_contiguous, (o, layout)
             *others, quad = with_bytes(*inputs)
             value = rows.reference_rows(*inputs, nodes=nodes, names=names, outputs=[pick], consts=consts, opset=17)[0]
             want_bytes = rows.quad_bytes(value, grid)
