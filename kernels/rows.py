@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..graph import Node
-from ..ops import evaluate, op
+from ..ops import bind, evaluate, op
 from .compile import ir_engine, load_source, threads
 from .elementwise import quantized_ir
 from .ir import Signature
@@ -120,6 +120,14 @@ def reference_op(n: Node, args: list, opset: int) -> np.ndarray:
     return evaluate(n.op_type, args, n.attrs, opset, 1)[0]
 
 
+def _once_fn(n: Node, opset: int) -> Callable[..., np.ndarray]:
+    """reference_op for node n, its op looked up once."""
+    if n.op_type in ("ReduceMean", "Pow"):
+        return lambda *args: reference_op(n, list(args), opset)
+    fn = bind(n.op_type, n.attrs, opset, 1)
+    return lambda *args: fn(*args)[0]
+
+
 def run_members(inputs, nodes: list[Node], names: list[str], outputs: list[str], consts: dict,
                 run: Callable[[Node, list], np.ndarray]) -> tuple:
     """The group's ops one after another, each by `run(node, its inputs)`."""
@@ -194,23 +202,39 @@ def _one_sequence(shape: tuple) -> bool:
     return sum(d > 1 for d in shape[:-1]) <= 1
 
 
-def _laid(v: np.ndarray, shape: tuple, token: bool) -> np.ndarray:
+def _lay_kind(v: np.ndarray, shape: tuple, token: bool) -> str:
+    """How `_lay` lays v for the kernel (by v's shape, layout and type alone)."""
+    full = v.shape == shape
+    if token:
+        if full and v.flags.c_contiguous:
+            return "rows"
+        return "transposed copy" if full and v.dtype == np.float32 and _token_rows(v) is not None else "copy"
+    if full and v.T.flags.c_contiguous and _one_sequence(shape):
+        return "T"
+    if full and v.dtype == np.float32:
+        return "transposed"
+    return "rows T" if full and _token_rows(v) is not None else "copy T"
+
+
+def _lay(kind: str, v: np.ndarray, shape: tuple) -> np.ndarray:
     """v broadcast to `shape`, as the kernel reads it: [rows, n] token-major, C order;
     [n, rows] feature-major, each feature's tokens contiguous, rows maybe padded (a view
     where v lies so; a float32 v of the whole shape by the tiled transpose, not numpy's
     element-by-element copy)."""
     n = shape[-1]
-    rows = _token_rows(v) if v.shape == shape and v.dtype == np.float32 else None
-    if token:
-        if rows is not None and not v.flags.c_contiguous:
-            return transposed_copy(rows)
-        return np.ascontiguousarray(np.broadcast_to(v, shape)).reshape(-1, n)
-    if v.shape == shape and v.T.flags.c_contiguous and _one_sequence(shape):  # (a view, at once)
+    if kind == "rows":
+        return v.reshape(-1, n)
+    if kind == "T":
         return v.T.reshape(n, -1)
-    if v.shape == shape and v.dtype == np.float32:
+    if kind == "transposed copy":
+        return transposed_copy(np.reshape(v, (-1, n)))
+    if kind == "transposed":
         return transposed(np.reshape(v, (-1, n)))
-    rows = _token_rows(v) if v.shape == shape else None
-    return rows.T if rows is not None else np.ascontiguousarray(np.broadcast_to(v, shape).reshape(-1, n).T)
+    if kind == "rows T":
+        return np.reshape(v, (-1, n)).T
+    if kind == "copy":
+        return np.ascontiguousarray(np.broadcast_to(v, shape)).reshape(-1, n)
+    return np.ascontiguousarray(np.broadcast_to(v, shape).reshape(-1, n).T)
 
 
 def quad_empty(n: int, tokens: int) -> np.ndarray:
@@ -284,6 +308,8 @@ class RowKernel:
                                                    self.arrays[i].reshape(-1)[0] for i in self.scalars], np.float32)
         self._fixed = {s: address(a) for s, a in self._constants.items()}
         self._lock = threading.Lock()
+        self._once = {stage: [(n, _once_fn(n, opset)) for n in nodes] for stage, nodes in self.once.items()}
+        self._calls: dict[tuple, _Call | None] = {}  # by the inputs' shapes, layouts and types: see _prepare
 
     def _type(self, name: str) -> np.dtype:
         n = self.values[name].node
@@ -326,7 +352,7 @@ class RowKernel:
                 raise ValueError(f"a row group stores the bytes of a float row value, not of {o!r}")
             self.scalars.update({(o, m): len(self.scalars) + m for m in range(4)})
         self.vectors = [i for i, c in self.arrays.items() if c.size > 1]
-        rows_out = [o for o in self.outputs if self.values[o].kind == "row"]
+        rows_out = self.rows_out = [o for o in self.outputs if self.values[o].kind == "row"]
         self.slots = ([("x", x) for x in self.names] + [("y", o) for o in rows_out] + [("kept", o) for o in self.keep]
                       + [("x rows", x) for x in self.names] + [("y rows", o) for o in rows_out]
                       + [("mean", v) for v in self.means] + [("sum", v) for v in self.sums]
@@ -640,12 +666,23 @@ class RowKernel:
         return full
 
     def __call__(self, *inputs: np.ndarray) -> tuple | None:
-        """The outputs, written feature-major (reversed C order, a Linear kernel's at
-        a batch's tokens, on 64-byte lines, as the Linear kernels read x) where an input
-        of the full shape is so (`_feature_major`), else token-major (C order; a Linear
-        kernel reads that faster than either at many tokens); None where
-        the kernel does not cover the inputs (see _broadcast; another type, a constant of
-        another length, no elements, arithmetic on bytes)."""
+        """The outputs, written feature-major (each feature's tokens contiguous, rows
+        padded, as the Linear kernels write and read x) where an input of the full shape
+        lies so (`_feature_major`), else token-major (C order); None where the kernel does
+        not cover the inputs (see _broadcast; another type, a constant of another length,
+        no elements, arithmetic on bytes). What depends on the inputs' shapes, layouts and
+        types alone is worked out once for them (`_prepare`)."""
+        key = (threads(), *[(x.shape, x.strides, x.dtype.num) for x in inputs])
+        call = self._calls.get(key, False)
+        if call is False:
+            if len(self._calls) >= 64:  # (a server seeing many shapes)
+                self._calls.clear()
+            call = self._calls[key] = self._prepare(inputs)
+        return None if call is None else self._run(call, inputs)
+
+    def _prepare(self, inputs: tuple[np.ndarray, ...]) -> _Call | None:
+        """How the kernel runs on inputs of these shapes, layouts and types; None where it
+        does not cover them."""
         shape = inputs[0].shape if all(x.shape == inputs[0].shape for x in inputs) else self._broadcast(inputs)
         if shape is None or not shape or any(x.dtype not in (np.float32, *BYTES) for x in inputs):
             return None
@@ -657,12 +694,15 @@ class RowKernel:
         passes = self._passes({x: v.dtype for x, v in zip(self.names, inputs) if v.dtype in BYTES}, token)
         if passes is None:
             return None
-        parts, (outer, inner) = threads(), ((rows, n) if token else (n, rows))
-        arrays = {("x", x): _laid(v, shape, token) for x, v in zip(self.names, inputs)}
+        return _Call(shape, n, rows, token, passes, threads(), tuple(_lay_kind(v, shape, token) for v in inputs))
+
+    def _run(self, c: _Call, inputs: tuple[np.ndarray, ...]) -> tuple:
+        shape, n, rows, token, passes, parts = c.shape, c.n, c.rows, c.token, c.passes, c.parts
+        outer, inner = (rows, n) if token else (n, rows)
+        arrays = {("x", x): _lay(kind, v, shape) for x, v, kind in zip(self.names, inputs, c.lay)}
         outs = {o: np.empty((rows, n), self.types[o]) if token else feature_major_empty(n, rows)
                 if self.types[o] == np.float32 else aligned_empty((n, rows), self.types[o])
-                for o in self.outputs
-                if self.values[o].kind == "row"}
+                for o in self.rows_out}
         arrays.update({("y", o): m for o, m in outs.items()})
         arrays.update({("kept", o): np.empty((outer, inner), np.float32) for o in self.keep})
         arrays.update({("mean", v): np.empty(rows, np.float32) for v in self.means})
@@ -671,16 +711,15 @@ class RowKernel:
         quads = {o: quad_empty(n, rows) for o in self.quads}
         arrays.update({("quad", o): q for o, q in quads.items()})
         arrays.update({("quad temp", o): np.zeros((parts, 4 * inner), np.uint8) for o in quads})
-        apart = {"x rows": "x", "y rows": "y", "quad rows": "quad"}  # (rows' strides in elements)
-        p = np.array([address(arrays[s]) if s in arrays else self._fixed[s] if s[0] not in apart else
-                      arrays[apart[s[0]], s[1]].strides[0] // arrays[apart[s[0]], s[1]].itemsize for s in self.slots],
+        p = np.array([address(arrays[s]) if s in arrays else self._fixed[s] if s[0] not in _APART else
+                      arrays[_APART[s[0]], s[1]].strides[0] // arrays[_APART[s[0]], s[1]].itemsize for s in self.slots],
                      np.int64)
         driver = load_source(ROWS_DRIVER).run_row_group
         env: dict[str, np.ndarray] = {}
         for stage in range(self.stages):
-            for node in self.once.get(stage, []):  # one per row: of means and constants, on numpy
-                args = [env[i] if i in env else self.arrays.get(i) if i else None for i in node.inputs]
-                env[node.outputs[0]] = reference_op(node, args, self.opset)
+            for node, fn in self._once.get(stage, ()):  # one per row: of means and constants, on numpy
+                env[node.outputs[0]] = fn(*[env[i] if i in env else self.arrays.get(i) if i else None
+                                           for i in node.inputs])
             for v in self.means:
                 if v in env and self.values[v].stage <= stage:
                     arrays["mean", v][:] = env[v].reshape(-1)
@@ -693,3 +732,20 @@ class RowKernel:
                  for o in self.outputs if self.values[o].kind == "mean"}
         return tuple((outs[o] if token else outs[o].T).reshape(shape) if o in outs else means[o]
                      for o in self.outputs) + tuple(q.T.reshape((*shape[:-1], q.shape[0])) for q in quads.values())
+
+
+_APART = {"x rows": "x", "y rows": "y", "quad rows": "quad"}  # (a row stride slot, in elements: whose)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """RowKernel._prepare's: the inputs' broadcast shape, its last axis and rows, the
+    layout, the passes' addresses, the parts, and how each input is laid (_lay_kind)."""
+
+    shape: tuple
+    n: int
+    rows: int
+    token: bool
+    passes: list
+    parts: int
+    lay: tuple[str, ...]
