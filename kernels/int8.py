@@ -11,6 +11,7 @@ unstructured pruning stores the zeros that share a block with a nonzero.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 
 import numpy as np
@@ -702,6 +703,7 @@ class Int8Lanes(_HandsOver, _Quantized):
         self._bounds: dict[int, np.ndarray] = {}  # each part's groups, by the thread count
         self._driver = load_source(LANES_DRIVER_SOURCE).run_lanes
         self._handoffs: dict[tuple, tuple] = {}  # by the next layer's grid: see _handoff
+        self._bytes_fn: int | None = None  # (bytes_for's kernel, made on first use)
 
     @property
     def source(self) -> str:
@@ -754,6 +756,39 @@ class Int8Lanes(_HandsOver, _Quantized):
                 xq = byte_rows(given)
             self._kernel(xq, out, out, terms, fn)
         return out
+
+    def bytes_terms(self, grids: np.ndarray) -> np.ndarray:
+        """What `bytes_for` takes for outputs quantized per output as QuantizeLinear does,
+        output j on grids[:, j] ([scale, zero point, lowest, highest] rows, float32; one
+        8-bit type for all): the epilogue's terms, then the grids."""
+        if self.residual or self.config.quant_out:
+            raise ValueError("an int8 layer with a residual or storing the next layer's bytes gives no bytes per output")
+        return np.concatenate([self._kbias, np.asarray(grids, np.float32).reshape(-1)])
+
+    def bytes_for(self, x: np.ndarray | None, terms: np.ndarray, given: np.ndarray | None = None) -> np.ndarray:
+        """y for x [..., in] (or for x's bytes `given`, as from_quantized takes them)
+        quantized per output on the grids of `terms` (bytes_terms), as those grids' type's
+        bytes (uint8 where the lowest is 0, else int8): feature-major [..., out], each
+        output's tokens contiguous. The kernel stores the bytes instead of y (lanes_ir's
+        `bytes_out`)."""
+        lead = given.shape[:-1] if x is None else x.shape[:-1]
+        n, m = math.prod(lead), self.out_features
+        rows = feature_major_empty(m, -(-n // 4))  # (float rows of a buffer of bytes: the driver's yᵀ)
+        out = rows.view(np.uint8)[:, :n].view(np.uint8 if terms[-2 * m] == 0 else np.int8)  # (by the lowest value)
+        if n:
+            if given is not None:
+                xq = byte_rows(given)
+            else:
+                xq = feature_major_empty(-(-self.in_features // 4), n)
+                if self._quantize_into(transposed(x.reshape(-1, self.in_features)), xq) is None:
+                    raise ValueError("the input holds NaN or infinity, so its dynamic quantization scale is undefined")
+            self._kernel(xq, rows, rows, terms, self._bytes_kernel())
+        return out.T.reshape(lead + (m,))
+
+    def _bytes_kernel(self) -> int:
+        if self._bytes_fn is None:
+            self._bytes_fn = compile_ir(lanes_ir(dataclasses.replace(self.config, bytes_out=True)), LANES_SIGNATURE.name)
+        return self._bytes_fn
 
     def _handoff(self, nxt) -> tuple:
         """(the quant_out kernel, [bias | scale | correction | nxt's grid]), made on first use."""

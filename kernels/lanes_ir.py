@@ -24,7 +24,8 @@ Layout:
   sums less the zero point's correction, times the output scale (requantized, for a
   QLinearMatMul's output, as int8_ir's epilogue does), plus the bias
   (`terms`: [bias | scale | correction] by output, then with requantize its output scale,
-  lowest and highest value by output, or with quant_out the next layer's grid), the
+  lowest and highest value by output, then with quant_out the next layer's grid, or with
+  bytes_out a QuantizeLinear grid by output: _store_bytes), the
   activation, transposed to rows of 8 tokens, plus the residual, into yᵀ. Each output is computed with the same float
   operations in the same order as there, so the two kernels agree bit for bit.
 
@@ -60,6 +61,7 @@ class LanesConfig:
     residual: bool = False
     quant_out: bool = False   # without residual: y quantized for the next int8 layer into rt (_store_quantized)
     requantize: bool = False  # the scaled sums requantized and dequantized before the bias (int8_ir's)
+    bytes_out: bool = False   # without residual: y quantized per output (QuantizeLinear) into yᵀ's bytes (_store_bytes)
 
 
 def _transpose8(e: Builder, ty: str, rows: list[str]) -> list[str]:
@@ -184,6 +186,9 @@ def _epilogue(e: Builder, cfg: LanesConfig, g: str, t: str, sums: list[str], mas
     if cfg.quant_out:
         _store_quantized(e, ys, j0, t, mask)
         return
+    if cfg.bytes_out:
+        _store_bytes(e, ys, j0, t, mask, 6 if cfg.requantize else 3)
+        return
     for h in range(2):  # outputs j0 .. j0 + 7, then j0 + 8 .. j0 + 15
         half = f"<8 x i32> <{', '.join(f'i32 {8 * h + i}' for i in range(8))}>"
         rows = [e(f"shufflevector {vt} {y}, {vt} poison, {half}") for y in ys]
@@ -192,6 +197,31 @@ def _epilogue(e: Builder, cfg: LanesConfig, g: str, t: str, sums: list[str], mas
             if cfg.residual:
                 col = e(f"fadd <8 x float> {col}, {_load8(e, 'float', e.gep('%rt', e.offset(j, '%ldr', t)), mask)}")
             _store8(e, "float", col, e.gep("%yt", e.offset(j, "%ldy", t)), mask)
+
+
+def _store_bytes(e: Builder, ys: list[str], j0: str, t: str, mask: str | None, row: int) -> None:
+    """The group's outputs as QuantizeLinear makes them, each output on its own grid
+    (terms[row · m ..] to [(row + 3) · m ..]: scale, zero point, lowest, highest; after the
+    requantizing rows, if any), stored as bytes in yᵀ: output j's row of tokens `ldy` · 4
+    bytes apart (yᵀ's rows are float rows of a buffer that holds bytes)."""
+    vt = e.vt
+    starts = [e(f"add i64 {j0}, {e(f'mul i64 %m, {row + i}')}") for i in range(4)]
+    grid = [e(f"load {vt}, ptr {e.gep('%terms', at)}, align 4") for at in starts]
+    qs = [e(f"fptosi {vt} {quantized(e, y, *grid)} to {IV}") for y in ys]
+    ld = e("shl i64 %ldy, 2")
+    for h in range(2):  # outputs j0 .. j0 + 7, then j0 + 8 .. j0 + 15
+        half = f"<8 x i32> <{', '.join(f'i32 {8 * h + i}' for i in range(8))}>"
+        rows = [e(f"shufflevector {IV} {q}, {IV} poison, {half}") for q in qs]
+        for i, col in enumerate(_transpose8(e, "i32", rows)):
+            j = e(f"add i64 {j0}, {8 * h + i}")
+            row = e(f"mul i64 {j}, {ld}")
+            at = e(f"getelementptr i8, ptr %yt, i64 {e(f'add i64 {row}, {t}')}")
+            b = e(f"trunc <8 x i32> {col} to <8 x i8>")
+            if mask is None:
+                e.raw(f"  store <8 x i8> {b}, ptr {at}, align 1")
+            else:
+                e.call("llvm.masked.store.v8i8.p0", "void", ("<8 x i8>", b), ("ptr", at), ("i32", "1"),
+                       ("<8 x i1>", mask))
 
 
 def _store_quantized(e: Builder, ys: list[str], j0: str, t: str, mask: str | None) -> None:
@@ -239,5 +269,6 @@ def lanes_ir(cfg: LanesConfig) -> str:
     e.function(SIGNATURE, body)
     return e.module(f"; sparsejit generated kernel: int8 sparse Linear, 16 outputs in the lanes, x gathered by "
                     f"vpermi2b from {WINDOW}-input windows, {TOKENS} tokens a tile, activation={cfg.activation} "
-                    f"residual={cfg.residual}{' quant_out' if cfg.quant_out else ''}{' requantize' if cfg.requantize else ''}\n"
+                    f"residual={cfg.residual}{' quant_out' if cfg.quant_out else ''}{' requantize' if cfg.requantize else ''}"
+                    f"{' bytes_out' if cfg.bytes_out else ''}\n"
                     "; yt[j, t] = act((sum_k xq[k, t] w[k, j] - corr[j]) * scale[j] + bias[j]) (+ rt[j, t])")

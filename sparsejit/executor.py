@@ -179,9 +179,10 @@ class Executor:
         keep = set(outputs) | set(self.graph.constants)
         if not skip_shape_only:
             keep |= self.shape_only  # the first run of a signature collects them
-        for idx, s in enumerate(chosen):  # a value only steps that run without it read: not made
-            if s.lean is not None and s.lean[0] not in keep and all(
-                    s.lean[0] in later.optional for later in chosen[idx + 1:] if s.lean[0] in later.node.inputs):
+        for idx, s in enumerate(chosen):  # values only steps that run without them read: not made
+            if s.lean is not None and not keep.intersection(s.lean[0]) and all(
+                    name in later.optional for later in chosen[idx + 1:] for name in s.lean[0]
+                    if name in later.node.inputs):
                 chosen[idx] = dataclasses.replace(s, run=s.lean[1], lean=None)
         seen: set[str] = set()
         drops: list[list[str]] = [[] for _ in chosen]

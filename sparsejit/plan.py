@@ -176,9 +176,10 @@ class Step:
     node: Node
     run: Callable[..., tuple]
     impl: object = None  # a Linear layer's kernel (what run calls), for the executor's TokenChain
-    # (an output's name, a run that gives None for it): taken where no later step needs
-    # that value but those that run without it (`optional`) (hand_row_bytes)
-    lean: tuple[str, Callable[..., tuple]] | None = None
+    # (outputs' names, a run that gives None for them): taken where no later step needs
+    # those values but those that run without them (`optional`) (hand_row_bytes,
+    # hand_quantized_outputs)
+    lean: tuple[tuple[str, ...], Callable[..., tuple]] | None = None
     optional: frozenset[str] = frozenset()  # inputs this step runs without, given None
 
 
@@ -521,7 +522,8 @@ def qlinear_group_step(node: Node, p: Planning) -> Step:
         p.add(LayerPlan(m.name, _without_weight(m), analyse(w), OutputSlice(impl, *cuts[-1]), why, ms,
                         decided_by=by, probe=probe))
         start = cuts[-1][1]
-    attrs = {"activation": node.attrs["activation"], "members": [lp.node for lp in p.layers[-len(members):]]}
+    attrs = {"activation": node.attrs["activation"], "members": [lp.node for lp in p.layers[-len(members):]],
+             "cuts": cuts}
 
     def run(x, xq=None):
         y = _int8_run(impl, x, None, xq)
@@ -645,7 +647,8 @@ def plan(graph: Graph, chooser: Chooser | None = None, progress: Callable[[int, 
         p.done_with = done_with
     steps = [STEPS.get(n.op_type, reference_step)(n, p) for n in graph.nodes]
     steps = hand_layernorm_bytes(steps) if LAYERNORM_BYTES else steps
-    return (hand_row_bytes(steps, p.opset, graph.outputs) if ROW_BYTES else steps), p.layers
+    steps = hand_row_bytes(steps, p.opset, graph.outputs) if ROW_BYTES else steps
+    return (hand_quantized_outputs(steps, graph) if QUANTIZED_OUTPUTS else steps), p.layers
 
 
 # A LayerNorm rounding its output to the grid a static int8 layer reading it quantizes x
@@ -718,6 +721,76 @@ def hand_row_bytes(steps: list[Step], opset: int, graph_outputs=()) -> list[Step
     return out
 
 
+QUANTIZED_OUTPUTS = True  # see hand_quantized_outputs
+
+
+def hand_quantized_outputs(steps: list[Step], graph: Graph) -> list[Step]:
+    """Steps where an int8 layer (or group) on the lanes kernel whose every output only a
+    per-tensor QuantizeLinear reads (QOperator's Q, K and V before attention) makes those
+    bytes itself: its step also gives the QuantizeLinears' outputs, which are no longer
+    steps of their own, and its `lean` run has the kernel store each output's bytes on its
+    QuantizeLinear's grid instead of the floats (Int8Lanes.bytes_for); the executor takes
+    it where no step and no caller asks for the floats. Bit for bit the QuantizeLinears'
+    bytes: the same float y, quantized in the same float steps."""
+    readers: dict[str, list[int]] = {}
+    for k, s in enumerate(steps):
+        for i in s.node.inputs:
+            if i:
+                readers.setdefault(i, []).append(k)
+    out: list[Step | None] = list(steps)
+    for i, s in enumerate(steps):
+        n = s.node
+        if n.op_type not in ("QLinear", "QLinearGroup") or not isinstance(s.impl, Int8Lanes) or s.impl.residual:
+            continue
+        quants = [readers.get(o, []) for o in n.outputs]
+        if not all(len(r) == 1 and steps[r[0]].node.op_type == "QuantizeLinear" and steps[r[0]].node.inputs[0] == o
+                   and o not in graph.outputs for r, o in zip(quants, n.outputs)):
+            continue
+        grids = [_quantize_grid(steps[r[0]].node, graph.constants) for r in quants]
+        if any(g is None for g in grids) or len({g[2] for g in grids}) != 1:
+            continue
+        cuts = n.attrs.get("cuts", [(0, s.impl.out_features)])
+        grid = np.concatenate([np.repeat(g[:, None], b - a, axis=1) for g, (a, b) in zip(grids, cuts)], axis=1)
+        qsteps = [steps[r[0]] for r in quants]
+        constants = [[graph.constants.get(c) if c else None for c in q.node.inputs[1:]] for q in qsteps]
+        out[i] = _step_with_bytes(s, qsteps, constants, grid, cuts)
+        for r in quants:
+            out[r[0]] = None
+        log.debug("%s: stores the bytes its QuantizeLinears make", n.name)
+    return [s for s in out if s is not None]
+
+
+def _quantize_grid(node: Node, constants: dict) -> np.ndarray | None:
+    """A QuantizeLinear's [scale, zero point, lowest, highest] as float32 where one float32
+    scale and an 8-bit zero point, constants, quantize the whole tensor; else None."""
+    if len(node.inputs) < 3 or any(node.attrs.get(a) for a in ("block_size", "precision", "output_dtype")):
+        return None
+    s, z = (elementwise.scalar(constants.get(name)) for name in node.inputs[1:3])
+    if s is None or z is None or s.dtype != np.float32 or z.dtype not in elementwise.RANGES:
+        return None
+    return np.array([s, z, *elementwise.RANGES[z.dtype]], np.float32)
+
+
+def _step_with_bytes(step: Step, qsteps: list[Step], constants: list, grid: np.ndarray, cuts: list) -> Step:
+    """An int8 layer's (or group's) step that also gives its QuantizeLinears' outputs (see
+    hand_quantized_outputs; `constants`: each one's scale and zero point)."""
+    node, layer = step.node, step.impl
+    floats, terms = tuple(node.outputs), step.impl.bytes_terms(grid)
+
+    def run(*inputs):  # (the floats, then each QuantizeLinear on its own kernel)
+        ys = step.run(*inputs)
+        return (*ys, *(q.run(y, *c)[0] for q, y, c in zip(qsteps, ys, constants)))
+
+    def run_lean(x, *rest):
+        xq = rest[-1] if rest else None  # (the bytes a row group or LayerNorm hands over: plan's _int8_run)
+        b = layer.bytes_for(x, terms, xq)
+        return (*[None] * len(floats), *(b[..., a:c] for a, c in cuts))
+
+    outputs = [*floats, *(q.node.outputs[0] for q in qsteps)]
+    return Step(Node(node.op_type, node.name, list(node.inputs), outputs, node.attrs), run, step.impl, lean=(floats, run_lean),
+                optional=step.optional)
+
+
 def _row_step_with_bytes(step: Step, o: str, grid: np.ndarray, opset: int) -> Step:
     """A RowGroup's step storing value o's bytes on `grid` as one more output (see
     hand_row_bytes); its lean run gives None for o's floats."""
@@ -743,7 +816,7 @@ def _row_step_with_bytes(step: Step, o: str, grid: np.ndarray, opset: int) -> St
         return (*y[:at], None, *y[at:])
 
     return Step(Node(node.op_type, node.name, list(node.inputs), [*outputs, o + BYTES_SUFFIX], a), run,
-                lean=(o, run_lean))
+                lean=((o,), run_lean))
 
 
 def hand_layernorm_bytes(steps: list[Step]) -> list[Step]:

@@ -715,6 +715,69 @@ def test_the_lanes_kernel_requantizes_as_the_int8_kernel_does(tokens):
     assert not lanes.hands_to(lanes)
 
 
+@pytest.mark.parametrize(("k", "m", "tokens", "requantize", "signed"), [
+    (768, 48, 128, True, False),    # whole tiles, a QLinearMatMul's requantized sums (QOperator's Q, K, V)
+    (256, 32, 37, False, True),     # a partial last tile, int8 bytes
+    (130, 16, 5, True, True),       # a window of 2 inputs, one partial tile
+    (384, 64, 1030, False, False),  # a batch's tokens
+])
+def test_the_lanes_kernel_stores_each_outputs_quantized_bytes(k, m, tokens, requantize, signed):
+    """Int8Lanes.bytes_for (lanes_ir's `bytes_out`): each output quantized on its own grid
+    as QuantizeLinear quantizes the float y the kernel gives, bit for bit; from x, and from
+    x's bytes as a LayerNorm or row group hands them over."""
+    _lanes_cpu()
+    from sparsejit.kernels.int8 import Int8Lanes
+
+    rng = np.random.default_rng(tokens)
+    w = rng.integers(-128, 128, (k, m)).astype(np.int8)
+    w[rng.random((k, m)) < 0.9] = 0
+    scale = ((rng.random(m) + 0.5) * 0.002).astype(np.float32)
+    req = np.stack([np.full(m, 0.05, np.float32), np.full(m, -131, np.float32), np.full(m, 124, np.float32)])
+    layer = Int8Lanes(w, scale, "static", np.float32(0.05), np.uint8(128), rng.standard_normal(m).astype(np.float32),
+                      "none", False, req if requantize else None)
+    x = (rng.standard_normal((1, tokens, k)) * 4).astype(np.float32)
+    y = layer(x)
+    lo, hi = (-128, 127) if signed else (0, 255)
+    grids = np.stack([rng.uniform(0.01, 0.05, m), rng.integers(lo + 20, hi - 20, m), np.full(m, lo),
+                      np.full(m, hi)]).astype(np.float32)
+    want = np.clip(np.rint(y / grids[0]) + grids[1], grids[2], grids[3]).astype(np.int8 if signed else np.uint8)
+    assert len(np.unique(want)) > 40  # (not saturated)
+    terms = layer.bytes_terms(grids)
+    got = layer.bytes_for(x, terms)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    xq = np.clip(np.rint(x / np.float32(0.05)) + 128, 0, 255).astype(np.uint8)  # (x's bytes, as handed over)
+    padded = np.zeros((tokens, -(-k // 4) * 4), np.uint8)
+    padded[:, :k] = xq[0]
+    np.testing.assert_array_equal(layer.bytes_for(None, terms, padded.view(np.int32)[None]), want)
+
+
+def test_qoperator_q_k_and_v_are_stored_as_their_quantizelinears_bytes(monkeypatch):
+    """plan.hand_quantized_outputs: QOperator's Q, K and V projections (one lanes kernel)
+    each read by a QuantizeLinear alone store those bytes themselves, and the
+    QuantizeLinears are no longer steps. Outputs bit for bit those of a load without it, at
+    several shapes with padding; `Model.values` still gives the floats, the same."""
+    _lanes_cpu()
+    from sparsejit import plan
+
+    path = INT8 / "bert_op14_p90_int8_qoperator.onnx"
+    model = sparsejit.load(path)
+    groups = [s for s in model._executor.steps if s.lean is not None and s.node.op_type == "QLinearGroup"]
+    assert len(groups) == 2 and all(len(s.node.outputs) == 6 for s in groups)
+    kinds = [s.node.op_type for s in model._executor.steps]
+    monkeypatch.setattr(plan, "QUANTIZED_OUTPUTS", False)
+    plain = sparsejit.load(path)
+    assert [s.node.op_type for s in plain._executor.steps].count("QuantizeLinear") == kinds.count("QuantizeLinear") + 6
+    floats = [o for s in groups for o in s.lean[0]]
+    for batch, seq in [(1, 7), (3, 20), (2, 37)]:
+        feeds = make_inputs(model.input_names, batch, seq, seed=seq)
+        for g, p, name in zip(model.run(feeds), plain.run(feeds), model.output_names):
+            np.testing.assert_array_equal(g, p, err_msg=f"{name} {batch} {seq}")
+        got, want = model.values(feeds, floats), plain.values(feeds, floats)
+        for name in floats:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
 def test_written_out_layernorms_and_attention_in_qoperator_run_as_row_kernels():
     """ONNX Runtime's QOperator form of a BERT from before opset 17 writes each LayerNorm
     out, a dozen quantized ops (QLinearAdd, ReduceMean, Sub, Pow, ReduceMean, Sqrt as a
@@ -775,16 +838,16 @@ def test_row_groups_hand_their_bytes_to_the_int8_layers(monkeypatch):
 
     path = INT8 / "bert_op14_p90_int8_qoperator.onnx"
     model = sparsejit.load(path)
-    lean = [s for s in model._executor.steps if s.lean is not None]
+    lean = [s for s in model._executor.steps if s.lean is not None and s.node.op_type == "RowGroup"]
     if has_vnni():  # (the kernels that read bytes; an AVX2 CPU's int8 kernel quantizes x itself)
         assert len(lean) == 4 and all(s.node.op_type == "RowGroup" for s in lean), [s.node.name for s in lean]
-    assert all(s.node.outputs[-1] == s.lean[0] + plan.BYTES_SUFFIX for s in lean)
+    assert all(s.node.outputs[-1] == s.lean[0][0] + plan.BYTES_SUFFIX for s in lean)
     chosen = model._executor._schedule(tuple(model.graph.outputs), True)[0]
     assert sum(any(s.run is g.lean[1] for g in lean) for s in chosen) == len(lean)  # (the floats left out)
     monkeypatch.setattr(plan, "ROW_BYTES", False)
     plain = sparsejit.load(path)
-    assert not any(s.lean for s in plain._executor.steps)
-    floats = [s.lean[0] for s in lean]
+    assert not any(s.lean for s in plain._executor.steps if s.node.op_type == "RowGroup")
+    floats = [s.lean[0][0] for s in lean]
     for batch, seq in [(1, 7), (3, 20), (2, 37), (1, 64)]:
         feeds = make_inputs(model.input_names, batch, seq, seed=seq)
         for g, p, name in zip(model.run(feeds), plain.run(feeds), model.output_names):
