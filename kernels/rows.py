@@ -268,6 +268,19 @@ def quad_bytes(y: np.ndarray, grid: np.ndarray) -> np.ndarray:
     return out.T.reshape((*y.shape[:-1], out.shape[0]))
 
 
+def bytes_rows(b: np.ndarray) -> np.ndarray:
+    """uint8 b [..., n] (any layout) in the 4-block rows the int8 kernels read x from
+    (quad_empty's, as the token-major view [..., ceil(n / 4)] quad_bytes gives): each
+    token's four bytes an i32, moved by the tiled transpose (as floats: bits moved, not
+    computed with)."""
+    n = b.shape[-1]
+    b2 = np.reshape(b, (-1, n))
+    if n % 4:
+        b2 = np.concatenate([b2, np.zeros((b2.shape[0], -n % 4), np.uint8)], axis=1)
+    words = np.ascontiguousarray(b2).view(np.float32)  # [tokens, ceil(n / 4)]
+    return transposed(words).view(np.int32).T.reshape((*b.shape[:-1], words.shape[1]))
+
+
 def _lit(x: float) -> str:
     """An integral float as an LLVM literal."""
     return f"{float(x):e}"

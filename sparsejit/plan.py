@@ -648,7 +648,8 @@ def plan(graph: Graph, chooser: Chooser | None = None, progress: Callable[[int, 
     steps = [STEPS.get(n.op_type, reference_step)(n, p) for n in graph.nodes]
     steps = hand_layernorm_bytes(steps) if LAYERNORM_BYTES else steps
     steps = hand_row_bytes(steps, p.opset, graph.outputs) if ROW_BYTES else steps
-    return (hand_quantized_outputs(steps, graph) if QUANTIZED_OUTPUTS else steps), p.layers
+    steps = hand_quantized_outputs(steps, graph) if QUANTIZED_OUTPUTS else steps
+    return (hand_dequantized_bytes(steps, graph) if DEQUANTIZED_BYTES else steps), p.layers
 
 
 # A LayerNorm rounding its output to the grid a static int8 layer reading it quantizes x
@@ -722,6 +723,46 @@ def hand_row_bytes(steps: list[Step], opset: int, graph_outputs=()) -> list[Step
 
 
 QUANTIZED_OUTPUTS = True  # see hand_quantized_outputs
+DEQUANTIZED_BYTES = True  # see hand_dequantized_bytes
+
+
+def hand_dequantized_bytes(steps: list[Step], graph: Graph) -> list[Step]:
+    """Steps where a per-tensor DequantizeLinear of uint8 bytes whose floats only static
+    int8 layers (or groups) read as x, quantizing x on the same grid (QOperator's
+    attention output before its dense layer), also gives those bytes in the 4-block rows
+    the layers' kernels read (rows.bytes_rows), which they take as their last input and run
+    on: the bytes are what the layers would make of the floats, exactly ((b - z)·s / s is
+    b - z within far less than half a step). Its `lean` run leaves the floats out (the
+    executor takes it where no step and no caller asks for them)."""
+    readers: dict[str, list[int]] = {}
+    for k, s in enumerate(steps):
+        for i in s.node.inputs:
+            if i:
+                readers.setdefault(i, []).append(k)
+    out = list(steps)
+    for i, s in enumerate(steps):
+        n = s.node
+        if n.op_type != "DequantizeLinear" or len(n.outputs) != 1 or n.outputs[0] in graph.outputs:
+            continue
+        grid = _quantize_grid(n, graph.constants)
+        x = n.outputs[0]
+        takers = readers.get(x, [])
+        if grid is None or grid[2] != 0 or not takers or any(
+                steps[k].node.op_type not in ("QLinear", "QLinearGroup") or steps[k].node.inputs[0] != x
+                or x in steps[k].node.inputs[1:] or not np.array_equal(_x_grid(steps[k].impl), grid)
+                or not _reads_bytes(steps[k].impl, Grid(None, grid)) for k in takers):
+            continue
+        q = x + BYTES_SUFFIX
+        out[i] = Step(Node(n.op_type, n.name, list(n.inputs), [x, q], n.attrs),
+                      lambda b, *rest, run=s.run: (*run(b, *rest), rows.bytes_rows(b)),
+                      lean=((x,), lambda b, *rest: (None, rows.bytes_rows(b))))
+        for k in takers:
+            r = out[k].node
+            inputs = list(r.inputs) + [""] * (r.op_type == "QLinear" and len(r.inputs) < 2) + [q]
+            out[k] = Step(Node(r.op_type, r.name, inputs, list(r.outputs), r.attrs), out[k].run, out[k].impl,
+                          lean=out[k].lean, optional=frozenset({x}))
+        log.debug("%s: gives its bytes to %s", n.name, ", ".join(steps[k].node.name for k in takers))
+    return out
 
 
 def hand_quantized_outputs(steps: list[Step], graph: Graph) -> list[Step]:

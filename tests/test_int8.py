@@ -778,6 +778,57 @@ def test_qoperator_q_k_and_v_are_stored_as_their_quantizelinears_bytes(monkeypat
             np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+def test_qoperator_layers_on_the_lanes_kernel_take_every_byte_handed_to_them(monkeypatch):
+    """With every layer of the written-out QOperator BERT on the lanes kernel (LANES_WORTH
+    raised), all three hand-overs run: the row groups' bytes (hand_row_bytes), Q, K and V
+    as their QuantizeLinears' bytes (hand_quantized_outputs), and attention's bytes,
+    dequantized on the grid its dense layer quantizes to, straight to that layer
+    (hand_dequantized_bytes, through rows.bytes_rows). Outputs bit for bit those of a load
+    with none of them, at several shapes with padding; every float left out, when asked
+    for, the same."""
+    _lanes_cpu()
+    from sparsejit import plan
+
+    path = INT8 / "bert_op14_p90_int8_qoperator.onnx"
+    monkeypatch.setattr(plan, "LANES_WORTH", 100.0)
+    model = sparsejit.load(path)
+    lean = [s for s in model._executor.steps if s.lean is not None]
+    kinds = [s.node.op_type for s in lean]
+    assert (kinds.count("RowGroup"), kinds.count("QLinearGroup"), kinds.count("DequantizeLinear")) == (6, 2, 2), kinds
+    for flag in ("ROW_BYTES", "QUANTIZED_OUTPUTS", "DEQUANTIZED_BYTES"):
+        monkeypatch.setattr(plan, flag, False)
+    plain = sparsejit.load(path)
+    assert not any(s.lean for s in plain._executor.steps)
+    floats = [o for s in lean for o in s.lean[0]]
+    for batch, seq in [(1, 7), (3, 20), (2, 37), (1, 64)]:
+        feeds = make_inputs(model.input_names, batch, seq, seed=seq)
+        for g, p, name in zip(model.run(feeds), plain.run(feeds), model.output_names):
+            np.testing.assert_array_equal(g, p, err_msg=f"{name} {batch} {seq}")
+        got, want = model.values(feeds, floats), plain.values(feeds, floats)
+        for name in floats:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_bytes_rows_moves_every_bit_pattern():
+    """rows.bytes_rows moves each token's four bytes as one float through the tiled
+    transpose: every pattern, NaNs with their payloads and signalling NaNs among them,
+    comes out as it went in (rows.quad_bytes of the same bytes, on a grid that keeps them)."""
+    from sparsejit.kernels import rows
+
+    rng = np.random.default_rng(3)
+    words = np.array([0x7F800001, 0xFF800001, 0x7FC00000, 0x7FBFFFFF, 0x7F800000, 0xFFFFFFFF, 0x00000001], np.uint32)
+    for shape in [(1, 128, 768), (2, 37, 64), (1, 1, 12), (3, 5, 10)]:
+        b = rng.integers(0, 256, shape).astype(np.uint8)
+        flat = b.reshape(-1)
+        n = min(flat.size, 4 * words.size)
+        flat[:n] = words.view(np.uint8)[:n]
+        got = rows.bytes_rows(b)
+        want = rows.quad_bytes(b.astype(np.float32), np.array([1, 0, 0, 255], np.float32))
+        assert got.shape == want.shape == (*shape[:-1], -(-shape[-1] // 4))
+        np.testing.assert_array_equal(np.ascontiguousarray(got), np.ascontiguousarray(want), err_msg=str(shape))
+        np.testing.assert_array_equal(rows.bytes_rows(np.ascontiguousarray(b.swapaxes(0, 1)).swapaxes(0, 1)), got)
+
+
 def test_written_out_layernorms_and_attention_in_qoperator_run_as_row_kernels():
     """ONNX Runtime's QOperator form of a BERT from before opset 17 writes each LayerNorm
     out, a dozen quantized ops (QLinearAdd, ReduceMean, Sub, Pow, ReduceMean, Sqrt as a
