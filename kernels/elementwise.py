@@ -175,10 +175,11 @@ def strided(n, at, dtype):
 
 
 def qattention(slots, floats, t0, t1):
-    # slots: int64 [45] (qattention's wrapper), floats: float32 [20]. q [b, h, rows, d],
+    # slots: int64 [46] (qattention's wrapper), floats: float32 [20]. q [b, h, rows, d],
     # kt [b, h, d, t], v [b, h, t, dv], each in any layout (`strided`); the mask [mb, mh, mr,
-    # t] and the output [b, h, rows, dv] in C order; the products' IR kernel (`product`)
-    n = carray(pointer(slots), 45, np.int64)
+    # t] and the output [b, h, rows, dv] in C order; the products' IR kernel (`product`);
+    # `plain`: the bytes the scaled scores quantize to where the mask adds 0
+    n = carray(pointer(slots), 46, np.int64)
     f = carray(pointer(floats), 20, np.float32)
     q, kt, v = strided(n, 0, Q), strided(n, 10, K), strided(n, 20, V)
     mask = carray(pointer(n[30]), (n[31], n[32], n[33], n[34]), np.float32)
@@ -187,6 +188,7 @@ def qattention(slots, floats, t0, t1):
     value = carray(pointer(n[41]), 256, np.float32)
     table = carray(pointer(n[42]), (256, 256), np.float32)
     flip, idot = n[43], n[44]
+    plain = carray(pointer(n[45]), 256, np.uint8)
     qz, kz, vz, pz = FIRST(f[0]), FIRST(f[1]), SECOND(f[2]), SECOND(f[3])
     m1, z1, lo1, hi1, s_scale, s_zero, s_lo, s_hi = f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11]
     p_scale, p_zero, p_lo, p_hi, m2, z2, lo2, hi2 = f[12], f[13], f[14], f[15], f[16], f[17], f[18], f[19]
@@ -194,7 +196,6 @@ def qattention(slots, floats, t0, t1):
     t = kt.shape[3]
     dv = v.shape[3]
     byte = np.empty(t, np.int32)
-    e = np.empty(t, np.float32)
     qr = np.empty(t, np.uint8)
     es = np.empty(t, np.float32)
     for task in range(t0, t1):
@@ -207,10 +208,15 @@ def qattention(slots, floats, t0, t1):
             mr = mask[min(b, mask.shape[0] - 1), min(h, mask.shape[1] - 1), min(i, mask.shape[2] - 1)]
             for j in range(t):
                 byte[j] = requantized(ai[j], m1, z1, lo1, hi1) & 255
+            for j in range(t):  # (e + 0 is e: one lookup where the mask adds nothing)
+                qr[j] = plain[byte[j]]
+            masked = False
             for j in range(t):
-                e[j] = scores[byte[j]]
-            for j in range(t):
-                qr[j] = np.int32(quantized(e[j] + mr[j], s_scale, s_zero, s_lo, s_hi)) & 255
+                masked |= mr[j] != 0
+            if masked:  # (the keys the mask moves)
+                for j in range(t):
+                    if mr[j] != 0:
+                        qr[j] = np.int32(quantized(scores[byte[j]] + mr[j], s_scale, s_zero, s_lo, s_hi)) & 255
             softmax_row(qr, value, table, flip, es, p_scale, p_zero, p_lo, p_hi, 0, pq[i])
         o = product(pq, pz, v[b, h], vz, PA, VB, idot)
         for i in range(rows):
@@ -615,9 +621,13 @@ class QAttention:
         self.floats = np.array([self.qz, self.kz, self.vz, self.pz, *_requantizing(qs, ks, ss, sz), gs, gz, lo, hi,
                                 softmax["out_scale"], softmax["out_zero"], p_lo, p_hi, *_requantizing(ps, vs, ys, yz)],
                                np.float32)
-        self.tables = lookup, softmax["value"], softmax["table"]  # (held: the kernel reads them by address)
+        # the bytes each scaled score quantizes to where the mask adds 0 (the kernel's
+        # `quantized`, in its float32 steps)
+        v = np.rint(lookup / np.float32(gs)) + np.float32(gz)
+        plain = (np.clip(np.where(np.isnan(v), np.float32(0), v), lo, hi).astype(np.int32) & 255).astype(np.uint8)
+        self.tables = lookup, softmax["value"], softmax["table"], plain  # (held: the kernel reads them by address)
         self.products = qattention_products()
-        self.tail = [*map(address, self.tables), _rising(softmax["in_scale"], softmax["in_zero"])]
+        self.tail = [*map(address, self.tables[:3]), _rising(softmax["in_scale"], softmax["in_zero"])]
 
     def __call__(self, q, kt, mask, v):
         if not self.covered or any(x.ndim != 4 for x in (q, kt, v)) or [q.dtype, kt.dtype, v.dtype] != self.types[:3] \
@@ -640,7 +650,7 @@ class QAttention:
             fn, idot = _qattention_fn(*self.types, exact_floats(d, q, self.qz, kt, self.kz),
                                       exact_floats(t, np.empty(0, self.pz.dtype), self.pz, v, self.vz), "blas"), 0
         slots = np.array([*_strided(q), *_strided(kt), *_strided(v), address(mask), *mask.shape, address(out),
-                          *out.shape, *self.tail, idot], np.int64)
+                          *out.shape, *self.tail, idot, address(self.tables[3])], np.int64)
         tasks = batch * heads
         parts = min(threads(), tasks)
         calls = new_calls(parts, 1, QATTENTION)
