@@ -678,6 +678,16 @@ def _x_grid(impl) -> np.ndarray | None:
     return np.array([scale, zero, lo, lo + 255], np.float32)
 
 
+def _readers(steps: list[Step]) -> dict[str, list[int]]:
+    """Each value's readers: the indices of the steps taking it as an input."""
+    readers: dict[str, list[int]] = {}
+    for k, s in enumerate(steps):
+        for i in s.node.inputs:
+            if i:
+                readers.setdefault(i, []).append(k)
+    return readers
+
+
 def hand_row_bytes(steps: list[Step], opset: int, graph_outputs=()) -> list[Step]:
     """Steps where each row group (lower.fuse_rows) whose float output only static int8
     layers (or groups) read, as x, also stores the bytes their kernels would quantize x
@@ -687,11 +697,7 @@ def hand_row_bytes(steps: list[Step], opset: int, graph_outputs=()) -> list[Step
     quantized GELU, the next Linear layer's bytes come from one more table lookup. The
     group's `lean` run leaves the floats out; the executor takes it where no step and no
     caller asks for them (Executor._schedule), so `Model.values` still gives them."""
-    readers: dict[str, list[int]] = {}
-    for k, s in enumerate(steps):
-        for i in s.node.inputs:
-            if i:
-                readers.setdefault(i, []).append(k)
+    readers = _readers(steps)
     out = list(steps)
     for i, s in enumerate(steps):
         n = s.node
@@ -734,11 +740,7 @@ def hand_dequantized_bytes(steps: list[Step], graph: Graph) -> list[Step]:
     on: the bytes are what the layers would make of the floats, exactly ((b - z)·s / s is
     b - z within far less than half a step). Its `lean` run leaves the floats out (the
     executor takes it where no step and no caller asks for them)."""
-    readers: dict[str, list[int]] = {}
-    for k, s in enumerate(steps):
-        for i in s.node.inputs:
-            if i:
-                readers.setdefault(i, []).append(k)
+    readers = _readers(steps)
     out = list(steps)
     for i, s in enumerate(steps):
         n = s.node
@@ -773,11 +775,7 @@ def hand_quantized_outputs(steps: list[Step], graph: Graph) -> list[Step]:
     QuantizeLinear's grid instead of the floats (Int8Lanes.bytes_for); the executor takes
     it where no step and no caller asks for the floats. Bit for bit the QuantizeLinears'
     bytes: the same float y, quantized in the same float steps."""
-    readers: dict[str, list[int]] = {}
-    for k, s in enumerate(steps):
-        for i in s.node.inputs:
-            if i:
-                readers.setdefault(i, []).append(k)
+    readers = _readers(steps)
     out: list[Step | None] = list(steps)
     for i, s in enumerate(steps):
         n = s.node

@@ -768,8 +768,14 @@ def test_qoperator_q_k_and_v_are_stored_as_their_quantizelinears_bytes(monkeypat
     monkeypatch.setattr(plan, "QUANTIZED_OUTPUTS", False)
     plain = sparsejit.load(path)
     assert [s.node.op_type for s in plain._executor.steps].count("QuantizeLinear") == kinds.count("QuantizeLinear") + 6
-    floats = [o for s in groups for o in s.lean[0]]
-    for batch, seq in [(1, 7), (3, 20), (2, 37)]:
+    _same_outputs_and_floats(model, plain, [o for s in groups for o in s.lean[0]])
+
+
+def _same_outputs_and_floats(model, plain, floats: list[str]) -> None:
+    """model (bytes handed over) and plain (a load without) give the same outputs, bit for
+    bit, at several shapes with padding, and the same `floats` (the values a lean run
+    leaves out) when asked for them."""
+    for batch, seq in [(1, 7), (3, 20), (2, 37), (1, 64)]:
         feeds = make_inputs(model.input_names, batch, seq, seed=seq)
         for g, p, name in zip(model.run(feeds), plain.run(feeds), model.output_names):
             np.testing.assert_array_equal(g, p, err_msg=f"{name} {batch} {seq}")
@@ -799,14 +805,7 @@ def test_qoperator_layers_on_the_lanes_kernel_take_every_byte_handed_to_them(mon
         monkeypatch.setattr(plan, flag, False)
     plain = sparsejit.load(path)
     assert not any(s.lean for s in plain._executor.steps)
-    floats = [o for s in lean for o in s.lean[0]]
-    for batch, seq in [(1, 7), (3, 20), (2, 37), (1, 64)]:
-        feeds = make_inputs(model.input_names, batch, seq, seed=seq)
-        for g, p, name in zip(model.run(feeds), plain.run(feeds), model.output_names):
-            np.testing.assert_array_equal(g, p, err_msg=f"{name} {batch} {seq}")
-        got, want = model.values(feeds, floats), plain.values(feeds, floats)
-        for name in floats:
-            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    _same_outputs_and_floats(model, plain, [o for s in lean for o in s.lean[0]])
 
 
 def test_bytes_rows_moves_every_bit_pattern():
@@ -898,14 +897,7 @@ def test_row_groups_hand_their_bytes_to_the_int8_layers(monkeypatch):
     monkeypatch.setattr(plan, "ROW_BYTES", False)
     plain = sparsejit.load(path)
     assert not any(s.lean for s in plain._executor.steps if s.node.op_type == "RowGroup")
-    floats = [s.lean[0][0] for s in lean]
-    for batch, seq in [(1, 7), (3, 20), (2, 37), (1, 64)]:
-        feeds = make_inputs(model.input_names, batch, seq, seed=seq)
-        for g, p, name in zip(model.run(feeds), plain.run(feeds), model.output_names):
-            np.testing.assert_array_equal(g, p, err_msg=f"{name} {batch} {seq}")
-        got, want = model.values(feeds, floats), plain.values(feeds, floats)
-        for name in floats:
-            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    _same_outputs_and_floats(model, plain, [s.lean[0][0] for s in lean])
 
 
 def _row_kernel_cases():
