@@ -178,7 +178,7 @@ class Step:
     impl: object = None  # a Linear layer's kernel (what run calls), for the executor's TokenChain
     # (outputs' names, a run that gives None for them): taken where no later step needs
     # those values but those that run without them (`optional`) (hand_row_bytes,
-    # hand_quantized_outputs)
+    # hand_quantized_outputs, hand_dequantized_bytes)
     lean: tuple[tuple[str, ...], Callable[..., tuple]] | None = None
     optional: frozenset[str] = frozenset()  # inputs this step runs without, given None
 
