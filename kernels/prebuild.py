@@ -81,7 +81,8 @@ class IR(NamedTuple):
 # models with float32 Linear layers (not a quantized model's float head alone), "int8"
 # quantized models, "qoperator" those with QLinearMatMul (QOperator's attention:
 # QAttentionCore's kernel with this CPU's products, for up to 258 keys where they are
-# BLAS's), "bf16" loads with precision="bf16" (a space between several).
+# BLAS's; the lanes kernel requantizing QLinearMatMul's sums, and storing Q, K and V as
+# bytes), "bf16" loads with precision="bf16" (a space between several).
 BUILDS = (
     CFunction("launch", "launcher()", "float"),
     IR("int8", "range_ir(VECTOR_LANES)", "int8"),
@@ -94,6 +95,7 @@ BUILDS = (
     IR("int8", "quantize_ir(VECTOR_LANES)", "int8"),
     IR("int8", "ir_source(IRConfig(1, 'none', False, 16, SPARSE_VECTORS[16], 16, int8=True))", "int8", "VECTOR_LANES == 16"),
     IR("int8", "lanes_ir(LanesConfig('none', False))", "int8", "VECTOR_LANES == 16 and has_lanes()"),
+    IR("int8", "lanes_ir(LanesConfig('none', False, requantize=True))", "qoperator", "VECTOR_LANES == 16 and has_lanes()"),
     IR("int8", "part_ir(LANES_SIGNATURE)", "int8", "VECTOR_LANES == 16 and has_lanes()"),
     Driver("int8", "LANES_DRIVER_SOURCE", "run_lanes",
      ("int64, int64, W(int64, 2), int64, A(float32, 2), int64, A(int32, 1), A(uint8, 2), A(int8, 2), A(float32, 1), "
@@ -155,6 +157,8 @@ BUILDS = (
     Driver("linear", "DENSE_DRIVER_SOURCE", "run_panels",
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 3), A(float32, 1), A(float32, 2), A(float32, 2), "
      "int64"), "float"),
+    IR("int8", "lanes_ir(LanesConfig('none', False, requantize=True, bytes_out=True))", "qoperator",
+       "VECTOR_LANES == 16 and has_lanes()"),
     CFunction("elementwise", "each_kernel('dequantize')", "int8"),
     CFunction("elementwise", "each_kernel('quantize')", "int8"),
     IR("elementwise", "part_ir(QATTENTION)", "qoperator"),

@@ -19,7 +19,8 @@ from sparsejit.kernels.bf16 import has_bf16
 MODELS = Path(__file__).parent / "models"
 FLOAT = MODELS / "bert_sdpa_h64_op14_legacy_p90.onnx"
 INT8 = [MODELS / "int8" / f"bert_block4_p90_int8_{form}.onnx" for form in ("sparseml", "dynamic", "qoperator", "qdq")] + \
-    [MODELS / "int8" / "roberta_p90_int8_sparseml.onnx"]  # (unstructured: its int8 layers on lanes_ir's kernel)
+    [MODELS / "int8" / "roberta_p90_int8_sparseml.onnx", MODELS / "int8" / "bert_op14_p90_int8_qoperator.onnx"]
+# (the last two unstructured: their int8 layers on lanes_ir's kernel)
 
 
 def _python(code: str, cache: Path, *args, helper: bool = False, timeout: int = 600) -> str:
