@@ -314,8 +314,24 @@ def _quantize_fns() -> tuple:
     return compile_ir(range_ir(lanes), RANGE_SIGNATURE.name), compile_ir(quantize_ir(lanes), QUANTIZE_SIGNATURE.name)
 
 
-class Int8Linear(_Quantized):
-    """The int8 kernel for one quantized Linear node (attributes as reference_qlinear takes)."""
+class _ReadsBytes:
+    """An int8 layer that can run on x's bytes in 4-block rows ([in/4, tokens] of i32, token
+    stride 1: a LayerNorm's, byte_rows, or what the layer before left, quantized_for)."""
+
+    def from_quantized(self, xq: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
+        """y for the x whose bytes are xq: what __call__ gives for that x."""
+        m = self.out_features
+        yt = feature_major_empty(m, xq.shape[1])
+        if xq.shape[1]:
+            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
+            self._on_bytes(xq, yt, rt)
+        return yt.T.reshape(lead + (m,))
+
+
+class Int8Linear(_ReadsBytes, _Quantized):
+    """The int8 kernel for one quantized Linear node (attributes as reference_qlinear takes).
+    It reads x's bytes in 4-block rows, so a static layer can also run on bytes handed
+    over (from_quantized)."""
 
     def __init__(self, weight: np.ndarray, scale, mode: str, x_scale=None, x_zero_point=None, bias=None,
                  activation: str = "none", residual: bool = False, requantize: np.ndarray | None = None,
@@ -357,10 +373,17 @@ class Int8Linear(_Quantized):
         if grid is None:
             return False
         corr, mult = self._call_terms(grid) if self.mode == "dynamic" else self._terms
+        self._kernel(xq, yt, rt, corr, mult)
+        return True
+
+    def _on_bytes(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        # (xq's rows padded to whole 64-byte lines, as every maker of x's bytes pads them)
+        self._kernel(xq.view(np.float32), yt, rt, *self._terms)
+
+    def _kernel(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray, corr: np.ndarray, mult: np.ndarray) -> None:
         bounds = self._split()
         run(self._driver, SIGNATURE, len(bounds) - 1, 1, self._fns[2], xq, self.indptr, self.split, self.blocks,
             self.weights, corr, mult, self.bias, self._requant, yt, rt, bounds)
-        return True
 
     def skipped(self, start: int = 0, stop: int | None = None) -> float:
         """The fraction of outputs [start, stop)'s dense multiply-adds not done: the
@@ -448,20 +471,6 @@ def byte_rows(given: np.ndarray) -> np.ndarray:
     4-block rows [in/4, tokens] the kernel reads, token stride 1 (copied only if not)."""
     rows = given.reshape(-1, given.shape[-1]).T
     return rows if rows.shape[1] <= 1 or rows.strides[1] == rows.itemsize else np.ascontiguousarray(rows)
-
-
-class _ReadsBytes:
-    """An int8 layer that can run on x's bytes in 4-block rows ([in/4, tokens] of i32, token
-    stride 1: a LayerNorm's, byte_rows, or what the layer before left, quantized_for)."""
-
-    def from_quantized(self, xq: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
-        """y for the x whose bytes are xq: what __call__ gives for that x."""
-        m = self.out_features
-        yt = feature_major_empty(m, xq.shape[1])
-        if xq.shape[1]:
-            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
-            self._on_bytes(xq, yt, rt)
-        return yt.T.reshape(lead + (m,))
 
 
 class _HandsOver(_ReadsBytes):

@@ -662,7 +662,8 @@ BYTES_SUFFIX = "#int8"  # the bytes' value name: the LayerNorm's output's, and t
 def _reads_bytes(impl, grid: Grid) -> bool:
     """Whether an int8 layer's kernels (both, for ByTokens) can run on x's bytes on `grid`."""
     kernels = (impl.few, impl.many) if isinstance(impl, ByTokens) else (impl,)
-    return all(isinstance(k, (Int8Chunked, Int8Lanes, Int8Amx)) and k.reads_bytes(grid.floats) for k in kernels)
+    return all(isinstance(k, (Int8Chunked, Int8Lanes, Int8Amx, Int8Linear)) and k.reads_bytes(grid.floats)
+               for k in kernels)
 
 
 ROW_BYTES = True  # see hand_row_bytes

@@ -96,8 +96,8 @@ def test_layernorms_hand_their_bytes_to_the_int8_layers_reading_them(form, monke
     (plan.hand_layernorm_bytes), and the QKV group and FFN1 run on them without
     quantizing x: the outputs are those of the model without the handover, bit for bit,
     over padded rows, whole and by token tiles (1100 tokens), which the test above holds
-    to ONNX Runtime; on AMX's kernels too. Without VNNI (Int8Linear reads floats) no bytes
-    are made."""
+    to ONNX Runtime; on AMX's kernels too, and without VNNI, on Int8Linear (AVX2's
+    vpmaddwd), which reads the bytes as well."""
     from sparsejit.kernels.int8 import has_vnni
 
     from sparsejit import plan
@@ -127,13 +127,17 @@ def test_layernorms_hand_their_bytes_to_the_int8_layers_reading_them(form, monke
         for a, b in zip(tiles.run(feeds), plain.run(feeds)):
             np.testing.assert_array_equal(a, b)
         assert len(calls) == 4
-    # without VNNI the readers run on Int8Linear, which reads floats: no bytes are made
+    # without VNNI the readers run on Int8Linear, which reads the bytes too
     monkeypatch.setattr(plan, "host_dots", lambda: ["pmaddwd", "generic"])
     without = sparsejit.load(path, kernels="sparse")
+    monkeypatch.setattr(plan, "LAYERNORM_BYTES", False)
+    without_plain = sparsejit.load(path, kernels="sparse")
     calls.clear()
-    for a, b in zip(without.run(feeds), got):
-        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
-    assert not calls
+    outs = without.run(feeds)
+    assert len(calls) == 4
+    for a, b, c in zip(outs, without_plain.run(feeds), got):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, c, atol=1e-4, rtol=1e-4)
 
 
 def test_a_reference_run_agrees_with_the_int8_kernels():
@@ -784,6 +788,37 @@ def _same_outputs_and_floats(model, plain, floats: list[str]) -> None:
             np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+@pytest.mark.parametrize("dot", ["vnni", "pmaddwd", "generic"])
+def test_the_4_block_int8_layer_runs_on_bytes_handed_over(dot):
+    """Int8Linear (a QLinearMatMul's requantized output on 4-block weights; every int8
+    layer where the CPU has no VNNI) on x's bytes as a row group, a LayerNorm or
+    attention hands them over (from_quantized) gives what it gives on x, bit for bit,
+    with each dot product this CPU runs: requantized or not, residual or not, tokens off
+    16 and none."""
+    from sparsejit.kernels.int8 import Int8Linear, host_dots
+    from sparsejit.kernels.rows import quad_bytes
+
+    if dot not in host_dots():
+        pytest.skip(f"this CPU does not run {dot}")
+    rng = np.random.default_rng(11)
+    k, m = 200, 48
+    w = rng.integers(-128, 128, (k, m)).astype(np.int8)
+    w[rng.random((k // 4, m)).repeat(4, axis=0) < 0.8] = 0  # (4-blocks)
+    req = np.stack([np.full(m, 0.05, np.float32), np.full(m, -128 - 3, np.float32), np.full(m, 127 - 3, np.float32)])
+    grid = np.array([0.05, 128, 0, 255], np.float32)
+    for requantize, residual in [(req, False), (None, True)]:
+        layer = Int8Linear(w, ((rng.random(m) + 0.5) * 0.002).astype(np.float32), "static", np.float32(0.05),
+                           np.uint8(128), rng.standard_normal(m).astype(np.float32), "none", residual, requantize, dot=dot)
+        assert layer.reads_bytes(grid)
+        for n in (0, 5, 37):
+            x = (rng.standard_normal((n, k)) * 3).astype(np.float32)
+            r = rng.standard_normal((n, m)).astype(np.float32) if residual else None
+            want = layer(x, r)
+            got = layer.from_quantized(quad_bytes(x, grid).T, (n,), r)
+            np.testing.assert_array_equal(got, want, err_msg=f"{n} {requantize is not None}")
+            assert n == 0 or len(np.unique(want)) > 20
+
+
 def test_qoperator_layers_on_the_lanes_kernel_take_every_byte_handed_to_them(monkeypatch):
     """With every layer of the written-out QOperator BERT on the lanes kernel (LANES_WORTH
     raised), all three hand-overs run: the row groups' bytes (hand_row_bytes), Q, K and V
@@ -806,6 +841,22 @@ def test_qoperator_layers_on_the_lanes_kernel_take_every_byte_handed_to_them(mon
     plain = sparsejit.load(path)
     assert not any(s.lean for s in plain._executor.steps)
     _same_outputs_and_floats(model, plain, [o for s in lean for o in s.lean[0]])
+
+
+def test_a_4_block_qoperator_model_hands_bytes_to_its_4_block_layers(monkeypatch):
+    """The QOperator BERT pruned in 4-blocks runs its requantized layers on Int8Linear,
+    which reads the bytes the row groups and attention hand over: outputs bit for bit those
+    of a load without the hand-overs, the floats left out the same when asked for."""
+    from sparsejit import plan
+
+    path = INT8 / "bert_block4_p90_int8_qoperator.onnx"
+    model = sparsejit.load(path)
+    lean = [s for s in model._executor.steps if s.lean is not None]
+    assert {s.node.op_type for s in lean} >= {"RowGroup", "DequantizeLinear"}, [s.node.op_type for s in lean]
+    assert any(type(s.impl).__name__ == "Int8Linear" and s.optional for s in model._executor.steps)
+    for flag in ("ROW_BYTES", "QUANTIZED_OUTPUTS", "DEQUANTIZED_BYTES"):
+        monkeypatch.setattr(plan, flag, False)
+    _same_outputs_and_floats(model, sparsejit.load(path), [o for s in lean for o in s.lean[0]])
 
 
 def test_bytes_rows_moves_every_bit_pattern():
@@ -877,8 +928,8 @@ def test_written_out_layernorms_and_attention_in_qoperator_run_as_row_kernels():
 
 def test_row_groups_hand_their_bytes_to_the_int8_layers(monkeypatch):
     """plan.hand_row_bytes: in the written-out QOperator BERT, the GELU groups and the
-    LayerNorm groups whose floats only a static int8 layer reads (FFN2, FFN1) store that
-    layer's bytes instead, and the layer runs on them. Outputs bit for bit those of a load
+    LayerNorm groups whose floats only a static int8 layer reads (FFN2, FFN1, QKV) store
+    that layer's bytes instead, and the layer runs on them. Outputs bit for bit those of a load
     without it, at several shapes with padding, token-major and feature-major; where the
     floats are asked for (`Model.values`), the group makes them too, and they are the
     same."""
@@ -889,8 +940,8 @@ def test_row_groups_hand_their_bytes_to_the_int8_layers(monkeypatch):
     path = INT8 / "bert_op14_p90_int8_qoperator.onnx"
     model = sparsejit.load(path)
     lean = [s for s in model._executor.steps if s.lean is not None and s.node.op_type == "RowGroup"]
-    if has_vnni():  # (the kernels that read bytes; an AVX2 CPU's int8 kernel quantizes x itself)
-        assert len(lean) == 4 and all(s.node.op_type == "RowGroup" for s in lean), [s.node.name for s in lean]
+    if has_vnni():  # (the kernels chosen on such a CPU all read bytes: the embeddings' and each block's groups)
+        assert len(lean) == 6 and all(s.node.op_type == "RowGroup" for s in lean), [s.node.name for s in lean]
     assert all(s.node.outputs[-1] == s.lean[0][0] + plan.BYTES_SUFFIX for s in lean)
     chosen = model._executor._schedule(tuple(model.graph.outputs), True)[0]
     assert sum(any(s.run is g.lean[1] for g in lean) for s in chosen) == len(lean)  # (the floats left out)
