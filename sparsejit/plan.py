@@ -715,7 +715,7 @@ def hand_row_bytes(steps: list[Step], opset: int, graph_outputs=()) -> list[Step
             takers = [k for k, g in zip(takers, grids) if g is not None and np.array_equal(g, grids[0])
                       and _reads_bytes(steps[k].impl, Grid(None, g))]
             if not takers or o in graph_outputs or any(k not in takers for k in readers.get(o, [])):
-                continue  # (where another step reads the floats, storing bytes too cost more than it saved)
+                continue  # (another step reads the floats too: both would be stored, which was not measured)
             grid, q = grids[0], o + BYTES_SUFFIX
             out[i] = _row_step_with_bytes(out[i], o, grid, opset)
             log.debug("%s: stores the bytes its int8 readers' kernels read (they skip quantizing x): %s", n.name,
