@@ -758,11 +758,7 @@ class Int8Lanes(_HandsOver, _Quantized):
         out = feature_major_empty(self.out_features // 4, n)
         if n:
             fn, terms = self._handoff(nxt)
-            if given is None:
-                xq = feature_major_empty(-(-self.in_features // 4), n)
-                terms = self._quantize_into(transposed(x2), xq, terms)
-            else:
-                xq = byte_rows(given)
+            xq, terms = self._x_bytes(x2, given, terms)
             self._kernel(xq, out, out, terms, fn)
         return out
 
@@ -785,14 +781,22 @@ class Int8Lanes(_HandsOver, _Quantized):
         rows = feature_major_empty(m, -(-n // 4))  # (float rows of a buffer of bytes: the driver's yᵀ)
         out = rows.view(np.uint8)[:, :n].view(np.uint8 if terms[-2 * m] == 0 else np.int8)  # (by the lowest value)
         if n:
-            if given is not None:
-                xq = byte_rows(given)
-            else:
-                xq = feature_major_empty(-(-self.in_features // 4), n)
-                if self._quantize_into(transposed(x.reshape(-1, self.in_features)), xq) is None:
-                    raise ValueError("the input holds NaN or infinity, so its dynamic quantization scale is undefined")
+            xq, terms = self._x_bytes(x, given, terms)
             self._kernel(xq, rows, rows, terms, self._bytes_kernel())
         return out.T.reshape(lead + (m,))
+
+    def _x_bytes(self, x: np.ndarray | None, given: np.ndarray | None, terms: np.ndarray) -> tuple:
+        """(x's bytes as the kernel reads them, the epilogue's terms for them): the bytes
+        `given`, or x [..., in] quantized into new 4-block rows, with a dynamic x's own
+        correction and scale in the terms."""
+        if given is not None:
+            return byte_rows(given), terms
+        x2 = x.reshape(-1, self.in_features)
+        xq = feature_major_empty(-(-self.in_features // 4), x2.shape[0])
+        terms = self._quantize_into(transposed(x2), xq, terms)
+        if terms is None:
+            raise ValueError("the input holds NaN or infinity, so its dynamic quantization scale is undefined")
+        return xq, terms
 
     def _bytes_kernel(self) -> int:
         if self._bytes_fn is None:

@@ -719,16 +719,18 @@ def test_the_lanes_kernel_requantizes_as_the_int8_kernel_does(tokens):
     assert not lanes.hands_to(lanes)
 
 
-@pytest.mark.parametrize(("k", "m", "tokens", "requantize", "signed"), [
-    (768, 48, 128, True, False),    # whole tiles, a QLinearMatMul's requantized sums (QOperator's Q, K, V)
-    (256, 32, 37, False, True),     # a partial last tile, int8 bytes
-    (130, 16, 5, True, True),       # a window of 2 inputs, one partial tile
-    (384, 64, 1030, False, False),  # a batch's tokens
+@pytest.mark.parametrize(("k", "m", "tokens", "requantize", "signed", "mode"), [
+    (768, 48, 128, True, False, "static"),    # whole tiles, a QLinearMatMul's requantized sums (QOperator's Q, K, V)
+    (256, 32, 37, False, True, "static"),     # a partial last tile, int8 bytes
+    (130, 16, 5, True, True, "static"),       # a window of 2 inputs, one partial tile
+    (384, 64, 1030, False, False, "static"),  # a batch's tokens
+    (256, 32, 37, False, False, "dynamic"),   # x's scale from its range, per call
 ])
-def test_the_lanes_kernel_stores_each_outputs_quantized_bytes(k, m, tokens, requantize, signed):
+def test_the_lanes_kernel_stores_each_outputs_quantized_bytes(k, m, tokens, requantize, signed, mode):
     """Int8Lanes.bytes_for (lanes_ir's `bytes_out`): each output quantized on its own grid
-    as QuantizeLinear quantizes the float y the kernel gives, bit for bit; from x, and from
-    x's bytes as a LayerNorm or row group hands them over."""
+    as QuantizeLinear quantizes the float y the kernel gives, bit for bit; from x (its
+    scale static or dynamic), and from x's bytes as a LayerNorm or row group hands them
+    over."""
     _lanes_cpu()
     from sparsejit.kernels.int8 import Int8Lanes
 
@@ -737,8 +739,9 @@ def test_the_lanes_kernel_stores_each_outputs_quantized_bytes(k, m, tokens, requ
     w[rng.random((k, m)) < 0.9] = 0
     scale = ((rng.random(m) + 0.5) * 0.002).astype(np.float32)
     req = np.stack([np.full(m, 0.05, np.float32), np.full(m, -131, np.float32), np.full(m, 124, np.float32)])
-    layer = Int8Lanes(w, scale, "static", np.float32(0.05), np.uint8(128), rng.standard_normal(m).astype(np.float32),
-                      "none", False, req if requantize else None)
+    static = mode == "static"
+    layer = Int8Lanes(w, scale, mode, np.float32(0.05) if static else None, np.uint8(128) if static else None,
+                      rng.standard_normal(m).astype(np.float32), "none", False, req if requantize else None)
     x = (rng.standard_normal((1, tokens, k)) * 4).astype(np.float32)
     y = layer(x)
     lo, hi = (-128, 127) if signed else (0, 255)
@@ -750,6 +753,8 @@ def test_the_lanes_kernel_stores_each_outputs_quantized_bytes(k, m, tokens, requ
     got = layer.bytes_for(x, terms)
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
+    if not static:  # (bytes are handed over to static layers only)
+        return
     xq = np.clip(np.rint(x / np.float32(0.05)) + 128, 0, 255).astype(np.uint8)  # (x's bytes, as handed over)
     padded = np.zeros((tokens, -(-k // 4) * 4), np.uint8)
     padded[:, :k] = xq[0]
