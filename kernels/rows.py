@@ -192,28 +192,20 @@ def _feature_major(full: list[np.ndarray]) -> bool:
     where any lies so (_token_rows: a Linear kernel's output). Its outputs then lie so too,
     as the Linear kernels read x, and the others are transposed to it (in a transformer,
     the residual of the first block only)."""
-    return any(x.T.flags.c_contiguous and not x.flags.c_contiguous and _one_sequence(x.shape) or
-               _token_rows(x) is not None for x in full)
-
-
-def _one_sequence(shape: tuple) -> bool:
-    """Whether tokens of this shape lie in the same order in C and reversed C order: one
-    axis but the last longer than 1."""
-    return sum(d > 1 for d in shape[:-1]) <= 1
+    return any(_token_rows(x) is not None for x in full)
 
 
 def _lay_kind(v: np.ndarray, shape: tuple, token: bool) -> str:
     """How `_lay` lays v for the kernel (by v's shape, layout and type alone)."""
     full = v.shape == shape
+    rows = _token_rows(v) if full else None
     if token:
         if full and v.flags.c_contiguous:
             return "rows"
-        return "transposed copy" if full and v.dtype == np.float32 and _token_rows(v) is not None else "copy"
-    if full and v.T.flags.c_contiguous and _one_sequence(shape):
-        return "T"
-    if full and v.dtype == np.float32:
-        return "transposed"
-    return "rows T" if full and _token_rows(v) is not None else "copy T"
+        return "transposed copy" if rows is not None and v.dtype == np.float32 else "copy"
+    if rows is not None:
+        return "rows T"
+    return "transposed" if full and v.dtype == np.float32 else "copy T"
 
 
 def _lay(kind: str, v: np.ndarray, shape: tuple) -> np.ndarray:
@@ -224,8 +216,6 @@ def _lay(kind: str, v: np.ndarray, shape: tuple) -> np.ndarray:
     n = shape[-1]
     if kind == "rows":
         return v.reshape(-1, n)
-    if kind == "T":
-        return v.T.reshape(n, -1)
     if kind == "transposed copy":
         return transposed_copy(np.reshape(v, (-1, n)))
     if kind == "transposed":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -669,14 +669,16 @@ def _reads_bytes(impl, grid: Grid) -> bool:
 ROW_BYTES = True  # see hand_row_bytes
 
 
-def _x_grid(impl) -> np.ndarray | None:
-    """The grid a static int8 layer quantizes x to ([scale, zero point, lowest, highest],
-    float32, as layernorm.Grid's floats), None for a dynamic one."""
+def _byte_grid(impl) -> np.ndarray | None:
+    """The grid a static int8 layer (or group) quantizes x to ([scale, zero point, lowest,
+    highest], float32, as layernorm.Grid's floats) where its kernels can run on x's bytes
+    on it (_reads_bytes); None otherwise."""
     kernel = impl.few if isinstance(impl, ByTokens) else impl
     if getattr(kernel, "mode", None) != "static":
         return None
     scale, zero, lo = kernel._x_quantization()
-    return np.array([scale, zero, lo, lo + 255], np.float32)
+    grid = np.array([scale, zero, lo, lo + 255], np.float32)
+    return grid if _reads_bytes(impl, Grid(None, grid)) else None
 
 
 def _readers(steps: list[Step]) -> dict[str, list[int]]:
@@ -711,9 +713,8 @@ def hand_row_bytes(steps: list[Step], opset: int, graph_outputs=()) -> list[Step
                 continue
             takers = [k for k in readers.get(o, []) if steps[k].node.op_type in ("QLinear", "QLinearGroup")
                       and steps[k].node.inputs[0] == o and o not in steps[k].node.inputs[1:]]
-            grids = [_x_grid(steps[k].impl) for k in takers]
-            takers = [k for k, g in zip(takers, grids) if g is not None and np.array_equal(g, grids[0])
-                      and _reads_bytes(steps[k].impl, Grid(None, g))]
+            grids = [_byte_grid(steps[k].impl) for k in takers]
+            takers = [k for k, g in zip(takers, grids) if g is not None and np.array_equal(g, grids[0])]
             if not takers or o in graph_outputs or any(k not in takers for k in readers.get(o, [])):
                 continue  # (another step reads the floats too: both would be stored, which was not measured)
             grid, q = grids[0], o + BYTES_SUFFIX
@@ -721,10 +722,7 @@ def hand_row_bytes(steps: list[Step], opset: int, graph_outputs=()) -> list[Step
             log.debug("%s: stores the bytes its int8 readers' kernels read (they skip quantizing x): %s", n.name,
                       ", ".join(steps[k].node.name for k in takers))
             for k in takers:
-                r = out[k].node
-                inputs = list(r.inputs) + [""] * (r.op_type == "QLinear" and len(r.inputs) < 2) + [q]
-                out[k] = Step(Node(r.op_type, r.name, inputs, list(r.outputs), r.attrs), out[k].run, out[k].impl,
-                              optional=frozenset({o}))
+                out[k] = _taking_bytes(out[k], q, o)
             break  # (one output's bytes per group)
     return out
 
@@ -752,18 +750,15 @@ def hand_dequantized_bytes(steps: list[Step], graph: Graph) -> list[Step]:
         takers = readers.get(x, [])
         if grid is None or grid[2] != 0 or not takers or any(
                 steps[k].node.op_type not in ("QLinear", "QLinearGroup") or steps[k].node.inputs[0] != x
-                or x in steps[k].node.inputs[1:] or not np.array_equal(_x_grid(steps[k].impl), grid)
-                or not _reads_bytes(steps[k].impl, Grid(None, grid)) for k in takers):
+                or x in steps[k].node.inputs[1:] or not np.array_equal(_byte_grid(steps[k].impl), grid)
+                for k in takers):
             continue
         q = x + BYTES_SUFFIX
         out[i] = Step(Node(n.op_type, n.name, list(n.inputs), [x, q], n.attrs),
                       lambda b, *rest, run=s.run: (*run(b, *rest), rows.bytes_rows(b)),
                       lean=((x,), lambda b, *rest: (None, rows.bytes_rows(b))))
         for k in takers:
-            r = out[k].node
-            inputs = list(r.inputs) + [""] * (r.op_type == "QLinear" and len(r.inputs) < 2) + [q]
-            out[k] = Step(Node(r.op_type, r.name, inputs, list(r.outputs), r.attrs), out[k].run, out[k].impl,
-                          lean=out[k].lean, optional=frozenset({x}))
+            out[k] = _taking_bytes(out[k], q, x)
         log.debug("%s: gives its bytes to %s", n.name, ", ".join(steps[k].node.name for k in takers))
     return out
 
@@ -887,7 +882,14 @@ def hand_layernorm_bytes(steps: list[Step]) -> list[Step]:
         log.debug("%s: stores the bytes its int8 readers' kernels read (they skip quantizing x): %s", n.name,
                   ", ".join(steps[k].node.name for k in takers))
         for k in takers:
-            r = steps[k].node
-            inputs = list(r.inputs) + [""] * (r.op_type == "QLinear" and len(r.inputs) < 2) + [q]
-            out[k] = Step(Node(r.op_type, r.name, inputs, list(r.outputs), r.attrs), steps[k].run, steps[k].impl)
+            out[k] = _taking_bytes(steps[k], q)
     return out
+
+
+def _taking_bytes(step: Step, q: str, without: str | None = None) -> Step:
+    """An int8 layer's (or group's) step that takes x's bytes `q` as its last input (its run's
+    `xq`); and runs without x itself (`without`, given None) where that is so."""
+    r = step.node
+    inputs = list(r.inputs) + [""] * (r.op_type == "QLinear" and len(r.inputs) < 2) + [q]
+    return replace(step, node=Node(r.op_type, r.name, inputs, list(r.outputs), r.attrs),
+                   optional=step.optional | ({without} if without else set()))
