@@ -1189,6 +1189,23 @@ for shape in [(1, 1), (3, 1), (1, 1, 5), (2, 1, 1)]:
     want = rows.reference_rows(x, nodes=nodes, names=["x"], outputs=["f", "mu"], consts=consts, opset=17)
     assert got is not None and all(np.array_equal(g, w) for g, w in zip(got, want)), shape
 assert kernel(np.zeros((0, 4), np.float32)) is None and kernel(np.zeros((2, 0), np.float32)) is None
+# the same group storing f's bytes (plan.hand_row_bytes), and bytes moved to 4-block rows, at the edges
+grid = np.array([0.02, 128, 0, 255], np.float32)
+with_bytes = rows.RowKernel(nodes, ["x"], ["mu"], consts, quads={"f": grid})
+for shape in [(1, 1), (3, 1), (1, 1, 5), (2, 1, 1), (1, 300, 3)]:
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    f = rows.reference_rows(x, nodes=nodes, names=["x"], outputs=["f"], consts=consts, opset=17)[0]
+    assert np.array_equal(np.ascontiguousarray(with_bytes(x)[1]), np.ascontiguousarray(rows.quad_bytes(f, grid)))
+assert with_bytes(np.zeros((0, 4), np.float32)) is None
+for shape in [(0, 8), (1, 0, 4), (1, 1, 1), (2, 3, 5)]:
+    assert rows.bytes_rows(np.zeros(shape, np.uint8)).shape == (*shape[:-1], -(-shape[-1] // 4))
+from sparsejit.kernels.int8 import Int8Lanes, has_lanes
+if has_lanes():  # (Q, K and V as bytes: no tokens, one)
+    layer = Int8Lanes(np.ones((64, 16), np.int8), np.full(16, 0.01, np.float32), "static", np.float32(0.05),
+                      np.uint8(128), None, "none", False, None)
+    terms = layer.bytes_terms(np.stack([np.full(16, 0.1), np.full(16, 3), np.zeros(16), np.full(16, 255)]))
+    for shape in [(0, 64), (1, 0, 64), (1, 1, 64)]:
+        assert layer.bytes_for(np.zeros(shape, np.float32), terms).shape == (*shape[:-1], 16)
 
 # attention with one query, one key, one feature
 f32 = np.float32
@@ -1223,8 +1240,10 @@ print("ok")
 
 def test_row_and_attention_kernels_at_the_edges_and_in_a_forked_child(tmp_path):
     """In a subprocess (a crash would take the test runner down): a row group over rows of
-    one feature, one row or none, and QAttentionCore with one query, key and feature or
-    no keys, give their references' results or hand over (None); the two QOperator test models
+    one feature, one row or none (also storing a value's bytes), bytes moved to 4-block
+    rows and the lanes kernel storing bytes for no tokens or one, and QAttentionCore with
+    one query, key and feature or no keys, give their references' results or hand over
+    (None); the two QOperator test models
     run at one token, and a child forked after they ran runs them again to the same
     outputs."""
     import os
