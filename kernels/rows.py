@@ -145,6 +145,9 @@ def reference_rows(*inputs: np.ndarray, nodes: list[Node], names: list[str], out
 
 
 ROWS = Signature("rows", (("p", "ptr"), ("rows", "i64"), ("j0", "i64"), ("j1", "i64"), ("slot", "i64")))
+BLOCK_ARGS = (("p", "ptr"), ("rows", "i64"), ("ib", "i64"), ("ie", "i64"), ("slot", "i64"))  # (a blocked pass's)
+BLOCK = 64  # tokens a part takes through every pass at a time, blocked (RowKernel.source)
+BLOCKED = 256  # tokens a part takes at most, blocked: with more, each pass at once over the features' rows is faster
 
 ROWS_DRIVER = """\
 # sparsejit generated kernel: the driver of the row kernels (rows.py); part c takes the
@@ -362,7 +365,7 @@ class RowKernel:
                       + [("temp", o) for o in self.temps] + [("vector", v) for v in self.vectors]
                       + [("table", t) for t in self.tables] + [("scalars", "")]
                       + [(kind, o) for o in self.quads for kind in ("quad", "quad rows", "quad temp")]
-                      + [("quad table", o) for o in self.quads if o in self.tables])
+                      + [("quad table", o) for o in self.quads if o in self.tables] + [("n", "")])
         self.slot = {s: k for k, s in enumerate(self.slots)}
 
     # --- IR ------------------------------------------------------------------------
@@ -521,8 +524,8 @@ class RowKernel:
                  f"  {t}.in = icmp sge i64 {t}.f0, %j0", f"  {t}.whole = and i1 {t}.in, {t}.last",
                  f"  {t}.row = mul i64 {t}.q4, {ld}.i",
                  f"  br i1 {t}.whole, label {t}.w.head, label {t}.p.pre",
-                 f"{tag}.w.head:", f"  {t}.i = phi i64 [ 0, {t}.check ], [ {t}.inext, {t}.w.body ]",
-                 f"  {t}.imore = icmp slt i64 {t}.i, %rows", f"  br i1 {t}.imore, label {t}.w.body, label {t}.done",
+                 f"{tag}.w.head:", f"  {t}.i = phi i64 [ %ib, {t}.check ], [ {t}.inext, {t}.w.body ]",
+                 f"  {t}.imore = icmp slt i64 {t}.i, %ie", f"  br i1 {t}.imore, label {t}.w.body, label {t}.done",
                  f"{tag}.w.body:"]
         word = None
         for r in range(4):
@@ -544,8 +547,8 @@ class RowKernel:
                   f"  {t}.fmore = icmp sle i64 {t}.f, %j", f"  br i1 {t}.fmore, label {t}.t.pre, label {t}.done",
                   f"{tag}.t.pre:", f"  {t}.fm = and i64 {t}.f, 3", f"  {t}.fo = mul i64 {t}.fm, %rows",
                   f"  {t}.fa = add i64 %qrow4, {t}.fo", f"  br label {t}.t.head",
-                  f"{tag}.t.head:", f"  {t}.ti = phi i64 [ 0, {t}.t.pre ], [ {t}.tnext, {t}.t.body ]",
-                  f"  {t}.tmore = icmp slt i64 {t}.ti, %rows", f"  br i1 {t}.tmore, label {t}.t.body, label {t}.t.end",
+                  f"{tag}.t.head:", f"  {t}.ti = phi i64 [ %ib, {t}.t.pre ], [ {t}.tnext, {t}.t.body ]",
+                  f"  {t}.tmore = icmp slt i64 {t}.ti, %ie", f"  br i1 {t}.tmore, label {t}.t.body, label {t}.t.end",
                   f"{tag}.t.body:", f"  {t}.tx = add i64 {t}.fa, {t}.ti",
                   f"  {t}.tat = getelementptr i8, ptr {tmp}, i64 {t}.tx", f"  {t}.tb = load i8, ptr {t}.tat",
                   f"  {t}.tw = add i64 {t}.row, {t}.ti", f"  {t}.ty = shl i64 {t}.tw, 2",
@@ -555,19 +558,90 @@ class RowKernel:
                   f"{tag}.done:"]
         return lines, f"{tag}.done"
 
-    def _pass_ir(self, stage: int, bytes_in: dict, loop_ids: list) -> list[str] | None:
-        sig = Signature(f"pass{stage}", ROWS.args)
-        lines = [sig.define(), "entry:"]
+    def _entry(self, name: str) -> list[str]:
+        """A pass's (or a block's means', `_means_ir`) definition and entry block, up to its
+        loop: the slots' addresses and scalars loaded; the tokens %ib to %ie its loops
+        take, and the features %j0 to %j1 (blocked: a part's tokens' block, every feature)."""
+        if self.blocked:  # (an internal helper of `blocked`, inlined)
+            lines = [Signature(name, BLOCK_ARGS).define(), "entry:", "  %j0 = add i64 0, 0"]
+        else:
+            lines = [Signature(name, ROWS.args).define(), "entry:", "  %ib = add i64 0, 0", "  %ie = add i64 %rows, 0"]
         for k, _ in enumerate(self.slots):
             lines += [f"  %s{k}.at = getelementptr i64, ptr %p, i64 {k}", f"  %s{k}.i = load i64, ptr %s{k}.at",
                       f"  %s{k} = inttoptr i64 %s{k}.i to ptr"]
-        for name, k in self.scalars.items():
+        if self.blocked:
+            lines.append(f"  %j1 = add i64 %s{self.slot['n', '']}.i, 0")
+        for k in self.scalars.values():
             lines += [f"  %k{k}.at = getelementptr float, ptr %s{self.slot['scalars', '']}, i64 {k}",
                       f"  %k{k} = load float, ptr %k{k}.at"]
-        lines += ["  %crow = mul i64 %slot, %rows", "  %qrow4 = shl i64 %crow, 2", "  %quads.r = add i64 %rows, 3",
-                  "  %quads = lshr i64 %quads.r, 2", "  br label %jhead", "jhead:",
+        return lines + ["  %crow = mul i64 %slot, %rows", "  %qrow4 = shl i64 %crow, 2"]
+
+    def _means_ir(self, stage: int, bytes_in: dict, loop_ids: list) -> list[str] | None:
+        """Blocked: `means<stage>`, what the block's tokens have one of before pass `stage`
+        (> 0), as `_run` makes it between the passes: each mean summed in the pass before
+        (the sum rounded to float32, over the row's length), then the ops on means and
+        constants of this pass, the means its loops read stored."""
+        m = len(loop_ids)
+        loop_ids.append(m)
+        lines = self._entry(f"means{stage}") + [
+            "  %nf = uitofp i64 %j1 to float", "  br label %l0.head", "l0.head:",
+            "  %i0 = phi i64 [ %ib, %entry ], [ %i0.next, %l0.body ]", "  %l0.more = icmp slt i64 %i0, %ie",
+            "  br i1 %l0.more, label %l0.body, label %l0.done", "l0.body:", "  %t0 = add i64 %crow, %i0"]
+        here: set[str] = set()
+        for o in self.sums:
+            if self.values[o].stage == stage - 1:
+                v = f"%v{self.index[o]}"
+                lines += [f"  {v}.at = getelementptr double, ptr %s{self.slot['sum', o]}, i64 %t0",
+                          f"  {v}.d = load double, ptr {v}.at, !llvm.access.group !0",
+                          f"  {v}.f = fptrunc double {v}.d to float", f"  {v} = fdiv float {v}.f, %nf"]
+                here.add(o)
+        for n in self.once.get(stage, ()):
+            got = self._op(n, 0, here, bytes_in)
+            if got is None:
+                return None
+            lines += got
+            here.add(n.outputs[0])
+        for o in sorted(here & set(self.means), key=self.index.get):
+            lines += [f"  %v{self.index[o]}.mat = getelementptr float, ptr %s{self.slot['mean', o]}, i64 %i0",
+                      f"  store float %v{self.index[o]}, ptr %v{self.index[o]}.mat, !llvm.access.group !0"]
+        return lines + ["  %i0.next = add i64 %i0, 1", f"  br label %l0.head, !llvm.loop !{2 * m + 1}", "l0.done:",
+                        "  ret void", "}", ""]
+
+    def _blocked_ir(self) -> list[str]:
+        """Blocked: `blocked`, which takes a part's tokens [j0, j1) BLOCK at a time through
+        every pass (`means<stage>` before each but the first)."""
+        call = "(ptr %p, i64 %rows, i64 %b, i64 %bend, i64 %slot)"
+        lines = [Signature("blocked", ROWS.args).define(), "entry:", "  br label %head", "head:",
+                 "  %b = phi i64 [ %j0, %entry ], [ %bend, %body ]", "  %more = icmp slt i64 %b, %j1",
+                 "  br i1 %more, label %body, label %exit", "body:", f"  %bn = add i64 %b, {BLOCK}",
+                 "  %bin = icmp slt i64 %bn, %j1", "  %bend = select i1 %bin, i64 %bn, i64 %j1"]
+        for stage in range(self.stages):
+            lines += [f"  call void @means{stage}{call}"] * (stage > 0)
+            lines += [f"  call void @pass{stage}{call}"] * bool(self.loops[stage])
+        return lines + ["  br label %head", "exit:", "  ret void", "}", ""]
+
+    def _blocked_ok(self) -> bool:
+        """Whether the group runs blocked (feature-major, `blocked`): it has a mean to wait
+        for (more than one pass), no output that is a mean (the kernel stores means for its
+        loops alone), and each mean an op on means reads made in its block's `means<stage>`
+        or stored there."""
+        made = {o: self.values[o].stage + 1 for o in self.sums} | {
+            n.outputs[0]: s for s, nodes in self.once.items() for n in nodes}
+        return self.stages > 1 and all(self.values[o].kind == "row" for o in self.outputs) and all(
+            made.get(i) == s or i in self.means for s, nodes in self.once.items() for n in nodes for i in n.inputs
+            if i in self.values and self.values[i].kind == "mean")
+
+    def _pass_ir(self, stage: int, bytes_in: dict, loop_ids: list) -> list[str] | None:
+        lines = self._entry(f"pass{stage}")
+        lines += ["  %quads.r = add i64 %rows, 3", "  %quads = lshr i64 %quads.r, 2", "  br label %jhead", "jhead:",
                   "  %j = phi i64 [ %j0, %entry ], [ %jnext, %jlatch ]", "  %jmore = icmp slt i64 %j, %j1",
-                  "  br i1 %jmore, label %jbody, label %exit", "jbody:", "  %jrow = mul i64 %j, %rows"]
+                  "  br i1 %jmore, label %jbody, label %exit", "jbody:"]
+        if self.blocked:  # (kept values: the part's own [features, BLOCK], which stays in cache)
+            lines += ["  %kpart = mul i64 %slot, %j1", f"  %jrow.f = mul i64 %j, {BLOCK}", "  %jrow.p = add i64 %jrow.f, %kpart",
+                      f"  %jrow.b = mul i64 %kpart, {BLOCK - 1}", "  %jrow.c = add i64 %jrow.p, %jrow.b",
+                      "  %jrow = sub i64 %jrow.c, %ib"]
+        else:
+            lines.append("  %jrow = mul i64 %j, %rows")
         for k, name in enumerate([] if self.token else self.vectors):  # (one per feature: the loop's)
             lines += [f"  %vc{k}.at = getelementptr float, ptr %s{self.slot['vector', name]}, i64 %j",
                       f"  %vc{k} = load float, ptr %vc{k}.at"]
@@ -577,9 +651,9 @@ class RowKernel:
             loop_ids.append(m)
             sums = [f"%sum{self.index[n.outputs[0]]}" for n in loop if n.op_type == "ReduceMean"]
             lines += [f"  br label %l{k}.head", f"l{k}.head:",
-                      f"  %i{k} = phi i64 [ 0, %{before} ], [ %i{k}.next, %l{k}.body ]"]
+                      f"  %i{k} = phi i64 [ %ib, %{before} ], [ %i{k}.next, %l{k}.body ]"]
             lines += [f"  {s} = phi double [ 0.0, %{before} ], [ {s}.new, %l{k}.body ]" for s in sums if self.token]
-            lines += [f"  %l{k}.more = icmp slt i64 %i{k}, %rows",
+            lines += [f"  %l{k}.more = icmp slt i64 %i{k}, %ie",
                       f"  br i1 %l{k}.more, label %l{k}.body, label %l{k}.done",
                       f"l{k}.body:", f"  %x{k} = add i64 %jrow, %i{k}", f"  %t{k} = add i64 %crow, %i{k}"]
             here: set[str] = set()
@@ -613,35 +687,41 @@ class RowKernel:
                   "  ret void", "}", ""]
         return lines
 
-    def source(self, bytes_in: dict, token: bool = False) -> str | None:
+    def source(self, bytes_in: dict, token: bool = False, blocked: bool = False) -> str | None:
         """The IR of the passes (`pass<stage>`, those that loop), for inputs of which
         `bytes_in` are 8-bit (name → type), `token`-major (each part takes rows, a loop
         runs along a row) or feature-major (each part takes features, a loop runs along a
-        feature's tokens); None where the kernel cannot run them."""
-        self.token = token
+        feature's tokens), or `blocked` (feature-major, each part takes tokens, BLOCK at a
+        time through every pass: `blocked`, one call where the passes take one each and
+        the means are made on numpy between them); None where the kernel cannot run them."""
+        self.token, self.blocked = token, blocked
         body, loop_ids = [f"; sparsejit generated kernel: a row group ({' '.join(n.op_type for n in self.nodes)})"], []
         for stage in range(self.stages):
-            if self.loops[stage]:
-                got = self._pass_ir(stage, bytes_in, loop_ids)
-                if got is None:
-                    return None
-                body += got
+            got = [self._means_ir(stage, bytes_in, loop_ids)] if blocked and stage else []
+            got += [self._pass_ir(stage, bytes_in, loop_ids)] if self.loops[stage] else []
+            if None in got:
+                return None
+            body += [line for lines in got for line in lines]
+        if blocked:
+            body += self._blocked_ir()
         meta = [f"!{2 * m + 1} = distinct !{{!{2 * m + 1}, !{2 * m + 2}}}\n"
                 f"!{2 * m + 2} = !{{!\"llvm.loop.parallel_accesses\", !0}}" for m in loop_ids]
         return "\n".join(body) + _DECLARES + "\n".join(meta) + "\n"
 
-    def _passes(self, bytes_in: dict, token: bool) -> list | None:
-        """The passes' addresses for these inputs (made once; `source` keeps its layout on
-        the kernel while it writes, so under a lock: a model may run on several threads)."""
-        key = (token, *sorted((k, np.dtype(v).str) for k, v in bytes_in.items()))
+    def _passes(self, bytes_in: dict, token: bool, blocked: bool = False) -> list | None:
+        """The passes' addresses for these inputs (blocked: `blocked`'s alone; made once;
+        `source` keeps its layout on the kernel while it writes, so under a lock: a model
+        may run on several threads)."""
+        key = (token, blocked, *sorted((k, np.dtype(v).str) for k, v in bytes_in.items()))
         found = self._compiled.get(key, False)
         if found is not False:
             return found
         with self._lock:
             if key not in self._compiled:
-                src = self.source(bytes_in, token)
+                src = self.source(bytes_in, token, blocked)
                 engine = None if src is None else ir_engine(src)
-                self._compiled[key] = None if engine is None else [
+                self._compiled[key] = None if engine is None else [engine.get_function_address("blocked")] \
+                    if blocked else [
                     engine.get_function_address(f"pass{s}") if self.loops[s] else 0 for s in range(self.stages)]
         return self._compiled[key]
 
@@ -694,10 +774,12 @@ class RowKernel:
             return None
         full = [x for x in inputs if x.shape == shape]
         token = len(shape) == 1 or not _feature_major(full)
-        passes = self._passes({x: v.dtype for x, v in zip(self.names, inputs) if v.dtype in BYTES}, token)
+        blocked = not token and rows <= BLOCKED * threads() and self._blocked_ok()
+        passes = self._passes({x: v.dtype for x, v in zip(self.names, inputs) if v.dtype in BYTES}, token, blocked)
         if passes is None:
             return None
-        return _Call(shape, n, rows, token, passes, threads(), tuple(_lay_kind(v, shape, token) for v in inputs))
+        return _Call(shape, n, rows, token, passes, threads(), tuple(_lay_kind(v, shape, token) for v in inputs),
+                     blocked)
 
     def _run(self, c: _Call, inputs: tuple[np.ndarray, ...]) -> tuple:
         shape, n, rows, token, passes, parts = c.shape, c.n, c.rows, c.token, c.passes, c.parts
@@ -707,19 +789,22 @@ class RowKernel:
                 if self.types[o] == np.float32 else aligned_empty((n, rows), self.types[o])
                 for o in self.rows_out}
         arrays.update({("y", o): m for o, m in outs.items()})
-        arrays.update({("kept", o): np.empty((outer, inner), np.float32) for o in self.keep})
-        arrays.update({("mean", v): np.empty(rows, np.float32) for v in self.means})
+        arrays.update({("kept", o): aligned_empty((parts, n * BLOCK) if c.blocked else (outer, inner))
+                       for o in self.keep})
+        arrays.update({("mean", v): aligned_empty((rows,)) for v in self.means})
         arrays.update({("sum", v): np.zeros((parts, rows), np.float64) for v in self.sums})
         arrays.update({("temp", o): np.empty((parts, inner), np.float32) for o in self.temps})
         quads = {o: quad_empty(n, rows) for o in self.quads}
         arrays.update({("quad", o): q for o, q in quads.items()})
         arrays.update({("quad temp", o): np.zeros((parts, 4 * inner), np.uint8) for o in quads})
-        p = np.array([address(arrays[s]) if s in arrays else self._fixed[s] if s[0] not in _APART else
-                      arrays[_APART[s[0]], s[1]].strides[0] // arrays[_APART[s[0]], s[1]].itemsize for s in self.slots],
-                     np.int64)
+        p = np.array([address(arrays[s]) if s in arrays else n if s[0] == "n" else self._fixed[s] if s[0] not in _APART
+                      else arrays[_APART[s[0]], s[1]].strides[0] // arrays[_APART[s[0]], s[1]].itemsize
+                      for s in self.slots], np.int64)
         driver = load_source(ROWS_DRIVER).run_row_group
         env: dict[str, np.ndarray] = {}
-        for stage in range(self.stages):
+        if c.blocked:  # (every pass in one call; the parts take tokens)
+            run(driver, ROWS, parts, 1, passes[0], p, inner, inner)
+        for stage in range(0 if c.blocked else self.stages):
             for node, fn in self._once.get(stage, ()):  # one per row: of means and constants, on numpy
                 env[node.outputs[0]] = fn(*[env[i] if i in env else self.arrays.get(i) if i else None
                                            for i in node.inputs])
@@ -752,3 +837,4 @@ class _Call:
     passes: list
     parts: int
     lay: tuple[str, ...]
+    blocked: bool = False

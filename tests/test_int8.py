@@ -987,7 +987,7 @@ def _row_kernel_cases():
     return cases
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(6))
 def test_row_kernel_is_its_reference(case):
     """A RowKernel (kernels/rows.py) gives what its group's ops give one by one on numpy,
     bit for bit: token-major and feature-major inputs (a Linear kernel's output, rows
@@ -998,14 +998,22 @@ def test_row_kernel_is_its_reference(case):
     With `quads` (plan.hand_row_bytes), a float value's bytes on an int8 layer's grid, as
     that layer's kernel reads x, are rows.quad_bytes of the reference's value: an output's
     or a Lookup's (from the table's bytes) left out of the outputs, on an int8 and a uint8
-    grid; 42 features, so that the threads split a quad of features between them."""
+    grid; 42 features, so that the threads split a quad of features between them.
+
+    A group with a mean to wait for and no mean among its outputs (the LayerNorms; the
+    made-up group without its mean's bytes, case 5) runs feature-major blocked (every
+    pass in one call, the parts taking tokens, rows.BLOCK at a time): at 200 tokens in
+    blocks and a remainder, and past rows.BLOCKED tokens a part in passes over every
+    token."""
     from sparsejit.kernels import rows
     from sparsejit.kernels.layout import feature_major_empty
 
     cases = _row_kernel_cases()
     gelu = [c for c in cases if any(m.op_type == "Lookup" and "Erf" in m.attrs["ops"] for m in c[0])]
     layernorms = [c for c in cases if [m.op_type for m in c[0]].count("ReduceMean") == 2]
-    nodes, names, outputs, consts = [layernorms[0], layernorms[1], gelu[0], cases[-1], cases[-1]][case]
+    nodes, names, outputs, consts = [layernorms[0], layernorms[1], gelu[0], cases[-1], cases[-1], cases[-1]][case]
+    if case == 5:
+        outputs = outputs[1:]  # (not the mean's bytes: blocked)
     kernel = rows.RowKernel(nodes, names, outputs, consts)
     floats = [o for o in (*outputs, *(n.outputs[0] for n in nodes if n.op_type == "Lookup"))
               if kernel.values[o].kind == "row" and kernel._type(o) == np.float32]
@@ -1020,7 +1028,8 @@ def test_row_kernel_is_its_reference(case):
         t[:] = x.reshape(-1, n).T
         return t.T.reshape(x.shape)
 
-    for shape in [(2, 9, n), (1, 1, n), (3, n), (1, 5, n)]:
+    blocked = case in (0, 1, 5)
+    for shape in [(2, 9, n), (1, 1, n), (3, n), (1, 5, n), (2, 100, n), (1, 2 * rows.BLOCKED + 3, n)]:
         xs = [(rng.standard_normal(shape) * 3).astype(np.float32) for _ in names]
         if case == 4:
             xs[1] = xs[1][:1]  # y read broadcast over the rows
@@ -1032,9 +1041,12 @@ def test_row_kernel_is_its_reference(case):
                 inputs = [np.ascontiguousarray(x.T).T for x in xs]
             feature_major = np.prod(shape[:-1]) > 1 and (layout in ("feature", "mixed", "padded") or layout ==
                                                          "reversed" and sum(d > 1 for d in shape[:-1]) == 1)
+            kernel._calls.clear()
             got = kernel(*inputs)
             want = rows.reference_rows(*inputs, nodes=nodes, names=names, outputs=outputs, consts=consts, opset=17)
             assert got is not None, (case, shape, layout)
+            call, = kernel._calls.values()
+            assert call.blocked == (blocked and feature_major and np.prod(shape[:-1]) <= rows.BLOCKED * call.parts)
             for g, w, o in zip(got, want, outputs):
                 assert g.dtype == w.dtype and g.shape == w.shape, (o, g.dtype, w.dtype, g.shape, w.shape)
                 np.testing.assert_array_equal(g, w, err_msg=f"{o} {shape} {layout}")
