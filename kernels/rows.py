@@ -38,7 +38,7 @@ import numpy as np
 
 from ..graph import Node
 from ..ops import bind, evaluate, op
-from .compile import ir_engine, load_source, threads
+from .compile import host_cpu, ir_engine, load_source, threads
 from .elementwise import quantized_ir
 from .ir import Signature
 from .launch import IMPORTS, address, part_ir, put_source, run  # noqa: F401 (part_ir: prebuild's BUILDS)
@@ -173,8 +173,14 @@ declare float @llvm.roundeven.f32(float)
 declare float @llvm.maxnum.f32(float, float)
 declare float @llvm.minnum.f32(float, float)
 declare float @llvm.sqrt.f32(float)
+declare <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8>, <64 x i8>, <64 x i8>)
 !0 = distinct !{}
 """
+
+
+def permutes() -> bool:
+    """Whether this CPU has AVX-512 VBMI's byte permutes (vpermi2b)."""
+    return "+avx512vbmi" in host_cpu()[1].split(",")
 
 
 def _token_rows(v: np.ndarray) -> np.ndarray | None:
@@ -631,6 +637,47 @@ class RowKernel:
             made.get(i) == s or i in self.means for s, nodes in self.once.items() for n in nodes for i in n.inputs
             if i in self.values and self.values[i].kind == "mean")
 
+    def _permutes(self, loop: list[Node]) -> bool:
+        """Whether loop `loop` (feature-major) is a Lookup whose value the group keeps as
+        bytes alone (`quads`), looked up 64 at a time by AVX-512 VBMI's byte permutes
+        (`_permuted_ir`) where the CPU has them; elsewhere byte by byte."""
+        o = loop[0].outputs[0]
+        return permutes() and not self.token and loop[0].op_type == "Lookup" and o in self.quads and \
+            o not in self.temps and o not in self.keep and ("y", o) not in self.slot
+
+    def _permuted_ir(self, n: Node, k: int, bytes_in: dict, before: str) -> tuple[list[str], str]:
+        """Lines taking loop k's tokens 64 at a time, up to the last 64 (the loop takes
+        the rest), for Lookup n (`_permutes`): each index's byte from the table's bytes
+        (`grid_bytes`) by two vpermi2b (of its 128 entries each) and a select on the
+        index's top bit, stored where `_stores` stores it. And the label they end at."""
+        o, x, t = n.outputs[0], n.inputs[0], f"%l{k}v"
+        table = f"%s{self.slot['quad table', o]}"
+        lines = [f"  {t}.tab{h}.at = getelementptr i8, ptr {table}, i64 {64 * h}" for h in range(4)]
+        lines += [f"  {t}.tab{h} = load <64 x i8>, ptr {t}.tab{h}.at, align 1" for h in range(4)]
+        lines += [f"  br label %l{k}v.head", f"l{k}v.head:",
+                  f"  %i{k}v = phi i64 [ %ib, %{before} ], [ %i{k}v.next, %l{k}v.body ]",
+                  f"  %i{k}v.end = add i64 %i{k}v, 64", f"  {t}.more = icmp sle i64 %i{k}v.end, %ie",
+                  f"  br i1 {t}.more, label %l{k}v.body, label %l{k}v.done", f"l{k}v.body:",
+                  f"  %x{k}v = add i64 %jrow, %i{k}v", f"  %t{k}v = add i64 %crow, %i{k}v"]
+        address = self._load(x, f"{k}v", f"{t}.x", bytes_in)[:-1]  # (its scalar load left out)
+        if x in bytes_in:
+            lines += address + [f"  {t}.b = load <64 x i8>, ptr {t}.x.at, align 1"]
+        else:
+            lines += address + [f"  {t}.f = load <64 x float>, ptr {t}.x.at, align 4",
+                                f"  {t}.i = fptosi <64 x float> {t}.f to <64 x i32>",
+                                f"  {t}.b = trunc <64 x i32> {t}.i to <64 x i8>"]
+        permute = "call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512"
+        lines += [f"  {t}.lo = {permute}(<64 x i8> {t}.tab0, <64 x i8> {t}.b, <64 x i8> {t}.tab1)",
+                  f"  {t}.hi = {permute}(<64 x i8> {t}.tab2, <64 x i8> {t}.b, <64 x i8> {t}.tab3)",
+                  f"  {t}.top = icmp slt <64 x i8> {t}.b, zeroinitializer",
+                  f"  {t}.y = select <64 x i1> {t}.top, <64 x i8> {t}.hi, <64 x i8> {t}.lo",
+                  f"  {t}.qm = and i64 %j, 3", f"  {t}.qy = mul i64 {t}.qm, %rows", f"  {t}.qx = add i64 {t}.qy, %i{k}v",
+                  f"  {t}.qz = add i64 %qrow4, {t}.qx",
+                  f"  {t}.qat = getelementptr i8, ptr %s{self.slot['quad temp', o]}, i64 {t}.qz",
+                  f"  store <64 x i8> {t}.y, ptr {t}.qat, align 1", f"  %i{k}v.next = add i64 %i{k}v, 64",
+                  f"  br label %l{k}v.head", f"l{k}v.done:"]
+        return lines, f"l{k}v.done"
+
     def _pass_ir(self, stage: int, bytes_in: dict, loop_ids: list) -> list[str] | None:
         lines = self._entry(f"pass{stage}")
         lines += ["  %quads.r = add i64 %rows, 3", "  %quads = lshr i64 %quads.r, 2", "  br label %jhead", "jhead:",
@@ -650,8 +697,12 @@ class RowKernel:
             m = len(loop_ids)
             loop_ids.append(m)
             sums = [f"%sum{self.index[n.outputs[0]]}" for n in loop if n.op_type == "ReduceMean"]
+            start = "%ib"
+            if self._permutes(loop):
+                got, before = self._permuted_ir(loop[0], k, bytes_in, before)
+                lines, start = lines + got, f"%i{k}v"
             lines += [f"  br label %l{k}.head", f"l{k}.head:",
-                      f"  %i{k} = phi i64 [ %ib, %{before} ], [ %i{k}.next, %l{k}.body ]"]
+                      f"  %i{k} = phi i64 [ {start}, %{before} ], [ %i{k}.next, %l{k}.body ]"]
             lines += [f"  {s} = phi double [ 0.0, %{before} ], [ {s}.new, %l{k}.body ]" for s in sums if self.token]
             lines += [f"  %l{k}.more = icmp slt i64 %i{k}, %ie",
                       f"  br i1 %l{k}.more, label %l{k}.body, label %l{k}.done",

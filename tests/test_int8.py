@@ -987,8 +987,9 @@ def _row_kernel_cases():
     return cases
 
 
+@pytest.mark.parametrize("permutes", [True, False])
 @pytest.mark.parametrize("case", range(6))
-def test_row_kernel_is_its_reference(case):
+def test_row_kernel_is_its_reference(case, permutes, monkeypatch):
     """A RowKernel (kernels/rows.py) gives what its group's ops give one by one on numpy,
     bit for bit: token-major and feature-major inputs (a Linear kernel's output, rows
     padded or not) alike, each output written feature-major where an input lies so (the
@@ -1004,9 +1005,17 @@ def test_row_kernel_is_its_reference(case):
     made-up group without its mean's bytes, case 5) runs feature-major blocked (every
     pass in one call, the parts taking tokens, rows.BLOCK at a time): at 200 tokens in
     blocks and a remainder, and past rows.BLOCKED tokens a part in passes over every
-    token."""
+    token.
+
+    A Lookup whose bytes alone the group keeps (the GELU's, case 2) looks them up 64 at a
+    time by AVX-512 VBMI's byte permutes where the CPU has them, and byte by byte
+    without (`permutes`)."""
     from sparsejit.kernels import rows
     from sparsejit.kernels.layout import feature_major_empty
+
+    if permutes and not rows.permutes():
+        pytest.skip("no AVX-512 VBMI on this CPU")
+    monkeypatch.setattr(rows, "permutes", lambda: permutes)
 
     cases = _row_kernel_cases()
     gelu = [c for c in cases if any(m.op_type == "Lookup" and "Erf" in m.attrs["ops"] for m in c[0])]
