@@ -16,7 +16,10 @@ float32 before the division by the row's length. That sum is exact but where the
 values span more than 29 bits of exponent, so its order does not matter, and
 `reference_rows`, each op on numpy in turn, gives the kernel's result bit for bit.
 
-A part of the threads takes a range of features (feature-major: a Linear kernel's
+A group with a mean to wait for, feature-major, at up to BLOCKED tokens a part, runs
+blocked: each part takes its own tokens, BLOCK at a time, through every pass, making the
+block's means between the passes in IR (`means<stage>`), in one call. Otherwise:
+a part of the threads takes a range of features (feature-major: a Linear kernel's
 output at a batch's tokens, [features, tokens] in memory, read as it lies, where an input
 lies so) or of tokens (token-major, C order); the outputs are written the same way. A
 pass is a series of loops (along a feature's tokens, or a token's features), a Lookup (a
