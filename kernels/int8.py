@@ -348,6 +348,7 @@ class Int8Linear(_ReadsBytes, _Quantized):
         if requantize is not None:
             self._requant[:, :3] = np.broadcast_to(np.asarray(requantize, np.float32), (3, self.out_features)).T
         self._fns = (*_quantize_fns(), compile_ir(int8_ir(self.config), SIGNATURE.name))
+        self._bytes_fn: int | None = None  # (bytes_for's kernel, made on first use)
         self._driver = load_source(DRIVER_SOURCE).run_int8
         self._bounds: tuple[int, np.ndarray] = (0, np.zeros(1, np.int64))
         if mode != "dynamic":  # static: the zero point's correction and the multipliers, fixed
@@ -380,10 +381,46 @@ class Int8Linear(_ReadsBytes, _Quantized):
         # (xq's rows padded to whole 64-byte lines, as every maker of x's bytes pads them)
         self._kernel(xq.view(np.float32), yt, rt, *self._terms)
 
-    def _kernel(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray, corr: np.ndarray, mult: np.ndarray) -> None:
+    def bytes_terms(self, grids: np.ndarray) -> np.ndarray:
+        """What `bytes_for` takes for outputs quantized per output as QuantizeLinear does,
+        output j on grids[:, j] ([scale, zero point, lowest, highest] rows, float32; one
+        8-bit type for all): the grids by output, [out, 4]."""
+        if self.residual:
+            raise ValueError("an int8 layer with a residual gives no bytes per output")
+        return np.ascontiguousarray(np.asarray(grids, np.float32).reshape(4, self.out_features).T)
+
+    def bytes_for(self, x: np.ndarray | None, terms: np.ndarray, given: np.ndarray | None = None) -> np.ndarray:
+        """y for x [..., in] (or for x's bytes `given`, as from_quantized takes them)
+        quantized per output on the grids of `terms` (bytes_terms), as those grids' type's
+        bytes (uint8 where the lowest is 0, else int8): feature-major [..., out], each
+        output's tokens contiguous. The kernel stores the bytes instead of y (int8_ir's
+        `bytes_out`)."""
+        lead = given.shape[:-1] if x is None else x.shape[:-1]
+        n, m = math.prod(lead), self.out_features
+        rows = feature_major_empty(m, -(-n // 4))  # (float rows of a buffer of bytes)
+        out = rows.view(np.uint8)[:, :n].view(np.uint8 if terms[0, 2] == 0 else np.int8)  # (by the lowest value)
+        if n:
+            if given is not None:
+                xq, (corr, mult) = byte_rows(given).view(np.float32), self._terms
+            else:
+                xt = transposed(x.reshape(-1, self.in_features))
+                xq = np.empty((-(-self.in_features // 4), -(-n // LANES) * LANES), np.float32)
+                grid = self._quantize(xt, xq)
+                if grid is None:
+                    raise ValueError("the input holds NaN or infinity, so its dynamic quantization scale is undefined")
+                corr, mult = self._call_terms(grid) if self.mode == "dynamic" else self._terms
+            if self._bytes_fn is None:
+                self._bytes_fn = compile_ir(int8_ir(dataclasses.replace(self.config, bytes_out=True)), SIGNATURE.name)
+            # (the driver reads y's token count from yt's shape: n, on rows holding n bytes)
+            yt = np.lib.stride_tricks.as_strided(rows, (m, n), rows.strides)
+            self._kernel(xq, yt, terms, corr, mult, self._bytes_fn)
+        return out.T.reshape(lead + (m,))
+
+    def _kernel(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray, corr: np.ndarray, mult: np.ndarray,
+                fn: int | None = None) -> None:
         bounds = self._split()
-        run(self._driver, SIGNATURE, len(bounds) - 1, 1, self._fns[2], xq, self.indptr, self.split, self.blocks,
-            self.weights, corr, mult, self.bias, self._requant, yt, rt, bounds)
+        run(self._driver, SIGNATURE, len(bounds) - 1, 1, self._fns[2] if fn is None else fn, xq, self.indptr,
+            self.split, self.blocks, self.weights, corr, mult, self.bias, self._requant, yt, rt, bounds)
 
     def skipped(self, start: int = 0, stop: int | None = None) -> float:
         """The fraction of outputs [start, stop)'s dense multiply-adds not done: the

@@ -56,6 +56,10 @@ class Int8Config:
     # pmaddwd: each row's blocks [indptr[j], split[j]) cannot saturate int16 pairs, so
     # `vpmaddubsw` does their products in half the instructions (see _dot4_pairs)
     pairs_first: bool = False
+    # without residual: y quantized per output as QuantizeLinear does, on rt[4j: 4j + 4]
+    # ([scale, zero point, lowest, highest]), stored as bytes: yt's row j of floats holds
+    # row j's bytes (yt is a buffer of bytes with rows `ldy` floats apart)
+    bytes_out: bool = False
 
     @property
     def lanes(self) -> int:
@@ -148,14 +152,33 @@ def _tile(e: Builder, cfg: Int8Config, j: str, t: str, vectors: int) -> None:
                       for i in range(3))
     masks = e.lane_masks(t, vectors, "%ntok")
     ystart, rstart = e.offset(j, "%ldy", t), e.offset(j, "%ldr", t) if cfg.residual else None
+    if cfg.bytes_out:
+        at = e(f"mul i64 {j}, 4")
+        grid = [e.splat(e(f"load float, ptr {e.gep('%rt', e(f'add i64 {at}, {i}') if i else at)}, align 4"))
+                for i in range(4)]
+        ystart = e.offset(j, e("shl i64 %ldy, 2"), t)  # (in bytes)
     for u, (acc, mask) in enumerate(zip(accs, masks)):
         y = e(f"sitofp {iv} {e(f'sub {iv} {acc}, {corr}')} to {e.vt}")
         y = e(f"fmul {e.vt} {y}, {scale}")
         if cfg.requantize:  # (a multiply, then an add: the graph's DequantizeLinear, then its Add)
             y = e(f"fmul {e.vt} {e.vcall('roundeven', e.vcall('minnum', e.vcall('maxnum', y, lo), hi))}, {sy}")
         y = e(f"fadd {e.vt} {y}, {bias}")
+        if cfg.bytes_out:
+            _store_bytes(e, quantized(e, epilogue(e, cfg.activation, y), *grid), e.vptr("%yt", ystart, u, "i8"), mask)
+            continue
         residual = e.vptr("%rt", rstart, u) if cfg.residual else None
         e.vstore(epilogue(e, cfg.activation, y, residual, mask), e.vptr("%yt", ystart, u), mask)
+
+
+def _store_bytes(e: Builder, q: str, ptr: str, mask: str | None) -> None:
+    """The float vector q of quantized values (lowp_ir.quantized's) stored as bytes at ptr."""
+    L = e.lanes
+    b = e(f"trunc <{L} x i32> {e(f'fptosi {e.vt} {q} to <{L} x i32>')} to <{L} x i8>")
+    if mask is None:
+        e.raw(f"  store <{L} x i8> {b}, ptr {ptr}, align 1")
+    else:
+        e.call(f"llvm.masked.store.v{L}i8.p0", "void", (f"<{L} x i8>", b), ("ptr", ptr), ("i32", "1"),
+               (f"<{L} x i1>", mask))
 
 
 def _rows(e: Builder, cfg: Int8Config) -> None:
@@ -295,13 +318,17 @@ def range_ir(lanes: int) -> str:
 
 @functools.cache  # (the same text for every layer of a configuration: made once)
 def int8_ir(cfg: Int8Config) -> str:
-    if cfg.activation not in ACTIVATIONS or cfg.dot not in DOTS or cfg.pairs_first and cfg.dot != "pmaddwd":
+    if cfg.activation not in ACTIVATIONS or cfg.dot not in DOTS or cfg.pairs_first and cfg.dot != "pmaddwd" or \
+            cfg.bytes_out and cfg.residual:
         raise ValueError(f"no int8 kernel for {cfg}")
     e = Builder(cfg.lanes)
     e.function(SIGNATURE, lambda: _rows(e, cfg))
     scaled = "float(sum over row j's stored 4-blocks b: xq[b, t] . w[b] - corr[j]) * scale[j]"
     if cfg.requantize:
         scaled = f"roundeven(clamp({scaled}, requant[4j + 1], requant[4j + 2])) * requant[4j]"
+    y = f"act({scaled} + bias[j]){' + rt[j, t]' if cfg.residual else ''}"
+    if cfg.bytes_out:
+        y = f"bytes of quantized({y}, scale rt[4j], zero point rt[4j + 1], lowest rt[4j + 2], highest rt[4j + 3])"
     return e.module(f"; sparsejit generated kernel: int8 activation={cfg.activation} residual={cfg.residual} "
-                    f"dot={cfg.dot} vectors={cfg.vectors} requantize={cfg.requantize} pairs_first={cfg.pairs_first}\n"
-                    f"; yt[j, t] = act({scaled} + bias[j]){' + rt[j, t]' if cfg.residual else ''}")
+                    f"dot={cfg.dot} vectors={cfg.vectors} requantize={cfg.requantize} pairs_first={cfg.pairs_first}"
+                    f"{' bytes_out' if cfg.bytes_out else ''}\n; yt[j, t] = {y}")

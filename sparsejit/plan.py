@@ -764,18 +764,19 @@ def hand_dequantized_bytes(steps: list[Step], graph: Graph) -> list[Step]:
 
 
 def hand_quantized_outputs(steps: list[Step], graph: Graph) -> list[Step]:
-    """Steps where an int8 layer (or group) on the lanes kernel whose every output only a
+    """Steps where an int8 layer (or group) on the lanes kernel or Int8Linear whose every output only a
     per-tensor QuantizeLinear reads (QOperator's Q, K and V before attention) makes those
     bytes itself: its step also gives the QuantizeLinears' outputs, which are no longer
     steps of their own, and its `lean` run has the kernel store each output's bytes on its
-    QuantizeLinear's grid instead of the floats (Int8Lanes.bytes_for); the executor takes
+    QuantizeLinear's grid instead of the floats (Int8Lanes.bytes_for, Int8Linear.bytes_for); the executor takes
     it where no step and no caller asks for the floats. Bit for bit the QuantizeLinears'
     bytes: the same float y, quantized in the same float steps."""
     readers = _readers(steps)
     out: list[Step | None] = list(steps)
     for i, s in enumerate(steps):
         n = s.node
-        if n.op_type not in ("QLinear", "QLinearGroup") or not isinstance(s.impl, Int8Lanes) or s.impl.residual:
+        if n.op_type not in ("QLinear", "QLinearGroup") or not isinstance(s.impl, (Int8Lanes, Int8Linear)) or \
+                s.impl.residual:
             continue
         quants = [readers.get(o, []) for o in n.outputs]
         if not all(len(r) == 1 and steps[r[0]].node.op_type == "QuantizeLinear" and steps[r[0]].node.inputs[0] == o

@@ -824,6 +824,45 @@ def test_the_4_block_int8_layer_runs_on_bytes_handed_over(dot):
             assert n == 0 or len(np.unique(want)) > 20
 
 
+@pytest.mark.parametrize("dot", ["vnni", "pmaddwd", "generic"])
+def test_the_4_block_int8_layer_stores_each_outputs_quantized_bytes(dot):
+    """Int8Linear.bytes_for (int8_ir's `bytes_out`): each output quantized on its own grid
+    as QuantizeLinear quantizes the float y the kernel gives, bit for bit, with each dot
+    product this CPU runs: requantized or not, int8 and uint8 grids, tokens off 16 and
+    none; from x (its scale static or dynamic) and from x's bytes handed over."""
+    from sparsejit.kernels.int8 import Int8Linear, host_dots
+    from sparsejit.kernels.rows import quad_bytes
+
+    if dot not in host_dots():
+        pytest.skip(f"this CPU does not run {dot}")
+    rng = np.random.default_rng(12)
+    k, m = 200, 48
+    w = rng.integers(-128, 128, (k, m)).astype(np.int8)
+    w[rng.random((k // 4, m)).repeat(4, axis=0) < 0.8] = 0  # (4-blocks)
+    req = np.stack([np.full(m, 0.05, np.float32), np.full(m, -128 - 3, np.float32), np.full(m, 127 - 3, np.float32)])
+    x_grid = np.array([0.05, 128, 0, 255], np.float32)
+    for requantize, signed, mode in [(req, False, "static"), (None, True, "static"), (req, True, "dynamic")]:
+        static = mode == "static"
+        layer = Int8Linear(w, ((rng.random(m) + 0.5) * 0.002).astype(np.float32), mode,
+                           np.float32(0.05) if static else None, np.uint8(128) if static else None,
+                           rng.standard_normal(m).astype(np.float32), "none", False, requantize, dot=dot)
+        lo, hi = (-128, 127) if signed else (0, 255)
+        grids = np.stack([rng.uniform(0.01, 0.05, m), rng.integers(lo + 20, hi - 20, m), np.full(m, lo),
+                          np.full(m, hi)]).astype(np.float32)
+        terms = layer.bytes_terms(grids)
+        for n in (0, 5, 37, 130):
+            x = (rng.standard_normal((1, n, k)) * 3).astype(np.float32)
+            y = layer(x)
+            want = np.clip(np.rint(y / grids[0]) + grids[1], grids[2], grids[3]).astype(np.int8 if signed else np.uint8)
+            got = layer.bytes_for(x, terms)
+            assert got.dtype == want.dtype and got.shape == want.shape == (1, n, m)
+            np.testing.assert_array_equal(got, want, err_msg=f"{n} {mode} {signed}")
+            assert n < 37 or len(np.unique(want)) > 40  # (not saturated)
+            if static:
+                given = quad_bytes(x, x_grid)
+                np.testing.assert_array_equal(layer.bytes_for(None, terms, given), want, err_msg=f"{n} given")
+
+
 def test_qoperator_layers_on_the_lanes_kernel_take_every_byte_handed_to_them(monkeypatch):
     """With every layer of the written-out QOperator BERT on the lanes kernel (LANES_WORTH
     raised), all three hand-overs run: the row groups' bytes (hand_row_bytes), Q, K and V
@@ -850,14 +889,16 @@ def test_qoperator_layers_on_the_lanes_kernel_take_every_byte_handed_to_them(mon
 
 def test_a_4_block_qoperator_model_hands_bytes_to_its_4_block_layers(monkeypatch):
     """The QOperator BERT pruned in 4-blocks runs its requantized layers on Int8Linear,
-    which reads the bytes the row groups and attention hand over: outputs bit for bit those
+    which reads the bytes the row groups and attention hand over, and stores Q, K and V as
+their QuantizeLinears' bytes (int8_ir's `bytes_out`): outputs bit for bit those
     of a load without the hand-overs, the floats left out the same when asked for."""
     from sparsejit import plan
 
     path = INT8 / "bert_block4_p90_int8_qoperator.onnx"
     model = sparsejit.load(path)
     lean = [s for s in model._executor.steps if s.lean is not None]
-    assert {s.node.op_type for s in lean} >= {"RowGroup", "DequantizeLinear"}, [s.node.op_type for s in lean]
+    assert {s.node.op_type for s in lean} >= {"RowGroup", "DequantizeLinear", "QLinearGroup"}, \
+        [s.node.op_type for s in lean]
     assert any(type(s.impl).__name__ == "Int8Linear" and s.optional for s in model._executor.steps)
     for flag in ("ROW_BYTES", "QUANTIZED_OUTPUTS", "DEQUANTIZED_BYTES"):
         monkeypatch.setattr(plan, flag, False)
