@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -832,10 +832,41 @@ class RowKernel:
         passes = self._passes({x: v.dtype for x, v in zip(self.names, inputs) if v.dtype in BYTES}, token, blocked)
         if passes is None:
             return None
+        own = tuple((k, s) for k, s in enumerate(self.slots) if s[0] in ("x", "y", "quad", *_APART))
         return _Call(shape, n, rows, token, passes, threads(), tuple(_lay_kind(v, shape, token) for v in inputs),
-                     blocked)
+                     blocked, own)
+
+    def _scratch(self, c: _Call) -> tuple[dict, np.ndarray]:
+        """The arrays a call works in and does not return (kept values, means, sums,
+        temporaries, the bytes' temporary rows), and its slots with them, the constants
+        and the length filled in (the call's own arrays and their strides left to fill)."""
+        n, rows, parts = c.n, c.rows, c.parts
+        outer, inner = (rows, n) if c.token else (n, rows)
+        arrays = {("kept", o): aligned_empty((parts, n * BLOCK) if c.blocked else (outer, inner)) for o in self.keep}
+        arrays.update({("mean", v): aligned_empty((rows,)) for v in self.means})
+        arrays.update({("sum", v): np.zeros((parts, rows), np.float64) for v in self.sums})
+        arrays.update({("temp", o): np.empty((parts, inner), np.float32) for o in self.temps})
+        arrays.update({("quad temp", o): np.zeros((parts, 4 * inner), np.uint8) for o in self.quads})
+        p = np.array([address(arrays[s]) if s in arrays else n if s[0] == "n" else self._fixed.get(s, 0)
+                      for s in self.slots], np.int64)
+        return arrays, p
 
     def _run(self, c: _Call, inputs: tuple[np.ndarray, ...]) -> tuple:
+        """The call: its scratch the one kept for this layout (`_scratch`; made anew where
+        another thread is in it), the sums zeroed, then the passes."""
+        mine = c.lock.acquire(blocking=False)
+        try:
+            if mine and not c.spare:
+                c.spare.append(self._scratch(c))
+            scratch, p = c.spare[0] if mine else self._scratch(c)
+            for v in self.sums:
+                scratch["sum", v].fill(0)
+            return self._passes_run(c, inputs, scratch, p)
+        finally:
+            if mine:
+                c.lock.release()
+
+    def _passes_run(self, c: _Call, inputs: tuple[np.ndarray, ...], scratch: dict, p: np.ndarray) -> tuple:
         shape, n, rows, token, passes, parts = c.shape, c.n, c.rows, c.token, c.passes, c.parts
         outer, inner = (rows, n) if token else (n, rows)
         arrays = {("x", x): _lay(kind, v, shape) for x, v, kind in zip(self.names, inputs, c.lay)}
@@ -843,17 +874,12 @@ class RowKernel:
                 if self.types[o] == np.float32 else aligned_empty((n, rows), self.types[o])
                 for o in self.rows_out}
         arrays.update({("y", o): m for o, m in outs.items()})
-        arrays.update({("kept", o): aligned_empty((parts, n * BLOCK) if c.blocked else (outer, inner))
-                       for o in self.keep})
-        arrays.update({("mean", v): aligned_empty((rows,)) for v in self.means})
-        arrays.update({("sum", v): np.zeros((parts, rows), np.float64) for v in self.sums})
-        arrays.update({("temp", o): np.empty((parts, inner), np.float32) for o in self.temps})
         quads = {o: quad_empty(n, rows) for o in self.quads}
         arrays.update({("quad", o): q for o, q in quads.items()})
-        arrays.update({("quad temp", o): np.zeros((parts, 4 * inner), np.uint8) for o in quads})
-        p = np.array([address(arrays[s]) if s in arrays else n if s[0] == "n" else self._fixed[s] if s[0] not in _APART
-                      else arrays[_APART[s[0]], s[1]].strides[0] // arrays[_APART[s[0]], s[1]].itemsize
-                      for s in self.slots], np.int64)
+        for k, s in c.own:  # (the call's arrays, and their row strides in elements)
+            a = arrays[_APART.get(s[0], s[0]), s[1]]
+            p[k] = a.strides[0] // a.itemsize if s[0] in _APART else address(a)
+        arrays.update(scratch)
         driver = load_source(ROWS_DRIVER).run_row_group
         env: dict[str, np.ndarray] = {}
         if c.blocked:  # (every pass in one call; the parts take tokens)
@@ -891,4 +917,7 @@ class _Call:
     passes: list
     parts: int
     lay: tuple[str, ...]
-    blocked: bool = False
+    blocked: bool
+    own: tuple  # (slot index, slot) of the call's own arrays and their row strides
+    lock: threading.Lock = field(default_factory=threading.Lock)  # (whoever holds it uses spare)
+    spare: list = field(default_factory=list)  # the call's scratch, made on first use (_scratch)

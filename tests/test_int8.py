@@ -1115,6 +1115,44 @@ def test_row_kernel_is_its_reference(case, permutes, monkeypatch):
     assert kernel(*[np.zeros((0, n), np.float32) for _ in names]) is None
 
 
+def test_a_row_kernel_called_from_several_threads_at_once_gives_each_its_own_result():
+    """A RowKernel keeps one scratch per input layout (the kept values, the means' sums,
+    the bytes' temporary rows), used by one call at a time: threads calling it at once
+    on inputs of one layout (a blocked LayerNorm group, a GELU group storing bytes) each
+    get their own input's result, bit for bit."""
+    import threading
+
+    from sparsejit.kernels import rows
+
+    cases = _row_kernel_cases()
+    layernorm = next(c for c in cases if [m.op_type for m in c[0]].count("ReduceMean") == 2)
+    gelu = next(c for c in cases if any(m.op_type == "Lookup" and "Erf" in m.attrs["ops"] for m in c[0]))
+    for nodes, names, outputs, consts in (layernorm, gelu):
+        n = next((c.size for c in consts.values() if c.size > 1), 64)
+        pick = outputs[-1] if len(outputs) else next(m.outputs[0] for m in nodes if m.op_type == "Lookup")
+        kernel = rows.RowKernel(nodes, names, [o for o in outputs if o != pick], consts,
+                                quads={pick: np.array([0.03, 120, 0, 255], np.float32)})
+        rng = np.random.default_rng(3)
+        inputs = []
+        for _ in range(4):
+            xs = [(rng.standard_normal((n, 100)) * 3).astype(np.float32).T for _ in names]  # (feature-major)
+            inputs.append((xs, [np.array(a) for a in kernel(*xs)]))
+        wrong = []
+
+        def work(i, kernel=kernel, inputs=inputs, wrong=wrong):
+            for _ in range(30):
+                xs, want = inputs[i]
+                got = kernel(*xs)
+                wrong.extend(i for g, w in zip(got, want) if not np.array_equal(g, w))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not wrong, wrong
+
+
 @pytest.mark.parametrize("products", ["vnni", "blas"])
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])
 def test_quantized_attention_kernel_is_its_reference(dtype, products, monkeypatch):
