@@ -175,11 +175,12 @@ def strided(n, at, dtype):
 
 
 def qattention(slots, floats, t0, t1):
-    # slots: int64 [46] (qattention's wrapper), floats: float32 [20]. q [b, h, rows, d],
+    # slots: int64 [47] (qattention's wrapper), floats: float32 [20]. q [b, h, rows, d],
     # kt [b, h, d, t], v [b, h, t, dv], each in any layout (`strided`); the mask [mb, mh, mr,
     # t] and the output [b, h, rows, dv] in C order; the products' IR kernel (`product`);
-    # `plain`: the bytes the scaled scores quantize to where the mask adds 0
-    n = carray(pointer(slots), 46, np.int64)
+    # `plain`: the bytes the scaled scores quantize to where the mask adds 0; `row_bytes`:
+    # row_bytes_ir's kernel (0: the loops below)
+    n = carray(pointer(slots), 47, np.int64)
     f = carray(pointer(floats), 20, np.float32)
     q, kt, v = strided(n, 0, Q), strided(n, 10, K), strided(n, 20, V)
     mask = carray(pointer(n[30]), (n[31], n[32], n[33], n[34]), np.float32)
@@ -189,13 +190,14 @@ def qattention(slots, floats, t0, t1):
     table = carray(pointer(n[42]), (256, 256), np.float32)
     flip, idot = n[43], n[44]
     plain = carray(pointer(n[45]), 256, np.uint8)
+    row_bytes = n[46]
     qz, kz, vz, pz = FIRST(f[0]), FIRST(f[1]), SECOND(f[2]), SECOND(f[3])
     m1, z1, lo1, hi1, s_scale, s_zero, s_lo, s_hi = f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11]
     p_scale, p_zero, p_lo, p_hi, m2, z2, lo2, hi2 = f[12], f[13], f[14], f[15], f[16], f[17], f[18], f[19]
     heads, rows = q.shape[1:3]
     t = kt.shape[3]
     dv = v.shape[3]
-    byte = np.empty(t, np.int32)
+    byte = np.empty(t, np.uint8)
     qr = np.empty(t, np.uint8)
     es = np.empty(t, np.float32)
     for task in range(t0, t1):
@@ -206,10 +208,13 @@ def qattention(slots, floats, t0, t1):
         for i in range(rows):
             ai = acc[i]
             mr = mask[min(b, mask.shape[0] - 1), min(h, mask.shape[1] - 1), min(i, mask.shape[2] - 1)]
-            for j in range(t):
-                byte[j] = requantized(ai[j], m1, z1, lo1, hi1) & 255
-            for j in range(t):  # (e + 0 is e: one lookup where the mask adds nothing)
-                qr[j] = plain[byte[j]]
+            if row_bytes:  # (f[4:8]: m1, z1, lo1, hi1)
+                call_address(row_bytes, (ai.ctypes.data, t, floats + 16, n[45], byte.ctypes.data, qr.ctypes.data))
+            else:
+                for j in range(t):
+                    byte[j] = requantized(ai[j], m1, z1, lo1, hi1) & 255
+                for j in range(t):  # (e + 0 is e: one lookup where the mask adds nothing)
+                    qr[j] = plain[byte[j]]
             masked = False
             for j in range(t):
                 masked |= mr[j] != 0
@@ -646,11 +651,13 @@ class QAttention:
             return out
         if self.products == "vnni" and max(d, t) < EXACT_INT32:
             fn, idot = _qattention_fn(*self.types, np.float32, np.float32, "vnni"), idot_kernel()
+            lookup = row_bytes_kernel()  # (its sums in int32)
         else:
             fn, idot = _qattention_fn(*self.types, exact_floats(d, q, self.qz, kt, self.kz),
                                       exact_floats(t, np.empty(0, self.pz.dtype), self.pz, v, self.vz), "blas"), 0
+            lookup = 0
         slots = np.array([*_strided(q), *_strided(kt), *_strided(v), address(mask), *mask.shape, address(out),
-                          *out.shape, *self.tail, idot, address(self.tables[3])], np.int64)
+                          *out.shape, *self.tail, idot, address(self.tables[3]), lookup], np.int64)
         tasks = batch * heads
         parts = min(threads(), tasks)
         calls = new_calls(parts, 1, QATTENTION)
@@ -705,6 +712,77 @@ def idot_kernel() -> int:
 
 
 IDOT = Signature("idot", (("a", "ptr"), ("b", "ptr"), ("c", "ptr"), ("m", "i64"), ("k4", "i64"), ("nv", "i64")))
+ROW_BYTES = Signature("row_bytes", (("acc", "ptr"), ("t", "i64"), ("grid", "ptr"), ("plain", "ptr"), ("byte", "ptr"),
+                                    ("qr", "ptr")))
+
+
+def has_permutes() -> bool:
+    """Whether this CPU has AVX-512 VBMI's byte permutes (rows.permutes)."""
+    from .rows import permutes
+
+    return permutes()
+
+
+@functools.cache
+def row_bytes_kernel() -> int:
+    """The address of row_bytes_ir's kernel where the CPU has AVX-512 VBMI, else 0 (the
+    attention kernel's own loops)."""
+    return compile_ir(row_bytes_ir(), ROW_BYTES.name) if has_permutes() else 0
+
+
+def row_bytes_ir() -> str:
+    """`row_bytes`: for a row of scores' sums acc (i32, t of them), byte[j] (uint8) =
+    requantized(acc[j]) & 255 on grid (float32 [multiplier, zero point, lowest, highest],
+    QAttentionCore's first requantizing: clamp, round half to even, add the zero point, in
+    the attention kernel's float32 steps) and qr[j] = plain[byte[j]], 64 at a time by two
+    vpermi2b over plain's 256 bytes and a select on the byte's top bit, the rest one by one."""
+    v, b, f = "<64 x i32>", "<64 x i8>", "<64 x float>"
+    permute = "call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512"
+
+    def splat(x: str) -> list[str]:
+        return [f"  %{x}.i = insertelement {f} poison, float %{x}, i64 0",
+                f"  %{x}.v = shufflevector {f} %{x}.i, {f} poison, <64 x i32> zeroinitializer"]
+
+    def byte_of(acc: str, out: str, lanes: int) -> list[str]:  # (requantized, & 255: its low byte)
+        fty, ity, bty = (f"<{lanes} x {t}>" if lanes > 1 else t for t in ("float", "i32", "i8"))
+        sfx, fn = (".v", f"v{lanes}f32") if lanes > 1 else ("", "f32")
+        o = f"%{out}"
+        return [f"  {o}.f = sitofp {ity} {acc} to {fty}", f"  {o}.m = fmul {fty} {o}.f, %m{sfx}",
+                f"  {o}.lo = call {fty} @llvm.maxnum.{fn}({fty} {o}.m, {fty} %lo{sfx})",
+                f"  {o}.hi = call {fty} @llvm.minnum.{fn}({fty} {o}.lo, {fty} %hi{sfx})",
+                f"  {o}.r = call {fty} @llvm.roundeven.{fn}({fty} {o}.hi)", f"  {o}.z = fadd {fty} {o}.r, %z{sfx}",
+                f"  {o}.q = fptosi {fty} {o}.z to {ity}", f"  {o} = trunc {ity} {o}.q to {bty}"]
+
+    lines = ["; sparsejit generated kernel: a row of QAttentionCore's scores to bytes, looked up by vpermi2b",
+             f"define void @row_bytes({ROW_BYTES.params()}) {{", "entry:"]
+    for i, x in enumerate(("m", "z", "lo", "hi")):
+        lines += [f"  %{x}.at = getelementptr float, ptr %grid, i64 {i}", f"  %{x} = load float, ptr %{x}.at"]
+        lines += splat(x)
+    lines += [f"  %tab{h}.at = getelementptr i8, ptr %plain, i64 {64 * h}" for h in range(4)]
+    lines += [f"  %tab{h} = load {b}, ptr %tab{h}.at, align 1" for h in range(4)]
+    lines += ["  br label %v.head", "v.head:", "  %j = phi i64 [ 0, %entry ], [ %jn, %v.body ]",
+              "  %jn = add i64 %j, 64", "  %vmore = icmp sle i64 %jn, %t", "  br i1 %vmore, label %v.body, label %s.head",
+              "v.body:", "  %a.at = getelementptr i32, ptr %acc, i64 %j", f"  %a = load {v}, ptr %a.at, align 4"]
+    lines += byte_of("%a", "y", 64)
+    lines += [f"  %lk = {permute}({b} %tab0, {b} %y, {b} %tab1)", f"  %hk = {permute}({b} %tab2, {b} %y, {b} %tab3)",
+              f"  %top = icmp slt {b} %y, zeroinitializer", f"  %q = select <64 x i1> %top, {b} %hk, {b} %lk",
+              "  %b.at = getelementptr i8, ptr %byte, i64 %j", f"  store {b} %y, ptr %b.at, align 1",
+              "  %q.at = getelementptr i8, ptr %qr, i64 %j", f"  store {b} %q, ptr %q.at, align 1",
+              "  br label %v.head",
+              "s.head:", "  %k = phi i64 [ %j, %v.head ], [ %kn, %s.body ]", "  %smore = icmp slt i64 %k, %t",
+              "  br i1 %smore, label %s.body, label %done", "s.body:", "  %kn = add i64 %k, 1",
+              "  %c.at = getelementptr i32, ptr %acc, i64 %k", "  %c = load i32, ptr %c.at"]
+    lines += byte_of("%c", "x", 1)
+    lines += ["  %xk = zext i8 %x to i64", "  %p.at = getelementptr i8, ptr %plain, i64 %xk", "  %p = load i8, ptr %p.at",
+              "  %xb.at = getelementptr i8, ptr %byte, i64 %k", "  store i8 %x, ptr %xb.at",
+              "  %p2.at = getelementptr i8, ptr %qr, i64 %k", "  store i8 %p, ptr %p2.at", "  br label %s.head",
+              "done:", "  ret void", "}", "", f"declare {b} @llvm.x86.avx512.vpermi2var.qi.512({b}, {b}, {b})"]
+    for ty, fn in ((f, "v64f32"), ("float", "f32")):
+        lines += [f"declare {ty} @llvm.{name}.{fn}({ty}{f', {ty}' if name != 'roundeven' else ''})"
+                  for name in ("maxnum", "minnum", "roundeven")]
+    return "\n".join(lines) + "\n"
+
+
 
 
 def idot_ir() -> str:
