@@ -223,7 +223,7 @@ def qattention(slots, floats, t0, t1):
                     if mr[j] != 0:
                         qr[j] = np.int32(quantized(scores[byte[j]] + mr[j], s_scale, s_zero, s_lo, s_hi)) & 255
             softmax_row(qr, value, table, flip, es, p_scale, p_zero, p_lo, p_hi, 0, pq[i])
-        o = product(pq, pz, v[b, h], vz, PA, VB, idot)
+        o = product(pq[:, :t], pz, v[b, h], vz, PA, VB, idot)  # (layout 'A', as q[b, h]: see PRODUCTS)
         for i in range(rows):
             oi = o[i]
             ys = out[b, h, i]
@@ -232,11 +232,13 @@ def qattention(slots, floats, t0, t1):
 """
 
 # QATTENTION_SOURCE's `product`: the sums of (x - xz)(y - yz) over k for x [m, k] and y [k,
-# n] bytes in any layout, exactly, so that the order of the sums does not matter
+# n] bytes in any layout, exactly, so that the order of the sums does not matter. Not
+# inlined, and both calls give it arrays of layout 'A': one compile serves both where the
+# types agree (the kernel took 1.6-2.3 s of its 3.6-4.5 s compile with it inlined twice)
 PRODUCTS = {
     # in xz's float type, which holds every such sum (ops.exact_floats), on BLAS
     "blas": """\
-@njit(inline="always")
+@njit
 def product(x, xz, y, yz, cx, cy, idot):
     c = np.empty((x.shape[0], y.shape[1]), np.asarray(xz).dtype)
     np.dot(centred(x, xz), centred(y, yz), c)
@@ -246,7 +248,7 @@ def product(x, xz, y, yz, cx, cy, idot):
     # int8 (cx, cy: 128 or 0, as the types are), their products' sums less what the zero
     # points and offsets add, from x's row sums and y's column sums
     "vnni": """\
-@njit(inline="always")
+@njit
 def product(x, xz, y, yz, cx, cy, idot):
     m, k = x.shape
     n = y.shape[1]
