@@ -571,7 +571,7 @@ class RowKernel:
         """A pass's (or a block's means', `_means_ir`) definition and entry block, up to its
         loop: the slots' addresses and scalars loaded; the tokens %ib to %ie its loops
         take, and the features %j0 to %j1 (blocked: a part's tokens' block, every feature)."""
-        if self.blocked:  # (an internal helper of `blocked`, inlined)
+        if self.blocked:  # (a function `blocked` calls)
             lines = [Signature(name, BLOCK_ARGS).define(), "entry:", "  %j0 = add i64 0, 0"]
         else:
             lines = [Signature(name, ROWS.args).define(), "entry:", "  %ib = add i64 0, 0", "  %ie = add i64 %rows, 0"]
