@@ -390,15 +390,10 @@ class Int8Linear(_ReadsBytes, _Quantized):
         return np.ascontiguousarray(np.asarray(grids, np.float32).reshape(4, self.out_features).T)
 
     def bytes_for(self, x: np.ndarray | None, terms: np.ndarray, given: np.ndarray | None = None) -> np.ndarray:
-        """y for x [..., in] (or for x's bytes `given`, as from_quantized takes them)
-        quantized per output on the grids of `terms` (bytes_terms), as those grids' type's
-        bytes (uint8 where the lowest is 0, else int8): feature-major [..., out], each
-        output's tokens contiguous. The kernel stores the bytes instead of y (int8_ir's
-        `bytes_out`)."""
+        """As Int8Lanes.bytes_for, by int8_ir's `bytes_out`."""
         lead = given.shape[:-1] if x is None else x.shape[:-1]
         n, m = math.prod(lead), self.out_features
-        rows = feature_major_empty(m, -(-n // 4))  # (float rows of a buffer of bytes)
-        out = rows.view(np.uint8)[:, :n].view(np.uint8 if terms[0, 2] == 0 else np.int8)  # (by the lowest value)
+        rows, out = _bytes_buffer(m, n, terms[0, 2] != 0)
         if n:
             if given is not None:
                 xq, (corr, mult) = byte_rows(given).view(np.float32), self._terms
@@ -508,6 +503,13 @@ def byte_rows(given: np.ndarray) -> np.ndarray:
     4-block rows [in/4, tokens] the kernel reads, token stride 1 (copied only if not)."""
     rows = given.reshape(-1, given.shape[-1]).T
     return rows if rows.shape[1] <= 1 or rows.strides[1] == rows.itemsize else np.ascontiguousarray(rows)
+
+
+def _bytes_buffer(m: int, n: int, signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(float rows [m, n / 4] of a buffer the kernels store bytes in, as their yᵀ; those
+    bytes [m, n], int8 where the grids' lowest value is not 0, else uint8)."""
+    rows = feature_major_empty(m, -(-n // 4))
+    return rows, rows.view(np.uint8)[:, :n].view(np.int8 if signed else np.uint8)
 
 
 class _HandsOver(_ReadsBytes):
@@ -815,8 +817,7 @@ class Int8Lanes(_HandsOver, _Quantized):
         `bytes_out`)."""
         lead = given.shape[:-1] if x is None else x.shape[:-1]
         n, m = math.prod(lead), self.out_features
-        rows = feature_major_empty(m, -(-n // 4))  # (float rows of a buffer of bytes: the driver's yᵀ)
-        out = rows.view(np.uint8)[:, :n].view(np.uint8 if terms[-2 * m] == 0 else np.int8)  # (by the lowest value)
+        rows, out = _bytes_buffer(m, n, terms[-2 * m] != 0)
         if n:
             xq, terms = self._x_bytes(x, given, terms)
             self._kernel(xq, rows, rows, terms, self._bytes_kernel())

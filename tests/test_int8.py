@@ -793,6 +793,16 @@ def _same_outputs_and_floats(model, plain, floats: list[str]) -> None:
             np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+def _block4_layer_data(rng) -> tuple:
+    """(in, out, an int8 weight [in, out] 80% pruned in 4-blocks, a QLinearMatMul's output
+    grid per output as Int8Linear's `requantize` takes it)."""
+    k, m = 200, 48
+    w = rng.integers(-128, 128, (k, m)).astype(np.int8)
+    w[rng.random((k // 4, m)).repeat(4, axis=0) < 0.8] = 0  # (4-blocks)
+    req = np.stack([np.full(m, 0.05, np.float32), np.full(m, -128 - 3, np.float32), np.full(m, 127 - 3, np.float32)])
+    return k, m, w, req
+
+
 @pytest.mark.parametrize("dot", ["vnni", "pmaddwd", "generic"])
 def test_the_4_block_int8_layer_runs_on_bytes_handed_over(dot):
     """Int8Linear (a QLinearMatMul's requantized output on 4-block weights; every int8
@@ -806,10 +816,7 @@ def test_the_4_block_int8_layer_runs_on_bytes_handed_over(dot):
     if dot not in host_dots():
         pytest.skip(f"this CPU does not run {dot}")
     rng = np.random.default_rng(11)
-    k, m = 200, 48
-    w = rng.integers(-128, 128, (k, m)).astype(np.int8)
-    w[rng.random((k // 4, m)).repeat(4, axis=0) < 0.8] = 0  # (4-blocks)
-    req = np.stack([np.full(m, 0.05, np.float32), np.full(m, -128 - 3, np.float32), np.full(m, 127 - 3, np.float32)])
+    k, m, w, req = _block4_layer_data(rng)
     grid = np.array([0.05, 128, 0, 255], np.float32)
     for requantize, residual in [(req, False), (None, True)]:
         layer = Int8Linear(w, ((rng.random(m) + 0.5) * 0.002).astype(np.float32), "static", np.float32(0.05),
@@ -836,10 +843,7 @@ def test_the_4_block_int8_layer_stores_each_outputs_quantized_bytes(dot):
     if dot not in host_dots():
         pytest.skip(f"this CPU does not run {dot}")
     rng = np.random.default_rng(12)
-    k, m = 200, 48
-    w = rng.integers(-128, 128, (k, m)).astype(np.int8)
-    w[rng.random((k // 4, m)).repeat(4, axis=0) < 0.8] = 0  # (4-blocks)
-    req = np.stack([np.full(m, 0.05, np.float32), np.full(m, -128 - 3, np.float32), np.full(m, 127 - 3, np.float32)])
+    k, m, w, req = _block4_layer_data(rng)
     x_grid = np.array([0.05, 128, 0, 255], np.float32)
     for requantize, signed, mode in [(req, False, "static"), (None, True, "static"), (req, True, "dynamic")]:
         static = mode == "static"
