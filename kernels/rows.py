@@ -151,6 +151,7 @@ ROWS = Signature("rows", (("p", "ptr"), ("rows", "i64"), ("j0", "i64"), ("j1", "
 BLOCK_ARGS = (("p", "ptr"), ("rows", "i64"), ("ib", "i64"), ("ie", "i64"), ("slot", "i64"))  # (a blocked pass's)
 BLOCK = 64  # tokens a part takes through every pass at a time, blocked (RowKernel.source)
 BLOCKED = 256  # tokens a part takes at most, blocked: with more, each pass at once over the features' rows is faster
+SCRATCH_KEPT = (4, 1 << 20)  # a kernel keeps the scratch of this many layouts at most, each of at most these bytes
 
 ROWS_DRIVER = """\
 # sparsejit generated kernel: the driver of the row kernels (rows.py); part c takes the
@@ -325,6 +326,7 @@ class RowKernel:
         self._lock = threading.Lock()
         self._once = {stage: [(n, _once_fn(n, opset)) for n in nodes] for stage, nodes in self.once.items()}
         self._calls: dict[tuple, _Call | None] = {}  # by the inputs' shapes, layouts and types: see _prepare
+        self._kept = 0  # calls (of _calls) keeping their scratch
 
     def _type(self, name: str) -> np.dtype:
         n = self.values[name].node
@@ -814,6 +816,7 @@ class RowKernel:
         if call is False:
             if len(self._calls) >= 64:  # (a server seeing many shapes)
                 self._calls.clear()
+                self._kept = 0
             call = self._calls[key] = self._prepare(inputs)
         return None if call is None else self._run(call, inputs)
 
@@ -853,12 +856,19 @@ class RowKernel:
 
     def _run(self, c: _Call, inputs: tuple[np.ndarray, ...]) -> tuple:
         """The call: its scratch the one kept for this layout (`_scratch`; made anew where
-        another thread is in it), the sums zeroed, then the passes."""
+        another thread is in it, or where it is not kept: see SCRATCH_KEPT), the sums
+        zeroed, then the passes."""
         mine = c.lock.acquire(blocking=False)
         try:
             if mine and not c.spare:
-                c.spare.append(self._scratch(c))
-            scratch, p = c.spare[0] if mine else self._scratch(c)
+                made = self._scratch(c)
+                with self._lock:  # (a few small ones kept per kernel: a server meets many shapes)
+                    if self._kept < SCRATCH_KEPT[0] and sum(a.nbytes for a in made[0].values()) <= SCRATCH_KEPT[1]:
+                        c.spare.append(made)
+                        self._kept += 1
+                scratch, p = made
+            else:
+                scratch, p = c.spare[0] if mine else self._scratch(c)
             for v in self.sums:
                 scratch["sum", v].fill(0)
             return self._passes_run(c, inputs, scratch, p)

@@ -1157,6 +1157,27 @@ def test_a_row_kernel_called_from_several_threads_at_once_gives_each_its_own_res
         assert not wrong, wrong
 
 
+def test_a_row_kernel_keeps_the_scratch_of_a_few_small_layouts_only():
+    """A RowKernel keeps the scratch of at most rows.SCRATCH_KEPT[0] input layouts, each of
+    at most SCRATCH_KEPT[1] bytes (a server meets many shapes; a long one's scratch is
+    made per call), and every call still gives the reference's result."""
+    from sparsejit.kernels import rows
+
+    nodes, names, outputs, consts = next(c for c in _row_kernel_cases()
+                                         if [m.op_type for m in c[0]].count("ReduceMean") == 2)
+    kernel = rows.RowKernel(nodes, names, outputs, consts)
+    n = next(c.size for c in consts.values() if c.size > 1)
+    rng = np.random.default_rng(4)
+    for tokens in (6000, 5, 6, 7, 8, 6000, 9, 10):
+        xs = [(rng.standard_normal((n, tokens)) * 3).astype(np.float32).T for _ in names]  # (feature-major)
+        want = rows.reference_rows(*xs, nodes=nodes, names=names, outputs=outputs, consts=consts, opset=17)
+        for g, w in zip(kernel(*xs), want):
+            np.testing.assert_array_equal(g, w, err_msg=str(tokens))
+    kept = {c.rows for c in kernel._calls.values() if c.spare}
+    assert kept == {5, 6, 7, 8}, kept
+    assert len(kernel._calls) == 7
+
+
 @pytest.mark.parametrize("products", ["vnni", "vnni, its loops", "blas"])
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])
 def test_quantized_attention_kernel_is_its_reference(dtype, products, monkeypatch):
