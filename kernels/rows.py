@@ -151,7 +151,7 @@ ROWS = Signature("rows", (("p", "ptr"), ("rows", "i64"), ("j0", "i64"), ("j1", "
 BLOCK_ARGS = (("p", "ptr"), ("rows", "i64"), ("ib", "i64"), ("ie", "i64"), ("slot", "i64"))  # (a blocked pass's)
 BLOCK = 64  # tokens a part takes through every pass at a time, blocked (RowKernel.source)
 BLOCKED = 256  # tokens a part takes at most, blocked: with more, each pass at once over the features' rows is faster
-SCRATCH_KEPT = (4, 1 << 20)  # a kernel keeps the scratch of this many layouts at most, each of at most these bytes
+SCRATCH_KEPT = 8 << 20  # bytes of scratch a kernel keeps at most, over its layouts (a server meets many shapes)
 
 ROWS_DRIVER = """\
 # sparsejit generated kernel: the driver of the row kernels (rows.py); part c takes the
@@ -326,7 +326,7 @@ class RowKernel:
         self._lock = threading.Lock()
         self._once = {stage: [(n, _once_fn(n, opset)) for n in nodes] for stage, nodes in self.once.items()}
         self._calls: dict[tuple, _Call | None] = {}  # by the inputs' shapes, layouts and types: see _prepare
-        self._kept = 0  # calls (of _calls) keeping their scratch
+        self._kept = 0  # bytes of scratch the calls of _calls keep
 
     def _type(self, name: str) -> np.dtype:
         n = self.values[name].node
@@ -856,16 +856,17 @@ class RowKernel:
 
     def _run(self, c: _Call, inputs: tuple[np.ndarray, ...]) -> tuple:
         """The call: its scratch the one kept for this layout (`_scratch`; made anew where
-        another thread is in it, or where it is not kept: see SCRATCH_KEPT), the sums
+        another thread is in it, or past the kernel's budget, SCRATCH_KEPT), the sums
         zeroed, then the passes."""
         mine = c.lock.acquire(blocking=False)
         try:
             if mine and not c.spare:
                 made = self._scratch(c)
-                with self._lock:  # (a few small ones kept per kernel: a server meets many shapes)
-                    if self._kept < SCRATCH_KEPT[0] and sum(a.nbytes for a in made[0].values()) <= SCRATCH_KEPT[1]:
+                size = sum(a.nbytes for a in made[0].values())
+                with self._lock:  # (kept while the kernel's budget lasts: SCRATCH_KEPT)
+                    if self._kept + size <= SCRATCH_KEPT:
                         c.spare.append(made)
-                        self._kept += 1
+                        self._kept += size
                 scratch, p = made
             else:
                 scratch, p = c.spare[0] if mine else self._scratch(c)
