@@ -234,7 +234,8 @@ def qattention(slots, floats, t0, t1):
 # QATTENTION_SOURCE's `product`: the sums of (x - xz)(y - yz) over k for x [m, k] and y [k,
 # n] bytes in any layout, exactly, so that the order of the sums does not matter. Not
 # inlined, and both calls give it arrays of layout 'A': one compile serves both where the
-# types agree (the kernel took 1.6-2.3 s of its 3.6-4.5 s compile with it inlined twice)
+# types agree (inlined twice, it was most of the kernel's compile: bench/README.md,
+# twenty-first session)
 PRODUCTS = {
     # in xz's float type, which holds every such sum (ops.exact_floats), on BLAS
     "blas": """\
@@ -783,8 +784,6 @@ def row_bytes_ir() -> str:
         lines += [f"declare {ty} @llvm.{name}.{fn}({ty}{f', {ty}' if name != 'roundeven' else ''})"
                   for name in ("maxnum", "minnum", "roundeven")]
     return "\n".join(lines) + "\n"
-
-
 
 
 def idot_ir() -> str:

@@ -368,14 +368,22 @@ class Int8Linear(_ReadsBytes, _Quantized):
         return w.reshape(-1, self.out_features)[:self.in_features]
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
-        # x's 4-block rows padded to whole 64-byte lines (int8_ir.LANES tokens)
+        got = self._x_rows(xt)
+        if got is None:
+            return False
+        xq, corr, mult = got
+        self._kernel(xq, yt, rt, corr, mult)
+        return True
+
+    def _x_rows(self, xt: np.ndarray) -> tuple | None:
+        """(xᵀ quantized into 4-block rows padded to whole 64-byte lines (int8_ir.LANES
+        tokens), the zero point's correction and the multipliers for it); None when a
+        dynamic input's range is not finite."""
         xq = np.empty((-(-self.in_features // 4), -(-xt.shape[1] // LANES) * LANES), np.float32)
         grid = self._quantize(xt, xq)
         if grid is None:
-            return False
-        corr, mult = self._call_terms(grid) if self.mode == "dynamic" else self._terms
-        self._kernel(xq, yt, rt, corr, mult)
-        return True
+            return None
+        return xq, *(self._call_terms(grid) if self.mode == "dynamic" else self._terms)
 
     def _on_bytes(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         # (xq's rows padded to whole 64-byte lines, as every maker of x's bytes pads them)
@@ -395,15 +403,11 @@ class Int8Linear(_ReadsBytes, _Quantized):
         n, m = math.prod(lead), self.out_features
         rows, out = _bytes_buffer(m, n, terms[0, 2] != 0)
         if n:
-            if given is not None:
-                xq, (corr, mult) = byte_rows(given).view(np.float32), self._terms
-            else:
-                xt = transposed(x.reshape(-1, self.in_features))
-                xq = np.empty((-(-self.in_features // 4), -(-n // LANES) * LANES), np.float32)
-                grid = self._quantize(xt, xq)
-                if grid is None:
-                    raise ValueError("the input holds NaN or infinity, so its dynamic quantization scale is undefined")
-                corr, mult = self._call_terms(grid) if self.mode == "dynamic" else self._terms
+            got = (byte_rows(given).view(np.float32), *self._terms) if given is not None else \
+                self._x_rows(transposed(x.reshape(-1, self.in_features)))
+            if got is None:
+                raise ValueError("the input holds NaN or infinity, so its dynamic quantization scale is undefined")
+            xq, corr, mult = got
             if self._bytes_fn is None:
                 self._bytes_fn = compile_ir(int8_ir(dataclasses.replace(self.config, bytes_out=True)), SIGNATURE.name)
             # (the driver reads y's token count from yt's shape: n, on rows holding n bytes)

@@ -860,16 +860,15 @@ class RowKernel:
         zeroed, then the passes."""
         mine = c.lock.acquire(blocking=False)
         try:
-            if mine and not c.spare:
-                made = self._scratch(c)
-                size = sum(a.nbytes for a in made[0].values())
-                with self._lock:  # (kept while the kernel's budget lasts: SCRATCH_KEPT)
-                    if self._kept + size <= SCRATCH_KEPT:
-                        c.spare.append(made)
-                        self._kept += size
-                scratch, p = made
+            if mine and c.spare:
+                scratch, p = c.spare[0]
             else:
-                scratch, p = c.spare[0] if mine else self._scratch(c)
+                scratch, p = self._scratch(c)
+                size = sum(a.nbytes for a in scratch.values())
+                with self._lock:  # (kept while the kernel's budget lasts: SCRATCH_KEPT)
+                    if mine and self._kept + size <= SCRATCH_KEPT:
+                        c.spare.append((scratch, p))
+                        self._kept += size
             for v in self.sums:
                 scratch["sum", v].fill(0)
             return self._passes_run(c, inputs, scratch, p)

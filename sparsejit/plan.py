@@ -764,12 +764,12 @@ def hand_dequantized_bytes(steps: list[Step], graph: Graph) -> list[Step]:
 
 
 def hand_quantized_outputs(steps: list[Step], graph: Graph) -> list[Step]:
-    """Steps where an int8 layer (or group) on the lanes kernel or Int8Linear whose every output only a
-    per-tensor QuantizeLinear reads (QOperator's Q, K and V before attention) makes those
-    bytes itself: its step also gives the QuantizeLinears' outputs, which are no longer
-    steps of their own, and its `lean` run has the kernel store each output's bytes on its
-    QuantizeLinear's grid instead of the floats (Int8Lanes.bytes_for, Int8Linear.bytes_for); the executor takes
-    it where no step and no caller asks for the floats. Bit for bit the QuantizeLinears'
+    """Steps where an int8 layer (or group) on the lanes kernel or Int8Linear whose every
+    output only a per-tensor QuantizeLinear reads (QOperator's Q, K and V before
+    attention) makes those bytes itself: its step also gives the QuantizeLinears' outputs,
+    which are no longer steps of their own, and its `lean` run has the kernel store each
+    output's bytes on its QuantizeLinear's grid instead of the floats (`bytes_for`); the
+    executor takes it where no step and no caller asks for the floats. Bit for bit the QuantizeLinears'
     bytes: the same float y, quantized in the same float steps."""
     readers = _readers(steps)
     out: list[Step | None] = list(steps)
