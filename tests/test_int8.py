@@ -1330,10 +1330,28 @@ for shape in [(1, 1), (3, 1), (1, 1, 5), (2, 1, 1), (1, 300, 3)]:
 assert with_bytes(np.zeros((0, 4), np.float32)) is None
 for shape in [(0, 8), (1, 0, 4), (1, 1, 1), (2, 3, 5)]:
     assert rows.bytes_rows(np.zeros(shape, np.uint8)).shape == (*shape[:-1], -(-shape[-1] // 4))
-from sparsejit.kernels.int8 import Int8Lanes, has_lanes
-if has_lanes():  # (Q, K and V as bytes: no tokens, one)
-    layer = Int8Lanes(np.ones((64, 16), np.int8), np.full(16, 0.01, np.float32), "static", np.float32(0.05),
-                      np.uint8(128), None, "none", False, None)
+# feature-major (each feature's tokens contiguous): the group blocked (a mean to wait for, no
+# mean among its outputs) at two tokens, one block and one more, and past BLOCKED a part;
+# a Lookup kept as bytes alone (permuted 64 at a time with VBMI) at 2 to 130 tokens
+blocked = rows.RowKernel(nodes, ["x"], ["f"], consts)
+lookup = [Node("QuantizeLinear", "q", ["x", "s", "z"], ["q"]),
+          Node("Lookup", "l", ["q"], ["l"], {"table": np.linspace(-1, 1, 256, dtype=np.float32), "ops": ["Made up"],
+                                             "min_rank": 1})]
+looked = rows.RowKernel(lookup, ["x"], [], consts, quads={"l": grid})
+for tokens, n in [(2, 2), (65, 3), (4 * rows.BLOCKED + 1, 2), (130, 5)]:
+    x = np.ascontiguousarray(np.random.default_rng(2).standard_normal((n, tokens)).astype(np.float32)).T
+    want = rows.reference_rows(x, nodes=nodes, names=["x"], outputs=["f"], consts=consts, opset=17)[0]
+    assert np.array_equal(blocked(x)[0], want), (tokens, n)
+    l = rows.reference_rows(x, nodes=lookup, names=["x"], outputs=["l"], consts=consts, opset=17)[0]
+    assert np.array_equal(np.ascontiguousarray(looked(x)[0]), np.ascontiguousarray(rows.quad_bytes(l, grid)))
+assert sorted(c.blocked for c in blocked._calls.values()) == [False, True, True, True]
+from sparsejit.kernels.int8 import Int8Lanes, Int8Linear, has_lanes
+layers = [Int8Linear(np.ones((64, 16), np.int8), np.full(16, 0.01, np.float32), "static", np.float32(0.05),
+                     np.uint8(128), None, "none", False, None)]
+if has_lanes():
+    layers.append(Int8Lanes(np.ones((64, 16), np.int8), np.full(16, 0.01, np.float32), "static", np.float32(0.05),
+                            np.uint8(128), None, "none", False, None))
+for layer in layers:  # (Q, K and V as bytes: no tokens, one)
     terms = layer.bytes_terms(np.stack([np.full(16, 0.1), np.full(16, 3), np.zeros(16), np.full(16, 255)]))
     for shape in [(0, 64), (1, 0, 64), (1, 1, 64)]:
         assert layer.bytes_for(np.zeros(shape, np.float32), terms).shape == (*shape[:-1], 16)
@@ -1371,8 +1389,10 @@ print("ok")
 
 def test_row_and_attention_kernels_at_the_edges_and_in_a_forked_child(tmp_path):
     """In a subprocess (a crash would take the test runner down): a row group over rows of
-    one feature, one row or none (also storing a value's bytes), bytes moved to 4-block
-    rows and the lanes kernel storing bytes for no tokens or one, and QAttentionCore with
+    one feature, one row or none (also storing a value's bytes), feature-major row groups
+    (blocked, and a Lookup kept as bytes) at two tokens to past BLOCKED, bytes moved to
+    4-block rows, Int8Linear and the lanes kernel storing bytes for no tokens or one, and
+    QAttentionCore (its rows' bytes by VBMI where the CPU has it) with
     one query, key and feature or no keys, give their references' results or hand over
     (None); the two QOperator test models
     run at one token, and a child forked after they ran runs them again to the same
