@@ -18,6 +18,8 @@ another type), and plan.elementwise_step runs the reference instead.
 from __future__ import annotations
 
 import functools
+import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,6 +28,7 @@ from ..ops import qlinear_matmul as reference_qlinear_matmul
 from .compile import compile_ir, compiled_cfunc, load_source, threads
 from .ir import Signature
 from .launch import IMPORTS, address, launch_rows, new_calls, put_source, run
+from .qattention_ir import SCRATCH, SLOTS, Scratch, qattention_ir
 
 # The steps the kernels below and the attention kernel (QATTENTION_SOURCE) share
 STEPS = """\
@@ -139,20 +142,19 @@ def erf(x, out):
 # QuantizeLinear → QSoftmax → QLinearMatMul(·, v), in the float32 steps of the kernels
 # above; the (batch, head) tasks [t0, t1) of one part, compiled as a C function that the
 # launcher runs (launch.py; a parallel Numba function compiles more slowly: bench/README.md,
-# nineteenth session).
+# nineteenth session). Its products on BLAS, for CPUs without AVX-512 VNNI: with it, the
+# kernel is qattention_ir's, step for step this one with its products in int32.
 # Its types are set per model where it says TYPES (q's, kᵀ's, v's, the probabilities' and
-# the output's bytes, the floats of each product) and OFFSETS, and its products where it
-# says PRODUCT (`PRODUCTS`).
+# the output's bytes, the floats of each product).
 QATTENTION_SOURCE = """\
 # sparsejit generated kernel: QOperator attention, (batch, head) tasks [t0, t1)
 import numpy as np
 from numba import carray, njit
 from numpy.lib.stride_tricks import as_strided
 
-from sparsejit.kernels.launch import call_address, pointer
+from sparsejit.kernels.launch import pointer
 
 Q, K, V, P, Y, FIRST, SECOND = TYPES
-QA, KB, PA, VB = OFFSETS
 """ + STEPS + """
 
 @njit(inline="always")
@@ -164,7 +166,18 @@ def centred(x, zero):
             y[i, j] = x[i, j] - zero
     return y
 
-PRODUCT
+
+# the sums of (x - xz)(y - yz) over k for x [m, k] and y [k, n] bytes in any layout, in xz's
+# float type, which holds every such sum exactly (ops.exact_floats), so that the order of the
+# sums does not matter. Not inlined, and both calls give it arrays of layout 'A': one compile
+# serves both where the types agree (inlined twice, it was most of the kernel's compile:
+# bench/README.md, twenty-first session)
+@njit
+def product(x, xz, y, yz):
+    c = np.empty((x.shape[0], y.shape[1]), np.asarray(xz).dtype)
+    np.dot(centred(x, xz), centred(y, yz), c)
+    return c
+
 
 @njit(inline="always")
 def strided(n, at, dtype):
@@ -177,9 +190,8 @@ def strided(n, at, dtype):
 def qattention(slots, floats, t0, t1):
     # slots: int64 [47] (qattention's wrapper), floats: float32 [20]. q [b, h, rows, d],
     # kt [b, h, d, t], v [b, h, t, dv], each in any layout (`strided`); the mask [mb, mh, mr,
-    # t] and the output [b, h, rows, dv] in C order; the products' IR kernel (`product`);
-    # `plain`: the bytes the scaled scores quantize to where the mask adds 0; `row_bytes`:
-    # row_bytes_ir's kernel (0: the loops below)
+    # t] and the output [b, h, rows, dv] in C order; `plain`: the bytes the scaled scores
+    # quantize to where the mask adds 0
     n = carray(pointer(slots), 47, np.int64)
     f = carray(pointer(floats), 20, np.float32)
     q, kt, v = strided(n, 0, Q), strided(n, 10, K), strided(n, 20, V)
@@ -188,9 +200,8 @@ def qattention(slots, floats, t0, t1):
     scores = carray(pointer(n[40]), 256, np.float32)
     value = carray(pointer(n[41]), 256, np.float32)
     table = carray(pointer(n[42]), (256, 256), np.float32)
-    flip, idot = n[43], n[44]
+    flip = n[43]
     plain = carray(pointer(n[45]), 256, np.uint8)
-    row_bytes = n[46]
     qz, kz, vz, pz = FIRST(f[0]), FIRST(f[1]), SECOND(f[2]), SECOND(f[3])
     m1, z1, lo1, hi1, s_scale, s_zero, s_lo, s_hi = f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11]
     p_scale, p_zero, p_lo, p_hi, m2, z2, lo2, hi2 = f[12], f[13], f[14], f[15], f[16], f[17], f[18], f[19]
@@ -203,18 +214,15 @@ def qattention(slots, floats, t0, t1):
     for task in range(t0, t1):
         b = task // heads
         h = task - b * heads
-        acc = product(q[b, h], qz, kt[b, h], kz, QA, KB, idot)
+        acc = product(q[b, h], qz, kt[b, h], kz)
         pq = np.empty((rows, t), P)  # the probabilities' bytes
         for i in range(rows):
             ai = acc[i]
             mr = mask[min(b, mask.shape[0] - 1), min(h, mask.shape[1] - 1), min(i, mask.shape[2] - 1)]
-            if row_bytes:  # (f[4:8]: m1, z1, lo1, hi1)
-                call_address(row_bytes, (ai.ctypes.data, t, floats + 16, n[45], byte.ctypes.data, qr.ctypes.data))
-            else:
-                for j in range(t):
-                    byte[j] = requantized(ai[j], m1, z1, lo1, hi1) & 255
-                for j in range(t):  # (e + 0 is e: one lookup where the mask adds nothing)
-                    qr[j] = plain[byte[j]]
+            for j in range(t):
+                byte[j] = requantized(ai[j], m1, z1, lo1, hi1) & 255
+            for j in range(t):  # (e + 0 is e: one lookup where the mask adds nothing)
+                qr[j] = plain[byte[j]]
             masked = False
             for j in range(t):
                 masked |= mr[j] != 0
@@ -223,86 +231,13 @@ def qattention(slots, floats, t0, t1):
                     if mr[j] != 0:
                         qr[j] = np.int32(quantized(scores[byte[j]] + mr[j], s_scale, s_zero, s_lo, s_hi)) & 255
             softmax_row(qr, value, table, flip, es, p_scale, p_zero, p_lo, p_hi, 0, pq[i])
-        o = product(pq[:, :t], pz, v[b, h], vz, PA, VB, idot)  # (layout 'A', as q[b, h]: see PRODUCTS)
+        o = product(pq[:, :t], pz, v[b, h], vz)  # (layout 'A', as q[b, h])
         for i in range(rows):
             oi = o[i]
             ys = out[b, h, i]
             for k in range(dv):
                 ys[k] = requantized(oi[k], m2, z2, lo2, hi2)
 """
-
-# QATTENTION_SOURCE's `product`: the sums of (x - xz)(y - yz) over k for x [m, k] and y [k,
-# n] bytes in any layout, exactly, so that the order of the sums does not matter. Not
-# inlined, and both calls give it arrays of layout 'A': one compile serves both where the
-# types agree (inlined twice, it was most of the kernel's compile: bench/README.md,
-# twenty-first session)
-PRODUCTS = {
-    # in xz's float type, which holds every such sum (ops.exact_floats), on BLAS
-    "blas": """\
-@njit
-def product(x, xz, y, yz, cx, cy, idot):
-    c = np.empty((x.shape[0], y.shape[1]), np.asarray(xz).dtype)
-    np.dot(centred(x, xz), centred(y, yz), c)
-    return c
-""",
-    # in int32 by AVX-512 VNNI (`idot`, idot_ir's kernel): x + cx as uint8 and y - cy as
-    # int8 (cx, cy: 128 or 0, as the types are), their products' sums less what the zero
-    # points and offsets add, from x's row sums and y's column sums
-    "vnni": """\
-@njit
-def product(x, xz, y, yz, cx, cy, idot):
-    m, k = x.shape
-    n = y.shape[1]
-    k4 = (k + 3) // 4
-    n16 = (n + 15) // 16 * 16
-    a = np.zeros((m, 4 * k4), np.uint8)
-    sa = np.zeros(m, np.int64)
-    if x.strides[0] < x.strides[1]:  # (each loop along x's contiguous axis, where it has one)
-        for kk in range(k):
-            xk = x[:, kk]
-            for i in range(m):
-                u = np.int32(xk[i]) + cx
-                a[i, kk] = u
-                sa[i] += u
-    else:
-        for i in range(m):
-            xi = x[i]
-            ai = a[i]
-            s = np.int64(0)
-            for kk in range(k):
-                u = np.int32(xi[kk]) + cx
-                ai[kk] = u
-                s += u
-            sa[i] = s
-    bp = np.zeros((k4, n16, 4), np.int8)
-    sb = np.zeros(n, np.int64)
-    if y.strides[0] < y.strides[1]:
-        for j in range(n):
-            yj = y[:, j]
-            s = np.int64(0)
-            for kk in range(k):
-                w = np.int32(yj[kk]) - cy
-                bp[kk // 4, j, kk % 4] = w
-                s += w
-            sb[j] = s
-    else:
-        for kk in range(k):
-            yk = y[kk]
-            bk = bp[kk // 4, :, kk % 4]
-            for j in range(n):
-                w = np.int32(yk[j]) - cy
-                bk[j] = w
-                sb[j] += w
-    c = np.empty((m, n16), np.int32)
-    call_address(idot, (a.ctypes.data, bp.ctypes.data, c.ctypes.data, m, k4, n16 // 16))
-    alpha, beta = np.int64(xz) + cx, np.int64(yz) - cy
-    for i in range(m):
-        row = k * alpha * beta - beta * sa[i]
-        for j in range(n):
-            c[i, j] = np.int32(np.int64(c[i, j]) + row - alpha * sb[j])
-    return c
-""",
-}
 
 
 RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
@@ -613,6 +548,8 @@ class QAttention:
     """qattention for one node's constants, checked and laid out for the kernel once."""
 
     def __init__(self, *, qk, lookup, grid, softmax, pv, ops=()):
+        self._calls: dict[tuple, _Prepared | None] = {}  # (by the inputs' shapes, layouts and types: _prepare)
+        self._kept = 0  # bytes of scratch the calls keep
         scales, zeros = [*qk[0::2], grid[0], *pv[0::2]], [*qk[1::2], grid[1], *pv[1::2]]
         self.covered = not (any(np.size(c) != 1 or np.asarray(c).dtype != np.float32 for c in scales) or
                             any(np.size(c) != 1 or np.asarray(c).dtype not in RANGES for c in zeros) or
@@ -638,36 +575,101 @@ class QAttention:
         self.tail = [*map(address, self.tables[:3]), _rising(softmax["in_scale"], softmax["in_zero"])]
 
     def __call__(self, q, kt, mask, v):
-        if not self.covered or any(x.ndim != 4 for x in (q, kt, v)) or [q.dtype, kt.dtype, v.dtype] != self.types[:3] \
+        if not self.covered:
+            return None
+        key = (threads(), q.shape, q.strides, q.dtype.num, kt.shape, kt.strides, kt.dtype.num, v.shape, v.strides,
+               v.dtype.num, mask.shape, mask.dtype.num)
+        call = self._calls.get(key, False)
+        if call is False:
+            if len(self._calls) >= 64:  # (a server seeing many shapes)
+                self._calls.clear()
+                self._kept = 0
+            call = self._calls[key] = self._prepare(q, kt, mask, v)
+        if call is None:
+            return None
+        t = kt.shape[3]
+        mask = mask.reshape(call.mask)
+        if mask.shape[3] != t or not mask.flags.c_contiguous:
+            mask = np.ascontiguousarray(np.broadcast_to(mask, (*mask.shape[:3], t)))
+        out = np.empty(call.out, self.types[4])
+        if out.size == 0:
+            return out
+        mine = call.lock.acquire(blocking=False)  # (else another thread is in its arrays: copies of them)
+        try:
+            slots, calls = (call.slots, call.calls) if mine else (call.slots.copy(), call.calls.copy())
+            for k, x in zip((0, 10, 20, 30, 35), (q, kt, v, mask, out)):
+                slots[:, k] = address(x)
+            if call.scratch is not None:
+                at, size = call.scratch
+                scratch = call.kept if mine and call.kept is not None else np.empty(size, np.uint8)
+                slots[:, SLOTS:] = at + (address(scratch) + 63) // 64 * 64
+            calls[:, 2] = address(slots) + call.rows
+            launch_rows(QATTENTION, calls)
+        finally:
+            if mine:
+                call.lock.release()
+        return out
+
+    def _prepare(self, q, kt, mask, v) -> _Prepared | None:
+        """How the kernel runs on inputs of these shapes, layouts and types: None where it
+        does not cover them (see `qattention`)."""
+        if any(x.ndim != 4 for x in (q, kt, v)) or [q.dtype, kt.dtype, v.dtype] != self.types[:3] \
                 or mask.dtype != np.float32:
             return None
         batch, heads, rows, d = q.shape
-        t = kt.shape[3]
+        t, dv = kt.shape[3], v.shape[3]
         if t == 0 or kt.shape != (batch, heads, d, t) or v.shape[:3] != (batch, heads, t) or \
                 np.broadcast_shapes(mask.shape, (batch, heads, rows, t)) != (batch, heads, rows, t) or \
                 any(s < 0 for x in (q, kt, v) for s in x.strides):
             return None
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-        mask = np.ascontiguousarray(np.broadcast_to(mask, (*mask.shape[:3], t)))
-        out = np.empty((batch, heads, rows, v.shape[3]), self.types[4])
-        if out.size == 0:
-            return out
-        if self.products == "vnni" and max(d, t) < EXACT_INT32:
-            fn, idot = _qattention_fn(*self.types, np.float32, np.float32, "vnni"), idot_kernel()
-            lookup = row_bytes_kernel()  # (its sums in int32)
+        shape = (1,) * (4 - mask.ndim) + mask.shape
+        tasks = batch * heads
+        parts = max(1, min(threads(), tasks))
+        vnni = self.products == "vnni" and max(d, t) < EXACT_INT32
+        if vnni:  # (the IR kernel, its sums in int32; each part its own scratch)
+            fn, idot, lookup = qattention_ir_kernel(_offsets(self.types)), idot_kernel(), row_bytes_kernel()
         else:
             fn, idot = _qattention_fn(*self.types, exact_floats(d, q, self.qz, kt, self.kz),
-                                      exact_floats(t, np.empty(0, self.pz.dtype), self.pz, v, self.vz), "blas"), 0
+                                      exact_floats(t, np.empty(0, self.pz.dtype), self.pz, v, self.vz)), 0
             lookup = 0
-        slots = np.array([*_strided(q), *_strided(kt), *_strided(v), address(mask), *mask.shape, address(out),
-                          *out.shape, *self.tail, idot, address(self.tables[3]), lookup], np.int64)
-        tasks = batch * heads
-        parts = min(threads(), tasks)
+        slots = np.zeros((parts, SLOTS + len(SCRATCH) * vnni), np.int64)
+        slots[:, :SLOTS] = [*_strided(q), *_strided(kt), *_strided(v), 0, *shape[:3], t, 0, batch, heads, rows, dv,
+                            *self.tail, idot, address(self.tables[3]), lookup]
         calls = new_calls(parts, 1, QATTENTION)
-        calls[:, :6] = [[1, fn, address(slots), address(self.floats), c * tasks // parts, (c + 1) * tasks // parts]
+        calls[:, :6] = [[1, fn, 0, address(self.floats), c * tasks // parts, (c + 1) * tasks // parts]
                         for c in range(parts)]
-        launch_rows(QATTENTION, calls)
-        return out
+        scratch = kept = None
+        if vnni:  # (each array at 64 bytes; then their bytes and 64 more, to align the first)
+            sizes = [-(-s // 64) * 64 for s in Scratch.of(rows, d, t, dv)]
+            per_part = sum(sizes)
+            at = np.cumsum([0, *sizes[:-1]]) + per_part * np.arange(parts)[:, None]
+            scratch = (at, per_part * parts + 64)
+            from .rows import SCRATCH_KEPT
+
+            if self._kept + scratch[1] <= SCRATCH_KEPT:
+                kept = np.empty(scratch[1], np.uint8)
+                self._kept += scratch[1]
+        return _Prepared(shape, (batch, heads, rows, dv), slots, calls, np.arange(parts) * slots.strides[0],
+                         scratch, kept)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """QAttention._prepare's: the mask's 4-D shape, the output's shape, the rows of slots
+    and calls (all but the inputs' and output's addresses, and the scratch's), each slot
+    row's offset, the scratch arrays' offsets by part and the bytes they take (None: the
+    Numba kernel's, which makes its own), and the scratch kept for the call (None where it
+    would pass the kernel's budget, rows.SCRATCH_KEPT). Whoever holds `lock` uses its
+    arrays; another thread copies them."""
+
+    mask: tuple
+    out: tuple
+    slots: np.ndarray
+    calls: np.ndarray
+    rows: np.ndarray
+    scratch: tuple | None
+    kept: np.ndarray | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 QATTENTION = Signature("qattention", (("slots", "ptr"), ("floats", "ptr"), ("t0", "i64"), ("t1", "i64")))
@@ -681,25 +683,35 @@ def _strided(x: np.ndarray) -> tuple[int, ...]:
 @functools.cache
 def qattention_kernel(types: tuple[str, ...]) -> int:
     """The address of QATTENTION_SOURCE's kernel for these types (q's, kt's, v's, the
-    probabilities' and the output's bytes, the two products' floats) and products (a key
-    of PRODUCTS)."""
-    *types, products = types
-    offsets = [128 * (types[0] == "int8"), 128 * (types[1] == "uint8"), 128 * (types[3] == "int8"),
-               128 * (types[2] == "uint8")]  # uint8 x (+ cx) and int8 y (- cy) for vpdpbusd
-    source = QATTENTION_SOURCE.replace("TYPES", ", ".join(f"np.{t}" for t in types)).replace(
-        "OFFSETS", ", ".join(map(str, offsets))).replace("PRODUCT\n", PRODUCTS[products])
+    probabilities' and the output's bytes, the two products' floats)."""
+    source = QATTENTION_SOURCE.replace("TYPES", ", ".join(f"np.{t}" for t in types))
     return compiled_cfunc(load_source(source).qattention, "void(int64, int64, int64, int64)", nogil=True).address
+
+
+def _offsets(types) -> tuple[int, ...]:
+    """What the products add to make q, kᵀ, p and v vpdpbusd's types (uint8 x + cx, int8 y
+    - cy): 128 for an int8 q or p and a uint8 kᵀ or v, else 0 (from q's, kt's, v's and p's
+    types)."""
+    return (128 * (np.dtype(types[0]) == np.int8), 128 * (np.dtype(types[1]) == np.uint8),
+            128 * (np.dtype(types[3]) == np.int8), 128 * (np.dtype(types[2]) == np.uint8))
+
+
+@functools.cache
+def qattention_ir_kernel(offsets: tuple[int, ...]) -> int:
+    """The address of qattention_ir's kernel for these offsets (`_offsets`)."""
+    return compile_ir(qattention_ir(offsets), QATTENTION.name)
 
 
 @functools.cache
 def _qattention_fn(*types) -> int:
-    """qattention_kernel for these dtypes (or types) and products (looked up by them: their
-    names take longer)."""
-    return qattention_kernel(tuple(np.dtype(t).name for t in types[:-1]) + types[-1:])
+    """qattention_kernel for these dtypes (or types) (looked up by them: their names take
+    longer)."""
+    return qattention_kernel(tuple(np.dtype(t).name for t in types))
 
 
 def qattention_products() -> str:
-    """The PRODUCTS QAttentionCore's kernel takes on this CPU."""
+    """How QAttentionCore's kernel takes its products on this CPU: "vnni" (qattention_ir's
+    kernel) or "blas" (QATTENTION_SOURCE's)."""
     from .int8 import has_vnni
 
     return "vnni" if has_vnni() else "blas"

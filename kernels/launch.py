@@ -16,7 +16,7 @@ array compiles more slowly than one that is given it. A kernel called a few time
 each call long (QOperator attention's), has its rows filled in Python and launched from
 there (`launch_rows`), with no driver to compile; its kernel may be a Numba function
 compiled as a C function (`compile.compiled_cfunc`), which reads its arrays through
-`pointer` and calls IR kernels through `call_address`.
+`pointer`.
 """
 
 from __future__ import annotations
@@ -52,24 +52,6 @@ def pointer(typingctx, address):
     if isinstance(address, types.Integer) and address.bitwidth == 64:
         return types.voidptr(address), codegen
     return None
-
-
-@intrinsic
-def call_address(typingctx, fn, args):
-    """fn(*args) (in Numba code): fn the address of a C function whose arguments are
-    integers or pointers (int64 each), args a tuple of integers."""
-    if not (isinstance(fn, types.Integer) and isinstance(args, types.BaseTuple)
-            and all(isinstance(t, types.Integer) for t in args)):
-        return None
-
-    def codegen(context, builder, signature, a):
-        i64 = ir.IntType(64)
-        fnty = ir.FunctionType(ir.VoidType(), [i64] * len(args))
-        values = [context.cast(builder, v, t, types.int64)
-                  for v, t in zip(cgutils.unpack_tuple(builder, a[1], len(args)), args)]
-        builder.call(builder.inttoptr(context.cast(builder, a[0], fn, types.int64), fnty.as_pointer()), values)
-        return context.get_dummy_value()
-    return types.void(fn, args), codegen
 
 
 @intrinsic

@@ -164,8 +164,9 @@ BUILDS = (
     IR("elementwise", "part_ir(QATTENTION)", "qoperator"),
     IR("elementwise", "idot_ir()", "qoperator", "qattention_products() == 'vnni'"),
     IR("elementwise", "row_bytes_ir()", "qoperator", "qattention_products() == 'vnni' and has_permutes()"),
-    CFunction("elementwise", "qattention_kernel(('uint8',) * 5 + ('float32',) * 2 + (qattention_products(),))",
-              "qoperator"),
+    CFunction("elementwise", "qattention_kernel(('uint8',) * 5 + ('float32',) * 2)", "qoperator",
+              "qattention_products() == 'blas'"),
+    IR("elementwise", "qattention_ir(_offsets(('uint8',) * 4))", "qoperator", "qattention_products() == 'vnni'"),
 )
 DRIVERS = tuple(b for b in BUILDS if isinstance(b, Driver))
 

@@ -1206,9 +1206,15 @@ def test_quantized_attention_kernel_is_its_reference(dtype, products, monkeypatc
     zero = (lambda v: dtype(v if dtype == np.uint8 else v - 128))
     f32 = np.float32
     grid = [f32(0.08), zero(200)]
-    value, table = E.softmax_table(*grid)
-    softmax = {"in_scale": grid[0], "in_zero": grid[1], "out_scale": f32(1 / 255), "out_zero": zero(0),
-               "value": value, "table": table}
+    # the softmax's bytes dequantized rising with them, falling (a negative scale), or all
+    # one value (a zero scale): its top byte found by the bytes' order, or value by value.
+    # (At ±1 the exponentials of a wrong top byte would overflow.)
+    softmaxes = []
+    for in_scale in (grid[0], -grid[0], f32(0), f32(1), f32(-1)):
+        value, table = E.softmax_table(in_scale, grid[1])
+        softmaxes.append({"in_scale": in_scale, "in_zero": grid[1], "out_scale": f32(1 / 255), "out_zero": zero(0),
+                          "value": value, "table": table})
+    assert [E._rising(x["in_scale"], x["in_zero"]) < 0 for x in softmaxes] == [False, False, True, False, False]
     qk = [f32(0.05), zero(131), f32(0.04), zero(120), f32(0.9), zero(125)]
     pv = [f32(1 / 255), zero(0), f32(0.03), zero(128), f32(0.02), zero(127)]
     lookup = E.dequantize(np.arange(256, dtype=np.uint8).view(dtype), qk[4], qk[5]) / f32(8)
@@ -1219,22 +1225,80 @@ def test_quantized_attention_kernel_is_its_reference(dtype, products, monkeypatc
         kt = rng.integers(info.min, info.max + 1, (batch, heads, d, t)).astype(dtype)
         v = rng.integers(info.min, info.max + 1, (batch, heads, t, dv)).astype(dtype)
         mask = np.where(rng.random(mask_shape) < 0.2, f32(-10000), f32(0)).astype(np.float32)
-        kw = {"qk": qk, "lookup": lookup, "grid": grid, "softmax": softmax, "pv": pv}
-        want = E.reference_qattention(q, kt, mask, v, **kw)
         # in C order, and each head's last two axes swapped in memory (a Linear kernel's
         # feature-major output, reshaped to heads, lies so)
         swapped = [np.ascontiguousarray(x.swapaxes(2, 3)).swapaxes(2, 3) for x in (q, kt, v)]
-        for inputs in [(q, kt, v), swapped]:
-            got = E.qattention(*inputs[:2], mask, inputs[2], **kw)
-            assert got is not None and got.dtype == want.dtype == dtype
-            np.testing.assert_array_equal(got, want, err_msg=str((batch, heads, rows, d, t, dv, mask_shape,
-                                                                  inputs[0].strides)))
-        assert len(np.unique(got)) > 8  # (not saturated)
+        for k, softmax in enumerate(softmaxes):
+            kw = {"qk": qk, "lookup": lookup, "grid": grid, "softmax": softmax, "pv": pv}
+            want = E.reference_qattention(q, kt, mask, v, **kw)
+            for inputs in [(q, kt, v), swapped]:
+                got = E.qattention(*inputs[:2], mask, inputs[2], **kw)
+                assert got is not None and got.dtype == want.dtype == dtype
+                np.testing.assert_array_equal(got, want, err_msg=str((batch, heads, rows, d, t, dv, mask_shape,
+                                                                      inputs[0].strides, k)))
+            assert k or len(np.unique(got)) > 8  # (not saturated)
     # (the probabilities' bytes sum to about 255, but their grid may let them all be 255)
     assert exact_floats(600, np.empty(0, dtype), pv[1], v, pv[3]) is np.float64  # 600 · 255 · 128 > 2^24
     assert exact_floats(500, np.empty(0, dtype), pv[1], v, pv[3]) is np.float32
+    kw["softmax"] = softmaxes[0]
     per_axis = {**kw, "pv": [*pv[:2], np.full(dv, pv[2]), *pv[3:]]}
     assert E.qattention(q, kt, mask, v, **per_axis) is None
+
+
+ATTENTION_AT_ONCE = """
+import threading
+import numpy as np
+from sparsejit.kernels import elementwise as E
+
+f32 = np.float32
+value, table = E.softmax_table(f32(0.08), np.uint8(200))
+kw = {"qk": [f32(0.05), np.uint8(131), f32(0.04), np.uint8(120), f32(0.9), np.uint8(125)],
+      "lookup": (np.arange(256, dtype=np.float32) - 125) * f32(0.9 / 8), "grid": [f32(0.08), np.uint8(200)],
+      "softmax": {"in_scale": f32(0.08), "in_zero": np.uint8(200), "out_scale": f32(1 / 255),
+                  "out_zero": np.uint8(0), "value": value, "table": table},
+      "pv": [f32(1 / 255), np.uint8(0), f32(0.03), np.uint8(128), f32(0.02), np.uint8(127)]}
+attention = E.QAttention(**kw)
+rng = np.random.default_rng(5)
+inputs = []
+for _ in range(4):
+    q, kt, v = (rng.integers(0, 256, shape).astype(np.uint8) for shape in [(2, 4, 40, 16), (2, 4, 16, 40),
+                                                                           (2, 4, 40, 16)])
+    mask = np.where(rng.random((2, 1, 1, 40)) < 0.2, f32(-10000), f32(0))
+    want = E.reference_qattention(q, kt, mask, v, **kw)
+    assert np.array_equal(attention(q, kt, mask, v), want)
+    inputs.append(((q, kt, mask, v), want))
+wrong = []
+
+def work(i):
+    for _ in range(40):
+        args, want = inputs[i]
+        if not np.array_equal(attention(*args), want):
+            wrong.append(i)
+
+threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert len(attention._calls) == 1
+print(len(wrong))
+"""
+
+
+def test_quantized_attention_called_from_several_threads_at_once_gives_each_its_own_result(tmp_path):
+    """QAttention keeps, per input shape and layout, its rows of slots and calls and its
+    kernel's scratch, used by one call at a time: threads calling it at once on inputs of
+    one shape each get their own inputs' result, bit for bit. In a subprocess: a race
+    could crash."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SPARSEJIT_CACHE_DIR": str(tmp_path / "cache")}
+    p = subprocess.run([sys.executable, "-c", ATTENTION_AT_ONCE], capture_output=True, text=True, env=env,
+                       check=False, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[-1] == "0", p.stdout
 
 
 def test_row_groups_never_read_what_they_write():

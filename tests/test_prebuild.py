@@ -41,8 +41,9 @@ def test_builds_holds_each_driver_the_test_models_compile_and_only_ir_they_meet(
     loaded = {"float", "fp32", "int8", "qoperator"} | ({"bf16"} if has_bf16() else set())
     out = _python("import json, sys; from sparsejit.kernels import prebuild; "
                   "met = prebuild.met(sys.argv[2:]); "
-                  "met['built'] = [prebuild.made(e) for e in prebuild.BUILDS if isinstance(e, prebuild.CFunction) "
+                  "built = [prebuild.made(e) for e in prebuild.BUILDS if isinstance(e, prebuild.CFunction) "
                   "and set(e.serves.split()) & set(sys.argv[1].split())]; "
+                  "met['built'] = [a for a in built if a is not None]; "
                   "print(json.dumps(met))", tmp_path / "cache", " ".join(loaded), *specs)
     met = json.loads(out.splitlines()[-1])
     assert len(met["drivers"]) >= 8  # (the float model alone meets six)
@@ -58,7 +59,8 @@ def test_builds_holds_each_driver_the_test_models_compile_and_only_ir_they_meet(
     unmet = [expression for expression, source in sources if compile.ir_key(source) not in met["ir"]]
     assert not unmet, f"BUILDS makes IR kernels no test model met: {unmet}"
     # the C functions (by their addresses in that process): those BUILDS makes are those met
-    assert len(met["built"]) >= 2 and all(met["built"])  # (the launcher, QOperator's attention)
+    assert len(met["built"]) >= 2  # (the launcher, (de)quantize's kernels; QOperator's attention where BLAS takes
+    # its products: on CPUs with VNNI its kernel is IR)
     assert {address for *_, address in met["cfuncs"]} == set(met["built"]), met["cfuncs"]
 
 
