@@ -479,8 +479,12 @@ def dequantize_gathered_tables(graph: Graph) -> Graph:
             continue
         name = f"{gather.inputs[0]}::dequantized"
         if name not in tables:
-            args = [table] + [m.const(i) if i else None for i in dq.inputs[1:]]
-            tables[name] = evaluate("DequantizeLinear", args, dq.attrs, graph.opset, 1)[0]
+            params = [m.const(i) if i else None for i in dq.inputs[1:]]
+            if table.dtype.itemsize == 1:  # (each byte's value once, then gathered: the same elements, sooner)
+                values = evaluate("DequantizeLinear", [BYTES.view(table.dtype), *params], dq.attrs, graph.opset, 1)[0]
+                tables[name] = values[table.view(np.uint8)]
+            else:
+                tables[name] = evaluate("DequantizeLinear", [table, *params], dq.attrs, graph.opset, 1)[0]
         m.replace([gather, dq], Node("Gather", gather.name, [name, gather.inputs[1]], [dq.outputs[0]], gather.attrs))
     g = m.result()
     return Graph(g.nodes, g.inputs, g.outputs, {**g.constants, **tables}, g.opset, g.origin)

@@ -1301,6 +1301,29 @@ def test_quantized_attention_called_from_several_threads_at_once_gives_each_its_
     assert p.stdout.split()[-1] == "0", p.stdout
 
 
+def test_dequantized_embedding_tables_are_the_dequantized_table_bit_for_bit():
+    """fuse.dequantize_gathered_tables: a byte table's values made once per byte, then
+    gathered, are the table dequantized element by element, bit for bit (int8 and uint8,
+    a zero point or none); a table of wider integers is dequantized as it is."""
+    from sparsejit import fuse
+    from sparsejit.graph import Graph, InputSpec, Node
+    from sparsejit.ops import evaluate
+
+    rng = np.random.default_rng(4)
+    for dtype, zero in [(np.int8, np.int8(-3)), (np.uint8, np.uint8(131)), (np.uint8, None), (np.int32, np.int32(7))]:
+        info = np.iinfo(dtype)
+        table = rng.integers(max(info.min, -300), min(info.max, 300) + 1, (50, 12)).astype(dtype)
+        params = {"s": np.float32(0.0371), **({"z": zero} if zero is not None else {})}
+        nodes = [Node("Gather", "g", ["table", "ids"], ["rows"], {"axis": 0}),
+                 Node("DequantizeLinear", "dq", ["rows", "s", "z" if zero is not None else ""], ["y"])]
+        graph = Graph(nodes, [InputSpec("ids", np.dtype(np.int64), (3,))], ["y"], {"table": table, **params}, 17)
+        fused = fuse.dequantize_gathered_tables(graph)
+        assert [n.op_type for n in fused.nodes] == ["Gather"]
+        got = fused.constants[fused.nodes[0].inputs[0]]
+        want = evaluate("DequantizeLinear", [table, params["s"], zero], {}, 17, 1)[0]
+        assert got.dtype == want.dtype == np.float32 and np.array_equal(got, want), dtype
+
+
 def test_row_groups_never_read_what_they_write():
     """lower.fuse_rows: a row op that reads its group's value and, through an op outside
     the group, its group's value again (B, then Tanh(B), both into C) cannot join that
