@@ -34,6 +34,7 @@ A part computes groups [g0, g1) for tokens [t0, t1); out_features is a multiple 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .epilogue import ACTIVATIONS
@@ -250,6 +251,7 @@ def _store_quantized(e: Builder, ys: list[str], j0: str, t: str, mask: str | Non
         _store8(e, "i32", row, e.gep("%rt", e.offset(e(f"add i64 {row0}, {r}") if r else row0, "%ldr", t), "i32"), mask)
 
 
+@functools.cache  # (the same text for every layer of a config: made once)
 def lanes_ir(cfg: LanesConfig) -> str:
     e = Builder(16)
 
