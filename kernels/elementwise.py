@@ -627,14 +627,13 @@ class QAttention:
         parts = max(1, min(threads(), tasks))
         vnni = self.products == "vnni" and max(d, t) < EXACT_INT32
         if vnni:  # (the IR kernel, its sums in int32; each part its own scratch)
-            fn, idot, lookup = qattention_ir_kernel(_offsets(self.types)), idot_kernel(), row_bytes_kernel()
+            fn, lookup = qattention_ir_kernel(_offsets(self.types)), row_bytes_kernel()
         else:
-            fn, idot = _qattention_fn(*self.types, exact_floats(d, q, self.qz, kt, self.kz),
-                                      exact_floats(t, np.empty(0, self.pz.dtype), self.pz, v, self.vz)), 0
-            lookup = 0
+            fn, lookup = _qattention_fn(*self.types, exact_floats(d, q, self.qz, kt, self.kz),
+                                        exact_floats(t, np.empty(0, self.pz.dtype), self.pz, v, self.vz)), 0
         slots = np.zeros((parts, SLOTS + len(SCRATCH) * vnni), np.int64)
         slots[:, :SLOTS] = [*_strided(q), *_strided(kt), *_strided(v), 0, *shape[:3], t, 0, batch, heads, rows, dv,
-                            *self.tail, idot, address(self.tables[3]), lookup]
+                            *self.tail, 0, address(self.tables[3]), lookup]
         calls = new_calls(parts, 1, QATTENTION)
         calls[:, :6] = [[1, fn, 0, address(self.floats), c * tasks // parts, (c + 1) * tasks // parts]
                         for c in range(parts)]
@@ -720,13 +719,6 @@ def qattention_products() -> str:
 EXACT_INT32 = 33025  # sums of fewer products of a byte less 255 and one less 128 fit int32 (k · 255 · 255 < 2^31)
 
 
-@functools.cache
-def idot_kernel() -> int:
-    """The address of idot_ir's kernel."""
-    return compile_ir(idot_ir(), IDOT.name)
-
-
-IDOT = Signature("idot", (("a", "ptr"), ("b", "ptr"), ("c", "ptr"), ("m", "i64"), ("k4", "i64"), ("nv", "i64")))
 ROW_BYTES = Signature("row_bytes", (("acc", "ptr"), ("t", "i64"), ("grid", "ptr"), ("plain", "ptr"), ("byte", "ptr"),
                                     ("qr", "ptr")))
 
@@ -796,49 +788,3 @@ def row_bytes_ir() -> str:
         lines += [f"declare {ty} @llvm.{name}.{fn}({ty}{f', {ty}' if name != 'roundeven' else ''})"
                   for name in ("maxnum", "minnum", "roundeven")]
     return "\n".join(lines) + "\n"
-
-
-def idot_ir() -> str:
-    """`idot`: c[i, j] = Σ_k a[i, k] (uint8) · b[k, j] (int8), exact in int32, by AVX-512
-    VNNI's `vpdpbusd`: a [m, 4 k4] in rows, b packed [k4, 16 nv, 4] (4 consecutive k of
-    one column in one i32, so one 64-byte load is 16 columns' 4), c [m, 16 nv] in rows.
-    Rows in blocks of 4 (4 accumulators sharing each load of b), then one at a time."""
-    iv = f"<{16} x i32>"
-    lines = ["; sparsejit generated kernel: uint8 × int8 products by vpdpbusd (QAttentionCore's two)",
-             f"define void @idot({IDOT.params()}) {{", "entry:", "  %lda = shl i64 %k4, 2", "  %ldc = shl i64 %nv, 4",
-             "  %m4 = and i64 %m, -4", "  br label %r4.head"]
-    for tag, rows, start, end, came, after in (("r4", 4, "0", "%m4", "entry", "r1.pre"), ("r1", 1, "%m4", "%m", "r1.pre",
-                                                                                         "done")):
-        t = f"%{tag}"
-        lines += [f"{tag}.head:", f"  {t}.i = phi i64 [ {start}, %{came} ], [ {t}.inext, {t}.cdone ]",
-                  f"  {t}.more = icmp slt i64 {t}.i, {end}", f"  br i1 {t}.more, label {t}.cols, label %{after}",
-                  f"{tag}.cols:", f"  br label {t}.chead",
-                  f"{tag}.chead:", f"  {t}.jv = phi i64 [ 0, {t}.cols ], [ {t}.jvnext, {t}.kdone ]",
-                  f"  {t}.cmore = icmp slt i64 {t}.jv, %nv", f"  br i1 {t}.cmore, label {t}.kpre, label {t}.cdone",
-                  f"{tag}.kpre:", f"  {t}.j = shl i64 {t}.jv, 4", f"  br label {t}.khead",
-                  f"{tag}.khead:", f"  {t}.kk = phi i64 [ 0, {t}.kpre ], [ {t}.kknext, {t}.kbody ]"]
-        lines += [f"  {t}.acc{r} = phi {iv} [ zeroinitializer, {t}.kpre ], [ {t}.nacc{r}, {t}.kbody ]"
-                  for r in range(rows)]
-        lines += [f"  {t}.kmore = icmp slt i64 {t}.kk, %k4", f"  br i1 {t}.kmore, label {t}.kbody, label {t}.kdone",
-                  f"{tag}.kbody:", f"  {t}.bo1 = mul i64 {t}.kk, %ldc", f"  {t}.bo = add i64 {t}.bo1, {t}.j",
-                  f"  {t}.bp = getelementptr i32, ptr %b, i64 {t}.bo", f"  {t}.bv = load {iv}, ptr {t}.bp, align 4",
-                  f"  {t}.ak = shl i64 {t}.kk, 2"]
-        for r in range(rows):
-            lines += [f"  {t}.row{r} = add i64 {t}.i, {r}", f"  {t}.ao1{r} = mul i64 {t}.row{r}, %lda",
-                      f"  {t}.ao{r} = add i64 {t}.ao1{r}, {t}.ak", f"  {t}.ap{r} = getelementptr i8, ptr %a, i64 {t}.ao{r}",
-                      f"  {t}.a{r} = load i32, ptr {t}.ap{r}, align 1",
-                      f"  {t}.ai{r} = insertelement {iv} poison, i32 {t}.a{r}, i64 0",
-                      f"  {t}.as{r} = shufflevector {iv} {t}.ai{r}, {iv} poison, {iv} zeroinitializer",
-                      (f"  {t}.nacc{r} = call {iv} @llvm.x86.avx512.vpdpbusd.512({iv} {t}.acc{r}, {iv} {t}.as{r}, "
-                       f"{iv} {t}.bv)")]
-        lines += [f"  {t}.kknext = add i64 {t}.kk, 1", f"  br label {t}.khead", f"{tag}.kdone:"]
-        for r in range(rows):
-            lines += [f"  {t}.crow{r} = add i64 {t}.i, {r}", f"  {t}.co1{r} = mul i64 {t}.crow{r}, %ldc",
-                      f"  {t}.co{r} = add i64 {t}.co1{r}, {t}.j", f"  {t}.cp{r} = getelementptr i32, ptr %c, i64 {t}.co{r}",
-                      f"  store {iv} {t}.acc{r}, ptr {t}.cp{r}, align 4"]
-        lines += [f"  {t}.jvnext = add i64 {t}.jv, 1", f"  br label {t}.chead",
-                  f"{tag}.cdone:", f"  {t}.inext = add i64 {t}.i, {rows}", f"  br label {t}.head"]
-        if tag == "r4":
-            lines += ["r1.pre:", "  br label %r1.head"]
-    lines += ["done:", "  ret void", "}", "", f"declare {iv} @llvm.x86.avx512.vpdpbusd.512({iv}, {iv}, {iv})", ""]
-    return "\n".join(lines)

@@ -162,7 +162,6 @@ BUILDS = (
     CFunction("elementwise", "each_kernel('dequantize')", "int8"),
     CFunction("elementwise", "each_kernel('quantize')", "int8"),
     IR("elementwise", "part_ir(QATTENTION)", "qoperator"),
-    IR("elementwise", "idot_ir()", "qoperator", "qattention_products() == 'vnni'"),
     IR("elementwise", "row_bytes_ir()", "qoperator", "qattention_products() == 'vnni' and has_permutes()"),
     CFunction("elementwise", "qattention_kernel(('uint8',) * 5 + ('float32',) * 2)", "qoperator",
               "qattention_products() == 'blas'"),

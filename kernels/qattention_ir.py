@@ -2,10 +2,10 @@
 
 The same kernel as elementwise.QATTENTION_SOURCE with its "vnni" products, step for step
 and bit for bit (tests/test_int8.py holds both to the reference): per (batch, head) task,
-q·kᵀ's sums exact in int32 by `idot` (elementwise.idot_ir), each row of them requantized
-and looked up (elementwise.row_bytes_ir, or the loops here where it is 0), the keys the mask
-moves quantized again, QSoftmax's row by its table, then p·v's sums by `idot` and requantized
-to the output's bytes.
+q·kᵀ's sums exact in int32 by `vpdpbusd` (`@product`), each row of them requantized and
+looked up (elementwise.row_bytes_ir, or the loops here where it is 0), the keys the mask
+moves quantized again, QSoftmax's row by its table, its bytes laid for p·v's product, whose
+sums are requantized to the output's bytes.
 
 Why IR: Numba took about 3 s to compile that kernel cold, most of it typing its numpy calls
 (bench/README.md, twenty-second session), and a first load waited for it; this compiles in a
@@ -30,10 +30,10 @@ SCRATCH = ("a", "bp", "c", "sa", "sb", "byte", "qr", "es", "pq")
 
 class Scratch(NamedTuple):
     """Bytes of each of a part's scratch arrays (SCRATCH's order), for `rows` queries of `d`
-    features, `t` keys and `dv` values: x's bytes in rows of 4·k4 (`a`), y's packed in
-    4-blocks [k4, n16, 4] (`bp`), the int32 sums [rows, n16] (`c`), x's row sums and y's
-    column sums (int64), a row's bytes and looked-up bytes, its exponentials, and the
-    probabilities' bytes [rows, t]."""
+    features, `t` keys and `dv` values: x's bytes in 4-blocks [k4, rows] (`a`), y's
+    [k4, n16] (`bp`), the int32 sums [rows, n16] (`c`), x's row sums and y's column sums
+    (int32), a row's bytes and looked-up bytes, its exponentials, and its probabilities'
+    bytes to the end of their last 4-block."""
 
     a: int
     bp: int
@@ -49,7 +49,7 @@ class Scratch(NamedTuple):
     def of(cls, rows: int, d: int, t: int, dv: int) -> Scratch:
         k4 = max(-(-d // 4), -(-t // 4))
         n16 = max(-(-t // 16), -(-dv // 16)) * 16
-        return cls(rows * 4 * k4, 4 * k4 * n16, 4 * rows * n16, 8 * rows, 8 * n16, t, t, 4 * t, rows * t)
+        return cls(rows * 4 * k4, 4 * k4 * n16, 4 * rows * n16, 4 * rows, 4 * n16, t, t, 4 * t, 4 * -(-t // 4))
 
 
 class _Emit:
@@ -162,89 +162,200 @@ def _quantized(e: _Emit, x: str, grid: list[str]) -> str:
 
 PRODUCT_ARGS = ("ptr noalias %x, i64 %xs0, i64 %xs1, i64 %m, i64 %k, i8 %xflip, i64 %alpha, ptr noalias %y, i64 %ys0, "
                 "i64 %ys1, i64 %n, i8 %yflip, i64 %beta, ptr noalias %a, ptr noalias %bp, ptr noalias %c, "
-                "ptr noalias %sa, ptr noalias %sb, i64 %idot")
+                "ptr noalias %sa, ptr noalias %sb")
+
+
+def _pack(e: _Emit, src: str, at: str, step: str, flip: str, count: str | None = None) -> tuple[str, list[str]]:
+    """The i32 of the 4 bytes src[at + r · step] (r < 4, or r < count: 0 past it), each xor
+    flip, byte r at bits 8r; and the bytes (i8) it holds."""
+    word, parts = None, []
+    for r in range(4):
+        off = e.op(f"add i64 {at}, {e.op(f'mul i64 {r}, {step}')}") if r else at
+        byte = e.op(f"xor i8 {e.load('i8', src, off) if count is None else _guarded(e, src, off, r, count)}, {flip}")
+        if count is not None:
+            byte = e.op(f"select i1 {e.op(f'icmp slt i64 {r}, {count}')}, i8 {byte}, i8 0")
+        parts.append(byte)
+        wide = e.op(f"zext i8 {byte} to i32")
+        wide = e.op(f"shl i32 {wide}, {8 * r}") if r else wide
+        word = wide if word is None else e.op(f"or i32 {word}, {wide}")
+    return word, parts
+
+
+def _guarded(e: _Emit, src: str, at: str, r: int, count: str) -> str:
+    """src[at] where r < count, else 0 (not read: past the matrix)."""
+    inside = e.op(f"icmp slt i64 {r}, {count}")
+    safe = e.op(f"select i1 {inside}, i64 {at}, i64 0")
+    return e.load("i8", src, safe)
+
+
+def _sum(e: _Emit, parts: list[str], ext: str) -> str:
+    """The sum of the bytes `parts` as an i32, each zext or sext (`ext`)."""
+    total = None
+    for b in parts:
+        v = e.op(f"{ext} i8 {b} to i32")
+        total = v if total is None else e.op(f"add i32 {total}, {v}")
+    return total
 
 
 def _product() -> list[str]:
     """`@product`: c [m, n16] (i32, n16 = n rounded up to 16) = Σ_k (x - xz)(y - yz) for x
-    [m, k] and y [k, n] bytes (strides xs0, xs1, ys0, ys1), exactly: x's bytes xor xflip as
-    uint8 in rows of 4·k4 (`a`), y's xor yflip as int8 in 4-blocks (`bp`), their sums by
-    `idot`, less what the zero points and offsets add (alpha = xz + cx, beta = yz - cy) from
-    x's row sums and y's column sums (the "vnni" product of elementwise.PRODUCTS)."""
-    e = _Emit()
-    e("%k4 = add i64 %k, 3", "%k4q = lshr i64 %k4, 2", "%lda = shl i64 %k4q, 2", "%n15 = add i64 %n, 15",
-      "%nv = lshr i64 %n15, 4", "%n16 = shl i64 %nv, 4", "%bpn = mul i64 %lda, %n16",
-      "call void @llvm.memset.p0.i64(ptr %bp, i8 0, i64 %bpn, i1 false)",
-      "%sbn = shl i64 %n, 3", "call void @llvm.memset.p0.i64(ptr %sb, i8 0, i64 %sbn, i1 false)",
-      "%san = shl i64 %m, 3", "call void @llvm.memset.p0.i64(ptr %sa, i8 0, i64 %san, i1 false)",
-      "%an = mul i64 %m, %lda", "call void @llvm.memset.p0.i64(ptr %a, i8 0, i64 %an, i1 false)")
+    [m, k] and y [k, n] bytes (strides xs0, xs1, ys0, ys1), exactly, by AVX-512 VNNI's
+    `vpdpbusd`: `@pack_x` lays x's bytes xor xflip as uint8 in 4-blocks [k4, m] of i32
+    (`a`: k 4q .. 4q + 3 of row i in a[q, i]) and sums its rows (`sa`), `@pack_y` y's xor
+    yflip as int8 in 4-blocks [k4, n16] of i32 (`bp`, 0 past k and n) and sums its columns
+    (`sb`), and `@finish` takes each i32 of c as the sum of its k4 products, less what the
+    zero points and offsets add (alpha = xz + cx, beta = yz - cy), in the stores. The sums
+    are taken modulo 2^32, as the int64 sums truncated to int32 are (the "vnni" product of
+    elementwise's kernel before it was IR). p·v's x is laid in `a` by `@row`."""
+    product = _Emit()
+    product("call void @pack_x(ptr %x, i64 %xs0, i64 %xs1, i64 %m, i64 %k, i8 %xflip, ptr %a, ptr %sa)",
+            "call void @pack_y(ptr %y, i64 %ys0, i64 %ys1, i64 %k, i64 %n, i8 %yflip, ptr %bp, ptr %sb)",
+            "call void @finish(i64 %m, i64 %k, i64 %n, i64 %alpha, i64 %beta, ptr %a, ptr %bp, ptr %c, ptr %sa, ptr %sb)")
+    lines = product.function(f"@product({PRODUCT_ARGS})")
 
-    def put_x(i: str, kk: str) -> None:  # a[i, kk] = x[i, kk] ^ xflip; sa[i] += it
-        at = e.op(f"mul i64 {i}, %xs0")
-        at = e.op(f"add i64 {at}, {e.op(f'mul i64 {kk}, %xs1')}")
-        u = e.op(f"xor i8 {e.load('i8', '%x', at)}, %xflip")
-        e.store("i8", u, "%a", e.op(f"add i64 {e.op(f'mul i64 {i}, %lda')}, {kk}"))
-        s = e.at("i64", "%sa", i)
-        wide = e.op(f"zext i8 {u} to i64")
-        total = e.op(f"load i64, ptr {s}")
-        e(f"store i64 {e.op(f'add i64 {total}, {wide}')}, ptr {s}")
+    e = _Emit()  # @pack_x
+    e("%k4f = lshr i64 %k, 2", "%ktail = and i64 %k, 3", "%san = shl i64 %m, 2",
+      "call void @llvm.memset.p0.i64(ptr %sa, i8 0, i64 %san, i1 false)")
 
-    def put_y(kk: str, j: str) -> None:  # bp[kk / 4, j, kk % 4] = y[kk, j] ^ yflip; sb[j] += it
-        at = e.op(f"mul i64 {kk}, %ys0")
-        at = e.op(f"add i64 {at}, {e.op(f'mul i64 {j}, %ys1')}")
-        w = e.op(f"xor i8 {e.load('i8', '%y', at)}, %yflip")
-        block = e.op(f"mul i64 {e.op(f'lshr i64 {kk}, 2')}, %n16")
-        column = e.op(f"shl i64 {e.op(f'add i64 {block}, {j}')}, 2")
-        slot = e.op(f"add i64 {column}, {e.op(f'and i64 {kk}, 3')}")
-        e.store("i8", w, "%bp", slot)
-        s = e.at("i64", "%sb", j)
-        wide = e.op(f"sext i8 {w} to i64")
-        total = e.op(f"load i64, ptr {s}")
-        e(f"store i64 {e.op(f'add i64 {total}, {wide}')}, ptr {s}")
+    def put_a(i: str, q: str, count: str | None = None) -> None:  # a[q, i] and sa[i]
+        k0 = e.op(f"shl i64 {q}, 2")
+        at = e.op(f"add i64 {e.op(f'mul i64 {i}, %xs0')}, {e.op(f'mul i64 {k0}, %xs1')}")
+        word, parts = _pack(e, "%x", at, "%xs1", "%xflip", count)
+        e.store("i32", word, "%a", e.op(f"add i64 {e.op(f'mul i64 {q}, %m')}, {i}"))
+        s, added = e.at("i32", "%sa", i), _sum(e, parts, "zext")
+        old = e.op(f"load i32, ptr {s}")
+        e(f"store i32 {e.op(f'add i32 {old}, {added}')}, ptr {s}")
 
-    # each loop along the contiguous axis where there is one, as the Numba product's
-    rows_first = e.op("icmp sle i64 %xs1, %xs0")
-    tag = e.name("xorder")
-    e(f"br i1 {rows_first}, label %{tag}.rows, label %{tag}.cols")
-    e.label(f"{tag}.rows")
-    with e.loop("0", "%m") as i, e.loop("0", "%k") as kk:
-        put_x(i, kk)
-    e(f"br label %{tag}.done")
-    e.label(f"{tag}.cols")
-    with e.loop("0", "%k") as kk, e.loop("0", "%m") as i:
-        put_x(i, kk)
-    e(f"br label %{tag}.done")
-    e.label(f"{tag}.done")
-    cols_first = e.op("icmp slt i64 %ys0, %ys1")
-    tag = e.name("yorder")
-    e(f"br i1 {cols_first}, label %{tag}.cols, label %{tag}.rows")
-    e.label(f"{tag}.cols")
-    with e.loop("0", "%n") as j, e.loop("0", "%k") as kk:
-        put_y(kk, j)
-    e(f"br label %{tag}.done")
-    e.label(f"{tag}.rows")
-    with e.loop("0", "%k") as kk, e.loop("0", "%n") as j:
-        put_y(kk, j)
-    e(f"br label %{tag}.done")
-    e.label(f"{tag}.done")
-    e("%idot.f = inttoptr i64 %idot to ptr", "call void %idot.f(ptr %a, ptr %bp, ptr %c, i64 %m, i64 %k4q, i64 %nv)",
-      "%ab = mul i64 %alpha, %beta", "%kab = mul i64 %k, %ab")
+    _by_layout(e, "%xs0", ("q", "%k4f"), ("i", "%m"), (("i", "%m"), ("q", "%k4f")), put_a)
+    with e.when(e.op("icmp ne i64 %ktail, 0")), e.loop("0", "%m") as i:  # (the last 4-block, past k: 0)
+        put_a(i, "%k4f", "%ktail")
+    lines += e.function("@pack_x(ptr noalias %x, i64 %xs0, i64 %xs1, i64 %m, i64 %k, i8 %xflip, ptr noalias %a, "
+                        "ptr noalias %sa)")
+
+    e = _Emit()  # @pack_y
+    e("%k4f = lshr i64 %k, 2", "%k3 = add i64 %k, 3", "%k4 = lshr i64 %k3, 2", "%ktail = and i64 %k, 3",
+      "%n15 = add i64 %n, 15", "%nv = lshr i64 %n15, 4", "%n16 = shl i64 %nv, 4",
+      "%bpn = mul i64 %k4, %n16", "%bpb = shl i64 %bpn, 2",
+      "call void @llvm.memset.p0.i64(ptr %bp, i8 0, i64 %bpb, i1 false)",
+      "%sbn = shl i64 %n16, 2", "call void @llvm.memset.p0.i64(ptr %sb, i8 0, i64 %sbn, i1 false)",
+      "%flip32 = zext i8 %yflip to i32", "%flip32b = mul i32 %flip32, 16843009")  # (the flip in each byte)
+
+    def put_b(q: str, j: str, count: str | None = None) -> None:  # bp[q, j] and sb[j]
+        k0 = e.op(f"shl i64 {q}, 2")
+        at = e.op(f"add i64 {e.op(f'mul i64 {k0}, %ys0')}, {e.op(f'mul i64 {j}, %ys1')}")
+        word, parts = _pack(e, "%y", at, "%ys0", "%yflip", count)
+        e.store("i32", word, "%bp", e.op(f"add i64 {e.op(f'mul i64 {q}, %n16')}, {j}"))
+        s, added = e.at("i32", "%sb", j), _sum(e, parts, "sext")
+        old = e.op(f"load i32, ptr {s}")
+        e(f"store i32 {e.op(f'add i32 {old}, {added}')}, ptr {s}")
+
+    tag = e.name("ycols")
+    e(f"br i1 {e.op('icmp eq i64 %ys0, 1')}, label %{tag}.cols, label %{tag}.any")
+    e.label(f"{tag}.cols")  # each column's k contiguous: its 4-blocks are i32s to move, its sum a loop along it
+    with e.loop("0", "%n") as j:
+        col = e.op(f"getelementptr i8, ptr %y, i64 {e.op(f'mul i64 {j}, %ys1')}")
+        with e.loop("0", "%k4f") as q:
+            word = e.op(f"load i32, ptr {e.op(f'getelementptr i32, ptr {col}, i64 {q}')}, align 1")
+            e.store("i32", e.op(f"xor i32 {word}, %flip32b"), "%bp", e.op(f"add i64 {e.op(f'mul i64 {q}, %n16')}, {j}"))
+        total = e.var("i32", "0")
+        with e.loop("0", e.op("shl i64 %k4f, 2")) as kk:
+            byte = e.load("i8", col, kk)
+            w = e.op(f"sext i8 {e.op(f'xor i8 {byte}, %yflip')} to i32")
+            old = e.load("i32", total, "0")
+            e(f"store i32 {e.op(f'add i32 {old}, {w}')}, ptr {total}")
+        e.store("i32", e.load("i32", total, "0"), "%sb", j)
+    e(f"br label %{tag}.tail")
+    e.label(f"{tag}.any")
+    _by_layout(e, "%ys1", ("q", "%k4f"), ("j", "%n"), (("j", "%n"), ("q", "%k4f")), put_b)
+    e(f"br label %{tag}.tail")
+    e.label(f"{tag}.tail")
+    with e.when(e.op("icmp ne i64 %ktail, 0")), e.loop("0", "%n") as j:
+        put_b("%k4f", j, "%ktail")
+    lines += e.function("@pack_y(ptr noalias %y, i64 %ys0, i64 %ys1, i64 %k, i64 %n, i8 %yflip, ptr noalias %bp, "
+                        "ptr noalias %sb)")
+
+    e = _Emit()  # @finish: ra[i] = k·alpha·beta - beta·sa[i] (in sa), cb[j] = alpha·sb[j] (in sb), then idot
+    e("%k3 = add i64 %k, 3", "%k4 = lshr i64 %k3, 2", "%n15 = add i64 %n, 15", "%nv = lshr i64 %n15, 4",
+      "%n16 = shl i64 %nv, 4", "%ab = mul i64 %alpha, %beta", "%kab = mul i64 %k, %ab")
     with e.loop("0", "%m") as i:
-        sa = e.load("i64", "%sa", i)
+        sa = e.op(f"sext i32 {e.load('i32', '%sa', i)} to i64")
         row = e.op(f"sub i64 %kab, {e.op(f'mul i64 %beta, {sa}')}")
-        first = e.op(f"mul i64 {i}, %n16")
-        with e.loop("0", "%n") as j:
-            at = e.op(f"add i64 {first}, {j}")
-            c = e.op(f"sext i32 {e.load('i32', '%c', at)} to i64")
-            less = e.op(f"mul i64 %alpha, {e.load('i64', '%sb', j)}")
-            v = e.op(f"sub i64 {e.op(f'add i64 {c}, {row}')}, {less}")
-            e.store("i32", e.op(f"trunc i64 {v} to i32"), "%c", at)
-    return e.function(f"@product({PRODUCT_ARGS})")
+        e.store("i32", e.op(f"trunc i64 {row} to i32"), "%sa", i)
+    alpha32 = e.op("trunc i64 %alpha to i32")
+    with e.loop("0", "%n16") as j:
+        e.store("i32", e.op(f"mul i32 {alpha32}, {e.load('i32', '%sb', j)}"), "%sb", j)
+    e("call void @idot(ptr %a, ptr %bp, ptr %c, ptr %sa, ptr %sb, i64 %m, i64 %k4, i64 %nv)")
+    return lines + e.function("@finish(i64 %m, i64 %k, i64 %n, i64 %alpha, i64 %beta, ptr noalias %a, "
+                              "ptr noalias %bp, ptr noalias %c, ptr noalias %sa, ptr noalias %sb)")
+
+
+def _by_layout(e: _Emit, along: str, outer: tuple, inner: tuple, other: tuple, put) -> None:
+    """put(...) over the full 4-blocks: `inner` the inner loop where `along` (its stride) is
+    1, so that it runs along contiguous bytes and vectorises, else in `other`'s order."""
+    tag = e.name("order")
+    e(f"br i1 {e.op(f'icmp eq i64 {along}, 1')}, label %{tag}.along, label %{tag}.other")
+    for label, (first, second) in (("along", (outer, inner)), ("other", other)):
+        e.label(f"{tag}.{label}")
+        with e.loop("0", first[1]) as u, e.loop("0", second[1]) as w:
+            put(**{first[0]: u, second[0]: w})
+        e(f"br label %{tag}.done")
+    e.label(f"{tag}.done")
+
+
+def _idot() -> list[str]:
+    """`@idot`: c[i, j] = Σ_q vpdpbusd over a[q, i] (4 uint8 of row i) and bp[q, j] (4 int8
+    of column j), plus ra[i], less cb[j], for c [m, 16 nv] in rows: rows in blocks of 4 (4
+    accumulators sharing each load of bp), then one at a time."""
+    iv = "<16 x i32>"
+    head = ("define internal void @idot(ptr noalias %a, ptr noalias %b, ptr noalias %c, ptr noalias %ra, "
+            "ptr noalias %cb, i64 %m, i64 %k4, i64 %nv) {")
+    lines = [head, "entry:", "  %ldc = shl i64 %nv, 4", "  %m4 = and i64 %m, -4", "  br label %r4.head"]
+    for tag, rows, start, end, came, after in (("r4", 4, "0", "%m4", "entry", "r1.pre"),
+                                               ("r1", 1, "%m4", "%m", "r1.pre", "done")):
+        t = f"%{tag}"
+        lines += [f"{tag}.head:", f"  {t}.i = phi i64 [ {start}, %{came} ], [ {t}.inext, {t}.cdone ]",
+                  f"  {t}.more = icmp slt i64 {t}.i, {end}", f"  br i1 {t}.more, label {t}.cols, label %{after}",
+                  f"{tag}.cols:", f"  br label {t}.chead",
+                  f"{tag}.chead:", f"  {t}.jv = phi i64 [ 0, {t}.cols ], [ {t}.jvnext, {t}.kdone ]",
+                  f"  {t}.cmore = icmp slt i64 {t}.jv, %nv", f"  br i1 {t}.cmore, label {t}.kpre, label {t}.cdone",
+                  f"{tag}.kpre:", f"  {t}.j = shl i64 {t}.jv, 4", f"  br label {t}.khead",
+                  f"{tag}.khead:", f"  {t}.kk = phi i64 [ 0, {t}.kpre ], [ {t}.kknext, {t}.kbody ]"]
+        lines += [f"  {t}.acc{r} = phi {iv} [ zeroinitializer, {t}.kpre ], [ {t}.nacc{r}, {t}.kbody ]"
+                  for r in range(rows)]
+        lines += [f"  {t}.kmore = icmp slt i64 {t}.kk, %k4", f"  br i1 {t}.kmore, label {t}.kbody, label {t}.kdone",
+                  f"{tag}.kbody:", f"  {t}.bo1 = mul i64 {t}.kk, %ldc", f"  {t}.bo = add i64 {t}.bo1, {t}.j",
+                  f"  {t}.bp = getelementptr i32, ptr %b, i64 {t}.bo", f"  {t}.bv = load {iv}, ptr {t}.bp, align 4",
+                  f"  {t}.ak = mul i64 {t}.kk, %m"]
+        for r in range(rows):
+            lines += [f"  {t}.row{r} = add i64 {t}.i, {r}", f"  {t}.ao{r} = add i64 {t}.ak, {t}.row{r}",
+                      f"  {t}.ap{r} = getelementptr i32, ptr %a, i64 {t}.ao{r}",
+                      f"  {t}.a{r} = load i32, ptr {t}.ap{r}, align 4",
+                      f"  {t}.ai{r} = insertelement {iv} poison, i32 {t}.a{r}, i64 0",
+                      f"  {t}.as{r} = shufflevector {iv} {t}.ai{r}, {iv} poison, {iv} zeroinitializer",
+                      (f"  {t}.nacc{r} = call {iv} @llvm.x86.avx512.vpdpbusd.512({iv} {t}.acc{r}, {iv} {t}.as{r}, "
+                       f"{iv} {t}.bv)")]
+        lines += [f"  {t}.kknext = add i64 {t}.kk, 1", f"  br label {t}.khead", f"{tag}.kdone:",
+                  f"  {t}.cbp = getelementptr i32, ptr %cb, i64 {t}.j", f"  {t}.cbv = load {iv}, ptr {t}.cbp, align 4"]
+        for r in range(rows):
+            lines += [f"  {t}.crow{r} = add i64 {t}.i, {r}", f"  {t}.rap{r} = getelementptr i32, ptr %ra, i64 {t}.crow{r}",
+                      f"  {t}.ra{r} = load i32, ptr {t}.rap{r}, align 4",
+                      f"  {t}.rai{r} = insertelement {iv} poison, i32 {t}.ra{r}, i64 0",
+                      f"  {t}.ras{r} = shufflevector {iv} {t}.rai{r}, {iv} poison, {iv} zeroinitializer",
+                      f"  {t}.s{r} = add {iv} {t}.acc{r}, {t}.ras{r}", f"  {t}.d{r} = sub {iv} {t}.s{r}, {t}.cbv",
+                      f"  {t}.co1{r} = mul i64 {t}.crow{r}, %ldc", f"  {t}.co{r} = add i64 {t}.co1{r}, {t}.j",
+                      f"  {t}.cp{r} = getelementptr i32, ptr %c, i64 {t}.co{r}",
+                      f"  store {iv} {t}.d{r}, ptr {t}.cp{r}, align 4"]
+        lines += [f"  {t}.jvnext = add i64 {t}.jv, 1", f"  br label {t}.chead",
+                  f"{tag}.cdone:", f"  {t}.inext = add i64 {t}.i, {rows}", f"  br label {t}.head"]
+        if tag == "r4":
+            lines += ["r1.pre:", "  br label %r1.head"]
+    return lines + ["done:", "  ret void", "}", ""]
 
 
 ROW_ARGS = ("ptr noalias %acc, ptr noalias %mrow, ptr noalias %byte, ptr noalias %qr, ptr noalias %es, "
             "ptr noalias %prow, i64 %t, ptr noalias %floats, ptr noalias %plain, ptr noalias %scores, "
-            "ptr noalias %value, ptr noalias %table, i64 %flip, i64 %row_bytes")
+            "ptr noalias %value, ptr noalias %table, i64 %flip, i64 %row_bytes, i8 %pflip, ptr noalias %arow, i64 %m, "
+            "ptr noalias %sai")
 
 
 def _row() -> list[str]:
@@ -318,9 +429,24 @@ def _row() -> list[str]:
         old = e.load("double", total, "0")
         e(f"store double {e.op(f'fadd reassoc double {old}, {wide}')}, ptr {total}")
     sum32 = e.op(f"fptrunc double {e.load('double', total, '0')} to float")
+    # its probabilities' bytes xor pflip (p·v's x, as @pack_x lays it): in prow, 0 to the
+    # end of the last 4-block, then a 4-block at a time to a[q, i] (arow[q · m]); their sum
+    # to sa[i] (sai)
+    psum = e.var("i32", "0")
     with e.loop("0", t) as j:
         p = _quantized(e, e.op(f"fdiv float {e.load('float', es, j)}, {sum32}"), f[12:16])
-        e.store("i8", e.op(f"trunc i32 {p} to i8"), prow, j)
+        u = e.op(f"xor i8 {e.op(f'trunc i32 {p} to i8')}, %pflip")
+        e.store("i8", u, prow, j)
+        old = e.load("i32", psum, "0")
+        wide = e.op(f"zext i8 {u} to i32")
+        e(f"store i32 {e.op(f'add i32 {old}, {wide}')}, ptr {psum}")
+    e.store("i32", e.load("i32", psum, "0"), "%sai", "0")
+    k4 = e.op(f"lshr i64 {e.op(f'add i64 {t}, 3')}, 2")
+    with e.loop(t, e.op(f"shl i64 {k4}, 2")) as j:
+        e.store("i8", "0", prow, j)
+    with e.loop("0", k4) as q:
+        word = e.op(f"load i32, ptr {e.op(f'getelementptr i32, ptr {prow}, i64 {q}')}, align 1")
+        e.store("i32", word, "%arow", e.op(f"mul i64 {q}, %m"))
     return e.function(f"@row({ROW_ARGS})")
 
 
@@ -352,7 +478,7 @@ def qattention_ir(offsets: tuple[int, int, int, int]) -> str:
             (45, "plain"), *[(SLOTS + k, s) for k, s in enumerate(SCRATCH)]]}
     heads, rows, d, t, dv = n[2 + 1], n[2 + 2], n[2 + 3], n[12 + 3], n[22 + 3]
     mb, mh, mr = n[31], n[32], n[33]
-    flip, idot, row_bytes = n[43], n[44], n[46]
+    flip, row_bytes = n[43], n[46]
     qz, kz, vz, pz = (e.op(f"fptosi float {x} to i64") for x in f[:4])
     alpha1, beta1 = e.op(f"add i64 {qz}, {-qa}"), e.op(f"sub i64 {kz}, {-kb}")
     alpha2, beta2 = e.op(f"add i64 {pz}, {-pa}"), e.op(f"sub i64 {vz}, {-vb}")
@@ -371,7 +497,7 @@ def qattention_ir(offsets: tuple[int, int, int, int]) -> str:
 
         e(f"call void @product(ptr {base('q', 0)}, i64 {n[8]}, i64 {n[9]}, i64 {rows}, i64 {d}, i8 {qa}, i64 {alpha1}, "
           f"ptr {base('kt', 10)}, i64 {n[18]}, i64 {n[19]}, i64 {t}, i8 {kb}, i64 {beta1}, ptr {a}, ptr {bp}, "
-          f"ptr {c}, ptr {sa}, ptr {sb}, i64 {idot})")
+          f"ptr {c}, ptr {sa}, ptr {sb})")
         mb1 = e.op(f"sub i64 {mb}, 1")
         mbi = e.op(f"select i1 {e.op(f'icmp slt i64 {b}, {mb1}')}, i64 {b}, i64 {mb1}")
         mh1 = e.op(f"sub i64 {mh}, 1")
@@ -383,20 +509,24 @@ def qattention_ir(offsets: tuple[int, int, int, int]) -> str:
             mri = e.op(f"select i1 {e.op(f'icmp slt i64 {i}, {mr1}')}, i64 {i}, i64 {mr1}")
             moff = e.op(f"add i64 {mask0}, {e.op(f'mul i64 {mri}, {t}')}")
             mrow = e.op(f"getelementptr float, ptr {ptr['mask']}, i64 {moff}")
-            prow = e.op(f"getelementptr i8, ptr {pq}, i64 {e.op(f'mul i64 {i}, {t}')}")
-            e(f"call void @row(ptr {acc}, ptr {mrow}, ptr {byte}, ptr {qr}, ptr {es}, ptr {prow}, i64 {t}, "
+            arow = e.op(f"getelementptr i32, ptr {a}, i64 {i}")
+            sai = e.op(f"getelementptr i32, ptr {sa}, i64 {i}")
+            e(f"call void @row(ptr {acc}, ptr {mrow}, ptr {byte}, ptr {qr}, ptr {es}, ptr {pq}, i64 {t}, "
               f"ptr %floats, ptr {ptr['plain']}, ptr {ptr['scores']}, ptr {ptr['value']}, ptr {ptr['table']}, "
-              f"i64 {flip}, i64 {row_bytes})")
-        e(f"call void @product(ptr {pq}, i64 {t}, i64 1, i64 {rows}, i64 {t}, i8 {pa}, i64 {alpha2}, "
-          f"ptr {base('v', 20)}, i64 {n[28]}, i64 {n[29]}, i64 {dv}, i8 {vb}, i64 {beta2}, ptr {a}, ptr {bp}, "
-          f"ptr {c}, ptr {sa}, ptr {sb}, i64 {idot})")
+              f"i64 {flip}, i64 {row_bytes}, i8 {pa}, ptr {arow}, i64 {rows}, ptr {sai})")
+        # p·v, its x laid in `a` by @row
+        e(f"call void @pack_y(ptr {base('v', 20)}, i64 {n[28]}, i64 {n[29]}, i64 {t}, i64 {dv}, i8 {vb}, ptr {bp}, "
+          f"ptr {sb})",
+          f"call void @finish(i64 {rows}, i64 {t}, i64 {dv}, i64 {alpha2}, i64 {beta2}, ptr {a}, ptr {bp}, ptr {c}, "
+          f"ptr {sa}, ptr {sb})")
         bh = e.op(f"add i64 {e.op(f'mul i64 {b}, {heads}')}, {h}")
         matrix = e.op(f"mul i64 {rows}, {dv}")
         orows = e.op(f"getelementptr i8, ptr {ptr['out']}, i64 {e.op(f'mul i64 {bh}, {matrix}')}")
         e(f"call void @outputs(ptr {c}, ptr {orows}, i64 {rows}, i64 {dv}, i64 {n16b}, ptr %floats)")
     lines = ["; sparsejit generated kernel: QOperator attention by VNNI, (batch, head) tasks [t0, t1) (qattention_ir)",
-             *_product(), *_row(), *_outputs(), SIGNATURE.define(), "entry:", *e.allocas, *e.lines, "  ret void", "}", ""]
-    lines += ["declare void @llvm.memset.p0.i64(ptr, i8, i64, i1)", "declare i8 @llvm.umax.i8(i8, i8)"]
+             *_product(), *_idot(), *_row(), *_outputs(), SIGNATURE.define(), "entry:", *e.allocas, *e.lines, "  ret void", "}", ""]
+    lines += ["declare void @llvm.memset.p0.i64(ptr, i8, i64, i1)", "declare i8 @llvm.umax.i8(i8, i8)",
+              "declare <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32>, <16 x i32>, <16 x i32>)"]
     lines += [f"declare float @llvm.{fn}.f32(float{', float' if fn != 'roundeven' else ''})"
               for fn in ("maxnum", "minnum", "roundeven")]
     return "\n".join(lines) + "\n"

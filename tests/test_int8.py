@@ -1220,7 +1220,8 @@ def test_quantized_attention_kernel_is_its_reference(dtype, products, monkeypatc
     lookup = E.dequantize(np.arange(256, dtype=np.uint8).view(dtype), qk[4], qk[5]) / f32(8)
     info = np.iinfo(dtype)
     for batch, heads, rows, d, t, dv, mask_shape in [(1, 4, 16, 8, 16, 8, (1, 1, 1, 16)), (2, 3, 5, 16, 11, 24, (2, 1, 1, 11)),
-                                                      (2, 2, 7, 8, 7, 8, (2, 1, 7, 7)), (1, 2, 3, 8, 300, 8, (300,))]:
+                                                      (2, 2, 7, 8, 7, 8, (2, 1, 7, 7)), (1, 2, 3, 8, 300, 8, (300,)),
+                                                      (1, 2, 5, 6, 9, 5, (1, 1, 5, 9))]:
         q = rng.integers(info.min, info.max + 1, (batch, heads, rows, d)).astype(dtype)
         kt = rng.integers(info.min, info.max + 1, (batch, heads, d, t)).astype(dtype)
         v = rng.integers(info.min, info.max + 1, (batch, heads, t, dv)).astype(dtype)
