@@ -211,9 +211,12 @@ def _product() -> list[str]:
     product("call void @pack_x(ptr %x, i64 %xs0, i64 %xs1, i64 %m, i64 %k, i8 %xflip, ptr %a, ptr %sa)",
             "call void @pack_y(ptr %y, i64 %ys0, i64 %ys1, i64 %k, i64 %n, i8 %yflip, ptr %bp, ptr %sb)",
             "call void @finish(i64 %m, i64 %k, i64 %n, i64 %alpha, i64 %beta, ptr %a, ptr %bp, ptr %c, ptr %sa, ptr %sb)")
-    lines = product.function(f"@product({PRODUCT_ARGS})")
+    return product.function(f"@product({PRODUCT_ARGS})") + _pack_x() + _pack_y() + _finish()
 
-    e = _Emit()  # @pack_x
+
+def _pack_x() -> list[str]:
+    """`@pack_x`: x's bytes xor xflip in 4-blocks a [k4, m] of i32, its rows' sums in sa."""
+    e = _Emit()
     e("%k4f = lshr i64 %k, 2", "%ktail = and i64 %k, 3", "%san = shl i64 %m, 2",
       "call void @llvm.memset.p0.i64(ptr %sa, i8 0, i64 %san, i1 false)")
 
@@ -229,10 +232,14 @@ def _product() -> list[str]:
     _by_layout(e, "%xs0", ("q", "%k4f"), ("i", "%m"), (("i", "%m"), ("q", "%k4f")), put_a)
     with e.when(e.op("icmp ne i64 %ktail, 0")), e.loop("0", "%m") as i:  # (the last 4-block, past k: 0)
         put_a(i, "%k4f", "%ktail")
-    lines += e.function("@pack_x(ptr noalias %x, i64 %xs0, i64 %xs1, i64 %m, i64 %k, i8 %xflip, ptr noalias %a, "
-                        "ptr noalias %sa)")
+    return e.function("@pack_x(ptr noalias %x, i64 %xs0, i64 %xs1, i64 %m, i64 %k, i8 %xflip, ptr noalias %a, "
+                      "ptr noalias %sa)")
 
-    e = _Emit()  # @pack_y
+
+def _pack_y() -> list[str]:
+    """`@pack_y`: y's bytes xor yflip in 4-blocks bp [k4, n16] of i32 (0 past k and n), its
+    columns' sums (as int8) in sb."""
+    e = _Emit()
     e("%k4f = lshr i64 %k, 2", "%k3 = add i64 %k, 3", "%k4 = lshr i64 %k3, 2", "%ktail = and i64 %k, 3",
       "%n15 = add i64 %n, 15", "%nv = lshr i64 %n15, 4", "%n16 = shl i64 %nv, 4",
       "%bpn = mul i64 %k4, %n16", "%bpb = shl i64 %bpn, 2",
@@ -271,10 +278,14 @@ def _product() -> list[str]:
     e.label(f"{tag}.tail")
     with e.when(e.op("icmp ne i64 %ktail, 0")), e.loop("0", "%n") as j:
         put_b("%k4f", j, "%ktail")
-    lines += e.function("@pack_y(ptr noalias %y, i64 %ys0, i64 %ys1, i64 %k, i64 %n, i8 %yflip, ptr noalias %bp, "
-                        "ptr noalias %sb)")
+    return e.function("@pack_y(ptr noalias %y, i64 %ys0, i64 %ys1, i64 %k, i64 %n, i8 %yflip, ptr noalias %bp, "
+                      "ptr noalias %sb)")
 
-    e = _Emit()  # @finish: ra[i] = k·alpha·beta - beta·sa[i] (in sa), cb[j] = alpha·sb[j] (in sb), then idot
+
+def _finish() -> list[str]:
+    """`@finish`: ra[i] = k·alpha·beta - beta·sa[i] (in sa), cb[j] = alpha·sb[j] (in sb),
+    then `@idot` into c."""
+    e = _Emit()
     e("%k3 = add i64 %k, 3", "%k4 = lshr i64 %k3, 2", "%n15 = add i64 %n, 15", "%nv = lshr i64 %n15, 4",
       "%n16 = shl i64 %nv, 4", "%ab = mul i64 %alpha, %beta", "%kab = mul i64 %k, %ab")
     with e.loop("0", "%m") as i:
@@ -285,8 +296,8 @@ def _product() -> list[str]:
     with e.loop("0", "%n16") as j:
         e.store("i32", e.op(f"mul i32 {alpha32}, {e.load('i32', '%sb', j)}"), "%sb", j)
     e("call void @idot(ptr %a, ptr %bp, ptr %c, ptr %sa, ptr %sb, i64 %m, i64 %k4, i64 %nv)")
-    return lines + e.function("@finish(i64 %m, i64 %k, i64 %n, i64 %alpha, i64 %beta, ptr noalias %a, "
-                              "ptr noalias %bp, ptr noalias %c, ptr noalias %sa, ptr noalias %sb)")
+    return e.function("@finish(i64 %m, i64 %k, i64 %n, i64 %alpha, i64 %beta, ptr noalias %a, ptr noalias %bp, "
+                      "ptr noalias %c, ptr noalias %sa, ptr noalias %sb)")
 
 
 def _by_layout(e: _Emit, along: str, outer: tuple, inner: tuple, other: tuple, put) -> None:
@@ -358,6 +369,38 @@ ROW_ARGS = ("ptr noalias %acc, ptr noalias %mrow, ptr noalias %byte, ptr noalias
             "ptr noalias %sai")
 
 
+def _top_byte(e: _Emit, qr: str, t: str, value: str) -> str:
+    """A var holding the byte of qr [t] whose value (value[b]: byte b dequantized) is
+    largest (elementwise.top_byte): where the values rise with the bytes xor %flip (0 to
+    255), the largest of those; else (%flip < 0) compared value by value."""
+    flat = e.op("icmp slt i64 %flip, 0")
+    flip8 = e.op("trunc i64 %flip to i8")
+    top = e.var("i64", "0")
+    tag = e.name("top")
+    e(f"br i1 {flat}, label %{tag}.values, label %{tag}.bytes")
+    e.label(f"{tag}.values")
+    first = e.op(f"zext i8 {e.load('i8', qr, '0')} to i64")
+    e(f"store i64 {first}, ptr {top}")
+    with e.loop("1", t) as j:
+        bj = e.op(f"zext i8 {e.load('i8', qr, j)} to i64")
+        best = e.load("i64", top, "0")
+        higher = e.op(f"fcmp ogt float {e.load('float', value, bj)}, "
+                      f"{e.load('float', value, best)}")
+        e(f"store i64 {e.op(f'select i1 {higher}, i64 {bj}, i64 {best}')}, ptr {top}")
+    e(f"br label %{tag}.done")
+    e.label(f"{tag}.bytes")
+    key = e.var("i8", "0")
+    with e.loop("0", t) as j:
+        k = e.op(f"xor i8 {e.load('i8', qr, j)}, {flip8}")
+        old = e.load("i8", key, "0")
+        e(f"store i8 {e.op(f'call i8 @llvm.umax.i8(i8 {k}, i8 {old})')}, ptr {key}")
+    found = e.op(f"xor i8 {e.load('i8', key, '0')}, {flip8}")
+    e(f"store i64 {e.op(f'zext i8 {found} to i64')}, ptr {top}")
+    e(f"br label %{tag}.done")
+    e.label(f"{tag}.done")
+    return top
+
+
 def _row() -> list[str]:
     """`@row`: one row of scores' sums acc (i32, t of them) to its probabilities' bytes prow:
     requantized and looked up (`row_bytes`' kernel, or the loops here where it is 0), the
@@ -369,8 +412,6 @@ def _row() -> list[str]:
     ptr = {x: f"%{x}" for x in ("plain", "scores", "value", "table")}
     acc, mrow, byte, qr, es, prow, t = "%acc", "%mrow", "%byte", "%qr", "%es", "%prow", "%t"
     grid1 = e.op("getelementptr float, ptr %floats, i64 4")
-    flat = e.op("icmp slt i64 %flip, 0")
-    flip8 = e.op("trunc i64 %flip to i8")
     row_bytes = "%row_bytes"
     tag = e.name("rowbytes")
     e(f"br i1 {e.op(f'icmp ne i64 {row_bytes}, 0')}, label %{tag}.ir, label %{tag}.loops")
@@ -395,30 +436,7 @@ def _row() -> list[str]:
             s = e.load("float", ptr["scores"], e.op(f"zext i8 {e.load('i8', byte, j)} to i64"))
             v = _quantized(e, e.op(f"fadd float {s}, {add}"), f[8:12])
             e.store("i8", e.op(f"trunc i32 {v} to i8"), qr, j)
-    # the softmax of the row's bytes (elementwise.softmax_row): its top byte
-    top = e.var("i64", "0")
-    tag = e.name("top")
-    e(f"br i1 {flat}, label %{tag}.values, label %{tag}.bytes")
-    e.label(f"{tag}.values")
-    first = e.op(f"zext i8 {e.load('i8', qr, '0')} to i64")
-    e(f"store i64 {first}, ptr {top}")
-    with e.loop("1", t) as j:
-        bj = e.op(f"zext i8 {e.load('i8', qr, j)} to i64")
-        best = e.load("i64", top, "0")
-        higher = e.op(f"fcmp ogt float {e.load('float', ptr['value'], bj)}, "
-                      f"{e.load('float', ptr['value'], best)}")
-        e(f"store i64 {e.op(f'select i1 {higher}, i64 {bj}, i64 {best}')}, ptr {top}")
-    e(f"br label %{tag}.done")
-    e.label(f"{tag}.bytes")
-    key = e.var("i8", "0")
-    with e.loop("0", t) as j:
-        k = e.op(f"xor i8 {e.load('i8', qr, j)}, {flip8}")
-        old = e.load("i8", key, "0")
-        e(f"store i8 {e.op(f'call i8 @llvm.umax.i8(i8 {k}, i8 {old})')}, ptr {key}")
-    found = e.op(f"xor i8 {e.load('i8', key, '0')}, {flip8}")
-    e(f"store i64 {e.op(f'zext i8 {found} to i64')}, ptr {top}")
-    e(f"br label %{tag}.done")
-    e.label(f"{tag}.done")
+    top = _top_byte(e, qr, t, ptr['value'])  # (the softmax of the row's bytes: elementwise.softmax_row)
     top_at = e.op(f"shl i64 {e.load('i64', top, '0')}, 8")
     row = e.op(f"getelementptr float, ptr {ptr['table']}, i64 {top_at}")
     total = e.var("double", "0.0")
