@@ -28,6 +28,7 @@ from ..ops import qlinear_matmul as reference_qlinear_matmul
 from .compile import compile_ir, compiled_cfunc, load_source, threads
 from .ir import Signature
 from .launch import IMPORTS, address, launch_rows, new_calls, put_source, run
+from .lowp_ir import quantized_ir
 from .qattention_ir import SCRATCH, SLOTS, Scratch, qattention_ir
 
 # The steps the kernels below and the attention kernel (QATTENTION_SOURCE) share
@@ -353,17 +354,6 @@ def fake_quantize(x: np.ndarray, scale, zero_point):
 EACH = Signature("each", (
     ("x", "ptr"), ("out", "ptr"), ("i0", "i64"), ("i1", "i64"), ("scale", "float"), ("zero", "float"), ("lo", "float"),
     ("hi", "float"), ("table", "ptr")))
-
-def quantized_ir(out: str, x: str, scale: str, zero: str, lo: str, hi: str) -> str:
-    """IR lines making float `out` QuantizeLinear's value of float `x`, still a float:
-    clamp(roundeven(x / scale) + zero, lo, hi), NaN giving 0 before the clamp, as the
-    Numba kernels' `quantized` (lowp_ir.quantized is its vector twin)."""
-    return (f"  {out}.d = fdiv float {x}, {scale}\n  {out}.r = call float @llvm.roundeven.f32(float {out}.d)\n"
-            f"  {out}.z = fadd float {out}.r, {zero}\n  {out}.nan = fcmp uno float {out}.z, {out}.z\n"
-            f"  {out}.n = select i1 {out}.nan, float 0.0, float {out}.z\n"
-            f"  {out}.lo = call float @llvm.maxnum.f32(float {out}.n, float {lo})\n"
-            f"  {out} = call float @llvm.minnum.f32(float {out}.lo, float {hi})\n")
-
 
 _QUANTIZED = "  %xp = getelementptr float, ptr %x, i64 %i\n  %v = load float, ptr %xp\n" + \
     quantized_ir("%q2", "%v", "%scale", "%zero", "%lo", "%hi")

@@ -76,6 +76,17 @@ def scaled_sums(e: Builder, sums: list[str], j: str, bias: str, int8: bool) -> l
     return [e(f"fadd {vt} {e(f'fmul {vt} {v}, {scale}')}, {bias}") for v in sums]
 
 
+def quantized_ir(out: str, x: str, scale: str, zero: str, lo: str, hi: str) -> str:
+    """IR lines making float `out` QuantizeLinear's value of float `x`, still a float:
+    clamp(roundeven(x / scale) + zero, lo, hi), NaN giving 0 before the clamp, as the
+    Numba kernels' `quantized` (lowp_ir.quantized is its vector twin)."""
+    return (f"  {out}.d = fdiv float {x}, {scale}\n  {out}.r = call float @llvm.roundeven.f32(float {out}.d)\n"
+            f"  {out}.z = fadd float {out}.r, {zero}\n  {out}.nan = fcmp uno float {out}.z, {out}.z\n"
+            f"  {out}.n = select i1 {out}.nan, float 0.0, float {out}.z\n"
+            f"  {out}.lo = call float @llvm.maxnum.f32(float {out}.n, float {lo})\n"
+            f"  {out} = call float @llvm.minnum.f32(float {out}.lo, float {hi})\n")
+
+
 def quantized(e: Builder, x: str, scale: str, zero: str, lo: str, hi: str) -> str:
     """QuantizeLinear's value, still a float: clamp(roundeven(x / scale) + zero, lo, hi),
     NaN giving 0 before the clamp (as numpy's cast of NaN to a byte does on x86)."""

@@ -22,6 +22,7 @@ import contextlib
 from typing import NamedTuple
 
 from .ir import Signature
+from .lowp_ir import quantized_ir
 
 SIGNATURE = Signature("qattention", (("slots", "ptr"), ("floats", "ptr"), ("t0", "i64"), ("t1", "i64")))
 SLOTS = 47  # elementwise.QAttention's slots, before the scratch's
@@ -146,18 +147,10 @@ def _requantized(e: _Emit, acc: str, grid: list[str]) -> str:
 
 def _quantized(e: _Emit, x: str, grid: list[str]) -> str:
     """QuantizeLinear's value of x as an i32: rint(x / scale) + zero, NaN as 0, clamped
-    (elementwise.quantized)."""
-    scale, zero, lo, hi = grid
-    v = e.op(f"fdiv float {x}, {scale}")
-    v = e.op(f"call float @llvm.roundeven.f32(float {v})")
-    v = e.op(f"fadd float {v}, {zero}")
-    nan = e.op(f"fcmp uno float {v}, 0.0")
-    v = e.op(f"select i1 {nan}, float 0.0, float {v}")
-    below = e.op(f"fcmp olt float {v}, {lo}")
-    v = e.op(f"select i1 {below}, float {lo}, float {v}")
-    above = e.op(f"fcmp ogt float {v}, {hi}")
-    v = e.op(f"select i1 {above}, float {hi}, float {v}")
-    return e.op(f"fptosi float {v} to i32")
+    (lowp_ir.quantized_ir, the Numba kernels' `quantized`)."""
+    out = f"%{e.name('q')}"
+    e.lines += quantized_ir(out, x, *grid).splitlines()
+    return e.op(f"fptosi float {out} to i32")
 
 
 PRODUCT_ARGS = ("ptr noalias %x, i64 %xs0, i64 %xs1, i64 %m, i64 %k, i8 %xflip, i64 %alpha, ptr noalias %y, i64 %ys0, "

@@ -42,10 +42,10 @@ import numpy as np
 from ..graph import Node
 from ..ops import bind, evaluate, op
 from .compile import host_cpu, ir_engine, load_source, threads
-from .elementwise import quantized_ir
 from .ir import Signature
 from .launch import IMPORTS, address, part_ir, put_source, run  # noqa: F401 (part_ir: prebuild's BUILDS)
 from .layout import aligned_empty, feature_major_empty, transposed, transposed_copy, unit_token_stride
+from .lowp_ir import quantized_ir
 
 ROW_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "FakeQuantize", "QuantizeLinear", "DequantizeLinear", "Lookup",
            "ReduceMean")
@@ -252,7 +252,7 @@ def quad_empty(n: int, tokens: int) -> np.ndarray:
 def grid_bytes(y: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """QuantizeLinear's bytes of float32 y on `grid` ([scale, zero point, lowest, highest],
     float32) less the lowest, as uint8: clamp(rint(y / scale) + zero, lowest, highest),
-    NaN giving 0 before the clamp, in the kernels' float32 steps (elementwise.quantized_ir)."""
+    NaN giving 0 before the clamp, in the kernels' float32 steps (lowp_ir.quantized_ir)."""
     q = np.rint(np.asarray(y, np.float32) / grid[0]) + grid[1]
     return (np.clip(np.where(np.isnan(q), np.float32(0), q), grid[2], grid[3]) - grid[2]).astype(np.uint8)
 
