@@ -28,6 +28,7 @@ from ..ops import qlinear_matmul as reference_qlinear_matmul
 from .compile import compile_ir, compiled_cfunc, load_source, threads
 from .ir import Signature
 from .launch import IMPORTS, address, launch_rows, new_calls, put_source, run
+from .layout import thread_arena
 from .lowp_ir import quantized_ir
 from .qattention_ir import SCRATCH, SLOTS, Scratch, qattention_ir
 
@@ -539,7 +540,6 @@ class QAttention:
 
     def __init__(self, *, qk, lookup, grid, softmax, pv, ops=()):
         self._calls: dict[tuple, _Prepared | None] = {}  # (by the inputs' shapes, layouts and types: _prepare)
-        self._kept = 0  # bytes of scratch the calls keep
         scales, zeros = [*qk[0::2], grid[0], *pv[0::2]], [*qk[1::2], grid[1], *pv[1::2]]
         self.covered = not (any(np.size(c) != 1 or np.asarray(c).dtype != np.float32 for c in scales) or
                             any(np.size(c) != 1 or np.asarray(c).dtype not in RANGES for c in zeros) or
@@ -573,7 +573,6 @@ class QAttention:
         if call is False:
             if len(self._calls) >= 64:  # (a server seeing many shapes)
                 self._calls.clear()
-                self._kept = 0
             call = self._calls[key] = self._prepare(q, kt, mask, v)
         if call is None:
             return None
@@ -589,10 +588,9 @@ class QAttention:
             slots, calls = (call.slots, call.calls) if mine else (call.slots.copy(), call.calls.copy())
             for k, x in zip((0, 10, 20, 30, 35), (q, kt, v, mask, out)):
                 slots[:, k] = address(x)
-            if call.scratch is not None:
+            if call.scratch is not None:  # (in this thread's arena: layout.thread_arena)
                 at, size = call.scratch
-                scratch = call.kept if mine and call.kept is not None else np.empty(size, np.uint8)
-                slots[:, SLOTS:] = at + (address(scratch) + 63) // 64 * 64
+                slots[:, SLOTS:] = at + address(thread_arena(size))
             calls[:, 2] = address(slots) + call.rows
             launch_rows(QATTENTION, calls)
         finally:
@@ -627,29 +625,21 @@ class QAttention:
         calls = new_calls(parts, 1, QATTENTION)
         calls[:, :6] = [[1, fn, 0, address(self.floats), c * tasks // parts, (c + 1) * tasks // parts]
                         for c in range(parts)]
-        scratch = kept = None
-        if vnni:  # (each array at 64 bytes; then their bytes and 64 more, to align the first)
+        scratch = None
+        if vnni:  # (each array from a 64-byte line)
             sizes = [-(-s // 64) * 64 for s in Scratch.of(rows, d, t, dv)]
             per_part = sum(sizes)
-            at = np.cumsum([0, *sizes[:-1]]) + per_part * np.arange(parts)[:, None]
-            scratch = (at, per_part * parts + 64)
-            from .rows import SCRATCH_KEPT
-
-            if self._kept + scratch[1] <= SCRATCH_KEPT:
-                kept = np.empty(scratch[1], np.uint8)
-                self._kept += scratch[1]
-        return _Prepared(shape, (batch, heads, rows, dv), slots, calls, np.arange(parts) * slots.strides[0],
-                         scratch, kept)
+            scratch = (np.cumsum([0, *sizes[:-1]]) + per_part * np.arange(parts)[:, None], per_part * parts)
+        return _Prepared(shape, (batch, heads, rows, dv), slots, calls, np.arange(parts) * slots.strides[0], scratch)
 
 
 @dataclass(frozen=True)
 class _Prepared:
     """QAttention._prepare's: the mask's 4-D shape, the output's shape, the rows of slots
     and calls (all but the inputs' and output's addresses, and the scratch's), each slot
-    row's offset, the scratch arrays' offsets by part and the bytes they take (None: the
-    Numba kernel's, which makes its own), and the scratch kept for the call (None where it
-    would pass the kernel's budget, rows.SCRATCH_KEPT). Whoever holds `lock` uses its
-    arrays; another thread copies them."""
+    row's offset, and the scratch arrays' offsets by part in the thread's arena and the
+    bytes they take (None: the Numba kernel's, which makes its own). Whoever holds `lock`
+    uses its arrays; another thread copies them."""
 
     mask: tuple
     out: tuple
@@ -657,7 +647,6 @@ class _Prepared:
     calls: np.ndarray
     rows: np.ndarray
     scratch: tuple | None
-    kept: np.ndarray | None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import numpy as np
 
@@ -123,6 +124,22 @@ def padded_rows(n: int) -> int:
 
 
 ALIGN = 64  # bytes: one cache line, one AVX-512 vector
+
+
+_arenas = threading.local()
+
+
+def thread_arena(nbytes: int) -> np.ndarray:
+    """This thread's scratch bytes (at least nbytes, from a 64-byte line): what a kernel
+    works in during a call and does not hand back. The kernels called on a thread run one
+    after another, so they share it, and a model's scratch is its largest call's, not the
+    sum of its kernels' (a row kernel's at 8 × 128 is 6.3 MB, and BERT-base has 38). It
+    grows by being made anew, twice as large: a kernel that kept views into the old one
+    makes them again (`arena is not thread_arena(...)`)."""
+    buf = getattr(_arenas, "buf", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _arenas.buf = aligned_empty((max(nbytes, 2 * (0 if buf is None else buf.nbytes)),), np.uint8)
+    return buf
 
 
 def aligned_empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:

@@ -33,6 +33,7 @@ eighteenth and nineteenth sessions.)
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +45,15 @@ from ..ops import bind, evaluate, op
 from .compile import host_cpu, ir_engine, load_source, threads
 from .ir import Signature
 from .launch import IMPORTS, address, part_ir, put_source, run  # noqa: F401 (part_ir: prebuild's BUILDS)
-from .layout import aligned_empty, feature_major_empty, transposed, transposed_copy, unit_token_stride
+from .layout import (
+    ALIGN,
+    aligned_empty,
+    feature_major_empty,
+    thread_arena,
+    transposed,
+    transposed_copy,
+    unit_token_stride,
+)
 from .lowp_ir import quantized_ir
 
 ROW_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "FakeQuantize", "QuantizeLinear", "DequantizeLinear", "Lookup",
@@ -151,7 +160,6 @@ ROWS = Signature("rows", (("p", "ptr"), ("rows", "i64"), ("j0", "i64"), ("j1", "
 BLOCK_ARGS = (("p", "ptr"), ("rows", "i64"), ("ib", "i64"), ("ie", "i64"), ("slot", "i64"))  # (a blocked pass's)
 BLOCK = 64  # tokens a part takes through every pass at a time, blocked (RowKernel.source)
 BLOCKED = 256  # tokens a part takes at most, blocked: with more, each pass at once over the features' rows is faster
-SCRATCH_KEPT = 8 << 20  # bytes of scratch a kernel keeps at most, over its layouts (a server meets many shapes)
 
 ROWS_DRIVER = """\
 # sparsejit generated kernel: the driver of the row kernels (rows.py); part c takes the
@@ -326,7 +334,6 @@ class RowKernel:
         self._lock = threading.Lock()
         self._once = {stage: [(n, _once_fn(n, opset)) for n in nodes] for stage, nodes in self.once.items()}
         self._calls: dict[tuple, _Call | None] = {}  # by the inputs' shapes, layouts and types: see _prepare
-        self._kept = 0  # bytes of scratch the calls of _calls keep
 
     def _type(self, name: str) -> np.dtype:
         n = self.values[name].node
@@ -816,7 +823,6 @@ class RowKernel:
         if call is False:
             if len(self._calls) >= 64:  # (a server seeing many shapes)
                 self._calls.clear()
-                self._kept = 0
             call = self._calls[key] = self._prepare(inputs)
         return None if call is None else self._run(call, inputs)
 
@@ -836,41 +842,51 @@ class RowKernel:
         if passes is None:
             return None
         own = tuple((k, s) for k, s in enumerate(self.slots) if s[0] in ("x", "y", "quad", *_APART))
+        scratch = sum(-(-math.prod(s) * np.dtype(t).itemsize // ALIGN) * ALIGN
+                      for _, s, t in self._scratch_shapes(n, rows, threads(), token, blocked))
         return _Call(shape, n, rows, token, passes, threads(), tuple(_lay_kind(v, shape, token) for v in inputs),
-                     blocked, own)
+                     blocked, own, scratch=scratch)
 
-    def _scratch(self, c: _Call) -> tuple[dict, np.ndarray]:
-        """The arrays a call works in and does not return (kept values, means, sums,
-        temporaries, the bytes' temporary rows), and its slots with them, the constants
-        and the length filled in (the call's own arrays and their strides left to fill)."""
-        n, rows, parts = c.n, c.rows, c.parts
-        outer, inner = (rows, n) if c.token else (n, rows)
-        arrays = {("kept", o): aligned_empty((parts, n * BLOCK) if c.blocked else (outer, inner)) for o in self.keep}
-        arrays.update({("mean", v): aligned_empty((rows,)) for v in self.means})
-        arrays.update({("sum", v): np.zeros((parts, rows), np.float64) for v in self.sums})
-        arrays.update({("temp", o): np.empty((parts, inner), np.float32) for o in self.temps})
-        arrays.update({("quad temp", o): np.zeros((parts, 4 * inner), np.uint8) for o in self.quads})
-        p = np.array([address(arrays[s]) if s in arrays else n if s[0] == "n" else self._fixed.get(s, 0)
+    def _scratch_shapes(self, n: int, rows: int, parts: int, token: bool, blocked: bool) -> list[tuple]:
+        """(key, shape, dtype) of each array a call works in and does not return: kept
+        values, means, sums, temporaries, the bytes' temporary rows."""
+        outer, inner = (rows, n) if token else (n, rows)
+        return ([(("kept", o), (parts, n * BLOCK) if blocked else (outer, inner), np.float32) for o in self.keep] +
+                [(("mean", v), (rows,), np.float32) for v in self.means] +
+                [(("sum", v), (parts, rows), np.float64) for v in self.sums] +
+                [(("temp", o), (parts, inner), np.float32) for o in self.temps] +
+                [(("quad temp", o), (parts, 4 * inner), np.uint8) for o in self.quads])
+
+    def _scratch(self, c: _Call, arena: np.ndarray) -> tuple[dict, np.ndarray]:
+        """The call's scratch arrays (_scratch_shapes), each from a 64-byte line of `arena`,
+        and its slots with them, the constants and the length filled in (the call's own
+        arrays and their strides left to fill)."""
+        arrays, at = {}, 0
+        for key, shape, dtype in self._scratch_shapes(c.n, c.rows, c.parts, c.token, c.blocked):
+            size = math.prod(shape) * np.dtype(dtype).itemsize
+            arrays[key] = arena[at:at + size].view(dtype).reshape(shape)
+            at += -(-size // ALIGN) * ALIGN
+        p = np.array([address(arrays[s]) if s in arrays else c.n if s[0] == "n" else self._fixed.get(s, 0)
                       for s in self.slots], np.int64)
         return arrays, p
 
     def _run(self, c: _Call, inputs: tuple[np.ndarray, ...]) -> tuple:
-        """The call: its scratch the one kept for this layout (`_scratch`; made anew where
-        another thread is in it, or past the kernel's budget, SCRATCH_KEPT), the sums
-        zeroed, then the passes."""
+        """The call, in this thread's scratch arena (layout.thread_arena, shared by the
+        kernels the thread calls): its arrays and slots there kept for the layout while the
+        arena stays (made anew where another thread is in them), the sums and the bytes'
+        temporary rows zeroed, then the passes."""
+        arena = thread_arena(c.scratch)
         mine = c.lock.acquire(blocking=False)
         try:
-            if mine and c.spare:
-                scratch, p = c.spare[0]
+            if mine and c.spare and c.spare[0] is arena:
+                _, scratch, p = c.spare
             else:
-                scratch, p = self._scratch(c)
-                size = sum(a.nbytes for a in scratch.values())
-                with self._lock:  # (kept while the kernel's budget lasts: SCRATCH_KEPT)
-                    if mine and self._kept + size <= SCRATCH_KEPT:
-                        c.spare.append((scratch, p))
-                        self._kept += size
-            for v in self.sums:
-                scratch["sum", v].fill(0)
+                scratch, p = self._scratch(c, arena)
+                if mine:
+                    c.spare[:] = [arena, scratch, p]
+            for key, a in scratch.items():
+                if key[0] in ("sum", "quad temp"):
+                    a.fill(0)
             return self._passes_run(c, inputs, scratch, p)
         finally:
             if mine:
@@ -930,4 +946,5 @@ class _Call:
     blocked: bool
     own: tuple  # (slot index, slot) of the call's own arrays and their row strides
     lock: threading.Lock = field(default_factory=threading.Lock)  # (whoever holds it uses spare)
-    spare: list = field(default_factory=list)  # the call's scratch, made on first use (_scratch)
+    spare: list = field(default_factory=list)  # [arena, its scratch arrays, the slots] (_run)
+    scratch: int = 0  # bytes of scratch the call takes (_scratch_shapes)

@@ -1157,26 +1157,38 @@ def test_a_row_kernel_called_from_several_threads_at_once_gives_each_its_own_res
         assert not wrong, wrong
 
 
-def test_a_row_kernel_keeps_scratch_within_its_budget():
-    """A RowKernel keeps the scratch of its input layouts while their bytes stay within
-    rows.SCRATCH_KEPT (a server meets many shapes; past it, a layout's scratch is made
-    per call), and every call still gives the reference's result."""
-    from sparsejit.kernels import rows
+def test_row_kernels_on_one_thread_share_its_scratch_arena():
+    """Row kernels work in their thread's scratch arena (layout.thread_arena): two kernels
+    (a LayerNorm group, a GELU group storing bytes) taking turns on one thread at token
+    counts up to 10000 (past BLOCKED: kept values [n, tokens]) each give the reference's
+    result, bit for bit, and the arena holds at most twice the largest call's scratch (it
+    doubles as it grows), not the sum over the kernels and their layouts."""
+    from sparsejit.kernels import layout, rows
 
-    nodes, names, outputs, consts = next(c for c in _row_kernel_cases()
-                                         if [m.op_type for m in c[0]].count("ReduceMean") == 2)
-    kernel = rows.RowKernel(nodes, names, outputs, consts)
-    n = next(c.size for c in consts.values() if c.size > 1)
+    cases = _row_kernel_cases()
+    layernorm = next(c for c in cases if [m.op_type for m in c[0]].count("ReduceMean") == 2)
+    gelu = next(c for c in cases if any(m.op_type == "Lookup" and "Erf" in m.attrs["ops"] for m in c[0]))
+    kernels = []
+    for nodes, names, outputs, consts in (layernorm, gelu):
+        pick = outputs[-1] if len(outputs) else next(m.outputs[0] for m in nodes if m.op_type == "Lookup")
+        grid = np.array([0.03, 120, 0, 255], np.float32)
+        kernel = rows.RowKernel(nodes, names, [o for o in outputs if o != pick], consts, quads={pick: grid})
+        n = next((c.size for c in consts.values() if c.size > 1), 64)
+        kernels.append((kernel, nodes, names, [o for o in outputs if o != pick], consts, n, pick, grid))
     rng = np.random.default_rng(4)
-    for tokens in (5, 10000, 6, 8000, 7, 10000):  # (past BLOCKED: the kept values are [n, tokens])
-        xs = [(rng.standard_normal((n, tokens)) * 3).astype(np.float32).T for _ in names]  # (feature-major)
-        want = rows.reference_rows(*xs, nodes=nodes, names=names, outputs=outputs, consts=consts, opset=17)
-        for g, w in zip(kernel(*xs), want):
-            np.testing.assert_array_equal(g, w, err_msg=str(tokens))
-    sizes = {c.rows: sum(a.nbytes for a in c.spare[0][0].values()) for c in kernel._calls.values() if c.spare}
-    assert set(sizes) == {5, 10000, 6, 7} and sum(sizes.values()) == kernel._kept <= rows.SCRATCH_KEPT, sizes
-    assert sizes[10000] > rows.SCRATCH_KEPT // 2  # (most of the budget)
-    assert {c.rows for c in kernel._calls.values()} == {5, 10000, 6, 8000, 7}
+    for tokens in (5, 10000, 6, 8000, 7, 10000, 300):
+        for kernel, nodes, names, outputs, consts, n, pick, grid in kernels:
+            xs = [(rng.standard_normal((n, tokens)) * 3).astype(np.float32).T for _ in names]  # (feature-major)
+            got = kernel(*xs)
+            want = rows.reference_rows(*xs, nodes=nodes, names=names, outputs=[*outputs, pick], consts=consts,
+                                       opset=17)
+            for g, w in zip(got[:len(outputs)], want):
+                np.testing.assert_array_equal(g, w, err_msg=str(tokens))
+            np.testing.assert_array_equal(np.ascontiguousarray(got[-1]), rows.quad_bytes(want[-1], grid))
+    largest = max(c.scratch for kernel, *_ in kernels for c in kernel._calls.values())
+    total = sum(c.scratch for kernel, *_ in kernels for c in kernel._calls.values())
+    arena = layout.thread_arena(0)
+    assert largest <= arena.nbytes <= 2 * largest and arena.nbytes < total, (largest, arena.nbytes, total)
 
 
 @pytest.mark.parametrize("products", ["vnni", "vnni, its loops", "blas"])
