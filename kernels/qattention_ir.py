@@ -106,6 +106,10 @@ class _Emit:
         self(f"br label %{tag}.end")
         self.label(f"{tag}.end")
 
+    def update(self, var: str, ty: str, make) -> None:
+        """var (a `var` of type ty) = make(its value)."""
+        self(f"store {ty} {make(self.load(ty, var, '0'))}, ptr {var}")
+
     def function(self, head: str) -> list[str]:
         """The lines of an internal function `head` (its name and parameters) whose body
         this is."""
@@ -207,6 +211,17 @@ def _product() -> list[str]:
     return product.function(f"@product({PRODUCT_ARGS})") + _pack_x() + _pack_y() + _finish()
 
 
+def _put_block(e: _Emit, src: tuple, dst: tuple, sums: tuple, count: str | None) -> None:
+    """One 4-block: the i32 of src = (array, first byte, step to the next, flip) (`_pack`)
+    stored at dst = (array, i32 index), and its bytes' sum (zext or sext) added to sums =
+    (array, index, ext)."""
+    word, parts = _pack(e, *src, count)
+    e.store("i32", word, *dst)
+    at, added = e.at("i32", *sums[:2]), _sum(e, parts, sums[2])
+    old = e.op(f"load i32, ptr {at}")
+    e(f"store i32 {e.op(f'add i32 {old}, {added}')}, ptr {at}")
+
+
 def _pack_x() -> list[str]:
     """`@pack_x`: x's bytes xor xflip in 4-blocks a [k4, m] of i32, its rows' sums in sa."""
     e = _Emit()
@@ -216,11 +231,8 @@ def _pack_x() -> list[str]:
     def put_a(i: str, q: str, count: str | None = None) -> None:  # a[q, i] and sa[i]
         k0 = e.op(f"shl i64 {q}, 2")
         at = e.op(f"add i64 {e.op(f'mul i64 {i}, %xs0')}, {e.op(f'mul i64 {k0}, %xs1')}")
-        word, parts = _pack(e, "%x", at, "%xs1", "%xflip", count)
-        e.store("i32", word, "%a", e.op(f"add i64 {e.op(f'mul i64 {q}, %m')}, {i}"))
-        s, added = e.at("i32", "%sa", i), _sum(e, parts, "zext")
-        old = e.op(f"load i32, ptr {s}")
-        e(f"store i32 {e.op(f'add i32 {old}, {added}')}, ptr {s}")
+        slot = e.op(f"add i64 {e.op(f'mul i64 {q}, %m')}, {i}")
+        _put_block(e, ("%x", at, "%xs1", "%xflip"), ("%a", slot), ("%sa", i, "zext"), count)
 
     _by_layout(e, "%xs0", ("q", "%k4f"), ("i", "%m"), (("i", "%m"), ("q", "%k4f")), put_a)
     with e.when(e.op("icmp ne i64 %ktail, 0")), e.loop("0", "%m") as i:  # (the last 4-block, past k: 0)
@@ -243,11 +255,8 @@ def _pack_y() -> list[str]:
     def put_b(q: str, j: str, count: str | None = None) -> None:  # bp[q, j] and sb[j]
         k0 = e.op(f"shl i64 {q}, 2")
         at = e.op(f"add i64 {e.op(f'mul i64 {k0}, %ys0')}, {e.op(f'mul i64 {j}, %ys1')}")
-        word, parts = _pack(e, "%y", at, "%ys0", "%yflip", count)
-        e.store("i32", word, "%bp", e.op(f"add i64 {e.op(f'mul i64 {q}, %n16')}, {j}"))
-        s, added = e.at("i32", "%sb", j), _sum(e, parts, "sext")
-        old = e.op(f"load i32, ptr {s}")
-        e(f"store i32 {e.op(f'add i32 {old}, {added}')}, ptr {s}")
+        slot = e.op(f"add i64 {e.op(f'mul i64 {q}, %n16')}, {j}")
+        _put_block(e, ("%y", at, "%ys0", "%yflip"), ("%bp", slot), ("%sb", j, "sext"), count)
 
     tag = e.name("ycols")
     e(f"br i1 {e.op('icmp eq i64 %ys0, 1')}, label %{tag}.cols, label %{tag}.any")
@@ -261,8 +270,7 @@ def _pack_y() -> list[str]:
         with e.loop("0", e.op("shl i64 %k4f, 2")) as kk:
             byte = e.load("i8", col, kk)
             w = e.op(f"sext i8 {e.op(f'xor i8 {byte}, %yflip')} to i32")
-            old = e.load("i32", total, "0")
-            e(f"store i32 {e.op(f'add i32 {old}, {w}')}, ptr {total}")
+            e.update(total, "i32", lambda old, w=w: e.op(f"add i32 {old}, {w}"))
         e.store("i32", e.load("i32", total, "0"), "%sb", j)
     e(f"br label %{tag}.tail")
     e.label(f"{tag}.any")
@@ -385,8 +393,7 @@ def _top_byte(e: _Emit, qr: str, t: str, value: str) -> str:
     key = e.var("i8", "0")
     with e.loop("0", t) as j:
         k = e.op(f"xor i8 {e.load('i8', qr, j)}, {flip8}")
-        old = e.load("i8", key, "0")
-        e(f"store i8 {e.op(f'call i8 @llvm.umax.i8(i8 {k}, i8 {old})')}, ptr {key}")
+        e.update(key, "i8", lambda old, k=k: e.op(f"call i8 @llvm.umax.i8(i8 {k}, i8 {old})"))
     found = e.op(f"xor i8 {e.load('i8', key, '0')}, {flip8}")
     e(f"store i64 {e.op(f'zext i8 {found} to i64')}, ptr {top}")
     e(f"br label %{tag}.done")
@@ -421,8 +428,7 @@ def _row() -> list[str]:
     masked = e.var("i1", "false")
     with e.loop("0", t) as j:
         moved = e.op(f"fcmp une float {e.load('float', mrow, j)}, 0.0")
-        old = e.load("i1", masked, "0")
-        e(f"store i1 {e.op(f'or i1 {old}, {moved}')}, ptr {masked}")
+        e.update(masked, "i1", lambda old, moved=moved: e.op(f"or i1 {old}, {moved}"))
     with e.when(e.load("i1", masked, "0")), e.loop("0", t) as j:  # (the keys the mask moves)
         add = e.load("float", mrow, j)
         with e.when(e.op(f"fcmp une float {add}, 0.0")):
@@ -437,8 +443,7 @@ def _row() -> list[str]:
         x = e.load("float", row, e.op(f"zext i8 {e.load('i8', qr, j)} to i64"))
         e.store("float", x, es, j)
         wide = e.op(f"fpext float {x} to double")
-        old = e.load("double", total, "0")
-        e(f"store double {e.op(f'fadd reassoc double {old}, {wide}')}, ptr {total}")
+        e.update(total, "double", lambda old, wide=wide: e.op(f"fadd reassoc double {old}, {wide}"))
     sum32 = e.op(f"fptrunc double {e.load('double', total, '0')} to float")
     # its probabilities' bytes xor pflip (p·v's x, as @pack_x lays it): in prow, 0 to the
     # end of the last 4-block, then a 4-block at a time to a[q, i] (arow[q · m]); their sum
@@ -448,9 +453,8 @@ def _row() -> list[str]:
         p = _quantized(e, e.op(f"fdiv float {e.load('float', es, j)}, {sum32}"), f[12:16])
         u = e.op(f"xor i8 {e.op(f'trunc i32 {p} to i8')}, %pflip")
         e.store("i8", u, prow, j)
-        old = e.load("i32", psum, "0")
         wide = e.op(f"zext i8 {u} to i32")
-        e(f"store i32 {e.op(f'add i32 {old}, {wide}')}, ptr {psum}")
+        e.update(psum, "i32", lambda old, wide=wide: e.op(f"add i32 {old}, {wide}"))
     e.store("i32", e.load("i32", psum, "0"), "%sai", "0")
     k4 = e.op(f"lshr i64 {e.op(f'add i64 {t}, 3')}, 2")
     with e.loop(t, e.op(f"shl i64 {k4}, 2")) as j:
@@ -473,6 +477,12 @@ def _outputs() -> list[str]:
             y = _requantized(e, e.load("i32", "%c", e.op(f"add i64 {crow}, {k}")), grid)
             e.store("i8", e.op(f"trunc i32 {y} to i8"), "%out", e.op(f"add i64 {orow}, {k}"))
     return e.function("@outputs(ptr noalias %c, ptr noalias %out, i64 %rows, i64 %dv, i64 %n16, ptr noalias %floats)")
+
+
+def _broadcast(e: _Emit, i: str, n: str) -> str:
+    """min(i, n - 1): index i of an axis of n (1, broadcast, or all of them) of the mask."""
+    last = e.op(f"sub i64 {n}, 1")
+    return e.op(f"select i1 {e.op(f'icmp slt i64 {i}, {last}')}, i64 {i}, i64 {last}")
 
 
 def qattention_ir(offsets: tuple[int, int, int, int]) -> str:
@@ -509,16 +519,11 @@ def qattention_ir(offsets: tuple[int, int, int, int]) -> str:
         e(f"call void @product(ptr {base('q', 0)}, i64 {n[8]}, i64 {n[9]}, i64 {rows}, i64 {d}, i8 {qa}, i64 {alpha1}, "
           f"ptr {base('kt', 10)}, i64 {n[18]}, i64 {n[19]}, i64 {t}, i8 {kb}, i64 {beta1}, ptr {a}, ptr {bp}, "
           f"ptr {c}, ptr {sa}, ptr {sb})")
-        mb1 = e.op(f"sub i64 {mb}, 1")
-        mbi = e.op(f"select i1 {e.op(f'icmp slt i64 {b}, {mb1}')}, i64 {b}, i64 {mb1}")
-        mh1 = e.op(f"sub i64 {mh}, 1")
-        mhi = e.op(f"select i1 {e.op(f'icmp slt i64 {h}, {mh1}')}, i64 {h}, i64 {mh1}")
+        mbi, mhi = _broadcast(e, b, mb), _broadcast(e, h, mh)
         mask0 = e.op(f"add i64 {e.op(f'mul i64 {mbi}, {mht}')}, {e.op(f'mul i64 {mhi}, {mt}')}")
         with e.loop("0", rows) as i:
             acc = e.op(f"getelementptr i32, ptr {c}, i64 {e.op(f'mul i64 {i}, {n16a}')}")
-            mr1 = e.op(f"sub i64 {mr}, 1")
-            mri = e.op(f"select i1 {e.op(f'icmp slt i64 {i}, {mr1}')}, i64 {i}, i64 {mr1}")
-            moff = e.op(f"add i64 {mask0}, {e.op(f'mul i64 {mri}, {t}')}")
+            moff = e.op(f"add i64 {mask0}, {e.op(f'mul i64 {_broadcast(e, i, mr)}, {t}')}")
             mrow = e.op(f"getelementptr float, ptr {ptr['mask']}, i64 {moff}")
             arow = e.op(f"getelementptr i32, ptr {a}, i64 {i}")
             sai = e.op(f"getelementptr i32, ptr {sa}, i64 {i}")
