@@ -135,7 +135,9 @@ def thread_arena(nbytes: int) -> np.ndarray:
     after another, so they share it, and a model's scratch is its largest call's, not the
     sum of its kernels' (a row kernel's at 8 × 128 is 6.3 MB, and BERT-base has 38). It
     grows by being made anew, twice as large: a kernel that kept views into the old one
-    makes them again (`arena is not thread_arena(...)`)."""
+    makes them again (`arena is not thread_arena(...)`). It keeps its size for the thread's
+    life, as ONNX Runtime's arena keeps its blocks: a thread that once ran a large batch
+    holds that batch's scratch."""
     buf = getattr(_arenas, "buf", None)
     if buf is None or buf.nbytes < nbytes:
         buf = _arenas.buf = aligned_empty((max(nbytes, 2 * (0 if buf is None else buf.nbytes)),), np.uint8)
