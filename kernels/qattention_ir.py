@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 from typing import NamedTuple
 
-from .ir import Signature
+from .ir import Builder, Signature
 from .lowp_ir import quantized_ir
 
 SIGNATURE = Signature("qattention", (("slots", "ptr"), ("floats", "ptr"), ("t0", "i64"), ("t1", "i64")))
@@ -53,86 +53,68 @@ class Scratch(NamedTuple):
         return cls(rows * 4 * k4, 4 * k4 * n16, 4 * rows * n16, 4 * rows, 4 * n16, t, t, 4 * t, 4 * -(-t // 4))
 
 
-class _Emit:
-    """IR text with structured loops: `loop` (an i64 counter from start while below end)
-    and `when` (a branch), each knowing the block it came from; scalars that change in a
-    loop live in `var`s (allocas in the entry block, which -O3 makes registers)."""
+class _Emit(Builder):
+    """ir.Builder (its fresh names, labels, branches and `gep`) with structured scalar code:
+    `loop` (an i64 counter from start while below end, the body inline) and `when` (a
+    branch) as context managers, and scalars that change in a loop kept in `var`s (allocas
+    in the entry block, which -O3 makes registers), for the kernel's nested loops with
+    early exits, which Builder.loop's carried values would make deep callbacks of."""
 
     def __init__(self):
-        self.lines: list[str] = []
+        super().__init__(16)
         self.allocas: list[str] = []
-        self.block = "entry"
-        self.n = 0
 
-    def __call__(self, *lines: str) -> None:
+    def put(self, *lines: str) -> None:
+        """Instructions without a result (stores, calls, branches)."""
         self.lines += [f"  {x}" for x in lines]
 
-    def name(self, stem: str) -> str:
-        self.n += 1
-        return f"{stem}.{self.n}"
-
-    def label(self, name: str) -> None:
-        self.lines.append(f"{name}:")
-        self.block = name
-
     def var(self, ty: str, init: str) -> str:
-        p = f"%{self.name('var')}"
+        p = f"%{self.fresh('var')}"
         self.allocas.append(f"  {p} = alloca {ty}")
-        self(f"store {ty} {init}, ptr {p}")
+        self.put(f"store {ty} {init}, ptr {p}")
         return p
 
     @contextlib.contextmanager
     def loop(self, start: str, end: str):
-        tag = self.name("loop")
+        tag = self.fresh("loop")
         i = f"%{tag}.i"
         came = self.block
-        self(f"br label %{tag}.head")
+        self.br(f"{tag}.head")
         self.label(f"{tag}.head")
-        self(f"{i} = phi i64 [ {start}, %{came} ], [ {i}.next, %{tag}.latch ]", f"%{tag}.more = icmp slt i64 {i}, {end}",
-             f"br i1 %{tag}.more, label %{tag}.body, label %{tag}.exit")
+        self.put(f"{i} = phi i64 [ {start}, %{came} ], [ {i}.next, %{tag}.latch ]",
+                 f"%{tag}.more = icmp slt i64 {i}, {end}")
+        self.cond_br(f"%{tag}.more", f"{tag}.body", f"{tag}.exit")
         self.label(f"{tag}.body")
         yield i
-        self(f"br label %{tag}.latch")
+        self.br(f"{tag}.latch")
         self.label(f"{tag}.latch")
-        self(f"{i}.next = add i64 {i}, 1", f"br label %{tag}.head")
+        self.put(f"{i}.next = add i64 {i}, 1")
+        self.br(f"{tag}.head")
         self.label(f"{tag}.exit")
 
     @contextlib.contextmanager
     def when(self, condition: str):
-        tag = self.name("if")
-        self(f"br i1 {condition}, label %{tag}.then, label %{tag}.end")
+        tag = self.fresh("if")
+        self.cond_br(condition, f"{tag}.then", f"{tag}.end")
         self.label(f"{tag}.then")
         yield
-        self(f"br label %{tag}.end")
+        self.br(f"{tag}.end")
         self.label(f"{tag}.end")
 
     def update(self, var: str, ty: str, make) -> None:
         """var (a `var` of type ty) = make(its value)."""
-        self(f"store {ty} {make(self.load(ty, var, '0'))}, ptr {var}")
+        self.put(f"store {ty} {make(self.load(ty, var, '0'))}, ptr {var}")
 
     def function(self, head: str) -> list[str]:
         """The lines of an internal function `head` (its name and parameters) whose body
         this is."""
         return [f"define internal void {head} {{", "entry:", *self.allocas, *self.lines, "  ret void", "}", ""]
 
-    def at(self, ty: str, base: str, index: str) -> str:
-        """The address of base[index] (elements of ty)."""
-        p = f"%{self.name('at')}"
-        self(f"{p} = getelementptr {ty}, ptr {base}, i64 {index}")
-        return p
-
     def load(self, ty: str, base: str, index: str) -> str:
-        v = f"%{self.name('v')}"
-        self(f"{v} = load {ty}, ptr {self.at(ty, base, index)}")
-        return v
+        return self(f"load {ty}, ptr {self.gep(base, index, ty)}")
 
     def store(self, ty: str, value: str, base: str, index: str) -> None:
-        self(f"store {ty} {value}, ptr {self.at(ty, base, index)}")
-
-    def op(self, text: str) -> str:
-        v = f"%{self.name('v')}"
-        self(f"{v} = {text}")
-        return v
+        self.put(f"store {ty} {value}, ptr {self.gep(base, index, ty)}")
 
 
 def _requantized(e: _Emit, acc: str, grid: list[str]) -> str:
@@ -140,21 +122,21 @@ def _requantized(e: _Emit, acc: str, grid: list[str]) -> str:
     highest), rounded half to even, plus the zero point (elementwise.requantized; the clamp as
     row_bytes_ir's)."""
     m, z, lo, hi = grid
-    f = e.op(f"sitofp i32 {acc} to float")
-    v = e.op(f"fmul float {f}, {m}")
-    v = e.op(f"call float @llvm.maxnum.f32(float {v}, float {lo})")
-    v = e.op(f"call float @llvm.minnum.f32(float {v}, float {hi})")
-    v = e.op(f"call float @llvm.roundeven.f32(float {v})")
-    v = e.op(f"fadd float {v}, {z}")
-    return e.op(f"fptosi float {v} to i32")
+    f = e(f"sitofp i32 {acc} to float")
+    v = e(f"fmul float {f}, {m}")
+    v = e(f"call float @llvm.maxnum.f32(float {v}, float {lo})")
+    v = e(f"call float @llvm.minnum.f32(float {v}, float {hi})")
+    v = e(f"call float @llvm.roundeven.f32(float {v})")
+    v = e(f"fadd float {v}, {z}")
+    return e(f"fptosi float {v} to i32")
 
 
 def _quantized(e: _Emit, x: str, grid: list[str]) -> str:
     """QuantizeLinear's value of x as an i32: rint(x / scale) + zero, NaN as 0, clamped
     (lowp_ir.quantized_ir, the Numba kernels' `quantized`)."""
-    out = f"%{e.name('q')}"
+    out = f"%{e.fresh('q')}"
     e.lines += quantized_ir(out, x, *grid).splitlines()
-    return e.op(f"fptosi float {out} to i32")
+    return e(f"fptosi float {out} to i32")
 
 
 PRODUCT_ARGS = ("ptr noalias %x, i64 %xs0, i64 %xs1, i64 %m, i64 %k, i8 %xflip, i64 %alpha, ptr noalias %y, i64 %ys0, "
@@ -167,21 +149,21 @@ def _pack(e: _Emit, src: str, at: str, step: str, flip: str, count: str | None =
     flip, byte r at bits 8r; and the bytes (i8) it holds."""
     word, parts = None, []
     for r in range(4):
-        off = e.op(f"add i64 {at}, {e.op(f'mul i64 {r}, {step}')}") if r else at
-        byte = e.op(f"xor i8 {e.load('i8', src, off) if count is None else _guarded(e, src, off, r, count)}, {flip}")
+        off = e(f"add i64 {at}, {e(f'mul i64 {r}, {step}')}") if r else at
+        byte = e(f"xor i8 {e.load('i8', src, off) if count is None else _guarded(e, src, off, r, count)}, {flip}")
         if count is not None:
-            byte = e.op(f"select i1 {e.op(f'icmp slt i64 {r}, {count}')}, i8 {byte}, i8 0")
+            byte = e(f"select i1 {e(f'icmp slt i64 {r}, {count}')}, i8 {byte}, i8 0")
         parts.append(byte)
-        wide = e.op(f"zext i8 {byte} to i32")
-        wide = e.op(f"shl i32 {wide}, {8 * r}") if r else wide
-        word = wide if word is None else e.op(f"or i32 {word}, {wide}")
+        wide = e(f"zext i8 {byte} to i32")
+        wide = e(f"shl i32 {wide}, {8 * r}") if r else wide
+        word = wide if word is None else e(f"or i32 {word}, {wide}")
     return word, parts
 
 
 def _guarded(e: _Emit, src: str, at: str, r: int, count: str) -> str:
     """src[at] where r < count, else 0 (not read: past the matrix)."""
-    inside = e.op(f"icmp slt i64 {r}, {count}")
-    safe = e.op(f"select i1 {inside}, i64 {at}, i64 0")
+    inside = e(f"icmp slt i64 {r}, {count}")
+    safe = e(f"select i1 {inside}, i64 {at}, i64 0")
     return e.load("i8", src, safe)
 
 
@@ -189,8 +171,8 @@ def _sum(e: _Emit, parts: list[str], ext: str) -> str:
     """The sum of the bytes `parts` as an i32, each zext or sext (`ext`)."""
     total = None
     for b in parts:
-        v = e.op(f"{ext} i8 {b} to i32")
-        total = v if total is None else e.op(f"add i32 {total}, {v}")
+        v = e(f"{ext} i8 {b} to i32")
+        total = v if total is None else e(f"add i32 {total}, {v}")
     return total
 
 
@@ -205,7 +187,7 @@ def _product() -> list[str]:
     are taken modulo 2^32, as the int64 sums truncated to int32 are (the "vnni" product of
     elementwise's kernel before it was IR). p·v's x is laid in `a` by `@row`."""
     product = _Emit()
-    product("call void @pack_x(ptr %x, i64 %xs0, i64 %xs1, i64 %m, i64 %k, i8 %xflip, ptr %a, ptr %sa)",
+    product.put("call void @pack_x(ptr %x, i64 %xs0, i64 %xs1, i64 %m, i64 %k, i8 %xflip, ptr %a, ptr %sa)",
             "call void @pack_y(ptr %y, i64 %ys0, i64 %ys1, i64 %k, i64 %n, i8 %yflip, ptr %bp, ptr %sb)",
             "call void @finish(i64 %m, i64 %k, i64 %n, i64 %alpha, i64 %beta, ptr %a, ptr %bp, ptr %c, ptr %sa, ptr %sb)")
     return product.function(f"@product({PRODUCT_ARGS})") + _pack_x() + _pack_y() + _finish()
@@ -217,25 +199,25 @@ def _put_block(e: _Emit, src: tuple, dst: tuple, sums: tuple, count: str | None)
     (array, index, ext)."""
     word, parts = _pack(e, *src, count)
     e.store("i32", word, *dst)
-    at, added = e.at("i32", *sums[:2]), _sum(e, parts, sums[2])
-    old = e.op(f"load i32, ptr {at}")
-    e(f"store i32 {e.op(f'add i32 {old}, {added}')}, ptr {at}")
+    at, added = e.gep(sums[0], sums[1], "i32"), _sum(e, parts, sums[2])
+    old = e(f"load i32, ptr {at}")
+    e.put(f"store i32 {e(f'add i32 {old}, {added}')}, ptr {at}")
 
 
 def _pack_x() -> list[str]:
     """`@pack_x`: x's bytes xor xflip in 4-blocks a [k4, m] of i32, its rows' sums in sa."""
     e = _Emit()
-    e("%k4f = lshr i64 %k, 2", "%ktail = and i64 %k, 3", "%san = shl i64 %m, 2",
+    e.put("%k4f = lshr i64 %k, 2", "%ktail = and i64 %k, 3", "%san = shl i64 %m, 2",
       "call void @llvm.memset.p0.i64(ptr %sa, i8 0, i64 %san, i1 false)")
 
     def put_a(i: str, q: str, count: str | None = None) -> None:  # a[q, i] and sa[i]
-        k0 = e.op(f"shl i64 {q}, 2")
-        at = e.op(f"add i64 {e.op(f'mul i64 {i}, %xs0')}, {e.op(f'mul i64 {k0}, %xs1')}")
-        slot = e.op(f"add i64 {e.op(f'mul i64 {q}, %m')}, {i}")
+        k0 = e(f"shl i64 {q}, 2")
+        at = e(f"add i64 {e(f'mul i64 {i}, %xs0')}, {e(f'mul i64 {k0}, %xs1')}")
+        slot = e(f"add i64 {e(f'mul i64 {q}, %m')}, {i}")
         _put_block(e, ("%x", at, "%xs1", "%xflip"), ("%a", slot), ("%sa", i, "zext"), count)
 
     _by_layout(e, "%xs0", ("q", "%k4f"), ("i", "%m"), (("i", "%m"), ("q", "%k4f")), put_a)
-    with e.when(e.op("icmp ne i64 %ktail, 0")), e.loop("0", "%m") as i:  # (the last 4-block, past k: 0)
+    with e.when(e("icmp ne i64 %ktail, 0")), e.loop("0", "%m") as i:  # (the last 4-block, past k: 0)
         put_a(i, "%k4f", "%ktail")
     return e.function("@pack_x(ptr noalias %x, i64 %xs0, i64 %xs1, i64 %m, i64 %k, i8 %xflip, ptr noalias %a, "
                       "ptr noalias %sa)")
@@ -245,7 +227,7 @@ def _pack_y() -> list[str]:
     """`@pack_y`: y's bytes xor yflip in 4-blocks bp [k4, n16] of i32 (0 past k and n), its
     columns' sums (as int8) in sb."""
     e = _Emit()
-    e("%k4f = lshr i64 %k, 2", "%k3 = add i64 %k, 3", "%k4 = lshr i64 %k3, 2", "%ktail = and i64 %k, 3",
+    e.put("%k4f = lshr i64 %k, 2", "%k3 = add i64 %k, 3", "%k4 = lshr i64 %k3, 2", "%ktail = and i64 %k, 3",
       "%n15 = add i64 %n, 15", "%nv = lshr i64 %n15, 4", "%n16 = shl i64 %nv, 4",
       "%bpn = mul i64 %k4, %n16", "%bpb = shl i64 %bpn, 2",
       "call void @llvm.memset.p0.i64(ptr %bp, i8 0, i64 %bpb, i1 false)",
@@ -253,31 +235,31 @@ def _pack_y() -> list[str]:
       "%flip32 = zext i8 %yflip to i32", "%flip32b = mul i32 %flip32, 16843009")  # (the flip in each byte)
 
     def put_b(q: str, j: str, count: str | None = None) -> None:  # bp[q, j] and sb[j]
-        k0 = e.op(f"shl i64 {q}, 2")
-        at = e.op(f"add i64 {e.op(f'mul i64 {k0}, %ys0')}, {e.op(f'mul i64 {j}, %ys1')}")
-        slot = e.op(f"add i64 {e.op(f'mul i64 {q}, %n16')}, {j}")
+        k0 = e(f"shl i64 {q}, 2")
+        at = e(f"add i64 {e(f'mul i64 {k0}, %ys0')}, {e(f'mul i64 {j}, %ys1')}")
+        slot = e(f"add i64 {e(f'mul i64 {q}, %n16')}, {j}")
         _put_block(e, ("%y", at, "%ys0", "%yflip"), ("%bp", slot), ("%sb", j, "sext"), count)
 
-    tag = e.name("ycols")
-    e(f"br i1 {e.op('icmp eq i64 %ys0, 1')}, label %{tag}.cols, label %{tag}.any")
+    tag = e.fresh("ycols")
+    e.put(f"br i1 {e('icmp eq i64 %ys0, 1')}, label %{tag}.cols, label %{tag}.any")
     e.label(f"{tag}.cols")  # each column's k contiguous: its 4-blocks are i32s to move, its sum a loop along it
     with e.loop("0", "%n") as j:
-        col = e.op(f"getelementptr i8, ptr %y, i64 {e.op(f'mul i64 {j}, %ys1')}")
+        col = e(f"getelementptr i8, ptr %y, i64 {e(f'mul i64 {j}, %ys1')}")
         with e.loop("0", "%k4f") as q:
-            word = e.op(f"load i32, ptr {e.op(f'getelementptr i32, ptr {col}, i64 {q}')}, align 1")
-            e.store("i32", e.op(f"xor i32 {word}, %flip32b"), "%bp", e.op(f"add i64 {e.op(f'mul i64 {q}, %n16')}, {j}"))
+            word = e(f"load i32, ptr {e(f'getelementptr i32, ptr {col}, i64 {q}')}, align 1")
+            e.store("i32", e(f"xor i32 {word}, %flip32b"), "%bp", e(f"add i64 {e(f'mul i64 {q}, %n16')}, {j}"))
         total = e.var("i32", "0")
-        with e.loop("0", e.op("shl i64 %k4f, 2")) as kk:
+        with e.loop("0", e("shl i64 %k4f, 2")) as kk:
             byte = e.load("i8", col, kk)
-            w = e.op(f"sext i8 {e.op(f'xor i8 {byte}, %yflip')} to i32")
-            e.update(total, "i32", lambda old, w=w: e.op(f"add i32 {old}, {w}"))
+            w = e(f"sext i8 {e(f'xor i8 {byte}, %yflip')} to i32")
+            e.update(total, "i32", lambda old, w=w: e(f"add i32 {old}, {w}"))
         e.store("i32", e.load("i32", total, "0"), "%sb", j)
-    e(f"br label %{tag}.tail")
+    e.put(f"br label %{tag}.tail")
     e.label(f"{tag}.any")
     _by_layout(e, "%ys1", ("q", "%k4f"), ("j", "%n"), (("j", "%n"), ("q", "%k4f")), put_b)
-    e(f"br label %{tag}.tail")
+    e.put(f"br label %{tag}.tail")
     e.label(f"{tag}.tail")
-    with e.when(e.op("icmp ne i64 %ktail, 0")), e.loop("0", "%n") as j:
+    with e.when(e("icmp ne i64 %ktail, 0")), e.loop("0", "%n") as j:
         put_b("%k4f", j, "%ktail")
     return e.function("@pack_y(ptr noalias %y, i64 %ys0, i64 %ys1, i64 %k, i64 %n, i8 %yflip, ptr noalias %bp, "
                       "ptr noalias %sb)")
@@ -287,16 +269,16 @@ def _finish() -> list[str]:
     """`@finish`: ra[i] = k·alpha·beta - beta·sa[i] (in sa), cb[j] = alpha·sb[j] (in sb),
     then `@idot` into c."""
     e = _Emit()
-    e("%k3 = add i64 %k, 3", "%k4 = lshr i64 %k3, 2", "%n15 = add i64 %n, 15", "%nv = lshr i64 %n15, 4",
+    e.put("%k3 = add i64 %k, 3", "%k4 = lshr i64 %k3, 2", "%n15 = add i64 %n, 15", "%nv = lshr i64 %n15, 4",
       "%n16 = shl i64 %nv, 4", "%ab = mul i64 %alpha, %beta", "%kab = mul i64 %k, %ab")
     with e.loop("0", "%m") as i:
-        sa = e.op(f"sext i32 {e.load('i32', '%sa', i)} to i64")
-        row = e.op(f"sub i64 %kab, {e.op(f'mul i64 %beta, {sa}')}")
-        e.store("i32", e.op(f"trunc i64 {row} to i32"), "%sa", i)
-    alpha32 = e.op("trunc i64 %alpha to i32")
+        sa = e(f"sext i32 {e.load('i32', '%sa', i)} to i64")
+        row = e(f"sub i64 %kab, {e(f'mul i64 %beta, {sa}')}")
+        e.store("i32", e(f"trunc i64 {row} to i32"), "%sa", i)
+    alpha32 = e("trunc i64 %alpha to i32")
     with e.loop("0", "%n16") as j:
-        e.store("i32", e.op(f"mul i32 {alpha32}, {e.load('i32', '%sb', j)}"), "%sb", j)
-    e("call void @idot(ptr %a, ptr %bp, ptr %c, ptr %sa, ptr %sb, i64 %m, i64 %k4, i64 %nv)")
+        e.store("i32", e(f"mul i32 {alpha32}, {e.load('i32', '%sb', j)}"), "%sb", j)
+    e.put("call void @idot(ptr %a, ptr %bp, ptr %c, ptr %sa, ptr %sb, i64 %m, i64 %k4, i64 %nv)")
     return e.function("@finish(i64 %m, i64 %k, i64 %n, i64 %alpha, i64 %beta, ptr noalias %a, ptr noalias %bp, "
                       "ptr noalias %c, ptr noalias %sa, ptr noalias %sb)")
 
@@ -304,13 +286,13 @@ def _finish() -> list[str]:
 def _by_layout(e: _Emit, along: str, outer: tuple, inner: tuple, other: tuple, put) -> None:
     """put(...) over the full 4-blocks: `inner` the inner loop where `along` (its stride) is
     1, so that it runs along contiguous bytes and vectorises, else in `other`'s order."""
-    tag = e.name("order")
-    e(f"br i1 {e.op(f'icmp eq i64 {along}, 1')}, label %{tag}.along, label %{tag}.other")
+    tag = e.fresh("order")
+    e.put(f"br i1 {e(f'icmp eq i64 {along}, 1')}, label %{tag}.along, label %{tag}.other")
     for label, (first, second) in (("along", (outer, inner)), ("other", other)):
         e.label(f"{tag}.{label}")
         with e.loop("0", first[1]) as u, e.loop("0", second[1]) as w:
             put(**{first[0]: u, second[0]: w})
-        e(f"br label %{tag}.done")
+        e.put(f"br label %{tag}.done")
     e.label(f"{tag}.done")
 
 
@@ -374,29 +356,29 @@ def _top_byte(e: _Emit, qr: str, t: str, value: str) -> str:
     """A var holding the byte of qr [t] whose value (value[b]: byte b dequantized) is
     largest (elementwise.top_byte): where the values rise with the bytes xor %flip (0 to
     255), the largest of those; else (%flip < 0) compared value by value."""
-    flat = e.op("icmp slt i64 %flip, 0")
-    flip8 = e.op("trunc i64 %flip to i8")
+    flat = e("icmp slt i64 %flip, 0")
+    flip8 = e("trunc i64 %flip to i8")
     top = e.var("i64", "0")
-    tag = e.name("top")
-    e(f"br i1 {flat}, label %{tag}.values, label %{tag}.bytes")
+    tag = e.fresh("top")
+    e.put(f"br i1 {flat}, label %{tag}.values, label %{tag}.bytes")
     e.label(f"{tag}.values")
-    first = e.op(f"zext i8 {e.load('i8', qr, '0')} to i64")
-    e(f"store i64 {first}, ptr {top}")
+    first = e(f"zext i8 {e.load('i8', qr, '0')} to i64")
+    e.put(f"store i64 {first}, ptr {top}")
     with e.loop("1", t) as j:
-        bj = e.op(f"zext i8 {e.load('i8', qr, j)} to i64")
+        bj = e(f"zext i8 {e.load('i8', qr, j)} to i64")
         best = e.load("i64", top, "0")
-        higher = e.op(f"fcmp ogt float {e.load('float', value, bj)}, "
+        higher = e(f"fcmp ogt float {e.load('float', value, bj)}, "
                       f"{e.load('float', value, best)}")
-        e(f"store i64 {e.op(f'select i1 {higher}, i64 {bj}, i64 {best}')}, ptr {top}")
-    e(f"br label %{tag}.done")
+        e.put(f"store i64 {e(f'select i1 {higher}, i64 {bj}, i64 {best}')}, ptr {top}")
+    e.put(f"br label %{tag}.done")
     e.label(f"{tag}.bytes")
     key = e.var("i8", "0")
     with e.loop("0", t) as j:
-        k = e.op(f"xor i8 {e.load('i8', qr, j)}, {flip8}")
-        e.update(key, "i8", lambda old, k=k: e.op(f"call i8 @llvm.umax.i8(i8 {k}, i8 {old})"))
-    found = e.op(f"xor i8 {e.load('i8', key, '0')}, {flip8}")
-    e(f"store i64 {e.op(f'zext i8 {found} to i64')}, ptr {top}")
-    e(f"br label %{tag}.done")
+        k = e(f"xor i8 {e.load('i8', qr, j)}, {flip8}")
+        e.update(key, "i8", lambda old, k=k: e(f"call i8 @llvm.umax.i8(i8 {k}, i8 {old})"))
+    found = e(f"xor i8 {e.load('i8', key, '0')}, {flip8}")
+    e.put(f"store i64 {e(f'zext i8 {found} to i64')}, ptr {top}")
+    e.put(f"br label %{tag}.done")
     e.label(f"{tag}.done")
     return top
 
@@ -411,57 +393,57 @@ def _row() -> list[str]:
     f = [e.load("float", "%floats", str(i)) for i in range(20)]
     ptr = {x: f"%{x}" for x in ("plain", "scores", "value", "table")}
     acc, mrow, byte, qr, es, prow, t = "%acc", "%mrow", "%byte", "%qr", "%es", "%prow", "%t"
-    grid1 = e.op("getelementptr float, ptr %floats, i64 4")
+    grid1 = e("getelementptr float, ptr %floats, i64 4")
     row_bytes = "%row_bytes"
-    tag = e.name("rowbytes")
-    e(f"br i1 {e.op(f'icmp ne i64 {row_bytes}, 0')}, label %{tag}.ir, label %{tag}.loops")
+    tag = e.fresh("rowbytes")
+    e.put(f"br i1 {e(f'icmp ne i64 {row_bytes}, 0')}, label %{tag}.ir, label %{tag}.loops")
     e.label(f"{tag}.ir")
-    e(f"call void {e.op(f'inttoptr i64 {row_bytes} to ptr')}(ptr {acc}, i64 {t}, ptr {grid1}, "
+    e.put(f"call void {e(f'inttoptr i64 {row_bytes} to ptr')}(ptr {acc}, i64 {t}, ptr {grid1}, "
       f"ptr {ptr['plain']}, ptr {byte}, ptr {qr})", f"br label %{tag}.done")
     e.label(f"{tag}.loops")
     with e.loop("0", t) as j:
-        y = e.op(f"trunc i32 {_requantized(e, e.load('i32', acc, j), f[4:8])} to i8")
+        y = e(f"trunc i32 {_requantized(e, e.load('i32', acc, j), f[4:8])} to i8")
         e.store("i8", y, byte, j)
-        e.store("i8", e.load("i8", ptr["plain"], e.op(f"zext i8 {y} to i64")), qr, j)
-    e(f"br label %{tag}.done")
+        e.store("i8", e.load("i8", ptr["plain"], e(f"zext i8 {y} to i64")), qr, j)
+    e.put(f"br label %{tag}.done")
     e.label(f"{tag}.done")
     masked = e.var("i1", "false")
     with e.loop("0", t) as j:
-        moved = e.op(f"fcmp une float {e.load('float', mrow, j)}, 0.0")
-        e.update(masked, "i1", lambda old, moved=moved: e.op(f"or i1 {old}, {moved}"))
+        moved = e(f"fcmp une float {e.load('float', mrow, j)}, 0.0")
+        e.update(masked, "i1", lambda old, moved=moved: e(f"or i1 {old}, {moved}"))
     with e.when(e.load("i1", masked, "0")), e.loop("0", t) as j:  # (the keys the mask moves)
         add = e.load("float", mrow, j)
-        with e.when(e.op(f"fcmp une float {add}, 0.0")):
-            s = e.load("float", ptr["scores"], e.op(f"zext i8 {e.load('i8', byte, j)} to i64"))
-            v = _quantized(e, e.op(f"fadd float {s}, {add}"), f[8:12])
-            e.store("i8", e.op(f"trunc i32 {v} to i8"), qr, j)
+        with e.when(e(f"fcmp une float {add}, 0.0")):
+            s = e.load("float", ptr["scores"], e(f"zext i8 {e.load('i8', byte, j)} to i64"))
+            v = _quantized(e, e(f"fadd float {s}, {add}"), f[8:12])
+            e.store("i8", e(f"trunc i32 {v} to i8"), qr, j)
     top = _top_byte(e, qr, t, ptr['value'])  # (the softmax of the row's bytes: elementwise.softmax_row)
-    top_at = e.op(f"shl i64 {e.load('i64', top, '0')}, 8")
-    row = e.op(f"getelementptr float, ptr {ptr['table']}, i64 {top_at}")
+    top_at = e(f"shl i64 {e.load('i64', top, '0')}, 8")
+    row = e(f"getelementptr float, ptr {ptr['table']}, i64 {top_at}")
     total = e.var("double", "0.0")
     with e.loop("0", t) as j:
-        x = e.load("float", row, e.op(f"zext i8 {e.load('i8', qr, j)} to i64"))
+        x = e.load("float", row, e(f"zext i8 {e.load('i8', qr, j)} to i64"))
         e.store("float", x, es, j)
-        wide = e.op(f"fpext float {x} to double")
-        e.update(total, "double", lambda old, wide=wide: e.op(f"fadd reassoc double {old}, {wide}"))
-    sum32 = e.op(f"fptrunc double {e.load('double', total, '0')} to float")
+        wide = e(f"fpext float {x} to double")
+        e.update(total, "double", lambda old, wide=wide: e(f"fadd reassoc double {old}, {wide}"))
+    sum32 = e(f"fptrunc double {e.load('double', total, '0')} to float")
     # its probabilities' bytes xor pflip (p·v's x, as @pack_x lays it): in prow, 0 to the
     # end of the last 4-block, then a 4-block at a time to a[q, i] (arow[q · m]); their sum
     # to sa[i] (sai)
     psum = e.var("i32", "0")
     with e.loop("0", t) as j:
-        p = _quantized(e, e.op(f"fdiv float {e.load('float', es, j)}, {sum32}"), f[12:16])
-        u = e.op(f"xor i8 {e.op(f'trunc i32 {p} to i8')}, %pflip")
+        p = _quantized(e, e(f"fdiv float {e.load('float', es, j)}, {sum32}"), f[12:16])
+        u = e(f"xor i8 {e(f'trunc i32 {p} to i8')}, %pflip")
         e.store("i8", u, prow, j)
-        wide = e.op(f"zext i8 {u} to i32")
-        e.update(psum, "i32", lambda old, wide=wide: e.op(f"add i32 {old}, {wide}"))
+        wide = e(f"zext i8 {u} to i32")
+        e.update(psum, "i32", lambda old, wide=wide: e(f"add i32 {old}, {wide}"))
     e.store("i32", e.load("i32", psum, "0"), "%sai", "0")
-    k4 = e.op(f"lshr i64 {e.op(f'add i64 {t}, 3')}, 2")
-    with e.loop(t, e.op(f"shl i64 {k4}, 2")) as j:
+    k4 = e(f"lshr i64 {e(f'add i64 {t}, 3')}, 2")
+    with e.loop(t, e(f"shl i64 {k4}, 2")) as j:
         e.store("i8", "0", prow, j)
     with e.loop("0", k4) as q:
-        word = e.op(f"load i32, ptr {e.op(f'getelementptr i32, ptr {prow}, i64 {q}')}, align 1")
-        e.store("i32", word, "%arow", e.op(f"mul i64 {q}, %m"))
+        word = e(f"load i32, ptr {e(f'getelementptr i32, ptr {prow}, i64 {q}')}, align 1")
+        e.store("i32", word, "%arow", e(f"mul i64 {q}, %m"))
     return e.function(f"@row({ROW_ARGS})")
 
 
@@ -471,18 +453,18 @@ def _outputs() -> list[str]:
     e = _Emit()
     grid = [e.load("float", "%floats", str(i)) for i in range(16, 20)]
     with e.loop("0", "%rows") as i:
-        orow = e.op(f"mul i64 {i}, %dv")
-        crow = e.op(f"mul i64 {i}, %n16")
+        orow = e(f"mul i64 {i}, %dv")
+        crow = e(f"mul i64 {i}, %n16")
         with e.loop("0", "%dv") as k:
-            y = _requantized(e, e.load("i32", "%c", e.op(f"add i64 {crow}, {k}")), grid)
-            e.store("i8", e.op(f"trunc i32 {y} to i8"), "%out", e.op(f"add i64 {orow}, {k}"))
+            y = _requantized(e, e.load("i32", "%c", e(f"add i64 {crow}, {k}")), grid)
+            e.store("i8", e(f"trunc i32 {y} to i8"), "%out", e(f"add i64 {orow}, {k}"))
     return e.function("@outputs(ptr noalias %c, ptr noalias %out, i64 %rows, i64 %dv, i64 %n16, ptr noalias %floats)")
 
 
 def _broadcast(e: _Emit, i: str, n: str) -> str:
     """min(i, n - 1): index i of an axis of n (1, broadcast, or all of them) of the mask."""
-    last = e.op(f"sub i64 {n}, 1")
-    return e.op(f"select i1 {e.op(f'icmp slt i64 {i}, {last}')}, i64 {i}, i64 {last}")
+    last = e(f"sub i64 {n}, 1")
+    return e(f"select i1 {e(f'icmp slt i64 {i}, {last}')}, i64 {i}, i64 {last}")
 
 
 def qattention_ir(offsets: tuple[int, int, int, int]) -> str:
@@ -492,53 +474,53 @@ def qattention_ir(offsets: tuple[int, int, int, int]) -> str:
     e = _Emit()
     n = [f"%n{i}" for i in range(SLOTS + len(SCRATCH))]
     for i, s in enumerate(n):
-        e(f"{s} = load i64, ptr {e.at('i64', '%slots', str(i))}")
+        e.put(f"{s} = load i64, ptr {e.gep('%slots', str(i), 'i64')}")
     f = [e.load("float", "%floats", str(i)) for i in range(20)]
-    ptr = {name: e.op(f"inttoptr i64 {n[i]} to ptr") for i, name in
+    ptr = {name: e(f"inttoptr i64 {n[i]} to ptr") for i, name in
            [(0, "q"), (10, "kt"), (20, "v"), (30, "mask"), (35, "out"), (40, "scores"), (41, "value"), (42, "table"),
             (45, "plain"), *[(SLOTS + k, s) for k, s in enumerate(SCRATCH)]]}
     heads, rows, d, t, dv = n[2 + 1], n[2 + 2], n[2 + 3], n[12 + 3], n[22 + 3]
     mb, mh, mr = n[31], n[32], n[33]
     flip, row_bytes = n[43], n[46]
-    qz, kz, vz, pz = (e.op(f"fptosi float {x} to i64") for x in f[:4])
-    alpha1, beta1 = e.op(f"add i64 {qz}, {-qa}"), e.op(f"sub i64 {kz}, {-kb}")
-    alpha2, beta2 = e.op(f"add i64 {pz}, {-pa}"), e.op(f"sub i64 {vz}, {-vb}")
-    n16a = e.op(f"and i64 {e.op(f'add i64 {t}, 15')}, -16")
-    n16b = e.op(f"and i64 {e.op(f'add i64 {dv}, 15')}, -16")
-    mt = e.op(f"mul i64 {mr}, {t}")
-    mht = e.op(f"mul i64 {mh}, {mt}")
+    qz, kz, vz, pz = (e(f"fptosi float {x} to i64") for x in f[:4])
+    alpha1, beta1 = e(f"add i64 {qz}, {-qa}"), e(f"sub i64 {kz}, {-kb}")
+    alpha2, beta2 = e(f"add i64 {pz}, {-pa}"), e(f"sub i64 {vz}, {-vb}")
+    n16a = e(f"and i64 {e(f'add i64 {t}, 15')}, -16")
+    n16b = e(f"and i64 {e(f'add i64 {dv}, 15')}, -16")
+    mt = e(f"mul i64 {mr}, {t}")
+    mht = e(f"mul i64 {mh}, {mt}")
     a, bp, c, sa, sb, byte, qr, es, pq = (ptr[s] for s in SCRATCH)
     with e.loop("%t0", "%t1") as task:
-        b = e.op(f"sdiv i64 {task}, {heads}")
-        h = e.op(f"sub i64 {task}, {e.op(f'mul i64 {b}, {heads}')}")
+        b = e(f"sdiv i64 {task}, {heads}")
+        h = e(f"sub i64 {task}, {e(f'mul i64 {b}, {heads}')}")
 
         def base(name: str, at: int) -> str:  # the (b, h) matrix of a 4-D input
-            off = e.op(f"add i64 {e.op(f'mul i64 {b}, {n[at + 6]}')}, {e.op(f'mul i64 {h}, {n[at + 7]}')}")
-            return e.op(f"getelementptr i8, ptr {ptr[name]}, i64 {off}")
+            off = e(f"add i64 {e(f'mul i64 {b}, {n[at + 6]}')}, {e(f'mul i64 {h}, {n[at + 7]}')}")
+            return e(f"getelementptr i8, ptr {ptr[name]}, i64 {off}")
 
-        e(f"call void @product(ptr {base('q', 0)}, i64 {n[8]}, i64 {n[9]}, i64 {rows}, i64 {d}, i8 {qa}, i64 {alpha1}, "
+        e.put(f"call void @product(ptr {base('q', 0)}, i64 {n[8]}, i64 {n[9]}, i64 {rows}, i64 {d}, i8 {qa}, i64 {alpha1}, "
           f"ptr {base('kt', 10)}, i64 {n[18]}, i64 {n[19]}, i64 {t}, i8 {kb}, i64 {beta1}, ptr {a}, ptr {bp}, "
           f"ptr {c}, ptr {sa}, ptr {sb})")
         mbi, mhi = _broadcast(e, b, mb), _broadcast(e, h, mh)
-        mask0 = e.op(f"add i64 {e.op(f'mul i64 {mbi}, {mht}')}, {e.op(f'mul i64 {mhi}, {mt}')}")
+        mask0 = e(f"add i64 {e(f'mul i64 {mbi}, {mht}')}, {e(f'mul i64 {mhi}, {mt}')}")
         with e.loop("0", rows) as i:
-            acc = e.op(f"getelementptr i32, ptr {c}, i64 {e.op(f'mul i64 {i}, {n16a}')}")
-            moff = e.op(f"add i64 {mask0}, {e.op(f'mul i64 {_broadcast(e, i, mr)}, {t}')}")
-            mrow = e.op(f"getelementptr float, ptr {ptr['mask']}, i64 {moff}")
-            arow = e.op(f"getelementptr i32, ptr {a}, i64 {i}")
-            sai = e.op(f"getelementptr i32, ptr {sa}, i64 {i}")
-            e(f"call void @row(ptr {acc}, ptr {mrow}, ptr {byte}, ptr {qr}, ptr {es}, ptr {pq}, i64 {t}, "
+            acc = e(f"getelementptr i32, ptr {c}, i64 {e(f'mul i64 {i}, {n16a}')}")
+            moff = e(f"add i64 {mask0}, {e(f'mul i64 {_broadcast(e, i, mr)}, {t}')}")
+            mrow = e(f"getelementptr float, ptr {ptr['mask']}, i64 {moff}")
+            arow = e(f"getelementptr i32, ptr {a}, i64 {i}")
+            sai = e(f"getelementptr i32, ptr {sa}, i64 {i}")
+            e.put(f"call void @row(ptr {acc}, ptr {mrow}, ptr {byte}, ptr {qr}, ptr {es}, ptr {pq}, i64 {t}, "
               f"ptr %floats, ptr {ptr['plain']}, ptr {ptr['scores']}, ptr {ptr['value']}, ptr {ptr['table']}, "
               f"i64 {flip}, i64 {row_bytes}, i8 {pa}, ptr {arow}, i64 {rows}, ptr {sai})")
         # p·v, its x laid in `a` by @row
-        e(f"call void @pack_y(ptr {base('v', 20)}, i64 {n[28]}, i64 {n[29]}, i64 {t}, i64 {dv}, i8 {vb}, ptr {bp}, "
+        e.put(f"call void @pack_y(ptr {base('v', 20)}, i64 {n[28]}, i64 {n[29]}, i64 {t}, i64 {dv}, i8 {vb}, ptr {bp}, "
           f"ptr {sb})",
           f"call void @finish(i64 {rows}, i64 {t}, i64 {dv}, i64 {alpha2}, i64 {beta2}, ptr {a}, ptr {bp}, ptr {c}, "
           f"ptr {sa}, ptr {sb})")
-        bh = e.op(f"add i64 {e.op(f'mul i64 {b}, {heads}')}, {h}")
-        matrix = e.op(f"mul i64 {rows}, {dv}")
-        orows = e.op(f"getelementptr i8, ptr {ptr['out']}, i64 {e.op(f'mul i64 {bh}, {matrix}')}")
-        e(f"call void @outputs(ptr {c}, ptr {orows}, i64 {rows}, i64 {dv}, i64 {n16b}, ptr %floats)")
+        bh = e(f"add i64 {e(f'mul i64 {b}, {heads}')}, {h}")
+        matrix = e(f"mul i64 {rows}, {dv}")
+        orows = e(f"getelementptr i8, ptr {ptr['out']}, i64 {e(f'mul i64 {bh}, {matrix}')}")
+        e.put(f"call void @outputs(ptr {c}, ptr {orows}, i64 {rows}, i64 {dv}, i64 {n16b}, ptr %floats)")
     lines = ["; sparsejit generated kernel: QOperator attention by VNNI, (batch, head) tasks [t0, t1) (qattention_ir)",
              *_product(), *_idot(), *_row(), *_outputs(), SIGNATURE.define(), "entry:", *e.allocas, *e.lines, "  ret void", "}", ""]
     lines += ["declare void @llvm.memset.p0.i64(ptr, i8, i64, i1)", "declare i8 @llvm.umax.i8(i8, i8)",
