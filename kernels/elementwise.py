@@ -190,11 +190,11 @@ def strided(n, at, dtype):
 
 
 def qattention(slots, floats, t0, t1):
-    # slots: int64 [47] (qattention's wrapper), floats: float32 [20]. q [b, h, rows, d],
+    # slots: int64 [46] (qattention's wrapper), floats: float32 [20]. q [b, h, rows, d],
     # kt [b, h, d, t], v [b, h, t, dv], each in any layout (`strided`); the mask [mb, mh, mr,
     # t] and the output [b, h, rows, dv] in C order; `plain`: the bytes the scaled scores
     # quantize to where the mask adds 0
-    n = carray(pointer(slots), 47, np.int64)
+    n = carray(pointer(slots), 46, np.int64)
     f = carray(pointer(floats), 20, np.float32)
     q, kt, v = strided(n, 0, Q), strided(n, 10, K), strided(n, 20, V)
     mask = carray(pointer(n[30]), (n[31], n[32], n[33], n[34]), np.float32)
@@ -203,7 +203,7 @@ def qattention(slots, floats, t0, t1):
     value = carray(pointer(n[41]), 256, np.float32)
     table = carray(pointer(n[42]), (256, 256), np.float32)
     flip = n[43]
-    plain = carray(pointer(n[45]), 256, np.uint8)
+    plain = carray(pointer(n[44]), 256, np.uint8)
     qz, kz, vz, pz = FIRST(f[0]), FIRST(f[1]), SECOND(f[2]), SECOND(f[3])
     m1, z1, lo1, hi1, s_scale, s_zero, s_lo, s_hi = f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11]
     p_scale, p_zero, p_lo, p_hi, m2, z2, lo2, hi2 = f[12], f[13], f[14], f[15], f[16], f[17], f[18], f[19]
@@ -621,7 +621,7 @@ class QAttention:
                                         exact_floats(t, np.empty(0, self.pz.dtype), self.pz, v, self.vz)), 0
         slots = np.zeros((parts, SLOTS + len(SCRATCH) * vnni), np.int64)
         slots[:, :SLOTS] = [*_strided(q), *_strided(kt), *_strided(v), 0, *shape[:3], t, 0, batch, heads, rows, dv,
-                            *self.tail, 0, address(self.tables[3]), lookup]
+                            *self.tail, address(self.tables[3]), lookup]
         calls = new_calls(parts, 1, QATTENTION)
         calls[:, :6] = [[1, fn, 0, address(self.floats), c * tasks // parts, (c + 1) * tasks // parts]
                         for c in range(parts)]

@@ -11,7 +11,7 @@ Why IR: Numba took about 3 s to compile that kernel cold, most of it typing its 
 (bench/README.md, twenty-second session), and a first load waited for it; this compiles in a
 small part of that. Its scratch comes from the caller (`Scratch`) rather than per task.
 
-Slots (int64, one row per part): elementwise.QAttention's 47, then the part's scratch
+Slots (int64, one row per part): elementwise.QAttention's 46, then the part's scratch
 arrays' addresses (SCRATCH's order). Bytes are read with their strides as given (any layout);
 the mask [mb, mh, mr, t] and the output [b, h, rows, dv] are C order.
 """
@@ -25,7 +25,7 @@ from .ir import Builder, Signature
 from .lowp_ir import quantized_ir
 
 SIGNATURE = Signature("qattention", (("slots", "ptr"), ("floats", "ptr"), ("t0", "i64"), ("t1", "i64")))
-SLOTS = 47  # elementwise.QAttention's slots, before the scratch's
+SLOTS = 46  # elementwise.QAttention's slots, before the scratch's
 SCRATCH = ("a", "bp", "c", "sa", "sb", "byte", "qr", "es", "pq")
 
 
@@ -478,10 +478,10 @@ def qattention_ir(offsets: tuple[int, int, int, int]) -> str:
     f = [e.load("float", "%floats", str(i)) for i in range(20)]
     ptr = {name: e(f"inttoptr i64 {n[i]} to ptr") for i, name in
            [(0, "q"), (10, "kt"), (20, "v"), (30, "mask"), (35, "out"), (40, "scores"), (41, "value"), (42, "table"),
-            (45, "plain"), *[(SLOTS + k, s) for k, s in enumerate(SCRATCH)]]}
+            (44, "plain"), *[(SLOTS + k, s) for k, s in enumerate(SCRATCH)]]}
     heads, rows, d, t, dv = n[2 + 1], n[2 + 2], n[2 + 3], n[12 + 3], n[22 + 3]
     mb, mh, mr = n[31], n[32], n[33]
-    flip, row_bytes = n[43], n[46]
+    flip, row_bytes = n[43], n[45]
     qz, kz, vz, pz = (e(f"fptosi float {x} to i64") for x in f[:4])
     alpha1, beta1 = e(f"add i64 {qz}, {-qa}"), e(f"sub i64 {kz}, {-kb}")
     alpha2, beta2 = e(f"add i64 {pz}, {-pa}"), e(f"sub i64 {vz}, {-vb}")
