@@ -133,7 +133,7 @@ def thread_arena(nbytes: int) -> np.ndarray:
     """This thread's scratch bytes (at least nbytes, from a 64-byte line): what a kernel
     works in during a call and does not hand back. The kernels called on a thread run one
     after another, so they share it, and a model's scratch is its largest call's, not the
-    sum of its kernels' (a row kernel's at 8 × 128 is 6.3 MB, and BERT-base has 38). It
+    sum of its kernels' (bench/README.md, twenty-second session, has the sizes). It
     grows by being made anew, twice as large: a kernel that kept views into the old one
     makes them again (`arena is not thread_arena(...)`). It keeps its size for the thread's
     life, as ONNX Runtime's arena keeps its blocks: a thread that once ran a large batch

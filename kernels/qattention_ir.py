@@ -7,9 +7,9 @@ looked up (elementwise.row_bytes_ir, or the loops here where it is 0), the keys 
 moves quantized again, QSoftmax's row by its table, its bytes laid for p·v's product, whose
 sums are requantized to the output's bytes.
 
-Why IR: Numba took about 3 s to compile that kernel cold, most of it typing its numpy calls
-(bench/README.md, twenty-second session), and a first load waited for it; this compiles in a
-small part of that. Its scratch comes from the caller (`Scratch`) rather than per task.
+Why IR: Numba's compile of that kernel, most of it typing its numpy calls, was what a first
+load waited for; LLVM compiles this text without that typing (bench/README.md, twenty-second
+session, has the times). Its scratch comes from the caller (`Scratch`) rather than per task.
 
 Slots (int64, one row per part): elementwise.QAttention's 46, then the part's scratch
 arrays' addresses (SCRATCH's order). Bytes are read with their strides as given (any layout);
@@ -188,8 +188,8 @@ def _product() -> list[str]:
     elementwise's kernel before it was IR). p·v's x is laid in `a` by `@row`."""
     product = _Emit()
     product.put("call void @pack_x(ptr %x, i64 %xs0, i64 %xs1, i64 %m, i64 %k, i8 %xflip, ptr %a, ptr %sa)",
-            "call void @pack_y(ptr %y, i64 %ys0, i64 %ys1, i64 %k, i64 %n, i8 %yflip, ptr %bp, ptr %sb)",
-            "call void @finish(i64 %m, i64 %k, i64 %n, i64 %alpha, i64 %beta, ptr %a, ptr %bp, ptr %c, ptr %sa, ptr %sb)")
+                "call void @pack_y(ptr %y, i64 %ys0, i64 %ys1, i64 %k, i64 %n, i8 %yflip, ptr %bp, ptr %sb)",
+                "call void @finish(i64 %m, i64 %k, i64 %n, i64 %alpha, i64 %beta, ptr %a, ptr %bp, ptr %c, ptr %sa, ptr %sb)")
     return product.function(f"@product({PRODUCT_ARGS})") + _pack_x() + _pack_y() + _finish()
 
 
@@ -208,7 +208,7 @@ def _pack_x() -> list[str]:
     """`@pack_x`: x's bytes xor xflip in 4-blocks a [k4, m] of i32, its rows' sums in sa."""
     e = _Emit()
     e.put("%k4f = lshr i64 %k, 2", "%ktail = and i64 %k, 3", "%san = shl i64 %m, 2",
-      "call void @llvm.memset.p0.i64(ptr %sa, i8 0, i64 %san, i1 false)")
+          "call void @llvm.memset.p0.i64(ptr %sa, i8 0, i64 %san, i1 false)")
 
     def put_a(i: str, q: str, count: str | None = None) -> None:  # a[q, i] and sa[i]
         k0 = e(f"shl i64 {q}, 2")
@@ -228,11 +228,11 @@ def _pack_y() -> list[str]:
     columns' sums (as int8) in sb."""
     e = _Emit()
     e.put("%k4f = lshr i64 %k, 2", "%k3 = add i64 %k, 3", "%k4 = lshr i64 %k3, 2", "%ktail = and i64 %k, 3",
-      "%n15 = add i64 %n, 15", "%nv = lshr i64 %n15, 4", "%n16 = shl i64 %nv, 4",
-      "%bpn = mul i64 %k4, %n16", "%bpb = shl i64 %bpn, 2",
-      "call void @llvm.memset.p0.i64(ptr %bp, i8 0, i64 %bpb, i1 false)",
-      "%sbn = shl i64 %n16, 2", "call void @llvm.memset.p0.i64(ptr %sb, i8 0, i64 %sbn, i1 false)",
-      "%flip32 = zext i8 %yflip to i32", "%flip32b = mul i32 %flip32, 16843009")  # (the flip in each byte)
+          "%n15 = add i64 %n, 15", "%nv = lshr i64 %n15, 4", "%n16 = shl i64 %nv, 4",
+          "%bpn = mul i64 %k4, %n16", "%bpb = shl i64 %bpn, 2",
+          "call void @llvm.memset.p0.i64(ptr %bp, i8 0, i64 %bpb, i1 false)",
+          "%sbn = shl i64 %n16, 2", "call void @llvm.memset.p0.i64(ptr %sb, i8 0, i64 %sbn, i1 false)",
+          "%flip32 = zext i8 %yflip to i32", "%flip32b = mul i32 %flip32, 16843009")  # (the flip in each byte)
 
     def put_b(q: str, j: str, count: str | None = None) -> None:  # bp[q, j] and sb[j]
         k0 = e(f"shl i64 {q}, 2")
@@ -241,7 +241,7 @@ def _pack_y() -> list[str]:
         _put_block(e, ("%y", at, "%ys0", "%yflip"), ("%bp", slot), ("%sb", j, "sext"), count)
 
     tag = e.fresh("ycols")
-    e.put(f"br i1 {e('icmp eq i64 %ys0, 1')}, label %{tag}.cols, label %{tag}.any")
+    e.cond_br(e('icmp eq i64 %ys0, 1'), f"{tag}.cols", f"{tag}.any")
     e.label(f"{tag}.cols")  # each column's k contiguous: its 4-blocks are i32s to move, its sum a loop along it
     with e.loop("0", "%n") as j:
         col = e(f"getelementptr i8, ptr %y, i64 {e(f'mul i64 {j}, %ys1')}")
@@ -254,10 +254,10 @@ def _pack_y() -> list[str]:
             w = e(f"sext i8 {e(f'xor i8 {byte}, %yflip')} to i32")
             e.update(total, "i32", lambda old, w=w: e(f"add i32 {old}, {w}"))
         e.store("i32", e.load("i32", total, "0"), "%sb", j)
-    e.put(f"br label %{tag}.tail")
+    e.br(f"{tag}.tail")
     e.label(f"{tag}.any")
     _by_layout(e, "%ys1", ("q", "%k4f"), ("j", "%n"), (("j", "%n"), ("q", "%k4f")), put_b)
-    e.put(f"br label %{tag}.tail")
+    e.br(f"{tag}.tail")
     e.label(f"{tag}.tail")
     with e.when(e("icmp ne i64 %ktail, 0")), e.loop("0", "%n") as j:
         put_b("%k4f", j, "%ktail")
@@ -270,7 +270,7 @@ def _finish() -> list[str]:
     then `@idot` into c."""
     e = _Emit()
     e.put("%k3 = add i64 %k, 3", "%k4 = lshr i64 %k3, 2", "%n15 = add i64 %n, 15", "%nv = lshr i64 %n15, 4",
-      "%n16 = shl i64 %nv, 4", "%ab = mul i64 %alpha, %beta", "%kab = mul i64 %k, %ab")
+          "%n16 = shl i64 %nv, 4", "%ab = mul i64 %alpha, %beta", "%kab = mul i64 %k, %ab")
     with e.loop("0", "%m") as i:
         sa = e(f"sext i32 {e.load('i32', '%sa', i)} to i64")
         row = e(f"sub i64 %kab, {e(f'mul i64 %beta, {sa}')}")
@@ -287,12 +287,12 @@ def _by_layout(e: _Emit, along: str, outer: tuple, inner: tuple, other: tuple, p
     """put(...) over the full 4-blocks: `inner` the inner loop where `along` (its stride) is
     1, so that it runs along contiguous bytes and vectorises, else in `other`'s order."""
     tag = e.fresh("order")
-    e.put(f"br i1 {e(f'icmp eq i64 {along}, 1')}, label %{tag}.along, label %{tag}.other")
+    e.cond_br(e(f'icmp eq i64 {along}, 1'), f"{tag}.along", f"{tag}.other")
     for label, (first, second) in (("along", (outer, inner)), ("other", other)):
         e.label(f"{tag}.{label}")
         with e.loop("0", first[1]) as u, e.loop("0", second[1]) as w:
             put(**{first[0]: u, second[0]: w})
-        e.put(f"br label %{tag}.done")
+        e.br(f"{tag}.done")
     e.label(f"{tag}.done")
 
 
@@ -360,7 +360,7 @@ def _top_byte(e: _Emit, qr: str, t: str, value: str) -> str:
     flip8 = e("trunc i64 %flip to i8")
     top = e.var("i64", "0")
     tag = e.fresh("top")
-    e.put(f"br i1 {flat}, label %{tag}.values, label %{tag}.bytes")
+    e.cond_br(flat, f"{tag}.values", f"{tag}.bytes")
     e.label(f"{tag}.values")
     first = e(f"zext i8 {e.load('i8', qr, '0')} to i64")
     e.put(f"store i64 {first}, ptr {top}")
@@ -370,7 +370,7 @@ def _top_byte(e: _Emit, qr: str, t: str, value: str) -> str:
         higher = e(f"fcmp ogt float {e.load('float', value, bj)}, "
                       f"{e.load('float', value, best)}")
         e.put(f"store i64 {e(f'select i1 {higher}, i64 {bj}, i64 {best}')}, ptr {top}")
-    e.put(f"br label %{tag}.done")
+    e.br(f"{tag}.done")
     e.label(f"{tag}.bytes")
     key = e.var("i8", "0")
     with e.loop("0", t) as j:
@@ -378,7 +378,7 @@ def _top_byte(e: _Emit, qr: str, t: str, value: str) -> str:
         e.update(key, "i8", lambda old, k=k: e(f"call i8 @llvm.umax.i8(i8 {k}, i8 {old})"))
     found = e(f"xor i8 {e.load('i8', key, '0')}, {flip8}")
     e.put(f"store i64 {e(f'zext i8 {found} to i64')}, ptr {top}")
-    e.put(f"br label %{tag}.done")
+    e.br(f"{tag}.done")
     e.label(f"{tag}.done")
     return top
 
@@ -396,16 +396,16 @@ def _row() -> list[str]:
     grid1 = e("getelementptr float, ptr %floats, i64 4")
     row_bytes = "%row_bytes"
     tag = e.fresh("rowbytes")
-    e.put(f"br i1 {e(f'icmp ne i64 {row_bytes}, 0')}, label %{tag}.ir, label %{tag}.loops")
+    e.cond_br(e(f'icmp ne i64 {row_bytes}, 0'), f"{tag}.ir", f"{tag}.loops")
     e.label(f"{tag}.ir")
     e.put(f"call void {e(f'inttoptr i64 {row_bytes} to ptr')}(ptr {acc}, i64 {t}, ptr {grid1}, "
-      f"ptr {ptr['plain']}, ptr {byte}, ptr {qr})", f"br label %{tag}.done")
+          f"ptr {ptr['plain']}, ptr {byte}, ptr {qr})", f"br label %{tag}.done")
     e.label(f"{tag}.loops")
     with e.loop("0", t) as j:
         y = e(f"trunc i32 {_requantized(e, e.load('i32', acc, j), f[4:8])} to i8")
         e.store("i8", y, byte, j)
         e.store("i8", e.load("i8", ptr["plain"], e(f"zext i8 {y} to i64")), qr, j)
-    e.put(f"br label %{tag}.done")
+    e.br(f"{tag}.done")
     e.label(f"{tag}.done")
     masked = e.var("i1", "false")
     with e.loop("0", t) as j:
@@ -499,8 +499,8 @@ def qattention_ir(offsets: tuple[int, int, int, int]) -> str:
             return e(f"getelementptr i8, ptr {ptr[name]}, i64 {off}")
 
         e.put(f"call void @product(ptr {base('q', 0)}, i64 {n[8]}, i64 {n[9]}, i64 {rows}, i64 {d}, i8 {qa}, i64 {alpha1}, "
-          f"ptr {base('kt', 10)}, i64 {n[18]}, i64 {n[19]}, i64 {t}, i8 {kb}, i64 {beta1}, ptr {a}, ptr {bp}, "
-          f"ptr {c}, ptr {sa}, ptr {sb})")
+              f"ptr {base('kt', 10)}, i64 {n[18]}, i64 {n[19]}, i64 {t}, i8 {kb}, i64 {beta1}, ptr {a}, ptr {bp}, "
+              f"ptr {c}, ptr {sa}, ptr {sb})")
         mbi, mhi = _broadcast(e, b, mb), _broadcast(e, h, mh)
         mask0 = e(f"add i64 {e(f'mul i64 {mbi}, {mht}')}, {e(f'mul i64 {mhi}, {mt}')}")
         with e.loop("0", rows) as i:
@@ -510,13 +510,13 @@ def qattention_ir(offsets: tuple[int, int, int, int]) -> str:
             arow = e(f"getelementptr i32, ptr {a}, i64 {i}")
             sai = e(f"getelementptr i32, ptr {sa}, i64 {i}")
             e.put(f"call void @row(ptr {acc}, ptr {mrow}, ptr {byte}, ptr {qr}, ptr {es}, ptr {pq}, i64 {t}, "
-              f"ptr %floats, ptr {ptr['plain']}, ptr {ptr['scores']}, ptr {ptr['value']}, ptr {ptr['table']}, "
-              f"i64 {flip}, i64 {row_bytes}, i8 {pa}, ptr {arow}, i64 {rows}, ptr {sai})")
+                  f"ptr %floats, ptr {ptr['plain']}, ptr {ptr['scores']}, ptr {ptr['value']}, ptr {ptr['table']}, "
+                  f"i64 {flip}, i64 {row_bytes}, i8 {pa}, ptr {arow}, i64 {rows}, ptr {sai})")
         # p·v, its x laid in `a` by @row
         e.put(f"call void @pack_y(ptr {base('v', 20)}, i64 {n[28]}, i64 {n[29]}, i64 {t}, i64 {dv}, i8 {vb}, ptr {bp}, "
-          f"ptr {sb})",
-          f"call void @finish(i64 {rows}, i64 {t}, i64 {dv}, i64 {alpha2}, i64 {beta2}, ptr {a}, ptr {bp}, ptr {c}, "
-          f"ptr {sa}, ptr {sb})")
+              f"ptr {sb})",
+              f"call void @finish(i64 {rows}, i64 {t}, i64 {dv}, i64 {alpha2}, i64 {beta2}, ptr {a}, ptr {bp}, ptr {c}, "
+              f"ptr {sa}, ptr {sb})")
         bh = e(f"add i64 {e(f'mul i64 {b}, {heads}')}, {h}")
         matrix = e(f"mul i64 {rows}, {dv}")
         orows = e(f"getelementptr i8, ptr {ptr['out']}, i64 {e(f'mul i64 {bh}, {matrix}')}")
