@@ -1469,6 +1469,9 @@ mask = np.zeros((1, 1, 1, 1), np.float32)
 assert np.array_equal(E.qattention(q, kt, mask, v, **kw), E.reference_qattention(q, kt, mask, v, **kw))
 # no keys: the reference's softmax over none refuses, and the kernel hands it over
 assert E.qattention(q, kt[..., :0], mask[..., :0], v[:, :, :0], **kw) is None
+# no features in q and kᵀ (sums of none), no values, no heads: the kernel, as the reference
+for q, kt, v in [(q[..., :0], kt[:, :, :0], v), (q, kt, v[..., :0]), (q[:, :0], kt[:, :0], v[:, :0])]:
+    assert np.array_equal(E.qattention(q, kt, mask, v, **kw), E.reference_qattention(q, kt, mask, v, **kw))
 
 # whole models at one token, then a forked child running them at another shape
 for path in sys.argv[1:]:
