@@ -10,8 +10,14 @@ major into pair rows xp [in/2, tokens] of i32 (input 2k in the low half) by the
 conversion kernel here, once per call. The sparse kernel is sparse_ir's with `bf16`:
 the same tiles, K-chunks, row order and epilogues, one `vdpbf16ps` per stored pair and
 vector of tokens where the float32 kernel has one fma per stored weight. Half the bytes
-of activations per input, and at 4-block pruning half the instructions; at scattered
-pruning most pairs hold one nonzero, so the instructions are about the float32 kernel's.
+of activations per input, and at 4-block pruning half the instructions.
+
+At scattered pruning most such pairs would hold one nonzero (as many instructions as the
+float32 kernel), so those weights pair any two of a row's inputs instead
+(BF16ScatteredLinear): two slots' worth of weights per pair, x rounded once per call into
+bfloat16 rows laid out so that one in-lane interleave of two rows' vectors makes the
+pairs (rows_ir, sparse_ir._add_scattered); per pair and 16 tokens, two half-width loads,
+one shuffle and one `vdpbf16ps` where the float32 kernel has two loads and two fmas.
 The dense GEMM (dense_ir's with `bf16`) holds its weights as panels of pairs: one
 `vdpbf16ps` per accumulator and pair of inputs where float32 has one fma per input.
 
@@ -27,7 +33,7 @@ import functools
 import numpy as np
 
 from .compile import compile_ir, host_cpu, load_source, threads
-from .compress import analyse
+from .compress import analyse, chunk_rows, compress
 from .dense_ir import DenseConfig, dense_ir
 from .ir import Builder, Signature, with_driver
 from .launch import IMPORTS, put_source, run
@@ -126,6 +132,86 @@ def packed_pairs(xt: np.ndarray, xp: np.ndarray | None = None) -> np.ndarray:
     return xp
 
 
+ROWS_SIGNATURE = Signature("bf16_rows", (("xt", "ptr"), ("ldx", "i64"), ("xb", "ptr"), ("ldb", "i64"), ("r0", "i64"),
+                                         ("r1", "i64"), ("ntok", "i64")))
+
+
+def rows_ir() -> str:
+    """xb's rows [r0, r1) = xt's rounded to bfloat16 (16-bit rows, row stride ldb in 16-bit
+    units), in groups of 32 tokens, each group's two halves interleaved by 4-token pieces
+    (tokens 0-3, 16-19, 4-7, 20-23, ...) as sparse_ir._add_scattered reads them; the
+    last group padded with zeros."""
+    e = Builder(16)
+    L, hv = e.lanes, f"<{e.lanes} x i16>"
+    order = ", ".join(f"i32 {4 * (p // 8) + p % 4 + (L if p % 8 >= 4 else 0)}" for p in range(2 * L))
+
+    def group(r, t):
+        halves = [e(f"bitcast <{L} x bfloat> {e(f'fptrunc {e.vt} {x} to <{L} x bfloat>')} to {hv}")
+                  for x in e.row_vectors("%xt", "%ldx", r, t, e.lane_masks(t, 2, "%ntok"))]
+        e.raw(f"  store <{2 * L} x i16> {e(f'shufflevector {hv} {halves[0]}, {hv} {halves[1]}, <{2 * L} x i32> <{order}>')}"
+              f", ptr {e.gep('%xb', e.offset(r, '%ldb', t), 'i16')}, align 64")
+
+    e.function(ROWS_SIGNATURE, lambda: e.loop("%r0", "%r1", 1, [], lambda r, _: e.tiles("0", "%ntok", 2 * L,
+                                                                                         lambda t: group(r, t)) or []))
+    return e.module("; sparsejit generated kernel: float xt rounded to bfloat16 rows, in groups of 32 tokens\n"
+                    "; xb[r, 32g + 8l + i] = bf16(xt[r, 32g + 4l + i]), xb[r, 32g + 8l + 4 + i] = "
+                    "bf16(xt[r, 32g + 16 + 4l + i]) (l < 4, i < 4)")
+
+
+ROWS_DRIVER_SOURCE = """\
+# sparsejit generated kernel: the driver of the bf16 rows (part c rounds rows
+# [c * rows / parts, (c + 1) * rows / parts) of xt into xb)
+import numpy as np
+from numba import njit
+
+ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any_layout)
+""" + IMPORTS + "\n\n" + put_source(ROWS_SIGNATURE) + """
+
+@njit(nogil=True, cache=True)
+def bf16_rows(launch, part, calls, fn, xt, xb):
+    rows = xt.shape[0]
+    parts = calls.shape[0]
+    for c in range(parts):
+        put_bf16_rows(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, xb.ctypes.data, xb.strides[0] // 2,
+                      c * rows // parts, (c + 1) * rows // parts, xt.shape[1])
+    launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
+"""
+
+
+@functools.cache
+def _rows_fn() -> int:
+    return compile_ir(rows_ir(), ROWS_SIGNATURE.name)
+
+
+def bf16_rows(xt: np.ndarray) -> np.ndarray:
+    """xt [in, tokens] rounded to bfloat16, as a new feature-major float32 array of xt's
+    shape whose row r holds, in its first half, row r's 16-bit values: the kernel's
+    layout (row stride 2·ldx in 16-bit units, each row on a 64-byte line)."""
+    k, n = xt.shape
+    xb = feature_major_empty(k, n)
+    run(load_source(ROWS_DRIVER_SOURCE).bf16_rows, ROWS_SIGNATURE, threads(), 1, _rows_fn(), xt, xb)
+    return xb
+
+
+def scattered_pairs(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray) -> tuple:
+    """Each row's stored weights (a CSR, maybe K-chunked: segments [indptr[i], indptr[i + 1]))
+    paired in their order, two to a slot: (indptr, indices ka | kb << 16 as int32, the two
+    bfloat16 packed in an int32, ka's in the low half). A segment's odd last weight pairs
+    with a zero weight at its own input."""
+    counts = np.diff(indptr)
+    pairs = (counts + 1) // 2
+    ptr = np.zeros(len(pairs) + 1, np.int64)
+    np.cumsum(pairs, out=ptr[1:])
+    seg = np.repeat(np.arange(len(pairs)), pairs)
+    first = indptr[:-1][seg] + 2 * (np.arange(ptr[-1]) - ptr[:-1][seg])
+    has_second = first + 1 < indptr[1:][seg]
+    second = np.where(has_second, first + 1, first)
+    ka, kb = indices[first].astype(np.int64), indices[second].astype(np.int64)
+    wb = np.where(has_second, values[second], 0).astype(np.float32)
+    packed = (to_bf16(values[first]).astype(np.uint32) | to_bf16(wb).astype(np.uint32) << np.uint32(16)).view(np.int32)
+    return ptr, (ka | kb << 16).astype(np.uint32).view(np.int32), packed
+
+
 def compress_pairs(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(indptr, pair indices k/2 as uint16, the pairs' two bfloat16 packed in an int32) per
     output row: the pairs of consecutive inputs holding a nonzero."""
@@ -179,6 +265,66 @@ class BF16SparseLinear(SparseLinear):
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         super()._run(packed_pairs(xt), yt, rt)
+
+
+def scattered_config(activation: str, residual: bool) -> IRConfig:
+    """The scattered bf16 kernel's configuration (indices: two 16-bit inputs in an i32)."""
+    return IRConfig(1, activation, residual, 16, SPARSE_VECTORS[16], 32, bf16=True, scattered=True)
+
+
+class BF16ScatteredLinear(SparseLinear):
+    """The bf16 sparse kernel for scattered pruning: each row's stored weights in each
+    K-chunk paired two by two whatever their inputs (scattered_pairs), x rounded to
+    bfloat16 rows once per call, and per pair and vector of tokens the two rows'
+    vectors interleaved into one `vdpbf16ps` (sparse_ir._add_scattered). Needs at most
+    65536 inputs."""
+
+    kind = "sparse-bf16"
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str, residual: bool,
+                 pattern=None, k_chunk: int | None = None):
+        k, m = weight.shape
+        if k > 1 << 16:
+            raise ValueError(f"the scattered bf16 kernel holds 16-bit input indices: {k} inputs are too many")
+        self.pattern = pattern or analyse(weight)
+        self.config = scattered_config(activation, residual)
+        self.in_features, self.out_features = k, m
+        self.activation, self.residual = activation, residual
+        self._csr = compress(weight, 1)
+        self.bias = _bias(bias, m)
+        self._fn = compile_ir(ir_source(self.config), SPARSE_SIGNATURE.name)
+        self._driver = load_source(SPARSE_DRIVER_SOURCE).run_rows
+        self._set_chunk(k_chunk)
+
+    def _set_chunk(self, k_chunk: int | None) -> None:
+        indptr, indices, values = self._csr
+        self.k_chunk = self.in_features if k_chunk is None else min(k_chunk, self.in_features)
+        indptr, indices, values, self.nchunks = chunk_rows(indptr, indices, values, self.in_features, self.k_chunk)
+        indptr, indices, values = scattered_pairs(indptr, indices, values)
+        m = self.out_features
+        self._layout = (0, None, indptr, indices, values, np.tile(np.arange(m, dtype=np.int32), self.nchunks))
+        self._arrays()
+
+    @property
+    def source(self) -> str:
+        return with_driver(ir_source(self.config) + "\n" + rows_ir(), ROWS_DRIVER_SOURCE + "\n" + SPARSE_DRIVER_SOURCE)
+
+    def dense_weight(self) -> np.ndarray:
+        """W [in, out] as the kernel holds it: the stored pairs' bfloat16 values as float32."""
+        _, _, indptr, indices, values, order = self._layout
+        w = np.zeros((self.in_features, self.out_features), np.float32)
+        rows = np.repeat(order, np.diff(indptr))
+        pairs = from_bf16(values.view(np.uint16).reshape(-1, 2))
+        ks = indices.view(np.uint32)
+        np.add.at(w, ((ks & 0xFFFF).astype(np.int64), rows), pairs[:, 0])
+        np.add.at(w, ((ks >> 16).astype(np.int64), rows), pairs[:, 1])
+        return w
+
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        # (each slot's two indices go as two uint16: the type the float kernels' driver is built for)
+        _, bounds, indptr, indices, values, order = self._arrays()
+        run(self._driver, SPARSE_SIGNATURE, len(bounds) - 1, 1, self._fn, bf16_rows(xt), indptr, indices.view(np.uint16),
+            values.view(np.float32), self.bias, yt, rt, self.nchunks, order, bounds)
 
 
 class BF16DenseLinear(DenseLinear):

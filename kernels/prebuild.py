@@ -109,6 +109,13 @@ BUILDS = (
     IR("amx", "part_ir(SIGNATURE)", "int8 bf16", "has_amx('int8') or has_amx('bf16')"),
     Driver("bf16", "DRIVER_SOURCE", "pack_pairs",
      "int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 2)", "bf16"),
+    Driver("bf16", "ROWS_DRIVER_SOURCE", "bf16_rows",
+     "int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 2)", "bf16"),
+    IR("bf16", "rows_ir()", "bf16", "has_bf16()"),
+    IR("bf16", "part_ir(ROWS_SIGNATURE)", "bf16", "has_bf16()"),
+    IR("bf16", "ir_source(scattered_config('none', False))", "bf16", "has_bf16()"),
+    IR("bf16", "ir_source(scattered_config('none', True))", "bf16", "has_bf16()"),
+    IR("bf16", "ir_source(scattered_config('gelu', False))", "bf16", "has_bf16()"),
     Driver("amx", "DRIVER_SOURCE", "run_amx",
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(uint8, 1), A(float32, 1), A(float32, 2), A(float32, 2), "
      "int64, int64, int64, A(uint8, 1), A(int64, 1), A(uint8, 2)"), "int8 bf16"),

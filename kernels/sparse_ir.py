@@ -60,6 +60,7 @@ class IRConfig:
     bf16: bool = False        # pairs of inputs in bfloat16 (see _add_pair): xt and values hold i32 pairs
     int8: bool = False        # 4-blocks of uint8 x and int8 w summed in i32 (see _add_block); bias holds 3m
     quant_out: bool = False   # int8 without residual: y quantized for the next layer into rt (_store_quantized)
+    scattered: bool = False   # bf16 pairs of any two inputs of a row (see _add_scattered): xt holds bfloat16 rows
 
 
 def _add_pair(e: Builder, vectors: int, mask: str | None, at: str, k: str, accs: list[str]) -> list[str]:
@@ -69,6 +70,52 @@ def _add_pair(e: Builder, vectors: int, mask: str | None, at: str, k: str, accs:
     w = e.splat(e(f"load float, ptr {e.gep('%values', at)}, align 4"))  # (the pair's bits)
     start = e.offset(k, "%ldx", "%t")
     return [bf16_dot(e, accs[u], e.vload(e.vptr("%xt", start, u), mask), w) for u in range(vectors)]
+
+
+def _unpack_masks(lanes: int) -> tuple[str, str]:
+    """The shuffles of two vectors of 2·lanes 16-bit values that interleave, within each
+    128-bit lane, their first four values (vpunpcklwd) and their last four (vpunpckhwd)."""
+    def mask(half: int) -> str:
+        idx = [8 * (p // 8) + 4 * half + (p % 8) // 2 + (p % 2) * 2 * lanes for p in range(2 * lanes)]
+        return f"<{', '.join(f'i32 {i}' for i in idx)}>"
+    return mask(0), mask(1)
+
+
+def _add_scattered(e: Builder, vectors: int, mask: str | None, at: str, packed: str, accs: list[str]) -> list[str]:
+    """accs + the bfloat16 pair of weights at slot `at` × rows ka and kb of xᵀ (`packed`:
+    ka in its low 16 bits, kb in its high). xᵀ holds bfloat16 rows (row stride 2·ldx in
+    16-bit units) in groups of 32 tokens stored so that interleaving two rows' groups
+    within each 128-bit lane (one `vpunpcklwd`, one `vpunpckhwd`) gives the pairs of the
+    group's first 16 tokens and of its last 16 (bf16.rows_ir writes them so), each for one
+    `vdpbf16ps`. Any two inputs of a row make a pair, so scattered pruning stores half as
+    many slots as it has weights, where pairs of consecutive inputs (_add_pair) store
+    about as many slots as weights. A one-vector tile takes the half of the group its
+    first token is in."""
+    L = e.lanes
+    gv = f"<{2 * L} x i16>"
+    lo, hi = _unpack_masks(L)
+    w = e.splat(e(f"load float, ptr {e.gep('%values', at)}, align 4"))  # (the pair's bits)
+    ld = e("shl i64 %ldx, 1")
+    group = e(f"and i64 %t, {-2 * L}")
+    rows = [e(f"zext i32 {e(f'and i32 {packed}, 65535')} to i64"), e(f"zext i32 {e(f'lshr i32 {packed}, 16')} to i64")]
+    starts = [e.offset(k, ld, group) for k in rows]
+
+    def pairs(u: int) -> tuple[str, str]:
+        a, b = (e(f"load {gv}, ptr {e.gep('%xt', e(f'add i64 {s}, {u * L}') if u else s, 'i16')}, align 64")
+                for s in starts)
+        return (e(f"bitcast {gv} {e(f'shufflevector {gv} {a}, {gv} {b}, <{2 * L} x i32> {m}')} to {e.vt}")
+                for m in (lo, hi))
+
+    if vectors == 1:
+        first, second = pairs(0)
+        upper = e(f"icmp ne i64 {e(f'and i64 %t, {L}')}, 0")
+        x = e(f"select i1 {upper}, {e.vt} {second}, {e.vt} {first}")
+        return [bf16_dot(e, accs[0], x, w)]
+    out = []
+    for u in range(0, vectors, 2):
+        for acc, x in zip(accs[u:u + 2], pairs(u)):
+            out.append(bf16_dot(e, acc, x, w))
+    return out
 
 
 def _add_block(e: Builder, vectors: int, mask: str | None, at: str, k4: str, accs: list[str]) -> list[str]:
@@ -85,6 +132,8 @@ def _add_block(e: Builder, vectors: int, mask: str | None, at: str, k4: str, acc
 def _add_stored(e: Builder, cfg: IRConfig, vectors: int, mask: str | None, at: str, k_stored: str,
                 accs: list[str]) -> list[str]:
     """accs + the weights stored at slot `at` (one, a block of four, or a bfloat16 pair) × their rows of xᵀ."""
+    if cfg.scattered:
+        return _add_scattered(e, vectors, mask, at, k_stored, accs)
     k = e(f"{'zext' if cfg.index_bits == 16 else 'sext'} i{cfg.index_bits} {k_stored} to i64")
     if cfg.bf16:  # (k: the pair's first input, 2·its row of xᵀ)
         return _add_pair(e, vectors, mask, at, e(f"lshr i64 {k}, 1"), accs)
@@ -117,7 +166,7 @@ def _stored_weights(e: Builder, cfg: IRConfig, vectors: int, mask: str | None, p
             accs = _add_stored(e, cfg, vectors, mask, e(f"add i64 {p}, {i}") if i else p, k, accs)
         return accs
 
-    if cfg.block == 1:
+    if cfg.block == 1 and not cfg.scattered:
         p0, accs = e.loop(p0, p1, 2, carried, pair)
         carried = [(e.vt, a) for a in accs]
     return e.loop(p0, p1, 1, carried, one)[1]
@@ -235,7 +284,7 @@ def ir_source(cfg: IRConfig) -> str:
     """The whole module's LLVM IR for one kernel configuration."""
     if cfg.block not in (1, 4) or cfg.activation not in ACTIVATIONS or cfg.index_bits not in (16, 32) or \
             (cfg.bf16 or cfg.int8) and (cfg.block != 1 or cfg.lanes != 16) or cfg.int8 and (cfg.bf16 or cfg.scaled) or \
-            cfg.quant_out and (not cfg.int8 or cfg.residual):
+            cfg.quant_out and (not cfg.int8 or cfg.residual) or cfg.scattered and (not cfg.bf16 or cfg.index_bits != 32):
         raise ValueError(f"no sparse kernel for {cfg}")
     e = Builder(cfg.lanes)
     tile_args = (("s", "i64"), ("t", "i64"), ("c", "i64"))
@@ -250,7 +299,7 @@ def ir_source(cfg: IRConfig) -> str:
         total = "bias[m + j] * float(sum ... - bias[2m + j] as i32) + bias[j]"
     header = (f"; sparsejit generated kernel: block={cfg.block} activation={cfg.activation} "
               f"residual={cfg.residual} lanes={cfg.lanes} vectors={cfg.vectors} index_bits={cfg.index_bits}"
-              f"{' scaled' if cfg.scaled else ''}{' bf16' if cfg.bf16 else ''}{' int8' if cfg.int8 else ''}"
+              f"{' scaled' if cfg.scaled else ''}{' bf16' if cfg.bf16 else ''}{' scattered' if cfg.scattered else ''}{' int8' if cfg.int8 else ''}"
               f"{' quant_out' if cfg.quant_out else ''}\n"
               f"; yt[j, t] = act({total}), sum ... over row j's stored (k, w): w * xt[k, t]"
               f"{' + rt[j, t]' if cfg.residual else ''}")

@@ -292,9 +292,10 @@ def load(model: str | os.PathLike | bytes | onnx.ModelProto, *, num_threads: int
       each of its runs; BLAS runs single-threaded inside them.
     - `kernels`: "auto" (sparse or dense per layer, by rule or measurement), "sparse" or "dense".
     - `precision`: "fp32" (the default: results match ONNX Runtime's float32), or "bf16":
-      Linear layers whose weights pair well (4-block, dense) and attention's products
-      round their operands to bfloat16 and sum in float32 (AVX512-BF16's `vdpbf16ps`,
-      kernels/bf16.py); scattered weights, LayerNorm and the rest stay float32. On a CPU
+      Linear layers and attention's products round their operands to bfloat16 and sum in
+      float32 (AVX512-BF16's `vdpbf16ps`, kernels/bf16.py: sparse weights stored as pairs
+      of consecutive inputs where they pair well, as 4-block ones do, else as pairs of
+      any two of a row's inputs); LayerNorm and the rest stay float32. On a CPU
       without AVX512-BF16, "bf16" warns and loads in fp32. `check()` reports each bf16
       layer's error against its float32 weights.
     - `mode`: "compiled", or "reference" to run the unfused graph on the numpy reference

@@ -23,7 +23,7 @@ from .graph import Graph, Node
 from .kernels import elementwise, rows
 from .kernels.amx import BF16AmxLinear, Int8Amx, has_amx
 from .kernels.attention import fused_attention, prepare_mask
-from .kernels.bf16 import BF16DenseLinear, BF16SparseLinear, reference_bf16_linear
+from .kernels.bf16 import BF16DenseLinear, BF16ScatteredLinear, BF16SparseLinear, reference_bf16_linear
 from .kernels.embed import EmbedLayerNorm
 from .kernels.int8 import (
     DOT_NAMES,
@@ -208,10 +208,10 @@ def _without_weight(node: Node) -> Node:
                 {k: v for k, v in node.attrs.items() if k != "weight"})
 
 
-# bf16: a weight runs on the bfloat16 kernel when the pairs of inputs it stores are at most
-# this fraction of its nonzeros. Scattered weights store about one pair per nonzero (90%
-# unstructured: 0.95), the same instruction count as the float32 kernel, and stay float32;
-# 4-block and dense weights store half as many.
+# bf16: a weight runs on the bfloat16 kernel of consecutive pairs when the pairs of inputs
+# it stores are at most this fraction of its nonzeros (4-block and dense weights store half
+# as many). Scattered weights store about one such pair per nonzero (90% unstructured:
+# 0.95), so they pair any two of a row's inputs instead (BF16ScatteredLinear).
 PAIRS_WORTH = 0.75
 
 
@@ -232,7 +232,10 @@ def plan_linear(node: Node, chooser: Chooser) -> LayerPlan:
 
     def sparse() -> SparseLinear:
         if "sparse" not in built:
-            kernel = BF16SparseLinear if chooser.precision == "bf16" and pairs_worth(w) else SparseLinear
+            kernel = SparseLinear
+            if chooser.precision == "bf16":
+                kernel = BF16SparseLinear if pairs_worth(w) else BF16ScatteredLinear if w.shape[0] <= 1 << 16 \
+                    else SparseLinear
             built["sparse"] = kernel(w, bias, act, residual, pattern)
         return built["sparse"]
 

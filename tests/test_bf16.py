@@ -24,6 +24,7 @@ from conftest import MODELS_DIR, make_inputs, ort_run
 from sparsejit.kernels.amx import BF16AmxLinear, can_compress, has_amx
 from sparsejit.kernels.bf16 import (
     BF16DenseLinear,
+    BF16ScatteredLinear,
     BF16SparseLinear,
     from_bf16,
     has_bf16,
@@ -60,6 +61,7 @@ def test_rounding_to_bf16_is_numpys_round_to_nearest_even():
 
 
 KERNELS = {"sparse": lambda w, b, act, res, chunk=None: BF16SparseLinear(w, b, act, res, k_chunk=chunk),
+           "scattered": lambda w, b, act, res, chunk=None: BF16ScatteredLinear(w, b, act, res, k_chunk=chunk),
            "dense": lambda w, b, act, res, chunk=None: BF16DenseLinear(w, b, act, res),
            "amx": lambda w, b, act, res, chunk=None: BF16AmxLinear(w, b, act, res, compressed=False),
            "amx-compressed": lambda w, b, act, res, chunk=None: BF16AmxLinear(w, b, act, res, compressed=True)}
@@ -81,7 +83,7 @@ def test_the_kernel_reads_x_rounded_to_bf16_bit_for_bit(k, kernel):
     token counts off the vector width; no subnormals (vdpbf16ps and AMX flush them to 0)."""
     _runs(kernel)
     rng = np.random.default_rng(k)
-    for ntok in (1, 15, 17, 130):
+    for ntok in (1, 15, 17, 53, 130):
         x = (rng.standard_normal((ntok, k)) * 10.0 ** rng.integers(-30, 30, (ntok, k))).astype(np.float32)
         x.view(np.uint32)[::3] = (x.view(np.uint32)[::3] & 0xFFFF0000) | 0x8000  # ties
         layer = KERNELS[kernel](np.eye(k, dtype=np.float32), None, "none", False)
@@ -101,7 +103,7 @@ def test_bf16_kernel_is_its_numpy_meaning(k, m, chunk, block, kernel):
     w = _weight(rng, k, m, 0.1 if block == 1 else 0.2, block)
     w[:, 0] = 0  # an empty row
     bias = rng.standard_normal(m).astype(np.float32)
-    for ntok in (0, 1, 17, 128, 131):
+    for ntok in (0, 1, 17, 53, 128, 131, 224):
         x = rng.standard_normal((ntok, k)).astype(np.float32)
         r = rng.standard_normal((ntok, m)).astype(np.float32)
         total = np.abs(rounded(x)).astype(np.float64) @ np.abs(rounded(w)).astype(np.float64)
@@ -118,9 +120,9 @@ def test_bf16_kernel_is_its_numpy_meaning(k, m, chunk, block, kernel):
 @pytest.mark.parametrize("kernels", ["auto", "dense"])
 @pytest.mark.parametrize("path", [BLOCK4, DEFAULT], ids=lambda p: p.stem)
 def test_bf16_models_stay_near_onnx_runtimes_float32(path, kernels):
-    """4-block layers run in bf16; scattered ones (90% unstructured: a stored pair per
-    nonzero, as many instructions as float32) stay float32; dense ones are timed. With
-    AMX, the dense kernel multiplies bfloat16 tiles and is timed at every density;
+    """Sparse layers run in bf16: 4-block ones in pairs of consecutive inputs, scattered
+    ones (90% unstructured) in pairs of any two of a row's inputs; dense ones are timed.
+    With AMX, the dense kernel multiplies bfloat16 tiles and is timed at every density;
     kernels="dense" puts every layer on it (or on the AVX512-BF16 GEMM without AMX)."""
     if kernels == "dense" and not has_amx("bf16"):
         pytest.skip("kernels='dense' is the AMX case here")
@@ -131,8 +133,9 @@ def test_bf16_models_stay_near_onnx_runtimes_float32(path, kernels):
     else:
         sparse = [lp for lp in model.layers if lp.pattern.density < 0.25]
         tiles = ("dense-bf16",) * has_amx("bf16")  # (timed against them: either may win)
-        assert sparse and all(lp.kind in ("sparse-bf16" if lp.pattern.block == 4 else "sparse",) + tiles
-                              for lp in sparse)
+        assert sparse and all(lp.kind in ("sparse-bf16",) + tiles for lp in sparse)
+        kernels = {type(getattr(lp.impl, "group", lp.impl)) for lp in sparse if lp.kind == "sparse-bf16"}
+        assert kernels == {BF16SparseLinear if path == BLOCK4 else BF16ScatteredLinear} or tiles, kernels
         assert all("AMX" in lp.reason for lp in sparse if has_amx("bf16"))
         dense = [lp for lp in model.layers if lp.pattern.density == 1]
         assert all("measured" in lp.reason and lp.kind in ("dense-bf16", "sparse-bf16") for lp in dense)

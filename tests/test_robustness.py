@@ -163,7 +163,7 @@ def test_degenerate_shapes_of_every_kernel_at_two_threads(tmp_path):
 DEGENERATE_BF16 = """
     import numba, numpy as np
     from sparsejit.kernels.attention import fused_attention, reference_bf16_attention
-    from sparsejit.kernels.bf16 import BF16DenseLinear, BF16SparseLinear, reference_bf16_linear
+    from sparsejit.kernels.bf16 import BF16DenseLinear, BF16ScatteredLinear, BF16SparseLinear, reference_bf16_linear
     numba.set_num_threads(2)
     rng = np.random.default_rng(0)
     for k, m in [(1, 1), (1, 5), (2, 1), (3, 7), (130, 1), (129, 3)]:
@@ -171,6 +171,7 @@ DEGENERATE_BF16 = """
             w = rng.standard_normal((k, m)).astype(np.float32) * (kind == "random")
             w[rng.random(w.shape) < 0.5] = 0
             for layer in (BF16SparseLinear(w, None, "gelu", False, k_chunk=64 if k > 64 else None),
+                          BF16ScatteredLinear(w, None, "gelu", False, k_chunk=64 if k > 64 else None),
                           BF16DenseLinear(w, None, "gelu", False)):
                 for tokens in (0, 1, 3, 17):
                     x = rng.standard_normal((tokens, k)).astype(np.float32)
@@ -189,7 +190,7 @@ DEGENERATE_BF16 = """
 
 
 def test_degenerate_shapes_of_the_bf16_kernels_at_two_threads():
-    """The bf16 sparse and dense kernels and bf16 attention on 1 input or output, odd input
+    """The bf16 sparse kernels (pairs of consecutive inputs, and of any two), the dense one and bf16 attention on 1 input or output, odd input
     counts (a pair half past the end), all-zero weights, 0 and 1 token, one key, one head
     feature (and, on AMX, one key or query of a whole tile row's head), at two threads in
     a subprocess, each against its numpy meaning."""
