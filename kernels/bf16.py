@@ -101,6 +101,7 @@ DRIVER_SOURCE = """\
 # sparsejit generated kernel: the driver of the bf16 kernels' packing (the sparse ones then
 # run on the sparse kernel's driver, linear.SPARSE_DRIVER_SOURCE)
 # part c packs xt's pairs of rows [c * pairs / parts, (c + 1) * pairs / parts) into xp
+# (or, for the scattered kernel, rounds xt's rows to bfloat16 rows of xp: rows_ir)
 import numpy as np
 from numba import njit
 
@@ -132,55 +133,35 @@ def packed_pairs(xt: np.ndarray, xp: np.ndarray | None = None) -> np.ndarray:
     return xp
 
 
-ROWS_SIGNATURE = Signature("bf16_rows", (("xt", "ptr"), ("ldx", "i64"), ("xb", "ptr"), ("ldb", "i64"), ("r0", "i64"),
-                                         ("r1", "i64"), ("ntok", "i64")))
-
-
 def rows_ir() -> str:
-    """xb's rows [r0, r1) = xt's rounded to bfloat16 (16-bit rows, row stride ldb in 16-bit
-    units), in groups of 32 tokens, each group's two halves interleaved by 4-token pieces
-    (tokens 0-3, 16-19, 4-7, 20-23, ...) as sparse_ir._add_scattered reads them; the
-    last group padded with zeros."""
+    """xp's rows [p0, p1) = xt's rounded to bfloat16: 16-bit rows (row stride 2·ldp in
+    16-bit units), in groups of 32 tokens, each group's two halves interleaved by 4-token
+    pieces (tokens 0-3, 16-19, 4-7, 20-23, ...) as sparse_ir._add_scattered reads them, the
+    last group padded with zeros. PACK_SIGNATURE's (k unused), so that the packing's
+    driver runs it."""
     e = Builder(16)
     L, hv = e.lanes, f"<{e.lanes} x i16>"
     order = ", ".join(f"i32 {4 * (p // 8) + p % 4 + (L if p % 8 >= 4 else 0)}" for p in range(2 * L))
 
-    def group(r, t):
+    def group(r, ld, t):
         halves = [e(f"bitcast <{L} x bfloat> {e(f'fptrunc {e.vt} {x} to <{L} x bfloat>')} to {hv}")
                   for x in e.row_vectors("%xt", "%ldx", r, t, e.lane_masks(t, 2, "%ntok"))]
         e.raw(f"  store <{2 * L} x i16> {e(f'shufflevector {hv} {halves[0]}, {hv} {halves[1]}, <{2 * L} x i32> <{order}>')}"
-              f", ptr {e.gep('%xb', e.offset(r, '%ldb', t), 'i16')}, align 64")
+              f", ptr {e.gep('%xp', e.offset(r, ld, t), 'i16')}, align 64")
 
-    e.function(ROWS_SIGNATURE, lambda: e.loop("%r0", "%r1", 1, [], lambda r, _: e.tiles("0", "%ntok", 2 * L,
-                                                                                         lambda t: group(r, t)) or []))
+    def body():
+        ld = e("shl i64 %ldp, 1")
+        e.loop("%p0", "%p1", 1, [], lambda r, _: e.tiles("0", "%ntok", 2 * L, lambda t: group(r, ld, t)) or [])
+
+    e.function(PACK_SIGNATURE, body)
     return e.module("; sparsejit generated kernel: float xt rounded to bfloat16 rows, in groups of 32 tokens\n"
-                    "; xb[r, 32g + 8l + i] = bf16(xt[r, 32g + 4l + i]), xb[r, 32g + 8l + 4 + i] = "
+                    "; xp[r, 32g + 8l + i] = bf16(xt[r, 32g + 4l + i]), xp[r, 32g + 8l + 4 + i] = "
                     "bf16(xt[r, 32g + 16 + 4l + i]) (l < 4, i < 4)")
-
-
-ROWS_DRIVER_SOURCE = """\
-# sparsejit generated kernel: the driver of the bf16 rows (part c rounds rows
-# [c * rows / parts, (c + 1) * rows / parts) of xt into xb)
-import numpy as np
-from numba import njit
-
-ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any_layout)
-""" + IMPORTS + "\n\n" + put_source(ROWS_SIGNATURE) + """
-
-@njit(nogil=True, cache=True)
-def bf16_rows(launch, part, calls, fn, xt, xb):
-    rows = xt.shape[0]
-    parts = calls.shape[0]
-    for c in range(parts):
-        put_bf16_rows(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, xb.ctypes.data, xb.strides[0] // 2,
-                      c * rows // parts, (c + 1) * rows // parts, xt.shape[1])
-    launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
-"""
 
 
 @functools.cache
 def _rows_fn() -> int:
-    return compile_ir(rows_ir(), ROWS_SIGNATURE.name)
+    return compile_ir(rows_ir(), PACK_SIGNATURE.name)
 
 
 def bf16_rows(xt: np.ndarray) -> np.ndarray:
@@ -189,7 +170,7 @@ def bf16_rows(xt: np.ndarray) -> np.ndarray:
     layout (row stride 2·ldx in 16-bit units, each row on a 64-byte line)."""
     k, n = xt.shape
     xb = feature_major_empty(k, n)
-    run(load_source(ROWS_DRIVER_SOURCE).bf16_rows, ROWS_SIGNATURE, threads(), 1, _rows_fn(), xt, xb)
+    run(load_source(DRIVER_SOURCE).pack_pairs, PACK_SIGNATURE, threads(), 1, _rows_fn(), xt, xb)
     return xb
 
 
@@ -307,7 +288,7 @@ class BF16ScatteredLinear(SparseLinear):
 
     @property
     def source(self) -> str:
-        return with_driver(ir_source(self.config) + "\n" + rows_ir(), ROWS_DRIVER_SOURCE + "\n" + SPARSE_DRIVER_SOURCE)
+        return with_driver(ir_source(self.config) + "\n" + rows_ir(), DRIVER_SOURCE + "\n" + SPARSE_DRIVER_SOURCE)
 
     def dense_weight(self) -> np.ndarray:
         """W [in, out] as the kernel holds it: the stored pairs' bfloat16 values as float32."""
