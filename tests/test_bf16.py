@@ -175,6 +175,27 @@ def test_without_avx512_bf16_it_warns_and_loads_in_fp32(monkeypatch):
         sparsejit.load(DEFAULT)  # fp32 asks nothing of the CPU
 
 
+@needs_bf16
+def test_a_scattered_weight_past_16_bit_indices_stays_float32():
+    """The scattered kernel holds each pair's inputs in 16 bits: a weight of more inputs
+    is refused by name there and planned on the float32 sparse kernel instead."""
+    from sparsejit.kernels.linear import SparseLinear
+
+    from sparsejit.choose import Chooser
+    from sparsejit.graph import Node
+    from sparsejit.plan import plan_linear
+
+    w = np.zeros(((1 << 16) + 1, 2), np.float32)
+    w[::97, 0], w[-1, 1] = 1.0, 2.0  # scattered: one nonzero per pair of consecutive inputs
+    with pytest.raises(ValueError, match="65537 inputs"):
+        BF16ScatteredLinear(w, None, "none", False)
+    attrs = {"weight": w, "bias": None, "activation": "none", "residual": False}
+    layer = plan_linear(Node("Linear", "tall", ["x"], ["y"], attrs), Chooser("sparse", precision="bf16"))
+    assert type(layer.impl) is SparseLinear
+    x = np.random.default_rng(0).standard_normal((3, w.shape[0])).astype(np.float32)
+    assert np.allclose(layer.impl(x), x @ w, rtol=1e-5, atol=1e-5)
+
+
 def test_an_unknown_precision_is_refused_by_name():
     with pytest.raises(ValueError, match="precision must be one of .*'fp16'"):
         sparsejit.load(DEFAULT, precision="fp16")
