@@ -29,6 +29,7 @@ bfloat16 keeps float32's exponent and 8 significant bits (relative rounding erro
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import numpy as np
 
@@ -37,8 +38,9 @@ from .compress import analyse, chunk_rows, compress
 from .dense_ir import DenseConfig, dense_ir
 from .ir import Builder, Signature, with_driver
 from .launch import IMPORTS, put_source, run
-from .layout import feature_major_empty
+from .layout import feature_major_empty, transposed
 from .linear import (
+    _NO_RESIDUAL,
     DENSE_DRIVER_SOURCE,
     DENSE_TOKEN_TILE,
     SPARSE_DRIVER_SOURCE,
@@ -46,11 +48,12 @@ from .linear import (
     DenseLinear,
     SparseLinear,
     _bias,
+    _residual_rows,
     linear_epilogue,
 )
 from .lowp_ir import pack_pair_rows
 from .sparse_ir import SIGNATURE as SPARSE_SIGNATURE
-from .sparse_ir import IRConfig, ir_source
+from .sparse_ir import IRConfig, group_order, ir_source
 
 
 def has_bf16() -> bool:
@@ -141,12 +144,12 @@ def rows_ir() -> str:
     driver runs it."""
     e = Builder(16)
     L, hv = e.lanes, f"<{e.lanes} x i16>"
-    order = ", ".join(f"i32 {4 * (p // 8) + p % 4 + (L if p % 8 >= 4 else 0)}" for p in range(2 * L))
+    order = group_order(L)
 
     def group(r, ld, t):
         halves = [e(f"bitcast <{L} x bfloat> {e(f'fptrunc {e.vt} {x} to <{L} x bfloat>')} to {hv}")
                   for x in e.row_vectors("%xt", "%ldx", r, t, e.lane_masks(t, 2, "%ntok"))]
-        e.raw(f"  store <{2 * L} x i16> {e(f'shufflevector {hv} {halves[0]}, {hv} {halves[1]}, <{2 * L} x i32> <{order}>')}"
+        e.raw(f"  store <{2 * L} x i16> {e(f'shufflevector {hv} {halves[0]}, {hv} {halves[1]}, <{2 * L} x i32> {order}')}"
               f", ptr {e.gep('%xp', e.offset(r, ld, t), 'i16')}, align 64")
 
     def body():
@@ -302,10 +305,48 @@ class BF16ScatteredLinear(SparseLinear):
         return w
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        self._on_rows(self._fn, bf16_rows(xt), yt, rt)
+
+    def _on_rows(self, fn: int, xb: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        """The kernel `fn` (this layer's, or its handover's) on x's bfloat16 rows xb."""
         # (each slot's two indices go as two uint16: the type the float kernels' driver is built for)
         _, bounds, indptr, indices, values, order = self._arrays()
-        run(self._driver, SPARSE_SIGNATURE, len(bounds) - 1, 1, self._fn, bf16_rows(xt), indptr, indices.view(np.uint16),
+        run(self._driver, SPARSE_SIGNATURE, len(bounds) - 1, 1, fn, xb, indptr, indices.view(np.uint16),
             values.view(np.float32), self.bias, yt, rt, self.nchunks, order, bounds)
+
+    # The handover in a chain (executor.TokenChain, as int8.Int8Chunked's): a layer whose
+    # output the next scattered layer reads as x stores it as that layer's bfloat16 rows,
+    # in its kernel's epilogue (sparse_ir's `rows_out`), and the next skips rounding x.
+    # The rows are those bf16_rows makes of the float output, so the results are the same.
+
+    def hands_to(self, nxt) -> bool:
+        """Whether this layer's output can go to `nxt` (reading it as x) as nxt's rows."""
+        return isinstance(nxt, BF16ScatteredLinear) and not self.residual and nxt.in_features == self.out_features
+
+    @functools.cached_property
+    def _handoff_fn(self) -> int:
+        return compile_ir(ir_source(replace(self.config, rows_out=True)), SPARSE_SIGNATURE.name)
+
+    def quantized_for(self, x: np.ndarray, nxt: BF16ScatteredLinear, given=None) -> np.ndarray:
+        """This layer's output for x [..., in] as the bfloat16 rows nxt's kernel reads (a
+        [out, tokens] float32 array holding them: bf16_rows's layout). `given` is the
+        int8 layers' (x's bytes) and is not taken."""
+        x2 = x.reshape(-1, self.in_features)
+        n, m = x2.shape[0], self.out_features
+        rows = feature_major_empty(m, n)
+        if n:  # (yᵀ holds the partial sums between K-chunks: with one chunk, no yᵀ)
+            yt = feature_major_empty(m, n) if self.nchunks > 1 else rows
+            self._on_rows(self._handoff_fn, bf16_rows(transposed(x2)), yt, rows)
+        return rows
+
+    def from_quantized(self, xb: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
+        """y for the x whose bfloat16 rows are xb (quantized_for): what __call__ gives for that x."""
+        m = self.out_features
+        yt = feature_major_empty(m, xb.shape[1])
+        if xb.shape[1]:
+            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
+            self._on_rows(self._fn, xb, yt, rt)
+        return yt.T.reshape(lead + (m,))
 
 
 class BF16DenseLinear(DenseLinear):

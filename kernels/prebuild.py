@@ -113,6 +113,8 @@ BUILDS = (
     IR("bf16", "ir_source(scattered_config('none', False))", "bf16", "VECTOR_LANES == 16 and has_bf16()"),
     IR("bf16", "ir_source(scattered_config('none', True))", "bf16", "VECTOR_LANES == 16 and has_bf16()"),
     IR("bf16", "ir_source(scattered_config('gelu', False))", "bf16", "VECTOR_LANES == 16 and has_bf16()"),
+    IR("bf16", "ir_source(replace(scattered_config('gelu', False), rows_out=True))", "bf16",
+       "VECTOR_LANES == 16 and has_bf16()"),
     Driver("amx", "DRIVER_SOURCE", "run_amx",
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(uint8, 1), A(float32, 1), A(float32, 2), A(float32, 2), "
      "int64, int64, int64, A(uint8, 1), A(int64, 1), A(uint8, 2)"), "int8 bf16"),
@@ -313,7 +315,8 @@ MODULES = ("launch", "linear", "layout", "layernorm", "embed", "elementwise", "r
 
 def met(specs: list[str]) -> dict:
     """What loading these models (each MODEL or MODEL:PRECISION) and running them at
-    1 × 128 and 2 × 21 tokens compiles or loads: "drivers", as `Driver` fields with the
+    1 × 128 and 2 × 21 tokens, twice each (a shape's second run is the generated forward's,
+    where a chain's layers hand their outputs over), compiles or loads: "drivers", as `Driver` fields with the
     specs (space-separated) that met each in place of what it serves; "ir", the keys
     (compile.ir_key) of the IR kernels; "cfuncs", the C functions (compile.cfuncs_met)."""
     import numpy as np
@@ -326,7 +329,7 @@ def met(specs: list[str]) -> dict:
     for spec in specs:
         path, _, precision = spec.partition(":")
         m = sparsejit.load(path, precision=precision or "fp32")
-        for shape in ((1, 128), (2, 21)):
+        for shape in ((1, 128), (1, 128), (2, 21), (2, 21)):
             ids = np.ones(shape, np.int64)
             m.run({n: ids if n != "token_type_ids" else 0 * ids for n in m.input_names})
         for dispatcher, sig in drivers_met:

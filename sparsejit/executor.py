@@ -39,9 +39,11 @@ MAX_SHAPE_SIGNATURES = 32
 # bench/README.md, seventh session.
 TOKEN_TILE = 128
 TILE_FROM = 1024
-# In a chain, a static int8 layer whose output the next static int8 layer reads as x hands
-# it over quantized, in the bytes the next kernel reads (int8.Int8Chunked.quantized_for).
-INT8_HANDOFF = True
+# In a chain, a layer whose output the next layer reads as x hands it over in the form the
+# next kernel reads: a static int8 layer to the next static int8 layer as the bytes it
+# quantizes x to (int8.Int8Chunked.quantized_for), a scattered bf16 layer to the next as
+# its bfloat16 rows (bf16.BF16ScatteredLinear.quantized_for). The same results either way.
+HANDOFF = True
 
 
 def _c_order(a):
@@ -103,7 +105,7 @@ class TokenChain:
         made = {s.node.outputs[0] for s in steps}
         self.outside = list(dict.fromkeys(i for s in steps for i in s.node.inputs if i and i not in made))
         self.output = steps[-1].node.outputs[0]
-        # steps k that hand their output to step k + 1 quantized (int8.Int8Chunked.hands_to)
+        # steps k that hand their output to step k + 1 in the form its kernel reads (HANDOFF)
         self.handing = {k for k, (s, nxt) in enumerate(itertools.pairwise(steps))
                         if nxt.node.inputs[0] == s.node.outputs[0] and hasattr(s.impl, "hands_to")
                         and s.impl.hands_to(nxt.impl)}
@@ -129,7 +131,7 @@ class TokenChain:
         k = 0
         while k < len(self.steps):
             s = self.steps[k]
-            if INT8_HANDOFF and k in self.handing:
+            if HANDOFF and k in self.handing:
                 nxt = self.steps[k + 1]
                 x = env[s.node.inputs[0]]
                 r = env[nxt.node.inputs[1]] if len(nxt.node.inputs) > 1 and nxt.node.inputs[1] else None

@@ -241,3 +241,31 @@ def test_bf16_attention_is_its_numpy_meaning(nan_guard, unit, monkeypatch):
         assert np.abs(got - f32)[live].max() > 0 or tk == 1  # it did round
         if nan_guard and per_query and tq > 2:
             assert not got[0, :, 1].any()  # Σ 0·v, as the guarded graph
+
+
+@needs_bf16
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_the_scattered_handover_is_the_rows_of_the_float_output(chunk):
+    """BF16ScatteredLinear.quantized_for stores a layer's output as the next layer's
+    bfloat16 rows in its epilogue: the same rows bf16_rows makes of the float output,
+    bit for bit (the tokens past the last as zeros), and the next layer on them gives
+    what it gives on that output; token counts that end in either half of a group of 32."""
+    from sparsejit.kernels.bf16 import bf16_rows
+    from sparsejit.kernels.layout import transposed
+
+    rng = np.random.default_rng(7)
+    first = BF16ScatteredLinear(_weight(rng, 130, 96, 0.1), rng.standard_normal(96).astype(np.float32), "gelu", False,
+                                k_chunk=chunk)
+    nxt = BF16ScatteredLinear(_weight(rng, 96, 40, 0.1), None, "none", True, k_chunk=chunk)
+    assert first.hands_to(nxt) and not nxt.hands_to(first)  # (nxt adds a residual)
+    for ntok in (0, 1, 15, 16, 17, 31, 33, 48, 53, 128, 131, 224):
+        x = rng.standard_normal((ntok, 130)).astype(np.float32)
+        r = rng.standard_normal((ntok, 40)).astype(np.float32)
+        y = first(x)
+        rows = first.quantized_for(x, nxt)
+        want = bf16_rows(transposed(y))
+        half = -(-ntok // 32) * 16  # (a row's groups' 16-bit values, as pairs in float32s: past `ntok` at times)
+        got_rows, want_rows = (np.lib.stride_tricks.as_strided(a, (a.shape[0], half), a.strides).view(np.uint32)
+                               for a in (rows, want))
+        assert np.array_equal(got_rows, want_rows), ntok
+        assert np.array_equal(nxt.from_quantized(rows, (ntok,), r), nxt(y, r)), ntok

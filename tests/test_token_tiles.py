@@ -149,10 +149,10 @@ def test_static_int8_ffn_hands_its_inner_value_over_quantized(static_int8, monke
     for feeds in (make_inputs(model.input_names, 2, 9), _feeds(model)):
         model.run(feeds)
         handed.clear()
-        monkeypatch.setattr(executor, "INT8_HANDOFF", True)
+        monkeypatch.setattr(executor, "HANDOFF", True)
         got = model.run(feeds)
         assert handed, "no FFN handed its output over"
-        monkeypatch.setattr(executor, "INT8_HANDOFF", False)
+        monkeypatch.setattr(executor, "HANDOFF", False)
         for a, b in zip(got, model.run(feeds)):
             np.testing.assert_array_equal(a, b)
 
@@ -186,3 +186,26 @@ def test_static_int8_without_vnni_is_tiled_without_the_handover(static_int8, mon
     monkeypatch.setattr(executor, "TILE_FROM", 1 << 30)
     for a, b in zip(tiled, model.run(feeds)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not has_bf16(), reason="no AVX512-BF16 on this CPU")
+def test_bf16_scattered_ffn_hands_its_inner_value_over_as_rows(monkeypatch):
+    """precision="bf16" on scattered weights: in a chain, FFN1 stores its output as the
+    bfloat16 rows FFN2's kernel reads (bf16.BF16ScatteredLinear.quantized_for): the outputs
+    are those of the plain handover, bit for bit, whole (a few tokens, as at batch 1) and by
+    token tiles."""
+    from sparsejit.kernels.bf16 import BF16ScatteredLinear
+
+    model = sparsejit.load(MODELS_DIR / "bert_sdpa_h64_op14_legacy_p90.onnx", precision="bf16", kernels="sparse")
+    assert any(isinstance(layer.impl, BF16ScatteredLinear) for layer in model.layers if "intermediate" in layer.name)
+    handed, quantized_for = [], BF16ScatteredLinear.quantized_for
+    monkeypatch.setattr(BF16ScatteredLinear, "quantized_for", lambda *a: handed.append(1) or quantized_for(*a))
+    for feeds in (make_inputs(model.input_names, 2, 9), make_inputs(model.input_names, 1, 53), _feeds(model)):
+        model.run(feeds)
+        handed.clear()
+        monkeypatch.setattr(executor, "HANDOFF", True)
+        got = model.run(feeds)
+        assert handed, "no FFN handed its output over"
+        monkeypatch.setattr(executor, "HANDOFF", False)
+        for a, b in zip(got, model.run(feeds)):
+            np.testing.assert_array_equal(a, b)
