@@ -170,6 +170,7 @@ DEGENERATE_BF16 = """
         for kind in ("random", "zero"):
             w = rng.standard_normal((k, m)).astype(np.float32) * (kind == "random")
             w[rng.random(w.shape) < 0.5] = 0
+            nxt = BF16ScatteredLinear(rng.standard_normal((m, 3)).astype(np.float32), None, "none", False)
             for layer in (BF16SparseLinear(w, None, "gelu", False, k_chunk=64 if k > 64 else None),
                           BF16ScatteredLinear(w, None, "gelu", False, k_chunk=64 if k > 64 else None),
                           BF16DenseLinear(w, None, "gelu", False)):
@@ -177,6 +178,9 @@ DEGENERATE_BF16 = """
                     x = rng.standard_normal((tokens, k)).astype(np.float32)
                     got, want = layer(x), reference_bf16_linear(x, w, None, "gelu")
                     assert got.shape == (tokens, m) and np.allclose(got, want, atol=1e-4, rtol=1e-4), (k, m, tokens)
+                    if isinstance(layer, BF16ScatteredLinear):  # (its output handed over as nxt's rows)
+                        handed = nxt.from_quantized(layer.quantized_for(x, nxt), (tokens,))
+                        assert np.array_equal(handed, nxt(got)), (k, m, tokens)
     # (head sizes of 32 and 64 run on AMX's tiles where the CPU has them)
     for tq, tk, d in [(1, 1, 1), (1, 2, 3), (3, 1, 2), (17, 33, 5), (1, 1, 32), (3, 1, 64), (17, 33, 32)]:
         q = rng.standard_normal((1, 2, tq, d)).astype(np.float32)
@@ -190,10 +194,11 @@ DEGENERATE_BF16 = """
 
 
 def test_degenerate_shapes_of_the_bf16_kernels_at_two_threads():
-    """The bf16 sparse kernels (pairs of consecutive inputs, and of any two), the dense one and bf16 attention on 1 input or output, odd input
-    counts (a pair half past the end), all-zero weights, 0 and 1 token, one key, one head
-    feature (and, on AMX, one key or query of a whole tile row's head), at two threads in
-    a subprocess, each against its numpy meaning."""
+    """The bf16 sparse kernels (pairs of consecutive inputs, and of any two, with its output
+    handed over as the next layer's rows), the dense one and bf16 attention on 1 input or
+    output, odd input counts (a pair half past the end), all-zero weights, 0 and 1 token,
+    one key, one head feature (and, on AMX, one key or query of a whole tile row's head),
+    at two threads in a subprocess, each against its numpy meaning."""
     from sparsejit.kernels.bf16 import has_bf16
 
     if not has_bf16():
