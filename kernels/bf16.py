@@ -51,9 +51,9 @@ from .linear import (
     _residual_rows,
     linear_epilogue,
 )
-from .lowp_ir import pack_pair_rows
+from .lowp_ir import pack_pair_rows, store_rows
 from .sparse_ir import SIGNATURE as SPARSE_SIGNATURE
-from .sparse_ir import IRConfig, group_order, ir_source
+from .sparse_ir import IRConfig, ir_source
 
 
 def has_bf16() -> bool:
@@ -143,18 +143,11 @@ def rows_ir() -> str:
     last group padded with zeros. PACK_SIGNATURE's (k unused), so that the packing's
     driver runs it."""
     e = Builder(16)
-    L, hv = e.lanes, f"<{e.lanes} x i16>"
-    order = group_order(L)
-
-    def group(r, ld, t):
-        halves = [e(f"bitcast <{L} x bfloat> {e(f'fptrunc {e.vt} {x} to <{L} x bfloat>')} to {hv}")
-                  for x in e.row_vectors("%xt", "%ldx", r, t, e.lane_masks(t, 2, "%ntok"))]
-        e.raw(f"  store <{2 * L} x i16> {e(f'shufflevector {hv} {halves[0]}, {hv} {halves[1]}, <{2 * L} x i32> {order}')}"
-              f", ptr {e.gep('%xp', e.offset(r, ld, t), 'i16')}, align 64")
 
     def body():
         ld = e("shl i64 %ldp, 1")
-        e.loop("%p0", "%p1", 1, [], lambda r, _: e.tiles("0", "%ntok", 2 * L, lambda t: group(r, ld, t)) or [])
+        e.loop("%p0", "%p1", 1, [], lambda r, _: e.tiles("0", "%ntok", 32, lambda t: store_rows(
+            e, e.row_vectors("%xt", "%ldx", r, t, e.lane_masks(t, 2, "%ntok")), [None] * 2, "%xp", r, ld, t)) or [])
 
     e.function(PACK_SIGNATURE, body)
     return e.module("; sparsejit generated kernel: float xt rounded to bfloat16 rows, in groups of 32 tokens\n"

@@ -116,3 +116,40 @@ def store_block_bytes(e: Builder, qs: list[str], j: str, base: str, ld: str, t: 
         packed = e(f"bitcast {iv} {e(f'shl {iv} {q}, {shift}')} to {bv}")
         e.call(f"llvm.masked.store.v{4 * L}i8.p0", "void", (bv, packed), ("ptr", e.vptr(base, start, u, "i32")),
                ("i32", "1"), (bm, on))
+
+
+def group_order(lanes: int) -> str:
+    """The shuffle of two vectors of `lanes` 16-bit values (a group's first 16 tokens and
+    its last 16) into the group's stored order: by 4-token pieces, first and last in turn
+    (tokens 0-3, 16-19, 4-7, 20-23, ...), what sparse_ir._add_scattered's unpacks read."""
+    idx = [4 * (p // 8) + p % 4 + (lanes if p % 8 >= 4 else 0) for p in range(2 * lanes)]
+    return f"<{', '.join(f'i32 {i}' for i in idx)}>"
+
+
+def store_rows(e: Builder, values: list[str], masks: list, base: str, row: str, ld: str, t: str) -> None:
+    """Float vectors (tokens from t, vector v masked by masks[v] or whole) rounded to
+    bfloat16 and stored as row `row` of `base` (16-bit row stride `ld`) in the bfloat16
+    rows a scattered bf16 layer reads as x (bf16.rows_ir's layout: groups of 32 tokens,
+    group_order). t is on a group for two vectors or more, which make whole groups; one
+    vector fills the half of its group its tokens are in (masked-off tokens as zeros) and,
+    for the first half, zeros in the second, which a later tile overwrites where it has
+    tokens."""
+    L, hv, gv = e.lanes, f"<{e.lanes} x i16>", f"<{2 * e.lanes} x i16>"
+    order = group_order(L)
+    halves = [e(f"bitcast <{L} x bfloat> {e(f'fptrunc {e.vt} {v} to <{L} x bfloat>')} to {hv}") for v in values]
+    start = e.offset(row, ld, e(f"and i64 {t}, {-2 * L}"))
+    if len(halves) > 1:
+        for u in range(0, len(halves), 2):
+            x = e(f"shufflevector {hv} {halves[u]}, {hv} {halves[u + 1]}, <{2 * L} x i32> {order}")
+            e.raw(f"  store {gv} {x}, ptr {e.gep(base, e(f'add i64 {start}, {u * L}') if u else start, 'i16')}, "
+                  "align 64")
+        return
+    v = halves[0] if masks[0] is None else e(f"select <{L} x i1> {masks[0]}, {hv} {halves[0]}, {hv} zeroinitializer")
+    upper = e(f"icmp ne i64 {e(f'and i64 {t}, {L}')}, 0")
+    placed = [e(f"shufflevector {hv} {a}, {hv} {b}, <{2 * L} x i32> {order}")
+              for a, b in ((v, "zeroinitializer"), ("zeroinitializer", v))]
+    x = e(f"select i1 {upper}, {gv} {placed[1]}, {gv} {placed[0]}")
+    second = f"<{', '.join('i1 ' + str(int(p % 8 >= 4)) for p in range(2 * L))}>"
+    stored = e(f"select i1 {upper}, <{2 * L} x i1> {second}, <{2 * L} x i1> <{', '.join(['i1 1'] * 2 * L)}>")
+    e.call(f"llvm.masked.store.v{2 * L}i16.p0", "void", (gv, x), ("ptr", e.gep(base, start, "i16")), ("i32", "2"),
+           (f"<{2 * L} x i1>", stored))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from .epilogue import ACTIVATIONS, epilogue
 from .ir import Builder, Signature, tail_vectors
-from .lowp_ir import bf16_dot, quantized, scaled_sums, store_block_bytes, vnni_dot
+from .lowp_ir import bf16_dot, quantized, scaled_sums, store_block_bytes, store_rows, vnni_dot
 
 SIGNATURE = Signature("sparse_rows", (
     ("xt", "ptr"), ("ldx", "i64"), ("indptr", "ptr"), ("indices", "ptr"), ("values", "ptr"), ("bias", "ptr"),
@@ -71,14 +71,6 @@ def _add_pair(e: Builder, vectors: int, mask: str | None, at: str, k: str, accs:
     w = e.splat(e(f"load float, ptr {e.gep('%values', at)}, align 4"))  # (the pair's bits)
     start = e.offset(k, "%ldx", "%t")
     return [bf16_dot(e, accs[u], e.vload(e.vptr("%xt", start, u), mask), w) for u in range(vectors)]
-
-
-def group_order(lanes: int) -> str:
-    """The shuffle of two vectors of `lanes` 16-bit values (a group's first 16 tokens and
-    its last 16) into the group's stored order: by 4-token pieces, first and last in turn
-    (tokens 0-3, 16-19, 4-7, 20-23, ...), what _add_scattered's unpacks read."""
-    idx = [4 * (p // 8) + p % 4 + (lanes if p % 8 >= 4 else 0) for p in range(2 * lanes)]
-    return f"<{', '.join(f'i32 {i}' for i in idx)}>"
 
 
 def _unpack_masks(lanes: int) -> tuple[str, str]:
@@ -226,8 +218,9 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
     if cfg.quant_out:
         _store_quantized(e, [epilogue(e, cfg.activation, v, None, mask) for v in sums], mask)
         return
-    if cfg.rows_out:
-        _store_rows(e, [epilogue(e, cfg.activation, v, None, mask) for v in sums], mask)
+    if cfg.rows_out:  # (row j of rt, as the next scattered layer reads its x: lowp_ir.store_rows)
+        values = [epilogue(e, cfg.activation, v, None, mask) for v in sums]
+        store_rows(e, values, [mask] * len(values), "%rt", "%j", e("shl i64 %ldr, 1"), "%t")
         return
     for u, (v, ptr) in enumerate(zip(sums, yptrs)):
         residual = e.vptr("%rt", rstart, u) if cfg.residual else None
@@ -259,34 +252,6 @@ def _store_quantized(e: Builder, values: list[str], mask: str | None) -> None:
                                      "align 4")) for i in range(4))
     qs = [e(f"fptosi {vt} {e(f'fsub {vt} {quantized(e, v, scale, zero, lo, hi)}, {lo}')} to {iv}") for v in values]
     store_block_bytes(e, qs, "%j", "%rt", "%ldr", "%t", [mask] * len(qs))
-
-
-def _store_rows(e: Builder, values: list[str], mask: str | None) -> None:
-    """Row j's outputs (tokens from t) rounded to bfloat16 and stored where the next
-    scattered layer's kernel reads its x (_add_scattered): row j of rt, its 16-bit row
-    stride 2·ldr, in groups of 32 tokens (group_order). Two vectors make a whole group; a
-    one-vector tile fills the half of its group that its tokens are (masked-off tokens as
-    zeros), and, for the first half, zeros in the second, which a later tile overwrites
-    where it has tokens."""
-    L, hv, gv = e.lanes, f"<{e.lanes} x i16>", f"<{2 * e.lanes} x i16>"
-    order = group_order(L)
-    halves = [e(f"bitcast <{L} x bfloat> {e(f'fptrunc {e.vt} {v} to <{L} x bfloat>')} to {hv}") for v in values]
-    start = e.offset("%j", e("shl i64 %ldr, 1"), e(f"and i64 %t, {-2 * L}"))
-    if len(halves) > 1:
-        for u in range(0, len(halves), 2):
-            x = e(f"shufflevector {hv} {halves[u]}, {hv} {halves[u + 1]}, <{2 * L} x i32> {order}")
-            e.raw(f"  store {gv} {x}, ptr {e.gep('%rt', e(f'add i64 {start}, {u * L}') if u else start, 'i16')}, "
-                  "align 64")
-        return
-    v = halves[0] if mask is None else e(f"select <{L} x i1> {mask}, {hv} {halves[0]}, {hv} zeroinitializer")
-    upper = e(f"icmp ne i64 {e(f'and i64 %t, {L}')}, 0")
-    placed = [e(f"shufflevector {hv} {a}, {hv} {b}, <{2 * L} x i32> {order}")
-              for a, b in ((v, "zeroinitializer"), ("zeroinitializer", v))]
-    x = e(f"select i1 {upper}, {gv} {placed[1]}, {gv} {placed[0]}")
-    second = f"<{', '.join('i1 ' + str(int(p % 8 >= 4)) for p in range(2 * L))}>"
-    stored = e(f"select i1 {upper}, <{2 * L} x i1> {second}, <{2 * L} x i1> <{', '.join(['i1 1'] * 2 * L)}>")
-    e.call(f"llvm.masked.store.v{2 * L}i16.p0", "void", (gv, x), ("ptr", e.gep("%rt", start, "i16")), ("i32", "2"),
-           (f"<{2 * L} x i1>", stored))
 
 
 def _driver(e: Builder, cfg: IRConfig) -> None:
