@@ -243,6 +243,40 @@ class BF16SparseLinear(SparseLinear):
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         super()._run(packed_pairs(xt), yt, rt)
 
+    # The handover in a chain (executor.TokenChain), as BF16ScatteredLinear's: a layer whose
+    # output the next layer on consecutive pairs reads as x stores it as that layer's pair
+    # rows, in its epilogue (sparse_ir's `pairs_out`), and the next skips packing x.
+
+    def hands_to(self, nxt) -> bool:
+        """Whether this layer's output can go to `nxt` (reading it as x) as nxt's pair rows."""
+        return isinstance(nxt, BF16SparseLinear) and not self.residual and nxt.in_features == self.out_features
+
+    @functools.cached_property
+    def _handoff_fn(self) -> int:
+        return compile_ir(ir_source(replace(self.config, pairs_out=True)), SPARSE_SIGNATURE.name)
+
+    def quantized_for(self, x: np.ndarray, nxt: BF16SparseLinear, given=None) -> np.ndarray:
+        """This layer's output for x [..., in] as the pair rows nxt's kernel reads
+        ([out/2, tokens] of i32 as float32: packed_pairs' layout). `given` is the int8
+        layers' (x's bytes) and is not taken."""
+        x2 = x.reshape(-1, self.in_features)
+        n, m = x2.shape[0], self.out_features
+        xp = feature_major_empty(-(-m // 2), n)
+        if n:
+            if m % 2:
+                xp[-1] = 0  # (the high halves past the last output: nxt's weights there are 0)
+            SparseLinear._run(self, packed_pairs(transposed(x2)), feature_major_empty(m, n), xp, fn=self._handoff_fn)
+        return xp
+
+    def from_quantized(self, xp: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
+        """y for the x whose pair rows are xp (quantized_for): what __call__ gives for that x."""
+        m = self.out_features
+        yt = feature_major_empty(m, xp.shape[1])
+        if xp.shape[1]:
+            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
+            SparseLinear._run(self, xp, yt, rt)
+        return yt.T.reshape(lead + (m,))
+
 
 def scattered_config(activation: str, residual: bool) -> IRConfig:
     """The scattered bf16 kernel's configuration (indices: two 16-bit inputs in an i32)."""

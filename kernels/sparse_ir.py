@@ -62,6 +62,7 @@ class IRConfig:
     quant_out: bool = False   # int8 without residual: y quantized for the next layer into rt (_store_quantized)
     scattered: bool = False   # bf16 pairs of any two inputs of a row (see _add_scattered): xt holds bfloat16 rows
     rows_out: bool = False    # scattered without residual: y rounded to the bfloat16 rows the next reads, into rt
+    pairs_out: bool = False   # bf16 pairs without residual: y rounded to the pair rows the next reads, into rt
 
 
 def _add_pair(e: Builder, vectors: int, mask: str | None, at: str, k: str, accs: list[str]) -> list[str]:
@@ -222,6 +223,9 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
         values = [epilogue(e, cfg.activation, v, None, mask) for v in sums]
         store_rows(e, values, [mask] * len(values), "%rt", "%j", e("shl i64 %ldr, 1"), "%t")
         return
+    if cfg.pairs_out:
+        _store_pair_halves(e, [epilogue(e, cfg.activation, v, None, mask) for v in sums])
+        return
     for u, (v, ptr) in enumerate(zip(sums, yptrs)):
         residual = e.vptr("%rt", rstart, u) if cfg.residual else None
         e.vstore(epilogue(e, cfg.activation, v, residual, mask), ptr, mask)
@@ -252,6 +256,28 @@ def _store_quantized(e: Builder, values: list[str], mask: str | None) -> None:
                                      "align 4")) for i in range(4))
     qs = [e(f"fptosi {vt} {e(f'fsub {vt} {quantized(e, v, scale, zero, lo, hi)}, {lo}')} to {iv}") for v in values]
     store_block_bytes(e, qs, "%j", "%rt", "%ldr", "%t", [mask] * len(qs))
+
+
+def _store_pair_halves(e: Builder, values: list[str]) -> None:
+    """Row j's outputs (tokens from t) rounded to bfloat16 and stored where the next bf16
+    layer on pairs of consecutive inputs reads its x (bf16.packed_pairs' layout): the low
+    halves (j even) or high halves (j odd) of pair row j / 2 of rt, its row stride ldr in
+    i32. Each vector's 16 values go out spread over 32 halves, by a store masked to the
+    row's halves, so rows j and j + 1 never write each other's bytes. A masked tile's
+    lanes past the last token land in the rows' padding, which the next kernel's masked
+    loads do not read."""
+    L, hv, gv, gm = e.lanes, f"<{e.lanes} x i16>", f"<{2 * e.lanes} x i16>", f"<{2 * e.lanes} x i1>"
+    odd = e(f"trunc i64 {e('and i64 %j, 1')} to i1")
+    spread = [f"<{', '.join(f'i32 {p // 2 if p % 2 == parity else L}' for p in range(2 * L))}>" for parity in (0, 1)]
+    halves = [f"<{', '.join(f'i1 {int(p % 2 == parity)}' for p in range(2 * L))}>" for parity in (0, 1)]
+    row = e.offset(e("lshr i64 %j, 1"), e("shl i64 %ldr, 1"), e("shl i64 %t, 1"))
+    which = e(f"select i1 {odd}, {gm} {halves[1]}, {gm} {halves[0]}")
+    for u, v in enumerate(values):
+        h = e(f"bitcast <{L} x bfloat> {e(f'fptrunc {e.vt} {v} to <{L} x bfloat>')} to {hv}")
+        x = e(f"select i1 {odd}, {gv} {e(f'shufflevector {hv} {h}, {hv} zeroinitializer, <{2 * L} x i32> {spread[1]}')}, "
+              f"{gv} {e(f'shufflevector {hv} {h}, {hv} zeroinitializer, <{2 * L} x i32> {spread[0]}')}")
+        e.call(f"llvm.masked.store.v{2 * L}i16.p0", "void", (gv, x),
+               ("ptr", e.gep("%rt", e(f"add i64 {row}, {2 * u * L}") if u else row, "i16")), ("i32", "2"), (gm, which))
 
 
 def _driver(e: Builder, cfg: IRConfig) -> None:
@@ -290,7 +316,8 @@ def ir_source(cfg: IRConfig) -> str:
     if cfg.block not in (1, 4) or cfg.activation not in ACTIVATIONS or cfg.index_bits not in (16, 32) or \
             (cfg.bf16 or cfg.int8) and (cfg.block != 1 or cfg.lanes != 16) or cfg.int8 and (cfg.bf16 or cfg.scaled) or \
             cfg.quant_out and (not cfg.int8 or cfg.residual) or cfg.scattered and (not cfg.bf16 or cfg.index_bits != 32) \
-            or cfg.rows_out and (not cfg.scattered or cfg.residual):
+            or cfg.rows_out and (not cfg.scattered or cfg.residual) \
+            or cfg.pairs_out and (not cfg.bf16 or cfg.scattered or cfg.residual):
         raise ValueError(f"no sparse kernel for {cfg}")
     e = Builder(cfg.lanes)
     tile_args = (("s", "i64"), ("t", "i64"), ("c", "i64"))
@@ -306,7 +333,8 @@ def ir_source(cfg: IRConfig) -> str:
     header = (f"; sparsejit generated kernel: block={cfg.block} activation={cfg.activation} "
               f"residual={cfg.residual} lanes={cfg.lanes} vectors={cfg.vectors} index_bits={cfg.index_bits}"
               f"{' scaled' if cfg.scaled else ''}{' bf16' if cfg.bf16 else ''}{' scattered' if cfg.scattered else ''}{' int8' if cfg.int8 else ''}"
-              f"{' quant_out' if cfg.quant_out else ''}{' rows_out' if cfg.rows_out else ''}\n"
+              f"{' quant_out' if cfg.quant_out else ''}{' rows_out' if cfg.rows_out else ''}"
+              f"{' pairs_out' if cfg.pairs_out else ''}\n"
               f"; yt[j, t] = act({total}), sum ... over row j's stored (k, w): w * xt[k, t]"
               f"{' + rt[j, t]' if cfg.residual else ''}")
     return e.module(header)

@@ -269,3 +269,28 @@ def test_the_scattered_handover_is_the_rows_of_the_float_output(chunk):
                                for a in (rows, want))
         assert np.array_equal(got_rows, want_rows), ntok
         assert np.array_equal(nxt.from_quantized(rows, (ntok,), r), nxt(y, r)), ntok
+
+
+@needs_bf16
+@pytest.mark.parametrize("chunk", [None, 64])
+@pytest.mark.parametrize("m", [96, 41])
+def test_the_pairs_handover_is_the_pair_rows_of_the_float_output(chunk, m):
+    """BF16SparseLinear.quantized_for stores a layer's output as the next layer's pair
+    rows in its epilogue: what packed_pairs makes of the float output, bit for bit (an odd
+    output count's last high halves 0), and the next layer on them gives what it gives on
+    that output."""
+    from sparsejit.kernels.bf16 import packed_pairs
+    from sparsejit.kernels.layout import transposed
+
+    rng = np.random.default_rng(m)
+    first = BF16SparseLinear(_weight(rng, 128, m, 0.2, 4), rng.standard_normal(m).astype(np.float32), "gelu", False,
+                             k_chunk=chunk)
+    nxt = BF16SparseLinear(_weight(rng, m, 40, 0.3), None, "none", True, k_chunk=chunk)
+    assert first.hands_to(nxt) and not nxt.hands_to(first)  # (nxt adds a residual)
+    for ntok in (0, 1, 15, 17, 53, 128, 131):
+        x = rng.standard_normal((ntok, 128)).astype(np.float32)
+        r = rng.standard_normal((ntok, 40)).astype(np.float32)
+        y = first(x)
+        xp = first.quantized_for(x, nxt)
+        assert np.array_equal(xp.view(np.uint32), packed_pairs(transposed(y)).view(np.uint32)), ntok
+        assert np.array_equal(nxt.from_quantized(xp, (ntok,), r), nxt(y, r)), ntok

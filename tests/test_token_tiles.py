@@ -189,17 +189,20 @@ def test_static_int8_without_vnni_is_tiled_without_the_handover(static_int8, mon
 
 
 @pytest.mark.skipif(not has_bf16(), reason="no AVX512-BF16 on this CPU")
-def test_bf16_scattered_ffn_hands_its_inner_value_over_as_rows(monkeypatch):
-    """precision="bf16" on scattered weights: in a chain, FFN1 stores its output as the
-    bfloat16 rows FFN2's kernel reads (bf16.BF16ScatteredLinear.quantized_for): the outputs
-    are those of the plain handover, bit for bit, whole (a few tokens, as at batch 1) and by
-    token tiles."""
-    from sparsejit.kernels.bf16 import BF16ScatteredLinear
+@pytest.mark.parametrize("name,kernel", [("bert_sdpa_h64_op14_legacy_p90", "BF16ScatteredLinear"),
+                                         ("bert_eager_h128_op17_legacy_block4_p90", "BF16SparseLinear")])
+def test_bf16_ffn_hands_its_inner_value_over_as_the_next_kernels_x(name, kernel, monkeypatch):
+    """precision="bf16": in a chain, FFN1 stores its output as the x FFN2's kernel reads
+    (scattered weights: its bfloat16 rows, BF16ScatteredLinear.quantized_for; 4-block
+    weights: its pair rows, BF16SparseLinear.quantized_for): the outputs are those of the
+    plain handover, bit for bit, whole (a few tokens, as at batch 1) and by token tiles."""
+    from sparsejit.kernels import bf16
 
-    model = sparsejit.load(MODELS_DIR / "bert_sdpa_h64_op14_legacy_p90.onnx", precision="bf16", kernels="sparse")
-    assert any(isinstance(layer.impl, BF16ScatteredLinear) for layer in model.layers if "intermediate" in layer.name)
-    handed, quantized_for = [], BF16ScatteredLinear.quantized_for
-    monkeypatch.setattr(BF16ScatteredLinear, "quantized_for", lambda *a: handed.append(1) or quantized_for(*a))
+    kind = getattr(bf16, kernel)
+    model = sparsejit.load(MODELS_DIR / f"{name}.onnx", precision="bf16", kernels="sparse")
+    assert any(type(layer.impl) is kind for layer in model.layers if "intermediate" in layer.name)
+    handed, quantized_for = [], kind.quantized_for
+    monkeypatch.setattr(kind, "quantized_for", lambda *a: handed.append(1) or quantized_for(*a))
     for feeds in (make_inputs(model.input_names, 2, 9), make_inputs(model.input_names, 1, 53), _feeds(model)):
         model.run(feeds)
         handed.clear()
