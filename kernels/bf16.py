@@ -203,13 +203,41 @@ def compress_pairs(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return indptr, cols.astype(np.uint16), packed
 
 
-class BF16SparseLinear(SparseLinear):
+class _HandsOver:
+    """The handover in a chain (executor.TokenChain), as int8.Int8Chunked's: a layer whose
+    output the next layer of its own kind reads as x stores it as the x that layer's
+    kernel reads (bfloat16 rows, or pair rows: `quantized_for`), in its epilogue (the
+    IRConfig flag `handoff`), and the next skips making x (`from_quantized`). That x is
+    what the next would have made of the float output, so the results are the same."""
+
+    handoff: str
+
+    def hands_to(self, nxt) -> bool:
+        """Whether this layer's output can go to `nxt` (reading it as x) as nxt's own x."""
+        return type(nxt) is type(self) and not self.residual and nxt.in_features == self.out_features
+
+    @functools.cached_property
+    def _handoff_fn(self) -> int:
+        return compile_ir(ir_source(replace(self.config, **{self.handoff: True})), SPARSE_SIGNATURE.name)
+
+    def from_quantized(self, xk: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
+        """y for the x whose kernel's own form is xk (quantized_for): what __call__ gives for that x."""
+        m = self.out_features
+        yt = feature_major_empty(m, xk.shape[1])
+        if xk.shape[1]:
+            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
+            self._on_x(xk, yt, rt)
+        return yt.T.reshape(lead + (m,))
+
+
+class BF16SparseLinear(_HandsOver, SparseLinear):
     """The bf16 sparse kernel for one weight: SparseLinear's K-chunks, row order and thread
     split over stored pairs (indices hold each pair's first input, 2k), with x packed
     into bfloat16 pairs by the driver before the rows run."""
 
     kind = "sparse-bf16"
     granule = 2  # K-chunks hold whole pairs
+    handoff = "pairs_out"  # (_HandsOver: FFN1 stores FFN2's pair rows)
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str, residual: bool,
                  pattern=None, k_chunk: int | None = None):
@@ -243,18 +271,6 @@ class BF16SparseLinear(SparseLinear):
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         super()._run(packed_pairs(xt), yt, rt)
 
-    # The handover in a chain (executor.TokenChain), as BF16ScatteredLinear's: a layer whose
-    # output the next layer on consecutive pairs reads as x stores it as that layer's pair
-    # rows, in its epilogue (sparse_ir's `pairs_out`), and the next skips packing x.
-
-    def hands_to(self, nxt) -> bool:
-        """Whether this layer's output can go to `nxt` (reading it as x) as nxt's pair rows."""
-        return isinstance(nxt, BF16SparseLinear) and not self.residual and nxt.in_features == self.out_features
-
-    @functools.cached_property
-    def _handoff_fn(self) -> int:
-        return compile_ir(ir_source(replace(self.config, pairs_out=True)), SPARSE_SIGNATURE.name)
-
     def quantized_for(self, x: np.ndarray, nxt: BF16SparseLinear, given=None) -> np.ndarray:
         """This layer's output for x [..., in] as the pair rows nxt's kernel reads
         ([out/2, tokens] of i32 as float32: packed_pairs' layout). `given` is the int8
@@ -268,14 +284,8 @@ class BF16SparseLinear(SparseLinear):
             SparseLinear._run(self, packed_pairs(transposed(x2)), feature_major_empty(m, n), xp, fn=self._handoff_fn)
         return xp
 
-    def from_quantized(self, xp: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
-        """y for the x whose pair rows are xp (quantized_for): what __call__ gives for that x."""
-        m = self.out_features
-        yt = feature_major_empty(m, xp.shape[1])
-        if xp.shape[1]:
-            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
-            SparseLinear._run(self, xp, yt, rt)
-        return yt.T.reshape(lead + (m,))
+    def _on_x(self, xp: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        SparseLinear._run(self, xp, yt, rt)
 
 
 def scattered_config(activation: str, residual: bool) -> IRConfig:
@@ -283,7 +293,7 @@ def scattered_config(activation: str, residual: bool) -> IRConfig:
     return IRConfig(1, activation, residual, 16, SPARSE_VECTORS[16], 32, bf16=True, scattered=True)
 
 
-class BF16ScatteredLinear(SparseLinear):
+class BF16ScatteredLinear(_HandsOver, SparseLinear):
     """The bf16 sparse kernel for scattered pruning: each row's stored weights in each
     K-chunk paired two by two whatever their inputs (scattered_pairs), x rounded to
     bfloat16 rows once per call, and per pair and vector of tokens the two rows'
@@ -291,6 +301,7 @@ class BF16ScatteredLinear(SparseLinear):
     65536 inputs."""
 
     kind = "sparse-bf16"
+    handoff = "rows_out"  # (_HandsOver: FFN1 stores FFN2's bfloat16 rows)
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str, residual: bool,
                  pattern=None, k_chunk: int | None = None):
@@ -341,19 +352,6 @@ class BF16ScatteredLinear(SparseLinear):
         run(self._driver, SPARSE_SIGNATURE, len(bounds) - 1, 1, fn, xb, indptr, indices.view(np.uint16),
             values.view(np.float32), self.bias, yt, rt, self.nchunks, order, bounds)
 
-    # The handover in a chain (executor.TokenChain, as int8.Int8Chunked's): a layer whose
-    # output the next scattered layer reads as x stores it as that layer's bfloat16 rows,
-    # in its kernel's epilogue (sparse_ir's `rows_out`), and the next skips rounding x.
-    # The rows are those bf16_rows makes of the float output, so the results are the same.
-
-    def hands_to(self, nxt) -> bool:
-        """Whether this layer's output can go to `nxt` (reading it as x) as nxt's rows."""
-        return isinstance(nxt, BF16ScatteredLinear) and not self.residual and nxt.in_features == self.out_features
-
-    @functools.cached_property
-    def _handoff_fn(self) -> int:
-        return compile_ir(ir_source(replace(self.config, rows_out=True)), SPARSE_SIGNATURE.name)
-
     def quantized_for(self, x: np.ndarray, nxt: BF16ScatteredLinear, given=None) -> np.ndarray:
         """This layer's output for x [..., in] as the bfloat16 rows nxt's kernel reads (a
         [out, tokens] float32 array holding them: bf16_rows's layout). `given` is the
@@ -366,14 +364,8 @@ class BF16ScatteredLinear(SparseLinear):
             self._on_rows(self._handoff_fn, bf16_rows(transposed(x2)), yt, rows)
         return rows
 
-    def from_quantized(self, xb: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
-        """y for the x whose bfloat16 rows are xb (quantized_for): what __call__ gives for that x."""
-        m = self.out_features
-        yt = feature_major_empty(m, xb.shape[1])
-        if xb.shape[1]:
-            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
-            self._on_rows(self._fn, xb, yt, rt)
-        return yt.T.reshape(lead + (m,))
+    def _on_x(self, xb: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        self._on_rows(self._fn, xb, yt, rt)
 
 
 class BF16DenseLinear(DenseLinear):
