@@ -397,14 +397,17 @@ def test_fork_after_load_and_concurrent_runs(tmp_path, path):
     assert out.stdout.split()[-1] == "tbb" or "tbb" not in _installed()
 
 
-def test_fork_and_concurrent_runs_in_bf16(tmp_path):
+@pytest.mark.parametrize("path", [MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx", SDPA],
+                         ids=["4-block pairs", "scattered pairs"])
+def test_fork_and_concurrent_runs_in_bf16(tmp_path, path):
     """The same for a model loaded with precision="bf16" (its bf16 Linear, GEMM and attention
-    kernels pack their operands into per-call buffers)."""
+    kernels pack their operands into per-call buffers, or are handed them by the layer
+    before: runs after a shape's first take the FFN's handover)."""
     from sparsejit.kernels.bf16 import has_bf16
 
     if not has_bf16():
         pytest.skip("this CPU has no AVX512-BF16")
-    out = run_python(fork_and_threads(MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx", "bf16"))
+    out = run_python(fork_and_threads(path, "bf16"))
     assert out.stdout.split()[-1] == "tbb" or "tbb" not in _installed()
 
 
