@@ -241,18 +241,11 @@ class BF16SparseLinear(_HandsOver, SparseLinear):
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str, residual: bool,
                  pattern=None, k_chunk: int | None = None):
-        self.pattern = pattern or analyse(weight)
-        k, m = weight.shape
-        self.config = IRConfig(1, activation, residual, 16, SPARSE_VECTORS[16], 16 if k <= 1 << 16 else 32,
-                               bf16=True)
-        self.in_features, self.out_features = k, m
-        self.activation, self.residual = activation, residual
+        k = weight.shape[0]
+        config = IRConfig(1, activation, residual, 16, SPARSE_VECTORS[16], 16 if k <= 1 << 16 else 32, bf16=True)
         indptr, pairs, values = compress_pairs(weight)
-        self._csr = indptr, (2 * pairs.astype(np.int64)).astype(np.uint16 if k <= 1 << 16 else np.int32), values
-        self.bias = _bias(bias, m)
-        self._fn = compile_ir(ir_source(self.config), SPARSE_SIGNATURE.name)
-        self._driver = load_source(SPARSE_DRIVER_SOURCE).run_rows
-        self._set_chunk(k_chunk)
+        csr = indptr, (2 * pairs.astype(np.int64)).astype(np.uint16 if k <= 1 << 16 else np.int32), values
+        self._setup(weight, bias, pattern or analyse(weight), config, csr, k_chunk)
 
     @property
     def source(self) -> str:
@@ -305,18 +298,11 @@ class BF16ScatteredLinear(_HandsOver, SparseLinear):
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str, residual: bool,
                  pattern=None, k_chunk: int | None = None):
-        k, m = weight.shape
-        if k > 1 << 16:
-            raise ValueError(f"the scattered bf16 kernel holds 16-bit input indices: {k} inputs are too many")
-        self.pattern = pattern or analyse(weight)
-        self.config = scattered_config(activation, residual)
-        self.in_features, self.out_features = k, m
-        self.activation, self.residual = activation, residual
-        self._csr = compress(weight, 1)
-        self.bias = _bias(bias, m)
-        self._fn = compile_ir(ir_source(self.config), SPARSE_SIGNATURE.name)
-        self._driver = load_source(SPARSE_DRIVER_SOURCE).run_rows
-        self._set_chunk(k_chunk)
+        if weight.shape[0] > 1 << 16:
+            raise ValueError(f"the scattered bf16 kernel holds 16-bit input indices: {weight.shape[0]} inputs are "
+                             "too many")
+        self._setup(weight, bias, pattern or analyse(weight), scattered_config(activation, residual),
+                    compress(weight, 1), k_chunk)
 
     def _set_chunk(self, k_chunk: int | None) -> None:
         indptr, indices, values = self._csr
@@ -343,7 +329,7 @@ class BF16ScatteredLinear(_HandsOver, SparseLinear):
         return w
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
-        self._on_rows(self._fn, bf16_rows(xt), yt, rt)
+        self._on_x(bf16_rows(xt), yt, rt)
 
     def _on_rows(self, fn: int, xb: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         """The kernel `fn` (this layer's, or its handover's) on x's bfloat16 rows xb."""

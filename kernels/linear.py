@@ -253,15 +253,22 @@ class SparseLinear(_FeatureMajorLinear):
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None, activation: str,
                  residual: bool, pattern: Pattern | None = None, k_chunk: int | None = None, scaled: bool = False):
-        self.pattern = pattern or analyse(weight)
-        k, m = weight.shape
-        self.config = kernel_config(self.pattern.block, activation, residual, k, scaled)
-        self.in_features, self.out_features = k, m
-        self.activation, self.residual = activation, residual
-        indptr, indices, values = compress(weight, self.pattern.block)
-        self._csr = indptr, indices.astype(np.uint16 if self.config.index_bits == 16 else np.int32), values
-        self.bias = _bias(bias, m)
-        self._fn, self._driver = compiled_kernel(self.config)
+        pattern = pattern or analyse(weight)
+        config = kernel_config(pattern.block, activation, residual, weight.shape[0], scaled)
+        indptr, indices, values = compress(weight, pattern.block)
+        self._setup(weight, bias, pattern, config,
+                    (indptr, indices.astype(np.uint16 if config.index_bits == 16 else np.int32), values), k_chunk)
+
+    def _setup(self, weight: np.ndarray, bias: np.ndarray | None, pattern: Pattern, config: IRConfig, csr: tuple,
+               k_chunk: int | None) -> None:
+        """What a sparse layer (this, or a bf16 one) sets up once it has its kernel's
+        configuration and its compressed weight `csr` (indptr, indices, values): shapes,
+        epilogue, bias, kernel and driver, then the K-chunks."""
+        self.pattern, self.config, self._csr = pattern, config, csr
+        self.in_features, self.out_features = weight.shape
+        self.activation, self.residual = config.activation, config.residual
+        self.bias = _bias(bias, weight.shape[1])
+        self._fn, self._driver = compiled_kernel(config)
         self._set_chunk(k_chunk)
 
     def _set_chunk(self, k_chunk: int | None) -> None:

@@ -65,6 +65,9 @@ class IRConfig:
     pairs_out: bool = False   # bf16 pairs without residual: y rounded to the pair rows the next reads, into rt
 
 
+FLAGS = ("scaled", "bf16", "scattered", "int8", "quant_out", "rows_out", "pairs_out")  # (IRConfig's, in the header)
+
+
 def _add_pair(e: Builder, vectors: int, mask: str | None, at: str, k: str, accs: list[str]) -> list[str]:
     """accs + the bfloat16 pair of weights at slot `at` × pair row k of xᵀ: `vdpbf16ps`
     (AVX512-BF16) adds, per token, x[2k]·w[0] + x[2k + 1]·w[1] to a float sum. Each i32 of
@@ -332,9 +335,7 @@ def ir_source(cfg: IRConfig) -> str:
         total = "bias[m + j] * float(sum ... - bias[2m + j] as i32) + bias[j]"
     header = (f"; sparsejit generated kernel: block={cfg.block} activation={cfg.activation} "
               f"residual={cfg.residual} lanes={cfg.lanes} vectors={cfg.vectors} index_bits={cfg.index_bits}"
-              f"{' scaled' if cfg.scaled else ''}{' bf16' if cfg.bf16 else ''}{' scattered' if cfg.scattered else ''}{' int8' if cfg.int8 else ''}"
-              f"{' quant_out' if cfg.quant_out else ''}{' rows_out' if cfg.rows_out else ''}"
-              f"{' pairs_out' if cfg.pairs_out else ''}\n"
+              + "".join(f" {flag}" for flag in FLAGS if getattr(cfg, flag)) + "\n"
               f"; yt[j, t] = act({total}), sum ... over row j's stored (k, w): w * xt[k, t]"
               f"{' + rt[j, t]' if cfg.residual else ''}")
     return e.module(header)

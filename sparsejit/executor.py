@@ -41,8 +41,8 @@ TOKEN_TILE = 128
 TILE_FROM = 1024
 # In a chain, a layer whose output the next layer reads as x hands it over in the form the
 # next kernel reads: a static int8 layer to the next static int8 layer as the bytes it
-# quantizes x to (int8.Int8Chunked.quantized_for), a scattered bf16 layer to the next as
-# its bfloat16 rows (bf16.BF16ScatteredLinear.quantized_for). The same results either way.
+# quantizes x to (int8.Int8Chunked.quantized_for), a bf16 layer to the next of its kind as
+# its bfloat16 rows or pair rows (bf16._HandsOver). The same results either way.
 HANDOFF = True
 
 
