@@ -229,7 +229,7 @@ class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
     def skipped(self, start: int = 0, stop: int | None = None) -> float:
         return 0.0  # every multiply-add done
 
-    def _on_bytes(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+    def _on_x(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         """(xq rows padded to 16 tokens, as int8.byte_rows gives the LayerNorm's: copied into
         whole K-tiles of rows first where the inputs are not a multiple of 64.)"""
         if xq.shape[0] % ROWS:

@@ -40,15 +40,14 @@ from .ir import Builder, Signature, with_driver
 from .launch import IMPORTS, put_source, run
 from .layout import feature_major_empty, transposed
 from .linear import (
-    _NO_RESIDUAL,
     DENSE_DRIVER_SOURCE,
     DENSE_TOKEN_TILE,
     SPARSE_DRIVER_SOURCE,
     SPARSE_VECTORS,
     DenseLinear,
     SparseLinear,
+    TakesOwnX,
     _bias,
-    _residual_rows,
     linear_epilogue,
 )
 from .lowp_ir import pack_pair_rows, store_rows
@@ -203,7 +202,7 @@ def compress_pairs(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return indptr, cols.astype(np.uint16), packed
 
 
-class _HandsOver:
+class _HandsOver(TakesOwnX):
     """The handover in a chain (executor.TokenChain), as int8.Int8Chunked's: a layer whose
     output the next layer of its own kind reads as x stores it as the x that layer's
     kernel reads (bfloat16 rows, or pair rows: `quantized_for`), in its epilogue (the
@@ -220,14 +219,6 @@ class _HandsOver:
     def _handoff_fn(self) -> int:
         return compile_ir(ir_source(replace(self.config, **{self.handoff: True})), SPARSE_SIGNATURE.name)
 
-    def from_quantized(self, xk: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
-        """y for the x whose kernel's own form is xk (quantized_for): what __call__ gives for that x."""
-        m = self.out_features
-        yt = feature_major_empty(m, xk.shape[1])
-        if xk.shape[1]:
-            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
-            self._on_x(xk, yt, rt)
-        return yt.T.reshape(lead + (m,))
 
 
 class BF16SparseLinear(_HandsOver, SparseLinear):

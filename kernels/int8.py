@@ -47,6 +47,7 @@ from .linear import (
     SPARSE_VECTORS,
     DenseLinear,
     SparseLinear,
+    TakesOwnX,
     _residual_rows,
     dense_panels,
     linear_epilogue,
@@ -314,18 +315,9 @@ def _quantize_fns() -> tuple:
     return compile_ir(range_ir(lanes), RANGE_SIGNATURE.name), compile_ir(quantize_ir(lanes), QUANTIZE_SIGNATURE.name)
 
 
-class _ReadsBytes:
+class _ReadsBytes(TakesOwnX):
     """An int8 layer that can run on x's bytes in 4-block rows ([in/4, tokens] of i32, token
     stride 1: a LayerNorm's, byte_rows, or what the layer before left, quantized_for)."""
-
-    def from_quantized(self, xq: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
-        """y for the x whose bytes are xq: what __call__ gives for that x."""
-        m = self.out_features
-        yt = feature_major_empty(m, xq.shape[1])
-        if xq.shape[1]:
-            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
-            self._on_bytes(xq, yt, rt)
-        return yt.T.reshape(lead + (m,))
 
 
 class Int8Linear(_ReadsBytes, _Quantized):
@@ -385,7 +377,7 @@ class Int8Linear(_ReadsBytes, _Quantized):
             return None
         return xq, *(self._call_terms(grid) if self.mode == "dynamic" else self._terms)
 
-    def _on_bytes(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+    def _on_x(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         # (xq's rows padded to whole 64-byte lines, as every maker of x's bytes pads them)
         self._kernel(xq.view(np.float32), yt, rt, *self._terms)
 
@@ -613,7 +605,7 @@ class Int8Chunked(_HandsOver, _Quantized, SparseLinear):
                 self._call(fn, kbias, gt, gt, yt, xq, True)
         return xq
 
-    def _on_bytes(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+    def _on_x(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         self._call(self._fns[2], self._kbias, xq, xq, yt, rt, True)
 
     def _handoff(self, nxt: Int8Chunked) -> tuple:
@@ -787,7 +779,7 @@ class Int8Lanes(_HandsOver, _Quantized):
         self._kernel(xq, yt, rt, terms)
         return True
 
-    def _on_bytes(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+    def _on_x(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         self._kernel(xq, yt, rt, self._kbias)
 
     # --- handing the output to the next int8 layer already quantized (as Int8Chunked does) ---

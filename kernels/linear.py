@@ -187,6 +187,22 @@ class _FeatureMajorLinear:
 _NO_RESIDUAL = np.zeros((1, 1), np.float32)  # what the kernels get for rt when there is none
 
 
+class TakesOwnX:
+    """A feature-major layer that can also run on x already in its kernel's own form (an
+    int8 layer's bytes, a bf16 layer's rows or pair rows), handed over by what made x:
+    `_on_x(xk, yt, rt)` runs the kernel on it."""
+
+    def from_quantized(self, xk: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
+        """y for the x whose kernel's own form is xk ([..., tokens], token stride 1): what
+        __call__ gives for that x."""
+        m = self.out_features
+        yt = feature_major_empty(m, xk.shape[1])
+        if xk.shape[1]:
+            rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
+            self._on_x(xk, yt, rt)
+        return yt.T.reshape(lead + (m,))
+
+
 DENSE_TOKEN_TILE = 48  # tokens per driver step over 128 tokens, rounded up to the register tile (AVX-512: 64)
 
 
