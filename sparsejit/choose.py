@@ -7,7 +7,8 @@
 - by measurement in between: both kernels timed over `PROBE_TOKENS` tokens, in
   interleaved rounds, on the first layer of each kind (`timing.race`).
 The K-chunk is measured, or taken from the saved plan. `kernels="sparse"` or `"dense"`
-forces the kernel.
+forces the kernel. Under bf16, a measurement times the float32 sparse kernel beside
+bf16's sparse one and takes the faster ("sparse-fp32" in the plan).
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ DENSE_ABOVE = 0.75
 # the rate, clearly faster. Only densities in between are decided by timing.
 SPARSE_BELOW = 0.25
 
+# A decision's sparse kernels: the precision's own, and, under bf16, the float32 one, timed
+# beside it (bf16's dot products are slower than float32's FMAs on some CPUs: bench/README.md,
+# twenty-fourth session).
+SPARSE_KINDS = ("sparse", "sparse-fp32")
+
+# The saved kernels a forced policy keeps.
+_FORCED = {"sparse": SPARSE_KINDS, "dense": ("dense",)}
+
 # How a layer's kernel was decided, as `LayerPlan.decided_by` says it.
 DECIDERS = ("rule", "measured", "forced", "plan file", "cached plan")
 
@@ -73,7 +82,7 @@ def _fits(entry: dict, pattern: Pattern) -> bool:
         same = (entry["in"], entry["out"], entry["block"], entry["stored"], entry["nnz"]) == \
             (pattern.in_features, pattern.out_features, pattern.block, pattern.stored, pattern.nnz)
         chunk = entry["k_chunk"]
-        runnable = entry["kernel"] == "dense" or (entry["kernel"] == "sparse" and (
+        runnable = entry["kernel"] == "dense" or (entry["kernel"] in SPARSE_KINDS and (
             chunk is None or (isinstance(chunk, int) and 0 < chunk and chunk % pattern.block == 0)))
         return same and runnable
     except (KeyError, TypeError):
@@ -128,10 +137,11 @@ class Chooser:
             return "sparse", "rule", f"stored density {density:.3f} <= {SPARSE_BELOW}: sparse, dense not timed"
         return None, "measured", ""
 
-    def decide(self, name: str, pattern: Pattern, act: str, residual: bool,
-               sparse: Callable[[], SparseLinear], dense: Callable[[], DenseLinear]) -> Choice:
+    def decide(self, name: str, pattern: Pattern, act: str, residual: bool, sparse: Callable[[], SparseLinear],
+               dense: Callable[[], DenseLinear], fp32: Callable[[], SparseLinear] | None = None) -> Choice:
         """The decision for one layer; `sparse()` and `dense()` build its kernels when a
-        measurement needs them."""
+        measurement needs them, and `fp32()`, where given, the float32 sparse kernel, timed
+        beside the precision's own where that is not it ("sparse-fp32" where it is faster)."""
         kernel, by, why = self.rule(pattern)
         entry = self.saved.get(name)
         if entry is not None and kernel != "dense" and not _fits(entry, pattern):
@@ -139,7 +149,7 @@ class Chooser:
                 "%s: the %s's entry for layer %r was made for another weight pattern; deciding afresh",
                 name, self.saved_by, name)
         if kernel == "dense" or (entry is not None and not _fits(entry, pattern)) or \
-                (by == "forced" and entry is not None and entry["kernel"] != kernel):
+                (by == "forced" and entry is not None and entry["kernel"] not in _FORCED[kernel]):
             entry = None
         if entry is not None:  # kept as it was saved, with how it was first decided
             self.decisions[name] = entry
@@ -148,42 +158,56 @@ class Chooser:
         if kernel == "dense":
             d = Choice("dense", None, by, why)
         else:
-            d = self.measure(pattern, act, residual, kernel is None, sparse, dense, by, why)
+            d = self.measure(pattern, act, residual, kernel is None, (sparse, fp32), dense, by, why)
         self.decisions[name] = d.saved(pattern)
         return d
 
-    def measure(self, pattern: Pattern, act: str, residual: bool, against_dense: bool,
-                sparse: Callable[[], SparseLinear], dense: Callable[[], DenseLinear], by: str, why: str) -> Choice:
+    def measure(self, pattern: Pattern, act: str, residual: bool, against_dense: bool, sparse: tuple,
+                dense: Callable[[], DenseLinear], by: str, why: str) -> Choice:
+        """`sparse`: (the precision's sparse kernel's builder, the float32 one's or None)."""
+        own, fp32 = sparse
         key = (self.kernels, self.precision, pattern.in_features, pattern.out_features, pattern.block,
                round(pattern.density, 2), act, residual, against_dense, numba.get_num_threads())
         t, reused = self.kinds.get(key), key in self.kinds
         if t is None:
-            t = self.kinds[key] = self.time_kernels(sparse(), dense() if against_dense else None, residual)
+            layer = own()  # (where it is the float32 kernel, it is not timed twice)
+            t = self.kinds[key] = self.time_kernels(layer, dense() if against_dense else None, residual,
+                                                    fp32() if fp32 and layer.kind != "sparse" else None)
         chunk = t["k_chunk"] if t["k_chunk"] < pattern.in_features else None
         chunked = f" in K-chunks of {chunk}" if chunk else ""
         source = "an earlier layer like it" if reused else "this layer"
         timed = f"measured on {source} over {PROBE_TOKENS} tokens: {t['kinds'][0]} {t['sparse']:.3f} ms{chunked}"
+        if "own" in t:
+            timed += f" (its {t['kinds'][2]} {t['own']:.3f} ms)"
         if against_dense:
-            kernel = "sparse" if t["sparse"] < t["dense"] else "dense"
+            kernel = t["kernel"] if t["sparse"] < t["dense"] else "dense"
             return Choice(kernel, chunk, "measured", f"{timed}, {t['kinds'][1]} {t['dense']:.3f} ms", t, reused)
-        return Choice("sparse", chunk, by, f"{why}; K-chunk {timed}", t, reused)
+        return Choice(t["kernel"], chunk, by, f"{why}; K-chunk {timed}", t, reused)
 
-    def time_kernels(self, sparse: SparseLinear, dense: DenseLinear | None, residual: bool) -> dict:
-        """Times the dense kernel (when given) and the sparse one at each K-chunk size."""
+    def time_kernels(self, sparse: SparseLinear, dense: DenseLinear | None, residual: bool,
+                     fp32: SparseLinear | None = None) -> dict:
+        """Times the dense kernel (when given) and the sparse one at each K-chunk size, and
+        the float32 sparse one (when given) likewise: the faster sparse kernel is t["kernel"]."""
         # Feature-major and line-aligned, as the kernels read activations in a model: no
         # transposes in the timings, and no vector loads split across cache lines.
         x = self._probe(sparse.in_features)
         r = self._probe(sparse.out_features) if residual else None
-        fns = {variant.k_chunk: (lambda v=variant: v(x, r))
-               for variant in (sparse.with_chunk(c) for c in chunk_candidates(sparse))}
+        kinds = {"sparse": sparse} if fp32 is None else {"sparse": sparse, "sparse-fp32": fp32}
+        fns = {(kind, variant.k_chunk): (lambda v=variant: v(x, r))
+               for kind, layer in kinds.items() for variant in (layer.with_chunk(c) for c in chunk_candidates(layer))}
         if dense is not None:
             fns["dense"] = lambda: dense(x, r)
         ms = race(fns, rounds=9)
-        t = {"chunks": {c: v for c, v in ms.items() if c != "dense"}, "kinds": (label(sparse), label(dense))}
-        t["k_chunk"] = pick_chunk(t["chunks"])
+        dense_ms = ms.pop("dense", None)
+        best = {kind: pick_chunk({c: v for (k, c), v in ms.items() if k == kind}) for kind in kinds}
+        kernel = min(kinds, key=lambda kind: ms[kind, best[kind]])
+        t = {"kernel": kernel, "chunks": {c: v for (k, c), v in ms.items() if k == kernel},
+             "kinds": (label(kinds[kernel]), label(dense), label(sparse)), "k_chunk": best[kernel]}
         t["sparse"] = t["chunks"][t["k_chunk"]]
+        if kernel != "sparse":  # (the precision's own, slower)
+            t["own"] = ms["sparse", best["sparse"]]
         if dense is not None:
-            t["dense"] = ms["dense"]
+            t["dense"] = dense_ms
         return t
 
     def race_layers(self, kind: tuple, layers: dict[str, Callable[[], object]], in_features: int, out_features: int,

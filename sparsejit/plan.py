@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .choose import DENSE_ABOVE, PROBE_TOKENS, Chooser
+from .choose import DENSE_ABOVE, PROBE_TOKENS, SPARSE_KINDS, Chooser
 from .graph import Graph, Node
 from .kernels import elementwise, rows
 from .kernels.amx import BF16AmxLinear, Int8Amx, has_amx
@@ -239,15 +239,20 @@ def plan_linear(node: Node, chooser: Chooser) -> LayerPlan:
             built["sparse"] = kernel(w, bias, act, residual, pattern)
         return built["sparse"]
 
+    def fp32() -> SparseLinear:  # (under bf16: timed beside bf16's sparse kernel)
+        if "sparse-fp32" not in built:
+            built["sparse-fp32"] = SparseLinear(w, bias, act, residual, pattern)
+        return built["sparse-fp32"]
+
     def dense() -> DenseLinear:
         if "dense" not in built:
             bf16 = BF16AmxLinear if has_amx("bf16") else BF16DenseLinear
             built["dense"] = (bf16 if chooser.precision == "bf16" else DenseLinear)(w, bias, act, residual)
         return built["dense"]
 
-    c = chooser.decide(node.name, pattern, act, residual, sparse, dense)
-    if c.kernel == "sparse":
-        impl = sparse().with_chunk(c.k_chunk)
+    c = chooser.decide(node.name, pattern, act, residual, sparse, dense, fp32)
+    if c.kernel in SPARSE_KINDS:
+        impl = (sparse() if c.kernel == "sparse" else fp32()).with_chunk(c.k_chunk)
         impl.drop_csr()
     else:
         impl = dense()

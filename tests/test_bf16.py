@@ -133,12 +133,15 @@ def test_bf16_models_stay_near_onnx_runtimes_float32(path, kernels):
     else:
         sparse = [lp for lp in model.layers if lp.pattern.density < 0.25]
         tiles = ("dense-bf16",) * has_amx("bf16")  # (timed against them: either may win)
-        assert sparse and all(lp.kind in ("sparse-bf16",) + tiles for lp in sparse)
+        # (the float32 sparse kernel, timed beside bf16's, where it was faster)
+        fp32 = [lp for lp in model.layers if lp.kind == "sparse"]
+        assert all("its sparse-bf16" in lp.reason for lp in fp32)
+        assert sparse and all(lp.kind in ("sparse-bf16", "sparse") + tiles for lp in sparse)
         kernels = {type(getattr(lp.impl, "group", lp.impl)) for lp in sparse if lp.kind == "sparse-bf16"}
-        assert kernels == {BF16SparseLinear if path == BLOCK4 else BF16ScatteredLinear} or tiles, kernels
+        assert kernels <= {BF16SparseLinear if path == BLOCK4 else BF16ScatteredLinear}, kernels
         assert all("AMX" in lp.reason for lp in sparse if has_amx("bf16"))
         dense = [lp for lp in model.layers if lp.pattern.density == 1]
-        assert all("measured" in lp.reason and lp.kind in ("dense-bf16", "sparse-bf16") for lp in dense)
+        assert all("measured" in lp.reason and lp.kind in ("dense-bf16", "sparse-bf16", "sparse") for lp in dense)
     report = model.check()
     assert report.ok, str(report)
     assert all(r.fp32_err is not None and r.fp32_err > 0 for r in report if r.kind.endswith("-bf16"))
@@ -155,8 +158,15 @@ def test_bf16_models_stay_near_onnx_runtimes_float32(path, kernels):
 
 
 @needs_bf16
-def test_check_catches_a_bf16_kernel_that_computes_something_else(monkeypatch):
-    model = sparsejit.load(BLOCK4, precision="bf16", kernels="sparse")  # (AMX may win every layer under "auto")
+def test_check_catches_a_bf16_kernel_that_computes_something_else(monkeypatch, tmp_path):
+    from sparsejit.choose import Chooser
+
+    # (AMX may win every layer under "auto", and the float32 sparse kernel under "sparse":
+    # a plan made with bf16's alone)
+    real_timing = Chooser.time_kernels
+    monkeypatch.setattr(Chooser, "time_kernels", lambda self, sparse, dense, residual, fp32=None:
+                        real_timing(self, sparse, dense, residual))
+    model = sparsejit.load(BLOCK4, precision="bf16", kernels="sparse", plan=tmp_path / "plan.json")
     real = BF16SparseLinear.__call__
     monkeypatch.setattr(BF16SparseLinear, "__call__", lambda self, x, r=None: real(self, x, r) * 1.01)
     report = model.check()
@@ -199,6 +209,40 @@ def test_a_scattered_weight_past_16_bit_indices_stays_float32():
 def test_an_unknown_precision_is_refused_by_name():
     with pytest.raises(ValueError, match="precision must be one of .*'fp16'"):
         sparsejit.load(DEFAULT, precision="fp16")
+
+
+@needs_bf16
+@pytest.mark.parametrize("kernels", ["auto", "sparse"])
+@pytest.mark.parametrize("faster", ["sparse-fp32", "sparse"])
+def test_bf16_times_the_float32_sparse_kernel_beside_its_own(faster, kernels, monkeypatch):
+    """A sparse layer under bf16 runs the faster of bf16's sparse kernel and the float32
+    one, as timed side by side (AVX512-BF16's dot product is slower than the FMA on some
+    CPUs); the plan keeps which, and a load from it, forced sparse or not, follows it
+    without timing."""
+    from sparsejit import choose
+    from sparsejit.graph import Node
+    from sparsejit.kernels.linear import SparseLinear
+    from sparsejit.plan import plan_linear
+
+    def race(fns, rounds):  # (the faster kind 1 ms at every chunk, the other 2, dense 5)
+        return {name: 5.0 if name == "dense" else 1.0 if name[0] == faster else 2.0 for name in fns}
+
+    monkeypatch.setattr(choose, "race", race)
+    rng = np.random.default_rng(7)
+    w = _weight(rng, 256, 40, 0.1)
+    node = Node("Linear", "l", ["x"], ["y"], {"weight": w, "bias": None, "activation": "none", "residual": False})
+    chooser = choose.Chooser(kernels, precision="bf16")
+    first = plan_linear(node, chooser)
+    want = SparseLinear if faster == "sparse-fp32" else BF16ScatteredLinear
+    assert type(first.impl) is want and chooser.decisions["l"]["kernel"] == faster
+    assert ("its sparse-bf16 2.000 ms" in first.reason) == (faster == "sparse-fp32"), first.reason
+    x = rng.standard_normal((9, 256)).astype(np.float32)
+    meaning = x @ w if faster == "sparse-fp32" else reference_bf16_linear(x, w, None, "none", None)
+    np.testing.assert_allclose(first.impl(x), meaning, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(choose, "race", lambda fns, rounds: pytest.fail("a saved decision was timed again"))
+    for policy in ("auto", "sparse"):
+        again = plan_linear(node, choose.Chooser(policy, saved=chooser.decisions, precision="bf16"))
+        assert type(again.impl) is want and again.decided_by == "cached plan", (policy, again.reason)
 
 
 @needs_bf16
