@@ -1511,3 +1511,26 @@ def test_row_and_attention_kernels_at_the_edges_and_in_a_forked_child(tmp_path):
                        check=False, timeout=600)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split()[-1] == "ok", p.stdout
+
+
+@pytest.mark.parametrize("name", ["roberta_p90_int8_sparseml", "bert_block4_p90_int8_dynamic"])
+def test_quantized_files_under_bf16_stay_near_the_graph(name):
+    """precision="bf16" on a quantized file: its int8 layers as they are, attention's
+    products (the RoBERTa file's fused attention) and any float layer in bfloat16, so the
+    outputs move from float32's, within test_bf16's bound of what the graph says: max
+    |error| ≤ 2⁻⁵ of the output's largest magnitude, cosine ≥ 0.999."""
+    from sparsejit.kernels.bf16 import has_bf16
+
+    if not has_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    path = INT8 / f"{name}.onnx"
+    model, fp32 = sparsejit.load(path, precision="bf16"), sparsejit.load(path)
+    assert model.precision == "bf16" and any(lp.kind == "int8" for lp in model.layers)
+    for batch, seq in [(1, 7), (3, 20)]:
+        feeds = make_inputs(model.input_names, batch, seq, seed=seq)
+        got = model.run(feeds)
+        assert not all(np.array_equal(g, f) for g, f in zip(got, fp32.run(feeds))), "nothing ran in bf16"
+        for g, w, out in zip(got, _oracle(path, feeds), model.output_names):
+            g, w = g.reshape(-1).astype(np.float64), w.reshape(-1).astype(np.float64)
+            assert np.abs(g - w).max() <= 2.0 ** -5 * np.abs(w).max(), (name, out, np.abs(g - w).max())
+            assert g @ w >= 0.999 * np.linalg.norm(g) * np.linalg.norm(w), (name, out)
