@@ -52,11 +52,12 @@ def test_builds_holds_each_driver_the_test_models_compile_and_only_ir_they_meet(
         assert (module, source, name, types) in table, f"{name}({types}), met by {spec}, is not in BUILDS"
         kinds = {"float", "bf16" if spec.endswith(":bf16") else "int8" if "int8" in spec else "float"}
         assert kinds & set(table[module, source, name, types]), f"{name} is met by {spec} but serves none of {kinds}"
-    built = [(entry.source, prebuild.made(entry)) for entry in prebuild.BUILDS
+    built = [(entry, prebuild.made(entry)) for entry in prebuild.BUILDS
              if isinstance(entry, prebuild.IR) and set(entry.serves.split()) & loaded]
-    sources = [(expression, source) for expression, source in built if isinstance(source, str)]
+    sources = [(entry, source) for entry, source in built if isinstance(source, str)]
     assert len(sources) >= 20
-    unmet = [expression for expression, source in sources if compile.ir_key(source) not in met["ir"]]
+    # (a raced entry is met where its kernels win at load, which the timing decides)
+    unmet = [entry.source for entry, source in sources if compile.ir_key(source) not in met["ir"] and not entry.raced]
     assert not unmet, f"BUILDS makes IR kernels no test model met: {unmet}"
     # the C functions (by their addresses in that process): those BUILDS makes are those met
     assert len(met["built"]) >= 2  # (the launcher, (de)quantize's kernels; QOperator's attention where BLAS takes
