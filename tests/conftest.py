@@ -50,3 +50,17 @@ def assert_parity(got: list[np.ndarray], want: list[np.ndarray], names: list[str
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=n)
         worst = max(worst, float(np.max(np.abs(g.astype(np.float64) - w))))
     return worst
+
+
+def load_on_bf16_kernels(path, monkeypatch, plan: Path, **kwargs):
+    """`path` loaded with precision="bf16", its sparse layers on bf16's own sparse kernels:
+    a load times the float32 sparse kernel beside them and runs it where it is faster (on
+    a CPU whose `vdpbf16ps` is slow, every layer), so this one is planned afresh, into the
+    new plan file `plan`, without it."""
+    import sparsejit
+    from sparsejit.choose import Chooser
+
+    real = Chooser.time_kernels
+    monkeypatch.setattr(Chooser, "time_kernels", lambda self, sparse, dense, residual, fp32=None:
+                        real(self, sparse, dense, residual))
+    return sparsejit.load(path, precision="bf16", plan=plan, **kwargs)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MODELS_DIR, make_inputs, ort_run
+from conftest import MODELS_DIR, load_on_bf16_kernels, make_inputs, ort_run
 from sparsejit.kernels.amx import BF16AmxLinear, can_compress, has_amx
 from sparsejit.kernels.bf16 import (
     BF16DenseLinear,
@@ -159,14 +159,8 @@ def test_bf16_models_stay_near_onnx_runtimes_float32(path, kernels):
 
 @needs_bf16
 def test_check_catches_a_bf16_kernel_that_computes_something_else(monkeypatch, tmp_path):
-    from sparsejit.choose import Chooser
-
-    # (AMX may win every layer under "auto", and the float32 sparse kernel under "sparse":
-    # a plan made with bf16's alone)
-    real_timing = Chooser.time_kernels
-    monkeypatch.setattr(Chooser, "time_kernels", lambda self, sparse, dense, residual, fp32=None:
-                        real_timing(self, sparse, dense, residual))
-    model = sparsejit.load(BLOCK4, precision="bf16", kernels="sparse", plan=tmp_path / "plan.json")
+    # (AMX may win every layer under "auto", and the float32 sparse kernel under "sparse")
+    model = load_on_bf16_kernels(BLOCK4, monkeypatch, tmp_path / "plan.json", kernels="sparse")
     real = BF16SparseLinear.__call__
     monkeypatch.setattr(BF16SparseLinear, "__call__", lambda self, x, r=None: real(self, x, r) * 1.01)
     report = model.check()
@@ -219,9 +213,10 @@ def test_bf16_times_the_float32_sparse_kernel_beside_its_own(faster, kernels, mo
     one, as timed side by side (AVX512-BF16's dot product is slower than the FMA on some
     CPUs); the plan keeps which, and a load from it, forced sparse or not, follows it
     without timing."""
+    from sparsejit.kernels.linear import SparseLinear
+
     from sparsejit import choose
     from sparsejit.graph import Node
-    from sparsejit.kernels.linear import SparseLinear
     from sparsejit.plan import plan_linear
 
     def race(fns, rounds):  # (the faster kind 1 ms at every chunk, the other 2, dense 5)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import MODELS_DIR, assert_parity, make_inputs, ort_run
+from conftest import MODELS_DIR, assert_parity, load_on_bf16_kernels, make_inputs, ort_run
 from sparsejit.kernels.bf16 import has_bf16
 
 import sparsejit
@@ -43,14 +43,15 @@ def static_int8(tmp_path_factory):
 
 @pytest.mark.parametrize("which", ["bert_sdpa_h64_op14_legacy_p90", "bert_eager_h128_op17_legacy_block4_p90",
                                    "static int8", "bf16"])
-def test_token_tiles_give_the_untiled_outputs(which, monkeypatch, request):
+def test_token_tiles_give_the_untiled_outputs(which, monkeypatch, request, tmp_path):
     path = request.getfixturevalue("static_int8") if which == "static int8" else \
         MODELS_DIR / f"{'bert_eager_h128_op17_legacy_block4_p90' if which == 'bf16' else which}.onnx"
     if which == "bf16" and not has_bf16():
         pytest.skip("no AVX512-BF16 on this CPU")
     # (sparse kernels: on a CPU with AMX, "auto" may put an int8 or bf16 FFN on AMX's dense
     # GEMM, which tiles the tokens itself and is left out of the chains)
-    model = sparsejit.load(path, precision="bf16" if which == "bf16" else "fp32", kernels="sparse")
+    model = load_on_bf16_kernels(path, monkeypatch, tmp_path / "plan.json", kernels="sparse") if which == "bf16" \
+        else sparsejit.load(path, kernels="sparse")
     feeds = _feeds(model)
     model.run(feeds)  # (the first run of a shape walks the steps one by one)
     chains = model.forward_source(feeds).count(TILED)
@@ -197,7 +198,7 @@ def test_static_int8_without_vnni_is_tiled_without_the_handover(static_int8, mon
 @pytest.mark.skipif(not has_bf16(), reason="no AVX512-BF16 on this CPU")
 @pytest.mark.parametrize("name,kernel", [("bert_sdpa_h64_op14_legacy_p90", "BF16ScatteredLinear"),
                                          ("bert_eager_h128_op17_legacy_block4_p90", "BF16SparseLinear")])
-def test_bf16_ffn_hands_its_inner_value_over_as_the_next_kernels_x(name, kernel, monkeypatch):
+def test_bf16_ffn_hands_its_inner_value_over_as_the_next_kernels_x(name, kernel, monkeypatch, tmp_path):
     """precision="bf16": in a chain, FFN1 stores its output as the x FFN2's kernel reads
     (scattered weights: its bfloat16 rows, BF16ScatteredLinear.quantized_for; 4-block
     weights: its pair rows, BF16SparseLinear.quantized_for): the outputs are those of the
@@ -205,7 +206,7 @@ def test_bf16_ffn_hands_its_inner_value_over_as_the_next_kernels_x(name, kernel,
     from sparsejit.kernels import bf16
 
     kind = getattr(bf16, kernel)
-    model = sparsejit.load(MODELS_DIR / f"{name}.onnx", precision="bf16", kernels="sparse")
+    model = load_on_bf16_kernels(MODELS_DIR / f"{name}.onnx", monkeypatch, tmp_path / "plan.json", kernels="sparse")
     assert any(type(layer.impl) is kind for layer in model.layers if "intermediate" in layer.name)
     feeds = [make_inputs(model.input_names, 2, 9), make_inputs(model.input_names, 1, 53), _feeds(model)]
     _hands_over_as_without(model, kind, feeds, monkeypatch)
