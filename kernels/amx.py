@@ -164,6 +164,8 @@ def can_compress() -> bool:
 # residual's reads beside the tile loads from L2 (bench/README.md, eleventh session).
 OVERLAPPED = ("gelu", "gelu_tanh")
 
+NEGATIVE_ZERO = 0x8000  # bfloat16's -0.0
+
 _NONE = np.zeros(1, np.int64)  # the masks and offsets a dense weight's kernel gets
 
 
@@ -260,8 +262,11 @@ class BF16AmxLinear(_Amx, DenseLinear):
         self.in_features, self.out_features = k, m
         self.bias = _bias(bias, m)
         self.activation, self.residual = activation, residual
-        self._build("bf16", tiles_of(to_bf16(weight), K_TILE["bf16"]), activation, residual,
-                    compressed)
+        bits = to_bf16(weight)
+        # A pruned weight is often -0.0 (a negative weight times a zero mask): held as +0,
+        # which makes the same products, so that it counts as a zero the tiles compress.
+        bits[bits == NEGATIVE_ZERO] = 0
+        self._build("bf16", tiles_of(bits, K_TILE["bf16"]), activation, residual, compressed)
 
     @property
     def source(self) -> str:

@@ -180,6 +180,23 @@ def test_without_avx512_bf16_it_warns_and_loads_in_fp32(monkeypatch):
 
 
 @needs_bf16
+def test_pruned_negative_zeros_compress_on_amx_tiles():
+    """A weight pruned as w · mask holds -0.0 where w was negative. The AMX layer holds
+    those as +0, the same products, so they count as the zeros its tiles compress: the
+    layer is compressed, and its outputs are bit for bit those of the +0 weight's."""
+    _runs("amx-compressed")
+    rng = np.random.default_rng(11)
+    w = _weight(rng, 300, 70, 0.1)
+    signed = w.copy()
+    signed[(w == 0) & (rng.random(w.shape) < 0.5)] = -0.0
+    assert np.signbit(signed[signed == 0]).any()
+    layer, plain = BF16AmxLinear(signed, None, "none", False), BF16AmxLinear(w, None, "none", False)
+    assert layer.config.compressed and np.array_equal(layer.tiles, plain.tiles)
+    x = rng.standard_normal((37, 300)).astype(np.float32)
+    assert np.array_equal(layer(x), plain(x))
+
+
+@needs_bf16
 def test_a_scattered_weight_past_16_bit_indices_stays_float32():
     """The scattered kernel holds each pair's inputs in 16 bits: a weight of more inputs
     is refused by name there and planned on the float32 sparse kernel instead."""
