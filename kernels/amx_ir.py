@@ -30,7 +30,9 @@ its 16 rows, so that its vector work runs while the tiles multiply.
 A weight under half nonzero may be stored compressed (`compressed`): per tile row a bit
 per element, then the row's nonzero elements. Each thread expands a pair of panels once,
 one `vpexpandb` or `vpexpandw` (AVX512-VBMI2, `llvm.masked.expandload`) per tile row, into
-a buffer of its own (`work`, 2 KB per K-tile) that every token tile of the pair then reads.
+a buffer of its own (`work`, 2 KB per K-tile) that every token tile of the pair then reads:
+in the pair's first token block, each K-step expanding the two tiles it then loads, so
+that the expansion's vector work runs beside the previous step's tile products.
 
 Inputs are padded to whole K-tiles (zeros in the weight; the activations' padded rows
 must be zero for bf16, where garbage bits times zero could be NaN), tokens to 16 (the
@@ -118,7 +120,8 @@ def _expanded_tile(e: Builder, cfg: AmxConfig, tile: str, buffer: str) -> str:
     return buffer
 
 
-def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _Out, weights: tuple) -> None:
+def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _Out, weights: tuple,
+           expand: tuple | None = None) -> None:
     """Output features [32·pair, 32·pair + 32) × tokens [t, t + 16·tiles): the products of
     every K-tile into C tiles 0..3 (C[2a + b]: features half a, tokens half b), stored to
     the scratch, then the epilogue; `overlapped`, the epilogue waits for the next block,
@@ -132,6 +135,8 @@ def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _Out,
     stride = e("mul i64 %ldq, 4")  # bytes between xq's rows
 
     def step(kt, _):
+        if expand is not None:  # (the pair's first block: this K-step's weight tiles expanded first)
+            _expand_step(e, cfg, expand, kt)
         for a, first in enumerate(firsts):
             tile = e(f"add i64 {first}, {kt}")
             at = e(f"getelementptr inbounds i8, ptr {base}, i64 {e(f'mul i64 {tile}, {TILE_BYTES}')}")
@@ -188,23 +193,24 @@ def _overlap_state(e: Builder, scratch: str) -> _Out:
     return _Out(scratch, waiting, e(f"udiv i64 {e(f'add i64 {some}, {ROWS - 1}')}, {some}"))
 
 
-def _pair_weights(e: Builder, cfg: AmxConfig, pair: str) -> tuple:
-    """_block's `weights` for a pair of panels: in %wa; or, compressed, expanded once into
-    %work (2 · ktiles KB, the thread's own), which every token tile of the pair then reads."""
+def _expand_step(e: Builder, cfg: AmxConfig, firsts: list, kt: str) -> None:
+    """K-tile kt of both panels (their K-tile 0 at `firsts` in %wa's tiles) expanded into %work."""
+    for a, first in enumerate(firsts):
+        here = e(f"add i64 {kt}, {e(f'mul i64 %ktiles, {a}')}")  # K-tile kt of panel a, in %work
+        at = e(f"mul i64 {here}, {TILE_BYTES}")
+        _expanded_tile(e, cfg, e(f"add i64 {first}, {kt}"), e(f"getelementptr inbounds i8, ptr %work, i64 {at}"))
+
+
+def _pair_weights(e: Builder, cfg: AmxConfig, pair: str) -> tuple[tuple, list | None]:
+    """_block's `weights` for a pair of panels: in %wa; or, compressed, in %work (2 · ktiles
+    KB, the thread's own), where the pair's first token block expands them (_expand_step)
+    and every later one reads them. And, compressed, where they are expanded from (each
+    panel's K-tile 0 in %wa's tiles), else None."""
     panel = e(f"mul i64 {pair}, 2")
     firsts = [e(f"mul i64 {e(f'add i64 {panel}, {a}')}, %ktiles") for a in range(2)]  # each panel's K-tile 0
     if not cfg.compressed:
-        return "%wa", firsts
-
-    def expand(kt, _):
-        for a, first in enumerate(firsts):
-            here = e(f"add i64 {kt}, {e(f'mul i64 %ktiles, {a}')}")  # K-tile kt of panel a, in %work
-            at = e(f"mul i64 {here}, {TILE_BYTES}")
-            _expanded_tile(e, cfg, e(f"add i64 {first}, {kt}"), e(f"getelementptr inbounds i8, ptr %work, i64 {at}"))
-        return []
-
-    e.loop("0", "%ktiles", 1, [], expand)
-    return "%work", ["0", "%ktiles"]
+        return ("%wa", firsts), None
+    return ("%work", ["0", "%ktiles"]), firsts
 
 
 def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch: str, r: str) -> None:
@@ -237,13 +243,32 @@ def _panels(e: Builder, cfg: AmxConfig) -> None:
     e.call("llvm.x86.ldtilecfg", "void", ("ptr", "@amx_config"))
     padded = e(f"and i64 {e(f'add i64 %ntok, {TOKENS - 1}')}, {-TOKENS}")
 
-    def pair(p, _):
-        weights = _pair_weights(e, cfg, p)
-        t, _c = e.loop("0", padded, 2 * TOKENS, [], lambda t, _c: _block(e, cfg, p, t, 2, out, weights) or [])
+    def blocks(p: str, weights: tuple, start: str) -> None:  # the token blocks from `start`
+        t, _c = e.loop(start, padded, 2 * TOKENS, [], lambda t, _c: _block(e, cfg, p, t, 2, out, weights) or [])
         last, done = e.fresh("last"), e.fresh("done")
         e.cond_br(e(f"icmp slt i64 {t}, {padded}"), last, done)
         e.label(last)
         _block(e, cfg, p, t, 1, out, weights)
+        e.br(done)
+        e.label(done)
+
+    def pair(p, _):
+        weights, lazy = _pair_weights(e, cfg, p)
+        if lazy is None:
+            blocks(p, weights, "0")
+            return []
+        # the first block expands the weight tiles as it goes: of two token tiles, or of one
+        # where there are 16 tokens or fewer (none where there are none)
+        two, one, alone, done = e.fresh("two"), e.fresh("one"), e.fresh("alone"), e.fresh("pairdone")
+        e.cond_br(e(f"icmp sge i64 {padded}, {2 * TOKENS}"), two, one)
+        e.label(two)
+        _block(e, cfg, p, "0", 2, out, weights, lazy)
+        blocks(p, weights, str(2 * TOKENS))
+        e.br(done)
+        e.label(one)
+        e.cond_br(e(f"icmp sgt i64 {padded}, 0"), alone, done)
+        e.label(alone)
+        _block(e, cfg, p, "0", 1, out, weights, lazy)
         e.br(done)
         e.label(done)
         return []
