@@ -5,7 +5,7 @@ turns, `--rounds` rounds of `--runs` timed runs each, 0.2 s apart, in alternatin
 The ratio reported is the median over rounds of B's median over A's, so each ratio
 compares times taken seconds apart on a noisy machine.
 
-    python bench/ab.py A B [--model M] [--batch 1 --seq 128 --rounds 20 --runs 10] [--plan FILE]
+    python bench/ab.py A B [--model M] [--batch 1 --seq 128 --rounds 20 --runs 10] [--plan FILE] [--precision bf16]
 
 A side is `TREE` (a checkout whose sparsejit/ and kernels/ are used, e.g. a `git worktree`
 of an older commit with `ln -s ../kernels sparsejit/kernels`), `TREE|MODEL` (that tree
@@ -22,14 +22,14 @@ import sys
 import time
 
 
-def worker(tree: str, model: str, batch: int, seq: int, plan: str | None) -> None:
+def worker(tree: str, model: str, batch: int, seq: int, plan: str | None, precision: str) -> None:
     if tree != ".":
         sys.path.insert(0, tree)
     import numpy as np
 
     import sparsejit
 
-    m = sparsejit.load(model, num_threads=2, **({"plan": plan} if plan else {}))
+    m = sparsejit.load(model, num_threads=2, precision=precision, **({"plan": plan} if plan else {}))
     ids = np.ones((batch, seq), np.int64)
     feeds = {n: ids if n != "token_type_ids" else 0 * ids for n in m.input_names}
     for _ in range(3):
@@ -54,15 +54,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--plan", default=None)
+    ap.add_argument("--precision", default="fp32")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker[0], args.worker[1], args.batch, args.seq, args.plan)
+        return worker(args.worker[0], args.worker[1], args.batch, args.seq, args.plan, args.precision)
     procs = []
     for side in args.sides:
         tree, _, model = side.partition("|")
         cmd = [sys.executable, __file__, *args.sides, "--worker", tree, model or args.model, "--batch",
-               str(args.batch), "--seq", str(args.seq)] + (["--plan", args.plan] if args.plan else [])
+               str(args.batch), "--seq", str(args.seq), "--precision", args.precision] + \
+            (["--plan", args.plan] if args.plan else [])
         p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert p.stdout.readline().strip() == "ready", f"{side} did not load"
         procs.append(p)
