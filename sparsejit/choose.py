@@ -13,9 +13,10 @@ bf16's sparse one and takes the faster ("sparse-fp32" in the plan).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numba
 import numpy as np
@@ -54,6 +55,16 @@ SPARSE_KINDS = ("sparse", "sparse-fp32")
 # The saved kernels a forced policy keeps.
 _FORCED = {"sparse": SPARSE_KINDS, "dense": ("dense",)}
 
+# Where AMX's dense kernel may win only with many tokens (each weight tile reused across
+# them), a layer's sparse kernel and AMX's are also timed at these token counts, and the
+# layer runs the sparse kernel under the first count at which AMX won, AMX's from it
+# (ByTokens; bf16's float layers here, plan._int8_choice's int8 ones).
+MANY_TOKENS = (384, 1024)
+# ... and AMX is taken where its time is under this fraction of the sparse kernel's:
+# closer than that is within the timing's noise (bench/README.md, ninth session), and the
+# sparse kernels keep their FFN handovers.
+AMX_CLEARLY = 0.9
+
 # How a layer's kernel was decided, as `LayerPlan.decided_by` says it.
 DECIDERS = ("rule", "measured", "forced", "plan file", "cached plan")
 
@@ -68,12 +79,13 @@ class Choice:
     why: str
     timings_ms: dict = field(default_factory=dict)
     reused: bool = False
+    at: int | None = None  # a sparse kernel's: from this many tokens on, the dense one (AMX's)
 
     def saved(self, pattern: Pattern) -> dict:
         """The plan entry: the decision and the pattern it was made for."""
         return {"kernel": self.kernel, "k_chunk": self.k_chunk, "decided_by": self.decided_by, "why": self.why,
                 "in": pattern.in_features, "out": pattern.out_features, "block": pattern.block,
-                "stored": pattern.stored, "nnz": pattern.nnz}
+                "stored": pattern.stored, "nnz": pattern.nnz, **({"at": self.at} if self.at is not None else {})}
 
 
 def _fits(entry: dict, pattern: Pattern) -> bool:
@@ -81,10 +93,10 @@ def _fits(entry: dict, pattern: Pattern) -> bool:
     try:
         same = (entry["in"], entry["out"], entry["block"], entry["stored"], entry["nnz"]) == \
             (pattern.in_features, pattern.out_features, pattern.block, pattern.stored, pattern.nnz)
-        chunk = entry["k_chunk"]
+        chunk, at = entry["k_chunk"], entry.get("at")
         runnable = entry["kernel"] == "dense" or (entry["kernel"] in SPARSE_KINDS and (
             chunk is None or (isinstance(chunk, int) and 0 < chunk and chunk % pattern.block == 0)))
-        return same and runnable
+        return same and runnable and (at is None or (type(at) is int and at > 0 and entry["kernel"] != "dense"))
     except (KeyError, TypeError):
         return False
 
@@ -154,11 +166,14 @@ class Chooser:
         if entry is not None:  # kept as it was saved, with how it was first decided
             self.decisions[name] = entry
             return Choice(entry["kernel"], entry["k_chunk"], self.saved_by,
-                            f"{self.saved_by}, first {entry.get('decided_by')}: {entry.get('why', '')}")
+                          f"{self.saved_by}, first {entry.get('decided_by')}: {entry.get('why', '')}",
+                          at=entry.get("at"))
         if kernel == "dense":
             d = Choice("dense", None, by, why)
         else:
             d = self.measure(pattern, act, residual, kernel is None, (sparse, fp32), dense, by, why)
+            if self.tiles and d.kernel in SPARSE_KINDS:
+                d = self.many_tokens(d, pattern, act, residual, sparse if d.kernel == "sparse" else fp32, dense)
         self.decisions[name] = d.saved(pattern)
         return d
 
@@ -183,6 +198,24 @@ class Chooser:
             kernel = t["kernel"] if t["sparse"] < t["dense"] else "dense"
             return Choice(kernel, chunk, "measured", f"{timed}, {t['kinds'][1]} {t['dense']:.3f} ms", t, reused)
         return Choice(t["kernel"], chunk, by, f"{why}; K-chunk {timed}", t, reused)
+
+    def many_tokens(self, d: Choice, pattern: Pattern, act: str, residual: bool,
+                    sparse: Callable[[], SparseLinear], dense: Callable[[], DenseLinear]) -> Choice:
+        """`d`, a sparse kernel faster than AMX's dense one over PROBE_TOKENS tokens, with
+        `at` set where AMX's is clearly faster (AMX_CLEARLY) over one of MANY_TOKENS: the
+        first such count."""
+        layer = functools.cache(lambda: sparse().with_chunk(d.k_chunk))  # (built only if timed)
+        kind = ("tiles", pattern.in_features, pattern.out_features, pattern.block, round(pattern.density, 2), act,
+                residual, d.kernel, d.k_chunk)
+        said = []
+        for n in MANY_TOKENS:
+            _, ms, _ = self.race_layers(kind, {"sparse": layer, "dense": dense}, pattern.in_features,
+                                        pattern.out_features, residual, n)
+            said.append(f"{n} tokens {ms['sparse']:.3f} against {ms['dense']:.3f} ms")
+            if ms["dense"] < AMX_CLEARLY * ms["sparse"]:
+                return replace(d, at=n, why=f"{d.why}; from {n} tokens {label(dense())} ({', '.join(said)})",
+                               timings_ms={**d.timings_ms, n: ms})
+        return replace(d, why=f"{d.why}; also at {', '.join(said)}")
 
     def time_kernels(self, sparse: SparseLinear, dense: DenseLinear | None, residual: bool,
                      fp32: SparseLinear | None = None) -> dict:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .choose import DENSE_ABOVE, PROBE_TOKENS, SPARSE_KINDS, Chooser
+from .choose import AMX_CLEARLY, DENSE_ABOVE, MANY_TOKENS, PROBE_TOKENS, SPARSE_KINDS, Chooser
 from .graph import Graph, Node
 from .kernels import elementwise, rows
 from .kernels.amx import BF16AmxLinear, Int8Amx, has_amx
@@ -254,6 +254,8 @@ def plan_linear(node: Node, chooser: Chooser) -> LayerPlan:
     if c.kernel in SPARSE_KINDS:
         impl = (sparse() if c.kernel == "sparse" else fp32()).with_chunk(c.k_chunk)
         impl.drop_csr()
+        if c.at is not None:  # (AMX's dense kernel from that many tokens on)
+            impl = ByTokens(impl, dense(), c.at)
     else:
         impl = dense()
     return LayerPlan(node.name, _without_weight(node), pattern, impl, c.why, c.timings_ms, c.reused, c.decided_by,
@@ -360,16 +362,6 @@ def _int8(a: dict, facts: dict) -> tuple[type, Callable[[], Int8Linear | Int8Chu
     return Int8Linear, lambda: impl, (f"int8 ({a['mode']} activation scale, {DOT_NAMES[impl.config.dot]}"
                                       f"{', output requantized' if requantize is not None else ''})"
                                       f", {blocks} of {-(-k // 4) * m} 4-blocks stored")
-
-
-# Where AMX's dense int8 kernel may win only with many tokens (each weight tile reused
-# across them), the layer's two kernels are also timed at these token counts, and the
-# layer runs the VNNI kernel under the first count at which AMX won, AMX's from it.
-MANY_TOKENS = (384, 1024)
-# ... and AMX is taken where its time is under this fraction of the VNNI kernel's: closer
-# than that is within the timing's noise (bench/README.md, ninth session), and the VNNI
-# kernel keeps FFN1's handover to FFN2.
-AMX_CLEARLY = 0.9
 
 
 class _OnBytes:

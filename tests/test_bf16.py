@@ -258,6 +258,49 @@ def test_bf16_times_the_float32_sparse_kernel_beside_its_own(faster, kernels, mo
 
 
 @needs_bf16
+@pytest.mark.parametrize("amx_wins_at", [1024, None])
+def test_a_bf16_sparse_layer_takes_amx_tiles_from_many_tokens(amx_wins_at, monkeypatch):
+    """With AMX tiles, a layer whose sparse kernel beat AMX's dense one over PROBE_TOKENS
+    is timed against it over MANY_TOKENS too; where AMX's is clearly faster there, the
+    layer runs both (ByTokens): the sparse kernel under that token count, AMX's from it.
+    The plan keeps the count, and a load from it follows it without timing."""
+    from sparsejit.kernels.linear import ByTokens
+
+    from sparsejit import choose
+    from sparsejit.graph import Node
+    from sparsejit.plan import plan_linear
+
+    if not has_amx("bf16"):
+        pytest.skip("this CPU has no AMX-BF16 (or Linux did not grant its tiles)")
+    monkeypatch.setattr(choose, "race", lambda fns, rounds: {n: 2.0 if n == "dense" else 1.0 for n in fns})
+
+    def race_layers(self, kind, layers, k, m, residual, tokens):  # (AMX 0.5 of the sparse time from amx_wins_at)
+        ms = {"sparse": 1.0, "dense": 0.5 if amx_wins_at and tokens >= amx_wins_at else 0.95}
+        return min(ms, key=ms.get), ms, False
+
+    monkeypatch.setattr(choose.Chooser, "race_layers", race_layers)
+    rng = np.random.default_rng(5)
+    w = _weight(rng, 256, 40, 0.1)
+    node = Node("Linear", "l", ["x"], ["y"], {"weight": w, "bias": None, "activation": "none", "residual": False})
+    chooser = choose.Chooser(precision="bf16")
+    lp = plan_linear(node, chooser)
+    if amx_wins_at is None:
+        assert not isinstance(lp.impl, ByTokens) and "also at 384 tokens" in lp.reason and "at" not in \
+            chooser.decisions["l"]
+        return
+    assert isinstance(lp.impl, ByTokens) and lp.impl.at == amx_wins_at == chooser.decisions["l"]["at"]
+    assert isinstance(lp.impl.many, BF16AmxLinear) and "from 1024 tokens dense-bf16 (AMX)" in lp.reason
+    for ntok, kernel in [(9, lp.impl.few), (amx_wins_at - 1, lp.impl.few), (amx_wins_at, lp.impl.many)]:
+        x = rng.standard_normal((ntok, 256)).astype(np.float32)
+        assert lp.impl.pick(x) is kernel
+        np.testing.assert_allclose(lp.impl(x), kernel(x), rtol=0, atol=0)
+    monkeypatch.setattr(choose, "race", lambda fns, rounds: pytest.fail("a saved decision was timed again"))
+    monkeypatch.setattr(choose.Chooser, "race_layers", lambda *a: pytest.fail("a saved decision was timed again"))
+    again = plan_linear(node, choose.Chooser(saved=chooser.decisions, precision="bf16"))
+    assert isinstance(again.impl, ByTokens) and again.impl.at == amx_wins_at and again.decided_by == "cached plan"
+
+
+@needs_bf16
 @pytest.mark.parametrize("unit", ["vdpbf16ps", "amx"])
 @pytest.mark.parametrize("nan_guard", [False, True])
 def test_bf16_attention_is_its_numpy_meaning(nan_guard, unit, monkeypatch):
