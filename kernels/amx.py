@@ -87,9 +87,17 @@ def run_amx(launch, part, calls, fn, xq, wa, bias, yt, rt, token_tile, pairs, kt
     launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """
 
-# Tokens per driver step: 256 tokens of a 3072-input layer's int8 rows are 768 KB, in L2
-# (2 MB per core) beside the thread's weight tiles; a multiple of the kernel's 32.
-AMX_TOKEN_TILE = 256
+# Tokens per driver step: as many as keep their rows of xq (what the B tiles read, once per
+# pair of panels) within this many bytes, in L2 (2 MB per core) beside the thread's weight
+# tiles: 128 tokens of a 3072-input bf16 layer, 256 of int8, 512 of a 768-input layer's;
+# a multiple of the kernel's 32, at most AMX_TOKEN_TILE (bench/README.md, twenty-fourth session).
+AMX_X_BYTES = 768 << 10
+AMX_TOKEN_TILE = 512
+
+
+def token_tile(rows: int) -> int:
+    """Tokens per driver step for xq of `rows` rows (i32 each per token)."""
+    return max(32, min(AMX_TOKEN_TILE, AMX_X_BYTES // (4 * max(rows, 1)) // 32 * 32))
 
 
 def tiles_of(weight: np.ndarray, per_row: int) -> np.ndarray:
@@ -202,8 +210,9 @@ class _Amx:
         # made per call, as two Python threads may run the layer at once)
         work = aligned_empty((parts, 2 * ktiles * 1024 if self.config.compressed else 64), np.uint8)
         # (xq's i32 rows as float32 bits, as x_rows makes them: one type, one compiled driver)
-        run(self._driver, SIGNATURE, parts, -(-yt.shape[1] // AMX_TOKEN_TILE), self._fn, xq.view(np.float32),
-            self._arrays[0], bias, yt, rt, AMX_TOKEN_TILE, pairs, ktiles, *self._arrays[1:], work)
+        step = token_tile(xq.shape[0])
+        run(self._driver, SIGNATURE, parts, -(-yt.shape[1] // step), self._fn, xq.view(np.float32),
+            self._arrays[0], bias, yt, rt, step, pairs, ktiles, *self._arrays[1:], work)
 
 
 class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):

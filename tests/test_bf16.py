@@ -197,6 +197,24 @@ def test_pruned_negative_zeros_compress_on_amx_tiles():
 
 
 @needs_bf16
+def test_amx_layers_give_the_same_outputs_whatever_the_token_steps(monkeypatch):
+    """The AMX driver steps over the tokens by amx.token_tile (fewer the more inputs): the
+    outputs are bit for bit the same at any step, a last step of a few tokens included."""
+    _runs("amx-compressed")
+    from sparsejit.kernels import amx
+
+    rng = np.random.default_rng(13)
+    layer = BF16AmxLinear(_weight(rng, 3072, 40, 0.1), None, "gelu", False)
+    x = rng.standard_normal((300, 3072)).astype(np.float32)
+    assert amx.token_tile(3072 // 2) == 128 and amx.token_tile(768 // 2) == 512
+    outputs = []
+    for step in (32, 128, 512):
+        monkeypatch.setattr(amx, "token_tile", lambda rows, step=step: step)
+        outputs.append(layer(x))
+    assert all(np.array_equal(o, outputs[0]) for o in outputs[1:])
+
+
+@needs_bf16
 def test_a_scattered_weight_past_16_bit_indices_stays_float32():
     """The scattered kernel holds each pair's inputs in 16 bits: a weight of more inputs
     is refused by name there and planned on the float32 sparse kernel instead."""
