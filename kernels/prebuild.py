@@ -57,9 +57,6 @@ class CFunction(NamedTuple):
     source: str
     serves: str
     when: str = "True"
-    # met only where the kernels it follows from win their race at load (bf16's scattered
-    # FFN handover: where both FFN layers run the scattered kernel, not float32's)
-    raced: bool = False
 
 
 class IR(NamedTuple):
