@@ -322,7 +322,7 @@ def layer_rows(model, prof: dict, tokens: int) -> list[dict]:
     """One dict per Linear layer for `inspect`: shape, density, kernel, FLOPs skipped, time;
     a layer computed inside a grouped kernel (Q, K and V) names the group's first layer,
     on which the group's time is booked."""
-    from .kernels.linear import OutputSlice
+    from .kernels.linear import ByTokens, OutputSlice
 
     rows, first_of = [], {}
     for i, lp in enumerate(model.layers):
@@ -330,10 +330,13 @@ def layer_rows(model, prof: dict, tokens: int) -> list[dict]:
         dense_flops = 2 * k * m * tokens
         group = lp.impl.group if isinstance(lp.impl, OutputSlice) else None
         lead = first_of.setdefault(id(group), i) if group is not None else i
+        impl = lp.impl if group is None else group
+        # (a layer on two kernels by token count, at this many tokens on AMX's dense one: no zeros skipped)
+        many = isinstance(impl, ByTokens) and tokens >= impl.at
         rows.append({"index": i, "name": lp.name, "op": lp.node.attrs["source_op"], "in": k, "out": m,
-                     "density": lp.pattern.density, "block": lp.pattern.block, "kernel": lp.kind,
-                     "dense_flops": dense_flops,
-                     "flops_skipped": dense_flops * lp.skipped,
+                     "density": lp.pattern.density, "block": lp.pattern.block,
+                     "kernel": impl.many.kind if many else lp.kind, "dense_flops": dense_flops,
+                     "flops_skipped": 0.0 if many else dense_flops * lp.skipped,
                      "ms": prof.get(lp.name, 0.0) * 1e3 if lead == i else None, "time_in": lead,
                      "decided_by": lp.decided_by, "why": lp.reason})
     return rows

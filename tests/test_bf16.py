@@ -282,9 +282,12 @@ def test_a_bf16_sparse_layer_takes_amx_tiles_from_many_tokens(amx_wins_at, monke
     is timed against it over MANY_TOKENS too; where AMX's is clearly faster there, the
     layer runs both (ByTokens): the sparse kernel under that token count, AMX's from it.
     The plan keeps the count, and a load from it follows it without timing."""
+    from types import SimpleNamespace
+
     from sparsejit.kernels.linear import ByTokens
 
     from sparsejit import choose
+    from sparsejit.cli import layer_rows
     from sparsejit.graph import Node
     from sparsejit.plan import plan_linear
 
@@ -299,7 +302,8 @@ def test_a_bf16_sparse_layer_takes_amx_tiles_from_many_tokens(amx_wins_at, monke
     monkeypatch.setattr(choose.Chooser, "race_layers", race_layers)
     rng = np.random.default_rng(5)
     w = _weight(rng, 256, 40, 0.1)
-    node = Node("Linear", "l", ["x"], ["y"], {"weight": w, "bias": None, "activation": "none", "residual": False})
+    node = Node("Linear", "l", ["x"], ["y"], {"weight": w, "bias": None, "activation": "none", "residual": False,
+                                              "source_op": "MatMul"})
     chooser = choose.Chooser(precision="bf16")
     lp = plan_linear(node, chooser)
     if amx_wins_at is None:
@@ -312,6 +316,9 @@ def test_a_bf16_sparse_layer_takes_amx_tiles_from_many_tokens(amx_wins_at, monke
         x = rng.standard_normal((ntok, 256)).astype(np.float32)
         assert lp.impl.pick(x) is kernel
         np.testing.assert_allclose(lp.impl(x), kernel(x), rtol=0, atol=0)
+        # (inspect's row: the kernel that runs at this many tokens, and the multiply-adds it skips)
+        row = layer_rows(SimpleNamespace(layers=[lp]), {}, ntok)[0]
+        assert row["kernel"] == kernel.kind and (row["flops_skipped"] > 0) == (kernel is lp.impl.few), (ntok, row)
     monkeypatch.setattr(choose, "race", lambda fns, rounds: pytest.fail("a saved decision was timed again"))
     monkeypatch.setattr(choose.Chooser, "race_layers", lambda *a: pytest.fail("a saved decision was timed again"))
     again = plan_linear(node, choose.Chooser(saved=chooser.decisions, precision="bf16"))
