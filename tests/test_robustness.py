@@ -163,6 +163,7 @@ def test_degenerate_shapes_of_every_kernel_at_two_threads(tmp_path):
 DEGENERATE_BF16 = """
     import numba, numpy as np
     from sparsejit.kernels.attention import fused_attention, reference_bf16_attention
+    from sparsejit.kernels.amx import BF16AmxLinear, can_compress, has_amx
     from sparsejit.kernels.bf16 import BF16DenseLinear, BF16ScatteredLinear, BF16SparseLinear, reference_bf16_linear
     numba.set_num_threads(2)
     rng = np.random.default_rng(0)
@@ -181,6 +182,15 @@ DEGENERATE_BF16 = """
                     if isinstance(layer, BF16ScatteredLinear):  # (its output handed over as nxt's rows)
                         handed = nxt.from_quantized(layer.quantized_for(x, nxt), (tokens,))
                         assert np.array_equal(handed, nxt(got)), (k, m, tokens)
+            if has_amx("bf16"):  # AMX's tiles, compressed ones expanded in the first token block's K-steps
+                signed = np.where(w == 0, -0.0, w).astype(np.float32)  # (pruned zeros as -0.0: held as +0)
+                for compressed in (False, True) if can_compress() else (False,):
+                    layer = BF16AmxLinear(signed, None, "gelu", False, compressed=compressed)
+                    for tokens in (0, 1, 3, 17, 40):
+                        x = rng.standard_normal((tokens, k)).astype(np.float32)
+                        got, want = layer(x), reference_bf16_linear(x, w, None, "gelu")
+                        assert got.shape == (tokens, m) and np.allclose(got, want, atol=1e-4, rtol=1e-4), \
+                            (k, m, tokens, compressed)
     # (head sizes of 32 and 64 run on AMX's tiles where the CPU has them)
     for tq, tk, d in [(1, 1, 1), (1, 2, 3), (3, 1, 2), (17, 33, 5), (1, 1, 32), (3, 1, 64), (17, 33, 32)]:
         q = rng.standard_normal((1, 2, tq, d)).astype(np.float32)
@@ -197,8 +207,9 @@ def test_degenerate_shapes_of_the_bf16_kernels_at_two_threads():
     """The bf16 sparse kernels (pairs of consecutive inputs, and of any two, with its output
     handed over as the next layer's rows), the dense one and bf16 attention on 1 input or
     output, odd input counts (a pair half past the end), all-zero weights, 0 and 1 token,
-    one key, one head feature (and, on AMX, one key or query of a whole tile row's head),
-    at two threads in a subprocess, each against its numpy meaning."""
+    one key, one head feature (and, on AMX, one key or query of a whole tile row's head,
+    and the dense layer on its tiles, compressed or not, its pruned zeros -0.0), at two
+    threads in a subprocess, each against its numpy meaning."""
     from sparsejit.kernels.bf16 import has_bf16
 
     if not has_bf16():
