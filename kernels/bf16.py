@@ -220,7 +220,6 @@ class _HandsOver(TakesOwnX):
         return compile_ir(ir_source(replace(self.config, **{self.handoff: True})), SPARSE_SIGNATURE.name)
 
 
-
 class BF16SparseLinear(_HandsOver, SparseLinear):
     """The bf16 sparse kernel for one weight: SparseLinear's K-chunks, row order and thread
     split over stored pairs (indices hold each pair's first input, 2k), with x packed
