@@ -147,10 +147,8 @@ def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _Out,
             e.call("llvm.x86.tileloadd64", "void", ("i8", str(B0 + b)), ("ptr", at), ("i64", stride))
         for c, a, b in cs:
             e.call(DOTS[cfg.dot], "void", ("i8", str(c)), ("i8", str(a)), ("i8", str(b)))
-        if cfg.overlapped:  # rows [per·kt, per·(kt + 1)) of the waiting block, up to 16
-            r0 = e(f"mul i64 {kt}, {out.per}")
-            r1 = e(f"add i64 {r0}, {out.per}")
-            _waiting_rows(e, cfg, out, r0, e(f"select i1 {e(f'icmp slt i64 {r1}, {ROWS}')}, i64 {r1}, i64 {ROWS}"))
+        if cfg.overlapped:
+            _waiting_rows(e, cfg, out, *_share(e, cfg, out, kt))
         return []
 
     e.loop("0", "%ktiles", 1, [], step)
@@ -180,6 +178,20 @@ def _waiting_rows(e: Builder, cfg: AmxConfig, out: _Out, r0: str, r1: str) -> No
     e.loop(r0, r1, 1, [], lambda r, _: _rows_out(e, cfg, pair, t, 2, out.scratch, r) or [])
     e.br(done)
     e.label(done)
+
+
+def _share(e: Builder, cfg: AmxConfig, out: _Out, kt: str) -> tuple[str, str]:
+    """The rows [r0, r1) of the waiting block that K-step kt takes. int8: the 16 rows spread
+    evenly over the K-steps, [ceil(16·kt / ktiles), ceil(16·(kt + 1) / ktiles)); bf16 (twice
+    the K-steps): `per` rows each from the first (bench/README.md, twenty-fifth session)."""
+    if cfg.dot == "int8":
+        def first(k: str) -> str:
+            scaled = e(f"add i64 {e(f'mul i64 {k}, {ROWS}')}, {e('sub i64 %ktiles, 1')}")
+            return e(f"udiv i64 {scaled}, %ktiles")
+        return first(kt), first(e(f"add i64 {kt}, 1"))
+    r0 = e(f"mul i64 {kt}, {out.per}")
+    r1 = e(f"add i64 {r0}, {out.per}")
+    return r0, e(f"select i1 {e(f'icmp slt i64 {r1}, {ROWS}')}, i64 {r1}, i64 {ROWS}")
 
 
 def _overlap_state(e: Builder, scratch: str) -> _Out:
