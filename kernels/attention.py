@@ -99,17 +99,22 @@ def run_heads(launch, part, calls, fn, qt, kt, vt, mask, ot, scale, s, pk):
     launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """
 
-# Keys per pass over the head features, by vector lanes: with AVX2's 16 registers, 2
-# query vectors × 8 keys of accumulators leave none for the operands, which spill
-# (bench/README.md, "Measured and tried").
-ATTENTION_GROUP = {16: 8, 8: 4}
+# Query vectors per tile and keys per pass over the head features, by vector lanes: with
+# AVX-512's 32 registers, 4 × 6 accumulators: 10 loads to 24 fmas, where 2 × 8 had 10 to
+# 16 (bench/README.md, twenty-fifth session); with AVX2's 16, 2 query vectors ×
+# 8 keys of accumulators leave none for the operands, which spill (bench/README.md,
+# "Measured and tried").
+# bfloat16 products keep 2 × 8 (their AMX tiles take two query vectors; vdpbf16ps's was
+# measured on Zen 4 with it).
+ATTENTION_TILE = {16: (4, 6), 8: (2, 4)}
+BF16_ATTENTION_TILE = (2, 8)
 
 
 def attention_config(mask_per_query: bool, nan_guard: bool = False, lanes: int | None = None,
                      bf16: bool = False, amx: bool = False) -> AttentionConfig:
     lanes = lanes or vector_lanes()
-    return AttentionConfig(mask_per_query, lanes, group=ATTENTION_GROUP[lanes], nan_guard=nan_guard, bf16=bf16,
-                           amx=amx)
+    qvec, group = BF16_ATTENTION_TILE if bf16 else ATTENTION_TILE[lanes]
+    return AttentionConfig(mask_per_query, lanes, qvec, group, nan_guard=nan_guard, bf16=bf16, amx=amx)
 
 
 @functools.cache  # (asked on every call: the CPU and the permission do not change)
