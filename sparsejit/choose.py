@@ -191,12 +191,13 @@ class Chooser:
         chunk = t["k_chunk"] if t["k_chunk"] < pattern.in_features else None
         chunked = f" in K-chunks of {chunk}" if chunk else ""
         source = "an earlier layer like it" if reused else "this layer"
-        timed = f"measured on {source} over {PROBE_TOKENS} tokens: {t['kinds'][0]} {t['sparse']:.3f} ms{chunked}"
+        names = t["labels"]
+        timed = f"measured on {source} over {PROBE_TOKENS} tokens: {names['kernel']} {t['sparse']:.3f} ms{chunked}"
         if "own" in t:
-            timed += f" (its {t['kinds'][2]} {t['own']:.3f} ms)"
+            timed += f" (its {names['own']} {t['own']:.3f} ms)"
         if against_dense:
             kernel = t["kernel"] if t["sparse"] < t["dense"] else "dense"
-            return Choice(kernel, chunk, "measured", f"{timed}, {t['kinds'][1]} {t['dense']:.3f} ms", t, reused)
+            return Choice(kernel, chunk, "measured", f"{timed}, {names['dense']} {t['dense']:.3f} ms", t, reused)
         return Choice(t["kernel"], chunk, by, f"{why}; K-chunk {timed}", t, reused)
 
     def many_tokens(self, d: Choice, pattern: Pattern, act: str, residual: bool,
@@ -220,7 +221,8 @@ class Chooser:
     def time_kernels(self, sparse: SparseLinear, dense: DenseLinear | None, residual: bool,
                      fp32: SparseLinear | None = None) -> dict:
         """Times the dense kernel (when given) and the sparse one at each K-chunk size, and
-        the float32 sparse one (when given) likewise: the faster sparse kernel is t["kernel"]."""
+        the float32 sparse one (when given) likewise: the faster sparse kernel is t["kernel"];
+        t["labels"] names the kernels (the faster sparse one, the dense one, the precision's own)."""
         # Feature-major and line-aligned, as the kernels read activations in a model: no
         # transposes in the timings, and no vector loads split across cache lines.
         x = self._probe(sparse.in_features)
@@ -235,7 +237,8 @@ class Chooser:
         best = {kind: pick_chunk({c: v for (k, c), v in ms.items() if k == kind}) for kind in kinds}
         kernel = min(kinds, key=lambda kind: ms[kind, best[kind]])
         t = {"kernel": kernel, "chunks": {c: v for (k, c), v in ms.items() if k == kernel},
-             "kinds": (label(kinds[kernel]), label(dense), label(sparse)), "k_chunk": best[kernel]}
+             "labels": {"kernel": label(kinds[kernel]), "dense": label(dense), "own": label(sparse)},
+             "k_chunk": best[kernel]}
         t["sparse"] = t["chunks"][t["k_chunk"]]
         if kernel != "sparse":  # (the precision's own, slower)
             t["own"] = ms["sparse", best["sparse"]]
