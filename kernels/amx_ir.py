@@ -196,7 +196,7 @@ def _share(e: Builder, cfg: AmxConfig, out: _Out, kt: str) -> tuple[str, str]:
 
 def _overlap_state(e: Builder, scratch: str) -> _Out:
     """_block's `out` when overlapped: the scratch zeroed, no block waiting (pair -1), and
-    the rows of the waiting block a K-step takes, 16 / ktiles rounded up."""
+    the rows of the waiting block a bf16 K-step takes, 16 / ktiles rounded up (_share)."""
     waiting = e("alloca [2 x i64], align 8")  # the waiting block's pair and t
     e.call("llvm.memset.p0.i64", "void", ("ptr", scratch), ("i8", "0"), ("i64", str(16 * ROWS * TOKENS)),
            ("i1", "false"))

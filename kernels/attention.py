@@ -99,13 +99,12 @@ def run_heads(launch, part, calls, fn, qt, kt, vt, mask, ot, scale, s, pk):
     launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """
 
-# Query vectors per tile and keys per pass over the head features, by vector lanes: with
-# AVX-512's 32 registers, 4 × 6 accumulators: 10 loads to 24 fmas, where 2 × 8 had 10 to
-# 16 (bench/README.md, twenty-fifth session); with AVX2's 16, 2 query vectors ×
-# 8 keys of accumulators leave none for the operands, which spill (bench/README.md,
-# "Measured and tried").
-# bfloat16 products keep 2 × 8 (their AMX tiles take two query vectors; vdpbf16ps's was
-# measured on Zen 4 with it).
+# Query vectors per tile and keys per pass over the head features (float32 products), by
+# vector lanes. AVX-512 (32 registers): 4 × 6 accumulators, 10 loads to 24 fmas where
+# 2 × 8 had 10 to 16 (bench/README.md, twenty-fifth session). AVX2 (16 registers): 2 × 4,
+# as 2 × 8 left none for the operands, which spilled ("Measured and tried"). bfloat16
+# products keep 2 × 8: their AMX tiles take two query vectors, and vdpbf16ps's was
+# measured on Zen 4 with it.
 ATTENTION_TILE = {16: (4, 6), 8: (2, 4)}
 BF16_ATTENTION_TILE = (2, 8)
 
