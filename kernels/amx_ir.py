@@ -194,13 +194,16 @@ def _share(e: Builder, cfg: AmxConfig, out: _Out, kt: str) -> tuple[str, str]:
     return r0, e(f"select i1 {e(f'icmp slt i64 {r1}, {ROWS}')}, i64 {r1}, i64 {ROWS}")
 
 
-def _overlap_state(e: Builder, scratch: str) -> _Out:
+def _overlap_state(e: Builder, cfg: AmxConfig, scratch: str) -> _Out:
     """_block's `out` when overlapped: the scratch zeroed, no block waiting (pair -1), and
-    the rows of the waiting block a bf16 K-step takes, 16 / ktiles rounded up (_share)."""
+    for bf16 the rows of the waiting block a K-step takes, 16 / ktiles rounded up (_share;
+    int8 spreads them and needs no count)."""
     waiting = e("alloca [2 x i64], align 8")  # the waiting block's pair and t
     e.call("llvm.memset.p0.i64", "void", ("ptr", scratch), ("i8", "0"), ("i64", str(16 * ROWS * TOKENS)),
            ("i1", "false"))
     e.raw(f"  store i64 -1, ptr {waiting}, align 8")
+    if cfg.dot == "int8":
+        return _Out(scratch, waiting)
     some = e(f"select i1 {e('icmp sgt i64 %ktiles, 0')}, i64 %ktiles, i64 1")
     return _Out(scratch, waiting, e(f"udiv i64 {e(f'add i64 {some}, {ROWS - 1}')}, {some}"))
 
@@ -251,7 +254,7 @@ def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch
 
 def _panels(e: Builder, cfg: AmxConfig) -> None:
     scratch = e(f"alloca [{4 * ROWS * TOKENS} x float], align 64")  # the 4 C tiles
-    out = _overlap_state(e, scratch) if cfg.overlapped else _Out(scratch)
+    out = _overlap_state(e, cfg, scratch) if cfg.overlapped else _Out(scratch)
     e.call("llvm.x86.ldtilecfg", "void", ("ptr", "@amx_config"))
     padded = e(f"and i64 {e(f'add i64 %ntok, {TOKENS - 1}')}, {-TOKENS}")
 
