@@ -183,12 +183,18 @@ class PreparedMask:
             self._layouts[key] = _kernel_mask(mask4, tk)
         return self._layouts[key]
 
+    def refill(self) -> None:
+        """Each layout made so far made again in place from the mask's values now (a taped
+        run's mask, refilled where the kernels read it: sparsejit.tape)."""
+        for (shape, tk), out in self._layouts.items():
+            _kernel_mask(self.mask.reshape(shape), tk, out)
 
-def _kernel_mask(mask4: np.ndarray, tk: int) -> np.ndarray:
+
+def _kernel_mask(mask4: np.ndarray, tk: int, out: np.ndarray | None = None) -> np.ndarray:
     """The 4-D mask as the kernel reads it: by key, [.., keys, queries] when it varies by
-    query, with rows on 64-byte lines (they are read as vectors)."""
+    query, with rows on 64-byte lines (they are read as vectors); into `out` if given."""
     src = np.broadcast_to(mask4, mask4.shape[:3] + (tk,)).transpose(0, 1, 3, 2)
-    out = aligned_empty(src.shape)
+    out = aligned_empty(src.shape) if out is None else out
     out[...] = src
     return out
 
@@ -233,8 +239,8 @@ def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarr
     cfg, fn, run_heads = _kernel(per_query, bool(nan_guard), vector_lanes(), bf16, amx)
     pairs = n_batch * n_head
     parts = max(1, min(threads(), pairs))
-    scratch = np.empty((parts, -(-tk // 16) * 16 * cfg.lanes * cfg.qvec + 16), np.float32)
-    packed = np.empty((parts, _packed_size(cfg, qt.shape[2], tq, tk) + 16), np.float32)
+    scratch = aligned_empty((parts, -(-tk // 16) * 16 * cfg.lanes * cfg.qvec + 16))
+    packed = aligned_empty((parts, _packed_size(cfg, qt.shape[2], tq, tk) + 16))
     run(run_heads, SIGNATURE, parts, -(-pairs // parts), fn, qt, kt, vt, mask_t, ot, np.float32(mul), scratch, packed)
     return ot.transpose(0, 1, 3, 2)
 

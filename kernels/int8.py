@@ -853,7 +853,8 @@ class Int8Lanes(_HandsOver, _Quantized):
         parts = threads()
         scratch = getattr(self._per_thread, "scratch", None)
         if scratch is None or scratch.shape[0] != parts:
-            scratch = self._per_thread.scratch = aligned_empty((parts, TOKENS * self.windows * WINDOW // 4), np.int32)
+            scratch = self._per_thread.scratch = aligned_empty((parts, TOKENS * self.windows * WINDOW // 4), np.int32,
+                                                               lasting=True)
         bounds = self._bounds.get(parts)
         if bounds is None:
             bounds = self._bounds[parts] = balanced_bounds(self.starts[::self.windows].astype(np.int64), parts, 0.0)

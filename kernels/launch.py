@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 
 import numpy as np
 from llvmlite import ir
@@ -174,6 +175,9 @@ def launch_rows(sig: Signature, calls: np.ndarray) -> None:
     for a kernel called a few times a run, each call long, which then needs no driver to
     compile. (ctypes lets go of the GIL for the call.)"""
     _python_launcher()(part(sig), calls.ctypes.data, calls.shape[0], calls.shape[1])
+    record = getattr(_recording, "fn", None)
+    if record is not None:
+        record(part(sig), calls, None, None)  # (the rows' arrays are not known here)
 
 
 def part_ir(sig: Signature) -> str:
@@ -216,8 +220,44 @@ def part(sig: Signature) -> int:
     return found[1]
 
 
+# Who is told of this thread's launches while a run is being taped (sparsejit.tape):
+# fn(part, calls, args, result), args None for rows filled in Python (launch_rows).
+_recording = threading.local()
+
+
+def record_with(fn) -> None:
+    """Tell `fn` of each launch this thread makes (None: stop)."""
+    _recording.fn = fn
+
+
 def run(driver, sig: Signature, parts: int, per_part: int, *args):
     """`driver(launch, part, calls, *args)` with new rows of calls for `parts` parts of up
     to `per_part` calls each of kernels of signature `sig`: what a kernel's Python side
-    calls its driver through."""
-    return driver(launcher(), part(sig), new_calls(parts, per_part, sig), *args)
+    calls its driver through. (Every driver fills the rows, then launches them once.)"""
+    calls = new_calls(parts, per_part, sig)
+    result = driver(launcher(), part(sig), calls, *args)
+    record = getattr(_recording, "fn", None)
+    if record is not None:
+        record(part(sig), calls, args, result)
+    return result
+
+
+REPLAY_SOURCE = """\
+# sparsejit generated kernel: launches made again, rows of calls already filled
+# table row i: the part's address, the calls' address, their rows, each row's width
+import numpy as np
+from numba import njit
+
+""" + IMPORTS + """
+
+@njit(nogil=True, cache=True)
+def replay(launch, table, start, stop):
+    for i in range(start, stop):
+        launch_calls(launch, table[i, 0], table[i, 1], table[i, 2], table[i, 3])
+"""
+
+
+def replay(table: np.ndarray, start: int, stop: int) -> None:
+    """Launch rows start to stop of `table` (int64 [launches, 4]: part, calls, rows,
+    width) in order, in one call that lets go of the GIL."""
+    load_source(REPLAY_SOURCE).replay(launcher(), table, start, stop)

@@ -140,13 +140,30 @@ def thread_arena(nbytes: int) -> np.ndarray:
     holds that batch's scratch."""
     buf = getattr(_arenas, "buf", None)
     if buf is None or buf.nbytes < nbytes:
-        buf = _arenas.buf = aligned_empty((max(nbytes, 2 * (0 if buf is None else buf.nbytes)),), np.uint8)
+        buf = _arenas.buf = aligned_empty((max(nbytes, 2 * (0 if buf is None else buf.nbytes)),), np.uint8,
+                                          lasting=True)
     return buf
 
 
-def aligned_empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+# What allocates this thread's buffers while a run is being taped (sparsejit.tape): a
+# function (shape, dtype) -> array, or None for numpy.
+_allocating = threading.local()
+
+
+def allocate_with(fn) -> None:
+    """Let `fn(shape, dtype)` make this thread's aligned_empty and feature_major_empty
+    buffers (None: numpy again). A buffer kept past its call (`lasting`) is numpy's all
+    the same."""
+    _allocating.fn = fn
+
+
+def aligned_empty(shape: tuple[int, ...], dtype=np.float32, lasting: bool = False) -> np.ndarray:
     """np.empty whose data starts on a 64-byte line. numpy's own buffers may start past
-    one, and then every vector load from them straddles two lines and costs two."""
+    one, and then every vector load from them straddles two lines and costs two.
+    `lasting`: a buffer a kernel keeps for later calls (never a taped run's)."""
+    fn = None if lasting else getattr(_allocating, "fn", None)
+    if fn is not None:
+        return fn(tuple(shape), dtype)
     dtype = np.dtype(dtype)
     n = math.prod(shape)  # (not np.prod: this runs on every kernel call)
     buf = np.empty(n + ALIGN // dtype.itemsize, dtype)
@@ -172,6 +189,9 @@ def feature_major_empty(features: int, tokens: int) -> np.ndarray:
     """An uninitialised [features, tokens] float32 array with padded rows (unit token stride),
     every row starting on a 64-byte line. Made in Numba, as every kernel call makes its
     output so: faster than aligned_empty's Python."""
+    fn = getattr(_allocating, "fn", None)
+    if fn is not None:
+        return fn((features, padded_rows(tokens)), np.float32)[:, :tokens]
     return load_source(EMPTY_SOURCE).feature_major_empty(features, tokens, padded_rows(tokens))
 
 
