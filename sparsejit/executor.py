@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import linecache
+import threading
 import time
 from collections import OrderedDict
 
@@ -29,6 +30,7 @@ from .kernels.linear import ByTokens, DenseLinear
 from .plan import Step
 
 MAX_SHAPE_SIGNATURES = 32
+MAX_TAPES = 8  # signatures with a tape of their runs (sparsejit.tape), each holding a run's buffers
 
 # Consecutive token-wise Linear layers (a block's FFN: its inner value read by nothing
 # else) run over tiles of TOKEN_TILE tokens once x has TILE_FROM tokens or more, so that
@@ -160,6 +162,10 @@ class Executor:
         self._shape_values: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
         self._schedules: dict[tuple, tuple] = {}
         self._forwards: dict[tuple, Forward] = {}  # by (signature, outputs), for signatures in _shape_values
+        # by (signature, outputs): a Tape (sparsejit.tape), or None where there is none; made
+        # after the first run through the forward, for up to MAX_TAPES of them
+        self._tapes: dict[tuple, object] = {}
+        self._taping = threading.Lock()
 
     def _schedule(self, outputs: tuple[str, ...], skip_shape_only: bool) -> tuple:
         """Steps needed for `outputs`, and after each the names no later step reads."""
@@ -205,7 +211,7 @@ class Executor:
         shape_values = self._shape_values.get(signature)
         if shape_values is not None and profile is None:
             self._shape_values.move_to_end(signature)
-            return [_c_order(a) for a in self.forward(signature, outputs)(feeds)]
+            return self._run_known(signature, outputs, feeds)
         env = dict(self.graph.constants)
         env.update(feeds)
         if shape_values is not None:
@@ -232,11 +238,48 @@ class Executor:
         if shape_values is None:
             self._shape_values[signature] = {k: env[k] for k in self.shape_only if k in env}
             if len(self._shape_values) > MAX_SHAPE_SIGNATURES:
-                old, _ = self._shape_values.popitem(last=False)
-                for key in [k for k in self._forwards if k[0] == old]:
-                    del self._forwards[key]
+                self._forget(self._shape_values.popitem(last=False)[0])
         # Kernels may hand back transposed views; callers get plain C-ordered arrays.
         return [_c_order(env[o]) for o in outputs]
+
+    def _forget(self, signature: tuple) -> None:
+        """Drop a signature's forwards and tapes (its shape-only values are gone)."""
+        for cache in (self._forwards, self._tapes):
+            for key in [k for k in cache if k[0] == signature]:
+                del cache[key]
+
+    def _run_known(self, signature: tuple, outputs: tuple[str, ...], feeds: dict[str, np.ndarray]) -> list:
+        """A run of a signature whose shape-only values are cached: its tape where it has
+        one (and is free), else its generated forward."""
+        key = (signature, outputs)
+        tape = self._tapes.get(key)
+        if tape is not None:
+            results = tape(feeds)
+            if results is not None:
+                return results
+            if tape.dead:
+                self._tapes[key] = None
+        results = [_c_order(a) for a in self.forward(signature, outputs)(feeds)]
+        if key not in self._tapes:
+            self._tape(key, feeds)
+        return results
+
+    def _tape(self, key: tuple, feeds: dict[str, np.ndarray]) -> None:
+        """After a signature's first run through its forward (its second run), a tape of it
+        (sparsejit.tape), made by this thread while no other makes one."""
+        from . import tape
+
+        if key not in self._forwards or not self._taping.acquire(blocking=False):
+            return
+        try:
+            if key in self._tapes:
+                return
+            made = sum(t is not None for t in self._tapes.values()) < MAX_TAPES
+            steps, drops = self._schedule(key[1], True)
+            self._tapes[key] = made and tape.build(steps, drops, key[1], feeds, self.graph.constants,
+                                                   self._shape_values[key[0]]) or None
+        finally:
+            self._taping.release()
 
     @staticmethod
     def signature(feeds: dict[str, np.ndarray]) -> tuple:
