@@ -31,6 +31,9 @@ from .plan import Step
 
 MAX_SHAPE_SIGNATURES = 32
 MAX_TAPES = 8  # signatures with a tape of their runs (sparsejit.tape), each holding a run's buffers
+# Runs through a signature's forward before it is taped: a tape costs about three runs to
+# make, and saves a part of each run after, so only a shape that recurs gets one.
+TAPE_AFTER = 3
 
 # Consecutive token-wise Linear layers (a block's FFN: its inner value read by nothing
 # else) run over tiles of TOKEN_TILE tokens once x has TILE_FROM tokens or more, so that
@@ -163,7 +166,7 @@ class Executor:
         self._schedules: dict[tuple, tuple] = {}
         self._forwards: dict[tuple, Forward] = {}  # by (signature, outputs), for signatures in _shape_values
         # by (signature, outputs): a Tape (sparsejit.tape), or None where there is none; made
-        # after the first run through the forward, for up to MAX_TAPES of them
+        # after TAPE_AFTER runs through the forward, for up to MAX_TAPES of them
         self._tapes: dict[tuple, object] = {}
         self._taping = threading.Lock()
 
@@ -259,13 +262,15 @@ class Executor:
                 return results
             if tape.dead:
                 self._tapes[key] = None
-        results = [_c_order(a) for a in self.forward(signature, outputs)(feeds)]
-        if key not in self._tapes:
+        forward = self.forward(signature, outputs)
+        results = [_c_order(a) for a in forward(feeds)]
+        forward.runs += 1
+        if forward.runs >= TAPE_AFTER and key not in self._tapes:
             self._tape(key, feeds)
         return results
 
     def _tape(self, key: tuple, feeds: dict[str, np.ndarray]) -> None:
-        """After a signature's first run through its forward (its second run), a tape of it
+        """A tape of a signature that has run TAPE_AFTER times through its forward
         (sparsejit.tape), made by this thread while no other makes one."""
         from . import tape
 
@@ -309,6 +314,7 @@ class Forward:
     def __init__(self, steps: tuple, drops: tuple, outputs: tuple[str, ...], feed_names: list[str],
                  shape_values: dict[str, np.ndarray], constants: dict[str, np.ndarray]):
         self.nodes = [s.node for s in steps]
+        self.runs = 0  # (how many: Executor._run_known counts them)
         namespace: dict[str, object] = {"undefined": {}}
         local: dict[str, str] = {}  # value name → local variable
         bound: dict[str, str] = {}  # value name → namespace name

@@ -12,7 +12,7 @@ import pytest
 from conftest import MODELS_DIR, make_inputs
 
 import sparsejit
-from sparsejit import tape
+from sparsejit import executor, tape
 
 ALL_FILES = sorted(MODELS_DIR.rglob("*.onnx"))
 FP32 = MODELS_DIR / "bert_sdpa_h64_op14_legacy_p90.onnx"
@@ -26,6 +26,13 @@ def varied(names: list[str], seed: int, batch: int = 2, seq: int = 9) -> dict:
         for row, keep in enumerate(rng.integers(1, seq + 1, size=batch)):
             feeds["attention_mask"][row] = np.arange(seq) < keep
     return feeds
+
+
+def warm(model, inputs: list[dict]) -> None:
+    """Runs of these inputs' shapes until the model tapes them (the first walks the
+    steps, then executor.TAPE_AFTER through the forward)."""
+    for k in range(1 + executor.TAPE_AFTER):
+        model.run(inputs[k % len(inputs)])
 
 
 def tape_of(model, feeds: dict):
@@ -50,8 +57,7 @@ def assert_same(got: list, want: list) -> None:
 def test_taped_runs_give_the_untaped_outputs(path):
     model = sparsejit.load(path)
     inputs = [varied(model.input_names, seed) for seed in range(4)]
-    model.run(inputs[0])
-    model.run(inputs[1])  # (the first run through the forward: the tape made after it)
+    warm(model, inputs)
     t = tape_of(model, inputs[0])
     assert t is not None, "no tape"
     assert t.launches and t.kinds.count("launch")
@@ -77,8 +83,8 @@ def test_a_step_writing_outside_its_kernels_gets_no_tape():
         return (y,)
 
     ex.steps[i] = dataclasses.replace(step, run=shifted)
-    inputs = [varied(model.input_names, seed) for seed in range(3)]
-    want = [model.run(f) for f in inputs]  # (the first two: before any tape)
+    inputs = [varied(model.input_names, seed) for seed in range(1 + executor.TAPE_AFTER)]
+    want = [model.run(f) for f in inputs]  # (before any tape)
     assert tape_of(model, inputs[0]) is None and (model._executor.signature(inputs[0]), tuple(model.output_names)) \
         in ex._tapes
     for f, w in zip(inputs, want):
@@ -88,7 +94,7 @@ def test_a_step_writing_outside_its_kernels_gets_no_tape():
     ex._forwards.clear()
     ex._tapes.clear()
     plain = sparsejit.load(FP32)
-    assert not all(np.array_equal(a, b) for a, b in zip(want[2], plain.run(inputs[2])))  # (the change shows)
+    assert not all(np.array_equal(a, b) for a, b in zip(want[-1], plain.run(inputs[-1])))  # (the change shows)
 
 
 def test_a_kernel_step_whose_output_is_made_in_numpy_runs_as_python():
@@ -100,8 +106,7 @@ def test_a_kernel_step_whose_output_is_made_in_numpy_runs_as_python():
     step = ex.steps[i]
     ex.steps[i] = dataclasses.replace(step, run=lambda *a: (step.run(*a)[0] * np.float32(1.0),))
     inputs = [varied(model.input_names, seed) for seed in range(4)]
-    model.run(inputs[0])
-    model.run(inputs[1])
+    warm(model, inputs)
     t = tape_of(model, inputs[0])
     assert t is not None and t.kinds[[g.steps[0].node.name for g in t._groups].index(step.node.name)] == "host"
     taped = [model.run(f) for f in inputs]
@@ -115,8 +120,7 @@ def test_taped_outputs_are_the_callers():
     """A taped run hands back arrays of its own, which the next run leaves alone."""
     model = sparsejit.load(FP32)
     inputs = [varied(model.input_names, seed) for seed in range(4)]
-    for f in inputs[:2]:
-        model.run(f)
+    warm(model, inputs)
     first = model.run(inputs[2])
     kept = [a.copy() for a in first]
     model.run(inputs[3])
@@ -130,8 +134,7 @@ def test_threads_take_the_tape_in_turn():
     every output is its input's."""
     model = sparsejit.load(FP32)
     inputs = [varied(model.input_names, seed) for seed in range(6)]
-    for f in inputs[:2]:
-        model.run(f)
+    warm(model, inputs)
     want = [model.run(f) for f in inputs]
     errors, done = [], []
 
@@ -155,6 +158,23 @@ def test_no_tape_when_turned_off(monkeypatch):
     monkeypatch.setattr(tape, "ENABLED", False)
     model = sparsejit.load(FP32)
     feeds = varied(model.input_names, 0)
-    for _ in range(3):
-        model.run(feeds)
-    assert tape_of(model, feeds) is None
+    warm(model, [feeds])
+    model.run(feeds)
+    assert tape_of(model, feeds) is None and model._executor._tapes
+
+
+@pytest.mark.parametrize("path", [FP32, MODELS_DIR / "int8" / "bert_block4_p90_int8_sparseml.onnx"],
+                         ids=lambda p: p.stem)
+def test_fork_and_threads_on_a_tape(path):
+    """A child forked after the model taped a shape runs that tape; then four threads share
+    it (in a fresh interpreter: a crash there fails this test, not the run)."""
+    from test_robustness import fork_and_threads, run_python
+
+    code = fork_and_threads(path)
+    warmed = ("    for _ in range(1 + executor.TAPE_AFTER):\n        model.run(feeds)\n"
+              "    assert model._executor._tapes and all(model._executor._tapes.values())\n    first")
+    assert "    model.run(feeds)\n    first" in code
+    code = code.replace("    model.run(feeds)\n    first", warmed).replace("import os,", "from sparsejit import executor\n"
+                                                                           "    import os,")
+    out = run_python(code)
+    assert out.returncode == 0
