@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import linecache
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -31,9 +32,13 @@ from .plan import Step
 
 MAX_SHAPE_SIGNATURES = 32
 MAX_TAPES = 8  # signatures with a tape of their runs (sparsejit.tape), each holding a run's buffers
-# Runs through a signature's forward before it is taped: a tape costs about three runs to
-# make, and saves a part of each run after, so only a shape that recurs gets one.
+# When a signature's runs are taped (sparsejit.tape): a tape costs about three runs to make
+# and saves about TAPE_SAVES seconds a step on each run after it, so a signature is taped
+# once it has run through its forward as many times as its tape would need replays to
+# repay that (at its fastest run so far), and at least TAPE_AFTER times: a short run of a
+# small model after a few runs, a long one (a batch of 32) after dozens.
 TAPE_AFTER = 3
+TAPE_SAVES = 10e-6
 
 # Consecutive token-wise Linear layers (a block's FFN: its inner value read by nothing
 # else) run over tiles of TOKEN_TILE tokens once x has TILE_FROM tokens or more, so that
@@ -166,7 +171,7 @@ class Executor:
         self._schedules: dict[tuple, tuple] = {}
         self._forwards: dict[tuple, Forward] = {}  # by (signature, outputs), for signatures in _shape_values
         # by (signature, outputs): a Tape (sparsejit.tape), or None where there is none; made
-        # after TAPE_AFTER runs through the forward, for up to MAX_TAPES of them
+        # after enough runs through the forward (TAPE_SAVES), for up to MAX_TAPES of them
         self._tapes: dict[tuple, object] = {}
         self._taping = threading.Lock()
 
@@ -263,15 +268,18 @@ class Executor:
             if tape.dead:
                 self._tapes[key] = None
         forward = self.forward(signature, outputs)
+        start = time.perf_counter()
         results = [_c_order(a) for a in forward(feeds)]
+        forward.fastest = min(forward.fastest, time.perf_counter() - start)
         forward.runs += 1
-        if forward.runs >= TAPE_AFTER and key not in self._tapes:
+        if key not in self._tapes and forward.runs >= max(TAPE_AFTER, 3 * forward.fastest / (
+                TAPE_SAVES * len(forward.nodes))):
             self._tape(key, feeds)
         return results
 
     def _tape(self, key: tuple, feeds: dict[str, np.ndarray]) -> None:
-        """A tape of a signature that has run TAPE_AFTER times through its forward
-        (sparsejit.tape), made by this thread while no other makes one."""
+        """A tape of a signature (sparsejit.tape), made by this thread while no other makes
+        one."""
         from . import tape
 
         if key not in self._forwards or not self._taping.acquire(blocking=False):
@@ -314,7 +322,7 @@ class Forward:
     def __init__(self, steps: tuple, drops: tuple, outputs: tuple[str, ...], feed_names: list[str],
                  shape_values: dict[str, np.ndarray], constants: dict[str, np.ndarray]):
         self.nodes = [s.node for s in steps]
-        self.runs = 0  # (how many: Executor._run_known counts them)
+        self.runs, self.fastest = 0, math.inf  # (runs and the fastest's seconds: Executor._run_known)
         namespace: dict[str, object] = {"undefined": {}}
         local: dict[str, str] = {}  # value name → local variable
         bound: dict[str, str] = {}  # value name → namespace name

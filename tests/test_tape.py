@@ -28,6 +28,13 @@ def varied(names: list[str], seed: int, batch: int = 2, seq: int = 9) -> dict:
     return feeds
 
 
+@pytest.fixture(autouse=True)
+def _tape_soon(monkeypatch):
+    """Tapes after executor.TAPE_AFTER runs through the forward, however long a run takes
+    on this machine (the rule that waits longer for long runs: its own test)."""
+    monkeypatch.setattr(executor, "TAPE_SAVES", 1.0)
+
+
 def warm(model, inputs: list[dict]) -> None:
     """Runs of these inputs' shapes until the model tapes them (the first walks the
     steps, then executor.TAPE_AFTER through the forward)."""
@@ -154,6 +161,20 @@ def test_threads_take_the_tape_in_turn():
     assert tape_of(model, inputs[0]).replays >= len(inputs)
 
 
+def test_a_long_run_waits_for_more_runs(monkeypatch):
+    """A tape saves about TAPE_SAVES a step: where that is a sliver of a run, the shape
+    must recur many times (three runs' worth of the saving) before it gets a tape."""
+    monkeypatch.setattr(executor, "TAPE_SAVES", 1e-9)
+    model = sparsejit.load(FP32)
+    feeds = varied(model.input_names, 0)
+    for _ in range(20):
+        model.run(feeds)
+    assert not model._executor._tapes
+    monkeypatch.setattr(executor, "TAPE_SAVES", 1.0)
+    model.run(feeds)
+    assert tape_of(model, feeds) is not None
+
+
 def test_no_tape_when_turned_off(monkeypatch):
     monkeypatch.setattr(tape, "ENABLED", False)
     model = sparsejit.load(FP32)
@@ -174,7 +195,7 @@ def test_fork_and_threads_on_a_tape(path):
     warmed = ("    for _ in range(1 + executor.TAPE_AFTER):\n        model.run(feeds)\n"
               "    assert model._executor._tapes and all(model._executor._tapes.values())\n    first")
     assert "    model.run(feeds)\n    first" in code
-    code = code.replace("    model.run(feeds)\n    first", warmed).replace("import os,", "from sparsejit import executor\n"
-                                                                           "    import os,")
+    code = code.replace("    model.run(feeds)\n    first", warmed).replace(
+        "import os,", "from sparsejit import executor\n    executor.TAPE_SAVES = 1.0\n    import os,")
     out = run_python(code)
     assert out.returncode == 0
