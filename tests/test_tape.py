@@ -60,6 +60,15 @@ def assert_same(got: list, want: list) -> None:
         np.testing.assert_array_equal(g, w)
 
 
+def assert_replays_run_as_before(model, t, inputs: list[dict]) -> None:
+    """Each input run on tape `t` (a replay each), then untaped: the same outputs."""
+    taped = [model.run(f) for f in inputs]
+    assert t.replays == len(inputs)
+    untaped(model, inputs[0])
+    for f, got in zip(inputs, taped):
+        assert_same(got, model.run(f))
+
+
 @pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: str(p.relative_to(MODELS_DIR)))
 def test_taped_runs_give_the_untaped_outputs(path):
     model = sparsejit.load(path)
@@ -68,11 +77,7 @@ def test_taped_runs_give_the_untaped_outputs(path):
     t = tape_of(model, inputs[0])
     assert t is not None, "no tape"
     assert t.launches and t.kinds.count("launch")
-    taped = [model.run(f) for f in inputs]
-    assert t.replays == len(inputs)
-    untaped(model, inputs[0])
-    for f, got in zip(inputs, taped):
-        assert_same(got, model.run(f))
+    assert_replays_run_as_before(model, t, inputs)
 
 
 def test_a_step_writing_outside_its_kernels_gets_no_tape():
@@ -116,11 +121,7 @@ def test_a_kernel_step_whose_output_is_made_in_numpy_runs_as_python():
     warm(model, inputs)
     t = tape_of(model, inputs[0])
     assert t is not None and t.kinds[[g.steps[0].node.name for g in t._groups].index(step.node.name)] == "host"
-    taped = [model.run(f) for f in inputs]
-    assert t.replays == len(inputs)
-    untaped(model, inputs[0])
-    for f, got in zip(inputs, taped):
-        assert_same(got, model.run(f))
+    assert_replays_run_as_before(model, t, inputs)
 
 
 def test_taped_outputs_are_the_callers():
