@@ -16,7 +16,10 @@ What makes a step taped (a "launch" step), and so skipped as Python on a taped r
   int8 ones only with static quantization, whose scales are the model's);
 - it launched kernels only through `launch.run`, whose drivers return nothing;
 - each array its kernels got is the arena's, the tape's inputs, a model constant or a
-  kernel's own (weights), or the output of a step that runs on a taped run.
+  kernel's own (weights), or the output of a step that runs on a taped run, and each of
+  its outputs is the arena's;
+- attention's mask is a PreparedMask (whose layouts the tape makes again in place from
+  the mask's new values: `PreparedMask.refill`) or none, and its scale a constant.
 Steps that only take views (VIEW_OPS, an output sharing its input's memory) are skipped
 too: their outputs are the same memory on every run. Everything else runs in Python.
 
@@ -261,10 +264,11 @@ class _Memory:
 
 
 def _static(node) -> bool:
-    """Whether an int8 node's quantization of x is static (its scales the model's)."""
-    members = node.attrs.get("members")
-    nodes = [m for m in members] if members and node.op_type.startswith("QLinear") else [node]
-    return all(n.attrs.get("mode", "static") == "static" for n in nodes)
+    """Whether a node is no int8 layer, or one whose quantization of x is static (its
+    scales the model's)."""
+    if not node.op_type.startswith("QLinear"):
+        return True
+    return all(n.attrs.get("mode") == "static" for n in node.attrs.get("members") or [node])
 
 
 class Tape:

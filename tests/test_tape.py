@@ -124,6 +124,18 @@ def test_a_kernel_step_whose_output_is_made_in_numpy_runs_as_python():
     assert_replays_run_as_before(model, t, inputs)
 
 
+def test_dynamic_int8_layers_run_as_python():
+    """A dynamic int8 layer's scale comes from x's range, found in Python on every run: its
+    steps are never replayed (and static ones are)."""
+    for name, replayed in (("bert_block4_p90_int8_dynamic.onnx", False), ("bert_block4_p90_int8_sparseml.onnx", True)):
+        model = sparsejit.load(MODELS_DIR / "int8" / name)
+        inputs = [varied(model.input_names, seed) for seed in range(4)]
+        warm(model, inputs)
+        groups = [g for g in tape_of(model, inputs[0])._groups if g.steps[0].node.op_type.startswith("QLinear")]
+        assert groups and all((g.kind == "launch") == replayed for g in groups)
+        assert all(tape._static(g.steps[0].node) == replayed for g in groups)
+
+
 def test_taped_outputs_are_the_callers():
     """A taped run hands back arrays of its own, which the next run leaves alone."""
     model = sparsejit.load(FP32)
