@@ -39,6 +39,11 @@ MAX_TAPES = 8  # signatures with a tape of their runs (sparsejit.tape), each hol
 # small model after a few runs, a long one (a batch of 32) after dozens.
 TAPE_AFTER = 3
 TAPE_SAVES = 10e-6
+# A tape whose fastest of its first TAPE_TRIAL replays is not under TAPE_KEEP of the
+# forward's fastest run is dropped (where most of a run stays Python, say, its outputs
+# copied to the arena).
+TAPE_TRIAL = 5
+TAPE_KEEP = 0.98
 
 # Consecutive token-wise Linear layers (a block's FFN: its inner value read by nothing
 # else) run over tiles of TOKEN_TILE tokens once x has TILE_FROM tokens or more, so that
@@ -262,8 +267,13 @@ class Executor:
         key = (signature, outputs)
         tape = self._tapes.get(key)
         if tape is not None:
+            start = time.perf_counter()
             results = tape(feeds)
             if results is not None:
+                tape.fastest = min(tape.fastest, time.perf_counter() - start)
+                forward = self._forwards.get(key)
+                if tape.replays == TAPE_TRIAL and forward is not None and tape.fastest > TAPE_KEEP * forward.fastest:
+                    self._tapes[key] = None  # (no faster than the forward: dropped, its arena freed)
                 return results
             if tape.dead:
                 self._tapes[key] = None

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.lib.array_utils import byte_bounds
 
-from .executor import TokenChain, chain_length, step_failed
+from .executor import TILE_FROM, TokenChain, chain_length, step_failed
 from .kernels import launch, layout
 from .kernels.attention import PreparedMask
 
@@ -56,10 +56,10 @@ log = logging.getLogger("sparsejit")
 
 # SPARSEJIT_TAPE=0 in the environment: no tapes (every run as before).
 ENABLED = os.environ.get("SPARSEJIT_TAPE", "1") != "0"
-# Inputs of this many elements or more get no tape: their runs are long beside the
-# Python saved, and the executor runs FFN layers over token tiles there (TokenChain).
-MAX_INPUT_ELEMENTS = 1024
-MAX_ARENA_BYTES = 256 << 20
+# Inputs of this many elements or more get no tape (their runs are long beside the Python
+# saved), nor does a run whose arena would pass MAX_ARENA_BYTES.
+MAX_INPUT_ELEMENTS = 4096
+MAX_ARENA_BYTES = 128 << 20
 LAUNCH_OPS = frozenset({"Linear", "LinearGroup", "QLinear", "QLinearGroup", "LayerNorm", "AttentionCore"})
 VIEW_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
 LINE = 64
@@ -321,13 +321,15 @@ class Tape:
         self.launches = len(self._table)
         self.kinds = [g.kind for g in groups]
         self._groups = groups
-        self.replays = 0
+        self.replays, self.fastest = 0, math.inf  # (the fastest replay's seconds: Executor._run_known)
 
     @staticmethod
     def _kind(g: _Group, rec: _Recorder, args: list, results, base: dict) -> str:
         ops = {s.node.op_type for s in g.steps}
         arrays = [a for a in args if isinstance(a, np.ndarray)]
-        if rec.launches and not rec.untaped and ops <= LAUNCH_OPS and all(_static(s.node) for s in g.steps):
+        tiled = isinstance(g.run, TokenChain) and math.prod(args[0].shape[:-1]) >= TILE_FROM  # (tiles copied in numpy)
+        if rec.launches and not rec.untaped and not tiled and ops <= LAUNCH_OPS and all(_static(s.node)
+                                                                                      for s in g.steps):
             if "AttentionCore" in ops:
                 node = g.steps[0].node
                 mask = args[3] if len(args) > 3 else None

@@ -5,6 +5,7 @@ its kernels is never skipped; a taped run's outputs are the caller's own."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 
 import numpy as np
@@ -31,8 +32,10 @@ def varied(names: list[str], seed: int, batch: int = 2, seq: int = 9) -> dict:
 @pytest.fixture(autouse=True)
 def _tape_soon(monkeypatch):
     """Tapes after executor.TAPE_AFTER runs through the forward, however long a run takes
-    on this machine (the rule that waits longer for long runs: its own test)."""
+    on this machine, and kept however fast their replays (the rules that wait longer for
+    long runs and drop a tape no faster than the forward: their own tests)."""
     monkeypatch.setattr(executor, "TAPE_SAVES", 1.0)
+    monkeypatch.setattr(executor, "TAPE_KEEP", math.inf)
 
 
 def warm(model, inputs: list[dict]) -> None:
@@ -136,6 +139,18 @@ def test_dynamic_int8_layers_run_as_python():
         assert all(tape._static(g.steps[0].node) == replayed for g in groups)
 
 
+def test_ffn_layers_over_token_tiles_run_as_python():
+    """From executor.TILE_FROM tokens a block's FFN pair runs over token tiles, copying
+    each tile's output in numpy: such a chain stays Python, the rest is replayed."""
+    model = sparsejit.load(FP32, kernels="sparse")
+    inputs = [varied(model.input_names, seed, batch=10, seq=110) for seed in range(3)]
+    warm(model, inputs)
+    t = tape_of(model, inputs[0])
+    chains = [g for g in t._groups if isinstance(g.run, executor.TokenChain)]
+    assert chains and all(g.kind == "host" for g in chains) and t.kinds.count("launch")
+    assert_replays_run_as_before(model, t, inputs)
+
+
 def test_taped_outputs_are_the_callers():
     """A taped run hands back arrays of its own, which the next run leaves alone."""
     model = sparsejit.load(FP32)
@@ -186,6 +201,22 @@ def test_a_long_run_waits_for_more_runs(monkeypatch):
     monkeypatch.setattr(executor, "TAPE_SAVES", 1.0)
     model.run(feeds)
     assert tape_of(model, feeds) is not None
+
+
+def test_a_tape_no_faster_than_the_forward_is_dropped(monkeypatch):
+    """After executor.TAPE_TRIAL replays, a tape whose fastest is not under TAPE_KEEP of the
+    forward's fastest run goes (here every tape: TAPE_KEEP 0); runs go on right."""
+    monkeypatch.setattr(executor, "TAPE_KEEP", 0.0)
+    model = sparsejit.load(FP32)
+    inputs = [varied(model.input_names, seed) for seed in range(3)]
+    warm(model, inputs)
+    t = tape_of(model, inputs[0])
+    assert t is not None
+    got = [model.run(inputs[k % 3]) for k in range(executor.TAPE_TRIAL + 2)]
+    assert t.replays == executor.TAPE_TRIAL and tape_of(model, inputs[0]) is None
+    assert (model._executor.signature(inputs[0]), tuple(model.output_names)) in model._executor._tapes
+    for k, g in enumerate(got):
+        assert_same(g, model.run(inputs[k % 3]))
 
 
 def test_no_tape_when_turned_off(monkeypatch):
