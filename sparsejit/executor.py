@@ -9,7 +9,9 @@ The first run of a signature walks the steps over a name → array dict. Later r
 a forward function generated for the signature: one line per step, values in local
 variables, `del` after each value's last reader (see `forward_source`), which costs the
 interpreter less per step than the dict walk. There, a block's two FFN layers run
-together over token tiles when there are many tokens (`TokenChain`).
+together over token tiles when there are many tokens (`TokenChain`). A signature that
+keeps coming back is then taped (sparsejit.tape): its kernel launches made again without
+the Python between them.
 """
 
 from __future__ import annotations
@@ -295,12 +297,13 @@ class Executor:
         if key not in self._forwards or not self._taping.acquire(blocking=False):
             return
         try:
-            if key in self._tapes:
+            shape_values = self._shape_values.get(key[0])  # (None: dropped by another thread's run)
+            if key in self._tapes or shape_values is None:
                 return
             made = sum(t is not None for t in self._tapes.values()) < MAX_TAPES
             steps, drops = self._schedule(key[1], True)
             self._tapes[key] = made and tape.build(steps, drops, key[1], feeds, self.graph.constants,
-                                                   self._shape_values[key[0]]) or None
+                                                   shape_values) or None
         finally:
             self._taping.release()
 
