@@ -162,6 +162,35 @@ class TokenChain:
         return env[self.output]
 
 
+@dataclasses.dataclass
+class Call:
+    """One call of a forward: a step, or token-wise steps run as one TokenChain (`run`),
+    from step `index` on; the values it reads and makes, and those no later call reads."""
+
+    index: int
+    steps: tuple
+    run: object
+    inputs: list
+    outputs: list
+    drops: list
+
+
+def calls(steps: tuple, drops: tuple, outputs: tuple[str, ...]) -> list[Call]:
+    """A schedule's steps as the forward calls them (`chain_length`)."""
+    found, i = [], 0
+    while i < len(steps):
+        n = chain_length(steps, drops, i, outputs)
+        if n:
+            chain = TokenChain(steps[i:i + n])
+            found.append(Call(i, steps[i:i + n], chain, list(chain.outside), list(steps[i + n - 1].node.outputs),
+                              [name for d in drops[i:i + n] for name in d]))
+        else:
+            node = steps[i].node
+            found.append(Call(i, steps[i:i + 1], steps[i].run, list(node.inputs), list(node.outputs), list(drops[i])))
+        i += max(n, 1)
+    return found
+
+
 def _called(node, fn, *args):
     try:
         return fn(*args)
@@ -359,33 +388,25 @@ class Forward:
                  "def forward(feeds):"]
         self._step_at: dict[int, int] = {}  # line number → step index
         made = 0
-        i = 0
-        while i < len(steps):
-            length = chain_length(steps, drops, i, outputs)
-            if length:
-                chain = TokenChain(steps[i:i + length])
-                namespace[f"step{i}"] = chain
-                inputs, shown = chain.outside, steps[i + length - 1].node
-                what = (f"{length} steps by token tiles: " +
-                        ", ".join(f"{s.node.op_type} {s.node.name!r}" for s in chain.steps))
-            else:
-                node = shown = steps[i].node
-                namespace[f"step{i}"] = steps[i].run
-                inputs, what = node.inputs, f"{node.op_type} {node.name!r}"
+        for call in calls(steps, drops, outputs):
+            i = call.index
+            namespace[f"step{i}"] = call.run
+            what = (f"{len(call.steps)} steps by token tiles: " + ", ".join(
+                f"{s.node.op_type} {s.node.name!r}" for s in call.steps) if isinstance(call.run, TokenChain)
+                else f"{call.steps[0].node.op_type} {call.steps[0].node.name!r}")
             self._step_at[len(lines) + 1] = i  # (a TokenChain's failing step is named already: StepFailed)
-            args = ", ".join(read(name) for name in inputs)
+            args = ", ".join(read(name) for name in call.inputs)
             targets = []
-            for name in shown.outputs:
+            for name in call.outputs:
                 if name:
                     local[name] = f"v{made}"
                     made += 1
                 targets.append(local[name] if name else "_")
             # Names from the file appear only as repr() literals: no name can end the line.
             lines.append(f"    {', '.join(targets)}, = step{i}({args})  # {what}")
-            gone = [local.pop(name) for d in drops[i:i + max(length, 1)] for name in d if name in local]
+            gone = [local.pop(name) for name in call.drops if name in local]
             if gone:
                 lines.append(f"    del {', '.join(gone)}")
-            i += max(length, 1)
         lines.append(f"    return [{', '.join(read(name) for name in outputs)}]")
         self.source = "\n".join(lines) + "\n"
         # Registered with linecache so that tracebacks through it show its lines.

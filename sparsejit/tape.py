@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.lib.array_utils import byte_bounds
 
-from .executor import TILE_FROM, TokenChain, chain_length, step_failed
+from .executor import TILE_FROM, Call, TokenChain, _c_order, calls, step_failed
 from .kernels import launch, layout
 from .kernels.attention import PreparedMask
 
@@ -62,7 +62,6 @@ MAX_INPUT_ELEMENTS = 4096
 MAX_ARENA_BYTES = 128 << 20
 LAUNCH_OPS = frozenset({"Linear", "LinearGroup", "QLinear", "QLinearGroup", "LayerNorm", "AttentionCore"})
 VIEW_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
-LINE = 64
 
 
 class NotTaped(Exception):
@@ -70,32 +69,15 @@ class NotTaped(Exception):
 
 
 @dataclass
-class _Group:
-    """One call of the forward: a step, or token-wise steps run as one TokenChain."""
+class _Group(Call):
+    """A call of the forward (executor.calls), and how a tape takes it."""
 
-    steps: tuple
-    run: object
-    inputs: list
-    outputs: list
-    drops: list
     kind: str = "host"  # "launch", "view", "host" or "mask" (a PreparedMask, refilled)
     launches: list = field(default_factory=list)
 
 
 def _groups(steps: tuple, drops: tuple, outputs: tuple) -> list[_Group]:
-    """The schedule grouped as the generated forward groups it (Forward)."""
-    groups, i = [], 0
-    while i < len(steps):
-        n = chain_length(steps, drops, i, outputs)
-        if n:
-            chain = TokenChain(steps[i:i + n])
-            groups.append(_Group(steps[i:i + n], chain, list(chain.outside), [chain.output],
-                                 [name for d in drops[i:i + n] for name in d]))
-        else:
-            s = steps[i]
-            groups.append(_Group((s,), s.run, list(s.node.inputs), list(s.node.outputs), list(drops[i])))
-        i += max(n, 1)
-    return groups
+    return [_Group(**vars(c)) for c in calls(steps, drops, outputs)]
 
 
 def _walk(groups: list[_Group], values: dict, keep: bool, seen=None) -> None:
@@ -124,15 +106,15 @@ class _Trace:
         self.lives: list[list[int]] = []
 
     def __call__(self, shape: tuple, dtype) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        n = math.prod(shape) * dtype.itemsize
-        raw = np.empty(n + LINE, np.uint8)
-        start = -raw.ctypes.data % LINE
+        a = layout.aligned_empty(shape, dtype, lasting=True)
+        owner = a
+        while owner.base is not None:
+            owner = owner.base
         k = len(self.sizes)
-        self.sizes.append(n)
+        self.sizes.append(a.nbytes)
         self.lives.append([self._tick(), math.inf])
-        weakref.finalize(raw, self._freed, k)
-        return raw[start:start + n].view(dtype).reshape(shape)
+        weakref.finalize(owner, self._freed, k)  # (when the memory goes: no view of it is left)
+        return a
 
     def _tick(self) -> int:
         self.clock += 1
@@ -153,7 +135,7 @@ def _layout(sizes: list[int], lives: list[list[int]]) -> tuple[list[int], int]:
         if not alloc:
             live = [b for b in live if b[2] != k]
             continue
-        size, at = -(-max(sizes[k], 1) // LINE) * LINE, 0
+        size, at = -(-max(sizes[k], 1) // layout.ALIGN) * layout.ALIGN, 0
         for offset, end, _ in live:
             if offset - at >= size:
                 break
@@ -292,8 +274,7 @@ class Tape:
         offsets, size = _layout(trace.sizes, trace.lives)
         if size > MAX_ARENA_BYTES:
             raise NotTaped(f"an arena of {size} bytes")
-        raw = np.empty(size + LINE, np.uint8)
-        self._arena = raw[-raw.ctypes.data % LINE:][:size]
+        self._arena = layout.aligned_empty((size,), np.uint8, lasting=True)
         # pass 2: the same run in the arena, each group's launches recorded
         values = dict(base)
         planned = _Planned(self._arena, offsets, trace.sizes)
@@ -422,8 +403,6 @@ class Tape:
 
     @staticmethod
     def _copy_out(a) -> np.ndarray:
-        from .executor import _c_order
-
         c = _c_order(a)
         return c.copy() if c is a or (isinstance(a, np.ndarray) and np.may_share_memory(c, a)) else c
 
@@ -468,6 +447,3 @@ def build(steps: tuple, drops: tuple, outputs: tuple, feeds: dict, constants: di
     except Exception as e:  # noqa: BLE001 (NotTaped, or a step failing on the tape's allocator: runs go on untaped)
         log.debug("no tape: %s", e)
         return None
-    finally:
-        layout.allocate_with(None)
-        launch.record_with(None)
