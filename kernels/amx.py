@@ -177,6 +177,13 @@ NEGATIVE_ZERO = 0x8000  # bfloat16's -0.0
 _NONE = np.zeros(1, np.int64)  # the masks and offsets a dense weight's kernel gets
 
 
+def _aligned_copy(a: np.ndarray) -> np.ndarray:
+    """A copy of a whose data starts on a 64-byte line (numpy's own may start 16 bytes past one)."""
+    copy = aligned_empty(a.shape, a.dtype, lasting=True)
+    copy[...] = a
+    return copy
+
+
 class _Amx:
     """What both AMX layers share: the weight's tiles (dense, or compressed where few of
     its elements are nonzero), the compiled kernel and its driver."""
@@ -190,6 +197,8 @@ class _Amx:
         self._shape, self._dtype = tiles.shape, tiles.dtype
         dense = tiles.reshape(-1).view(np.uint8), _NONE, _NONE
         values, masks, offsets = compressed_tiles(tiles) if compressed else dense
+        if not compressed:  # (its tile rows on 64-byte lines: each row of a tile load one line, not two)
+            values = _aligned_copy(values)
         # (the masks, of 64 or 32 bits or none, kept as bytes: one type for the driver, one compile)
         self._arrays = values, masks.view(np.uint8), offsets
         self._fn = compile_ir(amx_ir(self.config), SIGNATURE.name)

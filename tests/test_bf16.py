@@ -196,6 +196,26 @@ def test_pruned_negative_zeros_compress_on_amx_tiles():
     assert np.array_equal(layer(x), plain(x))
 
 
+def test_amx_dense_tiles_start_on_a_cache_line():
+    """A dense weight's AMX tiles are one buffer whose rows the tile loads read 64 bytes at a
+    time: it starts on a 64-byte line (numpy's own buffers may start 16 bytes past one, and
+    then every tile row straddles two lines), int8's and bf16's, whatever the shape."""
+    from sparsejit.kernels.amx import Int8Amx
+
+    rng = np.random.default_rng(17)
+    made = []
+    for k, m in ((64, 32), (300, 70), (768, 96)):
+        if has_amx("bf16"):
+            made.append(BF16AmxLinear(rng.standard_normal((k, m)).astype(np.float32), None, "none", False))
+        if has_amx("int8"):
+            made.append(Int8Amx(rng.integers(-127, 128, (k, m)).astype(np.int8), 0.01, "dynamic"))
+    if not made:
+        pytest.skip("this CPU has no AMX (or Linux did not grant its tiles)")
+    for layer in made:
+        assert not layer.config.compressed and layer._arrays[0].ctypes.data % 64 == 0, (type(layer), layer._shape)
+        assert np.array_equal(layer.tiles.reshape(-1).view(np.uint8), layer._arrays[0])
+
+
 @needs_bf16
 def test_amx_layers_give_the_same_outputs_whatever_the_token_steps(monkeypatch):
     """The AMX driver steps over the tokens by amx.token_tile (fewer the more inputs): the
