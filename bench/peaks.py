@@ -24,7 +24,8 @@ in every row of every chunk.
 Where the CPU has AMX, the tile products too (`tdpbsud`, `tdpbf16ps`: a 16 × 16 tile of
 sums per instruction), on tiles only and with the tile loads of the AMX kernel's step
 (two weight and two activation tiles per four products), and the AMX dense kernels'
-multiply-adds per ns against them.
+multiply-adds per ns against them; then the int8 kernel's walk over its blocks without
+the epilogue, its tiles read where a call finds them (L1 or L2), as a ceiling for it.
 
     python bench/peaks.py [--out bench/results/peaks_<cpu>.md]
 
@@ -350,6 +351,76 @@ def tile_peaks(rounds: int) -> dict:
             for op in ops}
 
 
+def _tile_walk_ir(intrinsic: str) -> str:
+    """`f(a, b, ldb, ktiles, n, blocks, pairs)`: the AMX kernel's walk without its epilogue,
+    n blocks of 32 features × 32 tokens: block i is token block i % blocks of pair
+    (i / blocks) % pairs, `ktiles` K-steps of two weight tiles (the pair's, 2 KB a step,
+    contiguous as the kernel packs them) and two activation tiles (16 rows of 64 bytes,
+    row stride ldb, as xq's rows), four products, then the four sums stored."""
+    from sparsejit.kernels.amx_ir import tile_config
+
+    loads = ["  call void @llvm.x86.tileloadd64(i8 4, ptr %ap, i64 64)",
+             "  call void @llvm.x86.tileloadd64(i8 5, ptr %ap2, i64 64)",
+             "  call void @llvm.x86.tileloadd64(i8 6, ptr %bp, i64 %ldb)",
+             "  call void @llvm.x86.tileloadd64(i8 7, ptr %bp2, i64 %ldb)"]
+    return "\n".join([
+        "declare void @llvm.x86.ldtilecfg(ptr)", "declare void @llvm.x86.tilerelease()",
+        "declare void @llvm.x86.tileloadd64(i8, ptr, i64)", "declare void @llvm.x86.tilezero(i8)",
+        "declare void @llvm.x86.tilestored64(i8, ptr, i64)", f"declare void @{intrinsic}(i8, i8, i8)",
+        f'@cfg = private unnamed_addr constant [64 x i8] c"{tile_config()}", align 64',
+        "define void @f(ptr %a, ptr %b, i64 %ldb, i64 %kt, i64 %n, i64 %blocks, i64 %pairs, ptr %c) {", "entry:",
+        "  call void @llvm.x86.ldtilecfg(ptr @cfg)", "  br label %block", "block:",
+        "  %i = phi i64 [0, %entry], [%i1, %stored]", "  %tb = urem i64 %i, %blocks", "  %pq = udiv i64 %i, %blocks",
+        "  %p = urem i64 %pq, %pairs", "  %pk = mul i64 %p, %kt", "  %pa = mul i64 %pk, 2048",
+        "  %abase = getelementptr i8, ptr %a, i64 %pa", "  %bo = mul i64 %tb, 128",
+        "  %bbase = getelementptr i8, ptr %b, i64 %bo",
+        *[f"  call void @llvm.x86.tilezero(i8 {t})" for t in range(4)], "  br label %step", "step:",
+        "  %k = phi i64 [0, %block], [%k1, %step]", "  %ao = mul i64 %k, 2048",
+        "  %ap = getelementptr i8, ptr %abase, i64 %ao", "  %ap2 = getelementptr i8, ptr %ap, i64 1024",
+        "  %br = mul i64 %k, 16", "  %bro = mul i64 %br, %ldb", "  %bp = getelementptr i8, ptr %bbase, i64 %bro",
+        "  %bp2 = getelementptr i8, ptr %bp, i64 64", *loads,
+        *[f"  call void @{intrinsic}(i8 {c}, i8 {4 + c // 2}, i8 {6 + c % 2})" for c in range(4)],
+        "  %k1 = add i64 %k, 1", "  %more = icmp slt i64 %k1, %kt", "  br i1 %more, label %step, label %stored",
+        "stored:", *[f"  call void @llvm.x86.tilestored64(i8 {t}, ptr %c, i64 64)" for t in range(4)],
+        "  %i1 = add i64 %i, 1", "  %go = icmp slt i64 %i1, %n", "  br i1 %go, label %block, label %done", "done:",
+        "  call void @llvm.x86.tilerelease()", "  ret void", "}"])
+
+
+# The walks timed (tile_walks): (label, K-steps a block, tokens of a token tile, pairs of panels)
+TILE_WALKS = [("768 inputs, 128 tokens (batch 1)", 12, 128, 48), ("768 inputs, 512 tokens (a batch 8 step)", 12, 512, 48),
+              ("3072 inputs, 128 tokens", 48, 128, 12), ("3072 inputs, 256 tokens (a batch 8 step)", 48, 256, 12)]
+
+
+def tile_walks(rounds: int) -> list[tuple[str, float]]:
+    """[(walk, ns per K-step)]: the int8 kernel's block walk (_tile_walk_ir) on one thread,
+    each pair's weight tiles read across its token blocks and the token tile's rows of xq
+    across the pairs, where a call finds them; [] without AMX-INT8."""
+    from sparsejit.kernels.amx import has_amx
+    from sparsejit.kernels.layout import aligned_empty
+
+    if not has_amx("int8"):
+        return []
+    fn = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 2, *[ctypes.c_int64] * 5, ctypes.c_void_p)(
+        compile_ir(_tile_walk_ir(TILE_OPS["int8 tdpbsud"][0]), "f"))
+    out = []
+    for label, kt, tokens, pairs in TILE_WALKS:
+        a = aligned_empty((pairs * kt * 2048,), np.uint8)
+        b = aligned_empty((kt * 16 * tokens * 4,), np.uint8)
+        a[:], b[:] = 1, 1
+        c = aligned_empty((4096,), np.uint8)
+        blocks = tokens // 32
+        n = blocks * pairs * max(1, 200_000 // (blocks * pairs * kt))
+        best = np.inf
+        for r in range(rounds + 1):  # (the first untimed: the first tile products after a pause are slower)
+            t = time.perf_counter()
+            fn(a.ctypes.data, b.ctypes.data, tokens * 4, kt, n, blocks, pairs, c.ctypes.data)
+            if r == 0:
+                continue
+            best = min(best, time.perf_counter() - t)
+        out.append((label, best * 1e9 / (n * kt)))
+    return out
+
+
 def tile_kernels(rounds: int, calls: int) -> list[tuple[str, float, float]]:
     """[(AMX kernel, multiply-adds per ns, seconds per call)] on 768→3072, 128 tokens, one
     thread, the best of `calls` calls per round; x quantized or packed in the time."""
@@ -387,6 +458,15 @@ def tile_lines(rounds: int, calls: int, clock: float, vector_peaks: dict) -> lis
     for name, rate, seconds in tile_kernels(rounds, calls):
         peak = table[next(op for op in table if op.split()[0] == name.split()[0])][1]
         lines.append(f"| {name} | {seconds * 1e6:.0f} | {rate:.0f} | {rate / peak:.0%} |")
+    walks = tile_walks(rounds)
+    if walks:
+        step = 4 * TILE_OPS["int8 tdpbsud"][1] / table["int8 tdpbsud"][1]  # (ns a step at the peak with loads)
+        lines += ["", "The int8 kernel's walk without its epilogue, one thread: blocks of 32 features × 32 tokens, each",
+                  "pair's weight tiles read by its token blocks, the token tile's rows of x by every pair, a K-step two",
+                  f"weight and two activation tiles and four products ({step:.1f} ns at the peak with loads from L1):", "",
+                  "| walk | ns per K-step | cycles | of the peak with loads |", "|---|---|---|---|"]
+        for label, ns in walks:
+            lines.append(f"| {label} | {ns:.1f} | {ns * clock:.0f} | {step / ns:.0%} |")
     return lines
 
 
