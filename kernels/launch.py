@@ -25,6 +25,7 @@ import ctypes
 import functools
 import threading
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
@@ -242,22 +243,148 @@ def run(driver, sig: Signature, parts: int, per_part: int, *args):
     return result
 
 
-REPLAY_SOURCE = """\
-# sparsejit generated kernel: launches made again, rows of calls already filled
-# table row i: the part's address, the calls' address, their rows, each row's width
-import numpy as np
-from numba import njit
+# A taped run's stretch of launches (sparsejit.tape) made again in one parallel region,
+# not one region a launch: a region's start costs TBB a few µs (a new task arena, its
+# workers joining it), as much as a short kernel's part. In the region every thread walks
+# the launches in order (`claim_walk`): it claims a launch's parts one at a time (an
+# atomic count per launch) and runs each, and once none is left to claim waits until
+# every part is done, so that the next launch reads what this one wrote. No part is any
+# thread's own: a thread that comes late, or never (TBB may run both iterations of a
+# short region one after the other on one thread), leaves its parts to the others; one
+# waits only for parts another thread has claimed and is running.
+CLAIM_SLOTS = 16  # int64 a launch takes in the claims: its claim count, then 8 on, its done count (lines apart)
+# Pauses a waiting thread makes before it gives its core away between looks: a part it
+# waits for may belong to a thread that lost its core to another process, which a
+# spinning thread could be keeping off the other core (bench/contention.py).
+SPINS = 3000
 
-""" + IMPORTS + """
+WALK_IR = """\
+; sparsejit generated kernel: launches [start, stop) of a table (rows: part, calls, rows, width), each
+; row of calls claimed by one thread and run by part(row); claims[16 i] counts launch i's claims and
+; claims[16 i + 8] its finished rows; a thread that finds none left waits for the last to finish,
+; pausing, and after SPINS pauses giving its core away between looks (sched_yield)
+declare void @llvm.x86.sse2.pause()
+declare i32 @sched_yield()
 
-@njit(nogil=True, cache=True)
-def replay(launch, table, start, stop):
-    for i in range(start, stop):
-        launch_calls(launch, table[i, 0], table[i, 1], table[i, 2], table[i, 3])
+define void @claim_walk(i64 %table, i64 %start, i64 %stop, i64 %claims) {
+entry:
+  %tp = inttoptr i64 %table to ptr
+  %cp = inttoptr i64 %claims to ptr
+  br label %launch
+launch:
+  %i = phi i64 [ %start, %entry ], [ %i1, %next ]
+  %go = icmp slt i64 %i, %stop
+  br i1 %go, label %body, label %exit
+body:
+  %r = mul i64 %i, 4
+  %r0 = getelementptr i64, ptr %tp, i64 %r
+  %part.a = load i64, ptr %r0
+  %part = inttoptr i64 %part.a to ptr
+  %r1 = getelementptr i64, ptr %r0, i64 1
+  %calls = load i64, ptr %r1
+  %r2 = getelementptr i64, ptr %r0, i64 2
+  %rows = load i64, ptr %r2
+  %r3 = getelementptr i64, ptr %r0, i64 3
+  %width = load i64, ptr %r3
+  %bytes = mul i64 %width, 8
+  %ci = mul i64 %i, 16
+  %claim.p = getelementptr i64, ptr %cp, i64 %ci
+  %di = add i64 %ci, 8
+  %done.p = getelementptr i64, ptr %cp, i64 %di
+  br label %claim
+claim:
+  %c = atomicrmw add ptr %claim.p, i64 1 acq_rel
+  %mine = icmp slt i64 %c, %rows
+  br i1 %mine, label %run, label %wait
+run:
+  %off = mul i64 %c, %bytes
+  %row.a = add i64 %calls, %off
+  %row = inttoptr i64 %row.a to ptr
+  call void %part(ptr %row)
+  %d = atomicrmw add ptr %done.p, i64 1 release
+  br label %claim
+wait:
+  %spins = phi i64 [ 0, %claim ], [ %spins1, %spun ]
+  %n = load atomic i64, ptr %done.p acquire, align 8
+  %all = icmp sge i64 %n, %rows
+  br i1 %all, label %next, label %spin
+spin:
+  call void @llvm.x86.sse2.pause()
+  %spins1 = add i64 %spins, 1
+  %long = icmp sgt i64 %spins1, SPINS
+  br i1 %long, label %yield, label %spun
+yield:
+  %y = call i32 @sched_yield()
+  br label %spun
+spun:
+  br label %wait
+next:
+  %i1 = add i64 %i, 1
+  br label %launch
+exit:
+  ret void
+}
+"""
+
+CLAIMED_SOURCE = """\
+# sparsejit generated kernel: a stretch of launches made again in one parallel region
+from numba import prange
+
+from sparsejit.kernels.launch import call_walk
+
+
+def replay_claimed(walk, table, start, stop, claims, workers):
+    # compiled as a C function (launch._claimed), parallel; each thread walks the launches
+    for w in prange(workers):
+        call_walk(walk, table, start, stop, claims)
 """
 
 
-def replay(table: np.ndarray, start: int, stop: int) -> None:
+@intrinsic
+def call_walk(typingctx, walk, table, start, stop, claims):
+    """walk(table, start, stop, claims), the walk given by its address (in Numba code)."""
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(64)] * 4)
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), args[1:])
+        return context.get_dummy_value()
+    kinds = (walk, table, start, stop, claims)
+    if all(isinstance(k, types.Integer) and k.bitwidth == 64 for k in kinds):
+        return types.void(*kinds), codegen
+    return None
+
+
+@functools.cache
+def _walk() -> int:
+    return compile_ir(WALK_IR.replace("SPINS", str(SPINS)), "claim_walk")
+
+
+@functools.cache
+def _serial_walk():
+    return ctypes.CFUNCTYPE(None, *[ctypes.c_int64] * 4)(_walk())
+
+
+@functools.cache
+def _claimed():
+    fn = compiled_cfunc(load_source(CLAIMED_SOURCE).replay_claimed, "void(int64, int64, int64, int64, int64, int64)",
+                        parallel=True, nogil=True)
+    return ctypes.CFUNCTYPE(None, *[ctypes.c_int64] * 6)(fn.address)
+
+
+def new_claims(launches: int) -> np.ndarray:
+    """The claim and done counts `replay` keeps for a table of `launches` launches."""
+    return np.zeros(launches * CLAIM_SLOTS + 8, np.int64)  # (8 more: a line's start within it)
+
+
+def replay(table: np.ndarray, start: int, stop: int, claims: np.ndarray) -> None:
     """Launch rows start to stop of `table` (int64 [launches, 4]: part, calls, rows,
-    width) in order, in one call that lets go of the GIL."""
-    load_source(REPLAY_SOURCE).replay(launcher(), table, start, stop)
+    width) in order, each a launch's rows of calls, in one parallel region of the calling
+    thread's Numba threads (`claim_walk`), `claims` (new_claims) counting who runs what;
+    ctypes lets go of the GIL for the call."""
+    at = -address(claims) % 64 // 8  # (each launch's counts on 64-byte lines of their own)
+    counts = claims[at:at + len(table) * CLAIM_SLOTS]
+    counts[start * CLAIM_SLOTS:stop * CLAIM_SLOTS] = 0
+    workers = numba.get_num_threads()
+    if workers > 1 and stop - start > 1:
+        _claimed()(_walk(), address(table), start, stop, address(counts), workers)
+    else:
+        _serial_walk()(address(table), start, stop, address(counts))

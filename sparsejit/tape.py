@@ -375,6 +375,7 @@ class Tape:
             elif g.kind in ("host", "mask"):
                 segments.append((g.kind, g, [self._values[name] if name else None for name in g.outputs]))
         self._table = np.array(table, np.int64).reshape(-1, 4)
+        self._claims = launch.new_claims(len(table))
         self._calls = keep
         return segments
 
@@ -382,7 +383,7 @@ class Tape:
         values = self._values
         for seg in self._segments:
             if seg[0] == "launch":
-                launch.replay(self._table, seg[1], seg[2])
+                launch.replay(self._table, seg[1], seg[2], self._claims)
             elif seg[0] == "mask":
                 for prepared in seg[2]:
                     prepared.refill()

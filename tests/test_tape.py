@@ -289,3 +289,77 @@ def test_fork_and_threads_on_a_tape(path):
         "import os,", "from sparsejit import executor\n    executor.TAPE_SAVES = 1.0\n    import os,")
     out = run_python(code)
     assert out.returncode == 0
+
+
+# A kernel for the replay's own test: out[dst] += out[a] + out[b] + 1 (launch.replay).
+_CHAIN_SIG = None
+
+
+def _chain_launches(launches: int, rows: int):
+    """A table of `launches` launches of `rows` rows each, every row one call of a kernel
+    adding out[L - 1, r] + out[L - 1, (r + 1) % rows] + 1 to out[L, r] (0 before): each
+    launch reads what the one before it wrote, so out comes out right only if every row
+    runs once and each launch after the last finished. (out, table, its rows of calls, the expected out)"""
+    from sparsejit.kernels import launch
+    from sparsejit.kernels.compile import compile_ir
+    from sparsejit.kernels.ir import Signature
+
+    global _CHAIN_SIG
+    _CHAIN_SIG = _CHAIN_SIG or Signature("chain_step", (("out", "ptr"), ("dst", "i64"), ("a", "i64"), ("b", "i64")))
+    fn = compile_ir("define void @chain_step(ptr %out, i64 %dst, i64 %a, i64 %b) {\nentry:\n"
+                    "  %pa = getelementptr i64, ptr %out, i64 %a\n  %va = load i64, ptr %pa\n"
+                    "  %pb = getelementptr i64, ptr %out, i64 %b\n  %vb = load i64, ptr %pb\n"
+                    "  %s = add i64 %va, %vb\n  %s1 = add i64 %s, 1\n  %pd = getelementptr i64, ptr %out, i64 %dst\n"
+                    "  %vd = load i64, ptr %pd\n  %s2 = add i64 %s1, %vd\n  store i64 %s2, ptr %pd\n  ret void\n}\n",
+                    "chain_step")
+    out = np.zeros((launches + 1, rows), np.int64)
+    keep, table = [], []
+    for n in range(1, launches + 1):
+        calls = launch.new_calls(rows, 1, _CHAIN_SIG)
+        for r in range(rows):
+            calls[r, :6] = (1, fn, out.ctypes.data, n * rows + r, (n - 1) * rows + r, (n - 1) * rows + (r + 1) % rows)
+        keep.append(calls)
+        table.append((launch.part(_CHAIN_SIG), launch.address(calls), rows, calls.shape[1]))
+    want = np.zeros_like(out)
+    for n in range(1, launches + 1):
+        want[n] = want[n - 1] + np.roll(want[n - 1], -1) + 1
+    return out, np.array(table, np.int64), keep, want
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_replayed_stretch_runs_each_row_once_in_launch_order(threads):
+    """launch.replay: the rows of each launch claimed and run by whichever thread comes
+    first, the next launch begun only once every row of this one is done; the same counts
+    again on a second replay, and on a stretch in the middle of the table."""
+    import numba
+    from sparsejit.kernels import launch
+
+    out, table, _keep, want = _chain_launches(400, 2)
+    claims = launch.new_claims(len(table))
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        for _ in range(2):
+            out[1:] = 0
+            launch.replay(table, 0, len(table), claims)
+            assert np.array_equal(out, want)
+        out[201:] = 0
+        launch.replay(table, 200, len(table), claims)
+        assert np.array_equal(out, want)
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_a_replay_region_of_more_walkers_than_threads_finishes():
+    """More walkers than threads: TBB runs the later iterations of the region after the
+    first ones, on the same threads; they find every row claimed and done, and return
+    (no walker waits for a row nobody has claimed)."""
+    from sparsejit.kernels import launch
+
+    out, table, _keep, want = _chain_launches(300, 3)
+    claims = launch.new_claims(len(table))
+    at = -launch.address(claims) % 64 // 8
+    counts = claims[at:at + len(table) * launch.CLAIM_SLOTS]
+    launch._claimed()(launch._walk(), launch.address(table), 0, len(table), launch.address(counts), 8)
+    assert np.array_equal(out, want)
+    assert (counts[::launch.CLAIM_SLOTS] >= 3).all() and (counts[8::launch.CLAIM_SLOTS] == 3).all()
