@@ -330,27 +330,15 @@ CLAIMED_SOURCE = """\
 # sparsejit generated kernel: a stretch of launches made again in one parallel region
 from numba import prange
 
-from sparsejit.kernels.launch import call_walk
+from sparsejit.kernels.launch import launch_calls
 
 
 def replay_claimed(walk, table, start, stop, claims, workers):
     # compiled as a C function (launch._claimed), parallel; each thread walks the launches
+    # (launch_calls calls any C function of four int64 at an address: here the walk)
     for w in prange(workers):
-        call_walk(walk, table, start, stop, claims)
+        launch_calls(walk, table, start, stop, claims)
 """
-
-
-@intrinsic
-def call_walk(typingctx, walk, table, start, stop, claims):
-    """walk(table, start, stop, claims), the walk given by its address (in Numba code)."""
-    def codegen(context, builder, signature, args):
-        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(64)] * 4)
-        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), args[1:])
-        return context.get_dummy_value()
-    kinds = (walk, table, start, stop, claims)
-    if all(isinstance(k, types.Integer) and k.bitwidth == 64 for k in kinds):
-        return types.void(*kinds), codegen
-    return None
 
 
 @functools.cache
