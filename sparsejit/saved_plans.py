@@ -33,12 +33,14 @@ FORMAT = 1
 
 @functools.cache
 def kernels_fingerprint() -> str:
-    """The hash of the kernel generators' source: a plan holds timings of the kernels they
-    made, which a change to them (a new register tiling, say) makes stale."""
+    """The hash of the kernel generators' source and the planner's: a plan holds timings
+    of the kernels they made and the decisions the planner drew from them, which a change
+    to either (a new register tiling, a new way to choose) makes stale."""
     from . import kernels as package
 
     h = hashlib.sha256()
-    for path in sorted(Path(package.__file__).parent.glob("*.py")):
+    here = Path(__file__).parent
+    for path in [*sorted(Path(package.__file__).parent.glob("*.py")), here / "choose.py", here / "plan.py"]:
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 

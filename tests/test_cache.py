@@ -79,8 +79,9 @@ def test_damaged_cache_files_are_compiled_again_not_run(tmp_path):
 
 
 def test_a_change_to_the_kernels_makes_cached_plans_stale(tmp_path, monkeypatch):
-    """A plan holds timings of the kernels the generators made: after a change to them (a
-    new register tiling) the plan measured for the old ones is not reused."""
+    """A plan holds timings of the kernels the generators made, and the decisions the
+    planner drew from them: after a change to either (a new register tiling, a new way to
+    choose) the plan made before is not reused."""
     import shutil
 
     from sparsejit import kernels as package
@@ -95,7 +96,17 @@ def test_a_change_to_the_kernels_makes_cached_plans_stale(tmp_path, monkeypatch)
     monkeypatch.setattr(package, "__file__", str(copy / "__init__.py"))
     saved_plans.kernels_fingerprint.cache_clear()
     try:
-        assert saved_plans.structure_key(graph, 2, "auto") != before
+        changed = saved_plans.structure_key(graph, 2, "auto")
+        assert changed != before
+        # the planner's own source too: a new way to choose makes the decisions stale
+        planner = tmp_path / "sparsejit"
+        planner.mkdir()
+        for name in ("choose.py", "plan.py"):
+            shutil.copy(Path(saved_plans.__file__).parent / name, planner / name)
+        (planner / "choose.py").write_text((planner / "choose.py").read_text() + "\n# changed\n")
+        monkeypatch.setattr(saved_plans, "__file__", str(planner / "saved_plans.py"))
+        saved_plans.kernels_fingerprint.cache_clear()
+        assert saved_plans.structure_key(graph, 2, "auto") not in (before, changed)
     finally:
         saved_plans.kernels_fingerprint.cache_clear()
 
