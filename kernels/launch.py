@@ -17,6 +17,10 @@ each call long (QOperator attention's), has its rows filled in Python and launch
 there (`launch_rows`), with no driver to compile; its kernel may be a Numba function
 compiled as a C function (`compile.compiled_cfunc`), which reads its arrays through
 `pointer`.
+
+A taped run (sparsejit.tape) makes its recorded launches again with `replay`: a stretch
+of them in one parallel region (the second loop, `replay_claimed`), where the threads
+claim each launch's rows in turn (`claim_walk`).
 """
 
 from __future__ import annotations
@@ -244,8 +248,9 @@ def run(driver, sig: Signature, parts: int, per_part: int, *args):
 
 
 # A taped run's stretch of launches (sparsejit.tape) made again in one parallel region,
-# not one region a launch: a region's start costs TBB a few µs (a new task arena, its
-# workers joining it), as much as a short kernel's part. In the region every thread walks
+# not one region a launch: a region's start costs TBB (a new task arena, its workers
+# joining it) as much as a short kernel's part (bench/README.md, twenty-seventh session).
+# In the region every thread walks
 # the launches in order (`claim_walk`): it claims a launch's parts one at a time (an
 # atomic count per launch) and runs each, and once none is left to claim waits until
 # every part is done, so that the next launch reads what this one wrote. No part is any
