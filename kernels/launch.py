@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import platform
 import threading
 
 import numba
@@ -348,7 +349,11 @@ def replay_claimed(walk, table, start, stop, claims, workers):
 
 @functools.cache
 def _walk() -> int:
-    return compile_ir(WALK_IR.replace("SPINS", str(SPINS)), "claim_walk")
+    ir_text = WALK_IR.replace("SPINS", str(SPINS))
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):  # (x86's spin-wait hint only there)
+        ir_text = ir_text.replace("declare void @llvm.x86.sse2.pause()\n", "").replace(
+            "  call void @llvm.x86.sse2.pause()\n", "")
+    return compile_ir(ir_text, "claim_walk")
 
 
 @functools.cache
