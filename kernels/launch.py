@@ -369,8 +369,13 @@ def _claimed():
 
 
 def new_claims(launches: int) -> np.ndarray:
-    """The claim and done counts `replay` keeps for a table of `launches` launches."""
-    return np.zeros(launches * CLAIM_SLOTS + 8, np.int64)  # (8 more: a line's start within it)
+    """The claim and done counts `replay` keeps for a table of `launches` launches, each
+    launch's on 64-byte lines of their own (a tape's, kept for its replays)."""
+    from .layout import aligned_empty  # (layout imports this module)
+
+    claims = aligned_empty((launches * CLAIM_SLOTS,), np.int64, lasting=True)
+    claims[:] = 0
+    return claims
 
 
 def replay(table: np.ndarray, start: int, stop: int, claims: np.ndarray) -> None:
@@ -378,11 +383,9 @@ def replay(table: np.ndarray, start: int, stop: int, claims: np.ndarray) -> None
     width) in order, each a launch's rows of calls, in one parallel region of the calling
     thread's Numba threads (`claim_walk`), `claims` (new_claims) counting who runs what;
     ctypes lets go of the GIL for the call."""
-    at = -address(claims) % 64 // 8  # (each launch's counts on 64-byte lines of their own)
-    counts = claims[at:at + len(table) * CLAIM_SLOTS]
-    counts[start * CLAIM_SLOTS:stop * CLAIM_SLOTS] = 0
+    claims[start * CLAIM_SLOTS:stop * CLAIM_SLOTS] = 0
     workers = numba.get_num_threads()
     if workers > 1 and stop - start > 1:
-        _claimed()(_walk(), address(table), start, stop, address(counts), workers)
+        _claimed()(_walk(), address(table), start, stop, address(claims), workers)
     else:
-        _serial_walk()(address(table), start, stop, address(counts))
+        _serial_walk()(address(table), start, stop, address(claims))
