@@ -88,10 +88,11 @@ class Emitter:
     def raw(self, text: str) -> None:
         self.lines.append(text)
 
-    def call(self, intrinsic: str, ret: str, *args: tuple[str, str], name: str | None = None) -> str:
-        """`call ret @intrinsic(type value, ...)`, declared once; `ret` "void" emits no result."""
+    def call(self, intrinsic: str, ret: str, *args: tuple[str, str], name: str | None = None, flags: str = "") -> str:
+        """`call [flags] ret @intrinsic(type value, ...)`, declared once; `ret` "void" emits no
+        result; `flags`: fast-math flags, as "nnan"."""
         self.declared.setdefault(intrinsic, f"declare {ret} @{intrinsic}({', '.join(t for t, _ in args)})")
-        text = f"call {ret} @{intrinsic}({', '.join(f'{t} {v}' for t, v in args)})"
+        text = f"call {flags + ' ' if flags else ''}{ret} @{intrinsic}({', '.join(f'{t} {v}' for t, v in args)})"
         if ret == "void":
             self.raw("  " + text)
             return ""
@@ -100,9 +101,10 @@ class Emitter:
     def declarations(self) -> str:
         return "\n".join(self.declared[k] for k in sorted(self.declared))
 
-    def vcall(self, op: str, *values: str, name: str | None = None) -> str:
+    def vcall(self, op: str, *values: str, name: str | None = None, flags: str = "") -> str:
         """A float-vector intrinsic (`llvm.<op>.v<lanes>f32`) of float-vector arguments."""
-        return self.call(f"llvm.{op}.v{self.lanes}f32", self.vt, *((self.vt, v) for v in values), name=name)
+        return self.call(f"llvm.{op}.v{self.lanes}f32", self.vt, *((self.vt, v) for v in values), name=name,
+                         flags=flags)
 
     def splat(self, scalar: str) -> str:
         one = self(f"insertelement {self.vt} poison, float {scalar}, i32 0")

@@ -92,7 +92,9 @@ def quantized(e: Builder, x: str, scale: str, zero: str, lo: str, hi: str) -> st
     NaN giving 0 before the clamp (as numpy's cast of NaN to a byte does on x86)."""
     q = e(f"fadd {e.vt} {e.vcall('roundeven', e(f'fdiv {e.vt} {x}, {scale}'))}, {zero}")
     q = e(f"select <{e.lanes} x i1> {e(f'fcmp uno {e.vt} {q}, {q}')}, {e.vt} zeroinitializer, {e.vt} {q}")
-    return e.vcall("minnum", e.vcall("maxnum", q, lo), hi)
+    # (no NaN left, which `nnan` tells LLVM: one vmaxps and one vminps, where minnum and
+    # maxnum's NaN rule costs a compare and a blend each on x86)
+    return e.vcall("minnum", e.vcall("maxnum", q, lo, flags="nnan"), hi, flags="nnan")
 
 
 def store_block_bytes(e: Builder, qs: list[str], j: str, base: str, ld: str, t: str, masks: list) -> None:

@@ -647,6 +647,55 @@ def test_int8_input_kernels_agree_at_every_width():
                                       (packed.reshape(k4, 4, ntok) << (8 * np.arange(4, dtype=np.uint32))[:, None]).sum(1))
 
 
+def _beside_half_integers(scale: np.float32) -> np.ndarray:
+    """float32 x whose float32 quotient x / scale lies on, or a few of its last bits either
+    side of, a half-integer k + 1/2 (-130 <= k < 130), where rounding to an integer turns;
+    then zeros, infinities, NaN, the extremes and subnormals."""
+    near = np.array([(k + 0.5) * np.float64(scale) for k in range(-130, 130)]).astype(np.float32)
+    xs = [near]
+    for direction in (np.inf, -np.inf):
+        x = near
+        for _ in range(3):
+            x = np.nextafter(x, np.float32(direction))
+            xs.append(x)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.4028235e38, -3.4028235e38, 1e-45, -1e-45, 1.1754942e-38],
+                       np.float32)
+    return np.concatenate(xs + [special])
+
+
+def test_int8_quantize_kernels_round_the_float32_quotient_bit_for_bit():
+    """QuantizeLinear divides x by the scale in float32, then rounds half to even: the
+    quantize kernels give the same bytes where the quotient is on or beside a half-integer,
+    for scales whose reciprocal float32 cannot hold exactly, at both widths. (Multiplying
+    by a float32 reciprocal instead, one instruction less, fails here.)"""
+    from sparsejit.kernels.compile import compile_ir
+    from sparsejit.kernels.int8_ir import QUANTIZE_FLOAT_SIGNATURE, QUANTIZE_SIGNATURE, quantize_float_ir, quantize_ir
+    from sparsejit.kernels.layout import feature_major_empty
+
+    for scale in map(np.float32, (0.0123456, 0.1, 3.0, 0.0078125, 7.7e-3, 1e-30)):
+        x = _beside_half_integers(scale)
+        ntok = 16 * -(-x.size // 16)
+        xt = feature_major_empty(4, ntok)
+        xt[:] = 0
+        xt[0, :x.size] = x
+        xt[3, :x.size] = -x
+        with np.errstate(all="ignore"):
+            want = np.clip(np.rint(xt / scale), -128, 127)  # (NaN: the kernels give 0, as a cast to a byte does)
+        want[np.isnan(want)] = 0
+        for lanes in (8, 16):
+            xf = feature_major_empty(4, ntok)
+            QUANTIZE_FLOAT_SIGNATURE.ctypes()(compile_ir(quantize_float_ir(lanes), QUANTIZE_FLOAT_SIGNATURE.name))(
+                xt.ctypes.data, xt.strides[0] // 4, xf.ctypes.data, xf.strides[0] // 4, scale, np.float32(0),
+                np.float32(-128), np.float32(127), 0, 4, ntok)
+            np.testing.assert_array_equal(np.array(xf), want, err_msg=f"scale {scale}, {lanes} lanes")
+            xq = np.zeros((1, ntok), np.int32)
+            QUANTIZE_SIGNATURE.ctypes()(compile_ir(quantize_ir(lanes), QUANTIZE_SIGNATURE.name))(
+                xt.ctypes.data, xt.strides[0] // 4, xq.ctypes.data, ntok, 4, scale, np.float32(0), np.float32(-128),
+                np.float32(127), 0, 1, ntok)
+            got = xq.view(np.uint8).reshape(ntok, 4).T.astype(np.float32) - 128
+            np.testing.assert_array_equal(got, want, err_msg=f"scale {scale}, {lanes} lanes, bytes")
+
+
 def test_int8_on_the_fp32_sparse_kernel_is_exact():
     """Int8OnFloat: x quantized into floats q - zero point, the int8 weights as floats: the
     FP32 sparse kernel's sums are MatMulInteger's exactly (integers below 2^24), so without
