@@ -236,12 +236,45 @@ def record_with(fn) -> None:
     _recording.fn = fn
 
 
-def run(driver, sig: Signature, parts: int, per_part: int, *args):
+SERIAL_IR = """\
+; sparsejit generated kernel: launch's rows of calls made one after the other on the calling thread
+define void @serial_launch(i64 %part, i64 %calls, i64 %parts, i64 %width) {
+entry:
+  %fp = inttoptr i64 %part to ptr
+  %bytes = mul i64 %width, 8
+  br label %head
+head:
+  %c = phi i64 [ 0, %entry ], [ %c1, %body ]
+  %more = icmp slt i64 %c, %parts
+  br i1 %more, label %body, label %done
+body:
+  %off = mul i64 %c, %bytes
+  %row.a = add i64 %calls, %off
+  %row = inttoptr i64 %row.a to ptr
+  call void %fp(ptr %row)
+  %c1 = add i64 %c, 1
+  br label %head
+done:
+  ret void
+}
+"""
+
+
+@functools.cache
+def serial_launcher() -> int:
+    """The address of a `launch` that makes the rows on the calling thread, in order, with
+    no parallel region: for work shorter than starting one (bench/README.md, twenty-eighth
+    session)."""
+    return compile_ir(SERIAL_IR, "serial_launch")
+
+
+def run(driver, sig: Signature, parts: int, per_part: int, *args, serial: bool = False):
     """`driver(launch, part, calls, *args)` with new rows of calls for `parts` parts of up
     to `per_part` calls each of kernels of signature `sig`: what a kernel's Python side
-    calls its driver through. (Every driver fills the rows, then launches them once.)"""
+    calls its driver through. (Every driver fills the rows, then launches them once.)
+    `serial`: the rows made on the calling thread (serial_launcher)."""
     calls = new_calls(parts, per_part, sig)
-    result = driver(launcher(), part(sig), calls, *args)
+    result = driver(serial_launcher() if serial else launcher(), part(sig), calls, *args)
     record = getattr(_recording, "fn", None)
     if record is not None:
         record(part(sig), calls, args, result)

@@ -102,12 +102,18 @@ def transpose(launch, part, calls, fn, a, out):
 """
 
 
+# A transpose of fewer elements runs on the calling thread: a parallel region costs more
+# than it saves there, most of all right after a taped run's region (its outputs' copies).
+SERIAL_BELOW = 1 << 16
+
+
 def _transpose_into(a: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out (rows of unit stride) = a.T, a float32."""
     if a.strides[0] % 4 or a.strides[1] % 4:  # (a view of unaligned floats)
         a = np.ascontiguousarray(a)
-    run(load_source(TRANSPOSE_SOURCE).transpose, TRANSPOSE_SIGNATURE, threads(), 1, _transpose_fn(), a,
-        out)
+    small = a.size < SERIAL_BELOW
+    run(load_source(TRANSPOSE_SOURCE).transpose, TRANSPOSE_SIGNATURE, 1 if small else threads(), 1,
+        _transpose_fn(), a, out, serial=small)
     return out
 
 

@@ -309,6 +309,35 @@ def test_transpose_kernel():
             assert transposed(v).strides[1] == 4 or v.shape[0] <= 1  # unit token stride, rows maybe padded
 
 
+def test_small_transposes_run_on_the_calling_thread(monkeypatch):
+    """A transpose under layout.SERIAL_BELOW elements (a taped run's outputs, copied to
+    the caller) makes its rows on the calling thread, with no parallel region; a larger
+    one still starts one. Both give numpy's transpose, at 1, 2 and 3 threads."""
+    import numba
+
+    from sparsejit.kernels import launch, layout
+
+    rng = np.random.default_rng(6)
+    small = rng.standard_normal((16, 384)).astype(np.float32)
+    large = rng.standard_normal((layout.SERIAL_BELOW // 100 + 1, 100)).astype(np.float32)
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            for a in (small, large):
+                np.testing.assert_array_equal(layout.transposed_copy(a.T), a.T.copy())
+    finally:
+        numba.set_num_threads(before)
+
+    def no_region():
+        raise AssertionError("a parallel region started")
+
+    monkeypatch.setattr(launch, "launcher", no_region)
+    np.testing.assert_array_equal(layout.transposed_copy(small.T), small.T.copy())
+    with pytest.raises(AssertionError, match="parallel region"):
+        layout.transposed_copy(large.T)
+
+
 @pytest.mark.parametrize("mask_shape", [None, (2, 1, 1, 11), (2, 1, 9, 11), (1, 1, 1, 11), (11,)])
 @pytest.mark.parametrize("scale_op", ["none", "div", "mul"])
 def test_attention_matches_reference(mask_shape, scale_op):
