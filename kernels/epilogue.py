@@ -92,6 +92,7 @@ ACTIVATIONS: dict[str, Callable[[Emitter, str], str]] = {
     "none": lambda e, v: v,
     "gelu": gelu,
     "gelu_tanh": gelu_tanh,
+    "tanh": tanh,  # (BERT's pooler: Gemm, then Tanh)
 }
 
 

@@ -35,7 +35,8 @@ from .sparse_ir import IRConfig, ir_source
 __all__ = ["DenseLinear", "OutputSlice", "Pattern", "SparseLinear", "analyse", "reference_linear"]
 
 # The numpy meaning of each epilogue.ACTIVATIONS entry.
-REFERENCE_ACTIVATIONS = {"none": lambda y: y, "gelu": gelu, "gelu_tanh": lambda y: gelu(y, approximate="tanh")}
+REFERENCE_ACTIVATIONS = {"none": lambda y: y, "gelu": gelu, "gelu_tanh": lambda y: gelu(y, approximate="tanh"),
+                         "tanh": np.tanh}
 
 
 def reference_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,

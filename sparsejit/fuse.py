@@ -168,6 +168,11 @@ def _epilogue(m: _Matcher, chain: list[Node], attrs: dict, inputs: list[str]) ->
         attrs["activation"] = "gelu" if nxt.attrs.get("approximate", "none") == "none" else "gelu_tanh"
         chain.append(nxt)
         out = nxt.outputs[0]
+    nxt = m.only_user(out, "Tanh") if attrs["activation"] == "none" else None
+    if nxt is not None:  # (BERT's pooler)
+        attrs["activation"] = "tanh"
+        chain.append(nxt)
+        out = nxt.outputs[0]
     nxt = m.only_user(out, "Add")
     if nxt is not None and m.const(_other(nxt, out)) is None and _other(nxt, out) != out:
         attrs["residual"] = True

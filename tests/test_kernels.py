@@ -631,6 +631,21 @@ def test_gelu_tanh_epilogue_against_numpy():
         np.testing.assert_allclose(impl(x), reference_linear(x, w, bias, "gelu_tanh"), **TOL)
 
 
+def test_tanh_epilogue_against_numpy():
+    """Tanh after the product (BERT's pooler: Gemm, then Tanh, fused into the Linear), both
+    kernels, one token and many, with a residual: saturated, near 0 (where 1 - 2/(e^2x + 1)
+    cancels) and between."""
+    rng = np.random.default_rng(17)
+    w = pruned(rng, 64, 40, 0.8)
+    bias = rng.standard_normal(40).astype(np.float32)
+    for tokens in (1, 37):
+        x = (rng.standard_normal((tokens, 64)) * 4).astype(np.float32)
+        x[0, :8] = 1e-6 * np.arange(8)
+        r = rng.standard_normal((tokens, 40)).astype(np.float32)
+        for impl in (SparseLinear(w, bias, "tanh", True), DenseLinear(w, bias, "tanh", True)):
+            np.testing.assert_allclose(impl(x, r), reference_linear(x, w, bias, "tanh", r), **TOL)
+
+
 def test_int8_input_kernels_agree_at_every_width():
     """The range and quantize kernels the int8 layers run first, built for 8 lanes (AVX2)
     and for 16 (AVX-512, here legalised for whatever this CPU is): x's range as numpy finds
