@@ -264,9 +264,8 @@ class Tape:
         self.dead = False
         self._lock = threading.Lock()
         self._feeds = {name: np.array(a, copy=True, order="C") for name, a in feeds.items()}
-        base = dict(constants)
-        base.update(shape_values)
-        base.update(self._feeds)
+        fixed = {**constants, **shape_values}  # (values the same on every run of the signature)
+        base = {**fixed, **self._feeds}
         groups = _groups(steps, drops, outputs)
         # pass 1: every buffer's life
         trace = _Trace()
@@ -281,7 +280,7 @@ class Tape:
         recorder = [None]
 
         def seen(g, args, results):
-            g.launches, g.kind = recorder[0].launches, self._kind(g, recorder[0], args, results, base)
+            g.launches, g.kind = recorder[0].launches, self._kind(g, recorder[0], args, results, fixed)
             recorder[0] = _Recorder()
             launch.record_with(recorder[0])
 
@@ -305,7 +304,9 @@ class Tape:
         self.replays, self.fastest = 0, math.inf  # (the fastest replay's seconds: Executor._run_known)
 
     @staticmethod
-    def _kind(g: _Group, rec: _Recorder, args: list, results, base: dict) -> str:
+    def _kind(g: _Group, rec: _Recorder, args: list, results, fixed: dict) -> str:
+        """How a taped run takes a group: "launch", "view", "mask" or "host". `fixed`: the
+        values every run of the signature shares (the model's constants, shape values)."""
         ops = {s.node.op_type for s in g.steps}
         arrays = [a for a in args if isinstance(a, np.ndarray)]
         tiled = isinstance(g.run, TokenChain) and math.prod(args[0].shape[:-1]) >= TILE_FROM  # (tiles copied in numpy)
@@ -315,7 +316,7 @@ class Tape:
                 node = g.steps[0].node
                 mask = args[3] if len(args) > 3 else None
                 scale = node.inputs[4] if len(node.inputs) > 4 else ""
-                if not (mask is None or isinstance(mask, PreparedMask)) or (scale and scale not in base):
+                if not (mask is None or isinstance(mask, PreparedMask)) or (scale and scale not in fixed):
                     return "host"
             return "launch"
         if not rec.launches and not rec.untaped and ops <= VIEW_OPS and all(
