@@ -314,7 +314,6 @@ def test_small_transposes_run_on_the_calling_thread(monkeypatch):
     the caller) makes its rows on the calling thread, with no parallel region; a larger
     one still starts one. Both give numpy's transpose, at 1, 2 and 3 threads."""
     import numba
-
     from sparsejit.kernels import launch, layout
 
     rng = np.random.default_rng(6)
