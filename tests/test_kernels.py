@@ -544,14 +544,23 @@ def test_a_thread_given_no_rows_writes_nothing():
     assert (yt[1] == 7.0).all()
 
 
-def test_embeddings_kernel_against_the_registry_reference():
+@pytest.mark.parametrize("serial_below", [None, 0])
+def test_embeddings_kernel_against_the_registry_reference(serial_below, monkeypatch):
     """The fused EmbedLayerNorm kernel against the registered reference: ids broadcast
     against each other (positions [1, seq]), negative ids, 1 and 0 tokens, and an id out
-    of range named by its Gather."""
+    of range named by its Gather. These few tokens run on the calling thread, with no
+    parallel region (layout.SERIAL_BELOW); with that limit at 0, on the threads."""
+    from sparsejit.kernels import embed, launch
     from sparsejit.kernels.embed import EmbedLayerNorm
 
     from sparsejit.ops import OPS
 
+    if serial_below is None:
+        def no_region():
+            raise AssertionError("a parallel region started")
+        monkeypatch.setattr(launch, "launcher", no_region)
+    else:
+        monkeypatch.setattr(embed, "SERIAL_BELOW", serial_below)
     rng = np.random.default_rng(13)
     tables = [rng.standard_normal((50, 24)).astype(np.float32), rng.standard_normal((64, 24)).astype(np.float32),
               rng.standard_normal((2, 24)).astype(np.float32)]
@@ -567,6 +576,7 @@ def test_embeddings_kernel_against_the_registry_reference():
         np.testing.assert_allclose(got, want, **TOL)
     with pytest.raises(IndexError, match="'word': Gather index out of range"):
         kernel(np.array([[50]]), np.array([[0]]), np.array([[0]]), scale, bias)
+    monkeypatch.undo()
     # rounding to a grid as it stores (lower.quantize_layernorms): what FakeQuantize's kernel gives after it
     from sparsejit.kernels.elementwise import fake_quantize
 
