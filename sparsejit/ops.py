@@ -421,8 +421,10 @@ def gather(x, indices, axis=0):
     if idx.size and (idx.min() < -n or idx.max() >= n):
         raise IndexError(f"Gather index out of range [{-n}, {n}) on axis {axis}")
     # Indexing rather than np.take: take copies a non-contiguous x whole first (the
-    # pooler's Gather of token 0 from a feature-major view).
-    return x[(slice(None),) * (axis % x.ndim) + (np.where(idx < 0, idx + n, idx),)]
+    # pooler's Gather of token 0 from a feature-major view). One index is a view of x
+    # (as basic indexing gives), which a taped run need not copy (tape.VIEW_OPS).
+    at = np.where(idx < 0, idx + n, idx)
+    return x[(slice(None),) * (axis % x.ndim) + (int(at) if at.ndim == 0 else at,)]
 
 
 @op("GatherElements")

@@ -20,8 +20,8 @@ What makes a step taped (a "launch" step), and so skipped as Python on a taped r
   its outputs is the arena's;
 - attention's mask is a PreparedMask (whose layouts the tape makes again in place from
   the mask's new values: `PreparedMask.refill`) or none, and its scale a constant.
-Steps that only take views (VIEW_OPS, an output sharing its input's memory) are skipped
-too: their outputs are the same memory on every run. Everything else runs in Python.
+Steps that only take views (VIEW_OPS, an output sharing its input's memory; a Gather only
+of a constant index) are skipped too: their outputs are the same memory on every run. Everything else runs in Python.
 
 A tape is checked before it is used: the arena is filled with 0xFF bytes (NaN as float32),
 the run is replayed on the same inputs, and its outputs must equal the taped run's bit
@@ -61,7 +61,7 @@ ENABLED = os.environ.get("SPARSEJIT_TAPE", "1") != "0"
 MAX_INPUT_ELEMENTS = 4096
 MAX_ARENA_BYTES = 128 << 20
 LAUNCH_OPS = frozenset({"Linear", "LinearGroup", "QLinear", "QLinearGroup", "LayerNorm", "AttentionCore"})
-VIEW_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
+VIEW_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Gather"})
 
 
 class NotTaped(Exception):
@@ -319,7 +319,9 @@ class Tape:
                 if not (mask is None or isinstance(mask, PreparedMask)) or (scale and scale not in fixed):
                     return "host"
             return "launch"
-        if not rec.launches and not rec.untaped and ops <= VIEW_OPS and all(
+        # (a Gather's view is the same memory every run only where its index is the model's)
+        same = all(s.node.op_type != "Gather" or s.node.inputs[1] in fixed for s in g.steps)
+        if not rec.launches and not rec.untaped and ops <= VIEW_OPS and same and all(
                 isinstance(r, np.ndarray) and any(np.may_share_memory(r, a) for a in arrays) for r in results):
             return "view"
         if len(results) and all(isinstance(r, PreparedMask) for r in results):

@@ -129,6 +129,51 @@ def test_degenerate_shapes_taped_at_two_threads():
     assert out.count(" taped") == 8, out  # (every shape but the empty batch)
 
 
+def _gather_model(tmp_path, index_is_input: bool):
+    """x [2, 5, 8] → Linear → Gather of one position on axis 1 (a constant, or the input
+    `idx`) → Linear: a pooler's shape. Returns the model and its two weights."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    w1, w2 = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(2))
+    inits = [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"))]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])]
+    if index_is_input:
+        inputs.append(helper.make_tensor_value_info("idx", TensorProto.INT64, []))
+    else:
+        inits.append(numpy_helper.from_array(np.array(0, np.int64), "idx"))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Gather", ["h", "idx"], ["g"], axis=1),
+             helper.make_node("MatMul", ["g", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+                              initializer=inits)
+    path = tmp_path / f"gather_{index_is_input}.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    return sparsejit.load(path), w1, w2
+
+
+def test_a_gather_of_a_constant_index_is_a_view_and_of_an_input_index_is_not(tmp_path):
+    """A Gather of one position (the pooler's token 0) is a view of its input, the same
+    memory on every run of a shape: a taped run skips it. One whose index is a model input
+    may point elsewhere on the next run: it runs in Python, and each taped run takes the
+    position its own input names."""
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal((2, 5, 8)).astype(np.float32) for _ in range(6)]
+    model, _, _ = _gather_model(tmp_path, index_is_input=False)
+    warm(model, [{"x": x} for x in xs])
+    t = tape_of(model, {"x": xs[0]})
+    assert t is not None and "view" in t.kinds and "host" not in t.kinds, t.kinds
+    assert_replays_run_as_before(model, t, [{"x": x} for x in xs])
+
+    model, w1, w2 = _gather_model(tmp_path, index_is_input=True)
+    inputs = [{"x": x, "idx": np.array(k % 5, np.int64)} for k, x in enumerate(xs)]
+    warm(model, inputs)
+    t = tape_of(model, inputs[0])
+    assert t is not None and "host" in t.kinds and "view" not in t.kinds, t.kinds
+    assert_replays_run_as_before(model, t, inputs)
+    for f in inputs:
+        np.testing.assert_allclose(model.run(f)[0], (f["x"] @ w1)[:, int(f["idx"])] @ w2, rtol=1e-5, atol=1e-5)
+
+
 def test_a_step_writing_outside_its_kernels_gets_no_tape():
     """A kernel step that changes its output in numpy after its kernel: replaying its kernel
     alone would leave the change out, and the tape's check (its buffers filled with NaN,
