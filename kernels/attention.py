@@ -178,10 +178,17 @@ class PreparedMask:
         self._layouts: dict[tuple, np.ndarray] = {}
 
     def kernel_layout(self, mask4: np.ndarray, tk: int) -> np.ndarray:
+        """The kernel's layout of the mask for these scores (made at its first reader, held
+        outside a taped run's arena: the mask's refill writes it before that reader runs,
+        where the arena may give its memory to other buffers)."""
         key = (mask4.shape, tk)
         if key not in self._layouts:
-            self._layouts[key] = _kernel_mask(mask4, tk)
+            shape = mask4.shape[:2] + (tk, mask4.shape[2])
+            self._layouts[key] = _kernel_mask(mask4, tk, aligned_empty(shape, lasting=True))
         return self._layouts[key]
+
+    def layouts(self) -> list[np.ndarray]:
+        return list(self._layouts.values())
 
     def refill(self) -> None:
         """Each layout made so far made again in place from the mask's values now (a taped

@@ -94,6 +94,26 @@ def tokenwise(node) -> bool:
             ) and len(node.outputs) == 1 and bool(node.outputs[0])
 
 
+# The ops whose steps launch kernels (and which a taped run replays: sparsejit.tape).
+KERNEL_OPS = frozenset({"Linear", "LinearGroup", "QLinear", "QLinearGroup", "LayerNorm", "AttentionCore"})
+
+
+def _inputs_first(steps: list, ready: set[str]) -> list:
+    """`steps` (in an order that runs) with the steps that launch no kernel and read only
+    the model's inputs, constants and what such steps make moved to the front, each
+    part in its order: the attention mask's arithmetic, which exporters place after the
+    embeddings, then runs before the first kernel, and a taped run's launches make one
+    stretch (sparsejit.tape) instead of a first launch alone."""
+    ready, front, rest = set(ready), [], []
+    for s in steps:
+        if s.node.op_type not in KERNEL_OPS and all(not i or i in ready for i in s.node.inputs):
+            front.append(s)
+            ready.update(o for o in s.node.outputs if o)
+        else:
+            rest.append(s)
+    return front + rest
+
+
 def chain_length(steps: tuple, drops: tuple, i: int, outputs: tuple[str, ...]) -> int:
     """How many steps from i on run as one TokenChain (0: fewer than two): token-wise
     steps on sparse kernels, each value they make but the last read by later steps of the
@@ -227,7 +247,8 @@ class Executor:
                 continue
             chosen.append(s)
             live.update(i for i in s.node.inputs if i)
-        chosen.reverse()
+        chosen = _inputs_first(chosen[::-1], {i.name for i in self.graph.inputs} | set(self.graph.constants)
+                               | (self.shape_only if skip_shape_only else set()))
         keep = set(outputs) | set(self.graph.constants)
         if not skip_shape_only:
             keep |= self.shape_only  # the first run of a signature collects them

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.lib.array_utils import byte_bounds
 
-from .executor import TILE_FROM, Call, TokenChain, _c_order, calls, step_failed
+from .executor import KERNEL_OPS, TILE_FROM, Call, TokenChain, _c_order, calls, step_failed
 from .kernels import launch, layout
 from .kernels.attention import PreparedMask
 
@@ -60,7 +60,7 @@ ENABLED = os.environ.get("SPARSEJIT_TAPE", "1") != "0"
 # saved), nor does a run whose arena would pass MAX_ARENA_BYTES.
 MAX_INPUT_ELEMENTS = 4096
 MAX_ARENA_BYTES = 128 << 20
-LAUNCH_OPS = frozenset({"Linear", "LinearGroup", "QLinear", "QLinearGroup", "LayerNorm", "AttentionCore"})
+LAUNCH_OPS = KERNEL_OPS
 VIEW_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Gather"})
 
 
@@ -345,6 +345,8 @@ class Tape:
         for g in groups:
             if g.kind == "host":
                 found += [self._values[name] for name in g.outputs if isinstance(self._values.get(name), np.ndarray)]
+            elif g.kind == "mask":  # (its layouts: the mask's own buffers, refilled in place on each run)
+                found += [a for name in g.outputs for a in self._values[name].layouts()]
         for a in found:
             memory.add(a)
         arena = _Memory()
