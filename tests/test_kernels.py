@@ -1010,8 +1010,9 @@ def test_elementwise_kernels_equal_their_references():
     """QuantizeLinear, DequantizeLinear (and the two in one pass), Lookup, Erf and QLinearMatMul
     on their kernels (what the QOperator form runs between its Linear layers): equal to the numpy references bit for bit, for
     uint8 and int8, ties (x / scale = k + 0.5), values past the type's range and past
-    int32's, infinities, a transposed (feature-major) input and an empty one; and None,
-    so the reference runs, for what they do not cover."""
+    int32's, infinities, a transposed (feature-major) input, an empty one and one past
+    layout.SERIAL_BELOW (on the threads, where the others run on the calling thread); and
+    None, so the reference runs, for what they do not cover."""
     from sparsejit.kernels import elementwise
 
     from sparsejit.ops import dequantize_linear, erf, qlinear_matmul, quantize_linear
@@ -1021,7 +1022,7 @@ def test_elementwise_kernels_equal_their_references():
     x[0, :8] = [1e10, -1e10, np.inf, -np.inf, 2.5 * 0.25, 0.5 * 0.25, -1.5 * 0.25, 0.0]
     for scale, zero in [(np.float32(0.25), np.uint8(120)), (np.float32(0.013), np.int8(-7)),
                         (np.float32(0.02), np.uint8(0))]:
-        for v in (x, x.T, x[:0]):
+        for v in (x, x.T, x[:0], np.tile(x, (8, 1))):
             q = elementwise.quantize(v, scale, zero)
             assert q.dtype == zero.dtype and q.shape == v.shape
             np.testing.assert_array_equal(q, quantize_linear(v, scale, zero))
@@ -1036,7 +1037,7 @@ def test_elementwise_kernels_equal_their_references():
     q = elementwise.quantize(x, np.float32(0.02), np.uint8(0))
     for dtype in (np.uint8, np.int16, np.float32, np.float64):  # Lookup: tables of 8 to 64 bits
         table = rng.integers(-100, 100, 256).astype(dtype)
-        for v in (q, q.T, q[:0]):
+        for v in (q, q.T, q[:0], np.tile(q, (8, 1))):
             np.testing.assert_array_equal(elementwise.lookup(v, table=table), table[v])
     assert elementwise.lookup(q, table=np.zeros(10, np.float32)) is None  # (not a table of every byte)
     finite = x[1:]
