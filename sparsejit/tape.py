@@ -21,7 +21,8 @@ What makes a step taped (a "launch" step), and so skipped as Python on a taped r
 - attention's mask is a PreparedMask (whose layouts the tape makes again in place from
   the mask's new values: `PreparedMask.refill`) or none, and its scale a constant.
 Steps that only take views (VIEW_OPS, an output sharing its input's memory; a Gather only
-of a constant index) are skipped too: their outputs are the same memory on every run. Everything else runs in Python.
+of a constant index) are skipped too: their outputs are the same memory on every run.
+Everything else runs in Python.
 
 A tape is checked before it is used: the arena is filled with 0xFF bytes (NaN as float32),
 the run is replayed on the same inputs, and its outputs must equal the taped run's bit
