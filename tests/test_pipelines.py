@@ -99,6 +99,34 @@ def test_batching_and_padding_do_not_change_results(folders):
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
 
 
+def test_a_few_texts_are_padded_to_a_multiple_of_16_tokens_without_changing_results(folders, monkeypatch):
+    """A batch of at most pipelines.PAD_BELOW tokens reaches the model padded to a multiple
+    of 16 tokens (so that its shapes repeat, and runs of them are taped), and gives what
+    it gives padded to its longest text only: embeddings, and token classes by position."""
+    from sparsejit import pipelines
+
+    _, out = folders["minilm_p90"]
+    embed = sparsejit.pipeline("sentence-embeddings", out)
+    seen = []
+    run = embed.model.run
+    monkeypatch.setattr(embed.model, "run", lambda feeds, *a, **k: seen.append(feeds["input_ids"].shape) or
+                        run(feeds, *a, **k))
+    texts = [t for t in TEXTS[:40] if len(embed.encode([t])[0].ids) % 16][:6]
+    lengths = [len(embed.encode([t])[0].ids) for t in texts]
+    padded = np.concatenate([embed(t)[None] for t in texts] + [embed(texts[:3])])
+    assert all(s[1] % 16 == 0 for s in seen) and [s[1] for s in seen[:6]] == [-(-n // 16) * 16 for n in lengths], seen
+    _, tokens_out = folders["token-classification"]
+    tokens = sparsejit.pipeline("token-classification", tokens_out)
+    tagged = [tokens(t) for t in texts]
+    monkeypatch.setattr(pipelines, "PAD_MULTIPLE", 1)
+    seen.clear()
+    np.testing.assert_allclose(padded, np.concatenate([embed(t)[None] for t in texts] + [embed(texts[:3])]),
+                               atol=1e-5)
+    assert [s[1] for s in seen[:6]] == lengths
+    for got, want in zip(tagged, [tokens(t) for t in texts]):
+        _close_dicts(got, want, ("entity", "index", "word", "start", "end"))
+
+
 def test_pooling_options_override_the_folder(folders):
     _, out = folders["minilm"]
     cls = sparsejit.pipeline("feature-extraction", out, pooling="cls", normalize=False)
