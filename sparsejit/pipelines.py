@@ -28,12 +28,14 @@ import numpy as np
 from .api import Model, load
 from .ops import softmax  # (ONNX Softmax's reference: over the last axis)
 
-# A batch of at most PAD_BELOW tokens (a server's few requests) is padded to a multiple of
-# PAD_MULTIPLE tokens: its shape then comes back often, and a model runs a shape it has
-# seen often from its tape (sparsejit/tape.py) at about half the time of an untaped run
-# when it is short, far more than the padded tokens cost. The mask keeps the padding out
-# of every text's outputs. A larger batch runs long enough that its tape would take many
-# runs to repay, and its padding only costs (bench/README.md, twenty-eighth session).
+# A batch of one text or of batch_size texts, of at most PAD_BELOW tokens, is padded to a
+# multiple of PAD_MULTIPLE tokens: its shape then comes back often, and a model runs a
+# shape it has seen often from its tape (sparsejit/tape.py) at about half the time of an
+# untaped run when it is short, far more than the padded tokens cost. The mask keeps the
+# padding out of every text's outputs. A larger batch runs long enough that its tape would
+# take many runs to repay, and batches of other sizes (a server's, as requests come)
+# seldom repeat a shape: for those the padding only costs (bench/README.md,
+# twenty-eighth session).
 PAD_MULTIPLE = 16
 PAD_BELOW = 512
 PAIR_TASKS = ("text-classification", "sentiment-analysis")  # tasks whose inputs may be (text, text_pair)
@@ -204,10 +206,12 @@ class Pipeline:
 
     def feeds(self, encodings: Sequence) -> dict[str, np.ndarray]:
         """The model's inputs for encodings, padded on the right to the longest, and a small
-        batch further to a multiple of PAD_MULTIPLE tokens (within max_length)."""
+        batch of one text or of batch_size texts (the sizes that come back: one request,
+        a long list's batches) further to a multiple of PAD_MULTIPLE tokens (within
+        max_length)."""
         n, length = len(encodings), max(len(e.ids) for e in encodings)
         padded = -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
-        if n * padded <= PAD_BELOW and padded <= self.max_length:
+        if n in (1, self.batch_size) and n * padded <= PAD_BELOW and padded <= self.max_length:
             length = padded
         ids = np.full((n, length), self.pad_id, np.int64)
         mask = np.zeros((n, length), np.int64)

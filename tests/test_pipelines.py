@@ -100,29 +100,41 @@ def test_batching_and_padding_do_not_change_results(folders):
 
 
 def test_a_few_texts_are_padded_to_a_multiple_of_16_tokens_without_changing_results(folders, monkeypatch):
-    """A batch of at most pipelines.PAD_BELOW tokens reaches the model padded to a multiple
-    of 16 tokens (so that its shapes repeat, and runs of them are taped), and gives what
-    it gives padded to its longest text only: embeddings, and token classes by position."""
+    """One text, or a batch of batch_size texts, of at most pipelines.PAD_BELOW tokens,
+    reaches the model padded to a multiple of 16 tokens (so that its shapes repeat, and
+    runs of them are taped), and gives what it gives padded to its longest text only:
+    embeddings, and token classes by position. A batch of another size is padded to its
+    longest text only."""
     from sparsejit import pipelines
 
     _, out = folders["minilm_p90"]
-    embed = sparsejit.pipeline("sentence-embeddings", out)
-    seen = []
-    run = embed.model.run
-    monkeypatch.setattr(embed.model, "run", lambda feeds, *a, **k: seen.append(feeds["input_ids"].shape) or
-                        run(feeds, *a, **k))
-    texts = [t for t in TEXTS[:40] if len(embed.encode([t])[0].ids) % 16][:6]
+
+    def watched(**kwargs):
+        pipe, seen = sparsejit.pipeline("sentence-embeddings", out, **kwargs), []
+        run = pipe.model.run
+        monkeypatch.setattr(pipe.model, "run", lambda feeds, *a, **k: seen.append(feeds["input_ids"].shape) or
+                            run(feeds, *a, **k))
+        return pipe, seen
+
+    embed, seen = watched()
+    texts = [t for t in TEXTS[:60] if 8 < len(embed.encode([t])[0].ids) < 40 and len(embed.encode([t])[0].ids) % 16][:6]
     lengths = [len(embed.encode([t])[0].ids) for t in texts]
-    padded = np.concatenate([embed(t)[None] for t in texts] + [embed(texts[:3])])
-    assert all(s[1] % 16 == 0 for s in seen) and [s[1] for s in seen[:6]] == [-(-n // 16) * 16 for n in lengths], seen
+    one_by_one = np.concatenate([embed(t)[None] for t in texts])
+    assert [s[1] for s in seen] == [-(-n // 16) * 16 for n in lengths], seen
+    seen.clear()
+    embed(texts[:3])  # (3 texts, batch_size 32: to the longest)
+    assert seen == [(3, max(lengths[:3]))], seen
+    threes, seen3 = watched(batch_size=3)
+    by_three = threes(texts[:3])
+    assert seen3 == [(3, -(-max(lengths[:3]) // 16) * 16)], seen3
     _, tokens_out = folders["token-classification"]
     tokens = sparsejit.pipeline("token-classification", tokens_out)
     tagged = [tokens(t) for t in texts]
     monkeypatch.setattr(pipelines, "PAD_MULTIPLE", 1)
     seen.clear()
-    np.testing.assert_allclose(padded, np.concatenate([embed(t)[None] for t in texts] + [embed(texts[:3])]),
-                               atol=1e-5)
-    assert [s[1] for s in seen[:6]] == lengths
+    np.testing.assert_allclose(one_by_one, np.concatenate([embed(t)[None] for t in texts]), atol=1e-5)
+    assert [s[1] for s in seen] == lengths
+    np.testing.assert_allclose(by_three, embed(texts[:3]), atol=1e-5)
     for got, want in zip(tagged, [tokens(t) for t in texts]):
         _close_dicts(got, want, ("entity", "index", "word", "start", "end"))
 
