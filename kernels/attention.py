@@ -18,7 +18,7 @@ import functools
 
 import numpy as np
 
-from ..ops import op, softmax
+from ..ops import bind, op, softmax
 from .attention_ir import SIGNATURE, AttentionConfig, attention_ir
 from .compile import compile_ir, load_source, threads, vector_lanes
 from .ir import with_driver
@@ -161,11 +161,26 @@ def _scalar(scale, scale_op: str) -> float | None:
     return float(1.0 / s.ravel()[0]) if scale_op == "div" else float(s.ravel()[0])
 
 
-@op("PrepareMask", fused=True)
-def prepare_mask(mask: np.ndarray) -> PreparedMask:
+@op("PrepareMask", needs_opset=True, fused=True)
+def prepare_mask(source: np.ndarray, *, steps: tuple = (), opset: int = 17) -> PreparedMask:
     """The node lower.prepare_masks puts before the first of the AttentionCore nodes that read
-    one mask: the mask, with its kernel layout made once per run."""
-    return PreparedMask(mask)
+    one mask: the mask, made from `source` by `steps` (the per-element ops the graph made
+    it with, as their own ops would), with its kernel layout made once per run."""
+    return PreparedMask(source, mask_steps(steps, opset))
+
+
+def mask_steps(steps: tuple, opset: int):
+    """A function source → mask running `steps` ((op, attributes, scalar constant or None, the
+    constant first), lower._mask_steps) by the ops' own implementations; None for none."""
+    if not steps:
+        return None
+    bound = [(bind(op_type, attrs, opset, 1), const, first) for op_type, attrs, const, first in steps]
+
+    def make(x: np.ndarray) -> np.ndarray:
+        for fn, const, first in bound:
+            x = (fn(x) if const is None else fn(const, x) if first else fn(x, const))[0]
+        return x
+    return make
 
 
 class PreparedMask:
@@ -173,8 +188,9 @@ class PreparedMask:
     with the kernel's layout of it built once per run rather than once per layer. The
     executor holds it for one run only, so it never outlives the mask's values."""
 
-    def __init__(self, mask: np.ndarray):
-        self.mask = mask
+    def __init__(self, source: np.ndarray, make=None):
+        self.source, self._make = source, make
+        self.mask = source if make is None else np.array(make(source))
         self._layouts: dict[tuple, np.ndarray] = {}
 
     def kernel_layout(self, mask4: np.ndarray, tk: int) -> np.ndarray:
@@ -191,8 +207,11 @@ class PreparedMask:
         return list(self._layouts.values())
 
     def refill(self) -> None:
-        """Each layout made so far made again in place from the mask's values now (a taped
-        run's mask, refilled where the kernels read it: sparsejit.tape)."""
+        """The mask made again from its source, and each layout made so far, in place from
+        the values now (a taped run's mask, refilled where the kernels read it:
+        sparsejit.tape)."""
+        if self._make is not None:
+            np.copyto(self.mask, self._make(self.source))
         for (shape, tk), out in self._layouts.items():
             _kernel_mask(self.mask.reshape(shape), tk, out)
 

@@ -8,7 +8,8 @@ graph rewrite, so `Model.graph` and `Model.forward_source` show what runs.
   scale and zero point) become one `QLinearGroup`: x is quantized once for all of them.
 - `prepare_masks`: a mask that several AttentionCore nodes read gets a `PrepareMask` node
   before the first of them, and they read its output: the kernel's layout of the mask
-  is made once per run rather than once per layer.
+  is made once per run rather than once per layer. The per-element steps that make the
+  mask from the attention_mask input (Cast, then Sub and Mul by constants) go into it.
 - `mark_layouts`: a LayerNormalization over the last axis with one output becomes a
   `LayerNorm` node, written feature-major when a Linear reads it (every Linear kernel,
   int8 too, works so), even from a token-major input (the embeddings): one transpose there rather
@@ -73,17 +74,59 @@ def group_linears(graph: Graph) -> Graph:
     return _with_nodes(graph, nodes)
 
 
+# The per-element ops an exported mask is made with from the attention_mask input, each with
+# a scalar constant beside it but Cast ((1 - mask) · -10000, say), which PrepareMask applies
+# itself: one step where there were three, in every run (a taped run's too).
+MASK_STEPS = ("Cast", "Sub", "Mul", "Add", "Div")
+
+
+def _mask_steps(graph: Graph, mask: str, users: Counter) -> tuple[str, tuple, list[Node]]:
+    """(the value the mask is made from, the steps from it, their nodes): the chain of
+    MASK_STEPS ending at `mask` whose values nothing else reads; (mask, (), []) if none."""
+    made = {o: n for n in graph.nodes for o in n.outputs}
+    outputs = set(graph.outputs)
+    steps, chain, name = [], [], mask
+    while (n := made.get(name)) is not None and n.op_type in MASK_STEPS and (name == mask or (
+            users[name] == 1 and name not in outputs)):
+        if n.op_type == "Cast":
+            if len(n.inputs) != 1:
+                break
+            steps.append((n.op_type, dict(n.attrs), None, False))
+            name = n.inputs[0]
+        else:
+            consts = [graph.constants.get(i) for i in n.inputs]
+            if len(n.inputs) != 2 or sum(c is not None and np.size(c) == 1 for c in consts) != 1:
+                break
+            first = consts[0] is not None and np.size(consts[0]) == 1
+            steps.append((n.op_type, dict(n.attrs), consts[0 if first else 1], first))
+            name = n.inputs[1 if first else 0]
+        chain.append(n)
+    return name, tuple(reversed(steps)), chain
+
+
 def prepare_masks(graph: Graph) -> Graph:
     readers = Counter(n.inputs[3] for n in graph.nodes if n.op_type == "AttentionCore" and len(n.inputs) > 3)
     shared = {name for name, count in readers.items() if name and count > 1}
+    users = Counter(i for n in graph.nodes for i in n.inputs if i)
+    folded: dict[str, tuple] = {}  # a mask read by attention only: (its source, steps) and the nodes gone
+    for mask in shared:
+        if users[mask] == readers[mask] and mask not in graph.outputs:
+            source, steps, chain = _mask_steps(graph, mask, users)
+            if steps:
+                folded[mask] = (source, steps, {id(n) for n in chain})
+    gone = {i for _, _, ids in folded.values() for i in ids}
     prepared: dict[str, str] = {}
     nodes = []
     for n in graph.nodes:
+        if id(n) in gone:
+            continue
         mask = n.inputs[3] if n.op_type == "AttentionCore" and len(n.inputs) > 3 else ""
         if mask in shared:
             if mask not in prepared:
                 prepared[mask] = f"{mask}::prepared"
-                nodes.append(Node("PrepareMask", f"{mask}::prepare", [mask], [prepared[mask]]))
+                source, steps, _ = folded.get(mask, (mask, (), ()))
+                nodes.append(Node("PrepareMask", f"{mask}::prepare", [source], [prepared[mask]],
+                                  {"steps": steps} if steps else {}))
             n = Node(n.op_type, n.name, n.inputs[:3] + [prepared[mask]] + n.inputs[4:], list(n.outputs), n.attrs)
         nodes.append(n)
     return _with_nodes(graph, nodes)

@@ -22,7 +22,7 @@ from .choose import AMX_CLEARLY, DENSE_ABOVE, MANY_TOKENS, PROBE_TOKENS, SPARSE_
 from .graph import Graph, Node
 from .kernels import elementwise, rows
 from .kernels.amx import BF16AmxLinear, Int8Amx, has_amx
-from .kernels.attention import fused_attention, prepare_mask
+from .kernels.attention import PreparedMask, fused_attention, mask_steps
 from .kernels.bf16 import BF16DenseLinear, BF16ScatteredLinear, BF16SparseLinear, reference_bf16_linear
 from .kernels.embed import EmbedLayerNorm
 from .kernels.int8 import (
@@ -563,7 +563,8 @@ def layernorm_step(node: Node, p: Planning) -> Step:
 
 
 def prepare_mask_step(node: Node, p: Planning) -> Step:
-    return Step(node, lambda mask: (prepare_mask(mask),))
+    make = mask_steps(node.attrs.get("steps", ()), p.opset)
+    return Step(node, lambda source: (PreparedMask(source, make),))
 
 
 def embed_step(node: Node, p: Planning) -> Step:

@@ -174,6 +174,47 @@ def test_a_gather_of_a_constant_index_is_a_view_and_of_an_input_index_is_not(tmp
         np.testing.assert_allclose(model.run(f)[0], (f["x"] @ w1)[:, int(f["idx"])] @ w2, rtol=1e-5, atol=1e-5)
 
 
+def test_a_mask_made_by_cast_sub_and_mul_is_made_by_its_prepare_step(tmp_path):
+    """An export whose additive mask is (1 - float(attention_mask)) · -10000 (the form older
+    exports have): the Cast, Sub and Mul go into the PrepareMask step (lower.prepare_masks),
+    which makes the mask as those ops would, on every run, taped or not: within ONNX
+    Runtime's tolerance on padded inputs, and each taped run as the untaped one."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx")  # (eager: one mask, many readers)
+    old = next(i for n in m.graph.node if n.op_type == "Where" for i in n.output if any(
+        i in u.input for u in m.graph.node if u.op_type == "Add"))
+    for n in m.graph.node:
+        n.input[:] = ["chain_mask" if i == old else i for i in n.input]
+    m.graph.initializer.extend([numpy_helper.from_array(np.array([1, 2], np.int64), "chain_axes"),
+                                numpy_helper.from_array(np.array(1.0, np.float32), "chain_one"),
+                                numpy_helper.from_array(np.array(-10000.0, np.float32), "chain_big")])
+    chain = [helper.make_node("Unsqueeze", ["attention_mask", "chain_axes"], ["chain_u"]),
+             helper.make_node("Cast", ["chain_u"], ["chain_f"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("Sub", ["chain_one", "chain_f"], ["chain_s"]),
+             helper.make_node("Mul", ["chain_s", "chain_big"], ["chain_mask"])]
+    for k, n in enumerate(chain):  # (first: the graph stays in order)
+        m.graph.node.insert(k, n)
+    path = tmp_path / "cast_sub_mul_mask.onnx"
+    onnx.save(m, path)
+    model = sparsejit.load(path)
+    (prepare,) = [n for n in model.graph.nodes if n.op_type == "PrepareMask"]
+    assert [s[0] for s in prepare.attrs["steps"]] == ["Cast", "Sub", "Mul"]
+    assert not {"Cast", "Sub", "Mul"} & {n.op_type for n in model.graph.nodes if "chain" in "".join(n.outputs)}
+    for shape in [(1, 7), (3, 20)]:
+        inputs = [varied(model.input_names, seed, *shape) for seed in range(4)]
+        warm(model, inputs)
+        t = tape_of(model, inputs[0])
+        assert t is not None and "mask" in t.kinds
+        taped = [model.run(f) for f in inputs]
+        assert t.replays == len(inputs)
+        untaped(model, inputs[0])
+        for f, got in zip(inputs, taped):
+            assert_same(got, model.run(f))
+            assert_parity(got, ort_run(path, f), model.output_names)
+
+
 def test_a_step_writing_outside_its_kernels_gets_no_tape():
     """A kernel step that changes its output in numpy after its kernel: replaying its kernel
     alone would leave the change out, and the tape's check (its buffers filled with NaN,
