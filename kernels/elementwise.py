@@ -28,7 +28,7 @@ from ..ops import qlinear_matmul as reference_qlinear_matmul
 from .compile import compile_ir, compiled_cfunc, load_source, threads
 from .ir import Signature
 from .launch import IMPORTS, address, launch_rows, new_calls, put_source, run
-from .layout import SERIAL_BELOW, thread_arena
+from .layout import parts_for, thread_arena
 from .lowp_ir import quantized_ir
 from .qattention_ir import SCRATCH, SLOTS, Scratch, qattention_ir
 
@@ -467,9 +467,8 @@ def _each(op: str, x: np.ndarray, out: np.ndarray, scale=0, zero=0, lo=0, hi=0, 
     """each_ir(op), or EACH_SOURCE's, over the flat (contiguous) x into out, on every thread
     (under layout.SERIAL_BELOW elements on the calling thread alone, with no parallel region)."""
     f32 = np.float32
-    small = x.size < SERIAL_BELOW
-    run(load_source(EACH_DRIVER).run_each, EACH, 1 if small else threads(), 1, _each_fn(op), x.view(np.uint8),
-        out.view(np.uint8), x.size, f32(scale), f32(zero), f32(lo), f32(hi), table.view(np.uint8), serial=small)
+    run(load_source(EACH_DRIVER).run_each, EACH, parts_for(x.size), 1, _each_fn(op), x.view(np.uint8),
+        out.view(np.uint8), x.size, f32(scale), f32(zero), f32(lo), f32(hi), table.view(np.uint8))
 
 
 @op("QSoftmax", fused=True)

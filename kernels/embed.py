@@ -15,12 +15,12 @@ import functools
 import numpy as np
 
 from ..ops import gather, layer_normalization, op
-from .compile import compile_ir, load_source, threads, vector_lanes
+from .compile import compile_ir, load_source, vector_lanes
 from .elementwise import reference_fake_quantize
 from .ir import Builder, Signature, with_driver
 from .launch import IMPORTS, put_source, run
 from .layernorm import NO_BYTES, NO_GRID, Grid, _columns_kernel, layernorm_columns
-from .layout import SERIAL_BELOW, feature_major_empty
+from .layout import feature_major_empty, parts_for
 
 
 @op("EmbedLayerNorm", fused=True)
@@ -178,14 +178,13 @@ class EmbedLayerNorm:
                                              epsilon=float(self.epsilon), quantize=self.grid and self.grid.quantize)
         # (few tokens on the calling thread: a run's first step, whose parallel region would
         # wake the threads the run's last region left)
-        serial = shape[0] * shape[1] * h < SERIAL_BELOW
-        parts = 1 if serial else threads()
+        parts = parts_for(shape[0] * shape[1] * h)
         xt, yt = feature_major_empty(h, shape[0] * shape[1]), feature_major_empty(h, shape[0] * shape[1])
         # one type for all (C-contiguous, writable int64, 2-D): Numba indexes the tuple at run time
         as_2d = tuple(np.require(i, np.int64, ["C", "W"]).reshape((1,) * (2 - np.ndim(i)) + np.shape(i)) for i in ids)
         rows = np.empty((len(ids), shape[0] * shape[1]), np.int64)
         bad = run(self._driver, SIGNATURE, parts, 1, self._fn, as_2d, self.sizes, self.offsets, shape[0], shape[1],
-                  self.table, xt, rows, serial=serial)
+                  self.table, xt, rows)
         if bad >= 0:
             rows = self.sizes[bad]
             raise IndexError(f"{self.gathers[bad]!r}: Gather index out of range [{-rows}, {rows}) on axis 0")
@@ -194,5 +193,5 @@ class EmbedLayerNorm:
             b = np.zeros(h, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
             grid = NO_GRID if self.grid is None else self.grid.floats
             layernorm_columns(run_columns, fn, xt, yt, np.ascontiguousarray(scale, np.float32), b, self.epsilon, grid,
-                              NO_BYTES, parts, serial)
+                              NO_BYTES, parts)
         return yt.T.reshape(shape + (h,))

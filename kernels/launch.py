@@ -268,14 +268,14 @@ def serial_launcher() -> int:
     return compile_ir(SERIAL_IR, "serial_launch")
 
 
-def run(driver, sig: Signature, parts: int, per_part: int, *args, serial: bool = False):
+def run(driver, sig: Signature, parts: int, per_part: int, *args):
     """`driver(launch, part, calls, *args)` with new rows of calls for `parts` parts of up
     to `per_part` calls each of kernels of signature `sig`: what a kernel's Python side
     calls its driver through. (Every driver fills the rows, then launches them once.)
-    `serial`, or one part: the rows made on the calling thread (serial_launcher), with no
-    parallel region."""
+    One part's rows are made on the calling thread (serial_launcher), with no parallel
+    region (layout.parts_for gives one part to small work)."""
     calls = new_calls(parts, per_part, sig)
-    result = driver(serial_launcher() if serial or parts == 1 else launcher(), part(sig), calls, *args)
+    result = driver(serial_launcher() if parts == 1 else launcher(), part(sig), calls, *args)
     record = getattr(_recording, "fn", None)
     if record is not None:
         record(part(sig), calls, args, result)

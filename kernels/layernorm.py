@@ -200,10 +200,9 @@ def run_columns(launch, part, calls, fn, xt, yt, scale, bias, eps, grid, xq):
 """
 
 
-def layernorm_columns(driver, fn: int, xt, yt, scale, bias, eps, grid, xq, parts: int, serial: bool = False) -> None:
-    """run_columns over `parts` parts (both callers of the LayerNorm kernel's driver);
-    `serial`: on the calling thread (launch.run)."""
-    run(driver, COLUMNS_SIGNATURE, parts, 1, fn, xt, yt, scale, bias, eps, grid, xq, serial=serial)
+def layernorm_columns(driver, fn: int, xt, yt, scale, bias, eps, grid, xq, parts: int) -> None:
+    """run_columns over `parts` parts (both callers of the LayerNorm kernel's driver)."""
+    run(driver, COLUMNS_SIGNATURE, parts, 1, fn, xt, yt, scale, bias, eps, grid, xq)
 
 @functools.cache
 def _columns_kernel(lanes: int, quantize: bool = False, to_bytes: bool = False):

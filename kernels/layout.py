@@ -102,18 +102,24 @@ def transpose(launch, part, calls, fn, a, out):
 """
 
 
-# A transpose of fewer elements runs on the calling thread: a parallel region costs more
-# than it saves there, most of all right after a taped run's region (its outputs' copies).
+# Work over fewer elements runs on the calling thread: a parallel region costs more than
+# it saves there, most of all right after a taped run's region (its outputs' copies, the
+# next run's embeddings).
 SERIAL_BELOW = 1 << 16
+
+
+def parts_for(elements: int) -> int:
+    """The parts to split work over `elements` elements into: one under SERIAL_BELOW (which
+    launch.run makes on the calling thread), else one per thread."""
+    return 1 if elements < SERIAL_BELOW else threads()
 
 
 def _transpose_into(a: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out (rows of unit stride) = a.T, a float32."""
     if a.strides[0] % 4 or a.strides[1] % 4:  # (a view of unaligned floats)
         a = np.ascontiguousarray(a)
-    small = a.size < SERIAL_BELOW
-    run(load_source(TRANSPOSE_SOURCE).transpose, TRANSPOSE_SIGNATURE, 1 if small else threads(), 1,
-        _transpose_fn(), a, out, serial=small)
+    run(load_source(TRANSPOSE_SOURCE).transpose, TRANSPOSE_SIGNATURE, parts_for(a.size), 1, _transpose_fn(), a,
+        out)
     return out
 
 

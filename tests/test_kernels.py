@@ -561,7 +561,7 @@ def test_embeddings_kernel_against_the_registry_reference(serial_below, monkeypa
     against each other (positions [1, seq]), negative ids, 1 and 0 tokens, and an id out
     of range named by its Gather. These few tokens run on the calling thread, with no
     parallel region (layout.SERIAL_BELOW); with that limit at 0, on the threads."""
-    from sparsejit.kernels import embed, launch
+    from sparsejit.kernels import launch, layout
     from sparsejit.kernels.embed import EmbedLayerNorm
 
     from sparsejit.ops import OPS
@@ -571,7 +571,7 @@ def test_embeddings_kernel_against_the_registry_reference(serial_below, monkeypa
             raise AssertionError("a parallel region started")
         monkeypatch.setattr(launch, "launcher", no_region)
     else:
-        monkeypatch.setattr(embed, "SERIAL_BELOW", serial_below)
+        monkeypatch.setattr(layout, "SERIAL_BELOW", serial_below)
     rng = np.random.default_rng(13)
     tables = [rng.standard_normal((50, 24)).astype(np.float32), rng.standard_normal((64, 24)).astype(np.float32),
               rng.standard_normal((2, 24)).astype(np.float32)]
