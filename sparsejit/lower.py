@@ -80,10 +80,10 @@ def group_linears(graph: Graph) -> Graph:
 MASK_STEPS = ("Cast", "Sub", "Mul", "Add", "Div")
 
 
-def _mask_steps(graph: Graph, mask: str, users: Counter) -> tuple[str, tuple, list[Node]]:
+def _mask_steps(graph: Graph, mask: str, users: Counter, made: dict[str, Node]) -> tuple[str, tuple, list[Node]]:
     """(the value the mask is made from, the steps from it, their nodes): the chain of
-    MASK_STEPS ending at `mask` whose values nothing else reads; (mask, (), []) if none."""
-    made = {o: n for n in graph.nodes for o in n.outputs}
+    MASK_STEPS ending at `mask` whose values nothing else reads (`made`: each value's
+    node); (mask, (), []) if none."""
     outputs = set(graph.outputs)
     steps, chain, name = [], [], mask
     while (n := made.get(name)) is not None and n.op_type in MASK_STEPS and (name == mask or (
@@ -108,10 +108,11 @@ def prepare_masks(graph: Graph) -> Graph:
     readers = Counter(n.inputs[3] for n in graph.nodes if n.op_type == "AttentionCore" and len(n.inputs) > 3)
     shared = {name for name, count in readers.items() if name and count > 1}
     users = Counter(i for n in graph.nodes for i in n.inputs if i)
+    made = {o: n for n in graph.nodes for o in n.outputs}
     folded: dict[str, tuple] = {}  # a mask read by attention only: (its source, steps) and the nodes gone
     for mask in shared:
         if users[mask] == readers[mask] and mask not in graph.outputs:
-            source, steps, chain = _mask_steps(graph, mask, users)
+            source, steps, chain = _mask_steps(graph, mask, users, made)
             if steps:
                 folded[mask] = (source, steps, {id(n) for n in chain})
     gone = {i for _, _, ids in folded.values() for i in ids}
