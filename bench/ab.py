@@ -6,6 +6,11 @@ The ratio reported is the median over rounds of B's median over A's, so each rat
 compares times taken seconds apart on a noisy machine.
 
     python bench/ab.py A B [--model M] [--batch 1 --seq 128 --rounds 20 --runs 10] [--plan FILE] [--precision bf16]
+    python bench/ab.py A B --texts --model FOLDER   # sentence-embedding pipeline calls, one text each
+
+With `--texts`, MODEL is a pipeline folder (bench/models/text/minilm_p90, say) and a run
+is one `sparsejit.pipeline("sentence-embeddings")` call on one text, the texts of
+embed_throughput.py's corpus in turn (a server's single requests).
 
 A side is `TREE` (a checkout whose sparsejit/ and kernels/ are used, e.g. a `git worktree`
 of an older commit with `ln -s ../kernels sparsejit/kernels`), `TREE|MODEL` (that tree
@@ -22,25 +27,44 @@ import sys
 import time
 
 
-def worker(tree: str, model: str, batch: int, seq: int, plan: str | None, precision: str) -> None:
-    if tree != ".":
-        sys.path.insert(0, tree)
+def _runner(model: str, batch: int, seq: int, plan: str | None, precision: str, texts: bool):
+    """The timed unit: a run of the model on ones, or with `texts` one pipeline call on the
+    corpus's next text."""
     import numpy as np
 
     import sparsejit
 
+    if texts:
+        from embed_throughput import corpus
+
+        pipe = sparsejit.pipeline("sentence-embeddings", model, num_threads=2, precision=precision)
+        items, at = corpus(5000, seed=1), [0]
+
+        def one() -> None:
+            pipe(items[at[0] % len(items)])
+            at[0] += 1
+        for _ in range(100):
+            one()
+        return one
     m = sparsejit.load(model, num_threads=2, precision=precision, **({"plan": plan} if plan else {}))
     ids = np.ones((batch, seq), np.int64)
     feeds = {n: ids if n != "token_type_ids" else 0 * ids for n in m.input_names}
     for _ in range(3):
         m.run(feeds)
+    return lambda: m.run(feeds)
+
+
+def worker(tree: str, model: str, batch: int, seq: int, plan: str | None, precision: str, texts: bool) -> None:
+    if tree != ".":
+        sys.path.insert(0, tree)
+    one = _runner(model, batch, seq, plan, precision, texts)
     print("ready", flush=True)
     for line in sys.stdin:
-        m.run(feeds)
+        one()
         times = []
         for _ in range(int(line)):
             t = time.perf_counter()
-            m.run(feeds)
+            one()
             times.append(time.perf_counter() - t)
         print(f"{statistics.median(times) * 1e3:.4f}", flush=True)
 
@@ -55,16 +79,17 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--plan", default=None)
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--texts", action="store_true", help="MODEL is a pipeline folder: one call a text")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker[0], args.worker[1], args.batch, args.seq, args.plan, args.precision)
+        return worker(args.worker[0], args.worker[1], args.batch, args.seq, args.plan, args.precision, args.texts)
     procs = []
     for side in args.sides:
         tree, _, model = side.partition("|")
         cmd = [sys.executable, __file__, *args.sides, "--worker", tree, model or args.model, "--batch",
                str(args.batch), "--seq", str(args.seq), "--precision", args.precision] + \
-            (["--plan", args.plan] if args.plan else [])
+            (["--plan", args.plan] if args.plan else []) + (["--texts"] if args.texts else [])
         p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert p.stdout.readline().strip() == "ready", f"{side} did not load"
         procs.append(p)
