@@ -516,6 +516,9 @@ def test_kernels_with_8_lanes(monkeypatch):
     for impl in (SparseLinear(w, bias, "gelu", True, k_chunk=32), DenseLinear(w, bias, "gelu", True)):
         assert impl.config.lanes == 8
         np.testing.assert_allclose(impl(x, r), reference_linear(x, w, bias, "gelu", r), **TOL)
+    for impl in (SparseLinear(w, bias, "tanh", False), DenseLinear(w, bias, "tanh", False)):  # (the pooler's)
+        assert impl.config.lanes == 8
+        np.testing.assert_allclose(impl(x[:, :1]), reference_linear(x[:, :1], w, bias, "tanh"), **TOL)
     q, kt, v = (rng.standard_normal(s).astype(np.float32) for s in [(2, 3, 21, 8), (2, 3, 8, 19), (2, 3, 19, 8)])
     mask = np.where(rng.random((2, 1, 21, 19)) < 0.3, -1e4, 0).astype(np.float32)
     np.testing.assert_allclose(fused_attention(q, kt, v, mask, None, "none", -1, 14),
