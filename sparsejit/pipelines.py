@@ -30,8 +30,8 @@ from .ops import softmax  # (ONNX Softmax's reference: over the last axis)
 
 # A batch of one text or of batch_size texts, of at most PAD_BELOW tokens, is padded to a
 # multiple of PAD_MULTIPLE tokens: its shape then comes back often, and a model runs a
-# shape it has seen often from its tape (sparsejit/tape.py) at about half the time of an
-# untaped run when it is short, far more than the padded tokens cost. The mask keeps the
+# shape it has seen often from its tape (sparsejit/tape.py), which skips the Python a short
+# run spends much of its time in: more than the padded tokens cost. The mask keeps the
 # padding out of every text's outputs. A larger batch runs long enough that its tape would
 # take many runs to repay, and batches of other sizes (a server's, as requests come)
 # seldom repeat a shape: for those the padding only costs (bench/README.md,
