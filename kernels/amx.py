@@ -19,7 +19,9 @@ the process. Without it the first tile instruction kills the process (SIGILL), s
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
+import math
 
 import numpy as np
 
@@ -28,11 +30,11 @@ from .bf16 import DRIVER_SOURCE as BF16_DRIVER_SOURCE
 from .bf16 import from_bf16, pack_ir, packed_pairs, to_bf16
 from .compile import compile_ir, host_cpu, load_source, threads
 from .int8 import DRIVER_SOURCE as INT8_DRIVER_SOURCE
-from .int8 import _quantize_fns, _Quantized, _ReadsBytes
+from .int8 import _quantize_fns, _Quantized, _ReadsBytes, byte_rows
 from .ir import with_driver
 from .launch import IMPORTS, put_source, run
-from .layout import aligned_empty, feature_major_empty
-from .linear import DenseLinear, _bias
+from .layout import aligned_empty, feature_major_empty, transposed
+from .linear import _NO_RESIDUAL, DenseLinear, _bias
 
 SYS_ARCH_PRCTL = 158          # x86-64
 ARCH_REQ_XCOMP_PERM = 0x1023
@@ -61,8 +63,8 @@ def has_amx(dot: str = "int8") -> bool:
 DRIVER_SOURCE = """\
 # sparsejit generated kernel: the driver of the AMX kernel
 # part c computes output pairs of panels [c * n / parts, (c + 1) * n / parts) (32
-# features each), `token_tile` tokens at a time so that the tokens' rows of xq stay in
-# cache across the part's panels
+# features each) of the m outputs, `token_tile` tokens at a time so that the tokens' rows
+# of xq stay in cache across the part's panels
 import numpy as np
 from numba import njit
 
@@ -70,7 +72,7 @@ ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any
 """ + IMPORTS + "\n\n" + put_source(SIGNATURE) + """
 
 @njit(nogil=True, cache=True)
-def run_amx(launch, part, calls, fn, xq, wa, bias, yt, rt, token_tile, pairs, ktiles, masks, offsets, work):
+def run_amx(launch, part, calls, fn, xq, wa, bias, yt, rt, token_tile, pairs, ktiles, masks, offsets, work, m):
     ntok = yt.shape[1]
     r_step = 4 if rt.shape[1] == ntok else 0  # (no residual: a 1 x 1 placeholder, never read)
     parts = calls.shape[0]
@@ -81,7 +83,7 @@ def run_amx(launch, part, calls, fn, xq, wa, bias, yt, rt, token_tile, pairs, kt
             for t0 in range(0, ntok, token_tile):
                 put_amx_panels(calls, c, fn, xq.ctypes.data + t0 * 4, xq.strides[0] // 4, wa.ctypes.data,
                                bias.ctypes.data, yt.ctypes.data + t0 * 4, yt.strides[0] // 4,
-                               rt.ctypes.data + t0 * r_step, rt.strides[0] // 4, ktiles, yt.shape[0], p0, p1,
+                               rt.ctypes.data + t0 * r_step, rt.strides[0] // 4, ktiles, m, p0, p1,
                                min(token_tile, ntok - t0), masks.ctypes.data, offsets.ctypes.data,
                                work.ctypes.data + c * work.strides[0])
     launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
@@ -212,7 +214,7 @@ class _Amx:
             return expanded_tiles(values, masks, self._shape, self._dtype)
         return values.view(self._dtype).reshape(self._shape)
 
-    def _tiles_run(self, xq: np.ndarray, bias: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+    def _tiles_run(self, xq: np.ndarray, bias: np.ndarray, yt: np.ndarray, rt: np.ndarray, fn: int | None = None) -> None:
         pairs, ktiles = self._shape[0] // 2, self._shape[1]
         parts = max(1, min(threads(), pairs))
         # (compressed: each thread's pair of panels expanded, 2 KB per K-tile, on 64-byte lines;
@@ -220,8 +222,8 @@ class _Amx:
         work = aligned_empty((parts, 2 * ktiles * 1024 if self.config.compressed else 64), np.uint8)
         # (xq's i32 rows as float32 bits, as x_rows makes them: one type, one compiled driver)
         step = token_tile(xq.shape[0])
-        run(self._driver, SIGNATURE, parts, -(-yt.shape[1] // step), self._fn, xq.view(np.float32),
-            self._arrays[0], bias, yt, rt, step, pairs, ktiles, *self._arrays[1:], work)
+        run(self._driver, SIGNATURE, parts, -(-yt.shape[1] // step), self._fn if fn is None else fn, xq.view(np.float32),
+            self._arrays[0], bias, yt, rt, step, pairs, ktiles, *self._arrays[1:], work, self.out_features)
 
 
 class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
@@ -237,6 +239,8 @@ class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
         _Quantized.__init__(self, weight, scale, mode, x_scale, x_zero_point, bias, activation, residual)
         self._set_vnni_terms(weight)
         self._fns = _quantize_fns()
+        self._bytes_fn: int | None = None  # (bytes_on's kernel)
+        self._grids: dict[bytes, np.ndarray] = {}  # (bytes_on's terms, by grid: _terms_on)
         self._build("int8", tiles_of(weight, K_TILE["int8"]), activation, residual, compressed)
 
     @property
@@ -250,13 +254,57 @@ class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
         return 0.0  # every multiply-add done
 
     def _on_x(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
-        """(xq rows padded to 16 tokens, as int8.byte_rows gives the LayerNorm's: copied into
-        whole K-tiles of rows first where the inputs are not a multiple of 64.)"""
+        self._tiles_run(self._whole_tiles(xq), self._kbias, yt, rt)
+
+    def _whole_tiles(self, xq: np.ndarray) -> np.ndarray:
+        """xq (rows padded to 16 tokens, as int8.byte_rows gives the LayerNorm's), copied
+        into whole K-tiles of rows first where the inputs are not a multiple of 64."""
         if xq.shape[0] % ROWS:
             padded = x_rows(self.in_features, "int8", xq.shape[1])
             padded.view(np.int32)[:xq.shape[0]] = xq.view(np.int32)  # (the bits, not the values)
             xq = padded
-        self._tiles_run(xq, self._kbias, yt, rt)
+        return xq
+
+    def bytes_on(self, x: np.ndarray | None, grid: np.ndarray, given: np.ndarray | None = None) -> np.ndarray | None:
+        """y for x [..., in] (or for x's bytes `given`, as plan's _int8_run takes them),
+        quantized on `grid` ([scale, zero point, lowest, highest], float32: the next static
+        int8 layer's, plan._byte_grid) into the bytes that layer reads, as a LayerNorm hands
+        them over (layernorm.layernorm_to_bytes): the token-major view [..., ceil(out/4)]
+        of 4-block rows. The kernel stores them in its epilogue instead of y (amx_ir's
+        `quant_out`). None where a dynamic x's range is not finite."""
+        if self.residual:
+            raise ValueError("an int8 layer with a residual gives no bytes")
+        lead = (given if x is None else x).shape[:-1]
+        n, m = math.prod(lead), self.out_features
+        out = feature_major_empty(-(-m // 4), n).view(np.int32)
+        if m % 4:
+            out[-1] = 0  # (the bytes past the last output: the next layer's padded weights are 0 there)
+        if n:
+            if given is not None:
+                xq, terms = self._whole_tiles(byte_rows(given)), self._kbias
+            else:
+                xq = x_rows(self.in_features, "int8", n)
+                terms = self._quantize_into(transposed(x.reshape(-1, self.in_features)), xq)
+                if terms is None:
+                    return None
+            self._tiles_run(xq, self._terms_on(terms, grid), out.view(np.float32), _NO_RESIDUAL, self._quant_fn())
+        return out.T.reshape(lead + (out.shape[0],))
+
+    def _terms_on(self, terms: np.ndarray, grid: np.ndarray) -> np.ndarray:
+        """The quant_out kernel's terms: the epilogue's, then the grid; a static layer's made
+        once per grid and kept (a taped run's kernels read only memory the tape holds)."""
+        if terms is not self._kbias:  # (a dynamic x's, made for this call)
+            return np.concatenate([terms, grid])
+        key = grid.tobytes()
+        if key not in self._grids:
+            self._grids[key] = np.concatenate([self._kbias, grid])
+        return self._grids[key]
+
+    def _quant_fn(self) -> int:
+        """The kernel storing the next layer's bytes (amx_ir's quant_out), compiled on first use."""
+        if self._bytes_fn is None:
+            self._bytes_fn = compile_ir(amx_ir(dataclasses.replace(self.config, quant_out=True)), SIGNATURE.name)
+        return self._bytes_fn
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
         xq = x_rows(self.in_features, "int8", xt.shape[1])

@@ -51,7 +51,7 @@ from typing import NamedTuple
 
 from .epilogue import ACTIVATIONS, epilogue
 from .ir import Builder, Signature
-from .lowp_ir import scaled_sums
+from .lowp_ir import quantized, scaled_sums, store_block_bytes
 
 SIGNATURE = Signature("amx_panels", (
     ("xq", "ptr"), ("ldq", "i64"), ("wa", "ptr"), ("bias", "ptr"), ("yt", "ptr"), ("ldy", "i64"), ("rt", "ptr"),
@@ -78,14 +78,20 @@ class AmxConfig:
     # the K-steps (_waiting_rows): the epilogue's vector work beside the tiles' instead of
     # after them
     overlapped: bool = False
+    # int8 without residual: y quantized for the next int8 layer and stored as the bytes it
+    # reads, in 4-block rows (yt: [m/4, tokens] of i32), on the grid after the epilogue's
+    # terms (%bias[3m:3m + 4]: scale, zero point, lowest, highest), instead of y
+    quant_out: bool = False
 
 
 class _Out(NamedTuple):
     """Where _block leaves a block: the scratch its C tiles are stored to, and, overlapped,
-    the slots of the waiting block's pair and t and the rows of it a K-step takes."""
+    the slots of the waiting block's pair and t and the rows of it a K-step takes; with
+    quant_out, the next layer's grid (scale, zero point, lowest, highest, splat)."""
     scratch: str
     waiting: str | None = None
     per: str | None = None
+    grid: tuple | None = None
 
 
 def tile_config() -> str:
@@ -162,7 +168,7 @@ def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _Out,
         e.raw(f"  store i64 {pair}, ptr {out.waiting}, align 8")
         e.raw(f"  store i64 {t}, ptr {e.gep(out.waiting, '1', 'i64')}, align 8")
     else:
-        e.loop("0", str(ROWS), 1, [], lambda r, _: _rows_out(e, cfg, pair, t, tiles, scratch, r) or [])
+        e.loop("0", str(ROWS), 1, [], lambda r, _: _rows_out(e, cfg, pair, t, tiles, out, r) or [])
 
 
 def _waiting_rows(e: Builder, cfg: AmxConfig, out: _Out, r0: str, r1: str) -> None:
@@ -175,7 +181,7 @@ def _waiting_rows(e: Builder, cfg: AmxConfig, out: _Out, r0: str, r1: str) -> No
     go, done = e.fresh("waiting"), e.fresh("waited")
     e.cond_br(e(f"icmp sge i64 {pair}, 0"), go, done)
     e.label(go)
-    e.loop(r0, r1, 1, [], lambda r, _: _rows_out(e, cfg, pair, t, 2, out.scratch, r) or [])
+    e.loop(r0, r1, 1, [], lambda r, _: _rows_out(e, cfg, pair, t, 2, out, r) or [])
     e.br(done)
     e.label(done)
 
@@ -228,8 +234,11 @@ def _pair_weights(e: Builder, cfg: AmxConfig, pair: str) -> tuple[tuple, list | 
     return ("%work", ["0", "%ktiles"]), firsts
 
 
-def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch: str, r: str) -> None:
-    """Row r of both features halves from the stored C tiles, through the epilogue into yᵀ."""
+def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _Out, r: str) -> None:
+    """Row r of both features halves from the stored C tiles, through the epilogue into yᵀ
+    (quant_out: y's bytes on the grid, byte j % 4 of row j / 4, as QuantizeLinear then the
+    next layer's quantize kernel make them from y: the same float steps)."""
+    scratch, iv = out.scratch, f"<{e.lanes} x i32>"
     for a in range(2):
         j = e(f"add i64 {e(f'mul i64 {pair}, 32')}, {e(f'add i64 {r}, {ROWS * a}')}")
         store, skip = e.fresh("store"), e.fresh("skip")
@@ -243,11 +252,18 @@ def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch
         else:
             ys = [e(f"fadd {e.vt} {s}, {bias}") for s in sums]
         masks = e.lane_masks(t, tiles, "%ntok")
-        yoff = e.offset(j, "%ldy", t)
-        roff = e.offset(j, "%ldr", t) if cfg.residual else None
-        for b, (y, mask) in enumerate(zip(ys, masks)):
-            residual = e.vptr("%rt", roff, b) if cfg.residual else None
-            e.vstore(epilogue(e, cfg.activation, y, residual, mask), e.vptr("%yt", yoff, b), mask)
+        if cfg.quant_out:
+            step, zero, lo, hi = out.grid
+            qs = [quantized(e, epilogue(e, cfg.activation, y, None, mask), step, zero, lo, hi)
+                  for y, mask in zip(ys, masks)]
+            store_block_bytes(e, [e(f"fptosi {e.vt} {e(f'fsub {e.vt} {q}, {lo}')} to {iv}") for q in qs], j, "%yt",
+                              "%ldy", t, masks)
+        else:
+            yoff = e.offset(j, "%ldy", t)
+            roff = e.offset(j, "%ldr", t) if cfg.residual else None
+            for b, (y, mask) in enumerate(zip(ys, masks)):
+                residual = e.vptr("%rt", roff, b) if cfg.residual else None
+                e.vstore(epilogue(e, cfg.activation, y, residual, mask), e.vptr("%yt", yoff, b), mask)
         e.br(skip)
         e.label(skip)
 
@@ -255,6 +271,10 @@ def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, scratch
 def _panels(e: Builder, cfg: AmxConfig) -> None:
     scratch = e(f"alloca [{4 * ROWS * TOKENS} x float], align 64")  # the 4 C tiles
     out = _overlap_state(e, cfg, scratch) if cfg.overlapped else _Out(scratch)
+    if cfg.quant_out:
+        at = e("mul i64 %m, 3")
+        out = out._replace(grid=tuple(e.splat(e(f"load float, ptr {e.gep('%bias', e(f'add i64 {at}, {i}'))}, align 4"))
+                                      for i in range(4)))
     e.call("llvm.x86.ldtilecfg", "void", ("ptr", "@amx_config"))
     padded = e(f"and i64 {e(f'add i64 %ntok, {TOKENS - 1}')}, {-TOKENS}")
 
@@ -296,14 +316,15 @@ def _panels(e: Builder, cfg: AmxConfig) -> None:
 
 @functools.cache  # (the same text for every layer of a configuration: made once)
 def amx_ir(cfg: AmxConfig) -> str:
-    if cfg.dot not in DOTS or cfg.activation not in ACTIVATIONS:
+    if cfg.dot not in DOTS or cfg.activation not in ACTIVATIONS or cfg.quant_out and (cfg.dot != "int8" or cfg.residual):
         raise ValueError(f"no AMX kernel for {cfg}")
     e = Builder(16)
     e.function(SIGNATURE, lambda: _panels(e, cfg))
     e.raw(f'@amx_config = private unnamed_addr constant [64 x i8] c"{tile_config()}", align 64')
     epi = ("float(C - corr[j]) * scale[j] + bias[j]" if cfg.dot == "int8" else "C + bias[j]")
     return e.module(f"; sparsejit generated kernel: AMX dense {cfg.dot} activation={cfg.activation} "
-                    f"residual={cfg.residual} compressed={cfg.compressed} overlapped={cfg.overlapped}\n"
+                    f"residual={cfg.residual} compressed={cfg.compressed} overlapped={cfg.overlapped}"
+                    f"{' quant_out' if cfg.quant_out else ''}\n"
                     f"; C[j, t] = sum over K-tiles kt: wa[j / 16, kt] (16 x 64 bytes) . xq[16 kt .. 16 kt + 15, t]"
                     f" ({DOTS[cfg.dot].rsplit('.', 1)[1]})\n"
                     f"; yt[j, t] = act({epi}){' + rt[j, t]' if cfg.residual else ''}")

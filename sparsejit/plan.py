@@ -648,6 +648,7 @@ def plan(graph: Graph, chooser: Chooser | None = None, progress: Callable[[int, 
         p.done_with = done_with
     steps = [STEPS.get(n.op_type, reference_step)(n, p) for n in graph.nodes]
     steps = hand_layernorm_bytes(steps) if LAYERNORM_BYTES else steps
+    steps = hand_amx_bytes(steps, graph.outputs) if AMX_BYTES else steps
     steps = hand_row_bytes(steps, p.opset, graph.outputs) if ROW_BYTES else steps
     steps = hand_quantized_outputs(steps, graph) if QUANTIZED_OUTPUTS else steps
     return (hand_dequantized_bytes(steps, graph) if DEQUANTIZED_BYTES else steps), p.layers
@@ -726,6 +727,56 @@ def hand_row_bytes(steps: list[Step], opset: int, graph_outputs=()) -> list[Step
                 out[k] = _taking_bytes(out[k], q, o)
             break  # (one output's bytes per group)
     return out
+
+
+AMX_BYTES = True  # see hand_amx_bytes
+
+
+def hand_amx_bytes(steps: list[Step], graph_outputs=()) -> list[Step]:
+    """Steps where a static int8 layer on AMX's kernel (a block's FFN1, its GELU fused)
+    whose output only static int8 layers (or groups) read, as x on one grid, stores that
+    output as the bytes their kernels would quantize it to (Int8Amx.bytes_on: in its
+    epilogue, the same float steps), as a second output `<output>#int8`, which those
+    layers take as their last input (as after hand_layernorm_bytes) and run on instead of
+    quantizing x. Its `lean` run leaves the floats out (the executor takes it where no
+    step and no caller asks for them); the full run makes both, the bytes by numpy."""
+    readers = _readers(steps)
+    out = list(steps)
+    for i, s in enumerate(steps):
+        n = s.node
+        if n.op_type != "QLinear" or not isinstance(s.impl, Int8Amx) or s.impl.residual or len(n.outputs) != 1:
+            continue
+        o = n.outputs[0]
+        takers = readers.get(o, [])
+        grids = [_byte_grid(steps[k].impl) if steps[k].node.op_type in ("QLinear", "QLinearGroup")
+                 and steps[k].node.inputs[0] == o and o not in steps[k].node.inputs[1:] else None for k in takers]
+        if not takers or o in graph_outputs or any(g is None or not np.array_equal(g, grids[0]) for g in grids):
+            continue
+        out[i] = _amx_step_with_bytes(s, grids[0])
+        for k in takers:
+            out[k] = _taking_bytes(out[k], o + BYTES_SUFFIX, o)
+        log.debug("%s: stores the bytes its int8 readers' kernels read (they skip quantizing x): %s", n.name,
+                  ", ".join(steps[k].node.name for k in takers))
+    return out
+
+
+def _amx_step_with_bytes(step: Step, grid: np.ndarray) -> Step:
+    """An AMX int8 layer's step also giving its output's bytes on `grid` (see hand_amx_bytes)."""
+    node, layer = step.node, step.impl
+
+    def run(*inputs):
+        (y,) = step.run(*inputs)
+        return y, rows.quad_bytes(y, grid)
+
+    def run_lean(x, residual=None, xq=None):
+        b = layer.bytes_on(None if xq is not None else x, grid, xq)
+        if b is None:
+            raise ValueError("the input holds NaN or infinity, so its dynamic quantization scale is undefined")
+        return None, b
+
+    o = node.outputs[0]
+    return replace(step, node=Node(node.op_type, node.name, list(node.inputs), [o, o + BYTES_SUFFIX], node.attrs),
+                   run=run, lean=((o,), run_lean))
 
 
 QUANTIZED_OUTPUTS = True  # see hand_quantized_outputs

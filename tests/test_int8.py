@@ -140,6 +140,45 @@ def test_layernorms_hand_their_bytes_to_the_int8_layers_reading_them(form, monke
         np.testing.assert_allclose(a, c, atol=1e-4, rtol=1e-4)
 
 
+def test_amx_ffn1_hands_its_bytes_to_ffn2(tmp_path, monkeypatch):
+    """On AMX's kernels each block's FFN1 (GELU fused) of a static file as `sparsejit
+    quantize` makes it (MatMul inputs quantized only) stores its output as the bytes FFN2
+    quantizes x to (plan.hand_amx_bytes, Int8Amx.bytes_on), and FFN2 runs on them: the
+    outputs are those without the handover bit for bit, and what the graph says against
+    ONNX Runtime, over padded rows and several shapes, untaped and taped; FFN1's floats,
+    where asked for (Model.values), are its float output still."""
+    from conftest import MODELS_DIR
+    from sparsejit.kernels.amx import Int8Amx, has_amx
+
+    from sparsejit import executor, plan
+    from sparsejit.quantize import quantize_model
+
+    if not has_amx("int8"):
+        pytest.skip("this CPU has no AMX-INT8")
+    monkeypatch.setattr(executor, "TAPE_SAVES", 1.0)  # (taped after TAPE_AFTER runs, and kept: as test_tape's)
+    monkeypatch.setattr(executor, "TAPE_KEEP", float("inf"))
+    path = quantize_model(MODELS_DIR / "bert_sdpa_h64_op14_legacy_p90.onnx", tmp_path / "static.onnx", "static")
+    calls, bytes_on = [], Int8Amx.bytes_on
+    monkeypatch.setattr(Int8Amx, "bytes_on", lambda *a: calls.append(1) or bytes_on(*a))
+    handing = sparsejit.load(path, kernels="dense")
+    handed = [s for s in handing._executor.steps if s.node.op_type == "QLinear" and len(s.node.outputs) == 2]
+    assert len(handed) == 2 and all("intermediate" in s.node.name for s in handed), [s.node.name for s in handed]
+    monkeypatch.setattr(plan, "AMX_BYTES", False)
+    plain = sparsejit.load(path, kernels="dense")
+    for batch, seq in [(1, 16), (2, 37), (3, 20)]:
+        feeds = make_inputs(handing.input_names, batch, seq, seed=seq)
+        for g, w in zip(handing.run(feeds), _oracle(path, feeds)):
+            _assert_as_the_graph(g, w, static=True)
+        for _ in range(1 + executor.TAPE_AFTER):  # (the later runs taped)
+            calls.clear()
+            for a, b in zip(handing.run(feeds), plain.run(feeds)):
+                np.testing.assert_array_equal(a, b)
+        inner = handed[0].node.outputs[0]
+        np.testing.assert_array_equal(handing.values(feeds, [inner])[inner], plain.values(feeds, [inner])[inner])
+    assert handing._executor._tapes and all(t is not None for t in handing._executor._tapes.values())
+    assert not calls  # (the last runs replayed their tapes: the kernels' launches, no Python)
+
+
 def test_a_reference_run_agrees_with_the_int8_kernels():
     path = INT8 / "bert_block4_p90_int8_dynamic.onnx"
     feeds = make_inputs(sparsejit.load(path).input_names, 2, 11)

@@ -922,6 +922,44 @@ def test_amx_int8_layer_runs_on_the_layernorms_bytes():
             np.testing.assert_array_equal(layer.from_quantized(byte_rows(xq), (n,), r), layer(y, r), err_msg=f"{h} {n}")
 
 
+@pytest.mark.parametrize("compressed", [False, True])
+def test_amx_int8_layer_stores_the_next_layers_bytes_of_its_output(compressed):
+    """Int8Amx.bytes_on: the layer's output quantized on the next layer's grid, stored by
+    its epilogue as that layer's bytes (amx_ir's quant_out), is what quantizing the
+    layer's float output gives, bit for bit: with GELU run during the next block's
+    products and without, uint8 and int8 grids, x quantized by the layer or its bytes
+    given, outputs a multiple of 32, of 4 and neither (the bytes past the last output 0),
+    tokens off 16, one and none; at one and two threads."""
+    from sparsejit.kernels.amx import Int8Amx, can_compress, has_amx
+    from sparsejit.kernels.elementwise import quantize
+    from sparsejit.kernels.int8 import quantize_x
+
+    if not has_amx("int8") or compressed and not can_compress():
+        pytest.skip("this CPU has no AMX-INT8 (or no VBMI2 for compressed tiles)")
+    rng = np.random.default_rng(11)
+    for (k, m), act, zero in [((128, 64), "gelu", np.uint8(7)), ((70, 36), "none", np.int8(-5)),
+                              ((768, 130), "gelu", np.int8(0)), ((64, 7), "gelu", np.uint8(128))]:
+        w = rng.integers(-127, 128, (k, m)).astype(np.int8)
+        w[rng.random((k, m)) < 0.8] = 0
+        layer = Int8Amx(w, (rng.random(m) * 0.01).astype(np.float32), "static", np.float32(0.03), np.uint8(120),
+                        rng.standard_normal(m).astype(np.float32), act, False, compressed=compressed)
+        step, lo = np.float32(0.05), np.iinfo(zero.dtype).min
+        grid = np.array([step, zero, lo, lo + 255], np.float32)
+        for n in (0, 1, 37, 130):
+            x = (rng.standard_normal((n, k)) * 2).astype(np.float32)
+            q = quantize_x(x, "static", layer.x_scale, layer.x_zero_point)[0]
+            given = np.ascontiguousarray(np.pad(q.astype(np.uint8), ((0, 0), (0, -k % 4)))).view(np.int32)
+            for threads in (1, 2):
+                numba.set_num_threads(threads)
+                y = layer(x)
+                want = np.zeros((n, 4 * -(-m // 4)), np.uint8)
+                want[:, :m] = quantize(y, step, zero).astype(np.int16) - lo
+                for got in (layer.bytes_on(x, grid), layer.bytes_on(None, grid, given)):
+                    assert got.shape == (n, -(-m // 4)) and got.dtype == np.int32
+                    np.testing.assert_array_equal(got, want.view(np.int32), err_msg=f"{k}x{m} {act} {n} {threads}")
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
 def test_bench_peaks_measures_the_tile_products(monkeypatch):
     """bench/peaks.py's AMX loops build and run (they import amx_ir's tile configuration:
     a rename there once broke them unseen), each product giving a rate."""
