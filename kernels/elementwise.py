@@ -28,7 +28,7 @@ from ..ops import qlinear_matmul as reference_qlinear_matmul
 from .compile import compile_ir, compiled_cfunc, load_source, threads
 from .ir import Signature
 from .launch import IMPORTS, address, launch_rows, new_calls, put_source, run
-from .layout import parts_for, thread_arena
+from .layout import _transpose_into, aligned_empty, parts_for, thread_arena
 from .lowp_ir import quantized_ir
 from .qattention_ir import SCRATCH, SLOTS, Scratch, qattention_ir
 
@@ -347,9 +347,25 @@ def fake_quantize(x: np.ndarray, scale, zero_point):
     if x.dtype != np.float32 or s is None or s.dtype != np.float32 or z is None or z.dtype not in RANGES:
         return None
     lo, hi = RANGES[z.dtype]
-    flat, out, shaped = _flat(x, np.float32)
+    flat, out, shaped = _flat_by_kernels(x) or _flat(x, np.float32)
     _each("fake_quantize", flat, out, s, z, lo, hi)
     return shaped
+
+
+def _flat_by_kernels(x: np.ndarray) -> tuple | None:
+    """_flat's arrays for float32 x C-contiguous, or a 2-D view whose rows' elements are
+    evenly spaced (one token of a feature-major output: a pooler's input), copied by the
+    transpose kernel; each buffer made by layout.aligned_empty. So a taped run
+    (sparsejit.tape) replays the copy with the kernel that follows, and holds both
+    buffers. None for other x."""
+    if x.flags.c_contiguous:
+        out = aligned_empty(x.shape, np.float32)
+        return x.reshape(-1), out.reshape(-1), out
+    if x.ndim != 2 or x.strides[0] % 4 or x.strides[1] % 4:
+        return None
+    rows = _transpose_into(x.T, aligned_empty(x.shape, np.float32))
+    out = aligned_empty(x.shape, np.float32)
+    return rows.reshape(-1), out.reshape(-1), out
 
 
 EACH = Signature("each", (

@@ -13,7 +13,8 @@ where the kernels read them.
 
 What makes a step taped (a "launch" step), and so skipped as Python on a taped run:
 - its op is one whose Python side only lays out arrays by their shapes (LAUNCH_OPS;
-  int8 ones only with static quantization, whose scales are the model's);
+  int8 ones only with static quantization, whose scales are the model's, and a
+  FakeQuantize only of a fixed scale and zero point);
 - it launched kernels only through `launch.run`, whose drivers return nothing;
 - each array its kernels got is the arena's, the tape's inputs, a model constant or a
   kernel's own (weights), or the output of a step that runs on a taped run, and each of
@@ -246,9 +247,12 @@ class _Memory:
         return any(s <= lo and hi <= e for s, e in self.spans)
 
 
-def _static(node) -> bool:
-    """Whether a node is no int8 layer, or one whose quantization of x is static (its
-    scales the model's)."""
+def _static(node, fixed: dict) -> bool:
+    """Whether a node's scales are the same every run: it is no int8 layer, or one whose
+    quantization of x is static (its scales the model's), or a FakeQuantize whose scale
+    and zero point are `fixed` (Tape._kind's)."""
+    if node.op_type == "FakeQuantize":
+        return all(not i or i in fixed for i in node.inputs[1:])
     if not node.op_type.startswith("QLinear"):
         return True
     return all(n.attrs.get("mode") == "static" for n in node.attrs.get("members") or [node])
@@ -311,7 +315,7 @@ class Tape:
         ops = {s.node.op_type for s in g.steps}
         arrays = [a for a in args if isinstance(a, np.ndarray)]
         tiled = isinstance(g.run, TokenChain) and math.prod(args[0].shape[:-1]) >= TILE_FROM  # (tiles copied in numpy)
-        if rec.launches and not rec.untaped and not tiled and ops <= LAUNCH_OPS and all(_static(s.node)
+        if rec.launches and not rec.untaped and not tiled and ops <= LAUNCH_OPS and all(_static(s.node, fixed)
                                                                                       for s in g.steps):
             if "AttentionCore" in ops:
                 node = g.steps[0].node

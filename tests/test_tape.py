@@ -151,6 +151,69 @@ def _gather_model(tmp_path, index_is_input: bool):
     return sparsejit.load(path), w1, w2
 
 
+def _fake_quantize_model(tmp_path, scale_is_input: bool):
+    """x [2, 5, 8] → Linear → Gather of position 0 on axis 1 → QuantizeLinear then
+    DequantizeLinear (a FakeQuantize, its scale a constant or the input `s`) → Linear: the
+    static INT8 pooler's shape."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    w1, w2 = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(2))
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (w2, "w2"), (np.array(0, np.int64), "idx"),
+                                                         (np.array(3, np.uint8), "z"))]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])]
+    if scale_is_input:
+        inputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, []))
+    else:
+        inits.append(numpy_helper.from_array(np.array(0.05, np.float32), "s"))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Gather", ["h", "idx"], ["g"], axis=1),
+             helper.make_node("QuantizeLinear", ["g", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]), helper.make_node("MatMul", ["d", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+                              initializer=inits)
+    path = tmp_path / f"fake_quantize_{scale_is_input}.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    return sparsejit.load(path), w1, w2
+
+
+def test_a_fake_quantize_of_fixed_scales_is_taped_and_of_an_input_scale_is_not(tmp_path):
+    """The pooler's FakeQuantize of its token (a strided view, copied by the transpose
+    kernel) is a launch of a taped run, in the stretch with the layers around it, where
+    its scale and zero point are the model's. Where the scale is a model input, which may
+    change between runs, no FakeQuantize is made, and the QuantizeLinear and
+    DequantizeLinear run in Python (a FakeQuantize of such a scale would too: tape._static).
+    Both give each run's own result."""
+    from sparsejit import tape
+    from sparsejit.graph import Node
+
+    rng = np.random.default_rng(6)
+    xs = [rng.standard_normal((2, 5, 8)).astype(np.float32) for _ in range(6)]
+
+    def want(x, w1, w2, s):
+        g = (x @ w1)[:, 0]
+        return ((np.clip(np.rint(g / s) + 3, 0, 255) - 3) * s) @ w2
+
+    model, w1, w2 = _fake_quantize_model(tmp_path, scale_is_input=False)
+    warm(model, [{"x": x} for x in xs])
+    t = tape_of(model, {"x": xs[0]})
+    names = [g.steps[0].node.op_type for g in t._groups]
+    assert t is not None and t.kinds[names.index("FakeQuantize")] == "launch" and "host" not in t.kinds, t.kinds
+    assert_replays_run_as_before(model, t, [{"x": x} for x in xs])
+    for x in xs:
+        np.testing.assert_allclose(model.run({"x": x})[0], want(x, w1, w2, np.float32(0.05)), rtol=1e-4, atol=1e-4)
+
+    model, w1, w2 = _fake_quantize_model(tmp_path, scale_is_input=True)
+    inputs = [{"x": x, "s": np.array(0.02 * (k + 1), np.float32)} for k, x in enumerate(xs)]
+    warm(model, inputs)
+    t = tape_of(model, inputs[0])
+    names = [g.steps[0].node.op_type for g in t._groups]
+    assert t is not None and "FakeQuantize" not in names and t.kinds[names.index("QuantizeLinear")] == "host", names
+    assert not tape._static(Node("FakeQuantize", "f", ["g", "s", "z"], ["d"]), {"z": np.uint8(3)})
+    assert_replays_run_as_before(model, t, inputs)
+    for f in inputs:
+        np.testing.assert_allclose(model.run(f)[0], want(f["x"], w1, w2, f["s"]), rtol=1e-4, atol=1e-4)
+
+
 def test_a_gather_of_a_constant_index_is_a_view_and_of_an_input_index_is_not(tmp_path):
     """A Gather of one position (the pooler's token 0) is a view of its input, the same
     memory on every run of a shape: a taped run skips it. One whose index is a model input
@@ -268,7 +331,7 @@ def test_dynamic_int8_layers_run_as_python():
         warm(model, inputs)
         groups = [g for g in tape_of(model, inputs[0])._groups if g.steps[0].node.op_type.startswith("QLinear")]
         assert groups and all((g.kind == "launch") == replayed for g in groups)
-        assert all(tape._static(g.steps[0].node) == replayed for g in groups)
+        assert all(tape._static(g.steps[0].node, {}) == replayed for g in groups)
 
 
 def test_ffn_layers_over_token_tiles_run_as_python():
