@@ -18,7 +18,7 @@ from ..ops import gather, layer_normalization, op
 from .compile import compile_ir, load_source, vector_lanes
 from .elementwise import reference_fake_quantize
 from .ir import Builder, Signature, with_driver
-from .launch import IMPORTS, put_source, run
+from .launch import IMPORTS, checked, put_source, run
 from .layernorm import NO_BYTES, NO_GRID, Grid, _columns_kernel, layernorm_columns
 from .layout import feature_major_empty, parts_for
 
@@ -37,9 +37,14 @@ def reference_embed_layernorm(*ids_scale_bias, tables, gathers, epsilon, quantiz
     return y if quantize is None else reference_fake_quantize(y, *quantize)
 
 
+# Up to three tables' ids, each [b or 1, s or 1] with its strides (0 where broadcast), in
+# int64; `bad` is the part's slot for the lowest table index with an id out of range
+# (`tables` where none is).
 SIGNATURE = Signature("embed_sum", (
-    ("ids", "ptr"), ("ldi", "i64"), ("table", "ptr"), ("h", "i64"), ("yt", "ptr"), ("ldy", "i64"), ("t0", "i64"),
-    ("t1", "i64")))
+    ("ids0", "ptr"), ("sb0", "i64"), ("ss0", "i64"), ("ids1", "ptr"), ("sb1", "i64"), ("ss1", "i64"),
+    ("ids2", "ptr"), ("sb2", "i64"), ("ss2", "i64"), ("sizes", "ptr"), ("offsets", "ptr"), ("seq", "i64"),
+    ("table", "ptr"), ("h", "i64"), ("yt", "ptr"), ("ldy", "i64"), ("t0", "i64"), ("t1", "i64"), ("bad", "ptr")))
+TABLES = 3  # the most tables a kernel takes (word, position, token type)
 
 
 def transpose(e: Builder, vectors: list[str]) -> list[str]:
@@ -60,23 +65,48 @@ def transpose(e: Builder, vectors: list[str]) -> list[str]:
     return v
 
 
+def _rows(e: Builder, tables: int, tok: str, inside: str, sizes: list, offsets: list, worst: str) -> tuple:
+    """Token `tok`'s row of the concatenated table for each table (0 past t1, or where its
+    id is out of range), and `worst` lowered to the lowest table whose id is (a negative
+    id counts from its table's end, as Gather's)."""
+    b = e(f"udiv i64 {tok}, %seq")
+    s_ = e(f"sub i64 {tok}, {e(f'mul i64 {b}, %seq')}")
+    rows = []
+    for i in range(tables):
+        at = e.gep(f"%ids{i}", e(f"select i1 {inside}, i64 {e.offset(b, f'%sb{i}', e(f'mul i64 {s_}, %ss{i}'))}, "
+                                 "i64 0"), "i64")
+        id_ = e(f"load i64, ptr {at}, align 8")
+        wrapped = e(f"select i1 {e(f'icmp slt i64 {id_}, 0')}, i64 {e(f'add i64 {id_}, {sizes[i]}')}, i64 {id_}")
+        out = e(f"or i1 {e(f'icmp slt i64 {wrapped}, 0')}, {e(f'icmp sge i64 {wrapped}, {sizes[i]}')}")
+        bad = e(f"and i1 {inside}, {out}")
+        worst = e(f"select i1 {bad}, i64 {e(f'call i64 @llvm.smin.i64(i64 {worst}, i64 {i})')}, i64 {worst}")
+        ok = e(f"and i1 {inside}, {e(f'xor i1 {out}, true')}")
+        rows.append(e(f"select i1 {ok}, i64 {e(f'add i64 {wrapped}, {offsets[i]}')}, i64 0"))
+    return rows, worst
+
+
 def _embed_sum(e: Builder, tables: int) -> None:
-    """yt[f, t] = Σ_i table[ids[i, t], f] for tokens [t0, t1), a block of L tokens × L
+    """yt[f, t] = Σ_i table[row_i(t), f] for tokens [t0, t1), a block of L tokens × L
     features at a time: each token's rows read as vectors (contiguous), summed, and the
-    block transposed in registers into feature rows. ids are rows of the one
-    concatenated table; a token past t1 reads row 0 and is not stored."""
+    block transposed in registers into feature rows. row_i(t) is table i's id for token t
+    (ids_i[t / seq, t % seq] by its strides) offset to its rows in the one concatenated
+    table; a token past t1, or whose id is out of range, reads row 0 (and the part's `bad`
+    slot says which table's id was, for the caller to raise), and is not stored."""
     L = e.lanes
+    e.declared.setdefault("llvm.smin.i64", "declare i64 @llvm.smin.i64(i64, i64)")
+    sizes = [e(f"load i64, ptr {e.gep('%sizes', str(i), 'i64')}, align 8") for i in range(tables)]
+    offsets = [e(f"load i64, ptr {e.gep('%offsets', str(i), 'i64')}, align 8") for i in range(tables)]
+    e.raw(f"  store i64 {tables}, ptr %bad, align 8")
 
     def tile(t):
         (tmask,) = e.lane_masks(t, 1, "%t1")
-        rows = []  # rows[u][i]: token t + u's row of table i
+        rows, worst = [], str(tables)  # rows[u][i]: token t + u's row of table i
         for u in range(L):
             tok = e(f"add i64 {t}, {u}") if u else t
-            inside = e(f"icmp slt i64 {tok}, %t1")
-            for i in range(tables):
-                at = e.gep("%ids", e(f"select i1 {inside}, i64 {e.offset(str(i), '%ldi', tok)}, i64 0"), "i64")
-                row = e(f"select i1 {inside}, i64 {e(f'load i64, ptr {at}, align 8')}, i64 0")
-                rows.append(e.gep("%table", e(f"mul i64 {row}, %h")))
+            found, worst = _rows(e, tables, tok, e(f"icmp slt i64 {tok}, %t1"), sizes, offsets, worst)
+            rows += [e.gep("%table", e(f"mul i64 {row}, %h")) for row in found]
+        seen = e("load i64, ptr %bad, align 8")
+        e.raw(f"  store i64 {e(f'call i64 @llvm.smin.i64(i64 {seen}, i64 {worst})')}, ptr %bad, align 8")
 
         def block(f):
             (fmask,) = e.lane_masks(f, 1, "%h")
@@ -105,42 +135,51 @@ def embed_ir(lanes: int, tables: int) -> str:
     e = Builder(lanes)
     e.function(SIGNATURE, lambda: _embed_sum(e, tables))
     return e.module(f"; sparsejit generated kernel: embedding rows of {tables} tables gathered and summed, "
-                    f"feature-major, lanes={lanes}\n; yt[f, t] = sum_i table[ids[i, t], f]")
+                    f"feature-major, lanes={lanes}\n; yt[f, t] = sum_i table[ids_i[t / seq, t % seq] + offsets[i], f]"
+                    "; bad = the first table with an id out of range")
 
 
 EMBED_DRIVER_SOURCE = """\
 # sparsejit generated kernel: the driver of the embedding IR kernel
-# ids[k] is table k's ids as [b or 1, s or 1], broadcast to [batch, seq]; each is checked
-# against its table's rows (the index of the first table with an id out of range is
-# returned, -1 when none) and turned into a row of the concatenated table, in rows;
-# part c sums tokens [c * step, (c + 1) * step), whole 16-token groups
+# ids[k] is table k's ids as [b or 1, s or 1], broadcast to [batch, seq] by strides of 0;
+# part c sums tokens [c * step, (c + 1) * step), whole 16-token groups, and checks their ids
+# (its slot of bad: the lowest table index with an id out of range, as many as there are
+# tables where none is; a part with no tokens keeps what its slot holds)
 import numpy as np
 from numba import njit
 
-ANY_LAYOUT = ("calls", "rows")  # its arrays compiled for any layout only (compile._any_layout)
+ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any_layout)
 """ + IMPORTS + "\n\n" + put_source(SIGNATURE) + """
 
 @njit(nogil=True, cache=True)
-def run_embed(launch, part, calls, fn, ids, sizes, offsets, batch, seq, table, yt, rows):
+def run_embed(launch, part, calls, fn, ids, sizes, offsets, batch, seq, table, yt, bad):
     n = batch * seq
+    spec = np.zeros((3, 3), np.int64)  # per table: the ids' address, batch stride, position stride
     for k in range(len(ids)):
         a = ids[k]
-        for t in range(n):
-            i = a[t // seq if a.shape[0] > 1 else 0, t % seq if a.shape[1] > 1 else 0]
-            if i < -sizes[k] or i >= sizes[k]:
-                return k
-            rows[k, t] = (i + sizes[k] if i < 0 else i) + offsets[k]
+        spec[k, 0] = a.ctypes.data
+        spec[k, 1] = a.strides[0] // 8 if a.shape[0] > 1 else 0
+        spec[k, 2] = a.strides[1] // 8 if a.shape[1] > 1 else 0
+    for k in range(len(ids), 3):
+        spec[k, 0] = spec[0, 0]  # (a table the kernel does not have: never read)
     parts = calls.shape[0]
     step = ((n + parts - 1) // parts + 15) // 16 * 16
     for c in range(parts):
         t0 = min(n, c * step)
         t1 = min(n, t0 + step)
         if t0 < t1:
-            put_embed_sum(calls, c, fn, rows.ctypes.data, rows.strides[0] // 8, table.ctypes.data, table.shape[1],
-                          yt.ctypes.data, yt.strides[0] // 4, t0, t1)
+            put_embed_sum(calls, c, fn, spec[0, 0], spec[0, 1], spec[0, 2], spec[1, 0], spec[1, 1], spec[1, 2],
+                          spec[2, 0], spec[2, 1], spec[2, 2], sizes.ctypes.data, offsets.ctypes.data, seq,
+                          table.ctypes.data, table.shape[1], yt.ctypes.data, yt.strides[0] // 4, t0, t1,
+                          bad.ctypes.data + c * 8)
     launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
-    return -1
 """
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 
 def kernel_source(tables: int = 3) -> str:
@@ -157,6 +196,7 @@ class EmbedLayerNorm:
         self.table = np.ascontiguousarray(np.concatenate(tables).astype(np.float32, copy=False))
         self.gathers, self.epsilon = gathers, np.float32(epsilon)
         self.grid = Grid.of(quantize)
+        self._zeros = np.zeros(self.table.shape[1], np.float32)  # (the bias where there is none)
         self._driver = load_source(EMBED_DRIVER_SOURCE).run_embed
 
     @functools.cached_property
@@ -180,18 +220,25 @@ class EmbedLayerNorm:
         # wake the threads the run's last region left)
         parts = parts_for(shape[0] * shape[1] * h)
         xt, yt = feature_major_empty(h, shape[0] * shape[1]), feature_major_empty(h, shape[0] * shape[1])
-        # one type for all (C-contiguous, writable int64, 2-D): Numba indexes the tuple at run time
-        as_2d = tuple(np.require(i, np.int64, ["C", "W"]).reshape((1,) * (2 - np.ndim(i)) + np.shape(i)) for i in ids)
-        rows = np.empty((len(ids), shape[0] * shape[1]), np.int64)
-        bad = run(self._driver, SIGNATURE, parts, 1, self._fn, as_2d, self.sizes, self.offsets, shape[0], shape[1],
-                  self.table, xt, rows)
-        if bad >= 0:
-            rows = self.sizes[bad]
-            raise IndexError(f"{self.gathers[bad]!r}: Gather index out of range [{-rows}, {rows}) on axis 0")
+        # one type for all (C-contiguous int64, 2-D, read-only views: a shape-only value, the
+        # positions, is read-only and is not copied): Numba indexes the tuple at run time
+        as_2d = tuple(_read_only(np.require(i, np.int64, "C").reshape((1,) * (2 - np.ndim(i)) + np.shape(i)))
+                      for i in ids)
+        bad = np.full(parts, len(ids), np.int64)  # (the call's own, outside any arena: launch.checked)
+        run(self._driver, SIGNATURE, parts, 1, self._fn, as_2d, self.sizes, self.offsets, shape[0], shape[1],
+            self.table, xt, bad)
+        checked(bad, self._check_ids)
         if xt.size:
             fn, run_columns = _columns_kernel(vector_lanes(), self.grid is not None)
-            b = np.zeros(h, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+            b = self._zeros if bias is None else np.ascontiguousarray(bias, np.float32)
             grid = NO_GRID if self.grid is None else self.grid.floats
             layernorm_columns(run_columns, fn, xt, yt, np.ascontiguousarray(scale, np.float32), b, self.epsilon, grid,
                               NO_BYTES, parts)
         return yt.T.reshape(shape + (h,))
+
+    def _check_ids(self, bad: np.ndarray) -> None:
+        """The IndexError for the first table with an id out of range (the kernel's `bad`)."""
+        k = int(bad.min(initial=len(self.sizes)))
+        if k < len(self.sizes):
+            rows = self.sizes[k]
+            raise IndexError(f"{self.gathers[k]!r}: Gather index out of range [{-rows}, {rows}) on axis 0")

@@ -232,8 +232,20 @@ _recording = threading.local()
 
 
 def record_with(fn) -> None:
-    """Tell `fn` of each launch this thread makes (None: stop)."""
+    """Tell `fn` of each launch this thread makes (None: stop), and of each check after
+    them (`checked`: fn.check(flags, check), where fn has `check`)."""
     _recording.fn = fn
+
+
+def checked(flags: np.ndarray, check) -> None:
+    """check(flags): raises if the launches just made wrote what says their input was
+    bad (an id out of range, say) into `flags`, memory of the caller's own outside any
+    arena. A taped run (sparsejit.tape), which makes the launches again without their
+    caller, is told, and checks the same flags after each replay."""
+    record = getattr(getattr(_recording, "fn", None), "check", None)
+    if record is not None:
+        record(flags, check)
+    check(flags)
 
 
 SERIAL_IR = """\

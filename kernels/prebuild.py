@@ -39,7 +39,8 @@ class Driver(NamedTuple):
     """A Numba driver: its kernels module, the name of its source there, its name, its
     argument types, and what it serves. Types are Numba's, where A(dtype, ndim) is an
     array as compile._any_layout compiles a driver for it (layout 'A', maybe unaligned,
-    read-only) and W(dtype, ndim) one the driver writes."""
+    read-only), W(dtype, ndim) one the driver writes and R(dtype, ndim) a read-only
+    C-contiguous one (the embeddings' ids)."""
 
     module: str
     source: str
@@ -137,8 +138,8 @@ BUILDS = (
     IR("embed", "embed_ir(VECTOR_LANES, 3)", "float"),
     IR("embed", "part_ir(SIGNATURE)", "float"),
     Driver("embed", "EMBED_DRIVER_SOURCE", "run_embed",
-     ("int64, int64, W(int64, 2), int64, UniTuple(int64[:, ::1], 3), A(int64, 1), A(int64, 1), int64, int64, "
-     "A(float32, 2), A(float32, 2), W(int64, 2)"), "float"),
+     ("int64, int64, W(int64, 2), int64, UniTuple(R(int64, 2), 3), A(int64, 1), A(int64, 1), int64, int64, "
+     "A(float32, 2), A(float32, 2), A(int64, 1)"), "float"),
     IR("layernorm", "columns_ir(VECTOR_LANES)", "float"),
     IR("layernorm", "columns_ir(VECTOR_LANES, quantize=True)", "int8"),
     IR("layernorm", "part_ir(COLUMNS_SIGNATURE)", "float"),
@@ -206,7 +207,8 @@ def signature(text: str) -> tuple:
 
     # (eval: the text is this module's own, read with Numba's type names and A, W only)
     return tuple(eval(f"({text},)", {"__builtins__": {}},
-                      {**vars(types), "A": _array(False), "W": _array(True)}))
+                      {**vars(types), "A": _array(False), "W": _array(True),
+                       "R": lambda dtype, ndim: types.Array(dtype, ndim, "C", readonly=True)}))
 
 
 def type_text(ty) -> str:
@@ -218,6 +220,8 @@ def type_text(ty) -> str:
             return f"{'W' if ty.mutable else 'A'}({ty.dtype}, {ty.ndim})"
         if ty.layout == "C" and ty.aligned and ty.mutable:
             return f"{ty.dtype}[{', '.join([':'] * (ty.ndim - 1) + ['::1'])}]"
+        if ty.layout == "C" and ty.aligned:
+            return f"R({ty.dtype}, {ty.ndim})"
     if isinstance(ty, UniTuple):
         return f"UniTuple({type_text(ty.dtype)}, {ty.count})"
     return str(ty)

@@ -96,7 +96,7 @@ def tokenwise(node) -> bool:
 
 # The ops whose steps launch kernels (and which a taped run replays: sparsejit.tape).
 KERNEL_OPS = frozenset({"Linear", "LinearGroup", "QLinear", "QLinearGroup", "LayerNorm", "AttentionCore",
-                        "FakeQuantize"})
+                        "FakeQuantize", "EmbedLayerNorm"})
 
 
 def _inputs_first(steps: list, ready: set[str]) -> list:

@@ -20,7 +20,9 @@ What makes a step taped (a "launch" step), and so skipped as Python on a taped r
   kernel's own (weights), or the output of a step that runs on a taped run, and each of
   its outputs is the arena's;
 - attention's mask is a PreparedMask (whose layouts the tape makes again in place from
-  the mask's new values: `PreparedMask.refill`) or none, and its scale a constant.
+  the mask's new values: `PreparedMask.refill`) or none, and its scale a constant;
+- what it checks after its launches (the embeddings' ids: `launch.checked`) the replay
+  checks after its launches too, raising as the step would.
 Steps that only take views (VIEW_OPS, an output sharing its input's memory; a Gather only
 of a constant index) are skipped too: their outputs are the same memory on every run.
 Everything else runs in Python.
@@ -76,6 +78,7 @@ class _Group(Call):
 
     kind: str = "host"  # "launch", "view", "host" or "mask" (a PreparedMask, refilled)
     launches: list = field(default_factory=list)
+    checks: list = field(default_factory=list)  # (flags, check): the _Recorder's
 
 
 def _groups(steps: tuple, drops: tuple, outputs: tuple) -> list[_Group]:
@@ -170,7 +173,11 @@ class _Recorder:
 
     def __init__(self):
         self.launches: list[tuple] = []
+        self.checks: list[tuple] = []  # (flags, check) after its launches (launch.checked)
         self.untaped = False
+
+    def check(self, flags: np.ndarray, check) -> None:
+        self.checks.append((flags, check))
 
     def __call__(self, part: int, calls: np.ndarray, args, result) -> None:
         if args is None or result is not None:
@@ -247,6 +254,18 @@ class _Memory:
         return any(s <= lo and hi <= e for s, e in self.spans)
 
 
+def _launch_arrays(args) -> list[np.ndarray]:
+    """The arrays a launch's driver got: its arguments', and those of tuples among them (the
+    embeddings' ids)."""
+    out = []
+    for a in args:
+        if isinstance(a, np.ndarray):
+            out.append(a)
+        elif isinstance(a, tuple):
+            out += [b for b in a if isinstance(b, np.ndarray)]
+    return out
+
+
 def _static(node, fixed: dict) -> bool:
     """Whether a node's scales are the same every run: it is no int8 layer, or one whose
     quantization of x is static (its scales the model's), or a FakeQuantize whose scale
@@ -285,7 +304,8 @@ class Tape:
         recorder = [None]
 
         def seen(g, args, results):
-            g.launches, g.kind = recorder[0].launches, self._kind(g, recorder[0], args, results, fixed)
+            g.launches, g.checks = recorder[0].launches, recorder[0].checks
+            g.kind = self._kind(g, recorder[0], args, results, fixed)
             recorder[0] = _Recorder()
             launch.record_with(recorder[0])
 
@@ -352,6 +372,7 @@ class Tape:
                 found += [self._values[name] for name in g.outputs if isinstance(self._values.get(name), np.ndarray)]
             elif g.kind == "mask":  # (its layouts: the mask's own buffers, refilled in place on each run)
                 found += [a for name in g.outputs for a in self._values[name].layouts()]
+        found += [flags for g in groups for flags, _ in g.checks]  # (the caller's own: see launch.checked)
         for a in found:
             memory.add(a)
         arena = _Memory()
@@ -362,7 +383,7 @@ class Tape:
             made = [self._values[name] for name in g.outputs if name and self._values[name] is not None]
             if not all(isinstance(a, np.ndarray) and arena.holds(a) for a in made):
                 why = "an output not made in the arena"  # (made or copied outside the kernels)
-            elif not all(memory.holds(a) for _, _, args in g.launches for a in args if isinstance(a, np.ndarray)):
+            elif not all(memory.holds(a) for _, _, args in g.launches for a in _launch_arrays(args)):
                 why = "a kernel reads memory the tape does not hold"
             else:
                 continue
@@ -384,6 +405,9 @@ class Tape:
                     segments.append(("launch", start, len(table)))
             elif g.kind in ("host", "mask"):
                 segments.append((g.kind, g, [self._values[name] if name else None for name in g.outputs]))
+        # what each replay checks after its launches (launch.checked), with the node to name
+        self._checks = [(g.steps[0].node, flags, check) for g in groups if g.kind == "launch"
+                        for flags, check in g.checks]
         self._table = np.array(table, np.int64).reshape(-1, 4)
         self._claims = launch.new_claims(len(table))
         self._calls = keep
@@ -410,6 +434,11 @@ class Tape:
                     if not _refill(out, r):
                         self.dead = True  # (an output whose shape follows the values, say: runs go on untaped)
                         return None
+        for node, flags, check in self._checks:
+            try:
+                check(flags)
+            except Exception as e:
+                raise step_failed(node, e) from e
         return [self._copy_out(values[o]) for o in self.outputs]
 
     @staticmethod

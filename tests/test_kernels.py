@@ -590,6 +590,15 @@ def test_embeddings_kernel_against_the_registry_reference(serial_below, monkeypa
         np.testing.assert_allclose(got, want, **TOL)
     with pytest.raises(IndexError, match="'word': Gather index out of range"):
         kernel(np.array([[50]]), np.array([[0]]), np.array([[0]]), scale, bias)
+    # the first table with an id out of range is named, wherever the token is (the last
+    # part's last token, below -rows)
+    ids = [rng.integers(0, 50, (3, 40)), np.arange(40)[None, :], rng.integers(0, 2, (3, 40))]
+    ids[2][2, 39], ids[1] = 2, np.where(np.arange(40) == 39, 64, np.arange(40))[None, :]
+    with pytest.raises(IndexError, match="'position': Gather index out of range"):
+        kernel(*ids, scale, bias)
+    ids[0][2, 39] = -51
+    with pytest.raises(IndexError, match="'word': Gather index out of range"):
+        kernel(*ids, scale, bias)
     monkeypatch.undo()
     # rounding to a grid as it stores (lower.quantize_layernorms): what FakeQuantize's kernel gives after it
     from sparsejit.kernels.elementwise import fake_quantize

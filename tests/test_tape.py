@@ -214,6 +214,28 @@ def test_a_fake_quantize_of_fixed_scales_is_taped_and_of_an_input_scale_is_not(t
         np.testing.assert_allclose(model.run(f)[0], want(f["x"], w1, w2, f["s"]), rtol=1e-4, atol=1e-4)
 
 
+def test_a_taped_run_checks_the_token_ids_as_the_embeddings_step_does():
+    """The embeddings are a launch of a taped run, their ids checked in the kernel
+    (launch.checked): a taped run on an id out of range raises naming the Gather, as an
+    untaped one does, and the runs after it give their own outputs, on tape."""
+    model = sparsejit.load(FP32)
+    inputs = [varied(model.input_names, seed) for seed in range(4)]
+    warm(model, inputs)
+    t = tape_of(model, inputs[0])
+    names = [g.steps[0].node.op_type for g in t._groups]
+    assert t is not None and t.kinds[names.index("EmbedLayerNorm")] == "launch", t.kinds
+    bad = {k: v.copy() for k, v in inputs[1].items()}
+    bad["input_ids"][0, -1] = 100000
+    replays = t.replays
+    with pytest.raises(RuntimeError, match=r"word_embeddings/Gather.*out of range"):
+        model.run(bad)
+    bad["input_ids"][0, -1] = -100000
+    with pytest.raises(RuntimeError, match=r"word_embeddings/Gather.*out of range"):
+        model.run(bad)
+    assert tape_of(model, inputs[0]) is t and t.replays == replays  # (the failed replays gave nothing)
+    assert_replays_run_as_before(model, t, inputs)
+
+
 def test_a_gather_of_a_constant_index_is_a_view_and_of_an_input_index_is_not(tmp_path):
     """A Gather of one position (the pooler's token 0) is a view of its input, the same
     memory on every run of a shape: a taped run skips it. One whose index is a model input
