@@ -63,19 +63,26 @@ TILE_FROM = 1024
 HANDOFF = True
 
 
+def feature_major_rows(a: np.ndarray) -> np.ndarray | None:
+    """a as a 2-D view [tokens, features] where a is a kernel's feature-major float32
+    output (its transpose's rows contiguous), else None."""
+    if a.flags.c_contiguous or a.dtype != np.float32 or a.ndim < 2:
+        return None
+    rows = a.view()
+    try:
+        rows.shape = (-1, a.shape[-1])  # fails rather than copy when the axes do not merge
+    except AttributeError:
+        return None
+    return rows if unit_token_stride(rows) else None
+
+
 def _c_order(a):
     a = np.asarray(a)
     if a.flags.c_contiguous:
         return a
-    if a.dtype == np.float32 and a.ndim >= 2:
-        # A kernel's feature-major output: the tiled transpose, not numpy's strided copy.
-        rows = a.view()
-        try:
-            rows.shape = (-1, a.shape[-1])  # fails rather than copy when the axes do not merge
-        except AttributeError:
-            rows = None
-        if rows is not None and unit_token_stride(rows):
-            return transposed_copy(rows).reshape(a.shape)
+    rows = feature_major_rows(a)
+    if rows is not None:  # (a kernel's feature-major output: the tiled transpose, not numpy's strided copy)
+        return transposed_copy(rows).reshape(a.shape)
     return a.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
 
 

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.lib.array_utils import byte_bounds
 
-from .executor import KERNEL_OPS, TILE_FROM, Call, TokenChain, _c_order, calls, step_failed
+from .executor import KERNEL_OPS, TILE_FROM, Call, TokenChain, _c_order, calls, feature_major_rows, step_failed
 from .kernels import launch, layout
 from .kernels.attention import PreparedMask
 
@@ -315,7 +315,8 @@ class Tape:
             raise NotTaped("the second pass allocated differently from the first")
         self._values = values
         self._check_memory(groups, steps, base)
-        self._segments = self._compile(groups)
+        self._outs: dict[str, np.ndarray] = {}  # outputs copied to C order in the last stretch
+        self._segments = self._compile(groups, self._output_copies(outputs))
         taped = [self._copy_out(values[o]) for o in outputs]
         # the check: poisoned buffers, the same inputs, the same outputs
         self._arena.fill(0xFF)
@@ -390,21 +391,49 @@ class Tape:
             g.kind = "host"
             log.debug("tape: %s runs in Python (%s)", g.steps[0].node.name, why)
 
-    def _compile(self, groups: list[_Group]) -> list:
-        """The taped run: a launch stretch (a range of the table) or a group run in Python."""
+    def _output_copies(self, outputs: tuple) -> list:
+        """The launches copying each feature-major output (a kernel's) to C order, into a
+        buffer of the tape's own (`_outs`), for the end of the last stretch: after the
+        replay each copy was a parallel region of its own, and a Python call."""
+        made = []
+        for o in dict.fromkeys(outputs):
+            rows = feature_major_rows(self._values[o]) if isinstance(self._values[o], np.ndarray) else None
+            if rows is None or rows.strides[0] % 4 or rows.strides[1] % 4:  # (else the transpose copies it first)
+                continue
+            buf = layout.aligned_empty(rows.shape, np.float32, lasting=True)
+            rec = _Recorder()
+            launch.record_with(rec)
+            try:
+                layout._transpose_into(rows.T, buf)
+            finally:
+                launch.record_with(None)
+            if rec.launches and not rec.untaped:
+                self._outs[o] = buf.reshape(self._values[o].shape)
+                made += rec.launches
+        return made
+
+    def _compile(self, groups: list[_Group], copies: list) -> list:
+        """The taped run: a launch stretch (a range of the table) or a group run in Python;
+        `copies`' launches last."""
         table, keep, segments = [], [], []
+
+        def add(launches):
+            start = len(table)
+            for part, rows, _ in launches:
+                table.append((part, launch.address(rows), rows.shape[0], rows.shape[1]))
+                keep.append(rows)
+            if segments and segments[-1][0] == "launch":
+                segments[-1] = ("launch", segments[-1][1], len(table))
+            else:
+                segments.append(("launch", start, len(table)))
+
         for g in groups:
             if g.kind == "launch":
-                start = len(table)
-                for part, calls, _ in g.launches:
-                    table.append((part, launch.address(calls), calls.shape[0], calls.shape[1]))
-                    keep.append(calls)
-                if segments and segments[-1][0] == "launch":
-                    segments[-1] = ("launch", segments[-1][1], len(table))
-                else:
-                    segments.append(("launch", start, len(table)))
+                add(g.launches)
             elif g.kind in ("host", "mask"):
                 segments.append((g.kind, g, [self._values[name] if name else None for name in g.outputs]))
+        if copies:
+            add(copies)
         # what each replay checks after its launches (launch.checked), with the node to name
         self._checks = [(g.steps[0].node, flags, check) for g in groups if g.kind == "launch"
                         for flags, check in g.checks]
@@ -439,7 +468,7 @@ class Tape:
                 check(flags)
             except Exception as e:
                 raise step_failed(node, e) from e
-        return [self._copy_out(values[o]) for o in self.outputs]
+        return [self._outs[o].copy() if o in self._outs else self._copy_out(values[o]) for o in self.outputs]
 
     @staticmethod
     def _copy_out(a) -> np.ndarray:

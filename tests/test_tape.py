@@ -214,6 +214,35 @@ def test_a_fake_quantize_of_fixed_scales_is_taped_and_of_an_input_scale_is_not(t
         np.testing.assert_allclose(model.run(f)[0], want(f["x"], w1, w2, f["s"]), rtol=1e-4, atol=1e-4)
 
 
+def test_a_taped_run_copies_its_outputs_to_c_order_in_its_last_stretch(monkeypatch):
+    """The outputs' copies from the kernels' feature-major layout to C order are launches
+    at the end of the tape's last stretch, into the tape's buffers, which each run copies
+    once more (no transpose after the replay): each run's outputs are its own arrays,
+    unchanged by the next run, and those of the untaped run."""
+    model = sparsejit.load(FP32)
+    inputs = [varied(model.input_names, seed) for seed in range(4)]
+    warm(model, inputs)
+    t = tape_of(model, inputs[0])
+    assert t is not None and set(t._outs) == set(model.output_names), set(t._outs)
+
+    def no_transpose(*a):
+        raise AssertionError("an output transposed after the replay")
+
+    monkeypatch.setattr(executor, "transposed_copy", no_transpose)
+    replays = t.replays
+    first = model.run(inputs[0])
+    kept = [a.copy() for a in first]
+    second = model.run(inputs[1])
+    assert t.replays == replays + 2
+    for a, k, b in zip(first, kept, second):
+        assert a.flags.c_contiguous and not np.shares_memory(a, b)
+        np.testing.assert_array_equal(a, k)
+    monkeypatch.undo()
+    untaped(model, inputs[0])
+    for got, f in ((first, inputs[0]), (second, inputs[1])):
+        assert_same(got, model.run(f))
+
+
 def test_a_taped_run_checks_the_token_ids_as_the_embeddings_step_does():
     """The embeddings are a launch of a taped run, their ids checked in the kernel
     (launch.checked): a taped run on an id out of range raises naming the Gather, as an
