@@ -239,7 +239,7 @@ class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
         _Quantized.__init__(self, weight, scale, mode, x_scale, x_zero_point, bias, activation, residual)
         self._set_vnni_terms(weight)
         self._fns = _quantize_fns()
-        self._bytes_fn: int | None = None  # (bytes_on's kernel)
+        self._bytes_fns: dict[bool, int] = {}  # (bytes_on's kernels, by whether the grid is unsigned)
         self._grids: dict[bytes, np.ndarray] = {}  # (bytes_on's terms, by grid: _terms_on)
         self._build("int8", tiles_of(weight, K_TILE["int8"]), activation, residual, compressed)
 
@@ -287,7 +287,8 @@ class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
                 terms = self._quantize_into(transposed(x.reshape(-1, self.in_features)), xq)
                 if terms is None:
                     return None
-            self._tiles_run(xq, self._terms_on(terms, grid), out.view(np.float32), _NO_RESIDUAL, self._quant_fn())
+            self._tiles_run(xq, self._terms_on(terms, grid), out.view(np.float32), _NO_RESIDUAL,
+                            self._quant_fn(bool(grid[2] == 0)))
         return out.T.reshape(lead + (out.shape[0],))
 
     def _terms_on(self, terms: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -300,11 +301,13 @@ class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
             self._grids[key] = np.concatenate([self._kbias, grid])
         return self._grids[key]
 
-    def _quant_fn(self) -> int:
-        """The kernel storing the next layer's bytes (amx_ir's quant_out), compiled on first use."""
-        if self._bytes_fn is None:
-            self._bytes_fn = compile_ir(amx_ir(dataclasses.replace(self.config, quant_out=True)), SIGNATURE.name)
-        return self._bytes_fn
+    def _quant_fn(self, unsigned: bool) -> int:
+        """The kernel storing the next layer's bytes (amx_ir's quant_out), for a grid whose
+        lowest value is 0 (`unsigned`) or any, compiled on first use."""
+        if unsigned not in self._bytes_fns:
+            cfg = dataclasses.replace(self.config, quant_out=True, unsigned_grid=unsigned)
+            self._bytes_fns[unsigned] = compile_ir(amx_ir(cfg), SIGNATURE.name)
+        return self._bytes_fns[unsigned]
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
         xq = x_rows(self.in_features, "int8", xt.shape[1])

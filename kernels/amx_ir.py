@@ -51,7 +51,7 @@ from typing import NamedTuple
 
 from .epilogue import ACTIVATIONS, epilogue
 from .ir import Builder, Signature
-from .lowp_ir import quantized, scaled_sums, store_block_bytes
+from .lowp_ir import quantized, scaled_sums, store_block_bytes, unsigned_bytes
 
 SIGNATURE = Signature("amx_panels", (
     ("xq", "ptr"), ("ldq", "i64"), ("wa", "ptr"), ("bias", "ptr"), ("yt", "ptr"), ("ldy", "i64"), ("rt", "ptr"),
@@ -82,6 +82,8 @@ class AmxConfig:
     # reads, in 4-block rows (yt: [m/4, tokens] of i32), on the grid after the epilogue's
     # terms (%bias[3m:3m + 4]: scale, zero point, lowest, highest), instead of y
     quant_out: bool = False
+    # with quant_out, the grid's lowest value is 0 (uint8): its bytes by lowp_ir.unsigned_bytes
+    unsigned_grid: bool = False
 
 
 class _Out(NamedTuple):
@@ -254,10 +256,14 @@ def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _O
         masks = e.lane_masks(t, tiles, "%ntok")
         if cfg.quant_out:
             step, zero, lo, hi = out.grid
-            qs = [quantized(e, epilogue(e, cfg.activation, y, None, mask), step, zero, lo, hi)
-                  for y, mask in zip(ys, masks)]
-            store_block_bytes(e, [e(f"fptosi {e.vt} {e(f'fsub {e.vt} {q}, {lo}')} to {iv}") for q in qs], j, "%yt",
-                              "%ldy", t, masks)
+            ys = [epilogue(e, cfg.activation, y, None, mask) for y, mask in zip(ys, masks)]
+            if cfg.unsigned_grid:
+                izero = e.splat_i32(e(f"fptosi float {e(f'extractelement {e.vt} {zero}, i32 0')} to i32"))
+                qs = [unsigned_bytes(e, y, step, izero) for y in ys]
+            else:
+                qs = [e(f"fptosi {e.vt} {e(f'fsub {e.vt} {quantized(e, y, step, zero, lo, hi)}, {lo}')} to {iv}")
+                      for y in ys]
+            store_block_bytes(e, qs, j, "%yt", "%ldy", t, masks)
         else:
             yoff = e.offset(j, "%ldy", t)
             roff = e.offset(j, "%ldr", t) if cfg.residual else None
@@ -324,7 +330,7 @@ def amx_ir(cfg: AmxConfig) -> str:
     epi = ("float(C - corr[j]) * scale[j] + bias[j]" if cfg.dot == "int8" else "C + bias[j]")
     return e.module(f"; sparsejit generated kernel: AMX dense {cfg.dot} activation={cfg.activation} "
                     f"residual={cfg.residual} compressed={cfg.compressed} overlapped={cfg.overlapped}"
-                    f"{' quant_out' if cfg.quant_out else ''}\n"
+                    f"{' quant_out' if cfg.quant_out else ''}{' unsigned_grid' if cfg.unsigned_grid else ''}\n"
                     f"; C[j, t] = sum over K-tiles kt: wa[j / 16, kt] (16 x 64 bytes) . xq[16 kt .. 16 kt + 15, t]"
                     f" ({DOTS[cfg.dot].rsplit('.', 1)[1]})\n"
                     f"; yt[j, t] = act({epi}){' + rt[j, t]' if cfg.residual else ''}")

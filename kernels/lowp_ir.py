@@ -97,6 +97,23 @@ def quantized(e: Builder, x: str, scale: str, zero: str, lo: str, hi: str) -> st
     return e.vcall("minnum", e.vcall("maxnum", q, lo, flags="nnan"), hi, flags="nnan")
 
 
+def unsigned_bytes(e: Builder, x: str, scale: str, zero: str) -> str:
+    """QuantizeLinear's bytes of float vector x on a grid of lowest value 0 (uint8), as an
+    i32 vector: clamp(roundeven(x / scale) + zero, 0, 255), NaN giving 0, as `quantized`
+    then the byte. In fewer instructions: x / scale capped at 2^30 by `vminps` with the
+    quotient second (a NaN quotient passes), converted by `vcvtps2dq` rounding to nearest
+    even (a NaN, or a quotient under -2^31, gives -2^31), then the integer add of the zero
+    point (`zero`: an i32 vector) and the clamp, which take -2^31 + zero to 0."""
+    iv = f"<{e.lanes} x i32>"
+    q = e(f"fdiv {e.vt} {x}, {scale}")
+    q = e.call("llvm.x86.avx512.min.ps.512", e.vt, (e.vt, e.const(2.0 ** 30)), (e.vt, q), ("i32", "4"))
+    i = e.call("llvm.x86.avx512.mask.cvtps2dq.512", iv, (e.vt, q), (iv, "zeroinitializer"), ("i16", "-1"),
+               ("i32", "8"))
+    b = e(f"add {iv} {i}, {zero}")
+    return e.call(f"llvm.smin.v{e.lanes}i32", iv, (iv, e.call(f"llvm.smax.v{e.lanes}i32", iv, (iv, b),
+                                                              (iv, "zeroinitializer"))), (iv, e.splat_i32(255)))
+
+
 def store_block_bytes(e: Builder, qs: list[str], j: str, base: str, ld: str, t: str, masks: list) -> None:
     """Bytes (i32 vectors holding 0..255) of input j for consecutive vectors of tokens from
     t, stored where an int8 kernel reads its x: byte j % 4 of each token's i32 in 4-block
