@@ -879,8 +879,9 @@ def test_layernorm_stores_the_bytes_its_int8_reader_makes_of_its_output(zero):
     """layernorm_to_bytes: the LayerNorm rounded to a grid, and in the same pass the bytes an
     int8 layer on that grid makes of that output (its quantization, less the lowest value,
     packed four inputs to an i32, zero past the last input), exactly; whole 4-blocks, a
-    partial one, whole and partial vectors of tokens, none, at one and two threads."""
-    from sparsejit.kernels.elementwise import quantize
+    partial one, whole and partial vectors of tokens, none, at one and two threads; the
+    rounded output FakeQuantize's of the plain LayerNorm's, bit for bit; a token of NaN too."""
+    from sparsejit.kernels.elementwise import fake_quantize, quantize
     from sparsejit.kernels.layernorm import Grid, layernorm_to_bytes
 
     rng = np.random.default_rng(abs(int(zero)))
@@ -889,11 +890,15 @@ def test_layernorm_stores_the_bytes_its_int8_reader_makes_of_its_output(zero):
         for n in (0, 1, 17, 128, 130):
             xt = feature_major_empty(h, n)
             xt[:] = rng.standard_normal((h, n)) * 3
+            if n > 2:
+                xt[h // 2, 2] = np.nan
             scale, bias = rng.standard_normal(h).astype(np.float32), rng.standard_normal(h).astype(np.float32)
             for threads in (1, 2):
                 numba.set_num_threads(threads)
                 y, xq = layernorm_to_bytes(xt.T, scale, bias, 1e-12, grid)
-                assert np.array_equal(y, layernorm(xt.T, scale, bias, 1e-12, True, grid))
+                assert np.array_equal(y, layernorm(xt.T, scale, bias, 1e-12, True, grid), equal_nan=True)
+                plain = fake_quantize(layernorm(xt.T, scale, bias, 1e-12, True), np.float32(0.02), zero)
+                np.testing.assert_array_equal(y, plain)
                 want = np.zeros((n, 4 * -(-h // 4)), np.uint8)
                 want[:, :h] = quantize(y, np.float32(0.02), zero).astype(np.int16) - lo
                 assert xq.shape == (n, -(-h // 4)) and xq.dtype == np.int32
