@@ -238,8 +238,8 @@ def _pair_weights(e: Builder, cfg: AmxConfig, pair: str) -> tuple[tuple, list | 
 
 def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _Out, r: str) -> None:
     """Row r of both features halves from the stored C tiles, through the epilogue into yᵀ
-    (quant_out: y's bytes on the grid, byte j % 4 of row j / 4, as QuantizeLinear then the
-    next layer's quantize kernel make them from y: the same float steps)."""
+    (quant_out: y's bytes on the grid, byte j % 4 of row j / 4: the bytes QuantizeLinear
+    then the next layer's quantize kernel make of y)."""
     scratch, iv = out.scratch, f"<{e.lanes} x i32>"
     for a in range(2):
         j = e(f"add i64 {e(f'mul i64 {pair}, 32')}, {e(f'add i64 {r}, {ROWS * a}')}")

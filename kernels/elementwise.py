@@ -361,7 +361,7 @@ def _flat_by_kernels(x: np.ndarray) -> tuple | None:
     if x.flags.c_contiguous:
         out = aligned_empty(x.shape, np.float32)
         return x.reshape(-1), out.reshape(-1), out
-    if x.ndim != 2 or x.strides[0] % 4 or x.strides[1] % 4:
+    if x.ndim != 2 or min(x.strides) < 0 or x.strides[0] % 4 or x.strides[1] % 4:
         return None
     rows = _transpose_into(x.T, aligned_empty(x.shape, np.float32))
     out = aligned_empty(x.shape, np.float32)

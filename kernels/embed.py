@@ -212,7 +212,7 @@ class EmbedLayerNorm:
         *ids, scale, bias = ids_scale_bias
         shape = np.broadcast_shapes(*(np.shape(i) for i in ids))
         h = self.table.shape[1]
-        if len(shape) != 2 or scale.shape != (h,) or (bias is not None and bias.shape != (h,)) or \
+        if len(shape) != 2 or len(ids) > TABLES or scale.shape != (h,) or (bias is not None and bias.shape != (h,)) or \
                 (self.grid is not None and self.grid.floats is None):
             return reference_embed_layernorm(*ids, scale, bias, tables=self.dense_tables(), gathers=self.gathers,
                                              epsilon=float(self.epsilon), quantize=self.grid and self.grid.quantize)

@@ -733,10 +733,10 @@ AMX_BYTES = True  # see hand_amx_bytes
 
 
 def hand_amx_bytes(steps: list[Step], graph_outputs=()) -> list[Step]:
-    """Steps where a static int8 layer on AMX's kernel (a block's FFN1, its GELU fused)
-    whose output only static int8 layers (or groups) read, as x on one grid, stores that
-    output as the bytes their kernels would quantize it to (Int8Amx.bytes_on: in its
-    epilogue, the same float steps), as a second output `<output>#int8`, which those
+    """Steps where an int8 layer on AMX's kernel (a block's FFN1, its GELU fused) whose
+    output only static int8 layers (or groups) read, as x on one grid, stores that output
+    as the bytes their kernels would quantize it to (Int8Amx.bytes_on: in its epilogue,
+    the same bytes), as a second output `<output>#int8`, which those
     layers take as their last input (as after hand_layernorm_bytes) and run on instead of
     quantizing x. Its `lean` run leaves the floats out (the executor takes it where no
     step and no caller asks for them); the full run makes both, the bytes by numpy."""

@@ -599,6 +599,11 @@ def test_embeddings_kernel_against_the_registry_reference(serial_below, monkeypa
     ids[0][2, 39] = -51
     with pytest.raises(IndexError, match="'word': Gather index out of range"):
         kernel(*ids, scale, bias)
+    # more tables than the kernel takes (embed.TABLES): the reference
+    four = EmbedLayerNorm(tables + tables[2:], names + ["extra"], 1e-12)
+    ids = [rng.integers(0, 50, (2, 19)), np.arange(19)[None, :], rng.integers(0, 2, (2, 19)), np.ones((2, 19), int)]
+    want = OPS["EmbedLayerNorm"](*ids, scale, bias, tables=tables + tables[2:], gathers=names + ["extra"], epsilon=1e-12)
+    np.testing.assert_allclose(four(*ids, scale, bias), want, **TOL)
     monkeypatch.undo()
     # rounding to a grid as it stores (lower.quantize_layernorms): what FakeQuantize's kernel gives after it
     from sparsejit.kernels.elementwise import fake_quantize
