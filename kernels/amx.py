@@ -34,7 +34,7 @@ from .int8 import _quantize_fns, _Quantized, _ReadsBytes, byte_rows
 from .ir import with_driver
 from .launch import IMPORTS, put_source, run
 from .layout import aligned_empty, feature_major_empty, transposed
-from .linear import _NO_RESIDUAL, DenseLinear, _bias
+from .linear import _NO_RESIDUAL, DenseLinear, TakesOwnX, _bias
 
 SYS_ARCH_PRCTL = 158          # x86-64
 ARCH_REQ_XCOMP_PERM = 0x1023
@@ -318,9 +318,11 @@ class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
         return True
 
 
-class BF16AmxLinear(_Amx, DenseLinear):
+class BF16AmxLinear(_Amx, TakesOwnX, DenseLinear):
     """A dense bf16 layer on AMX tiles (`tdpbf16ps`): the weight rounded to bfloat16 in
-    16 × 32 tiles, x packed into bfloat16 pairs, sums in float32, the float32 epilogues."""
+    16 × 32 tiles, x packed into bfloat16 pairs, sums in float32, the float32 epilogues.
+    It also runs on x's pair rows handed over (`from_quantized`), and can store its output
+    as the pair rows the next such layer reads (`pairs_on`)."""
 
     kind = "dense-bf16"
     label = "dense-bf16 (AMX)"
@@ -346,7 +348,44 @@ class BF16AmxLinear(_Amx, DenseLinear):
         return from_bf16(untiled(self.tiles, self.in_features, self.out_features))
 
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        self._tiles_run(self._packed(xt), self.bias, yt, rt)
+
+    def _packed(self, xt: np.ndarray) -> np.ndarray:
+        """xᵀ packed into pair rows padded to whole K-tiles (the padded rows zero)."""
         xp = x_rows(self.in_features, "bf16", xt.shape[1])
-        pairs = xp[:-(-self.in_features // 2)]  # (the padded rows stay zero)
-        packed_pairs(xt, pairs)
-        self._tiles_run(xp, self.bias, yt, rt)
+        packed_pairs(xt, xp[:-(-self.in_features // 2)])
+        return xp
+
+    def _on_x(self, xp: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        self._tiles_run(self._whole_tiles(xp), self.bias, yt, rt)
+
+    def _whole_tiles(self, xp: np.ndarray) -> np.ndarray:
+        """Pair rows handed over ([in/2, tokens], their last high half 0 for odd inputs),
+        copied into whole K-tiles of rows, the padded rows zero, where they are not."""
+        if xp.shape[0] % ROWS:
+            padded = x_rows(self.in_features, "bf16", xp.shape[1])
+            padded.view(np.int32)[:xp.shape[0]] = xp.view(np.int32)
+            xp = padded
+        return xp.view(np.float32)
+
+    def pairs_on(self, x: np.ndarray | None, given: np.ndarray | None = None) -> np.ndarray:
+        """y for x [..., in] (or for x's pair rows `given`, as a token-major view) as the
+        pair rows the next bf16 AMX layer reads (bf16.packed_pairs' layout, what it would
+        make of y): the token-major view [..., ceil(out/2)] of [out/2, tokens] i32 rows. The
+        kernel stores them in its epilogue instead of y (amx_ir's `pairs_out`)."""
+        if self.residual:
+            raise ValueError("a bf16 layer with a residual gives no pair rows")
+        lead = (given if x is None else x).shape[:-1]
+        n, m = math.prod(lead), self.out_features
+        out = feature_major_empty(-(-m // 2), n)
+        if m % 2:
+            out[-1] = 0  # (the high half past the last output: bfloat16 0, times the next layer's padded 0)
+        if n:
+            xp = self._whole_tiles(byte_rows(given)) if given is not None else \
+                self._packed(transposed(x.reshape(-1, self.in_features)))
+            self._tiles_run(xp, self.bias, out, _NO_RESIDUAL, self._pairs_fn)
+        return out.view(np.int32).T.reshape(lead + (out.shape[0],))
+
+    @functools.cached_property
+    def _pairs_fn(self) -> int:
+        return compile_ir(amx_ir(dataclasses.replace(self.config, pairs_out=True)), SIGNATURE.name)

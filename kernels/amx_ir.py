@@ -51,7 +51,7 @@ from typing import NamedTuple
 
 from .epilogue import ACTIVATIONS, epilogue
 from .ir import Builder, Signature
-from .lowp_ir import quantized, scaled_sums, store_block_bytes, unsigned_bytes
+from .lowp_ir import quantized, scaled_sums, store_block_bytes, store_pair_halves, unsigned_bytes
 
 SIGNATURE = Signature("amx_panels", (
     ("xq", "ptr"), ("ldq", "i64"), ("wa", "ptr"), ("bias", "ptr"), ("yt", "ptr"), ("ldy", "i64"), ("rt", "ptr"),
@@ -84,6 +84,9 @@ class AmxConfig:
     quant_out: bool = False
     # with quant_out, the grid's lowest value is 0 (uint8): its bytes by lowp_ir.unsigned_bytes
     unsigned_grid: bool = False
+    # bf16 without residual: y rounded to bfloat16 and stored as the pair rows the next bf16
+    # layer reads (yt: [m/2, tokens] of i32; lowp_ir.store_pair_halves), instead of y
+    pairs_out: bool = False
 
 
 class _Out(NamedTuple):
@@ -264,6 +267,9 @@ def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _O
                 qs = [e(f"fptosi {e.vt} {e(f'fsub {e.vt} {quantized(e, y, step, zero, lo, hi)}, {lo}')} to {iv}")
                       for y in ys]
             store_block_bytes(e, qs, j, "%yt", "%ldy", t, masks)
+        elif cfg.pairs_out:
+            store_pair_halves(e, [epilogue(e, cfg.activation, y, None, mask) for y, mask in zip(ys, masks)], j, "%yt",
+                              "%ldy", t, masks)
         else:
             yoff = e.offset(j, "%ldy", t)
             roff = e.offset(j, "%ldr", t) if cfg.residual else None
@@ -322,7 +328,8 @@ def _panels(e: Builder, cfg: AmxConfig) -> None:
 
 @functools.cache  # (the same text for every layer of a configuration: made once)
 def amx_ir(cfg: AmxConfig) -> str:
-    if cfg.dot not in DOTS or cfg.activation not in ACTIVATIONS or cfg.quant_out and (cfg.dot != "int8" or cfg.residual):
+    if cfg.dot not in DOTS or cfg.activation not in ACTIVATIONS or cfg.quant_out and (cfg.dot != "int8" or cfg.residual) \
+            or cfg.pairs_out and (cfg.dot != "bf16" or cfg.residual):
         raise ValueError(f"no AMX kernel for {cfg}")
     e = Builder(16)
     e.function(SIGNATURE, lambda: _panels(e, cfg))
@@ -330,7 +337,8 @@ def amx_ir(cfg: AmxConfig) -> str:
     epi = ("float(C - corr[j]) * scale[j] + bias[j]" if cfg.dot == "int8" else "C + bias[j]")
     return e.module(f"; sparsejit generated kernel: AMX dense {cfg.dot} activation={cfg.activation} "
                     f"residual={cfg.residual} compressed={cfg.compressed} overlapped={cfg.overlapped}"
-                    f"{' quant_out' if cfg.quant_out else ''}{' unsigned_grid' if cfg.unsigned_grid else ''}\n"
+                    f"{' quant_out' if cfg.quant_out else ''}{' unsigned_grid' if cfg.unsigned_grid else ''}"
+                    f"{' pairs_out' if cfg.pairs_out else ''}\n"
                     f"; C[j, t] = sum over K-tiles kt: wa[j / 16, kt] (16 x 64 bytes) . xq[16 kt .. 16 kt + 15, t]"
                     f" ({DOTS[cfg.dot].rsplit('.', 1)[1]})\n"
                     f"; yt[j, t] = act({epi}){' + rt[j, t]' if cfg.residual else ''}")

@@ -137,6 +137,33 @@ def store_block_bytes(e: Builder, qs: list[str], j: str, base: str, ld: str, t: 
                ("i32", "1"), (bm, on))
 
 
+def store_pair_halves(e: Builder, values: list[str], j: str, base: str, ld: str, t: str,
+                      masks: list | None = None) -> None:
+    """Row j's outputs (vectors of tokens from t) rounded to bfloat16 and stored where a
+    bf16 layer on pairs of consecutive inputs reads its x (bf16.packed_pairs' layout): the
+    low halves (j even) or high halves (j odd) of pair row j / 2 of `base`, its row stride
+    `ld` in i32. Each vector's 16 values go out spread over 32 halves, by a store masked to
+    the row's halves (and, with `masks`, to each vector's tokens), so rows j and j + 1 never
+    write each other's bytes. Without masks a masked tile's lanes past the last token land
+    in the rows' padding."""
+    L, hv, gv, gm = e.lanes, f"<{e.lanes} x i16>", f"<{2 * e.lanes} x i16>", f"<{2 * e.lanes} x i1>"
+    odd = e(f"trunc i64 {e(f'and i64 {j}, 1')} to i1")
+    spread = [f"<{', '.join(f'i32 {p // 2 if p % 2 == parity else L}' for p in range(2 * L))}>" for parity in (0, 1)]
+    halves = [f"<{', '.join(f'i1 {int(p % 2 == parity)}' for p in range(2 * L))}>" for parity in (0, 1)]
+    row = e.offset(e(f"lshr i64 {j}, 1"), e(f"shl i64 {ld}, 1"), e(f"shl i64 {t}, 1"))
+    which = e(f"select i1 {odd}, {gm} {halves[1]}, {gm} {halves[0]}")
+    pairs = ", ".join(f"i32 {p // 2}" for p in range(2 * L))
+    for u, v in enumerate(values):
+        h = e(f"bitcast <{L} x bfloat> {e(f'fptrunc {e.vt} {v} to <{L} x bfloat>')} to {hv}")
+        x = e(f"select i1 {odd}, {gv} {e(f'shufflevector {hv} {h}, {hv} zeroinitializer, <{2 * L} x i32> {spread[1]}')}, "
+              f"{gv} {e(f'shufflevector {hv} {h}, {hv} zeroinitializer, <{2 * L} x i32> {spread[0]}')}")
+        on = which
+        if masks is not None and masks[u] is not None:  # (each token's lane over its two halves)
+            on = e(f"and {gm} {which}, {e(f'shufflevector <{L} x i1> {masks[u]}, <{L} x i1> poison, <{2 * L} x i32> <{pairs}>')}")
+        e.call(f"llvm.masked.store.v{2 * L}i16.p0", "void", (gv, x),
+               ("ptr", e.gep(base, e(f"add i64 {row}, {2 * u * L}") if u else row, "i16")), ("i32", "2"), (gm, on))
+
+
 def group_order(lanes: int) -> str:
     """The shuffle of two vectors of `lanes` 16-bit values (a group's first 16 tokens and
     its last 16) into the group's stored order: by 4-token pieces, first and last in turn

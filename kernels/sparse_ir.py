@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from .epilogue import ACTIVATIONS, epilogue
 from .ir import Builder, Signature, tail_vectors
-from .lowp_ir import bf16_dot, quantized, scaled_sums, store_block_bytes, store_rows, vnni_dot
+from .lowp_ir import bf16_dot, quantized, scaled_sums, store_block_bytes, store_pair_halves, store_rows, vnni_dot
 
 SIGNATURE = Signature("sparse_rows", (
     ("xt", "ptr"), ("ldx", "i64"), ("indptr", "ptr"), ("indices", "ptr"), ("values", "ptr"), ("bias", "ptr"),
@@ -227,7 +227,7 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
         store_rows(e, values, [mask] * len(values), "%rt", "%j", e("shl i64 %ldr, 1"), "%t")
         return
     if cfg.pairs_out:
-        _store_pair_halves(e, [epilogue(e, cfg.activation, v, None, mask) for v in sums])
+        store_pair_halves(e, [epilogue(e, cfg.activation, v, None, mask) for v in sums], "%j", "%rt", "%ldr", "%t")
         return
     for u, (v, ptr) in enumerate(zip(sums, yptrs)):
         residual = e.vptr("%rt", rstart, u) if cfg.residual else None
@@ -259,28 +259,6 @@ def _store_quantized(e: Builder, values: list[str], mask: str | None) -> None:
                                      "align 4")) for i in range(4))
     qs = [e(f"fptosi {vt} {e(f'fsub {vt} {quantized(e, v, scale, zero, lo, hi)}, {lo}')} to {iv}") for v in values]
     store_block_bytes(e, qs, "%j", "%rt", "%ldr", "%t", [mask] * len(qs))
-
-
-def _store_pair_halves(e: Builder, values: list[str]) -> None:
-    """Row j's outputs (tokens from t) rounded to bfloat16 and stored where the next bf16
-    layer on pairs of consecutive inputs reads its x (bf16.packed_pairs' layout): the low
-    halves (j even) or high halves (j odd) of pair row j / 2 of rt, its row stride ldr in
-    i32. Each vector's 16 values go out spread over 32 halves, by a store masked to the
-    row's halves, so rows j and j + 1 never write each other's bytes. A masked tile's
-    lanes past the last token land in the rows' padding, which the next kernel's masked
-    loads do not read."""
-    L, hv, gv, gm = e.lanes, f"<{e.lanes} x i16>", f"<{2 * e.lanes} x i16>", f"<{2 * e.lanes} x i1>"
-    odd = e(f"trunc i64 {e('and i64 %j, 1')} to i1")
-    spread = [f"<{', '.join(f'i32 {p // 2 if p % 2 == parity else L}' for p in range(2 * L))}>" for parity in (0, 1)]
-    halves = [f"<{', '.join(f'i1 {int(p % 2 == parity)}' for p in range(2 * L))}>" for parity in (0, 1)]
-    row = e.offset(e("lshr i64 %j, 1"), e("shl i64 %ldr, 1"), e("shl i64 %t, 1"))
-    which = e(f"select i1 {odd}, {gm} {halves[1]}, {gm} {halves[0]}")
-    for u, v in enumerate(values):
-        h = e(f"bitcast <{L} x bfloat> {e(f'fptrunc {e.vt} {v} to <{L} x bfloat>')} to {hv}")
-        x = e(f"select i1 {odd}, {gv} {e(f'shufflevector {hv} {h}, {hv} zeroinitializer, <{2 * L} x i32> {spread[1]}')}, "
-              f"{gv} {e(f'shufflevector {hv} {h}, {hv} zeroinitializer, <{2 * L} x i32> {spread[0]}')}")
-        e.call(f"llvm.masked.store.v{2 * L}i16.p0", "void", (gv, x),
-               ("ptr", e.gep("%rt", e(f"add i64 {row}, {2 * u * L}") if u else row, "i16")), ("i32", "2"), (gm, which))
 
 
 def _driver(e: Builder, cfg: IRConfig) -> None:

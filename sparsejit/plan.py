@@ -23,7 +23,7 @@ from .graph import Graph, Node
 from .kernels import elementwise, rows
 from .kernels.amx import BF16AmxLinear, Int8Amx, has_amx
 from .kernels.attention import PreparedMask, fused_attention, mask_steps
-from .kernels.bf16 import BF16DenseLinear, BF16ScatteredLinear, BF16SparseLinear, reference_bf16_linear
+from .kernels.bf16 import BF16DenseLinear, BF16ScatteredLinear, BF16SparseLinear, packed_pairs, reference_bf16_linear
 from .kernels.embed import EmbedLayerNorm
 from .kernels.int8 import (
     DOT_NAMES,
@@ -40,6 +40,7 @@ from .kernels.int8 import (
     quantize_x,
 )
 from .kernels.layernorm import Grid, layernorm, layernorm_to_bytes
+from .kernels.layout import transposed
 from .kernels.linear import (
     ByTokens,
     DenseLinear,
@@ -649,6 +650,7 @@ def plan(graph: Graph, chooser: Chooser | None = None, progress: Callable[[int, 
     steps = [STEPS.get(n.op_type, reference_step)(n, p) for n in graph.nodes]
     steps = hand_layernorm_bytes(steps) if LAYERNORM_BYTES else steps
     steps = hand_amx_bytes(steps, graph.outputs) if AMX_BYTES else steps
+    steps = hand_amx_pairs(steps, graph.outputs) if AMX_PAIRS else steps
     steps = hand_row_bytes(steps, p.opset, graph.outputs) if ROW_BYTES else steps
     steps = hand_quantized_outputs(steps, graph) if QUANTIZED_OUTPUTS else steps
     return (hand_dequantized_bytes(steps, graph) if DEQUANTIZED_BYTES else steps), p.layers
@@ -777,6 +779,70 @@ def _amx_step_with_bytes(step: Step, grid: np.ndarray) -> Step:
     o = node.outputs[0]
     return replace(step, node=Node(node.op_type, node.name, list(node.inputs), [o, o + BYTES_SUFFIX], node.attrs),
                    run=run, lean=((o,), run_lean))
+
+
+AMX_PAIRS = True  # see hand_amx_pairs
+PAIRS_SUFFIX = "#bf16"  # the pair rows' value name: the layer's output's, and this
+
+
+def hand_amx_pairs(steps: list[Step], graph_outputs=()) -> list[Step]:
+    """Steps where a bf16 layer on AMX's tiles (`precision="bf16"`: a block's FFN1, its GELU
+    fused) whose output only bf16 AMX layers read, as x, stores that output as the pair
+    rows their kernels would pack x into (BF16AmxLinear.pairs_on: in its epilogue, the
+    same bfloat16 values), as a second output `<output>#bf16`, which those layers take as
+    their last input and run on (`from_quantized`) instead of packing x. Its `lean` run
+    leaves the floats out (the executor takes it where no step and no caller asks for
+    them); the full run makes both, the pair rows by the pack kernel."""
+    readers = _readers(steps)
+    out = list(steps)
+    for i, s in enumerate(steps):
+        n = s.node
+        if n.op_type != "Linear" or type(s.impl) is not BF16AmxLinear or s.impl.residual or len(n.outputs) != 1:
+            continue
+        o = n.outputs[0]
+        takers = readers.get(o, [])
+        if not takers or o in graph_outputs or any(
+                steps[k].node.op_type != "Linear" or type(steps[k].impl) is not BF16AmxLinear
+                or steps[k].node.inputs[0] != o or o in steps[k].node.inputs[1:] for k in takers):
+            continue
+        out[i] = _amx_step_with_pairs(out[i])
+        for k in takers:
+            out[k] = _taking_pairs(out[k], o + PAIRS_SUFFIX, o)
+        log.debug("%s: stores the pair rows its bf16 readers' kernels read: %s", n.name,
+                  ", ".join(steps[k].node.name for k in takers))
+    return out
+
+
+def _amx_step_with_pairs(step: Step) -> Step:
+    """A bf16 AMX layer's step also giving its output's pair rows (see hand_amx_pairs)."""
+    node, layer = step.node, step.impl
+
+    def run(*inputs):
+        (y,) = step.run(*inputs)
+        return y, packed_pairs(transposed(y.reshape(-1, y.shape[-1]))).view(np.int32).T.reshape(
+            y.shape[:-1] + (-(-y.shape[-1] // 2),))
+
+    def run_lean(x, residual=None, xp=None):
+        return None, layer.pairs_on(None if xp is not None else x, xp)
+
+    o = node.outputs[0]
+    return replace(step, node=Node(node.op_type, node.name, list(node.inputs), [o, o + PAIRS_SUFFIX], node.attrs),
+                   run=run, lean=((o,), run_lean))
+
+
+def _taking_pairs(step: Step, q: str, without: str) -> Step:
+    """A bf16 AMX layer's step that takes x's pair rows `q` as its last input (its run's
+    `xp`), and runs without x itself (given None)."""
+    r, layer = step.node, step.impl
+    inputs = list(r.inputs) + [""] * (len(r.inputs) < 2) + [q]
+
+    def run(x, residual=None, xp=None):
+        if xp is None:
+            return step.run(x, residual)
+        return (layer.from_quantized(byte_rows(xp), xp.shape[:-1], residual),)
+
+    return replace(step, node=Node(r.op_type, r.name, inputs, list(r.outputs), r.attrs), run=run,
+                   optional=step.optional | {without})
 
 
 QUANTIZED_OUTPUTS = True  # see hand_quantized_outputs

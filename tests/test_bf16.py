@@ -438,3 +438,64 @@ def test_the_pairs_handover_is_the_pair_rows_of_the_float_output(chunk, m):
         xp = first.quantized_for(x, nxt)
         assert np.array_equal(xp.view(np.uint32), packed_pairs(transposed(y)).view(np.uint32)), ntok
         assert np.array_equal(nxt.from_quantized(xp, (ntok,), r), nxt(y, r)), ntok
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("m", [96, 41])
+def test_the_amx_pairs_handover_is_the_pair_rows_of_the_float_output(compressed, m):
+    """BF16AmxLinear.pairs_on stores a layer's output as the next AMX layer's pair rows in
+    its epilogue (amx_ir's `pairs_out`): what packed_pairs makes of the float output, bit
+    for bit (an odd output count's last high halves 0; tokens off 16, the second tile of a
+    last block past them), with GELU run during the next block's products; given x's own
+    pair rows, the same; and the next layer on them (copied into whole K-tiles where its
+    inputs are not a multiple of 32) gives what it gives on that output."""
+    from sparsejit.kernels.bf16 import packed_pairs
+    from sparsejit.kernels.layout import transposed
+
+    if not has_amx("bf16") or compressed and not can_compress():
+        pytest.skip("this CPU has no AMX-BF16 (or no VBMI2 for compressed tiles)")
+    rng = np.random.default_rng(m)
+    first = BF16AmxLinear(_weight(rng, 128, m, 0.2), rng.standard_normal(m).astype(np.float32), "gelu", False,
+                          compressed=compressed)
+    nxt = BF16AmxLinear(_weight(rng, m, 40, 0.3), None, "none", True, compressed=compressed)
+    for ntok in (0, 1, 15, 17, 53, 128, 131):
+        x = rng.standard_normal((ntok, 128)).astype(np.float32)
+        r = rng.standard_normal((ntok, 40)).astype(np.float32)
+        y = first(x)
+        xp = first.pairs_on(x)
+        want = packed_pairs(transposed(y)).view(np.uint32)
+        assert xp.shape == (ntok, -(-m // 2)) and np.array_equal(xp.view(np.uint32), want.T), ntok
+        given = packed_pairs(transposed(x)).view(np.int32).T  # (x's pair rows, as a step hands them over)
+        assert np.array_equal(first.pairs_on(None, given).view(np.uint32), want.T), ntok
+        assert np.array_equal(nxt.from_quantized(xp.T, (ntok,), r), nxt(y, r)), ntok
+
+
+def test_amx_ffn1_hands_its_pair_rows_to_ffn2(monkeypatch):
+    """With precision="bf16" on AMX's tiles, each block's FFN1 (GELU fused) stores its
+    output as the pair rows FFN2 packs x into (plan.hand_amx_pairs), and FFN2 runs on them:
+    the outputs are those without the handover, bit for bit (the test above holds those to
+    ONNX Runtime), over padded rows and several shapes, untaped and taped; FFN1's floats,
+    where asked for (Model.values), are its float output still."""
+    from sparsejit import executor, plan
+
+    if not has_amx("bf16"):
+        pytest.skip("this CPU has no AMX-BF16")
+    monkeypatch.setattr(executor, "TAPE_SAVES", 1.0)  # (taped after TAPE_AFTER runs, and kept: as test_tape's)
+    monkeypatch.setattr(executor, "TAPE_KEEP", float("inf"))
+    calls, pairs_on = [], BF16AmxLinear.pairs_on
+    monkeypatch.setattr(BF16AmxLinear, "pairs_on", lambda *a: calls.append(1) or pairs_on(*a))
+    handing = sparsejit.load(DEFAULT, precision="bf16", kernels="dense")
+    handed = [s for s in handing._executor.steps if s.node.op_type == "Linear" and len(s.node.outputs) == 2]
+    assert handed and all("intermediate" in s.node.name for s in handed), [s.node.name for s in handed]
+    monkeypatch.setattr(plan, "AMX_PAIRS", False)
+    plain = sparsejit.load(DEFAULT, precision="bf16", kernels="dense")
+    for batch, seq in [(1, 16), (2, 37), (3, 20)]:
+        feeds = make_inputs(handing.input_names, batch, seq, seed=seq)
+        for _ in range(2 + executor.TAPE_AFTER):  # (the last run replays the shape's tape)
+            calls.clear()
+            for a, b in zip(handing.run(feeds), plain.run(feeds)):
+                np.testing.assert_array_equal(a, b)
+        inner = handed[0].node.outputs[0]
+        np.testing.assert_array_equal(handing.values(feeds, [inner])[inner], plain.values(feeds, [inner])[inner])
+    assert handing._executor._tapes and all(t is not None for t in handing._executor._tapes.values())
+    assert not calls and all(t.replays for t in handing._executor._tapes.values())  # (replays: launches only)
