@@ -14,6 +14,7 @@ on either side.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -68,7 +69,8 @@ def reference_bf16_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask:
 HEADS_DRIVER_SOURCE = """\
 # sparsejit generated kernel: the driver of the attention IR kernel
 # part c computes (batch, head) pairs [c * n / parts, (c + 1) * n / parts) in its rows of
-# the scratch s and pk; arrays are [batch, head, feature, token] views
+# the scratch s and pk; arrays are [batch, head, feature, token] views (xq: [batch, head,
+# feature / 4, token], where a quant_out kernel stores the outputs' bytes on grid)
 import numpy as np
 from numba import njit
 
@@ -76,7 +78,7 @@ ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any
 """ + IMPORTS + "\n\n" + put_source(SIGNATURE) + """
 
 @njit(nogil=True, cache=True)
-def run_heads(launch, part, calls, fn, qt, kt, vt, mask, ot, scale, s, pk):
+def run_heads(launch, part, calls, fn, qt, kt, vt, mask, ot, scale, s, pk, xq, grid):
     n_batch, n_head, d, tq = qt.shape
     tk = kt.shape[3]
     mb, mh = mask.shape[0] > 1, mask.shape[1] > 1
@@ -95,7 +97,9 @@ def run_heads(launch, part, calls, fn, qt, kt, vt, mask, ot, scale, s, pk):
                                vt.strides[2] // 4,
                                mask.ctypes.data + (b if mb else 0) * mask.strides[0] + (h if mh else 0) * mask.strides[1],
                                mask.strides[2] // 4, ot.ctypes.data + b * ot.strides[0] + h * ot.strides[1],
-                               ot.strides[2] // 4, d, tq, tk, scale, s_at, pk_at)
+                               ot.strides[2] // 4, d, tq, tk, scale, s_at, pk_at,
+                               xq.ctypes.data + b * xq.strides[0] + h * xq.strides[1], xq.strides[2] // 4,
+                               grid.ctypes.data)
     launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """
 
@@ -131,11 +135,18 @@ def _compiled(cfg: AttentionConfig):
 
 
 @functools.cache
-def _kernel(mask_per_query: bool, nan_guard: bool, lanes: int, bf16: bool = False, amx: bool = False):
+def _kernel(mask_per_query: bool, nan_guard: bool, lanes: int, bf16: bool = False, amx: bool = False,
+            quant: str = ""):
     """(config, IR function, Numba driver), looked up once per mask layout, NaN guard,
-    vector width, precision and product unit, not built and hashed on every call."""
-    cfg = attention_config(mask_per_query, nan_guard, lanes, bf16, amx)
+    vector width, precision, product unit and bytes stored (`quant`: "" none, "uint8" on
+    a grid whose lowest value is 0, "any"), not built and hashed on every call."""
+    cfg = dataclasses.replace(attention_config(mask_per_query, nan_guard, lanes, bf16, amx), quant_out=bool(quant),
+                              unsigned_grid=quant == "uint8")
     return cfg, _compiled(cfg), load_source(HEADS_DRIVER_SOURCE).run_heads
+
+
+NO_BYTES = np.zeros((1, 1, 1, 1), np.float32)  # the xq a kernel storing no bytes is passed
+NO_GRID = np.zeros(4, np.float32)
 
 
 def kernel_source(mask_per_query: bool = False, nan_guard: bool = False, bf16: bool = False,
@@ -232,6 +243,18 @@ def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarr
     """The kernel where it applies, else the reference (same arguments, same result).
     `bf16`: the products in bfloat16 (the model's precision="bf16"), on AMX's tiles where
     `amx_fits` (unless `amx` is False), else AVX512-BF16's `vdpbf16ps`."""
+    return fused_attention_bytes(q, kt, v, mask, scale, scale_op, axis, opset, nan_guard, bf16, amx)[0]
+
+
+def fused_attention_bytes(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarray | PreparedMask | None = None,
+                          scale: np.ndarray | None = None, scale_op: str = "none", axis: int | None = None,
+                          opset: int = 13, nan_guard: bool = False, bf16: bool = False, amx: bool = True,
+                          grid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(fused_attention's output, and with a `grid` ([scale, zero point, lowest, highest],
+    float32) the bytes an int8 layer on it makes of the heads' merged output, stored by the
+    float32 kernel beside each output (attention_ir's quant_out): the token-major view
+    [batch, query, heads·features / 4] of 4-block rows, as layernorm.layernorm_to_bytes
+    gives; None where no kernel stored them (the reference, bf16, head sizes off 4)."""
     prepared = mask if isinstance(mask, PreparedMask) else None
     if prepared is not None:
         mask = prepared.mask
@@ -244,7 +267,7 @@ def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarr
         ok = mask.dtype == np.float32 and mask.ndim <= 4 and \
             all(m in (1, s) for m, s in zip(mask.shape[::-1], scores[::-1]))
     if not ok:
-        return reference_attention(q, kt, v, mask, scale, scale_op, axis, opset, nan_guard)
+        return reference_attention(q, kt, v, mask, scale, scale_op, axis, opset, nan_guard), None
     n_batch, n_head, tq = q.shape[:3]
     tk = kt.shape[3]
     if mask is None:
@@ -262,13 +285,19 @@ def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarr
     ot = feature_major_empty(n_head * v.shape[3], n_batch * tq).reshape(n_head, v.shape[3], n_batch, tq)
     ot = ot.transpose(2, 0, 1, 3)
     amx = bf16 and amx and amx_fits(q.shape[3])
-    cfg, fn, run_heads = _kernel(per_query, bool(nan_guard), vector_lanes(), bf16, amx)
+    d, lanes = v.shape[3], vector_lanes()
+    quant = "" if grid is None or bf16 or d % 4 else "uint8" if grid[2] == 0 and lanes == 16 else "any"
+    cfg, fn, run_heads = _kernel(per_query, bool(nan_guard), lanes, bf16, amx, quant)
+    xb = feature_major_empty(n_head * d // 4, n_batch * tq) if quant else None
     pairs = n_batch * n_head
     parts = max(1, min(threads(), pairs))
     scratch = aligned_empty((parts, -(-tk // 16) * 16 * cfg.lanes * cfg.qvec + 16))
     packed = aligned_empty((parts, _packed_size(cfg, qt.shape[2], tq, tk) + 16))
-    run(run_heads, SIGNATURE, parts, -(-pairs // parts), fn, qt, kt, vt, mask_t, ot, np.float32(mul), scratch, packed)
-    return ot.transpose(0, 1, 3, 2)
+    run(run_heads, SIGNATURE, parts, -(-pairs // parts), fn, qt, kt, vt, mask_t, ot, np.float32(mul), scratch, packed,
+        NO_BYTES if xb is None else xb.reshape(n_head, d // 4, n_batch, tq).transpose(2, 0, 1, 3),
+        NO_GRID if xb is None else grid)
+    o = ot.transpose(0, 1, 3, 2)
+    return o, None if xb is None else xb.view(np.int32).T.reshape(n_batch, tq, n_head * d // 4)
 
 
 def _packed_size(cfg: AttentionConfig, d: int, tq: int, tk: int) -> int:

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from .amx_ir import ROWS, tile_config
 from .epilogue import exp as _exp
 from .ir import Builder, Signature
-from .lowp_ir import bf16_dot, bf16_pairs, pack_pair_rows
+from .lowp_ir import bf16_dot, bf16_pairs, pack_pair_rows, quantized, store_block_bytes, unsigned_bytes
 
 SIGNATURE = Signature("attention_head", (
     ("qt", "ptr"), ("ldq", "i64"), ("kt", "ptr"), ("ldk", "i64"), ("vt", "ptr"), ("ldv", "i64"), ("mask", "ptr"),
     ("ldm", "i64"), ("ot", "ptr"), ("ldo", "i64"), ("d", "i64"), ("tq", "i64"), ("tk", "i64"), ("scale", "float"),
-    ("s", "ptr"), ("pk", "ptr")))
+    ("s", "ptr"), ("pk", "ptr"), ("xq", "ptr"), ("ldxq", "i64"), ("grid", "ptr")))
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,12 @@ class AttentionConfig:
     # with bf16, both products on AMX's tiles (`tdpbf16ps`; _tile_scores, _tile_output), for
     # head sizes of whole tile rows (32 bfloat16)
     amx: bool = False
+    # float32 products: each output also quantized on the grid at %grid (scale, zero point,
+    # lowest, highest) and its byte stored in the 4-block rows of xq (the head's first row,
+    # row stride ldxq in i32), where the int8 layer reading the heads' merged output reads
+    # x; `unsigned_grid`: the grid's lowest value is 0 (lowp_ir.unsigned_bytes)
+    quant_out: bool = False
+    unsigned_grid: bool = False
 
 
 ZERO = "zeroinitializer"
@@ -149,9 +155,28 @@ def _softmax(e: Builder, cfg: AttentionConfig, maxes: list[str]) -> tuple[list[s
     return scales, dead
 
 
+def _grid(e: Builder, cfg: AttentionConfig) -> tuple | None:
+    """quant_out's grid from %grid: scale, zero point, lowest, highest (splat), and the zero
+    point as i32 lanes."""
+    if not cfg.quant_out:
+        return None
+    scalars = [e(f"load float, ptr {e.gep('%grid', str(i))}, align 4") for i in range(4)]
+    return (*(e.splat(v) for v in scalars), e.splat_i32(e(f"fptosi float {scalars[1]} to i32")))
+
+
+def _byte(e: Builder, cfg: AttentionConfig, o: str, grid: tuple) -> str:
+    """The byte (an i32 vector) the next int8 layer makes of output vector o."""
+    step, zero, lo, hi, izero = grid
+    if cfg.unsigned_grid:
+        return unsigned_bytes(e, o, step, izero)
+    return e(f"fptosi {e.vt} {e(f'fsub {e.vt} {quantized(e, o, step, zero, lo, hi)}, {lo}')} to <{e.lanes} x i32>")
+
+
 def _output(e: Builder, cfg: AttentionConfig, i0: str, masks: list[str], scales: list[str], dead: list[str]) -> None:
-    """Stage 3: oᵀ[e, tile] = Σ_j vᵀ[e, j] · p[j, tile] / sum, `group` head features at a time."""
+    """Stage 3: oᵀ[e, tile] = Σ_j vᵀ[e, j] · p[j, tile] / sum, `group` head features at a
+    time; with quant_out, each output's byte too."""
     vt, L, QV = e.vt, cfg.lanes, cfg.qvec
+    grid = _grid(e, cfg)
 
     def features(rows):
         def body(e0, _):
@@ -168,12 +193,17 @@ def _output(e: Builder, cfg: AttentionConfig, i0: str, masks: list[str], scales:
 
             _, accs = e.loop("0", "%tk2" if cfg.bf16 else "%tk", 1, [(vt, ZERO)] * (rows * QV), key)
             for r in range(rows):
-                ooff = e.offset(e(f"add i64 {e0}, {r}") if r else e0, "%ldo", i0)
+                feature = e(f"add i64 {e0}, {r}") if r else e0
+                ooff = e.offset(feature, "%ldo", i0)
+                os_ = []
                 for v in range(QV):
                     o = e(f"fmul {vt} {accs[r * QV + v]}, {scales[v]}")
                     if not cfg.nan_guard:
                         o = e(f"select <{L} x i1> {dead[v]}, {vt} {e.const(float('nan'))}, {vt} {o}")
                     e.vstore(o, e.vptr("%ot", ooff, v), masks[v])
+                    os_.append(o)
+                if grid is not None:
+                    store_block_bytes(e, [_byte(e, cfg, o, grid) for o in os_], feature, "%xq", "%ldxq", i0, masks)
             return []
         return body
 
@@ -363,14 +393,16 @@ def _head(e: Builder, cfg: AttentionConfig) -> None:
 
 
 def attention_ir(cfg: AttentionConfig) -> str:
-    if cfg.amx and not (cfg.bf16 and cfg.lanes == 16 and cfg.qvec == 2):
-        raise ValueError(f"no AMX attention kernel for {cfg}")
+    if cfg.amx and not (cfg.bf16 and cfg.lanes == 16 and cfg.qvec == 2) or cfg.quant_out and cfg.bf16 \
+            or cfg.unsigned_grid and (not cfg.quant_out or cfg.lanes != 16):
+        raise ValueError(f"no attention kernel for {cfg}")
     e = Builder(cfg.lanes)
     e.function(SIGNATURE, lambda: _head(e, cfg))
     if cfg.amx:
         e.raw(f'@amx_config = private unnamed_addr constant [64 x i8] c"{tile_config()}", align 64')
     header = (f"; sparsejit generated kernel: attention for one (batch, head), feature-major, "
               f"mask_per_query={cfg.mask_per_query} lanes={cfg.lanes} qvec={cfg.qvec} group={cfg.group} "
-              f"nan_guard={cfg.nan_guard}{' bf16' if cfg.bf16 else ''}{' amx' if cfg.amx else ''}\n"
+              f"nan_guard={cfg.nan_guard}{' bf16' if cfg.bf16 else ''}{' amx' if cfg.amx else ''}"
+              f"{' quant_out' if cfg.quant_out else ''}{' unsigned_grid' if cfg.unsigned_grid else ''}\n"
               "; ot[e, i] = sum_j vt[e, j] * softmax_j(scale * sum_e' qt[e', i] * kt[e', j] + mask[j(, i)])")
     return e.module(header)

@@ -153,7 +153,7 @@ BUILDS = (
     IR("attention", "part_ir(SIGNATURE)", "float"),
     Driver("attention", "HEADS_DRIVER_SOURCE", "run_heads",
      ("int64, int64, W(int64, 2), int64, A(float32, 4), A(float32, 4), A(float32, 4), A(float32, 4), A(float32, 4), "
-     "float32, A(float32, 2), A(float32, 2)"), "float"),
+     "float32, A(float32, 2), A(float32, 2), A(float32, 4), A(float32, 1)"), "float"),
     IR("layernorm", "columns_ir(VECTOR_LANES, quantize=True, to_bytes=True)", "int8"),
     IR("elementwise", "each_ir('fake_quantize')", "int8"),
     IR("elementwise", "part_ir(EACH)", "int8"),

@@ -22,7 +22,7 @@ from .choose import AMX_CLEARLY, DENSE_ABOVE, MANY_TOKENS, PROBE_TOKENS, SPARSE_
 from .graph import Graph, Node
 from .kernels import elementwise, rows
 from .kernels.amx import BF16AmxLinear, Int8Amx, has_amx
-from .kernels.attention import PreparedMask, fused_attention, mask_steps
+from .kernels.attention import PreparedMask, fused_attention, fused_attention_bytes, mask_steps
 from .kernels.bf16 import BF16DenseLinear, BF16ScatteredLinear, BF16SparseLinear, packed_pairs, reference_bf16_linear
 from .kernels.embed import EmbedLayerNorm
 from .kernels.int8 import (
@@ -651,6 +651,7 @@ def plan(graph: Graph, chooser: Chooser | None = None, progress: Callable[[int, 
     steps = hand_layernorm_bytes(steps) if LAYERNORM_BYTES else steps
     steps = hand_amx_bytes(steps, graph.outputs) if AMX_BYTES else steps
     steps = hand_amx_pairs(steps, graph.outputs) if AMX_PAIRS else steps
+    steps = hand_attention_bytes(steps, graph.outputs, p.chooser.precision == "bf16") if ATTENTION_BYTES else steps
     steps = hand_row_bytes(steps, p.opset, graph.outputs) if ROW_BYTES else steps
     steps = hand_quantized_outputs(steps, graph) if QUANTIZED_OUTPUTS else steps
     return (hand_dequantized_bytes(steps, graph) if DEQUANTIZED_BYTES else steps), p.layers
@@ -843,6 +844,74 @@ def _taking_pairs(step: Step, q: str, without: str) -> Step:
 
     return replace(step, node=Node(r.op_type, r.name, inputs, list(r.outputs), r.attrs), run=run,
                    optional=step.optional | {without})
+
+
+ATTENTION_BYTES = True  # see hand_attention_bytes
+
+
+def _merged_heads(steps: list[Step], readers: dict, o: str) -> str | None:
+    """The value an attention output o [batch, head, query, feature] becomes as the heads
+    merged: Transpose (0, 2, 1, 3) then Reshape, which alone read it (Shape ops aside); or
+    None."""
+    first = readers.get(o, [])
+    if len(first) != 1 or steps[first[0]].node.op_type != "Transpose" or \
+            list(steps[first[0]].node.attrs.get("perm") or ()) != [0, 2, 1, 3]:
+        return None
+    t = steps[first[0]].node.outputs[0]
+    then = [steps[k].node for k in readers.get(t, [])]
+    reshapes = [n for n in then if n.op_type == "Reshape" and n.inputs[0] == t]
+    if len(reshapes) != 1 or any(n.op_type not in ("Shape", "Reshape") for n in then):
+        return None
+    return reshapes[0].outputs[0]
+
+
+def hand_attention_bytes(steps: list[Step], graph_outputs=(), bf16: bool = False) -> list[Step]:
+    """Steps where an attention (float32 products) whose output, its heads merged (a
+    Transpose and a Reshape: [batch, query, heads·features]), only static int8 layers (or
+    groups) read, as x on one grid, also stores the bytes their kernels would quantize that
+    x to (attention.fused_attention_bytes: beside each float output), as `<merged>#int8`,
+    which those layers take as their last input and run on instead of quantizing x. The
+    floats are still made (the views between read them). Under ATTENTION_BYTES_FROM tokens,
+    or where no kernel stored the bytes (the reference attention), the bytes value is None
+    and the layers quantize x themselves (plan's _int8_run)."""
+    readers = _readers(steps)
+    out = list(steps)
+    for i, s in enumerate(steps):
+        n = s.node
+        if n.op_type != "AttentionCore" or bf16 or len(n.outputs) != 1:
+            continue
+        r = _merged_heads(steps, readers, n.outputs[0])
+        takers = readers.get(r, []) if r else []
+        grids = [_byte_grid(steps[k].impl) if steps[k].node.op_type in ("QLinear", "QLinearGroup")
+                 and steps[k].node.inputs[0] == r and r not in steps[k].node.inputs[1:] else None for k in takers]
+        if not takers or any(g is None or not np.array_equal(g, grids[0]) for g in grids) or \
+                {n.outputs[0], r} & set(graph_outputs):
+            continue
+        out[i] = _attention_step_with_bytes(s, r + BYTES_SUFFIX, grids[0])
+        for k in takers:
+            out[k] = _taking_bytes(out[k], r + BYTES_SUFFIX)
+        log.debug("%s: stores the bytes its int8 readers' kernels read (they skip quantizing x): %s", n.name,
+                  ", ".join(steps[k].node.name for k in takers))
+    return out
+
+
+# Tokens from which the attention stores its output's bytes: at 128 tokens the bytes cost
+# the attention's epilogue what the next layer's quantizing launch took (bench/README.md,
+# twenty-ninth session).
+ATTENTION_BYTES_FROM = 512
+
+
+def _attention_step_with_bytes(step: Step, q: str, grid: np.ndarray) -> Step:
+    """An attention's step also giving the bytes of its merged heads on `grid` as `q`."""
+    node = step.node
+    a = dict(node.attrs)
+
+    def run(qs, kt, v, mask=None, scale=None):
+        many = qs.ndim == 4 and qs.shape[0] * qs.shape[2] >= ATTENTION_BYTES_FROM
+        return fused_attention_bytes(qs, kt, v, mask, scale, **a, grid=grid if many else None)
+
+    return replace(step, node=Node(node.op_type, node.name, list(node.inputs), [node.outputs[0], q], node.attrs),
+                   run=run)
 
 
 QUANTIZED_OUTPUTS = True  # see hand_quantized_outputs

@@ -179,6 +179,48 @@ def test_amx_ffn1_hands_its_bytes_to_ffn2(tmp_path, monkeypatch):
     assert not calls and all(t.replays for t in handing._executor._tapes.values())  # (replays: launches only)
 
 
+@pytest.mark.parametrize("bytes_from", [0, 512])
+def test_the_attention_hands_its_bytes_to_the_output_layer(tmp_path, monkeypatch, bytes_from):
+    """In a static file as `sparsejit quantize` makes it, each attention stores the bytes
+    its output layer quantizes x to, its heads merged (plan.hand_attention_bytes), from
+    plan.ATTENTION_BYTES_FROM tokens (under it the layer quantizes x itself): the outputs
+    are those without the handover bit for bit, and what the graph says against ONNX
+    Runtime, over padded rows, shapes under and over the limit, untaped and taped."""
+    from conftest import MODELS_DIR
+    from sparsejit.kernels import attention
+
+    from sparsejit import executor, plan
+    from sparsejit.quantize import quantize_model
+
+    monkeypatch.setattr(executor, "TAPE_SAVES", 1.0)  # (taped after TAPE_AFTER runs, and kept: as test_tape's)
+    monkeypatch.setattr(executor, "TAPE_KEEP", float("inf"))
+    monkeypatch.setattr(plan, "ATTENTION_BYTES_FROM", bytes_from)
+    path = quantize_model(MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx", tmp_path / "static.onnx", "static")
+    calls, stored = [], attention.fused_attention_bytes
+
+    def counted(*a, **k):
+        made = stored(*a, **k)
+        calls.append(made[1] is not None)
+        return made
+
+    monkeypatch.setattr(plan, "fused_attention_bytes", counted)
+    handing = sparsejit.load(path)
+    handed = [s for s in handing._executor.steps if s.node.op_type == "AttentionCore" and len(s.node.outputs) == 2]
+    assert len(handed) == 2, [s.node.name for s in handing._executor.steps if s.node.op_type == "AttentionCore"]
+    monkeypatch.setattr(plan, "ATTENTION_BYTES", False)
+    plain = sparsejit.load(path)
+    for batch, seq in [(2, 37), (8, 70)]:
+        feeds = make_inputs(handing.input_names, batch, seq, seed=seq)
+        calls.clear()
+        for g, w in zip(handing.run(feeds), _oracle(path, feeds)):
+            _assert_as_the_graph(g, w, static=True)
+        assert calls == [batch * seq >= bytes_from] * 2, calls
+        for _ in range(2 + executor.TAPE_AFTER):  # (the last run replays the shape's tape)
+            for a, b in zip(handing.run(feeds), plain.run(feeds)):
+                np.testing.assert_array_equal(a, b)
+    assert all(t is not None and t.replays for t in handing._executor._tapes.values())
+
+
 def test_a_reference_run_agrees_with_the_int8_kernels():
     path = INT8 / "bert_block4_p90_int8_dynamic.onnx"
     feeds = make_inputs(sparsejit.load(path).input_names, 2, 11)

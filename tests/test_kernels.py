@@ -376,6 +376,38 @@ def test_attention_fully_masked_row(guard):
     assert np.isnan(got[0, :, 2]).all() != guard
 
 
+@pytest.mark.parametrize("zero", [np.uint8(7), np.int8(-5)])
+@pytest.mark.parametrize("guard", [False, True])
+def test_attention_stores_the_bytes_of_its_merged_output(zero, guard):
+    """fused_attention_bytes: beside each output the float32 kernel stores the byte an int8
+    layer on the grid makes of the heads' merged output [batch, query, heads·features]
+    (attention_ir's quant_out; a uint8 grid by lowp_ir.unsigned_bytes), exactly
+    QuantizeLinear's of the float output it returns, which is fused_attention's: several
+    query tiles and a partial one, a fully masked row (NaN, or 0 under the guard), head
+    sizes of 64 and 12; a head size off 4 stores none."""
+    from sparsejit.kernels.attention import fused_attention_bytes
+    from sparsejit.kernels.elementwise import quantize
+
+    rng = np.random.default_rng(abs(int(zero)) + 10 * guard)
+    lo = np.iinfo(zero.dtype).min
+    grid = np.array([0.02, zero, lo, lo + 255], np.float32)
+    for b, h, tq, d in [(2, 3, 37, 64), (1, 2, 130, 12), (1, 2, 5, 6)]:
+        q, v = (rng.standard_normal((b, h, tq, d)).astype(np.float32) for _ in range(2))
+        kt = rng.standard_normal((b, h, d, tq)).astype(np.float32)
+        mask = np.zeros((b, 1, tq, tq), np.float32)
+        mask[0, 0, 2, :] = -np.inf
+        o, xb = fused_attention_bytes(q, kt, v, mask, None, "none", -1, 14, guard, grid=grid)
+        np.testing.assert_array_equal(o, fused_attention(q, kt, v, mask, None, "none", -1, 14, guard))
+        if d % 4:
+            assert xb is None
+            continue
+        merged = np.ascontiguousarray(o.transpose(0, 2, 1, 3)).reshape(b, tq, h * d)
+        with np.errstate(invalid="ignore"):
+            want = (quantize(merged, np.float32(0.02), zero).astype(np.int16) - lo).astype(np.uint8)
+        assert xb.shape == (b, tq, h * d // 4) and xb.dtype == np.int32
+        np.testing.assert_array_equal(xb, want.view(np.int32), err_msg=f"{b} {h} {tq} {d}")
+
+
 def _feature_major(a: np.ndarray, token_axis: int) -> np.ndarray:
     """a as a view of a padded feature-major buffer (unit stride on its token axis), the
     way a sparse Linear's output reaches the attention after Reshape and Transpose."""
