@@ -64,3 +64,28 @@ def load_on_bf16_kernels(path, monkeypatch, plan: Path, **kwargs):
     monkeypatch.setattr(Chooser, "time_kernels", lambda self, sparse, dense, residual, fp32=None:
                         real(self, sparse, dense, residual))
     return sparsejit.load(path, precision="bf16", plan=plan, **kwargs)
+
+
+def assert_handover_runs_as_plain(handing, plain, shapes, monkeypatch, inner: str | None = None,
+                                  calls: list | None = None) -> None:
+    """A model handing a layer's output over in the next kernel's own form (plan's hand_*
+    passes) against the same model without: for each (batch, seq) of `shapes`, padded
+    rows, runs untaped and then taped (executor's TAPE_AFTER, every tape kept) until one
+    replays, the outputs equal bit for bit, and the value `inner` too (Model.values). The
+    last run of each shape replays its tape, with no call into `calls` (a Python step)."""
+    from sparsejit import executor
+
+    monkeypatch.setattr(executor, "TAPE_SAVES", 1.0)
+    monkeypatch.setattr(executor, "TAPE_KEEP", float("inf"))
+    for batch, seq in shapes:
+        feeds = make_inputs(handing.input_names, batch, seq, seed=seq)
+        for _ in range(2 + executor.TAPE_AFTER):
+            if calls is not None:
+                calls.clear()
+            for a, b in zip(handing.run(feeds), plain.run(feeds)):
+                np.testing.assert_array_equal(a, b)
+        if inner is not None:
+            np.testing.assert_array_equal(handing.values(feeds, [inner])[inner], plain.values(feeds, [inner])[inner])
+    tapes = handing._executor._tapes.values()
+    assert tapes and all(t is not None and t.replays for t in tapes)
+    assert not calls

@@ -476,12 +476,12 @@ def test_amx_ffn1_hands_its_pair_rows_to_ffn2(monkeypatch):
     the outputs are those without the handover, bit for bit (the test above holds those to
     ONNX Runtime), over padded rows and several shapes, untaped and taped; FFN1's floats,
     where asked for (Model.values), are its float output still."""
-    from sparsejit import executor, plan
+    from conftest import assert_handover_runs_as_plain
+
+    from sparsejit import plan
 
     if not has_amx("bf16"):
         pytest.skip("this CPU has no AMX-BF16")
-    monkeypatch.setattr(executor, "TAPE_SAVES", 1.0)  # (taped after TAPE_AFTER runs, and kept: as test_tape's)
-    monkeypatch.setattr(executor, "TAPE_KEEP", float("inf"))
     calls, pairs_on = [], BF16AmxLinear.pairs_on
     monkeypatch.setattr(BF16AmxLinear, "pairs_on", lambda *a: calls.append(1) or pairs_on(*a))
     handing = sparsejit.load(DEFAULT, precision="bf16", kernels="dense")
@@ -489,13 +489,5 @@ def test_amx_ffn1_hands_its_pair_rows_to_ffn2(monkeypatch):
     assert handed and all("intermediate" in s.node.name for s in handed), [s.node.name for s in handed]
     monkeypatch.setattr(plan, "AMX_PAIRS", False)
     plain = sparsejit.load(DEFAULT, precision="bf16", kernels="dense")
-    for batch, seq in [(1, 16), (2, 37), (3, 20)]:
-        feeds = make_inputs(handing.input_names, batch, seq, seed=seq)
-        for _ in range(2 + executor.TAPE_AFTER):  # (the last run replays the shape's tape)
-            calls.clear()
-            for a, b in zip(handing.run(feeds), plain.run(feeds)):
-                np.testing.assert_array_equal(a, b)
-        inner = handed[0].node.outputs[0]
-        np.testing.assert_array_equal(handing.values(feeds, [inner])[inner], plain.values(feeds, [inner])[inner])
-    assert handing._executor._tapes and all(t is not None for t in handing._executor._tapes.values())
-    assert not calls and all(t.replays for t in handing._executor._tapes.values())  # (replays: launches only)
+    assert_handover_runs_as_plain(handing, plain, [(1, 16), (2, 37), (3, 20)], monkeypatch,
+                                  handed[0].node.outputs[0], calls)

@@ -147,16 +147,14 @@ def test_amx_ffn1_hands_its_bytes_to_ffn2(tmp_path, monkeypatch):
     outputs are those without the handover bit for bit, and what the graph says against
     ONNX Runtime, over padded rows and several shapes, untaped and taped; FFN1's floats,
     where asked for (Model.values), are its float output still."""
-    from conftest import MODELS_DIR
+    from conftest import MODELS_DIR, assert_handover_runs_as_plain
     from sparsejit.kernels.amx import Int8Amx, has_amx
 
-    from sparsejit import executor, plan
+    from sparsejit import plan
     from sparsejit.quantize import quantize_model
 
     if not has_amx("int8"):
         pytest.skip("this CPU has no AMX-INT8")
-    monkeypatch.setattr(executor, "TAPE_SAVES", 1.0)  # (taped after TAPE_AFTER runs, and kept: as test_tape's)
-    monkeypatch.setattr(executor, "TAPE_KEEP", float("inf"))
     path = quantize_model(MODELS_DIR / "bert_sdpa_h64_op14_legacy_p90.onnx", tmp_path / "static.onnx", "static")
     calls, bytes_on = [], Int8Amx.bytes_on
     monkeypatch.setattr(Int8Amx, "bytes_on", lambda *a: calls.append(1) or bytes_on(*a))
@@ -165,18 +163,12 @@ def test_amx_ffn1_hands_its_bytes_to_ffn2(tmp_path, monkeypatch):
     assert len(handed) == 2 and all("intermediate" in s.node.name for s in handed), [s.node.name for s in handed]
     monkeypatch.setattr(plan, "AMX_BYTES", False)
     plain = sparsejit.load(path, kernels="dense")
-    for batch, seq in [(1, 16), (2, 37), (3, 20)]:
+    shapes = [(1, 16), (2, 37), (3, 20)]
+    for batch, seq in shapes:
         feeds = make_inputs(handing.input_names, batch, seq, seed=seq)
         for g, w in zip(handing.run(feeds), _oracle(path, feeds)):
             _assert_as_the_graph(g, w, static=True)
-        for _ in range(2 + executor.TAPE_AFTER):  # (the last run replays the shape's tape)
-            calls.clear()
-            for a, b in zip(handing.run(feeds), plain.run(feeds)):
-                np.testing.assert_array_equal(a, b)
-        inner = handed[0].node.outputs[0]
-        np.testing.assert_array_equal(handing.values(feeds, [inner])[inner], plain.values(feeds, [inner])[inner])
-    assert handing._executor._tapes and all(t is not None for t in handing._executor._tapes.values())
-    assert not calls and all(t.replays for t in handing._executor._tapes.values())  # (replays: launches only)
+    assert_handover_runs_as_plain(handing, plain, shapes, monkeypatch, handed[0].node.outputs[0], calls)
 
 
 @pytest.mark.parametrize("bytes_from", [0, 512])
@@ -186,14 +178,12 @@ def test_the_attention_hands_its_bytes_to_the_output_layer(tmp_path, monkeypatch
     plan.ATTENTION_BYTES_FROM tokens (under it the layer quantizes x itself): the outputs
     are those without the handover bit for bit, and what the graph says against ONNX
     Runtime, over padded rows, shapes under and over the limit, untaped and taped."""
-    from conftest import MODELS_DIR
+    from conftest import MODELS_DIR, assert_handover_runs_as_plain
     from sparsejit.kernels import attention
 
-    from sparsejit import executor, plan
+    from sparsejit import plan
     from sparsejit.quantize import quantize_model
 
-    monkeypatch.setattr(executor, "TAPE_SAVES", 1.0)  # (taped after TAPE_AFTER runs, and kept: as test_tape's)
-    monkeypatch.setattr(executor, "TAPE_KEEP", float("inf"))
     monkeypatch.setattr(plan, "ATTENTION_BYTES_FROM", bytes_from)
     path = quantize_model(MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx", tmp_path / "static.onnx", "static")
     calls, stored = [], attention.fused_attention_bytes
@@ -209,16 +199,14 @@ def test_the_attention_hands_its_bytes_to_the_output_layer(tmp_path, monkeypatch
     assert len(handed) == 2, [s.node.name for s in handing._executor.steps if s.node.op_type == "AttentionCore"]
     monkeypatch.setattr(plan, "ATTENTION_BYTES", False)
     plain = sparsejit.load(path)
-    for batch, seq in [(2, 37), (8, 70)]:
+    shapes = [(2, 37), (8, 70)]
+    for batch, seq in shapes:
         feeds = make_inputs(handing.input_names, batch, seq, seed=seq)
         calls.clear()
         for g, w in zip(handing.run(feeds), _oracle(path, feeds)):
             _assert_as_the_graph(g, w, static=True)
         assert calls == [batch * seq >= bytes_from] * 2, calls
-        for _ in range(2 + executor.TAPE_AFTER):  # (the last run replays the shape's tape)
-            for a, b in zip(handing.run(feeds), plain.run(feeds)):
-                np.testing.assert_array_equal(a, b)
-    assert all(t is not None and t.replays for t in handing._executor._tapes.values())
+    assert_handover_runs_as_plain(handing, plain, shapes, monkeypatch)
 
 
 def test_a_reference_run_agrees_with_the_int8_kernels():
