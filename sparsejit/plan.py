@@ -735,6 +735,18 @@ def hand_row_bytes(steps: list[Step], opset: int, graph_outputs=()) -> list[Step
 AMX_BYTES = True  # see hand_amx_bytes
 
 
+def _byte_takers(steps: list[Step], readers: dict, x: str) -> tuple[list[int], np.ndarray | None]:
+    """The steps reading value x, and the grid they quantize it to where every one is a
+    static int8 layer (or group) reading x as its x only, all on one grid whose bytes
+    their kernels run on (_byte_grid); else ([], None)."""
+    takers = readers.get(x, [])
+    grids = [_byte_grid(steps[k].impl) if steps[k].node.op_type in ("QLinear", "QLinearGroup")
+             and steps[k].node.inputs[0] == x and x not in steps[k].node.inputs[1:] else None for k in takers]
+    if not takers or any(g is None or not np.array_equal(g, grids[0]) for g in grids):
+        return [], None
+    return takers, grids[0]
+
+
 def hand_amx_bytes(steps: list[Step], graph_outputs=()) -> list[Step]:
     """Steps where an int8 layer on AMX's kernel (a block's FFN1, its GELU fused) whose
     output only static int8 layers (or groups) read, as x on one grid, stores that output
@@ -750,12 +762,10 @@ def hand_amx_bytes(steps: list[Step], graph_outputs=()) -> list[Step]:
         if n.op_type != "QLinear" or not isinstance(s.impl, Int8Amx) or s.impl.residual or len(n.outputs) != 1:
             continue
         o = n.outputs[0]
-        takers = readers.get(o, [])
-        grids = [_byte_grid(steps[k].impl) if steps[k].node.op_type in ("QLinear", "QLinearGroup")
-                 and steps[k].node.inputs[0] == o and o not in steps[k].node.inputs[1:] else None for k in takers]
-        if not takers or o in graph_outputs or any(g is None or not np.array_equal(g, grids[0]) for g in grids):
+        takers, grid = _byte_takers(steps, readers, o)
+        if not takers or o in graph_outputs:
             continue
-        out[i] = _amx_step_with_bytes(s, grids[0])
+        out[i] = _amx_step_with_bytes(s, grid)
         for k in takers:
             out[k] = _taking_bytes(out[k], o + BYTES_SUFFIX, o)
         log.debug("%s: stores the bytes its int8 readers' kernels read (they skip quantizing x): %s", n.name,
@@ -881,13 +891,10 @@ def hand_attention_bytes(steps: list[Step], graph_outputs=(), bf16: bool = False
         if n.op_type != "AttentionCore" or bf16 or len(n.outputs) != 1:
             continue
         r = _merged_heads(steps, readers, n.outputs[0])
-        takers = readers.get(r, []) if r else []
-        grids = [_byte_grid(steps[k].impl) if steps[k].node.op_type in ("QLinear", "QLinearGroup")
-                 and steps[k].node.inputs[0] == r and r not in steps[k].node.inputs[1:] else None for k in takers]
-        if not takers or any(g is None or not np.array_equal(g, grids[0]) for g in grids) or \
-                {n.outputs[0], r} & set(graph_outputs):
+        takers, grid = _byte_takers(steps, readers, r) if r else ([], None)
+        if not takers or {n.outputs[0], r} & set(graph_outputs):
             continue
-        out[i] = _attention_step_with_bytes(s, r + BYTES_SUFFIX, grids[0])
+        out[i] = _attention_step_with_bytes(s, r + BYTES_SUFFIX, grid)
         for k in takers:
             out[k] = _taking_bytes(out[k], r + BYTES_SUFFIX)
         log.debug("%s: stores the bytes its int8 readers' kernels read (they skip quantizing x): %s", n.name,
