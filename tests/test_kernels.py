@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 from sparsejit.kernels.attention import fused_attention, reference_attention
-from sparsejit.kernels.compile import compile_ir
+from sparsejit.kernels.compile import compile_ir, vector_lanes
 from sparsejit.kernels.compress import analyse, balanced_bounds, compress
 from sparsejit.kernels.epilogue import erf as ir_erf
 from sparsejit.kernels.ir import Builder, Signature
@@ -376,17 +376,24 @@ def test_attention_fully_masked_row(guard):
     assert np.isnan(got[0, :, 2]).all() != guard
 
 
+@pytest.mark.parametrize("lanes", [16, 8])
 @pytest.mark.parametrize("zero", [np.uint8(7), np.int8(-5)])
 @pytest.mark.parametrize("guard", [False, True])
-def test_attention_stores_the_bytes_of_its_merged_output(zero, guard):
+def test_attention_stores_the_bytes_of_its_merged_output(zero, guard, lanes, monkeypatch):
     """fused_attention_bytes: beside each output the float32 kernel stores the byte an int8
     layer on the grid makes of the heads' merged output [batch, query, heads·features]
     (attention_ir's quant_out; a uint8 grid by lowp_ir.unsigned_bytes), exactly
     QuantizeLinear's of the float output it returns, which is fused_attention's: several
     query tiles and a partial one, a fully masked row (NaN, or 0 under the guard), head
-    sizes of 64 and 12; a head size off 4 stores none."""
+    sizes of 64 and 12; a head size off 4 stores none. At 16 lanes (AVX-512) and at 8
+    (AVX2's kernel, which rounds by the float steps for any grid; built and run here)."""
+    from sparsejit.kernels import attention
     from sparsejit.kernels.attention import fused_attention_bytes
     from sparsejit.kernels.elementwise import quantize
+
+    if lanes == 16 and vector_lanes() != 16:
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setattr(attention, "vector_lanes", lambda: lanes)
 
     rng = np.random.default_rng(abs(int(zero)) + 10 * guard)
     lo = np.iinfo(zero.dtype).min

@@ -491,6 +491,34 @@ def test_fork_and_threads_on_a_tape(path):
     assert out.returncode == 0
 
 
+@pytest.mark.parametrize("case", ["int8-amx", "bf16-amx"])
+def test_fork_and_threads_on_the_handovers(case, tmp_path):
+    """The kernels' handovers (AMX FFN1's bytes and the attention's from 512 tokens on a
+    static file as `sparsejit quantize` makes it; bf16 AMX FFN1's pair rows) on a tape: a
+    forked child runs it, four threads share it, and one token per row (a degenerate shape)
+    runs too, in a fresh interpreter, where a crash fails this test, not the run."""
+    from sparsejit.kernels.amx import has_amx
+    from test_robustness import fork_and_threads, run_python
+
+    if not has_amx("int8" if case == "int8-amx" else "bf16"):
+        pytest.skip("this CPU has no AMX")
+    if case == "int8-amx":
+        from sparsejit.quantize import quantize_model
+
+        path = quantize_model(MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx", tmp_path / "s.onnx", "static")
+        code = fork_and_threads(path, batch=8, seq=70, kernels="dense")
+    else:
+        code = fork_and_threads(MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx", "bf16", kernels="dense")
+    warmed = ("    for _ in range(2 + executor.TAPE_AFTER):\n        model.run(feeds)\n"
+              "    assert model._executor._tapes and all(model._executor._tapes.values())\n"
+              "    assert any(len(s.node.outputs) == 2 and s.node.op_type in ('QLinear', 'Linear', 'AttentionCore')"
+              " for s in model._executor.steps)\n    first")
+    code = code.replace("    model.run(feeds)\n    first", warmed).replace(
+        "import os,", "from sparsejit import executor\n    executor.TAPE_SAVES = 1.0\n    import os,")
+    code += "    for b in (1, 3):\n        model.run(make_inputs(model.input_names, b, 1))\n"
+    assert run_python(code).returncode == 0
+
+
 # A kernel for the replay's own test: out[dst] += out[a] + out[b] + 1 (launch.replay).
 _CHAIN_SIG = None
 
