@@ -85,7 +85,7 @@ def run_rows(launch, part, calls, fn, xt, indptr, indices, values, bias, yt, rt,
         put_sparse_rows(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, indptr.ctypes.data, indices.ctypes.data,
                         values.ctypes.data, bias.ctypes.data, yt.ctypes.data, yt.strides[0] // 4, rt.ctypes.data,
                         rt.strides[0] // 4, yt.shape[0], nchunks, order.ctypes.data, bounds[c], bounds[c + 1],
-                        xt.shape[1])
+                        xt.shape[1], xt.shape[0])
     launch_calls(launch, part, calls.ctypes.data, calls.shape[0], calls.shape[1])
 """
 

@@ -17,7 +17,8 @@ exits are predictable).
 
 With a residual, the last chunk's epilogue prefetches the residual of the row a few
 slots on (RESIDUAL_AHEAD), and chunk 0 prefetches, for writing, the output of the row
-a few slots on (OUTPUT_AHEAD). The text is a pure function of `IRConfig`. What was measured
+a few slots on (OUTPUT_AHEAD); with few tokens, the driver first prefetches every line of
+xᵀ (X_PREFETCH_TOKENS). The text is a pure function of `IRConfig`. What was measured
 on the way to this design, and what did not help, is in bench/README.md ("Measured and
 tried").
 """
@@ -34,7 +35,7 @@ from .lowp_ir import bf16_dot, quantized, scaled_sums, store_block_bytes, store_
 SIGNATURE = Signature("sparse_rows", (
     ("xt", "ptr"), ("ldx", "i64"), ("indptr", "ptr"), ("indices", "ptr"), ("values", "ptr"), ("bias", "ptr"),
     ("yt", "ptr"), ("ldy", "i64"), ("rt", "ptr"), ("ldr", "i64"), ("m", "i64"), ("nchunks", "i64"),
-    ("order", "ptr"), ("j0", "i64"), ("j1", "i64"), ("ntok", "i64")))
+    ("order", "ptr"), ("j0", "i64"), ("j1", "i64"), ("ntok", "i64"), ("nx", "i64")))
 # A tile function takes what the kernel does, but for its rows and tokens: slot s of
 # K-chunk c, tokens from t.
 _SHARED = Signature("tile", SIGNATURE.args[:13])
@@ -46,6 +47,8 @@ RESIDUAL_AHEAD = 8
 # ... and chunk 0 prefetches, for writing, the output tile of the row this many slots on:
 # its lines are in no cache (a new yᵀ each call), and are written in the same count order.
 OUTPUT_AHEAD = 16
+# With this many tokens or fewer, the kernel first prefetches all of xᵀ (_prefetch_x).
+X_PREFETCH_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -248,6 +251,28 @@ def _prefetch_ahead(e: Builder, vectors: int, ahead: int, base: str, ld: str, wr
     e.label(done)
 
 
+def _prefetch_x(e: Builder) -> None:
+    """With at most X_PREFETCH_TOKENS tokens, every line of xᵀ's `nx` rows (its tokens)
+    prefetched into L2 before the first row reads any. The stored weights read xᵀ's rows in
+    index order, one line each at these sizes, and the previous launch wrote about half of
+    them on the other core: each would otherwise be a miss met alone, as the fma chain
+    reaches it, where issued together the misses overlap."""
+    go, done = e.fresh("prefetch.x"), e.fresh("prefetched.x")
+    e.cond_br(e(f"icmp sle i64 %ntok, {X_PREFETCH_TOKENS}"), go, done)
+    e.label(go)
+
+    def row(r, _):
+        def line(c, _):
+            e.call("llvm.prefetch.p0", "void", ("ptr", e.gep("%xt", e.offset(r, "%ldx", c))), ("i32", "0"),
+                   ("i32", "2"), ("i32", "1"))
+            return []
+        e.loop("0", e("add i64 %ntok, 15"), 16, [], line)  # (a 64-byte line: 16 floats, i32 pairs or blocks)
+        return []
+    e.loop("0", "%nx", 1, [], row)
+    e.br(done)
+    e.label(done)
+
+
 def _store_quantized(e: Builder, values: list[str], mask: str | None) -> None:
     """Row j's outputs (tokens from t) quantized as the next int8 layer quantizes its x
     (lowp_ir.quantized, less the lowest value: a byte) and stored where that layer's
@@ -267,6 +292,7 @@ def _driver(e: Builder, cfg: IRConfig) -> None:
     in each chunk the rows. Every pass streams all the weights once: the 16 tokens left
     after a 112-token tile take one 2-vector pass, not two of one vector."""
     L = cfg.lanes
+    _prefetch_x(e)
 
     def rows(tile: str, t: str, mask: str | None = None):
         def chunk(c, _):

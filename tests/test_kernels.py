@@ -589,10 +589,10 @@ def test_a_thread_given_no_rows_writes_nothing():
     kernel = SPARSE_SIGNATURE.ctypes()(sparse._fn)
     for j0 in (0, 1):
         kernel(xt.ctypes.data, 16, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data, bias.ctypes.data,
-               yt.ctypes.data, 16, rt.ctypes.data, 1, 1, 1, order.ctypes.data, j0, j0, 16)
+               yt.ctypes.data, 16, rt.ctypes.data, 1, 1, 1, order.ctypes.data, j0, j0, 16, 16)
     assert (yt == 7.0).all()
     kernel(xt.ctypes.data, 16, indptr.ctypes.data, indices.ctypes.data, values.ctypes.data, bias.ctypes.data,
-           yt.ctypes.data, 16, rt.ctypes.data, 1, 1, 1, order.ctypes.data, 0, 1, 16)
+           yt.ctypes.data, 16, rt.ctypes.data, 1, 1, 1, order.ctypes.data, 0, 1, 16, 16)
     np.testing.assert_allclose(yt[0], (xt.T @ w)[:, 0], **TOL)
     assert (yt[1] == 7.0).all()
 
