@@ -22,8 +22,8 @@ import numpy as np
 from ..ops import bind, op, softmax
 from .attention_ir import SIGNATURE, AttentionConfig, attention_ir
 from .compile import compile_ir, load_source, threads, vector_lanes
-from .ir import with_driver
-from .launch import IMPORTS, put_source, run
+from .ir import Signature, f32, with_driver
+from .launch import IMPORTS, address, put_source, run
 from .layout import aligned_empty, feature_major_empty
 
 
@@ -177,7 +177,7 @@ def prepare_mask(source: np.ndarray, *, steps: tuple = (), opset: int = 17) -> P
     """The node lower.prepare_masks puts before the first of the AttentionCore nodes that read
     one mask: the mask, made from `source` by `steps` (the per-element ops the graph made
     it with, as their own ops would), with its kernel layout made once per run."""
-    return PreparedMask(source, mask_steps(steps, opset))
+    return PreparedMask(source, mask_steps(steps, opset), float_steps(steps))
 
 
 def mask_steps(steps: tuple, opset: int):
@@ -194,13 +194,70 @@ def mask_steps(steps: tuple, opset: int):
     return make
 
 
+# The steps a mask's fill kernel makes (mask_fill): float32 arithmetic with a constant.
+FILL_OPS = {"Sub": "fsub", "Mul": "fmul", "Add": "fadd", "Div": "fdiv"}
+FLOAT = 1  # ONNX's TensorProto.FLOAT, a Cast's `to`
+
+
+def float_steps(steps: tuple) -> tuple | None:
+    """The mask's steps as the fill kernel takes them ((LLVM op, float32 constant, constant
+    first) each, after the source's Cast to float32 if any), or None for a chain it does not
+    make: one Cast, to float32, first if any; then Sub, Mul, Add and Div of a float32 scalar
+    (BERT's exports: Cast, Sub from 1, Mul by a large negative)."""
+    out = []
+    for i, (op_type, attrs, const, first) in enumerate(steps):
+        if op_type == "Cast" and i == 0 and attrs.get("to") == FLOAT:
+            continue
+        c = None if const is None else np.asarray(const)
+        if op_type not in FILL_OPS or c is None or c.dtype != np.float32 or c.size != 1:
+            return None
+        out.append((FILL_OPS[op_type], float(c.ravel()[0]), bool(first)))
+    return tuple(out)
+
+
+FILL = Signature("mask_fill", (("source", "ptr"), ("n", "i64"), ("mask", "ptr"), ("layout", "ptr")))
+# what a source element is read as, and made a float32 by
+_SOURCE_TYPES = {"<i8": ("i64", "sitofp"), "<i4": ("i32", "sitofp"), "|b1": ("i8", "uitofp"),
+                 "|u1": ("i8", "uitofp"), "<f4": ("float", None)}
+
+
+def mask_fill_ir(steps: tuple, source: str) -> str:
+    """The mask made from its source in one pass: element i of the source (numpy dtype
+    `source`, a key of _SOURCE_TYPES) made a float32 as Cast does, the steps applied in
+    float32 as numpy applies them, stored at i of mask and of layout (a kernel layout in the
+    mask's own order: a mask by key)."""
+    ty, cast = _SOURCE_TYPES[source]
+    body = [f"  %sp = getelementptr inbounds {ty}, ptr %source, i64 %i", f"  %s = load {ty}, ptr %sp",
+            f"  %x0 = {cast} {ty} %s to float" if cast else "  %x0 = freeze float %s"]
+    for k, (fop, c, first) in enumerate(steps):
+        a, b = (f32(c), f"%x{k}") if first else (f"%x{k}", f32(c))
+        body.append(f"  %x{k + 1} = {fop} float {a}, {b}")
+    last = f"%x{len(steps)}"
+    body += ["  %mp = getelementptr inbounds float, ptr %mask, i64 %i", f"  store float {last}, ptr %mp",
+             "  %lp = getelementptr inbounds float, ptr %layout, i64 %i", f"  store float {last}, ptr %lp"]
+    return (f"; sparsejit generated kernel: an attention mask from its source ({source}), "
+            f"steps {list(steps)}\n"
+            f"define void @mask_fill({FILL.params()}) {{\nentry:\n  br label %head\nhead:\n"
+            f"  %i = phi i64 [ 0, %entry ], [ %i1, %body ]\n  %more = icmp slt i64 %i, %n\n"
+            f"  br i1 %more, label %body, label %done\nbody:\n" + "\n".join(body) +
+            "\n  %i1 = add i64 %i, 1\n  br label %head\ndone:\n  ret void\n}\n")
+
+
+@functools.cache
+def _mask_fill(steps: tuple, source: str):
+    return FILL.ctypes()(compile_ir(mask_fill_ir(steps, source), FILL.name))
+
+
 class PreparedMask:
     """An additive mask that several AttentionCore nodes read (every BERT layer reads one),
     with the kernel's layout of it built once per run rather than once per layer. The
-    executor holds it for one run only, so it never outlives the mask's values."""
+    executor holds it for one run only, so it never outlives the mask's values.
+    `fill`: the steps as float_steps gives them, for the kernel a taped run's refill
+    makes the mask and its layout with (None: numpy's ops, as `make`)."""
 
-    def __init__(self, source: np.ndarray, make=None):
-        self.source, self._make = source, make
+    def __init__(self, source: np.ndarray, make=None, fill: tuple | None = None):
+        self.source, self._make, self._fill = source, make, fill
+        self._filling: tuple | None = None  # (the layouts' count, _fill_call's) when refill last looked
         self.mask = source if make is None else np.array(make(source))
         self._layouts: dict[tuple, np.ndarray] = {}
 
@@ -220,11 +277,32 @@ class PreparedMask:
     def refill(self) -> None:
         """The mask made again from its source, and each layout made so far, in place from
         the values now (a taped run's mask, refilled where the kernels read it:
-        sparsejit.tape)."""
+        sparsejit.tape). Where the steps are ones the fill kernel makes, and the one layout
+        is by key (in the mask's own order), one call of it makes both."""
+        if self._filling is None or self._filling[0] != len(self._layouts):
+            self._filling = (len(self._layouts), self._fill_call())
+        call = self._filling[1]
+        if call is not None:
+            call[0](*call[1])
+            return
         if self._make is not None:
             np.copyto(self.mask, self._make(self.source))
         for (shape, tk), out in self._layouts.items():
             _kernel_mask(self.mask.reshape(shape), tk, out)
+
+    def _fill_call(self) -> tuple | None:
+        """(the fill kernel, its arguments) for this mask and its layout, or None where it
+        does not make them."""
+        src, mask = self.source, self.mask
+        if self._fill is None or mask is src or src.dtype.str not in _SOURCE_TYPES or len(self._layouts) > 1 \
+                or not (src.flags.c_contiguous and mask.flags.c_contiguous and mask.dtype == np.float32) \
+                or mask.shape != src.shape:
+            return None
+        for (shape, tk), out in self._layouts.items():
+            if not (shape[2] == 1 and shape[3] == tk and out.flags.c_contiguous and out.size == mask.size):
+                return None
+        out = next(iter(self._layouts.values()), mask)
+        return _mask_fill(self._fill, src.dtype.str), (address(src), src.size, address(mask), address(out))
 
 
 def _kernel_mask(mask4: np.ndarray, tk: int, out: np.ndarray | None = None) -> np.ndarray:

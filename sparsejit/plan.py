@@ -22,7 +22,7 @@ from .choose import AMX_CLEARLY, DENSE_ABOVE, MANY_TOKENS, PROBE_TOKENS, SPARSE_
 from .graph import Graph, Node
 from .kernels import elementwise, rows
 from .kernels.amx import BF16AmxLinear, Int8Amx, has_amx
-from .kernels.attention import PreparedMask, fused_attention, fused_attention_bytes, mask_steps
+from .kernels.attention import PreparedMask, float_steps, fused_attention, fused_attention_bytes, mask_steps
 from .kernels.bf16 import BF16DenseLinear, BF16ScatteredLinear, BF16SparseLinear, packed_pairs, reference_bf16_linear
 from .kernels.embed import EmbedLayerNorm
 from .kernels.int8 import (
@@ -564,8 +564,9 @@ def layernorm_step(node: Node, p: Planning) -> Step:
 
 
 def prepare_mask_step(node: Node, p: Planning) -> Step:
-    make = mask_steps(node.attrs.get("steps", ()), p.opset)
-    return Step(node, lambda source: (PreparedMask(source, make),))
+    steps = node.attrs.get("steps", ())
+    make, fill = mask_steps(steps, p.opset), float_steps(steps)
+    return Step(node, lambda source: (PreparedMask(source, make, fill),))
 
 
 def embed_step(node: Node, p: Planning) -> Step:

@@ -8,7 +8,7 @@ import numba
 import numpy as np
 import pytest
 from scipy.special import erf
-from sparsejit.kernels.attention import fused_attention, reference_attention
+from sparsejit.kernels.attention import PreparedMask, float_steps, fused_attention, mask_steps, reference_attention
 from sparsejit.kernels.compile import compile_ir, vector_lanes
 from sparsejit.kernels.compress import analyse, balanced_bounds, compress
 from sparsejit.kernels.epilogue import erf as ir_erf
@@ -1260,3 +1260,60 @@ def put_two(calls, fn, p, i, x):
         put_two(calls, 7, 1 << 40, -5, x)
         assert calls[0].tolist() == [0] * 11
         assert calls[1].tolist() == want
+
+
+MASK_CHAINS = {
+    "bert": (("Cast", {"to": 1}, None, False), ("Sub", {}, np.array(1.0, np.float32), True),
+             ("Mul", {}, np.array(np.finfo(np.float32).min, np.float32), False)),
+    "older": (("Cast", {"to": 1}, None, False), ("Sub", {}, np.array([1.0], np.float32), True),
+              ("Mul", {}, np.array(-10000.0, np.float32), False)),
+    "div_add": (("Cast", {"to": 1}, None, False), ("Div", {}, np.array(3.0, np.float32), False),
+                ("Add", {}, np.array(-0.5, np.float32), True), ("Div", {}, np.array(7.0, np.float32), True)),
+    "float": (("Mul", {}, np.array(-1e30, np.float32), False), ("Sub", {}, np.array(0.25, np.float32), False)),
+}
+
+
+@pytest.mark.parametrize("chain", list(MASK_CHAINS))
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.bool_, np.uint8, np.float32])
+def test_the_mask_fill_kernel_makes_the_mask_and_its_layout_as_the_ops_do(chain, dtype):
+    """A taped run's refill of an attention mask (PreparedMask.refill): where the steps are
+    a Cast to float32 and float32 arithmetic with a constant, one kernel call makes the mask
+    and its by-key layout. Bit for bit what the ops make in numpy (a new PreparedMask), on
+    sources of 0/1, other values, and for a float source -0, infinities and NaN."""
+    steps = MASK_CHAINS[chain]
+    if chain == "float" and dtype is not np.float32:
+        pytest.skip("a chain without a Cast takes a float32 source")
+    rng = np.random.default_rng(3)
+    special = np.array([0, 1, -0.0, np.inf, -np.inf, np.nan, 3.5e38, -7, 2 ** 25 + 1]) if dtype is np.float32 else \
+        np.array([0, 1, 5, 2 ** 25 + 1 if dtype in (np.int64, np.int32) else 1])
+    make, fill = mask_steps(steps, 17), float_steps(steps)
+    assert fill is not None
+    source = np.zeros((3, 1, 1, 11), dtype)
+    prepared = PreparedMask(source, make, fill)
+    layout = prepared.kernel_layout(prepared.mask, 11)
+    for _ in range(4):
+        source[...] = rng.choice(special, source.shape).astype(dtype)
+        prepared.refill()
+        assert prepared._filling[1] is not None  # (the kernel made them)
+        want = PreparedMask(source.copy(), make)
+        np.testing.assert_array_equal(prepared.mask.view(np.int32), want.mask.view(np.int32))
+        np.testing.assert_array_equal(layout.view(np.int32), want.kernel_layout(want.mask, 11).view(np.int32))
+
+
+def test_a_mask_the_fill_kernel_does_not_make_is_refilled_by_the_ops():
+    """Steps the fill kernel does not make (integer arithmetic before the Cast, a Cast to
+    another type), or a layout by query (not in the mask's order): the refill runs the ops
+    and lays the mask out as before."""
+    one = np.array(1, np.int64)
+    assert float_steps((("Sub", {}, one, True), ("Cast", {"to": 1}, None, False))) is None
+    assert float_steps((("Cast", {"to": 11}, None, False), ("Mul", {}, np.array(2.0), False))) is None
+    steps = MASK_CHAINS["bert"]
+    source = np.ones((2, 1, 5, 5), np.int64)  # a mask per query and key
+    prepared = PreparedMask(source, mask_steps(steps, 17), float_steps(steps))
+    layout = prepared.kernel_layout(prepared.mask, 5)
+    source[0, 0, 1, 2] = 0
+    prepared.refill()
+    assert prepared._filling[1] is None
+    want = PreparedMask(source.copy(), mask_steps(steps, 17))
+    np.testing.assert_array_equal(layout, want.kernel_layout(want.mask, 5))
+    assert layout[0, 0, 2, 1] == np.finfo(np.float32).min

@@ -291,8 +291,9 @@ def test_a_gather_of_a_constant_index_is_a_view_and_of_an_input_index_is_not(tmp
 def test_a_mask_made_by_cast_sub_and_mul_is_made_by_its_prepare_step(tmp_path):
     """An export whose additive mask is (1 - float(attention_mask)) · -10000 (the form older
     exports have): the Cast, Sub and Mul go into the PrepareMask step (lower.prepare_masks),
-    which makes the mask as those ops would, on every run, taped or not: within ONNX
-    Runtime's tolerance on padded inputs, and each taped run as the untaped one."""
+    which makes the mask as those ops would, on every run, taped or not (a taped run's
+    refill by one kernel call): within ONNX Runtime's tolerance on padded inputs, and each
+    taped run as the untaped one."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -323,6 +324,8 @@ def test_a_mask_made_by_cast_sub_and_mul_is_made_by_its_prepare_step(tmp_path):
         assert t is not None and "mask" in t.kinds
         taped = [model.run(f) for f in inputs]
         assert t.replays == len(inputs)
+        (prepared,) = [p for seg in t._segments if seg[0] == "mask" for p in seg[2]]
+        assert prepared._filling[1] is not None  # (refilled by the fill kernel: PreparedMask.refill)
         untaped(model, inputs[0])
         for f, got in zip(inputs, taped):
             assert_same(got, model.run(f))
