@@ -29,11 +29,17 @@ from .layout import aligned_empty, feature_major_empty
 
 @op("AttentionCore", fused=True)
 def reference_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None,
-                        scale: np.ndarray | None = None, scale_op: str = "none", axis: int | None = None,
+                        scale: np.ndarray | None = None, q_scale: np.ndarray | None = None,
+                        k_scale: np.ndarray | None = None, *, scale_op: str = "none", axis: int | None = None,
                         opset: int = 13, nan_guard: bool = False) -> np.ndarray:
-    """The fused node (fuse.fuse_attention): the ops it replaces, in order."""
+    """The fused node (fuse.fuse_attention): the ops it replaces, in order (first q · q_scale
+    and kᵀ · k_scale, where the export scaled them: fuse._prescaled)."""
     if isinstance(mask, PreparedMask):
         mask = mask.mask
+    if q_scale is not None:
+        q = np.multiply(q, q_scale)
+    if k_scale is not None:
+        kt = np.multiply(kt, k_scale)
     s = np.matmul(q, kt)
     if scale_op == "div":
         s = s / scale
@@ -173,45 +179,69 @@ def _scalar(scale, scale_op: str) -> float | None:
 
 
 @op("PrepareMask", needs_opset=True, fused=True)
-def prepare_mask(source: np.ndarray, *, steps: tuple = (), opset: int = 17) -> PreparedMask:
+def prepare_mask(source: np.ndarray, expand: np.ndarray | None = None, *, steps: tuple = (),
+                 opset: int = 17) -> PreparedMask:
     """The node lower.prepare_masks puts before the first of the AttentionCore nodes that read
     one mask: the mask, made from `source` by `steps` (the per-element ops the graph made
-    it with, as their own ops would), with its kernel layout made once per run."""
-    return PreparedMask(source, mask_steps(steps, opset), float_steps(steps))
+    it with, as their own ops would) and, where the graph expanded it, Expand's broadcast to
+    `expand` (a view), with its kernel layout made once per run."""
+    return PreparedMask(source, mask_steps(steps, opset), float_steps(steps), expand)
 
 
 def mask_steps(steps: tuple, opset: int):
     """A function source → mask running `steps` ((op, attributes, scalar constant or None, the
-    constant first), lower._mask_steps) by the ops' own implementations; None for none."""
+    constant first), lower._mask_steps) by the ops' own implementations; None for none.
+    "Select" is Where(x, then, else) of its two constants, "MaskedFill" Where(Cast(x, bool),
+    its constant, x)."""
     if not steps:
         return None
-    bound = [(bind(op_type, attrs, opset, 1), const, first) for op_type, attrs, const, first in steps]
+    where, to_bool = bind("Where", {}, opset, 1), bind("Cast", {"to": BOOL}, opset, 1)
+
+    def step(op_type: str, attrs: dict, const, first: bool):
+        if op_type == "Select":
+            return lambda x: where(x, *const)[0]
+        if op_type == "MaskedFill":
+            return lambda x: where(to_bool(x)[0], const, x)[0]
+        fn = bind(op_type, attrs, opset, 1)
+        if const is None:
+            return lambda x: fn(x)[0]
+        return (lambda x: fn(const, x)[0]) if first else (lambda x: fn(x, const)[0])
+
+    bound = [step(*s) for s in steps]
 
     def make(x: np.ndarray) -> np.ndarray:
-        for fn, const, first in bound:
-            x = (fn(x) if const is None else fn(const, x) if first else fn(x, const))[0]
+        for fn in bound:
+            x = fn(x)
         return x
     return make
 
 
 # The steps a mask's fill kernel makes (mask_fill): float32 arithmetic with a constant.
 FILL_OPS = {"Sub": "fsub", "Mul": "fmul", "Add": "fadd", "Div": "fdiv"}
-FLOAT = 1  # ONNX's TensorProto.FLOAT, a Cast's `to`
+FLOAT, BOOL = 1, 9  # ONNX's TensorProto.FLOAT and BOOL, a Cast's `to`
 
 
 def float_steps(steps: tuple) -> tuple | None:
     """The mask's steps as the fill kernel takes them ((LLVM op, float32 constant, constant
     first) each, after the source's Cast to float32 if any), or None for a chain it does not
-    make: one Cast, to float32, first if any; then Sub, Mul, Add and Div of a float32 scalar
-    (BERT's exports: Cast, Sub from 1, Mul by a large negative)."""
+    make: first, one Cast to float32 or a Select of two float32 constants (of a bool
+    source); then Sub, Mul, Add and Div of a float32 scalar and MaskedFill (BERT's exports:
+    Cast, Sub from 1, Mul by a large negative; SDPA's: Cast, Sub from 1, MaskedFill with the
+    lowest float32, or a Select of 0 and -inf)."""
     out = []
     for i, (op_type, attrs, const, first) in enumerate(steps):
         if op_type == "Cast" and i == 0 and attrs.get("to") == FLOAT:
             continue
-        c = None if const is None else np.asarray(const)
-        if op_type not in FILL_OPS or c is None or c.dtype != np.float32 or c.size != 1:
+        cs = [np.asarray(c) for c in (const if op_type == "Select" else (const,))] if const is not None else []
+        if not cs or any(c.dtype != np.float32 or c.size != 1 for c in cs) or op_type == "Select" and i:
             return None
-        out.append((FILL_OPS[op_type], float(c.ravel()[0]), bool(first)))
+        values = tuple(float(c.ravel()[0]) for c in cs)
+        if op_type in ("Select", "MaskedFill"):
+            out.append((op_type, values if op_type == "Select" else values[0], False))
+        elif op_type in FILL_OPS:
+            out.append((FILL_OPS[op_type], values[0], bool(first)))
+        else:
+            return None
     return tuple(out)
 
 
@@ -230,8 +260,14 @@ def mask_fill_ir(steps: tuple, source: str) -> str:
     body = [f"  %sp = getelementptr inbounds {ty}, ptr %source, i64 %i", f"  %s = load {ty}, ptr %sp",
             f"  %x0 = {cast} {ty} %s to float" if cast else "  %x0 = freeze float %s"]
     for k, (fop, c, first) in enumerate(steps):
-        a, b = (f32(c), f"%x{k}") if first else (f"%x{k}", f32(c))
-        body.append(f"  %x{k + 1} = {fop} float {a}, {b}")
+        x, y = f"%x{k}", f"%x{k + 1}"
+        if fop == "Select":  # (of the bool source: then where it is nonzero)
+            body += [f"  %b{k} = icmp ne {ty} %s, 0", f"  {y} = select i1 %b{k}, float {f32(c[0])}, float {f32(c[1])}"]
+        elif fop == "MaskedFill":  # (where x is not 0: NaN too, as Cast to bool makes it true)
+            body += [f"  %b{k} = fcmp une float {x}, 0.0", f"  {y} = select i1 %b{k}, float {f32(c)}, float {x}"]
+        else:
+            a, b = (f32(c), x) if first else (x, f32(c))
+            body.append(f"  {y} = {fop} float {a}, {b}")
     last = f"%x{len(steps)}"
     body += ["  %mp = getelementptr inbounds float, ptr %mask, i64 %i", f"  store float {last}, ptr %mp",
              "  %lp = getelementptr inbounds float, ptr %layout, i64 %i", f"  store float {last}, ptr %lp"]
@@ -253,12 +289,18 @@ class PreparedMask:
     with the kernel's layout of it built once per run rather than once per layer. The
     executor holds it for one run only, so it never outlives the mask's values.
     `fill`: the steps as float_steps gives them, for the kernel a taped run's refill
-    makes the mask and its layout with (None: numpy's ops, as `make`)."""
+    makes the mask and its layout with (None: numpy's ops, as `make`). `expand`: the shape
+    the graph expanded the mask to (Expand's input), the mask then a broadcast view of the
+    values made unexpanded."""
 
-    def __init__(self, source: np.ndarray, make=None, fill: tuple | None = None):
+    def __init__(self, source: np.ndarray, make=None, fill: tuple | None = None, expand: np.ndarray | None = None):
         self.source, self._make, self._fill = source, make, fill
         self._filling: tuple | None = None  # (the layouts' count, _fill_call's) when refill last looked
-        self.mask = source if make is None else np.array(make(source))
+        self._values = source if make is None else np.array(make(source))
+        self.mask = self._values
+        if expand is not None:  # (as Expand does: both ways, a 1 in the target keeps the size)
+            target = tuple(int(d) for d in np.asarray(expand).ravel())
+            self.mask = np.broadcast_to(self._values, np.broadcast_shapes(self._values.shape, target))
         self._layouts: dict[tuple, np.ndarray] = {}
 
     def kernel_layout(self, mask4: np.ndarray, tk: int) -> np.ndarray:
@@ -286,23 +328,32 @@ class PreparedMask:
             call[0](*call[1])
             return
         if self._make is not None:
-            np.copyto(self.mask, self._make(self.source))
+            np.copyto(self._values, self._make(self.source))
         for (shape, tk), out in self._layouts.items():
-            _kernel_mask(self.mask.reshape(shape), tk, out)
+            _kernel_mask(by_key(self.mask.reshape((1,) * (4 - self.mask.ndim) + self.mask.shape), shape), tk, out)
 
     def _fill_call(self) -> tuple | None:
         """(the fill kernel, its arguments) for this mask and its layout, or None where it
         does not make them."""
-        src, mask = self.source, self.mask
-        if self._fill is None or mask is src or src.dtype.str not in _SOURCE_TYPES or len(self._layouts) > 1 \
-                or not (src.flags.c_contiguous and mask.flags.c_contiguous and mask.dtype == np.float32) \
-                or mask.shape != src.shape:
+        src, values, fill = self.source, self._values, self._fill
+        if fill is None or values is src or src.dtype.str not in _SOURCE_TYPES or len(self._layouts) > 1 \
+                or not (src.flags.c_contiguous and values.flags.c_contiguous and values.dtype == np.float32) \
+                or values.shape != src.shape or fill and fill[0][0] == "Select" and src.dtype != np.bool_:
             return None
         for (shape, tk), out in self._layouts.items():
-            if not (shape[2] == 1 and shape[3] == tk and out.flags.c_contiguous and out.size == mask.size):
+            if not (shape[2] == 1 and shape[3] == tk and out.flags.c_contiguous and out.size == values.size):
                 return None
-        out = next(iter(self._layouts.values()), mask)
-        return _mask_fill(self._fill, src.dtype.str), (address(src), src.size, address(mask), address(out))
+        out = next(iter(self._layouts.values()), values)
+        return _mask_fill(fill, src.dtype.str), (address(src), src.size, address(values), address(out))
+
+
+def by_key(mask4: np.ndarray, shape: tuple | None = None) -> np.ndarray:
+    """A 4-D mask that is the same for every query (a broadcast along the query axis: an
+    expanded mask) as its one query row, which the kernel's mask by key reads; else as it
+    is. With `shape` (a layout's key), the one of the two of that shape."""
+    if mask4.shape[2] > 1 and mask4.strides[2] == 0 and (shape is None or shape[2] == 1):
+        return mask4[:, :, :1]
+    return mask4
 
 
 def _kernel_mask(mask4: np.ndarray, tk: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -315,17 +366,20 @@ def _kernel_mask(mask4: np.ndarray, tk: int, out: np.ndarray | None = None) -> n
 
 
 def fused_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarray | PreparedMask | None = None,
-                    scale: np.ndarray | None = None, scale_op: str = "none", axis: int | None = None,
-                    opset: int = 13, nan_guard: bool = False, bf16: bool = False,
-                    amx: bool = True) -> np.ndarray:
+                    scale: np.ndarray | None = None, q_scale: np.ndarray | None = None,
+                    k_scale: np.ndarray | None = None, *, scale_op: str = "none", axis: int | None = None,
+                    opset: int = 13, nan_guard: bool = False, bf16: bool = False, amx: bool = True) -> np.ndarray:
     """The kernel where it applies, else the reference (same arguments, same result).
     `bf16`: the products in bfloat16 (the model's precision="bf16"), on AMX's tiles where
-    `amx_fits` (unless `amx` is False), else AVX512-BF16's `vdpbf16ps`."""
-    return fused_attention_bytes(q, kt, v, mask, scale, scale_op, axis, opset, nan_guard, bf16, amx)[0]
+    `amx_fits` (unless `amx` is False), else AVX512-BF16's `vdpbf16ps`. Scalar q and kᵀ
+    scales the kernel takes with the scores' own (one multiply of each score)."""
+    return fused_attention_bytes(q, kt, v, mask, scale, q_scale, k_scale, scale_op=scale_op, axis=axis, opset=opset,
+                                 nan_guard=nan_guard, bf16=bf16, amx=amx)[0]
 
 
 def fused_attention_bytes(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np.ndarray | PreparedMask | None = None,
-                          scale: np.ndarray | None = None, scale_op: str = "none", axis: int | None = None,
+                          scale: np.ndarray | None = None, q_scale: np.ndarray | None = None,
+                          k_scale: np.ndarray | None = None, *, scale_op: str = "none", axis: int | None = None,
                           opset: int = 13, nan_guard: bool = False, bf16: bool = False, amx: bool = True,
                           grid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(fused_attention's output, and with a `grid` ([scale, zero point, lowest, highest],
@@ -337,6 +391,10 @@ def fused_attention_bytes(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np
     if prepared is not None:
         mask = prepared.mask
     mul = _scalar(scale, scale_op)
+    for pre in (q_scale, k_scale):  # (float32 scalars only: else the reference, which broadcasts them)
+        if mul is not None and pre is not None:
+            pre = np.asarray(pre)
+            mul = mul * float(pre.ravel()[0]) if pre.size == 1 and pre.dtype == np.float32 and pre.ndim <= 1 else None
     ok = (q.ndim == kt.ndim == v.ndim == 4 and mul is not None and q.dtype == kt.dtype == v.dtype == np.float32
           and (axis is None or axis in (-1, 3)) and q.shape[:2] == kt.shape[:2] == v.shape[:2]
           and q.shape[3] == kt.shape[2] == v.shape[3] and kt.shape[3] == v.shape[2])  # (one head size)
@@ -345,12 +403,13 @@ def fused_attention_bytes(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask: np
         ok = mask.dtype == np.float32 and mask.ndim <= 4 and \
             all(m in (1, s) for m, s in zip(mask.shape[::-1], scores[::-1]))
     if not ok:
-        return reference_attention(q, kt, v, mask, scale, scale_op, axis, opset, nan_guard), None
+        return reference_attention(q, kt, v, mask, scale, q_scale, k_scale, scale_op=scale_op, axis=axis, opset=opset,
+                                   nan_guard=nan_guard), None
     n_batch, n_head, tq = q.shape[:3]
     tk = kt.shape[3]
     if mask is None:
         mask = np.zeros((1, 1, 1, tk), np.float32)
-    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    mask = by_key(mask.reshape((1,) * (4 - mask.ndim) + mask.shape))
     per_query = mask.shape[2] > 1
     mask_t = _kernel_mask(mask, tk) if prepared is None else prepared.kernel_layout(mask, tk)
     # Feature-major operands: [batch, head, feature, token] with unit token stride.

@@ -6,6 +6,7 @@
   Shape → Gather → Concat → Reshape subgraphs). The executor computes them once per
   input-shape signature and reuses them, instead of re-running them op by op.
 - `eliminate_dead` drops nodes nothing reads.
+- `merge_duplicates` makes nodes that compute the same op of the same values one.
 """
 
 from __future__ import annotations
@@ -67,3 +68,55 @@ def eliminate_dead(graph: Graph) -> Graph:
     kept.reverse()
     consts = {k: v for k, v in graph.constants.items() if k in live}
     return Graph(kept, graph.inputs, graph.outputs, consts, graph.opset, graph.origin)
+
+
+SMALL = 64  # elements: a constant this small is compared by value, a larger one by name
+
+
+def merge_duplicates(graph: Graph) -> Graph:
+    """Nodes of the same op, attributes and inputs (a small constant's value standing for
+    its name) made one: the first, whose outputs the others' readers read. SDPA's exports
+    make each layer's additive mask from the one expanded mask by a Where of its own (with
+    constants of its own, equal): merged, every layer reads one mask, which the attention
+    nodes then share (lower.prepare_masks). Every op run here gives the same outputs for
+    the same inputs. A node with a graph output is kept."""
+    outputs = set(graph.outputs)
+    seen: dict = {}
+    rename: dict[str, str] = {}
+    kept = []
+    for n in graph.nodes:
+        inputs = [rename.get(i, i) for i in n.inputs]
+        if inputs != n.inputs:
+            n = type(n)(n.op_type, n.name, inputs, list(n.outputs), n.attrs)
+        key = (n.op_type, tuple(_value_key(graph.constants, i) for i in inputs), _attrs_key(n.attrs), len(n.outputs))
+        first = seen.get(key)
+        if first is not None and not (set(n.outputs) & outputs):
+            rename.update({o: f for o, f in zip(n.outputs, first.outputs) if o})
+            continue
+        seen.setdefault(key, n)
+        kept.append(n)
+    return Graph(kept, graph.inputs, graph.outputs, graph.constants, graph.opset, graph.origin)
+
+
+def _value_key(constants: dict, name: str):
+    c = constants.get(name)
+    if c is None or np.size(c) > SMALL:
+        return name
+    c = np.asarray(c)
+    return ("constant", c.dtype.str, c.shape, c.tobytes())
+
+
+def _attrs_key(attrs: dict):
+    def key(v):
+        if isinstance(v, np.ndarray):  # (a fused node's weights: the same array object, or not equal)
+            return ("array", v.dtype.str, v.shape, v.tobytes()) if v.size <= SMALL else ("id", id(v))
+        if isinstance(v, (list, tuple)):
+            return tuple(key(x) for x in v)
+        if isinstance(v, dict):
+            return tuple(sorted((k, key(x)) for k, x in v.items()))
+        try:
+            hash(v)
+            return v
+        except TypeError:
+            return ("id", id(v))  # (unhashable and unknown: never equal to another node's)
+    return key(attrs)

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .fold import eliminate_dead, fold_constants
+from .fold import eliminate_dead, fold_constants, shape_only_values
 from .graph import Graph, Node
 from .kernels.elementwise import softmax_table
 from .ops import evaluate
@@ -342,6 +342,7 @@ def fuse_quantized_linear(graph: Graph) -> Graph:
 
 def fuse_attention(graph: Graph) -> Graph:
     m = _Matcher(graph)
+    fixed = shape_only_values(graph) | set(graph.constants)  # (what may scale q or kᵀ: _prescaled)
     for sm in graph.nodes:
         if sm.op_type != "Softmax":
             continue
@@ -383,10 +384,25 @@ def fuse_attention(graph: Graph) -> Graph:
         if pv is None or pv.inputs[0] != probs:
             continue
         chain.append(pv)
-        inputs = [qk.inputs[0], qk.inputs[1], pv.inputs[1], mask or "", scale or ""]
+        (q, q_scale), (kt, k_scale) = (_prescaled(m, name, qk, fixed) for name in qk.inputs)
+        chain[:0] = [m.producer[name] for name, by in zip(qk.inputs, (q_scale, k_scale)) if by]
+        inputs = [q, kt, pv.inputs[1], mask or "", scale or ""] + ([q_scale, k_scale] if q_scale or k_scale else [])
         attrs = {"scale_op": scale_op, "axis": sm.attrs.get("axis"), "opset": graph.opset, "nan_guard": guard}
         m.replace(chain, Node("AttentionCore", qk.name, inputs, [pv.outputs[0]], attrs))
     return m.result()
+
+
+def _prescaled(m: _Matcher, name: str, user: Node, fixed: set[str]) -> tuple[str, str]:
+    """(x, c) where `name` is Mul(x, c), `user` its only reader and c a constant or a value of
+    the input shapes only (SDPA's exports scale q and kᵀ each by √scale, computed from the
+    head size, before their product), else (name, "")."""
+    mul = m.made_by(name, "Mul")
+    if mul is None or m.only_user(name) is not user:
+        return name, ""
+    for x, c in (mul.inputs, mul.inputs[::-1]):
+        if c in fixed and x not in fixed:
+            return x, c
+    return name, ""
 
 
 def _last_axis_mean(m: _Matcher, node: Node) -> bool:

@@ -30,7 +30,7 @@ from collections import Counter
 
 import numpy as np
 
-from .fold import shape_only_values
+from .fold import merge_duplicates, shape_only_values
 from .graph import Graph, Node
 from .kernels import rows
 
@@ -76,23 +76,63 @@ def group_linears(graph: Graph) -> Graph:
 
 # The per-element ops an exported mask is made with from the attention_mask input, each with
 # a scalar constant beside it but Cast ((1 - mask) · -10000, say), which PrepareMask applies
-# itself: one step where there were three, in every run (a taped run's too).
-MASK_STEPS = ("Cast", "Sub", "Mul", "Add", "Div")
+# itself: one step where there were three, in every run (a taped run's too). Also SDPA's
+# exports' forms: Where(b, 0, -inf) of a bool mask ("Select"), Where(bool(x), min, x)
+# ("MaskedFill", the bool a Cast or two of x), and the Expand of the mask to [batch, 1,
+# queries, keys], which PrepareMask makes a broadcast view of the mask made unexpanded (every
+# step is per element, so the Expand may come last).
+MASK_STEPS = ("Cast", "Sub", "Mul", "Add", "Div", "Where", "Expand")
+BOOL = 9  # ONNX's TensorProto.BOOL, a Cast's `to`
 
 
-def _mask_steps(graph: Graph, mask: str, users: Counter, made: dict[str, Node]) -> tuple[str, tuple, list[Node]]:
-    """(the value the mask is made from, the steps from it, their nodes): the chain of
-    MASK_STEPS ending at `mask` whose values nothing else reads (`made`: each value's
-    node); (mask, (), []) if none."""
+def _scalar(graph: Graph, name: str):
+    c = graph.constants.get(name)
+    return c if c is not None and np.size(c) == 1 and np.ndim(c) <= 1 else None
+
+
+def _casts_to_bool(made: dict[str, Node], users: Counter, cond: str, x: str) -> list[Node] | None:
+    """The Casts to bool that make `cond` from `x` (one, or two in a row), each read once."""
+    casts = []
+    while (n := made.get(cond)) is not None and n.op_type == "Cast" and n.attrs.get("to") == BOOL and len(casts) < 2:
+        casts.append(n)
+        if n.inputs[0] == x:
+            return casts
+        if users[n.inputs[0]] != 1:
+            return None
+        cond = n.inputs[0]
+    return None
+
+
+def _mask_steps(graph: Graph, mask: str, users: Counter, made: dict[str, Node]) -> tuple[str, tuple, list[Node], str]:
+    """(the value the mask is made from, the steps from it, their nodes, the shape an Expand
+    among them expands to or ""): the chain of MASK_STEPS ending at `mask` whose values
+    nothing else reads (`made`: each value's node); (mask, (), [], "") if none."""
     outputs = set(graph.outputs)
-    steps, chain, name = [], [], mask
-    while (n := made.get(name)) is not None and n.op_type in MASK_STEPS and (name == mask or (
-            users[name] == 1 and name not in outputs)):
+    steps, chain, name, expand = [], [], mask, ""
+    reads = {mask: users[mask]}  # (how many readers a value of the chain may have: its chain's)
+    while (n := made.get(name)) is not None and n.op_type in MASK_STEPS and users[name] == reads.get(name, 1) and (
+            name == mask or name not in outputs):
         if n.op_type == "Cast":
             if len(n.inputs) != 1:
                 break
             steps.append((n.op_type, dict(n.attrs), None, False))
             name = n.inputs[0]
+        elif n.op_type == "Expand":
+            if expand or len(n.inputs) != 2:
+                break
+            expand, name = n.inputs[1], n.inputs[0]
+        elif n.op_type == "Where":
+            cond, a, b = n.inputs
+            ca, cb = _scalar(graph, a), _scalar(graph, b)
+            if ca is not None and cb is not None:
+                steps.append(("Select", {}, (ca, cb), False))
+                name = cond
+            elif ca is not None and b not in graph.constants and (casts := _casts_to_bool(made, users, cond, b)):
+                steps.append(("MaskedFill", {}, ca, False))
+                chain += casts
+                name, reads[b] = b, 2
+            else:
+                break
         else:
             consts = [graph.constants.get(i) for i in n.inputs]
             if len(n.inputs) != 2 or sum(c is not None and np.size(c) == 1 for c in consts) != 1:
@@ -101,7 +141,7 @@ def _mask_steps(graph: Graph, mask: str, users: Counter, made: dict[str, Node]) 
             steps.append((n.op_type, dict(n.attrs), consts[0 if first else 1], first))
             name = n.inputs[1 if first else 0]
         chain.append(n)
-    return name, tuple(reversed(steps)), chain
+    return name, tuple(reversed(steps)), chain, expand
 
 
 def prepare_masks(graph: Graph) -> Graph:
@@ -112,10 +152,10 @@ def prepare_masks(graph: Graph) -> Graph:
     folded: dict[str, tuple] = {}  # a mask read by attention only: (its source, steps) and the nodes gone
     for mask in shared:
         if users[mask] == readers[mask] and mask not in graph.outputs:
-            source, steps, chain = _mask_steps(graph, mask, users, made)
-            if steps:
-                folded[mask] = (source, steps, {id(n) for n in chain})
-    gone = {i for _, _, ids in folded.values() for i in ids}
+            source, steps, chain, expand = _mask_steps(graph, mask, users, made)
+            if steps or expand:
+                folded[mask] = (source, steps, {id(n) for n in chain}, expand)
+    gone = {i for _, _, ids, _ in folded.values() for i in ids}
     prepared: dict[str, str] = {}
     nodes = []
     for n in graph.nodes:
@@ -125,9 +165,9 @@ def prepare_masks(graph: Graph) -> Graph:
         if mask in shared:
             if mask not in prepared:
                 prepared[mask] = f"{mask}::prepared"
-                source, steps, _ = folded.get(mask, (mask, (), ()))
-                nodes.append(Node("PrepareMask", f"{mask}::prepare", [source], [prepared[mask]],
-                                  {"steps": steps} if steps else {}))
+                source, steps, _, expand = folded.get(mask, (mask, (), (), ""))
+                nodes.append(Node("PrepareMask", f"{mask}::prepare", [source] + ([expand] if expand else []),
+                                  [prepared[mask]], {"steps": steps} if steps else {}))
             n = Node(n.op_type, n.name, n.inputs[:3] + [prepared[mask]] + n.inputs[4:], list(n.outputs), n.attrs)
         nodes.append(n)
     return _with_nodes(graph, nodes)
@@ -315,7 +355,7 @@ def fuse_rows(graph: Graph) -> Graph:
     return _with_nodes(graph, _ordered([n for _, n in nodes]))
 
 
-LOWERING = (group_linears, prepare_masks, mark_layouts, quantize_layernorms, fuse_rows)
+LOWERING = (merge_duplicates, group_linears, prepare_masks, mark_layouts, quantize_layernorms, fuse_rows)
 
 
 def lower(graph: Graph) -> Graph:

@@ -311,7 +311,8 @@ def group_step(node: Node, p: Planning) -> Step:
 
 def attention_step(node: Node, p: Planning) -> Step:
     a = dict(node.attrs, bf16=p.chooser.precision == "bf16")
-    return Step(node, lambda q, kt, v, mask=None, scale=None: (fused_attention(q, kt, v, mask, scale, **a),))
+    return Step(node, lambda q, kt, v, mask=None, scale=None, q_scale=None, k_scale=None: (
+        fused_attention(q, kt, v, mask, scale, q_scale, k_scale, **a),))
 
 
 PADDING_WORTH = 2.0  # without VNNI, 4-blocks storing this many times the nonzeros lose to skipping each zero
@@ -551,7 +552,7 @@ def onnx_attention_step(node: Node, p: Planning) -> Step:
         if mask is not None and mask.dtype == np.bool_:
             mask = np.where(mask, np.float32(0), np.float32(-np.inf))
         scale = np.float32(a["scale"] if a.get("scale") is not None else 1 / np.sqrt(q.shape[3]))
-        y = fused_attention(q, np.swapaxes(k, 2, 3), v, mask, scale, "mul", -1, p.opset,
+        y = fused_attention(q, np.swapaxes(k, 2, 3), v, mask, scale, scale_op="mul", axis=-1, opset=p.opset,
                             bf16=p.chooser.precision == "bf16")
         return (y,) + (None,) * (len(node.outputs) - 1)
 
@@ -566,7 +567,7 @@ def layernorm_step(node: Node, p: Planning) -> Step:
 def prepare_mask_step(node: Node, p: Planning) -> Step:
     steps = node.attrs.get("steps", ())
     make, fill = mask_steps(steps, p.opset), float_steps(steps)
-    return Step(node, lambda source: (PreparedMask(source, make, fill),))
+    return Step(node, lambda source, expand=None: (PreparedMask(source, make, fill, expand),))
 
 
 def embed_step(node: Node, p: Planning) -> Step:
@@ -914,9 +915,9 @@ def _attention_step_with_bytes(step: Step, q: str, grid: np.ndarray) -> Step:
     node = step.node
     a = dict(node.attrs)
 
-    def run(qs, kt, v, mask=None, scale=None):
+    def run(qs, kt, v, mask=None, scale=None, q_scale=None, k_scale=None):
         many = qs.ndim == 4 and qs.shape[0] * qs.shape[2] >= ATTENTION_BYTES_FROM
-        return fused_attention_bytes(qs, kt, v, mask, scale, **a, grid=grid if many else None)
+        return fused_attention_bytes(qs, kt, v, mask, scale, q_scale, k_scale, **a, grid=grid if many else None)
 
     return replace(step, node=Node(node.op_type, node.name, list(node.inputs), [node.outputs[0], q], node.attrs),
                    run=run)

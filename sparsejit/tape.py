@@ -20,7 +20,7 @@ What makes a step taped (a "launch" step), and so skipped as Python on a taped r
   kernel's own (weights), or the output of a step that runs on a taped run, and each of
   its outputs is the arena's;
 - attention's mask is a PreparedMask (whose layouts the tape makes again in place from
-  the mask's new values: `PreparedMask.refill`) or none, and its scale a constant;
+  the mask's new values: `PreparedMask.refill`) or none, and its scales constants or shape values;
 - what it checks after its launches (the embeddings' ids: `launch.checked`) the replay
   checks after its launches too, raising as the step would.
 Steps that only take views (VIEW_OPS, an output sharing its input's memory; a Gather only
@@ -341,8 +341,8 @@ class Tape:
             if "AttentionCore" in ops:
                 node = g.steps[0].node
                 mask = args[3] if len(args) > 3 else None
-                scale = node.inputs[4] if len(node.inputs) > 4 else ""
-                if not (mask is None or isinstance(mask, PreparedMask)) or (scale and scale not in fixed):
+                scales = node.inputs[4:7]  # (the scores', q's and kᵀ's: fuse._prescaled)
+                if not (mask is None or isinstance(mask, PreparedMask)) or any(s and s not in fixed for s in scales):
                     return "host"
             return "launch"
         # (a Gather's view is the same memory every run only where its index is the model's)

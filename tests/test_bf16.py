@@ -375,9 +375,9 @@ def test_bf16_attention_is_its_numpy_meaning(nan_guard, unit, monkeypatch):
         if per_query and tq > 2:
             mask[0, 0, 1, :] = -np.inf  # a query with every key masked
         scale = np.float32(1 / np.sqrt(d))
-        got = fused_attention(q, kt, v, mask, scale, "mul", nan_guard=nan_guard, bf16=True, amx=unit == "amx")
+        got = fused_attention(q, kt, v, mask, scale, scale_op="mul", nan_guard=nan_guard, bf16=True, amx=unit == "amx")
         assert ran.pop() == (unit == "amx" and d % 32 == 0)
-        f32 = fused_attention(q, kt, v, mask, scale, "mul", nan_guard=nan_guard)
+        f32 = fused_attention(q, kt, v, mask, scale, scale_op="mul", nan_guard=nan_guard)
         assert np.array_equal(np.isnan(got), np.isnan(f32)) and got.shape == f32.shape
         want, bound = reference_bf16_attention(q, kt, v, mask, scale)
         live = ~np.isnan(f32) & ~np.isnan(want)

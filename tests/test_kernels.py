@@ -357,8 +357,8 @@ def test_attention_matches_reference(mask_shape, scale_op):
     v = rng.standard_normal((2, 3, 11, 8)).astype(np.float32)
     mask = None if mask_shape is None else np.where(rng.random(mask_shape) < 0.3, -1e4, 0).astype(np.float32)
     scale = np.array(8.0 ** 0.5, np.float32)
-    got = fused_attention(q, kt.transpose(0, 1, 2, 3), v, mask, scale, scale_op, -1, 14, False)
-    want = reference_attention(q, kt, v, mask, scale, scale_op, -1, 14, False)
+    got = fused_attention(q, kt.transpose(0, 1, 2, 3), v, mask, scale, scale_op=scale_op, axis=-1, opset=14, nan_guard=False)
+    want = reference_attention(q, kt, v, mask, scale, scale_op=scale_op, axis=-1, opset=14, nan_guard=False)
     np.testing.assert_allclose(got, want, **TOL)
 
 
@@ -369,8 +369,8 @@ def test_attention_fully_masked_row(guard):
     q, kt, v = (rng.standard_normal(s).astype(np.float32) for s in [(1, 2, 4, 8), (1, 2, 8, 5), (1, 2, 5, 8)])
     mask = np.zeros((1, 1, 4, 5), np.float32)
     mask[0, 0, 2, :] = -np.inf
-    got = fused_attention(q, kt, v, mask, None, "none", -1, 14, guard)
-    want = reference_attention(q, kt, v, mask, None, "none", -1, 14, guard)
+    got = fused_attention(q, kt, v, mask, None, scale_op="none", axis=-1, opset=14, nan_guard=guard)
+    want = reference_attention(q, kt, v, mask, None, scale_op="none", axis=-1, opset=14, nan_guard=guard)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(want), **TOL)
     assert np.isnan(got[0, :, 2]).all() != guard
@@ -403,8 +403,8 @@ def test_attention_stores_the_bytes_of_its_merged_output(zero, guard, lanes, mon
         kt = rng.standard_normal((b, h, d, tq)).astype(np.float32)
         mask = np.zeros((b, 1, tq, tq), np.float32)
         mask[0, 0, 2, :] = -np.inf
-        o, xb = fused_attention_bytes(q, kt, v, mask, None, "none", -1, 14, guard, grid=grid)
-        np.testing.assert_array_equal(o, fused_attention(q, kt, v, mask, None, "none", -1, 14, guard))
+        o, xb = fused_attention_bytes(q, kt, v, mask, None, scale_op="none", axis=-1, opset=14, nan_guard=guard, grid=grid)
+        np.testing.assert_array_equal(o, fused_attention(q, kt, v, mask, None, scale_op="none", axis=-1, opset=14, nan_guard=guard))
         if d % 4:
             assert xb is None
             continue
@@ -440,8 +440,8 @@ def test_attention_tiles_blocks_and_layouts(shape, layout, per_query_mask):
     if layout == "feature-major":
         q, kt, v = _feature_major(q, 2), _feature_major(kt, 3), _feature_major(v, 2)
     scale = np.array(d ** 0.5, np.float32)
-    got = fused_attention(q, kt, v, mask, scale, "div", -1, 14, False)
-    np.testing.assert_allclose(got, reference_attention(q, kt, v, mask, scale, "div", -1, 14, False), **TOL)
+    got = fused_attention(q, kt, v, mask, scale, scale_op="div", axis=-1, opset=14, nan_guard=False)
+    np.testing.assert_allclose(got, reference_attention(q, kt, v, mask, scale, scale_op="div", axis=-1, opset=14, nan_guard=False), **TOL)
     assert got.strides[2] == 4  # written feature-major: unit stride along the queries
 
 
@@ -451,8 +451,8 @@ def test_attention_propagates_nan_and_saturates():
     q, kt, v = (rng.standard_normal(s).astype(np.float32) for s in [(1, 1, 20, 4), (1, 1, 4, 20), (1, 1, 20, 4)])
     q[0, 0, 3, 0] = np.nan
     q[0, 0, 5] *= 1e4
-    got = fused_attention(q, kt, v, None, None, "none", -1, 14, False)
-    want = reference_attention(q, kt, v, None, None, "none", -1, 14, False)
+    got = fused_attention(q, kt, v, None, None, scale_op="none", axis=-1, opset=14, nan_guard=False)
+    want = reference_attention(q, kt, v, None, None, scale_op="none", axis=-1, opset=14, nan_guard=False)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     assert np.isnan(got[0, 0, 3]).all() and np.isfinite(got[0, 0, 5]).all()
     np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(want), **TOL)
@@ -465,16 +465,16 @@ def test_attention_softmax_is_exact_to_float_precision_over_exps_range():
     scores = np.stack([rng.uniform(-80, 0, n), rng.uniform(-3, 3, n), rng.uniform(0, 80, n)])
     scores = scores.astype(np.float32)[None, None]                       # [1, 1, 3 queries, n keys]
     eye = np.eye(n, dtype=np.float32)[None, None]
-    got = fused_attention(scores, eye, eye, None, None, "none", -1, 14, False)
-    want = reference_attention(scores, eye, eye, None, None, "none", -1, 14, False)
+    got = fused_attention(scores, eye, eye, None, None, scale_op="none", axis=-1, opset=14, nan_guard=False)
+    want = reference_attention(scores, eye, eye, None, None, scale_op="none", axis=-1, opset=14, nan_guard=False)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
 
 
 def test_attention_falls_back_for_other_shapes():
     rng = np.random.default_rng(7)
     q, kt, v = (rng.standard_normal(s).astype(np.float32) for s in [(3, 4, 8), (3, 8, 4), (3, 4, 8)])
-    np.testing.assert_allclose(fused_attention(q, kt, v, None, None, "none", -1, 14),
-                               reference_attention(q, kt, v, None, None, "none", -1, 14), **TOL)
+    np.testing.assert_allclose(fused_attention(q, kt, v, None, None, scale_op="none", axis=-1, opset=14),
+                               reference_attention(q, kt, v, None, None, scale_op="none", axis=-1, opset=14), **TOL)
 
 
 @pytest.mark.parametrize("layout_in", ["token-major", "feature-major"])
@@ -560,8 +560,8 @@ def test_kernels_with_8_lanes(monkeypatch):
         np.testing.assert_allclose(impl(x[:, :1]), reference_linear(x[:, :1], w, bias, "tanh"), **TOL)
     q, kt, v = (rng.standard_normal(s).astype(np.float32) for s in [(2, 3, 21, 8), (2, 3, 8, 19), (2, 3, 19, 8)])
     mask = np.where(rng.random((2, 1, 21, 19)) < 0.3, -1e4, 0).astype(np.float32)
-    np.testing.assert_allclose(fused_attention(q, kt, v, mask, None, "none", -1, 14),
-                               reference_attention(q, kt, v, mask, None, "none", -1, 14), **TOL)
+    np.testing.assert_allclose(fused_attention(q, kt, v, mask, None, scale_op="none", axis=-1, opset=14),
+                               reference_attention(q, kt, v, mask, None, scale_op="none", axis=-1, opset=14), **TOL)
     xs = transposed(x.reshape(-1, 96)).T
     np.testing.assert_allclose(layernorm(xs, bias[:1].repeat(96), bias[:1].repeat(96), 1e-5),
                                reference_layernorm(x.reshape(-1, 96), bias[:1].repeat(96), bias[:1].repeat(96),
@@ -682,8 +682,8 @@ def test_attention_nan_and_inf_scores_as_the_reference(nan_guard):
     mask[1, 0, 7, :] = -np.inf
     mask[1, 0, 9, :] = -1e4
     with np.errstate(invalid="ignore"):
-        want = reference_attention(q, kt, v, mask, None, "none", -1, 14, nan_guard)
-    got = fused_attention(q, kt, v, mask, None, "none", -1, 14, nan_guard)
+        want = reference_attention(q, kt, v, mask, None, scale_op="none", axis=-1, opset=14, nan_guard=nan_guard)
+    got = fused_attention(q, kt, v, mask, None, scale_op="none", axis=-1, opset=14, nan_guard=nan_guard)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
 

@@ -196,7 +196,7 @@ DEGENERATE_BF16 = """
         q = rng.standard_normal((1, 2, tq, d)).astype(np.float32)
         kt = rng.standard_normal((1, 2, d, tk)).astype(np.float32)
         v = rng.standard_normal((1, 2, tk, d)).astype(np.float32)
-        got = fused_attention(q, kt, v, None, np.float32(0.5), "mul", bf16=True)
+        got = fused_attention(q, kt, v, None, np.float32(0.5), scale_op="mul", bf16=True)
         want, bound = reference_bf16_attention(q, kt, v, None, 0.5)
         assert got.shape == want.shape and np.all(np.abs(got - want) <= bound), (tq, tk, d)
     print("ok")
