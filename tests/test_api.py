@@ -77,6 +77,30 @@ def test_attention_mask_is_prepared_once_per_run():
     assert_parity(model.run(feeds), ort_run(path, feeds), model.output_names)
 
 
+def test_nodes_computing_the_same_op_of_the_same_values_are_made_one():
+    """fold.merge_duplicates: two nodes of one op, attributes and inputs (a small constant's
+    value standing for its name) become the first; another attribute, another value, a large
+    constant's other name, or a graph output of its own keep a node apart."""
+    from sparsejit.fold import SMALL, merge_duplicates
+    from sparsejit.graph import Graph, InputSpec, Node
+
+    big = np.zeros(SMALL + 1, np.float32)
+    consts = {"c1": np.array(0.5, np.float32), "c2": np.array(0.5, np.float32), "c3": np.array(0.25, np.float32),
+              "w1": big, "w2": big.copy()}
+    nodes = [Node("Mul", "a", ["x", "c1"], ["a"]), Node("Mul", "b", ["x", "c2"], ["b"]),  # (same: b is a)
+             Node("Mul", "c", ["x", "c3"], ["c"]),  # (another constant's value)
+             Node("Add", "d", ["b", "w1"], ["d"]), Node("Add", "e", ["a", "w2"], ["e"]),  # (large: by name)
+             Node("Softmax", "f", ["x"], ["f"], {"axis": -1}), Node("Softmax", "g", ["x"], ["g"], {"axis": 0}),
+             Node("Add", "h", ["a", "w1"], ["h"]),  # (is d, once b is a)
+             Node("Mul", "i", ["x", "c1"], ["out2"])]  # (a graph output: kept)
+    inputs = [InputSpec("x", np.dtype(np.float32), ())]
+    g = merge_duplicates(Graph(nodes, inputs, ["c", "d", "e", "f", "g", "out2"], consts, 17, "test"))
+    assert [n.name for n in g.nodes] == ["a", "c", "d", "e", "f", "g", "i"]
+    assert g.nodes[2].inputs == ["a", "w1"]  # (d reads a now; h, the same, is gone)
+    g = merge_duplicates(Graph(nodes, inputs, ["d", "h"], consts, 17, "test"))
+    assert "h" in [n.name for n in g.nodes]  # (h a graph output: kept)
+
+
 def test_only_requested_output_after_other_shapes(bert):
     """Asking for one output first must still leave the shape cache complete for the other."""
     feeds = make_inputs(bert.input_names, 1, 13)

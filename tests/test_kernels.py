@@ -1270,6 +1270,10 @@ MASK_CHAINS = {
     "div_add": (("Cast", {"to": 1}, None, False), ("Div", {}, np.array(3.0, np.float32), False),
                 ("Add", {}, np.array(-0.5, np.float32), True), ("Div", {}, np.array(7.0, np.float32), True)),
     "float": (("Mul", {}, np.array(-1e30, np.float32), False), ("Sub", {}, np.array(0.25, np.float32), False)),
+    "sdpa": (("Cast", {"to": 1}, None, False), ("Sub", {}, np.array(1.0, np.float32), True),
+             ("MaskedFill", {}, np.array(np.finfo(np.float32).min, np.float32), False)),
+    "select": (("Select", {}, (np.array([0.0], np.float32), np.array([-np.inf], np.float32)), False),
+               ("Mul", {}, np.array(2.0, np.float32), False)),
 }
 
 
@@ -1281,8 +1285,8 @@ def test_the_mask_fill_kernel_makes_the_mask_and_its_layout_as_the_ops_do(chain,
     and its by-key layout. Bit for bit what the ops make in numpy (a new PreparedMask), on
     sources of 0/1, other values, and for a float source -0, infinities and NaN."""
     steps = MASK_CHAINS[chain]
-    if chain == "float" and dtype is not np.float32:
-        pytest.skip("a chain without a Cast takes a float32 source")
+    if chain == "float" and dtype is not np.float32 or chain == "select" and dtype is not np.bool_:
+        pytest.skip("a chain without a Cast takes a float32 source, a Select a bool one")
     rng = np.random.default_rng(3)
     special = np.array([0, 1, -0.0, np.inf, -np.inf, np.nan, 3.5e38, -7, 2 ** 25 + 1]) if dtype is np.float32 else \
         np.array([0, 1, 5, 2 ** 25 + 1 if dtype in (np.int64, np.int32) else 1])
@@ -1298,6 +1302,35 @@ def test_the_mask_fill_kernel_makes_the_mask_and_its_layout_as_the_ops_do(chain,
         want = PreparedMask(source.copy(), make)
         np.testing.assert_array_equal(prepared.mask.view(np.int32), want.mask.view(np.int32))
         np.testing.assert_array_equal(layout.view(np.int32), want.kernel_layout(want.mask, 11).view(np.int32))
+
+
+@pytest.mark.parametrize("chain", ["sdpa", "select"])
+def test_an_expanded_mask_is_a_view_its_layout_and_fill_by_key(chain):
+    """A mask the graph Expands to [batch, 1, queries, keys] (SDPA's exports): a broadcast
+    view of the values made unexpanded; the attention reads it by key (attention.by_key),
+    its layout filled by the kernel, bit for bit the expanded mask's first query row; and
+    the attention's output is the reference's on the expanded mask."""
+    from sparsejit.kernels.attention import by_key
+
+    steps = MASK_CHAINS[chain]
+    rng = np.random.default_rng(5)
+    b, q, k = 2, 6, 9
+    source = (rng.random((b, 1, 1, k)) < 0.7).astype(np.bool_ if chain == "select" else np.int64)
+    expand = np.array([b, 1, q, k], np.int64)
+    prepared = PreparedMask(source, mask_steps(steps, 17), float_steps(steps), expand)
+    assert prepared.mask.shape == (b, 1, q, k) and prepared.mask.strides[2] == 0
+    layout = prepared.kernel_layout(by_key(prepared.mask), k)
+    assert layout.shape == (b, 1, k, 1)
+    for _ in range(3):
+        source[...] = rng.random(source.shape) < 0.7
+        prepared.refill()
+        assert prepared._filling[1] is not None
+        want = np.broadcast_to(PreparedMask(source.copy(), mask_steps(steps, 17)).mask, (b, 1, q, k))
+        np.testing.assert_array_equal(prepared.mask, want)
+        np.testing.assert_array_equal(layout[:, :, :, 0], want[:, :, 0, :])
+    qs, kt, v = (rng.standard_normal(sh).astype(np.float32) for sh in ((b, 3, q, 8), (b, 3, 8, k), (b, 3, k, 8)))
+    np.testing.assert_allclose(fused_attention(qs, kt, v, prepared), reference_attention(qs, kt, v, np.array(want)),
+                               **TOL)
 
 
 def test_a_mask_the_fill_kernel_does_not_make_is_refilled_by_the_ops():

@@ -334,6 +334,61 @@ def test_a_mask_made_by_cast_sub_and_mul_is_made_by_its_prepare_step(tmp_path):
             assert_parity(got, ort_run(path, f), model.output_names)
 
 
+def test_sdpa_masks_expanded_and_filled_are_made_by_their_prepare_step(tmp_path):
+    """transformers' SDPA masks, as its exports make them: the [batch, seq] mask unsqueezed,
+    Expanded to [batch, 1, seq, seq] (the shape from Shape ops), Cast to float, 1 - x, then
+    Where(Cast(Cast(x, bool), bool), lowest float32, x). All of it goes into the PrepareMask
+    step (the Expand as a broadcast view, which the kernel reads by key), its refill one
+    kernel call on a taped run: within ONNX Runtime's tolerance on padded inputs, each taped
+    run as the untaped one."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx")  # (eager: one mask, many readers)
+    old = next(i for n in m.graph.node if n.op_type == "Where" for i in n.output if any(
+        i in u.input for u in m.graph.node if u.op_type == "Add"))
+    for n in m.graph.node:
+        n.input[:] = ["sdpa_mask" if i == old else i for i in n.input]
+    m.graph.initializer.extend([numpy_helper.from_array(np.array([1, 2], np.int64), "sdpa_axes"),
+                                numpy_helper.from_array(np.array([0], np.int64), "sdpa_0"),
+                                numpy_helper.from_array(np.array([1], np.int64), "sdpa_1"),
+                                numpy_helper.from_array(np.array(1.0, np.float32), "sdpa_one"),
+                                numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "sdpa_min")])
+    chain = [helper.make_node("Unsqueeze", ["attention_mask", "sdpa_axes"], ["sdpa_u"]),
+             helper.make_node("Shape", ["attention_mask"], ["sdpa_shape"]),
+             helper.make_node("Gather", ["sdpa_shape", "sdpa_0"], ["sdpa_b"], axis=0),
+             helper.make_node("Gather", ["sdpa_shape", "sdpa_1"], ["sdpa_s"], axis=0),
+             helper.make_node("Concat", ["sdpa_b", "sdpa_1", "sdpa_s", "sdpa_s"], ["sdpa_to"], axis=0),
+             helper.make_node("Expand", ["sdpa_u", "sdpa_to"], ["sdpa_e"]),
+             helper.make_node("Cast", ["sdpa_e"], ["sdpa_f"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("Sub", ["sdpa_one", "sdpa_f"], ["sdpa_inv"]),
+             helper.make_node("Cast", ["sdpa_inv"], ["sdpa_b1"], to=onnx.TensorProto.BOOL),
+             helper.make_node("Cast", ["sdpa_b1"], ["sdpa_b2"], to=onnx.TensorProto.BOOL),
+             helper.make_node("Where", ["sdpa_b2", "sdpa_min", "sdpa_inv"], ["sdpa_mask"])]
+    for k, n in enumerate(chain):  # (first: the graph stays in order)
+        m.graph.node.insert(k, n)
+    path = tmp_path / "sdpa_mask.onnx"
+    onnx.save(m, path)
+    model = sparsejit.load(path)
+    (prepare,) = [n for n in model.graph.nodes if n.op_type == "PrepareMask"]
+    assert [s[0] for s in prepare.attrs["steps"]] == ["Cast", "Sub", "MaskedFill"] and len(prepare.inputs) == 2
+    assert not {"Expand", "Cast", "Sub", "Where"} & {n.op_type for n in model.graph.nodes
+                                                     if any(o.startswith("sdpa_") for o in n.outputs)}
+    for shape in [(1, 7), (3, 20)]:
+        inputs = [varied(model.input_names, seed, *shape) for seed in range(4)]
+        warm(model, inputs)
+        t = tape_of(model, inputs[0])
+        assert t is not None and "mask" in t.kinds and "host" not in t.kinds, t.kinds
+        (prepared,) = [p for seg in t._segments if seg[0] == "mask" for p in seg[2]]
+        assert prepared._filling[1] is not None and prepared.mask.strides[2] == 0  # (the kernel; a view)
+        taped = [model.run(f) for f in inputs]
+        assert t.replays == len(inputs)
+        untaped(model, inputs[0])
+        for f, got in zip(inputs, taped):
+            assert_same(got, model.run(f))
+            assert_parity(got, ort_run(path, f), model.output_names)
+
+
 @pytest.mark.parametrize("scales", ["constant", "from the shapes"])
 def test_sdpa_exports_scaling_q_and_k_run_them_in_the_attention_kernel(tmp_path, scales):
     """SDPA's exports scale q and kᵀ each by √scale (Mul) before their product, the scale a
@@ -371,6 +426,8 @@ def test_sdpa_exports_scaling_q_and_k_run_them_in_the_attention_kernel(tmp_path,
     cores = [n for n in model.graph.nodes if n.op_type == "AttentionCore"]
     assert len(cores) == 2 and all(len(n.inputs) == 7 and n.inputs[5] and n.inputs[6] for n in cores)
     assert not [n for n in model.graph.nodes if n.op_type == "Mul" and "attention/self/Mul" in n.name]
+    (prepare,) = [n for n in model.graph.nodes if n.op_type == "PrepareMask"]  # (its layers' Wheres merged)
+    assert [s[0] for s in prepare.attrs["steps"]] == ["Select"] and len(prepare.inputs) == 2  # (and the Expand)
     fixed = model.graph.constants if scales == "constant" else model._executor.shape_only
     assert all(n.inputs[5] in fixed and n.inputs[6] in fixed for n in cores)
     for shape in [(1, 7), (3, 20)]:
