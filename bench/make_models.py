@@ -74,6 +74,18 @@ def main() -> None:
     if not out.exists():
         prune_model(minilm, out, 0.9)
         print("wrote", out)
+    # The same weights exported with transformers' default SDPA attention (q and k scaled
+    # apart, a mask made per layer and expanded): it should run as fast as the eager export.
+    sdpa = MODELS / "minilm_sdpa_dense.onnx"
+    if not sdpa.exists():
+        sys.path.insert(0, str(HERE.parent / "scripts"))
+        from export_test_models import export_minilm
+
+        export_minilm(sdpa, None, attn="sdpa")
+    out = MODELS / "minilm_sdpa_p90.onnx"
+    if not out.exists():
+        prune_model(sdpa, out, 0.9)
+        print("wrote", out)
     # INT8 (issue 15): 80% in 4-blocks, then dynamic quantization with symmetric per-channel
     # weights (`sparsejit quantize`), and the FP32 file it came from: the same weights on
     # both kernels.

