@@ -290,6 +290,51 @@ def test_a_gather_of_a_constant_index_is_a_view_and_of_an_input_index_is_not(tmp
         np.testing.assert_allclose(model.run(f)[0], (f["x"] @ w1)[:, int(f["idx"])] @ w2, rtol=1e-5, atol=1e-5)
 
 
+def _with_mask_chain(tmp_path, name: str, constants: dict, chain: list):
+    """The eager export (one mask, many readers) with its additive mask made by `chain`
+    (ONNX nodes, the last one's output `name`) from attention_mask instead, `constants` beside
+    them; saved under tmp_path, its path."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx")
+    old = next(i for n in m.graph.node if n.op_type == "Where" for i in n.output if any(
+        i in u.input for u in m.graph.node if u.op_type == "Add"))
+    for n in m.graph.node:
+        n.input[:] = [name if i == old else i for i in n.input]
+    m.graph.initializer.extend([numpy_helper.from_array(v, k) for k, v in constants.items()])
+    for k, n in enumerate(chain):  # (first: the graph stays in order)
+        m.graph.node.insert(k, n)
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(m, path)
+    return path
+
+
+def assert_taped_as_untaped_and_ort(model, path, check=lambda t: None) -> None:
+    """At two shapes, padded inputs: the model tapes them (`check(tape)` after), every
+    taped run gives what the untaped run gives, and both are within ONNX Runtime's
+    tolerance of its outputs on the same file."""
+    for shape in [(1, 7), (3, 20)]:
+        inputs = [varied(model.input_names, seed, *shape) for seed in range(4)]
+        warm(model, inputs)
+        t = tape_of(model, inputs[0])
+        assert t is not None, shape
+        check(t)
+        taped = [model.run(f) for f in inputs]
+        assert t.replays == len(inputs)
+        untaped(model, inputs[0])
+        for f, got in zip(inputs, taped):
+            assert_same(got, model.run(f))
+            assert_parity(got, ort_run(path, f), model.output_names)
+
+
+def _filled(t) -> tape.PreparedMask:
+    """The tape's one prepared mask, refilled by the fill kernel (PreparedMask.refill)."""
+    (prepared,) = [p for seg in t._segments if seg[0] == "mask" for p in seg[2]]
+    assert prepared._filling[1] is not None
+    return prepared
+
+
 def test_a_mask_made_by_cast_sub_and_mul_is_made_by_its_prepare_step(tmp_path):
     """An export whose additive mask is (1 - float(attention_mask)) · -10000 (the form older
     exports have): the Cast, Sub and Mul go into the PrepareMask step (lower.prepare_masks),
@@ -297,41 +342,19 @@ def test_a_mask_made_by_cast_sub_and_mul_is_made_by_its_prepare_step(tmp_path):
     refill by one kernel call): within ONNX Runtime's tolerance on padded inputs, and each
     taped run as the untaped one."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
-    m = onnx.load(MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx")  # (eager: one mask, many readers)
-    old = next(i for n in m.graph.node if n.op_type == "Where" for i in n.output if any(
-        i in u.input for u in m.graph.node if u.op_type == "Add"))
-    for n in m.graph.node:
-        n.input[:] = ["chain_mask" if i == old else i for i in n.input]
-    m.graph.initializer.extend([numpy_helper.from_array(np.array([1, 2], np.int64), "chain_axes"),
-                                numpy_helper.from_array(np.array(1.0, np.float32), "chain_one"),
-                                numpy_helper.from_array(np.array(-10000.0, np.float32), "chain_big")])
     chain = [helper.make_node("Unsqueeze", ["attention_mask", "chain_axes"], ["chain_u"]),
              helper.make_node("Cast", ["chain_u"], ["chain_f"], to=onnx.TensorProto.FLOAT),
              helper.make_node("Sub", ["chain_one", "chain_f"], ["chain_s"]),
              helper.make_node("Mul", ["chain_s", "chain_big"], ["chain_mask"])]
-    for k, n in enumerate(chain):  # (first: the graph stays in order)
-        m.graph.node.insert(k, n)
-    path = tmp_path / "cast_sub_mul_mask.onnx"
-    onnx.save(m, path)
+    path = _with_mask_chain(tmp_path, "chain_mask", {"chain_axes": np.array([1, 2], np.int64), "chain_one": np.array(
+        1.0, np.float32), "chain_big": np.array(-10000.0, np.float32)}, chain)
     model = sparsejit.load(path)
     (prepare,) = [n for n in model.graph.nodes if n.op_type == "PrepareMask"]
     assert [s[0] for s in prepare.attrs["steps"]] == ["Cast", "Sub", "Mul"]
     assert not {"Cast", "Sub", "Mul"} & {n.op_type for n in model.graph.nodes if "chain" in "".join(n.outputs)}
-    for shape in [(1, 7), (3, 20)]:
-        inputs = [varied(model.input_names, seed, *shape) for seed in range(4)]
-        warm(model, inputs)
-        t = tape_of(model, inputs[0])
-        assert t is not None and "mask" in t.kinds
-        taped = [model.run(f) for f in inputs]
-        assert t.replays == len(inputs)
-        (prepared,) = [p for seg in t._segments if seg[0] == "mask" for p in seg[2]]
-        assert prepared._filling[1] is not None  # (refilled by the fill kernel: PreparedMask.refill)
-        untaped(model, inputs[0])
-        for f, got in zip(inputs, taped):
-            assert_same(got, model.run(f))
-            assert_parity(got, ort_run(path, f), model.output_names)
+    assert_taped_as_untaped_and_ort(model, path, lambda t: _filled(t))
 
 
 def test_sdpa_masks_expanded_and_filled_are_made_by_their_prepare_step(tmp_path):
@@ -342,18 +365,11 @@ def test_sdpa_masks_expanded_and_filled_are_made_by_their_prepare_step(tmp_path)
     kernel call on a taped run: within ONNX Runtime's tolerance on padded inputs, each taped
     run as the untaped one."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
-    m = onnx.load(MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx")  # (eager: one mask, many readers)
-    old = next(i for n in m.graph.node if n.op_type == "Where" for i in n.output if any(
-        i in u.input for u in m.graph.node if u.op_type == "Add"))
-    for n in m.graph.node:
-        n.input[:] = ["sdpa_mask" if i == old else i for i in n.input]
-    m.graph.initializer.extend([numpy_helper.from_array(np.array([1, 2], np.int64), "sdpa_axes"),
-                                numpy_helper.from_array(np.array([0], np.int64), "sdpa_0"),
-                                numpy_helper.from_array(np.array([1], np.int64), "sdpa_1"),
-                                numpy_helper.from_array(np.array(1.0, np.float32), "sdpa_one"),
-                                numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "sdpa_min")])
+    constants = {"sdpa_axes": np.array([1, 2], np.int64), "sdpa_0": np.array([0], np.int64),
+                 "sdpa_1": np.array([1], np.int64), "sdpa_one": np.array(1.0, np.float32),
+                 "sdpa_min": np.array(np.finfo(np.float32).min, np.float32)}
     chain = [helper.make_node("Unsqueeze", ["attention_mask", "sdpa_axes"], ["sdpa_u"]),
              helper.make_node("Shape", ["attention_mask"], ["sdpa_shape"]),
              helper.make_node("Gather", ["sdpa_shape", "sdpa_0"], ["sdpa_b"], axis=0),
@@ -365,28 +381,17 @@ def test_sdpa_masks_expanded_and_filled_are_made_by_their_prepare_step(tmp_path)
              helper.make_node("Cast", ["sdpa_inv"], ["sdpa_b1"], to=onnx.TensorProto.BOOL),
              helper.make_node("Cast", ["sdpa_b1"], ["sdpa_b2"], to=onnx.TensorProto.BOOL),
              helper.make_node("Where", ["sdpa_b2", "sdpa_min", "sdpa_inv"], ["sdpa_mask"])]
-    for k, n in enumerate(chain):  # (first: the graph stays in order)
-        m.graph.node.insert(k, n)
-    path = tmp_path / "sdpa_mask.onnx"
-    onnx.save(m, path)
+    path = _with_mask_chain(tmp_path, "sdpa_mask", constants, chain)
     model = sparsejit.load(path)
     (prepare,) = [n for n in model.graph.nodes if n.op_type == "PrepareMask"]
     assert [s[0] for s in prepare.attrs["steps"]] == ["Cast", "Sub", "MaskedFill"] and len(prepare.inputs) == 2
     assert not {"Expand", "Cast", "Sub", "Where"} & {n.op_type for n in model.graph.nodes
                                                      if any(o.startswith("sdpa_") for o in n.outputs)}
-    for shape in [(1, 7), (3, 20)]:
-        inputs = [varied(model.input_names, seed, *shape) for seed in range(4)]
-        warm(model, inputs)
-        t = tape_of(model, inputs[0])
-        assert t is not None and "mask" in t.kinds and "host" not in t.kinds, t.kinds
-        (prepared,) = [p for seg in t._segments if seg[0] == "mask" for p in seg[2]]
-        assert prepared._filling[1] is not None and prepared.mask.strides[2] == 0  # (the kernel; a view)
-        taped = [model.run(f) for f in inputs]
-        assert t.replays == len(inputs)
-        untaped(model, inputs[0])
-        for f, got in zip(inputs, taped):
-            assert_same(got, model.run(f))
-            assert_parity(got, ort_run(path, f), model.output_names)
+
+    def check(t):
+        assert "mask" in t.kinds and "host" not in t.kinds, t.kinds
+        assert _filled(t).mask.strides[2] == 0  # (a view)
+    assert_taped_as_untaped_and_ort(model, path, check)
 
 
 @pytest.mark.parametrize("scales", ["constant", "from the shapes"])
@@ -430,17 +435,10 @@ def test_sdpa_exports_scaling_q_and_k_run_them_in_the_attention_kernel(tmp_path,
     assert [s[0] for s in prepare.attrs["steps"]] == ["Select"] and len(prepare.inputs) == 2  # (and the Expand)
     fixed = model.graph.constants if scales == "constant" else model._executor.shape_only
     assert all(n.inputs[5] in fixed and n.inputs[6] in fixed for n in cores)
-    for shape in [(1, 7), (3, 20)]:
-        inputs = [varied(model.input_names, seed, *shape) for seed in range(4)]
-        warm(model, inputs)
-        t = tape_of(model, inputs[0])
-        assert t is not None and "host" not in t.kinds[t.kinds.index("mask"):], t.kinds
-        taped = [model.run(f) for f in inputs]
-        assert t.replays == len(inputs)
-        untaped(model, inputs[0])
-        for f, got in zip(inputs, taped):
-            assert_same(got, model.run(f))
-            assert_parity(got, ort_run(path, f), model.output_names)
+
+    def check(t):
+        assert "host" not in t.kinds[t.kinds.index("mask"):], t.kinds
+    assert_taped_as_untaped_and_ort(model, path, check)
 
 
 def test_a_step_writing_outside_its_kernels_gets_no_tape():
