@@ -234,7 +234,9 @@ class Chooser:
             fns["dense"] = lambda: dense(x, r)
         ms = race(fns, rounds=9)
         dense_ms = ms.pop("dense", None)
-        best = {kind: pick_chunk({c: v for (k, c), v in ms.items() if k == kind}) for kind in kinds}
+        few = self._few_tokens(kinds, residual)
+        best = {kind: pick_chunk({c: v for (k, c), v in ms.items() if k == kind},
+                                 {c: v for (k, c), v in few.items() if k == kind}) for kind in kinds}
         kernel = min(kinds, key=lambda kind: ms[kind, best[kind]])
         t = {"kernel": kernel, "chunks": {c: v for (k, c), v in ms.items() if k == kernel},
              "labels": {"kernel": label(kinds[kernel]), "dense": label(dense), "own": label(sparse)},
@@ -245,6 +247,14 @@ class Chooser:
         if dense is not None:
             t["dense"] = dense_ms
         return t
+
+    def _few_tokens(self, kinds: dict, residual: bool) -> dict:
+        """{(kind, chunk): ms} of each sparse kernel at each K-chunk over FEW_TOKENS tokens."""
+        layer = next(iter(kinds.values()))
+        x = self._probe(layer.in_features, FEW_TOKENS)
+        r = self._probe(layer.out_features, FEW_TOKENS) if residual else None
+        return race({(kind, variant.k_chunk): (lambda v=variant: v(x, r)) for kind, layer in kinds.items()
+                     for variant in (layer.with_chunk(c) for c in chunk_candidates(layer))}, rounds=9)
 
     def race_layers(self, kind: tuple, layers: dict[str, Callable[[], object]], in_features: int, out_features: int,
                     residual: bool, tokens: int = PROBE_TOKENS) -> tuple[str, dict, bool]:
@@ -277,14 +287,19 @@ def label(layer) -> str:
 # percent, less than the timing's noise, and a plan should not follow the noise.
 DEFAULT_CHUNK = 128
 CLEARLY_FASTER = 0.95
+# ... and is no slower than it over this many tokens (a short text), where each row's pass
+# over a chunk costs more beside its few products (bench/README.md, thirtieth session).
+FEW_TOKENS = 16
 
 
-def pick_chunk(times: dict[int, float]) -> int:
-    """The K-chunk to use from {chunk: ms}: the fastest, or the default (128 inputs, or all
-    of them when fewer) unless the fastest beats it by more than 5%."""
+def pick_chunk(times: dict[int, float], few: dict[int, float] | None = None) -> int:
+    """The K-chunk to use from {chunk: ms} over PROBE_TOKENS tokens: the fastest, or the
+    default (128 inputs, or all of them when fewer) unless the fastest beats it by more
+    than 5% and, with `few` ({chunk: ms} over FEW_TOKENS), is not over 5% slower there."""
     best = min(times, key=times.get)
     default = min(times, key=lambda c: abs(c - DEFAULT_CHUNK))
-    return best if times[best] < CLEARLY_FASTER * times[default] else default
+    faster = times[best] < CLEARLY_FASTER * times[default]
+    return best if faster and (few is None or CLEARLY_FASTER * few[best] <= few[default]) else default
 
 
 def chunk_candidates(sparse: SparseLinear) -> list[int]:

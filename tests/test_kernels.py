@@ -661,6 +661,9 @@ def test_the_k_chunk_follows_clear_differences_only():
     assert pick_chunk({768: 1.0, 64: 0.99, 128: 1.0, 256: 0.985}) == 128  # within 5%: the default
     assert pick_chunk({768: 1.0, 64: 0.80, 128: 1.0, 256: 0.99}) == 64    # clearly faster
     assert pick_chunk({96: 1.0, 64: 0.99}) == 96                          # no 128: the nearest
+    # clearly faster over 128 tokens, but slower over 16: the default
+    assert pick_chunk({768: 1.0, 64: 0.80, 128: 1.0}, {768: 1.5, 64: 1.2, 128: 1.0}) == 128
+    assert pick_chunk({768: 1.0, 64: 0.80, 128: 1.0}, {768: 1.5, 64: 1.04, 128: 1.0}) == 64
 
 
 @pytest.mark.parametrize("nan_guard", [False, True])
