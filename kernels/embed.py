@@ -24,12 +24,15 @@ from .layout import feature_major_empty, parts_for
 
 
 @op("EmbedLayerNorm", fused=True)
-def reference_embed_layernorm(*ids_scale_bias, tables, gathers, epsilon, quantize=None):
+def reference_embed_layernorm(*ids_scale_bias, tables, gathers, epsilon, quantize=None, wrap=()):
     """The fused node (fuse.fuse_embeddings): LayerNorm(Σ_i tables[i][ids_i]), the ids
     broadcast against each other, then scale and bias. `gathers` names the Gather nodes
     it replaces, for errors. With `quantize` (a scale and 8-bit zero point,
-    lower.quantize_layernorms), rounded to that grid as the FakeQuantize it absorbed."""
+    lower.quantize_layernorms), rounded to that grid as the FakeQuantize it absorbed.
+    `wrap`: per table, whether its ids are int64 that the graph Cast to int32 first
+    (lower.fold_id_casts), which this Cast does again."""
     *ids, scale, bias = ids_scale_bias
+    ids = [i.astype(np.int32) if w else i for i, w in zip(ids, list(wrap) + [False] * len(ids))]
     x = gather(tables[0], ids[0])
     for table, i in zip(tables[1:], ids[1:]):
         x = x + gather(table, i)
@@ -65,10 +68,12 @@ def transpose(e: Builder, vectors: list[str]) -> list[str]:
     return v
 
 
-def _rows(e: Builder, tables: int, tok: str, inside: str, sizes: list, offsets: list, worst: str) -> tuple:
+def _rows(e: Builder, tables: int, tok: str, inside: str, sizes: list, offsets: list, worst: str,
+          wrap: tuple = ()) -> tuple:
     """Token `tok`'s row of the concatenated table for each table (0 past t1, or where its
     id is out of range), and `worst` lowered to the lowest table whose id is (a negative
-    id counts from its table's end, as Gather's)."""
+    id counts from its table's end, as Gather's). A table in `wrap` takes its int64 id as
+    a Cast to int32 makes it (its low 32 bits, signed)."""
     b = e(f"udiv i64 {tok}, %seq")
     s_ = e(f"sub i64 {tok}, {e(f'mul i64 {b}, %seq')}")
     rows = []
@@ -76,6 +81,8 @@ def _rows(e: Builder, tables: int, tok: str, inside: str, sizes: list, offsets: 
         at = e.gep(f"%ids{i}", e(f"select i1 {inside}, i64 {e.offset(b, f'%sb{i}', e(f'mul i64 {s_}, %ss{i}'))}, "
                                  "i64 0"), "i64")
         id_ = e(f"load i64, ptr {at}, align 8")
+        if i < len(wrap) and wrap[i]:
+            id_ = e(f"sext i32 {e(f'trunc i64 {id_} to i32')} to i64")
         wrapped = e(f"select i1 {e(f'icmp slt i64 {id_}, 0')}, i64 {e(f'add i64 {id_}, {sizes[i]}')}, i64 {id_}")
         out = e(f"or i1 {e(f'icmp slt i64 {wrapped}, 0')}, {e(f'icmp sge i64 {wrapped}, {sizes[i]}')}")
         bad = e(f"and i1 {inside}, {out}")
@@ -85,7 +92,7 @@ def _rows(e: Builder, tables: int, tok: str, inside: str, sizes: list, offsets: 
     return rows, worst
 
 
-def _embed_sum(e: Builder, tables: int) -> None:
+def _embed_sum(e: Builder, tables: int, wrap: tuple = ()) -> None:
     """yt[f, t] = Σ_i table[row_i(t), f] for tokens [t0, t1), a block of L tokens × L
     features at a time: each token's rows read as vectors (contiguous), summed, and the
     block transposed in registers into feature rows. row_i(t) is table i's id for token t
@@ -103,7 +110,7 @@ def _embed_sum(e: Builder, tables: int) -> None:
         rows, worst = [], str(tables)  # rows[u][i]: token t + u's row of table i
         for u in range(L):
             tok = e(f"add i64 {t}, {u}") if u else t
-            found, worst = _rows(e, tables, tok, e(f"icmp slt i64 {tok}, %t1"), sizes, offsets, worst)
+            found, worst = _rows(e, tables, tok, e(f"icmp slt i64 {tok}, %t1"), sizes, offsets, worst, wrap)
             rows += [e.gep("%table", e(f"mul i64 {row}, %h")) for row in found]
         seen = e("load i64, ptr %bad, align 8")
         e.raw(f"  store i64 {e(f'call i64 @llvm.smin.i64(i64 {seen}, i64 {worst})')}, ptr %bad, align 8")
@@ -131,11 +138,13 @@ def _embed_sum(e: Builder, tables: int) -> None:
     e.tiles("%t0", "%t1", L, tile)
 
 
-def embed_ir(lanes: int, tables: int) -> str:
+def embed_ir(lanes: int, tables: int, wrap: tuple = ()) -> str:
     e = Builder(lanes)
-    e.function(SIGNATURE, lambda: _embed_sum(e, tables))
+    e.function(SIGNATURE, lambda: _embed_sum(e, tables, wrap))
+    cast = f", ids of tables {[i for i, w in enumerate(wrap) if w]} Cast to int32 first" if any(wrap) else ""
     return e.module(f"; sparsejit generated kernel: embedding rows of {tables} tables gathered and summed, "
-                    f"feature-major, lanes={lanes}\n; yt[f, t] = sum_i table[ids_i[t / seq, t % seq] + offsets[i], f]"
+                    f"feature-major, lanes={lanes}{cast}\n"
+                    "; yt[f, t] = sum_i table[ids_i[t / seq, t % seq] + offsets[i], f]"
                     "; bad = the first table with an id out of range")
 
 
@@ -190,7 +199,9 @@ class EmbedLayerNorm:
     """The kernel for one EmbedLayerNorm node: its tables concatenated into one private
     array at load (row offsets per table), the ids checked and offset per call."""
 
-    def __init__(self, tables: list[np.ndarray], gathers: list[str], epsilon: float, quantize: tuple | None = None):
+    def __init__(self, tables: list[np.ndarray], gathers: list[str], epsilon: float, quantize: tuple | None = None,
+                 wrap: tuple = ()):
+        self.wrap = tuple(bool(w) for w in wrap)
         self.sizes = np.array([t.shape[0] for t in tables], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
         self.table = np.ascontiguousarray(np.concatenate(tables).astype(np.float32, copy=False))
@@ -203,7 +214,7 @@ class EmbedLayerNorm:
     def _fn(self) -> int:
         # (compiled at the first call, not at load: on an empty cache the load's helper,
         # kernels/prebuild.py, builds it meanwhile)
-        return compile_ir(embed_ir(vector_lanes(), len(self.sizes)), SIGNATURE.name)
+        return compile_ir(embed_ir(vector_lanes(), len(self.sizes), self.wrap), SIGNATURE.name)
 
     def dense_tables(self) -> list[np.ndarray]:
         return [self.table[o:o + r] for o, r in zip(self.offsets, self.sizes)]
@@ -215,7 +226,8 @@ class EmbedLayerNorm:
         if len(shape) != 2 or len(ids) > TABLES or scale.shape != (h,) or (bias is not None and bias.shape != (h,)) or \
                 (self.grid is not None and self.grid.floats is None):
             return reference_embed_layernorm(*ids, scale, bias, tables=self.dense_tables(), gathers=self.gathers,
-                                             epsilon=float(self.epsilon), quantize=self.grid and self.grid.quantize)
+                                             epsilon=float(self.epsilon), quantize=self.grid and self.grid.quantize,
+                                             wrap=self.wrap)
         # (few tokens on the calling thread: a run's first step, whose parallel region would
         # wake the threads the run's last region left)
         parts = parts_for(shape[0] * shape[1] * h)

@@ -144,6 +144,47 @@ def _mask_steps(graph: Graph, mask: str, users: Counter, made: dict[str, Node]) 
     return name, tuple(reversed(steps)), chain, expand
 
 
+INT32 = 6  # ONNX's TensorProto.INT32, a Cast's `to`
+
+
+def fold_id_casts(graph: Graph) -> Graph:
+    """An EmbedLayerNorm whose ids are an int64 graph input Cast to int32, which only it
+    reads (ONNX Runtime's optimizer leaves the int32 its EmbedLayerNormalization takes):
+    the node reads the input itself, and its kernel makes the Cast (the `wrap` of each such
+    table), where the Cast had run in Python before every run and its int32 ids were not
+    the kernel's int64 (a copy of them on each call, which kept a taped run from launching
+    the embeddings)."""
+    made = {o: n for n in graph.nodes for o in n.outputs}
+    readers: dict[str, list[Node]] = {}
+    for n in graph.nodes:
+        for i in set(n.inputs):
+            readers.setdefault(i, []).append(n)
+    int64_inputs = {s.name for s in graph.inputs if np.dtype(s.dtype) == np.int64}
+    gone, renamed = set(), {}  # (the Casts folded; the value each Shape of one reads instead)
+    for n in graph.nodes:
+        if n.op_type != "EmbedLayerNorm":
+            continue
+        for name in n.inputs[:-2]:
+            c = made.get(name)
+            others = [r for r in readers.get(name, []) if r is not n]
+            if c is not None and c.op_type == "Cast" and c.attrs.get("to") == INT32 and c.inputs[0] in int64_inputs \
+                    and name not in graph.outputs and all(r.op_type == "Shape" for r in others):
+                gone.add(id(c))
+                renamed[name] = c.inputs[0]  # (a Shape of it is the Shape of its input)
+    nodes = []
+    for n in graph.nodes:
+        if id(n) in gone:
+            continue
+        if n.op_type == "EmbedLayerNorm" and any(i in renamed for i in n.inputs[:-2]):
+            wrap = tuple(i in renamed for i in n.inputs[:-2])
+            n = Node(n.op_type, n.name, [renamed.get(i, i) for i in n.inputs[:-2]] + n.inputs[-2:], list(n.outputs),
+                     {**n.attrs, "wrap": wrap})
+        elif n.op_type == "Shape" and n.inputs[0] in renamed:
+            n = Node(n.op_type, n.name, [renamed[n.inputs[0]]] + n.inputs[1:], list(n.outputs), n.attrs)
+        nodes.append(n)
+    return _with_nodes(graph, nodes)
+
+
 def prepare_masks(graph: Graph) -> Graph:
     readers = Counter(n.inputs[3] for n in graph.nodes if n.op_type == "AttentionCore" and len(n.inputs) > 3)
     shared = {name for name, count in readers.items() if name and count > 1}
@@ -355,7 +396,8 @@ def fuse_rows(graph: Graph) -> Graph:
     return _with_nodes(graph, _ordered([n for _, n in nodes]))
 
 
-LOWERING = (merge_duplicates, group_linears, prepare_masks, mark_layouts, quantize_layernorms, fuse_rows)
+LOWERING = (merge_duplicates, fold_id_casts, group_linears, prepare_masks, mark_layouts, quantize_layernorms,
+            fuse_rows)
 
 
 def lower(graph: Graph) -> Graph:

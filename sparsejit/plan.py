@@ -571,7 +571,8 @@ def prepare_mask_step(node: Node, p: Planning) -> Step:
 
 
 def embed_step(node: Node, p: Planning) -> Step:
-    kernel = EmbedLayerNorm(node.attrs["tables"], node.attrs["gathers"], node.attrs["epsilon"], node.attrs.get("quantize"))
+    kernel = EmbedLayerNorm(node.attrs["tables"], node.attrs["gathers"], node.attrs["epsilon"], node.attrs.get("quantize"),
+                            node.attrs.get("wrap", ()))
     for table in node.attrs["tables"]:
         p.done_with(table)
     attrs = {k: v for k, v in node.attrs.items() if k != "tables"}  # the kernel holds them, in one array

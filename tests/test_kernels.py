@@ -597,6 +597,33 @@ def test_a_thread_given_no_rows_writes_nothing():
     assert (yt[1] == 7.0).all()
 
 
+def test_embeddings_kernel_casts_int64_ids_to_int32_where_the_graph_did():
+    """`wrap` (lower.fold_id_casts): a table's int64 ids taken as the graph's Cast to int32
+    makes them, low 32 bits signed, then gathered: 2³² + 3 is 3, 2³² - 1 is -1 (the last
+    row), 2³¹ is -2³¹ (out of range, named). The other tables' ids as they are."""
+    from sparsejit.kernels.embed import EmbedLayerNorm
+
+    from sparsejit.ops import OPS
+
+    rng = np.random.default_rng(17)
+    tables = [rng.standard_normal((50, 24)).astype(np.float32), rng.standard_normal((64, 24)).astype(np.float32)]
+    names = ["word", "position"]
+    kernel = EmbedLayerNorm(tables, names, 1e-12, wrap=(True, False))
+    scale, bias = rng.standard_normal(24).astype(np.float32), rng.standard_normal(24).astype(np.float32)
+    ids = [rng.integers(0, 50, (2, 21)) + rng.integers(0, 3, (2, 21)) * 2 ** 32, np.arange(21)[None, :]]
+    ids[0][1, 4] = 2 ** 32 - 1
+    want = OPS["EmbedLayerNorm"](*ids, scale, bias, tables=tables, gathers=names, epsilon=1e-12, wrap=(True, False))
+    plain = OPS["EmbedLayerNorm"](ids[0].astype(np.int32), ids[1], scale, bias, tables=tables, gathers=names,
+                                  epsilon=1e-12)
+    np.testing.assert_array_equal(want, plain)  # (the reference: the Cast, then the gather)
+    np.testing.assert_allclose(kernel(*ids, scale, bias), want, **TOL)
+    np.testing.assert_allclose(kernel(*ids, scale, bias)[1, 4], want[1, 4], **TOL)
+    with pytest.raises(IndexError, match="'word': Gather index out of range"):
+        kernel(np.array([[2 ** 31]]), np.array([[0]]), scale, bias)
+    with pytest.raises(IndexError, match="'position': Gather index out of range"):
+        kernel(np.array([[0]]), np.array([[2 ** 32 + 1]]), scale, bias)  # (not wrapped: out of range)
+
+
 @pytest.mark.parametrize("serial_below", [None, 0])
 def test_embeddings_kernel_against_the_registry_reference(serial_below, monkeypatch):
     """The fused EmbedLayerNorm kernel against the registered reference: ids broadcast

@@ -38,6 +38,27 @@ def test_optimized_graph_runs_the_plain_exports_kernels(path, plain):
     assert {lp.node.attrs["activation"] for lp in model.layers} == {"none", gelu, "tanh"}  # (tanh: the pooler's)
 
 
+def test_an_optimized_graphs_embeddings_run_taped_on_its_int64_ids(monkeypatch):
+    """ONNX Runtime's optimizer leaves Casts of the int64 ids to int32 before its
+    EmbedLayerNormalization: folded into the embeddings kernel (its `wrap`), so that a
+    taped run launches the embeddings, where the int32 copy made each call had kept them in
+    Python; every taped run as the untaped one, within ONNX Runtime's tolerance."""
+    from test_tape import assert_taped_as_untaped_and_ort
+
+    from sparsejit import executor
+
+    monkeypatch.setattr(executor, "TAPE_SAVES", 1.0)
+    monkeypatch.setattr(executor, "TAPE_KEEP", float("inf"))
+    path = next(p for p in OPTIMIZED if "level2" in p.stem and "approx" not in p.stem)
+    model = sparsejit.load(path)
+    (embed,) = [n for n in model.graph.nodes if n.op_type == "EmbedLayerNorm"]
+    assert any(embed.attrs["wrap"]) and set(embed.inputs[:-2]) & {"input_ids", "token_type_ids"}
+
+    def check(t):
+        assert "EmbedLayerNorm" not in [g.steps[0].node.op_type for g in t._groups if g.kind == "host"]
+    assert_taped_as_untaped_and_ort(model, path, check)
+
+
 def test_what_a_rewrite_does_not_cover_is_refused_naming_the_node(tmp_path):
     import onnx
 
