@@ -228,13 +228,13 @@ class Chooser:
         x = self._probe(sparse.in_features)
         r = self._probe(sparse.out_features) if residual else None
         kinds = {"sparse": sparse} if fp32 is None else {"sparse": sparse, "sparse-fp32": fp32}
-        fns = {(kind, variant.k_chunk): (lambda v=variant: v(x, r))
-               for kind, layer in kinds.items() for variant in (layer.with_chunk(c) for c in chunk_candidates(layer))}
+        variants = {(kind, c): layer.with_chunk(c) for kind, layer in kinds.items() for c in chunk_candidates(layer)}
+        fns = {key: (lambda v=v: v(x, r)) for key, v in variants.items()}
         if dense is not None:
             fns["dense"] = lambda: dense(x, r)
         ms = race(fns, rounds=9)
         dense_ms = ms.pop("dense", None)
-        few = self._few_tokens(kinds, residual)
+        few = self._few_tokens(variants, sparse.in_features, sparse.out_features, residual)
         best = {kind: pick_chunk({c: v for (k, c), v in ms.items() if k == kind},
                                  {c: v for (k, c), v in few.items() if k == kind}) for kind in kinds}
         kernel = min(kinds, key=lambda kind: ms[kind, best[kind]])
@@ -248,13 +248,11 @@ class Chooser:
             t["dense"] = dense_ms
         return t
 
-    def _few_tokens(self, kinds: dict, residual: bool) -> dict:
-        """{(kind, chunk): ms} of each sparse kernel at each K-chunk over FEW_TOKENS tokens."""
-        layer = next(iter(kinds.values()))
-        x = self._probe(layer.in_features, FEW_TOKENS)
-        r = self._probe(layer.out_features, FEW_TOKENS) if residual else None
-        return race({(kind, variant.k_chunk): (lambda v=variant: v(x, r)) for kind, layer in kinds.items()
-                     for variant in (layer.with_chunk(c) for c in chunk_candidates(layer))}, rounds=9)
+    def _few_tokens(self, variants: dict, in_features: int, out_features: int, residual: bool) -> dict:
+        """{(kind, chunk): ms} of time_kernels' variants over FEW_TOKENS tokens."""
+        x = self._probe(in_features, FEW_TOKENS)
+        r = self._probe(out_features, FEW_TOKENS) if residual else None
+        return race({key: (lambda v=v: v(x, r)) for key, v in variants.items()}, rounds=9)
 
     def race_layers(self, kind: tuple, layers: dict[str, Callable[[], object]], in_features: int, out_features: int,
                     residual: bool, tokens: int = PROBE_TOKENS) -> tuple[str, dict, bool]:
