@@ -265,13 +265,13 @@ class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
             xq = padded
         return xq
 
-    def bytes_on(self, x: np.ndarray | None, grid: np.ndarray, given: np.ndarray | None = None) -> np.ndarray | None:
+    def bytes_on(self, x: np.ndarray | None, grid: np.ndarray, given: np.ndarray | None = None) -> np.ndarray:
         """y for x [..., in] (or for x's bytes `given`, as plan's _int8_run takes them),
         quantized on `grid` ([scale, zero point, lowest, highest], float32: the next static
         int8 layer's, plan._byte_grid) into the bytes that layer reads, as a LayerNorm hands
         them over (layernorm.layernorm_to_bytes): the token-major view [..., ceil(out/4)]
         of 4-block rows. The kernel stores them in its epilogue instead of y (amx_ir's
-        `quant_out`). None where a dynamic x's range is not finite."""
+        `quant_out`)."""
         if self.residual:
             raise ValueError("an int8 layer with a residual gives no bytes")
         lead = (given if x is None else x).shape[:-1]
@@ -285,8 +285,6 @@ class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
             else:
                 xq = x_rows(self.in_features, "int8", n)
                 terms = self._quantize_into(transposed(x.reshape(-1, self.in_features)), xq)
-                if terms is None:
-                    return None
             self._tiles_run(xq, self._terms_on(terms, grid), out.view(np.float32), _NO_RESIDUAL,
                             self._quant_fn(bool(grid[2] == 0)))
         return out.T.reshape(lead + (out.shape[0],))
@@ -309,13 +307,9 @@ class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
             self._bytes_fns[unsigned] = compile_ir(amx_ir(cfg), SIGNATURE.name)
         return self._bytes_fns[unsigned]
 
-    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         xq = x_rows(self.in_features, "int8", xt.shape[1])
-        kbias = self._quantize_into(xt, xq)
-        if kbias is None:
-            return False
-        self._tiles_run(xq, kbias, yt, rt)
-        return True
+        self._tiles_run(xq, self._quantize_into(xt, xq), yt, rt)
 
 
 class BF16AmxLinear(_Amx, TakesOwnX, DenseLinear):

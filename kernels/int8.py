@@ -11,17 +11,19 @@ unstructured pruning stores the zeros that share a block with a nonzero.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
 
 import numpy as np
 
-from ..ops import dynamic_quantize_linear, matmul_integer, op, quantize_linear, range_scale
+from ..ops import dynamic_quantize_linear, matmul_integer, op, quantize_linear
 from .compile import compile_ir, host_cpu, load_source, threads, vector_lanes
 from .compress import analyse, balanced_bounds
 from .dense_ir import SIGNATURE as DENSE_SIGNATURE
 from .dense_ir import DenseConfig, dense_ir
 from .int8_ir import (
+    GRID_SIGNATURE,
     LANES,
     PAIR_LIMIT,
     QUANTIZE_FLOAT_SIGNATURE,
@@ -29,6 +31,7 @@ from .int8_ir import (
     RANGE_SIGNATURE,
     SIGNATURE,
     Int8Config,
+    grid_ir,
     int8_ir,
     quantize_float_ir,
     quantize_ir,
@@ -37,7 +40,7 @@ from .int8_ir import (
 from .ir import with_driver
 from .lanes_ir import GROUP, TOKENS, WINDOW, LanesConfig, lanes_ir
 from .lanes_ir import SIGNATURE as LANES_SIGNATURE
-from .launch import IMPORTS, put_source, run
+from .launch import IMPORTS, checked, put_source, run
 from .layout import aligned_empty, feature_major_empty, transposed
 from .linear import (
     _NO_RESIDUAL,
@@ -101,15 +104,16 @@ DRIVER_SOURCE = """\
 # sparsejit generated kernel: the drivers of the int8 IR kernels (the K-chunked and the
 # on-float ones run on the sparse kernel's driver, linear.SPARSE_DRIVER_SOURCE)
 # run_range: part c finds the range of x's rows [c * k / parts, (c + 1) * k / parts)
+# run_grid: one part makes a dynamic x's grid and the epilogue's terms from the ranges
 # run_quantize: part c quantizes x's 4-blocks of inputs [c * k4 / parts, (c + 1) * k4 / parts)
-# into the 4-block rows of xq (run_quantize_float: x's rows into floats q - zero point)
+# into the 4-block rows of xq on the grid (run_quantize_float: x's rows into floats q - zero point)
 # run_int8: part c computes output rows [bounds[c], bounds[c + 1]) for all tokens
 import numpy as np
 from numba import njit
 
 ANY_LAYOUT = ("calls", "ranges")  # its arrays compiled for any layout only (compile._any_layout)
-""" + IMPORTS + "\n\n" + put_source(RANGE_SIGNATURE) + "\n\n" + put_source(QUANTIZE_SIGNATURE) + "\n\n" + \
-    put_source(QUANTIZE_FLOAT_SIGNATURE) + "\n\n" + put_source(SIGNATURE) + """
+""" + IMPORTS + "\n\n" + put_source(RANGE_SIGNATURE) + "\n\n" + put_source(GRID_SIGNATURE) + "\n\n" + \
+    put_source(QUANTIZE_SIGNATURE) + "\n\n" + put_source(QUANTIZE_FLOAT_SIGNATURE) + "\n\n" + put_source(SIGNATURE) + """
 
 @njit(nogil=True, cache=True)
 def run_range(launch, part, calls, fn, xt, ranges):
@@ -122,7 +126,14 @@ def run_range(launch, part, calls, fn, xt, ranges):
 
 
 @njit(nogil=True, cache=True)
-def run_quantize(launch, part, calls, fn, xt, xq, scale, zero, lo):
+def run_grid(launch, part, calls, fn, ranges, kbias, m, wscale, colsum, corr, terms, grid, bad):
+    put_dynamic_grid(calls, 0, fn, ranges.ctypes.data, ranges.shape[0], kbias.ctypes.data, kbias.shape[0], m,
+                     wscale.ctypes.data, colsum.ctypes.data, corr, terms.ctypes.data, grid.ctypes.data, bad.ctypes.data)
+    launch_calls(launch, part, calls.ctypes.data, 1, calls.shape[1])
+
+
+@njit(nogil=True, cache=True)
+def run_quantize(launch, part, calls, fn, xt, xq, grid):
     k = xt.shape[0]
     k4 = (k + 3) // 4
     parts = calls.shape[0]
@@ -131,17 +142,17 @@ def run_quantize(launch, part, calls, fn, xt, xq, scale, zero, lo):
         b = (c + 1) * k4 // parts
         if a < b:
             put_quantize_rows(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, xq.ctypes.data, xq.strides[0] // 4, k,
-                              scale, zero, lo, lo + 255, a, b, xt.shape[1])
+                              grid.ctypes.data, a, b, xt.shape[1])
     launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 
 
 @njit(nogil=True, cache=True)
-def run_quantize_float(launch, part, calls, fn, xt, xf, scale, zero, lo):
+def run_quantize_float(launch, part, calls, fn, xt, xf, grid):
     k = xt.shape[0]
     parts = calls.shape[0]
     for c in range(parts):
         put_quantize_float_rows(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, xf.ctypes.data, xf.strides[0] // 4,
-                                scale, zero, lo, lo + 255, c * k // parts, (c + 1) * k // parts, xt.shape[1])
+                                grid.ctypes.data, c * k // parts, (c + 1) * k // parts, xt.shape[1])
     launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 
 
@@ -218,6 +229,9 @@ class _Quantized:
         zp = np.asarray(0 if x_zero_point is None else x_zero_point)
         # x's zero point, and the lowest quantized value (int8 or uint8 activations)
         self._zero, self._lo = int(zp), -128 if zp.dtype == np.int8 else 0
+        # the grid the quantizing kernels read x's on, [scale, zero point, lowest, highest]:
+        # the model's (static); a dynamic x's is made per call (_grid_terms)
+        self._xgrid = None if mode == "dynamic" else np.array([*self._x_quantization(), self._lo + 255], np.float32)
 
     def dense_weight(self) -> np.ndarray:
         raise NotImplementedError
@@ -251,12 +265,11 @@ class _Quantized:
         yt = feature_major_empty(m, x2.shape[0])
         if x2.shape[0]:
             rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
-            if not self._run(transposed(x2), yt, rt):
-                raise ValueError("the input holds NaN or infinity, so its dynamic quantization scale is undefined")
+            self._run(transposed(x2), yt, rt)
         return yt.T.reshape(lead + (m,))
 
-    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
-        """The driver's call; False when a dynamic input's range is not finite."""
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        """The driver's call (a dynamic input whose range is not finite raises)."""
         raise NotImplementedError
 
     def reads_bytes(self, grid: np.ndarray) -> bool:
@@ -265,54 +278,51 @@ class _Quantized:
         whose `from_quantized` (Int8Chunked's, Int8Amx's) can then take x's bytes."""
         return self.mode == "static" and (np.float32(self.x_scale), self._zero, self._lo) == tuple(grid[:3])
 
-    def _x_grid(self, xt: np.ndarray, range_fn: int) -> tuple | None:
-        """(scale, zero point, lowest byte) x is quantized with, as float32: the model's
-        (static), or from xᵀ's range found by `range_fn` (dynamic; None when the range is
-        not finite)."""
+    def _grid_terms(self, xt: np.ndarray, kbias: np.ndarray, corr: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(the grid x is quantized on, the epilogue's terms for it): the model's grid and
+        `kbias` (static); for a dynamic x, made by two launches, xᵀ's range and then
+        (int8_ir's `grid_ir`) its grid and a copy of `kbias` with this call's output scale,
+        and (`corr`) the zero point's correction. No Python between them, so a taped run
+        makes them again (a range that is not finite raises, by launch.checked)."""
         if self.mode != "dynamic":
-            return self._x_quantization()
-        parts = threads()
-        ranges = np.empty((parts, 2, vector_lanes()), np.float32)  # per part and lane: lowest, highest
-        run(load_source(DRIVER_SOURCE).run_range, RANGE_SIGNATURE, parts, 1, range_fn, xt, ranges)
-        if not np.isfinite(ranges).all():
-            return None
-        scale, zero = range_scale(min(np.float32(0), ranges[:, 0].min()), max(np.float32(0), ranges[:, 1].max()))
-        return scale, zero, np.float32(0)
+            return self._xgrid, kbias
+        parts, drivers = threads(), load_source(DRIVER_SOURCE)
+        ranges = aligned_empty((parts, 2, vector_lanes()), np.float32)  # per part and lane: lowest, highest
+        run(drivers.run_range, RANGE_SIGNATURE, parts, 1, self._fns[0], xt, ranges)
+        grid, terms = aligned_empty((4,), np.float32), aligned_empty(kbias.shape, np.float32)
+        bad = np.zeros(1, np.int64)  # (the call's own, outside any arena: launch.checked)
+        run(drivers.run_grid, GRID_SIGNATURE, 1, 1, _grid_fn(), ranges, kbias, self.out_features, self.scale,
+            self.colsum if corr else _NO_COLSUM, int(corr), terms, grid, bad)
+        checked(bad, _finite_range)
+        return grid, terms
 
-    def _quantize(self, xt: np.ndarray, xq: np.ndarray) -> tuple | None:
-        """xᵀ quantized into xq's 4-block rows (its range first, when dynamic): the scale
-        and zero point it was quantized with, None when a dynamic input's range is not
-        finite."""
-        grid = self._x_grid(xt, self._fns[0])
-        if grid is not None:
-            run(load_source(DRIVER_SOURCE).run_quantize, QUANTIZE_SIGNATURE, threads(), 1,
-                self._fns[1], xt, xq, *grid)
-        return grid
-
-    def _quantize_into(self, xt: np.ndarray, xq: np.ndarray, kbias: np.ndarray | None = None) -> np.ndarray | None:
+    def _quantize_into(self, xt: np.ndarray, xq: np.ndarray, kbias: np.ndarray | None = None) -> np.ndarray:
         """xᵀ quantized into xq's 4-block rows (its range first, when dynamic); the
-        epilogue's terms for it (`kbias`, by default the layer's [bias | scale | correction]),
-        None when a dynamic input's range is not finite. For the kernels that take x so
-        quantized."""
-        kbias = self._kbias if kbias is None else kbias
-        grid = self._quantize(xt, xq)
-        if grid is None or self.mode != "dynamic":
-            return None if grid is None else kbias
-        m = self.out_features
-        terms = kbias.copy()
-        terms[2 * m:3 * m].view(np.int32)[:], terms[m:2 * m] = self._call_terms(grid)
+        epilogue's terms for it (`kbias`, by default the layer's [bias | scale | correction],
+        a dynamic x's own made for the call). For the kernels that take x so quantized."""
+        grid, terms = self._grid_terms(xt, self._kbias if kbias is None else kbias)
+        run(load_source(DRIVER_SOURCE).run_quantize, QUANTIZE_SIGNATURE, threads(), 1, self._fns[1], xt, xq, grid)
         return terms
 
-    def _call_terms(self, grid: tuple) -> tuple[np.ndarray, np.ndarray]:
-        """A dynamic x's call: the zero point's correction per output (i32) and the output
-        scale, for the `grid` (_x_grid) x was quantized with."""
-        return np.int32(grid[1]) * self.colsum, grid[0] * self.scale
+
+_NO_COLSUM = np.zeros(1, np.int32)
+
+
+def _finite_range(bad: np.ndarray) -> None:
+    if bad[0]:
+        raise ValueError("the input holds NaN or infinity, so its dynamic quantization scale is undefined")
 
 
 def _quantize_fns() -> tuple:
     """The range (dynamic scales) and quantize-into-4-blocks IR kernels' addresses."""
     lanes = vector_lanes()
     return compile_ir(range_ir(lanes), RANGE_SIGNATURE.name), compile_ir(quantize_ir(lanes), QUANTIZE_SIGNATURE.name)
+
+
+@functools.cache
+def _grid_fn() -> int:
+    """The address of the dynamic grid's kernel (int8_ir.grid_ir)."""
+    return compile_ir(grid_ir(vector_lanes()), GRID_SIGNATURE.name)
 
 
 class _ReadsBytes(TakesOwnX):
@@ -330,7 +340,7 @@ class Int8Linear(_ReadsBytes, _Quantized):
                  dot: str | None = None):
         super().__init__(weight, scale, mode, x_scale, x_zero_point, bias, activation, residual, requantize)
         self.indptr, self.blocks, self.weights = compress_blocks(weight)
-        self.colsum = weight.sum(axis=0, dtype=np.int32)
+        self._set_vnni_terms(weight)
         dot = dot or host_dots()[0]
         pairs_first = dot == "pmaddwd"
         self.config = Int8Config(activation, residual, dot, INT8_VECTORS[dot], requantize is not None, pairs_first)
@@ -343,9 +353,7 @@ class Int8Linear(_ReadsBytes, _Quantized):
         self._bytes_fn: int | None = None  # (bytes_for's kernel, made on first use)
         self._driver = load_source(DRIVER_SOURCE).run_int8
         self._bounds: tuple[int, np.ndarray] = (0, np.zeros(1, np.int64))
-        if mode != "dynamic":  # static: the zero point's correction and the multipliers, fixed
-            self._terms = (((self._zero - self._lo) * self.colsum).astype(np.int32),
-                           output_scale(mode, np.float32(x_scale), self.scale))
+        self._terms = self._corr_mult(self._kbias)  # (static: the zero point's correction and the multipliers)
 
     @property
     def source(self) -> str:
@@ -359,27 +367,23 @@ class Int8Linear(_ReadsBytes, _Quantized):
         w[self.blocks.astype(np.int64), :, rows] = blocks
         return w.reshape(-1, self.out_features)[:self.in_features]
 
-    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
-        got = self._x_rows(xt)
-        if got is None:
-            return False
-        xq, corr, mult = got
-        self._kernel(xq, yt, rt, corr, mult)
-        return True
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        self._kernel(*self._x_rows(xt), yt, rt)
 
-    def _x_rows(self, xt: np.ndarray) -> tuple | None:
+    def _corr_mult(self, terms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The kernel's zero point corrections (i32) and multipliers, in [bias | scale | correction]."""
+        m = self.out_features
+        return terms[2 * m:3 * m].view(np.int32), terms[m:2 * m]
+
+    def _x_rows(self, xt: np.ndarray) -> tuple:
         """(xᵀ quantized into 4-block rows padded to whole 64-byte lines (int8_ir.LANES
-        tokens), the zero point's correction and the multipliers for it); None when a
-        dynamic input's range is not finite."""
-        xq = np.empty((-(-self.in_features // 4), -(-xt.shape[1] // LANES) * LANES), np.float32)
-        grid = self._quantize(xt, xq)
-        if grid is None:
-            return None
-        return xq, *(self._call_terms(grid) if self.mode == "dynamic" else self._terms)
+        tokens), the zero point's correction and the multipliers for it)."""
+        xq = aligned_empty((-(-self.in_features // 4), -(-xt.shape[1] // LANES) * LANES), np.float32)
+        return xq, *self._corr_mult(self._quantize_into(xt, xq))
 
     def _on_x(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         # (xq's rows padded to whole 64-byte lines, as every maker of x's bytes pads them)
-        self._kernel(xq.view(np.float32), yt, rt, *self._terms)
+        self._kernel(xq.view(np.float32), *self._terms, yt, rt)
 
     def bytes_terms(self, grids: np.ndarray) -> np.ndarray:
         """What `bytes_for` takes for outputs quantized per output as QuantizeLinear does,
@@ -397,17 +401,14 @@ class Int8Linear(_ReadsBytes, _Quantized):
         if n:
             got = (byte_rows(given).view(np.float32), *self._terms) if given is not None else \
                 self._x_rows(transposed(x.reshape(-1, self.in_features)))
-            if got is None:
-                raise ValueError("the input holds NaN or infinity, so its dynamic quantization scale is undefined")
-            xq, corr, mult = got
             if self._bytes_fn is None:
                 self._bytes_fn = compile_ir(int8_ir(dataclasses.replace(self.config, bytes_out=True)), SIGNATURE.name)
             # (the driver reads y's token count from yt's shape: n, on rows holding n bytes)
             yt = np.lib.stride_tricks.as_strided(rows, (m, n), rows.strides)
-            self._kernel(xq, yt, terms, corr, mult, self._bytes_fn)
+            self._kernel(*got, yt, terms, self._bytes_fn)
         return out.T.reshape(lead + (m,))
 
-    def _kernel(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray, corr: np.ndarray, mult: np.ndarray,
+    def _kernel(self, xq: np.ndarray, corr: np.ndarray, mult: np.ndarray, yt: np.ndarray, rt: np.ndarray,
                 fn: int | None = None) -> None:
         bounds = self._split()
         run(self._driver, SIGNATURE, len(bounds) - 1, 1, self._fns[2] if fn is None else fn, xq, self.indptr,
@@ -465,19 +466,12 @@ class Int8OnFloat(_Quantized):
         w = self.dense_weight()[:, start:stop]
         return 1 - np.count_nonzero(w) / max(w.size, 1)
 
-    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
-        grid = self._x_grid(xt, self._fns[0])
-        if grid is None:
-            return False
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
+        grid, bias = self._grid_terms(xt, self._scaled_bias, corr=False)  # (a dynamic x's: this call's output scale)
         xf = feature_major_empty(*xt.shape)
         run(load_source(DRIVER_SOURCE).run_quantize_float, QUANTIZE_FLOAT_SIGNATURE, threads(), 1,
-            self._fns[1], xt, xf, *grid)
-        bias = self._scaled_bias
-        if self.mode == "dynamic":  # (this call's output scale)
-            bias = bias.copy()
-            bias[self.out_features:] = grid[0] * self.scale
+            self._fns[1], xt, xf, grid)
         self.inner._run(xf, yt, rt, bias)
-        return True
 
 
 def exact_on_float(weight: np.ndarray) -> bool:
@@ -569,18 +563,15 @@ class Int8Chunked(_HandsOver, _Quantized, SparseLinear):
         stop = self.out_features if stop is None else stop
         return 1 - float(per_row[start:stop].sum()) / max(-(-self.in_features // 4) * (stop - start), 1)
 
-    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         xq = feature_major_empty(-(-self.in_features // 4), xt.shape[1])
-        return self._call(self._fns[2], self._kbias, xt, xq, yt, rt, False)
+        self._call(self._fns[2], self._kbias, xt, xq, yt, rt, False)
 
-    def _call(self, fn: int, kbias, xt, xq, yt, rt, given: bool) -> bool:
+    def _call(self, fn: int, kbias, xt, xq, yt, rt, given: bool) -> None:
         """The kernel at `fn` on x: quantized into xq first, or `given` there as bytes."""
         if not given:
             kbias = self._quantize_into(xt, xq, kbias)
-            if kbias is None:
-                return False
         SparseLinear._run(self, xq, yt, rt, kbias, fn)
-        return True
 
     # --- handing the output to the next int8 layer already quantized --------------------
 
@@ -660,16 +651,13 @@ class Int8Dense(_Quantized, DenseLinear):
     def skipped(self, start: int = 0, stop: int | None = None) -> float:
         return 0.0  # every multiply-add done
 
-    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         xq = feature_major_empty(-(-self.in_features // 4), xt.shape[1])
         kbias = self._quantize_into(xt, xq)
-        if kbias is None:
-            return False
         parts = max(1, min(threads(), self.weight.shape[0]))
         ntok = xq.shape[1]
         dense_panels(self._driver, self._fn, xq, self.weight, kbias, yt, rt, parts,
                      ntok if ntok <= 128 else self.token_tile)
-        return True
 
 
 # --- outputs in the lanes (lanes_ir) -------------------------------------------------------
@@ -771,13 +759,9 @@ class Int8Lanes(_HandsOver, _Quantized):
         per_output = np.repeat(per_group, GROUP)
         return 1 - float(per_output[start:stop].sum()) / max(self.in_features * (stop - start), 1)
 
-    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> bool:
+    def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         xq = feature_major_empty(-(-self.in_features // 4), xt.shape[1])
-        terms = self._quantize_into(xt, xq)
-        if terms is None:
-            return False
-        self._kernel(xq, yt, rt, terms)
-        return True
+        self._kernel(xq, yt, rt, self._quantize_into(xt, xq))
 
     def _on_x(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         self._kernel(xq, yt, rt, self._kbias)
@@ -827,10 +811,7 @@ class Int8Lanes(_HandsOver, _Quantized):
             return byte_rows(given), terms
         x2 = x.reshape(-1, self.in_features)
         xq = feature_major_empty(-(-self.in_features // 4), x2.shape[0])
-        terms = self._quantize_into(transposed(x2), xq, terms)
-        if terms is None:
-            raise ValueError("the input holds NaN or infinity, so its dynamic quantization scale is undefined")
-        return xq, terms
+        return xq, self._quantize_into(transposed(x2), xq, terms)
 
     def _bytes_kernel(self) -> int:
         if self._bytes_fn is None:

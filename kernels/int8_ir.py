@@ -32,7 +32,7 @@ import functools
 from dataclasses import dataclass
 
 from .epilogue import ACTIVATIONS, epilogue
-from .ir import Builder, Signature
+from .ir import Builder, Signature, f32
 from .lowp_ir import quantized
 from .sparse_ir import tail_vectors
 
@@ -204,9 +204,17 @@ def _rows(e: Builder, cfg: Int8Config) -> None:
     e.label("done")
 
 
+# (grid: [scale, zero point, lowest, highest] as float32 in memory, the model's or a dynamic
+# x's, which `grid_ir` writes for each call: so a taped call reads the new one)
 QUANTIZE_SIGNATURE = Signature("quantize_rows", (
-    ("xt", "ptr"), ("ldx", "i64"), ("xq", "ptr"), ("tp", "i64"), ("k", "i64"), ("scale", "float"), ("zero", "float"),
-    ("lo", "float"), ("hi", "float"), ("k4_0", "i64"), ("k4_1", "i64"), ("ntok", "i64")))
+    ("xt", "ptr"), ("ldx", "i64"), ("xq", "ptr"), ("tp", "i64"), ("k", "i64"), ("grid", "ptr"),
+    ("k4_0", "i64"), ("k4_1", "i64"), ("ntok", "i64")))
+
+
+def _load_grid(e: Builder) -> None:
+    """%scale, %zero, %lo and %hi loaded from %grid."""
+    for i, name in enumerate(("scale", "zero", "lo", "hi")):
+        e.raw(f"  %{name} = load float, ptr {e.gep('%grid', str(i))}, align 4")
 
 
 def _quantize(e: Builder) -> None:
@@ -216,6 +224,7 @@ def _quantize(e: Builder) -> None:
     stores) it writes 0 and whatever its masked loads give. Whole vectors of tokens and
     whole 4-blocks are read with plain loads."""
     iv, vt = f"<{e.lanes} x i32>", e.vt
+    _load_grid(e)
     scale, zero, lo, hi = (e.splat(v) for v in ("%scale", "%zero", "%lo", "%hi"))
     lo_i = e(f"fptosi {vt} {lo} to {iv}")
 
@@ -252,18 +261,20 @@ def quantize_ir(lanes: int) -> str:
 
 
 QUANTIZE_FLOAT_SIGNATURE = Signature("quantize_float_rows", (
-    ("xt", "ptr"), ("ldx", "i64"), ("xf", "ptr"), ("ldf", "i64"), ("scale", "float"), ("zero", "float"),
-    ("lo", "float"), ("hi", "float"), ("k0", "i64"), ("k1", "i64"), ("ntok", "i64")))
+    ("xt", "ptr"), ("ldx", "i64"), ("xf", "ptr"), ("ldf", "i64"), ("grid", "ptr"), ("k0", "i64"), ("k1", "i64"),
+    ("ntok", "i64")))
 
 
 @functools.cache  # (the same text for every layer of a configuration: made once)
 def quantize_float_ir(lanes: int) -> str:
-    """xf[k, t] = clamp(roundeven(xt[k, t] / scale) + zero, lo, hi) - zero for rows [k0, k1):
-    x quantized as _quantize does, kept as the float of q - zero point (int8.Int8OnFloat)."""
+    """xf[k, t] = clamp(roundeven(xt[k, t] / scale) + zero, lo, hi) - zero for rows [k0, k1),
+    the grid's: x quantized as _quantize does, kept as the float of q - zero point
+    (int8.Int8OnFloat)."""
     e = Builder(lanes)
     vt = e.vt
 
     def body():
+        _load_grid(e)
         scale, zero, lo, hi = (e.splat(v) for v in ("%scale", "%zero", "%lo", "%hi"))
 
         def tile(k, t):
@@ -314,6 +325,85 @@ def range_ir(lanes: int) -> str:
     e.function(RANGE_SIGNATURE, lambda: _range(e))
     return e.module("; sparsejit generated kernel: the range of xt, for DynamicQuantizeLinear's scale\n"
                     "; out = (per lane min(0, xt[k0:k1, :ntok]), per lane max(0, xt[k0:k1, :ntok]))")
+
+
+GRID_SIGNATURE = Signature("dynamic_grid", (
+    ("ranges", "ptr"), ("parts", "i64"), ("kbias", "ptr"), ("nb", "i64"), ("m", "i64"), ("wscale", "ptr"),
+    ("colsum", "ptr"), ("corr", "i64"), ("terms", "ptr"), ("grid", "ptr"), ("bad", "ptr")))
+
+
+def _grid(e: Builder) -> None:
+    """A dynamic x's grid from the range kernel's parts (`ranges`: per part its vector of
+    lows, then of highs), in float32 as ops.range_scale computes it: lo = min(0, lows),
+    hi = max(0, highs), scale = (hi - lo, or 1 where they are equal) / 255, zero point
+    roundeven(clamp(0 - lo / scale, 0, 255)); grid = [scale, zero point, 0, 255]. Then the
+    epilogue's terms for it: kbias[0:nb] copied, terms[m + j] = scale · wscale[j] and
+    (`corr` not 0) the i32 terms[2m + j] = zero point · colsum[j]. bad[0] = 1 where a range
+    is NaN or infinite (the call is an error; its grid is then [1, 0, 0, 255]), else 0."""
+    vt, L = e.vt, e.lanes
+    bt = f"<{L} x i1>"
+
+    def part(p, acc):
+        at = e(f"mul i64 {p}, {2 * L}")
+        lo = e.vload(e.gep("%ranges", at), None)
+        hi = e.vload(e.gep("%ranges", e(f"add i64 {at}, {L}")), None)
+        bad = acc[2]
+        for v in (lo, hi):  # (x - x is NaN where x is NaN or infinite)
+            d = e(f"fsub {vt} {v}, {v}")
+            bad = e(f"or {bt} {bad}, {e(f'fcmp uno {vt} {d}, zeroinitializer')}")
+        lo = e(f"select {bt} {e(f'fcmp olt {vt} {lo}, {acc[0]}')}, {vt} {lo}, {vt} {acc[0]}")
+        hi = e(f"select {bt} {e(f'fcmp ogt {vt} {hi}, {acc[1]}')}, {vt} {hi}, {vt} {acc[1]}")
+        return [lo, hi, bad]
+
+    _, (lows, highs, bads) = e.loop("0", "%parts", 1, [(vt, "zeroinitializer")] * 2 + [(bt, "zeroinitializer")],
+                                    part)
+    lo = e.call(f"llvm.vector.reduce.fmin.v{L}f32", "float", (vt, lows))
+    hi = e.call(f"llvm.vector.reduce.fmax.v{L}f32", "float", (vt, highs))
+    bad = e.call(f"llvm.vector.reduce.or.v{L}i1", "i1", (bt, bads))
+    span = e(f"select i1 {e(f'fcmp oeq float {hi}, {lo}')}, float 1.0, float {e(f'fsub float {hi}, {lo}')}")
+    scale = e(f"fdiv float {span}, {f32(255)}")
+    zero = e(f"fsub float 0.0, {e(f'fdiv float {lo}, {scale}')}")
+    zero = e.call("llvm.minimum.f32", "float", ("float", e.call("llvm.maximum.f32", "float", ("float", zero),
+                                                                 ("float", "0.0"))), ("float", f32(255)))
+    zero = e.call("llvm.roundeven.f32", "float", ("float", zero))
+    scale = e(f"select i1 {bad}, float 1.0, float {scale}")
+    zero = e(f"select i1 {bad}, float 0.0, float {zero}")
+    for i, v in enumerate((scale, zero, "0.0", f32(255))):
+        e.raw(f"  store float {v}, ptr {e.gep('%grid', str(i))}, align 4")
+    e.raw(f"  store i64 {e(f'zext i1 {bad} to i64')}, ptr %bad, align 8")
+
+    def copy(i, _):
+        v = e(f"load i32, ptr {e.gep('%kbias', i, 'i32')}, align 4")
+        e.raw(f"  store i32 {v}, ptr {e.gep('%terms', i, 'i32')}, align 4")
+        return []
+
+    e.loop("0", "%nb", 1, [], copy)
+
+    def mult(j, _):
+        w = e(f"load float, ptr {e.gep('%wscale', j)}, align 4")
+        e.raw(f"  store float {e(f'fmul float {scale}, {w}')}, ptr {e.gep('%terms', e(f'add i64 %m, {j}'))}, align 4")
+        return []
+
+    e.loop("0", "%m", 1, [], mult)
+    zi = e.call("llvm.fptosi.sat.i32.f32", "i32", ("float", zero))
+    rows = e(f"select i1 {e('icmp ne i64 %corr, 0')}, i64 %m, i64 0")
+
+    def corr(j, _):
+        c = e(f"load i32, ptr {e.gep('%colsum', j, 'i32')}, align 4")
+        at = e(f"add i64 {e('mul i64 %m, 2')}, {j}")
+        e.raw(f"  store i32 {e(f'mul i32 {zi}, {c}')}, ptr {e.gep('%terms', at, 'i32')}, align 4")
+        return []
+
+    e.loop("0", rows, 1, [], corr)
+
+
+@functools.cache  # (the same text for every lane count: made once)
+def grid_ir(lanes: int) -> str:
+    e = Builder(lanes)
+    e.function(GRID_SIGNATURE, lambda: _grid(e))
+    return e.module("; sparsejit generated kernel: a dynamic x's quantization grid and the int8 epilogue's terms\n"
+                    "; scale = (max(0, x) - min(0, x), or 1) / 255, zero = roundeven(clamp(-min(0, x) / scale, 0, 255))\n"
+                    "; terms = kbias, with terms[m + j] = scale * wscale[j], terms[2m + j] = i32(zero) * colsum[j]")
 
 
 @functools.cache  # (the same text for every layer of a configuration: made once)

@@ -80,7 +80,7 @@ class IR(NamedTuple):
 # with 16 outputs in the lanes where the CPU has VBMI;
 # attention with a mask per query, as transformers' exports make it). In the order a load
 # needs them, but for what only some quantized models need (dynamic quantization's
-# ranges; the VNNI int8 driver, where AMX does not win), put first: the helper, which
+# ranges and grid; the VNNI int8 driver, where AMX does not win), put first: the helper, which
 # works from the last, comes to those last. What it serves: "float" every model, "fp32"
 # models with float32 Linear layers (not a quantized model's float head alone), "int8"
 # quantized models, "qoperator" those with QLinearMatMul (QOperator's attention:
@@ -93,6 +93,11 @@ BUILDS = (
     IR("int8", "part_ir(RANGE_SIGNATURE)", "int8"),
     Driver("int8", "DRIVER_SOURCE", "run_range",
      "int64, int64, W(int64, 2), int64, A(float32, 2), W(float32, 3)", "int8"),
+    IR("int8", "grid_ir(VECTOR_LANES)", "int8"),
+    IR("int8", "part_ir(GRID_SIGNATURE)", "int8"),
+    Driver("int8", "DRIVER_SOURCE", "run_grid",
+     ("int64, int64, W(int64, 2), int64, W(float32, 3), A(float32, 1), int64, A(float32, 1), A(int32, 1), int64, "
+      "A(float32, 1), A(float32, 1), A(int64, 1)"), "int8"),
     Driver("int8", "DRIVER_SOURCE", "run_int8",
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(int64, 1), A(int64, 1), A(uint16, 1), A(int32, 1), "
      "A(int32, 1), A(float32, 1), A(float32, 1), A(float32, 2), A(float32, 2), A(float32, 2), A(int64, 1)"), "int8"),
@@ -148,7 +153,7 @@ BUILDS = (
      "A(float32, 1), A(int32, 2)"), "float"),
     IR("int8", "part_ir(QUANTIZE_SIGNATURE)", "int8"),
     Driver("int8", "DRIVER_SOURCE", "run_quantize",
-     "int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 2), float32, float32, float32", "int8"),
+     "int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 2), A(float32, 1)", "int8"),
     IR("attention", "attention_ir(attention_config(True))", "float"),
     IR("attention", "part_ir(SIGNATURE)", "float"),
     Driver("attention", "HEADS_DRIVER_SOURCE", "run_heads",

@@ -13,8 +13,8 @@ where the kernels read them.
 
 What makes a step taped (a "launch" step), and so skipped as Python on a taped run:
 - its op is one whose Python side only lays out arrays by their shapes (LAUNCH_OPS;
-  int8 ones only with static quantization, whose scales are the model's, and a
-  FakeQuantize only of a fixed scale and zero point);
+  an int8 layer's dynamic scale is made by its kernels, a FakeQuantize only of a fixed
+  scale and zero point);
 - it launched kernels only through `launch.run`, whose drivers return nothing;
 - each array its kernels got is the arena's, the tape's inputs, a model constant or a
   kernel's own (weights), or the output of a step that runs on a taped run, and each of
@@ -267,14 +267,12 @@ def _launch_arrays(args) -> list[np.ndarray]:
 
 
 def _static(node, fixed: dict) -> bool:
-    """Whether a node's scales are the same every run: it is no int8 layer, or one whose
-    quantization of x is static (its scales the model's), or a FakeQuantize whose scale
-    and zero point are `fixed` (Tape._kind's)."""
+    """Whether a node's scales are the same every run or made by its kernels: it is no
+    FakeQuantize, or one whose scale and zero point are `fixed` (Tape._kind's). (An int8
+    layer's dynamic scale is its launches' work: int8._Quantized._grid_terms.)"""
     if node.op_type == "FakeQuantize":
         return all(not i or i in fixed for i in node.inputs[1:])
-    if not node.op_type.startswith("QLinear"):
-        return True
-    return all(n.attrs.get("mode") == "static" for n in node.attrs.get("members") or [node])
+    return True
 
 
 class Tape:

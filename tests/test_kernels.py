@@ -780,12 +780,11 @@ def test_int8_input_kernels_agree_at_every_width():
                 xt.ctypes.data, xt.strides[0] // 4, 0, k, ntok, out.ctypes.data)
             assert out[0].min() == min(0, xt.min()) and out[1].max() == max(0, xt.max())
             xq, xf = np.zeros((k4, tp), np.int32), feature_major_empty(k, ntok)
+            grid = np.array([0.03, 120, 0, 255], np.float32)
             QUANTIZE_SIGNATURE.ctypes()(compile_ir(quantize_ir(lanes), QUANTIZE_SIGNATURE.name))(
-                xt.ctypes.data, xt.strides[0] // 4, xq.ctypes.data, tp, k, np.float32(0.03), np.float32(120),
-                np.float32(0), np.float32(255), 0, k4, ntok)
+                xt.ctypes.data, xt.strides[0] // 4, xq.ctypes.data, tp, k, grid.ctypes.data, 0, k4, ntok)
             QUANTIZE_FLOAT_SIGNATURE.ctypes()(compile_ir(quantize_float_ir(lanes), QUANTIZE_FLOAT_SIGNATURE.name))(
-                xt.ctypes.data, xt.strides[0] // 4, xf.ctypes.data, xf.strides[0] // 4, np.float32(0.03),
-                np.float32(120), np.float32(0), np.float32(255), 0, k, ntok)
+                xt.ctypes.data, xt.strides[0] // 4, xf.ctypes.data, xf.strides[0] // 4, grid.ctypes.data, 0, k, ntok)
             got.append((xq[:, :ntok].copy(), np.array(xf)))
         np.testing.assert_array_equal(got[0][0], got[1][0])
         np.testing.assert_array_equal(got[0][1], got[1][1])
@@ -795,6 +794,55 @@ def test_int8_input_kernels_agree_at_every_width():
         packed[:k] = q.astype(np.uint32)
         np.testing.assert_array_equal(got[0][0].view(np.uint32),
                                       (packed.reshape(k4, 4, ntok) << (8 * np.arange(4, dtype=np.uint32))[:, None]).sum(1))
+
+
+def test_dynamic_grid_kernel_is_range_scale_bit_for_bit():
+    """The kernel making a dynamic x's grid and the int8 epilogue's terms (int8_ir.grid_ir),
+    at both widths, from the range kernel's per-part lows and highs: ops.range_scale's
+    scale and zero point, and [bias | scale · weights' scales | zero point · column sums]
+    as numpy computes them in float32 and int32, bit for bit. Ranges all zero (scale 1/255),
+    one-sided, tiny and huge; without the correction (Int8OnFloat's terms) the kbias past
+    the scales is copied as it was; a NaN or an infinity sets the flag."""
+    from sparsejit.kernels.compile import compile_ir
+    from sparsejit.kernels.int8_ir import GRID_SIGNATURE, grid_ir
+
+    from sparsejit.ops import range_scale
+
+    rng = np.random.default_rng(23)
+    m = 37
+    ws = (rng.random(m) * 0.01).astype(np.float32)
+    colsum = rng.integers(-40000, 40000, m).astype(np.int32)
+    kbias = rng.standard_normal(3 * m + 4).astype(np.float32)
+    cases = [np.zeros((2, 2)), rng.standard_normal((3, 2)) * 5, np.abs(rng.standard_normal((1, 2))) * 1e-3,
+             -np.abs(rng.standard_normal((2, 2))) * 1e30, rng.standard_normal((2, 2)) * 1e-38]
+    for lanes in (8, 16):
+        fn = GRID_SIGNATURE.ctypes()(compile_ir(grid_ir(lanes), GRID_SIGNATURE.name))
+        for case in cases:
+            parts = case.shape[0]
+            ranges = np.zeros((parts, 2, lanes), np.float32)
+            vals = rng.standard_normal((parts, 2, lanes)).astype(np.float32) * np.float32(np.abs(case).max() + 1e-40)
+            ranges[:, 0] = np.minimum(vals[:, 0], 0)
+            ranges[:, 1] = np.maximum(vals[:, 1], 0)
+            lo, hi = min(np.float32(0), ranges[:, 0].min()), max(np.float32(0), ranges[:, 1].max())
+            scale, zero = range_scale(lo, hi)
+            for corr in (1, 0):
+                terms, grid, bad = np.full_like(kbias, np.nan), np.zeros(4, np.float32), np.full(1, 7, np.int64)
+                fn(ranges.ctypes.data, parts, kbias.ctypes.data, kbias.size, m, ws.ctypes.data, colsum.ctypes.data,
+                   corr, terms.ctypes.data, grid.ctypes.data, bad.ctypes.data)
+                assert bad[0] == 0
+                np.testing.assert_array_equal(grid, np.array([scale, zero, 0, 255], np.float32))
+                want = kbias.copy()
+                want[m:2 * m] = scale * ws
+                if corr:
+                    want[2 * m:3 * m].view(np.int32)[:] = np.int32(zero) * colsum
+                assert want.tobytes() == terms.tobytes(), (lanes, case, corr)
+        for bad_value in (np.nan, np.inf, -np.inf):
+            ranges = np.zeros((2, 2, lanes), np.float32)
+            ranges[1, 0 if bad_value != np.inf else 1, 3] = bad_value
+            terms, grid, bad = np.zeros_like(kbias), np.zeros(4, np.float32), np.zeros(1, np.int64)
+            fn(ranges.ctypes.data, 2, kbias.ctypes.data, kbias.size, m, ws.ctypes.data, colsum.ctypes.data, 1,
+               terms.ctypes.data, grid.ctypes.data, bad.ctypes.data)
+            assert bad[0] == 1 and np.array_equal(grid, [1, 0, 0, 255]), (lanes, bad_value)
 
 
 def _beside_half_integers(scale: np.float32) -> np.ndarray:
@@ -832,16 +880,15 @@ def test_int8_quantize_kernels_round_the_float32_quotient_bit_for_bit():
         with np.errstate(all="ignore"):
             want = np.clip(np.rint(xt / scale), -128, 127)  # (NaN: the kernels give 0, as a cast to a byte does)
         want[np.isnan(want)] = 0
+        grid = np.array([scale, 0, -128, 127], np.float32)
         for lanes in (8, 16):
             xf = feature_major_empty(4, ntok)
             QUANTIZE_FLOAT_SIGNATURE.ctypes()(compile_ir(quantize_float_ir(lanes), QUANTIZE_FLOAT_SIGNATURE.name))(
-                xt.ctypes.data, xt.strides[0] // 4, xf.ctypes.data, xf.strides[0] // 4, scale, np.float32(0),
-                np.float32(-128), np.float32(127), 0, 4, ntok)
+                xt.ctypes.data, xt.strides[0] // 4, xf.ctypes.data, xf.strides[0] // 4, grid.ctypes.data, 0, 4, ntok)
             np.testing.assert_array_equal(np.array(xf), want, err_msg=f"scale {scale}, {lanes} lanes")
             xq = np.zeros((1, ntok), np.int32)
             QUANTIZE_SIGNATURE.ctypes()(compile_ir(quantize_ir(lanes), QUANTIZE_SIGNATURE.name))(
-                xt.ctypes.data, xt.strides[0] // 4, xq.ctypes.data, ntok, 4, scale, np.float32(0), np.float32(-128),
-                np.float32(127), 0, 1, ntok)
+                xt.ctypes.data, xt.strides[0] // 4, xq.ctypes.data, ntok, 4, grid.ctypes.data, 0, 1, ntok)
             got = xq.view(np.uint8).reshape(ntok, 4).T.astype(np.float32) - 128
             np.testing.assert_array_equal(got, want, err_msg=f"scale {scale}, {lanes} lanes, bytes")
 

@@ -485,16 +485,45 @@ def test_a_kernel_step_whose_output_is_made_in_numpy_runs_as_python():
     assert_replays_run_as_before(model, t, inputs)
 
 
-def test_dynamic_int8_layers_run_as_python():
-    """A dynamic int8 layer's scale comes from x's range, found in Python on every run: its
-    steps are never replayed (and static ones are)."""
-    for name, replayed in (("bert_block4_p90_int8_dynamic.onnx", False), ("bert_block4_p90_int8_sparseml.onnx", True)):
-        model = sparsejit.load(MODELS_DIR / "int8" / name)
-        inputs = [varied(model.input_names, seed) for seed in range(4)]
-        warm(model, inputs)
-        groups = [g for g in tape_of(model, inputs[0])._groups if g.steps[0].node.op_type.startswith("QLinear")]
-        assert groups and all((g.kind == "launch") == replayed for g in groups)
-        assert all(tape._static(g.steps[0].node, {}) == replayed for g in groups)
+def test_dynamic_int8_layers_are_replayed_on_each_runs_own_scale():
+    """A dynamic int8 layer's scale comes from x's range on every run, and its kernels make
+    it (x's range, then the grid and the epilogue's terms, then the bytes: no Python
+    between): its steps are launches of the tape, as static ones are. Each taped run, on
+    inputs of its own range, gives the untaped run's outputs bit for bit, within ONNX
+    Runtime's tolerance; an x holding NaN or infinity raises on a taped run as on an
+    untaped one, naming the layer, and the runs after it are right."""
+    from sparsejit.kernels.embed import EmbedLayerNorm
+
+    path = MODELS_DIR / "int8" / "bert_block4_p90_int8_dynamic.onnx"
+    model = sparsejit.load(path)
+
+    def check(t):
+        groups = [g for g in t._groups if g.steps[0].node.op_type.startswith("QLinear")]
+        assert groups and all(g.kind == "launch" and g.checks for g in groups), t.kinds
+        assert "host" not in t.kinds[t.kinds.index("mask"):], t.kinds  # (only the mask's first steps)
+
+    assert_taped_as_untaped_and_ort(model, path, check)
+    inputs = [varied(model.input_names, seed) for seed in range(4)]
+    warm(model, inputs)
+    t = tape_of(model, inputs[0])
+    step = next(s for s in model._executor.steps if s.node.op_type == "EmbedLayerNorm")
+    kernel = next(c.cell_contents for c in step.run.__closure__ if isinstance(c.cell_contents, EmbedLayerNorm))
+    row = kernel.table[int(inputs[1]["input_ids"][0, 0])]  # (a row of the kernel's own table, read where it is)
+    kept = row.copy()
+    replays = t.replays
+    try:
+        for value in (np.inf, np.nan):
+            row[5] = value
+            with pytest.raises(RuntimeError, match=r"layer\.0/attention/self/query.*NaN or infinity"):
+                model.run(inputs[1])
+        assert t.replays == replays  # (the failed replays gave nothing)
+        row[:] = kept
+        assert_replays_run_as_before(model, t, inputs)
+        row[5] = np.inf
+        with pytest.raises(RuntimeError, match=r"layer\.0/attention/self/query.*NaN or infinity"):
+            model.run(inputs[1])  # (untaped now)
+    finally:
+        row[:] = kept
 
 
 def test_ffn_layers_over_token_tiles_run_as_python():
