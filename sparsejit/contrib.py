@@ -235,10 +235,39 @@ def qlinear_softmax(node: Node, r: _Rewrite) -> None:
     _quantized(r, node, r.op("Softmax", [_dequantized(r, node, 0)], "softmax", axis=axis), 3)
 
 
+def qgemm(node: Node, r: _Rewrite) -> None:
+    """ONNX Runtime's quantized Gemm as its kernel computes it: the int32 sums of
+    (A - a_zero_point)(B - b_zero_point), plus C (int32, on the sums' scale), times the
+    float32 alpha · a_scale · b_scale (per column of B where it has one per column), over
+    y_scale; then requantized onto y's grid where there is one (a QuantizeLinear of scale
+    1: clamped to y's type less its zero point, rounded half to even, plus it), else that
+    float. QuantizeLinear's static scale makes such a layer's QOperator form."""
+    a = node.attrs
+    y_scale, y_zero = _input(node, 7), _input(node, 8)
+    if bool(y_scale) != bool(y_zero):
+        _refuse(node, "an output scale without an output zero point, or the reverse")
+    x, w = node.inputs[0], node.inputs[3]
+    x = r.op("Transpose", [x], "trans", perm=[1, 0]) if a.get("transA") else x
+    w = r.op("Transpose", [w], "trans", perm=[1, 0]) if a.get("transB") else w
+    zeros = [node.inputs[2]] + ([_input(node, 5)] if _input(node, 5) else [])
+    acc = r.op("MatMulInteger", [x, w, *zeros], "sums")
+    if _input(node, 6):
+        acc = r.op("Add", [acc, node.inputs[6]], "bias")
+    scale = r.op("Mul", [r.op("Mul", [r.const(np.float32(a.get("alpha", 1.0))), node.inputs[1]], "scale"),
+                        node.inputs[4]], "scale")
+    if y_scale:
+        scale = r.op("Div", [scale, y_scale], "scale")
+    y = r.op("Mul", [r.op("Cast", [acc], "float", to=1), scale], "scaled",
+             outputs=None if y_scale else node.outputs[:1])
+    if y_scale:
+        r.op("QuantizeLinear", [y, r.const(np.float32(1)), y_zero], "requant", outputs=node.outputs[:1])
+
+
 CONTRIB: dict[str, Callable[[Node, _Rewrite], None]] = {
     DOMAIN + "QLinearAdd": _qlinear_binary("Add"),
     DOMAIN + "QLinearMul": _qlinear_binary("Mul"),
     DOMAIN + "QLinearSoftmax": qlinear_softmax,
+    DOMAIN + "QGemm": qgemm,
     DOMAIN + "Attention": attention,
     DOMAIN + "EmbedLayerNormalization": embed_layer_normalization,
     DOMAIN + "SkipLayerNormalization": skip_layer_normalization,

@@ -207,8 +207,10 @@ def _quantized_input(m: _Matcher, q: Node | None, zero_point: str) -> tuple[str,
         return None
     if q.op_type == "DynamicQuantizeLinear" and zero_point == q.outputs[2]:
         return q.inputs[0], {"mode": "dynamic", "x_scale": None, "x_zero_point": None}
+    if q.op_type != "QuantizeLinear":  # (x made by another op: a Transpose of bytes, say)
+        return None
     scale, zero = m.const(q.inputs[1]), m.const(q.inputs[2]) if len(q.inputs) > 2 else None
-    if q.op_type != "QuantizeLinear" or scale is None or scale.size != 1 or zero is None or zero.size != 1 \
+    if scale is None or scale.size != 1 or zero is None or zero.size != 1 \
             or zero.dtype not in BYTE_TYPES or not _plain(q) \
             or (zero_point and not np.array_equal(m.const(zero_point), zero)):
         return None  # (16-bit activations, say: the int8 kernels quantize x to bytes)

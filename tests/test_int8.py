@@ -55,6 +55,64 @@ def _unfolded(graph) -> list:
     return [m for n in graph.nodes for m in (n.attrs["nodes"] if n.op_type == "RowGroup" else [n])]
 
 
+def _qgemm_model(rng, a_type, b_type, trans_a, trans_b, per_column, bias, out_type, alpha):
+    """One com.microsoft QGemm of a [5, 24] input and a [24, 11] weight (constants but A)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    m, k, n = 5, 24, 11
+    lo = {np.uint8: 0, np.int8: -128}
+    b = rng.integers(lo[b_type], lo[b_type] + 256, (n, k) if trans_b else (k, n)).astype(b_type)
+    shape = (n,) if per_column else ()
+    consts = {"a_scale": np.float32(0.037), "a_zero": np.array(lo[a_type] + 100 if a_type == np.uint8 else 3, a_type),
+              "b": b, "b_scale": (rng.random(shape) * 0.02 + 0.001).astype(np.float32),
+              "b_zero": (rng.integers(0, 9, shape) if b_type == np.uint8 else np.zeros(shape)).astype(b_type)}
+    inputs = ["a", "a_scale", "a_zero", "b", "b_scale", "b_zero"]
+    if bias:
+        consts["c"] = rng.integers(-20000, 20000, n).astype(np.int32)
+        inputs.append("c")
+    if out_type is not None:
+        inputs += [""] * (not bias) + ["y_scale", "y_zero"]
+        consts["y_scale"], consts["y_zero"] = np.float32(0.05), np.array(7, out_type)
+    elem = {np.uint8: TensorProto.UINT8, np.int8: TensorProto.INT8, None: TensorProto.FLOAT}
+    node = helper.make_node("QGemm", inputs, ["y"], domain="com.microsoft", alpha=alpha, transA=int(trans_a),
+                            transB=int(trans_b))
+    graph = helper.make_graph([node], "qgemm", [helper.make_tensor_value_info("a", elem[a_type], [k, m] if trans_a
+                                                                               else [m, k])],
+                              [helper.make_tensor_value_info("y", elem[out_type], [m, n])],
+                              [numpy_helper.from_array(np.asarray(v), name) for name, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    a = rng.integers(lo[a_type], lo[a_type] + 256, (k, m) if trans_a else (m, k)).astype(a_type)
+    return model, {"a": a}
+
+
+def test_qgemm_is_onnx_runtimes(tmp_path):
+    """com.microsoft QGemm (ONNX Runtime's QOperator form of a Gemm, a pooler's say) runs as
+    ONNX Runtime's kernel computes it, bit for bit: uint8 and int8 inputs, either operand
+    transposed, per-tensor and per-column weight scales and zero points, with and without
+    the int32 C, alpha 1 and 0.5, float outputs and outputs requantized to uint8 and int8.
+    (Where ONNX Runtime's uint8 × int8 sums saturate, on CPUs without VNNI, those cases are
+    left out: its result is not the op's.)"""
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    rng = np.random.default_rng(31)
+    cases = [(np.uint8, np.int8, False, True, True, True, np.uint8, 1.0),
+             (np.uint8, np.int8, True, False, False, False, None, 1.0),
+             (np.uint8, np.uint8, False, False, True, True, None, 0.5),
+             (np.int8, np.int8, False, True, False, True, np.int8, 1.0),
+             (np.int8, np.int8, True, True, True, False, None, 0.5),
+             (np.uint8, np.int8, False, False, False, True, np.uint8, 0.5)]
+    for case in cases:
+        if case[:2] == (np.uint8, np.int8) and not ort_u8s8_exact():
+            continue
+        model, feeds = _qgemm_model(rng, *case)
+        path = tmp_path / "qgemm.onnx"
+        onnx.save(model, path)
+        want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        got = sparsejit.load(path).run(feeds)[0]
+        assert got.dtype == want.dtype and np.array_equal(got, want), (case, np.abs(got.astype(float) - want).max())
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_quantized_forms_compute_what_the_graph_says(form):
     path = INT8 / f"bert_block4_p90_int8_{form}.onnx"
