@@ -13,6 +13,9 @@
 - `FakeQuantize`: QuantizeLinear then DequantizeLinear on a float → one pass.
 - `QAttentionCore`: QOperator attention, QLinearMatMul(q, kᵀ) → Lookup → + mask →
   QuantizeLinear → QSoftmax → QLinearMatMul(·, v) → one node, its scores kept per head.
+  A QDQ graph's quantized attention is first put in that form (`qdq_products`): its
+  Reshapes and Transposes on the bytes, its MatMuls of two dequantized activations
+  QLinearMatMul, as ONNX Runtime's optimizer makes them.
 - `AttentionCore`: MatMul(q, kᵀ) → scale → + mask → Softmax (→ NaN guard) → MatMul(·, v)
   → one node.
 - LayerNorm written out (ReduceMean, Sub, Pow, ReduceMean, Add ε, Sqrt, Div, Mul γ,
@@ -23,7 +26,8 @@
   first: the same values, gathered.
 
 Each pass rewrites only chains whose intermediate values have no other reader, so
-the fused graph computes exactly what the original did.
+the fused graph computes exactly what the original did (but `qdq_products`' QLinearMatMul,
+which rounds an integer sum once where the graph rounds a float sum first).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 from .fold import eliminate_dead, fold_constants, shape_only_values
 from .graph import Graph, Node
 from .kernels.elementwise import softmax_table
-from .ops import evaluate
+from .ops import dequantize_linear, evaluate, quantize_linear
 
 SQRT2 = float(np.sqrt(2.0))
 
@@ -737,8 +741,72 @@ def fuse_quantized_attention(graph: Graph) -> Graph:
     return m.result()
 
 
+MOVES = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})  # (values kept, moved)
+
+
+def round_trips(grid: list[np.ndarray]) -> bool:
+    """Whether every byte of the grid ([scale, zero point]) dequantized and quantized again
+    is itself, by ops.py's own DequantizeLinear and QuantizeLinear (a tiny or huge scale
+    might not give it back)."""
+    every = np.arange(256, dtype=np.uint8).view(grid[1].dtype)
+    with np.errstate(all="ignore"):
+        return bool(np.array_equal(quantize_linear(dequantize_linear(every, *grid), *grid), every))
+
+
+def _same_grid(m: _Matcher, a: Node, b: Node) -> bool:
+    ga, gb = _byte_grid(m, a), _byte_grid(m, b)
+    return ga is not None and gb is not None and all(x.dtype == y.dtype and np.array_equal(x, y)
+                                                     for x, y in zip(ga, gb)) and round_trips(ga)
+
+
+def _bytes_moved(m: _Matcher, q: Node) -> list[Node] | None:
+    """For QuantizeLinear(moves(DequantizeLinear(bytes))) on one grid: the moves made on the
+    bytes, the last giving q's output; else None."""
+    chain, src = [], m.producer.get(q.inputs[0])
+    while src is not None and src.op_type in MOVES and id(src) not in m.removed:
+        chain.append(src)
+        src = m.producer.get(src.inputs[0])
+    if not chain or src is None or src.op_type != "DequantizeLinear" or not _same_grid(m, src, q):
+        return None
+    x, made = src.inputs[0], []
+    for k, mv in enumerate(reversed(chain)):
+        out = q.outputs[0] if k == len(chain) - 1 else mv.outputs[0] + "#bytes"
+        made.append(Node(mv.op_type, mv.name + "#bytes", [x, *mv.inputs[1:]], [out], dict(mv.attrs)))
+        x = out
+    return made
+
+
+def qdq_products(graph: Graph) -> Graph:
+    """A QDQ graph's attention in the QOperator form, as ONNX Runtime's QDQ transformer
+    makes it, so that the passes after this one take it as they take QOperator files'
+    (a byte Lookup, QSoftmax, then one QAttentionCore):
+    - QuantizeLinear(moves(DequantizeLinear(bytes))) on one grid → the moves on the bytes
+      (exact: each byte of the grid dequantized and quantized again is itself);
+    - QuantizeLinear(MatMul(DequantizeLinear(a), DequantizeLinear(b))) of two activations on
+      per-tensor grids → QLinearMatMul(a, b) on the QuantizeLinear's grid: the int32 sums
+      requantized, where the graph rounds a float sum first (the two differ where a sum
+      lies within a float rounding of half a step; ONNX Runtime's optimized graph
+      computes it as this one does)."""
+    m = _Matcher(graph)
+    for q in graph.nodes:
+        if q.op_type != "QuantizeLinear" or not _plain(q) or _byte_grid(m, q) is None:
+            continue
+        moved = _bytes_moved(m, q)
+        if moved is not None:
+            m.replace([q], moved[-1], before=tuple(moved[:-1]))
+            continue
+        mm = m.made_by(q.inputs[0], "MatMul")
+        dqs = [m.made_by(i, "DequantizeLinear") for i in mm.inputs] if mm is not None else [None]
+        if mm is None or m.only_user(mm.outputs[0]) is not q or any(
+                d is None or _byte_grid(m, d) is None or m.const(d.inputs[0]) is not None for d in dqs):
+            continue
+        (a, sa, za), (b, sb, zb) = (d.inputs[:3] for d in dqs)
+        m.replace([mm, q], Node("QLinearMatMul", mm.name, [a, sa, za, b, sb, zb, *q.inputs[1:3]], list(q.outputs)))
+    return eliminate_dead(m.result())
+
+
 PASSES = (fuse_gelu, fuse_layernorm, dequantize_gathered_tables, fuse_embeddings, fuse_quantized_linear, fold_weights,
-          fuse_linear, fuse_attention, fuse_lookups, fuse_byte_functions, fuse_quantized_softmax,
+          fuse_linear, fuse_attention, qdq_products, fuse_lookups, fuse_byte_functions, fuse_quantized_softmax,
           fuse_quantized_attention,
           fuse_fake_quantize)
 

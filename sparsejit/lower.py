@@ -16,6 +16,8 @@ graph rewrite, so `Model.graph` and `Model.forward_source` show what runs.
   than one per reader.
 - `quantize_layernorms`: a LayerNorm or EmbedLayerNorm whose output is rounded to one grid
   (a FakeQuantize, and Linear layers quantizing to the same) rounds it as it stores it.
+- `constants_second`: Add and Mul read a constant as their second input (a QDQ file's bias
+  Add reads it first), so that fuse_rows takes them.
 - `fuse_rows`: the per-element ops and means over the last axis that quantized graphs
   run between their Linear layers (a LayerNorm written out with a FakeQuantize after each
   step, GELU as lookups) become `RowGroup` nodes, one kernel each (kernels/rows.py).
@@ -396,8 +398,23 @@ def fuse_rows(graph: Graph) -> Graph:
     return _with_nodes(graph, _ordered([n for _, n in nodes]))
 
 
-LOWERING = (merge_duplicates, fold_id_casts, group_linears, prepare_masks, mark_layouts, quantize_layernorms,
-            fuse_rows)
+COMMUTING = ("Add", "Mul")
+
+
+def constants_second(graph: Graph) -> Graph:
+    """Add and Mul nodes whose first input is a constant and second is not read them the
+    other way round (the same value, bit for bit): a QDQ file's bias Add(bias, x) then
+    joins the row group of the per-element ops around it (rows.row_op takes a constant
+    second)."""
+    consts = graph.constants
+    nodes = [Node(n.op_type, n.name, [n.inputs[1], n.inputs[0]], list(n.outputs), n.attrs)
+             if n.op_type in COMMUTING and len(n.inputs) == 2 and n.inputs[0] in consts and n.inputs[1]
+             and n.inputs[1] not in consts else n for n in graph.nodes]
+    return _with_nodes(graph, nodes)
+
+
+LOWERING = (merge_duplicates, fold_id_casts, group_linears, prepare_masks, mark_layouts,
+            quantize_layernorms, constants_second, fuse_rows)
 
 
 def lower(graph: Graph) -> Graph:

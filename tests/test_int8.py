@@ -113,6 +113,65 @@ def test_qgemm_is_onnx_runtimes(tmp_path):
         assert got.dtype == want.dtype and np.array_equal(got, want), (case, np.abs(got.astype(float) - want).max())
 
 
+def test_qdq_requantizing_of_moved_bytes_and_bias_adds(tmp_path):
+    """QDQ files quantize again after every Reshape and Transpose, and put their bias Add's
+    constant first: a QuantizeLinear of moved dequantized bytes on their own grid becomes
+    the moves on the bytes (fuse.qdq_products; on another grid it stays), and the Add
+    reads the constant second and joins the row group of the ops around it
+    (lower.constants_second). The outputs are ONNX Runtime's bit for bit, on values on
+    half steps too."""
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    s1, s2 = np.float32(0.0173), np.float32(0.0291)
+    consts = {"s1": s1, "z1": np.uint8(121), "s2": s2, "z2": np.uint8(30), "shape": np.array([2, 3, 2, 4], np.int64),
+              "bias": np.linspace(-1, 1, 8).astype(np.float32)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s1", "z1"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s1", "z1"], ["d"]),
+             helper.make_node("Reshape", ["d", "shape"], ["r"]),
+             helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1, 3]),
+             helper.make_node("QuantizeLinear", ["t", "s1", "z1"], ["tq"]),   # the same grid: moves on bytes
+             helper.make_node("DequantizeLinear", ["tq", "s1", "z1"], ["y1"]),
+             helper.make_node("QuantizeLinear", ["r", "s2", "z2"], ["rq"]),   # another grid: stays
+             helper.make_node("DequantizeLinear", ["rq", "s2", "z2"], ["rd"]),
+             helper.make_node("Mul", ["rd", "s1"], ["y2"]),
+             helper.make_node("Add", ["bias", "d"], ["a"]),
+             helper.make_node("QuantizeLinear", ["a", "s1", "z1"], ["aq"]),
+             helper.make_node("DequantizeLinear", ["aq", "s1", "z1"], ["ad"]),
+             helper.make_node("Reshape", ["ad", "shape"], ["ar"]),
+             helper.make_node("QuantizeLinear", ["ar", "s1", "z1"], ["arq"]),
+             helper.make_node("DequantizeLinear", ["arq", "s1", "z1"], ["ard"]),
+             helper.make_node("Mul", ["ard", "s2"], ["y3"])]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y1", "y2", "y3")]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])], outs,
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()])
+    path = tmp_path / "qdq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    model = sparsejit.load(path)
+    made = {o: n for n in model.graph.nodes for o in n.outputs}
+    assert made["tq"].op_type == "Transpose" and made[made["tq"].inputs[0]].inputs[0] == "q"  # (the bytes moved)
+    grouped = [m for n in model.graph.nodes if n.op_type == "RowGroup" for m in n.attrs["nodes"]]
+    assert any(m.op_type == "Add" and m.inputs == ["d", "bias"] for m in grouped), grouped
+    assert any(m.op_type == "QuantizeLinear" and m.inputs[1] == "s2" for m in grouped), grouped  # (another grid)
+    rng = np.random.default_rng(5)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for x in (rng.standard_normal((2, 3, 8)).astype(np.float32) * 2,
+              ((rng.integers(-130, 130, (2, 3, 8)) + 0.5) * s1).astype(np.float32)):  # (on half steps of s1)
+        for got, want in zip(model.run({"x": x}), sess.run(None, {"x": x})):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_qdq_attention_runs_on_the_qoperator_attention_kernel():
+    """A QDQ file whose attention is quantized (ONNX Runtime's quantize_static default):
+    its products in QOperator form (fuse.qdq_products), so each block's attention is one
+    QAttentionCore as a QOperator file's, and no float MatMul is left; what it computes
+    is checked against ONNX Runtime by test_quantized_forms_compute_what_the_graph_says."""
+    model = sparsejit.load(INT8 / "bert_block4_p90_int8_qdq.onnx")
+    ops = [n.op_type for n in model.graph.nodes]
+    assert ops.count("QAttentionCore") == 2 and "MatMul" not in ops, ops
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_quantized_forms_compute_what_the_graph_says(form):
     path = INT8 / f"bert_block4_p90_int8_{form}.onnx"
