@@ -83,7 +83,7 @@ class IR(NamedTuple):
 # ranges and grid; the VNNI int8 driver, where AMX does not win), put first: the helper, which
 # works from the last, comes to those last. What it serves: "float" every model, "fp32"
 # models with float32 Linear layers (not a quantized model's float head alone), "int8"
-# quantized models, "qoperator" those with QLinearMatMul (QOperator's attention:
+# quantized models, "qoperator" those with QLinearMatMul or quantized attention (QOperator's attention:
 # QAttentionCore's kernel with this CPU's products, for up to 258 keys where they are
 # BLAS's; the lanes kernel requantizing QLinearMatMul's sums, and storing Q, K and V as
 # bytes), "bf16" loads with precision="bf16" (a space between several).

@@ -35,11 +35,16 @@ QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantiz
 
 def _prebuild_kinds(graph: Graph, precision: str) -> tuple[str, ...]:
     """What the first load's helper builds for this graph (kernels/prebuild.py, BUILDS):
-    "float" always; "int8" with quantized ops, and "qoperator" with QLinearMatMul (its
-    attention); "fp32" (float32 Linear kernels) without, or with two or more float MatMul
-    or Gemm of a constant weight (more than a float head); "bf16" for precision="bf16"."""
+    "float" always; "int8" with quantized ops, and "qoperator" with QLinearMatMul or a
+    MatMul of two dequantized activations (quantized attention, which runs on QOperator
+    attention's kernel: fuse.qdq_products); "fp32" (float32 Linear kernels) without, or
+    with two or more float MatMul or Gemm of a constant weight (more than a float head);
+    "bf16" for precision="bf16"."""
     quantized = any(n.op_type in QUANTIZED_OPS for n in graph.nodes)
-    qoperator = any(n.op_type == "QLinearMatMul" for n in graph.nodes)
+    dequantized = {o for n in graph.nodes if n.op_type == "DequantizeLinear" and n.inputs[0] not in graph.constants
+                   for o in n.outputs}
+    qoperator = any(n.op_type == "QLinearMatMul" or n.op_type == "MatMul" and set(n.inputs[:2]) <= dequantized
+                    for n in graph.nodes)
     float_linears = sum(n.op_type in ("MatMul", "Gemm") and len(n.inputs) > 1 and n.inputs[1] in graph.constants
                         for n in graph.nodes)
     return (("float",) + ("int8",) * quantized + ("qoperator",) * qoperator

@@ -107,12 +107,32 @@ def test_a_load_with_the_helper_gives_what_one_without_gives(tmp_path):
             np.testing.assert_array_equal(a[name], b[name])
 
 
+def test_the_helper_builds_qoperator_attention_for_every_quantized_attention():
+    """A file whose attention is quantized (QOperator's QLinearMatMul, or a QDQ or SparseML
+    file's MatMul of two dequantized activations, which runs on the same kernel:
+    fuse.qdq_products) has its helper build QOperator attention's kernels ("qoperator");
+    one whose attention is float (dynamic quantization's) does not."""
+    import sparsejit
+    from sparsejit.api import _prebuild_kinds
+    from sparsejit.graph import import_onnx
+
+    seen = set()
+    for path in INT8:
+        graph = import_onnx(path)
+        kinds = _prebuild_kinds(graph, "fp32")
+        quantized = any(n.op_type == "QAttentionCore" for n in sparsejit.load(path).graph.nodes)
+        assert ("qoperator" in kinds) == (quantized or any(n.op_type == "QLinearMatMul" for n in graph.nodes)), \
+            (path.name, kinds)
+        seen.add((quantized, "QLinearMatMul" in {n.op_type for n in graph.nodes}))
+    assert (True, False) in seen and (False, False) in seen, seen
+
+
 def test_after_the_helper_alone_a_load_compiles_no_driver(tmp_path):
     """The helper alone, on an empty cache, builds every driver a quantized model's load
     and run then need, and the IR kernels of BUILDS they meet: that load compiles none of
     them, and starts no helper (the marks)."""
     cache = tmp_path / "cache"
-    done = _python("from sparsejit.kernels import prebuild; prebuild.start(('float', 'int8')); "
+    done = _python("from sparsejit.kernels import prebuild; prebuild.start(('float', 'int8', 'qoperator')); "
                    "print(prebuild.wait(300))", cache, helper=True)
     assert done.split() == ["0"]
     after = _python(LOAD_AND_RUN, cache, INT8[0], tmp_path / "out.npz", helper=True).split("\n")
