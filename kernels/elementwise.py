@@ -28,7 +28,7 @@ from ..ops import qlinear_matmul as reference_qlinear_matmul
 from .compile import compile_ir, compiled_cfunc, load_source, threads
 from .ir import Signature
 from .launch import IMPORTS, address, launch_rows, new_calls, put_source, run
-from .layout import _transpose_into, aligned_empty, parts_for, thread_arena
+from .layout import _transpose_into, aligned_empty, call_scratch, parts_for, taping
 from .lowp_ir import quantized_ir
 from .qattention_ir import SCRATCH, SLOTS, Scratch, qattention_ir
 
@@ -255,10 +255,10 @@ def _flat(x: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     copied; another view (its output at a batch's tokens, each feature's row padded) is
     copied in its own axes' order, row by row, not transposed to C order."""
     if x.flags.c_contiguous:
-        out = np.empty(x.shape, dtype)
+        out = aligned_empty(x.shape, dtype)  # (a tape's buffer, while one is made)
         return x.reshape(-1), out.reshape(-1), out
     order = np.argsort(x.strides, kind="stable")[::-1]  # axes from the one whose steps are longest
-    out = np.empty([x.shape[a] for a in order], dtype)
+    out = aligned_empty(tuple(x.shape[a] for a in order), dtype)
     return np.ascontiguousarray(x.transpose(order)).reshape(-1), out.reshape(-1), out.transpose(np.argsort(order))
 
 
@@ -557,6 +557,7 @@ class QAttention:
 
     def __init__(self, *, qk, lookup, grid, softmax, pv, ops=()):
         self._calls: dict[tuple, _Prepared | None] = {}  # (by the inputs' shapes, layouts and types: _prepare)
+        self._taped: dict[tuple, tuple] = {}  # (the rows of the tape made last, by the same key)
         scales, zeros = [*qk[0::2], grid[0], *pv[0::2]], [*qk[1::2], grid[1], *pv[1::2]]
         self.covered = not (any(np.size(c) != 1 or np.asarray(c).dtype != np.float32 for c in scales) or
                             any(np.size(c) != 1 or np.asarray(c).dtype not in RANGES for c in zeros) or
@@ -597,19 +598,24 @@ class QAttention:
         mask = mask.reshape(call.mask)
         if mask.shape[3] != t or not mask.flags.c_contiguous:
             mask = np.ascontiguousarray(np.broadcast_to(mask, (*mask.shape[:3], t)))
-        out = np.empty(call.out, self.types[4])
+        out = aligned_empty(call.out, self.types[4])
         if out.size == 0:
             return out
-        mine = call.lock.acquire(blocking=False)  # (else another thread is in its arrays: copies of them)
+        made = taping()
+        mine = not made and call.lock.acquire(blocking=False)  # (else another thread is in its arrays: copies)
         try:
             slots, calls = (call.slots, call.calls) if mine else (call.slots.copy(), call.calls.copy())
+            if made:  # (the tape's rows, held here, which no later run rewrites)
+                self._taped[key] = slots, calls
+            scratch = _NO_TABLE
             for k, x in zip((0, 10, 20, 30, 35), (q, kt, v, mask, out)):
                 slots[:, k] = address(x)
-            if call.scratch is not None:  # (in this thread's arena: layout.thread_arena)
+            if call.scratch is not None:  # (in this thread's arena, or a tape's: layout.call_scratch)
                 at, size = call.scratch
-                slots[:, SLOTS:] = at + address(thread_arena(size))
+                scratch = call_scratch(size)
+                slots[:, SLOTS:] = at + address(scratch)
             calls[:, 2] = address(slots) + call.rows
-            launch_rows(QATTENTION, calls)
+            launch_rows(QATTENTION, calls, (q, kt, v, mask, out, slots, scratch, self.floats, *self.tables))
         finally:
             if mine:
                 call.lock.release()

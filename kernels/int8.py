@@ -41,7 +41,7 @@ from .ir import with_driver
 from .lanes_ir import GROUP, TOKENS, WINDOW, LanesConfig, lanes_ir
 from .lanes_ir import SIGNATURE as LANES_SIGNATURE
 from .launch import IMPORTS, checked, put_source, run
-from .layout import aligned_empty, feature_major_empty, transposed
+from .layout import aligned_empty, feature_major_empty, taping, transposed
 from .linear import (
     _NO_RESIDUAL,
     DENSE_DRIVER_SOURCE,
@@ -830,12 +830,14 @@ class Int8Lanes(_HandsOver, _Quantized):
     def _kernel(self, xq: np.ndarray, yt: np.ndarray, rt: np.ndarray, terms: np.ndarray, fn: int | None = None) -> None:
         """The kernel (`fn`, by default the layer's) over all tokens, the groups split between
         the threads by their slots. The scratch is the calling thread's own (a model may run
-        in several threads at once), made once per thread."""
+        in several threads at once), made once per thread; while a tape is made, the tape's."""
         parts = threads()
+        shape = (parts, TOKENS * self.windows * WINDOW // 4)
         scratch = getattr(self._per_thread, "scratch", None)
-        if scratch is None or scratch.shape[0] != parts:
-            scratch = self._per_thread.scratch = aligned_empty((parts, TOKENS * self.windows * WINDOW // 4), np.int32,
-                                                               lasting=True)
+        if taping():  # (a tape's own, which its replays hold: no thread's is)
+            scratch = aligned_empty(shape, np.int32)
+        elif scratch is None or scratch.shape[0] != parts:
+            scratch = self._per_thread.scratch = aligned_empty(shape, np.int32, lasting=True)
         bounds = self._bounds.get(parts)
         if bounds is None:
             bounds = self._bounds[parts] = balanced_bounds(self.starts[::self.windows].astype(np.int64), parts, 0.0)

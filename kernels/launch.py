@@ -176,14 +176,24 @@ def _python_launcher():
     return ctypes.CFUNCTYPE(None, *[ctypes.c_int64] * 4)(launcher())
 
 
-def launch_rows(sig: Signature, calls: np.ndarray) -> None:
+def launch_rows(sig: Signature, calls: np.ndarray, arrays: tuple | None = None) -> None:
     """Make row c of `calls` (`new_calls`, filled in Python) on part c of the threads:
     for a kernel called a few times a run, each call long, which then needs no driver to
-    compile. (ctypes lets go of the GIL for the call.)"""
+    compile. (ctypes lets go of the GIL for the call.) `arrays`: every array the rows'
+    calls read or write, by address, for a tape (without them a tape runs the step in
+    Python)."""
     _python_launcher()(part(sig), calls.ctypes.data, calls.shape[0], calls.shape[1])
     record = getattr(_recording, "fn", None)
     if record is not None:
-        record(part(sig), calls, None, None)  # (the rows' arrays are not known here)
+        record(part(sig), calls, arrays, None)
+
+
+def python_between() -> None:
+    """Tell a tape being made that the launches just made had Python work between them
+    that a replay would not do (a mean summed by numpy, say): the step runs in Python."""
+    record = getattr(_recording, "fn", None)
+    if record is not None:
+        record(0, None, None, None)
 
 
 def part_ir(sig: Signature) -> str:

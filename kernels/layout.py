@@ -19,7 +19,7 @@ import numpy as np
 
 from .compile import compile_ir, load_source, threads
 from .ir import Signature
-from .launch import IMPORTS, put_source, run
+from .launch import IMPORTS, address, launch_rows, new_calls, put_source, run
 
 TILE = 32
 
@@ -160,6 +160,39 @@ def thread_arena(nbytes: int) -> np.ndarray:
 # What allocates this thread's buffers while a run is being taped (sparsejit.tape): a
 # function (shape, dtype) -> array, or None for numpy.
 _allocating = threading.local()
+
+
+def taping() -> bool:
+    """Whether a tape is being made on this thread (aligned_empty's buffers are its own)."""
+    return getattr(_allocating, "fn", None) is not None
+
+
+def call_scratch(nbytes: int) -> np.ndarray:
+    """A call's scratch bytes: this thread's arena (thread_arena), or while a tape is being
+    made a buffer of the tape's, which its replays then hold (no thread's arena is)."""
+    return aligned_empty((nbytes,), np.uint8) if taping() else thread_arena(nbytes)
+
+
+ZERO = Signature("zero_bytes", (("at", "ptr"), ("n", "i64")))
+ZERO_IR = """\
+; sparsejit generated kernel: n bytes from at set to 0
+declare void @llvm.memset.p0.i64(ptr, i8, i64, i1)
+define void @zero_bytes(ptr %at, i64 %n) {
+entry:
+  call void @llvm.memset.p0.i64(ptr %at, i8 0, i64 %n, i1 false)
+  ret void
+}
+"""
+
+
+def zero_launch(arrays: list[np.ndarray]) -> None:
+    """Each of `arrays` (contiguous) set to 0 by one launch on the calling thread, which a
+    taped run makes again (numpy's fill, outside any launch, it would not)."""
+    fn = compile_ir(ZERO_IR, ZERO.name)
+    calls = new_calls(1, len(arrays), ZERO)
+    calls[0, 0] = len(arrays)
+    calls[0, 1:] = [v for a in arrays for v in (fn, address(a), a.nbytes)]
+    launch_rows(ZERO, calls, tuple(arrays))
 
 
 def allocate_with(fn) -> None:

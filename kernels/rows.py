@@ -44,15 +44,18 @@ from ..graph import Node
 from ..ops import bind, evaluate, op
 from .compile import host_cpu, ir_engine, load_source, threads
 from .ir import Signature
-from .launch import IMPORTS, address, part_ir, put_source, run  # noqa: F401 (part_ir: prebuild's BUILDS)
+from .launch import IMPORTS, address, part_ir, put_source, python_between, run  # noqa: F401 (part_ir: prebuild's BUILDS)
 from .layout import (
     ALIGN,
     aligned_empty,
+    call_scratch,
     feature_major_empty,
+    taping,
     thread_arena,
     transposed,
     transposed_copy,
     unit_token_stride,
+    zero_launch,
 )
 from .lowp_ir import quantized_ir
 
@@ -334,6 +337,7 @@ class RowKernel:
         self._lock = threading.Lock()
         self._once = {stage: [(n, _once_fn(n, opset)) for n in nodes] for stage, nodes in self.once.items()}
         self._calls: dict[tuple, _Call | None] = {}  # by the inputs' shapes, layouts and types: see _prepare
+        self._taped: dict[tuple, np.ndarray] = {}  # (the slots of the tape made last, by the same key)
 
     def _type(self, name: str) -> np.dtype:
         n = self.values[name].node
@@ -824,7 +828,9 @@ class RowKernel:
             if len(self._calls) >= 64:  # (a server seeing many shapes)
                 self._calls.clear()
             call = self._calls[key] = self._prepare(inputs)
-        return None if call is None else self._run(call, inputs)
+        if call is None:
+            return None
+        return self._taped_run(call, inputs, key) if taping() else self._run(call, inputs)
 
     def _prepare(self, inputs: tuple[np.ndarray, ...]) -> _Call | None:
         """How the kernel runs on inputs of these shapes, layouts and types; None where it
@@ -892,11 +898,28 @@ class RowKernel:
             if mine:
                 c.lock.release()
 
+    def _taped_run(self, c: _Call, inputs: tuple[np.ndarray, ...], key: tuple) -> tuple:
+        """The call while a tape is made (layout.taping): its scratch the tape's
+        (layout.call_scratch), the sums the passes add into and the bytes' rows zeroed by a
+        launch (layout.zero_launch) where _run has numpy fill them, its slots kept here
+        (the replays read them). Where numpy works between its passes (sums the means, runs
+        ops on them: a group not blocked with more than one pass) or copies an input (its
+        slots then hold the copy's address, which a replay would read again), the tape is
+        told (launch.python_between)."""
+        scratch, p = self._scratch(c, call_scratch(c.scratch))
+        self._taped[key] = p
+        zeroed = [a for k, a in scratch.items() if k[0] in ("sum", "quad temp")]
+        if zeroed:
+            zero_launch(zeroed)
+        if not c.blocked and (self.stages > 1 or self._once or self.sums) or {"copy", "copy T"} & set(c.lay):
+            python_between()
+        return self._passes_run(c, inputs, scratch, p)
+
     def _passes_run(self, c: _Call, inputs: tuple[np.ndarray, ...], scratch: dict, p: np.ndarray) -> tuple:
         shape, n, rows, token, passes, parts = c.shape, c.n, c.rows, c.token, c.passes, c.parts
         outer, inner = (rows, n) if token else (n, rows)
         arrays = {("x", x): _lay(kind, v, shape) for x, v, kind in zip(self.names, inputs, c.lay)}
-        outs = {o: np.empty((rows, n), self.types[o]) if token else feature_major_empty(n, rows)
+        outs = {o: aligned_empty((rows, n), self.types[o]) if token else feature_major_empty(n, rows)
                 if self.types[o] == np.float32 else aligned_empty((n, rows), self.types[o])
                 for o in self.rows_out}
         arrays.update({("y", o): m for o, m in outs.items()})

@@ -13,8 +13,8 @@ where the kernels read them.
 
 What makes a step taped (a "launch" step), and so skipped as Python on a taped run:
 - its op is one whose Python side only lays out arrays by their shapes (LAUNCH_OPS;
-  an int8 layer's dynamic scale is made by its kernels, a FakeQuantize only of a fixed
-  scale and zero point);
+  an int8 layer's dynamic scale is made by its kernels, a FakeQuantize, QuantizeLinear or
+  DequantizeLinear only of a fixed scale and zero point);
 - it launched kernels only through `launch.run`, whose drivers return nothing;
 - each array its kernels got is the arena's, the tape's inputs, a model constant or a
   kernel's own (weights), or the output of a step that runs on a taped run, and each of
@@ -64,7 +64,10 @@ ENABLED = os.environ.get("SPARSEJIT_TAPE", "1") != "0"
 # saved), nor does a run whose arena would pass MAX_ARENA_BYTES.
 MAX_INPUT_ELEMENTS = 4096
 MAX_ARENA_BYTES = 128 << 20
-LAUNCH_OPS = KERNEL_OPS
+# (and the per-element ops, their row groups and QOperator attention, whose kernels take their constants
+# as they are: a QuantizeLinear's or DequantizeLinear's only of a fixed scale and zero point)
+LAUNCH_OPS = KERNEL_OPS | {"QuantizeLinear", "DequantizeLinear", "Lookup", "QAttentionCore", "RowGroup"}
+SCALED_OPS = ("FakeQuantize", "QuantizeLinear", "DequantizeLinear")  # (their scale and zero point inputs 1, 2)
 VIEW_OPS = frozenset({"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Gather"})
 
 
@@ -267,11 +270,11 @@ def _launch_arrays(args) -> list[np.ndarray]:
 
 
 def _static(node, fixed: dict) -> bool:
-    """Whether a node's scales are the same every run or made by its kernels: it is no
-    FakeQuantize, or one whose scale and zero point are `fixed` (Tape._kind's). (An int8
+    """Whether a node's scales are the same every run or made by its kernels: it is none of
+    SCALED_OPS, or one whose scale and zero point are `fixed` (Tape._kind's). (An int8
     layer's dynamic scale is its launches' work: int8._Quantized._grid_terms.)"""
-    if node.op_type == "FakeQuantize":
-        return all(not i or i in fixed for i in node.inputs[1:])
+    if node.op_type in SCALED_OPS:
+        return all(not i or i in fixed for i in node.inputs[1:3])
     return True
 
 

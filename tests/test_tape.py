@@ -526,6 +526,40 @@ def test_dynamic_int8_layers_are_replayed_on_each_runs_own_scale():
         row[:] = kept
 
 
+@pytest.mark.parametrize("name", ["bert_block4_p90_int8_qdq", "bert_block4_p90_int8_qoperator",
+                                  "bert_block4_p90_int8_sparseml", "bert_op14_p90_int8_qoperator"])
+def test_quantized_files_replay_the_steps_between_their_int8_layers(name):
+    """Row groups (a LayerNorm written out in quantized steps, GELU as lookups, bias Adds),
+    QOperator attention (a QDQ file's too) and DequantizeLinear run between the int8
+    layers of QDQ, QOperator and SparseML files (the unstructured opset-14 file's on the
+    kernel with outputs in the lanes, its scratch per thread): each is a launch of the
+    tape (its scratch
+    the tape's), but a row group that copies an input in numpy (here the embeddings',
+    and at one token the pooler's) or sums its means in numpy (over more than 512 tokens,
+    not blocked: a LayerNorm written out, as the opset-14 file has them) runs in Python.
+    Each taped run gives the untaped run's outputs bit for bit, at three shapes with
+    padding."""
+    model = sparsejit.load(MODELS_DIR / "int8" / f"{name}.onnx")
+    for shape in [(1, 7), (3, 20), (5, 120)]:
+        inputs = [varied(model.input_names, seed, *shape) for seed in range(4)]
+        warm(model, inputs)
+        t = tape_of(model, inputs[0])
+        kinds: dict[str, set] = {}
+        for g in t._groups:
+            kinds.setdefault(g.steps[0].node.op_type, set()).add(g.kind)
+        assert kinds.get("QAttentionCore", {"launch"}) == {"launch"} and "launch" in kinds["RowGroup"], kinds
+        assert kinds["QLinear"] == {"launch"} and kinds.get("QLinearGroup", {"launch"}) == {"launch"}, kinds
+        for g in t._groups:
+            node = g.steps[0].node
+            if node.op_type != "RowGroup" or "embeddings" in node.name or "pooler" in node.name:
+                continue
+            if any(m.op_type == "ReduceMean" for m in node.attrs["nodes"]):  # (blocked up to 512 tokens)
+                assert (g.kind == "host") == (math.prod(shape) > 512), (node.name, shape)
+            elif "op14" not in name:  # (its attention's row groups read QLinearMatMul's numpy outputs)
+                assert g.kind == "launch", node.name
+        assert_replays_run_as_before(model, t, inputs)
+
+
 def test_ffn_layers_over_token_tiles_run_as_python():
     """From executor.TILE_FROM tokens a block's FFN pair runs over token tiles, copying
     each tile's output in numpy: such a chain stays Python, the rest is replayed."""
