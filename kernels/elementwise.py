@@ -190,15 +190,16 @@ def strided(n, at, dtype):
 
 
 def qattention(slots, floats, t0, t1):
-    # slots: int64 [46] (qattention's wrapper), floats: float32 [20]. q [b, h, rows, d],
+    # slots: int64 [50] (qattention's wrapper), floats: float32 [20]. q [b, h, rows, d],
     # kt [b, h, d, t], v [b, h, t, dv], each in any layout (`strided`); the mask [mb, mh, mr,
-    # t] and the output [b, h, rows, dv] in C order; `plain`: the bytes the scaled scores
-    # quantize to where the mask adds 0
-    n = carray(pointer(slots), 46, np.int64)
+    # t] in C order, the output [b, h, rows, dv] of strides n[46:50]; `plain`: the bytes the
+    # scaled scores quantize to where the mask adds 0
+    n = carray(pointer(slots), 50, np.int64)
     f = carray(pointer(floats), 20, np.float32)
     q, kt, v = strided(n, 0, Q), strided(n, 10, K), strided(n, 20, V)
     mask = carray(pointer(n[30]), (n[31], n[32], n[33], n[34]), np.float32)
-    out = carray(pointer(n[35]), (n[36], n[37], n[38], n[39]), Y)
+    extent = 1 + (n[36] - 1) * n[46] + (n[37] - 1) * n[47] + (n[38] - 1) * n[48] + (n[39] - 1) * n[49]
+    out = as_strided(carray(pointer(n[35]), extent, Y), (n[36], n[37], n[38], n[39]), (n[46], n[47], n[48], n[49]))
     scores = carray(pointer(n[40]), 256, np.float32)
     value = carray(pointer(n[41]), 256, np.float32)
     table = carray(pointer(n[42]), (256, 256), np.float32)
@@ -598,7 +599,8 @@ class QAttention:
         mask = mask.reshape(call.mask)
         if mask.shape[3] != t or not mask.flags.c_contiguous:
             mask = np.ascontiguousarray(np.broadcast_to(mask, (*mask.shape[:3], t)))
-        out = aligned_empty(call.out, self.types[4])
+        b, h, rows, dv = call.out  # (written with the heads merged, [b, rows, h, dv]: the Transpose and
+        out = aligned_empty((b, rows, h, dv), self.types[4]).transpose(0, 2, 1, 3)  # Reshape after it are views)
         if out.size == 0:
             return out
         made = taping()
@@ -610,6 +612,7 @@ class QAttention:
             scratch = _NO_TABLE
             for k, x in zip((0, 10, 20, 30, 35), (q, kt, v, mask, out)):
                 slots[:, k] = address(x)
+            slots[:, 46:50] = out.strides
             if call.scratch is not None:  # (in this thread's arena, or a tape's: layout.call_scratch)
                 at, size = call.scratch
                 scratch = call_scratch(size)
@@ -644,7 +647,7 @@ class QAttention:
                                         exact_floats(t, np.empty(0, self.pz.dtype), self.pz, v, self.vz)), 0
         slots = np.zeros((parts, SLOTS + len(SCRATCH) * vnni), np.int64)
         slots[:, :SLOTS] = [*_strided(q), *_strided(kt), *_strided(v), 0, *shape[:3], t, 0, batch, heads, rows, dv,
-                            *self.tail, address(self.tables[3]), lookup]
+                            *self.tail, address(self.tables[3]), lookup, 0, 0, 0, 0]  # (the output's strides last)
         calls = new_calls(parts, 1, QATTENTION)
         calls[:, :6] = [[1, fn, 0, address(self.floats), c * tasks // parts, (c + 1) * tasks // parts]
                         for c in range(parts)]

@@ -11,9 +11,10 @@ Why IR: Numba's compile of that kernel, most of it typing its numpy calls, was w
 load waited for; LLVM compiles this text without that typing (bench/README.md, twenty-second
 session, has the times). Its scratch comes from the caller (`Scratch`) rather than per task.
 
-Slots (int64, one row per part): elementwise.QAttention's 46, then the part's scratch
+Slots (int64, one row per part): elementwise.QAttention's 50, then the part's scratch
 arrays' addresses (SCRATCH's order). Bytes are read with their strides as given (any layout);
-the mask [mb, mh, mr, t] and the output [b, h, rows, dv] are C order.
+the mask [mb, mh, mr, t] is C order, the output [b, h, rows, dv] has its strides in slots
+46-49 (the last 1: the heads merged, [b, rows, h, dv], as QAttention makes it).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .ir import Builder, Signature
 from .lowp_ir import quantized_ir
 
 SIGNATURE = Signature("qattention", (("slots", "ptr"), ("floats", "ptr"), ("t0", "i64"), ("t1", "i64")))
-SLOTS = 46  # elementwise.QAttention's slots, before the scratch's
+SLOTS = 50  # elementwise.QAttention's slots, before the scratch's
 SCRATCH = ("a", "bp", "c", "sa", "sb", "byte", "qr", "es", "pq")
 
 
@@ -448,17 +449,18 @@ def _row() -> list[str]:
 
 
 def _outputs() -> list[str]:
-    """`@outputs`: the output's bytes out [rows, dv] (C order) of p·v's sums c [rows, n16]
-    (i32), requantized (the floats' last grid)."""
+    """`@outputs`: the output's bytes out [rows, dv] (rows `ld` bytes apart) of p·v's sums
+    c [rows, n16] (i32), requantized (the floats' last grid)."""
     e = _Emit()
     grid = [e.load("float", "%floats", str(i)) for i in range(16, 20)]
     with e.loop("0", "%rows") as i:
-        orow = e(f"mul i64 {i}, %dv")
+        orow = e(f"mul i64 {i}, %ld")
         crow = e(f"mul i64 {i}, %n16")
         with e.loop("0", "%dv") as k:
             y = _requantized(e, e.load("i32", "%c", e(f"add i64 {crow}, {k}")), grid)
             e.store("i8", e(f"trunc i32 {y} to i8"), "%out", e(f"add i64 {orow}, {k}"))
-    return e.function("@outputs(ptr noalias %c, ptr noalias %out, i64 %rows, i64 %dv, i64 %n16, ptr noalias %floats)")
+    return e.function("@outputs(ptr noalias %c, ptr noalias %out, i64 %rows, i64 %dv, i64 %n16, ptr noalias %floats, "
+                      "i64 %ld)")
 
 
 def _broadcast(e: _Emit, i: str, n: str) -> str:
@@ -517,10 +519,9 @@ def qattention_ir(offsets: tuple[int, int, int, int]) -> str:
               f"ptr {sb})",
               f"call void @finish(i64 {rows}, i64 {t}, i64 {dv}, i64 {alpha2}, i64 {beta2}, ptr {a}, ptr {bp}, ptr {c}, "
               f"ptr {sa}, ptr {sb})")
-        bh = e(f"add i64 {e(f'mul i64 {b}, {heads}')}, {h}")
-        matrix = e(f"mul i64 {rows}, {dv}")
-        orows = e(f"getelementptr i8, ptr {ptr['out']}, i64 {e(f'mul i64 {bh}, {matrix}')}")
-        e.put(f"call void @outputs(ptr {c}, ptr {orows}, i64 {rows}, i64 {dv}, i64 {n16b}, ptr %floats)")
+        oat = e(f"add i64 {e(f'mul i64 {b}, {n[46]}')}, {e(f'mul i64 {h}, {n[47]}')}")  # (the output's strides)
+        orows = e(f"getelementptr i8, ptr {ptr['out']}, i64 {oat}")
+        e.put(f"call void @outputs(ptr {c}, ptr {orows}, i64 {rows}, i64 {dv}, i64 {n16b}, ptr %floats, i64 {n[48]})")
     lines = ["; sparsejit generated kernel: QOperator attention by VNNI, (batch, head) tasks [t0, t1) (qattention_ir)",
              *_product(), *_idot(), *_row(), *_outputs(), SIGNATURE.define(), "entry:", *e.allocas, *e.lines, "  ret void", "}", ""]
     lines += ["declare void @llvm.memset.p0.i64(ptr, i8, i64, i1)", "declare i8 @llvm.umax.i8(i8, i8)",

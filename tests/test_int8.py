@@ -1386,7 +1386,8 @@ def test_quantized_attention_kernel_is_its_reference(dtype, products, monkeypatc
     scale per axis. Its products by AVX-512 VNNI (exact in int32) where the CPU has it,
     and on BLAS in floats, exact in float32 up to 2^24, in float64 past. With VNNI, each row
     of scores' bytes by AVX-512 VBMI's byte permutes (row_bytes_ir) where the CPU has them,
-    and by the kernel's own loops ("vnni, its loops")."""
+    and by the kernel's own loops ("vnni, its loops"). It writes the heads merged ([b, rows,
+    h, dv] in memory)."""
     from sparsejit.kernels import elementwise as E
     from sparsejit.kernels.int8 import has_vnni
 
@@ -1433,6 +1434,7 @@ def test_quantized_attention_kernel_is_its_reference(dtype, products, monkeypatc
             for inputs in [(q, kt, v), swapped]:
                 got = E.qattention(*inputs[:2], mask, inputs[2], **kw)
                 assert got is not None and got.dtype == want.dtype == dtype
+                assert got.transpose(0, 2, 1, 3).flags.c_contiguous  # (the heads merged: what reads it is a view)
                 np.testing.assert_array_equal(got, want, err_msg=str((batch, heads, rows, d, t, dv, mask_shape,
                                                                       inputs[0].strides, k)))
             assert k or len(np.unique(got)) > 8  # (not saturated)
