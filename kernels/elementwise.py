@@ -489,10 +489,18 @@ def _each(op: str, x: np.ndarray, out: np.ndarray, scale=0, zero=0, lo=0, hi=0, 
 
 
 @op("QSoftmax", fused=True)
-def reference_qsoftmax(q: np.ndarray, *, in_scale, in_zero, out_scale, out_zero, value=None, table=None) -> np.ndarray:
+def reference_qsoftmax(q: np.ndarray, *, in_scale, in_zero, out_scale, out_zero, value=None, table=None, axis=-1,
+                       opset=13) -> np.ndarray:
     """The fused node (fuse.fuse_quantized_softmax): QuantizeLinear(Softmax(DequantizeLinear(q)))
-    over the last axis (`value` and `table`, softmax_table's, are the kernel's)."""
-    return quantize_linear(softmax(dequantize_linear(q, in_scale, in_zero), axis=-1), out_scale, out_zero)
+    over the Softmax's `axis` as its `opset` reads it (`value` and `table`, softmax_table's,
+    are the kernel's, which takes the last axis)."""
+    return quantize_linear(softmax(dequantize_linear(q, in_scale, in_zero), axis=axis, opset=opset), out_scale, out_zero)
+
+
+def last_axis(axis: int, ndim: int) -> bool:
+    """Whether a Softmax over `axis` of an ndim-D input is over its last axis alone (in
+    every opset: before 13 the axes from `axis` on, flattened)."""
+    return -ndim <= axis < ndim and axis % ndim == ndim - 1
 
 
 def softmax_table(in_scale, in_zero) -> tuple[np.ndarray, np.ndarray]:
@@ -513,9 +521,10 @@ def _rising(scale, zero) -> int:
     return (128 if np.asarray(zero).dtype == np.int8 else 0) ^ (255 if s < 0 else 0)
 
 
-def qsoftmax(q: np.ndarray, *, in_scale, in_zero, out_scale, out_zero, value, table):
-    """reference_qsoftmax on every thread, a row per task; None for what it does not cover."""
-    if q.dtype not in RANGES or q.ndim == 0 or q.shape[-1] == 0:
+def qsoftmax(q: np.ndarray, *, in_scale, in_zero, out_scale, out_zero, value, table, axis=-1, opset=13):
+    """reference_qsoftmax on every thread, a row per task; None for what it does not cover
+    (a softmax over more than the last axis among them)."""
+    if q.dtype not in RANGES or q.ndim == 0 or q.shape[-1] == 0 or not last_axis(axis, q.ndim):
         return None
     z = np.asarray(out_zero)
     lo, hi = RANGES[z.dtype]
@@ -563,6 +572,7 @@ class QAttention:
         self.covered = not (any(np.size(c) != 1 or np.asarray(c).dtype != np.float32 for c in scales) or
                             any(np.size(c) != 1 or np.asarray(c).dtype not in RANGES for c in zeros) or
                             np.asarray(softmax["out_zero"]).dtype != np.asarray(pv[1]).dtype or
+                            not last_axis(softmax.get("axis", -1), 4) or
                             lookup.shape != (256,) or lookup.dtype != np.float32)
         if not self.covered:
             return

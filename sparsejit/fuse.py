@@ -668,22 +668,23 @@ def fuse_byte_functions(graph: Graph) -> Graph:
 
 
 def fuse_quantized_softmax(graph: Graph) -> Graph:
-    """QuantizeLinear(Softmax(DequantizeLinear(bytes))) over the last axis, each with one
-    scale and zero point → one `QSoftmax` node, bytes in and out (attention's in QOperator
-    and QDQ graphs). Its exponentials are a table over the (row's largest byte, byte)
-    pairs, computed at load by numpy's exp as the Softmax computes them; see
-    kernels/elementwise.py."""
+    """QuantizeLinear(Softmax(DequantizeLinear(bytes))), each with one scale and zero point
+    → one `QSoftmax` node, bytes in and out (attention's in QOperator and QDQ graphs), its
+    axis as the Softmax's (the kernels take the last axis, which an exporter before opset
+    13 names by its index: elementwise.last_axis, at run time). Its exponentials are a
+    table over the (row's largest byte, byte) pairs, computed at load by numpy's exp as the
+    Softmax computes them; see kernels/elementwise.py."""
     m = _Matcher(graph)
     for sm in graph.nodes:
         axis = sm.attrs.get("axis", -1 if graph.opset >= 13 else 1)
-        dq = m.made_by(sm.inputs[0], "DequantizeLinear") if sm.op_type == "Softmax" and axis == -1 else None
+        dq = m.made_by(sm.inputs[0], "DequantizeLinear") if sm.op_type == "Softmax" else None
         q = m.only_user(sm.outputs[0], "QuantizeLinear") if dq is not None else None
         read, wrote = (_byte_grid(m, dq), _byte_grid(m, q)) if q is not None and _plain(q) else (None, None)
         if read is None or wrote is None or read[0].dtype != np.float32 or wrote[0].dtype != np.float32:
             continue
         value, table = softmax_table(*read)
         attrs = {"in_scale": read[0], "in_zero": read[1], "out_scale": wrote[0], "out_zero": wrote[1],
-                 "value": value, "table": table}
+                 "value": value, "table": table, "axis": axis, "opset": graph.opset}
         m.replace([sm, q], Node("QSoftmax", sm.name, [dq.inputs[0]], list(q.outputs), attrs))
     return m.result()
 

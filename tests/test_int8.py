@@ -558,9 +558,9 @@ def test_quantized_softmax_is_exact(dtype, scale):
     node (exponentials from a table numpy's exp filled at load), equal to the three ops on
     every row: random bytes, a row of one byte, a row holding both ends of the type, rows
     of 1, 7 and 300 (where a total summed otherwise than the reference differs: tried, a
-    float32 running sum fails); a Softmax over another axis is left as it is. The input
-    scale positive, negative (the largest value at the smallest byte) and 0 (the kernel's
-    value-by-value path)."""
+    float32 running sum fails). The last axis named by its index is the last axis; a
+    QSoftmax over another axis runs its reference. The input scale positive, negative (the
+    largest value at the smallest byte) and 0 (the kernel's value-by-value path)."""
     from onnx import TensorProto, helper, numpy_helper
 
     onnx_type = TensorProto.UINT8 if dtype == np.uint8 else TensorProto.INT8
@@ -571,14 +571,15 @@ def test_quantized_softmax_is_exact(dtype, scale):
              helper.make_node("Softmax", ["d"], ["p"], axis=-1),
              helper.make_node("QuantizeLinear", ["p", "ps", "pz"], ["y"]),
              helper.make_node("Softmax", ["d"], ["p0"], axis=0),
-             helper.make_node("QuantizeLinear", ["p0", "ps", "pz"], ["y0"])]
+             helper.make_node("QuantizeLinear", ["p0", "ps", "pz"], ["y0"]),
+             helper.make_node("Softmax", ["d"], ["p1"], axis=1),
+             helper.make_node("QuantizeLinear", ["p1", "ps", "pz"], ["y1"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx_type, [None, None])],
-                              [helper.make_tensor_value_info(o, onnx_type, None) for o in ("y", "y0")],
+                              [helper.make_tensor_value_info(o, onnx_type, None) for o in ("y", "y0", "y1")],
                               [numpy_helper.from_array(np.asarray(v), k) for k, v in c.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     compiled, reference = sparsejit.load(model), sparsejit.load(model, mode="reference")
-    assert [n.op_type for n in compiled.graph.nodes].count("QSoftmax") == 1
-    assert [n.op_type for n in compiled.graph.nodes].count("Softmax") == 1  # axis 0
+    assert sorted(n.attrs["axis"] for n in compiled.graph.nodes if n.op_type == "QSoftmax") == [-1, 0, 1]
     rng = np.random.default_rng(1)
     info = np.iinfo(dtype)
     for n in (1, 7, 300):
@@ -1387,7 +1388,7 @@ def test_quantized_attention_kernel_is_its_reference(dtype, products, monkeypatc
     and on BLAS in floats, exact in float32 up to 2^24, in float64 past. With VNNI, each row
     of scores' bytes by AVX-512 VBMI's byte permutes (row_bytes_ir) where the CPU has them,
     and by the kernel's own loops ("vnni, its loops"). It writes the heads merged ([b, rows,
-    h, dv] in memory)."""
+    h, dv] in memory). A softmax over another axis than the last it leaves to the reference."""
     from sparsejit.kernels import elementwise as E
     from sparsejit.kernels.int8 import has_vnni
 
@@ -1438,6 +1439,8 @@ def test_quantized_attention_kernel_is_its_reference(dtype, products, monkeypatc
                 np.testing.assert_array_equal(got, want, err_msg=str((batch, heads, rows, d, t, dv, mask_shape,
                                                                       inputs[0].strides, k)))
             assert k or len(np.unique(got)) > 8  # (not saturated)
+            # (a softmax over another axis than the last: the reference's, which the node then runs)
+            assert E.qattention(q, kt, mask, v, **dict(kw, softmax=dict(softmax, axis=2))) is None
     # (the probabilities' bytes sum to about 255, but their grid may let them all be 255)
     assert exact_floats(600, np.empty(0, dtype), pv[1], v, pv[3]) is np.float64  # 600 · 255 · 128 > 2^24
     assert exact_floats(500, np.empty(0, dtype), pv[1], v, pv[3]) is np.float32
