@@ -99,12 +99,12 @@ def main() -> None:
 def make_int8(source: Path) -> None:
     """`source` quantized in each form: dynamic and static QDQ by `sparsejit quantize`; the
     static one rewritten into SparseML's MatMulInteger form (the INT8 form DeepSparse 1.8
-    runs); and onnxruntime's QOperator form (QLinearMatMul, QLinearAdd, ...; DeepSparse
-    1.8 refuses ONNX Runtime's)."""
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    runs); onnxruntime's QOperator form (QLinearMatMul, QLinearAdd, ...; DeepSparse 1.8
+    refuses ONNX Runtime's); and onnxruntime's default QDQ form, every MatMul quantized,
+    attention's too (`_qdq`; `sparsejit quantize` leaves attention in float32)."""
+    from onnxruntime.quantization import QuantFormat
 
-    from sparsejit.quantize import _Calibration, quantize_model
+    from sparsejit.quantize import quantize_model
 
     sys.path.insert(0, str(HERE.parent / "scripts"))
     from export_test_models import sparseml_form
@@ -113,15 +113,26 @@ def make_int8(source: Path) -> None:
     outputs = {"": lambda out: quantize_model(source, out, "dynamic"),
                "_static": lambda out: quantize_model(source, out, "static"),
                "_sparseml": lambda out: sparseml_form(Path(f"{stem}_static.onnx"), out),
-               "_qoperator": lambda out: quantize_static(
-                   source, out, _Calibration(onnx.load(source, load_external_data=False), 8, 64, None),
-                   quant_format=QuantFormat.QOperator, per_channel=True, weight_type=QuantType.QInt8,
-                   activation_type=QuantType.QUInt8, extra_options={"WeightSymmetric": True})}
+               "_qoperator": lambda out: _ort_static(source, out, QuantFormat.QOperator),
+               "_qdq": lambda out: _ort_static(source, out, QuantFormat.QDQ)}
     for suffix, make in outputs.items():
         out = Path(f"{stem}{suffix}.onnx")
         if not out.exists():
             make(out)
             print("wrote", out)
+
+
+def _ort_static(source: Path, out: Path, form) -> None:
+    """onnxruntime's quantize_static in `form`, per-channel symmetric int8 weights (pruned
+    zeros stay zero), uint8 activations calibrated on generated ids."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_static
+
+    from sparsejit.quantize import _Calibration
+
+    quantize_static(source, out, _Calibration(onnx.load(source, load_external_data=False), 8, 64, None),
+                    quant_format=form, per_channel=True, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8, extra_options={"WeightSymmetric": True})
 
 
 if __name__ == "__main__":
