@@ -190,12 +190,13 @@ class _Amx:
     """What both AMX layers share: the weight's tiles (dense, or compressed where few of
     its elements are nonzero), the compiled kernel and its driver."""
 
-    def _build(self, dot: str, tiles: np.ndarray, activation: str, residual: bool, compressed: bool | None) -> None:
+    def _build(self, dot: str, tiles: np.ndarray, activation: str, residual: bool, compressed: bool | None,
+               requantize: bool = False) -> None:
         if not has_amx(dot):  # (a tile instruction without the permission is a SIGILL)
             raise RuntimeError(f"this CPU or process cannot run AMX {dot} tiles")
         if compressed is None:
             compressed = can_compress() and np.count_nonzero(tiles) < COMPRESS_BELOW * tiles.size
-        self.config = AmxConfig(dot, activation, residual, compressed, activation in OVERLAPPED)
+        self.config = AmxConfig(dot, activation, residual, compressed, activation in OVERLAPPED, requantize=requantize)
         self._shape, self._dtype = tiles.shape, tiles.dtype
         dense = tiles.reshape(-1).view(np.uint8), _NONE, _NONE
         values, masks, offsets = compressed_tiles(tiles) if compressed else dense
@@ -228,20 +229,25 @@ class _Amx:
 
 class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
     """A dense int8 layer on AMX tiles (`tdpbsud`): the weight in 16 × 64 tiles of int8,
-    x quantized into 4-block rows as for the VNNI kernels, Int8Linear's epilogue. Not for
-    requantized outputs."""
+    x quantized into 4-block rows as for the VNNI kernels, Int8Linear's epilogue, a
+    requantized output (`requantize`, as Int8Linear takes it) too: its rows follow the
+    epilogue's terms, [bias | scale | correction | output scale | lowest | highest]."""
 
     kind = "int8"
     label = "int8 (AMX)"
 
     def __init__(self, weight: np.ndarray, scale, mode: str, x_scale=None, x_zero_point=None, bias=None,
-                 activation: str = "none", residual: bool = False, compressed: bool | None = None):
-        _Quantized.__init__(self, weight, scale, mode, x_scale, x_zero_point, bias, activation, residual)
+                 activation: str = "none", residual: bool = False, compressed: bool | None = None,
+                 requantize: np.ndarray | None = None):
+        _Quantized.__init__(self, weight, scale, mode, x_scale, x_zero_point, bias, activation, residual, requantize)
         self._set_vnni_terms(weight)
+        if requantize is not None:
+            rows = np.broadcast_to(np.asarray(requantize, np.float32), (3, self.out_features))
+            self._kbias = np.concatenate([self._kbias, rows.reshape(-1)])
         self._fns = _quantize_fns()
         self._bytes_fns: dict[bool, int] = {}  # (bytes_on's kernels, by whether the grid is unsigned)
         self._grids: dict[bytes, np.ndarray] = {}  # (bytes_on's terms, by grid: _terms_on)
-        self._build("int8", tiles_of(weight, K_TILE["int8"]), activation, residual, compressed)
+        self._build("int8", tiles_of(weight, K_TILE["int8"]), activation, residual, compressed, requantize is not None)
 
     @property
     def source(self) -> str:
@@ -272,8 +278,8 @@ class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
         them over (layernorm.layernorm_to_bytes): the token-major view [..., ceil(out/4)]
         of 4-block rows. The kernel stores them in its epilogue instead of y (amx_ir's
         `quant_out`)."""
-        if self.residual:
-            raise ValueError("an int8 layer with a residual gives no bytes")
+        if self.residual or self.requantize is not None:
+            raise ValueError("an int8 layer with a residual or a requantized output gives no bytes")
         lead = (given if x is None else x).shape[:-1]
         n, m = math.prod(lead), self.out_features
         out = feature_major_empty(-(-m // 4), n).view(np.int32)

@@ -87,6 +87,10 @@ class AmxConfig:
     # bf16 without residual: y rounded to bfloat16 and stored as the pair rows the next bf16
     # layer reads (yt: [m/2, tokens] of i32; lowp_ir.store_pair_halves), instead of y
     pairs_out: bool = False
+    # int8: the scaled sums requantized and dequantized before the bias, as int8_ir's
+    # (a QLinearMatMul's output): %bias[3m + j], [4m + j], [5m + j] the output scale, its
+    # type's lowest and highest value less its zero point
+    requantize: bool = False
 
 
 class _Out(NamedTuple):
@@ -252,7 +256,9 @@ def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _O
         bias = e.splat(e(f"load float, ptr {e.gep('%bias', j)}, align 4"))
         sums = [e.vload(e.gep(scratch, e(f"add i64 {e(f'mul i64 {r}, {TOKENS}')}, {(2 * a + b) * ROWS * TOKENS}")),
                         None) for b in range(tiles)]
-        if cfg.dot == "int8":
+        if cfg.dot == "int8" and cfg.requantize:
+            ys = _requantized_sums(e, sums, j, bias)
+        elif cfg.dot == "int8":
             ys = scaled_sums(e, sums, j, bias, True)
         else:
             ys = [e(f"fadd {e.vt} {s}, {bias}") for s in sums]
@@ -278,6 +284,27 @@ def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _O
                 e.vstore(epilogue(e, cfg.activation, y, residual, mask), e.vptr("%yt", yoff, b), mask)
         e.br(skip)
         e.label(skip)
+
+
+def _requantized_sums(e: Builder, sums: list[str], j: str, bias: str) -> list[str]:
+    """Row j's sums (i32 as float bits) less the zero point's correction, times its scale,
+    clamped to [%bias[4m + j], %bias[5m + j]], rounded half to even, times %bias[3m + j],
+    plus `bias`: int8_ir's epilogue with `requantize`, in its order."""
+    iv, vt = f"<{e.lanes} x i32>", e.vt
+
+    def term(k: int, ty: str = "float") -> str:
+        at = e(f"add i64 {j}, {e(f'mul i64 %m, {k}')}") if k > 1 else e(f"add i64 {j}, %m")
+        return e(f"load {ty}, ptr {e.gep('%bias', at, 'i32' if ty == 'i32' else 'float')}, align 4")
+
+    scale, corr = e.splat(term(1)), e.splat_i32(term(2, "i32"))
+    sy, lo, hi = (e.splat(term(k)) for k in (3, 4, 5))
+    out = []
+    for v in sums:
+        ints = e(f"sub {iv} {e(f'bitcast {vt} {v} to {iv}')}, {corr}")
+        y = e(f"fmul {vt} {e(f'sitofp {iv} {ints} to {vt}')}, {scale}")
+        y = e(f"fmul {vt} {e.vcall('roundeven', e.vcall('minnum', e.vcall('maxnum', y, lo), hi))}, {sy}")
+        out.append(e(f"fadd {vt} {y}, {bias}"))
+    return out
 
 
 def _panels(e: Builder, cfg: AmxConfig) -> None:
@@ -329,16 +356,19 @@ def _panels(e: Builder, cfg: AmxConfig) -> None:
 @functools.cache  # (the same text for every layer of a configuration: made once)
 def amx_ir(cfg: AmxConfig) -> str:
     if cfg.dot not in DOTS or cfg.activation not in ACTIVATIONS or cfg.quant_out and (cfg.dot != "int8" or cfg.residual) \
-            or cfg.pairs_out and (cfg.dot != "bf16" or cfg.residual):
+            or cfg.pairs_out and (cfg.dot != "bf16" or cfg.residual) or cfg.requantize and (cfg.dot != "int8" or
+                                                                                           cfg.quant_out):
         raise ValueError(f"no AMX kernel for {cfg}")
     e = Builder(16)
     e.function(SIGNATURE, lambda: _panels(e, cfg))
     e.raw(f'@amx_config = private unnamed_addr constant [64 x i8] c"{tile_config()}", align 64')
     epi = ("float(C - corr[j]) * scale[j] + bias[j]" if cfg.dot == "int8" else "C + bias[j]")
+    if cfg.requantize:
+        epi = "roundeven(clamp(float(C - corr[j]) * scale[j], lo[j], hi[j])) * out_scale[j] + bias[j]"
     return e.module(f"; sparsejit generated kernel: AMX dense {cfg.dot} activation={cfg.activation} "
                     f"residual={cfg.residual} compressed={cfg.compressed} overlapped={cfg.overlapped}"
                     f"{' quant_out' if cfg.quant_out else ''}{' unsigned_grid' if cfg.unsigned_grid else ''}"
-                    f"{' pairs_out' if cfg.pairs_out else ''}\n"
+                    f"{' pairs_out' if cfg.pairs_out else ''}{' requantize' if cfg.requantize else ''}\n"
                     f"; C[j, t] = sum over K-tiles kt: wa[j / 16, kt] (16 x 64 bytes) . xq[16 kt .. 16 kt + 15, t]"
                     f" ({DOTS[cfg.dot].rsplit('.', 1)[1]})\n"
                     f"; yt[j, t] = act({epi}){' + rt[j, t]' if cfg.residual else ''}")

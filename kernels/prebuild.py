@@ -175,9 +175,11 @@ BUILDS = (
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 3), A(float32, 1), A(float32, 2), A(float32, 2), "
      "int64"), "float"),
     IR("int8", "lanes_ir(LanesConfig('none', False, requantize=True, bytes_out=True))", "qoperator",
-       "VECTOR_LANES == 16 and has_lanes()"),
+       "VECTOR_LANES == 16 and has_lanes()", raced=True),
     CFunction("elementwise", "each_kernel('dequantize')", "int8"),
     CFunction("elementwise", "each_kernel('quantize')", "int8"),
+    IR("amx", "amx_ir(AmxConfig('int8', 'none', False, True, False, requantize=True))", "qoperator",
+       "has_amx('int8')", raced=True),
     IR("elementwise", "part_ir(QATTENTION)", "qoperator"),
     IR("elementwise", "row_bytes_ir()", "qoperator", "qattention_products() == 'vnni' and has_permutes()"),
     CFunction("elementwise", "qattention_kernel(('uint8',) * 5 + ('float32',) * 2)", "qoperator",

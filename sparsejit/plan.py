@@ -419,10 +419,10 @@ def _int8_choice(a: dict, chooser: Chooser, name: str) -> tuple:
     w = a["weight"]
     facts = _int8_weight_facts(w)
     cls, make, why = _int8(a, facts)
-    if cls not in (Int8Chunked, Int8Lanes, Int8Dense) or a.get("requantize") is not None or chooser.kernels == "sparse" \
-            or not has_amx("int8"):  # (AMX's kernel does not requantize)
+    if cls not in (Int8Chunked, Int8Lanes, Int8Dense) or chooser.kernels == "sparse" or not has_amx("int8"):
         return make(), why, "rule", {}
     args = (w, a["scale"], a["mode"], a["x_scale"], a["x_zero_point"], a["bias"], a["activation"], a["residual"])
+    requantize = a.get("requantize")
     built: dict = {}  # each kernel built once, and only when needed (a saved plan may name one)
 
     def vnni():
@@ -432,7 +432,7 @@ def _int8_choice(a: dict, chooser: Chooser, name: str) -> tuple:
 
     def amx():
         if "amx" not in built:
-            built["amx"] = Int8Amx(*args)
+            built["amx"] = Int8Amx(*args, requantize=requantize)
         return built["amx"]
 
     tiles = "int8 ({} activation scale) dense GEMM on AMX tiles".format(a["mode"])
@@ -762,7 +762,8 @@ def hand_amx_bytes(steps: list[Step], graph_outputs=()) -> list[Step]:
     out = list(steps)
     for i, s in enumerate(steps):
         n = s.node
-        if n.op_type != "QLinear" or not isinstance(s.impl, Int8Amx) or s.impl.residual or len(n.outputs) != 1:
+        if n.op_type != "QLinear" or not isinstance(s.impl, Int8Amx) or s.impl.residual or \
+                s.impl.requantize is not None or len(n.outputs) != 1:
             continue
         o = n.outputs[0]
         takers, grid = _byte_takers(steps, readers, o)

@@ -906,6 +906,35 @@ def test_the_lanes_kernel_requantizes_as_the_int8_kernel_does(tokens):
     assert not lanes.hands_to(lanes)
 
 
+@pytest.mark.parametrize("tokens", [1, 37, 130])
+def test_the_amx_kernel_requantizes_as_the_int8_kernel_does(tokens):
+    """A QLinearMatMul's output on AMX's tiles (amx_ir's `requantize`: QOperator files' int8
+    layers): bit for bit Int8Linear's, whose QOperator tests hold it to ONNX Runtime, with
+    and without a residual and GELU, its tiles compressed and dense."""
+    from sparsejit.kernels.amx import Int8Amx, has_amx
+    from sparsejit.kernels.int8 import Int8Linear
+
+    if not has_amx("int8"):
+        pytest.skip("no AMX-INT8 on this CPU (or no permission for its tiles)")
+    rng = np.random.default_rng(tokens)
+    k, m = 300, 72
+    w = rng.integers(-128, 128, (k, m)).astype(np.int8)
+    w[rng.random((k, m)) < 0.9] = 0
+    scale = ((rng.random(m) + 0.5) * 0.002).astype(np.float32)
+    requantize = np.stack([np.full(m, 0.05, np.float32), np.full(m, -128 - 3, np.float32),
+                           np.full(m, 127 - 3, np.float32)])  # (int8 output, zero point 3)
+    x = (rng.standard_normal((tokens, k)) * 4).astype(np.float32)
+    r = rng.standard_normal((tokens, m)).astype(np.float32)
+    for activation, residual in [("none", True), ("gelu", False), ("none", False)]:
+        args = (w, scale, "static", np.float32(0.05), np.uint8(128), rng.standard_normal(m).astype(np.float32),
+                activation, residual)
+        want = Int8Linear(*args, requantize)(x, r if residual else None)
+        for compressed in (True, False):
+            amx = Int8Amx(*args, compressed=compressed, requantize=requantize)
+            assert amx.config.requantize and amx.config.compressed == compressed
+            np.testing.assert_array_equal(amx(x, r if residual else None), want, err_msg=f"{activation} {compressed}")
+
+
 @pytest.mark.parametrize(("k", "m", "tokens", "requantize", "signed", "mode"), [
     (768, 48, 128, True, False, "static"),    # whole tiles, a QLinearMatMul's requantized sums (QOperator's Q, K, V)
     (256, 32, 37, False, True, "static"),     # a partial last tile, int8 bytes
@@ -952,17 +981,18 @@ def test_qoperator_q_k_and_v_are_stored_as_their_quantizelinears_bytes(monkeypat
     """plan.hand_quantized_outputs: QOperator's Q, K and V projections (one lanes kernel)
     each read by a QuantizeLinear alone store those bytes themselves, and the
     QuantizeLinears are no longer steps. Outputs bit for bit those of a load without it, at
-    several shapes with padding; `Model.values` still gives the floats, the same."""
+    several shapes with padding; `Model.values` still gives the floats, the same. (VNNI's
+    kernels forced: where the CPU has AMX, its requantizing kernel may win the race.)"""
     _lanes_cpu()
     from sparsejit import plan
 
     path = INT8 / "bert_op14_p90_int8_qoperator.onnx"
-    model = sparsejit.load(path)
+    model = sparsejit.load(path, kernels="sparse")
     groups = [s for s in model._executor.steps if s.lean is not None and s.node.op_type == "QLinearGroup"]
     assert len(groups) == 2 and all(len(s.node.outputs) == 6 for s in groups)
     kinds = [s.node.op_type for s in model._executor.steps]
     monkeypatch.setattr(plan, "QUANTIZED_OUTPUTS", False)
-    plain = sparsejit.load(path)
+    plain = sparsejit.load(path, kernels="sparse")
     assert [s.node.op_type for s in plain._executor.steps].count("QuantizeLinear") == kinds.count("QuantizeLinear") + 6
     _same_outputs_and_floats(model, plain, [o for s in groups for o in s.lean[0]])
 
@@ -1061,19 +1091,19 @@ def test_qoperator_layers_on_the_lanes_kernel_take_every_byte_handed_to_them(mon
     dequantized on the grid its dense layer quantizes to, straight to that layer
     (hand_dequantized_bytes, through rows.bytes_rows). Outputs bit for bit those of a load
     with none of them, at several shapes with padding; every float left out, when asked
-    for, the same."""
+    for, the same. (VNNI's kernels forced, as above.)"""
     _lanes_cpu()
     from sparsejit import plan
 
     path = INT8 / "bert_op14_p90_int8_qoperator.onnx"
     monkeypatch.setattr(plan, "LANES_WORTH", 100.0)
-    model = sparsejit.load(path)
+    model = sparsejit.load(path, kernels="sparse")
     lean = [s for s in model._executor.steps if s.lean is not None]
     kinds = [s.node.op_type for s in lean]
     assert (kinds.count("RowGroup"), kinds.count("QLinearGroup"), kinds.count("DequantizeLinear")) == (6, 2, 2), kinds
     for flag in ("ROW_BYTES", "QUANTIZED_OUTPUTS", "DEQUANTIZED_BYTES"):
         monkeypatch.setattr(plan, flag, False)
-    plain = sparsejit.load(path)
+    plain = sparsejit.load(path, kernels="sparse")
     assert not any(s.lean for s in plain._executor.steps)
     _same_outputs_and_floats(model, plain, [o for s in lean for o in s.lean[0]])
 
