@@ -878,6 +878,19 @@ def test_a_model_on_the_lanes_kernel_runs_in_several_threads_at_once(tmp_path):
     assert p.stdout.split()[-1] == "0", p.stdout
 
 
+def _requantizing_case(tokens: int, k: int, m: int) -> tuple:
+    """(rng, a 90%-sparse int8 weight [k, m], its scales, a QLinearMatMul's requantize rows for
+    an int8 output of zero point 3, x [tokens, k], a residual [tokens, m])."""
+    rng = np.random.default_rng(tokens)
+    w = rng.integers(-128, 128, (k, m)).astype(np.int8)
+    w[rng.random((k, m)) < 0.9] = 0
+    scale = ((rng.random(m) + 0.5) * 0.002).astype(np.float32)
+    requantize = np.stack([np.full(m, 0.05, np.float32), np.full(m, -128 - 3, np.float32),
+                           np.full(m, 127 - 3, np.float32)])
+    x = (rng.standard_normal((tokens, k)) * 4).astype(np.float32)
+    return rng, w, scale, requantize, x, rng.standard_normal((tokens, m)).astype(np.float32)
+
+
 @pytest.mark.parametrize("tokens", [1, 37])
 def test_the_lanes_kernel_requantizes_as_the_int8_kernel_does(tokens):
     """A QLinearMatMul's output (QOperator files): the scaled sums clamped to the output
@@ -886,18 +899,10 @@ def test_the_lanes_kernel_requantizes_as_the_int8_kernel_does(tokens):
     _lanes_cpu()
     from sparsejit.kernels.int8 import Int8Lanes, Int8Linear
 
-    rng = np.random.default_rng(tokens)
-    k, m = 300, 64
-    w = rng.integers(-128, 128, (k, m)).astype(np.int8)
-    w[rng.random((k, m)) < 0.9] = 0
-    scale = ((rng.random(m) + 0.5) * 0.002).astype(np.float32)
-    requantize = np.stack([np.full(m, 0.05, np.float32), np.full(m, -128 - 3, np.float32),
-                           np.full(m, 127 - 3, np.float32)])  # (int8 output, zero point 3)
-    args = (w, scale, "static", np.float32(0.05), np.uint8(128), rng.standard_normal(m).astype(np.float32), "none",
+    rng, w, scale, requantize, x, r = _requantizing_case(tokens, 300, 64)
+    args = (w, scale, "static", np.float32(0.05), np.uint8(128), rng.standard_normal(64).astype(np.float32), "none",
             True, requantize)
     lanes, plain = Int8Lanes(*args), Int8Linear(*args)
-    x = (rng.standard_normal((tokens, k)) * 4).astype(np.float32)
-    r = rng.standard_normal((tokens, m)).astype(np.float32)
     got = lanes(x, r)
     np.testing.assert_array_equal(got, plain(x, r))
     np.testing.assert_array_equal(got, lanes.reference(x, r))
@@ -916,17 +921,9 @@ def test_the_amx_kernel_requantizes_as_the_int8_kernel_does(tokens):
 
     if not has_amx("int8"):
         pytest.skip("no AMX-INT8 on this CPU (or no permission for its tiles)")
-    rng = np.random.default_rng(tokens)
-    k, m = 300, 72
-    w = rng.integers(-128, 128, (k, m)).astype(np.int8)
-    w[rng.random((k, m)) < 0.9] = 0
-    scale = ((rng.random(m) + 0.5) * 0.002).astype(np.float32)
-    requantize = np.stack([np.full(m, 0.05, np.float32), np.full(m, -128 - 3, np.float32),
-                           np.full(m, 127 - 3, np.float32)])  # (int8 output, zero point 3)
-    x = (rng.standard_normal((tokens, k)) * 4).astype(np.float32)
-    r = rng.standard_normal((tokens, m)).astype(np.float32)
+    rng, w, scale, requantize, x, r = _requantizing_case(tokens, 300, 72)
     for activation, residual in [("none", True), ("gelu", False), ("none", False)]:
-        args = (w, scale, "static", np.float32(0.05), np.uint8(128), rng.standard_normal(m).astype(np.float32),
+        args = (w, scale, "static", np.float32(0.05), np.uint8(128), rng.standard_normal(72).astype(np.float32),
                 activation, residual)
         want = Int8Linear(*args, requantize)(x, r if residual else None)
         for compressed in (True, False):
