@@ -347,6 +347,12 @@ class Executor:
             self._tape(key, feeds)
         return results
 
+    def settled(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...]) -> bool:
+        """Whether runs of these inputs' shapes (for these outputs) run as they will from now
+        on: their tape made, and kept or dropped after its trial replays, or refused."""
+        tape = self._tapes.get((self.signature(feeds), tuple(outputs)), False)
+        return tape is None or tape is not False and (tape.dead or tape.replays >= TAPE_TRIAL)
+
     def _tape(self, key: tuple, feeds: dict[str, np.ndarray]) -> None:
         """A tape of a signature (sparsejit.tape), made by this thread while no other makes
         one."""

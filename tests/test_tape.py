@@ -560,6 +560,30 @@ def test_quantized_files_replay_the_steps_between_their_int8_layers(name):
         assert_replays_run_as_before(model, t, inputs)
 
 
+def test_the_bench_warms_sparsejit_up_until_its_shape_is_settled(monkeypatch):
+    """Executor.settled: not before a shape's tape is made, nor during its trial replays
+    (kept or dropped after them); where no tape is made (tapes off), once the runs that
+    would have made one are done. `sparsejit
+    bench`'s worker warms sparsejit up until then (benchmark's `settle`), so that its
+    timed runs are those of the shape's steady state."""
+    from sparsejit import benchmark
+
+    run, specs = benchmark._load("sparsejit", str(FP32), 2, 9, 2)
+    model = next(c.cell_contents for c in run.__closure__ if isinstance(c.cell_contents, sparsejit.Model))
+    xs = benchmark.make_inputs(specs, 2, 9)
+    feeds, outs = dict(zip((n for n, _ in specs), xs)), tuple(model.output_names)
+    assert not model._executor.settled(feeds, outs)
+    run.settle(xs)
+    t = tape_of(model, feeds)
+    assert model._executor.settled(feeds, outs) and t is not None and t.replays == executor.TAPE_TRIAL
+    monkeypatch.setattr(tape, "ENABLED", False)
+    other = benchmark.make_inputs(specs, 1, 5)
+    model.run(other)  # (its shape-only values first; then the tape refused at once)
+    for _ in range(executor.TAPE_AFTER):
+        model.run(other)
+    assert model._executor.settled(dict(zip((n for n, _ in specs), other)), outs)
+
+
 def test_ffn_layers_over_token_tiles_run_as_python():
     """From executor.TILE_FROM tokens a block's FFN pair runs over token tiles, copying
     each tile's output in numpy: such a chain stays Python, the rest is replayed."""
