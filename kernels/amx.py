@@ -241,9 +241,6 @@ class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
                  requantize: np.ndarray | None = None):
         _Quantized.__init__(self, weight, scale, mode, x_scale, x_zero_point, bias, activation, residual, requantize)
         self._set_vnni_terms(weight)
-        if requantize is not None:
-            rows = np.broadcast_to(np.asarray(requantize, np.float32), (3, self.out_features))
-            self._kbias = np.concatenate([self._kbias, rows.reshape(-1)])
         self._fns = _quantize_fns()
         self._bytes_fns: dict[bool, int] = {}  # (bytes_on's kernels, by whether the grid is unsigned)
         self._grids: dict[bytes, np.ndarray] = {}  # (bytes_on's terms, by grid: _terms_on)

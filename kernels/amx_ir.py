@@ -256,10 +256,8 @@ def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _O
         bias = e.splat(e(f"load float, ptr {e.gep('%bias', j)}, align 4"))
         sums = [e.vload(e.gep(scratch, e(f"add i64 {e(f'mul i64 {r}, {TOKENS}')}, {(2 * a + b) * ROWS * TOKENS}")),
                         None) for b in range(tiles)]
-        if cfg.dot == "int8" and cfg.requantize:
-            ys = _requantized_sums(e, sums, j, bias)
-        elif cfg.dot == "int8":
-            ys = scaled_sums(e, sums, j, bias, True)
+        if cfg.dot == "int8":
+            ys = scaled_sums(e, sums, j, bias, True, cfg.requantize)
         else:
             ys = [e(f"fadd {e.vt} {s}, {bias}") for s in sums]
         masks = e.lane_masks(t, tiles, "%ntok")
@@ -284,27 +282,6 @@ def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _O
                 e.vstore(epilogue(e, cfg.activation, y, residual, mask), e.vptr("%yt", yoff, b), mask)
         e.br(skip)
         e.label(skip)
-
-
-def _requantized_sums(e: Builder, sums: list[str], j: str, bias: str) -> list[str]:
-    """Row j's sums (i32 as float bits) less the zero point's correction, times its scale,
-    clamped to [%bias[4m + j], %bias[5m + j]], rounded half to even, times %bias[3m + j],
-    plus `bias`: int8_ir's epilogue with `requantize`, in its order."""
-    iv, vt = f"<{e.lanes} x i32>", e.vt
-
-    def term(k: int, ty: str = "float") -> str:
-        at = e(f"add i64 {j}, {e(f'mul i64 %m, {k}')}") if k > 1 else e(f"add i64 {j}, %m")
-        return e(f"load {ty}, ptr {e.gep('%bias', at, 'i32' if ty == 'i32' else 'float')}, align 4")
-
-    scale, corr = e.splat(term(1)), e.splat_i32(term(2, "i32"))
-    sy, lo, hi = (e.splat(term(k)) for k in (3, 4, 5))
-    out = []
-    for v in sums:
-        ints = e(f"sub {iv} {e(f'bitcast {vt} {v} to {iv}')}, {corr}")
-        y = e(f"fmul {vt} {e(f'sitofp {iv} {ints} to {vt}')}, {scale}")
-        y = e(f"fmul {vt} {e.vcall('roundeven', e.vcall('minnum', e.vcall('maxnum', y, lo), hi))}, {sy}")
-        out.append(e(f"fadd {vt} {y}, {bias}"))
-    return out
 
 
 def _panels(e: Builder, cfg: AmxConfig) -> None:

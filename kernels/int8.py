@@ -243,14 +243,17 @@ class _Quantized:
     def _set_vnni_terms(self, weight: np.ndarray) -> None:
         """What the VNNI kernels' epilogue reads (sparse_ir's and dense_ir's `int8`): the
         weight's column sums, and [bias | output scale | the zero point's correction
-        (i32)], the last two fixed at load when x's quantization is static."""
+        (i32)], the last two fixed at load when x's quantization is static; then, for a
+        requantized output, [its scale | lowest | highest] (lanes_ir's and amx_ir's)."""
         m = self.out_features
         self.colsum = weight.sum(axis=0, dtype=np.int32)
-        self._kbias = np.zeros(3 * m, np.float32)
+        self._kbias = np.zeros((3 if self.requantize is None else 6) * m, np.float32)
         self._kbias[:m] = self.bias
         if self.mode != "dynamic":
             self._kbias[m:2 * m] = output_scale(self.mode, np.float32(self.x_scale), self.scale)
-            self._kbias[2 * m:].view(np.int32)[:] = (self._zero - self._lo) * self.colsum
+            self._kbias[2 * m:3 * m].view(np.int32)[:] = (self._zero - self._lo) * self.colsum
+        if self.requantize is not None:
+            self._kbias[3 * m:] = np.broadcast_to(np.asarray(self.requantize, np.float32), (3, m)).reshape(-1)
 
     def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
         return reference_qlinear(x, residual, weight=self.dense_weight(), scale=self.scale, mode=self.mode,
@@ -727,9 +730,6 @@ class Int8Lanes(_HandsOver, _Quantized):
         self.starts, self.idx, self.w = lane_slots(weight)
         self.windows = -(-self.in_features // WINDOW)
         self._set_vnni_terms(weight)
-        if requantize is not None:  # [bias | scale | correction | output scale | lowest | highest] (lanes_ir)
-            rows = np.broadcast_to(np.asarray(requantize, np.float32), (3, self.out_features))
-            self._kbias = np.concatenate([self._kbias, rows.reshape(-1)])
         self._fns = (*_quantize_fns(), compile_ir(lanes_ir(self.config), LANES_SIGNATURE.name))
         self._per_thread = threading.local()
         self._bounds: dict[int, np.ndarray] = {}  # each part's groups, by the thread count

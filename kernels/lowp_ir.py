@@ -62,18 +62,29 @@ def pack_pair_rows(e: Builder, src: str, ld: str, rows: str, dst: str, ldd: str,
     e.loop(p0, p1, 1, [], lambda p, _: e.tiles("0", ntok, e.lanes, lambda t: tile(p, t)) or [])
 
 
-def scaled_sums(e: Builder, sums: list[str], j: str, bias: str, int8: bool) -> list[str]:
+def scaled_sums(e: Builder, sums: list[str], j: str, bias: str, int8: bool, requantize: bool = False) -> list[str]:
     """Row j's sums times its scale %bias[m + j], plus `bias` (its bias, splat); int8: the
     sums are i32 (as float bits), less the zero point's correction %bias[2m + j] (an i32)
-    and converted first (int8.Int8Linear's epilogue)."""
+    and converted first (int8.Int8Linear's epilogue); `requantize` (int8): the scaled sums
+    clamped to [%bias[4m + j], %bias[5m + j]], rounded half to even and times
+    %bias[3m + j] before the bias, as int8_ir's epilogue does (a QLinearMatMul's output)."""
     iv, vt = f"<{e.lanes} x i32>", e.vt
-    scale = e.splat(e(f"load float, ptr {e.gep('%bias', e(f'add i64 {j}, %m'))}, align 4"))
+
+    def term(k: int, ty: str = "float") -> str:  # %bias[k·m + j]
+        at = e(f"add i64 {j}, {e(f'mul i64 %m, {k}') if k > 1 else '%m'}")
+        return e(f"load {ty}, ptr {e.gep('%bias', at, ty)}, align 4")
+
+    scale = e.splat(term(1))
     if int8:
-        at = e(f"add i64 {j}, {e('mul i64 %m, 2')}")
-        corr = e.splat_i32(e(f"load i32, ptr {e.gep('%bias', at, 'i32')}, align 4"))
+        corr = e.splat_i32(term(2, "i32"))
         ints = [e(f"sub {iv} {e(f'bitcast {vt} {v} to {iv}')}, {corr}") for v in sums]
         sums = [e(f"sitofp {iv} {v} to {vt}") for v in ints]
-    return [e(f"fadd {vt} {e(f'fmul {vt} {v}, {scale}')}, {bias}") for v in sums]
+    ys = [e(f"fmul {vt} {v}, {scale}") for v in sums]
+    if requantize:
+        sy, lo, hi = (e.splat(term(k)) for k in (3, 4, 5))
+        ys = [e(f"fmul {vt} {e.vcall('roundeven', e.vcall('minnum', e.vcall('maxnum', y, lo), hi))}, {sy}")
+              for y in ys]
+    return [e(f"fadd {vt} {y}, {bias}") for y in ys]
 
 
 def quantized_ir(out: str, x: str, scale: str, zero: str, lo: str, hi: str) -> str:
