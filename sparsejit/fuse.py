@@ -284,6 +284,11 @@ def _byte_grid(m: _Matcher, node: Node) -> list[np.ndarray] | None:
     return found if found is not None and found[1].dtype in BYTE_TYPES else None
 
 
+def _equal_grids(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    """Whether two _byte_grid grids are one: the same scale and zero point, of one type each."""
+    return all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
+
+
 def _plain(q: Node) -> bool:
     """A QuantizeLinear with none of opset 21's and later's variants (blocks, another
     output type, another precision)."""
@@ -698,8 +703,7 @@ def fuse_fake_quantize(graph: Graph) -> Graph:
     for dq in graph.nodes:
         q = m.made_by(dq.inputs[0], "QuantizeLinear") if dq.op_type == "DequantizeLinear" else None
         read, wrote = (_byte_grid(m, dq), _byte_grid(m, q)) if q is not None and _plain(q) else (None, None)
-        if read is None or wrote is None or read[0].dtype != np.float32 or \
-                not all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(read, wrote)):
+        if read is None or wrote is None or read[0].dtype != np.float32 or not _equal_grids(read, wrote):
             continue
         m.replace([dq], Node("FakeQuantize", dq.name, [q.inputs[0], *q.inputs[1:3]], list(dq.outputs)))
     return m.result()
@@ -756,8 +760,7 @@ def round_trips(grid: list[np.ndarray]) -> bool:
 
 def _same_grid(m: _Matcher, a: Node, b: Node) -> bool:
     ga, gb = _byte_grid(m, a), _byte_grid(m, b)
-    return ga is not None and gb is not None and all(x.dtype == y.dtype and np.array_equal(x, y)
-                                                     for x, y in zip(ga, gb)) and round_trips(ga)
+    return ga is not None and gb is not None and _equal_grids(ga, gb) and round_trips(ga)
 
 
 def _bytes_moved(m: _Matcher, q: Node) -> list[Node] | None:
