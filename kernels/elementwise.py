@@ -609,8 +609,9 @@ class QAttention:
         mask = mask.reshape(call.mask)
         if mask.shape[3] != t or not mask.flags.c_contiguous:
             mask = np.ascontiguousarray(np.broadcast_to(mask, (*mask.shape[:3], t)))
-        b, h, rows, dv = call.out  # (written with the heads merged, [b, rows, h, dv]: the Transpose and
-        out = aligned_empty((b, rows, h, dv), self.types[4]).transpose(0, 2, 1, 3)  # Reshape after it are views)
+        b, h, rows, dv = call.out  # (written with the heads merged, [b, rows, h, dv], by _prepare's strides in
+        out = aligned_empty((b, rows, h, dv), self.types[4]).transpose(0, 2, 1, 3)  # the slots: the Transpose and
+        # Reshape after it are views)
         if out.size == 0:
             return out
         made = taping()
@@ -622,7 +623,6 @@ class QAttention:
             scratch = _NO_TABLE
             for k, x in zip((0, 10, 20, 30, 35), (q, kt, v, mask, out)):
                 slots[:, k] = address(x)
-            slots[:, 46:50] = out.strides
             if call.scratch is not None:  # (in this thread's arena, or a tape's: layout.call_scratch)
                 at, size = call.scratch
                 scratch = call_scratch(size)
@@ -657,7 +657,8 @@ class QAttention:
                                         exact_floats(t, np.empty(0, self.pz.dtype), self.pz, v, self.vz)), 0
         slots = np.zeros((parts, SLOTS + len(SCRATCH) * vnni), np.int64)
         slots[:, :SLOTS] = [*_strided(q), *_strided(kt), *_strided(v), 0, *shape[:3], t, 0, batch, heads, rows, dv,
-                            *self.tail, address(self.tables[3]), lookup, 0, 0, 0, 0]  # (the output's strides last)
+                            *self.tail, address(self.tables[3]), lookup,
+                            rows * heads * dv, dv, heads * dv, 1]  # (the output's byte strides, its heads merged)
         calls = new_calls(parts, 1, QATTENTION)
         calls[:, :6] = [[1, fn, 0, address(self.floats), c * tasks // parts, (c + 1) * tasks // parts]
                         for c in range(parts)]
