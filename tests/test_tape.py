@@ -120,14 +120,17 @@ DEGENERATE = """
 
 def test_degenerate_shapes_taped_at_two_threads():
     """No batch, one token, fewer tokens than threads: taped (or refused) and replayed
-    at two threads, float32 and static INT8, every run as before the tape (in a fresh
-    interpreter: a crash fails this test, not the run)."""
+    at two threads, float32 and static INT8, dynamic INT8 (its grid launches), and QDQ and
+    QOperator files (their row groups, QOperator attention, the lanes kernel), every run as
+    before the tape (in a fresh interpreter: a crash fails this test, not the run)."""
     from test_robustness import run_python
 
-    paths = [str(FP32), str(MODELS_DIR / "int8" / "bert_block4_p90_int8_sparseml.onnx")]
+    paths = [str(FP32)] + [str(MODELS_DIR / "int8" / f"{name}.onnx") for name in (
+        "bert_block4_p90_int8_sparseml", "bert_block4_p90_int8_dynamic", "bert_block4_p90_int8_qdq",
+        "bert_op14_p90_int8_qoperator")]
     out = run_python(DEGENERATE.replace("PATHS", repr(paths))).stdout
     lines = [line for line in out.splitlines() if line.endswith(("taped", "no tape"))]
-    assert len(lines) == 10 and all(line.endswith(" taped") for line in lines if " 0 7 " not in line), out
+    assert len(lines) == 5 * len(paths) and all(line.endswith(" taped") for line in lines if " 0 7 " not in line), out
     # (the empty batch: taped or not, as its steps allow; its runs as before either way)
 
 
@@ -690,28 +693,35 @@ def test_fork_and_threads_on_a_tape(path):
     assert out.returncode == 0
 
 
-@pytest.mark.parametrize("case", ["int8-amx", "bf16-amx"])
+@pytest.mark.parametrize("case", ["int8-amx", "bf16-amx", "dynamic", "qdq", "qoperator-op14"])
 def test_fork_and_threads_on_the_handovers(case, tmp_path):
     """The kernels' handovers (AMX FFN1's bytes and the attention's from 512 tokens on a
-    static file as `sparsejit quantize` makes it; bf16 AMX FFN1's pair rows) on a tape: a
-    forked child runs it, four threads share it, and one token per row (a degenerate shape)
-    runs too, in a fresh interpreter, where a crash fails this test, not the run."""
+    static file as `sparsejit quantize` makes it; bf16 AMX FFN1's pair rows) and a quantized
+    file's launches (dynamic INT8's grid; QDQ's and QOperator's row groups, attention and
+    lanes kernel) on a tape: a forked child runs it, four threads share it, and one token
+    per row (a degenerate shape) runs too, in a fresh interpreter, where a crash fails this
+    test, not the run."""
     from sparsejit.kernels.amx import has_amx
     from test_robustness import fork_and_threads, run_python
 
-    if not has_amx("int8" if case == "int8-amx" else "bf16"):
+    files = {"dynamic": "bert_block4_p90_int8_dynamic", "qdq": "bert_block4_p90_int8_qdq",
+             "qoperator-op14": "bert_op14_p90_int8_qoperator"}
+    if case in files:
+        code = fork_and_threads(MODELS_DIR / "int8" / f"{files[case]}.onnx", batch=2, seq=20)
+    elif not has_amx("int8" if case == "int8-amx" else "bf16"):
         pytest.skip("this CPU has no AMX")
-    if case == "int8-amx":
+    elif case == "int8-amx":
         from sparsejit.quantize import quantize_model
 
         path = quantize_model(MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx", tmp_path / "s.onnx", "static")
         code = fork_and_threads(path, batch=8, seq=70, kernels="dense")
     else:
         code = fork_and_threads(MODELS_DIR / "bert_eager_h128_op17_legacy_block4_p90.onnx", "bf16", kernels="dense")
+    handover = "" if case in files else (
+        "    assert any(len(s.node.outputs) == 2 and s.node.op_type in ('QLinear', 'Linear', 'AttentionCore')"
+        " for s in model._executor.steps)\n")
     warmed = ("    for _ in range(2 + executor.TAPE_AFTER):\n        model.run(feeds)\n"
-              "    assert model._executor._tapes and all(model._executor._tapes.values())\n"
-              "    assert any(len(s.node.outputs) == 2 and s.node.op_type in ('QLinear', 'Linear', 'AttentionCore')"
-              " for s in model._executor.steps)\n    first")
+              "    assert model._executor._tapes and all(model._executor._tapes.values())\n" + handover + "    first")
     code = code.replace("    model.run(feeds)\n    first", warmed).replace(
         "import os,", "from sparsejit import executor\n    executor.TAPE_SAVES = 1.0\n    import os,")
     code += "    for b in (1, 3):\n        model.run(make_inputs(model.input_names, b, 1))\n"
