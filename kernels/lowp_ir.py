@@ -14,6 +14,8 @@ bitcast their operands.
 
 from __future__ import annotations
 
+import numpy as np
+
 from .ir import Builder
 
 BF16_DOT = "llvm.x86.avx512bf16.dpbf16ps.512"
@@ -87,11 +89,38 @@ def scaled_sums(e: Builder, sums: list[str], j: str, bias: str, int8: bool, requ
     return [e(f"fadd {vt} {y}, {bias}") for y in ys]
 
 
-def quantized_ir(out: str, x: str, scale: str, zero: str, lo: str, hi: str) -> str:
+def inverse(scale: float) -> np.float32 | None:
+    """1/scale in float32 where `quantized_ir` may divide by it (a multiply and two fmas,
+    `quotient_ir`) and keep every quantized value that of x / scale: scale within
+    [2^-64, 2^64], so 1/scale and the remainder stay normal wherever the quotient is not
+    far below 1/2 (rounded to 0 either way); None where it must divide."""
+    s = np.float32(scale)
+    return np.float32(1) / s if np.isfinite(s) and 2.0 ** -64 <= s <= 2.0 ** 64 else None
+
+
+def quotient_ir(out: str, x: str, scale: str, inv: str) -> str:
+    """IR lines making float `out` x / scale rounded to the nearest float, by its inverse
+    `inv` (`inverse`, correctly rounded) without the divider: q = x·inv, then q corrected
+    by the exact remainder x − q·scale (an fma) times inv (Markstein's theorem: the result
+    is the correctly rounded quotient where the remainder is normal). Where x / scale
+    overflows, q's ±inf is kept (its correction is NaN). A float quotient whose remainder
+    is subnormal, |x / scale| below 2^-38 under `inverse`'s bound, may differ in its last
+    bits: it rounds to 0 either way."""
+    return (f"  {out}.q = fmul float {x}, {inv}\n  {out}.nq = fneg float {out}.q\n"
+            f"  {out}.re = call float @llvm.fma.f32(float {out}.nq, float {scale}, float {x})\n"
+            f"  {out}.q1 = call float @llvm.fma.f32(float {out}.re, float {inv}, float {out}.q)\n"
+            f"  {out}.ok = fcmp ord float {out}.q1, {out}.q1\n"
+            f"  {out} = select i1 {out}.ok, float {out}.q1, float {out}.q\n")
+
+
+def quantized_ir(out: str, x: str, scale: str, zero: str, lo: str, hi: str, inv: str | None = None) -> str:
     """IR lines making float `out` QuantizeLinear's value of float `x`, still a float:
     clamp(roundeven(x / scale) + zero, lo, hi), NaN giving 0 before the clamp, as the
-    Numba kernels' `quantized` (lowp_ir.quantized is its vector twin)."""
-    return (f"  {out}.d = fdiv float {x}, {scale}\n  {out}.r = call float @llvm.roundeven.f32(float {out}.d)\n"
+    Numba kernels' `quantized` (lowp_ir.quantized is its vector twin). With `inv`, scale's
+    `inverse`, the quotient is `quotient_ir`'s (the same values; the divider's throughput
+    is what bounds the row kernels)."""
+    d = quotient_ir(f"{out}.d", x, scale, inv) if inv else f"  {out}.d = fdiv float {x}, {scale}\n"
+    return (f"{d}  {out}.r = call float @llvm.roundeven.f32(float {out}.d)\n"
             f"  {out}.z = fadd float {out}.r, {zero}\n  {out}.nan = fcmp uno float {out}.z, {out}.z\n"
             f"  {out}.n = select i1 {out}.nan, float 0.0, float {out}.z\n"
             f"  {out}.lo = call float @llvm.maxnum.f32(float {out}.n, float {lo})\n"

@@ -57,11 +57,12 @@ from .layout import (
     unit_token_stride,
     zero_launch,
 )
-from .lowp_ir import quantized_ir
+from .lowp_ir import inverse, quantized_ir
 
 ROW_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "FakeQuantize", "QuantizeLinear", "DequantizeLinear", "Lookup",
            "ReduceMean")
 BYTES = (np.dtype(np.uint8), np.dtype(np.int8))
+INVERSE = object()  # (INVERSE, key): the scalar that is scalar key's inverse (RowKernel.scalars)
 SIGNS = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}  # (LLVM's f<sign>)
 
 
@@ -188,9 +189,19 @@ declare float @llvm.roundeven.f32(float)
 declare float @llvm.maxnum.f32(float, float)
 declare float @llvm.minnum.f32(float, float)
 declare float @llvm.sqrt.f32(float)
+declare float @llvm.fma.f32(float, float, float)
 declare <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8>, <64 x i8>, <64 x i8>)
 !0 = distinct !{}
+attributes #1 = { "prefer-vector-width"="512" }
 """
+
+
+def wide_loops() -> bool:
+    """Whether the row loops take 16 floats at a time in zmm registers (`_DECLARES`' #1
+    and a width in each loop's metadata): where the CPU has AVX-512. LLVM's cost model
+    took 4 or 8, the row sums' doubles in 256 bits, the width it prefers on Intel's
+    cores; on AVX2 its own choice stays."""
+    return "+avx512f" in host_cpu()[1].split(",")
 
 
 def permutes() -> bool:
@@ -331,13 +342,26 @@ class RowKernel:
         self._constants.update({("table", t): np.ascontiguousarray(table) for t, table in self.tables.items()})
         self._constants.update({("quad table", o): grid_bytes(self.tables[o], self.quads[o]) for o in self.quads
                                 if o in self.tables})  # (a Lookup's bytes: looked up, not quantized)
-        self._constants["scalars", ""] = np.array([self.quads[i[0]][i[1]] if isinstance(i, tuple) else
-                                                   self.arrays[i].reshape(-1)[0] for i in self.scalars], np.float32)
+        self._constants["scalars", ""] = np.array([self._scalar(i) for i in self.scalars], np.float32)
         self._fixed = {s: address(a) for s, a in self._constants.items()}
         self._lock = threading.Lock()
         self._once = {stage: [(n, _once_fn(n, opset)) for n in nodes] for stage, nodes in self.once.items()}
         self._calls: dict[tuple, _Call | None] = {}  # by the inputs' shapes, layouts and types: see _prepare
         self._taped: dict[tuple, np.ndarray] = {}  # (the slots of the tape made last, by the same key)
+
+    def _scalar(self, key) -> np.float32:
+        """The float32 the kernel reads as scalar `key` (`scalars`): a constant's, a quad's
+        grid's m-th (o, m), or the inverse of another's (INVERSE, key)."""
+        if isinstance(key, tuple) and key[0] is INVERSE:
+            return inverse(self._scalar(key[1]))
+        if isinstance(key, tuple):
+            return np.float32(self.quads[key[0]][key[1]])
+        return np.float32(self.arrays[key].reshape(-1)[0])
+
+    def _inverse(self, key) -> str | None:
+        """The IR name of scalar `key`'s inverse, where the kernel has it."""
+        k = self.scalars.get((INVERSE, key))
+        return None if k is None else f"%k{k}"
 
     def _type(self, name: str) -> np.dtype:
         n = self.values[name].node
@@ -379,6 +403,11 @@ class RowKernel:
             if self.values[o].kind != "row" or self._type(o) != np.float32:
                 raise ValueError(f"a row group stores the bytes of a float row value, not of {o!r}")
             self.scalars.update({(o, m): len(self.scalars) + m for m in range(4)})
+        # each grid's scale's inverse, where the quotient may be taken by it (lowp_ir.inverse)
+        scales = [n.inputs[1] for n in self.nodes if n.op_type in ("FakeQuantize", "QuantizeLinear")]
+        for key in dict.fromkeys(scales + [(o, 0) for o in self.quads if o not in self.tables]):
+            if inverse(self._scalar(key)) is not None:
+                self.scalars[INVERSE, key] = len(self.scalars)
         self.vectors = [i for i, c in self.arrays.items() if c.size > 1]
         rows_out = self.rows_out = [o for o in self.outputs if self.values[o].kind == "row"]
         self.slots = ([("x", x) for x in self.names] + [("y", o) for o in rows_out] + [("kept", o) for o in self.keep]
@@ -462,7 +491,7 @@ class RowKernel:
             return lines + [f"  {v}.d = fsub float {x}, {zero}", f"  {v} = fmul float {v}.d, {scale}"]
         info = np.iinfo(self.arrays[n.inputs[2]].dtype)
         q = v if op == "QuantizeLinear" else f"{v}.q"
-        lines += quantized_ir(q, x, scale, zero, _lit(info.min), _lit(info.max)).splitlines()
+        lines += quantized_ir(q, x, scale, zero, _lit(info.min), _lit(info.max), self._inverse(n.inputs[1])).splitlines()
         if op == "FakeQuantize":
             lines += [f"  {v}.s = fsub float {v}.q, {zero}", f"  {v} = fmul float {v}.s, {scale}"]
         return lines
@@ -491,7 +520,7 @@ class RowKernel:
                 lines += [f"  {v}.qbat = getelementptr i8, ptr %s{self.slot['quad table', o]}, i64 {v}.k",
                           f"  {v}.qb = load i8, ptr {v}.qbat, !llvm.access.group !0"]
             else:
-                lines += quantized_ir(f"{v}.qq", v, scale, zero, lo, hi).splitlines()
+                lines += quantized_ir(f"{v}.qq", v, scale, zero, lo, hi, self._inverse((o, 0))).splitlines()
                 lines += [f"  {v}.qd = fsub float {v}.qq, {lo}", f"  {v}.qi = fptosi float {v}.qd to i32",
                           f"  {v}.qb = trunc i32 {v}.qi to i8"]
             at = f"%i{k}" if self.token else f"{v}.qx"  # (feature-major: row j mod 4 of the four)
@@ -585,9 +614,9 @@ class RowKernel:
         loop: the slots' addresses and scalars loaded; the tokens %ib to %ie its loops
         take, and the features %j0 to %j1 (blocked: a part's tokens' block, every feature)."""
         if self.blocked:  # (a function `blocked` calls)
-            lines = [Signature(name, BLOCK_ARGS).define(), "entry:", "  %j0 = add i64 0, 0"]
+            lines = [Signature(name, BLOCK_ARGS).define(attrs="#1"), "entry:", "  %j0 = add i64 0, 0"]
         else:
-            lines = [Signature(name, ROWS.args).define(), "entry:", "  %ib = add i64 0, 0", "  %ie = add i64 %rows, 0"]
+            lines = [Signature(name, ROWS.args).define(attrs="#1"), "entry:", "  %ib = add i64 0, 0", "  %ie = add i64 %rows, 0"]
         for k, _ in enumerate(self.slots):
             lines += [f"  %s{k}.at = getelementptr i64, ptr %p, i64 {k}", f"  %s{k}.i = load i64, ptr %s{k}.at",
                       f"  %s{k} = inttoptr i64 %s{k}.i to ptr"]
@@ -633,7 +662,7 @@ class RowKernel:
         """Blocked: `blocked`, which takes a part's tokens [j0, j1) BLOCK at a time through
         every pass (`means<stage>` before each but the first)."""
         call = "(ptr %p, i64 %rows, i64 %b, i64 %bend, i64 %slot)"
-        lines = [Signature("blocked", ROWS.args).define(), "entry:", "  br label %head", "head:",
+        lines = [Signature("blocked", ROWS.args).define(attrs="#1"), "entry:", "  br label %head", "head:",
                  "  %b = phi i64 [ %j0, %entry ], [ %bend, %body ]", "  %more = icmp slt i64 %b, %j1",
                  "  br i1 %more, label %body, label %exit", "body:", f"  %bn = add i64 %b, {BLOCK}",
                  "  %bin = icmp slt i64 %bn, %j1", "  %bend = select i1 %bin, i64 %bn, i64 %j1"]
@@ -771,8 +800,11 @@ class RowKernel:
             body += [line for lines in got for line in lines]
         if blocked:
             body += self._blocked_ir()
-        meta = [f"!{2 * m + 1} = distinct !{{!{2 * m + 1}, !{2 * m + 2}}}\n"
+        w = 2 * len(loop_ids) + 1  # (the width's metadata, after the loops')
+        wide = f", !{w}" if wide_loops() else ""
+        meta = [f"!{2 * m + 1} = distinct !{{!{2 * m + 1}, !{2 * m + 2}{wide}}}\n"
                 f"!{2 * m + 2} = !{{!\"llvm.loop.parallel_accesses\", !0}}" for m in loop_ids]
+        meta += [f"!{w} = !{{!\"llvm.loop.vectorize.width\", i32 16}}"] if wide else []
         return "\n".join(body) + _DECLARES + "\n".join(meta) + "\n"
 
     def _passes(self, bytes_in: dict, token: bool, blocked: bool = False) -> list | None:

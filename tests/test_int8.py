@@ -1333,6 +1333,66 @@ def test_row_kernel_is_its_reference(case, permutes, monkeypatch):
     assert kernel(*[np.zeros((0, n), np.float32) for _ in names]) is None
 
 
+def _quotient_inputs(s: float) -> np.ndarray:
+    """Every float32 x with x / s in [32, 64) (one binade of them), every other one
+    negated; the quotients' halfway points k + 1/2 for |k| < 300 and their neighbours;
+    zeros, infinities, NaN, the largest and the subnormal floats; random bit patterns."""
+    s32 = np.float32(s)
+    start, stop = (np.float32(32) * s32).view(np.uint32), (np.float32(64) * s32).view(np.uint32)
+    x = np.arange(start, stop, dtype=np.uint32).view(np.float32)
+    x[1::2] *= -1
+    half = ((np.arange(-300, 300) + 0.5) * np.float64(s32)).astype(np.float32)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.4028235e38, -3.4028235e38, 1e-45, -1e-45,
+                        1.1754942e-38, 1e-30, -1e-30], np.float32)
+    noise = np.random.default_rng(3).integers(0, 2**32, 1 << 20, dtype=np.uint32).view(np.float32)
+    x = np.concatenate([x, half, np.nextafter(half, np.float32(np.inf)), np.nextafter(half, -np.float32(np.inf)),
+                        special, noise])
+    return np.concatenate([x, np.zeros(-len(x) % 256, np.float32)]).reshape(-1, 256)
+
+
+@pytest.mark.parametrize("avx2", [False, True], ids=["host", "avx2"])
+@pytest.mark.parametrize("s", [0.0123, 0.1, 3.0, 7.3e-5, 2.0**-70, 1e30])
+def test_row_kernels_quantize_by_the_scales_inverse_bit_for_bit(s, avx2, monkeypatch):
+    """A row kernel's QuantizeLinear and FakeQuantize divide by their scale without the
+    divider where lowp_ir.inverse allows it (2^-64 <= scale <= 2^64): x times the scale's
+    inverse, corrected by the exact remainder (lowp_ir.quotient_ir). Their values are those
+    of the division, bit for bit, on every float of a binade of quotients, at the halfway
+    points, on zeros, infinities (overflowing quotients), NaN, subnormals and random bit
+    patterns, on int8 and uint8 grids, token-major and feature-major; outside the bounds
+    the kernel divides. Built for this CPU (16 floats a loop step with AVX-512) and for an
+    AVX2 one (LLVM's own width), run here."""
+    from sparsejit.kernels import compile as compile_mod
+    from sparsejit.kernels import rows
+
+    from sparsejit.graph import Node
+
+    if avx2:
+        for mod in (compile_mod, rows):
+            monkeypatch.setattr(mod, "host_cpu", lambda: ("haswell", "+avx2,+fma,+f16c,+popcnt,+avx,+sse4.2"))
+    assert not (avx2 and rows.wide_loops())
+
+    consts = {"s": np.float32(s), "zu": np.uint8(100), "zi": np.int8(-10)}
+    nodes = [Node("QuantizeLinear", "qu", ["x", "s", "zu"], ["qu"]),
+             Node("QuantizeLinear", "qi", ["x", "s", "zi"], ["qi"]),
+             Node("FakeQuantize", "fu", ["x", "s", "zu"], ["fu"]),
+             Node("FakeQuantize", "fi", ["x", "s", "zi"], ["fi"])]
+    outputs = ["qu", "qi", "fu", "fi"]
+    kernel = rows.RowKernel(nodes, ["x"], outputs, consts)
+    assert ((rows.INVERSE, "s") in kernel.scalars) == (2.0**-64 <= s <= 2.0**64)
+    assert ("llvm.loop.vectorize.width" in kernel.source({}, token=True)) == rows.wide_loops()
+    x = _quotient_inputs(s)
+    with np.errstate(all="ignore"):
+        want = rows.reference_rows(x, nodes=nodes, names=["x"], outputs=outputs, consts=consts, opset=17)
+    for layout in ("token", "feature"):
+        given = x if layout == "token" else np.ascontiguousarray(x.T).T  # (each feature's tokens contiguous)
+        got = kernel(given)
+        assert got is not None
+        for g, w, o in zip(got, want, outputs):
+            g, w = np.ascontiguousarray(g), np.ascontiguousarray(w)
+            bits = g.view(np.uint8 if g.itemsize == 1 else np.uint32)
+            np.testing.assert_array_equal(bits, w.view(bits.dtype), err_msg=f"{o} {layout} scale {s}")
+
+
 def test_a_row_kernel_called_from_several_threads_at_once_gives_each_its_own_result():
     """A RowKernel keeps one scratch per input layout (the kept values, the means' sums,
     the bytes' temporary rows), used by one call at a time: threads calling it at once
