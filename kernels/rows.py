@@ -194,13 +194,16 @@ declare <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8>, <64 x i8>, <64 x
 !0 = distinct !{}
 attributes #1 = { "prefer-vector-width"="512" }
 """
+WIDE = """!{} = !{{!"llvm.loop.vectorize.width", i32 16}}
+!{} = !{{!"llvm.loop.vectorize.predicate.enable", i1 true}}"""  # (a wide kernel's loops': 16 floats, the tail masked)
+WIDE_FROM = 32  # the loops' length from which a kernel's loops are wide (shorter ones fit in a step or two of 8)
 
 
 def wide_loops() -> bool:
-    """Whether the row loops take 16 floats at a time in zmm registers (`_DECLARES`' #1
-    and a width in each loop's metadata): where the CPU has AVX-512. LLVM's cost model
-    took 4 or 8, the row sums' doubles in 256 bits, the width it prefers on Intel's
-    cores; on AVX2 its own choice stays."""
+    """Whether loops of WIDE_FROM or more floats take 16 at a time in zmm registers, their
+    tail masked (`_DECLARES`' #1, WIDE in each loop's metadata): where the CPU has
+    AVX-512. LLVM's cost model took 4 or 8, the row sums' doubles in 256 bits, the width
+    it prefers on Intel's cores; shorter loops and AVX2 keep its choice."""
     return "+avx512f" in host_cpu()[1].split(",")
 
 
@@ -359,9 +362,11 @@ class RowKernel:
         return np.float32(self.arrays[key].reshape(-1)[0])
 
     def _inverse(self, key) -> str | None:
-        """The IR name of scalar `key`'s inverse, where the kernel has it."""
+        """The IR name of scalar `key`'s inverse, where the kernel has it and its loops are
+        wide (`wide_loops`: long, where the divider's throughput bounds them; in short
+        loops the correction's chain of four is the longer wait)."""
         k = self.scalars.get((INVERSE, key))
-        return None if k is None else f"%k{k}"
+        return None if k is None or not self.wide else f"%k{k}"
 
     def _type(self, name: str) -> np.dtype:
         n = self.values[name].node
@@ -614,9 +619,9 @@ class RowKernel:
         loop: the slots' addresses and scalars loaded; the tokens %ib to %ie its loops
         take, and the features %j0 to %j1 (blocked: a part's tokens' block, every feature)."""
         if self.blocked:  # (a function `blocked` calls)
-            lines = [Signature(name, BLOCK_ARGS).define(attrs="#1"), "entry:", "  %j0 = add i64 0, 0"]
+            lines = [Signature(name, BLOCK_ARGS).define(attrs="#1" if self.wide else ""), "entry:", "  %j0 = add i64 0, 0"]
         else:
-            lines = [Signature(name, ROWS.args).define(attrs="#1"), "entry:", "  %ib = add i64 0, 0", "  %ie = add i64 %rows, 0"]
+            lines = [Signature(name, ROWS.args).define(attrs="#1" if self.wide else ""), "entry:", "  %ib = add i64 0, 0", "  %ie = add i64 %rows, 0"]
         for k, _ in enumerate(self.slots):
             lines += [f"  %s{k}.at = getelementptr i64, ptr %p, i64 {k}", f"  %s{k}.i = load i64, ptr %s{k}.at",
                       f"  %s{k} = inttoptr i64 %s{k}.i to ptr"]
@@ -662,7 +667,7 @@ class RowKernel:
         """Blocked: `blocked`, which takes a part's tokens [j0, j1) BLOCK at a time through
         every pass (`means<stage>` before each but the first)."""
         call = "(ptr %p, i64 %rows, i64 %b, i64 %bend, i64 %slot)"
-        lines = [Signature("blocked", ROWS.args).define(attrs="#1"), "entry:", "  br label %head", "head:",
+        lines = [Signature("blocked", ROWS.args).define(attrs="#1" if self.wide else ""), "entry:", "  br label %head", "head:",
                  "  %b = phi i64 [ %j0, %entry ], [ %bend, %body ]", "  %more = icmp slt i64 %b, %j1",
                  "  br i1 %more, label %body, label %exit", "body:", f"  %bn = add i64 %b, {BLOCK}",
                  "  %bin = icmp slt i64 %bn, %j1", "  %bend = select i1 %bin, i64 %bn, i64 %j1"]
@@ -783,14 +788,15 @@ class RowKernel:
                   "  ret void", "}", ""]
         return lines
 
-    def source(self, bytes_in: dict, token: bool = False, blocked: bool = False) -> str | None:
+    def source(self, bytes_in: dict, token: bool = False, blocked: bool = False, wide: bool = False) -> str | None:
         """The IR of the passes (`pass<stage>`, those that loop), for inputs of which
         `bytes_in` are 8-bit (name → type), `token`-major (each part takes rows, a loop
         runs along a row) or feature-major (each part takes features, a loop runs along a
         feature's tokens), or `blocked` (feature-major, each part takes tokens, BLOCK at a
         time through every pass: `blocked`, one call where the passes take one each and
-        the means are made on numpy between them); None where the kernel cannot run them."""
-        self.token, self.blocked = token, blocked
+        the means are made on numpy between them); None where the kernel cannot run them.
+        `wide`: the loops 16 floats a step (`wide_loops`)."""
+        self.token, self.blocked, self.wide = token, blocked, wide
         body, loop_ids = [f"; sparsejit generated kernel: a row group ({' '.join(n.op_type for n in self.nodes)})"], []
         for stage in range(self.stages):
             got = [self._means_ir(stage, bytes_in, loop_ids)] if blocked and stage else []
@@ -801,23 +807,22 @@ class RowKernel:
         if blocked:
             body += self._blocked_ir()
         w = 2 * len(loop_ids) + 1  # (the width's metadata, after the loops')
-        wide = f", !{w}" if wide_loops() else ""
-        meta = [f"!{2 * m + 1} = distinct !{{!{2 * m + 1}, !{2 * m + 2}{wide}}}\n"
+        meta = [f"!{2 * m + 1} = distinct !{{!{2 * m + 1}, !{2 * m + 2}{f', !{w}, !{w + 1}' if wide else ''}}}\n"
                 f"!{2 * m + 2} = !{{!\"llvm.loop.parallel_accesses\", !0}}" for m in loop_ids]
-        meta += [f"!{w} = !{{!\"llvm.loop.vectorize.width\", i32 16}}"] if wide else []
+        meta += [WIDE.format(w, w + 1)] if wide else []
         return "\n".join(body) + _DECLARES + "\n".join(meta) + "\n"
 
-    def _passes(self, bytes_in: dict, token: bool, blocked: bool = False) -> list | None:
+    def _passes(self, bytes_in: dict, token: bool, blocked: bool = False, wide: bool = False) -> list | None:
         """The passes' addresses for these inputs (blocked: `blocked`'s alone; made once;
         `source` keeps its layout on the kernel while it writes, so under a lock: a model
         may run on several threads)."""
-        key = (token, blocked, *sorted((k, np.dtype(v).str) for k, v in bytes_in.items()))
+        key = (token, blocked, wide, *sorted((k, np.dtype(v).str) for k, v in bytes_in.items()))
         found = self._compiled.get(key, False)
         if found is not False:
             return found
         with self._lock:
             if key not in self._compiled:
-                src = self.source(bytes_in, token, blocked)
+                src = self.source(bytes_in, token, blocked, wide)
                 engine = None if src is None else ir_engine(src)
                 self._compiled[key] = None if engine is None else [engine.get_function_address("blocked")] \
                     if blocked else [
@@ -876,7 +881,9 @@ class RowKernel:
         full = [x for x in inputs if x.shape == shape]
         token = len(shape) == 1 or not _feature_major(full)
         blocked = not token and rows <= BLOCKED * threads() and self._blocked_ok()
-        passes = self._passes({x: v.dtype for x, v in zip(self.names, inputs) if v.dtype in BYTES}, token, blocked)
+        loop = n if token else min(BLOCK, -(-rows // threads())) if blocked else rows  # (a loop's length)
+        passes = self._passes({x: v.dtype for x, v in zip(self.names, inputs) if v.dtype in BYTES}, token, blocked,
+                              wide_loops() and loop >= WIDE_FROM)
         if passes is None:
             return None
         own = tuple((k, s) for k, s in enumerate(self.slots) if s[0] in ("x", "y", "quad", *_APART))

@@ -1353,14 +1353,14 @@ def _quotient_inputs(s: float) -> np.ndarray:
 @pytest.mark.parametrize("avx2", [False, True], ids=["host", "avx2"])
 @pytest.mark.parametrize("s", [0.0123, 0.1, 3.0, 7.3e-5, 2.0**-70, 1e30])
 def test_row_kernels_quantize_by_the_scales_inverse_bit_for_bit(s, avx2, monkeypatch):
-    """A row kernel's QuantizeLinear and FakeQuantize divide by their scale without the
-    divider where lowp_ir.inverse allows it (2^-64 <= scale <= 2^64): x times the scale's
-    inverse, corrected by the exact remainder (lowp_ir.quotient_ir). Their values are those
-    of the division, bit for bit, on every float of a binade of quotients, at the halfway
-    points, on zeros, infinities (overflowing quotients), NaN, subnormals and random bit
-    patterns, on int8 and uint8 grids, token-major and feature-major; outside the bounds
-    the kernel divides. Built for this CPU (16 floats a loop step with AVX-512) and for an
-    AVX2 one (LLVM's own width), run here."""
+    """A row kernel's QuantizeLinear and FakeQuantize in wide loops (rows.wide_loops:
+    AVX-512, 32 floats a loop or more) divide by their scale without the divider where
+    lowp_ir.inverse allows it (2^-64 <= scale <= 2^64): x times the scale's inverse,
+    corrected by the exact remainder (lowp_ir.quotient_ir). Their values are those of the
+    division, bit for bit, on every float of a binade of quotients, at the halfway points,
+    on zeros, infinities (overflowing quotients), NaN, subnormals and random bit patterns,
+    on int8 and uint8 grids, token-major and feature-major. Short rows, scales outside
+    the bounds and AVX2 (code built for it, run here) divide."""
     from sparsejit.kernels import compile as compile_mod
     from sparsejit.kernels import rows
 
@@ -1379,16 +1379,19 @@ def test_row_kernels_quantize_by_the_scales_inverse_bit_for_bit(s, avx2, monkeyp
     outputs = ["qu", "qi", "fu", "fi"]
     kernel = rows.RowKernel(nodes, ["x"], outputs, consts)
     assert ((rows.INVERSE, "s") in kernel.scalars) == (2.0**-64 <= s <= 2.0**64)
-    assert ("llvm.loop.vectorize.width" in kernel.source({}, token=True)) == rows.wide_loops()
     x = _quotient_inputs(s)
     with np.errstate(all="ignore"):
         want = rows.reference_rows(x, nodes=nodes, names=["x"], outputs=outputs, consts=consts, opset=17)
-    for layout in ("token", "feature"):
-        given = x if layout == "token" else np.ascontiguousarray(x.T).T  # (each feature's tokens contiguous)
+    for layout in ("token", "feature", "short rows"):
+        given = x if layout == "token" else np.ascontiguousarray(x.T).T if layout == "feature" else x.reshape(-1, 16)
         got = kernel(given)
         assert got is not None
+        wide = [key[2] for key in kernel._compiled]  # (loops of 16 floats: wide where the CPU has AVX-512)
+        assert wide[-1] == (rows.wide_loops() and layout != "short rows"), (layout, wide)
+        assert ("fma.f32" in kernel.source({}, layout != "feature", False, wide[-1]).split("declare")[0]) == (
+            wide[-1] and 2.0**-64 <= s <= 2.0**64)  # (the quotient by the inverse)
         for g, w, o in zip(got, want, outputs):
-            g, w = np.ascontiguousarray(g), np.ascontiguousarray(w)
+            g, w = np.ascontiguousarray(g).reshape(x.shape), np.ascontiguousarray(w)
             bits = g.view(np.uint8 if g.itemsize == 1 else np.uint32)
             np.testing.assert_array_equal(bits, w.view(bits.dtype), err_msg=f"{o} {layout} scale {s}")
 
