@@ -194,15 +194,14 @@ declare <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8>, <64 x i8>, <64 x
 !0 = distinct !{}
 attributes #1 = { "prefer-vector-width"="512" }
 """
-WIDE = """!{} = !{{!"llvm.loop.vectorize.width", i32 16}}
-!{} = !{{!"llvm.loop.vectorize.predicate.enable", i1 true}}"""  # (a wide kernel's loops': 16 floats, the tail masked)
+WIDE = '!{} = !{{!"llvm.loop.vectorize.width", i32 16}}'  # (a wide kernel's loops': 16 floats a step)
 WIDE_FROM = 32  # the loops' length from which a kernel's loops are wide (shorter ones fit in a step or two of 8)
 
 
 def wide_loops() -> bool:
-    """Whether loops of WIDE_FROM or more floats take 16 at a time in zmm registers, their
-    tail masked (`_DECLARES`' #1, WIDE in each loop's metadata): where the CPU has
-    AVX-512. LLVM's cost model took 4 or 8, the row sums' doubles in 256 bits, the width
+    """Whether loops of WIDE_FROM or more floats take 16 at a time in zmm registers
+    (`_DECLARES`' #1, WIDE in each loop's metadata; the tail a float at a time, which
+    masked steps would cost more than) where the CPU has AVX-512. LLVM's cost model took 4 or 8, the row sums' doubles in 256 bits, the width
     it prefers on Intel's cores; shorter loops and AVX2 keep its choice."""
     return "+avx512f" in host_cpu()[1].split(",")
 
@@ -807,9 +806,9 @@ class RowKernel:
         if blocked:
             body += self._blocked_ir()
         w = 2 * len(loop_ids) + 1  # (the width's metadata, after the loops')
-        meta = [f"!{2 * m + 1} = distinct !{{!{2 * m + 1}, !{2 * m + 2}{f', !{w}, !{w + 1}' if wide else ''}}}\n"
+        meta = [f"!{2 * m + 1} = distinct !{{!{2 * m + 1}, !{2 * m + 2}{f', !{w}' if wide else ''}}}\n"
                 f"!{2 * m + 2} = !{{!\"llvm.loop.parallel_accesses\", !0}}" for m in loop_ids]
-        meta += [WIDE.format(w, w + 1)] if wide else []
+        meta += [WIDE.format(w)] if wide else []
         return "\n".join(body) + _DECLARES + "\n".join(meta) + "\n"
 
     def _passes(self, bytes_in: dict, token: bool, blocked: bool = False, wide: bool = False) -> list | None:
