@@ -18,7 +18,8 @@ values span more than 29 bits of exponent, so its order does not matter, and
 
 A group with a mean to wait for, feature-major, at up to BLOCKED tokens a part, runs
 blocked: each part takes its own tokens, BLOCK at a time, through every pass, making the
-block's means between the passes in IR (`means<stage>`), in one call. Otherwise:
+block's means between the passes in IR (`means<stage>`), in one call. Token-major, such
+a group runs blocked at any length, each part taking its rows BLOCK at a time. Otherwise:
 a part of the threads takes a range of features (feature-major: a Linear kernel's
 output at a batch's tokens, [features, tokens] in memory, read as it lies, where an input
 lies so) or of tokens (token-major, C order); the outputs are written the same way. A
@@ -213,7 +214,8 @@ def permutes() -> bool:
 
 def _token_rows(v: np.ndarray) -> np.ndarray | None:
     """v as a view [tokens, n] (its tokens in C order) where each feature's tokens are
-    contiguous (unit token stride: a Linear kernel's output, rows padded or not); None
+    contiguous (unit token stride: a Linear kernel's output, rows padded or not), or of one
+    token whose features are apart (such an output at one token: the pooler's); None
     otherwise."""
     if v.ndim == 0 or v.size == 0:
         return None
@@ -221,7 +223,11 @@ def _token_rows(v: np.ndarray) -> np.ndarray | None:
         rows = np.reshape(v, (-1, v.shape[-1]), copy=False)
     except ValueError:  # (not a view)
         return None
-    return rows if unit_token_stride(rows) and rows.shape[0] > 1 and rows.shape[1] > 1 else None
+    if rows.shape[1] < 2:
+        return None
+    if rows.shape[0] == 1:
+        return rows if rows.strides[1] != rows.itemsize and rows.strides[1] % rows.itemsize == 0 else None
+    return rows if unit_token_stride(rows) else None
 
 
 def _feature_major(full: list[np.ndarray]) -> bool:
@@ -239,10 +245,21 @@ def _lay_kind(v: np.ndarray, shape: tuple, token: bool) -> str:
     if token:
         if full and v.flags.c_contiguous:
             return "rows"
+        if _repeated_rows(v, shape):
+            return "rows mod"
         return "transposed copy" if rows is not None and v.dtype == np.float32 else "copy"
     if rows is not None:
         return "rows T"
     return "transposed" if full and v.dtype == np.float32 else "copy T"
+
+
+def _repeated_rows(v: np.ndarray, shape: tuple) -> bool:
+    """Whether v, C order, broadcasts to `shape` by repeating its rows whole: its shape
+    that of shape's last axes after leading ones (position embeddings [1, S, n] over a
+    batch's [B, S, n]), so that row j of the whole is v's row j mod its rows."""
+    core = v.shape[next((i for i, d in enumerate(v.shape) if d != 1), v.ndim):]
+    return v.flags.c_contiguous and len(core) >= 1 and core[-1] == shape[-1] and \
+        tuple(shape[len(shape) - len(core):]) == core
 
 
 def _lay(kind: str, v: np.ndarray, shape: tuple) -> np.ndarray:
@@ -251,7 +268,7 @@ def _lay(kind: str, v: np.ndarray, shape: tuple) -> np.ndarray:
     where v lies so; a float32 v of the whole shape by the tiled transpose, not numpy's
     element-by-element copy)."""
     n = shape[-1]
-    if kind == "rows":
+    if kind in ("rows", "rows mod"):  # (rows mod: v's own rows, which the kernel repeats)
         return v.reshape(-1, n)
     if kind == "transposed copy":
         return transposed_copy(np.reshape(v, (-1, n)))
@@ -416,6 +433,7 @@ class RowKernel:
         rows_out = self.rows_out = [o for o in self.outputs if self.values[o].kind == "row"]
         self.slots = ([("x", x) for x in self.names] + [("y", o) for o in rows_out] + [("kept", o) for o in self.keep]
                       + [("x rows", x) for x in self.names] + [("y rows", o) for o in rows_out]
+                      + [("x period", x) for x in self.names]
                       + [("mean", v) for v in self.means] + [("sum", v) for v in self.sums]
                       + [("temp", o) for o in self.temps] + [("vector", v) for v in self.vectors]
                       + [("table", t) for t in self.tables] + [("scalars", "")]
@@ -448,7 +466,14 @@ class RowKernel:
     def _x_index(self, name: str, k: int, into: str) -> list[str]:
         """Lines making {into}.xi, input `name`'s element of row j, loop k: its rows lie
         `x rows` elements apart (C order, or a feature's tokens in a padded row)."""
-        return [f"  {into}.xr = mul i64 %j, %s{self.slot['x rows', name]}.i", f"  {into}.xi = add i64 {into}.xr, %i{k}"]
+        j = "%j"
+        if self.token:  # (row j of an input whose rows repeat, _repeated_rows: its row j mod its rows)
+            j = f"{into}.jm"
+            lines = [f"  {j} = urem i64 %j, %s{self.slot['x period', name]}.i"]
+        else:
+            lines = []
+        return lines + [f"  {into}.xr = mul i64 {j}, %s{self.slot['x rows', name]}.i",
+                        f"  {into}.xi = add i64 {into}.xr, %i{k}"]
 
     def _operand(self, name: str, here: set, k: int, v: str, bytes_in: dict) -> tuple[list[str], str]:
         if name in self.scalars:
@@ -617,14 +642,14 @@ class RowKernel:
         """A pass's (or a block's means', `_means_ir`) definition and entry block, up to its
         loop: the slots' addresses and scalars loaded; the tokens %ib to %ie its loops
         take, and the features %j0 to %j1 (blocked: a part's tokens' block, every feature)."""
-        if self.blocked:  # (a function `blocked` calls)
+        if self.blocked and not self.token:  # (a function `blocked` calls, on a block of tokens)
             lines = [Signature(name, BLOCK_ARGS).define(attrs="#1" if self.wide else ""), "entry:", "  %j0 = add i64 0, 0"]
         else:
             lines = [Signature(name, ROWS.args).define(attrs="#1" if self.wide else ""), "entry:", "  %ib = add i64 0, 0", "  %ie = add i64 %rows, 0"]
         for k, _ in enumerate(self.slots):
             lines += [f"  %s{k}.at = getelementptr i64, ptr %p, i64 {k}", f"  %s{k}.i = load i64, ptr %s{k}.at",
                       f"  %s{k} = inttoptr i64 %s{k}.i to ptr"]
-        if self.blocked:
+        if self.blocked and not self.token:
             lines.append(f"  %j1 = add i64 %s{self.slot['n', '']}.i, 0")
         for k in self.scalars.values():
             lines += [f"  %k{k}.at = getelementptr float, ptr %s{self.slot['scalars', '']}, i64 {k}",
@@ -638,10 +663,15 @@ class RowKernel:
         constants of this pass, the means its loops read stored."""
         m = len(loop_ids)
         loop_ids.append(m)
+        # (feature-major: the block's tokens %i0, their sums the part's; token-major: its rows %j, each
+        # row's sum its own, the row's length %rows)
+        i, start, end, n, at = ("%j", "%j0", "%j1", "%rows", "%j") if self.token else \
+            ("%i0", "%ib", "%ie", "%j1", "%crow")
         lines = self._entry(f"means{stage}") + [
-            "  %nf = uitofp i64 %j1 to float", "  br label %l0.head", "l0.head:",
-            "  %i0 = phi i64 [ %ib, %entry ], [ %i0.next, %l0.body ]", "  %l0.more = icmp slt i64 %i0, %ie",
-            "  br i1 %l0.more, label %l0.body, label %l0.done", "l0.body:", "  %t0 = add i64 %crow, %i0"]
+            f"  %nf = uitofp i64 {n} to float", "  br label %l0.head", "l0.head:",
+            f"  {i} = phi i64 [ {start}, %entry ], [ {i}.next, %l0.body ]", f"  %l0.more = icmp slt i64 {i}, {end}",
+            "  br i1 %l0.more, label %l0.body, label %l0.done", "l0.body:",
+            f"  %t0 = add i64 {at}, {'0' if self.token else i}"]
         here: set[str] = set()
         for o in self.sums:
             if self.values[o].stage == stage - 1:
@@ -657,14 +687,14 @@ class RowKernel:
             lines += got
             here.add(n.outputs[0])
         for o in sorted(here & set(self.means), key=self.index.get):
-            lines += [f"  %v{self.index[o]}.mat = getelementptr float, ptr %s{self.slot['mean', o]}, i64 %i0",
+            lines += [f"  %v{self.index[o]}.mat = getelementptr float, ptr %s{self.slot['mean', o]}, i64 {i}",
                       f"  store float %v{self.index[o]}, ptr %v{self.index[o]}.mat, !llvm.access.group !0"]
-        return lines + ["  %i0.next = add i64 %i0, 1", f"  br label %l0.head, !llvm.loop !{2 * m + 1}", "l0.done:",
+        return lines + [f"  {i}.next = add i64 {i}, 1", f"  br label %l0.head, !llvm.loop !{2 * m + 1}", "l0.done:",
                         "  ret void", "}", ""]
 
     def _blocked_ir(self) -> list[str]:
-        """Blocked: `blocked`, which takes a part's tokens [j0, j1) BLOCK at a time through
-        every pass (`means<stage>` before each but the first)."""
+        """Blocked: `blocked`, which takes a part's tokens [j0, j1) (token-major: its rows)
+        BLOCK at a time through every pass (`means<stage>` before each but the first)."""
         call = "(ptr %p, i64 %rows, i64 %b, i64 %bend, i64 %slot)"
         lines = [Signature("blocked", ROWS.args).define(attrs="#1" if self.wide else ""), "entry:", "  br label %head", "head:",
                  "  %b = phi i64 [ %j0, %entry ], [ %bend, %body ]", "  %more = icmp slt i64 %b, %j1",
@@ -676,7 +706,7 @@ class RowKernel:
         return lines + ["  br label %head", "exit:", "  ret void", "}", ""]
 
     def _blocked_ok(self) -> bool:
-        """Whether the group runs blocked (feature-major, `blocked`): it has a mean to wait
+        """Whether the group runs blocked (`blocked`): it has a mean to wait
         for (more than one pass), no output that is a mean (the kernel stores means for its
         loops alone), and each mean an op on means reads made in its block's `means<stage>`
         or stored there."""
@@ -732,7 +762,7 @@ class RowKernel:
         lines += ["  %quads.r = add i64 %rows, 3", "  %quads = lshr i64 %quads.r, 2", "  br label %jhead", "jhead:",
                   "  %j = phi i64 [ %j0, %entry ], [ %jnext, %jlatch ]", "  %jmore = icmp slt i64 %j, %j1",
                   "  br i1 %jmore, label %jbody, label %exit", "jbody:"]
-        if self.blocked:  # (kept values: the part's own [features, BLOCK], which stays in cache)
+        if self.blocked and not self.token:  # (kept values: the part's own [features, BLOCK], which stays in cache)
             lines += ["  %kpart = mul i64 %slot, %j1", f"  %jrow.f = mul i64 %j, {BLOCK}", "  %jrow.p = add i64 %jrow.f, %kpart",
                       f"  %jrow.b = mul i64 %kpart, {BLOCK - 1}", "  %jrow.c = add i64 %jrow.p, %jrow.b",
                       "  %jrow = sub i64 %jrow.c, %ib"]
@@ -879,13 +909,13 @@ class RowKernel:
             return None
         full = [x for x in inputs if x.shape == shape]
         token = len(shape) == 1 or not _feature_major(full)
-        blocked = not token and rows <= BLOCKED * threads() and self._blocked_ok()
+        blocked = (token or rows <= BLOCKED * threads()) and self._blocked_ok()
         loop = n if token else min(BLOCK, -(-rows // threads())) if blocked else rows  # (a loop's length)
         passes = self._passes({x: v.dtype for x, v in zip(self.names, inputs) if v.dtype in BYTES}, token, blocked,
                               wide_loops() and loop >= WIDE_FROM)
         if passes is None:
             return None
-        own = tuple((k, s) for k, s in enumerate(self.slots) if s[0] in ("x", "y", "quad", *_APART))
+        own = tuple((k, s) for k, s in enumerate(self.slots) if s[0] in ("x", "y", "quad", *_APART, *_PERIOD))
         scratch = sum(-(-math.prod(s) * np.dtype(t).itemsize // ALIGN) * ALIGN
                       for _, s, t in self._scratch_shapes(n, rows, threads(), token, blocked))
         return _Call(shape, n, rows, token, passes, threads(), tuple(_lay_kind(v, shape, token) for v in inputs),
@@ -895,7 +925,8 @@ class RowKernel:
         """(key, shape, dtype) of each array a call works in and does not return: kept
         values, means, sums, temporaries, the bytes' temporary rows."""
         outer, inner = (rows, n) if token else (n, rows)
-        return ([(("kept", o), (parts, n * BLOCK) if blocked else (outer, inner), np.float32) for o in self.keep] +
+        return ([(("kept", o), (parts, n * BLOCK) if blocked and not token else (outer, inner), np.float32)
+                 for o in self.keep] +
                 [(("mean", v), (rows,), np.float32) for v in self.means] +
                 [(("sum", v), (parts, rows), np.float64) for v in self.sums] +
                 [(("temp", o), (parts, inner), np.float32) for o in self.temps] +
@@ -964,13 +995,13 @@ class RowKernel:
         quads = {o: quad_empty(n, rows) for o in self.quads}
         arrays.update({("quad", o): q for o, q in quads.items()})
         for k, s in c.own:  # (the call's arrays, and their row strides in elements)
-            a = arrays[_APART.get(s[0], s[0]), s[1]]
-            p[k] = a.strides[0] // a.itemsize if s[0] in _APART else address(a)
+            a = arrays[_APART.get(s[0], _PERIOD.get(s[0], s[0])), s[1]]
+            p[k] = a.strides[0] // a.itemsize if s[0] in _APART else a.shape[0] if s[0] in _PERIOD else address(a)
         arrays.update(scratch)
         driver = load_source(ROWS_DRIVER).run_row_group
         env: dict[str, np.ndarray] = {}
-        if c.blocked:  # (every pass in one call; the parts take tokens)
-            run(driver, ROWS, parts, 1, passes[0], p, inner, inner)
+        if c.blocked:  # (every pass in one call; the parts take tokens, feature-major, or rows)
+            run(driver, ROWS, parts, 1, passes[0], p, inner, outer if token else inner)
         for stage in range(0 if c.blocked else self.stages):
             for node, fn in self._once.get(stage, ()):  # one per row: of means and constants, on numpy
                 env[node.outputs[0]] = fn(*[env[i] if i in env else self.arrays.get(i) if i else None
@@ -990,6 +1021,7 @@ class RowKernel:
 
 
 _APART = {"x rows": "x", "y rows": "y", "quad rows": "quad"}  # (a row stride slot, in elements: whose)
+_PERIOD = {"x period": "x"}  # (an input's rows, which repeat over the whole's: whose)
 
 
 @dataclass(frozen=True)
