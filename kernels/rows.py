@@ -196,6 +196,8 @@ declare <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8>, <64 x i8>, <64 x
 attributes #1 = { "prefer-vector-width"="512" }
 """
 WIDE = '!{} = !{{!"llvm.loop.vectorize.width", i32 16}}'  # (a wide kernel's loops': 16 floats a step)
+SPLIT = 4  # parts a thread of a feature-major group not blocked: the threads claim them in turn, so that
+# one whose features' rows another core wrote (in its cache, not this one's) does not set the launch's time
 WIDE_FROM = 32  # the loops' length from which a kernel's loops are wide (shorter ones fit in a step or two of 8)
 
 
@@ -911,14 +913,15 @@ class RowKernel:
         token = len(shape) == 1 or not _feature_major(full)
         blocked = (token or rows <= BLOCKED * threads()) and self._blocked_ok()
         loop = n if token else min(BLOCK, -(-rows // threads())) if blocked else rows  # (a loop's length)
+        parts = threads() * (SPLIT if not token and not blocked and threads() > 1 else 1)
         passes = self._passes({x: v.dtype for x, v in zip(self.names, inputs) if v.dtype in BYTES}, token, blocked,
                               wide_loops() and loop >= WIDE_FROM)
         if passes is None:
             return None
         own = tuple((k, s) for k, s in enumerate(self.slots) if s[0] in ("x", "y", "quad", *_APART, *_PERIOD))
         scratch = sum(-(-math.prod(s) * np.dtype(t).itemsize // ALIGN) * ALIGN
-                      for _, s, t in self._scratch_shapes(n, rows, threads(), token, blocked))
-        return _Call(shape, n, rows, token, passes, threads(), tuple(_lay_kind(v, shape, token) for v in inputs),
+                      for _, s, t in self._scratch_shapes(n, rows, parts, token, blocked))
+        return _Call(shape, n, rows, token, passes, parts, tuple(_lay_kind(v, shape, token) for v in inputs),
                      blocked, own, scratch=scratch)
 
     def _scratch_shapes(self, n: int, rows: int, parts: int, token: bool, blocked: bool) -> list[tuple]:

@@ -1270,6 +1270,7 @@ def test_row_kernel_is_its_reference(case, permutes, monkeypatch):
     time by AVX-512 VBMI's byte permutes where the CPU has them, and byte by byte
     without (`permutes`)."""
     from sparsejit.kernels import rows
+    from sparsejit.kernels.compile import threads
     from sparsejit.kernels.layout import feature_major_empty
 
     if permutes and not rows.permutes():
@@ -1314,7 +1315,9 @@ def test_row_kernel_is_its_reference(case, permutes, monkeypatch):
             want = rows.reference_rows(*inputs, nodes=nodes, names=names, outputs=outputs, consts=consts, opset=17)
             assert got is not None, (case, shape, layout)
             call, = kernel._calls.values()
-            assert call.blocked == (blocked and (call.token or np.prod(shape[:-1]) <= rows.BLOCKED * call.parts))
+            assert call.blocked == (blocked and (call.token or np.prod(shape[:-1]) <= rows.BLOCKED * threads()))
+            # (feature-major not blocked: rows.SPLIT parts a thread, which the threads claim in turn)
+            assert call.parts == threads() * (rows.SPLIT if not (call.token or call.blocked) else 1)
             for g, w, o in zip(got, want, outputs):
                 assert g.dtype == w.dtype and g.shape == w.shape, (o, g.dtype, w.dtype, g.shape, w.shape)
                 np.testing.assert_array_equal(g, w, err_msg=f"{o} {shape} {layout}")
