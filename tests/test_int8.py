@@ -1215,6 +1215,29 @@ def test_row_groups_hand_their_bytes_to_the_int8_layers(monkeypatch):
     _same_outputs_and_floats(model, plain, [s.lean[0][0] for s in lean])
 
 
+def _as_avx2(monkeypatch) -> None:
+    """Row kernels built for an AVX2 CPU from here on (run on this one): no wide loops, no
+    byte permutes."""
+    from sparsejit.kernels import compile as compile_mod
+    from sparsejit.kernels import rows
+
+    for mod in (compile_mod, rows):
+        monkeypatch.setattr(mod, "host_cpu", lambda: ("haswell", "+avx2,+fma,+f16c,+popcnt,+avx,+sse4.2"))
+    assert not rows.wide_loops() and not rows.permutes()
+
+
+def _row_cpu(permutes, monkeypatch) -> None:
+    """The row kernels built with VBMI's byte permutes (True: skipped without them), without
+    (False), or for an AVX2 CPU ("avx2")."""
+    from sparsejit.kernels import rows
+
+    if permutes is True and not rows.permutes():
+        pytest.skip("no AVX-512 VBMI on this CPU")
+    if permutes == "avx2":
+        _as_avx2(monkeypatch)
+    monkeypatch.setattr(rows, "permutes", lambda: permutes is True)
+
+
 def _row_kernel_cases():
     """(group nodes, input names, outputs, constants): the groups fuse_rows makes of the
     written-out QOperator BERT (its LayerNorms, its GELU), and one of every op with a
@@ -1246,7 +1269,7 @@ def _row_kernel_cases():
     return cases
 
 
-@pytest.mark.parametrize("permutes", [True, False])
+@pytest.mark.parametrize("permutes", [True, False, "avx2"])
 @pytest.mark.parametrize("case", range(6))
 def test_row_kernel_is_its_reference(case, permutes, monkeypatch):
     """A RowKernel (kernels/rows.py) gives what its group's ops give one by one on numpy,
@@ -1268,16 +1291,14 @@ def test_row_kernel_is_its_reference(case, permutes, monkeypatch):
 
     A Lookup whose bytes alone the group keeps (the GELU's, case 2) looks them up 64 at a
     time by AVX-512 VBMI's byte permutes where the CPU has them, and byte by byte
-    without (`permutes`)."""
+    without (`permutes`). And all of it built for an AVX2 CPU ("avx2": LLVM's own loop
+    widths, the division), run here."""
     from sparsejit.kernels import rows
     from sparsejit.kernels.compile import threads
     from sparsejit.kernels.layout import feature_major_empty
 
-    if permutes and not rows.permutes():
-        pytest.skip("no AVX-512 VBMI on this CPU")
-    monkeypatch.setattr(rows, "permutes", lambda: permutes)
-
-    cases = _row_kernel_cases()
+    cases = _row_kernel_cases()  # (loading a model: before the CPU is set)
+    _row_cpu(permutes, monkeypatch)
     gelu = [c for c in cases if any(m.op_type == "Lookup" and "Erf" in m.attrs["ops"] for m in c[0])]
     layernorms = [c for c in cases if [m.op_type for m in c[0]].count("ReduceMean") == 2]
     nodes, names, outputs, consts = [layernorms[0], layernorms[1], gelu[0], cases[-1], cases[-1], cases[-1]][case]
@@ -1364,15 +1385,12 @@ def test_row_kernels_quantize_by_the_scales_inverse_bit_for_bit(s, avx2, monkeyp
     on zeros, infinities (overflowing quotients), NaN, subnormals and random bit patterns,
     on int8 and uint8 grids, token-major and feature-major. Short rows, scales outside
     the bounds and AVX2 (code built for it, run here) divide."""
-    from sparsejit.kernels import compile as compile_mod
     from sparsejit.kernels import rows
 
     from sparsejit.graph import Node
 
     if avx2:
-        for mod in (compile_mod, rows):
-            monkeypatch.setattr(mod, "host_cpu", lambda: ("haswell", "+avx2,+fma,+f16c,+popcnt,+avx,+sse4.2"))
-    assert not (avx2 and rows.wide_loops())
+        _as_avx2(monkeypatch)
 
     consts = {"s": np.float32(s), "zu": np.uint8(100), "zi": np.int8(-10)}
     nodes = [Node("QuantizeLinear", "qu", ["x", "s", "zu"], ["qu"]),
