@@ -204,8 +204,9 @@ WIDE_FROM = 32  # the loops' length from which a kernel's loops are wide (shorte
 def wide_loops() -> bool:
     """Whether loops of WIDE_FROM or more floats take 16 at a time in zmm registers
     (`_DECLARES`' #1, WIDE in each loop's metadata; the tail a float at a time, which
-    masked steps would cost more than) where the CPU has AVX-512. LLVM's cost model took 4 or 8, the row sums' doubles in 256 bits, the width
-    it prefers on Intel's cores; shorter loops and AVX2 keep its choice."""
+    masked steps would cost more than) where the CPU has AVX-512. LLVM's cost model took
+    4 or 8, the row sums' doubles in 256 bits, the width it prefers on Intel's cores;
+    shorter loops and AVX2 keep its choice."""
     return "+avx512f" in host_cpu()[1].split(",")
 
 
@@ -644,10 +645,12 @@ class RowKernel:
         """A pass's (or a block's means', `_means_ir`) definition and entry block, up to its
         loop: the slots' addresses and scalars loaded; the tokens %ib to %ie its loops
         take, and the features %j0 to %j1 (blocked: a part's tokens' block, every feature)."""
+        attrs = "#1" if self.wide else ""
         if self.blocked and not self.token:  # (a function `blocked` calls, on a block of tokens)
-            lines = [Signature(name, BLOCK_ARGS).define(attrs="#1" if self.wide else ""), "entry:", "  %j0 = add i64 0, 0"]
+            lines = [Signature(name, BLOCK_ARGS).define(attrs=attrs), "entry:", "  %j0 = add i64 0, 0"]
         else:
-            lines = [Signature(name, ROWS.args).define(attrs="#1" if self.wide else ""), "entry:", "  %ib = add i64 0, 0", "  %ie = add i64 %rows, 0"]
+            lines = [Signature(name, ROWS.args).define(attrs=attrs), "entry:", "  %ib = add i64 0, 0",
+                     "  %ie = add i64 %rows, 0"]
         for k, _ in enumerate(self.slots):
             lines += [f"  %s{k}.at = getelementptr i64, ptr %p, i64 {k}", f"  %s{k}.i = load i64, ptr %s{k}.at",
                       f"  %s{k} = inttoptr i64 %s{k}.i to ptr"]
@@ -823,10 +826,10 @@ class RowKernel:
         """The IR of the passes (`pass<stage>`, those that loop), for inputs of which
         `bytes_in` are 8-bit (name → type), `token`-major (each part takes rows, a loop
         runs along a row) or feature-major (each part takes features, a loop runs along a
-        feature's tokens), or `blocked` (feature-major, each part takes tokens, BLOCK at a
-        time through every pass: `blocked`, one call where the passes take one each and
-        the means are made on numpy between them); None where the kernel cannot run them.
-        `wide`: the loops 16 floats a step (`wide_loops`)."""
+        feature's tokens), either `blocked` (each part takes tokens, feature-major, or rows,
+        BLOCK at a time through every pass, the means made between them: `blocked`, one
+        call) or not (the passes one call each, the means made on numpy between them); None
+        where the kernel cannot run them. `wide`: the loops 16 floats a step (`wide_loops`)."""
         self.token, self.blocked, self.wide = token, blocked, wide
         body, loop_ids = [f"; sparsejit generated kernel: a row group ({' '.join(n.op_type for n in self.nodes)})"], []
         for stage in range(self.stages):
