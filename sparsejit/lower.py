@@ -413,8 +413,23 @@ def constants_second(graph: Graph) -> Graph:
     return _with_nodes(graph, nodes)
 
 
+def integer_weights(graph: Graph) -> Graph:
+    """A MatMulInteger the fusions left (a QOperator file's QGemm, contrib.qgemm) whose B is
+    a 2-D constant and its zero point a constant or none: MatMulIntegerB, B in its
+    attributes, whose step makes B's floats once (ops.integer_weight) where every run had
+    converted and centred it."""
+    consts, nodes = graph.constants, []
+    for n in graph.nodes:
+        a, b, az, bz = (list(n.inputs) + [""] * 4)[:4]
+        if n.op_type == "MatMulInteger" and b in consts and np.ndim(consts[b]) == 2 and (not bz or bz in consts):
+            n = Node("MatMulIntegerB", n.name, [a, az] if az else [a], list(n.outputs),
+                     {"b": consts[b], "b_zero_point": consts[bz] if bz else None})
+        nodes.append(n)
+    return _with_nodes(graph, nodes)
+
+
 LOWERING = (merge_duplicates, fold_id_casts, group_linears, prepare_masks, mark_layouts,
-            quantize_layernorms, constants_second, fuse_rows)
+            quantize_layernorms, constants_second, fuse_rows, integer_weights)
 
 
 def lower(graph: Graph) -> Graph:

@@ -607,6 +607,25 @@ def matmul_integer(a, b, a_zero_point=None, b_zero_point=None):
     return _integer_product(a, b, a_zero_point, b_zero_point).astype(np.int32)
 
 
+@op("MatMulIntegerB", fused=True)
+def matmul_integer_b(a, a_zero_point=None, *, b, b_zero_point=None):
+    """The fused node (lower.integer_weights): MatMulInteger of a constant 2-D B, whose
+    floats its step makes once (integer_weight)."""
+    return matmul_integer(a, b, a_zero_point, b_zero_point)
+
+
+def integer_weight(b, b_zero_point=None) -> np.ndarray:
+    """A constant B of MatMulInteger centred, as floats in which its sums with any 8-bit A
+    are exact (K · 255 · B's largest centred value below 2^24: float32, else float64)."""
+    exact = np.float32 if b.shape[0] * 255.0 * _largest_centred(b, b_zero_point) < EXACT_FLOAT32 else np.float64
+    return _centred(b, b_zero_point, False).astype(exact)
+
+
+def integer_product_with(a, a_zero_point, b_floats: np.ndarray) -> np.ndarray:
+    """MatMulInteger's int32 sums of 8-bit a and a B given as integer_weight's floats."""
+    return np.matmul(_centred(a, a_zero_point, True).astype(b_floats.dtype, copy=False), b_floats).astype(np.int32)
+
+
 @op("QLinearMatMul")
 def qlinear_matmul(a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point):
     """The int32 sums requantized as ONNX Runtime does: in float32, times the multiplier

@@ -51,7 +51,7 @@ from .kernels.linear import (
     linear_epilogue,
     reference_linear,
 )
-from .ops import bind
+from .ops import bind, integer_product_with, integer_weight
 
 log = logging.getLogger("sparsejit")
 
@@ -626,8 +626,15 @@ def row_group_step(node: Node, p: Planning) -> Step:
     return Step(node, run)
 
 
+def integer_weight_step(node: Node, p: Planning) -> Step:
+    """MatMulIntegerB (lower.integer_weights): its constant B's floats made once."""
+    floats = integer_weight(node.attrs["b"], node.attrs["b_zero_point"])
+    return Step(node, lambda a, a_zero_point=None: (integer_product_with(a, a_zero_point, floats),))
+
+
 STEPS: dict[str, Callable[[Node, Planning], Step]] = {
     "RowGroup": row_group_step,
+    "MatMulIntegerB": integer_weight_step,
     "Linear": linear_step,
     "LinearGroup": group_step,
     "QLinearGroup": qlinear_group_step,

@@ -89,8 +89,8 @@ def test_qgemm_is_onnx_runtimes(tmp_path):
     """com.microsoft QGemm (ONNX Runtime's QOperator form of a Gemm, a pooler's say) runs as
     ONNX Runtime's kernel computes it, bit for bit: uint8 and int8 inputs, either operand
     transposed, per-tensor and per-column weight scales and zero points, with and without
-    the int32 C, alpha 1 and 0.5, float outputs and outputs requantized to uint8 and int8.
-    (Where ONNX Runtime's uint8 × int8 sums saturate, on CPUs without VNNI, those cases are
+    the int32 C, alpha 1 and 0.5, float outputs and outputs requantized to uint8 and int8;
+    an untransposed constant weight's floats made once at load (MatMulIntegerB). (Where ONNX Runtime's uint8 × int8 sums saturate, on CPUs without VNNI, those cases are
     left out: its result is not the op's.)"""
     ort = pytest.importorskip("onnxruntime")
     import onnx
@@ -109,8 +109,36 @@ def test_qgemm_is_onnx_runtimes(tmp_path):
         path = tmp_path / "qgemm.onnx"
         onnx.save(model, path)
         want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-        got = sparsejit.load(path).run(feeds)[0]
+        model = sparsejit.load(path)
+        got = model.run(feeds)[0]
         assert got.dtype == want.dtype and np.array_equal(got, want), (case, np.abs(got.astype(float) - want).max())
+        if not case[3]:  # (B constant: its floats made once, lower.integer_weights)
+            assert any(n.op_type == "MatMulIntegerB" for n in model.graph.nodes), case
+
+
+@pytest.mark.parametrize("k", [24, 3000])
+def test_integer_weight_floats_give_matmul_integers_sums(k):
+    """A constant B's floats (ops.integer_weight, MatMulIntegerB's) give MatMulInteger's
+    int32 sums exactly: float32 where K · 255 · B's largest centred value stays below 2^24,
+    float64 past it (3000 inputs: sums float32 would round), with zero points per column
+    of B and per row of A."""
+    from sparsejit import ops
+
+    rng = np.random.default_rng(4)
+    a = rng.integers(0, 256, (3, 5, k)).astype(np.uint8)
+    b = rng.integers(-128, 128, (k, 7)).astype(np.int8)
+    for a_zero, b_zero in [(None, None), (np.uint8(131), rng.integers(-9, 9, 7).astype(np.int8))]:
+        floats = ops.integer_weight(b, b_zero)
+        assert floats.dtype == (np.float32 if k == 24 else np.float64)
+        got = ops.integer_product_with(a, a_zero, floats)
+        want = ops.matmul_integer(a, b, a_zero, b_zero)
+        assert got.dtype == np.int32 and np.array_equal(got, want)
+        exact = (a.astype(np.int64) - (0 if a_zero is None else int(a_zero))) @ (
+            b.astype(np.int64) - (0 if b_zero is None else b_zero.astype(np.int64)))
+        assert np.array_equal(got, exact)
+    rows = rng.integers(0, 256, 5).astype(np.uint8)  # (a zero point per row of a 2-D A)
+    assert np.array_equal(ops.integer_product_with(a[0], rows, ops.integer_weight(b)),
+                          ops.matmul_integer(a[0], b, rows))
 
 
 def test_qdq_requantizing_of_moved_bytes_and_bias_adds(tmp_path):
