@@ -35,6 +35,7 @@ import numpy as np
 from .fold import merge_duplicates, shape_only_values
 from .graph import Graph, Node
 from .kernels import rows
+from .ops import matmul_integer, op
 
 
 def _with_nodes(graph: Graph, nodes: list[Node]) -> Graph:
@@ -411,6 +412,13 @@ def constants_second(graph: Graph) -> Graph:
              if n.op_type in COMMUTING and len(n.inputs) == 2 and n.inputs[0] in consts and n.inputs[1]
              and n.inputs[1] not in consts else n for n in graph.nodes]
     return _with_nodes(graph, nodes)
+
+
+@op("MatMulIntegerB", fused=True)
+def matmul_integer_b(a, a_zero_point=None, *, b, b_zero_point=None):
+    """The fused node (integer_weights): MatMulInteger of a constant 2-D B, whose floats
+    its step makes once (ops.integer_weight)."""
+    return matmul_integer(a, b, a_zero_point, b_zero_point)
 
 
 def integer_weights(graph: Graph) -> Graph:

@@ -607,13 +607,6 @@ def matmul_integer(a, b, a_zero_point=None, b_zero_point=None):
     return _integer_product(a, b, a_zero_point, b_zero_point).astype(np.int32)
 
 
-@op("MatMulIntegerB", fused=True)
-def matmul_integer_b(a, a_zero_point=None, *, b, b_zero_point=None):
-    """The fused node (lower.integer_weights): MatMulInteger of a constant 2-D B, whose
-    floats its step makes once (integer_weight)."""
-    return matmul_integer(a, b, a_zero_point, b_zero_point)
-
-
 def integer_weight(b, b_zero_point=None) -> np.ndarray:
     """A constant B of MatMulInteger centred, as floats in which its sums with any 8-bit A
     are exact (K · 255 · B's largest centred value below 2^24: float32, else float64)."""
