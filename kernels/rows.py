@@ -730,37 +730,57 @@ class RowKernel:
             o not in self.temps and o not in self.keep and ("y", o) not in self.slot
 
     def _permuted_ir(self, n: Node, k: int, bytes_in: dict, before: str) -> tuple[list[str], str]:
-        """Lines taking loop k's tokens 64 at a time, up to the last 64 (the loop takes
-        the rest), for Lookup n (`_permutes`): each index's byte from the table's bytes
-        (`grid_bytes`) by two vpermi2b (of its 128 entries each) and a select on the
-        index's top bit, stored where `_stores` stores it. And the label they end at."""
-        o, x, t = n.outputs[0], n.inputs[0], f"%l{k}v"
-        table = f"%s{self.slot['quad table', o]}"
+        """Lines taking loop k's tokens 64 at a time, then 16 at a time, up to the last 16
+        (the loop takes the rest), for Lookup n (`_permutes`): each index's byte from the
+        table's bytes (`grid_bytes`) by two vpermi2b (of its 128 entries each) and a select
+        on the index's top bit, stored where `_stores` stores it. And the label they end at;
+        the loop starts at %i{k}w."""
+        table = f"%s{self.slot['quad table', n.outputs[0]]}"
+        t = f"%l{k}v"
         lines = [f"  {t}.tab{h}.at = getelementptr i8, ptr {table}, i64 {64 * h}" for h in range(4)]
         lines += [f"  {t}.tab{h} = load <64 x i8>, ptr {t}.tab{h}.at, align 1" for h in range(4)]
-        lines += [f"  br label %l{k}v.head", f"l{k}v.head:",
-                  f"  %i{k}v = phi i64 [ %ib, %{before} ], [ %i{k}v.next, %l{k}v.body ]",
-                  f"  %i{k}v.end = add i64 %i{k}v, 64", f"  {t}.more = icmp sle i64 %i{k}v.end, %ie",
-                  f"  br i1 {t}.more, label %l{k}v.body, label %l{k}v.done", f"l{k}v.body:",
-                  f"  %x{k}v = add i64 %jrow, %i{k}v", f"  %t{k}v = add i64 %crow, %i{k}v"]
-        address = self._load(x, f"{k}v", f"{t}.x", bytes_in)[:-1]  # (its scalar load left out)
+        lines += self._permute_loop(n, k, bytes_in, f"%{before}", "%ib", "v", 64)
+        return lines + self._permute_loop(n, k, bytes_in, f"%l{k}v.done", f"%i{k}v", "w", 16), f"l{k}w.done"
+
+    def _permute_loop(self, n: Node, k: int, bytes_in: dict, before: str, start: str, tag: str,
+                      width: int) -> list[str]:
+        """_permuted_ir's loop taking `width` tokens (64 or 16) a step from `start`: the
+        table's bytes in %l{k}v.tab0..3; its index %i{k}{tag}, its label l{k}{tag}."""
+        x, t, i = n.inputs[0], f"%l{k}{tag}", f"%i{k}{tag}"
+        bt = f"<{width} x i8>"
+        lines = [f"  br label %l{k}{tag}.head", f"l{k}{tag}.head:",
+                 f"  {i} = phi i64 [ {start}, {before} ], [ {i}.next, %l{k}{tag}.body ]",
+                 f"  {i}.end = add i64 {i}, {width}", f"  {t}.more = icmp sle i64 {i}.end, %ie",
+                 f"  br i1 {t}.more, label %l{k}{tag}.body, label %l{k}{tag}.done", f"l{k}{tag}.body:",
+                 f"  %x{k}{tag} = add i64 %jrow, {i}", f"  %t{k}{tag} = add i64 %crow, {i}"]
+        address = self._load(x, f"{k}{tag}", f"{t}.x", bytes_in)[:-1]  # (its scalar load left out)
         if x in bytes_in:
-            lines += address + [f"  {t}.b = load <64 x i8>, ptr {t}.x.at, align 1"]
+            lines += address + [f"  {t}.b = load {bt}, ptr {t}.x.at, align 1"]
         else:
-            lines += address + [f"  {t}.f = load <64 x float>, ptr {t}.x.at, align 4",
-                                f"  {t}.i = fptosi <64 x float> {t}.f to <64 x i32>",
-                                f"  {t}.b = trunc <64 x i32> {t}.i to <64 x i8>"]
-        permute = "call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512"
-        lines += [f"  {t}.lo = {permute}(<64 x i8> {t}.tab0, <64 x i8> {t}.b, <64 x i8> {t}.tab1)",
-                  f"  {t}.hi = {permute}(<64 x i8> {t}.tab2, <64 x i8> {t}.b, <64 x i8> {t}.tab3)",
-                  f"  {t}.top = icmp slt <64 x i8> {t}.b, zeroinitializer",
-                  f"  {t}.y = select <64 x i1> {t}.top, <64 x i8> {t}.hi, <64 x i8> {t}.lo",
-                  f"  {t}.qm = and i64 %j, 3", f"  {t}.qy = mul i64 {t}.qm, %rows", f"  {t}.qx = add i64 {t}.qy, %i{k}v",
-                  f"  {t}.qz = add i64 %qrow4, {t}.qx",
-                  f"  {t}.qat = getelementptr i8, ptr %s{self.slot['quad temp', o]}, i64 {t}.qz",
-                  f"  store <64 x i8> {t}.y, ptr {t}.qat, align 1", f"  %i{k}v.next = add i64 %i{k}v, 64",
-                  f"  br label %l{k}v.head", f"l{k}v.done:"]
-        return lines, f"l{k}v.done"
+            lines += address + [f"  {t}.f = load <{width} x float>, ptr {t}.x.at, align 4",
+                                f"  {t}.i = fptosi <{width} x float> {t}.f to <{width} x i32>",
+                                f"  {t}.b = trunc <{width} x i32> {t}.i to {bt}"]
+        b = f"{t}.b"
+        if width < 64:  # (the permutes take 64 bytes: the indices in the low lanes)
+            lanes = ", ".join(f"i32 {m % width}" for m in range(64))
+            lines.append(f"  {t}.b64 = shufflevector {bt} {b}, {bt} poison, <64 x i32> <{lanes}>")
+            b = f"{t}.b64"
+        permute, v = "call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512", f"%l{k}v"
+        lines += [f"  {t}.lo = {permute}(<64 x i8> {v}.tab0, <64 x i8> {b}, <64 x i8> {v}.tab1)",
+                  f"  {t}.hi = {permute}(<64 x i8> {v}.tab2, <64 x i8> {b}, <64 x i8> {v}.tab3)",
+                  f"  {t}.top = icmp slt <64 x i8> {b}, zeroinitializer",
+                  f"  {t}.y = select <64 x i1> {t}.top, <64 x i8> {t}.hi, <64 x i8> {t}.lo"]
+        y = f"{t}.y"
+        if width < 64:
+            lanes = ", ".join(f"i32 {m}" for m in range(width))
+            lines.append(f"  {t}.yw = shufflevector <64 x i8> {y}, <64 x i8> poison, <{width} x i32> <{lanes}>")
+            y = f"{t}.yw"
+        return lines + [
+            f"  {t}.qm = and i64 %j, 3", f"  {t}.qy = mul i64 {t}.qm, %rows", f"  {t}.qx = add i64 {t}.qy, {i}",
+            f"  {t}.qz = add i64 %qrow4, {t}.qx",
+            f"  {t}.qat = getelementptr i8, ptr %s{self.slot['quad temp', n.outputs[0]]}, i64 {t}.qz",
+            f"  store {bt} {y}, ptr {t}.qat, align 1", f"  {i}.next = add i64 {i}, {width}",
+            f"  br label %l{k}{tag}.head", f"l{k}{tag}.done:"]
 
     def _pass_ir(self, stage: int, bytes_in: dict, loop_ids: list) -> list[str] | None:
         lines = self._entry(f"pass{stage}")
@@ -784,7 +804,7 @@ class RowKernel:
             start = "%ib"
             if self._permutes(loop):
                 got, before = self._permuted_ir(loop[0], k, bytes_in, before)
-                lines, start = lines + got, f"%i{k}v"
+                lines, start = lines + got, f"%i{k}w"
             lines += [f"  br label %l{k}.head", f"l{k}.head:",
                       f"  %i{k} = phi i64 [ {start}, %{before} ], [ %i{k}.next, %l{k}.body ]"]
             lines += [f"  {s} = phi double [ 0.0, %{before} ], [ {s}.new, %l{k}.body ]" for s in sums if self.token]

@@ -1317,9 +1317,9 @@ def test_row_kernel_is_its_reference(case, permutes, monkeypatch):
     rows.BLOCK at a time, at 200 tokens in blocks and a remainder, and past rows.BLOCKED
     tokens a part in passes over every token; token-major, the parts taking rows.
 
-    A Lookup whose bytes alone the group keeps (the GELU's, case 2) looks them up 64 at a
-    time by AVX-512 VBMI's byte permutes where the CPU has them, and byte by byte
-    without (`permutes`). And all of it built for an AVX2 CPU ("avx2": LLVM's own loop
+    A Lookup whose bytes alone the group keeps (the GELU's, case 2) looks them up 64, then
+    16 at a time (100 tokens: 64, 16, 16 and 4 alone) by AVX-512 VBMI's byte permutes where
+    the CPU has them, and byte by byte without (`permutes`). And all of it built for an AVX2 CPU ("avx2": LLVM's own loop
     widths, the division), run here."""
     from sparsejit.kernels import rows
     from sparsejit.kernels.compile import threads
@@ -1347,7 +1347,7 @@ def test_row_kernel_is_its_reference(case, permutes, monkeypatch):
         return t.T.reshape(x.shape)
 
     blocked = case in (0, 1, 5)
-    for shape in [(2, 9, n), (1, 1, n), (3, n), (1, 5, n), (2, 100, n), (1, 2 * rows.BLOCKED + 3, n)]:
+    for shape in [(2, 9, n), (1, 1, n), (3, n), (1, 5, n), (1, 100, n), (2, 100, n), (1, 2 * rows.BLOCKED + 3, n)]:
         xs = [(rng.standard_normal(shape) * 3).astype(np.float32) for _ in names]
         if case == 4:
             xs[1] = xs[1][:1]  # y read broadcast over the rows
