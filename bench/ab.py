@@ -6,6 +6,7 @@ The ratio reported is the median over rounds of B's median over A's, so each rat
 compares times taken seconds apart on a noisy machine.
 
     python bench/ab.py A B [--model M] [--batch 1 --seq 128 --rounds 20 --runs 10] [--plan FILE] [--precision bf16]
+                           [--threads 2]
     python bench/ab.py A B --texts --model FOLDER   # sentence-embedding pipeline calls, one text each
 
 With `--texts`, MODEL is a pipeline folder (bench/models/text/minilm_p90, say) and a run
@@ -27,7 +28,7 @@ import sys
 import time
 
 
-def _runner(model: str, batch: int, seq: int, plan: str | None, precision: str, texts: bool):
+def _runner(model: str, batch: int, seq: int, plan: str | None, precision: str, texts: bool, threads: int):
     """The timed unit: a run of the model on ones, or with `texts` one pipeline call on the
     corpus's next text."""
     import numpy as np
@@ -37,7 +38,7 @@ def _runner(model: str, batch: int, seq: int, plan: str | None, precision: str, 
     if texts:
         from embed_throughput import corpus
 
-        pipe = sparsejit.pipeline("sentence-embeddings", model, num_threads=2, precision=precision)
+        pipe = sparsejit.pipeline("sentence-embeddings", model, num_threads=threads, precision=precision)
         items, at = corpus(5000, seed=1), [0]
 
         def one() -> None:
@@ -46,7 +47,7 @@ def _runner(model: str, batch: int, seq: int, plan: str | None, precision: str, 
         for _ in range(100):
             one()
         return one
-    m = sparsejit.load(model, num_threads=2, precision=precision, **({"plan": plan} if plan else {}))
+    m = sparsejit.load(model, num_threads=threads, precision=precision, **({"plan": plan} if plan else {}))
     ids = np.ones((batch, seq), np.int64)
     feeds = {n: ids if n != "token_type_ids" else 0 * ids for n in m.input_names}
     for _ in range(3):
@@ -54,10 +55,11 @@ def _runner(model: str, batch: int, seq: int, plan: str | None, precision: str, 
     return lambda: m.run(feeds)
 
 
-def worker(tree: str, model: str, batch: int, seq: int, plan: str | None, precision: str, texts: bool) -> None:
+def worker(tree: str, model: str, batch: int, seq: int, plan: str | None, precision: str, texts: bool,
+           threads: int) -> None:
     if tree != ".":
         sys.path.insert(0, tree)
-    one = _runner(model, batch, seq, plan, precision, texts)
+    one = _runner(model, batch, seq, plan, precision, texts, threads)
     print("ready", flush=True)
     for line in sys.stdin:
         one()
@@ -79,16 +81,18 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--plan", default=None)
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--texts", action="store_true", help="MODEL is a pipeline folder: one call a text")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker[0], args.worker[1], args.batch, args.seq, args.plan, args.precision, args.texts)
+        return worker(args.worker[0], args.worker[1], args.batch, args.seq, args.plan, args.precision, args.texts,
+                      args.threads)
     procs = []
     for side in args.sides:
         tree, _, model = side.partition("|")
         cmd = [sys.executable, __file__, *args.sides, "--worker", tree, model or args.model, "--batch",
-               str(args.batch), "--seq", str(args.seq), "--precision", args.precision] + \
+               str(args.batch), "--seq", str(args.seq), "--precision", args.precision, "--threads", str(args.threads)] + \
             (["--plan", args.plan] if args.plan else []) + (["--texts"] if args.texts else [])
         p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert p.stdout.readline().strip() == "ready", f"{side} did not load"
