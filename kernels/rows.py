@@ -18,8 +18,12 @@ values span more than 29 bits of exponent, so its order does not matter, and
 
 A group with a mean to wait for, feature-major, at up to BLOCKED tokens a part, runs
 blocked: each part takes its own tokens, BLOCK at a time, through every pass, making the
-block's means between the passes in IR (`means<stage>`), in one call. Token-major, such
-a group runs blocked at any length, each part taking its rows BLOCK at a time. Otherwise:
+block's means between the passes in IR (`means<stage>`), in one call. At up to
+SPLIT_MEANS tokens it runs split instead: the parts take features, a launch a pass, and
+each part makes every token's means from all parts' sums at the start of each pass but
+the first (`stage<stage>`), so that a loop runs along a feature's every token (a few
+tokens a part made loops too short to vectorise). Token-major, such a group runs blocked
+at any length, each part taking its rows BLOCK at a time. Otherwise:
 a part of the threads takes a range of features (feature-major: a Linear kernel's
 output at a batch's tokens, [features, tokens] in memory, read as it lies, where an input
 lies so) or of tokens (token-major, C order); the outputs are written the same way. A
@@ -165,6 +169,9 @@ ROWS = Signature("rows", (("p", "ptr"), ("rows", "i64"), ("j0", "i64"), ("j1", "
 BLOCK_ARGS = (("p", "ptr"), ("rows", "i64"), ("ib", "i64"), ("ie", "i64"), ("slot", "i64"))  # (a blocked pass's)
 BLOCK = 64  # tokens a part takes through every pass at a time, blocked (RowKernel.source)
 BLOCKED = 256  # tokens a part takes at most, blocked: with more, each pass at once over the features' rows is faster
+PART_ROW = 16  # floats: each part's row of a call's temporaries starts on a 64-byte line (so do its bytes' and
+# sums' rows), so that two threads' parts never write one line
+SPLIT_MEANS = 64  # tokens up to which a feature-major group with a mean to wait for runs split (RowKernel.source)
 
 ROWS_DRIVER = """\
 # sparsejit generated kernel: the driver of the row kernels (rows.py); part c takes the
@@ -199,6 +206,7 @@ WIDE = '!{} = !{{!"llvm.loop.vectorize.width", i32 16}}'  # (a wide kernel's loo
 SPLIT = 4  # parts a thread of a feature-major group not blocked: the threads claim them in turn, so that
 # one whose features' rows another core wrote (in its cache, not this one's) does not set the launch's time
 WIDE_FROM = 32  # the loops' length from which a kernel's loops are wide (shorter ones fit in a step or two of 8)
+SPLIT_WIDE_FROM = 16  # the same, split (a LayerNorm's dozen quantized steps a feature: one step of 16 a loop)
 
 
 def wide_loops() -> bool:
@@ -461,7 +469,8 @@ class RowKernel:
                     f"  {into} = load i8, ptr {into}.at, !llvm.access.group !0"]
         where = ("x", name) if name in self.names else ("mean", name) if self.values[name].kind == "mean" else \
             ("temp", name) if self.loop[name][1] != k and name in self.temps else ("kept", name)
-        index = {"x": f"{into}.xi", "kept": f"%x{k}", "mean": "%j" if self.token else f"%i{k}", "temp": f"%t{k}"}[where[0]]
+        index = {"x": f"{into}.xi", "kept": f"%x{k}", "mean": "%j" if self.token else f"%t{k}" if self.split else
+                 f"%i{k}", "temp": f"%t{k}"}[where[0]]
         return (self._x_index(name, k, into) if where[0] == "x" else []) + [
                 f"  {into}.at = getelementptr float, ptr %s{self.slot[where]}, i64 {index}",
                 f"  {into} = load float, ptr {into}.at, !llvm.access.group !0"]
@@ -659,7 +668,9 @@ class RowKernel:
         for k in self.scalars.values():
             lines += [f"  %k{k}.at = getelementptr float, ptr %s{self.slot['scalars', '']}, i64 {k}",
                       f"  %k{k} = load float, ptr %k{k}.at"]
-        return lines + ["  %crow = mul i64 %slot, %rows", "  %qrow4 = shl i64 %crow, 2"]
+        # (each part's rows of the temporaries, sums and split means PART_ROW-aligned: %crow)
+        return lines + [f"  %rowsp.a = add i64 %rows, {PART_ROW - 1}", f"  %rowsp = and i64 %rowsp.a, {-PART_ROW}",
+                        "  %crow = mul i64 %slot, %rowsp", "  %qrow4 = shl i64 %crow, 2"]
 
     def _means_ir(self, stage: int, bytes_in: dict, loop_ids: list) -> list[str] | None:
         """Blocked: `means<stage>`, what the block's tokens have one of before pass `stage`
@@ -669,9 +680,10 @@ class RowKernel:
         m = len(loop_ids)
         loop_ids.append(m)
         # (feature-major: the block's tokens %i0, their sums the part's; token-major: its rows %j, each
-        # row's sum its own, the row's length %rows)
+        # row's sum its own, the row's length %rows; split: every token, each sum the parts', the
+        # means stored in the part's own row)
         i, start, end, n, at = ("%j", "%j0", "%j1", "%rows", "%j") if self.token else \
-            ("%i0", "%ib", "%ie", "%j1", "%crow")
+            ("%i0", "%ib", "%ie", f"%s{self.slot['n', '']}.i" if self.split else "%j1", "%crow")
         lines = self._entry(f"means{stage}") + [
             f"  %nf = uitofp i64 {n} to float", "  br label %l0.head", "l0.head:",
             f"  {i} = phi i64 [ {start}, %entry ], [ {i}.next, %l0.body ]", f"  %l0.more = icmp slt i64 {i}, {end}",
@@ -681,9 +693,8 @@ class RowKernel:
         for o in self.sums:
             if self.values[o].stage == stage - 1:
                 v = f"%v{self.index[o]}"
-                lines += [f"  {v}.at = getelementptr double, ptr %s{self.slot['sum', o]}, i64 %t0",
-                          f"  {v}.d = load double, ptr {v}.at, !llvm.access.group !0",
-                          f"  {v}.f = fptrunc double {v}.d to float", f"  {v} = fdiv float {v}.f, %nf"]
+                lines += self._sum_ir(v, f"%s{self.slot['sum', o]}") + [
+                    f"  {v}.f = fptrunc double {v}.d to float", f"  {v} = fdiv float {v}.f, %nf"]
                 here.add(o)
         for n in self.once.get(stage, ()):
             got = self._op(n, 0, here, bytes_in)
@@ -692,10 +703,42 @@ class RowKernel:
             lines += got
             here.add(n.outputs[0])
         for o in sorted(here & set(self.means), key=self.index.get):
-            lines += [f"  %v{self.index[o]}.mat = getelementptr float, ptr %s{self.slot['mean', o]}, i64 {i}",
+            at = "%t0" if self.split else i  # (split: the part's own row of the means)
+            lines += [f"  %v{self.index[o]}.mat = getelementptr float, ptr %s{self.slot['mean', o]}, i64 {at}",
                       f"  store float %v{self.index[o]}, ptr %v{self.index[o]}.mat, !llvm.access.group !0"]
         return lines + [f"  {i}.next = add i64 {i}, 1", f"  br label %l0.head, !llvm.loop !{2 * m + 1}", "l0.done:",
                         "  ret void", "}", ""]
+
+    def _sum_ir(self, v: str, sums: str) -> list[str]:
+        """_means_ir's lines making {v}.d, the sum of token %t0's row: its part's, or split,
+        the sum of every part's (%i0's in each part's row of the sums, in order)."""
+        if not self.split:
+            return [f"  {v}.at = getelementptr double, ptr {sums}, i64 %t0",
+                    f"  {v}.d = load double, ptr {v}.at, !llvm.access.group !0"]
+        lines, total = [], None
+        for part in range(self.split):
+            at = f"{v}.p{part}" if part else (f"{v}.d" if self.split == 1 else f"{v}.p0")
+            lines += [f"  {at}.o = mul i64 %rowsp, {part}", f"  {at}.i = add i64 {at}.o, %i0",
+                      f"  {at}.at = getelementptr double, ptr {sums}, i64 {at}.i",
+                      f"  {at} = load double, ptr {at}.at, !llvm.access.group !0"]
+            if total is not None:
+                into = f"{v}.d" if part == self.split - 1 else f"{v}.a{part}"
+                lines.append(f"  {into} = fadd double {total}, {at}")
+                at = into
+            total = at
+        return lines
+
+    def _split_ir(self) -> list[str]:
+        """Split: `stage<s>` for each pass s > 0 that loops, a part's call: every token's means
+        (`means<s>`, from every part's sums: each part has finished the pass before, a launch
+        of its own), then the pass over the part's features."""
+        call = "(ptr %p, i64 %rows, i64 %j0, i64 %j1, i64 %slot)"
+        lines = []
+        for stage in range(1, self.stages):
+            if self.loops[stage]:
+                lines += [Signature(f"stage{stage}", ROWS.args).define(attrs="#1" if self.wide else ""), "entry:",
+                          f"  call void @means{stage}{call}", f"  call void @pass{stage}{call}", "  ret void", "}", ""]
+        return lines
 
     def _blocked_ir(self) -> list[str]:
         """Blocked: `blocked`, which takes a part's tokens [j0, j1) (token-major: its rows)
@@ -740,7 +783,8 @@ class RowKernel:
         lines = [f"  {t}.tab{h}.at = getelementptr i8, ptr {table}, i64 {64 * h}" for h in range(4)]
         lines += [f"  {t}.tab{h} = load <64 x i8>, ptr {t}.tab{h}.at, align 1" for h in range(4)]
         lines += self._permute_loop(n, k, bytes_in, f"%{before}", "%ib", "v", 64)
-        return lines + self._permute_loop(n, k, bytes_in, f"%l{k}v.done", f"%i{k}v", "w", 16), f"l{k}w.done"
+        lines += self._permute_loop(n, k, bytes_in, f"%l{k}v.done", f"%i{k}v", "u", 16)
+        return lines + self._permute_loop(n, k, bytes_in, f"%l{k}u.done", f"%i{k}u", "w", 8), f"l{k}w.done"
 
     def _permute_loop(self, n: Node, k: int, bytes_in: dict, before: str, start: str, tag: str,
                       width: int) -> list[str]:
@@ -842,45 +886,52 @@ class RowKernel:
                   "  ret void", "}", ""]
         return lines
 
-    def source(self, bytes_in: dict, token: bool = False, blocked: bool = False, wide: bool = False) -> str | None:
+    def source(self, bytes_in: dict, token: bool = False, blocked: bool = False, wide: bool = False,
+               split: int = 0) -> str | None:
         """The IR of the passes (`pass<stage>`, those that loop), for inputs of which
         `bytes_in` are 8-bit (name → type), `token`-major (each part takes rows, a loop
         runs along a row) or feature-major (each part takes features, a loop runs along a
         feature's tokens), either `blocked` (each part takes tokens, feature-major, or rows,
         BLOCK at a time through every pass, the means made between them: `blocked`, one
         call) or not (the passes one call each, the means made on numpy between them); None
-        where the kernel cannot run them. `wide`: the loops 16 floats a step (`wide_loops`)."""
-        self.token, self.blocked, self.wide = token, blocked, wide
+        where the kernel cannot run them. `wide`: the loops 16 floats a step (`wide_loops`).
+        `split` (a count of parts, feature-major, not blocked): the means made in IR, each
+        part making every token's at the start of each pass but the first (`stage<s>`, from
+        the `split` parts' sums), so that nothing runs on numpy between the passes."""
+        self.token, self.blocked, self.wide, self.split = token, blocked, wide, split
         body, loop_ids = [f"; sparsejit generated kernel: a row group ({' '.join(n.op_type for n in self.nodes)})"], []
         for stage in range(self.stages):
-            got = [self._means_ir(stage, bytes_in, loop_ids)] if blocked and stage else []
+            got = [self._means_ir(stage, bytes_in, loop_ids)] if (blocked or split) and stage else []
             got += [self._pass_ir(stage, bytes_in, loop_ids)] if self.loops[stage] else []
             if None in got:
                 return None
             body += [line for lines in got for line in lines]
         if blocked:
             body += self._blocked_ir()
+        if split:
+            body += self._split_ir()
         w = 2 * len(loop_ids) + 1  # (the width's metadata, after the loops')
         meta = [f"!{2 * m + 1} = distinct !{{!{2 * m + 1}, !{2 * m + 2}{f', !{w}' if wide else ''}}}\n"
                 f"!{2 * m + 2} = !{{!\"llvm.loop.parallel_accesses\", !0}}" for m in loop_ids]
         meta += [WIDE.format(w)] if wide else []
         return "\n".join(body) + _DECLARES + "\n".join(meta) + "\n"
 
-    def _passes(self, bytes_in: dict, token: bool, blocked: bool = False, wide: bool = False) -> list | None:
+    def _passes(self, bytes_in: dict, token: bool, blocked: bool = False, wide: bool = False,
+                split: int = 0) -> list | None:
         """The passes' addresses for these inputs (blocked: `blocked`'s alone; made once;
         `source` keeps its layout on the kernel while it writes, so under a lock: a model
         may run on several threads)."""
-        key = (token, blocked, wide, *sorted((k, np.dtype(v).str) for k, v in bytes_in.items()))
+        key = (token, blocked, wide, split, *sorted((k, np.dtype(v).str) for k, v in bytes_in.items()))
         found = self._compiled.get(key, False)
         if found is not False:
             return found
         with self._lock:
             if key not in self._compiled:
-                src = self.source(bytes_in, token, blocked, wide)
+                src = self.source(bytes_in, token, blocked, wide, split)
                 engine = None if src is None else ir_engine(src)
                 self._compiled[key] = None if engine is None else [engine.get_function_address("blocked")] \
-                    if blocked else [
-                    engine.get_function_address(f"pass{s}") if self.loops[s] else 0 for s in range(self.stages)]
+                    if blocked else [engine.get_function_address(f"{'stage' if split and s else 'pass'}{s}")
+                                     if self.loops[s] else 0 for s in range(self.stages)]
         return self._compiled[key]
 
     # --- running -------------------------------------------------------------------
@@ -934,36 +985,39 @@ class RowKernel:
             return None
         full = [x for x in inputs if x.shape == shape]
         token = len(shape) == 1 or not _feature_major(full)
-        blocked = (token or rows <= BLOCKED * threads()) and self._blocked_ok()
+        waits = self._blocked_ok()  # (a mean to wait for, made in IR)
+        blocked = waits and (token or SPLIT_MEANS < rows <= BLOCKED * threads())
         loop = n if token else min(BLOCK, -(-rows // threads())) if blocked else rows  # (a loop's length)
         parts = threads() * (SPLIT if not token and not blocked and threads() > 1 else 1)
+        split = parts if waits and not token and rows <= SPLIT_MEANS else 0
         passes = self._passes({x: v.dtype for x, v in zip(self.names, inputs) if v.dtype in BYTES}, token, blocked,
-                              wide_loops() and loop >= WIDE_FROM)
+                              wide_loops() and loop >= (SPLIT_WIDE_FROM if split else WIDE_FROM), split)
         if passes is None:
             return None
         own = tuple((k, s) for k, s in enumerate(self.slots) if s[0] in ("x", "y", "quad", *_APART, *_PERIOD))
         scratch = sum(-(-math.prod(s) * np.dtype(t).itemsize // ALIGN) * ALIGN
-                      for _, s, t in self._scratch_shapes(n, rows, parts, token, blocked))
+                      for _, s, t in self._scratch_shapes(n, rows, parts, token, blocked, split))
         return _Call(shape, n, rows, token, passes, parts, tuple(_lay_kind(v, shape, token) for v in inputs),
-                     blocked, own, scratch=scratch)
+                     blocked, own, scratch=scratch, split=split)
 
-    def _scratch_shapes(self, n: int, rows: int, parts: int, token: bool, blocked: bool) -> list[tuple]:
+    def _scratch_shapes(self, n: int, rows: int, parts: int, token: bool, blocked: bool, split: int) -> list[tuple]:
         """(key, shape, dtype) of each array a call works in and does not return: kept
         values, means, sums, temporaries, the bytes' temporary rows."""
         outer, inner = (rows, n) if token else (n, rows)
+        part = -(-inner // PART_ROW) * PART_ROW  # (a part's row: on lines of its own, %crow)
         return ([(("kept", o), (parts, n * BLOCK) if blocked and not token else (outer, inner), np.float32)
                  for o in self.keep] +
-                [(("mean", v), (rows,), np.float32) for v in self.means] +
-                [(("sum", v), (parts, rows), np.float64) for v in self.sums] +
-                [(("temp", o), (parts, inner), np.float32) for o in self.temps] +
-                [(("quad temp", o), (parts, 4 * inner), np.uint8) for o in self.quads])
+                [(("mean", v), (split * part if split else rows,), np.float32) for v in self.means] +
+                [(("sum", v), (parts, rows if token else part), np.float64) for v in self.sums] +
+                [(("temp", o), (parts, part), np.float32) for o in self.temps] +
+                [(("quad temp", o), (parts, 4 * part), np.uint8) for o in self.quads])
 
     def _scratch(self, c: _Call, arena: np.ndarray) -> tuple[dict, np.ndarray]:
         """The call's scratch arrays (_scratch_shapes), each from a 64-byte line of `arena`,
         and its slots with them, the constants and the length filled in (the call's own
         arrays and their strides left to fill)."""
         arrays, at = {}, 0
-        for key, shape, dtype in self._scratch_shapes(c.n, c.rows, c.parts, c.token, c.blocked):
+        for key, shape, dtype in self._scratch_shapes(c.n, c.rows, c.parts, c.token, c.blocked, c.split):
             size = math.prod(shape) * np.dtype(dtype).itemsize
             arrays[key] = arena[at:at + size].view(dtype).reshape(shape)
             at += -(-size // ALIGN) * ALIGN
@@ -1006,7 +1060,7 @@ class RowKernel:
         zeroed = [a for k, a in scratch.items() if k[0] in ("sum", "quad temp")]
         if zeroed:
             zero_launch(zeroed)
-        if not c.blocked and (self.stages > 1 or self._once or self.sums) or {"copy", "copy T"} & set(c.lay):
+        if not (c.blocked or c.split) and (self.stages > 1 or self._once or self.sums) or {"copy", "copy T"} & set(c.lay):
             python_between()
         return self._passes_run(c, inputs, scratch, p)
 
@@ -1029,6 +1083,10 @@ class RowKernel:
         if c.blocked:  # (every pass in one call; the parts take tokens, feature-major, or rows)
             run(driver, ROWS, parts, 1, passes[0], p, inner, outer if token else inner)
         for stage in range(0 if c.blocked else self.stages):
+            if c.split:  # (the means made by the passes)
+                if passes[stage]:
+                    run(driver, ROWS, parts, 1, passes[stage], p, inner, outer)
+                continue
             for node, fn in self._once.get(stage, ()):  # one per row: of means and constants, on numpy
                 env[node.outputs[0]] = fn(*[env[i] if i in env else self.arrays.get(i) if i else None
                                            for i in node.inputs])
@@ -1039,7 +1097,7 @@ class RowKernel:
                 run(driver, ROWS, parts, 1, passes[stage], p, inner, outer)
             for v in self.sums:
                 if self.values[v].stage == stage:
-                    env[v] = arrays["sum", v].sum(axis=0).astype(np.float32) / np.float32(n)
+                    env[v] = arrays["sum", v].sum(axis=0)[:rows].astype(np.float32) / np.float32(n)
         means = {o: env[o].astype(self.types[o]).reshape((*shape[:-1], 1))
                  for o in self.outputs if self.values[o].kind == "mean"}
         return tuple((outs[o] if token else outs[o].T).reshape(shape) if o in outs else means[o]
@@ -1067,3 +1125,4 @@ class _Call:
     lock: threading.Lock = field(default_factory=threading.Lock)  # (whoever holds it uses spare)
     spare: list = field(default_factory=list)  # [arena, its scratch arrays, the slots] (_run)
     scratch: int = 0  # bytes of scratch the call takes (_scratch_shapes)
+    split: int = 0  # feature-major, not blocked: the means made in IR by the parts, this many (RowKernel.source)

@@ -1317,9 +1317,10 @@ def test_row_kernel_is_its_reference(case, permutes, monkeypatch):
     rows.BLOCK at a time, at 200 tokens in blocks and a remainder, and past rows.BLOCKED
     tokens a part in passes over every token; token-major, the parts taking rows.
 
-    A Lookup whose bytes alone the group keeps (the GELU's, case 2) looks them up 64, then
-    16 at a time (100 tokens: 64, 16, 16 and 4 alone) by AVX-512 VBMI's byte permutes where
-    the CPU has them, and byte by byte without (`permutes`). And all of it built for an AVX2 CPU ("avx2": LLVM's own loop
+    A Lookup whose bytes alone the group keeps (the GELU's, case 2) looks them up 64, 16,
+    then 8 at a time (100 tokens: 64, 16, 16 and 4 alone; 13: 8 and 5 alone) by AVX-512
+    VBMI's byte permutes where the CPU has them, and byte by byte without (`permutes`).
+    Each part's rows of the call's scratch start on lines of their own (rows.PART_ROW). And all of it built for an AVX2 CPU ("avx2": LLVM's own loop
     widths, the division), run here."""
     from sparsejit.kernels import rows
     from sparsejit.kernels.compile import threads
@@ -1347,7 +1348,8 @@ def test_row_kernel_is_its_reference(case, permutes, monkeypatch):
         return t.T.reshape(x.shape)
 
     blocked = case in (0, 1, 5)
-    for shape in [(2, 9, n), (1, 1, n), (3, n), (1, 5, n), (1, 100, n), (2, 100, n), (1, 2 * rows.BLOCKED + 3, n)]:
+    for shape in [(2, 9, n), (1, 1, n), (3, n), (1, 5, n), (1, 13, n), (1, 100, n), (2, 100, n),
+                  (1, 2 * rows.BLOCKED + 3, n)]:
         xs = [(rng.standard_normal(shape) * 3).astype(np.float32) for _ in names]
         if case == 4:
             xs[1] = xs[1][:1]  # y read broadcast over the rows
@@ -1364,9 +1366,16 @@ def test_row_kernel_is_its_reference(case, permutes, monkeypatch):
             want = rows.reference_rows(*inputs, nodes=nodes, names=names, outputs=outputs, consts=consts, opset=17)
             assert got is not None, (case, shape, layout)
             call, = kernel._calls.values()
-            assert call.blocked == (blocked and (call.token or np.prod(shape[:-1]) <= rows.BLOCKED * threads()))
-            # (feature-major not blocked: rows.SPLIT parts a thread, which the threads claim in turn)
+            tokens = np.prod(shape[:-1])
+            assert call.blocked == (blocked and (call.token or rows.SPLIT_MEANS < tokens <= rows.BLOCKED * threads()))
+            # (feature-major not blocked: rows.SPLIT parts a thread, which the threads claim in turn; at
+            # up to rows.SPLIT_MEANS tokens, those parts making the means in IR)
             assert call.parts == threads() * (rows.SPLIT if not (call.token or call.blocked) else 1)
+            assert call.split == (call.parts if blocked and not call.token and tokens <= rows.SPLIT_MEANS else 0)
+            parted = [sh for key, sh, _ in kernel._scratch_shapes(call.n, call.rows, call.parts, call.token,
+                                                                   call.blocked, call.split)
+                      if key[0] in ("temp", "quad temp") or key[0] == "sum" and not call.token]
+            assert all(sh[-1] % rows.PART_ROW == 0 for sh in parted), parted
             for g, w, o in zip(got, want, outputs):
                 assert g.dtype == w.dtype and g.shape == w.shape, (o, g.dtype, w.dtype, g.shape, w.shape)
                 np.testing.assert_array_equal(g, w, err_msg=f"{o} {shape} {layout}")
@@ -1760,8 +1769,9 @@ for shape in [(1, 1), (3, 1), (1, 1, 5), (2, 1, 1), (1, 300, 3)]:
 assert with_bytes(np.zeros((0, 4), np.float32)) is None
 for shape in [(0, 8), (1, 0, 4), (1, 1, 1), (2, 3, 5)]:
     assert rows.bytes_rows(np.zeros(shape, np.uint8)).shape == (*shape[:-1], -(-shape[-1] // 4))
-# feature-major (each feature's tokens contiguous): the group blocked (a mean to wait for, no
-# mean among its outputs) at two tokens, one block and one more, and past BLOCKED a part;
+# feature-major (each feature's tokens contiguous), a group with a mean to wait for (no mean
+# among its outputs): split (its parts making the means in IR) at two tokens, blocked at one
+# block and one more, neither past BLOCKED a part;
 # a Lookup kept as bytes alone (permuted 64 at a time with VBMI) at 2 to 130 tokens
 blocked = rows.RowKernel(nodes, ["x"], ["f"], consts)
 lookup = [Node("QuantizeLinear", "q", ["x", "s", "z"], ["q"]),
@@ -1774,7 +1784,8 @@ for tokens, n in [(2, 2), (65, 3), (4 * rows.BLOCKED + 1, 2), (130, 5)]:
     assert np.array_equal(blocked(x)[0], want), (tokens, n)
     l = rows.reference_rows(x, nodes=lookup, names=["x"], outputs=["l"], consts=consts, opset=17)[0]
     assert np.array_equal(np.ascontiguousarray(looked(x)[0]), np.ascontiguousarray(rows.quad_bytes(l, grid)))
-assert sorted(c.blocked for c in blocked._calls.values()) == [False, True, True, True]
+assert sorted((c.blocked, c.split > 0) for c in blocked._calls.values()) == [(False, False), (False, True),
+                                                                              (True, False), (True, False)]
 from sparsejit.kernels.int8 import Int8Lanes, Int8Linear, has_lanes
 layers = [Int8Linear(np.ones((64, 16), np.int8), np.full(16, 0.01, np.float32), "static", np.float32(0.05),
                      np.uint8(128), None, "none", False, None)]
