@@ -203,10 +203,23 @@ declare <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8>, <64 x i8>, <64 x
 attributes #1 = { "prefer-vector-width"="512" }
 """
 WIDE = '!{} = !{{!"llvm.loop.vectorize.width", i32 16}}'  # (a wide kernel's loops': 16 floats a step)
+MASKED = '!{} = !{{!"llvm.loop.vectorize.predicate.enable", i1 true}}'  # (a masked kernel's: the last step masked)
 SPLIT = 4  # parts a thread of a feature-major group not blocked: the threads claim them in turn, so that
 # one whose features' rows another core wrote (in its cache, not this one's) does not set the launch's time
 WIDE_FROM = 32  # the loops' length from which a kernel's loops are wide (shorter ones fit in a step or two of 8)
-SPLIT_WIDE_FROM = 16  # the same, split (a LayerNorm's dozen quantized steps a feature: one step of 16 a loop)
+MASKED_BELOW = 64  # feature-major loops of more than 8 tokens and fewer than this are wide, their last step masked
+
+
+def loop_widths(token: bool, loop: int) -> tuple[bool, bool]:
+    """Whether a kernel whose loops run `loop` floats is wide (`wide_loops`), and whether
+    its last step is masked rather than a float at a time: feature-major loops of 9 to
+    MASKED_BELOW - 1 tokens (a few tokens of a batch, where the tail is much of the loop),
+    by LLVM's tail folding (`llvm.loop.vectorize.predicate.enable`)."""
+    if not wide_loops():
+        return False, False
+    if not token and 8 < loop < MASKED_BELOW:
+        return True, True
+    return loop >= WIDE_FROM, False
 
 
 def wide_loops() -> bool:
@@ -844,6 +857,8 @@ class RowKernel:
         for k, loop in enumerate(self.loops[stage]):
             m = len(loop_ids)
             loop_ids.append(m)
+            if loop[0].op_type == "Lookup":
+                self._gathers.add(m)
             sums = [f"%sum{self.index[n.outputs[0]]}" for n in loop if n.op_type == "ReduceMean"]
             start = "%ib"
             if self._permutes(loop):
@@ -887,18 +902,20 @@ class RowKernel:
         return lines
 
     def source(self, bytes_in: dict, token: bool = False, blocked: bool = False, wide: bool = False,
-               split: int = 0) -> str | None:
+               split: int = 0, masked: bool = False) -> str | None:
         """The IR of the passes (`pass<stage>`, those that loop), for inputs of which
         `bytes_in` are 8-bit (name → type), `token`-major (each part takes rows, a loop
         runs along a row) or feature-major (each part takes features, a loop runs along a
         feature's tokens), either `blocked` (each part takes tokens, feature-major, or rows,
         BLOCK at a time through every pass, the means made between them: `blocked`, one
         call) or not (the passes one call each, the means made on numpy between them); None
-        where the kernel cannot run them. `wide`: the loops 16 floats a step (`wide_loops`).
+        where the kernel cannot run them. `wide`: the loops 16 floats a step (`wide_loops`);
+        `masked`: their last step masked, but a Lookup's gather's (`loop_widths`).
         `split` (a count of parts, feature-major, not blocked): the means made in IR, each
         part making every token's at the start of each pass but the first (`stage<s>`, from
         the `split` parts' sums), so that nothing runs on numpy between the passes."""
         self.token, self.blocked, self.wide, self.split = token, blocked, wide, split
+        self._gathers: set[int] = set()  # (the loops of a Lookup's gather, by id: LLVM's width, unmasked)
         body, loop_ids = [f"; sparsejit generated kernel: a row group ({' '.join(n.op_type for n in self.nodes)})"], []
         for stage in range(self.stages):
             got = [self._means_ir(stage, bytes_in, loop_ids)] if (blocked or split) and stage else []
@@ -910,24 +927,31 @@ class RowKernel:
             body += self._blocked_ir()
         if split:
             body += self._split_ir()
-        w = 2 * len(loop_ids) + 1  # (the width's metadata, after the loops')
-        meta = [f"!{2 * m + 1} = distinct !{{!{2 * m + 1}, !{2 * m + 2}{f', !{w}' if wide else ''}}}\n"
+        w = 2 * len(loop_ids) + 1  # (the width's and the mask's metadata, after the loops')
+        meta = [f"!{2 * m + 1} = distinct !{{!{2 * m + 1}, !{2 * m + 2}{self._widths(m, w, wide, masked)}}}\n"
                 f"!{2 * m + 2} = !{{!\"llvm.loop.parallel_accesses\", !0}}" for m in loop_ids]
         meta += [WIDE.format(w)] if wide else []
+        meta += [MASKED.format(w + 1)] if masked else []
         return "\n".join(body) + _DECLARES + "\n".join(meta) + "\n"
 
+    def _widths(self, m: int, w: int, wide: bool, masked: bool) -> str:
+        """Loop m's references to the width's (!w) and the mask's (!w + 1) metadata."""
+        if masked and m in self._gathers:
+            return ""
+        return (f", !{w}" if wide else "") + (f", !{w + 1}" if masked else "")
+
     def _passes(self, bytes_in: dict, token: bool, blocked: bool = False, wide: bool = False,
-                split: int = 0) -> list | None:
+                split: int = 0, masked: bool = False) -> list | None:
         """The passes' addresses for these inputs (blocked: `blocked`'s alone; made once;
         `source` keeps its layout on the kernel while it writes, so under a lock: a model
         may run on several threads)."""
-        key = (token, blocked, wide, split, *sorted((k, np.dtype(v).str) for k, v in bytes_in.items()))
+        key = (token, blocked, wide, split, masked, *sorted((k, np.dtype(v).str) for k, v in bytes_in.items()))
         found = self._compiled.get(key, False)
         if found is not False:
             return found
         with self._lock:
             if key not in self._compiled:
-                src = self.source(bytes_in, token, blocked, wide, split)
+                src = self.source(bytes_in, token, blocked, wide, split, masked)
                 engine = None if src is None else ir_engine(src)
                 self._compiled[key] = None if engine is None else [engine.get_function_address("blocked")] \
                     if blocked else [engine.get_function_address(f"{'stage' if split and s else 'pass'}{s}")
@@ -990,8 +1014,9 @@ class RowKernel:
         loop = n if token else min(BLOCK, -(-rows // threads())) if blocked else rows  # (a loop's length)
         parts = threads() * (SPLIT if not token and not blocked and threads() > 1 else 1)
         split = parts if waits and not token and rows <= SPLIT_MEANS else 0
+        wide, masked = loop_widths(token, loop)
         passes = self._passes({x: v.dtype for x, v in zip(self.names, inputs) if v.dtype in BYTES}, token, blocked,
-                              wide_loops() and loop >= (SPLIT_WIDE_FROM if split else WIDE_FROM), split)
+                              wide, split, masked)
         if passes is None:
             return None
         own = tuple((k, s) for k, s in enumerate(self.slots) if s[0] in ("x", "y", "quad", *_APART, *_PERIOD))

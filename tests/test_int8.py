@@ -1317,7 +1317,8 @@ def test_row_kernel_is_its_reference(case, permutes, monkeypatch):
     rows.BLOCK at a time, at 200 tokens in blocks and a remainder, and past rows.BLOCKED
     tokens a part in passes over every token; token-major, the parts taking rows.
 
-    A Lookup whose bytes alone the group keeps (the GELU's, case 2) looks them up 64, 16,
+    Feature-major loops of 9 to 63 tokens run 16 floats a step, the last masked (but a
+    Lookup's gather's). A Lookup whose bytes alone the group keeps (the GELU's, case 2) looks them up 64, 16,
     then 8 at a time (100 tokens: 64, 16, 16 and 4 alone; 13: 8 and 5 alone) by AVX-512
     VBMI's byte permutes where the CPU has them, and byte by byte without (`permutes`).
     Each part's rows of the call's scratch start on lines of their own (rows.PART_ROW). And all of it built for an AVX2 CPU ("avx2": LLVM's own loop
@@ -1391,6 +1392,8 @@ def test_row_kernel_is_its_reference(case, permutes, monkeypatch):
                 np.testing.assert_array_equal(g, want[outputs.index(o)], err_msg=o)
             assert len(np.unique(np.asarray(quad).view(np.uint8) if quad.flags.c_contiguous else
                                  np.ascontiguousarray(quad).view(np.uint8))) > 2  # (not saturated)
+    # (feature-major loops of 9 to 63 tokens, 13 and 18 here, wide with their last step masked)
+    assert any(key[4] for key in kernel._compiled) == rows.wide_loops()
     assert kernel(*[np.zeros((0, n), np.float32) for _ in names]) is None
 
 
