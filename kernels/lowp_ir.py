@@ -216,13 +216,15 @@ def store_rows(e: Builder, values: list[str], masks: list, base: str, row: str, 
     """Float vectors (tokens from t, vector v masked by masks[v] or whole) rounded to
     bfloat16 and stored as row `row` of `base` (16-bit row stride `ld`) in the bfloat16
     rows a scattered bf16 layer reads as x (bf16.rows_ir's layout: groups of 32 tokens,
-    group_order). t is on a group for two vectors or more, which make whole groups; one
-    vector fills the half of its group its tokens are in (masked-off tokens as zeros) and,
-    for the first half, zeros in the second, which a later tile overwrites where it has
-    tokens."""
+    group_order). Masked-off tokens are stored as zeros. t is on a group for two vectors or
+    more, which make whole groups; one vector fills the half of its group its tokens are
+    in and, for the first half, zeros in the second, which a later tile overwrites where
+    it has tokens."""
     L, hv, gv = e.lanes, f"<{e.lanes} x i16>", f"<{2 * e.lanes} x i16>"
     order = group_order(L)
     halves = [e(f"bitcast <{L} x bfloat> {e(f'fptrunc {e.vt} {v} to <{L} x bfloat>')} to {hv}") for v in values]
+    halves = [h if m is None else e(f"select <{L} x i1> {m}, {hv} {h}, {hv} zeroinitializer")
+              for h, m in zip(halves, masks)]
     start = e.offset(row, ld, e(f"and i64 {t}, {-2 * L}"))
     if len(halves) > 1:
         for u in range(0, len(halves), 2):
@@ -230,7 +232,7 @@ def store_rows(e: Builder, values: list[str], masks: list, base: str, row: str, 
             e.raw(f"  store {gv} {x}, ptr {e.gep(base, e(f'add i64 {start}, {u * L}') if u else start, 'i16')}, "
                   "align 64")
         return
-    v = halves[0] if masks[0] is None else e(f"select <{L} x i1> {masks[0]}, {hv} {halves[0]}, {hv} zeroinitializer")
+    v = halves[0]
     upper = e(f"icmp ne i64 {e(f'and i64 {t}, {L}')}, 0")
     placed = [e(f"shufflevector {hv} {a}, {hv} {b}, <{2 * L} x i32> {order}")
               for a, b in ((v, "zeroinitializer"), ("zeroinitializer", v))]

@@ -3,7 +3,7 @@
 Layout, feature-major as in SparseDNN and XNNPACK: xᵀ [in, tokens] and yᵀ [out, tokens],
 token stride 1, row strides `ldx`/`ldy`/`ldr` (in floats). `sparse_rows` computes output
 rows [j0, j1) for all tokens: tiles of `lanes × vectors` tokens (16 × 8 = 128 with
-AVX-512), then single vectors, then one masked vector. One output row's tile stays in
+AVX-512), then narrower ones, the last with its last vector masked. One output row's tile stays in
 `vectors` registers while every stored weight adds weight × its row of xᵀ: one load per
 fma (Numba could not keep the tile in registers, hence IR).
 
@@ -71,13 +71,13 @@ class IRConfig:
 FLAGS = ("scaled", "bf16", "scattered", "int8", "quant_out", "rows_out", "pairs_out")  # (IRConfig's, in the header)
 
 
-def _add_pair(e: Builder, vectors: int, mask: str | None, at: str, k: str, accs: list[str]) -> list[str]:
+def _add_pair(e: Builder, vectors: int, masks: list, at: str, k: str, accs: list[str]) -> list[str]:
     """accs + the bfloat16 pair of weights at slot `at` × pair row k of xᵀ: `vdpbf16ps`
     (AVX512-BF16) adds, per token, x[2k]·w[0] + x[2k + 1]·w[1] to a float sum. Each i32 of
     values and of xᵀ holds the pair, input 2k in its low 16 bits."""
     w = e.splat(e(f"load float, ptr {e.gep('%values', at)}, align 4"))  # (the pair's bits)
     start = e.offset(k, "%ldx", "%t")
-    return [bf16_dot(e, accs[u], e.vload(e.vptr("%xt", start, u), mask), w) for u in range(vectors)]
+    return [bf16_dot(e, accs[u], e.vload(e.vptr("%xt", start, u), masks[u]), w) for u in range(vectors)]
 
 
 def _unpack_masks(lanes: int) -> tuple[str, str]:
@@ -89,7 +89,7 @@ def _unpack_masks(lanes: int) -> tuple[str, str]:
     return mask(0), mask(1)
 
 
-def _add_scattered(e: Builder, vectors: int, mask: str | None, at: str, packed: str, accs: list[str]) -> list[str]:
+def _add_scattered(e: Builder, vectors: int, at: str, packed: str, accs: list[str]) -> list[str]:
     """accs + the bfloat16 pair of weights at slot `at` × rows ka and kb of xᵀ (`packed`:
     ka in its low 16 bits, kb in its high). xᵀ holds bfloat16 rows (row stride 2·ldx in
     16-bit units) in groups of 32 tokens stored so that interleaving two rows' groups
@@ -126,7 +126,7 @@ def _add_scattered(e: Builder, vectors: int, mask: str | None, at: str, packed: 
     return out
 
 
-def _add_block(e: Builder, vectors: int, mask: str | None, at: str, k4: str, accs: list[str]) -> list[str]:
+def _add_block(e: Builder, vectors: int, masks: list, at: str, k4: str, accs: list[str]) -> list[str]:
     """accs + the int8 4-block of weights at slot `at` × 4-block row k4 of xᵀ: `vpdpbusd`
     (AVX-512 VNNI) adds, per token, the four products of uint8 x and int8 w to an i32 sum
     (int8_ir's layout: each i32 of values and of xᵀ holds the block's four bytes). The
@@ -134,28 +134,28 @@ def _add_block(e: Builder, vectors: int, mask: str | None, at: str, k4: str, acc
     kernel's), and read as i32 by the epilogue."""
     w = e.splat(e(f"load float, ptr {e.gep('%values', at)}, align 4"))  # (the block's bits)
     start = e.offset(k4, "%ldx", "%t")
-    return [vnni_dot(e, accs[u], e.vload(e.vptr("%xt", start, u), mask), w) for u in range(vectors)]
+    return [vnni_dot(e, accs[u], e.vload(e.vptr("%xt", start, u), masks[u]), w) for u in range(vectors)]
 
 
-def _add_stored(e: Builder, cfg: IRConfig, vectors: int, mask: str | None, at: str, k_stored: str,
+def _add_stored(e: Builder, cfg: IRConfig, vectors: int, masks: list, at: str, k_stored: str,
                 accs: list[str]) -> list[str]:
     """accs + the weights stored at slot `at` (one, a block of four, or a bfloat16 pair) × their rows of xᵀ."""
     if cfg.scattered:
-        return _add_scattered(e, vectors, mask, at, k_stored, accs)
+        return _add_scattered(e, vectors, at, k_stored, accs)
     k = e(f"{'zext' if cfg.index_bits == 16 else 'sext'} i{cfg.index_bits} {k_stored} to i64")
     if cfg.bf16:  # (k: the pair's first input, 2·its row of xᵀ)
-        return _add_pair(e, vectors, mask, at, e(f"lshr i64 {k}, 1"), accs)
+        return _add_pair(e, vectors, masks, at, e(f"lshr i64 {k}, 1"), accs)
     if cfg.int8:  # (k: the block's first input, 4·its row of xᵀ)
-        return _add_block(e, vectors, mask, at, e(f"lshr i64 {k}, 2"), accs)
+        return _add_block(e, vectors, masks, at, e(f"lshr i64 {k}, 2"), accs)
     wbase = e(f"mul i64 {at}, {cfg.block}")
     for b in range(cfg.block):
         w = e.splat(e(f"load float, ptr {e.gep('%values', e(f'add i64 {wbase}, {b}') if b else wbase)}, align 4"))
         start = e.offset(e(f"add i64 {k}, {b}") if b else k, "%ldx", "%t")
-        accs = [e.fma(w, e.vload(e.vptr("%xt", start, u), mask), accs[u]) for u in range(vectors)]
+        accs = [e.fma(w, e.vload(e.vptr("%xt", start, u), masks[u]), accs[u]) for u in range(vectors)]
     return accs
 
 
-def _stored_weights(e: Builder, cfg: IRConfig, vectors: int, mask: str | None, p0: str, p1: str,
+def _stored_weights(e: Builder, cfg: IRConfig, vectors: int, masks: list, p0: str, p1: str,
                     init: list[str]) -> list[str]:
     """The sums over the stored weights at slots [p0, p1). Unstructured, two at a time with
     their indices from one load (loads, not fmas, bound this loop), then the odd one."""
@@ -164,14 +164,14 @@ def _stored_weights(e: Builder, cfg: IRConfig, vectors: int, mask: str | None, p
 
     def one(p, accs):
         k = e(f"load {ity}, ptr {e.gep('%indices', p, ity)}, align {cfg.index_bits // 8}")
-        return _add_stored(e, cfg, vectors, mask, p, k, accs)
+        return _add_stored(e, cfg, vectors, masks, p, k, accs)
 
     def pair(p, accs):
         gty = f"i{2 * cfg.index_bits}"
         packed = e(f"load {gty}, ptr {e.gep('%indices', p, ity)}, align {cfg.index_bits // 8}")
         for i in range(2):
             k = e(f"trunc {gty} {e(f'lshr {gty} {packed}, {i * cfg.index_bits}') if i else packed} to {ity}")
-            accs = _add_stored(e, cfg, vectors, mask, e(f"add i64 {p}, {i}") if i else p, k, accs)
+            accs = _add_stored(e, cfg, vectors, masks, e(f"add i64 {p}, {i}") if i else p, k, accs)
         return accs
 
     if cfg.block == 1 and not cfg.scattered:
@@ -182,11 +182,12 @@ def _stored_weights(e: Builder, cfg: IRConfig, vectors: int, mask: str | None, p
 
 def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
     """Slot s of K-chunk c, tokens [t, t + lanes·vectors): row j = order[c·m + s]'s
-    stored weights in that chunk. Chunk 0 starts from the bias, later ones from the
-    partial sums in yᵀ; the last applies the epilogue. A middle chunk where the row has
-    no stored weights is skipped."""
-    mask = "%mask" if masked else None
+    stored weights in that chunk (`masked`: the last vector's loads and stores under
+    %mask, the tokens left). Chunk 0 starts from the bias, later ones from the partial
+    sums in yᵀ; the last applies the epilogue. A middle chunk where the row has no stored
+    weights is skipped."""
     vt = e.vt
+    masks = [None] * (vectors - 1) + ["%mask" if masked else None]
     at = e.offset("%c", "%m", "%s")
     row = e(f"load i32, ptr {e.gep('%order', at, 'i32')}, align 4")
     e(f"sext i32 {row} to i64", "%j")
@@ -206,15 +207,15 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
     e.label("skip")
     e.raw("  ret void")
     e.label("from.y.load")
-    yinit = [e.vload(ptr, mask) for ptr in yptrs]
+    yinit = [e.vload(ptr, mk) for ptr, mk in zip(yptrs, masks)]
     e.br("start")
     e.label("start")
     init = [e.phi(vt, (binit, from_bias), (y, "from.y.load")) for y in yinit]
-    sums = _stored_weights(e, cfg, vectors, mask, p0, p1, init)
+    sums = _stored_weights(e, cfg, vectors, masks, p0, p1, init)
     e.cond_br(last, "epilogue", "partial")
     e.label("partial")
-    for v, ptr in zip(sums, yptrs):
-        e.vstore(v, ptr, mask)
+    for v, ptr, mk in zip(sums, yptrs, masks):
+        e.vstore(v, ptr, mk)
     e.raw("  ret void")
     e.label("epilogue")
     if cfg.residual and RESIDUAL_AHEAD:
@@ -223,18 +224,19 @@ def _tile(e: Builder, cfg: IRConfig, vectors: int, masked: bool) -> None:
     if cfg.scaled or cfg.int8:  # an int8 layer's exact sums (int8.Int8OnFloat, Int8Chunked): scaled, plus the bias
         sums = scaled_sums(e, sums, "%j", e.splat(e(f"load float, ptr {e.gep('%bias', '%j')}, align 4")), cfg.int8)
     if cfg.quant_out:
-        _store_quantized(e, [epilogue(e, cfg.activation, v, None, mask) for v in sums], mask)
+        _store_quantized(e, [epilogue(e, cfg.activation, v, None, mk) for v, mk in zip(sums, masks)], masks)
         return
     if cfg.rows_out:  # (row j of rt, as the next scattered layer reads its x: lowp_ir.store_rows)
-        values = [epilogue(e, cfg.activation, v, None, mask) for v in sums]
-        store_rows(e, values, [mask] * len(values), "%rt", "%j", e("shl i64 %ldr, 1"), "%t")
+        values = [epilogue(e, cfg.activation, v, None, mk) for v, mk in zip(sums, masks)]
+        store_rows(e, values, masks, "%rt", "%j", e("shl i64 %ldr, 1"), "%t")
         return
     if cfg.pairs_out:
-        store_pair_halves(e, [epilogue(e, cfg.activation, v, None, mask) for v in sums], "%j", "%rt", "%ldr", "%t")
+        store_pair_halves(e, [epilogue(e, cfg.activation, v, None, mk) for v, mk in zip(sums, masks)], "%j", "%rt",
+                          "%ldr", "%t")
         return
-    for u, (v, ptr) in enumerate(zip(sums, yptrs)):
+    for u, (v, ptr, mk) in enumerate(zip(sums, yptrs, masks)):
         residual = e.vptr("%rt", rstart, u) if cfg.residual else None
-        e.vstore(epilogue(e, cfg.activation, v, residual, mask), ptr, mask)
+        e.vstore(epilogue(e, cfg.activation, v, residual, mk), ptr, mk)
 
 
 def _prefetch_ahead(e: Builder, vectors: int, ahead: int, base: str, ld: str, write: bool) -> None:
@@ -273,7 +275,7 @@ def _prefetch_x(e: Builder) -> None:
     e.label(done)
 
 
-def _store_quantized(e: Builder, values: list[str], mask: str | None) -> None:
+def _store_quantized(e: Builder, values: list[str], masks: list) -> None:
     """Row j's outputs (tokens from t) quantized as the next int8 layer quantizes its x
     (lowp_ir.quantized, less the lowest value: a byte) and stored where that layer's
     kernel reads them (lowp_ir.store_block_bytes: row j / 4 of rt, `ldr` its row stride
@@ -283,14 +285,29 @@ def _store_quantized(e: Builder, values: list[str], mask: str | None) -> None:
     scale, zero, lo, hi = (e.splat(e(f"load float, ptr {e.gep('%bias', e(f'add i64 {at}, {i}') if i else at)}, "
                                      "align 4")) for i in range(4))
     qs = [e(f"fptosi {vt} {e(f'fsub {vt} {quantized(e, v, scale, zero, lo, hi)}, {lo}')} to {iv}") for v in values]
-    store_block_bytes(e, qs, "%j", "%rt", "%ldr", "%t", [mask] * len(qs))
+    store_block_bytes(e, qs, "%j", "%rt", "%ldr", "%t", masks)
+
+
+def _narrower(vectors: int) -> list[int]:
+    """The widths of the tiles after the full ones (tail_vectors; a full tile of one vector's
+    tail in one masked vector)."""
+    return tail_vectors(vectors) or [1]
+
+
+def masked_widths(cfg: IRConfig) -> list[int]:
+    """The widths of the tiles whose last vector may be masked: every narrower one with
+    AVX-512's mask registers, one weight a stored index; otherwise one vector alone (with
+    AVX2 a mask takes a vector register, and wider tiles' accumulators spilled to the
+    stack; with 4-blocks the stored weights' loop spilled a pointer)."""
+    return _narrower(cfg.vectors) if cfg.lanes == 16 and cfg.block == 1 else [1]
 
 
 def _driver(e: Builder, cfg: IRConfig) -> None:
     """Rows [j0, j1) for all ntok tokens: full tiles, then what is left in tiles of halving
-    widths (8, 4, 2, 1 vectors), then the masked tail; in each, the K-chunks in order and
-    in each chunk the rows. Every pass streams all the weights once: the 16 tokens left
-    after a 112-token tile take one 2-vector pass, not two of one vector."""
+    widths (4, 2, 1 vectors), the last of them with its last vector masked, the tokens
+    left; in each, the K-chunks in order and in each chunk the rows. Every pass streams all
+    the weights once: the 20 tokens left after a 128-token tile take one 2-vector pass,
+    the second masked, not one of a vector and one of a masked vector."""
     L = cfg.lanes
     _prefetch_x(e)
 
@@ -306,13 +323,18 @@ def _driver(e: Builder, cfg: IRConfig) -> None:
         return []
 
     t, _ = e.loop("0", "%ntok", L * cfg.vectors, [], lambda t, _: rows("tile_full", t))
-    for v in tail_vectors(cfg.vectors):  # each runs at most once: what is left is under the one before
-        t, _ = e.loop(t, "%ntok", L * v, [], lambda t, _, v=v: rows(f"tile_{v}", t))
-    rem = e(f"sub i64 %ntok, {t}")
-    e.cond_br(e(f"icmp sgt i64 {rem}, 0"), "tail", "exit")
-    e.label("tail")
     iota = f"<{', '.join(f'i64 {i}' for i in range(L))}>"
-    rows("tile_tail", t, e(f"icmp ult <{L} x i64> {iota}, {e.splat_i64(rem)}"))
+    for v in _narrower(cfg.vectors):  # (what is left is under twice the width)
+        t, _ = e.loop(t, "%ntok", L * v, [], lambda t, _, v=v: rows(f"tile_{v}", t))  # (whole steps)
+        if v not in masked_widths(cfg):
+            continue
+        left = e(f"sub i64 %ntok, {t}")  # (under the width: this width's masked tile if over v - 1 vectors)
+        go, on = e.fresh("masked"), e.fresh("narrower")
+        e.cond_br(e(f"icmp sgt i64 {left}, {L * (v - 1)}"), go, on)
+        e.label(go)
+        rows(f"tile_{v}m", t, e(f"icmp ult <{L} x i64> {iota}, {e.splat_i64(e(f'sub i64 {left}, {L * (v - 1)}'))}"))
+        e.br("exit")
+        e.label(on)
     e.br("exit")
     e.label("exit")
 
@@ -328,8 +350,8 @@ def ir_source(cfg: IRConfig) -> str:
         raise ValueError(f"no sparse kernel for {cfg}")
     e = Builder(cfg.lanes)
     tile_args = (("s", "i64"), ("t", "i64"), ("c", "i64"))
-    tiles = [("tile_full", cfg.vectors, False), *((f"tile_{v}", v, False) for v in tail_vectors(cfg.vectors)),
-             ("tile_tail", 1, True)]
+    tiles = [("tile_full", cfg.vectors, False), *((f"tile_{v}", v, False) for v in _narrower(cfg.vectors)),
+             *((f"tile_{v}m", v, True) for v in masked_widths(cfg))]
     for name, vectors, masked in tiles:
         e.function(_SHARED.extended(name, *tile_args), lambda v=vectors, mk=masked: _tile(e, cfg, v, mk),
                    extra=f"<{cfg.lanes} x i1> %mask" if masked else "", attrs="alwaysinline")

@@ -61,7 +61,7 @@ def test_kernels_prefetch_the_residual_and_output_rows_ahead():
     tenth sessions.)"""
     import re
 
-    from sparsejit.kernels.sparse_ir import OUTPUT_AHEAD, RESIDUAL_AHEAD, IRConfig, tail_vectors
+    from sparsejit.kernels.sparse_ir import OUTPUT_AHEAD, RESIDUAL_AHEAD, IRConfig, masked_widths, tail_vectors
 
     def prefetches(text: str, write: bool) -> int:
         return len(re.findall(rf"call void @llvm\.prefetch\.p0\(ptr %\S+, i32 {int(write)}, i32 3, i32 1\)", text))
@@ -70,7 +70,7 @@ def test_kernels_prefetch_the_residual_and_output_rows_ahead():
     for cfg in (IRConfig(residual=True), IRConfig(block=4, residual=True, activation="gelu"),
                 IRConfig(residual=True, int8=True), IRConfig(residual=True, bf16=True), IRConfig(residual=False)):
         text = ir_source(cfg)
-        tiles = [cfg.vectors, *tail_vectors(cfg.vectors), 1]  # full, narrower, masked tail
+        tiles = [cfg.vectors, *tail_vectors(cfg.vectors), *masked_widths(cfg)]  # full, narrower, those masked
         assert prefetches(text, write=False) == (sum(tiles) if cfg.residual else 0)
         assert prefetches(text, write=True) == sum(tiles) and f"add i64 %s, {OUTPUT_AHEAD}" in text
         assert (f"add i64 %s, {RESIDUAL_AHEAD}" in text) == cfg.residual
