@@ -288,10 +288,15 @@ def _store_quantized(e: Builder, values: list[str], masks: list) -> None:
     store_block_bytes(e, qs, "%j", "%rt", "%ldr", "%t", masks)
 
 
-def _narrower(vectors: int) -> list[int]:
-    """The widths of the tiles after the full ones (tail_vectors; a full tile of one vector's
-    tail in one masked vector)."""
-    return tail_vectors(vectors) or [1]
+def narrower_widths(cfg: IRConfig) -> list[int]:
+    """The widths of the tiles after the full ones, largest first: tail_vectors (a full tile
+    of one vector: one), and with AVX-512 and one weight a stored index 3 as well, so that
+    any tokens short of 4 vectors take one pass (their last vector masked); not for
+    scattered pairs, whose x comes in groups of two vectors."""
+    widths = tail_vectors(cfg.vectors) or [1]
+    if cfg.lanes == 16 and cfg.block == 1 and cfg.vectors > 4 and not cfg.scattered:
+        widths = sorted({*widths, 3}, reverse=True)
+    return widths
 
 
 def masked_widths(cfg: IRConfig) -> list[int]:
@@ -299,15 +304,16 @@ def masked_widths(cfg: IRConfig) -> list[int]:
     AVX-512's mask registers, one weight a stored index; otherwise one vector alone (with
     AVX2 a mask takes a vector register, and wider tiles' accumulators spilled to the
     stack; with 4-blocks the stored weights' loop spilled a pointer)."""
-    return _narrower(cfg.vectors) if cfg.lanes == 16 and cfg.block == 1 else [1]
+    return narrower_widths(cfg) if cfg.lanes == 16 and cfg.block == 1 else [1]
 
 
 def _driver(e: Builder, cfg: IRConfig) -> None:
-    """Rows [j0, j1) for all ntok tokens: full tiles, then what is left in tiles of halving
-    widths (4, 2, 1 vectors), the last of them with its last vector masked, the tokens
-    left; in each, the K-chunks in order and in each chunk the rows. Every pass streams all
-    the weights once: the 20 tokens left after a 128-token tile take one 2-vector pass,
-    the second masked, not one of a vector and one of a masked vector."""
+    """Rows [j0, j1) for all ntok tokens: full tiles, then what is left in tiles of the
+    narrower widths (narrower_widths: 4, 3, 2, 1 vectors), the last with its last vector
+    masked, the tokens left; in each, the K-chunks in order and in each chunk the rows.
+    Every pass streams all the weights once: the 20 tokens left after a 128-token tile
+    take one 2-vector pass, the second masked, not one of a vector and one of a masked
+    vector; 40 tokens one 3-vector pass."""
     L = cfg.lanes
     _prefetch_x(e)
 
@@ -324,7 +330,7 @@ def _driver(e: Builder, cfg: IRConfig) -> None:
 
     t, _ = e.loop("0", "%ntok", L * cfg.vectors, [], lambda t, _: rows("tile_full", t))
     iota = f"<{', '.join(f'i64 {i}' for i in range(L))}>"
-    for v in _narrower(cfg.vectors):  # (what is left is under twice the width)
+    for v in narrower_widths(cfg):  # (what is left is under the width before)
         t, _ = e.loop(t, "%ntok", L * v, [], lambda t, _, v=v: rows(f"tile_{v}", t))  # (whole steps)
         if v not in masked_widths(cfg):
             continue
@@ -350,7 +356,7 @@ def ir_source(cfg: IRConfig) -> str:
         raise ValueError(f"no sparse kernel for {cfg}")
     e = Builder(cfg.lanes)
     tile_args = (("s", "i64"), ("t", "i64"), ("c", "i64"))
-    tiles = [("tile_full", cfg.vectors, False), *((f"tile_{v}", v, False) for v in _narrower(cfg.vectors)),
+    tiles = [("tile_full", cfg.vectors, False), *((f"tile_{v}", v, False) for v in narrower_widths(cfg)),
              *((f"tile_{v}m", v, True) for v in masked_widths(cfg))]
     for name, vectors, masked in tiles:
         e.function(_SHARED.extended(name, *tile_args), lambda v=vectors, mk=masked: _tile(e, cfg, v, mk),

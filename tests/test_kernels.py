@@ -41,8 +41,9 @@ def test_linear_matches_reference(block, activation, residual, impl):
     k, m = 96, 40
     w = pruned(rng, k, m, 0.85, block)
     bias = rng.standard_normal(m).astype(np.float32)
-    # one token, odd counts, one vector of tokens and one past (DenseLinear's two kernels), batches, full tiles, none
-    for lead in [(1,), (7,), (16,), (17,), (3, 13), (2, 100), (0,)]:
+    # one token, odd counts, one vector of tokens and one past (DenseLinear's two kernels), batches, full tiles, none;
+    # the sparse kernel's tiles after the full ones: 1 and 2 vectors, 3 and 1 masked, 3 whole, 4 and 1 masked
+    for lead in [(1,), (7,), (16,), (17,), (3, 13), (48,), (2, 100), (0,)]:
         x = rng.standard_normal(lead + (k,)).astype(np.float32)
         r = rng.standard_normal(lead + (m,)).astype(np.float32) if residual else None
         layer = impl(w, bias, activation, residual)
@@ -61,7 +62,7 @@ def test_kernels_prefetch_the_residual_and_output_rows_ahead():
     tenth sessions.)"""
     import re
 
-    from sparsejit.kernels.sparse_ir import OUTPUT_AHEAD, RESIDUAL_AHEAD, IRConfig, masked_widths, tail_vectors
+    from sparsejit.kernels.sparse_ir import OUTPUT_AHEAD, RESIDUAL_AHEAD, IRConfig, masked_widths, narrower_widths
 
     def prefetches(text: str, write: bool) -> int:
         return len(re.findall(rf"call void @llvm\.prefetch\.p0\(ptr %\S+, i32 {int(write)}, i32 3, i32 1\)", text))
@@ -70,7 +71,7 @@ def test_kernels_prefetch_the_residual_and_output_rows_ahead():
     for cfg in (IRConfig(residual=True), IRConfig(block=4, residual=True, activation="gelu"),
                 IRConfig(residual=True, int8=True), IRConfig(residual=True, bf16=True), IRConfig(residual=False)):
         text = ir_source(cfg)
-        tiles = [cfg.vectors, *tail_vectors(cfg.vectors), *masked_widths(cfg)]  # full, narrower, those masked
+        tiles = [cfg.vectors, *narrower_widths(cfg), *masked_widths(cfg)]  # full, narrower, those masked
         assert prefetches(text, write=False) == (sum(tiles) if cfg.residual else 0)
         assert prefetches(text, write=True) == sum(tiles) and f"add i64 %s, {OUTPUT_AHEAD}" in text
         assert (f"add i64 %s, {RESIDUAL_AHEAD}" in text) == cfg.residual
