@@ -786,11 +786,11 @@ class RowKernel:
             o not in self.temps and o not in self.keep and ("y", o) not in self.slot
 
     def _permuted_ir(self, n: Node, k: int, bytes_in: dict, before: str) -> tuple[list[str], str]:
-        """Lines taking loop k's tokens 64 at a time, then 16 at a time, up to the last 16
-        (the loop takes the rest), for Lookup n (`_permutes`): each index's byte from the
-        table's bytes (`grid_bytes`) by two vpermi2b (of its 128 entries each) and a select
-        on the index's top bit, stored where `_stores` stores it. And the label they end at;
-        the loop starts at %i{k}w."""
+        """Lines taking loop k's tokens 64, then 16, then 8 at a time, up to the last 8 (the
+        loop takes the rest), for Lookup n (`_permutes`): each index's byte from the table's
+        bytes (`grid_bytes`) by two vpermi2b (of its 128 entries each) and a select on the
+        index's top bit, stored where `_stores` stores it. And the label they end at; the
+        loop starts at %i{k}w."""
         table = f"%s{self.slot['quad table', n.outputs[0]]}"
         t = f"%l{k}v"
         lines = [f"  {t}.tab{h}.at = getelementptr i8, ptr {table}, i64 {64 * h}" for h in range(4)]
@@ -801,7 +801,7 @@ class RowKernel:
 
     def _permute_loop(self, n: Node, k: int, bytes_in: dict, before: str, start: str, tag: str,
                       width: int) -> list[str]:
-        """_permuted_ir's loop taking `width` tokens (64 or 16) a step from `start`: the
+        """_permuted_ir's loop taking `width` tokens (64, 16 or 8) a step from `start`: the
         table's bytes in %l{k}v.tab0..3; its index %i{k}{tag}, its label l{k}{tag}."""
         x, t, i = n.inputs[0], f"%l{k}{tag}", f"%i{k}{tag}"
         bt = f"<{width} x i8>"

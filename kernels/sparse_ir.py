@@ -3,9 +3,9 @@
 Layout, feature-major as in SparseDNN and XNNPACK: xᵀ [in, tokens] and yᵀ [out, tokens],
 token stride 1, row strides `ldx`/`ldy`/`ldr` (in floats). `sparse_rows` computes output
 rows [j0, j1) for all tokens: tiles of `lanes × vectors` tokens (16 × 8 = 128 with
-AVX-512), then narrower ones, the last with its last vector masked. One output row's tile stays in
-`vectors` registers while every stored weight adds weight × its row of xᵀ: one load per
-fma (Numba could not keep the tile in registers, hence IR).
+AVX-512), then narrower ones, the last with its last vector masked. One output row's
+tile stays in `vectors` registers while every stored weight adds weight × its row of xᵀ:
+one load per fma (Numba could not keep the tile in registers, hence IR).
 
 Tiles are the outer loop, so a thread's share of xᵀ stays in cache across its rows.
 Inside a tile the inputs come in `nchunks` K-chunks (the weights stored chunk-major, see
