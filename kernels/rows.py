@@ -667,7 +667,7 @@ class RowKernel:
         """A pass's (or a block's means', `_means_ir`) definition and entry block, up to its
         loop: the slots' addresses and scalars loaded; the tokens %ib to %ie its loops
         take, and the features %j0 to %j1 (blocked: a part's tokens' block, every feature)."""
-        attrs = "#1" if self.wide else ""
+        attrs = self._attrs()
         if self.blocked and not self.token:  # (a function `blocked` calls, on a block of tokens)
             lines = [Signature(name, BLOCK_ARGS).define(attrs=attrs), "entry:", "  %j0 = add i64 0, 0"]
         else:
@@ -684,6 +684,10 @@ class RowKernel:
         # (each part's rows of the temporaries, sums and split means PART_ROW-aligned: %crow)
         return lines + [f"  %rowsp.a = add i64 %rows, {PART_ROW - 1}", f"  %rowsp = and i64 %rowsp.a, {-PART_ROW}",
                         "  %crow = mul i64 %slot, %rowsp", "  %qrow4 = shl i64 %crow, 2"]
+
+    def _attrs(self) -> str:
+        """A function's attributes: a wide kernel's prefer 512-bit vectors (_DECLARES' #1)."""
+        return "#1" if self.wide else ""
 
     def _means_ir(self, stage: int, bytes_in: dict, loop_ids: list) -> list[str] | None:
         """Blocked: `means<stage>`, what the block's tokens have one of before pass `stage`
@@ -749,7 +753,7 @@ class RowKernel:
         lines = []
         for stage in range(1, self.stages):
             if self.loops[stage]:
-                lines += [Signature(f"stage{stage}", ROWS.args).define(attrs="#1" if self.wide else ""), "entry:",
+                lines += [Signature(f"stage{stage}", ROWS.args).define(attrs=self._attrs()), "entry:",
                           f"  call void @means{stage}{call}", f"  call void @pass{stage}{call}", "  ret void", "}", ""]
         return lines
 
@@ -757,7 +761,7 @@ class RowKernel:
         """Blocked: `blocked`, which takes a part's tokens [j0, j1) (token-major: its rows)
         BLOCK at a time through every pass (`means<stage>` before each but the first)."""
         call = "(ptr %p, i64 %rows, i64 %b, i64 %bend, i64 %slot)"
-        lines = [Signature("blocked", ROWS.args).define(attrs="#1" if self.wide else ""), "entry:", "  br label %head", "head:",
+        lines = [Signature("blocked", ROWS.args).define(attrs=self._attrs()), "entry:", "  br label %head", "head:",
                  "  %b = phi i64 [ %j0, %entry ], [ %bend, %body ]", "  %more = icmp slt i64 %b, %j1",
                  "  br i1 %more, label %body, label %exit", "body:", f"  %bn = add i64 %b, {BLOCK}",
                  "  %bin = icmp slt i64 %bn, %j1", "  %bend = select i1 %bin, i64 %bn, i64 %j1"]

@@ -609,8 +609,8 @@ def matmul_integer(a, b, a_zero_point=None, b_zero_point=None):
 
 def integer_weight(b, b_zero_point=None) -> np.ndarray:
     """A constant B of MatMulInteger centred, as floats in which its sums with any 8-bit A
-    are exact (K · 255 · B's largest centred value below 2^24: float32, else float64)."""
-    exact = np.float32 if b.shape[0] * 255.0 * _largest_centred(b, b_zero_point) < EXACT_FLOAT32 else np.float64
+    are exact (exact_floats, A's centred values at most 255: a uint8's from 0)."""
+    exact = exact_floats(b.shape[0], np.empty(0, np.uint8), None, b, b_zero_point)
     return _centred(b, b_zero_point, False).astype(exact)
 
 
