@@ -95,7 +95,7 @@ def inverse(scale: float) -> np.float32 | None:
     [2^-64, 2^64], so 1/scale and the remainder stay normal wherever the quotient is not
     far below 1/2 (rounded to 0 either way); None where it must divide."""
     s = np.float32(scale)
-    return np.float32(1) / s if np.isfinite(s) and 2.0 ** -64 <= s <= 2.0 ** 64 else None
+    return np.float32(1) / s if np.isfinite(s) and INVERTIBLE[0] <= s <= INVERTIBLE[1] else None
 
 
 def quotient_ir(out: str, x: str, scale: str, inv: str) -> str:
@@ -127,10 +127,39 @@ def quantized_ir(out: str, x: str, scale: str, zero: str, lo: str, hi: str, inv:
             f"  {out} = call float @llvm.minnum.f32(float {out}.lo, float {hi})\n")
 
 
+# The scales whose inverse `quotient` divides by (`inverse`'s bound)
+INVERTIBLE = (2.0 ** -64, 2.0 ** 64)
+
+
+def quotient(e: Builder, x: str, scale: str) -> str:
+    """x / scale (float vectors, scale's lanes all one value) rounded to the nearest float,
+    as `fdiv` gives it. Where the scale is within `inverse`'s bound, by its inverse instead
+    of the divider, whose throughput bounds the quantizing epilogues: quotient_ir's
+    multiply and two fmas (the same values, but for quotients under 2^-38, which round to
+    0 either way), 1/scale made once (LLVM hoists it out of the loops, as it does the test
+    of the scale: a branch every vector takes the same way)."""
+    vt = e.vt
+    s = e(f"extractelement {vt} {scale}, i32 0")
+    ok = e(f"and i1 {e(f'fcmp oge float {s}, {INVERTIBLE[0]!r}')}, {e(f'fcmp ole float {s}, {INVERTIBLE[1]!r}')}")
+    fast, slow, done = e.fresh("byinverse"), e.fresh("bydivision"), e.fresh("quotient")
+    e.cond_br(ok, fast, slow)
+    e.label(fast)
+    inv = e(f"fdiv {vt} {e.const(1.0)}, {scale}")
+    q = e(f"fmul {vt} {x}, {inv}")
+    q1 = e.fma(e.fma(e(f"fneg {vt} {q}"), scale, x), inv, q)  # (q + the remainder x - q·scale times inv)
+    by_inverse = e(f"select <{e.lanes} x i1> {e(f'fcmp ord {vt} {q1}, {q1}')}, {vt} {q1}, {vt} {q}")
+    e.br(done)
+    e.label(slow)
+    by_division = e(f"fdiv {vt} {x}, {scale}")
+    e.br(done)
+    e.label(done)
+    return e.phi(vt, (by_inverse, fast), (by_division, slow))
+
+
 def quantized(e: Builder, x: str, scale: str, zero: str, lo: str, hi: str) -> str:
     """QuantizeLinear's value, still a float: clamp(roundeven(x / scale) + zero, lo, hi),
     NaN giving 0 before the clamp (as numpy's cast of NaN to a byte does on x86)."""
-    q = e(f"fadd {e.vt} {e.vcall('roundeven', e(f'fdiv {e.vt} {x}, {scale}'))}, {zero}")
+    q = e(f"fadd {e.vt} {e.vcall('roundeven', quotient(e, x, scale))}, {zero}")
     q = e(f"select <{e.lanes} x i1> {e(f'fcmp uno {e.vt} {q}, {q}')}, {e.vt} zeroinitializer, {e.vt} {q}")
     # (no NaN left, which `nnan` tells LLVM: one vmaxps and one vminps, where minnum and
     # maxnum's NaN rule costs a compare and a blend each on x86)
@@ -145,7 +174,7 @@ def unsigned_bytes(e: Builder, x: str, scale: str, zero: str) -> str:
     even (a NaN, or a quotient under -2^31, gives -2^31), then the integer add of the zero
     point (`zero`: an i32 vector) and the clamp, which take -2^31 + zero to 0."""
     iv = f"<{e.lanes} x i32>"
-    q = e(f"fdiv {e.vt} {x}, {scale}")
+    q = quotient(e, x, scale)
     q = e.call("llvm.x86.avx512.min.ps.512", e.vt, (e.vt, e.const(2.0 ** 30)), (e.vt, q), ("i32", "4"))
     i = e.call("llvm.x86.avx512.mask.cvtps2dq.512", iv, (e.vt, q), (iv, "zeroinitializer"), ("i16", "-1"),
                ("i32", "8"))

@@ -866,7 +866,8 @@ def test_int8_quantize_kernels_round_the_float32_quotient_bit_for_bit():
     """QuantizeLinear divides x by the scale in float32, then rounds half to even: the
     quantize kernels give the same bytes where the quotient is on or beside a half-integer,
     for scales whose reciprocal float32 cannot hold exactly, at both widths. (Multiplying
-    by a float32 reciprocal instead, one instruction less, fails here.)"""
+    by a float32 reciprocal alone, without lowp_ir.quotient's correction, fails here; 1e-30
+    takes the division.)"""
     from sparsejit.kernels.compile import compile_ir
     from sparsejit.kernels.int8_ir import QUANTIZE_FLOAT_SIGNATURE, QUANTIZE_SIGNATURE, quantize_float_ir, quantize_ir
     from sparsejit.kernels.layout import feature_major_empty
@@ -892,6 +893,44 @@ def test_int8_quantize_kernels_round_the_float32_quotient_bit_for_bit():
                 xt.ctypes.data, xt.strides[0] // 4, xq.ctypes.data, ntok, 4, grid.ctypes.data, 0, 1, ntok)
             got = xq.view(np.uint8).reshape(ntok, 4).T.astype(np.float32) - 128
             np.testing.assert_array_equal(got, want, err_msg=f"scale {scale}, {lanes} lanes, bytes")
+
+
+def test_the_quantizing_quotient_is_the_float32_division():
+    """lowp_ir.quotient, which every vector quantizing epilogue divides by the scale with:
+    by the scale's inverse and Markstein's correction where the scale is within its bound
+    (lowp_ir.INVERTIBLE, the bound's ends too), by the divider otherwise. Each lane is
+    numpy's float32 x / scale, bit for bit, for x near half-integer quotients, random x of
+    every exponent, zeros, infinities, NaN and subnormals; by the inverse, a quotient
+    under 2^-38 may differ in its last bits (both round to 0), and one that overflows
+    keeps q's ±inf."""
+    from sparsejit.kernels.compile import compile_ir
+    from sparsejit.kernels.ir import Builder, Signature
+    from sparsejit.kernels.lowp_ir import INVERTIBLE, quotient
+
+    sig = Signature("quotients", (("x", "ptr"), ("y", "ptr"), ("scale", "ptr"), ("n", "i64")))
+    e = Builder(16)
+
+    def body():
+        scale = e.splat(e("load float, ptr %scale, align 4"))
+        e.loop("0", "%n", 16, [], lambda t, _: e.vstore(quotient(e, e.vload(e.gep("%x", t), None), scale),
+                                                         e.gep("%y", t), None) or [])
+
+    e.function(sig, body)
+    fn = sig.ctypes()(compile_ir(e.module("; test: x / scale by lowp_ir.quotient"), sig.name))
+    rng = np.random.default_rng(7)
+    wide = (rng.standard_normal(4096) * np.exp2(rng.integers(-149, 128, 4096))).astype(np.float32)
+    scales = (0.0123456, 3.0, 0.1, 7.7e-3, INVERTIBLE[0], INVERTIBLE[1], 1e-30, 2.0 ** 70, 7.7e-39, 3.4e38)
+    for scale in map(np.float32, scales):
+        x = np.concatenate([_beside_half_integers(scale), wide])
+        x = np.concatenate([x, np.zeros(-x.size % 16, np.float32)])
+        y = np.empty_like(x)
+        fn(x.ctypes.data, y.ctypes.data, np.array([scale], np.float32).ctypes.data, x.size)
+        with np.errstate(all="ignore"):
+            want = x / scale
+        same = (y.view(np.uint32) == want.view(np.uint32)) | np.isnan(y) & np.isnan(want)
+        if INVERTIBLE[0] <= scale <= INVERTIBLE[1]:
+            same |= (np.abs(want) < 2.0 ** -38) & (np.abs(y) < 2.0 ** -37)
+        assert same.all(), (scale, x[~same][:4], y[~same][:4], want[~same][:4])
 
 
 def test_int8_on_the_fp32_sparse_kernel_is_exact():
