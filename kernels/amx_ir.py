@@ -31,8 +31,9 @@ A weight under half nonzero may be stored compressed (`compressed`): per tile ro
 per element, then the row's nonzero elements. Each thread expands a pair of panels once,
 one `vpexpandb` or `vpexpandw` (AVX512-VBMI2, `llvm.masked.expandload`) per tile row, into
 a buffer of its own (`work`, 2 KB per K-tile) that every token tile of the pair then reads:
-in the pair's first token block, each K-step expanding the two tiles it then loads, so
-that the expansion's vector work runs beside the previous step's tile products.
+in the pair's first token block, each K-step expanding the two tiles the next one loads,
+so that the expansion's vector work runs beside the tile products, and its stores are
+done before the tile loads read them.
 
 Inputs are padded to whole K-tiles (zeros in the weight; the activations' padded rows
 must be zero for bf16, where garbage bits times zero could be NaN), tokens to 16 (the
@@ -149,9 +150,12 @@ def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _Out,
     cols = [e(f"add i64 {t}, {TOKENS * b}") if b else t for b in range(tiles)]
     stride = e("mul i64 %ldq, 4")  # bytes between xq's rows
 
+    if expand is not None:  # (the pair's first block: K-tile 0 expanded before the K-steps)
+        _expand_ahead(e, cfg, expand, "0")
+
     def step(kt, _):
-        if expand is not None:  # (the pair's first block: this K-step's weight tiles expanded first)
-            _expand_step(e, cfg, expand, kt)
+        if expand is not None:  # (the next K-step's weight tiles, expanded while this one's tiles multiply)
+            _expand_ahead(e, cfg, expand, e(f"add i64 {kt}, 1"))
         for a, first in enumerate(firsts):
             tile = e(f"add i64 {first}, {kt}")
             at = e(f"getelementptr inbounds i8, ptr {base}, i64 {e(f'mul i64 {tile}, {TILE_BYTES}')}")
@@ -223,17 +227,22 @@ def _overlap_state(e: Builder, cfg: AmxConfig, scratch: str) -> _Out:
     return _Out(scratch, waiting, e(f"udiv i64 {e(f'add i64 {some}, {ROWS - 1}')}, {some}"))
 
 
-def _expand_step(e: Builder, cfg: AmxConfig, firsts: list, kt: str) -> None:
-    """K-tile kt of both panels (their K-tile 0 at `firsts` in %wa's tiles) expanded into %work."""
-    for a, first in enumerate(firsts):
-        here = e(f"add i64 {kt}, {e(f'mul i64 %ktiles, {a}')}")  # K-tile kt of panel a, in %work
-        at = e(f"mul i64 {here}, {TILE_BYTES}")
-        _expanded_tile(e, cfg, e(f"add i64 {first}, {kt}"), e(f"getelementptr inbounds i8, ptr %work, i64 {at}"))
+def _expand_ahead(e: Builder, cfg: AmxConfig, firsts: list, kt: str) -> None:
+    """K-tile kt of both panels (their K-tile 0 at `firsts` in %wa's tiles) expanded into
+    %work, if there is such a K-tile. A K-step expands the next one's tiles, not its own:
+    its tile loads would otherwise read the expansion's stores at once, and wait for them."""
+    def expand():
+        for a, first in enumerate(firsts):
+            here = e(f"add i64 {kt}, {e(f'mul i64 %ktiles, {a}')}")  # K-tile kt of panel a, in %work
+            at = e(f"mul i64 {here}, {TILE_BYTES}")
+            _expanded_tile(e, cfg, e(f"add i64 {first}, {kt}"), e(f"getelementptr inbounds i8, ptr %work, i64 {at}"))
+
+    e.if_before(kt, "%ktiles", expand)
 
 
 def _pair_weights(e: Builder, cfg: AmxConfig, pair: str) -> tuple[tuple, list | None]:
     """_block's `weights` for a pair of panels: in %wa; or, compressed, in %work (2 · ktiles
-    KB, the thread's own), where the pair's first token block expands them (_expand_step)
+    KB, the thread's own), where the pair's first token block expands them (_expand_ahead)
     and every later one reads them. And, compressed, where they are expanded from (each
     panel's K-tile 0 in %wa's tiles), else None."""
     panel = e(f"mul i64 {pair}, 2")

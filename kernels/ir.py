@@ -248,7 +248,7 @@ class Builder(Emitter):
         self.full_to.append(end)
         t, _ = self.loop(start, end, width, [], lambda t, _c: body(t) or [])
         self.full_to.pop()
-        self._if_before(t, end, lambda: body(t))
+        self.if_before(t, end, lambda: body(t))
 
     def vector_tiles(self, start: str, end: str, vectors: int, body) -> None:
         """As `tiles`, for a body of any number of vectors, `body(t, v)`: whole tiles of
@@ -261,10 +261,10 @@ class Builder(Emitter):
         for v in tail_vectors(vectors):
             t, _ = self.loop(t, end, L * v, [], lambda t, _c, v=v: body(t, v) or [])
         self.full_to.pop()
-        self._if_before(t, end, lambda: body(t, 1))
+        self.if_before(t, end, lambda: body(t, 1))
 
-    def _if_before(self, t: str, end: str, emit) -> None:
-        """emit() in a block run only if t < end (a tile loop's masked last tile)."""
+    def if_before(self, t: str, end: str, emit) -> None:
+        """emit() in a block run only if t < end (as a tile loop's masked last tile)."""
         tail = self.fresh("T")
         self.cond_br(self(f"icmp slt i64 {t}, {end}"), f"{tail}.body", f"{tail}.done")
         self.label(f"{tail}.body")
