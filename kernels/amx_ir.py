@@ -65,6 +65,12 @@ ROWS = 16                          # rows per tile: output features in A and C, 
 TOKENS = 16                        # tokens per B and C tile (16 i32 columns)
 TILE_BYTES = ROWS * 64
 A0, B0 = 4, 6                      # tmm4, tmm5: weights; tmm6, tmm7: activations; tmm0..3: sums
+# The K-steps load both operands' tiles with `tileloaddt1`, the load whose hint is that its
+# lines need not stay in cache: x's rows stream through for every pair of panels, a pair's
+# weight tiles for every token block. It took less time than the plain load in every
+# layer measured, most where the weight tiles fit in L1 (bench/README.md, thirty-fifth
+# session).
+TILE_LOAD = "llvm.x86.tileloaddt164"
 
 
 @dataclass(frozen=True)
@@ -159,11 +165,11 @@ def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _Out,
         for a, first in enumerate(firsts):
             tile = e(f"add i64 {first}, {kt}")
             at = e(f"getelementptr inbounds i8, ptr {base}, i64 {e(f'mul i64 {tile}, {TILE_BYTES}')}")
-            e.call("llvm.x86.tileloadd64", "void", ("i8", str(A0 + a)), ("ptr", at), ("i64", "64"))
+            e.call(TILE_LOAD, "void", ("i8", str(A0 + a)), ("ptr", at), ("i64", "64"))
         row = e(f"mul i64 {kt}, {ROWS}")
         for b, col in enumerate(cols):
             at = e.gep("%xq", e.offset(row, "%ldq", col), "i32")
-            e.call("llvm.x86.tileloadd64", "void", ("i8", str(B0 + b)), ("ptr", at), ("i64", stride))
+            e.call(TILE_LOAD, "void", ("i8", str(B0 + b)), ("ptr", at), ("i64", stride))
         for c, a, b in cs:
             e.call(DOTS[cfg.dot], "void", ("i8", str(c)), ("i8", str(a)), ("i8", str(b)))
         if cfg.overlapped:
