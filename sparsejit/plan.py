@@ -910,10 +910,10 @@ def hand_attention_bytes(steps: list[Step], graph_outputs=(), bf16: bool = False
     return out
 
 
-# Tokens from which the attention stores its output's bytes: at 128 tokens the bytes cost
-# the attention's epilogue what the next layer's quantizing launch took (bench/README.md,
-# twenty-ninth session).
-ATTENTION_BYTES_FROM = 512
+# Tokens from which the attention stores its output's bytes: under them the bytes cost the
+# attention's epilogue more than the next layer's quantizing launch takes (bench/README.md,
+# twenty-ninth and thirty-fifth sessions).
+ATTENTION_BYTES_FROM = 128
 
 
 def _attention_step_with_bytes(step: Step, q: str, grid: np.ndarray) -> Step:
