@@ -33,7 +33,7 @@ from .int8 import DRIVER_SOURCE as INT8_DRIVER_SOURCE
 from .int8 import _quantize_fns, _Quantized, _ReadsBytes, byte_rows
 from .ir import with_driver
 from .launch import IMPORTS, put_source, run
-from .layout import aligned_empty, feature_major_empty, transposed
+from .layout import aligned_empty, feature_major_empty, on_lines, transposed
 from .linear import _NO_RESIDUAL, DenseLinear, TakesOwnX, _bias
 
 SYS_ARCH_PRCTL = 158          # x86-64
@@ -261,8 +261,9 @@ class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
 
     def _whole_tiles(self, xq: np.ndarray) -> np.ndarray:
         """xq (rows padded to 16 tokens, as int8.byte_rows gives the LayerNorm's), copied
-        into whole K-tiles of rows first where the inputs are not a multiple of 64."""
-        if xq.shape[0] % ROWS:
+        into whole K-tiles of rows first where the inputs are not a multiple of 64, or where
+        its rows are not on 64-byte lines (each B tile row would straddle two)."""
+        if xq.shape[0] % ROWS or not on_lines(xq):
             padded = x_rows(self.in_features, "int8", xq.shape[1])
             padded.view(np.int32)[:xq.shape[0]] = xq.view(np.int32)  # (the bits, not the values)
             xq = padded
@@ -358,8 +359,9 @@ class BF16AmxLinear(_Amx, TakesOwnX, DenseLinear):
 
     def _whole_tiles(self, xp: np.ndarray) -> np.ndarray:
         """Pair rows handed over ([in/2, tokens], their last high half 0 for odd inputs),
-        copied into whole K-tiles of rows, the padded rows zero, where they are not."""
-        if xp.shape[0] % ROWS:
+        copied into whole K-tiles of rows, the padded rows zero, where they are not, or
+        where the rows are not on 64-byte lines."""
+        if xp.shape[0] % ROWS or not on_lines(xp):
             padded = x_rows(self.in_features, "bf16", xp.shape[1])
             padded.view(np.int32)[:xp.shape[0]] = xp.view(np.int32)
             xp = padded

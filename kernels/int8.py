@@ -493,9 +493,14 @@ def weight_step(layer: _Quantized) -> np.ndarray:
 
 def byte_rows(given: np.ndarray) -> np.ndarray:
     """A token-major view [..., in/4] of x's bytes (layernorm.layernorm_to_bytes) as the
-    4-block rows [in/4, tokens] the kernel reads, token stride 1 (copied only if not)."""
+    4-block rows [in/4, tokens] the kernel reads, token stride 1 (copied only if not, into
+    rows on 64-byte lines as the kernels' own outputs are)."""
     rows = given.reshape(-1, given.shape[-1]).T
-    return rows if rows.shape[1] <= 1 or rows.strides[1] == rows.itemsize else np.ascontiguousarray(rows)
+    if rows.shape[1] <= 1 or rows.strides[1] == rows.itemsize:
+        return rows
+    copy = feature_major_empty(*rows.shape).view(rows.dtype)  # (4-byte rows: a float32 array's)
+    copy[...] = rows
+    return copy
 
 
 def _bytes_buffer(m: int, n: int, signed: bool) -> tuple[np.ndarray, np.ndarray]:
