@@ -14,7 +14,14 @@ from sparsejit.kernels.compress import analyse, balanced_bounds, compress
 from sparsejit.kernels.epilogue import erf as ir_erf
 from sparsejit.kernels.ir import Builder, Signature
 from sparsejit.kernels.layernorm import layernorm, reference_layernorm
-from sparsejit.kernels.layout import aligned_empty, contiguous, feature_major_empty, transposed, unit_token_stride
+from sparsejit.kernels.layout import (
+    aligned_empty,
+    contiguous,
+    feature_major_empty,
+    on_lines,
+    transposed,
+    unit_token_stride,
+)
 from sparsejit.kernels.linear import DenseLinear, SparseLinear, kernel_config, reference_linear
 from sparsejit.kernels.sparse_ir import SIGNATURE as SPARSE_SIGNATURE
 from sparsejit.kernels.sparse_ir import ir_source
@@ -295,6 +302,19 @@ def test_transposed_hands_kernels_rows_on_lines():
     assert not np.shares_memory(out, off)
     assert out.ctypes.data % 64 == 0 and out.strides[0] % 64 == 0 and out.strides[1] == 4
     np.testing.assert_array_equal(out, aligned)
+
+
+def test_byte_rows_copies_bytes_onto_lines():
+    """int8.byte_rows passes 4-block rows with unit token stride through, and copies the
+    others (a token-major array's transpose) into rows on 64-byte lines, values unchanged:
+    the kernels' tile and vector loads each read one line."""
+    from sparsejit.kernels.int8 import byte_rows
+
+    given = np.arange(37 * 12, dtype=np.int32).reshape(37, 12)  # [tokens, in/4], token-major
+    rows = byte_rows(given)
+    assert not np.shares_memory(rows, given) and on_lines(rows) and rows.strides[1] == 4
+    np.testing.assert_array_equal(rows, given.T)
+    assert np.shares_memory(byte_rows(rows.T), rows)
 
 
 def test_transpose_kernel():
@@ -1074,7 +1094,8 @@ def test_layernorm_stores_the_bytes_its_int8_reader_makes_of_its_output(zero):
 def test_amx_int8_layer_runs_on_the_layernorms_bytes():
     """Int8Amx.from_quantized on layernorm_to_bytes's bytes gives what the layer gives for
     the LayerNorm's (rounded) output, bit for bit: inputs a multiple of 64 (the bytes read
-    as tiles in place) and not (copied into whole K-tiles first), tokens off 16, none."""
+    as tiles in place) and not (copied into whole K-tiles first), tokens off 16, none; and
+    on the same bytes in rows off 64-byte lines (copied onto them first)."""
     from sparsejit.kernels.amx import Int8Amx, has_amx
     from sparsejit.kernels.int8 import byte_rows
     from sparsejit.kernels.layernorm import Grid, layernorm_to_bytes
@@ -1094,7 +1115,16 @@ def test_amx_int8_layer_runs_on_the_layernorms_bytes():
             xt[:] = rng.standard_normal((h, n))
             y, xq = layernorm_to_bytes(xt.T, np.ones(h, np.float32), None, 1e-12, grid)
             r = rng.standard_normal((n, m)).astype(np.float32)
-            np.testing.assert_array_equal(layer.from_quantized(byte_rows(xq), (n,), r), layer(y, r), err_msg=f"{h} {n}")
+            want = layer(y, r)
+            np.testing.assert_array_equal(layer.from_quantized(byte_rows(xq), (n,), r), want, err_msg=f"{h} {n}")
+            rows = byte_rows(xq)
+            ld = n + 5  # (rows 4·ld bytes apart, the first 16 bytes past a line)
+            buf = np.zeros(rows.shape[0] * ld + 32, np.int32)
+            start = -buf.ctypes.data % 64 // 4 + 4
+            off = buf[start:start + rows.shape[0] * ld].reshape(rows.shape[0], ld)[:, :n]
+            if n:
+                off[:] = rows
+            np.testing.assert_array_equal(layer.from_quantized(off, (n,), r), want, err_msg=f"off lines {h} {n}")
 
 
 @pytest.mark.parametrize("compressed", [False, True])
