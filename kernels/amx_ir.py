@@ -67,9 +67,8 @@ TILE_BYTES = ROWS * 64
 A0, B0 = 4, 6                      # tmm4, tmm5: weights; tmm6, tmm7: activations; tmm0..3: sums
 # The K-steps load both operands' tiles with `tileloaddt1`, the load whose hint is that its
 # lines need not stay in cache: x's rows stream through for every pair of panels, a pair's
-# weight tiles for every token block. It took less time than the plain load in every
-# layer measured, most where the weight tiles fit in L1 (bench/README.md, thirty-fifth
-# session).
+# weight tiles for every token block. Layers alone took less time with it than with the
+# plain load; in a model, as much or less (bench/README.md, thirty-fifth session).
 TILE_LOAD = "llvm.x86.tileloaddt164"
 
 
