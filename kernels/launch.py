@@ -314,7 +314,14 @@ def run(driver, sig: Signature, parts: int, per_part: int, *args):
 # thread's own: a thread that comes late, or never (TBB may run both iterations of a
 # short region one after the other on one thread), leaves its parts to the others; one
 # waits only for parts another thread has claimed and is running.
-CLAIM_SLOTS = 16  # int64 a launch takes in the claims: its claim count, then 8 on, its done count (lines apart)
+# The first thread into the walk claims each launch's parts from the first on, the second
+# from the last back (then the third from the first, ...): two counts in one int64, a part
+# claimed while the two sum to under the parts. So where launches in turn split the same
+# features into parts (a Linear's output rows, then the LayerNorm over them, then the
+# residual add of the next), each thread keeps its end, and reads what it wrote from its
+# own core's cache; a late thread's parts are still taken by the other.
+CLAIM_SLOTS = 16  # int64 a launch takes in the claims: its claim counts, then 8 on, its done count (lines apart)
+BACK = 1 << 32    # a claim from the last part: the claim counts' high half
 # Pauses a waiting thread makes before it gives its core away between looks: a part it
 # waits for may belong to a thread that lost its core to another process, which a
 # spinning thread could be keeping off the other core (bench/contention.py).
@@ -322,9 +329,11 @@ SPINS = 3000
 
 WALK_IR = """\
 ; sparsejit generated kernel: launches [start, stop) of a table (rows: part, calls, rows, width), each
-; row of calls claimed by one thread and run by part(row); claims[16 i] counts launch i's claims and
-; claims[16 i + 8] its finished rows; a thread that finds none left waits for the last to finish,
-; pausing, and after SPINS pauses giving its core away between looks (sched_yield)
+; row of calls claimed by one thread and run by part(row); claims[16 i] counts launch i's claims from
+; the first row (low 32 bits) and from the last (high 32 bits), claims[16 i + 8] its finished rows;
+; claims[16 start + 1] counts the threads come into the walk: the first claims from the first row,
+; the second from the last, and so on in turn; a thread that finds none left waits for the last to
+; finish, pausing, and after SPINS pauses giving its core away between looks (sched_yield)
 declare void @llvm.x86.sse2.pause()
 declare i32 @sched_yield()
 
@@ -332,6 +341,13 @@ define void @claim_walk(i64 %table, i64 %start, i64 %stop, i64 %claims) {
 entry:
   %tp = inttoptr i64 %table to ptr
   %cp = inttoptr i64 %claims to ptr
+  %come.i = mul i64 %start, 16
+  %come.j = add i64 %come.i, 1
+  %come.p = getelementptr i64, ptr %cp, i64 %come.j
+  %come = atomicrmw add ptr %come.p, i64 1 monotonic
+  %odd = and i64 %come, 1
+  %back = icmp eq i64 %odd, 1
+  %step = select i1 %back, i64 BACK, i64 1
   br label %launch
 launch:
   %i = phi i64 [ %start, %entry ], [ %i1, %next ]
@@ -355,8 +371,14 @@ body:
   %done.p = getelementptr i64, ptr %cp, i64 %di
   br label %claim
 claim:
-  %c = atomicrmw add ptr %claim.p, i64 1 acq_rel
-  %mine = icmp slt i64 %c, %rows
+  %counts = atomicrmw add ptr %claim.p, i64 %step acq_rel
+  %front = and i64 %counts, 4294967295
+  %behind = lshr i64 %counts, 32
+  %taken = add i64 %front, %behind
+  %mine = icmp slt i64 %taken, %rows
+  %last = sub i64 %rows, 1
+  %from.back = sub i64 %last, %behind
+  %c = select i1 %back, i64 %from.back, i64 %front
   br i1 %mine, label %run, label %wait
 run:
   %off = mul i64 %c, %bytes
@@ -405,7 +427,7 @@ def replay_claimed(walk, table, start, stop, claims, workers):
 
 @functools.cache
 def _walk() -> int:
-    ir_text = WALK_IR.replace("SPINS", str(SPINS))
+    ir_text = WALK_IR.replace("SPINS", str(SPINS)).replace("BACK", str(BACK))
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):  # (x86's spin-wait hint only there)
         ir_text = ir_text.replace("declare void @llvm.x86.sse2.pause()\n", "").replace(
             "  call void @llvm.x86.sse2.pause()\n", "")

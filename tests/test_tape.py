@@ -799,4 +799,36 @@ def test_a_replay_region_of_more_walkers_than_threads_finishes():
     counts = launch.new_claims(len(table))
     launch._claimed()(launch._walk(), launch.address(table), 0, len(table), launch.address(counts), 8)
     assert np.array_equal(out, want)
-    assert (counts[::launch.CLAIM_SLOTS] >= 3).all() and (counts[8::launch.CLAIM_SLOTS] == 3).all()
+    claimed = counts[::launch.CLAIM_SLOTS]
+    assert ((claimed & (launch.BACK - 1)) + (claimed >> 32) >= 3).all() and (counts[8::launch.CLAIM_SLOTS] == 3).all()
+
+
+def test_a_walk_claims_rows_from_its_end():
+    """claim_walk: the first walker into a stretch claims each launch's rows from the first
+    on, the second from the last back, the third from the first again (so that a thread
+    keeps its end of launches split alike); one end's claims never take a row the other's
+    took. A kernel logs the rows in the order they ran, one walker at a time on this
+    thread, its turn set in the claims."""
+    from sparsejit.kernels import launch
+    from sparsejit.kernels.compile import compile_ir
+    from sparsejit.kernels.ir import Signature
+
+    sig = Signature("log_row", (("log", "ptr"), ("row", "i64")))
+    fn = compile_ir("define void @log_row(ptr %log, i64 %row) {\nentry:\n  %n = load i64, ptr %log\n"
+                    "  %n1 = add i64 %n, 1\n  %at = getelementptr i64, ptr %log, i64 %n1\n  store i64 %row, ptr %at\n"
+                    "  store i64 %n1, ptr %log\n  ret void\n}\n", "log_row")
+    log = np.zeros(16, np.int64)
+    calls = launch.new_calls(5, 1, sig)
+    for r in range(5):
+        calls[r, :4] = (1, fn, log.ctypes.data, r)
+    table = np.array([(launch.part(sig), launch.address(calls), 5, calls.shape[1])], np.int64)
+    for turn, front, want in [(0, 0, [0, 1, 2, 3, 4]), (1, 0, [4, 3, 2, 1, 0]), (2, 0, [0, 1, 2, 3, 4]),
+                              (1, 2, [4, 3, 2]), (0, 3 * launch.BACK, [0, 1])]:
+        claims = launch.new_claims(1)
+        claims[0] = front  # (rows another walker claimed from either end, and finished)
+        claims[8] = (front & (launch.BACK - 1)) + (front >> 32)
+        claims[1] = turn
+        log[:] = 0
+        launch._serial_walk()(launch.address(table), 0, 1, launch.address(claims))
+        assert list(log[1:1 + log[0]]) == want, (turn, front)
+        assert claims[8] == 5
