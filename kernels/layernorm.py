@@ -18,7 +18,7 @@ from .compile import compile_ir, load_source, threads, vector_lanes
 from .elementwise import RANGES, fake_quantize, reference_fake_quantize, scalar
 from .ir import Builder, Signature
 from .launch import IMPORTS, put_source, run
-from .layout import contiguous, feature_major_empty, transposed, unit_token_stride
+from .layout import call_scratch, contiguous, feature_major_empty, transposed, unit_token_stride
 from .lowp_ir import quantized, store_block_bytes
 
 
@@ -68,10 +68,23 @@ def layernorm_rows(x, scale, bias, eps, y):
 # The variant that also hands its output to an int8 layer stores each output's byte (q
 # less qlo) where that layer's kernel reads its x: 4-block rows of xq, row stride ldq in
 # i32 (lowp_ir.store_block_bytes); the others ignore xq.
+#
+# Split by features (`split`, two launches; the others ignore the last five arguments): in
+# the first ("stats") each part takes its own h features of every token, the first two
+# passes over them, and stores the sum of x less the first feature's (of all hall features)
+# and the sum of squared deviations from its own mean as rows 2·part and 2·part + 1 of
+# `stats` (row stride lds); in the second ("outputs") each part makes every token's mean
+# and variance from all parts' rows (hstep features a part but the last; Chan's combination
+# of the parts' sums) and writes its own features.
+# The Linear before a LayerNorm splits its output features into parts as this does, and a
+# thread claims the same end of each launch (launch.WALK_IR): so each part reads x from
+# its own core's cache, where the other way round (tokens into parts) half of every
+# token's features came from the other core's.
 COLUMNS_SIGNATURE = Signature("layernorm_columns", (
     ("xt", "ptr"), ("ldx", "i64"), ("yt", "ptr"), ("ldy", "i64"), ("scale", "ptr"), ("bias", "ptr"), ("eps", "float"),
     ("h", "i64"), ("t0", "i64"), ("t1", "i64"), ("qscale", "float"), ("qzero", "float"), ("qlo", "float"),
-    ("qhi", "float"), ("xq", "ptr"), ("ldq", "i64")))
+    ("qhi", "float"), ("xq", "ptr"), ("ldq", "i64"), ("stats", "ptr"), ("lds", "i64"), ("part", "i64"),
+    ("hall", "i64"), ("hstep", "i64")))
 
 
 def _outputs(e: Builder, xs, means: list[str], invs: list[str], i0: str, masks: list, grid: list | None,
@@ -132,11 +145,65 @@ def _prefetch_row(e: Builder, base: str, ld: str, f: str, i0: str, vectors: int,
     e.prefetch_row(base, ld, row, i0, vectors, write)
 
 
-def _columns(e: Builder, vectors: int, quantize: bool, to_bytes: bool = False) -> None:
+def _deviations(e: Builder, xs, i0: str, vectors: int, shift: list[str], start: str):
+    """The first two passes over the h features of tokens from i0: the sums of x - shift
+    (from feature `start` on), the means, and the sums of the squared deviations from them.
+    The sum is of x - x[a feature]: with a large mean a plain float32 sum loses the digits
+    the deviations live in."""
     vt = e.vt
     inv_h = e.splat(e(f"fdiv float 1.0, {e('sitofp i64 %h to float')}"))
+
+    def shifted_sum(f, acc):
+        _prefetch_row(e, "%xt", "%ldx", f, i0, vectors)
+        return [e(f"fadd {vt} {a}, {e(f'fsub {vt} {x}, {s_}')}") for a, x, s_ in zip(acc, xs(f), shift)]
+
+    _, sums = e.loop(start, "%h", 1, [(vt, "zeroinitializer")] * vectors, shifted_sum)
+    means = [e.fma(s_, inv_h, x0) for s_, x0 in zip(sums, shift)]
+
+    def squares(f, acc):
+        ds = [e(f"fsub {vt} {x}, {m}") for x, m in zip(xs(f), means)]
+        return [e.fma(d, d, a) for d, a in zip(ds, acc)]
+
+    _, sqs = e.loop("0", "%h", 1, [(vt, "zeroinitializer")] * vectors, squares)
+    return sums, means, sqs
+
+
+def _combined(e: Builder, i0: str, masks: list, shift: list[str]) -> tuple[list[str], list[str]]:
+    """Every part's rows of `stats` for tokens from i0 made into the hall features' means
+    and sums of squared deviations: the mean from the sum of the parts' sums (of x less
+    the first feature's `shift`), then each part's squared deviations plus its features
+    times the squared distance of its mean from the whole's."""
+    vt, vectors = e.vt, len(masks)
+    ceil = e("sub i64 %hstep, 1")
+    parts = e(f"sdiv i64 {e(f'add i64 %hall, {ceil}')}, %hstep")
+
+    def rows(c, k):
+        return e.row_vectors("%stats", "%lds", e(f"add i64 {e(f'mul i64 {c}, 2')}, {k}"), i0, masks)
+
+    _, total = e.loop("0", parts, 1, [(vt, "zeroinitializer")] * vectors,
+                      lambda c, acc: [e(f"fadd {vt} {a}, {s_}") for a, s_ in zip(acc, rows(c, 0))])
+    inv_h = e.splat(e(f"fdiv float 1.0, {e('sitofp i64 %hall to float')}"))
+    means = [e.fma(t, inv_h, x0) for t, x0 in zip(total, shift)]
+    shifted = [e(f"fmul {vt} {t}, {inv_h}") for t in total]
+
+    def spread(c, acc):
+        n = e(f"sub i64 %hall, {e(f'mul i64 {c}, %hstep')}")
+        n = e(f"select i1 {e(f'icmp slt i64 {n}, %hstep')}, i64 {n}, i64 %hstep")
+        n = e(f"sitofp i64 {n} to float")
+        n, inv_n = e.splat(n), e.splat(e(f"fdiv float 1.0, {n}"))
+        ds = [e(f"fsub {vt} {e(f'fmul {vt} {s_}, {inv_n}')}, {m}") for s_, m in zip(rows(c, 0), shifted)]
+        return [e.fma(e(f"fmul {vt} {d}, {n}"), d, e(f"fadd {vt} {a}, {q}")) for d, a, q in zip(ds, acc, rows(c, 1))]
+
+    _, sqs = e.loop("0", parts, 1, [(vt, "zeroinitializer")] * vectors, spread)
+    return means, sqs
+
+
+def _columns(e: Builder, vectors: int, quantize: bool, to_bytes: bool = False, split: str = "") -> None:
+    vt = e.vt
     eps = e.splat("%eps")
     grid = [e.splat(f"%q{v}") for v in ("scale", "zero", "lo", "hi")] if quantize else None
+    count = "%hall" if split == "outputs" else "%h"
+    inv_h = e.splat(e(f"fdiv float 1.0, {e(f'sitofp i64 {count} to float')}"))
 
     def tile(i0, vectors):
         masks = e.lane_masks(i0, vectors, "%t1")
@@ -144,35 +211,34 @@ def _columns(e: Builder, vectors: int, quantize: bool, to_bytes: bool = False) -
         def xs(f):
             return e.row_vectors("%xt", "%ldx", f, i0, masks)
 
-        # The sum is of x - x[feature 0]: with a large mean a plain float32 sum loses the
-        # digits the deviations live in.
-        shift = xs("0")
-
-        def shifted_sum(f, acc):
-            _prefetch_row(e, "%xt", "%ldx", f, i0, vectors)
-            return [e(f"fadd {vt} {a}, {e(f'fsub {vt} {x}, {s_}')}") for a, x, s_ in zip(acc, xs(f), shift)]
-
-        _, sums = e.loop("1", "%h", 1, [(vt, "zeroinitializer")] * vectors, shifted_sum)
-        means = [e.fma(s_, inv_h, x0) for s_, x0 in zip(sums, shift)]
-
-        def squares(f, acc):
-            ds = [e(f"fsub {vt} {x}, {m}") for x, m in zip(xs(f), means)]
-            return [e.fma(d, d, a) for d, a in zip(ds, acc)]
-
-        _, sqs = e.loop("0", "%h", 1, [(vt, "zeroinitializer")] * vectors, squares)
+        if not split:
+            _, means, sqs = _deviations(e, xs, i0, vectors, xs("0"), "1")
+        else:  # (every part's sums from the first of all the features, hstep · part back)
+            shift = xs(e(f"sub i64 0, {e('mul i64 %part, %hstep')}"))
+            if split == "outputs":
+                means, sqs = _combined(e, i0, masks, shift)
+            else:
+                sums, _, sqs = _deviations(e, xs, i0, vectors, shift, "0")
+        if split == "stats":
+            row = e("mul i64 %part, 2")
+            for r, values in ((row, sums), (e(f"add i64 {row}, 1"), sqs)):
+                start = e.offset(r, "%lds", i0)
+                for v, (value, mask) in enumerate(zip(values, masks)):
+                    e.vstore(value, e.vptr("%stats", start, v), mask)
+            return
         invs = [e(f"fdiv {vt} {e.const(1.0)}, {e.vcall('sqrt', e.fma(q, inv_h, eps))}") for q in sqs]
-
         _outputs(e, xs, means, invs, i0, masks, grid, to_bytes)
 
     e.vector_tiles("%t0", "%t1", vectors, tile)
 
 
-def columns_ir(lanes: int, vectors: int = 4, quantize: bool = False, to_bytes: bool = False) -> str:
+def columns_ir(lanes: int, vectors: int = 4, quantize: bool = False, to_bytes: bool = False, split: str = "") -> str:
     e = Builder(lanes)
-    e.function(COLUMNS_SIGNATURE, lambda: _columns(e, vectors, quantize, to_bytes))
+    e.function(COLUMNS_SIGNATURE, lambda: _columns(e, vectors, quantize, to_bytes, split))
     return e.module(f"; sparsejit generated kernel: LayerNorm, feature-major, tokens [t0, t1), lanes={lanes} "
                     f"vectors={vectors}" + (", each output rounded to the grid of qscale and qzero" if quantize else "")
-                    + (", and its byte stored in the 4-block rows of xq" if to_bytes else ""))
+                    + (", and its byte stored in the 4-block rows of xq" if to_bytes else "")
+                    + (f", split by features: {split}" if split else ""))
 
 
 COLUMNS_DRIVER_SOURCE = """\
@@ -195,7 +261,23 @@ def run_columns(launch, part, calls, fn, xt, yt, scale, bias, eps, grid, xq):
         if t0 < t1:
             put_layernorm_columns(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, yt.ctypes.data, yt.strides[0] // 4,
                                   scale.ctypes.data, bias.ctypes.data, eps, h, t0, t1, grid[0], grid[1], grid[2],
-                                  grid[3], xq.ctypes.data, xq.strides[0] // 4)
+                                  grid[3], xq.ctypes.data, xq.strides[0] // 4, 0, 0, c, h, h)
+    launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
+
+
+# part c takes features [c * hstep, (c + 1) * hstep) of every token (hstep a multiple of 4,
+# so that its bytes' rows are its own), for a kernel split by features (either launch)
+@njit(nogil=True, cache=True)
+def run_features(launch, part, calls, fn, xt, yt, scale, bias, eps, grid, xq, stats, hstep):
+    h, n = xt.shape
+    parts = calls.shape[0]
+    for c in range(parts):
+        f0 = c * hstep
+        put_layernorm_columns(calls, c, fn, xt.ctypes.data + f0 * xt.strides[0], xt.strides[0] // 4,
+                              yt.ctypes.data + f0 * yt.strides[0], yt.strides[0] // 4, scale.ctypes.data + 4 * f0,
+                              bias.ctypes.data + 4 * f0, eps, min(hstep, h - f0), 0, n, grid[0], grid[1], grid[2],
+                              grid[3], xq.ctypes.data + f0 // 4 * xq.strides[0], xq.strides[0] // 4,
+                              stats.ctypes.data, stats.strides[0] // 4, c, h, hstep)
     launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """
 
@@ -205,11 +287,12 @@ def layernorm_columns(driver, fn: int, xt, yt, scale, bias, eps, grid, xq, parts
     run(driver, COLUMNS_SIGNATURE, parts, 1, fn, xt, yt, scale, bias, eps, grid, xq)
 
 @functools.cache
-def _columns_kernel(lanes: int, quantize: bool = False, to_bytes: bool = False):
+def _columns_kernel(lanes: int, quantize: bool = False, to_bytes: bool = False, split: str = ""):
     """(IR function, Numba driver) for a vector width, looked up once, as the attention's
     are: every run calls this kernel 25 times for BERT-base."""
-    fn = compile_ir(columns_ir(lanes, quantize=quantize, to_bytes=to_bytes), COLUMNS_SIGNATURE.name)
-    return fn, load_source(COLUMNS_DRIVER_SOURCE).run_columns
+    fn = compile_ir(columns_ir(lanes, quantize=quantize, to_bytes=to_bytes, split=split), COLUMNS_SIGNATURE.name)
+    driver = load_source(COLUMNS_DRIVER_SOURCE)
+    return fn, driver.run_features if split else driver.run_columns
 
 
 class Grid(NamedTuple):
@@ -231,6 +314,10 @@ class Grid(NamedTuple):
 
 
 NO_GRID = np.zeros(4, np.float32)  # what the plain kernel is passed for the grid, and ignores
+# Features a part takes when a LayerNorm is split by features: a multiple of the AMX
+# kernel's pair of panels (32 output features), so that a part's features are those a
+# Linear's part wrote, and of 4 (a part's bytes are whole 4-block rows).
+SPLIT_FEATURES = 32
 NO_BYTES = np.zeros((1, 1), np.int32)  # what a kernel that stores no bytes is passed for xq
 
 
@@ -296,8 +383,20 @@ def _run_columns(x2: np.ndarray, scale: np.ndarray, bias: np.ndarray, epsilon: f
                  xq: np.ndarray | None = None) -> np.ndarray:
     """yᵀ [h, tokens] by the feature-major kernel for x2 [tokens, h] (scale and bias float32,
     contiguous): rounded to `grid` if any, and with xq also storing its bytes there."""
-    yt = feature_major_empty(x2.shape[1], x2.shape[0])
-    fn, run_columns = _columns_kernel(vector_lanes(), grid is not None, xq is not None)
-    layernorm_columns(run_columns, fn, transposed(x2), yt, scale, bias, np.float32(epsilon),
-                      NO_GRID if grid is None else grid.floats, NO_BYTES if xq is None else xq, threads())
+    n, h = x2.shape
+    yt = feature_major_empty(h, n)
+    floats, xq = NO_GRID if grid is None else grid.floats, NO_BYTES if xq is None else xq
+    parts = threads()
+    hstep = -(-h // parts // SPLIT_FEATURES) * SPLIT_FEATURES
+    if parts == 1 or hstep >= h:
+        fn, run_columns = _columns_kernel(vector_lanes(), grid is not None, xq is not NO_BYTES)
+        layernorm_columns(run_columns, fn, transposed(x2), yt, scale, bias, np.float32(epsilon), floats, xq, parts)
+        return yt
+    parts = -(-h // hstep)
+    lds = -(-n // 16) * 16
+    stats = call_scratch(2 * parts * lds * 4).view(np.float32)[:2 * parts * lds].reshape(2 * parts, lds)
+    for quantize, to_bytes, split in ((False, False, "stats"), (grid is not None, xq is not NO_BYTES, "outputs")):
+        fn, driver = _columns_kernel(vector_lanes(), quantize, to_bytes, split)
+        run(driver, COLUMNS_SIGNATURE, parts, 1, fn, transposed(x2), yt, scale, bias, np.float32(epsilon), floats, xq,
+            stats, hstep)
     return yt

@@ -151,6 +151,14 @@ BUILDS = (
     Driver("layernorm", "COLUMNS_DRIVER_SOURCE", "run_columns",
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 2), A(float32, 1), A(float32, 1), float32, "
      "A(float32, 1), A(int32, 2)"), "float"),
+    # (a LayerNorm after a Linear splits by features on more than one thread: layernorm._run_columns)
+    *(IR("layernorm", f"columns_ir(VECTOR_LANES, split='{split}')", "float", "threads() > 1")
+      for split in ("stats", "outputs")),
+    *(IR("layernorm", f"columns_ir(VECTOR_LANES, quantize=True, to_bytes={b}, split='outputs')", "int8",
+         "threads() > 1") for b in (False, True)),
+    Driver("layernorm", "COLUMNS_DRIVER_SOURCE", "run_features",
+     ("int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 2), A(float32, 1), A(float32, 1), float32, "
+     "A(float32, 1), A(int32, 2), A(float32, 2), int64"), "float"),
     IR("int8", "part_ir(QUANTIZE_SIGNATURE)", "int8"),
     Driver("int8", "DRIVER_SOURCE", "run_quantize",
      "int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 2), A(float32, 1)", "int8"),
@@ -159,7 +167,7 @@ BUILDS = (
     Driver("attention", "HEADS_DRIVER_SOURCE", "run_heads",
      ("int64, int64, W(int64, 2), int64, A(float32, 4), A(float32, 4), A(float32, 4), A(float32, 4), A(float32, 4), "
      "float32, A(float32, 2), A(float32, 2), A(float32, 4), A(float32, 1)"), "float"),
-    IR("layernorm", "columns_ir(VECTOR_LANES, quantize=True, to_bytes=True)", "int8"),
+    IR("layernorm", "columns_ir(VECTOR_LANES, quantize=True, to_bytes=True)", "int8", "threads() == 1"),
     IR("elementwise", "each_ir('fake_quantize')", "int8"),
     IR("elementwise", "part_ir(EACH)", "int8"),
     Driver("elementwise", "EACH_DRIVER", "run_each",

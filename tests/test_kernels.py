@@ -515,6 +515,41 @@ def test_layernorm_both_layouts(layout_in, layout_out):
         assert unit_token_stride(got[0]) == fm or n == 1
 
 
+@pytest.mark.parametrize("parts", [2, 3, 5])
+def test_layernorm_split_by_features_matches_the_whole_rows(parts, monkeypatch):
+    """The feature-major LayerNorm split by features (layernorm's `split`: each part's sums
+    over its own features, then every token's mean and variance from all parts'),
+    against float64 and against the kernel on one part: parts of SPLIT_FEATURES features and
+    a shorter last one, fewer features than parts, a large mean (the parts' sums taken from
+    one feature's value: about as far from float64 as one part), tokens in whole tiles,
+    partial ones and none; with the bytes, the same bytes as the unsplit kernel's where its
+    output is the same."""
+    import sparsejit.kernels.layernorm as layernorm_mod
+
+    splits = []
+    kernel = layernorm_mod._columns_kernel
+    monkeypatch.setattr(layernorm_mod, "_columns_kernel", lambda *a: splits.append(a[3:] or "") or kernel(*a))
+    rng = np.random.default_rng(parts)
+    grid = layernorm_mod.Grid.of((np.float32(0.05), np.uint8(128)))
+    for h, n in [(770, 37), (100, 130), (64, 1), (40, 0), (33, 16), (20, 5)]:
+        xt = feature_major_empty(h, n)
+        xt[:] = rng.standard_normal((h, n)) * 3 + 1000
+        scale, bias = rng.standard_normal(h).astype(np.float32), rng.standard_normal(h).astype(np.float32)
+        monkeypatch.setattr(layernorm_mod, "threads", lambda: 1)
+        whole = layernorm(xt.T, scale, bias, 1e-5, True)
+        y1, q1 = layernorm_mod.layernorm_to_bytes(xt.T, scale, bias, 1e-5, grid)
+        monkeypatch.setattr(layernorm_mod, "threads", lambda: parts)
+        splits.clear()
+        got = layernorm(xt.T, scale, bias, 1e-5, True)
+        assert splits == ([""] if h <= 32 else [("stats",), ("outputs",)]), (h, splits)
+        want = reference_layernorm(xt.T.astype(np.float64), scale, bias, epsilon=1e-5)
+        np.testing.assert_allclose(got, want, **TOL)
+        assert np.abs(got - want).max(initial=0) <= 1.25 * np.abs(whole - want).max(initial=0) + 1e-6
+        y, q = layernorm_mod.layernorm_to_bytes(xt.T, scale, bias, 1e-5, grid)
+        same = (y == y1).all(axis=1)
+        assert same.sum() >= 0.9 * n and np.array_equal(q[same], q1[same])
+
+
 @pytest.mark.parametrize("zero", [np.uint8(128), np.int8(-3)])
 @pytest.mark.parametrize("lanes", ["native", 8])
 def test_layernorm_rounding_to_a_grid_stores_what_fake_quantize_gives(zero, lanes, monkeypatch):

@@ -240,7 +240,8 @@ def test_builds_skips_what_the_cpu_cannot_run(monkeypatch):
     monkeypatch.setattr(amx, "has_amx", lambda dot="int8": False)
     monkeypatch.setattr(compile, "vector_lanes", lambda: 8)
     monkeypatch.setattr(elementwise, "qattention_products", lambda: "blas")
-    irs = [e for e in prebuild.BUILDS if isinstance(e, prebuild.IR)]
+    # (the LayerNorm's split kernels are gated on the thread count, not on the CPU)
+    irs = [e for e in prebuild.BUILDS if isinstance(e, prebuild.IR) and "threads()" not in e.when]
     gated = [e for e in irs if e.when != "True"]
     assert len(gated) >= 7 and all(prebuild.made(e) is None for e in gated)
     made = [prebuild.made(e) for e in irs if e not in gated]
