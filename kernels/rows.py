@@ -16,14 +16,16 @@ float32 before the division by the row's length. That sum is exact but where the
 values span more than 29 bits of exponent, so its order does not matter, and
 `reference_rows`, each op on numpy in turn, gives the kernel's result bit for bit.
 
-A group with a mean to wait for, feature-major, at up to BLOCKED tokens a part, runs
-blocked: each part takes its own tokens, BLOCK at a time, through every pass, making the
-block's means between the passes in IR (`means<stage>`), in one call. At up to
-SPLIT_MEANS tokens it runs split instead: the parts take features, a launch a pass, and
+A group with a mean to wait for, feature-major, on more than one thread (or at up to
+SPLIT_MEANS tokens on one) runs split: the parts take features, a launch a pass, and
 each part makes every token's means from all parts' sums at the start of each pass but
 the first (`stage<stage>`), so that a loop runs along a feature's every token (a few
-tokens a part made loops too short to vectorise). Token-major, such a group runs blocked
-at any length, each part taking its rows BLOCK at a time. Otherwise:
+tokens a part made loops too short to vectorise), and a thread, claiming the same end of
+each launch (launch.WALK_IR), reads the features the Linear before wrote on its core. On
+one thread, at up to BLOCKED tokens, it runs blocked: the part takes the tokens, BLOCK at
+a time, through every pass, making the block's means between the passes in IR
+(`means<stage>`), in one call. Token-major, such a group runs blocked at any length, each
+part taking its rows BLOCK at a time. Otherwise:
 a part of the threads takes a range of features (feature-major: a Linear kernel's
 output at a batch's tokens, [features, tokens] in memory, read as it lies, where an input
 lies so) or of tokens (token-major, C order); the outputs are written the same way. A
@@ -171,7 +173,7 @@ BLOCK = 64  # tokens a part takes through every pass at a time, blocked (RowKern
 BLOCKED = 256  # tokens a part takes at most, blocked: with more, each pass at once over the features' rows is faster
 PART_ROW = 16  # floats: each part's row of a call's temporaries starts on a 64-byte line (so do its bytes' and
 # sums' rows), so that two threads' parts never write one line
-SPLIT_MEANS = 64  # tokens up to which a feature-major group with a mean to wait for runs split (RowKernel.source)
+SPLIT_MEANS = 64  # tokens up to which such a group runs split on one thread (RowKernel.source; on more, at any)
 
 ROWS_DRIVER = """\
 # sparsejit generated kernel: the driver of the row kernels (rows.py); part c takes the
@@ -1014,10 +1016,11 @@ class RowKernel:
         full = [x for x in inputs if x.shape == shape]
         token = len(shape) == 1 or not _feature_major(full)
         waits = self._blocked_ok()  # (a mean to wait for, made in IR)
-        blocked = waits and (token or SPLIT_MEANS < rows <= BLOCKED * threads())
+        spread = waits and not token and (threads() > 1 or rows <= SPLIT_MEANS)
+        blocked = waits and (token or not spread and rows <= BLOCKED * threads())
         loop = n if token else min(BLOCK, -(-rows // threads())) if blocked else rows  # (a loop's length)
         parts = threads() * (SPLIT if not token and not blocked and threads() > 1 else 1)
-        split = parts if waits and not token and rows <= SPLIT_MEANS else 0
+        split = parts if spread else 0
         wide, masked = loop_widths(token, loop)
         passes = self._passes({x: v.dtype for x, v in zip(self.names, inputs) if v.dtype in BYTES}, token, blocked,
                               wide, split, masked)

@@ -1297,9 +1297,10 @@ def _row_kernel_cases():
     return cases
 
 
+@pytest.mark.parametrize("workers", [None, 1])
 @pytest.mark.parametrize("permutes", [True, False, "avx2"])
 @pytest.mark.parametrize("case", range(6))
-def test_row_kernel_is_its_reference(case, permutes, monkeypatch):
+def test_row_kernel_is_its_reference(case, permutes, workers, monkeypatch):
     """A RowKernel (kernels/rows.py) gives what its group's ops give one by one on numpy,
     bit for bit: token-major and feature-major inputs (a Linear kernel's output, rows
     padded or not) alike, each output written feature-major where an input lies so (the
@@ -1312,10 +1313,12 @@ def test_row_kernel_is_its_reference(case, permutes, monkeypatch):
     grid; 42 features, so that the threads split a quad of features between them.
 
     A group with a mean to wait for and no mean among its outputs (the LayerNorms; the
-    made-up group without its mean's bytes, case 5) runs blocked (every pass in one call,
-    each row's means made in the kernel): feature-major, the parts taking tokens,
-    rows.BLOCK at a time, at 200 tokens in blocks and a remainder, and past rows.BLOCKED
-    tokens a part in passes over every token; token-major, the parts taking rows.
+    made-up group without its mean's bytes, case 5), feature-major, runs split on more
+    than one thread (the parts taking features, each making every row's means from all
+    parts' sums); made as for one thread (`workers`), blocked (every pass in one call,
+    each row's means made in the kernel) from 65 tokens: the part taking rows.BLOCK tokens
+    at a time, at 100 and 200 tokens in blocks and a remainder, and past rows.BLOCKED in
+    passes over every token; token-major, blocked, the parts taking rows.
 
     Feature-major loops of 9 to 63 tokens run 16 floats a step, the last masked (but a
     Lookup's gather's). A Lookup whose bytes alone the group keeps (the GELU's, case 2) looks them up 64, 16,
@@ -1329,6 +1332,9 @@ def test_row_kernel_is_its_reference(case, permutes, monkeypatch):
 
     cases = _row_kernel_cases()  # (loading a model: before the CPU is set)
     _row_cpu(permutes, monkeypatch)
+    if workers:  # (the groups made as for one thread: feature-major LayerNorms blocked from 65 tokens)
+        monkeypatch.setattr(rows, "threads", lambda: workers)
+        threads = rows.threads
     gelu = [c for c in cases if any(m.op_type == "Lookup" and "Erf" in m.attrs["ops"] for m in c[0])]
     layernorms = [c for c in cases if [m.op_type for m in c[0]].count("ReduceMean") == 2]
     nodes, names, outputs, consts = [layernorms[0], layernorms[1], gelu[0], cases[-1], cases[-1], cases[-1]][case]
@@ -1368,11 +1374,13 @@ def test_row_kernel_is_its_reference(case, permutes, monkeypatch):
             assert got is not None, (case, shape, layout)
             call, = kernel._calls.values()
             tokens = np.prod(shape[:-1])
-            assert call.blocked == (blocked and (call.token or rows.SPLIT_MEANS < tokens <= rows.BLOCKED * threads()))
-            # (feature-major not blocked: rows.SPLIT parts a thread, which the threads claim in turn; at
-            # up to rows.SPLIT_MEANS tokens, those parts making the means in IR)
-            assert call.parts == threads() * (rows.SPLIT if not (call.token or call.blocked) else 1)
-            assert call.split == (call.parts if blocked and not call.token and tokens <= rows.SPLIT_MEANS else 0)
+            # (feature-major, a mean to wait for: split on more than one thread, or on one at up to
+            # rows.SPLIT_MEANS tokens, the parts making the means in IR; else blocked up to rows.BLOCKED)
+            spread = blocked and not call.token and (threads() > 1 or tokens <= rows.SPLIT_MEANS)
+            assert call.blocked == (blocked and (call.token or not spread and tokens <= rows.BLOCKED * threads()))
+            # (feature-major not blocked: rows.SPLIT parts a thread, which the threads claim from their ends)
+            assert call.parts == threads() * (rows.SPLIT if not (call.token or call.blocked) and threads() > 1 else 1)
+            assert call.split == (call.parts if spread else 0)
             parted = [sh for key, sh, _ in kernel._scratch_shapes(call.n, call.rows, call.parts, call.token,
                                                                    call.blocked, call.split)
                       if key[0] in ("temp", "quad temp") or key[0] == "sum" and not call.token]
@@ -1773,22 +1781,25 @@ assert with_bytes(np.zeros((0, 4), np.float32)) is None
 for shape in [(0, 8), (1, 0, 4), (1, 1, 1), (2, 3, 5)]:
     assert rows.bytes_rows(np.zeros(shape, np.uint8)).shape == (*shape[:-1], -(-shape[-1] // 4))
 # feature-major (each feature's tokens contiguous), a group with a mean to wait for (no mean
-# among its outputs): split (its parts making the means in IR) at two tokens, blocked at one
-# block and one more, neither past BLOCKED a part;
-# a Lookup kept as bytes alone (permuted 64 at a time with VBMI) at 2 to 130 tokens
-blocked = rows.RowKernel(nodes, ["x"], ["f"], consts)
+# among its outputs): made for two threads, split (its parts making the means in IR) at any
+# length; for one, split at two tokens, blocked at one block and one more, neither past
+# BLOCKED a part; a Lookup kept as bytes alone (permuted 64 at a time with VBMI) at 2 to 130 tokens
 lookup = [Node("QuantizeLinear", "q", ["x", "s", "z"], ["q"]),
           Node("Lookup", "l", ["q"], ["l"], {"table": np.linspace(-1, 1, 256, dtype=np.float32), "ops": ["Made up"],
                                              "min_rank": 1})]
-looked = rows.RowKernel(lookup, ["x"], [], consts, quads={"l": grid})
-for tokens, n in [(2, 2), (65, 3), (4 * rows.BLOCKED + 1, 2), (130, 5)]:
-    x = np.ascontiguousarray(np.random.default_rng(2).standard_normal((n, tokens)).astype(np.float32)).T
-    want = rows.reference_rows(x, nodes=nodes, names=["x"], outputs=["f"], consts=consts, opset=17)[0]
-    assert np.array_equal(blocked(x)[0], want), (tokens, n)
-    l = rows.reference_rows(x, nodes=lookup, names=["x"], outputs=["l"], consts=consts, opset=17)[0]
-    assert np.array_equal(np.ascontiguousarray(looked(x)[0]), np.ascontiguousarray(rows.quad_bytes(l, grid)))
-assert sorted((c.blocked, c.split > 0) for c in blocked._calls.values()) == [(False, False), (False, True),
-                                                                              (True, False), (True, False)]
+real_threads = rows.threads
+for workers, made in [(2, [(False, True)] * 4), (1, [(False, False), (False, True), (True, False), (True, False)])]:
+    rows.threads = lambda: workers
+    blocked = rows.RowKernel(nodes, ["x"], ["f"], consts)
+    looked = rows.RowKernel(lookup, ["x"], [], consts, quads={"l": grid})
+    for tokens, n in [(2, 2), (65, 3), (4 * rows.BLOCKED + 1, 2), (130, 5)]:
+        x = np.ascontiguousarray(np.random.default_rng(2).standard_normal((n, tokens)).astype(np.float32)).T
+        want = rows.reference_rows(x, nodes=nodes, names=["x"], outputs=["f"], consts=consts, opset=17)[0]
+        assert np.array_equal(blocked(x)[0], want), (tokens, n)
+        l = rows.reference_rows(x, nodes=lookup, names=["x"], outputs=["l"], consts=consts, opset=17)[0]
+        assert np.array_equal(np.ascontiguousarray(looked(x)[0]), np.ascontiguousarray(rows.quad_bytes(l, grid)))
+    assert sorted((c.blocked, c.split > 0) for c in blocked._calls.values()) == made, (workers, made)
+rows.threads = real_threads
 from sparsejit.kernels.int8 import Int8Lanes, Int8Linear, has_lanes
 layers = [Int8Linear(np.ones((64, 16), np.int8), np.full(16, 0.01, np.float32), "static", np.float32(0.05),
                      np.uint8(128), None, "none", False, None)]

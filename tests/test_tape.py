@@ -537,11 +537,15 @@ def test_quantized_files_replay_the_steps_between_their_int8_layers(name):
     layers of QDQ, QOperator and SparseML files (the unstructured opset-14 file's on the
     kernel with outputs in the lanes, its scratch per thread): each is a launch of the
     tape (its scratch the tape's; the embeddings' LayerNorm, token-major, blocked; the
-    pooler's at one token, feature-major), but a row group that sums its means in numpy
-    (feature-major over more than 512 tokens, not blocked: a LayerNorm written out, as the
-    opset-14 file has them) runs in Python.
+    pooler's at one token, feature-major), but on one thread a row group that sums its
+    means in numpy (feature-major past rows.BLOCKED tokens, neither blocked nor split: a
+    LayerNorm written out, as the opset-14 file has them) runs in Python; on more, split by
+    features, it is a launch a pass at any length.
     Each taped run gives the untaped run's outputs bit for bit, at three shapes with
     padding."""
+    from sparsejit.kernels import rows
+    from sparsejit.kernels.compile import threads
+
     model = sparsejit.load(MODELS_DIR / "int8" / f"{name}.onnx")
     for shape in [(1, 7), (3, 20), (5, 120)]:
         inputs = [varied(model.input_names, seed, *shape) for seed in range(4)]
@@ -558,8 +562,8 @@ def test_quantized_files_replay_the_steps_between_their_int8_layers(name):
                 continue
             if "embeddings" in node.name or "pooler" in node.name:  # (token-major blocked; one token)
                 assert g.kind == "launch", (node.name, shape)
-            elif any(m.op_type == "ReduceMean" for m in node.attrs["nodes"]):  # (blocked up to 512 tokens)
-                assert (g.kind == "host") == (math.prod(shape) > 512), (node.name, shape)
+            elif any(m.op_type == "ReduceMean" for m in node.attrs["nodes"]):
+                assert (g.kind == "host") == (threads() == 1 and math.prod(shape) > rows.BLOCKED), (node.name, shape)
             elif "op14" not in name:  # (its attention's row groups read QLinearMatMul's numpy outputs)
                 assert g.kind == "launch", node.name
         assert_replays_run_as_before(model, t, inputs)
