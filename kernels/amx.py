@@ -62,9 +62,10 @@ def has_amx(dot: str = "int8") -> bool:
 
 DRIVER_SOURCE = """\
 # sparsejit generated kernel: the driver of the AMX kernel
-# part c computes output pairs of panels [c * n / parts, (c + 1) * n / parts) (32
-# features each) of the m outputs, `token_tile` tokens at a time so that the tokens' rows
-# of xq stay in cache across the part's panels
+# part c computes output pairs of panels (32 features each) of the m outputs, of each
+# member [members[j], members[j + 1]) of a group's weights side by side the share
+# [c * n / parts, (c + 1) * n / parts) of its n pairs, `token_tile` tokens at a time so
+# that the tokens' rows of xq stay in cache across the part's panels
 import numpy as np
 from numba import njit
 
@@ -72,20 +73,22 @@ ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any
 """ + IMPORTS + "\n\n" + put_source(SIGNATURE) + """
 
 @njit(nogil=True, cache=True)
-def run_amx(launch, part, calls, fn, xq, wa, bias, yt, rt, token_tile, pairs, ktiles, masks, offsets, work, m):
+def run_amx(launch, part, calls, fn, xq, wa, bias, yt, rt, token_tile, members, ktiles, masks, offsets, work, m):
     ntok = yt.shape[1]
     r_step = 4 if rt.shape[1] == ntok else 0  # (no residual: a 1 x 1 placeholder, never read)
     parts = calls.shape[0]
     for c in range(parts):
-        p0 = c * pairs // parts
-        p1 = (c + 1) * pairs // parts
-        if p0 < p1:
-            for t0 in range(0, ntok, token_tile):
-                put_amx_panels(calls, c, fn, xq.ctypes.data + t0 * 4, xq.strides[0] // 4, wa.ctypes.data,
-                               bias.ctypes.data, yt.ctypes.data + t0 * 4, yt.strides[0] // 4,
-                               rt.ctypes.data + t0 * r_step, rt.strides[0] // 4, ktiles, m, p0, p1,
-                               min(token_tile, ntok - t0), masks.ctypes.data, offsets.ctypes.data,
-                               work.ctypes.data + c * work.strides[0])
+        for t0 in range(0, ntok, token_tile):
+            for j in range(members.shape[0] - 1):
+                n = members[j + 1] - members[j]
+                p0 = members[j] + c * n // parts
+                p1 = members[j] + (c + 1) * n // parts
+                if p0 < p1:
+                    put_amx_panels(calls, c, fn, xq.ctypes.data + t0 * 4, xq.strides[0] // 4, wa.ctypes.data,
+                                   bias.ctypes.data, yt.ctypes.data + t0 * 4, yt.strides[0] // 4,
+                                   rt.ctypes.data + t0 * r_step, rt.strides[0] // 4, ktiles, m, p0, p1,
+                                   min(token_tile, ntok - t0), masks.ctypes.data, offsets.ctypes.data,
+                                   work.ctypes.data + c * work.strides[0])
     launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """
 
@@ -198,6 +201,7 @@ class _Amx:
             compressed = can_compress() and np.count_nonzero(tiles) < COMPRESS_BELOW * tiles.size
         self.config = AmxConfig(dot, activation, residual, compressed, activation in OVERLAPPED, requantize=requantize)
         self._shape, self._dtype = tiles.shape, tiles.dtype
+        self._members = np.array([0, tiles.shape[0] // 2], np.int64)  # (pairs of panels: split_members)
         dense = tiles.reshape(-1).view(np.uint8), _NONE, _NONE
         values, masks, offsets = compressed_tiles(tiles) if compressed else dense
         if not compressed:  # (its tile rows on 64-byte lines: each row of a tile load one line, not two)
@@ -215,6 +219,16 @@ class _Amx:
             return expanded_tiles(values, masks, self._shape, self._dtype)
         return values.view(self._dtype).reshape(self._shape)
 
+    def split_members(self, starts: list[int]) -> None:
+        """Where the weight is several layers' side by side (a group's), starting at output
+        features `starts`: each part then takes its share of every member's pairs of panels,
+        not one range of all of them. So with two threads (which claim the parts from either
+        end, launch.WALK_IR) the one computing the first half of Q's heads computes the first
+        half of K's and V's too, and the attention over those heads reads them from its own
+        core's cache."""
+        pairs = self._shape[0] // 2
+        self._members = np.array(sorted({min(pairs, s // 32) for s in starts} | {0, pairs}), np.int64)
+
     def _tiles_run(self, xq: np.ndarray, bias: np.ndarray, yt: np.ndarray, rt: np.ndarray, fn: int | None = None) -> None:
         pairs, ktiles = self._shape[0] // 2, self._shape[1]
         parts = max(1, min(threads(), pairs))
@@ -223,8 +237,9 @@ class _Amx:
         work = aligned_empty((parts, 2 * ktiles * 1024 if self.config.compressed else 64), np.uint8)
         # (xq's i32 rows as float32 bits, as x_rows makes them: one type, one compiled driver)
         step = token_tile(xq.shape[0])
-        run(self._driver, SIGNATURE, parts, -(-yt.shape[1] // step), self._fn if fn is None else fn, xq.view(np.float32),
-            self._arrays[0], bias, yt, rt, step, pairs, ktiles, *self._arrays[1:], work, self.out_features)
+        run(self._driver, SIGNATURE, parts, -(-yt.shape[1] // step) * (len(self._members) - 1),
+            self._fn if fn is None else fn, xq.view(np.float32), self._arrays[0], bias, yt, rt, step, self._members,
+            ktiles, *self._arrays[1:], work, self.out_features)
 
 
 class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):

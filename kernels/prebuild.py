@@ -126,7 +126,7 @@ BUILDS = (
        "VECTOR_LANES == 16 and has_bf16()", raced=True),
     Driver("amx", "DRIVER_SOURCE", "run_amx",
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(uint8, 1), A(float32, 1), A(float32, 2), A(float32, 2), "
-     "int64, int64, int64, A(uint8, 1), A(int64, 1), A(uint8, 2), int64"), "int8 bf16"),
+     "int64, A(int64, 1), int64, A(uint8, 1), A(int64, 1), A(uint8, 2), int64"), "int8 bf16"),
     IR("int8", "ir_source(IRConfig(1, 'none', True, 16, SPARSE_VECTORS[16], 16, int8=True))", "int8", "VECTOR_LANES == 16"),
     IR("int8", "lanes_ir(LanesConfig('none', True))", "int8", "VECTOR_LANES == 16 and has_lanes()"),
     IR("linear", "ir_source(kernel_config(1, 'none', True))", "fp32"),

@@ -301,6 +301,8 @@ def group_step(node: Node, p: Planning) -> Step:
         p.add(layer)
     kernel, cuts = group.impl, [(m.impl.start, m.impl.stop) for m in members]
     attrs = {"activation": node.attrs["activation"], "members": [m.node for m in members]}
+    if isinstance(kernel, BF16AmxLinear):
+        kernel.split_members([a for a, _ in cuts])
 
     def run(x):
         y = kernel(x)
@@ -526,6 +528,8 @@ def qlinear_group_step(node: Node, p: Planning) -> Step:
         start = cuts[-1][1]
     attrs = {"activation": node.attrs["activation"], "members": [lp.node for lp in p.layers[-len(members):]],
              "cuts": cuts}
+    if isinstance(impl, Int8Amx):
+        impl.split_members([a for a, _ in cuts])
 
     def run(x, xq=None):
         y = _int8_run(impl, x, None, xq)

@@ -1163,6 +1163,33 @@ def test_amx_int8_layer_runs_on_the_layernorms_bytes():
 
 
 @pytest.mark.parametrize("compressed", [False, True])
+def test_amx_layer_split_by_its_members_gives_the_same_outputs(compressed, monkeypatch):
+    """Int8Amx.split_members (a QLinearGroup's weights side by side): each part takes its
+    share of every member's pairs of panels, and the output is the same, bit for bit, as
+    one range of pairs a part: members on pair boundaries (Q, K, V) and off them (a pair
+    straddling two), more parts than a member's pairs, one part; 128 tokens and 5."""
+    import sparsejit.kernels.amx as amx_mod
+    from sparsejit.kernels.amx import Int8Amx, has_amx
+
+    if not has_amx("int8"):
+        pytest.skip("this CPU has no AMX-INT8")
+    rng = np.random.default_rng(5)
+    w = rng.integers(-127, 128, (128, 224)).astype(np.int8)
+    w[rng.random(w.shape) < 0.9] = 0
+    args = ((rng.random(224) * 0.01).astype(np.float32), "static", np.float32(0.02), np.uint8(120),
+            rng.standard_normal(224).astype(np.float32), "none", False)
+    whole, split = Int8Amx(w, *args, compressed=compressed), Int8Amx(w, *args, compressed=compressed)
+    for starts, members in [([0, 64, 160], [0, 2, 5, 7]), ([0, 40, 100], [0, 1, 3, 7]), ([0, 200], [0, 6, 7])]:
+        split.split_members(starts)
+        assert list(split._members) == members
+        for parts in (1, 2, 3):
+            monkeypatch.setattr(amx_mod, "threads", lambda parts=parts: parts)
+            for n in (128, 5):
+                x = rng.standard_normal((n, 128)).astype(np.float32)
+                np.testing.assert_array_equal(split(x), whole(x), err_msg=f"{starts} {parts} {n}")
+
+
+@pytest.mark.parametrize("compressed", [False, True])
 def test_amx_int8_layer_stores_the_next_layers_bytes_of_its_output(compressed):
     """Int8Amx.bytes_on: the layer's output quantized on the next layer's grid, stored by
     its epilogue as that layer's bytes (amx_ir's quant_out), is what quantizing the
