@@ -168,11 +168,11 @@ def _deviations(e: Builder, xs, i0: str, vectors: int, shift: list[str], start: 
     return sums, means, sqs
 
 
-def _combined(e: Builder, i0: str, masks: list, shift: list[str]) -> tuple[list[str], list[str]]:
+def _combined(e: Builder, i0: str, masks: list, shift: list[str], inv_h: str) -> tuple[list[str], list[str]]:
     """Every part's rows of `stats` for tokens from i0 made into the hall features' means
     and sums of squared deviations: the mean from the sum of the parts' sums (of x less
-    the first feature's `shift`), then each part's squared deviations plus its features
-    times the squared distance of its mean from the whole's."""
+    the first feature's `shift`; inv_h 1 / hall), then each part's squared deviations plus
+    its features times the squared distance of its mean from the whole's."""
     vt, vectors = e.vt, len(masks)
     ceil = e("sub i64 %hstep, 1")
     parts = e(f"sdiv i64 {e(f'add i64 %hall, {ceil}')}, %hstep")
@@ -182,7 +182,6 @@ def _combined(e: Builder, i0: str, masks: list, shift: list[str]) -> tuple[list[
 
     _, total = e.loop("0", parts, 1, [(vt, "zeroinitializer")] * vectors,
                       lambda c, acc: [e(f"fadd {vt} {a}, {s_}") for a, s_ in zip(acc, rows(c, 0))])
-    inv_h = e.splat(e(f"fdiv float 1.0, {e('sitofp i64 %hall to float')}"))
     means = [e.fma(t, inv_h, x0) for t, x0 in zip(total, shift)]
     shifted = [e(f"fmul {vt} {t}, {inv_h}") for t in total]
 
@@ -216,7 +215,7 @@ def _columns(e: Builder, vectors: int, quantize: bool, to_bytes: bool = False, s
         else:  # (every part's sums from the first of all the features, hstep · part back)
             shift = xs(e(f"sub i64 0, {e('mul i64 %part, %hstep')}"))
             if split == "outputs":
-                means, sqs = _combined(e, i0, masks, shift)
+                means, sqs = _combined(e, i0, masks, shift, inv_h)
             else:
                 sums, _, sqs = _deviations(e, xs, i0, vectors, shift, "0")
         if split == "stats":

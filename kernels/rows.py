@@ -1017,7 +1017,7 @@ class RowKernel:
         token = len(shape) == 1 or not _feature_major(full)
         waits = self._blocked_ok()  # (a mean to wait for, made in IR)
         spread = waits and not token and (threads() > 1 or rows <= SPLIT_MEANS)
-        blocked = waits and (token or not spread and rows <= BLOCKED * threads())
+        blocked = waits and (token or not spread and rows <= BLOCKED)  # (not spread: one thread)
         loop = n if token else min(BLOCK, -(-rows // threads())) if blocked else rows  # (a loop's length)
         parts = threads() * (SPLIT if not token and not blocked and threads() > 1 else 1)
         split = parts if spread else 0
