@@ -18,6 +18,7 @@ any shape works. The text is a pure function of `DenseConfig`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .epilogue import ACTIVATIONS, epilogue
@@ -43,6 +44,8 @@ class DenseConfig:
     # (uint8 x, int8 w), k counts the blocks, sums in i32 from 0; bias holds 3m: [bias |
     # output scale | the zero point's correction (i32)], as sparse_ir's int8 epilogue
     int8: bool = False
+    # a few tokens (_gemv below): the lanes along the panels' weights, not over tokens (float32 only)
+    gemv: bool = False
 
 
 def dense_config(activation: str, residual: bool, lanes: int) -> DenseConfig:
@@ -103,13 +106,108 @@ def _panel(e: Builder, cfg: DenseConfig, p: str) -> None:
     e.label(done)
 
 
+def gemv_step(lanes: int, rows: int) -> tuple[int, int]:
+    """(vectors, inputs) a GEMV step takes: a panel's floats in whole vectors that end on a
+    whole input, lcm(lanes, rows) of them."""
+    floats = math.lcm(lanes, rows)
+    return floats // lanes, floats // rows
+
+
+GEMV_X_FLOATS = 1 << 14  # the most floats of x (tokens × (in + lanes)) dense_gemv copies to its stack
+
+
+def _gemv(e: Builder, cfg: DenseConfig) -> None:
+    """The same panels for a few tokens (a pooler's or a classifier's), the lanes over a
+    panel's weights in their packed order instead of over tokens: each token's x is copied
+    to a contiguous buffer on the stack (zeros after it), and a step of `inputs` inputs
+    loads `vectors` vectors of the panel and, shuffled from one load of x, the input each
+    lane multiplies. A panel's rows are then summed from every `rows`-th lane. Where the
+    GEMM's tile would multiply every weight by a vector of tokens, nearly all padding,
+    here each multiply is one of the layer's."""
+    vt, L, R = e.vt, cfg.lanes, cfg.rows
+    V, S = gemv_step(L, R)
+    width = e("add i64 %k, " + str(L))
+    xb = e(f"alloca float, i64 {e(f'mul i64 {width}, %ntok')}, align 64")
+    sums = e(f"alloca float, i32 {V * L}, align 64")
+
+    def copy_x(t, _c):
+        row = e.gep(xb, e(f"mul i64 {t}, {width}"))
+
+        def one(kk, _c):
+            x = e(f"load float, ptr {e.gep('%xt', e.offset(kk, '%ldx', t))}, align 4")
+            e.raw(f"  store float {x}, ptr {e.gep(row, kk)}, align 4")
+            return []
+
+        e.loop("0", "%k", 1, [], one)
+        e.vstore(e.const(0.0), e.gep(row, "%k"), None)
+        return []
+
+    e.loop("0", "%ntok", 1, [], copy_x)
+    picks = [f"<{', '.join(f'i32 {(v * L + i) // R}' for i in range(L))}>" for v in range(V)]
+    row_mask = f"<{', '.join('i1 true' if i < R else 'i1 false' for i in range(L))}>"
+
+    def panel(p, _c):
+        wpanel = e.gep("%wp", e(f"mul i64 {p}, {e('mul i64 %k, ' + str(R))}"))
+        j0 = e(f"mul i64 {p}, {R}")
+        bias = e.vload(e.gep("%bias", j0), _lanes_below(e, e("sub i64 %m, " + j0), R))
+
+        def token(t, _c):
+            row = e.gep(xb, e(f"mul i64 {t}, {width}"))
+
+            def step(kk, accs, masks=None):
+                x = e.vload(e.gep(row, kk), None)
+                start = e(f"mul i64 {kk}, {R}")
+                return [e.fma(e.vload(e.vptr(wpanel, start, v), masks and masks[v]),
+                              e(f"shufflevector {vt} {x}, {vt} poison, <{L} x i32> {picks[v]}"), accs[v])
+                        for v in range(V)]
+
+            last, accs = e.loop("0", "%k", S, [(vt, "zeroinitializer")] * V, step)
+            left = e(f"mul i64 {e(f'sub i64 %k, {last}')}, {R}")  # the panel's floats after the whole steps
+            accs = step(last, accs, [_lanes_below(e, e(f"sub i64 {left}, {v * L}"), L) for v in range(V)])
+            for v in range(V):
+                e.vstore(accs[v], e.vptr(sums, "0", v), None)
+            y = bias
+            for q in range(V * L // R):
+                y = e(f"fadd {vt} {y}, {e.vload(e.gep(sums, str(q * R)), row_mask)}")
+            y = epilogue(e, cfg.activation, y)
+            for r in range(R):
+                j = e(f"add i64 {j0}, {r}")
+                e.if_before(j, "%m", lambda j=j, r=r: _store_lane(e, cfg, y, r, j, t))
+            return []
+
+        e.loop("0", "%ntok", 1, [], token)
+        return []
+
+    e.loop("%panel0", "%panel1", 1, [], panel)
+
+
+def _lanes_below(e: Builder, n: str, most: int) -> str:
+    """The mask of lanes i < min(n, most) (n may be negative: none)."""
+    L = e.lanes
+    iota = f"<{', '.join(f'i64 {i if i < most else 1 << 40}' for i in range(L))}>"
+    return e(f"icmp slt <{L} x i64> {iota}, {e.splat_i64(n)}")
+
+
+def _store_lane(e: Builder, cfg: DenseConfig, y: str, r: int, j: str, t: str) -> None:
+    """yt[j, t] = lane r of y (+ rt[j, t])."""
+    v = e(f"extractelement {e.vt} {y}, i32 {r}")
+    if cfg.residual:
+        r = e(f"load float, ptr {e.gep('%rt', e.offset(j, '%ldr', t))}, align 4")
+        v = e(f"fadd float {v}, {r}")
+    e.raw(f"  store float {v}, ptr {e.gep('%yt', e.offset(j, '%ldy', t))}, align 4")
+
+
 def dense_ir(cfg: DenseConfig) -> str:
-    if cfg.activation not in ACTIVATIONS or (cfg.bf16 or cfg.int8) and cfg.lanes != 16 or cfg.bf16 and cfg.int8:
+    if (cfg.activation not in ACTIVATIONS or (cfg.bf16 or cfg.int8) and cfg.lanes != 16 or cfg.bf16 and cfg.int8
+            or cfg.gemv and (cfg.bf16 or cfg.int8)):
         raise ValueError(f"no dense kernel for {cfg}")
     e = Builder(cfg.lanes)
-    e.function(SIGNATURE, lambda: e.loop("%panel0", "%panel1", 1, [], lambda p, _: _panel(e, cfg, p) or []))
+    if cfg.gemv:
+        e.function(SIGNATURE, lambda: _gemv(e, cfg))
+    else:
+        e.function(SIGNATURE, lambda: e.loop("%panel0", "%panel1", 1, [], lambda p, _: _panel(e, cfg, p) or []))
     header = (f"; sparsejit generated kernel: dense activation={cfg.activation} residual={cfg.residual} "
-              f"lanes={cfg.lanes} rows={cfg.rows} vectors={cfg.vectors}{' bf16' if cfg.bf16 else ''}{' int8' if cfg.int8 else ''}\n"
+              f"lanes={cfg.lanes} rows={cfg.rows} vectors={cfg.vectors}{' gemv' if cfg.gemv else ''}{' bf16' if cfg.bf16 else ''}{' int8' if cfg.int8 else ''}\n"
               "; yt[j, t] = act(bias[j] + sum_k wp[j / rows, k, j % rows] * xt[k, t])"
               + (" + rt[j, t]" if cfg.residual else ""))
     return e.module(header)

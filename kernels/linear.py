@@ -24,8 +24,8 @@ import numpy as np
 from ..ops import gelu, op
 from .compile import compile_ir, load_source, threads, vector_lanes
 from .compress import Pattern, analyse, balanced_bounds, chunk_rows, compress, order_rows
+from .dense_ir import GEMV_X_FLOATS, dense_config, dense_ir
 from .dense_ir import SIGNATURE as DENSE_SIGNATURE
-from .dense_ir import dense_config, dense_ir
 from .ir import with_driver
 from .launch import IMPORTS, put_source, run
 from .layout import feature_major_empty, transposed
@@ -204,6 +204,7 @@ class TakesOwnX:
         return yt.T.reshape(lead + (m,))
 
 
+GEMV_TOKENS = 16  # the most tokens DenseLinear runs on its GEMV (dense_ir's `gemv`)
 DENSE_TOKEN_TILE = 48  # tokens per driver step over 128 tokens, rounded up to the register tile (AVX-512: 64)
 
 
@@ -231,12 +232,12 @@ class DenseLinear(_FeatureMajorLinear):
         self.token_tile = -(-DENSE_TOKEN_TILE // width) * width
 
     def _compile(self) -> None:
-        """The kernel for self.config, and for one vector of tokens or fewer (a pooler or a
-        classifier head on a batch's first tokens) the same panels with one token vector
-        per register tile: the full tile would multiply every weight by `vectors` times as
-        many tokens, nearly all of them padding."""
+        """The kernel for self.config, and for up to GEMV_TOKENS tokens (a pooler or a
+        classifier head on a batch's first tokens) the same panels as a GEMV (dense_ir's
+        `gemv`): the GEMM's tile would multiply every weight by a vector of tokens, nearly
+        all of them padding."""
         self._fn, self._few = (compile_ir(dense_ir(cfg), DENSE_SIGNATURE.name)
-                               for cfg in (self.config, replace(self.config, vectors=1)))
+                               for cfg in (self.config, replace(self.config, vectors=1, gemv=True)))
 
     def dense_weight(self) -> np.ndarray:
         """W [in, out] as the kernel holds it, unpacked."""
@@ -253,7 +254,8 @@ class DenseLinear(_FeatureMajorLinear):
         # AVX2): every panel re-reads xᵀ, and that many tokens of it stay in L2 where 1024 do
         # not; whole tiles, so that only the last one is masked.
         ntok = xt.shape[1]
-        fn = self._few if ntok <= self.config.lanes else self._fn
+        fn = self._few if ntok <= GEMV_TOKENS and (self.in_features + self.config.lanes) * ntok <= GEMV_X_FLOATS \
+            else self._fn
         dense_panels(self._driver, fn, xt, self.weight, self.bias, yt, rt, parts,
                      ntok if ntok <= 128 else self.token_tile)
 

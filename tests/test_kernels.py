@@ -61,6 +61,38 @@ def test_linear_matches_reference(block, activation, residual, impl):
         np.testing.assert_allclose(got, reference_linear(x, w, bias, activation, r), **TOL)
 
 
+@pytest.mark.parametrize("lanes", [16, 8])
+def test_dense_few_tokens_run_the_gemv(lanes, monkeypatch):
+    """A few tokens (a pooler's, a classifier's) take dense_ir's GEMV, whose lanes run along
+    a panel's packed weights: inputs that end inside a step (1, 5, 13, 99: the masked last
+    step), outputs that end inside a panel, 1 to GEMV_TOKENS tokens, x a strided view (each
+    token's copied first), residual and activation; past GEMV_TOKENS, or x too large for
+    its stack copy, the GEMM. At 16 lanes (6 rows a panel) and at 8 (AVX2's, 4 rows)."""
+    import sparsejit.kernels.linear as linear_mod
+    from sparsejit.kernels.dense_ir import GEMV_X_FLOATS
+
+    if lanes == 16 and vector_lanes() != 16:
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setattr(linear_mod, "vector_lanes", lambda: lanes)
+    picked = []
+    run = linear_mod.dense_panels
+    monkeypatch.setattr(linear_mod, "dense_panels", lambda d, fn, *a: picked.append(fn) or run(d, fn, *a))
+    rng = np.random.default_rng(lanes)
+    for k, m in [(1, 1), (5, 7), (13, 40), (99, 13), (GEMV_X_FLOATS, 3)]:
+        w = rng.standard_normal((k, m)).astype(np.float32)
+        bias = rng.standard_normal(m).astype(np.float32)
+        for residual, activation in [(False, "tanh"), (True, "none")]:
+            layer = DenseLinear(w, bias, activation, residual)
+            assert layer.config.lanes == lanes
+            for tokens in [1, 2, 5, linear_mod.GEMV_TOKENS, linear_mod.GEMV_TOKENS + 1]:
+                x = rng.standard_normal((2 * tokens, k)).astype(np.float32)[::2]  # (every other row: strided)
+                r = rng.standard_normal((tokens, m)).astype(np.float32) if residual else None
+                picked.clear()
+                np.testing.assert_allclose(layer(x, r), reference_linear(x, w, bias, activation, r), **TOL)
+                gemv = tokens <= linear_mod.GEMV_TOKENS and (k + lanes) * tokens <= GEMV_X_FLOATS
+                assert picked == [layer._few if gemv else layer._fn], (k, m, tokens)
+
+
 def test_kernels_prefetch_the_residual_and_output_rows_ahead():
     """A prefetch cannot change a result, so the tests above cannot see it: the kernel text
     must hold, in every tile width, one read prefetch per residual vector of the row
