@@ -75,8 +75,10 @@ def reference_bf16_attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask:
 HEADS_DRIVER_SOURCE = """\
 # sparsejit generated kernel: the driver of the attention IR kernel
 # part c computes (batch, head) pairs [c * n / parts, (c + 1) * n / parts) in its rows of
-# the scratch s and pk; arrays are [batch, head, feature, token] views (xq: [batch, head,
-# feature / 4, token], where a quant_out kernel stores the outputs' bytes on grid)
+# the scratch s and pk, pair i being (i % batch, i // batch): a part's heads of every
+# sequence, whose q, k and v its thread made (an AMX group splits by members); arrays
+# are [batch, head, feature, token] views (xq: [batch, head, feature / 4, token], where a
+# quant_out kernel stores the outputs' bytes on grid)
 import numpy as np
 from numba import njit
 
@@ -95,8 +97,8 @@ def run_heads(launch, part, calls, fn, qt, kt, vt, mask, ot, scale, s, pk, xq, g
         pk_at = pk.ctypes.data + c * pk.strides[0]
         pk_at += (64 - pk_at % 64) % 64  # (bf16: q, k and v packed, attention_ir._packed)
         for bh in range(c * n_batch * n_head // parts, (c + 1) * n_batch * n_head // parts):
-            b = bh // n_head
-            h = bh % n_head
+            h = bh // n_batch
+            b = bh % n_batch
             put_attention_head(calls, c, fn, qt.ctypes.data + b * qt.strides[0] + h * qt.strides[1],
                                qt.strides[2] // 4, kt.ctypes.data + b * kt.strides[0] + h * kt.strides[1],
                                kt.strides[2] // 4, vt.ctypes.data + b * vt.strides[0] + h * vt.strides[1],

@@ -142,7 +142,7 @@ def erf(x, out):
 
 # QOperator attention (QAttentionCore): QLinearMatMul(q, kᵀ) → Lookup → + mask →
 # QuantizeLinear → QSoftmax → QLinearMatMul(·, v), in the float32 steps of the kernels
-# above; the (batch, head) tasks [t0, t1) of one part, compiled as a C function that the
+# above; the (batch, head) tasks [t0, t1) of one part (task i: batch i % b, head i // b), compiled as a C function that the
 # launcher runs (launch.py; a parallel Numba function compiles more slowly: bench/README.md,
 # nineteenth session). Its products on BLAS, for CPUs without AVX-512 VNNI: with it, the
 # kernel is qattention_ir's, step for step this one with its products in int32.
@@ -215,8 +215,8 @@ def qattention(slots, floats, t0, t1):
     qr = np.empty(t, np.uint8)
     es = np.empty(t, np.float32)
     for task in range(t0, t1):
-        b = task // heads
-        h = task - b * heads
+        h = task // q.shape[0]  # (head-major, as qattention_ir)
+        b = task - h * q.shape[0]
         acc = product(q[b, h], qz, kt[b, h], kz)
         pq = np.empty((rows, t), P)  # the probabilities' bytes
         for i in range(rows):

@@ -481,7 +481,7 @@ def qattention_ir(offsets: tuple[int, int, int, int]) -> str:
     ptr = {name: e(f"inttoptr i64 {n[i]} to ptr") for i, name in
            [(0, "q"), (10, "kt"), (20, "v"), (30, "mask"), (35, "out"), (40, "scores"), (41, "value"), (42, "table"),
             (44, "plain"), *[(SLOTS + k, s) for k, s in enumerate(SCRATCH)]]}
-    heads, rows, d, t, dv = n[2 + 1], n[2 + 2], n[2 + 3], n[12 + 3], n[22 + 3]
+    batch, rows, d, t, dv = n[2], n[2 + 2], n[2 + 3], n[12 + 3], n[22 + 3]
     mb, mh, mr = n[31], n[32], n[33]
     flip, row_bytes = n[43], n[45]
     qz, kz, vz, pz = (e(f"fptosi float {x} to i64") for x in f[:4])
@@ -493,8 +493,8 @@ def qattention_ir(offsets: tuple[int, int, int, int]) -> str:
     mht = e(f"mul i64 {mh}, {mt}")
     a, bp, c, sa, sb, byte, qr, es, pq = (ptr[s] for s in SCRATCH)
     with e.loop("%t0", "%t1") as task:
-        b = e(f"sdiv i64 {task}, {heads}")
-        h = e(f"sub i64 {task}, {e(f'mul i64 {b}, {heads}')}")
+        h = e(f"sdiv i64 {task}, {batch}")  # (head-major: a part's tasks are its heads, of every sequence)
+        b = e(f"sub i64 {task}, {e(f'mul i64 {h}, {batch}')}")
 
         def base(name: str, at: int) -> str:  # the (b, h) matrix of a 4-D input
             off = e(f"add i64 {e(f'mul i64 {b}, {n[at + 6]}')}, {e(f'mul i64 {h}, {n[at + 7]}')}")
