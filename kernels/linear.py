@@ -232,12 +232,20 @@ class DenseLinear(_FeatureMajorLinear):
         self.token_tile = -(-DENSE_TOKEN_TILE // width) * width
 
     def _compile(self) -> None:
-        """The kernel for self.config, and for up to GEMV_TOKENS tokens (a pooler or a
-        classifier head on a batch's first tokens) the same panels as a GEMV (dense_ir's
-        `gemv`): the GEMM's tile would multiply every weight by a vector of tokens, nearly
-        all of them padding."""
+        """The kernel for self.config, and for a few tokens (a pooler or a classifier head on
+        a batch's first tokens) the same panels as a GEMV (float32, dense_ir's `gemv`, up to
+        GEMV_TOKENS tokens), or (bf16 pairs) with one token vector per register tile (up to
+        one vector of tokens): the GEMM's tile would multiply every weight by a vector of
+        tokens, nearly all of them padding."""
+        self._gemv = not (self.config.bf16 or self.config.int8)
         self._fn, self._few = (compile_ir(dense_ir(cfg), DENSE_SIGNATURE.name)
-                               for cfg in (self.config, replace(self.config, vectors=1, gemv=True)))
+                               for cfg in (self.config, replace(self.config, vectors=1, gemv=self._gemv)))
+
+    def _takes_few(self, ntok: int) -> bool:
+        """Whether a call on ntok tokens runs the few tokens' kernel (_compile)."""
+        if not self._gemv:
+            return ntok <= self.config.lanes
+        return ntok <= GEMV_TOKENS and (self.in_features + self.config.lanes) * ntok <= GEMV_X_FLOATS
 
     def dense_weight(self) -> np.ndarray:
         """W [in, out] as the kernel holds it, unpacked."""
@@ -254,8 +262,7 @@ class DenseLinear(_FeatureMajorLinear):
         # AVX2): every panel re-reads xᵀ, and that many tokens of it stay in L2 where 1024 do
         # not; whole tiles, so that only the last one is masked.
         ntok = xt.shape[1]
-        fn = self._few if ntok <= GEMV_TOKENS and (self.in_features + self.config.lanes) * ntok <= GEMV_X_FLOATS \
-            else self._fn
+        fn = self._few if self._takes_few(ntok) else self._fn
         dense_panels(self._driver, fn, xt, self.weight, self.bias, yt, rt, parts,
                      ntok if ntok <= 128 else self.token_tile)
 

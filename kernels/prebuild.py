@@ -138,7 +138,7 @@ BUILDS = (
     IR("amx", "amx_ir(AmxConfig('int8', 'gelu', False, True, True, quant_out=True, unsigned_grid=True))", "int8",
        "has_amx('int8')", raced=True),
     IR("linear", "dense_ir(dense_config('none', False, VECTOR_LANES))", "float"),
-    IR("linear", "dense_ir(replace(dense_config('none', False, VECTOR_LANES), vectors=1))", "float"),
+    IR("linear", "dense_ir(replace(dense_config('none', False, VECTOR_LANES), vectors=1, gemv=True))", "float"),
     IR("linear", "part_ir(DENSE_SIGNATURE)", "float"),
     IR("embed", "embed_ir(VECTOR_LANES, 3)", "float"),
     IR("embed", "part_ir(SIGNATURE)", "float"),
