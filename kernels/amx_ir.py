@@ -70,6 +70,12 @@ A0, B0 = 4, 6                      # tmm4, tmm5: weights; tmm6, tmm7: activation
 # weight tiles for every token block. Layers alone took less time with it than with the
 # plain load; in a model, as much or less (bench/README.md, thirty-fifth session).
 TILE_LOAD = "llvm.x86.tileloaddt164"
+# The compressed weights whose pair of panels prefetches the next pair's into L2 as it
+# expands its own (_prefetch_tiles): in a model each layer's weights come from L3, and the
+# expansion's loads would stall the next pair's first K-steps. int8 only: bf16 layers
+# (twice the K-tiles, twice the bytes a nonzero) were slower with it (bench/README.md,
+# thirty-seventh session).
+PREFETCH_NEXT = ("int8",)
 
 
 @dataclass(frozen=True)
@@ -241,8 +247,36 @@ def _expand_ahead(e: Builder, cfg: AmxConfig, firsts: list, kt: str) -> None:
             here = e(f"add i64 {kt}, {e(f'mul i64 %ktiles, {a}')}")  # K-tile kt of panel a, in %work
             at = e(f"mul i64 {here}, {TILE_BYTES}")
             _expanded_tile(e, cfg, e(f"add i64 {first}, {kt}"), e(f"getelementptr inbounds i8, ptr %work, i64 {at}"))
+        if cfg.dot in PREFETCH_NEXT:  # the next pair's K-tile kt into L2, where there is a next
+            # pair: its first feature, (2 · pair + 2) · 16, under m
+            panel = e(f"sdiv i64 {firsts[0]}, %ktiles")
+            first_feature = e(f"mul i64 {e(f'add i64 {panel}, 2')}, {ROWS}")
+            e.if_before(first_feature, "%m", lambda: _prefetch_tiles(e, cfg, firsts, kt))
 
     e.if_before(kt, "%ktiles", expand)
+
+
+def _prefetch_tiles(e: Builder, cfg: AmxConfig, firsts: list, kt: str) -> None:
+    """Into L2, the compressed K-tile kt of the next pair of panels (its masks, its
+    nonzero elements): read from L3 when that pair's first block expands them, they
+    would stall its K-steps."""
+    bits = 64 if cfg.dot == "int8" else 32
+    for first in firsts:
+        two = e("mul i64 %ktiles, 2")
+        tile = e(f"add i64 {e(f'add i64 {first}, {two}')}, {kt}")
+        words = e(f"mul i64 {tile}, {ROWS}")
+        for line in range(ROWS * bits // 8 // 64):
+            at = e.gep("%masks", e(f"add i64 {words}, {line * 512 // bits}"), f"i{bits}")
+            e.call("llvm.prefetch.p0", "void", ("ptr", at), ("i32", "0"), ("i32", "2"), ("i32", "1"))
+        start = e(f"load i64, ptr {e.gep('%offsets', tile, 'i64')}, align 8")
+        end = e(f"load i64, ptr {e.gep('%offsets', e(f'add i64 {tile}, 1'), 'i64')}, align 8")
+
+        def line(off, _c):
+            at = e(f"getelementptr inbounds i8, ptr %wa, i64 {off}")
+            e.call("llvm.prefetch.p0", "void", ("ptr", at), ("i32", "0"), ("i32", "2"), ("i32", "1"))
+            return []
+
+        e.loop(e(f"and i64 {start}, -64"), e(f"add i64 {end}, 63"), 64, [], line)  # (every line of [start, end))
 
 
 def _pair_weights(e: Builder, cfg: AmxConfig, pair: str) -> tuple[tuple, list | None]:

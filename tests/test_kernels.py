@@ -116,6 +116,28 @@ def test_kernels_prefetch_the_residual_and_output_rows_ahead():
         assert (f"add i64 %s, {RESIDUAL_AHEAD}" in text) == cfg.residual
 
 
+def test_compressed_int8_amx_kernels_prefetch_the_next_pair_of_panels():
+    """A prefetch cannot change a result, so the AMX tests cannot see it: a compressed int8
+    kernel's text must prefetch, beside each K-tile it expands, the masks and nonzeros of
+    the next pair of panels' same K-tile (amx_ir.PREFETCH_NEXT), into L2, only where that
+    pair's first feature is under m (its offsets are read); bf16 and dense kernels none."""
+    import re
+
+    from sparsejit.kernels.amx_ir import PREFETCH_NEXT, AmxConfig, amx_ir
+
+    def prefetches(text: str) -> list[str]:
+        return re.findall(r"call void @llvm\.prefetch\.p0\(ptr (%\S+), i32 0, i32 2, i32 1\)", text)
+
+    assert PREFETCH_NEXT == ("int8",)
+    for act, overlapped in [("none", False), ("gelu", True)]:
+        text = amx_ir(AmxConfig("int8", act, False, True, overlapped))
+        found = prefetches(text)
+        assert len(found) >= 2 * 3, found  # (each panel: its masks' two lines and a loop over its nonzeros' lines)
+        assert "icmp slt i64" in text and "%offsets" in text
+        assert not prefetches(amx_ir(AmxConfig("int8", act, False, False, overlapped)))
+        assert not prefetches(amx_ir(AmxConfig("bf16", act, False, True, overlapped)))
+
+
 @pytest.mark.parametrize("block", [1, 4])
 @pytest.mark.parametrize("activation", ["none", "gelu"])
 @pytest.mark.parametrize("residual", [False, True])
