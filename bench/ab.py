@@ -5,8 +5,13 @@ turns, `--rounds` rounds of `--runs` timed runs each, 0.2 s apart, in alternatin
 The ratio reported is the median over rounds of B's median over A's, so each ratio
 compares times taken seconds apart on a noisy machine.
 
+A worker keeps what its process drew for the whole run (where its buffers landed, which
+pages are huge), so the same tree on both sides can differ by a percent or two for as
+long as the workers live. `--restarts N` splits the rounds among N pairs of workers,
+started afresh in turn with the sides' order swapped each time, and pools their rounds.
+
     python bench/ab.py A B [--model M] [--batch 1 --seq 128 --rounds 20 --runs 10] [--plan FILE] [--precision bf16]
-                           [--threads 2]
+                           [--threads 2] [--restarts 1]
     python bench/ab.py A B --texts --model FOLDER   # sentence-embedding pipeline calls, one text each
 
 With `--texts`, MODEL is a pipeline folder (bench/models/text/minilm_p90, say) and a run
@@ -82,34 +87,44 @@ def main() -> None:
     ap.add_argument("--plan", default=None)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--restarts", type=int, default=1, help="pairs of workers the rounds are split among")
     ap.add_argument("--texts", action="store_true", help="MODEL is a pipeline folder: one call a text")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker[0], args.worker[1], args.batch, args.seq, args.plan, args.precision, args.texts,
                       args.threads)
-    procs = []
-    for side in args.sides:
-        tree, _, model = side.partition("|")
-        cmd = [sys.executable, __file__, *args.sides, "--worker", tree, model or args.model, "--batch",
-               str(args.batch), "--seq", str(args.seq), "--precision", args.precision, "--threads", str(args.threads)] + \
-            (["--plan", args.plan] if args.plan else []) + (["--texts"] if args.texts else [])
-        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        assert p.stdout.readline().strip() == "ready", f"{side} did not load"
-        procs.append(p)
     times: list[list[float]] = [[], []]
-    for r in range(args.rounds):
-        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-            time.sleep(0.2)
-            procs[i].stdin.write(f"{args.runs}\n")
-            procs[i].stdin.flush()
-            times[i].append(float(procs[i].stdout.readline()))
-    for p in procs:
-        p.stdin.close()
-        p.wait()
+    restarts = max(1, min(args.restarts, args.rounds))
+    for k in range(restarts):
+        started = {i: _start(args, args.sides[i]) for i in ((0, 1) if k % 2 == 0 else (1, 0))}  # (who starts first)
+        procs = [started[0], started[1]]
+        first = len(times[0])
+        for r in range(k * args.rounds // restarts, (k + 1) * args.rounds // restarts):
+            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                time.sleep(0.2)
+                procs[i].stdin.write(f"{args.runs}\n")
+                procs[i].stdin.flush()
+                times[i].append(float(procs[i].stdout.readline()))
+        for p in procs:
+            p.stdin.close()
+            p.wait()
+        if restarts > 1:
+            print(f"workers {k + 1}: B/A paired by round {statistics.median(b / a for a, b in zip(times[0][first:], times[1][first:])):.3f}")
     ratio = statistics.median(b / a for a, b in zip(*times))
     print(f"A {args.sides[0]}: median {statistics.median(times[0]):.2f} ms; B {args.sides[1]}: median "
           f"{statistics.median(times[1]):.2f} ms; B/A paired by round: {ratio:.3f}")
+
+
+def _start(args, side: str) -> subprocess.Popen:
+    """A worker for `side`, loaded."""
+    tree, _, model = side.partition("|")
+    cmd = [sys.executable, __file__, *args.sides, "--worker", tree, model or args.model, "--batch",
+           str(args.batch), "--seq", str(args.seq), "--precision", args.precision, "--threads", str(args.threads)] + \
+        (["--plan", args.plan] if args.plan else []) + (["--texts"] if args.texts else [])
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert p.stdout.readline().strip() == "ready", f"{side} did not load"
+    return p
 
 
 if __name__ == "__main__":
