@@ -261,8 +261,8 @@ def _prefetch_tiles(e: Builder, cfg: AmxConfig, firsts: list, kt: str) -> None:
     nonzero elements): read from L3 when that pair's first block expands them, they
     would stall its K-steps."""
     bits = 64 if cfg.dot == "int8" else 32
+    two = e("mul i64 %ktiles, 2")
     for first in firsts:
-        two = e("mul i64 %ktiles, 2")
         tile = e(f"add i64 {e(f'add i64 {first}, {two}')}, {kt}")
         words = e(f"mul i64 {tile}, {ROWS}")
         for line in range(ROWS * bits // 8 // 64):

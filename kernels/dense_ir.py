@@ -113,7 +113,7 @@ def gemv_step(lanes: int, rows: int) -> tuple[int, int]:
     return floats // lanes, floats // rows
 
 
-GEMV_X_FLOATS = 1 << 14  # the most floats of x (tokens × (in + lanes)) dense_gemv copies to its stack
+GEMV_X_FLOATS = 1 << 14  # the most floats of x (tokens × (in + lanes)) _gemv copies to its stack
 
 
 def _gemv(e: Builder, cfg: DenseConfig) -> None:
@@ -125,7 +125,7 @@ def _gemv(e: Builder, cfg: DenseConfig) -> None:
     GEMM's tile would multiply every weight by a vector of tokens, nearly all padding,
     here each multiply is one of the layer's."""
     vt, L, R = e.vt, cfg.lanes, cfg.rows
-    V, S = gemv_step(L, R)
+    V, per_step = gemv_step(L, R)
     width = e("add i64 %k, " + str(L))
     xb = e(f"alloca float, i64 {e(f'mul i64 {width}, %ntok')}, align 64")
     sums = e(f"alloca float, i32 {V * L}, align 64")
@@ -161,7 +161,7 @@ def _gemv(e: Builder, cfg: DenseConfig) -> None:
                               e(f"shufflevector {vt} {x}, {vt} poison, <{L} x i32> {picks[v]}"), accs[v])
                         for v in range(V)]
 
-            last, accs = e.loop("0", "%k", S, [(vt, "zeroinitializer")] * V, step)
+            last, accs = e.loop("0", "%k", per_step, [(vt, "zeroinitializer")] * V, step)
             left = e(f"mul i64 {e(f'sub i64 %k, {last}')}, {R}")  # the panel's floats after the whole steps
             accs = step(last, accs, [_lanes_below(e, e(f"sub i64 {left}, {v * L}"), L) for v in range(V)])
             for v in range(V):
@@ -192,8 +192,8 @@ def _store_lane(e: Builder, cfg: DenseConfig, y: str, r: int, j: str, t: str) ->
     """yt[j, t] = lane r of y (+ rt[j, t])."""
     v = e(f"extractelement {e.vt} {y}, i32 {r}")
     if cfg.residual:
-        r = e(f"load float, ptr {e.gep('%rt', e.offset(j, '%ldr', t))}, align 4")
-        v = e(f"fadd float {v}, {r}")
+        res = e(f"load float, ptr {e.gep('%rt', e.offset(j, '%ldr', t))}, align 4")
+        v = e(f"fadd float {v}, {res}")
     e.raw(f"  store float {v}, ptr {e.gep('%yt', e.offset(j, '%ldy', t))}, align 4")
 
 

@@ -142,10 +142,11 @@ def erf(x, out):
 
 # QOperator attention (QAttentionCore): QLinearMatMul(q, kᵀ) → Lookup → + mask →
 # QuantizeLinear → QSoftmax → QLinearMatMul(·, v), in the float32 steps of the kernels
-# above; the (batch, head) tasks [t0, t1) of one part (task i: batch i % b, head i // b), compiled as a C function that the
-# launcher runs (launch.py; a parallel Numba function compiles more slowly: bench/README.md,
-# nineteenth session). Its products on BLAS, for CPUs without AVX-512 VNNI: with it, the
-# kernel is qattention_ir's, step for step this one with its products in int32.
+# above; the (batch, head) tasks [t0, t1) of one part (task i: batch i % b, head i // b),
+# compiled as a C function that the launcher runs (launch.py; a parallel Numba function
+# compiles more slowly: bench/README.md, nineteenth session). Its products on BLAS, for
+# CPUs without AVX-512 VNNI: with it, the kernel is qattention_ir's, step for step this one
+# with its products in int32.
 # Its types are set per model where it says TYPES (q's, kᵀ's, v's, the probabilities' and
 # the output's bytes, the floats of each product).
 QATTENTION_SOURCE = """\
@@ -208,15 +209,15 @@ def qattention(slots, floats, t0, t1):
     qz, kz, vz, pz = FIRST(f[0]), FIRST(f[1]), SECOND(f[2]), SECOND(f[3])
     m1, z1, lo1, hi1, s_scale, s_zero, s_lo, s_hi = f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11]
     p_scale, p_zero, p_lo, p_hi, m2, z2, lo2, hi2 = f[12], f[13], f[14], f[15], f[16], f[17], f[18], f[19]
-    heads, rows = q.shape[1:3]
+    batch, rows = q.shape[0], q.shape[2]
     t = kt.shape[3]
     dv = v.shape[3]
     byte = np.empty(t, np.uint8)
     qr = np.empty(t, np.uint8)
     es = np.empty(t, np.float32)
     for task in range(t0, t1):
-        h = task // q.shape[0]  # (head-major, as qattention_ir)
-        b = task - h * q.shape[0]
+        h = task // batch  # (head-major, as qattention_ir)
+        b = task - h * batch
         acc = product(q[b, h], qz, kt[b, h], kz)
         pq = np.empty((rows, t), P)  # the probabilities' bytes
         for i in range(rows):
