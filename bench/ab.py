@@ -6,8 +6,8 @@ The ratio reported is the median over rounds of B's median over A's, so each rat
 compares times taken seconds apart on a noisy machine.
 
 A worker keeps what its process drew for the whole run (where its buffers landed, which
-pages are huge), so the same tree on both sides can differ by a percent or two for as
-long as the workers live. `--restarts N` splits the rounds among N pairs of workers,
+pages are huge), so the same tree on both sides can differ for as long as the workers
+live (bench/README.md, thirty-seventh session). `--restarts N` splits the rounds among N pairs of workers,
 started afresh in turn with the sides' order swapped each time, and pools their rounds.
 
     python bench/ab.py A B [--model M] [--batch 1 --seq 128 --rounds 20 --runs 10] [--plan FILE] [--precision bf16]
