@@ -838,3 +838,57 @@ def test_generated_encoders_match_onnx_runtime():
     pytest.importorskip("hypothesis")
     pytest.importorskip("onnxruntime")
     run_python("import fuzz_encoders; fuzz_encoders.generated_encoders_match_onnx_runtime()", timeout=900)
+
+
+def test_dense_gemv_in_threads_and_a_forked_child():
+    """The few-token dense kernel (dense_ir's `gemv`) copies each token's x to its stack:
+    at the largest x it takes (linear.GEMV_TOKENS tokens, GEMV_X_FLOATS floats) and at
+    degenerate shapes (one input, one output, no tokens) it runs in a forked child and on
+    four Python threads at once, each giving the numpy reference's result."""
+    run_python("""
+    import os, threading, numpy as np
+    from sparsejit.kernels import linear
+    from sparsejit.kernels.dense_ir import GEMV_X_FLOATS
+    from sparsejit.kernels.compile import vector_lanes
+
+    rng = np.random.default_rng(0)
+    tokens = linear.GEMV_TOKENS
+    k = GEMV_X_FLOATS // tokens - vector_lanes()
+    cases = []
+    for kk, m, n in [(k, 40, tokens), (1, 1, 1), (1, 7, 3), (13, 1, 2), (k, 3, 0)]:
+        w = rng.standard_normal((kk, m)).astype(np.float32)
+        b = rng.standard_normal(m).astype(np.float32)
+        layer = linear.DenseLinear(w, b, "tanh", False)
+        assert layer._takes_few(max(n, 1))
+        x = rng.standard_normal((n, kk)).astype(np.float32)
+        cases.append((layer, x, linear.reference_linear(x, w, b, "tanh")))
+
+    def check():
+        for layer, x, want in cases:
+            got = layer(x)
+            assert got.shape == want.shape and np.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+    check()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            check()
+        except BaseException:
+            os._exit(3)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, f"forked child: status {status}"
+    errors = []
+
+    def work():
+        try:
+            for _ in range(20):
+                check()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors, errors
+    """)
