@@ -383,19 +383,18 @@ def _run_columns(x2: np.ndarray, scale: np.ndarray, bias: np.ndarray, epsilon: f
     """yᵀ [h, tokens] by the feature-major kernel for x2 [tokens, h] (scale and bias float32,
     contiguous): rounded to `grid` if any, and with xq also storing its bytes there."""
     n, h = x2.shape
-    yt = feature_major_empty(h, n)
+    xt, yt = transposed(x2), feature_major_empty(h, n)
     floats, xq = NO_GRID if grid is None else grid.floats, NO_BYTES if xq is None else xq
     parts = threads()
     hstep = -(-h // parts // SPLIT_FEATURES) * SPLIT_FEATURES
     if parts == 1 or hstep >= h:
         fn, run_columns = _columns_kernel(vector_lanes(), grid is not None, xq is not NO_BYTES)
-        layernorm_columns(run_columns, fn, transposed(x2), yt, scale, bias, np.float32(epsilon), floats, xq, parts)
+        layernorm_columns(run_columns, fn, xt, yt, scale, bias, np.float32(epsilon), floats, xq, parts)
         return yt
     parts = -(-h // hstep)
     lds = -(-n // 16) * 16
     stats = call_scratch(2 * parts * lds * 4).view(np.float32)[:2 * parts * lds].reshape(2 * parts, lds)
     for quantize, to_bytes, split in ((False, False, "stats"), (grid is not None, xq is not NO_BYTES, "outputs")):
         fn, driver = _columns_kernel(vector_lanes(), quantize, to_bytes, split)
-        run(driver, COLUMNS_SIGNATURE, parts, 1, fn, transposed(x2), yt, scale, bias, np.float32(epsilon), floats, xq,
-            stats, hstep)
+        run(driver, COLUMNS_SIGNATURE, parts, 1, fn, xt, yt, scale, bias, np.float32(epsilon), floats, xq, stats, hstep)
     return yt
