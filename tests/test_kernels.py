@@ -11,6 +11,7 @@ from scipy.special import erf
 from sparsejit.kernels.attention import PreparedMask, float_steps, fused_attention, mask_steps, reference_attention
 from sparsejit.kernels.compile import compile_ir, vector_lanes
 from sparsejit.kernels.compress import analyse, balanced_bounds, compress
+from sparsejit.kernels.epilogue import GELU_PIECES, GELU_STEP, gelu
 from sparsejit.kernels.epilogue import erf as ir_erf
 from sparsejit.kernels.ir import Builder, Signature
 from sparsejit.kernels.layernorm import layernorm, reference_layernorm
@@ -324,6 +325,37 @@ def test_the_kernels_erf_error():
     y = np.empty_like(x)
     fn(x.ctypes.data, y.ctypes.data, x.size)
     assert np.max(np.abs(y - erf(x.astype(np.float64)))) < 1e-6
+
+
+@pytest.mark.parametrize("lanes", [16, 8])
+def test_the_kernels_gelu_error(lanes):
+    """The GELU the epilogues run (epilogue.gelu: from pieces at 16 lanes with AVX-512,
+    through the rational erf at 8), compiled alone over an array, against the exact
+    v·Φ(v): within 1e-6·max(1, |v|) over every piece, its joins and far past the clamp;
+    ±inf and NaN as the formula gives them."""
+    sig = Signature("gelu_array", (("x", "ptr"), ("y", "ptr"), ("n", "i64")))
+    e = Builder(lanes)
+
+    def body():
+        def step(i, _):
+            e.vstore(gelu(e, e.vload(e.gep("%x", i), None)), e.gep("%y", i), None)
+            return []
+        e.loop("0", "%n", lanes, [], step)
+
+    e.function(sig, body)
+    fn = sig.ctypes()(compile_ir(e.module("; gelu over an array"), sig.name))
+    joins = (np.arange(GELU_PIECES + 1) - 0.5) * GELU_STEP
+    x = np.concatenate([np.linspace(-40, 40, 400000), joins, -joins, joins + 1e-6, -joins - 1e-6,
+                        [0.0, -0.0, 6.0, -6.0, 1e30, -1e30]]).astype(np.float32)
+    x = np.concatenate([x, np.zeros(-x.size % lanes, np.float32)])
+    y = np.empty_like(x)
+    fn(x.ctypes.data, y.ctypes.data, x.size)
+    x64 = x.astype(np.float64)
+    exact = x64 * (1 + erf(x64 / np.sqrt(2))) / 2
+    assert np.max(np.abs(y - exact) / np.maximum(1, np.abs(x64))) < 1e-6
+    special = np.array([np.inf, np.nan] + [0.0] * (lanes - 2), np.float32)
+    fn(special.ctypes.data, y.ctypes.data, lanes)
+    assert y[0] == np.inf and np.isnan(y[1])
 
 
 def test_activation_rows_start_on_cache_lines():
