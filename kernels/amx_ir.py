@@ -24,7 +24,7 @@ products, then the C tiles stored to a 4 KB stack buffer and read back 16 tokens
 time through the Linear epilogue: int8 as Int8Linear's (lowp_ir.scaled_sums: less the
 zero point's correction, times the scale, plus the bias), bf16 plus the bias; then the
 activation and residual (epilogue.py). Stores stop at `ntok` and at `m`. `overlapped`
-(for a GELU): a block's epilogue waits, and the next block's K-steps each take a share of
+(amx.overlapped: int8 layers, and bf16 ones with a GELU): a block's epilogue waits, and the next block's K-steps each take a share of
 its 16 rows, so that its vector work runs while the tiles multiply.
 
 A weight under half nonzero may be stored compressed (`compressed`): per tile row a bit

@@ -250,15 +250,18 @@ DEGENERATE_INT8 = """
                                               "static", np.float32(0.05), np.uint8(9), k_chunk=4)
                             assert np.array_equal(nxt.from_quantized(impl.quantized_for(x, nxt), (tokens,)),
                                                   nxt(impl(x)))
-            if has_amx("int8"):  # AMX's tiles; with GELU the epilogue runs beside the next block's products
-                for compressed, act in [(False, "none"), (False, "gelu"), (True, "gelu")]:
-                    impl = Int8Amx(w, scale, "static", np.float32(0.1), np.uint8(100), None, act, False, compressed)
-                    assert impl.config.overlapped == (act == "gelu")
+            if has_amx("int8"):  # AMX's tiles; each block's epilogue runs beside the next block's products
+                for compressed, act, residual in [(False, "none", False), (False, "gelu", False), (True, "gelu", False),
+                                                  (True, "none", True)]:
+                    impl = Int8Amx(w, scale, "static", np.float32(0.1), np.uint8(100), None, act, residual, compressed)
+                    assert impl.config.overlapped
                     for tokens in (0, 1, 3, 17, 40):
                         x = rng.standard_normal((tokens, k)).astype(np.float32)
-                        want = reference_qlinear(x, weight=w, scale=scale, mode="static", x_scale=np.float32(0.1),
-                                                 x_zero_point=np.uint8(100), activation=act)
-                        np.testing.assert_allclose(impl(x), want, atol=1e-5, rtol=1e-5)
+                        r = rng.standard_normal((tokens, m)).astype(np.float32) if residual else None
+                        want = reference_qlinear(x, r, weight=w, scale=scale, mode="static", x_scale=np.float32(0.1),
+                                                 x_zero_point=np.uint8(100), activation=act, residual=residual)
+                        got = impl(x, r) if residual else impl(x)
+                        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     s, z = np.float32(0.1), np.uint8(7)
     for shape in [(0,), (1,), (3,), (1, 1), (2, 0, 5), (5, 8193)]:  # fewer chunks than threads, a partial one
         x = rng.standard_normal(shape).astype(np.float32)
@@ -304,8 +307,8 @@ def test_degenerate_shapes_of_the_int8_and_per_element_kernels_at_two_threads():
     1 input, fewer rows than threads, all-zero weights and every block past vpmaddubsw's
     limit, over 0, 1, 3 and 17 tokens (with VNNI, also handing its output to a next layer
     quantized, 1 to 5 outputs: a partial 4-block; with AMX, its tiles, dense and compressed,
-    the GELU layer's epilogue overlapped, also over 40 tokens: a second block waiting on the
-    first); the per-element kernels on empty, single-element
+    with GELU or a residual, each block's epilogue overlapped, also over 40 tokens: a second
+    block waiting on the first); the per-element kernels on empty, single-element
     and chunk-boundary tensors, softmax rows of 0 and 1 (and a partial task of rows, both
     byte orders), 1 x 1 and empty matmuls, the LayerNorm rounding to a grid over 0, 1, 3
     and 17 tokens of 1 and 5 features (and storing the bytes an int8 layer reads): against
