@@ -171,17 +171,11 @@ def can_compress() -> bool:
     return "+avx512vbmi2" in host_cpu()[1].split(",")
 
 
-# Layers that run each block's epilogue during the next block's tile products (amx_ir's
-# `overlapped`), so that the vector units work beside the tiles: every int8 layer, and
-# bf16 layers with these activations. A bf16 layer that only adds a residual, or nothing,
-# gained nothing in a model; an int8 one did (bench/README.md, eleventh, twenty-fourth and
-# thirty-eighth sessions).
-OVERLAPPED = ("gelu", "gelu_tanh")
-
-
-def overlapped(dot: str, activation: str) -> bool:
-    """Whether an AMX layer of this dot and activation overlaps its epilogue (OVERLAPPED)."""
-    return dot == "int8" or activation in OVERLAPPED
+# Every layer runs each block's epilogue during the next block's tile products (amx_ir's
+# `overlapped`), so that the vector units work beside the tiles. GELU layers alone did
+# until the thirty-eighth session, when int8 and bf16 models gained from every layer
+# doing it (bench/README.md, eleventh, twenty-fourth and thirty-eighth sessions).
+OVERLAPPED = True
 
 NEGATIVE_ZERO = 0x8000  # bfloat16's -0.0
 
@@ -205,8 +199,7 @@ class _Amx:
             raise RuntimeError(f"this CPU or process cannot run AMX {dot} tiles")
         if compressed is None:
             compressed = can_compress() and np.count_nonzero(tiles) < COMPRESS_BELOW * tiles.size
-        self.config = AmxConfig(dot, activation, residual, compressed, overlapped(dot, activation),
-                                requantize=requantize)
+        self.config = AmxConfig(dot, activation, residual, compressed, OVERLAPPED, requantize=requantize)
         self._shape, self._dtype = tiles.shape, tiles.dtype
         self._members = np.array([0, tiles.shape[0] // 2], np.int64)  # (pairs of panels: split_members)
         dense = tiles.reshape(-1).view(np.uint8), _NONE, _NONE

@@ -24,7 +24,7 @@ products, then the C tiles stored to a 4 KB stack buffer and read back 16 tokens
 time through the Linear epilogue: int8 as Int8Linear's (lowp_ir.scaled_sums: less the
 zero point's correction, times the scale, plus the bias), bf16 plus the bias; then the
 activation and residual (epilogue.py). Stores stop at `ntok` and at `m`. `overlapped`
-(amx.overlapped: int8 layers, and bf16 ones with a GELU): a block's epilogue waits, and the next block's K-steps each take a share of
+(every layer's, amx.OVERLAPPED): a block's epilogue waits, and the next block's K-steps each take a share of
 its 16 rows, so that its vector work runs while the tiles multiply.
 
 A weight under half nonzero may be stored compressed (`compressed`): per tile row a bit
@@ -107,11 +107,10 @@ class AmxConfig:
 
 class _Out(NamedTuple):
     """Where _block leaves a block: the scratch its C tiles are stored to, and, overlapped,
-    the slots of the waiting block's pair and t and the rows of it a K-step takes; with
-    quant_out, the next layer's grid (scale, zero point, lowest, highest, splat)."""
+    the slots of the waiting block's pair and t; with quant_out, the next layer's grid
+    (scale, zero point, lowest, highest, splat)."""
     scratch: str
     waiting: str | None = None
-    per: str | None = None
     grid: tuple | None = None
 
 
@@ -178,7 +177,7 @@ def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _Out,
         for c, a, b in cs:
             e.call(DOTS[cfg.dot], "void", ("i8", str(c)), ("i8", str(a)), ("i8", str(b)))
         if cfg.overlapped:
-            _waiting_rows(e, cfg, out, *_share(e, cfg, out, kt))
+            _waiting_rows(e, cfg, out, *_share(e, kt))
         return []
 
     e.loop("0", "%ktiles", 1, [], step)
@@ -210,32 +209,22 @@ def _waiting_rows(e: Builder, cfg: AmxConfig, out: _Out, r0: str, r1: str) -> No
     e.label(done)
 
 
-def _share(e: Builder, cfg: AmxConfig, out: _Out, kt: str) -> tuple[str, str]:
-    """The rows [r0, r1) of the waiting block that K-step kt takes. int8: the 16 rows spread
-    evenly over the K-steps, [ceil(16·kt / ktiles), ceil(16·(kt + 1) / ktiles)); bf16 (twice
-    the K-steps): `per` rows each from the first (bench/README.md, twenty-fifth session)."""
-    if cfg.dot == "int8":
-        def first(k: str) -> str:
-            scaled = e(f"add i64 {e(f'mul i64 {k}, {ROWS}')}, {e('sub i64 %ktiles, 1')}")
-            return e(f"udiv i64 {scaled}, %ktiles")
-        return first(kt), first(e(f"add i64 {kt}, 1"))
-    r0 = e(f"mul i64 {kt}, {out.per}")
-    r1 = e(f"add i64 {r0}, {out.per}")
-    return r0, e(f"select i1 {e(f'icmp slt i64 {r1}, {ROWS}')}, i64 {r1}, i64 {ROWS}")
+def _share(e: Builder, kt: str) -> tuple[str, str]:
+    """The rows [r0, r1) of the waiting block that K-step kt takes: the 16 rows spread
+    evenly over the K-steps, [ceil(16·kt / ktiles), ceil(16·(kt + 1) / ktiles))."""
+    def first(k: str) -> str:
+        scaled = e(f"add i64 {e(f'mul i64 {k}, {ROWS}')}, {e('sub i64 %ktiles, 1')}")
+        return e(f"udiv i64 {scaled}, %ktiles")
+    return first(kt), first(e(f"add i64 {kt}, 1"))
 
 
-def _overlap_state(e: Builder, cfg: AmxConfig, scratch: str) -> _Out:
-    """_block's `out` when overlapped: the scratch zeroed, no block waiting (pair -1), and
-    for bf16 the rows of the waiting block a K-step takes, 16 / ktiles rounded up (_share;
-    int8 spreads them and needs no count)."""
+def _overlap_state(e: Builder, scratch: str) -> _Out:
+    """_block's `out` when overlapped: the scratch zeroed, and no block waiting (pair -1)."""
     waiting = e("alloca [2 x i64], align 8")  # the waiting block's pair and t
     e.call("llvm.memset.p0.i64", "void", ("ptr", scratch), ("i8", "0"), ("i64", str(16 * ROWS * TOKENS)),
            ("i1", "false"))
     e.raw(f"  store i64 -1, ptr {waiting}, align 8")
-    if cfg.dot == "int8":
-        return _Out(scratch, waiting)
-    some = e(f"select i1 {e('icmp sgt i64 %ktiles, 0')}, i64 %ktiles, i64 1")
-    return _Out(scratch, waiting, e(f"udiv i64 {e(f'add i64 {some}, {ROWS - 1}')}, {some}"))
+    return _Out(scratch, waiting)
 
 
 def _expand_ahead(e: Builder, cfg: AmxConfig, firsts: list, kt: str) -> None:
@@ -334,7 +323,7 @@ def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _O
 
 def _panels(e: Builder, cfg: AmxConfig) -> None:
     scratch = e(f"alloca [{4 * ROWS * TOKENS} x float], align 64")  # the 4 C tiles
-    out = _overlap_state(e, cfg, scratch) if cfg.overlapped else _Out(scratch)
+    out = _overlap_state(e, scratch) if cfg.overlapped else _Out(scratch)
     if cfg.quant_out:
         at = e("mul i64 %m, 3")
         out = out._replace(grid=tuple(e.splat(e(f"load float, ptr {e.gep('%bias', e(f'add i64 {at}, {i}'))}, align 4"))

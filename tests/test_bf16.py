@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import MODELS_DIR, load_on_bf16_kernels, make_inputs, ort_run
+from sparsejit.kernels import amx
 from sparsejit.kernels.amx import BF16AmxLinear, can_compress, has_amx
 from sparsejit.kernels.bf16 import (
     BF16DenseLinear,
@@ -64,13 +65,26 @@ KERNELS = {"sparse": lambda w, b, act, res, chunk=None: BF16SparseLinear(w, b, a
            "scattered": lambda w, b, act, res, chunk=None: BF16ScatteredLinear(w, b, act, res, k_chunk=chunk),
            "dense": lambda w, b, act, res, chunk=None: BF16DenseLinear(w, b, act, res),
            "amx": lambda w, b, act, res, chunk=None: BF16AmxLinear(w, b, act, res, compressed=False),
-           "amx-compressed": lambda w, b, act, res, chunk=None: BF16AmxLinear(w, b, act, res, compressed=True)}
+           "amx-compressed": lambda w, b, act, res, chunk=None: BF16AmxLinear(w, b, act, res, compressed=True),
+           "amx-after": lambda w, b, act, res, chunk=None: _after_products(lambda: BF16AmxLinear(w, b, act, res))}
+
+
+def _after_products(make):
+    """The AMX layer `make` builds, with each block's epilogue after its own products
+    (amx.OVERLAPPED off): the kernel's other form, which no layer takes by default."""
+    saved, amx.OVERLAPPED = amx.OVERLAPPED, False
+    try:
+        layer = make()
+    finally:
+        amx.OVERLAPPED = saved
+    assert not layer.config.overlapped
+    return layer
 
 
 def _runs(kernel: str) -> None:
     if kernel.startswith("amx") and not has_amx("bf16"):
         pytest.skip("this CPU has no AMX-BF16 (or Linux did not grant its tiles)")
-    if kernel == "amx-compressed" and not can_compress():
+    if kernel in ("amx-compressed", "amx-after") and not can_compress():
         pytest.skip("this CPU has no AVX512-VBMI2 to expand compressed tiles")
 
 

@@ -220,6 +220,7 @@ def test_degenerate_shapes_of_the_bf16_kernels_at_two_threads():
 DEGENERATE_INT8 = """
     import numba, numpy as np
     from sparsejit.kernels import elementwise
+    from sparsejit.kernels import amx
     from sparsejit.kernels.amx import Int8Amx, has_amx
     from sparsejit.kernels.int8 import Int8Chunked, Int8Dense, Int8Linear, host_dots, reference_qlinear
     from sparsejit.ops import dequantize_linear, qlinear_matmul, quantize_linear
@@ -251,10 +252,12 @@ DEGENERATE_INT8 = """
                             assert np.array_equal(nxt.from_quantized(impl.quantized_for(x, nxt), (tokens,)),
                                                   nxt(impl(x)))
             if has_amx("int8"):  # AMX's tiles; each block's epilogue runs beside the next block's products
-                for compressed, act, residual in [(False, "none", False), (False, "gelu", False), (True, "gelu", False),
-                                                  (True, "none", True)]:
+                for compressed, act, residual, overlap in [(False, "none", False, True), (False, "gelu", False, True),
+                                                           (True, "gelu", False, True), (True, "none", True, True),
+                                                           (True, "gelu", False, False)]:
+                    amx.OVERLAPPED = overlap  # (off: the epilogue after each block's own products)
                     impl = Int8Amx(w, scale, "static", np.float32(0.1), np.uint8(100), None, act, residual, compressed)
-                    assert impl.config.overlapped
+                    assert impl.config.overlapped == overlap
                     for tokens in (0, 1, 3, 17, 40):
                         x = rng.standard_normal((tokens, k)).astype(np.float32)
                         r = rng.standard_normal((tokens, m)).astype(np.float32) if residual else None
@@ -307,8 +310,8 @@ def test_degenerate_shapes_of_the_int8_and_per_element_kernels_at_two_threads():
     1 input, fewer rows than threads, all-zero weights and every block past vpmaddubsw's
     limit, over 0, 1, 3 and 17 tokens (with VNNI, also handing its output to a next layer
     quantized, 1 to 5 outputs: a partial 4-block; with AMX, its tiles, dense and compressed,
-    with GELU or a residual, each block's epilogue overlapped, also over 40 tokens: a second
-    block waiting on the first); the per-element kernels on empty, single-element
+    with GELU or a residual, each block's epilogue overlapped (and once after its own
+    products), also over 40 tokens: a second block waiting on the first); the per-element kernels on empty, single-element
     and chunk-boundary tensors, softmax rows of 0 and 1 (and a partial task of rows, both
     byte orders), 1 x 1 and empty matmuls, the LayerNorm rounding to a grid over 0, 1, 3
     and 17 tokens of 1 and 5 features (and storing the bytes an int8 layer reads): against
