@@ -15,9 +15,10 @@ For one (batch, head) pair the kernel walks the queries in tiles of `qvec` vecto
    `group` head features at a time.
 
 Every load and store of a query tile is masked, so any query count works and nothing
-outside the tile is written. NaN propagates as in the reference: the max is
-`llvm.maximum` and exp keeps NaN; a query whose keys are all masked (max = -inf) gets
-NaN. Under the export's NaN guard, Where(IsNaN(p), 0, p), a query whose softmax would be
+outside the tile is written. NaN propagates as in the reference: exp keeps NaN, so a
+NaN score makes its query's sum NaN, and its outputs (the running max, x86's vmaxps,
+may drop it: _running_max); a query whose keys are all masked (max = -inf) gets NaN.
+Under the export's NaN guard, Where(IsNaN(p), 0, p), a query whose softmax would be
 NaN (its max not finite: a NaN or +inf score, or every key masked) gets p = 0 for every
 key, and its output is Σ 0·v as the guarded graph computes it.
 """
@@ -75,7 +76,7 @@ def _scores(e: Builder, cfg: AttentionConfig, i0: str, masks: list[str]) -> list
     q, ldq, k, ldk, steps = ("%qp", "%ldqp", "%kp", "%ldkp", "%d2") if cfg.bf16 else ("%qt", "%ldq", "%kt", "%ldk", "%d")
 
     def keys(rows):  # `rows` keys from j0, each score a fma chain over the head features
-        def body(j0, maxes):
+        def body(j0, state):
             def dot(ee, accs):
                 qs = e.row_vectors(q, ldq, ee, i0, masks)
                 koff = e.offset(ee, ldk, j0)
@@ -86,19 +87,47 @@ def _scores(e: Builder, cfg: AttentionConfig, i0: str, masks: list[str]) -> list
                 return out
 
             _, accs = e.loop("0", steps, 1, [(vt, ZERO)] * (rows * QV), dot)
-            maxes = list(maxes)
             for r in range(rows):
                 j = e(f"add i64 {j0}, {r}") if r else j0
                 srow = e(f"mul i64 {j}, {cfg.lanes * QV}")
                 for v, mask in enumerate(_mask_vectors(e, cfg, j, i0, masks)):
                     s = e.fma(accs[r * QV + v], e.splat("%scale"), mask)
                     e.vstore(s, e.vptr("%s", srow, v), None)
-                    maxes[v] = e.vcall("maximum", maxes[v], s)
-            return maxes
+                    state = _running_max(e, cfg, state, v, s)
+            return state
         return body
 
-    start, maxes = e.loop("0", "%tk", cfg.group, [(vt, e.const(float("-inf")))] * QV, keys(cfg.group))
-    return e.loop(start, "%tk", 1, [(vt, m) for m in maxes], keys(1))[1]
+    start, state = e.loop("0", "%tk", cfg.group, _max_start(e, cfg), keys(cfg.group))
+    types = [t for t, _ in _max_start(e, cfg)]
+    return _maxes(e, cfg, e.loop(start, "%tk", 1, list(zip(types, state)), keys(1))[1])
+
+
+def _max_start(e: Builder, cfg: AttentionConfig) -> list[tuple[str, str]]:
+    """A query tile's running max as loop values (_running_max): a max per query vector,
+    from -inf, and under the NaN guard whether a score of its was NaN."""
+    return [(e.vt, e.const(float("-inf")))] * cfg.qvec + [(f"<{cfg.lanes} x i1>", ZERO)] * (cfg.qvec * cfg.nan_guard)
+
+
+def _running_max(e: Builder, cfg: AttentionConfig, state: list[str], v: int, s: str) -> list[str]:
+    """The running max (_max_start) after query vector v's scores s: m > s ? m : s, which
+    is x86's vmaxps (one instruction, where llvm.maximum's NaN rule takes six). It may drop
+    a NaN score, which still makes its query's sum NaN, and so its outputs; under the guard,
+    where a NaN score must make its query dead, the NaN is noted beside it (_maxes)."""
+    vt, state = e.vt, list(state)
+    state[v] = e(f"select <{cfg.lanes} x i1> {e(f'fcmp ogt {vt} {state[v]}, {s}')}, {vt} {state[v]}, {vt} {s}")
+    if cfg.nan_guard:
+        nan = cfg.qvec + v
+        state[nan] = e(f"or <{cfg.lanes} x i1> {state[nan]}, {e(f'fcmp uno {vt} {s}, {s}')}")
+    return state
+
+
+def _maxes(e: Builder, cfg: AttentionConfig, state: list[str]) -> list[str]:
+    """The maxes of a running max (_running_max): under the guard NaN where a score was."""
+    maxes = state[:cfg.qvec]
+    if not cfg.nan_guard:
+        return maxes
+    return [e(f"select <{cfg.lanes} x i1> {nan}, {e.vt} {e.const(float('nan'))}, {e.vt} {m}")
+            for m, nan in zip(maxes, state[cfg.qvec:])]
 
 
 def _mask_vectors(e: Builder, cfg: AttentionConfig, j: str, i0: str, masks: list[str]) -> list[str]:
@@ -306,7 +335,7 @@ def _tile_scores(e: Builder, cfg: AttentionConfig, i0: str, masks: list[str]) ->
     """Stage 1 on AMX: the scores of 16 keys × the tile's 32 queries from ka's rows and
     qp's pair rows into tmm0, tmm1, stored to the scratch rows [key, query]; then each
     key's row · scale + mask, and the running max."""
-    vt, W = e.vt, cfg.lanes * cfg.qvec
+    W = cfg.lanes * cfg.qvec
     qp = e.gep("%qp", i0)
     ldq, lda = e("mul i64 %ldqp, 4"), e("mul i64 %d2, 4")
     steps = e(f"sdiv i64 %d2, {ROWS}")
@@ -320,16 +349,15 @@ def _tile_scores(e: Builder, cfg: AttentionConfig, i0: str, masks: list[str]) ->
 
     e.loop("0", "%tk16", ROWS, [], block)
 
-    def key(j, maxes):
+    def key(j, state):
         srow = e(f"mul i64 {j}, {W}")
-        out = []
         for v, mask in enumerate(_mask_vectors(e, cfg, j, i0, masks)):
             s = e.fma(e.vload(e.vptr("%s", srow, v), None), e.splat("%scale"), mask)
             e.vstore(s, e.vptr("%s", srow, v), None)
-            out.append(e.vcall("maximum", maxes[v], s))
-        return out
+            state = _running_max(e, cfg, state, v, s)
+        return state
 
-    return e.loop("0", "%tk", 1, [(vt, e.const(float("-inf")))] * cfg.qvec, key)[1]
+    return _maxes(e, cfg, e.loop("0", "%tk", 1, _max_start(e, cfg), key)[1])
 
 
 def _tile_output(e: Builder, cfg: AttentionConfig, i0: str, masks: list[str], scales: list[str],

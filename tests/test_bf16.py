@@ -402,6 +402,38 @@ def test_bf16_attention_is_its_numpy_meaning(nan_guard, unit, monkeypatch):
 
 
 @needs_bf16
+@pytest.mark.parametrize("unit", ["vdpbf16ps", "amx"])
+@pytest.mark.parametrize("nan_guard", [False, True])
+def test_bf16_attention_nan_and_inf_scores_as_float32(nan_guard, unit):
+    """A NaN query feature (a query's every score NaN), a NaN key feature (one score NaN
+    among finite ones, past the first key), an inf key score: NaN where the float32 kernel
+    (itself checked against the reference) gives NaN, and under the guard the same Σ 0·v
+    for those queries, on AMX's tiles and on vdpbf16ps."""
+    from sparsejit.kernels.attention import amx_fits, fused_attention
+
+    if unit == "amx" and not amx_fits(32):
+        pytest.skip("this CPU has no AMX-BF16")
+    rng = np.random.default_rng(9)
+    b, h, tq, tk, d = 2, 2, 37, 45, 64
+    q = rng.standard_normal((b, h, tq, d)).astype(np.float32)
+    kt = rng.standard_normal((b, h, d, tk)).astype(np.float32)
+    v = rng.standard_normal((b, h, tk, d)).astype(np.float32)
+    q[0, 0, 3, 2] = np.nan
+    kt[0, 1, 5, 20] = np.nan
+    kt[1, 0, 7, 9] = np.inf
+    v[1, 1, 3, 4] = np.nan
+    mask = np.zeros((b, 1, 1, tk), np.float32)
+    scale = np.float32(1 / 8)
+    got = fused_attention(q, kt, v, mask, scale, scale_op="mul", nan_guard=nan_guard, bf16=True, amx=unit == "amx")
+    f32 = fused_attention(q, kt, v, mask, scale, scale_op="mul", nan_guard=nan_guard)
+    assert np.isnan(f32[0, 1]).all() != nan_guard  # (the NaN key: every query of that head)
+    assert np.array_equal(np.isnan(got), np.isnan(f32))
+    dead = np.isnan(fused_attention(q, kt, v, mask, scale, scale_op="mul"))
+    if nan_guard:
+        assert np.array_equal(got[dead & ~np.isnan(f32)], f32[dead & ~np.isnan(f32)])
+
+
+@needs_bf16
 @pytest.mark.parametrize("chunk", [None, 64])
 def test_the_scattered_handover_is_the_rows_of_the_float_output(chunk):
     """BF16ScatteredLinear.quantized_for stores a layer's output as the next layer's
