@@ -33,6 +33,8 @@ EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 
 def exp(e: Emitter, x: str) -> str:
     """expf of a float vector; NaN stays NaN, large arguments saturate."""
     vt, L = e.vt, e.lanes
+    if L == 16 and "+avx512f" in host_cpu()[1]:
+        return _exp_scaled(e, x)
     lo = e(f"fcmp olt {vt} {x}, {e.const(-87.3)}")
     v = e(f"select <{L} x i1> {lo}, {vt} {e.const(-87.3)}, {vt} {x}")
     hi = e(f"fcmp ogt {vt} {v}, {e.const(88.3)}")
@@ -52,6 +54,27 @@ def exp(e: Emitter, x: str) -> str:
     shift = "<" + ", ".join(["i32 23"] * L) + ">"
     two_n = e(f"bitcast <{L} x i32> {e(f'shl <{L} x i32> {biased}, {shift}')} to {vt}")
     return e(f"fmul {vt} {p}, {two_n}")
+
+
+def _exp_scaled(e: Emitter, x: str) -> str:
+    """`exp` with AVX-512's vscalefps (p·2ⁿ for float n): the same clamp, reduction and
+    polynomial, 1 + r·(1 + r·P(r)) as two fmas, n rounded by adding 1.5·2²³: 14
+    instructions, where `exp` takes 17 and vrndscaleps's two."""
+    vt = e.vt
+
+    def x86(op: str, a: str, b: str) -> str:  # vminps, vmaxps: b where either is NaN
+        return e.call(f"llvm.x86.avx512.{op}.ps.512", vt, (vt, a), (vt, b), ("i32", "4"))
+
+    v = x86("min", e.const(88.3), x86("max", e.const(-87.3), x))
+    n = e(f"fsub {vt} {e.fma(v, e.const(1.4426950408889634), e.const(12582912.0))}, {e.const(12582912.0)}")
+    r = e.fma(n, e.const(-0.693359375), v)
+    r = e.fma(n, e.const(2.12194440e-4), r)
+    p = e.const(EXP_POLY[0])
+    for c in EXP_POLY[1:]:
+        p = e.fma(p, r, e.const(c))
+    p = e.fma(e.fma(p, r, e.const(1.0)), r, e.const(1.0))
+    return e.call("llvm.x86.avx512.mask.scalef.ps.512", vt, (vt, p), (vt, n), (vt, "zeroinitializer"),
+                  ("i16", "-1"), ("i32", "4"))
 
 
 def tanh(e: Emitter, x: str) -> str:
