@@ -307,24 +307,34 @@ def test_balanced_bounds():
     assert list(balanced_bounds(np.zeros(1, np.int64), 3)) == [0, 0, 0, 0]
 
 
-def test_the_kernels_erf_error():
-    """The erf the GELU epilogues run (epilogue.erf), compiled alone over an array,
-    against the exact erf: within 1e-6 everywhere."""
-    lanes = 16
-    sig = Signature("erf_array", (("x", "ptr"), ("y", "ptr"), ("n", "i64")))
+def _over_array(function, lanes: int):
+    """`function(e, vector)` (an epilogue function) compiled alone over an array: a
+    callable f(x) of float32 x, its size a multiple of `lanes`, returning f over x."""
+    sig = Signature("vector_function_array", (("x", "ptr"), ("y", "ptr"), ("n", "i64")))
     e = Builder(lanes)
 
     def body():
         def step(i, _):
-            e.vstore(ir_erf(e, e.vload(e.gep("%x", i), None)), e.gep("%y", i), None)
+            e.vstore(function(e, e.vload(e.gep("%x", i), None)), e.gep("%y", i), None)
             return []
         e.loop("0", "%n", lanes, [], step)
 
     e.function(sig, body)
-    fn = sig.ctypes()(compile_ir(e.module("; erf over an array"), sig.name))
+    fn = sig.ctypes()(compile_ir(e.module(f"; {function.__name__} over an array"), sig.name))
+
+    def over(x: np.ndarray) -> np.ndarray:
+        assert x.dtype == np.float32 and x.size % lanes == 0
+        y = np.empty_like(x)
+        fn(x.ctypes.data, y.ctypes.data, x.size)
+        return y
+    return over
+
+
+def test_the_kernels_erf_error():
+    """The erf the GELU epilogues run (epilogue.erf), compiled alone over an array,
+    against the exact erf: within 1e-6 everywhere."""
     x = np.linspace(-8, 8, 200000, dtype=np.float32)
-    y = np.empty_like(x)
-    fn(x.ctypes.data, y.ctypes.data, x.size)
+    y = _over_array(ir_erf, 16)(x)
     assert np.max(np.abs(y - erf(x.astype(np.float64)))) < 1e-6
 
 
@@ -334,28 +344,15 @@ def test_the_kernels_gelu_error(lanes):
     through the rational erf at 8), compiled alone over an array, against the exact
     v·Φ(v): within 1e-6·max(1, |v|) over every piece, its joins and far past the clamp;
     ±inf and NaN as the formula gives them."""
-    sig = Signature("gelu_array", (("x", "ptr"), ("y", "ptr"), ("n", "i64")))
-    e = Builder(lanes)
-
-    def body():
-        def step(i, _):
-            e.vstore(gelu(e, e.vload(e.gep("%x", i), None)), e.gep("%y", i), None)
-            return []
-        e.loop("0", "%n", lanes, [], step)
-
-    e.function(sig, body)
-    fn = sig.ctypes()(compile_ir(e.module("; gelu over an array"), sig.name))
+    over = _over_array(gelu, lanes)
     joins = (np.arange(GELU_PIECES + 1) - 0.5) * GELU_STEP
     x = np.concatenate([np.linspace(-40, 40, 400000), joins, -joins, joins + 1e-6, -joins - 1e-6,
                         [0.0, -0.0, 6.0, -6.0, 1e30, -1e30]]).astype(np.float32)
     x = np.concatenate([x, np.zeros(-x.size % lanes, np.float32)])
-    y = np.empty_like(x)
-    fn(x.ctypes.data, y.ctypes.data, x.size)
     x64 = x.astype(np.float64)
     exact = x64 * (1 + erf(x64 / np.sqrt(2))) / 2
-    assert np.max(np.abs(y - exact) / np.maximum(1, np.abs(x64))) < 1e-6
-    special = np.array([np.inf, np.nan] + [0.0] * (lanes - 2), np.float32)
-    fn(special.ctypes.data, y.ctypes.data, lanes)
+    assert np.max(np.abs(over(x) - exact) / np.maximum(1, np.abs(x64))) < 1e-6
+    y = over(np.array([np.inf, np.nan] + [0.0] * (lanes - 2), np.float32))
     assert y[0] == np.inf and np.isnan(y[1])
 
 
@@ -365,24 +362,11 @@ def test_the_kernels_exp_error(lanes):
     AVX-512, else 2ⁿ from its exponent bits), compiled alone over an array, against the
     exact exp: within 2.5e-7 relative over [-87, 88]; saturating past the clamp at
     [-87.3, 88.3] (±inf too), NaN staying NaN."""
-    sig = Signature("exp_array", (("x", "ptr"), ("y", "ptr"), ("n", "i64")))
-    e = Builder(lanes)
-
-    def body():
-        def step(i, _):
-            e.vstore(ir_exp(e, e.vload(e.gep("%x", i), None)), e.gep("%y", i), None)
-            return []
-        e.loop("0", "%n", lanes, [], step)
-
-    e.function(sig, body)
-    fn = sig.ctypes()(compile_ir(e.module("; exp over an array"), sig.name))
+    over = _over_array(ir_exp, lanes)
     x = np.linspace(-87, 88, 1 << 20, dtype=np.float32)
-    y = np.empty_like(x)
-    fn(x.ctypes.data, y.ctypes.data, x.size)
     exact = np.exp(x.astype(np.float64))
-    assert np.max(np.abs(y - exact) / exact) < 2.5e-7
-    edges = np.array([np.inf, 1e30, 88.3, -np.inf, -1e30, -87.3, np.nan] + [0.0] * (2 * lanes - 7), np.float32)
-    fn(edges.ctypes.data, y.ctypes.data, edges.size)
+    assert np.max(np.abs(over(x) - exact) / exact) < 2.5e-7
+    y = over(np.array([np.inf, 1e30, 88.3, -np.inf, -1e30, -87.3, np.nan] + [0.0] * (2 * lanes - 7), np.float32))
     assert y[0] == y[1] == y[2] and np.isfinite(y[0]) and y[3] == y[4] == y[5] > 0 and np.isnan(y[6])
     assert y[2] == pytest.approx(np.exp(np.float64(np.float32(88.3))), rel=2.5e-7)
 
