@@ -24,8 +24,9 @@ products, then the C tiles stored to a 4 KB stack buffer and read back 16 tokens
 time through the Linear epilogue: int8 as Int8Linear's (lowp_ir.scaled_sums: less the
 zero point's correction, times the scale, plus the bias), bf16 plus the bias; then the
 activation and residual (epilogue.py). Stores stop at `ntok` and at `m`. `overlapped`
-(every layer's, amx.OVERLAPPED): a block's epilogue waits, and the next block's K-steps each take a share of
-its 16 rows, so that its vector work runs while the tiles multiply.
+(every layer's, amx.OVERLAPPED): a block's epilogue waits, and the next block's K-steps
+each take a share of its 16 rows, spread evenly, so that its vector work runs while the
+tiles multiply.
 
 A weight under half nonzero may be stored compressed (`compressed`): per tile row a bit
 per element, then the row's nonzero elements. Each thread expands a pair of panels once,

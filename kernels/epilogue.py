@@ -30,10 +30,20 @@ EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 
             5.0000001201e-1)
 
 
+def _avx512(e: Emitter) -> bool:
+    """Whether e's vectors are AVX-512's: 16 floats, on a CPU with it."""
+    return e.lanes == 16 and "+avx512f" in host_cpu()[1]
+
+
+def _x86(e: Emitter, op: str, a: str, b: str) -> str:
+    """AVX-512's vminps or vmaxps (`op` "min" or "max") of a and b: b where either is NaN."""
+    return e.call(f"llvm.x86.avx512.{op}.ps.512", e.vt, (e.vt, a), (e.vt, b), ("i32", "4"))
+
+
 def exp(e: Emitter, x: str) -> str:
     """expf of a float vector; NaN stays NaN, large arguments saturate."""
     vt, L = e.vt, e.lanes
-    if L == 16 and "+avx512f" in host_cpu()[1]:
+    if _avx512(e):
         return _exp_scaled(e, x)
     lo = e(f"fcmp olt {vt} {x}, {e.const(-87.3)}")
     v = e(f"select <{L} x i1> {lo}, {vt} {e.const(-87.3)}, {vt} {x}")
@@ -61,11 +71,7 @@ def _exp_scaled(e: Emitter, x: str) -> str:
     polynomial, 1 + r·(1 + r·P(r)) as two fmas, n rounded by adding 1.5·2²³: 14
     instructions, where `exp` takes 17 and vrndscaleps's two."""
     vt = e.vt
-
-    def x86(op: str, a: str, b: str) -> str:  # vminps, vmaxps: b where either is NaN
-        return e.call(f"llvm.x86.avx512.{op}.ps.512", vt, (vt, a), (vt, b), ("i32", "4"))
-
-    v = x86("min", e.const(88.3), x86("max", e.const(-87.3), x))
+    v = _x86(e, "min", e.const(88.3), _x86(e, "max", e.const(-87.3), x))
     n = e(f"fsub {vt} {e.fma(v, e.const(1.4426950408889634), e.const(12582912.0))}, {e.const(12582912.0)}")
     r = e.fma(n, e.const(-0.693359375), v)
     r = e.fma(n, e.const(2.12194440e-4), r)
@@ -133,11 +139,7 @@ def gelu_pieces(e: Emitter, v: str) -> str:
     """0.5·v·(1 + erf(v/√2)) as max(v, 0) − a·Φ(−a), a = min(|v|, 6), NaN staying NaN:
     16 lanes only."""
     vt, L = e.vt, e.lanes
-
-    def x86(op: str, x: str, y: str) -> str:  # vminps, vmaxps: y where either is NaN
-        return e.call(f"llvm.x86.avx512.{op}.ps.512", vt, (vt, x), (vt, y), ("i32", "4"))
-
-    a = x86("min", e.vcall("fabs", v), e.const(6.0 - 2.0 ** -8))
+    a = _x86(e, "min", e.vcall("fabs", v), e.const(6.0 - 2.0 ** -8))
     t = e(f"fmul {vt} {a}, {e.const(1.0 / GELU_STEP)}")
     # round(t) in the low mantissa bits of t + 1.5·2²³ (t is in [0, 15.5)): the piece,
     # as vpermps reads an index's low four bits; u = t − round(t)
@@ -152,13 +154,13 @@ def gelu_pieces(e: Emitter, v: str) -> str:
     p = coefficient(0)
     for j in range(1, GELU_DEGREE + 1):
         p = e.fma(p, u, coefficient(j))
-    return e.fma(e(f"fneg {vt} {a}"), p, x86("max", e.const(0.0), v))
+    return e.fma(e(f"fneg {vt} {a}"), p, _x86(e, "max", e.const(0.0), v))
 
 
 def gelu(e: Emitter, v: str) -> str:
     """0.5·v·(1 + erf(v/√2)): from pieces with AVX-512, else through the rational erf."""
     vt = e.vt
-    if e.lanes == 16 and "+avx512f" in host_cpu()[1]:
+    if _avx512(e):
         return gelu_pieces(e, v)
     one_plus = e(f"fadd {vt} {erf(e, e(f'fmul {vt} {v}, {e.const(0.7071067811865476)}'))}, {e.const(1.0)}")
     return e(f"fmul {vt} {e(f'fmul {vt} {v}, {e.const(0.5)}')}, {one_plus}")
