@@ -33,7 +33,15 @@ from .int8 import DRIVER_SOURCE as INT8_DRIVER_SOURCE
 from .int8 import _quantize_fns, _Quantized, _ReadsBytes, byte_rows
 from .ir import with_driver
 from .launch import IMPORTS, put_source, run
-from .layout import aligned_empty, feature_major_empty, on_lines, transposed
+from .layout import (
+    TokenTiles,
+    aligned_empty,
+    as_token_tiles,
+    feature_major_empty,
+    on_lines,
+    token_tiles_empty,
+    transposed,
+)
 from .linear import _NO_RESIDUAL, DenseLinear, TakesOwnX, _bias
 
 SYS_ARCH_PRCTL = 158          # x86-64
@@ -65,7 +73,8 @@ DRIVER_SOURCE = """\
 # part c computes output pairs of panels (32 features each) of the m outputs, of each
 # member [members[j], members[j + 1]) of a group's weights side by side the share
 # [c * n / parts, (c + 1) * n / parts) of its n pairs, `token_tile` tokens at a time so
-# that the tokens' rows of xq stay in cache across the part's panels
+# that the tokens' rows of xq stay in cache across the part's panels; xq and yt as
+# [16-token tiles, rows, 16] (layout.TokenTiles, or a feature-major array seen so)
 import numpy as np
 from numba import njit
 
@@ -73,22 +82,23 @@ ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any
 """ + IMPORTS + "\n\n" + put_source(SIGNATURE) + """
 
 @njit(nogil=True, cache=True)
-def run_amx(launch, part, calls, fn, xq, wa, bias, yt, rt, token_tile, members, ktiles, masks, offsets, work, m):
-    ntok = yt.shape[1]
+def run_amx(launch, part, calls, fn, xq, wa, bias, yt, rt, ntok, token_tile, members, ktiles, masks, offsets, work,
+            m):
     r_step = 4 if rt.shape[1] == ntok else 0  # (no residual: a 1 x 1 placeholder, never read)
     parts = calls.shape[0]
     for c in range(parts):
         for t0 in range(0, ntok, token_tile):
+            tile = t0 // 16  # (token_tile: a multiple of 32)
             for j in range(members.shape[0] - 1):
                 n = members[j + 1] - members[j]
                 p0 = members[j] + c * n // parts
                 p1 = members[j] + (c + 1) * n // parts
                 if p0 < p1:
-                    put_amx_panels(calls, c, fn, xq.ctypes.data + t0 * 4, xq.strides[0] // 4, wa.ctypes.data,
-                                   bias.ctypes.data, yt.ctypes.data + t0 * 4, yt.strides[0] // 4,
-                                   rt.ctypes.data + t0 * r_step, rt.strides[0] // 4, ktiles, m, p0, p1,
-                                   min(token_tile, ntok - t0), masks.ctypes.data, offsets.ctypes.data,
-                                   work.ctypes.data + c * work.strides[0])
+                    put_amx_panels(calls, c, fn, xq.ctypes.data + tile * xq.strides[0], xq.strides[1] // 4,
+                                   wa.ctypes.data, bias.ctypes.data, yt.ctypes.data + tile * yt.strides[0],
+                                   yt.strides[1] // 4, rt.ctypes.data + t0 * r_step, rt.strides[0] // 4, ktiles, m,
+                                   p0, p1, min(token_tile, ntok - t0), masks.ctypes.data, offsets.ctypes.data,
+                                   work.ctypes.data + c * work.strides[0], xq.strides[0] // 4, yt.strides[0] // 4)
     launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """
 
@@ -189,6 +199,12 @@ def _aligned_copy(a: np.ndarray) -> np.ndarray:
     return copy
 
 
+def _tiles_of_x(a: np.ndarray) -> np.ndarray:
+    """A kernel's xq or yt as the driver takes them: TokenTiles, or a feature-major array
+    seen as such (layout.as_token_tiles), float32 (an i32 array's bits)."""
+    return (a if a.ndim == 3 else as_token_tiles(a)).view(np.float32)
+
+
 class _Amx:
     """What both AMX layers share: the weight's tiles (dense, or compressed where few of
     its elements are nonzero), the compiled kernel and its driver."""
@@ -236,10 +252,11 @@ class _Amx:
         # made per call, as two Python threads may run the layer at once)
         work = aligned_empty((parts, 2 * ktiles * 1024 if self.config.compressed else 64), np.uint8)
         # (xq's i32 rows as float32 bits, as x_rows makes them: one type, one compiled driver)
-        step = token_tile(xq.shape[0])
-        run(self._driver, SIGNATURE, parts, -(-yt.shape[1] // step) * (len(self._members) - 1),
-            self._fn if fn is None else fn, xq.view(np.float32), self._arrays[0], bias, yt, rt, step, self._members,
-            ktiles, *self._arrays[1:], work, self.out_features)
+        ntok = math.prod(yt.lead) if isinstance(yt, TokenTiles) else yt.shape[1]
+        step = token_tile(xq.shape[-2] if xq.ndim == 3 else xq.shape[0])
+        run(self._driver, SIGNATURE, parts, -(-ntok // step) * (len(self._members) - 1), self._fn if fn is None else fn,
+            _tiles_of_x(xq), self._arrays[0], bias, _tiles_of_x(yt), rt, ntok, step, self._members, ktiles,
+            *self._arrays[1:], work, self.out_features)
 
 
 class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
@@ -277,36 +294,46 @@ class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
     def _whole_tiles(self, xq: np.ndarray) -> np.ndarray:
         """xq (rows padded to 16 tokens, as int8.byte_rows gives the LayerNorm's), copied
         into whole K-tiles of rows first where the inputs are not a multiple of 64, or where
-        its rows are not on 64-byte lines (each B tile row would straddle two)."""
+        its rows are not on 64-byte lines (each B tile row would straddle two). TokenTiles
+        come in whole K-tiles (bytes_on's, layernorm_to_bytes')."""
+        if isinstance(xq, TokenTiles):
+            return xq
         if xq.shape[0] % ROWS or not on_lines(xq):
             padded = x_rows(self.in_features, "int8", xq.shape[1])
             padded.view(np.int32)[:xq.shape[0]] = xq.view(np.int32)  # (the bits, not the values)
             xq = padded
         return xq
 
-    def bytes_on(self, x: np.ndarray | None, grid: np.ndarray, given: np.ndarray | None = None) -> np.ndarray:
+    def bytes_on(self, x: np.ndarray | None, grid: np.ndarray, given: np.ndarray | None = None,
+                 tiled: bool = False) -> np.ndarray:
         """y for x [..., in] (or for x's bytes `given`, as plan's _int8_run takes them),
         quantized on `grid` ([scale, zero point, lowest, highest], float32: the next static
         int8 layer's, plan._byte_grid) into the bytes that layer reads, as a LayerNorm hands
         them over (layernorm.layernorm_to_bytes): the token-major view [..., ceil(out/4)]
-        of 4-block rows. The kernel stores them in its epilogue instead of y (amx_ir's
-        `quant_out`)."""
+        of 4-block rows; `tiled`, as TokenTiles in whole K-tiles, for an AMX layer. The
+        kernel stores them in its epilogue instead of y (amx_ir's `quant_out`)."""
         if self.residual or self.requantize is not None:
             raise ValueError("an int8 layer with a residual or a requantized output gives no bytes")
-        lead = (given if x is None else x).shape[:-1]
+        lead = given.lead if isinstance(given, TokenTiles) else (given if x is None else x).shape[:-1]
         n, m = math.prod(lead), self.out_features
-        out = feature_major_empty(-(-m // 4), n).view(np.int32)
-        if m % 4:
-            out[-1] = 0  # (the bytes past the last output: the next layer's padded weights are 0 there)
+        rows = -(-m // 4)
+        if tiled:
+            out = token_tiles_empty(-(-m // K_TILE["int8"]) * ROWS, lead)
+            out[:, rows - (m % 4 > 0):] = 0  # (the bytes past the last output, and the rows to the K-tile's end)
+        else:
+            out = feature_major_empty(rows, n).view(np.int32)
+            if m % 4:
+                out[-1] = 0  # (the bytes past the last output: the next layer's padded weights are 0 there)
         if n:
             if given is not None:
-                xq, terms = self._whole_tiles(byte_rows(given)), self._kbias
+                xq = self._whole_tiles(given if isinstance(given, TokenTiles) else byte_rows(given))
+                terms = self._kbias
             else:
                 xq = x_rows(self.in_features, "int8", n)
                 terms = self._quantize_into(transposed(x.reshape(-1, self.in_features)), xq)
             self._tiles_run(xq, self._terms_on(terms, grid), out.view(np.float32), _NO_RESIDUAL,
                             self._quant_fn(bool(grid[2] == 0)))
-        return out.T.reshape(lead + (out.shape[0],))
+        return out if tiled else out.T.reshape(lead + (rows,))
 
     def _terms_on(self, terms: np.ndarray, grid: np.ndarray) -> np.ndarray:
         """The quant_out kernel's terms: the epilogue's, then the grid; a static layer's made

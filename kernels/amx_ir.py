@@ -12,7 +12,9 @@ activations, in the layouts the other int8 and bf16 kernels already use:
 - B: the activations as 4-block rows xq [in/4, tokens] of i32 (int8: four uint8 inputs
   per token, int8.py), or pair rows [in/2, tokens] (bf16: two bfloat16 inputs per
   token, bf16.py). A B tile is 16 such rows (64 inputs, or 32) × 16 tokens, loaded with
-  the rows' stride: no repacking of x.
+  the rows' stride `ldq` (i32), tokens 16·i on `ldt` · i on: a feature-major xq's
+  (ldt = 16), or layout.TokenTiles' (ldq = 16, each tile 1 KB in one piece). No
+  repacking of x.
 - A: the weight, packed at load into tiles wa[p, kt] = Wᵀ[16p .. 16p + 15, the inputs of
   K-tile kt] (16 output features × 64 bytes of their inputs), each 1 KB contiguous.
 - C: tiles of yᵀ, 16 output features × 16 tokens, i32 (int8) or float (bf16).
@@ -58,7 +60,7 @@ from .lowp_ir import quantized, scaled_sums, store_block_bytes, store_pair_halve
 SIGNATURE = Signature("amx_panels", (
     ("xq", "ptr"), ("ldq", "i64"), ("wa", "ptr"), ("bias", "ptr"), ("yt", "ptr"), ("ldy", "i64"), ("rt", "ptr"),
     ("ldr", "i64"), ("ktiles", "i64"), ("m", "i64"), ("pair0", "i64"), ("pair1", "i64"), ("ntok", "i64"),
-    ("masks", "ptr"), ("offsets", "ptr"), ("work", "ptr")))
+    ("masks", "ptr"), ("offsets", "ptr"), ("work", "ptr"), ("ldt", "i64"), ("ldyt", "i64")))
 
 DOTS = {"int8": "llvm.x86.tdpbsud", "bf16": "llvm.x86.tdpbf16ps"}  # C += A (signed) · B (unsigned) / bf16 pairs
 K_TILE = {"int8": 64, "bf16": 32}  # inputs per 64-byte tile row
@@ -92,8 +94,9 @@ class AmxConfig:
     # after them
     overlapped: bool = False
     # int8 without residual: y quantized for the next int8 layer and stored as the bytes it
-    # reads, in 4-block rows (yt: [m/4, tokens] of i32), on the grid after the epilogue's
-    # terms (%bias[3m:3m + 4]: scale, zero point, lowest, highest), instead of y
+    # reads, in 4-block rows (yt: [m/4, tokens] of i32, tokens 16·i on `ldyt` · i on), on
+    # the grid after the epilogue's terms (%bias[3m:3m + 4]: scale, zero point, lowest,
+    # highest), instead of y
     quant_out: bool = False
     # with quant_out, the grid's lowest value is 0 (uint8): its bytes by lowp_ir.unsigned_bytes
     unsigned_grid: bool = False
@@ -173,7 +176,7 @@ def _block(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _Out,
             e.call(TILE_LOAD, "void", ("i8", str(A0 + a)), ("ptr", at), ("i64", "64"))
         row = e(f"mul i64 {kt}, {ROWS}")
         for b, col in enumerate(cols):
-            at = e.gep("%xq", e.offset(row, "%ldq", col), "i32")
+            at = e.gep("%xq", e.offset(row, "%ldq", e(f"mul i64 {e(f'lshr i64 {col}, 4')}, %ldt")), "i32")
             e.call(TILE_LOAD, "void", ("i8", str(B0 + b)), ("ptr", at), ("i64", stride))
         for c, a, b in cs:
             e.call(DOTS[cfg.dot], "void", ("i8", str(c)), ("i8", str(a)), ("i8", str(b)))
@@ -308,7 +311,7 @@ def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _O
             else:
                 qs = [e(f"fptosi {e.vt} {e(f'fsub {e.vt} {quantized(e, y, step, zero, lo, hi)}, {lo}')} to {iv}")
                       for y in ys]
-            store_block_bytes(e, qs, j, "%yt", "%ldy", t, masks)
+            store_block_bytes(e, qs, j, "%yt", "%ldy", t, masks, "%ldyt")
         elif cfg.pairs_out:
             store_pair_halves(e, [epilogue(e, cfg.activation, y, None, mask) for y, mask in zip(ys, masks)], j, "%yt",
                               "%ldy", t, masks)

@@ -18,8 +18,16 @@ from .compile import compile_ir, load_source, threads, vector_lanes
 from .elementwise import RANGES, fake_quantize, reference_fake_quantize, scalar
 from .ir import Builder, Signature
 from .launch import IMPORTS, put_source, run
-from .layout import call_scratch, contiguous, feature_major_empty, transposed, unit_token_stride
-from .lowp_ir import quantized, store_block_bytes
+from .layout import (
+    as_token_tiles,
+    call_scratch,
+    contiguous,
+    feature_major_empty,
+    token_tiles_empty,
+    transposed,
+    unit_token_stride,
+)
+from .lowp_ir import quantized, store_block_bytes, token_tiled
 
 
 @op("LayerNorm", fused=True)
@@ -67,7 +75,8 @@ def layernorm_rows(x, scale, bias, eps, y):
 # zero point qzero, clamped to [qlo, qhi]) before it stores it; the plain one ignores those.
 # The variant that also hands its output to an int8 layer stores each output's byte (q
 # less qlo) where that layer's kernel reads its x: 4-block rows of xq, row stride ldq in
-# i32 (lowp_ir.store_block_bytes); the others ignore xq.
+# i32, tokens 16·i on ldqt · i i32 on (a feature-major xq's ldqt is 16, TokenTiles' ldq
+# is: lowp_ir.store_block_bytes); the others ignore xq.
 #
 # Split by features (`split`, two launches; the others ignore the last five arguments): in
 # the first ("stats") each part takes its own h features of every token, the first two
@@ -84,7 +93,7 @@ COLUMNS_SIGNATURE = Signature("layernorm_columns", (
     ("xt", "ptr"), ("ldx", "i64"), ("yt", "ptr"), ("ldy", "i64"), ("scale", "ptr"), ("bias", "ptr"), ("eps", "float"),
     ("h", "i64"), ("t0", "i64"), ("t1", "i64"), ("qscale", "float"), ("qzero", "float"), ("qlo", "float"),
     ("qhi", "float"), ("xq", "ptr"), ("ldq", "i64"), ("stats", "ptr"), ("lds", "i64"), ("part", "i64"),
-    ("hall", "i64"), ("hstep", "i64")))
+    ("hall", "i64"), ("hstep", "i64"), ("ldqt", "i64")))
 
 
 def _outputs(e: Builder, xs, means: list[str], invs: list[str], i0: str, masks: list, grid: list | None,
@@ -117,15 +126,17 @@ def _outputs(e: Builder, xs, means: list[str], invs: list[str], i0: str, masks: 
         for i in range(1, 4):
             more = normalised(e(f"add i64 {f}, {i}"))
             packed = [e(f"or {iv} {p}, {e(f'shl {iv} {q}, {e.splat_i32(8 * i)}')}") for p, q in zip(packed, more)]
-        row = e.offset(e(f"lshr i64 {f}, 2"), "%ldq", i0)
+        row = e(f"lshr i64 {f}, 2")
         for v, p in enumerate(packed):
-            e.vstore(e(f"bitcast {iv} {p} to {vt}"), e.vptr("%xq", row, v, "i32"), masks[v])
+            e.vstore(e(f"bitcast {iv} {p} to {vt}"), e.gep("%xq", token_tiled(e, row, "%ldq", i0, v, "%ldqt"), "i32"),
+                     masks[v])
         return []
 
     if to_bytes:
         whole = e("and i64 %h, -4")
         e.loop("0", whole, 4, [], four)
-        e.loop(whole, "%h", 1, [], lambda f, _: store_block_bytes(e, normalised(f), f, "%xq", "%ldq", i0, masks) or [])
+        e.loop(whole, "%h", 1, [], lambda f, _: store_block_bytes(e, normalised(f), f, "%xq", "%ldq", i0, masks,
+                                                                  "%ldqt") or [])
     else:
         e.loop("0", "%h", 1, [], lambda f, _: normalised(f) and [])
 
@@ -242,7 +253,9 @@ def columns_ir(lanes: int, vectors: int = 4, quantize: bool = False, to_bytes: b
 
 COLUMNS_DRIVER_SOURCE = """\
 # sparsejit generated kernel: the driver of the feature-major LayerNorm IR kernel
-# part c normalises tokens [c * step, (c + 1) * step), whole 16-token groups
+# part c normalises tokens [c * step, (c + 1) * step), whole 16-token groups; xq (the
+# bytes, if stored) as [16-token tiles, rows, 16] (layout.TokenTiles, or a feature-major
+# array seen so)
 import numpy as np
 from numba import njit
 
@@ -260,7 +273,7 @@ def run_columns(launch, part, calls, fn, xt, yt, scale, bias, eps, grid, xq):
         if t0 < t1:
             put_layernorm_columns(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, yt.ctypes.data, yt.strides[0] // 4,
                                   scale.ctypes.data, bias.ctypes.data, eps, h, t0, t1, grid[0], grid[1], grid[2],
-                                  grid[3], xq.ctypes.data, xq.strides[0] // 4, 0, 0, c, h, h)
+                                  grid[3], xq.ctypes.data, xq.strides[1] // 4, 0, 0, c, h, h, xq.strides[0] // 4)
     launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 
 
@@ -275,15 +288,20 @@ def run_features(launch, part, calls, fn, xt, yt, scale, bias, eps, grid, xq, st
         put_layernorm_columns(calls, c, fn, xt.ctypes.data + f0 * xt.strides[0], xt.strides[0] // 4,
                               yt.ctypes.data + f0 * yt.strides[0], yt.strides[0] // 4, scale.ctypes.data + 4 * f0,
                               bias.ctypes.data + 4 * f0, eps, min(hstep, h - f0), 0, n, grid[0], grid[1], grid[2],
-                              grid[3], xq.ctypes.data + f0 // 4 * xq.strides[0], xq.strides[0] // 4,
-                              stats.ctypes.data, stats.strides[0] // 4, c, h, hstep)
+                              grid[3], xq.ctypes.data + f0 // 4 * xq.strides[1], xq.strides[1] // 4,
+                              stats.ctypes.data, stats.strides[0] // 4, c, h, hstep, xq.strides[0] // 4)
     launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """
 
 
 def layernorm_columns(driver, fn: int, xt, yt, scale, bias, eps, grid, xq, parts: int) -> None:
     """run_columns over `parts` parts (both callers of the LayerNorm kernel's driver)."""
-    run(driver, COLUMNS_SIGNATURE, parts, 1, fn, xt, yt, scale, bias, eps, grid, xq)
+    run(driver, COLUMNS_SIGNATURE, parts, 1, fn, xt, yt, scale, bias, eps, grid, _tiles_of_bytes(xq))
+
+
+def _tiles_of_bytes(xq: np.ndarray) -> np.ndarray:
+    """The drivers' xq: TokenTiles, or a feature-major array seen as such."""
+    return xq if xq.ndim == 3 else as_token_tiles(xq)
 
 @functools.cache
 def _columns_kernel(lanes: int, quantize: bool = False, to_bytes: bool = False, split: str = ""):
@@ -317,7 +335,7 @@ NO_GRID = np.zeros(4, np.float32)  # what the plain kernel is passed for the gri
 # kernel's pair of panels (32 output features), so that a part's features are those a
 # Linear's part wrote, and of 4 (a part's bytes are whole 4-block rows).
 SPLIT_FEATURES = 32
-NO_BYTES = np.zeros((1, 1), np.int32)  # what a kernel that stores no bytes is passed for xq
+NO_BYTES = np.zeros((1, 1, 16), np.int32)  # what a kernel that stores no bytes is passed for xq (as TokenTiles)
 
 
 def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon: float,
@@ -346,21 +364,28 @@ def layernorm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon
 
 
 def layernorm_to_bytes(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, epsilon: float,
-                       grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+                       grid: Grid, tiled: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """`layernorm(..., feature_major=True, grid=grid)`, and the bytes an int8 layer
     quantizing its x to the same grid would make of it: 4-block rows of i32 (byte i of
     row k4 is input 4·k4 + i, less the grid's lowest value; 0 past the last input), as
     the token-major view [..., ceil(h/4)] of a feature-major array, which the int8 kernel
-    reads in place (int8.Int8Chunked.from_quantized). The kernel stores both at once.
-    `grid` must be one the kernel covers (`grid.floats`)."""
+    reads in place (int8.Int8Chunked.from_quantized); `tiled`, as TokenTiles in whole
+    64-input K-tiles, for AMX layers (the reference op's stay feature-major, which they
+    read too). The kernel stores both at once. `grid` must be one the kernel covers
+    (`grid.floats`)."""
     h = x.shape[-1]
     lead = x.shape[:-1]
     x2 = x.reshape(-1, h)
     n = x2.shape[0]
-    xq = feature_major_empty(-(-h // 4), n).view(np.int32)
-    if h % 4:
-        xq[-1] = 0
-    if not _kernel_takes(x, scale, bias):
+    rows, kernel = -(-h // 4), _kernel_takes(x, scale, bias)
+    if tiled and kernel:
+        xq = token_tiles_empty(-(-h // 64) * 16, lead)
+        xq[:, rows - (h % 4 > 0):] = 0  # (past the last input, to the K-tile's end)
+    else:
+        xq = feature_major_empty(rows, n).view(np.int32)
+        if h % 4:
+            xq[-1] = 0
+    if not kernel:
         y = layernorm(x, scale, bias, epsilon, True, grid)  # (the reference op; the bytes by numpy from its output)
         step, zero, lo, hi = grid.floats
         padded = np.zeros((n, 4 * xq.shape[0]), np.uint8)
@@ -369,7 +394,7 @@ def layernorm_to_bytes(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None
         return y, xq.T.reshape(lead + (xq.shape[0],))
     b = np.zeros(h, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
     yt = _run_columns(x2, np.ascontiguousarray(scale, dtype=np.float32), b, epsilon, grid, xq)
-    return yt.T.reshape(lead + (h,)), xq.T.reshape(lead + (xq.shape[0],))
+    return yt.T.reshape(lead + (h,)), xq if xq.ndim == 3 else xq.T.reshape(lead + (rows,))
 
 
 def _kernel_takes(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None) -> bool:
@@ -396,5 +421,6 @@ def _run_columns(x2: np.ndarray, scale: np.ndarray, bias: np.ndarray, epsilon: f
     stats = call_scratch(2 * parts * lds * 4).view(np.float32)[:2 * parts * lds].reshape(2 * parts, lds)
     for quantize, to_bytes, split in ((False, False, "stats"), (grid is not None, xq is not NO_BYTES, "outputs")):
         fn, driver = _columns_kernel(vector_lanes(), quantize, to_bytes, split)
-        run(driver, COLUMNS_SIGNATURE, parts, 1, fn, xt, yt, scale, bias, np.float32(epsilon), floats, xq, stats, hstep)
+        run(driver, COLUMNS_SIGNATURE, parts, 1, fn, xt, yt, scale, bias, np.float32(epsilon), floats,
+            _tiles_of_bytes(xq), stats, hstep)
     return yt

@@ -276,3 +276,48 @@ def contiguous(a: np.ndarray) -> np.ndarray:
     if a.ndim == 2 and unit_token_stride(a.T):
         return transposed(a.T)
     return np.array(a, dtype=np.float32, order="C")
+
+
+# --- rows of i32 per token, a 16-token tile at a time ----------------------------------------
+
+TOKENS_PER_TILE = 16  # tokens in a tile of TokenTiles, and in an AMX B tile
+
+
+class TokenTiles(np.ndarray):
+    """Rows of 4 bytes per token (x's 4-block rows, as an int8 layer reads its x) stored a
+    16-token tile at a time: [tiles, rows, 16], each tile's rows 64 bytes apart. An AMX B
+    tile (16 rows × 16 tokens) is then 1 KB in one piece, where in a feature-major array
+    its rows are a row stride apart (amx.py: the layer's loads of x take less time so).
+    `lead` is the tokens' shape; the last tile's lanes past their count are never set."""
+
+    lead: tuple = ()
+
+    def __array_finalize__(self, obj) -> None:
+        self.lead = getattr(obj, "lead", ())
+
+
+def token_tiles_empty(rows: int, lead: tuple) -> TokenTiles:
+    """Uninitialised TokenTiles of `rows` rows for tokens of shape `lead`, on 64-byte lines."""
+    n = math.prod(lead)
+    tiles = aligned_empty((-(-n // TOKENS_PER_TILE), rows, TOKENS_PER_TILE), np.int32).view(TokenTiles)
+    tiles.lead = tuple(lead)
+    return tiles
+
+
+def as_token_tiles(rows: np.ndarray) -> np.ndarray:
+    """A feature-major [rows, tokens] array (unit token stride, its rows padded to whole 16
+    tokens: feature_major_empty's) seen as TokenTiles' [tiles, rows, 16], without a copy:
+    tile i is tokens 16·i on, of every row."""
+    n = rows.shape[1]
+    return np.lib.stride_tricks.as_strided(
+        rows, (-(-n // TOKENS_PER_TILE), rows.shape[0], TOKENS_PER_TILE),
+        (TOKENS_PER_TILE * rows.itemsize, rows.strides[0], rows.itemsize))
+
+
+def untiled(tiles: TokenTiles, rows: int) -> np.ndarray:
+    """TokenTiles' first `rows` rows as the token-major view [*lead, rows] of a
+    feature-major array (a copy)."""
+    n = math.prod(tiles.lead)
+    out = feature_major_empty(rows, n).view(np.int32)
+    out[:] = np.asarray(tiles)[:, :rows].transpose(1, 0, 2).reshape(rows, -1)[:, :n]
+    return out.T.reshape(tiles.lead + (rows,))

@@ -17,6 +17,7 @@ epilogues (epilogue.py).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -196,9 +197,9 @@ class TakesOwnX:
     def from_quantized(self, xk: np.ndarray, lead: tuple, residual: np.ndarray | None = None) -> np.ndarray:
         """y for the x whose kernel's own form is xk ([..., tokens], token stride 1): what
         __call__ gives for that x."""
-        m = self.out_features
-        yt = feature_major_empty(m, xk.shape[1])
-        if xk.shape[1]:
+        m, n = self.out_features, math.prod(lead)
+        yt = feature_major_empty(m, n)
+        if n:
             rt = transposed(_residual_rows(residual, lead, m)) if self.residual else _NO_RESIDUAL
             self._on_x(xk, yt, rt)
         return yt.T.reshape(lead + (m,))

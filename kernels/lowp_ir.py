@@ -183,26 +183,39 @@ def unsigned_bytes(e: Builder, x: str, scale: str, zero: str) -> str:
                                                               (iv, "zeroinitializer"))), (iv, e.splat_i32(255)))
 
 
-def store_block_bytes(e: Builder, qs: list[str], j: str, base: str, ld: str, t: str, masks: list) -> None:
+def token_tiled(e: Builder, row: str, ld: str, t: str, u: int, ldt: str) -> str:
+    """The index of vector u of tokens from t (a multiple of the lanes) in row `row`,
+    where tokens 16·i on start ldt · i elements on and rows are `ld` apart (layout.TokenTiles':
+    ld = 16; a feature-major array's: ldt = 16)."""
+    tok = e(f"add i64 {t}, {u * e.lanes}") if u else t
+    tile = e(f"mul i64 {e(f'lshr i64 {tok}, 4')}, {ldt}")
+    return e(f"add i64 {e.offset(row, ld, tile)}, {e(f'and i64 {tok}, 15')}")
+
+
+def store_block_bytes(e: Builder, qs: list[str], j: str, base: str, ld: str, t: str, masks: list,
+                      ldt: str | None = None) -> None:
     """Bytes (i32 vectors holding 0..255) of input j for consecutive vectors of tokens from
     t, stored where an int8 kernel reads its x: byte j % 4 of each token's i32 in 4-block
-    row j / 4 of `base` (row stride `ld` in i32). One masked byte store per vector; a lane
-    mask (None: every lane) covers its token's one byte."""
+    row j / 4 of `base` (row stride `ld` in i32; with `ldt`, tokens 16·i on ldt · i i32 on,
+    as in layout.TokenTiles, t a multiple of the lanes). One masked byte store per
+    vector; a lane mask (None: every lane) covers its token's one byte."""
     L = e.lanes
     iv, bv, bm = f"<{L} x i32>", f"<{4 * L} x i8>", f"<{4 * L} x i1>"
     byte = e(f"and i64 {j}, 3")
     shift = e.splat_i32(e(f"trunc i64 {e(f'shl i64 {byte}, 3')} to i32"))  # 8 · (j mod 4)
     ones = e(f"bitcast {iv} {e(f'shl {iv} {e.splat_i32(255)}, {shift}')} to {bv}")
     bytes_mask = e(f"icmp ne {bv} {ones}, zeroinitializer")
-    start = e.offset(e(f"lshr i64 {j}, 2"), ld, t)
+    row = e(f"lshr i64 {j}, 2")
+    start = e.offset(row, ld, t) if ldt is None else None
     spread = ", ".join(f"i32 {i // 4}" for i in range(4 * L))
     for u, (q, mask) in enumerate(zip(qs, masks)):
+        at = e.vptr(base, start, u, "i32") if ldt is None else e.gep(base, token_tiled(e, row, ld, t, u, ldt), "i32")
         on = bytes_mask
         if mask is not None:  # each token's lane mask over its four bytes
             per_byte = e(f"shufflevector <{L} x i1> {mask}, <{L} x i1> poison, <{4 * L} x i32> <{spread}>")
             on = e(f"and {bm} {bytes_mask}, {per_byte}")
         packed = e(f"bitcast {iv} {e(f'shl {iv} {q}, {shift}')} to {bv}")
-        e.call(f"llvm.masked.store.v{4 * L}i8.p0", "void", (bv, packed), ("ptr", e.vptr(base, start, u, "i32")),
+        e.call(f"llvm.masked.store.v{4 * L}i8.p0", "void", (bv, packed), ("ptr", at),
                ("i32", "1"), (bm, on))
 
 

@@ -125,8 +125,8 @@ BUILDS = (
     IR("bf16", "ir_source(replace(scattered_config('gelu', False), rows_out=True))", "bf16",
        "VECTOR_LANES == 16 and has_bf16()", raced=True),
     Driver("amx", "DRIVER_SOURCE", "run_amx",
-     ("int64, int64, W(int64, 2), int64, A(float32, 2), A(uint8, 1), A(float32, 1), A(float32, 2), A(float32, 2), "
-     "int64, A(int64, 1), int64, A(uint8, 1), A(int64, 1), A(uint8, 2), int64"), "int8 bf16"),
+     ("int64, int64, W(int64, 2), int64, A(float32, 3), A(uint8, 1), A(float32, 1), A(float32, 3), A(float32, 2), "
+     "int64, int64, A(int64, 1), int64, A(uint8, 1), A(int64, 1), A(uint8, 2), int64"), "int8 bf16"),
     IR("int8", "ir_source(IRConfig(1, 'none', True, 16, SPARSE_VECTORS[16], 16, int8=True))", "int8", "VECTOR_LANES == 16"),
     IR("int8", "lanes_ir(LanesConfig('none', True))", "int8", "VECTOR_LANES == 16 and has_lanes()"),
     IR("linear", "ir_source(kernel_config(1, 'none', True))", "fp32"),
@@ -150,7 +150,7 @@ BUILDS = (
     IR("layernorm", "part_ir(COLUMNS_SIGNATURE)", "float"),
     Driver("layernorm", "COLUMNS_DRIVER_SOURCE", "run_columns",
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 2), A(float32, 1), A(float32, 1), float32, "
-     "A(float32, 1), A(int32, 2)"), "float"),
+     "A(float32, 1), A(int32, 3)"), "float"),
     # (a LayerNorm after a Linear splits by features on more than one thread: layernorm._run_columns)
     *(IR("layernorm", f"columns_ir(VECTOR_LANES, split='{split}')", "float", "threads() > 1")
       for split in ("stats", "outputs")),
@@ -158,7 +158,7 @@ BUILDS = (
          "threads() > 1") for b in (False, True)),
     Driver("layernorm", "COLUMNS_DRIVER_SOURCE", "run_features",
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 2), A(float32, 1), A(float32, 1), float32, "
-     "A(float32, 1), A(int32, 2), A(float32, 2), int64"), "float"),
+     "A(float32, 1), A(int32, 3), A(float32, 2), int64"), "float"),
     IR("int8", "part_ir(QUANTIZE_SIGNATURE)", "int8"),
     Driver("int8", "DRIVER_SOURCE", "run_quantize",
      "int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 2), A(float32, 1)", "int8"),

@@ -40,7 +40,7 @@ from .kernels.int8 import (
     quantize_x,
 )
 from .kernels.layernorm import Grid, layernorm, layernorm_to_bytes
-from .kernels.layout import transposed
+from .kernels.layout import TokenTiles, transposed, untiled
 from .kernels.linear import (
     ByTokens,
     DenseLinear,
@@ -497,6 +497,10 @@ def _int8_run(impl, x: np.ndarray | None, residual: np.ndarray | None, xq: np.nd
     """An int8 layer's (or group's) output for x, or, given xq (x's bytes from the
     LayerNorm or row group that made x: hand_layernorm_bytes, hand_row_bytes), for those
     bytes where its kernel for x reads them (x None: there are only the bytes)."""
+    if isinstance(xq, TokenTiles):  # (an AMX layer's, for AMX layers: hand_amx_bytes)
+        if isinstance(impl, Int8Amx):
+            return impl.from_quantized(xq, xq.lead, residual)
+        xq = untiled(xq, -(-impl.in_features // 4))
     kernel = impl.pick(x if x is not None else xq) if isinstance(impl, ByTokens) else impl  # (by the token count)
     if xq is None or not hasattr(kernel, "from_quantized"):
         return kernel(x, residual)
@@ -747,6 +751,10 @@ def hand_row_bytes(steps: list[Step], opset: int, graph_outputs=()) -> list[Step
 
 
 AMX_BYTES = True  # see hand_amx_bytes
+# Bytes a LayerNorm or an AMX layer hands to AMX layers only are stored as
+# layout.TokenTiles, whose B tiles are each 1 KB in one piece (bench/README.md,
+# thirty-ninth session).
+TILED_BYTES = True
 
 
 def _byte_takers(steps: list[Step], readers: dict, x: str) -> tuple[list[int], np.ndarray | None]:
@@ -780,7 +788,7 @@ def hand_amx_bytes(steps: list[Step], graph_outputs=()) -> list[Step]:
         takers, grid = _byte_takers(steps, readers, o)
         if not takers or o in graph_outputs:
             continue
-        out[i] = _amx_step_with_bytes(s, grid)
+        out[i] = _amx_step_with_bytes(s, grid, TILED_BYTES and all(isinstance(steps[k].impl, Int8Amx) for k in takers))
         for k in takers:
             out[k] = _taking_bytes(out[k], o + BYTES_SUFFIX, o)
         log.debug("%s: stores the bytes its int8 readers' kernels read (they skip quantizing x): %s", n.name,
@@ -788,8 +796,9 @@ def hand_amx_bytes(steps: list[Step], graph_outputs=()) -> list[Step]:
     return out
 
 
-def _amx_step_with_bytes(step: Step, grid: np.ndarray) -> Step:
-    """An AMX int8 layer's step also giving its output's bytes on `grid` (see hand_amx_bytes)."""
+def _amx_step_with_bytes(step: Step, grid: np.ndarray, tiled: bool) -> Step:
+    """An AMX int8 layer's step also giving its output's bytes on `grid` (see hand_amx_bytes);
+    `tiled`, where only AMX layers read them, as TokenTiles (the lean run's)."""
     node, layer = step.node, step.impl
 
     def run(*inputs):
@@ -797,7 +806,7 @@ def _amx_step_with_bytes(step: Step, grid: np.ndarray) -> Step:
         return y, rows.quad_bytes(y, grid)
 
     def run_lean(x, residual=None, xq=None):
-        return None, layer.bytes_on(None if xq is not None else x, grid, xq)
+        return None, layer.bytes_on(None if xq is not None else x, grid, xq, tiled)
 
     o = node.outputs[0]
     return replace(step, node=Node(node.op_type, node.name, list(node.inputs), [o, o + BYTES_SUFFIX], node.attrs),
@@ -1084,8 +1093,10 @@ def hand_layernorm_bytes(steps: list[Step]) -> list[Step]:
         if not takers:
             continue
         q, eps = n.outputs[0] + BYTES_SUFFIX, n.attrs["epsilon"]
+        tiled = TILED_BYTES and all(isinstance(steps[k].impl, Int8Amx) for k in takers)
         out[i] = Step(Node(n.op_type, n.name, list(n.inputs), [n.outputs[0], q], n.attrs),
-                      lambda x, scale, bias=None, eps=eps, grid=grid: layernorm_to_bytes(x, scale, bias, eps, grid))
+                      lambda x, scale, bias=None, eps=eps, grid=grid, tiled=tiled: layernorm_to_bytes(
+                          x, scale, bias, eps, grid, tiled))
         log.debug("%s: stores the bytes its int8 readers' kernels read (they skip quantizing x): %s", n.name,
                   ", ".join(steps[k].node.name for k in takers))
         for k in takers:

@@ -242,7 +242,7 @@ def test_layernorms_hand_their_bytes_to_the_int8_layers_reading_them(form, monke
     quantizing x: the outputs are those of the model without the handover, bit for bit,
     over padded rows, whole and by token tiles (1100 tokens), which the test above holds
     to ONNX Runtime; on AMX's kernels too, and without VNNI, on Int8Linear (AVX2's
-    vpmaddwd), which reads the bytes as well."""
+    vpmaddwd), which reads the bytes as well. For AMX's kernels alone they are TokenTiles."""
     from sparsejit.kernels.int8 import has_vnni
 
     from sparsejit import plan
@@ -251,7 +251,7 @@ def test_layernorms_hand_their_bytes_to_the_int8_layers_reading_them(form, monke
         pytest.skip("the bytes are the VNNI kernel's (Int8Chunked)")
     path = INT8 / f"bert_block4_p90_int8_{form}.onnx"
     calls, to_bytes = [], plan.layernorm_to_bytes
-    monkeypatch.setattr(plan, "layernorm_to_bytes", lambda *a: calls.append(1) or to_bytes(*a))
+    monkeypatch.setattr(plan, "layernorm_to_bytes", lambda *a: calls.append(a[5]) or to_bytes(*a))  # (a[5]: tiled)
     handing = sparsejit.load(path, kernels="sparse")  # (VNNI's kernels here, AMX's below)
     monkeypatch.setattr(plan, "LAYERNORM_BYTES", False)
     plain = sparsejit.load(path, kernels="sparse")
@@ -259,7 +259,7 @@ def test_layernorms_hand_their_bytes_to_the_int8_layers_reading_them(form, monke
         feeds = make_inputs(handing.input_names, batch, seq, seed=seq)
         calls.clear()
         got = handing.run(feeds)
-        assert len(calls) == 4  # each block's two LayerNorms but the last (the pooler reads it)
+        assert calls == [False] * 4  # each block's two LayerNorms but the last (the pooler reads it)
         for a, b in zip(got, plain.run(feeds)):
             np.testing.assert_array_equal(a, b)
     # on AMX's kernels (kernels="dense"), the same bytes read as tiles
@@ -271,7 +271,7 @@ def test_layernorms_hand_their_bytes_to_the_int8_layers_reading_them(form, monke
         calls.clear()
         for a, b in zip(tiles.run(feeds), plain.run(feeds)):
             np.testing.assert_array_equal(a, b)
-        assert len(calls) == 4
+        assert calls == [True] * 4  # (as TokenTiles: only AMX layers read them)
     # without VNNI the readers run on Int8Linear, which reads the bytes too
     monkeypatch.setattr(plan, "host_dots", lambda: ["pmaddwd", "generic"])
     without = sparsejit.load(path, kernels="sparse")
@@ -279,7 +279,7 @@ def test_layernorms_hand_their_bytes_to_the_int8_layers_reading_them(form, monke
     without_plain = sparsejit.load(path, kernels="sparse")
     calls.clear()
     outs = without.run(feeds)
-    assert len(calls) == 4
+    assert calls == [False] * 4
     for a, b, c in zip(outs, without_plain.run(feeds), got):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(a, c, atol=1e-4, rtol=1e-4)
@@ -294,6 +294,7 @@ def test_amx_ffn1_hands_its_bytes_to_ffn2(tmp_path, monkeypatch):
     where asked for (Model.values), are its float output still."""
     from conftest import MODELS_DIR, assert_handover_runs_as_plain
     from sparsejit.kernels.amx import Int8Amx, has_amx
+    from sparsejit.kernels.layout import TokenTiles
 
     from sparsejit import plan
     from sparsejit.quantize import quantize_model
@@ -314,6 +315,10 @@ def test_amx_ffn1_hands_its_bytes_to_ffn2(tmp_path, monkeypatch):
         for g, w in zip(handing.run(feeds), _oracle(path, feeds)):
             _assert_as_the_graph(g, w, static=True)
     assert_handover_runs_as_plain(handing, plain, shapes, monkeypatch, handed[0].node.outputs[0], calls)
+    made = []  # (FFN2 runs on AMX too: the bytes as TokenTiles)
+    monkeypatch.setattr(Int8Amx, "bytes_on", lambda *a: made.append(bytes_on(*a)) or made[-1])
+    handing.run(make_inputs(handing.input_names, 1, 45, seed=1))  # (a shape not taped above)
+    assert len(made) == 2 and all(isinstance(b, TokenTiles) and b.lead == (1, 45) for b in made)
 
 
 @pytest.mark.parametrize("bytes_from", [0, 512])

@@ -17,12 +17,15 @@ from sparsejit.kernels.epilogue import exp as ir_exp
 from sparsejit.kernels.ir import Builder, Signature
 from sparsejit.kernels.layernorm import layernorm, reference_layernorm
 from sparsejit.kernels.layout import (
+    TokenTiles,
     aligned_empty,
     contiguous,
     feature_major_empty,
     on_lines,
+    token_tiles_empty,
     transposed,
     unit_token_stride,
+    untiled,
 )
 from sparsejit.kernels.linear import DenseLinear, SparseLinear, kernel_config, reference_linear
 from sparsejit.kernels.sparse_ir import SIGNATURE as SPARSE_SIGNATURE
@@ -1190,12 +1193,15 @@ def test_int8_kernel_exact_against_the_integer_reference(dot):
 
 
 @pytest.mark.parametrize("zero", [np.uint8(120), np.int8(-3)])
-def test_layernorm_stores_the_bytes_its_int8_reader_makes_of_its_output(zero):
+def test_layernorm_stores_the_bytes_its_int8_reader_makes_of_its_output(zero, monkeypatch):
     """layernorm_to_bytes: the LayerNorm rounded to a grid, and in the same pass the bytes an
     int8 layer on that grid makes of that output (its quantization, less the lowest value,
     packed four inputs to an i32, zero past the last input), exactly; whole 4-blocks, a
     partial one, whole and partial vectors of tokens, none, at one and two threads; the
-    rounded output FakeQuantize's of the plain LayerNorm's, bit for bit; a token of NaN too."""
+    rounded output FakeQuantize's of the plain LayerNorm's, bit for bit; a token of NaN too.
+    The same bytes stored as TokenTiles (`tiled`), zero to the K-tile's end, by vectors
+    of 16 tokens and of 8."""
+    import sparsejit.kernels.layernorm as layernorm_mod
     from sparsejit.kernels.elementwise import fake_quantize, quantize
     from sparsejit.kernels.layernorm import Grid, layernorm_to_bytes
 
@@ -1218,6 +1224,15 @@ def test_layernorm_stores_the_bytes_its_int8_reader_makes_of_its_output(zero):
                 want[:, :h] = quantize(y, np.float32(0.02), zero).astype(np.int16) - lo
                 assert xq.shape == (n, -(-h // 4)) and xq.dtype == np.int32
                 np.testing.assert_array_equal(xq, want.view(np.int32))
+                for lanes in {vector_lanes(), 8}:  # (as AMX layers read them; 8 lanes: half a tile a vector)
+                    monkeypatch.setattr(layernorm_mod, "vector_lanes", lambda lanes=lanes: lanes)
+                    y, tiles = layernorm_to_bytes(xt.T, scale, bias, 1e-12, grid, tiled=True)
+                    np.testing.assert_array_equal(y, plain)
+                    assert isinstance(tiles, TokenTiles) and tiles.lead == (n,)
+                    assert tiles.shape == (-(-n // 16), -(-h // 64) * 16, 16)
+                    np.testing.assert_array_equal(untiled(tiles, -(-h // 4)), want.view(np.int32), err_msg=f"{lanes}")
+                    assert not tiles[:, -(-h // 4):].any()  # (the rows to the K-tile's end)
+                monkeypatch.undo()
             if n == 17:  # a float64 input takes the reference LayerNorm, and numpy makes the bytes
                 y, xq = layernorm_to_bytes(xt.T.astype(np.float64), scale, bias, 1e-12, grid)
                 want[:, :h] = quantize(y.astype(np.float32), np.float32(0.02), zero).astype(np.int16) - lo
@@ -1228,8 +1243,8 @@ def test_layernorm_stores_the_bytes_its_int8_reader_makes_of_its_output(zero):
 def test_amx_int8_layer_runs_on_the_layernorms_bytes():
     """Int8Amx.from_quantized on layernorm_to_bytes's bytes gives what the layer gives for
     the LayerNorm's (rounded) output, bit for bit: inputs a multiple of 64 (the bytes read
-    as tiles in place) and not (copied into whole K-tiles first), tokens off 16, none; and
-    on the same bytes in rows off 64-byte lines (copied onto them first)."""
+    as tiles in place) and not (copied into whole K-tiles first), tokens off 16, none; on
+    the same bytes in rows off 64-byte lines (copied onto them first), and as TokenTiles."""
     from sparsejit.kernels.amx import Int8Amx, has_amx
     from sparsejit.kernels.int8 import byte_rows
     from sparsejit.kernels.layernorm import Grid, layernorm_to_bytes
@@ -1251,6 +1266,8 @@ def test_amx_int8_layer_runs_on_the_layernorms_bytes():
             r = rng.standard_normal((n, m)).astype(np.float32)
             want = layer(y, r)
             np.testing.assert_array_equal(layer.from_quantized(byte_rows(xq), (n,), r), want, err_msg=f"{h} {n}")
+            _, tiles = layernorm_to_bytes(xt.T, np.ones(h, np.float32), None, 1e-12, grid, tiled=True)
+            np.testing.assert_array_equal(layer.from_quantized(tiles, (n,), r), want, err_msg=f"tiles {h} {n}")
             rows = byte_rows(xq)
             ld = n + 5  # (rows 4·ld bytes apart, the first 16 bytes past a line)
             buf = np.zeros(rows.shape[0] * ld + 32, np.int32)
@@ -1296,7 +1313,8 @@ def test_amx_int8_layer_stores_the_next_layers_bytes_of_its_output(compressed):
     products and without, uint8 and int8 grids, x quantized by the layer or its bytes
     given, outputs a multiple of 32, of 4 and neither (the bytes past the last output 0),
     outputs past the grid's ends (±3e38: ±inf on it) and NaN, tokens off 16, one and none;
-    at one and two threads. (uint8 grids take lowp_ir.unsigned_bytes, int8 ones `quantized`.)"""
+    at one and two threads; stored as TokenTiles too, and from x's bytes as TokenTiles.
+    (uint8 grids take lowp_ir.unsigned_bytes, int8 ones `quantized`.)"""
     from sparsejit.kernels.amx import Int8Amx, can_compress, has_amx
     from sparsejit.kernels.elementwise import quantize
     from sparsejit.kernels.int8 import quantize_x
@@ -1327,6 +1345,15 @@ def test_amx_int8_layer_stores_the_next_layers_bytes_of_its_output(compressed):
                 for got in (layer.bytes_on(x, grid), layer.bytes_on(None, grid, given)):
                     assert got.shape == (n, -(-m // 4)) and got.dtype == np.int32
                     np.testing.assert_array_equal(got, want.view(np.int32), err_msg=f"{k}x{m} {act} {n} {threads}")
+                given_tiles = token_tiles_empty(-(-k // 64) * 16, (n,))
+                given_tiles[:] = 0
+                padded = np.zeros((given_tiles.shape[0] * 16, given.shape[1]), np.int32)
+                padded[:n] = given
+                given_tiles[:, :given.shape[1]] = padded.reshape(-1, 16, given.shape[1]).transpose(0, 2, 1)
+                for got in (layer.bytes_on(x, grid, tiled=True), layer.bytes_on(None, grid, given_tiles, tiled=True)):
+                    assert isinstance(got, TokenTiles) and got.shape == (-(-n // 16), -(-m // 64) * 16, 16)
+                    np.testing.assert_array_equal(untiled(got, -(-m // 4)), want.view(np.int32), err_msg=f"tiled {k}x{m} {n}")
+                    assert not got[:, -(-m // 4):].any()
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
