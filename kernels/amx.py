@@ -36,10 +36,10 @@ from .launch import IMPORTS, put_source, run
 from .layout import (
     TokenTiles,
     aligned_empty,
-    as_token_tiles,
     feature_major_empty,
     on_lines,
     token_tiles_empty,
+    token_tiles_of,
     transposed,
 )
 from .linear import _NO_RESIDUAL, DenseLinear, TakesOwnX, _bias
@@ -199,12 +199,6 @@ def _aligned_copy(a: np.ndarray) -> np.ndarray:
     return copy
 
 
-def _tiles_of_x(a: np.ndarray) -> np.ndarray:
-    """A kernel's xq or yt as the driver takes them: TokenTiles, or a feature-major array
-    seen as such (layout.as_token_tiles), float32 (an i32 array's bits)."""
-    return (a if a.ndim == 3 else as_token_tiles(a)).view(np.float32)
-
-
 class _Amx:
     """What both AMX layers share: the weight's tiles (dense, or compressed where few of
     its elements are nonzero), the compiled kernel and its driver."""
@@ -255,8 +249,8 @@ class _Amx:
         ntok = math.prod(yt.lead) if isinstance(yt, TokenTiles) else yt.shape[1]
         step = token_tile(xq.shape[-2] if xq.ndim == 3 else xq.shape[0])
         run(self._driver, SIGNATURE, parts, -(-ntok // step) * (len(self._members) - 1), self._fn if fn is None else fn,
-            _tiles_of_x(xq), self._arrays[0], bias, _tiles_of_x(yt), rt, ntok, step, self._members, ktiles,
-            *self._arrays[1:], work, self.out_features)
+            token_tiles_of(xq).view(np.float32), self._arrays[0], bias, token_tiles_of(yt).view(np.float32), rt, ntok,
+            step, self._members, ktiles, *self._arrays[1:], work, self.out_features)
 
 
 class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
@@ -358,6 +352,17 @@ class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
         self._tiles_run(xq, self._quantize_into(xt, xq), yt, rt)
 
 
+def _pair_tiles(features: int, lead: tuple, fill) -> TokenTiles:
+    """TokenTiles of pair rows for `features` inputs in whole bf16 K-tiles, the rows past
+    the last whole pair zero (and the last high half, for odd `features`), the others
+    filled by fill(the first ceil(features / 2) rows)."""
+    pairs = -(-features // 2)
+    tiles = token_tiles_empty(-(-features // K_TILE["bf16"]) * ROWS, lead)
+    tiles[:, features // 2:] = 0
+    fill(tiles[:, :pairs])
+    return tiles
+
+
 class BF16AmxLinear(_Amx, TakesOwnX, DenseLinear):
     """A dense bf16 layer on AMX tiles (`tdpbf16ps`): the weight rounded to bfloat16 in
     16 × 32 tiles, x packed into bfloat16 pairs, sums in float32, the float32 epilogues.
@@ -390,11 +395,9 @@ class BF16AmxLinear(_Amx, TakesOwnX, DenseLinear):
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         self._tiles_run(self._packed(xt), self.bias, yt, rt)
 
-    def _packed(self, xt: np.ndarray) -> np.ndarray:
-        """xᵀ packed into pair rows padded to whole K-tiles (the padded rows zero)."""
-        xp = x_rows(self.in_features, "bf16", xt.shape[1])
-        packed_pairs(xt, xp[:-(-self.in_features // 2)])
-        return xp
+    def _packed(self, xt: np.ndarray) -> TokenTiles:
+        """xᵀ packed into pair rows, as TokenTiles in whole K-tiles (the padded rows zero)."""
+        return _pair_tiles(self.in_features, (xt.shape[1],), lambda tiles: packed_pairs(xt, tiles))
 
     def _on_x(self, xp: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         self._tiles_run(self._whole_tiles(xp), self.bias, yt, rt)
@@ -402,30 +405,39 @@ class BF16AmxLinear(_Amx, TakesOwnX, DenseLinear):
     def _whole_tiles(self, xp: np.ndarray) -> np.ndarray:
         """Pair rows handed over ([in/2, tokens], their last high half 0 for odd inputs),
         copied into whole K-tiles of rows, the padded rows zero, where they are not, or
-        where the rows are not on 64-byte lines."""
+        where the rows are not on 64-byte lines. TokenTiles come in whole K-tiles."""
+        if isinstance(xp, TokenTiles):
+            return xp
         if xp.shape[0] % ROWS or not on_lines(xp):
             padded = x_rows(self.in_features, "bf16", xp.shape[1])
             padded.view(np.int32)[:xp.shape[0]] = xp.view(np.int32)
             xp = padded
         return xp.view(np.float32)
 
-    def pairs_on(self, x: np.ndarray | None, given: np.ndarray | None = None) -> np.ndarray:
-        """y for x [..., in] (or for x's pair rows `given`, as a token-major view) as the
-        pair rows the next bf16 AMX layer reads (bf16.packed_pairs' layout, what it would
-        make of y): the token-major view [..., ceil(out/2)] of [out/2, tokens] i32 rows. The
-        kernel stores them in its epilogue instead of y (amx_ir's `pairs_out`)."""
+    def pairs_on(self, x: np.ndarray | None, given: np.ndarray | None = None, tiled: bool = False) -> np.ndarray:
+        """y for x [..., in] (or for x's pair rows `given`, as a token-major view or
+        TokenTiles) as the pair rows the next bf16 AMX layer reads (bf16.packed_pairs'
+        layout, what it would make of y): the token-major view [..., ceil(out/2)] of
+        [out/2, tokens] i32 rows; `tiled`, TokenTiles in whole K-tiles. The kernel stores
+        them in its epilogue instead of y (amx_ir's `pairs_out`)."""
         if self.residual:
             raise ValueError("a bf16 layer with a residual gives no pair rows")
-        lead = (given if x is None else x).shape[:-1]
+        lead = given.lead if isinstance(given, TokenTiles) else (given if x is None else x).shape[:-1]
         n, m = math.prod(lead), self.out_features
-        out = feature_major_empty(-(-m // 2), n)
+
+        def run(out: np.ndarray) -> None:
+            if n:
+                xp = self._packed(transposed(x.reshape(-1, self.in_features))) if given is None else \
+                    self._whole_tiles(given if isinstance(given, TokenTiles) else byte_rows(given))
+                self._tiles_run(xp, self.bias, out.view(np.float32), _NO_RESIDUAL, self._pairs_fn)
+
+        if tiled:  # (the high half past the last output, and the rows to the K-tile's end: zero)
+            return _pair_tiles(m, lead, run)
+        out = feature_major_empty(-(-m // 2), n).view(np.int32)
         if m % 2:
             out[-1] = 0  # (the high half past the last output: bfloat16 0, times the next layer's padded 0)
-        if n:
-            xp = self._whole_tiles(byte_rows(given)) if given is not None else \
-                self._packed(transposed(x.reshape(-1, self.in_features)))
-            self._tiles_run(xp, self.bias, out, _NO_RESIDUAL, self._pairs_fn)
-        return out.view(np.int32).T.reshape(lead + (out.shape[0],))
+        run(out)
+        return out.T.reshape(lead + (out.shape[0],))
 
     @functools.cached_property
     def _pairs_fn(self) -> int:

@@ -101,7 +101,8 @@ class AmxConfig:
     # with quant_out, the grid's lowest value is 0 (uint8): its bytes by lowp_ir.unsigned_bytes
     unsigned_grid: bool = False
     # bf16 without residual: y rounded to bfloat16 and stored as the pair rows the next bf16
-    # layer reads (yt: [m/2, tokens] of i32; lowp_ir.store_pair_halves), instead of y
+    # layer reads (yt: [m/2, tokens] of i32, tokens 16·i on `ldyt` · i on;
+    # lowp_ir.store_pair_halves), instead of y
     pairs_out: bool = False
     # int8: the scaled sums requantized and dequantized before the bias, as int8_ir's
     # (a QLinearMatMul's output): %bias[3m + j], [4m + j], [5m + j] the output scale, its
@@ -314,7 +315,7 @@ def _rows_out(e: Builder, cfg: AmxConfig, pair: str, t: str, tiles: int, out: _O
             store_block_bytes(e, qs, j, "%yt", "%ldy", t, masks, "%ldyt")
         elif cfg.pairs_out:
             store_pair_halves(e, [epilogue(e, cfg.activation, y, None, mask) for y, mask in zip(ys, masks)], j, "%yt",
-                              "%ldy", t, masks)
+                              "%ldy", t, masks, "%ldyt")
         else:
             yoff = e.offset(j, "%ldy", t)
             roff = e.offset(j, "%ldr", t) if cfg.residual else None

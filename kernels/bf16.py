@@ -38,7 +38,7 @@ from .compress import analyse, chunk_rows, compress
 from .dense_ir import DenseConfig, dense_ir
 from .ir import Builder, Signature, with_driver
 from .launch import IMPORTS, put_source, run
-from .layout import feature_major_empty, transposed
+from .layout import feature_major_empty, token_tiles_of, transposed
 from .linear import (
     DENSE_DRIVER_SOURCE,
     DENSE_TOKEN_TILE,
@@ -89,21 +89,24 @@ def reference_bf16_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | 
 
 
 PACK_SIGNATURE = Signature("pack_pairs", (("xt", "ptr"), ("ldx", "i64"), ("xp", "ptr"), ("ldp", "i64"), ("k", "i64"),
-                                          ("p0", "i64"), ("p1", "i64"), ("ntok", "i64")))
+                                          ("p0", "i64"), ("p1", "i64"), ("ntok", "i64"), ("ldpt", "i64")))
 
 
 def pack_ir() -> str:
     e = Builder(16)
-    e.function(PACK_SIGNATURE, lambda: pack_pair_rows(e, "%xt", "%ldx", "%k", "%xp", "%ldp", "%p0", "%p1", "%ntok"))
+    e.function(PACK_SIGNATURE, lambda: pack_pair_rows(e, "%xt", "%ldx", "%k", "%xp", "%ldp", "%p0", "%p1", "%ntok",
+                                                      "%ldpt"))
     return e.module("; sparsejit generated kernel: float xt packed into bfloat16 pairs of inputs\n"
-                    "; xp[p, t] = bf16(xt[2p, t]) | bf16(xt[2p + 1, t]) << 16 (0 past the last input)")
+                    "; xp[p, t] = bf16(xt[2p, t]) | bf16(xt[2p + 1, t]) << 16 (0 past the last input; tokens 16 i on"
+                    " at ldpt i)")
 
 
 DRIVER_SOURCE = """\
 # sparsejit generated kernel: the driver of the bf16 kernels' packing (the sparse ones then
 # run on the sparse kernel's driver, linear.SPARSE_DRIVER_SOURCE)
 # part c packs xt's pairs of rows [c * pairs / parts, (c + 1) * pairs / parts) into xp
-# (or, for the scattered kernel, rounds xt's rows to bfloat16 rows of xp: rows_ir)
+# (or, for the scattered kernel, rounds xt's rows to bfloat16 rows of xp: rows_ir); xp as
+# [16-token tiles, rows, 16] (layout.TokenTiles, or a feature-major array seen so)
 import numpy as np
 from numba import njit
 
@@ -112,11 +115,11 @@ ANY_LAYOUT = ("calls",)  # its arrays compiled for any layout only (compile._any
 
 @njit(nogil=True, cache=True)
 def pack_pairs(launch, part, calls, fn, xt, xp):
-    pairs = xp.shape[0]
+    pairs = xp.shape[1]
     parts = calls.shape[0]
     for c in range(parts):
-        put_pack_pairs(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, xp.ctypes.data, xp.strides[0] // 4,
-                       xt.shape[0], c * pairs // parts, (c + 1) * pairs // parts, xt.shape[1])
+        put_pack_pairs(calls, c, fn, xt.ctypes.data, xt.strides[0] // 4, xp.ctypes.data, xp.strides[1] // 4,
+                       xt.shape[0], c * pairs // parts, (c + 1) * pairs // parts, xt.shape[1], xp.strides[0] // 4)
     launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """
 
@@ -127,11 +130,12 @@ def _pack_fn() -> int:
 
 
 def packed_pairs(xt: np.ndarray, xp: np.ndarray | None = None) -> np.ndarray:
-    """xp ([in/2, tokens]; a new feature-major array when None) with xt's pairs of rows
-    packed into it by pack_ir's kernel."""
+    """xp ([in/2, tokens], or TokenTiles' [tiles, in/2, 16]; a new feature-major array when
+    None) with xt's pairs of rows packed into it by pack_ir's kernel."""
     if xp is None:
         xp = feature_major_empty(-(-xt.shape[0] // 2), xt.shape[1])
-    run(load_source(DRIVER_SOURCE).pack_pairs, PACK_SIGNATURE, threads(), 1, _pack_fn(), xt, xp)
+    run(load_source(DRIVER_SOURCE).pack_pairs, PACK_SIGNATURE, threads(), 1, _pack_fn(), xt,
+        token_tiles_of(xp).view(np.float32))  # (i32 rows as float32 bits: one type, one compiled driver)
     return xp
 
 
@@ -165,7 +169,7 @@ def bf16_rows(xt: np.ndarray) -> np.ndarray:
     layout (row stride 2·ldx in 16-bit units, each row on a 64-byte line)."""
     k, n = xt.shape
     xb = feature_major_empty(k, n)
-    run(load_source(DRIVER_SOURCE).pack_pairs, PACK_SIGNATURE, threads(), 1, _rows_fn(), xt, xb)
+    run(load_source(DRIVER_SOURCE).pack_pairs, PACK_SIGNATURE, threads(), 1, _rows_fn(), xt, token_tiles_of(xb))
     return xb
 
 

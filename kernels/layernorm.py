@@ -19,11 +19,11 @@ from .elementwise import RANGES, fake_quantize, reference_fake_quantize, scalar
 from .ir import Builder, Signature
 from .launch import IMPORTS, put_source, run
 from .layout import (
-    as_token_tiles,
     call_scratch,
     contiguous,
     feature_major_empty,
     token_tiles_empty,
+    token_tiles_of,
     transposed,
     unit_token_stride,
 )
@@ -296,12 +296,7 @@ def run_features(launch, part, calls, fn, xt, yt, scale, bias, eps, grid, xq, st
 
 def layernorm_columns(driver, fn: int, xt, yt, scale, bias, eps, grid, xq, parts: int) -> None:
     """run_columns over `parts` parts (both callers of the LayerNorm kernel's driver)."""
-    run(driver, COLUMNS_SIGNATURE, parts, 1, fn, xt, yt, scale, bias, eps, grid, _tiles_of_bytes(xq))
-
-
-def _tiles_of_bytes(xq: np.ndarray) -> np.ndarray:
-    """The drivers' xq: TokenTiles, or a feature-major array seen as such."""
-    return xq if xq.ndim == 3 else as_token_tiles(xq)
+    run(driver, COLUMNS_SIGNATURE, parts, 1, fn, xt, yt, scale, bias, eps, grid, token_tiles_of(xq))
 
 @functools.cache
 def _columns_kernel(lanes: int, quantize: bool = False, to_bytes: bool = False, split: str = ""):
@@ -422,5 +417,5 @@ def _run_columns(x2: np.ndarray, scale: np.ndarray, bias: np.ndarray, epsilon: f
     for quantize, to_bytes, split in ((False, False, "stats"), (grid is not None, xq is not NO_BYTES, "outputs")):
         fn, driver = _columns_kernel(vector_lanes(), quantize, to_bytes, split)
         run(driver, COLUMNS_SIGNATURE, parts, 1, fn, xt, yt, scale, bias, np.float32(epsilon), floats,
-            _tiles_of_bytes(xq), stats, hstep)
+            token_tiles_of(xq), stats, hstep)
     return yt

@@ -314,6 +314,12 @@ def as_token_tiles(rows: np.ndarray) -> np.ndarray:
         (TOKENS_PER_TILE * rows.itemsize, rows.strides[0], rows.itemsize))
 
 
+def token_tiles_of(a: np.ndarray) -> np.ndarray:
+    """A kernel driver's rows argument as [tiles, rows, 16]: TokenTiles (or a view of
+    them), or a feature-major array seen so (as_token_tiles)."""
+    return a if a.ndim == 3 else as_token_tiles(a)
+
+
 def untiled(tiles: TokenTiles, rows: int) -> np.ndarray:
     """TokenTiles' first `rows` rows as the token-major view [*lead, rows] of a
     feature-major array (a copy)."""

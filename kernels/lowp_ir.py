@@ -47,10 +47,12 @@ def bf16_pairs(e: Builder, lo: str, hi: str) -> str:
     return e(f"bitcast <{2 * L} x bfloat> {pair} to {e.vt}")
 
 
-def pack_pair_rows(e: Builder, src: str, ld: str, rows: str, dst: str, ldd: str, p0: str, p1: str, ntok: str) -> None:
+def pack_pair_rows(e: Builder, src: str, ld: str, rows: str, dst: str, ldd: str, p0: str, p1: str, ntok: str,
+                   lddt: str | None = None) -> None:
     """dst[p, t] = the bfloat16 pair (src[2p, t], src[2p + 1, t]) for pair rows [p0, p1),
     the second 0 past the last of `rows` rows; whole vectors of tokens up to ntok rounded
-    up to the lanes (the lanes past ntok hold zeros)."""
+    up to the lanes (the lanes past ntok hold zeros). With `lddt`, dst's tokens 16·i on
+    start lddt · i i32 on (token_tiled)."""
     def tile(p, t):
         (mask,) = e.lane_masks(t, 1, ntok)
         r0 = e(f"mul i64 {p}, 2")
@@ -59,7 +61,8 @@ def pack_pair_rows(e: Builder, src: str, ld: str, rows: str, dst: str, ldd: str,
         lo = e.vload(e.gep(src, e.offset(r0, ld, t)), mask)
         hi = e.vload(e.gep(src, e.offset(e(f"select i1 {inside}, i64 {r1}, i64 {r0}"), ld, t)), mask)
         hi = e(f"select i1 {inside}, {e.vt} {hi}, {e.vt} {ZERO}")
-        e.vstore(bf16_pairs(e, lo, hi), e.gep(dst, e.offset(p, ldd, t)), None)
+        at = e.offset(p, ldd, t) if lddt is None else token_tiled(e, p, ldd, t, 0, lddt)
+        e.vstore(bf16_pairs(e, lo, hi), e.gep(dst, at), None)
 
     e.loop(p0, p1, 1, [], lambda p, _: e.tiles("0", ntok, e.lanes, lambda t: tile(p, t)) or [])
 
@@ -220,14 +223,14 @@ def store_block_bytes(e: Builder, qs: list[str], j: str, base: str, ld: str, t: 
 
 
 def store_pair_halves(e: Builder, values: list[str], j: str, base: str, ld: str, t: str,
-                      masks: list | None = None) -> None:
+                      masks: list | None = None, ldt: str | None = None) -> None:
     """Row j's outputs (vectors of tokens from t) rounded to bfloat16 and stored where a
     bf16 layer on pairs of consecutive inputs reads its x (bf16.packed_pairs' layout): the
     low halves (j even) or high halves (j odd) of pair row j / 2 of `base`, its row stride
     `ld` in i32. Each vector's 16 values go out spread over 32 halves, by a store masked to
     the row's halves (and, with `masks`, to each vector's tokens), so rows j and j + 1 never
     write each other's bytes. Without masks a masked tile's lanes past the last token land
-    in the rows' padding."""
+    in the rows' padding. With `ldt`, tokens 16·i on start ldt · i i32 on (token_tiled)."""
     L, hv, gv, gm = e.lanes, f"<{e.lanes} x i16>", f"<{2 * e.lanes} x i16>", f"<{2 * e.lanes} x i1>"
     odd = e(f"trunc i64 {e(f'and i64 {j}, 1')} to i1")
     spread = [f"<{', '.join(f'i32 {p // 2 if p % 2 == parity else L}' for p in range(2 * L))}>" for parity in (0, 1)]
@@ -242,8 +245,9 @@ def store_pair_halves(e: Builder, values: list[str], j: str, base: str, ld: str,
         on = which
         if masks is not None and masks[u] is not None:  # (each token's lane over its two halves)
             on = e(f"and {gm} {which}, {e(f'shufflevector <{L} x i1> {masks[u]}, <{L} x i1> poison, <{2 * L} x i32> <{pairs}>')}")
-        e.call(f"llvm.masked.store.v{2 * L}i16.p0", "void", (gv, x),
-               ("ptr", e.gep(base, e(f"add i64 {row}, {2 * u * L}") if u else row, "i16")), ("i32", "2"), (gm, on))
+        at = e.gep(base, e(f"add i64 {row}, {2 * u * L}") if u else row, "i16") if ldt is None else \
+            e.gep(base, token_tiled(e, e(f"lshr i64 {j}, 1"), ld, t, u, ldt), "i32")
+        e.call(f"llvm.masked.store.v{2 * L}i16.p0", "void", (gv, x), ("ptr", at), ("i32", "2"), (gm, on))
 
 
 def group_order(lanes: int) -> str:

@@ -117,7 +117,7 @@ BUILDS = (
     IR("amx", "amx_ir(AmxConfig('int8', 'none', False, True, True))", "int8", "has_amx('int8')"),
     IR("amx", "part_ir(SIGNATURE)", "int8 bf16", "has_amx('int8') or has_amx('bf16')"),
     Driver("bf16", "DRIVER_SOURCE", "pack_pairs",
-     "int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 2)", "bf16"),
+     "int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 3)", "bf16"),
     IR("bf16", "rows_ir()", "bf16", "VECTOR_LANES == 16 and has_bf16()"),
     IR("bf16", "ir_source(scattered_config('none', False))", "bf16", "VECTOR_LANES == 16 and has_bf16()"),
     IR("bf16", "ir_source(scattered_config('none', True))", "bf16", "VECTOR_LANES == 16 and has_bf16()"),

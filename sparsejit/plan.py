@@ -751,10 +751,10 @@ def hand_row_bytes(steps: list[Step], opset: int, graph_outputs=()) -> list[Step
 
 
 AMX_BYTES = True  # see hand_amx_bytes
-# Bytes a LayerNorm or an AMX layer hands to AMX layers only are stored as
-# layout.TokenTiles, whose B tiles are each 1 KB in one piece (bench/README.md,
-# thirty-ninth session).
-TILED_BYTES = True
+# Bytes a LayerNorm or an AMX layer hands to AMX layers only, and a bf16 AMX layer's pair
+# rows for the next, are stored as layout.TokenTiles, whose B tiles are each 1 KB in one
+# piece (bench/README.md, thirty-ninth session).
+TOKEN_TILES = True
 
 
 def _byte_takers(steps: list[Step], readers: dict, x: str) -> tuple[list[int], np.ndarray | None]:
@@ -788,7 +788,7 @@ def hand_amx_bytes(steps: list[Step], graph_outputs=()) -> list[Step]:
         takers, grid = _byte_takers(steps, readers, o)
         if not takers or o in graph_outputs:
             continue
-        out[i] = _amx_step_with_bytes(s, grid, TILED_BYTES and all(isinstance(steps[k].impl, Int8Amx) for k in takers))
+        out[i] = _amx_step_with_bytes(s, grid, TOKEN_TILES and all(isinstance(steps[k].impl, Int8Amx) for k in takers))
         for k in takers:
             out[k] = _taking_bytes(out[k], o + BYTES_SUFFIX, o)
         log.debug("%s: stores the bytes its int8 readers' kernels read (they skip quantizing x): %s", n.name,
@@ -855,7 +855,7 @@ def _amx_step_with_pairs(step: Step) -> Step:
             y.shape[:-1] + (-(-y.shape[-1] // 2),))
 
     def run_lean(x, residual=None, xp=None):
-        return None, layer.pairs_on(None if xp is not None else x, xp)
+        return None, layer.pairs_on(None if xp is not None else x, xp, TOKEN_TILES)
 
     o = node.outputs[0]
     return replace(step, node=Node(node.op_type, node.name, list(node.inputs), [o, o + PAIRS_SUFFIX], node.attrs),
@@ -871,6 +871,8 @@ def _taking_pairs(step: Step, q: str, without: str) -> Step:
     def run(x, residual=None, xp=None):
         if xp is None:
             return step.run(x, residual)
+        if isinstance(xp, TokenTiles):
+            return (layer.from_quantized(xp, xp.lead, residual),)
         return (layer.from_quantized(byte_rows(xp), xp.shape[:-1], residual),)
 
     return replace(step, node=Node(r.op_type, r.name, inputs, list(r.outputs), r.attrs), run=run,
@@ -1093,7 +1095,7 @@ def hand_layernorm_bytes(steps: list[Step]) -> list[Step]:
         if not takers:
             continue
         q, eps = n.outputs[0] + BYTES_SUFFIX, n.attrs["epsilon"]
-        tiled = TILED_BYTES and all(isinstance(steps[k].impl, Int8Amx) for k in takers)
+        tiled = TOKEN_TILES and all(isinstance(steps[k].impl, Int8Amx) for k in takers)
         out[i] = Step(Node(n.op_type, n.name, list(n.inputs), [n.outputs[0], q], n.attrs),
                       lambda x, scale, bias=None, eps=eps, grid=grid, tiled=tiled: layernorm_to_bytes(
                           x, scale, bias, eps, grid, tiled))

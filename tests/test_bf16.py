@@ -494,9 +494,10 @@ def test_the_amx_pairs_handover_is_the_pair_rows_of_the_float_output(compressed,
     for bit (an odd output count's last high halves 0; tokens off 16, the second tile of a
     last block past them), with GELU run during the next block's products; given x's own
     pair rows, the same; and the next layer on them (copied into whole K-tiles where its
-    inputs are not a multiple of 32) gives what it gives on that output."""
+    inputs are not a multiple of 32) gives what it gives on that output. The same stored
+    as TokenTiles (`tiled`), from x or from x's pair rows as TokenTiles."""
     from sparsejit.kernels.bf16 import packed_pairs
-    from sparsejit.kernels.layout import transposed
+    from sparsejit.kernels.layout import TokenTiles, transposed, untiled
 
     if not has_amx("bf16") or compressed and not can_compress():
         pytest.skip("this CPU has no AMX-BF16 (or no VBMI2 for compressed tiles)")
@@ -514,6 +515,11 @@ def test_the_amx_pairs_handover_is_the_pair_rows_of_the_float_output(compressed,
         given = packed_pairs(transposed(x)).view(np.int32).T  # (x's pair rows, as a step hands them over)
         assert np.array_equal(first.pairs_on(None, given).view(np.uint32), want.T), ntok
         assert np.array_equal(nxt.from_quantized(xp.T, (ntok,), r), nxt(y, r)), ntok
+        for tiles in (first.pairs_on(x, tiled=True), first.pairs_on(None, first._packed(transposed(x)), tiled=True)):
+            assert isinstance(tiles, TokenTiles) and tiles.shape == (-(-ntok // 16), -(-m // 32) * 16, 16)
+            assert np.array_equal(untiled(tiles, -(-m // 2)).view(np.uint32), want.T), ntok
+            assert not tiles[:, -(-m // 2):].any()  # (the rows to the K-tile's end)
+            assert np.array_equal(nxt.from_quantized(tiles, (ntok,), r), nxt(y, r)), ntok
 
 
 def test_amx_ffn1_hands_its_pair_rows_to_ffn2(monkeypatch):
@@ -523,6 +529,7 @@ def test_amx_ffn1_hands_its_pair_rows_to_ffn2(monkeypatch):
     ONNX Runtime), over padded rows and several shapes, untaped and taped; FFN1's floats,
     where asked for (Model.values), are its float output still."""
     from conftest import assert_handover_runs_as_plain
+    from sparsejit.kernels.layout import TokenTiles
 
     from sparsejit import plan
 
@@ -537,3 +544,7 @@ def test_amx_ffn1_hands_its_pair_rows_to_ffn2(monkeypatch):
     plain = sparsejit.load(DEFAULT, precision="bf16", kernels="dense")
     assert_handover_runs_as_plain(handing, plain, [(1, 16), (2, 37), (3, 20)], monkeypatch,
                                   handed[0].node.outputs[0], calls)
+    made = []  # (the pair rows as TokenTiles)
+    monkeypatch.setattr(BF16AmxLinear, "pairs_on", lambda *a: made.append(pairs_on(*a)) or made[-1])
+    handing.run(make_inputs(handing.input_names, 1, 45, seed=1))  # (a shape not taped above)
+    assert made and all(isinstance(p, TokenTiles) and p.lead == (1, 45) for p in made)
