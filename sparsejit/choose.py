@@ -64,6 +64,13 @@ MANY_TOKENS = (384, 1024)
 # closer than that is within the timing's noise (bench/README.md, ninth session), and the
 # sparse kernels keep their FFN handovers.
 AMX_CLEARLY = 0.9
+# Under bf16 with AMX, over PROBE_TOKENS tokens a sparse kernel is taken only where its time
+# is under this fraction of the AMX layer's. A layer timed alone pays, per call, for each
+# launch's wake of the threads and for packing x, which AMX's layer makes two launches of
+# and a taped model's stretch does not pay (FFN2 is handed its pair rows): layers that
+# timed alike alone, or AMX's 1.4 times the sparse kernel's, took 0.32 to 0.58 of its time
+# in the model (bench/README.md, thirty-ninth session).
+TILES_CLEARLY = 0.5
 
 # How a layer's kernel was decided, as `LayerPlan.decided_by` says it.
 DECIDERS = ("rule", "measured", "forced", "plan file", "cached plan")
@@ -196,8 +203,11 @@ class Chooser:
         if "own" in t:
             timed += f" (its {names['own']} {t['own']:.3f} ms)"
         if against_dense:
-            kernel = t["kernel"] if t["sparse"] < t["dense"] else "dense"
-            return Choice(kernel, chunk, "measured", f"{timed}, {names['dense']} {t['dense']:.3f} ms", t, reused)
+            bar = TILES_CLEARLY if self.tiles else 1.0
+            kernel = t["kernel"] if t["sparse"] < bar * t["dense"] else "dense"
+            rule = f" (a sparse kernel under {bar} of its time taken)" if self.tiles else ""
+            return Choice(kernel, chunk, "measured", f"{timed}, {names['dense']} {t['dense']:.3f} ms{rule}", t,
+                          reused)
         return Choice(t["kernel"], chunk, by, f"{why}; K-chunk {timed}", t, reused)
 
     def many_tokens(self, d: Choice, pattern: Pattern, act: str, residual: bool,

@@ -310,10 +310,34 @@ def test_bf16_times_the_float32_sparse_kernel_beside_its_own(faster, kernels, mo
 
 
 @needs_bf16
+@pytest.mark.parametrize("dense_ms,amx", [(1.5, True), (2.5, False)])  # (TILES_CLEARLY 0.5)
+def test_a_bf16_layer_takes_amx_tiles_unless_its_sparse_kernel_is_clearly_faster(dense_ms, amx, monkeypatch):
+    """With AMX tiles, timed alone over PROBE_TOKENS, a layer takes its sparse kernel only
+    where that took under TILES_CLEARLY of AMX's time (alone, AMX's layer pays for two
+    launches and packing x, which a taped model mostly does not); the reason says so."""
+    from sparsejit.kernels.linear import ByTokens
+
+    from sparsejit import choose
+    from sparsejit.graph import Node
+    from sparsejit.plan import plan_linear
+
+    if not has_amx("bf16"):
+        pytest.skip("this CPU has no AMX-BF16 (or Linux did not grant its tiles)")
+    monkeypatch.setattr(choose, "race", lambda fns, rounds: {n: dense_ms if n == "dense" else 1.0 for n in fns})
+    monkeypatch.setattr(choose.Chooser, "race_layers", lambda *a: ("sparse", {"sparse": 1.0, "dense": 2.0}, False))
+    node = Node("Linear", "l", ["x"], ["y"], {"weight": _weight(np.random.default_rng(6), 256, 40, 0.1),
+                                              "bias": None, "activation": "none", "residual": False,
+                                              "source_op": "MatMul"})
+    lp = plan_linear(node, choose.Chooser(precision="bf16"))
+    assert isinstance(lp.impl, BF16AmxLinear) == amx and not isinstance(lp.impl, ByTokens)
+    assert f"a sparse kernel under {choose.TILES_CLEARLY} of its time taken" in lp.reason
+
+
+@needs_bf16
 @pytest.mark.parametrize("amx_wins_at", [1024, None])
 def test_a_bf16_sparse_layer_takes_amx_tiles_from_many_tokens(amx_wins_at, monkeypatch):
-    """With AMX tiles, a layer whose sparse kernel beat AMX's dense one over PROBE_TOKENS
-    is timed against it over MANY_TOKENS too; where AMX's is clearly faster there, the
+    """With AMX tiles, a layer whose sparse kernel beat AMX's dense one clearly over
+    PROBE_TOKENS (choose.TILES_CLEARLY) is timed against it over MANY_TOKENS too; where AMX's is clearly faster there, the
     layer runs both (ByTokens): the sparse kernel under that token count, AMX's from it.
     The plan keeps the count, and a load from it follows it without timing."""
     from types import SimpleNamespace
@@ -327,7 +351,7 @@ def test_a_bf16_sparse_layer_takes_amx_tiles_from_many_tokens(amx_wins_at, monke
 
     if not has_amx("bf16"):
         pytest.skip("this CPU has no AMX-BF16 (or Linux did not grant its tiles)")
-    monkeypatch.setattr(choose, "race", lambda fns, rounds: {n: 2.0 if n == "dense" else 1.0 for n in fns})
+    monkeypatch.setattr(choose, "race", lambda fns, rounds: {n: 3.0 if n == "dense" else 1.0 for n in fns})
 
     def race_layers(self, kind, layers, k, m, residual, tokens):  # (AMX 0.5 of the sparse time from amx_wins_at)
         ms = {"sparse": 1.0, "dense": 0.5 if amx_wins_at and tokens >= amx_wins_at else 0.95}
