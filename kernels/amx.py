@@ -38,7 +38,7 @@ from .layout import (
     aligned_empty,
     feature_major_empty,
     on_lines,
-    token_tiles_empty,
+    token_tiles_for,
     token_tiles_of,
     transposed,
 )
@@ -229,6 +229,21 @@ class _Amx:
             return expanded_tiles(values, masks, self._shape, self._dtype)
         return values.view(self._dtype).reshape(self._shape)
 
+    def _handover_rows(self, x: np.ndarray | None, given: np.ndarray | None, per: int,
+                       tiled: bool) -> tuple[tuple, np.ndarray]:
+        """(the tokens' shape, of x or of x's own form `given`; the rows bytes_on or pairs_on
+        store y in, `per` outputs to an i32): TokenTiles in whole K-tiles where `tiled`, else
+        feature-major [ceil(out / per), tokens]; the inputs past the last output 0, which the
+        next layer's padded weights multiply."""
+        lead = given.lead if isinstance(given, TokenTiles) else (given if x is None else x).shape[:-1]
+        m = self.out_features
+        if tiled:
+            return lead, token_tiles_for(m, per, lead)
+        out = feature_major_empty(-(-m // per), math.prod(lead)).view(np.int32)
+        if m % per:
+            out[-1] = 0
+        return lead, out
+
     def split_members(self, starts: list[int]) -> None:
         """Where the weight is several layers' side by side (a group's), starting at output
         features `starts`: each part then takes its share of every member's pairs of panels,
@@ -308,16 +323,8 @@ class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
         kernel stores them in its epilogue instead of y (amx_ir's `quant_out`)."""
         if self.residual or self.requantize is not None:
             raise ValueError("an int8 layer with a residual or a requantized output gives no bytes")
-        lead = given.lead if isinstance(given, TokenTiles) else (given if x is None else x).shape[:-1]
-        n, m = math.prod(lead), self.out_features
-        rows = -(-m // 4)
-        if tiled:
-            out = token_tiles_empty(-(-m // K_TILE["int8"]) * ROWS, lead)
-            out[:, rows - (m % 4 > 0):] = 0  # (the bytes past the last output, and the rows to the K-tile's end)
-        else:
-            out = feature_major_empty(rows, n).view(np.int32)
-            if m % 4:
-                out[-1] = 0  # (the bytes past the last output: the next layer's padded weights are 0 there)
+        lead, out = self._handover_rows(x, given, 4, tiled)
+        n = math.prod(lead)
         if n:
             if given is not None:
                 xq = self._whole_tiles(given if isinstance(given, TokenTiles) else byte_rows(given))
@@ -327,7 +334,7 @@ class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
                 terms = self._quantize_into(transposed(x.reshape(-1, self.in_features)), xq)
             self._tiles_run(xq, self._terms_on(terms, grid), out.view(np.float32), _NO_RESIDUAL,
                             self._quant_fn(bool(grid[2] == 0)))
-        return out if tiled else out.T.reshape(lead + (rows,))
+        return out if tiled else out.T.reshape(lead + (out.shape[0],))
 
     def _terms_on(self, terms: np.ndarray, grid: np.ndarray) -> np.ndarray:
         """The quant_out kernel's terms: the epilogue's, then the grid; a static layer's made
@@ -350,17 +357,6 @@ class Int8Amx(_Amx, _ReadsBytes, _Quantized, DenseLinear):
     def _run(self, xt: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         xq = x_rows(self.in_features, "int8", xt.shape[1])
         self._tiles_run(xq, self._quantize_into(xt, xq), yt, rt)
-
-
-def _pair_tiles(features: int, lead: tuple, fill) -> TokenTiles:
-    """TokenTiles of pair rows for `features` inputs in whole bf16 K-tiles, the rows past
-    the last whole pair zero (and the last high half, for odd `features`), the others
-    filled by fill(the first ceil(features / 2) rows)."""
-    pairs = -(-features // 2)
-    tiles = token_tiles_empty(-(-features // K_TILE["bf16"]) * ROWS, lead)
-    tiles[:, features // 2:] = 0
-    fill(tiles[:, :pairs])
-    return tiles
 
 
 class BF16AmxLinear(_Amx, TakesOwnX, DenseLinear):
@@ -397,7 +393,9 @@ class BF16AmxLinear(_Amx, TakesOwnX, DenseLinear):
 
     def _packed(self, xt: np.ndarray) -> TokenTiles:
         """xᵀ packed into pair rows, as TokenTiles in whole K-tiles (the padded rows zero)."""
-        return _pair_tiles(self.in_features, (xt.shape[1],), lambda tiles: packed_pairs(xt, tiles))
+        xp = token_tiles_for(self.in_features, 2, (xt.shape[1],))
+        packed_pairs(xt, xp[:, :-(-self.in_features // 2)])
+        return xp
 
     def _on_x(self, xp: np.ndarray, yt: np.ndarray, rt: np.ndarray) -> None:
         self._tiles_run(self._whole_tiles(xp), self.bias, yt, rt)
@@ -422,22 +420,12 @@ class BF16AmxLinear(_Amx, TakesOwnX, DenseLinear):
         them in its epilogue instead of y (amx_ir's `pairs_out`)."""
         if self.residual:
             raise ValueError("a bf16 layer with a residual gives no pair rows")
-        lead = given.lead if isinstance(given, TokenTiles) else (given if x is None else x).shape[:-1]
-        n, m = math.prod(lead), self.out_features
-
-        def run(out: np.ndarray) -> None:
-            if n:
-                xp = self._packed(transposed(x.reshape(-1, self.in_features))) if given is None else \
-                    self._whole_tiles(given if isinstance(given, TokenTiles) else byte_rows(given))
-                self._tiles_run(xp, self.bias, out.view(np.float32), _NO_RESIDUAL, self._pairs_fn)
-
-        if tiled:  # (the high half past the last output, and the rows to the K-tile's end: zero)
-            return _pair_tiles(m, lead, run)
-        out = feature_major_empty(-(-m // 2), n).view(np.int32)
-        if m % 2:
-            out[-1] = 0  # (the high half past the last output: bfloat16 0, times the next layer's padded 0)
-        run(out)
-        return out.T.reshape(lead + (out.shape[0],))
+        lead, out = self._handover_rows(x, given, 2, tiled)
+        if math.prod(lead):
+            xp = self._packed(transposed(x.reshape(-1, self.in_features))) if given is None else \
+                self._whole_tiles(given if isinstance(given, TokenTiles) else byte_rows(given))
+            self._tiles_run(xp, self.bias, out.view(np.float32), _NO_RESIDUAL, self._pairs_fn)
+        return out if tiled else out.T.reshape(lead + (out.shape[0],))
 
     @functools.cached_property
     def _pairs_fn(self) -> int:

@@ -22,7 +22,7 @@ from .layout import (
     call_scratch,
     contiguous,
     feature_major_empty,
-    token_tiles_empty,
+    token_tiles_for,
     token_tiles_of,
     transposed,
     unit_token_stride,
@@ -374,8 +374,7 @@ def layernorm_to_bytes(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None
     n = x2.shape[0]
     rows, kernel = -(-h // 4), _kernel_takes(x, scale, bias)
     if tiled and kernel:
-        xq = token_tiles_empty(-(-h // 64) * 16, lead)
-        xq[:, rows - (h % 4 > 0):] = 0  # (past the last input, to the K-tile's end)
+        xq = token_tiles_for(h, 4, lead)
     else:
         xq = feature_major_empty(rows, n).view(np.int32)
         if h % 4:

@@ -284,11 +284,12 @@ TOKENS_PER_TILE = 16  # tokens in a tile of TokenTiles, and in an AMX B tile
 
 
 class TokenTiles(np.ndarray):
-    """Rows of 4 bytes per token (x's 4-block rows, as an int8 layer reads its x) stored a
-    16-token tile at a time: [tiles, rows, 16], each tile's rows 64 bytes apart. An AMX B
-    tile (16 rows × 16 tokens) is then 1 KB in one piece, where in a feature-major array
-    its rows are a row stride apart (amx.py: the layer's loads of x take less time so).
-    `lead` is the tokens' shape; the last tile's lanes past their count are never set."""
+    """Rows of 4 bytes per token (x's 4-block rows, as an int8 layer reads its x, or its
+    bfloat16 pair rows) stored a 16-token tile at a time: [tiles, rows, 16], each tile's
+    rows 64 bytes apart. An AMX B tile (16 rows × 16 tokens) is then 1 KB in one piece,
+    where in a feature-major array its rows are a row stride apart (amx.py: the layer's
+    loads of x take less time so). `lead` is the tokens' shape; the last tile's lanes past
+    their count are never set."""
 
     lead: tuple = ()
 
@@ -301,6 +302,15 @@ def token_tiles_empty(rows: int, lead: tuple) -> TokenTiles:
     n = math.prod(lead)
     tiles = aligned_empty((-(-n // TOKENS_PER_TILE), rows, TOKENS_PER_TILE), np.int32).view(TokenTiles)
     tiles.lead = tuple(lead)
+    return tiles
+
+
+def token_tiles_for(features: int, per: int, lead: tuple) -> TokenTiles:
+    """TokenTiles for the rows of `features` inputs, `per` to a row (4 bytes, or 2 bfloat16),
+    in whole AMX K-tiles of 16 rows, as an AMX layer reads them: the rows from the first
+    holding an input past the last zero, the others unset."""
+    tiles = token_tiles_empty(-(-features // (16 * per)) * 16, lead)
+    tiles[:, features // per:] = 0
     return tiles
 
 
