@@ -67,9 +67,9 @@ AMX_CLEARLY = 0.9
 # Under bf16 with AMX, over PROBE_TOKENS tokens a sparse kernel is taken only where its time
 # is under this fraction of the AMX layer's. A layer timed alone pays, per call, for each
 # launch's wake of the threads and for packing x, which AMX's layer makes two launches of
-# and a taped model's stretch does not pay (FFN2 is handed its pair rows): layers that
-# timed alike alone, or AMX's 1.4 times the sparse kernel's, took 0.32 to 0.58 of its time
-# in the model (bench/README.md, thirty-ninth session).
+# and a taped model's stretch does not pay (FFN2 is handed its pair rows): in the model,
+# AMX's tiles ran layers far faster than their times alone said (bench/README.md,
+# thirty-ninth session).
 TILES_CLEARLY = 0.5
 
 # How a layer's kernel was decided, as `LayerPlan.decided_by` says it.
