@@ -222,7 +222,8 @@ DEGENERATE_INT8 = """
     from sparsejit.kernels import elementwise
     from sparsejit.kernels import amx
     from sparsejit.kernels.amx import Int8Amx, has_amx
-    from sparsejit.kernels.int8 import Int8Chunked, Int8Dense, Int8Linear, host_dots, reference_qlinear
+    from sparsejit.kernels.int8 import Int8Chunked, Int8Dense, Int8Linear, byte_rows, host_dots, reference_qlinear
+    from sparsejit.kernels.layout import untiled
     from sparsejit.ops import dequantize_linear, qlinear_matmul, quantize_linear
     numba.set_num_threads(2)
     rng = np.random.default_rng(0)
@@ -265,6 +266,14 @@ DEGENERATE_INT8 = """
                                                  x_zero_point=np.uint8(100), activation=act, residual=residual)
                         got = impl(x, r) if residual else impl(x)
                         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+                        if not residual:  # (its output's bytes for a next AMX layer, as TokenTiles too)
+                            grid = np.array([0.05, 9, 0, 255], np.float32)
+                            tiles = impl.bytes_on(x, grid, tiled=True)
+                            assert np.array_equal(untiled(tiles, -(-m // 4)), impl.bytes_on(x, grid))
+                            nxt = Int8Amx(w.T.copy(), np.full(k, 0.01, np.float32), "static", np.float32(0.05),
+                                          np.uint8(9), None, "none", False)
+                            assert np.array_equal(nxt.from_quantized(tiles, (tokens,)),
+                                                  nxt.from_quantized(byte_rows(untiled(tiles, -(-m // 4))), (tokens,)))
     s, z = np.float32(0.1), np.uint8(7)
     for shape in [(0,), (1,), (3,), (1, 1), (2, 0, 5), (5, 8193)]:  # fewer chunks than threads, a partial one
         x = rng.standard_normal(shape).astype(np.float32)
@@ -297,6 +306,15 @@ DEGENERATE_INT8 = """
             padded = np.zeros((tokens, 4 * xq.shape[-1]), np.uint8)
             padded[:, :h] = elementwise.quantize(y, s, z)
             assert xq.shape == (tokens, -(-h // 4)) and np.array_equal(xq, padded.view(np.int32))
+            _, tiles = layernorm_to_bytes(x, g, b, 1e-5, Grid.of((s, z)), tiled=True)  # (as AMX layers read them)
+            assert np.array_equal(untiled(tiles, -(-h // 4)), xq)
+    if has_amx("bf16"):  # a bf16 AMX layer's pair rows for the next, as TokenTiles too
+        from sparsejit.kernels.amx import BF16AmxLinear
+        for k, m in [(1, 1), (5, 3), (40, 33)]:
+            layer = BF16AmxLinear(rng.standard_normal((k, m)).astype(np.float32), None, "gelu", False)
+            for tokens in (0, 1, 3, 17, 40):
+                x = rng.standard_normal((tokens, k)).astype(np.float32)
+                assert np.array_equal(untiled(layer.pairs_on(x, tiled=True), -(-m // 2)), layer.pairs_on(x))
     for a_shape, b_shape in [((1, 1), (1, 1)), ((0, 4), (4, 3)), ((2, 1, 3), (2, 3, 1))]:
         a, b = rng.integers(0, 256, a_shape).astype(np.uint8), rng.integers(0, 256, b_shape).astype(np.uint8)
         args = (a, s, z, b, s, z, np.float32(0.3), np.uint8(9))
@@ -314,7 +332,8 @@ def test_degenerate_shapes_of_the_int8_and_per_element_kernels_at_two_threads():
     products), also over 40 tokens: a second block waiting on the first); the per-element kernels on empty, single-element
     and chunk-boundary tensors, softmax rows of 0 and 1 (and a partial task of rows, both
     byte orders), 1 x 1 and empty matmuls, the LayerNorm rounding to a grid over 0, 1, 3
-    and 17 tokens of 1 and 5 features (and storing the bytes an int8 layer reads): against
+    and 17 tokens of 1 and 5 features (and storing the bytes an int8 layer reads); the
+    AMX layers' and the LayerNorm's bytes, and bf16 AMX pair rows, as TokenTiles too: against
     numpy, in a subprocess."""
     run_python(DEGENERATE_INT8, timeout=600)
 
