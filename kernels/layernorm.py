@@ -9,16 +9,19 @@ layers and residual adds read without a copy.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import numpy as np
 
 from ..ops import layer_normalization, op
+from .bf16 import packed_pairs
 from .compile import compile_ir, load_source, threads, vector_lanes
 from .elementwise import RANGES, fake_quantize, reference_fake_quantize, scalar
 from .ir import Builder, Signature
 from .launch import IMPORTS, put_source, run
 from .layout import (
+    TokenTiles,
     call_scratch,
     contiguous,
     feature_major_empty,
@@ -27,7 +30,7 @@ from .layout import (
     transposed,
     unit_token_stride,
 )
-from .lowp_ir import quantized, store_block_bytes, token_tiled
+from .lowp_ir import ZERO, bf16_pairs, quantized, store_block_bytes, token_tiled
 
 
 @op("LayerNorm", fused=True)
@@ -97,19 +100,22 @@ COLUMNS_SIGNATURE = Signature("layernorm_columns", (
 
 
 def _outputs(e: Builder, xs, means: list[str], invs: list[str], i0: str, masks: list, grid: list | None,
-             to_bytes: bool) -> None:
+             to_bytes: bool, to_pairs: bool = False) -> None:
     """The third pass over the features of tokens from i0: each output, rounded to the
     grid if any, stored; with to_bytes, also its byte (q less the lowest value) in the
     4-block rows of xq, four features packed into each token's i32 and stored at once
-    (the features past the last whole 4-block: a masked byte store each)."""
+    (the features past the last whole 4-block: a masked byte store each); with to_pairs,
+    also its bfloat16 in the pair rows of xq (pair row k: features 2k and 2k + 1, in its
+    low and high halves; 0 in the high half past the last feature), as bf16.packed_pairs
+    rounds them."""
     vt, iv = e.vt, f"<{e.lanes} x i32>"
 
-    def normalised(f):  # (with to_bytes: the bytes, an i32 vector per vector of tokens)
+    def normalised(f):  # (the outputs, or with to_bytes the bytes: a vector per vector of tokens)
         _prefetch_row(e, "%yt", "%ldy", f, i0, len(means), write=True)
         a = e.splat(e(f"load float, ptr {e.gep('%scale', f)}, align 4"))
         b = e.splat(e(f"load float, ptr {e.gep('%bias', f)}, align 4"))
         off = e.offset(f, "%ldy", i0)
-        qs = []
+        ys, qs = [], []
         for v, x in enumerate(xs(f)):
             y = e.fma(e(f"fmul {vt} {e(f'fsub {vt} {x}, {means[v]}')}, {invs[v]}"), a, b)
             if grid:
@@ -119,7 +125,17 @@ def _outputs(e: Builder, xs, means: list[str], invs: list[str], i0: str, masks: 
                 if to_bytes:
                     qs.append(e(f"fptosi {vt} {e(f'fsub {vt} {q}, {lo}')} to {iv}"))
             e.vstore(y, e.vptr("%yt", off, v), masks[v])
-        return qs
+            ys.append(y)
+        return qs if to_bytes else ys
+
+    def pair(f, last: bool = False):  # (last: feature f alone, the last of an odd count)
+        los = normalised(f)
+        his = [ZERO] * len(los) if last else normalised(e(f"add i64 {f}, 1"))
+        row = e(f"lshr i64 {f}, 1")
+        for v, (lo, hi) in enumerate(zip(los, his)):
+            e.vstore(bf16_pairs(e, lo, hi), e.gep("%xq", token_tiled(e, row, "%ldq", i0, v, "%ldqt"), "i32"),
+                     masks[v])
+        return []
 
     def four(f, _acc):
         packed = normalised(f)
@@ -132,7 +148,16 @@ def _outputs(e: Builder, xs, means: list[str], invs: list[str], i0: str, masks: 
                      masks[v])
         return []
 
-    if to_bytes:
+    if to_pairs:
+        even = e("and i64 %h, -2")
+        e.loop("0", even, 2, [], lambda f, _: pair(f))
+        odd, done = e.fresh("odd"), e.fresh("paired")
+        e.cond_br(e(f"icmp ult i64 {even}, %h"), odd, done)
+        e.label(odd)
+        pair(even, last=True)
+        e.br(done)
+        e.label(done)
+    elif to_bytes:
         whole = e("and i64 %h, -4")
         e.loop("0", whole, 4, [], four)
         e.loop(whole, "%h", 1, [], lambda f, _: store_block_bytes(e, normalised(f), f, "%xq", "%ldq", i0, masks,
@@ -208,7 +233,8 @@ def _combined(e: Builder, i0: str, masks: list, shift: list[str], inv_h: str) ->
     return means, sqs
 
 
-def _columns(e: Builder, vectors: int, quantize: bool, to_bytes: bool = False, split: str = "") -> None:
+def _columns(e: Builder, vectors: int, quantize: bool, to_bytes: bool = False, split: str = "",
+             to_pairs: bool = False) -> None:
     vt = e.vt
     eps = e.splat("%eps")
     grid = [e.splat(f"%q{v}") for v in ("scale", "zero", "lo", "hi")] if quantize else None
@@ -237,17 +263,19 @@ def _columns(e: Builder, vectors: int, quantize: bool, to_bytes: bool = False, s
                     e.vstore(value, e.vptr("%stats", start, v), mask)
             return
         invs = [e(f"fdiv {vt} {e.const(1.0)}, {e.vcall('sqrt', e.fma(q, inv_h, eps))}") for q in sqs]
-        _outputs(e, xs, means, invs, i0, masks, grid, to_bytes)
+        _outputs(e, xs, means, invs, i0, masks, grid, to_bytes, to_pairs)
 
     e.vector_tiles("%t0", "%t1", vectors, tile)
 
 
-def columns_ir(lanes: int, vectors: int = 4, quantize: bool = False, to_bytes: bool = False, split: str = "") -> str:
+def columns_ir(lanes: int, vectors: int = 4, quantize: bool = False, to_bytes: bool = False, split: str = "",
+               to_pairs: bool = False) -> str:
     e = Builder(lanes)
-    e.function(COLUMNS_SIGNATURE, lambda: _columns(e, vectors, quantize, to_bytes, split))
+    e.function(COLUMNS_SIGNATURE, lambda: _columns(e, vectors, quantize, to_bytes, split, to_pairs))
     return e.module(f"; sparsejit generated kernel: LayerNorm, feature-major, tokens [t0, t1), lanes={lanes} "
                     f"vectors={vectors}" + (", each output rounded to the grid of qscale and qzero" if quantize else "")
                     + (", and its byte stored in the 4-block rows of xq" if to_bytes else "")
+                    + (", and its bfloat16 stored in the pair rows of xq" if to_pairs else "")
                     + (f", split by features: {split}" if split else ""))
 
 
@@ -278,9 +306,10 @@ def run_columns(launch, part, calls, fn, xt, yt, scale, bias, eps, grid, xq):
 
 
 # part c takes features [c * hstep, (c + 1) * hstep) of every token (hstep a multiple of 4,
-# so that its bytes' rows are its own), for a kernel split by features (either launch)
+# so that its rows of xq, `per` features to a row, are its own), for a kernel split by
+# features (either launch)
 @njit(nogil=True, cache=True)
-def run_features(launch, part, calls, fn, xt, yt, scale, bias, eps, grid, xq, stats, hstep):
+def run_features(launch, part, calls, fn, xt, yt, scale, bias, eps, grid, xq, stats, hstep, per):
     h, n = xt.shape
     parts = calls.shape[0]
     for c in range(parts):
@@ -288,7 +317,7 @@ def run_features(launch, part, calls, fn, xt, yt, scale, bias, eps, grid, xq, st
         put_layernorm_columns(calls, c, fn, xt.ctypes.data + f0 * xt.strides[0], xt.strides[0] // 4,
                               yt.ctypes.data + f0 * yt.strides[0], yt.strides[0] // 4, scale.ctypes.data + 4 * f0,
                               bias.ctypes.data + 4 * f0, eps, min(hstep, h - f0), 0, n, grid[0], grid[1], grid[2],
-                              grid[3], xq.ctypes.data + f0 // 4 * xq.strides[1], xq.strides[1] // 4,
+                              grid[3], xq.ctypes.data + f0 // per * xq.strides[1], xq.strides[1] // 4,
                               stats.ctypes.data, stats.strides[0] // 4, c, h, hstep, xq.strides[0] // 4)
     launch_calls(launch, part, calls.ctypes.data, parts, calls.shape[1])
 """
@@ -299,10 +328,12 @@ def layernorm_columns(driver, fn: int, xt, yt, scale, bias, eps, grid, xq, parts
     run(driver, COLUMNS_SIGNATURE, parts, 1, fn, xt, yt, scale, bias, eps, grid, token_tiles_of(xq))
 
 @functools.cache
-def _columns_kernel(lanes: int, quantize: bool = False, to_bytes: bool = False, split: str = ""):
+def _columns_kernel(lanes: int, quantize: bool = False, to_bytes: bool = False, split: str = "",
+                    to_pairs: bool = False):
     """(IR function, Numba driver) for a vector width, looked up once, as the attention's
     are: every run calls this kernel 25 times for BERT-base."""
-    fn = compile_ir(columns_ir(lanes, quantize=quantize, to_bytes=to_bytes, split=split), COLUMNS_SIGNATURE.name)
+    fn = compile_ir(columns_ir(lanes, quantize=quantize, to_bytes=to_bytes, split=split, to_pairs=to_pairs),
+                     COLUMNS_SIGNATURE.name)
     driver = load_source(COLUMNS_DRIVER_SOURCE)
     return fn, driver.run_features if split else driver.run_columns
 
@@ -391,6 +422,24 @@ def layernorm_to_bytes(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None
     return yt.T.reshape(lead + (h,)), xq if xq.ndim == 3 else xq.T.reshape(lead + (rows,))
 
 
+def layernorm_to_pairs(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None,
+                       epsilon: float) -> tuple[np.ndarray, TokenTiles]:
+    """`layernorm(..., feature_major=True)`, and the pair rows a bf16 AMX layer would pack
+    it into (bf16.packed_pairs, laid out as amx.BF16AmxLinear._packed lays them: TokenTiles
+    in whole K-tiles, the padded rows zero), which that layer runs on (`from_quantized`)
+    instead of packing x. The kernel stores both at once."""
+    h = x.shape[-1]
+    lead = x.shape[:-1]
+    xp = token_tiles_for(h, 2, lead)
+    if not _kernel_takes(x, scale, bias) or not math.prod(lead):
+        y = layernorm(x, scale, bias, epsilon, True)  # (the reference op, or no tokens; the pairs by the pack kernel)
+        packed_pairs(transposed(y.reshape(-1, h)), xp[:, :-(-h // 2)])
+        return y, xp
+    b = np.zeros(h, np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+    yt = _run_columns(x.reshape(-1, h), np.ascontiguousarray(scale, dtype=np.float32), b, epsilon, None, xp, True)
+    return yt.T.reshape(lead + (h,)), xp
+
+
 def _kernel_takes(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None) -> bool:
     """Whether the kernels take these arguments (else the reference op runs)."""
     h = x.shape[-1]
@@ -398,23 +447,25 @@ def _kernel_takes(x: np.ndarray, scale: np.ndarray, bias: np.ndarray | None) -> 
 
 
 def _run_columns(x2: np.ndarray, scale: np.ndarray, bias: np.ndarray, epsilon: float, grid: Grid | None,
-                 xq: np.ndarray | None = None) -> np.ndarray:
+                 xq: np.ndarray | None = None, pairs: bool = False) -> np.ndarray:
     """yᵀ [h, tokens] by the feature-major kernel for x2 [tokens, h] (scale and bias float32,
-    contiguous): rounded to `grid` if any, and with xq also storing its bytes there."""
+    contiguous): rounded to `grid` if any, and with xq also storing its bytes there (`pairs`:
+    its bfloat16 pair rows)."""
     n, h = x2.shape
     xt, yt = transposed(x2), feature_major_empty(h, n)
     floats, xq = NO_GRID if grid is None else grid.floats, NO_BYTES if xq is None else xq
+    stores = (xq is not NO_BYTES and not pairs, pairs)  # (to_bytes, to_pairs)
     parts = threads()
     hstep = -(-h // parts // SPLIT_FEATURES) * SPLIT_FEATURES
     if parts == 1 or hstep >= h:
-        fn, run_columns = _columns_kernel(vector_lanes(), grid is not None, xq is not NO_BYTES)
+        fn, run_columns = _columns_kernel(vector_lanes(), grid is not None, stores[0], to_pairs=stores[1])
         layernorm_columns(run_columns, fn, xt, yt, scale, bias, np.float32(epsilon), floats, xq, parts)
         return yt
     parts = -(-h // hstep)
     lds = -(-n // 16) * 16
     stats = call_scratch(2 * parts * lds * 4).view(np.float32)[:2 * parts * lds].reshape(2 * parts, lds)
-    for quantize, to_bytes, split in ((False, False, "stats"), (grid is not None, xq is not NO_BYTES, "outputs")):
-        fn, driver = _columns_kernel(vector_lanes(), quantize, to_bytes, split)
+    for quantize, (to_bytes, to_pairs), split in ((False, (False, False), "stats"), (grid is not None, stores, "outputs")):
+        fn, driver = _columns_kernel(vector_lanes(), quantize, to_bytes, split, to_pairs=to_pairs)
         run(driver, COLUMNS_SIGNATURE, parts, 1, fn, xt, yt, scale, bias, np.float32(epsilon), floats,
-            token_tiles_of(xq), stats, hstep)
+            token_tiles_of(xq), stats, hstep, 2 if pairs else 4)
     return yt

@@ -158,7 +158,13 @@ BUILDS = (
          "threads() > 1") for b in (False, True)),
     Driver("layernorm", "COLUMNS_DRIVER_SOURCE", "run_features",
      ("int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 2), A(float32, 1), A(float32, 1), float32, "
-     "A(float32, 1), A(int32, 3), A(float32, 2), int64"), "float"),
+     "A(float32, 1), A(int32, 3), A(float32, 2), int64, int64"), "float"),
+    # (a LayerNorm whose output bf16 layers on AMX read, where the race puts them there, stores
+    # their pair rows: plan.hand_layernorm_pairs)
+    IR("layernorm", "columns_ir(VECTOR_LANES, split='outputs', to_pairs=True)", "bf16",
+       "threads() > 1 and has_amx('bf16')", raced=True),
+    IR("layernorm", "columns_ir(VECTOR_LANES, to_pairs=True)", "bf16", "threads() == 1 and has_amx('bf16')",
+       raced=True),
     IR("int8", "part_ir(QUANTIZE_SIGNATURE)", "int8"),
     Driver("int8", "DRIVER_SOURCE", "run_quantize",
      "int64, int64, W(int64, 2), int64, A(float32, 2), A(float32, 2), A(float32, 1)", "int8"),
@@ -263,11 +269,12 @@ def mark(tag: str) -> Path:
 def made(entry: IR | CFunction):
     """What an `IR` or `CFunction` entry's expression makes (an IR source; a C function's
     address), or None where its `when` does not hold."""
+    from .amx import has_amx
     from .compile import vector_lanes
     from .launch import part_ir
 
     names = {**vars(importlib.import_module(f"{__package__}.{entry.module}")), "VECTOR_LANES": vector_lanes(),
-             "part_ir": part_ir}
+             "part_ir": part_ir, "has_amx": has_amx}
     # (eval: the expressions are this module's own)
     return eval(entry.source, {"__builtins__": {}}, names) if eval(entry.when, {"__builtins__": {}}, names) else None
 

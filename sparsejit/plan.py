@@ -39,7 +39,7 @@ from .kernels.int8 import (
     lane_slot_count,
     quantize_x,
 )
-from .kernels.layernorm import Grid, layernorm, layernorm_to_bytes
+from .kernels.layernorm import Grid, layernorm, layernorm_to_bytes, layernorm_to_pairs
 from .kernels.layout import TokenTiles, transposed, untiled
 from .kernels.linear import (
     ByTokens,
@@ -304,11 +304,11 @@ def group_step(node: Node, p: Planning) -> Step:
     if isinstance(kernel, BF16AmxLinear):
         kernel.split_members([a for a, _ in cuts])
 
-    def run(x):
-        y = kernel(x)
+    def run(x, xp=None):  # (xp: x's pair rows, for a bf16 AMX kernel: hand_layernorm_pairs)
+        y = kernel(x) if xp is None else kernel.from_quantized(xp, xp.lead)
         return tuple(y[..., a:b] for a, b in cuts)
 
-    return Step(Node(node.op_type, node.name, list(node.inputs), list(node.outputs), attrs), run)
+    return Step(Node(node.op_type, node.name, list(node.inputs), list(node.outputs), attrs), run, kernel)
 
 
 def attention_step(node: Node, p: Planning) -> Step:
@@ -667,6 +667,7 @@ def plan(graph: Graph, chooser: Chooser | None = None, progress: Callable[[int, 
         p.done_with = done_with
     steps = [STEPS.get(n.op_type, reference_step)(n, p) for n in graph.nodes]
     steps = hand_layernorm_bytes(steps) if LAYERNORM_BYTES else steps
+    steps = hand_layernorm_pairs(steps) if LAYERNORM_PAIRS else steps
     steps = hand_amx_bytes(steps, graph.outputs) if AMX_BYTES else steps
     steps = hand_amx_pairs(steps, graph.outputs) if AMX_PAIRS else steps
     steps = hand_attention_bytes(steps, graph.outputs, p.chooser.precision == "bf16") if ATTENTION_BYTES else steps
@@ -877,6 +878,41 @@ def _taking_pairs(step: Step, q: str, without: str) -> Step:
 
     return replace(step, node=Node(r.op_type, r.name, inputs, list(r.outputs), r.attrs), run=run,
                    optional=step.optional | {without})
+
+
+LAYERNORM_PAIRS = True  # see hand_layernorm_pairs
+
+
+def hand_layernorm_pairs(steps: list[Step]) -> list[Step]:
+    """Steps where a feature-major LayerNorm (no grid) whose output bf16 layers on AMX's
+    tiles (`precision="bf16"`: Linear layers and groups) read as x also stores the pair rows
+    their kernels would pack x into (layernorm.layernorm_to_pairs: beside each float
+    output, the same bfloat16 values), as a second output `<output>#bf16`; those layers
+    take it as their last input and run on it instead of packing x, one launch fewer
+    each. Other readers, the residual adds among them, read the floats as before."""
+    readers = _readers(steps)
+    out = list(steps)
+    for i, s in enumerate(steps):
+        n = s.node
+        if n.op_type != "LayerNorm" or not n.attrs.get("feature_major") or n.attrs.get("quantize") is not None \
+                or len(n.outputs) != 1:
+            continue
+        o = n.outputs[0]
+        takers = [k for k in readers.get(o, []) if steps[k].node.op_type in ("Linear", "LinearGroup")
+                  and type(steps[k].impl) is BF16AmxLinear and steps[k].node.inputs[0] == o
+                  and o not in steps[k].node.inputs[1:]]
+        if not takers:
+            continue
+        q, eps = o + PAIRS_SUFFIX, n.attrs["epsilon"]
+        out[i] = Step(Node(n.op_type, n.name, list(n.inputs), [o, q], n.attrs),
+                      lambda x, scale, bias=None, eps=eps: layernorm_to_pairs(x, scale, bias, eps))
+        for k in takers:
+            r = steps[k].node
+            out[k] = _taking_pairs(steps[k], q, o) if r.op_type == "Linear" else replace(
+                steps[k], node=Node(r.op_type, r.name, list(r.inputs) + [q], list(r.outputs), r.attrs))
+        log.debug("%s: stores the pair rows its bf16 readers' kernels read: %s", n.name,
+                  ", ".join(steps[k].node.name for k in takers))
+    return out
 
 
 ATTENTION_BYTES = True  # see hand_attention_bytes

@@ -572,3 +572,30 @@ def test_amx_ffn1_hands_its_pair_rows_to_ffn2(monkeypatch):
     monkeypatch.setattr(BF16AmxLinear, "pairs_on", lambda *a: made.append(pairs_on(*a)) or made[-1])
     handing.run(make_inputs(handing.input_names, 1, 45, seed=1))  # (a shape not taped above)
     assert made and all(isinstance(p, TokenTiles) and p.lead == (1, 45) for p in made)
+
+
+def test_a_layernorm_hands_its_pair_rows_to_the_amx_layers_reading_it(monkeypatch):
+    """With precision="bf16" on AMX's tiles, a LayerNorm whose output AMX layers read as x
+    (a block's Q/K/V group, its FFN1) also stores the pair rows they pack x into
+    (plan.hand_layernorm_pairs), and they run on them: the outputs are those without the
+    handover, bit for bit, over padded rows and several shapes, untaped and taped; the
+    LayerNorm's floats, which the residual adds read, are its output still."""
+    from conftest import assert_handover_runs_as_plain
+
+    from sparsejit import plan
+
+    if not has_amx("bf16"):
+        pytest.skip("this CPU has no AMX-BF16")
+    calls, to_pairs = [], plan.layernorm_to_pairs
+    monkeypatch.setattr(plan, "layernorm_to_pairs", lambda *a: calls.append(1) or to_pairs(*a))
+    handing = sparsejit.load(DEFAULT, precision="bf16", kernels="dense")
+    steps = handing._executor.steps
+    handed = [s for s in steps if s.node.op_type == "LayerNorm" and len(s.node.outputs) == 2]
+    takers = [s for s in steps if any(i in (h.node.outputs[1] for h in handed) for i in s.node.inputs)]
+    assert handed and {s.node.op_type for s in takers} == {"Linear", "LinearGroup"}, [s.node.name for s in takers]
+    monkeypatch.setattr(plan, "LAYERNORM_PAIRS", False)
+    plain = sparsejit.load(DEFAULT, precision="bf16", kernels="dense")
+    assert not any(s.node.op_type == "LayerNorm" and len(s.node.outputs) == 2 for s in plain._executor.steps)
+    assert_handover_runs_as_plain(handing, plain, [(1, 16), (2, 37), (3, 20)], monkeypatch, None, calls)
+    feeds, floats = make_inputs(handing.input_names, 2, 37, seed=37), handed[0].node.outputs[0]
+    np.testing.assert_array_equal(handing.values(feeds, [floats])[floats], plain.values(feeds, [floats])[floats])

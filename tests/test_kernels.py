@@ -630,7 +630,7 @@ def test_layernorm_split_by_features_matches_the_whole_rows(parts, monkeypatch):
 
     splits = []
     kernel = layernorm_mod._columns_kernel
-    monkeypatch.setattr(layernorm_mod, "_columns_kernel", lambda *a: splits.append(a[3:] or "") or kernel(*a))
+    monkeypatch.setattr(layernorm_mod, "_columns_kernel", lambda *a, **k: splits.append(a[3:] or "") or kernel(*a, **k))
     rng = np.random.default_rng(parts)
     grid = layernorm_mod.Grid.of((np.float32(0.05), np.uint8(128)))
     for h, n in [(770, 37), (100, 130), (64, 1), (40, 0), (33, 16), (20, 5)]:
@@ -1237,6 +1237,47 @@ def test_layernorm_stores_the_bytes_its_int8_reader_makes_of_its_output(zero, mo
                 y, xq = layernorm_to_bytes(xt.T.astype(np.float64), scale, bias, 1e-12, grid)
                 want[:, :h] = quantize(y.astype(np.float32), np.float32(0.02), zero).astype(np.int16) - lo
                 np.testing.assert_array_equal(xq, want.view(np.int32))
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+def test_layernorm_stores_the_pair_rows_its_bf16_reader_packs_its_output_into(monkeypatch):
+    """layernorm_to_pairs: the plain LayerNorm's output, and in the same pass the pair rows
+    a bf16 AMX layer packs it into (bf16.packed_pairs: features 2k and 2k + 1 rounded to
+    bfloat16 in pair row k, 0 in the high half past an odd last feature), as TokenTiles in
+    whole K-tiles, zero to the K-tile's end, bit for bit; an even and an odd count of
+    features, whole and partial vectors of tokens, none, at one and two threads (split by
+    features), by vectors of 16 tokens and of 8; a token of NaN too, and a float64 input
+    (the reference LayerNorm, the pairs by the pack kernel)."""
+    import sparsejit.kernels.layernorm as layernorm_mod
+    from sparsejit.kernels.bf16 import packed_pairs
+    from sparsejit.kernels.layernorm import layernorm_to_pairs
+
+    rng = np.random.default_rng(7)
+    for h in (768, 65, 5):
+        for n in (0, 1, 17, 128, 130):
+            xt = feature_major_empty(h, n)
+            xt[:] = rng.standard_normal((h, n)) * 3 + 1
+            if n > 2:
+                xt[h // 2, 2] = np.nan
+            scale, bias = rng.standard_normal(h).astype(np.float32), rng.standard_normal(h).astype(np.float32)
+            for threads in (1, 2):
+                numba.set_num_threads(threads)
+                for lanes in {vector_lanes(), 8}:
+                    monkeypatch.setattr(layernorm_mod, "vector_lanes", lambda lanes=lanes: lanes)
+                    want_y = layernorm(xt.T, scale, bias, 1e-12, True)
+                    want = packed_pairs(transposed(np.ascontiguousarray(want_y)))  # ([ceil(h/2), n])
+                    y, tiles = layernorm_to_pairs(xt.T, scale, bias, 1e-12)
+                    assert np.array_equal(y, want_y, equal_nan=True)
+                    assert isinstance(tiles, TokenTiles) and tiles.lead == (n,)
+                    assert tiles.shape == (-(-n // 16), -(-h // 32) * 16, 16)
+                    got = untiled(tiles, -(-h // 2))
+                    np.testing.assert_array_equal(got.T, want.view(np.int32), err_msg=f"{h} {n} {threads} {lanes}")
+                    assert not tiles[:, -(-h // 2):].any()  # (the rows to the K-tile's end)
+                monkeypatch.undo()
+            if n == 17:
+                y, tiles = layernorm_to_pairs(xt.T.astype(np.float64), scale, bias, 1e-12)
+                np.testing.assert_array_equal(untiled(tiles, -(-h // 2)).T, packed_pairs(transposed(
+                    y.astype(np.float32))).view(np.int32))
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 

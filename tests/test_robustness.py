@@ -315,6 +315,17 @@ DEGENERATE_INT8 = """
             for tokens in (0, 1, 3, 17, 40):
                 x = rng.standard_normal((tokens, k)).astype(np.float32)
                 assert np.array_equal(untiled(layer.pairs_on(x, tiled=True), -(-m // 2)), layer.pairs_on(x))
+        from sparsejit.kernels.bf16 import packed_pairs
+        from sparsejit.kernels.layernorm import layernorm_to_pairs
+        from sparsejit.kernels.layout import transposed
+        for h in (1, 5):  # the LayerNorm storing its bf16 AMX readers' pair rows
+            for tokens in (0, 1, 3, 17):
+                x = rng.standard_normal((tokens, h)).astype(np.float32)
+                y, tiles = layernorm_to_pairs(x, np.ones(h, np.float32), np.zeros(h, np.float32), 1e-5)
+                assert np.array_equal(y, layernorm(x, np.ones(h, np.float32), np.zeros(h, np.float32), 1e-5, True))
+                if tokens:
+                    want = packed_pairs(transposed(np.ascontiguousarray(y))).view(np.int32)
+                    assert np.array_equal(untiled(tiles, -(-h // 2)).T, want)
     for a_shape, b_shape in [((1, 1), (1, 1)), ((0, 4), (4, 3)), ((2, 1, 3), (2, 3, 1))]:
         a, b = rng.integers(0, 256, a_shape).astype(np.uint8), rng.integers(0, 256, b_shape).astype(np.uint8)
         args = (a, s, z, b, s, z, np.float32(0.3), np.uint8(9))
@@ -333,8 +344,8 @@ def test_degenerate_shapes_of_the_int8_and_per_element_kernels_at_two_threads():
     and chunk-boundary tensors, softmax rows of 0 and 1 (and a partial task of rows, both
     byte orders), 1 x 1 and empty matmuls, the LayerNorm rounding to a grid over 0, 1, 3
     and 17 tokens of 1 and 5 features (and storing the bytes an int8 layer reads); the
-    AMX layers' and the LayerNorm's bytes, and bf16 AMX pair rows, as TokenTiles too: against
-    numpy, in a subprocess."""
+    AMX layers' and the LayerNorm's bytes, and bf16 AMX pair rows (an AMX layer's, a
+    LayerNorm's), as TokenTiles too: against numpy, in a subprocess."""
     run_python(DEGENERATE_INT8, timeout=600)
 
 
