@@ -454,18 +454,18 @@ def _run_columns(x2: np.ndarray, scale: np.ndarray, bias: np.ndarray, epsilon: f
     n, h = x2.shape
     xt, yt = transposed(x2), feature_major_empty(h, n)
     floats, xq = NO_GRID if grid is None else grid.floats, NO_BYTES if xq is None else xq
-    stores = (xq is not NO_BYTES and not pairs, pairs)  # (to_bytes, to_pairs)
+    to_bytes = xq is not NO_BYTES and not pairs
     parts = threads()
     hstep = -(-h // parts // SPLIT_FEATURES) * SPLIT_FEATURES
     if parts == 1 or hstep >= h:
-        fn, run_columns = _columns_kernel(vector_lanes(), grid is not None, stores[0], to_pairs=stores[1])
+        fn, run_columns = _columns_kernel(vector_lanes(), grid is not None, to_bytes, to_pairs=pairs)
         layernorm_columns(run_columns, fn, xt, yt, scale, bias, np.float32(epsilon), floats, xq, parts)
         return yt
     parts = -(-h // hstep)
     lds = -(-n // 16) * 16
     stats = call_scratch(2 * parts * lds * 4).view(np.float32)[:2 * parts * lds].reshape(2 * parts, lds)
-    for quantize, (to_bytes, to_pairs), split in ((False, (False, False), "stats"), (grid is not None, stores, "outputs")):
-        fn, driver = _columns_kernel(vector_lanes(), quantize, to_bytes, split, to_pairs=to_pairs)
+    for quantize, stores, split in ((False, (False, False), "stats"), (grid is not None, (to_bytes, pairs), "outputs")):
+        fn, driver = _columns_kernel(vector_lanes(), quantize, stores[0], split, to_pairs=stores[1])
         run(driver, COLUMNS_SIGNATURE, parts, 1, fn, xt, yt, scale, bias, np.float32(epsilon), floats,
             token_tiles_of(xq), stats, hstep, 2 if pairs else 4)
     return yt
