@@ -834,9 +834,7 @@ def hand_amx_pairs(steps: list[Step], graph_outputs=()) -> list[Step]:
             continue
         o = n.outputs[0]
         takers = readers.get(o, [])
-        if not takers or o in graph_outputs or any(
-                steps[k].node.op_type != "Linear" or type(steps[k].impl) is not BF16AmxLinear
-                or steps[k].node.inputs[0] != o or o in steps[k].node.inputs[1:] for k in takers):
+        if not takers or o in graph_outputs or not all(_takes_pairs(steps[k], o, ("Linear",)) for k in takers):
             continue
         out[i] = _amx_step_with_pairs(out[i])
         for k in takers:
@@ -844,6 +842,13 @@ def hand_amx_pairs(steps: list[Step], graph_outputs=()) -> list[Step]:
         log.debug("%s: stores the pair rows its bf16 readers' kernels read: %s", n.name,
                   ", ".join(steps[k].node.name for k in takers))
     return out
+
+
+def _takes_pairs(step: Step, x: str, ops: tuple[str, ...]) -> bool:
+    """Whether a step is a bf16 layer on AMX's tiles (of `ops`) reading x as its x only,
+    which could run on x's pair rows instead."""
+    n = step.node
+    return n.op_type in ops and type(step.impl) is BF16AmxLinear and n.inputs[0] == x and x not in n.inputs[1:]
 
 
 def _amx_step_with_pairs(step: Step) -> Step:
@@ -898,9 +903,7 @@ def hand_layernorm_pairs(steps: list[Step]) -> list[Step]:
                 or len(n.outputs) != 1:
             continue
         o = n.outputs[0]
-        takers = [k for k in readers.get(o, []) if steps[k].node.op_type in ("Linear", "LinearGroup")
-                  and type(steps[k].impl) is BF16AmxLinear and steps[k].node.inputs[0] == o
-                  and o not in steps[k].node.inputs[1:]]
+        takers = [k for k in readers.get(o, []) if _takes_pairs(steps[k], o, ("Linear", "LinearGroup"))]
         if not takers:
             continue
         q, eps = o + PAIRS_SUFFIX, n.attrs["epsilon"]
