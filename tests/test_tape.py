@@ -702,7 +702,7 @@ def test_fork_and_threads_on_a_tape(path):
 @pytest.mark.parametrize("case", ["int8-amx", "bf16-amx", "dynamic", "qdq", "qoperator-op14"])
 def test_fork_and_threads_on_the_handovers(case, tmp_path):
     """The kernels' handovers (AMX FFN1's bytes and the attention's from 512 tokens on a
-    static file as `sparsejit quantize` makes it; bf16 AMX FFN1's pair rows) and a quantized
+    static file as `sparsejit quantize` makes it; bf16 AMX FFN1's and the LayerNorms' pair rows) and a quantized
     file's launches (dynamic INT8's grid; QDQ's and QOperator's row groups, attention and
     lanes kernel) on a tape: a forked child runs it, four threads share it, and one token
     per row (a degenerate shape) runs too, in a fresh interpreter, where a crash fails this
@@ -726,6 +726,9 @@ def test_fork_and_threads_on_the_handovers(case, tmp_path):
     handover = "" if case in files else (
         "    assert any(len(s.node.outputs) == 2 and s.node.op_type in ('QLinear', 'Linear', 'AttentionCore')"
         " for s in model._executor.steps)\n")
+    if case == "bf16-amx":  # (and the LayerNorms' pair rows for Q/K/V and FFN1: plan.hand_layernorm_pairs)
+        handover += ("    assert any(len(s.node.outputs) == 2 and s.node.op_type == 'LayerNorm'"
+                     " for s in model._executor.steps)\n")
     warmed = ("    for _ in range(2 + executor.TAPE_AFTER):\n        model.run(feeds)\n"
               "    assert model._executor._tapes and all(model._executor._tapes.values())\n" + handover + "    first")
     code = code.replace("    model.run(feeds)\n    first", warmed).replace(
