@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from . import saved_plans
+from .batching import Parts
 from .choose import KERNEL_CHOICES, PRECISIONS, Chooser
 from .executor import Executor
 from .fold import fold_constants, quantized_weight
@@ -104,6 +105,7 @@ class Model:
         self.plan = plan or {}  # the kernel decisions by layer name, as `save_plan` writes them
         self._threads = ThreadScope(num_threads)
         self._executor = Executor(graph, steps)
+        self._parts = Parts(graph)  # (a batch of many tokens run as parts of a few samples: sparsejit.batching)
 
     def __repr__(self) -> str:
         inputs = ", ".join(s.describe() for s in self.graph.inputs)
@@ -136,7 +138,7 @@ class Model:
         """
         feeds, wanted = self._validate(inputs), self._wanted(output_names)
         with self._threads:
-            return self._executor.run(feeds, wanted)
+            return self._parts.run(self._executor, feeds, wanted)
 
     def forward_source(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray],
                        output_names: Sequence[str] | None = None) -> str:

@@ -76,6 +76,10 @@ def feature_major_rows(a: np.ndarray) -> np.ndarray | None:
     return rows if unit_token_stride(rows) else None
 
 
+def _unwatched(name: str, value) -> None:
+    """What Executor.run calls with each value when nothing observes them."""
+
+
 def _c_order(a):
     a = np.asarray(a)
     if a.flags.c_contiguous:
@@ -278,11 +282,13 @@ class Executor:
         return schedule
 
     def run(self, feeds: dict[str, np.ndarray], outputs: tuple[str, ...],
-            profile: dict[str, float] | None = None) -> list[np.ndarray]:
-        """Run the steps `outputs` need; with `profile`, add each node's seconds to it by name."""
+            profile: dict[str, float] | None = None, observe=None) -> list[np.ndarray]:
+        """Run the steps `outputs` need; with `profile`, add each node's seconds to it by
+        name; with `observe`, call it with each value's name and value as it is made (the
+        inputs and shape-only values first). Either runs step by step, untaped."""
         signature = self.signature(feeds)
         shape_values = self._shape_values.get(signature)
-        if shape_values is not None and profile is None:
+        if shape_values is not None and profile is None and observe is None:
             self._shape_values.move_to_end(signature)
             return self._run_known(signature, outputs, feeds)
         env = dict(self.graph.constants)
@@ -290,6 +296,9 @@ class Executor:
         if shape_values is not None:
             self._shape_values.move_to_end(signature)
             env.update(shape_values)
+        watch = observe or _unwatched
+        for name in (*feeds, *(shape_values or ())):
+            watch(name, env[name])
         steps, drops = self._schedule(outputs, shape_values is not None)
         for step, drop in zip(steps, drops):
             node = step.node
@@ -306,6 +315,7 @@ class Executor:
             for name, value in zip(node.outputs, results):
                 if name:
                     env[name] = value
+                    watch(name, value)
             for name in drop:
                 env.pop(name, None)
         if shape_values is None:

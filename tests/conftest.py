@@ -32,6 +32,15 @@ def make_inputs(input_names: list[str], batch: int, seq: int, seed: int = 0, voc
     return {n: feeds[n] for n in input_names}
 
 
+@pytest.fixture
+def whole_batches(monkeypatch):
+    """Batches run whole, never in parts (sparsejit.batching): for tests of what a run of
+    many tokens does (token tiles, handovers over them, their tapes)."""
+    from sparsejit import batching
+
+    monkeypatch.setattr(batching, "SAMPLE_TOKENS", 0)
+
+
 def ort_run(path, feeds: dict) -> list[np.ndarray]:
     ort = pytest.importorskip("onnxruntime")
     opts = ort.SessionOptions()

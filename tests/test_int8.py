@@ -236,6 +236,7 @@ def test_quantized_forms_compute_what_the_graph_says(form):
 
 
 @pytest.mark.parametrize("form", ["qdq", "sparseml"])
+@pytest.mark.usefixtures("whole_batches")
 def test_layernorms_hand_their_bytes_to_the_int8_layers_reading_them(form, monkeypatch):
     """Each LayerNorm rounding to its readers' grid stores the bytes of its output too
     (plan.hand_layernorm_bytes), and the QKV group and FFN1 run on them without
@@ -322,6 +323,7 @@ def test_amx_ffn1_hands_its_bytes_to_ffn2(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("bytes_from", [0, 512])
+@pytest.mark.usefixtures("whole_batches")
 def test_the_attention_hands_its_bytes_to_the_output_layer(tmp_path, monkeypatch, bytes_from):
     """In a static file as `sparsejit quantize` makes it, each attention stores the bytes
     its output layer quantizes x to, its heads merged (plan.hand_attention_bytes), from

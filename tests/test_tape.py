@@ -531,6 +531,7 @@ def test_dynamic_int8_layers_are_replayed_on_each_runs_own_scale():
 
 @pytest.mark.parametrize("name", ["bert_block4_p90_int8_qdq", "bert_block4_p90_int8_qoperator",
                                   "bert_block4_p90_int8_sparseml", "bert_op14_p90_int8_qoperator"])
+@pytest.mark.usefixtures("whole_batches")
 def test_quantized_files_replay_the_steps_between_their_int8_layers(name):
     """Row groups (a LayerNorm written out in quantized steps, GELU as lookups, bias Adds),
     QOperator attention (a QDQ file's too) and DequantizeLinear run between the int8
@@ -593,6 +594,7 @@ def test_the_bench_warms_sparsejit_up_until_its_shape_is_settled(monkeypatch):
     assert model._executor.settled(dict(zip((n for n, _ in specs), other)), outs)
 
 
+@pytest.mark.usefixtures("whole_batches")
 def test_ffn_layers_over_token_tiles_run_as_python():
     """From executor.TILE_FROM tokens a block's FFN pair runs over token tiles, copying
     each tile's output in numpy: such a chain stays Python, the rest is replayed."""
