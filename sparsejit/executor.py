@@ -352,8 +352,8 @@ class Executor:
         results = [_c_order(a) for a in forward(feeds)]
         forward.fastest = min(forward.fastest, time.perf_counter() - start)
         forward.runs += 1
-        if key not in self._tapes and forward.runs >= max(TAPE_AFTER, 3 * forward.fastest / (
-                TAPE_SAVES * len(forward.nodes))):
+        if key not in self._tapes and forward.nodes and forward.runs >= max(TAPE_AFTER, 3 * forward.fastest / (
+                TAPE_SAVES * len(forward.nodes))):  # (no nodes: outputs of the shapes alone, nothing to tape)
             self._tape(key, feeds)
         return results
 

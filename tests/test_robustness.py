@@ -824,6 +824,22 @@ def test_empty_output_names_ask_for_every_output():
     assert len(model.run(feeds, [])) == len(model.output_names) == 2
 
 
+def test_an_output_of_the_input_shapes_alone_runs_again(tmp_path):
+    """Its forward has no steps (the shapes' values are computed once per shape): later runs
+    of the shape gave a ZeroDivisionError deciding whether to tape it."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Cast", ["s"], ["y"], to=TensorProto.FLOAT)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    path = tmp_path / "shape.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    model = sparsejit.load(path)
+    for n in (2, 2, 2, 5, 2, 2):
+        x = np.zeros((n, 3), np.float32)
+        np.testing.assert_array_equal(model.run({"x": x})[0], ort_run(path, {"x": x})[0])
+
+
 @pytest.mark.parametrize("name", ["bert_sdpa_h64_op18_dynamo_p90", "roberta_sdpa_h64_op18_dynamo_p90"])
 def test_batch_zero_gives_empty_outputs_as_onnx_runtime(name):
     path = MODELS_DIR / f"{name}.onnx"
