@@ -264,7 +264,8 @@ RULES = {
     **dict.fromkeys(("AttentionCore", "QAttentionCore", "Attention"), _attention),
     **dict.fromkeys(VIEWS, lambda w, node, batched, ranks, data: batched == [data]),
     "Transpose": _transpose,
-    **dict.fromkeys(("Concat", "Split", "GatherElements"), _along(0)),
+    **dict.fromkeys(("Concat", "Split"), _along(0)),
+    "GatherElements": lambda w, node, batched, ranks, data: data in ranks and _along(0)(w, node, batched, ranks, data),
     **dict.fromkeys(("Softmax", "LogSoftmax"), _along(None)),
     **dict.fromkeys(("QSoftmax", "LayerNormalization"), _along(-1)),
     "Gather": _gather,
@@ -329,8 +330,8 @@ def separable(graph, batch: int, whole: Seen, one: Seen) -> str | None:
                 _check_node(w, node, [w.kind(i, i in made) for i in node.inputs], outs, reads)
                 if carries:
                     made.update(o for o in node.outputs if o)
-        for name in graph.outputs:
-            if w.kind(name, name in made) not in ("batch", "tiled"):
+        for name in graph.outputs:  # (an output of shapes alone: every sample's block one sample's)
+            if w.kind(name, name in made) != ("batch" if name in made else "tiled"):
                 raise _Mixed(f"output {name!r} is not split on axis 0")
     except _Mixed as e:
         return str(e)

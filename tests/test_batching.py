@@ -96,6 +96,16 @@ MIXING = {  # graphs whose samples' outputs depend on the other samples: what th
         helper.make_node("Unsqueeze", ["f", "one1"], ["u"]), helper.make_node("Add", ["x", "u"], ["y"])],
         [helper.make_tensor("zero", TensorProto.INT64, [], [0]), helper.make_tensor("one", TensorProto.INT64, [], [1]),
          _const("one1", [1])])),
+    "the last sample marked": ("output", _graph([
+        helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Gather", ["shape", "zero"], ["b"], axis=0),
+        helper.make_node("Range", ["zero", "b", "one"], ["r"]), helper.make_node("Sub", ["b", "one"], ["last"]),
+        helper.make_node("Equal", ["r", "last"], ["e"]), helper.make_node("Cast", ["e"], ["y"], to=1)],
+        [helper.make_tensor("zero", TensorProto.INT64, [], [0]), helper.make_tensor("one", TensorProto.INT64, [], [1])])),
+    "rows of a table by position": ("GatherElements", _graph([
+        helper.make_node("Mul", ["x", "zero"], ["z"]), helper.make_node("Cast", ["z"], ["i"], to=TensorProto.INT64),
+        helper.make_node("GatherElements", ["table", "i"], ["y"], axis=1)],
+        [helper.make_tensor("zero", TensorProto.FLOAT, [], [0]),
+         helper.make_tensor("table", TensorProto.FLOAT, [6, 4], np.arange(24, dtype=np.float32))])),
     "the batch twice": ("Concat", _graph([helper.make_node("Concat", ["x", "x"], ["c"], axis=0),
                                           helper.make_node("Slice", ["c", "s", "e"], ["y"])],
                                          [_const("s", [1]), _const("e", [10**9])])),
