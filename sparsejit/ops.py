@@ -431,6 +431,10 @@ def gather(x, indices, axis=0):
 def gather_elements(x, indices, axis=0):
     idx = np.asarray(indices)
     n = x.shape[axis]
+    axis %= x.ndim
+    # (the output has the indices' shape: on the other axes they may be shorter than x,
+    # which np.take_along_axis would broadcast them to)
+    x = x[tuple(slice(None) if a == axis else slice(0, d) for a, d in enumerate(idx.shape))]
     return np.take_along_axis(x, np.where(idx < 0, idx + n, idx), axis=axis)
 
 

@@ -840,6 +840,23 @@ def test_an_output_of_the_input_shapes_alone_runs_again(tmp_path):
         np.testing.assert_array_equal(model.run({"x": x})[0], ort_run(path, {"x": x})[0])
 
 
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_gather_elements_indices_shorter_than_the_data_on_other_axes(tmp_path, axis):
+    """The output has the indices' shape (numpy's take_along_axis broadcast them to x's)."""
+    from onnx import TensorProto, helper
+
+    idx = helper.make_tensor("i", TensorProto.INT64, [2, 3], [0, 2, -1, 1, 0, 2])
+    g = helper.make_graph([helper.make_node("GatherElements", ["x", "i"], ["y"], axis=axis)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [idx])
+    path = tmp_path / "ge.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = np.arange(20, dtype=np.float32).reshape(5, 4)
+    got, want = sparsejit.load(path).run({"x": x})[0], ort_run(path, {"x": x})[0]
+    assert got.shape == want.shape == (2, 3)
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("name", ["bert_sdpa_h64_op18_dynamo_p90", "roberta_sdpa_h64_op18_dynamo_p90"])
 def test_batch_zero_gives_empty_outputs_as_onnx_runtime(name):
     path = MODELS_DIR / f"{name}.onnx"
