@@ -198,3 +198,17 @@ def test_threads_deciding_and_running_parts_at_once_in_a_subprocess():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ok [None]" in r.stdout
+
+
+def test_a_graph_one_sample_cannot_run_alone_runs_the_batch_whole(tmp_path, monkeypatch):
+    """Sample 3 added to every sample: one sample alone has no sample 3, and fails."""
+    monkeypatch.setattr(batching, "SAMPLE_TOKENS", 4)
+    model = _graph([helper.make_node("Gather", ["x", "i"], ["g"], axis=0), helper.make_node("Add", ["x", "g"], ["y"])],
+                   [_const("i", [3])])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    x = np.random.default_rng(3).standard_normal((6, 4)).astype(np.float32)
+    m = sparsejit.load(path, num_threads=2)
+    for _ in range(2):
+        np.testing.assert_allclose(m.run({"x": x})[0], ort_run(path, {"x": x})[0], rtol=1e-6)
+    assert "alone fails" in m._parts.verdicts[m._executor.signature({"x": x})]
