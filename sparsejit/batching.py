@@ -42,8 +42,6 @@ ROWWISE = frozenset({"Linear", "LinearGroup", "LayerNorm", "RowGroup", "MatMulIn
 VIEWS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "PrepareMask"})
 # (op, input): where a value derived from the batch size may go (it gives the output's shape)
 SHAPE_INPUTS = frozenset({("Reshape", 1), ("Expand", 1), ("ConstantOfShape", 0), ("PrepareMask", 1)})
-# ops whose output may hold the batch where no input does: a shared value broadcast to it
-BROADCASTS = frozenset({"Expand", "ConstantOfShape", "PrepareMask"})
 
 
 def part_samples(feeds: dict[str, np.ndarray]) -> int:
@@ -52,7 +50,7 @@ def part_samples(feeds: dict[str, np.ndarray]) -> int:
     axis 0), and the batch more than two parts' worth. (Longer samples, or two parts, ran
     no faster apart.)"""
     arrays = list(feeds.values())
-    if not arrays or arrays[0].ndim == 0 or arrays[0].shape[0] < 3 or any(a.ndim == 0 for a in arrays):
+    if not arrays or any(a.ndim == 0 for a in arrays) or arrays[0].shape[0] < 3:
         return 0  # (two samples are at most two parts' worth)
     batch = arrays[0].shape[0]
     per = max(max(math.prod(a.shape[1:]) for a in arrays), 1)
@@ -86,7 +84,7 @@ class Seen:
             self.values[name] = (a.shape, np.array(a))
         else:
             shape, one = self.like.values.get(name, (None, None))
-            split = shape is not None and len(shape) and a.shape[1:] == shape[1:] and \
+            split = shape is not None and len(shape) > 0 and a.shape[1:] == shape[1:] and \
                 a.shape[0] == self.batch * shape[0]
             block = a[-shape[0]:] if split else a
             same = one is not None and one.dtype == a.dtype and one.shape == block.shape and \
