@@ -78,8 +78,8 @@ class Seen:
         a = mask if isinstance(mask, np.ndarray) else value
         if isinstance(a, (np.generic, int, float)):  # (a shape's arithmetic may give numpy scalars)
             a = np.asarray(a)
-        if not isinstance(a, np.ndarray):
-            self.values[name] = (None, None, None, None)
+        if not isinstance(a, np.ndarray):  # (a value the walk cannot judge: _Walk.kind refuses it)
+            self.values[name] = (None, None) if self.like is None else (None, None, None, None)
         elif self.like is None:
             self.values[name] = (a.shape, np.array(a))
         else:

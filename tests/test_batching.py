@@ -154,6 +154,18 @@ def test_a_graph_that_keeps_its_samples_apart_runs_in_parts(tmp_path, monkeypatc
     assert sizes == [1] * 6
 
 
+def test_a_value_that_is_not_an_array_keeps_the_batch_whole():
+    """Recorded in either run without raising (the user's run goes on), then refused by the walk."""
+    m = sparsejit.load(MODELS_DIR / "bert_sdpa_h64_op14_legacy_p90.onnx")
+    for first, then in [(object(), np.zeros((4, 2))), (np.zeros((1, 2)), object()), (object(), object())]:
+        one = batching.Seen()
+        one("v", first)
+        whole = batching.Seen(like=one, batch=4)
+        whole("v", then)
+        with pytest.raises(batching._Mixed, match="not an array"):
+            batching._Walk(m.graph, 4, whole, one).kind("v")
+
+
 def test_part_sizes():
     ids = np.zeros((8, 128), np.int64)
     assert batching.part_samples({"a": ids, "b": ids}) == 1
