@@ -322,7 +322,7 @@ def separable(graph, batch: int, whole: Seen, one: Seen) -> str | None:
                 raise _Mixed(f"input {name!r} is not split on axis 0")
         for node in graph.nodes:
             reads = {i for i in node.inputs if i in made}
-            carries = reads and node.op_type not in ("Shape", "Size")
+            carries = bool(reads) and node.op_type not in ("Shape", "Size")
             outs = [w.kind(o, carries) for o in node.outputs]
             if any(outs):  # (else not run: nothing the outputs need)
                 _check_node(w, node, [w.kind(i, i in made) for i in node.inputs], outs, reads)
