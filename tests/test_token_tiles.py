@@ -15,6 +15,9 @@ import sparsejit
 from sparsejit import executor, tape
 
 INT8 = MODELS_DIR / "int8"
+# (every test here is about one batch of many tokens run whole, not in parts)
+pytestmark = pytest.mark.usefixtures("whole_batches")
+
 TILED = "by token tiles"
 
 
@@ -43,7 +46,6 @@ def static_int8(tmp_path_factory):
 
 @pytest.mark.parametrize("which", ["bert_sdpa_h64_op14_legacy_p90", "bert_eager_h128_op17_legacy_block4_p90",
                                    "static int8", "bf16"])
-@pytest.mark.usefixtures("whole_batches")
 def test_token_tiles_give_the_untiled_outputs(which, monkeypatch, request, tmp_path):
     path = request.getfixturevalue("static_int8") if which == "static int8" else \
         MODELS_DIR / f"{'bert_eager_h128_op17_legacy_block4_p90' if which == 'bf16' else which}.onnx"
