@@ -350,18 +350,24 @@ class Parts:
             return executor.run(feeds, outputs)
         signature = executor.signature(feeds)
         if signature not in self.verdicts:
-            return self._decide(executor, feeds, outputs, signature)
-        self.verdicts.move_to_end(signature)
-        if self.verdicts[signature] is not None:
-            return executor.run(feeds, outputs)
+            results, verdict = self._decide(executor, feeds, outputs, signature)
+            if verdict is not None:
+                return results
+            # (run again in parts: a part may take another kernel than the whole batch, as
+            # DenseLinear's GEMV for 16 tokens or fewer, whose sums round otherwise; so every
+            # run of a signature, the first too, gives the same outputs)
+        else:
+            self.verdicts.move_to_end(signature)
+            if self.verdicts[signature] is not None:
+                return executor.run(feeds, outputs)
         batch = next(iter(feeds.values())).shape[0]
         parts = [executor.run({k: v[i:i + samples] for k, v in feeds.items()}, outputs)
                  for i in range(0, batch, samples)]
         return [np.concatenate(values) for values in zip(*parts)]
 
-    def _decide(self, executor, feeds: dict[str, np.ndarray], outputs: tuple[str, ...], signature) -> list:
-        """The batch's last sample's run, recording its values, then the whole batch's
-        (whose outputs this returns), and the verdict from the two."""
+    def _decide(self, executor, feeds: dict[str, np.ndarray], outputs: tuple[str, ...], signature) -> tuple:
+        """The batch's last sample's run, recording its values, then the whole batch's, and
+        the verdict from the two: (the whole batch's outputs, the verdict)."""
         batch, everything = next(iter(feeds.values())).shape[0], tuple(self.graph.outputs)
         one, whole = Seen(), None
         try:
@@ -379,4 +385,4 @@ class Parts:
         if len(self.verdicts) > MAX_SIGNATURES:
             self.verdicts.popitem(last=False)
         by_name = dict(zip(everything, results))
-        return [by_name[o] for o in outputs]
+        return [by_name[o] for o in outputs], verdict
