@@ -456,12 +456,13 @@ def _int8_raced(a: dict, chooser: Chooser, vnni: Callable, why: str, amx: Callab
     w = a["weight"]
     blocks = facts["blocks4"] / (-(-w.shape[0] // 4) * w.shape[1])
     kind = ("int8", a["mode"], *w.shape, round(float(blocks), 2), a["activation"], a["residual"])
-    wrapped: dict = {}  # static: timed on x's bytes, as the model runs them (_OnBytes)
+    wrapped: dict = {}  # static: timed on x's bytes where the kernel reads them, as the model runs it (_OnBytes)
 
     def candidate(name: str, make: Callable):
         def get():
             if name not in wrapped:
-                wrapped[name] = _OnBytes(make()) if a["mode"] == "static" else make()
+                layer = make()  # (Int8Dense quantizes x itself: it has no from_quantized, see _int8_run)
+                wrapped[name] = _OnBytes(layer) if a["mode"] == "static" and hasattr(layer, "from_quantized") else layer
             return wrapped[name]
         return get
 

@@ -514,6 +514,27 @@ def test_unstructured_int8_without_vnni_runs_on_the_fp32_sparse_kernel_exactly(t
     assert model.check().ok
 
 
+@pytest.mark.usefixtures("whole_batches")
+def test_an_unpruned_model_quantized_static_loads_and_runs_as_the_graph(tmp_path):
+    """`sparsejit quantize --mode static` on an unpruned encoder: its layers are dense, on
+    Int8Dense, which quantizes x itself. Where the CPU has AMX the load races it against
+    AMX's kernel, each as the model runs it; it was timed on x's bytes as the sparse kernels
+    are, which Int8Dense has no entry for, and the load raised AttributeError."""
+    import onnx
+    from encoders import EncoderSpec, make_encoder
+
+    from sparsejit.quantize import quantize_model
+
+    spec = EncoderSpec(hidden=64, heads=2, ffn=128, sparsity=0.0, vocab=128, seed=1)  # (calibration ids < 100)
+    onnx.save(make_encoder(spec), tmp_path / "dense.onnx")
+    out = quantize_model(tmp_path / "dense.onnx", tmp_path / "static.onnx", "static")
+    model = sparsejit.load(out, plan=tmp_path / "plan.json")  # (decided afresh: not the cache's plan)
+    assert all(lp.kind == "int8" for lp in model.layers if "MatMul" in lp.name)
+    for batch, seq in [(1, 5), (2, 23), (8, 60)]:  # (480 tokens: AMX for a layer whose ByTokens takes it from 384)
+        feeds = make_inputs(model.input_names, batch, seq, seed=seq, vocab=spec.vocab)
+        for g, w in zip(model.run(feeds), _oracle(out, feeds)):
+            _assert_as_the_graph(g, w, static=True)
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])
 def test_per_element_chains_on_bytes_become_one_lookup(dtype):
     """DequantizeLinear of 8-bit x, then per-element ops with scalar constants (a GELU as
