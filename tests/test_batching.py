@@ -69,7 +69,6 @@ def test_parts_of_a_real_export_at_bench_sizes_match_onnx_runtime(monkeypatch):
     assert_parity(out, ort_run(path, feeds)[::-1], m.output_names[::-1])
 
 
-
 def test_every_run_of_a_split_shape_gives_the_same_outputs(tmp_path):
     """53 samples of 5 tokens in parts of 25, 25 and 3: the last part's 15 tokens take the
     dense layers' GEMV, whose sums round otherwise than the GEMM's over the batch's 265. The
@@ -87,6 +86,7 @@ def test_every_run_of_a_split_shape_gives_the_same_outputs(tmp_path):
         for a, b in zip(later, runs[0]):
             np.testing.assert_array_equal(a, b)
     assert_parity(runs[0], ort_run(path, feeds), m.output_names)
+
 
 def _graph(nodes, inits=(), width=4) -> onnx.ModelProto:
     """x [batch, width] float → y, through `nodes`."""

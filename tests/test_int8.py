@@ -535,6 +535,7 @@ def test_an_unpruned_model_quantized_static_loads_and_runs_as_the_graph(tmp_path
         for g, w in zip(model.run(feeds), _oracle(out, feeds)):
             _assert_as_the_graph(g, w, static=True)
 
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8])
 def test_per_element_chains_on_bytes_become_one_lookup(dtype):
     """DequantizeLinear of 8-bit x, then per-element ops with scalar constants (a GELU as
